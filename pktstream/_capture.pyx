@@ -1,0 +1,1009 @@
+# cython: language_level=3
+"""Cython core: libpcap handles, the ring of blocks, PacketBatch.
+
+A *block* is a contiguous run of classic pcap records (16-byte little-endian header
+ts_sec, ts_nsec, caplen, wirelen, then caplen bytes) from one handle. Packets are copied
+exactly once, in the C callback, from libpcap's buffer into the current ring block.
+"""
+cimport cython
+from cpython.buffer cimport PyBUF_WRITABLE, PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.exc cimport PyErr_CheckSignals
+from libc.errno cimport errno, EINTR
+from libc.stdint cimport int64_t, uint32_t, uint64_t, uint8_t
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy, memset, strerror
+
+import os
+import threading
+import warnings
+import weakref
+from typing import NamedTuple
+
+import numpy as np
+cimport numpy as cnp
+
+from pktstream._libpcap cimport *
+from pktstream.exceptions import (
+    ClosedError, FileFormatError, FilterError, PcapError, PcapWarning, pcap_error,
+)
+
+cnp.import_array()
+
+cdef extern from "_compat.h" nogil:
+    void ps_put_le32(unsigned char *p, uint32_t v)
+    uint32_t ps_get_le32(const unsigned char *p)
+    int ps_load_int(int *p)
+    void ps_store_int(int *p, int v)
+    int64_t ps_monotonic_ns()
+    enum: PKTSTREAM_DEBUG
+    enum: HAVE_PCAP_INIT
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    enum: POLLIN
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    enum: EFD_NONBLOCK
+    enum: EFD_CLOEXEC
+    int eventfd(unsigned int initval, int flags)
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t write(int fd, const void *buf, size_t count)
+    ssize_t read(int fd, void *buf, size_t count)
+    int close(int fd)
+
+cdef extern from "<arpa/inet.h>" nogil:
+    const char *inet_ntop(int af, const void *src, char *dst, unsigned int size)
+
+cdef extern from "<netinet/in.h>" nogil:
+    enum: AF_INET
+    enum: AF_INET6
+    struct in_addr:
+        pass
+    struct in6_addr:
+        pass
+    struct sockaddr_in:
+        in_addr sin_addr
+    struct sockaddr_in6:
+        in6_addr sin6_addr
+
+DEF RECORD_HEADER = 16
+DEF BLOCK_FREE = 0
+DEF BLOCK_FILLING = 1
+DEF BLOCK_OUT = 2
+
+#: Default settings, documented in docs/CONFIGURATION.md.
+DEFAULT_SNAPLEN = 262144
+DEFAULT_BUFFER_BYTES = 32 * 1024 * 1024
+DEFAULT_BLOCK_BYTES = 1024 * 1024
+DEFAULT_RING_BLOCKS = 32
+DEFAULT_TIMEOUT_MS = 50
+DEFAULT_MAX_WAIT = 0.2
+
+if HAVE_PCAP_INIT:
+    _errbuf_init = bytearray(PCAP_ERRBUF_SIZE)
+    pcap_init(PCAP_CHAR_ENC_UTF_8, <char *> _errbuf_init)
+
+
+def libpcap_version() -> str:
+    """libpcap's own version string, e.g. ``'libpcap version 1.10.3 (with TPACKET_V3)'``."""
+    return pcap_lib_version().decode("utf-8", "replace")
+
+
+def link_type_name(int link_type) -> str:
+    """libpcap's name for a DLT value (``1`` → ``'EN10MB'``), or ``'DLT_<n>'`` if unknown."""
+    cdef const char *name = pcap_datalink_val_to_name(link_type)
+    return name.decode() if name != NULL else f"DLT_{link_type}"
+
+
+cdef str _decode(const char *s):
+    return s.decode("utf-8", "replace") if s != NULL else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Ring of blocks
+# ---------------------------------------------------------------------------------------------
+
+@cython.final
+cdef class Ring:
+    """Fixed set of equally sized blocks. A block is FREE, FILLING (the capture thread writes it)
+    or OUT (a PacketBatch owns it). Only the capture thread moves FREE→FILLING→OUT; only the
+    owning batch moves OUT→FREE. Memory is freed when the ring and every batch of it are gone."""
+    cdef unsigned char *mem
+    cdef size_t block_bytes
+    cdef int nblocks
+    cdef int *state
+    cdef size_t *used
+    cdef uint32_t *count
+
+    def __cinit__(self, size_t block_bytes, int nblocks):
+        if nblocks < 2:
+            raise ValueError("ring_blocks must be at least 2")
+        self.mem = <unsigned char *> malloc(block_bytes * <size_t> nblocks)
+        self.state = <int *> calloc(nblocks, sizeof(int))
+        self.used = <size_t *> calloc(nblocks, sizeof(size_t))
+        self.count = <uint32_t *> calloc(nblocks, sizeof(uint32_t))
+        if self.mem == NULL or self.state == NULL or self.used == NULL or self.count == NULL:
+            raise MemoryError(f"cannot allocate a ring of {nblocks} x {block_bytes} bytes")
+        self.block_bytes = block_bytes
+        self.nblocks = nblocks
+
+    def __dealloc__(self):
+        free(self.mem); free(self.state); free(self.used); free(self.count)
+
+    cdef void release(self, int block) noexcept nogil:
+        ps_store_int(&self.state[block], BLOCK_FREE)
+
+    @property
+    def free_blocks(self) -> int:
+        """Number of blocks neither being filled nor held by a batch."""
+        cdef int i, n = 0
+        for i in range(self.nblocks):
+            if ps_load_int(&self.state[i]) == BLOCK_FREE:
+                n += 1
+        return n
+
+
+# ---------------------------------------------------------------------------------------------
+# PacketBatch
+# ---------------------------------------------------------------------------------------------
+
+@cython.final
+cdef class PacketBatch:
+    """A zero-copy view of one block of pcap records (nanosecond timestamps).
+
+    Supports the buffer protocol (read-only; the bytes are the records, so a nanosecond pcap
+    file header followed by ``bytes(batch)`` is a valid pcap file), ``len()``, indexing and
+    iteration (each packet as a read-only ``memoryview``) and numpy arrays ``ts_ns``,
+    ``caplen``, ``wirelen`` and ``offset`` (offset of each packet's data in the buffer).
+
+    Lifetime: views keep the batch alive. ``release()`` gives the block back to the capture
+    ring at once; it raises ``BufferError`` while views exist, and any use after it raises
+    ``ClosedError``. A batch that is garbage-collected is released automatically.
+    Thread safety: a batch may be used and released from any one thread at a time.
+    """
+    cdef Ring _ring
+    cdef int _block
+    cdef object _owner
+    cdef Py_buffer _pybuf
+    cdef bint _has_pybuf
+    cdef const unsigned char *_data
+    cdef Py_ssize_t _nbytes
+    cdef Py_ssize_t _count
+    cdef int _exports
+    cdef bint _released
+    cdef int _link_type
+    cdef int _snaplen
+    cdef object _interface
+    cdef object _arrays
+
+    def __cinit__(self):
+        self._block = -1
+        self._count = -1
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("PacketBatch is created by Capture or PacketBatch.from_records()")
+
+    def __dealloc__(self):
+        self._release_storage()
+
+    cdef void _release_storage(self) noexcept:
+        if self._released:
+            return
+        self._released = True
+        self._data = NULL
+        if self._ring is not None and self._block >= 0:
+            self._ring.release(self._block)
+        if self._has_pybuf:
+            PyBuffer_Release(&self._pybuf)
+            self._has_pybuf = False
+
+    @staticmethod
+    cdef PacketBatch _from_ring(Ring ring, int block, int link_type, int snaplen, object interface):
+        cdef PacketBatch b = PacketBatch.__new__(PacketBatch)
+        b._ring = ring
+        b._block = block
+        b._data = ring.mem + <size_t> block * ring.block_bytes
+        b._nbytes = <Py_ssize_t> ring.used[block]
+        b._count = ring.count[block]
+        b._link_type = link_type
+        b._snaplen = snaplen
+        b._interface = interface
+        return b
+
+    @staticmethod
+    def from_records(data, *, int link_type, int snaplen=DEFAULT_SNAPLEN, interface=None,
+                     bint validate=True, Py_ssize_t count=-1) -> PacketBatch:
+        """Wrap a buffer of pcap records (ns timestamps, little-endian) without copying.
+
+        :param data: any contiguous buffer; it is kept alive by the batch.
+        :param validate: walk and check every record header (bounds, ``caplen <= snaplen``,
+            ``caplen <= wirelen``, ``ts_nsec < 1e9``) and raise :class:`FileFormatError` with the
+            byte offset of the first bad record. Leave on for data from outside the process.
+        """
+        cdef PacketBatch b = PacketBatch.__new__(PacketBatch)
+        PyObject_GetBuffer(data, &b._pybuf, PyBUF_SIMPLE)
+        b._has_pybuf = True
+        b._owner = data
+        b._data = <const unsigned char *> b._pybuf.buf
+        b._nbytes = b._pybuf.len
+        b._link_type = link_type
+        b._snaplen = snaplen
+        b._interface = interface
+        if validate:
+            b._count = validate_records(b._data, b._nbytes, snaplen)
+        elif count >= 0:
+            b._count = count
+        return b
+
+    cdef inline int _check(self) except -1:
+        if self._released:
+            raise ClosedError("PacketBatch has been released")
+        return 0
+
+    # -- buffer protocol ---------------------------------------------------------------------
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        self._check()
+        if flags & PyBUF_WRITABLE:
+            raise BufferError("PacketBatch is read-only")
+        view.buf = <void *> self._data if self._nbytes else <void *> &self._link_type
+        view.obj = self
+        view.len = self._nbytes
+        view.readonly = 1
+        view.itemsize = 1
+        view.format = NULL
+        view.ndim = 1
+        view.shape = &self._nbytes
+        view.strides = NULL
+        view.suboffsets = NULL
+        view.internal = NULL
+        self._exports += 1
+
+    def __releasebuffer__(self, Py_buffer *view):
+        self._exports -= 1
+
+    # -- metadata ----------------------------------------------------------------------------
+    @property
+    def link_type(self) -> int:
+        """DLT link type of every packet in the batch."""
+        return self._link_type
+
+    @property
+    def link_type_name(self) -> str:
+        return link_type_name(self._link_type)
+
+    @property
+    def snaplen(self) -> int:
+        return self._snaplen
+
+    @property
+    def interface(self):
+        """Name of the interface (or file) the packets came from, or None."""
+        return self._interface
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the records in bytes (record headers included)."""
+        return self._nbytes
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def __len__(self):
+        self._check()
+        if self._count < 0:
+            self._count = validate_records(self._data, self._nbytes, 0x7fffffff)
+        return self._count
+
+    def __repr__(self):
+        if self._released:
+            return "<PacketBatch released>"
+        return (f"<PacketBatch {len(self)} packets, {self._nbytes} bytes, "
+                f"{self.link_type_name}, interface={self._interface!r}>")
+
+    # -- index arrays ------------------------------------------------------------------------
+    cdef object _index(self):
+        self._check()
+        if self._arrays is not None:
+            return self._arrays
+        cdef Py_ssize_t n = len(self)
+        cdef cnp.ndarray[cnp.int64_t] ts = np.empty(n, dtype=np.int64)
+        cdef cnp.ndarray[cnp.uint32_t] cap = np.empty(n, dtype=np.uint32)
+        cdef cnp.ndarray[cnp.uint32_t] wire = np.empty(n, dtype=np.uint32)
+        cdef cnp.ndarray[cnp.int64_t] off = np.empty(n, dtype=np.int64)
+        cdef int64_t *pts = <int64_t *> ts.data
+        cdef uint32_t *pcap_ = <uint32_t *> cap.data
+        cdef uint32_t *pwire = <uint32_t *> wire.data
+        cdef int64_t *poff = <int64_t *> off.data
+        cdef Py_ssize_t pos = 0, i = 0
+        cdef const unsigned char *d = self._data
+        with nogil:
+            while i < n:
+                pts[i] = <int64_t> ps_get_le32(d + pos) * 1000000000 + ps_get_le32(d + pos + 4)
+                pcap_[i] = ps_get_le32(d + pos + 8)
+                pwire[i] = ps_get_le32(d + pos + 12)
+                poff[i] = pos + RECORD_HEADER
+                pos += RECORD_HEADER + pcap_[i]
+                i += 1
+        for a in (ts, cap, wire, off):
+            a.flags.writeable = False
+        self._arrays = (ts, cap, wire, off)
+        return self._arrays
+
+    @property
+    def ts_ns(self) -> np.ndarray:
+        """Timestamps, int64 nanoseconds since the epoch (read-only array)."""
+        return self._index()[0]
+
+    @property
+    def caplen(self) -> np.ndarray:
+        """Captured length of each packet (uint32)."""
+        return self._index()[1]
+
+    @property
+    def wirelen(self) -> np.ndarray:
+        """Original length on the wire of each packet (uint32)."""
+        return self._index()[2]
+
+    @property
+    def offset(self) -> np.ndarray:
+        """Offset of each packet's data inside the batch buffer (int64)."""
+        return self._index()[3]
+
+    # -- packets -----------------------------------------------------------------------------
+    def __getitem__(self, Py_ssize_t i):
+        """Packet ``i`` as a read-only memoryview into the batch (valid while referenced)."""
+        arrays = self._index()
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("packet index out of range")
+        cdef Py_ssize_t start = arrays[3][i]
+        return memoryview(self)[start:start + arrays[1][i]]
+
+    def __iter__(self):
+        """Yield each packet as a read-only memoryview (zero-copy)."""
+        ts, cap, wire, off = self._index()
+        mv = memoryview(self)
+        for start, length in zip(off.tolist(), cap.tolist()):
+            yield mv[start:start + length]
+
+    def copy(self) -> PacketBatch:
+        """An independent batch owning a copy of the records (the ring block can be reused)."""
+        self._check()
+        return PacketBatch.from_records(bytes(self), link_type=self._link_type,
+                                        snaplen=self._snaplen, interface=self._interface,
+                                        validate=False, count=len(self))
+
+    def release(self) -> None:
+        """Give the block back now. Raises ``BufferError`` while memoryviews of it exist."""
+        if self._released:
+            return
+        if self._exports > 0:
+            raise BufferError(f"PacketBatch still has {self._exports} exported view(s)")
+        self._arrays = None
+        self._release_storage()
+
+    def filter(self, str expression) -> np.ndarray:
+        """Boolean mask of the packets matching a BPF expression (libpcap's offline filter)."""
+        self._check()
+        cdef BpfProgram prog = BpfProgram(expression, self._link_type, self._snaplen)
+        ts, cap, wire, off = self._index()
+        cdef Py_ssize_t n = len(self), i
+        cdef cnp.ndarray[cnp.uint8_t, cast=True] mask = np.zeros(n, dtype=np.bool_)
+        cdef const unsigned char *d = self._data
+        cdef pcap_pkthdr h
+        cdef const int64_t *poff = <const int64_t *> (<cnp.ndarray> off).data
+        cdef uint8_t *pm = <uint8_t *> mask.data
+        memset(&h, 0, sizeof(h))
+        with nogil:
+            for i in range(n):
+                h.caplen = ps_get_le32(d + poff[i] - 8)
+                h.len = ps_get_le32(d + poff[i] - 4)
+                pm[i] = pcap_offline_filter(&prog.prog, &h, d + poff[i]) != 0
+        return mask
+
+
+cdef Py_ssize_t validate_records(const unsigned char *d, Py_ssize_t n, uint32_t snaplen) except -1:
+    """Walk record headers; return the packet count or raise FileFormatError at the bad one."""
+    cdef Py_ssize_t pos = 0, count = 0
+    cdef uint32_t caplen, wirelen, nsec
+    cdef int bad = 0
+    with nogil:
+        while pos < n:
+            if n - pos < RECORD_HEADER:
+                bad = 1
+                break
+            nsec = ps_get_le32(d + pos + 4)
+            caplen = ps_get_le32(d + pos + 8)
+            wirelen = ps_get_le32(d + pos + 12)
+            if nsec >= 1000000000:
+                bad = 2
+                break
+            if caplen > snaplen or caplen > wirelen:
+                bad = 3
+                break
+            if <Py_ssize_t> caplen > n - pos - RECORD_HEADER:
+                bad = 4
+                break
+            pos += RECORD_HEADER + caplen
+            count += 1
+    if bad:
+        reason = {1: "truncated record header", 2: "nanoseconds field >= 1e9",
+                  3: "caplen larger than snaplen or wire length", 4: "record runs past the end"}[bad]
+        raise FileFormatError(f"bad pcap record at byte {pos}: {reason}", offset=pos)
+    return count
+
+
+def count_records(data, uint32_t snaplen=0x7fffffff) -> int:
+    """Validate a buffer of pcap records and return how many there are."""
+    cdef Py_buffer buf
+    PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
+    try:
+        return validate_records(<const unsigned char *> buf.buf, buf.len, snaplen)
+    finally:
+        PyBuffer_Release(&buf)
+
+
+# ---------------------------------------------------------------------------------------------
+# BPF
+# ---------------------------------------------------------------------------------------------
+
+@cython.final
+cdef class BpfProgram:
+    """A compiled BPF filter for a link type (used for offline filtering of batches)."""
+    cdef bpf_program prog
+    cdef bint compiled
+
+    def __cinit__(self, str expression, int link_type, int snaplen=DEFAULT_SNAPLEN):
+        cdef pcap_t *p = pcap_open_dead_with_tstamp_precision(link_type, snaplen,
+                                                              PCAP_TSTAMP_PRECISION_NANO)
+        if p == NULL:
+            raise MemoryError("pcap_open_dead failed")
+        try:
+            if pcap_compile(p, &self.prog, expression.encode(), 1, PCAP_NETMASK_UNKNOWN) != 0:
+                raise FilterError(f"bad BPF filter {expression!r} for {link_type_name(link_type)}: "
+                                  f"{_decode(pcap_geterr(p))}")
+            self.compiled = True
+        finally:
+            pcap_close(p)
+
+    def __dealloc__(self):
+        if self.compiled:
+            pcap_freecode(&self.prog)
+
+    def matches(self, data, int wirelen=-1) -> bool:
+        """Whether one packet (bytes) passes the filter."""
+        cdef Py_buffer buf
+        cdef pcap_pkthdr h
+        PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
+        try:
+            memset(&h, 0, sizeof(h))
+            h.caplen = <uint32_t> buf.len
+            h.len = <uint32_t> (buf.len if wirelen < 0 else wirelen)
+            return pcap_offline_filter(&self.prog, &h, <const unsigned char *> buf.buf) != 0
+        finally:
+            PyBuffer_Release(&buf)
+
+
+# ---------------------------------------------------------------------------------------------
+# Capture
+# ---------------------------------------------------------------------------------------------
+
+ctypedef struct CaptureState:
+    pcap_t *p
+    unsigned char *mem
+    size_t block_bytes
+    int nblocks
+    int *state
+    size_t *used
+    uint32_t *count
+    int cur                  # block being filled, -1 if none
+    int last                 # last block acquired (scan starts after it)
+    int64_t cur_first_ns     # monotonic time the first packet entered `cur`
+    int *queue               # FIFO of sealed blocks, capacity nblocks
+    int q_head
+    int q_len
+    uint32_t ns_mult         # 1 if libpcap gives ns, 1000 if µs
+    uint64_t packets         # copied into the ring
+    uint64_t bytes           # caplen bytes copied
+    uint64_t ring_drops      # packets dropped: no free block (batches held too long)
+    uint64_t oversize_drops  # packets larger than a block (cannot happen live: block >= snaplen)
+    uint64_t max_packets     # 0 = unlimited
+    int stop                 # set by stop() from any thread
+
+
+cdef inline void _seal(CaptureState *s) noexcept nogil:
+    cdef int b = s.cur
+    if b < 0:
+        return
+    s.cur = -1
+    if s.count[b] == 0:
+        ps_store_int(&s.state[b], BLOCK_FREE)
+        return
+    ps_store_int(&s.state[b], BLOCK_OUT)
+    s.queue[(s.q_head + s.q_len) % s.nblocks] = b
+    s.q_len += 1
+
+
+cdef inline int _acquire(CaptureState *s) noexcept nogil:
+    cdef int i, b
+    for i in range(1, s.nblocks + 1):
+        b = (s.last + i) % s.nblocks
+        if ps_load_int(&s.state[b]) == BLOCK_FREE:
+            ps_store_int(&s.state[b], BLOCK_FILLING)
+            s.used[b] = 0
+            s.count[b] = 0
+            s.cur = b
+            s.last = b
+            return b
+    return -1
+
+
+cdef void _on_packet(unsigned char *user, const pcap_pkthdr *h, const unsigned char *data) noexcept nogil:
+    """libpcap callback: copy the packet once into the current block as a pcap record."""
+    cdef CaptureState *s = <CaptureState *> user
+    cdef size_t need = RECORD_HEADER + h.caplen
+    cdef unsigned char *dst
+    if s.max_packets and s.packets >= s.max_packets:
+        pcap_breakloop(s.p)
+        return
+    if need > s.block_bytes:
+        s.oversize_drops += 1
+        return
+    if s.cur >= 0 and s.used[s.cur] + need > s.block_bytes:
+        _seal(s)
+    if s.cur < 0:
+        if _acquire(s) < 0:
+            s.ring_drops += 1
+            return
+    dst = s.mem + <size_t> s.cur * s.block_bytes + s.used[s.cur]
+    ps_put_le32(dst, <uint32_t> h.ts.tv_sec)
+    ps_put_le32(dst + 4, <uint32_t> h.ts.tv_usec * s.ns_mult)
+    ps_put_le32(dst + 8, h.caplen)
+    ps_put_le32(dst + 12, h.len)
+    memcpy(dst + RECORD_HEADER, data, h.caplen)
+    if s.count[s.cur] == 0:
+        s.cur_first_ns = ps_monotonic_ns()
+    s.used[s.cur] += need
+    s.count[s.cur] += 1
+    s.packets += 1
+    s.bytes += h.caplen
+    if s.max_packets and s.packets >= s.max_packets:
+        _seal(s)
+        pcap_breakloop(s.p)
+
+
+class InterfaceAddress(NamedTuple):
+    """One address of an interface (IPv4 or IPv6, as text)."""
+    family: str
+    address: str
+    netmask: str | None
+
+
+class Interface(NamedTuple):
+    """A capture device as listed by ``pcap_findalldevs``."""
+    name: str
+    description: str
+    up: bool
+    running: bool
+    loopback: bool
+    wireless: bool
+    addresses: tuple
+    flags: int
+
+
+cdef object _sockaddr_text(sockaddr *sa):
+    cdef char buf[64]
+    if sa == NULL:
+        return None
+    if sa.sa_family == AF_INET:
+        if inet_ntop(AF_INET, &(<sockaddr_in *> sa).sin_addr, buf, sizeof(buf)) != NULL:
+            return buf.decode()
+    elif sa.sa_family == AF_INET6:
+        if inet_ntop(AF_INET6, &(<sockaddr_in6 *> sa).sin6_addr, buf, sizeof(buf)) != NULL:
+            return buf.decode()
+    return None
+
+
+def list_interfaces() -> list:
+    """Capture devices (``pcap_findalldevs``) with flags and IPv4/IPv6 addresses."""
+    cdef char errbuf[PCAP_ERRBUF_SIZE]
+    cdef pcap_if_t *alldevs = NULL
+    cdef pcap_if_t *d
+    cdef pcap_addr_t *a
+    memset(errbuf, 0, sizeof(errbuf))
+    if pcap_findalldevs(&alldevs, errbuf) != 0:
+        raise PcapError(f"pcap_findalldevs: {_decode(errbuf)}")
+    out = []
+    try:
+        d = alldevs
+        while d != NULL:
+            addrs = []
+            a = d.addresses
+            while a != NULL:
+                text = _sockaddr_text(a.addr)
+                if text is not None:
+                    addrs.append(InterfaceAddress("inet" if a.addr.sa_family == AF_INET else "inet6",
+                                                  text, _sockaddr_text(a.netmask)))
+                a = a.next
+            out.append(Interface(_decode(d.name), _decode(d.description),
+                                 bool(d.flags & PCAP_IF_UP), bool(d.flags & PCAP_IF_RUNNING),
+                                 bool(d.flags & PCAP_IF_LOOPBACK), bool(d.flags & PCAP_IF_WIRELESS),
+                                 tuple(addrs), d.flags))
+            d = d.next
+    finally:
+        pcap_freealldevs(alldevs)
+    return out
+
+
+_DIRECTIONS = {"inout": PCAP_D_INOUT, "both": PCAP_D_INOUT, "in": PCAP_D_IN, "out": PCAP_D_OUT}
+
+
+@cython.final
+cdef class Capture:
+    """A libpcap capture handle (live interface or offline file) feeding a ring of blocks.
+
+    Iterating yields :class:`PacketBatch` objects: a block is sealed when full or when
+    ``max_wait`` seconds have passed since its first packet. Iteration ends after ``stop()``
+    (everything captured so far is delivered first), after ``count`` packets, or at the end of
+    a file.
+
+    Thread safety: one thread iterates; ``stop()``, ``close()`` and ``stats()`` may be called
+    from any thread. The library installs no signal handlers; iteration checks for pending
+    signals (KeyboardInterrupt) at least every ``timeout_ms``.
+    """
+    cdef CaptureState s
+    cdef Ring _ring
+    cdef int stop_fd
+    cdef bint offline
+    cdef bint eof
+    cdef readonly str device
+    cdef readonly int link_type
+    cdef readonly int snaplen
+    cdef readonly double max_wait
+    cdef int timeout_ms
+    cdef object _lock
+    cdef object __weakref__
+
+    def __cinit__(self):
+        self.stop_fd = -1
+        self.s.cur = -1
+        self.s.last = -1
+
+    def __init__(self, str device not None, *, int snaplen=DEFAULT_SNAPLEN, bint promisc=False,
+                 bint immediate=False, long buffer_bytes=DEFAULT_BUFFER_BYTES,
+                 int timeout_ms=DEFAULT_TIMEOUT_MS, str direction="inout", bpf=None,
+                 double max_wait=DEFAULT_MAX_WAIT, long block_bytes=DEFAULT_BLOCK_BYTES,
+                 int ring_blocks=DEFAULT_RING_BLOCKS, long count=0):
+        """Open and activate a live capture on ``device``.
+
+        :param snaplen: bytes kept per packet (tcpdump's ``-s``; default 262144).
+        :param promisc: promiscuous mode.
+        :param immediate: deliver each packet as soon as it arrives (lowest latency, more CPU).
+        :param buffer_bytes: kernel capture buffer (default 32 MiB; tcpdump's ``-B`` is KiB).
+        :param timeout_ms: kernel batching timeout, also the longest time between signal checks.
+        :param direction: ``"inout"`` (default), ``"in"`` or ``"out"``.
+        :param bpf: filter expression (string or list of words, as tcpdump takes them).
+        :param max_wait: seal a partially filled block this many seconds after its first packet.
+        :param block_bytes: size of one ring block (a batch); at least ``snaplen + 16``.
+        :param ring_blocks: number of blocks; when all are held by batches, packets are
+            dropped and counted in ``stats()['ring_drops']``.
+        :param count: stop after this many packets (0 = no limit).
+        :raises NoSuchDevice, CapturePermissionError, InterfaceNotUp, PcapError, FilterError:
+        """
+        cdef char errbuf[PCAP_ERRBUF_SIZE]
+        memset(errbuf, 0, sizeof(errbuf))
+        if direction not in _DIRECTIONS:
+            raise ValueError(f"direction must be one of 'in', 'out', 'inout', not {direction!r}")
+        if snaplen <= 0 or snaplen > 262144:
+            raise ValueError(f"snaplen must be 1..262144, not {snaplen}")
+        self.device = device
+        self.timeout_ms = timeout_ms
+        self._setup_ring(block_bytes, ring_blocks, snaplen, max_wait, count)
+        cdef pcap_t *p = pcap_create(device.encode(), errbuf)
+        if p == NULL:
+            raise PcapError(f"pcap_create on {device!r}: {_decode(errbuf)}", device=device)
+        self.s.p = p
+        self._check_setting(pcap_set_snaplen(p, snaplen), "pcap_set_snaplen")
+        self._check_setting(pcap_set_promisc(p, promisc), "pcap_set_promisc")
+        self._check_setting(pcap_set_timeout(p, timeout_ms), "pcap_set_timeout")
+        self._check_setting(pcap_set_immediate_mode(p, immediate), "pcap_set_immediate_mode")
+        self._check_setting(pcap_set_buffer_size(p, <int> buffer_bytes), "pcap_set_buffer_size")
+        self.s.ns_mult = 1
+        if pcap_set_tstamp_precision(p, PCAP_TSTAMP_PRECISION_NANO) != 0:
+            self.s.ns_mult = 1000
+        cdef int rc = pcap_activate(p)
+        if rc < 0:
+            self._fail(rc, "pcap_activate")
+        elif rc > 0:
+            warnings.warn(f"pcap_activate on {device!r}: {_decode(pcap_statustostr(rc))} "
+                          f"({_decode(pcap_geterr(p))})", PcapWarning, stacklevel=2)
+        if pcap_setnonblock(p, 1, errbuf) != 0:
+            self._fail(PCAP_ERROR, "pcap_setnonblock", _decode(errbuf))
+        if direction != "inout" and pcap_setdirection(p, _DIRECTIONS[direction]) != 0:
+            self._fail(PCAP_ERROR, "pcap_setdirection")
+        self.link_type = pcap_datalink(p)
+        self.snaplen = pcap_snapshot(p)
+        self.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.stop_fd < 0:
+            self._fail(PCAP_ERROR, "eventfd", strerror(errno).decode())
+        if bpf:
+            self.set_filter(bpf)
+
+    @staticmethod
+    def open_offline(path, *, bpf=None, long block_bytes=DEFAULT_BLOCK_BYTES,
+                     int ring_blocks=DEFAULT_RING_BLOCKS, long count=0) -> Capture:
+        """Read a pcap (or single-link-type pcapng) file through libpcap, nanosecond stamps."""
+        cdef char errbuf[PCAP_ERRBUF_SIZE]
+        memset(errbuf, 0, sizeof(errbuf))
+        path = os.fspath(path)
+        cdef Capture c = Capture.__new__(Capture)
+        c.device = str(path)
+        c.offline = True
+        c.s.ns_mult = 1
+        cdef pcap_t *p = pcap_open_offline_with_tstamp_precision(
+            os.fsencode(path), PCAP_TSTAMP_PRECISION_NANO, errbuf)
+        if p == NULL:
+            msg = _decode(errbuf)
+            if not os.path.exists(path):
+                raise FileNotFoundError(2, f"no such capture file: {path!r}", path)
+            raise FileFormatError(f"cannot read capture file {path!r}: {msg}", path=path)
+        c.s.p = p
+        c.link_type = pcap_datalink(p)
+        c.snaplen = pcap_snapshot(p)
+        if c.snaplen <= 0:
+            c.snaplen = DEFAULT_SNAPLEN
+        c._setup_ring(max(block_bytes, c.snaplen + RECORD_HEADER), ring_blocks, c.snaplen, 0.0, count)
+        if bpf:
+            c.set_filter(bpf)
+        return c
+
+    cdef _setup_ring(self, long block_bytes, int ring_blocks, int snaplen, double max_wait, long count):
+        if block_bytes < snaplen + RECORD_HEADER:
+            raise ValueError(f"block_bytes ({block_bytes}) must be at least snaplen + 16 ({snaplen + 16})")
+        if max_wait < 0:
+            raise ValueError("max_wait must be >= 0")
+        self._ring = Ring(block_bytes, ring_blocks)
+        self.s.mem = self._ring.mem
+        self.s.block_bytes = self._ring.block_bytes
+        self.s.nblocks = self._ring.nblocks
+        self.s.state = self._ring.state
+        self.s.used = self._ring.used
+        self.s.count = self._ring.count
+        self.s.queue = <int *> calloc(ring_blocks, sizeof(int))
+        if self.s.queue == NULL:
+            raise MemoryError()
+        self.s.cur = -1
+        self.s.last = -1
+        self.s.max_packets = count
+        self.max_wait = max_wait
+        self._lock = threading.Lock()
+
+    cdef int _check_setting(self, int rc, str op) except -1:
+        if rc != 0:
+            self._fail(rc, op)
+        return 0
+
+    cdef int _fail(self, int rc, str op, detail=None) except -1:
+        msg = detail if detail is not None else _decode(pcap_geterr(self.s.p)) if self.s.p != NULL else ""
+        status = _decode(pcap_statustostr(rc))
+        device = self.device
+        self._close_handle()
+        text = f"{op} on {device!r}: {status}"
+        if msg and msg != status:
+            text += f" ({msg})"
+        raise pcap_error(text, rc, device)
+
+    def __dealloc__(self):
+        if self.s.p != NULL:
+            pcap_close(self.s.p)
+            self.s.p = NULL
+        if self.stop_fd >= 0:
+            close(self.stop_fd)
+        free(self.s.queue)
+
+    def __del__(self):
+        if self.s.p != NULL:
+            warnings.warn(f"unclosed Capture on {self.device!r}", ResourceWarning, source=self)
+
+    cdef void _close_handle(self) noexcept:
+        if self.s.p != NULL:
+            pcap_close(self.s.p)
+            self.s.p = NULL
+        if self.stop_fd >= 0:
+            close(self.stop_fd)
+            self.stop_fd = -1
+
+    # -- public API --------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self.s.p == NULL
+
+    @property
+    def link_type_name(self) -> str:
+        return link_type_name(self.link_type)
+
+    @property
+    def ring(self) -> Ring:
+        """The ring of blocks batches are delivered from."""
+        return self._ring
+
+    cdef int _check_open(self) except -1:
+        if self.s.p == NULL:
+            raise ClosedError(f"Capture on {self.device!r} is closed")
+        return 0
+
+    def set_filter(self, bpf) -> None:
+        """Compile and install a BPF filter (a string or a list of words)."""
+        self._check_open()
+        cdef bpf_program prog
+        expr = " ".join(bpf) if isinstance(bpf, (list, tuple)) else str(bpf)
+        if pcap_compile(self.s.p, &prog, expr.encode(), 1, PCAP_NETMASK_UNKNOWN) != 0:
+            raise FilterError(f"bad BPF filter {expr!r} on {self.device!r}: {_decode(pcap_geterr(self.s.p))}")
+        try:
+            if pcap_setfilter(self.s.p, &prog) != 0:
+                raise FilterError(f"cannot install filter {expr!r} on {self.device!r}: "
+                                  f"{_decode(pcap_geterr(self.s.p))}")
+        finally:
+            pcap_freecode(&prog)
+
+    def stats(self) -> dict:
+        """Counters: ``packets``/``bytes`` copied into the ring, libpcap's ``kernel_received``,
+        ``kernel_dropped`` (buffer full), ``interface_dropped``, and the ring's own
+        ``ring_drops`` (no free block) and ``oversize_drops``. Callable from any thread."""
+        cdef pcap_stat ps
+        memset(&ps, 0, sizeof(ps))
+        out = {"packets": self.s.packets, "bytes": self.s.bytes,
+               "ring_drops": self.s.ring_drops, "oversize_drops": self.s.oversize_drops,
+               "kernel_received": 0, "kernel_dropped": 0, "interface_dropped": 0}
+        if self.s.p != NULL and not self.offline and pcap_stats(self.s.p, &ps) == 0:
+            out.update(kernel_received=ps.ps_recv, kernel_dropped=ps.ps_drop,
+                       interface_dropped=ps.ps_ifdrop)
+        return out
+
+    def inject(self, packet) -> int:
+        """Send one raw packet (link-layer frame) on the interface; returns bytes sent."""
+        self._check_open()
+        cdef Py_buffer buf
+        cdef int rc
+        PyObject_GetBuffer(packet, &buf, PyBUF_SIMPLE)
+        try:
+            with nogil:
+                rc = pcap_inject(self.s.p, buf.buf, <size_t> buf.len)
+        finally:
+            PyBuffer_Release(&buf)
+        if rc < 0:
+            raise PcapError(f"pcap_inject on {self.device!r}: {_decode(pcap_geterr(self.s.p))}",
+                            device=self.device)
+        return rc
+
+    def stop(self) -> None:
+        """End iteration soon, from any thread: what was captured is still delivered."""
+        cdef uint64_t one = 1
+        ps_store_int(&self.s.stop, 1)
+        if self.stop_fd >= 0:
+            write(self.stop_fd, &one, sizeof(one))
+
+    def close(self) -> None:
+        """Stop and release the libpcap handle. Idempotent; safe from another thread (waits
+        for the iterating thread to leave libpcap). Batches already delivered stay valid."""
+        if self.s.p == NULL:
+            return
+        self.stop()
+        with self._lock:
+            self._close_handle()
+
+    def __enter__(self):
+        self._check_open()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> PacketBatch:
+        batch = self.next_batch()
+        if batch is None:
+            raise StopIteration
+        return batch
+
+    cdef PacketBatch _pop(self):
+        cdef int b = self.s.queue[self.s.q_head]
+        self.s.q_head = (self.s.q_head + 1) % self.s.nblocks
+        self.s.q_len -= 1
+        return PacketBatch._from_ring(self._ring, b, self.link_type, self.snaplen, self.device)
+
+    def next_batch(self, timeout=None) -> PacketBatch | None:
+        """The next sealed batch; ``None`` at the end (stopped, count reached, end of file).
+
+        :param timeout: seconds to wait; on expiry raises ``TimeoutError`` (None: no limit).
+        """
+        cdef int rc = 0, prc
+        cdef int64_t now, deadline = -1, max_wait_ns = <int64_t> (self.max_wait * 1e9)
+        cdef int poll_ms
+        cdef pollfd fds[2]
+        cdef uint64_t junk
+        cdef CaptureState *s = &self.s
+        if timeout is not None:
+            deadline = ps_monotonic_ns() + <int64_t> (float(timeout) * 1e9)
+        while True:
+            if s.q_len > 0:
+                return self._pop()
+            if self.eof:
+                return None
+            with self._lock:
+                if s.p == NULL:
+                    if s.q_len == 0:
+                        self.eof = True
+                    continue
+                if self.offline:
+                    with nogil:
+                        rc = pcap_dispatch(s.p, -1, _on_packet, <unsigned char *> s)
+                    if rc == 0 or (s.max_packets and s.packets >= s.max_packets):
+                        _seal(s)
+                        self.eof = True
+                    elif rc == PCAP_ERROR_BREAK and ps_load_int(&s.stop):
+                        _seal(s)
+                        self.eof = True
+                    elif rc < 0 and rc != PCAP_ERROR_BREAK:
+                        raise FileFormatError(f"reading {self.device!r}: {_decode(pcap_geterr(s.p))}",
+                                              path=self.device)
+                    continue
+                with nogil:
+                    fds[0].fd = pcap_get_selectable_fd(s.p)
+                    fds[0].events = POLLIN
+                    fds[1].fd = self.stop_fd
+                    fds[1].events = POLLIN
+                    while True:
+                        if ps_load_int(&s.stop) or (s.max_packets and s.packets >= s.max_packets):
+                            rc = 1  # stopping: drain what the kernel has retired, then end
+                            break
+                        now = ps_monotonic_ns()
+                        if s.cur >= 0 and s.count[s.cur] > 0 and now - s.cur_first_ns >= max_wait_ns:
+                            _seal(s)
+                        if s.q_len > 0:
+                            rc = 0
+                            break
+                        if deadline >= 0 and now >= deadline:
+                            rc = 2
+                            break
+                        poll_ms = self.timeout_ms if self.timeout_ms > 0 else 100
+                        if s.cur >= 0 and s.count[s.cur] > 0:
+                            poll_ms = min(poll_ms, <int> ((s.cur_first_ns + max_wait_ns - now) // 1000000) + 1)
+                        if deadline >= 0:
+                            poll_ms = min(poll_ms, <int> ((deadline - now) // 1000000) + 1)
+                        prc = poll(fds, 2, poll_ms)
+                        if prc < 0 and errno != EINTR:
+                            rc = -100
+                            break
+                        rc = pcap_dispatch(s.p, -1, _on_packet, <unsigned char *> s)
+                        if rc < 0 and rc != PCAP_ERROR_BREAK:
+                            break
+                        if prc < 0:  # EINTR: let Python run signal handlers
+                            rc = 3
+                            break
+                        if prc == 0:
+                            rc = 3  # poll timeout: check signals at least every timeout_ms
+                            break
+                    if rc == 1:
+                        pcap_dispatch(s.p, -1, _on_packet, <unsigned char *> s)
+                        _seal(s)
+                        self.eof = True
+                        read(self.stop_fd, &junk, sizeof(junk))
+                if rc == -100:
+                    raise OSError(errno, f"poll on {self.device!r}: {strerror(errno).decode()}")
+                if rc < 0 and rc != PCAP_ERROR_BREAK:
+                    raise PcapError(f"pcap_dispatch on {self.device!r}: {_decode(pcap_geterr(s.p))}",
+                                    code=rc, device=self.device)
+            if rc == 2:
+                raise TimeoutError(f"no batch from {self.device!r} within {timeout} s")
+            PyErr_CheckSignals()
