@@ -511,6 +511,7 @@ ctypedef struct CaptureState:
     int q_head
     int q_len
     uint32_t ns_mult         # 1 if libpcap gives ns, 1000 if µs
+    uint64_t seen            # callback invocations (packets libpcap delivered)
     uint64_t packets         # copied into the ring
     uint64_t bytes           # caplen bytes copied
     uint64_t ring_drops      # packets dropped: no free block (batches held too long)
@@ -551,6 +552,7 @@ cdef void _on_packet(unsigned char *user, const pcap_pkthdr *h, const unsigned c
     cdef CaptureState *s = <CaptureState *> user
     cdef size_t need = RECORD_HEADER + h.caplen
     cdef unsigned char *dst
+    s.seen += 1
     if s.max_packets and s.packets >= s.max_packets:
         pcap_breakloop(s.p)
         return
@@ -735,7 +737,11 @@ cdef class Capture:
         if self.stop_fd < 0:
             self._fail(PCAP_ERROR, "eventfd", strerror(errno).decode())
         if bpf:
-            self.set_filter(bpf)
+            try:
+                self.set_filter(bpf)
+            except BaseException:
+                self._close_handle()
+                raise
 
     @staticmethod
     def open_offline(path, *, bpf=None, long block_bytes=DEFAULT_BLOCK_BYTES,
@@ -762,7 +768,11 @@ cdef class Capture:
             c.snaplen = DEFAULT_SNAPLEN
         c._setup_ring(max(block_bytes, c.snaplen + RECORD_HEADER), ring_blocks, c.snaplen, 0.0, count)
         if bpf:
-            c.set_filter(bpf)
+            try:
+                c.set_filter(bpf)
+            except BaseException:
+                c._close_handle()
+                raise
         return c
 
     cdef _setup_ring(self, long block_bytes, int ring_blocks, int snaplen, double max_wait, long count):
@@ -932,6 +942,7 @@ cdef class Capture:
         cdef int poll_ms
         cdef pollfd fds[2]
         cdef uint64_t junk
+        cdef pcap_stat ps
         cdef CaptureState *s = &self.s
         if timeout is not None:
             deadline = ps_monotonic_ns() + <int64_t> (float(timeout) * 1e9)
@@ -995,6 +1006,11 @@ cdef class Capture:
                             rc = 3  # poll timeout: check signals at least every timeout_ms
                             break
                     if rc == 1:
+                        # the kernel hands over a partly filled buffer block only when its
+                        # timeout (timeout_ms) expires: wait for that once, then drain
+                        memset(&ps, 0, sizeof(ps))
+                        if pcap_stats(s.p, &ps) == 0 and <uint64_t> (ps.ps_recv - ps.ps_drop) > s.seen:
+                            poll(fds, 1, self.timeout_ms if self.timeout_ms > 0 else 100)
                         pcap_dispatch(s.p, -1, _on_packet, <unsigned char *> s)
                         _seal(s)
                         self.eof = True

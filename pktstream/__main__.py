@@ -1,0 +1,5 @@
+import sys
+
+from pktstream.cli import main
+
+sys.exit(main())

@@ -1,0 +1,156 @@
+"""Command line: ``pktstream capture|sensor|receiver|info|read|convert|merge|demo``."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from typing import Sequence
+
+import pktstream
+
+
+def _version_text() -> str:
+    return (f"pktstream {pktstream.__version__}\n{pktstream.libpcap_version()}\n"
+            f"zstd {pktstream.zstd_version()}")
+
+
+class _StopOnSignals:
+    """Route SIGINT/SIGTERM to a stop callback while active (restores old handlers)."""
+
+    def __init__(self, stop) -> None:
+        self._stop = stop
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> "_StopOnSignals":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, lambda *_: self._stop())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    """tcpdump-like local capture into a nanosecond pcap file, summary on stderr."""
+    from pktstream.formats.pcap import PcapWriter
+
+    if args.interface == "list" or args.list_interfaces:
+        for i, itf in enumerate(pktstream.list_interfaces(), 1):
+            flags = ",".join(n for n, on in (("Up", itf.up), ("Running", itf.running),
+                                              ("Loopback", itf.loopback)) if on)
+            addrs = " ".join(a.address for a in itf.addresses)
+            print(f"{i}.{itf.name} [{flags}] {addrs}".rstrip())
+        return 0
+    if not args.interface:
+        print("pktstream capture: -i IFACE is required (see -D for the list)", file=sys.stderr)
+        return 2
+    cap = pktstream.Capture(args.interface, snaplen=args.snaplen, promisc=not args.no_promisc,
+                            immediate=args.immediate, buffer_bytes=args.buffer_size * 1024,
+                            direction=args.direction, bpf=" ".join(args.bpf) or None,
+                            count=args.count, max_wait=args.max_wait)
+    out = None
+    if args.write:
+        out = PcapWriter(sys.stdout.buffer if args.write == "-" else args.write,
+                         link_type=cap.link_type, snaplen=cap.snaplen, atomic=False)
+    where = f"writing {args.write}" if args.write else "printing packets"
+    print(f"pktstream: listening on {args.interface}, link-type {cap.link_type_name}, "
+          f"snapshot length {cap.snaplen} bytes, {where}", file=sys.stderr)
+    timer = None
+    if args.duration:
+        import threading
+        timer = threading.Timer(args.duration, cap.stop)
+        timer.daemon = True
+        timer.start()
+    try:
+        with _StopOnSignals(cap.stop):
+            for batch in cap:
+                if out is not None:
+                    out.write(batch)
+                    if args.write == "-":
+                        out.flush()
+                else:
+                    for ts, caplen, wirelen in zip(batch.ts_ns.tolist(), batch.caplen.tolist(),
+                                                   batch.wirelen.tolist()):
+                        t = time.strftime("%H:%M:%S", time.localtime(ts // 10**9))
+                        print(f"{t}.{ts % 10**9:09d} {args.interface} length {wirelen} (captured {caplen})")
+                batch.release()
+        stats = cap.stats()
+    finally:
+        if timer is not None:
+            timer.cancel()
+        if out is not None:
+            out.close()
+        cap.close()
+    print(f"{stats['packets']} packets captured\n"
+          f"{stats['kernel_received']} packets received by filter\n"
+          f"{stats['kernel_dropped']} packets dropped by kernel\n"
+          f"{stats['interface_dropped']} packets dropped by interface\n"
+          f"{stats['ring_drops']} packets dropped by pktstream (ring full)", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pktstream", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=_version_text())
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("capture", help="capture locally into a pcap file (like tcpdump -w)")
+    p.add_argument("-i", "--interface", help="interface to capture on")
+    p.add_argument("-D", "--list-interfaces", action="store_true", help="list interfaces and exit")
+    p.add_argument("-w", "--write", metavar="FILE", help="pcap file to write ('-' for stdout)")
+    p.add_argument("-c", "--count", type=int, default=0, help="stop after COUNT packets")
+    p.add_argument("-s", "--snaplen", type=int, default=262144, help="bytes kept per packet")
+    p.add_argument("-B", "--buffer-size", type=int, default=32768, help="kernel buffer in KiB")
+    p.add_argument("-p", "--no-promisc", action="store_true", help="do not use promiscuous mode")
+    p.add_argument("-Q", "--direction", choices=("in", "out", "inout"), default="inout")
+    p.add_argument("--immediate", action="store_true", help="libpcap immediate mode")
+    p.add_argument("--max-wait", type=float, default=0.2, help="seal a batch after SEC (default 0.2)")
+    p.add_argument("--duration", type=float, help="stop after SEC seconds")
+    p.add_argument("bpf", nargs="*", help="BPF filter expression")
+    p.set_defaults(func=cmd_capture)
+
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands implemented in their own modules register themselves here."""
+    import importlib
+    for module in ("pktstream.cli_files", "pktstream.cli_stream"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        mod.register(sub)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    import logging
+    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose
+                        else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except pktstream.PktstreamError as exc:
+        print(f"pktstream {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        print(f"pktstream {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

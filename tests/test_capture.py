@@ -1,0 +1,321 @@
+"""Live capture with real libpcap on veth pairs, tcpdump as the oracle."""
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import subprocess
+import threading
+import time
+import warnings
+
+import pytest
+
+import pktstream
+from conftest import PKTSTREAM, read_pcap_dpkt, start_tcpdump
+
+pytestmark = pytest.mark.live
+
+
+def _capture_in_thread(cap: pktstream.Capture) -> tuple[threading.Thread, list]:
+    got: list[pktstream.PacketBatch] = []
+
+    def run() -> None:
+        for batch in cap:
+            got.append(batch.copy())
+            batch.release()
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, got
+
+
+def _packets(batches) -> list[tuple[int, int, bytes]]:
+    out = []
+    for b in batches:
+        for ts, wire, pkt in zip(b.ts_ns.tolist(), b.wirelen.tolist(), b):
+            out.append((ts, wire, bytes(pkt)))
+    return out
+
+
+def _assert_same(ours, ref, tol_ns=1_000_000):
+    assert len(ours) == len(ref), f"pktstream {len(ours)} packets, tcpdump {len(ref)}"
+    for i, ((ts1, w1, d1), (ts2, w2, d2)) in enumerate(zip(ours, ref)):
+        assert d1 == d2, f"packet {i} differs"
+        assert w1 == w2, f"packet {i} wire length {w1} != {w2}"
+        assert abs(ts1 - ts2) <= tol_ns, f"packet {i} timestamp {ts1} vs {ts2}"
+
+
+def test_capture_api_equals_tcpdump(veth, procs, tmp_path, mixed_pcap):
+    ref = tmp_path / "ref.pcap"
+    td = start_tcpdump(procs, veth.outer, ref)
+    cap = pktstream.Capture(veth.outer, promisc=True)
+    t, got = _capture_in_thread(cap)
+    veth.replay(mixed_pcap, pps=20000)
+    time.sleep(0.5)
+    cap.stop()
+    t.join(10)
+    assert td.stop() == 0
+    stats = cap.stats()
+    cap.close()
+    ours = _packets(got)
+    ref_pkts = read_pcap_dpkt(ref)
+    assert len(ref_pkts) == 2000
+    _assert_same(ours, ref_pkts)
+    assert stats["packets"] == 2000 and stats["kernel_dropped"] == 0 and stats["ring_drops"] == 0
+    assert {b.link_type for b in got} == {1} and {b.interface for b in got} == {veth.outer}
+
+
+def test_cli_capture_equals_tcpdump_and_sigterm_keeps_file(veth, procs, tmp_path, mixed_pcap):
+    ref, out = tmp_path / "ref.pcap", tmp_path / "out.pcap"
+    td = start_tcpdump(procs, veth.outer, ref)
+    ps = procs([*PKTSTREAM, "capture", "-i", veth.outer, "-w", str(out)])
+    ps.wait_for("listening on")
+    veth.replay(mixed_pcap, pps=20000)
+    time.sleep(0.5)
+    assert ps.stop(subprocess.signal.SIGTERM) == 0
+    td.stop()
+    assert "2000 packets captured" in ps.stderr
+    assert "0 packets dropped by kernel" in ps.stderr
+    _assert_same(read_pcap_dpkt(out), read_pcap_dpkt(ref))
+    info = subprocess.run(["capinfos", "-M", "-c", "-T", str(out)], capture_output=True, text=True, check=True)
+    assert info.stdout.strip().splitlines()[-1].split("\t")[-1] == "2000"
+    # tshark reads it with nanosecond precision, same timestamps as tcpdump's file
+    t_ours = subprocess.run(["tshark", "-r", str(out), "-T", "fields", "-e", "frame.time_epoch"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    t_ref = subprocess.run(["tshark", "-r", str(ref), "-T", "fields", "-e", "frame.time_epoch"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert len(t_ours) == len(t_ref) == 2000
+    assert all(abs(float(a) - float(b)) < 1e-3 for a, b in zip(t_ours, t_ref))
+
+
+def test_cli_count_and_snaplen(veth, procs, tmp_path, mixed_pcap):
+    out = tmp_path / "c.pcap"
+    ps = procs([*PKTSTREAM, "capture", "-i", veth.outer, "-c", "100", "-s", "96", "-w", str(out)])
+    ps.wait_for("listening on")
+    veth.replay(mixed_pcap, pps=20000)
+    assert ps.p.wait(10) == 0
+    pkts = read_pcap_dpkt(out)
+    assert len(pkts) == 100
+    assert max(len(d) for _, _, d in pkts) == 96
+    assert any(w > 96 for _, w, _ in pkts)  # wire length kept, data truncated
+
+
+@pytest.mark.parametrize("bpf", ["udp", "tcp port 80", "icmp or arp", "vlan", "greater 1000",
+                                 "ip6 and tcp", "ip[6:2] & 0x1fff = 0 and ip[6] & 0x20 != 0"])
+def test_bpf_same_packets_as_tcpdump(veth, procs, tmp_path, mixed_pcap, bpf):
+    ref = tmp_path / "ref.pcap"
+    td = start_tcpdump(procs, veth.outer, ref, bpf)
+    cap = pktstream.Capture(veth.outer, bpf=bpf)
+    t, got = _capture_in_thread(cap)
+    veth.replay(mixed_pcap, pps=20000)
+    time.sleep(0.4)
+    cap.close()
+    t.join(10)
+    td.stop()
+    ref_pkts = read_pcap_dpkt(ref)
+    assert 0 < len(ref_pkts) < 2000
+    _assert_same(_packets(got), ref_pkts)
+
+
+def test_stop_from_other_thread_on_idle_interface(veth):
+    cap = pktstream.Capture(veth.outer, timeout_ms=1000, max_wait=5.0)
+    t, got = _capture_in_thread(cap)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    cap.stop()
+    t.join(5)
+    elapsed = time.monotonic() - t0
+    assert not t.is_alive()
+    assert elapsed < 0.5, f"stop() took {elapsed:.3f} s on an idle interface"
+    assert got == []
+    cap.close()
+
+
+def test_close_from_other_thread_while_iterating(veth):
+    cap = pktstream.Capture(veth.outer, timeout_ms=1000)
+    t, got = _capture_in_thread(cap)
+    time.sleep(0.3)
+    cap.close()
+    t.join(5)
+    assert not t.is_alive() and cap.closed
+
+
+def test_max_wait_delivers_quiet_traffic_promptly(veth):
+    """Three packets on a quiet link arrive as one batch within about max_wait."""
+    cap = pktstream.Capture(veth.outer, max_wait=0.1)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    subprocess.run(["ip", "neigh", "replace", veth.inner_ip, "lladdr", "02:00:00:00:00:01",
+                    "dev", veth.outer], check=True)
+    t0 = time.monotonic()
+    for _ in range(3):
+        s.sendto(b"hello", (veth.inner_ip, 9))
+    batch = cap.next_batch(timeout=5)
+    elapsed = time.monotonic() - t0
+    s.close()
+    assert len(batch) == 3 and elapsed < 1.0
+    batch.release()
+    cap.close()
+
+
+def test_next_batch_timeout(veth):
+    cap = pktstream.Capture(veth.outer)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        cap.next_batch(timeout=0.3)
+    assert 0.25 < time.monotonic() - t0 < 2
+    cap.close()
+
+
+def test_inject_and_direction(veth, procs, tmp_path):
+    """Frames injected on outer are seen leaving it (direction out) and arrive inside the ns."""
+    ref = tmp_path / "in_ns.pcap"
+    td = start_tcpdump(procs, veth.inner, ref, ns_cmd=veth.in_ns())
+    out_cap = pktstream.Capture(veth.outer, direction="out", bpf="udp port 7777")
+    in_cap = pktstream.Capture(veth.outer, direction="in", bpf="udp port 7777")
+    injector = pktstream.Capture(veth.outer)  # a socket never sees its own injected frames
+    import trafficgen
+    frames = [f for f in trafficgen.frames(200) if len(f) > 42 and f[12:14] == b"\x08\x00" and f[23] == 17]
+    sent = []
+    for i, f in enumerate(frames[:20]):
+        f = f[:36] + (7777).to_bytes(2, "big") + f[38:]  # udp dport 7777
+        assert injector.inject(f) == len(f)
+        sent.append(f)
+    got = out_cap.next_batch(timeout=5)
+    assert [bytes(p) for p in got] == sent
+    got.release()
+    with pytest.raises(TimeoutError):
+        in_cap.next_batch(timeout=0.5)
+    time.sleep(0.3)
+    td.stop()
+    assert [d for _, _, d in read_pcap_dpkt(ref) if d[36:38] == b"\x1e\x61"] == sent
+    for c in (out_cap, in_cap, injector):
+        c.close()
+
+
+def test_ring_full_drops_are_counted(veth, mixed_pcap):
+    """Holding every batch exhausts a tiny ring: drops are counted, nothing silently lost."""
+    cap = pktstream.Capture(veth.outer, block_bytes=300_000, ring_blocks=2, max_wait=0.05)
+    held = []
+    done = threading.Event()
+
+    def run():
+        for b in cap:
+            held.append(b)  # never released
+        done.set()
+
+    t = threading.Thread(target=run)
+    t.start()
+    veth.replay(mixed_pcap, pps=20000)
+    time.sleep(0.5)
+    cap.stop()
+    t.join(10)
+    st = cap.stats()
+    assert st["ring_drops"] > 0
+    assert st["packets"] + st["ring_drops"] + st["kernel_dropped"] == 2000
+    assert sum(len(b) for b in held) == st["packets"]
+    assert cap.ring.free_blocks == 0
+    for b in held:
+        b.release()
+    assert cap.ring.free_blocks == 2
+    cap.close()
+
+
+def test_batch_lifetime_rules(veth, mixed_pcap):
+    cap = pktstream.Capture(veth.outer, block_bytes=300_000, ring_blocks=2, max_wait=0.05, count=300)
+    threading.Thread(target=lambda: (time.sleep(0.2), veth.replay(mixed_pcap, pps=20000))).start()
+    batch = cap.next_batch(timeout=10)
+    first = bytes(batch[0])
+    view = batch[0]
+    with pytest.raises(BufferError):
+        batch.release()          # a view is alive
+    with pytest.raises(TypeError):
+        memoryview(batch)[0:1] = b"x"  # read-only
+    import numpy as np
+    assert not np.frombuffer(batch, dtype=np.uint8).flags.writeable
+    del batch
+    gc.collect()
+    # the view keeps the block: drain the rest of the capture so the ring is recycled
+    for b in cap:
+        b.release()
+    assert bytes(view) == first
+    view.release()
+    cap.close()
+    assert cap.closed
+    cap.close()  # idempotent
+    with pytest.raises(pktstream.ClosedError):
+        cap.set_filter("udp")
+    with pytest.raises(pktstream.ClosedError):
+        cap.inject(b"\0" * 60)
+
+
+def test_released_batch_raises(veth):
+    b = pktstream.PacketBatch.from_records(b"", link_type=1)
+    assert len(b) == 0
+    b.release()
+    with pytest.raises(pktstream.ClosedError):
+        len(b)
+    with pytest.raises(pktstream.ClosedError):
+        memoryview(b)
+    with pytest.raises(pktstream.ClosedError):
+        b.ts_ns
+
+
+def test_unclosed_capture_warns(veth):
+    cap = pktstream.Capture(veth.outer)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        del cap
+        gc.collect()
+    assert any(issubclass(x.category, ResourceWarning) and veth.outer in str(x.message) for x in w)
+
+
+def test_errors_name_device_and_reason(veth):
+    with pytest.raises(pktstream.NoSuchDevice, match="nosuchdev0"):
+        pktstream.Capture("nosuchdev0")
+    with pytest.raises(pktstream.FilterError, match="syntax error|illegal|unknown"):
+        pktstream.Capture(veth.outer, bpf="tcp port")
+    with pytest.raises(ValueError, match="direction"):
+        pktstream.Capture(veth.outer, direction="sideways")
+    subprocess.run(["ip", "link", "set", veth.outer, "down"], check=True)
+    with pytest.raises(pktstream.InterfaceNotUp, match=veth.outer):
+        pktstream.Capture(veth.outer)
+    with pytest.raises(FileNotFoundError):
+        pktstream.open_offline("/nonexistent/x.pcap")
+
+
+def test_cli_errors_are_one_line(veth):
+    r = subprocess.run([*PKTSTREAM, "capture", "-i", "nosuchdev0"], capture_output=True, text=True)
+    assert r.returncode == 1 and "nosuchdev0" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([*PKTSTREAM, "capture", "-i", veth.outer, "tcp", "port"], capture_output=True, text=True)
+    assert r.returncode == 1 and "bad BPF filter" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_list_interfaces(veth):
+    itfs = {i.name: i for i in pktstream.list_interfaces()}
+    assert itfs["lo"].loopback and itfs["lo"].up
+    assert veth.outer in itfs and itfs[veth.outer].up
+    assert any(a.address == veth.outer_ip for a in itfs[veth.outer].addresses)
+
+
+def test_offline_equals_live_file(veth, procs, tmp_path, mixed_pcap):
+    ref = tmp_path / "ref.pcap"
+    td = start_tcpdump(procs, veth.outer, ref)
+    veth.replay(mixed_pcap, pps=20000)
+    time.sleep(0.3)
+    td.stop()
+    with pktstream.open_offline(ref, block_bytes=100_000) as cap:
+        batches = [b.copy() for b in cap]
+    assert len(batches) > 1  # several blocks
+    _assert_same(_packets(batches), read_pcap_dpkt(ref), tol_ns=0)
+    with pktstream.open_offline(ref, bpf="udp") as cap:
+        n_udp = sum(len(b) for b in cap)
+    udp_ref = tmp_path / "udp.pcap"
+    subprocess.run(["tcpdump", "-r", str(ref), "-w", str(udp_ref), "udp"], check=True, capture_output=True)
+    assert n_udp == len(read_pcap_dpkt(udp_ref)) > 0
+
+
+def test_version_cli():
+    r = subprocess.run([*PKTSTREAM, "--version"], capture_output=True, text=True, check=True)
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("pktstream ") and "libpcap version" in lines[1] and lines[2].startswith("zstd 1.")
