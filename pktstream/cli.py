@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
     """Commands implemented in their own modules register themselves here."""
     import importlib
-    for module in ("pktstream.cli_files", "pktstream.cli_stream"):
+    for module in ("pktstream.cli_files", "pktstream.cli_stream", "pktstream.demo"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
