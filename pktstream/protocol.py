@@ -1,0 +1,204 @@
+"""Wire protocol between sensor and receiver (byte layout in docs/PROTOCOL.md).
+
+Every frame starts with a fixed 36-byte little-endian header::
+
+    magic u32 'PKST' | version u8 | type u8 | flags u16 | header_len u16 | reserved u16 |
+    seq u64 | iface u32 | count u32 | raw_len u32 | payload_len u32
+
+DATA payloads are one zstd frame (content size + checksum) of pcap records, or the records
+themselves when flag STORED is set. Control payloads (HELLO, CHALLENGE, AUTH, WELCOME, STATS,
+BYE, ERROR) are UTF-8 JSON objects of at most ``MAX_CONTROL_BYTES``. Every length is checked
+against the negotiated bounds before anything is allocated.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import hmac
+import json
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import zstandard
+
+from pktstream._capture import PacketBatch
+from pktstream.exceptions import FrameError
+
+MAGIC = 0x54534B50  # b"PKST" little-endian
+VERSION = 1
+HEADER = struct.Struct("<IBBHHHQIIII")
+HEADER_LEN = HEADER.size  # 36
+MAX_CONTROL_BYTES = 64 * 1024
+DEFAULT_MAX_RAW_BYTES = 8 * 1024 * 1024     # largest decompressed block a receiver accepts
+NONCE_BYTES = 32
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 1       # sensor -> receiver: identity, interfaces, nonce
+    CHALLENGE = 2   # receiver -> sensor: nonce, receiver proof
+    AUTH = 3        # sensor -> receiver: sensor proof
+    WELCOME = 4     # receiver -> sensor: last committed seq, limits
+    DATA = 5        # sensor -> receiver: one block
+    ACK = 6         # receiver -> sensor: every seq <= header.seq is committed
+    HEARTBEAT = 7   # both ways, when idle
+    STATS = 8       # sensor -> receiver: counters (JSON)
+    BYE = 9         # either way: orderly close (receiver answers after flushing)
+    ERROR = 10      # receiver -> sensor: why the connection is being closed (JSON)
+
+
+class Flags(enum.IntFlag):
+    NONE = 0
+    STORED = 1      # DATA payload is raw records, not zstd
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A decoded frame header plus its payload bytes."""
+    type: FrameType
+    flags: int = 0
+    seq: int = 0
+    iface: int = 0
+    count: int = 0
+    raw_len: int = 0
+    payload: bytes = b""
+
+    def json(self) -> dict[str, Any]:
+        """The payload of a control frame as a dict (FrameError if it is not a JSON object)."""
+        try:
+            obj = json.loads(self.payload)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FrameError(f"{self.type.name} payload is not JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise FrameError(f"{self.type.name} payload is not a JSON object")
+        return obj
+
+
+def encode(ftype: FrameType, payload: bytes = b"", *, flags: int = 0, seq: int = 0, iface: int = 0,
+           count: int = 0, raw_len: int = 0) -> bytes:
+    """Header + payload of one frame."""
+    return HEADER.pack(MAGIC, VERSION, ftype, flags, HEADER_LEN, 0, seq, iface, count, raw_len,
+                       len(payload)) + payload
+
+
+def encode_json(ftype: FrameType, obj: dict[str, Any], **kw: int) -> bytes:
+    return encode(ftype, json.dumps(obj, separators=(",", ":")).encode(), **kw)
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    type: FrameType
+    flags: int
+    seq: int
+    iface: int
+    count: int
+    raw_len: int
+    payload_len: int
+    header_len: int
+
+
+def decode_header(data: bytes, *, max_payload: int, max_raw: int) -> Header:
+    """Parse and bound-check a header; raises FrameError with the reason."""
+    if len(data) < HEADER_LEN:
+        raise FrameError(f"short header ({len(data)} bytes)")
+    magic, version, ftype, flags, hlen, _res, seq, iface, count, raw_len, plen = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise FrameError(f"bad magic 0x{magic:08x} (not a pktstream peer?)")
+    if version != VERSION:
+        raise FrameError(f"unsupported protocol version {version} (this side speaks {VERSION})")
+    try:
+        t = FrameType(ftype)
+    except ValueError:
+        raise FrameError(f"unknown frame type {ftype}") from None
+    if hlen < HEADER_LEN or hlen > 1024:
+        raise FrameError(f"bad header length {hlen}")
+    if t == FrameType.DATA:
+        if raw_len > max_raw:
+            raise FrameError(f"DATA raw length {raw_len} exceeds the limit {max_raw}")
+        if plen > max_payload:
+            raise FrameError(f"DATA payload {plen} exceeds the limit {max_payload}")
+        if flags & Flags.STORED and plen != raw_len:
+            raise FrameError(f"stored DATA payload {plen} != raw length {raw_len}")
+        if count * 16 > raw_len:
+            raise FrameError(f"DATA count {count} cannot fit in {raw_len} bytes")
+    elif plen > MAX_CONTROL_BYTES:
+        raise FrameError(f"{t.name} payload {plen} exceeds {MAX_CONTROL_BYTES}")
+    elif flags:
+        raise FrameError(f"flags 0x{flags:x} on a {t.name} frame")
+    return Header(t, flags, seq, iface, count, raw_len, plen, hlen)
+
+
+async def read_frame(reader: asyncio.StreamReader, *, max_payload: int = DEFAULT_MAX_RAW_BYTES + 65536,
+                     max_raw: int = DEFAULT_MAX_RAW_BYTES) -> Frame:
+    """Read one frame; FrameError on a protocol violation, IncompleteReadError on EOF."""
+    head = await reader.readexactly(HEADER_LEN)
+    h = decode_header(head, max_payload=max_payload, max_raw=max_raw)
+    if h.header_len > HEADER_LEN:
+        await reader.readexactly(h.header_len - HEADER_LEN)  # bounded to 1 KiB above
+    payload = await reader.readexactly(h.payload_len) if h.payload_len else b""
+    return Frame(h.type, h.flags, h.seq, h.iface, h.count, h.raw_len, payload)
+
+
+# -- DATA payloads -----------------------------------------------------------------------------
+
+def compress_block(records, level: int, compressor: zstandard.ZstdCompressor | None = None) -> bytes:
+    """One zstd frame with content size and checksum."""
+    c = compressor or zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+    return c.compress(records)
+
+
+_DCTX = zstandard.ZstdDecompressor()
+
+
+def decode_data(frame: Frame, *, link_type: int, snaplen: int, interface: str | None,
+                max_raw: int = DEFAULT_MAX_RAW_BYTES) -> PacketBatch:
+    """Decompress (bounded) and validate a DATA frame into a PacketBatch.
+
+    The zstd frame must announce exactly ``raw_len`` bytes (so no bomb can allocate more),
+    its checksum must match, and every record header is walked and checked (caplen <=
+    snaplen, inside the block) before the batch reaches an output.
+    """
+    if frame.flags & Flags.STORED:
+        raw = frame.payload
+    else:
+        try:
+            params = zstandard.get_frame_parameters(frame.payload)
+        except zstandard.ZstdError as exc:
+            raise FrameError(f"DATA seq {frame.seq}: not a zstd frame ({exc})") from None
+        if params.content_size != frame.raw_len or frame.raw_len > max_raw:
+            raise FrameError(f"DATA seq {frame.seq}: zstd content size {params.content_size} "
+                             f"!= announced raw length {frame.raw_len}")
+        try:
+            raw = _DCTX.decompress(frame.payload, max_output_size=frame.raw_len)
+        except zstandard.ZstdError as exc:
+            raise FrameError(f"DATA seq {frame.seq}: corrupt zstd frame ({exc})") from None
+        if len(raw) != frame.raw_len:
+            raise FrameError(f"DATA seq {frame.seq}: decompressed {len(raw)} bytes, announced {frame.raw_len}")
+    try:
+        batch = PacketBatch.from_records(raw, link_type=link_type, snaplen=snaplen, interface=interface)
+    except ValueError as exc:
+        raise FrameError(f"DATA seq {frame.seq}: {exc}") from None
+    if len(batch) != frame.count:
+        n = len(batch)
+        batch.release()
+        raise FrameError(f"DATA seq {frame.seq}: {n} records, header says {frame.count}")
+    return batch
+
+
+# -- authentication ----------------------------------------------------------------------------
+
+def new_nonce() -> bytes:
+    return os.urandom(NONCE_BYTES)
+
+
+def proof(key: bytes, role: str, first_nonce: bytes, second_nonce: bytes, sensor_id: str) -> str:
+    """HMAC-SHA256 over the role, both nonces and the sensor id (hex). The role label keeps a
+    receiver proof from ever being valid as a sensor proof (no reflection)."""
+    msg = b"pktstream-v1|" + role.encode() + b"|" + first_nonce + b"|" + second_nonce + b"|" + sensor_id.encode()
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+def check_proof(expected: str, given: object) -> bool:
+    return isinstance(given, str) and hmac.compare_digest(expected.encode(), given.encode())

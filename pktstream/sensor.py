@@ -1,0 +1,702 @@
+"""Sensor: capture on interfaces, compress each block into one frame, stream to a receiver.
+
+Threads: one capture thread per interface (capture → compress → FrameStore), one rescan
+thread (interfaces that appear later), one sender thread running an asyncio loop
+(connect, handshake, resend unacknowledged frames, heartbeats, STATS). Nothing blocks a
+capture thread: when the send window and the spool are full, the block is dropped and counted.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import random
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import zstandard
+
+import pktstream
+from pktstream import protocol as P
+from pktstream._capture import Capture, PacketBatch, list_interfaces
+from pktstream.exceptions import AuthenticationError, FrameError, PcapError
+
+log = logging.getLogger("pktstream.sensor")
+
+DEFAULT_PORT = 8081
+
+
+def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port``, ``host`` → (host, port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.lstrip(":")
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, ""
+    try:
+        return host, int(port) if port else default_port
+    except ValueError:
+        raise ValueError(f"bad port in {text!r}") from None
+
+
+# -- capture filter (PacketStreamer pcapMode semantics, done as its docs promise) ------------------
+
+def _ports_expr(ports: Iterable[int]) -> str:
+    return " or ".join(f"port {int(p)}" for p in sorted(set(ports)))
+
+
+def build_filter(*, pcap_mode: str = "all", ports: Iterable[int] = (), ignore_ports: Iterable[int] = (),
+                 bpf: str | None = None, exclude: Iterable[tuple[str, int]] = ()) -> str:
+    """BPF for one interface: mode/ports, ignored ports, the user's expression, and the
+    sensor's own connection to the receiver excluded in both directions."""
+    parts = []
+    ports = list(ports)
+    if pcap_mode == "allow" and ports:
+        parts.append(f"({_ports_expr(ports)})")
+    elif pcap_mode == "deny" and ports:
+        parts.append(f"not ({_ports_expr(ports)})")
+    if ignore_ports:
+        parts.append(f"not ({_ports_expr(ignore_ports)})")
+    if bpf:
+        parts.append(f"({bpf})")
+    for host, port in exclude:
+        parts.append(f"not (host {host} and tcp port {port})")
+    return " and ".join(parts)
+
+
+def resolve_all(host: str, port: int) -> list[str]:
+    """Every address of the receiver (so self-exclusion covers all of them)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return []
+    return sorted({i[4][0] for i in infos})
+
+
+# -- the send window and spool --------------------------------------------------------------------
+
+@dataclass
+class _Entry:
+    seq: int
+    size: int
+    data: bytes | None  # None: on disk in the spool
+    packets: int
+
+
+class FrameStore:
+    """Unacknowledged frames in sequence order: in memory up to ``window_bytes``, then in
+    ``spool_dir`` up to ``spool_bytes``; beyond that new blocks are dropped and counted.
+
+    Thread safety: all methods may be called from any thread.
+    """
+
+    def __init__(self, *, window_bytes: int, spool_dir: str | None = None, spool_bytes: int = 0,
+                 first_seq: int | None = None) -> None:
+        self.window_bytes = window_bytes
+        self.spool_dir = spool_dir
+        self.spool_bytes = spool_bytes if spool_dir else 0
+        self._lock = threading.Lock()
+        self._entries: collections.deque[_Entry] = collections.deque()
+        self.mem_used = 0
+        self.spool_used = 0
+        self.dropped_blocks = 0
+        self.dropped_packets = 0
+        self.spooled_blocks = 0
+        self.acked_seq = 0
+        self._listeners: list = []
+        if spool_dir:
+            os.makedirs(spool_dir, mode=0o700, exist_ok=True)
+            self._load_spool()
+        last = self._entries[-1].seq if self._entries else 0
+        # Sequence numbers keep increasing across restarts without local state: start at the
+        # current time in microseconds (far above any block count a previous run reached).
+        self.next_seq = max(first_seq or time.time_ns() // 1000, last + 1)
+
+    def _spool_path(self, seq: int) -> str:
+        return os.path.join(self.spool_dir or "", f"{seq:020d}.frame")
+
+    def _load_spool(self) -> None:
+        for name in sorted(os.listdir(self.spool_dir)):
+            if not name.endswith(".frame"):
+                continue
+            path = os.path.join(self.spool_dir, name)
+            size = os.path.getsize(path)
+            try:
+                with open(path, "rb") as f:
+                    head = P.decode_header(f.read(P.HEADER_LEN), max_payload=1 << 30, max_raw=1 << 30)
+            except (FrameError, OSError) as exc:
+                log.warning("spool: ignoring unreadable %s (%s)", path, exc)
+                continue
+            self._entries.append(_Entry(int(name[:20]), size, None, head.count))
+            self.spool_used += size
+        if self._entries:
+            log.info("spool: %d frames (%d bytes) from a previous run will be sent first",
+                     len(self._entries), self.spool_used)
+
+    def on_new_frame(self, callback) -> None:
+        self._listeners.append(callback)
+
+    def put(self, make_frame, packets: int, size_hint: int) -> int | None:
+        """Append a frame built by ``make_frame(seq)``; returns its seq, or None if dropped."""
+        with self._lock:
+            if self.mem_used + size_hint <= self.window_bytes:
+                seq = self.next_seq
+                data = make_frame(seq)
+                self._entries.append(_Entry(seq, len(data), data, packets))
+                self.mem_used += len(data)
+            elif self.spool_used + size_hint <= self.spool_bytes:
+                seq = self.next_seq
+                data = make_frame(seq)
+                tmp = self._spool_path(seq) + ".tmp"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, self._spool_path(seq))
+                self._entries.append(_Entry(seq, len(data), None, packets))
+                self.spool_used += len(data)
+                self.spooled_blocks += 1
+            else:
+                self.dropped_blocks += 1
+                self.dropped_packets += packets
+                return None
+            self.next_seq = seq + 1
+        for cb in self._listeners:
+            cb()
+        return seq
+
+    def ack(self, seq: int) -> None:
+        """Forget every frame with sequence <= seq."""
+        with self._lock:
+            self.acked_seq = max(self.acked_seq, seq)
+            while self._entries and self._entries[0].seq <= seq:
+                e = self._entries.popleft()
+                if e.data is None:
+                    self.spool_used -= e.size
+                    try:
+                        os.unlink(self._spool_path(e.seq))
+                    except FileNotFoundError:
+                        pass
+                else:
+                    self.mem_used -= e.size
+
+    def after(self, seq: int) -> tuple[int, bytes] | None:
+        """The first frame with sequence > seq, or None."""
+        with self._lock:
+            for e in self._entries:
+                if e.seq > seq:
+                    break
+            else:
+                return None
+            data = e.data
+        if data is None:
+            with open(self._spool_path(e.seq), "rb") as f:
+                data = f.read()
+        return e.seq, data
+
+    def pending(self) -> tuple[int, int]:
+        with self._lock:
+            return len(self._entries), self.mem_used + self.spool_used
+
+    def bump_seq(self, last_seq: int) -> None:
+        """Never hand out a sequence the receiver already has."""
+        with self._lock:
+            self.next_seq = max(self.next_seq, last_seq + 1)
+
+
+# -- compression that adapts instead of dropping -----------------------------------------------------
+
+class AdaptiveCompressor:
+    """zstd at ``level``; faster levels while compression is the bottleneck (busy > 60 % of the
+    time), back up when idle; a stored block when a block gains < 3 % (re-tried every 16)."""
+
+    LEVELS = (-7, -3, -1, 1, 3, 6, 9)
+
+    def __init__(self, level: int = 1) -> None:
+        self.max_level = level
+        self.level = level
+        self._ctx: dict[int, zstandard.ZstdCompressor] = {}
+        self._store_left = 0
+        self._busy = 0.0
+        self._last_end = time.monotonic()
+        self.stored_blocks = 0
+        self.compressed_blocks = 0
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        c = self._ctx.get(self.level)
+        if c is None:
+            c = self._ctx[self.level] = zstandard.ZstdCompressor(
+                level=self.level, write_checksum=True, write_content_size=True)
+        return c
+
+    def compress(self, records) -> tuple[bytes, int]:
+        """(payload, flags)."""
+        start = time.monotonic()
+        if self.level is None or self._store_left > 0:
+            self._store_left -= 1
+            self.stored_blocks += 1
+            payload, flags = bytes(records), P.Flags.STORED
+        else:
+            payload = self._compressor().compress(records)
+            flags = P.Flags.NONE
+            if len(payload) * 1.03 > len(memoryview(records)):
+                self._store_left = 16
+                self.stored_blocks += 1
+                payload, flags = bytes(records), P.Flags.STORED
+            else:
+                self.compressed_blocks += 1
+        end = time.monotonic()
+        period = max(end - self._last_end, 1e-6)
+        self._busy = 0.8 * self._busy + 0.2 * min(1.0, (end - start) / period)
+        self._last_end = end
+        if flags == P.Flags.NONE:
+            self._adapt()
+        return payload, int(flags)
+
+    def _adapt(self) -> None:
+        levels = [lv for lv in self.LEVELS if lv <= self.max_level] or [self.max_level]
+        i = levels.index(self.level) if self.level in levels else len(levels) - 1
+        if self._busy > 0.6 and i > 0:
+            self.level = levels[i - 1]
+            log.info("compression is the bottleneck: zstd level %d", self.level)
+        elif self._busy < 0.2 and i < len(levels) - 1:
+            self.level = levels[i + 1]
+
+
+# -- the sensor ------------------------------------------------------------------------------------
+
+@dataclass
+class _Iface:
+    index: int
+    name: str
+    link_type: int = 1
+    snaplen: int = 262144
+    capture: Capture | None = None
+    thread: threading.Thread | None = None
+    last_stats: dict = field(default_factory=dict)
+    error: str | None = None
+
+    def descriptor(self) -> dict[str, Any]:
+        return {"index": self.index, "name": self.name, "link_type": self.link_type,
+                "snaplen": self.snaplen, "tsresol": 9}
+
+
+class Sensor:
+    """Capture on interfaces and stream blocks to a receiver, losing nothing silently.
+
+    Keyword-only options mirror libpcap terms (see docs/CONFIGURATION.md for each default).
+    ``run()`` blocks until ``stop()`` (or SIGTERM/SIGINT when ``handle_signals``); ``start()``
+    runs it in a background thread. ``stats()`` is callable from any thread.
+    """
+
+    def __init__(self, *, receiver: str, interfaces: list[str] | None = None,
+                 include_loopback: bool = False, bpf: str | None = None, pcap_mode: str = "all",
+                 capture_ports: Iterable[int] = (), capture_interfaces_ports: dict[str, list[int]] | None = None,
+                 ignore_ports: Iterable[int] = (), snaplen: int = 262144, promisc: bool = False,
+                 immediate: bool = False, buffer_bytes: int = 32 << 20, block_bytes: int = 1 << 20,
+                 max_wait: float = 0.2, ring_blocks: int = 32, compression_level: int = 1,
+                 window_bytes: int = 64 << 20, spool_dir: str | None = None, spool_bytes: int = 0,
+                 sensor_id: str | None = None, auth_key: bytes | str | None = None,
+                 ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
+                 heartbeat: float = 5.0, stats_interval: float = 5.0, rescan_interval: float = 5.0,
+                 reconnect_min: float = 0.2, reconnect_max: float = 30.0) -> None:
+        if pcap_mode not in ("all", "allow", "deny"):
+            raise ValueError(f"pcap_mode must be all, allow or deny, not {pcap_mode!r}")
+        self.receiver = parse_hostport(receiver)
+        self.interfaces_wanted = list(interfaces) if interfaces else None
+        self.include_loopback = include_loopback
+        self.bpf = bpf
+        self.pcap_mode = pcap_mode
+        self.capture_ports = [int(p) for p in capture_ports]
+        self.capture_interfaces_ports = {k: [int(p) for p in v] for k, v in (capture_interfaces_ports or {}).items()}
+        self.ignore_ports = [int(p) for p in ignore_ports]
+        if pcap_mode == "all" and (self.capture_ports or self.capture_interfaces_ports):
+            log.warning("pcapMode 'all' captures every port: capturePorts/captureInterfacesPorts are ignored")
+        self.capture_options = dict(snaplen=snaplen, promisc=promisc, immediate=immediate,
+                                    buffer_bytes=buffer_bytes, block_bytes=max(block_bytes, snaplen + 16),
+                                    max_wait=max_wait, ring_blocks=ring_blocks)
+        self.compression_level = compression_level
+        self.sensor_id = sensor_id or socket.gethostname()
+        self.hostname = socket.gethostname()
+        self.auth_key = auth_key.encode() if isinstance(auth_key, str) else auth_key
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
+        self.heartbeat = heartbeat
+        self.stats_interval = stats_interval
+        self.rescan_interval = rescan_interval
+        self.reconnect_min, self.reconnect_max = reconnect_min, reconnect_max
+        self.store = FrameStore(window_bytes=window_bytes, spool_dir=spool_dir, spool_bytes=spool_bytes)
+        self.max_raw = self.capture_options["block_bytes"]
+        self._ifaces: dict[str, _Iface] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._connected = False
+        self._fatal: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self.counters = collections.Counter()
+        self._exclude = [(a, self.receiver[1]) for a in resolve_all(*self.receiver)] or \
+            [(self.receiver[0], self.receiver[1])]
+        self.store.on_new_frame(self._notify)
+
+    # -- interfaces --------------------------------------------------------------------------
+    def _selected_interfaces(self) -> dict[str, list[int]]:
+        """name → port list for every interface to capture on now."""
+        if self.interfaces_wanted:
+            return {n: self.capture_interfaces_ports.get(n, []) for n in self.interfaces_wanted}
+        named_only = self.pcap_mode == "allow" and not self.capture_ports and self.capture_interfaces_ports
+        out: dict[str, list[int]] = {}
+        netdevs = set(os.listdir("/sys/class/net")) if os.path.isdir("/sys/class/net") else set()
+        if not named_only:
+            for itf in list_interfaces():
+                if not itf.up or itf.name == "any" or (itf.loopback and not self.include_loopback):
+                    continue
+                if itf.name not in netdevs:
+                    continue  # libpcap pseudo devices (nflog, nfqueue, dbus, usbmon ...)
+                out[itf.name] = list(self.capture_ports)
+        for name, ports in self.capture_interfaces_ports.items():
+            out[name] = sorted(set(out.get(name, list(self.capture_ports))) | set(ports))
+        return out
+
+    def _open(self, name: str, ports: list[int]) -> None:
+        expr = build_filter(pcap_mode=self.pcap_mode if self.pcap_mode != "all" else "all",
+                            ports=ports, ignore_ports=self.ignore_ports, bpf=self.bpf,
+                            exclude=self._exclude)
+        cap = Capture(name, bpf=expr or None, **self.capture_options)
+        with self._lock:
+            itf = self._ifaces.get(name)
+            if itf is None:
+                itf = self._ifaces[name] = _Iface(len(self._ifaces), name)
+            itf.link_type, itf.snaplen, itf.capture, itf.error = cap.link_type, cap.snaplen, cap, None
+        log.info("capturing on %s (link type %s, filter %r)", name, cap.link_type_name, expr)
+        self._announce(itf)
+        itf.thread = threading.Thread(target=self._capture_loop, args=(itf,), name=f"capture-{name}",
+                                      daemon=True)
+        itf.thread.start()
+
+    def _rescan(self) -> None:
+        try:
+            wanted = self._selected_interfaces()
+        except PcapError as exc:
+            log.warning("listing interfaces failed: %s", exc)
+            return
+        for name, ports in wanted.items():
+            itf = self._ifaces.get(name)
+            if itf is not None and itf.capture is not None:
+                continue
+            try:
+                self._open(name, ports)
+            except PcapError as exc:
+                if self.interfaces_wanted:
+                    raise  # an interface the user named must work
+                log.warning("cannot capture on %s: %s", name, exc)
+
+    def _rescan_loop(self) -> None:
+        while not self._stop.wait(self.rescan_interval):
+            self._rescan()
+
+    def _capture_loop(self, itf: _Iface) -> None:
+        cap = itf.capture
+        assert cap is not None
+        compressor = AdaptiveCompressor(self.compression_level)
+        try:
+            for batch in cap:
+                self._ship(itf, batch, compressor)
+        except Exception as exc:  # interface vanished, driver error: reported, others go on
+            itf.error = str(exc)
+            log.error("capture on %s stopped: %s", itf.name, exc)
+        finally:
+            itf.last_stats = cap.stats()
+            self.counters["stored_blocks"] += compressor.stored_blocks
+            self.counters["compressed_blocks"] += compressor.compressed_blocks
+            cap.close()
+            itf.capture = None
+
+    def _ship(self, itf: _Iface, batch: PacketBatch, compressor: AdaptiveCompressor) -> None:
+        n, raw_len = len(batch), batch.nbytes
+        payload, flags = compressor.compress(batch)
+        batch.release()
+
+        def make(seq: int) -> bytes:
+            return P.encode(P.FrameType.DATA, payload, flags=flags, seq=seq, iface=itf.index,
+                            count=n, raw_len=raw_len)
+
+        seq = self.store.put(make, n, len(payload) + P.HEADER_LEN)
+        with self._lock:
+            c = self.counters
+            c["batches"] += 1
+            c["packets"] += n
+            c["raw_bytes"] += raw_len
+            if seq is None:
+                c["dropped_batches"] += 1
+                c["dropped_packets"] += n
+            else:
+                c["wire_bytes"] += len(payload) + P.HEADER_LEN
+            c["zstd_level"] = compressor.level
+
+    def _announce(self, itf: _Iface) -> None:
+        loop, connected = self._loop, self._connected
+        if loop is not None and connected:
+            loop.call_soon_threadsafe(self._send_nowait,
+                                      P.encode_json(P.FrameType.HELLO, {"interface": itf.descriptor()}))
+
+    # -- counters ----------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Counters: per interface (kernel and ring drops), blocks, window/spool use and drops."""
+        ifaces = {}
+        with self._lock:
+            items = list(self._ifaces.values())
+            c = dict(self.counters)
+        for itf in items:
+            cap = itf.capture
+            try:
+                s = cap.stats() if cap is not None else itf.last_stats
+            except Exception:
+                s = itf.last_stats
+            ifaces[itf.name] = {"index": itf.index, "link_type": itf.link_type, **s,
+                                "error": itf.error}
+        frames, pending_bytes = self.store.pending()
+        return {"sensor_id": self.sensor_id, "connected": self._connected, "interfaces": ifaces,
+                "batches": c.get("batches", 0), "packets": c.get("packets", 0),
+                "raw_bytes": c.get("raw_bytes", 0), "wire_bytes": c.get("wire_bytes", 0),
+                "window_dropped_batches": self.store.dropped_blocks,
+                "window_dropped_packets": self.store.dropped_packets,
+                "spooled_batches": self.store.spooled_blocks, "unacked_frames": frames,
+                "unacked_bytes": pending_bytes, "acked_seq": self.store.acked_seq,
+                "zstd_level": c.get("zstd_level", self.compression_level),
+                "kernel_dropped": sum(i.get("kernel_dropped", 0) for i in ifaces.values()),
+                "interface_dropped": sum(i.get("interface_dropped", 0) for i in ifaces.values()),
+                "ring_drops": sum(i.get("ring_drops", 0) for i in ifaces.values())}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> "Sensor":
+        """Run in a background thread (for scripts and notebooks)."""
+        self._thread = threading.Thread(target=self.run, name="pktstream-sensor", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop capturing, send what was captured, say BYE (from any thread)."""
+        self._stop.set()
+        for itf in list(self._ifaces.values()):
+            if itf.capture is not None:
+                itf.capture.stop()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run(self, *, drain_timeout: float = 10.0) -> None:
+        """Capture and stream until stop(). Raises on unrecoverable local errors (no interface
+        can be opened, a named interface fails), so a supervisor can restart the sensor."""
+        self._rescan()
+        if not self._ifaces:
+            raise PcapError("no interface to capture on (none up, or none matches the config)")
+        rescan = None
+        if not self.interfaces_wanted:
+            rescan = threading.Thread(target=self._rescan_loop, name="rescan", daemon=True)
+            rescan.start()
+        try:
+            asyncio.run(self._sender(drain_timeout))
+        finally:
+            self.stop()
+            for itf in list(self._ifaces.values()):
+                if itf.thread is not None:
+                    itf.thread.join(5)
+        if self._fatal is not None:
+            raise self._fatal
+
+    # -- sender ------------------------------------------------------------------------------
+    def _notify(self) -> None:
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            try:
+                loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:  # loop closed
+                pass
+
+    def _send_nowait(self, data: bytes) -> None:
+        w = getattr(self, "_writer", None)
+        if w is not None and not w.is_closing():
+            w.write(data)
+
+    async def _sender(self, drain_timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        delay = self.reconnect_min
+        draining_since: float | None = None
+        while True:
+            if self._stop.is_set():
+                draining_since = draining_since or time.monotonic()
+                capturing = any(i.thread is not None and i.thread.is_alive() for i in self._ifaces.values())
+                if not capturing and self.store.pending()[0] == 0:
+                    break
+                if time.monotonic() - draining_since > drain_timeout:
+                    log.warning("stopping with %d unacknowledged frames (receiver unreachable)",
+                                self.store.pending()[0])
+                    break
+            try:
+                await self._session()
+                delay = self.reconnect_min
+            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, FrameError,
+                    ssl.SSLError) as exc:
+                self.counters["connection_failures"] += 1
+                log.warning("receiver %s:%d: %s; retrying in %.1f s", *self.receiver,
+                            exc or type(exc).__name__, delay)
+            except AuthenticationError as exc:
+                self.counters["auth_failures"] += 1
+                log.error("receiver %s:%d: authentication failed: %s; retrying in %.1f s",
+                          *self.receiver, exc, delay)
+            finally:
+                self._connected = False
+            if self._stop.is_set() and self.store.pending()[0] == 0 and not any(
+                    i.thread is not None and i.thread.is_alive() for i in self._ifaces.values()):
+                break
+            try:
+                await asyncio.wait_for(asyncio.shield(self._stop_waiter()), delay * (0.5 + random.random()))
+            except asyncio.TimeoutError:
+                pass
+            delay = min(self.reconnect_max, delay * 2)
+
+    async def _stop_waiter(self) -> None:
+        while not self._stop.is_set():
+            await asyncio.sleep(0.05)
+
+    async def _session(self) -> None:
+        host, port = self.receiver
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            host, port, ssl=self.ssl_context,
+            server_hostname=(self.server_hostname or host) if self.ssl_context else None), 10)
+        self._writer = writer
+        try:
+            last_seq = await self._handshake(reader, writer)
+            self._connected = True
+            self.store.ack(last_seq)
+            self.store.bump_seq(last_seq)
+            log.info("connected to receiver %s:%d (it has everything up to seq %d)", host, port, last_seq)
+            await self._stream(reader, writer, last_seq)
+        finally:
+            self._writer = None
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), 2)
+            except (OSError, asyncio.TimeoutError, ssl.SSLError):
+                pass
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+        nonce = P.new_nonce()
+        with self._lock:
+            descs = [i.descriptor() for i in sorted(self._ifaces.values(), key=lambda i: i.index)]
+        writer.write(P.encode_json(P.FrameType.HELLO, {
+            "protocol": P.VERSION, "sensor_id": self.sensor_id, "hostname": self.hostname,
+            "software": f"pktstream {pktstream.__version__}", "interfaces": descs,
+            "nonce": nonce.hex(), "max_raw": self.max_raw, "auth": self.auth_key is not None}))
+        await writer.drain()
+        frame = await asyncio.wait_for(P.read_frame(reader), 15)
+        if frame.type == P.FrameType.ERROR:
+            raise AuthenticationError(f"receiver refused: {frame.json().get('reason')}")
+        if frame.type != P.FrameType.CHALLENGE:
+            raise FrameError(f"expected CHALLENGE, got {frame.type.name}")
+        body = frame.json()
+        try:
+            rnonce = bytes.fromhex(body.get("nonce", ""))
+        except ValueError:
+            raise FrameError("bad receiver nonce") from None
+        if len(rnonce) != P.NONCE_BYTES:
+            raise FrameError("bad receiver nonce length")
+        my_proof = ""
+        if self.auth_key is not None:
+            expected = P.proof(self.auth_key, "receiver", nonce, rnonce, self.sensor_id)
+            if not P.check_proof(expected, body.get("proof")):
+                raise AuthenticationError("the receiver did not prove it knows the key")
+            my_proof = P.proof(self.auth_key, "sensor", rnonce, nonce, self.sensor_id)
+        writer.write(P.encode_json(P.FrameType.AUTH, {"proof": my_proof}))
+        await writer.drain()
+        frame = await asyncio.wait_for(P.read_frame(reader), 15)
+        if frame.type == P.FrameType.ERROR:
+            raise AuthenticationError(f"receiver refused: {frame.json().get('reason')}")
+        if frame.type != P.FrameType.WELCOME:
+            raise FrameError(f"expected WELCOME, got {frame.type.name}")
+        last = frame.json().get("last_seq", 0)
+        if not isinstance(last, int) or last < 0:
+            raise FrameError("bad last_seq in WELCOME")
+        return last
+
+    async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, last_seq: int) -> None:
+        sent = last_seq
+        acked = asyncio.Event()
+        closed = asyncio.get_running_loop().create_future()
+        last_rx = time.monotonic()
+
+        async def read_acks() -> None:
+            nonlocal last_rx
+            try:
+                while True:
+                    f = await P.read_frame(reader, max_payload=P.MAX_CONTROL_BYTES, max_raw=0)
+                    last_rx = time.monotonic()
+                    if f.type == P.FrameType.ACK:
+                        self.store.ack(f.seq)
+                        acked.set()
+                        self._notify()
+                    elif f.type == P.FrameType.BYE:
+                        closed.set_result("bye") if not closed.done() else None
+                        return
+                    elif f.type == P.FrameType.ERROR:
+                        raise FrameError(f"receiver closed the session: {f.json().get('reason')}")
+            except BaseException as exc:
+                if not closed.done():
+                    closed.set_exception(exc)
+
+        reader_task = asyncio.create_task(read_acks())
+        last_tx = last_stats = time.monotonic()
+        bye_sent = False
+        wake_task: asyncio.Future | None = None
+        try:
+            while True:
+                if wake_task is None or wake_task.done():
+                    self._wake.clear()  # before looking at the store: a later put() wakes us
+                    wake_task = asyncio.ensure_future(self._wake.wait())
+                if closed.done():
+                    closed.result()  # raises the reader's error
+                    return
+                nxt = self.store.after(sent)
+                if nxt is not None:
+                    seq, data = nxt
+                    writer.write(data)
+                    sent = seq
+                    last_tx = time.monotonic()
+                    self.counters["frames_sent"] += 1
+                    if writer.transport.get_write_buffer_size() > 4 << 20:
+                        await writer.drain()
+                    continue
+                await writer.drain()
+                now = time.monotonic()
+                if now - last_stats >= self.stats_interval:
+                    writer.write(P.encode_json(P.FrameType.STATS, self.stats()))
+                    last_stats = last_tx = now
+                elif now - last_tx >= self.heartbeat:
+                    writer.write(P.encode(P.FrameType.HEARTBEAT))
+                    last_tx = now
+                if now - last_rx > 3 * self.heartbeat + 5:
+                    raise asyncio.TimeoutError(f"receiver silent for {now - last_rx:.0f} s")
+                if self._stop.is_set() and not bye_sent:
+                    capturing = any(i.thread is not None and i.thread.is_alive() for i in self._ifaces.values())
+                    if not capturing and self.store.after(sent) is None and self.store.pending()[0] == 0:
+                        writer.write(P.encode_json(P.FrameType.STATS, self.stats()))
+                        writer.write(P.encode_json(P.FrameType.BYE, {"reason": "sensor stopping"}))
+                        await writer.drain()
+                        bye_sent = True
+                await asyncio.wait([closed, wake_task], timeout=min(0.2, self.heartbeat),
+                                   return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            reader_task.cancel()
+            if wake_task is not None:
+                wake_task.cancel()

@@ -1,0 +1,48 @@
+"""The Sink interface and the Source of a batch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pktstream._capture import PacketBatch
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a batch came from: a sensor and one of its interfaces."""
+    sensor_id: str
+    hostname: str
+    interface: str
+    link_type: int
+    snaplen: int
+
+    @property
+    def name(self) -> str:
+        """``sensor/interface``: the interface name used in pcapng outputs."""
+        return f"{self.sensor_id}/{self.interface}"
+
+
+class Sink:
+    """An output. ``write`` is called from the sink's own thread, in arrival order.
+
+    ``gate``: when True, a frame is acknowledged to its sensor only after this sink has
+    written and flushed it; a sink with ``gate=False`` that falls behind drops (and counts)
+    instead of slowing the others.
+    """
+
+    name = "sink"
+    gate = True
+
+    def write(self, source: Source, batch: PacketBatch) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> dict[str, Any] | None:
+        """Make everything written so far durable; return state to persist (or None)."""
+        return None
+
+    def close(self) -> None:
+        """Flush and release resources. Data not flushed before the process dies is lost."""
+
+    @staticmethod
+    def recover(state: dict[str, Any]) -> None:
+        """Repair what a crashed previous run left, from the state its last flush returned."""
