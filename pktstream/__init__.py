@@ -26,6 +26,13 @@ def zstd_version() -> str:
     return _zstd.ZSTD_VERSION if isinstance(_zstd.ZSTD_VERSION, str) else ".".join(map(str, _zstd.ZSTD_VERSION))
 
 
+def read(source, *, bpf=None, batch_bytes: int | None = None, truncated: str = "warn"):
+    """Iterate over a capture file (pcap, pcapng, .zst, .gz; path or file object) as
+    :class:`PacketBatch` objects. See :func:`pktstream.formats.read` and docs/FILES.md."""
+    from pktstream.formats.reader import DEFAULT_BATCH_BYTES, read as _read
+    return _read(source, bpf=bpf, batch_bytes=batch_bytes or DEFAULT_BATCH_BYTES, truncated=truncated)
+
+
 def open_offline(path, **kwargs) -> Capture:
     """Read a pcap file through libpcap (see :meth:`Capture.open_offline`)."""
     return Capture.open_offline(path, **kwargs)
@@ -36,5 +43,5 @@ __all__ = [
     "ClosedError", "ConfigError", "FileFormatError", "FilterError", "FrameError", "Interface",
     "InterfaceAddress", "InterfaceNotUp", "NoSuchDevice", "PacketBatch", "PcapError", "PcapWarning",
     "PktstreamError", "__version__", "count_records", "libpcap_version", "link_type_name",
-    "list_interfaces", "open_offline", "zstd_version",
+    "list_interfaces", "open_offline", "read", "zstd_version",
 ]

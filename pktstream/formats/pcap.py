@@ -143,7 +143,7 @@ class PcapWriter(_FileTarget):
         if self._nanosecond:
             self._file.write(batch)
         else:
-            self._file.write(ns_to_us(batch, batch.nbytes))
+            self._file.write(ns_to_us(memoryview(batch), batch.nbytes))
         self.packets += len(batch)
         self.bytes += batch.nbytes - 16 * len(batch)
         self.file_bytes += batch.nbytes

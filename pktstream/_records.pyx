@@ -1,0 +1,309 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+"""Record codecs for capture files, in C loops (no per-packet Python).
+
+Everything here converts between on-disk layouts and pktstream's block layout: classic pcap
+records, little-endian, 16-byte header (ts_sec, ts_nsec, caplen, wirelen) + caplen bytes.
+
+* ``pcap_walk``: classic pcap records (either byte order, µs or ns) → block records, or just
+  a validating scan when the file already is little-endian nanosecond (zero-copy wrap).
+* ``pcapng_walk``: runs of EPB/SPB/OPB blocks → block records + interface id per packet; it
+  stops at any other block (SHB, IDB, ...) and hands it to Python.
+* ``take_records``, ``ns_to_us``, ``records_to_epb``: gather, µs conversion, pcapng encoding.
+
+Every length read from input is checked against the bytes present and ``max_caplen`` before
+it is used; output buffers are sized by the caller from the input size (output <= input).
+"""
+cimport cython
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+
+import numpy as np
+cimport numpy as cnp
+
+cnp.import_array()
+
+cdef extern from "_compat.h" nogil:
+    void ps_put_le32(unsigned char *p, uint32_t v)
+    uint32_t ps_get_le32(const unsigned char *p)
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    static inline uint32_t ps_get32(const unsigned char *p, int swap) {
+        uint32_t v;
+        memcpy(&v, p, 4);
+        return swap ? __builtin_bswap32(v) : v;
+    }
+    static inline uint16_t ps_get16(const unsigned char *p, int swap) {
+        uint16_t v;
+        memcpy(&v, p, 2);
+        return swap ? __builtin_bswap16(v) : v;
+    }
+    /* units since the epoch at `ups` units per second -> nanoseconds (128-bit intermediate) */
+    static inline uint64_t ps_units_to_ns(uint64_t ts, uint64_t ups, uint64_t mult) {
+        if (mult) return ts * mult;
+        return (uint64_t)(((unsigned __int128)ts * 1000000000ULL) / ups);
+    }
+    """
+    uint32_t ps_get32(const unsigned char *p, int swap) nogil
+    uint16_t ps_get16(const unsigned char *p, int swap) nogil
+    uint64_t ps_units_to_ns(uint64_t ts, uint64_t ups, uint64_t mult) nogil
+
+DEF HDR = 16
+
+cdef enum:
+    WALK_MORE = 0        # stopped at an incomplete record/block at ``pos``: need more bytes
+    WALK_BLOCK = 1       # pcapng: a non-packet block starts at ``pos``
+    WALK_BAD_LENGTH = 2  # a length field is hostile or inconsistent at ``pos``
+    WALK_BAD_IFACE = 3   # pcapng: packet block names an interface that was never described
+    WALK_OPTIONS = 4     # pcapng: packet block with options at ``pos`` (only when asked to stop)
+    WALK_FULL = 5        # the output (records or packets) is full
+
+#: walk status codes, for Python callers
+STATUS = {"more": WALK_MORE, "block": WALK_BLOCK, "bad_length": WALK_BAD_LENGTH,
+          "bad_iface": WALK_BAD_IFACE, "options": WALK_OPTIONS, "full": WALK_FULL}
+
+
+def pcap_walk(const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t end, bint swap,
+              bint usec, uint32_t max_caplen, unsigned char[::1] dst=None, Py_ssize_t max_packets=-1):
+    """Walk classic pcap records in ``src[start:end]``.
+
+    With ``dst`` (at least ``end - start`` bytes) the records are written there as LE ns
+    records; without, they are only checked (the input already is LE ns).
+    Returns ``(status, pos, count, out_len)``: ``pos`` is where walking stopped.
+    """
+    cdef Py_ssize_t pos = start, out = 0, count = 0
+    cdef uint32_t sec, frac, caplen, wirelen
+    cdef int status = WALK_MORE
+    cdef unsigned char *d = NULL
+    cdef const unsigned char *s = &src[0] if src.shape[0] else NULL
+    if end > src.shape[0] or start < 0:
+        raise ValueError("range outside the buffer")
+    if dst is not None:
+        if dst.shape[0] < end - start:
+            raise ValueError("output buffer too small")
+        d = &dst[0] if dst.shape[0] else NULL
+    if max_packets < 0:
+        max_packets = (end - start) // HDR + 1
+    with nogil:
+        while True:
+            if count >= max_packets:
+                status = WALK_FULL
+                break
+            if end - pos < HDR:
+                break
+            caplen = ps_get32(s + pos + 8, swap)
+            if caplen > max_caplen:
+                status = WALK_BAD_LENGTH
+                break
+            if <Py_ssize_t> caplen > end - pos - HDR:
+                break
+            if d != NULL:
+                sec = ps_get32(s + pos, swap)
+                frac = ps_get32(s + pos + 4, swap)
+                wirelen = ps_get32(s + pos + 12, swap)
+                if usec:
+                    frac = frac * 1000
+                ps_put_le32(d + out, sec)
+                ps_put_le32(d + out + 4, frac)
+                ps_put_le32(d + out + 8, caplen)
+                ps_put_le32(d + out + 12, wirelen)
+                memcpy(d + out + HDR, s + pos + HDR, caplen)
+            out += HDR + caplen
+            pos += HDR + caplen
+            count += 1
+    return status, pos, count, out
+
+
+def pcapng_walk(const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t end, bint swap,
+                const uint64_t[::1] if_ups, const uint64_t[::1] if_mult, const int64_t[::1] if_offset,
+                const uint32_t[::1] if_snaplen, uint32_t max_block, unsigned char[::1] dst,
+                Py_ssize_t dst_pos, int32_t[::1] ifaces, Py_ssize_t count0, bint stop_on_options):
+    """Walk pcapng blocks in ``src[start:end]`` (one section, byte order ``swap``).
+
+    Packet blocks (EPB, SPB, OPB) become LE ns records appended at ``dst[dst_pos:]`` with their
+    interface id at ``ifaces[count0 + k]``; per interface ``if_ups`` (timestamp units per
+    second), ``if_mult`` (ns per unit when integral, else 0), ``if_offset`` (if_tsoffset, s) and
+    ``if_snaplen`` (for SPB). Returns ``(status, pos, count, out_end)``.
+    """
+    cdef Py_ssize_t pos = start, out = dst_pos, count = count0, cap_out = dst.shape[0]
+    cdef Py_ssize_t cap_n = ifaces.shape[0]
+    cdef Py_ssize_t n_if = if_ups.shape[0]
+    cdef const unsigned char *s = &src[0] if src.shape[0] else NULL
+    cdef unsigned char *d = &dst[0] if dst.shape[0] else NULL
+    cdef uint32_t btype, blen, iface, caplen, wirelen, hdr, nsec
+    cdef uint64_t ts, ns, secs
+    cdef int status = WALK_MORE
+    if end > src.shape[0] or start < 0:
+        raise ValueError("range outside the buffer")
+    with nogil:
+        while True:
+            if end - pos < 12:
+                break
+            btype = ps_get32(s + pos, swap)
+            blen = ps_get32(s + pos + 4, swap)
+            if blen < 12 or blen % 4 or blen > max_block:
+                status = WALK_BAD_LENGTH
+                break
+            if btype != 6 and btype != 3 and btype != 2:
+                status = WALK_BLOCK
+                break
+            if <Py_ssize_t> blen > end - pos:
+                break
+            if ps_get32(s + pos + blen - 4, swap) != blen:
+                status = WALK_BAD_LENGTH
+                break
+            if btype == 3:  # simple packet block: interface 0, no timestamp
+                hdr = 12
+                if blen < 16:
+                    status = WALK_BAD_LENGTH
+                    break
+                iface = 0
+                wirelen = ps_get32(s + pos + 8, swap)
+                caplen = wirelen
+                if n_if > 0 and if_snaplen[0] and caplen > if_snaplen[0]:
+                    caplen = if_snaplen[0]
+                if caplen > blen - 16:
+                    caplen = blen - 16
+                ts = 0
+            else:
+                hdr = 28
+                if blen < 32:
+                    status = WALK_BAD_LENGTH
+                    break
+                if btype == 6:
+                    iface = ps_get32(s + pos + 8, swap)
+                else:
+                    iface = ps_get16(s + pos + 8, swap)
+                ts = (<uint64_t> ps_get32(s + pos + 12, swap) << 32) | ps_get32(s + pos + 16, swap)
+                caplen = ps_get32(s + pos + 20, swap)
+                wirelen = ps_get32(s + pos + 24, swap)
+                if caplen > blen - 32:
+                    status = WALK_BAD_LENGTH
+                    break
+            if iface >= n_if:
+                status = WALK_BAD_IFACE
+                break
+            if stop_on_options and btype != 3 and (((caplen + 3) >> 2) << 2) + 32 < blen:
+                status = WALK_OPTIONS
+                break
+            if count >= cap_n or cap_out - out < HDR + <Py_ssize_t> caplen:
+                status = WALK_FULL
+                break
+            if btype == 3:
+                ns = 0
+            else:
+                ns = ps_units_to_ns(ts, if_ups[iface], if_mult[iface])
+            secs = ns // 1000000000ULL
+            nsec = <uint32_t> (ns - secs * 1000000000ULL)
+            ps_put_le32(d + out, <uint32_t> (<int64_t> secs + if_offset[iface]))
+            ps_put_le32(d + out + 4, nsec)
+            ps_put_le32(d + out + 8, caplen)
+            ps_put_le32(d + out + 12, wirelen)
+            memcpy(d + out + HDR, s + pos + hdr, caplen)
+            ifaces[count] = <int32_t> iface
+            out += HDR + caplen
+            count += 1
+            pos += blen
+    return status, pos, count, out
+
+
+def take_records(const unsigned char[::1] src, Py_ssize_t length, const int32_t[::1] keys,
+                 int32_t key):
+    """Records of ``src[:length]`` whose entry in ``keys`` equals ``key`` → (bytes, count)."""
+    cdef Py_ssize_t pos = 0, out = 0, i = 0, n = 0
+    cdef uint32_t caplen
+    cdef const unsigned char *s = &src[0] if src.shape[0] else NULL
+    result = bytearray(length)
+    cdef unsigned char[::1] dst = result
+    cdef unsigned char *d = &dst[0] if length else NULL
+    with nogil:
+        while pos + HDR <= length and i < keys.shape[0]:
+            caplen = ps_get_le32(s + pos + 8)
+            if keys[i] == key:
+                memcpy(d + out, s + pos, HDR + caplen)
+                out += HDR + caplen
+                n += 1
+            pos += HDR + caplen
+            i += 1
+    del dst
+    del result[out:]
+    return result, n
+
+
+def take_mask(const unsigned char[::1] src, const int64_t[::1] offsets, const uint32_t[::1] caplen,
+              const uint8_t[::1] mask):
+    """Records whose ``mask`` entry is true (offsets point at packet data) → (bytearray, count)."""
+    cdef Py_ssize_t i, n = offsets.shape[0], out = 0, total = 0, count = 0
+    for i in range(n):
+        if mask[i]:
+            total += HDR + caplen[i]
+    result = bytearray(total)
+    if total == 0:
+        return result, 0
+    cdef unsigned char[::1] dst = result
+    cdef unsigned char *d = &dst[0]
+    cdef const unsigned char *s = &src[0]
+    with nogil:
+        for i in range(n):
+            if mask[i]:
+                memcpy(d + out, s + offsets[i] - HDR, HDR + caplen[i])
+                out += HDR + caplen[i]
+                count += 1
+    return result, count
+
+
+def ns_to_us(const unsigned char[::1] src, Py_ssize_t length):
+    """Copy of LE ns records with microsecond timestamps (for µs pcap files)."""
+    if length > src.shape[0]:
+        raise ValueError("length beyond the buffer")
+    result = bytearray(length)
+    if length == 0:
+        return result
+    cdef unsigned char[::1] dst = result
+    cdef unsigned char *d = &dst[0]
+    cdef Py_ssize_t pos = 0
+    with nogil:
+        memcpy(d, &src[0], length)
+        while pos + HDR <= length:
+            ps_put_le32(d + pos + 4, ps_get_le32(d + pos + 4) // 1000)
+            pos += HDR + ps_get_le32(d + pos + 8)
+    return result
+
+
+def records_to_epb(const unsigned char[::1] src, Py_ssize_t length, uint32_t iface):
+    """LE ns records → pcapng Enhanced Packet Blocks (little-endian, if_tsresol 9), bytes."""
+    cdef Py_ssize_t pos = 0, out = 0, total = 0
+    cdef uint32_t caplen, blen
+    cdef uint64_t ts
+    if length > src.shape[0]:
+        raise ValueError("length beyond the buffer")
+    cdef const unsigned char *s = &src[0] if length else NULL
+    while pos + HDR <= length:  # size pass
+        caplen = ps_get_le32(s + pos + 8)
+        total += 32 + (((caplen + 3) >> 2) << 2)
+        pos += HDR + caplen
+    result = bytearray(total)
+    if total == 0:
+        return result
+    cdef unsigned char[::1] dst = result
+    cdef unsigned char *d = &dst[0]
+    pos = 0
+    with nogil:
+        while pos + HDR <= length:
+            caplen = ps_get_le32(s + pos + 8)
+            blen = 32 + (((caplen + 3) >> 2) << 2)
+            ts = <uint64_t> ps_get_le32(s + pos) * 1000000000ULL + ps_get_le32(s + pos + 4)
+            ps_put_le32(d + out, 6)
+            ps_put_le32(d + out + 4, blen)
+            ps_put_le32(d + out + 8, iface)
+            ps_put_le32(d + out + 12, <uint32_t> (ts >> 32))
+            ps_put_le32(d + out + 16, <uint32_t> ts)
+            ps_put_le32(d + out + 20, caplen)
+            ps_put_le32(d + out + 24, ps_get_le32(s + pos + 12))
+            memcpy(d + out + 28, s + pos + HDR, caplen)
+            # padding is already zero (fresh bytearray)
+            ps_put_le32(d + out + blen - 4, blen)
+            out += blen
+            pos += HDR + caplen
+    return result

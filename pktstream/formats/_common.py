@@ -1,0 +1,49 @@
+"""Constants shared by the capture-file readers and writers."""
+from __future__ import annotations
+
+import warnings
+
+from pktstream.exceptions import PcapWarning
+
+#: Default size of the record buffer behind one batch read from a file.
+DEFAULT_BATCH_BYTES = 4 * 1024 * 1024
+#: Largest packet (caplen) accepted from a file; libpcap's own limit is 256 KiB for most
+#: link types, D-Bus allows 128 MiB, we accept up to 16 MiB and reject anything larger.
+MAX_CAPLEN = 16 * 1024 * 1024
+#: Largest pcapng block accepted (Wireshark's limit is 16 MiB too).
+MAX_BLOCK = MAX_CAPLEN + 64 * 1024
+#: Snaplen used when a file says 0 ("no limit").
+DEFAULT_SNAPLEN = 262144
+
+PCAP_MAGIC_US = 0xA1B2C3D4
+PCAP_MAGIC_NS = 0xA1B23C4D
+PCAPNG_SHB = 0x0A0D0D0A
+PCAPNG_BOM = 0x1A2B3C4D
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+GZIP_MAGIC = b"\x1f\x8b"
+
+# LINKTYPE_ values written in files whose DLT_ value (what libpcap and PacketBatch use on
+# Linux) differs; every other value is the same in both spaces.
+_LINKTYPE_TO_DLT = {101: 12, 100: 11}
+_DLT_TO_LINKTYPE = {v: k for k, v in _LINKTYPE_TO_DLT.items()}
+
+
+def linktype_to_dlt(linktype: int) -> int:
+    return _LINKTYPE_TO_DLT.get(linktype, linktype)
+
+
+def dlt_to_linktype(dlt: int) -> int:
+    return _DLT_TO_LINKTYPE.get(dlt, dlt)
+
+
+class TruncatedFileWarning(PcapWarning):
+    """A capture file ends in the middle of a record or block (e.g. copied while written).
+    ``offset`` is the byte offset (in the decompressed stream) where the partial record starts."""
+
+    def __init__(self, message: str, offset: int) -> None:
+        super().__init__(message)
+        self.offset = offset
+
+
+def warn_truncated(message: str, offset: int) -> None:
+    warnings.warn(TruncatedFileWarning(message, offset), stacklevel=3)

@@ -1,0 +1,629 @@
+"""Capture-file readers: pcap (µs/ns, both byte orders), pcapng, zstd- and gzip-compressed.
+
+The format is detected from the magic bytes, never from the file name. Every reader yields
+:class:`~pktstream.PacketBatch` objects in pktstream's block layout (LE records, ns stamps):
+
+* a little-endian nanosecond pcap file on disk is memory-mapped and wrapped without copying;
+* other pcap files and every pcapng file are converted in C (``pktstream._records``), one
+  buffer of ``batch_bytes`` at a time;
+* a pcapng batch holds packets of one interface (``batch.interface`` is the IDB's
+  ``if_name``, else ``"if<N>"`` with N the interface's index in the file).
+
+Lengths from the file are checked before anything is allocated (``MAX_CAPLEN``,
+``MAX_BLOCK``); a file that ends inside a record gives a :class:`TruncatedFileWarning` (or
+:class:`~pktstream.FileFormatError` with ``truncated="error"``) naming the byte offset, after
+every complete packet before it has been delivered.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import BinaryIO, Iterator
+
+import numpy as np
+
+from pktstream._capture import PacketBatch
+from pktstream._records import STATUS, pcap_walk, pcapng_walk, take_mask, take_records
+from pktstream.exceptions import FileFormatError
+from pktstream.formats._common import (
+    DEFAULT_BATCH_BYTES, DEFAULT_SNAPLEN, GZIP_MAGIC, MAX_BLOCK, MAX_CAPLEN, PCAP_MAGIC_NS,
+    PCAP_MAGIC_US, PCAPNG_BOM, PCAPNG_SHB, ZSTD_MAGIC, linktype_to_dlt, warn_truncated,
+)
+
+W_MORE, W_BLOCK, W_BAD_LENGTH, W_BAD_IFACE, W_OPTIONS, W_FULL = (
+    STATUS[k] for k in ("more", "block", "bad_length", "bad_iface", "options", "full"))
+
+# pcapng option codes
+OPT_COMMENT = 1
+_SHB_OPTS = {2: "shb_hardware", 3: "shb_os", 4: "shb_userappl"}
+_IDB_OPTS = {2: "if_name", 3: "if_description", 8: "if_speed", 9: "if_tsresol", 11: "if_filter",
+             12: "if_os", 13: "if_fcslen", 14: "if_tsoffset", 15: "if_hardware"}
+_TEXT_OPTS = {"shb_hardware", "shb_os", "shb_userappl", "if_name", "if_description", "if_os",
+              "if_hardware"}
+
+
+@dataclass
+class InterfaceInfo:
+    """One interface of a capture file (pcapng IDB, or the single link of a pcap file)."""
+    index: int                 # position among all interfaces of the file (all sections)
+    link_type: int             # DLT value, as libpcap and PacketBatch use it
+    snaplen: int
+    name: str                  # if_name, or "if<index>"
+    section: int = 0
+    tsresol: int = 9           # if_tsresol byte (bit 7 set: power of 2), 6 for µs pcap
+    tsoffset: int = 0
+    description: str | None = None
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class SectionInfo:
+    """A pcapng section header: byte order, version and options (shb_hardware, shb_os, ...)."""
+    byte_order: str
+    version: tuple[int, int]
+    options: dict = field(default_factory=dict)
+
+
+def _open_stream(source) -> tuple[BinaryIO, bool, str | None, str | None]:
+    """(binary stream, we_own_it, compression, path)."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        f = open(path, "rb", buffering=0)
+        owns = True
+    else:
+        path = getattr(source, "name", None)
+        path = path if isinstance(path, str) else None
+        f = source
+        owns = False
+    head = _peek(f, 4)
+    if head.startswith(ZSTD_MAGIC):
+        import zstandard
+        z = zstandard.ZstdDecompressor().stream_reader(_Prefixed(f, head), read_across_frames=True,
+                                                      closefd=False)
+        return _Closing(z, f if owns else None), True, "zstd", path
+    if head.startswith(GZIP_MAGIC):
+        g = gzip.GzipFile(fileobj=_Prefixed(f, head), mode="rb")
+        return _Closing(g, f if owns else None), True, "gzip", path
+    if f.seekable():
+        f.seek(-len(head), io.SEEK_CUR)
+        return f, owns, None, path
+    return _Prefixed(f, head), owns, None, path
+
+
+def _peek(f, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = f.read(n - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+class _Prefixed(io.RawIOBase):
+    """A stream with some already-read bytes put back in front."""
+
+    def __init__(self, f, prefix: bytes) -> None:
+        self._f = f
+        self._prefix = prefix
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self._prefix:
+            n = min(len(b), len(self._prefix))
+            b[:n] = self._prefix[:n]
+            self._prefix = self._prefix[n:]
+            return n
+        if hasattr(self._f, "readinto"):
+            return self._f.readinto(b)
+        data = self._f.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
+class _Closing:
+    """A decompressing reader that also closes the file under it."""
+
+    def __init__(self, reader, under) -> None:
+        self._r = reader
+        self._under = under
+
+    def readinto(self, b) -> int:
+        return self._r.readinto(b)
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self._r.close()
+        if self._under is not None:
+            self._under.close()
+
+
+def _read_fully(f, view: memoryview) -> int:
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+class CaptureReader:
+    """Iterator of :class:`PacketBatch` over one capture file or stream.
+
+    Attributes after opening: ``format`` (``"pcap"`` or ``"pcapng"``), ``compression``
+    (None, ``"zstd"``, ``"gzip"``), ``interfaces`` (list of :class:`InterfaceInfo`, growing
+    as pcapng IDBs are read), ``sections`` (pcapng section headers), ``nanosecond`` and
+    ``byte_order`` (pcap). With ``comments=True``, ``comments`` holds ``{packet index:
+    text}`` of pcapng packet comments (``opt_comment``) for the batch last yielded.
+    ``bytes_read``: bytes consumed from the underlying file (for progress bars).
+    """
+
+    def __init__(self, source, *, batch_bytes: int = DEFAULT_BATCH_BYTES, truncated: str = "warn",
+                 comments: bool = False) -> None:
+        if truncated not in ("warn", "error", "ignore"):
+            raise ValueError("truncated must be 'warn', 'error' or 'ignore'")
+        if batch_bytes < 4096:
+            raise ValueError("batch_bytes must be at least 4096")
+        self.batch_bytes = batch_bytes
+        self._truncated = truncated
+        self._want_comments = comments
+        self.comments: dict[int, str] = {}
+        self.interfaces: list[InterfaceInfo] = []
+        self.sections: list[SectionInfo] = []
+        self.nanosecond = True
+        self.byte_order = "little"
+        self._mm: mmap.mmap | None = None
+        self._raw = None
+        self._f, self._owns, self.compression, self.path = _open_stream(source)
+        self._name = self.path or "<stream>"
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- setup -----------------------------------------------------------------------------
+    def _start(self) -> None:
+        head = bytearray(24)
+        n = _read_fully(self._f, memoryview(head))
+        self._pos = n  # offset in the (decompressed) stream
+        if n < 4:
+            raise FileFormatError(f"{self._name}: not a capture file (only {n} bytes)", path=self.path, offset=0)
+        magic_le = struct.unpack_from("<I", head)[0]
+        magic_be = struct.unpack_from(">I", head)[0]
+        if magic_le == PCAPNG_SHB:
+            self.format = "pcapng"
+            self._head = bytes(head[:n])
+            return
+        for magic, order in ((magic_le, "<"), (magic_be, ">")):
+            if magic in (PCAP_MAGIC_US, PCAP_MAGIC_NS):
+                break
+        else:
+            if magic_le in (0xA1B2CD34, 0x34CDB2A1):
+                raise FileFormatError(f"{self._name}: modified (Kuznetzov) pcap is not supported",
+                                      path=self.path, offset=0)
+            raise FileFormatError(f"{self._name}: not a pcap or pcapng file (magic {bytes(head[:4]).hex()})",
+                                  path=self.path, offset=0)
+        if n < 24:
+            raise FileFormatError(f"{self._name}: truncated pcap file header ({n} of 24 bytes)",
+                                  path=self.path, offset=0)
+        self.format = "pcap"
+        _, vmaj, vmin, _, _, snaplen, linktype = struct.unpack_from(order + "IHHiIII", head)
+        self.version = (vmaj, vmin)
+        self.byte_order = "little" if order == "<" else "big"
+        self.nanosecond = magic == PCAP_MAGIC_NS
+        self.snaplen = snaplen or DEFAULT_SNAPLEN
+        self.fcs_bits = linktype >> 26 if linktype & 0x04000000 else None
+        lt = linktype_to_dlt(linktype & 0xFFFF)
+        self.interfaces.append(InterfaceInfo(0, lt, self.snaplen, self.path or "if0",
+                                             tsresol=9 if self.nanosecond else 6))
+        self._max_caplen = max(min(self.snaplen, MAX_CAPLEN), DEFAULT_SNAPLEN)
+        if (self.nanosecond and order == "<" and self.compression is None and self._owns
+                and hasattr(self._f, "fileno")):
+            try:
+                size = os.fstat(self._f.fileno()).st_size
+                if size > 24:
+                    self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):
+                self._mm = None
+
+    @property
+    def link_types(self) -> list[int]:
+        return sorted({i.link_type for i in self.interfaces})
+
+    @property
+    def bytes_read(self) -> int:
+        if self._mm is not None:
+            return self._pos
+        try:
+            raw = self._f if self.compression is None else self._f._under
+            return raw.tell() if raw is not None else self._pos
+        except (OSError, AttributeError, ValueError):
+            return self._pos
+
+    # -- iteration ---------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[PacketBatch]:
+        if self.format == "pcap":
+            if self._mm is not None:
+                return self._iter_mmap()
+            return self._iter_pcap()
+        return self._iter_pcapng()
+
+    def _batch(self, buf, n: int, iface: InterfaceInfo) -> PacketBatch:
+        return PacketBatch.from_records(buf, link_type=iface.link_type,
+                                        snaplen=max(iface.snaplen, 1), interface=iface.name,
+                                        validate=False, count=n)
+
+    def _bad(self, what: str, offset: int) -> FileFormatError:
+        return FileFormatError(f"{self._name}: {what} at byte {offset}", path=self.path, offset=offset)
+
+    def _truncated_end(self, offset: int, have: int, what: str) -> None:
+        msg = f"{self._name}: truncated {what} at byte {offset} ({have} bytes present); file ends there"
+        if self._truncated == "error":
+            raise FileFormatError(msg, path=self.path, offset=offset)
+        if self._truncated == "warn":
+            warn_truncated(msg, offset)
+
+    def _iter_mmap(self) -> Iterator[PacketBatch]:
+        mm = self._mm
+        size = len(mm)
+        iface = self.interfaces[0]
+        pos = 24
+        while pos < size:
+            end = min(pos + self.batch_bytes, size)
+            status, new, n, _ = pcap_walk(mm, pos, end, False, False, self._max_caplen)
+            if n == 0 and status == W_MORE and end < size:  # one record larger than a batch
+                status, new, n, _ = pcap_walk(mm, pos, size, False, False, self._max_caplen, None, 1)
+            if n:
+                b = self._batch(memoryview(mm)[pos:new], n, iface)
+                pos = new
+                self._pos = pos
+                yield b
+            if status == W_BAD_LENGTH:
+                raise self._bad(f"packet length {self._caplen_at(mm, new)} larger than {self._max_caplen}", new)
+            if n == 0:
+                if new < size:
+                    self._truncated_end(new, size - new, "pcap record")
+                break
+
+    @staticmethod
+    def _caplen_at(buf, pos: int, order: str = "<") -> int:
+        return struct.unpack_from(order + "I", buf, pos + 8)[0]
+
+    def _iter_pcap(self) -> Iterator[PacketBatch]:
+        iface = self.interfaces[0]
+        swap = self.byte_order == "big"
+        usec = not self.nanosecond
+        convert = swap or usec
+        order = ">" if swap else "<"
+        size = self.batch_bytes
+        buf = bytearray(size)
+        have = 0
+        base = self._pos  # stream offset of buf[0]
+        eof = False
+        while True:
+            if not eof:
+                got = _read_fully(self._f, memoryview(buf)[have:])
+                if have + got < len(buf):
+                    eof = True
+                have += got
+            if have == 0:
+                return
+            dst = bytearray(have) if convert else None
+            status, pos, n, out = pcap_walk(buf, 0, have, swap, usec, self._max_caplen, dst)
+            if n:
+                if convert:
+                    b = self._batch(memoryview(dst)[:out], n, iface)
+                else:
+                    b = self._batch(memoryview(buf)[:pos], n, iface)
+            else:
+                b = None
+            rest = buf[pos:have]
+            if status == W_BAD_LENGTH:
+                if b is not None:
+                    yield b
+                raise self._bad(f"packet length {self._caplen_at(buf, pos, order)} larger than "
+                                f"{self._max_caplen}", base + pos)
+            if eof and n == 0:
+                if have:
+                    self._truncated_end(base + pos, have - pos, "pcap record")
+                return
+            if n == 0 and pos == 0:  # a record bigger than the buffer: grow (bounded by max_caplen)
+                size = min(size * 2, self._max_caplen + 16 + self.batch_bytes)
+            if not convert or n == 0 or len(buf) != size:
+                buf = bytearray(max(size, len(rest) * 2))
+            buf[:len(rest)] = rest
+            have = len(rest)
+            base += pos
+            self._pos = base
+            if b is not None:
+                yield b
+
+    # -- pcapng ------------------------------------------------------------------------------
+    def _iter_pcapng(self) -> Iterator[PacketBatch]:
+        size = self.batch_bytes
+        buf = bytearray(max(size, 24))
+        buf[:len(self._head)] = self._head
+        have = len(self._head)
+        base = 0
+        eof = False
+        swap = False
+        self._if_arrays = None
+        section_ifaces: list[InterfaceInfo] = []
+        while True:
+            if not eof:
+                got = _read_fully(self._f, memoryview(buf)[have:])
+                if have + got < len(buf):
+                    eof = True
+                have += got
+            if have == 0:
+                return
+            dst = bytearray(have)
+            ifaces = np.empty(have // 16 + 1, dtype=np.int32)
+            pos, out, count = 0, 0, 0
+            comments: dict[int, str] = {}
+            pending_error: FileFormatError | None = None
+            need_more = False
+            while True:
+                ups, mult, offs, snaps = self._if_table(section_ifaces)
+                status, pos, count, out = pcapng_walk(buf, pos, have, swap, ups, mult, offs, snaps, MAX_BLOCK,
+                                                      dst, out, ifaces, count, self._want_comments)
+                if status == W_MORE:
+                    need_more = True
+                    break
+                if status == W_BAD_LENGTH:
+                    pending_error = self._bad("bad pcapng block length", base + pos)
+                    break
+                if status == W_BAD_IFACE:
+                    pending_error = self._bad("packet block for an undescribed interface", base + pos)
+                    break
+                if status == W_FULL:
+                    break
+                if status == W_OPTIONS:
+                    blen = struct.unpack_from((">" if swap else "<") + "I", buf, pos + 4)[0]
+                    text = self._packet_comment(buf, pos, blen, swap)
+                    _, pos2, count2, out = pcapng_walk(buf, pos, pos + blen, swap, ups, mult, offs, snaps,
+                                                       MAX_BLOCK, dst, out, ifaces, count, False)
+                    if count2 == count:  # could not take it (full): emit and come back
+                        break
+                    if text is not None:
+                        comments[count] = text
+                    count, pos = count2, pos2
+                    continue
+                # a non-packet block
+                if have - pos < 12:
+                    need_more = True
+                    break
+                btype = struct.unpack_from((">" if swap else "<") + "I", buf, pos)[0]
+                if btype == PCAPNG_SHB:
+                    bom = struct.unpack_from("<I", buf, pos + 8)[0]
+                    if bom == PCAPNG_BOM:
+                        new_swap = False
+                    elif bom == 0x4D3C2B1A:
+                        new_swap = True
+                    else:
+                        pending_error = self._bad("bad pcapng byte-order magic", base + pos)
+                        break
+                    blen = struct.unpack_from((">" if new_swap else "<") + "I", buf, pos + 4)[0]
+                else:
+                    blen = struct.unpack_from((">" if swap else "<") + "I", buf, pos + 4)[0]
+                if blen < 12 or blen % 4 or blen > MAX_BLOCK:
+                    pending_error = self._bad(f"bad pcapng block length {blen}", base + pos)
+                    break
+                if blen > have - pos:
+                    need_more = True
+                    break
+                block = bytes(buf[pos:pos + blen])
+                if btype == PCAPNG_SHB:
+                    if count:  # interface ids restart with a section: emit what we have first
+                        break
+                    swap = new_swap
+                    section_ifaces = []
+                    self._if_arrays = None
+                    try:
+                        self._parse_shb(block, swap)
+                    except FileFormatError as exc:
+                        pending_error = self._bad(str(exc), base + pos)
+                        break
+                elif btype == 1:
+                    try:
+                        section_ifaces.append(self._parse_idb(block, swap))
+                    except FileFormatError as exc:
+                        pending_error = self._bad(str(exc), base + pos)
+                        break
+                    self._if_arrays = None
+                pos += blen  # other blocks (ISB, NRB, DSB, custom...) are skipped
+            yield from self._emit(dst, out, ifaces, count, section_ifaces, comments)
+            if pending_error is not None:
+                raise pending_error
+            rest = buf[pos:have]
+            if eof and (need_more or pos == have):
+                if have - pos:
+                    self._truncated_end(base + pos, have - pos, "pcapng block")
+                return
+            if need_more and pos == 0:  # a block bigger than the buffer: grow (bounded)
+                size = min(size * 2, MAX_BLOCK + self.batch_bytes)
+            buf = bytearray(max(size, len(rest)))
+            buf[:len(rest)] = rest
+            have = len(rest)
+            base += pos
+            self._pos = base
+
+    def _if_table(self, section_ifaces):
+        if self._if_arrays is None:
+            n = len(section_ifaces)
+            ups = np.ones(n, dtype=np.uint64)
+            mult = np.zeros(n, dtype=np.uint64)
+            offs = np.zeros(n, dtype=np.int64)
+            snaps = np.zeros(n, dtype=np.uint32)
+            for i, itf in enumerate(section_ifaces):
+                r = itf.tsresol
+                u = (1 << (r & 0x7F)) if r & 0x80 else 10 ** r
+                ups[i] = u
+                mult[i] = 10**9 // u if u <= 10**9 and 10**9 % u == 0 else 0
+                offs[i] = itf.tsoffset
+                snaps[i] = min(itf.snaplen, 0xFFFFFFFF)
+            self._if_arrays = (ups, mult, offs, snaps)
+        return self._if_arrays
+
+    def _emit(self, dst, out, ifaces, count, section_ifaces, comments) -> Iterator[PacketBatch]:
+        if count == 0:
+            return
+        ids = ifaces[:count]
+        first = int(ids[0])
+        if (ids == first).all():
+            self.comments = comments
+            yield self._batch(memoryview(dst)[:out], count, section_ifaces[first])
+            return
+        for k in np.unique(ids).tolist():
+            recs, n = take_records(dst, out, ids, k)
+            if comments:
+                sel = np.flatnonzero(ids == k)
+                where = {int(j): i for i, j in enumerate(sel.tolist())}
+                self.comments = {where[j]: t for j, t in comments.items() if j in where}
+            else:
+                self.comments = {}
+            yield self._batch(recs, n, section_ifaces[k])
+
+    # -- pcapng block parsing ----------------------------------------------------------------
+    @staticmethod
+    def _options(block: bytes, start: int, swap: bool) -> list[tuple[int, bytes]]:
+        o = ">" if swap else "<"
+        end = len(block) - 4
+        out = []
+        pos = start
+        while pos + 4 <= end:
+            code, length = struct.unpack_from(o + "HH", block, pos)
+            if code == 0:
+                break
+            if pos + 4 + length > end:
+                raise FileFormatError(f"option {code} runs past its block")
+            out.append((code, block[pos + 4:pos + 4 + length]))
+            pos += 4 + ((length + 3) & ~3)
+        return out
+
+    def _parse_shb(self, block: bytes, swap: bool) -> None:
+        o = ">" if swap else "<"
+        if len(block) < 28:
+            raise FileFormatError("section header block too short")
+        vmaj, vmin = struct.unpack_from(o + "HH", block, 12)
+        if vmaj != 1:
+            raise FileFormatError(f"unsupported pcapng version {vmaj}.{vmin}")
+        opts: dict = {}
+        for code, val in self._options(block, 24, swap):
+            if code == OPT_COMMENT:
+                opts.setdefault("comments", []).append(val.decode("utf-8", "replace"))
+            elif code in _SHB_OPTS:
+                opts[_SHB_OPTS[code]] = val.decode("utf-8", "replace")
+        self.byte_order = "big" if swap else "little"
+        self.sections.append(SectionInfo("big" if swap else "little", (vmaj, vmin), opts))
+
+    def _parse_idb(self, block: bytes, swap: bool) -> InterfaceInfo:
+        o = ">" if swap else "<"
+        if len(block) < 20:
+            raise FileFormatError("interface description block too short")
+        linktype, _, snaplen = struct.unpack_from(o + "HHI", block, 8)
+        opts: dict = {}
+        tsresol, tsoffset = 6, 0
+        for code, val in self._options(block, 16, swap):
+            name = _IDB_OPTS.get(code)
+            if code == OPT_COMMENT:
+                opts.setdefault("comments", []).append(val.decode("utf-8", "replace"))
+            elif name == "if_tsresol" and len(val) >= 1:
+                tsresol = val[0]
+                if (tsresol & 0x80 and (tsresol & 0x7F) > 63) or (not tsresol & 0x80 and tsresol > 19):
+                    raise FileFormatError(f"unsupported if_tsresol {tsresol}")
+            elif name == "if_tsoffset" and len(val) == 8:
+                tsoffset = struct.unpack(o + "q", val)[0]
+            elif name == "if_speed" and len(val) == 8:
+                opts[name] = struct.unpack(o + "Q", val)[0]
+            elif name == "if_fcslen" and len(val) >= 1:
+                opts[name] = val[0]
+            elif name == "if_filter" and val:
+                opts[name] = val[1:].decode("utf-8", "replace") if val[0] == 0 else val
+            elif name in _TEXT_OPTS:
+                opts[name] = val.decode("utf-8", "replace")
+        index = len(self.interfaces)
+        snap = snaplen if snaplen else DEFAULT_SNAPLEN
+        info = InterfaceInfo(index, linktype_to_dlt(linktype), snap, opts.get("if_name") or f"if{index}",
+                             section=len(self.sections) - 1, tsresol=tsresol, tsoffset=tsoffset,
+                             description=opts.get("if_description"), options=opts)
+        self.interfaces.append(info)
+        return info
+
+    def _packet_comment(self, buf, pos: int, blen: int, swap: bool) -> str | None:
+        o = ">" if swap else "<"
+        block = bytes(buf[pos:pos + blen])
+        caplen = struct.unpack_from(o + "I", block, 20)[0]
+        try:
+            opts = self._options(block, 28 + ((caplen + 3) & ~3), swap)
+        except FileFormatError:
+            return None
+        texts = [v.decode("utf-8", "replace") for c, v in opts if c == OPT_COMMENT]
+        return "\n".join(texts) if texts else None
+
+    # -- lifetime ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the file. Batches already yielded from a memory-mapped file stay valid."""
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # batches still reference it: the GC unmaps it later
+                pass
+            self._mm = None
+        if self._owns and self._f is not None:
+            self._f.close()
+        self._f = None
+
+    def __enter__(self) -> CaptureReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_reader(source, *, batch_bytes: int = DEFAULT_BATCH_BYTES, truncated: str = "warn",
+                comments: bool = False) -> CaptureReader:
+    """Open a capture file (path or binary file object) for reading; see :class:`CaptureReader`."""
+    return CaptureReader(source, batch_bytes=batch_bytes, truncated=truncated, comments=comments)
+
+
+def filter_batch(batch: PacketBatch, bpf: str) -> PacketBatch:
+    """A new batch holding the packets of ``batch`` that match the BPF expression."""
+    mask = batch.filter(bpf)
+    if mask.all():
+        return batch
+    recs, n = take_mask(memoryview(batch), batch.offset, batch.caplen, mask.view(np.uint8))
+    return PacketBatch.from_records(recs, link_type=batch.link_type, snaplen=batch.snaplen,
+                                    interface=batch.interface, validate=False, count=n)
+
+
+def read(source, *, bpf: str | list[str] | None = None, batch_bytes: int = DEFAULT_BATCH_BYTES,
+         truncated: str = "warn") -> Iterator[PacketBatch]:
+    """Iterate over the packets of a capture file as :class:`PacketBatch` objects.
+
+    :param source: path or binary file object (pipes work) of a pcap, pcapng, ``.zst`` or
+        ``.gz`` file; the format is found from the magic bytes.
+    :param bpf: only packets matching this BPF expression (libpcap's offline filter).
+    :param batch_bytes: size of the record buffer behind each batch.
+    :param truncated: a file ending inside a record: ``"warn"`` (TruncatedFileWarning),
+        ``"error"`` (FileFormatError after the good packets) or ``"ignore"``.
+    :raises FileFormatError: not a capture file, hostile or inconsistent lengths (with the offset).
+    """
+    expr = " ".join(bpf) if isinstance(bpf, (list, tuple)) else bpf
+    with open_reader(source, batch_bytes=batch_bytes, truncated=truncated) as r:
+        for batch in r:
+            if expr:
+                batch = filter_batch(batch, expr)
+                if len(batch) == 0:
+                    continue
+            yield batch

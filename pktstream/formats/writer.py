@@ -1,0 +1,364 @@
+"""``open_writer``: pcap / pcapng / pcap.zst / pcapng.zst files with rotation, written safely.
+
+* Format from the extension (``.pcap``, ``.pcapng``, ``.pcap.zst``, ``.pcapng.zst``) or
+  ``format=``. Compressed files are ONE zstd frame written by a streaming compressor and
+  flushed (``FLUSH_BLOCK``) after every batch, so a reader of the growing ``.part`` file gets
+  every whole batch (Wireshark 4.0 reads only the first two frames of multi-frame files).
+* Every file is written as ``NAME.part`` and renamed to ``NAME`` when complete (rotation or
+  close); ``fsync=True`` fsyncs the file before and its directory after the rename.
+* Rotation like tcpdump: ``rotate_bytes`` (-C: a new file before the size would exceed the
+  limit; batches are split at packet boundaries; compressed files rotate once their
+  compressed size reaches it), ``rotate_seconds`` (-G: a new file when a write or flush
+  comes that many seconds after the file was opened), ``max_files`` (-W: keep at most that
+  many completed files, deleting the oldest). Rotated names: ``NAME`` with strftime
+  patterns (``%Y%m%d-%H%M%S``) expanded at the file's opening, in local time like tcpdump,
+  then a 6-digit sequence number before the extension: ``cap.000000.pcap``, ``cap.000001.pcap``.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import BinaryIO, Callable
+
+from pktstream._capture import PacketBatch
+from pktstream.exceptions import ClosedError
+from pktstream.formats.pcap import PcapWriter
+from pktstream.formats.pcapng import PcapngWriter
+
+FORMATS = {".pcap": "pcap", ".pcapng": "pcapng", ".pcap.zst": "pcap.zst", ".pcapng.zst": "pcapng.zst"}
+
+
+def format_from_name(path: str) -> str | None:
+    """``"pcap"``, ``"pcapng"``, ``"pcap.zst"`` or ``"pcapng.zst"`` from a file name, else None."""
+    for ext in sorted(FORMATS, key=len, reverse=True):
+        if path.endswith(ext):
+            return FORMATS[ext]
+    return None
+
+
+def _split_ext(path: str) -> tuple[str, str]:
+    for ext in sorted(FORMATS, key=len, reverse=True):
+        if path.endswith(ext):
+            return path[:-len(ext)], ext
+    return path, ""
+
+
+class _ZstdFile:
+    """Binary file wrapper compressing everything into one zstd frame (checksummed)."""
+
+    def __init__(self, f: BinaryIO, level: int) -> None:
+        import zstandard
+        self._zstd = zstandard
+        self._f = f
+        self._c = zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj()
+        self.written = 0  # compressed bytes handed to the file
+
+    def write(self, data) -> int:
+        out = self._c.compress(data)
+        if out:
+            self._f.write(out)
+            self.written += len(out)
+        return None
+
+    def flush(self) -> None:
+        out = self._c.flush(self._zstd.COMPRESSOBJ_FLUSH_BLOCK)
+        if out:
+            self._f.write(out)
+            self.written += len(out)
+        self._f.flush()
+
+    def finish(self) -> None:
+        out = self._c.flush(self._zstd.COMPRESSOBJ_FLUSH_FINISH)
+        if out:
+            self._f.write(out)
+            self.written += len(out)
+        self._f.flush()
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+
+class CaptureWriter:
+    """The object :func:`open_writer` returns.
+
+    ``write(batch, comments=None)`` appends a batch (interface identity from
+    ``batch.interface``/``link_type``/``snaplen``; ``comments`` only for pcapng),
+    ``flush()`` pushes everything written so far to the OS (a compressed file gets a whole
+    zstd block) and applies time rotation, ``close()`` completes the current file.
+    ``paths``: completed files still on disk, oldest first; ``removed``: files deleted by
+    ``max_files``; ``packets``/``bytes``: totals. Not thread-safe: use from one thread.
+    """
+
+    def __init__(self, target, *, format: str | None = None, hostname: str | None = None,
+                 rotate_bytes: int | None = None, rotate_seconds: float | None = None,
+                 max_files: int | None = None, fsync: bool = False, mode: int = 0o640,
+                 nanosecond: bool = True, level: int = 3,
+                 on_complete: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        is_path = isinstance(target, (str, os.PathLike))
+        if is_path:
+            target = os.fspath(target)
+        fmt = format or (format_from_name(target) if is_path else None) or "pcap"
+        if fmt not in FORMATS.values():
+            raise ValueError(f"unknown capture format {fmt!r}; one of {sorted(FORMATS.values())}")
+        if not is_path and (rotate_bytes or rotate_seconds or max_files):
+            raise ValueError("rotation needs a path, not a file object")
+        for name, v in (("rotate_bytes", rotate_bytes), ("rotate_seconds", rotate_seconds),
+                        ("max_files", max_files)):
+            if v is not None and v <= 0:
+                raise ValueError(f"{name} must be positive")
+        self.format = fmt
+        self._base = fmt.split(".")[0]
+        self._zstd = fmt.endswith(".zst")
+        self._target = target
+        self._is_path = is_path
+        self._hostname = hostname
+        self._rotate_bytes = rotate_bytes
+        self._rotate_seconds = rotate_seconds
+        self._max_files = max_files
+        self._rotating = bool(rotate_bytes or rotate_seconds or max_files)
+        self._fsync = fsync
+        self._mode = mode
+        self._nanosecond = nanosecond
+        self._level = level
+        self._on_complete = on_complete
+        self._clock = clock
+        self._seq = 0
+        self._cur = None        # PcapWriter | PcapngWriter
+        self._zfile: _ZstdFile | None = None
+        self._raw = None        # the OS file under the current writer (paths only)
+        self._cur_path: str | None = None
+        self._opened_at = 0.0
+        self._link_type: int | None = None
+        self.paths: list[str] = []
+        self.removed: list[str] = []
+        self.packets = 0
+        self.bytes = 0
+        self._closed = False
+
+    # -- files -------------------------------------------------------------------------------
+    def _next_path(self) -> str:
+        name = self._target
+        if "%" in name:
+            name = time.strftime(name, time.localtime(self._clock()))
+        if not self._rotating:
+            return name
+        stem, ext = _split_ext(name)
+        while True:
+            path = f"{stem}.{self._seq:06d}{ext}"
+            self._seq += 1
+            if not os.path.exists(path):
+                return path
+
+    def _open(self) -> None:
+        if self._is_path:
+            path = self._next_path()
+            fd = os.open(path + ".part", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, self._mode)
+            self._raw = os.fdopen(fd, "wb")
+            self._cur_path = path
+            sink = self._raw
+        else:
+            sink = self._target
+        if self._zstd:
+            self._zfile = _ZstdFile(sink, self._level)
+            sink = self._zfile
+        if self._base == "pcap":
+            self._cur = PcapWriter(sink, nanosecond=self._nanosecond, atomic=False)
+        else:
+            self._cur = PcapngWriter(sink, hostname=self._hostname, atomic=False)
+        self._opened_at = self._clock()
+
+    def _complete(self) -> None:
+        """Finish the current file and rename it to its final name."""
+        w = self._cur
+        if w is None:
+            return
+        self._cur = None
+        w.close()  # writes an empty pcap header if nothing was written; flushes
+        if self._zfile is not None:
+            self._zfile.finish()
+            self._zfile = None
+        if not self._is_path:
+            self._target.flush()
+            return
+        raw, path = self._raw, self._cur_path
+        self._raw = None
+        raw.flush()
+        if self._fsync:
+            os.fsync(raw.fileno())
+        raw.close()
+        os.replace(path + ".part", path)
+        if self._fsync:
+            dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        self.paths.append(path)
+        if self._max_files:
+            while len(self.paths) > self._max_files:
+                old = self.paths.pop(0)
+                try:
+                    os.unlink(old)
+                except FileNotFoundError:
+                    pass
+                self.removed.append(old)
+        if self._on_complete is not None:
+            self._on_complete(path)
+
+    def _size(self) -> int:
+        if self._cur is None:
+            return 0
+        if self._zfile is not None:
+            return self._zfile.written
+        return self._cur.file_bytes
+
+    def _time_due(self) -> bool:
+        return bool(self._rotate_seconds and self._cur is not None
+                    and self._clock() - self._opened_at >= self._rotate_seconds)
+
+    # -- public ------------------------------------------------------------------------------
+    @property
+    def current_path(self) -> str | None:
+        """Final name of the file being written (its data is in ``current_path + '.part'``)."""
+        return self._cur_path if self._cur is not None else None
+
+    def fileno(self) -> int:
+        if self._raw is not None:
+            return self._raw.fileno()
+        if not self._is_path:
+            return self._target.fileno()
+        raise ValueError("no file open")
+
+    def write(self, batch: PacketBatch, comments: dict[int, str] | None = None) -> None:
+        """Append every packet of ``batch`` (rotating first when a limit is reached)."""
+        if self._closed:
+            raise ClosedError("CaptureWriter is closed")
+        n = len(batch)
+        if n == 0:
+            return
+        if self._base == "pcap":
+            if self._link_type is None:
+                self._link_type = batch.link_type
+            elif batch.link_type != self._link_type:
+                raise ValueError(f"batch link type {batch.link_type} differs from the file's "
+                                 f"{self._link_type}; use pcapng for mixed link types")
+        if self._time_due():
+            self._complete()
+        if self._rotate_bytes and not self._zstd:
+            self._write_split(batch, comments)
+        else:
+            if self._rotate_bytes and self._cur is not None and self._size() >= self._rotate_bytes:
+                self._complete()
+            self._write_one(batch, comments)
+        self.packets += n
+        self.bytes += batch.nbytes - 16 * n
+        self._flush_current()
+
+    def _write_one(self, batch: PacketBatch, comments) -> None:
+        if self._cur is None:
+            self._open()
+        if comments and isinstance(self._cur, PcapngWriter):
+            self._cur.write(batch, comments)
+        else:
+            self._cur.write(batch)
+
+    def _write_split(self, batch: PacketBatch, comments) -> None:
+        """Uncompressed with rotate_bytes: cut the batch so no file exceeds the limit."""
+        import numpy as np
+        limit = self._rotate_bytes
+        n = len(batch)
+        cap = batch.caplen.astype(np.int64)
+        per = 32 + ((cap + 3) & ~3) if self._base == "pcapng" else 16 + cap
+        ends = np.cumsum(per)
+        start = 0
+        while start < n:
+            if self._cur is None:
+                self._open()
+                # header (and an IDB the first packet of this interface may need)
+            room = limit - self._size() - (0 if self._base == "pcap" else 64)
+            done = int(ends[start - 1]) if start else 0
+            j = int(np.searchsorted(ends, done + room, side="right"))
+            if j <= start:
+                if self._cur.packets == 0:
+                    j = start + 1  # a single packet larger than the limit gets its own file
+                else:
+                    self._complete()
+                    continue
+            part = _slice(batch, start, j)
+            sub = {k - start: v for k, v in comments.items() if start <= k < j} if comments else None
+            self._write_one(part, sub)
+            start = j
+            if start < n:
+                self._complete()
+
+    def _flush_current(self) -> None:
+        if self._cur is None:
+            return
+        if self._zfile is not None:
+            self._zfile.flush()
+        elif self._raw is not None:
+            self._raw.flush()
+        else:
+            self._cur.flush()
+
+    def flush(self) -> None:
+        """Hand all data written so far to the OS (whole zstd blocks); apply time rotation."""
+        if self._closed:
+            raise ClosedError("CaptureWriter is closed")
+        if self._time_due():
+            self._complete()
+        else:
+            self._flush_current()
+
+    def close(self) -> None:
+        """Complete the current file (an empty but valid file if nothing was ever written)."""
+        if self._closed:
+            return
+        if self._cur is None and not self.paths and not self.removed:
+            self._open()
+        self._closed = True
+        self._complete()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> CaptureWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _slice(batch: PacketBatch, i: int, j: int) -> PacketBatch:
+    """Packets i..j-1 of a batch, zero-copy."""
+    off, cap = batch.offset, batch.caplen
+    lo, hi = int(off[i]) - 16, int(off[j - 1]) + int(cap[j - 1])
+    return PacketBatch.from_records(memoryview(batch)[lo:hi], link_type=batch.link_type,
+                                    snaplen=batch.snaplen, interface=batch.interface,
+                                    validate=False, count=j - i)
+
+
+def open_writer(path: str | os.PathLike | BinaryIO, *, format: str | None = None,
+                hostname: str | None = None, rotate_bytes: int | None = None,
+                rotate_seconds: float | None = None, max_files: int | None = None,
+                fsync: bool = False, mode: int = 0o640, nanosecond: bool = True, level: int = 3,
+                on_complete: Callable[[str], None] | None = None) -> CaptureWriter:
+    """Open a capture file for writing; see :class:`CaptureWriter` and the module doc.
+
+    :param path: file name, or a binary file object (stdout pipe; no rotation, format
+        defaults to pcap).
+    :param format: ``"pcap"``, ``"pcapng"``, ``"pcap.zst"`` or ``"pcapng.zst"``; default from
+        the extension (unknown extension: pcap).
+    :param hostname: host the packets come from, written in pcapng section/interface metadata.
+    :param rotate_bytes: / :param rotate_seconds: / :param max_files: tcpdump -C / -G / -W.
+    :param fsync: fsync each completed file and its directory.
+    :param mode: permission bits of created files.
+    :param nanosecond: pcap only: False writes the classic microsecond format.
+    :param level: zstd level for the ``.zst`` formats.
+    :param on_complete: called with the final path of each completed file.
+    """
+    return CaptureWriter(path, format=format, hostname=hostname, rotate_bytes=rotate_bytes,
+                         rotate_seconds=rotate_seconds, max_files=max_files, fsync=fsync, mode=mode,
+                         nanosecond=nanosecond, level=level, on_complete=on_complete)
