@@ -293,7 +293,7 @@ class Receiver:
         if self.metrics:
             metrics_server = await asyncio.start_server(self._metrics, *self.metrics)
             self.metrics_address = metrics_server.sockets[0].getsockname()[:2]
-        log.warning("receiver listening on %s:%d%s", *self.address, " (TLS)" if self.ssl_context else "")
+        log.info("receiver listening on %s:%d%s", *self.address, " (TLS)" if self.ssl_context else "")
         self._ready.set()
         ticker = asyncio.create_task(self._periodic())
         try:
@@ -324,7 +324,7 @@ class Receiver:
     def log_stats(self) -> None:
         for sid, s in self._sensors.items():
             c, r = s.counters, s.reported
-            log.warning("sensor %s: %d packets, %d bytes, ratio %.2f, duplicates %d, sensor drops: "
+            log.info("sensor %s: %d packets, %d bytes, ratio %.2f, duplicates %d, sensor drops: "
                         "kernel %d, ring %d, window %d", sid, c["packets"], c["raw_bytes"],
                         (c["raw_bytes"] / c["wire_bytes"]) if c["wire_bytes"] else 0.0, c["duplicate_frames"],
                         r.get("kernel_dropped", 0), r.get("ring_drops", 0), r.get("window_dropped_packets", 0))
@@ -407,7 +407,7 @@ class Receiver:
             self._connections -= 1
             if sensor is not None and sensor.writer is writer:
                 sensor.writer = None
-                log.warning("sensor %s (%s) disconnected", sensor.sensor_id, peer)
+                log.info("sensor %s (%s) disconnected", sensor.sensor_id, peer)
             writer.close()
 
     def _send_error(self, writer: asyncio.StreamWriter, reason: str) -> None:
@@ -478,7 +478,7 @@ class Receiver:
                                                          "max_raw": self.max_raw,
                                                          "heartbeat": self.heartbeat}))
         await writer.drain()
-        log.warning("sensor %s (%s, %s) connected from %s, %d interfaces, resuming after seq %d",
+        log.info("sensor %s (%s, %s) connected from %s, %d interfaces, resuming after seq %d",
                     sid, sensor.hostname, sensor.software, peer, len(sensor.interfaces), sensor.last_committed)
         return sensor
 
@@ -508,7 +508,7 @@ class Receiver:
                 writer.write(P.encode(P.FrameType.ACK, seq=sensor.last_committed))
                 writer.write(P.encode_json(P.FrameType.BYE, {"reason": "bye"}))
                 await writer.drain()
-                log.warning("sensor %s said goodbye", sensor.sensor_id)
+                log.info("sensor %s said goodbye", sensor.sensor_id)
                 return
             else:
                 raise FrameError(f"unexpected {t.name} frame from a sensor")

@@ -1,0 +1,226 @@
+"""``pktstream receiver`` and ``pktstream sensor``: YAML config (PacketStreamer's keys) + flags."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+
+from pktstream import config as C
+from pktstream.exceptions import ConfigError
+
+log = logging.getLogger("pktstream")
+
+
+def _size(text: str) -> int:
+    return C.parse_size(text, "size")
+
+
+def _read_secret(path: str) -> str:
+    with open(path) as f:
+        key = f.read().strip()
+    if not key:
+        raise ConfigError(f"key file {path} is empty")
+    return key
+
+
+def _setup_log_file(path: str | None) -> None:
+    if path:
+        h = logging.FileHandler(path)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(h)
+
+
+def build_receiver(args: argparse.Namespace):
+    """Settings from --config, overridden by flags → a Receiver."""
+    from pktstream.receiver import Receiver
+    from pktstream.sinks import FileSink, StdoutSink
+    from pktstream.tls import server_context
+
+    s = C.receiver_settings(C.load_yaml(args.config) if args.config else {})
+    if args.listen:
+        s.listen = args.listen
+    if args.write:
+        s.stdout, s.output_file = (True, None) if args.write == "-" else (False, args.write)
+    if args.output_dir:
+        s.output_dir, s.output_file = args.output_dir, None
+    for attr in ("state_dir", "rotate_bytes", "rotate_seconds", "max_files", "metrics", "stats_interval",
+                 "max_connections", "log_file"):
+        v = getattr(args, attr)
+        if v is not None:
+            setattr(s, attr, v)
+    s.fsync = s.fsync or args.fsync
+    if args.auth_key_file:
+        s.auth.enable, s.auth.key = True, _read_secret(args.auth_key_file)
+    if args.auth_keys:
+        s.auth.enable, s.auth.keyfile = True, args.auth_keys
+    if args.tls_cert:
+        s.tls.enable, s.tls.certfile, s.tls.keyfile = True, args.tls_cert, args.tls_key
+    if args.tls_ca:
+        s.tls.cafile = args.tls_ca
+    s.tls.client_certs = s.tls.client_certs or args.tls_client_certs
+    if not (s.output_file or s.output_dir or s.stdout):
+        raise ConfigError("no output: give -w FILE, -w - (stdout), --output-dir DIR or output.file.path")
+    _setup_log_file(s.log_file)
+    outputs = []
+    rot = dict(rotate_bytes=s.rotate_bytes, rotate_seconds=s.rotate_seconds, max_files=s.max_files,
+               fsync=s.fsync)
+    if s.output_file:
+        outputs.append(FileSink(s.output_file, **rot))
+    if s.output_dir:
+        outputs.append(FileSink(directory=s.output_dir, format=args.format, **rot))
+    if s.stdout:
+        outputs.append(StdoutSink(snaplen=s.snaplen))
+    ctx = None
+    if s.tls.enable:
+        ctx = server_context(s.tls.certfile, s.tls.keyfile, cafile=s.tls.cafile, client_certs=s.tls.client_certs)
+    key = keys = None
+    if s.auth.enable:
+        if s.auth.keyfile:
+            keys = C.read_key_file(s.auth.keyfile)
+        else:
+            key = s.auth.key
+    return Receiver(listen=s.listen, outputs=outputs, state_dir=s.state_dir, auth_key=key, auth_keys=keys,
+                    ssl_context=ctx, max_connections=s.max_connections, handshake_timeout=s.handshake_timeout,
+                    heartbeat=s.heartbeat, max_raw_bytes=max(s.max_block_bytes, s.snaplen + 16),
+                    stats_interval=s.stats_interval, metrics=s.metrics, fsync_state=s.fsync)
+
+
+def build_sensor(args: argparse.Namespace):
+    from pktstream.sensor import Sensor
+    from pktstream.tls import client_context
+
+    s = C.sensor_settings(C.load_yaml(args.config) if args.config else {})
+    if args.receiver:
+        s.receiver = args.receiver
+    if args.interface:
+        s.interfaces = args.interface
+    if args.bpf:
+        s.bpf = " ".join(args.bpf)
+    for attr in ("pcap_mode", "snaplen", "buffer_bytes", "block_bytes", "max_wait", "compression_level",
+                 "window_bytes", "spool_dir", "spool_bytes", "sensor_id", "log_file"):
+        v = getattr(args, attr)
+        if v is not None:
+            setattr(s, attr, v)
+    if args.capture_ports:
+        s.capture_ports = [int(p) for p in args.capture_ports.split(",")]
+    if args.ignore_ports:
+        s.ignore_ports = [int(p) for p in args.ignore_ports.split(",")]
+    s.promisc = s.promisc or args.promisc
+    s.immediate = s.immediate or args.immediate
+    s.include_loopback = s.include_loopback or args.include_loopback
+    if args.auth_key_file:
+        s.auth.enable, s.auth.key = True, _read_secret(args.auth_key_file)
+    if args.tls or args.tls_ca or args.tls_insecure:
+        s.tls.enable = True
+    for attr, flag in (("cafile", "tls_ca"), ("certfile", "tls_cert"), ("keyfile", "tls_key"),
+                       ("server_name", "tls_server_name")):
+        if getattr(args, flag):
+            setattr(s.tls, attr, getattr(args, flag))
+    s.tls.insecure = s.tls.insecure or args.tls_insecure
+    if not s.receiver:
+        raise ConfigError("no receiver: give --receiver HOST:PORT or output.server.address/port")
+    if s.spool_dir and not s.spool_bytes:
+        raise ConfigError("--spool-dir needs --spool-size")
+    _setup_log_file(s.log_file)
+    ctx = None
+    if s.tls.enable:
+        ctx = client_context(cafile=s.tls.cafile, certfile=s.tls.certfile, keyfile=s.tls.keyfile,
+                             insecure=s.tls.insecure)
+    return Sensor(receiver=s.receiver, interfaces=s.interfaces or None, include_loopback=s.include_loopback,
+                  bpf=s.bpf, pcap_mode=s.pcap_mode, capture_ports=s.capture_ports,
+                  capture_interfaces_ports=s.capture_interfaces_ports, ignore_ports=s.ignore_ports,
+                  snaplen=s.snaplen, promisc=s.promisc, immediate=s.immediate, buffer_bytes=s.buffer_bytes,
+                  block_bytes=s.block_bytes, max_wait=s.max_wait, compression_level=s.compression_level,
+                  window_bytes=s.window_bytes, spool_dir=s.spool_dir, spool_bytes=s.spool_bytes,
+                  sensor_id=s.sensor_id, auth_key=s.auth.key if s.auth.enable else None, ssl_context=ctx,
+                  server_hostname=s.tls.server_name, heartbeat=s.heartbeat, stats_interval=s.stats_interval)
+
+
+def _on_signals(stop) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop())
+
+
+def cmd_receiver(args: argparse.Namespace) -> int:
+    logging.getLogger("pktstream").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    receiver = build_receiver(args)
+    _on_signals(receiver.stop)
+    receiver.run()
+    if args.stats_json:
+        with open(args.stats_json, "w") as f:
+            json.dump(receiver.stats(), f, indent=1)
+    return 0
+
+
+def cmd_sensor(args: argparse.Namespace) -> int:
+    sensor = build_sensor(args)
+    _on_signals(sensor.stop)
+    logging.getLogger("pktstream").setLevel(logging.INFO if args.verbose == 0 else logging.DEBUG)
+    sensor.run()
+    st = sensor.stats()
+    print(f"pktstream sensor: {st['packets']} packets captured, {st['kernel_dropped']} dropped by kernel, "
+          f"{st['ring_drops']} by ring, {st['window_dropped_packets']} by full send window/spool, "
+          f"{st['unacked_frames']} frames unacknowledged at exit", file=sys.stderr)
+    if args.stats_json:
+        with open(args.stats_json, "w") as f:
+            json.dump(st, f, indent=1)
+    return 0
+
+
+def register(sub) -> None:
+    r = sub.add_parser("receiver", help="receive streams from sensors and write them out")
+    r.add_argument("--config", help="YAML config (PacketStreamer receiver format accepted)")
+    r.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 0.0.0.0:8081)")
+    r.add_argument("-w", "--write", metavar="FILE", help="merged output file (.pcap/.pcapng/...); '-' = stdout")
+    r.add_argument("--output-dir", metavar="DIR", help="one file per sensor in DIR")
+    r.add_argument("--format", default="pcapng", help="per-sensor file format (default pcapng)")
+    r.add_argument("--state-dir", metavar="DIR", help="persist last sequence per sensor (exact restarts)")
+    r.add_argument("-C", "--rotate-bytes", type=_size, metavar="SIZE", help="rotate files past SIZE")
+    r.add_argument("-G", "--rotate-seconds", type=float, metavar="SEC", help="rotate files every SEC")
+    r.add_argument("-W", "--max-files", type=int, metavar="N", help="keep only the newest N files")
+    r.add_argument("--fsync", action="store_true", help="fsync outputs and state before acknowledging")
+    r.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics here")
+    r.add_argument("--stats-interval", type=float, metavar="SEC", help="log counters every SEC (default 60)")
+    r.add_argument("--stats-json", metavar="FILE", help="write final counters as JSON at exit")
+    r.add_argument("--max-connections", type=int)
+    r.add_argument("--auth-key-file", metavar="FILE", help="shared key (read from FILE, not the command line)")
+    r.add_argument("--auth-keys", metavar="FILE", help="per-sensor keys: YAML 'sensor-id: key' lines")
+    r.add_argument("--tls-cert", metavar="PEM")
+    r.add_argument("--tls-key", metavar="PEM")
+    r.add_argument("--tls-ca", metavar="PEM", help="CA for client certificates")
+    r.add_argument("--tls-client-certs", action="store_true", help="require client certificates (mTLS)")
+    r.add_argument("--log-file", metavar="FILE")
+    r.set_defaults(func=cmd_receiver)
+
+    s = sub.add_parser("sensor", help="capture on interfaces and stream to a receiver")
+    s.add_argument("--config", help="YAML config (PacketStreamer sensor format accepted)")
+    s.add_argument("-i", "--interface", action="append", help="interface (repeat; default: all up)")
+    s.add_argument("--receiver", metavar="HOST:PORT")
+    s.add_argument("--include-loopback", action="store_true", help="also capture on loopback (all-interfaces mode)")
+    s.add_argument("--pcap-mode", choices=("all", "allow", "deny"))
+    s.add_argument("--capture-ports", metavar="P,P,..", help="ports for pcap mode allow/deny")
+    s.add_argument("--ignore-ports", metavar="P,P,..", help="ports never captured")
+    s.add_argument("-s", "--snaplen", type=int)
+    s.add_argument("--promisc", action="store_true")
+    s.add_argument("--immediate", action="store_true")
+    s.add_argument("--buffer-size", dest="buffer_bytes", type=_size, metavar="SIZE", help="kernel buffer (32MiB)")
+    s.add_argument("--block-size", dest="block_bytes", type=_size, metavar="SIZE", help="block size (1MiB)")
+    s.add_argument("--max-wait", type=float, metavar="SEC", help="seal a partial block after SEC (0.2)")
+    s.add_argument("--level", dest="compression_level", type=int, help="zstd level (default 1, adaptive)")
+    s.add_argument("--window", dest="window_bytes", type=_size, metavar="SIZE", help="unacked bytes in memory")
+    s.add_argument("--spool-dir", metavar="DIR", help="spool frames here when the window is full")
+    s.add_argument("--spool-size", dest="spool_bytes", type=_size, metavar="SIZE")
+    s.add_argument("--sensor-id", help="stable id of this sensor (default: host name)")
+    s.add_argument("--auth-key-file", metavar="FILE", help="shared key (read from FILE)")
+    s.add_argument("--tls", action="store_true", help="connect with TLS (verifying the receiver)")
+    s.add_argument("--tls-ca", metavar="PEM", help="CA to verify the receiver with")
+    s.add_argument("--tls-cert", metavar="PEM", help="client certificate (mTLS)")
+    s.add_argument("--tls-key", metavar="PEM")
+    s.add_argument("--tls-server-name", metavar="NAME", help="name to verify in the receiver's certificate")
+    s.add_argument("--tls-insecure", action="store_true", help="do NOT verify the receiver (warned)")
+    s.add_argument("--stats-json", metavar="FILE", help="write final counters as JSON at exit")
+    s.add_argument("--log-file", metavar="FILE")
+    s.add_argument("bpf", nargs="*", help="BPF filter expression")
+    s.set_defaults(func=cmd_sensor)

@@ -1,0 +1,388 @@
+"""YAML configuration → validated settings (PacketStreamer's keys accepted unchanged).
+
+Every key, its default and its upstream meaning is documented in docs/CONFIGURATION.md.
+Errors name the key path and the reason (``ConfigError: output.server.port: must be 1-65535``);
+unknown keys are errors too (upstream silently ignores them, e.g. ``tls.certFile``).
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from pktstream.exceptions import ConfigError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*$")
+
+
+def parse_size(value: Any, path: str) -> int:
+    """Bytes from an int or a string such as ``"5MB"``, ``"64MiB"``, ``"512k"``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{path}: expected a size, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{path}: must not be negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            mult = {"": 1, "k": 1, "m": 2, "g": 3, "t": 4}[m.group(2).lower()]
+            base = 1024 if m.group(3) else 1000
+            return int(float(m.group(1)) * base ** mult)
+    raise ConfigError(f"{path}: expected a size like 1048576 or '64MiB', got {value!r}")
+
+
+def parse_duration(value: Any, path: str) -> float:
+    """Seconds from a number or a Go-style duration string (``"1m"``, ``"500ms"``, ``"1h30m"``)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{path}: expected a duration, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ConfigError(f"{path}: must not be negative")
+        return float(value)
+    if isinstance(value, str):
+        parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)", value.strip())
+        if parts and "".join(a + b for a, b in parts) == value.strip():
+            unit = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+            return sum(float(a) * unit[b] for a, b in parts)
+    raise ConfigError(f"{path}: expected seconds or a duration like '1m', got {value!r}")
+
+
+class _Node:
+    """A mapping being validated: tracks which keys were read, to report unknown ones."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+        self.data, self.path, self.used = data, path, set()
+
+    def _p(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def child(self, key: str) -> "_Node":
+        self.used.add(key)
+        return _Node(self.data.get(key), self._p(key))
+
+    def has(self, key: str) -> bool:
+        return self.data.get(key) is not None
+
+    def get(self, key: str, kind: str, default: Any = None) -> Any:
+        self.used.add(key)
+        v = self.data.get(key)
+        p = self._p(key)
+        if v is None:
+            return default
+        if kind == "str":
+            if not isinstance(v, (str, int)) or isinstance(v, bool):
+                raise ConfigError(f"{p}: expected a string, got {v!r}")
+            return str(v)
+        if kind == "bool":
+            if not isinstance(v, bool):
+                raise ConfigError(f"{p}: expected true or false, got {v!r}")
+            return v
+        if kind == "int":
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ConfigError(f"{p}: expected an integer, got {v!r}")
+            return v
+        if kind == "float":
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"{p}: expected a non-negative number, got {v!r}")
+            return float(v)
+        if kind == "port":
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 65536:
+                raise ConfigError(f"{p}: must be a port number 1-65535, got {v!r}")
+            return v
+        if kind == "ports":
+            if not isinstance(v, list):
+                raise ConfigError(f"{p}: expected a list of ports, got {v!r}")
+            for i, x in enumerate(v):
+                if not isinstance(x, int) or isinstance(x, bool) or not 0 < x < 65536:
+                    raise ConfigError(f"{p}[{i}]: must be a port number 1-65535, got {x!r}")
+            return list(v)
+        if kind == "strlist":
+            if isinstance(v, str):
+                v = [v]
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise ConfigError(f"{p}: expected a list of strings, got {v!r}")
+            return list(v)
+        if kind == "size":
+            return parse_size(v, p)
+        if kind == "duration":
+            return parse_duration(v, p)
+        raise AssertionError(kind)
+
+    def finish(self, hints: dict[str, str] | None = None) -> None:
+        for key in self.data:
+            if key in self.used:
+                continue
+            hint = (hints or {}).get(key)
+            if hint is None:
+                close = difflib.get_close_matches(str(key), list(self.used), n=1)
+                hint = f"did you mean {close[0]!r}?" if close else "not a pktstream key"
+            raise ConfigError(f"{self._p(str(key))}: unknown key ({hint})")
+
+
+_TLS_HINTS = {"certFile": "the key is 'certfile' (lowercase, as PacketStreamer reads it)",
+              "keyFile": "the key is 'keyfile' (lowercase, as PacketStreamer reads it)",
+              "caFile": "the key is 'cafile'"}
+
+
+@dataclass
+class TLSSettings:
+    """``tls:`` — PacketStreamer's enable/certfile/keyfile plus verification settings."""
+    enable: bool = False
+    certfile: str | None = None
+    keyfile: str | None = None
+    cafile: str | None = None
+    client_certs: bool = False       # receiver: require client certificates (mTLS)
+    insecure: bool = False           # sensor: do not verify the receiver (must be spelled out)
+    server_name: str | None = None   # sensor: name to verify instead of the address
+
+
+@dataclass
+class AuthSettings:
+    """``auth:`` — shared key (PacketStreamer ``enable``/``key``) or per-sensor key file."""
+    enable: bool = False
+    key: str | None = None
+    keyfile: str | None = None       # receiver: YAML/lines "sensor-id: key"
+
+
+def _tls(node: _Node, role: str) -> TLSSettings:
+    t = TLSSettings(enable=node.get("enable", "bool", False), certfile=node.get("certfile", "str"),
+                    keyfile=node.get("keyfile", "str"), cafile=node.get("cafile", "str"),
+                    client_certs=node.get("clientCerts", "bool", False),
+                    insecure=node.get("insecure", "bool", False), server_name=node.get("serverName", "str"))
+    node.finish(_TLS_HINTS)
+    if t.enable and role == "receiver" and not (t.certfile and t.keyfile):
+        raise ConfigError(f"{node.path}: a receiver with TLS needs certfile and keyfile")
+    if t.enable and bool(t.certfile) != bool(t.keyfile):
+        raise ConfigError(f"{node.path}: certfile and keyfile go together")
+    return t
+
+
+def _auth(node: _Node) -> AuthSettings:
+    a = AuthSettings(enable=node.get("enable", "bool", False), key=node.get("key", "str"),
+                     keyfile=node.get("keyfile", "str"))
+    node.finish()
+    if a.enable and not (a.key or a.keyfile):
+        raise ConfigError(f"{node.path}: auth is enabled but neither key nor keyfile is set")
+    return a
+
+
+@dataclass
+class ReceiverSettings:
+    listen: str = "0.0.0.0:8081"
+    output_file: str | None = None
+    output_dir: str | None = None
+    stdout: bool = False
+    rotate_bytes: int | None = None
+    rotate_seconds: float | None = None
+    max_files: int | None = None
+    fsync: bool = False
+    state_dir: str | None = None
+    snaplen: int = 262144
+    max_connections: int = 256
+    handshake_timeout: float = 10.0
+    heartbeat: float = 5.0
+    max_block_bytes: int = 8 << 20
+    stats_interval: float = 60.0
+    metrics: str | None = None
+    log_file: str | None = None
+    tls: TLSSettings = field(default_factory=TLSSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+
+
+@dataclass
+class SensorSettings:
+    receiver: str | None = None
+    interfaces: list[str] = field(default_factory=list)
+    include_loopback: bool = False
+    bpf: str | None = None
+    pcap_mode: str = "all"
+    capture_ports: list[int] = field(default_factory=list)
+    capture_interfaces_ports: dict[str, list[int]] = field(default_factory=dict)
+    ignore_ports: list[int] = field(default_factory=list)
+    snaplen: int = 262144
+    promisc: bool = False
+    immediate: bool = False
+    buffer_bytes: int = 32 << 20
+    block_bytes: int = 1 << 20
+    max_wait: float = 0.2
+    compression_level: int = 1
+    window_bytes: int = 64 << 20
+    spool_dir: str | None = None
+    spool_bytes: int = 0
+    sensor_id: str | None = None
+    heartbeat: float = 5.0
+    stats_interval: float = 5.0
+    log_file: str | None = None
+    tls: TLSSettings = field(default_factory=TLSSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+
+
+def _common(root: _Node) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if root.has("inputPacketLen"):
+        v = root.get("inputPacketLen", "int")
+        if not 0 < v <= 262144:
+            raise ConfigError(f"inputPacketLen: must be 1-262144, got {v}")
+        out["snaplen"] = v
+    out["log_file"] = root.get("logFilename", "str")
+    out["tls"] = _tls(root.child("tls"), root.path)
+    out["auth"] = _auth(root.child("auth"))
+    return out
+
+
+def _plugins(node: _Node) -> None:
+    if node.data:
+        names = ", ".join(sorted(map(str, node.data)))
+        raise ConfigError(f"{node.path}: output plugins ({names}) are not supported by this pktstream build yet")
+    node.finish()
+
+
+def receiver_settings(data: Any) -> ReceiverSettings:
+    """Validate a receiver config mapping (PacketStreamer receiver YAML + pktstream keys)."""
+    root = _Node(data, "")
+    s = ReceiverSettings()
+    inp = root.child("input")
+    if inp.has("port") or inp.has("address"):
+        port = inp.get("port", "port")
+        if port is None:
+            raise ConfigError("input.port: required (the port to listen on)")
+        addr = inp.get("address", "str", "0.0.0.0") or "0.0.0.0"
+        s.listen = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+    inp.finish()
+    out = root.child("output")
+    f = out.child("file")
+    path = f.get("path", "str")
+    if path == "stdout":
+        s.stdout = True
+    else:
+        s.output_file = path
+    f.finish()
+    s.output_dir = out.get("directory", "str")
+    rot = out.child("rotate")
+    s.rotate_bytes = rot.get("bytes", "size")
+    s.rotate_seconds = rot.get("seconds", "duration")
+    s.max_files = rot.get("files", "int")
+    rot.finish()
+    s.fsync = out.get("fsync", "bool", False)
+    srv = out.child("server")
+    if srv.data:
+        raise ConfigError("output.server: a receiver cannot forward to another receiver "
+                          "(PacketStreamer writes unframed data there); use output.file")
+    srv.finish()
+    _plugins(out.child("plugins"))
+    out.finish()
+    if s.output_file and s.output_dir:
+        raise ConfigError("output: file.path and directory are exclusive")
+    s.state_dir = root.get("stateDir", "str")
+    if root.has("compressBlockSize"):
+        s.max_block_bytes = max(root.get("compressBlockSize", "int") * 1024, 1 << 16)
+    s.max_connections = root.get("maxConnections", "int", s.max_connections)
+    s.handshake_timeout = root.get("handshakeTimeout", "duration", s.handshake_timeout)
+    s.heartbeat = root.get("heartbeat", "duration", s.heartbeat)
+    s.stats_interval = root.get("statsInterval", "duration", s.stats_interval)
+    metrics = root.child("metrics")
+    s.metrics = metrics.get("listen", "str")
+    metrics.finish()
+    for k, v in _common(root).items():
+        setattr(s, k, v)
+    root.finish()
+    return s
+
+
+def sensor_settings(data: Any) -> SensorSettings:
+    """Validate a sensor config mapping (PacketStreamer sensor YAML + pktstream keys)."""
+    root = _Node(data, "")
+    s = SensorSettings()
+    out = root.child("output")
+    srv = out.child("server")
+    if srv.data:
+        port = srv.get("port", "port")
+        if port is None:
+            raise ConfigError("output.server.port: required")
+        addr = srv.get("address", "str")
+        if not addr:
+            raise ConfigError("output.server.address: required")
+        s.receiver = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+    srv.finish()
+    if out.child("file").data:
+        raise ConfigError("output.file: a sensor streams to a receiver; for a local file use "
+                          "`pktstream capture -w FILE` (PacketStreamer wrote an unreadable file here)")
+    _plugins(out.child("plugins"))
+    out.finish()
+    mode = root.get("pcapMode", "str", "all") or "all"
+    if mode.lower() not in ("all", "allow", "deny"):
+        raise ConfigError(f"pcapMode: must be all, allow or deny, got {mode!r}")
+    s.pcap_mode = mode.lower()
+    s.capture_ports = root.get("capturePorts", "ports", [])
+    cip = root.child("captureInterfacesPorts")
+    for name in list(cip.data):
+        s.capture_interfaces_ports[str(name)] = cip.get(name, "ports", [])
+    s.ignore_ports = root.get("ignorePorts", "ports", [])
+    if root.has("compressBlockSize"):
+        kib = root.get("compressBlockSize", "int")
+        if kib <= 0:
+            raise ConfigError(f"compressBlockSize: must be positive (KiB), got {kib}")
+        s.block_bytes = kib * 1024
+    if root.has("gatherMaxWaitSec"):
+        s.max_wait = root.get("gatherMaxWaitSec", "float")
+    s.interfaces = root.get("interfaces", "strlist", [])
+    s.include_loopback = root.get("includeLoopback", "bool", False)
+    s.bpf = root.get("bpf", "str")
+    s.promisc = root.get("promisc", "bool", False)
+    s.immediate = root.get("immediateMode", "bool", False)
+    s.buffer_bytes = root.get("bufferSize", "size", s.buffer_bytes)
+    if root.has("blockSize"):
+        s.block_bytes = root.get("blockSize", "size")
+    if root.has("maxWait"):
+        s.max_wait = root.get("maxWait", "duration")
+    lvl = root.get("compressionLevel", "int", s.compression_level)
+    if not -7 <= lvl <= 22:
+        raise ConfigError(f"compressionLevel: must be -7..22, got {lvl}")
+    s.compression_level = lvl
+    s.window_bytes = root.get("windowSize", "size", s.window_bytes)
+    spool = root.child("spool")
+    s.spool_dir = spool.get("dir", "str")
+    s.spool_bytes = spool.get("maxBytes", "size", 0)
+    spool.finish()
+    if s.spool_dir and not s.spool_bytes:
+        raise ConfigError("spool.maxBytes: required when spool.dir is set")
+    s.sensor_id = root.get("sensorId", "str")
+    s.heartbeat = root.get("heartbeat", "duration", s.heartbeat)
+    s.stats_interval = root.get("statsInterval", "duration", s.stats_interval)
+    for k, v in _common(root).items():
+        setattr(s, k, v)
+    root.finish()
+    if s.block_bytes < s.snaplen + 16:
+        s.block_bytes = s.snaplen + 16  # a block must hold one whole record (upstream panicked)
+    return s
+
+
+def load_yaml(path: str) -> Any:
+    import yaml
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+def read_key_file(path: str) -> dict[str, str]:
+    """``sensor-id: key`` per line (YAML mapping); removing a line revokes that sensor."""
+    data = load_yaml(path)
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, (str, int))
+                                             for k, v in data.items()):
+        raise ConfigError(f"auth.keyfile {path}: expected lines 'sensor-id: key'")
+    mode = os.stat(path).st_mode
+    if mode & 0o077:
+        import logging
+        logging.getLogger("pktstream").warning("auth.keyfile %s is readable by others (mode %o)", path, mode & 0o777)
+    return {k: str(v) for k, v in data.items()}
