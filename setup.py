@@ -57,7 +57,7 @@ extensions = [
               include_dirs=["pktstream", numpy.get_include(), *pcap["include_dirs"]],
               library_dirs=pcap["library_dirs"], libraries=pcap["libraries"],
               define_macros=macros, extra_compile_args=cflags)
-    for name in ("_capture", "_records")
+    for name in ("_capture", "_records", "_decode")
 ]
 
 setup(ext_modules=cythonize(

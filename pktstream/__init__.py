@@ -33,6 +33,13 @@ def read(source, *, bpf=None, batch_bytes: int | None = None, truncated: str = "
     return _read(source, bpf=bpf, batch_bytes=batch_bytes or DEFAULT_BATCH_BYTES, truncated=truncated)
 
 
+def decode(batches):
+    """Decode headers of a batch (or an iterable of batches) into numpy columns; see
+    :mod:`pktstream.decode` and docs/FILES.md."""
+    from pktstream.decode import decode as _decode
+    return _decode(batches)
+
+
 def open_offline(path, **kwargs) -> Capture:
     """Read a pcap file through libpcap (see :meth:`Capture.open_offline`)."""
     return Capture.open_offline(path, **kwargs)
@@ -40,7 +47,7 @@ def open_offline(path, **kwargs) -> Capture:
 
 __all__ = [
     "AuthenticationError", "BpfProgram", "Capture", "CaptureNotSupported", "CapturePermissionError",
-    "ClosedError", "ConfigError", "FileFormatError", "FilterError", "FrameError", "Interface",
+    "ClosedError", "ConfigError", "decode", "FileFormatError", "FilterError", "FrameError", "Interface",
     "InterfaceAddress", "InterfaceNotUp", "NoSuchDevice", "PacketBatch", "PcapError", "PcapWarning",
     "PktstreamError", "__version__", "count_records", "libpcap_version", "link_type_name",
     "list_interfaces", "open_offline", "read", "zstd_version",
