@@ -320,6 +320,22 @@ class CaptureWriter:
         self._closed = True
         self._complete()
 
+    def abort(self) -> None:
+        """Stop without completing the current file: its ``.part`` file is removed
+        (files already completed stay)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._cur is not None and self._is_path:
+            self._cur = None
+            self._zfile = None
+            self._raw.close()
+            self._raw = None
+            try:
+                os.unlink(self._cur_path + ".part")
+            except FileNotFoundError:
+                pass
+
     @property
     def closed(self) -> bool:
         return self._closed
