@@ -483,7 +483,7 @@ class Receiver:
         return sensor
 
     async def _session(self, sensor: _SensorState, reader, writer) -> None:
-        idle = 3 * self.heartbeat + 5
+        idle = 3 * self.heartbeat + 1  # the sensor sends a heartbeat every `heartbeat` s when idle
         c = sensor.counters
         while True:
             frame = await asyncio.wait_for(

@@ -625,9 +625,14 @@ class Sensor:
             raise AuthenticationError(f"receiver refused: {frame.json().get('reason')}")
         if frame.type != P.FrameType.WELCOME:
             raise FrameError(f"expected WELCOME, got {frame.type.name}")
-        last = frame.json().get("last_seq", 0)
+        welcome = frame.json()
+        last = welcome.get("last_seq", 0)
         if not isinstance(last, int) or last < 0:
             raise FrameError("bad last_seq in WELCOME")
+        hb = welcome.get("heartbeat")
+        # heartbeat at the faster of both sides' settings, so neither side's idle timeout fires
+        self._session_heartbeat = min(self.heartbeat, hb) if isinstance(hb, (int, float)) and hb > 0.05 \
+            else self.heartbeat
         return last
 
     async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, last_seq: int) -> None:
@@ -656,6 +661,7 @@ class Sensor:
                     closed.set_exception(exc)
 
         reader_task = asyncio.create_task(read_acks())
+        hb = self._session_heartbeat
         last_tx = last_stats = time.monotonic()
         bye_sent = False
         wake_task: asyncio.Future | None = None
@@ -682,10 +688,10 @@ class Sensor:
                 if now - last_stats >= self.stats_interval:
                     writer.write(P.encode_json(P.FrameType.STATS, self.stats()))
                     last_stats = last_tx = now
-                elif now - last_tx >= self.heartbeat:
+                elif now - last_tx >= hb:
                     writer.write(P.encode(P.FrameType.HEARTBEAT))
                     last_tx = now
-                if now - last_rx > 3 * self.heartbeat + 5:
+                if now - last_rx > 3 * hb + 1:
                     raise asyncio.TimeoutError(f"receiver silent for {now - last_rx:.0f} s")
                 if self._stop.is_set() and not bye_sent:
                     capturing = any(i.thread is not None and i.thread.is_alive() for i in self._ifaces.values())
@@ -694,7 +700,7 @@ class Sensor:
                         writer.write(P.encode_json(P.FrameType.BYE, {"reason": "sensor stopping"}))
                         await writer.drain()
                         bye_sent = True
-                await asyncio.wait([closed, wake_task], timeout=min(0.2, self.heartbeat),
+                await asyncio.wait([closed, wake_task], timeout=min(0.2, hb),
                                    return_when=asyncio.FIRST_COMPLETED)
         finally:
             reader_task.cancel()

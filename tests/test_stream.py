@@ -1,0 +1,388 @@
+"""End to end: real sensors and receivers (CLI processes), real traffic on veth pairs,
+tcpdump as the reference."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump
+from pktstream import traffic
+
+pytestmark = pytest.mark.live
+
+
+def receiver_cmd(port: int, *extra: str) -> list[str]:
+    return [*PKTSTREAM, "receiver", "--listen", f"127.0.0.1:{port}", "--stats-interval", "1", *extra]
+
+
+def sensor_cmd(port: int, iface: str, *extra: str) -> list[str]:
+    return [*PKTSTREAM, "sensor", "--receiver", f"127.0.0.1:{port}", "-i", iface, "--max-wait", "0.1", *extra]
+
+
+def outputs(directory: Path, pattern: str = "out*.pcap") -> list[Path]:
+    """Completed output files in creation order (out.pcap, out.1.pcap, out.2.pcap ...)."""
+    files = [p for p in directory.glob(pattern) if not p.name.endswith(".part")]
+
+    def order(p: Path) -> int:
+        parts = p.name.split(".")
+        return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else 0
+    return sorted(files, key=order)
+
+
+def received(directory: Path, pattern: str = "out*.pcap") -> list[tuple[int, int, bytes]]:
+    pkts = []
+    for f in outputs(directory, pattern):
+        pkts.extend(read_pcap_dpkt(f))
+    return pkts
+
+
+def assert_same_packets(got, ref, tol_ns=1_000_000):
+    assert len(got) == len(ref), f"received {len(got)} packets, reference has {len(ref)}"
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert a[2] == b[2], f"packet {i} differs"
+        assert a[1] == b[1], f"packet {i}: wire length {a[1]} != {b[1]}"
+        assert abs(a[0] - b[0]) <= tol_ns, f"packet {i}: timestamp {a[0]} vs {b[0]}"
+
+
+def test_stream_equals_tcpdump_reference(veth, procs, tmp_path, mixed_pcap):
+    port = free_port()
+    ref = tmp_path / "ref.pcap"
+    rx = procs(receiver_cmd(port, "-w", str(tmp_path / "out.pcap"), "--state-dir", str(tmp_path / "st"),
+                            "--stats-json", str(tmp_path / "rx.json")))
+    rx.wait_for("listening on")
+    td = start_tcpdump(procs, veth.outer, ref)
+    sx = procs(sensor_cmd(port, veth.outer, "--stats-json", str(tmp_path / "sx.json")))
+    sx.wait_for("connected to receiver")
+    veth.replay(mixed_pcap, pps=20000)
+    time.sleep(0.5)
+    assert sx.stop(signal.SIGTERM) == 0
+    td.stop()
+    assert "said goodbye" in rx.stderr
+    assert rx.stop(signal.SIGTERM) == 0
+    assert_same_packets(received(tmp_path), read_pcap_dpkt(ref))
+    sst = json.loads((tmp_path / "sx.json").read_text())
+    rst = json.loads((tmp_path / "rx.json").read_text())
+    s = rst["sensors"][sst["sensor_id"]]
+    assert s["packets"] == sst["packets"] == 2000 and s["kernel_dropped"] == 0
+    assert s["compression_ratio"] > 1 and sst["unacked_frames"] == 0
+    # tshark reads the receiver's file
+    n = subprocess.run(["tshark", "-r", str(tmp_path / "out.pcap"), "-T", "fields", "-e", "frame.number"],
+                       capture_output=True, text=True, check=True).stdout.split()
+    assert len(n) == 2000
+
+
+def test_receiver_sigkill_and_restart_loses_and_duplicates_nothing(veth, procs, tmp_path):
+    """Kill -9 the receiver mid-stream, restart it: the outputs together equal the reference."""
+    src = tmp_path / "t.pcap"
+    traffic.write_random_udp_pcap(str(src), 6000, size=600)
+    port = free_port()
+    ref = tmp_path / "ref.pcap"
+    rx_cmd = receiver_cmd(port, "-w", str(tmp_path / "out.pcap"), "--state-dir", str(tmp_path / "st"))
+    rx = procs(rx_cmd)
+    rx.wait_for("listening on")
+    td = start_tcpdump(procs, veth.outer, ref)
+    sx = procs(sensor_cmd(port, veth.outer, "-s", "1600", "--block-size", "64KiB", "--stats-json", str(tmp_path / "sx.json")))
+    sx.wait_for("connected to receiver")
+    import threading
+    replay = threading.Thread(target=veth.replay, args=(src,), kwargs={"pps": 2000})
+    replay.start()  # 3 s of traffic
+    time.sleep(1.0)
+    rx.p.kill()  # SIGKILL mid-stream
+    rx.p.wait()
+    time.sleep(0.7)
+    rx2 = procs(rx_cmd)
+    rx2.wait_for("listening on")
+    replay.join()
+    time.sleep(0.5)
+    assert sx.stop(signal.SIGTERM) == 0
+    td.stop()
+    assert rx2.stop(signal.SIGTERM) == 0
+    assert "recovery:" in rx2.stderr
+    files = outputs(tmp_path)
+    assert len(files) == 2, files
+    assert_same_packets(received(tmp_path), read_pcap_dpkt(ref))
+    st = json.loads((tmp_path / "sx.json").read_text())
+    assert st["window_dropped_packets"] == 0 and st["packets"] == 6000
+
+
+def test_receiver_down_spool_keeps_everything(veth, procs, tmp_path):
+    """The receiver is unreachable while traffic flows; a bounded spool holds it all."""
+    src = tmp_path / "t.pcap"
+    traffic.write_random_udp_pcap(str(src), 2000, size=1000)
+    port = free_port()
+    ref = tmp_path / "ref.pcap"
+    td = start_tcpdump(procs, veth.outer, ref)
+    sx = procs(sensor_cmd(port, veth.outer, "-s", "1600", "--block-size", "64KiB", "--window", "200KiB",
+                          "--spool-dir", str(tmp_path / "spool"), "--spool-size", "10MiB",
+                          "--stats-json", str(tmp_path / "sx.json")))
+    sx.wait_for("capturing on")
+    veth.replay(src, pps=10000)
+    time.sleep(0.5)
+    assert len(os.listdir(tmp_path / "spool")) > 0  # the window overflowed to disk
+    rx = procs(receiver_cmd(port, "-w", str(tmp_path / "out.pcap")))
+    rx.wait_for("listening on")
+    sx.wait_for("connected to receiver", timeout=40)
+    time.sleep(1.0)
+    assert sx.stop(signal.SIGTERM) == 0
+    td.stop()
+    rx.stop(signal.SIGTERM)
+    assert_same_packets(received(tmp_path), read_pcap_dpkt(ref))
+    st = json.loads((tmp_path / "sx.json").read_text())
+    assert st["spooled_batches"] > 0 and st["window_dropped_packets"] == 0
+    assert os.listdir(tmp_path / "spool") == []
+
+
+def test_beyond_the_bound_loss_is_counted_exactly(veth, procs, tmp_path):
+    """No spool, a small window, receiver down: what does not fit is dropped AND counted,
+    and what was kept arrives in order (the oldest blocks)."""
+    src = tmp_path / "t.pcap"
+    traffic.write_random_udp_pcap(str(src), 2000, size=1000)
+    port = free_port()
+    ref = tmp_path / "ref.pcap"
+    td = start_tcpdump(procs, veth.outer, ref)
+    sx = procs(sensor_cmd(port, veth.outer, "-s", "1600", "--block-size", "64KiB", "--window", "200KiB",
+                          "--stats-json", str(tmp_path / "sx.json")))
+    sx.wait_for("capturing on")
+    veth.replay(src, pps=10000)
+    time.sleep(0.5)
+    rx = procs(receiver_cmd(port, "-w", str(tmp_path / "out.pcap"), "--stats-json", str(tmp_path / "rx.json")))
+    rx.wait_for("listening on")
+    sx.wait_for("connected to receiver", timeout=40)
+    time.sleep(1.0)
+    assert sx.stop(signal.SIGTERM) == 0
+    td.stop()
+    rx.stop(signal.SIGTERM)
+    got, ref_pkts = received(tmp_path), read_pcap_dpkt(ref)
+    st = json.loads((tmp_path / "sx.json").read_text())
+    assert len(ref_pkts) == 2000 and st["packets"] == 2000
+    assert 0 < len(got) < 2000
+    assert st["window_dropped_packets"] == 2000 - len(got)
+    # what was kept is whole blocks, in order: the oldest ones, plus a later small block that
+    # still fitted; every received packet is a reference packet, none twice, order preserved
+    ref_index = {d: i for i, (_, _, d) in enumerate(ref_pkts)}
+    positions = [ref_index[d] for _, _, d in got]
+    assert positions == sorted(set(positions))
+    assert positions[:64] == list(range(64))
+    rst = json.loads((tmp_path / "rx.json").read_text())
+    assert rst["sensors"][st["sensor_id"]]["window_dropped_packets"] == st["window_dropped_packets"]
+
+
+def test_network_cut_and_restored(procs, tmp_path):
+    """Receiver in its own namespace behind a veth; the link goes down mid-stream (packets are
+    silently lost, no RST) and comes back: the sensor notices, reconnects, resends."""
+    from pktstream.netns import Veth
+    with Veth() as traffic_link, Veth() as rx_link:
+        src = tmp_path / "t.pcap"
+        traffic.write_random_udp_pcap(str(src), 3000, size=500)
+        port = 9000 + os.getpid() % 1000
+        rx = procs(rx_link.in_ns(*PKTSTREAM, "receiver", "--listen", f"{rx_link.inner_ip}:{port}",
+                                 "-w", str(tmp_path / "out.pcap")))
+        rx.wait_for("listening on")
+        ref = tmp_path / "ref.pcap"
+        td = start_tcpdump(procs, traffic_link.outer, ref)
+        sx = procs([*PKTSTREAM, "sensor", "--receiver", f"{rx_link.inner_ip}:{port}", "-i", traffic_link.outer,
+                    "--max-wait", "0.1", "-s", "1600", "--block-size", "64KiB", "--stats-json", str(tmp_path / "sx.json")])
+        sx.wait_for("connected to receiver")
+        import threading
+        replay = threading.Thread(target=traffic_link.replay, args=(src,), kwargs={"pps": 1000})
+        replay.start()
+        time.sleep(0.7)
+        subprocess.run(["ip", "link", "set", rx_link.outer, "down"], check=True)
+        time.sleep(2.0)
+        subprocess.run(["ip", "link", "set", rx_link.outer, "up"], check=True)
+        replay.join()
+        deadline = time.monotonic() + 40
+        while "retrying" not in sx.stderr and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "retrying" in sx.stderr or sx.stderr.count("connected to receiver") >= 1
+        time.sleep(1)
+        assert sx.stop(signal.SIGTERM, timeout=60) == 0
+        td.stop()
+        rx.stop(signal.SIGTERM)
+        assert_same_packets(received(tmp_path), read_pcap_dpkt(ref))
+
+
+def test_sensor_restart_continues_without_loss_or_duplicates(veth, procs, tmp_path, mixed_pcap):
+    port = free_port()
+    ref = tmp_path / "ref.pcap"
+    rx = procs(receiver_cmd(port, "-w", str(tmp_path / "out.pcap"), "--state-dir", str(tmp_path / "st"),
+                            "--stats-json", str(tmp_path / "rx.json")))
+    rx.wait_for("listening on")
+    td = start_tcpdump(procs, veth.outer, ref)
+    for _ in range(2):
+        sx = procs(sensor_cmd(port, veth.outer, "--sensor-id", "s1"))
+        sx.wait_for("connected to receiver")
+        veth.replay(mixed_pcap, pps=20000)
+        time.sleep(0.4)
+        assert sx.stop(signal.SIGTERM) == 0
+    td.stop()
+    rx.stop(signal.SIGTERM)
+    assert_same_packets(received(tmp_path), read_pcap_dpkt(ref))
+    rst = json.loads((tmp_path / "rx.json").read_text())
+    assert rst["sensors"]["s1"]["connections"] == 2 and rst["sensors"]["s1"]["duplicate_frames"] == 0
+
+
+def test_idle_session_stays_connected(veth):
+    from pktstream.receiver import Receiver
+    from pktstream.sensor import Sensor
+    from pktstream.sinks import CallbackSink
+    got = []
+    rx = Receiver(listen="127.0.0.1:0", outputs=[CallbackSink(lambda s, b: got.append(len(b)))],
+                  heartbeat=0.5).start()
+    sx = Sensor(receiver=f"127.0.0.1:{rx.address[1]}", interfaces=[veth.outer], heartbeat=0.5).start()
+    try:
+        deadline = time.monotonic() + 10
+        while not sx.stats()["connected"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(6)  # idle: more than twice the 2.5 s idle timeout
+        st = rx.stats()["sensors"][sx.sensor_id]
+        assert st["connected"] and st["connections"] == 1
+        assert sx.counters["connection_failures"] == 0
+    finally:
+        sx.stop()
+        sx.join(20)
+        rx.stop()
+        rx.join(20)
+
+
+def test_slow_output_memory_bounded_and_counted(veth, tmp_path):
+    """A slow gating output: the receiver's in-flight bytes stay under their bound, the sensor's
+    window stays bounded, and the sensor counts what it had to drop; a slow best-effort output
+    drops and counts while the file output gets everything the receiver accepted."""
+    from pktstream.receiver import Receiver
+    from pktstream.sensor import Sensor
+    from pktstream.sinks import CallbackSink, FileSink
+    src = tmp_path / "t.pcap"
+    traffic.write_random_udp_pcap(str(src), 3000, size=1000)
+    peak = {"inflight": 0}
+
+    def slow(source, batch):
+        time.sleep(0.2)
+
+    rx = Receiver(listen="127.0.0.1:0", outputs=[FileSink(str(tmp_path / "out.pcap"))],
+                  max_inflight_bytes=256 << 10, sink_queue=2)
+    rx.outputs.append(CallbackSink(slow, gate=False))
+    gate_slow = Receiver(listen="127.0.0.1:0", outputs=[CallbackSink(slow)], max_inflight_bytes=256 << 10).start()
+    rx.start()
+    s1 = Sensor(receiver=f"127.0.0.1:{gate_slow.address[1]}", interfaces=[veth.outer], block_bytes=65536, snaplen=1600,
+                max_wait=0.05, window_bytes=512 << 10, sensor_id="slow").start()
+    s2 = Sensor(receiver=f"127.0.0.1:{rx.address[1]}", interfaces=[veth.outer], block_bytes=65536, snaplen=1600,
+                max_wait=0.05, window_bytes=64 << 20, sensor_id="fast").start()
+    try:
+        time.sleep(1)
+        import threading
+        t = threading.Thread(target=veth.replay, args=(src,), kwargs={"pps": 5000})
+        t.start()
+        while t.is_alive():
+            peak["inflight"] = max(peak["inflight"], gate_slow.stats()["inflight_bytes"])
+            assert s1.stats()["unacked_bytes"] <= (512 << 10) + 70000
+            time.sleep(0.05)
+        time.sleep(1)
+    finally:
+        for s in (s1, s2):
+            s.stop()
+        s2.join(30)
+        rx.stop()
+        rx.join(30)
+        st_slow = s1.stats()
+        gate_slow.stop()
+        s1.join(5)
+        gate_slow.join(10)
+    assert 0 < peak["inflight"] <= (256 << 10) + 70000
+    assert st_slow["window_dropped_packets"] > 0
+    assert st_slow["packets"] == 3000
+    rst = rx.stats()
+    out = rst["outputs"]
+    cb = [v for k, v in out.items() if k == "callback"][0]
+    f = [v for k, v in out.items() if k.startswith("file:")][0]
+    assert f["packets"] == 3000 and cb.get("dropped_packets", 0) > 0
+    assert cb.get("packets", 0) + cb["dropped_packets"] == 3000
+    assert len(read_pcap_dpkt(tmp_path / "out.pcap")) == 3000
+
+
+PS_RECEIVER_YAML = """\
+input:
+  address: 127.0.0.1
+  port: {port}
+output:
+  file:
+    path: {path}
+tls:
+  enable: false
+  certfile: ""
+  keyfile: ""
+auth:
+  enable: false
+  key: ""
+"""
+
+PS_SENSOR_YAML = """\
+output:
+  server:
+    address: 127.0.0.1
+    port: {port}
+pcapMode: all
+compressBlockSize: 65
+inputPacketLen: 65535
+gatherMaxWaitSec: 1
+logFilename: {log}
+tls:
+  enable: false
+auth:
+  enable: false
+  key: ""
+"""
+
+
+def test_packetstreamer_yaml_configs_work(veth, procs, tmp_path, mixed_pcap):
+    port = free_port()
+    (tmp_path / "receiver.yaml").write_text(PS_RECEIVER_YAML.format(port=port, path=tmp_path / "out.pcap"))
+    (tmp_path / "sensor.yaml").write_text(PS_SENSOR_YAML.format(port=port, log=tmp_path / "sensor.log"))
+    ref = tmp_path / "ref.pcap"
+    rx = procs([*PKTSTREAM, "receiver", "--config", str(tmp_path / "receiver.yaml")])
+    rx.wait_for("listening on")
+    td = start_tcpdump(procs, veth.outer, ref)
+    sx = procs([*PKTSTREAM, "sensor", "--config", str(tmp_path / "sensor.yaml"), "-i", veth.outer])
+    sx.wait_for("connected to receiver")
+    veth.replay(mixed_pcap, pps=20000)
+    time.sleep(1.5)  # gatherMaxWaitSec: 1
+    sx.stop(signal.SIGTERM)
+    td.stop()
+    rx.stop(signal.SIGTERM)
+    assert_same_packets(received(tmp_path), read_pcap_dpkt(ref))
+    assert "connected to receiver" in (tmp_path / "sensor.log").read_text()  # logFilename honoured
+
+
+@pytest.mark.parametrize("yaml_text,message", [
+    ("input:\n  address: 0.0.0.0\n", "input.port: required"),
+    ("input:\n  port: 99999\n", "input.port: must be a port number"),
+    ("input:\n  port: 8081\ntls:\n  enable: true\n  certFile: a.pem\n", "tls.certFile: unknown key (the key is 'certfile'"),
+    ("input:\n  port: 8081\noutput:\n  fiel:\n    path: x\n", "output.fiel: unknown key (did you mean 'file'?)"),
+    ("input:\n  port: 8081\nauth:\n  enable: true\n", "auth: auth is enabled but neither key nor keyfile"),
+    ("- just\n- a list\n", "config: expected a mapping"),
+])
+def test_invalid_receiver_config_fails_with_key_path(tmp_path, yaml_text, message):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(yaml_text)
+    r = subprocess.run([*PKTSTREAM, "receiver", "--config", str(cfg), "-w", str(tmp_path / "o.pcap")],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("yaml_text,message", [
+    ("output:\n  server:\n    address: 127.0.0.1\npcapMode: all\n", "output.server.port: required"),
+    ("output:\n  server:\n    address: 127.0.0.1\n    port: 1\npcapMode: Everything\n", "pcapMode: must be all, allow or deny"),
+    ("output:\n  server:\n    address: 127.0.0.1\n    port: 1\ncapturePorts: [80, 'x']\n", "capturePorts[1]: must be a port"),
+    ("output:\n  server:\n    address: 127.0.0.1\n    port: 1\nspool:\n  dir: /tmp/x\n", "spool.maxBytes: required"),
+])
+def test_invalid_sensor_config_fails_with_key_path(tmp_path, yaml_text, message):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(yaml_text)
+    r = subprocess.run([*PKTSTREAM, "sensor", "--config", str(cfg)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
