@@ -46,7 +46,7 @@ def build_receiver(args: argparse.Namespace):
     if args.output_dir:
         s.output_dir, s.output_file = args.output_dir, None
     for attr in ("state_dir", "rotate_bytes", "rotate_seconds", "max_files", "metrics", "stats_interval",
-                 "max_connections", "log_file"):
+                 "max_connections", "log_file", "heartbeat"):
         v = getattr(args, attr)
         if v is not None:
             setattr(s, attr, v)
@@ -99,7 +99,7 @@ def build_sensor(args: argparse.Namespace):
     if args.bpf:
         s.bpf = " ".join(args.bpf)
     for attr in ("pcap_mode", "snaplen", "buffer_bytes", "block_bytes", "max_wait", "compression_level",
-                 "window_bytes", "spool_dir", "spool_bytes", "sensor_id", "log_file"):
+                 "window_bytes", "spool_dir", "spool_bytes", "sensor_id", "log_file", "heartbeat"):
         v = getattr(args, attr)
         if v is not None:
             setattr(s, attr, v)
@@ -185,6 +185,7 @@ def register(sub) -> None:
     r.add_argument("--stats-interval", type=float, metavar="SEC", help="log counters every SEC (default 60)")
     r.add_argument("--stats-json", metavar="FILE", help="write final counters as JSON at exit")
     r.add_argument("--max-connections", type=int)
+    r.add_argument("--heartbeat", type=float, metavar="SEC", help="heartbeat interval (default 5); idle timeout is 3x+1")
     r.add_argument("--auth-key-file", metavar="FILE", help="shared key (read from FILE, not the command line)")
     r.add_argument("--auth-keys", metavar="FILE", help="per-sensor keys: YAML 'sensor-id: key' lines")
     r.add_argument("--tls-cert", metavar="PEM")
@@ -220,6 +221,8 @@ def register(sub) -> None:
     s.add_argument("--tls-key", metavar="PEM")
     s.add_argument("--tls-server-name", metavar="NAME", help="name to verify in the receiver's certificate")
     s.add_argument("--tls-insecure", action="store_true", help="do NOT verify the receiver (warned)")
+    s.add_argument("--heartbeat", type=float, metavar="SEC", help="heartbeat interval (default 5); a receiver "
+                   "silent for 3x+1 s is considered gone")
     s.add_argument("--stats-json", metavar="FILE", help="write final counters as JSON at exit")
     s.add_argument("--log-file", metavar="FILE")
     s.add_argument("bpf", nargs="*", help="BPF filter expression")

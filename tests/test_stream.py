@@ -182,25 +182,26 @@ def test_network_cut_and_restored(procs, tmp_path):
         traffic.write_random_udp_pcap(str(src), 3000, size=500)
         port = 9000 + os.getpid() % 1000
         rx = procs(rx_link.in_ns(*PKTSTREAM, "receiver", "--listen", f"{rx_link.inner_ip}:{port}",
-                                 "-w", str(tmp_path / "out.pcap")))
+                                 "-w", str(tmp_path / "out.pcap"), "--heartbeat", "0.5"))
         rx.wait_for("listening on")
         ref = tmp_path / "ref.pcap"
         td = start_tcpdump(procs, traffic_link.outer, ref)
         sx = procs([*PKTSTREAM, "sensor", "--receiver", f"{rx_link.inner_ip}:{port}", "-i", traffic_link.outer,
-                    "--max-wait", "0.1", "-s", "1600", "--block-size", "64KiB", "--stats-json", str(tmp_path / "sx.json")])
+                    "--max-wait", "0.1", "-s", "1600", "--block-size", "64KiB", "--heartbeat", "0.5",
+                    "--stats-json", str(tmp_path / "sx.json")])
         sx.wait_for("connected to receiver")
         import threading
         replay = threading.Thread(target=traffic_link.replay, args=(src,), kwargs={"pps": 1000})
         replay.start()
         time.sleep(0.7)
         subprocess.run(["ip", "link", "set", rx_link.outer, "down"], check=True)
-        time.sleep(2.0)
+        time.sleep(4.0)  # longer than the 2.5 s idle timeout: both sides give the session up
         subprocess.run(["ip", "link", "set", rx_link.outer, "up"], check=True)
         replay.join()
         deadline = time.monotonic() + 40
-        while "retrying" not in sx.stderr and time.monotonic() < deadline:
+        while sx.stderr.count("connected to receiver") < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert "retrying" in sx.stderr or sx.stderr.count("connected to receiver") >= 1
+        assert "retrying" in sx.stderr and sx.stderr.count("connected to receiver") >= 2, sx.stderr
         time.sleep(1)
         assert sx.stop(signal.SIGTERM, timeout=60) == 0
         td.stop()
