@@ -35,8 +35,8 @@ def read(source, *, bpf=None, batch_bytes: int | None = None, truncated: str = "
 
 def decode(batches):
     """Decode headers of a batch (or an iterable of batches) into numpy columns; see
-    :mod:`pktstream.decode` and docs/FILES.md."""
-    from pktstream.decode import decode as _decode
+    :mod:`pktstream.headers` and docs/FILES.md."""
+    from pktstream.headers import decode as _decode
     return _decode(batches)
 
 

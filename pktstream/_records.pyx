@@ -141,12 +141,12 @@ def pcapng_walk(const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t end, 
             if end - pos < 12:
                 break
             btype = ps_get32(s + pos, swap)
+            if btype != 6 and btype != 3 and btype != 2:
+                status = WALK_BLOCK  # Python reads SHB/IDB/... (an SHB may change byte order)
+                break
             blen = ps_get32(s + pos + 4, swap)
             if blen < 12 or blen % 4 or blen > max_block:
                 status = WALK_BAD_LENGTH
-                break
-            if btype != 6 and btype != 3 and btype != 2:
-                status = WALK_BLOCK
                 break
             if <Py_ssize_t> blen > end - pos:
                 break

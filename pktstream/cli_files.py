@@ -151,7 +151,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # -- read --------------------------------------------------------------------------------------
 def _lines(batch: PacketBatch) -> list[str]:
-    from pktstream.decode import decode
+    from pktstream.headers import decode
     d = decode(batch)
     src, dst = d.addresses("src"), d.addresses("dst")
     out = []

@@ -1,0 +1,382 @@
+"""Capture-file readers and writers against tcpdump, tshark, editcap, mergecap, capinfos."""
+from __future__ import annotations
+
+import io
+import struct
+import subprocess
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import pktstream
+from _captures import real_captures, tshark_frames, tshark_rows
+from conftest import read_pcap_dpkt
+from pktstream import FileFormatError, PacketBatch
+from pktstream.formats import (
+    CaptureWriter, TruncatedFileWarning, open_reader, open_writer,
+)
+
+pytestmark = pytest.mark.live
+
+
+@pytest.fixture(scope="module")
+def caps(tmp_path_factory, mixed_pcap):
+    return real_captures(tmp_path_factory.mktemp("caps"), mixed_pcap)
+
+
+def ours(path, **kw) -> list[tuple[int, int, int, str, int]]:
+    """(ts_ns, wirelen, caplen, interface, link_type) per packet, in the order read."""
+    out = []
+    for b in pktstream.read(path, **kw):
+        for ts, w, c in zip(b.ts_ns.tolist(), b.wirelen.tolist(), b.caplen.tolist()):
+            out.append((ts, w, c, b.interface, b.link_type))
+    return out
+
+
+def packet_bytes(path, **kw) -> list[bytes]:
+    return [bytes(p) for b in pktstream.read(path, **kw) for p in b]
+
+
+def assert_like_tshark(path, tshark_path=None, per_interface=True):
+    mine = ours(path)
+    ref = tshark_frames(tshark_path or path)
+    assert len(mine) == len(ref) > 0
+    # multi-interface files come out one interface per batch: compare as sorted multisets,
+    # and the order within each interface exactly
+    assert sorted((t, w, c) for t, w, c, *_ in mine) == sorted((t, w, c) for t, w, c, _ in ref)
+    by_if_ref: dict[int, list] = {}
+    for t, w, c, i in ref:
+        by_if_ref.setdefault(i, []).append((t, w, c))
+    by_if_mine: dict[str, list] = {}
+    for t, w, c, name, _ in mine:
+        by_if_mine.setdefault(name, []).append((t, w, c))
+    if per_interface:
+        assert sorted(map(tuple, by_if_mine.values())) == sorted(map(tuple, by_if_ref.values()))
+    assert sum(c for *_, c, _i in ref) == sum(c for _, _, c, *_ in mine)
+    return mine
+
+
+@pytest.mark.parametrize("name", ["ns", "us", "tshark", "sll2", "sll", "pcapng_ns", "multi", "multi_zst",
+                                  "frames2_zst", "gz", "commented", "sections", "be_us", "be_ng"])
+def test_read_matches_tshark(caps, name):
+    # tshark numbers interfaces per section, so in a two-section file ids repeat
+    mine = assert_like_tshark(caps[name], per_interface=name != "sections")
+    if name not in ("multi", "multi_zst", "sections", "sll", "sll2"):  # captured on "any": a few may be late
+        assert len(mine) == 2000
+
+
+def test_packet_bytes_and_ns_timestamps_equal_tcpdump_file(caps):
+    ref = read_pcap_dpkt(caps["ns"])  # independent struct parser
+    for name in ("ns", "pcapng_ns", "frames2_zst", "be_us", "be_ng", "us", "gz"):
+        got = [(t, w, bytes(p)) for b in pktstream.read(caps[name])
+               for t, w, p in zip(b.ts_ns.tolist(), b.wirelen.tolist(), b)]
+        assert [g[2] for g in got] == [r[2] for r in ref], name
+        if name in ("ns", "pcapng_ns", "frames2_zst"):
+            assert [g[0] for g in got] == [r[0] for r in ref], name
+        else:  # µs files: same instants truncated to µs
+            us = read_pcap_dpkt(caps["us"]) if name in ("us", "gz") else ref
+            assert [g[0] for g in got] == [r[0] // 1000 * 1000 for r in us], name
+
+
+def test_multi_interface_metadata(caps):
+    with open_reader(caps["multi"]) as r:
+        batches = list(r)
+        assert r.format == "pcapng"
+        assert [i.link_type for i in r.interfaces] == [1, 276]
+        assert all(i.tsresol in (6, 9) for i in r.interfaces)
+        assert r.interfaces[0].name.startswith("pf")  # dumpcap's if_name: the veth name
+    assert {(b.interface, b.link_type) for b in batches} == {(r.interfaces[0].name, 1), (r.interfaces[1].name, 276)}
+    assert all(len({b.link_type}) == 1 for b in batches)
+    with open_reader(caps["sections"]) as r:
+        list(r)
+        assert len(r.sections) == 2 and len(r.interfaces) == 2
+        assert [i.section for i in r.interfaces] == [0, 1]
+        assert r.link_types == [1, 113]
+
+
+def test_mmap_zero_copy_and_batching(caps):
+    with open_reader(caps["ns"], batch_bytes=64 * 1024) as r:
+        batches = list(r)
+        assert r._mm is not None  # LE ns file: memory-mapped, batches are views of it
+    assert len(batches) > 5 and sum(map(len, batches)) == 2000
+    assert all(b.nbytes <= 64 * 1024 for b in batches)
+    mv = memoryview(batches[0])
+    assert mv.readonly
+
+
+def test_packet_comments_read_and_kept_by_convert(caps, tmp_path):
+    with open_reader(caps["commented"], comments=True) as r:
+        found = {}
+        seen = 0
+        for b in r:
+            for k, text in r.comments.items():
+                found[seen + k] = text
+            seen += len(b)
+    assert found == {2: "hello from editcap", 9: "second comment"}
+    out = tmp_path / "c.pcapng"
+    import pktstream.cli
+    assert pktstream.cli.main(["convert", str(caps["commented"]), str(out)]) == 0
+    rows = tshark_rows(out, "frame.number", "frame.comment")
+    assert {int(n): c for n, c in rows if c} == {3: "hello from editcap", 10: "second comment"}
+
+
+def test_bpf_on_read_matches_tshark(caps):
+    got = ours(caps["ns"], bpf="tcp port 80 or icmp6")
+    ref = tshark_frames(caps["ns"])
+    sel = tshark_rows(caps["ns"], "frame.number", extra=("-Y", "tcp.port == 80 || icmpv6"))
+    want = [ref[int(r[0]) - 1][:3] for r in sel]
+    assert [g[:3] for g in got] == want and len(want) > 100
+
+
+# -- writers -----------------------------------------------------------------------------------
+
+def _tshark_full(path) -> list[list[str]]:
+    return tshark_rows(path, "frame.time_epoch", "frame.len", "frame.cap_len", "frame.protocols",
+                       "eth.src", "ip.src", "ipv6.dst", "tcp.seq_raw", "udp.dstport", "vlan.id")
+
+
+@pytest.mark.parametrize("fmt", ["pcap", "pcapng", "pcap.zst", "pcapng.zst"])
+def test_written_files_read_identically_by_tshark(caps, tmp_path, fmt):
+    src = caps["tshark"]
+    out = tmp_path / f"out.{fmt}"
+    with open_writer(out, hostname="sensor-7") as w:
+        for b in pktstream.read(src, batch_bytes=32 * 1024):
+            w.write(b)
+    assert w.paths == [str(out)] and not Path(str(out) + ".part").exists()
+    assert _tshark_full(out) == _tshark_full(src)
+    info = subprocess.run(["capinfos", "-c", "-M", str(out)], capture_output=True, text=True, check=True).stdout
+    assert "Number of packets:   2000" in info
+    if fmt == "pcap":
+        n = subprocess.run(["tcpdump", "-nr", str(out)], capture_output=True, text=True, check=True)
+        assert len(n.stdout.splitlines()) == 2000
+    if fmt.startswith("pcapng"):
+        meta = subprocess.run(["capinfos", str(out)], capture_output=True, text=True, check=True).stdout
+        assert "host sensor-7" in meta and "pktstream" in meta
+        rows = tshark_rows(out, "frame.interface_name", "frame.interface_description")
+        assert {tuple(r) for r in rows} == {(w_name := rows[0][0], f"sensor-7:{w_name}")}
+    if fmt.endswith(".zst"):
+        raw = out.read_bytes()
+        assert raw.count(b"\x28\xb5\x2f\xfd") >= 1
+        import zstandard
+        frames = 0
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw), read_across_frames=False)
+        reader.read()
+        frames += 1
+        assert reader.tell() > 0 and frames == 1
+        assert zstandard.frame_header_size(raw) > 0
+
+
+def test_pcap_roundtrip_tcpdump_bytes_identical(caps, tmp_path):
+    """tcpdump's ns pcap → pktstream (ns) is byte-identical after the 24-byte header; µs too."""
+    out = tmp_path / "rt.pcap"
+    with open_writer(out) as w:
+        for b in pktstream.read(caps["ns"]):
+            w.write(b)
+    assert out.read_bytes()[24:] == caps["ns"].read_bytes()[24:]
+    out_us = tmp_path / "rt-us.pcap"
+    with open_writer(out_us, nanosecond=False) as w:
+        for b in pktstream.read(caps["us"]):
+            w.write(b)
+    assert out_us.read_bytes()[24:] == caps["us"].read_bytes()[24:]
+    assert out_us.read_bytes()[:4] == caps["us"].read_bytes()[:4]
+
+
+def test_pcapng_multi_link_types_roundtrip(caps, tmp_path):
+    out = tmp_path / "multi.pcapng"
+    with open_writer(out) as w:
+        for b in pktstream.read(caps["multi"]):
+            w.write(b)
+    a = sorted(tuple(r) for r in tshark_rows(out, "frame.time_epoch", "frame.len", "frame.protocols"))
+    b = sorted(tuple(r) for r in tshark_rows(caps["multi"], "frame.time_epoch", "frame.len", "frame.protocols"))
+    assert a == b and len(a) == len(tshark_rows(caps["multi"], "frame.number")) > 2000
+    names = {r[0] for r in tshark_rows(out, "frame.interface_name")}
+    with open_reader(caps["multi"]) as r:
+        list(r)
+        assert names == {i.name for i in r.interfaces} and len(names) == 2
+    with pytest.raises(ValueError, match="pcapng"):
+        with open_writer(tmp_path / "mixed.pcap") as w:
+            for b in pktstream.read(caps["multi"]):
+                w.write(b)
+
+
+def test_write_to_pipe_pcap_and_pcapng(caps):
+    for fmt in ("pcap", "pcapng"):
+        p = subprocess.Popen(["tshark", "-r", "-", "-T", "fields", "-e", "frame.time_epoch"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        with open_writer(p.stdin, format=fmt) as w:
+            for b in pktstream.read(caps["ns"]):
+                w.write(b)
+        p.stdin.close()
+        out = p.stdout.read().decode().split()
+        p.stdout.close()
+        assert p.wait() == 0
+        assert out == [r[0] for r in tshark_rows(caps["ns"], "frame.time_epoch")], fmt
+
+
+def _batches_of(path, size):
+    return list(pktstream.read(path, batch_bytes=size))
+
+
+def test_rotation_by_size_splits_exactly(caps, tmp_path):
+    limit = 100_000
+    with open_writer(tmp_path / "rot.pcap", rotate_bytes=limit) as w:
+        for b in _batches_of(caps["ns"], 256 * 1024):
+            w.write(b)
+    assert len(w.paths) >= 5
+    assert all(Path(p).stat().st_size <= limit for p in w.paths)
+    assert all(Path(p).stat().st_size > limit - 1600 for p in w.paths[:-1])  # full files
+    assert [Path(p).name for p in w.paths][:2] == ["rot.000000.pcap", "rot.000001.pcap"]
+    joined = [x for p in w.paths for x in read_pcap_dpkt(p)]
+    assert joined == read_pcap_dpkt(caps["ns"])
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_rotation_max_files_keeps_newest(caps, tmp_path):
+    done = []
+    with open_writer(tmp_path / "ring.pcapng", rotate_bytes=60_000, max_files=3, on_complete=done.append) as w:
+        for b in _batches_of(caps["ns"], 64 * 1024):
+            w.write(b)
+    assert len(w.paths) == 3 and len(w.removed) == len(done) - 3 > 0
+    assert sorted(str(p) for p in tmp_path.glob("ring.*.pcapng")) == sorted(w.paths)
+    last = [x for p in w.paths for x in ours(p)]
+    allp = ours(caps["ns"])
+    assert [x[:3] for x in last] == [x[:3] for x in allp[-len(last):]]
+
+
+def test_rotation_by_time_with_strftime_names(caps, tmp_path):
+    now = [1_700_000_000.0]
+    w = CaptureWriter(str(tmp_path / "t-%Y%m%d-%H%M%S.pcap.zst"), rotate_seconds=10, clock=lambda: now[0])
+    batches = _batches_of(caps["ns"], 64 * 1024)
+    for b in batches:
+        w.write(b)
+        now[0] += 4
+    w.flush()
+    w.close()
+    assert len(w.paths) == (len(batches) + 2) // 3
+    assert len(set(w.paths)) == len(w.paths)
+    total = sum(len(b) for p in w.paths for b in pktstream.read(p))
+    assert total == 2000
+    for p in w.paths:
+        assert subprocess.run(["capinfos", "-c", p], capture_output=True).returncode == 0
+
+
+def test_growing_zst_file_readable_while_written(caps, tmp_path):
+    w = open_writer(tmp_path / "grow.pcapng.zst")
+    batches = _batches_of(caps["ns"], 64 * 1024)
+    for b in batches[:3]:
+        w.write(b)
+    part = Path(w.current_path + ".part")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = sum(len(b) for b in pktstream.read(part, truncated="ignore"))
+    assert got == sum(len(b) for b in batches[:3])
+    w.abort()
+    assert not part.exists() and not (tmp_path / "grow.pcapng.zst").exists()
+
+
+def test_empty_writer_gives_valid_files(tmp_path):
+    for fmt in ("pcap", "pcapng", "pcap.zst", "pcapng.zst"):
+        p = tmp_path / f"e.{fmt}"
+        open_writer(p).close()
+        r = subprocess.run(["capinfos", "-c", str(p)], capture_output=True, text=True)
+        assert r.returncode == 0 and "Number of packets:   0" in r.stdout, (fmt, r.stderr)
+        assert list(pktstream.read(p)) == []
+
+
+def test_fsync_and_mode(caps, tmp_path):
+    p = tmp_path / "f.pcap"
+    with open_writer(p, fsync=True, mode=0o600) as w:
+        w.write(next(iter(pktstream.read(caps["ns"]))))
+    assert p.stat().st_mode & 0o777 == 0o600
+
+
+# -- malformed input ---------------------------------------------------------------------------
+
+def test_truncated_pcap_warns_with_offset_and_delivers_good_packets(caps, tmp_path):
+    data = caps["ns"].read_bytes()
+    ref = read_pcap_dpkt(caps["ns"])
+    cut = 24 + sum(16 + len(r[2]) for r in ref[:100]) + 20
+    p = tmp_path / "cut.pcap"
+    p.write_bytes(data[:cut])
+    with pytest.warns(TruncatedFileWarning, match=f"at byte {cut - 20}") as rec:
+        got = packet_bytes(p)
+    assert rec[0].message.offset == cut - 20
+    assert got == [r[2] for r in ref[:100]]
+    with pytest.raises(FileFormatError, match=f"byte {cut - 20}"):
+        list(pktstream.read(p, truncated="error"))
+    got = []
+    with pytest.raises(FileFormatError):
+        for b in pktstream.read(p, truncated="error"):
+            got.append(len(b))
+    assert sum(got) == 100
+    # the same through zstd and pcapng
+    ng = tmp_path / "cut.pcapng"
+    raw = caps["pcapng_ns"].read_bytes()
+    ng.write_bytes(raw[:len(raw) - 37])
+    with pytest.warns(TruncatedFileWarning, match="truncated pcapng block"):
+        assert sum(len(b) for b in pktstream.read(ng)) == 1999
+
+
+def test_hostile_lengths_are_rejected_before_allocation(caps, tmp_path):
+    data = bytearray(caps["ns"].read_bytes())
+    struct.pack_into("<I", data, 24 + 8, 0xFFFFFFF0)  # first record's caplen
+    p = tmp_path / "hostile.pcap"
+    p.write_bytes(data)
+    with pytest.raises(FileFormatError, match="packet length 4294967280 larger than .* at byte 24"):
+        list(pktstream.read(p))
+    ng = bytearray(caps["pcapng_ns"].read_bytes())
+    # first block after SHB is the IDB: give it an absurd length
+    shb_len = struct.unpack_from("<I", ng, 4)[0]
+    struct.pack_into("<I", ng, shb_len + 4, 0x7FFFFFF0)
+    p2 = tmp_path / "hostile.pcapng"
+    p2.write_bytes(ng)
+    with pytest.raises(FileFormatError, match=f"block length.* at byte {shb_len}"):
+        list(pktstream.read(p2))
+    p3 = tmp_path / "notcap.pcap"
+    p3.write_bytes(b"GET / HTTP/1.1\r\n\r\n")
+    with pytest.raises(FileFormatError, match="not a pcap or pcapng file"):
+        list(pktstream.read(p3))
+    with pytest.raises(FileFormatError, match="only 0 bytes"):
+        list(pktstream.read(io.BytesIO(b"")))
+
+
+_SMALL: dict[str, bytes] = {}
+
+
+def _small_files(caps) -> dict[str, bytes]:
+    if not _SMALL:
+        ref = read_pcap_dpkt(caps["ns"])[:12]
+        body = b"".join(struct.pack("<IIII", t // 10**9, t % 10**9, len(d), w) + d for t, w, d in ref)
+        _SMALL["pcap"] = struct.pack("<IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 65535, 1) + body
+        buf = io.BytesIO()
+        with open_writer(buf, format="pcapng") as w:
+            w.write(PacketBatch.from_records(body, link_type=1), {1: "c"})
+        _SMALL["pcapng"] = buf.getvalue()
+    return _SMALL
+
+
+@pytest.mark.parametrize("kind", ["pcap", "pcapng"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mutated_files_never_crash(caps, kind, data):
+    raw = bytearray(_small_files(caps)[kind])
+    for _ in range(data.draw(st.integers(1, 6))):
+        pos = data.draw(st.integers(0, len(raw) - 1))
+        raw[pos] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(raw)))
+    sample = bytes(raw[:cut])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            for b in pktstream.read(io.BytesIO(sample), batch_bytes=4096):
+                assert b.nbytes <= len(sample) * 2
+                b.ts_ns, b.caplen  # noqa: B018 - index arrays must be computable
+                pktstream.decode(b)
+            with open_reader(io.BytesIO(sample), comments=True) as r:
+                for b in r:
+                    pass
+        except FileFormatError as exc:
+            assert exc.offset is not None and 0 <= exc.offset <= len(sample)
