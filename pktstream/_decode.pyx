@@ -98,21 +98,6 @@ def decode_columns(const unsigned char[::1] buf, const int64_t[::1] offsets,
                     continue
                 et = ps_get_be16(p + 12)
                 pos = 14
-                tags = 0
-                while et == 0x8100 or et == 0x88A8 or et == 0x9100:
-                    if L < pos + 4:
-                        ok = False
-                        break
-                    if tags == 0:
-                        vlan[i] = ps_get_be16(p + pos) & 0xFFF
-                    elif tags == 1:
-                        vlan2[i] = ps_get_be16(p + pos) & 0xFFF
-                    tags += 1
-                    et = ps_get_be16(p + pos + 2)
-                    pos += 4
-                if not ok:
-                    trunc[i] = 1
-                    continue
             elif link_type == 113:
                 if L < 16:
                     trunc[i] = 1
@@ -142,6 +127,22 @@ def decode_columns(const unsigned char[::1] buf, const int64_t[::1] offsets,
                 pos = 4
                 et = 0x0800 if af == 2 else 0x86DD if (af == 10 or af == 24 or af == 28 or af == 30) else 0
             else:
+                continue
+            # ---- 802.1Q / 802.1ad tags (Ethernet, and cooked captures of tagged frames)
+            tags = 0
+            while et == 0x8100 or et == 0x88A8 or et == 0x9100:
+                if L < pos + 4:
+                    ok = False
+                    break
+                if tags == 0:
+                    vlan[i] = ps_get_be16(p + pos) & 0xFFF
+                elif tags == 1:
+                    vlan2[i] = ps_get_be16(p + pos) & 0xFFF
+                tags += 1
+                et = ps_get_be16(p + pos + 2)
+                pos += 4
+            if not ok:
+                trunc[i] = 1
                 continue
             etype[i] = <uint16_t> et
             # ---- network layer
