@@ -1,0 +1,95 @@
+"""``pktstream info|read|convert|merge`` against capinfos, tcpdump, tshark and mergecap."""
+from __future__ import annotations
+
+import json
+import subprocess
+from decimal import Decimal
+
+import pytest
+
+from _captures import real_captures, tshark_rows
+from conftest import PKTSTREAM
+
+pytestmark = pytest.mark.live
+
+
+@pytest.fixture(scope="module")
+def caps(tmp_path_factory, mixed_pcap):
+    return real_captures(tmp_path_factory.mktemp("caps"), mixed_pcap)
+
+
+def run(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*PKTSTREAM, *map(str, args)], capture_output=True, text=True, **kw)
+
+
+def _capinfos(path) -> dict[str, str]:
+    out = subprocess.run(["capinfos", "-T", "-m", "-r", "-c", "-d", "-S", "-a", "-e", str(path)],
+                         capture_output=True, text=True, check=True).stdout.strip().split(",")
+    return dict(zip(("file", "packets", "bytes", "first", "last"), out))
+
+
+@pytest.mark.parametrize("name", ["ns", "multi_zst", "gz"])
+def test_info_json_matches_capinfos(caps, name):
+    r = run("info", "--json", caps[name])
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""  # no progress bar when stderr is not a terminal
+    info = json.loads(r.stdout)
+    ref = _capinfos(caps[name])
+    assert info["packets"] == int(ref["packets"]) and info["bytes"] == int(ref["bytes"])
+    assert info["first_ts_ns"] == int(Decimal(ref["first"]) * 10**9)
+    assert info["last_ts_ns"] == int(Decimal(ref["last"]) * 10**9)
+    assert info["format"] == ("pcap" if name != "multi_zst" else "pcapng")
+    assert {lt["dlt"] for lt in info["link_types"]} == ({1, 276} if name == "multi_zst" else {1})
+    text = run("info", caps[name]).stdout
+    assert f"Number of packets:   {ref['packets']}" in text
+
+
+def test_read_lines_like_tcpdump(caps):
+    for bpf in ([], ["tcp", "port", "80"], ["ip6"]):
+        mine = run("read", caps["ns"], *bpf).stdout.splitlines()
+        ref = subprocess.run(["tcpdump", "-nr", str(caps["ns"]), *bpf], capture_output=True, text=True,
+                             check=True).stdout.splitlines()
+        assert len(mine) == len(ref) > 0
+        for a, b in zip(mine, ref):  # same time (to the µs tcpdump shows) and same addresses
+            assert a.split()[0][:15] == b.split()[0][:15]
+            if " IP " in b and " > " in b:
+                assert a.split(" > ")[0].split()[-1] == b.split(" > ")[0].split()[-1]
+    first = run("read", caps["ns"], "-c", "5", "udp").stdout.splitlines()
+    assert len(first) == 5 and all("UDP" in line for line in first)
+
+
+def test_convert_with_filter_and_to_stdout(caps, tmp_path):
+    out = tmp_path / "f.pcapng.zst"
+    r = run("convert", caps["tshark"], out, "tcp", "port", "80")
+    assert r.returncode == 0, r.stderr
+    ref = tshark_rows(caps["tshark"], "frame.time_epoch", "frame.len", extra=("-Y", "tcp.port == 80"))
+    assert tshark_rows(out, "frame.time_epoch", "frame.len") == ref and len(ref) > 100
+    p = subprocess.run(f"{' '.join(PKTSTREAM)} convert {caps['multi']} - -F pcapng | tshark -r - -T fields "
+                       "-e frame.time_epoch", shell=True, capture_output=True, text=True)
+    assert sorted(p.stdout.split()) == sorted(r[0] for r in tshark_rows(caps["multi"], "frame.time_epoch"))
+    bad = run("convert", caps["multi"], tmp_path / "bad.pcapng", "vlan")  # no VLAN on SLL2
+    assert bad.returncode == 1 and "bad BPF filter" in bad.stderr
+    assert not list(tmp_path.glob("bad*"))
+
+
+def test_merge_like_mergecap(caps, tmp_path):
+    out = tmp_path / "m.pcapng"
+    r = run("merge", out, caps["tshark"], caps["sll2"], caps["us"])
+    assert r.returncode == 0, r.stderr
+    ref = tmp_path / "ref.pcapng"
+    subprocess.run(["mergecap", "-w", str(ref), str(caps["tshark"]), str(caps["sll2"]), str(caps["us"])],
+                   check=True)
+    a = tshark_rows(out, "frame.time_epoch", "frame.len", "frame.protocols")
+    b = tshark_rows(ref, "frame.time_epoch", "frame.len", "frame.protocols")
+    assert [x[0] for x in a] == sorted((x[0] for x in a), key=Decimal)  # chronological
+    assert sorted(map(tuple, a)) == sorted(map(tuple, b))
+    assert [x[0] for x in a] == [x[0] for x in b]
+    bad = run("merge", tmp_path / "x.pcap", caps["tshark"], caps["sll2"])
+    assert bad.returncode == 1 and "pcapng" in bad.stderr and not (tmp_path / "x.pcap").exists()
+
+
+def test_malformed_file_clear_error(tmp_path):
+    p = tmp_path / "junk.pcap"
+    p.write_bytes(b"\x00" * 100)
+    r = run("info", p)
+    assert r.returncode == 1 and "not a pcap or pcapng file" in r.stderr and "Traceback" not in r.stderr
