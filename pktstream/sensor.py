@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import re
 import socket
 import ssl
 import threading
@@ -324,6 +325,8 @@ class Sensor:
                                     max_wait=max_wait, ring_blocks=ring_blocks)
         self.compression_level = compression_level
         self.sensor_id = sensor_id or socket.gethostname()
+        if not re.match(r"^[\x21-\x7e]{1,128}$", self.sensor_id):
+            raise ValueError(f"sensor id {self.sensor_id!r}: 1-128 printable ASCII characters, no spaces")
         self.hostname = socket.gethostname()
         self.auth_key = auth_key.encode() if isinstance(auth_key, str) else auth_key
         self.ssl_context = ssl_context
@@ -602,7 +605,7 @@ class Sensor:
         await writer.drain()
         frame = await asyncio.wait_for(P.read_frame(reader), 15)
         if frame.type == P.FrameType.ERROR:
-            raise AuthenticationError(f"receiver refused: {frame.json().get('reason')}")
+            raise FrameError(f"receiver refused the session: {frame.json().get('reason')}")
         if frame.type != P.FrameType.CHALLENGE:
             raise FrameError(f"expected CHALLENGE, got {frame.type.name}")
         body = frame.json()

@@ -11,30 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-import time
 from typing import Any
 
 from pktstream._capture import PacketBatch, link_type_name
+from pktstream.formats.writer import CaptureWriter, format_from_name
+from pktstream.formats.writer import _split_ext as split_ext
 from pktstream.sinks.base import Sink, Source
 
 log = logging.getLogger("pktstream.receiver")
-
-FORMATS = {".pcap": "pcap", ".pcapng": "pcapng", ".pcap.zst": "pcap.zst", ".pcapng.zst": "pcapng.zst"}
-
-
-def format_of(path: str) -> str:
-    for ext in sorted(FORMATS, key=len, reverse=True):
-        if path.endswith(ext):
-            return FORMATS[ext]
-    return "pcap"
-
-
-def split_ext(path: str) -> tuple[str, str]:
-    for ext in sorted(FORMATS, key=len, reverse=True):
-        if path.endswith(ext):
-            return path[: -len(ext)], ext
-    return path, ""
-
 
 def safe_name(text: str) -> str:
     """A sensor-supplied name as a single harmless path component."""
@@ -42,73 +26,23 @@ def safe_name(text: str) -> str:
     return cleaned or "_"
 
 
-def _open_writer(path: str, fmt: str, *, hostname: str | None, mode: int, fsync: bool):
-    if fmt == "pcap":
-        from pktstream.formats.pcap import PcapWriter
-        return PcapWriter(path, mode=mode, fsync=fsync)
-    from pktstream import formats
-    opener = getattr(formats, "open_writer", None)
-    if opener is None:
-        raise ValueError(f"output format {fmt} is not available in this build")
-    return opener(path, format=fmt, hostname=hostname, fsync=fsync, mode=mode)
+def _free_name(base: str) -> str:
+    """``base`` if neither it nor its ``.part`` exists, else ``stem.N.ext`` (never overwrite)."""
+    stem, ext = split_ext(base)
+    ext = ext or ".pcap"
+    n = 0
+    while True:
+        name = f"{stem}{ext}" if n == 0 else f"{stem}.{n}{ext}"
+        if not os.path.exists(name) and not os.path.exists(name + ".part"):
+            return name
+        n += 1
 
 
-class _Rotating:
-    """One logical output (a path template) rotated by size/time, keeping at most max_files."""
-
-    def __init__(self, base: str, fmt: str, opts: dict[str, Any]) -> None:
-        self.base, self.fmt, self.opts = base, fmt, opts
-        self.writer = None
-        self.final = ""
-        self.opened = 0.0
-        self.done: list[str] = []
-
-    def _next_name(self) -> str:
-        stem, ext = split_ext(self.base)
-        ext = ext or ".pcap"
-        n = 0
-        while True:
-            name = f"{stem}{ext}" if n == 0 else f"{stem}.{n}{ext}"
-            if not os.path.exists(name) and not os.path.exists(name + ".part"):
-                return name
-            n += 1
-
-    def get(self):
-        o = self.opts
-        if self.writer is not None:
-            too_big = o["rotate_bytes"] and self.size() >= o["rotate_bytes"]
-            too_old = o["rotate_seconds"] and time.monotonic() - self.opened >= o["rotate_seconds"]
-            if too_big or too_old:
-                self.close()
-        if self.writer is None:
-            self.final = self._next_name()
-            os.makedirs(os.path.dirname(self.final) or ".", exist_ok=True)
-            self.writer = _open_writer(self.final, self.fmt, hostname=o["hostname"], mode=o["mode"],
-                                       fsync=o["fsync"])
-            self.opened = time.monotonic()
-            log.info("writing %s", self.final)
-        return self.writer
-
-    def size(self) -> int:
-        try:
-            return os.path.getsize(self.final + ".part")
-        except OSError:
-            return 0
-
-    def close(self) -> None:
-        if self.writer is None:
-            return
-        self.writer.close()
-        self.writer = None
-        self.done.append(self.final)
-        max_files = self.opts["max_files"]
-        while max_files and len(self.done) > max_files:
-            old = self.done.pop(0)
-            try:
-                os.unlink(old)
-                log.info("rotation: removed %s", old)
-            except FileNotFoundError:
-                pass
+def _writer_state(writer: CaptureWriter) -> dict[str, Any] | None:
+    final = writer.current_path
+    if final is None:
+        return None
+    return {"part": final + ".part", "final": final, "size": os.fstat(writer.fileno()).st_size}
 
 
 class FileSink(Sink):
@@ -122,6 +56,8 @@ class FileSink(Sink):
     :param rotate_seconds: start a new file after this time (tcpdump ``-G``).
     :param max_files: keep only the newest N files per output (tcpdump ``-W``).
     :param fsync: fsync at every flush (power-loss durability before acknowledging).
+
+    Rotation and file formats are :class:`pktstream.formats.CaptureWriter`'s.
     """
 
     name = "file"
@@ -134,17 +70,17 @@ class FileSink(Sink):
             raise ValueError("FileSink needs exactly one of path or directory")
         self.path = os.fspath(path) if path else None
         self.directory = os.fspath(directory) if directory else None
-        self.format = format or (format_of(self.path) if self.path else "pcapng")
+        self.format = format or (format_from_name(self.path) or "pcap" if self.path else "pcapng")
         self.gate = gate
         self.opts = dict(rotate_bytes=rotate_bytes, rotate_seconds=rotate_seconds, max_files=max_files,
                          fsync=fsync, mode=mode, hostname=hostname)
-        self._outputs: dict[Any, _Rotating] = {}
+        self._outputs: dict[Any, CaptureWriter] = {}
         self.name = f"file:{self.path or self.directory}"
         if self.directory:
             os.makedirs(self.directory, mode=0o750, exist_ok=True)
 
-    def _output_for(self, source: Source, batch: PacketBatch) -> _Rotating:
-        single_link = self.format.startswith("pcap") and not self.format.startswith("pcapng")
+    def _output_for(self, source: Source, batch: PacketBatch) -> CaptureWriter:
+        single_link = not self.format.startswith("pcapng")
         key = (source.sensor_id if self.directory else None, batch.link_type if single_link else None)
         out = self._outputs.get(key)
         if out is None:
@@ -155,26 +91,30 @@ class FileSink(Sink):
             if single_link and any(k[0] == key[0] for k in self._outputs):
                 stem, ext = split_ext(base)
                 base = f"{stem}.{safe_name(link_type_name(batch.link_type))}{ext}"
-            out = self._outputs[key] = _Rotating(base, self.format, self.opts)
+            rotating = self.opts["rotate_bytes"] or self.opts["rotate_seconds"] or self.opts["max_files"]
+            name = base if rotating else _free_name(base)
+            out = self._outputs[key] = CaptureWriter(name, format=self.format, **self.opts)
+            log.info("writing %s", name)
         return out
 
     def write(self, source: Source, batch: PacketBatch) -> None:
-        self._output_for(source, batch).get().write(batch)
+        self._output_for(source, batch).write(batch)
 
     def flush(self) -> dict[str, Any]:
         open_files = []
         for out in self._outputs.values():
-            if out.writer is not None:
-                out.writer.flush()
-                if self.opts["fsync"]:
-                    os.fsync(out.writer.fileno())
-                open_files.append({"part": out.final + ".part", "final": out.final, "size": out.size()})
+            out.flush()
+            if self.opts["fsync"] and out.current_path is not None:
+                os.fsync(out.fileno())
+            st = _writer_state(out)
+            if st is not None:
+                open_files.append(st)
         return {"open": open_files}
 
     @property
     def paths(self) -> list[str]:
         """Completed files, oldest first."""
-        return [p for out in self._outputs.values() for p in out.done]
+        return [p for out in self._outputs.values() for p in out.paths]
 
     def close(self) -> None:
         for out in self._outputs.values():
@@ -197,5 +137,25 @@ class FileSink(Sink):
                     fh.truncate(size)
                 log.warning("recovery: %s cut from %d to %d bytes (the unacknowledged tail will be "
                             "resent by its sensors)", part, actual, size)
+            if final.endswith(".zst"):
+                _finish_zstd(part)
             os.replace(part, final)
             log.warning("recovery: completed %s left by the previous run", final)
+
+
+def _finish_zstd(part: str) -> None:
+    """A crashed ``.zst`` file is a zstd frame without its end: re-encode the whole blocks it
+    holds into a complete, checksummed frame."""
+    import zstandard
+    data = bytearray()
+    with open(part, "rb") as f:
+        reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=False)
+        try:
+            while chunk := reader.read(1 << 20):
+                data += chunk
+        except zstandard.ZstdError:
+            pass  # the truncated end: everything before it is whole blocks
+    tmp = part + ".tmp"
+    with open(tmp, "wb") as out:
+        out.write(zstandard.ZstdCompressor(level=3, write_checksum=True).compress(bytes(data)))
+    os.replace(tmp, part)

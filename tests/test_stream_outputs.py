@@ -1,0 +1,187 @@
+"""Receiver outputs end to end: merged pcapng from several sensors, per-sensor files, stdout
+into tshark, crash recovery of pcapng and pcap.zst files, rotation, metrics, Python API."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from collections import Counter
+
+import pytest
+
+from conftest import PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump, tshark_fields
+from pktstream import traffic
+from pktstream.netns import Veth
+from test_stream import receiver_cmd, sensor_cmd
+
+pytestmark = pytest.mark.live
+
+
+def test_several_sensors_into_one_pcapng(procs, tmp_path, mixed_pcap):
+    """Two sensors (one with two interfaces) → one pcapng with one interface per sensor
+    interface, every packet there, as tshark reads it."""
+    port = free_port()
+    out = tmp_path / "all.pcapng"
+    rx = procs(receiver_cmd(port, "-w", str(out), "--stats-json", str(tmp_path / "rx.json")))
+    rx.wait_for("listening on")
+    with Veth() as a, Veth() as b, Veth() as c:
+        s1 = procs(sensor_cmd(port, a.outer, "-i", b.outer, "--sensor-id", "alpha"))
+        s2 = procs(sensor_cmd(port, c.outer, "--sensor-id", "beta"))
+        s1.wait_for("connected to receiver")
+        s2.wait_for("connected to receiver")
+        threads = [threading.Thread(target=v.replay, args=(mixed_pcap,), kwargs={"pps": 10000}) for v in (a, b, c)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        time.sleep(0.5)
+        for s in (s1, s2):
+            assert s.stop(signal.SIGTERM) == 0
+        rx.stop(signal.SIGTERM)
+        names = {a.outer: "alpha/" + a.outer, b.outer: "alpha/" + b.outer, c.outer: "beta/" + c.outer}
+    rows = tshark_fields(out, "frame.interface_name", "frame.interface_id")
+    per_name = Counter(r[0] for r in rows)
+    assert per_name == {n: 2000 for n in names.values()}
+    assert len({r[1] for r in rows}) == 3  # three IDBs
+    # each interface's packets are exactly the replayed frames, in order
+    expected = [d for _, _, d in read_pcap_dpkt(mixed_pcap)]
+    import pktstream
+    per_iface: dict[str, list[bytes]] = {}
+    for batch in pktstream.read(str(out)):
+        per_iface.setdefault(batch.interface, []).extend(bytes(p) for p in batch)
+    assert {k: v == expected for k, v in per_iface.items()} == {n: True for n in names.values()}
+    st = json.loads((tmp_path / "rx.json").read_text())
+    assert st["sensors"]["alpha"]["packets"] == 4000 and st["sensors"]["beta"]["packets"] == 2000
+
+
+def test_per_sensor_files(veth, procs, tmp_path, mixed_pcap):
+    port = free_port()
+    rx = procs(receiver_cmd(port, "--output-dir", str(tmp_path / "by-sensor")))
+    rx.wait_for("listening on")
+    sx = procs(sensor_cmd(port, veth.outer, "--sensor-id", "../../etc/evil"))
+    sx.wait_for("connected to receiver")
+    veth.replay(mixed_pcap, pps=20000)
+    time.sleep(0.4)
+    sx.stop(signal.SIGTERM)
+    rx.stop(signal.SIGTERM)
+    files = list((tmp_path / "by-sensor").iterdir())
+    assert [f.name for f in files] == ["_.._etc_evil.pcapng"]  # sanitised, inside the directory
+    assert len(tshark_fields(files[0], "frame.number")) == 2000
+
+
+def test_stdout_into_tshark(veth, procs, tmp_path, mixed_pcap):
+    """``pktstream receiver -w - | tshark -r -``: a clean pcap stream, logs on stderr."""
+    port = free_port()
+    rx = procs(receiver_cmd(port, "-w", "-"), stdout=subprocess.PIPE)
+    with open(tmp_path / "tshark.txt", "w") as out:
+        tshark = subprocess.Popen(["tshark", "-r", "-", "-T", "fields", "-e", "frame.len"], stdin=rx.p.stdout,
+                                  stdout=out, stderr=subprocess.DEVNULL)
+    rx.p.stdout.close()
+    try:
+        rx.wait_for("listening on")
+        sx = procs(sensor_cmd(port, veth.outer))
+        sx.wait_for("connected to receiver")
+        veth.replay(mixed_pcap, pps=20000)
+        time.sleep(0.5)
+        sx.stop(signal.SIGTERM)
+        assert rx.stop(signal.SIGTERM) == 0
+        assert tshark.wait(30) == 0
+    finally:
+        if tshark.poll() is None:
+            tshark.kill()
+            tshark.wait()
+    lens = (tmp_path / "tshark.txt").read_text().split()
+    assert [int(x) for x in lens] == [w for _, w, _ in read_pcap_dpkt(mixed_pcap)]
+
+
+@pytest.mark.parametrize("ext", ["pcapng", "pcap.zst"])
+def test_receiver_sigkill_recovers_pcapng_and_zst(veth, procs, tmp_path, ext):
+    src = tmp_path / "t.pcap"
+    traffic.write_random_udp_pcap(str(src), 4000, size=400)
+    port = free_port()
+    ref = tmp_path / "ref.pcap"
+    cmd = receiver_cmd(port, "-w", str(tmp_path / f"out.{ext}"), "--state-dir", str(tmp_path / "st"))
+    rx = procs(cmd)
+    rx.wait_for("listening on")
+    td = start_tcpdump(procs, veth.outer, ref)
+    sx = procs(sensor_cmd(port, veth.outer, "-s", "1600", "--block-size", "64KiB"))
+    sx.wait_for("connected to receiver")
+    replay = threading.Thread(target=veth.replay, args=(src,), kwargs={"pps": 2000})
+    replay.start()
+    time.sleep(0.8)
+    rx.p.kill()
+    rx.p.wait()
+    rx2 = procs(cmd)
+    rx2.wait_for("listening on")
+    replay.join()
+    time.sleep(0.5)
+    sx.stop(signal.SIGTERM)
+    td.stop()
+    rx2.stop(signal.SIGTERM)
+    files = sorted(tmp_path.glob(f"out*.{ext}"), key=lambda p: len(p.name))
+    assert len(files) == 2
+    got = []
+    for f in files:  # tshark reads both (the recovered one too)
+        got += [r[0] for r in tshark_fields(f, "frame.len")]
+    import pktstream
+    data = [bytes(p) for f in files for b in pktstream.read(str(f)) for p in b]
+    assert data == [d for _, _, d in read_pcap_dpkt(ref)]
+    assert len(got) == len(data)
+
+
+def test_rotation_and_metrics(veth, procs, tmp_path, mixed_pcap):
+    port, mport = free_port(), free_port()
+    rx = procs(receiver_cmd(port, "-w", str(tmp_path / "rot.pcap"), "-C", "100KB",
+                            "--metrics", f"127.0.0.1:{mport}"))
+    rx.wait_for("listening on")
+    sx = procs(sensor_cmd(port, veth.outer, "--sensor-id", "m1", "-s", "1600", "--block-size", "32KiB"))
+    sx.wait_for("connected to receiver")
+    veth.replay(mixed_pcap, pps=20000)
+    time.sleep(0.5)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
+    assert 'pktstream_sensor_packets{sensor="m1"} 2000' in body
+    assert 'pktstream_sensor_kernel_dropped{sensor="m1"}' in body
+    assert 'pktstream_sensor_connected{sensor="m1"} 1' in body
+    sx.stop(signal.SIGTERM)
+    rx.stop(signal.SIGTERM)
+    files = sorted(tmp_path.glob("rot.*.pcap"))
+    assert len(files) >= 5 and all(f.stat().st_size <= 100_000 for f in files)
+    assert sum(len(read_pcap_dpkt(f)) for f in files) == 2000
+
+
+def test_python_api_iterator_and_callback(veth):
+    """Embedding: Receiver.batches() and a callback, in one process with a Sensor."""
+    from pktstream.receiver import Receiver
+    from pktstream.sensor import Sensor
+    from pktstream.sinks import CallbackSink
+    import pktstream
+    seen = []
+    rx = Receiver(listen="127.0.0.1:0", outputs=[CallbackSink(lambda src, b: seen.append(len(b)))])
+    it = rx.batches()
+    rx.start()
+    sx = Sensor(receiver=f"127.0.0.1:{rx.address[1]}", interfaces=[veth.outer], max_wait=0.05).start()
+    try:
+        time.sleep(0.5)
+        frames = traffic.frames(300)
+        inj = pktstream.Capture(veth.outer)
+        t = threading.Thread(target=lambda: [inj.inject(f) for f in frames])
+        t.start()
+        got = 0
+        for source, batch in it:
+            assert source.sensor_id == sx.sensor_id and source.interface == veth.outer
+            assert batch.interface == f"{sx.sensor_id}/{veth.outer}"
+            got += len(batch)
+            if got >= 300:
+                break
+        t.join()
+        inj.close()
+        assert got == 300 and sum(seen) >= 300
+    finally:
+        sx.stop()
+        sx.join(20)
+        rx.stop()
+        threading.Thread(target=lambda: [None for _ in it], daemon=True).start()  # drain
+        rx.join(20)
