@@ -180,8 +180,10 @@ cdef class PacketBatch:
     cdef int _snaplen
     cdef object _interface
     cdef object _arrays
+    cdef Py_ssize_t _stride
 
     def __cinit__(self):
+        self._stride = 1
         self._block = -1
         self._count = -1
 
@@ -258,7 +260,7 @@ cdef class PacketBatch:
         view.format = NULL
         view.ndim = 1
         view.shape = &self._nbytes
-        view.strides = NULL
+        view.strides = &self._stride  # typed memoryviews (const uchar[::1]) read the strides
         view.suboffsets = NULL
         view.internal = NULL
         self._exports += 1
