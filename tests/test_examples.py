@@ -1,0 +1,314 @@
+"""The use-case examples (examples/) and the forensics notebook, run against real traffic:
+veth pairs in namespaces the tests create, real servers (http.server, a UDP DNS responder) and
+real clients (urllib, curl, sockets); tshark is the reference where one is needed."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import PKTSTREAM, free_port, read_pcap_dpkt, tshark_fields
+from pktstream.netns import Veth
+from test_stream import receiver_cmd, sensor_cmd
+
+pytestmark = pytest.mark.live
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+# -- servers and clients ------------------------------------------------------------------------
+
+DNS_RESPONDER = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 53))
+print("ready", flush=True)
+while True:
+    q, peer = s.recvfrom(2048)
+    if len(q) >= 12:   # NXDOMAIN: the query echoed with QR=1, RA=1, RCODE=3
+        s.sendto(q[:2] + bytes([q[2] | 0x80, 0x83]) + q[4:], peer)
+"""
+
+
+class Servers:
+    """Servers inside a veth's namespace, stopped by PID at teardown."""
+
+    def __init__(self, veth: Veth, tmp_path: Path) -> None:
+        self.veth = veth
+        self.tmp = tmp_path
+        self.procs: list[subprocess.Popen] = []
+
+    def http(self, port: int, protocol: str = "HTTP/1.0") -> None:
+        root = self.tmp / f"www{port}"
+        root.mkdir()
+        (root / "index.html").write_text("<h1>hello</h1>\n")
+        (root / "data.json").write_text(json.dumps({"k": list(range(500))}))
+        p = subprocess.Popen(self.veth.in_ns(sys.executable, "-m", "http.server", str(port), "--bind",
+                                             self.veth.inner_ip, "--protocol", protocol), cwd=root, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        self.procs.append(p)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with socket.create_connection((self.veth.inner_ip, port), timeout=0.5):
+                    return
+            except OSError:
+                assert p.poll() is None and time.monotonic() < deadline, "http.server did not start"
+                time.sleep(0.05)
+
+    def dns(self) -> None:
+        p = subprocess.Popen(self.veth.in_ns(sys.executable, "-c", DNS_RESPONDER, self.veth.inner_ip),
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.procs.append(p)
+        assert p.stdout.readline() == b"ready\n"
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            if p.stdout:
+                p.stdout.close()
+
+
+@pytest.fixture
+def servers(veth, tmp_path):
+    s = Servers(veth, tmp_path)
+    yield s
+    s.stop()
+
+
+def dns_query(name: str, qid: int) -> bytes:
+    qname = b"".join(bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\0"
+    return struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", 1, 1)
+
+
+def resolve(server: str, names: list[str]) -> int:
+    """Send real DNS queries over UDP; returns how many were answered."""
+    answered = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(2)
+        for k, name in enumerate(names):
+            s.sendto(dns_query(name, k + 1), (server, 53))
+            reply, _ = s.recvfrom(2048)
+            answered += reply[:2] == struct.pack("!H", k + 1) and reply[3] & 0x0F == 3
+    return answered
+
+
+def http_get(url: str, **headers: str) -> int:
+    req = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            r.read()
+            return r.status
+    except urllib.error.HTTPError as e:
+        e.read()
+        return e.code
+
+
+def scan(host: str, ports: range) -> int:
+    """A connect() scan; returns how many ports refused (all of them: nothing listens)."""
+    refused = 0
+    for port in ports:
+        with socket.socket() as s:
+            s.settimeout(1)
+            refused += s.connect_ex((host, port)) != 0
+    return refused
+
+
+class Lines:
+    """Collect a process's stdout lines in a thread; wait for a predicate on them."""
+
+    def __init__(self, stream) -> None:
+        self.lines: list[str] = []
+        self._t = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._t.start()
+
+    def _pump(self, stream) -> None:
+        for line in iter(stream.readline, b""):
+            self.lines.append(line.decode(errors="replace").rstrip("\n"))
+        stream.close()
+
+    def wait(self, pred, timeout: float = 20, what: str = "") -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = [line for line in self.lines if pred(line)]
+            if got:
+                return got
+            time.sleep(0.05)
+        raise AssertionError(f"timeout waiting for {what}; lines so far: {self.lines[-20:]}")
+
+    def join(self) -> None:
+        self._t.join(10)
+
+
+def example(name: str, *args: str) -> list[str]:
+    return [sys.executable, str(EXAMPLES / name), *args]
+
+
+# -- threat hunting -------------------------------------------------------------------------------
+
+def test_detector_alerts_on_scan_and_dns_tunnel_not_on_benign(veth, servers, procs):
+    servers.http(8080)
+    servers.dns()
+    port = free_port()
+    det = procs(example("detector.py", "--listen", f"127.0.0.1:{port}", "--report", "0.2"),
+                stdout=subprocess.PIPE)
+    out = Lines(det.p.stdout)
+    det.wait_for("receiver listening on")
+    sx = procs(sensor_cmd(port, veth.outer, "--sensor-id", "hunter-1"))
+    sx.wait_for("connected to receiver")
+    ip = veth.inner_ip
+
+    # benign: web browsing and ordinary name lookups
+    benign_names = ["www.example.com", "mail.example.com", "api.example.org", "docs.python.org"] * 3
+    assert resolve(ip, benign_names) == len(benign_names)
+    assert [http_get(f"http://{ip}:8080/{p}") for p in ("", "index.html", "data.json", "missing")] == \
+        [200, 200, 200, 404]
+    for _ in range(6):
+        assert http_get(f"http://{ip}:8080/index.html") == 200
+    # the detector has seen every benign query (and the web traffic) and raised nothing
+    det.wait_for(f"dns_queries={len(benign_names)} ", timeout=15)
+    time.sleep(0.3)
+    assert not [line for line in out.lines if line.startswith("ALERT")], out.lines
+
+    # malicious: a port scan, then data leaving through DNS names
+    assert scan(ip, range(20000, 20060)) == 60
+    alerts = out.wait(lambda s: s.startswith("ALERT port-scan"), what="port-scan alert")
+    assert f"src={veth.outer_ip} " in alerts[0] and "hosts=1" in alerts[0] and "ports=" in alerts[0]
+    rnd = random.Random(7)
+    leak = [base64.b32encode(rnd.randbytes(20)).decode().rstrip("=").lower() + f".x{k}.exfil.test"
+            for k in range(30)]
+    assert resolve(ip, leak) == 30
+    alerts = out.wait(lambda s: s.startswith("ALERT dns-tunnel"), what="dns-tunnel alert")
+    assert f"src={veth.outer_ip} domain=exfil.test" in alerts[0]
+    assert sx.p.poll() is None  # alerts arrived while the sensor was still streaming
+
+    assert sx.stop(signal.SIGTERM) == 0
+    assert det.stop(signal.SIGINT) == 0
+    out.join()
+    alerts = [line for line in out.lines if line.startswith("ALERT")]
+    assert len(alerts) == 2, alerts  # one per incident and window, nothing for benign traffic
+    assert not any(n in " ".join(alerts) for n in ("example.com", "example.org", "python.org"))
+    summary = [line for line in det.err if "alerts;" in line][-1]
+    assert f"{len(benign_names) + 30} DNS queries, 2 alerts" in summary
+    assert "dropped: 0 by the detector (fell behind), 0 by the sensors" in summary
+
+
+def test_hunt_tshark_prints_requests_and_queries_live(veth, servers, procs):
+    servers.http(8080)
+    servers.dns()
+    port = free_port()
+    hunt = procs(example("hunt_tshark.py", "--listen", f"127.0.0.1:{port}", "--fields"), stdout=subprocess.PIPE)
+    out = Lines(hunt.p.stdout)
+    hunt.wait_for("listening on")
+    sx = procs(sensor_cmd(port, veth.outer))
+    sx.wait_for("connected to receiver")
+    ip = veth.inner_ip
+    paths = ["/index.html", "/data.json?x=1", "/nothing-here"]
+    assert [http_get(f"http://{ip}:8080{p}") for p in paths] == [200, 200, 404]
+    assert resolve(ip, ["intranet.example.com", "updates.example.net"]) == 2
+    out.wait(lambda s: "updates.example.net" in s, what="the DNS query in tshark's output")
+    assert sx.p.poll() is None  # tshark printed it while the sensor was still streaming
+    assert sx.stop(signal.SIGTERM) == 0
+    assert hunt.stop(signal.SIGINT) == 0
+    out.join()
+    # fields: time, ip.src, ip.dst, protocol, dns.qry.name, method, host, uri, sni
+    rows = [line.split("\t") for line in out.lines]
+    assert all(len(r) == 9 for r in rows), rows
+    http_rows = [r for r in rows if r[5]]
+    assert [(r[1], r[2], r[5], r[6], r[7]) for r in http_rows] == \
+        [(veth.outer_ip, ip, "GET", f"{ip}:8080", p) for p in paths]
+    dns_rows = [r for r in rows if r[4]]
+    assert [(r[1], r[2], r[4]) for r in dns_rows] == \
+        [(veth.outer_ip, ip, "intranet.example.com"), (veth.outer_ip, ip, "updates.example.net")]
+    assert len(rows) == len(http_rows) + len(dns_rows)  # responses and other packets filtered out
+
+
+def test_fifo_recipe_with_tshark(veth, procs, tmp_path, mixed_pcap):
+    """docs/guide-threat-hunting.md: ``mkfifo F; pktstream receiver -w - > F &`` and an analyser
+    reading F as a capture file (Suricata/Zeek ``-r F``; here tshark ``-r F``)."""
+    fifo = tmp_path / "pkts.fifo"
+    os.mkfifo(fifo)
+    with open(tmp_path / "tshark.txt", "w") as out:
+        tshark = subprocess.Popen(["tshark", "-r", str(fifo), "-l", "-n", "-T", "fields", "-e", "frame.len"],
+                                  stdout=out, stderr=subprocess.DEVNULL)
+    try:
+        port = free_port()
+        shell = " ".join(receiver_cmd(port, "-w", "-")) + ' > "$0"'
+        rx = procs(["bash", "-c", "exec " + shell, str(fifo)])
+        rx.wait_for("listening on")
+        sx = procs(sensor_cmd(port, veth.outer))
+        sx.wait_for("connected to receiver")
+        veth.replay(mixed_pcap, pps=20000)
+        time.sleep(0.5)
+        assert sx.stop(signal.SIGTERM) == 0
+        assert rx.stop(signal.SIGTERM) == 0
+        assert tshark.wait(30) == 0
+    finally:
+        if tshark.poll() is None:
+            tshark.kill()
+            tshark.wait()
+    lens = (tmp_path / "tshark.txt").read_text().split()
+    assert [int(x) for x in lens] == [w for _, w, _ in read_pcap_dpkt(mixed_pcap)]
+
+
+# -- debugging ----------------------------------------------------------------------------------
+
+def test_debug_http_shows_requests_the_server_handled(veth, servers, procs, tmp_path):
+    servers.http(8080, "HTTP/1.1")  # keep-alive: several requests on one connection
+    servers.http(8081)  # same host, another port: must not show up
+    dbg = procs(example("debug_http.py", "--port", "8080", "-i", veth.outer, "--json"), stdout=subprocess.PIPE)
+    out = Lines(dbg.p.stdout)
+    dbg.wait_for("capturing tcp port 8080")
+    ip = veth.inner_ip
+    assert http_get(f"http://{ip}:8081/index.html") == 200
+    sent = [("GET", "/"), ("GET", "/index.html?user=alice&id=42"), ("GET", "/missing/page")]
+    codes = [http_get(f"http://{ip}:8080{t}", **{"User-Agent": "pktstream-test/1"}) for _, t in sent]
+    # curl: keep-alive (requests on one connection), a HEAD, a POST with a body, a Host header
+    body = tmp_path / "body.txt"
+    body.write_text("x" * 3000)
+    code = ["-s", "-o", "/dev/null", "-w", "%{http_code}\\n"]
+    curl = subprocess.run(["curl", "-s", "-w", "%{http_code}\\n", "-H", "Host: shop.example.test",
+                           "-o", "/dev/null", f"http://{ip}:8080/data.json", "-o", "/dev/null", f"http://{ip}:8080/index.html",
+                           "--next", *code, "-I", f"http://{ip}:8080/",
+                           "--next", *code, "-H", "Expect:", "--data-binary", f"@{body}", f"http://{ip}:8080/upload"],
+                          capture_output=True, text=True, timeout=30)
+    assert curl.stdout.split() == ["200", "200", "200", "501"], curl.stderr
+    out.wait(lambda s: '"POST"' in s and '"response"' in s, what="the POST's response")
+    assert dbg.stop(signal.SIGINT) == 0
+    out.join()
+    events = [json.loads(line) for line in out.lines]
+    reqs = [e for e in events if e["event"] == "request"]
+    resps = [e for e in events if e["event"] == "response"]
+    client_ports = {e["client"] for e in reqs}
+    assert all(e["server"] == f"{ip}:8080" and e["client"].startswith(veth.outer_ip + ":") for e in events)
+    got = [(e["method"], e["target"], e["host"]) for e in reqs]
+    assert got == [(m, t, f"{ip}:8080") for m, t in sent] + [
+        ("GET", "/data.json", "shop.example.test"), ("GET", "/index.html", "shop.example.test"),
+        ("HEAD", "/", f"{ip}:8080"), ("POST", "/upload", f"{ip}:8080")]
+    assert [e["user_agent"] for e in reqs[:3]] == ["pktstream-test/1"] * 3
+    assert reqs[-1]["content_length"] == 3000
+    # urllib: one connection per request; curl kept one connection open for its four requests
+    assert len(client_ports) == 4 and len({e["client"] for e in reqs[3:]}) == 1
+    assert [(e["method"], e["target"], e["status"]) for e in resps] == \
+        [(m, t, c) for (m, t, _), c in zip(got, codes + [200, 200, 200, 501])]
+    assert all(e["elapsed_ms"] >= 0 for e in resps)
+    assert "debug_http: 7 requests" in dbg.stderr
