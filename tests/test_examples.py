@@ -312,3 +312,114 @@ def test_debug_http_shows_requests_the_server_handled(veth, servers, procs, tmp_
         [(m, t, c) for (m, t, _), c in zip(got, codes + [200, 200, 200, 501])]
     assert all(e["elapsed_ms"] >= 0 for e in resps)
     assert "debug_http: 7 requests" in dbg.stderr
+
+
+# -- forensics notebook -------------------------------------------------------------------------
+
+def run_notebook(cwd: Path, env: dict[str, str | None], monkeypatch) -> "nbformat.NotebookNode":
+    """Execute examples/forensics.ipynb top to bottom in a python3 kernel (nbclient)."""
+    import nbclient
+    import nbformat
+    for k, v in env.items():
+        if v is None:
+            monkeypatch.delenv(k, raising=False)
+        else:
+            monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = nbformat.read(EXAMPLES / "forensics.ipynb", as_version=4)
+    assert nb.metadata.kernelspec.name == "python3"
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(cwd)}}).execute()
+    return nb
+
+
+def notebook_text(nb) -> str:
+    parts = []
+    for cell in nb.cells:
+        for o in cell.get("outputs", []):
+            parts.append(o.get("text", "") + o.get("data", {}).get("text/plain", ""))
+    return "\n".join(parts)
+
+
+def check_plots(out: Path) -> None:
+    for name in ("timeline.png", "protocols.png", "top_talkers.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+
+
+DNS_DISPLAY_FILTER = "udp.port == 53 && !icmp && !icmpv6"  # tshark's view of the notebook's default BPF
+
+
+def test_forensics_notebook_on_real_capture(veth, servers, procs, tmp_path, mixed_pcap, monkeypatch):
+    """Three sensors, two receivers (a merged pcapng and per-sensor pcap.zst files), real HTTP
+    and DNS plus a replayed mix; the notebook's numbers and its slice agree with tshark."""
+    servers.http(8080)
+    servers.dns()
+    data = tmp_path / "data"
+    pa, pb = free_port(), free_port()
+    rx_a = procs(receiver_cmd(pa, "-w", str(data / "merged.pcapng")))
+    rx_b = procs(receiver_cmd(pb, "--output-dir", str(data / "by-sensor"), "--format", "pcap.zst"))
+    rx_a.wait_for("listening on")
+    rx_b.wait_for("listening on")
+    ip = veth.inner_ip
+    with Veth() as other:
+        sensors = [procs(sensor_cmd(pa, veth.outer, "--sensor-id", "alpha")),
+                   procs(sensor_cmd(pa, other.outer, "--sensor-id", "beta")),
+                   procs(sensor_cmd(pb, veth.outer, "--sensor-id", "gamma"))]
+        for s in sensors:
+            s.wait_for("connected to receiver")
+        replay = threading.Thread(target=other.replay, args=(mixed_pcap,), kwargs={"pps": 4000})
+        replay.start()
+        assert resolve(ip, ["www.example.com", "files.example.net", "a.b.example.org"] * 2) == 6
+        assert [http_get(f"http://{ip}:8080/{p}") for p in ("index.html", "data.json", "nope")] == [200, 200, 404]
+        replay.join()
+        time.sleep(0.5)
+        for s in sensors:
+            assert s.stop(signal.SIGTERM) == 0
+    assert rx_a.stop(signal.SIGTERM) == 0 and rx_b.stop(signal.SIGTERM) == 0
+    files = [data / "merged.pcapng", data / "by-sensor" / "gamma.pcap.zst"]
+    assert sorted(p for p in data.rglob("*") if p.is_file()) == sorted(files)
+
+    out = tmp_path / "out"
+    nb = run_notebook(tmp_path, {"PKTSTREAM_NOTEBOOK_DATA": str(data), "PKTSTREAM_NOTEBOOK_OUT": str(out),
+                                 "PKTSTREAM_NOTEBOOK_BPF": None}, monkeypatch)
+    summary = json.loads((out / "summary.json").read_text())
+    # packets per sensor: tshark's count per pcapng interface, and of the per-sensor file
+    per_iface = Counter(r[0] for r in tshark_fields(files[0], "frame.interface_name"))
+    assert per_iface.keys() == {f"alpha/{veth.outer}", f"beta/{other.outer}"}
+    expected = {"alpha": per_iface[f"alpha/{veth.outer}"], "beta": per_iface[f"beta/{other.outer}"],
+                "gamma": len(tshark_fields(files[1], "frame.number"))}
+    assert {s: v["packets"] for s, v in summary["sensors"].items()} == expected
+    assert expected["beta"] >= 2000 and summary["packets"] == sum(expected.values())
+    # the exported slice: as many packets as tshark finds for the same selection, readable by tshark
+    want = {s: len(tshark_fields(f, "frame.number", bpf=DNS_DISPLAY_FILTER)) for s, f in
+            (("merged", files[0]), ("gamma", files[1]))}
+    n = summary["slice"]["packets"]
+    assert n == want["merged"] + want["gamma"] and want["gamma"] == 12  # 6 queries + 6 answers
+    assert len(tshark_fields(out / "slice.pcapng", "frame.number")) == n
+    assert len(tshark_fields(out / "slice.pcapng", "frame.number", bpf=DNS_DISPLAY_FILTER)) == n
+    names = Counter(r[0] for r in tshark_fields(out / "slice.pcapng", "frame.interface_name"))
+    assert names["gamma/-"] == 12 and names[f"alpha/{veth.outer}"] == 12
+    # the flow table has the HTTP connections to the server, seen by alpha and gamma
+    import csv
+    with open(out / "flows.csv") as f:
+        flows = list(csv.DictReader(f))
+    http = [r for r in flows if r["dst"] == ip and r["dport"] == "8080" and r["proto"] == "TCP"]
+    assert Counter(r["sensor"] for r in http) == {"alpha": 3, "gamma": 3}
+    check_plots(out)
+    text = notebook_text(nb)
+    assert "2 files" in text and "3 sensors" in text
+
+
+def test_forensics_notebook_standalone(tmp_path, monkeypatch):
+    """Run from examples/ with no variables: it makes its own sample data (no root needed)."""
+    nb = run_notebook(EXAMPLES, {"PKTSTREAM_NOTEBOOK_DATA": None, "PKTSTREAM_NOTEBOOK_OUT": None,
+                                 "PKTSTREAM_NOTEBOOK_BPF": None, "TMPDIR": str(tmp_path)}, monkeypatch)
+    text = notebook_text(nb)
+    out = Path(text.split("output directory:", 1)[1].split()[0])
+    assert out.parent == tmp_path  # a fresh temporary directory, nothing written into examples/
+    summary = json.loads((out / "summary.json").read_text())
+    assert {s: v["packets"] for s, v in summary["sensors"].items()} == {"web-1": 3000, "db-1": 1500, "edge-1": 2000}
+    assert summary["slice"]["packets"] == 650  # the VLAN-tagged DNS-looking frames (1 in 10)
+    assert len(tshark_fields(out / "slice.pcapng", "frame.number", bpf=DNS_DISPLAY_FILTER)) == 650
+    check_plots(out)
