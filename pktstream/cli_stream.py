@@ -147,7 +147,17 @@ def cmd_receiver(args: argparse.Namespace) -> int:
     logging.getLogger("pktstream").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     receiver = build_receiver(args)
     _on_signals(receiver.stop)
-    receiver.run()
+    status = None
+    if args.status:
+        from pktstream.status import StatusDisplay
+        status = StatusDisplay(receiver).start()
+        if not status.enabled:
+            log.warning("--status: stderr is not a terminal, no live status (see --metrics, --stats-interval)")
+    try:
+        receiver.run()
+    finally:
+        if status is not None:
+            status.stop()
     if args.stats_json:
         with open(args.stats_json, "w") as f:
             json.dump(receiver.stats(), f, indent=1)
@@ -184,6 +194,8 @@ def register(sub) -> None:
     r.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics here")
     r.add_argument("--stats-interval", type=float, metavar="SEC", help="log counters every SEC (default 60)")
     r.add_argument("--stats-json", metavar="FILE", help="write final counters as JSON at exit")
+    r.add_argument("--status", action="store_true",
+                   help="live status on the terminal: one line per sensor (rates, drops), redrawn every second")
     r.add_argument("--max-connections", type=int)
     r.add_argument("--heartbeat", type=float, metavar="SEC", help="heartbeat interval (default 5); idle timeout is 3x+1")
     r.add_argument("--auth-key-file", metavar="FILE", help="shared key (read from FILE, not the command line)")
