@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 
+from pktstream import cli_cloud as cloud
 from pktstream import config as C
 from pktstream.exceptions import ConfigError
 
@@ -41,6 +42,7 @@ def build_receiver(args: argparse.Namespace):
     s = C.receiver_settings(C.load_yaml(args.config) if args.config else {})
     if args.listen:
         s.listen = args.listen
+    cloud.apply_receiver_args(args, s)  # -w s3:// / kafka://, --from kafka://
     if args.write:
         s.stdout, s.output_file = (True, None) if args.write == "-" else (False, args.write)
     if args.output_dir:
@@ -60,8 +62,12 @@ def build_receiver(args: argparse.Namespace):
     if args.tls_ca:
         s.tls.cafile = args.tls_ca
     s.tls.client_certs = s.tls.client_certs or args.tls_client_certs
-    if not (s.output_file or s.output_dir or s.stdout):
-        raise ConfigError("no output: give -w FILE, -w - (stdout), --output-dir DIR or output.file.path")
+    s.tls.identity_from_cert = s.tls.identity_from_cert or args.tls_identity_from_cert
+    if s.tls.identity_from_cert and not s.tls.client_certs:
+        raise ConfigError("--tls-identity-from-cert needs client certificates (--tls-client-certs)")
+    if not (s.output_file or s.output_dir or s.stdout or cloud.has_cloud_output(s)):
+        raise ConfigError("no output: give -w FILE, -w - (stdout), -w s3://BUCKET/PREFIX, -w kafka://HOST:PORT/TOPIC, "
+                          "--output-dir DIR or output.file.path")
     _setup_log_file(s.log_file)
     outputs = []
     rot = dict(rotate_bytes=s.rotate_bytes, rotate_seconds=s.rotate_seconds, max_files=s.max_files,
@@ -72,6 +78,7 @@ def build_receiver(args: argparse.Namespace):
         outputs.append(FileSink(directory=s.output_dir, format=args.format, **rot))
     if s.stdout:
         outputs.append(StdoutSink(snaplen=s.snaplen))
+    outputs += cloud.receiver_outputs(s)
     ctx = None
     if s.tls.enable:
         ctx = server_context(s.tls.certfile, s.tls.keyfile, cafile=s.tls.cafile, client_certs=s.tls.client_certs)
@@ -81,10 +88,13 @@ def build_receiver(args: argparse.Namespace):
             keys = C.read_key_file(s.auth.keyfile)
         else:
             key = s.auth.key
-    return Receiver(listen=s.listen, outputs=outputs, state_dir=s.state_dir, auth_key=key, auth_keys=keys,
+    return Receiver(listen=None if s.kafka_input and not args.listen else s.listen,
+                    inputs=cloud.receiver_inputs(s), outputs=outputs, state_dir=s.state_dir, auth_key=key, auth_keys=keys,
                     ssl_context=ctx, max_connections=s.max_connections, handshake_timeout=s.handshake_timeout,
                     heartbeat=s.heartbeat, max_raw_bytes=max(s.max_block_bytes, s.snaplen + 16),
-                    stats_interval=s.stats_interval, metrics=s.metrics, fsync_state=s.fsync)
+                    stats_interval=s.stats_interval, metrics=s.metrics, fsync_state=s.fsync,
+                    connection_rate=(s.connection_burst, s.connection_seconds),
+                    cert_identity=s.tls.identity_from_cert)
 
 
 def build_sensor(args: argparse.Namespace):
@@ -99,7 +109,8 @@ def build_sensor(args: argparse.Namespace):
     if args.bpf:
         s.bpf = " ".join(args.bpf)
     for attr in ("pcap_mode", "snaplen", "buffer_bytes", "block_bytes", "max_wait", "compression_level",
-                 "window_bytes", "spool_dir", "spool_bytes", "sensor_id", "log_file", "heartbeat"):
+                 "window_bytes", "spool_dir", "spool_bytes", "sensor_id", "log_file", "heartbeat",
+                 "user", "group"):
         v = getattr(args, attr)
         if v is not None:
             setattr(s, attr, v)
@@ -119,8 +130,12 @@ def build_sensor(args: argparse.Namespace):
         if getattr(args, flag):
             setattr(s.tls, attr, getattr(args, flag))
     s.tls.insecure = s.tls.insecure or args.tls_insecure
-    if not s.receiver:
-        raise ConfigError("no receiver: give --receiver HOST:PORT or output.server.address/port")
+    if args.receiver and args.output_url:
+        raise ConfigError("--receiver and --output are exclusive")
+    transport = cloud.sensor_transport(args, s)  # --output kafka:// / output.plugins.kafka
+    if not s.receiver and transport is None:
+        raise ConfigError("no receiver: give --receiver HOST:PORT, --output kafka://HOST:PORT/TOPIC, "
+                          "output.server.address/port or output.plugins.kafka")
     if s.spool_dir and not s.spool_bytes:
         raise ConfigError("--spool-dir needs --spool-size")
     _setup_log_file(s.log_file)
@@ -128,14 +143,15 @@ def build_sensor(args: argparse.Namespace):
     if s.tls.enable:
         ctx = client_context(cafile=s.tls.cafile, certfile=s.tls.certfile, keyfile=s.tls.keyfile,
                              insecure=s.tls.insecure)
-    return Sensor(receiver=s.receiver, interfaces=s.interfaces or None, include_loopback=s.include_loopback,
+    return Sensor(receiver=None if transport else s.receiver, transport=transport, interfaces=s.interfaces or None, include_loopback=s.include_loopback,
                   bpf=s.bpf, pcap_mode=s.pcap_mode, capture_ports=s.capture_ports,
                   capture_interfaces_ports=s.capture_interfaces_ports, ignore_ports=s.ignore_ports,
                   snaplen=s.snaplen, promisc=s.promisc, immediate=s.immediate, buffer_bytes=s.buffer_bytes,
                   block_bytes=s.block_bytes, max_wait=s.max_wait, compression_level=s.compression_level,
                   window_bytes=s.window_bytes, spool_dir=s.spool_dir, spool_bytes=s.spool_bytes,
                   sensor_id=s.sensor_id, auth_key=s.auth.key if s.auth.enable else None, ssl_context=ctx,
-                  server_hostname=s.tls.server_name, heartbeat=s.heartbeat, stats_interval=s.stats_interval)
+                  server_hostname=s.tls.server_name, heartbeat=s.heartbeat, stats_interval=s.stats_interval,
+                  user=s.user, group=s.group)
 
 
 def _on_signals(stop) -> None:
@@ -166,6 +182,7 @@ def cmd_receiver(args: argparse.Namespace) -> int:
 
 def cmd_sensor(args: argparse.Namespace) -> int:
     sensor = build_sensor(args)
+    stats_file = open(args.stats_json, "w") if args.stats_json else None  # before dropping root
     _on_signals(sensor.stop)
     logging.getLogger("pktstream").setLevel(logging.INFO if args.verbose == 0 else logging.DEBUG)
     sensor.run()
@@ -173,9 +190,9 @@ def cmd_sensor(args: argparse.Namespace) -> int:
     print(f"pktstream sensor: {st['packets']} packets captured, {st['kernel_dropped']} dropped by kernel, "
           f"{st['ring_drops']} by ring, {st['window_dropped_packets']} by full send window/spool, "
           f"{st['unacked_frames']} frames unacknowledged at exit", file=sys.stderr)
-    if args.stats_json:
-        with open(args.stats_json, "w") as f:
-            json.dump(st, f, indent=1)
+    if stats_file is not None:
+        with stats_file:
+            json.dump(st, stats_file, indent=1)
     return 0
 
 
@@ -183,7 +200,9 @@ def register(sub) -> None:
     r = sub.add_parser("receiver", help="receive streams from sensors and write them out")
     r.add_argument("--config", help="YAML config (PacketStreamer receiver format accepted)")
     r.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 0.0.0.0:8081)")
-    r.add_argument("-w", "--write", metavar="FILE", help="merged output file (.pcap/.pcapng/...); '-' = stdout")
+    r.add_argument("-w", "--write", metavar="FILE", help="merged output file (.pcap/.pcapng/...); '-' = stdout; "
+                   "s3://BUCKET/PREFIX; kafka://HOST:PORT/TOPIC")
+    cloud.add_receiver_args(r)
     r.add_argument("--output-dir", metavar="DIR", help="one file per sensor in DIR")
     r.add_argument("--format", default="pcapng", help="per-sensor file format (default pcapng)")
     r.add_argument("--state-dir", metavar="DIR", help="persist last sequence per sensor (exact restarts)")
@@ -204,6 +223,8 @@ def register(sub) -> None:
     r.add_argument("--tls-key", metavar="PEM")
     r.add_argument("--tls-ca", metavar="PEM", help="CA for client certificates")
     r.add_argument("--tls-client-certs", action="store_true", help="require client certificates (mTLS)")
+    r.add_argument("--tls-identity-from-cert", action="store_true",
+                   help="mTLS: a sensor's id must be the CN or a SAN of its certificate")
     r.add_argument("--log-file", metavar="FILE")
     r.set_defaults(func=cmd_receiver)
 
@@ -211,6 +232,7 @@ def register(sub) -> None:
     s.add_argument("--config", help="YAML config (PacketStreamer sensor format accepted)")
     s.add_argument("-i", "--interface", action="append", help="interface (repeat; default: all up)")
     s.add_argument("--receiver", metavar="HOST:PORT")
+    cloud.add_sensor_args(s)
     s.add_argument("--include-loopback", action="store_true", help="also capture on loopback (all-interfaces mode)")
     s.add_argument("--pcap-mode", choices=("all", "allow", "deny"))
     s.add_argument("--capture-ports", metavar="P,P,..", help="ports for pcap mode allow/deny")
@@ -235,6 +257,9 @@ def register(sub) -> None:
     s.add_argument("--tls-insecure", action="store_true", help="do NOT verify the receiver (warned)")
     s.add_argument("--heartbeat", type=float, metavar="SEC", help="heartbeat interval (default 5); a receiver "
                    "silent for 3x+1 s is considered gone")
+    s.add_argument("--user", help="after opening the capture handles, run as USER keeping only "
+                   "CAP_NET_RAW/CAP_NET_ADMIN")
+    s.add_argument("--group", help="group for --user (default: the user's group)")
     s.add_argument("--stats-json", metavar="FILE", help="write final counters as JSON at exit")
     s.add_argument("--log-file", metavar="FILE")
     s.add_argument("bpf", nargs="*", help="BPF filter expression")

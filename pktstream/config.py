@@ -141,6 +141,7 @@ class TLSSettings:
     client_certs: bool = False       # receiver: require client certificates (mTLS)
     insecure: bool = False           # sensor: do not verify the receiver (must be spelled out)
     server_name: str | None = None   # sensor: name to verify instead of the address
+    identity_from_cert: bool = False # receiver (mTLS): sensor id must be the cert's CN/SAN
 
 
 @dataclass
@@ -155,10 +156,13 @@ def _tls(node: _Node, role: str) -> TLSSettings:
     t = TLSSettings(enable=node.get("enable", "bool", False), certfile=node.get("certfile", "str"),
                     keyfile=node.get("keyfile", "str"), cafile=node.get("cafile", "str"),
                     client_certs=node.get("clientCerts", "bool", False),
-                    insecure=node.get("insecure", "bool", False), server_name=node.get("serverName", "str"))
+                    insecure=node.get("insecure", "bool", False), server_name=node.get("serverName", "str"),
+                    identity_from_cert=node.get("identityFromCert", "bool", False))
     node.finish(_TLS_HINTS)
     if t.enable and role == "receiver" and not (t.certfile and t.keyfile):
         raise ConfigError(f"{node.path}: a receiver with TLS needs certfile and keyfile")
+    if t.identity_from_cert and not t.client_certs:
+        raise ConfigError(f"{node.path}.identityFromCert: needs clientCerts: true (mTLS)")
     if t.enable and bool(t.certfile) != bool(t.keyfile):
         raise ConfigError(f"{node.path}: certfile and keyfile go together")
     return t
@@ -186,6 +190,8 @@ class ReceiverSettings:
     state_dir: str | None = None
     snaplen: int = 262144
     max_connections: int = 256
+    connection_burst: int = 20
+    connection_seconds: float = 10.0
     handshake_timeout: float = 10.0
     heartbeat: float = 5.0
     max_block_bytes: int = 8 << 20
@@ -194,6 +200,9 @@ class ReceiverSettings:
     log_file: str | None = None
     tls: TLSSettings = field(default_factory=TLSSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    kafka: Any = None        # config_plugins.KafkaSettings (output.plugins.kafka)
+    s3: Any = None           # config_plugins.S3Settings (output.plugins.s3, receiver only)
+    kafka_input: Any = None  # config_plugins.KafkaInputSettings (input.kafka, receiver only)
 
 
 @dataclass
@@ -219,9 +228,14 @@ class SensorSettings:
     sensor_id: str | None = None
     heartbeat: float = 5.0
     stats_interval: float = 5.0
+    user: str | None = None
+    group: str | None = None
     log_file: str | None = None
     tls: TLSSettings = field(default_factory=TLSSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    kafka: Any = None        # config_plugins.KafkaSettings (output.plugins.kafka)
+    s3: Any = None           # config_plugins.S3Settings (output.plugins.s3, receiver only)
+    kafka_input: Any = None  # config_plugins.KafkaInputSettings (input.kafka, receiver only)
 
 
 def _common(root: _Node) -> dict[str, Any]:
@@ -237,11 +251,11 @@ def _common(root: _Node) -> dict[str, Any]:
     return out
 
 
-def _plugins(node: _Node) -> None:
-    if node.data:
-        names = ", ".join(sorted(map(str, node.data)))
-        raise ConfigError(f"{node.path}: output plugins ({names}) are not supported by this pktstream build yet")
-    node.finish()
+def _plugins(node: _Node, settings: Any, role: str) -> None:
+    """output.plugins.kafka / .s3 (pktstream.config_plugins) → settings.kafka / settings.s3."""
+    from pktstream import config_plugins
+    for name, value in config_plugins.plugins(node, role).items():
+        setattr(settings, name, value)
 
 
 def receiver_settings(data: Any) -> ReceiverSettings:
@@ -255,6 +269,8 @@ def receiver_settings(data: Any) -> ReceiverSettings:
             raise ConfigError("input.port: required (the port to listen on)")
         addr = inp.get("address", "str", "0.0.0.0") or "0.0.0.0"
         s.listen = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+    from pktstream.config_plugins import kafka_input
+    s.kafka_input = kafka_input(inp.child("kafka"))
     inp.finish()
     out = root.child("output")
     f = out.child("file")
@@ -276,7 +292,7 @@ def receiver_settings(data: Any) -> ReceiverSettings:
         raise ConfigError("output.server: a receiver cannot forward to another receiver "
                           "(PacketStreamer writes unframed data there); use output.file")
     srv.finish()
-    _plugins(out.child("plugins"))
+    _plugins(out.child("plugins"), s, "receiver")
     out.finish()
     if s.output_file and s.output_dir:
         raise ConfigError("output: file.path and directory are exclusive")
@@ -284,6 +300,12 @@ def receiver_settings(data: Any) -> ReceiverSettings:
     if root.has("compressBlockSize"):
         s.max_block_bytes = max(root.get("compressBlockSize", "int") * 1024, 1 << 16)
     s.max_connections = root.get("maxConnections", "int", s.max_connections)
+    rate = root.child("connectionRate")
+    s.connection_burst = rate.get("burst", "int", s.connection_burst)
+    s.connection_seconds = rate.get("seconds", "duration", s.connection_seconds)
+    rate.finish()
+    if s.connection_burst < 1 or s.connection_seconds <= 0:
+        raise ConfigError("connectionRate: burst must be >= 1 and seconds > 0")
     s.handshake_timeout = root.get("handshakeTimeout", "duration", s.handshake_timeout)
     s.heartbeat = root.get("heartbeat", "duration", s.heartbeat)
     s.stats_interval = root.get("statsInterval", "duration", s.stats_interval)
@@ -314,8 +336,10 @@ def sensor_settings(data: Any) -> SensorSettings:
     if out.child("file").data:
         raise ConfigError("output.file: a sensor streams to a receiver; for a local file use "
                           "`pktstream capture -w FILE` (PacketStreamer wrote an unreadable file here)")
-    _plugins(out.child("plugins"))
+    _plugins(out.child("plugins"), s, "sensor")
     out.finish()
+    if s.receiver and s.kafka:
+        raise ConfigError("output: server and plugins.kafka are exclusive (a sensor streams to one of them)")
     mode = root.get("pcapMode", "str", "all") or "all"
     if mode.lower() not in ("all", "allow", "deny"):
         raise ConfigError(f"pcapMode: must be all, allow or deny, got {mode!r}")
@@ -354,6 +378,8 @@ def sensor_settings(data: Any) -> SensorSettings:
     if s.spool_dir and not s.spool_bytes:
         raise ConfigError("spool.maxBytes: required when spool.dir is set")
     s.sensor_id = root.get("sensorId", "str")
+    s.user = root.get("user", "str")
+    s.group = root.get("group", "str")
     s.heartbeat = root.get("heartbeat", "duration", s.heartbeat)
     s.stats_interval = root.get("statsInterval", "duration", s.stats_interval)
     for k, v in _common(root).items():

@@ -49,6 +49,27 @@ class _SensorState:
     bye: asyncio.Event | None = None
 
 
+def _cert_names(cert: dict | None) -> set[str]:
+    """Common name and subjectAltName DNS/URI entries of a verified peer certificate."""
+    if not cert:
+        return set()
+    names = {v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"}
+    names |= {v for k, v in cert.get("subjectAltName", ()) if k in ("DNS", "URI")}
+    return names
+
+
+class _Accept(asyncio.Protocol):
+    """Holds a new connection paused until Receiver._accept has checked limits and set up TLS
+    (no byte is read before the TLS layer takes over)."""
+
+    def __init__(self, receiver: "Receiver") -> None:
+        self.receiver = receiver
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.pause_reading()
+        self.task = asyncio.ensure_future(self.receiver._accept(transport))
+
+
 class _SinkRunner:
     """A sink, its bounded queue and its thread."""
 
@@ -70,55 +91,59 @@ class _SinkRunner:
             self.counters["dropped_batches"] += 1
             self.counters["dropped_packets"] += len(batch)
 
-    def _write(self, source: Source, batch: PacketBatch) -> bool:
+    def _write_group(self, items: list) -> dict[str, Any] | None:
+        """Write and flush items; raises on the first failure."""
+        for index, source, batch in items:
+            self.sink.write(source, batch)
+        return self.sink.flush()
+
+    def _write_with_retry(self, items: list) -> tuple[bool, dict[str, Any] | None]:
+        """(written, state). A gating output retries every second until it works (nothing is
+        acknowledged meanwhile, so the sensors buffer); a best-effort one drops and counts."""
         while True:
             try:
-                self.sink.write(source, batch)
+                state = self._write_group(items)
                 if self.failing:
                     log.warning("output %s works again", self.sink.name)
-                self.failing = False
-                self.counters["batches"] += 1
-                self.counters["packets"] += len(batch)
-                return True
+                    self.failing = False
+                return True, state
             except Exception as exc:
                 self.counters["failures"] += 1
                 if not self.failing:
                     log.error("output %s failed: %s", self.sink.name, exc)
                 self.failing = True
-                if not self.gate:
-                    self.counters["dropped_batches"] += 1
-                    self.counters["dropped_packets"] += len(batch)
-                    return False
-                if self.receiver._closing.is_set():
-                    self.counters["lost_at_shutdown_packets"] += len(batch)
-                    return False
-                time.sleep(1.0)  # a gating output keeps the data: retry (nothing is ACKed meanwhile)
+                try:
+                    self.sink.reset()  # back to the last flush; the whole group is written again
+                except Exception as reset_exc:
+                    log.error("output %s: reset failed: %s", self.sink.name, reset_exc)
+                if not self.gate or self.receiver._closing.is_set():
+                    key = "dropped" if not self.gate else "unwritten_at_shutdown"
+                    self.counters[f"{key}_batches"] += len(items)
+                    self.counters[f"{key}_packets"] += sum(len(b) for _, _, b in items)
+                    return False, None
+                time.sleep(1.0)
 
     def _run(self) -> None:
         done = False
         while not done:
-            item = self.queue.get()
-            items = [item]
+            items = [self.queue.get()]
             while len(items) < 512:
                 try:
                     items.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
-            last = self.committed
-            for it in items:
-                if it is None:
-                    done = True
-                    continue
-                index, source, batch = it
-                self._write(source, batch)
-                last = index
-            try:
-                state = self.sink.flush()
-            except Exception as exc:
-                self.counters["failures"] += 1
-                log.error("output %s flush failed: %s", self.sink.name, exc)
+            if None in items:
+                done = True
+                items = [it for it in items if it is not None]
+            if not items:
                 continue
-            self.receiver._from_thread(self._flushed, last, state)
+            ok, state = self._write_with_retry(items)
+            if ok:
+                self.counters["batches"] += len(items)
+                self.counters["packets"] += sum(len(b) for _, _, b in items)
+            if ok or not self.gate:
+                # a gating output that could not write keeps its items unacknowledged
+                self.receiver._from_thread(self._flushed, items[-1][0], state)
         try:
             self.sink.close()
         except Exception as exc:
@@ -151,8 +176,12 @@ class Receiver:
                  max_connections: int = 256, handshake_timeout: float = 10.0, heartbeat: float = 5.0,
                  max_raw_bytes: int = P.DEFAULT_MAX_RAW_BYTES, max_inflight_bytes: int = 64 << 20,
                  sink_queue: int = 256, stats_interval: float = 60.0, metrics: str | None = None,
-                 fsync_state: bool = False) -> None:
-        self.listen = parse_hostport(listen)
+                 fsync_state: bool = False, connection_rate: tuple[int, float] = (20, 10.0),
+                 cert_identity: bool = False, inputs: list | tuple = ()) -> None:
+        # listen=None: no TCP server, only ``inputs`` (e.g. pktstream.kafka.KafkaInput)
+        self.listen = parse_hostport(listen) if listen else None
+        self.inputs = list(inputs)
+        self._commit_hooks: list = []  # fn(committed index), called after state is saved
         self.outputs = list(outputs)
         self.state_dir = state_dir
         self.auth_key = auth_key.encode() if isinstance(auth_key, str) else auth_key
@@ -167,6 +196,10 @@ class Receiver:
         self.stats_interval = stats_interval
         self.metrics = parse_hostport(metrics, 9100) if metrics else None
         self.fsync_state = fsync_state
+        self.connection_rate = connection_rate  # (connections, per seconds) per peer address
+        self.cert_identity = cert_identity      # mTLS: the sensor id must be named in its certificate
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._log_limit: dict[tuple[str, str], float] = {}
         self.address: tuple[str, int] | None = None
         self.metrics_address: tuple[str, int] | None = None
         self._sensors: dict[str, _SensorState] = {}
@@ -286,14 +319,21 @@ class Receiver:
         self._runners = [_SinkRunner(s, self, self.sink_queue) for s in self.outputs]
         for r in self._runners:
             r.thread.start()
-        server = await asyncio.start_server(self._handle, self.listen[0] or None, self.listen[1],
-                                            ssl=self.ssl_context, limit=1 << 20)
-        self.address = server.sockets[0].getsockname()[:2]
+        # Connections are accepted paused; limits are checked, then TLS is started by _accept,
+        # so a failed TLS handshake is logged and counted like any other refusal (asyncio's own
+        # TLS server drops those silently).
+        server = None
+        if self.listen is not None:
+            server = await self._loop.create_server(lambda: _Accept(self), self.listen[0] or None, self.listen[1])
+            self.address = server.sockets[0].getsockname()[:2]
+        for inp in self.inputs:
+            inp.start(self)
         metrics_server = None
         if self.metrics:
             metrics_server = await asyncio.start_server(self._metrics, *self.metrics)
             self.metrics_address = metrics_server.sockets[0].getsockname()[:2]
-        log.info("receiver listening on %s:%d%s", *self.address, " (TLS)" if self.ssl_context else "")
+        if server is not None:
+            log.info("receiver listening on %s:%d%s", *self.address, " (TLS)" if self.ssl_context else "")
         self._ready.set()
         ticker = asyncio.create_task(self._periodic())
         try:
@@ -301,7 +341,10 @@ class Receiver:
         finally:
             self._closing.set()
             ticker.cancel()
-            server.close()
+            for inp in self.inputs:
+                inp.stop()
+            if server is not None:
+                server.close()
             if metrics_server:
                 metrics_server.close()
             for s in list(self._sensors.values()):
@@ -314,6 +357,8 @@ class Receiver:
             await asyncio.sleep(0)  # run the final _flushed callbacks
             self._commit()
             self._save_state()
+            for inp in self.inputs:
+                await asyncio.to_thread(inp.close)  # commits what the outputs have (input offsets)
             self.log_stats()
 
     async def _periodic(self) -> None:
@@ -352,6 +397,7 @@ class Receiver:
             acks[sid] = max(acks.get(sid, 0), seq)
             freed += nbytes
         if not acks:
+            self._run_commit_hooks(committed)
             return
         for sid, seq in acks.items():
             s = self._sensors[sid]
@@ -364,7 +410,12 @@ class Receiver:
             if s.bye is not None and s.last_committed >= s.last_accepted:
                 s.bye.set()
         self._inflight -= freed
+        self._run_commit_hooks(committed)
         asyncio.ensure_future(self._notify_space())
+
+    def _run_commit_hooks(self, committed: int) -> None:
+        for hook in self._commit_hooks:
+            hook(committed)
 
     async def _notify_space(self) -> None:
         async with self._space:
@@ -376,35 +427,92 @@ class Receiver:
             return self.auth_keys.get(sensor_id)
         return self.auth_key
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = "%s:%s" % writer.get_extra_info("peername")[:2]
+    def _allow_connection(self, host: str) -> bool:
+        """Token bucket per peer address: ``connection_rate`` = (burst, seconds to refill it)."""
+        burst, period = self.connection_rate
+        now = time.monotonic()
+        tokens, last = self._buckets.get(host, (float(burst), now))
+        tokens = min(float(burst), tokens + (now - last) * burst / period)
+        if len(self._buckets) > 10000:  # bound the table itself
+            self._buckets.clear()
+        if tokens < 1.0:
+            self._buckets[host] = (tokens, now)
+            return False
+        self._buckets[host] = (tokens - 1.0, now)
+        return True
+
+    def _warn(self, kind: str, peer_host: str, msg: str, *args: Any) -> None:
+        """Log a peer's failure at most once per 10 s per (kind, address); counters count all."""
+        now = time.monotonic()
+        key = (kind, peer_host)
+        if now - self._log_limit.get(key, -1e9) >= 10.0:
+            if len(self._log_limit) > 10000:
+                self._log_limit.clear()
+            self._log_limit[key] = now
+            log.warning(msg, *args)
+
+    async def _accept(self, transport: asyncio.BaseTransport) -> None:
+        """Limits, then TLS, then the stream reader/writer pair for _handle."""
+        peername = transport.get_extra_info("peername") or ("?", 0)
+        host = str(peername[0])
+        peer = "%s:%s" % tuple(peername[:2])
         if self._connections >= self.max_connections:
             self.counters["rejected_connections"] += 1
-            log.warning("%s: refused, %d connections already", peer, self._connections)
-            writer.close()
+            self._warn("max", host, "%s: refused, %d connections already (maxConnections)", peer, self._connections)
+            transport.close()
+            return
+        if not self._allow_connection(host):
+            self.counters["rate_limited_connections"] += 1
+            self._warn("rate", host, "%s: refused, more than %d connections in %.0f s from this address",
+                       peer, *self.connection_rate)
+            transport.close()
             return
         self._connections += 1
+        try:
+            reader = asyncio.StreamReader(limit=1 << 20)
+            protocol = asyncio.StreamReaderProtocol(reader)
+            if self.ssl_context is not None:
+                try:
+                    transport = await self._loop.start_tls(transport, protocol, self.ssl_context, server_side=True,
+                                                           ssl_handshake_timeout=self.handshake_timeout)
+                except (ssl.SSLError, OSError, asyncio.TimeoutError) as exc:
+                    self.counters["tls_failures"] += 1
+                    self._warn("tls", host, "%s: TLS handshake failed: %s", peer,
+                               exc or "timeout (peer silent or not speaking TLS)")
+                    transport.close()
+                    return
+            else:
+                transport.set_protocol(protocol)
+            protocol.connection_made(transport)
+            if self.ssl_context is None:
+                transport.resume_reading()
+            writer = asyncio.StreamWriter(transport, protocol, reader, self._loop)
+            await self._handle(reader, writer, host, peer)
+        finally:
+            self._connections -= 1
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str,
+                      peer: str) -> None:
         sensor: _SensorState | None = None
         try:
             sensor = await asyncio.wait_for(self._handshake(reader, writer, peer), self.handshake_timeout)
             await self._session(sensor, reader, writer)
         except asyncio.TimeoutError:
             self.counters["timeouts"] += 1
-            log.warning("%s: %s timed out", peer, "session" if sensor else "handshake")
+            self._warn("timeout", host, "%s: %s timed out", peer, "session" if sensor else "handshake")
         except FrameError as exc:
             self.counters["protocol_errors"] += 1
-            log.warning("%s: closing: %s", peer, exc)
+            self._warn("protocol", host, "%s: closing: %s", peer, exc)
             self._send_error(writer, str(exc))
         except PermissionError as exc:
             self.counters["auth_failures"] += 1
-            log.warning("%s: authentication failed: %s", peer, exc)
+            self._warn("auth", host, "%s: authentication failed: %s", peer, exc)
             self._send_error(writer, "authentication failed")
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as exc:
             if sensor is None:
                 self.counters["aborted_handshakes"] += 1
             log.info("%s: connection closed (%s)", peer, type(exc).__name__)
         finally:
-            self._connections -= 1
             if sensor is not None and sensor.writer is writer:
                 sensor.writer = None
                 log.info("sensor %s (%s) disconnected", sensor.sensor_id, peer)
@@ -448,6 +556,10 @@ class Receiver:
         if not isinstance(ifaces, list) or len(ifaces) > 4096:
             raise FrameError("bad interface list")
         descs = [self._check_iface(d) for d in ifaces]
+        if self.cert_identity:
+            names = _cert_names(writer.get_extra_info("peercert"))
+            if sid not in names:
+                raise PermissionError(f"sensor id {sid!r} is not named in its client certificate {sorted(names)}")
         key = self._key_for(sid)
         if self.auth_keys and key is None:
             raise PermissionError(f"sensor {sid!r} has no key (revoked or unknown)")
@@ -526,7 +638,8 @@ class Receiver:
             return
         batch = P.decode_data(frame, link_type=iface["link_type"], snaplen=iface["snaplen"],
                               interface=f"{sensor.sensor_id}/{iface['name']}", max_raw=self.max_raw)
-        source = Source(sensor.sensor_id, sensor.hostname, iface["name"], iface["link_type"], iface["snaplen"])
+        source = Source(sensor.sensor_id, sensor.hostname, iface["name"], iface["link_type"], iface["snaplen"],
+                        seq=frame.seq)
         sensor.last_accepted = frame.seq
         c["frames"] += 1
         c["packets"] += frame.count
@@ -558,6 +671,7 @@ class Receiver:
         outputs = {r.sink.name: {"gate": r.gate, "queued": r.queue.qsize(), **r.counters}
                    for r in self._runners}
         return {"sensors": sensors, "outputs": outputs, "connections": self._connections,
+                "inputs": [inp.stats() for inp in self.inputs],
                 "inflight_bytes": self._inflight, **self.counters}
 
     async def _metrics(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -596,7 +710,8 @@ class Receiver:
                 lines.append(f'pktstream_output_{key}{{output="{esc(name)}"}} {o.get(key, 0)}')
         lines.append("# TYPE pktstream_receiver_connections gauge")
         lines.append(f"pktstream_receiver_connections {st['connections']}")
-        for key in ("protocol_errors", "auth_failures", "timeouts", "rejected_connections"):
+        for key in ("protocol_errors", "auth_failures", "tls_failures", "timeouts", "rejected_connections",
+                    "rate_limited_connections", "aborted_handshakes"):
             lines.append(f"# TYPE pktstream_receiver_{key} counter")
             lines.append(f"pktstream_receiver_{key} {st.get(key, 0)}")
         return "\n".join(lines) + "\n"

@@ -297,7 +297,7 @@ class Sensor:
     runs it in a background thread. ``stats()`` is callable from any thread.
     """
 
-    def __init__(self, *, receiver: str, interfaces: list[str] | None = None,
+    def __init__(self, *, receiver: str | None = None, interfaces: list[str] | None = None,
                  include_loopback: bool = False, bpf: str | None = None, pcap_mode: str = "all",
                  capture_ports: Iterable[int] = (), capture_interfaces_ports: dict[str, list[int]] | None = None,
                  ignore_ports: Iterable[int] = (), snaplen: int = 262144, promisc: bool = False,
@@ -307,10 +307,16 @@ class Sensor:
                  sensor_id: str | None = None, auth_key: bytes | str | None = None,
                  ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
                  heartbeat: float = 5.0, stats_interval: float = 5.0, rescan_interval: float = 5.0,
-                 reconnect_min: float = 0.2, reconnect_max: float = 30.0) -> None:
+                 reconnect_min: float = 0.2, reconnect_max: float = 30.0, user: str | None = None,
+                 group: str | None = None, transport=None) -> None:
         if pcap_mode not in ("all", "allow", "deny"):
             raise ValueError(f"pcap_mode must be all, allow or deny, not {pcap_mode!r}")
-        self.receiver = parse_hostport(receiver)
+        # transport: None = TCP to ``receiver``; else an object with run(sensor, drain_timeout)
+        # and exclude() (e.g. pktstream.kafka.KafkaTransport)
+        if (receiver is None) == (transport is None):
+            raise ValueError("Sensor needs exactly one of receiver and transport")
+        self.transport = transport
+        self.receiver = parse_hostport(receiver) if receiver else None
         self.interfaces_wanted = list(interfaces) if interfaces else None
         self.include_loopback = include_loopback
         self.bpf = bpf
@@ -335,6 +341,8 @@ class Sensor:
         self.stats_interval = stats_interval
         self.rescan_interval = rescan_interval
         self.reconnect_min, self.reconnect_max = reconnect_min, reconnect_max
+        self.user, self.group = user, group
+        self.spool_dir = spool_dir
         self.store = FrameStore(window_bytes=window_bytes, spool_dir=spool_dir, spool_bytes=spool_bytes)
         self.max_raw = self.capture_options["block_bytes"]
         self._ifaces: dict[str, _Iface] = {}
@@ -346,8 +354,11 @@ class Sensor:
         self._fatal: BaseException | None = None
         self._thread: threading.Thread | None = None
         self.counters = collections.Counter()
-        self._exclude = [(a, self.receiver[1]) for a in resolve_all(*self.receiver)] or \
-            [(self.receiver[0], self.receiver[1])]
+        if transport is not None:
+            self._exclude = transport.exclude()
+        else:
+            self._exclude = [(a, self.receiver[1]) for a in resolve_all(*self.receiver)] or \
+                [(self.receiver[0], self.receiver[1])]
         self.store.on_new_frame(self._notify)
 
     # -- interfaces --------------------------------------------------------------------------
@@ -503,12 +514,20 @@ class Sensor:
         self._rescan()
         if not self._ifaces:
             raise PcapError("no interface to capture on (none up, or none matches the config)")
+        if self.user:
+            from pktstream.privileges import chown_for, drop_privileges
+            if self.spool_dir:
+                chown_for(self.spool_dir, self.user, self.group)
+            drop_privileges(self.user, self.group)
         rescan = None
         if not self.interfaces_wanted:
             rescan = threading.Thread(target=self._rescan_loop, name="rescan", daemon=True)
             rescan.start()
         try:
-            asyncio.run(self._sender(drain_timeout))
+            if self.transport is not None:
+                self.transport.run(self, drain_timeout)
+            else:
+                asyncio.run(self._sender(drain_timeout))
         finally:
             self.stop()
             for itf in list(self._ifaces.values()):

@@ -336,6 +336,23 @@ class CaptureWriter:
             except FileNotFoundError:
                 pass
 
+    def abandon(self) -> str | None:
+        """After a write error: drop the current file's state without writing anything more
+        and return its final name (its data is in ``NAME.part``, possibly with a partial
+        record at the end; the caller cuts it back). The writer opens a new file on the
+        next write."""
+        if self._cur is None or not self._is_path:
+            return None
+        path = self._cur_path
+        self._cur = None
+        self._zfile = None
+        raw, self._raw = self._raw, None
+        try:
+            raw.close()  # may flush buffered bytes or fail again: both are cut back by the caller
+        except OSError:
+            pass
+        return path
+
     @property
     def closed(self) -> bool:
         return self._closed

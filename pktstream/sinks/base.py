@@ -1,7 +1,7 @@
 """The Sink interface and the Source of a batch."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pktstream._capture import PacketBatch
@@ -15,6 +15,7 @@ class Source:
     interface: str
     link_type: int
     snaplen: int
+    seq: int = field(default=0, compare=False)  # the sensor's block sequence number (0: unknown)
 
     @property
     def name(self) -> str:
@@ -39,6 +40,10 @@ class Sink:
     def flush(self) -> dict[str, Any] | None:
         """Make everything written so far durable; return state to persist (or None)."""
         return None
+
+    def reset(self) -> None:
+        """After a failed write/flush: return to the state of the last successful flush (the
+        receiver then writes again everything given since). Default: nothing to undo."""
 
     def close(self) -> None:
         """Flush and release resources. Data not flushed before the process dies is lost."""

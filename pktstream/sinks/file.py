@@ -75,6 +75,8 @@ class FileSink(Sink):
         self.opts = dict(rotate_bytes=rotate_bytes, rotate_seconds=rotate_seconds, max_files=max_files,
                          fsync=fsync, mode=mode, hostname=hostname)
         self._outputs: dict[Any, CaptureWriter] = {}
+        self._committed: dict[str, int] = {}  # open file -> size at the last flush
+        self._done: list[str] = []  # files completed by earlier writers (after a reset)
         self.name = f"file:{self.path or self.directory}"
         if self.directory:
             os.makedirs(self.directory, mode=0o750, exist_ok=True)
@@ -100,6 +102,18 @@ class FileSink(Sink):
     def write(self, source: Source, batch: PacketBatch) -> None:
         self._output_for(source, batch).write(batch)
 
+    def reset(self) -> None:
+        """After a failed write or flush (disk full, I/O error): cut every open file back to
+        its last flushed size, complete it, and start new files on the next write. The
+        receiver then rewrites everything since the last flush, so nothing is lost or doubled."""
+        for out in self._outputs.values():
+            final = out.abandon()
+            self._done.extend(out.paths)
+            if final is not None and _cut_and_complete(final + ".part", final, self._committed.get(final, 0)):
+                self._done.append(final)
+        self._outputs.clear()  # new writers, new (free) names: a completed file is never reopened
+        self._committed.clear()
+
     def flush(self) -> dict[str, Any]:
         open_files = []
         for out in self._outputs.values():
@@ -109,12 +123,13 @@ class FileSink(Sink):
             st = _writer_state(out)
             if st is not None:
                 open_files.append(st)
+                self._committed[st["final"]] = st["size"]
         return {"open": open_files}
 
     @property
     def paths(self) -> list[str]:
         """Completed files, oldest first."""
-        return [p for out in self._outputs.values() for p in out.paths]
+        return self._done + [p for out in self._outputs.values() for p in out.paths]
 
     def close(self) -> None:
         for out in self._outputs.values():
@@ -122,25 +137,50 @@ class FileSink(Sink):
 
     @staticmethod
     def recover(state: dict[str, Any]) -> None:
+        known = set()
         for f in state.get("open", []):
             part, final, size = f.get("part"), f.get("final"), f.get("size")
             if not (isinstance(part, str) and isinstance(final, str) and isinstance(size, int)):
                 continue
-            if not os.path.exists(part):
-                continue
-            actual = os.path.getsize(part)
-            if size == 0:
-                os.unlink(part)  # nothing acknowledged went into it
-                continue
-            if actual > size:
-                with open(part, "r+b") as fh:
+            known.add(part)
+            if os.path.exists(part):
+                _cut_and_complete(part, final, size)
+            elif os.path.exists(final) and os.path.getsize(final) > size and not final.endswith(".zst"):
+                # completed by rotation after the last acknowledged flush: cut the tail
+                with open(final, "r+b") as fh:
                     fh.truncate(size)
-                log.warning("recovery: %s cut from %d to %d bytes (the unacknowledged tail will be "
-                            "resent by its sensors)", part, actual, size)
-            if final.endswith(".zst"):
-                _finish_zstd(part)
-            os.replace(part, final)
-            log.warning("recovery: completed %s left by the previous run", final)
+                log.warning("recovery: %s cut back to %d bytes", final, size)
+        stems = {(os.path.dirname(p) or ".", os.path.basename(p).split(".")[0] + ".") for p in known}
+        for d, stem in stems:
+            for name in os.listdir(d):
+                path = os.path.join(d, name)
+                if (name.startswith(stem) and name.endswith(".part") and path not in known
+                        and os.path.isfile(path)):
+                    # opened after the last acknowledged flush: holds only unacknowledged data
+                    log.warning("recovery: removing %s (nothing in it was acknowledged)", path)
+                    os.unlink(path)
+
+
+def _cut_and_complete(part: str, final: str, size: int) -> bool:
+    """Cut ``part`` back to ``size`` bytes (the last acknowledged flush) and complete it;
+    False if nothing was left to complete."""
+    try:
+        actual = os.path.getsize(part)
+    except OSError:
+        return False
+    if size == 0:
+        os.unlink(part)  # nothing acknowledged went into it
+        return False
+    if actual > size:
+        with open(part, "r+b") as fh:
+            fh.truncate(size)
+        log.warning("recovery: %s cut from %d to %d bytes (the unacknowledged tail is resent)",
+                    part, actual, size)
+    if final.endswith(".zst"):
+        _finish_zstd(part)
+    os.replace(part, final)
+    log.warning("recovery: completed %s", final)
+    return True
 
 
 def _finish_zstd(part: str) -> None:
