@@ -1,0 +1,525 @@
+"""Kafka as a transport (confluent-kafka / librdkafka): sensors produce, receivers consume.
+
+Message format (the same from a sensor and from a receiver's KafkaSink): one message per block;
+the value is the DATA frame exactly as on the TCP wire (36-byte header with seq, iface, count,
+raw_len + one zstd frame or STORED records, docs/PROTOCOL.md); the key is the sensor id (so a
+sensor's blocks stay ordered in one partition); headers::
+
+    sensor_id, hostname, interface, link_type, snaplen, seq      (UTF-8 text)
+    type = "data" | "stats"                                      (stats: value is a STATS frame)
+
+A consumer needs nothing else: the headers carry the interface descriptor the TCP protocol sends
+in HELLO. ``kafka://HOST:PORT[,HOST:PORT...]/TOPIC`` names brokers and topic.
+
+Delivery: producers are idempotent (acks=all) with ``message.timeout.ms=0`` (librdkafka retries
+forever, keeping order); a frame counts as delivered only when its delivery report arrives. If
+no report arrives for ``stall_timeout`` s while frames are outstanding (seen with a broker that
+lost its producer state, e.g. restarted with in-memory storage), the producer is recreated and
+everything unacknowledged is produced again; consumers drop the duplicates by (sensor id, seq).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+from pktstream import protocol as P
+from pktstream.exceptions import FrameError
+
+log = logging.getLogger("pktstream.kafka")
+_rdlog = logging.getLogger("pktstream.kafka.librdkafka")
+
+DEFAULT_TOPIC = "packetstreamer"  # PacketStreamer's default topic
+MAX_MESSAGE_BYTES = 16 << 20
+
+
+def parse_kafka_url(url: str) -> tuple[str, str]:
+    """``kafka://h1:9092,h2:9092/topic`` → ("h1:9092,h2:9092", "topic") (topic defaults to
+    PacketStreamer's ``packetstreamer``)."""
+    if not url.startswith("kafka://"):
+        raise ValueError(f"not a kafka:// URL: {url!r}")
+    rest = url[len("kafka://"):]
+    brokers, _, topic = rest.partition("/")
+    topic = topic.strip("/") or DEFAULT_TOPIC
+    if not brokers:
+        raise ValueError(f"{url!r}: no broker (kafka://HOST:PORT/TOPIC)")
+    return brokers, topic
+
+
+def broker_addresses(brokers: str) -> list[tuple[str, int]]:
+    """(address, port) of every broker (all resolved addresses), for the sensor's self-exclusion."""
+    out = []
+    for b in brokers.split(","):
+        b = b.strip()
+        if "://" in b:
+            b = b.split("://", 1)[1]
+        host, _, port = b.rpartition(":")
+        host, port = (host or b).strip("[]"), int(port) if port.isdigit() else 9092
+        try:
+            addrs = {i[4][0] for i in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+        except socket.gaierror:
+            addrs = {host}
+        out += [(a, port) for a in sorted(addrs)]
+    return out
+
+
+def _librdkafka_logger() -> logging.Logger:
+    return _rdlog
+
+
+class _ErrorLog:
+    """librdkafka error callback: count, log at most every 10 s per error code."""
+
+    def __init__(self, counters: collections.Counter) -> None:
+        self.counters = counters
+        self._last: dict[str, float] = {}
+        self.all_down = False
+
+    def __call__(self, err) -> None:
+        name = err.name() if hasattr(err, "name") else str(err)
+        self.counters["kafka_errors"] += 1
+        self.all_down = name == "_ALL_BROKERS_DOWN" or (self.all_down and name == "_TRANSPORT")
+        now = time.monotonic()
+        if now - self._last.get(name, -1e9) >= 10:
+            self._last[name] = now
+            log.warning("kafka: %s", err.str() if hasattr(err, "str") else err)
+
+
+def producer_config(brokers: str, *, client_id: str = "pktstream", acks: str = "all",
+                    properties: dict[str, Any] | None = None, timeout: float | None = None,
+                    error_cb: Callable | None = None) -> dict[str, Any]:
+    """librdkafka producer settings: idempotent, ordered, infinite retries; ``properties`` (TLS,
+    SASL, anything librdkafka accepts: ``security.protocol``, ``ssl.ca.location``,
+    ``sasl.mechanism``, ``sasl.username`` ...) override the defaults."""
+    acks = str(acks)
+    conf: dict[str, Any] = {
+        "bootstrap.servers": brokers, "client.id": client_id, "acks": acks,
+        "enable.idempotence": acks in ("all", "-1"),
+        "message.timeout.ms": 0,              # never give a frame up: retry until delivered
+        "linger.ms": 5, "compression.type": "none",  # frames are zstd already
+        "message.max.bytes": MAX_MESSAGE_BYTES + 65536,
+        "reconnect.backoff.ms": 100, "reconnect.backoff.max.ms": 2000,
+        "socket.connection.setup.timeout.ms": int((timeout or 10) * 1000),
+        "logger": _librdkafka_logger(),
+    }
+    if acks not in ("all", "-1"):
+        log.warning("kafka: acks=%s: idempotence off, a broker failure may lose or reorder acknowledged blocks", acks)
+    if error_cb is not None:
+        conf["error_cb"] = error_cb
+    conf.update(properties or {})
+    return conf
+
+
+def consumer_config(brokers: str, group: str, *, client_id: str = "pktstream-receiver",
+                    properties: dict[str, Any] | None = None, error_cb: Callable | None = None) -> dict[str, Any]:
+    conf: dict[str, Any] = {
+        "bootstrap.servers": brokers, "group.id": group, "client.id": client_id,
+        "enable.auto.commit": False, "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "fetch.max.bytes": 64 << 20, "max.partition.fetch.bytes": MAX_MESSAGE_BYTES + 65536,
+        "receive.message.max.bytes": (64 << 20) + 65536,
+        "reconnect.backoff.ms": 100, "reconnect.backoff.max.ms": 2000,
+        "logger": _librdkafka_logger(),
+    }
+    if error_cb is not None:
+        conf["error_cb"] = error_cb
+    conf.update(properties or {})
+    return conf
+
+
+def frame_headers(*, sensor_id: str, hostname: str, interface: str, link_type: int, snaplen: int,
+                  seq: int, kind: str = "data") -> list[tuple[str, bytes]]:
+    return [("type", kind.encode()), ("sensor_id", sensor_id.encode()), ("hostname", hostname.encode()),
+            ("interface", interface.encode()), ("link_type", str(link_type).encode()),
+            ("snaplen", str(snaplen).encode()), ("seq", str(seq).encode())]
+
+
+def parse_headers(headers) -> dict[str, str]:
+    out = {}
+    for k, v in headers or ():
+        if isinstance(v, bytes):
+            try:
+                v = v.decode()
+            except UnicodeDecodeError:
+                continue
+        out[k] = v or ""
+    return out
+
+
+def _purge_and_close(producer) -> None:
+    try:
+        producer.purge(in_queue=True, in_flight=True, blocking=False)
+        producer.flush(0)
+    except Exception:  # noqa: BLE001 - the old producer is being discarded anyway
+        pass
+
+
+# -- sensor side ---------------------------------------------------------------------------------
+
+class KafkaTransport:
+    """A Sensor transport that produces the FrameStore's frames to Kafka (instead of TCP to a
+    receiver). Frames are forgotten only when their delivery reports arrive; while the brokers
+    are unreachable they stay in the window/spool (and beyond it are dropped and counted, as
+    with a receiver). Use ``Sensor(transport=KafkaTransport(...))`` or ``--output kafka://``."""
+
+    def __init__(self, brokers: str, topic: str = DEFAULT_TOPIC, *, client_id: str = "pktstream-sensor",
+                 acks: str = "all", properties: dict[str, Any] | None = None, timeout: float | None = None,
+                 stall_timeout: float = 30.0, max_outstanding: int = 10000) -> None:
+        self.brokers, self.topic = brokers, topic
+        self.client_id, self.acks, self.properties, self.timeout = client_id, acks, dict(properties or {}), timeout
+        self.stall_timeout = stall_timeout
+        self.max_outstanding = max_outstanding
+        self.counters: collections.Counter = collections.Counter()
+
+    def describe(self) -> str:
+        return f"kafka://{self.brokers}/{self.topic}"
+
+    def exclude(self) -> list[tuple[str, int]]:
+        return broker_addresses(self.brokers)
+
+    def _producer(self, errors: _ErrorLog):
+        from confluent_kafka import Producer
+        return Producer(producer_config(self.brokers, client_id=self.client_id, acks=self.acks,
+                                        properties=self.properties, timeout=self.timeout, error_cb=errors))
+
+    def run(self, sensor, drain_timeout: float) -> None:
+        """Blocks until the sensor stops and everything is delivered (or ``drain_timeout``)."""
+        store = sensor.store
+        wake = threading.Event()
+        store.on_new_frame(wake.set)
+        errors = _ErrorLog(self.counters)
+        producer = self._producer(errors)
+        outstanding: collections.OrderedDict[int, bool] = collections.OrderedDict()
+        state = {"failed": False, "progress": time.monotonic(), "sent": store.acked_seq, "delivered": 0}
+        connected_logged = False
+        last_stats = time.monotonic()
+
+        def delivered(seq: int, err, msg) -> None:
+            if err is not None:
+                if outstanding.pop(seq, None) is not None and err.name() != "_PURGE_QUEUE" \
+                        and err.name() != "_PURGE_INFLIGHT":
+                    self.counters["delivery_failures"] += 1
+                    state["failed"] = True
+                    log.warning("kafka: frame %d not delivered: %s", seq, err)
+                return
+            if outstanding.pop(seq, None) is None:
+                return
+            state["progress"] = time.monotonic()
+            state["delivered"] += 1
+            self.counters["frames_delivered"] += 1
+            # everything produced before the oldest outstanding frame has been delivered
+            store.ack(next(iter(outstanding)) - 1 if outstanding else state["sent"])
+            sensor._notify()
+
+        def descriptor(index: int):
+            with sensor._lock:
+                for itf in sensor._ifaces.values():
+                    if itf.index == index:
+                        return itf
+            return None
+
+        draining_since: float | None = None
+        try:
+            while True:
+                producer.poll(0)
+                now = time.monotonic()
+                if state["delivered"] and not connected_logged:
+                    log.info("connected to Kafka %s (first frames delivered)", self.describe())
+                    connected_logged = True
+                sensor._connected = state["delivered"] > 0 and not errors.all_down
+                stalled = outstanding and now - state["progress"] > self.stall_timeout
+                if state["failed"] or stalled:
+                    log.warning("kafka: %s; recreating the producer and resending %d unacknowledged frames",
+                                "delivery failed" if state["failed"] else
+                                f"no delivery report for {self.stall_timeout:.0f} s", store.pending()[0])
+                    self.counters["producer_resets"] += 1
+                    _purge_and_close(producer)
+                    producer = self._producer(errors)
+                    outstanding.clear()
+                    state.update(failed=False, progress=now, sent=store.acked_seq)
+                if sensor._stop.is_set():
+                    draining_since = draining_since or now
+                    capturing = any(i.thread is not None and i.thread.is_alive() for i in sensor._ifaces.values())
+                    if not capturing and store.pending()[0] == 0:
+                        break
+                    if now - draining_since > drain_timeout:
+                        log.warning("stopping with %d frames not delivered to Kafka", store.pending()[0])
+                        break
+                if now - last_stats >= sensor.stats_interval and state["delivered"]:
+                    last_stats = now
+                    self._produce_stats(producer, sensor)
+                nxt = store.after(state["sent"]) if len(outstanding) < self.max_outstanding else None
+                if nxt is None:
+                    wake.wait(0.05)
+                    wake.clear()
+                    producer.poll(0.01)
+                    continue
+                seq, data = nxt
+                try:
+                    head = P.decode_header(data[:P.HEADER_LEN], max_payload=1 << 30, max_raw=1 << 30)
+                except FrameError as exc:  # cannot happen for frames this sensor built
+                    log.error("kafka: skipping unreadable frame %d: %s", seq, exc)
+                    state["sent"] = seq
+                    continue
+                itf = descriptor(head.iface)
+                headers = frame_headers(sensor_id=sensor.sensor_id, hostname=sensor.hostname,
+                                        interface=itf.name if itf else str(head.iface),
+                                        link_type=itf.link_type if itf else 1,
+                                        snaplen=itf.snaplen if itf else 262144, seq=seq)
+                try:
+                    producer.produce(self.topic, value=data, key=sensor.sensor_id.encode(), headers=headers,
+                                     on_delivery=lambda err, msg, s=seq: delivered(s, err, msg))
+                except BufferError:
+                    producer.poll(0.1)
+                    continue
+                if not outstanding:
+                    state["progress"] = time.monotonic()
+                outstanding[seq] = True
+                state["sent"] = seq
+                self.counters["frames_produced"] += 1
+                sensor.counters["frames_sent"] += 1
+        finally:
+            sensor._connected = False
+            if store.pending()[0] == 0:
+                producer.flush(5)
+            else:
+                _purge_and_close(producer)
+
+    def _produce_stats(self, producer, sensor) -> None:
+        try:
+            producer.produce(self.topic, value=P.encode_json(P.FrameType.STATS, sensor.stats()),
+                             key=sensor.sensor_id.encode(),
+                             headers=[("type", b"stats"), ("sensor_id", sensor.sensor_id.encode()),
+                                      ("hostname", sensor.hostname.encode())])
+        except (BufferError, ValueError):
+            pass
+
+
+# -- receiver side ---------------------------------------------------------------------------------
+
+class KafkaInput:
+    """Feeds a :class:`~pktstream.receiver.Receiver` from a topic, as a member of a consumer group.
+
+    Each DATA message is validated and decompressed exactly like a TCP frame, deduplicated by
+    (sensor id, seq) against the receiver's persisted per-sensor state, and handed to the outputs.
+    A partition's offset is committed only after every gating output has written, flushed and the
+    receiver state has been saved for every message up to it (``Receiver`` commit hook), so a
+    crash re-reads (and drops as duplicates) instead of losing. When partitions are revoked in a
+    rebalance, the consumer first waits (bounded) for their messages to be committed and commits
+    their offsets, so the next owner starts exactly after them.
+    """
+
+    def __init__(self, brokers: str, topic: str = DEFAULT_TOPIC, group: str = "pktstream-receivers", *,
+                 properties: dict[str, Any] | None = None, client_id: str = "pktstream-receiver",
+                 revoke_timeout: float = 15.0) -> None:
+        self.brokers, self.topic, self.group = brokers, topic, group
+        self.properties = dict(properties or {})
+        self.client_id = client_id
+        self.revoke_timeout = revoke_timeout
+        self.counters: collections.Counter = collections.Counter()
+        self._pending: dict[int, collections.deque] = {}   # partition -> deque[(offset, index)]
+        self._committed_index = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._consumer = None
+        self._receiver = None
+        self.assigned: list[int] = []
+
+    def describe(self) -> str:
+        return f"kafka://{self.brokers}/{self.topic} (group {self.group})"
+
+    # -- lifecycle (called by the Receiver, in its event loop thread) --------------------------------
+    def start(self, receiver) -> None:
+        from confluent_kafka import Consumer
+        self._receiver = receiver
+        receiver._commit_hooks.append(self._on_commit)
+        self._consumer = Consumer(consumer_config(self.brokers, self.group, client_id=self.client_id,
+                                                  properties=self.properties, error_cb=_ErrorLog(self.counters)))
+        self._consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                 on_lost=self._on_lost)
+        self._thread = threading.Thread(target=self._run, name="kafka-input", daemon=True)
+        self._thread.start()
+        log.info("receiver consuming %s", self.describe())
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        """After the receiver's final commit: commit what is durable and leave the group."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+        c, self._consumer = self._consumer, None
+        if c is None:
+            return
+        try:
+            self._commit_ready(c, sync=True)
+            c.close()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("kafka: closing the consumer: %s", exc)
+
+    # -- commit bookkeeping ---------------------------------------------------------------------------
+    def _on_commit(self, committed_index: int) -> None:
+        self._committed_index = max(self._committed_index, committed_index)
+
+    def _commit_ready(self, consumer, *, sync: bool = False, partitions=None) -> None:
+        from confluent_kafka import KafkaException, TopicPartition
+        offsets = []
+        with self._lock:
+            for part, dq in self._pending.items():
+                if partitions is not None and part not in partitions:
+                    continue
+                last = None
+                while dq and dq[0][1] <= self._committed_index:
+                    last = dq.popleft()[0]
+                if last is not None:
+                    offsets.append(TopicPartition(self.topic, part, last + 1))
+        if not offsets:
+            return
+        try:
+            consumer.commit(offsets=offsets, asynchronous=not sync)
+            self.counters["offset_commits"] += 1
+        except KafkaException as exc:
+            log.warning("kafka: offset commit failed (will be re-read and dropped as duplicates): %s", exc)
+
+    def _on_assign(self, consumer, partitions) -> None:
+        self.assigned = sorted(set(self.assigned) | {p.partition for p in partitions})
+        log.info("kafka: assigned partitions %s of %s", [p.partition for p in partitions], self.topic)
+
+    def _on_revoke(self, consumer, partitions) -> None:
+        parts = {p.partition for p in partitions}
+        deadline = time.monotonic() + self.revoke_timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                waiting = any(dq and dq[-1][1] > self._committed_index
+                              for p, dq in self._pending.items() if p in parts)
+            if not waiting:
+                break
+            time.sleep(0.05)
+        self._commit_ready(consumer, sync=True, partitions=parts)
+        with self._lock:
+            for p in parts:
+                dq = self._pending.pop(p, None)
+                if dq:
+                    log.warning("kafka: partition %d revoked with %d messages not yet committed "
+                                "(the next owner writes them again)", p, len(dq))
+        self.assigned = sorted(set(self.assigned) - parts)
+        log.info("kafka: revoked partitions %s", sorted(parts))
+
+    def _on_lost(self, consumer, partitions) -> None:
+        with self._lock:
+            for p in partitions:
+                self._pending.pop(p.partition, None)
+        self.assigned = sorted(set(self.assigned) - {p.partition for p in partitions})
+        log.warning("kafka: lost partitions %s", [p.partition for p in partitions])
+
+    # -- the consumer thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        consumer, rcv = self._consumer, self._receiver
+        loop = rcv._loop
+        while not self._stop.is_set():
+            try:
+                msgs = consumer.consume(num_messages=256, timeout=0.2)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("kafka: consume failed: %s", exc)
+                time.sleep(0.5)
+                continue
+            for m in msgs:
+                if m.error():
+                    if m.error().name() != "_PARTITION_EOF":
+                        self.counters["consume_errors"] += 1
+                        log.warning("kafka: %s", m.error())
+                    continue
+                fut = asyncio.run_coroutine_threadsafe(self._process(m), loop)
+                while True:
+                    try:
+                        index = fut.result(0.5)
+                        break
+                    except TimeoutError:
+                        if self._stop.is_set() and rcv._closing.is_set():
+                            index = None
+                            break
+                if index is None:
+                    break
+                with self._lock:
+                    self._pending.setdefault(m.partition(), collections.deque()).append((m.offset(), index))
+            self._commit_ready(consumer)
+
+    async def _process(self, m) -> int:
+        """In the receiver's loop: dedupe, validate, dispatch. Returns the receiver index that
+        must be committed before this message's offset may be."""
+        from pktstream.receiver import _SensorState, _SENSOR_ID
+        from pktstream.sinks.base import Source
+        rcv = self._receiver
+        h = parse_headers(m.headers())
+        sid = h.get("sensor_id") or (m.key() or b"").decode(errors="replace")
+        c = self.counters
+        if not _SENSOR_ID.match(sid or ""):
+            c["bad_messages"] += 1
+            log.warning("kafka: partition %d offset %d: bad sensor id, skipped", m.partition(), m.offset())
+            return rcv._index
+        sensor = rcv._sensors.get(sid)
+        if sensor is None:
+            sensor = rcv._sensors[sid] = _SensorState(sid)
+        if h.get("hostname"):
+            sensor.hostname = h["hostname"][:255]
+        value = m.value() or b""
+        if h.get("type") == "stats":
+            try:
+                head = P.decode_header(value[:P.HEADER_LEN], max_payload=P.MAX_CONTROL_BYTES, max_raw=0)
+                sensor.reported = P.Frame(head.type, payload=value[head.header_len:]).json()
+                sensor.counters["stats_frames"] += 1
+            except FrameError:
+                c["bad_messages"] += 1
+            return rcv._index
+        try:
+            head = P.decode_header(value[:P.HEADER_LEN], max_payload=rcv.max_raw + 1024, max_raw=rcv.max_raw)
+            if head.type != P.FrameType.DATA:
+                raise FrameError(f"{head.type.name} frame in a data message")
+            if head.header_len + head.payload_len != len(value):
+                raise FrameError(f"message is {len(value)} bytes, frame says {head.header_len + head.payload_len}")
+            if str(head.seq) != h.get("seq", str(head.seq)):
+                raise FrameError(f"seq header {h.get('seq')} != frame seq {head.seq}")
+            desc = rcv._check_iface({"index": head.iface, "name": h.get("interface", ""),
+                                     "link_type": int(h.get("link_type", "-1")),
+                                     "snaplen": int(h.get("snaplen", "-1"))})
+        except (FrameError, ValueError) as exc:
+            c["bad_messages"] += 1
+            rcv.counters["protocol_errors"] += 1
+            log.warning("kafka: partition %d offset %d: %s; skipped", m.partition(), m.offset(), exc)
+            return rcv._index
+        sc = sensor.counters
+        if head.seq <= sensor.last_accepted:
+            sc["duplicate_frames"] += 1
+            sc["duplicate_packets"] += head.count
+            return rcv._index
+        frame = P.Frame(head.type, head.flags, head.seq, head.iface, head.count, head.raw_len,
+                        value[head.header_len:])
+        try:
+            batch = P.decode_data(frame, link_type=desc["link_type"], snaplen=desc["snaplen"],
+                                  interface=f"{sid}/{desc['name']}", max_raw=rcv.max_raw)
+        except FrameError as exc:
+            c["bad_messages"] += 1
+            rcv.counters["protocol_errors"] += 1
+            log.warning("kafka: partition %d offset %d: %s; skipped", m.partition(), m.offset(), exc)
+            return rcv._index
+        sensor.interfaces[head.iface] = desc
+        source = Source(sid, sensor.hostname, desc["name"], desc["link_type"], desc["snaplen"], seq=head.seq)
+        sensor.last_accepted = head.seq
+        sc["frames"] += 1
+        sc["packets"] += head.count
+        sc["raw_bytes"] += head.raw_len
+        sc["wire_bytes"] += len(value)
+        await rcv._dispatch(sensor, head.seq, source, batch)
+        return rcv._index
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            pending = sum(len(d) for d in self._pending.values())
+        return {"input": self.describe(), "assigned_partitions": list(self.assigned),
+                "uncommitted_messages": pending, **self.counters}

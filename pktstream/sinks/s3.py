@@ -1,0 +1,261 @@
+"""S3 output: rotated capture files staged locally, uploaded as objects by a background thread.
+
+Data path: batches → :class:`FileSink` (per-sensor files, rotation by size ``rotate_bytes`` =
+PacketStreamer ``totalFileSize`` and age ``rotate_seconds`` = ``uploadTimeout``) in
+``staging_dir`` → a completed file is moved to ``staging_dir/ready/`` under a unique name →
+the uploader thread uploads it (one PUT, or a multipart upload with ``part_size`` ≥ 5 MiB parts
+for larger files), deletes it, and goes on; failures are retried with exponential backoff
+(``retry_min`` … ``retry_max`` s), forever. A file is acknowledged to the sensors once it is
+*staged* (flushed to the local disk, like FileSink); the upload follows.
+
+Staging is bounded: when ``staging_max_bytes`` are staged (S3 unreachable for long), ``write()``
+refuses (counted in ``staging_full``): a gating S3 output then stops the receiver from
+acknowledging, and the sensors buffer (backpressure); a non-gating one drops and counts
+(receiver output counters ``dropped_packets``). ``close()`` completes the open files and waits up
+to ``close_timeout`` s for the uploads; what is left stays in the staging directory and is
+uploaded by the next run with the same staging directory (also after a crash: ``.part`` files are
+cut back to their committed size by the receiver's recovery, then uploaded).
+
+Object keys come from ``key_template`` (``str.format``) with ``prefix``, ``sensor`` (sanitised
+sensor id), ``date`` (a UTC datetime: when the file was completed), ``run`` (random per sink
+instance), ``seq`` (per-sensor file number of this run) and ``ext``; the default
+``{prefix}{sensor}/{date:%Y/%m/%d}/{date:%H%M%S}-{run}-{seq:06d}.{ext}`` cannot collide.
+"""
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from typing import Any
+
+from pktstream._capture import PacketBatch
+from pktstream.sinks.base import Sink, Source
+from pktstream.sinks.file import FileSink
+
+log = logging.getLogger("pktstream.receiver")
+
+MIN_PART = 5 << 20
+DEFAULT_KEY = "{prefix}{sensor}/{date:%Y/%m/%d}/{date:%H%M%S}-{run}-{seq:06d}.{ext}"
+_READY = re.compile(r"^(?P<sensor>.+)__(?P<stamp>\d{8}T\d{6}Z)__(?P<run>[0-9a-f]+)-(?P<seq>\d+)\.(?P<ext>pcap(?:ng)?(?:\.zst)?)$")
+
+
+class StagingFull(RuntimeError):
+    """The local staging directory holds ``staging_max_bytes`` not yet uploaded."""
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/prefix/`` → ("bucket", "prefix/")."""
+    if not url.startswith("s3://"):
+        raise ValueError(f"not an s3:// URL: {url!r}")
+    bucket, _, prefix = url[5:].partition("/")
+    if not bucket:
+        raise ValueError(f"{url!r}: no bucket (s3://BUCKET/PREFIX)")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    return bucket, prefix
+
+
+class S3Sink(Sink):
+    """Upload rotated capture files to ``s3://bucket/prefix`` (any S3-compatible endpoint).
+
+    Credentials come from boto3's usual chain (environment, ``~/.aws``, instance/task roles).
+    """
+
+    def __init__(self, bucket: str, prefix: str = "", *, staging_dir: str, endpoint_url: str | None = None,
+                 region: str | None = None, path_style: bool = False, rotate_bytes: int = 10 * 1000 * 1000,
+                 rotate_seconds: float = 60.0, part_size: int = MIN_PART,
+                 acl: str | None = "bucket-owner-full-control", staging_max_bytes: int = 1 << 30,
+                 key_template: str | None = None, format: str = "pcapng", gate: bool = True,
+                 retry_min: float = 0.5, retry_max: float = 10.0, close_timeout: float = 60.0,
+                 client=None) -> None:
+        self.bucket, self.prefix = bucket, prefix
+        self.name = f"s3://{bucket}/{prefix}"
+        self.gate = gate
+        self.part_size = max(int(part_size), MIN_PART)
+        self.acl = acl or None
+        self.staging_dir = os.path.abspath(staging_dir)
+        self.ready_dir = os.path.join(self.staging_dir, "ready")
+        os.makedirs(self.ready_dir, mode=0o750, exist_ok=True)
+        self.staging_max_bytes = staging_max_bytes
+        self.key_template = key_template or DEFAULT_KEY
+        self.format = format
+        self.retry_min, self.retry_max, self.close_timeout = retry_min, retry_max, close_timeout
+        self.run_id = secrets.token_hex(4)
+        self._seq: collections.Counter = collections.Counter()
+        self.counters: collections.Counter = collections.Counter()
+        self.uploaded: list[str] = []   # keys, in upload order
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._staged_cache = (0.0, 0)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+            cfg = Config(retries={"max_attempts": 1}, connect_timeout=5, read_timeout=60,
+                         s3={"addressing_style": "path"} if path_style else None)
+            client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=cfg)
+        self.client = client
+        self._files = FileSink(directory=self.staging_dir, format=format, rotate_bytes=rotate_bytes,
+                               rotate_seconds=rotate_seconds)
+        self._files.opts["on_complete"] = self._adopt
+        self._thread = threading.Thread(target=self._uploader, name="s3-upload", daemon=True)
+        self._thread.start()
+
+    # -- staging ---------------------------------------------------------------------------------
+    def _adopt(self, path: str) -> None:
+        """A completed staging file → ``ready/`` under its unique upload name."""
+        with self._lock:
+            if not os.path.exists(path):
+                return
+            base = os.path.basename(path)
+            ext = self.format
+            stem = base[:-(len(ext) + 1)] if base.endswith("." + ext) else base.split(".")[0]
+            sensor = re.sub(r"\.\d{6}$", "", stem)
+            n = self._seq[sensor]
+            self._seq[sensor] += 1
+            stamp = dt.datetime.fromtimestamp(os.path.getmtime(path), dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            target = os.path.join(self.ready_dir, f"{sensor}__{stamp}__{self.run_id}-{n:06d}.{ext}")
+            os.replace(path, target)
+        self._wake.set()
+
+    def _adopt_leftovers(self) -> None:
+        """Completed files in the staging directory that no writer is writing (a previous run's,
+        completed by crash recovery) are queued for upload too."""
+        active = {w.current_path for w in self._files._outputs.values()}
+        for e in os.scandir(self.staging_dir):
+            if e.is_file() and not e.name.endswith((".part", ".tmp")) and e.path not in active:
+                self._adopt(e.path)
+
+    def staged_bytes(self) -> int:
+        now = time.monotonic()
+        t, n = self._staged_cache
+        if now - t < 0.2:
+            return n
+        n = 0
+        for d in (self.staging_dir, self.ready_dir):
+            for e in os.scandir(d):
+                if e.is_file():
+                    n += e.stat().st_size
+        self._staged_cache = (now, n)
+        return n
+
+    # -- Sink ------------------------------------------------------------------------------------
+    def write(self, source: Source, batch: PacketBatch) -> None:
+        if self.staged_bytes() + batch.nbytes > self.staging_max_bytes:
+            self.counters["staging_full"] += 1
+            raise StagingFull(f"{self.name}: staging {self.staging_dir} holds {self.staged_bytes()} bytes "
+                              f"(limit {self.staging_max_bytes}); S3 uploads are behind")
+        self._files.write(source, batch)
+
+    def flush(self) -> dict[str, Any]:
+        state = self._files.flush()
+        self._wake.set()
+        return state
+
+    def reset(self) -> None:
+        reset = getattr(self._files, "reset", None)
+        if reset is not None:
+            reset()
+
+    recover = staticmethod(FileSink.recover)
+
+    def close(self) -> None:
+        self._files.close()
+        self._closing.set()
+        self._wake.set()
+        self._thread.join(self.close_timeout)
+        left = [e.name for e in os.scandir(self.ready_dir)]
+        if left:
+            self.counters["left_staged"] = len(left)
+            log.warning("%s: %d files not uploaded at shutdown; they stay in %s and are uploaded by the "
+                        "next run", self.name, len(left), self.ready_dir)
+
+    # -- uploads ---------------------------------------------------------------------------------
+    def key_for(self, name: str) -> str:
+        m = _READY.match(name)
+        if m is None:
+            raise ValueError(f"unexpected staged file name {name!r}")
+        date = dt.datetime.strptime(m["stamp"], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+        return self.key_template.format(prefix=self.prefix, sensor=m["sensor"], date=date, run=m["run"],
+                                        seq=int(m["seq"]), ext=m["ext"])
+
+    def _upload(self, path: str, key: str) -> None:
+        size = os.path.getsize(path)
+        extra: dict[str, Any] = {"ContentType": "application/vnd.tcpdump.pcap"}
+        if self.acl:
+            extra["ACL"] = self.acl
+        if size <= self.part_size:
+            with open(path, "rb") as f:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=f.read(), **extra)
+            return
+        mpu = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, **extra)
+        uid = mpu["UploadId"]
+        try:
+            parts = []
+            with open(path, "rb") as f:
+                n = 1
+                while chunk := f.read(self.part_size):
+                    r = self.client.upload_part(Bucket=self.bucket, Key=key, PartNumber=n, UploadId=uid, Body=chunk)
+                    parts.append({"PartNumber": n, "ETag": r["ETag"]})
+                    n += 1
+            self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=uid,
+                                                  MultipartUpload={"Parts": parts})
+            self.counters["multipart_uploads"] += 1
+        except BaseException:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=uid)
+            except Exception:  # noqa: BLE001 - best effort; the whole file is retried
+                pass
+            raise
+
+    def _uploader(self) -> None:
+        delay = self.retry_min
+        last_log = 0.0
+        while True:
+            try:
+                self._adopt_leftovers()
+            except OSError:
+                pass
+            files = sorted(os.listdir(self.ready_dir))
+            if not files:
+                if self._closing.is_set():
+                    return
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            for name in files:
+                path = os.path.join(self.ready_dir, name)
+                try:
+                    key = self.key_for(name)
+                    size = os.path.getsize(path)
+                    self._upload(path, key)
+                except ValueError as exc:
+                    log.error("%s: %s; leaving it in %s", self.name, exc, self.ready_dir)
+                    os.replace(path, path + ".unknown")
+                    continue
+                except Exception as exc:  # noqa: BLE001 - network, credentials, throttling: retry
+                    self.counters["upload_failures"] += 1
+                    now = time.monotonic()
+                    if now - last_log > 10:
+                        last_log = now
+                        log.warning("%s: upload of %s failed (%s); %d files waiting, retrying in %.1f s",
+                                    self.name, name, exc, len(files), delay)
+                    time.sleep(delay)
+                    delay = min(self.retry_max, delay * 2)
+                    break
+                os.unlink(path)
+                delay = self.retry_min
+                with self._lock:
+                    self.uploaded.append(key)
+                self.counters["uploaded_files"] += 1
+                self.counters["uploaded_bytes"] += size
+                log.info("%s: uploaded %s", self.name, key)
+
+    def stats(self) -> dict[str, Any]:
+        return {"staged_bytes": self.staged_bytes(), "waiting_files": len(os.listdir(self.ready_dir)),
+                **self.counters}
