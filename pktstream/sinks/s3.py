@@ -103,8 +103,20 @@ class S3Sink(Sink):
         self._files = FileSink(directory=self.staging_dir, format=format, rotate_bytes=rotate_bytes,
                                rotate_seconds=rotate_seconds)
         self._files.opts["on_complete"] = self._adopt
+        self._files_lock = threading.Lock()  # the FileSink is used by the receiver's thread and the ticker
+        self._dirty = False                  # written since the last flush
         self._thread = threading.Thread(target=self._uploader, name="s3-upload", daemon=True)
         self._thread.start()
+        self._ticker = threading.Thread(target=self._tick, name="s3-rotate", daemon=True)
+        self._ticker.start()
+
+    def _tick(self) -> None:
+        """Time rotation while no data arrives (the receiver only calls flush() after writes): a
+        file is completed ``rotate_seconds`` after it was opened even if the sensors are idle."""
+        while not self._closing.wait(0.5):
+            with self._files_lock:
+                if not self._dirty:
+                    self._files.flush()  # nothing new since the last flush: this only rotates
 
     # -- staging ---------------------------------------------------------------------------------
     def _adopt(self, path: str) -> None:
@@ -150,23 +162,29 @@ class S3Sink(Sink):
             self.counters["staging_full"] += 1
             raise StagingFull(f"{self.name}: staging {self.staging_dir} holds {self.staged_bytes()} bytes "
                               f"(limit {self.staging_max_bytes}); S3 uploads are behind")
-        self._files.write(source, batch)
+        with self._files_lock:
+            self._dirty = True
+            self._files.write(source, batch)
 
     def flush(self) -> dict[str, Any]:
-        state = self._files.flush()
+        with self._files_lock:
+            state = self._files.flush()
+            self._dirty = False
         self._wake.set()
         return state
 
     def reset(self) -> None:
-        reset = getattr(self._files, "reset", None)
-        if reset is not None:
-            reset()
+        with self._files_lock:
+            reset = getattr(self._files, "reset", None)
+            if reset is not None:
+                reset()
 
     recover = staticmethod(FileSink.recover)
 
     def close(self) -> None:
-        self._files.close()
         self._closing.set()
+        with self._files_lock:
+            self._files.close()
         self._wake.set()
         self._thread.join(self.close_timeout)
         left = [e.name for e in os.scandir(self.ready_dir)]
