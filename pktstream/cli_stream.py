@@ -151,7 +151,7 @@ def build_sensor(args: argparse.Namespace):
                   window_bytes=s.window_bytes, spool_dir=s.spool_dir, spool_bytes=s.spool_bytes,
                   sensor_id=s.sensor_id, auth_key=s.auth.key if s.auth.enable else None, ssl_context=ctx,
                   server_hostname=s.tls.server_name, heartbeat=s.heartbeat, stats_interval=s.stats_interval,
-                  user=s.user, group=s.group)
+                  user=s.user, group=s.group, rescan_interval=args.rescan_interval)
 
 
 def _on_signals(stop) -> None:
@@ -257,6 +257,8 @@ def register(sub) -> None:
     s.add_argument("--tls-insecure", action="store_true", help="do NOT verify the receiver (warned)")
     s.add_argument("--heartbeat", type=float, metavar="SEC", help="heartbeat interval (default 5); a receiver "
                    "silent for 3x+1 s is considered gone")
+    s.add_argument("--rescan-interval", type=float, default=5.0, metavar="SEC",
+                   help="look for new interfaces every SEC when capturing on all (default 5)")
     s.add_argument("--user", help="after opening the capture handles, run as USER keeping only "
                    "CAP_NET_RAW/CAP_NET_ADMIN")
     s.add_argument("--group", help="group for --user (default: the user's group)")

@@ -365,7 +365,8 @@ class Sensor:
     def _selected_interfaces(self) -> dict[str, list[int]]:
         """name → port list for every interface to capture on now."""
         if self.interfaces_wanted:
-            return {n: self.capture_interfaces_ports.get(n, []) for n in self.interfaces_wanted}
+            return {n: sorted(set(self.capture_ports) | set(self.capture_interfaces_ports.get(n, [])))
+                    for n in self.interfaces_wanted}
         named_only = self.pcap_mode == "allow" and not self.capture_ports and self.capture_interfaces_ports
         out: dict[str, list[int]] = {}
         netdevs = set(os.listdir("/sys/class/net")) if os.path.isdir("/sys/class/net") else set()

@@ -109,13 +109,13 @@ def write_udp_pcap(path: str, n: int, size: int = 1514) -> None:
             f.write(frame)
 
 
-def write_random_udp_pcap(path: str, n: int, size: int = 1000, seed: int = 7) -> None:
-    """``n`` UDP frames with random (incompressible) payloads and distinct ids."""
+def write_random_udp_pcap(path: str, n: int, size: int = 1000, seed: int = 7, dport: int = 9999) -> None:
+    """``n`` UDP frames to ``dport`` with random (incompressible) payloads and distinct ids."""
     rnd = random.Random(seed)
     with open(path, "wb") as f:
         f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
         for i in range(n):
             payload = i.to_bytes(4, "big") + rnd.randbytes(size - 42 - 4)
-            frame = _eth(0x0800, _ipv4(17, "198.18.0.1", "198.18.0.2", _udp(40000, 9999, payload), ident=i & 0xFFFF))
+            frame = _eth(0x0800, _ipv4(17, "198.18.0.1", "198.18.0.2", _udp(40000, dport, payload), ident=i & 0xFFFF))
             f.write(struct.pack("<IIII", 1700000000, i % 1000000, len(frame), len(frame)))
             f.write(frame)
