@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PKTSTREAM, free_port, read_pcap_dpkt, tshark_fields
+from conftest import free_port, read_pcap_dpkt, tshark_fields
 from pktstream.netns import Veth
 from test_stream import receiver_cmd, sensor_cmd
 
@@ -423,3 +423,26 @@ def test_forensics_notebook_standalone(tmp_path, monkeypatch):
     assert summary["slice"]["packets"] == 650  # the VLAN-tagged DNS-looking frames (1 in 10)
     assert len(tshark_fields(out / "slice.pcapng", "frame.number", bpf=DNS_DISPLAY_FILTER)) == 650
     check_plots(out)
+
+
+def test_debug_http_defaults_on_loopback(veth, procs, tmp_path):
+    """The default interface, lo: server and client on the same host (here: inside the namespace)."""
+    (tmp_path / "a.txt").write_text("a\n")
+    server = procs(veth.in_ns(sys.executable, "-m", "http.server", "8080", "--bind", "127.0.0.1"), cwd=tmp_path)
+    dbg = procs(veth.in_ns(*example("debug_http.py", "--port", "8080", "--json", "-c", "2")), stdout=subprocess.PIPE)
+    out = Lines(dbg.p.stdout)
+    dbg.wait_for("capturing tcp port 8080 on lo")
+    deadline = time.monotonic() + 15
+    while subprocess.run(veth.in_ns("curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8080/"),
+                         timeout=10).returncode != 0:  # wait for the server
+        assert time.monotonic() < deadline and server.p.poll() is None
+        time.sleep(0.1)
+    r = subprocess.run(veth.in_ns("curl", "-s", "-A", "dbg/2", "http://127.0.0.1:8080/a.txt?v=2"),
+                       capture_output=True, text=True, timeout=10)
+    assert r.stdout == "a\n"
+    assert dbg.p.wait(20) == 0  # -c 2: stops by itself after two requests
+    out.join()
+    reqs = [json.loads(line) for line in out.lines if '"request"' in line]
+    assert [(e["method"], e["target"], e["host"], e["client"].split(":")[0]) for e in reqs] == \
+        [("GET", "/", "127.0.0.1:8080", "127.0.0.1"), ("GET", "/a.txt?v=2", "127.0.0.1:8080", "127.0.0.1")]
+    assert reqs[1]["user_agent"] == "dbg/2"
