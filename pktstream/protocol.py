@@ -76,11 +76,17 @@ class Frame:
         return obj
 
 
+def encode_header(ftype: FrameType, payload_len: int, *, flags: int = 0, seq: int = 0, iface: int = 0,
+                  count: int = 0, raw_len: int = 0) -> bytes:
+    """The 36-byte header of a frame whose payload is sent separately (no copy of it)."""
+    return HEADER.pack(MAGIC, VERSION, ftype, flags, HEADER_LEN, 0, seq, iface, count, raw_len, payload_len)
+
+
 def encode(ftype: FrameType, payload: bytes = b"", *, flags: int = 0, seq: int = 0, iface: int = 0,
            count: int = 0, raw_len: int = 0) -> bytes:
     """Header + payload of one frame."""
-    return HEADER.pack(MAGIC, VERSION, ftype, flags, HEADER_LEN, 0, seq, iface, count, raw_len,
-                       len(payload)) + payload
+    return encode_header(ftype, len(payload), flags=flags, seq=seq, iface=iface, count=count,
+                         raw_len=raw_len) + payload
 
 
 def encode_json(ftype: FrameType, obj: dict[str, Any], **kw: int) -> bytes:

@@ -31,6 +31,7 @@ from pktstream.exceptions import AuthenticationError, FrameError, PcapError
 log = logging.getLogger("pktstream.sensor")
 
 DEFAULT_PORT = 8081
+_SEND_SLICE = 256 * 1024
 
 
 def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -89,7 +90,7 @@ def resolve_all(host: str, port: int) -> list[str]:
 class _Entry:
     seq: int
     size: int
-    data: bytes | None  # None: on disk in the spool
+    data: tuple[bytes, bytes] | None  # (header, payload); None: on disk in the spool
     packets: int
 
 
@@ -147,22 +148,26 @@ class FrameStore:
         self._listeners.append(callback)
 
     def put(self, make_frame, packets: int, size_hint: int) -> int | None:
-        """Append a frame built by ``make_frame(seq)``; returns its seq, or None if dropped."""
+        """Append a frame built by ``make_frame(seq) -> (header, payload)`` (kept apart so the
+        payload is never copied again); returns its seq, or None if dropped."""
         with self._lock:
             if self.mem_used + size_hint <= self.window_bytes:
                 seq = self.next_seq
                 data = make_frame(seq)
-                self._entries.append(_Entry(seq, len(data), data, packets))
-                self.mem_used += len(data)
+                size = len(data[0]) + len(data[1])
+                self._entries.append(_Entry(seq, size, data, packets))
+                self.mem_used += size
             elif self.spool_used + size_hint <= self.spool_bytes:
                 seq = self.next_seq
-                data = make_frame(seq)
+                header, payload = make_frame(seq)
                 tmp = self._spool_path(seq) + ".tmp"
                 with open(tmp, "wb") as f:
-                    f.write(data)
+                    f.write(header)
+                    f.write(payload)
                 os.replace(tmp, self._spool_path(seq))
-                self._entries.append(_Entry(seq, len(data), None, packets))
-                self.spool_used += len(data)
+                size = len(header) + len(payload)
+                self._entries.append(_Entry(seq, size, None, packets))
+                self.spool_used += size
                 self.spooled_blocks += 1
             else:
                 self.dropped_blocks += 1
@@ -188,8 +193,8 @@ class FrameStore:
                 else:
                     self.mem_used -= e.size
 
-    def after(self, seq: int) -> tuple[int, bytes] | None:
-        """The first frame with sequence > seq, or None."""
+    def after(self, seq: int) -> tuple[int, tuple[bytes, bytes]] | None:
+        """The first frame with sequence > seq as (seq, (header, payload)), or None."""
         with self._lock:
             for e in self._entries:
                 if e.seq > seq:
@@ -199,7 +204,8 @@ class FrameStore:
             data = e.data
         if data is None:
             with open(self._spool_path(e.seq), "rb") as f:
-                data = f.read()
+                raw = f.read()
+            data = (raw[:P.HEADER_LEN], raw[P.HEADER_LEN:])
         return e.seq, data
 
     def pending(self) -> tuple[int, int]:
@@ -441,8 +447,8 @@ class Sensor:
         batch.release()
 
         def make(seq: int) -> bytes:
-            return P.encode(P.FrameType.DATA, payload, flags=flags, seq=seq, iface=itf.index,
-                            count=n, raw_len=raw_len)
+            return (P.encode_header(P.FrameType.DATA, len(payload), flags=flags, seq=seq, iface=itf.index,
+                                    count=n, raw_len=raw_len), payload)
 
         seq = self.store.put(make, n, len(payload) + P.HEADER_LEN)
         with self._lock:
@@ -685,6 +691,7 @@ class Sensor:
 
         reader_task = asyncio.create_task(read_acks())
         hb = self._session_heartbeat
+        writer.transport.set_write_buffer_limits(high=0)  # drain() waits until the buffer is empty
         last_tx = last_stats = time.monotonic()
         bye_sent = False
         wake_task: asyncio.Future | None = None
@@ -698,13 +705,19 @@ class Sensor:
                     return
                 nxt = self.store.after(sent)
                 if nxt is not None:
-                    seq, data = nxt
-                    writer.write(data)
+                    seq, (header, payload) = nxt
+                    writer.write(header)
+                    # Hand the payload over in slices, each only once the transport's own buffer
+                    # is empty: the kernel takes it directly and asyncio never shuffles a
+                    # megabyte buffer in user space (its bytearray buffer is O(n) per partial send).
+                    view = memoryview(payload)
+                    for off in range(0, len(view), _SEND_SLICE):
+                        if writer.transport.get_write_buffer_size():
+                            await writer.drain()
+                        writer.write(view[off:off + _SEND_SLICE])
                     sent = seq
                     last_tx = time.monotonic()
                     self.counters["frames_sent"] += 1
-                    if writer.transport.get_write_buffer_size() > 4 << 20:
-                        await writer.drain()
                     continue
                 await writer.drain()
                 now = time.monotonic()

@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""End-to-end streaming benchmark: sensor → receiver → file on one machine, next to tcpdump.
+
+For each replay rate (tcpreplay from a namespace onto a veth pair):
+  * tcpdump -w alone on the interface (the local baseline);
+  * pktstream sensor (CLI) on the interface → pktstream receiver (CLI, 127.0.0.1) → pcap file.
+Reported: packets offered (tcpreplay), packets in each file, the ratio to tcpdump, the sensor's
+CPU seconds per million packets (user+sys from /proc), kernel drops, bytes on the wire vs raw.
+Then the receiver's ingest rate with many concurrent (simulated) sensors that replay
+pre-recorded DATA frames as fast as the receiver acknowledges them.
+
+Run as root:  .venv/bin/python bench/bench_stream.py [--packets N] [--rates 100000,200000,0]
+(rate 0 = tcpreplay --topspeed). Prints a table; --json FILE writes the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import zstandard
+
+from pktstream import protocol as P
+from pktstream import traffic
+from pktstream.netns import Veth
+
+PY = [sys.executable, "-m", "pktstream"]
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """user+sys CPU of a process and its threads so far."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def wait_log(path: str, text: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if text in open(path, errors="replace").read():
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise RuntimeError(f"{proc.args[:4]}: no {text!r}: {open(path).read()[-2000:]}")
+
+
+def count_pcap(path: str) -> int:
+    import pktstream
+    return sum(len(b) for b in pktstream.read(path))
+
+
+def replay(veth: Veth, pcap: str, rate: int, loops: int) -> tuple[int, float]:
+    out = veth.replay(pcap, topspeed=rate == 0, pps=rate or None, loop=loops)
+    sent = int(next(line.split()[1] for line in out.splitlines() if line.startswith("Actual:")))
+    pps = float(next(line.split()[-2] for line in out.splitlines() if line.strip().startswith("Rated:")))
+    return sent, pps
+
+
+def run_tcpdump(veth: Veth, pcap: str, rate: int, loops: int, work: str) -> dict:
+    path = os.path.join(work, "tcpdump.pcap")
+    log = os.path.join(work, "tcpdump.log")
+    td = subprocess.Popen(["tcpdump", "-i", veth.outer, "-B", "32768", "-w", path], stderr=open(log, "w"))
+    wait_log(log, "listening on", td)
+    t0 = cpu_seconds(td.pid)
+    sent, pps = replay(veth, pcap, rate, loops)
+    time.sleep(1.5)
+    cpu = cpu_seconds(td.pid) - t0
+    td.terminate()
+    td.wait()
+    text = open(log).read()
+    kdrop = int(next((l.split()[0] for l in text.splitlines() if "dropped by kernel" in l), "0"))
+    n = count_pcap(path)
+    os.unlink(path)
+    return {"sent": sent, "pps": pps, "captured": n, "kernel_dropped": kdrop, "cpu_s": cpu}
+
+
+def run_pktstream(veth: Veth, pcap: str, rate: int, loops: int, work: str) -> dict:
+    port = free_port()
+    out = os.path.join(work, "rx.pcap")
+    rlog, slog = os.path.join(work, "rx.log"), os.path.join(work, "sx.log")
+    rjson, sjson = os.path.join(work, "rx.json"), os.path.join(work, "sx.json")
+    rx = subprocess.Popen([*PY, "receiver", "--listen", f"127.0.0.1:{port}", "-w", out, "--stats-json", rjson],
+                          stderr=open(rlog, "w"))
+    wait_log(rlog, "listening on", rx)
+    sx = subprocess.Popen([*PY, "sensor", "--receiver", f"127.0.0.1:{port}", "-i", veth.outer,
+                           "--stats-json", sjson], stderr=open(slog, "w"))
+    wait_log(slog, "connected to receiver", sx)
+    s0, r0 = cpu_seconds(sx.pid), cpu_seconds(rx.pid)
+    sent, pps = replay(veth, pcap, rate, loops)
+    time.sleep(1.5)
+    s_cpu, r_cpu = cpu_seconds(sx.pid) - s0, cpu_seconds(rx.pid) - r0
+    sx.terminate()
+    sx.wait(60)
+    rx.terminate()
+    rx.wait(60)
+    st = json.load(open(sjson))
+    rs = json.load(open(rjson))["sensors"][st["sensor_id"]]
+    n = count_pcap(out)
+    os.unlink(out)
+    return {"sent": sent, "pps": pps, "captured": n, "sensor_packets": st["packets"],
+            "kernel_dropped": st["kernel_dropped"], "ring_drops": st["ring_drops"],
+            "window_dropped": st["window_dropped_packets"], "zstd_level_end": st["zstd_level"],
+            "raw_bytes": rs["raw_bytes"], "wire_bytes": rs["wire_bytes"],
+            "sensor_cpu_s": s_cpu, "receiver_cpu_s": r_cpu}
+
+
+# -- receiver ingest with many simulated sensors -------------------------------------------------
+
+def recorded_frames(pcap: str, block: int = 1 << 20, level: int = 1) -> list[tuple[bytes, int, int]]:
+    """(zstd payload, count, raw_len) per 1 MiB block of a real capture."""
+    import pktstream
+    frames = []
+    c = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+    for batch in pktstream.read(pcap, batch_bytes=block):
+        frames.append((c.compress(batch), len(batch), batch.nbytes))
+    return frames
+
+
+async def fake_sensor(port: int, sid: str, frames, repeat: int) -> int:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(P.encode_json(P.FrameType.HELLO, {"sensor_id": sid, "hostname": sid, "nonce": os.urandom(32).hex(),
+                                              "interfaces": [{"index": 0, "name": "eth0", "link_type": 1,
+                                                              "snaplen": 262144}]}))
+    await P.read_frame(r)
+    w.write(P.encode_json(P.FrameType.AUTH, {"proof": ""}))
+    welcome = (await P.read_frame(r)).json()
+    seq = welcome["last_seq"]
+    packets = 0
+    acked = seq
+    window = 16
+    for _ in range(repeat):
+        for payload, count, raw in frames:
+            seq += 1
+            w.write(P.encode(P.FrameType.DATA, payload, seq=seq, iface=0, count=count, raw_len=raw))
+            packets += count
+            while seq - acked > window:
+                f = await P.read_frame(r, max_payload=1 << 16, max_raw=0)
+                if f.type == P.FrameType.ACK:
+                    acked = f.seq
+            await w.drain()
+    while acked < seq:
+        f = await P.read_frame(r, max_payload=1 << 16, max_raw=0)
+        if f.type == P.FrameType.ACK:
+            acked = f.seq
+    w.close()
+    return packets
+
+
+def run_ingest(pcap: str, sensors: int, repeat: int, work: str) -> dict:
+    frames = recorded_frames(pcap)
+    port = free_port()
+    out = os.path.join(work, "ingest.pcapng")
+    log = os.path.join(work, "ingest.log")
+    rx = subprocess.Popen([*PY, "receiver", "--listen", f"127.0.0.1:{port}", "-w", out,
+                           "--max-connections", "1000"], stderr=open(log, "w"))
+    wait_log(log, "listening on", rx)
+
+    async def all_sensors():
+        return await asyncio.gather(*(fake_sensor(port, f"sim-{i}", frames, repeat) for i in range(sensors)))
+
+    c0 = cpu_seconds(rx.pid)
+    t0 = time.perf_counter()
+    packets = sum(asyncio.run(all_sensors()))
+    dt = time.perf_counter() - t0
+    cpu = cpu_seconds(rx.pid) - c0
+    rx.terminate()
+    rx.wait(60)
+    raw = sum(r for _, _, r in frames) * repeat * sensors
+    size = os.path.getsize(out)
+    n = count_pcap(out)
+    os.unlink(out)
+    return {"sensors": sensors, "packets": packets, "in_file": n, "seconds": dt, "pps": packets / dt,
+            "MBps_raw": raw / dt / 1e6, "receiver_cpu_s": cpu, "file_bytes": size}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--packets", type=int, default=20000, help="frames in the replayed file (looped)")
+    ap.add_argument("--loops", type=int, default=25, help="tcpreplay --loop")
+    ap.add_argument("--rates", default="50000,100000,150000,0", help="pps list; 0 = top speed")
+    ap.add_argument("--ingest-sensors", default="1,8,32")
+    ap.add_argument("--ingest-repeat", type=int, default=3)
+    ap.add_argument("--json", help="write results here")
+    args = ap.parse_args()
+    results: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg(), "cases": []}
+    with tempfile.TemporaryDirectory() as work, Veth(prefix="bs") as veth:
+        for kind in ("random1514", "mixed"):
+            pcap = os.path.join(work, f"{kind}.pcap")
+            if kind == "random1514":
+                traffic.write_random_udp_pcap(pcap, args.packets, size=1514)
+            else:
+                traffic.write_pcap(pcap, args.packets)
+            for rate in [int(r) for r in args.rates.split(",")]:
+                td = run_tcpdump(veth, pcap, rate, args.loops, work)
+                ps = run_pktstream(veth, pcap, rate, args.loops, work)
+                case = {"traffic": kind, "rate": rate or "top", "tcpdump": td, "pktstream": ps}
+                results["cases"].append(case)
+                ratio = ps["captured"] / td["captured"] if td["captured"] else float("nan")
+                print(f"{kind:10} rate={rate or 'top':>7}  offered {ps['sent']:>8} @ {ps['pps']:>8.0f} pps | "
+                      f"tcpdump {td['captured']:>8} ({td['captured'] / td['sent']:.2%}) | "
+                      f"pktstream file {ps['captured']:>8} ({ps['captured'] / ps['sent']:.2%}, "
+                      f"{ratio:.3f}x tcpdump) kdrop {ps['kernel_dropped']} wdrop {ps['window_dropped']} | "
+                      f"sensor {ps['sensor_cpu_s'] / ps['sensor_packets'] * 1e6:.2f} CPU-s/Mpkt, "
+                      f"tcpdump {td['cpu_s'] / max(td['captured'], 1) * 1e6:.2f} | "
+                      f"wire/raw {ps['wire_bytes'] / max(ps['raw_bytes'], 1):.3f}", flush=True)
+        pcap = os.path.join(work, "mixed.pcap")
+        big = os.path.join(work, "mixed-big.pcap")
+        subprocess.run(["tcpdump", "-r", pcap, "-w", big], capture_output=True, check=True)
+        for n in [int(x) for x in args.ingest_sensors.split(",")]:
+            r = run_ingest(big, n, args.ingest_repeat, work)
+            results.setdefault("ingest", []).append(r)
+            print(f"ingest: {n:>3} simulated sensors: {r['packets']} packets in {r['seconds']:.2f} s = "
+                  f"{r['pps']:.0f} pps, {r['MBps_raw']:.0f} MB/s of records, receiver {r['receiver_cpu_s']:.2f} CPU-s, "
+                  f"file has {r['in_file']}", flush=True)
+    results["load_after"] = os.getloadavg()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
