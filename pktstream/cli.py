@@ -119,14 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
     """Commands implemented in their own modules register themselves here."""
-    import importlib
-    for module in ("pktstream.cli_files", "pktstream.cli_stream", "pktstream.demo"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
+    from pktstream import cli_files, cli_stream, demo
+    for mod in (cli_files, cli_stream, demo):
         mod.register(sub)
 
 
