@@ -259,6 +259,8 @@ class KafkaTransport:
                     producer.poll(0.01)
                     continue
                 seq, data = nxt
+                if isinstance(data, tuple):  # FrameStore keeps (header, payload)
+                    data = b"".join(data)
                 try:
                     head = P.decode_header(data[:P.HEADER_LEN], max_payload=1 << 30, max_raw=1 << 30)
                 except FrameError as exc:  # cannot happen for frames this sensor built

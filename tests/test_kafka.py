@@ -116,11 +116,13 @@ def test_sensors_to_kafka_to_two_receivers_in_one_group(tansu, procs, tmp_path, 
         time.sleep(0.5)
         for sid, sx in sensors.items():
             assert sx.stop(signal.SIGTERM) == 0, sx.stderr
+            (tmp_path / f"{sid}.log").write_text(sx.stderr)
         for td in tds:
             td.stop()
     for sid in sensors:
         st = json.loads((tmp_path / f"{sid}.json").read_text())
-        assert st["packets"] == 2000 and st["unacked_frames"] == 0 and st["window_dropped_packets"] == 0, st
+        assert st["packets"] == 2000 and st["unacked_frames"] == 0 and st["window_dropped_packets"] == 0, \
+            (st, sensors[sid].stderr[-3000:])
         wait_committed(rx_dirs, sid, st["acked_seq"])
     assert rx1.stop(signal.SIGTERM) == 0 and rx2.stop(signal.SIGTERM) == 0
     for sid in sensors:
