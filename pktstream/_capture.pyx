@@ -129,6 +129,8 @@ cdef class Ring:
         self.count = <uint32_t *> calloc(nblocks, sizeof(uint32_t))
         if self.mem == NULL or self.state == NULL or self.used == NULL or self.count == NULL:
             raise MemoryError(f"cannot allocate a ring of {nblocks} x {block_bytes} bytes")
+        # touch every page now, not in the packet callback at the start of a burst
+        memset(self.mem, 0, block_bytes * <size_t> nblocks)
         self.block_bytes = block_bytes
         self.nblocks = nblocks
 
@@ -520,6 +522,7 @@ ctypedef struct CaptureState:
     uint64_t oversize_drops  # packets larger than a block (cannot happen live: block >= snaplen)
     uint64_t max_packets     # 0 = unlimited
     int stop                 # set by stop() from any thread
+    int draining             # stopping: emptying the kernel buffer
 
 
 cdef inline void _seal(CaptureState *s) noexcept nogil:
@@ -533,6 +536,12 @@ cdef inline void _seal(CaptureState *s) noexcept nogil:
     ps_store_int(&s.state[b], BLOCK_OUT)
     s.queue[(s.q_head + s.q_len) % s.nblocks] = b
     s.q_len += 1
+    if s.p != NULL and s.q_len * 2 >= s.nblocks:
+        # Half the ring is sealed and waiting: return to the consumer before the ring runs
+        # out. With TPACKET_V3 one dispatch would otherwise drain the whole kernel buffer
+        # (tens of MiB) into the ring and drop what does not fit; stopping here leaves the
+        # rest in the kernel buffer for the next dispatch instead.
+        pcap_breakloop(s.p)
 
 
 cdef inline int _acquire(CaptureState *s) noexcept nogil:
@@ -547,6 +556,14 @@ cdef inline int _acquire(CaptureState *s) noexcept nogil:
             s.last = b
             return b
     return -1
+
+
+cdef inline bint _any_free(CaptureState *s) noexcept nogil:
+    cdef int i
+    for i in range(s.nblocks):
+        if ps_load_int(&s.state[i]) == BLOCK_FREE:
+            return True
+    return False
 
 
 cdef void _on_packet(unsigned char *user, const pcap_pkthdr *h, const unsigned char *data) noexcept nogil:
@@ -565,7 +582,12 @@ cdef void _on_packet(unsigned char *user, const pcap_pkthdr *h, const unsigned c
         _seal(s)
     if s.cur < 0:
         if _acquire(s) < 0:
+            # every block is held by a batch: count the drop and stop draining the kernel
+            # buffer, which keeps the rest until a block is released (see next_batch);
+            # when stopping, everything left is counted instead
             s.ring_drops += 1
+            if not s.draining:
+                pcap_breakloop(s.p)
             return
     dst = s.mem + <size_t> s.cur * s.block_bytes + s.used[s.cur]
     ps_put_le32(dst, <uint32_t> h.ts.tv_sec)
@@ -989,9 +1011,18 @@ cdef class Capture:
                         if deadline >= 0 and now >= deadline:
                             rc = 2
                             break
-                        poll_ms = self.timeout_ms if self.timeout_ms > 0 else 100
+                        if s.cur < 0 and not s.draining and not _any_free(s):
+                            # the ring is full of batches still held: leave packets in the
+                            # kernel buffer until one is released (or stop() is called)
+                            poll(&fds[1], 1, 10)
+                            rc = 3
+                            break
+                        # idle (nothing partly filled): sleep long, the kernel wakes us when a
+                        # buffer block is ready, stop() through the eventfd, signals with EINTR
+                        poll_ms = 500
                         if s.cur >= 0 and s.count[s.cur] > 0:
-                            poll_ms = min(poll_ms, <int> ((s.cur_first_ns + max_wait_ns - now) // 1000000) + 1)
+                            poll_ms = min(self.timeout_ms if self.timeout_ms > 0 else 100,
+                                          <int> ((s.cur_first_ns + max_wait_ns - now) // 1000000) + 1)
                         if deadline >= 0:
                             poll_ms = min(poll_ms, <int> ((deadline - now) // 1000000) + 1)
                         prc = poll(fds, 2, poll_ms)
@@ -1008,15 +1039,21 @@ cdef class Capture:
                             rc = 3  # poll timeout: check signals at least every timeout_ms
                             break
                     if rc == 1:
-                        # the kernel hands over a partly filled buffer block only when its
-                        # timeout (timeout_ms) expires: wait for that once, then drain
-                        memset(&ps, 0, sizeof(ps))
-                        if pcap_stats(s.p, &ps) == 0 and <uint64_t> (ps.ps_recv - ps.ps_drop) > s.seen:
-                            poll(fds, 1, self.timeout_ms if self.timeout_ms > 0 else 100)
-                        pcap_dispatch(s.p, -1, _on_packet, <unsigned char *> s)
-                        _seal(s)
-                        self.eof = True
-                        read(self.stop_fd, &junk, sizeof(junk))
+                        if not s.draining:
+                            s.draining = 1
+                            # the kernel hands over a partly filled buffer block only when its
+                            # timeout (timeout_ms) expires: wait for that once, then drain
+                            memset(&ps, 0, sizeof(ps))
+                            if pcap_stats(s.p, &ps) == 0 and <uint64_t> (ps.ps_recv - ps.ps_drop) > s.seen:
+                                poll(fds, 1, self.timeout_ms if self.timeout_ms > 0 else 100)
+                        # drain in steps (the half-ring breakloop returns batches in between);
+                        # the end is a dispatch that finds nothing
+                        prc = pcap_dispatch(s.p, -1, _on_packet, <unsigned char *> s)
+                        if prc == 0 or (prc < 0 and prc != PCAP_ERROR_BREAK) or (
+                                s.max_packets and s.packets >= s.max_packets):
+                            _seal(s)
+                            self.eof = True
+                            read(self.stop_fd, &junk, sizeof(junk))
                 if rc == -100:
                     raise OSError(errno, f"poll on {self.device!r}: {strerror(errno).decode()}")
                 if rc < 0 and rc != PCAP_ERROR_BREAK:
