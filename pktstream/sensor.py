@@ -31,7 +31,7 @@ from pktstream.exceptions import AuthenticationError, FrameError, PcapError
 log = logging.getLogger("pktstream.sensor")
 
 DEFAULT_PORT = 8081
-_SEND_SLICE = 256 * 1024
+_SEND_SLICE = 128 * 1024
 
 
 def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -691,7 +691,6 @@ class Sensor:
 
         reader_task = asyncio.create_task(read_acks())
         hb = self._session_heartbeat
-        writer.transport.set_write_buffer_limits(high=0)  # drain() waits until the buffer is empty
         last_tx = last_stats = time.monotonic()
         bye_sent = False
         wake_task: asyncio.Future | None = None
@@ -707,14 +706,13 @@ class Sensor:
                 if nxt is not None:
                     seq, (header, payload) = nxt
                     writer.write(header)
-                    # Hand the payload over in slices, each only once the transport's own buffer
-                    # is empty: the kernel takes it directly and asyncio never shuffles a
-                    # megabyte buffer in user space (its bytearray buffer is O(n) per partial send).
+                    # Hand the payload over in slices and let the transport's buffer drain in
+                    # between: asyncio's write buffer is a bytearray trimmed from the front on
+                    # every partial send, so it must stay small (a 1 MiB buffer costs O(n²)).
                     view = memoryview(payload)
                     for off in range(0, len(view), _SEND_SLICE):
-                        if writer.transport.get_write_buffer_size():
-                            await writer.drain()
                         writer.write(view[off:off + _SEND_SLICE])
+                        await writer.drain()  # waits only while above the 64 KiB high-water mark
                     sent = seq
                     last_tx = time.monotonic()
                     self.counters["frames_sent"] += 1
