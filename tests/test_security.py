@@ -280,6 +280,9 @@ HOSTILE = {
 }
 
 
+TRUNCATED = {"truncated header", "payload shorter than said"}  # the peer then closes its side
+
+
 def test_hostile_input_harms_nothing(veth, procs, tmp_path, pki, mixed_pcap):
     port = free_port()
     rx = procs(receiver_cmd(port, "-w", str(tmp_path / "out.pcap"), "--auth-key-file", str(pki / "key"),
@@ -300,6 +303,8 @@ def test_hostile_input_harms_nothing(veth, procs, tmp_path, pki, mixed_pcap):
             w = peer.handshake(key, sensor_id=f"attacker-{len(name)}")
             assert w is not None and w.type == P.FrameType.WELCOME, name
         peer.send(payload)
+        if name in TRUNCATED:
+            peer.sock.shutdown(socket.SHUT_WR)  # EOF in the middle of a frame
         assert peer.closed_by_peer(), f"{name}: connection not closed"
         peer.close()
     replay.join()
@@ -426,7 +431,8 @@ def test_sensor_drops_root_keeping_only_capture_capabilities(veth, procs, tmp_pa
     td = start_tcpdump(procs, veth.outer, ref)
     sx = procs(sensor_cmd(port, veth.outer, "--user", "nobody", "--stats-json", str(tmp_path / "sx.json")))
     sx.wait_for("connected to receiver")
-    status = open(f"/proc/{sx.p.pid}/status").read()
+    from pathlib import Path
+    status = Path(f"/proc/{sx.p.pid}/status").read_text()
     fields = {line.split(":")[0]: line.split(":")[1].split() for line in status.splitlines() if ":" in line}
     assert fields["Uid"] == ["65534"] * 4
     assert int(fields["CapEff"][0], 16) == (1 << 12) | (1 << 13)  # CAP_NET_ADMIN | CAP_NET_RAW
