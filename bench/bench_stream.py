@@ -164,7 +164,10 @@ def run_ingest(pcap: str, sensors: int, repeat: int, work: str) -> dict:
     port = free_port()
     out = os.path.join(work, "ingest.pcapng")
     log = os.path.join(work, "ingest.log")
-    rx = subprocess.Popen([*PY, "receiver", "--listen", f"127.0.0.1:{port}", "-w", out,
+    cfg = os.path.join(work, "ingest.yaml")
+    with open(cfg, "w") as f:  # all simulated sensors connect from 127.0.0.1 at once
+        f.write("connectionRate:\n  burst: 10000\n  seconds: 1\n")
+    rx = subprocess.Popen([*PY, "receiver", "--config", cfg, "--listen", f"127.0.0.1:{port}", "-w", out,
                            "--max-connections", "1000"], stderr=open(log, "w"))
     wait_log(log, "listening on", rx)
 
