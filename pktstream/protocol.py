@@ -199,6 +199,17 @@ def new_nonce() -> bytes:
     return os.urandom(NONCE_BYTES)
 
 
+def parse_nonce(value: object) -> bytes:
+    """A peer's nonce (hex text) as bytes; FrameError unless it is exactly NONCE_BYTES long."""
+    try:
+        nonce = bytes.fromhex(value) if isinstance(value, str) else b""
+    except ValueError:
+        raise FrameError("bad nonce (not hex)") from None
+    if len(nonce) != NONCE_BYTES:
+        raise FrameError("bad nonce length")
+    return nonce
+
+
 def proof(key: bytes, role: str, first_nonce: bytes, second_nonce: bytes, sensor_id: str) -> str:
     """HMAC-SHA256 over the role, both nonces and the sensor id (hex). The role label keeps a
     receiver proof from ever being valid as a sensor proof (no reflection)."""

@@ -546,12 +546,7 @@ class Receiver:
         sid = h.get("sensor_id")
         if not isinstance(sid, str) or not _SENSOR_ID.match(sid):
             raise FrameError("bad sensor_id (1-128 printable ASCII characters)")
-        try:
-            snonce = bytes.fromhex(h.get("nonce", ""))
-        except (ValueError, TypeError):
-            raise FrameError("bad nonce") from None
-        if len(snonce) != P.NONCE_BYTES:
-            raise FrameError("bad nonce length")
+        snonce = P.parse_nonce(h.get("nonce"))
         ifaces = h.get("interfaces")
         if not isinstance(ifaces, list) or len(ifaces) > 4096:
             raise FrameError("bad interface list")

@@ -624,6 +624,16 @@ class Sensor:
             except (OSError, asyncio.TimeoutError, ssl.SSLError):
                 pass
 
+    @staticmethod
+    async def _expect(reader: asyncio.StreamReader, ftype: P.FrameType, refused: type[Exception]) -> P.Frame:
+        """The next frame, which must be ``ftype``; an ERROR from the receiver raises ``refused``."""
+        frame = await asyncio.wait_for(P.read_frame(reader), 15)
+        if frame.type == P.FrameType.ERROR:
+            raise refused(f"receiver refused: {frame.json().get('reason')}")
+        if frame.type != ftype:
+            raise FrameError(f"expected {ftype.name}, got {frame.type.name}")
+        return frame
+
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
         nonce = P.new_nonce()
         with self._lock:
@@ -633,18 +643,8 @@ class Sensor:
             "software": f"pktstream {pktstream.__version__}", "interfaces": descs,
             "nonce": nonce.hex(), "max_raw": self.max_raw, "auth": self.auth_key is not None}))
         await writer.drain()
-        frame = await asyncio.wait_for(P.read_frame(reader), 15)
-        if frame.type == P.FrameType.ERROR:
-            raise FrameError(f"receiver refused the session: {frame.json().get('reason')}")
-        if frame.type != P.FrameType.CHALLENGE:
-            raise FrameError(f"expected CHALLENGE, got {frame.type.name}")
-        body = frame.json()
-        try:
-            rnonce = bytes.fromhex(body.get("nonce", ""))
-        except ValueError:
-            raise FrameError("bad receiver nonce") from None
-        if len(rnonce) != P.NONCE_BYTES:
-            raise FrameError("bad receiver nonce length")
+        body = (await self._expect(reader, P.FrameType.CHALLENGE, FrameError)).json()
+        rnonce = P.parse_nonce(body.get("nonce"))
         my_proof = ""
         if self.auth_key is not None:
             expected = P.proof(self.auth_key, "receiver", nonce, rnonce, self.sensor_id)
@@ -653,12 +653,7 @@ class Sensor:
             my_proof = P.proof(self.auth_key, "sensor", rnonce, nonce, self.sensor_id)
         writer.write(P.encode_json(P.FrameType.AUTH, {"proof": my_proof}))
         await writer.drain()
-        frame = await asyncio.wait_for(P.read_frame(reader), 15)
-        if frame.type == P.FrameType.ERROR:
-            raise AuthenticationError(f"receiver refused: {frame.json().get('reason')}")
-        if frame.type != P.FrameType.WELCOME:
-            raise FrameError(f"expected WELCOME, got {frame.type.name}")
-        welcome = frame.json()
+        welcome = (await self._expect(reader, P.FrameType.WELCOME, AuthenticationError)).json()
         last = welcome.get("last_seq", 0)
         if not isinstance(last, int) or last < 0:
             raise FrameError("bad last_seq in WELCOME")
