@@ -298,6 +298,13 @@ cdef class PacketBatch:
     def released(self) -> bool:
         return self._released
 
+    @property
+    def buffer_owner(self):
+        """The object whose buffer this batch wraps (``from_records``), or None for a ring block.
+        Wrapping it again gives a sibling batch over the same memory without exporting this one."""
+        self._check()
+        return self._owner
+
     def __len__(self):
         self._check()
         if self._count < 0:
@@ -525,6 +532,18 @@ ctypedef struct CaptureState:
     int draining             # stopping: emptying the kernel buffer
 
 
+cdef inline int _free_count(CaptureState *s) noexcept nogil:
+    cdef int i, n = 0
+    for i in range(s.nblocks):
+        if ps_load_int(&s.state[i]) == BLOCK_FREE:
+            n += 1
+    return n
+
+
+cdef inline bint _any_free(CaptureState *s) noexcept nogil:
+    return _free_count(s) > 0
+
+
 cdef inline void _seal(CaptureState *s) noexcept nogil:
     cdef int b = s.cur
     if b < 0:
@@ -536,11 +555,11 @@ cdef inline void _seal(CaptureState *s) noexcept nogil:
     ps_store_int(&s.state[b], BLOCK_OUT)
     s.queue[(s.q_head + s.q_len) % s.nblocks] = b
     s.q_len += 1
-    if s.p != NULL and s.q_len * 2 >= s.nblocks:
-        # Half the ring is sealed and waiting: return to the consumer before the ring runs
-        # out. With TPACKET_V3 one dispatch would otherwise drain the whole kernel buffer
-        # (tens of MiB) into the ring and drop what does not fit; stopping here leaves the
-        # rest in the kernel buffer for the next dispatch instead.
+    if s.p != NULL and (s.q_len * 2 >= s.nblocks or _free_count(s) <= 1):
+        # Half the ring is sealed and waiting, or at most one block is left: return to the
+        # consumer before the ring runs out. With TPACKET_V3 one dispatch would otherwise
+        # drain the whole kernel buffer (tens of MiB) into the ring and drop what does not
+        # fit; stopping here leaves the rest in the kernel buffer (or the file) instead.
         pcap_breakloop(s.p)
 
 
@@ -556,14 +575,6 @@ cdef inline int _acquire(CaptureState *s) noexcept nogil:
             s.last = b
             return b
     return -1
-
-
-cdef inline bint _any_free(CaptureState *s) noexcept nogil:
-    cdef int i
-    for i in range(s.nblocks):
-        if ps_load_int(&s.state[i]) == BLOCK_FREE:
-            return True
-    return False
 
 
 cdef void _on_packet(unsigned char *user, const pcap_pkthdr *h, const unsigned char *data) noexcept nogil:
@@ -696,6 +707,7 @@ cdef class Capture:
     cdef readonly double max_wait
     cdef int timeout_ms
     cdef object _lock
+    cdef object _handle_lock
     cdef object __weakref__
 
     def __cinit__(self):
@@ -819,6 +831,7 @@ cdef class Capture:
         self.s.max_packets = count
         self.max_wait = max_wait
         self._lock = threading.Lock()
+        self._handle_lock = threading.Lock()
 
     cdef int _check_setting(self, int rc, str op) except -1:
         if rc != 0:
@@ -848,12 +861,10 @@ cdef class Capture:
             warnings.warn(f"unclosed Capture on {self.device!r}", ResourceWarning, source=self)
 
     cdef void _close_handle(self) noexcept:
+        # stop_fd stays open until __dealloc__: stop() from another thread may still write it
         if self.s.p != NULL:
             pcap_close(self.s.p)
             self.s.p = NULL
-        if self.stop_fd >= 0:
-            close(self.stop_fd)
-            self.stop_fd = -1
 
     # -- public API --------------------------------------------------------------------------
     @property
@@ -897,7 +908,9 @@ cdef class Capture:
         out = {"packets": self.s.packets, "bytes": self.s.bytes,
                "ring_drops": self.s.ring_drops, "oversize_drops": self.s.oversize_drops,
                "kernel_received": 0, "kernel_dropped": 0, "interface_dropped": 0}
-        if self.s.p != NULL and not self.offline and pcap_stats(self.s.p, &ps) == 0:
+        with self._handle_lock:  # close() from another thread must not free the handle meanwhile
+            ok = self.s.p != NULL and not self.offline and pcap_stats(self.s.p, &ps) == 0
+        if ok:
             out.update(kernel_received=ps.ps_recv, kernel_dropped=ps.ps_drop,
                        interface_dropped=ps.ps_ifdrop)
         return out
@@ -931,7 +944,7 @@ cdef class Capture:
         if self.s.p == NULL:
             return
         self.stop()
-        with self._lock:
+        with self._lock, self._handle_lock:
             self._close_handle()
 
     def __enter__(self):
@@ -981,6 +994,12 @@ cdef class Capture:
                         self.eof = True
                     continue
                 if self.offline:
+                    if not _any_free(s):
+                        if s.cur >= 0:  # no block to go on with: deliver the partial one now
+                            _seal(s)
+                            continue
+                        raise BufferError(f"reading {self.device!r}: every ring block is held by a batch; "
+                                          "release batches (or keep copy()s) to read on")
                     with nogil:
                         rc = pcap_dispatch(s.p, -1, _on_packet, <unsigned char *> s)
                     if rc == 0 or (s.max_packets and s.packets >= s.max_packets):

@@ -298,7 +298,9 @@ def receiver_settings(data: Any) -> ReceiverSettings:
         raise ConfigError("output: file.path and directory are exclusive")
     s.state_dir = root.get("stateDir", "str")
     if root.has("compressBlockSize"):
-        s.max_block_bytes = max(root.get("compressBlockSize", "int") * 1024, 1 << 16)
+        # upstream's value (65 KiB by default) may only raise the limit: pktstream sensors make
+        # 1 MiB blocks by default and a lower limit would refuse every full block
+        s.max_block_bytes = max(root.get("compressBlockSize", "int") * 1024, s.max_block_bytes)
     s.max_connections = root.get("maxConnections", "int", s.max_connections)
     rate = root.child("connectionRate")
     s.connection_burst = rate.get("burst", "int", s.connection_burst)
@@ -384,6 +386,8 @@ def sensor_settings(data: Any) -> SensorSettings:
     s.stats_interval = root.get("statsInterval", "duration", s.stats_interval)
     for k, v in _common(root).items():
         setattr(s, k, v)
+    if s.auth.keyfile:
+        raise ConfigError("auth.keyfile: a receiver setting (per-sensor keys); a sensor uses auth.key")
     root.finish()
     if s.block_bytes < s.snaplen + 16:
         s.block_bytes = s.snaplen + 16  # a block must hold one whole record (upstream panicked)

@@ -149,12 +149,6 @@ async def read_frame(reader: asyncio.StreamReader, *, max_payload: int = DEFAULT
 
 # -- DATA payloads -----------------------------------------------------------------------------
 
-def compress_block(records, level: int, compressor: zstandard.ZstdCompressor | None = None) -> bytes:
-    """One zstd frame with content size and checksum."""
-    c = compressor or zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
-    return c.compress(records)
-
-
 _DCTX = zstandard.ZstdDecompressor()
 
 
@@ -173,6 +167,8 @@ def decode_data(frame: Frame, *, link_type: int, snaplen: int, interface: str | 
             params = zstandard.get_frame_parameters(frame.payload)
         except zstandard.ZstdError as exc:
             raise FrameError(f"DATA seq {frame.seq}: not a zstd frame ({exc})") from None
+        if not params.has_checksum:
+            raise FrameError(f"DATA seq {frame.seq}: zstd frame without a content checksum")
         if params.content_size != frame.raw_len or frame.raw_len > max_raw:
             raise FrameError(f"DATA seq {frame.seq}: zstd content size {params.content_size} "
                              f"!= announced raw length {frame.raw_len}")
@@ -191,6 +187,13 @@ def decode_data(frame: Frame, *, link_type: int, snaplen: int, interface: str | 
         batch.release()
         raise FrameError(f"DATA seq {frame.seq}: {n} records, header says {frame.count}")
     return batch
+
+
+def sibling(batch: PacketBatch) -> PacketBatch:
+    """Another batch over the same (already validated) records, so that each output can
+    release its own without touching the others'. No copy."""
+    return PacketBatch.from_records(batch.buffer_owner, link_type=batch.link_type, snaplen=batch.snaplen,
+                                    interface=batch.interface, validate=False, count=len(batch))
 
 
 # -- authentication ----------------------------------------------------------------------------

@@ -49,6 +49,19 @@ class _SensorState:
     bye: asyncio.Event | None = None
 
 
+def _numeric_stats(obj: dict[str, Any]) -> dict[str, Any]:
+    """A sensor's STATS with only non-negative integer counters (and per-interface dicts of
+    them, at most 256): nothing else from the network reaches logs or /metrics."""
+    def ints(d: Any) -> dict[str, int]:
+        return {str(k)[:64]: v for k, v in d.items() if isinstance(v, int) and not isinstance(v, bool) and v >= 0} \
+            if isinstance(d, dict) else {}
+    out: dict[str, Any] = ints(obj)
+    itfs = obj.get("interfaces")
+    if isinstance(itfs, dict):
+        out["interfaces"] = {str(k)[:64]: ints(v) for k, v in list(itfs.items())[:256]}
+    return out
+
+
 def _cert_names(cert: dict | None) -> set[str]:
     """Common name and subjectAltName DNS/URI entries of a verified peer certificate."""
     if not cert:
@@ -79,7 +92,7 @@ class _SinkRunner:
         self.receiver = receiver
         self.queue: queue.Queue = queue.Queue(0 if self.gate else maxsize)
         self.committed = 0
-        self.state: dict[str, Any] | None = None
+        self.states: collections.deque = collections.deque()  # (index, state) per flush
         self.counters = collections.Counter()
         self.failing = False
         self.thread = threading.Thread(target=self._run, name=f"sink-{sink.name}", daemon=True)
@@ -151,8 +164,20 @@ class _SinkRunner:
 
     def _flushed(self, index: int, state: dict[str, Any] | None) -> None:
         self.committed = max(self.committed, index)
-        self.state = state
+        if state is not None:
+            self.states.append((index, state))
         self.receiver._commit()
+
+    def state_at(self, committed: int) -> dict[str, Any] | None:
+        """The newest flushed state whose data is all at or below ``committed`` (another gating
+        output may be behind: persisting a later state would keep unacknowledged data)."""
+        best = None
+        while self.states and self.states[0][0] <= committed:
+            best = self.states.popleft()
+        if best is not None:
+            self.states.appendleft(best)  # still the newest usable one
+            return best[1]
+        return None
 
 
 class Receiver:
@@ -245,14 +270,18 @@ class Receiver:
                 type(sink).recover(sink_state)
         log.info("state: resuming %d sensors from %s", len(self._sensors), path)
 
-    def _save_state(self) -> None:
+    def _save_state(self, acks: dict[str, int] | None = None, committed: int | None = None) -> None:
+        """Persist the last committed seq per sensor (``acks`` about to be committed) and, per
+        output, the newest flushed state that contains nothing beyond ``committed``."""
         path = self._state_path()
         if path is None:
             return
-        state = {"sensors": {sid: {"last_seq": s.last_committed, "hostname": s.hostname,
+        acks = acks or {}
+        state = {"sensors": {sid: {"last_seq": max(s.last_committed, acks.get(sid, 0)), "hostname": s.hostname,
                                    "interfaces": {str(k): v for k, v in s.interfaces.items()}}
                              for sid, s in self._sensors.items()},
-                 "sinks": {r.sink.name: r.state for r in self._runners if r.state}}
+                 "sinks": {r.sink.name: st for r in self._runners
+                           if (st := r.state_at(self._index if committed is None else committed))}}
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(state, f)
@@ -260,6 +289,12 @@ class Receiver:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+        if self.fsync_state:  # the rename itself must survive a power loss
+            dfd = os.open(os.path.dirname(path), os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
 
     # -- embedding API -----------------------------------------------------------------------
     def batches(self, maxsize: int = 64) -> Iterator[tuple[Source, PacketBatch]]:
@@ -334,6 +369,11 @@ class Receiver:
             self.metrics_address = metrics_server.sockets[0].getsockname()[:2]
         if server is not None:
             log.info("receiver listening on %s:%d%s", *self.address, " (TLS)" if self.ssl_context else "")
+        if self.listen is not None and self.auth_key is None and not self.auth_keys and not (
+                self.ssl_context is not None and self.ssl_context.verify_mode == ssl.CERT_REQUIRED) \
+                and self.listen[0] not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("no authentication (auth.key / client certificates): anyone who can reach "
+                        "%s:%d can write into the outputs", *self.listen)
         self._ready.set()
         ticker = asyncio.create_task(self._periodic())
         try:
@@ -351,11 +391,14 @@ class Receiver:
                 if s.writer is not None:
                     s.writer.close()
             for r in self._runners:
+                r.sink.interrupt()
                 r.queue.put(None)
             for r in self._runners:
                 await asyncio.to_thread(r.thread.join)
             await asyncio.sleep(0)  # run the final _flushed callbacks
             self._commit()
+            for r in self._runners:
+                r.states.clear()  # the outputs are closed: their files are complete, nothing to repair
             self._save_state()
             for inp in self.inputs:
                 await asyncio.to_thread(inp.close)  # commits what the outputs have (input offsets)
@@ -382,8 +425,9 @@ class Receiver:
         self._index += 1
         self._inflight += nbytes
         self._pending.append((self._index, sensor.sensor_id, seq, nbytes))
-        for r in self._runners:
-            r.submit(self._index, source, batch)
+        for i, r in enumerate(self._runners):
+            # each output gets its own batch object: one releasing it cannot break another
+            r.submit(self._index, source, batch if i == 0 else P.sibling(batch))
         if not any(r.gate for r in self._runners):
             self._commit()
 
@@ -391,18 +435,29 @@ class Receiver:
         gating = [r.committed for r in self._runners if r.gate]
         committed = min(gating) if gating else self._index
         acks: dict[str, int] = {}
-        freed = 0
-        while self._pending and self._pending[0][0] <= committed:
-            _, sid, seq, nbytes = self._pending.popleft()
+        freed = n = 0
+        for index, sid, seq, nbytes in self._pending:
+            if index > committed:
+                break
             acks[sid] = max(acks.get(sid, 0), seq)
             freed += nbytes
+            n += 1
         if not acks:
             self._run_commit_hooks(committed)
             return
+        try:
+            self._save_state(acks, committed)
+        except OSError as exc:
+            # nothing is acknowledged: the same entries are committed again on the next flush
+            self.counters["state_write_failures"] += 1
+            log.error("cannot save the receiver state (%s): not acknowledging; retrying", exc)
+            self._loop.call_later(1.0, self._commit)
+            return
+        for _ in range(n):
+            self._pending.popleft()
         for sid, seq in acks.items():
             s = self._sensors[sid]
             s.last_committed = max(s.last_committed, seq)
-        self._save_state()
         for sid in acks:
             s = self._sensors[sid]
             if s.writer is not None and not s.writer.is_closing():
@@ -600,8 +655,9 @@ class Receiver:
                 await self._data(sensor, frame)
             elif t == P.FrameType.HEARTBEAT:
                 writer.write(P.encode(P.FrameType.HEARTBEAT))
+                await asyncio.wait_for(writer.drain(), idle)  # a peer that never reads is cut off
             elif t == P.FrameType.STATS:
-                sensor.reported = frame.json()
+                sensor.reported = _numeric_stats(frame.json())
                 c["stats_frames"] += 1
             elif t == P.FrameType.HELLO:  # an interface that appeared later
                 d = self._check_iface(frame.json().get("interface"))

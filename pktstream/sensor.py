@@ -16,6 +16,7 @@ import random
 import re
 import socket
 import ssl
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import zstandard
 import pktstream
 from pktstream import protocol as P
 from pktstream._capture import Capture, PacketBatch, list_interfaces
-from pktstream.exceptions import AuthenticationError, FrameError, PcapError
+from pktstream.exceptions import AuthenticationError, ConfigError, FrameError, PcapError
 
 log = logging.getLogger("pktstream.sensor")
 
@@ -94,6 +95,8 @@ class _Entry:
     size: int
     data: tuple[bytes, bytes] | None  # (header, payload); None: on disk in the spool
     packets: int
+    local: bool = True   # made by this process (False: found in the spool at start)
+    sent: bool = False   # handed to a connection at least once
 
 
 class FrameStore:
@@ -115,6 +118,7 @@ class FrameStore:
         self.dropped_blocks = 0
         self.dropped_packets = 0
         self.spooled_blocks = 0
+        self.spool_errors = 0
         self.acked_seq = 0
         self._listeners: list = []
         if spool_dir:
@@ -137,10 +141,14 @@ class FrameStore:
             try:
                 with open(path, "rb") as f:
                     head = P.decode_header(f.read(P.HEADER_LEN), max_payload=1 << 30, max_raw=1 << 30)
-            except (FrameError, OSError) as exc:
-                log.warning("spool: ignoring unreadable %s (%s)", path, exc)
+                if size != P.HEADER_LEN + head.payload_len:
+                    raise FrameError(f"{size} bytes, the header says {P.HEADER_LEN + head.payload_len}")
+            except (FrameError, OSError) as exc:  # e.g. cut short by a power loss: never resend it
+                log.warning("spool: removing unreadable %s (%s); %s", path, exc, "its packets are lost")
+                self.dropped_blocks += 1
+                os.unlink(path)
                 continue
-            self._entries.append(_Entry(int(name[:20]), size, None, head.count))
+            self._entries.append(_Entry(int(name[:20]), size, None, head.count, local=False))
             self.spool_used += size
         if self._entries:
             log.info("spool: %d frames (%d bytes) from a previous run will be sent first",
@@ -163,10 +171,21 @@ class FrameStore:
                 seq = self.next_seq
                 header, payload = make_frame(seq)
                 tmp = self._spool_path(seq) + ".tmp"
-                with open(tmp, "wb") as f:
-                    f.write(header)
-                    f.write(payload)
-                os.replace(tmp, self._spool_path(seq))
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(header)
+                        f.write(payload)
+                    os.replace(tmp, self._spool_path(seq))
+                except OSError as exc:  # spool disk full or gone: a counted drop, capture goes on
+                    log.error("spool: cannot write %s: %s", tmp, exc)
+                    try:
+                        os.unlink(tmp)
+                    except OSError:
+                        pass
+                    self.spool_errors += 1
+                    self.dropped_blocks += 1
+                    self.dropped_packets += packets
+                    return None
                 size = len(header) + len(payload)
                 self._entries.append(_Entry(seq, size, None, packets))
                 self.spool_used += size
@@ -204,6 +223,7 @@ class FrameStore:
             else:
                 return None
             data = e.data
+            e.sent = True
         if data is None:
             with open(self._spool_path(e.seq), "rb") as f:
                 raw = f.read()
@@ -214,10 +234,35 @@ class FrameStore:
         with self._lock:
             return len(self._entries), self.mem_used + self.spool_used
 
-    def bump_seq(self, last_seq: int) -> None:
-        """Never hand out a sequence the receiver already has."""
+    def resume(self, last_seq: int) -> None:
+        """A receiver says it has everything up to ``last_seq``: forget what it has, and give
+        blocks of this process that were never sent but carry a number <= last_seq (this host's
+        clock was behind the one that numbered earlier blocks) new numbers above it, instead of
+        letting them pass for acknowledged."""
         with self._lock:
-            self.next_seq = max(self.next_seq, last_seq + 1)
+            unsent = [e for e in self._entries if e.local and not e.sent]
+            if unsent and unsent[0].seq <= last_seq:
+                seq = last_seq
+                for e in unsent:
+                    seq += 1
+                    self._renumber(e, seq)
+                log.warning("%d unsent blocks renumbered after seq %d (clock behind the receiver's data)",
+                            len(unsent), last_seq)
+            self.next_seq = max(self.next_seq, last_seq + 1, (self._entries[-1].seq + 1) if self._entries else 0)
+        self.ack(last_seq)
+
+    def _renumber(self, e: _Entry, seq: int) -> None:
+        if e.data is not None:
+            header = bytearray(e.data[0])
+            struct.pack_into("<Q", header, 12, seq)
+            e.data = (bytes(header), e.data[1])
+        else:
+            old, new = self._spool_path(e.seq), self._spool_path(seq)
+            with open(old, "r+b") as f:
+                f.seek(12)
+                f.write(struct.pack("<Q", seq))
+            os.replace(old, new)
+        e.seq = seq
 
 
 # -- compression that adapts instead of dropping -----------------------------------------------------
@@ -250,7 +295,7 @@ class AdaptiveCompressor:
     def compress(self, records) -> tuple[bytes, int]:
         """(payload, flags)."""
         start = time.monotonic()
-        if self.level is None or self._store_left > 0:
+        if self._store_left > 0:
             self._store_left -= 1
             self.stored_blocks += 1
             payload, flags = bytes(records), P.Flags.STORED
@@ -364,6 +409,8 @@ class Sensor:
         self._fatal: BaseException | None = None
         self._thread: threading.Thread | None = None
         self.counters = collections.Counter()
+        self._control: collections.deque[bytes] = collections.deque()  # control frames to send
+        self._drain_timeout = 10.0
         if transport is not None:
             self._exclude = transport.exclude()
         else:
@@ -392,7 +439,7 @@ class Sensor:
         return out
 
     def _open(self, name: str, ports: list[int]) -> None:
-        expr = build_filter(pcap_mode=self.pcap_mode if self.pcap_mode != "all" else "all",
+        expr = build_filter(pcap_mode=self.pcap_mode,
                             ports=ports, ignore_ports=self.ignore_ports, bpf=self.bpf,
                             exclude=self._exclude)
         cap = Capture(name, bpf=expr or None, **self.capture_options)
@@ -468,10 +515,10 @@ class Sensor:
             c["zstd_level"] = compressor.level
 
     def _announce(self, itf: _Iface) -> None:
-        loop, connected = self._loop, self._connected
-        if loop is not None and connected:
-            loop.call_soon_threadsafe(self._send_nowait,
-                                      P.encode_json(P.FrameType.HELLO, {"interface": itf.descriptor()}))
+        """Tell the receiver about an interface opened mid-session (sent between DATA frames)."""
+        if self._connected:
+            self._control.append(P.encode_json(P.FrameType.HELLO, {"interface": itf.descriptor()}))
+            self._notify()
 
     # -- counters ----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -556,12 +603,8 @@ class Sensor:
             except RuntimeError:  # loop closed
                 pass
 
-    def _send_nowait(self, data: bytes) -> None:
-        w = getattr(self, "_writer", None)
-        if w is not None and not w.is_closing():
-            w.write(data)
-
     async def _sender(self, drain_timeout: float) -> None:
+        self._drain_timeout = drain_timeout
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         delay = self.reconnect_min
@@ -584,6 +627,11 @@ class Sensor:
                 self.counters["connection_failures"] += 1
                 log.warning("receiver %s:%d: %s; retrying in %.1f s", *self.receiver,
                             exc or type(exc).__name__, delay)
+            except ConfigError as exc:
+                log.error("receiver %s:%d: %s", *self.receiver, exc)
+                self._fatal = exc  # run() raises it: the sensor exits non-zero
+                self.stop()
+                break
             except AuthenticationError as exc:
                 self.counters["auth_failures"] += 1
                 log.error("receiver %s:%d: authentication failed: %s; retrying in %.1f s",
@@ -593,15 +641,8 @@ class Sensor:
             if self._stop.is_set() and self.store.pending()[0] == 0 and not any(
                     i.thread is not None and i.thread.is_alive() for i in self._ifaces.values()):
                 break
-            try:
-                await asyncio.wait_for(asyncio.shield(self._stop_waiter()), delay * (0.5 + random.random()))
-            except asyncio.TimeoutError:
-                pass
+            await asyncio.to_thread(self._stop.wait, delay * (0.5 + random.random()))
             delay = min(self.reconnect_max, delay * 2)
-
-    async def _stop_waiter(self) -> None:
-        while not self._stop.is_set():
-            await asyncio.sleep(0.05)
 
     async def _session(self) -> None:
         host, port = self.receiver
@@ -612,8 +653,7 @@ class Sensor:
         try:
             last_seq = await self._handshake(reader, writer)
             self._connected = True
-            self.store.ack(last_seq)
-            self.store.bump_seq(last_seq)
+            self.store.resume(last_seq)
             log.info("connected to receiver %s:%d (it has everything up to seq %d)", host, port, last_seq)
             await self._stream(reader, writer, last_seq)
         finally:
@@ -657,6 +697,11 @@ class Sensor:
         last = welcome.get("last_seq", 0)
         if not isinstance(last, int) or last < 0:
             raise FrameError("bad last_seq in WELCOME")
+        max_raw = welcome.get("max_raw")
+        if isinstance(max_raw, int) and max_raw < self.max_raw:
+            raise ConfigError(f"the receiver accepts blocks of at most {max_raw} bytes but this sensor "
+                              f"makes blocks of {self.max_raw}: lower the sensor's blockSize or raise "
+                              f"the receiver's compressBlockSize")
         hb = welcome.get("heartbeat")
         # heartbeat at the faster of both sides' settings, so neither side's idle timeout fires
         self._session_heartbeat = min(self.heartbeat, hb) if isinstance(hb, (int, float)) and hb > 0.05 \
@@ -690,9 +735,12 @@ class Sensor:
 
         reader_task = asyncio.create_task(read_acks())
         hb = self._session_heartbeat
+        silent = 3 * hb + 1  # longer without a byte from the receiver (or a drain): it is gone
         last_tx = last_stats = time.monotonic()
+        stop_deadline: float | None = None
         bye_sent = False
         wake_task: asyncio.Future | None = None
+        self._control.clear()  # the HELLO of this session listed every interface
         try:
             while True:
                 if wake_task is None or wake_task.done():
@@ -701,6 +749,22 @@ class Sensor:
                 if closed.done():
                     closed.result()  # raises the reader's error
                     return
+                now = time.monotonic()
+                # housekeeping on every turn, also while a backlog is being sent
+                while self._control:
+                    writer.write(self._control.popleft())
+                if now - last_stats >= self.stats_interval:
+                    writer.write(P.encode_json(P.FrameType.STATS, self.stats()))
+                    last_stats = last_tx = now
+                elif now - last_tx >= hb:
+                    writer.write(P.encode(P.FrameType.HEARTBEAT))
+                    last_tx = now
+                if now - last_rx > silent:
+                    raise asyncio.TimeoutError(f"receiver silent for {now - last_rx:.0f} s")
+                if self._stop.is_set():
+                    stop_deadline = stop_deadline or now + self._drain_timeout
+                    if now > stop_deadline:
+                        raise asyncio.TimeoutError("stopping: the receiver did not acknowledge in time")
                 nxt = self.store.after(sent)
                 if nxt is not None:
                     seq, (header, payload) = nxt
@@ -711,27 +775,20 @@ class Sensor:
                     view = memoryview(payload)
                     for off in range(0, len(view), _SEND_SLICE):
                         writer.write(view[off:off + _SEND_SLICE])
-                        await writer.drain()  # waits only while above the 64 KiB high-water mark
+                        # waits only while above the 64 KiB high-water mark; a peer that stops
+                        # reading without a reset is given up after `silent` seconds
+                        await asyncio.wait_for(writer.drain(), silent)
                     sent = seq
                     last_tx = time.monotonic()
                     self.counters["frames_sent"] += 1
                     continue
-                await writer.drain()
-                now = time.monotonic()
-                if now - last_stats >= self.stats_interval:
-                    writer.write(P.encode_json(P.FrameType.STATS, self.stats()))
-                    last_stats = last_tx = now
-                elif now - last_tx >= hb:
-                    writer.write(P.encode(P.FrameType.HEARTBEAT))
-                    last_tx = now
-                if now - last_rx > 3 * hb + 1:
-                    raise asyncio.TimeoutError(f"receiver silent for {now - last_rx:.0f} s")
+                await asyncio.wait_for(writer.drain(), silent)
                 if self._stop.is_set() and not bye_sent:
                     capturing = any(i.thread is not None and i.thread.is_alive() for i in self._ifaces.values())
                     if not capturing and self.store.after(sent) is None and self.store.pending()[0] == 0:
                         writer.write(P.encode_json(P.FrameType.STATS, self.stats()))
                         writer.write(P.encode_json(P.FrameType.BYE, {"reason": "sensor stopping"}))
-                        await writer.drain()
+                        await asyncio.wait_for(writer.drain(), silent)
                         bye_sent = True
                 await asyncio.wait([closed, wake_task], timeout=min(0.2, hb),
                                    return_when=asyncio.FIRST_COMPLETED)

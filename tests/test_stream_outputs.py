@@ -68,7 +68,9 @@ def test_per_sensor_files(veth, procs, tmp_path, mixed_pcap):
     sx.stop(signal.SIGTERM)
     rx.stop(signal.SIGTERM)
     files = list((tmp_path / "by-sensor").iterdir())
-    assert [f.name for f in files] == ["_.._etc_evil.pcapng"]  # sanitised, inside the directory
+    import hashlib
+    tag = hashlib.sha256(b"../../etc/evil").hexdigest()[:8]
+    assert [f.name for f in files] == [f"_.._etc_evil-{tag}.pcapng"]  # sanitised, inside the directory
     assert len(tshark_fields(files[0], "frame.number")) == 2000
 
 

@@ -45,6 +45,9 @@ class Sink:
         """After a failed write/flush: return to the state of the last successful flush (the
         receiver then writes again everything given since). Default: nothing to undo."""
 
+    def interrupt(self) -> None:
+        """The receiver is stopping: stop waiting on anything outside (called from any thread)."""
+
     def close(self) -> None:
         """Flush and release resources. Data not flushed before the process dies is lost."""
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 from typing import Callable, Iterator
 
 from pktstream._capture import PacketBatch
@@ -32,12 +33,29 @@ class IteratorSink(Sink):
     def __init__(self, maxsize: int = 64, *, gate: bool = True) -> None:
         self.queue: queue.Queue = queue.Queue(maxsize)
         self.gate = gate
+        self._stopping = threading.Event()
 
     def write(self, source: Source, batch: PacketBatch) -> None:
-        self.queue.put((source, batch))  # blocks this sink's thread only
+        while not self._stopping.is_set():  # blocks this sink's thread only, until stop
+            try:
+                self.queue.put((source, batch), timeout=0.2)
+                return
+            except queue.Full:
+                pass
+        raise RuntimeError("receiver stopping and nobody reads the iterator")
+
+    def interrupt(self) -> None:
+        self._stopping.set()
 
     def close(self) -> None:
-        self.queue.put(self._END)
+        try:
+            self.queue.put(self._END, timeout=1.0)
+        except queue.Full:  # the consumer went away: make room for the end marker
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                pass
+            self.queue.put_nowait(self._END)
 
     def __iter__(self) -> Iterator[tuple[Source, PacketBatch]]:
         while True:

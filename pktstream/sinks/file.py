@@ -8,6 +8,7 @@ never overwritten: the next free name ``stem.N.ext`` is used.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -21,9 +22,12 @@ from pktstream.sinks.base import Sink, Source
 log = logging.getLogger("pktstream.receiver")
 
 def safe_name(text: str) -> str:
-    """A sensor-supplied name as a single harmless path component."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", text)[:100].lstrip(".")
-    return cleaned or "_"
+    """A sensor-supplied name as a single harmless path component. Names that had to be
+    changed get a short hash of the original, so two different ids never share a file."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", text)[:100].lstrip(".") or "_"
+    if cleaned != text:
+        cleaned += "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    return cleaned
 
 
 def _free_name(base: str) -> str:
