@@ -230,6 +230,33 @@ class FrameStore:
             data = (raw[:P.HEADER_LEN], raw[P.HEADER_LEN:])
         return e.seq, data
 
+    def spill(self) -> int:
+        """At exit: move unacknowledged in-memory blocks to the spool (within its bound), so the
+        next run sends them. Returns how many were moved."""
+        if not self.spool_dir:
+            return 0
+        moved = 0
+        with self._lock:
+            for e in self._entries:
+                if e.data is None or self.spool_used + e.size > self.spool_bytes:
+                    continue
+                tmp = self._spool_path(e.seq) + ".tmp"
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(e.data[0])
+                        f.write(e.data[1])
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, self._spool_path(e.seq))
+                except OSError as exc:
+                    log.error("spool: cannot keep block %d: %s", e.seq, exc)
+                    continue
+                self.mem_used -= e.size
+                self.spool_used += e.size
+                e.data = None
+                moved += 1
+        return moved
+
     def pending(self) -> tuple[int, int]:
         with self._lock:
             return len(self._entries), self.mem_used + self.spool_used
@@ -317,7 +344,7 @@ class AdaptiveCompressor:
         return payload, int(flags)
 
     def _adapt(self) -> None:
-        levels = [lv for lv in self.LEVELS if lv <= self.max_level] or [self.max_level]
+        levels = sorted({lv for lv in self.LEVELS if lv < self.max_level} | {self.max_level})
         i = levels.index(self.level) if self.level in levels else len(levels) - 1
         if self._busy > 0.6 and i > 0:
             self.level = levels[i - 1]
@@ -446,7 +473,7 @@ class Sensor:
         with self._lock:
             itf = self._ifaces.get(name)
             if itf is None:
-                itf = self._ifaces[name] = _Iface(len(self._ifaces), name)
+                itf = self._ifaces[name] = _Iface(self._index_for(name), name)
             itf.link_type, itf.snaplen, itf.capture, itf.error = cap.link_type, cap.snaplen, cap, None
         log.info("capturing on %s (link type %s, filter %r)", name, cap.link_type_name, expr)
         self._announce(itf)
@@ -591,8 +618,33 @@ class Sensor:
             for itf in list(self._ifaces.values()):
                 if itf.thread is not None:
                     itf.thread.join(5)
+            spilled = self.store.spill()
+            if spilled:
+                log.info("spool: %d unacknowledged blocks kept for the next run", spilled)
         if self._fatal is not None:
             raise self._fatal
+
+    def _index_for(self, name: str) -> int:
+        """Interface index, stable across restarts when spooling: spooled blocks carry it."""
+        path = os.path.join(self.spool_dir, "interfaces.json") if self.spool_dir else None
+        known: dict[str, int] = {}
+        if path and os.path.exists(path):
+            try:
+                with open(path) as f:
+                    known = {str(k): int(v) for k, v in json.load(f).items()}
+            except (OSError, ValueError, TypeError, AttributeError):
+                known = {}
+        used = {i.index for i in self._ifaces.values()}
+        index = known.get(name)
+        if index is None or index in used:
+            index = max([*known.values(), *used, -1]) + 1
+        known[name] = index
+        if path:
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(known, f)
+            os.replace(tmp, path)
+        return index
 
     # -- sender ------------------------------------------------------------------------------
     def _notify(self) -> None:

@@ -119,3 +119,24 @@ def test_offline_capture_never_loses_packets_to_held_batches(tmp_path):
         total += sum(len(b) for b in cap)
         assert cap.stats()["ring_drops"] == 0
     assert total == 3000
+
+
+def test_spill_keeps_in_memory_blocks_for_the_next_run(tmp_path):
+    store = FrameStore(window_bytes=1 << 20, spool_dir=str(tmp_path), spool_bytes=1 << 20, first_seq=7)
+    for _ in range(3):
+        store.put(_frame, 1, 200)
+    assert os.listdir(tmp_path) == []
+    assert store.spill() == 3
+    again = FrameStore(window_bytes=1 << 20, spool_dir=str(tmp_path), spool_bytes=1 << 20)
+    assert [again.after(s)[0] for s in (0, 7, 8)] == [7, 8, 9]
+    assert again.next_seq > 9
+
+
+def test_adaptive_levels_reach_back_to_the_configured_one():
+    from pktstream.sensor import AdaptiveCompressor
+    c = AdaptiveCompressor(19)
+    c.level = -7
+    c._busy = 0.0
+    for _ in range(20):
+        c._adapt()
+    assert c.level == 19
