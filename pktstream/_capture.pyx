@@ -220,7 +220,7 @@ cdef class PacketBatch:
         return b
 
     @staticmethod
-    def from_records(data, *, int link_type, int snaplen=DEFAULT_SNAPLEN, interface=None,
+    def from_records(data, *, link_type, snaplen=DEFAULT_SNAPLEN, interface=None,
                      bint validate=True, Py_ssize_t count=-1) -> PacketBatch:
         """Wrap a buffer of pcap records (ns timestamps, little-endian) without copying.
 
@@ -229,6 +229,11 @@ cdef class PacketBatch:
             ``caplen <= wirelen``, ``ts_nsec < 1e9``) and raise :class:`FileFormatError` with the
             byte offset of the first bad record. Leave on for data from outside the process.
         """
+        link_type, snaplen = int(link_type), int(snaplen)
+        if not 0 <= link_type <= 0x7fffffff:
+            raise FileFormatError(f"link type {link_type} out of range")
+        if snaplen <= 0 or snaplen > 0x7fffffff:
+            snaplen = 0x7fffffff  # 0 or absurd (as files from the wild have): no limit, like libpcap
         cdef PacketBatch b = PacketBatch.__new__(PacketBatch)
         PyObject_GetBuffer(data, &b._pybuf, PyBUF_SIMPLE)
         b._has_pybuf = True

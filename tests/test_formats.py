@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import subprocess
 import warnings
@@ -359,7 +360,7 @@ def _small_files(caps) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("kind", ["pcap", "pcapng"])
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("PKTSTREAM_FUZZ_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_mutated_files_never_crash(caps, kind, data):
     raw = bytearray(_small_files(caps)[kind])
