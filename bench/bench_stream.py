@@ -97,15 +97,16 @@ def run_pktstream(veth: Veth, pcap: str, rate: int, loops: int, work: str) -> di
     wait_log(rlog, "listening on", rx)
     sx = subprocess.Popen([*PY, "sensor", "--receiver", f"127.0.0.1:{port}", "-i", veth.outer,
                            "--stats-json", sjson], stderr=open(slog, "w"))
-    wait_log(slog, "connected to receiver", sx)
-    s0, r0 = cpu_seconds(sx.pid), cpu_seconds(rx.pid)
-    sent, pps = replay(veth, pcap, rate, loops)
-    time.sleep(1.5)
-    s_cpu, r_cpu = cpu_seconds(sx.pid) - s0, cpu_seconds(rx.pid) - r0
-    sx.terminate()
-    sx.wait(60)
-    rx.terminate()
-    rx.wait(60)
+    try:
+        wait_log(slog, "connected to receiver", sx)
+        s0, r0 = cpu_seconds(sx.pid), cpu_seconds(rx.pid)
+        sent, pps = replay(veth, pcap, rate, loops)
+        time.sleep(1.5)
+        s_cpu, r_cpu = cpu_seconds(sx.pid) - s0, cpu_seconds(rx.pid) - r0
+    finally:
+        for p in (sx, rx):
+            p.terminate()
+            p.wait(60)
     st = json.load(open(sjson))
     rs = json.load(open(rjson))["sensors"][st["sensor_id"]]
     n = count_pcap(out)
@@ -174,13 +175,15 @@ def run_ingest(pcap: str, sensors: int, repeat: int, work: str) -> dict:
     async def all_sensors():
         return await asyncio.gather(*(fake_sensor(port, f"sim-{i}", frames, repeat) for i in range(sensors)))
 
-    c0 = cpu_seconds(rx.pid)
-    t0 = time.perf_counter()
-    packets = sum(asyncio.run(all_sensors()))
-    dt = time.perf_counter() - t0
-    cpu = cpu_seconds(rx.pid) - c0
-    rx.terminate()
-    rx.wait(60)
+    try:
+        c0 = cpu_seconds(rx.pid)
+        t0 = time.perf_counter()
+        packets = sum(asyncio.run(all_sensors()))
+        dt = time.perf_counter() - t0
+        cpu = cpu_seconds(rx.pid) - c0
+    finally:  # stop the receiver we started, also when a simulated sensor failed
+        rx.terminate()
+        rx.wait(60)
     raw = sum(r for _, _, r in frames) * repeat * sensors
     size = os.path.getsize(out)
     n = count_pcap(out)
