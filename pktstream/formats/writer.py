@@ -36,7 +36,8 @@ def format_from_name(path: str) -> str | None:
     return None
 
 
-def _split_ext(path: str) -> tuple[str, str]:
+def split_ext(path: str) -> tuple[str, str]:
+    """(stem, capture extension) of a file name: ("a/cap", ".pcapng.zst")."""
     for ext in sorted(FORMATS, key=len, reverse=True):
         if path.endswith(ext):
             return path[:-len(ext)], ext
@@ -143,7 +144,7 @@ class CaptureWriter:
             name = time.strftime(name, time.localtime(self._clock()))
         if not self._rotating:
             return name
-        stem, ext = _split_ext(name)
+        stem, ext = split_ext(name)
         while True:
             path = f"{stem}.{self._seq:06d}{ext}"
             self._seq += 1

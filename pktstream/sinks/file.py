@@ -15,8 +15,7 @@ import re
 from typing import Any
 
 from pktstream._capture import PacketBatch, link_type_name
-from pktstream.formats.writer import CaptureWriter, format_from_name
-from pktstream.formats.writer import _split_ext as split_ext
+from pktstream.formats.writer import CaptureWriter, format_from_name, split_ext
 from pktstream.sinks.base import Sink, Source
 
 log = logging.getLogger("pktstream.receiver")
