@@ -111,7 +111,8 @@ class Decoded:
                 continue
             data[name] = col
         df = pd.DataFrame(data)
-        df["time"] = pd.to_datetime(df["ts_ns"], unit="ns", utc=True)
+        if "ts_ns" in df:  # per-packet tables (a flow table has first/last_ts_ns instead)
+            df["time"] = pd.to_datetime(df["ts_ns"], unit="ns", utc=True)
         return df
 
 
@@ -128,16 +129,6 @@ class Flows(Decoded):
     def flows(self):  # pragma: no cover - a flow table has no flows of its own
         raise TypeError("already a flow table")
 
-    def to_pandas(self, *, addresses: bool = True):
-        import pandas as pd
-        data = {}
-        for name, col in self.columns.items():
-            if col.ndim == 2:
-                if addresses:
-                    data[name] = self.addresses(name)
-                continue
-            data[name] = col
-        return pd.DataFrame(data)
 
 
 def _v4(rows: np.ndarray, ver: np.ndarray) -> np.ndarray:

@@ -146,6 +146,12 @@ class _Closing:
             self._under.close()
 
 
+def _refill(f, buf: bytearray, have: int) -> tuple[int, bool]:
+    """Fill ``buf`` after its first ``have`` bytes; (new fill level, whether the file ended)."""
+    got = _read_fully(f, memoryview(buf)[have:])
+    return have + got, have + got < len(buf)
+
+
 def _read_fully(f, view: memoryview) -> int:
     got = 0
     while got < len(view):
@@ -312,10 +318,7 @@ class CaptureReader:
         eof = False
         while True:
             if not eof:
-                got = _read_fully(self._f, memoryview(buf)[have:])
-                if have + got < len(buf):
-                    eof = True
-                have += got
+                have, eof = _refill(self._f, buf, have)
             if have == 0:
                 return
             dst = bytearray(have) if convert else None
@@ -361,10 +364,7 @@ class CaptureReader:
         section_ifaces: list[InterfaceInfo] = []
         while True:
             if not eof:
-                got = _read_fully(self._f, memoryview(buf)[have:])
-                if have + got < len(buf):
-                    eof = True
-                have += got
+                have, eof = _refill(self._f, buf, have)
             if have == 0:
                 return
             dst = bytearray(have)
