@@ -1,19 +1,19 @@
 """Sensor: capture on interfaces, compress each block into one frame, stream to a receiver.
 
 Threads: one capture thread per interface (capture → compress → FrameStore), one rescan
-thread (interfaces that appear later), one sender thread running an asyncio loop
-(connect, handshake, resend unacknowledged frames, heartbeats, STATS). Nothing blocks a
+thread (interfaces that appear later), and the thread of ``run()`` as the sender over one
+blocking connection (connect, handshake, resend unacknowledged frames, heartbeats, STATS). Nothing blocks a
 capture thread: when the send window and the spool are full, the block is dropped and counted.
 """
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
 import logging
 import os
 import random
 import re
+import select
 import socket
 import ssl
 import struct
@@ -430,8 +430,9 @@ class Sensor:
         self._ifaces: dict[str, _Iface] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake: asyncio.Event | None = None
+        self._wake_recv: socket.socket | None = None  # wakes the sender thread (see _notify)
+        self._wake_send: socket.socket | None = None
+        self._wake_pending = False
         self._connected = False
         self._fatal: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -612,7 +613,7 @@ class Sensor:
             if self.transport is not None:
                 self.transport.run(self, drain_timeout)
             else:
-                asyncio.run(self._sender(drain_timeout))
+                self._sender(drain_timeout)
         finally:
             self.stop()
             for itf in list(self._ifaces.values()):
@@ -648,94 +649,98 @@ class Sensor:
 
     # -- sender ------------------------------------------------------------------------------
     def _notify(self) -> None:
-        loop, wake = self._loop, self._wake
-        if loop is not None and wake is not None:
+        """Wake the sender (a new frame, an ACK, a control frame); one byte per sleep at most."""
+        wake = self._wake_send
+        if wake is not None and not self._wake_pending:
+            self._wake_pending = True
             try:
-                loop.call_soon_threadsafe(wake.set)
-            except RuntimeError:  # loop closed
+                wake.send(b"\0")
+            except OSError:  # full (a wake-up is pending anyway) or closed (sender gone)
                 pass
 
-    async def _sender(self, drain_timeout: float) -> None:
+    def _sender(self, drain_timeout: float) -> None:
         self._drain_timeout = drain_timeout
-        self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
+        self._wake_recv, self._wake_send = socket.socketpair()
+        self._wake_recv.setblocking(False)
+        self._wake_send.setblocking(False)
         delay = self.reconnect_min
         draining_since: float | None = None
-        while True:
-            if self._stop.is_set():
-                draining_since = draining_since or time.monotonic()
-                capturing = any(i.thread is not None and i.thread.is_alive() for i in self._ifaces.values())
-                if not capturing and self.store.pending()[0] == 0:
-                    break
-                if time.monotonic() - draining_since > drain_timeout:
-                    log.warning("stopping with %d unacknowledged frames (receiver unreachable)",
-                                self.store.pending()[0])
-                    break
-            try:
-                await self._session()
-                delay = self.reconnect_min
-            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, FrameError,
-                    ssl.SSLError) as exc:
-                self.counters["connection_failures"] += 1
-                log.warning("receiver %s:%d: %s; retrying in %.1f s", *self.receiver,
-                            exc or type(exc).__name__, delay)
-            except ConfigError as exc:
-                log.error("receiver %s:%d: %s", *self.receiver, exc)
-                self._fatal = exc  # run() raises it: the sensor exits non-zero
-                self.stop()
-                break
-            except AuthenticationError as exc:
-                self.counters["auth_failures"] += 1
-                log.error("receiver %s:%d: authentication failed: %s; retrying in %.1f s",
-                          *self.receiver, exc, delay)
-            finally:
-                self._connected = False
-            if self._stop.is_set() and self.store.pending()[0] == 0 and not any(
-                    i.thread is not None and i.thread.is_alive() for i in self._ifaces.values()):
-                break
-            await asyncio.to_thread(self._stop.wait, delay * (0.5 + random.random()))
-            delay = min(self.reconnect_max, delay * 2)
-
-    async def _session(self) -> None:
-        host, port = self.receiver
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(
-            host, port, ssl=self.ssl_context,
-            server_hostname=(self.server_hostname or host) if self.ssl_context else None), 10)
-        self._writer = writer
         try:
-            last_seq = await self._handshake(reader, writer)
+            while True:
+                if self._stop.is_set():
+                    draining_since = draining_since or time.monotonic()
+                    if not self._capturing() and self.store.pending()[0] == 0:
+                        break
+                    if time.monotonic() - draining_since > drain_timeout:
+                        log.warning("stopping with %d unacknowledged frames (receiver unreachable)",
+                                    self.store.pending()[0])
+                        break
+                try:
+                    self._session()
+                    delay = self.reconnect_min
+                except (OSError, FrameError) as exc:  # includes timeouts, resets and TLS errors
+                    self.counters["connection_failures"] += 1
+                    log.warning("receiver %s:%d: %s; retrying in %.1f s", *self.receiver,
+                                exc or type(exc).__name__, delay)
+                except ConfigError as exc:
+                    log.error("receiver %s:%d: %s", *self.receiver, exc)
+                    self._fatal = exc  # run() raises it: the sensor exits non-zero
+                    self.stop()
+                    break
+                except AuthenticationError as exc:
+                    self.counters["auth_failures"] += 1
+                    log.error("receiver %s:%d: authentication failed: %s; retrying in %.1f s",
+                              *self.receiver, exc, delay)
+                finally:
+                    self._connected = False
+                if self._stop.is_set() and self.store.pending()[0] == 0 and not self._capturing():
+                    break
+                self._stop.wait(delay * (0.5 + random.random()))
+                delay = min(self.reconnect_max, delay * 2)
+        finally:
+            wake = (self._wake_recv, self._wake_send)
+            self._wake_recv = self._wake_send = None
+            for sock in wake:
+                sock.close()
+
+    def _capturing(self) -> bool:
+        return any(i.thread is not None and i.thread.is_alive() for i in list(self._ifaces.values()))
+
+    def _session(self) -> None:
+        host, port = self.receiver
+        sock = socket.create_connection((host, port), timeout=10)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ssl_context is not None:
+                sock = self.ssl_context.wrap_socket(sock, server_hostname=self.server_hostname or host)
+            link = _Link(sock, self._wake_recv)
+            last_seq = self._handshake(link)
             self._connected = True
             self.store.resume(last_seq)
             log.info("connected to receiver %s:%d (it has everything up to seq %d)", host, port, last_seq)
-            await self._stream(reader, writer, last_seq)
+            self._stream(link, last_seq)
         finally:
-            self._writer = None
-            writer.close()
-            try:
-                await asyncio.wait_for(writer.wait_closed(), 2)
-            except (OSError, asyncio.TimeoutError, ssl.SSLError):
-                pass
+            sock.close()
 
     @staticmethod
-    async def _expect(reader: asyncio.StreamReader, ftype: P.FrameType, refused: type[Exception]) -> P.Frame:
+    def _expect(link: "_Link", ftype: P.FrameType, refused: type[Exception]) -> P.Frame:
         """The next frame, which must be ``ftype``; an ERROR from the receiver raises ``refused``."""
-        frame = await asyncio.wait_for(P.read_frame(reader), 15)
+        frame = link.next_frame(15)
         if frame.type == P.FrameType.ERROR:
             raise refused(f"receiver refused: {frame.json().get('reason')}")
         if frame.type != ftype:
             raise FrameError(f"expected {ftype.name}, got {frame.type.name}")
         return frame
 
-    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+    def _handshake(self, link: "_Link") -> int:
         nonce = P.new_nonce()
         with self._lock:
             descs = [i.descriptor() for i in sorted(self._ifaces.values(), key=lambda i: i.index)]
-        writer.write(P.encode_json(P.FrameType.HELLO, {
+        link.send([P.encode_json(P.FrameType.HELLO, {
             "protocol": P.VERSION, "sensor_id": self.sensor_id, "hostname": self.hostname,
             "software": f"pktstream {pktstream.__version__}", "interfaces": descs,
-            "nonce": nonce.hex(), "max_raw": self.max_raw, "auth": self.auth_key is not None}))
-        await writer.drain()
-        body = (await self._expect(reader, P.FrameType.CHALLENGE, FrameError)).json()
+            "nonce": nonce.hex(), "max_raw": self.max_raw, "auth": self.auth_key is not None})], 15)
+        body = self._expect(link, P.FrameType.CHALLENGE, FrameError).json()
         rnonce = P.parse_nonce(body.get("nonce"))
         my_proof = ""
         if self.auth_key is not None:
@@ -743,9 +748,8 @@ class Sensor:
             if not P.check_proof(expected, body.get("proof")):
                 raise AuthenticationError("the receiver did not prove it knows the key")
             my_proof = P.proof(self.auth_key, "sensor", rnonce, nonce, self.sensor_id)
-        writer.write(P.encode_json(P.FrameType.AUTH, {"proof": my_proof}))
-        await writer.drain()
-        welcome = (await self._expect(reader, P.FrameType.WELCOME, AuthenticationError)).json()
+        link.send([P.encode_json(P.FrameType.AUTH, {"proof": my_proof})], 15)
+        welcome = self._expect(link, P.FrameType.WELCOME, AuthenticationError).json()
         last = welcome.get("last_seq", 0)
         if not isinstance(last, int) or last < 0:
             raise FrameError("bad last_seq in WELCOME")
@@ -760,91 +764,154 @@ class Sensor:
             else self.heartbeat
         return last
 
-    async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, last_seq: int) -> None:
+    def _stream(self, link: "_Link", last_seq: int) -> None:
+        """Send every frame after ``last_seq`` as it comes, take ACKs, keep the session alive;
+        returns when the receiver says BYE (after ours, when stopping)."""
         sent = last_seq
-        acked = asyncio.Event()
-        closed = asyncio.get_running_loop().create_future()
-        last_rx = time.monotonic()
-
-        async def read_acks() -> None:
-            nonlocal last_rx
-            try:
-                while True:
-                    f = await P.read_frame(reader, max_payload=P.MAX_CONTROL_BYTES, max_raw=0)
-                    last_rx = time.monotonic()
-                    if f.type == P.FrameType.ACK:
-                        self.store.ack(f.seq)
-                        acked.set()
-                        self._notify()
-                    elif f.type == P.FrameType.BYE:
-                        closed.set_result("bye") if not closed.done() else None
-                        return
-                    elif f.type == P.FrameType.ERROR:
-                        raise FrameError(f"receiver closed the session: {f.json().get('reason')}")
-            except BaseException as exc:
-                if not closed.done():
-                    closed.set_exception(exc)
-
-        reader_task = asyncio.create_task(read_acks())
         hb = self._session_heartbeat
-        silent = 3 * hb + 1  # longer without a byte from the receiver (or a drain): it is gone
-        last_tx = last_stats = time.monotonic()
+        silent = 3 * hb + 1  # longer without a byte from the receiver (or a send): it is gone
+        last_rx = last_tx = last_stats = time.monotonic()
         stop_deadline: float | None = None
         bye_sent = False
-        wake_task: asyncio.Future | None = None
         self._control.clear()  # the HELLO of this session listed every interface
-        try:
-            while True:
-                if wake_task is None or wake_task.done():
-                    self._wake.clear()  # before looking at the store: a later put() wakes us
-                    wake_task = asyncio.ensure_future(self._wake.wait())
-                if closed.done():
-                    closed.result()  # raises the reader's error
+        while True:
+            self._wake_pending = False  # before looking at the store: a later put() wakes us
+            now = time.monotonic()
+            # housekeeping on every turn, also while a backlog is being sent
+            control = []
+            while self._control:
+                control.append(self._control.popleft())
+            if now - last_stats >= self.stats_interval:
+                control.append(P.encode_json(P.FrameType.STATS, self.stats()))
+                last_stats = last_tx = now
+            elif now - last_tx >= hb:
+                control.append(P.encode(P.FrameType.HEARTBEAT))
+                last_tx = now
+            if control:
+                link.send(control, silent)
+            if now - last_rx > silent:
+                raise TimeoutError(f"receiver silent for {now - last_rx:.0f} s")
+            if self._stop.is_set():
+                stop_deadline = stop_deadline or now + self._drain_timeout
+                if now > stop_deadline:
+                    raise TimeoutError("stopping: the receiver did not acknowledge in time")
+            nxt = self.store.after(sent)
+            if nxt is not None:
+                seq, (header, payload) = nxt
+                # one sendmsg for header and payload; a peer that takes nothing for `silent`
+                # seconds (stopped reading without a reset) raises a timeout
+                link.send((header, payload), silent)
+                sent = seq
+                last_tx = time.monotonic()
+                self.counters["frames_sent"] += 1
+            elif self._stop.is_set() and not bye_sent and not self._capturing() \
+                    and self.store.pending()[0] == 0:
+                link.send([P.encode_json(P.FrameType.STATS, self.stats()),
+                           P.encode_json(P.FrameType.BYE, {"reason": "sensor stopping"})], silent)
+                bye_sent = True
+            # ACKs that arrived; sleep (until a frame, an ACK or the next tick) only when idle
+            for f in link.receive(0 if nxt is not None else min(0.2, hb)):
+                if f.type == P.FrameType.ACK:
+                    self.store.ack(f.seq)
+                elif f.type == P.FrameType.BYE:
                     return
-                now = time.monotonic()
-                # housekeeping on every turn, also while a backlog is being sent
-                while self._control:
-                    writer.write(self._control.popleft())
-                if now - last_stats >= self.stats_interval:
-                    writer.write(P.encode_json(P.FrameType.STATS, self.stats()))
-                    last_stats = last_tx = now
-                elif now - last_tx >= hb:
-                    writer.write(P.encode(P.FrameType.HEARTBEAT))
-                    last_tx = now
-                if now - last_rx > silent:
-                    raise asyncio.TimeoutError(f"receiver silent for {now - last_rx:.0f} s")
-                if self._stop.is_set():
-                    stop_deadline = stop_deadline or now + self._drain_timeout
-                    if now > stop_deadline:
-                        raise asyncio.TimeoutError("stopping: the receiver did not acknowledge in time")
-                nxt = self.store.after(sent)
-                if nxt is not None:
-                    seq, (header, payload) = nxt
-                    writer.write(header)
-                    # Hand the payload over in slices and let the transport's buffer drain in
-                    # between: asyncio's write buffer is a bytearray trimmed from the front on
-                    # every partial send, so it must stay small (a 1 MiB buffer costs O(n²)).
-                    view = memoryview(payload)
-                    for off in range(0, len(view), _SEND_SLICE):
-                        writer.write(view[off:off + _SEND_SLICE])
-                        # waits only while above the 64 KiB high-water mark; a peer that stops
-                        # reading without a reset is given up after `silent` seconds
-                        await asyncio.wait_for(writer.drain(), silent)
-                    sent = seq
-                    last_tx = time.monotonic()
-                    self.counters["frames_sent"] += 1
-                    continue
-                await asyncio.wait_for(writer.drain(), silent)
-                if self._stop.is_set() and not bye_sent:
-                    capturing = any(i.thread is not None and i.thread.is_alive() for i in self._ifaces.values())
-                    if not capturing and self.store.after(sent) is None and self.store.pending()[0] == 0:
-                        writer.write(P.encode_json(P.FrameType.STATS, self.stats()))
-                        writer.write(P.encode_json(P.FrameType.BYE, {"reason": "sensor stopping"}))
-                        await asyncio.wait_for(writer.drain(), silent)
-                        bye_sent = True
-                await asyncio.wait([closed, wake_task], timeout=min(0.2, hb),
-                                   return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            reader_task.cancel()
-            if wake_task is not None:
-                wake_task.cancel()
+                elif f.type == P.FrameType.ERROR:
+                    raise FrameError(f"receiver closed the session: {f.json().get('reason')}")
+            last_rx = max(last_rx, link.last_rx)
+
+
+class _Link:
+    """A blocking connection to the receiver, used by the sender thread only.
+
+    Frames go out whole with ``sendmsg`` (header and payload without joining them; the GIL is
+    released while the kernel copies), so the data path costs one system call per block; TLS
+    sockets use ``sendall`` per part. Incoming frames (ACK, HEARTBEAT, BYE, ERROR) are read
+    without blocking when ``poll`` says bytes are there, and parsed once complete, bounded like
+    every control frame.
+    """
+
+    def __init__(self, sock: socket.socket, wake: socket.socket | None = None) -> None:
+        self.sock = sock
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self._buf = bytearray()
+        self._frames: collections.deque[P.Frame] = collections.deque()
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN)
+        self._wake = wake
+        if wake is not None:
+            self._poll.register(wake.fileno(), select.POLLIN)
+        self.last_rx = time.monotonic()  # when the last byte came in
+
+    def send(self, parts, timeout: float) -> None:
+        """Send every part in order; ``timeout``: longest wait for the peer to take any byte."""
+        self.sock.settimeout(timeout)
+        if self.tls:
+            for part in parts:
+                self.sock.sendall(part)
+            return
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        while views:
+            n = self.sock.sendmsg(views)
+            while n:
+                if n >= len(views[0]):
+                    n -= len(views.pop(0))
+                else:
+                    views[0] = views[0][n:]
+                    n = 0
+
+    def receive(self, timeout: float) -> list[P.Frame]:
+        """Frames received so far; when there are none, wait up to ``timeout`` seconds for bytes
+        (or for the sender to be woken up)."""
+        if not self._frames and (self.tls and self.sock.pending() or self._wait(timeout)):
+            self._read()
+        frames = list(self._frames)
+        self._frames.clear()
+        return frames
+
+    def next_frame(self, timeout: float) -> P.Frame:
+        """The next frame, waiting at most ``timeout`` seconds for it."""
+        deadline = time.monotonic() + timeout
+        while not self._frames:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no answer from the receiver in {timeout:.0f} s")
+            if self.tls and self.sock.pending() or self._wait(left):
+                self._read()
+        return self._frames.popleft()
+
+    def _wait(self, timeout: float) -> bool:
+        """Whether the socket became readable within ``timeout`` (a wake-up ends the wait)."""
+        readable = False
+        for fd, _ in self._poll.poll(timeout * 1000):
+            if self._wake is not None and fd == self._wake.fileno():
+                try:
+                    self._wake.recv(4096)
+                except (BlockingIOError, OSError):
+                    pass
+            else:
+                readable = True
+        return readable
+
+    def _read(self) -> None:
+        self.sock.settimeout(0.0)
+        data = b""
+        try:
+            data = self.sock.recv(65536)
+            while self.tls and data and self.sock.pending():
+                data += self.sock.recv(65536)
+        except (BlockingIOError, ssl.SSLWantReadError):  # only part of a TLS record so far
+            if not data:
+                return
+        if not data:
+            raise ConnectionResetError("the receiver closed the connection")
+        self.last_rx = time.monotonic()
+        buf = self._buf
+        buf += data
+        while len(buf) >= P.HEADER_LEN:
+            h = P.decode_header(bytes(buf[:P.HEADER_LEN]), max_payload=P.MAX_CONTROL_BYTES, max_raw=0)
+            end = h.header_len + h.payload_len
+            if len(buf) < end:
+                break
+            self._frames.append(P.Frame(h.type, h.flags, h.seq, h.iface, h.count, h.raw_len,
+                                        bytes(buf[h.header_len:end])))
+            del buf[:end]
