@@ -89,6 +89,20 @@ def resolve_all(host: str, port: int) -> list[str]:
 
 # -- the send window and spool --------------------------------------------------------------------
 
+def _nbytes(payload) -> int:
+    """Size of a frame payload: bytes, or a ring block (PacketBatch) sent stored."""
+    return payload.nbytes if isinstance(payload, PacketBatch) else len(payload)
+
+
+def _release(payload) -> None:
+    """Give a ring block held as a stored payload back to its capture ring."""
+    if isinstance(payload, PacketBatch):
+        try:
+            payload.release()
+        except BufferError:  # a view is still out: the block goes back when the batch is freed
+            pass
+
+
 @dataclass
 class _Entry:
     seq: int
@@ -164,7 +178,7 @@ class FrameStore:
             if self.mem_used + size_hint <= self.window_bytes:
                 seq = self.next_seq
                 data = make_frame(seq)
-                size = len(data[0]) + len(data[1])
+                size = len(data[0]) + _nbytes(data[1])
                 self._entries.append(_Entry(seq, size, data, packets))
                 self.mem_used += size
             elif self.spool_used + size_hint <= self.spool_bytes:
@@ -186,7 +200,9 @@ class FrameStore:
                     self.dropped_blocks += 1
                     self.dropped_packets += packets
                     return None
-                size = len(header) + len(payload)
+                finally:
+                    _release(payload)
+                size = len(header) + _nbytes(payload)
                 self._entries.append(_Entry(seq, size, None, packets))
                 self.spool_used += size
                 self.spooled_blocks += 1
@@ -213,6 +229,7 @@ class FrameStore:
                         pass
                 else:
                     self.mem_used -= e.size
+                    _release(e.data[1])
 
     def after(self, seq: int) -> tuple[int, tuple[bytes, bytes]] | None:
         """The first frame with sequence > seq as (seq, (header, payload)), or None."""
@@ -253,6 +270,7 @@ class FrameStore:
                     continue
                 self.mem_used -= e.size
                 self.spool_used += e.size
+                _release(e.data[1])
                 e.data = None
                 moved += 1
         return moved
@@ -319,20 +337,20 @@ class AdaptiveCompressor:
                 level=self.level, write_checksum=True, write_content_size=True)
         return c
 
-    def compress(self, records) -> tuple[bytes, int]:
-        """(payload, flags)."""
+    def compress(self, records):
+        """(payload, flags); a stored payload is ``records`` itself (not copied)."""
         start = time.monotonic()
         if self._store_left > 0:
             self._store_left -= 1
             self.stored_blocks += 1
-            payload, flags = bytes(records), P.Flags.STORED
+            payload, flags = records, P.Flags.STORED
         else:
             payload = self._compressor().compress(records)
             flags = P.Flags.NONE
             if len(payload) > _STORE_ABOVE * len(memoryview(records)):
                 self._store_left = _STORED_RUN
                 self.stored_blocks += 1
-                payload, flags = bytes(records), P.Flags.STORED
+                payload, flags = records, P.Flags.STORED
             else:
                 self.compressed_blocks += 1
         end = time.monotonic()
@@ -523,13 +541,25 @@ class Sensor:
     def _ship(self, itf: _Iface, batch: PacketBatch, compressor: AdaptiveCompressor) -> None:
         n, raw_len = len(batch), batch.nbytes
         payload, flags = compressor.compress(batch)
-        batch.release()
+        if payload is batch:
+            # Stored: the ring block itself waits in the send window until acknowledged (no
+            # copy), as long as more than half the ring stays free for capture; under
+            # pressure (receiver slow or away) the block is copied out and the ring freed.
+            ring = itf.capture.ring if itf.capture is not None else None
+            if ring is None or ring.free_blocks * 2 <= self.capture_options["ring_blocks"]:
+                payload = bytes(batch)
+                batch.release()
+        else:
+            batch.release()
 
         def make(seq: int) -> bytes:
-            return (P.encode_header(P.FrameType.DATA, len(payload), flags=flags, seq=seq, iface=itf.index,
+            return (P.encode_header(P.FrameType.DATA, size, flags=flags, seq=seq, iface=itf.index,
                                     count=n, raw_len=raw_len), payload)
 
-        seq = self.store.put(make, n, len(payload) + P.HEADER_LEN)
+        size = _nbytes(payload)
+        seq = self.store.put(make, n, size + P.HEADER_LEN)
+        if seq is None:
+            _release(payload)
         with self._lock:
             c = self.counters
             c["batches"] += 1
@@ -539,7 +569,7 @@ class Sensor:
                 c["dropped_batches"] += 1
                 c["dropped_packets"] += n
             else:
-                c["wire_bytes"] += len(payload) + P.HEADER_LEN
+                c["wire_bytes"] += size + P.HEADER_LEN
             c["zstd_level"] = compressor.level
 
     def _announce(self, itf: _Iface) -> None:
@@ -849,7 +879,7 @@ class _Link:
             for part in parts:
                 self.sock.sendall(part)
             return
-        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        views = [memoryview(p).cast("B") for p in parts if _nbytes(p)]
         while views:
             n = self.sock.sendmsg(views)
             while n:

@@ -140,3 +140,44 @@ def test_adaptive_levels_reach_back_to_the_configured_one():
     for _ in range(20):
         c._adapt()
     assert c.level == 19
+
+
+@pytest.mark.parametrize("leave_by", ["ack", "spill", "spool"])
+def test_stored_blocks_wait_in_the_ring_until_acknowledged(tmp_path, leave_by):
+    """An incompressible block is sent straight from its ring block (no copy): the block stays
+    out of the ring while the frame is unacknowledged and returns when the frame leaves memory
+    (acknowledged, kept in the spool at exit, or written to the spool when the window is full)."""
+    import pktstream
+    from pktstream import traffic
+    from pktstream.sensor import AdaptiveCompressor
+    path = tmp_path / "t.pcap"
+    traffic.write_random_udp_pcap(str(path), 300, size=1000)
+    spool = tmp_path / "spool"
+    with pktstream.open_offline(path, block_bytes=70_000, ring_blocks=4) as cap:
+        batch = next(iter(cap))
+        records = bytes(batch)
+        payload, flags = AdaptiveCompressor(1).compress(batch)
+        assert payload is batch and flags == P.Flags.STORED  # random bytes: not worth compressing
+        free = cap.ring.free_blocks
+        store = FrameStore(window_bytes=0 if leave_by == "spool" else 1 << 20, spool_dir=str(spool),
+                           spool_bytes=1 << 20)
+
+        def make(seq):
+            return P.encode_header(P.FrameType.DATA, batch.nbytes, flags=flags, seq=seq, count=len(batch),
+                                   raw_len=batch.nbytes), batch
+
+        seq = store.put(make, len(batch), batch.nbytes + P.HEADER_LEN)
+        assert store.pending() == (1, batch.nbytes + P.HEADER_LEN)
+        if leave_by != "spool":
+            assert not batch.released and cap.ring.free_blocks == free
+            got, (_, sent) = store.after(0)
+            assert got == seq and bytes(sent) == records
+        if leave_by == "ack":
+            store.ack(seq)
+            assert store.pending() == (0, 0)
+        elif leave_by == "spill":
+            assert store.spill() == 1
+        assert batch.released and cap.ring.free_blocks == free + 1
+        if leave_by != "ack":  # what the next run sends: the same records, read from the spool
+            again = FrameStore(window_bytes=1 << 20, spool_dir=str(spool), spool_bytes=1 << 20)
+            assert bytes(again.after(0)[1][1]) == records
