@@ -34,7 +34,8 @@ log = logging.getLogger("pktstream.sensor")
 DEFAULT_PORT = 8081
 _SEND_SLICE = 128 * 1024
 _STORE_ABOVE = 0.90   # compressed/raw above this: send the block stored
-_STORED_RUN = 32      # blocks sent stored before compression is tried again
+_STORED_RUN = 32      # blocks sent stored before compression is tried again ...
+_STORED_RUN_MAX = 512  # ... doubling after each failed try, up to this
 
 
 def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -316,7 +317,8 @@ class AdaptiveCompressor:
     """zstd at ``level``; faster levels while compression is the bottleneck (busy > 60 % of the
     time), back up when idle. A block that shrinks by less than 10 % (encrypted or random
     payloads) is sent stored, and so are the next 32: a few percent of bandwidth is not worth
-    ~2 ms of CPU per MiB. Compression is tried again after that run."""
+    ~2 ms of CPU per MiB. Compression is tried again after that run; each try that fails again
+    doubles the run (up to 512 blocks), a try that succeeds resets it to 32."""
 
     LEVELS = (-7, -3, -1, 1, 3, 6, 9)
 
@@ -325,6 +327,7 @@ class AdaptiveCompressor:
         self.level = level
         self._ctx: dict[int, zstandard.ZstdCompressor] = {}
         self._store_left = 0
+        self._stored_run = _STORED_RUN
         self._busy = 0.0
         self._last_end = time.monotonic()
         self.stored_blocks = 0
@@ -348,11 +351,13 @@ class AdaptiveCompressor:
             payload = self._compressor().compress(records)
             flags = P.Flags.NONE
             if len(payload) > _STORE_ABOVE * len(memoryview(records)):
-                self._store_left = _STORED_RUN
+                self._store_left = self._stored_run
+                self._stored_run = min(_STORED_RUN_MAX, 2 * self._stored_run)
                 self.stored_blocks += 1
                 payload, flags = records, P.Flags.STORED
             else:
                 self.compressed_blocks += 1
+                self._stored_run = _STORED_RUN
         end = time.monotonic()
         period = max(end - self._last_end, 1e-6)
         self._busy = 0.8 * self._busy + 0.2 * min(1.0, (end - start) / period)

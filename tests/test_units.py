@@ -181,3 +181,26 @@ def test_stored_blocks_wait_in_the_ring_until_acknowledged(tmp_path, leave_by):
         if leave_by != "ack":  # what the next run sends: the same records, read from the spool
             again = FrameStore(window_bytes=1 << 20, spool_dir=str(spool), spool_bytes=1 << 20)
             assert bytes(again.after(0)[1][1]) == records
+
+
+def test_incompressible_blocks_are_tried_less_and_less_often():
+    """Random payloads: each failed zstd try doubles the stored run (32, 64, ... 512); one
+    block that compresses again brings the run back to 32."""
+    from pktstream.sensor import AdaptiveCompressor
+    comp = AdaptiveCompressor(1)
+    tries = []
+    real = comp._compressor
+
+    def counting():
+        tries.append(i)
+        return real()
+
+    comp._compressor = counting
+    noise = os.urandom(64 << 10)
+    for i in range(1 + 33 + 65 + 129 + 257 + 513 + 513):
+        comp.compress(noise)
+    assert tries == [0, 33, 98, 227, 484, 997, 1510]
+    assert comp.stored_blocks == len(range(1 + 33 + 65 + 129 + 257 + 513 + 513))
+    for i in range(513):  # finish the current run, then a compressible block resets it
+        comp.compress(b"a" * (64 << 10))
+    assert comp.compressed_blocks >= 1 and comp._stored_run == 32
