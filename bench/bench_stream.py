@@ -1,21 +1,26 @@
 #!/usr/bin/env python3
 """End-to-end streaming benchmark: sensor → receiver → file on one machine, next to tcpdump.
 
-For each replay rate (tcpreplay from a namespace onto a veth pair):
+For each kind of traffic and replay rate (tcpreplay from a namespace onto a veth pair):
   * tcpdump -w alone on the interface (the local baseline);
-  * pktstream sensor (CLI) on the interface → pktstream receiver (CLI, 127.0.0.1) → pcap file.
+  * pktstream sensor (CLI) on the interface → pktstream receiver (CLI, 127.0.0.1) → pcap file;
+  * with --packetstreamer BIN: Deepfence PacketStreamer's sensor → its receiver → pcap file,
+    in a namespace of their own that holds only the capture end of a second veth pair (its
+    sensor captures every up interface; it cannot be pointed at one).
 Reported: packets offered (tcpreplay), packets in each file, the ratio to tcpdump, the sensor's
 CPU seconds per million packets (user+sys from /proc), kernel drops, bytes on the wire vs raw.
 Then the receiver's ingest rate with many concurrent (simulated) sensors that replay
 pre-recorded DATA frames as fast as the receiver acknowledges them.
 
 Run as root:  .venv/bin/python bench/bench_stream.py [--packets N] [--rates 100000,200000,0]
+[--kinds random1514,mixed,udp64] [--packetstreamer /path/to/packetstreamer]
 (rate 0 = tcpreplay --topspeed). Prints a table; --json FILE writes the numbers.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -85,6 +90,67 @@ def run_tcpdump(veth: Veth, pcap: str, rate: int, loops: int, work: str) -> dict
     n = count_pcap(path)
     os.unlink(path)
     return {"sent": sent, "pps": pps, "captured": n, "kernel_dropped": kdrop, "cpu_s": cpu}
+
+
+class SensorNamespace:
+    """The outer end of a veth pair moved into a namespace of its own (with only ``lo``), for
+    a sensor that captures on every up interface: there it sees nothing but the replay."""
+
+    def __init__(self, veth: Veth) -> None:
+        self.veth, self.ns = veth, veth.ns + "s"
+        subprocess.run(["ip", "netns", "add", self.ns], check=True)
+        for cmd in (["ip", "link", "set", veth.outer, "netns", self.ns],
+                    ["ip", "-n", self.ns, "addr", "add", f"{veth.outer_ip}/24", "dev", veth.outer],
+                    ["ip", "-n", self.ns, "link", "set", "lo", "up"],
+                    ["ip", "-n", self.ns, "link", "set", veth.outer, "up"]):
+            subprocess.run(cmd, check=True)
+
+    def cmd(self, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.ns, *args]
+
+    def __enter__(self) -> "SensorNamespace":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)  # the veth goes with it
+
+
+def run_packetstreamer(binary: str, sns: SensorNamespace, pcap: str, rate: int, loops: int, work: str) -> dict:
+    """PacketStreamer's own receiver and sensor, configured as in its README (file output, all
+    interfaces, default block size), inside the sensor namespace."""
+    port = free_port()
+    out = os.path.join(work, "ps.pcap")
+    rcfg, scfg = os.path.join(work, "ps-receiver.yaml"), os.path.join(work, "ps-sensor.yaml")
+    with open(rcfg, "w") as f:
+        f.write(f"input:\n  address: 127.0.0.1\n  port: {port}\noutput:\n  file:\n    path: {out}\n")
+    with open(scfg, "w") as f:
+        f.write(f"output:\n  server:\n    address: 127.0.0.1\n    port: {port}\npcapMode: all\n")
+    rlog, slog = os.path.join(work, "ps-rx.log"), os.path.join(work, "ps-sx.log")
+    rx = subprocess.Popen(sns.cmd(binary, "receiver", "--config", rcfg), stdout=open(rlog, "w"),
+                          stderr=subprocess.STDOUT)
+    sx = None
+    try:
+        time.sleep(1.0)
+        sx = subprocess.Popen(sns.cmd(binary, "sensor", "--config", scfg), stdout=open(slog, "w"),
+                              stderr=subprocess.STDOUT)
+        time.sleep(2.0)  # no readiness message to wait for: give it time to open the interface
+        if sx.poll() is not None or rx.poll() is not None:
+            raise RuntimeError(f"PacketStreamer exited: {open(slog).read()[-1000:]} {open(rlog).read()[-1000:]}")
+        s0, r0 = cpu_seconds(sx.pid), cpu_seconds(rx.pid)
+        sent, pps = replay(sns.veth, pcap, rate, loops)
+        time.sleep(1.5)
+        s_cpu, r_cpu = cpu_seconds(sx.pid) - s0, cpu_seconds(rx.pid) - r0
+        time.sleep(5.0)  # gatherMaxWaitSec: its last partial block leaves after 5 s
+    finally:
+        for p in (sx, rx):
+            if p is not None:
+                p.terminate()
+                p.wait(60)
+    n = count_pcap(out)
+    os.unlink(out)
+    text = open(slog, errors="replace").read() + open(rlog, errors="replace").read()
+    return {"sent": sent, "pps": pps, "captured": n, "sensor_cpu_s": s_cpu, "receiver_cpu_s": r_cpu,
+            "discard_messages": text.count("Discarding")}
 
 
 def run_pktstream(veth: Veth, pcap: str, rate: int, loops: int, work: str) -> dict:
@@ -197,35 +263,61 @@ def main() -> int:
     ap.add_argument("--packets", type=int, default=20000, help="frames in the replayed file (looped)")
     ap.add_argument("--loops", type=int, default=25, help="tcpreplay --loop")
     ap.add_argument("--rates", default="50000,100000,150000,0", help="pps list; 0 = top speed")
-    ap.add_argument("--ingest-sensors", default="1,8,32")
+    ap.add_argument("--kinds", default="random1514,mixed,udp64",
+                    help="traffic: random1514 (incompressible 1514-byte UDP), mixed (pktstream.traffic's "
+                         "varied frames), udp64 (identical 64-byte UDP frames)")
+    ap.add_argument("--packetstreamer", metavar="BIN",
+                    help="also run Deepfence PacketStreamer (a binary built from its source) side by side")
+    ap.add_argument("--ingest-sensors", default="1,8,32", help="simulated sensor counts ('' = skip)")
     ap.add_argument("--ingest-repeat", type=int, default=3)
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg(), "cases": []}
-    with tempfile.TemporaryDirectory() as work, Veth(prefix="bs") as veth:
-        for kind in ("random1514", "mixed"):
+    with contextlib.ExitStack() as stack:
+        work = stack.enter_context(tempfile.TemporaryDirectory())
+        veth = stack.enter_context(Veth(prefix="bs"))
+        sns = None
+        if args.packetstreamer:
+            sns = stack.enter_context(SensorNamespace(stack.enter_context(Veth(prefix="bp"))))
+        for kind in args.kinds.split(","):
             pcap = os.path.join(work, f"{kind}.pcap")
             if kind == "random1514":
                 traffic.write_random_udp_pcap(pcap, args.packets, size=1514)
-            else:
+            elif kind == "udp64":
+                traffic.write_udp_pcap(pcap, args.packets, 64)
+            elif kind == "mixed":
                 traffic.write_pcap(pcap, args.packets)
+            else:
+                ap.error(f"unknown traffic kind {kind!r}")
             for rate in [int(r) for r in args.rates.split(",")]:
                 td = run_tcpdump(veth, pcap, rate, args.loops, work)
                 ps = run_pktstream(veth, pcap, rate, args.loops, work)
                 case = {"traffic": kind, "rate": rate or "top", "tcpdump": td, "pktstream": ps}
                 results["cases"].append(case)
                 ratio = ps["captured"] / td["captured"] if td["captured"] else float("nan")
+                cpu = ps["sensor_cpu_s"] / max(ps["sensor_packets"], 1) * 1e6
                 print(f"{kind:10} rate={rate or 'top':>7}  offered {ps['sent']:>8} @ {ps['pps']:>8.0f} pps | "
                       f"tcpdump {td['captured']:>8} ({td['captured'] / td['sent']:.2%}) | "
                       f"pktstream file {ps['captured']:>8} ({ps['captured'] / ps['sent']:.2%}, "
                       f"{ratio:.3f}x tcpdump) kdrop {ps['kernel_dropped']} wdrop {ps['window_dropped']} | "
-                      f"sensor {ps['sensor_cpu_s'] / ps['sensor_packets'] * 1e6:.2f} CPU-s/Mpkt, "
+                      f"sensor {cpu:.2f} CPU-s/Mpkt, "
                       f"tcpdump {td['cpu_s'] / max(td['captured'], 1) * 1e6:.2f} | "
                       f"wire/raw {ps['wire_bytes'] / max(ps['raw_bytes'], 1):.3f}", flush=True)
+                if sns is not None:
+                    gs = case["packetstreamer"] = run_packetstreamer(args.packetstreamer, sns, pcap, rate,
+                                                                     args.loops, work)
+                    gcpu = gs["sensor_cpu_s"] / max(gs["sent"], 1) * 1e6  # per packet offered, as in its report
+                    print(f"{'':10} PacketStreamer: offered {gs['sent']:>8} @ {gs['pps']:>8.0f} pps | file "
+                          f"{gs['captured']:>8} ({gs['captured'] / gs['sent']:.2%}) | sensor {gcpu:.2f} CPU-s/Mpkt "
+                          f"offered | pktstream/PacketStreamer CPU per packet "
+                          f"{ps['sensor_cpu_s'] / max(ps['sent'], 1) * 1e6 / gcpu if gcpu else float('nan'):.2f}",
+                          flush=True)
         pcap = os.path.join(work, "mixed.pcap")
+        if not os.path.exists(pcap):
+            traffic.write_pcap(pcap, args.packets)
         big = os.path.join(work, "mixed-big.pcap")
         subprocess.run(["tcpdump", "-r", pcap, "-w", big], capture_output=True, check=True)
-        for n in [int(x) for x in args.ingest_sensors.split(",")]:
+        for n in [int(x) for x in args.ingest_sensors.split(",") if x]:
             r = run_ingest(big, n, args.ingest_repeat, work)
             results.setdefault("ingest", []).append(r)
             print(f"ingest: {n:>3} simulated sensors: {r['packets']} packets in {r['seconds']:.2f} s = "
