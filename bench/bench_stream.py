@@ -184,6 +184,33 @@ def run_pktstream(veth: Veth, pcap: str, rate: int, loops: int, work: str) -> di
             "sensor_cpu_s": s_cpu, "receiver_cpu_s": r_cpu}
 
 
+# -- the floor: loopback TCP alone --------------------------------------------------------------
+
+def tcp_floor(gigabytes: float = 1.5) -> dict:
+    """CPU of the sending process for ``sendall`` of 1 MiB buffers to a process that only reads:
+    what any sensor pays on this machine to move the bytes over loopback TCP."""
+    block = memoryview(os.urandom(1 << 20))
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        pid = os.fork()
+        if pid == 0:  # the reader
+            conn, _ = srv.accept()
+            buf = memoryview(bytearray(1 << 20))
+            while conn.recv_into(buf):
+                pass
+            os._exit(0)
+        with socket.create_connection(srv.getsockname()) as s:
+            n = int(gigabytes * 1e9) >> 20
+            t0 = time.process_time()
+            for _ in range(n):
+                s.sendall(block)
+            cpu = time.process_time() - t0
+        os.waitpid(pid, 0)
+    per_gb = cpu / (n * (1 << 20) / 1e9)
+    return {"cpu_s_per_GB": per_gb, "cpu_s_per_Mpkt_1514": per_gb * 1.530}
+
+
 # -- receiver ingest with many simulated sensors -------------------------------------------------
 
 def recorded_frames(pcap: str, block: int = 1 << 20, level: int = 1) -> list[tuple[bytes, int, int]]:
@@ -270,6 +297,8 @@ def main() -> int:
                     help="also run Deepfence PacketStreamer (a binary built from its source) side by side")
     ap.add_argument("--ingest-sensors", default="1,8,32", help="simulated sensor counts ('' = skip)")
     ap.add_argument("--ingest-repeat", type=int, default=3)
+    ap.add_argument("--tcp-floor", type=int, default=3, metavar="N",
+                    help="times to measure loopback TCP alone (sendall of 1 MiB buffers); 0 = skip")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg(), "cases": []}
@@ -279,7 +308,7 @@ def main() -> int:
         sns = None
         if args.packetstreamer:
             sns = stack.enter_context(SensorNamespace(stack.enter_context(Veth(prefix="bp"))))
-        for kind in args.kinds.split(","):
+        for kind in [k for k in args.kinds.split(",") if k]:
             pcap = os.path.join(work, f"{kind}.pcap")
             if kind == "random1514":
                 traffic.write_random_udp_pcap(pcap, args.packets, size=1514)
@@ -323,6 +352,11 @@ def main() -> int:
             print(f"ingest: {n:>3} simulated sensors: {r['packets']} packets in {r['seconds']:.2f} s = "
                   f"{r['pps']:.0f} pps, {r['MBps_raw']:.0f} MB/s of records, receiver {r['receiver_cpu_s']:.2f} CPU-s, "
                   f"file has {r['in_file']}", flush=True)
+    for _ in range(args.tcp_floor):
+        r = tcp_floor()
+        results.setdefault("tcp_floor", []).append(r)
+        print(f"loopback TCP alone: {r['cpu_s_per_GB']:.2f} CPU-s per GB sent = {r['cpu_s_per_Mpkt_1514']:.2f} "
+              f"CPU-s per million 1514-byte records", flush=True)
     results["load_after"] = os.getloadavg()
     if args.json:
         with open(args.json, "w") as f:
