@@ -2,8 +2,9 @@
 
 Threads: one capture thread per interface (capture → compress → FrameStore), one rescan
 thread (interfaces that appear later), and the thread of ``run()`` as the sender over one
-blocking connection (connect, handshake, resend unacknowledged frames, heartbeats, STATS). Nothing blocks a
-capture thread: when the send window and the spool are full, the block is dropped and counted.
+blocking connection (connect, handshake, resend unacknowledged frames, heartbeats, STATS).
+Nothing blocks a capture thread: when the send window and the spool are full, the block is
+dropped and counted.
 """
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ from pktstream.exceptions import AuthenticationError, ConfigError, FrameError, P
 log = logging.getLogger("pktstream.sensor")
 
 DEFAULT_PORT = 8081
-_SEND_SLICE = 128 * 1024
 _STORE_ABOVE = 0.90   # compressed/raw above this: send the block stored
 _STORED_RUN = 32      # blocks sent stored before compression is tried again ...
 _STORED_RUN_MAX = 512  # ... doubling after each failed try, up to this
@@ -557,7 +557,7 @@ class Sensor:
         else:
             batch.release()
 
-        def make(seq: int) -> bytes:
+        def make(seq: int) -> tuple[bytes, Any]:
             return (P.encode_header(P.FrameType.DATA, size, flags=flags, seq=seq, iface=itf.index,
                                     count=n, raw_len=raw_len), payload)
 
@@ -878,7 +878,8 @@ class _Link:
         self.last_rx = time.monotonic()  # when the last byte came in
 
     def send(self, parts, timeout: float) -> None:
-        """Send every part in order; ``timeout``: longest wait for the peer to take any byte."""
+        """Send every part in order; ``timeout``: longest wait for the peer to take any byte
+        (TLS: to take a whole part)."""
         self.sock.settimeout(timeout)
         if self.tls:
             for part in parts:
