@@ -33,6 +33,7 @@ from pktstream.exceptions import AuthenticationError, ConfigError, FrameError, P
 log = logging.getLogger("pktstream.sensor")
 
 DEFAULT_PORT = 8081
+_TLS_SLICE = 256 * 1024  # TLS sends in slices of this, each with the full send timeout
 _STORE_ABOVE = 0.90   # compressed/raw above this: send the block stored
 _STORED_RUN = 32      # blocks sent stored before compression is tried again ...
 _STORED_RUN_MAX = 512  # ... doubling after each failed try, up to this
@@ -231,6 +232,19 @@ class FrameStore:
                 else:
                     self.mem_used -= e.size
                     _release(e.data[1])
+
+    def detach(self, interface: str) -> int:
+        """Give every frame whose payload is a ring block of ``interface``'s capture a copy of
+        its own; the block goes back when the sender, if it holds it right now, lets go of it.
+        Returns how many were copied."""
+        moved = 0
+        with self._lock:
+            for e in self._entries:
+                payload = e.data[1] if e.data is not None else None
+                if isinstance(payload, PacketBatch) and payload.interface == interface:
+                    e.data = (e.data[0], bytes(payload))
+                    moved += 1
+        return moved
 
     def after(self, seq: int) -> tuple[int, tuple[bytes, bytes]] | None:
         """The first frame with sequence > seq as (seq, (header, payload)), or None."""
@@ -456,6 +470,7 @@ class Sensor:
         self._wake_recv: socket.socket | None = None  # wakes the sender thread (see _notify)
         self._wake_send: socket.socket | None = None
         self._wake_pending = False
+        self._stopped_at: float | None = None  # when stop() was first called
         self._connected = False
         self._fatal: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -537,6 +552,9 @@ class Sensor:
             itf.error = str(exc)
             log.error("capture on %s stopped: %s", itf.name, exc)
         finally:
+            # frames still holding blocks of this ring get copies: a ring outlives its capture
+            # only as long as someone reads it, not until the receiver acknowledges
+            self.store.detach(itf.name)
             itf.last_stats = cap.stats()
             self.counters["stored_blocks"] += compressor.stored_blocks
             self.counters["compressed_blocks"] += compressor.compressed_blocks
@@ -619,8 +637,12 @@ class Sensor:
         return self
 
     def stop(self) -> None:
-        """Stop capturing, send what was captured, say BYE (from any thread)."""
+        """Stop capturing, send what was captured, say BYE (from any thread, and from a signal
+        handler: no lock is taken here that the interrupted thread may hold)."""
+        if self._stopped_at is None:
+            self._stopped_at = time.monotonic()
         self._stop.set()
+        self._notify()
         for itf in list(self._ifaces.values()):
             if itf.capture is not None:
                 itf.capture.stop()
@@ -699,14 +721,12 @@ class Sensor:
         self._wake_recv.setblocking(False)
         self._wake_send.setblocking(False)
         delay = self.reconnect_min
-        draining_since: float | None = None
         try:
             while True:
                 if self._stop.is_set():
-                    draining_since = draining_since or time.monotonic()
                     if not self._capturing() and self.store.pending()[0] == 0:
                         break
-                    if time.monotonic() - draining_since > drain_timeout:
+                    if time.monotonic() > self._drain_deadline():
                         log.warning("stopping with %d unacknowledged frames (receiver unreachable)",
                                     self.store.pending()[0])
                         break
@@ -730,13 +750,33 @@ class Sensor:
                     self._connected = False
                 if self._stop.is_set() and self.store.pending()[0] == 0 and not self._capturing():
                     break
-                self._stop.wait(delay * (0.5 + random.random()))
+                self._sleep(delay * (0.5 + random.random()))
                 delay = min(self.reconnect_max, delay * 2)
         finally:
             wake = (self._wake_recv, self._wake_send)
             self._wake_recv = self._wake_send = None
             for sock in wake:
                 sock.close()
+
+    def _drain_deadline(self) -> float:
+        """When a stopping sensor gives up sending (``drain_timeout`` after stop(), over all
+        sessions together)."""
+        return (self._stopped_at or time.monotonic()) + self._drain_timeout
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait, ended early by stop() (through the wake socket, not an Event: stop() may run
+        in a signal handler on this very thread)."""
+        end = time.monotonic() + seconds
+        while not self._stop.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            select.select([self._wake_recv], [], [], left)
+            try:
+                self._wake_recv.recv(4096)
+            except OSError:
+                pass
+            self._wake_pending = False
 
     def _capturing(self) -> bool:
         return any(i.thread is not None and i.thread.is_alive() for i in list(self._ifaces.values()))
@@ -806,7 +846,6 @@ class Sensor:
         hb = self._session_heartbeat
         silent = 3 * hb + 1  # longer without a byte from the receiver (or a send): it is gone
         last_rx = last_tx = last_stats = time.monotonic()
-        stop_deadline: float | None = None
         bye_sent = False
         self._control.clear()  # the HELLO of this session listed every interface
         while True:
@@ -827,8 +866,7 @@ class Sensor:
             if now - last_rx > silent:
                 raise TimeoutError(f"receiver silent for {now - last_rx:.0f} s")
             if self._stop.is_set():
-                stop_deadline = stop_deadline or now + self._drain_timeout
-                if now > stop_deadline:
+                if now > self._drain_deadline():
                     raise TimeoutError("stopping: the receiver did not acknowledge in time")
             nxt = self.store.after(sent)
             if nxt is not None:
@@ -881,9 +919,11 @@ class _Link:
         """Send every part in order; ``timeout``: longest wait for the peer to take any byte
         (TLS: to take a whole part)."""
         self.sock.settimeout(timeout)
-        if self.tls:
+        if self.tls:  # an SSL write's timeout covers the whole call: slices keep it per progress
             for part in parts:
-                self.sock.sendall(part)
+                view = memoryview(part).cast("B")
+                for off in range(0, len(view), _TLS_SLICE):
+                    self.sock.sendall(view[off:off + _TLS_SLICE])
             return
         views = [memoryview(p).cast("B") for p in parts if _nbytes(p)]
         while views:
@@ -935,7 +975,7 @@ class _Link:
             data = self.sock.recv(65536)
             while self.tls and data and self.sock.pending():
                 data += self.sock.recv(65536)
-        except (BlockingIOError, ssl.SSLWantReadError):  # only part of a TLS record so far
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):  # part of a TLS record
             if not data:
                 return
         if not data:

@@ -142,7 +142,7 @@ def test_adaptive_levels_reach_back_to_the_configured_one():
     assert c.level == 19
 
 
-@pytest.mark.parametrize("leave_by", ["ack", "spill", "spool"])
+@pytest.mark.parametrize("leave_by", ["ack", "spill", "spool", "detach"])
 def test_stored_blocks_wait_in_the_ring_until_acknowledged(tmp_path, leave_by):
     """An incompressible block is sent straight from its ring block (no copy): the block stays
     out of the ring while the frame is unacknowledged and returns when the frame leaves memory
@@ -177,6 +177,13 @@ def test_stored_blocks_wait_in_the_ring_until_acknowledged(tmp_path, leave_by):
             assert store.pending() == (0, 0)
         elif leave_by == "spill":
             assert store.spill() == 1
+        elif leave_by == "detach":  # the capture ended: the frame gets a copy, the ring goes
+            assert store.detach("elsewhere") == 0 and store.detach(batch.interface) == 1
+            got, (_, sent) = store.after(0)
+            assert type(sent) is bytes and sent == records and not batch.released
+            del batch, payload, make  # the last references: the block goes back to the ring
+            assert cap.ring.free_blocks == free + 1
+            return
         assert batch.released and cap.ring.free_blocks == free + 1
         if leave_by != "ack":  # what the next run sends: the same records, read from the spool
             again = FrameStore(window_bytes=1 << 20, spool_dir=str(spool), spool_bytes=1 << 20)
@@ -204,3 +211,49 @@ def test_incompressible_blocks_are_tried_less_and_less_often():
     for i in range(513):  # finish the current run, then a compressible block resets it
         comp.compress(b"a" * (64 << 10))
     assert comp.compressed_blocks >= 1 and comp._stored_run == 32
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_send_timeout_means_no_progress_not_a_whole_block(tls):
+    """A receiver that reads slowly but steadily never trips the send timeout, however long
+    the block takes (the timeout is for a peer that takes nothing): over TLS too, whose
+    writes have one deadline per call."""
+    import socket
+    import ssl
+    import threading
+    import time
+    import trustme
+    from pktstream.sensor import _Link
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    listener = socket.create_server(("127.0.0.1", 0))
+    received = []
+
+    def slow_reader():  # ~300 KB/s
+        conn, _ = listener.accept()
+        if tls:
+            conn = server_ctx.wrap_socket(conn, server_side=True)
+        with conn:
+            while data := conn.recv(16384):
+                received.append(len(data))
+                time.sleep(0.05)
+
+    reader = threading.Thread(target=slow_reader, daemon=True)
+    reader.start()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+    sock.connect(listener.getsockname())
+    if tls:
+        sock = client_ctx.wrap_socket(sock, server_hostname="localhost")
+    block = os.urandom(1 << 20)
+    t0 = time.monotonic()
+    _Link(sock).send([b"h" * 36, block], 1.0)  # takes ~3 s, a 1 s timeout
+    assert time.monotonic() - t0 > 1.5  # the case at hand: longer than the timeout
+    sock.shutdown(socket.SHUT_WR)  # not close(): unread TLS tickets would make it a reset
+    reader.join(10)
+    sock.close()
+    listener.close()
+    assert sum(received) == 36 + len(block)
