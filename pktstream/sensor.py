@@ -556,8 +556,9 @@ class Sensor:
             # only as long as someone reads it, not until the receiver acknowledges
             self.store.detach(itf.name)
             itf.last_stats = cap.stats()
-            self.counters["stored_blocks"] += compressor.stored_blocks
-            self.counters["compressed_blocks"] += compressor.compressed_blocks
+            with self._lock:
+                self.counters["stored_blocks"] += compressor.stored_blocks
+                self.counters["compressed_blocks"] += compressor.compressed_blocks
             cap.close()
             itf.capture = None
 
@@ -596,10 +597,11 @@ class Sensor:
             c["zstd_level"] = compressor.level
 
     def _announce(self, itf: _Iface) -> None:
-        """Tell the receiver about an interface opened mid-session (sent between DATA frames)."""
-        if self._connected:
-            self._control.append(P.encode_json(P.FrameType.HELLO, {"interface": itf.descriptor()}))
-            self._notify()
+        """Tell the receiver about an interface opened mid-session (sent between DATA frames).
+        Queued also while disconnected or handshaking: the next handshake drops what its HELLO
+        lists, so no interface is missed (a duplicate announcement is harmless)."""
+        self._control.append(P.encode_json(P.FrameType.HELLO, {"interface": itf.descriptor()}))
+        self._notify()
 
     # -- counters ----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -734,7 +736,7 @@ class Sensor:
                     self._session()
                     delay = self.reconnect_min
                 except (OSError, FrameError) as exc:  # includes timeouts, resets and TLS errors
-                    self.counters["connection_failures"] += 1
+                    self._count("connection_failures")
                     log.warning("receiver %s:%d: %s; retrying in %.1f s", *self.receiver,
                                 exc or type(exc).__name__, delay)
                 except ConfigError as exc:
@@ -743,7 +745,7 @@ class Sensor:
                     self.stop()
                     break
                 except AuthenticationError as exc:
-                    self.counters["auth_failures"] += 1
+                    self._count("auth_failures")
                     log.error("receiver %s:%d: authentication failed: %s; retrying in %.1f s",
                               *self.receiver, exc, delay)
                 finally:
@@ -757,6 +759,10 @@ class Sensor:
             self._wake_recv = self._wake_send = None
             for sock in wake:
                 sock.close()
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.counters[name] += 1
 
     def _drain_deadline(self) -> float:
         """When a stopping sensor gives up sending (``drain_timeout`` after stop(), over all
@@ -809,7 +815,8 @@ class Sensor:
 
     def _handshake(self, link: "_Link") -> int:
         nonce = P.new_nonce()
-        with self._lock:
+        with self._lock:  # every interface registered so far is listed; later ones are queued
+            self._control.clear()
             descs = [i.descriptor() for i in sorted(self._ifaces.values(), key=lambda i: i.index)]
         link.send([P.encode_json(P.FrameType.HELLO, {
             "protocol": P.VERSION, "sensor_id": self.sensor_id, "hostname": self.hostname,
@@ -847,41 +854,41 @@ class Sensor:
         silent = 3 * hb + 1  # longer without a byte from the receiver (or a send): it is gone
         last_rx = last_tx = last_stats = time.monotonic()
         bye_sent = False
-        self._control.clear()  # the HELLO of this session listed every interface
         while True:
             self._wake_pending = False  # before looking at the store: a later put() wakes us
             now = time.monotonic()
-            # housekeeping on every turn, also while a backlog is being sent
-            control = []
-            while self._control:
-                control.append(self._control.popleft())
-            if now - last_stats >= self.stats_interval:
-                control.append(P.encode_json(P.FrameType.STATS, self.stats()))
-                last_stats = last_tx = now
-            elif now - last_tx >= hb:
-                control.append(P.encode(P.FrameType.HEARTBEAT))
-                last_tx = now
-            if control:
-                link.send(control, silent)
             if now - last_rx > silent:
                 raise TimeoutError(f"receiver silent for {now - last_rx:.0f} s")
-            if self._stop.is_set():
-                if now > self._drain_deadline():
-                    raise TimeoutError("stopping: the receiver did not acknowledge in time")
+            if self._stop.is_set() and now > self._drain_deadline():
+                raise TimeoutError("stopping: the receiver did not acknowledge in time")
             nxt = self.store.after(sent)
+            # control frames first, taken after the store: the HELLO of a new interface is
+            # queued before its capture starts, so it always precedes that interface's data
+            out = []
+            while self._control:
+                out.append(self._control.popleft())
+            if now - last_stats >= self.stats_interval:
+                out.append(P.encode_json(P.FrameType.STATS, self.stats()))
+                last_stats = last_tx = now
+            elif now - last_tx >= hb:
+                out.append(P.encode(P.FrameType.HEARTBEAT))
+                last_tx = now
             if nxt is not None:
                 seq, (header, payload) = nxt
-                # one sendmsg for header and payload; a peer that takes nothing for `silent`
-                # seconds (stopped reading without a reset) raises a timeout
-                link.send((header, payload), silent)
-                sent = seq
-                last_tx = time.monotonic()
-                self.counters["frames_sent"] += 1
+                out += (header, payload)
             elif self._stop.is_set() and not bye_sent and not self._capturing() \
                     and self.store.pending()[0] == 0:
-                link.send([P.encode_json(P.FrameType.STATS, self.stats()),
-                           P.encode_json(P.FrameType.BYE, {"reason": "sensor stopping"})], silent)
+                out += (P.encode_json(P.FrameType.STATS, self.stats()),
+                        P.encode_json(P.FrameType.BYE, {"reason": "sensor stopping"}))
                 bye_sent = True
+            if out:
+                # one sendmsg for everything; a peer that takes nothing for `silent` seconds
+                # (stopped reading without a reset) raises a timeout
+                link.send(out, silent)
+                last_tx = time.monotonic()
+            if nxt is not None:
+                sent = seq
+                self._count("frames_sent")
             # ACKs that arrived; sleep (until a frame, an ACK or the next tick) only when idle
             for f in link.receive(0 if nxt is not None else min(0.2, hb)):
                 if f.type == P.FrameType.ACK:
