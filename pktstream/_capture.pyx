@@ -6,7 +6,7 @@ ts_sec, ts_nsec, caplen, wirelen, then caplen bytes) from one handle. Packets ar
 exactly once, in the C callback, from libpcap's buffer into the current ring block.
 """
 cimport cython
-from cpython.buffer cimport PyBUF_WRITABLE, PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.buffer cimport PyBUF_WRITABLE, PyBUF_FORMAT, PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport errno, EINTR
 from libc.stdint cimport int64_t, uint32_t, uint64_t, uint8_t
@@ -154,6 +154,9 @@ cdef class Ring:
 # PacketBatch
 # ---------------------------------------------------------------------------------------------
 
+cdef char *_FORMAT_B = "B"
+
+
 @cython.final
 cdef class PacketBatch:
     """A zero-copy view of one block of pcap records (nanosecond timestamps).
@@ -264,7 +267,8 @@ cdef class PacketBatch:
         view.len = self._nbytes
         view.readonly = 1
         view.itemsize = 1
-        view.format = NULL
+        # "B" when asked for (memoryview assignment compares formats and must not get NULL)
+        view.format = _FORMAT_B if flags & PyBUF_FORMAT else NULL
         view.ndim = 1
         view.shape = &self._nbytes
         view.strides = &self._stride  # typed memoryviews (const uchar[::1]) read the strides

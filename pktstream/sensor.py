@@ -33,7 +33,7 @@ from pktstream.exceptions import AuthenticationError, ConfigError, FrameError, P
 log = logging.getLogger("pktstream.sensor")
 
 DEFAULT_PORT = 8081
-_TLS_SLICE = 256 * 1024  # TLS sends in slices of this, each with the full send timeout
+_TLS_SLICE = 64 * 1024  # TLS sends in slices of this, each with the full send timeout
 _STORE_ABOVE = 0.90   # compressed/raw above this: send the block stored
 _STORED_RUN = 32      # blocks sent stored before compression is tried again ...
 _STORED_RUN_MAX = 512  # ... doubling after each failed try, up to this
@@ -91,18 +91,53 @@ def resolve_all(host: str, port: int) -> list[str]:
 
 # -- the send window and spool --------------------------------------------------------------------
 
+class _CopyPool:
+    """Buffers for stored blocks copied out of the ring (when too much of it is held), reused
+    once their frame is acknowledged: a fresh 1 MiB allocation per block costs page faults and
+    page clearing, more than the copy itself. At most ``keep`` idle buffers per size."""
+
+    def __init__(self, keep: int = 8) -> None:
+        self.keep = keep
+        self._idle: dict[int, list[bytearray]] = collections.defaultdict(list)
+        self._lock = threading.Lock()
+
+    def copy(self, batch: PacketBatch, size: int) -> memoryview:
+        """The records of ``batch`` in a buffer of ``size`` bytes (>= batch.nbytes)."""
+        with self._lock:
+            idle = self._idle[size]
+            buf = idle.pop() if idle else None
+        if buf is None:
+            buf = bytearray(size)
+        view = memoryview(buf)[:batch.nbytes]
+        view[:] = batch
+        return view
+
+    def give_back(self, view: memoryview) -> None:
+        """Only for a copy whose frame nobody will send again (acknowledged, spooled)."""
+        buf = view.obj
+        with self._lock:
+            idle = self._idle[len(buf)]
+            if len(idle) < self.keep and not any(b is buf for b in idle):
+                idle.append(buf)
+
+
+_COPIES = _CopyPool()
+
+
 def _nbytes(payload) -> int:
-    """Size of a frame payload: bytes, or a ring block (PacketBatch) sent stored."""
-    return payload.nbytes if isinstance(payload, PacketBatch) else len(payload)
+    """Size of a frame payload: bytes, a pooled copy (memoryview) or a ring block (PacketBatch)."""
+    return payload.nbytes if isinstance(payload, (PacketBatch, memoryview)) else len(payload)
 
 
 def _release(payload) -> None:
-    """Give a ring block held as a stored payload back to its capture ring."""
+    """A payload leaves the window: a ring block goes back to its ring, a copy to the pool."""
     if isinstance(payload, PacketBatch):
         try:
             payload.release()
         except BufferError:  # a view is still out: the block goes back when the batch is freed
             pass
+    elif isinstance(payload, memoryview):
+        _COPIES.give_back(payload)
 
 
 @dataclass
@@ -175,7 +210,8 @@ class FrameStore:
 
     def put(self, make_frame, packets: int, size_hint: int) -> int | None:
         """Append a frame built by ``make_frame(seq) -> (header, payload)`` (kept apart so the
-        payload is never copied again); returns its seq, or None if dropped."""
+        payload is never copied again); returns its seq, or None if dropped (the payload is
+        then still the caller's)."""
         with self._lock:
             if self.mem_used + size_hint <= self.window_bytes:
                 seq = self.next_seq
@@ -201,9 +237,8 @@ class FrameStore:
                     self.spool_errors += 1
                     self.dropped_blocks += 1
                     self.dropped_packets += packets
-                    return None
-                finally:
-                    _release(payload)
+                    return None  # the caller releases the payload of a dropped block
+                _release(payload)  # on disk now
                 size = len(header) + _nbytes(payload)
                 self._entries.append(_Entry(seq, size, None, packets))
                 self.spool_used += size
@@ -571,8 +606,10 @@ class Sensor:
             # pressure (receiver slow or away) the block is copied out and the ring freed.
             ring = itf.capture.ring if itf.capture is not None else None
             if ring is None or ring.free_blocks * 2 <= self.capture_options["ring_blocks"]:
-                payload = bytes(batch)
+                payload = _COPIES.copy(batch, self.max_raw)
                 batch.release()
+                with self._lock:
+                    self.counters["copied_blocks"] += 1
         else:
             batch.release()
 
@@ -627,6 +664,7 @@ class Sensor:
                 "spooled_batches": self.store.spooled_blocks, "unacked_frames": frames,
                 "unacked_bytes": pending_bytes, "acked_seq": self.store.acked_seq,
                 "zstd_level": c.get("zstd_level", self.compression_level),
+                "copied_blocks": c.get("copied_blocks", 0),
                 "kernel_dropped": sum(i.get("kernel_dropped", 0) for i in ifaces.values()),
                 "interface_dropped": sum(i.get("interface_dropped", 0) for i in ifaces.values()),
                 "ring_drops": sum(i.get("ring_drops", 0) for i in ifaces.values())}
