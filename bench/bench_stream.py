@@ -180,6 +180,7 @@ def run_pktstream(veth: Veth, pcap: str, rate: int, loops: int, work: str) -> di
     return {"sent": sent, "pps": pps, "captured": n, "sensor_packets": st["packets"],
             "kernel_dropped": st["kernel_dropped"], "ring_drops": st["ring_drops"],
             "window_dropped": st["window_dropped_packets"], "zstd_level_end": st["zstd_level"],
+            "copied_blocks": st.get("copied_blocks"), "connection_failures": st.get("connection_failures"),
             "raw_bytes": rs["raw_bytes"], "wire_bytes": rs["wire_bytes"],
             "sensor_cpu_s": s_cpu, "receiver_cpu_s": r_cpu}
 

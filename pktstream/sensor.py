@@ -665,6 +665,8 @@ class Sensor:
                 "unacked_bytes": pending_bytes, "acked_seq": self.store.acked_seq,
                 "zstd_level": c.get("zstd_level", self.compression_level),
                 "copied_blocks": c.get("copied_blocks", 0),
+                "connection_failures": c.get("connection_failures", 0),
+                "auth_failures": c.get("auth_failures", 0),
                 "kernel_dropped": sum(i.get("kernel_dropped", 0) for i in ifaces.values()),
                 "interface_dropped": sum(i.get("interface_dropped", 0) for i in ifaces.values()),
                 "ring_drops": sum(i.get("ring_drops", 0) for i in ifaces.values())}
