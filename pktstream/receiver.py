@@ -139,7 +139,11 @@ class _SinkRunner:
     def _run(self) -> None:
         done = False
         while not done:
-            items = [self.queue.get()]
+            try:
+                items = [self.queue.get(timeout=1.0)]
+            except queue.Empty:
+                self._idle()
+                continue
             while len(items) < 512:
                 try:
                     items.append(self.queue.get_nowait())
@@ -161,6 +165,16 @@ class _SinkRunner:
             self.sink.close()
         except Exception as exc:
             log.error("closing output %s failed: %s", self.sink.name, exc)
+
+    def _idle(self) -> None:
+        """Nothing to write for a second: let the output do its timed work (rotation)."""
+        if self.failing:
+            return  # a failing output is being retried by the write path
+        try:
+            self.sink.tick()
+        except Exception as exc:
+            self.counters["failures"] += 1
+            log.error("output %s: %s", self.sink.name, exc)
 
     def _flushed(self, index: int, state: dict[str, Any] | None) -> None:
         self.committed = max(self.committed, index)

@@ -247,6 +247,22 @@ def test_rotation_max_files_keeps_newest(caps, tmp_path):
     assert [x[:3] for x in last] == [x[:3] for x in allp[-len(last):]]
 
 
+def test_rotate_if_due_completes_an_idle_file(caps, tmp_path):
+    now = [1_700_000_000.0]
+    w = CaptureWriter(str(tmp_path / "idle.pcap"), rotate_seconds=10, clock=lambda: now[0])
+    batch = _batches_of(caps["ns"], 64 * 1024)[0]
+    w.write(batch)
+    now[0] += 9
+    assert not w.rotate_if_due() and w.paths == [] and w.current_path is not None
+    now[0] += 1
+    assert w.rotate_if_due() and len(w.paths) == 1 and w.current_path is None
+    assert not w.rotate_if_due()  # nothing open: nothing to do
+    assert sum(len(b) for b in pktstream.read(w.paths[0])) == len(batch)
+    w.write(batch)  # the next write opens the next file
+    w.close()
+    assert len(w.paths) == 2 and not list(tmp_path.glob("*.part"))
+
+
 def test_rotation_by_time_with_strftime_names(caps, tmp_path):
     now = [1_700_000_000.0]
     w = CaptureWriter(str(tmp_path / "t-%Y%m%d-%H%M%S.pcap.zst"), rotate_seconds=10, clock=lambda: now[0])

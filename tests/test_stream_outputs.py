@@ -154,6 +154,28 @@ def test_rotation_and_metrics(veth, procs, tmp_path, mixed_pcap):
     assert sum(len(read_pcap_dpkt(f)) for f in files) == 2000
 
 
+def test_time_rotation_while_idle(veth, procs, tmp_path, mixed_pcap):
+    """-G: a file is completed on time even when no more traffic comes (tcpdump waits for the
+    next packet), and the next burst goes into a new file."""
+    port = free_port()
+    rx = procs(receiver_cmd(port, "-w", str(tmp_path / "g.pcap"), "-G", "1"))
+    rx.wait_for("listening on")
+    sx = procs(sensor_cmd(port, veth.outer, "--max-wait", "0.05"))
+    sx.wait_for("connected to receiver")
+    veth.replay(mixed_pcap, pps=20000)  # 0.1 s
+    time.sleep(3.0)  # idle: the receiver writes nothing, but the file is due after 1 s
+    done = sorted(tmp_path.glob("g.*.pcap"))
+    assert len(done) == 1 and not list(tmp_path.glob("*.part")), list(tmp_path.iterdir())
+    assert len(read_pcap_dpkt(done[0])) == 2000
+    veth.replay(mixed_pcap, pps=20000)
+    time.sleep(0.5)
+    assert sx.stop(signal.SIGTERM) == 0
+    assert rx.stop(signal.SIGTERM) == 0
+    files = sorted(tmp_path.glob("g.*.pcap"))
+    assert len(files) == 2 and files[0] == done[0]
+    assert [len(read_pcap_dpkt(f)) for f in files] == [2000, 2000]
+
+
 def test_python_api_iterator_and_callback(veth):
     """Embedding: Receiver.batches() and a callback, in one process with a Sensor."""
     from pktstream.receiver import Receiver

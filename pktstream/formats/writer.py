@@ -9,7 +9,8 @@
 * Rotation like tcpdump: ``rotate_bytes`` (-C: a new file before the size would exceed the
   limit; batches are split at packet boundaries; compressed files rotate once their
   compressed size reaches it), ``rotate_seconds`` (-G: a new file when a write or flush
-  comes that many seconds after the file was opened), ``max_files`` (-W: keep at most that
+  comes that many seconds after the file was opened; ``rotate_if_due()`` completes a due file
+  while nothing is written — the receiver calls it every second when idle), ``max_files`` (-W: keep at most that
   many completed files, deleting the oldest). Rotated names: ``NAME`` with strftime
   patterns (``%Y%m%d-%H%M%S``) expanded at the file's opening, in local time like tcpdump,
   then a 6-digit sequence number before the extension: ``cap.000000.pcap``, ``cap.000001.pcap``.
@@ -302,6 +303,15 @@ class CaptureWriter:
             self._raw.flush()
         else:
             self._cur.flush()
+
+    def rotate_if_due(self) -> bool:
+        """Complete the current file if ``rotate_seconds`` have passed since it was opened, for
+        callers that want time rotation while nothing is written; True if it did. The next
+        write opens the next file."""
+        if self._closed or not self._time_due():
+            return False
+        self._complete()
+        return True
 
     def flush(self) -> None:
         """Hand all data written so far to the OS (whole zstd blocks); apply time rotation."""

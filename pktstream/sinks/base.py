@@ -45,6 +45,10 @@ class Sink:
         """After a failed write/flush: return to the state of the last successful flush (the
         receiver then writes again everything given since). Default: nothing to undo."""
 
+    def tick(self) -> None:
+        """Called about once a second while this output has nothing to write (everything
+        given so far is written and flushed): time-based work such as rotation. Default: none."""
+
     def interrupt(self) -> None:
         """The receiver is stopping: stop waiting on anything outside (called from any thread)."""
 

@@ -129,6 +129,13 @@ class FileSink(Sink):
                 self._committed[st["final"]] = st["size"]
         return {"open": open_files}
 
+    def tick(self) -> None:
+        """Idle: complete the files whose ``rotate_seconds`` have passed, so a quiet sensor's
+        file is closed on time (tcpdump -G waits for the next packet)."""
+        if self.opts["rotate_seconds"]:
+            for out in self._outputs.values():
+                out.rotate_if_due()
+
     @property
     def paths(self) -> list[str]:
         """Completed files, oldest first."""
