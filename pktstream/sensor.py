@@ -17,7 +17,6 @@ import re
 import select
 import socket
 import ssl
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,11 +28,12 @@ import pktstream
 from pktstream import protocol as P
 from pktstream._capture import Capture, PacketBatch, list_interfaces
 from pktstream.exceptions import AuthenticationError, ConfigError, FrameError, PcapError
+from pktstream.sendwindow import COPIES, FrameStore, payload_size, release_payload
+from pktstream.uplink import Link
 
 log = logging.getLogger("pktstream.sensor")
 
 DEFAULT_PORT = 8081
-_TLS_SLICE = 64 * 1024  # TLS sends in slices of this, each with the full send timeout
 _STORE_ABOVE = 0.90   # compressed/raw above this: send the block stored
 _STORED_RUN = 32      # blocks sent stored before compression is tried again ...
 _STORED_RUN_MAX = 512  # ... doubling after each failed try, up to this
@@ -87,277 +87,6 @@ def resolve_all(host: str, port: int) -> list[str]:
     except socket.gaierror:
         return []
     return sorted({i[4][0] for i in infos})
-
-
-# -- the send window and spool --------------------------------------------------------------------
-
-class _CopyPool:
-    """Buffers for stored blocks copied out of the ring (when too much of it is held), reused
-    once their frame is acknowledged: a fresh 1 MiB allocation per block costs page faults and
-    page clearing, more than the copy itself. At most ``keep`` idle buffers per size."""
-
-    def __init__(self, keep: int = 8) -> None:
-        self.keep = keep
-        self._idle: dict[int, list[bytearray]] = collections.defaultdict(list)
-        self._lock = threading.Lock()
-
-    def copy(self, batch: PacketBatch, size: int) -> memoryview:
-        """The records of ``batch`` in a buffer of ``size`` bytes (>= batch.nbytes)."""
-        with self._lock:
-            idle = self._idle[size]
-            buf = idle.pop() if idle else None
-        if buf is None:
-            buf = bytearray(size)
-        view = memoryview(buf)[:batch.nbytes]
-        view[:] = batch
-        return view
-
-    def give_back(self, view: memoryview) -> None:
-        """Only for a copy whose frame nobody will send again (acknowledged, spooled)."""
-        buf = view.obj
-        with self._lock:
-            idle = self._idle[len(buf)]
-            if len(idle) < self.keep and not any(b is buf for b in idle):
-                idle.append(buf)
-
-
-_COPIES = _CopyPool()
-
-
-def _nbytes(payload) -> int:
-    """Size of a frame payload: bytes, a pooled copy (memoryview) or a ring block (PacketBatch)."""
-    return payload.nbytes if isinstance(payload, (PacketBatch, memoryview)) else len(payload)
-
-
-def _release(payload) -> None:
-    """A payload leaves the window: a ring block goes back to its ring, a copy to the pool."""
-    if isinstance(payload, PacketBatch):
-        try:
-            payload.release()
-        except BufferError:  # a view is still out: the block goes back when the batch is freed
-            pass
-    elif isinstance(payload, memoryview):
-        _COPIES.give_back(payload)
-
-
-@dataclass
-class _Entry:
-    seq: int
-    size: int
-    data: tuple[bytes, bytes] | None  # (header, payload); None: on disk in the spool
-    packets: int
-    local: bool = True   # made by this process (False: found in the spool at start)
-    sent: bool = False   # handed to a connection at least once
-
-
-class FrameStore:
-    """Unacknowledged frames in sequence order: in memory up to ``window_bytes``, then in
-    ``spool_dir`` up to ``spool_bytes``; beyond that new blocks are dropped and counted.
-
-    Thread safety: all methods may be called from any thread.
-    """
-
-    def __init__(self, *, window_bytes: int, spool_dir: str | None = None, spool_bytes: int = 0,
-                 first_seq: int | None = None) -> None:
-        self.window_bytes = window_bytes
-        self.spool_dir = spool_dir
-        self.spool_bytes = spool_bytes if spool_dir else 0
-        self._lock = threading.Lock()
-        self._entries: collections.deque[_Entry] = collections.deque()
-        self.mem_used = 0
-        self.spool_used = 0
-        self.dropped_blocks = 0
-        self.dropped_packets = 0
-        self.spooled_blocks = 0
-        self.spool_errors = 0
-        self.acked_seq = 0
-        self._listeners: list = []
-        if spool_dir:
-            os.makedirs(spool_dir, mode=0o700, exist_ok=True)
-            self._load_spool()
-        last = self._entries[-1].seq if self._entries else 0
-        # Sequence numbers keep increasing across restarts without local state: start at the
-        # current time in microseconds (far above any block count a previous run reached).
-        self.next_seq = max(first_seq or time.time_ns() // 1000, last + 1)
-
-    def _spool_path(self, seq: int) -> str:
-        return os.path.join(self.spool_dir or "", f"{seq:020d}.frame")
-
-    def _load_spool(self) -> None:
-        for name in sorted(os.listdir(self.spool_dir)):
-            if not name.endswith(".frame"):
-                continue
-            path = os.path.join(self.spool_dir, name)
-            size = os.path.getsize(path)
-            try:
-                with open(path, "rb") as f:
-                    head = P.decode_header(f.read(P.HEADER_LEN), max_payload=1 << 30, max_raw=1 << 30)
-                if size != P.HEADER_LEN + head.payload_len:
-                    raise FrameError(f"{size} bytes, the header says {P.HEADER_LEN + head.payload_len}")
-            except (FrameError, OSError) as exc:  # e.g. cut short by a power loss: never resend it
-                log.warning("spool: removing unreadable %s (%s); %s", path, exc, "its packets are lost")
-                self.dropped_blocks += 1
-                os.unlink(path)
-                continue
-            self._entries.append(_Entry(int(name[:20]), size, None, head.count, local=False))
-            self.spool_used += size
-        if self._entries:
-            log.info("spool: %d frames (%d bytes) from a previous run will be sent first",
-                     len(self._entries), self.spool_used)
-
-    def on_new_frame(self, callback) -> None:
-        self._listeners.append(callback)
-
-    def put(self, make_frame, packets: int, size_hint: int) -> int | None:
-        """Append a frame built by ``make_frame(seq) -> (header, payload)`` (kept apart so the
-        payload is never copied again); returns its seq, or None if dropped (the payload is
-        then still the caller's)."""
-        with self._lock:
-            if self.mem_used + size_hint <= self.window_bytes:
-                seq = self.next_seq
-                data = make_frame(seq)
-                size = len(data[0]) + _nbytes(data[1])
-                self._entries.append(_Entry(seq, size, data, packets))
-                self.mem_used += size
-            elif self.spool_used + size_hint <= self.spool_bytes:
-                seq = self.next_seq
-                header, payload = make_frame(seq)
-                tmp = self._spool_path(seq) + ".tmp"
-                try:
-                    with open(tmp, "wb") as f:
-                        f.write(header)
-                        f.write(payload)
-                    os.replace(tmp, self._spool_path(seq))
-                except OSError as exc:  # spool disk full or gone: a counted drop, capture goes on
-                    log.error("spool: cannot write %s: %s", tmp, exc)
-                    try:
-                        os.unlink(tmp)
-                    except OSError:
-                        pass
-                    self.spool_errors += 1
-                    self.dropped_blocks += 1
-                    self.dropped_packets += packets
-                    return None  # the caller releases the payload of a dropped block
-                _release(payload)  # on disk now
-                size = len(header) + _nbytes(payload)
-                self._entries.append(_Entry(seq, size, None, packets))
-                self.spool_used += size
-                self.spooled_blocks += 1
-            else:
-                self.dropped_blocks += 1
-                self.dropped_packets += packets
-                return None
-            self.next_seq = seq + 1
-        for cb in self._listeners:
-            cb()
-        return seq
-
-    def ack(self, seq: int) -> None:
-        """Forget every frame with sequence <= seq."""
-        with self._lock:
-            self.acked_seq = max(self.acked_seq, seq)
-            while self._entries and self._entries[0].seq <= seq:
-                e = self._entries.popleft()
-                if e.data is None:
-                    self.spool_used -= e.size
-                    try:
-                        os.unlink(self._spool_path(e.seq))
-                    except FileNotFoundError:
-                        pass
-                else:
-                    self.mem_used -= e.size
-                    _release(e.data[1])
-
-    def detach(self, interface: str) -> int:
-        """Give every frame whose payload is a ring block of ``interface``'s capture a copy of
-        its own; the block goes back when the sender, if it holds it right now, lets go of it.
-        Returns how many were copied."""
-        moved = 0
-        with self._lock:
-            for e in self._entries:
-                payload = e.data[1] if e.data is not None else None
-                if isinstance(payload, PacketBatch) and payload.interface == interface:
-                    e.data = (e.data[0], bytes(payload))
-                    moved += 1
-        return moved
-
-    def after(self, seq: int) -> tuple[int, tuple[bytes, bytes]] | None:
-        """The first frame with sequence > seq as (seq, (header, payload)), or None."""
-        with self._lock:
-            for e in self._entries:
-                if e.seq > seq:
-                    break
-            else:
-                return None
-            data = e.data
-            e.sent = True
-        if data is None:
-            with open(self._spool_path(e.seq), "rb") as f:
-                raw = f.read()
-            data = (raw[:P.HEADER_LEN], raw[P.HEADER_LEN:])
-        return e.seq, data
-
-    def spill(self) -> int:
-        """At exit: move unacknowledged in-memory blocks to the spool (within its bound), so the
-        next run sends them. Returns how many were moved."""
-        if not self.spool_dir:
-            return 0
-        moved = 0
-        with self._lock:
-            for e in self._entries:
-                if e.data is None or self.spool_used + e.size > self.spool_bytes:
-                    continue
-                tmp = self._spool_path(e.seq) + ".tmp"
-                try:
-                    with open(tmp, "wb") as f:
-                        f.write(e.data[0])
-                        f.write(e.data[1])
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.replace(tmp, self._spool_path(e.seq))
-                except OSError as exc:
-                    log.error("spool: cannot keep block %d: %s", e.seq, exc)
-                    continue
-                self.mem_used -= e.size
-                self.spool_used += e.size
-                _release(e.data[1])
-                e.data = None
-                moved += 1
-        return moved
-
-    def pending(self) -> tuple[int, int]:
-        with self._lock:
-            return len(self._entries), self.mem_used + self.spool_used
-
-    def resume(self, last_seq: int) -> None:
-        """A receiver says it has everything up to ``last_seq``: forget what it has, and give
-        blocks of this process that were never sent but carry a number <= last_seq (this host's
-        clock was behind the one that numbered earlier blocks) new numbers above it, instead of
-        letting them pass for acknowledged."""
-        with self._lock:
-            unsent = [e for e in self._entries if e.local and not e.sent]
-            if unsent and unsent[0].seq <= last_seq:
-                seq = last_seq
-                for e in unsent:
-                    seq += 1
-                    self._renumber(e, seq)
-                log.warning("%d unsent blocks renumbered after seq %d (clock behind the receiver's data)",
-                            len(unsent), last_seq)
-            self.next_seq = max(self.next_seq, last_seq + 1, (self._entries[-1].seq + 1) if self._entries else 0)
-        self.ack(last_seq)
-
-    def _renumber(self, e: _Entry, seq: int) -> None:
-        if e.data is not None:
-            header = bytearray(e.data[0])
-            struct.pack_into("<Q", header, 12, seq)
-            e.data = (bytes(header), e.data[1])
-        else:
-            old, new = self._spool_path(e.seq), self._spool_path(seq)
-            with open(old, "r+b") as f:
-                f.seek(12)
-                f.write(struct.pack("<Q", seq))
-            os.replace(old, new)
-        e.seq = seq
 
 
 # -- compression that adapts instead of dropping -----------------------------------------------------
@@ -606,7 +335,7 @@ class Sensor:
             # pressure (receiver slow or away) the block is copied out and the ring freed.
             ring = itf.capture.ring if itf.capture is not None else None
             if ring is None or ring.free_blocks * 2 <= self.capture_options["ring_blocks"]:
-                payload = _COPIES.copy(batch, self.max_raw)
+                payload = COPIES.copy(batch, self.max_raw)
                 batch.release()
                 with self._lock:
                     self.counters["copied_blocks"] += 1
@@ -617,10 +346,10 @@ class Sensor:
             return (P.encode_header(P.FrameType.DATA, size, flags=flags, seq=seq, iface=itf.index,
                                     count=n, raw_len=raw_len), payload)
 
-        size = _nbytes(payload)
+        size = payload_size(payload)
         seq = self.store.put(make, n, size + P.HEADER_LEN)
         if seq is None:
-            _release(payload)
+            release_payload(payload)
         with self._lock:
             c = self.counters
             c["batches"] += 1
@@ -834,7 +563,7 @@ class Sensor:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.ssl_context is not None:
                 sock = self.ssl_context.wrap_socket(sock, server_hostname=self.server_hostname or host)
-            link = _Link(sock, self._wake_recv)
+            link = Link(sock, self._wake_recv)
             last_seq = self._handshake(link)
             self._connected = True
             self.store.resume(last_seq)
@@ -844,7 +573,7 @@ class Sensor:
             sock.close()
 
     @staticmethod
-    def _expect(link: "_Link", ftype: P.FrameType, refused: type[Exception]) -> P.Frame:
+    def _expect(link: Link, ftype: P.FrameType, refused: type[Exception]) -> P.Frame:
         """The next frame, which must be ``ftype``; an ERROR from the receiver raises ``refused``."""
         frame = link.next_frame(15)
         if frame.type == P.FrameType.ERROR:
@@ -853,7 +582,7 @@ class Sensor:
             raise FrameError(f"expected {ftype.name}, got {frame.type.name}")
         return frame
 
-    def _handshake(self, link: "_Link") -> int:
+    def _handshake(self, link: Link) -> int:
         nonce = P.new_nonce()
         with self._lock:  # every interface registered so far is listed; later ones are queued
             self._control.clear()
@@ -886,7 +615,7 @@ class Sensor:
             else self.heartbeat
         return last
 
-    def _stream(self, link: "_Link", last_seq: int) -> None:
+    def _stream(self, link: Link, last_seq: int) -> None:
         """Send every frame after ``last_seq`` as it comes, take ACKs, keep the session alive;
         returns when the receiver says BYE (after ours, when stopping)."""
         sent = last_seq
@@ -938,103 +667,3 @@ class Sensor:
                 elif f.type == P.FrameType.ERROR:
                     raise FrameError(f"receiver closed the session: {f.json().get('reason')}")
             last_rx = max(last_rx, link.last_rx)
-
-
-class _Link:
-    """A blocking connection to the receiver, used by the sender thread only.
-
-    Frames go out whole with ``sendmsg`` (header and payload without joining them; the GIL is
-    released while the kernel copies), so the data path costs one system call per block; TLS
-    sockets use ``sendall`` per part. Incoming frames (ACK, HEARTBEAT, BYE, ERROR) are read
-    without blocking when ``poll`` says bytes are there, and parsed once complete, bounded like
-    every control frame.
-    """
-
-    def __init__(self, sock: socket.socket, wake: socket.socket | None = None) -> None:
-        self.sock = sock
-        self.tls = isinstance(sock, ssl.SSLSocket)
-        self._buf = bytearray()
-        self._frames: collections.deque[P.Frame] = collections.deque()
-        self._poll = select.poll()
-        self._poll.register(sock.fileno(), select.POLLIN)
-        self._wake = wake
-        if wake is not None:
-            self._poll.register(wake.fileno(), select.POLLIN)
-        self.last_rx = time.monotonic()  # when the last byte came in
-
-    def send(self, parts, timeout: float) -> None:
-        """Send every part in order; ``timeout``: longest wait for the peer to take any byte
-        (TLS: to take a whole part)."""
-        self.sock.settimeout(timeout)
-        if self.tls:  # an SSL write's timeout covers the whole call: slices keep it per progress
-            for part in parts:
-                view = memoryview(part).cast("B")
-                for off in range(0, len(view), _TLS_SLICE):
-                    self.sock.sendall(view[off:off + _TLS_SLICE])
-            return
-        views = [memoryview(p).cast("B") for p in parts if _nbytes(p)]
-        while views:
-            n = self.sock.sendmsg(views)
-            while n:
-                if n >= len(views[0]):
-                    n -= len(views.pop(0))
-                else:
-                    views[0] = views[0][n:]
-                    n = 0
-
-    def receive(self, timeout: float) -> list[P.Frame]:
-        """Frames received so far; when there are none, wait up to ``timeout`` seconds for bytes
-        (or for the sender to be woken up)."""
-        if not self._frames and (self.tls and self.sock.pending() or self._wait(timeout)):
-            self._read()
-        frames = list(self._frames)
-        self._frames.clear()
-        return frames
-
-    def next_frame(self, timeout: float) -> P.Frame:
-        """The next frame, waiting at most ``timeout`` seconds for it."""
-        deadline = time.monotonic() + timeout
-        while not self._frames:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no answer from the receiver in {timeout:.0f} s")
-            if self.tls and self.sock.pending() or self._wait(left):
-                self._read()
-        return self._frames.popleft()
-
-    def _wait(self, timeout: float) -> bool:
-        """Whether the socket became readable within ``timeout`` (a wake-up ends the wait)."""
-        readable = False
-        for fd, _ in self._poll.poll(timeout * 1000):
-            if self._wake is not None and fd == self._wake.fileno():
-                try:
-                    self._wake.recv(4096)
-                except (BlockingIOError, OSError):
-                    pass
-            else:
-                readable = True
-        return readable
-
-    def _read(self) -> None:
-        self.sock.settimeout(0.0)
-        data = b""
-        try:
-            data = self.sock.recv(65536)
-            while self.tls and data and self.sock.pending():
-                data += self.sock.recv(65536)
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):  # part of a TLS record
-            if not data:
-                return
-        if not data:
-            raise ConnectionResetError("the receiver closed the connection")
-        self.last_rx = time.monotonic()
-        buf = self._buf
-        buf += data
-        while len(buf) >= P.HEADER_LEN:
-            h = P.decode_header(bytes(buf[:P.HEADER_LEN]), max_payload=P.MAX_CONTROL_BYTES, max_raw=0)
-            end = h.header_len + h.payload_len
-            if len(buf) < end:
-                break
-            self._frames.append(P.Frame(h.type, h.flags, h.seq, h.iface, h.count, h.raw_len,
-                                        bytes(buf[h.header_len:end])))
-            del buf[:end]

@@ -8,7 +8,7 @@ import pytest
 from pktstream import protocol as P
 from pktstream._capture import PacketBatch
 from pktstream.config import ConfigError, receiver_settings, sensor_settings
-from pktstream.sensor import FrameStore
+from pktstream.sendwindow import FrameStore
 from pktstream.sinks.file import safe_name
 
 
@@ -223,7 +223,7 @@ def test_send_timeout_means_no_progress_not_a_whole_block(tls):
     import threading
     import time
     import trustme
-    from pktstream.sensor import _Link
+    from pktstream.uplink import Link
     ca = trustme.CA()
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("localhost").configure_cert(server_ctx)
@@ -250,7 +250,7 @@ def test_send_timeout_means_no_progress_not_a_whole_block(tls):
         sock = client_ctx.wrap_socket(sock, server_hostname="localhost")
     block = os.urandom(1 << 20)
     t0 = time.monotonic()
-    _Link(sock).send([b"h" * 36, block], 1.0)  # takes ~3 s, a 1 s timeout
+    Link(sock).send([b"h" * 36, block], 1.0)  # takes ~3 s, a 1 s timeout
     assert time.monotonic() - t0 > 1.5  # the case at hand: longer than the timeout
     sock.shutdown(socket.SHUT_WR)  # not close(): unread TLS tickets would make it a reset
     reader.join(10)
@@ -264,10 +264,10 @@ def test_copies_out_of_the_ring_reuse_their_buffers(tmp_path):
     copy's buffer carries the next block (no fresh allocation), never two blocks at once."""
     import pktstream
     from pktstream import traffic
-    from pktstream.sensor import _CopyPool, _release
+    from pktstream.sendwindow import CopyPool
     path = tmp_path / "t.pcap"
     traffic.write_random_udp_pcap(str(path), 600, size=1000)
-    pool = _CopyPool(keep=2)
+    pool = CopyPool(keep=2)
     with pktstream.open_offline(path, block_bytes=70_000, ring_blocks=4) as cap:
         batches = []
         for b in cap:
@@ -287,5 +287,5 @@ def test_copies_out_of_the_ring_reuse_their_buffers(tmp_path):
         assert d.obj is reused and bytes(d) == first and bytes(b) == second
         batch.release()
     assert len(pool._idle[70_000]) == 0
-    import pktstream.sensor as S
-    assert S._nbytes(d) == len(first)
+    import pktstream.sendwindow as W
+    assert W.payload_size(d) == len(first)
