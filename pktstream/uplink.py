@@ -18,7 +18,7 @@ class Link:
 
     Frames go out whole with ``sendmsg`` (header and payload without joining them; the GIL is
     released while the kernel copies), so the data path costs one system call per block; TLS
-    sockets use ``sendall`` per part. Incoming frames (ACK, HEARTBEAT, BYE, ERROR) are read
+    sockets use ``sendall`` per 64 KiB slice. Incoming frames (ACK, HEARTBEAT, BYE, ERROR) are read
     without blocking when ``poll`` says bytes are there, and parsed once complete, bounded like
     every control frame.
     """
@@ -37,7 +37,7 @@ class Link:
 
     def send(self, parts, timeout: float) -> None:
         """Send every part in order; ``timeout``: longest wait for the peer to take any byte
-        (TLS: to take a whole part)."""
+        (TLS: to take a 64 KiB slice)."""
         self.sock.settimeout(timeout)
         if self.tls:  # an SSL write's timeout covers the whole call: slices keep it per progress
             for part in parts:
