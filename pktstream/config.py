@@ -201,8 +201,8 @@ class ReceiverSettings:
     tls: TLSSettings = field(default_factory=TLSSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     kafka: Any = None        # config_plugins.KafkaSettings (output.plugins.kafka)
-    s3: Any = None           # config_plugins.S3Settings (output.plugins.s3, receiver only)
-    kafka_input: Any = None  # config_plugins.KafkaInputSettings (input.kafka, receiver only)
+    s3: Any = None           # config_plugins.S3Settings (output.plugins.s3)
+    kafka_input: Any = None  # config_plugins.KafkaInputSettings (input.kafka)
 
 
 @dataclass
@@ -234,8 +234,6 @@ class SensorSettings:
     tls: TLSSettings = field(default_factory=TLSSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     kafka: Any = None        # config_plugins.KafkaSettings (output.plugins.kafka)
-    s3: Any = None           # config_plugins.S3Settings (output.plugins.s3, receiver only)
-    kafka_input: Any = None  # config_plugins.KafkaInputSettings (input.kafka, receiver only)
 
 
 def _common(root: _Node) -> dict[str, Any]:
@@ -252,7 +250,8 @@ def _common(root: _Node) -> dict[str, Any]:
 
 
 def _plugins(node: _Node, settings: Any, role: str) -> None:
-    """output.plugins.kafka / .s3 (pktstream.config_plugins) → settings.kafka / settings.s3."""
+    """output.plugins.kafka / .s3 (pktstream.config_plugins) → settings.kafka / settings.s3
+    (s3: receivers only)."""
     from pktstream import config_plugins
     for name, value in config_plugins.plugins(node, role).items():
         setattr(settings, name, value)

@@ -137,12 +137,13 @@ def s3_output(node) -> S3Settings | None:
 
 
 def plugins(node, role: str) -> dict[str, Any]:
-    """``output.plugins`` → {"kafka": KafkaSettings|None, "s3": S3Settings|None}."""
-    out = {"kafka": kafka_output(node.child("kafka")), "s3": None}
+    """``output.plugins`` → {"kafka": KafkaSettings|None} plus, for a receiver, "s3": S3Settings|None."""
+    out = {"kafka": kafka_output(node.child("kafka"))}
     s3 = node.child("s3")
     if role == "sensor" and s3.data:
         raise ConfigError(f"{s3.path}: a pktstream sensor does not upload to S3 itself; stream to a "
                           "receiver with output.plugins.s3 (or to Kafka)")
-    out["s3"] = s3_output(s3)
+    if role != "sensor":
+        out["s3"] = s3_output(s3)
     node.finish()
     return out
