@@ -360,30 +360,24 @@ def test_packetstreamer_yaml_configs_work(veth, procs, tmp_path, mixed_pcap):
     assert "connected to receiver" in (tmp_path / "sensor.log").read_text()  # logFilename honoured
 
 
-@pytest.mark.parametrize("yaml_text,message", [
-    ("input:\n  address: 0.0.0.0\n", "input.port: required"),
-    ("input:\n  port: 99999\n", "input.port: must be a port number"),
-    ("input:\n  port: 8081\ntls:\n  enable: true\n  certFile: a.pem\n", "tls.certFile: unknown key (the key is 'certfile'"),
-    ("input:\n  port: 8081\noutput:\n  fiel:\n    path: x\n", "output.fiel: unknown key (did you mean 'file'?)"),
-    ("input:\n  port: 8081\nauth:\n  enable: true\n", "auth: auth is enabled but neither key nor keyfile"),
-    ("- just\n- a list\n", "config: expected a mapping"),
+@pytest.mark.parametrize("role,yaml_text,message", [
+    ("receiver", "input:\n  address: 0.0.0.0\n", "input.port: required"),
+    ("receiver", "input:\n  port: 99999\n", "input.port: must be a port number"),
+    ("receiver", "input:\n  port: 8081\ntls:\n  enable: true\n  certFile: a.pem\n",
+     "tls.certFile: unknown key (the key is 'certfile'"),
+    ("receiver", "input:\n  port: 8081\noutput:\n  fiel:\n    path: x\n", "output.fiel: unknown key (did you mean 'file'?)"),
+    ("receiver", "input:\n  port: 8081\nauth:\n  enable: true\n", "auth: auth is enabled but neither key nor keyfile"),
+    ("receiver", "- just\n- a list\n", "config: expected a mapping"),
+    ("sensor", "output:\n  server:\n    address: 127.0.0.1\npcapMode: all\n", "output.server.port: required"),
+    ("sensor", "output:\n  server:\n    address: 127.0.0.1\n    port: 1\npcapMode: Everything\n",
+     "pcapMode: must be all, allow or deny"),
+    ("sensor", "output:\n  server:\n    address: 127.0.0.1\n    port: 1\ncapturePorts: [80, 'x']\n",
+     "capturePorts[1]: must be a port"),
+    ("sensor", "output:\n  server:\n    address: 127.0.0.1\n    port: 1\nspool:\n  dir: /tmp/x\n", "spool.maxBytes: required"),
 ])
-def test_invalid_receiver_config_fails_with_key_path(tmp_path, yaml_text, message):
-    cfg = tmp_path / "r.yaml"
+def test_invalid_config_fails_with_key_path(tmp_path, role, yaml_text, message):
+    cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml_text)
-    r = subprocess.run([*PKTSTREAM, "receiver", "--config", str(cfg), "-w", str(tmp_path / "o.pcap")],
-                       capture_output=True, text=True, timeout=30)
-    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
-
-
-@pytest.mark.parametrize("yaml_text,message", [
-    ("output:\n  server:\n    address: 127.0.0.1\npcapMode: all\n", "output.server.port: required"),
-    ("output:\n  server:\n    address: 127.0.0.1\n    port: 1\npcapMode: Everything\n", "pcapMode: must be all, allow or deny"),
-    ("output:\n  server:\n    address: 127.0.0.1\n    port: 1\ncapturePorts: [80, 'x']\n", "capturePorts[1]: must be a port"),
-    ("output:\n  server:\n    address: 127.0.0.1\n    port: 1\nspool:\n  dir: /tmp/x\n", "spool.maxBytes: required"),
-])
-def test_invalid_sensor_config_fails_with_key_path(tmp_path, yaml_text, message):
-    cfg = tmp_path / "s.yaml"
-    cfg.write_text(yaml_text)
-    r = subprocess.run([*PKTSTREAM, "sensor", "--config", str(cfg)], capture_output=True, text=True, timeout=30)
+    output = ["-w", str(tmp_path / "o.pcap")] if role == "receiver" else []
+    r = subprocess.run([*PKTSTREAM, role, "--config", str(cfg), *output], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
