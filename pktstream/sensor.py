@@ -311,7 +311,7 @@ class Sensor:
         compressor = AdaptiveCompressor(self.compression_level)
         try:
             for batch in cap:
-                self._ship(itf, batch, compressor)
+                self._ship(itf, batch, compressor, cap.ring)
         except Exception as exc:  # interface vanished, driver error: reported, others go on
             itf.error = str(exc)
             log.error("capture on %s stopped: %s", itf.name, exc)
@@ -326,20 +326,16 @@ class Sensor:
             cap.close()
             itf.capture = None
 
-    def _ship(self, itf: _Iface, batch: PacketBatch, compressor: AdaptiveCompressor) -> None:
+    def _ship(self, itf: _Iface, batch: PacketBatch, compressor: AdaptiveCompressor, ring) -> None:
         n, raw_len = len(batch), batch.nbytes
         payload, flags = compressor.compress(batch)
-        if payload is batch:
-            # Stored: the ring block itself waits in the send window until acknowledged (no
-            # copy), as long as more than half the ring stays free for capture; under
-            # pressure (receiver slow or away) the block is copied out and the ring freed.
-            ring = itf.capture.ring if itf.capture is not None else None
-            if ring is None or ring.free_blocks * 2 <= self.capture_options["ring_blocks"]:
-                payload = COPIES.copy(batch, self.max_raw)
-                batch.release()
-                with self._lock:
-                    self.counters["copied_blocks"] += 1
-        else:
+        # Stored: the ring block itself waits in the send window until acknowledged (no copy),
+        # as long as more than half the ring stays free for capture; under pressure (receiver
+        # slow or away) the block is copied out and the ring freed.
+        copied = payload is batch and ring.free_blocks * 2 <= self.capture_options["ring_blocks"]
+        if copied:
+            payload = COPIES.copy(batch, self.max_raw)
+        if payload is not batch:
             batch.release()
 
         def make(seq: int) -> tuple[bytes, Any]:
@@ -355,6 +351,7 @@ class Sensor:
             c["batches"] += 1
             c["packets"] += n
             c["raw_bytes"] += raw_len
+            c["copied_blocks"] += copied
             if seq is None:
                 c["dropped_batches"] += 1
                 c["dropped_packets"] += n
