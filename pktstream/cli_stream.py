@@ -40,6 +40,8 @@ def build_receiver(args: argparse.Namespace):
     from pktstream.tls import server_context
 
     s = C.receiver_settings(C.load_yaml(args.config) if args.config else {})
+    # only an upstream-style config file without an auth block starts unauthenticated by itself
+    s.allow_unauthenticated = (s.allow_unauthenticated and bool(args.config)) or args.allow_unauthenticated
     if args.listen:
         s.listen = args.listen
     cloud.apply_receiver_args(args, s)  # -w s3:// / kafka://, --from kafka://
@@ -94,7 +96,7 @@ def build_receiver(args: argparse.Namespace):
                     heartbeat=s.heartbeat, max_raw_bytes=max(s.max_block_bytes, s.snaplen + 16),
                     stats_interval=s.stats_interval, metrics=s.metrics, fsync_state=s.fsync,
                     connection_rate=(s.connection_burst, s.connection_seconds),
-                    cert_identity=s.tls.identity_from_cert)
+                    cert_identity=s.tls.identity_from_cert, allow_unauthenticated=s.allow_unauthenticated)
 
 
 def build_sensor(args: argparse.Namespace):
@@ -136,8 +138,8 @@ def build_sensor(args: argparse.Namespace):
     if not s.receiver and transport is None:
         raise ConfigError("no receiver: give --receiver HOST:PORT, --output kafka://HOST:PORT/TOPIC, "
                           "output.server.address/port or output.plugins.kafka")
-    if s.spool_dir and not s.spool_bytes:
-        raise ConfigError("--spool-dir needs --spool-size")
+    if args.no_spool:
+        s.spool_dir = s.spool_bytes = None
     _setup_log_file(s.log_file)
     ctx = None
     if s.tls.enable:
@@ -187,13 +189,27 @@ def cmd_sensor(args: argparse.Namespace) -> int:
     logging.getLogger("pktstream").setLevel(logging.INFO if args.verbose == 0 else logging.DEBUG)
     sensor.run()
     st = sensor.stats()
+    report = sensor.exit_report or {}
+    unacked, spooled = report.get("unacked_frames", 0), report.get("spooled_frames", 0)
     print(f"pktstream sensor: {st['packets']} packets captured, {st['kernel_dropped']} dropped by kernel, "
           f"{st['ring_drops']} by ring, {st['window_dropped_packets']} by full send window/spool, "
-          f"{st['unacked_frames']} frames unacknowledged at exit", file=sys.stderr)
+          f"{unacked} frames unacknowledged at exit", file=sys.stderr)
     if stats_file is not None:
         with stats_file:
-            json.dump(st, stats_file, indent=1)
-    return 0
+            json.dump({**st, "exit": report}, stats_file, indent=1)
+    status = 0
+    if unacked:
+        where = (f"{spooled} kept in the spool {sensor.spool_dir} for the next run, {unacked - spooled} lost"
+                 if sensor.spool_dir else "lost (no spool)")
+        print(f"pktstream sensor: exit status 3: {unacked} frames were not acknowledged by the receiver "
+              f"({where})", file=sys.stderr)
+        status = 3
+    failed = report.get("failed_interfaces") or []
+    if failed:
+        print(f"pktstream sensor: exit status {status or 4}: capture failed on {', '.join(failed)} and did not "
+              "resume", file=sys.stderr)
+        status = status or 4
+    return status
 
 
 def register(sub) -> None:
@@ -223,6 +239,9 @@ def register(sub) -> None:
     r.add_argument("--tls-key", metavar="PEM")
     r.add_argument("--tls-ca", metavar="PEM", help="CA for client certificates")
     r.add_argument("--tls-client-certs", action="store_true", help="require client certificates (mTLS)")
+    r.add_argument("--allow-unauthenticated", action="store_true",
+                   help="listen beyond loopback without a key or client certificates (anyone who can "
+                   "reach the port can write into the outputs)")
     r.add_argument("--tls-identity-from-cert", action="store_true",
                    help="mTLS: a sensor's id must be the CN or a SAN of its certificate")
     r.add_argument("--log-file", metavar="FILE")
@@ -245,8 +264,14 @@ def register(sub) -> None:
     s.add_argument("--max-wait", type=float, metavar="SEC", help="seal a partial block after SEC (0.2)")
     s.add_argument("--level", dest="compression_level", type=int, help="zstd level (default 1, adaptive)")
     s.add_argument("--window", dest="window_bytes", type=_size, metavar="SIZE", help="unacked bytes in memory")
-    s.add_argument("--spool-dir", metavar="DIR", help="spool frames here when the window is full")
-    s.add_argument("--spool-size", dest="spool_bytes", type=_size, metavar="SIZE")
+    s.add_argument("--spool-dir", metavar="DIR", help="spool frames here when the window is full (default "
+                   "/var/lib/pktstream/spool/SENSOR-ID as root, ~/.local/state/pktstream/spool/SENSOR-ID "
+                   "otherwise, or $PKTSTREAM_STATE_DIR/spool/SENSOR-ID)")
+    s.add_argument("--spool-size", dest="spool_bytes", type=_size, metavar="SIZE",
+                   help="spool bound (default 1GiB or half the free disk space); when full, new blocks are "
+                   "dropped and counted")
+    s.add_argument("--no-spool", action="store_true", help="no disk spool: an outage longer than the "
+                   "window loses (counted) blocks")
     s.add_argument("--sensor-id", help="stable id of this sensor (default: host name)")
     s.add_argument("--auth-key-file", metavar="FILE", help="shared key (read from FILE)")
     s.add_argument("--tls", action="store_true", help="connect with TLS (verifying the receiver)")

@@ -203,6 +203,7 @@ class ReceiverSettings:
     kafka: Any = None        # config_plugins.KafkaSettings (output.plugins.kafka)
     s3: Any = None           # config_plugins.S3Settings (output.plugins.s3)
     kafka_input: Any = None  # config_plugins.KafkaInputSettings (input.kafka)
+    allow_unauthenticated: bool = False  # listen beyond loopback without key or client certificates
 
 
 @dataclass
@@ -223,8 +224,8 @@ class SensorSettings:
     max_wait: float = 0.2
     compression_level: int = 1
     window_bytes: int = 64 << 20
-    spool_dir: str | None = None
-    spool_bytes: int = 0
+    spool_dir: str | None = "auto"   # "auto": <state dir>/spool/<sensor id>; None: no spool
+    spool_bytes: int | None = None   # None: 1 GiB or half the free space
     sensor_id: str | None = None
     heartbeat: float = 5.0
     stats_interval: float = 5.0
@@ -313,6 +314,8 @@ def receiver_settings(data: Any) -> ReceiverSettings:
     metrics = root.child("metrics")
     s.metrics = metrics.get("listen", "str")
     metrics.finish()
+    # an upstream PacketStreamer config without an auth block starts as it did there (warned)
+    s.allow_unauthenticated = root.get("allowUnauthenticated", "bool", not root.has("auth"))
     for k, v in _common(root).items():
         setattr(s, k, v)
     root.finish()
@@ -373,11 +376,14 @@ def sensor_settings(data: Any) -> SensorSettings:
     s.compression_level = lvl
     s.window_bytes = root.get("windowSize", "size", s.window_bytes)
     spool = root.child("spool")
-    s.spool_dir = spool.get("dir", "str")
-    s.spool_bytes = spool.get("maxBytes", "size", 0)
+    enabled = spool.get("enable", "bool", True)
+    s.spool_dir = spool.get("dir", "str") or "auto"
+    s.spool_bytes = spool.get("maxBytes", "size", None)
     spool.finish()
-    if s.spool_dir and not s.spool_bytes:
-        raise ConfigError("spool.maxBytes: required when spool.dir is set")
+    if not enabled:
+        s.spool_dir, s.spool_bytes = None, None
+    elif s.spool_bytes is not None and s.spool_bytes <= 0:
+        raise ConfigError("spool.maxBytes: must be positive (disable the spool with spool.enable: false)")
     s.sensor_id = root.get("sensorId", "str")
     s.user = root.get("user", "str")
     s.group = root.get("group", "str")

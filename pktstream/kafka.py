@@ -61,8 +61,9 @@ def broker_addresses(brokers: str) -> list[tuple[str, int]]:
         host, port = (host or b).strip("[]"), int(port) if port.isdigit() else 9092
         try:
             addrs = {i[4][0] for i in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
-        except socket.gaierror:
-            addrs = {host}
+        except socket.gaierror as exc:  # not resolvable now: excluded once the client finds it
+            log.warning("kafka: cannot resolve broker %s: %s", host, exc)
+            addrs = set()
         out += [(a, port) for a in sorted(addrs)]
     return out
 
@@ -179,7 +180,18 @@ class KafkaTransport:
         return f"kafka://{self.brokers}/{self.topic}"
 
     def exclude(self) -> list[tuple[str, int]]:
+        """The bootstrap brokers' (address, port) pairs, excluded from capture from the start."""
         return broker_addresses(self.brokers)
+
+    @staticmethod
+    def cluster_addresses(producer, timeout: float = 2.0) -> list[tuple[str, int]]:
+        """Every broker of the cluster (from its metadata), as (address, port) pairs."""
+        try:
+            brokers = producer.list_topics(timeout=timeout).brokers.values()
+        except Exception as exc:  # noqa: BLE001 - metadata unavailable now: tried again later
+            log.debug("kafka: no cluster metadata: %s", exc)
+            return []
+        return broker_addresses(",".join(f"{b.host}:{b.port}" for b in brokers))
 
     def _producer(self, errors: _ErrorLog):
         from confluent_kafka import Producer
@@ -213,16 +225,10 @@ class KafkaTransport:
             self.counters["frames_delivered"] += 1
             # everything produced before the oldest outstanding frame has been delivered
             store.ack(next(iter(outstanding)) - 1 if outstanding else state["sent"])
-            sensor._notify()
-
-        def descriptor(index: int):
-            with sensor._lock:
-                for itf in sensor._ifaces.values():
-                    if itf.index == index:
-                        return itf
-            return None
+            sensor.wake()
 
         draining_since: float | None = None
+        last_brokers, brokers_every = 0.0, 1.0
         try:
             while True:
                 producer.poll(0)
@@ -230,7 +236,15 @@ class KafkaTransport:
                 if state["delivered"] and not connected_logged:
                     log.info("connected to Kafka %s (first frames delivered)", self.describe())
                     connected_logged = True
-                sensor._connected = state["delivered"] > 0 and not errors.all_down
+                sensor.set_connected(state["delivered"] > 0 and not errors.all_down)
+                if state["delivered"] and now - last_brokers >= brokers_every:
+                    # every broker the client talks to (partition leaders too), not only the
+                    # bootstrap list, stays out of capture
+                    last_brokers = now
+                    brokers_every = max(brokers_every, 60.0)
+                    found = self.cluster_addresses(producer)
+                    if found:
+                        sensor.update_exclusions(sorted(set(found) | set(self.exclude())))
                 stalled = outstanding and now - state["progress"] > self.stall_timeout
                 if state["failed"] or stalled:
                     log.warning("kafka: %s; recreating the producer and resending %d unacknowledged frames",
@@ -241,10 +255,9 @@ class KafkaTransport:
                     producer = self._producer(errors)
                     outstanding.clear()
                     state.update(failed=False, progress=now, sent=store.acked_seq)
-                if sensor._stop.is_set():
+                if sensor.stopping:
                     draining_since = draining_since or now
-                    capturing = any(i.thread is not None and i.thread.is_alive() for i in sensor._ifaces.values())
-                    if not capturing and store.pending()[0] == 0:
+                    if not sensor.capturing() and store.pending()[0] == 0:
                         break
                     if now - draining_since > drain_timeout:
                         log.warning("stopping with %d frames not delivered to Kafka", store.pending()[0])
@@ -267,11 +280,11 @@ class KafkaTransport:
                     log.error("kafka: skipping unreadable frame %d: %s", seq, exc)
                     state["sent"] = seq
                     continue
-                itf = descriptor(head.iface)
+                itf = sensor.interface_by_index(head.iface)
                 headers = frame_headers(sensor_id=sensor.sensor_id, hostname=sensor.hostname,
-                                        interface=itf.name if itf else str(head.iface),
-                                        link_type=itf.link_type if itf else 1,
-                                        snaplen=itf.snaplen if itf else 262144, seq=seq)
+                                        interface=itf["name"] if itf else str(head.iface),
+                                        link_type=itf["link_type"] if itf else 1,
+                                        snaplen=itf["snaplen"] if itf else 262144, seq=seq)
                 try:
                     producer.produce(self.topic, value=data, key=sensor.sensor_id.encode(), headers=headers,
                                      on_delivery=lambda err, msg, s=seq: delivered(s, err, msg))
@@ -285,7 +298,7 @@ class KafkaTransport:
                 self.counters["frames_produced"] += 1
                 sensor.counters["frames_sent"] += 1
         finally:
-            sensor._connected = False
+            sensor.set_connected(False)
             if store.pending()[0] == 0:
                 producer.flush(5)
             else:
@@ -339,7 +352,7 @@ class KafkaInput:
     def start(self, receiver) -> None:
         from confluent_kafka import Consumer
         self._receiver = receiver
-        receiver._commit_hooks.append(self._on_commit)
+        receiver.add_commit_hook(self._on_commit)
         self._consumer = Consumer(consumer_config(self.brokers, self.group, client_id=self.client_id,
                                                   properties=self.properties, error_cb=_ErrorLog(self.counters)))
         self._consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
@@ -423,7 +436,7 @@ class KafkaInput:
     # -- the consumer thread --------------------------------------------------------------------------
     def _run(self) -> None:
         consumer, rcv = self._consumer, self._receiver
-        loop = rcv._loop
+        loop = rcv.loop
         while not self._stop.is_set():
             try:
                 msgs = consumer.consume(num_messages=256, timeout=0.2)
@@ -443,7 +456,7 @@ class KafkaInput:
                         index = fut.result(0.5)
                         break
                     except TimeoutError:
-                        if self._stop.is_set() and rcv._closing.is_set():
+                        if self._stop.is_set() and rcv.closing:
                             index = None
                             break
                 if index is None:
@@ -455,19 +468,16 @@ class KafkaInput:
     async def _process(self, m) -> int:
         """In the receiver's loop: dedupe, validate, dispatch. Returns the receiver index that
         must be committed before this message's offset may be."""
-        from pktstream.receiver import _SensorState, _SENSOR_ID
-        from pktstream.sinks.base import Source
+        from pktstream.receiver import SENSOR_ID
         rcv = self._receiver
         h = parse_headers(m.headers())
         sid = h.get("sensor_id") or (m.key() or b"").decode(errors="replace")
         c = self.counters
-        if not _SENSOR_ID.match(sid or ""):
+        if not SENSOR_ID.match(sid or ""):
             c["bad_messages"] += 1
             log.warning("kafka: partition %d offset %d: bad sensor id, skipped", m.partition(), m.offset())
-            return rcv._index
-        sensor = rcv._sensors.get(sid)
-        if sensor is None:
-            sensor = rcv._sensors[sid] = _SensorState(sid)
+            return rcv.index
+        sensor = rcv.sensor_state(sid)
         if h.get("hostname"):
             sensor.hostname = h["hostname"][:255]
         value = m.value() or b""
@@ -478,7 +488,7 @@ class KafkaInput:
                 sensor.counters["stats_frames"] += 1
             except FrameError:
                 c["bad_messages"] += 1
-            return rcv._index
+            return rcv.index
         try:
             head = P.decode_header(value[:P.HEADER_LEN], max_payload=rcv.max_raw + 1024, max_raw=rcv.max_raw)
             if head.type != P.FrameType.DATA:
@@ -487,38 +497,24 @@ class KafkaInput:
                 raise FrameError(f"message is {len(value)} bytes, frame says {head.header_len + head.payload_len}")
             if str(head.seq) != h.get("seq", str(head.seq)):
                 raise FrameError(f"seq header {h.get('seq')} != frame seq {head.seq}")
-            desc = rcv._check_iface({"index": head.iface, "name": h.get("interface", ""),
+            desc = rcv.check_interface({"index": head.iface, "name": h.get("interface", ""),
                                      "link_type": int(h.get("link_type", "-1")),
                                      "snaplen": int(h.get("snaplen", "-1"))})
         except (FrameError, ValueError) as exc:
             c["bad_messages"] += 1
             rcv.counters["protocol_errors"] += 1
             log.warning("kafka: partition %d offset %d: %s; skipped", m.partition(), m.offset(), exc)
-            return rcv._index
-        sc = sensor.counters
-        if head.seq <= sensor.last_accepted:
-            sc["duplicate_frames"] += 1
-            sc["duplicate_packets"] += head.count
-            return rcv._index
+            return rcv.index
         frame = P.Frame(head.type, head.flags, head.seq, head.iface, head.count, head.raw_len,
                         value[head.header_len:])
         try:
-            batch = P.decode_data(frame, link_type=desc["link_type"], snaplen=desc["snaplen"],
-                                  interface=f"{sid}/{desc['name']}", max_raw=rcv.max_raw)
+            if await rcv.ingest(sensor, frame, desc, wire_bytes=len(value)):
+                sensor.interfaces[head.iface] = desc
         except FrameError as exc:
             c["bad_messages"] += 1
             rcv.counters["protocol_errors"] += 1
             log.warning("kafka: partition %d offset %d: %s; skipped", m.partition(), m.offset(), exc)
-            return rcv._index
-        sensor.interfaces[head.iface] = desc
-        source = Source(sid, sensor.hostname, desc["name"], desc["link_type"], desc["snaplen"], seq=head.seq)
-        sensor.last_accepted = head.seq
-        sc["frames"] += 1
-        sc["packets"] += head.count
-        sc["raw_bytes"] += head.raw_len
-        sc["wire_bytes"] += len(value)
-        await rcv._dispatch(sensor, head.seq, source, batch)
-        return rcv._index
+        return rcv.index
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

@@ -19,6 +19,7 @@ import hmac
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,8 @@ HEADER_LEN = HEADER.size  # 36
 MAX_CONTROL_BYTES = 64 * 1024
 DEFAULT_MAX_RAW_BYTES = 8 * 1024 * 1024     # largest decompressed block a receiver accepts
 NONCE_BYTES = 32
+MAX_SEQ = 1 << 63                   # sequence numbers stay below this (they start at a clock in µs)
+SEQ_AHEAD_US = 86_400 * 1_000_000   # a receiver refuses sequence numbers more than a day ahead of its clock
 
 
 class FrameType(enum.IntEnum):
@@ -149,7 +152,14 @@ async def read_frame(reader: asyncio.StreamReader, *, max_payload: int = DEFAULT
 
 # -- DATA payloads -----------------------------------------------------------------------------
 
-_DCTX = zstandard.ZstdDecompressor()
+_local = threading.local()  # a ZstdDecompressor is not thread-safe: one per thread
+
+
+def _dctx() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "dctx", None)
+    if d is None:
+        d = _local.dctx = zstandard.ZstdDecompressor()
+    return d
 
 
 def decode_data(frame: Frame, *, link_type: int, snaplen: int, interface: str | None,
@@ -158,7 +168,7 @@ def decode_data(frame: Frame, *, link_type: int, snaplen: int, interface: str | 
 
     The zstd frame must announce exactly ``raw_len`` bytes (so no bomb can allocate more),
     its checksum must match, and every record header is walked and checked (caplen <=
-    snaplen, inside the block) before the batch reaches an output.
+    snaplen, inside the block) before the batch reaches an output. Thread-safe.
     """
     if frame.flags & Flags.STORED:
         raw = frame.payload
@@ -173,7 +183,7 @@ def decode_data(frame: Frame, *, link_type: int, snaplen: int, interface: str | 
             raise FrameError(f"DATA seq {frame.seq}: zstd content size {params.content_size} "
                              f"!= announced raw length {frame.raw_len}")
         try:
-            raw = _DCTX.decompress(frame.payload, max_output_size=frame.raw_len)
+            raw = _dctx().decompress(frame.payload, max_output_size=frame.raw_len)
         except zstandard.ZstdError as exc:
             raise FrameError(f"DATA seq {frame.seq}: corrupt zstd frame ({exc})") from None
         if len(raw) != frame.raw_len:

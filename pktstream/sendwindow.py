@@ -8,8 +8,11 @@ held). Every payload leaves memory through :func:`release_payload`.
 from __future__ import annotations
 
 import collections
+import fcntl
 import logging
 import os
+import re
+import shutil
 import struct
 import threading
 import time
@@ -17,9 +20,42 @@ from dataclasses import dataclass
 
 from pktstream import protocol as P
 from pktstream._capture import PacketBatch
-from pktstream.exceptions import FrameError
+from pktstream.exceptions import ConfigError, FrameError
 
 log = logging.getLogger("pktstream.sensor")
+
+DEFAULT_SPOOL_BYTES = 1 << 30   # the default spool: 1 GiB, at most half the free disk space
+STATE_DIR_ENV = "PKTSTREAM_STATE_DIR"
+
+
+def state_dir() -> str:
+    """Where pktstream keeps local state by default: ``$PKTSTREAM_STATE_DIR``, else
+    ``/var/lib/pktstream`` for root, else ``$XDG_STATE_HOME/pktstream`` (``~/.local/state``)."""
+    env = os.environ.get(STATE_DIR_ENV)
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/var/lib/pktstream"
+    xdg = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(xdg, "pktstream")
+
+
+def default_spool_dir(sensor_id: str) -> str:
+    """The default spool of a sensor: ``<state dir>/spool/<sensor id>`` (one per sensor id, so
+    two sensors on one host need different ids or spools)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", sensor_id)[:128] or "sensor"
+    if safe in (".", ".."):
+        safe = "_" + safe
+    return os.path.join(state_dir(), "spool", safe)
+
+
+def default_spool_bytes(directory: str) -> int:
+    """1 GiB, or half the free space of the spool's file system if that is less."""
+    probe = directory
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe) or "."
+    free = shutil.disk_usage(probe).free
+    return int(min(DEFAULT_SPOOL_BYTES, free // 2))
 
 
 class CopyPool:
@@ -103,13 +139,74 @@ class FrameStore:
         self.spool_errors = 0
         self.acked_seq = 0
         self._listeners: list = []
+        self._lock_fd: int | None = None
         if spool_dir:
-            os.makedirs(spool_dir, mode=0o700, exist_ok=True)
-            self._load_spool()
+            self._open_spool(spool_dir)
         last = self._entries[-1].seq if self._entries else 0
-        # Sequence numbers keep increasing across restarts without local state: start at the
-        # current time in microseconds (far above any block count a previous run reached).
-        self.next_seq = max(first_seq or time.time_ns() // 1000, last + 1)
+        # Sequence numbers keep increasing across restarts: start at the current time in
+        # microseconds (far above any block count a previous run reached), and, with a spool,
+        # above every number a previous run may have used (its reservation), so a clock that
+        # went back cannot make new blocks look like old ones (Kafka has no resume step).
+        self._reserved = self._read_reservation()
+        self.next_seq = max(first_seq or time.time_ns() // 1000, last + 1, self._reserved + 1)
+        self._reserve()
+
+    _RESERVE = 1 << 20  # sequence numbers reserved (on disk) at a time
+
+    def _read_reservation(self) -> int:
+        if not self.spool_dir:
+            return 0
+        try:
+            with open(os.path.join(self.spool_dir, "seq")) as f:
+                value = int(f.read().strip() or 0)
+            return value if 0 <= value < P.MAX_SEQ // 2 else 0
+        except (OSError, ValueError):
+            return 0
+
+    def _reserve(self) -> None:
+        """Persist that numbers up to next_seq + _RESERVE may be in use (under the lock, or
+        from __init__); written once per million blocks."""
+        if not self.spool_dir or self.next_seq <= self._reserved:
+            return
+        reserved = self.next_seq + self._RESERVE
+        path = os.path.join(self.spool_dir, "seq")
+        try:
+            with open(path + ".tmp", "w") as f:
+                f.write(str(reserved))
+            os.replace(path + ".tmp", path)
+            self._reserved = reserved
+        except OSError as exc:
+            log.warning("spool: cannot record sequence numbers in %s: %s", path, exc)
+            self._reserved = reserved  # do not retry on every block
+
+    def _open_spool(self, spool_dir: str) -> None:
+        """Create (mode 0700) and lock the spool: one sensor process per spool directory."""
+        try:
+            os.makedirs(spool_dir, mode=0o700, exist_ok=True)
+            fd = os.open(os.path.join(spool_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"spool {spool_dir}: {exc.strerror or exc} (give --spool-dir DIR, "
+                              "or --no-spool)") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ConfigError(f"spool {spool_dir} is in use by another sensor on this host (two sensors "
+                              "with the same id?): give each its own --sensor-id or --spool-dir") from None
+        self._lock_fd = fd
+        self._load_spool()
+
+    def close(self) -> None:
+        """Unlock the spool (another FrameStore may use it from now on). Idempotent."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def _spool_path(self, seq: int) -> str:
         return os.path.join(self.spool_dir or "", f"{seq:020d}.frame")
@@ -179,6 +276,8 @@ class FrameStore:
                 self.dropped_packets += packets
                 return None
             self.next_seq = seq + 1
+            if self.next_seq > self._reserved:
+                self._reserve()
         for cb in self._listeners:
             cb()
         return seq
@@ -215,16 +314,28 @@ class FrameStore:
     def after(self, seq: int) -> tuple[int, tuple[bytes, bytes]] | None:
         """The first frame with sequence > seq as (seq, (header, payload)), or None."""
         with self._lock:
-            for e in self._entries:
-                if e.seq > seq:
-                    break
-            else:
+            entries = self._entries
+            if not entries or entries[-1].seq <= seq:
                 return None
+            if entries[0].seq > seq:
+                e = entries[0]
+            else:  # sequence order: bisect (a deque is indexed in O(n/64), fine for a window)
+                lo, hi = 0, len(entries) - 1
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if entries[mid].seq > seq:
+                        hi = mid
+                    else:
+                        lo = mid + 1
+                e = entries[lo]
             data = e.data
             e.sent = True
         if data is None:
-            with open(self._spool_path(e.seq), "rb") as f:
-                raw = f.read()
+            try:
+                with open(self._spool_path(e.seq), "rb") as f:
+                    raw = f.read()
+            except FileNotFoundError:  # acknowledged (and removed) meanwhile: the next one
+                return self.after(e.seq)
             data = (raw[:P.HEADER_LEN], raw[P.HEADER_LEN:])
         return e.seq, data
 
@@ -255,6 +366,11 @@ class FrameStore:
                 e.data = None
                 moved += 1
         return moved
+
+    def spooled_frames(self) -> int:
+        """Unacknowledged frames on disk (kept for the next run)."""
+        with self._lock:
+            return sum(1 for e in self._entries if e.data is None)
 
     def pending(self) -> tuple[int, int]:
         with self._lock:

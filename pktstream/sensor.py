@@ -28,7 +28,8 @@ import pktstream
 from pktstream import protocol as P
 from pktstream._capture import Capture, PacketBatch, list_interfaces
 from pktstream.exceptions import AuthenticationError, ConfigError, FrameError, PcapError
-from pktstream.sendwindow import COPIES, FrameStore, payload_size, release_payload
+from pktstream.sendwindow import (COPIES, FrameStore, default_spool_bytes, default_spool_dir, payload_size,
+                                  release_payload)
 from pktstream.uplink import Link
 
 log = logging.getLogger("pktstream.sensor")
@@ -166,6 +167,9 @@ class _Iface:
     thread: threading.Thread | None = None
     last_stats: dict = field(default_factory=dict)
     error: str | None = None
+    ports: list[int] = field(default_factory=list)
+    past: dict = field(default_factory=dict)  # counters of this interface's earlier (failed) captures
+    failures: int = 0          # captures of this interface that ended in an error
 
     def descriptor(self) -> dict[str, Any]:
         return {"index": self.index, "name": self.name, "link_type": self.link_type,
@@ -186,11 +190,12 @@ class Sensor:
                  ignore_ports: Iterable[int] = (), snaplen: int = 262144, promisc: bool = False,
                  immediate: bool = False, buffer_bytes: int = 32 << 20, block_bytes: int = 1 << 20,
                  max_wait: float = 0.2, ring_blocks: int = 32, compression_level: int = 1,
-                 window_bytes: int = 64 << 20, spool_dir: str | None = None, spool_bytes: int = 0,
+                 window_bytes: int = 64 << 20, spool_dir: str | None = "auto", spool_bytes: int | None = None,
                  sensor_id: str | None = None, auth_key: bytes | str | None = None,
                  ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
                  heartbeat: float = 5.0, stats_interval: float = 5.0, rescan_interval: float = 5.0,
-                 reconnect_min: float = 0.2, reconnect_max: float = 30.0, user: str | None = None,
+                 reconnect_min: float = 0.2, reconnect_max: float = 2.0, refused_backoff_max: float = 30.0,
+                 user: str | None = None,
                  group: str | None = None, transport=None) -> None:
         if pcap_mode not in ("all", "allow", "deny"):
             raise ValueError(f"pcap_mode must be all, allow or deny, not {pcap_mode!r}")
@@ -224,9 +229,18 @@ class Sensor:
         self.stats_interval = stats_interval
         self.rescan_interval = rescan_interval
         self.reconnect_min, self.reconnect_max = reconnect_min, reconnect_max
+        self.refused_backoff_max = refused_backoff_max
         self.user, self.group = user, group
+        # the spool: by default <state dir>/spool/<sensor id>, 1 GiB or half the free space;
+        # None or "" disables it (then only the in-memory window buffers an outage)
+        if spool_dir == "auto":
+            spool_dir = default_spool_dir(self.sensor_id)
+        spool_dir = spool_dir or None
+        if spool_dir and spool_bytes is None:
+            spool_bytes = default_spool_bytes(spool_dir)
         self.spool_dir = spool_dir
-        self.store = FrameStore(window_bytes=window_bytes, spool_dir=spool_dir, spool_bytes=spool_bytes)
+        self.store = FrameStore(window_bytes=window_bytes, spool_dir=spool_dir, spool_bytes=spool_bytes or 0)
+        self.instance = os.urandom(8).hex()  # tells this process's reconnects from another sensor's
         self.max_raw = self.capture_options["block_bytes"]
         self._ifaces: dict[str, _Iface] = {}
         self._lock = threading.Lock()
@@ -241,11 +255,12 @@ class Sensor:
         self.counters = collections.Counter()
         self._control: collections.deque[bytes] = collections.deque()  # control frames to send
         self._drain_timeout = 10.0
-        if transport is not None:
-            self._exclude = transport.exclude()
-        else:
-            self._exclude = [(a, self.receiver[1]) for a in resolve_all(*self.receiver)] or \
-                [(self.receiver[0], self.receiver[1])]
+        self._handshaken = False     # the current connection completed its handshake
+        self._connect_done = False   # the current attempt got a TCP connection
+        self.exit_report: dict[str, Any] | None = None  # set when run() returns: what was left
+        # the receiver's (or brokers') addresses, kept out of every capture filter; resolved
+        # again before each connection (update_exclusions re-installs the filters on a change)
+        self._exclude = self._resolve_exclusions()
         self.store.on_new_frame(self._notify)
 
     # -- interfaces --------------------------------------------------------------------------
@@ -268,42 +283,90 @@ class Sensor:
             out[name] = sorted(set(out.get(name, list(self.capture_ports))) | set(ports))
         return out
 
+    def _filter_for(self, ports: list[int]) -> str:
+        return build_filter(pcap_mode=self.pcap_mode, ports=ports, ignore_ports=self.ignore_ports,
+                            bpf=self.bpf, exclude=self._exclude)
+
     def _open(self, name: str, ports: list[int]) -> None:
-        expr = build_filter(pcap_mode=self.pcap_mode,
-                            ports=ports, ignore_ports=self.ignore_ports, bpf=self.bpf,
-                            exclude=self._exclude)
+        with self._lock:
+            expr = self._filter_for(ports)
         cap = Capture(name, bpf=expr or None, **self.capture_options)
         with self._lock:
             itf = self._ifaces.get(name)
             if itf is None:
                 itf = self._ifaces[name] = _Iface(self._index_for(name), name)
             itf.link_type, itf.snaplen, itf.capture, itf.error = cap.link_type, cap.snaplen, cap, None
+            itf.ports = list(ports)
+            if self._stop.is_set():  # stop() ran meanwhile: it did not see this capture
+                cap.stop()
         log.info("capturing on %s (link type %s, filter %r)", name, cap.link_type_name, expr)
         self._announce(itf)
         itf.thread = threading.Thread(target=self._capture_loop, args=(itf,), name=f"capture-{name}",
                                       daemon=True)
         itf.thread.start()
 
-    def _rescan(self) -> None:
+    def _rescan(self, *, first: bool = False) -> None:
+        """Open every selected interface that is not capturing: new ones, and ones whose
+        capture failed (an interface that went away and came back). At start (``first``) an
+        interface the user named must open; later a failure is retried on the next scan."""
         try:
             wanted = self._selected_interfaces()
         except PcapError as exc:
             log.warning("listing interfaces failed: %s", exc)
             return
         for name, ports in wanted.items():
+            if self._stop.is_set():
+                return
             itf = self._ifaces.get(name)
-            if itf is not None and itf.capture is not None:
+            if itf is not None and (itf.capture is not None or (itf.thread is not None and itf.thread.is_alive())):
                 continue
             try:
                 self._open(name, ports)
             except PcapError as exc:
-                if self.interfaces_wanted:
-                    raise  # an interface the user named must work
-                log.warning("cannot capture on %s: %s", name, exc)
+                if first and self.interfaces_wanted:
+                    raise  # an interface the user named must work at start
+                if itf is None or itf.error != f"cannot reopen: {exc}":
+                    log.warning("cannot capture on %s: %s (retrying)", name, exc)
+                if itf is not None:
+                    itf.error = f"cannot reopen: {exc}"
+            else:
+                if itf is not None and itf.failures:
+                    log.warning("capture on %s resumed", name)
 
     def _rescan_loop(self) -> None:
-        while not self._stop.wait(self.rescan_interval):
-            self._rescan()
+        """New interfaces every ``rescan_interval`` (all-interfaces mode); failed ones every
+        second until they come back."""
+        next_full = time.monotonic() + self.rescan_interval
+        while not self._stop.wait(1.0):
+            failed = any(i.capture is None and i.failures for i in list(self._ifaces.values()))
+            if failed or (not self.interfaces_wanted and time.monotonic() >= next_full):
+                next_full = time.monotonic() + self.rescan_interval
+                self._rescan()
+
+    # -- the receiver's addresses, out of every capture ----------------------------------------
+    def _resolve_exclusions(self) -> list[tuple[str, int]]:
+        if self.transport is not None:
+            return sorted(set(self.transport.exclude()))
+        host, port = self.receiver
+        return [(a, port) for a in resolve_all(host, port)]
+
+    def update_exclusions(self, addresses: Iterable[tuple[str, int]]) -> bool:
+        """Exclude these (address, TCP port) pairs from capture (the sensor's own traffic to its
+        receiver or brokers) and re-install the filter of every running capture if they changed.
+        Returns whether they changed. Thread-safe; used by transports that learn more addresses."""
+        new = sorted(set(addresses))
+        with self._lock:
+            if new == self._exclude:
+                return False
+            self._exclude = new
+            live = [(i, i.capture, self._filter_for(i.ports)) for i in self._ifaces.values() if i.capture is not None]
+        log.info("own traffic to %s excluded from capture", ", ".join(f"{h}:{p}" for h, p in new) or "nothing")
+        for itf, cap, expr in live:
+            try:
+                cap.set_filter(expr or "")
+            except Exception as exc:  # noqa: BLE001 - capture closed meanwhile, or a driver error
+                log.error("cannot update the filter on %s: %s", itf.name, exc)
+        return True
 
     def _capture_loop(self, itf: _Iface) -> None:
         cap = itf.capture
@@ -312,14 +375,18 @@ class Sensor:
         try:
             for batch in cap:
                 self._ship(itf, batch, compressor, cap.ring)
-        except Exception as exc:  # interface vanished, driver error: reported, others go on
+        except Exception as exc:  # interface vanished, driver error: reported, reopened by the rescan
             itf.error = str(exc)
-            log.error("capture on %s stopped: %s", itf.name, exc)
+            itf.failures += 1
+            log.error("capture on %s stopped: %s (reopening when it is back)", itf.name, exc)
         finally:
             # frames still holding blocks of this ring get copies: a ring outlives its capture
             # only as long as someone reads it, not until the receiver acknowledges
             self.store.detach(itf.name)
-            itf.last_stats = cap.stats()
+            final = cap.stats()
+            itf.last_stats = {k: v + itf.past.get(k, 0) for k, v in final.items()}
+            if itf.error is not None:  # a reopened capture counts on from here
+                itf.past = dict(itf.last_stats)
             with self._lock:
                 self.counters["stored_blocks"] += compressor.stored_blocks
                 self.counters["compressed_blocks"] += compressor.compressed_blocks
@@ -376,11 +443,13 @@ class Sensor:
         for itf in items:
             cap = itf.capture
             try:
-                s = cap.stats() if cap is not None else itf.last_stats
+                s = {k: v + itf.past.get(k, 0) for k, v in cap.stats().items()} if cap is not None \
+                    else itf.last_stats
             except Exception:
                 s = itf.last_stats
             ifaces[itf.name] = {"index": itf.index, "link_type": itf.link_type, **s,
-                                "error": itf.error}
+                                "error": itf.error, "capturing": cap is not None,
+                                "failures": itf.failures}
         frames, pending_bytes = self.store.pending()
         return {"sensor_id": self.sensor_id, "connected": self._connected, "interfaces": ifaces,
                 "batches": c.get("batches", 0), "packets": c.get("packets", 0),
@@ -422,18 +491,22 @@ class Sensor:
     def run(self, *, drain_timeout: float = 10.0) -> None:
         """Capture and stream until stop(). Raises on unrecoverable local errors (no interface
         can be opened, a named interface fails), so a supervisor can restart the sensor."""
-        self._rescan()
+        try:
+            self._rescan(first=True)
+        except BaseException:
+            self.stop()
+            self.store.close()
+            raise
         if not self._ifaces:
+            self.store.close()
             raise PcapError("no interface to capture on (none up, or none matches the config)")
         if self.user:
             from pktstream.privileges import chown_for, drop_privileges
             if self.spool_dir:
                 chown_for(self.spool_dir, self.user, self.group)
             drop_privileges(self.user, self.group)
-        rescan = None
-        if not self.interfaces_wanted:
-            rescan = threading.Thread(target=self._rescan_loop, name="rescan", daemon=True)
-            rescan.start()
+        rescan = threading.Thread(target=self._rescan_loop, name="rescan", daemon=True)
+        rescan.start()
         try:
             if self.transport is not None:
                 self.transport.run(self, drain_timeout)
@@ -444,9 +517,15 @@ class Sensor:
             for itf in list(self._ifaces.values()):
                 if itf.thread is not None:
                     itf.thread.join(5)
+            rescan.join(5)
             spilled = self.store.spill()
+            frames, _ = self.store.pending()
+            self.exit_report = {"unacked_frames": frames, "spooled_frames": self.store.spooled_frames(),
+                                "failed_interfaces": sorted(i.name for i in self._ifaces.values()
+                                                            if i.error is not None)}
             if spilled:
                 log.info("spool: %d unacknowledged blocks kept for the next run", spilled)
+            self.store.close()
         if self._fatal is not None:
             raise self._fatal
 
@@ -472,6 +551,32 @@ class Sensor:
             os.replace(tmp, path)
         return index
 
+    # -- what a transport needs (TCP in this module, Kafka in pktstream.kafka) ----------------
+    @property
+    def stopping(self) -> bool:
+        """Whether stop() was called (a transport then drains and returns)."""
+        return self._stop.is_set()
+
+    def capturing(self) -> bool:
+        """Whether any capture thread still runs (more frames may come)."""
+        return self._capturing()
+
+    def interface_by_index(self, index: int) -> dict[str, Any] | None:
+        """The descriptor (index, name, link_type, snaplen, tsresol) of an interface index."""
+        with self._lock:
+            for itf in self._ifaces.values():
+                if itf.index == index:
+                    return itf.descriptor()
+        return None
+
+    def set_connected(self, connected: bool) -> None:
+        """A transport reports whether its destination is reachable (``stats()["connected"]``)."""
+        self._connected = connected
+
+    def wake(self) -> None:
+        """Wake the sender thread (thread-safe)."""
+        self._notify()
+
     # -- sender ------------------------------------------------------------------------------
     def _notify(self) -> None:
         """Wake the sender (a new frame, an ACK, a control frame); one byte per sleep at most."""
@@ -484,42 +589,80 @@ class Sensor:
                 pass
 
     def _sender(self, drain_timeout: float) -> None:
+        """Connect, stream, reconnect: forever until stop(), then until everything is
+        acknowledged or the drain deadline. Back-off: ``reconnect_min`` doubling to
+        ``reconnect_max`` (jittered), back to the minimum after every successful handshake, so a
+        restarted receiver is found within about a second; a receiver that refuses this sensor
+        (key, certificate, identity, not a pktstream receiver) is retried more slowly, up to
+        ``refused_backoff_max``. The back-off holds while draining too (no storm on stop)."""
         self._drain_timeout = drain_timeout
         self._wake_recv, self._wake_send = socket.socketpair()
         self._wake_recv.setblocking(False)
         self._wake_send.setblocking(False)
         delay = self.reconnect_min
+        refused_delay = min(2.0, self.refused_backoff_max)
+        where = "%s:%d" % self.receiver
+        failures, last_log = 0, 0.0
         try:
             while True:
                 if self._stop.is_set():
                     if not self._capturing() and self.store.pending()[0] == 0:
                         break
-                    if time.monotonic() > self._drain_deadline():
+                    if time.monotonic() >= self._drain_deadline():
                         log.warning("stopping with %d unacknowledged frames (receiver unreachable)",
                                     self.store.pending()[0])
                         break
+                self._handshaken = False
+                wait = failure = None
                 try:
                     self._session()
-                    delay = self.reconnect_min
-                except (OSError, FrameError) as exc:  # includes timeouts, resets and TLS errors
-                    self._count("connection_failures")
-                    log.warning("receiver %s:%d: %s; retrying in %.1f s", *self.receiver,
-                                exc or type(exc).__name__, delay)
                 except ConfigError as exc:
-                    log.error("receiver %s:%d: %s", *self.receiver, exc)
+                    log.error("receiver %s: %s", where, exc)
                     self._fatal = exc  # run() raises it: the sensor exits non-zero
                     self.stop()
                     break
                 except AuthenticationError as exc:
                     self._count("auth_failures")
-                    log.error("receiver %s:%d: authentication failed: %s; retrying in %.1f s",
-                              *self.receiver, exc, delay)
+                    wait, refused_delay = refused_delay, min(self.refused_backoff_max, refused_delay * 2)
+                    log.error("receiver %s: %s; retrying in %.0f s", where, exc, wait)
+                except ssl.SSLCertVerificationError as exc:
+                    self._count("connection_failures")
+                    wait, refused_delay = refused_delay, min(self.refused_backoff_max, refused_delay * 2)
+                    log.error("receiver %s: TLS verification failed: %s (a self-signed or private CA "
+                              "certificate needs --tls-ca / tls.cafile); retrying in %.0f s",
+                              where, exc.verify_message or exc, wait)
+                except (OSError, FrameError) as exc:  # includes timeouts, resets and TLS errors
+                    self._count("connection_failures")
+                    if not self._handshaken and not isinstance(exc, (ConnectionRefusedError, socket.timeout,
+                                                                     socket.gaierror)) \
+                            and getattr(self, "_connect_done", False):
+                        # connected, then cut off before the handshake ended: not a pktstream
+                        # receiver, or one that refused us (its log says why)
+                        wait, refused_delay = refused_delay, min(self.refused_backoff_max, refused_delay * 2)
+                        log.error("receiver %s: %s during the handshake: is it a pktstream receiver "
+                                  "(and does it accept this sensor? see its log); retrying in %.0f s",
+                                  where, exc or type(exc).__name__, wait)
+                    else:
+                        failure = str(exc) or type(exc).__name__
                 finally:
                     self._connected = False
+                if self._handshaken:  # a session worked: the next outage starts from the minimum
+                    delay = self.reconnect_min
+                    refused_delay = min(2.0, self.refused_backoff_max)
+                    failures = 0
                 if self._stop.is_set() and self.store.pending()[0] == 0 and not self._capturing():
                     break
-                self._sleep(delay * (0.5 + random.random()))
-                delay = min(self.reconnect_max, delay * 2)
+                if wait is None:
+                    wait = delay * (0.5 + random.random())
+                    delay = min(self.reconnect_max, delay * 2)
+                    if failure is not None:
+                        failures += 1
+                        # the first failure of an outage, then one line a minute (all are counted)
+                        if failures == 1 or time.monotonic() - last_log >= 60:
+                            last_log = time.monotonic()
+                            log.warning("receiver %s: %s; retrying every %.1f s or less (%d attempts so far)",
+                                        where, failure, self.reconnect_max, failures)
+                self._sleep(wait)
         finally:
             wake = (self._wake_recv, self._wake_send)
             self._wake_recv = self._wake_send = None
@@ -536,10 +679,17 @@ class Sensor:
         return (self._stopped_at or time.monotonic()) + self._drain_timeout
 
     def _sleep(self, seconds: float) -> None:
-        """Wait, ended early by stop() (through the wake socket, not an Event: stop() may run
-        in a signal handler on this very thread)."""
+        """Wait ``seconds`` between connection attempts. A stop() that arrives meanwhile ends
+        the wait (one more attempt drains at once); while already stopping the back-off holds,
+        cut short only by the drain deadline. Woken through the wake socket, not an Event:
+        stop() may run in a signal handler on this very thread."""
         end = time.monotonic() + seconds
-        while not self._stop.is_set():
+        stopping = self._stop.is_set()
+        while True:
+            if self._stop.is_set():
+                if not stopping:
+                    return
+                end = min(end, self._drain_deadline())
             left = end - time.monotonic()
             if left <= 0:
                 return
@@ -555,14 +705,20 @@ class Sensor:
 
     def _session(self) -> None:
         host, port = self.receiver
+        self._connect_done = False
+        addresses = resolve_all(host, port)  # again for every connection: the receiver may move
+        if not addresses:
+            raise OSError(f"cannot resolve the receiver's host name {host!r}")
+        self.update_exclusions((a, port) for a in addresses)  # before our own packets flow
         sock = socket.create_connection((host, port), timeout=10)
+        self._connect_done = True
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.ssl_context is not None:
                 sock = self.ssl_context.wrap_socket(sock, server_hostname=self.server_hostname or host)
             link = Link(sock, self._wake_recv)
             last_seq = self._handshake(link)
-            self._connected = True
+            self._handshaken = self._connected = True
             self.store.resume(last_seq)
             log.info("connected to receiver %s:%d (it has everything up to seq %d)", host, port, last_seq)
             self._stream(link, last_seq)
@@ -574,7 +730,7 @@ class Sensor:
         """The next frame, which must be ``ftype``; an ERROR from the receiver raises ``refused``."""
         frame = link.next_frame(15)
         if frame.type == P.FrameType.ERROR:
-            raise refused(f"receiver refused: {frame.json().get('reason')}")
+            raise refused(f"the receiver refused this sensor: {frame.json().get('reason')}")
         if frame.type != ftype:
             raise FrameError(f"expected {ftype.name}, got {frame.type.name}")
         return frame
@@ -587,19 +743,37 @@ class Sensor:
         link.send([P.encode_json(P.FrameType.HELLO, {
             "protocol": P.VERSION, "sensor_id": self.sensor_id, "hostname": self.hostname,
             "software": f"pktstream {pktstream.__version__}", "interfaces": descs,
-            "nonce": nonce.hex(), "max_raw": self.max_raw, "auth": self.auth_key is not None})], 15)
-        body = self._expect(link, P.FrameType.CHALLENGE, FrameError).json()
+            "nonce": nonce.hex(), "max_raw": self.max_raw, "auth": self.auth_key is not None,
+            "instance": self.instance})], 15)
+        body = self._expect(link, P.FrameType.CHALLENGE, AuthenticationError).json()
         rnonce = P.parse_nonce(body.get("nonce"))
         my_proof = ""
+
+        def refuse(reason: str, message: str) -> None:
+            """Tell the receiver why (it logs it) and fail this attempt."""
+            try:
+                link.send([P.encode_json(P.FrameType.ERROR, {"reason": reason})], 5)
+            except OSError:
+                pass
+            raise AuthenticationError(message)
+
+        if self.auth_key is None and body.get("auth"):
+            refuse("the sensor has no key", "the receiver requires a key: give this sensor the same key "
+                   "as the receiver (--auth-key-file FILE or auth.key)")
         if self.auth_key is not None:
+            if not body.get("auth"):
+                refuse("the sensor requires authentication and the receiver has no key",
+                       "the receiver does not check keys (anyone could pose as it): give it the same key "
+                       "(--auth-key-file or auth.key), or remove this sensor's key")
             expected = P.proof(self.auth_key, "receiver", nonce, rnonce, self.sensor_id)
             if not P.check_proof(expected, body.get("proof")):
-                raise AuthenticationError("the receiver did not prove it knows the key")
+                refuse("the keys differ", f"authentication failed: this sensor's key differs from the "
+                       f"receiver's key for sensor id {self.sensor_id!r} (check --auth-key-file on both sides)")
             my_proof = P.proof(self.auth_key, "sensor", rnonce, nonce, self.sensor_id)
         link.send([P.encode_json(P.FrameType.AUTH, {"proof": my_proof})], 15)
         welcome = self._expect(link, P.FrameType.WELCOME, AuthenticationError).json()
         last = welcome.get("last_seq", 0)
-        if not isinstance(last, int) or last < 0:
+        if not isinstance(last, int) or not 0 <= last < P.MAX_SEQ:
             raise FrameError("bad last_seq in WELCOME")
         max_raw = welcome.get("max_raw")
         if isinstance(max_raw, int) and max_raw < self.max_raw:

@@ -37,6 +37,13 @@ def _require_root_and_tools():
         pytest.fail(f"missing tools {missing}: run the README's test command, which installs them")
 
 
+@pytest.fixture(autouse=True)
+def _state_dir(tmp_path_factory, monkeypatch):
+    """Each test's sensors keep their default spool (and other local state) in a directory of
+    their own, not in /var/lib/pktstream: no test sees another's leftovers."""
+    monkeypatch.setenv("PKTSTREAM_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+
+
 @pytest.fixture
 def veth():
     v = Veth()

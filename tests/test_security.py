@@ -66,7 +66,7 @@ def test_tls_verified_and_untrusted_receiver_refused(veth, procs, tmp_path, pki,
     rx.wait_for("listening on")
     # a sensor trusting another CA refuses this receiver
     bad = procs(sensor_cmd(port, veth.outer, "--tls-ca", str(pki / "other-ca.pem")))
-    bad.wait_for("certificate verify failed")
+    bad.wait_for("TLS verification failed")
     bad.stop(signal.SIGTERM)
     # with the right CA: verified TLS, data equals the reference
     sx, ref = stream_and_compare(veth, procs, tmp_path, port, mixed_pcap, "--tls-ca", str(pki / "ca.pem"))
@@ -97,7 +97,7 @@ def test_tls_insecure_must_be_spelled_out(veth, procs, tmp_path, pki, mixed_pcap
                             "--tls-key", str(pki / "rogue.key")))
     rx.wait_for("listening on")
     no_ca = procs(sensor_cmd(port, veth.outer, "--tls"))  # system store does not know the CA
-    no_ca.wait_for("certificate verify failed")
+    no_ca.wait_for("TLS verification failed")
     no_ca.stop(signal.SIGTERM)
     sx, ref = stream_and_compare(veth, procs, tmp_path, port, mixed_pcap, "--tls-insecure")
     assert "verification of the receiver is OFF" in sx.stderr
@@ -136,7 +136,7 @@ def test_mutual_hmac_auth(veth, procs, tmp_path, pki, mixed_pcap):
     rx = procs(receiver_cmd(port, "-w", str(tmp_path / "out.pcap"), "--auth-key-file", str(pki / "key")))
     rx.wait_for("listening on")
     wrong = procs(sensor_cmd(port, veth.outer, "--auth-key-file", str(pki / "wrong-key")))
-    wrong.wait_for("did not prove it knows the key")  # the receiver's proof fails with the wrong key
+    wrong.wait_for("key differs from the receiver's key")  # the receiver's proof fails with the wrong key
     wrong.stop(signal.SIGTERM)
     keyless = procs(sensor_cmd(port, veth.outer))
     keyless.wait_for("authentication failed")
@@ -150,7 +150,7 @@ def test_mutual_hmac_auth(veth, procs, tmp_path, pki, mixed_pcap):
     rx2 = procs(receiver_cmd(port2, "-w", str(tmp_path / "other.pcap")))
     rx2.wait_for("listening on")
     s2 = procs(sensor_cmd(port2, veth.outer, "--auth-key-file", str(pki / "key")))
-    s2.wait_for("did not prove it knows the key")
+    s2.wait_for("the receiver does not check keys")
     s2.stop(signal.SIGTERM)
 
 

@@ -94,7 +94,7 @@ def test_own_stream_is_never_captured(procs, tmp_path, mixed_pcap):
     with Veth() as link:
         port = 9000 + (free_port() % 1000)
         rx = procs(link.in_ns(*PKTSTREAM, "receiver", "--listen", f"{link.inner_ip}:{port}",
-                              "-w", str(tmp_path / "out.pcap"), "--stats-json", str(tmp_path / "rx.json")))
+                              "--allow-unauthenticated", "-w", str(tmp_path / "out.pcap"), "--stats-json", str(tmp_path / "rx.json")))
         rx.wait_for("listening on")
         ref = tmp_path / "ref.pcap"
         td = start_tcpdump(procs, link.outer, ref, f"not (tcp port {port})")

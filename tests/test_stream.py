@@ -147,7 +147,7 @@ def test_beyond_the_bound_loss_is_counted_exactly(veth, procs, tmp_path):
     ref = tmp_path / "ref.pcap"
     td = start_tcpdump(procs, veth.outer, ref)
     sx = procs(sensor_cmd(port, veth.outer, "-s", "1600", "--block-size", "64KiB", "--window", "200KiB",
-                          "--stats-json", str(tmp_path / "sx.json")))
+                          "--no-spool", "--stats-json", str(tmp_path / "sx.json")))
     sx.wait_for("capturing on")
     veth.replay(src, pps=10000)
     time.sleep(0.5)
@@ -182,7 +182,7 @@ def test_network_cut_and_restored(procs, tmp_path):
         traffic.write_random_udp_pcap(str(src), 3000, size=500)
         port = 9000 + os.getpid() % 1000
         rx = procs(rx_link.in_ns(*PKTSTREAM, "receiver", "--listen", f"{rx_link.inner_ip}:{port}",
-                                 "-w", str(tmp_path / "out.pcap"), "--heartbeat", "0.5"))
+                                 "--allow-unauthenticated", "-w", str(tmp_path / "out.pcap"), "--heartbeat", "0.5"))
         rx.wait_for("listening on")
         ref = tmp_path / "ref.pcap"
         td = start_tcpdump(procs, traffic_link.outer, ref)
@@ -272,7 +272,7 @@ def test_slow_output_memory_bounded_and_counted(veth, tmp_path):
     gate_slow = Receiver(listen="127.0.0.1:0", outputs=[CallbackSink(slow)], max_inflight_bytes=256 << 10).start()
     rx.start()
     s1 = Sensor(receiver=f"127.0.0.1:{gate_slow.address[1]}", interfaces=[veth.outer], block_bytes=65536, snaplen=1600,
-                max_wait=0.05, window_bytes=512 << 10, sensor_id="slow").start()
+                max_wait=0.05, window_bytes=512 << 10, sensor_id="slow", spool_dir=None).start()
     s2 = Sensor(receiver=f"127.0.0.1:{rx.address[1]}", interfaces=[veth.outer], block_bytes=65536, snaplen=1600,
                 max_wait=0.05, window_bytes=64 << 20, sensor_id="fast").start()
     try:
@@ -373,7 +373,7 @@ def test_packetstreamer_yaml_configs_work(veth, procs, tmp_path, mixed_pcap):
      "pcapMode: must be all, allow or deny"),
     ("sensor", "output:\n  server:\n    address: 127.0.0.1\n    port: 1\ncapturePorts: [80, 'x']\n",
      "capturePorts[1]: must be a port"),
-    ("sensor", "output:\n  server:\n    address: 127.0.0.1\n    port: 1\nspool:\n  dir: /tmp/x\n", "spool.maxBytes: required"),
+    ("sensor", "output:\n  server:\n    address: 127.0.0.1\n    port: 1\nspool:\n  maxBytes: 0\n", "spool.maxBytes: must be positive"),
 ])
 def test_invalid_config_fails_with_key_path(tmp_path, role, yaml_text, message):
     cfg = tmp_path / "c.yaml"
