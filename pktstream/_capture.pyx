@@ -539,6 +539,7 @@ ctypedef struct CaptureState:
     uint64_t max_packets     # 0 = unlimited
     int stop                 # set by stop() from any thread
     int draining             # stopping: emptying the kernel buffer
+    uint64_t drain_target    # stopping: packets the kernel had retired at stop (seen reaching it ends the drain)
 
 
 cdef inline int _free_count(CaptureState *s) noexcept nogil:
@@ -896,17 +897,18 @@ cdef class Capture:
 
     def set_filter(self, bpf) -> None:
         """Compile and install a BPF filter (a string or a list of words)."""
-        self._check_open()
         cdef bpf_program prog
         expr = " ".join(bpf) if isinstance(bpf, (list, tuple)) else str(bpf)
-        if pcap_compile(self.s.p, &prog, expr.encode(), 1, PCAP_NETMASK_UNKNOWN) != 0:
-            raise FilterError(f"bad BPF filter {expr!r} on {self.device!r}: {_decode(pcap_geterr(self.s.p))}")
-        try:
-            if pcap_setfilter(self.s.p, &prog) != 0:
-                raise FilterError(f"cannot install filter {expr!r} on {self.device!r}: "
-                                  f"{_decode(pcap_geterr(self.s.p))}")
-        finally:
-            pcap_freecode(&prog)
+        with self._lock:  # not while another thread is inside pcap_dispatch on this handle
+            self._check_open()
+            if pcap_compile(self.s.p, &prog, expr.encode(), 1, PCAP_NETMASK_UNKNOWN) != 0:
+                raise FilterError(f"bad BPF filter {expr!r} on {self.device!r}: {_decode(pcap_geterr(self.s.p))}")
+            try:
+                if pcap_setfilter(self.s.p, &prog) != 0:
+                    raise FilterError(f"cannot install filter {expr!r} on {self.device!r}: "
+                                      f"{_decode(pcap_geterr(self.s.p))}")
+            finally:
+                pcap_freecode(&prog)
 
     def stats(self) -> dict:
         """Counters: ``packets``/``bytes`` copied into the ring, libpcap's ``kernel_received``,
@@ -998,7 +1000,9 @@ cdef class Capture:
             if self.eof:
                 return None
             with self._lock:
-                if s.p == NULL:
+                if s.p == NULL:  # closed from another thread: deliver the partly filled block
+                    if s.cur >= 0:
+                        _seal(s)
                     if s.q_len == 0:
                         self.eof = True
                     continue
@@ -1072,12 +1076,17 @@ cdef class Capture:
                             # the kernel hands over a partly filled buffer block only when its
                             # timeout (timeout_ms) expires: wait for that once, then drain
                             memset(&ps, 0, sizeof(ps))
-                            if pcap_stats(s.p, &ps) == 0 and <uint64_t> (ps.ps_recv - ps.ps_drop) > s.seen:
-                                poll(fds, 1, self.timeout_ms if self.timeout_ms > 0 else 100)
+                            s.drain_target = 0
+                            if pcap_stats(s.p, &ps) == 0:
+                                s.drain_target = <uint64_t> (ps.ps_recv - ps.ps_drop)
+                                if s.drain_target > s.seen:
+                                    poll(fds, 1, self.timeout_ms if self.timeout_ms > 0 else 100)
                         # drain in steps (the half-ring breakloop returns batches in between);
-                        # the end is a dispatch that finds nothing
+                        # the end is a dispatch that finds nothing, or (under sustained traffic,
+                        # where none does) having taken every packet the kernel had at stop()
                         prc = pcap_dispatch(s.p, -1, _on_packet, <unsigned char *> s)
                         if prc == 0 or (prc < 0 and prc != PCAP_ERROR_BREAK) or (
+                                s.drain_target and s.seen >= s.drain_target) or (
                                 s.max_packets and s.packets >= s.max_packets):
                             _seal(s)
                             self.eof = True

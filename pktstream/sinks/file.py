@@ -102,6 +102,10 @@ class FileSink(Sink):
             log.info("writing %s", name)
         return out
 
+    def open_paths(self) -> set[str]:
+        """Final names of the files being written now (not the caller's to touch)."""
+        return {w.current_path for w in self._outputs.values() if w.current_path is not None}
+
     def write(self, source: Source, batch: PacketBatch) -> None:
         self._output_for(source, batch).write(batch)
 

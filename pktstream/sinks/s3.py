@@ -138,7 +138,8 @@ class S3Sink(Sink):
     def _adopt_leftovers(self) -> None:
         """Completed files in the staging directory that no writer is writing (a previous run's,
         completed by crash recovery) are queued for upload too."""
-        active = {w.current_path for w in self._files._outputs.values()}
+        with self._files_lock:  # the receiver's thread opens and rotates writers meanwhile
+            active = self._files.open_paths()
         for e in os.scandir(self.staging_dir):
             if e.is_file() and not e.name.endswith((".part", ".tmp")) and e.path not in active:
                 self._adopt(e.path)
@@ -232,6 +233,19 @@ class S3Sink(Sink):
             raise
 
     def _uploader(self) -> None:
+        """The upload thread: it must never die (staging would fill and every sensor stall), so
+        an unexpected error is logged, counted and retried."""
+        while True:
+            try:
+                if self._upload_pass():
+                    return
+            except Exception as exc:  # noqa: BLE001 - a bug or an odd file system: keep uploading
+                self.counters["uploader_errors"] += 1
+                log.error("%s: uploader: %s; retrying in %.0f s", self.name, exc, self.retry_max)
+                self._closing.wait(self.retry_max)
+
+    def _upload_pass(self) -> bool:
+        """Upload what is ready until the sink closes (True) or an error escapes."""
         delay = self.retry_min
         last_log = 0.0
         while True:
@@ -242,7 +256,7 @@ class S3Sink(Sink):
             files = sorted(os.listdir(self.ready_dir))
             if not files:
                 if self._closing.is_set():
-                    return
+                    return True
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue
