@@ -718,6 +718,7 @@ cdef class Capture:
     cdef int timeout_ms
     cdef object _lock
     cdef object _handle_lock
+    cdef object _failure     # an error raised once the batches captured before it are delivered
     cdef object __weakref__
 
     def __cinit__(self):
@@ -997,6 +998,10 @@ cdef class Capture:
         while True:
             if s.q_len > 0:
                 return self._pop()
+            if self._failure is not None:
+                exc, self._failure = self._failure, None
+                self.eof = True
+                raise exc
             if self.eof:
                 return None
             with self._lock:
@@ -1094,8 +1099,12 @@ cdef class Capture:
                 if rc == -100:
                     raise OSError(errno, f"poll on {self.device!r}: {strerror(errno).decode()}")
                 if rc < 0 and rc != PCAP_ERROR_BREAK:
-                    raise PcapError(f"pcap_dispatch on {self.device!r}: {_decode(pcap_geterr(s.p))}",
-                                    code=rc, device=self.device)
+                    # the interface went away (or the driver failed): first deliver what was
+                    # captured before it (sealed blocks and the partly filled one), then raise
+                    self._failure = PcapError(f"pcap_dispatch on {self.device!r}: {_decode(pcap_geterr(s.p))}",
+                                              code=rc, device=self.device)
+                    _seal(s)
+                    continue
             if rc == 2:
                 raise TimeoutError(f"no batch from {self.device!r} within {timeout} s")
             PyErr_CheckSignals()

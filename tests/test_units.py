@@ -37,7 +37,8 @@ def test_unsent_blocks_behind_the_receiver_are_renumbered(tmp_path, spool):
     assert got == [501, 502, 503]
     assert store.put(_frame, 0, 200) == 504
     if spool:
-        assert sorted(os.listdir(tmp_path)) == [f"{s:020d}.frame" for s in (501, 502, 503, 504)]
+        assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".frame")) == \
+            [f"{s:020d}.frame" for s in (501, 502, 503, 504)]
 
 
 def test_sent_blocks_are_acknowledged_not_renumbered():
@@ -55,12 +56,15 @@ def test_truncated_spool_file_is_dropped_and_counted(tmp_path):
     store.put(_frame, 0, 200)
     path = tmp_path / f"{11:020d}.frame"
     path.write_bytes(path.read_bytes()[:-10])  # a power loss cut it short
+    store.close()  # the sensor process ends (its spool lock with it)
     again = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20)
     assert again.pending()[0] == 1 and again.dropped_blocks == 1 and not path.exists()
 
 
 def test_spool_write_error_is_a_counted_drop(tmp_path):
     store = FrameStore(window_bytes=0, spool_dir=str(tmp_path / "gone"), spool_bytes=1 << 20, first_seq=1)
+    for name in os.listdir(tmp_path / "gone"):  # the disk under the spool goes away
+        os.unlink(tmp_path / "gone" / name)
     os.rmdir(tmp_path / "gone")
     assert store.put(_frame, 5, 200) is None
     assert store.spool_errors == 1 and store.dropped_packets == 5
@@ -125,8 +129,9 @@ def test_spill_keeps_in_memory_blocks_for_the_next_run(tmp_path):
     store = FrameStore(window_bytes=1 << 20, spool_dir=str(tmp_path), spool_bytes=1 << 20, first_seq=7)
     for _ in range(3):
         store.put(_frame, 1, 200)
-    assert os.listdir(tmp_path) == []
+    assert [n for n in os.listdir(tmp_path) if n.endswith(".frame")] == []
     assert store.spill() == 3
+    store.close()
     again = FrameStore(window_bytes=1 << 20, spool_dir=str(tmp_path), spool_bytes=1 << 20)
     assert [again.after(s)[0] for s in (0, 7, 8)] == [7, 8, 9]
     assert again.next_seq > 9
@@ -186,6 +191,7 @@ def test_stored_blocks_wait_in_the_ring_until_acknowledged(tmp_path, leave_by):
             return
         assert batch.released and cap.ring.free_blocks == free + 1
         if leave_by != "ack":  # what the next run sends: the same records, read from the spool
+            store.close()
             again = FrameStore(window_bytes=1 << 20, spool_dir=str(spool), spool_bytes=1 << 20)
             assert bytes(again.after(0)[1][1]) == records
 
@@ -289,3 +295,31 @@ def test_copies_out_of_the_ring_reuse_their_buffers(tmp_path):
     assert len(pool._idle[70_000]) == 0
     import pktstream.sendwindow as W
     assert W.payload_size(d) == len(first)
+
+
+def test_spool_is_locked_and_sequence_numbers_never_go_back(tmp_path):
+    """One process per spool; and a restart numbers its blocks above everything the last run
+    may have used, even with a clock that went back (no resume step on Kafka)."""
+    from pktstream.exceptions import ConfigError
+    store = FrameStore(window_bytes=1 << 20, spool_dir=str(tmp_path), spool_bytes=1 << 20, first_seq=10**15)
+    with pytest.raises(ConfigError, match="in use by another sensor"):
+        FrameStore(window_bytes=1 << 20, spool_dir=str(tmp_path), spool_bytes=1 << 20)
+    last = store.put(_frame, 0, 200)
+    store.ack(last)
+    store.close()
+    again = FrameStore(window_bytes=1 << 20, spool_dir=str(tmp_path), spool_bytes=1 << 20)  # clock "behind"
+    assert again.put(_frame, 0, 200) > last
+    again.close()
+
+
+def test_default_spool_place(monkeypatch, tmp_path):
+    from pktstream import sendwindow
+    monkeypatch.setenv("PKTSTREAM_STATE_DIR", str(tmp_path))
+    assert sendwindow.default_spool_dir("web-1") == str(tmp_path / "spool" / "web-1")
+    assert sendwindow.default_spool_dir("a/../b") == str(tmp_path / "spool" / "a_.._b")
+    monkeypatch.delenv("PKTSTREAM_STATE_DIR")
+    expected = "/var/lib/pktstream" if os.geteuid() == 0 else os.path.expanduser("~/.local/state/pktstream")
+    if os.geteuid() != 0:
+        monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    assert sendwindow.state_dir() == expected
+    assert 0 < sendwindow.default_spool_bytes(str(tmp_path / "x" / "y")) <= 1 << 30
