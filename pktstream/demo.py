@@ -140,7 +140,9 @@ def _count_packets(path: str) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="receiver + sensor + real traffic on this machine (needs root)")
+    from pktstream.cli import subparser
+    p = subparser(sub, "demo", help="receiver + sensor + real traffic on this machine (needs root)",
+                  epilog="examples:\n  pktstream demo\n  pktstream demo -w /tmp/demo.pcap --packets 5000")
     p.add_argument("-w", "--write", help="output file (default ./pktstream-demo.pcapng; .pcap also works)")
     p.add_argument("--packets", type=int, default=20000, help="packets to replay (default 20000)")
     p.add_argument("--pps", type=int, default=20000, help="replay rate (default 20000)")
