@@ -301,7 +301,7 @@ examples:
 Every option and YAML key: docs/CONFIGURATION.md"""
 
 SENSOR_EPILOG = """\
-examples (as root, or with CAP_NET_RAW):
+examples (a sensor runs as root, or with CAP_NET_RAW):
   pktstream sensor --receiver 10.0.0.5:8081 --auth-key-file key -i eth0 --sensor-id web-1
   pktstream sensor --receiver 10.0.0.5:8081 --auth-key-file key tcp port 80 or tcp port 443
   pktstream sensor --receiver rx.example.com:8081 --tls --tls-ca ca.pem --auth-key-file key

@@ -356,6 +356,7 @@ def test_forensics_notebook_on_real_capture(veth, servers, procs, tmp_path, mixe
     servers.http(8080)
     servers.dns()
     data = tmp_path / "data"
+    data.mkdir()  # -w and --output-dir need an existing (parent) directory
     pa, pb = free_port(), free_port()
     rx_a = procs(receiver_cmd(pa, "-w", str(data / "merged.pcapng")))
     rx_b = procs(receiver_cmd(pb, "--output-dir", str(data / "by-sensor"), "--format", "pcap.zst"))

@@ -120,8 +120,13 @@ class FileSink(Sink):
         else:
             d = os.path.dirname(os.path.abspath(self.path))
             if "%" not in d:
-                if not os.path.isdir(d):
-                    raise ConfigError(f"cannot write {self.path}: directory {d} does not exist")
+                try:
+                    is_dir = os.path.isdir(d) or os.stat(d) and False
+                except OSError as exc:
+                    why = "does not exist" if isinstance(exc, FileNotFoundError) else (exc.strerror or str(exc)).lower()
+                    raise ConfigError(f"cannot write {self.path}: directory {d} {why}") from None
+                if not is_dir:
+                    raise ConfigError(f"cannot write {self.path}: {d} is not a directory")
                 _check_writable(d, self.path)
             if self.in_place and os.path.exists(self.path):
                 raise ConfigError(f"{self.path} exists and pktstream never overwrites a capture: remove "
