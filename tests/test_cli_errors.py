@@ -254,3 +254,61 @@ def test_tls_verification_failure_log_line_says_what_to_do():
                               ("rx", ConnectionRefusedError(111, "Connection refused")), None)
     _TLSHint().filter(other)
     assert "tls" not in other.getMessage()
+
+
+def test_readme_embedded_receiver_snippet_as_written_leaves_a_complete_file_on_ctrl_c(tmp_path):
+    """The README's "Embed a receiver in Python" code, run as written (only the port changed),
+    fed by a real sensor on lo, then Ctrl-C (SIGINT): capture.pcapng.zst is complete, no .part."""
+    import re
+    import signal
+    from pathlib import Path
+    from conftest import Proc
+    from pktstream.sensor import Sensor
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    code = re.search(r"### Embed a receiver in Python\n\n```python\n(.*?)```", readme, re.S).group(1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert 'listen="0.0.0.0:8081"' in code
+    (tmp_path / "snippet.py").write_text(code.replace('listen="0.0.0.0:8081"', f'listen="127.0.0.1:{port}"'))
+    (tmp_path / "key").write_text("k" * 32 + "\n")
+    rx = Proc([sys.executable, "-u", str(tmp_path / "snippet.py")], stdout=subprocess.PIPE, cwd=tmp_path)
+    sensor = Sensor(receiver=f"127.0.0.1:{port}", interfaces=["lo"], bpf="udp port 9",
+                    auth_key="k" * 32, sensor_id="readme", max_wait=0.05)
+    sensor.start()
+    import threading
+    got = threading.Event()
+
+    def traffic() -> None:  # until the snippet has printed a batch
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            while not got.wait(0.02):
+                u.sendto(b"x" * 100, ("127.0.0.1", 9))
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    try:
+        line = rx.p.stdout.readline()  # the snippet prints one line per batch
+        assert line, rx.err
+    finally:
+        got.set()
+        t.join()
+        sensor.stop()
+        sensor.join()
+    assert line.startswith(b"readme lo ")
+    rx.p.send_signal(signal.SIGINT)
+    assert rx.p.wait(60) == 0, rx.err
+    rx.p.stdout.close()
+    assert "Traceback" not in "".join(rx.err)
+    assert sorted(os.listdir(tmp_path)) == ["capture.pcapng.zst", "key", "snippet.py"]
+    assert sum(len(b) for b in pktstream.read(str(tmp_path / "capture.pcapng.zst"))) >= 1
+
+
+def test_demo_leaves_no_work_directory(tmp_path):
+    """`./run demo` used to leave /tmp/pktstream-demo-*/ (6.6 MB) behind on every run."""
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    r = subprocess.run([*PKTSTREAM, "demo", "-w", str(tmp_path / "demo.pcapng"), "--packets", "500",
+                        "--pps", "5000", "--requests", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "result: OK" in r.stdout, r.stdout + r.stderr
+    assert os.listdir(tmp_path / "tmp") == []
+    assert (tmp_path / "demo.pcapng").exists()
