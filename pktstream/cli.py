@@ -1,4 +1,4 @@
-"""Command line: ``pktstream capture|sensor|receiver|info|read|convert|merge|demo``."""
+"""Command line: pktstream capture|sensor|receiver|info|read|convert|merge|demo."""
 from __future__ import annotations
 
 import argparse
@@ -91,26 +91,69 @@ def cmd_capture(args: argparse.Namespace) -> int:
     return 0
 
 
+_DESCRIPTION = """\
+Capture network traffic with libpcap, stream it from sensors to a receiver, read and write
+pcap/pcapng/.zst capture files. 'pktstream COMMAND --help' shows a command's options and examples."""
+
+_EPILOG = """\
+examples:
+  pktstream capture -i eth0 -w out.pcap -c 1000 tcp port 80
+  pktstream receiver --listen 0.0.0.0:8081 --auth-key-file key -w capture.pcapng --status
+  pktstream sensor --receiver 10.0.0.5:8081 --auth-key-file key -i eth0 --sensor-id web-1
+  pktstream info capture.pcapng
+  pktstream read capture.pcapng -c 10 tcp
+
+documentation: README.md and docs/ (CONFIGURATION.md lists every option and YAML key)"""
+
+CAPTURE_EPILOG = """\
+examples:
+  pktstream capture -D                                  # list interfaces
+  pktstream capture -i eth0 -w out.pcap -c 1000 tcp port 80
+  pktstream capture -i eth0 -w - udp port 53 | tshark -r -
+  pktstream capture -i any --duration 10                # print one line per packet for 10 s"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks; shows "(default: X)" where an option has a default
+    its help text does not already give."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" not in text and action.default not in (None, False, argparse.SUPPRESS, [])
+                and action.option_strings and action.nargs != 0):
+            text += f" (default: {action.default})"
+        return text
+
+
+def subparser(sub: argparse._SubParsersAction, name: str, *, help: str, epilog: str | None = None,
+              **kw) -> argparse.ArgumentParser:
+    """A subcommand parser with pktstream's help layout (description = help, examples epilog)."""
+    return sub.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".",
+                          epilog=epilog, formatter_class=HelpFormatter, **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pktstream", description=__doc__,
+    parser = argparse.ArgumentParser(prog="pktstream", description=_DESCRIPTION, epilog=_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=_version_text())
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("capture", help="capture locally into a pcap file (like tcpdump -w)")
+    p = subparser(sub, "capture", help="capture locally into a pcap file (like tcpdump -w)",
+                  epilog=CAPTURE_EPILOG)
     p.add_argument("-i", "--interface", help="interface to capture on")
     p.add_argument("-D", "--list-interfaces", action="store_true", help="list interfaces and exit")
     p.add_argument("-w", "--write", metavar="FILE", help="pcap file to write ('-' for stdout)")
-    p.add_argument("-c", "--count", type=int, default=0, help="stop after COUNT packets")
+    p.add_argument("-c", "--count", type=int, default=0, help="stop after COUNT packets (0: no limit)")
     p.add_argument("-s", "--snaplen", type=int, default=262144, help="bytes kept per packet")
     p.add_argument("-B", "--buffer-size", type=int, default=32768, help="kernel buffer in KiB")
     p.add_argument("-p", "--no-promisc", action="store_true", help="do not use promiscuous mode")
-    p.add_argument("-Q", "--direction", choices=("in", "out", "inout"), default="inout")
+    p.add_argument("-Q", "--direction", choices=("in", "out", "inout"), default="inout",
+                   help="capture packets received (in), sent (out) or both (inout, the default)")
     p.add_argument("--immediate", action="store_true", help="libpcap immediate mode")
     p.add_argument("--max-wait", type=float, default=0.2, help="seal a batch after SEC (default 0.2)")
     p.add_argument("--duration", type=float, help="stop after SEC seconds")
-    p.add_argument("bpf", nargs="*", help="BPF filter expression")
+    p.add_argument("bpf", nargs="*", help="BPF filter expression (the last words, as tcpdump takes them)")
     p.set_defaults(func=cmd_capture)
 
     _add_optional_commands(sub)
@@ -124,6 +167,18 @@ def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
         mod.register(sub)
 
 
+def error_line(exc: BaseException) -> str:
+    """One line for an error: OSError's errno tuple and socket errors made readable."""
+    import socket
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve host ({exc.strerror or exc})"
+    if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, pktstream.PktstreamError):
+        where = exc.filename if exc.filename is not None else None
+        return f"{where}: {exc.strerror}" if where else exc.strerror[:1].lower() + exc.strerror[1:]
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -131,19 +186,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     import logging
+    import warnings
+
+    def one_line(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"pktstream {args.command}: warning: {message}", file=sys.stderr)
+    warnings.showwarning = one_line  # no source path and code line from library warnings
     logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose
                         else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except pktstream.PktstreamError as exc:
-        print(f"pktstream {args.command}: {exc}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-        print(f"pktstream {args.command}: {exc}", file=sys.stderr)
-        return 1
     except BrokenPipeError:
         return 0
+    except KeyboardInterrupt:
+        return 130
+    except (pktstream.PktstreamError, OSError, ValueError, OverflowError) as exc:
+        # bad input or an environment problem: one line (-vv shows the traceback)
+        if args.verbose > 1:
+            raise
+        print(f"pktstream {args.command}: {error_line(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -70,7 +70,8 @@ def _guard(func):
         except (ValueError, OSError) as exc:
             if isinstance(exc, BrokenPipeError):
                 return 0
-            print(f"pktstream {args.command}: {exc}", file=sys.stderr)
+            from pktstream.cli import error_line
+            print(f"pktstream {args.command}: {error_line(exc)}", file=sys.stderr)
             return 1
     return run
 
@@ -198,7 +199,11 @@ def cmd_read(args: argparse.Namespace) -> int:
     left = args.count or -1
     expr = _bpf(args.bpf)
     out = sys.stdout
-    with open_reader(_source(args.file)) as r:
+    import warnings
+    from pktstream.exceptions import PcapWarning
+    shown = 0
+    with warnings.catch_warnings(record=True) as caught, open_reader(_source(args.file)) as r:
+        warnings.simplefilter("always", PcapWarning)
         for batch in r:
             if expr:
                 batch = filter_batch(batch, expr)
@@ -209,11 +214,14 @@ def cmd_read(args: argparse.Namespace) -> int:
                 break
             if len(batch):
                 out.write("\n".join(_lines(batch)) + "\n")
+                shown += len(batch)
                 if left >= 0:
                     left -= len(batch)
             if left == 0:
                 break
     out.flush()
+    for w in caught:  # one clean line each, after the packets (not Python's source-line format)
+        print(f"pktstream read: warning: {w.message}; read {shown} packets", file=sys.stderr)
     return 0
 
 
@@ -297,19 +305,24 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="summary of a capture file (like capinfos)")
+    from pktstream.cli import subparser
+    p = subparser(sub, "info", help="summary of a capture file (like capinfos)",
+                  epilog="examples:\n  pktstream info capture.pcapng\n  pktstream info --json cap.pcapng.zst | jq .packets")
     p.add_argument("file", help="pcap, pcapng, .zst or .gz file ('-' for stdin)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("read", help="print one line per packet (like tcpdump -r)")
-    p.add_argument("file")
+    p = subparser(sub, "read", help="print one line per packet (like tcpdump -r)",
+                  epilog="examples:\n  pktstream read capture.pcapng -c 10\n  pktstream read cap.pcap.zst tcp port 443")
+    p.add_argument("file", help="pcap, pcapng, .zst or .gz file ('-' for stdin)")
     p.add_argument("-c", "--count", type=int, default=0, help="stop after COUNT packets")
-    p.add_argument("bpf", nargs=argparse.REMAINDER, help="BPF filter expression")
+    p.add_argument("bpf", nargs=argparse.REMAINDER, help="BPF filter expression (the last words)")
     p.set_defaults(func=cmd_read)
 
-    p = sub.add_parser("convert", help="convert between pcap, pcapng and .zst (format from OUT's extension)")
-    p.add_argument("input")
+    p = subparser(sub, "convert", help="convert between pcap, pcapng and .zst (format from OUT's extension)",
+                  epilog="examples:\n  pktstream convert capture.pcapng capture.pcap\n"
+                         "  pktstream convert big.pcapng dns.pcapng.zst udp port 53")
+    p.add_argument("input", help="capture file to read ('-' for stdin)")
     p.add_argument("output", help="output file ('-' for stdout)")
     p.add_argument("-F", "--format", choices=("pcap", "pcapng", "pcap.zst", "pcapng.zst"),
                    help="output format (default: from OUT's extension)")
@@ -317,9 +330,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("bpf", nargs="*", help="only packets matching this BPF filter")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("merge", help="merge capture files chronologically (like mergecap)")
-    p.add_argument("output")
-    p.add_argument("inputs", nargs="+")
-    p.add_argument("-F", "--format", choices=("pcap", "pcapng", "pcap.zst", "pcapng.zst"))
+    p = subparser(sub, "merge", help="merge capture files chronologically (like mergecap)",
+                  epilog="examples:\n  pktstream merge all.pcapng by-sensor/*.pcap.zst")
+    p.add_argument("output", help="file to write ('-' for stdout); format from its extension")
+    p.add_argument("inputs", nargs="+", help="capture files to merge")
+    p.add_argument("-F", "--format", choices=("pcap", "pcapng", "pcap.zst", "pcapng.zst"),
+                   help="output format (default: from OUTPUT's extension)")
     p.add_argument("--micro", action="store_true", help="pcap: microsecond timestamps")
     p.set_defaults(func=cmd_merge)

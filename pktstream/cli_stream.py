@@ -26,6 +26,50 @@ def _read_secret(path: str) -> str:
     return key
 
 
+def check_listen(text: str, what: str = "--listen") -> None:
+    """Fail now, in one line, if the receiver could not listen on ``text`` (bad port, a host
+    that does not resolve, an address in use or not on this machine)."""
+    import errno
+    import socket
+    from pktstream.sensor import parse_hostport
+    try:
+        host, port = parse_hostport(text)
+    except ValueError:
+        raise ConfigError(f"{what} {text!r}: expected HOST:PORT, e.g. 0.0.0.0:8081") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{what} {text}: port {port} is not 0-65535")
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"{what} {text}: cannot resolve host {host!r} ({exc.strerror})") from None
+    fam, kind, proto, _, addr = infos[0]
+    with socket.socket(fam, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's server does
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            hint = {errno.EADDRINUSE: " (another program listens there: stop it or choose another port)",
+                    errno.EADDRNOTAVAIL: f" ({host} is not an address of this machine)",
+                    errno.EACCES: " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"}.get(exc.errno, "")
+            raise ConfigError(f"cannot listen on {text}: {(exc.strerror or str(exc)).lower()}{hint}") from None
+
+
+def check_receiver_host(text: str) -> None:
+    """A sensor's receiver must resolve (its addresses are excluded from the capture filter)."""
+    import socket
+    from pktstream.sensor import parse_hostport
+    try:
+        host, port = parse_hostport(text)
+    except ValueError:
+        raise ConfigError(f"--receiver {text!r}: expected HOST:PORT, e.g. 10.0.0.5:8081") from None
+    if not 0 < port <= 65535:
+        raise ConfigError(f"--receiver {text}: port {port} is not 1-65535")
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot resolve receiver host {host!r} ({exc.strerror})") from None
+
+
 def _setup_log_file(path: str | None) -> None:
     if path:
         h = logging.FileHandler(path)
@@ -70,6 +114,10 @@ def build_receiver(args: argparse.Namespace):
     if not (s.output_file or s.output_dir or s.stdout or cloud.has_cloud_output(s)):
         raise ConfigError("no output: give -w FILE, -w - (stdout), -w s3://BUCKET/PREFIX, -w kafka://HOST:PORT/TOPIC, "
                           "--output-dir DIR or output.file.path")
+    if s.listen and not (s.kafka_input and not args.listen):
+        check_listen(s.listen)
+    if s.metrics:
+        check_listen(s.metrics, "--metrics")
     _setup_log_file(s.log_file)
     outputs = []
     rot = dict(rotate_bytes=s.rotate_bytes, rotate_seconds=s.rotate_seconds, max_files=s.max_files,
@@ -108,8 +156,10 @@ def build_sensor(args: argparse.Namespace):
         s.receiver = args.receiver
     if args.interface:
         s.interfaces = args.interface
-    if args.bpf:
-        s.bpf = " ".join(args.bpf)
+    if args.bpf_option and args.bpf:
+        raise ConfigError("give the BPF filter once: --bpf EXPR or as the last words, not both")
+    if args.bpf or args.bpf_option:
+        s.bpf = args.bpf_option or " ".join(args.bpf)
     for attr in ("pcap_mode", "snaplen", "buffer_bytes", "block_bytes", "max_wait", "compression_level",
                  "window_bytes", "spool_dir", "spool_bytes", "sensor_id", "log_file", "heartbeat",
                  "user", "group"):
@@ -140,6 +190,8 @@ def build_sensor(args: argparse.Namespace):
                           "output.server.address/port or output.plugins.kafka")
     if args.no_spool:
         s.spool_dir = s.spool_bytes = None
+    if transport is None:
+        check_receiver_host(s.receiver)
     _setup_log_file(s.log_file)
     ctx = None
     if s.tls.enable:
@@ -182,11 +234,37 @@ def cmd_receiver(args: argparse.Namespace) -> int:
     return 0
 
 
+class _TLSHint(logging.Filter):
+    """Adds what to do to a log line about a receiver certificate the sensor does not trust
+    (PacketStreamer used self-signed certificates without verification)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import ssl
+        args = record.args if isinstance(record.args, tuple) else ()
+        exc = next((a for a in args if isinstance(a, ssl.SSLCertVerificationError)), None)
+        if exc is not None and not getattr(record, "_tls_hint", False):
+            record._tls_hint = True
+            reason = str(getattr(exc, "verify_message", "") or exc)
+            if "mismatch" in reason:
+                hint = ("the certificate does not name the address you connect to: use that name in "
+                        "--receiver or give it with --tls-server-name (tls.serverName)")
+            else:
+                hint = ("the receiver's certificate is not trusted: give the CA that signed it, or a "
+                        "self-signed certificate itself, with --tls-ca PEM (tls.cafile); see docs/SECURITY.md")
+            record.msg = f"{record.msg} -- {hint}"
+        return True
+
+
 def cmd_sensor(args: argparse.Namespace) -> int:
+    hint = _TLSHint()
+    for h in logging.getLogger().handlers:
+        h.addFilter(hint)
+    logging.getLogger("pktstream").setLevel(logging.INFO if args.verbose == 0 else logging.DEBUG)
     sensor = build_sensor(args)
+    for h in logging.getLogger().handlers:  # --log-file added one
+        h.addFilter(hint)
     stats_file = open(args.stats_json, "w") if args.stats_json else None  # before dropping root
     _on_signals(sensor.stop)
-    logging.getLogger("pktstream").setLevel(logging.INFO if args.verbose == 0 else logging.DEBUG)
     sensor.run()
     st = sensor.stats()
     report = sensor.exit_report or {}
@@ -212,31 +290,56 @@ def cmd_sensor(args: argparse.Namespace) -> int:
     return status
 
 
+RECEIVER_EPILOG = """\
+examples:
+  head -c 32 /dev/urandom | base64 > key
+  pktstream receiver --listen 0.0.0.0:8081 --auth-key-file key -w capture.pcapng --status
+  pktstream receiver --listen 0.0.0.0:8081 --auth-key-file key --output-dir caps -G 3600 -W 48
+  pktstream receiver --listen 127.0.0.1:8081 --auth-key-file key -w - | tshark -r -
+  pktstream receiver --config receiver.yaml          # PacketStreamer's YAML works as is
+
+Every option and YAML key: docs/CONFIGURATION.md"""
+
+SENSOR_EPILOG = """\
+examples (a sensor runs as root, or with CAP_NET_RAW):
+  pktstream sensor --receiver 10.0.0.5:8081 --auth-key-file key -i eth0 --sensor-id web-1
+  pktstream sensor --receiver 10.0.0.5:8081 --auth-key-file key tcp port 80 or tcp port 443
+  pktstream sensor --receiver rx.example.com:8081 --tls --tls-ca ca.pem --auth-key-file key
+  pktstream sensor --config sensor.yaml              # PacketStreamer's YAML works as is
+
+The BPF filter is the last words (like tcpdump), or --bpf 'EXPR'. Every option and YAML key:
+docs/CONFIGURATION.md"""
+
+
 def register(sub) -> None:
-    r = sub.add_parser("receiver", help="receive streams from sensors and write them out")
-    r.add_argument("--config", help="YAML config (PacketStreamer receiver format accepted)")
+    from pktstream.cli import subparser
+    r = subparser(sub, "receiver", help="receive streams from sensors and write them out", epilog=RECEIVER_EPILOG)
+    r.add_argument("--config", metavar="FILE", help="YAML config (PacketStreamer's format accepted); flags override it")
     r.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 0.0.0.0:8081)")
-    r.add_argument("-w", "--write", metavar="FILE", help="merged output file (.pcap/.pcapng/...); '-' = stdout; "
-                   "s3://BUCKET/PREFIX; kafka://HOST:PORT/TOPIC")
+    r.add_argument("-w", "--write", metavar="FILE", help="merged output file: .pcap, .pcapng, .pcap.zst, .pcapng.zst "
+                   "(a name without one of these is written as pcap under exactly that name); '-' = pcap to "
+                   "stdout; s3://BUCKET/PREFIX; kafka://HOST:PORT/TOPIC")
     cloud.add_receiver_args(r)
-    r.add_argument("--output-dir", metavar="DIR", help="one file per sensor in DIR")
-    r.add_argument("--format", default="pcapng", help="per-sensor file format (default pcapng)")
+    r.add_argument("--output-dir", metavar="DIR", help="one file per sensor in DIR (created if its parent exists)")
+    r.add_argument("--format", default="pcapng", choices=("pcap", "pcapng", "pcap.zst", "pcapng.zst"),
+                   help="format of the --output-dir files (default pcapng)")
     r.add_argument("--state-dir", metavar="DIR", help="persist last sequence per sensor (exact restarts)")
-    r.add_argument("-C", "--rotate-bytes", type=_size, metavar="SIZE", help="rotate files past SIZE")
-    r.add_argument("-G", "--rotate-seconds", type=float, metavar="SEC", help="rotate files every SEC")
-    r.add_argument("-W", "--max-files", type=int, metavar="N", help="keep only the newest N files")
+    r.add_argument("-C", "--rotate-bytes", type=_size, metavar="SIZE", help="rotate files past SIZE, e.g. 100MB (default: off)")
+    r.add_argument("-G", "--rotate-seconds", type=float, metavar="SEC", help="rotate files every SEC (default: off)")
+    r.add_argument("-W", "--max-files", type=int, metavar="N", help="keep only the newest N files (default: all)")
     r.add_argument("--fsync", action="store_true", help="fsync outputs and state before acknowledging")
-    r.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics here")
+    r.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics here (default: off)")
     r.add_argument("--stats-interval", type=float, metavar="SEC", help="log counters every SEC (default 60)")
     r.add_argument("--stats-json", metavar="FILE", help="write final counters as JSON at exit")
     r.add_argument("--status", action="store_true",
                    help="live status on the terminal: one line per sensor (rates, drops), redrawn every second")
-    r.add_argument("--max-connections", type=int)
+    r.add_argument("--max-connections", type=int, metavar="N",
+                   help="connections beyond N are closed at once and counted (default 256)")
     r.add_argument("--heartbeat", type=float, metavar="SEC", help="heartbeat interval (default 5); idle timeout is 3x+1")
     r.add_argument("--auth-key-file", metavar="FILE", help="shared key (read from FILE, not the command line)")
     r.add_argument("--auth-keys", metavar="FILE", help="per-sensor keys: YAML 'sensor-id: key' lines")
-    r.add_argument("--tls-cert", metavar="PEM")
-    r.add_argument("--tls-key", metavar="PEM")
+    r.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (chain) (default: no TLS)")
+    r.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     r.add_argument("--tls-ca", metavar="PEM", help="CA for client certificates")
     r.add_argument("--tls-client-certs", action="store_true", help="require client certificates (mTLS)")
     r.add_argument("--allow-unauthenticated", action="store_true",
@@ -244,26 +347,29 @@ def register(sub) -> None:
                    "reach the port can write into the outputs)")
     r.add_argument("--tls-identity-from-cert", action="store_true",
                    help="mTLS: a sensor's id must be the CN or a SAN of its certificate")
-    r.add_argument("--log-file", metavar="FILE")
+    r.add_argument("--log-file", metavar="FILE", help="also log to FILE")
     r.set_defaults(func=cmd_receiver)
 
-    s = sub.add_parser("sensor", help="capture on interfaces and stream to a receiver")
-    s.add_argument("--config", help="YAML config (PacketStreamer sensor format accepted)")
-    s.add_argument("-i", "--interface", action="append", help="interface (repeat; default: all up)")
-    s.add_argument("--receiver", metavar="HOST:PORT")
+    s = subparser(sub, "sensor", help="capture on interfaces and stream to a receiver", epilog=SENSOR_EPILOG)
+    s.add_argument("--config", metavar="FILE", help="YAML config (PacketStreamer's format accepted); flags override it")
+    s.add_argument("-i", "--interface", action="append", help="interface (repeat; default: all up, and new ones as they appear)")
+    s.add_argument("--receiver", metavar="HOST:PORT", help="the receiver to stream to, e.g. 10.0.0.5:8081 "
+                   "(required unless --output or --config gives one)")
     cloud.add_sensor_args(s)
     s.add_argument("--include-loopback", action="store_true", help="also capture on loopback (all-interfaces mode)")
-    s.add_argument("--pcap-mode", choices=("all", "allow", "deny"))
+    s.add_argument("--pcap-mode", choices=("all", "allow", "deny"),
+                   help="all: every port (default); allow: only --capture-ports; deny: all but --capture-ports")
     s.add_argument("--capture-ports", metavar="P,P,..", help="ports for pcap mode allow/deny")
     s.add_argument("--ignore-ports", metavar="P,P,..", help="ports never captured")
-    s.add_argument("-s", "--snaplen", type=int)
-    s.add_argument("--promisc", action="store_true")
-    s.add_argument("--immediate", action="store_true")
-    s.add_argument("--buffer-size", dest="buffer_bytes", type=_size, metavar="SIZE", help="kernel buffer (32MiB)")
-    s.add_argument("--block-size", dest="block_bytes", type=_size, metavar="SIZE", help="block size (1MiB)")
-    s.add_argument("--max-wait", type=float, metavar="SEC", help="seal a partial block after SEC (0.2)")
+    s.add_argument("-s", "--snaplen", type=int, metavar="BYTES", help="bytes kept per packet (default 262144)")
+    s.add_argument("--promisc", action="store_true", help="promiscuous mode (default: off)")
+    s.add_argument("--immediate", action="store_true", help="libpcap immediate mode (default: off)")
+    s.add_argument("--buffer-size", dest="buffer_bytes", type=_size, metavar="SIZE", help="kernel buffer (default 32MiB)")
+    s.add_argument("--block-size", dest="block_bytes", type=_size, metavar="SIZE", help="block size (default 1MiB)")
+    s.add_argument("--max-wait", type=float, metavar="SEC", help="seal a partial block after SEC (default 0.2)")
     s.add_argument("--level", dest="compression_level", type=int, help="zstd level (default 1, adaptive)")
-    s.add_argument("--window", dest="window_bytes", type=_size, metavar="SIZE", help="unacked bytes in memory")
+    s.add_argument("--window", dest="window_bytes", type=_size, metavar="SIZE",
+                   help="unacknowledged bytes kept in memory (default 64MiB)")
     s.add_argument("--spool-dir", metavar="DIR", help="spool frames here when the window is full (default "
                    "/var/lib/pktstream/spool/SENSOR-ID as root, ~/.local/state/pktstream/spool/SENSOR-ID "
                    "otherwise, or $PKTSTREAM_STATE_DIR/spool/SENSOR-ID)")
@@ -275,9 +381,9 @@ def register(sub) -> None:
     s.add_argument("--sensor-id", help="stable id of this sensor (default: host name)")
     s.add_argument("--auth-key-file", metavar="FILE", help="shared key (read from FILE)")
     s.add_argument("--tls", action="store_true", help="connect with TLS (verifying the receiver)")
-    s.add_argument("--tls-ca", metavar="PEM", help="CA to verify the receiver with")
+    s.add_argument("--tls-ca", metavar="PEM", help="CA to verify the receiver with (a self-signed certificate: itself)")
     s.add_argument("--tls-cert", metavar="PEM", help="client certificate (mTLS)")
-    s.add_argument("--tls-key", metavar="PEM")
+    s.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     s.add_argument("--tls-server-name", metavar="NAME", help="name to verify in the receiver's certificate")
     s.add_argument("--tls-insecure", action="store_true", help="do NOT verify the receiver (warned)")
     s.add_argument("--heartbeat", type=float, metavar="SEC", help="heartbeat interval (default 5); a receiver "
@@ -288,6 +394,8 @@ def register(sub) -> None:
                    "CAP_NET_RAW/CAP_NET_ADMIN")
     s.add_argument("--group", help="group for --user (default: the user's group)")
     s.add_argument("--stats-json", metavar="FILE", help="write final counters as JSON at exit")
-    s.add_argument("--log-file", metavar="FILE")
-    s.add_argument("bpf", nargs="*", help="BPF filter expression")
+    s.add_argument("--log-file", metavar="FILE", help="also log to FILE")
+    s.add_argument("--bpf", dest="bpf_option", metavar="EXPR",
+                   help="BPF filter (as one argument; or give it as the last words)")
+    s.add_argument("bpf", nargs="*", help="BPF filter expression, e.g. tcp port 80 (as tcpdump takes it)")
     s.set_defaults(func=cmd_sensor)

@@ -288,11 +288,13 @@ def receiver_settings(data: Any) -> ReceiverSettings:
     rot.finish()
     s.fsync = out.get("fsync", "bool", False)
     srv = out.child("server")
-    if srv.data:
-        raise ConfigError("output.server: a receiver cannot forward to another receiver "
-                          "(PacketStreamer writes unframed data there); use output.file")
-    srv.finish()
     _plugins(out.child("plugins"), s, "receiver")
+    ignored = []
+    if srv.data:
+        if not (s.output_file or s.output_dir or s.stdout or s.kafka or s.s3):
+            raise ConfigError("output.server: a receiver cannot forward to another receiver "
+                              "(PacketStreamer writes unframed data there); use output.file")
+        ignored.append("output.server")  # a file shared with the sensors: their receiver address
     out.finish()
     if s.output_file and s.output_dir:
         raise ConfigError("output: file.path and directory are exclusive")
@@ -318,8 +320,27 @@ def receiver_settings(data: Any) -> ReceiverSettings:
     s.allow_unauthenticated = root.get("allowUnauthenticated", "bool", not root.has("auth"))
     for k, v in _common(root).items():
         setattr(s, k, v)
+    _ignore_other_role(root, SENSOR_KEYS, ignored, "receiver", "sensor")
     root.finish()
     return s
+
+
+#: Top-level keys only a sensor reads (PacketStreamer's and pktstream's); a receiver reading a
+#: file shared by both roles (as upstream documents it) ignores them, with one info line.
+SENSOR_KEYS = ("pcapMode", "capturePorts", "captureInterfacesPorts", "ignorePorts", "gatherMaxWaitSec",
+               "interfaces", "includeLoopback", "bpf", "promisc", "immediateMode", "bufferSize",
+               "blockSize", "maxWait", "compressionLevel", "windowSize", "spool", "sensorId", "user", "group")
+#: Top-level keys only a receiver reads.
+RECEIVER_KEYS = ("input", "stateDir", "maxConnections", "connectionRate", "handshakeTimeout", "metrics")
+
+
+def _ignore_other_role(root: _Node, keys: tuple[str, ...], ignored: list[str], role: str, other: str) -> None:
+    ignored += [k for k in keys if k in root.data]
+    root.used.update(keys)
+    if ignored:
+        import logging
+        logging.getLogger("pktstream").info("config: ignoring %s key%s %s (this is a %s)", other,
+                                            "s" if len(ignored) > 1 else "", ", ".join(ignored), role)
 
 
 def sensor_settings(data: Any) -> SensorSettings:
@@ -337,10 +358,21 @@ def sensor_settings(data: Any) -> SensorSettings:
             raise ConfigError("output.server.address: required")
         s.receiver = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
     srv.finish()
+    ignored = []
     if out.child("file").data:
-        raise ConfigError("output.file: a sensor streams to a receiver; for a local file use "
-                          "`pktstream capture -w FILE` (PacketStreamer wrote an unreadable file here)")
-    _plugins(out.child("plugins"), s, "sensor")
+        if not s.receiver:
+            raise ConfigError("output.file: a sensor streams to a receiver; for a local file use "
+                              "`pktstream capture -w FILE` (PacketStreamer wrote an unreadable file here)")
+        ignored.append("output.file")  # a file shared with the receiver: its output
+    for k in ("directory", "rotate", "fsync"):
+        if k in out.data:
+            out.used.add(k)
+            ignored.append(f"output.{k}")
+    plugins = out.child("plugins")
+    if s.receiver and "s3" in plugins.data:  # the receiver's S3 output in a shared file
+        plugins = _Node({k: v for k, v in plugins.data.items() if k != "s3"}, plugins.path)
+        ignored.append("output.plugins.s3")
+    _plugins(plugins, s, "sensor")
     out.finish()
     if s.receiver and s.kafka:
         raise ConfigError("output: server and plugins.kafka are exclusive (a sensor streams to one of them)")
@@ -393,6 +425,7 @@ def sensor_settings(data: Any) -> SensorSettings:
         setattr(s, k, v)
     if s.auth.keyfile:
         raise ConfigError("auth.keyfile: a receiver setting (per-sensor keys); a sensor uses auth.key")
+    _ignore_other_role(root, RECEIVER_KEYS, ignored, "sensor", "receiver")
     root.finish()
     if s.block_bytes < s.snaplen + 16:
         s.block_bytes = s.snaplen + 16  # a block must hold one whole record (upstream panicked)

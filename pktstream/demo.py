@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"demo: replaying {args.packets} packets (tcpreplay, {args.pps} pps) and "
                   f"{args.requests} HTTP requests", file=sys.stderr)
             replayed = veth.replay(src, pps=args.pps)
+            os.unlink(src)  # the bulk of the work directory
             served = _http_traffic(veth, args.requests)
             time.sleep(0.5)
             sx.terminate()
@@ -118,12 +119,16 @@ pktstream demo summary
   network:   {rst.get('raw_bytes', 0)} bytes of records sent as {rst.get('wire_bytes', 0)} bytes (compression ratio {ratio:.2f})
   receiver:  {rst.get('packets', 0)} packets received, {rst.get('duplicate_frames', 0)} duplicate frames dropped
   file:      {out}: {in_file} packets
-  logs:      {work}/receiver.log, {work}/sensor.log""")
+  logs:      {work}/receiver.log, {work}/sensor.log (removed when the result is OK)""")
     if shutil.which("capinfos"):
         info = subprocess.run(["capinfos", "-t", "-E", "-c", out], capture_output=True, text=True)
         print("\n" + info.stdout.strip())
     good = sst["packets"] == rst.get("packets") == in_file and sst["window_dropped_packets"] == 0
     print("\nresult: " + ("OK, every captured packet is in the file" if good else "MISMATCH (see the counters)"))
+    if good:  # nothing to look at: leave no work directory behind (a failed run keeps its logs)
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"logs kept in {work}", file=sys.stderr)
     return 0 if good else 1
 
 
@@ -140,7 +145,9 @@ def _count_packets(path: str) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="receiver + sensor + real traffic on this machine (needs root)")
+    from pktstream.cli import subparser
+    p = subparser(sub, "demo", help="receiver + sensor + real traffic on this machine (needs root)",
+                  epilog="examples:\n  pktstream demo\n  pktstream demo -w /tmp/demo.pcap --packets 5000")
     p.add_argument("-w", "--write", help="output file (default ./pktstream-demo.pcapng; .pcap also works)")
     p.add_argument("--packets", type=int, default=20000, help="packets to replay (default 20000)")
     p.add_argument("--pps", type=int, default=20000, help="replay rate (default 20000)")

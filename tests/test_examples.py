@@ -356,6 +356,7 @@ def test_forensics_notebook_on_real_capture(veth, servers, procs, tmp_path, mixe
     servers.http(8080)
     servers.dns()
     data = tmp_path / "data"
+    data.mkdir()  # -w and --output-dir need an existing (parent) directory
     pa, pb = free_port(), free_port()
     rx_a = procs(receiver_cmd(pa, "-w", str(data / "merged.pcapng")))
     rx_b = procs(receiver_cmd(pb, "--output-dir", str(data / "by-sensor"), "--format", "pcap.zst"))
@@ -413,16 +414,49 @@ def test_forensics_notebook_on_real_capture(veth, servers, procs, tmp_path, mixe
 
 def test_forensics_notebook_standalone(tmp_path, monkeypatch):
     """Run from examples/ with no variables: it makes its own sample data (no root needed)."""
+    (tmp_path / "pktstream-forensics").mkdir()
+    (tmp_path / "pktstream-forensics" / "from-the-last-run.png").write_text("x")
     nb = run_notebook(EXAMPLES, {"PKTSTREAM_NOTEBOOK_DATA": None, "PKTSTREAM_NOTEBOOK_OUT": None,
                                  "PKTSTREAM_NOTEBOOK_BPF": None, "TMPDIR": str(tmp_path)}, monkeypatch)
     text = notebook_text(nb)
     out = Path(text.split("output directory:", 1)[1].split()[0])
-    assert out.parent == tmp_path  # a fresh temporary directory, nothing written into examples/
+    # one fixed directory in TMPDIR, emptied at each run (runs do not pile up), nothing in examples/
+    assert out == tmp_path / "pktstream-forensics" and os.listdir(tmp_path) == ["pktstream-forensics"]
+    assert not (out / "from-the-last-run.png").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert {s: v["packets"] for s, v in summary["sensors"].items()} == {"web-1": 3000, "db-1": 1500, "edge-1": 2000}
     assert summary["slice"]["packets"] == 650  # the VLAN-tagged DNS-looking frames (1 in 10)
     assert len(tshark_fields(out / "slice.pcapng", "frame.number", bpf=DNS_DISPLAY_FILTER)) == 650
     check_plots(out)
+
+
+def test_forensics_notebook_timeline_fills_idle_buckets_and_groups_small_sensors(tmp_path):
+    """The timeline cell on 12 sensors: idle buckets are 0 (not interpolated across), the 8
+    busiest sensors get a line each, the rest are one "other" line; the legend is outside."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import nbformat
+    import pandas as pd
+    nb = nbformat.read(EXAMPLES / "forensics.ipynb", as_version=4)
+    cell = next(c.source for c in nb.cells if c.cell_type == "code" and "timeline" in c.source)
+    t0 = pd.Timestamp("2024-01-01", tz="UTC")
+    rows = []
+    for k in range(12):  # sensor s00 is the busiest; every sensor sends at seconds 0-4 and 50-59 only
+        for sec in [*range(5), *range(50, 60)]:
+            rows += [(f"s{k:02d}", t0 + pd.Timedelta(seconds=sec))] * (20 - k)
+    packets = pd.DataFrame(rows, columns=["sensor", "time"])
+    ns = {"pd": pd, "plt": plt, "OUT": tmp_path, "packets": packets}
+    exec(cell, ns)
+    tl = ns["timeline"]
+    assert list(tl.columns) == [f"s{k:02d}" for k in range(8)] + ["other"]
+    assert len(tl) == 60 and (tl.index[1] - tl.index[0]).total_seconds() == 1
+    assert (tl.iloc[5:50] == 0).all().all()  # the idle stretch is flat zero
+    assert tl["s00"].iloc[0] == 20 and tl["other"].iloc[0] == sum(20 - k for k in range(8, 12))
+    assert tl.values.sum() == len(packets)
+    legend = ns["ax"].get_legend()
+    assert len(legend.get_texts()) == 9
+    plt.close("all")
 
 
 def test_debug_http_defaults_on_loopback(veth, procs, tmp_path):

@@ -26,6 +26,7 @@ GROUP_PROPS = ["--kafka-property", "session.timeout.ms=6000", "--kafka-property"
 
 
 def kafka_receiver(broker: str, topic: str, group: str, d: Path, metrics: int | None = None) -> list[str]:
+    d.mkdir(parents=True, exist_ok=True)  # --output-dir creates only its last component
     cmd = [*PKTSTREAM, "receiver", "--from", f"kafka://{broker}/{topic}", "--group", group,
            "--output-dir", str(d / "out"), "--format", "pcap", "--state-dir", str(d / "st"),
            "--stats-interval", "1", "--stats-json", str(d / "rx.json"), *GROUP_PROPS]

@@ -81,10 +81,7 @@ def _open_stream(source) -> tuple[BinaryIO, bool, str | None, str | None]:
         owns = False
     head = _peek(f, 4)
     if head.startswith(ZSTD_MAGIC):
-        import zstandard
-        z = zstandard.ZstdDecompressor().stream_reader(_Prefixed(f, head), read_across_frames=True,
-                                                      closefd=False)
-        return _Closing(z, f if owns else None), True, "zstd", path
+        return _Closing(_ZstdBlocks(_Prefixed(f, head), path or "<stream>"), f if owns else None), True, "zstd", path
     if head.startswith(GZIP_MAGIC):
         g = gzip.GzipFile(fileobj=_Prefixed(f, head), mode="rb")
         return _Closing(g, f if owns else None), True, "gzip", path
@@ -125,6 +122,125 @@ class _Prefixed(io.RawIOBase):
         data = self._f.read(len(b))
         b[:len(data)] = data
         return len(data)
+
+
+class _ZstdBlocks:
+    """zstd frames decompressed one whole block at a time (readinto), for files being written.
+
+    Only whole blocks are handed to the decompressor, so each call yields at most one block's
+    content (<= 128 KiB, whatever the compression ratio), and everything decoded is delivered:
+    ``zstandard``'s stream_reader loses the decoded rest of the last block when its output
+    buffer fills just as the input runs out, which is exactly the state of a growing or
+    interrupted ``.part`` file (flushed blocks, no frame end) -- a reader then saw only the
+    first bytes. A block or frame header cut by the end of the file ends the stream there (the
+    whole blocks before it are delivered); corrupt data raises FileFormatError."""
+
+    _CHUNK = 1 << 17
+
+    def __init__(self, f, name: str) -> None:
+        import zstandard
+        self._zstd = zstandard
+        self._f = f
+        self._name = name
+        self._in = bytearray()   # compressed bytes read, not yet fed
+        self._out = b""          # decompressed bytes not yet delivered
+        self._out_pos = 0
+        self._eof = False
+        self._d = None           # decompressobj of the current frame
+        self._state = "frame"    # frame | block | checksum
+        self._checksum = False
+        self._fed = 0            # compressed bytes fed (offsets in errors)
+
+    def _need(self, n: int) -> bool:
+        while len(self._in) < n and not self._eof:
+            chunk = self._f.read(max(self._CHUNK, n - len(self._in)))
+            if not chunk:
+                self._eof = True
+            else:
+                self._in += chunk
+        return len(self._in) >= n
+
+    def _take(self, n: int) -> bytes:
+        unit = bytes(self._in[:n])
+        del self._in[:n]
+        self._fed += n
+        return unit
+
+    def _bad(self, what: str) -> FileFormatError:
+        return FileFormatError(f"{self._name}: {what} at compressed byte {self._fed}",
+                               path=None if self._name == "<stream>" else self._name, offset=self._fed)
+
+    def _feed(self, unit: bytes) -> bytes:
+        try:
+            return self._d.decompress(unit)
+        except self._zstd.ZstdError as exc:
+            raise self._bad(f"corrupt zstd data ({exc})") from None
+
+    def _next_output(self) -> bytes:
+        """Decompress the next unit (a frame header + first block, a block, a checksum);
+        b"" at the end of the data."""
+        while True:
+            if self._state == "frame":
+                if not self._need(4):
+                    return b""  # the end (or a few bytes of a frame cut off)
+                magic = int.from_bytes(self._in[:4], "little")
+                if 0x184D2A50 <= magic <= 0x184D2A5F:  # skippable frame
+                    if not self._need(8):
+                        return b""
+                    size = int.from_bytes(self._in[4:8], "little")
+                    if not self._need(8 + size):
+                        return b""
+                    self._take(8 + size)
+                    continue
+                if magic != 0xFD2FB528:
+                    raise self._bad(f"not a zstd frame (magic {bytes(self._in[:4]).hex()})")
+                if not self._need(5):
+                    return b""
+                fhd = self._in[4]
+                single = fhd >> 5 & 1
+                fcs = (1 if single else 0, 2, 4, 8)[fhd >> 6]
+                hsize = 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3] + fcs
+                if not self._need(hsize):
+                    return b""
+                self._checksum = bool(fhd >> 2 & 1)
+                self._d = self._zstd.ZstdDecompressor().decompressobj()
+                out = self._feed(self._take(hsize))
+                self._state = "block"
+                if out:
+                    return out
+                continue
+            if self._state == "block":
+                if not self._need(3):
+                    return b""
+                h = int.from_bytes(self._in[:3], "little")
+                last, btype, bsize = h & 1, h >> 1 & 3, h >> 3
+                if btype == 3:
+                    raise self._bad("reserved zstd block type")
+                clen = 1 if btype == 1 else bsize
+                if bsize > 1 << 17:
+                    raise self._bad(f"zstd block of {bsize} bytes (more than 128 KiB)")
+                if not self._need(3 + clen + (4 if last and self._checksum else 0)):
+                    return b""  # the block (or the frame's checksum) is not all there yet
+                out = self._feed(self._take(3 + clen + (4 if last and self._checksum else 0)))
+                if last:
+                    self._state, self._d = "frame", None
+                if out:
+                    return out
+                continue
+
+    def readinto(self, b) -> int:
+        while self._out_pos >= len(self._out):
+            self._out = self._next_output()
+            self._out_pos = 0
+            if not self._out:
+                return 0
+        n = min(len(b), len(self._out) - self._out_pos)
+        b[:n] = self._out[self._out_pos:self._out_pos + n]
+        self._out_pos += n
+        return n
+
+    def close(self) -> None:
+        self._d = None
 
 
 class _Closing:

@@ -96,7 +96,7 @@ class CaptureWriter:
                  max_files: int | None = None, fsync: bool = False, mode: int = 0o640,
                  nanosecond: bool = True, level: int = 3,
                  on_complete: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, in_place: bool = False) -> None:
         is_path = isinstance(target, (str, os.PathLike))
         if is_path:
             target = os.fspath(target)
@@ -109,6 +109,9 @@ class CaptureWriter:
                         ("max_files", max_files)):
             if v is not None and v <= 0:
                 raise ValueError(f"{name} must be positive")
+        if in_place and (not is_path or rotate_bytes or rotate_seconds or max_files):
+            raise ValueError("in_place needs a path and no rotation")
+        self.in_place = in_place  # write NAME itself (no NAME.part, no rename), like PacketStreamer
         self.format = fmt
         self._base = fmt.split(".")[0]
         self._zstd = fmt.endswith(".zst")
@@ -155,7 +158,7 @@ class CaptureWriter:
     def _open(self) -> None:
         if self._is_path:
             path = self._next_path()
-            fd = os.open(path + ".part", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, self._mode)
+            fd = os.open(self.data_path_of(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, self._mode)
             self._raw = os.fdopen(fd, "wb")
             self._cur_path = path
             sink = self._raw
@@ -189,7 +192,8 @@ class CaptureWriter:
         if self._fsync:
             os.fsync(raw.fileno())
         raw.close()
-        os.replace(path + ".part", path)
+        if not self.in_place:
+            os.replace(path + ".part", path)
         if self._fsync:
             dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
             try:
@@ -220,6 +224,10 @@ class CaptureWriter:
                     and self._clock() - self._opened_at >= self._rotate_seconds)
 
     # -- public ------------------------------------------------------------------------------
+    def data_path_of(self, path: str) -> str:
+        """Where the data of the file to be named ``path`` is while it is written."""
+        return path if self.in_place else path + ".part"
+
     @property
     def current_path(self) -> str | None:
         """Final name of the file being written (its data is in ``current_path + '.part'``)."""
@@ -343,7 +351,7 @@ class CaptureWriter:
             self._raw.close()
             self._raw = None
             try:
-                os.unlink(self._cur_path + ".part")
+                os.unlink(self.data_path_of(self._cur_path))
             except FileNotFoundError:
                 pass
 

@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 from pktstream._capture import PacketBatch, link_type_name
+from pktstream.exceptions import ConfigError
 from pktstream.formats.writer import CaptureWriter, format_from_name, split_ext
 from pktstream.sinks.base import Sink, Source
 
@@ -41,11 +42,39 @@ def _free_name(base: str) -> str:
         n += 1
 
 
+def _make_dir(d: str) -> None:
+    """Create the output directory: its last component only (like mkdir without -p), so a
+    typo does not silently create a whole tree."""
+    if os.path.isdir(d):
+        return
+    parent = os.path.dirname(os.path.abspath(d))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"cannot create output directory {d}: {parent} does not exist")
+    try:
+        os.mkdir(d, 0o750)
+    except FileExistsError:
+        if not os.path.isdir(d):
+            raise ConfigError(f"output directory {d} exists and is not a directory") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot create output directory {d}: {(exc.strerror or str(exc)).lower()}") from None
+
+
+def _check_writable(d: str, what: str) -> None:
+    """Create and remove a file in ``d``: the test that counts (permissions, read-only mounts)."""
+    import tempfile
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".pktstream-probe-", dir=d)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {what}: {d}: {(exc.strerror or str(exc)).lower()}") from None
+
+
 def _writer_state(writer: CaptureWriter) -> dict[str, Any] | None:
     final = writer.current_path
     if final is None:
         return None
-    return {"part": final + ".part", "final": final, "size": os.fstat(writer.fileno()).st_size}
+    return {"part": writer.data_path_of(final), "final": final, "size": os.fstat(writer.fileno()).st_size}
 
 
 class FileSink(Sink):
@@ -81,8 +110,27 @@ class FileSink(Sink):
         self._committed: dict[str, int] = {}  # open file -> size at the last flush
         self._done: list[str] = []  # files completed by earlier writers (after a reset)
         self.name = f"file:{self.path or self.directory}"
+        # a path without a capture extension is written as pcap under exactly that name,
+        # growing in place like PacketStreamer's output.file.path (tail -F NAME | tcpdump -r -)
+        self.in_place = bool(self.path and not split_ext(self.path)[1] and not format
+                             and not (rotate_bytes or rotate_seconds or max_files))
         if self.directory:
-            os.makedirs(self.directory, mode=0o750, exist_ok=True)
+            _make_dir(self.directory)
+            _check_writable(self.directory, self.directory)
+        else:
+            d = os.path.dirname(os.path.abspath(self.path))
+            if "%" not in d:
+                try:
+                    is_dir = os.path.isdir(d) or os.stat(d) and False
+                except OSError as exc:
+                    why = "does not exist" if isinstance(exc, FileNotFoundError) else (exc.strerror or str(exc)).lower()
+                    raise ConfigError(f"cannot write {self.path}: directory {d} {why}") from None
+                if not is_dir:
+                    raise ConfigError(f"cannot write {self.path}: {d} is not a directory")
+                _check_writable(d, self.path)
+            if self.in_place and os.path.exists(self.path):
+                raise ConfigError(f"{self.path} exists and pktstream never overwrites a capture: remove "
+                                  "it, or name a .pcap/.pcapng file (then the next free name is used)")
 
     def _output_for(self, source: Source, batch: PacketBatch) -> CaptureWriter:
         single_link = not self.format.startswith("pcapng")
@@ -97,8 +145,9 @@ class FileSink(Sink):
                 stem, ext = split_ext(base)
                 base = f"{stem}.{safe_name(link_type_name(batch.link_type))}{ext}"
             rotating = self.opts["rotate_bytes"] or self.opts["rotate_seconds"] or self.opts["max_files"]
-            name = base if rotating else _free_name(base)
-            out = self._outputs[key] = CaptureWriter(name, format=self.format, **self.opts)
+            in_place = self.in_place and base == self.path
+            name = base if rotating or in_place else _free_name(base)
+            out = self._outputs[key] = CaptureWriter(name, format=self.format, in_place=in_place, **self.opts)
             log.info("writing %s", name)
         return out
 
@@ -116,7 +165,7 @@ class FileSink(Sink):
         for out in self._outputs.values():
             final = out.abandon()
             self._done.extend(out.paths)
-            if final is not None and _cut_and_complete(final + ".part", final, self._committed.get(final, 0)):
+            if final is not None and _cut_and_complete(out.data_path_of(final), final, self._committed.get(final, 0)):
                 self._done.append(final)
         self._outputs.clear()  # new writers, new (free) names: a completed file is never reopened
         self._committed.clear()

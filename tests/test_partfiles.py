@@ -1,0 +1,127 @@
+"""``.part`` files (docs/FILES.md "Safe output"): a reader of a file being written, or of one
+whose writer died, gets every whole batch written before, never less (issue #15, item 3)."""
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import threading
+import warnings
+
+import pytest
+
+import pktstream
+from pktstream import PacketBatch
+from pktstream.formats import CaptureWriter
+from pktstream.traffic import frames
+
+FORMATS = ["pcapng.zst", "pcap.zst", "pcapng", "pcap"]
+
+
+def make_batches(n_batches: int, per_batch: int, seed: int = 3) -> list[PacketBatch]:
+    """Real Ethernet frames (pktstream.traffic) in batches; packet i has timestamp i ns."""
+    pkts = frames(n_batches * per_batch, seed=seed)
+    out = []
+    for b in range(n_batches):
+        recs = bytearray()
+        for i in range(b * per_batch, (b + 1) * per_batch):
+            data = pkts[i]
+            recs += struct.pack("<IIII", 1_700_000_000 + i // 10**9, i % 10**9, len(data), len(data)) + data
+        out.append(PacketBatch.from_records(bytes(recs), link_type=1, interface="eth0"))
+    return out
+
+
+def read_ts(path: str) -> list[int]:
+    """Timestamps of every packet a reader gets from ``path`` (a truncated tail is allowed)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pktstream.formats.TruncatedFileWarning)
+        return [t - 1_700_000_000 * 10**9 for b in pktstream.read(path) for t in b.ts_ns.tolist()]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_part_file_read_after_every_batch_gives_all_batches(tmp_path, fmt):
+    """Read the .part after each write: exactly the packets written so far (a single flushed
+    zstd block made the old reader stop after 24 bytes: "truncated pcapng block at byte 0")."""
+    batches = make_batches(12, 37)
+    w = CaptureWriter(str(tmp_path / f"cap.{fmt}"))
+    total = 0
+    for b in batches:
+        w.write(b)
+        total += len(b)
+        got = read_ts(w.current_path + ".part")
+        assert got == list(range(total))
+    w.close()
+    assert read_ts(str(tmp_path / f"cap.{fmt}")) == list(range(total))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_part_file_read_while_growing_is_a_prefix_with_every_flushed_batch(tmp_path, fmt):
+    """A reader racing a writer: every read is the first N packets, with N at least every
+    packet of the batches flushed before the read started."""
+    batches = make_batches(60, 50, seed=5)
+    path = str(tmp_path / f"grow.{fmt}")
+    w = CaptureWriter(path)
+    w.write(batches[0])
+    part = w.current_path + ".part"
+    flushed = [len(batches[0])]  # packets in completed writes (the writer appends)
+    done = threading.Event()
+    errors: list[BaseException] = []
+    reads: list[tuple[int, int]] = []
+
+    def writer() -> None:
+        try:
+            for b in batches[1:]:
+                w.write(b)
+                flushed.append(flushed[-1] + len(b))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        while True:
+            finished = done.is_set()
+            before = flushed[-1]
+            got = read_ts(part)
+            assert got == list(range(len(got))), "not a prefix of what was written"
+            assert len(got) >= before, f"read {len(got)} packets, {before} were flushed before the read"
+            reads.append((before, len(got)))
+            if finished:
+                break
+    finally:
+        t.join()
+    assert not errors
+    w.close()
+    assert reads[-1] == (flushed[-1], flushed[-1])
+    assert read_ts(path) == list(range(flushed[-1]))
+
+
+_WRITER = r"""
+import sys
+sys.path.insert(0, sys.argv[3])
+from test_partfiles import make_batches
+from pktstream.formats import CaptureWriter
+w = CaptureWriter(sys.argv[1])
+for k, b in enumerate(make_batches(int(sys.argv[2]), 41)):
+    w.write(b)
+    print(k + 1, flush=True)
+sys.stdin.read()  # killed here, with the file still open
+"""
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_interrupted_writer_leaves_a_part_file_with_every_batch(tmp_path, fmt):
+    n = 9
+    path = str(tmp_path / f"dead.{fmt}")
+    with subprocess.Popen([sys.executable, "-c", _WRITER, path, str(n), os.path.dirname(__file__)],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as p:
+        try:
+            lines = [p.stdout.readline().strip() for _ in range(n)]
+            assert lines[-1] == str(n)
+        finally:
+            p.kill()
+    assert not os.path.exists(path)
+    assert read_ts(path + ".part") == list(range(n * 41))
