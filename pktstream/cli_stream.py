@@ -234,35 +234,9 @@ def cmd_receiver(args: argparse.Namespace) -> int:
     return 0
 
 
-class _TLSHint(logging.Filter):
-    """Adds what to do to a log line about a receiver certificate the sensor does not trust
-    (PacketStreamer used self-signed certificates without verification)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        import ssl
-        args = record.args if isinstance(record.args, tuple) else ()
-        exc = next((a for a in args if isinstance(a, ssl.SSLCertVerificationError)), None)
-        if exc is not None and not getattr(record, "_tls_hint", False):
-            record._tls_hint = True
-            reason = str(getattr(exc, "verify_message", "") or exc)
-            if "mismatch" in reason:
-                hint = ("the certificate does not name the address you connect to: use that name in "
-                        "--receiver or give it with --tls-server-name (tls.serverName)")
-            else:
-                hint = ("the receiver's certificate is not trusted: give the CA that signed it, or a "
-                        "self-signed certificate itself, with --tls-ca PEM (tls.cafile); see docs/SECURITY.md")
-            record.msg = f"{record.msg} -- {hint}"
-        return True
-
-
 def cmd_sensor(args: argparse.Namespace) -> int:
-    hint = _TLSHint()
-    for h in logging.getLogger().handlers:
-        h.addFilter(hint)
     logging.getLogger("pktstream").setLevel(logging.INFO if args.verbose == 0 else logging.DEBUG)
     sensor = build_sensor(args)
-    for h in logging.getLogger().handlers:  # --log-file added one
-        h.addFilter(hint)
     stats_file = open(args.stats_json, "w") if args.stats_json else None  # before dropping root
     _on_signals(sensor.stop)
     sensor.run()

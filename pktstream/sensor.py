@@ -628,9 +628,13 @@ class Sensor:
                 except ssl.SSLCertVerificationError as exc:
                     self._count("connection_failures")
                     wait, refused_delay = refused_delay, min(self.refused_backoff_max, refused_delay * 2)
-                    log.error("receiver %s: TLS verification failed: %s (a self-signed or private CA "
-                              "certificate needs --tls-ca / tls.cafile); retrying in %.0f s",
-                              where, exc.verify_message or exc, wait)
+                    reason = str(exc.verify_message or exc)
+                    hint = ("the certificate does not name the address connected to: use that name in "
+                            "--receiver or give it with --tls-server-name (tls.serverName)" if "mismatch" in reason
+                            else "the receiver's certificate is not trusted: give the CA that signed it, or a "
+                            "self-signed certificate itself, with --tls-ca PEM (tls.cafile)")
+                    log.error("receiver %s: TLS verification failed: %s -- %s; retrying in %.0f s",
+                              where, reason, hint, wait)
                 except (OSError, FrameError) as exc:  # includes timeouts, resets and TLS errors
                     self._count("connection_failures")
                     if not self._handshaken and not isinstance(exc, (ConnectionRefusedError, socket.timeout,

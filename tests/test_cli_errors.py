@@ -235,21 +235,6 @@ def test_extensionless_path_is_written_in_place_as_pcap_like_packetstreamer(tmp_
     s2.close()
 
 
-def test_tls_verification_failure_log_line_says_what_to_do():
-    import ssl
-    from pktstream.cli_stream import _TLSHint
-    err = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: "
-                                          "self-signed certificate (_ssl.c:992)")
-    rec = logging.LogRecord("pktstream.sensor", logging.WARNING, __file__, 1,
-                            "receiver %s:%d: %s; retrying in %.1f s", ("rx", 8081, err, 0.2), None)
-    assert _TLSHint().filter(rec)
-    assert "--tls-ca PEM (tls.cafile)" in rec.getMessage()
-    other = logging.LogRecord("pktstream.sensor", logging.WARNING, __file__, 1, "receiver %s: %s",
-                              ("rx", ConnectionRefusedError(111, "Connection refused")), None)
-    _TLSHint().filter(other)
-    assert "tls" not in other.getMessage()
-
-
 def test_readme_embedded_receiver_snippet_as_written_leaves_a_complete_file_on_ctrl_c(tmp_path):
     """The README's "Embed a receiver in Python" code, run as written (only the port changed),
     fed by a real sensor on lo, then Ctrl-C (SIGINT): capture.pcapng.zst is complete, no .part."""

@@ -99,6 +99,7 @@ def test_tls_insecure_must_be_spelled_out(veth, procs, tmp_path, pki, mixed_pcap
     no_ca = procs(sensor_cmd(port, veth.outer, "--tls"))  # system store does not know the CA
     no_ca.wait_for("TLS verification failed")
     no_ca.stop(signal.SIGTERM)
+    assert "--tls-ca PEM (tls.cafile)" in no_ca.stderr  # says what to do
     sx, ref = stream_and_compare(veth, procs, tmp_path, port, mixed_pcap, "--tls-insecure")
     assert "verification of the receiver is OFF" in sx.stderr
     rx.stop(signal.SIGTERM)
