@@ -77,9 +77,11 @@ DEFAULT_RING_BLOCKS = 32
 DEFAULT_TIMEOUT_MS = 50
 DEFAULT_MAX_WAIT = 0.2
 
+cdef char _init_errbuf[PCAP_ERRBUF_SIZE]
 if HAVE_PCAP_INIT:
-    _errbuf_init = bytearray(PCAP_ERRBUF_SIZE)
-    pcap_init(PCAP_CHAR_ENC_UTF_8, <char *> _errbuf_init)
+    memset(_init_errbuf, 0, sizeof(_init_errbuf))
+    if pcap_init(PCAP_CHAR_ENC_UTF_8, _init_errbuf) != 0:
+        warnings.warn(f"pcap_init: {_init_errbuf.decode('utf-8', 'replace')}", PcapWarning)
 
 
 def libpcap_version() -> str:

@@ -35,6 +35,8 @@ def _records(n: int, size: int = 30, fill: int = 0) -> bytes:
 def _run_child(code: str, tmp_path) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter (a SIGBUS or an OOM there fails the test, not pytest)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    if env.get("PKTSTREAM_ASAN_PRELOAD"):  # ./run sanitize: the child needs the ASan runtime too
+        env["LD_PRELOAD"] = env["PKTSTREAM_ASAN_PRELOAD"]
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=str(tmp_path), env=env,
                           capture_output=True, text=True, timeout=300)
 
