@@ -211,7 +211,7 @@ _json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_siz
 @given(st.dictionaries(st.sampled_from(["index", "name", "link_type", "snaplen", "x"]), _json))
 def test_interface_descriptor_validation(d):
     try:
-        out = Receiver._check_iface(d)
+        out = Receiver.check_interface(d)
     except FrameError:
         return
     assert isinstance(out["name"], str) and 0 < len(out["name"]) <= 64
