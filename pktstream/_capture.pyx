@@ -10,7 +10,8 @@ from cpython.buffer cimport PyBUF_WRITABLE, PyBUF_FORMAT, PyObject_GetBuffer, Py
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport errno, EINTR
 from libc.stdint cimport int64_t, uint32_t, uint64_t, uint8_t
-from libc.stdlib cimport calloc, free, malloc
+from libc.limits cimport INT_MAX
+from libc.stdlib cimport abort, calloc, free, malloc
 from libc.string cimport memcpy, memset, strerror
 
 import os
@@ -22,21 +23,13 @@ from typing import NamedTuple
 import numpy as np
 cimport numpy as cnp
 
+from pktstream._compat cimport *
 from pktstream._libpcap cimport *
 from pktstream.exceptions import (
     ClosedError, FileFormatError, FilterError, PcapError, PcapWarning, pcap_error,
 )
 
 cnp.import_array()
-
-cdef extern from "_compat.h" nogil:
-    void ps_put_le32(unsigned char *p, uint32_t v)
-    uint32_t ps_get_le32(const unsigned char *p)
-    int ps_load_int(int *p)
-    void ps_store_int(int *p, int v)
-    int64_t ps_monotonic_ns()
-    enum: PKTSTREAM_DEBUG
-    enum: HAVE_PCAP_INIT
 
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
@@ -71,10 +64,10 @@ cdef extern from "<netinet/in.h>" nogil:
     struct sockaddr_in6:
         in6_addr sin6_addr
 
-DEF RECORD_HEADER = 16
-DEF BLOCK_FREE = 0
-DEF BLOCK_FILLING = 1
-DEF BLOCK_OUT = 2
+cdef enum:
+    BLOCK_FREE = 0
+    BLOCK_FILLING = 1
+    BLOCK_OUT = 2
 
 #: Default settings, documented in docs/CONFIGURATION.md.
 DEFAULT_SNAPLEN = 262144
@@ -84,9 +77,11 @@ DEFAULT_RING_BLOCKS = 32
 DEFAULT_TIMEOUT_MS = 50
 DEFAULT_MAX_WAIT = 0.2
 
+cdef char _init_errbuf[PCAP_ERRBUF_SIZE]
 if HAVE_PCAP_INIT:
-    _errbuf_init = bytearray(PCAP_ERRBUF_SIZE)
-    pcap_init(PCAP_CHAR_ENC_UTF_8, <char *> _errbuf_init)
+    memset(_init_errbuf, 0, sizeof(_init_errbuf))
+    if pcap_init(PCAP_CHAR_ENC_UTF_8, _init_errbuf) != 0:
+        warnings.warn(f"pcap_init: {_init_errbuf.decode('utf-8', 'replace')}", PcapWarning)
 
 
 def libpcap_version() -> str:
@@ -108,34 +103,94 @@ cdef str _decode(const char *s):
 # Ring of blocks
 # ---------------------------------------------------------------------------------------------
 
+# Allocation counters, always compiled in (an atomic add per ring block or wrapped buffer,
+# never per packet); alloc_counters() exposes them and the tests check that they balance.
+cdef uint64_t _ring_blocks_allocated = 0
+cdef uint64_t _ring_blocks_freed = 0
+cdef uint64_t _buffers_acquired = 0
+cdef uint64_t _buffers_released = 0
+cdef uint64_t _captures_opened = 0
+cdef uint64_t _captures_freed = 0
+
+
+def alloc_counters() -> dict:
+    """Allocations and frees of the C core since import: ring blocks (``malloc``/``free``),
+    foreign buffers wrapped by batches (``PyObject_GetBuffer``/``PyBuffer_Release``) and
+    capture states. When every Capture and PacketBatch is gone, each pair balances."""
+    return {"ring_blocks_allocated": ps_load_u64(&_ring_blocks_allocated),
+            "ring_blocks_freed": ps_load_u64(&_ring_blocks_freed),
+            "buffers_acquired": ps_load_u64(&_buffers_acquired),
+            "buffers_released": ps_load_u64(&_buffers_released),
+            "captures_opened": ps_load_u64(&_captures_opened),
+            "captures_freed": ps_load_u64(&_captures_freed),
+            "debug_build": bool(PKTSTREAM_DEBUG)}
+
+
+cdef inline unsigned char *_block_alloc(size_t nbytes) noexcept nogil:
+    cdef unsigned char *m = <unsigned char *> malloc(nbytes if nbytes else 1)
+    if m != NULL:
+        ps_count(&_ring_blocks_allocated)
+    return m
+
+
+cdef inline void _block_free(unsigned char *m) noexcept nogil:
+    if m != NULL:
+        free(m)
+        ps_count(&_ring_blocks_freed)
+
+
 @cython.final
 cdef class Ring:
-    """Fixed set of equally sized blocks. A block is FREE, FILLING (the capture thread writes it)
-    or OUT (a PacketBatch owns it). Only the capture thread moves FREE→FILLING→OUT; only the
-    owning batch moves OUT→FREE. Memory is freed when the ring and every batch of it are gone."""
-    cdef unsigned char *mem
+    """Fixed set of blocks. A block is FREE, FILLING (the capture thread writes it) or OUT (a
+    PacketBatch owns it). Only the capture thread moves FREE→FILLING→OUT; only the owning batch
+    moves OUT→FREE. Memory is freed when the ring and every batch of it are gone.
+
+    A live ring allocates (and touches) all its blocks up front, so that no page fault happens
+    in the packet callback. A *lazy* ring (reading files) allocates a block when it is first
+    filled, and a block grows for a record larger than ``block_bytes`` (a packet that was
+    actually read); it shrinks back when reused. Memory follows what was read, never what a
+    file header claims."""
+    cdef unsigned char **blocks   # NULL until first used (lazy rings)
+    cdef size_t *cap              # bytes allocated for each block
     cdef size_t block_bytes
     cdef int nblocks
     cdef int *state
     cdef size_t *used
     cdef uint32_t *count
+    cdef bint lazy
 
-    def __cinit__(self, size_t block_bytes, int nblocks):
+    def __cinit__(self, size_t block_bytes, int nblocks, bint lazy=False):
+        cdef int i
         if nblocks < 2:
             raise ValueError("ring_blocks must be at least 2")
-        self.mem = <unsigned char *> malloc(block_bytes * <size_t> nblocks)
+        if block_bytes < RECORD_HEADER + 1 or block_bytes > (<size_t> 1 << 40) // <size_t> nblocks:
+            raise ValueError(f"cannot make a ring of {nblocks} blocks of {block_bytes} bytes")
+        self.blocks = <unsigned char **> calloc(nblocks, sizeof(unsigned char *))
+        self.cap = <size_t *> calloc(nblocks, sizeof(size_t))
         self.state = <int *> calloc(nblocks, sizeof(int))
         self.used = <size_t *> calloc(nblocks, sizeof(size_t))
         self.count = <uint32_t *> calloc(nblocks, sizeof(uint32_t))
-        if self.mem == NULL or self.state == NULL or self.used == NULL or self.count == NULL:
-            raise MemoryError(f"cannot allocate a ring of {nblocks} x {block_bytes} bytes")
-        # touch every page now, not in the packet callback at the start of a burst
-        memset(self.mem, 0, block_bytes * <size_t> nblocks)
-        self.block_bytes = block_bytes
+        if (self.blocks == NULL or self.cap == NULL or self.state == NULL or self.used == NULL
+                or self.count == NULL):
+            raise MemoryError(f"cannot allocate a ring of {nblocks} blocks")
         self.nblocks = nblocks
+        self.block_bytes = block_bytes
+        self.lazy = lazy
+        if not lazy:
+            for i in range(nblocks):
+                self.blocks[i] = _block_alloc(block_bytes)
+                if self.blocks[i] == NULL:
+                    raise MemoryError(f"cannot allocate a ring of {nblocks} x {block_bytes} bytes")
+                self.cap[i] = block_bytes
+                # touch every page now, not in the packet callback at the start of a burst
+                memset(self.blocks[i], 0, block_bytes)
 
     def __dealloc__(self):
-        free(self.mem); free(self.state); free(self.used); free(self.count)
+        cdef int i
+        if self.blocks != NULL:
+            for i in range(self.nblocks):
+                _block_free(self.blocks[i])
+        free(self.blocks); free(self.cap); free(self.state); free(self.used); free(self.count)
 
     cdef void release(self, int block) noexcept nogil:
         ps_store_int(&self.state[block], BLOCK_FREE)
@@ -149,6 +204,15 @@ cdef class Ring:
                 n += 1
         return n
 
+    @property
+    def reserved_bytes(self) -> int:
+        """Bytes currently allocated for blocks."""
+        cdef size_t total = 0
+        cdef int i
+        for i in range(self.nblocks):
+            total += self.cap[i]
+        return total
+
 
 # ---------------------------------------------------------------------------------------------
 # PacketBatch
@@ -158,6 +222,7 @@ cdef char *_FORMAT_B = "B"
 
 
 @cython.final
+@cython.no_gc_clear  # __dealloc__ needs _ring (and the buffer) to give the block back
 cdef class PacketBatch:
     """A zero-copy view of one block of pcap records (nanosecond timestamps).
 
@@ -168,7 +233,13 @@ cdef class PacketBatch:
 
     Lifetime: views keep the batch alive. ``release()`` gives the block back to the capture
     ring at once; it raises ``BufferError`` while views exist, and any use after it raises
-    ``ClosedError``. A batch that is garbage-collected is released automatically.
+    ``ClosedError``. A batch that is garbage-collected (also as part of cyclic garbage) is
+    released automatically.
+
+    Memory safety: every walk over the records checks each one against the buffer's size, so
+    a wrapped buffer that is changed after ``from_records`` (a ``bytearray``), or wrapped with
+    ``validate=False`` and a wrong ``count``, gives :class:`FileFormatError`, never a read
+    outside the buffer. The index arrays are computed once, on first use.
     Thread safety: a batch may be used and released from any one thread at a time.
     """
     cdef Ring _ring
@@ -208,13 +279,16 @@ cdef class PacketBatch:
         if self._has_pybuf:
             PyBuffer_Release(&self._pybuf)
             self._has_pybuf = False
+            ps_count(&_buffers_released)
 
     @staticmethod
     cdef PacketBatch _from_ring(Ring ring, int block, int link_type, int snaplen, object interface):
         cdef PacketBatch b = PacketBatch.__new__(PacketBatch)
+        if PKTSTREAM_DEBUG:
+            assert ps_load_int(&ring.state[block]) == BLOCK_OUT and ring.used[block] <= ring.cap[block]
         b._ring = ring
         b._block = block
-        b._data = ring.mem + <size_t> block * ring.block_bytes
+        b._data = ring.blocks[block]
         b._nbytes = <Py_ssize_t> ring.used[block]
         b._count = ring.count[block]
         b._link_type = link_type
@@ -231,6 +305,10 @@ cdef class PacketBatch:
         :param validate: walk and check every record header (bounds, ``caplen <= snaplen``,
             ``caplen <= wirelen``, ``ts_nsec < 1e9``) and raise :class:`FileFormatError` with the
             byte offset of the first bad record. Leave on for data from outside the process.
+            Without it (or if a writable buffer changes later) the records are still checked
+            against the buffer's bounds when the index arrays are built.
+        :param count: with ``validate=False``, the number of records (trusted for ``len()``;
+            a buffer holding fewer gives :class:`FileFormatError` on first use of the index).
         """
         link_type, snaplen = int(link_type), int(snaplen)
         if not 0 <= link_type <= 0x7fffffff:
@@ -240,6 +318,7 @@ cdef class PacketBatch:
         cdef PacketBatch b = PacketBatch.__new__(PacketBatch)
         PyObject_GetBuffer(data, &b._pybuf, PyBUF_SIMPLE)
         b._has_pybuf = True
+        ps_count(&_buffers_acquired)
         b._owner = data
         b._data = <const unsigned char *> b._pybuf.buf
         b._nbytes = b._pybuf.len
@@ -340,16 +419,32 @@ cdef class PacketBatch:
         cdef uint32_t *pcap_ = <uint32_t *> cap.data
         cdef uint32_t *pwire = <uint32_t *> wire.data
         cdef int64_t *poff = <int64_t *> off.data
-        cdef Py_ssize_t pos = 0, i = 0
+        cdef Py_ssize_t pos = 0, i = 0, size = self._nbytes
         cdef const unsigned char *d = self._data
+        cdef uint32_t caplen
+        cdef int bad = 0
         with nogil:
+            # the buffer may be writable and change under us: read each field once, check it
+            # against the (fixed) size before using it, keep only what was checked
             while i < n:
+                if size - pos < RECORD_HEADER:
+                    bad = 1
+                    break
+                caplen = ps_get_le32(d + pos + 8)
+                if <Py_ssize_t> caplen > size - pos - RECORD_HEADER:
+                    bad = 4
+                    break
                 pts[i] = <int64_t> ps_get_le32(d + pos) * 1000000000 + ps_get_le32(d + pos + 4)
-                pcap_[i] = ps_get_le32(d + pos + 8)
+                pcap_[i] = caplen
                 pwire[i] = ps_get_le32(d + pos + 12)
                 poff[i] = pos + RECORD_HEADER
-                pos += RECORD_HEADER + pcap_[i]
+                pos += RECORD_HEADER + caplen
                 i += 1
+        if bad:
+            raise FileFormatError(f"bad pcap record {i} of {n} at byte {pos}: "
+                                  f"{'truncated record header' if bad == 1 else 'record runs past the end'}"
+                                  f" of the {size}-byte buffer (changed after it was wrapped, or a wrong count)",
+                                  offset=pos)
         for a in (ts, cap, wire, off):
             a.flags.writeable = False
         self._arrays = (ts, cap, wire, off)
@@ -420,12 +515,15 @@ cdef class PacketBatch:
         cdef const unsigned char *d = self._data
         cdef pcap_pkthdr h
         cdef const int64_t *poff = <const int64_t *> (<cnp.ndarray> off).data
+        cdef const uint32_t *pcaplen = <const uint32_t *> (<cnp.ndarray> cap).data
+        cdef const uint32_t *pwire = <const uint32_t *> (<cnp.ndarray> wire).data
         cdef uint8_t *pm = <uint8_t *> mask.data
         memset(&h, 0, sizeof(h))
         with nogil:
             for i in range(n):
-                h.caplen = ps_get_le32(d + poff[i] - 8)
-                h.len = ps_get_le32(d + poff[i] - 4)
+                # lengths from the checked index, not the buffer (which may have changed since)
+                h.caplen = pcaplen[i]
+                h.len = pwire[i]
                 pm[i] = pcap_offline_filter(&prog.prog, &h, d + poff[i]) != 0
         return mask
 
@@ -518,8 +616,11 @@ cdef class BpfProgram:
 
 ctypedef struct CaptureState:
     pcap_t *p
-    unsigned char *mem
-    size_t block_bytes
+    unsigned char **blocks   # the ring's blocks (Ring.blocks)
+    size_t *cap              # bytes allocated for each block (Ring.cap)
+    size_t block_bytes       # normal block size
+    bint lazy                # blocks are allocated when first filled and may grow (files)
+    int err                  # set in the callback: a block could not be allocated
     int nblocks
     int *state
     size_t *used
@@ -540,6 +641,24 @@ ctypedef struct CaptureState:
     int stop                 # set by stop() from any thread
     int draining             # stopping: emptying the kernel buffer
     uint64_t drain_target    # stopping: packets the kernel had retired at stop (seen reaching it ends the drain)
+    pthread_mutex_t stats_mu # pcap_stats() from one thread at a time (reader drain, stats())
+
+
+cdef inline int64_t _seconds_to_ns(double seconds) noexcept:
+    """Non-negative seconds → ns, clamped to 30 years (no float → int overflow)."""
+    if not seconds > 0:
+        return 0
+    if seconds > 1e9:
+        return 1000000000 * <int64_t> 1000000000
+    return <int64_t> (seconds * 1e9)
+
+
+cdef inline int _min_ms(int ms, int64_t ns_left) noexcept nogil:
+    """min(ms, ns_left rounded up to ms), without overflowing an int."""
+    cdef int64_t left = ns_left // 1000000 + 1
+    if left < 0:
+        left = 0
+    return ms if ms <= left else <int> left
 
 
 cdef inline int _free_count(CaptureState *s) noexcept nogil:
@@ -573,11 +692,26 @@ cdef inline void _seal(CaptureState *s) noexcept nogil:
         pcap_breakloop(s.p)
 
 
+cdef inline bint _resize_block(CaptureState *s, int b, size_t nbytes) noexcept nogil:
+    """Lazy rings: (re)allocate the FILLING, empty block ``b`` to ``nbytes``."""
+    _block_free(s.blocks[b])
+    s.cap[b] = 0
+    s.blocks[b] = _block_alloc(nbytes)
+    if s.blocks[b] == NULL:
+        s.err = 1
+        return False
+    s.cap[b] = nbytes
+    return True
+
+
 cdef inline int _acquire(CaptureState *s) noexcept nogil:
     cdef int i, b
     for i in range(1, s.nblocks + 1):
         b = (s.last + i) % s.nblocks
         if ps_load_int(&s.state[b]) == BLOCK_FREE:
+            if s.lazy and s.cap[b] != s.block_bytes:  # first use, or grown for a big record
+                if not _resize_block(s, b, s.block_bytes):
+                    return -2
             ps_store_int(&s.state[b], BLOCK_FILLING)
             s.used[b] = 0
             s.count[b] = 0
@@ -590,19 +724,24 @@ cdef inline int _acquire(CaptureState *s) noexcept nogil:
 cdef void _on_packet(unsigned char *user, const pcap_pkthdr *h, const unsigned char *data) noexcept nogil:
     """libpcap callback: copy the packet once into the current block as a pcap record."""
     cdef CaptureState *s = <CaptureState *> user
-    cdef size_t need = RECORD_HEADER + h.caplen
+    cdef size_t need = <size_t> RECORD_HEADER + h.caplen
     cdef unsigned char *dst
+    cdef int got
     s.seen += 1
     if s.max_packets and s.packets >= s.max_packets:
         pcap_breakloop(s.p)
         return
-    if need > s.block_bytes:
+    if need > s.block_bytes and not s.lazy:
         s.oversize_drops += 1
         return
-    if s.cur >= 0 and s.used[s.cur] + need > s.block_bytes:
+    if s.cur >= 0 and s.used[s.cur] + need > s.cap[s.cur]:
         _seal(s)
     if s.cur < 0:
-        if _acquire(s) < 0:
+        got = _acquire(s)
+        if got == -2:  # out of memory (lazy ring): next_batch raises MemoryError
+            pcap_breakloop(s.p)
+            return
+        if got < 0:
             # every block is held by a batch: count the drop and stop draining the kernel
             # buffer, which keeps the rest until a block is released (see next_batch);
             # when stopping, everything left is counted instead
@@ -610,7 +749,19 @@ cdef void _on_packet(unsigned char *user, const pcap_pkthdr *h, const unsigned c
             if not s.draining:
                 pcap_breakloop(s.p)
             return
-    dst = s.mem + <size_t> s.cur * s.block_bytes + s.used[s.cur]
+    if need > s.cap[s.cur]:
+        # lazy ring, a record larger than a block (the fresh block is empty): grow this block
+        # to the size of the record libpcap actually read, never to what the header claims
+        if not _resize_block(s, s.cur, need):
+            s.ring_drops += 1
+            ps_store_int(&s.state[s.cur], BLOCK_FREE)
+            s.cur = -1
+            pcap_breakloop(s.p)
+            return
+    if PKTSTREAM_DEBUG:
+        if s.used[s.cur] + need > s.cap[s.cur] or ps_load_int(&s.state[s.cur]) != BLOCK_FILLING:
+            abort()
+    dst = s.blocks[s.cur] + s.used[s.cur]
     ps_put_le32(dst, <uint32_t> h.ts.tv_sec)
     ps_put_le32(dst + 4, <uint32_t> h.ts.tv_usec * s.ns_mult)
     ps_put_le32(dst + 8, h.caplen)
@@ -725,6 +876,9 @@ cdef class Capture:
         self.stop_fd = -1
         self.s.cur = -1
         self.s.last = -1
+        if pthread_mutex_init(&self.s.stats_mu, NULL) != 0:
+            raise MemoryError("pthread_mutex_init failed")
+        ps_count(&_captures_opened)
 
     def __init__(self, str device not None, *, int snaplen=DEFAULT_SNAPLEN, bint promisc=False,
                  bint immediate=False, long buffer_bytes=DEFAULT_BUFFER_BYTES,
@@ -753,9 +907,11 @@ cdef class Capture:
             raise ValueError(f"direction must be one of 'in', 'out', 'inout', not {direction!r}")
         if snaplen <= 0 or snaplen > 262144:
             raise ValueError(f"snaplen must be 1..262144, not {snaplen}")
+        if buffer_bytes <= 0 or buffer_bytes > INT_MAX:  # libpcap takes an int
+            raise ValueError(f"buffer_bytes must be 1..{INT_MAX}, not {buffer_bytes}")
         self.device = device
         self.timeout_ms = timeout_ms
-        self._setup_ring(block_bytes, ring_blocks, snaplen, max_wait, count)
+        self._setup_ring(block_bytes, ring_blocks, snaplen, max_wait, count, False)
         cdef pcap_t *p = pcap_create(device.encode(), errbuf)
         if p == NULL:
             raise PcapError(f"pcap_create on {device!r}: {_decode(errbuf)}", device=device)
@@ -793,7 +949,11 @@ cdef class Capture:
     @staticmethod
     def open_offline(path, *, bpf=None, long block_bytes=DEFAULT_BLOCK_BYTES,
                      int ring_blocks=DEFAULT_RING_BLOCKS, long count=0) -> Capture:
-        """Read a pcap (or single-link-type pcapng) file through libpcap, nanosecond stamps."""
+        """Read a pcap (or single-link-type pcapng) file through libpcap, nanosecond stamps.
+
+        Ring blocks are allocated as packets are read (``block_bytes`` each; a block grows for a
+        larger packet libpcap actually read), not sized from the snaplen the file header claims.
+        """
         cdef char errbuf[PCAP_ERRBUF_SIZE]
         memset(errbuf, 0, sizeof(errbuf))
         path = os.fspath(path)
@@ -813,7 +973,11 @@ cdef class Capture:
         c.snaplen = pcap_snapshot(p)
         if c.snaplen <= 0:
             c.snaplen = DEFAULT_SNAPLEN
-        c._setup_ring(max(block_bytes, c.snaplen + RECORD_HEADER), ring_blocks, c.snaplen, 0.0, count)
+        try:
+            c._setup_ring(block_bytes, ring_blocks, c.snaplen, 0.0, count, True)
+        except BaseException:
+            c._close_handle()
+            raise
         if bpf:
             try:
                 c.set_filter(bpf)
@@ -822,13 +986,20 @@ cdef class Capture:
                 raise
         return c
 
-    cdef _setup_ring(self, long block_bytes, int ring_blocks, int snaplen, double max_wait, long count):
-        if block_bytes < snaplen + RECORD_HEADER:
+    cdef _setup_ring(self, long block_bytes, int ring_blocks, int snaplen, double max_wait, long count,
+                     bint lazy):
+        if not lazy and block_bytes < <long> snaplen + RECORD_HEADER:
             raise ValueError(f"block_bytes ({block_bytes}) must be at least snaplen + 16 ({snaplen + 16})")
-        if max_wait < 0:
+        if block_bytes <= RECORD_HEADER:
+            raise ValueError(f"block_bytes must be more than 16, not {block_bytes}")
+        if not max_wait >= 0:  # also NaN
             raise ValueError("max_wait must be >= 0")
-        self._ring = Ring(block_bytes, ring_blocks)
-        self.s.mem = self._ring.mem
+        if count < 0:
+            raise ValueError(f"count must be >= 0, not {count}")
+        self._ring = Ring(<size_t> block_bytes, ring_blocks, lazy)
+        self.s.blocks = self._ring.blocks
+        self.s.cap = self._ring.cap
+        self.s.lazy = lazy
         self.s.block_bytes = self._ring.block_bytes
         self.s.nblocks = self._ring.nblocks
         self.s.state = self._ring.state
@@ -839,7 +1010,7 @@ cdef class Capture:
             raise MemoryError()
         self.s.cur = -1
         self.s.last = -1
-        self.s.max_packets = count
+        self.s.max_packets = <uint64_t> count
         self.max_wait = max_wait
         self._lock = threading.Lock()
         self._handle_lock = threading.Lock()
@@ -866,6 +1037,8 @@ cdef class Capture:
         if self.stop_fd >= 0:
             close(self.stop_fd)
         free(self.s.queue)
+        pthread_mutex_destroy(&self.s.stats_mu)
+        ps_count(&_captures_freed)
 
     def __del__(self):
         if self.s.p != NULL:
@@ -916,12 +1089,18 @@ cdef class Capture:
         ``kernel_dropped`` (buffer full), ``interface_dropped``, and the ring's own
         ``ring_drops`` (no free block) and ``oversize_drops``. Callable from any thread."""
         cdef pcap_stat ps
+        cdef int rc = -1
         memset(&ps, 0, sizeof(ps))
         out = {"packets": self.s.packets, "bytes": self.s.bytes,
                "ring_drops": self.s.ring_drops, "oversize_drops": self.s.oversize_drops,
                "kernel_received": 0, "kernel_dropped": 0, "interface_dropped": 0}
         with self._handle_lock:  # close() from another thread must not free the handle meanwhile
-            ok = self.s.p != NULL and not self.offline and pcap_stats(self.s.p, &ps) == 0
+            if self.s.p != NULL and not self.offline:
+                with nogil:  # the reader thread's drain calls pcap_stats too: one at a time
+                    pthread_mutex_lock(&self.s.stats_mu)
+                    rc = pcap_stats(self.s.p, &ps)
+                    pthread_mutex_unlock(&self.s.stats_mu)
+            ok = rc == 0
         if ok:
             out.update(kernel_received=ps.ps_recv, kernel_dropped=ps.ps_drop,
                        interface_dropped=ps.ps_ifdrop)
@@ -987,14 +1166,17 @@ cdef class Capture:
         :param timeout: seconds to wait; on expiry raises ``TimeoutError`` (None: no limit).
         """
         cdef int rc = 0, prc
-        cdef int64_t now, deadline = -1, max_wait_ns = <int64_t> (self.max_wait * 1e9)
+        cdef int64_t now, deadline = -1, max_wait_ns = _seconds_to_ns(self.max_wait)
         cdef int poll_ms
         cdef pollfd fds[2]
         cdef uint64_t junk
         cdef pcap_stat ps
         cdef CaptureState *s = &self.s
         if timeout is not None:
-            deadline = ps_monotonic_ns() + <int64_t> (float(timeout) * 1e9)
+            t = float(timeout)
+            if t != t:
+                raise ValueError("timeout must be a number of seconds, not NaN")
+            deadline = ps_monotonic_ns() + _seconds_to_ns(max(t, 0.0))
         while True:
             if s.q_len > 0:
                 return self._pop()
@@ -1020,6 +1202,9 @@ cdef class Capture:
                                           "release batches (or keep copy()s) to read on")
                     with nogil:
                         rc = pcap_dispatch(s.p, -1, _on_packet, <unsigned char *> s)
+                    if s.err:
+                        s.err = 0
+                        raise MemoryError(f"reading {self.device!r}: cannot allocate a ring block")
                     if rc == 0 or (s.max_packets and s.packets >= s.max_packets):
                         _seal(s)
                         self.eof = True
@@ -1058,10 +1243,10 @@ cdef class Capture:
                         # buffer block is ready, stop() through the eventfd, signals with EINTR
                         poll_ms = 500
                         if s.cur >= 0 and s.count[s.cur] > 0:
-                            poll_ms = min(self.timeout_ms if self.timeout_ms > 0 else 100,
-                                          <int> ((s.cur_first_ns + max_wait_ns - now) // 1000000) + 1)
+                            poll_ms = _min_ms(self.timeout_ms if self.timeout_ms > 0 else 100,
+                                              s.cur_first_ns + max_wait_ns - now)
                         if deadline >= 0:
-                            poll_ms = min(poll_ms, <int> ((deadline - now) // 1000000) + 1)
+                            poll_ms = _min_ms(poll_ms, deadline - now)
                         prc = poll(fds, 2, poll_ms)
                         if prc < 0 and errno != EINTR:
                             rc = -100
@@ -1082,7 +1267,10 @@ cdef class Capture:
                             # timeout (timeout_ms) expires: wait for that once, then drain
                             memset(&ps, 0, sizeof(ps))
                             s.drain_target = 0
-                            if pcap_stats(s.p, &ps) == 0:
+                            pthread_mutex_lock(&s.stats_mu)
+                            prc = pcap_stats(s.p, &ps)
+                            pthread_mutex_unlock(&s.stats_mu)
+                            if prc == 0:
                                 s.drain_target = <uint64_t> (ps.ps_recv - ps.ps_drop)
                                 if s.drain_target > s.seen:
                                     poll(fds, 1, self.timeout_ms if self.timeout_ms > 0 else 100)

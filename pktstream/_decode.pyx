@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+# cython: language_level=3
 """Vectorised header decode: one C loop over a batch fills numpy columns.
 
 Link layers: Ethernet (with up to two 802.1Q/802.1ad tags recorded, more skipped), Linux
@@ -6,11 +6,12 @@ cooked v1/v2 (SLL, SLL2), raw IP (DLT_RAW 12/14, LINKTYPE_RAW 101, DLT_IPV4/IPV6
 loopback (DLT_NULL host order, DLT_LOOP network order). Network: IPv4 (fragments flagged),
 IPv6 (hop-by-hop, routing, destination options, fragment, AH extension headers walked).
 Transport: TCP (flags, seq, ack), UDP, SCTP/UDP-Lite ports, ICMP/ICMPv6 type and code.
-Every read is bounds-checked against the captured length: a truncated or malformed header
+Every read is bounds-checked against the captured length, and every packet's
+``offset + caplen`` against the buffer, before the loop: a truncated or malformed header
 leaves the remaining fields at their "absent" value and sets ``truncated``.
 """
 cimport cython
-from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
 import numpy as np
@@ -18,10 +19,7 @@ cimport numpy as cnp
 
 cnp.import_array()
 
-cdef extern from "_compat.h" nogil:
-    uint32_t ps_get_le32(const unsigned char *p)
-    uint16_t ps_get_be16(const unsigned char *p)
-    uint32_t ps_get_be32(const unsigned char *p)
+from pktstream._compat cimport ps_get_be16, ps_get_be32
 
 
 cdef inline uint32_t _host32(const unsigned char *p) noexcept nogil:
@@ -41,10 +39,19 @@ FIELDS = (
 )
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.initializedcheck(False)
 def decode_columns(const unsigned char[::1] buf, const int64_t[::1] offsets,
                    const uint32_t[::1] caplen, int link_type):
     """Decode every packet (data at ``buf[offsets[i]:offsets[i] + caplen[i]]``) → dict of arrays."""
-    cdef Py_ssize_t n = offsets.shape[0], i
+    cdef Py_ssize_t n = offsets.shape[0], i, size = buf.shape[0]
+    if caplen.shape[0] != n:
+        raise ValueError(f"{n} offsets but {caplen.shape[0]} caplens")
+    for i in range(n):  # every packet, not just the last: the arrays may come from anywhere
+        if offsets[i] < 0 or offsets[i] > size or <int64_t> caplen[i] > size - offsets[i]:
+            raise ValueError(f"packet {i} (offset {offsets[i]}, caplen {caplen[i]}) runs past "
+                             f"the {size}-byte buffer")
     cols = {}
     for name, dt in FIELDS:
         cols[name] = np.zeros(n if not isinstance(dt, tuple) else (n, dt[1]),
@@ -76,14 +83,14 @@ def decode_columns(const unsigned char[::1] buf, const int64_t[::1] offsets,
     cdef int32_t[::1] poff = cols["payload_offset"]
     cdef int32_t[::1] plen = cols["payload_len"]
     cdef uint8_t[::1] trunc = cols["truncated"].view(np.uint8)
-    cdef const unsigned char *base = &buf[0]
+    cdef unsigned char empty = 0
+    cdef const unsigned char *base = &buf[0] if size else &empty  # only 0-byte packets then
     cdef const unsigned char *p
-    cdef uint32_t L, pos, et, af, ihl, tot, hl, nh, l4, l4len, thl, k
+    # positions in 64 bits: pos + header sizes cannot wrap whatever caplen is
+    cdef uint64_t L, pos, l4
+    cdef uint32_t et, af, ihl, tot, hl, nh, l4len, thl, k
     cdef int tags
     cdef bint first_frag, ok
-    if buf.shape[0] and n:
-        if offsets[n - 1] + <int64_t> caplen[n - 1] > buf.shape[0]:
-            raise ValueError("offsets/caplen run past the buffer")
     with nogil:
         for i in range(n):
             p = base + offsets[i]
@@ -150,7 +157,7 @@ def decode_columns(const unsigned char[::1] buf, const int64_t[::1] offsets,
             nh = 256
             first_frag = True
             if et == 0x0800:
-                l3off[i] = pos
+                l3off[i] = <int32_t> pos
                 if L < pos + 20 or (p[pos] >> 4) != 4:
                     trunc[i] = L < pos + 20
                     continue
@@ -177,7 +184,7 @@ def decode_columns(const unsigned char[::1] buf, const int64_t[::1] offsets,
                 l4 = pos + ihl
                 l4len = tot - ihl if tot >= ihl else 0
             elif et == 0x86DD:
-                l3off[i] = pos
+                l3off[i] = <int32_t> pos
                 if L < pos + 40 or (p[pos] >> 4) != 6:
                     trunc[i] = L < pos + 40
                     continue
@@ -220,7 +227,7 @@ def decode_columns(const unsigned char[::1] buf, const int64_t[::1] offsets,
                 continue
             if not first_frag:
                 continue
-            l4off[i] = l4
+            l4off[i] = <int32_t> l4
             # ---- transport layer
             if nh == 6:
                 if L < l4 + 20:
@@ -235,7 +242,7 @@ def decode_columns(const unsigned char[::1] buf, const int64_t[::1] offsets,
                 if thl < 20:
                     trunc[i] = 1
                     continue
-                poff[i] = l4 + thl
+                poff[i] = <int32_t> (l4 + thl)
                 plen[i] = l4len - thl if l4len >= thl else 0
             elif nh == 17 or nh == 132 or nh == 136:
                 if L < l4 + 8:
@@ -244,7 +251,7 @@ def decode_columns(const unsigned char[::1] buf, const int64_t[::1] offsets,
                 sport[i] = ps_get_be16(p + l4)
                 dport[i] = ps_get_be16(p + l4 + 2)
                 thl = 12 if nh == 132 else 8
-                poff[i] = l4 + thl
+                poff[i] = <int32_t> (l4 + thl)
                 plen[i] = l4len - thl if l4len >= thl else 0
             elif nh == 1 or nh == 58:
                 if L < l4 + 4:
@@ -252,9 +259,9 @@ def decode_columns(const unsigned char[::1] buf, const int64_t[::1] offsets,
                     continue
                 itype[i] = p[l4]
                 icode[i] = p[l4 + 1]
-                poff[i] = l4 + 8
+                poff[i] = <int32_t> (l4 + 8)
                 plen[i] = l4len - 8 if l4len >= 8 else 0
             else:
-                poff[i] = l4
-                plen[i] = l4len
+                poff[i] = <int32_t> l4
+                plen[i] = <int32_t> l4len
     return cols

@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+# cython: language_level=3
 """Record codecs for capture files, in C loops (no per-packet Python).
 
 Everything here converts between on-disk layouts and pktstream's block layout: classic pcap
@@ -11,7 +11,11 @@ records, little-endian, 16-byte header (ts_sec, ts_nsec, caplen, wirelen) + capl
 * ``take_records``, ``ns_to_us``, ``records_to_epb``: gather, µs conversion, pcapng encoding.
 
 Every length read from input is checked against the bytes present and ``max_caplen`` before
-it is used; output buffers are sized by the caller from the input size (output <= input).
+it is used; output buffers are sized by the caller from the input size (output <= input) and
+checked again here. Input buffers may be writable and change while a loop runs (the GIL is
+released): each field is read once into a local, checked, then used, so the worst a change
+can do is a ``ValueError``, never a read or write outside a buffer. Lengths are computed in
+64-bit (``Py_ssize_t``/``uint64_t``): no 32-bit field can overflow them.
 """
 cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -22,9 +26,7 @@ cimport numpy as cnp
 
 cnp.import_array()
 
-cdef extern from "_compat.h" nogil:
-    void ps_put_le32(unsigned char *p, uint32_t v)
-    uint32_t ps_get_le32(const unsigned char *p)
+from pktstream._compat cimport RECORD_HEADER as HDR, ps_get_le32, ps_put_le32
 
 cdef extern from *:
     """
@@ -49,8 +51,6 @@ cdef extern from *:
     uint16_t ps_get16(const unsigned char *p, int swap) nogil
     uint64_t ps_units_to_ns(uint64_t ts, uint64_t ups, uint64_t mult) nogil
 
-DEF HDR = 16
-
 cdef enum:
     WALK_MORE = 0        # stopped at an incomplete record/block at ``pos``: need more bytes
     WALK_BLOCK = 1       # pcapng: a non-packet block starts at ``pos``
@@ -64,6 +64,8 @@ STATUS = {"more": WALK_MORE, "block": WALK_BLOCK, "bad_length": WALK_BAD_LENGTH,
           "bad_iface": WALK_BAD_IFACE, "options": WALK_OPTIONS, "full": WALK_FULL}
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
 def pcap_walk(const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t end, bint swap,
               bint usec, uint32_t max_caplen, unsigned char[::1] dst=None, Py_ssize_t max_packets=-1):
     """Walk classic pcap records in ``src[start:end]``.
@@ -77,7 +79,7 @@ def pcap_walk(const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t end, bi
     cdef int status = WALK_MORE
     cdef unsigned char *d = NULL
     cdef const unsigned char *s = &src[0] if src.shape[0] else NULL
-    if end > src.shape[0] or start < 0:
+    if end > src.shape[0] or start < 0 or start > end:
         raise ValueError("range outside the buffer")
     if dst is not None:
         if dst.shape[0] < end - start:
@@ -115,6 +117,8 @@ def pcap_walk(const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t end, bi
     return status, pos, count, out
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
 def pcapng_walk(const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t end, bint swap,
                 const uint64_t[::1] if_ups, const uint64_t[::1] if_mult, const int64_t[::1] if_offset,
                 const uint32_t[::1] if_snaplen, uint32_t max_block, unsigned char[::1] dst,
@@ -134,8 +138,15 @@ def pcapng_walk(const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t end, 
     cdef uint32_t btype, blen, iface, caplen, wirelen, hdr, nsec
     cdef uint64_t ts, ns, secs
     cdef int status = WALK_MORE
-    if end > src.shape[0] or start < 0:
+    if end > src.shape[0] or start < 0 or start > end:
         raise ValueError("range outside the buffer")
+    if not (if_mult.shape[0] == if_offset.shape[0] == if_snaplen.shape[0] == n_if):
+        raise ValueError("interface tables differ in length")
+    for k in range(n_if):
+        if if_ups[k] == 0:
+            raise ValueError("interface with 0 timestamp units per second")
+    if not 0 <= dst_pos <= cap_out or not 0 <= count0 <= cap_n:
+        raise ValueError("output position outside the output buffers")
     with nogil:
         while True:
             if end - pos < 12:
@@ -196,7 +207,8 @@ def pcapng_walk(const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t end, 
                 ns = ps_units_to_ns(ts, if_ups[iface], if_mult[iface])
             secs = ns // 1000000000ULL
             nsec = <uint32_t> (ns - secs * 1000000000ULL)
-            ps_put_le32(d + out, <uint32_t> (<int64_t> secs + if_offset[iface]))
+            # if_tsoffset is any int64 from the file: wrap like the 32-bit field does, no overflow
+            ps_put_le32(d + out, <uint32_t> (secs + <uint64_t> if_offset[iface]))
             ps_put_le32(d + out + 4, nsec)
             ps_put_le32(d + out + 8, caplen)
             ps_put_le32(d + out + 12, wirelen)
@@ -208,11 +220,16 @@ def pcapng_walk(const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t end, 
     return status, pos, count, out
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
 def take_records(const unsigned char[::1] src, Py_ssize_t length, const int32_t[::1] keys,
                  int32_t key):
     """Records of ``src[:length]`` whose entry in ``keys`` equals ``key`` → (bytes, count)."""
     cdef Py_ssize_t pos = 0, out = 0, i = 0, n = 0
     cdef uint32_t caplen
+    cdef bint bad = False
+    if not 0 <= length <= src.shape[0]:
+        raise ValueError("length beyond the buffer")
     cdef const unsigned char *s = &src[0] if src.shape[0] else NULL
     result = bytearray(length)
     cdef unsigned char[::1] dst = result
@@ -220,22 +237,33 @@ def take_records(const unsigned char[::1] src, Py_ssize_t length, const int32_t[
     with nogil:
         while pos + HDR <= length and i < keys.shape[0]:
             caplen = ps_get_le32(s + pos + 8)
+            if <Py_ssize_t> caplen > length - pos - HDR:
+                bad = True
+                break
             if keys[i] == key:
                 memcpy(d + out, s + pos, HDR + caplen)
                 out += HDR + caplen
                 n += 1
             pos += HDR + caplen
             i += 1
+    if bad:
+        raise ValueError(f"record at byte {pos} runs past the end of the buffer")
     del dst
     del result[out:]
     return result, n
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
 def take_mask(const unsigned char[::1] src, const int64_t[::1] offsets, const uint32_t[::1] caplen,
               const uint8_t[::1] mask):
     """Records whose ``mask`` entry is true (offsets point at packet data) → (bytearray, count)."""
     cdef Py_ssize_t i, n = offsets.shape[0], out = 0, total = 0, count = 0
+    if caplen.shape[0] != n or mask.shape[0] != n:
+        raise ValueError("offsets, caplen and mask differ in length")
     for i in range(n):
+        if offsets[i] < HDR or offsets[i] > src.shape[0] or <int64_t> caplen[i] > src.shape[0] - offsets[i]:
+            raise ValueError(f"packet {i} (offset {offsets[i]}, caplen {caplen[i]}) is outside the buffer")
         if mask[i]:
             total += HDR + caplen[i]
     result = bytearray(total)
@@ -253,9 +281,11 @@ def take_mask(const unsigned char[::1] src, const int64_t[::1] offsets, const ui
     return result, count
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
 def ns_to_us(const unsigned char[::1] src, Py_ssize_t length):
     """Copy of LE ns records with microsecond timestamps (for µs pcap files)."""
-    if length > src.shape[0]:
+    if not 0 <= length <= src.shape[0]:
         raise ValueError("length beyond the buffer")
     result = bytearray(length)
     if length == 0:
@@ -265,23 +295,33 @@ def ns_to_us(const unsigned char[::1] src, Py_ssize_t length):
     cdef Py_ssize_t pos = 0
     with nogil:
         memcpy(d, &src[0], length)
-        while pos + HDR <= length:
+        while length - pos >= HDR:  # walks the private copy: every header is inside it
             ps_put_le32(d + pos + 4, ps_get_le32(d + pos + 4) // 1000)
-            pos += HDR + ps_get_le32(d + pos + 8)
+            pos += HDR + <Py_ssize_t> ps_get_le32(d + pos + 8)
     return result
 
 
+cdef inline Py_ssize_t _epb_len(uint32_t caplen) noexcept nogil:
+    # 64-bit: (caplen + 3) in 32 bits wraps for caplen >= 2**32 - 3
+    return 32 + ((<Py_ssize_t> caplen + 3) & ~(<Py_ssize_t> 3))
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
 def records_to_epb(const unsigned char[::1] src, Py_ssize_t length, uint32_t iface):
     """LE ns records → pcapng Enhanced Packet Blocks (little-endian, if_tsresol 9), bytes."""
-    cdef Py_ssize_t pos = 0, out = 0, total = 0
-    cdef uint32_t caplen, blen
+    cdef Py_ssize_t pos = 0, out = 0, total = 0, blen
+    cdef uint32_t caplen
     cdef uint64_t ts
-    if length > src.shape[0]:
+    cdef bint bad = False
+    if not 0 <= length <= src.shape[0]:
         raise ValueError("length beyond the buffer")
     cdef const unsigned char *s = &src[0] if length else NULL
     while pos + HDR <= length:  # size pass
         caplen = ps_get_le32(s + pos + 8)
-        total += 32 + (((caplen + 3) >> 2) << 2)
+        if <Py_ssize_t> caplen > length - pos - HDR or _epb_len(caplen) > 0xFFFFFFFF:
+            raise ValueError(f"record at byte {pos} runs past the end of the buffer")
+        total += _epb_len(caplen)
         pos += HDR + caplen
     result = bytearray(total)
     if total == 0:
@@ -291,11 +331,15 @@ def records_to_epb(const unsigned char[::1] src, Py_ssize_t length, uint32_t ifa
     pos = 0
     with nogil:
         while pos + HDR <= length:
+            # the source may have changed since the size pass: check against both buffers again
             caplen = ps_get_le32(s + pos + 8)
-            blen = 32 + (((caplen + 3) >> 2) << 2)
+            blen = _epb_len(caplen)
+            if <Py_ssize_t> caplen > length - pos - HDR or blen > total - out:
+                bad = True
+                break
             ts = <uint64_t> ps_get_le32(s + pos) * 1000000000ULL + ps_get_le32(s + pos + 4)
             ps_put_le32(d + out, 6)
-            ps_put_le32(d + out + 4, blen)
+            ps_put_le32(d + out + 4, <uint32_t> blen)
             ps_put_le32(d + out + 8, iface)
             ps_put_le32(d + out + 12, <uint32_t> (ts >> 32))
             ps_put_le32(d + out + 16, <uint32_t> ts)
@@ -303,7 +347,9 @@ def records_to_epb(const unsigned char[::1] src, Py_ssize_t length, uint32_t ifa
             ps_put_le32(d + out + 24, ps_get_le32(s + pos + 12))
             memcpy(d + out + 28, s + pos + HDR, caplen)
             # padding is already zero (fresh bytearray)
-            ps_put_le32(d + out + blen - 4, blen)
+            ps_put_le32(d + out + blen - 4, <uint32_t> blen)
             out += blen
             pos += HDR + caplen
+    if bad:
+        raise ValueError(f"record at byte {pos} changed while it was being converted")
     return result

@@ -1,5 +1,7 @@
 """Property-based fuzzing (hypothesis) of the frame decoder, the DATA decoder, the handshake
-validation and a live receiver. Short by default; a long run:
+validation, a live receiver, and the Cython core: batches over buffers mutated after they
+were wrapped, capture files truncated while they are read, hostile file headers. Short by
+default; a long run (``./run sanitize`` runs this file under ASan + UBSan):
 
     PKTSTREAM_FUZZ_EXAMPLES=20000 .venv/bin/python -m pytest -q tests/test_fuzz.py
 """
@@ -8,12 +10,17 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import tempfile
+import warnings
 
 import zstandard
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+import pktstream
+from pktstream import Capture, PacketBatch
 from pktstream import protocol as P
-from pktstream.exceptions import FrameError
+from pktstream.exceptions import FileFormatError, FrameError
+from pktstream.formats import open_reader
 from pktstream.receiver import Receiver
 from pktstream.sinks import CallbackSink
 
@@ -84,6 +91,117 @@ def test_decode_data_never_crashes(recs, lie, stored, count_delta, junk, corrupt
     batch.release()
 
 
+_mutations = st.lists(st.tuples(st.integers(0, 10_000), st.sampled_from([0, 1, 0xFF, 0x7F, 0x80])), max_size=6)
+
+
+@FUZZ
+@given(_records, st.booleans(), st.integers(-1, 12), _mutations, st.booleans())
+def test_mutated_buffer_never_reads_outside(recs, validate, count, mutations, index_first):
+    """A bytearray wrapped by a batch and then changed (lengths included): every accessor
+    either works within the buffer or raises FileFormatError; under ASan, any stray read aborts."""
+    buf = bytearray(_pack(recs, lie=False))
+    try:
+        batch = PacketBatch.from_records(buf, link_type=1, snaplen=4000, validate=validate,
+                                         count=-1 if validate else count)
+    except FileFormatError:
+        return
+    try:
+        if index_first:
+            batch.offset  # index built from the original, then the buffer changes
+        for pos, val in mutations:
+            if buf:
+                buf[pos % len(buf)] = val
+                if pos % 3 == 0 and len(buf) >= 16:  # hit a caplen field too
+                    struct.pack_into("<I", buf, (pos % (len(buf) - 15)) // 4 * 4 if len(buf) >= 16 else 0,
+                                     0xFFFFFFF0 + val % 16)
+        off, cap = batch.offset, batch.caplen
+        assert ((off + cap) <= batch.nbytes).all() and (off >= 16).all()
+        assert sum(len(p) for p in batch) == int(cap.sum())
+        batch.filter("tcp or ether[20] = 1")
+        pktstream.decode(batch)
+        batch.copy().release()
+    except (FileFormatError, ValueError):
+        pass
+    batch.release()
+
+
+def _pcap_file(recs, usec: bool, big: bool, snaplen: int, linktype: int) -> bytes:
+    o = ">" if big else "<"
+    magic = 0xA1B2C3D4 if usec else 0xA1B23C4D
+    out = struct.pack(o + "IHHiIII", magic, 2, 4, 0, 0, snaplen, linktype)
+    for sec, nsec, caplen, wirelen, data in recs:
+        frac = (nsec % 10**9) // 1000 if usec else nsec % 10**9
+        out += struct.pack(o + "IIII", sec, frac, len(data), max(wirelen, len(data))) + data
+    return out
+
+
+@settings(max_examples=max(40, EXAMPLES // 3), deadline=None, suppress_health_check=list(HealthCheck))
+@given(_records, st.booleans(), st.booleans(), st.integers(0, 2000), st.integers(0, 6), st.booleans())
+def test_file_truncated_while_read(recs, usec, big, cut, after, libpcap):
+    """A capture file cut short (anywhere, also mid-record) after ``after`` batches were read:
+    no crash (formerly SIGBUS on the memory-mapped path), the batches already delivered stay
+    intact, and what is delivered is a prefix of the packets."""
+    data = _pcap_file(recs * 20, usec, big, 65535, 1)
+    want = [r[4] for r in recs * 20]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "f.pcap")
+        with open(path, "wb") as f:
+            f.write(data)
+        got, held = [], []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if libpcap:
+                cap = Capture.open_offline(path, block_bytes=4096, ring_blocks=4)
+                batches = cap
+            else:
+                reader = open_reader(path, batch_bytes=4096)
+                batches = reader
+            try:
+                for i, b in enumerate(batches):
+                    if i == after:
+                        os.truncate(path, min(cut, len(data)) + 24)
+                    held.append((b, [bytes(p) for p in b]))
+                    if libpcap:  # keep a few ring blocks, give the rest back
+                        if len(held) > 2:
+                            held[-3][0].release()
+            except FileFormatError:
+                pass
+            finally:
+                (cap if libpcap else reader).close()
+        for b, packets in held:
+            if not b.released:
+                assert [bytes(p) for p in b] == packets
+            got.extend(packets)
+        assert got == want[:len(got)]
+
+
+@settings(max_examples=max(40, EXAMPLES // 3), deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.sampled_from([1, 101, 113, 147, 231, 276, 0xFFFF, 0x7FFFFFFF]),
+       st.sampled_from([0, 1, 100, 65535, 262144, 1 << 27, 0x7FFFFFFF, 0xFFFFFFFF]),
+       st.binary(max_size=300), st.booleans())
+def test_hostile_pcap_header(linktype, snaplen, body, through_libpcap):
+    """Any link type and snaplen in a file header: a clear error or packets, and ring/buffer
+    memory bounded by what was read, never by the claimed snaplen."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "h.pcap")
+        with open(path, "wb") as f:
+            f.write(struct.pack("<IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, snaplen, linktype) + body)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                if through_libpcap:
+                    with Capture.open_offline(path, block_bytes=4096, ring_blocks=4) as cap:
+                        assert cap.ring.reserved_bytes == 0
+                        for b in cap:
+                            assert cap.ring.reserved_bytes <= 4 * 4096 + len(body)
+                            b.release()
+                else:
+                    for b in pktstream.read(path, batch_bytes=4096):
+                        assert b.nbytes <= len(body)
+            except (FileFormatError, pktstream.PcapError):
+                pass
+
+
 _json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
                      lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4),
                      max_leaves=12)
@@ -93,7 +211,7 @@ _json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_siz
 @given(st.dictionaries(st.sampled_from(["index", "name", "link_type", "snaplen", "x"]), _json))
 def test_interface_descriptor_validation(d):
     try:
-        out = Receiver._check_iface(d)
+        out = Receiver.check_interface(d)
     except FrameError:
         return
     assert isinstance(out["name"], str) and 0 < len(out["name"]) <= 64

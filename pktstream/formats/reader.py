@@ -3,7 +3,10 @@
 The format is detected from the magic bytes, never from the file name. Every reader yields
 :class:`~pktstream.PacketBatch` objects in pktstream's block layout (LE records, ns stamps):
 
-* a little-endian nanosecond pcap file on disk is memory-mapped and wrapped without copying;
+* a little-endian nanosecond pcap file is read (``readinto``) into a buffer of ``batch_bytes``
+  and wrapped without a further copy; it is not memory-mapped, so a file truncated while it is
+  read (or while batches of it are held) ends the reading with a :class:`TruncatedFileWarning`
+  instead of killing the process with SIGBUS;
 * other pcap files and every pcapng file are converted in C (``pktstream._records``), one
   buffer of ``batch_bytes`` at a time;
 * a pcapng batch holds packets of one interface (``batch.interface`` is the IDB's
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import mmap
 import os
 import struct
 from dataclasses import dataclass, field
@@ -303,7 +305,6 @@ class CaptureReader:
         self.sections: list[SectionInfo] = []
         self.nanosecond = True
         self.byte_order = "little"
-        self._mm: mmap.mmap | None = None
         self._raw = None
         self._f, self._owns, self.compression, self.path = _open_stream(source)
         self._name = self.path or "<stream>"
@@ -349,14 +350,6 @@ class CaptureReader:
         self.interfaces.append(InterfaceInfo(0, lt, self.snaplen, self.path or "if0",
                                              tsresol=9 if self.nanosecond else 6))
         self._max_caplen = max(min(self.snaplen, MAX_CAPLEN), DEFAULT_SNAPLEN)
-        if (self.nanosecond and order == "<" and self.compression is None and self._owns
-                and hasattr(self._f, "fileno")):
-            try:
-                size = os.fstat(self._f.fileno()).st_size
-                if size > 24:
-                    self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
-            except (OSError, ValueError):
-                self._mm = None
 
     @property
     def link_types(self) -> list[int]:
@@ -364,8 +357,6 @@ class CaptureReader:
 
     @property
     def bytes_read(self) -> int:
-        if self._mm is not None:
-            return self._pos
         try:
             raw = self._f if self.compression is None else self._f._under
             return raw.tell() if raw is not None else self._pos
@@ -375,8 +366,6 @@ class CaptureReader:
     # -- iteration ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[PacketBatch]:
         if self.format == "pcap":
-            if self._mm is not None:
-                return self._iter_mmap()
             return self._iter_pcap()
         return self._iter_pcapng()
 
@@ -394,28 +383,6 @@ class CaptureReader:
             raise FileFormatError(msg, path=self.path, offset=offset)
         if self._truncated == "warn":
             warn_truncated(msg, offset)
-
-    def _iter_mmap(self) -> Iterator[PacketBatch]:
-        mm = self._mm
-        size = len(mm)
-        iface = self.interfaces[0]
-        pos = 24
-        while pos < size:
-            end = min(pos + self.batch_bytes, size)
-            status, new, n, _ = pcap_walk(mm, pos, end, False, False, self._max_caplen)
-            if n == 0 and status == W_MORE and end < size:  # one record larger than a batch
-                status, new, n, _ = pcap_walk(mm, pos, size, False, False, self._max_caplen, None, 1)
-            if n:
-                b = self._batch(memoryview(mm)[pos:new], n, iface)
-                pos = new
-                self._pos = pos
-                yield b
-            if status == W_BAD_LENGTH:
-                raise self._bad(f"packet length {self._caplen_at(mm, new)} larger than {self._max_caplen}", new)
-            if n == 0:
-                if new < size:
-                    self._truncated_end(new, size - new, "pcap record")
-                break
 
     @staticmethod
     def _caplen_at(buf, pos: int, order: str = "<") -> int:
@@ -689,13 +656,7 @@ class CaptureReader:
 
     # -- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
-        """Close the file. Batches already yielded from a memory-mapped file stay valid."""
-        if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError:  # batches still reference it: the GC unmaps it later
-                pass
-            self._mm = None
+        """Close the file. Batches already yielded stay valid (they own their buffers)."""
         if self._owns and self._f is not None:
             self._f.close()
         self._f = None

@@ -1,0 +1,261 @@
+"""Memory safety of the Cython core (issue #12): foreign buffers that change after they were
+wrapped, wrong counts, files truncated while they are read, hostile file headers, hostile
+lengths given to the record codecs, batches in cyclic garbage, and allocation counters that
+balance. No root needed: everything here is offline.
+
+Each test fails on the code before the fix (some by crashing, which is why the truncation
+and hostile-header cases run in a child process)."""
+from __future__ import annotations
+
+import gc
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+
+import pktstream
+from pktstream import Capture, FileFormatError, PacketBatch
+from pktstream._decode import decode_columns
+from pktstream._records import pcapng_walk, records_to_epb, take_mask, take_records
+from pktstream.formats import open_reader
+
+NS_HEADER = struct.pack("<IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 65535, 1)
+
+
+def _records(n: int, size: int = 30, fill: int = 0) -> bytes:
+    return b"".join(struct.pack("<IIII", 1_700_000_000 + i, i, size, size) + bytes([fill]) * size
+                    for i in range(n))
+
+
+def _run_child(code: str, tmp_path) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (a SIGBUS or an OOM there fails the test, not pytest)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    if env.get("PKTSTREAM_ASAN_PRELOAD"):  # ./run sanitize: the child needs the ASan runtime too
+        env["LD_PRELOAD"] = env["PKTSTREAM_ASAN_PRELOAD"]
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+# -- foreign buffers ------------------------------------------------------------------------
+
+def test_mutated_bytearray_is_bounds_checked():
+    """The issue's case: wrap a bytearray, change one caplen, read the index."""
+    buf = bytearray(_records(3))
+    batch = PacketBatch.from_records(buf, link_type=1)
+    assert len(batch) == 3
+    struct.pack_into("<I", buf, 46 + 8, 100_000)  # caplen of record 1: far past the 138 bytes
+    with pytest.raises(FileFormatError, match="runs past the end of the 138-byte buffer"):
+        batch.offset
+    with pytest.raises(FileFormatError):
+        list(batch)
+    batch.release()
+    buf.append(0)  # the exporter is unlocked again
+
+
+def test_validate_false_with_a_wrong_count_is_bounds_checked():
+    data = _records(3)
+    batch = PacketBatch.from_records(data, link_type=1, validate=False, count=10)
+    with pytest.raises(FileFormatError, match="record 3 of 10"):
+        batch.ts_ns
+    batch.release()
+
+
+def test_filter_uses_the_checked_lengths_not_the_buffer():
+    """Lengths given to libpcap's filter come from the index built (and checked) once; a caplen
+    changed afterwards must not let the filter read past the packet (here: into the next record)."""
+    buf = bytearray(_records(1, 30, 0x00) + _records(1, 30, 0xAB))
+    batch = PacketBatch.from_records(buf, link_type=1)
+    assert batch.filter("ether[50] = 0xab").tolist() == [False, False]
+    struct.pack_into("<I", buf, 8, 60)  # record 0 now claims the next record's bytes
+    assert batch.filter("ether[50] = 0xab").tolist() == [False, False]
+    batch.release()
+
+
+# -- files truncated while read --------------------------------------------------------------
+
+def test_file_truncated_while_reading_no_sigbus(tmp_path):
+    """A LE-ns pcap (formerly memory-mapped) cut short after the first batch was delivered: the
+    batches already held stay readable and reading ends with a truncation warning, not SIGBUS."""
+    path = tmp_path / "shrinking.pcap"
+    path.write_bytes(NS_HEADER + _records(4000, 200, 0x5A))
+    r = _run_child(f"""
+        import os, warnings, pktstream
+        from pktstream.formats import open_reader
+        path = {str(path)!r}
+        held, n = [], 0
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            with open_reader(path, batch_bytes=64 * 1024) as rd:
+                for i, b in enumerate(rd):
+                    held.append(b)
+                    if i == 0:
+                        os.truncate(path, 24 + 216 * 700 + 5)  # and mid-record
+        total = sum(len(b) for b in held)
+        # every byte of every batch delivered is still there
+        assert all(bytes(p) == b"\x5a" * 200 for b in held for p in b)
+        print(total, len(w))
+    """, tmp_path)
+    assert r.returncode == 0, f"child died (rc {r.returncode}): {r.stderr[-2000:]}"
+    total, nwarn = map(int, r.stdout.split())
+    assert 300 <= total <= 700 and nwarn == 1
+
+
+def test_file_truncated_to_the_header_before_reading(tmp_path):
+    path = tmp_path / "cut.pcap"
+    path.write_bytes(NS_HEADER + _records(100))
+    with open_reader(path) as rd:
+        os.truncate(path, 24)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert list(rd) == []
+
+
+# -- hostile headers -------------------------------------------------------------------------
+
+def test_hostile_snaplen_does_not_size_the_ring(tmp_path):
+    """A 24-byte D-Bus pcap header (libpcap allows 128 MiB packets for it) must not reserve
+    snaplen-sized ring blocks: memory follows what is read."""
+    path = tmp_path / "dbus.pcap"
+    path.write_bytes(struct.pack("<IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 0xFFFFFFFF, 231))
+    r = _run_child(f"""
+        import pktstream
+        def vm():  # address space reserved (malloc+memset of zeros is calloc: RSS may not grow)
+            with open("/proc/self/status") as f:
+                return next(int(l.split()[1]) for l in f if l.startswith("VmSize:"))
+        before = vm()
+        cap = pktstream.Capture.open_offline({str(path)!r})
+        grown = vm() - before
+        assert cap.snaplen >= 1 << 20, cap.snaplen  # what the header claims
+        assert cap.next_batch() is None
+        cap.close()
+        print(grown)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout) < 64 * 1024, f"opening a 24-byte file reserved {int(r.stdout)} KiB"
+
+
+def test_lazy_ring_grows_for_a_packet_actually_read(tmp_path):
+    """Offline rings allocate blocks as packets arrive; a packet larger than a block gets a
+    block of its size, and the block shrinks back when it is reused."""
+    path = tmp_path / "jumbo.pcap"
+    big = struct.pack("<IIII", 1, 0, 9000, 9000) + bytes(range(256)) * 35 + bytes(40)
+    path.write_bytes(NS_HEADER + _records(5, 100) + big + _records(300, 100))
+    cap = Capture.open_offline(path, block_bytes=4096, ring_blocks=4)
+    assert cap.ring.reserved_bytes == 0
+    sizes = []
+    for batch in cap:
+        sizes.extend(batch.caplen.tolist())
+        if 9000 in batch.caplen.tolist():
+            assert bytes(batch[batch.caplen.tolist().index(9000)]) == big[16:]
+        assert cap.ring.reserved_bytes <= 3 * 4096 + 9016
+        batch.release()
+    cap.close()
+    assert sizes == [100] * 5 + [9000] + [100] * 300
+
+
+# -- hostile lengths in the record codecs -----------------------------------------------------
+
+def test_records_to_epb_caplen_overflow():
+    rec = struct.pack("<IIII", 1, 0, 0xFFFFFFFF, 0xFFFFFFFF) + bytes(16)
+    with pytest.raises(ValueError, match="runs past the end"):
+        records_to_epb(rec, len(rec), 0)
+    ok = _records(2, 13)
+    out = records_to_epb(ok, len(ok), 0)
+    assert len(out) == 2 * (32 + 16) and struct.unpack_from("<I", out, 4)[0] == 48
+
+
+def test_take_records_and_take_mask_check_bounds():
+    rec = _records(2) + struct.pack("<IIII", 1, 0, 1 << 20, 1 << 20) + bytes(4)
+    keys = np.zeros(3, dtype=np.int32)
+    with pytest.raises(ValueError, match="runs past"):
+        take_records(rec, len(rec), keys, 0)
+    with pytest.raises(ValueError, match="beyond the buffer"):
+        take_records(rec, len(rec) + 100, keys, 0)
+    good = _records(2)
+    with pytest.raises(ValueError, match="outside the buffer"):
+        take_mask(good, np.array([16, 10_000], dtype=np.int64), np.array([30, 30], dtype=np.uint32),
+                  np.ones(2, dtype=np.uint8))
+    with pytest.raises(ValueError, match="differ in length"):
+        take_mask(good, np.array([16, 62], dtype=np.int64), np.array([30, 30], dtype=np.uint32),
+                  np.ones(1, dtype=np.uint8))
+
+
+def test_decode_columns_checks_every_offset():
+    buf = _records(3)
+    off = np.array([16, 10_000, 108], dtype=np.int64)  # only the middle one is wrong
+    with pytest.raises(ValueError, match="packet 1"):
+        decode_columns(buf, off, np.array([30, 30, 30], dtype=np.uint32), 1)
+
+
+def test_pcapng_walk_checks_output_positions():
+    one = np.ones(1, dtype=np.uint64)
+    args = (one, np.zeros(1, dtype=np.uint64), np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.uint32),
+            1 << 20, bytearray(64))
+    with pytest.raises(ValueError, match="output position"):
+        pcapng_walk(bytes(64), 0, 64, False, *args, -32, np.zeros(4, dtype=np.int32), 0, False)
+
+
+def test_capture_rejects_overflowing_settings():
+    with pytest.raises(ValueError, match="buffer_bytes"):
+        Capture("pktstream-no-such-device", buffer_bytes=2**31)
+    with pytest.raises(ValueError, match="count"):
+        Capture("pktstream-no-such-device", count=-1)
+    with pytest.raises(ValueError, match="max_wait"):
+        Capture("pktstream-no-such-device", max_wait=float("nan"))
+
+
+# -- lifetimes -------------------------------------------------------------------------------
+
+class _Node:
+    pass
+
+
+def test_batch_in_cyclic_garbage_returns_its_block(mixed_pcap):
+    cap = Capture.open_offline(mixed_pcap, ring_blocks=4)
+    free = cap.ring.free_blocks
+    batch = cap.next_batch()
+    assert cap.ring.free_blocks == free - 1
+    gc.collect()
+    gc.disable()
+    try:
+        node = _Node()
+        node.self = node
+        node.batch = batch
+        del node, batch
+        gc.collect()
+    finally:
+        gc.enable()
+    assert cap.ring.free_blocks == free
+    cap.close()
+
+
+def test_alloc_counters_balance(mixed_pcap):
+    from pktstream._capture import alloc_counters
+    gc.collect()
+    before = alloc_counters()
+    cap = Capture.open_offline(mixed_pcap, block_bytes=8192, ring_blocks=3)
+    n = 0
+    for batch in cap:
+        n += len(batch)
+        keep = batch.copy()
+        batch.release()
+    cap.close()
+    batches = list(pktstream.read(mixed_pcap, batch_bytes=8192))
+    during = alloc_counters()
+    assert n == sum(map(len, batches)) == 2000
+    assert during["ring_blocks_allocated"] > before["ring_blocks_allocated"]
+    assert during["buffers_acquired"] - before["buffers_acquired"] >= len(batches)
+    del cap, batch, keep, batches
+    gc.collect()
+    after = alloc_counters()
+    for what in ("ring_blocks", "buffers", "captures"):
+        a, f = ("allocated", "freed") if what == "ring_blocks" else (
+            ("acquired", "released") if what == "buffers" else ("opened", "freed"))
+        grown = after[f"{what}_{a}"] - before[f"{what}_{a}"]
+        freed = after[f"{what}_{f}"] - before[f"{what}_{f}"]
+        assert grown == freed and grown > 0, (what, grown, freed)
