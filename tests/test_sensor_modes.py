@@ -15,8 +15,6 @@ from pktstream.netns import Veth
 from pktstream.sensor import build_filter
 from test_stream import assert_same_packets, received, receiver_cmd, sensor_cmd
 
-pytestmark = pytest.mark.live
-
 
 def test_build_filter_semantics():
     assert build_filter() == ""
@@ -30,6 +28,7 @@ def test_build_filter_semantics():
                  " and not (host fd00::1 and tcp port 8081)")
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("mode,ports,ignore,tcpdump_filter", [
     ("allow", "80,53", "", "port 80 or port 53"),
     ("deny", "80", "", "not port 80"),
@@ -58,6 +57,7 @@ def test_pcap_modes_match_tcpdump(veth, procs, tmp_path, mixed_pcap, mode, ports
     assert_same_packets(received(tmp_path), ref_pkts)
 
 
+@pytest.mark.live
 def test_interfaces_that_appear_later_are_captured(procs, tmp_path):
     """All-interfaces mode: a veth created after the sensor started (a new container) is
     picked up and its traffic streamed."""
@@ -88,6 +88,7 @@ def test_interfaces_that_appear_later_are_captured(procs, tmp_path):
     assert sorted(got) == sorted(d for _, _, d in read_pcap_dpkt(ref))
 
 
+@pytest.mark.live
 def test_own_stream_is_never_captured(procs, tmp_path, mixed_pcap):
     """The sensor captures the very interface its stream to the receiver leaves through: none
     of its own packets (either direction) come back, so there is no feedback loop."""
