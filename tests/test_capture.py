@@ -174,9 +174,10 @@ def test_close_from_other_thread_while_iterating(veth):
 
 
 def test_max_wait_delivers_quiet_traffic_promptly(veth):
-    """Three packets on a quiet link arrive as one batch after about max_wait, long before the
-    kernel timeout (20 s here: without max_wait the batch would not come within next_batch's 10 s)."""
-    cap = pktstream.Capture(veth.outer, max_wait=0.1, timeout_ms=20000)
+    """Three packets on a quiet link arrive as one batch after about max_wait: the block they
+    are in never fills, so without max_wait they would not come at all (next_batch times out).
+    The bound on the time is loose on purpose (a loaded machine); the property is the arrival."""
+    cap = pktstream.Capture(veth.outer, max_wait=0.1)
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     subprocess.run(["ip", "neigh", "replace", veth.inner_ip, "lladdr", "02:00:00:00:00:01",
                     "dev", veth.outer], check=True)
