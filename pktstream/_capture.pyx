@@ -1165,7 +1165,7 @@ cdef class Capture:
 
         :param timeout: seconds to wait; on expiry raises ``TimeoutError`` (None: no limit).
         """
-        cdef int rc = 0, prc
+        cdef int rc = 0, prc, drain_waits = 0
         cdef int64_t now, deadline = -1, max_wait_ns = _seconds_to_ns(self.max_wait)
         cdef int poll_ms
         cdef pollfd fds[2]
@@ -1278,6 +1278,15 @@ cdef class Capture:
                         # the end is a dispatch that finds nothing, or (under sustained traffic,
                         # where none does) having taken every packet the kernel had at stop()
                         prc = pcap_dispatch(s.p, -1, _on_packet, <unsigned char *> s)
+                        if prc == 0 and drain_waits < 20 and s.drain_target > s.seen and not (
+                                s.max_packets and s.packets >= s.max_packets):
+                            # nothing handed over, yet the kernel had packets at stop() not seen
+                            # yet: they sit in a block whose timeout has not expired (the wait
+                            # above was met by an earlier block, or the machine is loaded): wait
+                            # for it (bounded) and dispatch again, instead of ending without them
+                            drain_waits += 1
+                            poll(fds, 1, self.timeout_ms if self.timeout_ms > 0 else 100)
+                            prc = PCAP_ERROR_BREAK  # not the end: the loop dispatches again
                         if prc == 0 or (prc < 0 and prc != PCAP_ERROR_BREAK) or (
                                 s.drain_target and s.seen >= s.drain_target) or (
                                 s.max_packets and s.packets >= s.max_packets):

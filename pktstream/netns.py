@@ -1,12 +1,29 @@
 """Network namespaces and veth pairs for the demo, the tests and the benchmarks (needs root)."""
 from __future__ import annotations
 
+import fcntl
 import itertools
+import json
 import os
 import subprocess
 from pathlib import Path
 
 _counter = itertools.count()
+# held while a subnet is chosen and assigned, so concurrent runs (tests, demo, benchmarks of
+# several users) never pick the same 198.18.<k>.0/24
+_LOCK = "/run/pktstream-netns.lock" if os.path.isdir("/run") else "/tmp/pktstream-netns.lock"
+
+
+def _subnets_in_use() -> set[int]:
+    """Third octets of every 198.18.<k>.x address in the root namespace (where outer ends live)."""
+    out = subprocess.run(["ip", "-j", "-4", "addr"], check=True, capture_output=True, text=True).stdout
+    used = set()
+    for itf in json.loads(out or "[]"):
+        for a in itf.get("addr_info", []):
+            parts = a.get("local", "").split(".")
+            if parts[:2] == ["198", "18"] and len(parts) == 4:
+                used.add(int(parts[2]))
+    return used
 
 
 def _sh(*cmd: str) -> subprocess.CompletedProcess:
@@ -17,25 +34,33 @@ class Veth:
     """A veth pair: ``outer`` in the root namespace, ``inner`` in namespace ``ns``.
 
     IPv6 is disabled on both ends so nothing but the test's traffic crosses the link.
-    outer has 198.18.<k>.1/24, inner 198.18.<k>.2/24.
+    outer has 198.18.<k>.1/24, inner 198.18.<k>.2/24, with <k> in 18..217 not used by any other
+    address in the root namespace (chosen under a file lock: concurrent runs never share one).
     """
 
     def __init__(self, prefix: str = "ps") -> None:
         k = next(_counter)
-        tag = f"{os.getpid() % 100000}{k}"
+        tag = f"{os.getpid() % 100000}n{k}"  # "n": pid 12, k 345 and pid 123, k 45 differ
         self.ns = f"{prefix}t{tag}"
         self.outer = f"{prefix}a{tag}"[:15]
         self.inner = f"{prefix}b{tag}"[:15]
-        self.subnet = 18 + (os.getpid() + k) % 200
-        self.outer_ip = f"198.18.{self.subnet}.1"
-        self.inner_ip = f"198.18.{self.subnet}.2"
         _sh("ip", "netns", "add", self.ns)
         try:
             _sh("ip", "link", "add", self.outer, "type", "veth", "peer", "name", self.inner)
             _sh("ip", "link", "set", self.inner, "netns", self.ns)
             for dev, run in ((self.outer, ()), (self.inner, ("ip", "netns", "exec", self.ns))):
                 _sh(*run, "sysctl", "-qw", f"net.ipv6.conf.{dev}.disable_ipv6=1")
-            _sh("ip", "addr", "add", f"{self.outer_ip}/24", "dev", self.outer)
+            with open(_LOCK, "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed, also if this process dies
+                used = _subnets_in_use()
+                start = (os.getpid() + k) % 200
+                free = [18 + (start + i) % 200 for i in range(200) if 18 + (start + i) % 200 not in used]
+                if not free:
+                    raise RuntimeError("no free 198.18.<k>.0/24 subnet for a veth pair (200 in use)")
+                self.subnet = free[0]
+                self.outer_ip = f"198.18.{self.subnet}.1"
+                self.inner_ip = f"198.18.{self.subnet}.2"
+                _sh("ip", "addr", "add", f"{self.outer_ip}/24", "dev", self.outer)
             _sh("ip", "-n", self.ns, "addr", "add", f"{self.inner_ip}/24", "dev", self.inner)
             _sh("ip", "link", "set", self.outer, "up")
             _sh("ip", "-n", self.ns, "link", "set", "lo", "up")

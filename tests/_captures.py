@@ -10,11 +10,10 @@ import gzip
 import shutil
 import struct
 import subprocess
-import time
 from decimal import Decimal
 from pathlib import Path
 
-from conftest import Proc
+from conftest import Proc, wait_pcap_count, wait_until
 from pktstream.netns import Veth
 
 _CACHE: dict[str, dict[str, Path]] = {}
@@ -37,6 +36,22 @@ def tshark_frames(path) -> list[tuple[int, int, int, int]]:
     """(ts_ns, frame.len, frame.cap_len, interface id) per packet as tshark reads them."""
     rows = tshark_rows(path, "frame.time_epoch", "frame.len", "frame.cap_len", "frame.interface_id")
     return [(int(Decimal(r[0]) * 10**9), int(r[1]), int(r[2]), int(r[3] or 0)) for r in rows]
+
+
+def pcapng_count(path: Path) -> int:
+    """Enhanced/simple packet blocks in a (possibly still growing) little-endian pcapng file."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return 0
+    n, pos = 0, 0
+    while pos + 12 <= len(data):
+        btype, blen = struct.unpack_from("<II", data, pos)
+        if blen < 12 or pos + blen > len(data):
+            break
+        n += btype in (3, 6)
+        pos += blen
+    return n
 
 
 def write_pcap_be_us(src_records: list[tuple[int, int, bytes]], path: Path, link_type: int = 1) -> None:
@@ -88,10 +103,13 @@ def real_captures(base: Path, mixed_pcap: Path) -> dict[str, Path]:
         for p in procs:
             p.wait_for("listening on")
         ts = Proc(["tshark", "-i", v.outer, "-n", "-w", str(files["tshark"])])
-        ts.wait_for("Capturing on")
-        time.sleep(0.3)
+        ts.wait_for("Capturing on")  # dumpcap says so once its capture is open
         v.replay(mixed_pcap, pps=20000)
-        time.sleep(0.5)
+        # every capture has every packet (on "any", the replay leaving the inner end) before stopping
+        for k in ("ns", "us", "sll2", "sll"):
+            wait_pcap_count(files[k], N_PACKETS)
+        wait_until(lambda: pcapng_count(files["tshark"]) >= N_PACKETS, 30,
+                   f"tshark to write {N_PACKETS} packets (has {pcapng_count(files['tshark'])})")
         for p in [*procs, ts]:
             p.stop()
     # derived files

@@ -1,12 +1,19 @@
-"""Shared fixtures: root check, veth pairs in test-created namespaces, tcpdump, free ports.
+"""Shared fixtures: root check, veth pairs in test-created namespaces, tcpdump, free ports,
+and waits on real conditions (``wait_until``, ``Proc.wait_for``, ``wait_received``, ``wait_pcap_count``).
 
-Every live test needs root (CAP_NET_RAW/CAP_NET_ADMIN). There is no skip: without root the
-tests fail, because CI runs as root and must run everything.
+Tests marked ``live`` need root (CAP_NET_RAW/CAP_NET_ADMIN, network namespaces) and the capture
+tools (tcpdump, tshark, tcpreplay). There is no skip: without them a live test fails, because CI
+runs as root and must run everything. Unit, fuzz, deploy and file tests are not marked and run
+as any user without those tools: ``pytest -m "not live"``.
+
+Synchronisation: never a fixed sleep. Wait for the condition itself (a log line, a counter, a
+file's packet count, a port accepting) with ``wait_until``; its timeout only bounds a failure.
 """
 from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,11 +35,29 @@ def _sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=check, capture_output=True, text=True)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _require_root_and_tools():
+LIVE_TOOLS = ("ip", "tcpdump", "tshark", "capinfos", "editcap", "mergecap", "tcpreplay")
+# fixtures that need root and the capture tools: a test using one must be marked ``live``
+LIVE_FIXTURES = {"veth", "procs", "caps", "tansu", "moto", "servers"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that uses a live fixture but is not marked ``live`` would break ``-m "not live"``
+    for unprivileged runs: refuse it at collection."""
+    for item in items:
+        used = LIVE_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if used and item.get_closest_marker("live") is None:
+            raise pytest.UsageError(f"{item.nodeid} uses {sorted(used)} but is not marked live")
+
+
+def pytest_runtest_setup(item):
+    """A live test fails (never skips) without root or the capture tools; checked before any
+    of its fixtures (module-scoped captures included) is set up."""
+    if item.get_closest_marker("live") is None:
+        return
     if os.geteuid() != 0:
-        pytest.fail("pktstream's tests need root (network namespaces, live capture); CI runs as root")
-    missing = [t for t in ("ip", "tcpdump", "tshark", "capinfos", "tcpreplay") if not shutil.which(t)]
+        pytest.fail("live tests need root (network namespaces, live capture); CI runs as root. "
+                    "Run the others with: pytest -m 'not live'")
+    missing = [t for t in LIVE_TOOLS if not shutil.which(t)]
     if missing:
         pytest.fail(f"missing tools {missing}: run the README's test command, which installs them")
 
@@ -42,6 +67,66 @@ def _state_dir(tmp_path_factory, monkeypatch):
     """Each test's sensors keep their default spool (and other local state) in a directory of
     their own, not in /var/lib/pktstream: no test sees another's leftovers."""
     monkeypatch.setenv("PKTSTREAM_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition", interval: float = 0.02):
+    """Poll ``predicate`` until it returns something truthy (returned); AssertionError after
+    ``timeout`` s. The timeout only bounds a failure: it is never what a test waits for."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = predicate()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timeout ({timeout} s) waiting for {what}")
+        time.sleep(interval)
+
+
+def pcap_count(path: str | Path) -> int:
+    """Complete records in a classic pcap file that may still be growing (0 if absent)."""
+    import struct
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return 0
+    if len(data) < 24:
+        return 0
+    order = "<" if data[:4] in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
+    n, pos = 0, 24
+    while pos + 16 <= len(data):
+        caplen = struct.unpack_from(order + "I", data, pos + 8)[0]
+        if pos + 16 + caplen > len(data):
+            break
+        n, pos = n + 1, pos + 16 + caplen
+    return n
+
+
+def wait_pcap_count(path: str | Path, n: int, timeout: float = 30.0) -> None:
+    """Wait until a growing pcap file (tcpdump -U) holds at least ``n`` packets."""
+    wait_until(lambda: pcap_count(path) >= n, timeout, f"{n} packets in {path} (has {pcap_count(path)})")
+
+
+_RX_STATS = re.compile(r"sensor (\S+): (\d+) packets, ")
+
+
+def received_counts(rx: "Proc") -> dict[str, int]:
+    """Packets accepted per sensor, from the receiver's latest periodic stats lines
+    (``--stats-interval``)."""
+    out: dict[str, int] = {}
+    for line in rx.err:
+        m = _RX_STATS.search(line)
+        if m:
+            out[m.group(1)] = int(m.group(2))
+    return out
+
+
+def wait_received(rx: "Proc", n: int, sensor: str | None = None, timeout: float = 30.0) -> None:
+    """Wait until a CLI receiver has accepted ``n`` packets (from ``sensor``, or in total)."""
+    def count() -> int:
+        c = received_counts(rx)
+        return c.get(sensor, 0) if sensor is not None else sum(c.values())
+    wait_until(lambda: count() >= n, timeout,
+               f"receiver to accept {n} packets (has {received_counts(rx)}):\n{rx.stderr[-3000:]}")
 
 
 @pytest.fixture
@@ -70,16 +155,19 @@ class Proc:
     def stderr(self) -> str:
         return "".join(self.err)
 
-    def wait_for(self, text: str, timeout: float = 20) -> None:
+    def wait_for(self, text: str, timeout: float = 30, count: int = 1) -> None:
+        """Wait until ``text`` has appeared ``count`` times on stderr."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if text in self.stderr:
+            if self.stderr.count(text) >= count:
                 return
             if self.p.poll() is not None:
-                time.sleep(0.1)
+                self._t.join(5)  # the whole of stderr, then a last look
+                if self.stderr.count(text) >= count:
+                    return
                 raise AssertionError(f"{self.cmd[:3]} exited {self.p.returncode} before {text!r}:\n{self.stderr}")
             time.sleep(0.02)
-        raise AssertionError(f"timeout waiting for {text!r} from {self.cmd[:3]}:\n{self.stderr}")
+        raise AssertionError(f"timeout waiting for {text!r} x{count} from {self.cmd[:3]}:\n{self.stderr}")
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 20) -> int:
         if self.p.poll() is None:
@@ -130,20 +218,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def read_pcap_dpkt(path: str | Path) -> list[tuple[int, int, bytes]]:
+def read_pcap_dpkt(path: str | Path, partial: bool = False) -> list[tuple[int, int, bytes]]:
     """(ts_ns, wirelen, data) per packet of a classic pcap file, parsed here with struct
-    (independent of pktstream's readers; both byte orders, µs and ns magic)."""
+    (independent of pktstream's readers; both byte orders, µs and ns magic). ``partial``:
+    the file may still be growing (a trailing incomplete record is ignored)."""
     import struct
     data = Path(path).read_bytes()
+    if partial and len(data) < 24:
+        return []
     magic = data[:4]
     order, scale = {b"\xd4\xc3\xb2\xa1": ("<", 1000), b"\xa1\xb2\xc3\xd4": (">", 1000),
                     b"\x4d\x3c\xb2\xa1": ("<", 1), b"\xa1\xb2\x3c\x4d": (">", 1)}[magic]
     out, pos = [], 24
     while pos + 16 <= len(data):
         sec, frac, caplen, wirelen = struct.unpack_from(order + "IIII", data, pos)
+        if partial and pos + 16 + caplen > len(data):
+            break
         out.append((sec * 10**9 + frac * scale, wirelen, data[pos + 16:pos + 16 + caplen]))
         pos += 16 + caplen
-    assert pos == len(data), f"{path}: trailing bytes"
+    assert partial or pos == len(data), f"{path}: trailing bytes"
     return out
 
 

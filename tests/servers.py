@@ -119,8 +119,12 @@ class Tansu(_Server):
         finally:
             del adm  # an open client makes tansu's SIGTERM slow
 
-    def read_all(self, topic: str, timeout: float = 30.0, idle: float = 2.0) -> list:
-        """Every message of every partition (assign, no group): [(partition, offset, key, headers, value)]."""
+    def read_all(self, topic: str, timeout: float = 30.0, idle: float = 2.0, count: int | None = None) -> list:
+        """Every message of every partition (assign, no group): [(partition, offset, key, headers, value)].
+
+        With ``count`` (the number the test knows was produced): read until that many arrived
+        (``timeout`` bounds a failure), then briefly on, so that extra (duplicate) messages show.
+        Without it, until nothing came for ``idle`` s."""
         from confluent_kafka import Consumer, TopicPartition
         c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "pktstream-test-reader",
                       "enable.auto.commit": False, "auto.offset.reset": "earliest",
@@ -131,6 +135,13 @@ class Tansu(_Server):
             # tansu's high watermarks count record batches, not records: read until idle instead
             c.assign([TopicPartition(topic, p, 0) for p in parts])
             out, deadline, last = [], time.monotonic() + timeout, time.monotonic()
+            if count is not None:
+                while len(out) < count and time.monotonic() < deadline:
+                    m = c.poll(0.2)
+                    if m is not None and not m.error():
+                        out.append((m.partition(), m.offset(), m.key(), {k: v for k, v in (m.headers() or [])},
+                                    m.value()))
+                idle, last = 0.5, time.monotonic()
             while time.monotonic() < deadline and time.monotonic() - last < idle:
                 m = c.poll(0.2)
                 if m is None or m.error():

@@ -10,8 +10,6 @@ import pytest
 from _captures import real_captures, tshark_rows
 from conftest import PKTSTREAM
 
-pytestmark = pytest.mark.live
-
 
 @pytest.fixture(scope="module")
 def caps(tmp_path_factory, mixed_pcap):
@@ -28,6 +26,7 @@ def _capinfos(path) -> dict[str, str]:
     return dict(zip(("file", "packets", "bytes", "first", "last"), out))
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("name", ["ns", "multi_zst", "gz"])
 def test_info_json_matches_capinfos(caps, name):
     r = run("info", "--json", caps[name])
@@ -44,6 +43,7 @@ def test_info_json_matches_capinfos(caps, name):
     assert f"Number of packets:   {ref['packets']}" in text
 
 
+@pytest.mark.live
 def test_read_lines_like_tcpdump(caps):
     for bpf in ([], ["tcp", "port", "80"], ["ip6"]):
         mine = run("read", caps["ns"], *bpf).stdout.splitlines()
@@ -58,6 +58,7 @@ def test_read_lines_like_tcpdump(caps):
     assert len(first) == 5 and all("UDP" in line for line in first)
 
 
+@pytest.mark.live
 def test_convert_with_filter_and_to_stdout(caps, tmp_path):
     out = tmp_path / "f.pcapng.zst"
     r = run("convert", caps["tshark"], out, "tcp", "port", "80")
@@ -72,6 +73,7 @@ def test_convert_with_filter_and_to_stdout(caps, tmp_path):
     assert not list(tmp_path.glob("bad*"))
 
 
+@pytest.mark.live
 def test_merge_like_mergecap(caps, tmp_path):
     out = tmp_path / "m.pcapng"
     r = run("merge", out, caps["tshark"], caps["sll2"], caps["us"])

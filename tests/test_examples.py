@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, read_pcap_dpkt, tshark_fields
+from conftest import free_port, read_pcap_dpkt, tshark_fields, wait_received, wait_until
 from pktstream.netns import Veth
 from test_stream import receiver_cmd, sensor_cmd
 
@@ -60,14 +60,15 @@ class Servers:
                                              self.veth.inner_ip, "--protocol", protocol), cwd=root, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
         self.procs.append(p)
-        deadline = time.monotonic() + 15
-        while True:
+
+        def accepting() -> bool:
+            assert p.poll() is None, "http.server exited"
             try:
                 with socket.create_connection((self.veth.inner_ip, port), timeout=0.5):
-                    return
+                    return True
             except OSError:
-                assert p.poll() is None and time.monotonic() < deadline, "http.server did not start"
-                time.sleep(0.05)
+                return False
+        wait_until(accepting, 30, f"http.server to accept on port {port}")
 
     def dns(self) -> None:
         p = subprocess.Popen(self.veth.in_ns(sys.executable, "-c", DNS_RESPONDER, self.veth.inner_ip),
@@ -146,14 +147,9 @@ class Lines:
             self.lines.append(line.decode(errors="replace").rstrip("\n"))
         stream.close()
 
-    def wait(self, pred, timeout: float = 20, what: str = "") -> list[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = [line for line in self.lines if pred(line)]
-            if got:
-                return got
-            time.sleep(0.05)
-        raise AssertionError(f"timeout waiting for {what}; lines so far: {self.lines[-20:]}")
+    def wait(self, pred, timeout: float = 30, what: str = "") -> list[str]:
+        return wait_until(lambda: [line for line in list(self.lines) if pred(line)], timeout,
+                          f"{what}; lines so far: {self.lines[-20:]}")
 
     def join(self) -> None:
         self._t.join(10)
@@ -185,8 +181,10 @@ def test_detector_alerts_on_scan_and_dns_tunnel_not_on_benign(veth, servers, pro
     for _ in range(6):
         assert http_get(f"http://{ip}:8080/index.html") == 200
     # the detector has seen every benign query (and the web traffic) and raised nothing
-    det.wait_for(f"dns_queries={len(benign_names)} ", timeout=15)
-    time.sleep(0.3)
+    # two reports at that count: the second is written after everything up to it was examined
+    det.wait_for(f"dns_queries={len(benign_names)} ", count=2)
+    report = [line for line in det.err if f"dns_queries={len(benign_names)} " in line][-1]
+    assert "alerts=0" in report, report
     assert not [line for line in out.lines if line.startswith("ALERT")], out.lines
 
     # malicious: a port scan, then data leaving through DNS names
@@ -258,7 +256,7 @@ def test_fifo_recipe_with_tshark(veth, procs, tmp_path, mixed_pcap):
         sx = procs(sensor_cmd(port, veth.outer))
         sx.wait_for("connected to receiver")
         veth.replay(mixed_pcap, pps=20000)
-        time.sleep(0.5)
+        wait_received(rx, 2000)
         assert sx.stop(signal.SIGTERM) == 0
         assert rx.stop(signal.SIGTERM) == 0
         assert tshark.wait(30) == 0
@@ -374,7 +372,7 @@ def test_forensics_notebook_on_real_capture(veth, servers, procs, tmp_path, mixe
         assert resolve(ip, ["www.example.com", "files.example.net", "a.b.example.org"] * 2) == 6
         assert [http_get(f"http://{ip}:8080/{p}") for p in ("index.html", "data.json", "nope")] == [200, 200, 404]
         replay.join()
-        time.sleep(0.5)
+        wait_received(rx_a, 2000, "beta")  # the replay; the sensors' stop drains the rest
         for s in sensors:
             assert s.stop(signal.SIGTERM) == 0
     assert rx_a.stop(signal.SIGTERM) == 0 and rx_b.stop(signal.SIGTERM) == 0
@@ -466,11 +464,11 @@ def test_debug_http_defaults_on_loopback(veth, procs, tmp_path):
     dbg = procs(veth.in_ns(*example("debug_http.py", "--port", "8080", "--json", "-c", "2")), stdout=subprocess.PIPE)
     out = Lines(dbg.p.stdout)
     dbg.wait_for("capturing tcp port 8080 on lo")
-    deadline = time.monotonic() + 15
-    while subprocess.run(veth.in_ns("curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8080/"),
-                         timeout=10).returncode != 0:  # wait for the server
-        assert time.monotonic() < deadline and server.p.poll() is None
-        time.sleep(0.1)
+    def first_request() -> bool:  # fails (connection refused) until the server listens
+        assert server.p.poll() is None, server.stderr
+        return subprocess.run(veth.in_ns("curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8080/"),
+                              timeout=10).returncode == 0
+    wait_until(first_request, 30, "the HTTP server to answer", interval=0.1)
     r = subprocess.run(veth.in_ns("curl", "-s", "-A", "dbg/2", "http://127.0.0.1:8080/a.txt?v=2"),
                        capture_output=True, text=True, timeout=10)
     assert r.stdout == "a\n"

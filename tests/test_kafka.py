@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump
+from conftest import PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump, wait_pcap_count, wait_received, wait_until
 from pktstream import traffic
 from pktstream.netns import Veth
 from servers import tansu  # noqa: F401  (fixture)
@@ -53,12 +53,8 @@ def committed_seq(dirs: list[Path], sid: str) -> int:
 
 
 def wait_committed(dirs: list[Path], sid: str, seq: int, timeout: float = 40) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if committed_seq(dirs, sid) >= seq:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"receivers committed {sid} only up to {committed_seq(dirs, sid)}, want {seq}")
+    wait_until(lambda: committed_seq(dirs, sid) >= seq, timeout,
+               f"receivers to commit {sid} up to {seq} (at {committed_seq(dirs, sid)})", interval=0.1)
 
 
 def metric(port: int, name: str, sensor: str) -> int:
@@ -73,12 +69,8 @@ def metric(port: int, name: str, sensor: str) -> int:
 
 
 def wait_metric(port: int, name: str, sensor: str, value: int, timeout: float = 40) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if metric(port, name, sensor) >= value:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{name}{{{sensor}}} = {metric(port, name, sensor)}, want {value}")
+    wait_until(lambda: metric(port, name, sensor) >= value, timeout,
+               f"{name}{{{sensor}}} >= {value} (is {metric(port, name, sensor)})", interval=0.1)
 
 
 def union_packets(dirs: list[Path], sid: str) -> list:
@@ -97,10 +89,7 @@ def test_sensors_to_kafka_to_two_receivers_in_one_group(tansu, procs, tmp_path, 
     rx1.wait_for("assigned partitions", timeout=30)
     rx2 = procs(kafka_receiver(tansu.bootstrap, topic, "g1", rx_dirs[1]))
     rx2.wait_for("assigned partitions", timeout=30)
-    deadline = time.monotonic() + 30  # rx1 gives half of its partitions up in the rebalance
-    while rx1.stderr.count("assigned partitions") < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert rx1.stderr.count("assigned partitions") >= 2, rx1.stderr
+    rx1.wait_for("assigned partitions", timeout=30, count=2)  # rx1 gives half of its partitions up
     with Veth() as va, Veth() as vb:
         refs, sensors = {}, {}
         tds = []
@@ -114,7 +103,8 @@ def test_sensors_to_kafka_to_two_receivers_in_one_group(tansu, procs, tmp_path, 
             t.start()
         for t in replays:
             t.join()
-        time.sleep(0.5)
+        for sid in sensors:  # every packet handed to the capture sockets; stopping drains
+            wait_pcap_count(refs[sid], 2000)
         for sid, sx in sensors.items():
             assert sx.stop(signal.SIGTERM) == 0, sx.stderr
             (tmp_path / f"{sid}.log").write_text(sx.stderr)
@@ -172,7 +162,7 @@ def test_broker_killed_and_restarted_mid_stream_loses_nothing(tansu, procs, tmp_
         wait_metric(mport, "pktstream_sensor_packets", "s1", 1000)
         tansu.stop(kill=True)                       # broker gone, mid-stream
         v.replay(phases[1], pps=5000)               # captured while there is no broker
-        time.sleep(1.0)
+        wait_pcap_count(ref, 2000)
         assert metric(mport, "pktstream_sensor_packets", "s1") == 1000
         tansu.start()                               # same port, empty
         tansu.create_topic(topic, partitions=2)
@@ -208,13 +198,13 @@ def test_receiver_kafka_output_messages_are_wire_frames(tansu, veth, procs, tmp_
     sx = procs(sensor_cmd(port, veth.outer, "--sensor-id", "edge-1", "--stats-json", str(tmp_path / "sx.json")))
     sx.wait_for("connected to receiver")
     veth.replay(mixed_pcap, pps=20000)
-    time.sleep(0.5)
+    wait_received(rx, 2000)
     assert sx.stop(signal.SIGTERM) == 0
     td.stop()
     assert rx.stop(signal.SIGTERM) == 0
     st = json.loads((tmp_path / "sx.json").read_text())
     assert st["unacked_frames"] == 0  # every block was confirmed by the broker before the ACK
-    msgs = tansu.read_all("out")
+    msgs = tansu.read_all("out", count=st["batches"])  # one message per block
     assert msgs
     got, seqs = [], []
     for _part, _off, key, h, value in msgs:

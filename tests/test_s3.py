@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump
+from conftest import PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump, wait_pcap_count, wait_until
 from pktstream import traffic
 from servers import moto  # noqa: F401  (fixture)
 from test_stream import assert_same_packets, sensor_cmd
@@ -50,12 +50,14 @@ def object_order(key: str) -> int:
 
 
 def wait_uploads(rx, n: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if rx.stderr.count(": uploaded cap/") >= n:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{rx.stderr.count(': uploaded cap/')} uploads, want {n}:\n{rx.stderr[-3000:]}")
+    rx.wait_for(": uploaded cap/", timeout=timeout, count=n)
+
+
+def s3_packets(client) -> int:
+    """Packets in every object under cap/ (listing, downloading and counting them)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        return sum(len(read_pcap_dpkt(o["pcap"])) for o in download_all(client, Path(d)).values())
 
 
 def test_s3_objects_equal_reference_and_survive_an_s3_outage(veth, procs, tmp_path, moto):
@@ -75,16 +77,17 @@ def test_s3_objects_equal_reference_and_survive_an_s3_outage(veth, procs, tmp_pa
     sx.wait_for("connected to receiver")
     veth.replay(p1, pps=20000)
     wait_uploads(rx, 2)
-    time.sleep(2.0)  # the last file of phase 1 completes after -G
+    # the last file of phase 1 completes after -G and is uploaded: wait until S3 has it all
+    wait_until(lambda: s3_packets(s3) >= 7000, 60, "all 7000 packets of phase 1 in S3", interval=0.5)
     before = download_all(s3, tmp_path / "dl")  # moto forgets everything when it stops
     assert any(o["etag"].strip('"').endswith("-2") for o in before.values()), before  # multipart, 2 parts
 
     moto.stop()                                   # S3 unavailable
     veth.replay(p2, pps=4000)                     # 0.5 s of traffic: files complete, uploads fail
-    time.sleep(3.0)
-    assert "failed" in rx.stderr and "retrying" in rx.stderr
-    staged = list((tmp_path / "staging" / "ready").iterdir())
-    assert staged, "completed files should wait in the staging directory"
+    wait_until(lambda: "failed" in rx.stderr and "retrying" in rx.stderr, 60, "an upload to fail and be retried")
+    wait_until(lambda: list((tmp_path / "staging" / "ready").iterdir()), 60,
+               "completed files to wait in the staging directory")
+    wait_pcap_count(ref, 9000)
     moto.start()                                  # back on the same port, empty
     s3 = moto.client()
     s3.create_bucket(Bucket=BUCKET)

@@ -10,12 +10,10 @@ import time
 
 import pytest
 
-from conftest import PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump
+from conftest import PKTSTREAM, free_port, pcap_count, read_pcap_dpkt, start_tcpdump, wait_pcap_count, wait_received
 from pktstream.netns import Veth
 from pktstream.sensor import build_filter
 from test_stream import assert_same_packets, received, receiver_cmd, sensor_cmd
-
-pytestmark = pytest.mark.live
 
 
 def test_build_filter_semantics():
@@ -30,6 +28,7 @@ def test_build_filter_semantics():
                  " and not (host fd00::1 and tcp port 8081)")
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("mode,ports,ignore,tcpdump_filter", [
     ("allow", "80,53", "", "port 80 or port 53"),
     ("deny", "80", "", "not port 80"),
@@ -39,8 +38,9 @@ def test_pcap_modes_match_tcpdump(veth, procs, tmp_path, mixed_pcap, mode, ports
     port = free_port()
     rx = procs(receiver_cmd(port, "-w", str(tmp_path / "out.pcap")))
     rx.wait_for("listening on")
-    ref = tmp_path / "ref.pcap"
+    ref, everything = tmp_path / "ref.pcap", tmp_path / "all.pcap"
     td = start_tcpdump(procs, veth.outer, ref, tcpdump_filter)
+    td_all = start_tcpdump(procs, veth.outer, everything)
     extra = ["--pcap-mode", mode]
     if ports:
         extra += ["--capture-ports", ports]
@@ -49,8 +49,16 @@ def test_pcap_modes_match_tcpdump(veth, procs, tmp_path, mixed_pcap, mode, ports
     sx = procs(sensor_cmd(port, veth.outer, *extra))
     sx.wait_for("connected to receiver")
     veth.replay(mixed_pcap, pps=20000)
-    time.sleep(0.4)
-    sx.stop(signal.SIGTERM)
+    # how many the mode's filter passes: tcpdump's filter applied offline to everything seen
+    wait_pcap_count(everything, 2000)
+    td_all.stop()
+    expected = tmp_path / "expected.pcap"
+    subprocess.run(["tcpdump", "-r", str(everything), "-w", str(expected), tcpdump_filter], check=True,
+                   capture_output=True)
+    n = pcap_count(expected)
+    wait_pcap_count(ref, n)
+    wait_received(rx, n)
+    assert sx.stop(signal.SIGTERM) == 0
     td.stop()
     rx.stop(signal.SIGTERM)
     ref_pkts = read_pcap_dpkt(ref)
@@ -58,6 +66,7 @@ def test_pcap_modes_match_tcpdump(veth, procs, tmp_path, mixed_pcap, mode, ports
     assert_same_packets(received(tmp_path), ref_pkts)
 
 
+@pytest.mark.live
 def test_interfaces_that_appear_later_are_captured(procs, tmp_path):
     """All-interfaces mode: a veth created after the sensor started (a new container) is
     picked up and its traffic streamed."""
@@ -78,7 +87,8 @@ def test_interfaces_that_appear_later_are_captured(procs, tmp_path):
         ref = tmp_path / "ref.pcap"
         td = start_tcpdump(procs, late.outer, ref, f"udp port {dport}")
         late.replay(src, pps=20000)
-        time.sleep(0.5)
+        wait_pcap_count(ref, 500)
+        wait_received(rx, 500)
         td.stop()
         sx.stop(signal.SIGTERM)
         rx.stop(signal.SIGTERM)
@@ -88,13 +98,15 @@ def test_interfaces_that_appear_later_are_captured(procs, tmp_path):
     assert sorted(got) == sorted(d for _, _, d in read_pcap_dpkt(ref))
 
 
+@pytest.mark.live
 def test_own_stream_is_never_captured(procs, tmp_path, mixed_pcap):
     """The sensor captures the very interface its stream to the receiver leaves through: none
     of its own packets (either direction) come back, so there is no feedback loop."""
     with Veth() as link:
         port = 9000 + (free_port() % 1000)
         rx = procs(link.in_ns(*PKTSTREAM, "receiver", "--listen", f"{link.inner_ip}:{port}",
-                              "--allow-unauthenticated", "-w", str(tmp_path / "out.pcap"), "--stats-json", str(tmp_path / "rx.json")))
+                              "--allow-unauthenticated", "-w", str(tmp_path / "out.pcap"),
+                              "--stats-json", str(tmp_path / "rx.json"), "--stats-interval", "0.2"))
         rx.wait_for("listening on")
         ref = tmp_path / "ref.pcap"
         td = start_tcpdump(procs, link.outer, ref, f"not (tcp port {port})")
@@ -102,7 +114,8 @@ def test_own_stream_is_never_captured(procs, tmp_path, mixed_pcap):
                     "--max-wait", "0.1"])
         sx.wait_for("connected to receiver")
         link.replay(mixed_pcap, pps=20000)
-        time.sleep(0.5)
+        wait_received(rx, 2000)
+        wait_pcap_count(ref, 2000)
         sx.stop(signal.SIGTERM)
         td.stop()
         rx.stop(signal.SIGTERM)

@@ -7,6 +7,7 @@ import os
 import pty
 import re
 import select
+import socket
 import signal
 import struct
 import subprocess
@@ -16,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import PKTSTREAM, free_port
+from conftest import PKTSTREAM, free_port, wait_until
 from pktstream import traffic
 from pktstream.status import render_status
 from test_stream import receiver_cmd, sensor_cmd
@@ -43,6 +44,17 @@ def test_render_status_rates_and_drops():
     assert all(len(line) <= 79 for line in lines[:3])
     assert lines[3] == "outputs: file:/x.pcapng 3010 written, 2 failures | connections 1 | auth failures 4"
     assert render_status({"sensors": {}, "outputs": {}}, None, 1.0)[1] == "(no sensor has connected yet)"
+
+
+def _status_rows(chunks: list[bytes], sensor: str) -> list[list[str]]:
+    screen = b"".join(list(chunks)).decode(errors="replace")
+    return [line.split() for line in ANSI.sub("", screen).replace("\r", "").splitlines()
+            if line.startswith(sensor)]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _read_pty(fd: int, chunks: list[bytes], stop: threading.Event) -> None:
@@ -76,15 +88,16 @@ def test_receiver_status_on_a_terminal(veth, tmp_path):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         src = tmp_path / "t.pcap"
         traffic.write_pcap(str(src), 6000)
-        deadline = time.monotonic() + 20
-        while b"status-1" not in b"".join(chunks):
-            assert time.monotonic() < deadline, b"".join(chunks).decode(errors="replace")
-            time.sleep(0.1)
+        wait_until(lambda: _status_rows(chunks, "status-1"), 30,
+                   "the sensor's status row (connected; its capture is open)")
         veth.replay(src, pps=3000)  # 2 s of traffic: at least one redraw shows a rate
-        time.sleep(1.5)
+        # a redraw with every packet, then (sensor gone) one showing it DOWN
+        wait_until(lambda: any(len(r) > 4 and r[4] == "6000" for r in _status_rows(chunks, "status-1")), 30,
+                   "a status row with all 6000 packets")
         sx.send_signal(signal.SIGTERM)
         assert sx.wait(20) == 0
-        time.sleep(1.2)
+        wait_until(lambda: any(len(r) > 1 and r[1] == "DOWN" for r in _status_rows(chunks, "status-1")), 30,
+                   "a status row showing the sensor DOWN")
         rx.send_signal(signal.SIGTERM)
         assert rx.wait(20) == 0
     finally:
@@ -107,13 +120,15 @@ def test_receiver_status_on_a_terminal(veth, tmp_path):
     assert "receiver listening on" in screen  # log lines still appear, above the table
 
 
-@pytest.mark.live
 def test_receiver_status_without_terminal(tmp_path):
+    """Not live: a receiver on loopback needs no privilege."""
     port = free_port()
     rx = subprocess.Popen(receiver_cmd(port, "-w", str(tmp_path / "o.pcap"), "--status"),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    time.sleep(1.5)
-    rx.send_signal(signal.SIGTERM)
+    try:  # the display is decided at start, before listening: once it accepts, it is on or off for good
+        wait_until(lambda: _port_open(port) or rx.poll() is not None, 30, "the receiver to listen")
+    finally:
+        rx.send_signal(signal.SIGTERM)
     err = rx.communicate(timeout=20)[1].decode()
     assert rx.returncode == 0
     assert "stderr is not a terminal" in err and "\x1b[" not in err and "pkts/s" not in err
@@ -139,7 +154,7 @@ def test_offline_progress_on_a_terminal(tmp_path, command):
         if p.poll() is None:
             p.kill()
             p.wait()
-        time.sleep(0.2)
+        reader.join(30)  # reads to the end: EOF/EIO once the child has exited
         stop.set()
         reader.join(5)
         os.close(master)

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump
+from conftest import PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump, wait_pcap_count, wait_received, wait_until
 from pktstream import traffic
 
 pytestmark = pytest.mark.live
 
 
 def receiver_cmd(port: int, *extra: str) -> list[str]:
-    return [*PKTSTREAM, "receiver", "--listen", f"127.0.0.1:{port}", "--stats-interval", "1", *extra]
+    # counters logged every 0.2 s: tests wait on them (wait_received), never on a sleep
+    return [*PKTSTREAM, "receiver", "--listen", f"127.0.0.1:{port}", "--stats-interval", "0.2", *extra]
 
 
 def sensor_cmd(port: int, iface: str, *extra: str) -> list[str]:
@@ -60,10 +61,10 @@ def test_stream_equals_tcpdump_reference(veth, procs, tmp_path, mixed_pcap):
     sx = procs(sensor_cmd(port, veth.outer, "--stats-json", str(tmp_path / "sx.json")))
     sx.wait_for("connected to receiver")
     veth.replay(mixed_pcap, pps=20000)
-    time.sleep(0.5)
+    wait_received(rx, 2000)
     assert sx.stop(signal.SIGTERM) == 0
     td.stop()
-    assert "said goodbye" in rx.stderr
+    rx.wait_for("said goodbye")
     assert rx.stop(signal.SIGTERM) == 0
     assert_same_packets(received(tmp_path), read_pcap_dpkt(ref))
     sst = json.loads((tmp_path / "sx.json").read_text())
@@ -92,15 +93,15 @@ def test_receiver_sigkill_and_restart_loses_and_duplicates_nothing(veth, procs, 
     import threading
     replay = threading.Thread(target=veth.replay, args=(src,), kwargs={"pps": 2000})
     replay.start()  # 3 s of traffic
-    time.sleep(1.0)
+    wait_received(rx, 1000)  # mid-stream: the receiver has part of it
     rx.p.kill()  # SIGKILL mid-stream
     rx.p.wait()
-    time.sleep(0.7)
+    sx.wait_for("retrying")  # the sensor has noticed: it captures on while the receiver is down
     rx2 = procs(rx_cmd)
     rx2.wait_for("listening on")
     replay.join()
-    time.sleep(0.5)
-    assert sx.stop(signal.SIGTERM) == 0
+    wait_pcap_count(ref, 6000)  # the kernel has handed every packet to the capture sockets
+    assert sx.stop(signal.SIGTERM) == 0  # stopping drains the capture and waits for acks
     td.stop()
     assert rx2.stop(signal.SIGTERM) == 0
     assert "recovery:" in rx2.stderr
@@ -123,12 +124,11 @@ def test_receiver_down_spool_keeps_everything(veth, procs, tmp_path):
                           "--stats-json", str(tmp_path / "sx.json")))
     sx.wait_for("capturing on")
     veth.replay(src, pps=10000)
-    time.sleep(0.5)
-    assert len(os.listdir(tmp_path / "spool")) > 0  # the window overflowed to disk
+    wait_until(lambda: os.listdir(tmp_path / "spool"), 30, "the window to overflow to the spool")
     rx = procs(receiver_cmd(port, "-w", str(tmp_path / "out.pcap")))
     rx.wait_for("listening on")
     sx.wait_for("connected to receiver", timeout=40)
-    time.sleep(1.0)
+    wait_received(rx, 2000, timeout=60)  # everything, spool included, has arrived
     assert sx.stop(signal.SIGTERM) == 0
     td.stop()
     rx.stop(signal.SIGTERM)
@@ -141,25 +141,32 @@ def test_receiver_down_spool_keeps_everything(veth, procs, tmp_path):
 def test_beyond_the_bound_loss_is_counted_exactly(veth, procs, tmp_path):
     """No spool, a small window, receiver down: what does not fit is dropped AND counted,
     and what was kept arrives in order (the oldest blocks)."""
+    from pktstream.sensor import Sensor
     src = tmp_path / "t.pcap"
     traffic.write_random_udp_pcap(str(src), 2000, size=1000)
     port = free_port()
     ref = tmp_path / "ref.pcap"
     td = start_tcpdump(procs, veth.outer, ref)
-    sx = procs(sensor_cmd(port, veth.outer, "-s", "1600", "--block-size", "64KiB", "--window", "200KiB",
-                          "--no-spool", "--stats-json", str(tmp_path / "sx.json")))
-    sx.wait_for("capturing on")
-    veth.replay(src, pps=10000)
-    time.sleep(0.5)
-    rx = procs(receiver_cmd(port, "-w", str(tmp_path / "out.pcap"), "--stats-json", str(tmp_path / "rx.json")))
-    rx.wait_for("listening on")
-    sx.wait_for("connected to receiver", timeout=40)
-    time.sleep(1.0)
-    assert sx.stop(signal.SIGTERM) == 0
+    # in-process sensor: its live counters say when every packet has gone into (or been
+    # dropped from) the window, before the receiver comes up
+    sensor = Sensor(receiver=f"127.0.0.1:{port}", interfaces=[veth.outer], max_wait=0.1, snaplen=1600,
+                    block_bytes=64 << 10, window_bytes=200 << 10, spool_dir=None).start()
+    try:
+        wait_until(lambda: veth.outer in sensor.stats()["interfaces"], 30, "the sensor to capture")
+        veth.replay(src, pps=10000)
+        wait_until(lambda: sensor.stats()["packets"] >= 2000, 30, "the sensor to take all 2000 packets")
+        assert not sensor.stats()["connected"]
+        rx = procs(receiver_cmd(port, "-w", str(tmp_path / "out.pcap"), "--stats-json", str(tmp_path / "rx.json")))
+        rx.wait_for("listening on")
+        wait_until(lambda: sensor.stats()["connected"], 40, "the sensor to connect")
+    finally:
+        sensor.stop()
+        sensor.join(60)  # stopping sends what the window kept and waits for acks
+    assert not sensor._thread.is_alive()
+    st = sensor.stats()
     td.stop()
     rx.stop(signal.SIGTERM)
     got, ref_pkts = received(tmp_path), read_pcap_dpkt(ref)
-    st = json.loads((tmp_path / "sx.json").read_text())
     assert len(ref_pkts) == 2000 and st["packets"] == 2000
     assert 0 < len(got) < 2000
     assert st["window_dropped_packets"] == 2000 - len(got)
@@ -182,7 +189,8 @@ def test_network_cut_and_restored(procs, tmp_path):
         traffic.write_random_udp_pcap(str(src), 3000, size=500)
         port = 9000 + os.getpid() % 1000
         rx = procs(rx_link.in_ns(*PKTSTREAM, "receiver", "--listen", f"{rx_link.inner_ip}:{port}",
-                                 "--allow-unauthenticated", "-w", str(tmp_path / "out.pcap"), "--heartbeat", "0.5"))
+                                 "--allow-unauthenticated", "-w", str(tmp_path / "out.pcap"), "--heartbeat", "0.5",
+                                 "--stats-interval", "0.2"))
         rx.wait_for("listening on")
         ref = tmp_path / "ref.pcap"
         td = start_tcpdump(procs, traffic_link.outer, ref)
@@ -193,16 +201,15 @@ def test_network_cut_and_restored(procs, tmp_path):
         import threading
         replay = threading.Thread(target=traffic_link.replay, args=(src,), kwargs={"pps": 1000})
         replay.start()
-        time.sleep(0.7)
+        wait_received(rx, 300)  # mid-stream (3000 packets at 1000 pps)
         subprocess.run(["ip", "link", "set", rx_link.outer, "down"], check=True)
-        time.sleep(4.0)  # longer than the 2.5 s idle timeout: both sides give the session up
+        # packets are silently lost: both sides give the session up after the 2.5 s idle timeout
+        sx.wait_for("retrying")
+        rx.wait_for("disconnected")
         subprocess.run(["ip", "link", "set", rx_link.outer, "up"], check=True)
         replay.join()
-        deadline = time.monotonic() + 40
-        while sx.stderr.count("connected to receiver") < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert "retrying" in sx.stderr and sx.stderr.count("connected to receiver") >= 2, sx.stderr
-        time.sleep(1)
+        sx.wait_for("connected to receiver", timeout=60, count=2)
+        wait_received(rx, 3000, timeout=60)  # everything resent and accepted
         assert sx.stop(signal.SIGTERM, timeout=60) == 0
         td.stop()
         rx.stop(signal.SIGTERM)
@@ -220,7 +227,7 @@ def test_sensor_restart_continues_without_loss_or_duplicates(veth, procs, tmp_pa
         sx = procs(sensor_cmd(port, veth.outer, "--sensor-id", "s1"))
         sx.wait_for("connected to receiver")
         veth.replay(mixed_pcap, pps=20000)
-        time.sleep(0.4)
+        wait_received(rx, 2000 * (_ + 1), "s1")
         assert sx.stop(signal.SIGTERM) == 0
     td.stop()
     rx.stop(signal.SIGTERM)
@@ -238,10 +245,10 @@ def test_idle_session_stays_connected(veth):
                   heartbeat=0.5).start()
     sx = Sensor(receiver=f"127.0.0.1:{rx.address[1]}", interfaces=[veth.outer], heartbeat=0.5).start()
     try:
-        deadline = time.monotonic() + 10
-        while not sx.stats()["connected"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(6)  # idle: more than twice the 2.5 s idle timeout
+        wait_until(lambda: sx.stats()["connected"], 30, "the sensor to connect")
+        # not synchronisation: staying idle this long IS the test (over twice the 2.5 s idle
+        # timeout); the session must survive it on heartbeats alone
+        time.sleep(6)
         st = rx.stats()["sensors"][sx.sensor_id]
         assert st["connected"] and st["connections"] == 1
         assert sx.counters["connection_failures"] == 0
@@ -276,15 +283,17 @@ def test_slow_output_memory_bounded_and_counted(veth, tmp_path):
     s2 = Sensor(receiver=f"127.0.0.1:{rx.address[1]}", interfaces=[veth.outer], block_bytes=65536, snaplen=1600,
                 max_wait=0.05, window_bytes=64 << 20, sensor_id="fast").start()
     try:
-        time.sleep(1)
+        wait_until(lambda: all(s.stats()["connected"] and veth.outer in s.stats()["interfaces"] for s in (s1, s2)),
+                   30, "both sensors to capture and connect")
         import threading
         t = threading.Thread(target=veth.replay, args=(src,), kwargs={"pps": 5000})
         t.start()
-        while t.is_alive():
+        while t.is_alive():  # sampling the bounds while traffic flows (not synchronisation)
             peak["inflight"] = max(peak["inflight"], gate_slow.stats()["inflight_bytes"])
             assert s1.stats()["unacked_bytes"] <= (512 << 10) + 70000
             time.sleep(0.05)
-        time.sleep(1)
+        wait_until(lambda: s1.stats()["packets"] >= 3000 and s2.stats()["packets"] >= 3000, 30,
+                   "both sensors to take all 3000 packets")
     finally:
         for s in (s1, s2):
             s.stop()
@@ -346,13 +355,13 @@ def test_packetstreamer_yaml_configs_work(veth, procs, tmp_path, mixed_pcap):
     (tmp_path / "receiver.yaml").write_text(PS_RECEIVER_YAML.format(port=port, path=tmp_path / "out.pcap"))
     (tmp_path / "sensor.yaml").write_text(PS_SENSOR_YAML.format(port=port, log=tmp_path / "sensor.log"))
     ref = tmp_path / "ref.pcap"
-    rx = procs([*PKTSTREAM, "receiver", "--config", str(tmp_path / "receiver.yaml")])
+    rx = procs([*PKTSTREAM, "receiver", "--config", str(tmp_path / "receiver.yaml"), "--stats-interval", "0.2"])
     rx.wait_for("listening on")
     td = start_tcpdump(procs, veth.outer, ref)
     sx = procs([*PKTSTREAM, "sensor", "--config", str(tmp_path / "sensor.yaml"), "-i", veth.outer])
     sx.wait_for("connected to receiver")
     veth.replay(mixed_pcap, pps=20000)
-    time.sleep(1.5)  # gatherMaxWaitSec: 1
+    wait_received(rx, 2000)  # blocks sealed after gatherMaxWaitSec (1 s) and sent
     sx.stop(signal.SIGTERM)
     td.stop()
     rx.stop(signal.SIGTERM)

@@ -12,7 +12,8 @@ from collections import Counter
 
 import pytest
 
-from conftest import PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump, tshark_fields
+from conftest import (PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump, tshark_fields, wait_pcap_count,
+                      wait_received, wait_until)
 from pktstream import traffic
 from pktstream.netns import Veth
 from test_stream import receiver_cmd, sensor_cmd
@@ -37,7 +38,8 @@ def test_several_sensors_into_one_pcapng(procs, tmp_path, mixed_pcap):
             t.start()
         for t in threads:
             t.join()
-        time.sleep(0.5)
+        wait_received(rx, 4000, "alpha")
+        wait_received(rx, 2000, "beta")
         for s in (s1, s2):
             assert s.stop(signal.SIGTERM) == 0
         rx.stop(signal.SIGTERM)
@@ -64,7 +66,7 @@ def test_per_sensor_files(veth, procs, tmp_path, mixed_pcap):
     sx = procs(sensor_cmd(port, veth.outer, "--sensor-id", "../../etc/evil"))
     sx.wait_for("connected to receiver")
     veth.replay(mixed_pcap, pps=20000)
-    time.sleep(0.4)
+    wait_received(rx, 2000)
     sx.stop(signal.SIGTERM)
     rx.stop(signal.SIGTERM)
     files = list((tmp_path / "by-sensor").iterdir())
@@ -87,7 +89,7 @@ def test_stdout_into_tshark(veth, procs, tmp_path, mixed_pcap):
         sx = procs(sensor_cmd(port, veth.outer))
         sx.wait_for("connected to receiver")
         veth.replay(mixed_pcap, pps=20000)
-        time.sleep(0.5)
+        wait_received(rx, 2000)
         sx.stop(signal.SIGTERM)
         assert rx.stop(signal.SIGTERM) == 0
         assert tshark.wait(30) == 0
@@ -113,14 +115,14 @@ def test_receiver_sigkill_recovers_pcapng_and_zst(veth, procs, tmp_path, ext):
     sx.wait_for("connected to receiver")
     replay = threading.Thread(target=veth.replay, args=(src,), kwargs={"pps": 2000})
     replay.start()
-    time.sleep(0.8)
+    wait_received(rx, 400)  # mid-stream: the receiver has written part of it (4000 at 2000 pps)
     rx.p.kill()
     rx.p.wait()
     rx2 = procs(cmd)
     rx2.wait_for("listening on")
     replay.join()
-    time.sleep(0.5)
-    sx.stop(signal.SIGTERM)
+    wait_pcap_count(ref, 4000)  # the kernel has handed every packet to the capture sockets
+    assert sx.stop(signal.SIGTERM) == 0  # stopping drains the capture and waits for acks
     td.stop()
     rx2.stop(signal.SIGTERM)
     files = sorted(tmp_path.glob(f"out*.{ext}"), key=lambda p: len(p.name))
@@ -142,7 +144,7 @@ def test_rotation_and_metrics(veth, procs, tmp_path, mixed_pcap):
     sx = procs(sensor_cmd(port, veth.outer, "--sensor-id", "m1", "-s", "1600", "--block-size", "32KiB"))
     sx.wait_for("connected to receiver")
     veth.replay(mixed_pcap, pps=20000)
-    time.sleep(0.5)
+    wait_received(rx, 2000)
     body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
     assert 'pktstream_sensor_packets{sensor="m1"} 2000' in body
     assert 'pktstream_sensor_kernel_dropped{sensor="m1"}' in body
@@ -163,12 +165,13 @@ def test_time_rotation_while_idle(veth, procs, tmp_path, mixed_pcap):
     sx = procs(sensor_cmd(port, veth.outer, "--max-wait", "0.05"))
     sx.wait_for("connected to receiver")
     veth.replay(mixed_pcap, pps=20000)  # 0.1 s
-    time.sleep(3.0)  # idle: the receiver writes nothing, but the file is due after 1 s
-    done = sorted(tmp_path.glob("g.*.pcap"))
+    wait_received(rx, 2000)
+    # idle now: the receiver gets nothing more, but the file is due 1 s after it was opened
+    done = wait_until(lambda: sorted(tmp_path.glob("g.*.pcap")), 30, "the idle file to be completed")
     assert len(done) == 1 and not list(tmp_path.glob("*.part")), list(tmp_path.iterdir())
     assert len(read_pcap_dpkt(done[0])) == 2000
     veth.replay(mixed_pcap, pps=20000)
-    time.sleep(0.5)
+    wait_received(rx, 4000)
     assert sx.stop(signal.SIGTERM) == 0
     assert rx.stop(signal.SIGTERM) == 0
     files = sorted(tmp_path.glob("g.*.pcap"))
@@ -187,8 +190,13 @@ def test_python_api_iterator_and_callback(veth):
     it = rx.batches()
     rx.start()
     sx = Sensor(receiver=f"127.0.0.1:{rx.address[1]}", interfaces=[veth.outer], max_wait=0.05).start()
+    # a failure must not hang the iterator below: stop the receiver (which ends it) after a bound
+    watchdog = threading.Timer(60, rx.stop)
+    watchdog.start()
     try:
-        time.sleep(0.5)
+        # capture open and session up before any packet is sent (a packet sent earlier is not captured)
+        wait_until(lambda: sx.stats()["connected"] and veth.outer in sx.stats()["interfaces"], 30,
+                   "the sensor to capture and connect")
         frames = traffic.frames(300)
         inj = pktstream.Capture(veth.outer)
         t = threading.Thread(target=lambda: [inj.inject(f) for f in frames])
@@ -202,8 +210,13 @@ def test_python_api_iterator_and_callback(veth):
                 break
         t.join()
         inj.close()
-        assert got == 300 and sum(seen) >= 300
+        assert got == 300
+        # the callback runs in its own output thread: it may get the batches after the
+        # iterator did (outputs are not ordered with each other), but it gets all of them
+        wait_until(lambda: sum(seen) >= 300, 30, f"the callback to see 300 packets (saw {sum(seen)})")
+        assert sum(seen) == 300
     finally:
+        watchdog.cancel()
         sx.stop()
         sx.join(20)
         rx.stop()
