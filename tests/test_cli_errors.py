@@ -92,6 +92,7 @@ def public_tmp():
     shutil.rmtree(d)
 
 
+@pytest.mark.live  # switches to uid 65534 with setpriv: needs root
 def test_unwritable_directory_refused_at_start_for_a_non_root_user(public_tmp):
     """A directory without write permission (checked as the user 'nobody'; root may write anywhere)."""
     d = public_tmp / "ro"
@@ -210,6 +211,7 @@ def _batch(n: int, start: int = 0) -> PacketBatch:
     return PacketBatch.from_records(bytes(recs), link_type=1, interface="eth0")
 
 
+@pytest.mark.live  # reads the file with tcpdump (a capture tool)
 def test_extensionless_path_is_written_in_place_as_pcap_like_packetstreamer(tmp_path):
     """upstream's `path: /tmp/dump_file` read with `tail -F /tmp/dump_file | tcpdump -r -`:
     the file grows under exactly that name, a pcap stream readable while written."""
@@ -235,6 +237,7 @@ def test_extensionless_path_is_written_in_place_as_pcap_like_packetstreamer(tmp_
     s2.close()
 
 
+@pytest.mark.live  # a real Sensor captures on lo: needs root
 def test_readme_embedded_receiver_snippet_as_written_leaves_a_complete_file_on_ctrl_c(tmp_path):
     """The README's "Embed a receiver in Python" code, run as written (only the port changed),
     fed by a real sensor on lo, then Ctrl-C (SIGINT): capture.pcapng.zst is complete, no .part."""
@@ -282,6 +285,7 @@ def test_readme_embedded_receiver_snippet_as_written_leaves_a_complete_file_on_c
     assert sum(len(b) for b in pktstream.read(str(tmp_path / "capture.pcapng.zst"))) >= 1
 
 
+@pytest.mark.live  # the demo creates namespaces and captures: needs root
 def test_demo_leaves_no_work_directory(tmp_path):
     """`./run demo` used to leave /tmp/pktstream-demo-*/ (6.6 MB) behind on every run."""
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
