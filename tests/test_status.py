@@ -13,7 +13,6 @@ import struct
 import subprocess
 import termios
 import threading
-import time
 
 import pytest
 

@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import threading
-import time
 import urllib.request
 from collections import Counter
 
