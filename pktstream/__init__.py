@@ -1,4 +1,20 @@
-"""pktstream: capture packets with libpcap and stream them, zstd-compressed, to a receiver."""
+"""pktstream: capture packets with libpcap and stream them, zstd-compressed, to a receiver.
+
+Where to start:
+
+* Capture on this host: :class:`Capture` (a libpcap handle; iterate it for :class:`PacketBatch`
+  blocks, zero-copy numpy views), ``pktstream capture`` on the command line.
+* Files: :func:`read` (pcap, pcapng, .zst, .gz → batches), :func:`open_reader`,
+  :func:`open_writer`, :func:`decode` (header columns as numpy arrays).
+* Streaming: :class:`Sensor` (capture on interfaces, compress, send with a send window and a disk
+  spool) and :class:`Receiver` (accept sensors, write to outputs: :class:`FileSink`,
+  :class:`StdoutSink`, :class:`CallbackSink`, S3 and Kafka in ``pktstream.sinks``).
+
+The data path: Capture → ring → PacketBatch → compressor → send window/spool → uplink →
+receiver session → ingest (validate, dedupe) → outputs → commit → ACK; docs/PROTOCOL.md and
+docs/OPERATIONS.md describe the stream.
+Streaming classes are imported on first use, so ``import pktstream`` stays light.
+"""
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version as _dist_version
@@ -45,7 +61,26 @@ def open_offline(path, **kwargs) -> Capture:
     return Capture.open_offline(path, **kwargs)
 
 
+_LAZY = {
+    "Sensor": "pktstream.sensor", "Receiver": "pktstream.receiver",
+    "FileSink": "pktstream.sinks", "StdoutSink": "pktstream.sinks", "CallbackSink": "pktstream.sinks",
+    "open_reader": "pktstream.formats", "open_writer": "pktstream.formats",
+}
+
+
+def __getattr__(name: str):
+    """Streaming classes, sinks and file openers, imported when first used."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pktstream' has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
+    "Sensor", "Receiver", "FileSink", "StdoutSink", "CallbackSink", "open_reader", "open_writer",
     "AuthenticationError", "BpfProgram", "Capture", "CaptureNotSupported", "CapturePermissionError",
     "ClosedError", "ConfigError", "decode", "FileFormatError", "FilterError", "FrameError", "Interface",
     "InterfaceAddress", "InterfaceNotUp", "NoSuchDevice", "PacketBatch", "PcapError", "PcapWarning",

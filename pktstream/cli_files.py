@@ -208,8 +208,8 @@ def cmd_read(args: argparse.Namespace) -> int:
             if expr:
                 batch = filter_batch(batch, expr)
             if left >= 0 and len(batch) > left:
-                from pktstream.formats.writer import _slice
-                batch = _slice(batch, 0, left) if left else None
+                from pktstream.formats.writer import slice_batch
+                batch = slice_batch(batch, 0, left) if left else None
             if batch is None:
                 break
             if len(batch):
@@ -286,8 +286,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
                 else:
                     end = int(np.searchsorted(ts[start:], limit, side="right" if k < heap[0][1] else "left")) + start
                     end = max(end, start + 1)
-                from pktstream.formats.writer import _slice
-                w.write(b if start == 0 and end == len(b) else _slice(b, start, end))
+                from pktstream.formats.writer import slice_batch
+                w.write(b if start == 0 and end == len(b) else slice_batch(b, start, end))
                 if end < len(b):
                     heapq.heappush(heap, (int(ts[end]), k, end, b))
                 else:

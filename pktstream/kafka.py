@@ -72,7 +72,7 @@ def _librdkafka_logger() -> logging.Logger:
     return _rdlog
 
 
-class _ErrorLog:
+class ErrorLog:
     """librdkafka error callback: count, log at most every 10 s per error code."""
 
     def __init__(self, counters: collections.Counter) -> None:
@@ -151,7 +151,7 @@ def parse_headers(headers) -> dict[str, str]:
     return out
 
 
-def _purge_and_close(producer) -> None:
+def purge_and_close(producer) -> None:
     try:
         producer.purge(in_queue=True, in_flight=True, blocking=False)
         producer.flush(0)
@@ -193,7 +193,7 @@ class KafkaTransport:
             return []
         return broker_addresses(",".join(f"{b.host}:{b.port}" for b in brokers))
 
-    def _producer(self, errors: _ErrorLog):
+    def _producer(self, errors: ErrorLog):
         from confluent_kafka import Producer
         return Producer(producer_config(self.brokers, client_id=self.client_id, acks=self.acks,
                                         properties=self.properties, timeout=self.timeout, error_cb=errors))
@@ -203,7 +203,7 @@ class KafkaTransport:
         store = sensor.store
         wake = threading.Event()
         store.on_new_frame(wake.set)
-        errors = _ErrorLog(self.counters)
+        errors = ErrorLog(self.counters)
         producer = self._producer(errors)
         outstanding: collections.OrderedDict[int, bool] = collections.OrderedDict()
         state = {"failed": False, "progress": time.monotonic(), "sent": store.acked_seq, "delivered": 0}
@@ -251,7 +251,7 @@ class KafkaTransport:
                                 "delivery failed" if state["failed"] else
                                 f"no delivery report for {self.stall_timeout:.0f} s", store.pending()[0])
                     self.counters["producer_resets"] += 1
-                    _purge_and_close(producer)
+                    purge_and_close(producer)
                     producer = self._producer(errors)
                     outstanding.clear()
                     state.update(failed=False, progress=now, sent=store.acked_seq)
@@ -302,7 +302,7 @@ class KafkaTransport:
             if store.pending()[0] == 0:
                 producer.flush(5)
             else:
-                _purge_and_close(producer)
+                purge_and_close(producer)
 
     def _produce_stats(self, producer, sensor) -> None:
         try:
@@ -354,7 +354,7 @@ class KafkaInput:
         self._receiver = receiver
         receiver.add_commit_hook(self._on_commit)
         self._consumer = Consumer(consumer_config(self.brokers, self.group, client_id=self.client_id,
-                                                  properties=self.properties, error_cb=_ErrorLog(self.counters)))
+                                                  properties=self.properties, error_cb=ErrorLog(self.counters)))
         self._consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                  on_lost=self._on_lost)
         self._thread = threading.Thread(target=self._run, name="kafka-input", daemon=True)

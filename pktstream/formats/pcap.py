@@ -24,7 +24,7 @@ def pcap_file_header(link_type: int, snaplen: int = 262144, *, nanosecond: bool 
                        dlt_to_linktype(link_type))
 
 
-class _FileTarget:
+class FileTarget:
     """Shared by the writers: a path (written as ``<path>.part``, renamed on close) or a file object.
 
     fsync policy: with ``fsync=True`` the file is fsync'ed before the rename and its directory
@@ -96,7 +96,7 @@ class _FileTarget:
         self.close()
 
 
-class PcapWriter(_FileTarget):
+class PcapWriter(FileTarget):
     """Write PacketBatches to a pcap file (or any binary file object, e.g. a pipe).
 
     With a path, the file is written as ``<path>.part`` and renamed on ``close()``, so a file

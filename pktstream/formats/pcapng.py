@@ -16,7 +16,7 @@ from pktstream._capture import PacketBatch
 from pktstream._records import records_to_epb
 from pktstream.exceptions import ClosedError
 from pktstream.formats._common import PCAPNG_BOM, PCAPNG_SHB, dlt_to_linktype
-from pktstream.formats.pcap import _FileTarget
+from pktstream.formats.pcap import FileTarget
 
 __all__ = ["PcapngWriter", "section_header_block", "interface_block"]
 
@@ -67,7 +67,7 @@ def _epb_with_comment(record: bytes, iface: int, comment: str) -> bytes:
     return _block(6, body)
 
 
-class PcapngWriter(_FileTarget):
+class PcapngWriter(FileTarget):
     """Write PacketBatches to a pcapng file (or binary file object).
 
     :param hostname: the host the packets were captured on (e.g. a sensor's): written as a

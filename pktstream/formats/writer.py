@@ -295,7 +295,7 @@ class CaptureWriter:
                 else:
                     self._complete()
                     continue
-            part = _slice(batch, start, j)
+            part = slice_batch(batch, start, j)
             sub = {k - start: v for k, v in comments.items() if start <= k < j} if comments else None
             self._write_one(part, sub)
             start = j
@@ -383,7 +383,7 @@ class CaptureWriter:
         self.close()
 
 
-def _slice(batch: PacketBatch, i: int, j: int) -> PacketBatch:
+def slice_batch(batch: PacketBatch, i: int, j: int) -> PacketBatch:
     """Packets i..j-1 of a batch, zero-copy."""
     off, cap = batch.offset, batch.caplen
     lo, hi = int(off[i]) - 16, int(off[j - 1]) + int(cap[j - 1])

@@ -18,7 +18,7 @@ from typing import Any
 import zstandard
 
 from pktstream import protocol as P
-from pktstream.kafka import (DEFAULT_TOPIC, _ErrorLog, _purge_and_close, frame_headers,
+from pktstream.kafka import (DEFAULT_TOPIC, ErrorLog, purge_and_close, frame_headers,
                              producer_config)
 from pktstream._capture import PacketBatch
 from pktstream.sinks.base import Sink, Source
@@ -52,7 +52,7 @@ class KafkaSink(Sink):
         self.flush_timeout, self.stall_timeout = flush_timeout, stall_timeout
         self._conf = dict(client_id=client_id, acks=acks, properties=properties, timeout=timeout)
         self.counters: collections.Counter = collections.Counter()
-        self._errors = _ErrorLog(self.counters)
+        self._errors = ErrorLog(self.counters)
         self._producer = self._new_producer()
         self._cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
         # (sensor id, seq) -> [message args, state]  state: None = on its way, True = delivered, exc
@@ -129,7 +129,7 @@ class KafkaSink(Sink):
                             else f"no delivery report for {self.stall_timeout:.0f} s",
                             len(failed) + waiting)
                 self.counters["producer_resets"] += 1
-                _purge_and_close(self._producer)
+                purge_and_close(self._producer)
                 self._producer = self._new_producer()
                 self._progress = now
                 for key, entry in self._pending.items():
@@ -147,7 +147,7 @@ class KafkaSink(Sink):
                 log.warning("%s: %d blocks not confirmed at shutdown (not acknowledged: the sensors "
                             "still have them)", self.name, left)
         finally:
-            _purge_and_close(self._producer)
+            purge_and_close(self._producer)
 
     def stats(self) -> dict[str, Any]:
         return dict(self.counters)
