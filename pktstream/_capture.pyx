@@ -9,7 +9,7 @@ cimport cython
 from cpython.buffer cimport PyBUF_WRITABLE, PyBUF_FORMAT, PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport errno, EINTR
-from libc.stdint cimport int64_t, uint32_t, uint64_t, uint8_t
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t, uint8_t
 from libc.limits cimport INT_MAX
 from libc.stdlib cimport abort, calloc, free, malloc
 from libc.string cimport memcpy, memset, strerror
@@ -1170,6 +1170,7 @@ cdef class Capture:
         cdef int poll_ms
         cdef pollfd fds[2]
         cdef uint64_t junk
+        cdef int32_t delta
         cdef pcap_stat ps
         cdef CaptureState *s = &self.s
         if timeout is not None:
@@ -1271,7 +1272,10 @@ cdef class Capture:
                             prc = pcap_stats(s.p, &ps)
                             pthread_mutex_unlock(&s.stats_mu)
                             if prc == 0:
-                                s.drain_target = <uint64_t> (ps.ps_recv - ps.ps_drop)
+                                # libpcap's counters are 32 bits: the kernel's count, relative to
+                                # what was seen, modulo 2^32 (a sensor passes 2^32 in days)
+                                delta = <int32_t> (<uint32_t> (ps.ps_recv - ps.ps_drop) - <uint32_t> s.seen)
+                                s.drain_target = s.seen + <uint64_t> delta if delta > 0 else s.seen
                                 if s.drain_target > s.seen:
                                     poll(fds, 1, self.timeout_ms if self.timeout_ms > 0 else 100)
                         # drain in steps (the half-ring breakloop returns batches in between);

@@ -462,7 +462,8 @@ class Receiver:
             for r in self._runners:
                 await asyncio.to_thread(r.thread.join)
             await asyncio.sleep(0)  # run the final _flushed callbacks
-            await self._commit_idle.wait()  # a state write in flight lands first
+            while self._commit_busy:  # a state write in flight lands first (a timer may start one)
+                await self._commit_idle.wait()
             self._commit(sync=True)
             for r in self._runners:
                 r.states.clear()  # the outputs are closed: their files are complete, nothing to repair
@@ -740,7 +741,9 @@ class Receiver:
         if sensor is None:
             sensor = self._sensors[sid] = _SensorState(sid)
         if sensor.writer is not None:
-            live = time.monotonic() - sensor.last_rx <= 2 * self.heartbeat + 1
+            # alive: heard from recently and not saying goodbye (a BYE session is only
+            # waiting for its outputs; the sensor that sent it may be restarting)
+            live = time.monotonic() - sensor.last_rx <= 2 * self.heartbeat + 1 and sensor.bye is None
             if live and not (instance and instance == sensor.instance):
                 # another process with the same id while the first one is alive: two hosts would
                 # interleave one stream; the first keeps it, the second is told why

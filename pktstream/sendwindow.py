@@ -159,7 +159,10 @@ class FrameStore:
         try:
             with open(os.path.join(self.spool_dir, "seq")) as f:
                 value = int(f.read().strip() or 0)
-            return value if 0 <= value < P.MAX_SEQ // 2 else 0
+            # a reservation far ahead of this clock was made by a clock that was wrong: ignored
+            # (the receiver refuses numbers more than a day ahead of its own clock)
+            ahead = time.time_ns() // 1000 + P.SEQ_AHEAD_US // 2
+            return value if 0 <= value <= ahead else 0
         except (OSError, ValueError):
             return 0
 

@@ -27,7 +27,7 @@ import zstandard
 import pktstream
 from pktstream import protocol as P
 from pktstream._capture import Capture, PacketBatch, list_interfaces
-from pktstream.exceptions import AuthenticationError, ConfigError, FrameError, PcapError
+from pktstream.exceptions import AuthenticationError, ConfigError, FilterError, FrameError, PcapError
 from pktstream.sendwindow import (COPIES, FrameStore, default_spool_bytes, default_spool_dir, payload_size,
                                   release_payload)
 from pktstream.uplink import Link
@@ -299,6 +299,10 @@ class Sensor:
             itf.ports = list(ports)
             if self._stop.is_set():  # stop() ran meanwhile: it did not see this capture
                 cap.stop()
+            now_expr = self._filter_for(ports)
+        if now_expr != expr:  # the receiver's addresses changed while the handle was opened
+            cap.set_filter(now_expr or "")
+            expr = now_expr
         log.info("capturing on %s (link type %s, filter %r)", name, cap.link_type_name, expr)
         self._announce(itf)
         itf.thread = threading.Thread(target=self._capture_loop, args=(itf,), name=f"capture-{name}",
@@ -311,9 +315,15 @@ class Sensor:
         interface the user named must open; later a failure is retried on the next scan."""
         try:
             wanted = self._selected_interfaces()
-        except PcapError as exc:
+        except (PcapError, OSError) as exc:
             log.warning("listing interfaces failed: %s", exc)
             return
+        for itf in list(self._ifaces.values()):
+            # all-interfaces mode: a failed interface that is no longer listed is gone (a
+            # container's veth), not failed: no retries, no failure exit status
+            if itf.name not in wanted and itf.error is not None and itf.capture is None:
+                log.info("interface %s is gone", itf.name)
+                itf.error = None
         for name, ports in wanted.items():
             if self._stop.is_set():
                 return
@@ -322,9 +332,9 @@ class Sensor:
                 continue
             try:
                 self._open(name, ports)
-            except PcapError as exc:
-                if first and self.interfaces_wanted:
-                    raise  # an interface the user named must work at start
+            except Exception as exc:  # noqa: BLE001 - one interface's failure must not stop the others
+                if first and (self.interfaces_wanted or (isinstance(exc, FilterError) and self.bpf)):
+                    raise  # an interface the user named (or the user's filter) must work at start
                 if itf is None or itf.error != f"cannot reopen: {exc}":
                     log.warning("cannot capture on %s: %s (retrying)", name, exc)
                 if itf is not None:
@@ -338,10 +348,13 @@ class Sensor:
         second until they come back."""
         next_full = time.monotonic() + self.rescan_interval
         while not self._stop.wait(1.0):
-            failed = any(i.capture is None and i.failures for i in list(self._ifaces.values()))
+            failed = any(i.capture is None and i.error is not None for i in list(self._ifaces.values()))
             if failed or (not self.interfaces_wanted and time.monotonic() >= next_full):
                 next_full = time.monotonic() + self.rescan_interval
-                self._rescan()
+                try:
+                    self._rescan()
+                except Exception as exc:  # noqa: BLE001 - this thread reopens interfaces: it must live
+                    log.error("interface scan failed: %s", exc)
 
     # -- the receiver's addresses, out of every capture ----------------------------------------
     def _resolve_exclusions(self) -> list[tuple[str, int]]:
@@ -623,11 +636,13 @@ class Sensor:
                     break
                 except AuthenticationError as exc:
                     self._count("auth_failures")
-                    wait, refused_delay = refused_delay, min(self.refused_backoff_max, refused_delay * 2)
+                    wait = refused_delay * (0.5 + random.random())
+                    refused_delay = min(self.refused_backoff_max, refused_delay * 2)
                     log.error("receiver %s: %s; retrying in %.0f s", where, exc, wait)
                 except ssl.SSLCertVerificationError as exc:
                     self._count("connection_failures")
-                    wait, refused_delay = refused_delay, min(self.refused_backoff_max, refused_delay * 2)
+                    wait = refused_delay * (0.5 + random.random())
+                    refused_delay = min(self.refused_backoff_max, refused_delay * 2)
                     reason = str(exc.verify_message or exc)
                     hint = ("the certificate does not name the address connected to: use that name in "
                             "--receiver or give it with --tls-server-name (tls.serverName)" if "mismatch" in reason
@@ -637,15 +652,21 @@ class Sensor:
                               where, reason, hint, wait)
                 except (OSError, FrameError) as exc:  # includes timeouts, resets and TLS errors
                     self._count("connection_failures")
-                    if not self._handshaken and not isinstance(exc, (ConnectionRefusedError, socket.timeout,
-                                                                     socket.gaierror)) \
-                            and getattr(self, "_connect_done", False):
-                        # connected, then cut off before the handshake ended: not a pktstream
-                        # receiver, or one that refused us (its log says why)
-                        wait, refused_delay = refused_delay, min(self.refused_backoff_max, refused_delay * 2)
+                    in_handshake = not self._handshaken and self._connect_done and not isinstance(
+                        exc, (ConnectionRefusedError, socket.timeout, socket.gaierror))
+                    if in_handshake and (isinstance(exc, FrameError) or (
+                            isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLEOFError))):
+                        # it answered, but not in pktstream's protocol (or TLS failed): refused
+                        wait = refused_delay * (0.5 + random.random())
+                        refused_delay = min(self.refused_backoff_max, refused_delay * 2)
                         log.error("receiver %s: %s during the handshake: is it a pktstream receiver "
                                   "(and does it accept this sensor? see its log); retrying in %.0f s",
                                   where, exc or type(exc).__name__, wait)
+                    elif in_handshake:
+                        # closed before the handshake ended: its connection limits, a restart, or
+                        # not a pktstream receiver; an ordinary (quick) retry, with the hint
+                        failure = (f"{exc or type(exc).__name__} during the handshake (is it a pktstream "
+                                   "receiver? connection limits? see its log)")
                     else:
                         failure = str(exc) or type(exc).__name__
                 finally:
@@ -664,7 +685,7 @@ class Sensor:
                         # the first failure of an outage, then one line a minute (all are counted)
                         if failures == 1 or time.monotonic() - last_log >= 60:
                             last_log = time.monotonic()
-                            log.warning("receiver %s: %s; retrying every %.1f s or less (%d attempts so far)",
+                            log.warning("receiver %s: %s; retrying with a back-off of up to %.1f s, jittered (%d attempts so far)",
                                         where, failure, self.reconnect_max, failures)
                 self._sleep(wait)
         finally:
@@ -676,6 +697,13 @@ class Sensor:
     def _count(self, name: str) -> None:
         with self._lock:
             self.counters[name] += 1
+
+    def _io_timeout(self, seconds: float) -> float:
+        """A connect/handshake timeout, cut to what is left of the drain once stopping (an
+        attempt that starts late must not outlive the drain, or a supervisor's kill)."""
+        if not self._stop.is_set():
+            return seconds
+        return max(0.5, min(seconds, self._drain_deadline() - time.monotonic()))
 
     def _drain_deadline(self) -> float:
         """When a stopping sensor gives up sending (``drain_timeout`` after stop(), over all
@@ -714,7 +742,7 @@ class Sensor:
         if not addresses:
             raise OSError(f"cannot resolve the receiver's host name {host!r}")
         self.update_exclusions((a, port) for a in addresses)  # before our own packets flow
-        sock = socket.create_connection((host, port), timeout=10)
+        sock = socket.create_connection((host, port), timeout=self._io_timeout(10))
         self._connect_done = True
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -729,10 +757,9 @@ class Sensor:
         finally:
             sock.close()
 
-    @staticmethod
-    def _expect(link: Link, ftype: P.FrameType, refused: type[Exception]) -> P.Frame:
+    def _expect(self, link: Link, ftype: P.FrameType, refused: type[Exception]) -> P.Frame:
         """The next frame, which must be ``ftype``; an ERROR from the receiver raises ``refused``."""
-        frame = link.next_frame(15)
+        frame = link.next_frame(self._io_timeout(15))
         if frame.type == P.FrameType.ERROR:
             raise refused(f"the receiver refused this sensor: {frame.json().get('reason')}")
         if frame.type != ftype:

@@ -323,3 +323,13 @@ def test_default_spool_place(monkeypatch, tmp_path):
         monkeypatch.delenv("XDG_STATE_HOME", raising=False)
     assert sendwindow.state_dir() == expected
     assert 0 < sendwindow.default_spool_bytes(str(tmp_path / "x" / "y")) <= 1 << 30
+
+
+def test_a_reservation_made_by_a_clock_far_ahead_is_ignored(tmp_path):
+    """A spool whose sequence reservation is more than half a day ahead of this clock (made
+    while the clock was wrong) does not push new blocks beyond what a receiver accepts."""
+    import time
+    (tmp_path / "seq").write_text(str(time.time_ns() // 1000 + P.SEQ_AHEAD_US * 2))
+    store = FrameStore(window_bytes=1 << 20, spool_dir=str(tmp_path), spool_bytes=1 << 20)
+    assert store.put(_frame, 0, 200) < time.time_ns() // 1000 + P.SEQ_AHEAD_US
+    store.close()

@@ -253,7 +253,7 @@ class S3Sink(Sink):
                 self._adopt_leftovers()
             except OSError:
                 pass
-            files = sorted(os.listdir(self.ready_dir))
+            files = sorted(n for n in os.listdir(self.ready_dir) if not n.endswith(".unknown"))
             if not files:
                 if self._closing.is_set():
                     return True
