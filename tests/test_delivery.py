@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump
+from conftest import PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump, wait_until
 from pktstream import protocol as P
 from pktstream import traffic
 from pktstream.netns import Veth
@@ -40,14 +40,6 @@ def assert_exactly(got: list, ref: list) -> None:
     missing, extra = set(ref) - set(got), set(got) - set(ref)
     assert not missing and not extra, f"{len(missing)} missing, {len(extra)} unexpected of {len(ref)}"
     assert len(got) == len(ref)
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timeout waiting for {what}")
-        time.sleep(0.05)
 
 
 def packets_in(path: Path) -> int:
