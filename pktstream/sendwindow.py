@@ -7,6 +7,7 @@ held). Every payload leaves memory through :func:`release_payload`.
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import fcntl
 import logging
@@ -105,6 +106,10 @@ def release_payload(payload) -> None:
             pass
     elif isinstance(payload, memoryview):
         COPIES.give_back(payload)
+
+
+def _seq_of(entry: "_Entry") -> int:
+    return entry.seq
 
 
 @dataclass
@@ -320,17 +325,8 @@ class FrameStore:
             entries = self._entries
             if not entries or entries[-1].seq <= seq:
                 return None
-            if entries[0].seq > seq:
-                e = entries[0]
-            else:  # sequence order: bisect (a deque is indexed in O(n/64), fine for a window)
-                lo, hi = 0, len(entries) - 1
-                while lo < hi:
-                    mid = (lo + hi) // 2
-                    if entries[mid].seq > seq:
-                        hi = mid
-                    else:
-                        lo = mid + 1
-                e = entries[lo]
+            # sequence order: bisect (a deque is indexed in O(n/64), fine for a window)
+            e = entries[bisect.bisect_right(entries, seq, key=_seq_of)]
             data = e.data
             e.sent = True
         if data is None:
