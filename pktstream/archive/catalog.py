@@ -1,0 +1,171 @@
+"""Building, writing, repairing and loading the index of an archive.
+
+Commit order: the flow files of a capture file are written first, its catalog row last (each
+atomically), so a catalog row always describes complete flow files; a crash in between
+leaves orphan flow files that :func:`repair` removes. A catalog row whose capture file is
+gone is removed with its flow files; one whose file changed (size or version) is *stale*.
+
+Thread safety: functions, no shared state; concurrent indexing of the same file is not
+supported (the last writer wins, consistently).
+"""
+from __future__ import annotations
+
+import io
+import time
+import warnings
+from typing import Any, Callable, Iterable
+
+from pktstream.archive.index import (
+    INDEX_DIR, FileIndexBuilder, catalog_file, catalog_schema,
+)
+from pktstream.archive.store import Entry
+
+CHUNK_BYTES = 256 << 10  # the read unit of offline indexing (decompressed stream bytes)
+
+
+def index_entry(store, entry: Entry, *, chunk_bytes: int = CHUNK_BYTES) -> tuple[dict[str, Any], dict]:
+    """Read one capture file and build its index (catalog row, flow tables)."""
+    from pktstream.exceptions import FileFormatError
+    from pktstream.formats import open_reader
+    from pktstream.formats import TruncatedFileWarning
+    b = FileIndexBuilder(entry.path)
+    status, error, fmt, comp = "ok", None, "unknown", None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TruncatedFileWarning)
+        try:
+            with store.open(entry.path) as f, open_reader(f, batch_bytes=chunk_bytes) as r:
+                fmt, comp = r.format, r.compression
+                for batch in r:
+                    b.add(batch, *r.last_range)
+                if r.format == "pcapng":
+                    b.sections = len(r.sections)
+                    for s in r.sections:
+                        b.add_header_block(s.block_offset, s.block_length)
+                    for i in r.interfaces:
+                        b.add_header_block(i.block_offset, i.block_length)
+        except (FileFormatError, OSError, EOFError, ValueError) as exc:
+            status, error = "damaged", " ".join(str(exc).split())
+    if status == "ok":
+        for w in caught:
+            if issubclass(w.category, TruncatedFileWarning):
+                status, error = "truncated", str(w.message)
+    return b.finish(size=entry.size, version=entry.version, format=fmt, compression=comp,
+                    status=status, error=error)
+
+
+def write_index(store, row: dict[str, Any], tables: dict) -> None:
+    """Store a file's flow tables, then its catalog row (the commit); old flow files of the
+    same capture file that are not rewritten are removed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    old = read_row(store, row["path"])
+    from pktstream.archive.index import flow_file
+    for (sensor, date), table in tables.items():
+        store.write_bytes(flow_file(sensor, date, row["path"]), _parquet_bytes(table, pq))
+    store.write_bytes(catalog_file(row["path"]), _parquet_bytes(pa.Table.from_pylist([row], catalog_schema()), pq))
+    if old is not None:
+        for rel in set(old.get("flow_files") or ()) - set(row["flow_files"]):
+            store.delete(rel)
+
+
+def _parquet_bytes(table, pq) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def read_row(store, rel_path: str) -> dict[str, Any] | None:
+    """The catalog row of one capture file, or None."""
+    import pyarrow.parquet as pq
+    try:
+        data = store.read_bytes(catalog_file(rel_path))
+    except Exception:
+        return None
+    try:
+        rows = pq.read_table(io.BytesIO(data)).to_pylist()
+    except Exception:
+        return None
+    return rows[0] if rows else None
+
+
+def remove_index(store, rel_path: str) -> None:
+    """Remove a capture file's index (catalog row first, then its flow files)."""
+    row = read_row(store, rel_path)
+    store.delete(catalog_file(rel_path))
+    for rel in (row or {}).get("flow_files") or ():
+        store.delete(rel)
+
+
+def load_catalog(store) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every catalog row of the archive, and the catalog files that could not be read."""
+    import pyarrow.parquet as pq
+    rows, bad = [], []
+    for rel in store.list(f"{INDEX_DIR}/files"):
+        if not rel.endswith(".parquet"):
+            continue
+        try:
+            rows += pq.read_table(io.BytesIO(store.read_bytes(rel))).to_pylist()
+        except Exception:
+            bad.append(rel)
+    return rows, bad
+
+
+def is_current(row: dict[str, Any] | None, entry: Entry) -> bool:
+    """Whether a catalog row describes the file as it is now."""
+    from pktstream.archive.index import FORMAT_VERSION
+    return (row is not None and row.get("size") == entry.size and row.get("version") == entry.version
+            and row.get("index_version") == FORMAT_VERSION)
+
+
+def repair(store, paths: Iterable[str] | None = None, *, force: bool = False,
+           chunk_bytes: int = CHUNK_BYTES, progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+    """Build missing or stale indexes and remove indexes of files that are gone (idempotent).
+
+    :param paths: only these capture files (relative paths); default: the whole archive
+        (then orphan catalog rows and flow files are removed too).
+    :param force: rebuild even current indexes.
+    :param chunk_bytes: the unit a query reads (decompressed stream bytes; at least 4096).
+    :return: counts ``indexed``, ``current``, ``removed``, ``damaged`` and the list ``problems``.
+    """
+    entries = store.captures()
+    if paths is not None:
+        wanted = set(paths)
+        entries = [e for e in entries if e.path in wanted]
+    rows, bad = load_catalog(store)
+    by_path = {r["path"]: r for r in rows}
+    result: dict[str, Any] = {"indexed": 0, "current": 0, "removed": 0, "damaged": 0, "problems": []}
+    for rel in bad:
+        store.delete(rel)
+        result["problems"].append(f"{rel}: unreadable catalog file, removed")
+    total = sum(e.size for e in entries)
+    done = 0
+    keep: set[str] = set()
+    t0 = time.monotonic()
+    for e in entries:
+        if progress:
+            progress(done, total, e.path)
+        if not force and is_current(by_path.get(e.path), e):
+            result["current"] += 1
+            keep.update(by_path[e.path].get("flow_files") or ())
+        else:
+            row, tables = index_entry(store, e, chunk_bytes=chunk_bytes)
+            write_index(store, row, tables)
+            keep.update(row["flow_files"])
+            result["indexed"] += 1
+            if row["status"] != "ok":
+                result["damaged"] += 1
+                result["problems"].append(f"{e.path}: {row['status']}: {row['error']}")
+        done += e.size
+    if paths is None:
+        present = {e.path for e in entries}
+        for r in rows:
+            if r["path"] not in present:
+                remove_index(store, r["path"])
+                result["removed"] += 1
+        for rel in store.list(f"{INDEX_DIR}/flows"):
+            if rel not in keep:
+                store.delete(rel)  # an orphan (crash between flow files and catalog row)
+    if progress:
+        progress(total, total, "")
+    result["seconds"] = time.monotonic() - t0
+    return result
