@@ -163,7 +163,8 @@ class Archive:
             if t is None:
                 continue
             cols = {c: t.column(c).to_numpy(zero_copy_only=False) for c in
-                    ("ip_version", "proto", "sport", "dport", "vlan", "first_ts_ns", "last_ts_ns")}
+                    ("ip_version", "proto", "sport", "dport", "vlan", "first_ts_ns", "last_ts_ns", "link_type",
+                     "ethertype")}
             cols["src"] = t.column("src").to_pylist()
             cols["dst"] = t.column("dst").to_pylist()
             keep = may_match(tree, FlowContext(cols))
@@ -260,7 +261,8 @@ class Archive:
             if t is None:
                 continue
             cols = {c: t.column(c).to_numpy(zero_copy_only=False) for c in
-                    ("ip_version", "proto", "sport", "dport", "vlan", "first_ts_ns", "last_ts_ns")}
+                    ("ip_version", "proto", "sport", "dport", "vlan", "first_ts_ns", "last_ts_ns", "link_type",
+                     "ethertype")}
             cols["src"] = t.column("src").to_pylist()
             cols["dst"] = t.column("dst").to_pylist()
             keep = None

@@ -30,11 +30,13 @@ def index_entry(store, entry: Entry, *, chunk_bytes: int = CHUNK_BYTES) -> tuple
     from pktstream.formats import TruncatedFileWarning
     b = FileIndexBuilder(entry.path)
     status, error, fmt, comp = "ok", None, "unknown", None
+    f = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TruncatedFileWarning)
         try:
-            with store.open(entry.path) as f, open_reader(f, batch_bytes=chunk_bytes) as r:
-                fmt, comp = r.format, r.compression
+            from pktstream.archive.query import ZstdChecked
+            with ZstdChecked(store.open(entry.path), entry.path) as f, open_reader(f, batch_bytes=chunk_bytes) as r:
+                fmt, comp = r.format, f.compression or r.compression
                 for batch in r:
                     b.add(batch, *r.last_range)
                 if r.format == "pcapng":
@@ -45,6 +47,8 @@ def index_entry(store, entry: Entry, *, chunk_bytes: int = CHUNK_BYTES) -> tuple
                         b.add_header_block(i.block_offset, i.block_length)
         except (FileFormatError, OSError, EOFError, ValueError) as exc:
             status, error = "damaged", " ".join(str(exc).split())
+    if status == "ok" and f is not None and f.truncated:
+        status, error = "truncated", f"{entry.path}: truncated zstd data: the file ends inside its frame"
     if status == "ok":
         for w in caught:
             if issubclass(w.category, TruncatedFileWarning):

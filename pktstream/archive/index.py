@@ -64,9 +64,28 @@ def sensor_of(interface: str | None, rel_path: str) -> tuple[str, str]:
     return stem, name
 
 
+_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
+def _arp_addresses(batch: PacketBatch, cols: dict[str, np.ndarray], src: np.ndarray, dst: np.ndarray) -> None:
+    """Untagged Ethernet ARP/RARP: the sender and target protocol addresses (ARP header bytes
+    14-17 and 24-27, where libpcap's ``arp host`` looks) as IPv4-mapped src/dst."""
+    sel = np.flatnonzero(np.isin(cols["ethertype"], (0x0806, 0x8035)) & (cols["vlan"] < 0)
+                         & (batch.caplen >= 14 + 28))
+    if not len(sel):
+        return
+    mem = np.frombuffer(memoryview(batch), dtype=np.uint8)
+    base = batch.offset[sel] + 14
+    four = np.arange(4)
+    src[sel, :12] = np.frombuffer(_MAPPED, np.uint8)
+    dst[sel, :12] = np.frombuffer(_MAPPED, np.uint8)
+    src[sel, 12:] = mem[base[:, None] + 14 + four]
+    dst[sel, 12:] = mem[base[:, None] + 24 + four]
+
+
 def address_text(row: bytes, version: int) -> str | None:
-    """A 16-byte address row (IPv4 mapped) as text."""
-    if version == 4:
+    """A 16-byte address row (IPv4 mapped) as text (ARP addresses: version 0, mapped)."""
+    if version == 4 or (version == 0 and row[:12] == _MAPPED):
         return str(ipaddress.IPv4Address(row[12:]))
     if version == 6:
         return str(ipaddress.IPv6Address(row))
@@ -124,8 +143,11 @@ class FileIndexBuilder:
         key["proto"] = cols["proto"]
         key["sport"] = cols["sport"]
         key["dport"] = cols["dport"]
-        key["src"] = np.ascontiguousarray(cols["src"]).view("V16").ravel()
-        key["dst"] = np.ascontiguousarray(cols["dst"]).view("V16").ravel()
+        src, dst = np.ascontiguousarray(cols["src"]), np.ascontiguousarray(cols["dst"])
+        if batch.link_type == 1:
+            _arp_addresses(batch, cols, src, dst)
+        key["src"] = src.view("V16").ravel()
+        key["dst"] = dst.view("V16").ravel()
         raw = key.view(f"V{_KEY.itemsize}")
         uniq, first_idx, inv = np.unique(raw, return_index=True, return_inverse=True)
         inv = inv.ravel()
@@ -204,7 +226,7 @@ class FileIndexBuilder:
 
             src, dst = texts(key["src"]), texts(key["dst"])
             addrs = {a for a in src + dst if a is not None}
-            ipmask = ipv > 0
+            ipmask = ipv > 0  # (ARP addresses are in the address summary, no ports)
             ports = set(key["sport"][ipmask].tolist()) | set(key["dport"][ipmask].tolist())
             sensors = [names[i][0] for i in key["iface"].tolist()]
             ifaces = [names[i][1] for i in key["iface"].tolist()]

@@ -9,11 +9,12 @@ is decided for the key is decided for each packet, also under ``not``.
 Understood (tcpdump syntax): ``and``/``&&``, ``or``/``||``, ``not``/``!``, parentheses,
 ``[src|dst] host ADDR``, ``[src|dst] net CIDR``, ``[src|dst] port N``, ``portrange A-B``,
 ``tcp``, ``udp``, ``sctp``, ``icmp``, ``icmp6``, ``ip``, ``ip6`` (also as qualifiers:
-``tcp port 80``, ``ip host X``) and qualifier inheritance (``port 80 or 443``). Decided only for
-untagged IP flows (VLAN-tagged, non-IP, fragment or port-less flows are unknown; IPv6
+``tcp port 80``, ``ip host X``) and qualifier inheritance (``port 80 or 443``). Decided for untagged
+IP flows (fragment or port-less flows are unknown for port tests; IPv6
 protocol/port tests are never decided false: libpcap's IPv6 tests do not walk every extension
-header). Anything else -- ``vlan`` (it shifts later offsets), byte-offset tests, names that
-need DNS -- makes the whole expression unknown: no pruning, still exact.
+header; see :class:`FlowContext` for tagged and non-IP flows). Anything else -- ``vlan`` (it
+shifts later offsets), byte-offset tests, names that need DNS -- makes the whole expression
+unknown: no pruning, still exact.
 """
 from __future__ import annotations
 
@@ -130,7 +131,15 @@ class _Parser:
 
 
 class FlowContext:
-    """Leaves over flow record columns (numpy arrays / lists from the flow tables)."""
+    """Leaves over flow record columns (numpy arrays / lists from the flow tables).
+
+    Flow classes: untagged IP flows are decided from their key (as the module doc says);
+    on Ethernet, a VLAN-tagged flow fails every test understood here (without ``vlan`` the
+    filter reads the tag's ethertype 0x8100 where it looks for IP), and so does an untagged
+    flow of another known ethertype -- except ``host``/``net`` on ARP/RARP, decided from the
+    sender/target addresses the index keeps for them (unknown when the packet was too short);
+    anything else (other link types, undecodable headers) is unknown.
+    """
 
     def __init__(self, cols: dict[str, Any], *, strict: bool = True) -> None:
         """``strict=False``: decide on the key's face value (VLAN-tagged flows and IPv6
@@ -141,19 +150,34 @@ class FlowContext:
         self.proto = np.asarray(cols["proto"])
         self.sport = np.asarray(cols["sport"])
         self.dport = np.asarray(cols["dport"])
-        self.decided = (self.ipv == 4) | (self.ipv == 6)
+        vlan = np.asarray(cols["vlan"])
+        is_ip = (self.ipv == 4) | (self.ipv == 6)
+        eth = np.asarray(cols["link_type"]) == 1 if "link_type" in cols else np.zeros(self.n, bool)
+        etype = np.asarray(cols["ethertype"]) if "ethertype" in cols else np.zeros(self.n, np.uint16)
+        untagged = vlan < 0
         if strict:
-            self.decided &= np.asarray(cols["vlan"]) < 0
+            self.decided = is_ip & untagged
+            self.tagged_false = eth & ~untagged
+        else:
+            self.decided = is_ip
+            self.tagged_false = np.zeros(self.n, bool)
+        self.nonip = eth & untagged & (self.ipv == 0) & ~np.isin(etype, (0, 0x0800, 0x86DD))
+        self.arpish = self.nonip & np.isin(etype, (0x0806, 0x8035))
         self.src = cols["src"]
         self.dst = cols["dst"]
-        self._addr_cache: dict[str, Any] = {}
+        self._addr_cache: dict[tuple[str, str], Any] = {}
 
     def unknown(self):
         return np.ones(self.n, bool), np.ones(self.n, bool)
 
-    def _decide(self, is_true: np.ndarray, exact_false: np.ndarray | None = None):
+    def _decide(self, is_true: np.ndarray, exact_false: np.ndarray | None = None, *, arp_unknown: bool = False):
         d = self.decided if exact_false is None or not self.strict else self.decided & exact_false
-        return is_true | ~self.decided, ~is_true | ~d
+        mt = is_true | ~self.decided
+        mf = ~is_true | ~d
+        false = self.tagged_false | (self.nonip & ~self.arpish if arp_unknown else self.nonip)
+        mt &= ~false
+        mf |= false
+        return mt, mf
 
     def leaf(self, node):
         kind = node[0]
@@ -172,7 +196,9 @@ class FlowContext:
             for col, name in ((self.src, "src"), (self.dst, "dst")):
                 if direction in (None, name):
                     hit |= self._in_net(col, name, net)
-            return self._decide(hit)
+            mt, mf = self._decide(hit, arp_unknown=True)
+            known = self.arpish & self._arp_known()  # ARP with its addresses indexed: exact
+            return np.where(known, hit, mt), np.where(known, ~hit, mf)
         if kind == "port":
             _, direction, lo, hi = node
             ported = np.isin(self.proto, _PORT_PROTOS)
@@ -185,6 +211,9 @@ class FlowContext:
             has_ports = (self.sport != 0) | (self.dport != 0) | ~ported
             return self._decide(hit, (self.ipv == 4) & has_ports)
         raise Unsupported(kind)
+
+    def _arp_known(self) -> np.ndarray:
+        return np.array([a is not None for a in self.src], bool) if self.n else np.zeros(0, bool)
 
     def _in_net(self, col, name: str, net) -> np.ndarray:
         key = (name, str(net))

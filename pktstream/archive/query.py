@@ -121,8 +121,9 @@ class SegmentStream(io.RawIOBase):
             raw = store.open(path)
             self._counter = _Counting(raw)
             if compression == "zstd":
-                import zstandard
-                self._dec = zstandard.ZstdDecompressor().stream_reader(self._counter, read_across_frames=True)
+                # whole zstd blocks at a time: everything before a damaged block is delivered
+                from pktstream.formats.reader import ZstdBlockReader
+                self._dec = _Reading(ZstdBlockReader(self._counter, path))
             else:
                 import gzip
                 self._dec = gzip.GzipFile(fileobj=self._counter)
@@ -182,6 +183,21 @@ class SegmentStream(io.RawIOBase):
         super().close()
 
 
+class _Reading:
+    """``read(n)`` over an object that only has ``readinto``."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+
+    def read(self, n: int) -> bytes:
+        buf = bytearray(n)
+        k = self._f.readinto(buf)
+        return bytes(buf[:k])
+
+    def close(self) -> None:
+        self._f.close()
+
+
 class _Counting(io.RawIOBase):
     def __init__(self, f) -> None:
         self._f = f
@@ -207,6 +223,36 @@ class _Counting(io.RawIOBase):
         super().close()
 
 
+class ZstdChecked(io.RawIOBase):
+    """A file decompressed whole zstd blocks at a time when it starts with a zstd frame (else
+    passed through): ``truncated`` tells afterwards whether the data ended inside a frame."""
+
+    def __init__(self, raw: BinaryIO, name: str) -> None:
+        from pktstream.formats.reader import ZstdBlockReader
+        self._buf = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw, 1 << 17)
+        self._z = ZstdBlockReader(self._buf, name) if self._buf.peek(4)[:4] == b"\x28\xb5\x2f\xfd" else None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        return self._z.readinto(b) if self._z is not None else self._buf.readinto(b)
+
+    @property
+    def truncated(self) -> bool:
+        return self._z is not None and not self._z.complete
+
+    @property
+    def compression(self) -> str | None:
+        return "zstd" if self._z is not None else None
+
+    def close(self) -> None:
+        try:
+            self._buf.close()
+        finally:
+            super().close()
+
+
 def read_plan(store, plan: FilePlan, *, bpf: str | None, since: int | None, until: int | None,
               sensors: set[str] | None, stats: QueryStats, warn: Callable[[str], None]) -> list:
     """Packets of one planned file passing the bounds and the BPF: a list of
@@ -217,11 +263,15 @@ def read_plan(store, plan: FilePlan, *, bpf: str | None, since: int | None, unti
     from pktstream._capture import PacketBatch
     out = []
     seg: Any
+    checked = None
     if plan.segments is None:  # the whole file, whatever its format (the reader checks the magic)
         seg = _Counting(store.open(plan.path))
+        checked = ZstdChecked(seg, plan.path)
+        src = io.BufferedReader(checked, 1 << 20)
     else:
         seg = SegmentStream(store, plan.path, plan.segments, plan.compression)
-    src = io.BufferedReader(seg, 1 << 20)
+        src = io.BufferedReader(seg, 1 << 20)
+    failed = False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TruncatedFileWarning)
         try:
@@ -255,15 +305,19 @@ def read_plan(store, plan: FilePlan, *, bpf: str | None, since: int | None, unti
                         continue
                     out.append(b)
         except Exception as exc:  # damaged file, unreadable object: named, the query goes on
+            failed = True
             msg = f"{plan.path}: {' '.join(str(exc).split()) or type(exc).__name__}"
             stats.problems.append(msg)
             warn(msg)
         finally:
             stats.bytes_read += seg.count if isinstance(seg, _Counting) else seg.compressed_read
             src.close()
-    for w in caught:
-        if issubclass(w.category, TruncatedFileWarning) and plan.segments is None:
-            msg = f"{plan.path}: {w.message}"
+    notes = [str(w.message) for w in caught if issubclass(w.category, TruncatedFileWarning)]
+    if checked is not None and checked.truncated and not failed:
+        notes.append("truncated zstd data: the file ends inside its frame")
+    if plan.segments is None:
+        for note in notes:
+            msg = f"{plan.path}: {note}"
             stats.problems.append(msg)
             warn(msg)
     return out

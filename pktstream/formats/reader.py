@@ -248,6 +248,14 @@ class _ZstdBlocks:
     def close(self) -> None:
         self._d = None
 
+    @property
+    def complete(self) -> bool:
+        """Everything was read and it ended after a whole frame (not inside one)."""
+        return self._eof and self._state == "frame" and not self._in
+
+
+ZstdBlockReader = _ZstdBlocks  # public name (pktstream.archive decompresses file ranges with it)
+
 
 class _Closing:
     """A decompressing reader that also closes the file under it."""
