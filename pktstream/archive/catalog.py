@@ -101,7 +101,21 @@ def remove_index(store, rel_path: str) -> None:
 
 
 def load_catalog(store) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every catalog row of the archive, and the catalog files that could not be read."""
+    """Every catalog row of the archive (of every index base below the root: paths relative
+    to the root), and the catalog files that could not be read."""
+    from pktstream.archive.store import parts
+    rows, bad = [], []
+    for sub in parts(store):
+        r, b = _load_base(sub)
+        for row in r:
+            row["path"] = sub.full_path(row["path"])
+            row["flow_files"] = [sub.full_path(f) for f in row["flow_files"] or ()]
+        rows += r
+        bad += [sub.full_path(x) for x in b]
+    return rows, bad
+
+
+def _load_base(store) -> tuple[list[dict[str, Any]], list[str]]:
     import pyarrow.parquet as pq
     rows, bad = [], []
     for rel in store.list(f"{INDEX_DIR}/files"):
@@ -123,6 +137,48 @@ def is_current(row: dict[str, Any] | None, entry: Entry) -> bool:
 
 def repair(store, paths: Iterable[str] | None = None, *, force: bool = False,
            chunk_bytes: int = CHUNK_BYTES, progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+    """Build missing or stale indexes and remove indexes of files that are gone (idempotent),
+    in every index base of the archive (a file's index lives in the deepest directory above it
+    holding an ``_index``, else at the root).
+
+    :param paths: only these capture files (paths relative to the root); default: the whole
+        archive (then orphan catalog rows and flow files are removed too).
+    :param force: rebuild even current indexes.
+    :param chunk_bytes: the unit a query reads (decompressed stream bytes; at least 4096).
+    :return: counts ``indexed``, ``current``, ``removed``, ``damaged``, the list ``problems``
+        and ``seconds``.
+    """
+    from pktstream.archive.store import base_of, parts
+    subs = parts(store)
+    total = sum(e.size for sub in subs for e in sub.captures())
+    done = [0]
+    out: dict[str, Any] = {"indexed": 0, "current": 0, "removed": 0, "damaged": 0, "problems": []}
+    t0 = time.monotonic()
+    wanted = None if paths is None else set(paths)
+    for sub in subs:
+        cut = len(sub.base) + 1 if sub.base else 0
+        sub_paths = None if wanted is None else [p[cut:] for p in wanted
+                                                 if base_of(p, getattr(store, "bases", [""])) == sub.base]
+        if sub_paths is not None and not sub_paths:
+            continue
+        base_done = done[0]
+
+        def prog(d: int, t: int, what: str) -> None:
+            if progress:
+                progress(base_done + d, total, sub.full_path(what) if what else "")
+        res = _repair_base(sub, sub_paths, force=force, chunk_bytes=chunk_bytes, progress=prog)
+        done[0] += sum(e.size for e in sub.captures())
+        for k in ("indexed", "current", "removed", "damaged"):
+            out[k] += res[k]
+        out["problems"] += [sub.full_path(p) if sub.base else p for p in res["problems"]]
+    if progress:
+        progress(total, total, "")
+    out["seconds"] = time.monotonic() - t0
+    return out
+
+
+def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = False,
+                 chunk_bytes: int = CHUNK_BYTES, progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
     """Build missing or stale indexes and remove indexes of files that are gone (idempotent).
 
     :param paths: only these capture files (relative paths); default: the whole archive
@@ -135,7 +191,7 @@ def repair(store, paths: Iterable[str] | None = None, *, force: bool = False,
     if paths is not None:
         wanted = set(paths)
         entries = [e for e in entries if e.path in wanted]
-    rows, bad = load_catalog(store)
+    rows, bad = _load_base(store)
     by_path = {r["path"]: r for r in rows}
     result: dict[str, Any] = {"indexed": 0, "current": 0, "removed": 0, "damaged": 0, "problems": []}
     for rel in bad:

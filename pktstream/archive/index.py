@@ -96,11 +96,14 @@ class FileIndexBuilder:
     """Flow records and the catalog row of one capture file, built from its batches.
 
     :param rel_path: the file's path relative to the archive root (its name in the index).
+    :param max_chunk: when > 0, a batch that follows the last chunk directly extends it while
+        the chunk stays within this many bytes.
     Not thread-safe; one builder per file.
     """
 
-    def __init__(self, rel_path: str) -> None:
+    def __init__(self, rel_path: str, *, max_chunk: int = 0) -> None:
         self.rel_path = rel_path
+        self.max_chunk = max_chunk  # > 0: contiguous batches share a chunk up to this size
         self._ifaces: dict[tuple[str, str, int], int] = {}
         self._parts: list[dict[str, np.ndarray]] = []
         self.chunks: list[list[int]] = []  # [start, end, packets, first_ts, last_ts]
@@ -123,7 +126,12 @@ class FileIndexBuilder:
         if n == 0:
             return
         ts = batch.ts_ns
-        if self.chunks and self.chunks[-1][0] == start and self.chunks[-1][1] == end:
+        last = self.chunks[-1] if self.chunks else None
+        same = last is not None and last[0] == start and last[1] == end
+        if not same and last is not None and self.max_chunk and last[1] == start and end - last[0] <= self.max_chunk:
+            last[1] = end  # extend the chunk (small batches of a live capture)
+            same = True
+        if same:
             c = self.chunks[-1]
             c[2] += n
             c[3] = min(c[3], int(ts.min()))

@@ -45,7 +45,11 @@ class LocalStore:
     def captures(self) -> list[Entry]:
         """Every capture file under the root (sorted by path)."""
         out = []
+        bases = {""}
         for d, dirs, files in os.walk(self.root):
+            if INDEX_DIR in dirs:
+                rel = os.path.relpath(d, self.root).replace(os.sep, "/")
+                bases.add("" if rel == "." else rel)
             dirs[:] = sorted(x for x in dirs if x != INDEX_DIR and not x.startswith("."))
             for name in files:
                 if is_capture_name(name):
@@ -56,6 +60,7 @@ class LocalStore:
                         continue
                     out.append(Entry(os.path.relpath(p, self.root).replace(os.sep, "/"), st.st_size,
                                      str(st.st_mtime_ns)))
+        self.bases = sorted(bases)
         return sorted(out, key=lambda e: e.path)
 
     def entry(self, rel: str) -> Entry | None:
@@ -140,11 +145,18 @@ class S3Store:
 
     def captures(self) -> list[Entry]:
         out = []
+        bases = {""}
         for obj in self._objects(""):
             rel = obj["Key"][len(self.prefix):]
-            if rel.startswith(INDEX_DIR + "/") or not is_capture_name(rel.rsplit("/", 1)[-1]):
+            if f"{INDEX_DIR}/" in rel:
+                head, _, _ = rel.partition(f"{INDEX_DIR}/")
+                if head == "" or head.endswith("/"):
+                    bases.add(head.rstrip("/"))
+                    continue
+            if not is_capture_name(rel.rsplit("/", 1)[-1]):
                 continue
             out.append(Entry(rel, obj["Size"], obj["ETag"].strip('"')))
+        self.bases = sorted(bases)
         return sorted(out, key=lambda e: e.path)
 
     def entry(self, rel: str) -> Entry | None:
@@ -197,6 +209,70 @@ class _Body(io.RawIOBase):
             self._body.close()
         finally:
             super().close()
+
+
+def base_of(path: str, bases: list[str]) -> str:
+    """The deepest index base (a directory holding ``_index``) above a capture file."""
+    best = ""
+    for b in bases:
+        if b and path.startswith(b + "/") and len(b) > len(best):
+            best = b
+    return best
+
+
+class SubStore:
+    """The part of an archive whose index lives in ``BASE/_index``: paths relative to BASE.
+    A directory written by a receiver with ``--index`` is such a part; an archive root above
+    several of them reads each one's index."""
+
+    def __init__(self, store, base: str, entries: list[Entry]) -> None:
+        self.parent = store
+        self.base = base
+        self.url = store.url + ("/" + base if base else "")
+        if hasattr(store, "root"):
+            self.root = os.path.join(store.root, *base.split("/")) if base else store.root
+        bases = getattr(store, "bases", [""])
+        cut = len(base) + 1 if base else 0
+        self._entries = [Entry(e.path[cut:], e.size, e.version) for e in entries if base_of(e.path, bases) == base]
+
+    def _p(self, rel: str) -> str:
+        return f"{self.base}/{rel}" if self.base else rel
+
+    def full_path(self, rel: str) -> str:
+        """The path of ``rel`` relative to the whole archive."""
+        return self._p(rel)
+
+    def captures(self) -> list[Entry]:
+        return list(self._entries)
+
+    def entry(self, rel: str) -> Entry | None:
+        e = self.parent.entry(self._p(rel))
+        return None if e is None else Entry(rel, e.size, e.version)
+
+    def list(self, prefix: str) -> list[str]:
+        cut = len(self.base) + 1 if self.base else 0
+        return [p[cut:] for p in self.parent.list(self._p(prefix))]
+
+    def open(self, rel: str) -> BinaryIO:
+        return self.parent.open(self._p(rel))
+
+    def read_range(self, rel: str, start: int, end: int, f: BinaryIO | None = None) -> bytes:
+        return self.parent.read_range(self._p(rel), start, end, f)
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.parent.read_bytes(self._p(rel))
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        self.parent.write_bytes(self._p(rel), data)
+
+    def delete(self, rel: str) -> None:
+        self.parent.delete(self._p(rel))
+
+
+def parts(store) -> list[SubStore]:
+    """The archive split by index base (always including the root)."""
+    entries = store.captures()
+    return [SubStore(store, b, entries) for b in getattr(store, "bases", [""])]
 
 
 def open_store(location: str, **kw) -> LocalStore | S3Store:
