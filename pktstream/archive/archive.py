@@ -48,7 +48,8 @@ def parse_time(value: Any) -> int | None:
         if text.isdigit() and len(text) > 12:
             return int(text)  # ns
         if text.replace(".", "", 1).isdigit():
-            return int(round(float(text) * 1e9))
+            from decimal import Decimal
+            return int(Decimal(text) * 10**9)  # exact to the ns (a float is not)
         d = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise ValueError(f"not a time: {value!r} (ISO 8601 such as 2024-11-27T12:00:00Z, "
