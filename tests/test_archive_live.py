@@ -13,7 +13,7 @@ import pytest
 
 import pktstream
 from conftest import PKTSTREAM, free_port, read_pcap_dpkt, tshark_fields, wait_received
-from pktstream.netns import Veth
+from pktstream.lab.netns import Veth
 from test_stream import receiver_cmd, sensor_cmd
 
 pytestmark = pytest.mark.live
