@@ -397,7 +397,7 @@ def test_forensics_notebook_on_real_capture(veth, servers, procs, tmp_path, mixe
     assert len(tshark_fields(out / "slice.pcapng", "frame.number")) == n
     assert len(tshark_fields(out / "slice.pcapng", "frame.number", bpf=DNS_DISPLAY_FILTER)) == n
     names = Counter(r[0] for r in tshark_fields(out / "slice.pcapng", "frame.interface_name"))
-    assert names["gamma/-"] == 12 and names[f"alpha/{veth.outer}"] == 12
+    assert names["gamma/if0"] == 12 and names[f"alpha/{veth.outer}"] == 12
     # the flow table has the HTTP connections to the server, seen by alpha and gamma
     import csv
     with open(out / "flows.csv") as f:
@@ -442,8 +442,8 @@ def test_forensics_notebook_timeline_fills_idle_buckets_and_groups_small_sensors
     for k in range(12):  # sensor s00 is the busiest; every sensor sends at seconds 0-4 and 50-59 only
         for sec in [*range(5), *range(50, 60)]:
             rows += [(f"s{k:02d}", t0 + pd.Timedelta(seconds=sec))] * (20 - k)
-    packets = pd.DataFrame(rows, columns=["sensor", "time"])
-    ns = {"pd": pd, "plt": plt, "OUT": tmp_path, "packets": packets}
+    packets = pd.DataFrame(rows, columns=["sensor", "time"]).assign(packets=1)
+    ns = {"pd": pd, "plt": plt, "OUT": tmp_path, "activity": packets}
     exec(cell, ns)
     tl = ns["timeline"]
     assert list(tl.columns) == [f"s{k:02d}" for k in range(8)] + ["other"]

@@ -136,7 +136,7 @@ class Archive:
             sensor = rel.split("/sensor=", 1)[1].split("/", 1)[0]
             if sensors is not None and not any(_partition_matches(sensor, s) for s in sensors):
                 continue
-            t = pq.read_table(io.BytesIO(self.store.read_bytes(rel)))
+            t = pq.ParquetFile(io.BytesIO(self.store.read_bytes(rel))).read()
             date = rel.split("/date=", 1)[1].split("/", 1)[0]
             t = t.append_column("sensor", pa.array([_sensor_name(sensor, row)] * t.num_rows, pa.string()))
             t = t.append_column("date", pa.array([date] * t.num_rows, pa.string()))

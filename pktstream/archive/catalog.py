@@ -86,7 +86,7 @@ def read_row(store, rel_path: str) -> dict[str, Any] | None:
     except Exception:
         return None
     try:
-        rows = pq.read_table(io.BytesIO(data)).to_pylist()
+        rows = pq.ParquetFile(io.BytesIO(data)).read().to_pylist()
     except Exception:
         return None
     return rows[0] if rows else None
@@ -122,7 +122,7 @@ def _load_base(store) -> tuple[list[dict[str, Any]], list[str]]:
         if not rel.endswith(".parquet"):
             continue
         try:
-            rows += pq.read_table(io.BytesIO(store.read_bytes(rel))).to_pylist()
+            rows += pq.ParquetFile(io.BytesIO(store.read_bytes(rel))).read().to_pylist()
         except Exception:
             bad.append(rel)
     return rows, bad
