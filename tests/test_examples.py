@@ -356,7 +356,7 @@ def test_forensics_notebook_on_real_capture(veth, servers, procs, tmp_path, mixe
     data.mkdir()  # -w and --output-dir need an existing (parent) directory
     pa, pb = free_port(), free_port()
     rx_a = procs(receiver_cmd(pa, "-w", str(data / "merged.pcapng")))
-    rx_b = procs(receiver_cmd(pb, "--output-dir", str(data / "by-sensor"), "--format", "pcap.zst"))
+    rx_b = procs(receiver_cmd(pb, "--output-dir", str(data / "by-sensor"), "--format", "pcap.zst", "--index"))
     rx_a.wait_for("listening on")
     rx_b.wait_for("listening on")
     ip = veth.inner_ip
@@ -376,7 +376,8 @@ def test_forensics_notebook_on_real_capture(veth, servers, procs, tmp_path, mixe
             assert s.stop(signal.SIGTERM) == 0
     assert rx_a.stop(signal.SIGTERM) == 0 and rx_b.stop(signal.SIGTERM) == 0
     files = [data / "merged.pcapng", data / "by-sensor" / "gamma.pcap.zst"]
-    assert sorted(p for p in data.rglob("*") if p.is_file()) == sorted(files)
+    assert sorted(p for p in data.rglob("*") if p.is_file() and "_index" not in p.parts) == sorted(files)
+    assert (data / "by-sensor" / "_index" / "files").is_dir()  # indexed by its receiver as written
 
     out = tmp_path / "out"
     nb = run_notebook(tmp_path, {"PKTSTREAM_NOTEBOOK_DATA": str(data), "PKTSTREAM_NOTEBOOK_OUT": str(out),
@@ -407,6 +408,7 @@ def test_forensics_notebook_on_real_capture(veth, servers, procs, tmp_path, mixe
     check_plots(out)
     text = notebook_text(nb)
     assert "2 files" in text and "3 sensors" in text
+    assert "index: 1 file(s) indexed now, 1 already indexed" in text  # the merged file had none
 
 
 def test_forensics_notebook_standalone(tmp_path, monkeypatch):
