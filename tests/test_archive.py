@@ -439,3 +439,25 @@ def test_recovery_leaves_no_file_without_index_and_no_index_without_file(tmp_pat
     assert {r["path"] for r in a.catalog().to_pylist()} == files
     assert a.index()["indexed"] == 0
     assert got(a, "tcp") == brute(root, "tcp") and a.last_stats.files_scanned == 0
+
+
+def test_catalog_snapshot_is_only_a_cache(tmp_path):
+    """``_index/catalog.parquet`` holds all rows for one read; a row is taken from it only while
+    its per-file catalog file is unchanged."""
+    from pktstream.archive.catalog import SNAPSHOT, load_catalog
+    from pktstream.archive.index import catalog_file
+    root = make_archive(tmp_path / "a")
+    a = Archive(str(root))
+    a.index(chunk_bytes=CHUNK)
+    assert (root / SNAPSHOT).is_file()
+    # a catalog file removed behind the snapshot's back: its row is gone
+    (root / catalog_file("all.pcapng.zst")).unlink()
+    assert "all.pcapng.zst" not in {r["path"] for r in load_catalog(a.store)[0]}
+    # a file re-indexed with another chunk size: the new row, not the snapshot's
+    before = next(r for r in a.catalog().to_pylist() if r["path"] == "old.pcap.gz")
+    old_snapshot = (root / SNAPSHOT).read_bytes()
+    a.index(["old.pcap.gz"], force=True, chunk_bytes=4 * CHUNK)
+    (root / SNAPSHOT).write_bytes(old_snapshot)  # a snapshot older than the row
+    after = next(r for r in a.catalog().to_pylist() if r["path"] == "old.pcap.gz")
+    assert len(after["chunks"]) < len(before["chunks"])
+    assert got(a, "udp") == brute(root, "udp")

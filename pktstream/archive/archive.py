@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any, Callable, Iterator
 
-from pktstream.archive.catalog import is_current, load_catalog, repair
+from pktstream.archive.catalog import heavy, is_current, load_catalog, repair
 from pktstream.archive.index import INDEX_DIR
 from pktstream.archive.query import FilePlan, QueryStats, merge_batches, read_plan, segments_for
 from pktstream.archive.store import open_store
@@ -89,7 +89,7 @@ class Archive:
         """The catalog: one row per indexed capture file (a pyarrow Table)."""
         import pyarrow as pa
         from pktstream.archive.index import catalog_schema
-        rows, _ = load_catalog(self.store)
+        rows, _ = load_catalog(self.store, full=True)
         return pa.Table.from_pylist(rows, catalog_schema())
 
     # -- planning --------------------------------------------------------------------------
@@ -123,7 +123,7 @@ class Archive:
                 continue
             if sensors is not None and not sensors & set(row["sensors"]):
                 continue
-            if tree is not None and not may_match(tree, SummaryContext(row["addresses"], row["ports"]))[0]:
+            if tree is not None and not may_match(tree, SummaryContext(heavy(row, "addresses"), heavy(row, "ports")))[0]:
                 continue
             out.append((e, row, ""))
         return out
@@ -166,8 +166,8 @@ class Archive:
             cols = {c: t.column(c).to_numpy(zero_copy_only=False) for c in
                     ("ip_version", "proto", "sport", "dport", "vlan", "first_ts_ns", "last_ts_ns", "link_type",
                      "ethertype")}
-            cols["src"] = t.column("src").to_pylist()
-            cols["dst"] = t.column("dst").to_pylist()
+            cols["src"] = t.column("src").to_numpy(zero_copy_only=False)
+            cols["dst"] = t.column("dst").to_numpy(zero_copy_only=False)
             keep = may_match(tree, FlowContext(cols))
             if since is not None:
                 keep &= cols["last_ts_ns"] >= since
@@ -177,7 +177,8 @@ class Archive:
                 continue
             chunk_lists = t.column("chunks").filter(keep).combine_chunks()
             ids = np.unique(chunk_lists.flatten().to_numpy())
-            chunks = row["chunks"]
+            chunks = heavy(row, "chunks")
+            heavy(row, "header_blocks")
             ids = [int(c) for c in ids.tolist() if (since is None or chunks[c]["last_ts_ns"] >= since)
                    and (until is None or chunks[c]["first_ts_ns"] < until)]
             if not ids:
@@ -264,8 +265,8 @@ class Archive:
             cols = {c: t.column(c).to_numpy(zero_copy_only=False) for c in
                     ("ip_version", "proto", "sport", "dport", "vlan", "first_ts_ns", "last_ts_ns", "link_type",
                      "ethertype")}
-            cols["src"] = t.column("src").to_pylist()
-            cols["dst"] = t.column("dst").to_pylist()
+            cols["src"] = t.column("src").to_numpy(zero_copy_only=False)
+            cols["dst"] = t.column("dst").to_numpy(zero_copy_only=False)
             keep = None
             if tree is not None:
                 mt, mf = evaluate(tree, FlowContext(cols, strict=False))

@@ -100,13 +100,17 @@ def remove_index(store, rel_path: str) -> None:
         store.delete(rel)
 
 
-def load_catalog(store) -> tuple[list[dict[str, Any]], list[str]]:
+def load_catalog(store, *, full: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
     """Every catalog row of the archive (of every index base below the root: paths relative
     to the root), and the catalog files that could not be read."""
     from pktstream.archive.store import parts
     rows, bad = [], []
     for sub in parts(store):
         r, b = _load_base(sub)
+        if full:
+            for row in r:
+                for name in HEAVY:
+                    heavy(row, name)
         for row in r:
             row["path"] = sub.full_path(row["path"])
             row["flow_files"] = [sub.full_path(f) for f in row["flow_files"] or ()]
@@ -115,17 +119,73 @@ def load_catalog(store) -> tuple[list[dict[str, Any]], list[str]]:
     return rows, bad
 
 
-def _load_base(store) -> tuple[list[dict[str, Any]], list[str]]:
+SNAPSHOT = f"{INDEX_DIR}/catalog.parquet"
+HEAVY = ("addresses", "ports", "header_blocks", "chunks")  # read per row when needed
+
+
+def _load_base(store, *, snapshot: bool = True) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of one index base. The per-file catalog files are the truth; ``catalog.parquet``
+    is a snapshot of them (with each file's size and version) so a query reads one file
+    instead of one per capture file; a row is taken from the snapshot only while its catalog
+    file is unchanged. Heavy columns (address lists, chunk tables) stay in Arrow until asked
+    for (:func:`heavy`)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
+    listing = store.list_stat(f"{INDEX_DIR}/files")
+    snap: dict[str, tuple] = {}
+    snap_table = None
+    if snapshot and listing:
+        try:
+            snap_table = pq.ParquetFile(io.BytesIO(store.read_bytes(SNAPSHOT))).read()
+            for i, (rel, ver) in enumerate(zip(snap_table.column("catalog_file").to_pylist(),
+                                               snap_table.column("catalog_version").to_pylist())):
+                snap[rel] = (ver, i)
+        except Exception:
+            snap_table, snap = None, {}
     rows, bad = [], []
-    for rel in store.list(f"{INDEX_DIR}/files"):
+    tables, take = [], []
+    for rel, ver in listing:
         if not rel.endswith(".parquet"):
             continue
+        hit = snap.get(rel)
+        if hit is not None and hit[0] == ver:
+            take.append(hit[1])
+            continue
         try:
-            rows += pq.ParquetFile(io.BytesIO(store.read_bytes(rel))).read().to_pylist()
+            t = pq.ParquetFile(io.BytesIO(store.read_bytes(rel))).read()
+            t = t.append_column("catalog_file", pa.array([rel] * t.num_rows, pa.string()))
+            t = t.append_column("catalog_version", pa.array([ver] * t.num_rows, pa.string()))
+            tables.append(t)
         except Exception:
             bad.append(rel)
+    if snap_table is not None and take:
+        tables.insert(0, snap_table.take(pa.array(take, pa.int64())))
+    if not tables:
+        return [], bad
+    table = pa.concat_tables(tables, promote_options="default")
+    light = [c for c in table.column_names if c not in HEAVY]
+    rows = table.select(light).to_pylist()
+    for i, r in enumerate(rows):
+        r["_table"], r["_i"] = table, i
     return rows, bad
+
+
+def heavy(row: dict[str, Any], name: str) -> Any:
+    """A heavy column of a catalog row (address/port lists, header blocks, chunk table)."""
+    if name not in row:
+        row[name] = row["_table"].column(name)[row["_i"]].as_py()
+    return row[name]
+
+
+def write_snapshot(store) -> None:
+    """Rewrite ``catalog.parquet`` from the per-file catalog files of one index base."""
+    import pyarrow.parquet as pq
+    rows, _ = _load_base(store)
+    if not rows:
+        store.delete(SNAPSHOT)
+        return
+    table = rows[0]["_table"]
+    store.write_bytes(SNAPSHOT, _parquet_bytes(table, pq))
 
 
 def is_current(row: dict[str, Any] | None, entry: Entry) -> bool:
@@ -167,6 +227,8 @@ def repair(store, paths: Iterable[str] | None = None, *, force: bool = False,
             if progress:
                 progress(base_done + d, total, sub.full_path(what) if what else "")
         res = _repair_base(sub, sub_paths, force=force, chunk_bytes=chunk_bytes, progress=prog)
+        if res["indexed"] or res["removed"] or res["problems"] or SNAPSHOT not in dict(sub.list_stat(INDEX_DIR)):
+            write_snapshot(sub)
         done[0] += sum(e.size for e in sub.captures())
         for k in ("indexed", "current", "removed", "damaged"):
             out[k] += res[k]

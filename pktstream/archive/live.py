@@ -17,7 +17,9 @@ import logging
 import os
 
 from pktstream._capture import PacketBatch
-from pktstream.archive.catalog import CHUNK_BYTES, remove_index, repair, write_index
+import time
+
+from pktstream.archive.catalog import CHUNK_BYTES, remove_index, repair, write_index, write_snapshot
 from pktstream.archive.index import FileIndexBuilder
 from pktstream.archive.store import LocalStore
 
@@ -40,6 +42,20 @@ class LiveIndexer:
         self._open: dict[str, tuple[FileIndexBuilder, str]] = {}
         self.indexed = 0
         self.failures = 0
+        self._changes = 0
+        self._snapshot_at = time.monotonic()
+
+    def _changed(self) -> None:
+        """Refresh the catalog snapshot every 16 changes or 30 s (queries read the rest of
+        the rows from their own files, so it is only a cache)."""
+        self._changes += 1
+        if self._changes >= 16 or time.monotonic() - self._snapshot_at > 30:
+            try:
+                write_snapshot(self.store)
+            except Exception as exc:
+                log.warning("index: catalog snapshot of %s: %s", self.root, exc)
+            self._changes = 0
+            self._snapshot_at = time.monotonic()
 
     def _rel(self, path: str) -> str | None:
         rel = os.path.relpath(os.path.abspath(path), self.root)
@@ -82,6 +98,7 @@ class LiveIndexer:
                                    compression="zstd" if fmt.endswith(".zst") else None)
             write_index(self.store, row, tables)
             self.indexed += 1
+            self._changed()
         except Exception as exc:
             log.warning("index: %s: %s (pktstream index repairs it)", path, exc)
             self.failures += 1
@@ -91,6 +108,7 @@ class LiveIndexer:
         if rel is not None:
             try:
                 remove_index(self.store, rel)
+                self._changed()
             except Exception as exc:
                 log.warning("index: removing the index of %s: %s", path, exc)
 

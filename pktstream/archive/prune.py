@@ -213,11 +213,16 @@ class FlowContext:
         raise Unsupported(kind)
 
     def _arp_known(self) -> np.ndarray:
+        if isinstance(self.src, np.ndarray):
+            return np.not_equal(self.src, None)
         return np.array([a is not None for a in self.src], bool) if self.n else np.zeros(0, bool)
 
     def _in_net(self, col, name: str, net) -> np.ndarray:
         key = (name, str(net))
         out = self._addr_cache.get(key)
+        if out is None and net.num_addresses == 1:  # a host: text equality (the index's canonical text)
+            arr = col if isinstance(col, np.ndarray) else np.array(col, dtype=object)
+            out = self._addr_cache[key] = (arr == str(net.network_address)) if len(arr) else np.zeros(0, bool)
         if out is None:
             memo: dict[str | None, bool] = {}
             vals = []
@@ -244,6 +249,7 @@ class SummaryContext:
     def __init__(self, addresses: list[str] | None, ports: list[int] | None) -> None:
         self.n = 1
         self.addresses = addresses
+        self._set = None if addresses is None else set(addresses)
         self.ports = None if ports is None else np.asarray(ports)
 
     def unknown(self):
@@ -253,7 +259,11 @@ class SummaryContext:
         kind = node[0]
         t = True
         if kind == "net" and self.addresses is not None:
-            t = any(_contains(node[2], a) for a in self.addresses)
+            net = node[2]
+            if net.num_addresses == 1:
+                t = str(net.network_address) in self._set
+            else:
+                t = any(_contains(net, a) for a in self.addresses)
         elif kind == "port" and self.ports is not None:
             t = bool(((self.ports >= node[2]) & (self.ports <= node[3])).any())
         return np.array([t]), np.ones(1, bool)

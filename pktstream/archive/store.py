@@ -79,6 +79,19 @@ class LocalStore:
                     if not f.endswith(".tmp")]
         return sorted(out)
 
+    def list_stat(self, prefix: str) -> list[tuple[str, str]]:
+        """(relative path, version) of the files directly in directory ``prefix``."""
+        out = []
+        try:
+            with os.scandir(self.full(prefix)) as it:
+                for e in it:
+                    if e.is_file() and not e.name.endswith(".tmp"):
+                        st = e.stat()
+                        out.append((f"{prefix}/{e.name}", f"{st.st_size}-{st.st_mtime_ns}"))
+        except FileNotFoundError:
+            pass
+        return sorted(out)
+
     def open(self, rel: str) -> BinaryIO:
         return open(self.full(rel), "rb")
 
@@ -169,6 +182,9 @@ class S3Store:
     def list(self, prefix: str) -> list[str]:
         return sorted(o["Key"][len(self.prefix):] for o in self._objects(prefix))
 
+    def list_stat(self, prefix: str) -> list[tuple[str, str]]:
+        return sorted((o["Key"][len(self.prefix):], o["ETag"].strip('"')) for o in self._objects(prefix + "/"))
+
     def open(self, rel: str) -> BinaryIO:
         body = self.client.get_object(Bucket=self.bucket, Key=self.prefix + rel)["Body"]
         return _Body(body)
@@ -252,6 +268,10 @@ class SubStore:
     def list(self, prefix: str) -> list[str]:
         cut = len(self.base) + 1 if self.base else 0
         return [p[cut:] for p in self.parent.list(self._p(prefix))]
+
+    def list_stat(self, prefix: str) -> list[tuple[str, str]]:
+        cut = len(self.base) + 1 if self.base else 0
+        return [(p[cut:], v) for p, v in self.parent.list_stat(self._p(prefix))]
 
     def open(self, rel: str) -> BinaryIO:
         return self.parent.open(self._p(rel))
