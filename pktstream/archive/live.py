@@ -42,6 +42,7 @@ class LiveIndexer:
         self._open: dict[str, tuple[FileIndexBuilder, str]] = {}
         self.indexed = 0
         self.failures = 0
+        self.recover_root = True  # the receiver's recovery repairs this root's index
         self._changes = 0
         self._snapshot_at = time.monotonic()
 
@@ -130,3 +131,64 @@ def recover_index(root: str) -> dict:
         log.warning("recovery: index of %s: %d file(s) indexed, %d index(es) of vanished files removed",
                     root, res["indexed"], res["removed"])
     return res
+
+
+class StagingIndexer(LiveIndexer):
+    """For outputs that stage files before uploading them (S3): a completed file's index is
+    kept next to it as ``NAME.idx`` (flow records, with the catalog row in the Parquet
+    metadata) until the uploader commits it under the object's key with :func:`commit_staged`."""
+
+    def __init__(self, staging_dir: str, *, chunk_bytes: int = CHUNK_BYTES) -> None:
+        super().__init__(staging_dir, chunk_bytes=chunk_bytes)
+        self.recover_root = False  # no index in the staging directory itself
+
+    def removed(self, path: str) -> None:
+        pass
+
+    def repair_paths(self, paths: list[str]) -> None:
+        pass  # a file cut back after a write error is uploaded without an index (pktstream index)
+
+    def completed(self, path: str) -> None:
+        entry = self._open.pop(path, None)
+        if entry is None:
+            return
+        b, fmt = entry
+        try:
+            import json
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+            row, tables = b.finish(size=0, version="", format=fmt.split(".")[0],
+                                   compression="zstd" if fmt.endswith(".zst") else None)
+            parts = [t.append_column("_sensor", pa.array([s] * t.num_rows, pa.string()))
+                      .append_column("_date", pa.array([d] * t.num_rows, pa.string()))
+                     for (s, d), t in tables.items()]
+            table = pa.concat_tables(parts) if parts else pa.table({"_sensor": pa.array([], pa.string())})
+            table = table.replace_schema_metadata({b"pktstream.catalog": json.dumps(row).encode()})
+            tmp = path + ".idx.tmp"
+            pq.write_table(table, tmp, compression="zstd")
+            os.replace(tmp, path + ".idx")
+            self.indexed += 1
+        except Exception as exc:
+            log.warning("index: %s: %s (pktstream index repairs it)", path, exc)
+            self.failures += 1
+
+
+def commit_staged(store, idx_path: str, rel_path: str, size: int, version: str) -> None:
+    """Write a staged index (``NAME.idx``) for the object now at ``rel_path`` in ``store``."""
+    import json
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from pktstream.archive.index import file_id, flow_file
+    table = pq.read_table(idx_path)
+    row = json.loads(table.schema.metadata[b"pktstream.catalog"])
+    tables = {}
+    if "_sensor" in table.column_names and table.num_rows:
+        for s, d in sorted(set(zip(table.column("_sensor").to_pylist(), table.column("_date").to_pylist()))):
+            t = table.filter(pc.and_(pc.equal(table.column("_sensor"), s), pc.equal(table.column("_date"), d)))
+            t = t.drop_columns(["_sensor", "_date"]).replace_schema_metadata(None)
+            t = t.set_column(t.column_names.index("file"), "file", pa.array([rel_path] * t.num_rows, pa.string()))
+            tables[(s, d)] = t
+    row.update(path=rel_path, file_id=file_id(rel_path), size=size, version=version,
+               flow_files=sorted(flow_file(s, d, rel_path) for s, d in tables))
+    write_index(store, row, tables)

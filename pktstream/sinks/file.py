@@ -194,7 +194,7 @@ class FileSink(Sink):
             if st is not None:
                 open_files.append(st)
                 self._committed[st["final"]] = st["size"]
-        if self.indexer is not None:
+        if self.indexer is not None and getattr(self.indexer, "recover_root", False):
             return {"open": open_files, "index_root": self.indexer.root}
         return {"open": open_files}
 
