@@ -1,6 +1,8 @@
 """``pktstream index|query|flows|sql``: the archive commands (docs/ARCHIVE.md).
 
-Imports stay lazy: ``pktstream query`` loads pyarrow and the reader only when it runs.
+Imports stay lazy: ``pktstream query`` loads pyarrow and the reader only when it runs, and
+never pandas (see :class:`_NoPandas`); ``pktstream.cli`` parses these commands without loading
+the others.
 """
 from __future__ import annotations
 
@@ -36,6 +38,21 @@ class _Bar:
             sys.stderr.flush()
 
 
+class _NoPandas:
+    """Import hook refusing pandas: pyarrow imports it at its first conversion when it can
+    (0.5-1 s), and these commands never need it."""
+
+    def find_spec(self, name: str, path=None, target=None):
+        if name == "pandas" or name.startswith("pandas."):
+            raise ImportError("pandas is not used by the pktstream archive commands")
+        return None
+
+
+def _lean() -> None:
+    if "pandas" not in sys.modules and not any(isinstance(f, _NoPandas) for f in sys.meta_path):
+        sys.meta_path.insert(0, _NoPandas())
+
+
 def _fail(cmd: str, exc: BaseException) -> int:
     from pktstream.cli import error_line
     print(f"pktstream {cmd}: {error_line(exc)}", file=sys.stderr)
@@ -48,6 +65,7 @@ def _errors():
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    _lean()
     from pktstream.archive import Archive
     bar = _Bar(args.progress or sys.stderr.isatty(), "indexing")
     status = 0
@@ -83,6 +101,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    _lean()
     from pktstream.archive import Archive
     bpf = " ".join(args.bpf) or None
     out = sys.stdout.buffer if args.write == "-" else args.write
@@ -99,6 +118,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_flows(args: argparse.Namespace) -> int:
+    _lean()
     from pktstream.archive import Archive
     bpf = " ".join(args.filter) or None
     try:
@@ -113,6 +133,7 @@ def cmd_flows(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
+    _lean()
     from pktstream.archive import Archive
     try:
         table = Archive(args.archive).sql(args.query)
