@@ -378,16 +378,20 @@ def _sink_archive(root: Path, *, crash: bool = False):
                    index=True)
     (root / "merged").mkdir()
     merged = FileSink(str(root / "merged" / "all.pcapng"), rotate_bytes=200_000, index=True)
+    (root / "pcap").mkdir()
+    merged_pcap = FileSink(str(root / "pcap" / "all.pcap"), rotate_bytes=300_000, index=True)
     sources = [Source(s, "h-" + s, "eth0", 1, 262144) for s in ("alpha", "beta", "gamma")]
-    feeds = [batches(30 + i, 1500, T0 + i * 7, per_batch=20) for i in range(3)]
+    # as the receiver hands them to its outputs: interface "sensor/interface"
+    feeds = [batches(30 + i, 1500, T0 + i * 7, per_batch=20, interface=f"{s.sensor_id}/eth0")
+             for i, s in enumerate(sources)]
     for k in range(len(feeds[0])):
         for src, feed in zip(sources, feeds):
-            for sink in (per, merged):
+            for sink in (per, merged, merged_pcap):
                 sink.write(src, feed[k])
         if k % 5 == 0:
-            state = (per.flush(), merged.flush())
-    state = (per.flush(), merged.flush())
-    for sink in (per, merged):
+            state = (per.flush(), merged.flush(), merged_pcap.flush())
+    state = (per.flush(), merged.flush(), merged_pcap.flush())
+    for sink in (per, merged, merged_pcap):
         if crash:  # the process dies: open files stay .part files, nothing more is written
             for out in sink._outputs.values():
                 out.abandon()
@@ -408,6 +412,9 @@ def test_index_as_you_write_equals_brute_force(tmp_path):
     for bpf in ("host 203.0.113.7 and port 4444", "udp", None, "vlan 20"):
         assert got(a, bpf) == brute(root, bpf)
         assert a.last_stats.files_scanned == 0
+    # sensors: the pcapng interface names, the per-sensor file names, a merged pcap's name
+    for sensor in ("alpha", "all"):
+        assert got(a, "tcp", sensor=sensor) == brute(root, "tcp", sensor=sensor) != []
     # the live index is what an offline build considers current, and has the same flows
     res = a.index()
     assert (res["indexed"], res["current"], res["removed"]) == (0, len(files), 0)
@@ -425,7 +432,7 @@ def test_recovery_leaves_no_file_without_index_and_no_index_without_file(tmp_pat
     root = tmp_path / "a"
     per, merged, state = _sink_archive(root, crash=True)               # killed: .part files left
     parts = sorted(p.name for p in root.rglob("*.part"))
-    assert len(parts) == 4
+    assert len(parts) == 5
     # a crash between a rename and its index, and a file deleted behind the receiver's back
     completed = sorted((root / "by-sensor").glob("alpha.*.pcap.zst"))
     (root / "by-sensor" / catalog_file(completed[-1].name)).unlink()

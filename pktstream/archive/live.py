@@ -82,7 +82,9 @@ class LiveIndexer:
         try:
             for off, n in idb_positions:
                 entry[0].add_header_block(off, n)
-            entry[0].add(batch, start, end)
+            # attribution as a reader of the file will see it: pcapng keeps interface names,
+            # a pcap file has none (its sensor is its file name)
+            entry[0].add(batch, start, end, interface=None if entry[1].startswith("pcapng") else "")
         except Exception as exc:  # never fail the capture
             log.warning("index: %s: %s (the file will be indexed later)", path, exc)
             self._open.pop(path, None)
