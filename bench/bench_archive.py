@@ -52,7 +52,8 @@ def make_batches(seed: int, raw_bytes: int, start_ns: int, span_ns: int, *, rare
     65,536 hosts, incompressible payloads; ``rare_at``: fraction of the span where the rare
     flow's 6 packets are put."""
     rng = random.Random(seed)
-    noise = np.random.default_rng(seed).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+    # payloads from a pool larger than zstd's window: incompressible, like encrypted traffic
+    noise = np.random.default_rng(seed).integers(0, 256, 64 << 20, dtype=np.uint8).tobytes()
     est = raw_bytes // 640
     step = max(span_ns // max(est, 1), 1)
     ts = start_ns

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import ipaddress
 import os
 import re
+import socket
 from typing import Any
 
 import numpy as np
@@ -84,12 +84,18 @@ def _arp_addresses(batch: PacketBatch, cols: dict[str, np.ndarray], src: np.ndar
 
 
 def address_text(row: bytes, version: int) -> str | None:
-    """A 16-byte address row (IPv4 mapped) as text (ARP addresses: version 0, mapped)."""
+    """A 16-byte address row (IPv4 mapped) as text (ARP addresses: version 0, mapped), in the
+    form ``inet_ntop`` writes (:func:`canonical` gives the same for a query's address)."""
     if version == 4 or (version == 0 and row[:12] == _MAPPED):
-        return str(ipaddress.IPv4Address(row[12:]))
+        return socket.inet_ntop(socket.AF_INET, row[12:16])
     if version == 6:
-        return str(ipaddress.IPv6Address(row))
+        return socket.inet_ntop(socket.AF_INET6, row)
     return None
+
+
+def canonical(address) -> str:
+    """The text the index uses for an ``ipaddress`` address (``inet_ntop``'s form)."""
+    return socket.inet_ntop(socket.AF_INET if address.version == 4 else socket.AF_INET6, address.packed)
 
 
 class FileIndexBuilder:
@@ -220,32 +226,34 @@ class FileIndexBuilder:
         if f:
             key = f["key"]
             ipv = key["ipv"]
-            text_cache: dict[tuple[bytes, int], str | None] = {}
+            n = len(key)
 
-            def texts(col: np.ndarray) -> list[str | None]:
-                out = []
-                for row, v in zip(col.tolist(), ipv.tolist()):
-                    k = (row, v)
-                    t = text_cache.get(k)
-                    if t is None and k not in text_cache:
-                        t = text_cache[k] = address_text(row, v)
-                    out.append(t)
-                return out
+            def texts(col: np.ndarray) -> np.ndarray:
+                """Text per row, converted once per distinct (address, version)."""
+                both = np.empty(n, dtype=[("a", "V16"), ("v", "u1")])
+                both["a"], both["v"] = col, ipv
+                uniq, inv = np.unique(both, return_inverse=True)
+                text = np.array([address_text(bytes(u["a"]), int(u["v"])) for u in uniq], dtype=object)
+                return text[inv.ravel()]
 
             src, dst = texts(key["src"]), texts(key["dst"])
-            addrs = {a for a in src + dst if a is not None}
+            distinct = set(src.tolist()) | set(dst.tolist())
+            distinct.discard(None)
+            addrs = distinct
             ipmask = ipv > 0  # (ARP addresses are in the address summary, no ports)
-            ports = set(key["sport"][ipmask].tolist()) | set(key["dport"][ipmask].tolist())
-            sensors = [names[i][0] for i in key["iface"].tolist()]
-            ifaces = [names[i][1] for i in key["iface"].tolist()]
-            links = [names[i][2] for i in key["iface"].tolist()]
-            dates = (f["first"] // 86_400_000_000_000).tolist()
+            ports = set(np.unique(key["sport"][ipmask]).tolist()) | set(np.unique(key["dport"][ipmask]).tolist())
+            iface_ids = key["iface"]
+            ids = sorted(names)
+            sensor_of_id = np.array([names[i][0] for i in ids], dtype=object)
+            iface_of_id = np.array([names[i][1] for i in ids], dtype=object)
+            link_of_id = np.array([names[i][2] for i in ids], dtype=np.int32)
+            days = f["first"] // 86_400_000_000_000
             first_ts, last_ts = int(f["first"].min()), int(f["last"].max())
             chunks = pa.ListArray.from_arrays(pa.array(f["chunk_offsets"]), pa.array(f["chunk_values"]))
             table = pa.table({
-                "file": pa.array([self.rel_path] * len(key), pa.string()),
-                "interface": pa.array(ifaces, pa.string()),
-                "link_type": pa.array(links, pa.int32()),
+                "file": pa.array([self.rel_path] * n, pa.string()),
+                "interface": pa.array(iface_of_id[iface_ids], pa.string()),
+                "link_type": pa.array(link_of_id[iface_ids], pa.int32()),
                 "vlan": pa.array(key["vlan"]), "ethertype": pa.array(key["ethertype"]),
                 "ip_version": pa.array(ipv), "src": pa.array(src, pa.string()), "dst": pa.array(dst, pa.string()),
                 "sport": pa.array(key["sport"]), "dport": pa.array(key["dport"]), "proto": pa.array(key["proto"]),
@@ -253,13 +261,17 @@ class FileIndexBuilder:
                 "packets": pa.array(f["packets"]), "bytes": pa.array(f["bytes"]),
                 "tcp_flags": pa.array(f["flags"]), "chunks": chunks,
             })
-            part_keys = [(s, _date(d)) for s, d in zip(sensors, dates)]
-            order: dict[tuple[str, str], list[int]] = {}
-            for i, pk in enumerate(part_keys):
-                order.setdefault(pk, []).append(i)
-            for pk, rows in order.items():
+            # one table per (sensor, date) partition; sensors are compared by name (two
+            # interfaces of one sensor share a partition)
+            sensor_idx = {name: k for k, name in enumerate(sorted(set(sensor_of_id.tolist())))}
+            sensor_code = np.array([sensor_idx[x] for x in sensor_of_id.tolist()], dtype=np.int64)[iface_ids]
+            part = sensor_code * 1_000_000 + (days - days.min())
+            by_sensor = {v: k for k, v in sensor_idx.items()}
+            for code in np.unique(part).tolist():
+                rows = np.flatnonzero(part == code)
                 t = table.take(pa.array(rows))
-                tables[pk] = t.sort_by([("first_ts_ns", "ascending")])
+                sensor = by_sensor[code // 1_000_000]
+                tables[(sensor, _date(int(days.min()) + code % 1_000_000))] = t.sort_by([("first_ts_ns", "ascending")])
         row = {
             "path": self.rel_path, "file_id": file_id(self.rel_path), "index_version": FORMAT_VERSION,
             "size": size, "version": version, "format": format, "compression": compression,

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from pktstream.archive.index import canonical
+
 _TOKEN = re.compile(r"\s*(\(|\)|&&|\|\||!|[^\s()!]+)")
 _PROTOS = {"tcp": 6, "udp": 17, "sctp": 132, "icmp": 1, "icmp6": 58}
 _PORT_PROTOS = (6, 17, 132)
@@ -222,7 +224,7 @@ class FlowContext:
         out = self._addr_cache.get(key)
         if out is None and net.num_addresses == 1:  # a host: text equality (the index's canonical text)
             arr = col if isinstance(col, np.ndarray) else np.array(col, dtype=object)
-            out = self._addr_cache[key] = (arr == str(net.network_address)) if len(arr) else np.zeros(0, bool)
+            out = self._addr_cache[key] = (arr == canonical(net.network_address)) if len(arr) else np.zeros(0, bool)
         if out is None:
             memo: dict[str | None, bool] = {}
             vals = []
@@ -261,7 +263,7 @@ class SummaryContext:
         if kind == "net" and self.addresses is not None:
             net = node[2]
             if net.num_addresses == 1:
-                t = str(net.network_address) in self._set
+                t = canonical(net.network_address) in self._set
             else:
                 t = any(_contains(net, a) for a in self.addresses)
         elif kind == "port" and self.ports is not None:
