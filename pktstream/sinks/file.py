@@ -248,17 +248,22 @@ def _cut_and_complete(part: str, final: str, size: int) -> bool:
 
 def _finish_zstd(part: str) -> None:
     """A crashed ``.zst`` file is a zstd frame without its end: re-encode the whole blocks it
-    holds into a complete, checksummed frame."""
+    holds into a complete, checksummed frame, streaming (memory stays bounded whatever the file
+    size): compressed input goes to a ``decompressobj`` in small pieces (it delivers every byte
+    of each whole block fed, unlike ``stream_reader`` at the end of the input; a block cut off
+    by the crash yields nothing) and what comes out straight into a ``compressobj``."""
     import zstandard
-    data = bytearray()
-    with open(part, "rb") as f:
-        reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=False)
-        try:
-            while chunk := reader.read(1 << 20):
-                data += chunk
-        except zstandard.ZstdError:
-            pass  # the truncated end: everything before it is whole blocks
     tmp = part + ".tmp"
-    with open(tmp, "wb") as out:
-        out.write(zstandard.ZstdCompressor(level=3, write_checksum=True).compress(bytes(data)))
+    with open(part, "rb") as f, open(tmp, "wb") as out:
+        dobj = zstandard.ZstdDecompressor().decompressobj()
+        cobj = zstandard.ZstdCompressor(level=3, write_checksum=True).compressobj()
+        try:
+            while chunk := f.read(_FINISH_CHUNK):
+                out.write(cobj.compress(dobj.decompress(chunk)))
+        except zstandard.ZstdError:
+            pass  # corrupt data (or data after the frame's end): keep everything before it
+        out.write(cobj.flush())
     os.replace(tmp, part)
+
+
+_FINISH_CHUNK = 1 << 16  # compressed bytes fed at a time
