@@ -5,11 +5,11 @@ import os
 
 import pytest
 
-from pktstream.stream import protocol as P
-from pktstream._capture import PacketBatch
 from pktstream.config import ConfigError, receiver_settings, sensor_settings
-from pktstream.stream.sendwindow import FrameStore
+from pktstream.exceptions import ClosedError
 from pktstream.sinks.file import safe_name
+from pktstream.stream import protocol as P
+from pktstream.stream.sendwindow import FrameStore
 
 
 def _frame(seq: int, payload: bytes = b"x" * 100) -> tuple[bytes, bytes]:
@@ -78,7 +78,7 @@ def test_sibling_batches_release_independently():
     view = a[0]
     b.release()
     assert bytes(view) == b"abcd" and len(a) == 1
-    with pytest.raises(Exception):
+    with pytest.raises(ClosedError):
         len(b)
 
 
@@ -210,11 +210,11 @@ def test_incompressible_blocks_are_tried_less_and_less_often():
 
     comp._compressor = counting
     noise = os.urandom(64 << 10)
-    for i in range(1 + 33 + 65 + 129 + 257 + 513 + 513):
+    for i in range(1 + 33 + 65 + 129 + 257 + 513 + 513):  # noqa: B007 - counting() records i
         comp.compress(noise)
     assert tries == [0, 33, 98, 227, 484, 997, 1510]
     assert comp.stored_blocks == len(range(1 + 33 + 65 + 129 + 257 + 513 + 513))
-    for i in range(513):  # finish the current run, then a compressible block resets it
+    for _ in range(513):  # finish the current run, then a compressible block resets it
         comp.compress(b"a" * (64 << 10))
     assert comp.compressed_blocks >= 1 and comp._stored_run == 32
 
@@ -228,7 +228,9 @@ def test_send_timeout_means_no_progress_not_a_whole_block(tls):
     import ssl
     import threading
     import time
+
     import trustme
+
     from pktstream.stream.uplink import Link
     ca = trustme.CA()
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

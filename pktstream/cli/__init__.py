@@ -5,7 +5,7 @@ import argparse
 import signal
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import pktstream
 
@@ -22,7 +22,7 @@ class _StopOnSignals:
         self._stop = stop
         self._old: dict[int, object] = {}
 
-    def __enter__(self) -> "_StopOnSignals":
+    def __enter__(self) -> _StopOnSignals:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old[sig] = signal.signal(sig, lambda *_: self._stop())
         return self

@@ -30,7 +30,8 @@ def _prop(text: str) -> tuple[str, str]:
 def add_receiver_args(r) -> None:
     r.add_argument("--from", dest="from_url", metavar="kafka://HOST:PORT/TOPIC",
                    help="consume this Kafka topic (as member of --group) instead of listening for sensors")
-    r.add_argument("--group", dest="kafka_group", metavar="G", help="Kafka consumer group (default pktstream-receivers)")
+    r.add_argument("--group", dest="kafka_group", metavar="G",
+                   help="Kafka consumer group (default pktstream-receivers)")
     r.add_argument("--kafka-property", action="append", type=_prop, default=[], metavar="KEY=VALUE",
                    help="librdkafka property for the Kafka input/output (repeat): TLS, SASL, timeouts")
     r.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint for -w s3:// (default AWS)")
@@ -54,8 +55,8 @@ def add_sensor_args(s) -> None:
 
 def apply_receiver_args(args, s) -> None:
     """Fold URL flags into ReceiverSettings (call before the 'no output' check)."""
-    from pktstream.stream.kafka import parse_kafka_url
     from pktstream.sinks.s3 import parse_s3_url
+    from pktstream.stream.kafka import parse_kafka_url
     props = dict(getattr(args, "kafka_property", None) or [])
     w = getattr(args, "write", None) or ""
     if w.startswith("s3://"):

@@ -200,6 +200,7 @@ def cmd_read(args: argparse.Namespace) -> int:
     expr = _bpf(args.bpf)
     out = sys.stdout
     import warnings
+
     from pktstream.exceptions import PcapWarning
     shown = 0
     with warnings.catch_warnings(record=True) as caught, open_reader(_source(args.file)) as r:
@@ -307,7 +308,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     from pktstream.cli import subparser
     p = subparser(sub, "info", help="summary of a capture file (like capinfos)",
-                  epilog="examples:\n  pktstream info capture.pcapng\n  pktstream info --json cap.pcapng.zst | jq .packets")
+                  epilog="examples:\n  pktstream info capture.pcapng\n"
+                         "  pktstream info --json cap.pcapng.zst | jq .packets")
     p.add_argument("file", help="pcap, pcapng, .zst or .gz file ('-' for stdin)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_info)

@@ -23,8 +23,9 @@ import gzip
 import io
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import numpy as np
 
@@ -32,8 +33,18 @@ from pktstream._capture import PacketBatch
 from pktstream._records import STATUS, pcap_walk, pcapng_walk, take_mask, take_records
 from pktstream.exceptions import FileFormatError
 from pktstream.formats._common import (
-    DEFAULT_BATCH_BYTES, DEFAULT_SNAPLEN, GZIP_MAGIC, MAX_BLOCK, MAX_CAPLEN, PCAP_MAGIC_NS,
-    PCAP_MAGIC_US, PCAPNG_BOM, PCAPNG_SHB, ZSTD_MAGIC, linktype_to_dlt, warn_truncated,
+    DEFAULT_BATCH_BYTES,
+    DEFAULT_SNAPLEN,
+    GZIP_MAGIC,
+    MAX_BLOCK,
+    MAX_CAPLEN,
+    PCAP_MAGIC_NS,
+    PCAP_MAGIC_US,
+    PCAPNG_BOM,
+    PCAPNG_SHB,
+    ZSTD_MAGIC,
+    linktype_to_dlt,
+    warn_truncated,
 )
 
 W_MORE, W_BLOCK, W_BAD_LENGTH, W_BAD_IFACE, W_OPTIONS, W_FULL = (
@@ -327,7 +338,7 @@ class CaptureReader:
             self.format = "pcapng"
             self._head = bytes(head[:n])
             return
-        for magic, order in ((magic_le, "<"), (magic_be, ">")):
+        for magic, order in ((magic_le, "<"), (magic_be, ">")):  # noqa: B007 - the match is used below
             if magic in (PCAP_MAGIC_US, PCAP_MAGIC_NS):
                 break
         else:

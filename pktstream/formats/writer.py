@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import BinaryIO, Callable
+from collections.abc import Callable
+from typing import BinaryIO
 
 from pktstream._capture import PacketBatch
 from pktstream.exceptions import ClosedError

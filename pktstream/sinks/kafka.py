@@ -17,11 +17,10 @@ from typing import Any
 
 import zstandard
 
-from pktstream.stream import protocol as P
-from pktstream.stream.kafka import (DEFAULT_TOPIC, ErrorLog, purge_and_close, frame_headers,
-                             producer_config)
 from pktstream._capture import PacketBatch
 from pktstream.sinks.base import Sink, Source
+from pktstream.stream import protocol as P
+from pktstream.stream.kafka import DEFAULT_TOPIC, ErrorLog, frame_headers, producer_config, purge_and_close
 
 log = logging.getLogger("pktstream.stream.receiver")
 

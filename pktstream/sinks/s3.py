@@ -43,7 +43,8 @@ log = logging.getLogger("pktstream.stream.receiver")
 
 MIN_PART = 5 << 20
 DEFAULT_KEY = "{prefix}{sensor}/{date:%Y/%m/%d}/{date:%H%M%S}-{run}-{seq:06d}.{ext}"
-_READY = re.compile(r"^(?P<sensor>.+)__(?P<stamp>\d{8}T\d{6}Z)__(?P<run>[0-9a-f]+)-(?P<seq>\d+)\.(?P<ext>pcap(?:ng)?(?:\.zst)?)$")
+_READY = re.compile(r"^(?P<sensor>.+)__(?P<stamp>\d{8}T\d{6}Z)__(?P<run>[0-9a-f]+)-(?P<seq>\d+)"
+                    r"\.(?P<ext>pcap(?:ng)?(?:\.zst)?)$")
 
 
 class StagingFull(RuntimeError):
@@ -139,7 +140,7 @@ class S3Sink(Sink):
             sensor = re.sub(r"\.\d{6}$", "", stem)
             n = self._seq[sensor]
             self._seq[sensor] += 1
-            stamp = dt.datetime.fromtimestamp(os.path.getmtime(path), dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            stamp = dt.datetime.fromtimestamp(os.path.getmtime(path), dt.UTC).strftime("%Y%m%dT%H%M%SZ")
             target = os.path.join(self.ready_dir, f"{sensor}__{stamp}__{self.run_id}-{n:06d}.{ext}")
             os.replace(path, target)
         self._wake.set()
@@ -209,7 +210,7 @@ class S3Sink(Sink):
         m = _READY.match(name)
         if m is None:
             raise ValueError(f"unexpected staged file name {name!r}")
-        date = dt.datetime.strptime(m["stamp"], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+        date = dt.datetime.strptime(m["stamp"], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
         return self.key_template.format(prefix=self.prefix, sensor=m["sensor"], date=date, run=m["run"],
                                         seq=int(m["seq"]), ext=m["ext"])
 

@@ -25,10 +25,11 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from pktstream.stream import protocol as P
 from pktstream.exceptions import FrameError
+from pktstream.stream import protocol as P
 
 log = logging.getLogger("pktstream.stream.kafka")
 _rdlog = logging.getLogger("pktstream.stream.kafka.librdkafka")

@@ -19,9 +19,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-from pktstream.stream import protocol as P
 from pktstream._capture import PacketBatch
 from pktstream.exceptions import ConfigError, FrameError
+from pktstream.stream import protocol as P
 
 log = logging.getLogger("pktstream.stream.sensor")
 
@@ -108,7 +108,7 @@ def release_payload(payload) -> None:
         COPIES.give_back(payload)
 
 
-def _seq_of(entry: "_Entry") -> int:
+def _seq_of(entry: _Entry) -> int:
     return entry.seq
 
 

@@ -132,7 +132,7 @@ class StatusDisplay:
                 self._wrapped.append((h, orig))
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def start(self) -> "StatusDisplay":
+    def start(self) -> StatusDisplay:
         if not self.enabled:
             return self
         self._lines: list[str] = []
