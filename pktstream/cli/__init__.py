@@ -6,6 +6,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import pktstream
 
@@ -20,7 +21,7 @@ class _StopOnSignals:
 
     def __init__(self, stop) -> None:
         self._stop = stop
-        self._old: dict[int, object] = {}
+        self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _StopOnSignals:
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from typing import Any
 
 from pktstream import config as C
 from pktstream.config_plugins import KafkaInputSettings, KafkaSettings, S3Settings
@@ -98,7 +99,7 @@ def has_cloud_output(s) -> bool:
 
 
 def receiver_outputs(s) -> list:
-    outs = []
+    outs: list[Any] = []
     if s.kafka is not None:
         from pktstream.sinks.kafka import KafkaSink
         k = s.kafka

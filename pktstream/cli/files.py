@@ -111,7 +111,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                 "packets": packets, "bytes": nbytes, "wire_bytes": wire,
                 "link_types": [{"dlt": lt, "name": link_type_name(lt)} for lt in r.link_types],
                 "first_ts_ns": first, "last_ts_ns": last,
-                "duration_ns": (last - first) if first is not None else None,
+                "duration_ns": (last - first) if first is not None and last is not None else None,
                 "chronological": not out_of_order,
                 "interfaces": [{"index": i.index, "name": i.name, "link_type": i.link_type,
                                 "snaplen": i.snaplen, "tsresol": i.tsresol,
@@ -138,7 +138,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("Data size", f"{nbytes} bytes captured, {wire} bytes on the wire"),
         ("First packet time", fmt(first)),
         ("Last packet time", fmt(last)),
-        ("Capture duration", "n/a" if first is None else f"{(last - first) / 1e9:.9f} seconds"),
+        ("Capture duration", "n/a" if first is None or last is None else f"{(last - first) / 1e9:.9f} seconds"),
         ("Chronological", "yes" if not out_of_order else "no"),
         ("Interfaces", ", ".join(f"{i['name']} [{link_type_name(i['link_type'])}, snaplen {i['snaplen']}, "
                                  f"{i['packets']} packets]" for i in info["interfaces"])),
@@ -205,6 +205,7 @@ def cmd_read(args: argparse.Namespace) -> int:
     shown = 0
     with warnings.catch_warnings(record=True) as caught, open_reader(_source(args.file)) as r:
         warnings.simplefilter("always", PcapWarning)
+        batch: PacketBatch | None
         for batch in r:
             if expr:
                 batch = filter_batch(batch, expr)
@@ -241,7 +242,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         w = _writer(args.output, args)
         try:
             for batch in r:
-                comments = r.comments
+                comments: dict[int, str] | None = r.comments
                 if expr:
                     batch = filter_batch(batch, expr)
                     comments = None

@@ -25,7 +25,7 @@ import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -81,8 +81,8 @@ class SectionInfo:
     options: dict = field(default_factory=dict)
 
 
-def _open_stream(source) -> tuple[BinaryIO, bool, str | None, str | None]:
-    """(binary stream, we_own_it, compression, path)."""
+def _open_stream(source) -> tuple[Any, bool, str | None, str | None]:
+    """(binary stream, we_own_it, compression, path): the file, or a reader over it (readinto, close)."""
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         f = open(path, "rb", buffering=0)
@@ -159,7 +159,7 @@ class _ZstdBlocks:
         self._out = b""          # decompressed bytes not yet delivered
         self._out_pos = 0
         self._eof = False
-        self._d = None           # decompressobj of the current frame
+        self._d: Any = None      # decompressobj of the current frame
         self._state = "frame"    # frame | block | checksum
         self._checksum = False
         self._fed = 0            # compressed bytes fed (offsets in errors)
@@ -419,6 +419,7 @@ class CaptureReader:
             status, pos, n, out = pcap_walk(buf, 0, have, swap, usec, self._max_caplen, dst)
             if n:
                 if convert:
+                    assert dst is not None
                     b = self._batch(memoryview(dst)[:out], n, iface)
                 else:
                     b = self._batch(memoryview(buf)[:pos], n, iface)
@@ -454,7 +455,7 @@ class CaptureReader:
         base = 0
         eof = False
         swap = False
-        self._if_arrays = None
+        self._if_arrays: tuple[np.ndarray, ...] | None = None
         section_ifaces: list[InterfaceInfo] = []
         while True:
             if not eof:

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import os
 import re
-from typing import Any
+from typing import Any, cast
 
 from pktstream._capture import PacketBatch, link_type_name
 from pktstream.exceptions import ConfigError
@@ -104,7 +104,7 @@ class FileSink(Sink):
         self.directory = os.fspath(directory) if directory else None
         self.format = format or (format_from_name(self.path) or "pcap" if self.path else "pcapng")
         self.gate = gate
-        self.opts = dict(rotate_bytes=rotate_bytes, rotate_seconds=rotate_seconds, max_files=max_files,
+        self.opts: dict[str, Any] = dict(rotate_bytes=rotate_bytes, rotate_seconds=rotate_seconds, max_files=max_files,
                          fsync=fsync, mode=mode, hostname=hostname)
         self._outputs: dict[Any, CaptureWriter] = {}
         self._committed: dict[str, int] = {}  # open file -> size at the last flush
@@ -118,6 +118,7 @@ class FileSink(Sink):
             _make_dir(self.directory)
             _check_writable(self.directory, self.directory)
         else:
+            assert self.path is not None  # exactly one of path and directory
             d = os.path.dirname(os.path.abspath(self.path))
             if "%" not in d:
                 try:
@@ -140,7 +141,7 @@ class FileSink(Sink):
             if self.directory:
                 base = os.path.join(self.directory, safe_name(source.sensor_id) + "." + self.format)
             else:
-                base = self.path
+                base = cast(str, self.path)  # no directory: a path
             if single_link and any(k[0] == key[0] for k in self._outputs):
                 stem, ext = split_ext(base)
                 base = f"{stem}.{safe_name(link_type_name(batch.link_type))}{ext}"
