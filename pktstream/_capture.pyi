@@ -1,7 +1,7 @@
 """Type stubs for the Cython extension ``pktstream._capture`` (see _capture.pyx)."""
 from collections.abc import Iterator, Sequence
 from types import TracebackType
-from typing import Any, NamedTuple, Self
+from typing import Any, NamedTuple, Self, final
 
 import numpy as np
 import numpy.typing as npt
@@ -19,14 +19,16 @@ def link_type_name(link_type: int) -> str: ...
 def alloc_counters() -> dict[str, int | bool]: ...
 def count_records(data: ReadableBuffer, snaplen: int = ...) -> int: ...
 
+@final
 class Ring:
     """Fixed set of ring blocks that batches are delivered from."""
-    def __init__(self, block_bytes: int, nblocks: int, lazy: bool = False) -> None: ...
+    def __new__(cls, block_bytes: int, nblocks: int, lazy: bool = False) -> Self: ...
     @property
     def free_blocks(self) -> int: ...
     @property
     def reserved_bytes(self) -> int: ...
 
+@final
 class PacketBatch:
     """A zero-copy view of one block of pcap records (nanosecond timestamps)."""
     # created by Capture or PacketBatch.from_records(); PacketBatch() raises TypeError
@@ -35,6 +37,7 @@ class PacketBatch:
     def from_records(data: ReadableBuffer, *, link_type: int, snaplen: int = ...,
                      interface: str | None = None, validate: bool = True,
                      count: int = -1) -> PacketBatch: ...
+    # the buffer protocol (read-only bytes of the records), as PEP 688 spells it for type checkers
     def __buffer__(self, flags: int, /) -> memoryview: ...
     def __release_buffer__(self, buffer: memoryview, /) -> None: ...
     @property
@@ -66,9 +69,10 @@ class PacketBatch:
     def release(self) -> None: ...
     def filter(self, expression: str) -> npt.NDArray[np.bool_]: ...
 
+@final
 class BpfProgram:
     """A compiled BPF filter for a link type (offline filtering)."""
-    def __init__(self, expression: str, link_type: int, snaplen: int = ...) -> None: ...
+    def __new__(cls, expression: str, link_type: int, snaplen: int = ...) -> Self: ...
     def matches(self, data: ReadableBuffer, wirelen: int = -1) -> bool: ...
 
 class InterfaceAddress(NamedTuple):
@@ -88,6 +92,7 @@ class Interface(NamedTuple):
 
 def list_interfaces() -> list[Interface]: ...
 
+@final
 class Capture:
     """A libpcap capture handle (live interface or offline file) feeding a ring of blocks."""
     @property
