@@ -181,3 +181,33 @@ def test_s3_sink_client_retries_each_request(tmp_path, moto):
         assert len(sent) == 3
     finally:
         sink.close()
+
+
+def test_s3_sink_uploads_what_an_earlier_run_left(tmp_path, moto):
+    """Leftovers: files an earlier run left in ready/ (unique upload names) and completed files
+    in the staging directory (crash recovery) are uploaded, byte for byte; a .part file (being
+    written) is not touched; a file in ready/ with a foreign name is set aside as .unknown."""
+    from pktstream.sinks.s3 import S3Sink
+
+    s3 = moto.client()
+    s3.create_bucket(Bucket=BUCKET)
+    staging = tmp_path / "staging"
+    (staging / "ready").mkdir(parents=True)
+    earlier = staging / "ready" / "s1__20260102T030405Z__abcd1234-000007.pcap"
+    earlier.write_bytes(b"earlier run" * 100)
+    recovered = staging / "s2.pcap"
+    recovered.write_bytes(b"recovered" * 100)
+    (staging / "s3.pcap.part").write_bytes(b"open")
+    (staging / "ready" / "junk.pcap").write_bytes(b"?")
+    sink = S3Sink(BUCKET, "cap/", staging_dir=str(staging), endpoint_url=moto.endpoint, region="us-east-1",
+                  path_style=True, format="pcap", acl=None, close_timeout=60)
+    sink.close()
+    assert sink.counters["uploaded_files"] == 2 and sink.counters["upload_failures"] == 0
+    assert "cap/s1/2026/01/02/030405-abcd1234-000007.pcap" in sink.uploaded
+    s2_key, = [k for k in sink.uploaded if k.startswith("cap/s2/")]
+    assert re.fullmatch(rf"cap/s2/\d{{4}}/\d\d/\d\d/\d{{6}}-{sink.run_id}-000000\.pcap", s2_key), s2_key
+    body = {k: s3.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in sink.uploaded}
+    assert body == {"cap/s1/2026/01/02/030405-abcd1234-000007.pcap": b"earlier run" * 100,
+                    s2_key: b"recovered" * 100}
+    assert sorted(os.listdir(staging)) == ["ready", "s3.pcap.part"]
+    assert os.listdir(staging / "ready") == ["junk.pcap.unknown"]
