@@ -211,7 +211,6 @@ def main() -> int:
         res["index_bytes_per_packet"] = round(res["index_bytes"] / res["packets"], 2)
         # offline indexing of the unindexed copy
         t = time.perf_counter()
-        c0 = time.process_time()
         r = subprocess.run([*PY, "index", str(work / "plain")], capture_output=True, text=True)
         res["offline_index_s"] = round(time.perf_counter() - t, 2)
         assert r.returncode == 0, r.stderr
@@ -227,23 +226,27 @@ def main() -> int:
         for name, bpf in queries.items():
             kw = {"since": rare_ts - 30 * 10**9, "until": rare_ts + 30 * 10**9} if name.startswith("time") else {}
             out = work / "q.pcapng"
-            cold, st = timed(lambda: Archive(str(root)).write(out, bpf, **kw))
-            warm, st = timed(lambda: Archive(str(root)).write(out, bpf, **kw), repeat=3)
+            def run_api(out=out, bpf=bpf, kw=kw):
+                return Archive(str(root)).write(out, bpf, **kw)
+            cold, st = timed(run_api)
+            warm, st = timed(run_api, repeat=3)
             extra = []
             if kw:
                 extra = [f"--since={kw['since'] // 10**9}.{kw['since'] % 10**9:09d}",
                          f"--until={kw['until'] // 10**9}.{kw['until'] % 10**9:09d}"]
-            cli, _ = timed(lambda: subprocess.run([*PY, "query", str(root), *bpf.split(), "-w", str(out), *extra],
-                                                  check=True, capture_output=True), repeat=3)
+            def run_cli(bpf=bpf, out=out, extra=extra):
+                return subprocess.run([*PY, "query", str(root), *bpf.split(), "-w", str(out), *extra],
+                                      check=True, capture_output=True)
+            cli, _ = timed(run_cli, repeat=3)
             q = {"bpf": bpf, "packets": st.packets, "files_read": st.files_read, "bytes_read": st.bytes_read,
                  "archive_cold_s": round(cold, 4), "archive_warm_s": round(warm, 4), "cli_s": round(cli, 3)}
             if not kw:
-                td, n_td = timed(lambda: brute_tcpdump(files, bpf))
+                td, n_td = timed(lambda bpf=bpf: brute_tcpdump(files, bpf))
                 assert n_td == st.packets, (name, n_td, st.packets)
                 q.update(tcpdump_s=round(td, 2), speedup_vs_tcpdump_warm=round(td / warm, 1),
                          speedup_vs_tcpdump_cli=round(td / cli, 1))
                 if name == "single flow":  # one process per file: slow, so once
-                    cv, n_cv = timed(lambda: brute_convert(files, bpf, work))
+                    cv, n_cv = timed(lambda bpf=bpf: brute_convert(files, bpf, work))
                     assert n_cv == st.packets
                     q.update(convert_s=round(cv, 2), speedup_vs_convert_warm=round(cv / warm, 1))
             res["queries"][name] = q

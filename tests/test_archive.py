@@ -7,22 +7,20 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 import pktstream
 from archive_data import batches
-from servers import moto  # noqa: F401  (fixture)
 from pktstream.archive import Archive, FileIndexBuilder
 from pktstream.archive.prune import FlowContext, evaluate, parse
 from pktstream.formats import TruncatedFileWarning, open_reader, open_writer
+from servers import moto  # noqa: F401  (fixture)
 
 T0 = 1_732_708_800 * 10**9          # 2024-11-27T12:00:00Z
 CHUNK = 16384
@@ -36,7 +34,7 @@ BPFS = ["host 203.0.113.7 and port 4444", "tcp", "not tcp", "port 53", "vlan 10"
 
 def rare_flow(n: int, start: int) -> pktstream.PacketBatch:
     """``n`` packets of one UDP flow 192.0.2.99:5555 → 198.18.1.1:7777 (appears nowhere else)."""
-    import struct
+
     from archive_data import _eth, _ipv4, _udp, records
     frames = [(start + i * 1000, _eth(0x0800, _ipv4("192.0.2.99", "198.18.1.1", 17, _udp(5555, 7777, b"r" * 40))))
               for i in range(n)]

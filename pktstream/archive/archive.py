@@ -18,7 +18,8 @@ import datetime as dt
 import io
 import sys
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from pktstream.archive.catalog import heavy, is_current, load_catalog, repair
 from pktstream.archive.index import INDEX_DIR
@@ -41,7 +42,7 @@ def parse_time(value: Any) -> int | None:
         return int(round(value * 1e9))
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:
-            value = value.replace(tzinfo=dt.timezone.utc)
+            value = value.replace(tzinfo=dt.UTC)
         return int(value.timestamp()) * 10**9 + value.microsecond * 1000
     text = str(value).strip()
     try:
@@ -88,6 +89,7 @@ class Archive:
     def catalog(self):
         """The catalog: one row per indexed capture file (a pyarrow Table)."""
         import pyarrow as pa
+
         from pktstream.archive.index import catalog_schema
         rows, _ = load_catalog(self.store, full=True)
         return pa.Table.from_pylist(rows, catalog_schema())
@@ -103,7 +105,7 @@ class Archive:
             warn(stats.problems[-1])
         by_path = {r["path"]: r for r in rows}
         stats.files_total = len(entries)
-        out = []
+        out: list[tuple[Any, dict[str, Any] | None, str]] = []
         for e in entries:
             row = by_path.get(e.path)
             if row is None:
@@ -123,7 +125,8 @@ class Archive:
                 continue
             if sensors is not None and not sensors & set(row["sensors"]):
                 continue
-            if tree is not None and not may_match(tree, SummaryContext(heavy(row, "addresses"), heavy(row, "ports")))[0]:
+            summary = SummaryContext(heavy(row, "addresses"), heavy(row, "ports")) if tree is not None else None
+            if summary is not None and not may_match(tree, summary)[0]:
                 continue
             out.append((e, row, ""))
         return out
@@ -149,6 +152,7 @@ class Archive:
              stats: QueryStats | None = None, warn: Callable[[str], None] | None = None) -> list[FilePlan]:
         """Which files and stream ranges a query reads (see :mod:`pktstream.archive.query`)."""
         import numpy as np
+
         from pktstream.archive.prune import FlowContext, may_match, parse
         stats = stats or QueryStats()
         warn = warn or (lambda m: None)
@@ -176,10 +180,10 @@ class Archive:
             if not keep.any():
                 continue
             chunk_lists = t.column("chunks").filter(keep).combine_chunks()
-            ids = np.unique(chunk_lists.flatten().to_numpy())
+            candidates = np.unique(chunk_lists.flatten().to_numpy())
             chunks = heavy(row, "chunks")
             heavy(row, "header_blocks")
-            ids = [int(c) for c in ids.tolist() if (since is None or chunks[c]["last_ts_ns"] >= since)
+            ids = [int(c) for c in candidates.tolist() if (since is None or chunks[c]["last_ts_ns"] >= since)
                    and (until is None or chunks[c]["first_ts_ns"] < until)]
             if not ids:
                 continue
@@ -224,9 +228,10 @@ class Archive:
               warn: Callable[[str], None] | None = None) -> QueryStats:
         """Write the packets of :meth:`packets` to ``out`` (path or binary file object): pcapng
         (``.pcapng.zst`` compressed) with one interface per sensor interface."""
+        import os
+
         from pktstream.formats import open_writer
         from pktstream.formats.writer import format_from_name
-        import os
         fmt = "pcapng"
         if isinstance(out, (str, os.PathLike)) and (format_from_name(os.fspath(out)) or "").endswith(".zst"):
             fmt = "pcapng.zst"
@@ -247,6 +252,7 @@ class Archive:
         VLAN-tagged flows are matched on their addresses and ports), overlapping
         ``[since, until)``, of the given sensor(s); ordered by first packet."""
         import pyarrow as pa
+
         from pktstream.archive.prune import FlowContext, evaluate, parse
         s, u = parse_time(since), parse_time(until)
         sensors = _sensor_set(sensor)
@@ -256,7 +262,7 @@ class Archive:
                              "sctp, icmp, icmp6 with and/or/not are understood (docs/ARCHIVE.md)")
         stats = QueryStats()
         parts = []
-        for e, row, _ in self._candidates(tree, s, u, sensors, stats, lambda m: None):
+        for _entry, row, _ in self._candidates(tree, s, u, sensors, stats, lambda m: None):
             if row is None:
                 continue
             t = self._flow_table(row, sensors)

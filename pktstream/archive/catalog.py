@@ -13,11 +13,10 @@ from __future__ import annotations
 import io
 import time
 import warnings
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from pktstream.archive.index import (
-    INDEX_DIR, FileIndexBuilder, catalog_file, catalog_schema,
-)
+from pktstream.archive.index import INDEX_DIR, FileIndexBuilder, catalog_file, catalog_schema
 from pktstream.archive.store import Entry
 
 CHUNK_BYTES = 256 << 10  # the read unit of offline indexing (decompressed stream bytes)
@@ -26,8 +25,7 @@ CHUNK_BYTES = 256 << 10  # the read unit of offline indexing (decompressed strea
 def index_entry(store, entry: Entry, *, chunk_bytes: int = CHUNK_BYTES) -> tuple[dict[str, Any], dict]:
     """Read one capture file and build its index (catalog row, flow tables)."""
     from pktstream.exceptions import FileFormatError
-    from pktstream.formats import open_reader
-    from pktstream.formats import TruncatedFileWarning
+    from pktstream.formats import TruncatedFileWarning, open_reader
     b = FileIndexBuilder(entry.path)
     status, error, fmt, comp = "ok", None, "unknown", None
     f = None
@@ -223,7 +221,7 @@ def repair(store, paths: Iterable[str] | None = None, *, force: bool = False,
             continue
         base_done = done[0]
 
-        def prog(d: int, t: int, what: str) -> None:
+        def prog(d: int, t: int, what: str, base_done: int = base_done, sub=sub) -> None:
             if progress:
                 progress(base_done + d, total, sub.full_path(what) if what else "")
         res = _repair_base(sub, sub_paths, force=force, chunk_bytes=chunk_bytes, progress=prog)
@@ -240,7 +238,8 @@ def repair(store, paths: Iterable[str] | None = None, *, force: bool = False,
 
 
 def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = False,
-                 chunk_bytes: int = CHUNK_BYTES, progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+                 chunk_bytes: int = CHUNK_BYTES,
+                 progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
     """Build missing or stale indexes and remove indexes of files that are gone (idempotent).
 
     :param paths: only these capture files (relative paths); default: the whole archive
@@ -284,7 +283,7 @@ def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = Fal
             if r["path"] not in present:
                 remove_index(store, r["path"])
                 result["removed"] += 1
-        for rel in store.list(f"{INDEX_DIR}/flows"):
+        for rel in store.list_files(f"{INDEX_DIR}/flows"):
             if rel not in keep:
                 store.delete(rel)  # an orphan (crash between flow files and catalog row)
     if progress:

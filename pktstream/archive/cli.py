@@ -80,8 +80,11 @@ def cmd_index(args: argparse.Namespace) -> int:
                 print(f"pktstream index: {p}: not inside the archive {root}", file=sys.stderr)
                 status = 1
                 continue
-            if groups.get(root, []) is not None:
-                groups.setdefault(root, []).append(rel)
+            if root not in groups:
+                groups[root] = []
+            listed = groups[root]
+            if listed is not None:  # None: the whole archive is indexed anyway
+                listed.append(rel)
         else:
             print(f"pktstream index: {p}: no such file or directory", file=sys.stderr)
             status = 1
@@ -183,7 +186,7 @@ def _cell(v, name: str) -> str:
         return "-"
     if name.endswith("_ts_ns") and isinstance(v, int):
         import datetime as dt
-        d = dt.datetime.fromtimestamp(v // 10**9, dt.timezone.utc)
+        d = dt.datetime.fromtimestamp(v // 10**9, dt.UTC)
         return d.strftime("%Y-%m-%dT%H:%M:%S") + f".{v % 10**9:09d}Z"
     return str(v)
 
@@ -194,7 +197,8 @@ _TIME_HELP = "ISO 8601 (UTC if no zone) or seconds since the epoch"
 def register(sub: argparse._SubParsersAction) -> None:
     from pktstream.cli import subparser
     p = subparser(sub, "index", help="build or repair the index of capture files or an archive",
-                  epilog="examples:\n  pktstream index /srv/pcap\n  pktstream index /srv/pcap/a.pcap.zst --archive /srv/pcap\n"
+                  epilog="examples:\n  pktstream index /srv/pcap\n"
+                         "  pktstream index /srv/pcap/a.pcap.zst --archive /srv/pcap\n"
                          "  pktstream index s3://bucket/pcaps")
     p.add_argument("paths", nargs="+", metavar="PATH", help="archive directory, s3://BUCKET/PREFIX or capture file")
     p.add_argument("--archive", help="archive root of the capture files named (default: their directory)")
@@ -208,7 +212,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "--sensor web-1 -w hour.pcapng.zst")
     p.add_argument("archive", help="archive directory or s3://BUCKET/PREFIX")
     p.add_argument("bpf", nargs="*", help="BPF filter expression (as tcpdump takes it)")
-    p.add_argument("-w", "--write", required=True, metavar="OUT", help="pcapng output ('-' for stdout; .zst compressed)")
+    p.add_argument("-w", "--write", required=True, metavar="OUT",
+                   help="pcapng output ('-' for stdout; .zst compressed)")
     p.add_argument("--since", help=f"packets at or after this time ({_TIME_HELP})")
     p.add_argument("--until", help=f"packets before this time ({_TIME_HELP})")
     p.add_argument("--sensor", action="append", help="only this sensor (repeatable)")

@@ -132,10 +132,10 @@ class FileIndexBuilder:
         if n == 0:
             return
         ts = batch.ts_ns
-        last = self.chunks[-1] if self.chunks else None
-        same = last is not None and last[0] == start and last[1] == end
-        if not same and last is not None and self.max_chunk and last[1] == start and end - last[0] <= self.max_chunk:
-            last[1] = end  # extend the chunk (small batches of a live capture)
+        prev = self.chunks[-1] if self.chunks else None
+        same = prev is not None and prev[0] == start and prev[1] == end
+        if not same and prev is not None and self.max_chunk and prev[1] == start and end - prev[0] <= self.max_chunk:
+            prev[1] = end  # extend the chunk (small batches of a live capture)
             same = True
         if same:
             c = self.chunks[-1]
@@ -203,7 +203,8 @@ class FileIndexBuilder:
         groups = pairs // nchunks
         offsets = np.zeros(m + 1, dtype=np.int32)
         np.cumsum(np.bincount(groups, minlength=m), out=offsets[1:])
-        return {"key": key[first_idx], "packets": np.bincount(inv, weights=cat["packets"], minlength=m).astype(np.int64),
+        return {"key": key[first_idx],
+                "packets": np.bincount(inv, weights=cat["packets"], minlength=m).astype(np.int64),
                 "bytes": np.bincount(inv, weights=cat["bytes"], minlength=m).astype(np.int64),
                 "first": first, "last": last, "flags": flags,
                 "chunk_offsets": offsets, "chunk_values": (pairs % nchunks).astype(np.int32)}

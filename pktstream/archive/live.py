@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
-
-from pktstream._capture import PacketBatch
 import time
 
+from pktstream._capture import PacketBatch
 from pktstream.archive.catalog import CHUNK_BYTES, remove_index, repair, write_index, write_snapshot
 from pktstream.archive.index import FileIndexBuilder
 from pktstream.archive.store import LocalStore
@@ -157,6 +156,7 @@ class StagingIndexer(LiveIndexer):
         b, fmt = entry
         try:
             import json
+
             import pyarrow as pa
             import pyarrow.parquet as pq
             row, tables = b.finish(size=0, version="", format=fmt.split(".")[0],
@@ -178,9 +178,11 @@ class StagingIndexer(LiveIndexer):
 def commit_staged(store, idx_path: str, rel_path: str, size: int, version: str) -> None:
     """Write a staged index (``NAME.idx``) for the object now at ``rel_path`` in ``store``."""
     import json
+
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
+
     from pktstream.archive.index import file_id, flow_file
     table = pq.read_table(idx_path)
     row = json.loads(table.schema.metadata[b"pktstream.catalog"])

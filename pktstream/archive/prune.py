@@ -215,8 +215,6 @@ class FlowContext:
         raise Unsupported(kind)
 
     def _arp_known(self) -> np.ndarray:
-        if isinstance(self.src, np.ndarray):
-            return np.not_equal(self.src, None)
         return np.array([a is not None for a in self.src], bool) if self.n else np.zeros(0, bool)
 
     def _in_net(self, col, name: str, net) -> np.ndarray:
@@ -262,7 +260,7 @@ class SummaryContext:
         t = True
         if kind == "net" and self.addresses is not None:
             net = node[2]
-            if net.num_addresses == 1:
+            if net.num_addresses == 1 and self._set is not None:
                 t = canonical(net.network_address) in self._set
             else:
                 t = any(_contains(net, a) for a in self.addresses)

@@ -14,9 +14,9 @@ Reading ranges: uncompressed files are read with seeks (ranged GETs on S3); comp
 from __future__ import annotations
 
 import io
-import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 
@@ -87,7 +87,7 @@ def segments_for(row: dict[str, Any], chunk_ids: list[int]) -> list[tuple[int, i
         if not any(s <= hs and he <= e for s, e in ranges):
             segs.append((hs, he))
     segs.sort()
-    for (s1, e1), (s2, e2) in zip(segs, segs[1:]):
+    for (_s1, e1), (s2, _e2) in zip(segs, segs[1:], strict=False):
         if s2 < e1:  # a header block overlapping a range boundary: not a layout we made
             return None
     return segs
@@ -112,7 +112,7 @@ class SegmentStream(io.RawIOBase):
         self._bpos = 0
         self.compressed_read = 0
         self._file: BinaryIO | None = None
-        self._dec = None
+        self._dec: Any = None
         self._dpos = 0  # decompressed stream position
         self._counter = None
         if compression is None and hasattr(store, "root"):
@@ -155,7 +155,7 @@ class SegmentStream(io.RawIOBase):
                     self._dpos += len(skip)
                 data = self._dec.read(want)
                 self._dpos += len(data)
-                self.compressed_read = self._counter.count
+                self.compressed_read = self._counter.count if self._counter is not None else 0
             if not data:
                 return b""
             self._pos += len(data)
@@ -229,7 +229,7 @@ class ZstdChecked(io.RawIOBase):
 
     def __init__(self, raw: BinaryIO, name: str) -> None:
         from pktstream.formats.reader import ZstdBlockReader
-        self._buf = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw, 1 << 17)
+        self._buf: Any = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(cast(Any, raw), 1 << 17)
         self._z = ZstdBlockReader(self._buf, name) if self._buf.peek(4)[:4] == b"\x28\xb5\x2f\xfd" else None
 
     def readable(self) -> bool:
@@ -258,9 +258,10 @@ def read_plan(store, plan: FilePlan, *, bpf: str | None, since: int | None, unti
     """Packets of one planned file passing the bounds and the BPF: a list of
     ``(batch, "sensor/interface")`` in file order. Problems are reported through ``warn``."""
     import warnings
-    from pktstream.formats import TruncatedFileWarning, open_reader
-    from pktstream._records import take_mask
+
     from pktstream._capture import PacketBatch
+    from pktstream._records import take_mask
+    from pktstream.formats import TruncatedFileWarning, open_reader
     out = []
     seg: Any
     checked = None

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, cast
 
 from pktstream.archive.index import INDEX_DIR
 
@@ -70,7 +71,7 @@ class LocalStore:
             return None
         return Entry(rel, st.st_size, str(st.st_mtime_ns))
 
-    def list(self, prefix: str) -> list[str]:
+    def list_files(self, prefix: str) -> list[str]:
         """Files under ``prefix`` (relative paths)."""
         base = self.full(prefix)
         out = []
@@ -179,7 +180,7 @@ class S3Store:
             return None
         return Entry(rel, h["ContentLength"], h["ETag"].strip('"'))
 
-    def list(self, prefix: str) -> list[str]:
+    def list_files(self, prefix: str) -> list[str]:
         return sorted(o["Key"][len(self.prefix):] for o in self._objects(prefix))
 
     def list_stat(self, prefix: str) -> list[tuple[str, str]]:
@@ -187,7 +188,7 @@ class S3Store:
 
     def open(self, rel: str) -> BinaryIO:
         body = self.client.get_object(Bucket=self.bucket, Key=self.prefix + rel)["Body"]
-        return _Body(body)
+        return cast(BinaryIO, _Body(body))
 
     def read_range(self, rel: str, start: int, end: int, f: BinaryIO | None = None) -> bytes:
         if end <= start:
@@ -265,9 +266,9 @@ class SubStore:
         e = self.parent.entry(self._p(rel))
         return None if e is None else Entry(rel, e.size, e.version)
 
-    def list(self, prefix: str) -> list[str]:
+    def list_files(self, prefix: str) -> list[str]:
         cut = len(self.base) + 1 if self.base else 0
-        return [p[cut:] for p in self.parent.list(self._p(prefix))]
+        return [p[cut:] for p in self.parent.list_files(self._p(prefix))]
 
     def list_stat(self, prefix: str) -> list[tuple[str, str]]:
         cut = len(self.base) + 1 if self.base else 0

@@ -194,7 +194,7 @@ class CaptureWriter:
         self._opened_at = self._clock()
         if self._observer is not None:
             head = (0, self._cur.file_bytes) if self._base == "pcapng" else None
-            self._observer.opened(self._cur_path, self.format, head)
+            self._observer.opened(cast(str, self._cur_path), self.format, head)
 
     def _complete(self) -> None:
         """Finish the current file and rename it to its final name."""
@@ -309,7 +309,7 @@ class CaptureWriter:
             idbs = getattr(self._cur, "idb_positions", [])[nidb:]
             if idbs:
                 before = idbs[-1][0] + idbs[-1][1]
-            self._observer.wrote(self._cur_path, batch, before, self._cur.file_bytes, idbs)
+            self._observer.wrote(cast(str, self._cur_path), batch, before, self._cur.file_bytes, idbs)
 
     def _write_split(self, batch: PacketBatch, comments) -> None:
         """Uncompressed with rotate_bytes: cut the batch so no file exceeds the limit."""
@@ -395,7 +395,7 @@ class CaptureWriter:
             except FileNotFoundError:
                 pass
             if self._observer is not None:
-                self._observer.discarded(self._cur_path)
+                self._observer.discarded(cast(str, self._cur_path))
 
     def abandon(self) -> str | None:
         """After a write error: drop the current file's state without writing anything more
@@ -408,7 +408,7 @@ class CaptureWriter:
         self._cur = None
         self._zfile = None
         if self._observer is not None:
-            self._observer.discarded(path)
+            self._observer.discarded(cast(str, path))
         raw, self._raw = self._raw, None
         try:
             raw.close()  # may flush buffered bytes or fail again: both are cut back by the caller

@@ -139,7 +139,8 @@ class FileSink(Sink):
             if self.in_place:
                 raise ConfigError(f"{self.path}: an index needs files that are completed (a .pcap/.pcapng name)")
             from pktstream.archive.live import LiveIndexer
-            root = index if isinstance(index, str) else (self.directory or os.path.dirname(os.path.abspath(self.path)))
+            root: str = index if isinstance(index, str) else (
+                self.directory or os.path.dirname(os.path.abspath(self.path or ".")))
             if "%" in root:
                 raise ConfigError(f"index root {root}: give a directory without strftime patterns")
             self.indexer = LiveIndexer(root)
