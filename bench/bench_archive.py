@@ -196,6 +196,9 @@ def main() -> int:
             return {f"sensor-{k}": make_batches(k, raw // args.sensors, T0, span, rare_at=0.5 if k == 1 else None)
                     for k in range(args.sensors)}
         fb = int(args.file_mb * 1_000_000)
+        import pyarrow as pa  # a receiver imports these once, at its first completed file: not per file
+        import pyarrow.parquet  # noqa: F401
+        pa.table({"a": [1]}).to_pylist()
         cpu_plain = write_archive(work / "plain", data(), index=False, file_bytes=fb)
         cpu_index = write_archive(work / "indexed", data(), index=True, file_bytes=fb)
         root = work / "indexed"

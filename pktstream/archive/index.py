@@ -33,6 +33,7 @@ from pktstream._decode import decode_columns
 
 INDEX_DIR = "_index"
 FORMAT_VERSION = 1
+PENDING_PACKETS = 1 << 17  # per-packet rows held before they are aggregated (~70 B each)
 SUMMARY_LIMIT = 4096  # more distinct addresses/ports than this: the summary is "unknown" (null)
 
 _KEY = np.dtype([("iface", "<i4"), ("vlan", "<i4"), ("ethertype", "<u2"), ("ipv", "u1"), ("proto", "u1"),
@@ -112,6 +113,8 @@ class FileIndexBuilder:
         self.max_chunk = max_chunk  # > 0: contiguous batches share a chunk up to this size
         self._ifaces: dict[tuple[str, str, int], int] = {}
         self._parts: list[dict[str, np.ndarray]] = []
+        self._pending: list[tuple] = []
+        self._pending_n = 0
         self.chunks: list[list[int]] = []  # [start, end, packets, first_ts, last_ts]
         self.header_blocks: list[tuple[int, int]] = []
         self.sections = 1
@@ -162,27 +165,49 @@ class FileIndexBuilder:
             _arp_addresses(batch, cols, src, dst)
         key["src"] = src.view("V16").ravel()
         key["dst"] = dst.view("V16").ravel()
-        raw = key.view(f"V{_KEY.itemsize}")
-        uniq, first_idx, inv = np.unique(raw, return_index=True, return_inverse=True)
-        inv = inv.ravel()
-        m = len(uniq)
         wl = batch.wirelen.astype(np.int64)
-        first = np.full(m, np.iinfo(np.int64).max, dtype=np.int64)
-        last = np.full(m, np.iinfo(np.int64).min, dtype=np.int64)
-        np.minimum.at(first, inv, ts)
-        np.maximum.at(last, inv, ts)
-        flags = np.zeros(m, dtype=np.uint16)
-        np.bitwise_or.at(flags, inv, cols["tcp_flags"])
-        self._parts.append({
-            "key": key[first_idx], "packets": np.bincount(inv, minlength=m).astype(np.int64),
-            "bytes": np.bincount(inv, weights=wl, minlength=m).astype(np.int64),
-            "first": first, "last": last, "flags": flags, "chunk": np.full(m, chunk, dtype=np.int32),
-        })
+        # per-packet rows wait here and are aggregated in bulk (per-call numpy costs dominate
+        # at receiver batch sizes); bounded by PENDING_PACKETS
+        self._pending.append((key, ts, wl, cols["tcp_flags"], chunk))
+        self._pending_n += n
+        if self._pending_n >= PENDING_PACKETS:
+            self._compact()
         self.packets += n
         self.wire_bytes += int(wl.sum())
 
+    def _compact(self) -> None:
+        """Aggregate the pending per-packet rows into flow rows."""
+        if not self._pending:
+            return
+        key = np.concatenate([p[0] for p in self._pending])
+        ts = np.concatenate([p[1] for p in self._pending])
+        wl = np.concatenate([p[2] for p in self._pending])
+        tflags = np.concatenate([p[3] for p in self._pending])
+        chunk_of = np.concatenate([np.full(len(p[0]), p[4], dtype=np.int64) for p in self._pending])
+        self._pending, self._pending_n = [], 0
+        # group by (key, chunk): a flow row per chunk it appears in
+        full = np.empty(len(key), dtype=[("k", f"V{_KEY.itemsize}"), ("c", "<i8")])
+        full["k"] = key.view(f"V{_KEY.itemsize}").ravel()
+        full["c"] = chunk_of
+        order = np.argsort(full, kind="stable")
+        sk = full[order]
+        brk = np.flatnonzero(sk[1:] != sk[:-1]) + 1
+        starts = np.concatenate([[0], brk])
+        m = len(starts)
+        ts_s, wl_s, fl_s = ts[order], wl[order], tflags[order]
+        counts = np.diff(np.concatenate([starts, [len(order)]]))
+        self._parts.append({
+            "key": key[order[starts]], "packets": counts.astype(np.int64),
+            "bytes": np.add.reduceat(wl_s, starts) if m else np.zeros(0, np.int64),
+            "first": np.minimum.reduceat(ts_s, starts) if m else np.zeros(0, np.int64),
+            "last": np.maximum.reduceat(ts_s, starts) if m else np.zeros(0, np.int64),
+            "flags": np.bitwise_or.reduceat(fl_s, starts).astype(np.uint16) if m else np.zeros(0, np.uint16),
+            "chunk": chunk_of[order[starts]].astype(np.int32),
+        })
+
     # -- results ---------------------------------------------------------------------------
     def _flows(self) -> dict[str, Any]:
+        self._compact()
         if not self._parts:
             return {}
         key = np.concatenate([p["key"] for p in self._parts])
