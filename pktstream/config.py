@@ -58,12 +58,13 @@ class _Node:
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
-        self.data, self.path, self.used = data, path, set()
+        self.data, self.path = data, path
+        self.used: set[str] = set()
 
     def _p(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
-    def child(self, key: str) -> "_Node":
+    def child(self, key: str) -> _Node:
         self.used.add(key)
         return _Node(self.data.get(key), self._p(key))
 

@@ -115,11 +115,18 @@ def _check_installed(bin_dir: Path, workdir: Path) -> None:
             "c = pktstream.open_offline(sys.argv[1])\n"
             "n_pcap = sum(len(b) for b in c)\n"
             "c.close()\n"
-            "print(json.dumps({'file': pktstream.__file__, 'libpcap': n_pcap,\n"
+            "import pkgutil\n"
+            "pkgs = sorted(m.name for m in pkgutil.walk_packages(pktstream.__path__, 'pktstream.') if m.ispkg)\n"
+            "assert pktstream.Receiver and pktstream.Sensor\n"
+            "print(json.dumps({'file': pktstream.__file__, 'libpcap': n_pcap, 'packages': pkgs,\n"
             "                  'reader': sum(len(b) for b in pktstream.read(sys.argv[1]))}))\n")
     got = json.loads(_run(bin_dir / "python", "-c", code, pcap, cwd=workdir, env=env))
     assert Path(got["file"]).is_relative_to(bin_dir.parent), got  # the installed copy, not the tree
     assert got["libpcap"] == got["reader"] == N_PACKETS
+    # every subpackage of the tree is installed (a package missing from the build config is not)
+    tree = sorted("pktstream." + str(p.parent.relative_to(ROOT / "pktstream")).replace("/", ".")
+                  for p in (ROOT / "pktstream").rglob("__init__.py") if p.parent != ROOT / "pktstream")
+    assert got["packages"] == tree, (got["packages"], tree)
     info = json.loads(_run(bin_dir / "pktstream", "info", "--json", pcap, cwd=workdir, env=env))
     assert info["packets"] == N_PACKETS
 

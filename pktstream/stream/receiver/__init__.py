@@ -18,8 +18,9 @@ import asyncio
 import collections
 import ssl
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from pktstream._capture import PacketBatch
 from pktstream.exceptions import ConfigError
@@ -27,11 +28,12 @@ from pktstream.sinks.base import Sink, Source
 from pktstream.sinks.callback import IteratorSink
 from pktstream.stream import protocol as P
 from pktstream.stream.protocol import parse_hostport
-from pktstream.stream.receiver.ingest import (
-    SENSOR_ID, STATE_FILE, Ingest, SensorState, check_interface, check_seq,
-)
+from pktstream.stream.receiver.ingest import SENSOR_ID, STATE_FILE, Ingest, SensorState, check_interface, check_seq
 from pktstream.stream.receiver.server import Server, is_loopback
 from pktstream.stream.transport import Input
+
+if TYPE_CHECKING:
+    from pktstream.stream.receiver.metrics import MetricsServer
 
 __all__ = ["Receiver", "Security", "Limits", "Ingest", "SensorState", "SENSOR_ID", "STATE_FILE",
            "check_interface", "check_seq"]
@@ -128,7 +130,7 @@ class Receiver:
                              fsync_state=fsync_state, max_raw_bytes=self.limits.max_raw_bytes,
                              max_inflight_bytes=self.limits.max_inflight_bytes, sink_queue=self.limits.sink_queue)
         self.server: Server | None = None
-        self.metrics_server: Any = None
+        self.metrics_server: MetricsServer | None = None
         self.address: tuple[str, int] | None = None
         self.metrics_address: tuple[str, int] | None = None
         self._ready = threading.Event()
@@ -200,7 +202,8 @@ class Receiver:
         if self.metrics:
             from pktstream.stream.receiver.metrics import MetricsServer
             self.metrics_server = MetricsServer(self.stats)
-            await asyncio.to_thread(self.metrics_server.start, *self.metrics)
+            host, port = self.metrics
+            await asyncio.to_thread(self.metrics_server.start, host, port)
             self.metrics_address = self.metrics_server.address
         self._ready.set()
         ticker = asyncio.create_task(self._periodic())
@@ -229,8 +232,7 @@ class Receiver:
     def stats(self) -> dict[str, Any]:
         """Per-sensor counters (received, duplicates, and every drop counter the sensor
         reported), per-output counters, and connection-level rejections (any thread)."""
-        outputs = self.ingest.outputs.stats() if self.ingest.outputs is not None else {}
-        return {"sensors": self.ingest.sensor_stats(), "outputs": outputs,
+        return {"sensors": self.ingest.sensor_stats(), "outputs": self.ingest.output_stats(),
                 "connections": self.server.connections if self.server is not None else 0,
                 "inputs": [inp.stats() for inp in self.inputs],
                 "inflight_bytes": self.ingest.inflight, **self.counters}
