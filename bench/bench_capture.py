@@ -2,7 +2,7 @@
 """Live-capture benchmark: tcpdump vs pktstream vs pcapy-ng vs scapy on identical replayed traffic.
 
 Run as root. The script creates its own veth pair (one end in a network namespace it creates,
-see ``pktstream.netns.Veth``), replays pcap files with tcpreplay from inside the namespace (so
+see ``pktstream.lab.netns.Veth``), replays pcap files with tcpreplay from inside the namespace (so
 the frames arrive on the root-namespace end) and, for each traffic case, runs the capturers one
 after another on the same traffic:
 
@@ -177,7 +177,7 @@ def worker_pktstream_cli(iface: str, buffer_bytes: int, out: str, pcap: str) -> 
     """``pktstream capture -i IFACE -B KiB -w FILE``, run in-process as the console script does
     (``pktstream.cli.main``), so its CPU can be taken from "listening on" to the end of the
     command, without the interpreter's start-up and teardown (tcpdump has neither)."""
-    from pktstream import cli
+    import pktstream.cli as cli
 
     class Tap:  # take the CPU snapshot when the CLI announces it is listening
         def __init__(self, f):
@@ -640,8 +640,8 @@ def main(argv: list[str] | None = None) -> int:
     for t, why in skipped.items():
         print(f"bench_capture: skipping {t}: {why}", file=sys.stderr)
 
-    from pktstream import traffic as trafficgen
-    from pktstream.netns import Veth
+    from pktstream.lab import traffic as trafficgen
+    from pktstream.lab.netns import Veth
 
     started = _dt.datetime.now().astimezone()
     meta = {"date": started.isoformat(timespec="seconds"), "machine": machine_info(),

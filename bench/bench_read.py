@@ -2,7 +2,7 @@
 
 Usage (root: the capture is made on a veth pair):  .venv/bin/python bench/bench_read.py [--packets N]
 
-1. Capture: tcpreplay replays pktstream.traffic's multi-protocol frames (--topspeed, looped)
+1. Capture: tcpreplay replays pktstream.lab.traffic's multi-protocol frames (--topspeed, looped)
    on a veth pair; tcpdump --time-stamp-precision=nano writes them (>= 1M packets).
 2. Read into timestamps + lengths (numpy int64/uint32 arrays, or Python lists for per-packet
    libraries): pktstream.read, C loop over pcap_next_ex (gcc -O2 -lpcap, stores ts/len
@@ -26,8 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pktstream  # noqa: E402
-from pktstream import traffic  # noqa: E402
-from pktstream.netns import Veth  # noqa: E402
+from pktstream.lab import traffic  # noqa: E402
+from pktstream.lab.netns import Veth  # noqa: E402
 
 C_LOOP = r"""
 #include <pcap/pcap.h>

@@ -31,9 +31,9 @@ import time
 
 import zstandard
 
-from pktstream import protocol as P
-from pktstream import traffic
-from pktstream.netns import Veth
+from pktstream.stream import protocol as P
+from pktstream.lab import traffic
+from pktstream.lab.netns import Veth
 
 PY = [sys.executable, "-m", "pktstream"]
 TICK = os.sysconf("SC_CLK_TCK")
@@ -292,7 +292,7 @@ def main() -> int:
     ap.add_argument("--loops", type=int, default=25, help="tcpreplay --loop")
     ap.add_argument("--rates", default="50000,100000,150000,0", help="pps list; 0 = top speed")
     ap.add_argument("--kinds", default="random1514,mixed,udp64",
-                    help="traffic: random1514 (incompressible 1514-byte UDP), mixed (pktstream.traffic's "
+                    help="traffic: random1514 (incompressible 1514-byte UDP), mixed (pktstream.lab.traffic's "
                          "varied frames), udp64 (identical 64-byte UDP frames)")
     ap.add_argument("--packetstreamer", metavar="BIN",
                     help="also run Deepfence PacketStreamer (a binary built from its source) side by side")

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Debugging: show the HTTP requests a local server on a given port handled, and its answers.
 
-What it shows: a :class:`pktstream.sensor.Sensor` with a port filter (BPF ``tcp port N``)
-streaming to an in-process :class:`pktstream.receiver.Receiver`, whose ``batches()`` iterator
+What it shows: a :class:`pktstream.stream.sensor.Sensor` with a port filter (BPF ``tcp port N``)
+streaming to an in-process :class:`pktstream.stream.receiver.Receiver`, whose ``batches()`` iterator
 hands each ``(Source, PacketBatch)`` to this script; TCP payloads are located with
 ``pktstream.decode`` (numpy columns: ports, sequence numbers, payload offsets), put back in
 order per connection, and parsed as HTTP/1.x. One line per request (time, client address,
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import pktstream
-from pktstream.receiver import Receiver
-from pktstream.sensor import Sensor
+from pktstream.stream.receiver import Receiver
+from pktstream.stream.sensor import Sensor
 
 MAX_BUFFER = 1 << 20  # bytes kept per direction while waiting for the end of a header
 

@@ -3,7 +3,7 @@
 
 What it shows:
 
-- embedding a :class:`pktstream.receiver.Receiver` in a Python program, with a
+- embedding a :class:`pktstream.stream.receiver.Receiver` in a Python program, with a
   :class:`pktstream.sinks.CallbackSink` that gets every ``(Source, PacketBatch)`` as it arrives
   from the sensors (``gate=False``: a slow detector drops and counts batches, it never slows
   the sensors or the monitored hosts);
@@ -40,7 +40,7 @@ import time
 import numpy as np
 
 import pktstream
-from pktstream.receiver import Receiver
+from pktstream.stream.receiver import Receiver
 from pktstream.sinks import CallbackSink, FileSink, Source
 
 TCP, UDP = 6, 17
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"detector: receiver listening on {host}:{port}", file=sys.stderr, flush=True)
     sensor = None
     if args.interface:
-        from pktstream.sensor import Sensor
+        from pktstream.stream.sensor import Sensor
         sensor = Sensor(receiver=f"127.0.0.1:{port}", interfaces=args.interface, max_wait=0.2,
                         auth_key=key).start()
         print(f"detector: sensor on {', '.join(args.interface)}", file=sys.stderr, flush=True)

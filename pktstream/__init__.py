@@ -62,7 +62,7 @@ def open_offline(path, **kwargs) -> Capture:
 
 
 _LAZY = {
-    "Sensor": "pktstream.sensor", "Receiver": "pktstream.receiver",
+    "Sensor": "pktstream.stream.sensor", "Receiver": "pktstream.stream.receiver",
     "FileSink": "pktstream.sinks", "StdoutSink": "pktstream.sinks", "CallbackSink": "pktstream.sinks",
     "open_reader": "pktstream.formats", "open_writer": "pktstream.formats",
 }

@@ -14,7 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from conftest import Proc, wait_pcap_count, wait_until
-from pktstream.netns import Veth
+from pktstream.lab.netns import Veth
 
 _CACHE: dict[str, dict[str, Path]] = {}
 N_PACKETS = 2000

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from pktstream import traffic as trafficgen
-from pktstream.netns import Veth
+from pktstream.lab import traffic as trafficgen
+from pktstream.lab.netns import Veth
 
 PKTSTREAM = [sys.executable, "-m", "pktstream"]
 

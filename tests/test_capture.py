@@ -208,7 +208,7 @@ def test_inject_and_direction(veth, procs, tmp_path):
     out_cap = pktstream.Capture(veth.outer, direction="out", bpf="udp port 7777")
     in_cap = pktstream.Capture(veth.outer, direction="in", bpf="udp port 7777")
     injector = pktstream.Capture(veth.outer)  # a socket never sees its own injected frames
-    from pktstream import traffic as trafficgen
+    from pktstream.lab import traffic as trafficgen
     frames = [f for f in trafficgen.frames(200) if len(f) > 42 and f[12:14] == b"\x08\x00" and f[23] == 17]
     sent = []
     for i, f in enumerate(frames[:20]):

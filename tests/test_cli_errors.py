@@ -52,7 +52,7 @@ def test_cli_error_cases_are_one_line_without_traceback(tmp_path, busy_port):
     afile = tmp_path / "afile"
     afile.write_text("x")
     trunc = tmp_path / "t.pcap"
-    pktstream.traffic.write_pcap(str(tmp_path / "full.pcap"), 20)
+    pktstream.lab.traffic.write_pcap(str(tmp_path / "full.pcap"), 20)
     trunc.write_bytes((tmp_path / "full.pcap").read_bytes()[:1000])
     w = ["-w", str(tmp_path / "cap.pcapng")]
     cases = [
@@ -106,7 +106,7 @@ def test_unwritable_directory_refused_at_start_for_a_non_root_user(public_tmp):
 
 
 def test_read_of_a_truncated_file_warns_in_one_clean_line(tmp_path):
-    pktstream.traffic.write_pcap(str(tmp_path / "full.pcap"), 20)
+    pktstream.lab.traffic.write_pcap(str(tmp_path / "full.pcap"), 20)
     data = (tmp_path / "full.pcap").read_bytes()
     (tmp_path / "t.pcap").write_bytes(data[:1000])
     r = run("read", str(tmp_path / "t.pcap"))
@@ -142,7 +142,7 @@ def test_help_is_plain_text_with_descriptions_defaults_and_examples():
 
 def test_sensor_bpf_option_is_the_filter(tmp_path):
     from pktstream.cli import build_parser
-    from pktstream.cli_stream import build_sensor
+    from pktstream.cli.stream import build_sensor
     args = build_parser().parse_args(["sensor", "--receiver", "127.0.0.1:8081", "-i", "lo", "--bpf", "udp port 53"])
     assert build_sensor(args).bpf == "udp port 53"
     args = build_parser().parse_args(["sensor", "--receiver", "127.0.0.1:8081", "-i", "lo", "udp", "port", "53"])
@@ -206,7 +206,7 @@ def test_one_yaml_for_both_roles_as_upstream_documents(tmp_path, caplog):
 
 def _batch(n: int, start: int = 0) -> PacketBatch:
     recs = bytearray()
-    for i, f in enumerate(pktstream.traffic.frames(n, seed=2)):
+    for i, f in enumerate(pktstream.lab.traffic.frames(n, seed=2)):
         recs += struct.pack("<IIII", 1_700_000_000, start + i, len(f), len(f)) + f
     return PacketBatch.from_records(bytes(recs), link_type=1, interface="eth0")
 
@@ -245,7 +245,7 @@ def test_readme_embedded_receiver_snippet_as_written_leaves_a_complete_file_on_c
     import signal
     from pathlib import Path
     from conftest import Proc
-    from pktstream.sensor import Sensor
+    from pktstream.stream.sensor import Sensor
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     code = re.search(r"### Embed a receiver in Python\n\n```python\n(.*?)```", readme, re.S).group(1)
     with socket.socket() as s:

@@ -82,7 +82,7 @@ def _pcap(path, link_type, frames):
 
 def _ip6_ext_frames() -> list[bytes]:
     """IPv6 with hop-by-hop + fragment headers (first and later fragment), IPv4 later fragment."""
-    from pktstream.traffic import _ipv4, _udp
+    from pktstream.lab.traffic import _ipv4, _udp
     a6 = bytes.fromhex("20010db8000000000000000000000001")
     b6 = bytes.fromhex("20010db80000000000000000000000ff")
     udp = _udp(1234, 5678, b"x" * 40)

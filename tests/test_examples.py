@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, read_pcap_dpkt, tshark_fields, wait_received, wait_until
-from pktstream.netns import Veth
+from pktstream.lab.netns import Veth
 from test_stream import receiver_cmd, sensor_cmd
 
 pytestmark = pytest.mark.live

@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import pktstream
 from pktstream import Capture, PacketBatch
-from pktstream import protocol as P
+from pktstream.stream import protocol as P
 from pktstream.exceptions import FileFormatError, FrameError
 from pktstream.formats import open_reader
-from pktstream.receiver import Receiver
+from pktstream.stream.receiver import Receiver
 from pktstream.sinks import CallbackSink
 
 EXAMPLES = int(os.environ.get("PKTSTREAM_FUZZ_EXAMPLES", "300"))

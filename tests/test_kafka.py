@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump, wait_pcap_count, wait_received, wait_until
-from pktstream import traffic
-from pktstream.netns import Veth
+from pktstream.lab import traffic
+from pktstream.lab.netns import Veth
 from servers import tansu  # noqa: F401  (fixture)
 from test_stream import assert_same_packets
 
@@ -186,7 +186,7 @@ def test_receiver_kafka_output_messages_are_wire_frames(tansu, veth, procs, tmp_
     """sensor → TCP → receiver -w kafka:// : one message per block, the DATA frame as on the wire,
     keyed by sensor id, with the interface descriptor in the headers; decoding every message
     gives exactly the tcpdump reference."""
-    from pktstream import protocol as P
+    from pktstream.stream import protocol as P
     from test_stream import receiver_cmd, sensor_cmd
     tansu.create_topic("out", partitions=1)
     port = free_port()

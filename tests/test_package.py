@@ -12,7 +12,7 @@ PACKAGE = Path(pktstream.__file__).parent
 
 
 def test_public_classes_import_lazily():
-    code = ("import sys, pktstream; assert 'pktstream.receiver' not in sys.modules; "
+    code = ("import sys, pktstream; assert 'pktstream.stream.receiver' not in sys.modules; "
             "assert pktstream.Sensor.__name__ == 'Sensor' and pktstream.Receiver.__name__ == 'Receiver'; "
             "pktstream.FileSink, pktstream.StdoutSink, pktstream.CallbackSink, pktstream.open_reader, "
             "pktstream.open_writer; print('ok')")

@@ -14,13 +14,13 @@ import pytest
 import pktstream
 from pktstream import PacketBatch
 from pktstream.formats import CaptureWriter
-from pktstream.traffic import frames
+from pktstream.lab.traffic import frames
 
 FORMATS = ["pcapng.zst", "pcap.zst", "pcapng", "pcap"]
 
 
 def make_batches(n_batches: int, per_batch: int, seed: int = 3) -> list[PacketBatch]:
-    """Real Ethernet frames (pktstream.traffic) in batches; packet i has timestamp i ns."""
+    """Real Ethernet frames (pktstream.lab.traffic) in batches; packet i has timestamp i ns."""
     pkts = frames(n_batches * per_batch, seed=seed)
     out = []
     for b in range(n_batches):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump, wait_pcap_count, wait_until
-from pktstream import traffic
+from pktstream.lab import traffic
 from servers import moto  # noqa: F401  (fixture)
 from test_stream import assert_same_packets, sensor_cmd
 

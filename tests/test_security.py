@@ -15,8 +15,8 @@ import pytest
 import zstandard
 
 from conftest import PKTSTREAM, free_port, pcap_count, read_pcap_dpkt, start_tcpdump, wait_pcap_count, wait_received
-from pktstream import protocol as P
-from pktstream import traffic
+from pktstream.stream import protocol as P
+from pktstream.lab import traffic
 from test_stream import assert_same_packets, received, receiver_cmd, sensor_cmd
 
 pytestmark = pytest.mark.live

@@ -10,8 +10,8 @@ import threading
 import pytest
 
 from conftest import PKTSTREAM, free_port, pcap_count, read_pcap_dpkt, start_tcpdump, wait_pcap_count, wait_received
-from pktstream.netns import Veth
-from pktstream.sensor import build_filter
+from pktstream.lab.netns import Veth
+from pktstream.stream.sensor import build_filter
 from test_stream import assert_same_packets, received, receiver_cmd, sensor_cmd
 
 
@@ -70,7 +70,7 @@ def test_interfaces_that_appear_later_are_captured(procs, tmp_path):
     """All-interfaces mode: a veth created after the sensor started (a new container) is
     picked up and its traffic streamed."""
     import os
-    from pktstream import traffic
+    from pktstream.lab import traffic
     port = free_port()
     dport = 20000 + os.getpid() % 20000  # a port only this test uses (other interfaces are live)
     src = tmp_path / "t.pcap"

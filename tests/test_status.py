@@ -17,8 +17,8 @@ import threading
 import pytest
 
 from conftest import PKTSTREAM, free_port, wait_until
-from pktstream import traffic
-from pktstream.status import render_status
+from pktstream.lab import traffic
+from pktstream.stream.status import render_status
 from test_stream import receiver_cmd, sensor_cmd
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump, wait_pcap_count, wait_received, wait_until
-from pktstream import traffic
+from pktstream.lab import traffic
 
 pytestmark = pytest.mark.live
 
@@ -141,7 +141,7 @@ def test_receiver_down_spool_keeps_everything(veth, procs, tmp_path):
 def test_beyond_the_bound_loss_is_counted_exactly(veth, procs, tmp_path):
     """No spool, a small window, receiver down: what does not fit is dropped AND counted,
     and what was kept arrives in order (the oldest blocks)."""
-    from pktstream.sensor import Sensor
+    from pktstream.stream.sensor import Sensor
     src = tmp_path / "t.pcap"
     traffic.write_random_udp_pcap(str(src), 2000, size=1000)
     port = free_port()
@@ -183,7 +183,7 @@ def test_beyond_the_bound_loss_is_counted_exactly(veth, procs, tmp_path):
 def test_network_cut_and_restored(procs, tmp_path):
     """Receiver in its own namespace behind a veth; the link goes down mid-stream (packets are
     silently lost, no RST) and comes back: the sensor notices, reconnects, resends."""
-    from pktstream.netns import Veth
+    from pktstream.lab.netns import Veth
     with Veth() as traffic_link, Veth() as rx_link:
         src = tmp_path / "t.pcap"
         traffic.write_random_udp_pcap(str(src), 3000, size=500)
@@ -237,8 +237,8 @@ def test_sensor_restart_continues_without_loss_or_duplicates(veth, procs, tmp_pa
 
 
 def test_idle_session_stays_connected(veth):
-    from pktstream.receiver import Receiver
-    from pktstream.sensor import Sensor
+    from pktstream.stream.receiver import Receiver
+    from pktstream.stream.sensor import Sensor
     from pktstream.sinks import CallbackSink
     got = []
     rx = Receiver(listen="127.0.0.1:0", outputs=[CallbackSink(lambda s, b: got.append(len(b)))],
@@ -263,8 +263,8 @@ def test_slow_output_memory_bounded_and_counted(veth, tmp_path):
     """A slow gating output: the receiver's in-flight bytes stay under their bound, the sensor's
     window stays bounded, and the sensor counts what it had to drop; a slow best-effort output
     drops and counts while the file output gets everything the receiver accepted."""
-    from pktstream.receiver import Receiver
-    from pktstream.sensor import Sensor
+    from pktstream.stream.receiver import Receiver
+    from pktstream.stream.sensor import Sensor
     from pktstream.sinks import CallbackSink, FileSink
     src = tmp_path / "t.pcap"
     traffic.write_random_udp_pcap(str(src), 3000, size=1000)

@@ -13,8 +13,8 @@ import pytest
 
 from conftest import (PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump, tshark_fields, wait_pcap_count,
                       wait_received, wait_until)
-from pktstream import traffic
-from pktstream.netns import Veth
+from pktstream.lab import traffic
+from pktstream.lab.netns import Veth
 from test_stream import receiver_cmd, sensor_cmd
 
 pytestmark = pytest.mark.live
@@ -180,8 +180,8 @@ def test_time_rotation_while_idle(veth, procs, tmp_path, mixed_pcap):
 
 def test_python_api_iterator_and_callback(veth):
     """Embedding: Receiver.batches() and a callback, in one process with a Sensor."""
-    from pktstream.receiver import Receiver
-    from pktstream.sensor import Sensor
+    from pktstream.stream.receiver import Receiver
+    from pktstream.stream.sensor import Sensor
     from pktstream.sinks import CallbackSink
     import pktstream
     seen = []

@@ -5,10 +5,10 @@ import os
 
 import pytest
 
-from pktstream import protocol as P
+from pktstream.stream import protocol as P
 from pktstream._capture import PacketBatch
 from pktstream.config import ConfigError, receiver_settings, sensor_settings
-from pktstream.sendwindow import FrameStore
+from pktstream.stream.sendwindow import FrameStore
 from pktstream.sinks.file import safe_name
 
 
@@ -109,7 +109,7 @@ def test_offline_capture_never_loses_packets_to_held_batches(tmp_path):
     """Reading a file while holding every batch: no silent loss. Held until the ring is out,
     the reader says so; released, every packet arrives."""
     import pktstream
-    from pktstream import traffic
+    from pktstream.lab import traffic
     path = tmp_path / "t.pcap"
     traffic.write_random_udp_pcap(str(path), 3000, size=1000)
     held, total = [], 0
@@ -138,7 +138,7 @@ def test_spill_keeps_in_memory_blocks_for_the_next_run(tmp_path):
 
 
 def test_adaptive_levels_reach_back_to_the_configured_one():
-    from pktstream.sensor import AdaptiveCompressor
+    from pktstream.stream.sensor import AdaptiveCompressor
     c = AdaptiveCompressor(19)
     c.level = -7
     c._busy = 0.0
@@ -153,8 +153,8 @@ def test_stored_blocks_wait_in_the_ring_until_acknowledged(tmp_path, leave_by):
     out of the ring while the frame is unacknowledged and returns when the frame leaves memory
     (acknowledged, kept in the spool at exit, or written to the spool when the window is full)."""
     import pktstream
-    from pktstream import traffic
-    from pktstream.sensor import AdaptiveCompressor
+    from pktstream.lab import traffic
+    from pktstream.stream.sensor import AdaptiveCompressor
     path = tmp_path / "t.pcap"
     traffic.write_random_udp_pcap(str(path), 300, size=1000)
     spool = tmp_path / "spool"
@@ -199,7 +199,7 @@ def test_stored_blocks_wait_in_the_ring_until_acknowledged(tmp_path, leave_by):
 def test_incompressible_blocks_are_tried_less_and_less_often():
     """Random payloads: each failed zstd try doubles the stored run (32, 64, ... 512); one
     block that compresses again brings the run back to 32."""
-    from pktstream.sensor import AdaptiveCompressor
+    from pktstream.stream.sensor import AdaptiveCompressor
     comp = AdaptiveCompressor(1)
     tries = []
     real = comp._compressor
@@ -229,7 +229,7 @@ def test_send_timeout_means_no_progress_not_a_whole_block(tls):
     import threading
     import time
     import trustme
-    from pktstream.uplink import Link
+    from pktstream.stream.uplink import Link
     ca = trustme.CA()
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("localhost").configure_cert(server_ctx)
@@ -269,8 +269,8 @@ def test_copies_out_of_the_ring_reuse_their_buffers(tmp_path):
     """Blocks copied out of a ring under pressure go into pooled buffers: an acknowledged
     copy's buffer carries the next block (no fresh allocation), never two blocks at once."""
     import pktstream
-    from pktstream import traffic
-    from pktstream.sendwindow import CopyPool
+    from pktstream.lab import traffic
+    from pktstream.stream.sendwindow import CopyPool
     path = tmp_path / "t.pcap"
     traffic.write_random_udp_pcap(str(path), 600, size=1000)
     pool = CopyPool(keep=2)
@@ -293,7 +293,7 @@ def test_copies_out_of_the_ring_reuse_their_buffers(tmp_path):
         assert d.obj is reused and bytes(d) == first and bytes(b) == second
         batch.release()
     assert len(pool._idle[70_000]) == 0
-    import pktstream.sendwindow as W
+    import pktstream.stream.sendwindow as W
     assert W.payload_size(d) == len(first)
 
 
@@ -313,7 +313,7 @@ def test_spool_is_locked_and_sequence_numbers_never_go_back(tmp_path):
 
 
 def test_default_spool_place(monkeypatch, tmp_path):
-    from pktstream import sendwindow
+    from pktstream.stream import sendwindow
     monkeypatch.setenv("PKTSTREAM_STATE_DIR", str(tmp_path))
     assert sendwindow.default_spool_dir("web-1") == str(tmp_path / "spool" / "web-1")
     assert sendwindow.default_spool_dir("a/../b") == str(tmp_path / "spool" / "a_.._b")

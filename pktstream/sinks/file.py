@@ -19,7 +19,7 @@ from pktstream.exceptions import ConfigError
 from pktstream.formats.writer import CaptureWriter, format_from_name, split_ext
 from pktstream.sinks.base import Sink, Source
 
-log = logging.getLogger("pktstream.receiver")
+log = logging.getLogger("pktstream.stream.receiver")
 
 def safe_name(text: str) -> str:
     """A sensor-supplied name as a single harmless path component. Names that had to be

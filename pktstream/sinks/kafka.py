@@ -1,6 +1,6 @@
 """Kafka output on a receiver: one message per block, the DATA frame as on the wire.
 
-Format: see :mod:`pktstream.kafka` (key = sensor id, headers sensor_id/hostname/interface/
+Format: see :mod:`pktstream.stream.kafka` (key = sensor id, headers sensor_id/hostname/interface/
 link_type/snaplen/seq). A gating KafkaSink acknowledges blocks to their sensors only after the
 brokers confirmed them: ``write()`` produces, ``flush()`` waits for every delivery report and
 raises if some are missing after ``flush_timeout`` — the receiver then retries (nothing is
@@ -17,13 +17,13 @@ from typing import Any
 
 import zstandard
 
-from pktstream import protocol as P
-from pktstream.kafka import (DEFAULT_TOPIC, ErrorLog, purge_and_close, frame_headers,
+from pktstream.stream import protocol as P
+from pktstream.stream.kafka import (DEFAULT_TOPIC, ErrorLog, purge_and_close, frame_headers,
                              producer_config)
 from pktstream._capture import PacketBatch
 from pktstream.sinks.base import Sink, Source
 
-log = logging.getLogger("pktstream.receiver")
+log = logging.getLogger("pktstream.stream.receiver")
 
 
 class KafkaDeliveryError(RuntimeError):

@@ -37,7 +37,7 @@ from pktstream._capture import PacketBatch
 from pktstream.sinks.base import Sink, Source
 from pktstream.sinks.file import FileSink
 
-log = logging.getLogger("pktstream.receiver")
+log = logging.getLogger("pktstream.stream.receiver")
 
 MIN_PART = 5 << 20
 DEFAULT_KEY = "{prefix}{sensor}/{date:%Y/%m/%d}/{date:%H%M%S}-{run}-{seq:06d}.{ext}"

@@ -9,7 +9,7 @@ from pktstream._capture import PacketBatch
 from pktstream.formats.pcap import pcap_file_header
 from pktstream.sinks.base import Sink, Source
 
-log = logging.getLogger("pktstream.receiver")
+log = logging.getLogger("pktstream.stream.receiver")
 
 
 class StdoutSink(Sink):

@@ -19,8 +19,8 @@ import tempfile
 import time
 import urllib.request
 
-from pktstream import traffic
-from pktstream.netns import Veth
+from pktstream.lab import traffic
+from pktstream.lab.netns import Veth
 
 
 def _free_port() -> int:

@@ -27,11 +27,11 @@ import threading
 import time
 from typing import Any, Callable
 
-from pktstream import protocol as P
+from pktstream.stream import protocol as P
 from pktstream.exceptions import FrameError
 
-log = logging.getLogger("pktstream.kafka")
-_rdlog = logging.getLogger("pktstream.kafka.librdkafka")
+log = logging.getLogger("pktstream.stream.kafka")
+_rdlog = logging.getLogger("pktstream.stream.kafka.librdkafka")
 
 DEFAULT_TOPIC = "packetstreamer"  # PacketStreamer's default topic
 MAX_MESSAGE_BYTES = 16 << 20
@@ -317,7 +317,7 @@ class KafkaTransport:
 # -- receiver side ---------------------------------------------------------------------------------
 
 class KafkaInput:
-    """Feeds a :class:`~pktstream.receiver.Receiver` from a topic, as a member of a consumer group.
+    """Feeds a :class:`~pktstream.stream.receiver.Receiver` from a topic, as a member of a consumer group.
 
     Each DATA message is validated and decompressed exactly like a TCP frame, deduplicated by
     (sensor id, seq) against the receiver's persisted per-sensor state, and handed to the outputs.
@@ -468,7 +468,7 @@ class KafkaInput:
     async def _process(self, m) -> int:
         """In the receiver's loop: dedupe, validate, dispatch. Returns the receiver index that
         must be committed before this message's offset may be."""
-        from pktstream.receiver import SENSOR_ID
+        from pktstream.stream.receiver import SENSOR_ID
         rcv = self._receiver
         h = parse_headers(m.headers())
         sid = h.get("sensor_id") or (m.key() or b"").decode(errors="replace")

@@ -24,14 +24,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from pktstream import protocol as P
+from pktstream.stream import protocol as P
 from pktstream._capture import PacketBatch
 from pktstream.exceptions import ConfigError, FrameError
-from pktstream.sensor import parse_hostport
+from pktstream.stream.sensor import parse_hostport
 from pktstream.sinks.base import Sink, Source
 from pktstream.sinks.callback import IteratorSink
 
-log = logging.getLogger("pktstream.receiver")
+log = logging.getLogger("pktstream.stream.receiver")
 
 STATE_FILE = "receiver-state.json"
 SENSOR_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
@@ -242,7 +242,7 @@ class Receiver:
                  fsync_state: bool = False, connection_rate: tuple[int, float] = (20, 10.0),
                  cert_identity: bool = False, inputs: list | tuple = (),
                  allow_unauthenticated: bool = False) -> None:
-        # listen=None: no TCP server, only ``inputs`` (e.g. pktstream.kafka.KafkaInput)
+        # listen=None: no TCP server, only ``inputs`` (e.g. pktstream.stream.kafka.KafkaInput)
         self.listen = parse_hostport(listen) if listen else None
         self.inputs = list(inputs)
         self._commit_hooks: list = []  # fn(committed index), called after state is saved

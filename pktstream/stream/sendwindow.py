@@ -19,11 +19,11 @@ import threading
 import time
 from dataclasses import dataclass
 
-from pktstream import protocol as P
+from pktstream.stream import protocol as P
 from pktstream._capture import PacketBatch
 from pktstream.exceptions import ConfigError, FrameError
 
-log = logging.getLogger("pktstream.sensor")
+log = logging.getLogger("pktstream.stream.sensor")
 
 DEFAULT_SPOOL_BYTES = 1 << 30   # the default spool: 1 GiB, at most half the free disk space
 STATE_DIR_ENV = "PKTSTREAM_STATE_DIR"

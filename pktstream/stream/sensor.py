@@ -25,14 +25,14 @@ from typing import Any, Iterable
 import zstandard
 
 import pktstream
-from pktstream import protocol as P
+from pktstream.stream import protocol as P
 from pktstream._capture import Capture, PacketBatch, list_interfaces
 from pktstream.exceptions import AuthenticationError, ConfigError, FilterError, FrameError, PcapError
-from pktstream.sendwindow import (COPIES, FrameStore, default_spool_bytes, default_spool_dir, payload_size,
+from pktstream.stream.sendwindow import (COPIES, FrameStore, default_spool_bytes, default_spool_dir, payload_size,
                                   release_payload)
-from pktstream.uplink import Link
+from pktstream.stream.uplink import Link
 
-log = logging.getLogger("pktstream.sensor")
+log = logging.getLogger("pktstream.stream.sensor")
 
 DEFAULT_PORT = 8081
 _STORE_ABOVE = 0.90   # compressed/raw above this: send the block stored
@@ -200,7 +200,7 @@ class Sensor:
         if pcap_mode not in ("all", "allow", "deny"):
             raise ValueError(f"pcap_mode must be all, allow or deny, not {pcap_mode!r}")
         # transport: None = TCP to ``receiver``; else an object with run(sensor, drain_timeout)
-        # and exclude() (e.g. pktstream.kafka.KafkaTransport)
+        # and exclude() (e.g. pktstream.stream.kafka.KafkaTransport)
         if (receiver is None) == (transport is None):
             raise ValueError("Sensor needs exactly one of receiver and transport")
         self.transport = transport
@@ -564,7 +564,7 @@ class Sensor:
             os.replace(tmp, path)
         return index
 
-    # -- what a transport needs (TCP in this module, Kafka in pktstream.kafka) ----------------
+    # -- what a transport needs (TCP in this module, Kafka in pktstream.stream.kafka) ----------------
     @property
     def stopping(self) -> bool:
         """Whether stop() was called (a transport then drains and returns)."""

@@ -7,8 +7,8 @@ import socket
 import ssl
 import time
 
-from pktstream import protocol as P
-from pktstream.sendwindow import payload_size
+from pktstream.stream import protocol as P
+from pktstream.stream.sendwindow import payload_size
 
 _TLS_SLICE = 64 * 1024  # TLS sends in slices of this, each with the full send timeout
 

@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 
-from pktstream import cli_cloud as cloud
+from pktstream.cli import cloud
 from pktstream import config as C
 from pktstream.exceptions import ConfigError
 
@@ -31,7 +31,7 @@ def check_listen(text: str, what: str = "--listen") -> None:
     that does not resolve, an address in use or not on this machine)."""
     import errno
     import socket
-    from pktstream.sensor import parse_hostport
+    from pktstream.stream.sensor import parse_hostport
     try:
         host, port = parse_hostport(text)
     except ValueError:
@@ -57,7 +57,7 @@ def check_listen(text: str, what: str = "--listen") -> None:
 def check_receiver_host(text: str) -> None:
     """A sensor's receiver must resolve (its addresses are excluded from the capture filter)."""
     import socket
-    from pktstream.sensor import parse_hostport
+    from pktstream.stream.sensor import parse_hostport
     try:
         host, port = parse_hostport(text)
     except ValueError:
@@ -79,9 +79,9 @@ def _setup_log_file(path: str | None) -> None:
 
 def build_receiver(args: argparse.Namespace):
     """Settings from --config, overridden by flags → a Receiver."""
-    from pktstream.receiver import Receiver
+    from pktstream.stream.receiver import Receiver
     from pktstream.sinks import FileSink, StdoutSink
-    from pktstream.tls import server_context
+    from pktstream.stream.tls import server_context
 
     s = C.receiver_settings(C.load_yaml(args.config) if args.config else {})
     # only an upstream-style config file without an auth block starts unauthenticated by itself
@@ -148,8 +148,8 @@ def build_receiver(args: argparse.Namespace):
 
 
 def build_sensor(args: argparse.Namespace):
-    from pktstream.sensor import Sensor
-    from pktstream.tls import client_context
+    from pktstream.stream.sensor import Sensor
+    from pktstream.stream.tls import client_context
 
     s = C.sensor_settings(C.load_yaml(args.config) if args.config else {})
     if args.receiver:
@@ -219,7 +219,7 @@ def cmd_receiver(args: argparse.Namespace) -> int:
     _on_signals(receiver.stop)
     status = None
     if args.status:
-        from pktstream.status import StatusDisplay
+        from pktstream.stream.status import StatusDisplay
         status = StatusDisplay(receiver).start()
         if not status.enabled:
             log.warning("--status: stderr is not a terminal, no live status (see --metrics, --stats-interval)")

@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
     """Commands implemented in their own modules register themselves here."""
-    from pktstream import cli_files, cli_stream, demo
+    from pktstream.cli import demo, files as cli_files, stream as cli_stream
     for mod in (cli_files, cli_stream, demo):
         mod.register(sub)
 

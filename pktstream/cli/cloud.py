@@ -54,7 +54,7 @@ def add_sensor_args(s) -> None:
 
 def apply_receiver_args(args, s) -> None:
     """Fold URL flags into ReceiverSettings (call before the 'no output' check)."""
-    from pktstream.kafka import parse_kafka_url
+    from pktstream.stream.kafka import parse_kafka_url
     from pktstream.sinks.s3 import parse_s3_url
     props = dict(getattr(args, "kafka_property", None) or [])
     w = getattr(args, "write", None) or ""
@@ -119,14 +119,14 @@ def receiver_outputs(s) -> list:
 def receiver_inputs(s) -> list:
     if s.kafka_input is None:
         return []
-    from pktstream.kafka import KafkaInput
+    from pktstream.stream.kafka import KafkaInput
     k = s.kafka_input
     return [KafkaInput(k.brokers, k.topic, k.group, properties=k.properties)]
 
 
 def sensor_transport(args, s):
     """A KafkaTransport from --output kafka:// or output.plugins.kafka, else None (TCP)."""
-    from pktstream.kafka import KafkaTransport, parse_kafka_url
+    from pktstream.stream.kafka import KafkaTransport, parse_kafka_url
     url = getattr(args, "output_url", None)
     if url:
         if not url.startswith("kafka://"):
