@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from pktstream.stream import legacy
 from pktstream.stream import protocol as P
 from pktstream._capture import PacketBatch
 from pktstream.exceptions import ConfigError, FrameError
@@ -52,6 +53,8 @@ class _SensorState:
     bye: asyncio.Event | None = None
     instance: str = ""        # the connected sensor process (its reconnects take over its session)
     last_rx: float = 0.0      # monotonic time of the last frame on the live session
+    legacy: bool = False      # a PacketStreamer sensor (stream/legacy.py): nothing is acknowledged
+    legacy_open: int = 0      # its open connections
 
 
 def _numeric_stats(obj: dict[str, Any]) -> dict[str, Any]:
@@ -241,7 +244,8 @@ class Receiver:
                  sink_queue: int = 256, stats_interval: float = 60.0, metrics: str | None = None,
                  fsync_state: bool = False, connection_rate: tuple[int, float] = (20, 10.0),
                  cert_identity: bool = False, inputs: list | tuple = (),
-                 allow_unauthenticated: bool = False) -> None:
+                 allow_unauthenticated: bool = False,
+                 packetstreamer: legacy.PacketStreamerSettings | None = None) -> None:
         # listen=None: no TCP server, only ``inputs`` (e.g. pktstream.stream.kafka.KafkaInput)
         self.listen = parse_hostport(listen) if listen else None
         self.inputs = list(inputs)
@@ -263,6 +267,8 @@ class Receiver:
         self.connection_rate = connection_rate  # (connections, per seconds) per peer address
         self.cert_identity = cert_identity      # mTLS: the sensor id must be named in its certificate
         self.allow_unauthenticated = allow_unauthenticated
+        # PacketStreamer sensors (stream/legacy.py): on unless settings with enabled=False
+        self.packetstreamer = packetstreamer if packetstreamer is not None else legacy.PacketStreamerSettings()
         if self.listen is not None and not self._authenticated() and not _loopback(self.listen[0]) \
                 and not allow_unauthenticated:
             raise ConfigError(
@@ -653,6 +659,10 @@ class Receiver:
                       peer: str) -> None:
         sensor: _SensorState | None = None
         try:
+            # legacy hook: a PacketStreamer sensor (first bytes DE EF EC E0) is served by stream/legacy.py
+            reader = await legacy.intake(self, reader, writer, host, peer)
+            if reader is None:
+                return
             sensor = await asyncio.wait_for(self._handshake(reader, writer, peer), self.handshake_timeout)
             await self._session(sensor, reader, writer)
         except asyncio.TimeoutError:
@@ -878,7 +888,8 @@ class Receiver:
         for sid, s in list(self._sensors.items()):
             c, r = s.counters, s.reported
             sensors[sid] = {
-                "hostname": s.hostname, "connected": s.writer is not None, "peer": s.peer,
+                "hostname": s.hostname, "connected": s.writer is not None or s.legacy_open > 0, "peer": s.peer,
+                "legacy": "unacknowledged" if s.legacy else None,
                 "last_seq": s.last_committed, "frames": c["frames"], "packets": c["packets"],
                 "raw_bytes": c["raw_bytes"], "wire_bytes": c["wire_bytes"],
                 "compression_ratio": round(c["raw_bytes"] / c["wire_bytes"], 3) if c["wire_bytes"] else None,
@@ -924,6 +935,9 @@ class Receiver:
             lines.append(f"# TYPE {name} {'gauge' if key == 'unacked_frames' else 'counter'}")
             for sid, s in st["sensors"].items():
                 lines.append(f'{name}{{sensor="{esc(sid)}"}} {s[key]}')
+        lines.append("# TYPE pktstream_sensor_legacy gauge")  # 1: PacketStreamer, unacknowledged
+        for sid, s in st["sensors"].items():
+            lines.append(f'pktstream_sensor_legacy{{sensor="{esc(sid)}"}} {int(bool(s["legacy"]))}')
         lines.append("# TYPE pktstream_sensor_connected gauge")
         for sid, s in st["sensors"].items():
             lines.append(f'pktstream_sensor_connected{{sensor="{esc(sid)}"}} {int(s["connected"])}')
