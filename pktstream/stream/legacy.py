@@ -69,10 +69,15 @@ class PacketStreamerSettings:
     :param enabled: accept PacketStreamer sensors (``legacy.packetstreamer``).
     :param sensors: peer address → sensor id (``legacy.sensors``); others are named by address.
     :param snaplen: largest record accepted from them (the receiver's ``inputPacketLen``).
+    :param first_bytes_timeout: how long a new connection may stay silent. A PacketStreamer
+        sensor sends nothing until its first block (``gatherMaxWaitSec`` after its first captured
+        packet); 60 s is its own receiver's read deadline. While the switch is off, the
+        receiver's handshake timeout applies instead.
     """
     enabled: bool = True
     sensors: dict[str, str] = field(default_factory=dict)
     snaplen: int = 262144
+    first_bytes_timeout: float = 60.0
 
 
 class Prepended:
@@ -113,11 +118,13 @@ async def intake(receiver: "Receiver", reader: asyncio.StreamReader, writer: asy
     timeout). A PacketStreamer sensor is served here until it disconnects (returns None);
     anything else gets a reader that still yields those bytes, for the pktstream handshake.
     FrameError / PermissionError as the handshake raises them."""
-    head = await asyncio.wait_for(reader.readexactly(4), receiver.handshake_timeout)
+    settings = receiver.packetstreamer
+    on = settings is not None and settings.enabled
+    wait = max(receiver.handshake_timeout, settings.first_bytes_timeout) if on else receiver.handshake_timeout
+    head = await asyncio.wait_for(reader.readexactly(4), wait)
     if head != MAGIC:
         return Prepended(head, reader)
-    settings = receiver.packetstreamer
-    if settings is None or not settings.enabled:
+    if not on:
         raise FrameError("a PacketStreamer sensor: refused, this receiver has legacy.packetstreamer off")
     await LegacySession(receiver, settings, reader, writer, host, peer).run()
     return None
