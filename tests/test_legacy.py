@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump, wait_received, wait_until
 from pktstream import _s2
@@ -288,3 +290,63 @@ def test_mixed_fleet_cli_receiver(veth, procs, tmp_path, mixed_pcap):
     assert len(ps_files) == 1 and len(pkt_files) == 1, files
     assert_delivered(read_pcap_dpkt(ps_files[0]), "plain", ref_ps)
     assert [p[2] for p in read_pcap_dpkt(pkt_files[0])] == [p[2] for p in read_pcap_dpkt(ref)]
+
+
+FRAMES = _frames(stream("plain")) + _frames(stream("large"))
+
+
+@pytest.fixture(scope="module")
+def fuzz_receiver(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fuzz") / "out.pcap"
+    rx = Receiver(listen="127.0.0.1:0", outputs=[FileSink(str(out))], handshake_timeout=1.0,
+                  connection_rate=(100000, 1.0)).start()
+    yield rx
+    rx.stop()
+    rx.join(30)
+    assert read_pcap_dpkt(out)  # every accepted packet is a whole, well-formed record
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.tuples(st.sampled_from(FRAMES), st.lists(st.tuples(st.integers(0, 1 << 17), st.integers(0, 255)),
+                                                            max_size=4), st.integers(0, 1 << 17)),
+                min_size=1, max_size=3))
+def test_fuzz_mutated_frames_against_a_live_receiver(fuzz_receiver, frames):
+    """Recorded frames with bytes changed and cut short: each connection either delivers valid
+    packets or is closed; the receiver keeps running and every packet it accepted is valid."""
+    data = bytearray()
+    for frame, flips, cut in frames:
+        f = bytearray(frame)
+        for pos, value in flips:
+            f[4 + pos % (len(f) - 4)] = value  # the magic stays: these reach the legacy path
+        data += f[:max(8, cut % (len(f) + 1))]
+    with socket.create_connection(fuzz_receiver.address, timeout=30) as s:
+        try:
+            s.sendall(bytes(data))
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # already closed by the receiver
+        read_to_eof(s)
+    assert fuzz_receiver._thread.is_alive()
+
+
+def test_receiver_still_takes_a_recording_after_fuzzing(fuzz_receiver, tmp_path):
+    before = fuzz_receiver.stats()["sensors"].get("127.0.0.1", {}).get("packets", 0)
+    ref = oracle("plain", tmp_path)
+    with socket.create_connection(fuzz_receiver.address, timeout=30) as s:
+        replay(s, stream("plain"))
+        wait_until(lambda: fuzz_receiver.stats()["sensors"]["127.0.0.1"]["packets"] == before + len(ref),
+                   what="the recording after the fuzzing")
+
+
+def test_status_view_says_legacy(tmp_path):
+    from pktstream.stream.status import render_status
+    run = Run(tmp_path)
+    try:
+        with run.connect() as s:
+            replay(s, stream("plain"))
+            wait_until(lambda: run.packets() == 300, what="300 packets")
+            lines = render_status(run.rx.stats(), None, 1.0)
+    finally:
+        run.stop()
+    row = next(line for line in lines if line.startswith("127.0.0.1"))
+    assert "up" in row and " 300 " in row and "legacy: unacknowledged (PacketStreamer, no loss counts)" in row

@@ -120,8 +120,11 @@ async def intake(receiver: "Receiver", reader: asyncio.StreamReader, writer: asy
     FrameError / PermissionError as the handshake raises them."""
     settings = receiver.packetstreamer
     on = settings is not None and settings.enabled
+    # only the first byte may take long (a PacketStreamer sensor's first block); after a byte that
+    # cannot start its magic, a peer is held to the handshake timeout as before
     wait = max(receiver.handshake_timeout, settings.first_bytes_timeout) if on else receiver.handshake_timeout
-    head = await asyncio.wait_for(reader.readexactly(4), wait)
+    head = await asyncio.wait_for(reader.readexactly(1), wait)
+    head += await asyncio.wait_for(reader.readexactly(3), receiver.handshake_timeout)
     if head != MAGIC:
         return Prepended(head, reader)
     if not on:

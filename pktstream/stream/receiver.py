@@ -231,6 +231,8 @@ class Receiver:
     :param auth_key: shared key (PacketStreamer ``auth.key``); ``auth_keys``: sensor id → key.
     :param ssl_context: server TLS context (see docs/SECURITY.md).
     :param max_inflight_bytes: bytes waiting for gating outputs before reading pauses.
+    :param packetstreamer: Deepfence PacketStreamer sensors on the same port
+        (``stream.legacy.PacketStreamerSettings``; default: accepted, named by address).
 
     Thread safety: ``start()``, ``stop()``, ``stats()`` and ``batches()`` may be called from
     any thread; ``run()`` blocks.
