@@ -53,11 +53,12 @@ cdef int _decode(const uint8_t *src, uint64_t slen, uint8_t *dst, uint64_t dlen,
                  uint64_t *where) noexcept nogil:
     """Decode elements of src[0:slen] into dst[0:dlen]. ``where``: input position of the
     failing element (or the output length reached, for S2_SHORT)."""
-    cdef uint64_t s = 0, d = 0, length, offset, last = 0, i, extra
+    cdef uint64_t s = 0, d = 0, length, offset, last = 0, i, extra, start = 0, p
     cdef uint8_t tag
     cdef unsigned int code
+    cdef int status = S2_OK
     while s < slen:
-        where[0] = s
+        start = s
         tag = src[s]
         if tag & 3 == 0:  # literal
             code = tag >> 2
@@ -67,33 +68,39 @@ cdef int _decode(const uint8_t *src, uint64_t slen, uint8_t *dst, uint64_t dlen,
             else:
                 extra = code - 59  # 1..4 length bytes
                 if slen - s < 1 + extra:
-                    return S2_TRUNCATED
+                    status = S2_TRUNCATED
+                    break
                 length = _le(src + s + 1, <int> extra) + 1
                 s += 1 + extra
             if length > slen - s:
-                return S2_TRUNCATED
+                status = S2_TRUNCATED
+                break
             if length > dlen - d:
-                return S2_OVERFLOW
+                status = S2_OVERFLOW
+                break
             memcpy(dst + d, src + s, length)
             s += length
             d += length
             continue
         if tag & 3 == 1:  # copy, 1-byte offset (or S2 repeat)
             if slen - s < 2:
-                return S2_TRUNCATED
+                status = S2_TRUNCATED
+                break
             code = (tag >> 2) & 7
             offset = ((<uint64_t> (tag >> 5)) << 8) | src[s + 1]
             s += 2
             if offset == 0:  # S2 repeat of the last offset
                 if last == 0:
-                    return S2_REPEAT_FIRST
+                    status = S2_REPEAT_FIRST
+                    break
                 offset = last
                 if code < 5:
                     length = 4 + code
                 else:
                     extra = code - 4  # 1..3 length bytes
                     if slen - s < extra:
-                        return S2_TRUNCATED
+                        status = S2_TRUNCATED
+                        break
                     length = _le(src + s, <int> extra)
                     length += 8 if code == 5 else (260 if code == 6 else 65540)
                     s += extra
@@ -101,27 +108,48 @@ cdef int _decode(const uint8_t *src, uint64_t slen, uint8_t *dst, uint64_t dlen,
                 length = 4 + code
         elif tag & 3 == 2:  # copy, 2-byte offset
             if slen - s < 3:
-                return S2_TRUNCATED
+                status = S2_TRUNCATED
+                break
             length = 1 + (tag >> 2)
             offset = _le(src + s + 1, 2)
             s += 3
         else:  # copy, 4-byte offset
             if slen - s < 5:
-                return S2_TRUNCATED
+                status = S2_TRUNCATED
+                break
             length = 1 + (tag >> 2)
             offset = _le(src + s + 1, 4)
             s += 5
         if offset == 0 or offset > d:
-            return S2_BAD_OFFSET
+            status = S2_BAD_OFFSET
+            break
         if length > dlen - d:
-            return S2_OVERFLOW
+            status = S2_OVERFLOW
+            break
         last = offset
         if offset >= length:
             memcpy(dst + d, dst + d - offset, length)
-        else:  # overlapping: the pattern repeats every `offset` bytes
-            for i in range(length):
+        else:
+            # overlapping: the output repeats with period `offset`, so also with period p, the
+            # smallest multiple of it >= 8; after the first p bytes, 8-byte steps at distance p
+            # read only finished bytes and never overlap their destination
+            p = offset
+            while p < 8:
+                p += offset
+            i = 0
+            while i < length and i < p:
                 dst[d + i] = dst[d + i - offset]
+                i += 1
+            while length - i >= 8:
+                memcpy(dst + d + i, dst + d + i - p, 8)
+                i += 8
+            while i < length:
+                dst[d + i] = dst[d + i - p]
+                i += 1
         d += length
+    if status != S2_OK:
+        where[0] = start
+        return status
     if d != dlen:
         where[0] = d
         return S2_SHORT

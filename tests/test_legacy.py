@@ -350,3 +350,15 @@ def test_status_view_says_legacy(tmp_path):
         run.stop()
     row = next(line for line in lines if line.startswith("127.0.0.1"))
     assert "up" in row and " 300 " in row and "legacy: unacknowledged (PacketStreamer, no loss counts)" in row
+
+
+def test_empty_key_from_an_unlisted_sensor_is_refused(tmp_path):
+    hello = b"\xde\xef\xec\xe0" + struct.pack("<H", 0) + bytes(58)  # auth.enable with key ""
+    run = Run(tmp_path, auth_keys={"someone-else": KEY})
+    try:
+        with run.connect() as s:
+            s.sendall(hello)
+            assert read_to_eof(s)[:5] != AUTH_OK
+        assert run.rx.stats()["auth_failures"] == 1
+    finally:
+        run.stop()

@@ -148,9 +148,10 @@ class LegacySession:
                                       "snaplen": settings.snaplen}
 
     def _key(self) -> bytes | None:
+        """The key this sensor must send (None: no key required; b"": none can be right)."""
         r = self.receiver
         if r.auth_keys:
-            return r.auth_keys.get(self.sensor_id, b"")  # b"": no key here for it, refused
+            return r.auth_keys.get(self.sensor_id, b"")
         return r.auth_key
 
     async def _auth(self, rest: bytes, key: bytes | None) -> None:
@@ -161,8 +162,11 @@ class LegacySession:
         if klen > AUTH_KEY_MAX:
             raise PermissionError(f"PacketStreamer auth key of {klen} bytes (at most {AUTH_KEY_MAX} fit its hello)")
         given = hello[6:6 + klen]
+        if key is not None and not key:
+            raise PermissionError(f"PacketStreamer sensor {self.sensor_id!r} has no key here (auth.keyfile)")
         if key is not None and not hmac.compare_digest(given, key):
-            raise PermissionError(f"PacketStreamer sensor {self.sensor_id!r}: wrong auth key")
+            raise PermissionError(f"PacketStreamer sensor {self.sensor_id!r}: wrong auth key (or none: its "
+                                  "auth.enable and auth.key must be set)")
         self.writer.write(AUTH_OK)
         await self.writer.drain()
 
@@ -174,7 +178,7 @@ class LegacySession:
         if key is not None or length > self.max_frame:  # a key is expected, or it is the hello
             await self._auth(first, key)
             first = None
-        elif r.cert_identity and self.sensor_id not in _cert_names(self.writer.get_extra_info("peercert")):
+        if r.cert_identity and self.sensor_id not in _cert_names(self.writer.get_extra_info("peercert")):
             raise PermissionError(f"PacketStreamer sensor id {self.sensor_id!r} is not named in its certificate")
         sock = self.writer.get_extra_info("socket")
         if sock is not None:  # no idle timeout (upstream sensors go silent when idle): find dead peers
