@@ -193,7 +193,8 @@ def live(binary: str, frames: int, rate: int, work: str) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=1.0, help="per decode measurement")
-    ap.add_argument("--packetstreamer", metavar="BIN", help="also run the live acceptance check with this binary")
+    ap.add_argument("--packetstreamer", metavar="BIN", default=os.environ.get("PKTSTREAM_PACKETSTREAMER"),
+                    help="also run the live acceptance check with this binary (default: $PKTSTREAM_PACKETSTREAMER)")
     ap.add_argument("--frames", type=int, default=5000, help="live: frames replayed")
     ap.add_argument("--rate", type=int, default=5000, help="live: pps")
     ap.add_argument("--json", help="write results here (default bench/results/legacy.json)")
