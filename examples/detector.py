@@ -40,7 +40,7 @@ import time
 import numpy as np
 
 import pktstream
-from pktstream.stream.receiver import Receiver
+from pktstream.stream.receiver import Receiver, Security
 from pktstream.sinks import CallbackSink, FileSink, Source
 
 TCP, UDP = 6, 17
@@ -232,14 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.auth_key_file:
         with open(args.auth_key_file) as f:
             key = f.read().strip()
-    rx = Receiver(listen=args.listen, outputs=outputs, auth_key=key).start()
+    rx = Receiver(listen=args.listen, outputs=outputs, security=Security(auth_key=key)).start()
     host, port = rx.address
     print(f"detector: receiver listening on {host}:{port}", file=sys.stderr, flush=True)
     sensor = None
     if args.interface:
-        from pktstream.stream.sensor import Sensor
-        sensor = Sensor(receiver=f"127.0.0.1:{port}", interfaces=args.interface, max_wait=0.2,
-                        auth_key=key).start()
+        from pktstream.stream.sensor import CaptureOptions, Sensor, SensorSecurity
+        sensor = Sensor(f"127.0.0.1:{port}", args.interface, capture=CaptureOptions(max_wait=0.2),
+                        security=SensorSecurity(auth_key=key)).start()
         print(f"detector: sensor on {', '.join(args.interface)}", file=sys.stderr, flush=True)
 
     done = threading.Event()

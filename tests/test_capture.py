@@ -48,8 +48,10 @@ def _wait_blocked(t: threading.Thread, timeout: float = 30) -> None:
     def blocked() -> bool:
         try:
             base = f"/proc/self/task/{t.native_id}"
-            state = open(f"{base}/stat").read().rsplit(")", 1)[1].split()[0]
-            wchan = open(f"{base}/wchan").read()
+            with open(f"{base}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            with open(f"{base}/wchan") as f:
+                wchan = f.read()
         except OSError:
             return False
         return state == "S" and "futex" not in wchan

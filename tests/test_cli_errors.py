@@ -245,22 +245,22 @@ def test_readme_embedded_receiver_snippet_as_written_leaves_a_complete_file_on_c
     import signal
     from pathlib import Path
     from conftest import Proc
-    from pktstream.stream.sensor import Sensor
+    from pktstream.stream.sensor import CaptureOptions, Sensor, SensorSecurity
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     code = re.search(r"### Embed a receiver in Python\n\n```python\n(.*?)```", readme, re.S).group(1)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert 'listen="0.0.0.0:8081"' in code
-    (tmp_path / "snippet.py").write_text(code.replace('listen="0.0.0.0:8081"', f'listen="127.0.0.1:{port}"'))
+    assert '"0.0.0.0:8081"' in code
+    (tmp_path / "snippet.py").write_text(code.replace('"0.0.0.0:8081"', f'"127.0.0.1:{port}"'))
     (tmp_path / "key").write_text("k" * 32 + "\n")
     # Ctrl-C as on a terminal: a test run started in the background by a non-interactive shell
     # inherits SIGINT *ignored*, and Python then installs no KeyboardInterrupt handler
     restore = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
     rx = Proc([sys.executable, "-u", "-c", restore + "exec(compile(open('snippet.py').read(), 'snippet.py', 'exec'))"],
               stdout=subprocess.PIPE, cwd=tmp_path)
-    sensor = Sensor(receiver=f"127.0.0.1:{port}", interfaces=["lo"], bpf="udp port 9",
-                    auth_key="k" * 32, sensor_id="readme", max_wait=0.05)
+    sensor = Sensor(f"127.0.0.1:{port}", ["lo"], bpf="udp port 9", sensor_id="readme",
+                    capture=CaptureOptions(max_wait=0.05), security=SensorSecurity(auth_key="k" * 32))
     sensor.start()
     import threading
     got = threading.Event()

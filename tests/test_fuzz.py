@@ -21,7 +21,7 @@ from pktstream import Capture, PacketBatch
 from pktstream.stream import protocol as P
 from pktstream.exceptions import FileFormatError, FrameError
 from pktstream.formats import open_reader
-from pktstream.stream.receiver import Receiver
+from pktstream.stream.receiver import Limits, Receiver, check_interface
 from pktstream.sinks import CallbackSink
 
 EXAMPLES = int(os.environ.get("PKTSTREAM_FUZZ_EXAMPLES", "300"))
@@ -211,7 +211,7 @@ _json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_siz
 @given(st.dictionaries(st.sampled_from(["index", "name", "link_type", "snaplen", "x"]), _json))
 def test_interface_descriptor_validation(d):
     try:
-        out = Receiver.check_interface(d)
+        out = check_interface(d)
     except FrameError:
         return
     assert isinstance(out["name"], str) and 0 < len(out["name"]) <= 64
@@ -243,7 +243,7 @@ def test_live_receiver_survives_random_streams(receiver, chunks):
                 pass
         except (ConnectionResetError, socket.timeout):
             pass
-    assert receiver._thread.is_alive()
+    assert receiver.running
 
 
 def test_receiver_still_serves_after_fuzzing(receiver):
@@ -261,7 +261,7 @@ import pytest  # noqa: E402
 def receiver():
     got = []
     rx = Receiver(listen="127.0.0.1:0", outputs=[CallbackSink(lambda s, b: got.append(b))],
-                  handshake_timeout=1.0, connection_rate=(100000, 1.0)).start()
+                  limits=Limits(handshake_timeout=1.0, connection_rate=(100000, 1.0))).start()
     yield rx
     rx.stop()
     rx.join(10)

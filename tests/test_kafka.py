@@ -158,15 +158,15 @@ def test_broker_killed_and_restarted_mid_stream_loses_nothing(tansu, procs, tmp_
                                 "--kafka-property", "reconnect.backoff.max.ms=500"))
         sx.wait_for("capturing on")
         v.replay(phases[0], pps=5000)
-        wait_metric(mport, "pktstream_sensor_packets", "s1", 1000)
+        wait_metric(mport, "pktstream_sensor_packets_total", "s1", 1000)
         tansu.stop(kill=True)                       # broker gone, mid-stream
         v.replay(phases[1], pps=5000)               # captured while there is no broker
         wait_pcap_count(ref, 2000)
-        assert metric(mport, "pktstream_sensor_packets", "s1") == 1000
+        assert metric(mport, "pktstream_sensor_packets_total", "s1") == 1000
         tansu.start()                               # same port, empty
         tansu.create_topic(topic, partitions=2)
         v.replay(phases[2], pps=5000)
-        wait_metric(mport, "pktstream_sensor_packets", "s1", 3000, timeout=60)
+        wait_metric(mport, "pktstream_sensor_packets_total", "s1", 3000, timeout=60)
         assert sx.stop(signal.SIGTERM) == 0, sx.stderr
         td.stop()
     st = json.loads((tmp_path / "s1.json").read_text())

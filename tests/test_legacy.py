@@ -25,7 +25,7 @@ from pktstream.config import receiver_settings
 from pktstream.exceptions import ConfigError
 from pktstream.sinks import FileSink
 from pktstream.stream.legacy import AUTH_OK, PacketStreamerSettings
-from pktstream.stream.receiver import Receiver
+from pktstream.stream.receiver import Limits, Receiver, Security
 
 DATA = Path(__file__).parent / "data" / "packetstreamer"
 KEY = "legacy-test-key"  # the auth recording's key (record.py)
@@ -68,11 +68,13 @@ def assert_delivered(got: list, name: str, ref: list) -> None:
 
 
 class Run:
-    """A receiver writing one pcap file, started and always stopped."""
+    """A receiver writing one pcap file, started and always stopped. ``legacy``: its
+    PacketStreamerSettings; other keywords: its Security."""
 
-    def __init__(self, tmp_path: Path, **kw) -> None:
+    def __init__(self, tmp_path: Path, legacy: PacketStreamerSettings | None = None, **security) -> None:
         self.out = tmp_path / "out.pcap"
-        self.rx = Receiver(listen="127.0.0.1:0", outputs=[FileSink(str(self.out))], **kw).start()
+        self.rx = Receiver("127.0.0.1:0", [FileSink(str(self.out))], security=Security(**security),
+                           legacy=legacy).start()
 
     def packets(self, sensor: str = "127.0.0.1") -> int:
         return self.rx.stats()["sensors"].get(sensor, {}).get("packets", 0)
@@ -149,26 +151,28 @@ def test_auth_key_accepted(tmp_path):
     assert_delivered(got, "auth", ref)
 
 
-@pytest.mark.parametrize("kw, name", [({"auth_key": "another-key"}, "auth"),
-                                      ({"auth_keys": {"other-sensor": KEY}}, "auth"),
-                                      ({"auth_key": KEY}, "plain")])
-def test_wrong_or_missing_key_refused(kw, name, tmp_path):
+@pytest.mark.parametrize("kw, name, counter", [({"auth_key": "another-key"}, "auth", "auth_failures"),
+                                               ({"auth_keys": {"other-sensor": KEY}}, "auth", "auth_failures"),
+                                               ({"auth_key": KEY}, "plain", "protocol_errors")])
+def test_wrong_or_missing_key_refused(kw, name, counter, tmp_path, caplog):
     run = Run(tmp_path, **kw)
     try:
         with run.connect() as s:
             answer = replay(s, stream(name), auth=name == "auth")
             assert answer != AUTH_OK
             read_to_eof(s)  # the receiver closed it
-            assert run.rx.stats().get("auth_failures", 0) == 1
+            assert run.rx.stats().get(counter, 0) == 1
     finally:
         got = run.result()
     assert got == []
     assert run.packets() == 0
+    if name == "plain":  # a sensor without auth.enable: the log says what to do
+        assert "the sensor needs auth.enable and that auth.key" in caplog.text
 
 
 def test_key_per_sensor_id_from_the_address_mapping(tmp_path):
     ref = oracle("auth", tmp_path)
-    run = Run(tmp_path, auth_keys={"web-1": KEY}, packetstreamer=PacketStreamerSettings(sensors={"127.0.0.1": "web-1"}))
+    run = Run(tmp_path, auth_keys={"web-1": KEY}, legacy=PacketStreamerSettings(sensors={"127.0.0.1": "web-1"}))
     try:
         with run.connect() as s:
             assert replay(s, stream("auth"), auth=True) == AUTH_OK
@@ -201,7 +205,7 @@ def test_tls(tmp_path):
 
 
 def test_switched_off(tmp_path):
-    run = Run(tmp_path, packetstreamer=PacketStreamerSettings(enabled=False))
+    run = Run(tmp_path, legacy=PacketStreamerSettings(enabled=False))
     try:
         with run.connect() as s:
             s.sendall(stream("plain"))
@@ -298,8 +302,8 @@ FRAMES = _frames(stream("plain")) + _frames(stream("large"))
 @pytest.fixture(scope="module")
 def fuzz_receiver(tmp_path_factory):
     out = tmp_path_factory.mktemp("fuzz") / "out.pcap"
-    rx = Receiver(listen="127.0.0.1:0", outputs=[FileSink(str(out))], handshake_timeout=1.0,
-                  connection_rate=(100000, 1.0)).start()
+    rx = Receiver("127.0.0.1:0", [FileSink(str(out))],
+                  limits=Limits(handshake_timeout=1.0, connection_rate=(100000, 1.0))).start()
     yield rx
     rx.stop()
     rx.join(30)
@@ -326,7 +330,7 @@ def test_fuzz_mutated_frames_against_a_live_receiver(fuzz_receiver, frames):
         except OSError:
             pass  # already closed by the receiver
         read_to_eof(s)
-    assert fuzz_receiver._thread.is_alive()
+    assert fuzz_receiver.running
 
 
 def test_receiver_still_takes_a_recording_after_fuzzing(fuzz_receiver, tmp_path):

@@ -141,7 +141,7 @@ def test_receiver_down_spool_keeps_everything(veth, procs, tmp_path):
 def test_beyond_the_bound_loss_is_counted_exactly(veth, procs, tmp_path):
     """No spool, a small window, receiver down: what does not fit is dropped AND counted,
     and what was kept arrives in order (the oldest blocks)."""
-    from pktstream.stream.sensor import Sensor
+    from pktstream.stream.sensor import CaptureOptions, DeliveryOptions, Sensor
     src = tmp_path / "t.pcap"
     traffic.write_random_udp_pcap(str(src), 2000, size=1000)
     port = free_port()
@@ -149,8 +149,9 @@ def test_beyond_the_bound_loss_is_counted_exactly(veth, procs, tmp_path):
     td = start_tcpdump(procs, veth.outer, ref)
     # in-process sensor: its live counters say when every packet has gone into (or been
     # dropped from) the window, before the receiver comes up
-    sensor = Sensor(receiver=f"127.0.0.1:{port}", interfaces=[veth.outer], max_wait=0.1, snaplen=1600,
-                    block_bytes=64 << 10, window_bytes=200 << 10, spool_dir=None).start()
+    sensor = Sensor(f"127.0.0.1:{port}", [veth.outer],
+                    capture=CaptureOptions(max_wait=0.1, snaplen=1600, block_bytes=64 << 10),
+                    delivery=DeliveryOptions(window_bytes=200 << 10, spool_dir=None)).start()
     try:
         wait_until(lambda: veth.outer in sensor.stats()["interfaces"], 30, "the sensor to capture")
         veth.replay(src, pps=10000)
@@ -237,13 +238,13 @@ def test_sensor_restart_continues_without_loss_or_duplicates(veth, procs, tmp_pa
 
 
 def test_idle_session_stays_connected(veth):
-    from pktstream.stream.receiver import Receiver
-    from pktstream.stream.sensor import Sensor
+    from pktstream.stream.receiver import Limits, Receiver
+    from pktstream.stream.sensor import DeliveryOptions, Sensor
     from pktstream.sinks import CallbackSink
     got = []
     rx = Receiver(listen="127.0.0.1:0", outputs=[CallbackSink(lambda s, b: got.append(len(b)))],
-                  heartbeat=0.5).start()
-    sx = Sensor(receiver=f"127.0.0.1:{rx.address[1]}", interfaces=[veth.outer], heartbeat=0.5).start()
+                  limits=Limits(heartbeat=0.5)).start()
+    sx = Sensor(f"127.0.0.1:{rx.address[1]}", [veth.outer], delivery=DeliveryOptions(heartbeat=0.5)).start()
     try:
         wait_until(lambda: sx.stats()["connected"], 30, "the sensor to connect")
         # not synchronisation: staying idle this long IS the test (over twice the 2.5 s idle
@@ -263,8 +264,8 @@ def test_slow_output_memory_bounded_and_counted(veth, tmp_path):
     """A slow gating output: the receiver's in-flight bytes stay under their bound, the sensor's
     window stays bounded, and the sensor counts what it had to drop; a slow best-effort output
     drops and counts while the file output gets everything the receiver accepted."""
-    from pktstream.stream.receiver import Receiver
-    from pktstream.stream.sensor import Sensor
+    from pktstream.stream.receiver import Limits, Receiver
+    from pktstream.stream.sensor import CaptureOptions, DeliveryOptions, Sensor
     from pktstream.sinks import CallbackSink, FileSink
     src = tmp_path / "t.pcap"
     traffic.write_random_udp_pcap(str(src), 3000, size=1000)
@@ -274,14 +275,16 @@ def test_slow_output_memory_bounded_and_counted(veth, tmp_path):
         time.sleep(0.2)
 
     rx = Receiver(listen="127.0.0.1:0", outputs=[FileSink(str(tmp_path / "out.pcap"))],
-                  max_inflight_bytes=256 << 10, sink_queue=2)
+                  limits=Limits(max_inflight_bytes=256 << 10, sink_queue=2))
     rx.outputs.append(CallbackSink(slow, gate=False))
-    gate_slow = Receiver(listen="127.0.0.1:0", outputs=[CallbackSink(slow)], max_inflight_bytes=256 << 10).start()
+    gate_slow = Receiver(listen="127.0.0.1:0", outputs=[CallbackSink(slow)],
+                         limits=Limits(max_inflight_bytes=256 << 10)).start()
     rx.start()
-    s1 = Sensor(receiver=f"127.0.0.1:{gate_slow.address[1]}", interfaces=[veth.outer], block_bytes=65536, snaplen=1600,
-                max_wait=0.05, window_bytes=512 << 10, sensor_id="slow", spool_dir=None).start()
-    s2 = Sensor(receiver=f"127.0.0.1:{rx.address[1]}", interfaces=[veth.outer], block_bytes=65536, snaplen=1600,
-                max_wait=0.05, window_bytes=64 << 20, sensor_id="fast").start()
+    cap = CaptureOptions(block_bytes=65536, snaplen=1600, max_wait=0.05)
+    s1 = Sensor(f"127.0.0.1:{gate_slow.address[1]}", [veth.outer], sensor_id="slow", capture=cap,
+                delivery=DeliveryOptions(window_bytes=512 << 10, spool_dir=None)).start()
+    s2 = Sensor(f"127.0.0.1:{rx.address[1]}", [veth.outer], sensor_id="fast", capture=cap,
+                delivery=DeliveryOptions(window_bytes=64 << 20)).start()
     try:
         wait_until(lambda: all(s.stats()["connected"] and veth.outer in s.stats()["interfaces"] for s in (s1, s2)),
                    30, "both sensors to capture and connect")

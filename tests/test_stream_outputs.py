@@ -145,9 +145,9 @@ def test_rotation_and_metrics(veth, procs, tmp_path, mixed_pcap):
     veth.replay(mixed_pcap, pps=20000)
     wait_received(rx, 2000)
     body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
-    assert 'pktstream_sensor_packets{sensor="m1"} 2000' in body
-    assert 'pktstream_sensor_kernel_dropped{sensor="m1"}' in body
-    assert 'pktstream_sensor_connected{sensor="m1"} 1' in body
+    assert 'pktstream_sensor_packets_total{sensor="m1"} 2000.0' in body
+    assert 'pktstream_sensor_kernel_dropped_total{sensor="m1"}' in body
+    assert 'pktstream_sensor_connected{sensor="m1"} 1.0' in body
     sx.stop(signal.SIGTERM)
     rx.stop(signal.SIGTERM)
     files = sorted(tmp_path.glob("rot.*.pcap"))
@@ -181,14 +181,14 @@ def test_time_rotation_while_idle(veth, procs, tmp_path, mixed_pcap):
 def test_python_api_iterator_and_callback(veth):
     """Embedding: Receiver.batches() and a callback, in one process with a Sensor."""
     from pktstream.stream.receiver import Receiver
-    from pktstream.stream.sensor import Sensor
+    from pktstream.stream.sensor import CaptureOptions, Sensor
     from pktstream.sinks import CallbackSink
     import pktstream
     seen = []
     rx = Receiver(listen="127.0.0.1:0", outputs=[CallbackSink(lambda src, b: seen.append(len(b)))])
     it = rx.batches()
     rx.start()
-    sx = Sensor(receiver=f"127.0.0.1:{rx.address[1]}", interfaces=[veth.outer], max_wait=0.05).start()
+    sx = Sensor(f"127.0.0.1:{rx.address[1]}", [veth.outer], capture=CaptureOptions(max_wait=0.05)).start()
     # a failure must not hang the iterator below: stop the receiver (which ends it) after a bound
     watchdog = threading.Timer(60, rx.stop)
     watchdog.start()

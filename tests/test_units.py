@@ -333,3 +333,27 @@ def test_a_reservation_made_by_a_clock_far_ahead_is_ignored(tmp_path):
     store = FrameStore(window_bytes=1 << 20, spool_dir=str(tmp_path), spool_bytes=1 << 20)
     assert store.put(_frame, 0, 200) < time.time_ns() // 1000 + P.SEQ_AHEAD_US
     store.close()
+
+
+def test_metrics_exposition_parses_and_carries_the_counters():
+    """The /metrics text (prometheus_client) parses with Prometheus' own parser and carries the
+    receiver's per-sensor, per-output and receiver-level counters, labels escaped."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pktstream.sinks import CallbackSink
+    from pktstream.stream.receiver import Receiver
+    rx = Receiver("127.0.0.1:0", [CallbackSink(lambda s, b: None)])
+    sensor = rx.ingest.sensor_state('we"ird\\id')
+    sensor.counters.update(packets=7, raw_bytes=700)
+    sensor.reported = {"kernel_dropped": 3, "unacked_frames": 2}
+    rx.counters["auth_failures"] += 5
+    fams = {f.name: f for f in text_string_to_metric_families(rx.prometheus())}
+    sample = {(s.name, s.labels.get("sensor")): s.value for f in fams.values() for s in f.samples}
+    assert sample[("pktstream_sensor_packets_total", 'we"ird\\id')] == 7
+    assert sample[("pktstream_sensor_raw_bytes_total", 'we"ird\\id')] == 700
+    assert sample[("pktstream_sensor_kernel_dropped_total", 'we"ird\\id')] == 3
+    assert sample[("pktstream_sensor_unacked_frames", 'we"ird\\id')] == 2
+    assert sample[("pktstream_sensor_connected", 'we"ird\\id')] == 0
+    assert sample[("pktstream_receiver_auth_failures_total", None)] == 5
+    assert fams["pktstream_sensor_packets"].type == "counter"
+    assert fams["pktstream_sensor_connected"].type == "gauge"

@@ -31,7 +31,7 @@ def check_listen(text: str, what: str = "--listen") -> None:
     that does not resolve, an address in use or not on this machine)."""
     import errno
     import socket
-    from pktstream.stream.sensor import parse_hostport
+    from pktstream.stream.protocol import parse_hostport
     try:
         host, port = parse_hostport(text)
     except ValueError:
@@ -57,7 +57,7 @@ def check_listen(text: str, what: str = "--listen") -> None:
 def check_receiver_host(text: str) -> None:
     """A sensor's receiver must resolve (its addresses are excluded from the capture filter)."""
     import socket
-    from pktstream.stream.sensor import parse_hostport
+    from pktstream.stream.protocol import parse_hostport
     try:
         host, port = parse_hostport(text)
     except ValueError:
@@ -80,7 +80,7 @@ def _setup_log_file(path: str | None) -> None:
 def build_receiver(args: argparse.Namespace):
     """Settings from --config, overridden by flags → a Receiver."""
     from pktstream.stream.legacy import PacketStreamerSettings
-    from pktstream.stream.receiver import Receiver
+    from pktstream.stream.receiver import Limits, Receiver, Security
     from pktstream.sinks import FileSink, StdoutSink
     from pktstream.stream.tls import server_context
 
@@ -146,19 +146,20 @@ def build_receiver(args: argparse.Namespace):
             keys = C.read_key_file(s.auth.keyfile)
         else:
             key = s.auth.key
-    return Receiver(listen=None if s.kafka_input and not args.listen else s.listen,
-                    inputs=cloud.receiver_inputs(s), outputs=outputs, state_dir=s.state_dir, auth_key=key, auth_keys=keys,
-                    ssl_context=ctx, max_connections=s.max_connections, handshake_timeout=s.handshake_timeout,
-                    heartbeat=s.heartbeat, max_raw_bytes=max(s.max_block_bytes, s.snaplen + 16),
-                    stats_interval=s.stats_interval, metrics=s.metrics, fsync_state=s.fsync,
-                    connection_rate=(s.connection_burst, s.connection_seconds),
-                    cert_identity=s.tls.identity_from_cert, allow_unauthenticated=s.allow_unauthenticated,
-                    packetstreamer=PacketStreamerSettings(enabled=s.packetstreamer, sensors=s.packetstreamer_ids,
-                                                          snaplen=s.snaplen))
+    security = Security(auth_key=key, auth_keys=keys, ssl_context=ctx, cert_identity=s.tls.identity_from_cert,
+                        allow_unauthenticated=s.allow_unauthenticated)
+    limits = Limits(max_connections=s.max_connections, connection_rate=(s.connection_burst, s.connection_seconds),
+                    handshake_timeout=s.handshake_timeout, heartbeat=s.heartbeat,
+                    max_raw_bytes=max(s.max_block_bytes, s.snaplen + 16))
+    return Receiver(None if s.kafka_input and not args.listen else s.listen, outputs,
+                    inputs=cloud.receiver_inputs(s), state_dir=s.state_dir, fsync_state=s.fsync,
+                    security=security, limits=limits, metrics=s.metrics, stats_interval=s.stats_interval,
+                    legacy=PacketStreamerSettings(enabled=s.packetstreamer, sensors=s.packetstreamer_ids,
+                                                  snaplen=s.snaplen))
 
 
 def build_sensor(args: argparse.Namespace):
-    from pktstream.stream.sensor import Sensor
+    from pktstream.stream.sensor import CaptureOptions, DeliveryOptions, Sensor, SensorSecurity
     from pktstream.stream.tls import client_context
 
     s = C.sensor_settings(C.load_yaml(args.config) if args.config else {})
@@ -207,15 +208,19 @@ def build_sensor(args: argparse.Namespace):
     if s.tls.enable:
         ctx = client_context(cafile=s.tls.cafile, certfile=s.tls.certfile, keyfile=s.tls.keyfile,
                              insecure=s.tls.insecure)
-    return Sensor(receiver=None if transport else s.receiver, transport=transport, interfaces=s.interfaces or None, include_loopback=s.include_loopback,
-                  bpf=s.bpf, pcap_mode=s.pcap_mode, capture_ports=s.capture_ports,
-                  capture_interfaces_ports=s.capture_interfaces_ports, ignore_ports=s.ignore_ports,
-                  snaplen=s.snaplen, promisc=s.promisc, immediate=s.immediate, buffer_bytes=s.buffer_bytes,
-                  block_bytes=s.block_bytes, max_wait=s.max_wait, compression_level=s.compression_level,
-                  window_bytes=s.window_bytes, spool_dir=s.spool_dir, spool_bytes=s.spool_bytes,
-                  sensor_id=s.sensor_id, auth_key=s.auth.key if s.auth.enable else None, ssl_context=ctx,
-                  server_hostname=s.tls.server_name, heartbeat=s.heartbeat, stats_interval=s.stats_interval,
-                  user=s.user, group=s.group, rescan_interval=args.rescan_interval)
+    capture = CaptureOptions(include_loopback=s.include_loopback, pcap_mode=s.pcap_mode,
+                             capture_ports=s.capture_ports, capture_interfaces_ports=s.capture_interfaces_ports,
+                             ignore_ports=s.ignore_ports, snaplen=s.snaplen, promisc=s.promisc,
+                             immediate=s.immediate, buffer_bytes=s.buffer_bytes, block_bytes=s.block_bytes,
+                             max_wait=s.max_wait, rescan_interval=args.rescan_interval)
+    delivery = DeliveryOptions(compression_level=s.compression_level, window_bytes=s.window_bytes,
+                               spool_dir=s.spool_dir, spool_bytes=s.spool_bytes, heartbeat=s.heartbeat,
+                               stats_interval=s.stats_interval)
+    security = SensorSecurity(auth_key=s.auth.key if s.auth.enable else None, ssl_context=ctx,
+                              server_hostname=s.tls.server_name)
+    return Sensor(None if transport else s.receiver, s.interfaces or None, bpf=s.bpf, sensor_id=s.sensor_id,
+                  capture=capture, delivery=delivery, security=security, user=s.user, group=s.group,
+                  transport=transport)
 
 
 def _on_signals(stop) -> None:

@@ -317,7 +317,8 @@ class KafkaTransport:
 # -- receiver side ---------------------------------------------------------------------------------
 
 class KafkaInput:
-    """Feeds a :class:`~pktstream.stream.receiver.Receiver` from a topic, as a member of a consumer group.
+    """Feeds a :class:`~pktstream.stream.receiver.Receiver` from a topic, as a member of a consumer group
+    (the receiver calls ``start(ingest)`` with its :class:`~pktstream.stream.receiver.ingest.Ingest`).
 
     Each DATA message is validated and decompressed exactly like a TCP frame, deduplicated by
     (sensor id, seq) against the receiver's persisted per-sensor state, and handed to the outputs.
@@ -342,17 +343,17 @@ class KafkaInput:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._consumer = None
-        self._receiver = None
+        self._ingest = None
         self.assigned: list[int] = []
 
     def describe(self) -> str:
         return f"kafka://{self.brokers}/{self.topic} (group {self.group})"
 
     # -- lifecycle (called by the Receiver, in its event loop thread) --------------------------------
-    def start(self, receiver) -> None:
+    def start(self, ingest) -> None:
         from confluent_kafka import Consumer
-        self._receiver = receiver
-        receiver.add_commit_hook(self._on_commit)
+        self._ingest = ingest
+        ingest.add_commit_hook(self._on_commit)
         self._consumer = Consumer(consumer_config(self.brokers, self.group, client_id=self.client_id,
                                                   properties=self.properties, error_cb=ErrorLog(self.counters)))
         self._consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
@@ -435,8 +436,8 @@ class KafkaInput:
 
     # -- the consumer thread --------------------------------------------------------------------------
     def _run(self) -> None:
-        consumer, rcv = self._consumer, self._receiver
-        loop = rcv.loop
+        consumer, ingest = self._consumer, self._ingest
+        loop = ingest.loop
         while not self._stop.is_set():
             try:
                 msgs = consumer.consume(num_messages=256, timeout=0.2)
@@ -456,7 +457,7 @@ class KafkaInput:
                         index = fut.result(0.5)
                         break
                     except TimeoutError:
-                        if self._stop.is_set() and rcv.closing:
+                        if self._stop.is_set() and ingest.closing.is_set():
                             index = None
                             break
                 if index is None:
@@ -468,53 +469,53 @@ class KafkaInput:
     async def _process(self, m) -> int:
         """In the receiver's loop: dedupe, validate, dispatch. Returns the receiver index that
         must be committed before this message's offset may be."""
-        from pktstream.stream.receiver import SENSOR_ID
-        rcv = self._receiver
+        from pktstream.stream.receiver.ingest import SENSOR_ID, check_interface, numeric_stats
+        ingest = self._ingest
         h = parse_headers(m.headers())
         sid = h.get("sensor_id") or (m.key() or b"").decode(errors="replace")
         c = self.counters
         if not SENSOR_ID.match(sid or ""):
             c["bad_messages"] += 1
             log.warning("kafka: partition %d offset %d: bad sensor id, skipped", m.partition(), m.offset())
-            return rcv.index
-        sensor = rcv.sensor_state(sid)
+            return ingest.index
+        sensor = ingest.sensor_state(sid)
         if h.get("hostname"):
             sensor.hostname = h["hostname"][:255]
         value = m.value() or b""
         if h.get("type") == "stats":
             try:
                 head = P.decode_header(value[:P.HEADER_LEN], max_payload=P.MAX_CONTROL_BYTES, max_raw=0)
-                sensor.reported = P.Frame(head.type, payload=value[head.header_len:]).json()
+                sensor.reported = numeric_stats(P.Frame(head.type, payload=value[head.header_len:]).json())
                 sensor.counters["stats_frames"] += 1
             except FrameError:
                 c["bad_messages"] += 1
-            return rcv.index
+            return ingest.index
         try:
-            head = P.decode_header(value[:P.HEADER_LEN], max_payload=rcv.max_raw + 1024, max_raw=rcv.max_raw)
+            head = P.decode_header(value[:P.HEADER_LEN], max_payload=ingest.max_raw + 1024, max_raw=ingest.max_raw)
             if head.type != P.FrameType.DATA:
                 raise FrameError(f"{head.type.name} frame in a data message")
             if head.header_len + head.payload_len != len(value):
                 raise FrameError(f"message is {len(value)} bytes, frame says {head.header_len + head.payload_len}")
             if str(head.seq) != h.get("seq", str(head.seq)):
                 raise FrameError(f"seq header {h.get('seq')} != frame seq {head.seq}")
-            desc = rcv.check_interface({"index": head.iface, "name": h.get("interface", ""),
+            desc = check_interface({"index": head.iface, "name": h.get("interface", ""),
                                      "link_type": int(h.get("link_type", "-1")),
                                      "snaplen": int(h.get("snaplen", "-1"))})
         except (FrameError, ValueError) as exc:
             c["bad_messages"] += 1
-            rcv.counters["protocol_errors"] += 1
+            ingest.counters["protocol_errors"] += 1
             log.warning("kafka: partition %d offset %d: %s; skipped", m.partition(), m.offset(), exc)
-            return rcv.index
+            return ingest.index
         frame = P.Frame(head.type, head.flags, head.seq, head.iface, head.count, head.raw_len,
                         value[head.header_len:])
         try:
-            if await rcv.ingest(sensor, frame, desc, wire_bytes=len(value)):
+            if await ingest.ingest(sensor, frame, desc, wire_bytes=len(value)):
                 sensor.interfaces[head.iface] = desc
         except FrameError as exc:
             c["bad_messages"] += 1
-            rcv.counters["protocol_errors"] += 1
+            ingest.counters["protocol_errors"] += 1
             log.warning("kafka: partition %d offset %d: %s; skipped", m.partition(), m.offset(), exc)
-        return rcv.index
+        return ingest.index
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

@@ -9,7 +9,7 @@ is told apart from a pktstream sensor by its first 4 bytes, ``DE EF EC E0``. Its
   pcap records with microsecond timestamps (no file header), captured on Ethernet.
 
 Each block is S2-decoded (``pktstream._s2``, bounded by the receiver's ``max_raw``), turned into
-pktstream's nanosecond records and handed to ``Receiver.ingest`` as a STORED DATA frame of
+pktstream's nanosecond records and handed to ``Ingest.ingest`` (receiver/ingest.py) as a STORED DATA frame of
 interface 0 (``packetstreamer``, Ethernet) of a sensor whose id is the peer address, or the id
 configured for it. Nothing is acknowledged (upstream has no sequence numbers, resume or loss
 counts); sequence numbers are made up here (the clock in µs, strictly increasing per sensor)
@@ -19,7 +19,8 @@ unacknowledged``.
 Auth: with a key on the receiver (``auth.key``, or ``auth.keyfile`` looked up by the mapped
 sensor id) the sensor must send the hello with that key (compared in constant time); a wrong or
 missing key closes the connection. Without a key the hello is accepted as it comes. The key
-travels in cleartext: use TLS. All of this runs on the receiver's event loop thread.
+travels in cleartext: use TLS. All of this runs on the receiver's event loop thread; the
+receiver's server (receiver/server.py) calls :func:`intake` for every new connection.
 """
 from __future__ import annotations
 
@@ -39,9 +40,9 @@ from pktstream.exceptions import FrameError
 from pktstream.stream import protocol as P
 
 if TYPE_CHECKING:
-    from pktstream.stream.receiver import Receiver
+    from pktstream.stream.receiver.server import Server
 
-log = logging.getLogger("pktstream.receiver")
+log = logging.getLogger("pktstream.stream.receiver")
 
 MAGIC = b"\xde\xef\xec\xe0"
 AUTH_HELLO_LEN = 64
@@ -52,9 +53,11 @@ IFACE_NAME = "packetstreamer"
 LINKTYPE_ETHERNET = 1
 SOFTWARE = "PacketStreamer (legacy: unacknowledged)"
 
-# per receiver, per sensor id: one frame at a time through ingest (two connections from one
-# address share the id, and a frame overtaken by a later sequence number would be a duplicate)
+# per receiver (its Ingest), per sensor id: one frame at a time through ingest (two connections
+# from one address share the id, and a frame overtaken by a later sequence number would be a
+# duplicate), and the writers of its open connections (the sensor is connected while any is open)
 _locks: "weakref.WeakKeyDictionary[Any, dict[str, asyncio.Lock]]" = weakref.WeakKeyDictionary()
+_open: "weakref.WeakKeyDictionary[Any, dict[str, list[asyncio.StreamWriter]]]" = weakref.WeakKeyDictionary()
 
 
 def max_frame_len(max_raw: int) -> int:
@@ -105,62 +108,57 @@ def _canonical(host: str) -> str:
     return str(ip)
 
 
-def _cert_names(cert: dict | None) -> set[str]:
-    if not cert:
-        return set()
-    names = {v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"}
-    return names | {v for k, v in cert.get("subjectAltName", ()) if k in ("DNS", "URI")}
-
-
-async def intake(receiver: "Receiver", reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+async def intake(server: "Server", reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  host: str, peer: str) -> Prepended | None:
     """The receiver's hook for a new connection: read its first 4 bytes (within the handshake
     timeout). A PacketStreamer sensor is served here until it disconnects (returns None);
     anything else gets a reader that still yields those bytes, for the pktstream handshake.
     FrameError / PermissionError as the handshake raises them."""
-    settings = receiver.packetstreamer
+    settings: PacketStreamerSettings | None = server.legacy
+    timeout = server.limits.handshake_timeout
     on = settings is not None and settings.enabled
     # only the first byte may take long (a PacketStreamer sensor's first block); after a byte that
     # cannot start its magic, a peer is held to the handshake timeout as before
-    wait = max(receiver.handshake_timeout, settings.first_bytes_timeout) if on else receiver.handshake_timeout
+    wait = max(timeout, settings.first_bytes_timeout) if on else timeout
     head = await asyncio.wait_for(reader.readexactly(1), wait)
-    head += await asyncio.wait_for(reader.readexactly(3), receiver.handshake_timeout)
+    head += await asyncio.wait_for(reader.readexactly(3), timeout)
     if head != MAGIC:
         return Prepended(head, reader)
     if not on:
         raise FrameError("a PacketStreamer sensor: refused, this receiver has legacy.packetstreamer off")
-    await LegacySession(receiver, settings, reader, writer, host, peer).run()
+    await LegacySession(server, settings, reader, writer, host, peer).run()
     return None
 
 
 class LegacySession:
     """One PacketStreamer connection. Event-loop thread only; lives until the peer leaves."""
 
-    def __init__(self, receiver: "Receiver", settings: PacketStreamerSettings, reader: asyncio.StreamReader,
+    def __init__(self, server: "Server", settings: PacketStreamerSettings, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, host: str, peer: str) -> None:
-        self.receiver, self.settings = receiver, settings
+        self.server, self.settings = server, settings
+        self.ingest = server.ingest
+        self.timeout = server.limits.handshake_timeout
         self.reader, self.writer, self.peer = reader, writer, peer
         self.host = _canonical(host)
         self.sensor_id = settings.sensors.get(self.host, self.host)
-        self.max_raw = receiver.max_raw
+        self.max_raw = self.ingest.max_raw
         self.max_frame = max_frame_len(self.max_raw)
         self.iface: dict[str, Any] = {"index": IFACE, "name": IFACE_NAME, "link_type": LINKTYPE_ETHERNET,
                                       "snaplen": settings.snaplen}
 
     def _key(self) -> bytes | None:
         """The key this sensor must send (None: no key required; b"": none can be right)."""
-        r = self.receiver
-        if r.auth_keys:
-            return r.auth_keys.get(self.sensor_id, b"")
-        return r.auth_key
+        sec = self.server.security
+        key = sec.key_for(self.sensor_id)
+        return b"" if key is None and sec.auth_keys else key
 
     async def _auth(self, rest: bytes, key: bytes | None) -> None:
         """The 64-byte hello after the magic (``rest`` = its next 4 bytes, already read)."""
-        hello = MAGIC + rest + await asyncio.wait_for(self.reader.readexactly(AUTH_HELLO_LEN - 8),
-                                                      self.receiver.handshake_timeout)
+        hello = MAGIC + rest + await asyncio.wait_for(self.reader.readexactly(AUTH_HELLO_LEN - 8), self.timeout)
         klen = struct.unpack_from("<H", hello, 4)[0]
-        if klen > AUTH_KEY_MAX:
-            raise PermissionError(f"PacketStreamer auth key of {klen} bytes (at most {AUTH_KEY_MAX} fit its hello)")
+        if klen > AUTH_KEY_MAX:  # not a hello upstream can send: a protocol error
+            raise FrameError(f"not a PacketStreamer auth hello (key length {klen} > {AUTH_KEY_MAX}): this receiver "
+                             "has a key, so the sensor needs auth.enable and that auth.key")
         given = hello[6:6 + klen]
         if key is not None and not key:
             raise PermissionError(f"PacketStreamer sensor {self.sensor_id!r} has no key here (auth.keyfile)")
@@ -171,14 +169,15 @@ class LegacySession:
         await self.writer.drain()
 
     async def run(self) -> None:
-        r = self.receiver
+        from pktstream.stream.receiver.server import cert_names
         key = self._key()
-        first = await asyncio.wait_for(self.reader.readexactly(4), r.handshake_timeout)
+        first = await asyncio.wait_for(self.reader.readexactly(4), self.timeout)
         length = struct.unpack("<I", first)[0]
         if key is not None or length > self.max_frame:  # a key is expected, or it is the hello
             await self._auth(first, key)
             first = None
-        if r.cert_identity and self.sensor_id not in _cert_names(self.writer.get_extra_info("peercert")):
+        if self.server.security.cert_identity and \
+                self.sensor_id not in cert_names(self.writer.get_extra_info("peercert")):
             raise PermissionError(f"PacketStreamer sensor id {self.sensor_id!r} is not named in its certificate")
         sock = self.writer.get_extra_info("socket")
         if sock is not None:  # no idle timeout (upstream sensors go silent when idle): find dead peers
@@ -186,21 +185,24 @@ class LegacySession:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             except OSError:
                 pass
-        sensor = r.sensor_state(self.sensor_id)
+        sensor = self.ingest.sensor_state(self.sensor_id)
         sensor.hostname, sensor.software, sensor.peer = self.host, SOFTWARE, self.peer
-        sensor.legacy = True
-        sensor.legacy_open += 1
+        sensor.legacy = True  # the ingest path sends no ACK to it and keeps it out of the state file
         sensor.counters["connections"] += 1
         sensor.interfaces[IFACE] = dict(self.iface)
+        writers = _open.setdefault(self.ingest, {}).setdefault(self.sensor_id, [])
+        writers.append(self.writer)
+        sensor.writer = self.writer  # connected (and closed by the server at shutdown)
         log.info("PacketStreamer sensor %s connected from %s (legacy: unacknowledged)", self.sensor_id, self.peer)
         try:
             await self._frames(sensor, first)
         finally:
-            sensor.legacy_open -= 1
+            writers.remove(self.writer)
+            if sensor.writer is self.writer:
+                sensor.writer = writers[-1] if writers else None
             log.info("PacketStreamer sensor %s (%s) disconnected", self.sensor_id, self.peer)
 
     async def _frames(self, sensor: Any, first: bytes | None) -> None:
-        r = self.receiver
         while True:
             try:
                 if first is None:
@@ -224,8 +226,8 @@ class LegacySession:
                 raise FrameError(f"PacketStreamer frame: {exc}") from None
             if not raw:
                 continue
-            lock = _locks.setdefault(r, {}).setdefault(self.sensor_id, asyncio.Lock())
+            lock = _locks.setdefault(self.ingest, {}).setdefault(self.sensor_id, asyncio.Lock())
             async with lock:
                 seq = max(sensor.last_accepted + 1, time.time_ns() // 1000)
                 frame = P.Frame(P.FrameType.DATA, P.Flags.STORED, seq, IFACE, count, len(raw), bytes(raw))
-                await r.ingest(sensor, frame, self.iface, wire_bytes=length + 8)
+                await self.ingest.ingest(sensor, frame, self.iface, wire_bytes=length + 8)

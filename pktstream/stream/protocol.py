@@ -232,3 +232,23 @@ def proof(key: bytes, role: str, first_nonce: bytes, second_nonce: bytes, sensor
 
 def check_proof(expected: str, given: object) -> bool:
     return isinstance(given, str) and hmac.compare_digest(expected.encode(), given.encode())
+
+
+#: The port sensors connect to and receivers listen on (PacketStreamer's default too).
+DEFAULT_PORT = 8081
+
+
+def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port``, ``host`` → (host, port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.lstrip(":")
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, ""
+    try:
+        return host, int(port) if port else default_port
+    except ValueError:
+        raise ValueError(f"bad port in {text!r}") from None

@@ -12,48 +12,28 @@ import collections
 import json
 import logging
 import os
-import random
 import re
-import select
 import socket
 import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import zstandard
 
-import pktstream
 from pktstream.stream import protocol as P
 from pktstream._capture import Capture, PacketBatch, list_interfaces
-from pktstream.exceptions import AuthenticationError, ConfigError, FilterError, FrameError, PcapError
+from pktstream.exceptions import FilterError, PcapError
 from pktstream.stream.sendwindow import (COPIES, FrameStore, default_spool_bytes, default_spool_dir, payload_size,
                                   release_payload)
-from pktstream.stream.uplink import Link
+from pktstream.stream.tcp import TcpTransport
 
 log = logging.getLogger("pktstream.stream.sensor")
 
-DEFAULT_PORT = 8081
 _STORE_ABOVE = 0.90   # compressed/raw above this: send the block stored
 _STORED_RUN = 32      # blocks sent stored before compression is tried again ...
 _STORED_RUN_MAX = 512  # ... doubling after each failed try, up to this
-
-
-def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
-    """``host:port``, ``[v6]:port``, ``host`` → (host, port)."""
-    text = text.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest.lstrip(":")
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    else:
-        host, port = text, ""
-    try:
-        return host, int(port) if port else default_port
-    except ValueError:
-        raise ValueError(f"bad port in {text!r}") from None
 
 
 # -- capture filter (PacketStreamer pcapMode semantics, done as its docs promise) ------------------
@@ -79,15 +59,6 @@ def build_filter(*, pcap_mode: str = "all", ports: Iterable[int] = (), ignore_po
     for host, port in exclude:
         parts.append(f"not (host {host} and tcp port {port})")
     return " and ".join(parts)
-
-
-def resolve_all(host: str, port: int) -> list[str]:
-    """Every address of the receiver (so self-exclusion covers all of them)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        return []
-    return sorted({i[4][0] for i in infos})
 
 
 # -- compression that adapts instead of dropping -----------------------------------------------------
@@ -176,35 +147,108 @@ class _Iface:
                 "snaplen": self.snaplen, "tsresol": 9}
 
 
+@dataclass
+class CaptureOptions:
+    """What a sensor captures and how (YAML / flag in docs/CONFIGURATION.md, one to one):
+    ``interfaces`` (None: every up interface; ``interfaces``/``-i``), ``include_loopback``,
+    ``bpf``, ``pcap_mode`` (all/allow/deny) with ``capture_ports``,
+    ``capture_interfaces_ports``, ``ignore_ports``; libpcap's ``snaplen`` (``inputPacketLen``),
+    ``promisc``, ``immediate``, ``buffer_bytes`` (``bufferSize``); the ring's ``block_bytes``
+    (``blockSize``), ``ring_blocks`` and ``max_wait`` (s a partly filled block waits,
+    ``maxWait``); ``rescan_interval`` (s between looks for interfaces that came or went)."""
+    interfaces: list[str] | None = None
+    include_loopback: bool = False
+    bpf: str | None = None
+    pcap_mode: str = "all"
+    capture_ports: Iterable[int] = ()
+    capture_interfaces_ports: dict[str, list[int]] | None = None
+    ignore_ports: Iterable[int] = ()
+    snaplen: int = 262144
+    promisc: bool = False
+    immediate: bool = False
+    buffer_bytes: int = 32 << 20
+    block_bytes: int = 1 << 20
+    ring_blocks: int = 32
+    max_wait: float = 0.2
+    rescan_interval: float = 5.0
+
+
+@dataclass
+class DeliveryOptions:
+    """How a sensor gets blocks to the receiver without losing them: ``compression_level``
+    (zstd, ``compressionLevel``), the in-memory ``window_bytes`` (``windowSize``), the disk spool
+    (``spool_dir``: "auto" = <state dir>/spool/<sensor id>, None = none; ``spool_bytes``: None =
+    1 GiB or half the free space; ``spool.*``), ``heartbeat`` and ``stats_interval`` (s), and the
+    reconnect back-off (``reconnect_min`` doubling to ``reconnect_max`` s, jittered;
+    ``refused_backoff_max`` s when the receiver refuses this sensor)."""
+    compression_level: int = 1
+    window_bytes: int = 64 << 20
+    spool_dir: str | None = "auto"
+    spool_bytes: int | None = None
+    heartbeat: float = 5.0
+    stats_interval: float = 5.0
+    reconnect_min: float = 0.2
+    reconnect_max: float = 2.0
+    refused_backoff_max: float = 30.0
+
+
+@dataclass
+class SensorSecurity:
+    """``auth_key`` (``auth.key``: the receiver's shared key or this sensor's own),
+    ``ssl_context`` (``tls.*``, see :func:`pktstream.stream.tls.client_context`) and
+    ``server_hostname`` (``tls.serverName``: the name to verify instead of the address)."""
+    auth_key: bytes | str | None = None
+    ssl_context: ssl.SSLContext | None = None
+    server_hostname: str | None = None
+
+
 class Sensor:
     """Capture on interfaces and stream blocks to a receiver, losing nothing silently.
 
-    Keyword-only options mirror libpcap terms (see docs/CONFIGURATION.md for each default).
-    ``run()`` blocks until ``stop()`` (or SIGTERM/SIGINT when ``handle_signals``); ``start()``
-    runs it in a background thread. ``stats()`` is callable from any thread.
+    :param receiver: ``host:port`` of the receiver (or ``transport``, e.g. a KafkaTransport).
+    :param interfaces: interface names (None: every up interface, rescanned).
+    :param capture: :class:`CaptureOptions`; ``delivery``: :class:`DeliveryOptions`;
+        ``security``: :class:`SensorSecurity` (docs/CONFIGURATION.md maps each to YAML and flags).
+    :param user, group: drop root privileges to these after opening the interfaces.
+
+    Lifetime: ``run()`` blocks until ``stop()``; ``start()`` runs it in a background thread.
+    Thread safety: ``stop()`` and ``stats()`` may be called from any thread.
     """
 
-    def __init__(self, *, receiver: str | None = None, interfaces: list[str] | None = None,
-                 include_loopback: bool = False, bpf: str | None = None, pcap_mode: str = "all",
-                 capture_ports: Iterable[int] = (), capture_interfaces_ports: dict[str, list[int]] | None = None,
-                 ignore_ports: Iterable[int] = (), snaplen: int = 262144, promisc: bool = False,
-                 immediate: bool = False, buffer_bytes: int = 32 << 20, block_bytes: int = 1 << 20,
-                 max_wait: float = 0.2, ring_blocks: int = 32, compression_level: int = 1,
-                 window_bytes: int = 64 << 20, spool_dir: str | None = "auto", spool_bytes: int | None = None,
-                 sensor_id: str | None = None, auth_key: bytes | str | None = None,
-                 ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
-                 heartbeat: float = 5.0, stats_interval: float = 5.0, rescan_interval: float = 5.0,
-                 reconnect_min: float = 0.2, reconnect_max: float = 2.0, refused_backoff_max: float = 30.0,
-                 user: str | None = None,
-                 group: str | None = None, transport=None) -> None:
+    def __init__(self, receiver: str | None = None, interfaces: list[str] | None = None, *,
+                 bpf: str | None = None, sensor_id: str | None = None,
+                 capture: CaptureOptions | None = None, delivery: DeliveryOptions | None = None,
+                 security: SensorSecurity | None = None, user: str | None = None, group: str | None = None,
+                 transport: Any = None) -> None:
+        # ``interfaces`` and ``bpf`` given directly override ``capture``'s (the common case:
+        # Sensor("host:8081", ["eth0"], bpf="tcp port 80"))
+        capture = capture or CaptureOptions()
+        delivery = delivery or DeliveryOptions()
+        security = security or SensorSecurity()
+        interfaces = interfaces if interfaces is not None else capture.interfaces
+        bpf = bpf if bpf is not None else capture.bpf
+        include_loopback, pcap_mode = capture.include_loopback, capture.pcap_mode
+        capture_ports, capture_interfaces_ports = capture.capture_ports, capture.capture_interfaces_ports
+        ignore_ports, snaplen, promisc, immediate = capture.ignore_ports, capture.snaplen, capture.promisc, capture.immediate
+        buffer_bytes, block_bytes, max_wait = capture.buffer_bytes, capture.block_bytes, capture.max_wait
+        ring_blocks, rescan_interval = capture.ring_blocks, capture.rescan_interval
+        compression_level, window_bytes = delivery.compression_level, delivery.window_bytes
+        spool_dir, spool_bytes = delivery.spool_dir, delivery.spool_bytes
+        heartbeat, stats_interval = delivery.heartbeat, delivery.stats_interval
+        reconnect_min, reconnect_max = delivery.reconnect_min, delivery.reconnect_max
+        refused_backoff_max = delivery.refused_backoff_max
+        auth_key, ssl_context, server_hostname = security.auth_key, security.ssl_context, security.server_hostname
         if pcap_mode not in ("all", "allow", "deny"):
             raise ValueError(f"pcap_mode must be all, allow or deny, not {pcap_mode!r}")
-        # transport: None = TCP to ``receiver``; else an object with run(sensor, drain_timeout)
-        # and exclude() (e.g. pktstream.stream.kafka.KafkaTransport)
+        # transport: TCP to ``receiver`` or another object with run(sensor, drain_timeout),
+        # exclude() and describe() (e.g. pktstream.stream.kafka.KafkaTransport)
         if (receiver is None) == (transport is None):
             raise ValueError("Sensor needs exactly one of receiver and transport")
+        if transport is None:
+            transport = TcpTransport(receiver, auth_key=auth_key, ssl_context=ssl_context, server_hostname=server_hostname,
+                                     reconnect_min=reconnect_min, reconnect_max=reconnect_max,
+                                     refused_backoff_max=refused_backoff_max)
         self.transport = transport
-        self.receiver = parse_hostport(receiver) if receiver else None
         self.interfaces_wanted = list(interfaces) if interfaces else None
         self.include_loopback = include_loopback
         self.bpf = bpf
@@ -222,14 +266,9 @@ class Sensor:
         if not re.match(r"^[\x21-\x7e]{1,128}$", self.sensor_id):
             raise ValueError(f"sensor id {self.sensor_id!r}: 1-128 printable ASCII characters, no spaces")
         self.hostname = socket.gethostname()
-        self.auth_key = auth_key.encode() if isinstance(auth_key, str) else auth_key
-        self.ssl_context = ssl_context
-        self.server_hostname = server_hostname
         self.heartbeat = heartbeat
         self.stats_interval = stats_interval
         self.rescan_interval = rescan_interval
-        self.reconnect_min, self.reconnect_max = reconnect_min, reconnect_max
-        self.refused_backoff_max = refused_backoff_max
         self.user, self.group = user, group
         # the spool: by default <state dir>/spool/<sensor id>, 1 GiB or half the free space;
         # None or "" disables it (then only the in-memory window buffers an outage)
@@ -245,23 +284,18 @@ class Sensor:
         self._ifaces: dict[str, _Iface] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._wake_recv: socket.socket | None = None  # wakes the sender thread (see _notify)
-        self._wake_send: socket.socket | None = None
-        self._wake_pending = False
+        self._wake_fn: Callable[[], None] | None = None  # the transport's wake-up (set_waker)
         self._stopped_at: float | None = None  # when stop() was first called
         self._connected = False
         self._fatal: BaseException | None = None
         self._thread: threading.Thread | None = None
         self.counters = collections.Counter()
         self._control: collections.deque[bytes] = collections.deque()  # control frames to send
-        self._drain_timeout = 10.0
-        self._handshaken = False     # the current connection completed its handshake
-        self._connect_done = False   # the current attempt got a TCP connection
         self.exit_report: dict[str, Any] | None = None  # set when run() returns: what was left
         # the receiver's (or brokers') addresses, kept out of every capture filter; resolved
         # again before each connection (update_exclusions re-installs the filters on a change)
         self._exclude = self._resolve_exclusions()
-        self.store.on_new_frame(self._notify)
+        self.store.on_new_frame(self.wake)
 
     # -- interfaces --------------------------------------------------------------------------
     def _selected_interfaces(self) -> dict[str, list[int]]:
@@ -358,10 +392,7 @@ class Sensor:
 
     # -- the receiver's addresses, out of every capture ----------------------------------------
     def _resolve_exclusions(self) -> list[tuple[str, int]]:
-        if self.transport is not None:
-            return sorted(set(self.transport.exclude()))
-        host, port = self.receiver
-        return [(a, port) for a in resolve_all(host, port)]
+        return sorted(set(self.transport.exclude()))
 
     def update_exclusions(self, addresses: Iterable[tuple[str, int]]) -> bool:
         """Exclude these (address, TCP port) pairs from capture (the sensor's own traffic to its
@@ -444,7 +475,7 @@ class Sensor:
         Queued also while disconnected or handshaking: the next handshake drops what its HELLO
         lists, so no interface is missed (a duplicate announcement is harmless)."""
         self._control.append(P.encode_json(P.FrameType.HELLO, {"interface": itf.descriptor()}))
-        self._notify()
+        self.wake()
 
     # -- counters ----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -492,7 +523,7 @@ class Sensor:
         if self._stopped_at is None:
             self._stopped_at = time.monotonic()
         self._stop.set()
-        self._notify()
+        self.wake()
         for itf in list(self._ifaces.values()):
             if itf.capture is not None:
                 itf.capture.stop()
@@ -521,10 +552,7 @@ class Sensor:
         rescan = threading.Thread(target=self._rescan_loop, name="rescan", daemon=True)
         rescan.start()
         try:
-            if self.transport is not None:
-                self.transport.run(self, drain_timeout)
-            else:
-                self._sender(drain_timeout)
+            self.transport.run(self, drain_timeout)
         finally:
             self.stop()
             for itf in list(self._ifaces.values()):
@@ -564,15 +592,20 @@ class Sensor:
             os.replace(tmp, path)
         return index
 
-    # -- what a transport needs (TCP in this module, Kafka in pktstream.stream.kafka) ----------------
+    # -- what a transport needs (pktstream.stream.tcp, pktstream.stream.kafka) ---------------------
     @property
     def stopping(self) -> bool:
         """Whether stop() was called (a transport then drains and returns)."""
         return self._stop.is_set()
 
+    @property
+    def stopped_at(self) -> float | None:
+        """Monotonic time of the first stop() (the drain deadline counts from it)."""
+        return self._stopped_at
+
     def capturing(self) -> bool:
         """Whether any capture thread still runs (more frames may come)."""
-        return self._capturing()
+        return any(i.thread is not None and i.thread.is_alive() for i in list(self._ifaces.values()))
 
     def interface_by_index(self, index: int) -> dict[str, Any] | None:
         """The descriptor (index, name, link_type, snaplen, tsresol) of an interface index."""
@@ -582,290 +615,40 @@ class Sensor:
                     return itf.descriptor()
         return None
 
+    def hello_interfaces(self) -> list[dict[str, Any]]:
+        """Descriptors of every interface so far, for a handshake; announcements queued for them
+        are dropped (interfaces opened later are queued again: see take_control_frames)."""
+        with self._lock:
+            self._control.clear()
+            return [i.descriptor() for i in sorted(self._ifaces.values(), key=lambda i: i.index)]
+
+    def take_control_frames(self) -> list[bytes]:
+        """Control frames to send before the next DATA frame (HELLO of a new interface)."""
+        out = []
+        while self._control:
+            out.append(self._control.popleft())
+        return out
+
     def set_connected(self, connected: bool) -> None:
         """A transport reports whether its destination is reachable (``stats()["connected"]``)."""
         self._connected = connected
 
+    def set_waker(self, wake: Callable[[], None] | None) -> None:
+        """The transport's wake-up (called on a new frame, an ACK, a control frame, stop())."""
+        self._wake_fn = wake
+
     def wake(self) -> None:
-        """Wake the sender thread (thread-safe)."""
-        self._notify()
+        """Wake the transport's thread (thread-safe, signal-safe: takes no lock)."""
+        fn = self._wake_fn
+        if fn is not None:
+            fn()
 
-    # -- sender ------------------------------------------------------------------------------
-    def _notify(self) -> None:
-        """Wake the sender (a new frame, an ACK, a control frame); one byte per sleep at most."""
-        wake = self._wake_send
-        if wake is not None and not self._wake_pending:
-            self._wake_pending = True
-            try:
-                wake.send(b"\0")
-            except OSError:  # full (a wake-up is pending anyway) or closed (sender gone)
-                pass
-
-    def _sender(self, drain_timeout: float) -> None:
-        """Connect, stream, reconnect: forever until stop(), then until everything is
-        acknowledged or the drain deadline. Back-off: ``reconnect_min`` doubling to
-        ``reconnect_max`` (jittered), back to the minimum after every successful handshake, so a
-        restarted receiver is found within about a second; a receiver that refuses this sensor
-        (key, certificate, identity, not a pktstream receiver) is retried more slowly, up to
-        ``refused_backoff_max``. The back-off holds while draining too (no storm on stop)."""
-        self._drain_timeout = drain_timeout
-        self._wake_recv, self._wake_send = socket.socketpair()
-        self._wake_recv.setblocking(False)
-        self._wake_send.setblocking(False)
-        delay = self.reconnect_min
-        refused_delay = min(2.0, self.refused_backoff_max)
-        where = "%s:%d" % self.receiver
-        failures, last_log = 0, 0.0
-        try:
-            while True:
-                if self._stop.is_set():
-                    if not self._capturing() and self.store.pending()[0] == 0:
-                        break
-                    if time.monotonic() >= self._drain_deadline():
-                        log.warning("stopping with %d unacknowledged frames (receiver unreachable)",
-                                    self.store.pending()[0])
-                        break
-                self._handshaken = False
-                wait = failure = None
-                try:
-                    self._session()
-                except ConfigError as exc:
-                    log.error("receiver %s: %s", where, exc)
-                    self._fatal = exc  # run() raises it: the sensor exits non-zero
-                    self.stop()
-                    break
-                except AuthenticationError as exc:
-                    self._count("auth_failures")
-                    wait = refused_delay * (0.5 + random.random())
-                    refused_delay = min(self.refused_backoff_max, refused_delay * 2)
-                    log.error("receiver %s: %s; retrying in %.0f s", where, exc, wait)
-                except ssl.SSLCertVerificationError as exc:
-                    self._count("connection_failures")
-                    wait = refused_delay * (0.5 + random.random())
-                    refused_delay = min(self.refused_backoff_max, refused_delay * 2)
-                    reason = str(exc.verify_message or exc)
-                    hint = ("the certificate does not name the address connected to: use that name in "
-                            "--receiver or give it with --tls-server-name (tls.serverName)" if "mismatch" in reason
-                            else "the receiver's certificate is not trusted: give the CA that signed it, or a "
-                            "self-signed certificate itself, with --tls-ca PEM (tls.cafile)")
-                    log.error("receiver %s: TLS verification failed: %s -- %s; retrying in %.0f s",
-                              where, reason, hint, wait)
-                except (OSError, FrameError) as exc:  # includes timeouts, resets and TLS errors
-                    self._count("connection_failures")
-                    in_handshake = not self._handshaken and self._connect_done and not isinstance(
-                        exc, (ConnectionRefusedError, socket.timeout, socket.gaierror))
-                    if in_handshake and (isinstance(exc, FrameError) or (
-                            isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLEOFError))):
-                        # it answered, but not in pktstream's protocol (or TLS failed): refused
-                        wait = refused_delay * (0.5 + random.random())
-                        refused_delay = min(self.refused_backoff_max, refused_delay * 2)
-                        log.error("receiver %s: %s during the handshake: is it a pktstream receiver "
-                                  "(and does it accept this sensor? see its log); retrying in %.0f s",
-                                  where, exc or type(exc).__name__, wait)
-                    elif in_handshake:
-                        # closed before the handshake ended: its connection limits, a restart, or
-                        # not a pktstream receiver; an ordinary (quick) retry, with the hint
-                        failure = (f"{exc or type(exc).__name__} during the handshake (is it a pktstream "
-                                   "receiver? connection limits? see its log)")
-                    else:
-                        failure = str(exc) or type(exc).__name__
-                finally:
-                    self._connected = False
-                if self._handshaken:  # a session worked: the next outage starts from the minimum
-                    delay = self.reconnect_min
-                    refused_delay = min(2.0, self.refused_backoff_max)
-                    failures = 0
-                if self._stop.is_set() and self.store.pending()[0] == 0 and not self._capturing():
-                    break
-                if wait is None:
-                    wait = delay * (0.5 + random.random())
-                    delay = min(self.reconnect_max, delay * 2)
-                    if failure is not None:
-                        failures += 1
-                        # the first failure of an outage, then one line a minute (all are counted)
-                        if failures == 1 or time.monotonic() - last_log >= 60:
-                            last_log = time.monotonic()
-                            log.warning("receiver %s: %s; retrying with a back-off of up to %.1f s, jittered (%d attempts so far)",
-                                        where, failure, self.reconnect_max, failures)
-                self._sleep(wait)
-        finally:
-            wake = (self._wake_recv, self._wake_send)
-            self._wake_recv = self._wake_send = None
-            for sock in wake:
-                sock.close()
-
-    def _count(self, name: str) -> None:
+    def count(self, name: str) -> None:
+        """Count a transport event (``connection_failures``, ``auth_failures``, ``frames_sent``)."""
         with self._lock:
             self.counters[name] += 1
 
-    def _io_timeout(self, seconds: float) -> float:
-        """A connect/handshake timeout, cut to what is left of the drain once stopping (an
-        attempt that starts late must not outlive the drain, or a supervisor's kill)."""
-        if not self._stop.is_set():
-            return seconds
-        return max(0.5, min(seconds, self._drain_deadline() - time.monotonic()))
-
-    def _drain_deadline(self) -> float:
-        """When a stopping sensor gives up sending (``drain_timeout`` after stop(), over all
-        sessions together)."""
-        return (self._stopped_at or time.monotonic()) + self._drain_timeout
-
-    def _sleep(self, seconds: float) -> None:
-        """Wait ``seconds`` between connection attempts. A stop() that arrives meanwhile ends
-        the wait (one more attempt drains at once); while already stopping the back-off holds,
-        cut short only by the drain deadline. Woken through the wake socket, not an Event:
-        stop() may run in a signal handler on this very thread."""
-        end = time.monotonic() + seconds
-        stopping = self._stop.is_set()
-        while True:
-            if self._stop.is_set():
-                if not stopping:
-                    return
-                end = min(end, self._drain_deadline())
-            left = end - time.monotonic()
-            if left <= 0:
-                return
-            select.select([self._wake_recv], [], [], left)
-            try:
-                self._wake_recv.recv(4096)
-            except OSError:
-                pass
-            self._wake_pending = False
-
-    def _capturing(self) -> bool:
-        return any(i.thread is not None and i.thread.is_alive() for i in list(self._ifaces.values()))
-
-    def _session(self) -> None:
-        host, port = self.receiver
-        self._connect_done = False
-        addresses = resolve_all(host, port)  # again for every connection: the receiver may move
-        if not addresses:
-            raise OSError(f"cannot resolve the receiver's host name {host!r}")
-        self.update_exclusions((a, port) for a in addresses)  # before our own packets flow
-        sock = socket.create_connection((host, port), timeout=self._io_timeout(10))
-        self._connect_done = True
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.ssl_context is not None:
-                sock = self.ssl_context.wrap_socket(sock, server_hostname=self.server_hostname or host)
-            link = Link(sock, self._wake_recv)
-            last_seq = self._handshake(link)
-            self._handshaken = self._connected = True
-            self.store.resume(last_seq)
-            log.info("connected to receiver %s:%d (it has everything up to seq %d)", host, port, last_seq)
-            self._stream(link, last_seq)
-        finally:
-            sock.close()
-
-    def _expect(self, link: Link, ftype: P.FrameType, refused: type[Exception]) -> P.Frame:
-        """The next frame, which must be ``ftype``; an ERROR from the receiver raises ``refused``."""
-        frame = link.next_frame(self._io_timeout(15))
-        if frame.type == P.FrameType.ERROR:
-            raise refused(f"the receiver refused this sensor: {frame.json().get('reason')}")
-        if frame.type != ftype:
-            raise FrameError(f"expected {ftype.name}, got {frame.type.name}")
-        return frame
-
-    def _handshake(self, link: Link) -> int:
-        nonce = P.new_nonce()
-        with self._lock:  # every interface registered so far is listed; later ones are queued
-            self._control.clear()
-            descs = [i.descriptor() for i in sorted(self._ifaces.values(), key=lambda i: i.index)]
-        link.send([P.encode_json(P.FrameType.HELLO, {
-            "protocol": P.VERSION, "sensor_id": self.sensor_id, "hostname": self.hostname,
-            "software": f"pktstream {pktstream.__version__}", "interfaces": descs,
-            "nonce": nonce.hex(), "max_raw": self.max_raw, "auth": self.auth_key is not None,
-            "instance": self.instance})], 15)
-        body = self._expect(link, P.FrameType.CHALLENGE, AuthenticationError).json()
-        rnonce = P.parse_nonce(body.get("nonce"))
-        my_proof = ""
-
-        def refuse(reason: str, message: str) -> None:
-            """Tell the receiver why (it logs it) and fail this attempt."""
-            try:
-                link.send([P.encode_json(P.FrameType.ERROR, {"reason": reason})], 5)
-            except OSError:
-                pass
-            raise AuthenticationError(message)
-
-        if self.auth_key is None and body.get("auth"):
-            refuse("the sensor has no key", "the receiver requires a key: give this sensor the same key "
-                   "as the receiver (--auth-key-file FILE or auth.key)")
-        if self.auth_key is not None:
-            if not body.get("auth"):
-                refuse("the sensor requires authentication and the receiver has no key",
-                       "the receiver does not check keys (anyone could pose as it): give it the same key "
-                       "(--auth-key-file or auth.key), or remove this sensor's key")
-            expected = P.proof(self.auth_key, "receiver", nonce, rnonce, self.sensor_id)
-            if not P.check_proof(expected, body.get("proof")):
-                refuse("the keys differ", f"authentication failed: this sensor's key differs from the "
-                       f"receiver's key for sensor id {self.sensor_id!r} (check --auth-key-file on both sides)")
-            my_proof = P.proof(self.auth_key, "sensor", rnonce, nonce, self.sensor_id)
-        link.send([P.encode_json(P.FrameType.AUTH, {"proof": my_proof})], 15)
-        welcome = self._expect(link, P.FrameType.WELCOME, AuthenticationError).json()
-        last = welcome.get("last_seq", 0)
-        if not isinstance(last, int) or not 0 <= last < P.MAX_SEQ:
-            raise FrameError("bad last_seq in WELCOME")
-        max_raw = welcome.get("max_raw")
-        if isinstance(max_raw, int) and max_raw < self.max_raw:
-            raise ConfigError(f"the receiver accepts blocks of at most {max_raw} bytes but this sensor "
-                              f"makes blocks of {self.max_raw}: lower the sensor's blockSize or raise "
-                              f"the receiver's compressBlockSize")
-        hb = welcome.get("heartbeat")
-        # heartbeat at the faster of both sides' settings, so neither side's idle timeout fires
-        self._session_heartbeat = min(self.heartbeat, hb) if isinstance(hb, (int, float)) and hb > 0.05 \
-            else self.heartbeat
-        return last
-
-    def _stream(self, link: Link, last_seq: int) -> None:
-        """Send every frame after ``last_seq`` as it comes, take ACKs, keep the session alive;
-        returns when the receiver says BYE (after ours, when stopping)."""
-        sent = last_seq
-        hb = self._session_heartbeat
-        silent = 3 * hb + 1  # longer without a byte from the receiver (or a send): it is gone
-        last_rx = last_tx = last_stats = time.monotonic()
-        bye_sent = False
-        while True:
-            self._wake_pending = False  # before looking at the store: a later put() wakes us
-            now = time.monotonic()
-            if now - last_rx > silent:
-                raise TimeoutError(f"receiver silent for {now - last_rx:.0f} s")
-            if self._stop.is_set() and now > self._drain_deadline():
-                raise TimeoutError("stopping: the receiver did not acknowledge in time")
-            nxt = self.store.after(sent)
-            # control frames first, taken after the store: the HELLO of a new interface is
-            # queued before its capture starts, so it always precedes that interface's data
-            out = []
-            while self._control:
-                out.append(self._control.popleft())
-            if now - last_stats >= self.stats_interval:
-                out.append(P.encode_json(P.FrameType.STATS, self.stats()))
-                last_stats = last_tx = now
-            elif now - last_tx >= hb:
-                out.append(P.encode(P.FrameType.HEARTBEAT))
-                last_tx = now
-            if nxt is not None:
-                seq, (header, payload) = nxt
-                out += (header, payload)
-            elif self._stop.is_set() and not bye_sent and not self._capturing() \
-                    and self.store.pending()[0] == 0:
-                out += (P.encode_json(P.FrameType.STATS, self.stats()),
-                        P.encode_json(P.FrameType.BYE, {"reason": "sensor stopping"}))
-                bye_sent = True
-            if out:
-                # one sendmsg for everything; a peer that takes nothing for `silent` seconds
-                # (stopped reading without a reset) raises a timeout
-                link.send(out, silent)
-                last_tx = time.monotonic()
-            if nxt is not None:
-                sent = seq
-                self._count("frames_sent")
-            # ACKs that arrived; sleep (until a frame, an ACK or the next tick) only when idle
-            for f in link.receive(0 if nxt is not None else min(0.2, hb)):
-                if f.type == P.FrameType.ACK:
-                    self.store.ack(f.seq)
-                elif f.type == P.FrameType.BYE:
-                    return
-                elif f.type == P.FrameType.ERROR:
-                    raise FrameError(f"receiver closed the session: {f.json().get('reason')}")
-            last_rx = max(last_rx, link.last_rx)
+    def fail(self, exc: BaseException) -> None:
+        """A transport met an error no retry can fix (configuration): stop; run() raises it."""
+        self._fatal = exc
+        self.stop()

@@ -13,6 +13,50 @@ from pktstream.stream.sendwindow import payload_size
 _TLS_SLICE = 64 * 1024  # TLS sends in slices of this, each with the full send timeout
 
 
+class Waker:
+    """Wakes a thread blocked in poll/select on a socket pair: signal-safe (no lock; stop() may
+    run in a signal handler on the very thread it wakes), at most one pending byte per wait."""
+
+    def __init__(self) -> None:
+        self._recv, self._send = socket.socketpair()
+        self._recv.setblocking(False)
+        self._send.setblocking(False)
+        self.pending = False
+
+    def fileno(self) -> int:
+        return self._recv.fileno()
+
+    def wake(self) -> None:
+        """Wake the waiting thread (any thread)."""
+        if not self.pending:
+            self.pending = True
+            try:
+                self._send.send(b"\0")
+            except OSError:  # full (a wake-up is pending anyway) or closed (waiter gone)
+                pass
+
+    def drain(self) -> None:
+        """Consume the pending bytes (the waiting thread)."""
+        try:
+            self._recv.recv(4096)
+        except OSError:
+            pass
+
+    def rearm(self) -> None:
+        """Let the next wake() send again (the waiting thread, before it looks for work)."""
+        self.pending = False
+
+    def wait(self, timeout: float) -> None:
+        """Sleep up to ``timeout`` seconds or until woken."""
+        select.select([self._recv], [], [], timeout)
+        self.drain()
+        self.rearm()
+
+    def close(self) -> None:
+        self._recv.close()
+        self._send.close()
+
+
 class Link:
     """A blocking connection to the receiver, used by the sender thread only.
 
@@ -23,7 +67,7 @@ class Link:
     every control frame.
     """
 
-    def __init__(self, sock: socket.socket, wake: socket.socket | None = None) -> None:
+    def __init__(self, sock: socket.socket, wake: Waker | None = None) -> None:
         self.sock = sock
         self.tls = isinstance(sock, ssl.SSLSocket)
         self._buf = bytearray()
@@ -80,10 +124,7 @@ class Link:
         readable = False
         for fd, _ in self._poll.poll(timeout * 1000):
             if self._wake is not None and fd == self._wake.fileno():
-                try:
-                    self._wake.recv(4096)
-                except (BlockingIOError, OSError):
-                    pass
+                self._wake.drain()
             else:
                 readable = True
         return readable

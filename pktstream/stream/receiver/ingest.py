@@ -1,0 +1,399 @@
+"""Ingest and commit: the one path every frame takes inside a receiver, whatever carried it
+(a TCP session, the Kafka input, a PacketStreamer session).
+
+validate (bounded decompress, seq check) → drop duplicates by (sensor id, seq) → count → hand a
+batch to every output → once every *gating* output has written and flushed it, persist the state
+(last seq per sensor, open files and their committed sizes) and acknowledge (ACK frames, commit
+hooks). While too many bytes wait for the gating outputs, ``ingest()`` waits, and so do the
+sessions calling it: backpressure reaches the sensors.
+
+Lifetime: one :class:`Ingest` per receiver run. Thread-safety: event-loop thread only, except
+where a method says otherwise.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import functools
+import json
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pktstream._capture import PacketBatch
+from pktstream.exceptions import FrameError
+from pktstream.sinks.base import Sink, Source
+from pktstream.stream import protocol as P
+from pktstream.stream.receiver.outputs import Outputs
+
+log = logging.getLogger("pktstream.stream.receiver")
+
+STATE_FILE = "receiver-state.json"
+SENSOR_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+@dataclass
+class SensorState:
+    """What the receiver knows about one sensor id: its interfaces, the last accepted and last
+    committed seq, counters, what it reported (STATS), and its live session's writer (None when
+    not connected). Event-loop thread only."""
+    sensor_id: str
+    hostname: str = ""
+    software: str = ""
+    interfaces: dict[int, dict[str, Any]] = field(default_factory=dict)
+    last_accepted: int = 0
+    last_committed: int = 0
+    counters: collections.Counter = field(default_factory=collections.Counter)
+    reported: dict[str, Any] = field(default_factory=dict)
+    writer: asyncio.StreamWriter | None = None
+    peer: str = ""
+    bye: asyncio.Event | None = None
+    instance: str = ""        # the connected sensor process (its reconnects take over its session)
+    last_rx: float = 0.0      # monotonic time of the last frame on the live session
+    legacy: bool = False      # a PacketStreamer sensor: no seq, no ACK, no loss counts
+
+
+def check_seq(seq: int) -> None:
+    """Refuse sequence numbers no honest sensor makes: they start at its clock in µs and grow by
+    one per block, so one more than a day ahead of this receiver's clock is a wrong clock or a
+    forged stream (accepting it would make the real sensor's frames look like duplicates)."""
+    if seq >= P.MAX_SEQ or seq > time.time_ns() // 1000 + P.SEQ_AHEAD_US:
+        raise FrameError(f"sequence number {seq} is more than a day ahead of this receiver's clock "
+                         "(the sensor's clock is wrong, or the stream is forged)")
+
+
+def check_interface(d: Any) -> dict[str, Any]:
+    """An interface descriptor from a sensor, checked (index, link type, snaplen, name)."""
+    if not isinstance(d, dict):
+        raise FrameError("interface descriptor is not an object")
+    out = {}
+    for key, lo, hi in (("index", 0, 1 << 20), ("link_type", 0, 1 << 16), ("snaplen", 1, 1 << 18)):
+        v = d.get(key)
+        if not isinstance(v, int) or not lo <= v <= hi:
+            raise FrameError(f"interface descriptor: bad {key} {v!r}")
+        out[key] = v
+    name = d.get("name")
+    if not isinstance(name, str) or not 0 < len(name) <= 64:
+        raise FrameError("interface descriptor: bad name")
+    out["name"] = name
+    return out
+
+
+def numeric_stats(obj: dict[str, Any]) -> dict[str, Any]:
+    """A sensor's STATS with only non-negative integer counters (and per-interface dicts of
+    them, at most 256): nothing else from the network reaches logs or /metrics."""
+    def ints(d: Any) -> dict[str, int]:
+        return {str(k)[:64]: v for k, v in d.items() if isinstance(v, int) and not isinstance(v, bool) and v >= 0} \
+            if isinstance(d, dict) else {}
+    out: dict[str, Any] = ints(obj)
+    itfs = obj.get("interfaces")
+    if isinstance(itfs, dict):
+        out["interfaces"] = {str(k)[:64]: ints(v) for k, v in list(itfs.items())[:256]}
+    return out
+
+
+class StateFile:
+    """``<state dir>/receiver-state.json``: the last committed seq per sensor and each output's
+    newest flushed state, written atomically (any thread; one writer at a time)."""
+
+    def __init__(self, state_dir: str | None, *, fsync: bool = False) -> None:
+        self.path = os.path.join(state_dir, STATE_FILE) if state_dir else None
+        self.fsync = fsync
+        if state_dir:
+            os.makedirs(state_dir, mode=0o700, exist_ok=True)
+
+    def load(self) -> dict[str, Any]:
+        if self.path is None or not os.path.exists(self.path):
+            return {}
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"receiver state {self.path} is unreadable ({exc}); move it away to start fresh") from None
+
+    def write(self, state: dict | None) -> None:
+        if self.path is None or state is None:
+            return
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(state, f)
+            if self.fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        if self.fsync:  # the rename itself must survive a power loss
+            dfd = os.open(os.path.dirname(self.path), os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+
+class Ingest:
+    """The sensor table, the ingest path and the commit path of one receiver.
+
+    :param outputs: the sinks (their runner threads are owned by :class:`Outputs`).
+    :param counters: the receiver-level counters (shared with the server).
+    :param closing: set when the receiver stops (waiting ingests give up waiting for space).
+    """
+
+    def __init__(self, sinks: list[Sink], *, counters: collections.Counter, closing: threading.Event,
+                 state_dir: str | None = None, fsync_state: bool = False, max_raw_bytes: int = P.DEFAULT_MAX_RAW_BYTES,
+                 max_inflight_bytes: int = 64 << 20, sink_queue: int = 256) -> None:
+        self.sinks = sinks
+        self.counters = counters
+        self.closing = closing
+        self.max_raw = max_raw_bytes
+        self.max_inflight = max_inflight_bytes
+        self.sink_queue = sink_queue
+        self.state = StateFile(state_dir, fsync=fsync_state)
+        self.sensors: dict[str, SensorState] = {}
+        self.outputs: Outputs | None = None
+        self.index = 0                 # batches handed to the outputs so far
+        self.inflight = 0              # their bytes not yet committed
+        self._pending: collections.deque = collections.deque()  # (index, sensor_id, seq, nbytes)
+        self._commit_hooks: list[Callable[[int], None]] = []
+        self._decoder = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="decode")
+        self._state_writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="state")
+        self._commit_busy = False      # a state write is in flight (commits are serialised)
+        self._commit_again = False     # more was committed meanwhile
+        self._commit_idle: asyncio.Event | None = None
+        self._space: asyncio.Condition | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._load()
+
+    def _load(self) -> None:
+        state = self.state.load()
+        for sid, s in state.get("sensors", {}).items():
+            st = self.sensors[sid] = SensorState(sid, hostname=s.get("hostname", ""))
+            st.last_accepted = st.last_committed = int(s.get("last_seq", 0))
+            st.interfaces = {int(k): v for k, v in s.get("interfaces", {}).items()}
+        by_name = {s.name: s for s in self.sinks}
+        for name, sink_state in state.get("sinks", {}).items():
+            sink = by_name.get(name)
+            if sink is not None and sink_state:
+                type(sink).recover(sink_state)
+        if state:
+            log.info("state: resuming %d sensors from %s", len(self.sensors), self.state.path)
+
+    # -- lifecycle (the receiver's event loop) ---------------------------------------------------
+    def start(self) -> None:
+        """Start the output threads (in the receiver's event loop)."""
+        self.loop = asyncio.get_running_loop()
+        self._commit_idle = asyncio.Event()
+        self._commit_idle.set()
+        self._space = asyncio.Condition()
+        self.outputs = Outputs(self.sinks, maxsize=self.sink_queue, closing=self.closing,
+                               on_flushed=self._flushed_from_thread)
+        self.outputs.start()
+
+    async def finish(self) -> None:
+        """At shutdown, after the sessions and inputs stopped: drain and close the outputs,
+        commit and persist the final state."""
+        await self.outputs.close()
+        await asyncio.sleep(0)  # run the final flushed callbacks
+        while self._commit_busy:  # a state write in flight lands first (a timer may start one)
+            await self._commit_idle.wait()
+        self.commit(sync=True)
+        self.outputs.forget_states()  # the outputs are closed: their files are complete
+        self.state.write(self._snapshot())
+        self._decoder.shutdown(wait=False)
+        self._state_writer.shutdown(wait=True)
+
+    # -- the ingest API (TCP sessions, the Kafka input, PacketStreamer sessions) -----------------
+    def sensor_state(self, sensor_id: str) -> SensorState:
+        """The per-sensor table entry (created on first use)."""
+        sensor = self.sensors.get(sensor_id)
+        if sensor is None:
+            sensor = self.sensors[sensor_id] = SensorState(sensor_id)
+        return sensor
+
+    async def ingest(self, sensor: SensorState, frame: P.Frame, iface: dict[str, Any], *, wire_bytes: int) -> bool:
+        """One DATA frame from any transport: drop it if already accepted (same sensor, seq not
+        above the last accepted), refuse an impossible seq, decompress and validate (bounded),
+        count, hand to the outputs. Returns False for a duplicate; raises FrameError for a bad
+        frame."""
+        c = sensor.counters
+        if frame.seq <= sensor.last_accepted:
+            c["duplicate_frames"] += 1
+            c["duplicate_packets"] += frame.count
+            return False
+        check_seq(frame.seq)
+        decode = functools.partial(P.decode_data, frame, link_type=iface["link_type"], snaplen=iface["snaplen"],
+                                   interface=f"{sensor.sensor_id}/{iface['name']}", max_raw=self.max_raw)
+        # large blocks are decompressed and validated off the event loop (zstd releases the
+        # GIL); small ones cost less than the hand-over
+        batch = await self.loop.run_in_executor(self._decoder, decode) if len(frame.payload) > 65536 \
+            else decode()
+        if frame.seq <= sensor.last_accepted:  # accepted from another session meanwhile
+            batch.release()
+            c["duplicate_frames"] += 1
+            c["duplicate_packets"] += frame.count
+            return False
+        source = Source(sensor.sensor_id, sensor.hostname, iface["name"], iface["link_type"], iface["snaplen"],
+                        seq=frame.seq)
+        sensor.last_accepted = frame.seq
+        c["frames"] += 1
+        c["packets"] += frame.count
+        c["raw_bytes"] += frame.raw_len
+        c["wire_bytes"] += wire_bytes
+        await self.dispatch(sensor, frame.seq, source, batch)
+        return True
+
+    async def dispatch(self, sensor: SensorState, seq: int, source: Source, batch: PacketBatch) -> None:
+        """Hand a validated batch to every output (waits while too many bytes are in flight).
+        ``seq`` is what gets acknowledged to ``sensor`` once it is committed."""
+        nbytes = batch.nbytes
+        async with self._space:
+            await self._space.wait_for(lambda: self.inflight < self.max_inflight or self.closing.is_set())
+        self.index += 1
+        self.inflight += nbytes
+        self._pending.append((self.index, sensor.sensor_id, seq, nbytes))
+        self.outputs.submit(self.index, source, batch)
+        if not self.outputs.gating:
+            self.commit()
+
+    def add_commit_hook(self, hook: Callable[[int], None]) -> None:
+        """``hook(index)`` runs on the event loop after every commit: everything up to ``index``
+        is written by all gating outputs and the state is saved."""
+        self._commit_hooks.append(hook)
+
+    # -- commit path -----------------------------------------------------------------------------
+    def _flushed_from_thread(self, runner: Any, index: int, state: dict[str, Any] | None) -> None:
+        """An output thread flushed up to ``index`` (any thread)."""
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._flushed, runner, index, state)
+            except RuntimeError:
+                pass
+
+    def _flushed(self, runner: Any, index: int, state: dict[str, Any] | None) -> None:
+        runner.flushed(index, state)
+        self.commit()
+
+    def _snapshot(self, acks: dict[str, int] | None = None, committed: int | None = None) -> dict | None:
+        """The state to persist (it reads the live tables): the last committed seq per sensor
+        (``acks`` about to be committed) and, per output, the newest flushed state that contains
+        nothing beyond ``committed``. None without a state dir."""
+        if self.state.path is None:
+            return None
+        acks = acks or {}
+        return {"sensors": {sid: {"last_seq": max(s.last_committed, acks.get(sid, 0)), "hostname": s.hostname,
+                                  "interfaces": {str(k): dict(v) for k, v in s.interfaces.items()}}
+                            for sid, s in self.sensors.items() if not s.legacy},
+                "sinks": self.outputs.states_at(self.index if committed is None else committed)}
+
+    def commit(self, *, sync: bool = False) -> None:
+        """Acknowledge what every gating output has written: persist the state (in the state
+        writer thread, off the event loop; one write at a time, later commits coalesce), then
+        ACK each sensor's newest committed seq. ``sync``: write on this thread (shutdown)."""
+        if self._commit_busy:
+            self._commit_again = True
+            return
+        committed = self.outputs.committed(self.index)
+        acks: dict[str, int] = {}
+        freed = n = 0
+        for index, sid, seq, nbytes in self._pending:
+            if index > committed:
+                break
+            acks[sid] = max(acks.get(sid, 0), seq)
+            freed += nbytes
+            n += 1
+        if not acks:
+            self._run_commit_hooks(committed)
+            return
+        snapshot = self._snapshot(acks, committed)
+        if snapshot is None or sync:
+            try:
+                self.state.write(snapshot)
+            except OSError as exc:
+                self._state_failed(exc)
+                return
+            self._acknowledge(acks, n, freed, committed)
+            return
+        self._commit_busy = True
+        self._commit_idle.clear()
+        fut = self.loop.run_in_executor(self._state_writer, self.state.write, snapshot)
+        fut.add_done_callback(functools.partial(self._state_written, acks, n, freed, committed))
+
+    def _state_written(self, acks: dict[str, int], n: int, freed: int, committed: int, fut) -> None:
+        self._commit_busy = False
+        exc = fut.exception()
+        if exc is not None:
+            self._state_failed(exc)
+        else:
+            self._acknowledge(acks, n, freed, committed)
+        if self._commit_again and not self._commit_busy:
+            self._commit_again = False
+            self.commit()
+        if not self._commit_busy:
+            self._commit_idle.set()
+
+    def _state_failed(self, exc: BaseException) -> None:
+        # nothing is acknowledged: the same entries are committed again on the next flush
+        self.counters["state_write_failures"] += 1
+        log.error("cannot save the receiver state (%s): not acknowledging; retrying", exc)
+        self.loop.call_later(1.0, self.commit)
+
+    def _acknowledge(self, acks: dict[str, int], n: int, freed: int, committed: int) -> None:
+        for _ in range(n):
+            self._pending.popleft()
+        for sid, seq in acks.items():
+            s = self.sensors[sid]
+            s.last_committed = max(s.last_committed, seq)
+        for sid in acks:
+            s = self.sensors[sid]
+            if s.writer is not None and not s.writer.is_closing() and not s.legacy:
+                s.writer.write(P.encode(P.FrameType.ACK, seq=s.last_committed))
+            if s.bye is not None and s.last_committed >= s.last_accepted:
+                s.bye.set()
+        self.inflight -= freed
+        self._run_commit_hooks(committed)
+        asyncio.ensure_future(self._notify_space())
+
+    def _run_commit_hooks(self, committed: int) -> None:
+        for hook in self._commit_hooks:
+            hook(committed)
+
+    async def _notify_space(self) -> None:
+        async with self._space:
+            self._space.notify_all()
+
+    # -- counters ----------------------------------------------------------------------------------
+    def log_stats(self) -> None:
+        """One log line per sensor (any thread)."""
+        for sid, s in list(self.sensors.items()):
+            c, r = s.counters, s.reported
+            log.info("sensor %s: %d packets, %d bytes, ratio %.2f, duplicates %d, sensor drops: "
+                     "kernel %d, ring %d, window %d", sid, c["packets"], c["raw_bytes"],
+                     (c["raw_bytes"] / c["wire_bytes"]) if c["wire_bytes"] else 0.0, c["duplicate_frames"],
+                     r.get("kernel_dropped", 0), r.get("ring_drops", 0), r.get("window_dropped_packets", 0))
+
+    def sensor_stats(self) -> dict[str, dict[str, Any]]:
+        """Per-sensor counters (any thread)."""
+        sensors = {}
+        for sid, s in list(self.sensors.items()):
+            c, r = s.counters, s.reported
+            sensors[sid] = {
+                "hostname": s.hostname, "connected": s.writer is not None, "peer": s.peer,
+                "last_seq": s.last_committed, "frames": c["frames"], "packets": c["packets"],
+                "raw_bytes": c["raw_bytes"], "wire_bytes": c["wire_bytes"],
+                "compression_ratio": round(c["raw_bytes"] / c["wire_bytes"], 3) if c["wire_bytes"] else None,
+                "duplicate_frames": c["duplicate_frames"], "connections": c["connections"],
+                "sensor_packets": r.get("packets", 0),
+                "kernel_dropped": r.get("kernel_dropped", 0),
+                "interface_dropped": r.get("interface_dropped", 0),
+                "ring_drops": r.get("ring_drops", 0),
+                "window_dropped_packets": r.get("window_dropped_packets", 0),
+                "unacked_frames": r.get("unacked_frames", 0),
+                "interfaces": r.get("interfaces", {}),
+            }
+            if s.legacy:
+                sensors[sid]["legacy"] = "unacknowledged"
+        return sensors

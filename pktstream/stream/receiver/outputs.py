@@ -1,0 +1,183 @@
+"""A receiver's outputs: each sink runs in its own thread behind a queue.
+
+A *gating* output (files, S3, Kafka, the ``batches()`` iterator) has an unbounded queue — what
+it has not written is not acknowledged, so the sensors keep it and the ingest path's in-flight
+limit bounds the queue — and retries a failed write every second. A best-effort output (stdout)
+has a bounded queue and drops (counted) when it is full or failing.
+
+Lifetime: created and started by :class:`~pktstream.stream.receiver.ingest.Ingest` when the
+receiver starts, closed when it stops. Thread-safety: ``submit`` and the bookkeeping methods run
+on the receiver's event loop; each runner's thread only calls its sink and ``on_flushed``.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+from pktstream._capture import PacketBatch
+from pktstream.sinks.base import Sink, Source
+from pktstream.stream import protocol as P
+
+log = logging.getLogger("pktstream.stream.receiver")
+
+#: on_flushed(runner, index, state): the runner wrote and flushed everything up to ``index``
+#: (called from the runner's thread)
+FlushedCallback = Callable[["SinkRunner", int, "dict[str, Any] | None"], None]
+
+
+class SinkRunner:
+    """A sink, its queue and its thread."""
+
+    def __init__(self, sink: Sink, *, maxsize: int, closing: threading.Event, on_flushed: FlushedCallback) -> None:
+        self.sink = sink
+        self.gate = sink.gate
+        self.closing = closing
+        self.on_flushed = on_flushed
+        self.queue: queue.Queue = queue.Queue(0 if self.gate else maxsize)
+        self.committed = 0
+        self.states: collections.deque = collections.deque()  # (index, state) per flush
+        self.counters: collections.Counter = collections.Counter()
+        self.failing = False
+        self.thread = threading.Thread(target=self._run, name=f"sink-{sink.name}", daemon=True)
+
+    def submit(self, index: int, source: Source, batch: PacketBatch) -> None:
+        try:
+            self.queue.put_nowait((index, source, batch))
+        except queue.Full:  # only non-gating sinks are bounded here
+            self.counters["dropped_batches"] += 1
+            self.counters["dropped_packets"] += len(batch)
+
+    def _write_group(self, items: list) -> dict[str, Any] | None:
+        """Write and flush items; raises on the first failure."""
+        for _index, source, batch in items:
+            self.sink.write(source, batch)
+        return self.sink.flush()
+
+    def _write_with_retry(self, items: list) -> tuple[bool, dict[str, Any] | None]:
+        """(written, state). A gating output retries every second until it works (nothing is
+        acknowledged meanwhile, so the sensors buffer); a best-effort one drops and counts."""
+        while True:
+            try:
+                state = self._write_group(items)
+                if self.failing:
+                    log.warning("output %s works again", self.sink.name)
+                    self.failing = False
+                return True, state
+            except Exception as exc:
+                self.counters["failures"] += 1
+                if not self.failing:
+                    log.error("output %s failed: %s", self.sink.name, exc)
+                self.failing = True
+                try:
+                    self.sink.reset()  # back to the last flush; the whole group is written again
+                except Exception as reset_exc:
+                    log.error("output %s: reset failed: %s", self.sink.name, reset_exc)
+                if not self.gate or self.closing.is_set():
+                    key = "dropped" if not self.gate else "unwritten_at_shutdown"
+                    self.counters[f"{key}_batches"] += len(items)
+                    self.counters[f"{key}_packets"] += sum(len(b) for _, _, b in items)
+                    return False, None
+                time.sleep(1.0)
+
+    def _run(self) -> None:
+        done = False
+        while not done:
+            try:
+                items = [self.queue.get(timeout=1.0)]
+            except queue.Empty:
+                self._idle()
+                continue
+            while len(items) < 512:
+                try:
+                    items.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            if None in items:
+                done = True
+                items = [it for it in items if it is not None]
+            if not items:
+                continue
+            ok, state = self._write_with_retry(items)
+            if ok:
+                self.counters["batches"] += len(items)
+                self.counters["packets"] += sum(len(b) for _, _, b in items)
+            if ok or not self.gate:
+                # a gating output that could not write keeps its items unacknowledged
+                self.on_flushed(self, items[-1][0], state)
+        try:
+            self.sink.close()
+        except Exception as exc:
+            log.error("closing output %s failed: %s", self.sink.name, exc)
+
+    def _idle(self) -> None:
+        """Nothing to write for a second: let the output do its timed work (rotation)."""
+        if self.failing:
+            return  # a failing output is being retried by the write path
+        try:
+            self.sink.tick()
+        except Exception as exc:
+            self.counters["failures"] += 1
+            log.error("output %s: %s", self.sink.name, exc)
+
+    def flushed(self, index: int, state: dict[str, Any] | None) -> None:
+        """Record a flush (event loop)."""
+        self.committed = max(self.committed, index)
+        if state is not None:
+            self.states.append((index, state))
+
+    def state_at(self, committed: int) -> dict[str, Any] | None:
+        """The newest flushed state whose data is all at or below ``committed`` (another gating
+        output may be behind: persisting a later state would keep unacknowledged data)."""
+        best = None
+        while self.states and self.states[0][0] <= committed:
+            best = self.states.popleft()
+        if best is not None:
+            self.states.appendleft(best)  # still the newest usable one
+            return best[1]
+        return None
+
+
+class Outputs:
+    """All of a receiver's sink runners."""
+
+    def __init__(self, sinks: list[Sink], *, maxsize: int, closing: threading.Event,
+                 on_flushed: FlushedCallback) -> None:
+        self.runners = [SinkRunner(s, maxsize=maxsize, closing=closing, on_flushed=on_flushed) for s in sinks]
+        self.gating = any(r.gate for r in self.runners)
+
+    def start(self) -> None:
+        for r in self.runners:
+            r.thread.start()
+
+    def submit(self, index: int, source: Source, batch: PacketBatch) -> None:
+        for i, r in enumerate(self.runners):
+            # each output gets its own batch object: one releasing it cannot break another
+            r.submit(index, source, batch if i == 0 else P.sibling(batch))
+
+    def committed(self, index: int) -> int:
+        """The highest index every gating output has written (``index`` when none gates)."""
+        gating = [r.committed for r in self.runners if r.gate]
+        return min(gating) if gating else index
+
+    def states_at(self, committed: int) -> dict[str, Any]:
+        return {r.sink.name: st for r in self.runners if (st := r.state_at(committed))}
+
+    def forget_states(self) -> None:
+        for r in self.runners:
+            r.states.clear()
+
+    async def close(self) -> None:
+        """Interrupt, drain and close every output (waits for the threads, off the loop)."""
+        for r in self.runners:
+            r.sink.interrupt()
+            r.queue.put(None)
+        for r in self.runners:
+            await asyncio.to_thread(r.thread.join)
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        return {r.sink.name: {"gate": r.gate, "queued": r.queue.qsize(), **r.counters} for r in self.runners}
