@@ -28,6 +28,7 @@ from pktstream.exceptions import FilterError, PcapError
 from pktstream.stream.sendwindow import (COPIES, FrameStore, default_spool_bytes, default_spool_dir, payload_size,
                                   release_payload)
 from pktstream.stream.tcp import TcpTransport
+from pktstream.stream.transport import Transport
 
 log = logging.getLogger("pktstream.stream.sensor")
 
@@ -219,7 +220,7 @@ class Sensor:
                  bpf: str | None = None, sensor_id: str | None = None,
                  capture: CaptureOptions | None = None, delivery: DeliveryOptions | None = None,
                  security: SensorSecurity | None = None, user: str | None = None, group: str | None = None,
-                 transport: Any = None) -> None:
+                 transport: Transport | None = None) -> None:
         # ``interfaces`` and ``bpf`` given directly override ``capture``'s (the common case:
         # Sensor("host:8081", ["eth0"], bpf="tcp port 80"))
         capture = capture or CaptureOptions()

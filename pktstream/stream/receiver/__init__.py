@@ -32,6 +32,7 @@ from pktstream.stream.receiver.ingest import (
     SENSOR_ID, STATE_FILE, Ingest, SensorState, check_interface, check_seq,
 )
 from pktstream.stream.receiver.server import Server, is_loopback
+from pktstream.stream.transport import Input
 
 __all__ = ["Receiver", "Security", "Limits", "Ingest", "SensorState", "SENSOR_ID", "STATE_FILE",
            "check_interface", "check_seq"]
@@ -107,7 +108,7 @@ class Receiver:
     """
 
     def __init__(self, listen: str | None = "0.0.0.0:8081", outputs: list[Sink] | tuple = (), *,
-                 inputs: list | tuple = (), state_dir: str | None = None, fsync_state: bool = False,
+                 inputs: list[Input] | tuple[Input, ...] = (), state_dir: str | None = None, fsync_state: bool = False,
                  security: Security | None = None, limits: Limits | None = None,
                  metrics: str | None = None, stats_interval: float = 60.0,
                  legacy: PacketStreamerSettings | None = None) -> None:
