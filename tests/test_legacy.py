@@ -24,6 +24,7 @@ from pktstream import _s2
 from pktstream.config import receiver_settings
 from pktstream.exceptions import ConfigError
 from pktstream.sinks import FileSink
+from pktstream.stream import protocol as P
 from pktstream.stream.legacy import AUTH_OK, PacketStreamerSettings
 from pktstream.stream.receiver import Limits, Receiver, Security
 
@@ -364,5 +365,33 @@ def test_empty_key_from_an_unlisted_sensor_is_refused(tmp_path):
             s.sendall(hello)
             assert read_to_eof(s)[:5] != AUTH_OK
         assert run.rx.stats()["auth_failures"] == 1
+    finally:
+        run.stop()
+
+
+def test_pktstream_sensor_takes_over_a_packetstreamer_id(tmp_path):
+    """Migration of one host: the PacketStreamer sensor named web-1 stops, a pktstream sensor
+    with id web-1 connects, and its frames are accepted and acknowledged as usual."""
+    from test_security import Peer, _data, _records
+    run = Run(tmp_path, legacy=PacketStreamerSettings(sensors={"127.0.0.1": "web-1"}))
+    try:
+        with run.connect() as s:
+            replay(s, stream("plain"))
+            wait_until(lambda: run.packets("web-1") == 300, what="the PacketStreamer sensor's packets")
+            peer = Peer(run.rx.address[1])
+            welcome = peer.handshake(None, sensor_id="web-1")  # refused: web-1 is still connected
+            assert welcome is None or welcome.type != P.FrameType.WELCOME
+            peer.close()
+        wait_until(lambda: not run.rx.stats()["sensors"]["web-1"]["connected"], what="the disconnect")
+        last = run.rx.stats()["sensors"]["web-1"]["last_seq"]
+        peer = Peer(run.rx.address[1])
+        welcome = peer.handshake(None, sensor_id="web-1")
+        assert welcome.type == P.FrameType.WELCOME and welcome.json()["last_seq"] == last < 10**6
+        peer.send(_data(10**15, _records(3)))
+        ack = peer.recv_frame()
+        assert ack.type == P.FrameType.ACK and ack.seq == 10**15
+        st = run.rx.stats()["sensors"]["web-1"]
+        assert st["packets"] == 303 and "legacy" not in st
+        peer.close()
     finally:
         run.stop()

@@ -12,8 +12,8 @@ Each block is S2-decoded (``pktstream._s2``, bounded by the receiver's ``max_raw
 pktstream's nanosecond records and handed to ``Ingest.ingest`` (receiver/ingest.py) as a STORED DATA frame of
 interface 0 (``packetstreamer``, Ethernet) of a sensor whose id is the peer address, or the id
 configured for it. Nothing is acknowledged (upstream has no sequence numbers, resume or loss
-counts); sequence numbers are made up here (the clock in µs, strictly increasing per sensor)
-only to go through the same path. The sensor's entry in ``stats()`` says ``legacy:
+counts); sequence numbers are made up here (a counter per sensor id, from 1) only to go
+through the same path. The sensor's entry in ``stats()`` says ``legacy:
 unacknowledged``.
 
 Auth: with a key on the receiver (``auth.key``, or ``auth.keyfile`` looked up by the mapped
@@ -58,6 +58,15 @@ SOFTWARE = "PacketStreamer (legacy: unacknowledged)"
 # duplicate), and the writers of its open connections (the sensor is connected while any is open)
 _locks: "weakref.WeakKeyDictionary[Any, dict[str, asyncio.Lock]]" = weakref.WeakKeyDictionary()
 _open: "weakref.WeakKeyDictionary[Any, dict[str, list[asyncio.StreamWriter]]]" = weakref.WeakKeyDictionary()
+
+
+LARGE_FRAME = 256 << 10  # frames above this are decoded in a worker thread
+
+
+def _decode(payload: bytes, max_raw: int) -> tuple[bytearray, int]:
+    """S2 block → nanosecond records and their count (ValueError if malformed). Thread-safe."""
+    raw = _s2.decode_block(payload, max_raw)
+    return raw, _s2.usec_records_to_nsec(raw)
 
 
 def max_frame_len(max_raw: int) -> int:
@@ -110,8 +119,9 @@ def _canonical(host: str) -> str:
 
 async def intake(server: "Server", reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  host: str, peer: str) -> Prepended | None:
-    """The receiver's hook for a new connection: read its first 4 bytes (within the handshake
-    timeout). A PacketStreamer sensor is served here until it disconnects (returns None);
+    """The receiver's hook for a new connection: read its first 4 bytes (the first one within
+    ``first_bytes_timeout`` while PacketStreamer sensors are accepted, else within the handshake
+    timeout; the other three within the handshake timeout). A PacketStreamer sensor is served here until it disconnects (returns None);
     anything else gets a reader that still yields those bytes, for the pktstream handshake.
     FrameError / PermissionError as the handshake raises them."""
     settings: PacketStreamerSettings | None = server.legacy
@@ -186,6 +196,9 @@ class LegacySession:
             except OSError:
                 pass
         sensor = self.ingest.sensor_state(self.sensor_id)
+        if sensor.writer is not None and not sensor.legacy:
+            raise PermissionError(f"sensor id {self.sensor_id!r} is connected as a pktstream sensor from "
+                                  f"{sensor.peer}: give the PacketStreamer sensor another id (legacy.sensors)")
         sensor.hostname, sensor.software, sensor.peer = self.host, SOFTWARE, self.peer
         sensor.legacy = True  # the ingest path sends no ACK to it and keeps it out of the state file
         sensor.counters["connections"] += 1
@@ -220,14 +233,19 @@ class LegacySession:
                 return
             sensor.last_rx = time.monotonic()
             try:
-                raw = _s2.decode_block(payload, self.max_raw)
-                count = _s2.usec_records_to_nsec(raw)
+                if length > LARGE_FRAME:  # decoded off the event loop (the decoder releases the GIL)
+                    raw, count = await asyncio.get_running_loop().run_in_executor(None, _decode, payload, self.max_raw)
+                else:
+                    raw, count = _decode(payload, self.max_raw)
             except ValueError as exc:
                 raise FrameError(f"PacketStreamer frame: {exc}") from None
             if not raw:
                 continue
             lock = _locks.setdefault(self.ingest, {}).setdefault(self.sensor_id, asyncio.Lock())
             async with lock:
-                seq = max(sensor.last_accepted + 1, time.time_ns() // 1000)
+                # a counter from 1, far below any pktstream sensor's sequence numbers (its clock
+                # in µs): one that takes this id over later has none of its frames taken for
+                # duplicates, and no ACK meant for these numbers releases any of its frames
+                seq = sensor.last_accepted + 1
                 frame = P.Frame(P.FrameType.DATA, P.Flags.STORED, seq, IFACE, count, len(raw), bytes(raw))
                 await self.ingest.ingest(sensor, frame, self.iface, wire_bytes=length + 8)

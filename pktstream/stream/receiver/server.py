@@ -256,6 +256,7 @@ class Server:
             log.warning("sensor %s reconnected from %s: closing its old connection from %s", sid, peer, sensor.peer)
             sensor.writer.close()
         sensor.instance = instance
+        sensor.legacy = False  # a pktstream sensor taking over a PacketStreamer sensor's id (stream/legacy.py)
         sensor.last_rx = time.monotonic()
         for d in descs:
             sensor.interfaces[d["index"]] = d
