@@ -395,3 +395,22 @@ def test_pktstream_sensor_takes_over_a_packetstreamer_id(tmp_path):
         peer.close()
     finally:
         run.stop()
+
+
+def test_cli_flags(tmp_path):
+    from pktstream.cli import build_parser
+    from pktstream.cli.stream import build_receiver
+    base = ["receiver", "--listen", "127.0.0.1:0", "-w", str(tmp_path / "o.pcap")]
+    rx = build_receiver(build_parser().parse_args(base + ["--packetstreamer-id", "10.0.0.5=web-1",
+                                                          "--packetstreamer-id", "::1=web-2"]))
+    assert rx.legacy.enabled and rx.legacy.sensors == {"10.0.0.5": "web-1", "::1": "web-2"}
+    assert rx.legacy.snaplen == 262144
+    rx = build_receiver(build_parser().parse_args(base + ["--no-packetstreamer"]))
+    assert not rx.legacy.enabled
+    with pytest.raises(ConfigError, match="ADDRESS=SENSOR_ID"):
+        build_receiver(build_parser().parse_args(base + ["--packetstreamer-id", "web-1"]))
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(f"input:\n  address: 127.0.0.1\n  port: 8081\noutput:\n  file:\n    path: {tmp_path / 'c.pcap'}\n"
+                   "inputPacketLen: 65535\nlegacy:\n  packetstreamer: false\n")
+    rx = build_receiver(build_parser().parse_args(["receiver", "--config", str(cfg)]))
+    assert not rx.legacy.enabled and rx.legacy.snaplen == 65535
