@@ -71,6 +71,8 @@ class StatusDisplay:
     is not a TTY unless ``force``. Thread safety: ``start``/``stop`` from one thread.
     """
 
+    _lines: list[str]  # the table last drawn (from start())
+
     def __init__(self, receiver, stream: TextIO | None = None, *, interval: float = 1.0,
                  force: bool = False) -> None:
         self.receiver = receiver
@@ -132,14 +134,14 @@ class StatusDisplay:
                         _orig(record)
                         if drawn:
                             self._draw(self._lines)
-                h.emit = emit
+                h.emit = emit  # type: ignore[method-assign]  # this handler instance only
                 self._wrapped.append((h, orig))
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def start(self) -> "StatusDisplay":
+    def start(self) -> StatusDisplay:
         if not self.enabled:
             return self
-        self._lines: list[str] = []
+        self._lines = []
         self._wrap_handlers()
         self._thread = threading.Thread(target=self._run, name="receiver-status", daemon=True)
         self._thread.start()
