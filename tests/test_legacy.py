@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump, wait_received, wait_until
 from pktstream import _s2

@@ -56,8 +56,8 @@ SOFTWARE = "PacketStreamer (legacy: unacknowledged)"
 # per receiver (its Ingest), per sensor id: one frame at a time through ingest (two connections
 # from one address share the id, and a frame overtaken by a later sequence number would be a
 # duplicate), and the writers of its open connections (the sensor is connected while any is open)
-_locks: "weakref.WeakKeyDictionary[Any, dict[str, asyncio.Lock]]" = weakref.WeakKeyDictionary()
-_open: "weakref.WeakKeyDictionary[Any, dict[str, list[asyncio.StreamWriter]]]" = weakref.WeakKeyDictionary()
+_locks: weakref.WeakKeyDictionary[Any, dict[str, asyncio.Lock]] = weakref.WeakKeyDictionary()
+_open: weakref.WeakKeyDictionary[Any, dict[str, list[asyncio.StreamWriter]]] = weakref.WeakKeyDictionary()
 
 
 LARGE_FRAME = 256 << 10  # frames above this are decoded in a worker thread
@@ -117,24 +117,26 @@ def _canonical(host: str) -> str:
     return str(ip)
 
 
-async def intake(server: "Server", reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+async def intake(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  host: str, peer: str) -> Prepended | None:
     """The receiver's hook for a new connection: read its first 4 bytes (the first one within
     ``first_bytes_timeout`` while PacketStreamer sensors are accepted, else within the handshake
-    timeout; the other three within the handshake timeout). A PacketStreamer sensor is served here until it disconnects (returns None);
-    anything else gets a reader that still yields those bytes, for the pktstream handshake.
-    FrameError / PermissionError as the handshake raises them."""
+    timeout; the other three within the handshake timeout). A PacketStreamer sensor is served
+    here until it disconnects (returns None); anything else gets a reader that still yields
+    those bytes, for the pktstream handshake. FrameError / PermissionError as the handshake
+    raises them."""
     settings: PacketStreamerSettings | None = server.legacy
     timeout = server.limits.handshake_timeout
-    on = settings is not None and settings.enabled
+    if settings is not None and not settings.enabled:
+        settings = None
     # only the first byte may take long (a PacketStreamer sensor's first block); after a byte that
     # cannot start its magic, a peer is held to the handshake timeout as before
-    wait = max(timeout, settings.first_bytes_timeout) if on else timeout
+    wait = max(timeout, settings.first_bytes_timeout) if settings is not None else timeout
     head = await asyncio.wait_for(reader.readexactly(1), wait)
     head += await asyncio.wait_for(reader.readexactly(3), timeout)
     if head != MAGIC:
         return Prepended(head, reader)
-    if not on:
+    if settings is None:
         raise FrameError("a PacketStreamer sensor: refused, this receiver has legacy.packetstreamer off")
     await LegacySession(server, settings, reader, writer, host, peer).run()
     return None
@@ -143,7 +145,7 @@ async def intake(server: "Server", reader: asyncio.StreamReader, writer: asyncio
 class LegacySession:
     """One PacketStreamer connection. Event-loop thread only; lives until the peer leaves."""
 
-    def __init__(self, server: "Server", settings: PacketStreamerSettings, reader: asyncio.StreamReader,
+    def __init__(self, server: Server, settings: PacketStreamerSettings, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, host: str, peer: str) -> None:
         self.server, self.settings = server, settings
         self.ingest = server.ingest
@@ -181,10 +183,11 @@ class LegacySession:
     async def run(self) -> None:
         from pktstream.stream.receiver.server import cert_names
         key = self._key()
-        first = await asyncio.wait_for(self.reader.readexactly(4), self.timeout)
-        length = struct.unpack("<I", first)[0]
+        head = await asyncio.wait_for(self.reader.readexactly(4), self.timeout)
+        length = struct.unpack("<I", head)[0]
+        first: bytes | None = head  # the first frame's length field, unless it was the auth hello
         if key is not None or length > self.max_frame:  # a key is expected, or it is the hello
-            await self._auth(first, key)
+            await self._auth(head, key)
             first = None
         if self.server.security.cert_identity and \
                 self.sensor_id not in cert_names(self.writer.get_extra_info("peercert")):
