@@ -307,7 +307,8 @@ def fuzz_receiver(tmp_path_factory):
     yield rx
     rx.stop()
     rx.join(30)
-    assert read_pcap_dpkt(out)  # every accepted packet is a whole, well-formed record
+    if out.exists():  # created with the first accepted packet
+        read_pcap_dpkt(out)  # asserts whole, well-formed records, no trailing bytes
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
