@@ -101,8 +101,9 @@ def count_pcap(path: Path) -> list[tuple[int, int, bytes]]:
     return out
 
 
-def live(binary: str, frames: int, rate: int, work: str) -> dict:
-    """PacketStreamer + pktstream sensors → one pktstream receiver, tcpdump as the reference."""
+def live(binary: str, frames: int, rate: int, work: str, tls: bool = False) -> dict:
+    """PacketStreamer + pktstream sensors → one pktstream receiver, tcpdump as the reference;
+    ``tls``: the receiver serves TLS (a self-signed certificate), both sensors use it."""
     from pktstream.lab import traffic
     from pktstream.lab.netns import Veth
     pcap = os.path.join(work, "mixed.pcap")
@@ -123,7 +124,18 @@ def live(binary: str, frames: int, rate: int, work: str) -> dict:
             port = s.getsockname()[1]
         out, ref = Path(work) / "out", Path(work) / "ref.pcap"
         rlog = open(os.path.join(work, "rx.log"), "w+")
+        rx_tls: list[str] = []
+        ps_tls = sx_tls = ""
+        if tls:  # upstream's sensor wants a certificate and key of its own too (never checked)
+            cert, key = os.path.join(work, "cert.pem"), os.path.join(work, "key.pem")
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                            "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
+                           check=True, capture_output=True)
+            rx_tls = ["--tls-cert", cert, "--tls-key", key]
+            ps_tls = f"tls:\n  enable: true\n  certfile: {cert}\n  keyfile: {key}\n"
+            sx_tls = cert
         rx = subprocess.Popen([*ns, sys.executable, "-m", "pktstream", "receiver", "--listen", f"127.0.0.1:{port}",
+                               *rx_tls,
                                "--output-dir", str(out), "--format", "pcap", "--stats-interval", "0.2",
                                "--packetstreamer-id", "127.0.0.1=packetstreamer-1"], stderr=rlog)
         procs.append(rx)
@@ -141,13 +153,14 @@ def live(binary: str, frames: int, rate: int, work: str) -> dict:
         assert "listening on" in td.stderr.readline()
         cfg = os.path.join(work, "ps-sensor.yaml")
         with open(cfg, "w") as f:
-            f.write(f"output:\n  server:\n    address: 127.0.0.1\n    port: {port}\npcapMode: all\n")
+            f.write(f"output:\n  server:\n    address: 127.0.0.1\n    port: {port}\npcapMode: all\n{ps_tls}")
         ps = subprocess.Popen([*ns, binary, "sensor", "--config", cfg], stdout=subprocess.DEVNULL,
                               stderr=open(os.path.join(work, "ps.log"), "w"))
         procs.append(ps)
         # (a PacketStreamer sensor says nothing, on the wire or in its log, until its first block)
         sx = subprocess.Popen([*ns, sys.executable, "-m", "pktstream", "sensor", "--receiver", f"127.0.0.1:{port}",
-                               "-i", veth.outer, "--max-wait", "0.1", "--sensor-id", "pktstream-1"],
+                               "-i", veth.outer, "--max-wait", "0.1", "--sensor-id", "pktstream-1",
+                               *(["--tls", "--tls-ca", sx_tls] if tls else [])],
                               stderr=open(os.path.join(work, "sx.log"), "w"))
         procs.append(sx)
         log_has("sensor pktstream-1", "pktstream sensor")
@@ -197,6 +210,7 @@ def main() -> int:
                     help="also run the live acceptance check with this binary (default: $PKTSTREAM_PACKETSTREAMER)")
     ap.add_argument("--frames", type=int, default=5000, help="live: frames replayed")
     ap.add_argument("--rate", type=int, default=5000, help="live: pps")
+    ap.add_argument("--tls", action="store_true", help="live: over TLS (the receiver's self-signed certificate)")
     ap.add_argument("--json", help="write results here (default bench/results/legacy.json)")
     args = ap.parse_args()
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg(), "decode": []}
@@ -212,8 +226,9 @@ def main() -> int:
             print(f"S2 decode {name:22} {r['blocks']:3} blocks: {r['decoded_MBps']:7.0f} MB/s decoded "
                   f"({r['compressed_MBps']:.0f} MB/s compressed in){extra}", flush=True)
         if args.packetstreamer:
-            r = results["live"] = live(os.path.abspath(args.packetstreamer), args.frames, args.rate, work)
-            print(f"live: {r['offered']} frames at {r['rate']} pps; tcpdump {r['tcpdump']}; PacketStreamer sensor "
+            r = results["live"] = live(os.path.abspath(args.packetstreamer), args.frames, args.rate, work, args.tls)
+            tls = " (TLS)" if args.tls else ""
+            print(f"live{tls}: {r['offered']} frames at {r['rate']} pps; tcpdump {r['tcpdump']}; PacketStreamer sensor "
                   f"→ pktstream receiver {r['packetstreamer_in_file']} (identical: {r['packetstreamer_identical']}); "
                   f"pktstream sensor {r['pktstream_in_file']} (identical: {r['pktstream_identical']})", flush=True)
             ok &= r["packetstreamer_identical"] and r["pktstream_identical"] and r["tcpdump"] == r["offered"]
