@@ -86,6 +86,7 @@ def _setup_log_file(path: str | None) -> None:
 def build_receiver(args: argparse.Namespace):
     """Settings from --config, overridden by flags → a Receiver."""
     from pktstream.sinks import FileSink, StdoutSink
+    from pktstream.stream.legacy import PacketStreamerSettings
     from pktstream.stream.receiver import Limits, Receiver, Security
     from pktstream.stream.tls import server_context
 
@@ -105,6 +106,13 @@ def build_receiver(args: argparse.Namespace):
         if v is not None:
             setattr(s, attr, v)
     s.fsync = s.fsync or args.fsync
+    if args.no_packetstreamer:
+        s.packetstreamer = False
+    for item in args.packetstreamer_id or ():
+        addr, sep, sid = item.rpartition("=")
+        if not sep or not addr or not sid:
+            raise ConfigError(f"--packetstreamer-id {item!r}: expected ADDRESS=SENSOR_ID")
+        s.packetstreamer_ids[addr] = sid
     if args.auth_key_file:
         s.auth.enable, s.auth.key = True, _read_secret(args.auth_key_file)
     if args.auth_keys:
@@ -153,7 +161,9 @@ def build_receiver(args: argparse.Namespace):
                     max_raw_bytes=max(s.max_block_bytes, s.snaplen + 16))
     return Receiver(None if s.kafka_input and not args.listen else s.listen, outputs,
                     inputs=cloud.receiver_inputs(s), state_dir=s.state_dir, fsync_state=s.fsync,
-                    security=security, limits=limits, metrics=s.metrics, stats_interval=s.stats_interval)
+                    security=security, limits=limits, metrics=s.metrics, stats_interval=s.stats_interval,
+                    legacy=PacketStreamerSettings(enabled=s.packetstreamer, sensors=s.packetstreamer_ids,
+                                                  snaplen=s.snaplen))
 
 
 def build_sensor(args: argparse.Namespace):
@@ -338,6 +348,10 @@ def register(sub) -> None:
     r.add_argument("--tls-identity-from-cert", action="store_true",
                    help="mTLS: a sensor's id must be the CN or a SAN of its certificate")
     r.add_argument("--log-file", metavar="FILE", help="also log to FILE")
+    r.add_argument("--no-packetstreamer", action="store_true",
+                   help="refuse Deepfence PacketStreamer sensors (default: accepted, legacy: unacknowledged)")
+    r.add_argument("--packetstreamer-id", action="append", metavar="ADDRESS=ID",
+                   help="sensor id of the PacketStreamer sensor at ADDRESS (repeat; default: its address)")
     r.set_defaults(func=cmd_receiver)
 
     s = subparser(sub, "sensor", help="capture on interfaces and stream to a receiver", epilog=SENSOR_EPILOG)

@@ -27,6 +27,7 @@ from pktstream.exceptions import ConfigError
 from pktstream.sinks.base import Sink, Source
 from pktstream.sinks.callback import IteratorSink
 from pktstream.stream import protocol as P
+from pktstream.stream.legacy import PacketStreamerSettings
 from pktstream.stream.protocol import parse_hostport
 from pktstream.stream.receiver.ingest import SENSOR_ID, STATE_FILE, Ingest, SensorState, check_interface, check_seq
 from pktstream.stream.receiver.server import Server, is_loopback
@@ -100,6 +101,8 @@ class Receiver:
     :param limits: connection and memory limits (:class:`Limits`).
     :param metrics: ``host:port`` for the Prometheus endpoint (see ``metrics_address``).
     :param stats_interval: seconds between per-sensor log lines.
+    :param legacy: Deepfence PacketStreamer sensors on the same port
+        (:class:`pktstream.stream.legacy.PacketStreamerSettings`; default: accepted, named by address).
 
     Lifetime: ``start()`` (background thread) or ``run()`` (blocks) once, then ``stop()``.
     Thread safety: ``start()``, ``stop()``, ``stats()``, ``prometheus()`` and ``batches()`` may
@@ -109,7 +112,8 @@ class Receiver:
     def __init__(self, listen: str | None = "0.0.0.0:8081", outputs: list[Sink] | tuple = (), *,
                  inputs: list[Input] | tuple[Input, ...] = (), state_dir: str | None = None, fsync_state: bool = False,
                  security: Security | None = None, limits: Limits | None = None,
-                 metrics: str | None = None, stats_interval: float = 60.0) -> None:
+                 metrics: str | None = None, stats_interval: float = 60.0,
+                 legacy: PacketStreamerSettings | None = None) -> None:
         self.listen = parse_hostport(listen) if listen else None
         self.outputs = list(outputs)
         self.inputs = list(inputs)
@@ -117,6 +121,7 @@ class Receiver:
         self.limits = limits or Limits()
         self.metrics = parse_hostport(metrics, 9100) if metrics else None
         self.stats_interval = stats_interval
+        self.legacy = legacy if legacy is not None else PacketStreamerSettings()
         if self.listen is not None and not self.security.authenticated and not is_loopback(self.listen[0]) \
                 and not self.security.allow_unauthenticated:
             raise ConfigError(
@@ -194,7 +199,7 @@ class Receiver:
         self.ingest.start()
         if self.listen is not None:
             self.server = Server(self.listen, self.ingest, security=self.security, limits=self.limits,
-                                 counters=self.counters)
+                                 counters=self.counters, legacy=self.legacy)
             await self.server.start()
             self.address = self.server.address
         for inp in self.inputs:

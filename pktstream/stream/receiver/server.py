@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from pktstream.exceptions import FrameError
+from pktstream.stream import legacy
 from pktstream.stream import protocol as P
 from pktstream.stream.receiver.ingest import SENSOR_ID, Ingest, SensorState, check_interface, numeric_stats
 
@@ -61,11 +62,13 @@ class Server:
     :param security: keys, TLS context, certificate identity (a ``Security``).
     :param limits: connection limits and timeouts (a ``Limits``).
     :param counters: the receiver-level counters (shared with ingest).
+    :param legacy: PacketStreamer sensors (``stream.legacy.PacketStreamerSettings``; None: refused).
     """
 
     def __init__(self, listen: tuple[str, int], ingest: Ingest, *, security: Any, limits: Any,
-                 counters: collections.Counter) -> None:
+                 counters: collections.Counter, legacy: Any = None) -> None:
         self.listen = listen
+        self.legacy = legacy
         self.ingest = ingest
         self.security = security
         self.limits = limits
@@ -168,6 +171,10 @@ class Server:
                       peer: str) -> None:
         sensor: SensorState | None = None
         try:
+            # legacy hook: a PacketStreamer sensor (first bytes DE EF EC E0) is served by stream/legacy.py
+            reader = await legacy.intake(self, reader, writer, host, peer)
+            if reader is None:
+                return
             sensor = await asyncio.wait_for(self._handshake(reader, writer, peer), self.limits.handshake_timeout)
             await self._session(sensor, reader, writer)
         except TimeoutError:
@@ -252,6 +259,7 @@ class Server:
             log.warning("sensor %s reconnected from %s: closing its old connection from %s", sid, peer, sensor.peer)
             sensor.writer.close()
         sensor.instance = instance
+        sensor.legacy = False  # a pktstream sensor taking over a PacketStreamer sensor's id (stream/legacy.py)
         sensor.last_rx = time.monotonic()
         for d in descs:
             sensor.interfaces[d["index"]] = d
