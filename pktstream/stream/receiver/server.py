@@ -16,8 +16,7 @@ import time
 from typing import Any
 
 from pktstream.exceptions import FrameError
-from pktstream.stream import legacy
-from pktstream.stream import protocol as P
+from pktstream.stream import legacy, protocol as P
 from pktstream.stream.receiver.ingest import SENSOR_ID, Ingest, SensorState, check_interface, numeric_stats
 
 log = logging.getLogger("pktstream.stream.receiver")
