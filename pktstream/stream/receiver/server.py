@@ -171,11 +171,11 @@ class Server:
         sensor: SensorState | None = None
         try:
             # legacy hook: a PacketStreamer sensor (first bytes DE EF EC E0) is served by stream/legacy.py
-            reader = await legacy.intake(self, reader, writer, host, peer)
-            if reader is None:
+            stream = await legacy.intake(self, reader, writer, host, peer)
+            if stream is None:
                 return
-            sensor = await asyncio.wait_for(self._handshake(reader, writer, peer), self.limits.handshake_timeout)
-            await self._session(sensor, reader, writer)
+            sensor = await asyncio.wait_for(self._handshake(stream, writer, peer), self.limits.handshake_timeout)
+            await self._session(sensor, stream, writer)
         except TimeoutError:
             self.counters["timeouts"] += 1
             self.warn("timeout", host, "%s: %s timed out", peer, "session" if sensor else "handshake")
@@ -202,7 +202,7 @@ class Server:
         if not writer.is_closing():
             writer.write(P.encode_json(P.FrameType.ERROR, {"reason": reason[:500]}))
 
-    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> SensorState:
+    async def _handshake(self, reader: P.ByteReader, writer: asyncio.StreamWriter, peer: str) -> SensorState:
         hello = await P.read_frame(reader, max_payload=0, max_raw=0)
         if hello.type != P.FrameType.HELLO:
             raise FrameError(f"expected HELLO, got {hello.type.name}")
@@ -274,7 +274,7 @@ class Server:
                  sid, sensor.hostname, sensor.software, peer, len(sensor.interfaces), sensor.last_committed)
         return sensor
 
-    async def _session(self, sensor: SensorState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _session(self, sensor: SensorState, reader: P.ByteReader, writer: asyncio.StreamWriter) -> None:
         idle = 3 * self.limits.heartbeat + 1  # the sensor sends a heartbeat every `heartbeat` s when idle
         max_raw = self.ingest.max_raw
         c = sensor.counters
