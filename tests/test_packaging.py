@@ -85,7 +85,8 @@ def test_sdist_holds_the_sources_and_nothing_generated(dists):
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     for need in ("LICENSE", "setup.py", "pyproject.toml", "README.md", "pktstream/_compat.h",
                  "pktstream/_compat.pxd", "pktstream/_libpcap.pxd", "pktstream/py.typed",
-                 *(f"pktstream/{m}.{ext}" for m in ("_capture", "_records", "_decode") for ext in ("pyx", "pyi"))):
+                 *(f"pktstream/{m}.{ext}" for m in ("_capture", "_records", "_decode", "_s2")
+                   for ext in ("pyx", "pyi"))):
         assert need in names, need
     assert not [n for n in names if n.endswith((".c", ".so", ".html", ".pyc"))]
     assert not [n for n in names if n.startswith("tests/")]
@@ -93,7 +94,7 @@ def test_sdist_holds_the_sources_and_nothing_generated(dists):
 
 def test_wheel_holds_modules_stubs_and_license_but_no_sources(dists):
     names = set(zipfile.ZipFile(dists["wheel"]).namelist())
-    for m in ("_capture", "_records", "_decode"):
+    for m in ("_capture", "_records", "_decode", "_s2"):
         assert any(n.startswith(f"pktstream/{m}.") and n.endswith(".so") for n in names), m
         assert f"pktstream/{m}.pyi" in names
     assert "pktstream/py.typed" in names
@@ -115,11 +116,18 @@ def _check_installed(bin_dir: Path, workdir: Path) -> None:
             "c = pktstream.open_offline(sys.argv[1])\n"
             "n_pcap = sum(len(b) for b in c)\n"
             "c.close()\n"
-            "print(json.dumps({'file': pktstream.__file__, 'libpcap': n_pcap,\n"
+            "import pkgutil\n"
+            "pkgs = sorted(m.name for m in pkgutil.walk_packages(pktstream.__path__, 'pktstream.') if m.ispkg)\n"
+            "assert pktstream.Receiver and pktstream.Sensor\n"
+            "print(json.dumps({'file': pktstream.__file__, 'libpcap': n_pcap, 'packages': pkgs,\n"
             "                  'reader': sum(len(b) for b in pktstream.read(sys.argv[1]))}))\n")
     got = json.loads(_run(bin_dir / "python", "-c", code, pcap, cwd=workdir, env=env))
     assert Path(got["file"]).is_relative_to(bin_dir.parent), got  # the installed copy, not the tree
     assert got["libpcap"] == got["reader"] == N_PACKETS
+    # every subpackage of the tree is installed (a package missing from the build config is not)
+    tree = sorted("pktstream." + str(p.parent.relative_to(ROOT / "pktstream")).replace("/", ".")
+                  for p in (ROOT / "pktstream").rglob("__init__.py") if p.parent != ROOT / "pktstream")
+    assert got["packages"] == tree, (got["packages"], tree)
     info = json.loads(_run(bin_dir / "pktstream", "info", "--json", pcap, cwd=workdir, env=env))
     assert info["packets"] == N_PACKETS
 
