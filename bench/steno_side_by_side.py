@@ -37,6 +37,24 @@ def timed(cmd: list[str], **kw) -> float:
     return time.perf_counter() - t
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first found through /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
 def du(d: Path, pattern: str = "*") -> int:
     return sum(f.stat().st_size for f in d.rglob(pattern) if f.is_file())
 
@@ -79,12 +97,18 @@ def main() -> int:
                     n = sum(len(b) for b in pktstream.read(WORK / "out.pcap"))
                     print(f"stenoread run {i}: {dt:.3f} s, {n} packets", flush=True)
             finally:
+                tree = descendants(p.pid)  # stenographer leaves its stenotype running when stopped
                 p.terminate()
                 try:
                     p.wait(10)
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+                for pid in tree:
+                    try:
+                        os.kill(pid, 9)
+                    except ProcessLookupError:
+                        pass
     print(f"tcpdump -r: {timed(['tcpdump', '-r', str(pcap), '-w', str(WORK / 'td.pcap'), query]):.3f} s")
     print("stenographer packet files", du(WORK / "thread0/packets"), "index", du(WORK / "thread0/index"))
     arc = WORK / "arc"
