@@ -13,8 +13,8 @@ pktstream's nanosecond records and handed to ``Ingest.ingest`` (receiver/ingest.
 interface 0 (``packetstreamer``, Ethernet) of a sensor whose id is the peer address, or the id
 configured for it. Nothing is acknowledged (upstream has no sequence numbers, resume or loss
 counts); sequence numbers are made up here (this receiver's clock in µs, growing by at least
-one per block) only to go through the same path; an id a pktstream sensor has used is refused. The sensor's entry in ``stats()`` says ``legacy:
-unacknowledged``.
+one per block) only to go through the same path; an id a pktstream sensor has used is
+refused. The sensor's entry in ``stats()`` says ``legacy: unacknowledged``.
 
 Auth: with a key on the receiver (``auth.key``, or ``auth.keyfile`` looked up by the mapped
 sensor id) the sensor must send the hello with that key (compared in constant time); a wrong or
