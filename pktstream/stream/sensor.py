@@ -154,8 +154,11 @@ class CaptureOptions:
     ``bpf``, ``pcap_mode`` (all/allow/deny) with ``capture_ports``,
     ``capture_interfaces_ports``, ``ignore_ports``; libpcap's ``snaplen`` (``inputPacketLen``),
     ``promisc``, ``immediate``, ``buffer_bytes`` (``bufferSize``); the ring's ``block_bytes``
-    (``blockSize``), ``ring_blocks`` and ``max_wait`` (s a partly filled block waits,
-    ``maxWait``); ``rescan_interval`` (s between looks for interfaces that came or went)."""
+    (``blockSize``), ``ring_blocks`` and ``max_wait`` (s a partly filled block waits under load,
+    ``maxWait``); ``idle_wait`` (adaptive sealing, ``idleWait``: on a quiet link a partly filled
+    block goes at once, at most one per ``idle_wait`` s; ``>= max_wait`` turns it off) and
+    ``timeout_ms`` (the kernel's block timeout, ``kernelTimeout``; docs/CAPTURE.md);
+    ``rescan_interval`` (s between looks for interfaces that came or went)."""
     interfaces: list[str] | None = None
     include_loopback: bool = False
     bpf: str | None = None
@@ -170,6 +173,8 @@ class CaptureOptions:
     block_bytes: int = 1 << 20
     ring_blocks: int = 32
     max_wait: float = 0.2
+    idle_wait: float = 0.05
+    timeout_ms: int = 10
     rescan_interval: float = 5.0
 
 
@@ -260,7 +265,8 @@ class Sensor:
             log.warning("pcapMode 'all' captures every port: capturePorts/captureInterfacesPorts are ignored")
         self.capture_options = dict(snaplen=snaplen, promisc=promisc, immediate=immediate,
                                     buffer_bytes=buffer_bytes, block_bytes=max(block_bytes, snaplen + 16),
-                                    max_wait=max_wait, ring_blocks=ring_blocks)
+                                    max_wait=max_wait, ring_blocks=ring_blocks,
+                                    idle_wait=capture.idle_wait, timeout_ms=capture.timeout_ms)
         self.compression_level = compression_level
         self.sensor_id = sensor_id or socket.gethostname()
         if not re.match(r"^[\x21-\x7e]{1,128}$", self.sensor_id):
