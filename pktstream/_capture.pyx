@@ -901,7 +901,8 @@ cdef class Capture:
 
     Thread safety: one thread iterates; ``stop()``, ``close()`` and ``stats()`` may be called
     from any thread. The library installs no signal handlers; iteration checks for pending
-    signals (KeyboardInterrupt) at least every ``timeout_ms``.
+    signals (KeyboardInterrupt) at least every 500 ms on the main thread (5 s on another, where
+    Python runs no signal handlers; 100 ms while a block is partly filled).
     """
     cdef CaptureState s
     cdef Ring _ring
@@ -1230,6 +1231,7 @@ cdef class Capture:
         cdef int rc = 0, prc, drain_waits = 0
         cdef int64_t now, early_at, deadline = -1, max_wait_ns = _seconds_to_ns(self.max_wait)
         cdef int poll_ms
+        cdef int idle_ms = 500 if threading.current_thread() is threading.main_thread() else 5000
         cdef pollfd fds[2]
         cdef uint64_t junk
         cdef int32_t delta
@@ -1308,8 +1310,10 @@ cdef class Capture:
                             rc = 3
                             break
                         # idle (nothing partly filled): sleep long, the kernel wakes us when a
-                        # buffer block is ready, stop() through the eventfd, signals with EINTR
-                        poll_ms = 500
+                        # buffer block is ready, stop() through the eventfd, signals with EINTR;
+                        # 500 ms on the main thread (where Python runs signal handlers), 5 s on
+                        # another (a sensor's capture thread: fewer idle wake-ups)
+                        poll_ms = idle_ms
                         if s.cur >= 0 and s.count[s.cur] > 0:
                             # the kernel wakes poll when it hands over packets (within
                             # timeout_ms); a wake-up of our own is due only at max_wait or the
@@ -1332,7 +1336,7 @@ cdef class Capture:
                             rc = 3
                             break
                         if prc == 0:
-                            rc = 3  # poll timeout: check signals at least every timeout_ms
+                            rc = 3  # poll timeout: check signals (see the poll_ms above)
                             break
                     if rc == 1:
                         if not s.draining:

@@ -385,9 +385,12 @@ class Sensor:
 
     def _rescan_loop(self) -> None:
         """New interfaces every ``rescan_interval`` (all-interfaces mode); failed ones every
-        second until they come back."""
+        second until they come back. While nothing has failed, it sleeps until the next full
+        scan (at most 5 s: a capture that fails meanwhile is retried within 5 s, then every
+        second), so an idle sensor wakes rarely."""
         next_full = time.monotonic() + self.rescan_interval
-        while not self._stop.wait(1.0):
+        failed = False
+        while not self._stop.wait(1.0 if failed else min(5.0, max(1.0, next_full - time.monotonic()))):
             failed = any(i.capture is None and i.error is not None for i in list(self._ifaces.values()))
             if failed or (not self.interfaces_wanted and time.monotonic() >= next_full):
                 next_full = time.monotonic() + self.rescan_interval
