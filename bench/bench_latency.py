@@ -10,8 +10,9 @@ sent): the time a packet spends between the wire and the receiver's output.
 
 Next to it, with ``--tcpdump``: ``tcpdump -U -w -`` on the same interface (packet-buffered
 pcap on stdout), the same measure for a local capturer. Also reported: CPU seconds (user+sys,
-from /proc) of the sensor, the receiver and tcpdump during each case, and of the sensor and
-tcpdump over ``--idle`` seconds with no traffic.
+from /proc, 10 ms ticks) of the sensor, the receiver and tcpdump during each case, and over
+``--idle`` seconds with no traffic (there also ``perf stat -e task-clock``, exact, when perf is
+installed).
 
 Run as root:  .venv/bin/python bench/bench_latency.py [--rates 10,1000,100000]
 [--seconds 15,5,3] [--idle 10] [--tcpdump] [--sensor-args '--max-wait 0.2'] [--json FILE]
@@ -21,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
+import shutil
 import socket
 import struct
 import subprocess
@@ -117,6 +120,19 @@ class PcapReader(threading.Thread):
         return out
 
 
+def perf_task_clock(pid: int, seconds: float) -> subprocess.Popen:
+    """``perf stat -e task-clock`` on a running process for ``seconds`` (started now)."""
+    return subprocess.Popen(["perf", "stat", "-e", "task-clock", "-p", str(pid), "--", "sleep", str(seconds)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def task_clock_ms(proc: subprocess.Popen) -> float:
+    """The task-clock milliseconds a perf_task_clock() run reported (0 when not counted: the
+    process never ran)."""
+    m = re.search(r"([\d.,]+)\s+msec task-clock", proc.communicate()[1])
+    return float(m.group(1).replace(",", "")) if m else 0.0
+
+
 def percentiles(values_ns: list[int]) -> dict:
     if not values_ns:
         return {}
@@ -135,8 +151,11 @@ def run_cases(veth: Veth, pcaps: dict[int, tuple[str, int]], rates: list[int], s
     results: dict = {}
     if idle > 0:
         c0 = {k: cpu_seconds(p) for k, p in pids.items()}
+        perfs = {k: perf_task_clock(p, idle) for k, p in pids.items()} if shutil.which("perf") else {}
         time.sleep(idle)
         results["idle"] = {"seconds": idle, **{f"{k}_cpu_s": cpu_seconds(p) - c0[k] for k, p in pids.items()}}
+        for k, proc in perfs.items():  # task-clock: exact, where /proc counts 10 ms ticks
+            results["idle"][f"{k}_task_clock_ms"] = task_clock_ms(proc)
     total = reader.count
     for rate, secs in zip(rates, seconds):
         pcap, per_file = pcaps[rate]
@@ -236,7 +255,8 @@ def main() -> None:
                 if "idle" in res:
                     idle = res["idle"]
                     print(f"[{rep}] {name:9} idle {idle['seconds']:.0f} s: " + ", ".join(
-                        f"{k[:-6]} {v:.3f} CPU-s" for k, v in idle.items() if k.endswith("_cpu_s")))
+                        f"{k[:-6]} {v:.3f} CPU-s" for k, v in idle.items() if k.endswith("_cpu_s")) + "; perf: " +
+                        ", ".join(f"{k[:-14]} {v:.1f} ms" for k, v in idle.items() if k.endswith("_task_clock_ms")))
                 for rate in args.rate_list:
                     r = res[str(rate)]
                     cpu = ", ".join(f"{k[:-15]} {v:.2f} CPU-s/Mpkt ({r[k[:-9]] / r['seconds'] * 1000:.2f} ms/s)"
