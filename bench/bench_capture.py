@@ -23,7 +23,8 @@ are not counted: the Python capturers -- pktstream-cli included, which runs ``pk
 in a worker exactly as the console script does -- take CLOCK_PROCESS_CPUTIME_ID and rusage
 user/sys themselves from readiness to the end of capture; tcpdump is measured from readiness to
 exit with ``perf stat -e task-clock -p PID`` when perf is installed, else with rusage from
-``os.wait4`` minus ``/proc/PID/stat`` at readiness), CPU seconds per million captured packets, and ratios to tcpdump from the same run.
+``os.wait4`` minus ``/proc/PID/stat`` at readiness), CPU seconds per million captured packets, and
+ratios to tcpdump from the same run.
 
 Results: a table on stdout and JSON in ``bench/results/capture-<date>.json``.
 ``--baseline OLD.json`` prints the change of capture rate and CPU/Mpkt against an earlier run.
@@ -124,6 +125,7 @@ def worker_pktstream_api(iface: str, buffer_bytes: int, out: str) -> None:
 
 def worker_pcapy(iface: str, buffer_bytes: int, out: str) -> None:
     import select
+
     import pcapy
     p = pcapy.create(iface)
     p.set_snaplen(262144)
@@ -293,7 +295,7 @@ def machine_info() -> dict:
             tools[name] = (r.stdout + r.stderr).splitlines()[0].strip()
         except (OSError, IndexError):
             tools[name] = None
-    for mod, dist in (("scapy", "scapy"), ("pcapy", "pcapy-ng")):
+    for _mod, dist in (("scapy", "scapy"), ("pcapy", "pcapy-ng")):
         try:
             from importlib.metadata import version
             tools[dist] = version(dist)

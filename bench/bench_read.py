@@ -15,7 +15,6 @@ Every number comes from the same run; the file is read once before timing (page 
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile

@@ -17,11 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from servers import AWS_ENV, Moto, Tansu  # noqa: E402
-
 from pktstream._capture import PacketBatch  # noqa: E402
 from pktstream.sinks import FileSink  # noqa: E402
 from pktstream.sinks.base import Source  # noqa: E402
+from servers import AWS_ENV, Moto, Tansu  # noqa: E402
 
 
 def make_blocks(n: int, block_size: int, pkt: int = 1000) -> list[PacketBatch]:

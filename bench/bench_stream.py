@@ -31,9 +31,9 @@ import time
 
 import zstandard
 
-from pktstream.stream import protocol as P
 from pktstream.lab import traffic
 from pktstream.lab.netns import Veth
+from pktstream.stream import protocol as P
 
 PY = [sys.executable, "-m", "pktstream"]
 TICK = os.sysconf("SC_CLK_TCK")
@@ -86,7 +86,7 @@ def run_tcpdump(veth: Veth, pcap: str, rate: int, loops: int, work: str) -> dict
     td.terminate()
     td.wait()
     text = open(log).read()
-    kdrop = int(next((l.split()[0] for l in text.splitlines() if "dropped by kernel" in l), "0"))
+    kdrop = int(next((ln.split()[0] for ln in text.splitlines() if "dropped by kernel" in ln), "0"))
     n = count_pcap(path)
     os.unlink(path)
     return {"sent": sent, "pps": pps, "captured": n, "kernel_dropped": kdrop, "cpu_s": cpu}
@@ -108,7 +108,7 @@ class SensorNamespace:
     def cmd(self, *args: str) -> list[str]:
         return ["ip", "netns", "exec", self.ns, *args]
 
-    def __enter__(self) -> "SensorNamespace":
+    def __enter__(self) -> SensorNamespace:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -40,8 +40,8 @@ import time
 import numpy as np
 
 import pktstream
-from pktstream.stream.receiver import Receiver, Security
 from pktstream.sinks import CallbackSink, FileSink, Source
+from pktstream.stream.receiver import Receiver, Security
 
 TCP, UDP = 6, 17
 SYN, ACK = 0x02, 0x10

@@ -22,12 +22,29 @@ from importlib.metadata import PackageNotFoundError, version as _dist_version
 import zstandard as _zstd
 
 from pktstream._capture import (
-    BpfProgram, Capture, Interface, InterfaceAddress, PacketBatch, count_records,
-    libpcap_version, link_type_name, list_interfaces,
+    BpfProgram,
+    Capture,
+    Interface,
+    InterfaceAddress,
+    PacketBatch,
+    count_records,
+    libpcap_version,
+    link_type_name,
+    list_interfaces,
 )
 from pktstream.exceptions import (
-    AuthenticationError, CaptureNotSupported, CapturePermissionError, ClosedError, ConfigError,
-    FileFormatError, FilterError, FrameError, InterfaceNotUp, NoSuchDevice, PcapError, PcapWarning,
+    AuthenticationError,
+    CaptureNotSupported,
+    CapturePermissionError,
+    ClosedError,
+    ConfigError,
+    FileFormatError,
+    FilterError,
+    FrameError,
+    InterfaceNotUp,
+    NoSuchDevice,
+    PcapError,
+    PcapWarning,
     PktstreamError,
 )
 

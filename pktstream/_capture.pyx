@@ -17,7 +17,6 @@ from libc.string cimport memcpy, memset, strerror
 import os
 import threading
 import warnings
-import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -191,7 +190,11 @@ cdef class Ring:
         if self.blocks != NULL:
             for i in range(self.nblocks):
                 _block_free(self.blocks[i])
-        free(self.blocks); free(self.cap); free(self.state); free(self.used); free(self.count)
+        free(self.blocks)
+        free(self.cap)
+        free(self.state)
+        free(self.used)
+        free(self.count)
 
     cdef void release(self, int block) noexcept nogil:
         ps_store_int(&self.state[block], BLOCK_FREE)
@@ -485,7 +488,7 @@ cdef class PacketBatch:
 
     def __iter__(self):
         """Yield each packet as a read-only memoryview (zero-copy)."""
-        ts, cap, wire, off = self._index()
+        _ts, cap, _wire, off = self._index()
         mv = memoryview(self)
         for start, length in zip(off.tolist(), cap.tolist()):
             yield mv[start:start + length]
@@ -510,7 +513,7 @@ cdef class PacketBatch:
         """Boolean mask of the packets matching a BPF expression (libpcap's offline filter)."""
         self._check()
         cdef BpfProgram prog = BpfProgram(expression, self._link_type, self._snaplen)
-        ts, cap, wire, off = self._index()
+        _ts, cap, wire, off = self._index()
         cdef Py_ssize_t n = len(self), i
         cdef cnp.ndarray[cnp.uint8_t, cast=True] mask = np.zeros(n, dtype=np.bool_)
         cdef const unsigned char *d = self._data
@@ -646,7 +649,7 @@ ctypedef struct CaptureState:
     int stop                 # set by stop() from any thread
     int draining             # stopping: emptying the kernel buffer
     uint64_t drain_target    # stopping: packets the kernel had retired at stop (seen reaching it ends the drain)
-    pthread_mutex_t stats_mu # pcap_stats() from one thread at a time (reader drain, stats())
+    pthread_mutex_t stats_mu  # pcap_stats() from one thread at a time (reader drain, stats())
 
 
 cdef inline int64_t _seconds_to_ns(double seconds) noexcept:

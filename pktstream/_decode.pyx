@@ -12,7 +12,7 @@ leaves the remaining fields at their "absent" value and sets ``truncated``.
 """
 cimport cython
 from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy
 
 import numpy as np
 cimport numpy as cnp
@@ -195,7 +195,7 @@ def decode_columns(const unsigned char[::1] buf, const int64_t[::1] offsets,
                 l4len = ps_get_be16(p + pos + 4)
                 nh = p[pos + 6]
                 l4 = pos + 40
-                for k in range(8):
+                for k in range(8):  # no-cython-lint: at most 8 extension headers (k is a C int)
                     if nh == 0 or nh == 43 or nh == 60 or nh == 135:
                         if L < l4 + 8:
                             ok = False

@@ -21,7 +21,6 @@ cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-import numpy as np
 cimport numpy as cnp
 
 cnp.import_array()

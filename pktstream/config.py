@@ -58,12 +58,13 @@ class _Node:
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
-        self.data, self.path, self.used = data, path, set()
+        self.data, self.path = data, path
+        self.used: set[str] = set()
 
     def _p(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
-    def child(self, key: str) -> "_Node":
+    def child(self, key: str) -> _Node:
         self.used.add(key)
         return _Node(self.data.get(key), self._p(key))
 
@@ -204,6 +205,20 @@ class ReceiverSettings:
     s3: Any = None           # config_plugins.S3Settings (output.plugins.s3)
     kafka_input: Any = None  # config_plugins.KafkaInputSettings (input.kafka)
     allow_unauthenticated: bool = False  # listen beyond loopback without key or client certificates
+    packetstreamer: bool = True          # legacy.packetstreamer: accept PacketStreamer sensors
+    packetstreamer_ids: dict[str, str] = field(default_factory=dict)  # legacy.sensors: address -> id
+
+
+def _legacy(node: _Node, s: ReceiverSettings) -> None:
+    """``legacy:`` — PacketStreamer sensors on this receiver (pktstream/stream/legacy.py)."""
+    s.packetstreamer = node.get("packetstreamer", "bool", True)
+    ids = node.data.get("sensors")
+    node.used.add("sensors")
+    if ids is not None:
+        if not isinstance(ids, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in ids.items()):
+            raise ConfigError(f"{node.path}.sensors: expected a mapping 'address: sensor-id'")
+        s.packetstreamer_ids = dict(ids)
+    node.finish()
 
 
 @dataclass
@@ -318,6 +333,7 @@ def receiver_settings(data: Any) -> ReceiverSettings:
     metrics = root.child("metrics")
     s.metrics = metrics.get("listen", "str")
     metrics.finish()
+    _legacy(root.child("legacy"), s)
     # an upstream PacketStreamer config without an auth block starts as it did there (warned)
     s.allow_unauthenticated = root.get("allowUnauthenticated", "bool", not root.has("auth"))
     for k, v in _common(root).items():
@@ -333,7 +349,7 @@ SENSOR_KEYS = ("pcapMode", "capturePorts", "captureInterfacesPorts", "ignorePort
                "interfaces", "includeLoopback", "bpf", "promisc", "immediateMode", "bufferSize",
                "blockSize", "maxWait", "idleWait", "kernelTimeout", "compressionLevel", "windowSize", "spool", "sensorId", "user", "group")
 #: Top-level keys only a receiver reads.
-RECEIVER_KEYS = ("input", "stateDir", "maxConnections", "connectionRate", "handshakeTimeout", "metrics")
+RECEIVER_KEYS = ("input", "stateDir", "maxConnections", "connectionRate", "handshakeTimeout", "metrics", "legacy")
 
 
 def _ignore_other_role(root: _Node, keys: tuple[str, ...], ignored: list[str], role: str, other: str) -> None:

@@ -138,7 +138,7 @@ def s3_output(node) -> S3Settings | None:
 
 def plugins(node, role: str) -> dict[str, Any]:
     """``output.plugins`` → {"kafka": KafkaSettings|None} plus, for a receiver, "s3": S3Settings|None."""
-    out = {"kafka": kafka_output(node.child("kafka"))}
+    out: dict[str, Any] = {"kafka": kafka_output(node.child("kafka"))}
     s3 = node.child("s3")
     if role == "sensor" and s3.data:
         raise ConfigError(f"{s3.path}: a pktstream sensor does not upload to S3 itself; stream to a "

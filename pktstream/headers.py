@@ -8,7 +8,7 @@ IPv4 as IPv4-mapped IPv6 (``::ffff:a.b.c.d``); ``src4``/``dst4`` give IPv4 as ui
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

@@ -11,7 +11,6 @@ file's packet count, a port accepting) with ``wait_until``; its timeout only bou
 """
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import shutil
@@ -109,7 +108,7 @@ def wait_pcap_count(path: str | Path, n: int, timeout: float = 30.0) -> None:
 _RX_STATS = re.compile(r"sensor (\S+): (\d+) packets, ")
 
 
-def received_counts(rx: "Proc") -> dict[str, int]:
+def received_counts(rx: Proc) -> dict[str, int]:
     """Packets accepted per sensor, from the receiver's latest periodic stats lines
     (``--stats-interval``)."""
     out: dict[str, int] = {}
@@ -120,7 +119,7 @@ def received_counts(rx: "Proc") -> dict[str, int]:
     return out
 
 
-def wait_received(rx: "Proc", n: int, sensor: str | None = None, timeout: float = 30.0) -> None:
+def wait_received(rx: Proc, n: int, sensor: str | None = None, timeout: float = 30.0) -> None:
     """Wait until a CLI receiver has accepted ``n`` packets (from ``sensor``, or in total)."""
     def count() -> int:
         c = received_counts(rx)
@@ -203,8 +202,8 @@ def procs():
 
 def start_tcpdump(start, iface: str, path: Path, bpf: str = "", ns_cmd: list[str] | None = None) -> Proc:
     """tcpdump with nanosecond stamps and a large buffer, ready when it says it is listening."""
-    cmd = [*(ns_cmd or []), "tcpdump", "-i", iface, "-n", "-B", "65536", "--immediate-mode", "--time-stamp-precision=nano",
-           "-U", "-w", str(path)]
+    cmd = [*(ns_cmd or []), "tcpdump", "-i", iface, "-n", "-B", "65536", "--immediate-mode",
+           "--time-stamp-precision=nano", "-U", "-w", str(path)]
     if bpf:
         cmd.append(bpf)
     p = start(cmd)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gc
-import os
 import socket
 import subprocess
 import threading
@@ -292,7 +291,7 @@ def test_inject_and_direction(veth, procs, tmp_path):
     from pktstream.lab import traffic as trafficgen
     frames = [f for f in trafficgen.frames(200) if len(f) > 42 and f[12:14] == b"\x08\x00" and f[23] == 17]
     sent = []
-    for i, f in enumerate(frames[:20]):
+    for f in frames[:20]:
         f = f[:36] + (7777).to_bytes(2, "big") + f[38:]  # udp dport 7777
         assert injector.inject(f) == len(f)
         sent.append(f)
@@ -301,7 +300,7 @@ def test_inject_and_direction(veth, procs, tmp_path):
     got.release()
     with pytest.raises(TimeoutError):
         in_cap.next_batch(timeout=0.5)
-    wait_until(lambda: len([1 for _, _, d in read_pcap_dpkt(ref, partial=True) if d[36:38] == b"\x1e\x61"]) >= len(sent),
+    wait_until(lambda: sum(d[36:38] == b"\x1e\x61" for _, _, d in read_pcap_dpkt(ref, partial=True)) >= len(sent),
                30, "tcpdump in the namespace to see the injected frames")
     td.stop()
     assert [d for _, _, d in read_pcap_dpkt(ref) if d[36:38] == b"\x1e\x61"] == sent

@@ -8,13 +8,11 @@ import socket
 import struct
 import subprocess
 import sys
-import warnings
 
 import pytest
 
-from conftest import PKTSTREAM
-
 import pktstream
+from conftest import PKTSTREAM
 from pktstream import PacketBatch, config as C
 from pktstream.exceptions import ConfigError
 from pktstream.sinks import FileSink
@@ -102,7 +100,7 @@ def test_unwritable_directory_refused_at_start_for_a_non_root_user(public_tmp):
     assert probe.returncode == 0, f"the test venv must be importable by nobody: {probe.stderr}"
     for args in (["-w", str(d / "cap.pcapng")], ["--output-dir", str(d)]):
         one_line_error(run("receiver", "--listen", "127.0.0.1:0", *args, user=65534),
-                       f"cannot write", f"{d}: permission denied")
+                       "cannot write", f"{d}: permission denied")
 
 
 def test_read_of_a_truncated_file_warns_in_one_clean_line(tmp_path):
@@ -187,7 +185,8 @@ def test_one_yaml_for_both_roles_as_upstream_documents(tmp_path, caplog):
     assert rx.listen == "127.0.0.1:8081" and rx.output_file == str(tmp_path / "dump_file")
     assert sx.receiver == "127.0.0.1:8081" and sx.max_wait == 5.0
     infos = [r.getMessage() for r in caplog.records]
-    assert "config: ignoring sensor keys output.server, pcapMode, capturePorts, gatherMaxWaitSec (this is a receiver)" in infos
+    assert ("config: ignoring sensor keys output.server, pcapMode, capturePorts, gatherMaxWaitSec "
+            "(this is a receiver)") in infos
     assert "config: ignoring receiver keys output.file, input (this is a sensor)" in infos
     # a typo is still an error, and a receiver whose only output is a server still refused
     with pytest.raises(ConfigError, match="pcapMod: unknown key"):
@@ -244,6 +243,7 @@ def test_readme_embedded_receiver_snippet_as_written_leaves_a_complete_file_on_c
     import re
     import signal
     from pathlib import Path
+
     from conftest import Proc
     from pktstream.stream.sensor import CaptureOptions, Sensor, SensorSecurity
     readme = (Path(__file__).parent.parent / "README.md").read_text()

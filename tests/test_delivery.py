@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from conftest import PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump, wait_until
-from pktstream.stream import protocol as P
 from pktstream.lab import traffic
 from pktstream.lab.netns import Veth
+from pktstream.stream import protocol as P
 
 pytestmark = pytest.mark.live
 

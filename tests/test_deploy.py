@@ -163,6 +163,6 @@ def test_systemd_units(name, tmp_path):
         unit = tmp_path / name
         unit.write_text(path.read_text().replace("/usr/local/bin/pktstream", exe))
         r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
-        problems = [l for l in (r.stdout + r.stderr).splitlines()
-                    if l.strip() and "pktstream" in l and "Documentation" not in l]
+        problems = [ln for ln in (r.stdout + r.stderr).splitlines()
+                    if ln.strip() and "pktstream" in ln and "Documentation" not in ln]
         assert r.returncode == 0 and not problems, r.stdout + r.stderr

@@ -16,12 +16,16 @@ import threading
 import urllib.request
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from conftest import free_port, read_pcap_dpkt, tshark_fields, wait_received, wait_until
 from pktstream.lab.netns import Veth
 from test_stream import receiver_cmd, sensor_cmd
+
+if TYPE_CHECKING:
+    import nbformat
 
 pytestmark = pytest.mark.live
 
@@ -56,8 +60,8 @@ class Servers:
         (root / "index.html").write_text("<h1>hello</h1>\n")
         (root / "data.json").write_text(json.dumps({"k": list(range(500))}))
         p = subprocess.Popen(self.veth.in_ns(sys.executable, "-m", "http.server", str(port), "--bind",
-                                             self.veth.inner_ip, "--protocol", protocol), cwd=root, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+                                             self.veth.inner_ip, "--protocol", protocol), cwd=root,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs.append(p)
 
         def accepting() -> bool:
@@ -313,7 +317,7 @@ def test_debug_http_shows_requests_the_server_handled(veth, servers, procs, tmp_
 
 # -- forensics notebook -------------------------------------------------------------------------
 
-def run_notebook(cwd: Path, env: dict[str, str | None], monkeypatch) -> "nbformat.NotebookNode":
+def run_notebook(cwd: Path, env: dict[str, str | None], monkeypatch) -> nbformat.NotebookNode:
     """Execute examples/forensics.ipynb top to bottom in a python3 kernel (nbclient)."""
     import nbclient
     import nbformat

@@ -8,7 +8,6 @@ import subprocess
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -16,9 +15,7 @@ import pktstream
 from _captures import real_captures, tshark_frames, tshark_rows
 from conftest import read_pcap_dpkt
 from pktstream import FileFormatError, PacketBatch
-from pktstream.formats import (
-    CaptureWriter, TruncatedFileWarning, open_reader, open_writer,
-)
+from pktstream.formats import CaptureWriter, TruncatedFileWarning, open_reader, open_writer
 
 pytestmark = pytest.mark.live
 
@@ -378,7 +375,8 @@ def _small_files(caps) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("kind", ["pcap", "pcapng"])
-@settings(max_examples=int(os.environ.get("PKTSTREAM_FUZZ_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("PKTSTREAM_FUZZ_EXAMPLES", "150")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_mutated_files_never_crash(caps, kind, data):
     raw = bytearray(_small_files(caps)[kind])
@@ -395,7 +393,7 @@ def test_mutated_files_never_crash(caps, kind, data):
                 b.ts_ns, b.caplen  # noqa: B018 - index arrays must be computable
                 pktstream.decode(b)
             with open_reader(io.BytesIO(sample), comments=True) as r:
-                for b in r:
+                for _ in r:
                     pass
         except FileFormatError as exc:
             assert exc.offset is not None and 0 <= exc.offset <= len(sample)

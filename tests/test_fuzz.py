@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import pktstream
 from pktstream import Capture, PacketBatch
-from pktstream.stream import protocol as P
 from pktstream.exceptions import FileFormatError, FrameError
 from pktstream.formats import open_reader
-from pktstream.stream.receiver import Limits, Receiver, check_interface
 from pktstream.sinks import CallbackSink
+from pktstream.stream import protocol as P
+from pktstream.stream.receiver import Limits, Receiver, check_interface
 
 EXAMPLES = int(os.environ.get("PKTSTREAM_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
@@ -129,7 +129,7 @@ def _pcap_file(recs, usec: bool, big: bool, snaplen: int, linktype: int) -> byte
     o = ">" if big else "<"
     magic = 0xA1B2C3D4 if usec else 0xA1B23C4D
     out = struct.pack(o + "IHHiIII", magic, 2, 4, 0, 0, snaplen, linktype)
-    for sec, nsec, caplen, wirelen, data in recs:
+    for sec, nsec, _caplen, wirelen, data in recs:
         frac = (nsec % 10**9) // 1000 if usec else nsec % 10**9
         out += struct.pack(o + "IIII", sec, frac, len(data), max(wirelen, len(data))) + data
     return out
@@ -241,7 +241,7 @@ def test_live_receiver_survives_random_streams(receiver, chunks):
         try:
             while s.recv(65536):
                 pass
-        except (ConnectionResetError, socket.timeout):
+        except (TimeoutError, ConnectionResetError):
             pass
     assert receiver.running
 

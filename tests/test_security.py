@@ -15,8 +15,8 @@ import pytest
 import zstandard
 
 from conftest import PKTSTREAM, free_port, pcap_count, read_pcap_dpkt, start_tcpdump, wait_pcap_count, wait_received
-from pktstream.stream import protocol as P
 from pktstream.lab import traffic
+from pktstream.stream import protocol as P
 from test_stream import assert_same_packets, received, receiver_cmd, sensor_cmd
 
 pytestmark = pytest.mark.live
@@ -201,7 +201,7 @@ class Peer:
         while len(buf) < n:
             try:
                 chunk = self.sock.recv(n - len(buf))
-            except (ConnectionResetError, socket.timeout):
+            except (TimeoutError, ConnectionResetError):
                 return None
             if not chunk:
                 return None
@@ -230,7 +230,7 @@ class Peer:
                     return True
         except ConnectionResetError:
             return True
-        except socket.timeout:
+        except TimeoutError:
             return False
 
     def close(self) -> None:

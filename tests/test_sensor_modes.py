@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import threading
 
 import pytest
 
@@ -70,6 +69,7 @@ def test_interfaces_that_appear_later_are_captured(procs, tmp_path):
     """All-interfaces mode: a veth created after the sensor started (a new container) is
     picked up and its traffic streamed."""
     import os
+
     from pktstream.lab import traffic
     port = free_port()
     dport = 20000 + os.getpid() % 20000  # a port only this test uses (other interfaces are live)

@@ -7,8 +7,8 @@ import os
 import pty
 import re
 import select
-import socket
 import signal
+import socket
 import struct
 import subprocess
 import termios

@@ -88,7 +88,8 @@ def test_receiver_sigkill_and_restart_loses_and_duplicates_nothing(veth, procs, 
     rx = procs(rx_cmd)
     rx.wait_for("listening on")
     td = start_tcpdump(procs, veth.outer, ref)
-    sx = procs(sensor_cmd(port, veth.outer, "-s", "1600", "--block-size", "64KiB", "--stats-json", str(tmp_path / "sx.json")))
+    sx = procs(sensor_cmd(port, veth.outer, "-s", "1600", "--block-size", "64KiB",
+                          "--stats-json", str(tmp_path / "sx.json")))
     sx.wait_for("connected to receiver")
     import threading
     replay = threading.Thread(target=veth.replay, args=(src,), kwargs={"pps": 2000})
@@ -238,9 +239,9 @@ def test_sensor_restart_continues_without_loss_or_duplicates(veth, procs, tmp_pa
 
 
 def test_idle_session_stays_connected(veth):
+    from pktstream.sinks import CallbackSink
     from pktstream.stream.receiver import Limits, Receiver
     from pktstream.stream.sensor import DeliveryOptions, Sensor
-    from pktstream.sinks import CallbackSink
     got = []
     rx = Receiver(listen="127.0.0.1:0", outputs=[CallbackSink(lambda s, b: got.append(len(b)))],
                   limits=Limits(heartbeat=0.5)).start()
@@ -264,9 +265,9 @@ def test_slow_output_memory_bounded_and_counted(veth, tmp_path):
     """A slow gating output: the receiver's in-flight bytes stay under their bound, the sensor's
     window stays bounded, and the sensor counts what it had to drop; a slow best-effort output
     drops and counts while the file output gets everything the receiver accepted."""
+    from pktstream.sinks import CallbackSink, FileSink
     from pktstream.stream.receiver import Limits, Receiver
     from pktstream.stream.sensor import CaptureOptions, DeliveryOptions, Sensor
-    from pktstream.sinks import CallbackSink, FileSink
     src = tmp_path / "t.pcap"
     traffic.write_random_udp_pcap(str(src), 3000, size=1000)
     peak = {"inflight": 0}
@@ -377,7 +378,8 @@ def test_packetstreamer_yaml_configs_work(veth, procs, tmp_path, mixed_pcap):
     ("receiver", "input:\n  port: 99999\n", "input.port: must be a port number"),
     ("receiver", "input:\n  port: 8081\ntls:\n  enable: true\n  certFile: a.pem\n",
      "tls.certFile: unknown key (the key is 'certfile'"),
-    ("receiver", "input:\n  port: 8081\noutput:\n  fiel:\n    path: x\n", "output.fiel: unknown key (did you mean 'file'?)"),
+    ("receiver", "input:\n  port: 8081\noutput:\n  fiel:\n    path: x\n",
+     "output.fiel: unknown key (did you mean 'file'?)"),
     ("receiver", "input:\n  port: 8081\nauth:\n  enable: true\n", "auth: auth is enabled but neither key nor keyfile"),
     ("receiver", "- just\n- a list\n", "config: expected a mapping"),
     ("sensor", "output:\n  server:\n    address: 127.0.0.1\npcapMode: all\n", "output.server.port: required"),
@@ -385,7 +387,8 @@ def test_packetstreamer_yaml_configs_work(veth, procs, tmp_path, mixed_pcap):
      "pcapMode: must be all, allow or deny"),
     ("sensor", "output:\n  server:\n    address: 127.0.0.1\n    port: 1\ncapturePorts: [80, 'x']\n",
      "capturePorts[1]: must be a port"),
-    ("sensor", "output:\n  server:\n    address: 127.0.0.1\n    port: 1\nspool:\n  maxBytes: 0\n", "spool.maxBytes: must be positive"),
+    ("sensor", "output:\n  server:\n    address: 127.0.0.1\n    port: 1\nspool:\n  maxBytes: 0\n",
+     "spool.maxBytes: must be positive"),
 ])
 def test_invalid_config_fails_with_key_path(tmp_path, role, yaml_text, message):
     cfg = tmp_path / "c.yaml"

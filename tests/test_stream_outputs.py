@@ -11,8 +11,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import (PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump, tshark_fields, wait_pcap_count,
-                      wait_received, wait_until)
+from conftest import free_port, read_pcap_dpkt, start_tcpdump, tshark_fields, wait_pcap_count, wait_received, wait_until
 from pktstream.lab import traffic
 from pktstream.lab.netns import Veth
 from test_stream import receiver_cmd, sensor_cmd
@@ -180,10 +179,10 @@ def test_time_rotation_while_idle(veth, procs, tmp_path, mixed_pcap):
 
 def test_python_api_iterator_and_callback(veth):
     """Embedding: Receiver.batches() and a callback, in one process with a Sensor."""
+    import pktstream
+    from pktstream.sinks import CallbackSink
     from pktstream.stream.receiver import Receiver
     from pktstream.stream.sensor import CaptureOptions, Sensor
-    from pktstream.sinks import CallbackSink
-    import pktstream
     seen = []
     rx = Receiver(listen="127.0.0.1:0", outputs=[CallbackSink(lambda src, b: seen.append(len(b)))])
     it = rx.batches()

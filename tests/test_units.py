@@ -5,11 +5,11 @@ import os
 
 import pytest
 
-from pktstream.stream import protocol as P
-from pktstream._capture import PacketBatch
 from pktstream.config import ConfigError, receiver_settings, sensor_settings
-from pktstream.stream.sendwindow import FrameStore
+from pktstream.exceptions import ClosedError
 from pktstream.sinks.file import safe_name
+from pktstream.stream import protocol as P
+from pktstream.stream.sendwindow import FrameStore
 
 
 def _frame(seq: int, payload: bytes = b"x" * 100) -> tuple[bytes, bytes]:
@@ -78,7 +78,7 @@ def test_sibling_batches_release_independently():
     view = a[0]
     b.release()
     assert bytes(view) == b"abcd" and len(a) == 1
-    with pytest.raises(Exception):
+    with pytest.raises(ClosedError):
         len(b)
 
 
@@ -210,11 +210,11 @@ def test_incompressible_blocks_are_tried_less_and_less_often():
 
     comp._compressor = counting
     noise = os.urandom(64 << 10)
-    for i in range(1 + 33 + 65 + 129 + 257 + 513 + 513):
+    for i in range(1 + 33 + 65 + 129 + 257 + 513 + 513):  # noqa: B007 - counting() records i
         comp.compress(noise)
     assert tries == [0, 33, 98, 227, 484, 997, 1510]
     assert comp.stored_blocks == len(range(1 + 33 + 65 + 129 + 257 + 513 + 513))
-    for i in range(513):  # finish the current run, then a compressible block resets it
+    for _ in range(513):  # finish the current run, then a compressible block resets it
         comp.compress(b"a" * (64 << 10))
     assert comp.compressed_blocks >= 1 and comp._stored_run == 32
 
@@ -228,7 +228,9 @@ def test_send_timeout_means_no_progress_not_a_whole_block(tls):
     import ssl
     import threading
     import time
+
     import trustme
+
     from pktstream.stream.uplink import Link
     ca = trustme.CA()
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -333,6 +335,49 @@ def test_a_reservation_made_by_a_clock_far_ahead_is_ignored(tmp_path):
     store = FrameStore(window_bytes=1 << 20, spool_dir=str(tmp_path), spool_bytes=1 << 20)
     assert store.put(_frame, 0, 200) < time.time_ns() // 1000 + P.SEQ_AHEAD_US
     store.close()
+
+
+def test_decode_data_is_thread_safe():
+    """decode_data is public and called from several threads (receiver sessions, Kafka inputs):
+    threads decoding different large frames at the same time (zstandard releases the GIL while
+    it decompresses) each get exactly their own packets, each thread with its own decompressor."""
+    import struct
+    import threading
+
+    import zstandard
+
+    from pktstream.lab.traffic import frames
+    nthreads, rounds = 4, 6
+    frames_by_thread = []
+    for t in range(nthreads):
+        pkts = frames(3000, seed=t + 1)   # different content per thread: a mix-up shows
+        raw = b"".join(struct.pack("<IIII", t, i, len(p), len(p)) + p for i, p in enumerate(pkts))
+        payload = zstandard.ZstdCompressor(level=1, write_checksum=True, write_content_size=True).compress(raw)
+        frames_by_thread.append((P.Frame(P.FrameType.DATA, 0, t + 1, 0, len(pkts), len(raw), payload), raw, pkts))
+    start = threading.Barrier(nthreads)
+    results: dict[int, list] = {}
+    contexts: dict[int, list] = {}  # the decompressor objects themselves (kept alive: ids stay unique)
+
+    def work(t: int) -> None:
+        frame, raw, pkts = frames_by_thread[t]
+        start.wait()
+        out, ctxs = [], []
+        for _ in range(rounds):
+            batch = P.decode_data(frame, link_type=1, snaplen=65535, interface=f"t{t}", max_raw=len(raw))
+            out.append(bytes(batch) == raw and [bytes(v) for v in batch] == pkts)
+            ctxs.append(P._dctx())
+            batch.release()
+        results[t], contexts[t] = out, ctxs
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(nthreads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert results == {t: [True] * rounds for t in range(nthreads)}
+    # one decompressor per thread, reused by that thread: none shared between threads
+    assert all(all(c is ctxs[0] for c in ctxs) for ctxs in contexts.values())
+    assert len({id(ctxs[0]) for ctxs in contexts.values()}) == nthreads
 
 
 def test_metrics_exposition_parses_and_carries_the_counters():

@@ -5,7 +5,8 @@ import argparse
 import signal
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pktstream
 
@@ -20,9 +21,9 @@ class _StopOnSignals:
 
     def __init__(self, stop) -> None:
         self._stop = stop
-        self._old: dict[int, object] = {}
+        self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopOnSignals":
+    def __enter__(self) -> _StopOnSignals:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old[sig] = signal.signal(sig, lambda *_: self._stop())
         return self

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from typing import Any
 
 from pktstream import config as C
 from pktstream.config_plugins import KafkaInputSettings, KafkaSettings, S3Settings
@@ -30,7 +31,8 @@ def _prop(text: str) -> tuple[str, str]:
 def add_receiver_args(r) -> None:
     r.add_argument("--from", dest="from_url", metavar="kafka://HOST:PORT/TOPIC",
                    help="consume this Kafka topic (as member of --group) instead of listening for sensors")
-    r.add_argument("--group", dest="kafka_group", metavar="G", help="Kafka consumer group (default pktstream-receivers)")
+    r.add_argument("--group", dest="kafka_group", metavar="G",
+                   help="Kafka consumer group (default pktstream-receivers)")
     r.add_argument("--kafka-property", action="append", type=_prop, default=[], metavar="KEY=VALUE",
                    help="librdkafka property for the Kafka input/output (repeat): TLS, SASL, timeouts")
     r.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint for -w s3:// (default AWS)")
@@ -54,8 +56,8 @@ def add_sensor_args(s) -> None:
 
 def apply_receiver_args(args, s) -> None:
     """Fold URL flags into ReceiverSettings (call before the 'no output' check)."""
-    from pktstream.stream.kafka import parse_kafka_url
     from pktstream.sinks.s3 import parse_s3_url
+    from pktstream.stream.kafka import parse_kafka_url
     props = dict(getattr(args, "kafka_property", None) or [])
     w = getattr(args, "write", None) or ""
     if w.startswith("s3://"):
@@ -97,7 +99,7 @@ def has_cloud_output(s) -> bool:
 
 
 def receiver_outputs(s) -> list:
-    outs = []
+    outs: list[Any] = []
     if s.kafka is not None:
         from pktstream.sinks.kafka import KafkaSink
         k = s.kafka

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from typing import cast
 
 from pktstream.lab import traffic
 from pktstream.lab.netns import Veth
@@ -39,7 +40,7 @@ def _wait_for(proc: subprocess.Popen, log_path: str, text: str, timeout: float =
             break
         time.sleep(0.05)
     with open(log_path, errors="replace") as f:
-        raise RuntimeError(f"{proc.args[2]} did not report {text!r}:\n{f.read()}")
+        raise RuntimeError(f"{cast(list[str], proc.args)[2]} did not report {text!r}:\n{f.read()}")
 
 
 def _http_traffic(veth: Veth, requests: int) -> int:

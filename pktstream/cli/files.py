@@ -111,7 +111,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                 "packets": packets, "bytes": nbytes, "wire_bytes": wire,
                 "link_types": [{"dlt": lt, "name": link_type_name(lt)} for lt in r.link_types],
                 "first_ts_ns": first, "last_ts_ns": last,
-                "duration_ns": (last - first) if first is not None else None,
+                "duration_ns": (last - first) if first is not None and last is not None else None,
                 "chronological": not out_of_order,
                 "interfaces": [{"index": i.index, "name": i.name, "link_type": i.link_type,
                                 "snaplen": i.snaplen, "tsresol": i.tsresol,
@@ -138,7 +138,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("Data size", f"{nbytes} bytes captured, {wire} bytes on the wire"),
         ("First packet time", fmt(first)),
         ("Last packet time", fmt(last)),
-        ("Capture duration", "n/a" if first is None else f"{(last - first) / 1e9:.9f} seconds"),
+        ("Capture duration", "n/a" if first is None or last is None else f"{(last - first) / 1e9:.9f} seconds"),
         ("Chronological", "yes" if not out_of_order else "no"),
         ("Interfaces", ", ".join(f"{i['name']} [{link_type_name(i['link_type'])}, snaplen {i['snaplen']}, "
                                  f"{i['packets']} packets]" for i in info["interfaces"])),
@@ -200,10 +200,12 @@ def cmd_read(args: argparse.Namespace) -> int:
     expr = _bpf(args.bpf)
     out = sys.stdout
     import warnings
+
     from pktstream.exceptions import PcapWarning
     shown = 0
     with warnings.catch_warnings(record=True) as caught, open_reader(_source(args.file)) as r:
         warnings.simplefilter("always", PcapWarning)
+        batch: PacketBatch | None
         for batch in r:
             if expr:
                 batch = filter_batch(batch, expr)
@@ -240,7 +242,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         w = _writer(args.output, args)
         try:
             for batch in r:
-                comments = r.comments
+                comments: dict[int, str] | None = r.comments
                 if expr:
                     batch = filter_batch(batch, expr)
                     comments = None
@@ -307,7 +309,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     from pktstream.cli import subparser
     p = subparser(sub, "info", help="summary of a capture file (like capinfos)",
-                  epilog="examples:\n  pktstream info capture.pcapng\n  pktstream info --json cap.pcapng.zst | jq .packets")
+                  epilog="examples:\n  pktstream info capture.pcapng\n"
+                         "  pktstream info --json cap.pcapng.zst | jq .packets")
     p.add_argument("file", help="pcap, pcapng, .zst or .gz file ('-' for stdin)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_info)

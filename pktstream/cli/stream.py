@@ -6,10 +6,14 @@ import json
 import logging
 import signal
 import sys
+from typing import TYPE_CHECKING, Any
 
-from pktstream.cli import cloud
 from pktstream import config as C
+from pktstream.cli import cloud
 from pktstream.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from pktstream.sinks.base import Sink
 
 log = logging.getLogger("pktstream")
 
@@ -31,6 +35,7 @@ def check_listen(text: str, what: str = "--listen") -> None:
     that does not resolve, an address in use or not on this machine)."""
     import errno
     import socket
+
     from pktstream.stream.protocol import parse_hostport
     try:
         host, port = parse_hostport(text)
@@ -50,13 +55,14 @@ def check_listen(text: str, what: str = "--listen") -> None:
         except OSError as exc:
             hint = {errno.EADDRINUSE: " (another program listens there: stop it or choose another port)",
                     errno.EADDRNOTAVAIL: f" ({host} is not an address of this machine)",
-                    errno.EACCES: " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"}.get(exc.errno, "")
+                    errno.EACCES: " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"}.get(exc.errno or 0, "")
             raise ConfigError(f"cannot listen on {text}: {(exc.strerror or str(exc)).lower()}{hint}") from None
 
 
 def check_receiver_host(text: str) -> None:
     """A sensor's receiver must resolve (its addresses are excluded from the capture filter)."""
     import socket
+
     from pktstream.stream.protocol import parse_hostport
     try:
         host, port = parse_hostport(text)
@@ -79,8 +85,9 @@ def _setup_log_file(path: str | None) -> None:
 
 def build_receiver(args: argparse.Namespace):
     """Settings from --config, overridden by flags → a Receiver."""
-    from pktstream.stream.receiver import Limits, Receiver, Security
     from pktstream.sinks import FileSink, StdoutSink
+    from pktstream.stream.legacy import PacketStreamerSettings
+    from pktstream.stream.receiver import Limits, Receiver, Security
     from pktstream.stream.tls import server_context
 
     s = C.receiver_settings(C.load_yaml(args.config) if args.config else {})
@@ -99,6 +106,13 @@ def build_receiver(args: argparse.Namespace):
         if v is not None:
             setattr(s, attr, v)
     s.fsync = s.fsync or args.fsync
+    if args.no_packetstreamer:
+        s.packetstreamer = False
+    for item in args.packetstreamer_id or ():
+        addr, sep, sid = item.rpartition("=")
+        if not sep or not addr or not sid:
+            raise ConfigError(f"--packetstreamer-id {item!r}: expected ADDRESS=SENSOR_ID")
+        s.packetstreamer_ids[addr] = sid
     if args.auth_key_file:
         s.auth.enable, s.auth.key = True, _read_secret(args.auth_key_file)
     if args.auth_keys:
@@ -119,8 +133,8 @@ def build_receiver(args: argparse.Namespace):
     if s.metrics:
         check_listen(s.metrics, "--metrics")
     _setup_log_file(s.log_file)
-    outputs = []
-    rot = dict(rotate_bytes=s.rotate_bytes, rotate_seconds=s.rotate_seconds, max_files=s.max_files,
+    outputs: list[Sink] = []
+    rot: dict[str, Any] = dict(rotate_bytes=s.rotate_bytes, rotate_seconds=s.rotate_seconds, max_files=s.max_files,
                fsync=s.fsync)
     if s.output_file:
         outputs.append(FileSink(s.output_file, **rot))
@@ -131,11 +145,13 @@ def build_receiver(args: argparse.Namespace):
     outputs += cloud.receiver_outputs(s)
     ctx = None
     if s.tls.enable:
+        assert s.tls.certfile and s.tls.keyfile  # checked by config.receiver_settings
         ctx = server_context(s.tls.certfile, s.tls.keyfile, cafile=s.tls.cafile, client_certs=s.tls.client_certs)
-    key = keys = None
+    key: str | None = None
+    keys: dict[str, bytes | str] | None = None
     if s.auth.enable:
         if s.auth.keyfile:
-            keys = C.read_key_file(s.auth.keyfile)
+            keys = dict(C.read_key_file(s.auth.keyfile))
         else:
             key = s.auth.key
     security = Security(auth_key=key, auth_keys=keys, ssl_context=ctx, cert_identity=s.tls.identity_from_cert,
@@ -145,7 +161,9 @@ def build_receiver(args: argparse.Namespace):
                     max_raw_bytes=max(s.max_block_bytes, s.snaplen + 16))
     return Receiver(None if s.kafka_input and not args.listen else s.listen, outputs,
                     inputs=cloud.receiver_inputs(s), state_dir=s.state_dir, fsync_state=s.fsync,
-                    security=security, limits=limits, metrics=s.metrics, stats_interval=s.stats_interval)
+                    security=security, limits=limits, metrics=s.metrics, stats_interval=s.stats_interval,
+                    legacy=PacketStreamerSettings(enabled=s.packetstreamer, sensors=s.packetstreamer_ids,
+                                                  snaplen=s.snaplen))
 
 
 def build_sensor(args: argparse.Namespace):
@@ -192,6 +210,7 @@ def build_sensor(args: argparse.Namespace):
     if args.no_spool:
         s.spool_dir = s.spool_bytes = None
     if transport is None:
+        assert s.receiver is not None
         check_receiver_host(s.receiver)
     _setup_log_file(s.log_file)
     ctx = None
@@ -304,7 +323,8 @@ def register(sub) -> None:
     r.add_argument("--format", default="pcapng", choices=("pcap", "pcapng", "pcap.zst", "pcapng.zst"),
                    help="format of the --output-dir files (default pcapng)")
     r.add_argument("--state-dir", metavar="DIR", help="persist last sequence per sensor (exact restarts)")
-    r.add_argument("-C", "--rotate-bytes", type=_size, metavar="SIZE", help="rotate files past SIZE, e.g. 100MB (default: off)")
+    r.add_argument("-C", "--rotate-bytes", type=_size, metavar="SIZE",
+                   help="rotate files past SIZE, e.g. 100MB (default: off)")
     r.add_argument("-G", "--rotate-seconds", type=float, metavar="SEC", help="rotate files every SEC (default: off)")
     r.add_argument("-W", "--max-files", type=int, metavar="N", help="keep only the newest N files (default: all)")
     r.add_argument("--fsync", action="store_true", help="fsync outputs and state before acknowledging")
@@ -315,7 +335,8 @@ def register(sub) -> None:
                    help="live status on the terminal: one line per sensor (rates, drops), redrawn every second")
     r.add_argument("--max-connections", type=int, metavar="N",
                    help="connections beyond N are closed at once and counted (default 256)")
-    r.add_argument("--heartbeat", type=float, metavar="SEC", help="heartbeat interval (default 5); idle timeout is 3x+1")
+    r.add_argument("--heartbeat", type=float, metavar="SEC",
+                   help="heartbeat interval (default 5); idle timeout is 3x+1")
     r.add_argument("--auth-key-file", metavar="FILE", help="shared key (read from FILE, not the command line)")
     r.add_argument("--auth-keys", metavar="FILE", help="per-sensor keys: YAML 'sensor-id: key' lines")
     r.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (chain) (default: no TLS)")
@@ -328,11 +349,16 @@ def register(sub) -> None:
     r.add_argument("--tls-identity-from-cert", action="store_true",
                    help="mTLS: a sensor's id must be the CN or a SAN of its certificate")
     r.add_argument("--log-file", metavar="FILE", help="also log to FILE")
+    r.add_argument("--no-packetstreamer", action="store_true",
+                   help="refuse Deepfence PacketStreamer sensors (default: accepted, legacy: unacknowledged)")
+    r.add_argument("--packetstreamer-id", action="append", metavar="ADDRESS=ID",
+                   help="sensor id of the PacketStreamer sensor at ADDRESS (repeat; default: its address)")
     r.set_defaults(func=cmd_receiver)
 
     s = subparser(sub, "sensor", help="capture on interfaces and stream to a receiver", epilog=SENSOR_EPILOG)
     s.add_argument("--config", metavar="FILE", help="YAML config (PacketStreamer's format accepted); flags override it")
-    s.add_argument("-i", "--interface", action="append", help="interface (repeat; default: all up, and new ones as they appear)")
+    s.add_argument("-i", "--interface", action="append",
+                   help="interface (repeat; default: all up, and new ones as they appear)")
     s.add_argument("--receiver", metavar="HOST:PORT", help="the receiver to stream to, e.g. 10.0.0.5:8081 "
                    "(required unless --output or --config gives one)")
     cloud.add_sensor_args(s)
@@ -344,7 +370,8 @@ def register(sub) -> None:
     s.add_argument("-s", "--snaplen", type=int, metavar="BYTES", help="bytes kept per packet (default 262144)")
     s.add_argument("--promisc", action="store_true", help="promiscuous mode (default: off)")
     s.add_argument("--immediate", action="store_true", help="libpcap immediate mode (default: off)")
-    s.add_argument("--buffer-size", dest="buffer_bytes", type=_size, metavar="SIZE", help="kernel buffer (default 32MiB)")
+    s.add_argument("--buffer-size", dest="buffer_bytes", type=_size, metavar="SIZE",
+                   help="kernel buffer (default 32MiB)")
     s.add_argument("--block-size", dest="block_bytes", type=_size, metavar="SIZE", help="block size (default 1MiB)")
     s.add_argument("--max-wait", type=float, metavar="SEC", help="under load, seal a partial block after SEC (default 0.2)")
     s.add_argument("--idle-wait", type=float, metavar="SEC", help="on a quiet link, send a partial block at once, "

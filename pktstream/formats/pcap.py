@@ -64,6 +64,7 @@ class FileTarget:
     def _finish(self) -> None:
         self._file.flush()
         if self._owns:
+            assert self._tmp is not None and self._path is not None  # a path target
             if self._fsync:
                 os.fsync(self._file.fileno())
             self._file.close()
@@ -82,12 +83,16 @@ class FileTarget:
             return
         self._closed = True
         if self._owns:
+            assert self._tmp is not None  # a path target
             self._file.close()
             if self._tmp != self._path:
                 try:
                     os.unlink(self._tmp)
                 except FileNotFoundError:
                     pass
+
+    def close(self) -> None:  # each writer completes its file its own way
+        raise NotImplementedError
 
     def __enter__(self):
         return self

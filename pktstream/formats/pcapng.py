@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import struct
+from collections.abc import Sequence
 from typing import BinaryIO
 
 from pktstream._capture import PacketBatch
@@ -37,7 +38,7 @@ def _options(opts: list[tuple[int, bytes]]) -> bytes:
 
 
 def section_header_block(*, hardware: str | None = None, os_name: str | None = None,
-                         userappl: str | None = None, comments: list[str] = ()) -> bytes:
+                         userappl: str | None = None, comments: Sequence[str] = ()) -> bytes:
     opts = [(1, c.encode()) for c in comments]
     for code, text in ((2, hardware), (3, os_name), (4, userappl)):
         if text:
@@ -122,6 +123,7 @@ class PcapngWriter(FileTarget):
         if n == 0:
             return
         idx = self._iface(batch)
+        data: bytes | bytearray
         if not comments:
             data = records_to_epb(memoryview(batch), batch.nbytes, idx)
             self._file.write(data)

@@ -23,8 +23,9 @@ import gzip
 import io
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -32,8 +33,18 @@ from pktstream._capture import PacketBatch
 from pktstream._records import STATUS, pcap_walk, pcapng_walk, take_mask, take_records
 from pktstream.exceptions import FileFormatError
 from pktstream.formats._common import (
-    DEFAULT_BATCH_BYTES, DEFAULT_SNAPLEN, GZIP_MAGIC, MAX_BLOCK, MAX_CAPLEN, PCAP_MAGIC_NS,
-    PCAP_MAGIC_US, PCAPNG_BOM, PCAPNG_SHB, ZSTD_MAGIC, linktype_to_dlt, warn_truncated,
+    DEFAULT_BATCH_BYTES,
+    DEFAULT_SNAPLEN,
+    GZIP_MAGIC,
+    MAX_BLOCK,
+    MAX_CAPLEN,
+    PCAP_MAGIC_NS,
+    PCAP_MAGIC_US,
+    PCAPNG_BOM,
+    PCAPNG_SHB,
+    ZSTD_MAGIC,
+    linktype_to_dlt,
+    warn_truncated,
 )
 
 W_MORE, W_BLOCK, W_BAD_LENGTH, W_BAD_IFACE, W_OPTIONS, W_FULL = (
@@ -70,8 +81,8 @@ class SectionInfo:
     options: dict = field(default_factory=dict)
 
 
-def _open_stream(source) -> tuple[BinaryIO, bool, str | None, str | None]:
-    """(binary stream, we_own_it, compression, path)."""
+def _open_stream(source) -> tuple[Any, bool, str | None, str | None]:
+    """(binary stream, we_own_it, compression, path): the file, or a reader over it (readinto, close)."""
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         f = open(path, "rb", buffering=0)
@@ -148,7 +159,7 @@ class _ZstdBlocks:
         self._out = b""          # decompressed bytes not yet delivered
         self._out_pos = 0
         self._eof = False
-        self._d = None           # decompressobj of the current frame
+        self._d: Any = None      # decompressobj of the current frame
         self._state = "frame"    # frame | block | checksum
         self._checksum = False
         self._fed = 0            # compressed bytes fed (offsets in errors)
@@ -327,7 +338,7 @@ class CaptureReader:
             self.format = "pcapng"
             self._head = bytes(head[:n])
             return
-        for magic, order in ((magic_le, "<"), (magic_be, ">")):
+        for magic, order in ((magic_le, "<"), (magic_be, ">")):  # noqa: B007 - the match is used below
             if magic in (PCAP_MAGIC_US, PCAP_MAGIC_NS):
                 break
         else:
@@ -408,6 +419,7 @@ class CaptureReader:
             status, pos, n, out = pcap_walk(buf, 0, have, swap, usec, self._max_caplen, dst)
             if n:
                 if convert:
+                    assert dst is not None
                     b = self._batch(memoryview(dst)[:out], n, iface)
                 else:
                     b = self._batch(memoryview(buf)[:pos], n, iface)
@@ -443,7 +455,7 @@ class CaptureReader:
         base = 0
         eof = False
         swap = False
-        self._if_arrays = None
+        self._if_arrays: tuple[np.ndarray, ...] | None = None
         section_ifaces: list[InterfaceInfo] = []
         while True:
             if not eof:

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import BinaryIO, Callable
+from collections.abc import Callable
+from typing import Any, BinaryIO, cast
 
 from pktstream._capture import PacketBatch
 from pktstream.exceptions import ClosedError
@@ -55,7 +56,7 @@ class _ZstdFile:
         self._c = zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj()
         self.written = 0  # compressed bytes handed to the file
 
-    def write(self, data) -> int:
+    def write(self, data) -> None:
         out = self._c.compress(data)
         if out:
             self._f.write(out)
@@ -129,9 +130,9 @@ class CaptureWriter:
         self._on_complete = on_complete
         self._clock = clock
         self._seq = 0
-        self._cur = None        # PcapWriter | PcapngWriter
+        self._cur: PcapWriter | PcapngWriter | None = None
         self._zfile: _ZstdFile | None = None
-        self._raw = None        # the OS file under the current writer (paths only)
+        self._raw: Any = None   # the OS file under the current writer (paths only)
         self._cur_path: str | None = None
         self._opened_at = 0.0
         self._link_type: int | None = None
@@ -156,6 +157,7 @@ class CaptureWriter:
                 return path
 
     def _open(self) -> None:
+        sink: Any
         if self._is_path:
             path = self._next_path()
             fd = os.open(self.data_path_of(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, self._mode)
@@ -187,6 +189,7 @@ class CaptureWriter:
             self._target.flush()
             return
         raw, path = self._raw, self._cur_path
+        assert path is not None  # a path target has a current file
         self._raw = None
         raw.flush()
         if self._fsync:
@@ -268,6 +271,7 @@ class CaptureWriter:
     def _write_one(self, batch: PacketBatch, comments) -> None:
         if self._cur is None:
             self._open()
+        assert self._cur is not None
         if comments and isinstance(self._cur, PcapngWriter):
             self._cur.write(batch, comments)
         else:
@@ -277,6 +281,7 @@ class CaptureWriter:
         """Uncompressed with rotate_bytes: cut the batch so no file exceeds the limit."""
         import numpy as np
         limit = self._rotate_bytes
+        assert limit is not None  # only with rotate_bytes
         n = len(batch)
         cap = batch.caplen.astype(np.int64)
         per = 32 + ((cap + 3) & ~3) if self._base == "pcapng" else 16 + cap
@@ -286,6 +291,7 @@ class CaptureWriter:
             if self._cur is None:
                 self._open()
                 # header (and an IDB the first packet of this interface may need)
+            assert self._cur is not None
             room = limit - self._size() - (0 if self._base == "pcap" else 64)
             done = int(ends[start - 1]) if start else 0
             j = int(np.searchsorted(ends, done + room, side="right"))
@@ -351,7 +357,7 @@ class CaptureWriter:
             self._raw.close()
             self._raw = None
             try:
-                os.unlink(self.data_path_of(self._cur_path))
+                os.unlink(self.data_path_of(cast(str, self._cur_path)))
             except FileNotFoundError:
                 pass
 

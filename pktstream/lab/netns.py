@@ -86,7 +86,7 @@ class Veth:
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
 
 
-    def __enter__(self) -> "Veth":
+    def __enter__(self) -> Veth:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from pktstream._capture import PacketBatch
 from pktstream.sinks.base import Sink, Source

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import os
 import re
-from typing import Any
+from typing import Any, cast
 
 from pktstream._capture import PacketBatch, link_type_name
 from pktstream.exceptions import ConfigError
@@ -104,7 +104,7 @@ class FileSink(Sink):
         self.directory = os.fspath(directory) if directory else None
         self.format = format or (format_from_name(self.path) or "pcap" if self.path else "pcapng")
         self.gate = gate
-        self.opts = dict(rotate_bytes=rotate_bytes, rotate_seconds=rotate_seconds, max_files=max_files,
+        self.opts: dict[str, Any] = dict(rotate_bytes=rotate_bytes, rotate_seconds=rotate_seconds, max_files=max_files,
                          fsync=fsync, mode=mode, hostname=hostname)
         self._outputs: dict[Any, CaptureWriter] = {}
         self._committed: dict[str, int] = {}  # open file -> size at the last flush
@@ -118,6 +118,7 @@ class FileSink(Sink):
             _make_dir(self.directory)
             _check_writable(self.directory, self.directory)
         else:
+            assert self.path is not None  # exactly one of path and directory
             d = os.path.dirname(os.path.abspath(self.path))
             if "%" not in d:
                 try:
@@ -140,7 +141,7 @@ class FileSink(Sink):
             if self.directory:
                 base = os.path.join(self.directory, safe_name(source.sensor_id) + "." + self.format)
             else:
-                base = self.path
+                base = cast(str, self.path)  # no directory: a path
             if single_link and any(k[0] == key[0] for k in self._outputs):
                 stem, ext = split_ext(base)
                 base = f"{stem}.{safe_name(link_type_name(batch.link_type))}{ext}"
@@ -248,17 +249,22 @@ def _cut_and_complete(part: str, final: str, size: int) -> bool:
 
 def _finish_zstd(part: str) -> None:
     """A crashed ``.zst`` file is a zstd frame without its end: re-encode the whole blocks it
-    holds into a complete, checksummed frame."""
+    holds into a complete, checksummed frame, streaming (memory stays bounded whatever the file
+    size): compressed input goes to a ``decompressobj`` in small pieces (it delivers every byte
+    of each whole block fed, unlike ``stream_reader`` at the end of the input; a block cut off
+    by the crash yields nothing) and what comes out straight into a ``compressobj``."""
     import zstandard
-    data = bytearray()
-    with open(part, "rb") as f:
-        reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=False)
-        try:
-            while chunk := reader.read(1 << 20):
-                data += chunk
-        except zstandard.ZstdError:
-            pass  # the truncated end: everything before it is whole blocks
     tmp = part + ".tmp"
-    with open(tmp, "wb") as out:
-        out.write(zstandard.ZstdCompressor(level=3, write_checksum=True).compress(bytes(data)))
+    with open(part, "rb") as f, open(tmp, "wb") as out:
+        dobj = zstandard.ZstdDecompressor().decompressobj()
+        cobj = zstandard.ZstdCompressor(level=3, write_checksum=True).compressobj()
+        try:
+            while chunk := f.read(_FINISH_CHUNK):
+                out.write(cobj.compress(dobj.decompress(chunk)))
+        except zstandard.ZstdError:
+            pass  # corrupt data (or data after the frame's end): keep everything before it
+        out.write(cobj.flush())
     os.replace(tmp, part)
+
+
+_FINISH_CHUNK = 1 << 16  # compressed bytes fed at a time

@@ -17,11 +17,10 @@ from typing import Any
 
 import zstandard
 
-from pktstream.stream import protocol as P
-from pktstream.stream.kafka import (DEFAULT_TOPIC, ErrorLog, purge_and_close, frame_headers,
-                             producer_config)
 from pktstream._capture import PacketBatch
 from pktstream.sinks.base import Sink, Source
+from pktstream.stream import protocol as P
+from pktstream.stream.kafka import DEFAULT_TOPIC, ErrorLog, frame_headers, producer_config, purge_and_close
 
 log = logging.getLogger("pktstream.stream.receiver")
 
@@ -50,7 +49,7 @@ class KafkaSink(Sink):
         self.name = f"kafka://{brokers}/{topic}"
         self.gate = gate
         self.flush_timeout, self.stall_timeout = flush_timeout, stall_timeout
-        self._conf = dict(client_id=client_id, acks=acks, properties=properties, timeout=timeout)
+        self._conf: dict[str, Any] = dict(client_id=client_id, acks=acks, properties=properties, timeout=timeout)
         self.counters: collections.Counter = collections.Counter()
         self._errors = ErrorLog(self.counters)
         self._producer = self._new_producer()
@@ -98,7 +97,7 @@ class KafkaSink(Sink):
         index = self._iface_index.setdefault((source.sensor_id, source.interface),
                                              sum(1 for k in self._iface_index if k[0] == source.sensor_id))
         raw_len = batch.nbytes
-        payload = self._cctx.compress(batch)
+        payload = self._cctx.compress(batch)  # type: ignore[arg-type]  # any buffer; the stubs say bytes
         value = P.encode(P.FrameType.DATA, payload, seq=seq, iface=index, count=len(batch), raw_len=raw_len)
         args = dict(value=value, key=source.sensor_id.encode(),
                     headers=frame_headers(sensor_id=source.sensor_id, hostname=source.hostname,

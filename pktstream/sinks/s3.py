@@ -3,8 +3,10 @@
 Data path: batches → :class:`FileSink` (per-sensor files, rotation by size ``rotate_bytes`` =
 PacketStreamer ``totalFileSize`` and age ``rotate_seconds`` = ``uploadTimeout``) in
 ``staging_dir`` → a completed file is moved to ``staging_dir/ready/`` under a unique name →
-the uploader thread uploads it (one PUT, or a multipart upload with ``part_size`` ≥ 5 MiB parts
-for larger files), deletes it, and goes on; failures are retried with exponential backoff
+the uploader thread uploads it with boto3's managed transfer (``upload_file``: one PUT, or a
+multipart upload with ``part_size`` ≥ 5 MiB parts for larger files, aborted if it fails), deletes
+it, and goes on. Each request is retried by botocore (standard retry mode, ``request_attempts``
+attempts); a file whose upload still fails is retried whole with exponential backoff
 (``retry_min`` … ``retry_max`` s), forever. A file is acknowledged to the sensors once it is
 *staged* (flushed to the local disk, like FileSink); the upload follows.
 
@@ -41,7 +43,8 @@ log = logging.getLogger("pktstream.stream.receiver")
 
 MIN_PART = 5 << 20
 DEFAULT_KEY = "{prefix}{sensor}/{date:%Y/%m/%d}/{date:%H%M%S}-{run}-{seq:06d}.{ext}"
-_READY = re.compile(r"^(?P<sensor>.+)__(?P<stamp>\d{8}T\d{6}Z)__(?P<run>[0-9a-f]+)-(?P<seq>\d+)\.(?P<ext>pcap(?:ng)?(?:\.zst)?)$")
+_READY = re.compile(r"^(?P<sensor>.+)__(?P<stamp>\d{8}T\d{6}Z)__(?P<run>[0-9a-f]+)-(?P<seq>\d+)"
+                    r"\.(?P<ext>pcap(?:ng)?(?:\.zst)?)$")
 
 
 class StagingFull(RuntimeError):
@@ -72,7 +75,7 @@ class S3Sink(Sink):
                  acl: str | None = "bucket-owner-full-control", staging_max_bytes: int = 1 << 30,
                  key_template: str | None = None, format: str = "pcapng", gate: bool = True,
                  retry_min: float = 0.5, retry_max: float = 10.0, close_timeout: float = 60.0,
-                 client=None) -> None:
+                 request_attempts: int = 3, client: Any = None) -> None:
         self.bucket, self.prefix = bucket, prefix
         self.name = f"s3://{bucket}/{prefix}"
         self.gate = gate
@@ -92,14 +95,21 @@ class S3Sink(Sink):
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = threading.Event()
+        self._all_staged = threading.Event()  # close() has completed (and staged) the open files
         self._staged_cache = (0.0, 0)
         if client is None:
             import boto3
             from botocore.config import Config
-            cfg = Config(retries={"max_attempts": 1}, connect_timeout=5, read_timeout=60,
-                         s3={"addressing_style": "path"} if path_style else None)
+            cfg = Config(retries={"mode": "standard", "total_max_attempts": request_attempts}, connect_timeout=5,
+                         read_timeout=60, s3={"addressing_style": "path"} if path_style else None)
             client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=cfg)
         self.client = client
+        from boto3.s3.transfer import TransferConfig
+        # multipart above part_size, in part_size parts; no transfer threads: the upload runs in
+        # the (daemon) uploader thread, so close() still waits at most close_timeout and an
+        # exiting receiver never waits for a transfer pool
+        self._transfer = TransferConfig(multipart_threshold=self.part_size + 1,
+                                        multipart_chunksize=self.part_size, use_threads=False)
         self._files = FileSink(directory=self.staging_dir, format=format, rotate_bytes=rotate_bytes,
                                rotate_seconds=rotate_seconds)
         self._files.opts["on_complete"] = self._adopt
@@ -130,7 +140,7 @@ class S3Sink(Sink):
             sensor = re.sub(r"\.\d{6}$", "", stem)
             n = self._seq[sensor]
             self._seq[sensor] += 1
-            stamp = dt.datetime.fromtimestamp(os.path.getmtime(path), dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            stamp = dt.datetime.fromtimestamp(os.path.getmtime(path), dt.UTC).strftime("%Y%m%dT%H%M%SZ")
             target = os.path.join(self.ready_dir, f"{sensor}__{stamp}__{self.run_id}-{n:06d}.{ext}")
             os.replace(path, target)
         self._wake.set()
@@ -186,6 +196,7 @@ class S3Sink(Sink):
         self._closing.set()
         with self._files_lock:
             self._files.close()
+        self._all_staged.set()
         self._wake.set()
         self._thread.join(self.close_timeout)
         left = [e.name for e in os.scandir(self.ready_dir)]
@@ -199,38 +210,19 @@ class S3Sink(Sink):
         m = _READY.match(name)
         if m is None:
             raise ValueError(f"unexpected staged file name {name!r}")
-        date = dt.datetime.strptime(m["stamp"], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+        date = dt.datetime.strptime(m["stamp"], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
         return self.key_template.format(prefix=self.prefix, sensor=m["sensor"], date=date, run=m["run"],
                                         seq=int(m["seq"]), ext=m["ext"])
 
     def _upload(self, path: str, key: str) -> None:
-        size = os.path.getsize(path)
+        """One file → one object (boto3 aborts a multipart upload that fails)."""
         extra: dict[str, Any] = {"ContentType": "application/vnd.tcpdump.pcap"}
         if self.acl:
             extra["ACL"] = self.acl
-        if size <= self.part_size:
-            with open(path, "rb") as f:
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=f.read(), **extra)
-            return
-        mpu = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, **extra)
-        uid = mpu["UploadId"]
-        try:
-            parts = []
-            with open(path, "rb") as f:
-                n = 1
-                while chunk := f.read(self.part_size):
-                    r = self.client.upload_part(Bucket=self.bucket, Key=key, PartNumber=n, UploadId=uid, Body=chunk)
-                    parts.append({"PartNumber": n, "ETag": r["ETag"]})
-                    n += 1
-            self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=uid,
-                                                  MultipartUpload={"Parts": parts})
+        multipart = os.path.getsize(path) > self.part_size
+        self.client.upload_file(path, self.bucket, key, ExtraArgs=extra, Config=self._transfer)
+        if multipart:
             self.counters["multipart_uploads"] += 1
-        except BaseException:
-            try:
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=uid)
-            except Exception:  # noqa: BLE001 - best effort; the whole file is retried
-                pass
-            raise
 
     def _uploader(self) -> None:
         """The upload thread: it must never die (staging would fill and every sensor stall), so
@@ -253,9 +245,11 @@ class S3Sink(Sink):
                 self._adopt_leftovers()
             except OSError:
                 pass
+            # read before listing: once it is set, the files close() completed are in ready/
+            done = self._all_staged.is_set()
             files = sorted(n for n in os.listdir(self.ready_dir) if not n.endswith(".unknown"))
             if not files:
-                if self._closing.is_set():
+                if done:
                     return True
                 self._wake.wait(1.0)
                 self._wake.clear()

@@ -25,10 +25,11 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from pktstream.stream import protocol as P
 from pktstream.exceptions import FrameError
+from pktstream.stream import protocol as P
 
 log = logging.getLogger("pktstream.stream.kafka")
 _rdlog = logging.getLogger("pktstream.stream.kafka.librdkafka")
@@ -52,15 +53,15 @@ def parse_kafka_url(url: str) -> tuple[str, str]:
 
 def broker_addresses(brokers: str) -> list[tuple[str, int]]:
     """(address, port) of every broker (all resolved addresses), for the sensor's self-exclusion."""
-    out = []
+    out: list[tuple[str, int]] = []
     for b in brokers.split(","):
         b = b.strip()
         if "://" in b:
             b = b.split("://", 1)[1]
-        host, _, port = b.rpartition(":")
-        host, port = (host or b).strip("[]"), int(port) if port.isdigit() else 9092
+        host, _, port_text = b.rpartition(":")
+        host, port = (host or b).strip("[]"), int(port_text) if port_text.isdigit() else 9092
         try:
-            addrs = {i[4][0] for i in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+            addrs = {str(i[4][0]) for i in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
         except socket.gaierror as exc:  # not resolvable now: excluded once the client finds it
             log.warning("kafka: cannot resolve broker %s: %s", host, exc)
             addrs = set()
@@ -342,8 +343,8 @@ class KafkaInput:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._consumer = None
-        self._ingest = None
+        self._consumer: Any = None   # confluent_kafka.Consumer, from start()
+        self._ingest: Any = None     # the receiver's ingest, from start()
         self.assigned: list[int] = []
 
     def describe(self) -> str:

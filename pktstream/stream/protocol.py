@@ -12,7 +12,6 @@ against the negotiated bounds before anything is allocated.
 """
 from __future__ import annotations
 
-import asyncio
 import enum
 import hashlib
 import hmac
@@ -21,7 +20,7 @@ import os
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import zstandard
 
@@ -139,7 +138,13 @@ def decode_header(data: bytes, *, max_payload: int, max_raw: int) -> Header:
     return Header(t, flags, seq, iface, count, raw_len, plen, hlen)
 
 
-async def read_frame(reader: asyncio.StreamReader, *, max_payload: int = DEFAULT_MAX_RAW_BYTES + 65536,
+class ByteReader(Protocol):
+    """What read_frame needs of a stream (asyncio.StreamReader, or one with bytes put back)."""
+
+    async def readexactly(self, n: int) -> bytes: ...
+
+
+async def read_frame(reader: ByteReader, *, max_payload: int = DEFAULT_MAX_RAW_BYTES + 65536,
                      max_raw: int = DEFAULT_MAX_RAW_BYTES) -> Frame:
     """Read one frame; FrameError on a protocol violation, IncompleteReadError on EOF."""
     head = await reader.readexactly(HEADER_LEN)

@@ -18,10 +18,11 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
+from typing import cast
 
-from pktstream.stream import protocol as P
 from pktstream._capture import PacketBatch
 from pktstream.exceptions import ConfigError, FrameError
+from pktstream.stream import protocol as P
 
 log = logging.getLogger("pktstream.stream.sensor")
 
@@ -82,7 +83,7 @@ class CopyPool:
 
     def give_back(self, view: memoryview) -> None:
         """Only for a copy whose frame nobody will send again (acknowledged, spooled)."""
-        buf = view.obj
+        buf = cast(bytearray, view.obj)  # a copy() of this pool
         with self._lock:
             idle = self._idle[len(buf)]
             if len(idle) < self.keep and not any(b is buf for b in idle):
@@ -108,7 +109,7 @@ def release_payload(payload) -> None:
         COPIES.give_back(payload)
 
 
-def _seq_of(entry: "_Entry") -> int:
+def _seq_of(entry: _Entry) -> int:
     return entry.seq
 
 
@@ -220,6 +221,7 @@ class FrameStore:
         return os.path.join(self.spool_dir or "", f"{seq:020d}.frame")
 
     def _load_spool(self) -> None:
+        assert self.spool_dir is not None  # called with a spool only
         for name in sorted(os.listdir(self.spool_dir)):
             if not name.endswith(".frame"):
                 continue

@@ -17,17 +17,25 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import zstandard
 
-from pktstream.stream import protocol as P
 from pktstream._capture import Capture, PacketBatch, list_interfaces
 from pktstream.exceptions import FilterError, PcapError
-from pktstream.stream.sendwindow import (COPIES, FrameStore, default_spool_bytes, default_spool_dir, payload_size,
-                                  release_payload)
+from pktstream.stream import protocol as P
+from pktstream.stream.sendwindow import (
+    COPIES,
+    FrameStore,
+    default_spool_bytes,
+    default_spool_dir,
+    payload_size,
+    release_payload,
+)
 from pktstream.stream.tcp import TcpTransport
+from pktstream.stream.transport import Transport
 
 log = logging.getLogger("pktstream.stream.sensor")
 
@@ -224,7 +232,7 @@ class Sensor:
                  bpf: str | None = None, sensor_id: str | None = None,
                  capture: CaptureOptions | None = None, delivery: DeliveryOptions | None = None,
                  security: SensorSecurity | None = None, user: str | None = None, group: str | None = None,
-                 transport: Any = None) -> None:
+                 transport: Transport | None = None) -> None:
         # ``interfaces`` and ``bpf`` given directly override ``capture``'s (the common case:
         # Sensor("host:8081", ["eth0"], bpf="tcp port 80"))
         capture = capture or CaptureOptions()
@@ -234,7 +242,8 @@ class Sensor:
         bpf = bpf if bpf is not None else capture.bpf
         include_loopback, pcap_mode = capture.include_loopback, capture.pcap_mode
         capture_ports, capture_interfaces_ports = capture.capture_ports, capture.capture_interfaces_ports
-        ignore_ports, snaplen, promisc, immediate = capture.ignore_ports, capture.snaplen, capture.promisc, capture.immediate
+        ignore_ports, snaplen = capture.ignore_ports, capture.snaplen
+        promisc, immediate = capture.promisc, capture.immediate
         buffer_bytes, block_bytes, max_wait = capture.buffer_bytes, capture.block_bytes, capture.max_wait
         ring_blocks, rescan_interval = capture.ring_blocks, capture.rescan_interval
         compression_level, window_bytes = delivery.compression_level, delivery.window_bytes
@@ -250,9 +259,10 @@ class Sensor:
         if (receiver is None) == (transport is None):
             raise ValueError("Sensor needs exactly one of receiver and transport")
         if transport is None:
-            transport = TcpTransport(receiver, auth_key=auth_key, ssl_context=ssl_context, server_hostname=server_hostname,
-                                     reconnect_min=reconnect_min, reconnect_max=reconnect_max,
-                                     refused_backoff_max=refused_backoff_max)
+            assert receiver is not None
+            transport = TcpTransport(receiver, auth_key=auth_key, ssl_context=ssl_context,
+                                     server_hostname=server_hostname, reconnect_min=reconnect_min,
+                                     reconnect_max=reconnect_max, refused_backoff_max=refused_backoff_max)
         self.transport = transport
         self.interfaces_wanted = list(interfaces) if interfaces else None
         self.include_loopback = include_loopback
@@ -263,10 +273,10 @@ class Sensor:
         self.ignore_ports = [int(p) for p in ignore_ports]
         if pcap_mode == "all" and (self.capture_ports or self.capture_interfaces_ports):
             log.warning("pcapMode 'all' captures every port: capturePorts/captureInterfacesPorts are ignored")
-        self.capture_options = dict(snaplen=snaplen, promisc=promisc, immediate=immediate,
-                                    buffer_bytes=buffer_bytes, block_bytes=max(block_bytes, snaplen + 16),
-                                    max_wait=max_wait, ring_blocks=ring_blocks,
-                                    idle_wait=capture.idle_wait, timeout_ms=capture.timeout_ms)
+        self.capture_options: dict[str, Any] = dict(
+            snaplen=snaplen, promisc=promisc, immediate=immediate, buffer_bytes=buffer_bytes,
+            block_bytes=max(block_bytes, snaplen + 16), max_wait=max_wait, ring_blocks=ring_blocks,
+            idle_wait=capture.idle_wait, timeout_ms=capture.timeout_ms)
         self.compression_level = compression_level
         self.sensor_id = sensor_id or socket.gethostname()
         if not re.match(r"^[\x21-\x7e]{1,128}$", self.sensor_id):
@@ -295,7 +305,7 @@ class Sensor:
         self._connected = False
         self._fatal: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self.counters = collections.Counter()
+        self.counters: collections.Counter[str] = collections.Counter()
         self._control: collections.deque[bytes] = collections.deque()  # control frames to send
         self.exit_report: dict[str, Any] | None = None  # set when run() returns: what was left
         # the receiver's (or brokers') addresses, kept out of every capture filter; resolved
@@ -367,20 +377,21 @@ class Sensor:
         for name, ports in wanted.items():
             if self._stop.is_set():
                 return
-            itf = self._ifaces.get(name)
-            if itf is not None and (itf.capture is not None or (itf.thread is not None and itf.thread.is_alive())):
+            known = self._ifaces.get(name)
+            if known is not None and (known.capture is not None or
+                                      (known.thread is not None and known.thread.is_alive())):
                 continue
             try:
                 self._open(name, ports)
             except Exception as exc:  # noqa: BLE001 - one interface's failure must not stop the others
                 if first and (self.interfaces_wanted or (isinstance(exc, FilterError) and self.bpf)):
                     raise  # an interface the user named (or the user's filter) must work at start
-                if itf is None or itf.error != f"cannot reopen: {exc}":
+                if known is None or known.error != f"cannot reopen: {exc}":
                     log.warning("cannot capture on %s: %s (retrying)", name, exc)
-                if itf is not None:
-                    itf.error = f"cannot reopen: {exc}"
+                if known is not None:
+                    known.error = f"cannot reopen: {exc}"
             else:
-                if itf is not None and itf.failures:
+                if known is not None and known.failures:
                     log.warning("capture on %s resumed", name)
 
     def _rescan_loop(self) -> None:
@@ -454,7 +465,7 @@ class Sensor:
         # slow or away) the block is copied out and the ring freed.
         copied = payload is batch and ring.free_blocks * 2 <= self.capture_options["ring_blocks"]
         if copied:
-            payload = COPIES.copy(batch, self.max_raw)
+            payload = COPIES.copy(batch, int(self.max_raw))
         if payload is not batch:
             batch.release()
 
@@ -520,7 +531,7 @@ class Sensor:
                 "ring_drops": sum(i.get("ring_drops", 0) for i in ifaces.values())}
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> "Sensor":
+    def start(self) -> Sensor:
         """Run in a background thread (for scripts and notebooks)."""
         self._thread = threading.Thread(target=self.run, name="pktstream-sensor", daemon=True)
         self._thread.start()

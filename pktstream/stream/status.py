@@ -37,9 +37,13 @@ def render_status(cur: dict[str, Any], prev: dict[str, Any] | None, dt: float) -
         pps = _rate(s["packets"], p["packets"], dt) if p else 0.0
         mbps = _rate(s["raw_bytes"], p["raw_bytes"], dt) / 1e6 if p else 0.0
         name = sid if len(sid) <= 16 else sid[:15] + "~"
-        lines.append(f"{name:<16} {'up' if s['connected'] else 'DOWN':<5} {pps:>8.0f} {mbps:>6.2f} "
-                     f"{s['packets']:>10} {s['kernel_dropped']:>7} {s['interface_dropped']:>6} "
-                     f"{s['ring_drops']:>6} {s['window_dropped_packets']:>6}")
+        line = (f"{name:<16} {'up' if s['connected'] else 'DOWN':<5} {pps:>8.0f} {mbps:>6.2f} "
+                f"{s['packets']:>10} ")
+        if s.get("legacy"):  # a PacketStreamer sensor reports no drops: say so instead of zeros
+            lines.append(line + f"legacy: {s['legacy']} (PacketStreamer, no loss counts)")
+        else:
+            lines.append(line + f"{s['kernel_dropped']:>7} {s['interface_dropped']:>6} "
+                         f"{s['ring_drops']:>6} {s['window_dropped_packets']:>6}")
     if not sensors:
         lines.append("(no sensor has connected yet)")
     outs = cur.get("outputs", {})
@@ -66,6 +70,8 @@ class StatusDisplay:
     Only meant for terminals (it moves the cursor); ``start()`` does nothing when ``stream``
     is not a TTY unless ``force``. Thread safety: ``start``/``stop`` from one thread.
     """
+
+    _lines: list[str]  # the table last drawn (from start())
 
     def __init__(self, receiver, stream: TextIO | None = None, *, interval: float = 1.0,
                  force: bool = False) -> None:
@@ -128,14 +134,14 @@ class StatusDisplay:
                         _orig(record)
                         if drawn:
                             self._draw(self._lines)
-                h.emit = emit
+                h.emit = emit  # type: ignore[method-assign]  # this handler instance only
                 self._wrapped.append((h, orig))
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def start(self) -> "StatusDisplay":
+    def start(self) -> StatusDisplay:
         if not self.enabled:
             return self
-        self._lines: list[str] = []
+        self._lines = []
         self._wrap_handlers()
         self._thread = threading.Thread(target=self._run, name="receiver-status", daemon=True)
         self._thread.start()

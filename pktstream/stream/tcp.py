@@ -30,7 +30,7 @@ def resolve_all(host: str, port: int) -> list[str]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror:
         return []
-    return sorted({i[4][0] for i in infos})
+    return sorted({str(i[4][0]) for i in infos})
 
 
 class TcpTransport:
@@ -53,14 +53,14 @@ class TcpTransport:
         self.reconnect_min, self.reconnect_max = reconnect_min, reconnect_max
         self.refused_backoff_max = refused_backoff_max
         self.sensor: Any = None
-        self._waker: Waker | None = None
+        self._waker: Waker | None = None  # one per run()
         self._drain_timeout = 10.0
         self._handshaken = False     # the current connection completed its handshake
         self._connect_done = False   # the current attempt got a TCP connection
         self._session_heartbeat = 5.0
 
     def describe(self) -> str:
-        return "%s:%d" % self.address
+        return f"{self.address[0]}:{self.address[1]}"
 
     def exclude(self) -> list[tuple[str, int]]:
         """Every address the receiver's name resolves to, with its port."""
@@ -88,11 +88,11 @@ class TcpTransport:
         ``refused_backoff_max``. The back-off holds while draining too (no storm on stop)."""
         self.sensor = sensor
         self._drain_timeout = drain_timeout
-        self._waker = Waker()
-        sensor.set_waker(self._waker.wake)
+        self._waker = waker = Waker()
+        sensor.set_waker(waker.wake)
         delay = self.reconnect_min
         refused_delay = min(2.0, self.refused_backoff_max)
-        where = "%s:%d" % self.address
+        where = self.describe()
         failures, last_log = 0, 0.0
         try:
             while True:
@@ -162,12 +162,12 @@ class TcpTransport:
                         # the first failure of an outage, then one line a minute (all are counted)
                         if failures == 1 or time.monotonic() - last_log >= 60:
                             last_log = time.monotonic()
-                            log.warning("receiver %s: %s; retrying with a back-off of up to %.1f s, jittered (%d attempts so far)",
-                                        where, failure, self.reconnect_max, failures)
+                            log.warning("receiver %s: %s; retrying with a back-off of up to %.1f s, jittered "
+                                        "(%d attempts so far)", where, failure, self.reconnect_max, failures)
                 self._sleep(wait)
         finally:
             sensor.set_waker(None)
-            self._waker.close()
+            waker.close()
 
 
     def _sleep(self, seconds: float) -> None:
@@ -185,6 +185,7 @@ class TcpTransport:
             left = end - time.monotonic()
             if left <= 0:
                 return
+            assert self._waker is not None
             self._waker.wait(left)
 
 
@@ -278,6 +279,7 @@ class TcpTransport:
         last_rx = last_tx = last_stats = time.monotonic()
         bye_sent = False
         while True:
+            assert self._waker is not None
             self._waker.rearm()  # before looking at the store: a later put() wakes us
             now = time.monotonic()
             if now - last_rx > silent:

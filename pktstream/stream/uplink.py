@@ -70,6 +70,7 @@ class Link:
     def __init__(self, sock: socket.socket, wake: Waker | None = None) -> None:
         self.sock = sock
         self.tls = isinstance(sock, ssl.SSLSocket)
+        self._ssl = sock if isinstance(sock, ssl.SSLSocket) else None  # for pending()
         self._buf = bytearray()
         self._frames: collections.deque[P.Frame] = collections.deque()
         self._poll = select.poll()
@@ -102,7 +103,7 @@ class Link:
     def receive(self, timeout: float) -> list[P.Frame]:
         """Frames received so far; when there are none, wait up to ``timeout`` seconds for bytes
         (or for the sender to be woken up)."""
-        if not self._frames and (self.tls and self.sock.pending() or self._wait(timeout)):
+        if not self._frames and (self._ssl is not None and self._ssl.pending() or self._wait(timeout)):
             self._read()
         frames = list(self._frames)
         self._frames.clear()
@@ -115,7 +116,7 @@ class Link:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no answer from the receiver in {timeout:.0f} s")
-            if self.tls and self.sock.pending() or self._wait(left):
+            if self._ssl is not None and self._ssl.pending() or self._wait(left):
                 self._read()
         return self._frames.popleft()
 
@@ -134,7 +135,7 @@ class Link:
         data = b""
         try:
             data = self.sock.recv(65536)
-            while self.tls and data and self.sock.pending():
+            while self._ssl is not None and data and self._ssl.pending():
                 data += self.sock.recv(65536)
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):  # part of a TLS record
             if not data:

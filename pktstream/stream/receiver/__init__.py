@@ -18,19 +18,23 @@ import asyncio
 import collections
 import ssl
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from pktstream._capture import PacketBatch
 from pktstream.exceptions import ConfigError
 from pktstream.sinks.base import Sink, Source
 from pktstream.sinks.callback import IteratorSink
 from pktstream.stream import protocol as P
+from pktstream.stream.legacy import PacketStreamerSettings
 from pktstream.stream.protocol import parse_hostport
-from pktstream.stream.receiver.ingest import (
-    SENSOR_ID, STATE_FILE, Ingest, SensorState, check_interface, check_seq,
-)
+from pktstream.stream.receiver.ingest import SENSOR_ID, STATE_FILE, Ingest, SensorState, check_interface, check_seq
 from pktstream.stream.receiver.server import Server, is_loopback
+from pktstream.stream.transport import Input
+
+if TYPE_CHECKING:
+    from pktstream.stream.receiver.metrics import MetricsServer
 
 __all__ = ["Receiver", "Security", "Limits", "Ingest", "SensorState", "SENSOR_ID", "STATE_FILE",
            "check_interface", "check_seq"]
@@ -97,6 +101,8 @@ class Receiver:
     :param limits: connection and memory limits (:class:`Limits`).
     :param metrics: ``host:port`` for the Prometheus endpoint (see ``metrics_address``).
     :param stats_interval: seconds between per-sensor log lines.
+    :param legacy: Deepfence PacketStreamer sensors on the same port
+        (:class:`pktstream.stream.legacy.PacketStreamerSettings`; default: accepted, named by address).
 
     Lifetime: ``start()`` (background thread) or ``run()`` (blocks) once, then ``stop()``.
     Thread safety: ``start()``, ``stop()``, ``stats()``, ``prometheus()`` and ``batches()`` may
@@ -104,9 +110,10 @@ class Receiver:
     """
 
     def __init__(self, listen: str | None = "0.0.0.0:8081", outputs: list[Sink] | tuple = (), *,
-                 inputs: list | tuple = (), state_dir: str | None = None, fsync_state: bool = False,
+                 inputs: list[Input] | tuple[Input, ...] = (), state_dir: str | None = None, fsync_state: bool = False,
                  security: Security | None = None, limits: Limits | None = None,
-                 metrics: str | None = None, stats_interval: float = 60.0) -> None:
+                 metrics: str | None = None, stats_interval: float = 60.0,
+                 legacy: PacketStreamerSettings | None = None) -> None:
         self.listen = parse_hostport(listen) if listen else None
         self.outputs = list(outputs)
         self.inputs = list(inputs)
@@ -114,6 +121,7 @@ class Receiver:
         self.limits = limits or Limits()
         self.metrics = parse_hostport(metrics, 9100) if metrics else None
         self.stats_interval = stats_interval
+        self.legacy = legacy if legacy is not None else PacketStreamerSettings()
         if self.listen is not None and not self.security.authenticated and not is_loopback(self.listen[0]) \
                 and not self.security.allow_unauthenticated:
             raise ConfigError(
@@ -127,7 +135,7 @@ class Receiver:
                              fsync_state=fsync_state, max_raw_bytes=self.limits.max_raw_bytes,
                              max_inflight_bytes=self.limits.max_inflight_bytes, sink_queue=self.limits.sink_queue)
         self.server: Server | None = None
-        self.metrics_server: Any = None
+        self.metrics_server: MetricsServer | None = None
         self.address: tuple[str, int] | None = None
         self.metrics_address: tuple[str, int] | None = None
         self._ready = threading.Event()
@@ -191,7 +199,7 @@ class Receiver:
         self.ingest.start()
         if self.listen is not None:
             self.server = Server(self.listen, self.ingest, security=self.security, limits=self.limits,
-                                 counters=self.counters)
+                                 counters=self.counters, legacy=self.legacy)
             await self.server.start()
             self.address = self.server.address
         for inp in self.inputs:
@@ -199,7 +207,8 @@ class Receiver:
         if self.metrics:
             from pktstream.stream.receiver.metrics import MetricsServer
             self.metrics_server = MetricsServer(self.stats)
-            await asyncio.to_thread(self.metrics_server.start, *self.metrics)
+            host, port = self.metrics
+            await asyncio.to_thread(self.metrics_server.start, host, port)
             self.metrics_address = self.metrics_server.address
         self._ready.set()
         ticker = asyncio.create_task(self._periodic())
@@ -228,8 +237,7 @@ class Receiver:
     def stats(self) -> dict[str, Any]:
         """Per-sensor counters (received, duplicates, and every drop counter the sensor
         reported), per-output counters, and connection-level rejections (any thread)."""
-        outputs = self.ingest.outputs.stats() if self.ingest.outputs is not None else {}
-        return {"sensors": self.ingest.sensor_stats(), "outputs": outputs,
+        return {"sensors": self.ingest.sensor_stats(), "outputs": self.ingest.output_stats(),
                 "connections": self.server.connections if self.server is not None else 0,
                 "inputs": [inp.stats() for inp in self.inputs],
                 "inflight_bytes": self.ingest.inflight, **self.counters}

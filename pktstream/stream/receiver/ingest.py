@@ -22,8 +22,9 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from pktstream._capture import PacketBatch
 from pktstream.exceptions import FrameError
@@ -71,7 +72,7 @@ def check_interface(d: Any) -> dict[str, Any]:
     """An interface descriptor from a sensor, checked (index, link type, snaplen, name)."""
     if not isinstance(d, dict):
         raise FrameError("interface descriptor is not an object")
-    out = {}
+    out: dict[str, Any] = {}
     for key, lo, hi in (("index", 0, 1 << 20), ("link_type", 0, 1 << 16), ("snaplen", 1, 1 << 18)):
         v = d.get(key)
         if not isinstance(v, int) or not lo <= v <= hi:
@@ -153,7 +154,7 @@ class Ingest:
         self.sink_queue = sink_queue
         self.state = StateFile(state_dir, fsync=fsync_state)
         self.sensors: dict[str, SensorState] = {}
-        self.outputs: Outputs | None = None
+        self._outputs: Outputs | None = None
         self.index = 0                 # batches handed to the outputs so far
         self.inflight = 0              # their bytes not yet committed
         self._pending: collections.deque = collections.deque()  # (index, sensor_id, seq, nbytes)
@@ -162,9 +163,10 @@ class Ingest:
         self._state_writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="state")
         self._commit_busy = False      # a state write is in flight (commits are serialised)
         self._commit_again = False     # more was committed meanwhile
-        self._commit_idle: asyncio.Event | None = None
-        self._space: asyncio.Condition | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self._commit_idle = asyncio.Event()   # (asyncio primitives bind to the loop on first use)
+        self._commit_idle.set()
+        self._space = asyncio.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._load()
 
     def _load(self) -> None:
@@ -184,11 +186,8 @@ class Ingest:
     # -- lifecycle (the receiver's event loop) ---------------------------------------------------
     def start(self) -> None:
         """Start the output threads (in the receiver's event loop)."""
-        self.loop = asyncio.get_running_loop()
-        self._commit_idle = asyncio.Event()
-        self._commit_idle.set()
-        self._space = asyncio.Condition()
-        self.outputs = Outputs(self.sinks, maxsize=self.sink_queue, closing=self.closing,
+        self._loop = asyncio.get_running_loop()
+        self._outputs = Outputs(self.sinks, maxsize=self.sink_queue, closing=self.closing,
                                on_flushed=self._flushed_from_thread)
         self.outputs.start()
 
@@ -204,6 +203,22 @@ class Ingest:
         self.state.write(self._snapshot())
         self._decoder.shutdown(wait=False)
         self._state_writer.shutdown(wait=True)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The receiver's event loop (after start())."""
+        assert self._loop is not None, "Ingest.start() has not run"
+        return self._loop
+
+    @property
+    def outputs(self) -> Outputs:
+        """The output runners (after start())."""
+        assert self._outputs is not None, "Ingest.start() has not run"
+        return self._outputs
+
+    def output_stats(self) -> dict[str, dict[str, Any]]:
+        """Per-output counters ({} before start; any thread)."""
+        return self._outputs.stats() if self._outputs is not None else {}
 
     # -- the ingest API (TCP sessions, the Kafka input, PacketStreamer sessions) -----------------
     def sensor_state(self, sensor_id: str) -> SensorState:
@@ -266,7 +281,7 @@ class Ingest:
     # -- commit path -----------------------------------------------------------------------------
     def _flushed_from_thread(self, runner: Any, index: int, state: dict[str, Any] | None) -> None:
         """An output thread flushed up to ``index`` (any thread)."""
-        loop = self.loop
+        loop = self._loop
         if loop is not None and not loop.is_closed():
             try:
                 loop.call_soon_threadsafe(self._flushed, runner, index, state)

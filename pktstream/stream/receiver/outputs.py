@@ -17,7 +17,8 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pktstream._capture import PacketBatch
 from pktstream.sinks.base import Sink, Source

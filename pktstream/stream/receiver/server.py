@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from pktstream.exceptions import FrameError
-from pktstream.stream import protocol as P
+from pktstream.stream import legacy, protocol as P
 from pktstream.stream.receiver.ingest import SENSOR_ID, Ingest, SensorState, check_interface, numeric_stats
 
 log = logging.getLogger("pktstream.stream.receiver")
@@ -49,6 +49,7 @@ class _Accept(asyncio.Protocol):
         self.server = server
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
         transport.pause_reading()
         self.task = asyncio.ensure_future(self.server.accept(transport))
 
@@ -60,11 +61,13 @@ class Server:
     :param security: keys, TLS context, certificate identity (a ``Security``).
     :param limits: connection limits and timeouts (a ``Limits``).
     :param counters: the receiver-level counters (shared with ingest).
+    :param legacy: PacketStreamer sensors (``stream.legacy.PacketStreamerSettings``; None: refused).
     """
 
     def __init__(self, listen: tuple[str, int], ingest: Ingest, *, security: Any, limits: Any,
-                 counters: collections.Counter) -> None:
+                 counters: collections.Counter, legacy: Any = None) -> None:
         self.listen = listen
+        self.legacy = legacy
         self.ingest = ingest
         self.security = security
         self.limits = limits
@@ -74,14 +77,13 @@ class Server:
         self._buckets: dict[str, tuple[float, float]] = {}
         self._log_limit: dict[tuple[str, str], float] = {}
         self._server: asyncio.AbstractServer | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         # Connections are accepted paused; limits are checked, then TLS is started by accept(),
         # so a failed TLS handshake is logged and counted like any other refusal (asyncio's own
         # TLS server drops those silently).
-        self._loop = asyncio.get_running_loop()
-        self._server = await self._loop.create_server(lambda: _Accept(self), self.listen[0] or None, self.listen[1])
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Accept(self), self.listen[0] or None, self.listen[1])
         self.address = self._server.sockets[0].getsockname()[:2]
         log.info("receiver listening on %s:%d%s", *self.address, " (TLS)" if self.security.ssl_context else "")
         if not self.security.authenticated and not is_loopback(self.listen[0]):
@@ -120,11 +122,11 @@ class Server:
             self._log_limit[key] = now
             log.warning(msg, *args)
 
-    async def accept(self, transport: asyncio.BaseTransport) -> None:
+    async def accept(self, transport: asyncio.Transport) -> None:
         """Limits, then TLS, then the stream reader/writer pair for _handle."""
         peername = transport.get_extra_info("peername") or ("?", 0)
         host = str(peername[0])
-        peer = "%s:%s" % tuple(peername[:2])
+        peer = f"{peername[0]}:{peername[1]}" if len(peername) >= 2 else str(peername[0])
         if self.connections >= self.limits.max_connections:
             self.counters["rejected_connections"] += 1
             self.warn("max", host, "%s: refused, %d connections already (maxConnections)", peer, self.connections)
@@ -141,11 +143,14 @@ class Server:
         try:
             reader = asyncio.StreamReader(limit=1 << 20)
             protocol = asyncio.StreamReaderProtocol(reader)
+            loop = asyncio.get_running_loop()
             if ctx is not None:
                 try:
-                    transport = await self._loop.start_tls(transport, protocol, ctx, server_side=True,
-                                                           ssl_handshake_timeout=self.limits.handshake_timeout)
-                except (ssl.SSLError, OSError, asyncio.TimeoutError) as exc:
+                    tls = await loop.start_tls(transport, protocol, ctx, server_side=True,
+                                               ssl_handshake_timeout=self.limits.handshake_timeout)
+                    assert isinstance(tls, asyncio.Transport)
+                    transport = tls
+                except (TimeoutError, ssl.SSLError, OSError) as exc:
                     self.counters["tls_failures"] += 1
                     self.warn("tls", host, "%s: TLS handshake failed: %s", peer,
                               exc or "timeout (peer silent or not speaking TLS)")
@@ -156,7 +161,7 @@ class Server:
             protocol.connection_made(transport)
             if ctx is None:
                 transport.resume_reading()
-            writer = asyncio.StreamWriter(transport, protocol, reader, self._loop)
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
             await self._handle(reader, writer, host, peer)
         finally:
             self.connections -= 1
@@ -165,9 +170,13 @@ class Server:
                       peer: str) -> None:
         sensor: SensorState | None = None
         try:
-            sensor = await asyncio.wait_for(self._handshake(reader, writer, peer), self.limits.handshake_timeout)
-            await self._session(sensor, reader, writer)
-        except asyncio.TimeoutError:
+            # legacy hook: a PacketStreamer sensor (first bytes DE EF EC E0) is served by stream/legacy.py
+            stream = await legacy.intake(self, reader, writer, host, peer)
+            if stream is None:
+                return
+            sensor = await asyncio.wait_for(self._handshake(stream, writer, peer), self.limits.handshake_timeout)
+            await self._session(sensor, stream, writer)
+        except TimeoutError:
             self.counters["timeouts"] += 1
             self.warn("timeout", host, "%s: %s timed out", peer, "session" if sensor else "handshake")
         except FrameError as exc:
@@ -193,7 +202,7 @@ class Server:
         if not writer.is_closing():
             writer.write(P.encode_json(P.FrameType.ERROR, {"reason": reason[:500]}))
 
-    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> SensorState:
+    async def _handshake(self, reader: P.ByteReader, writer: asyncio.StreamWriter, peer: str) -> SensorState:
         hello = await P.read_frame(reader, max_payload=0, max_raw=0)
         if hello.type != P.FrameType.HELLO:
             raise FrameError(f"expected HELLO, got {hello.type.name}")
@@ -249,6 +258,7 @@ class Server:
             log.warning("sensor %s reconnected from %s: closing its old connection from %s", sid, peer, sensor.peer)
             sensor.writer.close()
         sensor.instance = instance
+        sensor.legacy = False  # a pktstream sensor taking over a PacketStreamer sensor's id (stream/legacy.py)
         sensor.last_rx = time.monotonic()
         for d in descs:
             sensor.interfaces[d["index"]] = d
@@ -264,7 +274,7 @@ class Server:
                  sid, sensor.hostname, sensor.software, peer, len(sensor.interfaces), sensor.last_committed)
         return sensor
 
-    async def _session(self, sensor: SensorState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _session(self, sensor: SensorState, reader: P.ByteReader, writer: asyncio.StreamWriter) -> None:
         idle = 3 * self.limits.heartbeat + 1  # the sensor sends a heartbeat every `heartbeat` s when idle
         max_raw = self.ingest.max_raw
         c = sensor.counters
