@@ -347,7 +347,8 @@ def receiver_settings(data: Any) -> ReceiverSettings:
 #: file shared by both roles (as upstream documents it) ignores them, with one info line.
 SENSOR_KEYS = ("pcapMode", "capturePorts", "captureInterfacesPorts", "ignorePorts", "gatherMaxWaitSec",
                "interfaces", "includeLoopback", "bpf", "promisc", "immediateMode", "bufferSize",
-               "blockSize", "maxWait", "idleWait", "kernelTimeout", "compressionLevel", "windowSize", "spool", "sensorId", "user", "group")
+               "blockSize", "maxWait", "idleWait", "kernelTimeout", "compressionLevel", "windowSize", "spool",
+               "sensorId", "user", "group")
 #: Top-level keys only a receiver reads.
 RECEIVER_KEYS = ("input", "stateDir", "maxConnections", "connectionRate", "handshakeTimeout", "metrics", "legacy")
 

@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PKTSTREAM, free_port, pcap_count, read_pcap_dpkt, start_tcpdump, wait_pcap_count, wait_received, wait_until
+from conftest import (
+    PKTSTREAM,
+    free_port,
+    pcap_count,
+    read_pcap_dpkt,
+    start_tcpdump,
+    wait_pcap_count,
+    wait_received,
+    wait_until,
+)
 from pktstream.lab import traffic
 
 pytestmark = pytest.mark.live

@@ -373,7 +373,8 @@ def register(sub) -> None:
     s.add_argument("--buffer-size", dest="buffer_bytes", type=_size, metavar="SIZE",
                    help="kernel buffer (default 32MiB)")
     s.add_argument("--block-size", dest="block_bytes", type=_size, metavar="SIZE", help="block size (default 1MiB)")
-    s.add_argument("--max-wait", type=float, metavar="SEC", help="under load, seal a partial block after SEC (default 0.2)")
+    s.add_argument("--max-wait", type=float, metavar="SEC",
+                   help="under load, seal a partial block after SEC (default 0.2)")
     s.add_argument("--idle-wait", type=float, metavar="SEC", help="on a quiet link, send a partial block at once, "
                    "at most one per SEC on average, 4 in a row (default 0.05; >= --max-wait: off)")
     s.add_argument("--level", dest="compression_level", type=int, help="zstd level (default 1, adaptive)")
