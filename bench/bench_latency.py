@@ -170,7 +170,8 @@ def run_cases(veth: Veth, pcaps: dict[int, tuple[str, int]], rates: list[int], s
         wall = time.monotonic() - t0
         lat = reader.take()
         total = reader.count  # what was read (also anything the kernel dropped is not waited for)
-        results[str(rate)] = {"rate": rate, "sent": sent, "received": len(lat), "complete": ok,
+        key = str(rate) if str(rate) not in results else f"{rate}#{len(results)}"  # a rate given twice
+        results[key] = {"rate": rate, "sent": sent, "received": len(lat), "complete": ok,
                               "seconds": wall, **percentiles(lat), **{f"{k}_cpu_s": v for k, v in cpu.items()},
                               **{f"{k}_cpu_s_per_mpkt": v / max(sent, 1) * 1e6 for k, v in cpu.items()}}
         time.sleep(1.0)  # idle between cases
@@ -257,8 +258,8 @@ def main() -> None:
                     print(f"[{rep}] {name:9} idle {idle['seconds']:.0f} s: " + ", ".join(
                         f"{k[:-6]} {v:.3f} CPU-s" for k, v in idle.items() if k.endswith("_cpu_s")) + "; perf: " +
                         ", ".join(f"{k[:-14]} {v:.1f} ms" for k, v in idle.items() if k.endswith("_task_clock_ms")))
-                for rate in args.rate_list:
-                    r = res[str(rate)]
+                for key in [k for k in res if k.split("#")[0].isdigit()]:
+                    r, rate = res[key], res[key]["rate"]
                     cpu = ", ".join(f"{k[:-15]} {v:.2f} CPU-s/Mpkt ({r[k[:-9]] / r['seconds'] * 1000:.2f} ms/s)"
                                     for k, v in r.items() if k.endswith("_cpu_s_per_mpkt"))
                     print(f"[{rep}] {name:9} {rate:>7} pps: {r['received']}/{r['sent']} read, latency ms "
