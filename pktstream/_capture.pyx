@@ -716,6 +716,7 @@ cdef inline int64_t _early_at(CaptureState *s, int64_t max_wait_ns) noexcept nog
       per-block cost on a link that is quiet but never idle (e.g. 1 kpps of small frames).
 
     Computed in double precision: no overflow for any block size, time or ``max_wait``.
+    Capture thread only (like every other CaptureState field it reads or writes).
     """
     cdef double need, at, bucket
     if s.idle_wait_ns < 0 or s.cur < 0 or s.count[s.cur] == 0 or s.block_bytes == 0:
@@ -733,7 +734,7 @@ cdef inline int64_t _early_at(CaptureState *s, int64_t max_wait_ns) noexcept nog
 
 
 cdef inline void _seal_early(CaptureState *s, int64_t now) noexcept nogil:
-    """Seal the partly filled block by the adaptive rule and charge the budget."""
+    """Seal the partly filled block by the adaptive rule and charge the budget (capture thread)."""
     if s.early_tat < now:
         s.early_tat = now
     s.early_tat += s.idle_wait_ns
