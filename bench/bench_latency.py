@@ -12,7 +12,7 @@ Next to it, with ``--tcpdump``: ``tcpdump -U -w -`` on the same interface (packe
 pcap on stdout), the same measure for a local capturer. Also reported: CPU seconds (user+sys,
 from /proc, 10 ms ticks) of the sensor, the receiver and tcpdump during each case, and over
 ``--idle`` seconds with no traffic (there also ``perf stat -e task-clock``, exact, when perf is
-installed).
+installed); RSS after the idle period and the peak RSS (VmHWM) at the end.
 
 Run as root:  .venv/bin/python bench/bench_latency.py [--rates 10,1000,100000]
 [--seconds 15,5,3] [--idle 10] [--tcpdump] [--sensor-args '--max-wait 0.2'] [--json FILE]
@@ -120,6 +120,16 @@ class PcapReader(threading.Thread):
         return out
 
 
+def memory_mib(pid: int) -> dict[str, float]:
+    """VmRSS, VmHWM (peak RSS), RssAnon and RssFile of a process, MiB (/proc/PID/status)."""
+    out = {}
+    for line in open(f"/proc/{pid}/status"):
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            out[key] = int(value.split()[0]) / 1024
+    return out
+
+
 def perf_task_clock(pid: int, seconds: float) -> subprocess.Popen:
     """``perf stat -e task-clock`` on a running process for ``seconds`` (started now)."""
     return subprocess.Popen(["perf", "stat", "-e", "task-clock", "-p", str(pid), "--", "sleep", str(seconds)],
@@ -156,6 +166,7 @@ def run_cases(veth: Veth, pcaps: dict[int, tuple[str, int]], rates: list[int], s
         results["idle"] = {"seconds": idle, **{f"{k}_cpu_s": cpu_seconds(p) - c0[k] for k, p in pids.items()}}
         for k, proc in perfs.items():  # task-clock: exact, where /proc counts 10 ms ticks
             results["idle"][f"{k}_task_clock_ms"] = task_clock_ms(proc)
+        results["idle"]["memory_mib"] = {k: memory_mib(p) for k, p in pids.items()}
     total = reader.count
     for rate, secs in zip(rates, seconds):
         pcap, per_file = pcaps[rate]
@@ -175,6 +186,7 @@ def run_cases(veth: Veth, pcaps: dict[int, tuple[str, int]], rates: list[int], s
                               "seconds": wall, **percentiles(lat), **{f"{k}_cpu_s": v for k, v in cpu.items()},
                               **{f"{k}_cpu_s_per_mpkt": v / max(sent, 1) * 1e6 for k, v in cpu.items()}}
         time.sleep(1.0)  # idle between cases
+    results["memory_mib_after"] = {k: memory_mib(p) for k, p in pids.items()}  # VmHWM: the peak
     return results
 
 
@@ -258,6 +270,11 @@ def main() -> None:
                     print(f"[{rep}] {name:9} idle {idle['seconds']:.0f} s: " + ", ".join(
                         f"{k[:-6]} {v:.3f} CPU-s" for k, v in idle.items() if k.endswith("_cpu_s")) + "; perf: " +
                         ", ".join(f"{k[:-14]} {v:.1f} ms" for k, v in idle.items() if k.endswith("_task_clock_ms")))
+                for who, mem in res.get("idle", {}).get("memory_mib", {}).items():
+                    print(f"[{rep}] {name:9} {who} idle RSS {mem['VmRSS']:.0f} MiB (anon {mem['RssAnon']:.0f}, "
+                          f"file {mem['RssFile']:.0f})")
+                for who, mem in res.get("memory_mib_after", {}).items():
+                    print(f"[{rep}] {name:9} {who} peak RSS (VmHWM) {mem['VmHWM']:.0f} MiB")
                 for key in [k for k in res if k.split("#")[0].isdigit()]:
                     r, rate = res[key], res[key]["rate"]
                     cpu = ", ".join(f"{k[:-15]} {v:.2f} CPU-s/Mpkt ({r[k[:-9]] / r['seconds'] * 1000:.2f} ms/s)"
