@@ -6,6 +6,8 @@ Where to start:
   blocks, zero-copy numpy views), ``pktstream capture`` on the command line.
 * Files: :func:`read` (pcap, pcapng, .zst, .gz → batches), :func:`open_reader`,
   :func:`open_writer`, :func:`decode` (header columns as numpy arrays).
+* Archives of capture files: :class:`Archive` (flow index in Parquet, queries that read only
+  what can match; ``pktstream index|query|flows|sql``, docs/ARCHIVE.md).
 * Streaming: :class:`Sensor` (capture on interfaces, compress, send with a send window and a disk
   spool) and :class:`Receiver` (accept sensors, write to outputs: :class:`FileSink`,
   :class:`StdoutSink`, :class:`CallbackSink`, S3 and Kafka in ``pktstream.sinks``).
@@ -82,6 +84,7 @@ _LAZY = {
     "Sensor": "pktstream.stream.sensor", "Receiver": "pktstream.stream.receiver",
     "FileSink": "pktstream.sinks", "StdoutSink": "pktstream.sinks", "CallbackSink": "pktstream.sinks",
     "open_reader": "pktstream.formats", "open_writer": "pktstream.formats",
+    "Archive": "pktstream.archive",
 }
 
 
@@ -97,7 +100,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Sensor", "Receiver", "FileSink", "StdoutSink", "CallbackSink", "open_reader", "open_writer",
+    "Archive", "Sensor", "Receiver", "FileSink", "StdoutSink", "CallbackSink", "open_reader", "open_writer",
     "AuthenticationError", "BpfProgram", "Capture", "CaptureNotSupported", "CapturePermissionError",
     "ClosedError", "ConfigError", "decode", "FileFormatError", "FilterError", "FrameError", "Interface",
     "InterfaceAddress", "InterfaceNotUp", "NoSuchDevice", "PacketBatch", "PcapError", "PcapWarning",

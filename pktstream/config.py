@@ -188,6 +188,7 @@ class ReceiverSettings:
     rotate_seconds: float | None = None
     max_files: int | None = None
     fsync: bool = False
+    index: bool = False  # index completed files as they are written (docs/ARCHIVE.md)
     state_dir: str | None = None
     snaplen: int = 262144
     max_connections: int = 256
@@ -304,6 +305,7 @@ def receiver_settings(data: Any) -> ReceiverSettings:
     s.max_files = rot.get("files", "int")
     rot.finish()
     s.fsync = out.get("fsync", "bool", False)
+    s.index = out.get("index", "bool", False)
     srv = out.child("server")
     _plugins(out.child("plugins"), s, "receiver")
     ignored = []
@@ -383,7 +385,7 @@ def sensor_settings(data: Any) -> SensorSettings:
             raise ConfigError("output.file: a sensor streams to a receiver; for a local file use "
                               "`pktstream capture -w FILE` (PacketStreamer wrote an unreadable file here)")
         ignored.append("output.file")  # a file shared with the receiver: its output
-    for k in ("directory", "rotate", "fsync"):
+    for k in ("directory", "rotate", "fsync", "index"):
         if k in out.data:
             out.used.add(k)
             ignored.append(f"output.{k}")

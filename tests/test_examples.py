@@ -360,7 +360,7 @@ def test_forensics_notebook_on_real_capture(veth, servers, procs, tmp_path, mixe
     data.mkdir()  # -w and --output-dir need an existing (parent) directory
     pa, pb = free_port(), free_port()
     rx_a = procs(receiver_cmd(pa, "-w", str(data / "merged.pcapng")))
-    rx_b = procs(receiver_cmd(pb, "--output-dir", str(data / "by-sensor"), "--format", "pcap.zst"))
+    rx_b = procs(receiver_cmd(pb, "--output-dir", str(data / "by-sensor"), "--format", "pcap.zst", "--index"))
     rx_a.wait_for("listening on")
     rx_b.wait_for("listening on")
     ip = veth.inner_ip
@@ -380,7 +380,8 @@ def test_forensics_notebook_on_real_capture(veth, servers, procs, tmp_path, mixe
             assert s.stop(signal.SIGTERM) == 0
     assert rx_a.stop(signal.SIGTERM) == 0 and rx_b.stop(signal.SIGTERM) == 0
     files = [data / "merged.pcapng", data / "by-sensor" / "gamma.pcap.zst"]
-    assert sorted(p for p in data.rglob("*") if p.is_file()) == sorted(files)
+    assert sorted(p for p in data.rglob("*") if p.is_file() and "_index" not in p.parts) == sorted(files)
+    assert (data / "by-sensor" / "_index" / "files").is_dir()  # indexed by its receiver as written
 
     out = tmp_path / "out"
     nb = run_notebook(tmp_path, {"PKTSTREAM_NOTEBOOK_DATA": str(data), "PKTSTREAM_NOTEBOOK_OUT": str(out),
@@ -401,7 +402,7 @@ def test_forensics_notebook_on_real_capture(veth, servers, procs, tmp_path, mixe
     assert len(tshark_fields(out / "slice.pcapng", "frame.number")) == n
     assert len(tshark_fields(out / "slice.pcapng", "frame.number", bpf=DNS_DISPLAY_FILTER)) == n
     names = Counter(r[0] for r in tshark_fields(out / "slice.pcapng", "frame.interface_name"))
-    assert names["gamma/-"] == 12 and names[f"alpha/{veth.outer}"] == 12
+    assert names["gamma/if0"] == 12 and names[f"alpha/{veth.outer}"] == 12
     # the flow table has the HTTP connections to the server, seen by alpha and gamma
     import csv
     with open(out / "flows.csv") as f:
@@ -411,6 +412,7 @@ def test_forensics_notebook_on_real_capture(veth, servers, procs, tmp_path, mixe
     check_plots(out)
     text = notebook_text(nb)
     assert "2 files" in text and "3 sensors" in text
+    assert "index: 1 file(s) indexed now, 1 already indexed" in text  # the merged file had none
 
 
 def test_forensics_notebook_standalone(tmp_path, monkeypatch):
@@ -446,8 +448,8 @@ def test_forensics_notebook_timeline_fills_idle_buckets_and_groups_small_sensors
     for k in range(12):  # sensor s00 is the busiest; every sensor sends at seconds 0-4 and 50-59 only
         for sec in [*range(5), *range(50, 60)]:
             rows += [(f"s{k:02d}", t0 + pd.Timedelta(seconds=sec))] * (20 - k)
-    packets = pd.DataFrame(rows, columns=["sensor", "time"])
-    ns = {"pd": pd, "plt": plt, "OUT": tmp_path, "packets": packets}
+    packets = pd.DataFrame(rows, columns=["sensor", "time"]).assign(packets=1)
+    ns = {"pd": pd, "plt": plt, "OUT": tmp_path, "activity": packets}
     exec(cell, ns)
     tl = ns["timeline"]
     assert list(tl.columns) == [f"s{k:02d}" for k in range(8)] + ["other"]

@@ -386,13 +386,21 @@ def test_pktstream_sensor_takes_over_a_packetstreamer_id(tmp_path):
         last = run.rx.stats()["sensors"]["web-1"]["last_seq"]
         peer = Peer(run.rx.address[1])
         welcome = peer.handshake(None, sensor_id="web-1")
-        assert welcome.type == P.FrameType.WELCOME and welcome.json()["last_seq"] == last < 10**6
-        peer.send(_data(10**15, _records(3)))
+        assert welcome.type == P.FrameType.WELCOME and welcome.json()["last_seq"] == last > 0
+        peer.send(_data(last + 1000, _records(3)))
         ack = peer.recv_frame()
-        assert ack.type == P.FrameType.ACK and ack.seq == 10**15
+        assert ack.type == P.FrameType.ACK and ack.seq == last + 1000
         st = run.rx.stats()["sensors"]["web-1"]
         assert st["packets"] == 303 and "legacy" not in st
         peer.close()
+        # the id is a pktstream sensor's now: the PacketStreamer sensor coming back is refused
+        # (one sequence space per id), nothing of it is taken
+        refused = run.rx.stats()["auth_failures"]
+        with run.connect() as s:
+            replay(s, stream("plain"))
+            read_to_eof(s)
+        assert run.rx.stats()["auth_failures"] == refused + 1
+        assert run.rx.stats()["sensors"]["web-1"]["packets"] == 303
     finally:
         run.stop()
 
@@ -414,3 +422,41 @@ def test_cli_flags(tmp_path):
                    "inputPacketLen: 65535\nlegacy:\n  packetstreamer: false\n")
     rx = build_receiver(build_parser().parse_args(["receiver", "--config", str(cfg)]))
     assert not rx.legacy.enabled and rx.legacy.snaplen == 65535
+
+
+def test_made_up_sequence_numbers_grow_across_receiver_restarts(tmp_path):
+    """A receiver's outputs may feed another receiver (Kafka) that keeps the highest sequence
+    number per sensor across this one's restarts: the numbers given to a PacketStreamer
+    sensor's blocks after a restart are above those before (a counter restarting at 1 would have
+    its blocks dropped there as duplicates)."""
+    last = []
+    for i in range(2):
+        (tmp_path / str(i)).mkdir()
+        run = Run(tmp_path / str(i))
+        try:
+            with run.connect() as s:
+                replay(s, stream("plain"))
+                wait_until(lambda: run.packets() == 300, what="the recorded stream")  # noqa: B023
+        finally:
+            run.stop()
+        last.append(run.rx.stats()["sensors"]["127.0.0.1"]["last_seq"])
+    assert 0 < last[0] < last[1]
+
+
+def test_stalled_frame_is_cut_off(tmp_path):
+    """Idle between frames is fine (upstream sends nothing when idle), but a frame that began
+    must be complete within the handshake timeout: a peer stalling mid-frame loses its slot."""
+    rx = Receiver("127.0.0.1:0", [FileSink(str(tmp_path / "out.pcap"))],
+                  limits=Limits(handshake_timeout=0.5)).start()
+    try:
+        frames = _frames(stream("plain"))
+        with socket.create_connection(rx.address, timeout=30) as s:
+            s.sendall(frames[0])
+            wait_until(lambda: rx.stats()["sensors"].get("127.0.0.1", {}).get("packets", 0) > 0,
+                       what="the first frame")
+            s.sendall(frames[1][:12])  # magic, length and 4 bytes of the block, then nothing
+            read_to_eof(s)  # closed by the receiver (a socket timeout here fails the test)
+        assert rx.stats()["timeouts"] == 1
+    finally:
+        rx.stop()
+        rx.join(30)

@@ -133,12 +133,19 @@ def subparser(sub: argparse._SubParsersAction, name: str, *, help: str, epilog: 
                           epilog=epilog, formatter_class=HelpFormatter, **kw)
 
 
-def build_parser() -> argparse.ArgumentParser:
+_ARCHIVE_COMMANDS = {"index", "query", "flows", "sql"}  # parsed without loading the other commands
+
+
+def build_parser(only_archive: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pktstream", description=_DESCRIPTION, epilog=_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=_version_text())
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    if only_archive:  # pktstream query ... starts fast (docs/ARCHIVE.md)
+        from pktstream.archive import cli as archive_cli
+        archive_cli.register(sub)
+        return parser
 
     p = subparser(sub, "capture", help="capture locally into a pcap file (like tcpdump -w)",
                   epilog=CAPTURE_EPILOG)
@@ -163,8 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
     """Commands implemented in their own modules register themselves here."""
+    from pktstream.archive import cli as archive_cli
     from pktstream.cli import demo, files as cli_files, stream as cli_stream
-    for mod in (cli_files, cli_stream, demo):
+    for mod in (cli_files, cli_stream, demo, archive_cli):
         mod.register(sub)
 
 
@@ -181,7 +189,9 @@ def error_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    first = next((w for w in words if not w.startswith("-")), None)
+    parser = build_parser(only_archive=first in _ARCHIVE_COMMANDS and "-h" not in words[:1])
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

@@ -114,7 +114,8 @@ def receiver_outputs(s) -> list:
                            path_style=x.path_style, rotate_bytes=s.rotate_bytes or x.total_file_size,
                            rotate_seconds=s.rotate_seconds or x.upload_timeout, part_size=x.part_size,
                            acl=x.canned_acl, staging_max_bytes=x.staging_max_bytes, key_template=x.key_template,
-                           format=x.format, close_timeout=max(x.upload_timeout, 30.0)))
+                           format=x.format, close_timeout=max(x.upload_timeout, 30.0),
+                           index=getattr(s, "index", False)))
     return outs
 
 

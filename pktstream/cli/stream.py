@@ -106,6 +106,7 @@ def build_receiver(args: argparse.Namespace):
         if v is not None:
             setattr(s, attr, v)
     s.fsync = s.fsync or args.fsync
+    s.index = s.index or args.index
     if args.no_packetstreamer:
         s.packetstreamer = False
     for item in args.packetstreamer_id or ():
@@ -137,9 +138,9 @@ def build_receiver(args: argparse.Namespace):
     rot: dict[str, Any] = dict(rotate_bytes=s.rotate_bytes, rotate_seconds=s.rotate_seconds, max_files=s.max_files,
                fsync=s.fsync)
     if s.output_file:
-        outputs.append(FileSink(s.output_file, **rot))
+        outputs.append(FileSink(s.output_file, index=s.index, **rot))
     if s.output_dir:
-        outputs.append(FileSink(directory=s.output_dir, format=args.format, **rot))
+        outputs.append(FileSink(directory=s.output_dir, format=args.format, index=s.index, **rot))
     if s.stdout:
         outputs.append(StdoutSink(snaplen=s.snaplen))
     outputs += cloud.receiver_outputs(s)
@@ -328,6 +329,8 @@ def register(sub) -> None:
     r.add_argument("-G", "--rotate-seconds", type=float, metavar="SEC", help="rotate files every SEC (default: off)")
     r.add_argument("-W", "--max-files", type=int, metavar="N", help="keep only the newest N files (default: all)")
     r.add_argument("--fsync", action="store_true", help="fsync outputs and state before acknowledging")
+    r.add_argument("--index", action="store_true",
+                   help="index each completed capture file for pktstream query/flows (docs/ARCHIVE.md)")
     r.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics here (default: off)")
     r.add_argument("--stats-interval", type=float, metavar="SEC", help="log counters every SEC (default 60)")
     r.add_argument("--stats-json", metavar="FILE", help="write final counters as JSON at exit")

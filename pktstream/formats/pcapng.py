@@ -95,6 +95,7 @@ class PcapngWriter(FileTarget):
         self._file.write(shb)
         self.file_bytes = len(shb)
         self.interfaces: dict[tuple, int] = {}
+        self.idb_positions: list[tuple[int, int]] = []  # (offset, length) of each IDB written
         self.packets = 0
         self.bytes = 0
 
@@ -107,6 +108,7 @@ class PcapngWriter(FileTarget):
             desc = f"{self.hostname}:{name}" if self.hostname and name else None
             idb = interface_block(batch.link_type, batch.snaplen, name=name, description=desc)
             self._file.write(idb)
+            self.idb_positions.append((self.file_bytes, len(idb)))
             self.file_bytes += len(idb)
         return idx
 

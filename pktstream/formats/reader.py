@@ -71,6 +71,8 @@ class InterfaceInfo:
     tsoffset: int = 0
     description: str | None = None
     options: dict = field(default_factory=dict)
+    block_offset: int = -1     # pcapng: the IDB's offset in the (decompressed) stream
+    block_length: int = 0
 
 
 @dataclass
@@ -79,6 +81,8 @@ class SectionInfo:
     byte_order: str
     version: tuple[int, int]
     options: dict = field(default_factory=dict)
+    block_offset: int = -1     # the SHB's offset in the (decompressed) stream
+    block_length: int = 0
 
 
 def _open_stream(source) -> tuple[Any, bool, str | None, str | None]:
@@ -255,6 +259,14 @@ class _ZstdBlocks:
     def close(self) -> None:
         self._d = None
 
+    @property
+    def complete(self) -> bool:
+        """Everything was read and it ended after a whole frame (not inside one)."""
+        return self._eof and self._state == "frame" and not self._in
+
+
+ZstdBlockReader = _ZstdBlocks  # public name (pktstream.archive decompresses file ranges with it)
+
 
 class _Closing:
     """A decompressing reader that also closes the file under it."""
@@ -300,6 +312,9 @@ class CaptureReader:
     ``byte_order`` (pcap). With ``comments=True``, ``comments`` holds ``{packet index:
     text}`` of pcapng packet comments (``opt_comment``) for the batch last yielded.
     ``bytes_read``: bytes consumed from the underlying file (for progress bars).
+    ``last_range``: ``(start, end)`` offsets in the (decompressed) stream of the records or
+    blocks the batch last yielded came from (several pcapng batches may share one range;
+    header blocks inside it are included) -- what an index needs to read that part again.
     """
 
     def __init__(self, source, *, batch_bytes: int = DEFAULT_BATCH_BYTES, truncated: str = "warn",
@@ -317,6 +332,7 @@ class CaptureReader:
         self.nanosecond = True
         self.byte_order = "little"
         self._raw = None
+        self.last_range = (0, 0)
         self._f, self._owns, self.compression, self.path = _open_stream(source)
         self._name = self.path or "<stream>"
         try:
@@ -441,6 +457,8 @@ class CaptureReader:
                 buf = bytearray(max(size, len(rest) * 2))
             buf[:len(rest)] = rest
             have = len(rest)
+            if b is not None:
+                self.last_range = (base, base + pos)
             base += pos
             self._pos = base
             if b is not None:
@@ -529,14 +547,17 @@ class CaptureReader:
                     except FileFormatError as exc:
                         pending_error = self._bad(str(exc), base + pos)
                         break
+                    self.sections[-1].block_offset, self.sections[-1].block_length = base + pos, blen
                 elif btype == 1:
                     try:
                         section_ifaces.append(self._parse_idb(block, swap))
                     except FileFormatError as exc:
                         pending_error = self._bad(str(exc), base + pos)
                         break
+                    section_ifaces[-1].block_offset, section_ifaces[-1].block_length = base + pos, blen
                     self._if_arrays = None
                 pos += blen  # other blocks (ISB, NRB, DSB, custom...) are skipped
+            self.last_range = (base, base + pos)
             yield from self._emit(dst, out, ifaces, count, section_ifaces, comments)
             if pending_error is not None:
                 raise pending_error

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, Protocol, cast
 
 from pktstream._capture import PacketBatch
 from pktstream.exceptions import ClosedError
@@ -81,6 +81,22 @@ class _ZstdFile:
         return self._f.fileno()
 
 
+class WriteObserver(Protocol):
+    """Told what a :class:`CaptureWriter` does to its files (e.g. to index them as written):
+    ``opened(path, format, header_block)``, ``wrote(path, batch, start, end, idb_positions)``
+    (the batch's records occupy stream bytes ``[start, end)`` of the uncompressed file; pcapng
+    IDBs written just before them at ``(offset, length)``), ``completed(path)`` (renamed to its
+    final name), ``removed(path)`` (deleted by ``max_files``), ``discarded(path)`` (abandoned
+    or aborted). Called from the writer's thread."""
+
+    def opened(self, path: str, format: str, header_block: tuple[int, int] | None) -> None: ...
+    def wrote(self, path: str, batch: PacketBatch, start: int, end: int,
+              idb_positions: list[tuple[int, int]]) -> None: ...
+    def completed(self, path: str) -> None: ...
+    def removed(self, path: str) -> None: ...
+    def discarded(self, path: str) -> None: ...
+
+
 class CaptureWriter:
     """The object :func:`open_writer` returns.
 
@@ -97,7 +113,8 @@ class CaptureWriter:
                  max_files: int | None = None, fsync: bool = False, mode: int = 0o640,
                  nanosecond: bool = True, level: int = 3,
                  on_complete: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.time, in_place: bool = False) -> None:
+                 clock: Callable[[], float] = time.time, in_place: bool = False,
+                 observer: WriteObserver | None = None) -> None:
         is_path = isinstance(target, (str, os.PathLike))
         if is_path:
             target = os.fspath(target)
@@ -128,6 +145,7 @@ class CaptureWriter:
         self._nanosecond = nanosecond
         self._level = level
         self._on_complete = on_complete
+        self._observer = observer if is_path else None
         self._clock = clock
         self._seq = 0
         self._cur: PcapWriter | PcapngWriter | None = None
@@ -174,6 +192,9 @@ class CaptureWriter:
         else:
             self._cur = PcapngWriter(sink, hostname=self._hostname, atomic=False)
         self._opened_at = self._clock()
+        if self._observer is not None:
+            head = (0, self._cur.file_bytes) if self._base == "pcapng" else None
+            self._observer.opened(cast(str, self._cur_path), self.format, head)
 
     def _complete(self) -> None:
         """Finish the current file and rename it to its final name."""
@@ -204,6 +225,8 @@ class CaptureWriter:
             finally:
                 os.close(dfd)
         self.paths.append(path)
+        if self._observer is not None:
+            self._observer.completed(path)
         if self._max_files:
             while len(self.paths) > self._max_files:
                 old = self.paths.pop(0)
@@ -212,6 +235,8 @@ class CaptureWriter:
                 except FileNotFoundError:
                     pass
                 self.removed.append(old)
+                if self._observer is not None:
+                    self._observer.removed(old)
         if self._on_complete is not None:
             self._on_complete(path)
 
@@ -272,10 +297,19 @@ class CaptureWriter:
         if self._cur is None:
             self._open()
         assert self._cur is not None
+        before = self._cur.file_bytes
+        if self._cur.file_bytes == 0 and self._base == "pcap":
+            before = 24  # the header is written with the first batch
+        nidb = len(getattr(self._cur, "idb_positions", ()))
         if comments and isinstance(self._cur, PcapngWriter):
             self._cur.write(batch, comments)
         else:
             self._cur.write(batch)
+        if self._observer is not None:
+            idbs = getattr(self._cur, "idb_positions", [])[nidb:]
+            if idbs:
+                before = idbs[-1][0] + idbs[-1][1]
+            self._observer.wrote(cast(str, self._cur_path), batch, before, self._cur.file_bytes, idbs)
 
     def _write_split(self, batch: PacketBatch, comments) -> None:
         """Uncompressed with rotate_bytes: cut the batch so no file exceeds the limit."""
@@ -360,6 +394,8 @@ class CaptureWriter:
                 os.unlink(self.data_path_of(cast(str, self._cur_path)))
             except FileNotFoundError:
                 pass
+            if self._observer is not None:
+                self._observer.discarded(cast(str, self._cur_path))
 
     def abandon(self) -> str | None:
         """After a write error: drop the current file's state without writing anything more
@@ -371,6 +407,8 @@ class CaptureWriter:
         path = self._cur_path
         self._cur = None
         self._zfile = None
+        if self._observer is not None:
+            self._observer.discarded(cast(str, path))
         raw, self._raw = self._raw, None
         try:
             raw.close()  # may flush buffered bytes or fail again: both are cut back by the caller

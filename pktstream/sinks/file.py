@@ -88,6 +88,8 @@ class FileSink(Sink):
     :param rotate_seconds: start a new file after this time (tcpdump ``-G``).
     :param max_files: keep only the newest N files per output (tcpdump ``-W``).
     :param fsync: fsync at every flush (power-loss durability before acknowledging).
+    :param index: index every completed file as it is written (docs/ARCHIVE.md): True for the
+        output directory (or the merged file's directory) as the archive root, or a root path.
 
     Rotation and file formats are :class:`pktstream.formats.CaptureWriter`'s.
     """
@@ -97,7 +99,7 @@ class FileSink(Sink):
     def __init__(self, path: str | None = None, *, directory: str | None = None, format: str | None = None,
                  rotate_bytes: int | None = None, rotate_seconds: float | None = None,
                  max_files: int | None = None, fsync: bool = False, mode: int = 0o640,
-                 hostname: str | None = None, gate: bool = True) -> None:
+                 hostname: str | None = None, gate: bool = True, index: bool | str = False) -> None:
         if (path is None) == (directory is None):
             raise ValueError("FileSink needs exactly one of path or directory")
         self.path = os.fspath(path) if path else None
@@ -106,6 +108,7 @@ class FileSink(Sink):
         self.gate = gate
         self.opts: dict[str, Any] = dict(rotate_bytes=rotate_bytes, rotate_seconds=rotate_seconds, max_files=max_files,
                          fsync=fsync, mode=mode, hostname=hostname)
+        self.indexer = None  # pktstream.archive.live.LiveIndexer when index is on
         self._outputs: dict[Any, CaptureWriter] = {}
         self._committed: dict[str, int] = {}  # open file -> size at the last flush
         self._done: list[str] = []  # files completed by earlier writers (after a reset)
@@ -132,6 +135,15 @@ class FileSink(Sink):
             if self.in_place and os.path.exists(self.path):
                 raise ConfigError(f"{self.path} exists and pktstream never overwrites a capture: remove "
                                   "it, or name a .pcap/.pcapng file (then the next free name is used)")
+        if index:
+            if self.in_place:
+                raise ConfigError(f"{self.path}: an index needs files that are completed (a .pcap/.pcapng name)")
+            from pktstream.archive.live import LiveIndexer
+            root: str = index if isinstance(index, str) else (
+                self.directory or os.path.dirname(os.path.abspath(self.path or ".")))
+            if "%" in root:
+                raise ConfigError(f"index root {root}: give a directory without strftime patterns")
+            self.indexer = LiveIndexer(root)
 
     def _output_for(self, source: Source, batch: PacketBatch) -> CaptureWriter:
         single_link = not self.format.startswith("pcapng")
@@ -148,7 +160,8 @@ class FileSink(Sink):
             rotating = self.opts["rotate_bytes"] or self.opts["rotate_seconds"] or self.opts["max_files"]
             in_place = self.in_place and base == self.path
             name = base if rotating or in_place else _free_name(base)
-            out = self._outputs[key] = CaptureWriter(name, format=self.format, in_place=in_place, **self.opts)
+            out = self._outputs[key] = CaptureWriter(name, format=self.format, in_place=in_place,
+                                                     observer=self.indexer, **self.opts)
             log.info("writing %s", name)
         return out
 
@@ -168,6 +181,8 @@ class FileSink(Sink):
             self._done.extend(out.paths)
             if final is not None and _cut_and_complete(out.data_path_of(final), final, self._committed.get(final, 0)):
                 self._done.append(final)
+                if self.indexer is not None:
+                    self.indexer.repair_paths([final])
         self._outputs.clear()  # new writers, new (free) names: a completed file is never reopened
         self._committed.clear()
 
@@ -181,6 +196,8 @@ class FileSink(Sink):
             if st is not None:
                 open_files.append(st)
                 self._committed[st["final"]] = st["size"]
+        if self.indexer is not None and getattr(self.indexer, "recover_root", False):
+            return {"open": open_files, "index_root": self.indexer.root}
         return {"open": open_files}
 
     def tick(self) -> None:
@@ -223,6 +240,10 @@ class FileSink(Sink):
                     # opened after the last acknowledged flush: holds only unacknowledged data
                     log.warning("recovery: removing %s (nothing in it was acknowledged)", path)
                     os.unlink(path)
+        root = state.get("index_root")
+        if isinstance(root, str) and os.path.isdir(root):
+            from pktstream.archive.live import recover_index
+            recover_index(root)  # files completed here (or by a crash) get their index
 
 
 def _cut_and_complete(part: str, final: str, size: int) -> bool:

@@ -75,7 +75,7 @@ class S3Sink(Sink):
                  acl: str | None = "bucket-owner-full-control", staging_max_bytes: int = 1 << 30,
                  key_template: str | None = None, format: str = "pcapng", gate: bool = True,
                  retry_min: float = 0.5, retry_max: float = 10.0, close_timeout: float = 60.0,
-                 request_attempts: int = 3, client: Any = None) -> None:
+                 request_attempts: int = 3, client: Any = None, index: bool = False) -> None:
         self.bucket, self.prefix = bucket, prefix
         self.name = f"s3://{bucket}/{prefix}"
         self.gate = gate
@@ -112,6 +112,10 @@ class S3Sink(Sink):
                                         multipart_chunksize=self.part_size, use_threads=False)
         self._files = FileSink(directory=self.staging_dir, format=format, rotate_bytes=rotate_bytes,
                                rotate_seconds=rotate_seconds)
+        self.index = index  # index each file as written; committed under its key after the upload
+        if index:
+            from pktstream.archive.live import StagingIndexer
+            self._files.indexer = StagingIndexer(self.staging_dir)
         self._files.opts["on_complete"] = self._adopt
         self._files_lock = threading.Lock()  # the FileSink is used by the receiver's thread and the ticker
         self._dirty = False                  # written since the last flush
@@ -142,6 +146,8 @@ class S3Sink(Sink):
             self._seq[sensor] += 1
             stamp = dt.datetime.fromtimestamp(os.path.getmtime(path), dt.UTC).strftime("%Y%m%dT%H%M%SZ")
             target = os.path.join(self.ready_dir, f"{sensor}__{stamp}__{self.run_id}-{n:06d}.{ext}")
+            if os.path.exists(path + ".idx"):  # its staged index goes first (never a file's without it)
+                os.replace(path + ".idx", target + ".idx")
             os.replace(path, target)
         self._wake.set()
 
@@ -151,7 +157,7 @@ class S3Sink(Sink):
         with self._files_lock:  # the receiver's thread opens and rotates writers meanwhile
             active = self._files.open_paths()
         for e in os.scandir(self.staging_dir):
-            if e.is_file() and not e.name.endswith((".part", ".tmp")) and e.path not in active:
+            if e.is_file() and not e.name.endswith((".part", ".tmp", ".idx")) and e.path not in active:
                 self._adopt(e.path)
 
     def staged_bytes(self) -> int:
@@ -224,6 +230,25 @@ class S3Sink(Sink):
         if multipart:
             self.counters["multipart_uploads"] += 1
 
+    def _commit_index(self, path: str, key: str, size: int) -> None:
+        """The object is uploaded: its staged index goes under the prefix, with its ETag
+        (a failure is logged; ``pktstream index s3://...`` indexes the object later)."""
+        from pktstream.archive.live import commit_staged
+        from pktstream.archive.store import S3Store
+        try:
+            etag = self.client.head_object(Bucket=self.bucket, Key=key)["ETag"].strip('"')
+            store = S3Store(f"s3://{self.bucket}/{self.prefix}", client=self.client)
+            commit_staged(store, path + ".idx", key[len(self.prefix):], size, etag)
+            self.counters["indexed_files"] += 1
+        except Exception as exc:  # noqa: BLE001 - the capture is uploaded; its index can be rebuilt
+            self.counters["index_failures"] += 1
+            log.warning("%s: index of %s not written (%s); pktstream index %s repairs it", self.name, key,
+                        exc, self.name)
+        try:
+            os.unlink(path + ".idx")
+        except FileNotFoundError:
+            pass
+
     def _uploader(self) -> None:
         """The upload thread: it must never die (staging would fill and every sensor stall), so
         an unexpected error is logged, counted and retried."""
@@ -247,7 +272,7 @@ class S3Sink(Sink):
                 pass
             # read before listing: once it is set, the files close() completed are in ready/
             done = self._all_staged.is_set()
-            files = sorted(n for n in os.listdir(self.ready_dir) if not n.endswith(".unknown"))
+            files = sorted(n for n in os.listdir(self.ready_dir) if not n.endswith((".unknown", ".idx", ".tmp")))
             if not files:
                 if done:
                     return True
@@ -274,6 +299,8 @@ class S3Sink(Sink):
                     time.sleep(delay)
                     delay = min(self.retry_max, delay * 2)
                     break
+                if os.path.exists(path + ".idx"):
+                    self._commit_index(path, key, size)
                 os.unlink(path)
                 delay = self.retry_min
                 with self._lock:

@@ -12,8 +12,8 @@ Each block is S2-decoded (``pktstream._s2``, bounded by the receiver's ``max_raw
 pktstream's nanosecond records and handed to ``Ingest.ingest`` (receiver/ingest.py) as a STORED DATA frame of
 interface 0 (``packetstreamer``, Ethernet) of a sensor whose id is the peer address, or the id
 configured for it. Nothing is acknowledged (upstream has no sequence numbers, resume or loss
-counts); sequence numbers are made up here (a counter per sensor id, from 1) only to go
-through the same path. The sensor's entry in ``stats()`` says ``legacy:
+counts); sequence numbers are made up here (this receiver's clock in µs, growing by at least
+one per block) only to go through the same path; an id a pktstream sensor has used is refused. The sensor's entry in ``stats()`` says ``legacy:
 unacknowledged``.
 
 Auth: with a key on the receiver (``auth.key``, or ``auth.keyfile`` looked up by the mapped
@@ -91,6 +91,10 @@ class PacketStreamerSettings:
     snaplen: int = 262144
     first_bytes_timeout: float = 60.0
 
+    def __post_init__(self) -> None:
+        # addresses as the lookup sees them (lower case, compressed IPv6, IPv4-mapped as IPv4)
+        self.sensors = {_canonical(k.strip()): v for k, v in self.sensors.items()}
+
 
 class Prepended:
     """A StreamReader whose first bytes were already read (``readexactly`` only, as
@@ -132,7 +136,13 @@ async def intake(server: Server, reader: asyncio.StreamReader, writer: asyncio.S
     # only the first byte may take long (a PacketStreamer sensor's first block); after a byte that
     # cannot start its magic, a peer is held to the handshake timeout as before
     wait = max(timeout, settings.first_bytes_timeout) if settings is not None else timeout
-    head = await asyncio.wait_for(reader.readexactly(1), wait)
+    if server.awaiting_first_byte >= max(1, server.limits.max_connections // 4):
+        wait = timeout  # many silent connections already: no more long waits (slot exhaustion)
+    server.awaiting_first_byte += 1
+    try:
+        head = await asyncio.wait_for(reader.readexactly(1), wait)
+    finally:
+        server.awaiting_first_byte -= 1
     head += await asyncio.wait_for(reader.readexactly(3), timeout)
     if head != MAGIC:
         return Prepended(head, reader)
@@ -199,9 +209,12 @@ class LegacySession:
             except OSError:
                 pass
         sensor = self.ingest.sensor_state(self.sensor_id)
-        if sensor.writer is not None and not sensor.legacy:
-            raise PermissionError(f"sensor id {self.sensor_id!r} is connected as a pktstream sensor from "
-                                  f"{sensor.peer}: give the PacketStreamer sensor another id (legacy.sensors)")
+        if not sensor.legacy and (sensor.writer is not None or sensor.last_accepted > 0):
+            # a pktstream sensor has (or had) this id: one sequence space, one kind of sensor
+            raise PermissionError(f"sensor id {self.sensor_id!r} belongs to a pktstream sensor (from "
+                                  f"{sensor.peer or 'an earlier run'}): give the PacketStreamer sensor another id "
+                                  "(legacy.sensors)")
+        sensor.instance = ""  # no pktstream process may pass the duplicate-id check as this one
         sensor.hostname, sensor.software, sensor.peer = self.host, SOFTWARE, self.peer
         sensor.legacy = True  # the ingest path sends no ACK to it and keeps it out of the state file
         sensor.counters["connections"] += 1
@@ -222,7 +235,11 @@ class LegacySession:
         while True:
             try:
                 if first is None:
-                    head = await self.reader.readexactly(8)
+                    # idle between frames as long as it likes (upstream sends nothing when idle);
+                    # once a frame has begun, the rest must come within the handshake timeout
+                    # (plus a second per MB): a stalled peer cannot hold a slot and its buffer
+                    head = await self.reader.readexactly(1)
+                    head += await asyncio.wait_for(self.reader.readexactly(7), self.timeout)
                     if head[:4] != MAGIC:
                         raise FrameError(f"PacketStreamer frame: bad magic {head[:4].hex()}")
                     length = struct.unpack_from("<I", head, 4)[0]
@@ -230,9 +247,11 @@ class LegacySession:
                     length, first = struct.unpack("<I", first)[0], None
                 if not 0 < length <= self.max_frame:
                     raise FrameError(f"PacketStreamer frame: length {length} outside 1..{self.max_frame}")
-                payload = await self.reader.readexactly(length)
+                payload = await asyncio.wait_for(self.reader.readexactly(length), self.timeout + length / 1e6)
             except (asyncio.IncompleteReadError, ConnectionError) as exc:
                 log.info("%s: PacketStreamer connection closed (%s)", self.peer, type(exc).__name__)
+                return
+            if not sensor.legacy:  # a pktstream sensor took this id over: this connection is done
                 return
             sensor.last_rx = time.monotonic()
             try:
@@ -246,9 +265,20 @@ class LegacySession:
                 continue
             lock = _locks.setdefault(self.ingest, {}).setdefault(self.sensor_id, asyncio.Lock())
             async with lock:
-                # a counter from 1, far below any pktstream sensor's sequence numbers (its clock
-                # in µs): one that takes this id over later has none of its frames taken for
-                # duplicates, and no ACK meant for these numbers releases any of its frames
-                seq = sensor.last_accepted + 1
+                # made-up numbers like a pktstream sensor's: this receiver's clock in µs, growing
+                # by at least one per block. Not a counter from 1: this receiver's outputs may feed
+                # another receiver (Kafka) that remembers them across this one's restarts, and would
+                # take a restarted counter's blocks for duplicates. A pktstream sensor taking the id
+                # over later numbers above them (its clock; WELCOME renumbers what it has not sent)
+                if not sensor.legacy:
+                    return
+                seq = max(sensor.last_accepted + 1, time.time_ns() // 1000)
                 frame = P.Frame(P.FrameType.DATA, P.Flags.STORED, seq, IFACE, count, len(raw), bytes(raw))
                 await self.ingest.ingest(sensor, frame, self.iface, wire_bytes=length + 8)
+
+
+def close_sessions(ingest: Any, sensor_id: str) -> None:
+    """Close every PacketStreamer connection of ``sensor_id`` (a pktstream sensor took the id
+    over: one stream per id). Event-loop thread."""
+    for w in list(_open.get(ingest, {}).get(sensor_id, ())):
+        w.close()

@@ -226,6 +226,7 @@ class Receiver:
             await self.ingest.finish()
             for inp in self.inputs:
                 await asyncio.to_thread(inp.close)  # commits what the outputs have (input offsets)
+            self.ingest.shutdown()
             self.ingest.log_stats()
 
     async def _periodic(self) -> None:

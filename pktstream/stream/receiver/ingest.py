@@ -201,6 +201,9 @@ class Ingest:
         self.commit(sync=True)
         self.outputs.forget_states()  # the outputs are closed: their files are complete
         self.state.write(self._snapshot())
+
+    def shutdown(self) -> None:
+        """Last step of a receiver's stop, after its inputs closed (they may still ingest)."""
         self._decoder.shutdown(wait=False)
         self._state_writer.shutdown(wait=True)
 

@@ -73,6 +73,7 @@ class Server:
         self.limits = limits
         self.counters = counters
         self.connections = 0
+        self.awaiting_first_byte = 0   # connections not yet past their first byte (legacy.intake)
         self.address: tuple[str, int] | None = None
         self._buckets: dict[str, tuple[float, float]] = {}
         self._log_limit: dict[tuple[str, str], float] = {}
@@ -258,7 +259,9 @@ class Server:
             log.warning("sensor %s reconnected from %s: closing its old connection from %s", sid, peer, sensor.peer)
             sensor.writer.close()
         sensor.instance = instance
-        sensor.legacy = False  # a pktstream sensor taking over a PacketStreamer sensor's id (stream/legacy.py)
+        if sensor.legacy:  # a pktstream sensor taking over a PacketStreamer sensor's id (stream/legacy.py)
+            legacy.close_sessions(self.ingest, sid)
+            sensor.legacy = False
         sensor.last_rx = time.monotonic()
         for d in descs:
             sensor.interfaces[d["index"]] = d

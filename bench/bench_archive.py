@@ -1,0 +1,268 @@
+#!/usr/bin/env python3
+"""The indexed archive (issue 13, item 6): indexing cost, index size, queries against brute force.
+
+Builds an archive the way a receiver does (``FileSink``: per-sensor rotated files, several
+sensors, ``.pcap.zst`` and ``.pcapng``), from seeded synthetic traffic: many short flows between
+a large host pool, incompressible payloads (like encrypted traffic), one rare flow
+(``198.51.100.77:4444``) in the middle of one sensor's day. Then, in one run:
+
+* writing CPU (process CPU seconds) with and without ``index=True``, and ``pktstream index``
+  over the same files offline;
+* index size against the raw packet bytes;
+* queries -- single flow, single host, a time window -- through ``Archive.write`` (cold and
+  warm) and the ``pktstream query`` command (end to end, start-up included), against brute force:
+  ``tcpdump -r FILE -w - BPF`` over every file (``zstd -dc`` in front of compressed ones) and
+  ``pktstream convert FILE OUT BPF`` over every file; results checked equal (packet counts).
+
+Usage: bench/bench_archive.py [--raw-mb 600] [--sensors 4] [--file-mb 8] [--dir DIR] [--json OUT]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import pktstream
+from pktstream.archive import Archive
+from pktstream.sinks import FileSink
+from pktstream.sinks.base import Source
+
+T0 = 1_732_708_800 * 10**9
+RARE = ("198.51.100.77", 4444)
+PY = [sys.executable, "-m", "pktstream"]
+
+
+def _ip(n: int) -> bytes:
+    return bytes((10, (n >> 16) & 255, (n >> 8) & 255, n & 255))
+
+
+def make_batches(seed: int, raw_bytes: int, start_ns: int, span_ns: int, *, rare_at: float | None = None,
+                 per_batch: int = 400):
+    """Batches of Ethernet/IPv4 TCP+UDP packets: short flows (2-40 packets) from a pool of
+    65,536 hosts, incompressible payloads; ``rare_at``: fraction of the span where the rare
+    flow's 6 packets are put."""
+    rng = random.Random(seed)
+    # payloads from a pool larger than zstd's window: incompressible, like encrypted traffic
+    noise = np.random.default_rng(seed).integers(0, 256, 64 << 20, dtype=np.uint8).tobytes()
+    est = raw_bytes // 640
+    step = max(span_ns // max(est, 1), 1)
+    ts = start_ns
+    flows: list[list] = []
+    made = 0
+    rare_done = rare_at is None
+    while made < raw_bytes:
+        recs = bytearray()
+        n = 0
+        while n < per_batch:
+            if len(flows) < 64 or rng.random() < 0.05:
+                flows.append([rng.randrange(1 << 16), rng.randrange(1 << 16), rng.randrange(1024, 65535),
+                              rng.choice((80, 443, 53, 22, 8080, 3306)), rng.choice((6, 17)), rng.randrange(2, 40)])
+            i = rng.randrange(len(flows))
+            f = flows[i]
+            size = rng.choice((0, 40, 200, 600, 1200, 1400))
+            off = rng.randrange(len(noise) - size)
+            l4 = (struct.pack("!HHIIBBHHH", f[2], f[3], 1, 1, 0x50, 0x18, 65535, 0, 0) if f[4] == 6
+                  else struct.pack("!HHHH", f[2], f[3], 8 + size, 0)) + noise[off:off + size]
+            ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, 0, 64, f[4], 0, _ip(f[0]), _ip(f[1])) + l4
+            frame = b"\x02\0\0\0\0\x02\x02\0\0\0\0\x01\x08\x00" + ip
+            ts += rng.randrange(1, 2 * step)
+            recs += struct.pack("<IIII", ts // 10**9, ts % 10**9, len(frame), len(frame)) + frame
+            n += 1
+            f[5] -= 1
+            if f[5] <= 0:
+                flows.pop(i)
+            if not rare_done and ts >= start_ns + rare_at * span_ns:
+                rare_done = True
+                for k in range(6):
+                    l4 = struct.pack("!HHIIBBHHH", 51000, RARE[1], k, 1, 0x50, 0x18, 65535, 0, 0) + b"evil" * 10
+                    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, 0, 64, 6, 0, _ip(7),
+                                     bytes(map(int, RARE[0].split(".")))) + l4
+                    frame = b"\x02\0\0\0\0\x02\x02\0\0\0\0\x01\x08\x00" + ip
+                    recs += struct.pack("<IIII", ts // 10**9, ts % 10**9 + k, len(frame), len(frame)) + frame
+                    n += 1
+        made += len(recs)
+        yield pktstream.PacketBatch.from_records(bytes(recs), link_type=1)
+
+
+def write_archive(root: Path, batches_by_sensor: dict, *, index: bool, file_bytes: int) -> float:
+    """Write like a receiver (two outputs: per-sensor .pcap.zst and per-sensor .pcapng in a
+    second directory); returns the process CPU seconds spent in the sinks."""
+    root.mkdir(parents=True)
+    sinks = [FileSink(directory=str(root / "zst"), format="pcap.zst", rotate_bytes=file_bytes // 3, index=index),
+             FileSink(directory=str(root / "ng"), format="pcapng", rotate_bytes=file_bytes, index=index)]
+    cpu = 0.0
+    for sensor, batches in batches_by_sensor.items():
+        src = Source(sensor, sensor, "eth0", 1, 262144)
+        for i, b in enumerate(batches):
+            sink = sinks[i % 2]  # half of each sensor's traffic in each output
+            c0 = time.process_time()
+            sink.write(src, b)
+            sink.flush()
+            cpu += time.process_time() - c0
+    c0 = time.process_time()
+    for s in sinks:
+        s.close()
+    return cpu + time.process_time() - c0
+
+
+def du(paths) -> int:
+    return sum(p.stat().st_size for p in paths)
+
+
+def brute_tcpdump(files: list[Path], bpf: str) -> int:
+    n = 0
+    for f in files:
+        cmd = ["tcpdump", "-r", "-" if f.name.endswith(".zst") else str(f), "-w", "-", bpf]
+        if f.name.endswith(".zst"):
+            z = subprocess.Popen(["zstd", "-dc", str(f)], stdout=subprocess.PIPE)
+            out = subprocess.run(cmd, stdin=z.stdout, capture_output=True).stdout
+            z.stdout.close()
+            z.wait()
+        else:
+            out = subprocess.run(cmd, capture_output=True).stdout
+        n += sum(len(b) for b in pktstream.read(__import__("io").BytesIO(out))) if len(out) > 24 else 0
+    return n
+
+
+def brute_convert(files: list[Path], bpf: str, tmp: Path) -> int:
+    n = 0
+    for f in files:
+        out = tmp / "conv.pcap"
+        subprocess.run([*PY, "convert", str(f), str(out), *bpf.split()], check=True, capture_output=True)
+        n += sum(len(b) for b in pktstream.read(out))
+    return n
+
+
+def random_access(root: Path, cat: list[dict]) -> dict:
+    """Reading the first and the last chunk of the largest .pcapng and .pcap.zst file: seek
+    (uncompressed) against bounded decompression (one zstd frame: decompressed up to the
+    chunk's end)."""
+    from pktstream.archive.query import FilePlan, QueryStats, read_plan, segments_for
+    from pktstream.archive.store import LocalStore
+    out = {}
+    store = LocalStore(str(root))
+    for kind in ("pcapng", "pcap.zst"):
+        rows = [r for r in cat if r["path"].endswith("." + kind) and r["chunks"]]
+        row = max(rows, key=lambda r: r["chunks"][-1]["end"])
+        for which, c in (("first", 0), ("last", len(row["chunks"]) - 1)):
+            segs = segments_for(row, [c])
+            st = QueryStats()
+            t = time.perf_counter()
+            read_plan(store, FilePlan(row["path"], "index", segs, row["compression"]), bpf=None, since=None,
+                      until=None, sensors=None, stats=st, warn=lambda m: None)
+            out[f"{kind} {which} chunk"] = {"seconds": round(time.perf_counter() - t, 4), "file_bytes": row["size"],
+                                            "stream_bytes": row["chunks"][-1]["end"], "bytes_read": st.bytes_read,
+                                            "chunks": len(row["chunks"])}
+    return out
+
+
+def timed(fn, repeat: int = 1):
+    best, val = None, None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        val = fn()
+        dt = time.perf_counter() - t
+        best = dt if best is None else min(best, dt)
+    return best, val
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--raw-mb", type=int, default=600, help="raw packet bytes to write, in MB (issue: 5000)")
+    ap.add_argument("--sensors", type=int, default=4)
+    ap.add_argument("--file-mb", type=float, default=8, help="rotation size of the .pcapng files (MB)")
+    ap.add_argument("--dir", help="work directory (default: a temporary one, removed)")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    work = Path(args.dir or tempfile.mkdtemp(prefix="bench-archive-"))
+    work.mkdir(parents=True, exist_ok=True)
+    raw = args.raw_mb * 1_000_000
+    span = 3600 * 10**9
+    res: dict = {"raw_mb": args.raw_mb, "sensors": args.sensors, "machine": os.uname().nodename,
+                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count()}
+    try:
+        print(f"generating {args.raw_mb} MB of packets for {args.sensors} sensors ...", file=sys.stderr)
+        def data():  # regenerated for each archive (seeded: identical), not held in memory
+            return {f"sensor-{k}": make_batches(k, raw // args.sensors, T0, span, rare_at=0.5 if k == 1 else None)
+                    for k in range(args.sensors)}
+        fb = int(args.file_mb * 1_000_000)
+        import pyarrow as pa  # a receiver imports these once, at its first completed file: not per file
+        import pyarrow.parquet  # noqa: F401
+        pa.table({"a": [1]}).to_pylist()
+        cpu_plain = write_archive(work / "plain", data(), index=False, file_bytes=fb)
+        cpu_index = write_archive(work / "indexed", data(), index=True, file_bytes=fb)
+        root = work / "indexed"
+        files = sorted(p for p in root.rglob("*") if p.is_file() and "_index" not in p.parts)
+        idx = [p for p in root.rglob("*.parquet")]
+        cat = Archive(str(root)).catalog().to_pylist()
+        res["packets"] = sum(r["packets"] for r in cat)
+        res["raw_bytes"] = sum(r["chunks"][-1]["end"] for r in cat if r["chunks"])  # uncompressed stream bytes
+        res.update(files=len(files), capture_bytes=du(files), index_bytes=du(idx),
+                   write_cpu_s_plain=round(cpu_plain, 2), write_cpu_s_indexed=round(cpu_index, 2),
+                   indexing_cpu_overhead_pct=round(100 * (cpu_index - cpu_plain) / cpu_plain, 1))
+        res["index_pct_of_raw"] = round(100 * res["index_bytes"] / res["raw_bytes"], 3)
+        res["index_bytes_per_packet"] = round(res["index_bytes"] / res["packets"], 2)
+        # offline indexing of the unindexed copy
+        t = time.perf_counter()
+        r = subprocess.run([*PY, "index", str(work / "plain")], capture_output=True, text=True)
+        res["offline_index_s"] = round(time.perf_counter() - t, 2)
+        assert r.returncode == 0, r.stderr
+        a = Archive(str(root))
+        flow_row = a.flows(f"host {RARE[0]}").to_pylist()
+        rare_ts = flow_row[0]["first_ts_ns"]
+        queries = {
+            "single flow": f"host {RARE[0]} and tcp port {RARE[1]}",
+            "single host": "host 10.0.1.1",
+            "time window (60 s, tcp port 22)": "tcp port 22",
+        }
+        res["queries"] = {}
+        for name, bpf in queries.items():
+            kw = {"since": rare_ts - 30 * 10**9, "until": rare_ts + 30 * 10**9} if name.startswith("time") else {}
+            out = work / "q.pcapng"
+            def run_api(out=out, bpf=bpf, kw=kw):
+                return Archive(str(root)).write(out, bpf, **kw)
+            cold, st = timed(run_api)
+            warm, st = timed(run_api, repeat=3)
+            extra = []
+            if kw:
+                extra = [f"--since={kw['since'] // 10**9}.{kw['since'] % 10**9:09d}",
+                         f"--until={kw['until'] // 10**9}.{kw['until'] % 10**9:09d}"]
+            def run_cli(bpf=bpf, out=out, extra=extra):
+                return subprocess.run([*PY, "query", str(root), *bpf.split(), "-w", str(out), *extra],
+                                      check=True, capture_output=True)
+            cli, _ = timed(run_cli, repeat=3)
+            q = {"bpf": bpf, "packets": st.packets, "files_read": st.files_read, "bytes_read": st.bytes_read,
+                 "archive_cold_s": round(cold, 4), "archive_warm_s": round(warm, 4), "cli_s": round(cli, 3)}
+            if not kw:
+                td, n_td = timed(lambda bpf=bpf: brute_tcpdump(files, bpf))
+                assert n_td == st.packets, (name, n_td, st.packets)
+                q.update(tcpdump_s=round(td, 2), speedup_vs_tcpdump_warm=round(td / warm, 1),
+                         speedup_vs_tcpdump_cli=round(td / cli, 1))
+                if name == "single flow":  # one process per file: slow, so once
+                    cv, n_cv = timed(lambda bpf=bpf: brute_convert(files, bpf, work))
+                    assert n_cv == st.packets
+                    q.update(convert_s=round(cv, 2), speedup_vs_convert_warm=round(cv / warm, 1))
+            res["queries"][name] = q
+            print(name, q, file=sys.stderr)
+        res["random_access"] = random_access(root, cat)
+    finally:
+        if not args.dir:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(res, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Stenographer side by side with the pktstream archive on the same traffic (issue 13, item 6).
+
+Needs root and Debian's ``stenographer`` and ``stenographer-client`` (the package makes its
+certificates). Writes ~300 MB of bench_archive's traffic (one rare flow) to a pcap, starts
+``stenographer`` as its own user with a private config (port 18456; stenotype on the outer end
+of a veth pair made here; ``--no_watchdogs``: its watchdog aborts stenotype when traffic
+pauses), replays the pcap at 100 kpps, then times ``stenoread`` for the rare flow (3 runs),
+``tcpdump -r`` over the pcap, and ``pktstream index`` + ``Archive.write`` + ``pktstream query``
+on the same pcap, and prints index sizes. Not run by run_all.py (root, Debian packages).
+Results: bench/README.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_archive import RARE, T0, make_batches  # noqa: E402
+
+import pktstream  # noqa: E402
+from pktstream.formats import open_writer  # noqa: E402
+from pktstream.lab.netns import Veth  # noqa: E402
+
+WORK = Path("/tmp/steno")
+PORT = 18456
+
+
+def timed(cmd: list[str], **kw) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, capture_output=True, check=True, **kw)
+    return time.perf_counter() - t
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first found through /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def du(d: Path, pattern: str = "*") -> int:
+    return sum(f.stat().st_size for f in d.rglob(pattern) if f.is_file())
+
+
+def main() -> int:
+    WORK.mkdir(exist_ok=True)
+    for x in ("thread0", "arc", "out.pcap"):
+        shutil.rmtree(WORK / x, ignore_errors=True)
+    pcap = WORK / "traffic.pcap"
+    if not pcap.exists():
+        with open_writer(str(pcap)) as w:
+            for b in make_batches(1, 300_000_000, T0, 600 * 10**9, rare_at=0.5):
+                w.write(b)
+    print("pcap bytes", pcap.stat().st_size, flush=True)
+    query = f"host {RARE[0]} and port {RARE[1]}"
+    with Veth() as v:
+        for d in ("thread0", "thread0/packets", "thread0/index"):
+            (WORK / d).mkdir(exist_ok=True)
+            shutil.chown(WORK / d, "stenographer", "stenographer")
+        cfg = {"Threads": [{"PacketsDirectory": str(WORK / "thread0/packets"),
+                            "IndexDirectory": str(WORK / "thread0/index"),
+                            "MaxDirectoryFiles": 30000, "DiskFreePercentage": 1}],
+               "StenotypePath": "/usr/sbin/stenotype", "Interface": v.outer, "Port": PORT, "Host": "127.0.0.1",
+               "Flags": ["--fileage_sec=5", "--blockage_sec=1", "--no_watchdogs"],
+               "CertPath": "/etc/stenographer/certs"}
+        (WORK / "config").write_text(json.dumps(cfg))
+        os.chmod(WORK, 0o755)
+        os.chmod(WORK / "config", 0o644)
+        with open(WORK / "steno.log", "w") as log:
+            p = subprocess.Popen(["runuser", "-u", "stenographer", "--", "stenographer", "-config",
+                                  str(WORK / "config"), "-syslog=false", "-v", "1"],
+                                 stdout=log, stderr=subprocess.STDOUT)
+            try:
+                time.sleep(5)  # stenotype up (it logs nothing we could wait for)
+                print("replay", v.replay(pcap, pps=100000)[-120:], flush=True)
+                time.sleep(15)  # files rotate after 5 s, then stenographer indexes them
+                env = {**os.environ, "STENOGRAPHER_CONFIG": str(WORK / "config")}
+                for i in range(3):
+                    dt = timed(["stenoread", query, "-w", str(WORK / "out.pcap")], env=env)
+                    n = sum(len(b) for b in pktstream.read(WORK / "out.pcap"))
+                    print(f"stenoread run {i}: {dt:.3f} s, {n} packets", flush=True)
+            finally:
+                tree = descendants(p.pid)  # stenographer leaves its stenotype running when stopped
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+                for pid in tree:
+                    try:
+                        os.kill(pid, 9)
+                    except ProcessLookupError:
+                        pass
+    print(f"tcpdump -r: {timed(['tcpdump', '-r', str(pcap), '-w', str(WORK / 'td.pcap'), query]):.3f} s")
+    print("stenographer packet files", du(WORK / "thread0/packets"), "index", du(WORK / "thread0/index"))
+    arc = WORK / "arc"
+    arc.mkdir()
+    shutil.copy(pcap, arc / "traffic.pcap")
+    t = time.perf_counter()
+    a = pktstream.Archive(str(arc))
+    a.index()
+    print(f"pktstream index: {time.perf_counter() - t:.2f} s")
+    for _ in range(3):
+        t = time.perf_counter()
+        st = a.write(str(WORK / "pq.pcapng"), query)
+        print(f"Archive.write {time.perf_counter() - t:.3f} s, {st.packets} packets")
+    for _ in range(2):
+        dt = timed([sys.executable, "-m", "pktstream", "query", str(arc), *query.split(), "-w", str(WORK / "q.pcapng")])
+        print(f"pktstream query (CLI) {dt:.3f} s")
+    print("pktstream index bytes", du(arc / "_index", "*.parquet"), "of", pcap.stat().st_size)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""``pktstream.Archive``: the capture files of a directory or S3 prefix, with their index.
+
+::
+
+    a = pktstream.Archive("/srv/pcap")                    # or "s3://bucket/prefix"
+    a.index()                                             # build missing/stale indexes
+    a.flows("host 198.18.7.2", since="2024-11-27T12:00")  # pyarrow Table of flow records
+    for batch in a.packets("tcp port 443 and host 198.18.7.2"):   # time-ordered PacketBatches
+        ...
+    a.write("case.pcapng", "host 198.18.7.2")             # like tcpdump -r over every file
+
+Lifetime/threads: an Archive holds no open files between calls; the catalog is read at each
+call (a receiver may be adding files). Not for concurrent use from several threads.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import io
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from pktstream.archive.catalog import heavy, is_current, load_catalog, repair
+from pktstream.archive.index import INDEX_DIR
+from pktstream.archive.query import FilePlan, QueryStats, merge_batches, read_plan, segments_for
+from pktstream.archive.store import open_store
+
+TimeArg = "int | float | str | dt.datetime | None"
+
+
+def parse_time(value: Any) -> int | None:
+    """A time bound as ns since the epoch: int ns, float seconds, datetime, ISO 8601 text (UTC
+    when it has no zone) or seconds as text (``1732708800.5``)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"not a time: {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(round(value * 1e9))
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        return int(value.timestamp()) * 10**9 + value.microsecond * 1000
+    text = str(value).strip()
+    try:
+        if text.isdigit() and len(text) > 12:
+            return int(text)  # ns
+        if text.replace(".", "", 1).isdigit():
+            from decimal import Decimal
+            return int(Decimal(text) * 10**9)  # exact to the ns (a float is not)
+        d = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"not a time: {value!r} (ISO 8601 such as 2024-11-27T12:00:00Z, "
+                         "or seconds since the epoch)") from None
+    return parse_time(d)
+
+
+class Archive:
+    """Capture files plus their index under a directory or ``s3://bucket/prefix``.
+
+    :param location: directory path or ``s3://BUCKET/PREFIX``.
+    :param client: a boto3 S3 client to use (S3 only; default: boto3's chain, endpoint from
+        ``endpoint_url`` or ``AWS_ENDPOINT_URL``).
+    """
+
+    def __init__(self, location: str, *, client=None, endpoint_url: str | None = None) -> None:
+        import os
+        location = os.fspath(location)
+        kw = {}
+        if location.startswith("s3://"):
+            kw = {"client": client, "endpoint_url": endpoint_url}
+        self.store = open_store(location, **kw)
+        self.location = location
+        self.last_stats: QueryStats | None = None
+
+    def __repr__(self) -> str:
+        return f"<Archive {self.store.url}>"
+
+    # -- index -----------------------------------------------------------------------------
+    def index(self, paths: list[str] | None = None, *, force: bool = False, chunk_bytes: int | None = None,
+              progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+        """Build missing/stale indexes, drop those of vanished files (see catalog.repair)."""
+        from pktstream.archive.catalog import CHUNK_BYTES
+        return repair(self.store, paths, force=force, chunk_bytes=chunk_bytes or CHUNK_BYTES, progress=progress)
+
+    def catalog(self):
+        """The catalog: one row per indexed capture file (a pyarrow Table)."""
+        import pyarrow as pa
+
+        from pktstream.archive.index import catalog_schema
+        rows, _ = load_catalog(self.store, full=True)
+        return pa.Table.from_pylist(rows, catalog_schema())
+
+    # -- planning --------------------------------------------------------------------------
+    def _candidates(self, tree, since, until, sensors, stats: QueryStats, warn):
+        """(entry, catalog row or None, reason) for files that may hold matching packets."""
+        from pktstream.archive.prune import SummaryContext, may_match
+        entries = self.store.captures()
+        rows, bad = load_catalog(self.store)
+        for rel in bad:
+            stats.problems.append(f"{rel}: unreadable catalog file (ignored)")
+            warn(stats.problems[-1])
+        by_path = {r["path"]: r for r in rows}
+        stats.files_total = len(entries)
+        out: list[tuple[Any, dict[str, Any] | None, str]] = []
+        for e in entries:
+            row = by_path.get(e.path)
+            if row is None:
+                out.append((e, None, "no index"))
+                continue
+            if not is_current(row, e):
+                out.append((e, None, "stale index"))
+                continue
+            if row["status"] != "ok":
+                stats.problems.append(f"{e.path}: {row['status']} ({row['error']}); read up to the damage")
+                warn(stats.problems[-1])
+            if not row["packets"]:
+                continue
+            if since is not None and row["last_ts_ns"] < since:
+                continue
+            if until is not None and row["first_ts_ns"] >= until:
+                continue
+            if sensors is not None and not sensors & set(row["sensors"]):
+                continue
+            summary = SummaryContext(heavy(row, "addresses"), heavy(row, "ports")) if tree is not None else None
+            if summary is not None and not may_match(tree, summary)[0]:
+                continue
+            out.append((e, row, ""))
+        return out
+
+    def _flow_table(self, row: dict[str, Any], sensors):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        parts = []
+        for rel in row["flow_files"]:
+            sensor = rel.split("/sensor=", 1)[1].split("/", 1)[0]
+            if sensors is not None and not any(_partition_matches(sensor, s) for s in sensors):
+                continue
+            t = pq.ParquetFile(io.BytesIO(self.store.read_bytes(rel))).read()
+            date = rel.split("/date=", 1)[1].split("/", 1)[0]
+            t = t.append_column("sensor", pa.array([_sensor_name(sensor, row)] * t.num_rows, pa.string()))
+            t = t.append_column("date", pa.array([date] * t.num_rows, pa.string()))
+            parts.append(t)
+        if not parts:
+            return None
+        return pa.concat_tables(parts)
+
+    def plan(self, bpf: str | None = None, *, since=None, until=None, sensor=None,
+             stats: QueryStats | None = None, warn: Callable[[str], None] | None = None) -> list[FilePlan]:
+        """Which files and stream ranges a query reads (see :mod:`pktstream.archive.query`)."""
+        import numpy as np
+
+        from pktstream.archive.prune import FlowContext, may_match, parse
+        stats = stats or QueryStats()
+        warn = warn or (lambda m: None)
+        since, until = parse_time(since), parse_time(until)
+        sensors = _sensor_set(sensor)
+        tree = parse(bpf)
+        plans = []
+        for e, row, reason in self._candidates(tree, since, until, sensors, stats, warn):
+            if row is None:
+                plans.append(FilePlan(e.path, "scan", None, _compression_of(e.path), reason, e.size))
+                continue
+            t = self._flow_table(row, sensors)
+            if t is None:
+                continue
+            cols = {c: t.column(c).to_numpy(zero_copy_only=False) for c in
+                    ("ip_version", "proto", "sport", "dport", "vlan", "first_ts_ns", "last_ts_ns", "link_type",
+                     "ethertype")}
+            cols["src"] = t.column("src").to_numpy(zero_copy_only=False)
+            cols["dst"] = t.column("dst").to_numpy(zero_copy_only=False)
+            keep = may_match(tree, FlowContext(cols))
+            if since is not None:
+                keep &= cols["last_ts_ns"] >= since
+            if until is not None:
+                keep &= cols["first_ts_ns"] < until
+            if not keep.any():
+                continue
+            chunk_lists = t.column("chunks").filter(keep).combine_chunks()
+            candidates = np.unique(chunk_lists.flatten().to_numpy())
+            chunks = heavy(row, "chunks")
+            heavy(row, "header_blocks")
+            ids = [int(c) for c in candidates.tolist() if (since is None or chunks[c]["last_ts_ns"] >= since)
+                   and (until is None or chunks[c]["first_ts_ns"] < until)]
+            if not ids:
+                continue
+            segs = segments_for(row, ids)
+            plans.append(FilePlan(e.path, "index", segs, row["compression"], "", e.size))
+        return plans
+
+    # -- queries ---------------------------------------------------------------------------
+    def _run(self, bpf, since, until, sensor, warn) -> tuple[list[list], QueryStats]:
+        if bpf:
+            from pktstream._capture import BpfProgram
+            BpfProgram(bpf, 1)  # a bad expression fails here, with libpcap's message
+        t0 = time.monotonic()
+        stats = QueryStats()
+        warn = warn or (lambda m: print(f"pktstream: warning: {m}", file=sys.stderr))
+        plans = self.plan(bpf, since=since, until=until, sensor=sensor, stats=stats, warn=warn)
+        s, u = parse_time(since), parse_time(until)
+        sensors = _sensor_set(sensor)
+        results = []
+        for p in plans:
+            stats.files_read += 1
+            if p.mode == "scan":
+                stats.files_scanned += 1
+                stats.scanned.append(f"{p.path} ({p.reason})")
+            results.append(read_plan(self.store, p, bpf=bpf, since=s, until=u, sensors=sensors, stats=stats,
+                                     warn=warn))
+        stats.packets = sum(len(b) for lst in results for b in lst)
+        stats.seconds = time.monotonic() - t0
+        self.last_stats = stats
+        return results, stats
+
+    def packets(self, bpf: str | None = None, *, since=None, until=None, sensor=None,
+                warn: Callable[[str], None] | None = None) -> Iterator:
+        """The packets ``tcpdump -r FILE BPF`` gives over every file, within ``[since, until)``
+        and of the given sensor(s), merged in time order, as PacketBatches whose ``interface``
+        is ``sensor/interface``. Matching packets are held in memory until merged.
+        ``last_stats`` tells what was read."""
+        results, _ = self._run(bpf, since, until, sensor, warn)
+        yield from merge_batches(results)
+
+    def write(self, out, bpf: str | None = None, *, since=None, until=None, sensor=None,
+              warn: Callable[[str], None] | None = None) -> QueryStats:
+        """Write the packets of :meth:`packets` to ``out`` (path or binary file object): pcapng
+        (``.pcapng.zst`` compressed) with one interface per sensor interface."""
+        import os
+
+        from pktstream.formats import open_writer
+        from pktstream.formats.writer import format_from_name
+        fmt = "pcapng"
+        if isinstance(out, (str, os.PathLike)) and (format_from_name(os.fspath(out)) or "").endswith(".zst"):
+            fmt = "pcapng.zst"
+        results, stats = self._run(bpf, since, until, sensor, warn)
+        w = open_writer(out, format=fmt)
+        try:
+            for b in merge_batches(results):
+                w.write(b)
+        except BaseException:
+            w.abort()
+            raise
+        w.close()
+        return stats
+
+    def flows(self, bpf: str | None = None, *, since=None, until=None, sensor=None, pandas: bool = False):
+        """Flow records (pyarrow Table, or pandas with ``pandas=True``) of the indexed files:
+        those whose key matches ``bpf`` (the subset of BPF in :mod:`pktstream.archive.prune`;
+        VLAN-tagged flows are matched on their addresses and ports), overlapping
+        ``[since, until)``, of the given sensor(s); ordered by first packet."""
+        import pyarrow as pa
+
+        from pktstream.archive.prune import FlowContext, evaluate, parse
+        s, u = parse_time(since), parse_time(until)
+        sensors = _sensor_set(sensor)
+        tree = parse(bpf)
+        if bpf and bpf.strip() and tree is None:
+            raise ValueError(f"flow filter {bpf!r}: only host, net, port, portrange, ip, ip6, tcp, udp, "
+                             "sctp, icmp, icmp6 with and/or/not are understood (docs/ARCHIVE.md)")
+        stats = QueryStats()
+        parts = []
+        for _entry, row, _ in self._candidates(tree, s, u, sensors, stats, lambda m: None):
+            if row is None:
+                continue
+            t = self._flow_table(row, sensors)
+            if t is None:
+                continue
+            cols = {c: t.column(c).to_numpy(zero_copy_only=False) for c in
+                    ("ip_version", "proto", "sport", "dport", "vlan", "first_ts_ns", "last_ts_ns", "link_type",
+                     "ethertype")}
+            cols["src"] = t.column("src").to_numpy(zero_copy_only=False)
+            cols["dst"] = t.column("dst").to_numpy(zero_copy_only=False)
+            keep = None
+            if tree is not None:
+                mt, mf = evaluate(tree, FlowContext(cols, strict=False))
+                keep = mt & ~mf
+            if s is not None:
+                k2 = cols["last_ts_ns"] >= s
+                keep = k2 if keep is None else keep & k2
+            if u is not None:
+                k2 = cols["first_ts_ns"] < u
+                keep = k2 if keep is None else keep & k2
+            if keep is not None:
+                t = t.filter(pa.array(keep))
+            if sensors is not None:
+                t = t.filter(pa.array([x in sensors for x in t.column("sensor").to_pylist()], pa.bool_()))
+            parts.append(t)
+        if not parts:
+            table = _empty_flows()
+        else:
+            table = pa.concat_tables(parts).sort_by([("first_ts_ns", "ascending")])
+        return table.to_pandas() if pandas else table
+
+    def sql(self, query: str):
+        """Run SQL over the index with DuckDB: views ``flows`` (with ``sensor``, ``date``) and
+        ``files`` (the catalog). Returns a pyarrow Table."""
+        try:
+            import duckdb
+        except ImportError:
+            raise ImportError("pktstream sql needs DuckDB: pip install 'pktstream[sql]'") from None
+        con = duckdb.connect()
+        try:
+            if hasattr(self.store, "root"):
+                import os
+                root = os.path.join(self.store.root, INDEX_DIR)
+                if os.path.isdir(os.path.join(root, "flows")):
+                    con.execute(f"CREATE VIEW flows AS SELECT * FROM read_parquet("
+                                f"'{_sql_str(root)}/flows/*/*/*.parquet', hive_partitioning=true, "
+                                "union_by_name=true)")
+                else:
+                    flows_tbl = _empty_flows()
+                    con.register("flows", flows_tbl)
+            else:
+                flows_tbl = self.flows()
+                con.register("flows", flows_tbl)
+            files_tbl = self.catalog()
+            con.register("files", files_tbl)
+            rel = con.sql(query)
+            if rel is None:  # a statement without a result
+                import pyarrow as pa
+                return pa.table({})
+            return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
+        finally:
+            con.close()
+
+
+def _sql_str(text: str) -> str:
+    return text.replace("'", "''")
+
+
+def _empty_flows():
+    import pyarrow as pa
+    return pa.table({"file": pa.array([], pa.string()), "sensor": pa.array([], pa.string()),
+                     "interface": pa.array([], pa.string()), "src": pa.array([], pa.string()),
+                     "dst": pa.array([], pa.string()), "sport": pa.array([], pa.uint16()),
+                     "dport": pa.array([], pa.uint16()), "proto": pa.array([], pa.uint8()),
+                     "first_ts_ns": pa.array([], pa.int64()), "last_ts_ns": pa.array([], pa.int64()),
+                     "packets": pa.array([], pa.int64()), "bytes": pa.array([], pa.int64())})
+
+
+def _sensor_set(sensor) -> set[str] | None:
+    if sensor is None:
+        return None
+    if isinstance(sensor, str):
+        return {sensor}
+    return set(sensor)
+
+
+def _partition_matches(value: str, sensor: str) -> bool:
+    from pktstream.archive.index import partition_value
+    return partition_value(sensor) == value
+
+
+def _sensor_name(value: str, row: dict[str, Any]) -> str:
+    from pktstream.archive.index import partition_value
+    for s in row["sensors"]:
+        if partition_value(s) == value:
+            return s
+    return value
+
+
+def _compression_of(path: str) -> str | None:
+    """Compression of a file without an index, from its first bytes' usual name (the reader
+    checks the magic anyway)."""
+    if path.endswith(".zst"):
+        return "zstd"
+    if path.endswith(".gz"):
+        return "gzip"
+    return None

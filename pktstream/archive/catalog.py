@@ -1,0 +1,292 @@
+"""Building, writing, repairing and loading the index of an archive.
+
+Commit order: the flow files of a capture file are written first, its catalog row last (each
+atomically), so a catalog row always describes complete flow files; a crash in between
+leaves orphan flow files that :func:`repair` removes. A catalog row whose capture file is
+gone is removed with its flow files; one whose file changed (size or version) is *stale*.
+
+Thread safety: functions, no shared state; concurrent indexing of the same file is not
+supported (the last writer wins, consistently).
+"""
+from __future__ import annotations
+
+import io
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from pktstream.archive.index import INDEX_DIR, FileIndexBuilder, catalog_file, catalog_schema
+from pktstream.archive.store import Entry
+
+CHUNK_BYTES = 256 << 10  # the read unit of offline indexing (decompressed stream bytes)
+
+
+def index_entry(store, entry: Entry, *, chunk_bytes: int = CHUNK_BYTES) -> tuple[dict[str, Any], dict]:
+    """Read one capture file and build its index (catalog row, flow tables)."""
+    from pktstream.exceptions import FileFormatError
+    from pktstream.formats import TruncatedFileWarning, open_reader
+    b = FileIndexBuilder(entry.path)
+    status, error, fmt, comp = "ok", None, "unknown", None
+    f = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TruncatedFileWarning)
+        try:
+            from pktstream.archive.query import ZstdChecked
+            with ZstdChecked(store.open(entry.path), entry.path) as f, open_reader(f, batch_bytes=chunk_bytes) as r:
+                fmt, comp = r.format, f.compression or r.compression
+                for batch in r:
+                    b.add(batch, *r.last_range)
+                if r.format == "pcapng":
+                    b.sections = len(r.sections)
+                    for s in r.sections:
+                        b.add_header_block(s.block_offset, s.block_length)
+                    for i in r.interfaces:
+                        b.add_header_block(i.block_offset, i.block_length)
+        except (FileFormatError, OSError, EOFError, ValueError) as exc:
+            status, error = "damaged", " ".join(str(exc).split())
+    if status == "ok" and f is not None and f.truncated:
+        status, error = "truncated", f"{entry.path}: truncated zstd data: the file ends inside its frame"
+    if status == "ok":
+        for w in caught:
+            if issubclass(w.category, TruncatedFileWarning):
+                status, error = "truncated", str(w.message)
+    return b.finish(size=entry.size, version=entry.version, format=fmt, compression=comp,
+                    status=status, error=error)
+
+
+def write_index(store, row: dict[str, Any], tables: dict) -> None:
+    """Store a file's flow tables, then its catalog row (the commit); old flow files of the
+    same capture file that are not rewritten are removed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    old = read_row(store, row["path"])
+    from pktstream.archive.index import flow_file
+    for (sensor, date), table in tables.items():
+        store.write_bytes(flow_file(sensor, date, row["path"]), _parquet_bytes(table, pq))
+    store.write_bytes(catalog_file(row["path"]), _parquet_bytes(pa.Table.from_pylist([row], catalog_schema()), pq))
+    if old is not None:
+        for rel in set(old.get("flow_files") or ()) - set(row["flow_files"]):
+            store.delete(rel)
+
+
+def _parquet_bytes(table, pq) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def read_row(store, rel_path: str) -> dict[str, Any] | None:
+    """The catalog row of one capture file, or None."""
+    import pyarrow.parquet as pq
+    try:
+        data = store.read_bytes(catalog_file(rel_path))
+    except Exception:
+        return None
+    try:
+        rows = pq.ParquetFile(io.BytesIO(data)).read().to_pylist()
+    except Exception:
+        return None
+    return rows[0] if rows else None
+
+
+def remove_index(store, rel_path: str) -> None:
+    """Remove a capture file's index (catalog row first, then its flow files)."""
+    row = read_row(store, rel_path)
+    store.delete(catalog_file(rel_path))
+    for rel in (row or {}).get("flow_files") or ():
+        store.delete(rel)
+
+
+def load_catalog(store, *, full: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every catalog row of the archive (of every index base below the root: paths relative
+    to the root), and the catalog files that could not be read."""
+    from pktstream.archive.store import parts
+    rows, bad = [], []
+    for sub in parts(store):
+        r, b = _load_base(sub)
+        if full:
+            for row in r:
+                for name in HEAVY:
+                    heavy(row, name)
+        for row in r:
+            row["path"] = sub.full_path(row["path"])
+            row["flow_files"] = [sub.full_path(f) for f in row["flow_files"] or ()]
+        rows += r
+        bad += [sub.full_path(x) for x in b]
+    return rows, bad
+
+
+SNAPSHOT = f"{INDEX_DIR}/catalog.parquet"
+HEAVY = ("addresses", "ports", "header_blocks", "chunks")  # read per row when needed
+
+
+def _load_base(store, *, snapshot: bool = True) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of one index base. The per-file catalog files are the truth; ``catalog.parquet``
+    is a snapshot of them (with each file's size and version) so a query reads one file
+    instead of one per capture file; a row is taken from the snapshot only while its catalog
+    file is unchanged. Heavy columns (address lists, chunk tables) stay in Arrow until asked
+    for (:func:`heavy`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    listing = store.list_stat(f"{INDEX_DIR}/files")
+    snap: dict[str, tuple] = {}
+    snap_table = None
+    if snapshot and listing:
+        try:
+            snap_table = pq.ParquetFile(io.BytesIO(store.read_bytes(SNAPSHOT))).read()
+            for i, (rel, ver) in enumerate(zip(snap_table.column("catalog_file").to_pylist(),
+                                               snap_table.column("catalog_version").to_pylist())):
+                snap[rel] = (ver, i)
+        except Exception:
+            snap_table, snap = None, {}
+    rows, bad = [], []
+    tables, take = [], []
+    for rel, ver in listing:
+        if not rel.endswith(".parquet"):
+            continue
+        hit = snap.get(rel)
+        if hit is not None and hit[0] == ver:
+            take.append(hit[1])
+            continue
+        try:
+            t = pq.ParquetFile(io.BytesIO(store.read_bytes(rel))).read()
+            t = t.append_column("catalog_file", pa.array([rel] * t.num_rows, pa.string()))
+            t = t.append_column("catalog_version", pa.array([ver] * t.num_rows, pa.string()))
+            tables.append(t)
+        except Exception:
+            bad.append(rel)
+    if snap_table is not None and take:
+        tables.insert(0, snap_table.take(pa.array(take, pa.int64())))
+    if not tables:
+        return [], bad
+    table = pa.concat_tables(tables, promote_options="default")
+    light = [c for c in table.column_names if c not in HEAVY]
+    rows = table.select(light).to_pylist()
+    for i, r in enumerate(rows):
+        r["_table"], r["_i"] = table, i
+    return rows, bad
+
+
+def heavy(row: dict[str, Any], name: str) -> Any:
+    """A heavy column of a catalog row (address/port lists, header blocks, chunk table)."""
+    if name not in row:
+        row[name] = row["_table"].column(name)[row["_i"]].as_py()
+    return row[name]
+
+
+def write_snapshot(store) -> None:
+    """Rewrite ``catalog.parquet`` from the per-file catalog files of one index base."""
+    import pyarrow.parquet as pq
+    rows, _ = _load_base(store)
+    if not rows:
+        store.delete(SNAPSHOT)
+        return
+    table = rows[0]["_table"]
+    store.write_bytes(SNAPSHOT, _parquet_bytes(table, pq))
+
+
+def is_current(row: dict[str, Any] | None, entry: Entry) -> bool:
+    """Whether a catalog row describes the file as it is now."""
+    from pktstream.archive.index import FORMAT_VERSION
+    return (row is not None and row.get("size") == entry.size and row.get("version") == entry.version
+            and row.get("index_version") == FORMAT_VERSION)
+
+
+def repair(store, paths: Iterable[str] | None = None, *, force: bool = False,
+           chunk_bytes: int = CHUNK_BYTES, progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+    """Build missing or stale indexes and remove indexes of files that are gone (idempotent),
+    in every index base of the archive (a file's index lives in the deepest directory above it
+    holding an ``_index``, else at the root).
+
+    :param paths: only these capture files (paths relative to the root); default: the whole
+        archive (then orphan catalog rows and flow files are removed too).
+    :param force: rebuild even current indexes.
+    :param chunk_bytes: the unit a query reads (decompressed stream bytes; at least 4096).
+    :return: counts ``indexed``, ``current``, ``removed``, ``damaged``, the list ``problems``
+        and ``seconds``.
+    """
+    from pktstream.archive.store import base_of, parts
+    subs = parts(store)
+    total = sum(e.size for sub in subs for e in sub.captures())
+    done = [0]
+    out: dict[str, Any] = {"indexed": 0, "current": 0, "removed": 0, "damaged": 0, "problems": []}
+    t0 = time.monotonic()
+    wanted = None if paths is None else set(paths)
+    for sub in subs:
+        cut = len(sub.base) + 1 if sub.base else 0
+        sub_paths = None if wanted is None else [p[cut:] for p in wanted
+                                                 if base_of(p, getattr(store, "bases", [""])) == sub.base]
+        if sub_paths is not None and not sub_paths:
+            continue
+        base_done = done[0]
+
+        def prog(d: int, t: int, what: str, base_done: int = base_done, sub=sub) -> None:
+            if progress:
+                progress(base_done + d, total, sub.full_path(what) if what else "")
+        res = _repair_base(sub, sub_paths, force=force, chunk_bytes=chunk_bytes, progress=prog)
+        if res["indexed"] or res["removed"] or res["problems"] or SNAPSHOT not in dict(sub.list_stat(INDEX_DIR)):
+            write_snapshot(sub)
+        done[0] += sum(e.size for e in sub.captures())
+        for k in ("indexed", "current", "removed", "damaged"):
+            out[k] += res[k]
+        out["problems"] += [sub.full_path(p) if sub.base else p for p in res["problems"]]
+    if progress:
+        progress(total, total, "")
+    out["seconds"] = time.monotonic() - t0
+    return out
+
+
+def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = False,
+                 chunk_bytes: int = CHUNK_BYTES,
+                 progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+    """Build missing or stale indexes and remove indexes of files that are gone (idempotent).
+
+    :param paths: only these capture files (relative paths); default: the whole archive
+        (then orphan catalog rows and flow files are removed too).
+    :param force: rebuild even current indexes.
+    :param chunk_bytes: the unit a query reads (decompressed stream bytes; at least 4096).
+    :return: counts ``indexed``, ``current``, ``removed``, ``damaged`` and the list ``problems``.
+    """
+    entries = store.captures()
+    if paths is not None:
+        wanted = set(paths)
+        entries = [e for e in entries if e.path in wanted]
+    rows, bad = _load_base(store)
+    by_path = {r["path"]: r for r in rows}
+    result: dict[str, Any] = {"indexed": 0, "current": 0, "removed": 0, "damaged": 0, "problems": []}
+    for rel in bad:
+        store.delete(rel)
+        result["problems"].append(f"{rel}: unreadable catalog file, removed")
+    total = sum(e.size for e in entries)
+    done = 0
+    keep: set[str] = set()
+    t0 = time.monotonic()
+    for e in entries:
+        if progress:
+            progress(done, total, e.path)
+        if not force and is_current(by_path.get(e.path), e):
+            result["current"] += 1
+            keep.update(by_path[e.path].get("flow_files") or ())
+        else:
+            row, tables = index_entry(store, e, chunk_bytes=chunk_bytes)
+            write_index(store, row, tables)
+            keep.update(row["flow_files"])
+            result["indexed"] += 1
+            if row["status"] != "ok":
+                result["damaged"] += 1
+                result["problems"].append(f"{e.path}: {row['status']}: {row['error']}")
+        done += e.size
+    if paths is None:
+        present = {e.path for e in entries}
+        for r in rows:
+            if r["path"] not in present:
+                remove_index(store, r["path"])
+                result["removed"] += 1
+        for rel in store.list_files(f"{INDEX_DIR}/flows"):
+            if rel not in keep:
+                store.delete(rel)  # an orphan (crash between flow files and catalog row)
+    if progress:
+        progress(total, total, "")
+    result["seconds"] = time.monotonic() - t0
+    return result

@@ -1,0 +1,198 @@
+"""Index as you write: a :class:`~pktstream.formats.writer.WriteObserver` that builds each
+capture file's index from the batches being written (no re-read) and commits it when the file
+is completed; deleting a file (``max_files``) deletes its index.
+
+The index is committed right after the rename of the completed file (flow files, then the
+catalog row). A crash between the two leaves a file without an index; the receiver's
+recovery (``FileSink.recover`` with an index root in its state) runs :func:`repair` on the
+archive, which indexes such files from disk and drops indexes of vanished files.
+An indexing failure is logged and never fails the capture: the file is then scanned by
+queries and indexed by ``pktstream index``.
+
+Thread safety: used from the one thread that writes the files (a sink's output thread).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from pktstream._capture import PacketBatch
+from pktstream.archive.catalog import CHUNK_BYTES, remove_index, repair, write_index, write_snapshot
+from pktstream.archive.index import FileIndexBuilder
+from pktstream.archive.store import LocalStore
+
+log = logging.getLogger("pktstream.receiver")
+
+
+class LiveIndexer:
+    """Indexes the files of one archive root as they are written.
+
+    :param root: the archive root (the directory queries are given); files outside it are
+        not indexed (logged once).
+    :param chunk_bytes: consecutive batches are merged into chunks (the unit a query reads)
+        up to this many stream bytes.
+    """
+
+    def __init__(self, root: str, *, chunk_bytes: int = CHUNK_BYTES) -> None:
+        self.root = os.path.abspath(root)
+        self.store = LocalStore(self.root)
+        self.chunk_bytes = chunk_bytes
+        self._open: dict[str, tuple[FileIndexBuilder, str]] = {}
+        self.indexed = 0
+        self.failures = 0
+        self.recover_root = True  # the receiver's recovery repairs this root's index
+        self._changes = 0
+        self._snapshot_at = time.monotonic()
+
+    def _changed(self) -> None:
+        """Refresh the catalog snapshot every 16 changes or 30 s (queries read the rest of
+        the rows from their own files, so it is only a cache)."""
+        self._changes += 1
+        if self._changes >= 16 or time.monotonic() - self._snapshot_at > 30:
+            try:
+                write_snapshot(self.store)
+            except Exception as exc:
+                log.warning("index: catalog snapshot of %s: %s", self.root, exc)
+            self._changes = 0
+            self._snapshot_at = time.monotonic()
+
+    def _rel(self, path: str) -> str | None:
+        rel = os.path.relpath(os.path.abspath(path), self.root)
+        if rel.startswith(".."):
+            return None
+        return rel.replace(os.sep, "/")
+
+    def opened(self, path: str, format: str, header_block: tuple[int, int] | None) -> None:
+        rel = self._rel(path)
+        if rel is None:
+            log.warning("index: %s is outside the archive root %s: not indexed", path, self.root)
+            return
+        b = FileIndexBuilder(rel, max_chunk=self.chunk_bytes)
+        if header_block is not None:
+            b.add_header_block(*header_block)
+        self._open[path] = (b, format)
+
+    def wrote(self, path: str, batch: PacketBatch, start: int, end: int,
+              idb_positions: list[tuple[int, int]]) -> None:
+        entry = self._open.get(path)
+        if entry is None:
+            return
+        try:
+            for off, n in idb_positions:
+                entry[0].add_header_block(off, n)
+            # attribution as a reader of the file will see it: pcapng keeps interface names,
+            # a pcap file has none (its sensor is its file name)
+            entry[0].add(batch, start, end, interface=None if entry[1].startswith("pcapng") else "")
+        except Exception as exc:  # never fail the capture
+            log.warning("index: %s: %s (the file will be indexed later)", path, exc)
+            self._open.pop(path, None)
+            self.failures += 1
+
+    def completed(self, path: str) -> None:
+        entry = self._open.pop(path, None)
+        if entry is None:
+            return
+        b, fmt = entry
+        try:
+            st = os.stat(path)
+            row, tables = b.finish(size=st.st_size, version=str(st.st_mtime_ns), format=fmt.split(".")[0],
+                                   compression="zstd" if fmt.endswith(".zst") else None)
+            write_index(self.store, row, tables)
+            self.indexed += 1
+            self._changed()
+        except Exception as exc:
+            log.warning("index: %s: %s (pktstream index repairs it)", path, exc)
+            self.failures += 1
+
+    def removed(self, path: str) -> None:
+        rel = self._rel(path)
+        if rel is not None:
+            try:
+                remove_index(self.store, rel)
+                self._changed()
+            except Exception as exc:
+                log.warning("index: removing the index of %s: %s", path, exc)
+
+    def discarded(self, path: str) -> None:
+        self._open.pop(path, None)
+
+    def repair_paths(self, paths: list[str]) -> None:
+        """Index files completed outside the writer (cut back after a write error)."""
+        rels = [r for r in (self._rel(p) for p in paths) if r is not None]
+        if rels:
+            repair(self.store, rels)
+
+
+def recover_index(root: str) -> dict:
+    """After a crash: index every file without a (current) index, drop indexes of vanished
+    files -- so no file is left without an index and no index without a file."""
+    res = repair(LocalStore(root))
+    if res["indexed"] or res["removed"]:
+        log.warning("recovery: index of %s: %d file(s) indexed, %d index(es) of vanished files removed",
+                    root, res["indexed"], res["removed"])
+    return res
+
+
+class StagingIndexer(LiveIndexer):
+    """For outputs that stage files before uploading them (S3): a completed file's index is
+    kept next to it as ``NAME.idx`` (flow records, with the catalog row in the Parquet
+    metadata) until the uploader commits it under the object's key with :func:`commit_staged`."""
+
+    def __init__(self, staging_dir: str, *, chunk_bytes: int = CHUNK_BYTES) -> None:
+        super().__init__(staging_dir, chunk_bytes=chunk_bytes)
+        self.recover_root = False  # no index in the staging directory itself
+
+    def removed(self, path: str) -> None:
+        pass
+
+    def repair_paths(self, paths: list[str]) -> None:
+        pass  # a file cut back after a write error is uploaded without an index (pktstream index)
+
+    def completed(self, path: str) -> None:
+        entry = self._open.pop(path, None)
+        if entry is None:
+            return
+        b, fmt = entry
+        try:
+            import json
+
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+            row, tables = b.finish(size=0, version="", format=fmt.split(".")[0],
+                                   compression="zstd" if fmt.endswith(".zst") else None)
+            parts = [t.append_column("_sensor", pa.array([s] * t.num_rows, pa.string()))
+                      .append_column("_date", pa.array([d] * t.num_rows, pa.string()))
+                     for (s, d), t in tables.items()]
+            table = pa.concat_tables(parts) if parts else pa.table({"_sensor": pa.array([], pa.string())})
+            table = table.replace_schema_metadata({b"pktstream.catalog": json.dumps(row).encode()})
+            tmp = path + ".idx.tmp"
+            pq.write_table(table, tmp, compression="zstd")
+            os.replace(tmp, path + ".idx")
+            self.indexed += 1
+        except Exception as exc:
+            log.warning("index: %s: %s (pktstream index repairs it)", path, exc)
+            self.failures += 1
+
+
+def commit_staged(store, idx_path: str, rel_path: str, size: int, version: str) -> None:
+    """Write a staged index (``NAME.idx``) for the object now at ``rel_path`` in ``store``."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pktstream.archive.index import file_id, flow_file
+    table = pq.read_table(idx_path)
+    row = json.loads(table.schema.metadata[b"pktstream.catalog"])
+    tables = {}
+    if "_sensor" in table.column_names and table.num_rows:
+        for s, d in sorted(set(zip(table.column("_sensor").to_pylist(), table.column("_date").to_pylist()))):
+            t = table.filter(pc.and_(pc.equal(table.column("_sensor"), s), pc.equal(table.column("_date"), d)))
+            t = t.drop_columns(["_sensor", "_date"]).replace_schema_metadata(None)
+            t = t.set_column(t.column_names.index("file"), "file", pa.array([rel_path] * t.num_rows, pa.string()))
+            tables[(s, d)] = t
+    row.update(path=rel_path, file_id=file_id(rel_path), size=size, version=version,
+               flow_files=sorted(flow_file(s, d, rel_path) for s, d in tables))
+    write_index(store, row, tables)

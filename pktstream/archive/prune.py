@@ -1,0 +1,296 @@
+"""What of a BPF expression an index can decide: three-valued evaluation over flow records.
+
+Only *pruning* comes from here: the query always applies the real BPF (libpcap) to every
+packet it reads, so an answer here may over-include but must never exclude a packet the
+filter matches. Each node evaluates to two boolean arrays over the flows, ``maybe_true`` and
+``maybe_false``; unknown is both. A flow key holds for every packet of the flow, so a leaf that
+is decided for the key is decided for each packet, also under ``not``.
+
+Understood (tcpdump syntax): ``and``/``&&``, ``or``/``||``, ``not``/``!``, parentheses,
+``[src|dst] host ADDR``, ``[src|dst] net CIDR``, ``[src|dst] port N``, ``portrange A-B``,
+``tcp``, ``udp``, ``sctp``, ``icmp``, ``icmp6``, ``ip``, ``ip6`` (also as qualifiers:
+``tcp port 80``, ``ip host X``) and qualifier inheritance (``port 80 or 443``). Decided for untagged
+IP flows (fragment or port-less flows are unknown for port tests; IPv6
+protocol/port tests are never decided false: libpcap's IPv6 tests do not walk every extension
+header; see :class:`FlowContext` for tagged and non-IP flows). Anything else -- ``vlan`` (it
+shifts later offsets), byte-offset tests, names that need DNS -- makes the whole expression
+unknown: no pruning, still exact.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any
+
+import numpy as np
+
+from pktstream.archive.index import canonical
+
+_TOKEN = re.compile(r"\s*(\(|\)|&&|\|\||!|[^\s()!]+)")
+_PROTOS = {"tcp": 6, "udp": 17, "sctp": 132, "icmp": 1, "icmp6": 58}
+_PORT_PROTOS = (6, 17, 132)
+
+
+class Unsupported(Exception):
+    """The expression uses something the index cannot decide."""
+
+
+def parse(expr: str | None):
+    """A tree of tuples, or None when the expression cannot be used for pruning (or is empty)."""
+    if not expr or not expr.strip():
+        return None
+    tokens = [t for t in _TOKEN.findall(expr)]
+    if "".join(tokens).replace(" ", "") != re.sub(r"\s+", "", expr):
+        return None
+    p = _Parser(tokens)
+    try:
+        tree = p.expr()
+        if p.i != len(tokens):
+            return None
+    except (Unsupported, IndexError, ValueError):
+        return None
+    return tree
+
+
+class _Parser:
+    def __init__(self, tokens: list[str]) -> None:
+        self.t = tokens
+        self.i = 0
+        self.last: tuple[str | None, str] | None = None  # inherited (dir, kind) qualifiers
+
+    def peek(self) -> str | None:
+        return self.t[self.i] if self.i < len(self.t) else None
+
+    def take(self) -> str:
+        tok = self.t[self.i]
+        self.i += 1
+        return tok
+
+    def expr(self):
+        node = self.term()
+        while self.peek() in ("or", "||"):
+            self.take()
+            node = ("or", node, self.term())
+        return node
+
+    def term(self):
+        node = self.factor()
+        while self.peek() in ("and", "&&"):
+            self.take()
+            node = ("and", node, self.factor())
+        return node
+
+    def factor(self):
+        tok = self.peek()
+        if tok in ("not", "!"):
+            self.take()
+            return ("not", self.factor())
+        if tok == "(":
+            self.take()
+            node = self.expr()
+            if self.take() != ")":
+                raise Unsupported("(")
+            return node
+        return self.primitive()
+
+    def primitive(self):
+        tok = self.take()
+        if tok in ("ip", "ip6") or tok in _PROTOS:
+            nxt = self.peek()
+            base = ("ipv", 4 if tok == "ip" else 6) if tok in ("ip", "ip6") else ("proto", tok)
+            if nxt in ("src", "dst", "host", "net", "port", "portrange"):
+                return ("and", base, self.primitive())
+            return base
+        direction = None
+        if tok in ("src", "dst"):
+            direction = tok
+            if self.peek() in ("or", "and"):
+                raise Unsupported("src or dst")
+            tok = self.take()
+        if tok in ("host", "net", "port", "portrange"):
+            self.last = (direction, tok)
+            return self.value(direction, tok, self.take())
+        if self.last is not None and direction is None and re.fullmatch(r"[0-9a-fA-F:./-]+", tok):
+            return self.value(self.last[0], self.last[1], tok)  # "port 80 or 443"
+        raise Unsupported(tok)
+
+    @staticmethod
+    def value(direction: str | None, kind: str, text: str):
+        if kind == "host":
+            return ("net", direction, ipaddress.ip_network(text))  # ValueError for names: unsupported
+        if kind == "net":
+            return ("net", direction, ipaddress.ip_network(text, strict=False))
+        if kind == "port":
+            if not text.isdigit():
+                raise Unsupported(text)
+            n = int(text)
+            return ("port", direction, n, n)
+        m = re.fullmatch(r"(\d+)-(\d+)", text)
+        if not m:
+            raise Unsupported(text)
+        lo, hi = sorted((int(m.group(1)), int(m.group(2))))
+        return ("port", direction, lo, hi)
+
+
+class FlowContext:
+    """Leaves over flow record columns (numpy arrays / lists from the flow tables).
+
+    Flow classes: untagged IP flows are decided from their key (as the module doc says);
+    on Ethernet, a VLAN-tagged flow fails every test understood here (without ``vlan`` the
+    filter reads the tag's ethertype 0x8100 where it looks for IP), and so does an untagged
+    flow of another known ethertype -- except ``host``/``net`` on ARP/RARP, decided from the
+    sender/target addresses the index keeps for them (unknown when the packet was too short);
+    anything else (other link types, undecodable headers) is unknown.
+    """
+
+    def __init__(self, cols: dict[str, Any], *, strict: bool = True) -> None:
+        """``strict=False``: decide on the key's face value (VLAN-tagged flows and IPv6
+        protocol/port tests too) -- for listing flows, not for pruning packets."""
+        self.strict = strict
+        self.n = len(cols["ip_version"])
+        self.ipv = np.asarray(cols["ip_version"])
+        self.proto = np.asarray(cols["proto"])
+        self.sport = np.asarray(cols["sport"])
+        self.dport = np.asarray(cols["dport"])
+        vlan = np.asarray(cols["vlan"])
+        is_ip = (self.ipv == 4) | (self.ipv == 6)
+        eth = np.asarray(cols["link_type"]) == 1 if "link_type" in cols else np.zeros(self.n, bool)
+        etype = np.asarray(cols["ethertype"]) if "ethertype" in cols else np.zeros(self.n, np.uint16)
+        untagged = vlan < 0
+        if strict:
+            self.decided = is_ip & untagged
+            self.tagged_false = eth & ~untagged
+        else:
+            self.decided = is_ip
+            self.tagged_false = np.zeros(self.n, bool)
+        self.nonip = eth & untagged & (self.ipv == 0) & ~np.isin(etype, (0, 0x0800, 0x86DD))
+        self.arpish = self.nonip & np.isin(etype, (0x0806, 0x8035))
+        self.src = cols["src"]
+        self.dst = cols["dst"]
+        self._addr_cache: dict[tuple[str, str], Any] = {}
+
+    def unknown(self):
+        return np.ones(self.n, bool), np.ones(self.n, bool)
+
+    def _decide(self, is_true: np.ndarray, exact_false: np.ndarray | None = None, *, arp_unknown: bool = False):
+        d = self.decided if exact_false is None or not self.strict else self.decided & exact_false
+        mt = is_true | ~self.decided
+        mf = ~is_true | ~d
+        false = self.tagged_false | (self.nonip & ~self.arpish if arp_unknown else self.nonip)
+        mt &= ~false
+        mf |= false
+        return mt, mf
+
+    def leaf(self, node):
+        kind = node[0]
+        if kind == "ipv":
+            return self._decide(self.ipv == node[1])
+        if kind == "proto":
+            num = _PROTOS[node[1]]
+            want_v = 6 if node[1] == "icmp6" else 4 if node[1] == "icmp" else None
+            t = self.proto == num
+            if want_v is not None:
+                t &= self.ipv == want_v
+            return self._decide(t, self.ipv == 4)
+        if kind == "net":
+            _, direction, net = node
+            hit = np.zeros(self.n, bool)
+            for col, name in ((self.src, "src"), (self.dst, "dst")):
+                if direction in (None, name):
+                    hit |= self._in_net(col, name, net)
+            mt, mf = self._decide(hit, arp_unknown=True)
+            known = self.arpish & self._arp_known()  # ARP with its addresses indexed: exact
+            return np.where(known, hit, mt), np.where(known, ~hit, mf)
+        if kind == "port":
+            _, direction, lo, hi = node
+            ported = np.isin(self.proto, _PORT_PROTOS)
+            hit = np.zeros(self.n, bool)
+            if direction in (None, "src"):
+                hit |= (self.sport >= lo) & (self.sport <= hi)
+            if direction in (None, "dst"):
+                hit |= (self.dport >= lo) & (self.dport <= hi)
+            hit &= ported
+            has_ports = (self.sport != 0) | (self.dport != 0) | ~ported
+            return self._decide(hit, (self.ipv == 4) & has_ports)
+        raise Unsupported(kind)
+
+    def _arp_known(self) -> np.ndarray:
+        return np.array([a is not None for a in self.src], bool) if self.n else np.zeros(0, bool)
+
+    def _in_net(self, col, name: str, net) -> np.ndarray:
+        key = (name, str(net))
+        out = self._addr_cache.get(key)
+        if out is None and net.num_addresses == 1:  # a host: text equality (the index's canonical text)
+            arr = col if isinstance(col, np.ndarray) else np.array(col, dtype=object)
+            out = self._addr_cache[key] = (arr == canonical(net.network_address)) if len(arr) else np.zeros(0, bool)
+        if out is None:
+            memo: dict[str | None, bool] = {}
+            vals = []
+            for a in col:
+                r = memo.get(a)
+                if r is None:
+                    r = memo[a] = a is not None and _contains(net, a)
+                vals.append(r)
+            out = self._addr_cache[key] = np.array(vals, bool) if vals else np.zeros(0, bool)
+        return out
+
+
+def _contains(net, text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text) in net
+    except ValueError:
+        return False
+
+
+class SummaryContext:
+    """Leaves over one file's catalog summary (address and port lists; None = unknown).
+    Only ``maybe_true`` is meaningful: everything may be false."""
+
+    def __init__(self, addresses: list[str] | None, ports: list[int] | None) -> None:
+        self.n = 1
+        self.addresses = addresses
+        self._set = None if addresses is None else set(addresses)
+        self.ports = None if ports is None else np.asarray(ports)
+
+    def unknown(self):
+        return np.ones(1, bool), np.ones(1, bool)
+
+    def leaf(self, node):
+        kind = node[0]
+        t = True
+        if kind == "net" and self.addresses is not None:
+            net = node[2]
+            if net.num_addresses == 1 and self._set is not None:
+                t = canonical(net.network_address) in self._set
+            else:
+                t = any(_contains(net, a) for a in self.addresses)
+        elif kind == "port" and self.ports is not None:
+            t = bool(((self.ports >= node[2]) & (self.ports <= node[3])).any())
+        return np.array([t]), np.ones(1, bool)
+
+
+def evaluate(tree, ctx) -> tuple[np.ndarray, np.ndarray]:
+    """(maybe_true, maybe_false) per flow (or per summary) for a parsed tree."""
+    if tree is None:
+        return ctx.unknown()
+    op = tree[0]
+    if op == "and":
+        at, af = evaluate(tree[1], ctx)
+        bt, bf = evaluate(tree[2], ctx)
+        return at & bt, af | bf
+    if op == "or":
+        at, af = evaluate(tree[1], ctx)
+        bt, bf = evaluate(tree[2], ctx)
+        return at | bt, af & bf
+    if op == "not":
+        t, f = evaluate(tree[1], ctx)
+        return f, t
+    try:
+        return ctx.leaf(tree)
+    except Unsupported:
+        return ctx.unknown()
+
+
+def may_match(tree, ctx) -> np.ndarray:
+    """Flows (or the file) that may hold packets the expression matches."""
+    return evaluate(tree, ctx)[0]

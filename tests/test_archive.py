@@ -1,0 +1,506 @@
+"""The indexed archive on files (no root): index building, pruned queries equal to a brute-force
+read of every file with libpcap's filter, time bounds at file edges, damaged/truncated/missing
+indexes, repair, CLI commands, S3 (moto). Live end-to-end tests with receivers and tcpdump as
+the oracle are in tests/test_archive_live.py."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pktstream
+from archive_data import batches
+from pktstream.archive import Archive, FileIndexBuilder
+from pktstream.archive.prune import FlowContext, evaluate, parse
+from pktstream.formats import TruncatedFileWarning, open_reader, open_writer
+from servers import moto  # noqa: F401  (fixture)
+
+T0 = 1_732_708_800 * 10**9          # 2024-11-27T12:00:00Z
+CHUNK = 16384
+PKTSTREAM = [sys.executable, "-m", "pktstream"]
+
+BPFS = ["host 203.0.113.7 and port 4444", "tcp", "not tcp", "port 53", "vlan 10", "ip6 and port 80",
+        "not host 10.9.8.7", None, "arp", "udp and not port 53", "host 192.0.2.99",
+        "tcp[13] & 2 != 0", "net 198.18.0.0/16 and (port 80 or 443)", "src host 198.18.2.7 and dst port 22",
+        "icmp or ip[6:2] & 0x1fff != 0", "portrange 4000-5000", "not (ip or ip6)"]
+
+
+def rare_flow(n: int, start: int) -> pktstream.PacketBatch:
+    """``n`` packets of one UDP flow 192.0.2.99:5555 → 198.18.1.1:7777 (appears nowhere else)."""
+
+    from archive_data import _eth, _ipv4, _udp, records
+    frames = [(start + i * 1000, _eth(0x0800, _ipv4("192.0.2.99", "198.18.1.1", 17, _udp(5555, 7777, b"r" * 40))))
+              for i in range(n)]
+    return pktstream.PacketBatch.from_records(records(frames), link_type=1)
+
+
+def make_archive(root: Path) -> Path:
+    """Per-sensor rotated files in every format, a merged pcapng.zst (sensor/interface names)
+    and a gzip file; one rare flow in the middle of web-1's second file."""
+    (root / "by-sensor").mkdir(parents=True)
+    for i, (s, fmt) in enumerate((("web-1", "pcap.zst"), ("db-1", "pcap"), ("lb-1", "pcapng"))):
+        with open_writer(root / "by-sensor" / f"{s}.{fmt}", rotate_bytes=150_000) as w:
+            for k, b in enumerate(batches(i, 2500, T0 + i * 1000)):
+                w.write(b)
+                if s == "web-1" and k == 25:
+                    w.write(rare_flow(5, int(b.ts_ns[-1]) + 1))
+    with open_writer(root / "all.pcapng.zst") as w:
+        for a, b in zip(batches(10, 800, T0, interface="s1/eth0"), batches(11, 800, T0, interface="s2/eth1")):
+            w.write(a)
+            w.write(b)
+    with open_writer(root / "old.pcap") as w:
+        for b in batches(20, 600, T0 - 3600 * 10**9):
+            w.write(b)
+    data = (root / "old.pcap").read_bytes()
+    (root / "old.pcap").unlink()
+    (root / "old.pcap.gz").write_bytes(gzip.compress(data))
+    return root
+
+
+def n_files(root: Path) -> int:
+    return sum(1 for p in root.rglob("*") if p.is_file() and "_index" not in p.parts)
+
+
+@pytest.fixture(scope="module")
+def archive_dir(tmp_path_factory) -> Path:
+    root = make_archive(tmp_path_factory.mktemp("arc") / "a")
+    res = Archive(str(root)).index(chunk_bytes=CHUNK)
+    assert res["indexed"] == n_files(root) > 10 and res["damaged"] == 0, res
+    return root
+
+
+def brute(root: Path, bpf=None, since=None, until=None, sensor=None, skip=()) -> list[tuple[int, bytes]]:
+    """Every file read whole with libpcap's filter (pktstream.read), bounds applied, sorted
+    stably by time (files in path order) -- what tcpdump -r over each file gives, merged."""
+    from pktstream.archive.index import sensor_of
+    out = []
+    for path in sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()
+                       and "_index" not in p.parts and not p.name.endswith(".part")):
+        if path in skip:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TruncatedFileWarning)
+            try:
+                for b in pktstream.read(root / path, bpf=bpf):
+                    if sensor and sensor_of(b.interface, path)[0] != sensor:
+                        continue
+                    for i in range(len(b)):
+                        ts = int(b.ts_ns[i])
+                        if (since is None or ts >= since) and (until is None or ts < until):
+                            out.append((ts, bytes(b[i])))
+            except pktstream.FileFormatError:
+                pass  # a damaged file: the packets before the damage count
+    out.sort(key=lambda x: x[0])
+    return out
+
+
+def got(archive: Archive, bpf=None, **kw) -> list[tuple[int, bytes]]:
+    return [(int(b.ts_ns[i]), bytes(b[i])) for b in archive.packets(bpf, **kw) for i in range(len(b))]
+
+
+@pytest.mark.parametrize("bpf", BPFS)
+def test_query_equals_brute_force(archive_dir, bpf):
+    a = Archive(str(archive_dir))
+    result = got(a, bpf)
+    assert result == brute(archive_dir, bpf)
+    assert a.last_stats.files_scanned == 0 and not a.last_stats.problems
+
+
+def test_selective_query_reads_only_the_matching_chunk(archive_dir):
+    a = Archive(str(archive_dir))
+    result = got(a, "host 192.0.2.99")
+    assert len(result) == 5 and result == brute(archive_dir, "host 192.0.2.99")
+    st = a.last_stats
+    total = sum(p.stat().st_size for p in archive_dir.rglob("*") if "_index" not in p.parts and p.is_file())
+    assert st.files_read == 1 and st.files_total == n_files(archive_dir)
+    # one chunk of a .zst file: decompressed up to its end only (bounded decompression)
+    assert st.bytes_read < 200_000 < total
+    assert st.packets_read < 600
+
+
+def test_selective_query_on_uncompressed_files_reads_ranges(tmp_path):
+    root = tmp_path / "a"
+    root.mkdir()
+    with open_writer(root / "x.pcapng") as w:
+        for k, b in enumerate(batches(3, 4000, T0)):
+            w.write(b)
+            if k == 40:
+                w.write(rare_flow(3, int(b.ts_ns[-1]) + 1))
+    Archive(str(root)).index(chunk_bytes=CHUNK)
+    a = Archive(str(root))
+    assert got(a, "udp port 7777") == brute(root, "udp port 7777") and len(got(a, "udp port 7777")) == 3
+    assert a.last_stats.bytes_read < 3 * CHUNK < (root / "x.pcapng").stat().st_size / 10
+
+
+def test_time_bounds_at_file_edges(archive_dir):
+    a = Archive(str(archive_dir))
+    files = sorted(a.catalog().to_pylist(), key=lambda r: r["path"])
+    for row in files[:4]:
+        first, last = row["first_ts_ns"], row["last_ts_ns"]
+        for since, until in ((first, None), (None, first), (None, first + 1), (last, None), (last + 1, None),
+                             (first, last), (first, last + 1)):
+            assert got(a, "tcp or arp", since=since, until=until) == brute(archive_dir, "tcp or arp", since, until)
+
+
+def test_sensor_selection_and_output_interfaces(archive_dir, tmp_path):
+    a = Archive(str(archive_dir))
+    assert got(a, "udp", sensor="s2") == brute(archive_dir, "udp", sensor="s2")
+    out = tmp_path / "q.pcapng"
+    st = a.write(out, "port 53", since=T0, until=T0 + 10**9)
+    with open_reader(out) as r:
+        pk = [(int(b.ts_ns[i]), bytes(b[i])) for b in r for i in range(len(b))]
+        names = {i.name for i in r.interfaces}
+    assert sorted(pk) == sorted(brute(archive_dir, "port 53", T0, T0 + 10**9)) and st.packets == len(pk)
+    assert names == {"web-1/if0", "db-1/if0", "lb-1/if0", "s1/eth0", "s2/eth1"}
+
+
+def test_flows_and_sql(archive_dir):
+    a = Archive(str(archive_dir))
+    t = a.flows("host 192.0.2.99")
+    assert t.num_rows == 1
+    r = t.to_pylist()[0]
+    assert (r["src"], r["sport"], r["dst"], r["dport"], r["proto"], r["packets"], r["sensor"]) == \
+        ("192.0.2.99", 5555, "198.18.1.1", 7777, 17, 5, "web-1")
+    d = pktstream.decode(b for p in sorted(archive_dir.rglob("*.pcap*")) if "_index" not in p.parts
+                         for b in pktstream.read(p))
+    all_flows = a.flows()
+    assert int(np.sum(all_flows.column("packets").to_numpy())) == len(d)
+    s = a.sql("SELECT sensor, sum(packets)::BIGINT AS n FROM flows GROUP BY sensor ORDER BY sensor").to_pylist()
+    assert {x["sensor"]: x["n"] for x in s} == {"db-1": 2500, "lb-1": 2500, "s1": 800, "s2": 800,
+                                                "web-1": 2505, "old": 600}
+    assert a.sql("SELECT count(*) AS n FROM files").to_pylist() == [{"n": n_files(archive_dir)}]
+    with pytest.raises(ValueError, match="flow filter"):
+        a.flows("tcp[13] & 2 != 0")
+
+
+def test_index_layout_is_hive_partitioned_parquet(archive_dir):
+    import duckdb
+    flows = list((archive_dir / "_index" / "flows").glob("sensor=*/date=*/*.parquet"))
+    assert {p.parent.parent.name for p in flows} == {"sensor=web-1", "sensor=db-1", "sensor=lb-1", "sensor=s1",
+                                                     "sensor=s2", "sensor=old"}
+    assert {p.parent.name for p in flows} == {"date=2024-11-27"}
+    con = duckdb.connect()
+    n = con.sql(f"SELECT sum(packets)::BIGINT FROM read_parquet('{archive_dir}/_index/flows/*/*/*.parquet', "
+                "hive_partitioning=true) WHERE sensor = 'web-1'").fetchall()[0][0]
+    assert n == 2505
+    con.close()
+    size = sum(p.stat().st_size for p in (archive_dir / "_index").rglob("*.parquet"))
+    assert size > 0
+
+
+def test_index_is_idempotent_and_repairs(tmp_path):
+    root = make_archive(tmp_path / "a")
+    a = Archive(str(root))
+    n = n_files(root)
+    assert a.index(chunk_bytes=CHUNK)["indexed"] == n
+    before = {p: p.stat().st_mtime_ns for p in (root / "_index").rglob("*.parquet")}
+    res = a.index(chunk_bytes=CHUNK)
+    assert (res["indexed"], res["current"], res["removed"]) == (0, n, 0)
+    assert {p: p.stat().st_mtime_ns for p in (root / "_index").rglob("*.parquet")} == before
+    # a capture file deleted: its index goes; an orphan flow file (crash before the catalog row) goes
+    gone = root / "by-sensor" / "db-1.000000.pcap"
+    gone.unlink()
+    orphan = root / "_index" / "flows" / "sensor=x" / "date=2024-11-27" / "0123.parquet"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"junk")
+    res = a.index(chunk_bytes=CHUNK)
+    assert (res["indexed"], res["removed"]) == (0, 1)
+    assert not orphan.exists()
+    assert "by-sensor/db-1.000000.pcap" not in {r["path"] for r in a.catalog().to_pylist()}
+    assert got(a, "tcp") == brute(root, "tcp")
+
+
+def test_missing_stale_and_damaged(tmp_path):
+    root = make_archive(tmp_path / "a")
+    a = Archive(str(root))
+    a.index(chunk_bytes=CHUNK)
+    from pktstream.archive.index import catalog_file
+    # missing index: a catalog row removed → that file is scanned
+    (root / catalog_file("by-sensor/lb-1.000001.pcapng")).unlink()
+    # stale + truncated: a pcap file cut in the middle of a record
+    cut = root / "by-sensor" / "db-1.000001.pcap"
+    data = cut.read_bytes()
+    cut.write_bytes(data[:len(data) // 2 + 7])
+    # a .zst file cut in the middle (a copy in progress), and one that is not a capture at all
+    cutz = root / "by-sensor" / "web-1.000000.pcap.zst"
+    cutz.write_bytes(cutz.read_bytes()[:cutz.stat().st_size * 6 // 10])
+    garbage = root / "by-sensor" / "web-1.000001.pcap.zst"
+    garbage.write_bytes(b"garbage!" * 100)
+    messages = []
+    result = got(a, "tcp", warn=messages.append)
+    assert result == brute(root, "tcp")
+    st = a.last_stats
+    assert st.files_scanned == 4
+    assert any("lb-1.000001.pcapng (no index)" in s for s in st.scanned)
+    assert any("db-1.000001.pcap (stale index)" in s for s in st.scanned)
+    assert any(m.startswith("by-sensor/db-1.000001.pcap: ") and "truncated" in m for m in messages)
+    assert any(m.startswith("by-sensor/web-1.000000.pcap.zst: ") and "truncated" in m for m in messages)
+    assert any(m.startswith("by-sensor/web-1.000001.pcap.zst: ") and "not a pcap" in m for m in messages)
+    assert all("\n" not in m for m in messages)
+    # index repairs what it can; the damaged files are indexed up to the damage and said so
+    res = a.index(chunk_bytes=CHUNK)
+    assert res["indexed"] == 4 and res["damaged"] == 3
+    assert any(p.startswith("by-sensor/web-1.000001.pcap.zst: damaged: ") for p in res["problems"])
+    messages.clear()
+    result2 = got(a, "tcp", warn=messages.append)
+    assert result2 == result and a.last_stats.files_scanned == 0
+    assert any(m.startswith("by-sensor/web-1.000000.pcap.zst: truncated") for m in messages)
+
+
+def test_unreadable_catalog_file_is_named_and_ignored(tmp_path):
+    root = make_archive(tmp_path / "a")
+    a = Archive(str(root))
+    a.index(chunk_bytes=CHUNK)
+    from pktstream.archive.index import catalog_file
+    (root / catalog_file("all.pcapng.zst")).write_bytes(b"not parquet")
+    msgs = []
+    assert got(a, "udp", warn=msgs.append) == brute(root, "udp")
+    assert any("unreadable catalog file" in m for m in msgs)
+    assert any("all.pcapng.zst (no index)" in s for s in a.last_stats.scanned)
+
+
+def test_builder_flows_match_decode():
+    bs = batches(7, 1000, T0, per_batch=100)
+    b = FileIndexBuilder("web-9.pcap")
+    pos = 24
+    for x in bs:
+        b.add(x, pos, pos + x.nbytes)
+        pos += x.nbytes
+    row, tables = b.finish(size=pos, version="1", format="pcap", compression=None)
+    assert list(tables) == [("web-9", "2024-11-27")]
+    t = tables[("web-9", "2024-11-27")]
+    d = pktstream.decode(bs)
+    assert int(np.sum(t.column("packets").to_numpy())) == 1000 == row["packets"]
+    assert int(np.sum(t.column("bytes").to_numpy())) == int(d.wirelen.sum()) == row["bytes"]
+    ip = d.ip_version > 0
+    assert set(row["addresses"]) == {x for x in d.addresses("src")[ip]} | {x for x in d.addresses("dst")[ip]}
+    assert len(row["chunks"]) == 10 and sum(c["packets"] for c in row["chunks"]) == 1000
+    assert row["first_ts_ns"] == int(d.ts_ns.min()) and row["last_ts_ns"] == int(d.ts_ns.max())
+    # TCP flags: OR over the flow's packets
+    tcp = t.filter(t.column("proto").to_numpy() == 6).to_pylist()
+    assert any(r["tcp_flags"] & 0x02 for r in tcp) and all(r["tcp_flags"] for r in tcp)
+    for r in t.to_pylist():
+        assert r["chunks"] == sorted(set(r["chunks"])) and r["first_ts_ns"] <= r["last_ts_ns"]
+
+
+def test_prune_parser():
+    assert parse("host 1.2.3.4 and (port 80 or 443)") is not None
+    assert parse("tcp port 80") == ("and", ("proto", "tcp"), ("port", None, 80, 80))
+    for unsupported in ("vlan and host 1.2.3.4", "tcp[13] & 2 != 0", "host example.com", "ether host 1:2:3:4:5:6",
+                        "greater 100", "src or dst host 1.2.3.4", "(host 1.2.3.4"):
+        assert parse(unsupported) is None, unsupported
+    cols = {"ip_version": np.array([4, 4, 6, 0, 4], np.uint8), "proto": np.array([6, 17, 6, 0, 6], np.uint8),
+            "sport": np.array([80, 53, 80, 0, 0], np.uint16), "dport": np.array([1000, 999, 2, 0, 0], np.uint16),
+            "vlan": np.array([-1, -1, -1, -1, -1]), "src": ["1.2.3.4", "1.2.3.4", "2001:db8::1", None, "1.2.3.4"],
+            "dst": ["5.6.7.8", "5.6.7.8", "2001:db8::2", None, "5.6.7.8"]}
+    mt, mf = evaluate(parse("port 80"), FlowContext(cols))
+    assert mt.tolist() == [True, False, True, True, False]
+    assert mf.tolist() == [False, True, True, True, True]      # IPv6 never false; fragment undecided
+    mt, mf = evaluate(parse("not host 1.2.3.4"), FlowContext(cols))
+    assert mt.tolist() == [False, False, True, True, False]
+    # addresses compare in the index's text form, whatever form the filter writes them in
+    cols["src"][2] = "::ffff:1.2.3.4"
+    mt, mf = evaluate(parse("host ::ffff:102:304"), FlowContext(cols))
+    assert mt.tolist() == [False, False, True, True, False]
+
+
+def test_cli_index_query_flows_sql(tmp_path):
+    root = make_archive(tmp_path / "a")
+    r = subprocess.run([*PKTSTREAM, "index", str(root), "--progress"], capture_output=True, text=True, timeout=120)
+    n = n_files(root)
+    assert r.returncode == 0, r.stderr
+    assert f"{n} indexed, 0 already current" in r.stderr and "[###" in r.stderr
+    r = subprocess.run([*PKTSTREAM, "index", str(root)], capture_output=True, text=True, timeout=120)
+    assert f"0 indexed, {n} already current" in r.stderr and "[" not in r.stderr
+    out = tmp_path / "q.pcapng"
+    r = subprocess.run([*PKTSTREAM, "query", str(root), "host", "203.0.113.7", "and", "port", "4444",
+                        "-w", str(out), "--since", "2024-11-27T12:00:00Z"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    pk = [(int(b.ts_ns[i]), bytes(b[i])) for b in pktstream.read(out) for i in range(len(b))]
+    # (pktstream.read gives a pcapng file per interface and buffer: compare as sets of packets;
+    # the order of the file is checked with tshark in test_archive_live.py)
+    assert sorted(pk) == sorted(brute(root, "host 203.0.113.7 and port 4444", since=T0))
+    assert f"{len(pk)} packets matched" in r.stderr and "read " in r.stderr
+    r = subprocess.run([*PKTSTREAM, "flows", str(root), "host", "192.0.2.99", "--format", "json"],
+                       capture_output=True, text=True, timeout=120)
+    rows = [json.loads(x) for x in r.stdout.splitlines()]
+    assert len(rows) == 1 and rows[0]["sport"] == 5555 and rows[0]["packets"] == 5
+    r = subprocess.run([*PKTSTREAM, "sql", str(root), "SELECT count(*) AS n FROM files", "--format", "csv"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["n", str(n)], r.stderr
+    r = subprocess.run([*PKTSTREAM, "query", str(root), "tcp", "and", "(", "-w", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "pktstream query:" in r.stderr
+    r = subprocess.run([*PKTSTREAM, "query", str(tmp_path / "nope"), "-w", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "nope" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.live
+def test_s3_archive(tmp_path, moto):
+    from servers import AWS_ENV  # noqa: F401
+    s3 = moto.client()
+    s3.create_bucket(Bucket="arch")
+    root = make_archive(tmp_path / "a")
+    for p in root.rglob("*"):
+        if p.is_file():
+            s3.upload_file(str(p), "arch", "pc/" + str(p.relative_to(root)))
+    a = Archive("s3://arch/pc", client=s3)
+    assert a.index(chunk_bytes=CHUNK)["indexed"] == n_files(root)
+    assert a.index(chunk_bytes=CHUNK)["current"] == n_files(root)
+    for bpf in ("host 192.0.2.99", "tcp and port 80", None):
+        assert got(a, bpf) == brute(root, bpf)
+    # an object that cannot be read as a capture (garbage) and a deleted one
+    s3.put_object(Bucket="arch", Key="pc/by-sensor/zz.pcap", Body=b"\x00" * 100)
+    s3.delete_object(Bucket="arch", Key="pc/all.pcapng.zst")
+    msgs = []
+    assert got(a, "udp", warn=msgs.append) == brute(root, "udp", skip={"all.pcapng.zst"})
+    assert any(m.startswith("by-sensor/zz.pcap: ") for m in msgs)
+    r = subprocess.run([*PKTSTREAM, "query", "s3://arch/pc", "host", "192.0.2.99", "-w", str(tmp_path / "o.pcapng")],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "AWS_ENDPOINT_URL": moto.endpoint})
+    assert r.returncode == 0, r.stderr
+    assert len([1 for b in pktstream.read(tmp_path / "o.pcapng") for _ in range(len(b))]) == 5
+
+
+def _sink_archive(root: Path, *, crash: bool = False):
+    """Two indexed FileSinks as a receiver has them: per-sensor rotated .pcap.zst files with
+    -W retention, and a merged rotated pcapng; three sensors."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    root.mkdir()
+    per = FileSink(directory=str(root / "by-sensor"), format="pcap.zst", rotate_bytes=60_000, max_files=4,
+                   index=True)
+    (root / "merged").mkdir()
+    merged = FileSink(str(root / "merged" / "all.pcapng"), rotate_bytes=200_000, index=True)
+    (root / "pcap").mkdir()
+    merged_pcap = FileSink(str(root / "pcap" / "all.pcap"), rotate_bytes=300_000, index=True)
+    sources = [Source(s, "h-" + s, "eth0", 1, 262144) for s in ("alpha", "beta", "gamma")]
+    # as the receiver hands them to its outputs: interface "sensor/interface"
+    feeds = [batches(30 + i, 1500, T0 + i * 7, per_batch=20, interface=f"{s.sensor_id}/eth0")
+             for i, s in enumerate(sources)]
+    for k in range(len(feeds[0])):
+        for src, feed in zip(sources, feeds):
+            for sink in (per, merged, merged_pcap):
+                sink.write(src, feed[k])
+        if k % 5 == 0:
+            state = (per.flush(), merged.flush(), merged_pcap.flush())
+    state = (per.flush(), merged.flush(), merged_pcap.flush())
+    for sink in (per, merged, merged_pcap):
+        if crash:  # the process dies: open files stay .part files, nothing more is written
+            for out in sink._outputs.values():
+                out.abandon()
+        else:
+            sink.close()
+    return per, merged, state
+
+
+def test_index_as_you_write_equals_brute_force(tmp_path):
+    root = tmp_path / "a"
+    per, merged, _ = _sink_archive(root)
+    a = Archive(str(root))
+    files = {e.path for e in a.store.captures()}
+    assert {r["path"] for r in a.catalog().to_pylist()} == files        # every file indexed, no more
+    assert len([f for f in files if f.startswith("by-sensor/")]) == 12    # -W 4 per sensor
+    assert per.indexer.indexed > 12 and merged.indexer.indexed >= 2
+    assert (root / "by-sensor" / "_index").is_dir() and (root / "merged" / "_index").is_dir()
+    for bpf in ("host 203.0.113.7 and port 4444", "udp", None, "vlan 20"):
+        assert got(a, bpf) == brute(root, bpf)
+        assert a.last_stats.files_scanned == 0
+    # sensors: the pcapng interface names, the per-sensor file names, a merged pcap's name
+    for sensor in ("alpha", "all"):
+        assert got(a, "tcp", sensor=sensor) == brute(root, "tcp", sensor=sensor) != []
+    # the live index is what an offline build considers current, and has the same flows
+    res = a.index()
+    assert (res["indexed"], res["current"], res["removed"]) == (0, len(files), 0)
+    live = a.flows().sort_by([("file", "ascending"), ("first_ts_ns", "ascending"), ("src", "ascending")])
+    assert a.index(force=True)["indexed"] == len(files)
+    off = a.flows().sort_by([("file", "ascending"), ("first_ts_ns", "ascending"), ("src", "ascending")])
+    keep = ["file", "sensor", "interface", "src", "dst", "sport", "dport", "proto", "vlan", "packets", "bytes",
+            "first_ts_ns", "last_ts_ns", "tcp_flags"]
+    assert live.select(keep).to_pylist() == off.select(keep).to_pylist()
+
+
+def test_recovery_leaves_no_file_without_index_and_no_index_without_file(tmp_path):
+    from pktstream.archive.index import catalog_file
+    from pktstream.sinks import FileSink
+    root = tmp_path / "a"
+    per, merged, state = _sink_archive(root, crash=True)               # killed: .part files left
+    parts = sorted(p.name for p in root.rglob("*.part"))
+    assert len(parts) == 5
+    # a crash between a rename and its index, and a file deleted behind the receiver's back
+    completed = sorted((root / "by-sensor").glob("alpha.*.pcap.zst"))
+    (root / "by-sensor" / catalog_file(completed[-1].name)).unlink()
+    completed[0].unlink()
+    for st in state:
+        assert "index_root" in st
+        FileSink.recover(st)
+    a = Archive(str(root))
+    files = {e.path for e in a.store.captures()}
+    assert not list(root.rglob("*.part"))
+    assert {r["path"] for r in a.catalog().to_pylist()} == files
+    assert a.index()["indexed"] == 0
+    assert got(a, "tcp") == brute(root, "tcp") and a.last_stats.files_scanned == 0
+
+
+def test_catalog_snapshot_is_only_a_cache(tmp_path):
+    """``_index/catalog.parquet`` holds all rows for one read; a row is taken from it only while
+    its per-file catalog file is unchanged."""
+    from pktstream.archive.catalog import SNAPSHOT, load_catalog
+    from pktstream.archive.index import catalog_file
+    root = make_archive(tmp_path / "a")
+    a = Archive(str(root))
+    a.index(chunk_bytes=CHUNK)
+    assert (root / SNAPSHOT).is_file()
+    # a catalog file removed behind the snapshot's back: its row is gone
+    (root / catalog_file("all.pcapng.zst")).unlink()
+    assert "all.pcapng.zst" not in {r["path"] for r in load_catalog(a.store)[0]}
+    # a file re-indexed with another chunk size: the new row, not the snapshot's
+    before = next(r for r in a.catalog().to_pylist() if r["path"] == "old.pcap.gz")
+    old_snapshot = (root / SNAPSHOT).read_bytes()
+    a.index(["old.pcap.gz"], force=True, chunk_bytes=4 * CHUNK)
+    (root / SNAPSHOT).write_bytes(old_snapshot)  # a snapshot older than the row
+    after = next(r for r in a.catalog().to_pylist() if r["path"] == "old.pcap.gz")
+    assert len(after["chunks"]) < len(before["chunks"])
+    assert got(a, "udp") == brute(root, "udp")
+
+
+@pytest.mark.live
+def test_s3_output_indexed_as_written(tmp_path, moto):
+    """S3Sink(index=True): each object's index is committed under the prefix after its upload
+    (with its ETag); the archive queries equal a full read of the downloaded objects."""
+    from pktstream.sinks.base import Source
+    from pktstream.sinks.s3 import S3Sink
+    s3 = moto.client()
+    s3.create_bucket(Bucket="live")
+    sink = S3Sink("live", "caps/", staging_dir=str(tmp_path / "staging"), client=s3, rotate_bytes=60_000,
+                  rotate_seconds=3600, format="pcapng.zst", index=True, acl=None)
+    srcs = [Source(s, s, "eth0", 1, 262144) for s in ("alpha", "beta")]
+    feeds = [batches(40 + i, 1500, T0, per_batch=30) for i in range(2)]
+    for k in range(len(feeds[0])):
+        for src, feed in zip(srcs, feeds):
+            sink.write(src, feed[k])
+        sink.flush()
+    sink.close()
+    assert sink.counters["indexed_files"] == sink.counters["uploaded_files"] >= 4
+    assert not [n for n in os.listdir(tmp_path / "staging" / "ready")]
+    local = tmp_path / "dl"
+    for o in s3.list_objects_v2(Bucket="live", Prefix="caps/")["Contents"]:
+        if "/_index/" not in o["Key"]:
+            dest = local / o["Key"][len("caps/"):]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file("live", o["Key"], str(dest))
+    a = Archive("s3://live/caps", client=s3)
+    assert {r["path"] for r in a.catalog().to_pylist()} == {str(p.relative_to(local)) for p in local.rglob("*")
+                                                             if p.is_file()}
+    for bpf in ("host 203.0.113.7 and port 4444", "udp", None):
+        assert got(a, bpf) == brute(local, bpf)
+        assert a.last_stats.files_scanned == 0
+    assert a.index()["current"] == sink.counters["uploaded_files"]
