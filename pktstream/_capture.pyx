@@ -67,6 +67,7 @@ cdef enum:
     BLOCK_FREE = 0
     BLOCK_FILLING = 1
     BLOCK_OUT = 2
+    EARLY_BURST = 4   # adaptive sealing: early seals in a row before one per idle_wait applies
 
 #: Default settings, documented in docs/CONFIGURATION.md.
 DEFAULT_SNAPLEN = 262144
@@ -631,6 +632,9 @@ ctypedef struct CaptureState:
     int cur                  # block being filled, -1 if none
     int last                 # last block acquired (scan starts after it)
     int64_t cur_first_ns     # monotonic time the first packet entered `cur`
+    int64_t last_seal_ns     # monotonic time a block with packets was last sealed (0: never)
+    int64_t idle_wait_ns     # adaptive sealing (see _early_at); < 0: off
+    int64_t early_tat        # adaptive sealing: theoretical time of the next early seal (GCRA)
     int *queue               # FIFO of sealed blocks, capacity nblocks
     int q_head
     int q_len
@@ -640,6 +644,7 @@ ctypedef struct CaptureState:
     uint64_t bytes           # caplen bytes copied
     uint64_t ring_drops      # packets dropped: no free block (batches held too long)
     uint64_t oversize_drops  # packets larger than a block (cannot happen live: block >= snaplen)
+    uint64_t early_seals     # partly filled blocks sealed by the adaptive rule (idle_wait)
     uint64_t max_packets     # 0 = unlimited
     int stop                 # set by stop() from any thread
     int draining             # stopping: emptying the kernel buffer
@@ -685,6 +690,7 @@ cdef inline void _seal(CaptureState *s) noexcept nogil:
         ps_store_int(&s.state[b], BLOCK_FREE)
         return
     ps_store_int(&s.state[b], BLOCK_OUT)
+    s.last_seal_ns = ps_monotonic_ns()
     s.queue[(s.q_head + s.q_len) % s.nblocks] = b
     s.q_len += 1
     if s.p != NULL and (s.q_len * 2 >= s.nblocks or _free_count(s) <= 1):
@@ -693,6 +699,47 @@ cdef inline void _seal(CaptureState *s) noexcept nogil:
         # drain the whole kernel buffer (tens of MiB) into the ring and drop what does not
         # fit; stopping here leaves the rest in the kernel buffer (or the file) instead.
         pcap_breakloop(s.p)
+
+
+cdef inline int64_t _early_at(CaptureState *s, int64_t max_wait_ns) noexcept nogil:
+    """Adaptive sealing: the monotonic time from which the partly filled block may be sealed
+    early (-1: not enabled, nothing to seal, or ``max_wait`` seals it first).
+
+    Two conditions, both must hold:
+
+    * *quiet link*: at the rate seen since the previous seal, a whole block would take longer
+      than ``max_wait`` to fill (``used / elapsed < block_bytes / max_wait``). At higher rates
+      this time grows faster than the clock and blocks are sealed full (or at ``max_wait``)
+      exactly as without adaptive sealing: batching is kept where it pays.
+    * *budget*: early seals are rate-limited to one per ``idle_wait`` on average with a burst
+      of ``EARLY_BURST`` (a generic cell rate algorithm on ``early_tat``), which bounds the
+      per-block cost on a link that is quiet but never idle (e.g. 1 kpps of small frames).
+
+    Computed in double precision: no overflow for any block size, time or ``max_wait``.
+    Capture thread only (like every other CaptureState field it reads or writes).
+    """
+    cdef double need, at, bucket
+    if s.idle_wait_ns < 0 or s.cur < 0 or s.count[s.cur] == 0 or s.block_bytes == 0:
+        return -1
+    need = <double> s.used[s.cur] * <double> max_wait_ns / <double> s.block_bytes
+    if need >= <double> max_wait_ns:
+        return -1
+    at = <double> s.last_seal_ns + need
+    bucket = <double> s.early_tat - <double> (EARLY_BURST - 1) * <double> s.idle_wait_ns
+    if bucket > at:
+        at = bucket
+    if at >= <double> (s.cur_first_ns + max_wait_ns):
+        return -1  # max_wait comes first
+    return <int64_t> at
+
+
+cdef inline void _seal_early(CaptureState *s, int64_t now) noexcept nogil:
+    """Seal the partly filled block by the adaptive rule and charge the budget (capture thread)."""
+    if s.early_tat < now:
+        s.early_tat = now
+    s.early_tat += s.idle_wait_ns
+    s.early_seals += 1
+    _seal(s)
 
 
 cdef inline bint _resize_block(CaptureState *s, int b, size_t nbytes) noexcept nogil:
@@ -858,7 +905,8 @@ cdef class Capture:
 
     Thread safety: one thread iterates; ``stop()``, ``close()`` and ``stats()`` may be called
     from any thread. The library installs no signal handlers; iteration checks for pending
-    signals (KeyboardInterrupt) at least every ``timeout_ms``.
+    signals (KeyboardInterrupt) at least every 500 ms on the main thread (5 s on another, where
+    Python runs no signal handlers; 100 ms while a block is partly filled).
     """
     cdef CaptureState s
     cdef Ring _ring
@@ -887,7 +935,7 @@ cdef class Capture:
                  bint immediate=False, long buffer_bytes=DEFAULT_BUFFER_BYTES,
                  int timeout_ms=DEFAULT_TIMEOUT_MS, str direction="inout", bpf=None,
                  double max_wait=DEFAULT_MAX_WAIT, long block_bytes=DEFAULT_BLOCK_BYTES,
-                 int ring_blocks=DEFAULT_RING_BLOCKS, long count=0):
+                 int ring_blocks=DEFAULT_RING_BLOCKS, long count=0, idle_wait=None):
         """Open and activate a live capture on ``device``.
 
         :param snaplen: bytes kept per packet (tcpdump's ``-s``; default 262144).
@@ -902,6 +950,12 @@ cdef class Capture:
         :param ring_blocks: number of blocks; when all are held by batches, packets are
             dropped and counted in ``stats()['ring_drops']``.
         :param count: stop after this many packets (0 = no limit).
+        :param idle_wait: adaptive sealing (None: off, partly filled blocks wait ``max_wait``).
+            When the rate seen since the previous block would not fill a block within
+            ``max_wait``, a partly filled block is sealed as soon as libpcap has handed over
+            what the kernel had, at most one such block per ``idle_wait`` seconds: a packet on a
+            quiet link is delivered after the kernel's ``timeout_ms`` instead of ``max_wait``,
+            and at high rates blocks are still sealed full (docs/CAPTURE.md).
         :raises NoSuchDevice, CapturePermissionError, InterfaceNotUp, PcapError, FilterError:
         """
         cdef char errbuf[PCAP_ERRBUF_SIZE]
@@ -915,6 +969,12 @@ cdef class Capture:
         self.device = device
         self.timeout_ms = timeout_ms
         self._setup_ring(block_bytes, ring_blocks, snaplen, max_wait, count, False)
+        if idle_wait is not None:
+            iw = float(idle_wait)
+            if not iw >= 0:  # also NaN
+                raise ValueError(f"idle_wait must be >= 0 seconds or None, not {idle_wait!r}")
+            if iw < self.max_wait:  # otherwise max_wait always comes first: off
+                self.s.idle_wait_ns = _seconds_to_ns(iw)
         cdef pcap_t *p = pcap_create(device.encode(), errbuf)
         if p == NULL:
             raise PcapError(f"pcap_create on {device!r}: {_decode(errbuf)}", device=device)
@@ -1014,6 +1074,9 @@ cdef class Capture:
         self.s.cur = -1
         self.s.last = -1
         self.s.max_packets = <uint64_t> count
+        self.s.idle_wait_ns = -1
+        self.s.last_seal_ns = 0
+        self.s.early_tat = 0
         self.max_wait = max_wait
         self._lock = threading.Lock()
         self._handle_lock = threading.Lock()
@@ -1096,6 +1159,7 @@ cdef class Capture:
         memset(&ps, 0, sizeof(ps))
         out = {"packets": self.s.packets, "bytes": self.s.bytes,
                "ring_drops": self.s.ring_drops, "oversize_drops": self.s.oversize_drops,
+               "early_seals": self.s.early_seals,
                "kernel_received": 0, "kernel_dropped": 0, "interface_dropped": 0}
         with self._handle_lock:  # close() from another thread must not free the handle meanwhile
             if self.s.p != NULL and not self.offline:
@@ -1169,8 +1233,9 @@ cdef class Capture:
         :param timeout: seconds to wait; on expiry raises ``TimeoutError`` (None: no limit).
         """
         cdef int rc = 0, prc, drain_waits = 0
-        cdef int64_t now, deadline = -1, max_wait_ns = _seconds_to_ns(self.max_wait)
+        cdef int64_t now, early_at, deadline = -1, max_wait_ns = _seconds_to_ns(self.max_wait)
         cdef int poll_ms
+        cdef int idle_ms = 500 if threading.current_thread() is threading.main_thread() else 5000
         cdef pollfd fds[2]
         cdef uint64_t junk
         cdef int32_t delta
@@ -1231,6 +1296,11 @@ cdef class Capture:
                         now = ps_monotonic_ns()
                         if s.cur >= 0 and s.count[s.cur] > 0 and now - s.cur_first_ns >= max_wait_ns:
                             _seal(s)
+                        # everything the kernel had is dispatched (or nothing was yet): a
+                        # partly filled block on a quiet link goes now (adaptive sealing)
+                        early_at = _early_at(s, max_wait_ns)
+                        if early_at >= 0 and now >= early_at:
+                            _seal_early(s, now)
                         if s.q_len > 0:
                             rc = 0
                             break
@@ -1244,11 +1314,19 @@ cdef class Capture:
                             rc = 3
                             break
                         # idle (nothing partly filled): sleep long, the kernel wakes us when a
-                        # buffer block is ready, stop() through the eventfd, signals with EINTR
-                        poll_ms = 500
+                        # buffer block is ready, stop() through the eventfd, signals with EINTR;
+                        # 500 ms on the main thread (where Python runs signal handlers), 5 s on
+                        # another (a sensor's capture thread: fewer idle wake-ups)
+                        poll_ms = idle_ms
                         if s.cur >= 0 and s.count[s.cur] > 0:
-                            poll_ms = _min_ms(self.timeout_ms if self.timeout_ms > 0 else 100,
+                            # the kernel wakes poll when it hands over packets (within
+                            # timeout_ms); a wake-up of our own is due only at max_wait or the
+                            # adaptive seal (and every 100 ms at least, for signals)
+                            poll_ms = _min_ms(self.timeout_ms if self.timeout_ms > 100 else 100,
                                               s.cur_first_ns + max_wait_ns - now)
+                            early_at = _early_at(s, max_wait_ns)
+                            if early_at >= 0:
+                                poll_ms = _min_ms(poll_ms, early_at - now)
                         if deadline >= 0:
                             poll_ms = _min_ms(poll_ms, deadline - now)
                         prc = poll(fds, 2, poll_ms)
@@ -1262,7 +1340,7 @@ cdef class Capture:
                             rc = 3
                             break
                         if prc == 0:
-                            rc = 3  # poll timeout: check signals at least every timeout_ms
+                            rc = 3  # poll timeout: check signals (see the poll_ms above)
                             break
                     if rc == 1:
                         if not s.draining:

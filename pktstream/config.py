@@ -238,6 +238,8 @@ class SensorSettings:
     buffer_bytes: int = 32 << 20
     block_bytes: int = 1 << 20
     max_wait: float = 0.2
+    idle_wait: float = 0.05
+    timeout_ms: int = 10
     compression_level: int = 1
     window_bytes: int = 64 << 20
     spool_dir: str | None = "auto"   # "auto": <state dir>/spool/<sensor id>; None: no spool
@@ -347,7 +349,8 @@ def receiver_settings(data: Any) -> ReceiverSettings:
 #: file shared by both roles (as upstream documents it) ignores them, with one info line.
 SENSOR_KEYS = ("pcapMode", "capturePorts", "captureInterfacesPorts", "ignorePorts", "gatherMaxWaitSec",
                "interfaces", "includeLoopback", "bpf", "promisc", "immediateMode", "bufferSize",
-               "blockSize", "maxWait", "compressionLevel", "windowSize", "spool", "sensorId", "user", "group")
+               "blockSize", "maxWait", "idleWait", "kernelTimeout", "compressionLevel", "windowSize", "spool",
+               "sensorId", "user", "group")
 #: Top-level keys only a receiver reads.
 RECEIVER_KEYS = ("input", "stateDir", "maxConnections", "connectionRate", "handshakeTimeout", "metrics", "legacy")
 
@@ -420,6 +423,13 @@ def sensor_settings(data: Any) -> SensorSettings:
         s.block_bytes = root.get("blockSize", "size")
     if root.has("maxWait"):
         s.max_wait = root.get("maxWait", "duration")
+    if root.has("idleWait"):
+        s.idle_wait = root.get("idleWait", "duration")
+    if root.has("kernelTimeout"):
+        ms = round(root.get("kernelTimeout", "duration") * 1000)
+        if not 1 <= ms <= 60000:
+            raise ConfigError(f"kernelTimeout: must be 1 ms .. 60 s, got {ms} ms")
+        s.timeout_ms = ms
     lvl = root.get("compressionLevel", "int", s.compression_level)
     if not -7 <= lvl <= 22:
         raise ConfigError(f"compressionLevel: must be -7..22, got {lvl}")

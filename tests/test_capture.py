@@ -193,6 +193,85 @@ def test_max_wait_delivers_quiet_traffic_promptly(veth):
     cap.close()
 
 
+def _send_udp_out(veth, payload: bytes, port: int = 9) -> None:
+    """One UDP datagram leaving ``veth.outer`` (a static neighbour entry: no ARP first)."""
+    subprocess.run(["ip", "neigh", "replace", veth.inner_ip, "lladdr", "02:00:00:00:00:01",
+                    "dev", veth.outer], check=True)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(payload, (veth.inner_ip, port))
+
+
+def test_adaptive_sealing_delivers_a_lone_packet_alone(veth):
+    """Adaptive sealing (idle_wait): on an idle link a single packet is delivered as a block of
+    its own, with no second packet, no full block and no max_wait expiry (max_wait is an hour
+    here: without the adaptive rule next_batch would not return). The counter says which rule
+    sealed it."""
+    cap = pktstream.Capture(veth.outer, max_wait=3600.0, idle_wait=0.05, timeout_ms=10, bpf="udp port 9")
+    try:
+        for i in (1, 2):
+            _send_udp_out(veth, b"lone-%d" % i)
+            batch = cap.next_batch(timeout=60)  # only bounds a failure
+            assert len(batch) == 1 and bytes(batch[0]).endswith(b"lone-%d" % i)
+            batch.release()
+            assert cap.stats()["early_seals"] == i
+    finally:
+        cap.close()
+
+
+def test_adaptive_sealing_is_off_by_default_and_at_max_wait(veth):
+    """Without idle_wait (the library default), or with idle_wait >= max_wait, a lone packet
+    waits for max_wait: here 0.05 s, and the counter of early seals stays 0."""
+    for kw in ({}, {"idle_wait": 0.05}):
+        cap = pktstream.Capture(veth.outer, max_wait=0.05, timeout_ms=10, bpf="udp port 9", **kw)
+        try:
+            _send_udp_out(veth, b"x")
+            batch = cap.next_batch(timeout=60)
+            assert len(batch) == 1
+            batch.release()
+            assert cap.stats()["early_seals"] == 0
+        finally:
+            cap.close()
+    with pytest.raises(ValueError):
+        pktstream.Capture(veth.outer, idle_wait=-1).close()
+    with pytest.raises(ValueError):
+        pktstream.Capture(veth.outer, idle_wait=float("nan")).close()
+
+
+def test_adaptive_sealing_keeps_full_blocks_under_load(veth, tmp_path):
+    """At a rate that fills blocks (any replay speed: 20 MB here), adaptive sealing does not
+    cut blocks short: every block but the first (the burst starts on an idle link) and the
+    last (sealed at stop) is full, i.e. sealed because the next record did not fit."""
+    from pktstream.lab import traffic
+    pcap = tmp_path / "burst.pcap"
+    traffic.write_udp_pcap(str(pcap), 2000, size=1000)
+    block = 256 * 1024
+    cap = pktstream.Capture(veth.outer, snaplen=2048, block_bytes=block, max_wait=60.0, idle_wait=0.0, timeout_ms=10,
+                            bpf="udp port 9999")
+    sizes: list[tuple[int, int]] = []
+
+    def run() -> None:
+        for b in cap:
+            sizes.append((len(b), b.nbytes))
+            b.release()
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        veth.replay(pcap, topspeed=True, loop=10)
+        wait_until(lambda: cap.stats()["kernel_received"] >= 20000, 60, f"20000 packets ({cap.stats()})")
+    finally:
+        cap.stop()
+        t.join(30)
+    st = cap.stats()
+    cap.close()
+    assert sum(n for n, _ in sizes) == st["packets"] == 20000 - st["kernel_dropped"]
+    record = 16 + 1000
+    short = [i for i, (_, nbytes) in enumerate(sizes[:-1]) if nbytes + record <= block]
+    assert len(sizes) >= 20000 * record // block
+    assert short in ([], [0]), f"blocks cut short: {short} of {len(sizes)} ({sizes[:5]})"
+    assert st["early_seals"] <= 1
+
+
 def test_next_batch_timeout(veth):
     cap = pktstream.Capture(veth.outer)
     t0 = time.monotonic()

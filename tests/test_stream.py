@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump, wait_pcap_count, wait_received, wait_until
+from conftest import (
+    PKTSTREAM,
+    free_port,
+    pcap_count,
+    read_pcap_dpkt,
+    start_tcpdump,
+    wait_pcap_count,
+    wait_received,
+    wait_until,
+)
 from pktstream.lab import traffic
 
 pytestmark = pytest.mark.live
@@ -396,3 +405,30 @@ def test_invalid_config_fails_with_key_path(tmp_path, role, yaml_text, message):
     output = ["-w", str(tmp_path / "o.pcap")] if role == "receiver" else []
     r = subprocess.run([*PKTSTREAM, role, "--config", str(cfg), *output], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_lone_packet_on_idle_sensor_reaches_the_file_alone(veth, procs, tmp_path):
+    """Adaptive sealing end to end: with max_wait an hour, a single packet on an idle link
+    still reaches the receiver's file (written and flushed per group) as a block of its own:
+    no second packet, no full block and no max_wait expiry is needed. Synchronised on the
+    file's records."""
+    import socket
+    port = free_port()
+    part = tmp_path / "out.pcap.part"  # the open file; renamed to out.pcap when closed
+    rx = procs(receiver_cmd(port, "-w", str(tmp_path / "out.pcap")))
+    rx.wait_for("listening on")
+    sx = procs([*PKTSTREAM, "sensor", "--receiver", f"127.0.0.1:{port}", "-i", veth.outer,
+                "--max-wait", "3600", "--stats-json", str(tmp_path / "sx.json"), "udp", "port", "9"])
+    sx.wait_for("connected to receiver")
+    subprocess.run(["ip", "neigh", "replace", veth.inner_ip, "lladdr", "02:00:00:00:00:01",
+                    "dev", veth.outer], check=True)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for i in (1, 2):
+            s.sendto(b"lone-%d" % i, (veth.inner_ip, 9))
+            wait_pcap_count(part, i, 60)  # the timeout only bounds a failure
+            assert pcap_count(part) == i
+    assert sx.stop(signal.SIGTERM) == 0
+    sst = json.loads((tmp_path / "sx.json").read_text())
+    assert sst["packets"] == 2 and sst["batches"] == 2
+    assert rx.stop(signal.SIGTERM) == 0
+    assert [p[2][-6:] for p in received(tmp_path)] == [b"lone-1", b"lone-2"]

@@ -180,7 +180,7 @@ def build_sensor(args: argparse.Namespace):
         raise ConfigError("give the BPF filter once: --bpf EXPR or as the last words, not both")
     if args.bpf or args.bpf_option:
         s.bpf = args.bpf_option or " ".join(args.bpf)
-    for attr in ("pcap_mode", "snaplen", "buffer_bytes", "block_bytes", "max_wait", "compression_level",
+    for attr in ("pcap_mode", "snaplen", "buffer_bytes", "block_bytes", "max_wait", "idle_wait", "compression_level",
                  "window_bytes", "spool_dir", "spool_bytes", "sensor_id", "log_file", "heartbeat",
                  "user", "group"):
         v = getattr(args, attr)
@@ -222,7 +222,8 @@ def build_sensor(args: argparse.Namespace):
                              capture_ports=s.capture_ports, capture_interfaces_ports=s.capture_interfaces_ports,
                              ignore_ports=s.ignore_ports, snaplen=s.snaplen, promisc=s.promisc,
                              immediate=s.immediate, buffer_bytes=s.buffer_bytes, block_bytes=s.block_bytes,
-                             max_wait=s.max_wait, rescan_interval=args.rescan_interval)
+                             max_wait=s.max_wait, idle_wait=s.idle_wait, timeout_ms=s.timeout_ms,
+                             rescan_interval=args.rescan_interval)
     delivery = DeliveryOptions(compression_level=s.compression_level, window_bytes=s.window_bytes,
                                spool_dir=s.spool_dir, spool_bytes=s.spool_bytes, heartbeat=s.heartbeat,
                                stats_interval=s.stats_interval)
@@ -375,7 +376,10 @@ def register(sub) -> None:
     s.add_argument("--buffer-size", dest="buffer_bytes", type=_size, metavar="SIZE",
                    help="kernel buffer (default 32MiB)")
     s.add_argument("--block-size", dest="block_bytes", type=_size, metavar="SIZE", help="block size (default 1MiB)")
-    s.add_argument("--max-wait", type=float, metavar="SEC", help="seal a partial block after SEC (default 0.2)")
+    s.add_argument("--max-wait", type=float, metavar="SEC",
+                   help="under load, seal a partial block after SEC (default 0.2)")
+    s.add_argument("--idle-wait", type=float, metavar="SEC", help="on a quiet link, send a partial block at once, "
+                   "at most one per SEC on average, 4 in a row (default 0.05; >= --max-wait: off)")
     s.add_argument("--level", dest="compression_level", type=int, help="zstd level (default 1, adaptive)")
     s.add_argument("--window", dest="window_bytes", type=_size, metavar="SIZE",
                    help="unacknowledged bytes kept in memory (default 64MiB)")

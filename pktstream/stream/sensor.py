@@ -162,8 +162,11 @@ class CaptureOptions:
     ``bpf``, ``pcap_mode`` (all/allow/deny) with ``capture_ports``,
     ``capture_interfaces_ports``, ``ignore_ports``; libpcap's ``snaplen`` (``inputPacketLen``),
     ``promisc``, ``immediate``, ``buffer_bytes`` (``bufferSize``); the ring's ``block_bytes``
-    (``blockSize``), ``ring_blocks`` and ``max_wait`` (s a partly filled block waits,
-    ``maxWait``); ``rescan_interval`` (s between looks for interfaces that came or went)."""
+    (``blockSize``), ``ring_blocks`` and ``max_wait`` (s a partly filled block waits under load,
+    ``maxWait``); ``idle_wait`` (adaptive sealing, ``idleWait``: on a quiet link a partly filled
+    block goes at once, at most one per ``idle_wait`` s; ``>= max_wait`` turns it off) and
+    ``timeout_ms`` (the kernel's block timeout, ``kernelTimeout``; docs/CAPTURE.md);
+    ``rescan_interval`` (s between looks for interfaces that came or went)."""
     interfaces: list[str] | None = None
     include_loopback: bool = False
     bpf: str | None = None
@@ -178,6 +181,8 @@ class CaptureOptions:
     block_bytes: int = 1 << 20
     ring_blocks: int = 32
     max_wait: float = 0.2
+    idle_wait: float = 0.05
+    timeout_ms: int = 10
     rescan_interval: float = 5.0
 
 
@@ -270,7 +275,8 @@ class Sensor:
             log.warning("pcapMode 'all' captures every port: capturePorts/captureInterfacesPorts are ignored")
         self.capture_options: dict[str, Any] = dict(
             snaplen=snaplen, promisc=promisc, immediate=immediate, buffer_bytes=buffer_bytes,
-            block_bytes=max(block_bytes, snaplen + 16), max_wait=max_wait, ring_blocks=ring_blocks)
+            block_bytes=max(block_bytes, snaplen + 16), max_wait=max_wait, ring_blocks=ring_blocks,
+            idle_wait=capture.idle_wait, timeout_ms=capture.timeout_ms)
         self.compression_level = compression_level
         self.sensor_id = sensor_id or socket.gethostname()
         if not re.match(r"^[\x21-\x7e]{1,128}$", self.sensor_id):
@@ -390,9 +396,12 @@ class Sensor:
 
     def _rescan_loop(self) -> None:
         """New interfaces every ``rescan_interval`` (all-interfaces mode); failed ones every
-        second until they come back."""
+        second until they come back. While nothing has failed, it sleeps until the next full
+        scan (at most 5 s: a capture that fails meanwhile is retried within 5 s, then every
+        second), so an idle sensor wakes rarely."""
         next_full = time.monotonic() + self.rescan_interval
-        while not self._stop.wait(1.0):
+        failed = False
+        while not self._stop.wait(1.0 if failed else min(5.0, max(1.0, next_full - time.monotonic()))):
             failed = any(i.capture is None and i.error is not None for i in list(self._ifaces.values()))
             if failed or (not self.interfaces_wanted and time.monotonic() >= next_full):
                 next_full = time.monotonic() + self.rescan_interval

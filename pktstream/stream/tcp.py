@@ -313,8 +313,18 @@ class TcpTransport:
             if nxt is not None:
                 sent = seq
                 self.sensor.count("frames_sent")
-            # ACKs that arrived; sleep (until a frame, an ACK or the next tick) only when idle
-            for f in link.receive(0 if nxt is not None else min(0.2, hb)):
+            # ACKs that arrived; sleep only when idle: until a frame, an ACK, a control frame or
+            # stop() wakes us (Sensor.wake), or the next heartbeat/STATS/silence deadline is due
+            # (no periodic tick: an idle sensor wakes once per heartbeat); while stopping, every
+            # 0.2 s (the end of capture does not wake us)
+            if nxt is not None:
+                wait = 0.0
+            elif self.sensor.stopping:
+                wait = min(0.2, hb)
+            else:
+                due = min(last_tx + hb, last_stats + self.sensor.stats_interval, last_rx + silent)
+                wait = min(max(due - time.monotonic(), 0.0) + 0.005, hb)
+            for f in link.receive(wait):
                 if f.type == P.FrameType.ACK:
                     self.sensor.store.ack(f.seq)
                 elif f.type == P.FrameType.BYE:
