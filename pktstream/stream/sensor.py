@@ -1,8 +1,9 @@
 """Sensor: capture on interfaces, compress each block into one frame, stream to a receiver.
 
 Threads: one capture thread per interface (capture → compress → FrameStore), one rescan
-thread (interfaces that appear later), and the thread of ``run()`` as the sender over one
-blocking connection (connect, handshake, resend unacknowledged frames, heartbeats, STATS).
+thread (interfaces that appear later), and the thread of ``run()``, which runs the transport
+(:class:`~pktstream.stream.tcp.TcpTransport`: connect, handshake, resend unacknowledged frames,
+heartbeats, STATS; or :class:`~pktstream.stream.kafka.KafkaTransport`).
 Nothing blocks a capture thread: when the send window and the spool are full, the block is
 dropped and counted.
 """
