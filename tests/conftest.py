@@ -201,8 +201,12 @@ def procs():
 
 
 def start_tcpdump(start, iface: str, path: Path, bpf: str = "", ns_cmd: list[str] | None = None) -> Proc:
-    """tcpdump with nanosecond stamps and a large buffer, ready when it says it is listening."""
-    cmd = [*(ns_cmd or []), "tcpdump", "-i", iface, "-n", "-B", "65536", "--immediate-mode",
+    """tcpdump with nanosecond stamps and a large buffer, ready when it says it is listening.
+
+    The buffer: in immediate mode libpcap uses a TPACKET_V2 ring whose slots are snaplen-sized
+    (256 KiB) on interfaces with offloads, as veths have, so 64 MiB held only 256 packets and the
+    oracle itself dropped packets when two suites loaded the machine; 256 MiB holds 1024."""
+    cmd = [*(ns_cmd or []), "tcpdump", "-i", iface, "-n", "-B", "262144", "--immediate-mode",
            "--time-stamp-precision=nano", "-U", "-w", str(path)]
     if bpf:
         cmd.append(bpf)
