@@ -167,11 +167,7 @@ class Archive:
             t = self._flow_table(row, sensors)
             if t is None:
                 continue
-            cols = {c: t.column(c).to_numpy(zero_copy_only=False) for c in
-                    ("ip_version", "proto", "sport", "dport", "vlan", "first_ts_ns", "last_ts_ns", "link_type",
-                     "ethertype")}
-            cols["src"] = t.column("src").to_numpy(zero_copy_only=False)
-            cols["dst"] = t.column("dst").to_numpy(zero_copy_only=False)
+            cols = _flow_columns(t)
             keep = may_match(tree, FlowContext(cols))
             if since is not None:
                 keep &= cols["last_ts_ns"] >= since
@@ -268,11 +264,7 @@ class Archive:
             t = self._flow_table(row, sensors)
             if t is None:
                 continue
-            cols = {c: t.column(c).to_numpy(zero_copy_only=False) for c in
-                    ("ip_version", "proto", "sport", "dport", "vlan", "first_ts_ns", "last_ts_ns", "link_type",
-                     "ethertype")}
-            cols["src"] = t.column("src").to_numpy(zero_copy_only=False)
-            cols["dst"] = t.column("dst").to_numpy(zero_copy_only=False)
+            cols = _flow_columns(t)
             keep = None
             if tree is not None:
                 mt, mf = evaluate(tree, FlowContext(cols, strict=False))
@@ -370,3 +362,12 @@ def _compression_of(path: str) -> str | None:
     if path.endswith(".gz"):
         return "gzip"
     return None
+
+
+_FLOW_KEY_COLUMNS = ("ip_version", "proto", "sport", "dport", "vlan", "first_ts_ns", "last_ts_ns", "link_type",
+                     "ethertype", "src", "dst")
+
+
+def _flow_columns(t) -> dict:
+    """The flow-key columns of a flow table as numpy arrays (what prune.FlowContext reads)."""
+    return {c: t.column(c).to_numpy(zero_copy_only=False) for c in _FLOW_KEY_COLUMNS}
