@@ -23,7 +23,7 @@ from typing import Any
 
 from pktstream.archive.catalog import heavy, is_current, load_catalog, repair
 from pktstream.archive.index import INDEX_DIR
-from pktstream.archive.query import FilePlan, QueryStats, merge_batches, read_plan, segments_for
+from pktstream.archive.query import FilePlan, QueryStats, SortedFile, iter_plan, merge_files, segments_for
 from pktstream.archive.store import open_store
 
 TimeArg = "int | float | str | dt.datetime | None"
@@ -184,11 +184,16 @@ class Archive:
             if not ids:
                 continue
             segs = segments_for(row, ids)
-            plans.append(FilePlan(e.path, "index", segs, row["compression"], "", e.size))
+            read = ids if segs is not None else range(len(chunks))  # None: the whole file is read
+            plans.append(FilePlan(e.path, "index", segs, row["compression"], "", e.size,
+                                  [int(chunks[c]["packets"]) for c in read],
+                                  [int(chunks[c]["first_ts_ns"]) for c in read]))
         return plans
 
     # -- queries ---------------------------------------------------------------------------
-    def _run(self, bpf, since, until, sensor, warn) -> tuple[list[list], QueryStats]:
+    def _run(self, bpf, since, until, sensor, warn) -> tuple[Iterator, QueryStats]:
+        """The merged packets (a generator: files are read as it is consumed) and the stats it
+        fills in; ``packets`` and ``seconds`` are final when the generator is exhausted."""
         if bpf:
             from pktstream._capture import BpfProgram
             BpfProgram(bpf, 1)  # a bad expression fails here, with libpcap's message
@@ -198,27 +203,35 @@ class Archive:
         plans = self.plan(bpf, since=since, until=until, sensor=sensor, stats=stats, warn=warn)
         s, u = parse_time(since), parse_time(until)
         sensors = _sensor_set(sensor)
-        results = []
-        for p in plans:
-            stats.files_read += 1
-            if p.mode == "scan":
-                stats.files_scanned += 1
-                stats.scanned.append(f"{p.path} ({p.reason})")
-            results.append(read_plan(self.store, p, bpf=bpf, since=s, until=u, sensors=sensors, stats=stats,
-                                     warn=warn))
-        stats.packets = sum(len(b) for lst in results for b in lst)
-        stats.seconds = time.monotonic() - t0
         self.last_stats = stats
-        return results, stats
+
+        def opener(p: FilePlan) -> Callable[[], SortedFile]:
+            def open_file() -> SortedFile:
+                stats.files_read += 1
+                if p.mode == "scan":
+                    stats.files_scanned += 1
+                    stats.scanned.append(f"{p.path} ({p.reason})")
+                src = iter_plan(self.store, p, bpf=bpf, since=s, until=u, sensors=sensors, stats=stats, warn=warn)
+                return SortedFile(src, p.chunk_packets, p.chunk_first_ts, stats)
+            return open_file
+
+        def run() -> Iterator:
+            for b in merge_files([(p.first_ts_ns, opener(p)) for p in plans], stats):
+                stats.packets += len(b)
+                yield b
+            stats.seconds = time.monotonic() - t0
+        return run(), stats
 
     def packets(self, bpf: str | None = None, *, since=None, until=None, sensor=None,
                 warn: Callable[[str], None] | None = None) -> Iterator:
         """The packets ``tcpdump -r FILE BPF`` gives over every file, within ``[since, until)``
         and of the given sensor(s), merged in time order, as PacketBatches whose ``interface``
-        is ``sensor/interface``. Matching packets are held in memory until merged.
-        ``last_stats`` tells what was read."""
-        results, _ = self._run(bpf, since, until, sensor, warn)
-        yield from merge_batches(results)
+        is ``sensor/interface``. Lazy: files are read as the iterator is consumed and a packet
+        is held only until it can be merged (memory: the files overlapping in time, a chunk or
+        so each; a file without an index is held whole). ``last_stats`` tells what was read
+        (complete once the iterator is exhausted)."""
+        it, _ = self._run(bpf, since, until, sensor, warn)
+        yield from it
 
     def write(self, out, bpf: str | None = None, *, since=None, until=None, sensor=None,
               warn: Callable[[str], None] | None = None) -> QueryStats:
@@ -231,10 +244,10 @@ class Archive:
         fmt = "pcapng"
         if isinstance(out, (str, os.PathLike)) and (format_from_name(os.fspath(out)) or "").endswith(".zst"):
             fmt = "pcapng.zst"
-        results, stats = self._run(bpf, since, until, sensor, warn)
+        it, stats = self._run(bpf, since, until, sensor, warn)
         w = open_writer(out, format=fmt)
         try:
-            for b in merge_batches(results):
+            for b in it:
                 w.write(b)
         except BaseException:
             w.abort()

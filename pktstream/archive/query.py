@@ -7,6 +7,12 @@ leaving a set of chunks (ranges of the decompressed stream). Those ranges, with 
 header blocks (SHB, IDBs) outside them, form a valid capture stream that the ordinary reader
 parses; every packet read then passes the time bounds and the real BPF (libpcap).
 
+Merging: each file's packets are put in time order as they are read (:class:`SortedFile`, which
+holds a packet only until no later packet of its file can sort before it, from the chunks'
+first time stamps) and files are merged k-way (:func:`merge_files`), opened only when the merge
+reaches their first time stamp: memory is bounded by the files overlapping in time, not by the
+size of the result.
+
 Reading ranges: uncompressed files are read with seeks (ranged GETs on S3); compressed files
 (one zstd frame, or gzip) are decompressed from the start and stop after the last range
 (bounded decompression; docs/ARCHIVE.md explains the layout choice).
@@ -34,6 +40,13 @@ class FilePlan:
     compression: str | None = None
     reason: str = ""
     size: int = 0
+    chunk_packets: list[int] | None = None    # packets of the chunks read, in file order (None: unknown)
+    chunk_first_ts: list[int] | None = None   # their first time stamps (ns)
+
+    @property
+    def first_ts_ns(self) -> int | None:
+        """No packet read from the file is older than this (None: unknown)."""
+        return min(self.chunk_first_ts) if self.chunk_first_ts else None
 
 
 @dataclass
@@ -46,6 +59,8 @@ class QueryStats:
     packets_read: int = 0
     packets: int = 0
     seconds: float = 0.0
+    packets_held: int = 0         # matched packets read and not yet merged out, now
+    peak_packets_held: int = 0    # ... at most (memory of a query: bounded by files, not by results)
     skipped: list[str] = field(default_factory=list)
     scanned: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -96,12 +111,15 @@ def segments_for(row: dict[str, Any], chunk_ids: list[int]) -> list[tuple[int, i
 class SegmentStream(io.RawIOBase):
     """The selected stream ranges of a capture file, concatenated, as a readable raw file.
 
-    Uncompressed: each range is read where it is (seek or ranged GET). Compressed: the file
-    is decompressed from its start and gaps are discarded; reading stops at the last range.
+    Uncompressed: each range is read where it is (seek or ranged GET). zstd with a seek table
+    (the seekable layout; ``size``: the file's size, to find it): only the frames holding the
+    ranges are read and decompressed. Other compressed files: decompressed from the start, gaps
+    discarded; reading stops at the last range.
     ``compressed_read``: bytes taken from the file or object. Single use; not thread-safe.
     """
 
-    def __init__(self, store, path: str, segments: list[tuple[int, int]], compression: str | None) -> None:
+    def __init__(self, store, path: str, segments: list[tuple[int, int]], compression: str | None,
+                 size: int = 0) -> None:
         self._segs = segments
         self._store = store
         self._path = path
@@ -115,8 +133,20 @@ class SegmentStream(io.RawIOBase):
         self._dec: Any = None
         self._dpos = 0  # decompressed stream position
         self._counter = None
+        self._frames: SeekTable | None = None
+        self._frame_k = -1          # the frame whose content is in _frame_data
+        self._frame_data = b""
         if compression is None and hasattr(store, "root"):
             self._file = store.open(path)
+        elif compression == "zstd" and size and segments:
+            if hasattr(store, "root"):
+                self._file = store.open(path)
+            self._frames = read_seek_table(store, path, size, self._file)
+            if self._frames is None and self._file is not None:
+                self._file.close()
+                self._file = None
+        if self._frames is not None:
+            pass
         elif compression is not None:
             raw = store.open(path)
             self._counter = _Counting(raw)
@@ -141,7 +171,9 @@ class SegmentStream(io.RawIOBase):
                     self._pos = self._segs[self._i][0]
                 continue
             want = min(e - self._pos, 1 << 20)
-            if self._dec is None:
+            if self._frames is not None:
+                data = self._frame_piece(e)
+            elif self._dec is None:
                 if self._file is not None:
                     data = self._store.read_range(self._path, self._pos, self._pos + want, self._file)
                 else:
@@ -162,6 +194,33 @@ class SegmentStream(io.RawIOBase):
             return data
         return b""
 
+    def _frame_piece(self, end: int) -> bytes:
+        """Stream bytes from ``_pos`` to at most ``end`` out of the frame holding ``_pos``."""
+        t = self._frames
+        assert t is not None
+        k = t.frame_of(self._pos)
+        if k < 0:
+            return b""  # past the end of the data (an index of another file version)
+        if k != self._frame_k:
+            import zstandard
+            cs, ce = t.compressed[k], t.compressed[k + 1]
+            want = t.decompressed[k + 1] - t.decompressed[k]
+            if self._file is not None:
+                raw = self._store.read_range(self._path, cs, ce, self._file)
+            else:
+                raw = self._store.read_range(self._path, cs, ce)
+            self.compressed_read += len(raw)
+            try:
+                # bounded: never more than the table says (a lying frame fails, it cannot grow memory)
+                data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=want) if want else b""
+            except zstandard.ZstdError as exc:
+                raise ValueError(f"frame {k} at compressed byte {cs}: corrupt zstd data ({exc})") from None
+            if len(data) != want:
+                raise ValueError(f"frame {k} at compressed byte {cs}: {len(data)} bytes, the seek table says {want}")
+            self._frame_k, self._frame_data = k, data
+        base = t.decompressed[k]
+        return self._frame_data[self._pos - base:min(end, t.decompressed[k + 1]) - base]
+
     def readinto(self, b) -> int:
         if self._bpos >= len(self._buf):
             self._buf = self._fetch()
@@ -181,6 +240,67 @@ class SegmentStream(io.RawIOBase):
                 except Exception:
                     pass
         super().close()
+
+
+class SeekTable:
+    """Frame boundaries of a zstd file in the seekable layout: ``compressed[k]`` and
+    ``decompressed[k]`` are where frame k starts in the file and in the decompressed stream
+    (one more entry each: the ends)."""
+
+    def __init__(self, compressed: list[int], decompressed: list[int]) -> None:
+        self.compressed = compressed
+        self.decompressed = decompressed
+
+    def frame_of(self, pos: int) -> int:
+        """The frame holding decompressed byte ``pos`` (-1: past the end)."""
+        import bisect
+        k = bisect.bisect_right(self.decompressed, pos) - 1
+        return k if 0 <= k < len(self.decompressed) - 1 else -1
+
+
+MAX_SEEK_FRAMES = 1 << 24   # a table with more entries is not believed (16 Mi frames: 128 MiB table)
+MAX_FRAME_BYTES = 1 << 30   # nor a frame decompressing to more (the writer's limit)
+
+
+def read_seek_table(store, path: str, size: int, f: BinaryIO | None = None) -> SeekTable | None:
+    """The seek table at the end of a zstd file of ``size`` bytes, or None when it has none (a
+    single frame) or one that does not fit the file (every size is checked against it)."""
+    import struct
+
+    from pktstream.formats.writer import SEEKABLE_MAGIC, SKIPPABLE_SEEK_TABLE
+
+    def rng(s: int, e: int) -> bytes:
+        return store.read_range(path, s, e, f) if f is not None else store.read_range(path, s, e)
+
+    if size < 17:
+        return None
+    foot = rng(size - 9, size)
+    if len(foot) != 9:
+        return None
+    n, desc, magic = struct.unpack("<IBI", foot)
+    if magic != SEEKABLE_MAGIC or desc & 0x7C or n == 0 or n > MAX_SEEK_FRAMES:
+        return None
+    entry = 12 if desc & 0x80 else 8
+    body = n * entry + 9
+    if 8 + body > size:
+        return None
+    data = rng(size - 8 - body, size - 9)
+    if len(data) != 8 + n * entry:
+        return None
+    fmagic, flen = struct.unpack_from("<II", data, 0)
+    if fmagic != SKIPPABLE_SEEK_TABLE or flen != body:
+        return None
+    comp = [0]
+    dec = [0]
+    for k in range(n):
+        c, d = struct.unpack_from("<II", data, 8 + k * entry)
+        if c == 0 or d > MAX_FRAME_BYTES:
+            return None
+        comp.append(comp[-1] + c)
+        dec.append(dec[-1] + d)
+    if comp[-1] != size - 8 - body:  # the frames and the table must be the whole file
+        return None
+    return SeekTable(comp, dec)
 
 
 class _Reading:
@@ -253,16 +373,18 @@ class ZstdChecked(io.RawIOBase):
             super().close()
 
 
-def read_plan(store, plan: FilePlan, *, bpf: str | None, since: int | None, until: int | None,
-              sensors: set[str] | None, stats: QueryStats, warn: Callable[[str], None]) -> list:
-    """Packets of one planned file passing the bounds and the BPF: a list of
-    ``(batch, "sensor/interface")`` in file order. Problems are reported through ``warn``."""
+def iter_plan(store, plan: FilePlan, *, bpf: str | None, since: int | None, until: int | None,
+              sensors: set[str] | None, stats: QueryStats, warn: Callable[[str], None]) -> Iterator[tuple[Any, int]]:
+    """Packets of one planned file passing the bounds and the BPF, in file order, as they are
+    read: ``(batch or None, done)`` (None: nothing of the last batch read matched); ``done``:
+    the first ``done`` packets of the file (in file order) have all been delivered -- the reader
+    hands out a read buffer's packets per interface, so packets read are not always a prefix. A batch's ``interface`` is ``sensor/interface``. Problems are reported
+    through ``warn``; the file is closed when the generator ends or is closed."""
     import warnings
 
     from pktstream._capture import PacketBatch
     from pktstream._records import take_mask
     from pktstream.formats import TruncatedFileWarning, open_reader
-    out = []
     seg: Any
     checked = None
     if plan.segments is None:  # the whole file, whatever its format (the reader checks the magic)
@@ -270,50 +392,83 @@ def read_plan(store, plan: FilePlan, *, bpf: str | None, since: int | None, unti
         checked = ZstdChecked(seg, plan.path)
         src = io.BufferedReader(checked, 1 << 20)
     else:
-        seg = SegmentStream(store, plan.path, plan.segments, plan.compression)
+        seg = SegmentStream(store, plan.path, plan.segments, plan.compression, plan.size)
         src = io.BufferedReader(seg, 1 << 20)
     failed = False
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", TruncatedFileWarning)
+    notes: list[str] = []
+    n_read = 0
+    done = 0          # packets in file order before every packet still to come (all delivered)
+    last_range = None
+    reader = None
+    # warnings are caught around each read only (never across a yield: several files are read
+    # interleaved, and catch_warnings contexts must nest)
+
+    def step(fn):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", TruncatedFileWarning)
+            try:
+                return fn()
+            finally:
+                notes.extend(str(w.message) for w in caught if issubclass(w.category, TruncatedFileWarning))
+
+    try:
         try:
-            with open_reader(src) as r:
-                for batch in r:
-                    stats.packets_read += len(batch)
-                    sensor, itf = sensor_of(batch.interface, plan.path)
-                    if sensors is not None and sensor not in sensors:
-                        continue
-                    mask = None
-                    if since is not None or until is not None:
-                        ts = batch.ts_ns
-                        mask = np.ones(len(batch), bool)
-                        if since is not None:
-                            mask &= ts >= since
-                        if until is not None:
-                            mask &= ts < until
-                    if bpf:
-                        m2 = batch.filter(bpf)
-                        mask = m2 if mask is None else mask & m2
-                    name = f"{sensor}/{itf}"
-                    if mask is None or mask.all():
-                        b = PacketBatch.from_records(memoryview(batch), link_type=batch.link_type,
-                                                     snaplen=batch.snaplen, interface=name, validate=False,
-                                                     count=len(batch))
-                    elif mask.any():
-                        recs, n = take_mask(memoryview(batch), batch.offset, batch.caplen, mask.view(np.uint8))
-                        b = PacketBatch.from_records(recs, link_type=batch.link_type, snaplen=batch.snaplen,
-                                                     interface=name, validate=False, count=n)
-                    else:
-                        continue
-                    out.append(b)
-        except Exception as exc:  # damaged file, unreadable object: named, the query goes on
+            reader = step(lambda: open_reader(src))
+            it = iter(reader)
+        except Exception as exc:
             failed = True
-            msg = f"{plan.path}: {' '.join(str(exc).split()) or type(exc).__name__}"
-            stats.problems.append(msg)
-            warn(msg)
-        finally:
-            stats.bytes_read += seg.count if isinstance(seg, _Counting) else seg.compressed_read
-            src.close()
-    notes = [str(w.message) for w in caught if issubclass(w.category, TruncatedFileWarning)]
+            it = iter(())
+            _problem(plan, exc, stats, warn)
+        while True:
+            try:
+                batch = step(lambda: next(it, None))
+            except Exception as exc:  # damaged file, unreadable object: named, the query goes on
+                failed = True
+                _problem(plan, exc, stats, warn)
+                break
+            if batch is None:
+                break
+            rng = getattr(reader, "last_range", None)
+            if rng is None or rng != last_range:  # a new read buffer: everything before it was delivered
+                done, last_range = n_read, rng
+            n_read += len(batch)
+            stats.packets_read += len(batch)
+            sensor, itf = sensor_of(batch.interface, plan.path)
+            if sensors is not None and sensor not in sensors:
+                yield None, done
+                continue
+            mask = None
+            if since is not None or until is not None:
+                ts = batch.ts_ns
+                mask = np.ones(len(batch), bool)
+                if since is not None:
+                    mask &= ts >= since
+                if until is not None:
+                    mask &= ts < until
+            if bpf:
+                m2 = batch.filter(bpf)
+                mask = m2 if mask is None else mask & m2
+            name = f"{sensor}/{itf}"
+            if mask is None or mask.all():
+                b = PacketBatch.from_records(memoryview(batch), link_type=batch.link_type,
+                                             snaplen=batch.snaplen, interface=name, validate=False,
+                                             count=len(batch))
+            elif mask.any():
+                recs, n = take_mask(memoryview(batch), batch.offset, batch.caplen, mask.view(np.uint8))
+                b = PacketBatch.from_records(recs, link_type=batch.link_type, snaplen=batch.snaplen,
+                                             interface=name, validate=False, count=n)
+            else:
+                yield None, done
+                continue
+            yield b, done
+    finally:
+        stats.bytes_read += seg.count if isinstance(seg, _Counting) else seg.compressed_read
+        if reader is not None:
+            try:
+                reader.close()
+            except Exception:
+                pass
+        src.close()
     if checked is not None and checked.truncated and not failed:
         notes.append("truncated zstd data: the file ends inside its frame")
     if plan.segments is None:
@@ -321,7 +476,182 @@ def read_plan(store, plan: FilePlan, *, bpf: str | None, since: int | None, unti
             msg = f"{plan.path}: {note}"
             stats.problems.append(msg)
             warn(msg)
+
+
+def _problem(plan: FilePlan, exc: BaseException, stats: QueryStats, warn: Callable[[str], None]) -> None:
+    msg = f"{plan.path}: {' '.join(str(exc).split()) or type(exc).__name__}"
+    stats.problems.append(msg)
+    warn(msg)
+
+
+def read_plan(store, plan: FilePlan, *, bpf: str | None, since: int | None, until: int | None,
+              sensors: set[str] | None, stats: QueryStats, warn: Callable[[str], None]) -> list:
+    """Every batch of :func:`iter_plan` in a list (file order)."""
+    return [b for b, _ in iter_plan(store, plan, bpf=bpf, since=since, until=until, sensors=sensors,
+                                    stats=stats, warn=warn) if b is not None]
+
+
+_NEG = -(1 << 63)
+_POS = 1 << 63
+
+
+def _sorted_runs(batches: list, ts, pick) -> list:
+    """The packets ``pick`` (indices into the concatenation of ``batches``, whose time stamps
+    are ``ts``) in stable time order, as zero-copy slices of the batches (runs of consecutive
+    packets of one batch)."""
+    from pktstream.formats.writer import slice_batch
+    sizes = np.fromiter((len(b) for b in batches), np.int64, len(batches))
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    order = pick[np.argsort(ts[pick], kind="stable")]
+    w = np.searchsorted(starts, order, side="right") - 1
+    k = order - starts[w]
+    brk = np.flatnonzero((w[1:] != w[:-1]) | (k[1:] != k[:-1] + 1)) + 1
+    rs = np.concatenate([[0], brk]).tolist()
+    re_ = np.concatenate([brk, [len(order)]]).tolist()
+    out = []
+    for s, e in zip(rs, re_):
+        b = batches[int(w[s])]
+        i, j = int(k[s]), int(k[e - 1]) + 1
+        out.append(b if (i == 0 and j == len(b)) else slice_batch(b, i, j))
     return out
+
+
+class SortedFile:
+    """One file's matching packets in stable time order, read lazily.
+
+    ``source`` is :func:`iter_plan`'s generator. ``chunk_packets``/``chunk_first_ts``: the
+    packets and first time stamps of the file's chunks in the order they are read (None: not
+    known, e.g. a file without an index). A packet read is held until no packet still to be
+    read can sort before it: all later packets lie in the current or later chunks, so the
+    smallest first time stamp of those is a lower bound. A file in time order is thus held at
+    most a chunk (~256 KiB) at a time; one whose chunks overlap in time (a merged file of
+    several sensors) a little more; a file without chunk information is held whole.
+    ``counter.packets_held``/``peak_packets_held`` count the packets held (read, not yet merged).
+    Single use; not thread-safe.
+    """
+
+    def __init__(self, source: Iterator[tuple[Any, int]], chunk_packets: list[int] | None,
+                 chunk_first_ts: list[int] | None, counter: QueryStats) -> None:
+        self._src = source
+        self._buf: list = []
+        self._ready: list = []   # released batches, in time order
+        self._counter = counter
+        self._done = False
+        if chunk_packets:
+            self._ends = np.cumsum(np.asarray(chunk_packets, np.int64))
+            first = np.asarray(chunk_first_ts, np.int64)
+            self._sufmin = np.minimum.accumulate(first[::-1])[::-1]
+        else:
+            self._ends = None
+
+    def _bound(self, done: int) -> int:
+        if self._ends is None:
+            return _NEG
+        k = int(np.searchsorted(self._ends, done, side="right"))
+        return int(self._sufmin[k]) if k < len(self._sufmin) else _POS
+
+    def _release(self, bound: int) -> None:
+        if not self._buf:
+            return
+        if len(self._buf) == 1:
+            b = self._buf[0]
+            ts = b.ts_ns
+            if len(ts) and ts[-1] <= bound and (len(ts) < 2 or bool((ts[1:] >= ts[:-1]).all())):
+                self._ready.append(b)  # the common case: in order, all releasable
+                self._buf = []
+                return
+        ts = np.concatenate([b.ts_ns for b in self._buf])
+        sel = ts <= bound
+        if not sel.any():
+            return
+        self._ready.extend(_sorted_runs(self._buf, ts, np.flatnonzero(sel)))
+        if sel.all():
+            self._buf = []
+            return
+        from pktstream._capture import PacketBatch
+        from pktstream._records import take_mask
+        rest = []
+        pos = 0
+        for b in self._buf:
+            keep = ~sel[pos:pos + len(b)]
+            pos += len(b)
+            if keep.all():
+                rest.append(b)
+            elif keep.any():
+                recs, n = take_mask(memoryview(b), b.offset, b.caplen, keep.view(np.uint8))
+                rest.append(PacketBatch.from_records(recs, link_type=b.link_type, snaplen=b.snaplen,
+                                                     interface=b.interface, validate=False, count=n))
+        self._buf = rest
+
+    def next_batch(self):
+        """The next batch in time order, or None at the end."""
+        while not self._ready:
+            if self._done:
+                return None
+            item = next(self._src, None)
+            if item is None:
+                self._done = True
+                self._release(_POS)
+                continue
+            b, done = item
+            if b is not None:
+                self._buf.append(b)
+                c = self._counter
+                c.packets_held += len(b)
+                c.peak_packets_held = max(c.peak_packets_held, c.packets_held)
+            self._release(self._bound(done))
+        return self._ready.pop(0)
+
+    def close(self) -> None:
+        close = getattr(self._src, "close", None)
+        if close is not None:
+            close()
+
+
+def merge_files(files: list[tuple[int | None, Callable[[], SortedFile]]], counter: QueryStats) -> Iterator:
+    """k-way merge of files' time-ordered packets: ``files`` in tie order, each
+    ``(lower bound of its time stamps or None, opener)``. Stable: equal time stamps keep the
+    file order, then the order in the file. A file is opened only when the merge reaches its
+    lower bound, so only files overlapping in time are open together. Yields zero-copy slices."""
+    import heapq
+    from collections import deque
+
+    from pktstream.formats.writer import slice_batch
+    lbs = [_NEG if lb is None else lb for lb, _ in files]
+    pending = deque(sorted(range(len(files)), key=lambda i: (lbs[i], i)))
+    heap: list = []
+    opened: list[SortedFile] = []
+
+    def push(i: int, f: SortedFile, b) -> None:
+        if b is not None:
+            heapq.heappush(heap, (int(b.ts_ns[0]), i, 0, b, f))
+
+    try:
+        while heap or pending:
+            while pending and (not heap or lbs[pending[0]] <= heap[0][0]):
+                i = pending.popleft()
+                f = files[i][1]()
+                opened.append(f)
+                push(i, f, f.next_batch())
+            if not heap:
+                continue
+            _, i, pos, b, f = heapq.heappop(heap)
+            limit = (heap[0][0], heap[0][1]) if heap else (_POS, _POS)
+            if pending and (lbs[pending[0]], pending[0]) < limit:
+                limit = (lbs[pending[0]], pending[0])
+            ts = b.ts_ns
+            j = int(np.searchsorted(ts, limit[0], side="right" if i < limit[1] else "left"))
+            j = max(j, pos + 1)
+            out = b if (pos == 0 and j == len(b)) else slice_batch(b, pos, j)
+            counter.packets_held -= j - pos
+            yield out
+            if j < len(b):
+                heapq.heappush(heap, (int(ts[j]), i, j, b, f))
+            else:
+                push(i, f, f.next_batch())
+    finally:
+        for f in opened:
+            f.close()
 
 
 def merge_batches(per_file: list[list]) -> Iterator:

@@ -101,7 +101,7 @@ def build_receiver(args: argparse.Namespace):
     if args.output_dir:
         s.output_dir, s.output_file = args.output_dir, None
     for attr in ("state_dir", "rotate_bytes", "rotate_seconds", "max_files", "metrics", "stats_interval",
-                 "max_connections", "log_file", "heartbeat"):
+                 "max_connections", "log_file", "heartbeat", "zstd_frame_size"):
         v = getattr(args, attr)
         if v is not None:
             setattr(s, attr, v)
@@ -138,9 +138,10 @@ def build_receiver(args: argparse.Namespace):
     rot: dict[str, Any] = dict(rotate_bytes=s.rotate_bytes, rotate_seconds=s.rotate_seconds, max_files=s.max_files,
                fsync=s.fsync)
     if s.output_file:
-        outputs.append(FileSink(s.output_file, index=s.index, **rot))
+        outputs.append(FileSink(s.output_file, index=s.index, zstd_frame_bytes=s.zstd_frame_size, **rot))
     if s.output_dir:
-        outputs.append(FileSink(directory=s.output_dir, format=args.format, index=s.index, **rot))
+        outputs.append(FileSink(directory=s.output_dir, format=args.format, index=s.index,
+                                zstd_frame_bytes=s.zstd_frame_size, **rot))
     if s.stdout:
         outputs.append(StdoutSink(snaplen=s.snaplen))
     outputs += cloud.receiver_outputs(s)
@@ -331,6 +332,10 @@ def register(sub) -> None:
     r.add_argument("--fsync", action="store_true", help="fsync outputs and state before acknowledging")
     r.add_argument("--index", action="store_true",
                    help="index each completed capture file for pktstream query/flows (docs/ARCHIVE.md)")
+    r.add_argument("--zstd-frame-size", type=_size, metavar="SIZE",
+                   help=".zst outputs: seekable layout, a zstd frame per SIZE of data, e.g. 1MiB (queries decompress "
+                        "only the frames they need; Wireshark 4.0 cannot open it: pktstream convert; default: one "
+                        "frame per file)")
     r.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics here (default: off)")
     r.add_argument("--stats-interval", type=float, metavar="SEC", help="log counters every SEC (default 60)")
     r.add_argument("--stats-json", metavar="FILE", help="write final counters as JSON at exit")

@@ -4,6 +4,8 @@
   ``format=``. Compressed files are ONE zstd frame written by a streaming compressor and
   flushed (``FLUSH_BLOCK``) after every batch, so a reader of the growing ``.part`` file gets
   every whole batch (Wireshark 4.0 reads only the first two frames of multi-frame files).
+  Opt-in ``zstd_frame_bytes``: the seekable layout (independent frames + a seek table in a
+  trailing skippable frame) that lets a query decompress only the frames it needs.
 * Every file is written as ``NAME.part`` and renamed to ``NAME`` when complete (rotation or
   close); ``fsync=True`` fsyncs the file before and its directory after the rename.
 * Rotation like tcpdump: ``rotate_bytes`` (-C: a new file before the size would exceed the
@@ -46,35 +48,74 @@ def split_ext(path: str) -> tuple[str, str]:
     return path, ""
 
 
-class _ZstdFile:
-    """Binary file wrapper compressing everything into one zstd frame (checksummed)."""
+SEEKABLE_MAGIC = 0x8F92EAB1       # last 4 bytes of a file with a seek table (zstd contrib seekable format)
+SKIPPABLE_SEEK_TABLE = 0x184D2A5E  # the skippable frame holding it
+MAX_ZSTD_FRAME_BYTES = 1 << 30      # frame sizes in the seek table are 32-bit; a batch may overshoot
 
-    def __init__(self, f: BinaryIO, level: int) -> None:
+
+def seek_table_frame(frames: list[tuple[int, int]]) -> bytes:
+    """The seek table of the zstd seekable format as a skippable frame: one entry
+    (compressed size, decompressed size) per frame, no checksums (each frame carries its
+    own), then the footer (frame count, descriptor, magic)."""
+    import struct
+    body = b"".join(struct.pack("<II", c, d) for c, d in frames)
+    body += struct.pack("<IBI", len(frames), 0, SEEKABLE_MAGIC)
+    return struct.pack("<II", SKIPPABLE_SEEK_TABLE, len(body)) + body
+
+
+class _ZstdFile:
+    """Binary file wrapper compressing into zstd frames (checksummed).
+
+    ``frame_bytes`` None: ONE frame for the whole file. Else the seekable layout: a new
+    independent frame once the current one holds ``frame_bytes`` uncompressed bytes (cut
+    between writes, so at a record boundary), and at :meth:`finish` a seek table in a
+    skippable frame (docs/ARCHIVE.md). Not thread-safe."""
+
+    def __init__(self, f: BinaryIO, level: int, frame_bytes: int | None = None) -> None:
         import zstandard
         self._zstd = zstandard
         self._f = f
-        self._c = zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj()
+        self._cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
+        self._c = self._cctx.compressobj()
+        self._frame_bytes = frame_bytes
+        self._frame_in = 0    # uncompressed bytes in the current frame
+        self._frame_out = 0   # compressed bytes of the current frame written
+        self.frames: list[tuple[int, int]] = []  # completed frames: (compressed, uncompressed) bytes
         self.written = 0  # compressed bytes handed to the file
 
+    def _out(self, data: bytes) -> None:
+        if data:
+            self._f.write(data)
+            self.written += len(data)
+            self._frame_out += len(data)
+
+    def _end_frame(self) -> None:
+        self._out(self._c.flush(self._zstd.COMPRESSOBJ_FLUSH_FINISH))
+        self.frames.append((self._frame_out, self._frame_in))
+        self._c = self._cctx.compressobj()
+        self._frame_in = self._frame_out = 0
+
     def write(self, data) -> None:
-        out = self._c.compress(data)
-        if out:
-            self._f.write(out)
-            self.written += len(out)
+        if self._frame_bytes is not None and self._frame_in >= self._frame_bytes:
+            self._end_frame()
+        self._frame_in += memoryview(data).nbytes  # a batch may come as a view of wider items
+        self._out(self._c.compress(data))
         return None
 
     def flush(self) -> None:
-        out = self._c.flush(self._zstd.COMPRESSOBJ_FLUSH_BLOCK)
-        if out:
-            self._f.write(out)
-            self.written += len(out)
+        if self._frame_bytes is not None and self._frame_in >= self._frame_bytes:
+            self._end_frame()
+        else:
+            self._out(self._c.flush(self._zstd.COMPRESSOBJ_FLUSH_BLOCK))
         self._f.flush()
 
     def finish(self) -> None:
-        out = self._c.flush(self._zstd.COMPRESSOBJ_FLUSH_FINISH)
-        if out:
-            self._f.write(out)
-            self.written += len(out)
+        if self._frame_bytes is None or self._frame_in or not self.frames:
+            self._end_frame()
+        if self._frame_bytes is not None:
+            table = seek_table_frame(self.frames)
+            self._f.write(table)
+            self.written += len(table)
         self._f.flush()
 
     def fileno(self) -> int:
@@ -114,7 +155,7 @@ class CaptureWriter:
                  nanosecond: bool = True, level: int = 3,
                  on_complete: Callable[[str], None] | None = None,
                  clock: Callable[[], float] = time.time, in_place: bool = False,
-                 observer: WriteObserver | None = None) -> None:
+                 observer: WriteObserver | None = None, zstd_frame_bytes: int | None = None) -> None:
         is_path = isinstance(target, (str, os.PathLike))
         if is_path:
             target = os.fspath(target)
@@ -127,6 +168,8 @@ class CaptureWriter:
                         ("max_files", max_files)):
             if v is not None and v <= 0:
                 raise ValueError(f"{name} must be positive")
+        if zstd_frame_bytes is not None and not 0 < zstd_frame_bytes <= MAX_ZSTD_FRAME_BYTES:
+            raise ValueError(f"zstd_frame_bytes must be 1..{MAX_ZSTD_FRAME_BYTES} (the seek table has 32-bit sizes)")
         if in_place and (not is_path or rotate_bytes or rotate_seconds or max_files):
             raise ValueError("in_place needs a path and no rotation")
         self.in_place = in_place  # write NAME itself (no NAME.part, no rename), like PacketStreamer
@@ -144,6 +187,7 @@ class CaptureWriter:
         self._mode = mode
         self._nanosecond = nanosecond
         self._level = level
+        self.zstd_frame_bytes = zstd_frame_bytes if self._zstd else None
         self._on_complete = on_complete
         self._observer = observer if is_path else None
         self._clock = clock
@@ -185,7 +229,7 @@ class CaptureWriter:
         else:
             sink = self._target
         if self._zstd:
-            self._zfile = _ZstdFile(sink, self._level)
+            self._zfile = _ZstdFile(sink, self._level, self.zstd_frame_bytes)
             sink = self._zfile
         if self._base == "pcap":
             self._cur = PcapWriter(sink, nanosecond=self._nanosecond, atomic=False)
@@ -440,7 +484,8 @@ def open_writer(path: str | os.PathLike | BinaryIO, *, format: str | None = None
                 hostname: str | None = None, rotate_bytes: int | None = None,
                 rotate_seconds: float | None = None, max_files: int | None = None,
                 fsync: bool = False, mode: int = 0o640, nanosecond: bool = True, level: int = 3,
-                on_complete: Callable[[str], None] | None = None) -> CaptureWriter:
+                on_complete: Callable[[str], None] | None = None,
+                zstd_frame_bytes: int | None = None) -> CaptureWriter:
     """Open a capture file for writing; see :class:`CaptureWriter` and the module doc.
 
     :param path: file name, or a binary file object (stdout pipe; no rotation, format
@@ -454,7 +499,12 @@ def open_writer(path: str | os.PathLike | BinaryIO, *, format: str | None = None
     :param nanosecond: pcap only: False writes the classic microsecond format.
     :param level: zstd level for the ``.zst`` formats.
     :param on_complete: called with the final path of each completed file.
+    :param zstd_frame_bytes: ``.zst`` formats: None (default) writes one zstd frame per file;
+        a size writes the seekable layout (independent frames of about that many uncompressed
+        bytes plus a seek table; docs/ARCHIVE.md), which Wireshark 4.0 cannot open
+        (``pktstream convert`` exports a single frame).
     """
     return CaptureWriter(path, format=format, hostname=hostname, rotate_bytes=rotate_bytes,
                          rotate_seconds=rotate_seconds, max_files=max_files, fsync=fsync, mode=mode,
-                         nanosecond=nanosecond, level=level, on_complete=on_complete)
+                         nanosecond=nanosecond, level=level, on_complete=on_complete,
+                         zstd_frame_bytes=zstd_frame_bytes)

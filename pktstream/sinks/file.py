@@ -74,7 +74,10 @@ def _writer_state(writer: CaptureWriter) -> dict[str, Any] | None:
     final = writer.current_path
     if final is None:
         return None
-    return {"part": writer.data_path_of(final), "final": final, "size": os.fstat(writer.fileno()).st_size}
+    st = {"part": writer.data_path_of(final), "final": final, "size": os.fstat(writer.fileno()).st_size}
+    if writer.zstd_frame_bytes:
+        st["zstd_frame_bytes"] = writer.zstd_frame_bytes  # recovery keeps the seekable layout
+    return st
 
 
 class FileSink(Sink):
@@ -90,6 +93,8 @@ class FileSink(Sink):
     :param fsync: fsync at every flush (power-loss durability before acknowledging).
     :param index: index every completed file as it is written (docs/ARCHIVE.md): True for the
         output directory (or the merged file's directory) as the archive root, or a root path.
+    :param zstd_frame_bytes: ``.zst`` formats: write the seekable layout with frames of about
+        this many uncompressed bytes (docs/ARCHIVE.md); None (default): one frame per file.
 
     Rotation and file formats are :class:`pktstream.formats.CaptureWriter`'s.
     """
@@ -99,7 +104,8 @@ class FileSink(Sink):
     def __init__(self, path: str | None = None, *, directory: str | None = None, format: str | None = None,
                  rotate_bytes: int | None = None, rotate_seconds: float | None = None,
                  max_files: int | None = None, fsync: bool = False, mode: int = 0o640,
-                 hostname: str | None = None, gate: bool = True, index: bool | str = False) -> None:
+                 hostname: str | None = None, gate: bool = True, index: bool | str = False,
+                 zstd_frame_bytes: int | None = None) -> None:
         if (path is None) == (directory is None):
             raise ValueError("FileSink needs exactly one of path or directory")
         self.path = os.fspath(path) if path else None
@@ -108,6 +114,13 @@ class FileSink(Sink):
         self.gate = gate
         self.opts: dict[str, Any] = dict(rotate_bytes=rotate_bytes, rotate_seconds=rotate_seconds, max_files=max_files,
                          fsync=fsync, mode=mode, hostname=hostname)
+        if zstd_frame_bytes is not None:
+            from pktstream.formats.writer import MAX_ZSTD_FRAME_BYTES
+            if not 0 < zstd_frame_bytes <= MAX_ZSTD_FRAME_BYTES:
+                raise ConfigError(f"zstd frame size {zstd_frame_bytes}: give 1 B .. 1 GiB")
+            if not self.format.endswith(".zst"):
+                raise ConfigError(f"a zstd frame size needs a .zst format, not {self.format}")
+            self.opts["zstd_frame_bytes"] = zstd_frame_bytes
         self.indexer = None  # pktstream.archive.live.LiveIndexer when index is on
         self._outputs: dict[Any, CaptureWriter] = {}
         self._committed: dict[str, int] = {}  # open file -> size at the last flush
@@ -223,9 +236,11 @@ class FileSink(Sink):
             part, final, size = f.get("part"), f.get("final"), f.get("size")
             if not (isinstance(part, str) and isinstance(final, str) and isinstance(size, int)):
                 continue
+            frame_bytes = f.get("zstd_frame_bytes")
+            frame_bytes = frame_bytes if isinstance(frame_bytes, int) and frame_bytes > 0 else None
             known.add(part)
             if os.path.exists(part):
-                _cut_and_complete(part, final, size)
+                _cut_and_complete(part, final, size, frame_bytes)
             elif os.path.exists(final) and os.path.getsize(final) > size and not final.endswith(".zst"):
                 # completed by rotation after the last acknowledged flush: cut the tail
                 with open(final, "r+b") as fh:
@@ -246,7 +261,7 @@ class FileSink(Sink):
             recover_index(root)  # files completed here (or by a crash) get their index
 
 
-def _cut_and_complete(part: str, final: str, size: int) -> bool:
+def _cut_and_complete(part: str, final: str, size: int, frame_bytes: int | None = None) -> bool:
     """Cut ``part`` back to ``size`` bytes (the last acknowledged flush) and complete it;
     False if nothing was left to complete."""
     try:
@@ -262,30 +277,35 @@ def _cut_and_complete(part: str, final: str, size: int) -> bool:
         log.warning("recovery: %s cut from %d to %d bytes (the unacknowledged tail is resent)",
                     part, actual, size)
     if final.endswith(".zst"):
-        _finish_zstd(part)
+        _finish_zstd(part, frame_bytes)
     os.replace(part, final)
     log.warning("recovery: completed %s", final)
     return True
 
 
-def _finish_zstd(part: str) -> None:
-    """A crashed ``.zst`` file is a zstd frame without its end: re-encode the whole blocks it
-    holds into a complete, checksummed frame, streaming (memory stays bounded whatever the file
-    size): compressed input goes to a ``decompressobj`` in small pieces (it delivers every byte
-    of each whole block fed, unlike ``stream_reader`` at the end of the input; a block cut off
-    by the crash yields nothing) and what comes out straight into a ``compressobj``."""
-    import zstandard
+def _finish_zstd(part: str, frame_bytes: int | None = None) -> None:
+    """A crashed ``.zst`` file is zstd frames, the last without its end: re-encode the whole
+    blocks it holds into complete, checksummed frames -- one, or the seekable layout with
+    ``frame_bytes`` -- streaming (memory stays bounded whatever the file size). The reader's
+    block decoder delivers every whole block of every frame and stops at a block cut off by the
+    crash (or at corrupt data: everything before it is kept)."""
+    from pktstream.formats.reader import ZstdBlockReader
+    from pktstream.formats.writer import _ZstdFile
     tmp = part + ".tmp"
+    buf = bytearray(_FINISH_CHUNK)
     with open(part, "rb") as f, open(tmp, "wb") as out:
-        dobj = zstandard.ZstdDecompressor().decompressobj()
-        cobj = zstandard.ZstdCompressor(level=3, write_checksum=True).compressobj()
-        try:
-            while chunk := f.read(_FINISH_CHUNK):
-                out.write(cobj.compress(dobj.decompress(chunk)))
-        except zstandard.ZstdError:
-            pass  # corrupt data (or data after the frame's end): keep everything before it
-        out.write(cobj.flush())
+        z = _ZstdFile(out, 3, frame_bytes)
+        src = ZstdBlockReader(f, part)
+        while True:
+            try:
+                n = src.readinto(buf)
+            except Exception:  # corrupt data (or garbage after the frames): keep what came before
+                break
+            if not n:
+                break
+            z.write(bytes(buf[:n]))
+        z.finish()
     os.replace(tmp, part)
 
 
-_FINISH_CHUNK = 1 << 16  # compressed bytes fed at a time
+_FINISH_CHUNK = 1 << 16  # decompressed bytes taken at a time
