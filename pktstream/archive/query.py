@@ -378,8 +378,9 @@ def iter_plan(store, plan: FilePlan, *, bpf: str | None, since: int | None, unti
     """Packets of one planned file passing the bounds and the BPF, in file order, as they are
     read: ``(batch or None, done)`` (None: nothing of the last batch read matched); ``done``:
     the first ``done`` packets of the file (in file order) have all been delivered -- the reader
-    hands out a read buffer's packets per interface, so packets read are not always a prefix. A batch's ``interface`` is ``sensor/interface``. Problems are reported
-    through ``warn``; the file is closed when the generator ends or is closed."""
+    hands out a read buffer's packets per interface, so packets read are not always a prefix.
+    A batch's ``interface`` is ``sensor/interface``. Problems are reported through ``warn``;
+    the file is closed when the generator ends or is closed."""
     import warnings
 
     from pktstream._capture import PacketBatch
@@ -537,12 +538,11 @@ class SortedFile:
         self._ready: list = []   # released batches, in time order
         self._counter = counter
         self._done = False
+        self._ends: np.ndarray | None = None
         if chunk_packets:
             self._ends = np.cumsum(np.asarray(chunk_packets, np.int64))
             first = np.asarray(chunk_first_ts, np.int64)
             self._sufmin = np.minimum.accumulate(first[::-1])[::-1]
-        else:
-            self._ends = None
 
     def _bound(self, done: int) -> int:
         if self._ends is None:
