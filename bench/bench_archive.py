@@ -40,6 +40,9 @@ from pktstream.sinks.base import Source
 T0 = 1_732_708_800 * 10**9
 RARE = ("198.51.100.77", 4444)
 PY = [sys.executable, "-m", "pktstream"]
+# `pktstream query` timed as installed: with its bytecode cache (a PYTHONDONTWRITEBYTECODE
+# environment would recompile pktstream's modules at every start: +0.25 s CPU here)
+CLI_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
 def _ip(n: int) -> bytes:
@@ -94,11 +97,14 @@ def make_batches(seed: int, raw_bytes: int, start_ns: int, span_ns: int, *, rare
         yield pktstream.PacketBatch.from_records(bytes(recs), link_type=1)
 
 
-def write_archive(root: Path, batches_by_sensor: dict, *, index: bool, file_bytes: int) -> float:
+def write_archive(root: Path, batches_by_sensor: dict, *, index: bool, file_bytes: int,
+                  zstd_frame_bytes: int | None = None) -> float:
     """Write like a receiver (two outputs: per-sensor .pcap.zst and per-sensor .pcapng in a
-    second directory); returns the process CPU seconds spent in the sinks."""
+    second directory); returns the process CPU seconds spent in the sinks. ``zstd_frame_bytes``:
+    the .pcap.zst files in the seekable layout."""
     root.mkdir(parents=True)
-    sinks = [FileSink(directory=str(root / "zst"), format="pcap.zst", rotate_bytes=file_bytes // 3, index=index),
+    sinks = [FileSink(directory=str(root / "zst"), format="pcap.zst", rotate_bytes=file_bytes // 3, index=index,
+                      zstd_frame_bytes=zstd_frame_bytes),
              FileSink(directory=str(root / "ng"), format="pcapng", rotate_bytes=file_bytes, index=index)]
     cpu = 0.0
     for sensor, batches in batches_by_sensor.items():
@@ -143,26 +149,50 @@ def brute_convert(files: list[Path], bpf: str, tmp: Path) -> int:
     return n
 
 
-def random_access(root: Path, cat: list[dict]) -> dict:
+def random_access(root: Path, cat: list[dict], kinds=("pcapng", "pcap.zst")) -> dict:
     """Reading the first and the last chunk of the largest .pcapng and .pcap.zst file: seek
     (uncompressed) against bounded decompression (one zstd frame: decompressed up to the
-    chunk's end)."""
+    chunk's end) or, for a seekable .zst, the frames holding the chunk."""
     from pktstream.archive.query import FilePlan, QueryStats, read_plan, segments_for
     from pktstream.archive.store import LocalStore
     out = {}
     store = LocalStore(str(root))
-    for kind in ("pcapng", "pcap.zst"):
+    for kind in kinds:
         rows = [r for r in cat if r["path"].endswith("." + kind) and r["chunks"]]
         row = max(rows, key=lambda r: r["chunks"][-1]["end"])
         for which, c in (("first", 0), ("last", len(row["chunks"]) - 1)):
             segs = segments_for(row, [c])
             st = QueryStats()
             t = time.perf_counter()
-            read_plan(store, FilePlan(row["path"], "index", segs, row["compression"]), bpf=None, since=None,
-                      until=None, sensors=None, stats=st, warn=lambda m: None)
+            read_plan(store, FilePlan(row["path"], "index", segs, row["compression"], size=row["size"]), bpf=None,
+                      since=None, until=None, sensors=None, stats=st, warn=lambda m: None)
             out[f"{kind} {which} chunk"] = {"seconds": round(time.perf_counter() - t, 4), "file_bytes": row["size"],
                                             "stream_bytes": row["chunks"][-1]["end"], "bytes_read": st.bytes_read,
                                             "chunks": len(row["chunks"])}
+    return out
+
+
+def frame_size_cost(path: Path, frame_sizes: list[int]) -> dict:
+    """Compressed size of one file's stream as one zstd frame and as the seekable layout with
+    each frame size (level 3, as the receiver writes), and the CPU seconds of compressing it."""
+    import io
+
+    import zstandard
+
+    from pktstream.formats.writer import _ZstdFile
+    data = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True).read()
+    out = {"stream_bytes": len(data)}
+    for fb in [None, *frame_sizes]:
+        buf = io.BytesIO()
+        c0 = time.process_time()
+        z = _ZstdFile(buf, 3, fb)
+        for i in range(0, len(data), 256 << 10):  # like batches
+            z.write(data[i:i + (256 << 10)])
+            z.flush()
+        z.finish()
+        cpu = time.process_time() - c0
+        key = "single frame" if fb is None else f"{fb >> 10} KiB frames"
+        out[key] = {"bytes": buf.tell(), "ratio": round(len(data) / buf.tell(), 4), "cpu_s": round(cpu, 3)}
     return out
 
 
@@ -183,6 +213,8 @@ def main() -> int:
     ap.add_argument("--file-mb", type=float, default=8, help="rotation size of the .pcapng files (MB)")
     ap.add_argument("--dir", help="work directory (default: a temporary one, removed)")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--zstd-frame-kib", type=int, default=1024,
+                    help="frame size of the seekable .pcap.zst copy (KiB; 0: no seekable copy)")
     args = ap.parse_args()
     work = Path(args.dir or tempfile.mkdtemp(prefix="bench-archive-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -201,6 +233,10 @@ def main() -> int:
         pa.table({"a": [1]}).to_pylist()
         cpu_plain = write_archive(work / "plain", data(), index=False, file_bytes=fb)
         cpu_index = write_archive(work / "indexed", data(), index=True, file_bytes=fb)
+        cpu_seek = 0.0
+        if args.zstd_frame_kib:  # the same archive with seekable .pcap.zst files
+            cpu_seek = write_archive(work / "seekable", data(), index=True, file_bytes=fb,
+                                     zstd_frame_bytes=args.zstd_frame_kib << 10)
         root = work / "indexed"
         files = sorted(p for p in root.rglob("*") if p.is_file() and "_index" not in p.parts)
         idx = [p for p in root.rglob("*.parquet")]
@@ -239,10 +275,21 @@ def main() -> int:
                          f"--until={kw['until'] // 10**9}.{kw['until'] % 10**9:09d}"]
             def run_cli(bpf=bpf, out=out, extra=extra):
                 return subprocess.run([*PY, "query", str(root), *bpf.split(), "-w", str(out), *extra],
-                                      check=True, capture_output=True)
+                                      check=True, capture_output=True, env=CLI_ENV)
             cli, _ = timed(run_cli, repeat=3)
+            if args.zstd_frame_kib:
+                sr = str(work / "seekable")
+                s_warm, s_st = timed(lambda bpf=bpf, kw=kw, sr=sr, out=out: Archive(sr).write(out, bpf, **kw),
+                                     repeat=3)
+                assert s_st.packets == st.packets, (name, s_st.packets, st.packets)
+                s_cli, _ = timed(lambda bpf=bpf, extra=extra, sr=sr, out=out: subprocess.run(
+                    [*PY, "query", sr, *bpf.split(), "-w", str(out), *extra], check=True,
+                    capture_output=True, env=CLI_ENV), repeat=3)
             q = {"bpf": bpf, "packets": st.packets, "files_read": st.files_read, "bytes_read": st.bytes_read,
                  "archive_cold_s": round(cold, 4), "archive_warm_s": round(warm, 4), "cli_s": round(cli, 3)}
+            if args.zstd_frame_kib:
+                q.update(seekable_bytes_read=s_st.bytes_read, seekable_archive_warm_s=round(s_warm, 4),
+                         seekable_cli_s=round(s_cli, 3))
             if not kw:
                 td, n_td = timed(lambda bpf=bpf: brute_tcpdump(files, bpf))
                 assert n_td == st.packets, (name, n_td, st.packets)
@@ -255,6 +302,17 @@ def main() -> int:
             res["queries"][name] = q
             print(name, q, file=sys.stderr)
         res["random_access"] = random_access(root, cat)
+        if args.zstd_frame_kib:
+            seek_root = work / "seekable"
+            s_cat = Archive(str(seek_root)).catalog().to_pylist()
+            res["seekable"] = {
+                "frame_kib": args.zstd_frame_kib, "write_cpu_s_indexed": round(cpu_seek, 2),
+                "zst_bytes_single_frame": du((root / "zst").glob("*.zst")),
+                "zst_bytes_seekable": du((seek_root / "zst").glob("*.zst")),
+                "random_access": random_access(seek_root, s_cat, kinds=("pcap.zst",)),
+            }
+            big = max((root / "zst").glob("*.zst"), key=lambda p: p.stat().st_size)
+            res["seekable"]["frame_size_cost"] = frame_size_cost(big, [256 << 10, 1 << 20, 4 << 20])
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)

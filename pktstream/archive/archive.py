@@ -175,11 +175,10 @@ class Archive:
                 keep &= cols["first_ts_ns"] < until
             if not keep.any():
                 continue
-            chunk_lists = t.column("chunks").filter(keep).combine_chunks()
-            candidates = np.unique(chunk_lists.flatten().to_numpy())
+            candidates = sorted(set(_chunks_of(t.column("chunks"), keep).tolist()))  # np.unique imports numpy.ma
             chunks = heavy(row, "chunks")
             heavy(row, "header_blocks")
-            ids = [int(c) for c in candidates.tolist() if (since is None or chunks[c]["last_ts_ns"] >= since)
+            ids = [int(c) for c in candidates if (since is None or chunks[c]["last_ts_ns"] >= since)
                    and (until is None or chunks[c]["first_ts_ns"] < until)]
             if not ids:
                 continue
@@ -384,3 +383,19 @@ _FLOW_KEY_COLUMNS = ("ip_version", "proto", "sport", "dport", "vlan", "first_ts_
 def _flow_columns(t) -> dict:
     """The flow-key columns of a flow table as numpy arrays (what prune.FlowContext reads)."""
     return {c: t.column(c).to_numpy(zero_copy_only=False) for c in _FLOW_KEY_COLUMNS}
+
+
+def _chunks_of(column, keep):
+    """The chunk numbers of the rows ``keep`` (bool array) of a list<int32> column, with numpy
+    (an Arrow ``filter`` would import pyarrow.compute: 0.1-0.2 s of ``pktstream query``)."""
+    import numpy as np
+    out = []
+    row0 = 0
+    for arr in column.chunks:
+        n = len(arr)
+        offs = arr.offsets.to_numpy()
+        vals = arr.values.to_numpy()[offs[0]:offs[-1]]
+        rows = np.repeat(np.arange(n), np.diff(offs))
+        out.append(vals[keep[row0:row0 + n][rows]])
+        row0 += n
+    return np.concatenate(out) if out else np.zeros(0, np.int32)
