@@ -151,7 +151,6 @@ class Archive:
     def plan(self, bpf: str | None = None, *, since=None, until=None, sensor=None,
              stats: QueryStats | None = None, warn: Callable[[str], None] | None = None) -> list[FilePlan]:
         """Which files and stream ranges a query reads (see :mod:`pktstream.archive.query`)."""
-        import numpy as np
 
         from pktstream.archive.prune import FlowContext, may_match, parse
         stats = stats or QueryStats()
