@@ -48,6 +48,7 @@ class S3Settings:
     staging_max_bytes: int = 1 << 30
     key_template: str | None = None
     format: str = "pcapng"
+    request_attempts: int = 3                 # per S3 request (botocore standard retries), then the file waits
 
     @property
     def part_size(self) -> int:
@@ -126,6 +127,9 @@ def s3_output(node) -> S3Settings | None:
     s.staging_max_bytes = node.get("stagingMaxBytes", "size", s.staging_max_bytes)
     s.key_template = node.get("keyTemplate", "str")
     s.format = node.get("format", "str", s.format) or s.format
+    s.request_attempts = node.get("requestAttempts", "int", s.request_attempts)
+    if not 1 <= s.request_attempts <= 20:
+        raise ConfigError(f"{node._p('requestAttempts')}: 1-20 attempts per request, got {s.request_attempts}")
     if s.format not in ("pcap", "pcapng", "pcap.zst", "pcapng.zst"):
         raise ConfigError(f"{node._p('format')}: pcap, pcapng, pcap.zst or pcapng.zst")
     if s.total_file_size <= 0 or s.upload_timeout <= 0:

@@ -504,3 +504,45 @@ def test_s3_output_indexed_as_written(tmp_path, moto):
         assert got(a, bpf) == brute(local, bpf)
         assert a.last_stats.files_scanned == 0
     assert a.index()["current"] == sink.counters["uploaded_files"]
+
+
+@pytest.mark.live
+def test_s3_output_indexes_files_it_did_not_index_as_written(tmp_path, moto):
+    """S3Sink(index=True) and staged files without an index -- one completed by crash recovery
+    in the staging directory, one an earlier run left in ready/ -- each is indexed from its local
+    copy before its upload: no object of an indexed output without an index, sensors attributed
+    by the writer's names, and an offline re-index of the objects attributes them the same."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    from pktstream.sinks.s3 import S3Sink
+    s3 = moto.client()
+    s3.create_bucket(Bucket="left")
+    staging = tmp_path / "staging"
+    (staging / "ready").mkdir(parents=True)
+    recovered = FileSink(directory=str(staging), format="pcap.zst")  # as recovery completes a .part file
+    for b in batches(50, 400, T0, per_batch=40):
+        recovered.write(Source("s2", "s2", "eth0", 1, 262144), b)
+    recovered.close()
+    assert os.path.isfile(staging / "s2.pcap.zst") and not os.path.exists(staging / "s2.pcap.zst.idx")
+    with open_writer(staging / "ready" / "s1__20241127T120000Z__abcd1234-000007.pcap.zst") as w:
+        for b in batches(51, 400, T0 + 10**9, per_batch=40):
+            w.write(b)
+    sink = S3Sink("left", "caps/", staging_dir=str(staging), client=s3, rotate_seconds=3600,
+                  format="pcap.zst", index=True, acl=None, close_timeout=60)
+    sink.close()
+    assert sink.counters["uploaded_files"] == sink.counters["indexed_files"] == 2
+    assert sink.counters["indexed_leftovers"] == 2 and sink.counters["index_failures"] == 0
+    local = tmp_path / "dl"
+    for key in sink.uploaded:
+        dest = local / key[len("caps/"):]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file("left", key, str(dest))
+    a = Archive("s3://left/caps", client=s3)
+    assert {r["path"] for r in a.catalog().to_pylist()} == {k[len("caps/"):] for k in sink.uploaded}
+    for bpf in ("host 203.0.113.7 and port 4444", "udp", None):
+        assert got(a, bpf) == brute(local, bpf) != []
+        assert a.last_stats.files_scanned == 0
+    assert sorted(set(a.flows().column("sensor").to_pylist())) == ["s1", "s2"]
+    assert got(a, "tcp", sensor="s2") == brute(local / "s2", "tcp") != []
+    assert a.index(force=True)["indexed"] == 2  # offline, from the objects: the same attribution
+    assert sorted(set(a.flows().column("sensor").to_pylist())) == ["s1", "s2"]

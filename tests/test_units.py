@@ -402,3 +402,31 @@ def test_metrics_exposition_parses_and_carries_the_counters():
     assert sample[("pktstream_receiver_auth_failures_total", None)] == 5
     assert fams["pktstream_sensor_packets"].type == "counter"
     assert fams["pktstream_sensor_connected"].type == "gauge"
+
+
+def test_s3_request_attempts_from_yaml_and_flag(tmp_path):
+    """output.plugins.s3.requestAttempts / --s3-request-attempts reach the S3 output's botocore
+    retry configuration; out of range is a one-line configuration error."""
+    import argparse
+
+    from pktstream.cli.cloud import add_receiver_args, apply_receiver_args, receiver_outputs
+    base = {"input": {"port": 1}, "output": {"plugins": {"s3": {"bucket": "bkt", "requestAttempts": 5}}}}
+    s = receiver_settings(base)
+    assert s.s3.request_attempts == 5
+    with pytest.raises(ConfigError, match="requestAttempts: 1-20"):
+        receiver_settings({**base, "output": {"plugins": {"s3": {"bucket": "bkt", "requestAttempts": 0}}}})
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-w", dest="write")
+    add_receiver_args(ap)
+    s = receiver_settings({"input": {"port": 1}})
+    args = ap.parse_args(["-w", "s3://bkt/p/", "--s3-request-attempts", "7", "--s3-staging", str(tmp_path),
+                          "--s3-endpoint", "http://127.0.0.1:9", "--s3-region", "us-east-1"])
+    apply_receiver_args(args, s)
+    sink, = receiver_outputs(s)
+    try:
+        assert sink.client.meta.config.retries["total_max_attempts"] == 7
+    finally:
+        sink.close()
+    with pytest.raises(ConfigError, match="--s3-request-attempts"):
+        apply_receiver_args(ap.parse_args(["-w", "s3://bkt/p/", "--s3-request-attempts", "0"]),
+                            receiver_settings({"input": {"port": 1}}))

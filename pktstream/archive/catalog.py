@@ -22,11 +22,13 @@ from pktstream.archive.store import Entry
 CHUNK_BYTES = 256 << 10  # the read unit of offline indexing (decompressed stream bytes)
 
 
-def index_entry(store, entry: Entry, *, chunk_bytes: int = CHUNK_BYTES) -> tuple[dict[str, Any], dict]:
-    """Read one capture file and build its index (catalog row, flow tables)."""
+def index_entry(store, entry: Entry, *, chunk_bytes: int = CHUNK_BYTES,
+                name: str | None = None) -> tuple[dict[str, Any], dict]:
+    """Read one capture file and build its index (catalog row, flow tables); ``name`` (default:
+    its path) is the name it is indexed under (sensor attribution, file id)."""
     from pktstream.exceptions import FileFormatError
     from pktstream.formats import TruncatedFileWarning, open_reader
-    b = FileIndexBuilder(entry.path)
+    b = FileIndexBuilder(name or entry.path)
     status, error, fmt, comp = "ok", None, "unknown", None
     f = None
     with warnings.catch_warnings(record=True) as caught:

@@ -12,7 +12,8 @@ pcapng header block positions). Layout on disk: docs/ARCHIVE.md.
 Sensor attribution: a pcapng interface named ``sensor/interface`` (what the receiver writes
 in merged files) gives both; any other name is the interface of the sensor named by the
 file's name up to its first dot (per-sensor files ``<sensor id>.pcap.zst``,
-``<sensor id>.000003.pcap.zst``).
+``<sensor id>.000003.pcap.zst``), or by the SENSOR directory of an object named by the S3
+output's default key (``SENSOR/YYYY/MM/DD/HHMMSS-RUN-SEQ.EXT``).
 
 Lifetime/threads: a builder belongs to one file and one thread; the batches passed to
 :meth:`FileIndexBuilder.add` are decoded at once and not kept.
@@ -53,13 +54,19 @@ def partition_value(text: str) -> str:
     return cleaned
 
 
+# an object named by the S3 output's default key template: SENSOR/YYYY/MM/DD/HHMMSS-RUN-SEQ.EXT
+_S3_DEFAULT_KEY = re.compile(r"(?:^|/)(?P<sensor>[^/]+)/\d{4}/\d\d/\d\d/\d{6}-[0-9a-f]+-\d{6}\.[^/]+$")
+
+
 def sensor_of(interface: str | None, rel_path: str) -> tuple[str, str]:
-    """(sensor, interface) of a batch: ``sensor/iface`` interface names, else the file's stem."""
+    """(sensor, interface) of a batch: ``sensor/iface`` interface names, else the SENSOR
+    directory of an S3 output's default key, else the file's stem."""
     name = "" if interface is None else str(interface)
     if "/" in name and not name.startswith("/"):
         sensor, _, itf = name.partition("/")
         return sensor, itf
-    stem = os.path.basename(rel_path).split(".")[0] or "unknown"
+    m = _S3_DEFAULT_KEY.search(rel_path)
+    stem = m["sensor"] if m else os.path.basename(rel_path).split(".")[0] or "unknown"
     if name == "" or os.sep in name or name.endswith(os.path.basename(rel_path)):
         name = "if0"  # a pcap file's "interface" is its path
     return stem, name

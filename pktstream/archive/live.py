@@ -147,7 +147,7 @@ class StagingIndexer(LiveIndexer):
         pass
 
     def repair_paths(self, paths: list[str]) -> None:
-        pass  # a file cut back after a write error is uploaded without an index (pktstream index)
+        pass  # a file cut back after a write error is indexed from disk by the uploader (S3Sink)
 
     def completed(self, path: str) -> None:
         entry = self._open.pop(path, None)
@@ -155,24 +155,45 @@ class StagingIndexer(LiveIndexer):
             return
         b, fmt = entry
         try:
-            import json
-
-            import pyarrow as pa
-            import pyarrow.parquet as pq
             row, tables = b.finish(size=0, version="", format=fmt.split(".")[0],
                                    compression="zstd" if fmt.endswith(".zst") else None)
-            parts = [t.append_column("_sensor", pa.array([s] * t.num_rows, pa.string()))
-                      .append_column("_date", pa.array([d] * t.num_rows, pa.string()))
-                     for (s, d), t in tables.items()]
-            table = pa.concat_tables(parts) if parts else pa.table({"_sensor": pa.array([], pa.string())})
-            table = table.replace_schema_metadata({b"pktstream.catalog": json.dumps(row).encode()})
-            tmp = path + ".idx.tmp"
-            pq.write_table(table, tmp, compression="zstd")
-            os.replace(tmp, path + ".idx")
+            write_staged(path, row, tables)
             self.indexed += 1
         except Exception as exc:
             log.warning("index: %s: %s (pktstream index repairs it)", path, exc)
             self.failures += 1
+
+
+def write_staged(path: str, row: dict, tables: dict) -> None:
+    """Keep a completed staged file's index next to it as ``path + ".idx"``: its flow records
+    (partition values in ``_sensor``/``_date`` columns) with the catalog row in the Parquet
+    metadata, written to a temporary name and renamed (never a partial ``.idx``)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    parts = [t.append_column("_sensor", pa.array([s] * t.num_rows, pa.string()))
+              .append_column("_date", pa.array([d] * t.num_rows, pa.string()))
+             for (s, d), t in tables.items()]
+    table = pa.concat_tables(parts) if parts else pa.table({"_sensor": pa.array([], pa.string())})
+    table = table.replace_schema_metadata({b"pktstream.catalog": json.dumps(row).encode()})
+    tmp = path + ".idx.tmp"
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path + ".idx")
+
+
+def stage_index_of_file(path: str, name: str, *, chunk_bytes: int = CHUNK_BYTES) -> dict:
+    """Index a completed staged file from disk (one that was not indexed as it was written:
+    completed by crash recovery, cut back after a write error, or left by an earlier run) and
+    keep the index next to it (:func:`write_staged`). ``name`` is the file name its sensor is
+    attributed by (``<sensor id>.<ext>``, as the writer named it). Returns its catalog row."""
+    from pktstream.archive.catalog import index_entry
+    from pktstream.archive.store import Entry
+    st = os.stat(path)
+    row, tables = index_entry(LocalStore(os.path.dirname(path)), Entry(os.path.basename(path), st.st_size, ""),
+                              chunk_bytes=chunk_bytes, name=name)
+    write_staged(path, row, tables)
+    return row
 
 
 def commit_staged(store, idx_path: str, rel_path: str, size: int, version: str) -> None:

@@ -43,6 +43,8 @@ def add_receiver_args(r) -> None:
     r.add_argument("--s3-staging-size", type=_size, metavar="SIZE", help="staging bound (default 1GiB)")
     r.add_argument("--s3-part-size", type=_size, metavar="SIZE", help="multipart part size (>= 5MiB)")
     r.add_argument("--s3-key-template", metavar="TEMPLATE", help="object key template (docs/CONFIGURATION.md)")
+    r.add_argument("--s3-request-attempts", type=int, metavar="N",
+                   help="attempts per S3 request before the file waits for the next retry (default 3)")
 
 
 def add_sensor_args(s) -> None:
@@ -73,10 +75,12 @@ def apply_receiver_args(args, s) -> None:
     if s.s3 is not None:
         for attr, flag in (("endpoint", "s3_endpoint"), ("region", "s3_region"), ("staging_dir", "s3_staging"),
                            ("staging_max_bytes", "s3_staging_size"), ("upload_chunk_size", "s3_part_size"),
-                           ("key_template", "s3_key_template")):
+                           ("key_template", "s3_key_template"), ("request_attempts", "s3_request_attempts")):
             if getattr(args, flag, None) is not None:
                 setattr(s.s3, attr, getattr(args, flag))
         s.s3.path_style = s.s3.path_style or bool(getattr(args, "s3_path_style", False))
+        if not 1 <= s.s3.request_attempts <= 20:
+            raise ConfigError(f"--s3-request-attempts: 1-20 attempts per request, got {s.s3.request_attempts}")
     if s.kafka is not None:
         s.kafka.properties.update(props)
     url = getattr(args, "from_url", None)
@@ -115,6 +119,7 @@ def receiver_outputs(s) -> list:
                            rotate_seconds=s.rotate_seconds or x.upload_timeout, part_size=x.part_size,
                            acl=x.canned_acl, staging_max_bytes=x.staging_max_bytes, key_template=x.key_template,
                            format=x.format, close_timeout=max(x.upload_timeout, 30.0),
+                           request_attempts=x.request_attempts,
                            index=getattr(s, "index", False)))
     return outs
 

@@ -91,6 +91,7 @@ class S3Sink(Sink):
         self.run_id = secrets.token_hex(4)
         self._seq: collections.Counter = collections.Counter()
         self.counters: collections.Counter = collections.Counter()
+        self._unindexable: set[str] = set()  # ready files whose index could not be built (logged once)
         self.uploaded: list[str] = []   # keys, in upload order
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -230,6 +231,22 @@ class S3Sink(Sink):
         if multipart:
             self.counters["multipart_uploads"] += 1
 
+    def _index_leftover(self, path: str, name: str) -> None:
+        """A ready file without a staged index (completed by crash recovery, cut back after a
+        write error, left by an earlier run, or its live index failed): index it from the local
+        copy before the upload, so no object of an indexed output goes up without its index."""
+        from pktstream.archive.live import stage_index_of_file
+        m = _READY.match(name)
+        assert m is not None  # key_for() accepted the name
+        try:
+            stage_index_of_file(path, f"{m['sensor']}.{m['ext']}")
+            self.counters["indexed_leftovers"] += 1
+        except Exception as exc:  # noqa: BLE001 - the capture still goes up; pktstream index repairs it
+            self._unindexable.add(name)
+            self.counters["index_failures"] += 1
+            log.warning("%s: %s could not be indexed (%s); uploading it without an index (pktstream index "
+                        "repairs it)", self.name, name, exc)
+
     def _commit_index(self, path: str, key: str, size: int) -> None:
         """The object is uploaded: its staged index goes under the prefix, with its ETag
         (a failure is logged; ``pktstream index s3://...`` indexes the object later)."""
@@ -283,6 +300,8 @@ class S3Sink(Sink):
                 path = os.path.join(self.ready_dir, name)
                 try:
                     key = self.key_for(name)
+                    if self.index and not os.path.exists(path + ".idx") and name not in self._unindexable:
+                        self._index_leftover(path, name)
                     size = os.path.getsize(path)
                     self._upload(path, key)
                 except ValueError as exc:
