@@ -67,6 +67,7 @@ class S3Sink(Sink):
     """Upload rotated capture files to ``s3://bucket/prefix`` (any S3-compatible endpoint).
 
     Credentials come from boto3's usual chain (environment, ``~/.aws``, instance/task roles).
+    ``zstd_frame_bytes``: ``.zst`` formats in the seekable layout (see :class:`FileSink`).
     """
 
     def __init__(self, bucket: str, prefix: str = "", *, staging_dir: str, endpoint_url: str | None = None,
@@ -75,7 +76,8 @@ class S3Sink(Sink):
                  acl: str | None = "bucket-owner-full-control", staging_max_bytes: int = 1 << 30,
                  key_template: str | None = None, format: str = "pcapng", gate: bool = True,
                  retry_min: float = 0.5, retry_max: float = 10.0, close_timeout: float = 60.0,
-                 request_attempts: int = 3, client: Any = None, index: bool = False) -> None:
+                 request_attempts: int = 3, client: Any = None, index: bool = False,
+                 zstd_frame_bytes: int | None = None) -> None:
         self.bucket, self.prefix = bucket, prefix
         self.name = f"s3://{bucket}/{prefix}"
         self.gate = gate
@@ -112,7 +114,7 @@ class S3Sink(Sink):
         self._transfer = TransferConfig(multipart_threshold=self.part_size + 1,
                                         multipart_chunksize=self.part_size, use_threads=False)
         self._files = FileSink(directory=self.staging_dir, format=format, rotate_bytes=rotate_bytes,
-                               rotate_seconds=rotate_seconds)
+                               rotate_seconds=rotate_seconds, zstd_frame_bytes=zstd_frame_bytes)
         self.index = index  # index each file as written; committed under its key after the upload
         if index:
             from pktstream.archive.live import StagingIndexer
