@@ -179,13 +179,13 @@ def frame_size_cost(path: Path, frame_sizes: list[int]) -> dict:
 
     import zstandard
 
-    from pktstream.formats.writer import _ZstdFile
+    from pktstream.formats.writer import ZstdFileWriter
     data = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True).read()
     out = {"stream_bytes": len(data)}
     for fb in [None, *frame_sizes]:
         buf = io.BytesIO()
         c0 = time.process_time()
-        z = _ZstdFile(buf, 3, fb)
+        z = ZstdFileWriter(buf, 3, fb)
         for i in range(0, len(data), 256 << 10):  # like batches
             z.write(data[i:i + (256 << 10)])
             z.flush()

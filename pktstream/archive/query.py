@@ -20,6 +20,7 @@ Reading ranges: uncompressed files are read with seeks (ranged GETs on S3); comp
 from __future__ import annotations
 
 import io
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, cast
@@ -535,9 +536,10 @@ class SortedFile:
                  chunk_first_ts: list[int] | None, counter: QueryStats) -> None:
         self._src = source
         self._buf: list = []
-        self._ready: list = []   # released batches, in time order
+        self._ready: deque = deque()   # released batches, in time order
         self._counter = counter
         self._done = False
+        self._buf_min = _POS     # smallest time stamp held in _buf
         self._ends: np.ndarray | None = None
         if chunk_packets:
             self._ends = np.cumsum(np.asarray(chunk_packets, np.int64))
@@ -551,14 +553,14 @@ class SortedFile:
         return int(self._sufmin[k]) if k < len(self._sufmin) else _POS
 
     def _release(self, bound: int) -> None:
-        if not self._buf:
+        if not self._buf or bound < self._buf_min:  # nothing releasable: no work per batch read
             return
         if len(self._buf) == 1:
             b = self._buf[0]
             ts = b.ts_ns
             if len(ts) and ts[-1] <= bound and (len(ts) < 2 or bool((ts[1:] >= ts[:-1]).all())):
                 self._ready.append(b)  # the common case: in order, all releasable
-                self._buf = []
+                self._buf, self._buf_min = [], _POS
                 return
         ts = np.concatenate([b.ts_ns for b in self._buf])
         sel = ts <= bound
@@ -566,8 +568,9 @@ class SortedFile:
             return
         self._ready.extend(_sorted_runs(self._buf, ts, np.flatnonzero(sel)))
         if sel.all():
-            self._buf = []
+            self._buf, self._buf_min = [], _POS
             return
+        self._buf_min = int(ts[~sel].min())
         from pktstream._capture import PacketBatch
         from pktstream._records import take_mask
         rest = []
@@ -596,11 +599,12 @@ class SortedFile:
             b, done = item
             if b is not None:
                 self._buf.append(b)
+                self._buf_min = min(self._buf_min, int(b.ts_ns.min()))
                 c = self._counter
                 c.packets_held += len(b)
                 c.peak_packets_held = max(c.peak_packets_held, c.packets_held)
             self._release(self._bound(done))
-        return self._ready.pop(0)
+        return self._ready.popleft()
 
     def close(self) -> None:
         close = getattr(self._src, "close", None)
@@ -614,7 +618,6 @@ def merge_files(files: list[tuple[int | None, Callable[[], SortedFile]]], counte
     file order, then the order in the file. A file is opened only when the merge reaches its
     lower bound, so only files overlapping in time are open together. Yields zero-copy slices."""
     import heapq
-    from collections import deque
 
     from pktstream.formats.writer import slice_batch
     lbs = [_NEG if lb is None else lb for lb, _ in files]

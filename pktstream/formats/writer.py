@@ -63,7 +63,7 @@ def seek_table_frame(frames: list[tuple[int, int]]) -> bytes:
     return struct.pack("<II", SKIPPABLE_SEEK_TABLE, len(body)) + body
 
 
-class _ZstdFile:
+class ZstdFileWriter:
     """Binary file wrapper compressing into zstd frames (checksummed).
 
     ``frame_bytes`` None: ONE frame for the whole file. Else the seekable layout: a new
@@ -193,7 +193,7 @@ class CaptureWriter:
         self._clock = clock
         self._seq = 0
         self._cur: PcapWriter | PcapngWriter | None = None
-        self._zfile: _ZstdFile | None = None
+        self._zfile: ZstdFileWriter | None = None
         self._raw: Any = None   # the OS file under the current writer (paths only)
         self._cur_path: str | None = None
         self._opened_at = 0.0
@@ -229,7 +229,7 @@ class CaptureWriter:
         else:
             sink = self._target
         if self._zstd:
-            self._zfile = _ZstdFile(sink, self._level, self.zstd_frame_bytes)
+            self._zfile = ZstdFileWriter(sink, self._level, self.zstd_frame_bytes)
             sink = self._zfile
         if self._base == "pcap":
             self._cur = PcapWriter(sink, nanosecond=self._nanosecond, atomic=False)

@@ -290,11 +290,11 @@ def _finish_zstd(part: str, frame_bytes: int | None = None) -> None:
     block decoder delivers every whole block of every frame and stops at a block cut off by the
     crash (or at corrupt data: everything before it is kept)."""
     from pktstream.formats.reader import ZstdBlockReader
-    from pktstream.formats.writer import _ZstdFile
+    from pktstream.formats.writer import ZstdFileWriter
     tmp = part + ".tmp"
     buf = bytearray(_FINISH_CHUNK)
     with open(part, "rb") as f, open(tmp, "wb") as out:
-        z = _ZstdFile(out, 3, frame_bytes)
+        z = ZstdFileWriter(out, 3, frame_bytes)
         src = ZstdBlockReader(f, part)
         while True:
             try:
