@@ -135,8 +135,10 @@ class SegmentStream(io.RawIOBase):
         self._dpos = 0  # decompressed stream position
         self._counter = None
         self._frames: SeekTable | None = None
-        self._frame_k = -1          # the frame whose content is in _frame_data
-        self._frame_data = b""
+        self._frame_k = -1          # the frame being decompressed into _frame_data
+        self._frame_data = bytearray()
+        self._frame_range: _Range | None = None
+        self._frame_reader: Any = None
         if compression is None and hasattr(store, "root"):
             self._file = store.open(path)
         elif compression == "zstd" and size and segments:
@@ -196,31 +198,38 @@ class SegmentStream(io.RawIOBase):
         return b""
 
     def _frame_piece(self, end: int) -> bytes:
-        """Stream bytes from ``_pos`` to at most ``end`` out of the frame holding ``_pos``."""
+        """Stream bytes from ``_pos`` to at most ``end`` out of the frame holding ``_pos``. A
+        frame is decompressed from its start only as far as needed (whole zstd blocks, 128 KiB
+        of compressed data read at a time), so a pcap header costs one read, not a frame."""
         t = self._frames
         assert t is not None
         k = t.frame_of(self._pos)
         if k < 0:
             return b""  # past the end of the data (an index of another file version)
         if k != self._frame_k:
-            import zstandard
-            cs, ce = t.compressed[k], t.compressed[k + 1]
-            want = t.decompressed[k + 1] - t.decompressed[k]
-            if self._file is not None:
-                raw = self._store.read_range(self._path, cs, ce, self._file)
-            else:
-                raw = self._store.read_range(self._path, cs, ce)
-            self.compressed_read += len(raw)
-            try:
-                # bounded: never more than the table says (a lying frame fails, it cannot grow memory)
-                data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=want) if want else b""
-            except zstandard.ZstdError as exc:
-                raise ValueError(f"frame {k} at compressed byte {cs}: corrupt zstd data ({exc})") from None
-            if len(data) != want:
-                raise ValueError(f"frame {k} at compressed byte {cs}: {len(data)} bytes, the seek table says {want}")
-            self._frame_k, self._frame_data = k, data
-        base = t.decompressed[k]
-        return self._frame_data[self._pos - base:min(end, t.decompressed[k + 1]) - base]
+            from pktstream.formats.reader import ZstdBlockReader
+            self._frame_range = _Range(self._store, self._path, t.compressed[k], t.compressed[k + 1], self._file)
+            self._frame_reader = ZstdBlockReader(self._frame_range, f"{self._path} frame {k}")
+            self._frame_k, self._frame_data = k, bytearray()
+        base, fend = t.decompressed[k], t.decompressed[k + 1]
+        need = min(end, fend) - base
+        data = self._frame_data
+        rng = self._frame_range
+        assert rng is not None
+        if len(data) < need:
+            before = rng.count
+            buf = bytearray(1 << 17)
+            while len(data) < need:
+                n = self._frame_reader.readinto(buf)
+                if not n:
+                    raise ValueError(f"frame {k} at compressed byte {t.compressed[k]}: {len(data)} bytes, "
+                                     f"the seek table says {fend - base}")
+                data += buf[:n]
+                if len(data) > fend - base:
+                    raise ValueError(f"frame {k} at compressed byte {t.compressed[k]}: more data than the seek "
+                                     f"table says ({fend - base} bytes)")
+            self.compressed_read += rng.count - before
+        return bytes(data[self._pos - base:need])
 
     def readinto(self, b) -> int:
         if self._bpos >= len(self._buf):
@@ -302,6 +311,28 @@ def read_seek_table(store, path: str, size: int, f: BinaryIO | None = None) -> S
     if comp[-1] != size - 8 - body:  # the frames and the table must be the whole file
         return None
     return SeekTable(comp, dec)
+
+
+class _Range:
+    """``read(n)`` over bytes ``[start, end)`` of a stored file (seeks or ranged GETs);
+    ``count``: bytes read."""
+
+    def __init__(self, store, path: str, start: int, end: int, f: BinaryIO | None) -> None:
+        self._store, self._path, self._f = store, path, f
+        self._pos, self._end = start, end
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        stop = self._end if n < 0 else min(self._end, self._pos + n)
+        if stop <= self._pos:
+            return b""
+        if self._f is not None:
+            data = self._store.read_range(self._path, self._pos, stop, self._f)
+        else:
+            data = self._store.read_range(self._path, self._pos, stop)
+        self._pos += len(data)
+        self.count += len(data)
+        return data
 
 
 class _Reading:
