@@ -162,11 +162,17 @@ def random_access(root: Path, cat: list[dict], kinds=("pcapng", "pcap.zst")) -> 
         row = max(rows, key=lambda r: r["chunks"][-1]["end"])
         for which, c in (("first", 0), ("last", len(row["chunks"]) - 1)):
             segs = segments_for(row, [c])
-            st = QueryStats()
-            t = time.perf_counter()
-            read_plan(store, FilePlan(row["path"], "index", segs, row["compression"], size=row["size"]), bpf=None,
-                      since=None, until=None, sensors=None, stats=st, warn=lambda m: None)
-            out[f"{kind} {which} chunk"] = {"seconds": round(time.perf_counter() - t, 4), "file_bytes": row["size"],
+            best = best_cpu = None
+            for _ in range(5):  # best of 5: the machine is shared
+                st = QueryStats()
+                t, c0 = time.perf_counter(), time.process_time()
+                read_plan(store, FilePlan(row["path"], "index", segs, row["compression"], size=row["size"]),
+                          bpf=None, since=None, until=None, sensors=None, stats=st, warn=lambda m: None)
+                wall, cpu = time.perf_counter() - t, time.process_time() - c0
+                best = wall if best is None else min(best, wall)
+                best_cpu = cpu if best_cpu is None else min(best_cpu, cpu)
+            out[f"{kind} {which} chunk"] = {"seconds": round(best, 4), "cpu_s": round(best_cpu, 4),
+                                            "file_bytes": row["size"],
                                             "stream_bytes": row["chunks"][-1]["end"], "bytes_read": st.bytes_read,
                                             "chunks": len(row["chunks"])}
     return out
@@ -182,7 +188,7 @@ def frame_size_cost(path: Path, frame_sizes: list[int]) -> dict:
     from pktstream.formats.writer import ZstdFileWriter
     data = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True).read()
     out = {"stream_bytes": len(data)}
-    for fb in [None, *frame_sizes]:
+    for fb in [None, None, *frame_sizes]:  # the first run warms up
         buf = io.BytesIO()
         c0 = time.process_time()
         z = ZstdFileWriter(buf, 3, fb)
