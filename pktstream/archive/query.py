@@ -643,49 +643,85 @@ class SortedFile:
             close()
 
 
+class _Open:
+    """A file being merged: its sorted source, the batches taken from it not yet merged out."""
+
+    __slots__ = ("i", "f", "bufs", "done")
+
+    def __init__(self, i: int, f: SortedFile) -> None:
+        self.i, self.f, self.done = i, f, False
+        self.bufs: list[Any] = []
+
+    def pull(self) -> None:
+        b = self.f.next_batch()
+        if b is None:
+            self.done = True
+        else:
+            self.bufs.append(b)
+
+
 def merge_files(files: list[tuple[int | None, Callable[[], SortedFile]]], counter: QueryStats) -> Iterator:
     """k-way merge of files' time-ordered packets: ``files`` in tie order, each
     ``(lower bound of its time stamps or None, opener)``. Stable: equal time stamps keep the
     file order, then the order in the file. A file is opened only when the merge reaches its
-    lower bound, so only files overlapping in time are open together. Yields zero-copy slices."""
-    import heapq
-
+    lower bound, so only files overlapping in time are open together. Works in rounds: every
+    packet older than the newest packet taken from the file that is furthest behind (and than
+    the next file's lower bound) can be merged now, in one vectorised stable sort. Yields
+    zero-copy slices."""
     from pktstream.formats.writer import slice_batch
     lbs = [_NEG if lb is None else lb for lb, _ in files]
     pending = deque(sorted(range(len(files)), key=lambda i: (lbs[i], i)))
-    heap: list = []
-    opened: list[SortedFile] = []
-
-    def push(i: int, f: SortedFile, b) -> None:
-        if b is not None:
-            heapq.heappush(heap, (int(b.ts_ns[0]), i, 0, b, f))
-
+    active: list[_Open] = []
     try:
-        while heap or pending:
-            while pending and (not heap or lbs[pending[0]] <= heap[0][0]):
+        while True:
+            for o in active:
+                if not o.bufs and not o.done:
+                    o.pull()
+            active = [o for o in active if o.bufs or not o.done]
+            head = min((int(o.bufs[0].ts_ns[0]) for o in active), default=None)
+            if pending and (head is None or lbs[pending[0]] <= head):
                 i = pending.popleft()
-                f = files[i][1]()
-                opened.append(f)
-                push(i, f, f.next_batch())
-            if not heap:
+                o = _Open(i, files[i][1]())
+                active.append(o)
+                active.sort(key=lambda x: x.i)
                 continue
-            _, i, pos, b, f = heapq.heappop(heap)
-            limit = (heap[0][0], heap[0][1]) if heap else (_POS, _POS)
-            if pending and (lbs[pending[0]], pending[0]) < limit:
-                limit = (lbs[pending[0]], pending[0])
-            ts = b.ts_ns
-            j = int(np.searchsorted(ts, limit[0], side="right" if i < limit[1] else "left"))
-            j = max(j, pos + 1)
-            out = b if (pos == 0 and j == len(b)) else slice_batch(b, pos, j)
-            counter.packets_held -= j - pos
-            yield out
-            if j < len(b):
-                heapq.heappush(heap, (int(ts[j]), i, j, b, f))
+            if not active:
+                break
+            # every packet still to come is >= bound
+            bound = min((_POS if o.done else int(o.bufs[-1].ts_ns[-1]) for o in active), default=_POS)
+            if pending:
+                bound = min(bound, lbs[pending[0]])
+            pieces = []
+            for o in active:
+                k = 0
+                while k < len(o.bufs):
+                    b = o.bufs[k]
+                    j = int(np.searchsorted(b.ts_ns, bound, side="left")) if bound < _POS else len(b)
+                    if j == len(b):
+                        pieces.append(b)
+                        k += 1
+                        continue
+                    if j:
+                        pieces.append(slice_batch(b, 0, j))
+                        o.bufs[k] = slice_batch(b, j, len(b))
+                    break
+                del o.bufs[:k]
+            if not pieces:  # the files behind have only packets at the bound: take more of them
+                for o in active:
+                    if not o.done and int(o.bufs[-1].ts_ns[-1]) == bound:
+                        o.pull()
+                continue
+            if len(pieces) == 1:
+                runs = pieces
             else:
-                push(i, f, f.next_batch())
+                ts = np.concatenate([b.ts_ns for b in pieces])
+                runs = _sorted_runs(pieces, ts, np.arange(len(ts)))
+            for r in runs:
+                counter.packets_held -= len(r)
+                yield r
     finally:
-        for f in opened:
-            f.close()
+        for o in active:
+            o.f.close()
 
 
 def merge_batches(per_file: list[list]) -> Iterator:
