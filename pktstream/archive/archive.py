@@ -225,8 +225,8 @@ class Archive:
         """The packets ``tcpdump -r FILE BPF`` gives over every file, within ``[since, until)``
         and of the given sensor(s), merged in time order, as PacketBatches whose ``interface``
         is ``sensor/interface``. Lazy: files are read as the iterator is consumed and a packet
-        is held only until it can be merged (memory: the files overlapping in time, a chunk or
-        so each; a file without an index is held whole). ``last_stats`` tells what was read
+        is held only until it can be merged (memory: the files overlapping in time, about a
+        read buffer each; a file without an index is held whole). ``last_stats`` tells what was read
         (complete once the iterator is exhausted)."""
         it, _ = self._run(bpf, since, until, sensor, warn)
         yield from it

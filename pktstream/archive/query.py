@@ -556,8 +556,9 @@ class SortedFile:
     packets and first time stamps of the file's chunks in the order they are read (None: not
     known, e.g. a file without an index). A packet read is held until no packet still to be
     read can sort before it: all later packets lie in the current or later chunks, so the
-    smallest first time stamp of those is a lower bound. A file in time order is thus held at
-    most a chunk (~256 KiB) at a time; one whose chunks overlap in time (a merged file of
+    smallest first time stamp of those is a lower bound (known once the reader starts its next
+    read buffer). A file in time order is thus held about a read buffer (~1 MiB of stream) and
+    a chunk (~256 KiB) at a time; one whose chunks overlap in time (a merged file of
     several sensors) a little more; a file without chunk information is held whole.
     ``counter.packets_held``/``peak_packets_held`` count the packets held (read, not yet merged).
     Single use; not thread-safe.
