@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-from typing import Any
+from typing import Any, TypeVar
 
 from pktstream import config as C
 from pktstream.config_plugins import KafkaInputSettings, KafkaSettings, S3Settings
 from pktstream.exceptions import ConfigError
+
+_K = TypeVar("_K", KafkaSettings, KafkaInputSettings)
 
 
 def _size(text: str) -> int:
@@ -26,6 +28,13 @@ def _prop(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, value
+
+
+def _kafka_from_url(url: str, settings: _K) -> _K:
+    """``kafka://HOST:PORT/TOPIC`` into Kafka output or input settings (brokers, topic)."""
+    from pktstream.stream.kafka import parse_kafka_url
+    settings.brokers, settings.topic = parse_kafka_url(url)
+    return settings
 
 
 def add_receiver_args(r) -> None:
@@ -59,7 +68,6 @@ def add_sensor_args(s) -> None:
 def apply_receiver_args(args, s) -> None:
     """Fold URL flags into ReceiverSettings (call before the 'no output' check)."""
     from pktstream.sinks.s3 import parse_s3_url
-    from pktstream.stream.kafka import parse_kafka_url
     props = dict(getattr(args, "kafka_property", None) or [])
     w = getattr(args, "write", None) or ""
     if w.startswith("s3://"):
@@ -68,9 +76,7 @@ def apply_receiver_args(args, s) -> None:
         s.s3.bucket, s.s3.prefix = bucket, prefix
         args.write = None
     elif w.startswith("kafka://"):
-        brokers, topic = parse_kafka_url(w)
-        s.kafka = s.kafka or KafkaSettings()
-        s.kafka.brokers, s.kafka.topic = brokers, topic
+        s.kafka = _kafka_from_url(w, s.kafka or KafkaSettings())
         args.write = None
     if s.s3 is not None:
         for attr, flag in (("endpoint", "s3_endpoint"), ("region", "s3_region"), ("staging_dir", "s3_staging"),
@@ -87,9 +93,7 @@ def apply_receiver_args(args, s) -> None:
     if url:
         if not url.startswith("kafka://"):
             raise ConfigError(f"--from {url}: only kafka://HOST:PORT/TOPIC inputs exist")
-        brokers, topic = parse_kafka_url(url)
-        s.kafka_input = s.kafka_input or KafkaInputSettings()
-        s.kafka_input.brokers, s.kafka_input.topic = brokers, topic
+        s.kafka_input = _kafka_from_url(url, s.kafka_input or KafkaInputSettings())
     if s.kafka_input is not None:
         if getattr(args, "kafka_group", None):
             s.kafka_input.group = args.kafka_group
@@ -135,14 +139,12 @@ def receiver_inputs(s) -> list:
 
 def sensor_transport(args, s):
     """A KafkaTransport from --output kafka:// or output.plugins.kafka, else None (TCP)."""
-    from pktstream.stream.kafka import KafkaTransport, parse_kafka_url
+    from pktstream.stream.kafka import KafkaTransport
     url = getattr(args, "output_url", None)
     if url:
         if not url.startswith("kafka://"):
             raise ConfigError(f"--output {url}: only kafka://HOST:PORT/TOPIC (or --receiver HOST:PORT)")
-        brokers, topic = parse_kafka_url(url)
-        s.kafka = s.kafka or KafkaSettings()
-        s.kafka.brokers, s.kafka.topic = brokers, topic
+        s.kafka = _kafka_from_url(url, s.kafka or KafkaSettings())
         s.receiver = None
     if s.kafka is None:
         return None
