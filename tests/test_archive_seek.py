@@ -287,3 +287,20 @@ def test_s3_output_seekable(tmp_path, moto):
     for bpf in ("host 203.0.113.7 and port 4444", "udp"):
         assert got(a, bpf) == brute(local, bpf)
         assert a.last_stats.files_scanned == 0
+
+
+def test_frame_size_option_yaml_and_checks(tmp_path):
+    """output.zstdFrameSize (YAML) = --zstd-frame-size; a frame size needs a .zst output."""
+    from pktstream.config import receiver_settings
+    from pktstream.exceptions import ConfigError
+    from pktstream.sinks import FileSink
+    s = receiver_settings({"input": {"port": 1}, "output": {"file": {"path": str(tmp_path / "a.pcap.zst")},
+                                                            "zstdFrameSize": "1MiB"}})
+    assert s.zstd_frame_size == 1 << 20
+    assert receiver_settings({"input": {"port": 1}, "output": {"file": {"path": "x.pcap"}}}).zstd_frame_size is None
+    with pytest.raises(ConfigError, match=".zst"):
+        FileSink(str(tmp_path / "a.pcapng"), zstd_frame_bytes=1 << 20)
+    with pytest.raises(ConfigError, match="frame size"):
+        FileSink(str(tmp_path / "a.pcapng.zst"), zstd_frame_bytes=0)
+    with pytest.raises(ValueError, match="zstd_frame_bytes"):
+        open_writer(tmp_path / "b.pcap.zst", zstd_frame_bytes=2 << 30)
