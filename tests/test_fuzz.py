@@ -266,3 +266,34 @@ def receiver():
     rx.stop()
     rx.join(10)
     assert not got  # nothing random ever reached an output
+
+
+def test_zstd_skippable_frames_are_skipped_in_bounded_memory(tmp_path):
+    """A skippable frame is skipped as it is read: a 3 MiB one before the data costs no 3 MiB
+    buffer, and one that claims 4 GiB in a short file ends the data (no 4 GiB read or buffer)."""
+    import tracemalloc
+
+    from archive_data import batches
+    from pktstream.formats import open_writer
+    plain = tmp_path / "p.pcap"
+    with open_writer(plain) as w:
+        for b in batches(3, 300, 10**18):
+            w.write(b)
+    want = [bytes(b[i]) for b in pktstream.read(plain) for i in range(len(b))]
+    frame = zstandard.ZstdCompressor().compress(plain.read_bytes())
+    skip = struct.pack("<II", 0x184D2A5A, 3 << 20) + os.urandom(3 << 20)
+    (tmp_path / "s.pcap.zst").write_bytes(skip + frame)
+    (tmp_path / "t.pcap.zst").write_bytes(frame + struct.pack("<II", 0x184D2A50, 0xFFFFFFF0) + b"x" * 10)
+    (tmp_path / "f.pcap.zst").write_bytes(frame)
+    peaks = {}
+    for name in ("f.pcap.zst", "s.pcap.zst", "t.pcap.zst"):
+        tracemalloc.start()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = [bytes(b[i]) for b in pktstream.read(tmp_path / name) for i in range(len(b))]
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert got == want, name
+        peaks[name] = peak
+    # no buffer for the skipped bytes: what reading the frame alone costs, plus < 1 MiB
+    assert max(peaks.values()) < peaks["f.pcap.zst"] + (1 << 20), peaks

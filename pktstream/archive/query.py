@@ -380,9 +380,10 @@ class ZstdChecked(io.RawIOBase):
     passed through): ``truncated`` tells afterwards whether the data ended inside a frame."""
 
     def __init__(self, raw: BinaryIO, name: str) -> None:
+        from pktstream.formats._common import starts_zstd
         from pktstream.formats.reader import ZstdBlockReader
         self._buf: Any = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(cast(Any, raw), 1 << 17)
-        self._z = ZstdBlockReader(self._buf, name) if self._buf.peek(4)[:4] == b"\x28\xb5\x2f\xfd" else None
+        self._z = ZstdBlockReader(self._buf, name) if starts_zstd(self._buf.peek(4)[:4]) else None
 
     def readable(self) -> bool:
         return True

@@ -20,6 +20,12 @@ PCAP_MAGIC_NS = 0xA1B23C4D
 PCAPNG_SHB = 0x0A0D0D0A
 PCAPNG_BOM = 0x1A2B3C4D
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def starts_zstd(head: bytes) -> bool:
+    """Whether data starting with ``head`` (4+ bytes) is zstd: a zstd frame, or a skippable
+    frame (magic 0x184D2A50-0x184D2A5F, e.g. metadata some tools write first)."""
+    return head[:4] == ZSTD_MAGIC or (len(head) >= 4 and 0x184D2A50 <= int.from_bytes(head[:4], "little") <= 0x184D2A5F)
 GZIP_MAGIC = b"\x1f\x8b"
 
 # LINKTYPE_ values written in files whose DLT_ value (what libpcap and PacketBatch use on

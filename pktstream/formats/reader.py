@@ -42,8 +42,8 @@ from pktstream.formats._common import (
     PCAP_MAGIC_US,
     PCAPNG_BOM,
     PCAPNG_SHB,
-    ZSTD_MAGIC,
     linktype_to_dlt,
+    starts_zstd,
     warn_truncated,
 )
 
@@ -97,7 +97,7 @@ def _open_stream(source) -> tuple[Any, bool, str | None, str | None]:
         f = source
         owns = False
     head = _peek(f, 4)
-    if head.startswith(ZSTD_MAGIC):
+    if starts_zstd(head):
         return _Closing(_ZstdBlocks(_Prefixed(f, head), path or "<stream>"), f if owns else None), True, "zstd", path
     if head.startswith(GZIP_MAGIC):
         g = gzip.GzipFile(fileobj=_Prefixed(f, head), mode="rb")
@@ -177,6 +177,24 @@ class _ZstdBlocks:
                 self._in += chunk
         return len(self._in) >= n
 
+    def _skip(self, n: int) -> bool:
+        """Consume ``n`` bytes without keeping them (bounded memory whatever ``n`` a file
+        claims); False if the data ends first."""
+        while True:
+            k = min(n, len(self._in))
+            del self._in[:k]
+            self._fed += k
+            n -= k
+            if n == 0:
+                return True
+            if self._eof:
+                return False
+            chunk = self._f.read(self._CHUNK)
+            if not chunk:
+                self._eof = True
+            else:
+                self._in += chunk
+
     def _take(self, n: int) -> bytes:
         unit = bytes(self._in[:n])
         del self._in[:n]
@@ -205,9 +223,8 @@ class _ZstdBlocks:
                     if not self._need(8):
                         return b""
                     size = int.from_bytes(self._in[4:8], "little")
-                    if not self._need(8 + size):
+                    if not self._skip(8 + size):  # up to 4 GiB: skipped as it is read, never held
                         return b""
-                    self._take(8 + size)
                     continue
                 if magic != 0xFD2FB528:
                     raise self._bad(f"not a zstd frame (magic {bytes(self._in[:4]).hex()})")
