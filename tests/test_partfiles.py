@@ -178,3 +178,38 @@ def test_recovery_completes_a_large_zst_part_file_in_bounded_memory(tmp_path):
             n += len(out)
     assert params.has_checksum and dobj.eof  # one complete frame, checksum verified on decode
     assert n == 48 * mib and got.hexdigest() == acked.hexdigest()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_recovery_cuts_back_a_file_rotation_completed_after_the_last_flush(tmp_path, fmt):
+    """A crash after rotation completed a file holding unacknowledged batches (written after the
+    last flush): recovery cuts it back to the flushed state (a .zst file re-encoded from its
+    whole blocks), so the resent batches do not end up in two files; the file opened after the
+    flush is removed. Afterwards the directory holds exactly the flushed packets."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    src = Source("s1", "s1", "eth0", 1, 262144)
+    batches = make_batches(12, 40)
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "out").mkdir()
+    probe = FileSink(str(tmp_path / "probe" / f"p.{fmt}"))
+    for b in batches[:2]:
+        probe.write(src, b)
+    flushed_size = probe.flush()["open"][0]["size"]
+    probe.close()
+    sink = FileSink(str(tmp_path / "out" / f"o.{fmt}"), rotate_bytes=flushed_size * 5 // 4)
+    for b in batches[:2]:
+        sink.write(src, b)
+    state = sink.flush()
+    first = state["open"][0]["final"]
+    assert state["open"][0]["size"] == flushed_size
+    for b in batches[2:]:
+        sink.write(src, b)  # until the first file goes past rotate_bytes and is completed
+        if os.path.exists(first):
+            break
+    for out in sink._outputs.values():
+        out.abandon()  # the crash
+    assert os.path.isfile(first) and len(read_ts(first)) > 80
+    FileSink.recover(state)
+    assert os.listdir(tmp_path / "out") == [os.path.basename(first)]
+    assert read_ts(first) == [int(t) - 1_700_000_000 * 10**9 for b in batches[:2] for t in b.ts_ns]

@@ -241,11 +241,17 @@ class FileSink(Sink):
             known.add(part)
             if os.path.exists(part):
                 _cut_and_complete(part, final, size, frame_bytes)
-            elif os.path.exists(final) and os.path.getsize(final) > size and not final.endswith(".zst"):
-                # completed by rotation after the last acknowledged flush: cut the tail
-                with open(final, "r+b") as fh:
-                    fh.truncate(size)
-                log.warning("recovery: %s cut back to %d bytes", final, size)
+            elif os.path.exists(final) and os.path.getsize(final) > size:
+                # completed by rotation after the last acknowledged flush: cut the tail (the
+                # sensors resend it); a .zst file is re-encoded from the whole blocks it held at
+                # that flush (its frame was ended by the rotation, after them)
+                if final.endswith(".zst"):
+                    os.replace(final, part)  # back to its .part name: a crash now is recovered the same way
+                    _cut_and_complete(part, final, size, frame_bytes)
+                else:
+                    with open(final, "r+b") as fh:
+                        fh.truncate(size)
+                log.warning("recovery: %s cut back to what was acknowledged (%d bytes)", final, size)
         stems = {(os.path.dirname(p) or ".", os.path.basename(p).split(".")[0] + ".") for p in known}
         for d, stem in stems:
             for name in os.listdir(d):
