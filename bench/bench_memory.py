@@ -51,18 +51,18 @@ def measure(pid: int, veth: Veth, pcap: str, loops: int, idle: float, settle: fl
     return out
 
 
-def run_pktstream(veth: Veth, pcap: str, loops: int, args, work: str) -> dict:
+def run_pktstream(veth: Veth, pcap: str, loops: int, args, work: str, py: list[str] = PY) -> dict:
     port = free_port()
     rlog, slog, sjson = (os.path.join(work, n) for n in ("rx.log", "sx.log", "sx.json"))
-    rx = subprocess.Popen([*PY, "receiver", "--listen", f"127.0.0.1:{port}", "-w", "-"],
-                          stdout=subprocess.DEVNULL, stderr=open(rlog, "w"))
+    rx = subprocess.Popen([*py, "receiver", "--listen", f"127.0.0.1:{port}", "-w", "-"],
+                          stdout=subprocess.DEVNULL, stderr=open(rlog, "w"), cwd="/")
     sx = None
     try:
         wait_log(rlog, "listening on", rx)
-        sx = subprocess.Popen([*PY, "sensor", "--receiver", f"127.0.0.1:{port}", "-i", veth.outer,
+        sx = subprocess.Popen([*py, "sensor", "--receiver", f"127.0.0.1:{port}", "-i", veth.outer,
                                "--stats-json", sjson, "--sensor-id", f"bench-memory-{os.getpid()}",
                                "--spool-dir", os.path.join(work, "spool"), *shlex.split(args.sensor_args)],
-                              stderr=open(slog, "w"))
+                              stderr=open(slog, "w"), cwd="/")  # cwd: never a source tree
         wait_log(slog, "connected to receiver", sx)
         res = measure(sx.pid, veth, pcap, loops, args.idle, args.settle)
         res["receiver_peak"] = memory_mib(rx.pid)["VmHWM"]
@@ -141,6 +141,8 @@ def main() -> None:
                     help="extra sensor flags; repeat for several pktstream cases (e.g. '' and '--buffer-size 32MiB')")
     ap.add_argument("--tcpdump-kib", type=int, default=None, help="tcpdump -B (default: the sensor's default buffer)")
     ap.add_argument("--packetstreamer", metavar="BIN")
+    ap.add_argument("--baseline-venv", metavar="VENV",
+                    help="also run the sensor of another installation (e.g. the main branch's .venv), default flags")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -164,6 +166,13 @@ def main() -> None:
             show(name if len(name) < 16 else "pktstream*", r)
             if len(name) >= 16:
                 print(f"{'':15} (* = {name})")
+        if args.baseline_venv:
+            args.sensor_args = ""
+            out["cases"]["baseline"] = r = run_pktstream(veth, pcap, loops, args, work,
+                                                         [os.path.join(args.baseline_venv, "bin", "python"), "-m",
+                                                          "pktstream"])
+            show("baseline", r)
+            print(f"{'':15} (baseline = the sensor of {args.baseline_venv}, its defaults)")
         out["cases"][f"tcpdump -B {args.tcpdump_kib}"] = r = run_tcpdump(veth, pcap, loops, args, work)
         show(f"tcpdump -B {args.tcpdump_kib}", r)
         if args.packetstreamer:

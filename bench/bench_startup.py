@@ -26,6 +26,7 @@ import threading
 import time
 
 HEAVY = ("numpy", "asyncio", "importlib.metadata")
+NEUTRAL = "/"  # the children's working directory: never a source tree (python -c / -m put it first on sys.path)
 
 
 def child_cpu() -> float:
@@ -37,7 +38,8 @@ def version_cost(venv: str, repeat: int) -> dict:
     walls, cpus = [], []
     for _ in range(repeat):
         c0, t0 = child_cpu(), time.perf_counter()
-        subprocess.run([os.path.join(venv, "bin", "pktstream"), "--version"], check=True, capture_output=True)
+        subprocess.run([os.path.join(venv, "bin", "pktstream"), "--version"], check=True, capture_output=True,
+                       cwd=NEUTRAL)
         walls.append(time.perf_counter() - t0)
         cpus.append(child_cpu() - c0)
     return {"wall_s": min(walls), "cpu_s": min(cpus)}
@@ -47,7 +49,7 @@ def import_cost(venv: str, repeat: int) -> dict:
     best, heavy = None, []
     for _ in range(repeat):
         out = subprocess.run([os.path.join(venv, "bin", "python"), "-X", "importtime", "-c", "import pktstream"],
-                             check=True, capture_output=True, text=True)
+                             check=True, capture_output=True, text=True, cwd=NEUTRAL)
         names, total = set(), 0
         for line in out.stderr.splitlines():
             m = re.match(r"import time:\s+\d+ \|\s+(\d+) \|(\s*)(\S+)", line)
@@ -57,7 +59,7 @@ def import_cost(venv: str, repeat: int) -> dict:
                     total = int(m.group(1))
         best = total if best is None else min(best, total)
         heavy = sorted(n for n in names if any(n == h or n.startswith(h + ".") for h in HEAVY))
-    tops = sorted({n.split(".")[0] for n in heavy})
+    tops = [h for h in HEAVY if any(n == h or n.startswith(h + ".") for n in heavy)]
     return {"import_pktstream_ms": (best or 0) / 1000, "heavy_modules": tops}
 
 
@@ -72,7 +74,7 @@ def first_packet(venv: str) -> dict:
     py = os.path.join(venv, "bin", "python")
     port, target = free_port(), free_port()
     rx = subprocess.Popen([py, "-m", "pktstream", "receiver", "--listen", f"127.0.0.1:{port}", "-w", "-"],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=NEUTRAL)
     sx = None
     stop = threading.Event()
     try:
@@ -89,7 +91,8 @@ def first_packet(venv: str) -> dict:
         threading.Thread(target=send, daemon=True).start()
         t0 = time.perf_counter()
         sx = subprocess.Popen([py, "-m", "pktstream", "sensor", "--receiver", f"127.0.0.1:{port}", "-i", "lo",
-                               "--spool-dir", "", f"udp and dst port {target}"], stderr=subprocess.DEVNULL)
+                               "--spool-dir", "", f"udp and dst port {target}"], stderr=subprocess.DEVNULL,
+                              cwd=NEUTRAL)
         head = rx.stdout.read(24 + 16)  # pcap header, first record header
         elapsed = time.perf_counter() - t0
         assert len(head) == 40, head
