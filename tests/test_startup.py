@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -117,7 +118,7 @@ def test_version_command_is_light():
 @pytest.mark.live
 def test_running_sensor_is_light(procs, tmp_path):
     """``pktstream sensor`` on lo delivers packets to a receiver without ever importing numpy
-    or asyncio (the receiver, another process, needs asyncio)."""
+    or asyncio (the receiver, another process, needs asyncio); SIGUSR1 prints its counters."""
     port, target = free_port(), free_port()
     rx = procs([PY, "-m", "pktstream", "receiver", "--listen", f"127.0.0.1:{port}", "-w",
                 str(tmp_path / "out.pcap"), "--stats-interval", "0.2"])
@@ -131,6 +132,12 @@ def test_running_sensor_is_light(procs, tmp_path):
             return received_counts(rx).get("lean", 0) >= 3
         wait_until(sent_and_received, 60, "packets from the sensor at the receiver")
     wait_received(rx, 3, "lean")
+    # kill -USR1 prints the counters so far (like tcpdump), and the sensor goes on
+    sx.p.send_signal(signal.SIGUSR1)
+    sx.wait_for("frames unacknowledged, connected")
+    line = next(x for x in sx.err if "frames unacknowledged, connected" in x)
+    assert int(re.search(r"pktstream sensor: (\d+) packets captured, 0 dropped by kernel, 0 by ring", line)[1]) >= 3
+    assert sx.p.poll() is None
     assert sx.stop() == 0, sx.stderr
     names = imported_by(sx.stderr)
     assert "pktstream.stream.sensor" in names and "zstandard" in names
