@@ -15,13 +15,11 @@ Where to start:
 The data path: Capture → ring → PacketBatch → compressor → send window/spool → uplink →
 receiver session → ingest (validate, dedupe) → outputs → commit → ACK; docs/PROTOCOL.md and
 docs/OPERATIONS.md describe the stream.
-Streaming classes are imported on first use, so ``import pktstream`` stays light.
+Streaming classes are imported on first use, so ``import pktstream`` stays light: it imports
+neither numpy (loaded when a batch's index arrays are first used) nor asyncio nor
+importlib.metadata (tests/test_startup.py checks it).
 """
 from __future__ import annotations
-
-from importlib.metadata import PackageNotFoundError, version as _dist_version
-
-import zstandard as _zstd
 
 from pktstream._capture import (
     BpfProgram,
@@ -34,6 +32,7 @@ from pktstream._capture import (
     link_type_name,
     list_interfaces,
 )
+from pktstream._version import __version__
 from pktstream.exceptions import (
     AuthenticationError,
     CaptureNotSupported,
@@ -50,14 +49,10 @@ from pktstream.exceptions import (
     PktstreamError,
 )
 
-try:
-    __version__ = _dist_version("pktstream")
-except PackageNotFoundError:  # running from a source tree without install
-    __version__ = "0+unknown"
-
 
 def zstd_version() -> str:
     """Version of the zstd library inside the ``zstandard`` package."""
+    import zstandard as _zstd
     return _zstd.ZSTD_VERSION if isinstance(_zstd.ZSTD_VERSION, str) else ".".join(map(str, _zstd.ZSTD_VERSION))
 
 

@@ -19,16 +19,23 @@ import threading
 import warnings
 from typing import NamedTuple
 
-import numpy as np
-cimport numpy as cnp
-
 from pktstream._compat cimport *
 from pktstream._libpcap cimport *
 from pktstream.exceptions import (
     ClosedError, FileFormatError, FilterError, PcapError, PcapWarning, pcap_error,
 )
 
-cnp.import_array()
+cdef object _np = None
+
+
+cdef object _numpy():
+    """numpy, imported on first use of a batch's index arrays (``import pktstream``, the CLI
+    and a sensor never need it: they start faster and hold ~15 MiB less)."""
+    global _np
+    if _np is None:
+        import numpy
+        _np = numpy
+    return _np
 
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
@@ -47,6 +54,17 @@ cdef extern from "<unistd.h>" nogil:
     ssize_t write(int fd, const void *buf, size_t count)
     ssize_t read(int fd, void *buf, size_t count)
     int close(int fd)
+
+cdef extern from "<sys/mman.h>" nogil:
+    enum: PROT_READ
+    enum: PROT_WRITE
+    enum: MAP_PRIVATE
+    enum: MAP_ANONYMOUS
+    enum: MADV_DONTNEED
+    void *MAP_FAILED
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
+    int munmap(void *addr, size_t length)
+    int madvise(void *addr, size_t length, int advice)
 
 cdef extern from "<arpa/inet.h>" nogil:
     const char *inet_ntop(int af, const void *src, char *dst, unsigned int size)
@@ -68,6 +86,10 @@ cdef enum:
     BLOCK_FILLING = 1
     BLOCK_OUT = 2
     EARLY_BURST = 4   # adaptive sealing: early seals in a row before one per idle_wait applies
+
+cdef enum:
+    RING_TRIM_EVERY_NS = 1000000000   # live rings: how often the capture thread looks for idle blocks
+    RING_TRIM_IDLE_NS = 2000000000    # a free block unused this long gives its pages back
 
 #: Default settings, documented in docs/CONFIGURATION.md.
 DEFAULT_SNAPLEN = 262144
@@ -139,17 +161,44 @@ cdef inline void _block_free(unsigned char *m) noexcept nogil:
         ps_count(&_ring_blocks_freed)
 
 
+cdef inline unsigned char *_live_block_alloc(size_t nbytes) noexcept nogil:
+    """A live ring block: anonymous pages the kernel provides when first written (no RSS until
+    packets land in it) and that ``madvise(MADV_DONTNEED)`` gives back. Debug and sanitizer
+    builds use malloc instead, so that ASan watches the block's bounds."""
+    cdef void *m
+    if PKTSTREAM_DEBUG:
+        return _block_alloc(nbytes)
+    m = mmap(NULL, nbytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+    if m == MAP_FAILED:
+        return NULL
+    ps_count(&_ring_blocks_allocated)
+    return <unsigned char *> m
+
+
+cdef inline void _live_block_free(unsigned char *m, size_t nbytes) noexcept nogil:
+    if m == NULL:
+        return
+    if PKTSTREAM_DEBUG:
+        _block_free(m)
+        return
+    munmap(m, nbytes)
+    ps_count(&_ring_blocks_freed)
+
+
 @cython.final
 cdef class Ring:
     """Fixed set of blocks. A block is FREE, FILLING (the capture thread writes it) or OUT (a
     PacketBatch owns it). Only the capture thread moves FREE→FILLING→OUT; only the owning batch
     moves OUT→FREE. Memory is freed when the ring and every batch of it are gone.
 
-    A live ring allocates (and touches) all its blocks up front, so that no page fault happens
-    in the packet callback. A *lazy* ring (reading files) allocates a block when it is first
-    filled, and a block grows for a record larger than ``block_bytes`` (a packet that was
-    actually read); it shrinks back when reused. Memory follows what was read, never what a
-    file header claims."""
+    A live ring maps its blocks up front (address space only): a block's pages become resident
+    when packets are first written into it, the capture thread fills the lowest-numbered free
+    block (a quiet link keeps using the first one or two), and a free block unused for 2 s gives
+    its pages back (``madvise(MADV_DONTNEED)``, done by the capture thread). Resident memory
+    follows the traffic: a burst may fault pages in the packet callback, the kernel buffer
+    absorbs that. A *lazy* ring (reading files) allocates a block when it is first filled, and
+    a block grows for a record larger than ``block_bytes`` (a packet that was actually read);
+    it shrinks back when reused. Memory follows what was read, never what a file header claims."""
     cdef unsigned char **blocks   # NULL until first used (lazy rings)
     cdef size_t *cap              # bytes allocated for each block
     cdef size_t block_bytes
@@ -157,6 +206,8 @@ cdef class Ring:
     cdef int *state
     cdef size_t *used
     cdef uint32_t *count
+    cdef uint8_t *resident        # live rings: written since the last trim (capture thread only)
+    cdef int64_t *last_used_ns    # live rings: monotonic time the block was last acquired
     cdef bint lazy
 
     def __cinit__(self, size_t block_bytes, int nblocks, bint lazy=False):
@@ -170,31 +221,36 @@ cdef class Ring:
         self.state = <int *> calloc(nblocks, sizeof(int))
         self.used = <size_t *> calloc(nblocks, sizeof(size_t))
         self.count = <uint32_t *> calloc(nblocks, sizeof(uint32_t))
+        self.resident = <uint8_t *> calloc(nblocks, sizeof(uint8_t))
+        self.last_used_ns = <int64_t *> calloc(nblocks, sizeof(int64_t))
         if (self.blocks == NULL or self.cap == NULL or self.state == NULL or self.used == NULL
-                or self.count == NULL):
+                or self.count == NULL or self.resident == NULL or self.last_used_ns == NULL):
             raise MemoryError(f"cannot allocate a ring of {nblocks} blocks")
         self.nblocks = nblocks
         self.block_bytes = block_bytes
         self.lazy = lazy
         if not lazy:
             for i in range(nblocks):
-                self.blocks[i] = _block_alloc(block_bytes)
+                self.blocks[i] = _live_block_alloc(block_bytes)
                 if self.blocks[i] == NULL:
                     raise MemoryError(f"cannot allocate a ring of {nblocks} x {block_bytes} bytes")
                 self.cap[i] = block_bytes
-                # touch every page now, not in the packet callback at the start of a burst
-                memset(self.blocks[i], 0, block_bytes)
 
     def __dealloc__(self):
         cdef int i
         if self.blocks != NULL:
             for i in range(self.nblocks):
-                _block_free(self.blocks[i])
+                if self.lazy:
+                    _block_free(self.blocks[i])
+                else:
+                    _live_block_free(self.blocks[i], self.cap[i])
         free(self.blocks)
         free(self.cap)
         free(self.state)
         free(self.used)
         free(self.count)
+        free(self.resident)
+        free(self.last_used_ns)
 
     cdef void release(self, int block) noexcept nogil:
         ps_store_int(&self.state[block], BLOCK_FREE)
@@ -210,12 +266,23 @@ cdef class Ring:
 
     @property
     def reserved_bytes(self) -> int:
-        """Bytes currently allocated for blocks."""
+        """Bytes currently allocated (live rings: mapped) for blocks."""
         cdef size_t total = 0
         cdef int i
         for i in range(self.nblocks):
             total += self.cap[i]
         return total
+
+    @property
+    def resident_blocks(self) -> int:
+        """Live rings: blocks written since their pages were last given back (an upper bound
+        of the ring's resident memory in blocks); lazy rings: blocks allocated. Read from any
+        thread, it is a snapshot."""
+        cdef int i, n = 0
+        for i in range(self.nblocks):
+            if (self.resident[i] if not self.lazy else self.cap[i] != 0):
+                n += 1
+        return n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,14 +482,20 @@ cdef class PacketBatch:
         if self._arrays is not None:
             return self._arrays
         cdef Py_ssize_t n = len(self)
-        cdef cnp.ndarray[cnp.int64_t] ts = np.empty(n, dtype=np.int64)
-        cdef cnp.ndarray[cnp.uint32_t] cap = np.empty(n, dtype=np.uint32)
-        cdef cnp.ndarray[cnp.uint32_t] wire = np.empty(n, dtype=np.uint32)
-        cdef cnp.ndarray[cnp.int64_t] off = np.empty(n, dtype=np.int64)
-        cdef int64_t *pts = <int64_t *> ts.data
-        cdef uint32_t *pcap_ = <uint32_t *> cap.data
-        cdef uint32_t *pwire = <uint32_t *> wire.data
-        cdef int64_t *poff = <int64_t *> off.data
+        np = _numpy()
+        ts = np.empty(n, dtype=np.int64)
+        cap = np.empty(n, dtype=np.uint32)
+        wire = np.empty(n, dtype=np.uint32)
+        off = np.empty(n, dtype=np.int64)
+        cdef int64_t[::1] vts = ts
+        cdef uint32_t[::1] vcap = cap
+        cdef uint32_t[::1] vwire = wire
+        cdef int64_t[::1] voff = off
+        # raw pointers into the fresh arrays (n may be 0: no element is read then)
+        cdef int64_t *pts = &vts[0] if n else NULL
+        cdef uint32_t *pcap_ = &vcap[0] if n else NULL
+        cdef uint32_t *pwire = &vwire[0] if n else NULL
+        cdef int64_t *poff = &voff[0] if n else NULL
         cdef Py_ssize_t pos = 0, i = 0, size = self._nbytes
         cdef const unsigned char *d = self._data
         cdef uint32_t caplen
@@ -455,22 +528,22 @@ cdef class PacketBatch:
         return self._arrays
 
     @property
-    def ts_ns(self) -> np.ndarray:
+    def ts_ns(self):
         """Timestamps, int64 nanoseconds since the epoch (read-only array)."""
         return self._index()[0]
 
     @property
-    def caplen(self) -> np.ndarray:
+    def caplen(self):
         """Captured length of each packet (uint32)."""
         return self._index()[1]
 
     @property
-    def wirelen(self) -> np.ndarray:
+    def wirelen(self):
         """Original length on the wire of each packet (uint32)."""
         return self._index()[2]
 
     @property
-    def offset(self) -> np.ndarray:
+    def offset(self):
         """Offset of each packet's data inside the batch buffer (int64)."""
         return self._index()[3]
 
@@ -509,19 +582,24 @@ cdef class PacketBatch:
         self._arrays = None
         self._release_storage()
 
-    def filter(self, str expression) -> np.ndarray:
-        """Boolean mask of the packets matching a BPF expression (libpcap's offline filter)."""
+    def filter(self, str expression):
+        """Boolean mask (numpy) of the packets matching a BPF expression (libpcap's offline filter)."""
         self._check()
         cdef BpfProgram prog = BpfProgram(expression, self._link_type, self._snaplen)
         _ts, cap, wire, off = self._index()
         cdef Py_ssize_t n = len(self), i
-        cdef cnp.ndarray[cnp.uint8_t, cast=True] mask = np.zeros(n, dtype=np.bool_)
+        np = _numpy()
+        mask = np.zeros(n, dtype=np.bool_)
         cdef const unsigned char *d = self._data
         cdef pcap_pkthdr h
-        cdef const int64_t *poff = <const int64_t *> (<cnp.ndarray> off).data
-        cdef const uint32_t *pcaplen = <const uint32_t *> (<cnp.ndarray> cap).data
-        cdef const uint32_t *pwire = <const uint32_t *> (<cnp.ndarray> wire).data
-        cdef uint8_t *pm = <uint8_t *> mask.data
+        cdef const int64_t[::1] voff = off
+        cdef const uint32_t[::1] vcap = cap
+        cdef const uint32_t[::1] vwire = wire
+        cdef uint8_t[::1] vm = mask.view(np.uint8)
+        cdef const int64_t *poff = &voff[0] if n else NULL
+        cdef const uint32_t *pcaplen = &vcap[0] if n else NULL
+        cdef const uint32_t *pwire = &vwire[0] if n else NULL
+        cdef uint8_t *pm = &vm[0] if n else NULL
         memset(&h, 0, sizeof(h))
         with nogil:
             for i in range(n):
@@ -629,6 +707,9 @@ ctypedef struct CaptureState:
     int *state
     size_t *used
     uint32_t *count
+    uint8_t *resident        # live rings: block written since its pages were last given back
+    int64_t *last_used_ns    # live rings: monotonic time each block was last acquired
+    int64_t last_trim_ns     # live rings: last look for idle blocks (see _trim)
     int cur                  # block being filled, -1 if none
     int last                 # last block acquired (scan starts after it)
     int64_t cur_first_ns     # monotonic time the first packet entered `cur`
@@ -755,9 +836,11 @@ cdef inline bint _resize_block(CaptureState *s, int b, size_t nbytes) noexcept n
 
 
 cdef inline int _acquire(CaptureState *s) noexcept nogil:
+    """Take a free block for filling: the lowest-numbered one in a live ring (a quiet link
+    keeps the same one or two blocks resident), the next one round the ring in a lazy ring."""
     cdef int i, b
     for i in range(1, s.nblocks + 1):
-        b = (s.last + i) % s.nblocks
+        b = i - 1 if not s.lazy else (s.last + i) % s.nblocks
         if ps_load_int(&s.state[b]) == BLOCK_FREE:
             if s.lazy and s.cap[b] != s.block_bytes:  # first use, or grown for a big record
                 if not _resize_block(s, b, s.block_bytes):
@@ -767,8 +850,25 @@ cdef inline int _acquire(CaptureState *s) noexcept nogil:
             s.count[b] = 0
             s.cur = b
             s.last = b
+            if not s.lazy:
+                s.resident[b] = 1
+                s.last_used_ns[b] = ps_monotonic_ns()
             return b
     return -1
+
+
+cdef void _trim(CaptureState *s, int64_t now) noexcept nogil:
+    """Live rings: give back the pages of free blocks not acquired for ``RING_TRIM_IDLE_NS``
+    (capture thread only: it alone moves a FREE block on, so no batch can see the pages go)."""
+    cdef int b
+    s.last_trim_ns = now
+    if s.lazy or PKTSTREAM_DEBUG:  # malloc'ed blocks (files, sanitizer builds) are kept
+        return
+    for b in range(s.nblocks):
+        if (s.resident[b] and now - s.last_used_ns[b] >= RING_TRIM_IDLE_NS
+                and ps_load_int(&s.state[b]) == BLOCK_FREE):
+            if madvise(s.blocks[b], s.cap[b], MADV_DONTNEED) == 0:
+                s.resident[b] = 0
 
 
 cdef void _on_packet(unsigned char *user, const pcap_pkthdr *h, const unsigned char *data) noexcept nogil:
@@ -1068,6 +1168,9 @@ cdef class Capture:
         self.s.state = self._ring.state
         self.s.used = self._ring.used
         self.s.count = self._ring.count
+        self.s.resident = self._ring.resident
+        self.s.last_used_ns = self._ring.last_used_ns
+        self.s.last_trim_ns = 0
         self.s.queue = <int *> calloc(ring_blocks, sizeof(int))
         if self.s.queue == NULL:
             raise MemoryError()
@@ -1294,6 +1397,8 @@ cdef class Capture:
                             rc = 1  # stopping: drain what the kernel has retired, then end
                             break
                         now = ps_monotonic_ns()
+                        if now - s.last_trim_ns >= RING_TRIM_EVERY_NS:
+                            _trim(s, now)
                         if s.cur >= 0 and s.count[s.cur] > 0 and now - s.cur_first_ns >= max_wait_ns:
                             _seal(s)
                         # everything the kernel had is dispatched (or nothing was yet): a

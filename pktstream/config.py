@@ -236,7 +236,7 @@ class SensorSettings:
     snaplen: int = 262144
     promisc: bool = False
     immediate: bool = False
-    buffer_bytes: int = 32 << 20
+    buffer_bytes: int = 32 << 20  # as CaptureOptions (stream/sensor.py)
     block_bytes: int = 1 << 20
     max_wait: float = 0.2
     idle_wait: float = 0.05

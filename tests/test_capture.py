@@ -1,6 +1,7 @@
 """Live capture with real libpcap on veth pairs, tcpdump as the oracle."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import socket
 import subprocess
@@ -270,6 +271,47 @@ def test_adaptive_sealing_keeps_full_blocks_under_load(veth, tmp_path):
     assert len(sizes) >= 20000 * record // block
     assert short in ([], [0]), f"blocks cut short: {short} of {len(sizes)} ({sizes[:5]})"
     assert st["early_seals"] <= 1
+
+
+def test_live_ring_pages_follow_the_traffic(veth, tmp_path):
+    """A live ring is not prefaulted: nothing is resident at open, a quiet link (each block
+    released before the next comes) keeps using the lowest block, a burst while batches are held
+    spreads over more, and free blocks unused for 2 s are given back (release builds; debug and
+    sanitizer builds malloc the blocks and keep them)."""
+    from pktstream._capture import alloc_counters
+    from pktstream.lab import traffic
+    pcap = tmp_path / "few.pcap"
+    traffic.write_udp_pcap(str(pcap), 5, size=200)
+    cap = pktstream.Capture(veth.outer, max_wait=0.05, idle_wait=0.0, timeout_ms=10, bpf="udp port 9999")
+    try:
+        assert cap.ring.resident_blocks == 0
+        got = 0
+        for _ in range(3):  # quiet: one block at a time, each released at once
+            veth.replay(pcap, pps=1000)
+            while got < 5 * (_ + 1):
+                b = cap.next_batch(timeout=30)
+                got += len(b)
+                b.release()
+        assert cap.ring.resident_blocks == 1
+        held = []
+        for _ in range(4):  # held: every batch takes another block
+            veth.replay(pcap, pps=1000)
+            while sum(len(b) for b in held) < 5 * (_ + 1):
+                held.append(cap.next_batch(timeout=30))
+        assert cap.ring.resident_blocks >= 4
+        for b in held:
+            b.release()
+
+        def trimmed() -> bool:
+            with contextlib.suppress(TimeoutError):
+                cap.next_batch(timeout=0.2)  # the capture loop trims (about once a second)
+            return cap.ring.resident_blocks == 0
+        if alloc_counters()["debug_build"]:
+            assert not trimmed()
+        else:
+            wait_until(trimmed, 30, f"idle blocks given back ({cap.ring.resident_blocks} resident)")
+    finally:
+        cap.close()
 
 
 def test_next_batch_timeout(veth):

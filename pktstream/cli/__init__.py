@@ -134,9 +134,13 @@ def subparser(sub: argparse._SubParsersAction, name: str, *, help: str, epilog: 
 
 
 _ARCHIVE_COMMANDS = {"index", "query", "flows", "sql"}  # parsed without loading the other commands
+_STREAM_COMMANDS = {"sensor", "receiver"}  # likewise: a sensor starts without numpy (cli/files.py needs it)
 
 
-def build_parser(only_archive: bool = False) -> argparse.ArgumentParser:
+def build_parser(only_archive: bool = False, only_command: str | None = None) -> argparse.ArgumentParser:
+    """The command line parser. ``only_command`` (``"capture"``, ``"sensor"``, ``"receiver"``)
+    registers that command alone, without importing the modules of the others: faster start-up
+    and no numpy in a sensor (tests/test_startup.py). ``only_archive``: the archive commands."""
     parser = argparse.ArgumentParser(prog="pktstream", description=_DESCRIPTION, epilog=_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=_version_text())
@@ -145,6 +149,10 @@ def build_parser(only_archive: bool = False) -> argparse.ArgumentParser:
     if only_archive:  # pktstream query ... starts fast (docs/ARCHIVE.md)
         from pktstream.archive import cli as archive_cli
         archive_cli.register(sub)
+        return parser
+    if only_command in _STREAM_COMMANDS:
+        from pktstream.cli import stream as cli_stream
+        cli_stream.register(sub)
         return parser
 
     p = subparser(sub, "capture", help="capture locally into a pcap file (like tcpdump -w)",
@@ -164,7 +172,8 @@ def build_parser(only_archive: bool = False) -> argparse.ArgumentParser:
     p.add_argument("bpf", nargs="*", help="BPF filter expression (the last words, as tcpdump takes them)")
     p.set_defaults(func=cmd_capture)
 
-    _add_optional_commands(sub)
+    if only_command != "capture":
+        _add_optional_commands(sub)
     return parser
 
 
@@ -191,7 +200,12 @@ def error_line(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     first = next((w for w in words if not w.startswith("-")), None)
-    parser = build_parser(only_archive=first in _ARCHIVE_COMMANDS and "-h" not in words[:1])
+    if first is None and "--version" in words and not {"-h", "--help"} & set(words):
+        print(_version_text())  # what argparse's version action prints, without building the parser
+        return 0
+    whole = {"-h", "--help"} & set(words[:1])
+    parser = build_parser(only_archive=first in _ARCHIVE_COMMANDS and not whole,
+                          only_command=first if first in _STREAM_COMMANDS | {"capture"} and not whole else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

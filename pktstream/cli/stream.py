@@ -261,18 +261,36 @@ def cmd_receiver(args: argparse.Namespace) -> int:
     return 0
 
 
+def _counters_line(st: dict[str, Any]) -> str:
+    """The sensor's counters in one line (at exit, and on SIGUSR1 like tcpdump)."""
+    return (f"{st['packets']} packets captured, {st['kernel_dropped']} dropped by kernel, "
+            f"{st['ring_drops']} by ring, {st['window_dropped_packets']} by full send window/spool")
+
+
+def _print_counters_on_sigusr1(sensor) -> None:
+    """``kill -USR1 PID`` prints the counters so far to stderr. The line is built on a thread
+    of its own: the handler runs between two bytecodes of the main thread, which may hold a
+    lock that ``stats()`` takes."""
+    import threading
+
+    def show() -> None:
+        st = sensor.stats()
+        print(f"pktstream sensor: {_counters_line(st)}, {st['unacked_frames']} frames unacknowledged, "
+              f"{'connected' if st['connected'] else 'not connected'}", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGUSR1, lambda *_: threading.Thread(target=show, name="sigusr1-stats", daemon=True).start())
+
+
 def cmd_sensor(args: argparse.Namespace) -> int:
     logging.getLogger("pktstream").setLevel(logging.INFO if args.verbose == 0 else logging.DEBUG)
     sensor = build_sensor(args)
     stats_file = open(args.stats_json, "w") if args.stats_json else None  # before dropping root
     _on_signals(sensor.stop)
+    _print_counters_on_sigusr1(sensor)
     sensor.run()
     st = sensor.stats()
     report = sensor.exit_report or {}
     unacked, spooled = report.get("unacked_frames", 0), report.get("spooled_frames", 0)
-    print(f"pktstream sensor: {st['packets']} packets captured, {st['kernel_dropped']} dropped by kernel, "
-          f"{st['ring_drops']} by ring, {st['window_dropped_packets']} by full send window/spool, "
-          f"{unacked} frames unacknowledged at exit", file=sys.stderr)
+    print(f"pktstream sensor: {_counters_line(st)}, {unacked} frames unacknowledged at exit", file=sys.stderr)
     if stats_file is not None:
         with stats_file:
             json.dump({**st, "exit": report}, stats_file, indent=1)
@@ -307,6 +325,7 @@ examples (a sensor runs as root, or with CAP_NET_RAW):
   pktstream sensor --receiver 10.0.0.5:8081 --auth-key-file key tcp port 80 or tcp port 443
   pktstream sensor --receiver rx.example.com:8081 --tls --tls-ca ca.pem --auth-key-file key
   pktstream sensor --config sensor.yaml              # PacketStreamer's YAML works as is
+  kill -USR1 <pid>                                   # print the counters so far (like tcpdump)
 
 The BPF filter is the last words (like tcpdump), or --bpf 'EXPR'. Every option and YAML key:
 docs/CONFIGURATION.md"""
@@ -379,7 +398,8 @@ def register(sub) -> None:
     s.add_argument("--promisc", action="store_true", help="promiscuous mode (default: off)")
     s.add_argument("--immediate", action="store_true", help="libpcap immediate mode (default: off)")
     s.add_argument("--buffer-size", dest="buffer_bytes", type=_size, metavar="SIZE",
-                   help="kernel buffer (default 32MiB)")
+                   help="kernel buffer (default 32MiB; resident for the sensor's lifetime: 8MiB saves 24 MiB "
+                        "of RSS, absorbs shorter bursts)")
     s.add_argument("--block-size", dest="block_bytes", type=_size, metavar="SIZE", help="block size (default 1MiB)")
     s.add_argument("--max-wait", type=float, metavar="SEC",
                    help="under load, seal a partial block after SEC (default 0.2)")

@@ -19,7 +19,6 @@ everything unacknowledged is produced again; consumers drop the duplicates by (s
 """
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import socket
@@ -437,6 +436,8 @@ class KafkaInput:
 
     # -- the consumer thread --------------------------------------------------------------------------
     def _run(self) -> None:
+        import asyncio  # here, not at the top: a sensor (which imports this module for its URLs) needs no event loop
+
         consumer, ingest = self._consumer, self._ingest
         loop = ingest.loop
         while not self._stop.is_set():
