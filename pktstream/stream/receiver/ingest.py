@@ -166,6 +166,7 @@ class Ingest:
         self._commit_idle = asyncio.Event()   # (asyncio primitives bind to the loop on first use)
         self._commit_idle.set()
         self._space = asyncio.Condition()
+        self._space_waiters = 0        # dispatches waiting for space (no notify task without them)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._load()
 
@@ -267,8 +268,14 @@ class Ingest:
         """Hand a validated batch to every output (waits while too many bytes are in flight).
         ``seq`` is what gets acknowledged to ``sensor`` once it is committed."""
         nbytes = batch.nbytes
-        async with self._space:
-            await self._space.wait_for(lambda: self.inflight < self.max_inflight or self.closing.is_set())
+        if self._space_waiters or (self.inflight >= self.max_inflight and not self.closing.is_set()):
+            # full (or others are queued first): wait for a commit to free space
+            self._space_waiters += 1
+            try:
+                async with self._space:
+                    await self._space.wait_for(lambda: self.inflight < self.max_inflight or self.closing.is_set())
+            finally:
+                self._space_waiters -= 1
         self.index += 1
         self.inflight += nbytes
         self._pending.append((self.index, sensor.sensor_id, seq, nbytes))
@@ -373,7 +380,8 @@ class Ingest:
                 s.bye.set()
         self.inflight -= freed
         self._run_commit_hooks(committed)
-        asyncio.ensure_future(self._notify_space())
+        if self._space_waiters:
+            asyncio.ensure_future(self._notify_space())
 
     def _run_commit_hooks(self, committed: int) -> None:
         for hook in self._commit_hooks:
