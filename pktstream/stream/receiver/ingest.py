@@ -59,6 +59,26 @@ class SensorState:
     legacy: bool = False      # a PacketStreamer sensor: no seq, no ACK, no loss counts
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc <malloc.h>
+
+
+def tune_malloc(keep_bytes: int) -> bool:
+    """glibc: take allocations up to 4 MiB (decompressed blocks, pcapng conversions) from the
+    heap and keep up to ``keep_bytes`` freed bytes for reuse (``mallopt``; process-wide). Returns
+    whether malloc was tuned (not with ``keep_bytes`` 0 or another C library)."""
+    if keep_bytes <= 0:
+        return False
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return False
+    except (ValueError, OSError):
+        return False
+    import ctypes
+    libc = ctypes.CDLL(None)
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, 4 << 20) == 1
+    return libc.mallopt(_M_TRIM_THRESHOLD, min(keep_bytes, 0x7FFFFFFF)) == 1 and ok
+
+
 def check_seq(seq: int) -> None:
     """Refuse sequence numbers no honest sensor makes: they start at its clock in µs and grow by
     one per block, so one more than a day ahead of this receiver's clock is a wrong clock or a
