@@ -580,7 +580,7 @@ class CaptureReader:
             yield from self._emit(dst, out, ifaces, count, section_ifaces, comments)
             if pending_error is not None:
                 raise pending_error
-            rest = memoryview(buf)[pos:have]
+            rest = buf[pos:have]
             if eof and (need_more or pos == have):
                 if have - pos:
                     self._truncated_end(base + pos, have - pos, "pcapng block")
