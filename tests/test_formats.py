@@ -113,13 +113,15 @@ def test_reused_read_buffers_never_change_a_held_batch(caps):
     with open_reader(caps["ns"], batch_bytes=16 * 1024) as r:
         expected = [bytes(b) for b in r]
     assert len(expected) > 10
-    kept = list(open_reader(caps["ns"], batch_bytes=16 * 1024))
+    with open_reader(caps["ns"], batch_bytes=16 * 1024) as r:
+        kept = list(r)
     views = []
-    for i, b in enumerate(open_reader(caps["ns"], batch_bytes=16 * 1024)):
-        if i % 3 == 0:
-            views.append((i, memoryview(b)))      # the batch itself is dropped, a view of it kept
-        else:
-            assert bytes(b) == expected[i]       # dropped: its buffer is reused for a later batch
+    with open_reader(caps["ns"], batch_bytes=16 * 1024) as r:
+        for i, b in enumerate(r):
+            if i % 3 == 0:
+                views.append((i, memoryview(b)))  # the batch itself is dropped, a view of it kept
+            else:
+                assert bytes(b) == expected[i]   # dropped: its buffer is reused for a later batch
     assert [bytes(b) for b in kept] == expected
     assert all(bytes(v) == expected[i] for i, v in views)
 
