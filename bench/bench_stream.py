@@ -10,7 +10,11 @@ For each kind of traffic and replay rate (tcpreplay from a namespace onto a veth
 Reported: packets offered (tcpreplay), packets in each file, the ratio to tcpdump, the sensor's
 CPU seconds per million packets (user+sys from /proc), kernel drops, bytes on the wire vs raw.
 Then the receiver's ingest rate with many concurrent (simulated) sensors that replay
-pre-recorded DATA frames as fast as the receiver acknowledges them.
+pre-recorded DATA frames as fast as the receiver acknowledges them: the same volume of records
+(--ingest-mb) for every sensor count, reported as MB/s and as MB per receiver CPU-second
+(user+sys from /proc: steadier than wall-clock rates on a shared machine); and the receiver's
+memory with --idle-sensors connected, authenticated sensors that only send heartbeats (RSS
+before and after, per connection).
 
 Run as root:  .venv/bin/python bench/bench_stream.py [--packets N] [--rates 100000,200000,0]
 [--kinds random1514,mixed,udp64] [--packetstreamer /path/to/packetstreamer]
@@ -47,8 +51,21 @@ def free_port() -> int:
 
 def cpu_seconds(pid: int) -> float:
     """user+sys CPU of a process and its threads so far."""
+    return sum(user_sys_seconds(pid))
+
+
+def user_sys_seconds(pid: int) -> tuple[float, float]:
+    """(user, sys) CPU seconds of a process and its threads so far."""
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size (VmRSS) of a process, KiB."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
 
 
 def wait_log(path: str, text: str, proc: subprocess.Popen, timeout: float = 30) -> None:
@@ -224,15 +241,26 @@ def recorded_frames(pcap: str, block: int = 1 << 20, level: int = 1) -> list[tup
     return frames
 
 
-async def fake_sensor(port: int, sid: str, frames, repeat: int) -> int:
+async def handshake(port: int, sid: str, key: bytes | None = None):
+    """Connect and authenticate as sensor ``sid`` (HMAC proof with ``key`` when given);
+    (reader, writer, last_seq)."""
     r, w = await asyncio.open_connection("127.0.0.1", port)
-    w.write(P.encode_json(P.FrameType.HELLO, {"sensor_id": sid, "hostname": sid, "nonce": os.urandom(32).hex(),
+    snonce = os.urandom(P.NONCE_BYTES)
+    w.write(P.encode_json(P.FrameType.HELLO, {"sensor_id": sid, "hostname": sid, "nonce": snonce.hex(),
                                               "interfaces": [{"index": 0, "name": "eth0", "link_type": 1,
                                                               "snaplen": 262144}]}))
-    await P.read_frame(r)
-    w.write(P.encode_json(P.FrameType.AUTH, {"proof": ""}))
-    welcome = (await P.read_frame(r)).json()
-    seq = welcome["last_seq"]
+    challenge = (await P.read_frame(r)).json()
+    rnonce = bytes.fromhex(challenge["nonce"])
+    if key is not None:
+        assert P.check_proof(P.proof(key, "receiver", snonce, rnonce, sid), challenge["proof"])
+    w.write(P.encode_json(P.FrameType.AUTH, {"proof": P.proof(key, "sensor", rnonce, snonce, sid) if key else ""}))
+    welcome = await P.read_frame(r)
+    assert welcome.type == P.FrameType.WELCOME, welcome.type
+    return r, w, welcome.json()["last_seq"]
+
+
+async def fake_sensor(port: int, sid: str, frames, repeat: int) -> int:
+    r, w, seq = await handshake(port, sid)
     packets = 0
     acked = seq
     window = 16
@@ -254,8 +282,11 @@ async def fake_sensor(port: int, sid: str, frames, repeat: int) -> int:
     return packets
 
 
-def run_ingest(pcap: str, sensors: int, repeat: int, work: str) -> dict:
+def run_ingest(pcap: str, sensors: int, megabytes: float, work: str) -> dict:
+    """``sensors`` simulated sensors send ``megabytes`` of records in all (each its share)."""
     frames = recorded_frames(pcap)
+    per_pass = sum(r for _, _, r in frames)
+    repeat = max(1, round(megabytes * 1e6 / (per_pass * sensors)))
     port = free_port()
     out = os.path.join(work, "ingest.pcapng")
     log = os.path.join(work, "ingest.log")
@@ -270,11 +301,13 @@ def run_ingest(pcap: str, sensors: int, repeat: int, work: str) -> dict:
         return await asyncio.gather(*(fake_sensor(port, f"sim-{i}", frames, repeat) for i in range(sensors)))
 
     try:
-        c0 = cpu_seconds(rx.pid)
+        u0, s0 = user_sys_seconds(rx.pid)
         t0 = time.perf_counter()
         packets = sum(asyncio.run(all_sensors()))
         dt = time.perf_counter() - t0
-        cpu = cpu_seconds(rx.pid) - c0
+        u1, s1 = user_sys_seconds(rx.pid)
+        cpu = u1 + s1 - u0 - s0
+        rss = rss_kib(rx.pid)
     finally:  # stop the receiver we started, also when a simulated sensor failed
         rx.terminate()
         rx.wait(60)
@@ -283,7 +316,52 @@ def run_ingest(pcap: str, sensors: int, repeat: int, work: str) -> dict:
     n = count_pcap(out)
     os.unlink(out)
     return {"sensors": sensors, "packets": packets, "in_file": n, "seconds": dt, "pps": packets / dt,
-            "MBps_raw": raw / dt / 1e6, "receiver_cpu_s": cpu, "file_bytes": size}
+            "MBps_raw": raw / dt / 1e6, "receiver_cpu_s": cpu, "receiver_user_s": u1 - u0,
+            "receiver_sys_s": s1 - s0, "MB_per_cpu_s": raw / 1e6 / cpu if cpu else float("nan"),
+            "raw_MB": raw / 1e6, "receiver_rss_kib": rss, "file_bytes": size}
+
+
+def run_idle(sensors: int, work: str) -> dict:
+    """RSS of a receiver before and after ``sensors`` authenticated sensors connect and idle
+    (heartbeats only)."""
+    port = free_port()
+    log = os.path.join(work, "idle.log")
+    cfg = os.path.join(work, "idle.yaml")
+    keyfile = os.path.join(work, "idle.key")
+    key = os.urandom(24).hex()
+    with open(keyfile, "w") as f:
+        f.write(key)
+    with open(cfg, "w") as f:
+        f.write("connectionRate:\n  burst: 100000\n  seconds: 1\n")
+    rx = subprocess.Popen([*PY, "receiver", "--config", cfg, "--listen", f"127.0.0.1:{port}", "-w",
+                           os.path.join(work, "idle.pcap"), "--auth-key-file", keyfile,
+                           "--max-connections", str(sensors + 10)], stderr=open(log, "w"))
+    wait_log(log, "listening on", rx)
+
+    async def hold() -> tuple[int, int, float]:
+        before = rss_kib(rx.pid)
+        conns = []
+        t0 = time.perf_counter()
+        for i in range(0, sensors, 100):  # 100 handshakes at a time
+            conns += await asyncio.gather(*(handshake(port, f"idle-{j}", key.encode())
+                                            for j in range(i, min(i + 100, sensors))))
+        dt = time.perf_counter() - t0
+        for _, w, _ in conns:  # one heartbeat each: every session is past its handshake
+            w.write(P.encode(P.FrameType.HEARTBEAT))
+        for r, _, _ in conns:
+            assert (await P.read_frame(r, max_payload=1 << 16, max_raw=0)).type == P.FrameType.HEARTBEAT
+        after = rss_kib(rx.pid)
+        for _, w, _ in conns:
+            w.close()
+        return before, after, dt
+
+    try:
+        before, after, dt = asyncio.run(hold())
+    finally:
+        rx.terminate()
+        rx.wait(60)
+    return {"sensors": sensors, "rss_before_kib": before, "rss_after_kib": after,
+            "kib_per_connection": (after - before) / sensors, "connect_seconds": dt}
 
 
 def main() -> int:
@@ -296,8 +374,11 @@ def main() -> int:
                          "varied frames), udp64 (identical 64-byte UDP frames)")
     ap.add_argument("--packetstreamer", metavar="BIN",
                     help="also run Deepfence PacketStreamer (a binary built from its source) side by side")
-    ap.add_argument("--ingest-sensors", default="1,8,32", help="simulated sensor counts ('' = skip)")
-    ap.add_argument("--ingest-repeat", type=int, default=3)
+    ap.add_argument("--ingest-sensors", default="1,16,100", help="simulated sensor counts ('' = skip)")
+    ap.add_argument("--ingest-mb", type=float, default=2000,
+                    help="MB of records per ingest case, shared by its sensors (the same for every count)")
+    ap.add_argument("--idle-sensors", type=int, default=1000,
+                    help="authenticated idle connections for the receiver memory line (0 = skip)")
     ap.add_argument("--tcp-floor", type=int, default=3, metavar="N",
                     help="times to measure loopback TCP alone (sendall of 1 MiB buffers); 0 = skip")
     ap.add_argument("--json", help="write results here")
@@ -348,11 +429,19 @@ def main() -> int:
         big = os.path.join(work, "mixed-big.pcap")
         subprocess.run(["tcpdump", "-r", pcap, "-w", big], capture_output=True, check=True)
         for n in [int(x) for x in args.ingest_sensors.split(",") if x]:
-            r = run_ingest(big, n, args.ingest_repeat, work)
+            r = run_ingest(big, n, args.ingest_mb, work)
             results.setdefault("ingest", []).append(r)
-            print(f"ingest: {n:>3} simulated sensors: {r['packets']} packets in {r['seconds']:.2f} s = "
-                  f"{r['pps']:.0f} pps, {r['MBps_raw']:.0f} MB/s of records, receiver {r['receiver_cpu_s']:.2f} CPU-s, "
-                  f"file has {r['in_file']}", flush=True)
+            print(f"ingest: {n:>3} simulated sensors: {r['packets']} packets ({r['raw_MB']:.0f} MB) in "
+                  f"{r['seconds']:.2f} s = {r['pps']:.0f} pps, {r['MBps_raw']:.0f} MB/s of records, receiver "
+                  f"{r['receiver_cpu_s']:.2f} CPU-s ({r['receiver_user_s']:.2f} user + {r['receiver_sys_s']:.2f} sys) "
+                  f"= {r['MB_per_cpu_s']:.0f} MB per CPU-s, RSS {r['receiver_rss_kib'] / 1024:.0f} MiB, "
+                  f"file has {r['in_file']}, load {os.getloadavg()[0]:.2f}", flush=True)
+        if args.idle_sensors:
+            r = run_idle(args.idle_sensors, work)
+            results["idle"] = r
+            print(f"idle: {r['sensors']} authenticated sensors connected in {r['connect_seconds']:.2f} s: receiver "
+                  f"RSS {r['rss_before_kib'] / 1024:.1f} -> {r['rss_after_kib'] / 1024:.1f} MiB = "
+                  f"{r['kib_per_connection']:.1f} KiB per connection", flush=True)
     for _ in range(args.tcp_floor):
         r = tcp_floor()
         results.setdefault("tcp_floor", []).append(r)

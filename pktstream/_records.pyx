@@ -9,6 +9,7 @@ records, little-endian, 16-byte header (ts_sec, ts_nsec, caplen, wirelen) + capl
 * ``pcapng_walk``: runs of EPB/SPB/OPB blocks → block records + interface id per packet; it
   stops at any other block (SHB, IDB, ...) and hands it to Python.
 * ``take_records``, ``ns_to_us``, ``records_to_epb``: gather, µs conversion, pcapng encoding.
+* ``new_buffer``: a bytearray whose bytes are not zeroed first (the caller fills it).
 
 Every length read from input is checked against the bytes present and ``max_caplen`` before
 it is used; output buffers are sized by the caller from the input size (output <= input) and
@@ -19,7 +20,8 @@ can do is a ``ValueError``, never a read or write outside a buffer. Lengths are 
 """
 cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_Resize
 
 cimport numpy as cnp
 
@@ -305,35 +307,56 @@ cdef inline Py_ssize_t _epb_len(uint32_t caplen) noexcept nogil:
     return 32 + ((<Py_ssize_t> caplen + 3) & ~(<Py_ssize_t> 3))
 
 
+cdef extern from "Python.h":
+    ctypedef struct PyByteArrayObject:
+        Py_ssize_t ob_exports
+
+
+def buffer_exported(bytearray buf):
+    """Whether anything (a memoryview, a PacketBatch over one) still holds a view of ``buf``:
+    a reader may fill it again only when not (CPython's own resize check, read directly)."""
+    return (<PyByteArrayObject *> buf).ob_exports != 0
+
+
+def new_buffer(Py_ssize_t nbytes):
+    """A bytearray of ``nbytes`` whose contents are left as malloc returned them (not zeroed):
+    for a buffer the caller fills before any byte of it is exposed (reading a file into it).
+    Zeroing 4 MiB costs as much as reading it from the page cache."""
+    if nbytes < 0:
+        raise ValueError("negative size")
+    return PyByteArray_FromStringAndSize(NULL, nbytes)
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 def records_to_epb(const unsigned char[::1] src, Py_ssize_t length, uint32_t iface):
-    """LE ns records → pcapng Enhanced Packet Blocks (little-endian, if_tsresol 9), bytes."""
-    cdef Py_ssize_t pos = 0, out = 0, total = 0, blen
+    """LE ns records → pcapng Enhanced Packet Blocks (little-endian, if_tsresol 9), bytes.
+
+    One pass over the records (the receiver's output thread calls this on blocks that are long
+    out of the CPU caches): the output is sized for the worst case (every record grows by at
+    most 19 bytes: 32-byte EPB framing + 3 bytes of padding - 16-byte record header), written
+    without zeroing first (padding bytes are written explicitly), then trimmed."""
+    cdef Py_ssize_t pos = 0, out = 0, bound, blen
     cdef uint32_t caplen
     cdef uint64_t ts
     cdef bint bad = False
     if not 0 <= length <= src.shape[0]:
         raise ValueError("length beyond the buffer")
     cdef const unsigned char *s = &src[0] if length else NULL
-    while pos + HDR <= length:  # size pass
-        caplen = ps_get_le32(s + pos + 8)
-        if <Py_ssize_t> caplen > length - pos - HDR or _epb_len(caplen) > 0xFFFFFFFF:
-            raise ValueError(f"record at byte {pos} runs past the end of the buffer")
-        total += _epb_len(caplen)
-        pos += HDR + caplen
-    result = bytearray(total)
-    if total == 0:
+    bound = length + (length // HDR) * 19
+    result = PyByteArray_FromStringAndSize(NULL, bound)
+    if bound == 0:
         return result
-    cdef unsigned char[::1] dst = result
-    cdef unsigned char *d = &dst[0]
-    pos = 0
+    cdef unsigned char *d = <unsigned char *> PyByteArray_AS_STRING(result)
     with nogil:
         while pos + HDR <= length:
-            # the source may have changed since the size pass: check against both buffers again
+            # each field read once; bounds checked against both buffers before any copy
             caplen = ps_get_le32(s + pos + 8)
+            if <Py_ssize_t> caplen > length - pos - HDR:
+                bad = True
+                break
             blen = _epb_len(caplen)
-            if <Py_ssize_t> caplen > length - pos - HDR or blen > total - out:
+            if blen > bound - out or blen > <Py_ssize_t> 0xFFFFFFFFU:
                 bad = True
                 break
             ts = <uint64_t> ps_get_le32(s + pos) * 1000000000ULL + ps_get_le32(s + pos + 4)
@@ -345,10 +368,11 @@ def records_to_epb(const unsigned char[::1] src, Py_ssize_t length, uint32_t ifa
             ps_put_le32(d + out + 20, caplen)
             ps_put_le32(d + out + 24, ps_get_le32(s + pos + 12))
             memcpy(d + out + 28, s + pos + HDR, caplen)
-            # padding is already zero (fresh bytearray)
+            memset(d + out + 28 + caplen, 0, blen - 32 - caplen)  # padding to 4 bytes
             ps_put_le32(d + out + blen - 4, <uint32_t> blen)
             out += blen
             pos += HDR + caplen
     if bad:
-        raise ValueError(f"record at byte {pos} changed while it was being converted")
+        raise ValueError(f"record at byte {pos} runs past the end of the buffer")
+    PyByteArray_Resize(result, out)
     return result

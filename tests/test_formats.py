@@ -107,6 +107,43 @@ def test_ns_zero_copy_and_batching(caps):
     assert mv.readonly
 
 
+def test_reused_read_buffers_never_change_a_held_batch(caps):
+    # buffers are refilled only once no batch (or view of one) holds them: batches kept, a
+    # view kept, or dropped at once must all read as a fresh read of the file does
+    with open_reader(caps["ns"], batch_bytes=16 * 1024) as r:
+        expected = [bytes(b) for b in r]
+    assert len(expected) > 10
+    with open_reader(caps["ns"], batch_bytes=16 * 1024) as r:
+        kept = list(r)
+    views = []
+    with open_reader(caps["ns"], batch_bytes=16 * 1024) as r:
+        for i, b in enumerate(r):
+            if i % 3 == 0:
+                views.append((i, memoryview(b)))  # the batch itself is dropped, a view of it kept
+            else:
+                assert bytes(b) == expected[i]   # dropped: its buffer is reused for a later batch
+    assert [bytes(b) for b in kept] == expected
+    assert all(bytes(v) == expected[i] for i, v in views)
+
+
+def test_records_to_epb_one_pass_matches_the_writer_layout():
+    from pktstream._records import new_buffer, records_to_epb
+    recs = b"".join(struct.pack("<IIII", 1, 500 + k, k, 1500) + bytes(range(k)) for k in (0, 1, 2, 3, 4, 5, 60))
+    out = records_to_epb(recs, len(recs), 7)
+    pos = 0
+    for k in (0, 1, 2, 3, 4, 5, 60):
+        btype, blen, iface, hi, lo, cap, wire = struct.unpack_from("<7I", out, pos)
+        assert (btype, iface, cap, wire) == (6, 7, k, 1500)
+        assert blen == 32 + (k + 3) // 4 * 4 and struct.unpack_from("<I", out, pos + blen - 4)[0] == blen
+        assert out[pos + 28:pos + 28 + k] == bytes(range(k)) and not any(out[pos + 28 + k:pos + blen - 4])
+        assert (hi << 32 | lo) == 1 * 10**9 + 500 + k
+        pos += blen
+    assert pos == len(out)
+    with pytest.raises(ValueError, match="past the end"):
+        records_to_epb(recs[:-1], len(recs) - 1, 0)
+    assert len(new_buffer(12345)) == 12345 and len(records_to_epb(b"", 0, 0)) == 0
+
+
 def test_packet_comments_read_and_kept_by_convert(caps, tmp_path):
     with open_reader(caps["commented"], comments=True) as r:
         found = {}

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from pktstream._capture import PacketBatch
-from pktstream._records import STATUS, pcap_walk, pcapng_walk, take_mask, take_records
+from pktstream._records import STATUS, buffer_exported, new_buffer, pcap_walk, pcapng_walk, take_mask, take_records
 from pktstream.exceptions import FileFormatError
 from pktstream.formats._common import (
     DEFAULT_BATCH_BYTES,
@@ -439,7 +439,9 @@ class CaptureReader:
         convert = swap or usec
         order = ">" if swap else "<"
         size = self.batch_bytes
-        buf = bytearray(size)
+        # buffers are not zeroed (new_buffer): only bytes read into them are ever looked at
+        buf = new_buffer(size)
+        spares: list[bytearray] = []
         have = 0
         base = self._pos  # stream offset of buf[0]
         eof = False
@@ -448,7 +450,7 @@ class CaptureReader:
                 have, eof = _refill(self._f, buf, have)
             if have == 0:
                 return
-            dst = bytearray(have) if convert else None
+            dst = new_buffer(have) if convert else None
             status, pos, n, out = pcap_walk(buf, 0, have, swap, usec, self._max_caplen, dst)
             if n:
                 if convert:
@@ -458,7 +460,7 @@ class CaptureReader:
                     b = self._batch(memoryview(buf)[:pos], n, iface)
             else:
                 b = None
-            rest = buf[pos:have]
+            rest = memoryview(buf)[pos:have]
             if status == W_BAD_LENGTH:
                 if b is not None:
                     yield b
@@ -471,15 +473,32 @@ class CaptureReader:
             if n == 0 and pos == 0:  # a record bigger than the buffer: grow (bounded by max_caplen)
                 size = min(size * 2, self._max_caplen + 16 + self.batch_bytes)
             if not convert or n == 0 or len(buf) != size:
-                buf = bytearray(max(size, len(rest) * 2))
-            buf[:len(rest)] = rest
+                old, buf = buf, self._spare_buffer(spares, max(size, len(rest) * 2))
+                buf[:len(rest)] = rest
+                if b is not None and not convert:
+                    spares.append(old)  # refilled once the caller has let go of its batch
+            else:  # the batch holds dst, not buf: move the rest to the front in place
+                buf[:len(rest)] = rest.tobytes()
             have = len(rest)
+            rest.release()
             if b is not None:
                 self.last_range = (base, base + pos)
             base += pos
             self._pos = base
             if b is not None:
                 yield b
+
+    @staticmethod
+    def _spare_buffer(spares: list[bytearray], size: int) -> bytearray:
+        """A buffer of ``size`` bytes: one whose batches are all gone (reused: no page faults,
+        still in the CPU caches), else a new one. At most 4 are kept."""
+        for i, buf in enumerate(spares):
+            if len(buf) == size and not buffer_exported(buf):
+                del spares[i]
+                return buf
+        if len(spares) >= 4:
+            del spares[0]
+        return new_buffer(size)
 
     # -- pcapng ------------------------------------------------------------------------------
     def _iter_pcapng(self) -> Iterator[PacketBatch]:

@@ -29,7 +29,15 @@ from pktstream.sinks.callback import IteratorSink
 from pktstream.stream import protocol as P
 from pktstream.stream.legacy import PacketStreamerSettings
 from pktstream.stream.protocol import parse_hostport
-from pktstream.stream.receiver.ingest import SENSOR_ID, STATE_FILE, Ingest, SensorState, check_interface, check_seq
+from pktstream.stream.receiver.ingest import (
+    SENSOR_ID,
+    STATE_FILE,
+    Ingest,
+    SensorState,
+    check_interface,
+    check_seq,
+    tune_malloc,
+)
 from pktstream.stream.receiver.server import Server, is_loopback
 from pktstream.stream.transport import Input
 
@@ -78,7 +86,14 @@ class Limits:
     address (``connectionRate``: burst, seconds to refill), ``handshakeTimeout``, the heartbeat it
     asks of sensors (``heartbeat``, s), the largest decompressed block (``max_raw_bytes``, from
     ``compressBlockSize``), bytes waiting for gating outputs before reading pauses
-    (``max_inflight_bytes``) and a best-effort output's queue (``sink_queue`` batches)."""
+    (``max_inflight_bytes``) and a best-effort output's queue (``sink_queue`` batches).
+
+    ``malloc_keep_bytes`` (glibc only; process-wide, set when the receiver starts): blocks up to
+    4 MiB come from malloc's heap instead of their own mmap, and up to this many freed bytes stay
+    in the process for reuse instead of going back to the kernel. Without it every decompressed
+    1 MiB block is a fresh mapping, page-faulted in and unmapped again: 40 % of the receiver's
+    CPU was the kernel doing that (bench/README.md, issue 16 item 3). 0 leaves malloc as it is
+    (for a receiver embedded in a process that tunes malloc itself)."""
     max_connections: int = 256
     connection_rate: tuple[int, float] = (20, 10.0)
     handshake_timeout: float = 10.0
@@ -86,6 +101,7 @@ class Limits:
     max_raw_bytes: int = P.DEFAULT_MAX_RAW_BYTES
     max_inflight_bytes: int = 64 << 20
     sink_queue: int = 256
+    malloc_keep_bytes: int = 64 << 20
 
 
 class Receiver:
@@ -186,6 +202,7 @@ class Receiver:
 
     def run(self) -> None:
         """Serve until ``stop()``."""
+        tune_malloc(self.limits.malloc_keep_bytes)
         try:
             asyncio.run(self._serve())
         except BaseException as exc:

@@ -59,6 +59,26 @@ class SensorState:
     legacy: bool = False      # a PacketStreamer sensor: no seq, no ACK, no loss counts
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc <malloc.h>
+
+
+def tune_malloc(keep_bytes: int) -> bool:
+    """glibc: take allocations up to 4 MiB (decompressed blocks, pcapng conversions) from the
+    heap and keep up to ``keep_bytes`` freed bytes for reuse (``mallopt``; process-wide). Returns
+    whether malloc was tuned (not with ``keep_bytes`` 0 or another C library)."""
+    if keep_bytes <= 0:
+        return False
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return False
+    except (ValueError, OSError):
+        return False
+    import ctypes
+    libc = ctypes.CDLL(None)
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, 4 << 20) == 1
+    return libc.mallopt(_M_TRIM_THRESHOLD, min(keep_bytes, 0x7FFFFFFF)) == 1 and ok
+
+
 def check_seq(seq: int) -> None:
     """Refuse sequence numbers no honest sensor makes: they start at its clock in µs and grow by
     one per block, so one more than a day ahead of this receiver's clock is a wrong clock or a
@@ -166,6 +186,7 @@ class Ingest:
         self._commit_idle = asyncio.Event()   # (asyncio primitives bind to the loop on first use)
         self._commit_idle.set()
         self._space = asyncio.Condition()
+        self._space_waiters = 0        # dispatches waiting for space (no notify task without them)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._load()
 
@@ -267,8 +288,14 @@ class Ingest:
         """Hand a validated batch to every output (waits while too many bytes are in flight).
         ``seq`` is what gets acknowledged to ``sensor`` once it is committed."""
         nbytes = batch.nbytes
-        async with self._space:
-            await self._space.wait_for(lambda: self.inflight < self.max_inflight or self.closing.is_set())
+        if self._space_waiters or (self.inflight >= self.max_inflight and not self.closing.is_set()):
+            # full (or others are queued first): wait for a commit to free space
+            self._space_waiters += 1
+            try:
+                async with self._space:
+                    await self._space.wait_for(lambda: self.inflight < self.max_inflight or self.closing.is_set())
+            finally:
+                self._space_waiters -= 1
         self.index += 1
         self.inflight += nbytes
         self._pending.append((self.index, sensor.sensor_id, seq, nbytes))
@@ -373,7 +400,8 @@ class Ingest:
                 s.bye.set()
         self.inflight -= freed
         self._run_commit_hooks(committed)
-        asyncio.ensure_future(self._notify_space())
+        if self._space_waiters:
+            asyncio.ensure_future(self._notify_space())
 
     def _run_commit_hooks(self, committed: int) -> None:
         for hook in self._commit_hooks:

@@ -282,7 +282,9 @@ class Server:
         max_raw = self.ingest.max_raw
         c = sensor.counters
         while True:
-            frame = await asyncio.wait_for(P.read_frame(reader, max_payload=max_raw + 1024, max_raw=max_raw), idle)
+            # asyncio.timeout, not wait_for: wait_for makes a task per frame (Python 3.11)
+            async with asyncio.timeout(idle):
+                frame = await P.read_frame(reader, max_payload=max_raw + 1024, max_raw=max_raw)
             sensor.last_rx = time.monotonic()
             t = frame.type
             if t == P.FrameType.DATA:
