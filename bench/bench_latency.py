@@ -202,7 +202,8 @@ def run_pktstream(veth: Veth, pcaps: dict, args, work: str) -> dict:
         reader = PcapReader(rx.stdout.fileno())
         reader.start()
         sx = subprocess.Popen([*PY, "sensor", "--receiver", f"127.0.0.1:{port}", "-i", veth.outer,
-                               "--stats-json", sjson, *shlex.split(args.sensor_args)], stderr=open(slog, "w"))
+                               "--stats-json", sjson, "--spool-dir", os.path.join(work, "spool"),
+                               *shlex.split(args.sensor_args)], stderr=open(slog, "w"))
         wait_log(slog, "connected to receiver", sx)
         time.sleep(1.0)  # past the start-up work (first imports, handshake)
         res = run_cases(veth, pcaps, args.rate_list, args.seconds_list, reader,

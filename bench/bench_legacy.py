@@ -160,6 +160,7 @@ def live(binary: str, frames: int, rate: int, work: str, tls: bool = False) -> d
         # (a PacketStreamer sensor says nothing, on the wire or in its log, until its first block)
         sx = subprocess.Popen([*ns, sys.executable, "-m", "pktstream", "sensor", "--receiver", f"127.0.0.1:{port}",
                                "-i", veth.outer, "--max-wait", "0.1", "--sensor-id", "pktstream-1",
+                               "--spool-dir", os.path.join(work, "spool"),
                                *(["--tls", "--tls-ca", sx_tls] if tls else [])],
                               stderr=open(os.path.join(work, "sx.log"), "w"))
         procs.append(sx)

@@ -179,7 +179,7 @@ def run_pktstream(veth: Veth, pcap: str, rate: int, loops: int, work: str) -> di
                           stderr=open(rlog, "w"))
     wait_log(rlog, "listening on", rx)
     sx = subprocess.Popen([*PY, "sensor", "--receiver", f"127.0.0.1:{port}", "-i", veth.outer,
-                           "--stats-json", sjson], stderr=open(slog, "w"))
+                           "--stats-json", sjson, "--spool-dir", os.path.join(work, "spool")], stderr=open(slog, "w"))
     try:
         wait_log(slog, "connected to receiver", sx)
         s0, r0 = cpu_seconds(sx.pid), cpu_seconds(rx.pid)
