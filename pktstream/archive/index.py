@@ -140,12 +140,14 @@ class FileIndexBuilder:
 
     # -- results ---------------------------------------------------------------------------
     def _flows(self) -> dict[str, Any]:
-        """The flow table's records as numpy columns, ordered by key bytes."""
+        """The flow table's records as numpy columns, ordered by first packet time, then key bytes."""
         if not len(self._table):
             return {}
         raw = self._table.flows()
         key = np.frombuffer(raw["key"], dtype=_KEY)
+        first = np.frombuffer(raw["first_ns"], dtype=np.int64)
         order = np.argsort(key.view(f"V{_KEY.itemsize}"), kind="stable")
+        order = order[np.argsort(first[order], kind="stable")]
         offsets = np.frombuffer(raw["chunk_offsets"], dtype=np.int32)
         values = np.frombuffer(raw["chunk_values"], dtype=np.int32)
         counts = np.diff(offsets)[order]
@@ -157,7 +159,7 @@ class FileIndexBuilder:
         return {"key": key[order],
                 "packets": np.frombuffer(raw["packets"], dtype=np.int64)[order],
                 "bytes": np.frombuffer(raw["bytes"], dtype=np.int64)[order],
-                "first": np.frombuffer(raw["first_ns"], dtype=np.int64)[order],
+                "first": first[order],
                 "last": np.frombuffer(raw["last_ns"], dtype=np.int64)[order],
                 "flags": np.frombuffer(raw["tcp_flags"], dtype=np.uint16)[order],
                 "chunk_offsets": new_offsets, "chunk_values": values[take]}
@@ -189,8 +191,8 @@ class FileIndexBuilder:
                                                    pa.py_buffer(valid), nulls)
 
             src, dst = texts(key["src"]), texts(key["dst"])
-            distinct = pa.chunked_array([src, dst]).unique().drop_null()
-            addrs = sorted(distinct.to_pylist()) if len(distinct) <= SUMMARY_LIMIT else None
+            distinct = pa.chunked_array([src, dst]).unique().drop_null()  # (ASCII: Arrow's order is str's)
+            addrs = distinct.sort().to_pylist() if len(distinct) <= SUMMARY_LIMIT else None
             ipmask = ipv > 0  # (ARP addresses are in the address summary, no ports)
             ports = set(np.unique(key["sport"][ipmask]).tolist()) | set(np.unique(key["dport"][ipmask]).tolist())
             iface_ids = key["iface"]
@@ -218,11 +220,11 @@ class FileIndexBuilder:
             sensor_code = np.array([sensor_idx[x] for x in sensor_of_id.tolist()], dtype=np.int64)[iface_ids]
             part = sensor_code * 1_000_000 + (days - days.min())
             by_sensor = {v: k for k, v in sensor_idx.items()}
-            for code in np.unique(part).tolist():
-                rows = np.flatnonzero(part == code)
-                t = table.take(pa.array(rows))
+            codes = np.unique(part).tolist()
+            for code in codes:  # rows are in first_ts_ns order already (see _flows)
+                t = table if len(codes) == 1 else table.take(pa.array(np.flatnonzero(part == code)))
                 sensor = by_sensor[code // 1_000_000]
-                tables[(sensor, _date(int(days.min()) + code % 1_000_000))] = t.sort_by([("first_ts_ns", "ascending")])
+                tables[(sensor, _date(int(days.min()) + code % 1_000_000))] = t
         row = {
             "path": self.rel_path, "file_id": file_id(self.rel_path), "index_version": FORMAT_VERSION,
             "size": size, "version": version, "format": format, "compression": compression,
