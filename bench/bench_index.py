@@ -6,7 +6,9 @@ A real ``pktstream receiver`` (CLI process, 127.0.0.1, per-sensor rotated files 
 ``--output-dir``) is fed by simulated sensors that replay recorded DATA frames (zstd level 1,
 ~400 packets each, as a sensor sends them) of bench_archive.py's synthetic traffic (short
 TCP/UDP flows among 65,536 hosts, incompressible payloads), as fast as the receiver
-acknowledges them. Each format is run without ``--index``, with it, and, with ``--ref COMMIT``,
+acknowledges them. Each format is run without ``--index``, with it, with it and pyarrow's
+one-time start-up (import, first Parquet file) done before the receiver listens ("index-warm":
+the steady-state cost), and, with ``--ref COMMIT``,
 with the index code (``pktstream/archive/index.py``) of that commit loaded into the same
 receiver, pandas allowed as it was then (before/after in one run). Reported: receiver CPU
 seconds (user+sys of the process, from the moment it listens until it has exited:
@@ -48,6 +50,16 @@ spec.loader.exec_module(ref)
 import pktstream.archive.catalog as catalog, pktstream.archive.live as live
 live.FileIndexBuilder = catalog.FileIndexBuilder = ref.FileIndexBuilder
 live.refuse_pandas = lambda: None  # as before: pyarrow loads pandas at the first index
+from pktstream.cli import main
+sys.exit(main())
+"""
+# the receiver with pyarrow's one-time start-up (import, first Parquet file) done before it listens:
+# the steady-state cost of indexing (a receiver pays the start-up once, at its first completed file)
+WARM_WRAPPER = """import io, sys
+from pktstream.archive.live import refuse_pandas
+refuse_pandas()
+import pyarrow as pa, pyarrow.parquet as pq
+pq.write_table(pa.table({"a": pa.array([1])}), io.BytesIO(), compression="zstd")
 from pktstream.cli import main
 sys.exit(main())
 """
@@ -97,14 +109,15 @@ async def sensor(port: int, sid: str, frames, window: int = 16) -> int:
     return packets
 
 
-def run_receiver(work: Path, fmt: str, variant: str, frames_by_sensor: dict, rotate: str, wrapper: Path | None):
+def run_receiver(work: Path, fmt: str, variant: str, frames_by_sensor: dict, rotate: str) -> dict:
     out = work / f"{fmt}-{variant}"
     shutil.rmtree(out, ignore_errors=True)
     log = work / f"{fmt}-{variant}.log"
     port = free_port()
     cfg = work / "rx.yaml"
     cfg.write_text("connectionRate:\n  burst: 10000\n  seconds: 1\n")
-    head = [sys.executable, str(wrapper)] if variant == "index-ref" else PY
+    wrapper = {"index-ref": work / "ref_receiver.py", "index-warm": work / "warm_receiver.py"}.get(variant)
+    head = [sys.executable, str(wrapper)] if wrapper else PY
     cmd = [*head, "receiver", "--config", str(cfg), "--listen", f"127.0.0.1:{port}", "--output-dir", str(out),
            "--format", fmt, "-C", rotate, *(["--index"] if variant != "plain" else [])]
     rx = subprocess.Popen(cmd, stderr=open(log, "w"))
@@ -157,23 +170,22 @@ def main() -> int:
     res: dict = {"raw_mb": args.raw_mb, "sensors": args.sensors, "rotate": args.rotate, "ref": args.ref,
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
                  "loadavg_start": open("/proc/loadavg").read().split()[:3], "runs": {}}
-    wrapper = None
+    (work / "warm_receiver.py").write_text(WARM_WRAPPER)
     try:
         if args.ref:
             src = subprocess.run(["git", "show", f"{args.ref}:pktstream/archive/index.py"], check=True,
                                  capture_output=True, text=True, cwd=Path(__file__).parent).stdout
             (work / "ref_index.py").write_text(src)
-            wrapper = work / "ref_receiver.py"
-            wrapper.write_text(REF_WRAPPER.format(path=str(work / "ref_index.py")))
+            (work / "ref_receiver.py").write_text(REF_WRAPPER.format(path=str(work / "ref_index.py")))
         print(f"recording {args.raw_mb} MB of frames for {args.sensors} sensors ...", file=sys.stderr)
         frames = {f"sensor-{k}": recorded(k, args.raw_mb * 1_000_000 // args.sensors) for k in range(args.sensors)}
-        variants = ["plain", "index", *(["index-ref"] if args.ref else [])]
+        variants = ["plain", "index", "index-warm", *(["index-ref"] if args.ref else [])]
         c_self = resource.getrusage(resource.RUSAGE_SELF)
         for fmt in args.formats.split(","):
             runs = res["runs"][fmt] = {}
             for _ in range(args.repeat):
                 for v in variants:
-                    r = run_receiver(work, fmt, v, frames, args.rotate, wrapper)
+                    r = run_receiver(work, fmt, v, frames, args.rotate)
                     print(fmt, v, r, file=sys.stderr)
                     cpus = runs.get(v, {}).get("receiver_cpu_s_all", []) + [r["receiver_cpu_s"]]
                     if v not in runs or r["receiver_cpu_s"] < runs[v]["receiver_cpu_s"]:
