@@ -8,7 +8,8 @@ A real ``pktstream receiver`` (CLI process, 127.0.0.1, per-sensor rotated files 
 TCP/UDP flows among 65,536 hosts, incompressible payloads), as fast as the receiver
 acknowledges them. Each format is run without ``--index``, with it, with it and pyarrow's
 one-time start-up (import, first Parquet file) done before the receiver listens ("index-warm":
-the steady-state cost), and, with ``--ref COMMIT``,
+the steady-state cost), the same with the indexing's own CPU time measured on its thread
+("index-timed": the numerator measured directly), and, with ``--ref COMMIT``,
 with the index code (``pktstream/archive/index.py``) of that commit loaded into the same
 receiver, pandas allowed as it was then (before/after in one run). Reported: receiver CPU
 seconds (user+sys of the process, from the moment it listens until it has exited:
@@ -63,6 +64,26 @@ pq.write_table(pa.table({"a": pa.array([1])}), io.BytesIO(), compression="zstd")
 from pktstream.cli import main
 sys.exit(main())
 """
+# index-warm, plus the CPU time of the indexing itself, measured on the thread that does it
+# (FileIndexBuilder.add/finish and write_index/write_snapshot): a direct measure of the numerator,
+# where the difference of two whole-receiver runs is noisy on a shared machine
+TIMED_WRAPPER = WARM_WRAPPER.replace("from pktstream.cli import main", """import atexit, time
+import pktstream.archive.index as ix, pktstream.archive.live as live
+spent = [0.0]
+def timed(obj, name):
+    f = getattr(obj, name)
+    def w(*a, **k):
+        c = time.thread_time()
+        try:
+            return f(*a, **k)
+        finally:
+            spent[0] += time.thread_time() - c
+    setattr(obj, name, w)
+for obj, name in ((ix.FileIndexBuilder, "add"), (ix.FileIndexBuilder, "finish"), (live, "write_index"),
+                  (live, "write_snapshot")):
+    timed(obj, name)
+atexit.register(lambda: print(f"INDEXING_CPU_S {spent[0]:.4f}", file=sys.stderr))
+from pktstream.cli import main""")
 
 
 def free_port() -> int:
@@ -116,7 +137,8 @@ def run_receiver(work: Path, fmt: str, variant: str, frames_by_sensor: dict, rot
     port = free_port()
     cfg = work / "rx.yaml"
     cfg.write_text("connectionRate:\n  burst: 10000\n  seconds: 1\n")
-    wrapper = {"index-ref": work / "ref_receiver.py", "index-warm": work / "warm_receiver.py"}.get(variant)
+    wrapper = {"index-ref": work / "ref_receiver.py", "index-warm": work / "warm_receiver.py",
+               "index-timed": work / "timed_receiver.py"}.get(variant)
     head = [sys.executable, str(wrapper)] if wrapper else PY
     cmd = [*head, "receiver", "--config", str(cfg), "--listen", f"127.0.0.1:{port}", "--output-dir", str(out),
            "--format", fmt, "-C", rotate, *(["--index"] if variant != "plain" else [])]
@@ -149,6 +171,9 @@ def run_receiver(work: Path, fmt: str, variant: str, frames_by_sensor: dict, rot
         cat = Archive(str(out)).catalog().to_pylist()
         assert len(cat) == len(files) and sum(r["packets"] for r in cat) == sent, (len(cat), len(files))
         res["flows"] = sum(r["flows"] for r in cat)
+        timed = [line for line in log.read_text().splitlines() if line.startswith("INDEXING_CPU_S ")]
+        if timed:
+            res["indexing_thread_cpu_s"] = float(timed[-1].split()[1])
         res["index_bytes"] = sum(p.stat().st_size for p in (out / "_index").rglob("*.parquet"))
     shutil.rmtree(out, ignore_errors=True)
     return res
@@ -171,6 +196,7 @@ def main() -> int:
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
                  "loadavg_start": open("/proc/loadavg").read().split()[:3], "runs": {}}
     (work / "warm_receiver.py").write_text(WARM_WRAPPER)
+    (work / "timed_receiver.py").write_text(TIMED_WRAPPER)
     try:
         if args.ref:
             src = subprocess.run(["git", "show", f"{args.ref}:pktstream/archive/index.py"], check=True,
@@ -179,7 +205,7 @@ def main() -> int:
             (work / "ref_receiver.py").write_text(REF_WRAPPER.format(path=str(work / "ref_index.py")))
         print(f"recording {args.raw_mb} MB of frames for {args.sensors} sensors ...", file=sys.stderr)
         frames = {f"sensor-{k}": recorded(k, args.raw_mb * 1_000_000 // args.sensors) for k in range(args.sensors)}
-        variants = ["plain", "index", "index-warm", *(["index-ref"] if args.ref else [])]
+        variants = ["plain", "index", "index-warm", "index-timed", *(["index-ref"] if args.ref else [])]
         c_self = resource.getrusage(resource.RUSAGE_SELF)
         for fmt in args.formats.split(","):
             runs = res["runs"][fmt] = {}
@@ -192,6 +218,9 @@ def main() -> int:
                         runs[v] = r
                     runs[v]["receiver_cpu_s_all"] = cpus
             base = runs["plain"]["receiver_cpu_s"]
+            t = runs["index-timed"]["indexing_thread_cpu_s"]
+            runs["index-timed"]["indexing_pct_of_plain_receiver"] = round(100 * t / base, 1)
+            runs["index-timed"]["indexing_ns_per_packet"] = round(1e9 * t / runs["index-timed"]["packets"])
             for v in variants[1:]:
                 runs[v]["extra_cpu_pct"] = round(100 * (runs[v]["receiver_cpu_s"] - base) / base, 1)
                 runs[v]["ns_per_packet"] = round(1e9 * (runs[v]["receiver_cpu_s"] - base) / runs[v]["packets"])
