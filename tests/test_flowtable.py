@@ -17,8 +17,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from archive_data import _arp, _eth, _ipv4, _ipv6, _tcp, _udp, batches, frame
 from pktstream import PacketBatch
 from pktstream._decode import decode_columns
-from pktstream._flowtable import KEY_BYTES, FlowTable
+from pktstream._flowtable import KEY_BYTES, FlowTable, address_texts
 from pktstream.archive import FileIndexBuilder
+from pktstream.archive.index import address_text
 
 EXAMPLES = int(os.environ.get("PKTSTREAM_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
@@ -271,3 +272,20 @@ def test_random_record_buffers_never_read_outside(buf, count, link_type):
     if count:
         assert table_records(t) == reference([(PacketBatch.from_records(buf, link_type=link_type, validate=False,
                                                                          count=count), 0, 0)])
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.binary(min_size=16, max_size=16), st.sampled_from([0, 4, 6, 17]), st.booleans()),
+                max_size=40))
+def test_address_texts_as_address_text(rows):
+    """The C column conversion gives index.address_text's text (None: no text) row by row."""
+    addrs = b"".join(MAPPED + a[12:] if mapped else a for a, _, mapped in rows)
+    versions = bytes(v for _, v, _ in rows)
+    offsets, data, valid, nulls = address_texts(addrs, versions)
+    off = np.frombuffer(offsets, dtype=np.int32)
+    want = [address_text(addrs[16 * i:16 * i + 16], v) for i, v in enumerate(versions)]
+    got = [bytes(data[off[i]:off[i + 1]]).decode() if valid[i // 8] >> (i % 8) & 1 else None
+           for i in range(len(rows))]
+    assert got == want and nulls == want.count(None) and off[-1] == len(data)
+    with pytest.raises(ValueError):
+        address_texts(addrs + b"x", versions)

@@ -2,7 +2,8 @@
 
 A :class:`FileIndexBuilder` takes the batches of ONE capture file, in file order, each with the
 range of the (decompressed) file stream it came from -- a *chunk*: the unit a query reads
-again. It aggregates them into flow records, one per (sensor, interface, VLAN, ethertype,
+again. It aggregates them (one C pass per batch: ``pktstream._flowtable.FlowTable``) into flow
+records, one per (sensor, interface, VLAN, ethertype,
 IP version, src, dst, sport, dport, proto), with first/last ns, packets, wire bytes, the TCP
 flags seen and the chunk numbers holding its packets; ``finish()`` returns the flow tables,
 one per Hive partition ``sensor=S/date=YYYY-MM-DD`` (UTC date of the flow's first packet), and
@@ -15,7 +16,7 @@ file's name up to its first dot (per-sensor files ``<sensor id>.pcap.zst``,
 ``<sensor id>.000003.pcap.zst``).
 
 Lifetime/threads: a builder belongs to one file and one thread; the batches passed to
-:meth:`FileIndexBuilder.add` are decoded at once and not kept.
+:meth:`FileIndexBuilder.add` are walked at once and not kept.
 """
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ _MAPPED = b"\0" * 10 + b"\xff\xff"
 
 def address_text(row: bytes, version: int) -> str | None:
     """A 16-byte address row (IPv4 mapped) as text (ARP addresses: version 0, mapped), in the
-    form ``inet_ntop`` writes (:func:`canonical` gives the same for a query's address)."""
+    form ``inet_ntop`` writes (:func:`canonical` gives the same for a query's address;
+    ``pktstream._flowtable.address_texts`` does this for whole columns)."""
     if version == 4 or (version == 0 and row[:12] == _MAPPED):
         return socket.inet_ntop(socket.AF_INET, row[12:16])
     if version == 6:
