@@ -478,6 +478,25 @@ cdef class FlowTable:
                 "tcp_flags": flags, "chunk_offsets": offsets, "chunk_values": values}
 
 
+cdef inline const char *_dotted_quad(const unsigned char *a, char *out) noexcept nogil:
+    """Write the 4 bytes at ``a`` as ``d.d.d.d`` (NUL-terminated, at most 16 bytes) to ``out``."""
+    cdef int j, n = 0
+    cdef unsigned int x
+    for j in range(4):
+        x = a[j]
+        if x >= 100:
+            out[n] = <char> (48 + x // 100)
+            n += 1
+        if x >= 10:
+            out[n] = <char> (48 + (x // 10) % 10)
+            n += 1
+        out[n] = <char> (48 + x % 10)
+        n += 1
+        out[n] = 46 if j < 3 else 0  # "." or the terminating NUL
+        n += 1
+    return out
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 def address_texts(const unsigned char[::1] addresses not None, const unsigned char[::1] versions not None):
@@ -509,7 +528,7 @@ def address_texts(const unsigned char[::1] addresses not None, const unsigned ch
             out = <char *> &vd[used]
             r = NULL
             if v == 4 or (v == 0 and memcmp(a, b"\0\0\0\0\0\0\0\0\0\0\xff\xff", 12) == 0):
-                r = inet_ntop(AF_INET, a + 12, out, 46)
+                r = _dotted_quad(a + 12, out)  # what inet_ntop writes, without its sprintf
             elif v == 6:
                 r = inet_ntop(AF_INET6, a, out, 46)
             if r != NULL:
