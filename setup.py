@@ -101,7 +101,7 @@ extensions = [
               library_dirs=pcap["library_dirs"], libraries=pcap["libraries"],
               define_macros=macros, extra_compile_args=cflags, extra_link_args=ldflags,
               depends=["pktstream/_compat.h", "pktstream/_compat.pxd", "pktstream/_libpcap.pxd"])
-    for name in ("_capture", "_records", "_decode", "_s2")
+    for name in ("_capture", "_records", "_decode", "_s2", "_flowtable")
 ]
 
 setup(ext_modules=cythonize(

@@ -14,7 +14,10 @@ a large host pool, incompressible payloads (like encrypted traffic), one rare fl
   ``tcpdump -r FILE -w - BPF`` over every file (``zstd -dc`` in front of compressed ones) and
   ``pktstream convert FILE OUT BPF`` over every file; results checked equal (packet counts).
 
-Usage: bench/bench_archive.py [--raw-mb 600] [--sensors 4] [--file-mb 8] [--dir DIR] [--json OUT]
+``--ref COMMIT`` also writes the archive with the index code (``pktstream/archive/index.py``) of
+that commit loaded in this process: indexing cost before/after in one run.
+
+Usage: bench/bench_archive.py [--raw-mb 600] [--sensors 4] [--file-mb 8] [--ref COMMIT] [--dir DIR] [--json OUT]
 """
 from __future__ import annotations
 
@@ -121,6 +124,26 @@ def write_archive(root: Path, batches_by_sensor: dict, *, index: bool, file_byte
     return cpu + time.process_time() - c0
 
 
+def write_archive_ref(work: Path, ref: str, batches_by_sensor: dict, file_bytes: int) -> float:
+    """write_archive(index=True) with the FileIndexBuilder of git commit ``ref``."""
+    import importlib.util
+
+    import pktstream.archive.live as live
+    src = subprocess.run(["git", "show", f"{ref}:pktstream/archive/index.py"], check=True, capture_output=True,
+                         text=True, cwd=Path(__file__).parent).stdout
+    (work / "ref_index.py").write_text(src)
+    spec = importlib.util.spec_from_file_location("pktstream_ref_index", work / "ref_index.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    current = live.FileIndexBuilder
+    live.FileIndexBuilder = mod.FileIndexBuilder
+    try:
+        return write_archive(work / "indexed-ref", batches_by_sensor, index=True, file_bytes=file_bytes)
+    finally:
+        live.FileIndexBuilder = current
+
+
 def du(paths) -> int:
     return sum(p.stat().st_size for p in paths)
 
@@ -217,6 +240,7 @@ def main() -> int:
     ap.add_argument("--raw-mb", type=int, default=600, help="raw packet bytes to write, in MB (issue: 5000)")
     ap.add_argument("--sensors", type=int, default=4)
     ap.add_argument("--file-mb", type=float, default=8, help="rotation size of the .pcapng files (MB)")
+    ap.add_argument("--ref", help="also index with pktstream/archive/index.py of this git commit (before/after)")
     ap.add_argument("--dir", help="work directory (default: a temporary one, removed)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--zstd-frame-kib", type=int, default=1024,
@@ -243,6 +267,10 @@ def main() -> int:
         if args.zstd_frame_kib:  # the same archive with seekable .pcap.zst files
             cpu_seek = write_archive(work / "seekable", data(), index=True, file_bytes=fb,
                                      zstd_frame_bytes=args.zstd_frame_kib << 10)
+        if args.ref:
+            cpu_ref = write_archive_ref(work, args.ref, data(), fb)
+            res.update(write_cpu_s_indexed_ref=round(cpu_ref, 2),
+                       indexing_cpu_overhead_pct_ref=round(100 * (cpu_ref - cpu_plain) / cpu_plain, 1))
         root = work / "indexed"
         files = sorted(p for p in root.rglob("*") if p.is_file() and "_index" not in p.parts)
         idx = [p for p in root.rglob("*.parquet")]

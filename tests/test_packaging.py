@@ -85,7 +85,7 @@ def test_sdist_holds_the_sources_and_nothing_generated(dists):
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     for need in ("LICENSE", "setup.py", "pyproject.toml", "README.md", "pktstream/_compat.h",
                  "pktstream/_compat.pxd", "pktstream/_libpcap.pxd", "pktstream/py.typed",
-                 *(f"pktstream/{m}.{ext}" for m in ("_capture", "_records", "_decode", "_s2")
+                 *(f"pktstream/{m}.{ext}" for m in ("_capture", "_records", "_decode", "_s2", "_flowtable")
                    for ext in ("pyx", "pyi"))):
         assert need in names, need
     assert not [n for n in names if n.endswith((".c", ".so", ".html", ".pyc"))]
@@ -94,7 +94,7 @@ def test_sdist_holds_the_sources_and_nothing_generated(dists):
 
 def test_wheel_holds_modules_stubs_and_license_but_no_sources(dists):
     names = set(zipfile.ZipFile(dists["wheel"]).namelist())
-    for m in ("_capture", "_records", "_decode", "_s2"):
+    for m in ("_capture", "_records", "_decode", "_s2", "_flowtable"):
         assert any(n.startswith(f"pktstream/{m}.") and n.endswith(".so") for n in names), m
         assert f"pktstream/{m}.pyi" in names
     assert "pktstream/py.typed" in names

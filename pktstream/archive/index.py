@@ -2,7 +2,8 @@
 
 A :class:`FileIndexBuilder` takes the batches of ONE capture file, in file order, each with the
 range of the (decompressed) file stream it came from -- a *chunk*: the unit a query reads
-again. It aggregates them into flow records, one per (sensor, interface, VLAN, ethertype,
+again. It aggregates them (one C pass per batch: ``pktstream._flowtable.FlowTable``) into flow
+records, one per (sensor, interface, VLAN, ethertype,
 IP version, src, dst, sport, dport, proto), with first/last ns, packets, wire bytes, the TCP
 flags seen and the chunk numbers holding its packets; ``finish()`` returns the flow tables,
 one per Hive partition ``sensor=S/date=YYYY-MM-DD`` (UTC date of the flow's first packet), and
@@ -16,7 +17,7 @@ file's name up to its first dot (per-sensor files ``<sensor id>.pcap.zst``,
 output's default key (``SENSOR/YYYY/MM/DD/HHMMSS-RUN-SEQ.EXT``).
 
 Lifetime/threads: a builder belongs to one file and one thread; the batches passed to
-:meth:`FileIndexBuilder.add` are decoded at once and not kept.
+:meth:`FileIndexBuilder.add` are walked at once and not kept.
 """
 from __future__ import annotations
 
@@ -30,15 +31,16 @@ from typing import Any
 import numpy as np
 
 from pktstream._capture import PacketBatch
-from pktstream._decode import decode_columns
+from pktstream._flowtable import KEY_BYTES, FlowTable, address_texts
 
 INDEX_DIR = "_index"
 FORMAT_VERSION = 1
-PENDING_PACKETS = 1 << 17  # per-packet rows held before they are aggregated (~70 B each)
 SUMMARY_LIMIT = 4096  # more distinct addresses/ports than this: the summary is "unknown" (null)
 
-_KEY = np.dtype([("iface", "<i4"), ("vlan", "<i4"), ("ethertype", "<u2"), ("ipv", "u1"), ("proto", "u1"),
-                 ("sport", "<u2"), ("dport", "<u2"), ("src", "V16"), ("dst", "V16")])
+# a flow key as FlowTable.flows() gives it (native byte order)
+_KEY = np.dtype([("iface", "=i4"), ("vlan", "=i4"), ("ethertype", "=u2"), ("ipv", "u1"), ("proto", "u1"),
+                 ("sport", "=u2"), ("dport", "=u2"), ("src", "V16"), ("dst", "V16")])
+assert _KEY.itemsize == KEY_BYTES
 
 
 def file_id(rel_path: str) -> str:
@@ -75,25 +77,10 @@ def sensor_of(interface: str | None, rel_path: str) -> tuple[str, str]:
 _MAPPED = b"\0" * 10 + b"\xff\xff"
 
 
-def _arp_addresses(batch: PacketBatch, cols: dict[str, np.ndarray], src: np.ndarray, dst: np.ndarray) -> None:
-    """Untagged Ethernet ARP/RARP: the sender and target protocol addresses (ARP header bytes
-    14-17 and 24-27, where libpcap's ``arp host`` looks) as IPv4-mapped src/dst."""
-    sel = np.flatnonzero(np.isin(cols["ethertype"], (0x0806, 0x8035)) & (cols["vlan"] < 0)
-                         & (batch.caplen >= 14 + 28))
-    if not len(sel):
-        return
-    mem = np.frombuffer(memoryview(batch), dtype=np.uint8)
-    base = batch.offset[sel] + 14
-    four = np.arange(4)
-    src[sel, :12] = np.frombuffer(_MAPPED, np.uint8)
-    dst[sel, :12] = np.frombuffer(_MAPPED, np.uint8)
-    src[sel, 12:] = mem[base[:, None] + 14 + four]
-    dst[sel, 12:] = mem[base[:, None] + 24 + four]
-
-
 def address_text(row: bytes, version: int) -> str | None:
     """A 16-byte address row (IPv4 mapped) as text (ARP addresses: version 0, mapped), in the
-    form ``inet_ntop`` writes (:func:`canonical` gives the same for a query's address)."""
+    form ``inet_ntop`` writes (:func:`canonical` gives the same for a query's address;
+    ``pktstream._flowtable.address_texts`` does this for whole columns)."""
     if version == 4 or (version == 0 and row[:12] == _MAPPED):
         return socket.inet_ntop(socket.AF_INET, row[12:16])
     if version == 6:
@@ -119,9 +106,7 @@ class FileIndexBuilder:
         self.rel_path = rel_path
         self.max_chunk = max_chunk  # > 0: contiguous batches share a chunk up to this size
         self._ifaces: dict[tuple[str, str, int], int] = {}
-        self._parts: list[dict[str, np.ndarray]] = []
-        self._pending: list[tuple] = []
-        self._pending_n = 0
+        self._table = FlowTable()
         self.chunks: list[list[int]] = []  # [start, end, packets, first_ts, last_ts]
         self.header_blocks: list[tuple[int, int]] = []
         self.sections = 1
@@ -141,105 +126,52 @@ class FileIndexBuilder:
         n = len(batch)
         if n == 0:
             return
-        ts = batch.ts_ns
         prev = self.chunks[-1] if self.chunks else None
         same = prev is not None and prev[0] == start and prev[1] == end
-        if not same and prev is not None and self.max_chunk and prev[1] == start and end - prev[0] <= self.max_chunk:
-            prev[1] = end  # extend the chunk (small batches of a live capture)
-            same = True
-        if same:
-            c = self.chunks[-1]
-            c[2] += n
-            c[3] = min(c[3], int(ts.min()))
-            c[4] = max(c[4], int(ts.max()))
-        else:
-            self.chunks.append([start, end, n, int(ts.min()), int(ts.max())])
-        chunk = len(self.chunks) - 1
+        extend = (not same and prev is not None and self.max_chunk > 0 and prev[1] == start
+                  and end - prev[0] <= self.max_chunk)  # small batches of a live capture
+        chunk = len(self.chunks) - 1 if same or extend else len(self.chunks)
         sensor, itf = sensor_of(batch.interface if interface is None else interface, self.rel_path)
-        ikey = (sensor, itf, batch.link_type)
-        iid = self._ifaces.setdefault(ikey, len(self._ifaces))
-        cols = decode_columns(memoryview(batch), batch.offset, batch.caplen, batch.link_type)
-        key = np.empty(n, dtype=_KEY)
-        key["iface"] = iid
-        key["vlan"] = cols["vlan"]
-        key["ethertype"] = cols["ethertype"]
-        key["ipv"] = cols["ip_version"]
-        key["proto"] = cols["proto"]
-        key["sport"] = cols["sport"]
-        key["dport"] = cols["dport"]
-        src, dst = np.ascontiguousarray(cols["src"]), np.ascontiguousarray(cols["dst"])
-        if batch.link_type == 1:
-            _arp_addresses(batch, cols, src, dst)
-        key["src"] = src.view("V16").ravel()
-        key["dst"] = dst.view("V16").ravel()
-        wl = batch.wirelen.astype(np.int64)
-        # per-packet rows wait here and are aggregated in bulk (per-call numpy costs dominate
-        # at receiver batch sizes); bounded by PENDING_PACKETS
-        self._pending.append((key, ts, wl, cols["tcp_flags"], chunk))
-        self._pending_n += n
-        if self._pending_n >= PENDING_PACKETS:
-            self._compact()
+        link_type = batch.link_type
+        iid = self._ifaces.setdefault((sensor, itf, link_type), len(self._ifaces))
+        # one C pass over the records: flow key, hash insert, per-flow counters
+        wire, ts_min, ts_max = self._table.add(batch, n, link_type, iid, chunk)
+        if prev is not None and chunk == len(self.chunks) - 1:
+            if extend:
+                prev[1] = end
+            prev[2] += n
+            prev[3] = min(prev[3], ts_min)
+            prev[4] = max(prev[4], ts_max)
+        else:
+            self.chunks.append([start, end, n, ts_min, ts_max])
         self.packets += n
-        self.wire_bytes += int(wl.sum())
-
-    def _compact(self) -> None:
-        """Aggregate the pending per-packet rows into flow rows."""
-        if not self._pending:
-            return
-        key = np.concatenate([p[0] for p in self._pending])
-        ts = np.concatenate([p[1] for p in self._pending])
-        wl = np.concatenate([p[2] for p in self._pending])
-        tflags = np.concatenate([p[3] for p in self._pending])
-        chunk_of = np.concatenate([np.full(len(p[0]), p[4], dtype=np.int64) for p in self._pending])
-        self._pending, self._pending_n = [], 0
-        # group by (key, chunk): a flow row per chunk it appears in
-        full = np.empty(len(key), dtype=[("k", f"V{_KEY.itemsize}"), ("c", "<i8")])
-        full["k"] = key.view(f"V{_KEY.itemsize}").ravel()
-        full["c"] = chunk_of
-        order = np.argsort(full, kind="stable")
-        sk = full[order]
-        brk = np.flatnonzero(sk[1:] != sk[:-1]) + 1
-        starts = np.concatenate([[0], brk])
-        m = len(starts)
-        ts_s, wl_s, fl_s = ts[order], wl[order], tflags[order]
-        counts = np.diff(np.concatenate([starts, [len(order)]]))
-        self._parts.append({
-            "key": key[order[starts]], "packets": counts.astype(np.int64),
-            "bytes": np.add.reduceat(wl_s, starts) if m else np.zeros(0, np.int64),
-            "first": np.minimum.reduceat(ts_s, starts) if m else np.zeros(0, np.int64),
-            "last": np.maximum.reduceat(ts_s, starts) if m else np.zeros(0, np.int64),
-            "flags": np.bitwise_or.reduceat(fl_s, starts).astype(np.uint16) if m else np.zeros(0, np.uint16),
-            "chunk": chunk_of[order[starts]].astype(np.int32),
-        })
+        self.wire_bytes += wire
 
     # -- results ---------------------------------------------------------------------------
     def _flows(self) -> dict[str, Any]:
-        self._compact()
-        if not self._parts:
+        """The flow table's records as numpy columns, ordered by first packet time, then key bytes."""
+        if not len(self._table):
             return {}
-        key = np.concatenate([p["key"] for p in self._parts])
-        raw = key.view(f"V{_KEY.itemsize}")
-        uniq, first_idx, inv = np.unique(raw, return_index=True, return_inverse=True)
-        inv = inv.ravel()
-        m = len(uniq)
-        cat = {k: np.concatenate([p[k] for p in self._parts]) for k in ("packets", "bytes", "first", "last",
-                                                                      "flags", "chunk")}
-        first = np.full(m, np.iinfo(np.int64).max, dtype=np.int64)
-        last = np.full(m, np.iinfo(np.int64).min, dtype=np.int64)
-        np.minimum.at(first, inv, cat["first"])
-        np.maximum.at(last, inv, cat["last"])
-        flags = np.zeros(m, dtype=np.uint16)
-        np.bitwise_or.at(flags, inv, cat["flags"])
-        nchunks = max(len(self.chunks), 1)
-        pairs = np.unique(inv.astype(np.int64) * nchunks + cat["chunk"])
-        groups = pairs // nchunks
-        offsets = np.zeros(m + 1, dtype=np.int32)
-        np.cumsum(np.bincount(groups, minlength=m), out=offsets[1:])
-        return {"key": key[first_idx],
-                "packets": np.bincount(inv, weights=cat["packets"], minlength=m).astype(np.int64),
-                "bytes": np.bincount(inv, weights=cat["bytes"], minlength=m).astype(np.int64),
-                "first": first, "last": last, "flags": flags,
-                "chunk_offsets": offsets, "chunk_values": (pairs % nchunks).astype(np.int32)}
+        raw = self._table.flows()
+        key = np.frombuffer(raw["key"], dtype=_KEY)
+        first = np.frombuffer(raw["first_ns"], dtype=np.int64)
+        order = np.argsort(key.view(f"V{_KEY.itemsize}"), kind="stable")
+        order = order[np.argsort(first[order], kind="stable")]
+        offsets = np.frombuffer(raw["chunk_offsets"], dtype=np.int32)
+        values = np.frombuffer(raw["chunk_values"], dtype=np.int32)
+        counts = np.diff(offsets)[order]
+        new_offsets = np.zeros(len(order) + 1, dtype=np.int32)
+        np.cumsum(counts, out=new_offsets[1:])
+        # the chunk lists in the new order: gather each flow's run of values
+        starts = np.repeat(offsets[:-1][order] - new_offsets[:-1], counts)
+        take = np.arange(len(values), dtype=np.int64) + starts
+        return {"key": key[order],
+                "packets": np.frombuffer(raw["packets"], dtype=np.int64)[order],
+                "bytes": np.frombuffer(raw["bytes"], dtype=np.int64)[order],
+                "first": first[order],
+                "last": np.frombuffer(raw["last_ns"], dtype=np.int64)[order],
+                "flags": np.frombuffer(raw["tcp_flags"], dtype=np.uint16)[order],
+                "chunk_offsets": new_offsets, "chunk_values": values[take]}
 
     def finish(self, *, size: int, version: str, format: str, compression: str | None,
                status: str = "ok", error: str | None = None) -> tuple[dict[str, Any], dict[tuple[str, str], Any]]:
@@ -253,42 +185,39 @@ class FileIndexBuilder:
         f = self._flows()
         names = {v: k for k, v in self._ifaces.items()}
         tables: dict[tuple[str, str], Any] = {}
-        addrs: set[str] = set()
+        addrs: list[str] | None = []
         ports: set[int] = set()
         first_ts = last_ts = None
         if f:
             key = f["key"]
-            ipv = key["ipv"]
+            ipv = np.ascontiguousarray(key["ipv"])
             n = len(key)
 
-            def texts(col: np.ndarray) -> np.ndarray:
-                """Text per row, converted once per distinct (address, version)."""
-                both = np.empty(n, dtype=[("a", "V16"), ("v", "u1")])
-                both["a"], both["v"] = col, ipv
-                uniq, inv = np.unique(both, return_inverse=True)
-                text = np.array([address_text(bytes(u["a"]), int(u["v"])) for u in uniq], dtype=object)
-                return text[inv.ravel()]
+            def texts(col: np.ndarray) -> Any:
+                """The addresses as an Arrow string array (text made in C, inet_ntop's form)."""
+                offsets, data, valid, nulls = address_texts(np.ascontiguousarray(col).view(np.uint8), ipv)
+                return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data),
+                                                   pa.py_buffer(valid), nulls)
 
             src, dst = texts(key["src"]), texts(key["dst"])
-            distinct = set(src.tolist()) | set(dst.tolist())
-            distinct.discard(None)
-            addrs = distinct
+            distinct = pa.chunked_array([src, dst]).unique().drop_null()  # (ASCII: Arrow's order is str's)
+            addrs = distinct.sort().to_pylist() if len(distinct) <= SUMMARY_LIMIT else None
             ipmask = ipv > 0  # (ARP addresses are in the address summary, no ports)
             ports = set(np.unique(key["sport"][ipmask]).tolist()) | set(np.unique(key["dport"][ipmask]).tolist())
             iface_ids = key["iface"]
             ids = sorted(names)
             sensor_of_id = np.array([names[i][0] for i in ids], dtype=object)
-            iface_of_id = np.array([names[i][1] for i in ids], dtype=object)
             link_of_id = np.array([names[i][2] for i in ids], dtype=np.int32)
+            iface_take = pa.array(iface_ids)
             days = f["first"] // 86_400_000_000_000
             first_ts, last_ts = int(f["first"].min()), int(f["last"].max())
             chunks = pa.ListArray.from_arrays(pa.array(f["chunk_offsets"]), pa.array(f["chunk_values"]))
             table = pa.table({
-                "file": pa.array([self.rel_path] * n, pa.string()),
-                "interface": pa.array(iface_of_id[iface_ids], pa.string()),
+                "file": pa.repeat(pa.scalar(self.rel_path, pa.string()), n),
+                "interface": pa.array([names[i][1] for i in ids], pa.string()).take(iface_take),
                 "link_type": pa.array(link_of_id[iface_ids], pa.int32()),
                 "vlan": pa.array(key["vlan"]), "ethertype": pa.array(key["ethertype"]),
-                "ip_version": pa.array(ipv), "src": pa.array(src, pa.string()), "dst": pa.array(dst, pa.string()),
+                "ip_version": pa.array(ipv), "src": src, "dst": dst,
                 "sport": pa.array(key["sport"]), "dport": pa.array(key["dport"]), "proto": pa.array(key["proto"]),
                 "first_ts_ns": pa.array(f["first"]), "last_ts_ns": pa.array(f["last"]),
                 "packets": pa.array(f["packets"]), "bytes": pa.array(f["bytes"]),
@@ -300,11 +229,11 @@ class FileIndexBuilder:
             sensor_code = np.array([sensor_idx[x] for x in sensor_of_id.tolist()], dtype=np.int64)[iface_ids]
             part = sensor_code * 1_000_000 + (days - days.min())
             by_sensor = {v: k for k, v in sensor_idx.items()}
-            for code in np.unique(part).tolist():
-                rows = np.flatnonzero(part == code)
-                t = table.take(pa.array(rows))
+            codes = np.unique(part).tolist()
+            for code in codes:  # rows are in first_ts_ns order already (see _flows)
+                t = table if len(codes) == 1 else table.take(pa.array(np.flatnonzero(part == code)))
                 sensor = by_sensor[code // 1_000_000]
-                tables[(sensor, _date(int(days.min()) + code % 1_000_000))] = t.sort_by([("first_ts_ns", "ascending")])
+                tables[(sensor, _date(int(days.min()) + code % 1_000_000))] = t
         row = {
             "path": self.rel_path, "file_id": file_id(self.rel_path), "index_version": FORMAT_VERSION,
             "size": size, "version": version, "format": format, "compression": compression,
@@ -313,7 +242,7 @@ class FileIndexBuilder:
             "flows": sum(t.num_rows for t in tables.values()),
             "sensors": sorted({s for s, _, _ in self._ifaces}),
             "interfaces": sorted({f"{s}/{i}" for s, i, _ in self._ifaces}),
-            "addresses": sorted(addrs) if len(addrs) <= SUMMARY_LIMIT else None,
+            "addresses": addrs,
             "ports": sorted(ports) if len(ports) <= SUMMARY_LIMIT else None,
             "sections": self.sections,
             "header_blocks": [{"offset": o, "length": n} for o, n in sorted(self.header_blocks)],

@@ -124,6 +124,25 @@ class LiveIndexer:
             repair(self.store, rels)
 
 
+class _RefusePandas:
+    """Import hook refusing pandas (see :func:`refuse_pandas`)."""
+
+    def find_spec(self, name: str, path=None, target=None):
+        if name == "pandas" or name.startswith("pandas."):
+            raise ImportError("pandas is not used by the pktstream receiver")
+        return None
+
+
+def refuse_pandas() -> None:
+    """For a process that indexes but never needs pandas (the ``pktstream receiver`` command):
+    pyarrow imports pandas at its first array when it is installed, which costs 0.5-1 CPU-s and
+    tens of MB of memory at the first completed file; after this call it does not. Not for
+    library use (it changes imports for the whole process). Idempotent."""
+    import sys
+    if "pandas" not in sys.modules and not any(isinstance(f, _RefusePandas) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RefusePandas())
+
+
 def recover_index(root: str) -> dict:
     """After a crash: index every file without a (current) index, drop indexes of vanished
     files -- so no file is left without an index and no index without a file."""

@@ -107,6 +107,9 @@ def build_receiver(args: argparse.Namespace):
             setattr(s, attr, v)
     s.fsync = s.fsync or args.fsync
     s.index = s.index or args.index
+    if s.index:  # the index's pyarrow would load pandas, which the receiver never uses
+        from pktstream.archive.live import refuse_pandas
+        refuse_pandas()
     if args.no_packetstreamer:
         s.packetstreamer = False
     for item in args.packetstreamer_id or ():

@@ -1,0 +1,240 @@
+#!/usr/bin/env python3
+"""Indexing cost with the whole receiver as the denominator (issue 13, item 6: indexing
+<= 15 % extra receiver CPU).
+
+A real ``pktstream receiver`` (CLI process, 127.0.0.1, per-sensor rotated files in
+``--output-dir``) is fed by simulated sensors that replay recorded DATA frames (zstd level 1,
+~400 packets each, as a sensor sends them) of bench_archive.py's synthetic traffic (short
+TCP/UDP flows among 65,536 hosts, incompressible payloads), as fast as the receiver
+acknowledges them. Each format is run without ``--index``, with it, with it and pyarrow's
+one-time start-up (import, first Parquet file) done before the receiver listens ("index-warm":
+the steady-state cost), the same with the indexing's own CPU time measured on its thread
+("index-timed": the numerator measured directly), and, with ``--ref COMMIT``,
+with the index code (``pktstream/archive/index.py``) of that commit loaded into the same
+receiver, pandas allowed as it was then (before/after in one run). Reported: receiver CPU
+seconds (user+sys of the process, from the moment it listens until it has exited:
+decompression, validation, writing, rotation, the last files' indexes), packets in the files
+(checked), and the extra CPU of indexing.
+
+Usage (root not needed): bench/bench_index.py [--raw-mb 300] [--sensors 4] [--formats pcapng,pcap.zst]
+[--rotate 16MB] [--repeat 1] [--ref ac1c6ca] [--json OUT]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import zstandard
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_archive import T0, make_batches  # noqa: E402
+
+import pktstream  # noqa: E402
+from pktstream.stream import protocol as P  # noqa: E402
+
+PY = [sys.executable, "-m", "pktstream"]
+TICK = os.sysconf("SC_CLK_TCK")
+REF_WRAPPER = """import importlib.util, sys
+spec = importlib.util.spec_from_file_location("pktstream_ref_index", {path!r})
+ref = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ref)
+import pktstream.archive.catalog as catalog, pktstream.archive.live as live
+live.FileIndexBuilder = catalog.FileIndexBuilder = ref.FileIndexBuilder
+live.refuse_pandas = lambda: None  # as before: pyarrow loads pandas at the first index
+from pktstream.cli import main
+sys.exit(main())
+"""
+# the receiver with pyarrow's one-time start-up (import, first Parquet file) done before it listens:
+# the steady-state cost of indexing (a receiver pays the start-up once, at its first completed file)
+WARM_WRAPPER = """import io, sys
+from pktstream.archive.live import refuse_pandas
+refuse_pandas()
+import pyarrow as pa, pyarrow.parquet as pq
+pq.write_table(pa.table({"a": pa.array([1])}), io.BytesIO(), compression="zstd")
+from pktstream.cli import main
+sys.exit(main())
+"""
+# index-warm, plus the CPU time of the indexing itself, measured on the thread that does it
+# (FileIndexBuilder.add/finish and write_index/write_snapshot): a direct measure of the numerator,
+# where the difference of two whole-receiver runs is noisy on a shared machine
+TIMED_WRAPPER = WARM_WRAPPER.replace("from pktstream.cli import main", """import atexit, time
+import pktstream.archive.index as ix, pktstream.archive.live as live
+spent = [0.0]
+def timed(obj, name):
+    f = getattr(obj, name)
+    def w(*a, **k):
+        c = time.thread_time()
+        try:
+            return f(*a, **k)
+        finally:
+            spent[0] += time.thread_time() - c
+    setattr(obj, name, w)
+for obj, name in ((ix.FileIndexBuilder, "add"), (ix.FileIndexBuilder, "finish"), (live, "write_index"),
+                  (live, "write_snapshot")):
+    timed(obj, name)
+atexit.register(lambda: print(f"INDEXING_CPU_S {spent[0]:.4f}", file=sys.stderr))
+from pktstream.cli import main""")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """user+sys CPU of a running process (all threads) so far."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def recorded(seed: int, raw_bytes: int) -> list[tuple[bytes, int, int]]:
+    """(zstd payload, packets, raw bytes) per DATA frame of one sensor's traffic."""
+    c = zstandard.ZstdCompressor(level=1, write_checksum=True, write_content_size=True)
+    return [(c.compress(b), len(b), b.nbytes) for b in make_batches(seed, raw_bytes, T0, 3600 * 10**9)]
+
+
+async def sensor(port: int, sid: str, frames, window: int = 16) -> int:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(P.encode_json(P.FrameType.HELLO, {"sensor_id": sid, "hostname": sid, "nonce": os.urandom(32).hex(),
+                                              "interfaces": [{"index": 0, "name": "eth0", "link_type": 1,
+                                                              "snaplen": 262144}]}))
+    await P.read_frame(r)
+    w.write(P.encode_json(P.FrameType.AUTH, {"proof": ""}))
+    seq = acked = (await P.read_frame(r)).json()["last_seq"]
+    packets = 0
+    for payload, count, raw in frames:
+        seq += 1
+        w.write(P.encode(P.FrameType.DATA, payload, seq=seq, iface=0, count=count, raw_len=raw))
+        packets += count
+        while seq - acked > window:
+            f = await P.read_frame(r, max_payload=1 << 16, max_raw=0)
+            if f.type == P.FrameType.ACK:
+                acked = f.seq
+        await w.drain()
+    while acked < seq:
+        f = await P.read_frame(r, max_payload=1 << 16, max_raw=0)
+        if f.type == P.FrameType.ACK:
+            acked = f.seq
+    w.close()
+    return packets
+
+
+def run_receiver(work: Path, fmt: str, variant: str, frames_by_sensor: dict, rotate: str) -> dict:
+    out = work / f"{fmt}-{variant}"
+    shutil.rmtree(out, ignore_errors=True)
+    log = work / f"{fmt}-{variant}.log"
+    port = free_port()
+    cfg = work / "rx.yaml"
+    cfg.write_text("connectionRate:\n  burst: 10000\n  seconds: 1\n")
+    wrapper = {"index-ref": work / "ref_receiver.py", "index-warm": work / "warm_receiver.py",
+               "index-timed": work / "timed_receiver.py"}.get(variant)
+    head = [sys.executable, str(wrapper)] if wrapper else PY
+    cmd = [*head, "receiver", "--config", str(cfg), "--listen", f"127.0.0.1:{port}", "--output-dir", str(out),
+           "--format", fmt, "-C", rotate, *(["--index"] if variant != "plain" else [])]
+    rx = subprocess.Popen(cmd, stderr=open(log, "w"))
+    end = time.monotonic() + 60
+    while "listening on" not in log.read_text(errors="replace"):
+        if rx.poll() is not None or time.monotonic() > end:
+            raise RuntimeError(f"receiver did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.05)
+    c0 = cpu_seconds(rx.pid)
+    t0 = time.perf_counter()
+
+    async def all_sensors():
+        return await asyncio.gather(*(sensor(port, sid, fr) for sid, fr in frames_by_sensor.items()))
+    try:
+        sent = sum(asyncio.run(all_sensors()))
+    finally:
+        rx.terminate()
+    _, status, ru = os.wait4(rx.pid, 0)
+    rx.returncode = status
+    wall = time.perf_counter() - t0
+    cpu = ru.ru_utime + ru.ru_stime - c0
+    files = sorted(p for p in out.rglob("*") if p.is_file() and "_index" not in p.parts)
+    in_files = sum(len(b) for f in files for b in pktstream.read(f))
+    assert in_files == sent, (fmt, variant, in_files, sent)
+    res = {"receiver_cpu_s": round(cpu, 2), "wall_s": round(wall, 2), "packets": sent, "files": len(files),
+           "capture_bytes": sum(f.stat().st_size for f in files)}
+    if variant != "plain":
+        from pktstream.archive import Archive
+        cat = Archive(str(out)).catalog().to_pylist()
+        assert len(cat) == len(files) and sum(r["packets"] for r in cat) == sent, (len(cat), len(files))
+        res["flows"] = sum(r["flows"] for r in cat)
+        timed = [line for line in log.read_text().splitlines() if line.startswith("INDEXING_CPU_S ")]
+        if timed:
+            res["indexing_thread_cpu_s"] = float(timed[-1].split()[1])
+        res["index_bytes"] = sum(p.stat().st_size for p in (out / "_index").rglob("*.parquet"))
+    shutil.rmtree(out, ignore_errors=True)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--raw-mb", type=int, default=300, help="raw packet bytes, all sensors together (MB)")
+    ap.add_argument("--sensors", type=int, default=4)
+    ap.add_argument("--formats", default="pcapng,pcap.zst")
+    ap.add_argument("--rotate", default="16MB", help="receiver -C")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per variant (interleaved); the least CPU counts")
+    ap.add_argument("--ref", help="also run the index code of this git commit (before/after)")
+    ap.add_argument("--dir", help="work directory (default: a temporary one, removed)")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    work = Path(args.dir or tempfile.mkdtemp(prefix="bench-index-"))
+    work.mkdir(parents=True, exist_ok=True)
+    res: dict = {"raw_mb": args.raw_mb, "sensors": args.sensors, "rotate": args.rotate, "ref": args.ref,
+                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
+                 "loadavg_start": open("/proc/loadavg").read().split()[:3], "runs": {}}
+    (work / "warm_receiver.py").write_text(WARM_WRAPPER)
+    (work / "timed_receiver.py").write_text(TIMED_WRAPPER)
+    try:
+        if args.ref:
+            src = subprocess.run(["git", "show", f"{args.ref}:pktstream/archive/index.py"], check=True,
+                                 capture_output=True, text=True, cwd=Path(__file__).parent).stdout
+            (work / "ref_index.py").write_text(src)
+            (work / "ref_receiver.py").write_text(REF_WRAPPER.format(path=str(work / "ref_index.py")))
+        print(f"recording {args.raw_mb} MB of frames for {args.sensors} sensors ...", file=sys.stderr)
+        frames = {f"sensor-{k}": recorded(k, args.raw_mb * 1_000_000 // args.sensors) for k in range(args.sensors)}
+        variants = ["plain", "index", "index-warm", "index-timed", *(["index-ref"] if args.ref else [])]
+        c_self = resource.getrusage(resource.RUSAGE_SELF)
+        for fmt in args.formats.split(","):
+            runs = res["runs"][fmt] = {}
+            for _ in range(args.repeat):
+                for v in variants:
+                    r = run_receiver(work, fmt, v, frames, args.rotate)
+                    print(fmt, v, r, file=sys.stderr)
+                    cpus = runs.get(v, {}).get("receiver_cpu_s_all", []) + [r["receiver_cpu_s"]]
+                    if v not in runs or r["receiver_cpu_s"] < runs[v]["receiver_cpu_s"]:
+                        runs[v] = r
+                    runs[v]["receiver_cpu_s_all"] = cpus
+            base = runs["plain"]["receiver_cpu_s"]
+            t = runs["index-timed"]["indexing_thread_cpu_s"]
+            runs["index-timed"]["indexing_pct_of_plain_receiver"] = round(100 * t / base, 1)
+            runs["index-timed"]["indexing_ns_per_packet"] = round(1e9 * t / runs["index-timed"]["packets"])
+            for v in variants[1:]:
+                runs[v]["extra_cpu_pct"] = round(100 * (runs[v]["receiver_cpu_s"] - base) / base, 1)
+                runs[v]["ns_per_packet"] = round(1e9 * (runs[v]["receiver_cpu_s"] - base) / runs[v]["packets"])
+        c_end = resource.getrusage(resource.RUSAGE_SELF)
+        res["bench_process_cpu_s"] = round(c_end.ru_utime + c_end.ru_stime - c_self.ru_utime - c_self.ru_stime, 2)
+        res["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
+    finally:
+        if not args.dir:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(res, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

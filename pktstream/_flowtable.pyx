@@ -1,0 +1,542 @@
+# cython: language_level=3
+"""Flow table of the archive index: one hash insert per packet, straight from the records.
+
+:class:`FlowTable` walks a buffer of pcap records (what a ``PacketBatch`` exports: 16-byte
+little-endian headers with nanosecond timestamps, then the packet bytes), parses each packet's
+flow key -- (interface id, VLAN, ethertype, IP version, src, dst, sport, dport, proto), exactly
+the fields ``pktstream._decode.decode_columns`` gives, plus the sender/target protocol
+addresses of untagged Ethernet ARP/RARP as IPv4-mapped src/dst -- and updates the flow's
+first/last ns, packets, wire bytes, TCP flags OR and chunk list in an open-addressing hash
+table (linear probing, keyed hash with a random per-table secret: traffic cannot be crafted to
+collide without knowing it).
+
+Safety: the records' bounds are checked against the buffer before anything is counted (a bad
+buffer raises ``ValueError`` and leaves the table unchanged), every header read is checked
+against the captured length, and all memory a batch can need is reserved before its loop, so
+a failure leaves the table as it was.
+
+Lifetime/threads: a table is owned by one thread (one capture file's index); ``add`` releases
+the GIL while it walks a batch and raises ``RuntimeError`` if another thread uses the table
+meanwhile.
+"""
+cimport cython
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, realloc
+from libc.string cimport memcmp, memcpy, memset, strlen
+
+import os
+
+from pktstream._compat cimport RECORD_HEADER, ps_get_be16, ps_get_be32, ps_get_le32
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    /* a 64x64 -> 128-bit multiply folded to 64 bits (the mixing step of wyhash-style hashes) */
+    static inline uint64_t ps_ft_mum(uint64_t a, uint64_t b) {
+    #ifdef __SIZEOF_INT128__
+        __uint128_t r = (__uint128_t) a * b;
+        return (uint64_t) r ^ (uint64_t) (r >> 64);
+    #else
+        uint64_t ha = a >> 32, hb = b >> 32, la = (uint32_t) a, lb = (uint32_t) b;
+        uint64_t rh = ha * hb, rm0 = ha * lb, rm1 = hb * la, rl = la * lb, t = rl + (rm0 << 32);
+        uint64_t c = t < rl, lo = t + (rm1 << 32);
+        c += lo < t;
+        return lo ^ (rh + (rm0 >> 32) + (rm1 >> 32) + c);
+    #endif
+    }
+    #define PS_FT_HI 0xFFFFFFFF00000000ULL
+    /* 48-byte key, 8 secret words */
+    static inline uint64_t ps_ft_hash(const void *key, const uint64_t *s) {
+        uint64_t w[6];
+        memcpy(w, key, 48);
+        uint64_t h = ps_ft_mum(w[0] ^ s[0], w[1] ^ s[1]);
+        h = ps_ft_mum(w[2] ^ s[2] ^ h, w[3] ^ s[3]);
+        h = ps_ft_mum(w[4] ^ s[4] ^ h, w[5] ^ s[5]);
+        return ps_ft_mum(h ^ s[6], 48 ^ s[7]);
+    }
+    """
+    uint64_t ps_ft_hash(const void *key, const uint64_t *s) nogil
+    const uint64_t PS_FT_HI
+
+
+cdef extern from "<arpa/inet.h>" nogil:
+    enum: AF_INET
+    enum: AF_INET6
+    const char *inet_ntop(int af, const void *src, char *dst, unsigned int size)
+
+
+cdef struct FlowKey:  # 48 bytes, no padding; index.py's numpy key dtype has this layout
+    int32_t iface
+    int32_t vlan
+    uint16_t ethertype
+    uint8_t ipv
+    uint8_t proto
+    uint16_t sport
+    uint16_t dport
+    uint8_t src[16]
+    uint8_t dst[16]
+
+
+cdef struct Flow:
+    FlowKey key
+    int64_t first_ns
+    int64_t last_ns
+    int64_t packets
+    int64_t wire_bytes
+    int32_t last_chunk
+    uint16_t tcp_flags
+
+
+cdef struct ChunkRef:  # (flow, chunk): appended when a flow is first seen in a chunk
+    int32_t flow
+    int32_t chunk
+
+
+KEY_BYTES = sizeof(FlowKey)
+
+cdef enum:
+    MAX_FLOWS = 0x3FFFFFFF  # flow ids are int32; slots hold id + 1
+
+
+cdef inline uint32_t _host32(const unsigned char *p) noexcept nogil:
+    cdef uint32_t v
+    memcpy(&v, p, 4)
+    return v
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.cdivision(True)
+cdef inline void parse_key(const unsigned char *p, uint64_t L, int link_type, FlowKey *k,
+                           uint16_t *tcp_flags) noexcept nogil:
+    """Fill ``k`` (zeroed, vlan -1 by the caller) and the TCP flags of one packet of ``L``
+    captured bytes: the same fields, with the same "absent" values, as decode_columns."""
+    cdef uint64_t pos = 0, l4
+    cdef uint32_t et, af, ihl, hl, nh, fk
+    cdef int tags = 0, _j
+    cdef bint first_frag = True
+    tcp_flags[0] = 0
+    # ---- link layer -> (ethertype et, network header at pos)
+    if link_type == 1:
+        if L < 14:
+            return
+        et = ps_get_be16(p + 12)
+        pos = 14
+    elif link_type == 113:
+        if L < 16:
+            return
+        et = ps_get_be16(p + 14)
+        pos = 16
+    elif link_type == 276:
+        if L < 20:
+            return
+        et = ps_get_be16(p)
+        pos = 20
+    elif link_type == 12 or link_type == 14 or link_type == 101:
+        if L < 1:
+            return
+        et = 0x0800 if (p[0] >> 4) == 4 else 0x86DD if (p[0] >> 4) == 6 else 0
+    elif link_type == 228:
+        et = 0x0800
+    elif link_type == 229:
+        et = 0x86DD
+    elif link_type == 0 or link_type == 108:
+        if L < 4:
+            return
+        af = ps_get_be32(p) if link_type == 108 else _host32(p)
+        pos = 4
+        et = 0x0800 if af == 2 else 0x86DD if (af == 10 or af == 24 or af == 28 or af == 30) else 0
+    else:
+        return
+    # ---- 802.1Q / 802.1ad tags: the outer VLAN id is in the key
+    while et == 0x8100 or et == 0x88A8 or et == 0x9100:
+        if L < pos + 4:
+            return  # truncated inside the tags: ethertype stays 0 (an outer VLAN id stays)
+        if tags == 0:
+            k.vlan = ps_get_be16(p + pos) & 0xFFF
+        tags += 1
+        et = ps_get_be16(p + pos + 2)
+        pos += 4
+    k.ethertype = <uint16_t> et
+    # ---- network layer
+    if et == 0x0800:
+        if L < pos + 20 or (p[pos] >> 4) != 4:
+            return
+        ihl = (p[pos] & 0x0F) * 4
+        if ihl < 20 or L < pos + ihl:
+            return
+        k.ipv = 4
+        fk = ps_get_be16(p + pos + 6)
+        first_frag = (fk & 0x1FFF) == 0
+        nh = p[pos + 9]
+        k.proto = <uint8_t> nh
+        k.src[10] = 0xFF
+        k.src[11] = 0xFF
+        k.dst[10] = 0xFF
+        k.dst[11] = 0xFF
+        memcpy(&k.src[12], p + pos + 12, 4)
+        memcpy(&k.dst[12], p + pos + 16, 4)
+        l4 = pos + ihl
+    elif et == 0x86DD:
+        if L < pos + 40 or (p[pos] >> 4) != 6:
+            return
+        k.ipv = 6
+        memcpy(&k.src[0], p + pos + 8, 16)
+        memcpy(&k.dst[0], p + pos + 24, 16)
+        nh = p[pos + 6]
+        l4 = pos + 40
+        for _j in range(8):  # at most 8 extension headers, as decode_columns
+            if nh == 0 or nh == 43 or nh == 60 or nh == 135:
+                if L < l4 + 8:
+                    k.proto = <uint8_t> nh
+                    return
+                hl = (p[l4 + 1] + 1) * 8
+            elif nh == 44:
+                if L < l4 + 8:
+                    k.proto = <uint8_t> nh
+                    return
+                hl = 8
+                first_frag = (ps_get_be16(p + l4 + 2) & 0xFFF8) == 0
+            elif nh == 51:
+                if L < l4 + 8:
+                    k.proto = <uint8_t> nh
+                    return
+                hl = (p[l4 + 1] + 2) * 4
+            else:
+                break
+            nh = p[l4]
+            l4 += hl
+        k.proto = <uint8_t> nh
+    else:
+        # untagged Ethernet ARP/RARP: sender and target protocol addresses (bytes 14-17 and
+        # 24-27 of the ARP header, where libpcap's "arp host" looks), IPv4-mapped
+        if link_type == 1 and tags == 0 and (et == 0x0806 or et == 0x8035) and L >= 14 + 28:
+            k.src[10] = 0xFF
+            k.src[11] = 0xFF
+            k.dst[10] = 0xFF
+            k.dst[11] = 0xFF
+            memcpy(&k.src[12], p + 14 + 14, 4)
+            memcpy(&k.dst[12], p + 14 + 24, 4)
+        return
+    if not first_frag:
+        return
+    # ---- transport layer
+    if nh == 6:
+        if L < l4 + 20:
+            return
+        k.sport = ps_get_be16(p + l4)
+        k.dport = ps_get_be16(p + l4 + 2)
+        tcp_flags[0] = <uint16_t> (((p[l4 + 12] & 1) << 8) | p[l4 + 13])
+    elif nh == 17 or nh == 132 or nh == 136:
+        if L < l4 + 8:
+            return
+        k.sport = ps_get_be16(p + l4)
+        k.dport = ps_get_be16(p + l4 + 2)
+
+
+@cython.final
+cdef class FlowTable:
+    """Flow records of one capture file, built packet by packet (see the module docstring).
+
+    Memory: about 90 bytes per flow plus 16 per slot (at most half the slots are used) and
+    8 per (flow, chunk) pair; freed with the table.
+    Not thread-safe: one owner thread (concurrent use raises ``RuntimeError``).
+    """
+    cdef Flow *recs
+    cdef Py_ssize_t n_flows
+    cdef Py_ssize_t cap_flows
+    cdef uint64_t *slots  # 0 = empty, else (hash high 32 bits << 32) | (flow id + 1)
+    cdef Py_ssize_t n_slots  # a power of two
+    cdef ChunkRef *refs
+    cdef Py_ssize_t n_refs
+    cdef Py_ssize_t cap_refs
+    cdef int32_t chunk  # the highest chunk number given so far
+    cdef uint64_t secret[8]
+    cdef bint busy
+    cdef readonly int64_t packets
+
+    def __cinit__(self):
+        cdef int j
+        cdef bytes seed = os.urandom(64)
+        self.chunk = -1
+        memcpy(self.secret, <const char *> seed, 64)
+        for j in range(8):
+            self.secret[j] |= 1  # odd: never a zero multiplier
+
+    def __dealloc__(self):
+        free(self.recs)
+        free(self.slots)
+        free(self.refs)
+
+    def __len__(self) -> int:
+        """Number of distinct flows."""
+        return self.n_flows
+
+    cdef int _reserve(self, Py_ssize_t more) except -1:
+        """Room for ``more`` new flows and chunk references without reallocating, with the slot
+        table at most half full."""
+        cdef Py_ssize_t need = self.n_flows + more, cap, i, h
+        cdef Flow *f
+        cdef ChunkRef *r
+        cdef uint64_t *s
+        cdef uint64_t mask, e
+        if need > MAX_FLOWS:
+            raise OverflowError(f"more than {MAX_FLOWS} flows in one table")
+        if need > self.cap_flows:
+            cap = max(need, 2 * self.cap_flows, 1024)
+            f = <Flow *> realloc(self.recs, cap * sizeof(Flow))
+            if f == NULL:
+                raise MemoryError()
+            self.recs, self.cap_flows = f, cap
+        if self.n_refs + more > self.cap_refs:
+            cap = max(self.n_refs + more, 2 * self.cap_refs, 1024)
+            r = <ChunkRef *> realloc(self.refs, cap * sizeof(ChunkRef))
+            if r == NULL:
+                raise MemoryError()
+            self.refs, self.cap_refs = r, cap
+        if 2 * need > self.n_slots:
+            cap = max(self.n_slots, 2048)
+            while cap < 2 * need:
+                cap *= 2
+            s = <uint64_t *> calloc(cap, sizeof(uint64_t))
+            if s == NULL:
+                raise MemoryError()
+            mask = <uint64_t> (cap - 1)
+            for i in range(self.n_flows):  # rehash: slot from the stored flows' hashes
+                e = ps_ft_hash(&self.recs[i].key, self.secret)
+                h = <Py_ssize_t> (e & mask)
+                while s[h] != 0:
+                    h = (h + 1) & <Py_ssize_t> mask
+                s[h] = (e & PS_FT_HI) | <uint64_t> (i + 1)
+            free(self.slots)
+            self.slots, self.n_slots = s, cap
+        return 0
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    def add(self, const unsigned char[::1] records not None, Py_ssize_t count, int link_type, int iface,
+            int chunk):
+        """Add ``count`` pcap records (ns timestamps) from ``records`` -- e.g. a PacketBatch:
+        ``add(batch, len(batch), batch.link_type, ...)`` -- as packets of interface id ``iface``
+        in chunk number ``chunk`` (chunk numbers never decrease from one call to the next).
+
+        :returns: (wire bytes, smallest timestamp ns, largest timestamp ns) of these records
+            ((0, 0, 0) when ``count`` is 0).
+        :raises ValueError: the records do not fit in the buffer (the table is unchanged).
+        """
+        cdef Py_ssize_t size = records.shape[0], pos = 0, i, h
+        cdef uint32_t caplen
+        if count < 0:
+            raise ValueError("negative record count")
+        if chunk < self.chunk:
+            raise ValueError(f"chunk {chunk} after chunk {self.chunk}: chunk numbers never decrease")
+        if count == 0:
+            return 0, 0, 0
+        if self.busy:
+            raise RuntimeError("FlowTable used by two threads at once")
+        cdef const unsigned char *d = &records[0] if size else NULL
+        # every record inside the buffer, before anything is counted
+        with nogil:
+            for i in range(count):
+                if size - pos < RECORD_HEADER:
+                    break
+                caplen = ps_get_le32(d + pos + 8)
+                if <Py_ssize_t> caplen > size - pos - RECORD_HEADER:
+                    break
+                pos += RECORD_HEADER + caplen
+            else:
+                i = count
+        if i < count:
+            raise ValueError(f"record {i} of {count} at byte {pos} runs past the {size}-byte buffer")
+        self._reserve(count)
+        self.chunk = chunk
+        cdef FlowKey key
+        cdef uint16_t tflags
+        cdef uint64_t e, mask = <uint64_t> (self.n_slots - 1), tag
+        cdef int64_t ts, wirelen, wire_total = 0, tmin = 0, tmax = 0
+        cdef Flow *f
+        cdef uint64_t *slots = self.slots
+        cdef Flow *recs = self.recs
+        cdef int32_t fid
+        self.busy = True
+        try:
+            with nogil:
+                pos = 0
+                for i in range(count):
+                    caplen = ps_get_le32(d + pos + 8)
+                    ts = <int64_t> ps_get_le32(d + pos) * 1000000000 + ps_get_le32(d + pos + 4)
+                    wirelen = ps_get_le32(d + pos + 12)
+                    memset(&key, 0, sizeof(FlowKey))
+                    key.iface = iface
+                    key.vlan = -1
+                    parse_key(d + pos + RECORD_HEADER, caplen, link_type, &key, &tflags)
+                    pos += RECORD_HEADER + caplen
+                    if i == 0:
+                        tmin = tmax = ts
+                    elif ts < tmin:
+                        tmin = ts
+                    elif ts > tmax:
+                        tmax = ts
+                    wire_total += wirelen
+                    e = ps_ft_hash(&key, self.secret)
+                    tag = e & PS_FT_HI
+                    h = <Py_ssize_t> (e & mask)
+                    while True:
+                        if slots[h] == 0:  # new flow (room reserved above)
+                            fid = <int32_t> self.n_flows
+                            self.n_flows += 1
+                            slots[h] = tag | <uint64_t> (fid + 1)
+                            f = &recs[fid]
+                            f.key = key
+                            f.first_ns = ts
+                            f.last_ns = ts
+                            f.packets = 0
+                            f.wire_bytes = 0
+                            f.tcp_flags = 0
+                            f.last_chunk = -1
+                            break
+                        if (slots[h] & PS_FT_HI) == tag:
+                            fid = <int32_t> (<uint32_t> slots[h] - 1)
+                            f = &recs[fid]
+                            if memcmp(&f.key, &key, sizeof(FlowKey)) == 0:
+                                break
+                        h = (h + 1) & <Py_ssize_t> mask
+                    if ts < f.first_ns:
+                        f.first_ns = ts
+                    if ts > f.last_ns:
+                        f.last_ns = ts
+                    f.packets += 1
+                    f.wire_bytes += wirelen
+                    f.tcp_flags |= tflags
+                    if f.last_chunk != chunk:
+                        f.last_chunk = chunk
+                        self.refs[self.n_refs].flow = fid
+                        self.refs[self.n_refs].chunk = chunk
+                        self.n_refs += 1
+        finally:
+            self.busy = False
+        self.packets += count
+        return wire_total, tmin, tmax
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    def flows(self) -> dict:
+        """The flow records, in first-seen order, as buffers (``numpy.frombuffer`` them):
+        ``key`` (KEY_BYTES per flow: int32 iface, int32 vlan, uint16 ethertype, uint8 ip
+        version, uint8 proto, uint16 sport, uint16 dport, 16-byte src, 16-byte dst; native byte
+        order; IPv4 addresses IPv4-mapped), ``first_ns``/``last_ns``/``packets``/``bytes``
+        (int64), ``tcp_flags`` (uint16), ``chunk_offsets`` (int32, flows + 1) and
+        ``chunk_values`` (int32: flow i's chunks, ascending, are values[offsets[i]:offsets[i+1]])."""
+        if self.busy:
+            raise RuntimeError("FlowTable used by two threads at once")
+        cdef Py_ssize_t n = self.n_flows, i
+        key = bytearray(n * sizeof(FlowKey))
+        first = bytearray(n * 8)
+        last = bytearray(n * 8)
+        packets = bytearray(n * 8)
+        wire = bytearray(n * 8)
+        flags = bytearray(n * 2)
+        offsets = bytearray((n + 1) * 4)
+        values = bytearray(self.n_refs * 4)
+        cdef unsigned char[::1] vk = key
+        cdef int64_t[::1] vf = memoryview(first).cast("q")
+        cdef int64_t[::1] vl = memoryview(last).cast("q")
+        cdef int64_t[::1] vp = memoryview(packets).cast("q")
+        cdef int64_t[::1] vw = memoryview(wire).cast("q")
+        cdef uint16_t[::1] vg = memoryview(flags).cast("H")
+        cdef int32_t[::1] vo = memoryview(offsets).cast("i")
+        cdef int32_t[::1] vv = memoryview(values).cast("i") if self.n_refs else None
+        cdef Flow *f
+        cdef int32_t c
+        for i in range(n):
+            f = &self.recs[i]
+            memcpy(&vk[i * sizeof(FlowKey)], &f.key, sizeof(FlowKey))
+            vf[i] = f.first_ns
+            vl[i] = f.last_ns
+            vp[i] = f.packets
+            vw[i] = f.wire_bytes
+            vg[i] = f.tcp_flags
+        # counting sort of the (flow, chunk) pairs by flow; appended in chunk order, so each
+        # flow's chunks come out ascending (and distinct: a pair is added once per chunk)
+        vo[0] = 0
+        for i in range(n):
+            vo[i + 1] = 0
+        for i in range(self.n_refs):
+            vo[self.refs[i].flow + 1] += 1
+        for i in range(n):
+            vo[i + 1] += vo[i]
+        fill = bytearray((n + 1) * 4)
+        cdef int32_t[::1] at = memoryview(fill).cast("i")
+        for i in range(n + 1):
+            at[i] = vo[i]
+        for i in range(self.n_refs):
+            c = self.refs[i].flow
+            vv[at[c]] = self.refs[i].chunk
+            at[c] += 1
+        return {"key": key, "first_ns": first, "last_ns": last, "packets": packets, "bytes": wire,
+                "tcp_flags": flags, "chunk_offsets": offsets, "chunk_values": values}
+
+
+cdef inline const char *_dotted_quad(const unsigned char *a, char *out) noexcept nogil:
+    """Write the 4 bytes at ``a`` as ``d.d.d.d`` (NUL-terminated, at most 16 bytes) to ``out``."""
+    cdef int j, n = 0
+    cdef unsigned int x
+    for j in range(4):
+        x = a[j]
+        if x >= 100:
+            out[n] = <char> (48 + x // 100)
+            n += 1
+        if x >= 10:
+            out[n] = <char> (48 + (x // 10) % 10)
+            n += 1
+        out[n] = <char> (48 + x % 10)
+        n += 1
+        out[n] = 46 if j < 3 else 0  # "." or the terminating NUL
+        n += 1
+    return out
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def address_texts(const unsigned char[::1] addresses not None, const unsigned char[::1] versions not None):
+    """Text of ``n`` 16-byte addresses (``addresses``: n * 16 bytes, IPv4 mapped) with IP
+    versions ``versions`` (n bytes), as ``inet_ntop`` writes it: version 4, or version 0 with
+    an IPv4-mapped address (ARP), is IPv4; version 6 is IPv6; anything else has no text.
+
+    :returns: the buffers of an Arrow string array: (offsets: int32 * (n + 1), data,
+        validity bitmap (bit i set: row i has a text), number of rows without text).
+    """
+    cdef Py_ssize_t n = versions.shape[0], i, used = 0, nulls = 0
+    if addresses.shape[0] != 16 * n:
+        raise ValueError(f"{addresses.shape[0]} address bytes for {n} versions (16 each)")
+    offsets = bytearray((n + 1) * 4)
+    data = bytearray(n * 46 + 1)  # INET6_ADDRSTRLEN (46) per row at most
+    valid = bytearray((n + 7) // 8)
+    cdef int32_t[::1] vo = memoryview(offsets).cast("i")
+    cdef unsigned char[::1] vd = data
+    cdef unsigned char[::1] vb = valid
+    cdef const unsigned char *a
+    cdef char *out
+    cdef const char *r
+    cdef unsigned int v
+    with nogil:
+        vo[0] = 0
+        for i in range(n):
+            a = &addresses[16 * i]
+            v = versions[i]
+            out = <char *> &vd[used]
+            r = NULL
+            if v == 4 or (v == 0 and memcmp(a, b"\0\0\0\0\0\0\0\0\0\0\xff\xff", 12) == 0):
+                r = _dotted_quad(a + 12, out)  # what inet_ntop writes, without its sprintf
+            elif v == 6:
+                r = inet_ntop(AF_INET6, a, out, 46)
+            if r != NULL:
+                used += <Py_ssize_t> strlen(out)
+                vb[i >> 3] |= <unsigned char> (1 << (i & 7))
+            else:
+                nulls += 1
+            vo[i + 1] = <int32_t> used
+    vd = None  # release the export before resizing
+    del data[used:]
+    return offsets, data, valid, nulls

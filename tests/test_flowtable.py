@@ -1,0 +1,291 @@
+"""The archive's Cython flow table (pktstream._flowtable) against a reference built from
+``decode_columns`` (the numpy path the index used before it): the same flow keys, counters,
+TCP flags and chunk lists for varied and hostile frames on every link type; hypothesis fuzzing
+with random and mutated frames (``./run sanitize`` runs this file under ASan + UBSan); bad
+record buffers are refused without changing the table.
+"""
+from __future__ import annotations
+
+import os
+import random
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from archive_data import _arp, _eth, _ipv4, _ipv6, _tcp, _udp, batches, frame
+from pktstream import PacketBatch
+from pktstream._decode import decode_columns
+from pktstream._flowtable import KEY_BYTES, FlowTable, address_texts
+from pktstream.archive import FileIndexBuilder
+from pktstream.archive.index import address_text
+
+EXAMPLES = int(os.environ.get("PKTSTREAM_FUZZ_EXAMPLES", "300"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+LINK_TYPES = (1, 113, 276, 12, 14, 101, 228, 229, 0, 108, 147)
+MAPPED = b"\0" * 10 + b"\xff\xff"
+KEY = np.dtype([("iface", "=i4"), ("vlan", "=i4"), ("ethertype", "=u2"), ("ipv", "u1"), ("proto", "u1"),
+                ("sport", "=u2"), ("dport", "=u2"), ("src", "V16"), ("dst", "V16")])
+
+
+def reference(adds) -> dict[tuple, list]:
+    """Flow records from decode_columns, aggregated in Python: key tuple -> [first_ns,
+    last_ns, packets, wire bytes, tcp flags OR, sorted chunks]. ``adds``: (batch, iface,
+    chunk). Untagged Ethernet ARP/RARP of >= 42 bytes: protocol addresses as mapped src/dst."""
+    out: dict[tuple, list] = {}
+    for batch, iface, chunk in adds:
+        mem = bytes(batch)
+        cols = decode_columns(memoryview(batch), batch.offset, batch.caplen, batch.link_type)
+        for i in range(len(batch)):
+            src, dst = bytes(cols["src"][i]), bytes(cols["dst"][i])
+            et, vlan = int(cols["ethertype"][i]), int(cols["vlan"][i])
+            if batch.link_type == 1 and et in (0x0806, 0x8035) and vlan < 0 and batch.caplen[i] >= 42:
+                o = int(batch.offset[i]) + 14
+                src, dst = MAPPED + mem[o + 14:o + 18], MAPPED + mem[o + 24:o + 28]
+            key = (iface, vlan, et, int(cols["ip_version"][i]), int(cols["proto"][i]), int(cols["sport"][i]),
+                   int(cols["dport"][i]), src, dst)
+            ts, wl = int(batch.ts_ns[i]), int(batch.wirelen[i])
+            r = out.setdefault(key, [ts, ts, 0, 0, 0, []])
+            r[0], r[1] = min(r[0], ts), max(r[1], ts)
+            r[2] += 1
+            r[3] += wl
+            r[4] |= int(cols["tcp_flags"][i])
+            if chunk not in r[5]:
+                r[5].append(chunk)
+    for r in out.values():
+        r[5].sort()
+    return out
+
+
+def table_records(t: FlowTable) -> dict[tuple, list]:
+    f = t.flows()
+    key = np.frombuffer(f["key"], dtype=KEY)
+    cols = {k: np.frombuffer(f[k], dtype=np.int64) for k in ("first_ns", "last_ns", "packets", "bytes")}
+    flags = np.frombuffer(f["tcp_flags"], dtype=np.uint16)
+    off = np.frombuffer(f["chunk_offsets"], dtype=np.int32)
+    vals = np.frombuffer(f["chunk_values"], dtype=np.int32)
+    out = {}
+    for i, k in enumerate(key):
+        t_ = (int(k["iface"]), int(k["vlan"]), int(k["ethertype"]), int(k["ipv"]), int(k["proto"]),
+              int(k["sport"]), int(k["dport"]), bytes(k["src"]), bytes(k["dst"]))
+        assert t_ not in out, "a flow key twice"
+        out[t_] = [int(cols["first_ns"][i]), int(cols["last_ns"][i]), int(cols["packets"][i]),
+                   int(cols["bytes"][i]), int(flags[i]), vals[off[i]:off[i + 1]].tolist()]
+    return out
+
+
+def check(adds) -> FlowTable:
+    """Add (batch, iface, chunk) triples to a table; its records equal the reference."""
+    t = FlowTable()
+    for b, iface, chunk in adds:
+        n = len(b)
+        wire, lo, hi = t.add(b, n, b.link_type, iface, chunk)
+        if n:
+            assert (wire, lo, hi) == (int(b.wirelen.sum()), int(b.ts_ns.min()), int(b.ts_ns.max()))
+        else:
+            assert (wire, lo, hi) == (0, 0, 0)
+    assert table_records(t) == reference(adds)
+    assert t.packets == sum(len(b) for b, _, _ in adds) == sum(r[2] for r in table_records(t).values())
+    return t
+
+
+def batch_of(frames: list[bytes], link_type: int = 1, t0: int = 1_700_000_000 * 10**9, wire_extra: int = 0):
+    recs = bytearray()
+    for i, data in enumerate(frames):
+        ts = t0 + i * 1000 + (i * 7919) % 500  # not monotonic
+        recs += struct.pack("<IIII", ts // 10**9, ts % 10**9, len(data), len(data) + wire_extra) + data
+    return PacketBatch.from_records(bytes(recs), link_type=link_type)
+
+
+def hostile_frames() -> list[bytes]:
+    """Truncated headers at every layer, bad IHL/version, VLAN stacks (truncated too), IPv6
+    extension header chains (fragment, AH, too many, truncated), ARP tagged/short/RARP."""
+    tcp4 = _ipv4("10.0.0.1", "10.0.0.2", 6, _tcp(1234, 80, 0x12, b"x" * 20))
+    udp6 = _ipv6("2001:db8::1", "2001:db8::2", 17, _udp(53, 5353, b"q" * 10))
+    out = [_eth(0x0800, tcp4), _eth(0x86DD, udp6)]
+    full = _eth(0x0800, tcp4)
+    out += [full[:n] for n in range(0, len(full), 3)]  # every truncation
+    out += [_eth(0x0800, bytes([0x40 | ihl]) + tcp4[1:]) for ihl in (0, 4, 5, 6, 15)]  # bad/odd IHL
+    out.append(_eth(0x0800, b"\x65" + tcp4[1:]))  # IPv6 version in an IPv4 ethertype
+    out.append(_eth(0x0800, tcp4[:6] + b"\x20\x00" + tcp4[8:]))  # first fragment (MF)
+    out.append(_eth(0x0800, tcp4[:6] + b"\x00\xb9" + tcp4[8:]))  # non-first fragment: no ports
+    tcp_bad_off = _ipv4("10.0.0.1", "10.0.0.2", 6, _tcp(1, 2, 0xFF, b"")[:12] + b"\x31\xff" + b"\0" * 6)
+    out.append(_eth(0x0800, tcp_bad_off))  # data offset < 5, NS flag
+    tagged = _eth(0x0800, tcp4)
+    for tags in ([(0x8100, 10)], [(0x88A8, 100), (0x8100, 200)], [(0x9100, 1), (0x8100, 2), (0x8100, 3)]):
+        head = tagged[:12] + b"".join(struct.pack("!HH", tpid, vid | 0xE000) for tpid, vid in tags)
+        f = head + tagged[12:]
+        out += [f, f[:14], f[:16], f[:18], f[:20], f[:22]]
+    # IPv6 extension headers: hop-by-hop, routing, destination options, fragment, AH, chains
+    l4 = _udp(4000, 4001, b"d" * 8)
+
+    def v6(chain: list[tuple[int, bytes]], last: int, payload: bytes) -> bytes:
+        body, nh = payload, last
+        for typ, hdr in reversed(chain):
+            body = bytes([nh]) + hdr[1:] + body
+            nh = typ
+        return _eth(0x86DD, _ipv6("2001:db8::7", "2001:db8::8", nh, body))
+    ext8 = b"\0" * 8
+    frag0 = b"\0\0\x00\x00\0\0\0\1"
+    frag1 = b"\0\0\x05\xa8\0\0\0\1"
+    ah = b"\0\x01" + b"\0" * 10  # (1 + 2) * 4 = 12 bytes
+    for chain in ([(0, ext8)], [(43, ext8), (60, ext8)], [(44, frag0)], [(44, frag1)], [(51, ah)],
+                  [(0, ext8)] * 9, [(60, b"\0\x01" + b"\0" * 14)], [(135, ext8)]):
+        f = v6(chain, 17, l4)
+        out += [f, f[:54 + 4], f[:54 + 9], f[:-4]]
+    out.append(_eth(0x86DD, _ipv6("::1", "::2", 58, b"\x80\x00\0\0\0\0\0\0")))
+    out.append(_eth(0x86DD, b"\x40" + udp6[1:]))  # IPv4 version in an IPv6 ethertype
+    arp = _eth(0x0806, _arp("192.0.2.1", "192.0.2.2"))
+    out += [arp, arp[:41], arp[:42], arp[:30], _eth(0x8035, _arp("192.0.2.3", "192.0.2.4")),
+            _eth(0x0806, _arp("192.0.2.5", "192.0.2.6"), vlan=7)]
+    out += [_eth(0x0800, _ipv4("10.0.0.3", "10.0.0.4", p, b"\0" * 12)) for p in (1, 17, 132, 136, 47, 0)]
+    out += [_eth(0x88CC, b"lldp" * 10), b"", b"\x01"]
+    return out
+
+
+def cooked(frame_: bytes, link_type: int) -> bytes:
+    """An Ethernet frame re-framed for another link type (header + network layer)."""
+    et, net = frame_[12:14] if len(frame_) >= 14 else b"\x08\x00", frame_[14:]
+    version = net[0] >> 4 if net else 0
+    if link_type == 113:
+        return b"\0\0\0\1\0\6" + b"\2" * 6 + b"\0\0" + et + net
+    if link_type == 276:
+        return et + b"\0\0" + b"\0\0\0\2" + b"\0\1\0\6" + b"\2" * 8 + net
+    if link_type in (0, 108):
+        af = 2 if version == 4 else 10 if version == 6 else 99
+        return (struct.pack("!I", af) if link_type == 108 else struct.pack("=I", af)) + net
+    return net  # raw IP link types
+
+
+def test_mixed_traffic_and_chunks():
+    adds = [(b, k % 3, k // 4) for k, b in enumerate(batches(3, 4000, 10**18, per_batch=97))]
+    t = check(adds)
+    assert 100 < len(t) < 4000
+    assert KEY_BYTES == KEY.itemsize == 48
+
+
+def test_hostile_frames_on_every_link_type():
+    frames = hostile_frames()
+    adds = [(batch_of(frames), 0, 0)]
+    for k, lt in enumerate(LINK_TYPES[1:]):
+        adds.append((batch_of([cooked(f, lt) for f in frames] + frames[:20], link_type=lt), k + 1, k))
+    check(adds)
+
+
+def test_one_flow_many_chunks_and_empty_batches():
+    f = _eth(0x0800, _ipv4("10.0.0.1", "10.0.0.2", 17, _udp(1, 2, b"")))
+    adds = [(batch_of([f] * 3, t0=10**18 + c * 10**6), 0, c) for c in range(0, 300, 3)]
+    adds.insert(5, (PacketBatch.from_records(b"", link_type=1), 0, 12))
+    t = check(adds)
+    assert len(t) == 1
+    assert table_records(t)[next(iter(table_records(t)))][5] == list(range(0, 300, 3))
+
+
+def test_bad_buffers_leave_the_table_unchanged():
+    good = batch_of(hostile_frames())
+    t = FlowTable()
+    t.add(good, len(good), 1, 0, 1)
+    before = table_records(t)
+    raw = bytes(good)
+    for bad, count in ((raw[:-1], len(good)), (raw, len(good) + 1), (raw[:10], 1),
+                       (struct.pack("<IIII", 0, 0, 0xFFFFFFFF, 1) + b"x", 1)):
+        with pytest.raises(ValueError):
+            t.add(bad, count, 1, 0, 2)
+    with pytest.raises(ValueError):
+        t.add(raw, len(good), 1, 0, 0)  # chunk numbers never decrease
+    with pytest.raises(ValueError):
+        t.add(raw, -1, 1, 0, 2)
+    assert table_records(t) == before and t.packets == len(good)
+    # fewer records than the buffer holds: only those are counted
+    assert t.add(raw, 2, 1, 5, 3)[0] == int(good.wirelen[:2].sum())
+    assert t.packets == len(good) + 2
+
+
+def test_growth_and_builder_order():
+    """Many distinct flows (the table rehashes several times); the builder gives them in
+    (first time, key) order with their chunk lists."""
+    rng = random.Random(5)
+    frames = [_eth(0x0800, _ipv4(f"10.{rng.randrange(256)}.{rng.randrange(256)}.1", "10.0.0.2", 6,
+                                 _tcp(rng.randrange(65536), 443, 0x02, b""))) for _ in range(20000)]
+    adds = [(batch_of(frames[i:i + 1000], t0=10**18 + i * 10**6), 0, i // 3000) for i in range(0, 20000, 1000)]
+    adds += [(batch_of(frames[:500], t0=2 * 10**18), 0, 9)]
+    check(adds)
+    b = FileIndexBuilder("s.pcap")
+    pos = 24
+    for batch, _, _ in adds:
+        b.add(batch, pos, pos + batch.nbytes)
+        pos += batch.nbytes
+    f = b._flows()
+    ref = reference([(batch, 0, k) for k, (batch, _, _) in enumerate(adds)])
+    order = [(int(t), bytes(k)) for t, k in zip(f["first"], f["key"].view("V48"))]
+    assert order == sorted(set(order)) and len(order) == len(ref)
+    for i, k in enumerate(f["key"]):
+        r = ref[(int(k["iface"]), int(k["vlan"]), int(k["ethertype"]), int(k["ipv"]), int(k["proto"]),
+                 int(k["sport"]), int(k["dport"]), bytes(k["src"]), bytes(k["dst"]))]
+        got = f["chunk_values"][f["chunk_offsets"][i]:f["chunk_offsets"][i + 1]].tolist()
+        assert [int(f["first"][i]), int(f["last"][i]), int(f["packets"][i]), int(f["bytes"][i]),
+                int(f["flags"][i]), got] == r
+
+
+_frames = st.lists(st.binary(max_size=120), max_size=12)
+_mutations = st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=8)
+
+
+@FUZZ
+@given(_frames, st.sampled_from(LINK_TYPES), st.integers(0, 3))
+def test_random_frames_agree_with_decode(frames, link_type, chunk):
+    check([(batch_of(frames, link_type=link_type), 1, chunk)])
+
+
+@FUZZ
+@given(st.integers(0, 2**32 - 1), st.sampled_from(LINK_TYPES), _mutations, st.integers(0, 200))
+def test_mutated_frames_agree_with_decode(seed, link_type, mutations, cut):
+    """Well-formed frames of the mix (and hostile ones), re-framed for the link type, then
+    bytes changed and cut: whatever the parser makes of them, decode_columns makes too."""
+    rng = random.Random(seed)
+    pool = hostile_frames()
+    frames = []
+    for _ in range(6):
+        f = bytearray(cooked(frame(rng), link_type) if rng.random() < 0.7 else
+                      cooked(rng.choice(pool), link_type) if link_type != 1 else rng.choice(pool))
+        for pos, val in mutations:
+            if f and rng.random() < 0.5:
+                f[pos % len(f)] = val
+        frames.append(bytes(f[:len(f) - cut % (len(f) + 1)] if rng.random() < 0.3 else f))
+    check([(batch_of(frames, link_type=link_type, wire_extra=cut), 2, 0)])
+
+
+@FUZZ
+@given(st.binary(max_size=300), st.integers(0, 8), st.sampled_from(LINK_TYPES))
+def test_random_record_buffers_never_read_outside(buf, count, link_type):
+    """Arbitrary bytes as a record buffer: accepted only if the records fit, never a stray
+    read (ASan checks that under ./run sanitize)."""
+    t = FlowTable()
+    try:
+        t.add(buf, count, link_type, 0, 0)
+    except ValueError:
+        assert t.packets == 0 and len(t) == 0
+        return
+    assert t.packets == count
+    assert sum(r[2] for r in table_records(t).values()) == count
+    if count:
+        assert table_records(t) == reference([(PacketBatch.from_records(buf, link_type=link_type, validate=False,
+                                                                         count=count), 0, 0)])
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.binary(min_size=16, max_size=16), st.sampled_from([0, 4, 6, 17]), st.booleans()),
+                max_size=40))
+def test_address_texts_as_address_text(rows):
+    """The C column conversion gives index.address_text's text (None: no text) row by row."""
+    addrs = b"".join(MAPPED + a[12:] if mapped else a for a, _, mapped in rows)
+    versions = bytes(v for _, v, _ in rows)
+    offsets, data, valid, nulls = address_texts(addrs, versions)
+    off = np.frombuffer(offsets, dtype=np.int32)
+    want = [address_text(addrs[16 * i:16 * i + 16], v) for i, v in enumerate(versions)]
+    got = [bytes(data[off[i]:off[i + 1]]).decode() if valid[i // 8] >> (i % 8) & 1 else None
+           for i in range(len(rows))]
+    assert got == want and nulls == want.count(None) and off[-1] == len(data)
+    with pytest.raises(ValueError):
+        address_texts(addrs + b"x", versions)
