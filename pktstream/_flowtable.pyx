@@ -323,7 +323,9 @@ cdef class FlowTable:
 
         :returns: (wire bytes, smallest timestamp ns, largest timestamp ns) of these records
             ((0, 0, 0) when ``count`` is 0).
-        :raises ValueError: the records do not fit in the buffer (the table is unchanged).
+        :raises ValueError: the records do not fit in the buffer (the table is unchanged), or the
+            buffer was modified during the call (the records before the changed one are added).
+        :raises RuntimeError: another thread is using the table (one thread at a time).
         """
         cdef Py_ssize_t size = records.shape[0], pos = 0, i, h
         cdef uint32_t caplen
@@ -336,35 +338,47 @@ cdef class FlowTable:
         if self.busy:
             raise RuntimeError("FlowTable used by two threads at once")
         cdef const unsigned char *d = &records[0] if size else NULL
-        # every record inside the buffer, before anything is counted
-        with nogil:
-            for i in range(count):
-                if size - pos < RECORD_HEADER:
-                    break
-                caplen = ps_get_le32(d + pos + 8)
-                if <Py_ssize_t> caplen > size - pos - RECORD_HEADER:
-                    break
-                pos += RECORD_HEADER + caplen
-            else:
-                i = count
-        if i < count:
-            raise ValueError(f"record {i} of {count} at byte {pos} runs past the {size}-byte buffer")
-        self._reserve(count)
-        self.chunk = chunk
         cdef FlowKey key
         cdef uint16_t tflags
-        cdef uint64_t e, mask = <uint64_t> (self.n_slots - 1), tag
+        cdef uint64_t e, mask, tag
         cdef int64_t ts, wirelen, wire_total = 0, tmin = 0, tmax = 0
         cdef Flow *f
-        cdef uint64_t *slots = self.slots
-        cdef Flow *recs = self.recs
+        cdef uint64_t *slots
+        cdef Flow *recs
         cdef int32_t fid
+        cdef bint bad = False
+        # busy from here to the end: the GIL is released below, and a second thread must not
+        # get past the check while this one validates, reserves or inserts
         self.busy = True
         try:
+            # every record inside the buffer, before anything is counted
+            with nogil:
+                for i in range(count):
+                    if size - pos < RECORD_HEADER:
+                        break
+                    caplen = ps_get_le32(d + pos + 8)
+                    if <Py_ssize_t> caplen > size - pos - RECORD_HEADER:
+                        break
+                    pos += RECORD_HEADER + caplen
+                else:
+                    i = count
+            if i < count:
+                raise ValueError(f"record {i} of {count} at byte {pos} runs past the {size}-byte buffer")
+            self._reserve(count)
+            self.chunk = chunk
+            mask = <uint64_t> (self.n_slots - 1)
+            slots = self.slots
+            recs = self.recs
             with nogil:
                 pos = 0
                 for i in range(count):
+                    if size - pos < RECORD_HEADER:  # the buffer changed since the check above
+                        bad = True
+                        break
                     caplen = ps_get_le32(d + pos + 8)
+                    if <Py_ssize_t> caplen > size - pos - RECORD_HEADER:
+                        bad = True
+                        break
                     ts = <int64_t> ps_get_le32(d + pos) * 1000000000 + ps_get_le32(d + pos + 4)
                     wirelen = ps_get_le32(d + pos + 12)
                     memset(&key, 0, sizeof(FlowKey))
@@ -414,9 +428,14 @@ cdef class FlowTable:
                         self.refs[self.n_refs].flow = fid
                         self.refs[self.n_refs].chunk = chunk
                         self.n_refs += 1
+            if not bad:
+                i = count
+            self.packets += i
+            if bad:
+                raise ValueError(f"record {i} of {count} changed while it was added (the buffer was modified); "
+                                 f"the records before it were added")
         finally:
             self.busy = False
-        self.packets += count
         return wire_total, tmin, tmax
 
     @cython.boundscheck(False)

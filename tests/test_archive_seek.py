@@ -304,3 +304,54 @@ def test_frame_size_option_yaml_and_checks(tmp_path):
         FileSink(str(tmp_path / "a.pcapng.zst"), zstd_frame_bytes=0)
     with pytest.raises(ValueError, match="zstd_frame_bytes"):
         open_writer(tmp_path / "b.pcap.zst", zstd_frame_bytes=2 << 30)
+
+
+def test_hostile_seek_tables_are_ignored(tmp_path):
+    """A seek table that is not believable -- too many entries, a frame smaller than any zstd
+    frame, sizes that do not add up to the file -- is ignored (the file is read as one stream);
+    the query still equals brute force."""
+    p = tmp_path / "s.pcap.zst"
+    with open_writer(p, zstd_frame_bytes=FRAME) as w:
+        for b in batches(2, 2000, T0):
+            w.write(b)
+    data = p.read_bytes()
+    n = struct.unpack("<I", data[-9:-5])[0]
+    table = len(data) - 9 - 8 * n - 8
+    store = open_store(str(tmp_path))
+    variants = {
+        "many.pcap.zst": data[:-9] + struct.pack("<IBI", (1 << 20) + 1, 0, SEEKABLE_MAGIC),
+        "tiny.pcap.zst": data[:table + 8] + struct.pack("<II", 5, 100) + data[table + 16:],
+        "sum.pcap.zst": data[:table + 8] + struct.pack("<II", struct.unpack_from("<I", data, table + 8)[0] + 1,
+                                                       100) + data[table + 16:],
+    }
+    assert read_seek_table(store, p.name, len(data)) is not None
+    for name, body in variants.items():
+        (tmp_path / name).write_bytes(body)
+        assert read_seek_table(store, name, len(body)) is None, name
+    a = Archive(str(tmp_path))
+    a.index(chunk_bytes=CHUNK)
+    for bpf in ("tcp", "host 203.0.113.7 and port 4444"):
+        assert got(a, bpf) == brute(tmp_path, bpf)
+
+
+def test_a_large_frame_is_not_held_whole(tmp_path):
+    """A query reading a chunk at the end of one large frame keeps about a read unit of it at a
+    time, not the frame up to the chunk (frames may be up to 1 GiB)."""
+    import tracemalloc
+    p = tmp_path / "big.pcap.zst"
+    data = batches(3, 60000, T0)
+    with open_writer(p, zstd_frame_bytes=1 << 30) as w:
+        for b in data[:-1]:
+            w.write(b)
+        w.write(rare_flow(3, int(data[-2].ts_ns[-1]) + 1))
+        w.write(data[-1])
+    assert len(frames_of(p)) == 1
+    a = Archive(str(tmp_path))
+    a.index(chunk_bytes=CHUNK)
+    tracemalloc.start()
+    result = got(a, "host 192.0.2.99")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(result) == 3 and result == brute(tmp_path, "host 192.0.2.99")
+    stream_bytes = sum(b.nbytes for b in data)
+    assert stream_bytes > 6 * (1 << 20) and peak < 4 * (1 << 20), (stream_bytes, peak)

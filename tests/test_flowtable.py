@@ -202,6 +202,38 @@ def test_bad_buffers_leave_the_table_unchanged():
     assert t.packets == len(good) + 2
 
 
+def test_two_threads_get_an_error_never_a_crash():
+    """One table used by two threads at once: the second gets RuntimeError (the GIL is released
+    while records are checked and inserted). Run in a child process, many times: with the busy
+    flag set too late, this crashed the process (freed slots written through)."""
+    import subprocess
+    import sys
+    code = """
+import struct, threading
+from pktstream._flowtable import FlowTable
+empty = struct.pack("<IIII", 1, 0, 0, 0) * 2_000_000
+many = b"".join(struct.pack("<IIII", 1, 0, 34, 60) + b"\\0" * 12 + b"\\x08\\x00" + b"E" + b"\\0" * 11
+                + struct.pack(">I", i) + b"\\x0a\\0\\0\\1" for i in range(100_000))
+outcomes = []
+for _ in range(5):
+    t = FlowTable()
+    def run(buf, n):
+        try:
+            t.add(buf, n, 1, 0, 0)
+            outcomes.append("ok")
+        except RuntimeError:
+            outcomes.append("busy")
+    a = threading.Thread(target=run, args=(empty, 2_000_000))
+    b = threading.Thread(target=run, args=(many, 100_000))
+    a.start(); b.start(); a.join(); b.join()
+    assert t.packets in (0, 100_000, 2_000_000, 2_100_000), t.packets
+print(" ".join(outcomes))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert set(r.stdout.split()) <= {"ok", "busy"} and len(r.stdout.split()) == 10
+
+
 def test_growth_and_builder_order():
     """Many distinct flows (the table rehashes several times); the builder gives them in
     (first time, key) order with their chunk lists."""

@@ -136,7 +136,8 @@ class SegmentStream(io.RawIOBase):
         self._counter = None
         self._frames: SeekTable | None = None
         self._frame_k = -1          # the frame being decompressed into _frame_data
-        self._frame_data = bytearray()
+        self._frame_data = bytearray()  # frame bytes from _frame_off (frame-relative) on
+        self._frame_off = 0
         self._frame_range: _Range | None = None
         self._frame_reader: Any = None
         if compression is None and hasattr(store, "root"):
@@ -175,7 +176,7 @@ class SegmentStream(io.RawIOBase):
                 continue
             want = min(e - self._pos, 1 << 20)
             if self._frames is not None:
-                data = self._frame_piece(e)
+                data = self._frame_piece(self._pos + want)
             elif self._dec is None:
                 if self._file is not None:
                     data = self._store.read_range(self._path, self._pos, self._pos + want, self._file)
@@ -206,30 +207,38 @@ class SegmentStream(io.RawIOBase):
         k = t.frame_of(self._pos)
         if k < 0:
             return b""  # past the end of the data (an index of another file version)
-        if k != self._frame_k:
+        if k != self._frame_k or self._pos - t.decompressed[k] < self._frame_off:  # (backwards: from the start)
             from pktstream.formats.reader import ZstdBlockReader
             self._frame_range = _Range(self._store, self._path, t.compressed[k], t.compressed[k + 1], self._file)
             self._frame_reader = ZstdBlockReader(self._frame_range, f"{self._path} frame {k}")
-            self._frame_k, self._frame_data = k, bytearray()
+            self._frame_k, self._frame_data, self._frame_off = k, bytearray(), 0
         base, fend = t.decompressed[k], t.decompressed[k + 1]
-        need = min(end, fend) - base
+        need = min(end, fend) - base  # frame-relative end of what is asked
         data = self._frame_data
+        # segments are read in ascending order: bytes before _pos are never needed again, so
+        # at most one piece (<= 1 MiB + a zstd block) is held, whatever the frame size
+        drop = min(self._pos - base - self._frame_off, len(data))
+        if drop > 0:
+            del data[:drop]
+            self._frame_off += drop
         rng = self._frame_range
         assert rng is not None
-        if len(data) < need:
+        if self._frame_off + len(data) < need:
             before = rng.count
             buf = bytearray(1 << 17)
-            while len(data) < need:
+            while self._frame_off + len(data) < need:
                 n = self._frame_reader.readinto(buf)
                 if not n:
-                    raise ValueError(f"frame {k} at compressed byte {t.compressed[k]}: {len(data)} bytes, "
-                                     f"the seek table says {fend - base}")
-                data += buf[:n]
-                if len(data) > fend - base:
+                    raise ValueError(f"frame {k} at compressed byte {t.compressed[k]}: "
+                                     f"{self._frame_off + len(data)} bytes, the seek table says {fend - base}")
+                skip = max(0, self._pos - base - self._frame_off - len(data))  # a gap: not kept
+                data += buf[min(skip, n):n]
+                self._frame_off += min(skip, n)
+                if self._frame_off + len(data) > fend - base:
                     raise ValueError(f"frame {k} at compressed byte {t.compressed[k]}: more data than the seek "
                                      f"table says ({fend - base} bytes)")
             self.compressed_read += rng.count - before
-        return bytes(data[self._pos - base:need])
+        return bytes(data[self._pos - base - self._frame_off:need - self._frame_off])
 
     def readinto(self, b) -> int:
         if self._bpos >= len(self._buf):
@@ -268,7 +277,7 @@ class SeekTable:
         return k if 0 <= k < len(self.decompressed) - 1 else -1
 
 
-MAX_SEEK_FRAMES = 1 << 24   # a table with more entries is not believed (16 Mi frames: 128 MiB table)
+MAX_SEEK_FRAMES = 1 << 20   # a table with more entries is not believed (1 Mi frames: an 8-12 MiB table)
 MAX_FRAME_BYTES = 1 << 30   # nor a frame decompressing to more (the writer's limit)
 
 
@@ -292,7 +301,7 @@ def read_seek_table(store, path: str, size: int, f: BinaryIO | None = None) -> S
         return None
     entry = 12 if desc & 0x80 else 8
     body = n * entry + 9
-    if 8 + body > size:
+    if 8 + body > size or n > (size - 8 - body) // 9:  # n frames of >= 9 bytes must fit before it
         return None
     data = rng(size - 8 - body, size - 9)
     if len(data) != 8 + n * entry:
@@ -300,17 +309,15 @@ def read_seek_table(store, path: str, size: int, f: BinaryIO | None = None) -> S
     fmagic, flen = struct.unpack_from("<II", data, 0)
     if fmagic != SKIPPABLE_SEEK_TABLE or flen != body:
         return None
-    comp = [0]
-    dec = [0]
-    for k in range(n):
-        c, d = struct.unpack_from("<II", data, 8 + k * entry)
-        if c == 0 or d > MAX_FRAME_BYTES:
-            return None
-        comp.append(comp[-1] + c)
-        dec.append(dec[-1] + d)
-    if comp[-1] != size - 8 - body:  # the frames and the table must be the whole file
+    import numpy as np
+    cols = np.frombuffer(data, "<u4", offset=8).reshape(n, entry // 4)  # one pass, no per-entry objects
+    c, d = cols[:, 0].astype(np.int64), cols[:, 1].astype(np.int64)
+    if (c < 9).any() or (d > MAX_FRAME_BYTES).any():  # a zstd frame is at least 9 bytes
         return None
-    return SeekTable(comp, dec)
+    comp = np.concatenate(([0], np.cumsum(c)))
+    if int(comp[-1]) != size - 8 - body:  # the frames and the table must be the whole file
+        return None
+    return SeekTable(comp.tolist(), np.concatenate(([0], np.cumsum(d))).tolist())
 
 
 class _Range:

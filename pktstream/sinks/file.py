@@ -251,6 +251,7 @@ class FileSink(Sink):
                 else:
                     with open(final, "r+b") as fh:
                         fh.truncate(size)
+                _drop_staged_index(final)
                 log.warning("recovery: %s cut back to what was acknowledged (%d bytes)", final, size)
         stems = {(os.path.dirname(p) or ".", os.path.basename(p).split(".")[0] + ".") for p in known}
         for d, stem in stems:
@@ -265,6 +266,17 @@ class FileSink(Sink):
         if isinstance(root, str) and os.path.isdir(root):
             from pktstream.archive.live import recover_index
             recover_index(root)  # files completed here (or by a crash) get their index
+
+
+def _drop_staged_index(final: str) -> None:
+    """A file cut back by recovery: an index staged next to it (S3 outputs: ``NAME.idx``,
+    built when rotation completed it) describes packets no longer in it; without it the
+    uploader indexes the file from disk."""
+    try:
+        os.unlink(final + ".idx")
+        log.warning("recovery: dropped the staged index of %s (rebuilt from the file)", final)
+    except FileNotFoundError:
+        pass
 
 
 def _cut_and_complete(part: str, final: str, size: int, frame_bytes: int | None = None) -> bool:
