@@ -27,7 +27,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,9 +37,9 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_archive import T0, make_batches  # noqa: E402
+from bench_stream import cpu_seconds, fake_sensor, free_port  # noqa: E402
 
 import pktstream  # noqa: E402
-from pktstream.stream import protocol as P  # noqa: E402
 
 PY = [sys.executable, "-m", "pktstream"]
 TICK = os.sysconf("SC_CLK_TCK")
@@ -86,48 +85,10 @@ atexit.register(lambda: print(f"INDEXING_CPU_S {spent[0]:.4f}", file=sys.stderr)
 from pktstream.cli import main""")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    """user+sys CPU of a running process (all threads) so far."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
 def recorded(seed: int, raw_bytes: int) -> list[tuple[bytes, int, int]]:
     """(zstd payload, packets, raw bytes) per DATA frame of one sensor's traffic."""
     c = zstandard.ZstdCompressor(level=1, write_checksum=True, write_content_size=True)
     return [(c.compress(b), len(b), b.nbytes) for b in make_batches(seed, raw_bytes, T0, 3600 * 10**9)]
-
-
-async def sensor(port: int, sid: str, frames, window: int = 16) -> int:
-    r, w = await asyncio.open_connection("127.0.0.1", port)
-    w.write(P.encode_json(P.FrameType.HELLO, {"sensor_id": sid, "hostname": sid, "nonce": os.urandom(32).hex(),
-                                              "interfaces": [{"index": 0, "name": "eth0", "link_type": 1,
-                                                              "snaplen": 262144}]}))
-    await P.read_frame(r)
-    w.write(P.encode_json(P.FrameType.AUTH, {"proof": ""}))
-    seq = acked = (await P.read_frame(r)).json()["last_seq"]
-    packets = 0
-    for payload, count, raw in frames:
-        seq += 1
-        w.write(P.encode(P.FrameType.DATA, payload, seq=seq, iface=0, count=count, raw_len=raw))
-        packets += count
-        while seq - acked > window:
-            f = await P.read_frame(r, max_payload=1 << 16, max_raw=0)
-            if f.type == P.FrameType.ACK:
-                acked = f.seq
-        await w.drain()
-    while acked < seq:
-        f = await P.read_frame(r, max_payload=1 << 16, max_raw=0)
-        if f.type == P.FrameType.ACK:
-            acked = f.seq
-    w.close()
-    return packets
 
 
 def run_receiver(work: Path, fmt: str, variant: str, frames_by_sensor: dict, rotate: str) -> dict:
@@ -152,7 +113,7 @@ def run_receiver(work: Path, fmt: str, variant: str, frames_by_sensor: dict, rot
     t0 = time.perf_counter()
 
     async def all_sensors():
-        return await asyncio.gather(*(sensor(port, sid, fr) for sid, fr in frames_by_sensor.items()))
+        return await asyncio.gather(*(fake_sensor(port, sid, fr, 1) for sid, fr in frames_by_sensor.items()))
     try:
         sent = sum(asyncio.run(all_sensors()))
     finally:

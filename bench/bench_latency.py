@@ -25,7 +25,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -33,23 +32,12 @@ import tempfile
 import threading
 import time
 
+from bench_stream import cpu_seconds, free_port  # the same helpers (bench/ is on sys.path when run)
+
 from pktstream.lab import traffic
 from pktstream.lab.netns import Veth
 
 PY = [sys.executable, "-m", "pktstream"]
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    """user+sys CPU of a process and its threads so far (10 ms ticks)."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def wait_log(path: str, text: str, proc: subprocess.Popen, timeout: float = 30) -> None:
