@@ -90,28 +90,31 @@ def real_captures(base: Path, mixed_pcap: Path) -> dict[str, Path]:
         "ns": "tcpdump-ns.pcap", "us": "tcpdump-us.pcap", "tshark": "tshark.pcapng",
         "sll2": "any-sll2.pcap", "sll": "any-sll.pcap"}.items()}
     with Veth("pf") as v:
-        procs = [
-            Proc(["tcpdump", "-i", v.outer, "-n", "-B", "65536", "--immediate-mode",
+        procs: list[Proc] = []
+        procs += [
+            Proc(["tcpdump", "-i", v.outer, "-n", "-B", "262144", "--immediate-mode",
                   "--time-stamp-precision=nano", "-U", "-w", str(files["ns"])]),
-            Proc(["tcpdump", "-i", v.outer, "-n", "-B", "65536", "--immediate-mode", "-U",
+            Proc(["tcpdump", "-i", v.outer, "-n", "-B", "262144", "--immediate-mode", "-U",
                   "-w", str(files["us"])]),
-            Proc(v.in_ns("tcpdump", "-i", "any", "-n", "-B", "65536", "--immediate-mode",
+            Proc(v.in_ns("tcpdump", "-i", "any", "-n", "-B", "262144", "--immediate-mode",
                          "--time-stamp-precision=nano", "-U", "-w", str(files["sll2"]))),
-            Proc(v.in_ns("tcpdump", "-i", "any", "-y", "LINUX_SLL", "-n", "-B", "65536",
+            Proc(v.in_ns("tcpdump", "-i", "any", "-y", "LINUX_SLL", "-n", "-B", "262144",
                          "--immediate-mode", "-U", "-w", str(files["sll"]))),
         ]
-        for p in procs:
-            p.wait_for("listening on")
-        ts = Proc(["tshark", "-i", v.outer, "-n", "-w", str(files["tshark"])])
-        ts.wait_for("Capturing on")  # dumpcap says so once its capture is open
-        v.replay(mixed_pcap, pps=20000)
-        # every capture has every packet (on "any", the replay leaving the inner end) before stopping
-        for k in ("ns", "us", "sll2", "sll"):
-            wait_pcap_count(files[k], N_PACKETS)
-        wait_until(lambda: pcapng_count(files["tshark"]) >= N_PACKETS, 30,
-                   f"tshark to write {N_PACKETS} packets (has {pcapng_count(files['tshark'])})")
-        for p in [*procs, ts]:
-            p.stop()
+        try:  # the captures are stopped on failure too (none outlives the namespace)
+            for p in procs:
+                p.wait_for("listening on")
+            procs.append(Proc(["tshark", "-i", v.outer, "-n", "-w", str(files["tshark"])]))
+            procs[-1].wait_for("Capturing on")  # dumpcap says so once its capture is open
+            v.replay(mixed_pcap, pps=20000)
+            # every capture has every packet (on "any", the replay leaving the inner end) before stopping
+            for k in ("ns", "us", "sll2", "sll"):
+                wait_pcap_count(files[k], N_PACKETS)
+            wait_until(lambda: pcapng_count(files["tshark"]) >= N_PACKETS, 30,
+                       f"tshark to write {N_PACKETS} packets (has {pcapng_count(files['tshark'])})")
+        finally:
+            for p in procs:
+                p.stop()
     # derived files
     files["pcapng_ns"] = d / "editcap-ns.pcapng"
     _sh("editcap", "-F", "pcapng", files["ns"], files["pcapng_ns"])
