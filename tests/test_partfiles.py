@@ -215,3 +215,46 @@ def test_recovery_cuts_back_a_file_rotation_completed_after_the_last_flush(tmp_p
     FileSink.recover(state)
     assert os.listdir(tmp_path / "out") == [os.path.basename(first)]  # no stale staged index
     assert read_ts(first) == [int(t) - 1_700_000_000 * 10**9 for b in batches[:2] for t in b.ts_ns]
+
+
+@pytest.mark.parametrize("fmt", ["pcap", "pcapng.zst"])
+def test_recovery_removes_files_completed_entirely_after_the_last_flush(tmp_path, fmt):
+    """A flush group larger than the rotation size: rotation completes the file open at the
+    flush, then whole files holding only unacknowledged batches, then opens another. Recovery
+    cuts the first back, removes the later complete files and the open one (the sensors resend
+    all of it), and leaves a file of an earlier run that has a higher sequence number (names are
+    reused after -W deletions) but is older than the flush."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    src = Source("s1", "s1", "eth0", 1, 262144)
+    batches = make_batches(16, 40)
+    out = tmp_path / "out"
+    out.mkdir()
+    ext = "." + fmt
+    earlier = out / f"o.000009{ext}"  # an earlier run's file, older than this run's flush
+    w = CaptureWriter(str(tmp_path / f"earlier{ext}"))
+    w.write(batches[0])
+    w.close()
+    os.replace(tmp_path / f"earlier{ext}", earlier)
+    os.utime(earlier, ns=(1_000_000_000, 1_000_000_000))
+    (tmp_path / "probe").mkdir()
+    probe = FileSink(str(tmp_path / "probe" / f"p{ext}"))
+    probe.write(src, batches[0])
+    one_batch = probe.flush()["open"][0]["size"]
+    probe.close()
+    sink = FileSink(str(out / f"o{ext}"), rotate_bytes=one_batch + 1)  # about a batch per file
+    sink.write(src, batches[0])
+    state = sink.flush()
+    first = state["open"][0]["final"]
+    assert state["open"][0]["seq"] == 0 and state["open"][0]["size"] == one_batch
+    for b in batches[1:5]:
+        sink.write(src, b)
+    later = sorted(set(sink.paths) - {first})
+    assert len(later) >= 2  # files completed entirely after the flush
+    for o in sink._outputs.values():
+        o.abandon()  # the crash
+    FileSink.recover(state)
+    left = sorted(os.listdir(out))
+    assert left == sorted([os.path.basename(first), earlier.name])
+    assert read_ts(first) == [int(t) - 1_700_000_000 * 10**9 for t in batches[0].ts_ns]
+    assert len(read_ts(str(earlier))) == 40

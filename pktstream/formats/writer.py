@@ -192,6 +192,7 @@ class CaptureWriter:
         self._observer = observer if is_path else None
         self._clock = clock
         self._seq = 0
+        self._cur_seq: int | None = None  # sequence number in the current rotated file's name
         self._cur: PcapWriter | PcapngWriter | None = None
         self._zfile: ZstdFileWriter | None = None
         self._raw: Any = None   # the OS file under the current writer (paths only)
@@ -214,6 +215,7 @@ class CaptureWriter:
         stem, ext = split_ext(name)
         while True:
             path = f"{stem}.{self._seq:06d}{ext}"
+            self._cur_seq = self._seq
             self._seq += 1
             if not os.path.exists(path):
                 return path
@@ -299,6 +301,17 @@ class CaptureWriter:
     def data_path_of(self, path: str) -> str:
         """Where the data of the file to be named ``path`` is while it is written."""
         return path if self.in_place else path + ".part"
+
+    @property
+    def name_pattern(self) -> str | None:
+        """The target path as given (strftime patterns unexpanded); None for a file object."""
+        return self._target if self._is_path else None
+
+    @property
+    def current_seq(self) -> int | None:
+        """Rotating writers: the sequence number in the current file's name (``NAME.000042.pcap``:
+        42); later files of this writer get higher numbers. None when not rotating or no file is open."""
+        return self._cur_seq if self._rotating and self._cur is not None else None
 
     @property
     def current_path(self) -> str | None:

@@ -74,7 +74,10 @@ def _writer_state(writer: CaptureWriter) -> dict[str, Any] | None:
     final = writer.current_path
     if final is None:
         return None
-    st = {"part": writer.data_path_of(final), "final": final, "size": os.fstat(writer.fileno()).st_size}
+    fs = os.fstat(writer.fileno())
+    st: dict[str, Any] = {"part": writer.data_path_of(final), "final": final, "size": fs.st_size}
+    if writer.current_seq is not None:  # rotating: recovery removes later files (entirely unacknowledged)
+        st.update(seq=writer.current_seq, pattern=writer.name_pattern, mtime_ns=fs.st_mtime_ns)
     if writer.zstd_frame_bytes:
         st["zstd_frame_bytes"] = writer.zstd_frame_bytes  # recovery keeps the seekable layout
     return st
@@ -253,6 +256,7 @@ class FileSink(Sink):
                         fh.truncate(size)
                 _drop_staged_index(final)
                 log.warning("recovery: %s cut back to what was acknowledged (%d bytes)", final, size)
+            _remove_later_rotations(f)
         stems = {(os.path.dirname(p) or ".", os.path.basename(p).split(".")[0] + ".") for p in known}
         for d, stem in stems:
             for name in os.listdir(d):
@@ -266,6 +270,43 @@ class FileSink(Sink):
         if isinstance(root, str) and os.path.isdir(root):
             from pktstream.archive.live import recover_index
             recover_index(root)  # files completed here (or by a crash) get their index
+
+
+def _remove_later_rotations(f: dict[str, Any]) -> None:
+    """Remove the files a rotating writer completed entirely after the last acknowledged flush
+    (a flush group larger than the rotation size): they hold only unacknowledged batches, which
+    the sensors resend. Such a file has the writer's name pattern, a higher sequence number than
+    the file open at the flush, and was written at or after it (mtime): a file of an earlier run
+    with a higher number (names are reused after ``-W`` deletions) is older and stays. Only the
+    directory of the file open at the flush is searched (a strftime pattern in the directory
+    part that moved on is not followed)."""
+    seq, pattern, mtime_ns, final = f.get("seq"), f.get("pattern"), f.get("mtime_ns"), f.get("final")
+    if not (isinstance(seq, int) and isinstance(pattern, str) and isinstance(mtime_ns, int)
+            and isinstance(final, str)):
+        return  # a state written before these fields, or a writer that does not rotate
+    d = os.path.dirname(final) or "."
+    stem, ext = split_ext(os.path.basename(pattern))
+    literal = "".join("%" if piece == "%%" else ".*" if piece.startswith("%") and len(piece) == 2
+                      else re.escape(piece) for piece in re.split(r"(%.)", stem) if piece)
+    name_re = re.compile(rf"{literal}\.(\d{{6,}}){re.escape(ext)}")
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return
+    for name in names:
+        m = name_re.fullmatch(name)
+        path = os.path.join(d, name)
+        if m is None or int(m.group(1)) <= seq or path == final:
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if st.st_mtime_ns >= mtime_ns and os.path.isfile(path):
+            log.warning("recovery: removing %s (completed after the last acknowledged flush: "
+                        "nothing in it was acknowledged)", path)
+            os.unlink(path)
+            _drop_staged_index(path)
 
 
 def _drop_staged_index(final: str) -> None:
