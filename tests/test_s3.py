@@ -211,3 +211,95 @@ def test_s3_sink_uploads_what_an_earlier_run_left(tmp_path, moto):
                     s2_key: b"recovered" * 100}
     assert sorted(os.listdir(staging)) == ["ready", "s3.pcap.part"]
     assert os.listdir(staging / "ready") == ["junk.pcap.unknown"]
+
+
+_CRASHING_WRITER = r"""
+import json, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from test_s3 import BUCKET, _batches
+from pktstream.sinks.base import Source
+from pktstream.sinks.s3 import S3Sink
+staging, endpoint, state_path = sys.argv[2:5]
+sink = S3Sink(BUCKET, "cap/", staging_dir=staging, endpoint_url=endpoint, region="us-east-1", path_style=True,
+              format="pcap", rotate_bytes=300_000, rotate_seconds=3600, acl=None)
+sink.use_acknowledgements()  # as a receiver does
+src = Source("s1", "host", "eth0", 1, 65535)
+batches = _batches(12, 600)
+for b in batches[:4]:
+    sink.write(src, b)
+state = sink.flush()
+sink.acknowledged(state)  # the receiver persisted it and acknowledged flush 1
+for b in batches[4:]:
+    sink.write(src, b)  # rotation completes more files: nothing in them is acknowledged
+with open(state_path, "w") as f:
+    json.dump(state, f)
+os.kill(os.getpid(), signal.SIGKILL)  # the crash, before the next flush
+"""
+
+
+def test_s3_sink_uploads_only_acknowledged_files_across_a_crash(tmp_path, moto):
+    """Under a receiver, a file rotation completes waits in staging until the flush holding its
+    last bytes is acknowledged. A crash after more files were completed: recovery (from the
+    persisted state) cuts back and removes what was not acknowledged, and the next run uploads
+    exactly the acknowledged packets -- the sensors' resent blocks are not in S3 twice."""
+    import pktstream
+    from pktstream.sinks.s3 import S3Sink
+
+    s3 = moto.client()
+    s3.create_bucket(Bucket=BUCKET)
+    staging, state_path = tmp_path / "staging", tmp_path / "state.json"
+    child = subprocess.run([os.sys.executable, "-c", _CRASHING_WRITER, os.path.dirname(__file__), str(staging),
+                            moto.endpoint, str(state_path)], capture_output=True, text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    state = json.loads(state_path.read_text())
+    assert state["flush"] == 1
+    S3Sink.recover(state)  # what the next receiver does first (Ingest loads the state)
+    sink = S3Sink(BUCKET, "cap/", staging_dir=str(staging), endpoint_url=moto.endpoint, region="us-east-1",
+                  path_style=True, format="pcap", rotate_bytes=300_000, rotate_seconds=3600, acl=None,
+                  close_timeout=60)
+    sink.use_acknowledgements()
+    sink.close()
+    objects = []  # (first timestamp, packets): the key order depends on the runs' random ids
+    for i, k in enumerate(sink.uploaded):
+        local = tmp_path / f"o{i}.pcap"
+        s3.download_file(BUCKET, k, str(local))
+        batches = list(pktstream.read(str(local)))
+        objects.append((int(batches[0].ts_ns[0]), [bytes(p) for b in batches for p in b]))
+    got = [p for _, pkts in sorted(objects) for p in pkts]
+    assert sink.counters["uploaded_files"] >= 2  # rotation completed files before the flush too
+    assert got == [bytes(p) for b in _batches(12, 600)[:4] for p in b]
+
+
+def test_s3_sink_holds_completed_files_until_acknowledged(tmp_path, moto):
+    """The uploader does not take a completed file that waits for its acknowledgement (its
+    pass over leftovers skips it), and takes it once the flush holding it is acknowledged."""
+    from pktstream.sinks.base import Source
+    from pktstream.sinks.s3 import S3Sink
+
+    s3 = moto.client()
+    s3.create_bucket(Bucket=BUCKET)
+    staging = tmp_path / "staging"
+    sink = S3Sink(BUCKET, "cap/", staging_dir=str(staging), endpoint_url=moto.endpoint, region="us-east-1",
+                  path_style=True, format="pcap", rotate_bytes=300_000, rotate_seconds=3600, acl=None,
+                  close_timeout=60)
+    sink.use_acknowledgements()
+    src = Source("s1", "host", "eth0", 1, 65535)
+    batches = _batches(8, 600)
+    for b in batches[:4]:
+        sink.write(src, b)
+    first = sink.flush()
+    for b in batches[4:]:
+        sink.write(src, b)
+    second = sink.flush()
+    held = sorted(n for n in os.listdir(staging) if n.endswith(".pcap"))
+    assert len(held) >= 3 and os.listdir(staging / "ready") == []
+    sink.acknowledged(first)
+    n_first = len(held) - len([n for n in os.listdir(staging) if n.endswith(".pcap")])
+    assert n_first >= 1
+    wait_until(lambda: sink.counters["uploaded_files"] == n_first, what="the first flush's files uploaded")
+    # the uploader's passes (each starts with the leftovers) ran: the rest still waits
+    assert sorted(n for n in os.listdir(staging) if n.endswith(".pcap")) == held[n_first:]
+    sink.acknowledged(second)
+    wait_until(lambda: sink.counters["uploaded_files"] == len(held), what="the second flush's files uploaded")
+    sink.close()
+    assert sink.counters["uploaded_files"] == len(held) + 1  # and the open file, completed at close

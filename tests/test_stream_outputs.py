@@ -220,3 +220,38 @@ def test_python_api_iterator_and_callback(veth):
         rx.stop()
         threading.Thread(target=lambda: [None for _ in it], daemon=True).start()  # drain
         rx.join(20)
+
+
+def test_receiver_without_state_dir_keeps_few_flushed_states(veth, tmp_path):
+    """Each flush of a file output returns a state; the receiver keeps them until a commit
+    supersedes them. Without a state dir they were never dropped (one per flush for the life
+    of the receiver); now the acknowledged ones go: ``flushes_held`` stays at most 1."""
+    import pktstream
+    from pktstream.sinks import FileSink
+    from pktstream.stream.receiver import Receiver
+    from pktstream.stream.sensor import CaptureOptions, Sensor
+    out = tmp_path / "out.pcap"
+    rx = Receiver(listen="127.0.0.1:0", outputs=[FileSink(str(out))])
+    rx.start()
+    sx = Sensor(f"127.0.0.1:{rx.address[1]}", [veth.outer], capture=CaptureOptions(max_wait=0.05)).start()
+    inj = None
+    try:
+        wait_until(lambda: sx.stats()["connected"] and veth.outer in sx.stats()["interfaces"], 30,
+                   "the sensor to capture and connect")
+        inj = pktstream.Capture(veth.outer)
+        frames = traffic.frames(300)
+        for group in range(6):  # six groups, each written and flushed before the next is sent
+            for f in frames[group * 50:(group + 1) * 50]:
+                inj.inject(f)
+            wait_until(lambda g=group: rx.stats()["outputs"][f"file:{out}"].get("packets", 0) >= (g + 1) * 50,
+                       30, f"group {group} written")
+        wait_until(lambda: rx.stats()["outputs"][f"file:{out}"]["flushes_held"] <= 1, 30,
+                   f"flushed states dropped ({rx.stats()['outputs']})")
+        assert rx.stats()["outputs"][f"file:{out}"]["packets"] == 300
+    finally:
+        if inj is not None:
+            inj.close()
+        sx.stop()
+        sx.join(20)
+        rx.stop()
+        rx.join(20)

@@ -119,9 +119,18 @@ class S3Sink(Sink):
         if index:
             from pktstream.archive.live import StagingIndexer
             self._files.indexer = StagingIndexer(self.staging_dir)
-        self._files.opts["on_complete"] = self._adopt
+        self._files.opts["on_complete"] = self._completed
         self._files_lock = threading.Lock()  # the FileSink is used by the receiver's thread and the ticker
         self._dirty = False                  # written since the last flush
+        # Under a receiver (use_acknowledgements), a completed file waits in the staging
+        # directory until the flush that holds its last bytes is acknowledged: until then crash
+        # recovery may still cut it back or remove it (the sensors resend its tail).
+        self._acks = False
+        self._ack_lock = threading.Lock()    # _unacked, _acked_flush (after _files_lock when both)
+        self._flushes = 0                    # flush() calls so far
+        self._acked_flush = 0                # the newest acknowledged flush
+        self._unacked: list[tuple[int, str]] = []  # (the flush that holds it, completed staging file)
+        self._leftovers_ok = threading.Event()     # recovery had its turn: earlier runs' files may go
         self._thread = threading.Thread(target=self._uploader, name="s3-upload", daemon=True)
         self._thread.start()
         self._ticker = threading.Thread(target=self._tick, name="s3-rotate", daemon=True)
@@ -136,6 +145,31 @@ class S3Sink(Sink):
                     self._files.flush()  # nothing new since the last flush: this only rotates
 
     # -- staging ---------------------------------------------------------------------------------
+    def _completed(self, path: str) -> None:
+        """The FileSink completed a staging file (called with ``_files_lock`` held)."""
+        if self._acks:
+            flush = self._flushes + (1 if self._dirty else 0)  # the flush that holds its last bytes
+            with self._ack_lock:
+                if flush > self._acked_flush:
+                    self._unacked.append((flush, path))
+                    return
+        self._adopt(path)
+
+    def use_acknowledgements(self) -> None:
+        self._acks = True
+        self._leftovers_ok.set()
+
+    def acknowledged(self, state: dict[str, Any]) -> None:
+        flush = state.get("flush")
+        if not isinstance(flush, int):
+            return
+        with self._ack_lock:
+            self._acked_flush = max(self._acked_flush, flush)
+            ready = [p for f, p in self._unacked if f <= flush]
+            self._unacked = [(f, p) for f, p in self._unacked if f > flush]
+        for path in ready:
+            self._adopt(path)
+
     def _adopt(self, path: str) -> None:
         """A completed staging file → ``ready/`` under its unique upload name."""
         with self._lock:
@@ -155,13 +189,18 @@ class S3Sink(Sink):
         self._wake.set()
 
     def _adopt_leftovers(self) -> None:
-        """Completed files in the staging directory that no writer is writing (a previous run's,
-        completed by crash recovery) are queued for upload too."""
-        with self._files_lock:  # the receiver's thread opens and rotates writers meanwhile
-            active = self._files.open_paths()
-        for e in os.scandir(self.staging_dir):
-            if e.is_file() and not e.name.endswith((".part", ".tmp", ".idx")) and e.path not in active:
-                self._adopt(e.path)
+        """Completed files in the staging directory that no writer is writing and that wait for
+        no acknowledgement (a previous run's, completed by crash recovery, or cut back after a
+        write error) are queued for upload too -- once recovery had its turn."""
+        if not self._leftovers_ok.is_set():
+            return
+        with self._files_lock:  # the receiver's thread opens, rotates and completes files meanwhile
+            with self._ack_lock:
+                skip = self._files.open_paths() | {p for _, p in self._unacked}
+            leftovers = [e.path for e in os.scandir(self.staging_dir)
+                         if e.is_file() and not e.name.endswith((".part", ".tmp", ".idx")) and e.path not in skip]
+        for path in leftovers:
+            self._adopt(path)
 
     def staged_bytes(self) -> int:
         now = time.monotonic()
@@ -182,14 +221,18 @@ class S3Sink(Sink):
             self.counters["staging_full"] += 1
             raise StagingFull(f"{self.name}: staging {self.staging_dir} holds {self.staged_bytes()} bytes "
                               f"(limit {self.staging_max_bytes}); S3 uploads are behind")
+        self._leftovers_ok.set()
         with self._files_lock:
             self._dirty = True
             self._files.write(source, batch)
 
     def flush(self) -> dict[str, Any]:
+        self._leftovers_ok.set()
         with self._files_lock:
             state = self._files.flush()
             self._dirty = False
+            self._flushes += 1
+            state = {**state, "flush": self._flushes}
         self._wake.set()
         return state
 
@@ -202,9 +245,16 @@ class S3Sink(Sink):
     recover = staticmethod(FileSink.recover)
 
     def close(self) -> None:
+        """Complete the open files and upload for up to ``close_timeout`` s. A receiver closes
+        its outputs after their last flush, so what waits for an acknowledgement goes too."""
         self._closing.set()
+        self._leftovers_ok.set()
         with self._files_lock:
             self._files.close()
+            with self._ack_lock:
+                waiting, self._unacked = self._unacked, []
+            for _, path in waiting:
+                self._adopt(path)
         self._all_staged.set()
         self._wake.set()
         self._thread.join(self.close_timeout)

@@ -189,6 +189,8 @@ class Ingest:
         self._space_waiters = 0        # dispatches waiting for space (no notify task without them)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._load()
+        for sink in sinks:  # after recovery: outputs may now hold files back until acknowledged
+            sink.use_acknowledgements()
 
     def _load(self) -> None:
         state = self.state.load()
@@ -399,6 +401,7 @@ class Ingest:
             if s.bye is not None and s.last_committed >= s.last_accepted:
                 s.bye.set()
         self.inflight -= freed
+        self.outputs.acknowledged(committed)
         self._run_commit_hooks(committed)
         if self._space_waiters:
             asyncio.ensure_future(self._notify_space())

@@ -42,6 +42,7 @@ class SinkRunner:
         self.queue: queue.Queue = queue.Queue(0 if self.gate else maxsize)
         self.committed = 0
         self.states: collections.deque = collections.deque()  # (index, state) per flush
+        self.acknowledged_state: dict[str, Any] | None = None  # the last one given to sink.acknowledged
         self.counters: collections.Counter = collections.Counter()
         self.failing = False
         self.thread = threading.Thread(target=self._run, name=f"sink-{sink.name}", daemon=True)
@@ -168,6 +169,21 @@ class Outputs:
     def states_at(self, committed: int) -> dict[str, Any]:
         return {r.sink.name: st for r in self.runners if (st := r.state_at(committed))}
 
+    def acknowledged(self, committed: int) -> None:
+        """Everything up to ``committed`` is acknowledged (and its state persisted): tell each
+        output the newest flush that holds nothing beyond it (event loop). This also keeps
+        each runner's list of flushed states short without a state dir."""
+        for r in self.runners:
+            st = r.state_at(committed)
+            if st is None or st is r.acknowledged_state:
+                continue
+            r.acknowledged_state = st
+            try:
+                r.sink.acknowledged(st)
+            except Exception as exc:  # noqa: BLE001 - an output's bug must not stop the commits
+                r.counters["failures"] += 1
+                log.error("output %s: acknowledged: %s", r.sink.name, exc)
+
     def forget_states(self) -> None:
         for r in self.runners:
             r.states.clear()
@@ -181,4 +197,6 @@ class Outputs:
             await asyncio.to_thread(r.thread.join)
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        return {r.sink.name: {"gate": r.gate, "queued": r.queue.qsize(), **r.counters} for r in self.runners}
+        # flushes_held: flushed states not yet superseded by an acknowledged one (stays small)
+        return {r.sink.name: {"gate": r.gate, "queued": r.queue.qsize(), "flushes_held": len(r.states), **r.counters}
+                for r in self.runners}
