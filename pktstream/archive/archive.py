@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
-from pktstream.archive.catalog import heavy, is_current, load_catalog, repair
+from pktstream.archive.catalog import heavy, heavy_array, is_current, load_catalog, repair
 from pktstream.archive.index import INDEX_DIR
 from pktstream.archive.query import FilePlan, QueryStats, SortedFile, iter_plan, merge_files, segments_for
 from pktstream.archive.store import open_store
@@ -100,7 +100,7 @@ class Archive:
         """(entry, catalog row or None, reason) for files that may hold matching packets."""
         from pktstream.archive.prune import SummaryContext, may_match
         entries = self.store.captures()
-        rows, bad = load_catalog(self.store, light=True)
+        rows, bad = load_catalog(self.store, light=True, entries=entries)
         for rel in bad:
             stats.problems.append(f"{rel}: unreadable catalog file (ignored)")
             warn(stats.problems[-1])
@@ -128,7 +128,7 @@ class Archive:
             if sensors is not None and not sensors & set(row["sensors"]):
                 continue
             if tree is not None:
-                summary = SummaryContext(partial(heavy, row, "addresses"), partial(heavy, row, "ports"),
+                summary = SummaryContext(partial(heavy, row, "addresses"), partial(heavy_array, row, "ports"),
                                          address_filter=row.get("address_filter"),
                                          port_bitmap=row.get("port_bitmap"), probes=probes)
                 if not may_match(tree, summary)[0]:
