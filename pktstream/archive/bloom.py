@@ -16,7 +16,7 @@ Layout (docs/ARCHIVE.md, "Address filter"):
   (double hashing, Kirsch and Mitzenmacher);
 * the stored value: byte 0 = layout version (1), byte 1 = ``k``, then the ``m / 8`` bytes of
   the bit array, bit ``p`` = bit ``p mod 8`` (least significant first) of byte ``2 + p // 8``;
-  ``m`` = 10 bits per distinct address rounded up to whole bytes, at least 64; ``k = 7``.
+  ``m`` = 10 bits per distinct ``h`` (address) rounded up to whole bytes, at least 64; ``k = 7``.
 
 Port bitmap: 8192 bytes, bit ``p`` (least significant first) of byte ``p // 8`` set when port
 ``p`` is a source or destination port of an IP flow of the file (exact).
@@ -69,12 +69,12 @@ def address_bytes(text: str) -> bytes | None:
 def build_filter(rows: np.ndarray) -> bytes:
     """The Bloom filter (stored layout) of a set of 16-byte addresses (uint8, shape (n, 16);
     duplicates allowed)."""
-    rows = np.unique(np.ascontiguousarray(rows, dtype=np.uint8).reshape(-1, 16), axis=0)
-    nbytes = max(8, -(-len(rows) * BITS_PER_ADDRESS // 8))
+    # distinct addresses counted by their 64-bit hashes (a sort of integers, not of 16-byte rows)
+    h = np.unique(address_hashes(rows))
+    nbytes = max(8, -(-len(h) * BITS_PER_ADDRESS // 8))
     m = np.uint64(nbytes * 8)
     bits = np.zeros(nbytes * 8, dtype=bool)
-    if len(rows):
-        h = address_hashes(rows)
+    if len(h):
         h1 = h & np.uint64(0xFFFFFFFF)
         h2 = (h >> np.uint64(32)) | np.uint64(1)
         for i in range(HASHES):  # < 2**32 + 7 * 2**32: no overflow
