@@ -160,7 +160,7 @@ def test_overflowing_files_are_pruned_for_absent_hosts_and_ports(wide):
     assert _flow_reads(a, f"port {1024 + 10 * 7 + 2}") == 1          # a source port of s2 only
     assert _flow_reads(a, "udp port 40000 or tcp port 5") == 4       # in every file
     assert _flow_reads(a, "portrange 2-20") == 0
-    assert _flow_reads(a, f"host {_host(0, 3)} and port 1") == 0 or sum(absent) > 0
+    assert _flow_reads(a, f"host {_host(0, 3)} and port 1") == 0         # host maybe, port not there
 
 
 @pytest.mark.parametrize("bpf", [
