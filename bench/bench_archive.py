@@ -245,6 +245,10 @@ def main() -> int:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--zstd-frame-kib", type=int, default=1024,
                     help="frame size of the seekable .pcap.zst copy (KiB; 0: no seekable copy)")
+    ap.add_argument("--no-convert", action="store_true", help="skip the `pktstream convert` brute force (slow)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="use the archives already in --dir (no writing); `pktstream index` brings their index up "
+                         "to date (timed: reindex_s) instead of the offline index of the unindexed copy")
     args = ap.parse_args()
     work = Path(args.dir or tempfile.mkdtemp(prefix="bench-archive-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -261,10 +265,13 @@ def main() -> int:
         import pyarrow as pa  # a receiver imports these once, at its first completed file: not per file
         import pyarrow.parquet  # noqa: F401
         pa.table({"a": [1]}).to_pylist()
-        cpu_plain = write_archive(work / "plain", data(), index=False, file_bytes=fb)
-        cpu_index = write_archive(work / "indexed", data(), index=True, file_bytes=fb)
-        cpu_seek = 0.0
-        if args.zstd_frame_kib:  # the same archive with seekable .pcap.zst files
+        cpu_plain = cpu_index = cpu_seek = 0.0
+        if args.reuse:
+            args.zstd_frame_kib = args.zstd_frame_kib if (work / "seekable").is_dir() else 0
+        else:
+            cpu_plain = write_archive(work / "plain", data(), index=False, file_bytes=fb)
+            cpu_index = write_archive(work / "indexed", data(), index=True, file_bytes=fb)
+        if args.zstd_frame_kib and not args.reuse:  # the same archive with seekable .pcap.zst files
             cpu_seek = write_archive(work / "seekable", data(), index=True, file_bytes=fb,
                                      zstd_frame_bytes=args.zstd_frame_kib << 10)
         if args.ref:
@@ -277,16 +284,26 @@ def main() -> int:
         cat = Archive(str(root)).catalog().to_pylist()
         res["packets"] = sum(r["packets"] for r in cat)
         res["raw_bytes"] = sum(r["chunks"][-1]["end"] for r in cat if r["chunks"])  # uncompressed stream bytes
-        res.update(files=len(files), capture_bytes=du(files), index_bytes=du(idx),
-                   write_cpu_s_plain=round(cpu_plain, 2), write_cpu_s_indexed=round(cpu_index, 2),
-                   indexing_cpu_overhead_pct=round(100 * (cpu_index - cpu_plain) / cpu_plain, 1))
+        if args.reuse:  # bring the existing index up to date (e.g. rows of an older index format)
+            for name in ("indexed", "seekable") if args.zstd_frame_kib else ("indexed",):
+                t = time.perf_counter()
+                r = subprocess.run([*PY, "index", str(work / name)], capture_output=True, text=True)
+                res[f"reindex_s_{name}"] = round(time.perf_counter() - t, 2)
+                res[f"reindex_out_{name}"] = r.stdout.strip() + r.stderr.strip()[-300:]
+                assert r.returncode == 0, r.stderr
+            idx = [p for p in root.rglob("*.parquet")]
+            cat = Archive(str(root)).catalog().to_pylist()
+        res.update(files=len(files), capture_bytes=du(files), index_bytes=du(idx))
+        if not args.reuse:
+            res.update(write_cpu_s_plain=round(cpu_plain, 2), write_cpu_s_indexed=round(cpu_index, 2),
+                       indexing_cpu_overhead_pct=round(100 * (cpu_index - cpu_plain) / cpu_plain, 1))
         res["index_pct_of_raw"] = round(100 * res["index_bytes"] / res["raw_bytes"], 3)
         res["index_bytes_per_packet"] = round(res["index_bytes"] / res["packets"], 2)
-        # offline indexing of the unindexed copy
-        t = time.perf_counter()
-        r = subprocess.run([*PY, "index", str(work / "plain")], capture_output=True, text=True)
-        res["offline_index_s"] = round(time.perf_counter() - t, 2)
-        assert r.returncode == 0, r.stderr
+        if not args.reuse:  # offline indexing of the unindexed copy
+            t = time.perf_counter()
+            r = subprocess.run([*PY, "index", str(work / "plain")], capture_output=True, text=True)
+            res["offline_index_s"] = round(time.perf_counter() - t, 2)
+            assert r.returncode == 0, r.stderr
         a = Archive(str(root))
         flow_row = a.flows(f"host {RARE[0]}").to_pylist()
         rare_ts = flow_row[0]["first_ts_ns"]
@@ -329,7 +346,7 @@ def main() -> int:
                 assert n_td == st.packets, (name, n_td, st.packets)
                 q.update(tcpdump_s=round(td, 2), speedup_vs_tcpdump_warm=round(td / warm, 1),
                          speedup_vs_tcpdump_cli=round(td / cli, 1))
-                if name == "single flow":  # one process per file: slow, so once
+                if name == "single flow" and not args.no_convert:  # one process per file: slow, so once
                     cv, n_cv = timed(lambda bpf=bpf: brute_convert(files, bpf, work))
                     assert n_cv == st.packets
                     q.update(convert_s=round(cv, 2), speedup_vs_convert_warm=round(cv / warm, 1))

@@ -19,9 +19,10 @@ import io
 import sys
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
-from pktstream.archive.catalog import heavy, is_current, load_catalog, repair
+from pktstream.archive.catalog import heavy, heavy_array, is_current, load_catalog, repair
 from pktstream.archive.index import INDEX_DIR
 from pktstream.archive.query import FilePlan, QueryStats, SortedFile, iter_plan, merge_files, segments_for
 from pktstream.archive.store import open_store
@@ -99,13 +100,14 @@ class Archive:
         """(entry, catalog row or None, reason) for files that may hold matching packets."""
         from pktstream.archive.prune import SummaryContext, may_match
         entries = self.store.captures()
-        rows, bad = load_catalog(self.store)
+        rows, bad = load_catalog(self.store, light=True, entries=entries)
         for rel in bad:
             stats.problems.append(f"{rel}: unreadable catalog file (ignored)")
             warn(stats.problems[-1])
         by_path = {r["path"]: r for r in rows}
         stats.files_total = len(entries)
         out: list[tuple[Any, dict[str, Any] | None, str]] = []
+        probes: dict = {}  # the query's addresses, hashed once for every file's filter
         for e in entries:
             row = by_path.get(e.path)
             if row is None:
@@ -125,13 +127,19 @@ class Archive:
                 continue
             if sensors is not None and not sensors & set(row["sensors"]):
                 continue
-            summary = SummaryContext(heavy(row, "addresses"), heavy(row, "ports")) if tree is not None else None
-            if summary is not None and not may_match(tree, summary)[0]:
-                continue
+            if tree is not None:
+                summary = SummaryContext(partial(heavy, row, "addresses"), partial(heavy_array, row, "ports"),
+                                         address_filter=row.get("address_filter"),
+                                         port_bitmap=row.get("port_bitmap"), probes=probes)
+                if not may_match(tree, summary)[0]:
+                    continue
             out.append((e, row, ""))
         return out
 
-    def _flow_table(self, row: dict[str, Any], sensors):
+    def _flow_table(self, row: dict[str, Any], sensors, stats: QueryStats | None = None,
+                    columns: list[str] | None = None):
+        """The flow records of a catalog row's file (of the selected sensors; ``columns``: only
+        these, plus the partition columns ``sensor`` and ``date``), or None."""
         import pyarrow as pa
         import pyarrow.parquet as pq
         parts = []
@@ -139,7 +147,9 @@ class Archive:
             sensor = rel.split("/sensor=", 1)[1].split("/", 1)[0]
             if sensors is not None and not any(_partition_matches(sensor, s) for s in sensors):
                 continue
-            t = pq.ParquetFile(io.BytesIO(self.store.read_bytes(rel))).read()
+            t = pq.ParquetFile(io.BytesIO(self.store.read_bytes(rel))).read(columns=columns)
+            if stats is not None:
+                stats.flow_files_read += 1
             date = rel.split("/date=", 1)[1].split("/", 1)[0]
             t = t.append_column("sensor", pa.array([_sensor_name(sensor, row)] * t.num_rows, pa.string()))
             t = t.append_column("date", pa.array([date] * t.num_rows, pa.string()))
@@ -163,7 +173,7 @@ class Archive:
             if row is None:
                 plans.append(FilePlan(e.path, "scan", None, _compression_of(e.path), reason, e.size))
                 continue
-            t = self._flow_table(row, sensors)
+            t = self._flow_table(row, sensors, stats, [*_FLOW_KEY_COLUMNS, "chunks"])
             if t is None:
                 continue
             cols = _flow_columns(t)

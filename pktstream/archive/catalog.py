@@ -10,6 +10,7 @@ supported (the last writer wins, consistently).
 """
 from __future__ import annotations
 
+import bisect
 import io
 import time
 import warnings
@@ -72,9 +73,14 @@ def write_index(store, row: dict[str, Any], tables: dict) -> None:
             store.delete(rel)
 
 
-def _parquet_bytes(table, pq) -> bytes:
+_RAW = ("address_filter", "port_bitmap")  # random bits: no dictionary or min/max statistics
+
+
+def _parquet_bytes(table, pq, row_group_size: int | None = None) -> bytes:
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    other = [c for c in table.column_names if c not in _RAW]  # (a catalog table decodes ~2x faster so)
+    pq.write_table(table, buf, compression="zstd", use_dictionary=other, write_statistics=other,
+                   row_group_size=row_group_size)
     return buf.getvalue()
 
 
@@ -100,13 +106,16 @@ def remove_index(store, rel_path: str) -> None:
         store.delete(rel)
 
 
-def load_catalog(store, *, full: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
+def load_catalog(store, *, full: bool = False, light: bool = False,
+                 entries: list[Entry] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """Every catalog row of the archive (of every index base below the root: paths relative
-    to the root), and the catalog files that could not be read."""
+    to the root), and the catalog files that could not be read. ``light``: the heavy columns
+    (:data:`HEAVY`) are not even decoded until :func:`heavy` asks for one (a query).
+    ``entries``: the capture files ``store.captures()`` just listed (not listed again)."""
     from pktstream.archive.store import parts
     rows, bad = [], []
-    for sub in parts(store):
-        r, b = _load_base(sub)
+    for sub in parts(store, entries):
+        r, b = _load_base(sub, light=light)
         if full:
             for row in r:
                 for name in HEAVY:
@@ -121,29 +130,72 @@ def load_catalog(store, *, full: bool = False) -> tuple[list[dict[str, Any]], li
 
 SNAPSHOT = f"{INDEX_DIR}/catalog.parquet"
 HEAVY = ("addresses", "ports", "header_blocks", "chunks")  # read per row when needed
+_SNAP_COLUMNS = ("catalog_file", "catalog_version")
 
 
-def _load_base(store, *, snapshot: bool = True) -> tuple[list[dict[str, Any]], list[str]]:
+SNAPSHOT_ROW_GROUP = 32  # rows per row group of catalog.parquet: a heavy value decodes only its group
+
+
+class _LazyColumns:
+    """Columns of a catalog Parquet file (by row group) or table, decoded on first use, then kept."""
+
+    def __init__(self, source) -> None:
+        self.source = source  # a pyarrow.parquet.ParquetFile or a pyarrow Table
+        self.cache: dict[tuple[str, int], Any] = {}
+        if hasattr(source, "column_names"):
+            self.names, self.starts = set(source.column_names), [0]
+        else:
+            self.names = set(source.schema_arrow.names)
+            meta = source.metadata
+            self.starts = [0]
+            for g in range(meta.num_row_groups):
+                self.starts.append(self.starts[-1] + meta.row_group(g).num_rows)
+
+    def scalar(self, name: str, i: int) -> Any:
+        """Row ``i``'s value of column ``name`` as an Arrow scalar (None: no such column)."""
+        if name not in self.names:
+            return None  # a column an older catalog does not have
+        src = self.source
+        if hasattr(src, "column_names"):
+            return src.column(name)[i]
+        g = bisect.bisect_right(self.starts, i) - 1
+        col = self.cache.get((name, g))
+        if col is None:
+            col = self.cache[(name, g)] = src.read_row_group(g, columns=[name]).column(name)
+        return col[i - self.starts[g]]
+
+
+def _load_base(store, *, snapshot: bool = True, light: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows of one index base. The per-file catalog files are the truth; ``catalog.parquet``
     is a snapshot of them (with each file's size and version) so a query reads one file
     instead of one per capture file; a row is taken from the snapshot only while its catalog
     file is unchanged. Heavy columns (address lists, chunk tables) stay in Arrow until asked
-    for (:func:`heavy`)."""
+    for (:func:`heavy`); with ``light`` they are not decoded from the snapshot at all until
+    then."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from pktstream.archive.index import catalog_schema
     listing = store.list_stat(f"{INDEX_DIR}/files")
     snap: dict[str, tuple] = {}
-    snap_table = None
+    snap_table = snap_lazy = None
     if snapshot and listing:
         try:
-            snap_table = pq.ParquetFile(io.BytesIO(store.read_bytes(SNAPSHOT))).read()
+            pf = pq.ParquetFile(io.BytesIO(store.read_bytes(SNAPSHOT)))
+            if light:
+                have = set(pf.schema_arrow.names)
+                want = [c for c in [*catalog_schema().names, *_SNAP_COLUMNS] if c in have and c not in HEAVY]
+                snap_table, snap_lazy = pf.read(columns=want), _LazyColumns(pf)
+            else:
+                snap_table = pf.read()
             for i, (rel, ver) in enumerate(zip(snap_table.column("catalog_file").to_pylist(),
                                                snap_table.column("catalog_version").to_pylist())):
                 snap[rel] = (ver, i)
         except Exception:
-            snap_table, snap = None, {}
+            snap_table, snap_lazy, snap = None, None, {}
     rows, bad = [], []
     tables, take = [], []
+    fresh: list[_LazyColumns] = []
     for rel, ver in listing:
         if not rel.endswith(".parquet"):
             continue
@@ -155,6 +207,9 @@ def _load_base(store, *, snapshot: bool = True) -> tuple[list[dict[str, Any]], l
             t = pq.ParquetFile(io.BytesIO(store.read_bytes(rel))).read()
             t = t.append_column("catalog_file", pa.array([rel] * t.num_rows, pa.string()))
             t = t.append_column("catalog_version", pa.array([ver] * t.num_rows, pa.string()))
+            if light:
+                fresh += [_LazyColumns(t.slice(i, 1)) for i in range(t.num_rows)]
+                t = t.select([c for c in t.column_names if c not in HEAVY])
             tables.append(t)
         except Exception:
             bad.append(rel)
@@ -163,10 +218,13 @@ def _load_base(store, *, snapshot: bool = True) -> tuple[list[dict[str, Any]], l
     if not tables:
         return [], bad
     table = pa.concat_tables(tables, promote_options="default")
-    light = [c for c in table.column_names if c not in HEAVY]
-    rows = table.select(light).to_pylist()
+    names = [c for c in table.column_names if c not in HEAVY]
+    cols = [table.column(c).to_pylist() for c in names]  # column-wise: faster than Table.to_pylist
+    rows = [dict(zip(names, vals, strict=True)) for vals in zip(*cols, strict=True)]
     for i, r in enumerate(rows):
         r["_table"], r["_i"] = table, i
+        if light:
+            r["_lazy"] = (snap_lazy, take[i]) if i < len(take) else (fresh[i - len(take)], 0)
     return rows, bad
 
 
@@ -183,11 +241,30 @@ def _rows(table, take: list[int]) -> list:
     return out
 
 
+def _scalar(row: dict[str, Any], name: str) -> Any:
+    lazy = row.get("_lazy")
+    if lazy is not None:
+        return lazy[0].scalar(name, lazy[1])
+    if name in row["_table"].column_names:
+        return row["_table"].column(name)[row["_i"]]
+    return None
+
+
 def heavy(row: dict[str, Any], name: str) -> Any:
-    """A heavy column of a catalog row (address/port lists, header blocks, chunk table)."""
+    """A heavy column of a catalog row (address/port lists, header blocks, chunk table; None
+    for a column its catalog does not have)."""
     if name not in row:
-        row[name] = row["_table"].column(name)[row["_i"]].as_py()
+        s = _scalar(row, name)
+        row[name] = None if s is None else s.as_py()
     return row[name]
+
+
+def heavy_array(row: dict[str, Any], name: str) -> Any:
+    """A list column of a catalog row as a numpy array (the port list; None when null)."""
+    if name in row:
+        return row[name]
+    s = _scalar(row, name)
+    return None if s is None or not s.is_valid else s.values.to_numpy(zero_copy_only=False)
 
 
 def write_snapshot(store) -> None:
@@ -198,7 +275,19 @@ def write_snapshot(store) -> None:
         store.delete(SNAPSHOT)
         return
     table = rows[0]["_table"]
-    store.write_bytes(SNAPSHOT, _parquet_bytes(table, pq))
+    store.write_bytes(SNAPSHOT, _parquet_bytes(table, pq, row_group_size=SNAPSHOT_ROW_GROUP))
+
+
+def _snapshot_outdated(store) -> bool:
+    """Whether ``catalog.parquet`` predates the address filter or the small row groups (its
+    footer is read, not its rows); it is then written again."""
+    import pyarrow.parquet as pq
+    try:
+        meta = pq.ParquetFile(io.BytesIO(store.read_bytes(SNAPSHOT))).metadata
+    except Exception:
+        return True
+    groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+    return "address_filter" not in meta.schema.names or any(n > SNAPSHOT_ROW_GROUP for n in groups)
 
 
 def is_current(row: dict[str, Any] | None, entry: Entry) -> bool:
@@ -218,14 +307,15 @@ def repair(store, paths: Iterable[str] | None = None, *, force: bool = False,
         archive (then orphan catalog rows and flow files are removed too).
     :param force: rebuild even current indexes.
     :param chunk_bytes: the unit a query reads (decompressed stream bytes; at least 4096).
-    :return: counts ``indexed``, ``current``, ``removed``, ``damaged``, the list ``problems``
-        and ``seconds``.
+    :return: counts ``indexed``, ``current``, ``upgraded`` (a current row of an older catalog
+        given its address filter / port bitmap from its flow records, without re-reading the
+        capture file), ``removed``, ``damaged``, the list ``problems`` and ``seconds``.
     """
     from pktstream.archive.store import base_of, parts
     subs = parts(store)
     total = sum(e.size for sub in subs for e in sub.captures())
     done = [0]
-    out: dict[str, Any] = {"indexed": 0, "current": 0, "removed": 0, "damaged": 0, "problems": []}
+    out: dict[str, Any] = {"indexed": 0, "current": 0, "upgraded": 0, "removed": 0, "damaged": 0, "problems": []}
     t0 = time.monotonic()
     wanted = None if paths is None else set(paths)
     for sub in subs:
@@ -240,16 +330,49 @@ def repair(store, paths: Iterable[str] | None = None, *, force: bool = False,
             if progress:
                 progress(base_done + d, total, sub.full_path(what) if what else "")
         res = _repair_base(sub, sub_paths, force=force, chunk_bytes=chunk_bytes, progress=prog)
-        if res["indexed"] or res["removed"] or res["problems"] or SNAPSHOT not in dict(sub.list_stat(INDEX_DIR)):
+        changed = res["indexed"] or res["upgraded"] or res["removed"] or res["problems"]
+        if changed or SNAPSHOT not in dict(sub.list_stat(INDEX_DIR)) or _snapshot_outdated(sub):
             write_snapshot(sub)
         done[0] += sum(e.size for e in sub.captures())
-        for k in ("indexed", "current", "removed", "damaged"):
+        for k in ("indexed", "current", "upgraded", "removed", "damaged"):
             out[k] += res[k]
         out["problems"] += [sub.full_path(p) if sub.base else p for p in res["problems"]]
     if progress:
         progress(total, total, "")
     out["seconds"] = time.monotonic() - t0
     return out
+
+
+def _add_filters(store, row: dict[str, Any]) -> bool:
+    """Give a catalog row written before the address filter its filter and (when the port list
+    is unknown) port bitmap, from its flow records; rewrite the row. False when a flow file
+    cannot be read (then the file is indexed again)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pktstream.archive.bloom import filter_of_texts, port_bitmap
+    from pktstream.archive.index import catalog_schema
+    texts: set[str] = set()
+    ports: list[Any] = []
+    try:
+        for rel in row.get("flow_files") or ():
+            t = pq.ParquetFile(io.BytesIO(store.read_bytes(rel))).read(columns=["src", "dst", "ip_version",
+                                                                                "sport", "dport"])
+            for name in ("src", "dst"):
+                texts.update(t.column(name).to_pylist())
+            ip = t.column("ip_version").to_numpy() > 0
+            ports += [t.column("sport").to_numpy()[ip], t.column("dport").to_numpy()[ip]]
+    except Exception:
+        return False
+    full = {name: heavy(row, name) if name in HEAVY else row.get(name) for name in catalog_schema().names}
+    full["address_filter"] = filter_of_texts(texts)
+    if full["ports"] is None:
+        full["port_bitmap"] = port_bitmap(np.concatenate(ports) if ports else np.zeros(0, np.int64))
+    store.write_bytes(catalog_file(row["path"]), _parquet_bytes(pa.Table.from_pylist([full], catalog_schema()),
+                                                               pq))
+    row["_upgraded"] = True
+    return True
 
 
 def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = False,
@@ -269,7 +392,7 @@ def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = Fal
         entries = [e for e in entries if e.path in wanted]
     rows, bad = _load_base(store)
     by_path = {r["path"]: r for r in rows}
-    result: dict[str, Any] = {"indexed": 0, "current": 0, "removed": 0, "damaged": 0, "problems": []}
+    result: dict[str, Any] = {"indexed": 0, "current": 0, "upgraded": 0, "removed": 0, "damaged": 0, "problems": []}
     for rel in bad:
         store.delete(rel)
         result["problems"].append(f"{rel}: unreadable catalog file, removed")
@@ -281,8 +404,16 @@ def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = Fal
         if progress:
             progress(done, total, e.path)
         if not force and is_current(by_path.get(e.path), e):
-            result["current"] += 1
-            keep.update(by_path[e.path].get("flow_files") or ())
+            row = by_path[e.path]
+            if row.get("address_filter") is None and not _add_filters(store, row):
+                row, tables = index_entry(store, e, chunk_bytes=chunk_bytes)  # flow records unreadable
+                write_index(store, row, tables)
+                result["indexed"] += 1
+            elif row.get("_upgraded"):
+                result["upgraded"] += 1
+            else:
+                result["current"] += 1
+            keep.update(row.get("flow_files") or ())
         else:
             row, tables = index_entry(store, e, chunk_bytes=chunk_bytes)
             write_index(store, row, tables)

@@ -108,8 +108,9 @@ def cmd_index(args: argparse.Namespace) -> int:
         bar.done()
         for line in res["problems"]:
             print(f"pktstream index: warning: {line}", file=sys.stderr)
-        print(f"{root}: {res['indexed']} indexed, {res['current']} already current, {res['removed']} removed "
-              f"(file gone), {res['damaged']} damaged or truncated; {res['seconds']:.2f} s", file=sys.stderr)
+        print(f"{root}: {res['indexed']} indexed, {res['current']} already current, {res['upgraded']} upgraded "
+              f"(address filter added), {res['removed']} removed (file gone), {res['damaged']} damaged or "
+              f"truncated; {res['seconds']:.2f} s", file=sys.stderr)
     return status
 
 

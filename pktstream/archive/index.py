@@ -32,6 +32,7 @@ import numpy as np
 
 from pktstream._capture import PacketBatch
 from pktstream._flowtable import KEY_BYTES, FlowTable, address_texts
+from pktstream.archive.bloom import MAPPED_PREFIX, build_filter, port_bitmap
 
 INDEX_DIR = "_index"
 FORMAT_VERSION = 1
@@ -187,6 +188,7 @@ class FileIndexBuilder:
         tables: dict[tuple[str, str], Any] = {}
         addrs: list[str] | None = []
         ports: set[int] = set()
+        address_filter = build_filter(np.zeros((0, 16), np.uint8))
         first_ts = last_ts = None
         if f:
             key = f["key"]
@@ -202,6 +204,7 @@ class FileIndexBuilder:
             src, dst = texts(key["src"]), texts(key["dst"])
             distinct = pa.chunked_array([src, dst]).unique().drop_null()  # (ASCII: Arrow's order is str's)
             addrs = distinct.sort().to_pylist() if len(distinct) <= SUMMARY_LIMIT else None
+            address_filter = build_filter(_addresses_with_text(key, ipv))
             ipmask = ipv > 0  # (ARP addresses are in the address summary, no ports)
             ports = set(np.unique(key["sport"][ipmask]).tolist()) | set(np.unique(key["dport"][ipmask]).tolist())
             iface_ids = key["iface"]
@@ -244,6 +247,8 @@ class FileIndexBuilder:
             "interfaces": sorted({f"{s}/{i}" for s, i, _ in self._ifaces}),
             "addresses": addrs,
             "ports": sorted(ports) if len(ports) <= SUMMARY_LIMIT else None,
+            "address_filter": address_filter,
+            "port_bitmap": None if len(ports) <= SUMMARY_LIMIT else port_bitmap(np.fromiter(ports, np.int64)),
             "sections": self.sections,
             "header_blocks": [{"offset": o, "length": n} for o, n in sorted(self.header_blocks)],
             "chunks": [{"start": c[0], "end": c[1], "packets": c[2], "first_ts_ns": c[3], "last_ts_ns": c[4]}
@@ -251,6 +256,23 @@ class FileIndexBuilder:
             "flow_files": sorted(flow_file(s, d, self.rel_path) for s, d in tables),
         }
         return row, tables
+
+
+def _addresses_with_text(key: np.ndarray, ipv: np.ndarray) -> np.ndarray:
+    """The 16-byte src and dst addresses (uint8, shape (n, 16)) of the flow keys that have a
+    text in the flow records (IP, and ARP's IPv4-mapped ones), IPv4 with the mapped prefix."""
+    out = []
+    for name in ("src", "dst"):
+        rows = np.ascontiguousarray(key[name]).view(np.uint8).reshape(-1, 16)
+        mapped = (rows[:, :12] == _MAPPED_ROW).all(axis=1)
+        v4 = (ipv == 4) | ((ipv == 0) & mapped)
+        rows = rows[v4 | (ipv == 6)].copy()
+        rows[v4[v4 | (ipv == 6)], :12] = _MAPPED_ROW
+        out.append(rows)
+    return np.concatenate(out)
+
+
+_MAPPED_ROW = np.frombuffer(MAPPED_PREFIX, dtype=np.uint8)
 
 
 def _date(days: int) -> str:
@@ -287,5 +309,7 @@ def catalog_schema():
             ("chunks", pa.list_(pa.struct([("start", pa.int64()), ("end", pa.int64()), ("packets", pa.int64()),
                                            ("first_ts_ns", pa.int64()), ("last_ts_ns", pa.int64())]))),
             ("flow_files", pa.list_(pa.string())),
+            # after the columns of format 1 (catalogs without them still load: null = unknown)
+            ("address_filter", pa.binary()), ("port_bitmap", pa.binary()),
         ])
     return CATALOG_FIELDS

@@ -13,6 +13,7 @@ Thread safety: used from the one thread that writes the files (a sink's output t
 """
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import time
@@ -183,6 +184,9 @@ class StagingIndexer(LiveIndexer):
             self.failures += 1
 
 
+_BINARY = ("address_filter", "port_bitmap")  # catalog row values kept as base64 in the .idx metadata (JSON)
+
+
 def write_staged(path: str, row: dict, tables: dict) -> None:
     """Keep a completed staged file's index next to it as ``path + ".idx"``: its flow records
     (partition values in ``_sensor``/``_date`` columns) with the catalog row in the Parquet
@@ -195,6 +199,7 @@ def write_staged(path: str, row: dict, tables: dict) -> None:
               .append_column("_date", pa.array([d] * t.num_rows, pa.string()))
              for (s, d), t in tables.items()]
     table = pa.concat_tables(parts) if parts else pa.table({"_sensor": pa.array([], pa.string())})
+    row = {k: base64.b64encode(v).decode() if k in _BINARY and v is not None else v for k, v in row.items()}
     table = table.replace_schema_metadata({b"pktstream.catalog": json.dumps(row).encode()})
     tmp = path + ".idx.tmp"
     pq.write_table(table, tmp, compression="zstd")
@@ -226,6 +231,8 @@ def commit_staged(store, idx_path: str, rel_path: str, size: int, version: str) 
     from pktstream.archive.index import file_id, flow_file
     table = pq.read_table(idx_path)
     row = json.loads(table.schema.metadata[b"pktstream.catalog"])
+    for k in _BINARY:  # (absent in an .idx staged before the address filter: null, upgraded later)
+        row[k] = base64.b64decode(row[k]) if row.get(k) is not None else None
     tables = {}
     if "_sensor" in table.column_names and table.num_rows:
         for s, d in sorted(set(zip(table.column("_sensor").to_pylist(), table.column("_date").to_pylist()))):

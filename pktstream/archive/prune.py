@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from pktstream.archive.bloom import AddressProbe, address_bytes, bitmap_has_port
 from pktstream.archive.index import canonical
 
 _TOKEN = re.compile(r"\s*(\(|\)|&&|\|\||!|[^\s()!]+)")
@@ -243,30 +245,84 @@ def _contains(net, text: str) -> bool:
 
 
 class SummaryContext:
-    """Leaves over one file's catalog summary (address and port lists; None = unknown).
-    Only ``maybe_true`` is meaningful: everything may be false."""
+    """Leaves over one file's catalog summary: address and port lists (None = unknown past
+    ``SUMMARY_LIMIT``), the address Bloom filter and the port bitmap (None: absent, e.g. a
+    catalog written before them). Lists may be given as zero-argument callables, called only
+    when a leaf needs them (the filters decide most host tests first). Only ``maybe_true`` is
+    meaningful: everything may be false."""
 
-    def __init__(self, addresses: list[str] | None, ports: list[int] | None) -> None:
+    def __init__(self, addresses: list[str] | None | Callable[[], list[str] | None],
+                 ports: list[int] | None | Callable[[], Any], *,
+                 address_filter: bytes | None = None, port_bitmap: bytes | None = None,
+                 probes: dict[str, AddressProbe] | None = None) -> None:
+        """``probes``: a cache of hashed query addresses shared by the files of one query."""
         self.n = 1
-        self.addresses = addresses
-        self._set = None if addresses is None else set(addresses)
-        self.ports = None if ports is None else np.asarray(ports)
+        self._addresses = addresses
+        self._ports = ports
+        self._port_array: np.ndarray | None = None
+        self._set: set[str] | None = None
+        self.address_filter = address_filter
+        self.port_bitmap = port_bitmap
+        self._probes = probes if probes is not None else {}
+
+    @property
+    def addresses(self) -> list[str] | None:
+        if callable(self._addresses):
+            self._addresses = self._addresses()
+        return self._addresses
+
+    @property
+    def ports(self) -> np.ndarray | None:
+        if self._port_array is None and self._ports is not None:
+            ports = self._ports() if callable(self._ports) else self._ports
+            self._ports = None
+            if ports is not None:
+                self._port_array = np.asarray(ports)
+        return self._port_array
 
     def unknown(self):
         return np.ones(1, bool), np.ones(1, bool)
 
+    def _may_hold(self, text: str) -> bool:
+        """Whether the file may hold an address (in canonical text): filter, then the list."""
+        if self.address_filter is not None:
+            probe = self._probes.get(text)
+            if probe is None:
+                packed = address_bytes(text)
+                if packed is None:
+                    return True
+                probe = self._probes[text] = AddressProbe(packed)
+            # (no list lookup after a "maybe": ~1 % false positives cost a flow-record read,
+            # less than decoding the list)
+            return probe.may_contain(self.address_filter)
+        addresses = self.addresses
+        if addresses is None:
+            return True
+        if self._set is None:
+            self._set = set(addresses)
+        return text in self._set
+
     def leaf(self, node):
         kind = node[0]
         t = True
-        if kind == "net" and self.addresses is not None:
+        if kind == "net":
             net = node[2]
-            if net.num_addresses == 1 and self._set is not None:
-                t = canonical(net.network_address) in self._set
-            else:
+            if net.num_addresses <= _FILTER_NET_HOSTS and (self.address_filter is not None
+                                                           or self.addresses is not None):
+                hosts = [net.network_address] if net.num_addresses == 1 else list(net)
+                t = any(self._may_hold(canonical(a)) for a in hosts)
+            elif self.addresses is not None:
                 t = any(_contains(net, a) for a in self.addresses)
-        elif kind == "port" and self.ports is not None:
-            t = bool(((self.ports >= node[2]) & (self.ports <= node[3])).any())
+        elif kind == "port":
+            ports = self.ports
+            if ports is not None:
+                t = bool(((ports >= node[2]) & (ports <= node[3])).any())
+            elif self.port_bitmap is not None:
+                t = bitmap_has_port(self.port_bitmap, node[2], node[3])
         return np.array([t]), np.ones(1, bool)
+
+
+_FILTER_NET_HOSTS = 16  # nets up to this many addresses are tested address by address
 
 
 def evaluate(tree, ctx) -> tuple[np.ndarray, np.ndarray]:
@@ -276,10 +332,14 @@ def evaluate(tree, ctx) -> tuple[np.ndarray, np.ndarray]:
     op = tree[0]
     if op == "and":
         at, af = evaluate(tree[1], ctx)
+        if not at.any() and af.all():  # false whatever the right side is
+            return at, af
         bt, bf = evaluate(tree[2], ctx)
         return at & bt, af | bf
     if op == "or":
         at, af = evaluate(tree[1], ctx)
+        if at.all() and not af.any():  # true whatever the right side is
+            return at, af
         bt, bf = evaluate(tree[2], ctx)
         return at | bt, af & bf
     if op == "not":

@@ -56,6 +56,7 @@ class QueryStats:
     files_total: int = 0
     files_read: int = 0
     files_scanned: int = 0
+    flow_files_read: int = 0      # flow record (Parquet) files read to choose chunks: the catalog pruned the rest
     bytes_read: int = 0
     packets_read: int = 0
     packets: int = 0
@@ -68,7 +69,8 @@ class QueryStats:
 
     def summary(self) -> str:
         text = (f"read {self.files_read} of {self.files_total} files ({self.files_scanned} scanned without "
-                f"a usable index), {self.bytes_read} bytes, {self.packets_read} packets; "
+                f"a usable index; flow records of {self.flow_files_read} read), {self.bytes_read} bytes, "
+                f"{self.packets_read} packets; "
                 f"{self.packets} packets matched; {self.seconds:.3f} s")
         if self.problems:
             text += f"; {len(self.problems)} file(s) with problems"

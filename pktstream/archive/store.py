@@ -48,19 +48,18 @@ class LocalStore:
         out = []
         bases = {""}
         for d, dirs, files in os.walk(self.root):
+            rel = os.path.relpath(d, self.root).replace(os.sep, "/")  # once per directory
+            prefix = "" if rel == "." else rel + "/"
             if INDEX_DIR in dirs:
-                rel = os.path.relpath(d, self.root).replace(os.sep, "/")
-                bases.add("" if rel == "." else rel)
+                bases.add(prefix[:-1])
             dirs[:] = sorted(x for x in dirs if x != INDEX_DIR and not x.startswith("."))
             for name in files:
                 if is_capture_name(name):
-                    p = os.path.join(d, name)
                     try:
-                        st = os.stat(p)
+                        st = os.stat(os.path.join(d, name))
                     except OSError:
                         continue
-                    out.append(Entry(os.path.relpath(p, self.root).replace(os.sep, "/"), st.st_size,
-                                     str(st.st_mtime_ns)))
+                    out.append(Entry(prefix + name, st.st_size, str(st.st_mtime_ns)))
         self.bases = sorted(bases)
         return sorted(out, key=lambda e: e.path)
 
@@ -290,9 +289,11 @@ class SubStore:
         self.parent.delete(self._p(rel))
 
 
-def parts(store) -> list[SubStore]:
-    """The archive split by index base (always including the root)."""
-    entries = store.captures()
+def parts(store, entries: list[Entry] | None = None) -> list[SubStore]:
+    """The archive split by index base (always including the root); ``entries``: what
+    ``store.captures()`` just returned (not listed again)."""
+    if entries is None:
+        entries = store.captures()
     return [SubStore(store, b, entries) for b in getattr(store, "bases", [""])]
 
 

@@ -1,0 +1,132 @@
+"""Per-file membership filters of the catalog: a Bloom filter of the addresses, a port bitmap.
+
+A catalog row lists a file's distinct addresses and ports only up to ``SUMMARY_LIMIT``; past
+that the list is unknown (null). These filters never overflow, so a query can still drop a file
+that cannot hold a host (or a port). They only *prune*: a Bloom filter may say "maybe" for an
+address the file does not have (false positive, ~1 % at the default size) but never "no" for one
+it has; the query applies the BPF to every packet it reads anyway.
+
+Layout (docs/ARCHIVE.md, "Address filter"):
+
+* an address is its 16 bytes (IPv6; IPv4 as the IPv4-mapped ``::ffff:a.b.c.d``), read as two
+  little-endian 64-bit words ``w0`` (bytes 0-7) and ``w1`` (bytes 8-15);
+  ``h = fmix64(fmix64(w0 ^ SEED) ^ w1)`` with MurmurHash3's 64-bit finalizer ``fmix64`` and
+  ``SEED = 0x9E3779B97F4A7C15``, arithmetic modulo 2**64;
+* ``h1 = h mod 2**32``, ``h2 = (h >> 32) | 1``; bit ``i`` of ``k`` is ``(h1 + i * h2) mod m``
+  (double hashing, Kirsch and Mitzenmacher);
+* the stored value: byte 0 = layout version (1), byte 1 = ``k``, then the ``m / 8`` bytes of
+  the bit array, bit ``p`` = bit ``p mod 8`` (least significant first) of byte ``2 + p // 8``;
+  ``m`` = 10 bits per distinct ``h`` (address) rounded up to whole bytes, at least 64; ``k = 7``.
+
+Port bitmap: 8192 bytes, bit ``p`` (least significant first) of byte ``p // 8`` set when port
+``p`` is a source or destination port of an IP flow of the file (exact).
+"""
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+
+FILTER_VERSION = 1
+BITS_PER_ADDRESS = 10
+HASHES = 7  # ~ln 2 * 10: 0.8 % false positives at 10 bits per address
+SEED = 0x9E3779B97F4A7C15
+_M1 = np.uint64(0xFF51AFD7ED558CCD)
+_M2 = np.uint64(0xC4CEB9FE1A85EC53)
+_S33 = np.uint64(33)
+MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
+PORT_BITMAP_BYTES = 8192
+
+
+def _fmix64(x: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finalizer on a uint64 array (wrapping arithmetic)."""
+    x = x ^ (x >> _S33)
+    x = x * _M1
+    x = x ^ (x >> _S33)
+    x = x * _M2
+    return x ^ (x >> _S33)
+
+
+def address_hashes(rows: np.ndarray) -> np.ndarray:
+    """The 64-bit hash ``h`` of each 16-byte address (``rows``: uint8, shape (n, 16))."""
+    words = np.ascontiguousarray(rows, dtype=np.uint8).reshape(-1, 16).view("<u8").astype(np.uint64)
+    with np.errstate(over="ignore"):
+        return _fmix64(_fmix64(words[:, 0] ^ np.uint64(SEED)) ^ words[:, 1])
+
+
+def address_bytes(text: str) -> bytes | None:
+    """The 16 bytes the filter hashes for an address in text form (None: not an address)."""
+    try:
+        return MAPPED_PREFIX + socket.inet_pton(socket.AF_INET, text)
+    except OSError:
+        pass
+    try:
+        return socket.inet_pton(socket.AF_INET6, text)
+    except OSError:
+        return None
+
+
+def build_filter(rows: np.ndarray) -> bytes:
+    """The Bloom filter (stored layout) of a set of 16-byte addresses (uint8, shape (n, 16);
+    duplicates allowed)."""
+    # distinct addresses counted by their 64-bit hashes (a sort of integers, not of 16-byte rows)
+    h = np.unique(address_hashes(rows))
+    nbytes = max(8, -(-len(h) * BITS_PER_ADDRESS // 8))
+    m = np.uint64(nbytes * 8)
+    bits = np.zeros(nbytes * 8, dtype=bool)
+    if len(h):
+        h1 = h & np.uint64(0xFFFFFFFF)
+        h2 = (h >> np.uint64(32)) | np.uint64(1)
+        for i in range(HASHES):  # < 2**32 + 7 * 2**32: no overflow
+            bits[((h1 + np.uint64(i) * h2) % m).astype(np.int64)] = True
+    return bytes((FILTER_VERSION, HASHES)) + np.packbits(bits, bitorder="little").tobytes()
+
+
+def filter_of_texts(texts) -> bytes:
+    """:func:`build_filter` of addresses given as text (None and non-addresses skipped)."""
+    packed = [b for b in map(address_bytes, (t for t in texts if t is not None)) if b is not None]
+    return build_filter(np.frombuffer(b"".join(packed), dtype=np.uint8).reshape(-1, 16))
+
+
+class AddressProbe:
+    """One address, hashed once, tested against many files' filters."""
+
+    def __init__(self, packed: bytes) -> None:
+        h = int(address_hashes(np.frombuffer(packed, dtype=np.uint8).reshape(1, 16))[0])
+        self.h1 = h & 0xFFFFFFFF
+        self.h2 = (h >> 32) | 1
+
+    def may_contain(self, blob: bytes | None) -> bool:
+        """False only when the file certainly does not hold the address (a null, empty or
+        unknown-version filter: True)."""
+        if not blob or len(blob) < 3 or blob[0] != FILTER_VERSION:
+            return True
+        k = blob[1]
+        m = (len(blob) - 2) * 8
+        h1, h2 = self.h1, self.h2
+        for i in range(k):
+            p = (h1 + i * h2) % m
+            if not blob[2 + (p >> 3)] >> (p & 7) & 1:
+                return False
+        return True
+
+
+def port_bitmap(ports: np.ndarray) -> bytes:
+    """The port bitmap (stored layout) of a set of ports (integers 0-65535)."""
+    bits = np.zeros(65536, dtype=bool)
+    bits[np.asarray(ports, dtype=np.int64)] = True
+    return np.packbits(bits, bitorder="little").tobytes()
+
+
+def bitmap_has_port(blob: bytes | None, lo: int, hi: int) -> bool:
+    """Whether a port bitmap has a port in ``[lo, hi]`` (True when it is null or malformed)."""
+    if blob is None or len(blob) != PORT_BITMAP_BYTES:
+        return True
+    lo, hi = max(lo, 0), min(hi, 65535)
+    if lo > hi:
+        return False
+    if hi - lo < 64:
+        return any(blob[p >> 3] >> (p & 7) & 1 for p in range(lo, hi + 1))
+    bits = np.unpackbits(np.frombuffer(blob, dtype=np.uint8, count=(hi >> 3) + 1)[lo >> 3:], bitorder="little")
+    start = lo & 7
+    return bool(bits[start:start + hi - lo + 1].any())

@@ -1,0 +1,221 @@
+"""The catalog's per-file address filter (Bloom) and port bitmap: no false negatives, files whose
+address/port lists overflow ``SUMMARY_LIMIT`` pruned for hosts and ports they do not hold, results
+equal to a full read of every file with libpcap's filter, and catalogs written before the filter
+(answered as before, upgraded by ``pktstream index`` from their flow records)."""
+from __future__ import annotations
+
+import ipaddress
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import pktstream
+from archive_data import _eth, _ipv4, _ipv6, _tcp, _udp, records
+from pktstream.archive import Archive
+from pktstream.archive.bloom import AddressProbe, address_bytes, build_filter, filter_of_texts
+from pktstream.archive.index import SUMMARY_LIMIT, canonical
+from pktstream.archive.prune import SummaryContext, may_match, parse
+from test_archive import brute, got
+
+T0 = 1_732_708_800 * 10**9
+HOSTS = 3000          # distinct sources per file: with their destinations > SUMMARY_LIMIT addresses and ports
+SENSORS = ("s0", "s1", "s2", "s3")
+PKTSTREAM = [sys.executable, "-m", "pktstream"]
+
+
+def _host(sensor: int, i: int) -> str:
+    return f"10.{sensor}.{i >> 8}.{i & 255}"
+
+
+def _dst(sensor: int, i: int) -> str:
+    return f"172.{16 + sensor}.{i >> 8}.{i & 255}"
+
+
+def _host6(sensor: int, i: int) -> str:
+    return f"2001:db8:{sensor}::{i:x}"
+
+
+def _sensor_batches(k: int) -> list[pktstream.PacketBatch]:
+    """One sensor's traffic: HOSTS IPv4 sources to HOSTS destinations and 200 IPv6 pairs, each
+    flow on its own source port, every other one to its own destination port (> SUMMARY_LIMIT
+    ports), all in this sensor's address and port ranges."""
+    rng = random.Random(k)
+    frames = []
+    ts = T0 + k * 1000
+    for i in range(HOSTS):
+        sport, dport = 1024 + 10 * i + k, rng.choice((80, 443, 53)) if i % 2 == 0 else 20000 + 10 * i + k
+        l4 = _udp(sport, dport, b"u" * 20) if dport == 53 else _tcp(sport, dport, 0x18, b"t" * 20)
+        frames.append((ts, _eth(0x0800, _ipv4(_host(k, i), _dst(k, i), 17 if dport == 53 else 6, l4))))
+        ts += 1000
+    for i in range(200):
+        frames.append((ts, _eth(0x86DD, _ipv6(_host6(k, i), _host6(k, 1000 + i), 17, _udp(40000 + i, 53, b"6")))))
+        ts += 1000
+    out = []
+    for j in range(0, len(frames), 100):
+        out.append(pktstream.PacketBatch.from_records(records(frames[j:j + 100]), link_type=1))
+    return out
+
+
+def _write(root: Path) -> Path:
+    """Per-sensor files as a receiver writes them with --index: two .pcap.zst, two .pcapng."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    root.mkdir(parents=True)
+    sinks = [FileSink(directory=str(root / "zst"), format="pcap.zst", index=True),
+             FileSink(directory=str(root / "ng"), format="pcapng", index=True)]
+    for k, sensor in enumerate(SENSORS):
+        src = Source(sensor, "h-" + sensor, "eth0", 1, 262144)
+        for b in _sensor_batches(k):
+            sinks[k % 2].write(src, b)
+    for s in sinks:
+        s.close()
+    return root
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory) -> Path:
+    return _write(tmp_path_factory.mktemp("wide") / "a")
+
+
+def _rows(a: Archive) -> dict[str, dict]:
+    return {r["path"]: r for r in a.catalog().to_pylist()}
+
+
+# -- the filter itself ------------------------------------------------------------------------
+_addresses = st.one_of(st.integers(0, 2**32 - 1).map(lambda n: str(ipaddress.IPv4Address(n))),
+                       st.integers(0, 2**128 - 1).map(lambda n: canonical(ipaddress.IPv6Address(n))))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_addresses, max_size=300), _addresses)
+def test_filter_never_gives_a_false_negative(members, other):
+    blob = filter_of_texts(members)
+    assert len(blob) == 2 + max(8, -(-len(set(members)) * 10 // 8))
+    for text in members:
+        assert AddressProbe(address_bytes(text)).may_contain(blob), text
+        # through the pruning code path: a host test on the file's summary
+        assert may_match(parse(f"host {text}"), SummaryContext(None, None, address_filter=blob))[0]
+    if other in members:
+        assert AddressProbe(address_bytes(other)).may_contain(blob)
+
+
+def test_filter_false_positive_rate():
+    rng = np.random.default_rng(7)
+    members = rng.integers(0, 256, (6000, 16), dtype=np.uint8)
+    blob = build_filter(members)
+    assert all(AddressProbe(bytes(m)).may_contain(blob) for m in members)
+    others = rng.integers(0, 256, (20000, 16), dtype=np.uint8)
+    fp = sum(AddressProbe(bytes(m)).may_contain(blob) for m in others) / len(others)
+    assert fp < 0.02, fp  # 10 bits and 7 hashes per address: ~0.8 %
+    # an empty or absent filter never excludes; an empty set excludes everything
+    assert AddressProbe(bytes(16)).may_contain(None)
+    assert not AddressProbe(bytes(16)).may_contain(build_filter(np.zeros((0, 16), np.uint8)))
+
+
+# -- in an archive ----------------------------------------------------------------------------
+def test_catalog_rows_have_filters_matching_their_flow_records(wide):
+    a = Archive(str(wide))
+    rows = _rows(a)
+    assert len(rows) == len(SENSORS)
+    flows = a.flows().to_pylist()
+    for path, row in rows.items():
+        mine = [f for f in flows if f["file"] == path.split("/", 1)[1]]  # (relative to its _index)
+        texts = {f["src"] for f in mine} | {f["dst"] for f in mine}
+        assert len(texts) > SUMMARY_LIMIT and row["addresses"] is None  # the list overflowed
+        assert all(AddressProbe(address_bytes(t)).may_contain(row["address_filter"]) for t in texts)
+        # the builder (16-byte keys, numpy) and the text path (flow records) make the same bytes
+        assert filter_of_texts(texts) == row["address_filter"]
+        ports = {f["sport"] for f in mine} | {f["dport"] for f in mine}
+        assert len(ports) > SUMMARY_LIMIT and row["ports"] is None
+        bits = np.unpackbits(np.frombuffer(row["port_bitmap"], np.uint8), bitorder="little")
+        assert set(np.flatnonzero(bits).tolist()) == ports
+
+
+def _flow_reads(a: Archive, bpf: str) -> int:
+    got(a, bpf)
+    assert a.last_stats.files_scanned == 0 and not a.last_stats.problems
+    return a.last_stats.flow_files_read
+
+
+def test_overflowing_files_are_pruned_for_absent_hosts_and_ports(wide):
+    a = Archive(str(wide))
+    rng = random.Random(1)
+    hosts = [(k, _host(k, rng.randrange(HOSTS))) for k in range(len(SENSORS)) for _ in range(10)]
+    hosts += [(k, _host6(k, rng.randrange(200))) for k in range(len(SENSORS)) for _ in range(3)]
+    reads = [_flow_reads(a, f"host {h}") for _, h in hosts]
+    # each host is in one file: its flow records are read; the other 3 files only on a false
+    # positive (~1 %); without the filter every file's (4 per query) would be
+    assert min(reads) >= 1 and sum(reads) <= len(hosts) + 3, reads
+    absent = [_flow_reads(a, f"host 192.0.2.{i}") for i in range(30)]
+    assert sum(absent) <= 3, absent
+    assert a.last_stats.files_read == 0 and a.last_stats.packets == 0
+    # ports: every file's port list overflows; the bitmap is exact
+    assert _flow_reads(a, f"port {1024 + 10 * 7 + 2}") == 1          # a source port of s2 only
+    assert _flow_reads(a, "udp port 40000 or tcp port 5") == 4       # in every file
+    assert _flow_reads(a, "portrange 2-20") == 0
+    assert _flow_reads(a, f"host {_host(0, 3)} and port 1") == 0         # host maybe, port not there
+
+
+@pytest.mark.parametrize("bpf", [
+    f"host {_host(1, 77)}", f"host {_host(2, 1234)} and tcp", f"src host {_dst(3, 5)}", f"host {_host6(0, 9)}",
+    "host 192.0.2.1", f"net {_host(1, 76)}/30", f"host {_host(0, 1)} or host {_host(3, 2)}",
+    f"not host {_host(1, 77)} and udp port {1024 + 10 * 4 + 1}", f"port {1024 + 10 * 7 + 2}",
+    "portrange 20000-20100", f"ip6 host {_host6(2, 1100)} and udp",
+])
+def test_query_equals_brute_force(wide, bpf):
+    a = Archive(str(wide))
+    assert got(a, bpf) == brute(wide, bpf)
+    assert a.last_stats.files_scanned == 0 and not a.last_stats.problems
+
+
+def test_cli_summary_shows_the_flow_records_read(wide, tmp_path):
+    out = tmp_path / "o.pcapng"
+    r = subprocess.run([*PKTSTREAM, "query", str(wide), "host", _host(3, 100), "-w", str(out)],
+                       capture_output=True, text=True, check=True)
+    n = sum(len(b) for b in pktstream.read(out))
+    assert n == 1 and "1 packets matched" in r.stderr
+    assert "flow records of 1 read" in r.stderr or "flow records of 2 read" in r.stderr, r.stderr
+
+
+def _strip_filters(root: Path) -> None:
+    """Rewrite every catalog file (and the snapshot) without the filter columns: a catalog of
+    the format before them."""
+    for f in root.rglob("_index/files/*.parquet"):
+        t = pq.read_table(f)
+        pq.write_table(t.drop_columns(["address_filter", "port_bitmap"]), f)
+    from pktstream.archive.catalog import write_snapshot
+    from pktstream.archive.store import LocalStore, parts
+    for sub in parts(LocalStore(str(root))):
+        write_snapshot(sub)
+    for f in root.rglob("_index/catalog.parquet"):
+        assert "address_filter" not in pq.read_schema(f).names
+
+
+def test_old_catalog_without_filters_answers_and_is_upgraded(wide, tmp_path):
+    root = tmp_path / "old"
+    shutil.copytree(wide, root)
+    before = {p: r["address_filter"] for p, r in _rows(Archive(str(wide))).items()}
+    _strip_filters(root)
+    a = Archive(str(root))
+    assert all(r["address_filter"] is None for r in _rows(a).values())
+    for bpf in (f"host {_host(1, 77)}", f"port {1024 + 10 * 7 + 2}", "host 192.0.2.1"):
+        assert got(a, bpf) == brute(root, bpf)
+        assert a.last_stats.flow_files_read == len(SENSORS)  # unknown: every file's flow records
+        assert a.last_stats.files_scanned == 0 and not a.last_stats.problems
+    # `pktstream index` adds the filters from the flow records (no capture file re-read)
+    r = subprocess.run([*PKTSTREAM, "index", str(root)], capture_output=True, text=True, check=True)
+    assert "0 indexed, 0 already current, 4 upgraded" in r.stderr, r.stderr
+    rows = _rows(a)
+    assert {p: r["address_filter"] for p, r in rows.items()} == before
+    assert all(r["port_bitmap"] is not None for r in rows.values())
+    assert got(a, f"host {_host(1, 77)}") == brute(root, f"host {_host(1, 77)}")
+    assert a.last_stats.flow_files_read == 1
+    res = a.index()
+    assert (res["indexed"], res["current"], res["upgraded"]) == (0, len(SENSORS), 0)
