@@ -541,6 +541,7 @@ class CaptureReader:
             rest = memoryview(buf)[pos:have]
             if status == W_BAD_LENGTH:
                 if b is not None:
+                    self.last_range = (base, base + pos)
                     yield b
                 raise self._bad(f"packet length {self._caplen_at(buf, pos, order)} larger than "
                                 f"{self._max_caplen}", base + pos)
