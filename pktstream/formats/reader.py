@@ -26,6 +26,7 @@ every complete packet before it has been delivered.
 """
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import mmap
@@ -58,6 +59,8 @@ from pktstream.formats._common import (
 
 W_MORE, W_BLOCK, W_BAD_LENGTH, W_BAD_IFACE, W_OPTIONS, W_FULL = (
     STATUS[k] for k in ("more", "block", "bad_length", "bad_iface", "options", "full"))
+
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+ (Python 3.13 names it)
 
 # pcapng option codes
 OPT_COMMENT = 1
@@ -437,6 +440,23 @@ class CaptureReader:
             pass
         self._map, self._map_view, self._map_size = mm, memoryview(mm), st.st_size
 
+    _populate_ok = True
+
+    def _populate(self, start: int, end: int) -> bool:
+        """Map the pages of ``[start, end)`` in one call (MADV_POPULATE_READ, Linux 5.14+)
+        instead of a page fault per 64 KiB; False if a page is no longer backed by the file
+        (truncated: the call fails instead of a SIGBUS)."""
+        if not CaptureReader._populate_ok or self._map is None:
+            return True
+        first = start & ~(mmap.PAGESIZE - 1)
+        try:
+            self._map.madvise(_MADV_POPULATE_READ, first, end - first)
+        except OSError as exc:
+            if exc.errno == errno.EFAULT:
+                return False
+            CaptureReader._populate_ok = False  # an older kernel: page faults it is
+        return True
+
     def _map_changed(self) -> bool:
         """Whether the mapped file's size differs from the mapping's (grown or truncated)."""
         try:
@@ -584,6 +604,9 @@ class CaptureReader:
             if pos == total:
                 return True
             end = min(pos + window, total)
+            if not self._populate(pos, end):
+                self._leave_map(pos)
+                return False
             dst = new_buffer(end - pos) if convert else None
             status, p, n, out = pcap_walk(mv, pos, end, swap, usec, self._max_caplen, dst)
             if n == 0 and status == W_MORE and end < total:
@@ -636,7 +659,8 @@ class CaptureReader:
         self._if_arrays: tuple[np.ndarray, ...] | None = None
         section_ifaces: list[InterfaceInfo] = []
         while True:
-            if mapped and self._map_changed():  # grown or truncated: read() from here on
+            if mapped and (self._map_changed() or not self._populate(base, min(base + size, self._map_size))):
+                # grown or truncated: read() from here on
                 self._leave_map(base)
                 mapped, eof = False, False
                 buf, have = bytearray(max(size, 24)), 0
