@@ -10,12 +10,14 @@ The format is detected from the magic bytes, never from the file name. Every rea
   :class:`TruncatedFileWarning`; batches already delivered keep their bytes;
 * ``memory_map=True`` (opt-in): an uncompressed regular file opened by path (not a ``*.part``
   file, which a writer is still growing) is memory-mapped read-only up to its size at open. LE
-  ns pcap batches are views into the mapping (no copy at all: ~2x faster than read()), other
-  formats are converted straight out of it. The size is checked (``fstat``) before every
-  batch; a file that grew or shrank is read on with ``read()`` from there. Residual risk, why
-  it is not the default: a file truncated by someone else while batches of it are held (or
-  between that check and the walk), or an I/O error on it, kills the process with SIGBUS when
-  the pages are touched. Only for files nobody truncates or overwrites while they are read;
+  ns pcap batches are views into the mapping (no copy: 10-25 % less CPU than read(),
+  bench/README.md), other formats are converted straight out of it. Before every batch the
+  size is checked (``fstat``) and the window is populated (``MADV_POPULATE_READ``, which fails
+  instead of a SIGBUS on pages a truncation cut off); a file that grew or shrank is read on
+  with ``read()`` from there. Residual risk, why it is not the default: a file truncated by
+  someone else while batches of it are held, or an I/O error on it, kills the process with
+  SIGBUS when those pages are touched. Only for files nobody truncates or overwrites while
+  they are read (deleting or renaming them is harmless);
 * a pcapng batch holds packets of one interface (``batch.interface`` is the IDB's
   ``if_name``, else ``"if<N>"`` with N the interface's index in the file).
 
@@ -928,7 +930,7 @@ def read(source, *, bpf: str | list[str] | None = None, batch_bytes: int = DEFAU
     :param truncated: a file ending inside a record: ``"warn"`` (TruncatedFileWarning),
         ``"error"`` (FileFormatError after the good packets) or ``"ignore"``.
     :param memory_map: map an uncompressed regular file opened by path (zero-copy batches,
-        ~2x faster); a file truncated while its batches are held then kills the process with
+        10-25 % less CPU); a file truncated while its batches are held then kills the process with
         SIGBUS (pktstream.formats.reader's docstring), so only for files nobody truncates.
     :raises FileFormatError: not a capture file, hostile or inconsistent lengths (with the offset).
     """
