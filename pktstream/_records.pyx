@@ -78,11 +78,17 @@ STATUS = {"more": WALK_MORE, "block": WALK_BLOCK, "bad_length": WALK_BAD_LENGTH,
 @cython.boundscheck(False)
 @cython.wraparound(False)
 def pcap_walk(const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t end, bint swap,
-              bint usec, uint32_t max_caplen, unsigned char[::1] dst=None, Py_ssize_t max_packets=-1):
+              bint usec, uint32_t max_caplen, unsigned char[::1] dst=None, Py_ssize_t max_packets=-1,
+              int64_t[::1] ts_out=None, uint32_t[::1] caplen_out=None, uint32_t[::1] wirelen_out=None,
+              int64_t[::1] offset_out=None):
     """Walk classic pcap records in ``src[start:end]``.
 
     With ``dst`` (at least ``end - start`` bytes) the records are written there as LE ns
     records; without, they are only checked (the input already is LE ns).
+    With the four ``*_out`` arrays (all or none), packet ``k``'s timestamp (ns), caplen,
+    wirelen and the offset of its data in the records (``dst``, or ``src[start:]``) go to entry
+    ``k``: ``PacketBatch.from_records(index=...)`` then needs no second pass; at most as many
+    packets as the shortest array holds are walked (then status "full").
     Returns ``(status, pos, count, out_len)``: ``pos`` is where walking stopped.
     """
     cdef Py_ssize_t pos = start, out = 0, count = 0
@@ -90,6 +96,11 @@ def pcap_walk(const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t end, bi
     cdef int status = WALK_MORE
     cdef unsigned char *d = NULL
     cdef const unsigned char *s = &src[0] if src.shape[0] else NULL
+    cdef int64_t *pts = NULL
+    cdef uint32_t *pcl = NULL
+    cdef uint32_t *pwl = NULL
+    cdef int64_t *poff = NULL
+    cdef bint fill = ts_out is not None
     if end > src.shape[0] or start < 0 or start > end:
         raise ValueError("range outside the buffer")
     if dst is not None:
@@ -98,6 +109,13 @@ def pcap_walk(const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t end, bi
         d = &dst[0] if dst.shape[0] else NULL
     if max_packets < 0:
         max_packets = (end - start) // HDR + 1
+    if fill != (caplen_out is not None) or fill != (wirelen_out is not None) or fill != (offset_out is not None):
+        raise ValueError("give all four index arrays or none")
+    if fill:
+        max_packets = min(max_packets, ts_out.shape[0], caplen_out.shape[0], wirelen_out.shape[0],
+                          offset_out.shape[0])
+        if max_packets > 0:
+            pts, pcl, pwl, poff = &ts_out[0], &caplen_out[0], &wirelen_out[0], &offset_out[0]
     cdef Py_ssize_t ahead = start  # cache lines before this were asked for (ps_prefetch)
     with nogil:
         while True:
@@ -115,6 +133,15 @@ def pcap_walk(const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t end, bi
                 break
             if <Py_ssize_t> caplen > end - pos - HDR:
                 break
+            if fill:  # count < max_packets <= every array's length
+                sec = ps_get32(s + pos, swap)
+                frac = ps_get32(s + pos + 4, swap)
+                if usec:
+                    frac = frac * 1000
+                pts[count] = <int64_t> sec * 1000000000 + frac
+                pcl[count] = caplen
+                pwl[count] = ps_get32(s + pos + 12, swap)
+                poff[count] = out + HDR
             if d != NULL:
                 sec = ps_get32(s + pos, swap)
                 frac = ps_get32(s + pos + 4, swap)

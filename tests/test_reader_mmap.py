@@ -70,7 +70,8 @@ def _batches(path, **kw) -> list[tuple]:
         assert r.memory_mapped == kw.get("memory_map", False)
         for b in r:
             out.append((b.interface, b.link_type, b.snaplen, len(b), bytes(b), b.ts_ns.tolist(),
-                        b.wirelen.tolist(), dict(r.comments), r.last_range))
+                        b.wirelen.tolist(), b.caplen.tolist(), b.offset.tolist(), dict(r.comments), r.last_range))
+            assert not b.ts_ns.flags.writeable and not b.offset.flags.writeable
     out.append(tuple((type(w.message).__name__, str(w.message)) for w in caught))
     return out
 
@@ -243,3 +244,38 @@ def test_file_truncated_while_mapped_ends_like_read(files, tmp_path):
         assert "AddressSanitizer: BUS" in run.stderr, (run.returncode, run.stderr)
     else:
         assert run.returncode == -signal.SIGBUS, (run.returncode, run.stderr)
+
+
+def test_index_filled_by_the_walk_is_checked_against_the_buffer(files):
+    """pcap_walk's index arrays equal the batch's own walk; from_records(index=...) refuses any
+    entry that would reach outside the buffer."""
+    import numpy as np
+
+    from pktstream._records import pcap_walk
+    for name, swap, usec in (("ns", False, False), ("us", False, True), ("be_us", True, True)):
+        data = files[name].read_bytes()
+        k = len(data) // 16 + 1
+        arrays = (np.empty(k, np.int64), np.empty(k, np.uint32), np.empty(k, np.uint32), np.empty(k, np.int64))
+        dst = bytearray(len(data)) if swap or usec else None
+        status, pos, n, out = pcap_walk(data, 24, len(data), swap, usec, 262144, dst, -1, *arrays)
+        assert n == 2000 and pos == len(data)
+        records = bytes(dst[:out]) if dst is not None else data[24:]
+        plain = PacketBatch.from_records(records, link_type=1)
+        got = tuple(a[:n] for a in arrays)
+        for mine, theirs in zip(got, (plain.ts_ns, plain.caplen, plain.wirelen, plain.offset)):
+            assert mine.tolist() == theirs.tolist()
+        fast = PacketBatch.from_records(records, link_type=1, validate=False, count=n,
+                                        index=tuple(a.copy() for a in got))
+        assert [bytes(p) for p in fast] == [bytes(p) for p in plain]
+        # a short walk stops at the arrays' length
+        assert pcap_walk(data, 24, len(data), swap, usec, 262144, dst, -1, *(a[:7] for a in arrays))[2] == 7
+    ts, cap, wire, off = (a.copy() for a in got)
+    for bad_off, bad_cap in ((15, 10), (len(records) + 1, 0), (len(records) - 5, 6), (-1, 0)):
+        o, c = off.copy(), cap.copy()
+        o[1000], c[1000] = bad_off, bad_cap
+        with pytest.raises(FileFormatError, match="index entry 1000"):
+            PacketBatch.from_records(records, link_type=1, validate=False, count=n, index=(ts, c, wire, o))
+    with pytest.raises(ValueError, match="index arrays"):
+        PacketBatch.from_records(records, link_type=1, validate=False, count=n, index=(ts, cap[:-1], wire, off))
+    with pytest.raises(ValueError, match="all four"):
+        pcap_walk(data, 24, len(data), swap, usec, 262144, None, -1, arrays[0])

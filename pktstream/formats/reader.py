@@ -599,6 +599,8 @@ class CaptureReader:
         convert = swap or usec
         pos = self._pos
         window = self.batch_bytes
+        # index arrays the walk fills (one record per 16 bytes at most), reused for every window
+        ts = cl = wl = off = np.empty(0, np.int64)
         while True:
             if self._map_changed():
                 self._leave_map(pos)
@@ -610,7 +612,11 @@ class CaptureReader:
                 self._leave_map(pos)
                 return False
             dst = new_buffer(end - pos) if convert else None
-            status, p, n, out = pcap_walk(mv, pos, end, swap, usec, self._max_caplen, dst)
+            if len(ts) < (end - pos) // 16 + 1:
+                k = (end - pos) // 16 + 1
+                ts, cl, wl, off = (np.empty(k, np.int64), np.empty(k, np.uint32), np.empty(k, np.uint32),
+                                   np.empty(k, np.int64))
+            status, p, n, out = pcap_walk(mv, pos, end, swap, usec, self._max_caplen, dst, -1, ts, cl, wl, off)
             if n == 0 and status == W_MORE and end < total:
                 # a record longer than the window: grow it as the read() path grows its buffer
                 # (same batches either way; bounded by max_caplen)
@@ -618,7 +624,10 @@ class CaptureReader:
                 continue
             if n:
                 data = memoryview(dst)[:out] if dst is not None else mv[pos:p]
-                b = self._batch(data, n, iface)
+                # the walk filled the index arrays: the batch takes copies (small, in cache)
+                b = PacketBatch.from_records(data, link_type=iface.link_type, snaplen=max(iface.snaplen, 1),
+                                             interface=iface.name, validate=False, count=n,
+                                             index=(ts[:n].copy(), cl[:n].copy(), wl[:n].copy(), off[:n].copy()))
                 self.last_range = (pos, p)
                 self._pos = p
                 yield b
