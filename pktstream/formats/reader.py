@@ -10,7 +10,7 @@ The format is detected from the magic bytes, never from the file name. Every rea
   :class:`TruncatedFileWarning`; batches already delivered keep their bytes;
 * ``memory_map=True`` (opt-in): an uncompressed regular file opened by path (not a ``*.part``
   file, which a writer is still growing) is memory-mapped read-only up to its size at open. LE
-  ns pcap batches are views into the mapping (no copy: 10-25 % less CPU than read(),
+  ns pcap batches are views into the mapping (no copy: 10-30 % less CPU than read(),
   bench/README.md), other formats are converted straight out of it. Before every batch the
   size is checked (``fstat``) and the window is populated (``MADV_POPULATE_READ``, which fails
   instead of a SIGBUS on pages a truncation cut off); a file that grew or shrank is read on
@@ -436,7 +436,7 @@ class CaptureReader:
             mm = mmap.mmap(self._f.fileno(), st.st_size, access=mmap.ACCESS_READ)
         except (OSError, ValueError, OverflowError):
             return
-        try:
+        try:  # aggressive readahead for a file not in the page cache (no effect on one that is)
             mm.madvise(mmap.MADV_SEQUENTIAL)
         except OSError:
             pass
@@ -448,7 +448,7 @@ class CaptureReader:
         """Map the pages of ``[start, end)`` in one call (MADV_POPULATE_READ, Linux 5.14+)
         instead of a page fault per 64 KiB; False if a page is no longer backed by the file
         (truncated: the call fails instead of a SIGBUS)."""
-        if not CaptureReader._populate_ok or self._map is None:
+        if not CaptureReader._populate_ok or self._map is None or end <= start:
             return True
         first = start & ~(mmap.PAGESIZE - 1)
         try:
@@ -939,7 +939,7 @@ def read(source, *, bpf: str | list[str] | None = None, batch_bytes: int = DEFAU
     :param truncated: a file ending inside a record: ``"warn"`` (TruncatedFileWarning),
         ``"error"`` (FileFormatError after the good packets) or ``"ignore"``.
     :param memory_map: map an uncompressed regular file opened by path (zero-copy batches,
-        10-25 % less CPU); a file truncated while its batches are held then kills the process with
+        10-30 % less CPU); a file truncated while its batches are held then kills the process with
         SIGBUS (pktstream.formats.reader's docstring), so only for files nobody truncates.
     :raises FileFormatError: not a capture file, hostile or inconsistent lengths (with the offset).
     """
