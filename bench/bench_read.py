@@ -5,16 +5,19 @@ Usage (root: the capture is made on a veth pair):  .venv/bin/python bench/bench_
 1. Capture: tcpreplay replays pktstream.lab.traffic's multi-protocol frames (--topspeed, looped)
    on a veth pair; tcpdump --time-stamp-precision=nano writes them (>= 1M packets).
 2. Read into timestamps + lengths (numpy int64/uint32 arrays, or Python lists for per-packet
-   libraries): pktstream.read, C loop over pcap_next_ex (gcc -O2 -lpcap, stores ts/len
+   libraries): pktstream.read (memory_map=True: batches are views of the mapped file, and the
+   default read() path), C loop over pcap_next_ex (gcc -O2 -lpcap, stores ts/len
    into malloc'ed arrays), tcpdump -r F -w /dev/null, pcapy-ng, dpkt, scapy (RawPcapReader on
    the first 100k packets, extrapolated).
 3. Decode 5-tuples (src, dst, sport, dport, proto): pktstream.decode vs dpkt on the first
    200k packets (extrapolated).
 Every number comes from the same run; the file is read once before timing (page cache warm).
+``--json PATH`` also writes the numbers (and the load average) there.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import subprocess
@@ -91,9 +94,9 @@ def best_of(fn, runs: int, who: int = resource.RUSAGE_SELF) -> tuple[float, floa
     return min(walls), min(cpus), n
 
 
-def run_pktstream(path):
+def run_pktstream(path, memory_map=False):
     ts, cl = [], []
-    for b in pktstream.read(path):
+    for b in pktstream.read(path, memory_map=memory_map):
         ts.append(b.ts_ns)
         cl.append(b.caplen)
     ts, cl = np.concatenate(ts), np.concatenate(cl)
@@ -176,6 +179,7 @@ def main() -> None:
     ap.add_argument("--packets", type=int, default=1_000_000)
     ap.add_argument("--file", help="use this capture instead of making one")
     ap.add_argument("--runs", type=int, default=5, help="runs of pktstream.read and the C loop (best is shown)")
+    ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_read."))
     path = Path(args.file) if args.file else tmp / "big.pcap"
@@ -190,9 +194,12 @@ def main() -> None:
     subprocess.run(["gcc", "-O2", "-o", str(cbin), str(tmp / "loop.c"), "-lpcap"], check=True)
     path.read_bytes()  # warm the page cache
     rows = []
-    t_ps, cpu_ps, n_ps = best_of(lambda: run_pktstream(path), args.runs)
+    t_ps, cpu_ps, n_ps = best_of(lambda: run_pktstream(path, memory_map=True), args.runs)
     assert n_ps == n
-    rows.append((f"pktstream.read -> ts_ns/caplen arrays (best of {args.runs})", t_ps, n))
+    rows.append((f"pktstream.read(memory_map=True) -> ts_ns/caplen (best of {args.runs})", t_ps, n))
+    t_rd, cpu_rd, n_rd = best_of(lambda: run_pktstream(path, memory_map=False), args.runs)
+    assert n_rd == n
+    rows.append((f"pktstream.read (default read() path, best of {args.runs})", t_rd, n))
     t_c, cpu_c, k = best_of(lambda: run_c(cbin, path), args.runs, resource.RUSAGE_CHILDREN)
     assert k == n
     rows.append((f"C pcap_next_ex loop (gcc -O2, best of {args.runs})", t_c, n))
@@ -209,9 +216,10 @@ def main() -> None:
     print(f"{'reader':<52} {'seconds':>8} {'Mpkt/s':>8} {'x slower than pktstream':>24}")
     for name, t, _ in rows:
         print(f"{name:<52} {t:8.3f} {n / t / 1e6:8.2f} {t / t_ps:24.1f}")
-    print(f"CPU seconds (user+sys, best of {args.runs}): pktstream.read {cpu_ps:.3f}, C loop {cpu_c:.3f} "
-          f"(process start included) = {cpu_c / cpu_ps:.2f}x; wall {t_c / t_ps:.2f}x; "
-          f"load average {os.getloadavg()[0]:.2f}")
+    load_read = os.getloadavg()[0]
+    print(f"CPU seconds (user+sys, best of {args.runs}): pktstream.read {cpu_ps:.3f} (memory_map=False "
+          f"{cpu_rd:.3f}), C loop {cpu_c:.3f} (process start included) = {cpu_c / cpu_ps:.2f}x "
+          f"({cpu_c / cpu_rd:.2f}x); wall {t_c / t_ps:.2f}x ({t_c / t_rd:.2f}x); load average {load_read:.2f}")
     t_dec, k = timed(lambda: decode_pktstream(path))
     lim = 200_000
     t_dp, k2 = timed(lambda: decode_dpkt(path, lim))
@@ -220,6 +228,15 @@ def main() -> None:
     print(f"{'pktstream.read + pktstream.decode':<52} {t_dec:8.3f} {n / t_dec / 1e6:8.2f} {1.0:24.1f}")
     print(f"{'dpkt Reader + Ethernet/IP/TCP/UDP (first 200k, extrap.)':<52} {t_dp:8.3f} {n / t_dp / 1e6:8.2f} "
           f"{t_dp / t_dec:24.1f}")
+    if args.json:
+        out = {"time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "packets": n, "file_bytes": size,
+               "runs": args.runs, "load_average": load_read,
+               "read": [{"reader": name, "seconds": t} for name, t, _ in rows],
+               "cpu_seconds": {"pktstream_mmap": cpu_ps, "pktstream_read": cpu_rd, "c_loop": cpu_c},
+               "c_loop_over_pktstream": {"wall_mmap": t_c / t_ps, "cpu_mmap": cpu_c / cpu_ps,
+                                         "wall_read": t_c / t_rd, "cpu_read": cpu_c / cpu_rd},
+               "decode": {"pktstream": t_dec, "dpkt_extrapolated": t_dp}}
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     if not args.file:
         path.unlink()
 

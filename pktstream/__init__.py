@@ -56,11 +56,14 @@ def zstd_version() -> str:
     return _zstd.ZSTD_VERSION if isinstance(_zstd.ZSTD_VERSION, str) else ".".join(map(str, _zstd.ZSTD_VERSION))
 
 
-def read(source, *, bpf=None, batch_bytes: int | None = None, truncated: str = "warn"):
+def read(source, *, bpf=None, batch_bytes: int | None = None, truncated: str = "warn", memory_map: bool = False):
     """Iterate over a capture file (pcap, pcapng, .zst, .gz; path or file object) as
-    :class:`PacketBatch` objects. See :func:`pktstream.formats.read` and docs/FILES.md."""
+    :class:`PacketBatch` objects. ``memory_map=True``: zero-copy batches out of a mapped file
+    (SIGBUS if someone truncates it while they are held). See :func:`pktstream.formats.read`
+    and docs/FILES.md."""
     from pktstream.formats.reader import DEFAULT_BATCH_BYTES, read as _read
-    return _read(source, bpf=bpf, batch_bytes=batch_bytes or DEFAULT_BATCH_BYTES, truncated=truncated)
+    return _read(source, bpf=bpf, batch_bytes=batch_bytes or DEFAULT_BATCH_BYTES, truncated=truncated,
+                 memory_map=memory_map)
 
 
 def decode(batches):

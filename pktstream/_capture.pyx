@@ -369,7 +369,7 @@ cdef class PacketBatch:
 
     @staticmethod
     def from_records(data, *, link_type, snaplen=DEFAULT_SNAPLEN, interface=None,
-                     bint validate=True, Py_ssize_t count=-1) -> PacketBatch:
+                     bint validate=True, Py_ssize_t count=-1, index=None) -> PacketBatch:
         """Wrap a buffer of pcap records (ns timestamps, little-endian) without copying.
 
         :param data: any contiguous buffer; it is kept alive by the batch.
@@ -380,6 +380,11 @@ cdef class PacketBatch:
             against the buffer's bounds when the index arrays are built.
         :param count: with ``validate=False``, the number of records (trusted for ``len()``;
             a buffer holding fewer gives :class:`FileFormatError` on first use of the index).
+        :param index: ``(ts_ns int64, caplen uint32, wirelen uint32, offset int64)`` arrays of
+            the records, as ``pktstream._records.pcap_walk`` fills them: taken as the index
+            (made read-only) instead of walking the records again. Every offset and caplen is
+            checked against the buffer (:class:`FileFormatError`), so no packet view can reach
+            outside it; that they match the record headers is the caller's word.
         """
         link_type, snaplen = int(link_type), int(snaplen)
         if not 0 <= link_type <= 0x7fffffff:
@@ -400,7 +405,38 @@ cdef class PacketBatch:
             b._count = validate_records(b._data, b._nbytes, snaplen)
         elif count >= 0:
             b._count = count
+        if index is not None:
+            b._take_index(index)
         return b
+
+    cdef int _take_index(self, index) except -1:
+        ts, cap, wire, off = index
+        cdef const int64_t[::1] vts = ts
+        cdef const uint32_t[::1] vcap = cap
+        cdef const uint32_t[::1] vwire = wire
+        cdef const int64_t[::1] voff = off
+        cdef Py_ssize_t n = vts.shape[0], i, size = self._nbytes
+        if self._count < 0:
+            self._count = n
+        if not (vcap.shape[0] == vwire.shape[0] == voff.shape[0] == n == self._count):
+            raise ValueError(f"index arrays of {n}, {vcap.shape[0]}, {vwire.shape[0]}, {voff.shape[0]} "
+                             f"entries for {self._count} records")
+        cdef const uint32_t *pc = &vcap[0] if n else NULL
+        cdef const int64_t *po = &voff[0] if n else NULL
+        cdef bint bad = False
+        with nogil:
+            for i in range(n):
+                # offset of the data: after a record header, inside the buffer, caplen bytes fit
+                if po[i] < RECORD_HEADER or po[i] > size or <int64_t> pc[i] > size - po[i]:
+                    bad = True
+                    break
+        if bad:
+            raise FileFormatError(f"index entry {i} (offset {off[i]}, caplen {cap[i]}) is outside the "
+                                  f"{size}-byte buffer", offset=int(off[i]))
+        for a in (ts, cap, wire, off):
+            a.flags.writeable = False
+        self._arrays = (ts, cap, wire, off)
+        return 0
 
     cdef inline int _check(self) except -1:
         if self._released:

@@ -42,6 +42,8 @@ cdef extern from *:
         memcpy(&v, p, 2);
         return swap ? __builtin_bswap16(v) : v;
     }
+    /* a hint only: never faults, also for addresses of unmapped pages */
+    static inline void ps_prefetch(const unsigned char *p) { __builtin_prefetch(p, 0, 3); }
     /* units since the epoch at `ups` units per second -> nanoseconds (128-bit intermediate) */
     static inline uint64_t ps_units_to_ns(uint64_t ts, uint64_t ups, uint64_t mult) {
         if (mult) return ts * mult;
@@ -51,6 +53,14 @@ cdef extern from *:
     uint32_t ps_get32(const unsigned char *p, int swap) nogil
     uint16_t ps_get16(const unsigned char *p, int swap) nogil
     uint64_t ps_units_to_ns(uint64_t ts, uint64_t ups, uint64_t mult) nogil
+    void ps_prefetch(const unsigned char *p) nogil
+
+cdef enum:
+    # pcap_walk asks for the cache lines this far ahead of the record it is at: a file's record
+    # headers are a chain (each offset comes from the caplen before it) that no hardware
+    # prefetcher follows, so in a buffer that is not in the CPU caches (a memory-mapped file)
+    # every header was a full memory latency; ~10 records ahead overlaps them
+    PREFETCH_AHEAD = 4096
 
 cdef enum:
     WALK_MORE = 0        # stopped at an incomplete record/block at ``pos``: need more bytes
@@ -68,11 +78,17 @@ STATUS = {"more": WALK_MORE, "block": WALK_BLOCK, "bad_length": WALK_BAD_LENGTH,
 @cython.boundscheck(False)
 @cython.wraparound(False)
 def pcap_walk(const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t end, bint swap,
-              bint usec, uint32_t max_caplen, unsigned char[::1] dst=None, Py_ssize_t max_packets=-1):
+              bint usec, uint32_t max_caplen, unsigned char[::1] dst=None, Py_ssize_t max_packets=-1,
+              int64_t[::1] ts_out=None, uint32_t[::1] caplen_out=None, uint32_t[::1] wirelen_out=None,
+              int64_t[::1] offset_out=None):
     """Walk classic pcap records in ``src[start:end]``.
 
     With ``dst`` (at least ``end - start`` bytes) the records are written there as LE ns
     records; without, they are only checked (the input already is LE ns).
+    With the four ``*_out`` arrays (all or none), packet ``k``'s timestamp (ns), caplen,
+    wirelen and the offset of its data in the records (``dst``, or ``src[start:]``) go to entry
+    ``k``: ``PacketBatch.from_records(index=...)`` then needs no second pass; at most as many
+    packets as the shortest array holds are walked (then status "full").
     Returns ``(status, pos, count, out_len)``: ``pos`` is where walking stopped.
     """
     cdef Py_ssize_t pos = start, out = 0, count = 0
@@ -80,6 +96,11 @@ def pcap_walk(const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t end, bi
     cdef int status = WALK_MORE
     cdef unsigned char *d = NULL
     cdef const unsigned char *s = &src[0] if src.shape[0] else NULL
+    cdef int64_t *pts = NULL
+    cdef uint32_t *pcl = NULL
+    cdef uint32_t *pwl = NULL
+    cdef int64_t *poff = NULL
+    cdef bint fill = ts_out is not None
     if end > src.shape[0] or start < 0 or start > end:
         raise ValueError("range outside the buffer")
     if dst is not None:
@@ -88,6 +109,14 @@ def pcap_walk(const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t end, bi
         d = &dst[0] if dst.shape[0] else NULL
     if max_packets < 0:
         max_packets = (end - start) // HDR + 1
+    if fill != (caplen_out is not None) or fill != (wirelen_out is not None) or fill != (offset_out is not None):
+        raise ValueError("give all four index arrays or none")
+    if fill:
+        max_packets = min(max_packets, ts_out.shape[0], caplen_out.shape[0], wirelen_out.shape[0],
+                          offset_out.shape[0])
+        if max_packets > 0:
+            pts, pcl, pwl, poff = &ts_out[0], &caplen_out[0], &wirelen_out[0], &offset_out[0]
+    cdef Py_ssize_t ahead = start  # cache lines before this were asked for (ps_prefetch)
     with nogil:
         while True:
             if count >= max_packets:
@@ -95,12 +124,24 @@ def pcap_walk(const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t end, bi
                 break
             if end - pos < HDR:
                 break
+            while ahead < end and ahead - pos < PREFETCH_AHEAD:
+                ps_prefetch(s + ahead)
+                ahead += 64
             caplen = ps_get32(s + pos + 8, swap)
             if caplen > max_caplen:
                 status = WALK_BAD_LENGTH
                 break
             if <Py_ssize_t> caplen > end - pos - HDR:
                 break
+            if fill:  # count < max_packets <= every array's length
+                sec = ps_get32(s + pos, swap)
+                frac = ps_get32(s + pos + 4, swap)
+                if usec:
+                    frac = frac * 1000
+                pts[count] = <int64_t> sec * 1000000000 + frac
+                pcl[count] = caplen
+                pwl[count] = ps_get32(s + pos + 12, swap)
+                poff[count] = out + HDR
             if d != NULL:
                 sec = ps_get32(s + pos, swap)
                 frac = ps_get32(s + pos + 4, swap)
