@@ -240,7 +240,10 @@ cdef class FlowTable:
     """Flow records of one capture file, built packet by packet (see the module docstring).
 
     Memory: about 90 bytes per flow plus 16 per slot (at most half the slots are used) and
-    8 per (flow, chunk) pair; freed with the table.
+    8 per (flow, chunk) pair; freed with the table. ``max_flows`` > 0: the owner keeps the
+    table under that many flows (and ``4 * max_flows`` pairs) plus one batch by calling
+    :meth:`clear`, and growth stops doubling past them (allocations of about
+    ``max_flows * 120`` bytes).
     Not thread-safe: one owner thread (concurrent use raises ``RuntimeError``).
     """
     cdef Flow *recs
@@ -255,9 +258,13 @@ cdef class FlowTable:
     cdef uint64_t secret[8]
     cdef bint busy
     cdef readonly int64_t packets
+    cdef readonly Py_ssize_t max_flows
 
-    def __cinit__(self):
+    def __cinit__(self, Py_ssize_t max_flows=0):
         cdef int j
+        if max_flows < 0 or max_flows > MAX_FLOWS:
+            raise ValueError(f"max_flows {max_flows}: give 0 .. {MAX_FLOWS}")
+        self.max_flows = max_flows
         cdef bytes seed = os.urandom(64)
         self.chunk = -1
         memcpy(self.secret, <const char *> seed, 64)
@@ -270,8 +277,32 @@ cdef class FlowTable:
         free(self.refs)
 
     def __len__(self) -> int:
-        """Number of distinct flows."""
+        """Number of distinct flows held."""
         return self.n_flows
+
+    @property
+    def refs(self) -> int:
+        """Number of (flow, chunk) pairs held (one per flow and chunk it has packets in)."""
+        return self.n_refs
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of memory the table holds (flow records, slots, chunk pairs: allocated capacity)."""
+        return self.cap_flows * sizeof(Flow) + self.n_slots * sizeof(uint64_t) + self.cap_refs * sizeof(ChunkRef)
+
+    def clear(self) -> None:
+        """Forget every flow (after their records were taken with :meth:`flows`): the memory
+        is kept for reuse, chunk numbers keep their order (the next ``add`` may reuse the last
+        chunk number), ``packets`` keeps counting.
+
+        :raises RuntimeError: another thread is using the table.
+        """
+        if self.busy:
+            raise RuntimeError("FlowTable used by two threads at once")
+        self.n_flows = 0
+        self.n_refs = 0
+        if self.slots != NULL:
+            memset(self.slots, 0, self.n_slots * sizeof(uint64_t))
 
     cdef int _reserve(self, Py_ssize_t more) except -1:
         """Room for ``more`` new flows and chunk references without reallocating, with the slot
@@ -284,13 +315,19 @@ cdef class FlowTable:
         if need > MAX_FLOWS:
             raise OverflowError(f"more than {MAX_FLOWS} flows in one table")
         if need > self.cap_flows:
-            cap = max(need, 2 * self.cap_flows, 1024)
+            cap = max(2 * self.cap_flows, 1024)
+            if self.max_flows > 0:
+                cap = min(cap, self.max_flows)  # a bounded table: no doubling past its bound
+            cap = max(need, cap)
             f = <Flow *> realloc(self.recs, cap * sizeof(Flow))
             if f == NULL:
                 raise MemoryError()
             self.recs, self.cap_flows = f, cap
         if self.n_refs + more > self.cap_refs:
-            cap = max(self.n_refs + more, 2 * self.cap_refs, 1024)
+            cap = max(2 * self.cap_refs, 1024)
+            if self.max_flows > 0:
+                cap = min(cap, 4 * self.max_flows)
+            cap = max(self.n_refs + more, cap)
             r = <ChunkRef *> realloc(self.refs, cap * sizeof(ChunkRef))
             if r == NULL:
                 raise MemoryError()

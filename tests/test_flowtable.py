@@ -321,3 +321,25 @@ def test_address_texts_as_address_text(rows):
     assert got == want and nulls == want.count(None) and off[-1] == len(data)
     with pytest.raises(ValueError):
         address_texts(addrs + b"x", versions)
+
+
+def test_clear_keeps_memory_and_chunk_order():
+    """``clear`` forgets the flows (a spill), keeps the allocation (memory stays bounded by the
+    largest table), keeps refusing decreasing chunk numbers and keeps counting packets."""
+    rng = random.Random(9)
+    frames = [_eth(0x0800, _ipv4(f"10.{rng.randrange(256)}.{rng.randrange(256)}.1", "10.0.0.2", 17,
+                                 _udp(rng.randrange(65536), 53, b"q"))) for _ in range(3000)]
+    t = FlowTable()
+    first = batch_of(frames[:1500])
+    t.add(first, len(first), 1, 0, 0)
+    held, refs, nbytes = len(t), t.refs, t.nbytes
+    assert held > 1000 and refs == held and nbytes >= held * 88
+    t.clear()
+    assert (len(t), t.refs, t.nbytes, t.packets) == (0, 0, nbytes, 1500)
+    assert table_records(t) == {}
+    with pytest.raises(ValueError, match="never decrease"):
+        t.add(first, len(first), 1, 0, -1)
+    second = batch_of(frames[1500:])
+    t.add(second, len(second), 1, 0, 0)  # the same chunk number again is allowed
+    assert table_records(t) == reference([(second, 0, 0)])
+    assert t.nbytes == nbytes and t.packets == 3000

@@ -101,7 +101,7 @@ def build_receiver(args: argparse.Namespace):
     if args.output_dir:
         s.output_dir, s.output_file = args.output_dir, None
     for attr in ("state_dir", "rotate_bytes", "rotate_seconds", "max_files", "metrics", "stats_interval",
-                 "max_connections", "log_file", "heartbeat", "zstd_frame_size"):
+                 "max_connections", "log_file", "heartbeat", "zstd_frame_size", "index_max_flows"):
         v = getattr(args, attr)
         if v is not None:
             setattr(s, attr, v)
@@ -141,10 +141,11 @@ def build_receiver(args: argparse.Namespace):
     rot: dict[str, Any] = dict(rotate_bytes=s.rotate_bytes, rotate_seconds=s.rotate_seconds, max_files=s.max_files,
                fsync=s.fsync)
     if s.output_file:
-        outputs.append(FileSink(s.output_file, index=s.index, zstd_frame_bytes=s.zstd_frame_size, **rot))
+        outputs.append(FileSink(s.output_file, index=s.index, zstd_frame_bytes=s.zstd_frame_size,
+                                index_max_flows=s.index_max_flows, **rot))
     if s.output_dir:
         outputs.append(FileSink(directory=s.output_dir, format=args.format, index=s.index,
-                                zstd_frame_bytes=s.zstd_frame_size, **rot))
+                                zstd_frame_bytes=s.zstd_frame_size, index_max_flows=s.index_max_flows, **rot))
     if s.stdout:
         outputs.append(StdoutSink(snaplen=s.snaplen))
     outputs += cloud.receiver_outputs(s)
@@ -354,6 +355,9 @@ def register(sub) -> None:
     r.add_argument("--fsync", action="store_true", help="fsync outputs and state before acknowledging")
     r.add_argument("--index", action="store_true",
                    help="index each completed capture file for pktstream query/flows (docs/ARCHIVE.md)")
+    r.add_argument("--index-max-flows", type=int, metavar="N",
+                   help="index memory bound: flow records held per open file before they are written out as a "
+                        "row group of its index (default 262144, ~45 MiB; 0: no bound)")
     r.add_argument("--zstd-frame-size", type=_size, metavar="SIZE",
                    help=".zst outputs: seekable layout, a zstd frame per SIZE of data, e.g. 1MiB (queries decompress "
                         "only the frames they need; Wireshark 4.0 cannot open it: pktstream convert; default: one "
