@@ -59,6 +59,16 @@ cdef extern from *:
     uint64_t ps_ft_hash(const void *key, const uint64_t *s) nogil
     const uint64_t PS_FT_HI
 
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define ps_ft_prefetch(p) __builtin_prefetch((const void *) (p))
+    #else
+    #define ps_ft_prefetch(p) ((void) 0)
+    #endif
+    """
+    void ps_ft_prefetch(const void *p) nogil
+
 
 cdef extern from "<arpa/inet.h>" nogil:
     enum: AF_INET
@@ -254,6 +264,8 @@ cdef class FlowTable:
     cdef ChunkRef *refs
     cdef Py_ssize_t n_refs
     cdef Py_ssize_t cap_refs
+    cdef Py_ssize_t *where  # scratch: record start of each record of the batch being added
+    cdef Py_ssize_t cap_where
     cdef int32_t chunk  # the highest chunk number given so far
     cdef uint64_t secret[8]
     cdef bint busy
@@ -275,6 +287,7 @@ cdef class FlowTable:
         free(self.recs)
         free(self.slots)
         free(self.refs)
+        free(self.where)
 
     def __len__(self) -> int:
         """Number of distinct flows held."""
@@ -288,7 +301,8 @@ cdef class FlowTable:
     @property
     def nbytes(self) -> int:
         """Bytes of memory the table holds (flow records, slots, chunk pairs: allocated capacity)."""
-        return self.cap_flows * sizeof(Flow) + self.n_slots * sizeof(uint64_t) + self.cap_refs * sizeof(ChunkRef)
+        return (self.cap_flows * sizeof(Flow) + self.n_slots * sizeof(uint64_t) + self.cap_refs * sizeof(ChunkRef)
+                + self.cap_where * sizeof(Py_ssize_t))
 
     def clear(self) -> None:
         """Forget every flow (after their records were taken with :meth:`flows`): the memory
@@ -303,6 +317,16 @@ cdef class FlowTable:
         self.n_refs = 0
         if self.slots != NULL:
             memset(self.slots, 0, self.n_slots * sizeof(uint64_t))
+
+    cdef int _reserve_where(self, Py_ssize_t count) except -1:
+        """Room for the record starts of a ``count``-record batch."""
+        cdef Py_ssize_t *w
+        if count > self.cap_where:
+            w = <Py_ssize_t *> realloc(self.where, count * sizeof(Py_ssize_t))
+            if w == NULL:
+                raise MemoryError()
+            self.where, self.cap_where = w, count
+        return 0
 
     cdef int _reserve(self, Py_ssize_t more) except -1:
         """Room for ``more`` new flows and chunk references without reallocating, with the slot
@@ -353,10 +377,13 @@ cdef class FlowTable:
     @cython.boundscheck(False)
     @cython.wraparound(False)
     def add(self, const unsigned char[::1] records not None, Py_ssize_t count, int link_type, int iface,
-            int chunk):
+            int chunk, const int64_t[::1] offsets=None):
         """Add ``count`` pcap records (ns timestamps) from ``records`` -- e.g. a PacketBatch:
         ``add(batch, len(batch), batch.link_type, ...)`` -- as packets of interface id ``iface``
         in chunk number ``chunk`` (chunk numbers never decrease from one call to the next).
+        ``offsets``: the offset of each record's packet data in ``records`` (a PacketBatch's
+        ``offset`` array, when it is built already): each is checked against the buffer and
+        the record walk is skipped (independent loads instead of a chain of dependent ones).
 
         :returns: (wire bytes, smallest timestamp ns, largest timestamp ns) of these records
             ((0, 0, 0) when ``count`` is 0).
@@ -364,10 +391,14 @@ cdef class FlowTable:
             buffer was modified during the call (the records before the changed one are added).
         :raises RuntimeError: another thread is using the table (one thread at a time).
         """
-        cdef Py_ssize_t size = records.shape[0], pos = 0, i, h
+        cdef Py_ssize_t size = records.shape[0], pos = 0, i, h, p
         cdef uint32_t caplen
+        cdef const int64_t *offs = NULL
+        cdef Py_ssize_t *where
         if count < 0:
             raise ValueError("negative record count")
+        if offsets is not None and offsets.shape[0] < count:
+            raise ValueError(f"{offsets.shape[0]} offsets for {count} records")
         if chunk < self.chunk:
             raise ValueError(f"chunk {chunk} after chunk {self.chunk}: chunk numbers never decrease")
         if count == 0:
@@ -388,17 +419,38 @@ cdef class FlowTable:
         # get past the check while this one validates, reserves or inserts
         self.busy = True
         try:
-            # every record inside the buffer, before anything is counted
+            # every record inside the buffer, before anything is counted; where[i]: its start
+            self._reserve_where(count)
+            where = self.where
+            if offsets is not None:
+                offs = &offsets[0]
             with nogil:
-                for i in range(count):
-                    if size - pos < RECORD_HEADER:
-                        break
-                    caplen = ps_get_le32(d + pos + 8)
-                    if <Py_ssize_t> caplen > size - pos - RECORD_HEADER:
-                        break
-                    pos += RECORD_HEADER + caplen
+                if offs != NULL:
+                    for i in range(count):
+                        p = <Py_ssize_t> offs[i]
+                        if p < RECORD_HEADER or p > size:
+                            pos = p
+                            break
+                        caplen = ps_get_le32(d + p - 8)
+                        if <Py_ssize_t> caplen > size - p:
+                            pos = p - RECORD_HEADER
+                            break
+                        where[i] = p - RECORD_HEADER
+                    else:
+                        i = count
                 else:
-                    i = count
+                    for i in range(count):
+                        if size - pos < RECORD_HEADER:
+                            break
+                        caplen = ps_get_le32(d + pos + 8)
+                        if <Py_ssize_t> caplen > size - pos - RECORD_HEADER:
+                            break
+                        where[i] = pos
+                        if size - pos > 64:
+                            ps_ft_prefetch(d + pos + 64)  # the rest of the headers the insert pass reads
+                        pos += RECORD_HEADER + caplen
+                    else:
+                        i = count
             if i < count:
                 raise ValueError(f"record {i} of {count} at byte {pos} runs past the {size}-byte buffer")
             self._reserve(count)
@@ -407,8 +459,13 @@ cdef class FlowTable:
             slots = self.slots
             recs = self.recs
             with nogil:
-                pos = 0
                 for i in range(count):
+                    pos = where[i]
+                    if i + 4 < count:  # the headers of a record a few ahead (a start inside the buffer)
+                        p = where[i + 4]
+                        ps_ft_prefetch(d + p)
+                        if size - p > 64:
+                            ps_ft_prefetch(d + p + 64)
                     if size - pos < RECORD_HEADER:  # the buffer changed since the check above
                         bad = True
                         break
@@ -422,7 +479,6 @@ cdef class FlowTable:
                     key.iface = iface
                     key.vlan = -1
                     parse_key(d + pos + RECORD_HEADER, caplen, link_type, &key, &tflags)
-                    pos += RECORD_HEADER + caplen
                     if i == 0:
                         tmin = tmax = ts
                     elif ts < tmin:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from pktstream.archive.index import (
+    FLOW_DICTIONARY,
     INDEX_DIR,
     INDEX_MAX_FLOWS,
     FileIndexBuilder,
@@ -76,21 +77,25 @@ def write_index(store, row: dict[str, Any], tables: dict) -> None:
     from pktstream.archive.index import flow_file
     try:
         for (sensor, date), table in tables.items():
-            data = table.parquet_bytes() if isinstance(table, SpilledFlows) else _parquet_bytes(table, pq)
+            if isinstance(table, SpilledFlows):
+                data = table.parquet_bytes()
+            else:
+                data = _parquet_bytes(table, pq, FLOW_DICTIONARY)
             store.write_bytes(flow_file(sensor, date, row["path"]), data)
     finally:
         for table in tables.values():
             if isinstance(table, SpilledFlows):
                 table.close()
-    store.write_bytes(catalog_file(row["path"]), _parquet_bytes(pa.Table.from_pylist([row], catalog_schema()), pq))
+    store.write_bytes(catalog_file(row["path"]), _parquet_bytes(pa.Table.from_pylist([row], catalog_schema()), pq,
+                                                                False))
     if old is not None:
         for rel in set(old.get("flow_files") or ()) - set(row["flow_files"]):
             store.delete(rel)
 
 
-def _parquet_bytes(table, pq) -> bytes:
+def _parquet_bytes(table, pq, use_dictionary: bool | list[str] = True) -> bytes:
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", use_dictionary=use_dictionary)
     return buf.getvalue()
 
 
