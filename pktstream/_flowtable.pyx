@@ -107,6 +107,7 @@ KEY_BYTES = sizeof(FlowKey)
 
 cdef enum:
     MAX_FLOWS = 0x3FFFFFFF  # flow ids are int32; slots hold id + 1
+    PIPE = 8  # records parsed and hashed ahead of their inserts (add)
 
 
 cdef inline uint32_t _host32(const unsigned char *p) noexcept nogil:
@@ -406,8 +407,12 @@ cdef class FlowTable:
         if self.busy:
             raise RuntimeError("FlowTable used by two threads at once")
         cdef const unsigned char *d = &records[0] if size else NULL
-        cdef FlowKey key
-        cdef uint16_t tflags
+        cdef FlowKey bkey[PIPE]
+        cdef uint16_t bflags[PIPE]
+        cdef uint64_t bhash[PIPE]
+        cdef int64_t bts[PIPE]
+        cdef int64_t bwire[PIPE]
+        cdef Py_ssize_t j, m
         cdef uint64_t e, mask, tag
         cdef int64_t ts, wirelen, wire_total = 0, tmin = 0, tmax = 0
         cdef Flow *f
@@ -459,68 +464,82 @@ cdef class FlowTable:
             slots = self.slots
             recs = self.recs
             with nogil:
-                for i in range(count):
-                    pos = where[i]
-                    if i + 4 < count:  # the headers of a record a few ahead (a start inside the buffer)
-                        p = where[i + 4]
+                # blocks of PIPE records: parse and hash them all and prefetch their slots (and the
+                # next block's record headers), then insert them in order -- the slot misses of a
+                # block overlap instead of following one another
+                i = 0
+                while i < count and not bad:
+                    m = count - i if count - i < PIPE else PIPE
+                    for j in range(m):
+                        pos = where[i + j]
+                        if size - pos < RECORD_HEADER:  # the buffer changed since the check above
+                            bad = True
+                            m = j
+                            break
+                        caplen = ps_get_le32(d + pos + 8)
+                        if <Py_ssize_t> caplen > size - pos - RECORD_HEADER:
+                            bad = True
+                            m = j
+                            break
+                        bts[j] = <int64_t> ps_get_le32(d + pos) * 1000000000 + ps_get_le32(d + pos + 4)
+                        bwire[j] = ps_get_le32(d + pos + 12)
+                        memset(&bkey[j], 0, sizeof(FlowKey))
+                        bkey[j].iface = iface
+                        bkey[j].vlan = -1
+                        parse_key(d + pos + RECORD_HEADER, caplen, link_type, &bkey[j], &bflags[j])
+                        bhash[j] = ps_ft_hash(&bkey[j], self.secret)
+                        ps_ft_prefetch(&slots[bhash[j] & mask])
+                    for j in range(i + m, min(i + m + PIPE, count)):  # record starts inside the buffer
+                        p = where[j]
                         ps_ft_prefetch(d + p)
                         if size - p > 64:
                             ps_ft_prefetch(d + p + 64)
-                    if size - pos < RECORD_HEADER:  # the buffer changed since the check above
-                        bad = True
-                        break
-                    caplen = ps_get_le32(d + pos + 8)
-                    if <Py_ssize_t> caplen > size - pos - RECORD_HEADER:
-                        bad = True
-                        break
-                    ts = <int64_t> ps_get_le32(d + pos) * 1000000000 + ps_get_le32(d + pos + 4)
-                    wirelen = ps_get_le32(d + pos + 12)
-                    memset(&key, 0, sizeof(FlowKey))
-                    key.iface = iface
-                    key.vlan = -1
-                    parse_key(d + pos + RECORD_HEADER, caplen, link_type, &key, &tflags)
-                    if i == 0:
-                        tmin = tmax = ts
-                    elif ts < tmin:
-                        tmin = ts
-                    elif ts > tmax:
-                        tmax = ts
-                    wire_total += wirelen
-                    e = ps_ft_hash(&key, self.secret)
-                    tag = e & PS_FT_HI
-                    h = <Py_ssize_t> (e & mask)
-                    while True:
-                        if slots[h] == 0:  # new flow (room reserved above)
-                            fid = <int32_t> self.n_flows
-                            self.n_flows += 1
-                            slots[h] = tag | <uint64_t> (fid + 1)
-                            f = &recs[fid]
-                            f.key = key
-                            f.first_ns = ts
-                            f.last_ns = ts
-                            f.packets = 0
-                            f.wire_bytes = 0
-                            f.tcp_flags = 0
-                            f.last_chunk = -1
-                            break
-                        if (slots[h] & PS_FT_HI) == tag:
-                            fid = <int32_t> (<uint32_t> slots[h] - 1)
-                            f = &recs[fid]
-                            if memcmp(&f.key, &key, sizeof(FlowKey)) == 0:
+                    for j in range(m):
+                        ts = bts[j]
+                        wirelen = bwire[j]
+                        if i + j == 0:
+                            tmin = tmax = ts
+                        elif ts < tmin:
+                            tmin = ts
+                        elif ts > tmax:
+                            tmax = ts
+                        wire_total += wirelen
+                        e = bhash[j]
+                        tag = e & PS_FT_HI
+                        h = <Py_ssize_t> (e & mask)
+                        while True:
+                            if slots[h] == 0:  # new flow (room reserved above)
+                                fid = <int32_t> self.n_flows
+                                self.n_flows += 1
+                                slots[h] = tag | <uint64_t> (fid + 1)
+                                f = &recs[fid]
+                                f.key = bkey[j]
+                                f.first_ns = ts
+                                f.last_ns = ts
+                                f.packets = 0
+                                f.wire_bytes = 0
+                                f.tcp_flags = 0
+                                f.last_chunk = -1
                                 break
-                        h = (h + 1) & <Py_ssize_t> mask
-                    if ts < f.first_ns:
-                        f.first_ns = ts
-                    if ts > f.last_ns:
-                        f.last_ns = ts
-                    f.packets += 1
-                    f.wire_bytes += wirelen
-                    f.tcp_flags |= tflags
-                    if f.last_chunk != chunk:
-                        f.last_chunk = chunk
-                        self.refs[self.n_refs].flow = fid
-                        self.refs[self.n_refs].chunk = chunk
-                        self.n_refs += 1
+                            if (slots[h] & PS_FT_HI) == tag:
+                                fid = <int32_t> (<uint32_t> slots[h] - 1)
+                                f = &recs[fid]
+                                if memcmp(&f.key, &bkey[j], sizeof(FlowKey)) == 0:
+                                    break
+                            h = (h + 1) & <Py_ssize_t> mask
+                        if ts < f.first_ns:
+                            f.first_ns = ts
+                        if ts > f.last_ns:
+                            f.last_ns = ts
+                        f.packets += 1
+                        f.wire_bytes += wirelen
+                        f.tcp_flags |= bflags[j]
+                        if f.last_chunk != chunk:
+                            f.last_chunk = chunk
+                            self.refs[self.n_refs].flow = fid
+                            self.refs[self.n_refs].chunk = chunk
+                            self.n_refs += 1
+                    i += m
             if not bad:
                 i = count
             self.packets += i

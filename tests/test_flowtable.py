@@ -343,3 +343,36 @@ def test_clear_keeps_memory_and_chunk_order():
     t.add(second, len(second), 1, 0, 0)  # the same chunk number again is allowed
     assert table_records(t) == reference([(second, 0, 0)])
     assert t.nbytes == nbytes and t.packets == 3000
+
+
+def test_offsets_give_the_same_records_and_are_checked():
+    """``add`` with the batch's offset array (no record walk) gives what the walk gives; offsets
+    outside the buffer, or whose record runs past it, are refused with the table unchanged."""
+    frames = hostile_frames() + [frame(random.Random(k)) for k in range(200)]
+    b = batch_of(frames)
+    walked, given_ = FlowTable(), FlowTable()
+    walked.add(b, len(b), 1, 3, 0)
+    given_.add(b, len(b), 1, 3, 0, b.offset)
+    assert table_records(given_) == table_records(walked) == reference([(b, 3, 0)])
+    before = table_records(given_)
+    raw = bytes(b)
+    off = np.array(b.offset)
+    for bad in (off[:-1], np.concatenate([off[:-1], [len(raw) + 1]]), np.concatenate([[15], off[1:]]),
+                np.concatenate([off[:-1], [len(raw) - 1]]), np.concatenate([[-5], off[1:]])):
+        with pytest.raises(ValueError):
+            given_.add(raw, len(b), 1, 3, 1, np.ascontiguousarray(bad, dtype=np.int64))
+    assert table_records(given_) == before and given_.packets == len(b)
+
+
+@FUZZ
+@given(st.binary(max_size=300), st.lists(st.integers(-20, 320), max_size=8), st.sampled_from(LINK_TYPES))
+def test_random_offsets_never_read_outside(buf, offsets, link_type):
+    """Arbitrary offsets into arbitrary bytes: each record is read only if it fits (ASan)."""
+    t = FlowTable()
+    off = np.array(offsets, dtype=np.int64)
+    try:
+        t.add(buf, len(off), link_type, 0, 0, off)
+    except ValueError:
+        assert t.packets == 0 and len(t) == 0
+        return
+    assert t.packets == len(off) == sum(r[2] for r in table_records(t).values())
