@@ -6,7 +6,7 @@ A real ``pktstream receiver`` (CLI process, 127.0.0.1, per-sensor rotated files 
 ``--output-dir``) is fed by simulated sensors that replay recorded DATA frames (zstd level 1,
 ~400 packets each, as a sensor sends them) of bench_archive.py's synthetic traffic (short
 TCP/UDP flows among 65,536 hosts, incompressible payloads), as fast as the receiver
-acknowledges them. Each format is run without ``--index``, with it, with it and pyarrow's
+acknowledges them. Each format is run with ``--no-index``, with ``--index``, with it and pyarrow's
 one-time start-up (import, first Parquet file) done before the receiver listens ("index-warm":
 the steady-state cost), the same with the indexing's own CPU time measured on its thread
 ("index-timed": the numerator measured directly), and, with ``--ref COMMIT``,
@@ -116,7 +116,7 @@ def run_receiver(work: Path, fmt: str, variant: str, frames_by_sensor: dict, rot
                "index-timed": work / "timed_receiver.py"}.get(variant)
     head = [sys.executable, str(wrapper)] if wrapper else PY
     cmd = [*head, "receiver", "--config", str(cfg), "--listen", f"127.0.0.1:{port}", "--output-dir", str(out),
-           "--format", fmt, "-C", rotate, *(["--index"] if variant != "plain" else [])]
+           "--format", fmt, "-C", rotate, "--index" if variant != "plain" else "--no-index"]
     rx = subprocess.Popen(cmd, stderr=open(log, "w"))
     end = time.monotonic() + 60
     while "listening on" not in log.read_text(errors="replace"):

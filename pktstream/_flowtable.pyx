@@ -273,16 +273,19 @@ cdef class FlowTable:
     cdef readonly int64_t packets
     cdef readonly Py_ssize_t max_flows
 
-    def __cinit__(self, Py_ssize_t max_flows=0):
+    def __cinit__(self):
         cdef int j
-        if max_flows < 0 or max_flows > MAX_FLOWS:
-            raise ValueError(f"max_flows {max_flows}: give 0 .. {MAX_FLOWS}")
-        self.max_flows = max_flows
         cdef bytes seed = os.urandom(64)
         self.chunk = -1
         memcpy(self.secret, <const char *> seed, 64)
         for j in range(8):
             self.secret[j] |= 1  # odd: never a zero multiplier
+
+    def __init__(self, Py_ssize_t max_flows=0):
+        """``max_flows``: the bound the owner keeps the table under (0: none; see the class docstring)."""
+        if max_flows < 0 or max_flows > MAX_FLOWS:
+            raise ValueError(f"max_flows {max_flows}: give 0 .. {MAX_FLOWS}")
+        self.max_flows = max_flows
 
     def __dealloc__(self):
         free(self.recs)

@@ -188,7 +188,9 @@ class ReceiverSettings:
     rotate_seconds: float | None = None
     max_files: int | None = None
     fsync: bool = False
-    index: bool = False  # index completed files as they are written (docs/ARCHIVE.md)
+    # index completed files as they are written (docs/ARCHIVE.md); None: the default, on for file
+    # outputs that complete files as they go (a directory, rotation) -- see index_files()
+    index: bool | None = None
     index_max_flows: int | None = None  # flow records held per open file before a spill (None: default)
     zstd_frame_size: int | None = None  # .zst outputs: seekable layout with frames of this many bytes
     state_dir: str | None = None
@@ -307,7 +309,7 @@ def receiver_settings(data: Any) -> ReceiverSettings:
     s.max_files = rot.get("files", "int")
     rot.finish()
     s.fsync = out.get("fsync", "bool", False)
-    s.index = out.get("index", "bool", False)
+    s.index = out.get("index", "bool")
     s.index_max_flows = out.get("indexMaxFlows", "int")
     s.zstd_frame_size = out.get("zstdFrameSize", "size")
     srv = out.child("server")

@@ -662,3 +662,36 @@ def test_spilled_builder_staged_index(tmp_path):
     t = pq.read_table(str(path) + ".idx")
     assert t.num_rows == row["flows"] and sum(t.column("packets").to_pylist()) == 3000 == row["packets"]
     b.close()
+
+
+def test_receiver_indexes_rotated_and_directory_outputs_by_default(tmp_path):
+    """Index as you write is on for receiver file outputs that rotate or write to a directory,
+    off for one unrotated file and stdout; --no-index / output.index: false turn it off,
+    --index on; --index-max-flows / output.indexMaxFlows set the memory bound."""
+    from pktstream.cli import build_parser
+    from pktstream.cli.stream import build_receiver
+    from pktstream.sinks import FileSink
+
+    def indexers(*args: str) -> list:
+        rx = build_receiver(build_parser().parse_args(["receiver", "--listen", "127.0.0.1:0", *args]))
+        try:
+            return [o.indexer for o in rx.outputs if isinstance(o, FileSink)]
+        finally:
+            for o in rx.outputs:
+                o.close()
+
+    (tmp_path / "d").mkdir()
+    on = indexers("--output-dir", str(tmp_path / "d" / "by-sensor"))
+    assert len(on) == 1 and on[0] is not None and on[0].max_flows == 262_144
+    assert indexers("-w", str(tmp_path / "d" / "rot.pcapng"), "-C", "10MB")[0] is not None
+    assert indexers("-w", str(tmp_path / "d" / "g.pcap"), "-G", "60")[0] is not None
+    assert indexers("-w", str(tmp_path / "d" / "one.pcapng")) == [None]          # completed only at exit
+    assert indexers("-w", str(tmp_path / "d" / "one.pcapng"), "--index")[0] is not None
+    assert indexers("--output-dir", str(tmp_path / "d" / "x"), "--no-index") == [None]
+    assert indexers("--output-dir", str(tmp_path / "d" / "y"), "--index-max-flows", "1000")[0].max_flows == 1000
+    assert indexers("-w", "-") == []
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(f"input:\n  port: 8081\noutput:\n  directory: {tmp_path / 'd' / 'z'}\n  index: false\n")
+    assert indexers("--config", str(cfg)) == [None]
+    cfg.write_text(f"input:\n  port: 8081\noutput:\n  directory: {tmp_path / 'd' / 'z'}\n  indexMaxFlows: 5000\n")
+    assert indexers("--config", str(cfg))[0].max_flows == 5000
