@@ -444,6 +444,8 @@ cdef class FlowTable:
                             pos = p - RECORD_HEADER
                             break
                         where[i] = p - RECORD_HEADER
+                        if size - p > 48:
+                            ps_ft_prefetch(d + p + 48)  # the rest of the headers the insert pass reads
                     else:
                         i = count
                 else:
