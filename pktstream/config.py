@@ -189,7 +189,7 @@ class ReceiverSettings:
     max_files: int | None = None
     fsync: bool = False
     # index completed files as they are written (docs/ARCHIVE.md); None: the default, on for file
-    # outputs that complete files as they go (a directory, rotation) -- see index_files()
+    # outputs that complete files as they go (a directory, rotation): pktstream.cli.stream.build_receiver
     index: bool | None = None
     index_max_flows: int | None = None  # flow records held per open file before a spill (None: default)
     zstd_frame_size: int | None = None  # .zst outputs: seekable layout with frames of this many bytes

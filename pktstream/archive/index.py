@@ -96,7 +96,7 @@ def canonical(address) -> str:
 # dictionary encoding only for the flow records' repeated texts: on addresses, times and
 # counters it costs more CPU than it saves bytes (measured: -20 % write time, -20 % size)
 FLOW_DICTIONARY = ["file", "interface"]
-INDEX_MAX_FLOWS = 262_144  # default cap on the flow records one builder holds in memory (~45 MiB at most)
+INDEX_MAX_FLOWS = 262_144  # default cap on the flow records one builder holds in memory (~40 MiB at most)
 
 
 class SpilledFlows:

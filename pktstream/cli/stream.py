@@ -366,7 +366,7 @@ def register(sub) -> None:
                         "for --output-dir and rotated -w files, off for one unrotated file and S3)")
     r.add_argument("--index-max-flows", type=int, metavar="N",
                    help="index memory bound: flow records held per open file before they are written out as a "
-                        "row group of its index (default 262144, ~45 MiB; 0: no bound)")
+                        "row group of its index (default 262144, ~40 MiB; 0: no bound)")
     r.add_argument("--zstd-frame-size", type=_size, metavar="SIZE",
                    help=".zst outputs: seekable layout, a zstd frame per SIZE of data, e.g. 1MiB (queries decompress "
                         "only the frames they need; Wireshark 4.0 cannot open it: pktstream convert; default: one "
