@@ -6,7 +6,7 @@ A real ``pktstream receiver`` (CLI process, 127.0.0.1, per-sensor rotated files 
 ``--output-dir``) is fed by simulated sensors that replay recorded DATA frames (zstd level 1,
 ~400 packets each, as a sensor sends them) of bench_archive.py's synthetic traffic (short
 TCP/UDP flows among 65,536 hosts, incompressible payloads), as fast as the receiver
-acknowledges them. Each format is run without ``--index``, with it, with it and pyarrow's
+acknowledges them. Each format is run with ``--no-index``, with ``--index``, with it and pyarrow's
 one-time start-up (import, first Parquet file) done before the receiver listens ("index-warm":
 the steady-state cost), the same with the indexing's own CPU time measured on its thread
 ("index-timed": the numerator measured directly), and, with ``--ref COMMIT``,
@@ -17,7 +17,7 @@ decompression, validation, writing, rotation, the last files' indexes), packets 
 (checked), and the extra CPU of indexing.
 
 Usage (root not needed): bench/bench_index.py [--raw-mb 300] [--sensors 4] [--formats pcapng,pcap.zst]
-[--rotate 16MB] [--repeat 1] [--ref ac1c6ca] [--json OUT]
+[--rotate 16MB] [--repeat 1] [--variants index-timed] [--ref ac1c6ca] [--json OUT]
 """
 from __future__ import annotations
 
@@ -43,16 +43,6 @@ import pktstream  # noqa: E402
 
 PY = [sys.executable, "-m", "pktstream"]
 TICK = os.sysconf("SC_CLK_TCK")
-REF_WRAPPER = """import importlib.util, sys
-spec = importlib.util.spec_from_file_location("pktstream_ref_index", {path!r})
-ref = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ref)
-import pktstream.archive.catalog as catalog, pktstream.archive.live as live
-live.FileIndexBuilder = catalog.FileIndexBuilder = ref.FileIndexBuilder
-live.refuse_pandas = lambda: None  # as before: pyarrow loads pandas at the first index
-from pktstream.cli import main
-sys.exit(main())
-"""
 # the receiver with pyarrow's one-time start-up (import, first Parquet file) done before it listens:
 # the steady-state cost of indexing (a receiver pays the start-up once, at its first completed file)
 WARM_WRAPPER = """import io, sys
@@ -68,7 +58,7 @@ sys.exit(main())
 # where the difference of two whole-receiver runs is noisy on a shared machine
 TIMED_WRAPPER = WARM_WRAPPER.replace("from pktstream.cli import main", """import atexit, time
 import pktstream.archive.index as ix, pktstream.archive.live as live
-spent = [0.0]
+spent = {}
 def timed(obj, name):
     f = getattr(obj, name)
     def w(*a, **k):
@@ -76,13 +66,37 @@ def timed(obj, name):
         try:
             return f(*a, **k)
         finally:
-            spent[0] += time.thread_time() - c
+            spent[name] = spent.get(name, 0.0) + time.thread_time() - c
     setattr(obj, name, w)
 for obj, name in ((ix.FileIndexBuilder, "add"), (ix.FileIndexBuilder, "finish"), (live, "write_index"),
                   (live, "write_snapshot")):
     timed(obj, name)
-atexit.register(lambda: print(f"INDEXING_CPU_S {spent[0]:.4f}", file=sys.stderr))
+atexit.register(lambda: print(f"INDEXING_CPU_S {sum(spent.values()):.4f} "
+                              + json.dumps({k: round(v, 4) for k, v in spent.items()}), file=sys.stderr))
+import json
 from pktstream.cli import main""")
+
+
+# index-timed with the index code (pktstream/archive/index.py) of another commit: before/after in
+# one run, both warm and measured on the indexing thread (braces doubled: str.format)
+REF_SWAP = """import importlib.util
+spec = importlib.util.spec_from_file_location("pktstream_ref_index", {path!r})
+ref = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ref)
+import pktstream.archive.catalog as catalog
+class RefBuilder(ref.FileIndexBuilder):
+    # the current LiveIndexer's interface (memory bound, counters) on the old builder
+    def __init__(self, rel_path, *, max_chunk=0, max_flows=0, spill_dir=None):
+        super().__init__(rel_path, max_chunk=max_chunk)
+        self.spills = self.peak_flows_held = self.peak_table_bytes = 0
+    def close(self):
+        pass
+import pktstream.archive.live as live
+live.FileIndexBuilder = catalog.FileIndexBuilder = RefBuilder
+"""
+REF_WRAPPER = TIMED_WRAPPER.replace("{", "{{").replace("}", "}}").replace(
+    "import pktstream.archive.index as ix, pktstream.archive.live as live",
+    REF_SWAP + "ix = type('ix', (), {{'FileIndexBuilder': RefBuilder}})")
 
 
 def recorded(seed: int, raw_bytes: int) -> list[tuple[bytes, int, int]]:
@@ -102,7 +116,7 @@ def run_receiver(work: Path, fmt: str, variant: str, frames_by_sensor: dict, rot
                "index-timed": work / "timed_receiver.py"}.get(variant)
     head = [sys.executable, str(wrapper)] if wrapper else PY
     cmd = [*head, "receiver", "--config", str(cfg), "--listen", f"127.0.0.1:{port}", "--output-dir", str(out),
-           "--format", fmt, "-C", rotate, *(["--index"] if variant != "plain" else [])]
+           "--format", fmt, "-C", rotate, "--index" if variant != "plain" else "--no-index"]
     rx = subprocess.Popen(cmd, stderr=open(log, "w"))
     end = time.monotonic() + 60
     while "listening on" not in log.read_text(errors="replace"):
@@ -135,6 +149,7 @@ def run_receiver(work: Path, fmt: str, variant: str, frames_by_sensor: dict, rot
         timed = [line for line in log.read_text().splitlines() if line.startswith("INDEXING_CPU_S ")]
         if timed:
             res["indexing_thread_cpu_s"] = float(timed[-1].split()[1])
+            res["indexing_cpu_s_by_call"] = json.loads(timed[-1].split(None, 2)[2])
         res["index_bytes"] = sum(p.stat().st_size for p in (out / "_index").rglob("*.parquet"))
     shutil.rmtree(out, ignore_errors=True)
     return res
@@ -147,6 +162,7 @@ def main() -> int:
     ap.add_argument("--formats", default="pcapng,pcap.zst")
     ap.add_argument("--rotate", default="16MB", help="receiver -C")
     ap.add_argument("--repeat", type=int, default=1, help="runs per variant (interleaved); the least CPU counts")
+    ap.add_argument("--variants", help="only these variants (comma-separated; plain always runs)")
     ap.add_argument("--ref", help="also run the index code of this git commit (before/after)")
     ap.add_argument("--dir", help="work directory (default: a temporary one, removed)")
     ap.add_argument("--json", help="write the results here")
@@ -167,6 +183,8 @@ def main() -> int:
         print(f"recording {args.raw_mb} MB of frames for {args.sensors} sensors ...", file=sys.stderr)
         frames = {f"sensor-{k}": recorded(k, args.raw_mb * 1_000_000 // args.sensors) for k in range(args.sensors)}
         variants = ["plain", "index", "index-warm", "index-timed", *(["index-ref"] if args.ref else [])]
+        if args.variants:
+            variants = [v for v in variants if v in args.variants.split(",") or v == "plain"]
         c_self = resource.getrusage(resource.RUSAGE_SELF)
         for fmt in args.formats.split(","):
             runs = res["runs"][fmt] = {}
@@ -179,9 +197,10 @@ def main() -> int:
                         runs[v] = r
                     runs[v]["receiver_cpu_s_all"] = cpus
             base = runs["plain"]["receiver_cpu_s"]
-            t = runs["index-timed"]["indexing_thread_cpu_s"]
-            runs["index-timed"]["indexing_pct_of_plain_receiver"] = round(100 * t / base, 1)
-            runs["index-timed"]["indexing_ns_per_packet"] = round(1e9 * t / runs["index-timed"]["packets"])
+            if "index-timed" in runs:
+                t = runs["index-timed"]["indexing_thread_cpu_s"]
+                runs["index-timed"]["indexing_pct_of_plain_receiver"] = round(100 * t / base, 1)
+                runs["index-timed"]["indexing_ns_per_packet"] = round(1e9 * t / runs["index-timed"]["packets"])
             for v in variants[1:]:
                 runs[v]["extra_cpu_pct"] = round(100 * (runs[v]["receiver_cpu_s"] - base) / base, 1)
                 runs[v]["ns_per_packet"] = round(1e9 * (runs[v]["receiver_cpu_s"] - base) / runs[v]["packets"])

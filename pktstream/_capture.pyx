@@ -494,6 +494,12 @@ cdef class PacketBatch:
         return self._released
 
     @property
+    def has_arrays(self) -> bool:
+        """True when the per-packet arrays (``ts_ns``, ``caplen``, ``wirelen``, ``offset``) are
+        already built (a reader or writer asked for them): using them then costs nothing."""
+        return self._arrays is not None
+
+    @property
     def buffer_owner(self):
         """The object whose buffer this batch wraps (``from_records``), or None for a ring block.
         Wrapping it again gives a sibling batch over the same memory without exporting this one."""

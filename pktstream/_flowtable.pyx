@@ -59,6 +59,16 @@ cdef extern from *:
     uint64_t ps_ft_hash(const void *key, const uint64_t *s) nogil
     const uint64_t PS_FT_HI
 
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define ps_ft_prefetch(p) __builtin_prefetch((const void *) (p))
+    #else
+    #define ps_ft_prefetch(p) ((void) 0)
+    #endif
+    """
+    void ps_ft_prefetch(const void *p) nogil
+
 
 cdef extern from "<arpa/inet.h>" nogil:
     enum: AF_INET
@@ -97,6 +107,7 @@ KEY_BYTES = sizeof(FlowKey)
 
 cdef enum:
     MAX_FLOWS = 0x3FFFFFFF  # flow ids are int32; slots hold id + 1
+    PIPE = 8  # records parsed and hashed ahead of their inserts (add)
 
 
 cdef inline uint32_t _host32(const unsigned char *p) noexcept nogil:
@@ -240,7 +251,10 @@ cdef class FlowTable:
     """Flow records of one capture file, built packet by packet (see the module docstring).
 
     Memory: about 90 bytes per flow plus 16 per slot (at most half the slots are used) and
-    8 per (flow, chunk) pair; freed with the table.
+    8 per (flow, chunk) pair; freed with the table. ``max_flows`` > 0: the owner keeps the
+    table under that many flows (and ``4 * max_flows`` pairs) plus one batch by calling
+    :meth:`clear`, and growth stops doubling past them (allocations of about
+    ``max_flows * 120`` bytes).
     Not thread-safe: one owner thread (concurrent use raises ``RuntimeError``).
     """
     cdef Flow *recs
@@ -251,10 +265,13 @@ cdef class FlowTable:
     cdef ChunkRef *refs
     cdef Py_ssize_t n_refs
     cdef Py_ssize_t cap_refs
+    cdef Py_ssize_t *where  # scratch: record start of each record of the batch being added
+    cdef Py_ssize_t cap_where
     cdef int32_t chunk  # the highest chunk number given so far
     cdef uint64_t secret[8]
     cdef bint busy
     cdef readonly int64_t packets
+    cdef readonly Py_ssize_t max_flows
 
     def __cinit__(self):
         cdef int j
@@ -264,14 +281,56 @@ cdef class FlowTable:
         for j in range(8):
             self.secret[j] |= 1  # odd: never a zero multiplier
 
+    def __init__(self, Py_ssize_t max_flows=0):
+        """``max_flows``: the bound the owner keeps the table under (0: none; see the class docstring)."""
+        if max_flows < 0 or max_flows > MAX_FLOWS:
+            raise ValueError(f"max_flows {max_flows}: give 0 .. {MAX_FLOWS}")
+        self.max_flows = max_flows
+
     def __dealloc__(self):
         free(self.recs)
         free(self.slots)
         free(self.refs)
+        free(self.where)
 
     def __len__(self) -> int:
-        """Number of distinct flows."""
+        """Number of distinct flows held."""
         return self.n_flows
+
+    @property
+    def refs(self) -> int:
+        """Number of (flow, chunk) pairs held (one per flow and chunk it has packets in)."""
+        return self.n_refs
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of memory the table holds (flow records, slots, chunk pairs: allocated capacity)."""
+        return (self.cap_flows * sizeof(Flow) + self.n_slots * sizeof(uint64_t) + self.cap_refs * sizeof(ChunkRef)
+                + self.cap_where * sizeof(Py_ssize_t))
+
+    def clear(self) -> None:
+        """Forget every flow (after their records were taken with :meth:`flows`): the memory
+        is kept for reuse, chunk numbers keep their order (the next ``add`` may reuse the last
+        chunk number), ``packets`` keeps counting.
+
+        :raises RuntimeError: another thread is using the table.
+        """
+        if self.busy:
+            raise RuntimeError("FlowTable used by two threads at once")
+        self.n_flows = 0
+        self.n_refs = 0
+        if self.slots != NULL:
+            memset(self.slots, 0, self.n_slots * sizeof(uint64_t))
+
+    cdef int _reserve_where(self, Py_ssize_t count) except -1:
+        """Room for the record starts of a ``count``-record batch."""
+        cdef Py_ssize_t *w
+        if count > self.cap_where:
+            w = <Py_ssize_t *> realloc(self.where, count * sizeof(Py_ssize_t))
+            if w == NULL:
+                raise MemoryError()
+            self.where, self.cap_where = w, count
+        return 0
 
     cdef int _reserve(self, Py_ssize_t more) except -1:
         """Room for ``more`` new flows and chunk references without reallocating, with the slot
@@ -284,13 +343,19 @@ cdef class FlowTable:
         if need > MAX_FLOWS:
             raise OverflowError(f"more than {MAX_FLOWS} flows in one table")
         if need > self.cap_flows:
-            cap = max(need, 2 * self.cap_flows, 1024)
+            cap = max(2 * self.cap_flows, 1024)
+            if self.max_flows > 0:
+                cap = min(cap, self.max_flows)  # a bounded table: no doubling past its bound
+            cap = max(need, cap)
             f = <Flow *> realloc(self.recs, cap * sizeof(Flow))
             if f == NULL:
                 raise MemoryError()
             self.recs, self.cap_flows = f, cap
         if self.n_refs + more > self.cap_refs:
-            cap = max(self.n_refs + more, 2 * self.cap_refs, 1024)
+            cap = max(2 * self.cap_refs, 1024)
+            if self.max_flows > 0:
+                cap = min(cap, 4 * self.max_flows)
+            cap = max(self.n_refs + more, cap)
             r = <ChunkRef *> realloc(self.refs, cap * sizeof(ChunkRef))
             if r == NULL:
                 raise MemoryError()
@@ -316,10 +381,13 @@ cdef class FlowTable:
     @cython.boundscheck(False)
     @cython.wraparound(False)
     def add(self, const unsigned char[::1] records not None, Py_ssize_t count, int link_type, int iface,
-            int chunk):
+            int chunk, const int64_t[::1] offsets=None):
         """Add ``count`` pcap records (ns timestamps) from ``records`` -- e.g. a PacketBatch:
         ``add(batch, len(batch), batch.link_type, ...)`` -- as packets of interface id ``iface``
         in chunk number ``chunk`` (chunk numbers never decrease from one call to the next).
+        ``offsets``: the offset of each record's packet data in ``records`` (a PacketBatch's
+        ``offset`` array, when it is built already): each is checked against the buffer and
+        the record walk is skipped (independent loads instead of a chain of dependent ones).
 
         :returns: (wire bytes, smallest timestamp ns, largest timestamp ns) of these records
             ((0, 0, 0) when ``count`` is 0).
@@ -327,10 +395,14 @@ cdef class FlowTable:
             buffer was modified during the call (the records before the changed one are added).
         :raises RuntimeError: another thread is using the table (one thread at a time).
         """
-        cdef Py_ssize_t size = records.shape[0], pos = 0, i, h
+        cdef Py_ssize_t size = records.shape[0], pos = 0, i, h, p
         cdef uint32_t caplen
+        cdef const int64_t *offs = NULL
+        cdef Py_ssize_t *where
         if count < 0:
             raise ValueError("negative record count")
+        if offsets is not None and offsets.shape[0] < count:
+            raise ValueError(f"{offsets.shape[0]} offsets for {count} records")
         if chunk < self.chunk:
             raise ValueError(f"chunk {chunk} after chunk {self.chunk}: chunk numbers never decrease")
         if count == 0:
@@ -338,8 +410,12 @@ cdef class FlowTable:
         if self.busy:
             raise RuntimeError("FlowTable used by two threads at once")
         cdef const unsigned char *d = &records[0] if size else NULL
-        cdef FlowKey key
-        cdef uint16_t tflags
+        cdef FlowKey bkey[PIPE]
+        cdef uint16_t bflags[PIPE]
+        cdef uint64_t bhash[PIPE]
+        cdef int64_t bts[PIPE]
+        cdef int64_t bwire[PIPE]
+        cdef Py_ssize_t j, m
         cdef uint64_t e, mask, tag
         cdef int64_t ts, wirelen, wire_total = 0, tmin = 0, tmax = 0
         cdef Flow *f
@@ -351,17 +427,40 @@ cdef class FlowTable:
         # get past the check while this one validates, reserves or inserts
         self.busy = True
         try:
-            # every record inside the buffer, before anything is counted
+            # every record inside the buffer, before anything is counted; where[i]: its start
+            self._reserve_where(count)
+            where = self.where
+            if offsets is not None:
+                offs = &offsets[0]
             with nogil:
-                for i in range(count):
-                    if size - pos < RECORD_HEADER:
-                        break
-                    caplen = ps_get_le32(d + pos + 8)
-                    if <Py_ssize_t> caplen > size - pos - RECORD_HEADER:
-                        break
-                    pos += RECORD_HEADER + caplen
+                if offs != NULL:
+                    for i in range(count):
+                        p = <Py_ssize_t> offs[i]
+                        if p < RECORD_HEADER or p > size:
+                            pos = p
+                            break
+                        caplen = ps_get_le32(d + p - 8)
+                        if <Py_ssize_t> caplen > size - p:
+                            pos = p - RECORD_HEADER
+                            break
+                        where[i] = p - RECORD_HEADER
+                        if size - p > 48:
+                            ps_ft_prefetch(d + p + 48)  # the rest of the headers the insert pass reads
+                    else:
+                        i = count
                 else:
-                    i = count
+                    for i in range(count):
+                        if size - pos < RECORD_HEADER:
+                            break
+                        caplen = ps_get_le32(d + pos + 8)
+                        if <Py_ssize_t> caplen > size - pos - RECORD_HEADER:
+                            break
+                        where[i] = pos
+                        if size - pos > 64:
+                            ps_ft_prefetch(d + pos + 64)  # the rest of the headers the insert pass reads
+                        pos += RECORD_HEADER + caplen
+                    else:
+                        i = count
             if i < count:
                 raise ValueError(f"record {i} of {count} at byte {pos} runs past the {size}-byte buffer")
             self._reserve(count)
@@ -370,64 +469,82 @@ cdef class FlowTable:
             slots = self.slots
             recs = self.recs
             with nogil:
-                pos = 0
-                for i in range(count):
-                    if size - pos < RECORD_HEADER:  # the buffer changed since the check above
-                        bad = True
-                        break
-                    caplen = ps_get_le32(d + pos + 8)
-                    if <Py_ssize_t> caplen > size - pos - RECORD_HEADER:
-                        bad = True
-                        break
-                    ts = <int64_t> ps_get_le32(d + pos) * 1000000000 + ps_get_le32(d + pos + 4)
-                    wirelen = ps_get_le32(d + pos + 12)
-                    memset(&key, 0, sizeof(FlowKey))
-                    key.iface = iface
-                    key.vlan = -1
-                    parse_key(d + pos + RECORD_HEADER, caplen, link_type, &key, &tflags)
-                    pos += RECORD_HEADER + caplen
-                    if i == 0:
-                        tmin = tmax = ts
-                    elif ts < tmin:
-                        tmin = ts
-                    elif ts > tmax:
-                        tmax = ts
-                    wire_total += wirelen
-                    e = ps_ft_hash(&key, self.secret)
-                    tag = e & PS_FT_HI
-                    h = <Py_ssize_t> (e & mask)
-                    while True:
-                        if slots[h] == 0:  # new flow (room reserved above)
-                            fid = <int32_t> self.n_flows
-                            self.n_flows += 1
-                            slots[h] = tag | <uint64_t> (fid + 1)
-                            f = &recs[fid]
-                            f.key = key
-                            f.first_ns = ts
-                            f.last_ns = ts
-                            f.packets = 0
-                            f.wire_bytes = 0
-                            f.tcp_flags = 0
-                            f.last_chunk = -1
+                # blocks of PIPE records: parse and hash them all and prefetch their slots (and the
+                # next block's record headers), then insert them in order -- the slot misses of a
+                # block overlap instead of following one another
+                i = 0
+                while i < count and not bad:
+                    m = count - i if count - i < PIPE else PIPE
+                    for j in range(m):
+                        pos = where[i + j]
+                        if size - pos < RECORD_HEADER:  # the buffer changed since the check above
+                            bad = True
+                            m = j
                             break
-                        if (slots[h] & PS_FT_HI) == tag:
-                            fid = <int32_t> (<uint32_t> slots[h] - 1)
-                            f = &recs[fid]
-                            if memcmp(&f.key, &key, sizeof(FlowKey)) == 0:
+                        caplen = ps_get_le32(d + pos + 8)
+                        if <Py_ssize_t> caplen > size - pos - RECORD_HEADER:
+                            bad = True
+                            m = j
+                            break
+                        bts[j] = <int64_t> ps_get_le32(d + pos) * 1000000000 + ps_get_le32(d + pos + 4)
+                        bwire[j] = ps_get_le32(d + pos + 12)
+                        memset(&bkey[j], 0, sizeof(FlowKey))
+                        bkey[j].iface = iface
+                        bkey[j].vlan = -1
+                        parse_key(d + pos + RECORD_HEADER, caplen, link_type, &bkey[j], &bflags[j])
+                        bhash[j] = ps_ft_hash(&bkey[j], self.secret)
+                        ps_ft_prefetch(&slots[bhash[j] & mask])
+                    for j in range(i + m, min(i + m + PIPE, count)):  # record starts inside the buffer
+                        p = where[j]
+                        ps_ft_prefetch(d + p)
+                        if size - p > 64:
+                            ps_ft_prefetch(d + p + 64)
+                    for j in range(m):
+                        ts = bts[j]
+                        wirelen = bwire[j]
+                        if i + j == 0:
+                            tmin = tmax = ts
+                        elif ts < tmin:
+                            tmin = ts
+                        elif ts > tmax:
+                            tmax = ts
+                        wire_total += wirelen
+                        e = bhash[j]
+                        tag = e & PS_FT_HI
+                        h = <Py_ssize_t> (e & mask)
+                        while True:
+                            if slots[h] == 0:  # new flow (room reserved above)
+                                fid = <int32_t> self.n_flows
+                                self.n_flows += 1
+                                slots[h] = tag | <uint64_t> (fid + 1)
+                                f = &recs[fid]
+                                f.key = bkey[j]
+                                f.first_ns = ts
+                                f.last_ns = ts
+                                f.packets = 0
+                                f.wire_bytes = 0
+                                f.tcp_flags = 0
+                                f.last_chunk = -1
                                 break
-                        h = (h + 1) & <Py_ssize_t> mask
-                    if ts < f.first_ns:
-                        f.first_ns = ts
-                    if ts > f.last_ns:
-                        f.last_ns = ts
-                    f.packets += 1
-                    f.wire_bytes += wirelen
-                    f.tcp_flags |= tflags
-                    if f.last_chunk != chunk:
-                        f.last_chunk = chunk
-                        self.refs[self.n_refs].flow = fid
-                        self.refs[self.n_refs].chunk = chunk
-                        self.n_refs += 1
+                            if (slots[h] & PS_FT_HI) == tag:
+                                fid = <int32_t> (<uint32_t> slots[h] - 1)
+                                f = &recs[fid]
+                                if memcmp(&f.key, &bkey[j], sizeof(FlowKey)) == 0:
+                                    break
+                            h = (h + 1) & <Py_ssize_t> mask
+                        if ts < f.first_ns:
+                            f.first_ns = ts
+                        if ts > f.last_ns:
+                            f.last_ns = ts
+                        f.packets += 1
+                        f.wire_bytes += wirelen
+                        f.tcp_flags |= bflags[j]
+                        if f.last_chunk != chunk:
+                            f.last_chunk = chunk
+                            self.refs[self.n_refs].flow = fid
+                            self.refs[self.n_refs].chunk = chunk
+                            self.n_refs += 1
+                    i += m
             if not bad:
                 i = count
             self.packets += i

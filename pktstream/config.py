@@ -188,7 +188,10 @@ class ReceiverSettings:
     rotate_seconds: float | None = None
     max_files: int | None = None
     fsync: bool = False
-    index: bool = False  # index completed files as they are written (docs/ARCHIVE.md)
+    # index completed files as they are written (docs/ARCHIVE.md); None: the default, on for file
+    # outputs that complete files as they go (a directory, rotation): pktstream.cli.stream.build_receiver
+    index: bool | None = None
+    index_max_flows: int | None = None  # flow records held per open file before a spill (None: default)
     zstd_frame_size: int | None = None  # .zst outputs: seekable layout with frames of this many bytes
     state_dir: str | None = None
     snaplen: int = 262144
@@ -306,7 +309,8 @@ def receiver_settings(data: Any) -> ReceiverSettings:
     s.max_files = rot.get("files", "int")
     rot.finish()
     s.fsync = out.get("fsync", "bool", False)
-    s.index = out.get("index", "bool", False)
+    s.index = out.get("index", "bool")
+    s.index_max_flows = out.get("indexMaxFlows", "int")
     s.zstd_frame_size = out.get("zstdFrameSize", "size")
     srv = out.child("server")
     _plugins(out.child("plugins"), s, "receiver")
@@ -387,7 +391,7 @@ def sensor_settings(data: Any) -> SensorSettings:
             raise ConfigError("output.file: a sensor streams to a receiver; for a local file use "
                               "`pktstream capture -w FILE` (PacketStreamer wrote an unreadable file here)")
         ignored.append("output.file")  # a file shared with the receiver: its output
-    for k in ("directory", "rotate", "fsync", "index", "zstdFrameSize"):
+    for k in ("directory", "rotate", "fsync", "index", "indexMaxFlows", "zstdFrameSize"):
         if k in out.data:
             out.used.add(k)
             ignored.append(f"output.{k}")

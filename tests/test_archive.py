@@ -546,3 +546,153 @@ def test_s3_output_indexes_files_it_did_not_index_as_written(tmp_path, moto):
     assert got(a, "tcp", sensor="s2") == brute(local / "s2", "tcp") != []
     assert a.index(force=True)["indexed"] == 2  # offline, from the objects: the same attribution
     assert sorted(set(a.flows().column("sensor").to_pylist())) == ["s1", "s2"]
+
+
+def _scan(n: int, start: int, seed: int) -> list[pktstream.PacketBatch]:
+    """A port scan (a new flow per SYN: 203.0.113.66 → 198.18.x.y, random ports) interleaved
+    with a long-lived flow 192.0.2.50:40000 → 198.18.1.1:443 (every 10th packet: it spans
+    every spill) and the mixed traffic of archive_data; 100 packets per batch."""
+    import random
+
+    from archive_data import _eth, _ipv4, _tcp, frame, records
+    rng = random.Random(seed)
+    out, cur, ts = [], [], start
+    for i in range(n):
+        ts += rng.randrange(1, 100_000)
+        if i % 10 == 0:
+            data = _eth(0x0800, _ipv4("192.0.2.50", "198.18.1.1", 6, _tcp(40000, 443, 0x10, b"x" * 20)))
+        elif i % 10 < 8:
+            dst = f"198.18.{rng.randrange(256)}.{rng.randrange(256)}"
+            data = _eth(0x0800, _ipv4("203.0.113.66", dst, 6, _tcp(rng.randrange(1024, 65536), rng.randrange(1, 65536),
+                                                                  0x02, b"")))
+        else:
+            data = frame(rng)
+        cur.append((ts, data))
+        if len(cur) == 100:
+            out.append(pktstream.PacketBatch.from_records(records(cur), link_type=1, interface="scan-1/eth0"))
+            cur = []
+    return out
+
+
+def _aggregate(table) -> dict[tuple, list]:
+    """Flow records merged by (file, key): [first, last, packets, bytes, flags OR, chunks]."""
+    out: dict[tuple, list] = {}
+    for r in table.to_pylist():
+        k = (r["file"], r["interface"], r["vlan"], r["ethertype"], r["ip_version"], r["src"], r["dst"], r["sport"],
+             r["dport"], r["proto"])
+        a = out.get(k)
+        if a is None:
+            out[k] = [r["first_ts_ns"], r["last_ts_ns"], r["packets"], r["bytes"], r["tcp_flags"], set(r["chunks"])]
+        else:
+            a[0], a[1] = min(a[0], r["first_ts_ns"]), max(a[1], r["last_ts_ns"])
+            a[2] += r["packets"]
+            a[3] += r["bytes"]
+            a[4] |= r["tcp_flags"]
+            a[5] |= set(r["chunks"])
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["pcapng", "pcap.zst"])
+def test_bounded_index_of_a_port_scan_equals_brute_force(tmp_path, fmt):
+    """A file with far more flows than the cap: the flow table is spilled (row groups of the
+    file's flow records), the table never holds more than the cap plus one batch, and queries,
+    flows and the catalog give what an unbounded index and brute force give."""
+    import pyarrow.parquet as pq
+
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    src = Source("scan-1", "h-scan", "eth0", 1, 262144)
+    feed = _scan(12_000, T0, 3)
+    sinks = {}
+    for name, cap in (("capped", 500), ("unbounded", 0)):
+        sinks[name] = FileSink(directory=str(tmp_path / name), format=fmt, index=True,
+                               rotate_bytes=600_000 if fmt == "pcapng" else 100_000,
+                               index_max_flows=cap)
+    for b in feed:
+        for sink in sinks.values():
+            sink.write(src, b)
+    for sink in sinks.values():
+        sink.close()
+    capped, unbounded = sinks["capped"].indexer, sinks["unbounded"].indexer
+    assert capped.failures == unbounded.failures == 0 and capped.indexed == unbounded.indexed >= 2
+    assert unbounded.spills == 0 and unbounded.peak_flows_held > 1500
+    assert capped.spills >= 10 and capped.peak_flows_held <= 500 + 100   # the cap plus one batch
+    assert 0 < capped.peak_table_bytes < unbounded.peak_table_bytes / 3
+    root = tmp_path / "capped"
+    a = Archive(str(root))
+    for bpf in ("host 203.0.113.66", "host 192.0.2.50 and port 443", "tcp[13] & 2 != 0", "udp", None,
+                "dst host 198.18.7.7 or port 4444"):
+        assert got(a, bpf) == brute(root, bpf)
+        assert a.last_stats.files_scanned == 0 and not a.last_stats.problems
+    # the long-lived flow has a record per spill: disjoint packet sets that add up
+    long = a.flows("host 192.0.2.50 and port 443")
+    assert long.num_rows > capped.indexed and sum(long.column("packets").to_pylist()) == 1200
+    # merged by key, the capped index is the unbounded one (chunk numbers, times, counters)
+    c_all, u_all = a.flows(), Archive(str(tmp_path / "unbounded")).flows()
+    assert c_all.num_rows > u_all.num_rows and _aggregate(c_all) == _aggregate(u_all)
+    c_rows = {r["path"]: r for r in a.catalog().to_pylist()}
+    u_rows = {r["path"]: r for r in Archive(str(tmp_path / "unbounded")).catalog().to_pylist()}
+    for path, r in c_rows.items():
+        u = u_rows[path]
+        for k in ("packets", "bytes", "first_ts_ns", "last_ts_ns", "addresses", "ports", "chunks", "flow_files",
+                  "address_filter", "port_bitmap"):  # (the filter holds the addresses of every spill)
+            assert r[k] == u[k], k
+        assert r["flows"] >= u["flows"]
+    # each spill is a row group of the file's flow records
+    groups = [pq.ParquetFile(p).metadata.num_row_groups for p in (root / "_index" / "flows").rglob("*.parquet")]
+    assert max(groups) > 1
+
+
+def test_spilled_builder_staged_index(tmp_path):
+    """A spilled builder's records go through the staging path (S3 outputs) a row group at a time."""
+    import pyarrow.parquet as pq
+
+    from pktstream.archive.index import SpilledFlows
+    from pktstream.archive.live import write_staged
+    feed = _scan(3000, T0, 4)
+    b = FileIndexBuilder("scan-1.pcap", max_flows=200)
+    pos = 24
+    for x in feed:
+        b.add(x, pos, pos + x.nbytes)
+        pos += x.nbytes
+    assert b.spills >= 10 and b.flows_held <= 300
+    row, tables = b.finish(size=pos, version="1", format="pcap", compression=None)
+    assert all(isinstance(t, SpilledFlows) for t in tables.values())
+    path = tmp_path / "scan-1.pcap"
+    write_staged(str(path), row, tables)
+    t = pq.read_table(str(path) + ".idx")
+    assert t.num_rows == row["flows"] and sum(t.column("packets").to_pylist()) == 3000 == row["packets"]
+    b.close()
+
+
+def test_receiver_indexes_rotated_and_directory_outputs_by_default(tmp_path):
+    """Index as you write is on for receiver file outputs that rotate or write to a directory,
+    off for one unrotated file and stdout; --no-index / output.index: false turn it off,
+    --index on; --index-max-flows / output.indexMaxFlows set the memory bound."""
+    from pktstream.cli import build_parser
+    from pktstream.cli.stream import build_receiver
+    from pktstream.sinks import FileSink
+
+    def indexers(*args: str) -> list:
+        rx = build_receiver(build_parser().parse_args(["receiver", "--listen", "127.0.0.1:0", *args]))
+        try:
+            return [o.indexer for o in rx.outputs if isinstance(o, FileSink)]
+        finally:
+            for o in rx.outputs:
+                o.close()
+
+    (tmp_path / "d").mkdir()
+    on = indexers("--output-dir", str(tmp_path / "d" / "by-sensor"))
+    assert len(on) == 1 and on[0] is not None and on[0].max_flows == 262_144
+    assert indexers("-w", str(tmp_path / "d" / "rot.pcapng"), "-C", "10MB")[0] is not None
+    assert indexers("-w", str(tmp_path / "d" / "g.pcap"), "-G", "60")[0] is not None
+    assert indexers("-w", str(tmp_path / "d" / "one.pcapng")) == [None]          # completed only at exit
+    assert indexers("-w", str(tmp_path / "d" / "one.pcapng"), "--index")[0] is not None
+    assert indexers("--output-dir", str(tmp_path / "d" / "x"), "--no-index") == [None]
+    assert indexers("--output-dir", str(tmp_path / "d" / "y"), "--index-max-flows", "1000")[0].max_flows == 1000
+    assert indexers("-w", "-") == []
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(f"input:\n  port: 8081\noutput:\n  directory: {tmp_path / 'd' / 'z'}\n  index: false\n")
+    assert indexers("--config", str(cfg)) == [None]
+    cfg.write_text(f"input:\n  port: 8081\noutput:\n  directory: {tmp_path / 'd' / 'z'}\n  indexMaxFlows: 5000\n")
+    assert indexers("--config", str(cfg))[0].max_flows == 5000

@@ -321,3 +321,58 @@ def test_address_texts_as_address_text(rows):
     assert got == want and nulls == want.count(None) and off[-1] == len(data)
     with pytest.raises(ValueError):
         address_texts(addrs + b"x", versions)
+
+
+def test_clear_keeps_memory_and_chunk_order():
+    """``clear`` forgets the flows (a spill), keeps the allocation (memory stays bounded by the
+    largest table), keeps refusing decreasing chunk numbers and keeps counting packets."""
+    rng = random.Random(9)
+    frames = [_eth(0x0800, _ipv4(f"10.{rng.randrange(256)}.{rng.randrange(256)}.1", "10.0.0.2", 17,
+                                 _udp(rng.randrange(65536), 53, b"q"))) for _ in range(3000)]
+    t = FlowTable()
+    first = batch_of(frames[:1500])
+    t.add(first, len(first), 1, 0, 0)
+    held, refs, nbytes = len(t), t.refs, t.nbytes
+    assert held > 1000 and refs == held and nbytes >= held * 88
+    t.clear()
+    assert (len(t), t.refs, t.nbytes, t.packets) == (0, 0, nbytes, 1500)
+    assert table_records(t) == {}
+    with pytest.raises(ValueError, match="never decrease"):
+        t.add(first, len(first), 1, 0, -1)
+    second = batch_of(frames[1500:])
+    t.add(second, len(second), 1, 0, 0)  # the same chunk number again is allowed
+    assert table_records(t) == reference([(second, 0, 0)])
+    assert t.nbytes == nbytes and t.packets == 3000
+
+
+def test_offsets_give_the_same_records_and_are_checked():
+    """``add`` with the batch's offset array (no record walk) gives what the walk gives; offsets
+    outside the buffer, or whose record runs past it, are refused with the table unchanged."""
+    frames = hostile_frames() + [frame(random.Random(k)) for k in range(200)]
+    b = batch_of(frames)
+    walked, given_ = FlowTable(), FlowTable()
+    walked.add(b, len(b), 1, 3, 0)
+    given_.add(b, len(b), 1, 3, 0, b.offset)
+    assert table_records(given_) == table_records(walked) == reference([(b, 3, 0)])
+    before = table_records(given_)
+    raw = bytes(b)
+    off = np.array(b.offset)
+    for bad in (off[:-1], np.concatenate([off[:-1], [len(raw) + 1]]), np.concatenate([[15], off[1:]]),
+                np.concatenate([off[:-1], [len(raw) - 1]]), np.concatenate([[-5], off[1:]])):
+        with pytest.raises(ValueError):
+            given_.add(raw, len(b), 1, 3, 1, np.ascontiguousarray(bad, dtype=np.int64))
+    assert table_records(given_) == before and given_.packets == len(b)
+
+
+@FUZZ
+@given(st.binary(max_size=300), st.lists(st.integers(-20, 320), max_size=8), st.sampled_from(LINK_TYPES))
+def test_random_offsets_never_read_outside(buf, offsets, link_type):
+    """Arbitrary offsets into arbitrary bytes: each record is read only if it fits (ASan)."""
+    t = FlowTable()
+    off = np.array(offsets, dtype=np.int64)
+    try:
+        t.add(buf, len(off), link_type, 0, 0, off)
+    except ValueError:
+        assert t.packets == 0 and len(t) == 0
+        return
+    assert t.packets == len(off) == sum(r[2] for r in table_records(t).values())

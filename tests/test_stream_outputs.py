@@ -67,7 +67,8 @@ def test_per_sensor_files(veth, procs, tmp_path, mixed_pcap):
     wait_received(rx, 2000)
     sx.stop(signal.SIGTERM)
     rx.stop(signal.SIGTERM)
-    files = list((tmp_path / "by-sensor").iterdir())
+    files = [f for f in (tmp_path / "by-sensor").iterdir() if f.name != "_index"]
+    assert (tmp_path / "by-sensor" / "_index" / "files").is_dir()  # indexed by default
     import hashlib
     tag = hashlib.sha256(b"../../etc/evil").hexdigest()[:8]
     assert [f.name for f in files] == [f"_.._etc_evil-{tag}.pcapng"]  # sanitised, inside the directory

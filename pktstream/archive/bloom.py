@@ -70,7 +70,12 @@ def build_filter(rows: np.ndarray) -> bytes:
     """The Bloom filter (stored layout) of a set of 16-byte addresses (uint8, shape (n, 16);
     duplicates allowed)."""
     # distinct addresses counted by their 64-bit hashes (a sort of integers, not of 16-byte rows)
-    h = np.unique(address_hashes(rows))
+    return filter_of_hashes(np.unique(address_hashes(rows)))
+
+
+def filter_of_hashes(h: np.ndarray) -> bytes:
+    """The Bloom filter (stored layout) of distinct address hashes (:func:`address_hashes`,
+    uint64, no duplicates: the filter is sized from their count)."""
     nbytes = max(8, -(-len(h) * BITS_PER_ADDRESS // 8))
     m = np.uint64(nbytes * 8)
     bits = np.zeros(nbytes * 8, dtype=bool)

@@ -17,19 +17,29 @@ import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from pktstream.archive.index import INDEX_DIR, FileIndexBuilder, catalog_file, catalog_schema
+from pktstream.archive.index import (
+    FLOW_DICTIONARY,
+    INDEX_DIR,
+    INDEX_MAX_FLOWS,
+    FileIndexBuilder,
+    SpilledFlows,
+    catalog_file,
+    catalog_schema,
+)
 from pktstream.archive.store import Entry
 
 CHUNK_BYTES = 256 << 10  # the read unit of offline indexing (decompressed stream bytes)
 
 
 def index_entry(store, entry: Entry, *, chunk_bytes: int = CHUNK_BYTES,
-                name: str | None = None) -> tuple[dict[str, Any], dict]:
-    """Read one capture file and build its index (catalog row, flow tables); ``name`` (default:
-    its path) is the name it is indexed under (sensor attribution, file id)."""
+                name: str | None = None, max_flows: int = INDEX_MAX_FLOWS) -> tuple[dict[str, Any], dict]:
+    """Read one capture file and build its index (catalog row, flow tables: a value may be a
+    :class:`~pktstream.archive.index.SpilledFlows`, closed by :func:`write_index` or by the
+    caller); ``name`` (default: its path) is the name it is indexed under (sensor
+    attribution, file id); ``max_flows``: the builder's memory bound."""
     from pktstream.exceptions import FileFormatError
     from pktstream.formats import TruncatedFileWarning, open_reader
-    b = FileIndexBuilder(name or entry.path)
+    b = FileIndexBuilder(name or entry.path, max_flows=max_flows)
     status, error, fmt, comp = "ok", None, "unknown", None
     f = None
     with warnings.catch_warnings(record=True) as caught:
@@ -59,15 +69,26 @@ def index_entry(store, entry: Entry, *, chunk_bytes: int = CHUNK_BYTES,
 
 
 def write_index(store, row: dict[str, Any], tables: dict) -> None:
-    """Store a file's flow tables, then its catalog row (the commit); old flow files of the
-    same capture file that are not rewritten are removed."""
+    """Store a file's flow tables (``pyarrow.Table`` or spilled: :class:`SpilledFlows`, closed
+    here), then its catalog row (the commit); old flow files of the same capture file that are
+    not rewritten are removed."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     old = read_row(store, row["path"])
     from pktstream.archive.index import flow_file
-    for (sensor, date), table in tables.items():
-        store.write_bytes(flow_file(sensor, date, row["path"]), _parquet_bytes(table, pq))
-    store.write_bytes(catalog_file(row["path"]), _parquet_bytes(pa.Table.from_pylist([row], catalog_schema()), pq))
+    try:
+        for (sensor, date), table in tables.items():
+            if isinstance(table, SpilledFlows):
+                data = table.parquet_bytes()
+            else:
+                data = _parquet_bytes(table, pq, FLOW_DICTIONARY)
+            store.write_bytes(flow_file(sensor, date, row["path"]), data)
+    finally:
+        for table in tables.values():
+            if isinstance(table, SpilledFlows):
+                table.close()
+    store.write_bytes(catalog_file(row["path"]), _parquet_bytes(pa.Table.from_pylist([row], catalog_schema()), pq,
+                                                                False))
     if old is not None:
         for rel in set(old.get("flow_files") or ()) - set(row["flow_files"]):
             store.delete(rel)
@@ -76,10 +97,12 @@ def write_index(store, row: dict[str, Any], tables: dict) -> None:
 _RAW = ("address_filter", "port_bitmap")  # random bits: no dictionary or min/max statistics
 
 
-def _parquet_bytes(table, pq, row_group_size: int | None = None) -> bytes:
+def _parquet_bytes(table, pq, use_dictionary: bool | list[str] = True, row_group_size: int | None = None) -> bytes:
     buf = io.BytesIO()
     other = [c for c in table.column_names if c not in _RAW]  # (a catalog table decodes ~2x faster so)
-    pq.write_table(table, buf, compression="zstd", use_dictionary=other, write_statistics=other,
+    dictionary = other if use_dictionary is True else [c for c in use_dictionary if c not in _RAW] \
+        if use_dictionary else False
+    pq.write_table(table, buf, compression="zstd", use_dictionary=dictionary, write_statistics=other,
                    row_group_size=row_group_size)
     return buf.getvalue()
 

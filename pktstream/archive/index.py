@@ -32,7 +32,7 @@ import numpy as np
 
 from pktstream._capture import PacketBatch
 from pktstream._flowtable import KEY_BYTES, FlowTable, address_texts
-from pktstream.archive.bloom import MAPPED_PREFIX, build_filter, port_bitmap
+from pktstream.archive.bloom import MAPPED_PREFIX, address_hashes, filter_of_hashes, port_bitmap
 
 INDEX_DIR = "_index"
 FORMAT_VERSION = 1
@@ -94,25 +94,110 @@ def canonical(address) -> str:
     return socket.inet_ntop(socket.AF_INET if address.version == 4 else socket.AF_INET6, address.packed)
 
 
+# dictionary encoding only for the flow records' repeated texts: on addresses, times and
+# counters it costs more CPU than it saves bytes (measured: -20 % write time, -20 % size)
+FLOW_DICTIONARY = ["file", "interface"]
+INDEX_MAX_FLOWS = 262_144  # default cap on the flow records one builder holds in memory (~40 MiB at most)
+
+
+class SpilledFlows:
+    """Flow records of one partition of one capture file that a builder spilled: a Parquet
+    file (one row group per spill, same schema as an in-memory part) in an anonymous temporary
+    file (deleted when closed, also by a crash). ``num_rows`` like a ``pyarrow.Table``.
+
+    Lifetime/threads: owned by the builder, then by whoever writes the index (one thread);
+    :meth:`close` (or garbage collection) frees the temporary file.
+    """
+
+    def __init__(self, schema: Any, spill_dir: str | None) -> None:
+        import tempfile
+
+        import pyarrow.parquet as pq
+        self.schema = schema
+        self._file = tempfile.TemporaryFile(dir=spill_dir)
+        self._writer: Any = pq.ParquetWriter(self._file, schema, compression="zstd", use_dictionary=FLOW_DICTIONARY)
+        self.num_rows = 0
+        self.row_groups = 0
+
+    def append(self, table: Any) -> None:
+        """Write ``table`` (this partition's schema) as one more row group."""
+        self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
+        self.num_rows += table.num_rows
+        self.row_groups += 1
+
+    def seal(self) -> None:
+        """No more rows: write the Parquet footer (idempotent)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def parquet_bytes(self) -> bytes:
+        """The whole Parquet file (compressed records: ~10-20 bytes per record)."""
+        self.seal()
+        self._file.seek(0)
+        return self._file.read()
+
+    def batches(self) -> Any:
+        """Iterate the records as Arrow record batches (one row group at a time)."""
+        import pyarrow.parquet as pq
+        self.seal()
+        self._file.seek(0)
+        return pq.ParquetFile(self._file).iter_batches()
+
+    def close(self) -> None:
+        """Free the temporary file."""
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception:
+                pass
+            self._writer = None
+        self._file.close()
+
+
 class FileIndexBuilder:
     """Flow records and the catalog row of one capture file, built from its batches.
 
     :param rel_path: the file's path relative to the archive root (its name in the index).
     :param max_chunk: when > 0, a batch that follows the last chunk directly extends it while
         the chunk stays within this many bytes.
+    :param max_flows: memory bound: when the flow table would hold more than this many flows
+        (or more than ``4 * max_flows`` (flow, chunk) pairs), its records are *spilled* --
+        written as one more row group of the file's flow records (a temporary file per
+        partition, :class:`SpilledFlows`) -- and the table starts again empty. A flow may then
+        have several records, each for a disjoint set of its packets (``spills`` counts them).
+        0: no bound.
+    :param spill_dir: directory of the spill files (default: the system's temporary directory).
     Not thread-safe; one builder per file.
     """
 
-    def __init__(self, rel_path: str, *, max_chunk: int = 0) -> None:
+    def __init__(self, rel_path: str, *, max_chunk: int = 0, max_flows: int = INDEX_MAX_FLOWS,
+                 spill_dir: str | None = None) -> None:
         self.rel_path = rel_path
         self.max_chunk = max_chunk  # > 0: contiguous batches share a chunk up to this size
+        self.max_flows = max_flows
+        self.spill_dir = spill_dir
         self._ifaces: dict[tuple[str, str, int], int] = {}
-        self._table = FlowTable()
+        self._table = FlowTable(max_flows)
         self.chunks: list[list[int]] = []  # [start, end, packets, first_ts, last_ts]
         self.header_blocks: list[tuple[int, int]] = []
         self.sections = 1
         self.packets = 0
         self.wire_bytes = 0
+        self.spills = 0  # times the flow table was written out and emptied
+        self.peak_flows_held = 0  # most flows held in the table at once
+        self.peak_table_bytes = 0  # most memory the flow table held (FlowTable.nbytes)
+        self._spilled: dict[tuple[str, str], SpilledFlows] = {}
+        self._addrs: set[str] | None = set()
+        self._addr_hashes = np.zeros(0, dtype=np.uint64)  # distinct address hashes (bloom.address_hashes)
+        self._ports: set[int] = set()
+        self._first_ts: int | None = None
+        self._last_ts: int | None = None
+
+    @property
+    def flows_held(self) -> int:
+        """Flows in the in-memory table now (at most about ``max_flows`` plus one batch)."""
+        return len(self._table)
 
     def add_header_block(self, offset: int, length: int) -> None:
         """A pcapng SHB/IDB at ``offset`` (a query re-reads it before any chunk after it)."""
@@ -127,6 +212,9 @@ class FileIndexBuilder:
         n = len(batch)
         if n == 0:
             return
+        t = self._table
+        if self.max_flows > 0 and len(t) and (len(t) + n > self.max_flows or t.refs + n > 4 * self.max_flows):
+            self.spill()
         prev = self.chunks[-1] if self.chunks else None
         same = prev is not None and prev[0] == start and prev[1] == end
         extend = (not same and prev is not None and self.max_chunk > 0 and prev[1] == start
@@ -136,7 +224,11 @@ class FileIndexBuilder:
         link_type = batch.link_type
         iid = self._ifaces.setdefault((sensor, itf, link_type), len(self._ifaces))
         # one C pass over the records: flow key, hash insert, per-flow counters
-        wire, ts_min, ts_max = self._table.add(batch, n, link_type, iid, chunk)
+        # (the batch's offset array when a writer built it already: no record walk)
+        wire, ts_min, ts_max = t.add(batch, n, link_type, iid, chunk, batch.offset if batch.has_arrays else None)
+        if len(t) > self.peak_flows_held:
+            self.peak_flows_held = len(t)
+            self.peak_table_bytes = max(self.peak_table_bytes, t.nbytes)
         if prev is not None and chunk == len(self.chunks) - 1:
             if extend:
                 prev[1] = end
@@ -148,6 +240,26 @@ class FileIndexBuilder:
         self.packets += n
         self.wire_bytes += wire
 
+    def spill(self) -> None:
+        """Write the flow records held so far as one more row group of this file's records
+        (per partition) and empty the table (its memory is kept for reuse)."""
+        parts = self._parts()
+        self._table.clear()
+        if not parts:
+            return
+        self.spills += 1
+        for key, table in parts.items():
+            sp = self._spilled.get(key)
+            if sp is None:
+                sp = self._spilled[key] = SpilledFlows(table.schema, self.spill_dir)
+            sp.append(table)
+
+    def close(self) -> None:
+        """Free the spill files (after :meth:`finish`'s tables were written, or to abandon the
+        builder). Idempotent."""
+        for sp in self._spilled.values():
+            sp.close()
+
     # -- results ---------------------------------------------------------------------------
     def _flows(self) -> dict[str, Any]:
         """The flow table's records as numpy columns, ordered by first packet time, then key bytes."""
@@ -156,8 +268,24 @@ class FileIndexBuilder:
         raw = self._table.flows()
         key = np.frombuffer(raw["key"], dtype=_KEY)
         first = np.frombuffer(raw["first_ns"], dtype=np.int64)
-        order = np.argsort(key.view(f"V{_KEY.itemsize}"), kind="stable")
-        order = order[np.argsort(first[order], kind="stable")]
+        order = np.argsort(first, kind="stable")
+        ordered = first[order]
+        if len(ordered) > 1 and bool((ordered[1:] == ordered[:-1]).any()):
+            # equal first times: (first time, key bytes) order -- the key as big-endian words
+            # compares like its bytes (a sort of void keys costs ~10x more: only when needed)
+            words = key.view(">u8").reshape(len(key), _KEY.itemsize // 8)
+            order = np.lexsort([words[:, j] for j in range(words.shape[1] - 1, -1, -1)] + [first])
+        # partition (sensor, day) of each record; several: grouped, each group still in that order
+        names = {v: k for k, v in self._ifaces.items()}
+        sensors = sorted({names[i][0] for i in names})
+        sensor_of_id = np.zeros(max(names) + 1, dtype=np.int64)
+        for i, (sensor, _itf, _lt) in names.items():
+            sensor_of_id[i] = sensors.index(sensor)
+        days = first // 86_400_000_000_000
+        day0 = int(days.min())
+        part = sensor_of_id[key["iface"]] * 1_000_000 + (days - day0)
+        if part.min() != part.max():
+            order = order[np.argsort(part[order], kind="stable")]
         offsets = np.frombuffer(raw["chunk_offsets"], dtype=np.int32)
         values = np.frombuffer(raw["chunk_values"], dtype=np.int32)
         counts = np.diff(offsets)[order]
@@ -172,76 +300,135 @@ class FileIndexBuilder:
                 "first": first[order],
                 "last": np.frombuffer(raw["last_ns"], dtype=np.int64)[order],
                 "flags": np.frombuffer(raw["tcp_flags"], dtype=np.uint16)[order],
-                "chunk_offsets": new_offsets, "chunk_values": values[take]}
+                "chunk_offsets": new_offsets, "chunk_values": values[take],
+                "part": part[order], "partitions": {code: (sensors[code // 1_000_000], _date(day0 + code % 1_000_000))
+                                                    for code in _distinct(part).tolist()}}
+
+    def _parts(self) -> dict[tuple[str, str], Any]:
+        """The records held in the table as Arrow tables, one per (sensor, date) partition,
+        rows in first-packet order; the catalog summaries (addresses, ports, time range) are
+        updated with them."""
+        import pyarrow as pa
+        f = self._flows()
+        tables: dict[tuple[str, str], Any] = {}
+        if not f:
+            return tables
+        names = {v: k for k, v in self._ifaces.items()}
+        key = f["key"]
+        ipv = np.ascontiguousarray(key["ipv"])
+        n = len(key)
+
+        def texts(col: np.ndarray) -> Any:
+            """The addresses as an Arrow string array (text made in C, inet_ntop's form)."""
+            offsets, data, valid, nulls = address_texts(np.ascontiguousarray(col).view(np.uint8), ipv)
+            return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data),
+                                               pa.py_buffer(valid), nulls)
+
+        src, dst = texts(key["src"]), texts(key["dst"])
+        if self._addrs is not None:
+            self._add_addresses(key, ipv)
+        # the address filter's input: distinct hashes of every address of the file (all spills)
+        self._addr_hashes = _distinct(np.concatenate(
+            [self._addr_hashes, address_hashes(_addresses_with_text(key, ipv))]))
+        ipmask = ipv > 0  # (ARP addresses are in the address summary, no ports)
+        seen = np.bincount(key["sport"][ipmask], minlength=65536) + np.bincount(key["dport"][ipmask], minlength=65536)
+        self._ports.update(np.flatnonzero(seen).tolist())
+        iface_ids = key["iface"]
+        ids = sorted(names)
+        link_of_id = np.array([names[i][2] for i in ids], dtype=np.int32)
+        # interface names: a string array built from buffers (Array.take would load pyarrow.compute,
+        # ~0.25 CPU-s once per process)
+        itf_bytes = [names[i][1].encode() for i in ids]
+        itf_len = np.array([len(b) for b in itf_bytes], dtype=np.int32)
+        itf_offsets = np.zeros(n + 1, dtype=np.int32)
+        np.cumsum(itf_len[iface_ids], out=itf_offsets[1:])
+        interfaces = pa.StringArray.from_buffers(n, pa.py_buffer(itf_offsets),
+                                                 pa.py_buffer(b"".join([itf_bytes[i] for i in iface_ids.tolist()])))
+        lo, hi = int(f["first"].min()), int(f["last"].max())
+        self._first_ts = lo if self._first_ts is None else min(self._first_ts, lo)
+        self._last_ts = hi if self._last_ts is None else max(self._last_ts, hi)
+        chunks = pa.ListArray.from_arrays(_arrow(f["chunk_offsets"]), _arrow(f["chunk_values"]))
+        table = pa.table({
+            "file": pa.repeat(pa.scalar(self.rel_path, pa.string()), n),
+            "interface": interfaces,
+            "link_type": _arrow(link_of_id[iface_ids]),
+            "vlan": _arrow(key["vlan"]), "ethertype": _arrow(key["ethertype"]),
+            "ip_version": _arrow(ipv), "src": src, "dst": dst,
+            "sport": _arrow(key["sport"]), "dport": _arrow(key["dport"]), "proto": _arrow(key["proto"]),
+            "first_ts_ns": _arrow(f["first"]), "last_ts_ns": _arrow(f["last"]),
+            "packets": _arrow(f["packets"]), "bytes": _arrow(f["bytes"]),
+            "tcp_flags": _arrow(f["flags"]), "chunks": chunks,
+        })
+        # one table per (sensor, date) partition, a slice each (_flows grouped the rows); sensors
+        # are compared by name (two interfaces of one sensor share a partition)
+        part = f["part"]
+        if len(f["partitions"]) == 1:
+            tables[next(iter(f["partitions"].values()))] = table
+        else:
+            cuts = [0, *(np.flatnonzero(part[1:] != part[:-1]) + 1).tolist(), n]
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                tables[f["partitions"][int(part[a])]] = table.slice(a, b - a)
+        return tables
+
+    def _add_addresses(self, key: np.ndarray, ipv: np.ndarray) -> None:
+        """Add the distinct addresses of these records to the address summary (None past
+        SUMMARY_LIMIT): distinct values in numpy (IPv4 as 32-bit integers, a hash unique),
+        text only for those."""
+        assert self._addrs is not None
+        v4, v6 = [], []
+        for col in ("src", "dst"):
+            raw = np.ascontiguousarray(key[col]).view(np.uint8).reshape(-1, 16)
+            is_mapped = (raw[:, :12] == np.frombuffer(_MAPPED, np.uint8)).all(axis=1)
+            # the text kind of each row as address_texts decides it
+            v4.append(np.ascontiguousarray(raw[(ipv == 4) | ((ipv == 0) & is_mapped), 12:]).view(">u4").ravel())
+            v6.append(raw[ipv == 6])
+        quads = _distinct(np.concatenate(v4))
+        six = {bytes(r) for part in v6 for r in part} if any(len(x) for x in v6) else set()
+        if len(quads) + len(six) > SUMMARY_LIMIT:
+            self._addrs = None
+            return
+        rows = np.zeros((len(quads) + len(six), 16), dtype=np.uint8)
+        rows[:len(quads), 10:12] = 0xFF
+        rows[:len(quads), 12:] = quads.astype(">u4").view(np.uint8).reshape(-1, 4)
+        if six:
+            rows[len(quads):] = np.frombuffer(b"".join(six), np.uint8).reshape(-1, 16)
+        versions = np.full(len(rows), 6, dtype=np.uint8)
+        versions[:len(quads)] = 4
+        offsets, data, _valid, _nulls = address_texts(rows.reshape(-1), versions)
+        o = np.frombuffer(offsets, dtype=np.int32).tolist()
+        text = bytes(data).decode("ascii")
+        self._addrs.update(text[o[i]:o[i + 1]] for i in range(len(rows)))
+        if len(self._addrs) > SUMMARY_LIMIT:
+            self._addrs = None
 
     def finish(self, *, size: int, version: str, format: str, compression: str | None,
                status: str = "ok", error: str | None = None) -> tuple[dict[str, Any], dict[tuple[str, str], Any]]:
-        """(catalog row, {(sensor, date): flow table}) for this file.
+        """(catalog row, {(sensor, date): flow records}) for this file. The records of a
+        partition are a ``pyarrow.Table`` (rows in first-packet order), or, when the builder
+        spilled, a :class:`SpilledFlows` (row groups in spill order, rows in first-packet order
+        within each); :meth:`close` frees those after they are written.
 
         :param size: / :param version: the file's size and version (mtime ns, or S3 ETag) when
             it was read: a later change makes the index stale.
         :param status: ``"ok"``, ``"truncated"`` (indexed up to the cut) or ``"damaged"``.
         """
-        import pyarrow as pa
-        f = self._flows()
-        names = {v: k for k, v in self._ifaces.items()}
-        tables: dict[tuple[str, str], Any] = {}
-        addrs: list[str] | None = []
-        ports: set[int] = set()
-        address_filter = build_filter(np.zeros((0, 16), np.uint8))
-        first_ts = last_ts = None
-        if f:
-            key = f["key"]
-            ipv = np.ascontiguousarray(key["ipv"])
-            n = len(key)
-
-            def texts(col: np.ndarray) -> Any:
-                """The addresses as an Arrow string array (text made in C, inet_ntop's form)."""
-                offsets, data, valid, nulls = address_texts(np.ascontiguousarray(col).view(np.uint8), ipv)
-                return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data),
-                                                   pa.py_buffer(valid), nulls)
-
-            src, dst = texts(key["src"]), texts(key["dst"])
-            distinct = pa.chunked_array([src, dst]).unique().drop_null()  # (ASCII: Arrow's order is str's)
-            addrs = distinct.sort().to_pylist() if len(distinct) <= SUMMARY_LIMIT else None
-            address_filter = build_filter(_addresses_with_text(key, ipv))
-            ipmask = ipv > 0  # (ARP addresses are in the address summary, no ports)
-            ports = set(np.unique(key["sport"][ipmask]).tolist()) | set(np.unique(key["dport"][ipmask]).tolist())
-            iface_ids = key["iface"]
-            ids = sorted(names)
-            sensor_of_id = np.array([names[i][0] for i in ids], dtype=object)
-            link_of_id = np.array([names[i][2] for i in ids], dtype=np.int32)
-            iface_take = pa.array(iface_ids)
-            days = f["first"] // 86_400_000_000_000
-            first_ts, last_ts = int(f["first"].min()), int(f["last"].max())
-            chunks = pa.ListArray.from_arrays(pa.array(f["chunk_offsets"]), pa.array(f["chunk_values"]))
-            table = pa.table({
-                "file": pa.repeat(pa.scalar(self.rel_path, pa.string()), n),
-                "interface": pa.array([names[i][1] for i in ids], pa.string()).take(iface_take),
-                "link_type": pa.array(link_of_id[iface_ids], pa.int32()),
-                "vlan": pa.array(key["vlan"]), "ethertype": pa.array(key["ethertype"]),
-                "ip_version": pa.array(ipv), "src": src, "dst": dst,
-                "sport": pa.array(key["sport"]), "dport": pa.array(key["dport"]), "proto": pa.array(key["proto"]),
-                "first_ts_ns": pa.array(f["first"]), "last_ts_ns": pa.array(f["last"]),
-                "packets": pa.array(f["packets"]), "bytes": pa.array(f["bytes"]),
-                "tcp_flags": pa.array(f["flags"]), "chunks": chunks,
-            })
-            # one table per (sensor, date) partition; sensors are compared by name (two
-            # interfaces of one sensor share a partition)
-            sensor_idx = {name: k for k, name in enumerate(sorted(set(sensor_of_id.tolist())))}
-            sensor_code = np.array([sensor_idx[x] for x in sensor_of_id.tolist()], dtype=np.int64)[iface_ids]
-            part = sensor_code * 1_000_000 + (days - days.min())
-            by_sensor = {v: k for k, v in sensor_idx.items()}
-            codes = np.unique(part).tolist()
-            for code in codes:  # rows are in first_ts_ns order already (see _flows)
-                t = table if len(codes) == 1 else table.take(pa.array(np.flatnonzero(part == code)))
-                sensor = by_sensor[code // 1_000_000]
-                tables[(sensor, _date(int(days.min()) + code % 1_000_000))] = t
+        tables: dict[tuple[str, str], Any]
+        if self._spilled:
+            self.spill()
+            tables = dict(self._spilled)
+            for sp in tables.values():
+                sp.seal()
+        else:
+            tables = self._parts()
+        addrs = sorted(self._addrs) if self._addrs is not None else None
+        ports = self._ports
+        address_filter = filter_of_hashes(self._addr_hashes)
         row = {
             "path": self.rel_path, "file_id": file_id(self.rel_path), "index_version": FORMAT_VERSION,
             "size": size, "version": version, "format": format, "compression": compression,
             "status": status, "error": error,
-            "first_ts_ns": first_ts, "last_ts_ns": last_ts, "packets": self.packets, "bytes": self.wire_bytes,
+            "first_ts_ns": self._first_ts, "last_ts_ns": self._last_ts, "packets": self.packets,
+            "bytes": self.wire_bytes,
             "flows": sum(t.num_rows for t in tables.values()),
             "sensors": sorted({s for s, _, _ in self._ifaces}),
             "interfaces": sorted({f"{s}/{i}" for s, i, _ in self._ifaces}),
@@ -273,6 +460,23 @@ def _addresses_with_text(key: np.ndarray, ipv: np.ndarray) -> np.ndarray:
 
 
 _MAPPED_ROW = np.frombuffer(MAPPED_PREFIX, dtype=np.uint8)
+
+
+def _arrow(a: np.ndarray) -> Any:
+    """A numpy column as an Arrow array (no nulls), zero-copy when contiguous (``pa.array``
+    would load numpy.ma, ~0.05 CPU-s once per process, to look for masked arrays)."""
+    import pyarrow as pa
+    a = np.ascontiguousarray(a)
+    return pa.Array.from_buffers(pa.from_numpy_dtype(a.dtype.newbyteorder("=")), len(a), [None, pa.py_buffer(a)])
+
+
+def _distinct(a: np.ndarray) -> np.ndarray:
+    """The distinct values of ``a``, sorted (np.unique's result; np.unique would load numpy.ma,
+    ~0.05 CPU-s once per process)."""
+    a = np.sort(a)
+    keep = np.ones(len(a), dtype=bool)
+    keep[1:] = a[1:] != a[:-1]
+    return a[keep]
 
 
 def _date(days: int) -> str:

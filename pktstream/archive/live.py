@@ -20,7 +20,7 @@ import time
 
 from pktstream._capture import PacketBatch
 from pktstream.archive.catalog import CHUNK_BYTES, remove_index, repair, write_index, write_snapshot
-from pktstream.archive.index import FileIndexBuilder
+from pktstream.archive.index import INDEX_MAX_FLOWS, FileIndexBuilder, SpilledFlows
 from pktstream.archive.store import LocalStore
 
 log = logging.getLogger("pktstream.receiver")
@@ -33,15 +33,21 @@ class LiveIndexer:
         not indexed (logged once).
     :param chunk_bytes: consecutive batches are merged into chunks (the unit a query reads)
         up to this many stream bytes.
+    :param max_flows: flows held in memory per open file before they are spilled
+        (:class:`~pktstream.archive.index.FileIndexBuilder`; 0: no bound).
     """
 
-    def __init__(self, root: str, *, chunk_bytes: int = CHUNK_BYTES) -> None:
+    def __init__(self, root: str, *, chunk_bytes: int = CHUNK_BYTES, max_flows: int = INDEX_MAX_FLOWS) -> None:
         self.root = os.path.abspath(root)
         self.store = LocalStore(self.root)
         self.chunk_bytes = chunk_bytes
+        self.max_flows = max_flows
         self._open: dict[str, tuple[FileIndexBuilder, str]] = {}
         self.indexed = 0
         self.failures = 0
+        self.spills = 0  # flow tables written out early (files with more than max_flows flows)
+        self.peak_flows_held = 0  # most flows one open file's table held at once
+        self.peak_table_bytes = 0  # most memory one open file's flow table held
         self.recover_root = True  # the receiver's recovery repairs this root's index
         self._changes = 0
         self._snapshot_at = time.monotonic()
@@ -69,7 +75,7 @@ class LiveIndexer:
         if rel is None:
             log.warning("index: %s is outside the archive root %s: not indexed", path, self.root)
             return
-        b = FileIndexBuilder(rel, max_chunk=self.chunk_bytes)
+        b = FileIndexBuilder(rel, max_chunk=self.chunk_bytes, max_flows=self.max_flows)
         if header_block is not None:
             b.add_header_block(*header_block)
         self._open[path] = (b, format)
@@ -84,10 +90,18 @@ class LiveIndexer:
                 entry[0].add_header_block(off, n)
             # attribution as a reader of the file will see it: pcapng keeps interface names,
             # a pcap file has none (its sensor is its file name)
-            entry[0].add(batch, start, end, interface=None if entry[1].startswith("pcapng") else "")
+            b = entry[0]
+            spills = b.spills
+            b.add(batch, start, end, interface=None if entry[1].startswith("pcapng") else "")
+            self.spills += b.spills - spills
+            if b.peak_flows_held > self.peak_flows_held:
+                self.peak_flows_held = b.peak_flows_held
+            if b.peak_table_bytes > self.peak_table_bytes:
+                self.peak_table_bytes = b.peak_table_bytes
         except Exception as exc:  # never fail the capture
             log.warning("index: %s: %s (the file will be indexed later)", path, exc)
             self._open.pop(path, None)
+            entry[0].close()
             self.failures += 1
 
     def completed(self, path: str) -> None:
@@ -105,6 +119,8 @@ class LiveIndexer:
         except Exception as exc:
             log.warning("index: %s: %s (pktstream index repairs it)", path, exc)
             self.failures += 1
+        finally:
+            b.close()
 
     def removed(self, path: str) -> None:
         rel = self._rel(path)
@@ -116,7 +132,9 @@ class LiveIndexer:
                 log.warning("index: removing the index of %s: %s", path, exc)
 
     def discarded(self, path: str) -> None:
-        self._open.pop(path, None)
+        entry = self._open.pop(path, None)
+        if entry is not None:
+            entry[0].close()
 
     def repair_paths(self, paths: list[str]) -> None:
         """Index files completed outside the writer (cut back after a write error)."""
@@ -159,8 +177,8 @@ class StagingIndexer(LiveIndexer):
     kept next to it as ``NAME.idx`` (flow records, with the catalog row in the Parquet
     metadata) until the uploader commits it under the object's key with :func:`commit_staged`."""
 
-    def __init__(self, staging_dir: str, *, chunk_bytes: int = CHUNK_BYTES) -> None:
-        super().__init__(staging_dir, chunk_bytes=chunk_bytes)
+    def __init__(self, staging_dir: str, *, chunk_bytes: int = CHUNK_BYTES, max_flows: int = INDEX_MAX_FLOWS) -> None:
+        super().__init__(staging_dir, chunk_bytes=chunk_bytes, max_flows=max_flows)
         self.recover_root = False  # no index in the staging directory itself
 
     def removed(self, path: str) -> None:
@@ -182,6 +200,8 @@ class StagingIndexer(LiveIndexer):
         except Exception as exc:
             log.warning("index: %s: %s (pktstream index repairs it)", path, exc)
             self.failures += 1
+        finally:
+            b.close()
 
 
 _BINARY = ("address_filter", "port_bitmap")  # catalog row values kept as base64 in the .idx metadata (JSON)
@@ -189,20 +209,40 @@ _BINARY = ("address_filter", "port_bitmap")  # catalog row values kept as base64
 
 def write_staged(path: str, row: dict, tables: dict) -> None:
     """Keep a completed staged file's index next to it as ``path + ".idx"``: its flow records
-    (partition values in ``_sensor``/``_date`` columns) with the catalog row in the Parquet
-    metadata, written to a temporary name and renamed (never a partial ``.idx``)."""
+    (partition values in ``_sensor``/``_date`` columns; spilled records are copied a row group
+    at a time) with the catalog row in the Parquet metadata, written to a temporary name and
+    renamed (never a partial ``.idx``)."""
     import json
 
     import pyarrow as pa
     import pyarrow.parquet as pq
-    parts = [t.append_column("_sensor", pa.array([s] * t.num_rows, pa.string()))
-              .append_column("_date", pa.array([d] * t.num_rows, pa.string()))
-             for (s, d), t in tables.items()]
-    table = pa.concat_tables(parts) if parts else pa.table({"_sensor": pa.array([], pa.string())})
+
+    def tagged(t, s: str, d: str):
+        return (t.append_column("_sensor", pa.array([s] * t.num_rows, pa.string()))
+                .append_column("_date", pa.array([d] * t.num_rows, pa.string())))
+
     row = {k: base64.b64encode(v).decode() if k in _BINARY and v is not None else v for k, v in row.items()}
-    table = table.replace_schema_metadata({b"pktstream.catalog": json.dumps(row).encode()})
+    meta = {b"pktstream.catalog": json.dumps(row).encode()}
     tmp = path + ".idx.tmp"
-    pq.write_table(table, tmp, compression="zstd")
+    if not tables:
+        pq.write_table(pa.table({"_sensor": pa.array([], pa.string())}).replace_schema_metadata(meta), tmp,
+                       compression="zstd")
+    else:
+        writer = None
+        try:
+            for (s, d), t in tables.items():
+                parts = ([pa.Table.from_batches([b]) for b in t.batches()] if isinstance(t, SpilledFlows) else [t])
+                for part in parts:
+                    part = tagged(part, s, d)
+                    if writer is None:
+                        writer = pq.ParquetWriter(tmp, part.schema.with_metadata(meta), compression="zstd")
+                    writer.write_table(part.replace_schema_metadata(meta))
+        finally:
+            if writer is not None:
+                writer.close()
+            for t in tables.values():
+                if isinstance(t, SpilledFlows):
+                    t.close()
     os.replace(tmp, path + ".idx")
 
 

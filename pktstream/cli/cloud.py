@@ -124,7 +124,8 @@ def receiver_outputs(s) -> list:
                            acl=x.canned_acl, staging_max_bytes=x.staging_max_bytes, key_template=x.key_template,
                            format=x.format, close_timeout=max(x.upload_timeout, 30.0),
                            request_attempts=x.request_attempts,
-                           index=getattr(s, "index", False),
+                           index=getattr(s, "index", False) is True,
+                           index_max_flows=getattr(s, "index_max_flows", None),
                            zstd_frame_bytes=getattr(s, "zstd_frame_size", None) if x.format.endswith(".zst") else None))
     return outs
 

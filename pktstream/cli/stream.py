@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from typing import TYPE_CHECKING, Any
@@ -101,13 +102,20 @@ def build_receiver(args: argparse.Namespace):
     if args.output_dir:
         s.output_dir, s.output_file = args.output_dir, None
     for attr in ("state_dir", "rotate_bytes", "rotate_seconds", "max_files", "metrics", "stats_interval",
-                 "max_connections", "log_file", "heartbeat", "zstd_frame_size"):
+                 "max_connections", "log_file", "heartbeat", "zstd_frame_size", "index_max_flows"):
         v = getattr(args, attr)
         if v is not None:
             setattr(s, attr, v)
     s.fsync = s.fsync or args.fsync
-    s.index = s.index or args.index
-    if s.index:  # the index's pyarrow would load pandas, which the receiver never uses
+    if args.index is not None:
+        s.index = args.index
+    # the default: index the files of outputs that complete them as they go (a directory of
+    # per-sensor files, rotation), not a single file completed at exit, stdout, Kafka or S3
+    rotates = bool(s.rotate_bytes or s.rotate_seconds or s.max_files)
+    index_dir = s.index if s.index is not None else True
+    index_file = s.index if s.index is not None else rotates and "%" not in os.path.dirname(s.output_file or "")
+    if (s.output_dir and index_dir) or (s.output_file and index_file):
+        # the index's pyarrow would load pandas, which the receiver never uses
         from pktstream.archive.live import refuse_pandas
         refuse_pandas()
     if args.no_packetstreamer:
@@ -141,10 +149,11 @@ def build_receiver(args: argparse.Namespace):
     rot: dict[str, Any] = dict(rotate_bytes=s.rotate_bytes, rotate_seconds=s.rotate_seconds, max_files=s.max_files,
                fsync=s.fsync)
     if s.output_file:
-        outputs.append(FileSink(s.output_file, index=s.index, zstd_frame_bytes=s.zstd_frame_size, **rot))
+        outputs.append(FileSink(s.output_file, index=bool(index_file), zstd_frame_bytes=s.zstd_frame_size,
+                                index_max_flows=s.index_max_flows, **rot))
     if s.output_dir:
-        outputs.append(FileSink(directory=s.output_dir, format=args.format, index=s.index,
-                                zstd_frame_bytes=s.zstd_frame_size, **rot))
+        outputs.append(FileSink(directory=s.output_dir, format=args.format, index=bool(index_dir),
+                                zstd_frame_bytes=s.zstd_frame_size, index_max_flows=s.index_max_flows, **rot))
     if s.stdout:
         outputs.append(StdoutSink(snaplen=s.snaplen))
     outputs += cloud.receiver_outputs(s)
@@ -352,8 +361,12 @@ def register(sub) -> None:
     r.add_argument("-G", "--rotate-seconds", type=float, metavar="SEC", help="rotate files every SEC (default: off)")
     r.add_argument("-W", "--max-files", type=int, metavar="N", help="keep only the newest N files (default: all)")
     r.add_argument("--fsync", action="store_true", help="fsync outputs and state before acknowledging")
-    r.add_argument("--index", action="store_true",
-                   help="index each completed capture file for pktstream query/flows (docs/ARCHIVE.md)")
+    r.add_argument("--index", action=argparse.BooleanOptionalAction, default=None,
+                   help="index each completed capture file for pktstream query/flows (docs/ARCHIVE.md; default: on "
+                        "for --output-dir and rotated -w files, off for one unrotated file and S3)")
+    r.add_argument("--index-max-flows", type=int, metavar="N",
+                   help="index memory bound: flow records held per open file before they are written out as a "
+                        "row group of its index (default 262144, ~40 MiB; 0: no bound)")
     r.add_argument("--zstd-frame-size", type=_size, metavar="SIZE",
                    help=".zst outputs: seekable layout, a zstd frame per SIZE of data, e.g. 1MiB (queries decompress "
                         "only the frames they need; Wireshark 4.0 cannot open it: pktstream convert; default: one "

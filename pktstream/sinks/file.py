@@ -96,6 +96,8 @@ class FileSink(Sink):
     :param fsync: fsync at every flush (power-loss durability before acknowledging).
     :param index: index every completed file as it is written (docs/ARCHIVE.md): True for the
         output directory (or the merged file's directory) as the archive root, or a root path.
+    :param index_max_flows: the index's memory bound: flow records held per open file before
+        they are spilled to a row group (docs/ARCHIVE.md; 0: no bound).
     :param zstd_frame_bytes: ``.zst`` formats: write the seekable layout with frames of about
         this many uncompressed bytes (docs/ARCHIVE.md); None (default): one frame per file.
 
@@ -108,7 +110,7 @@ class FileSink(Sink):
                  rotate_bytes: int | None = None, rotate_seconds: float | None = None,
                  max_files: int | None = None, fsync: bool = False, mode: int = 0o640,
                  hostname: str | None = None, gate: bool = True, index: bool | str = False,
-                 zstd_frame_bytes: int | None = None) -> None:
+                 zstd_frame_bytes: int | None = None, index_max_flows: int | None = None) -> None:
         if (path is None) == (directory is None):
             raise ValueError("FileSink needs exactly one of path or directory")
         self.path = os.fspath(path) if path else None
@@ -159,7 +161,7 @@ class FileSink(Sink):
                 self.directory or os.path.dirname(os.path.abspath(self.path or ".")))
             if "%" in root:
                 raise ConfigError(f"index root {root}: give a directory without strftime patterns")
-            self.indexer = LiveIndexer(root)
+            self.indexer = LiveIndexer(root, **_max_flows(index_max_flows))
 
     def _output_for(self, source: Source, batch: PacketBatch) -> CaptureWriter:
         single_link = not self.format.startswith("pcapng")
@@ -307,6 +309,15 @@ def _remove_later_rotations(f: dict[str, Any]) -> None:
                         "nothing in it was acknowledged)", path)
             os.unlink(path)
             _drop_staged_index(path)
+
+
+def _max_flows(value: int | None) -> dict[str, int]:
+    """The indexer's ``max_flows`` argument (checked), or nothing for its default."""
+    if value is None:
+        return {}
+    if value < 0:
+        raise ConfigError(f"index max flows {value}: give 0 (no bound) or more")
+    return {"max_flows": int(value)}
 
 
 def _drop_staged_index(final: str) -> None:

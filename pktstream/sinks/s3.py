@@ -67,7 +67,8 @@ class S3Sink(Sink):
     """Upload rotated capture files to ``s3://bucket/prefix`` (any S3-compatible endpoint).
 
     Credentials come from boto3's usual chain (environment, ``~/.aws``, instance/task roles).
-    ``zstd_frame_bytes``: ``.zst`` formats in the seekable layout (see :class:`FileSink`).
+    ``zstd_frame_bytes``: ``.zst`` formats in the seekable layout (see :class:`FileSink`);
+    ``index_max_flows``: the index's flow records held per open file (see :class:`FileSink`).
     """
 
     def __init__(self, bucket: str, prefix: str = "", *, staging_dir: str, endpoint_url: str | None = None,
@@ -77,7 +78,7 @@ class S3Sink(Sink):
                  key_template: str | None = None, format: str = "pcapng", gate: bool = True,
                  retry_min: float = 0.5, retry_max: float = 10.0, close_timeout: float = 60.0,
                  request_attempts: int = 3, client: Any = None, index: bool = False,
-                 zstd_frame_bytes: int | None = None) -> None:
+                 zstd_frame_bytes: int | None = None, index_max_flows: int | None = None) -> None:
         self.bucket, self.prefix = bucket, prefix
         self.name = f"s3://{bucket}/{prefix}"
         self.gate = gate
@@ -118,7 +119,8 @@ class S3Sink(Sink):
         self.index = index  # index each file as written; committed under its key after the upload
         if index:
             from pktstream.archive.live import StagingIndexer
-            self._files.indexer = StagingIndexer(self.staging_dir)
+            self._files.indexer = StagingIndexer(
+                self.staging_dir, **({} if index_max_flows is None else {"max_flows": max(0, int(index_max_flows))}))
         self._files.opts["on_complete"] = self._completed
         self._files_lock = threading.Lock()  # the FileSink is used by the receiver's thread and the ticker
         self._dirty = False                  # written since the last flush
