@@ -410,7 +410,11 @@ cdef class PacketBatch:
         return b
 
     cdef int _take_index(self, index) except -1:
-        ts, cap, wire, off = index
+        import numpy as np
+        # own copies, checked after they are made: the caller's arrays (or other views of
+        # their base) may be written later, and the offsets are trusted from here on
+        ts, cap, wire, off = (np.array(a, dtype=t, copy=True, order="C") for a, t in
+                              zip(index, (np.int64, np.uint32, np.uint32, np.int64)))
         cdef const int64_t[::1] vts = ts
         cdef const uint32_t[::1] vcap = cap
         cdef const uint32_t[::1] vwire = wire

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -219,3 +220,34 @@ def test_old_catalog_without_filters_answers_and_is_upgraded(wide, tmp_path):
     assert a.last_stats.flow_files_read == 1
     res = a.index()
     assert (res["indexed"], res["current"], res["upgraded"]) == (0, len(SENSORS), 0)
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_arp_on_a_cooked_link_is_never_pruned(tmp_path, many):
+    """libpcap's "host X" matches ARP's addresses on Linux cooked captures (-i any) too, where the
+    flow records do not hold them: such a file's address list and filter say "maybe" for every
+    address (the filter pruned the file away, and a short list did before it). Small file and one
+    whose address list overflows; the answer equals a full read with libpcap's filter."""
+    from archive_data import _arp
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+
+    def sll(proto: int, payload: bytes) -> bytes:  # LINUX_SLL: packet type, ARPHRD, address, protocol
+        return struct.pack("!HHH", 0, 1, 6) + b"\x02\x00\x00\x00\x00\x01\0\0" + struct.pack("!H", proto) + payload
+
+    frames, ts = [], T0
+    for i in range(HOSTS if many else 20):
+        frames.append((ts, sll(0x0800, _ipv4(_host(0, i), _dst(0, i), 17, _udp(1024 + i, 53, b"q")))))
+        ts += 1000
+    frames.insert(len(frames) // 2, (T0 + 500, sll(0x0806, _arp("10.9.9.9", "10.9.9.10"))))
+    root = tmp_path / "cooked"
+    sink = FileSink(directory=str(root), format="pcap", index=True)
+    src = Source("any-1", "h", "any", 113, 262144)
+    for j in range(0, len(frames), 100):
+        sink.write(src, pktstream.PacketBatch.from_records(records(frames[j:j + 100]), link_type=113))
+    sink.close()
+    row, = Archive(str(root)).catalog().to_pylist()
+    assert row["addresses"] is None and row["address_filter"] == b"\x00"
+    for bpf in ("host 10.9.9.9", "arp and host 10.9.9.10", "host 10.0.0.3"):
+        want = brute(root, bpf)
+        assert got(Archive(str(root)), bpf) == want and want

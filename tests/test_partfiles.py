@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import warnings
 
 import pytest
@@ -222,8 +223,9 @@ def test_recovery_removes_files_completed_entirely_after_the_last_flush(tmp_path
     """A flush group larger than the rotation size: rotation completes the file open at the
     flush, then whole files holding only unacknowledged batches, then opens another. Recovery
     cuts the first back, removes the later complete files and the open one (the sensors resend
-    all of it), and leaves a file of an earlier run that has a higher sequence number (names are
-    reused after -W deletions) but is older than the flush."""
+    all of it), and leaves an earlier run's file -- even one whose mtime is in the future (a
+    clock set back between runs): the writer numbers its files after it -- and the files of a
+    second writer whose name starts the same (another link type of the same strftime pattern)."""
     from pktstream.sinks import FileSink
     from pktstream.sinks.base import Source
     src = Source("s1", "s1", "eth0", 1, 262144)
@@ -231,22 +233,26 @@ def test_recovery_removes_files_completed_entirely_after_the_last_flush(tmp_path
     out = tmp_path / "out"
     out.mkdir()
     ext = "." + fmt
-    earlier = out / f"o.000009{ext}"  # an earlier run's file, older than this run's flush
     w = CaptureWriter(str(tmp_path / f"earlier{ext}"))
     w.write(batches[0])
     w.close()
+    earlier = out / f"o-2026.000009{ext}"  # an earlier run's file, written "later" by a clock set back since
     os.replace(tmp_path / f"earlier{ext}", earlier)
-    os.utime(earlier, ns=(1_000_000_000, 1_000_000_000))
+    future = (time.time_ns() + 3600 * 10**9,) * 2
+    os.utime(earlier, ns=future)
+    other = [out / f"o-2026.LINUX_SLL.{i:06d}{ext}" for i in (20, 21)]  # another writer's files
+    for p in other:
+        p.write_bytes(earlier.read_bytes())
     (tmp_path / "probe").mkdir()
     probe = FileSink(str(tmp_path / "probe" / f"p{ext}"))
     probe.write(src, batches[0])
     one_batch = probe.flush()["open"][0]["size"]
     probe.close()
-    sink = FileSink(str(out / f"o{ext}"), rotate_bytes=one_batch + 1)  # about a batch per file
+    sink = FileSink(str(out / f"o-%Y{ext}"), rotate_bytes=one_batch + 1)  # about a batch per file
     sink.write(src, batches[0])
     state = sink.flush()
     first = state["open"][0]["final"]
-    assert state["open"][0]["seq"] == 0 and state["open"][0]["size"] == one_batch
+    assert state["open"][0]["seq"] == 10 and state["open"][0]["size"] == one_batch  # after the earlier file
     for b in batches[1:5]:
         sink.write(src, b)
     later = sorted(set(sink.paths) - {first})
@@ -255,6 +261,6 @@ def test_recovery_removes_files_completed_entirely_after_the_last_flush(tmp_path
         o.abandon()  # the crash
     FileSink.recover(state)
     left = sorted(os.listdir(out))
-    assert left == sorted([os.path.basename(first), earlier.name])
+    assert left == sorted([os.path.basename(first), earlier.name] + [p.name for p in other])
     assert read_ts(first) == [int(t) - 1_700_000_000 * 10**9 for t in batches[0].ts_ns]
     assert len(read_ts(str(earlier))) == 40

@@ -279,3 +279,12 @@ def test_index_filled_by_the_walk_is_checked_against_the_buffer(files):
         PacketBatch.from_records(records, link_type=1, validate=False, count=n, index=(ts, cap[:-1], wire, off))
     with pytest.raises(ValueError, match="all four"):
         pcap_walk(data, 24, len(data), swap, usec, 262144, None, -1, arrays[0])
+    # the batch keeps its own checked copies: writing the caller's arrays (views of a reused
+    # buffer) afterwards changes nothing it reads (it read far outside the buffer before)
+    bases = tuple(a.copy() for a in arrays)
+    views = tuple(a[:n] for a in bases)
+    kept = PacketBatch.from_records(records, link_type=1, validate=False, count=n, index=views)
+    bases[3][:n] = 1 << 40
+    bases[1][:n] = 1 << 31
+    assert kept.offset.tolist() == plain.offset.tolist() and kept.caplen.tolist() == plain.caplen.tolist()
+    assert len(kept.filter("tcp or udp")) == len(plain.filter("tcp or udp"))

@@ -297,9 +297,44 @@ def test_s3_sink_holds_completed_files_until_acknowledged(tmp_path, moto):
     n_first = len(held) - len([n for n in os.listdir(staging) if n.endswith(".pcap")])
     assert n_first >= 1
     wait_until(lambda: sink.counters["uploaded_files"] == n_first, what="the first flush's files uploaded")
+    scans = sink.counters["uploader_scans"]
+    wait_until(lambda: sink.counters["uploader_scans"] >= scans + 2, what="a whole uploader pass after them")
     # the uploader's passes (each starts with the leftovers) ran: the rest still waits
     assert sorted(n for n in os.listdir(staging) if n.endswith(".pcap")) == held[n_first:]
     sink.acknowledged(second)
     wait_until(lambda: sink.counters["uploaded_files"] == len(held), what="the second flush's files uploaded")
     sink.close()
     assert sink.counters["uploaded_files"] == len(held) + 1  # and the open file, completed at close
+
+
+def test_s3_sink_holds_files_a_reset_completed_until_acknowledged(tmp_path, moto):
+    """After a failed write the receiver resets the output: the open file is cut back to the last
+    flush and completed. It waits like any completed file until that flush is acknowledged (it
+    was taken at once as a leftover: uploaded, then resent after a crash)."""
+    from pktstream.sinks.base import Source
+    from pktstream.sinks.s3 import S3Sink
+
+    s3 = moto.client()
+    s3.create_bucket(Bucket=BUCKET)
+    staging = tmp_path / "staging"
+    sink = S3Sink(BUCKET, "cap/", staging_dir=str(staging), endpoint_url=moto.endpoint, region="us-east-1",
+                  path_style=True, format="pcap", rotate_bytes=50 << 20, rotate_seconds=3600, acl=None,
+                  close_timeout=60)
+    sink.use_acknowledgements()
+    src = Source("s1", "host", "eth0", 1, 65535)
+    batches = _batches(3, 600)
+    sink.write(src, batches[0])
+    first = sink.flush()
+    sink.write(src, batches[1])  # the group that "failed"
+    sink.reset()
+    held = [n for n in os.listdir(staging) if n.endswith(".pcap")]
+    assert len(held) == 1
+    sink.write(src, batches[2])
+    scans = sink.counters["uploader_scans"]
+    sink.flush()  # wakes the uploader: whole passes over the staging directory follow
+    wait_until(lambda: sink.counters["uploader_scans"] >= scans + 2, what="a whole uploader pass")
+    assert [n for n in os.listdir(staging) if n.endswith(".pcap")] == held
+    assert sink.counters["uploaded_files"] == 0 and os.listdir(staging / "ready") == []
+    sink.acknowledged(first)
+    wait_until(lambda: sink.counters["uploaded_files"] == 1, what="the reset file uploaded")
+    sink.close()

@@ -430,3 +430,38 @@ def test_s3_request_attempts_from_yaml_and_flag(tmp_path):
     with pytest.raises(ConfigError, match="--s3-request-attempts"):
         apply_receiver_args(ap.parse_args(["-w", "s3://bkt/p/", "--s3-request-attempts", "0"]),
                             receiver_settings({"input": {"port": 1}}))
+
+
+def test_persisted_output_state_never_precedes_the_acknowledgement():
+    """Two gating outputs flushing at different points (A at 10 and 20, B at 15): sensors are
+    acknowledged up to 15, so A's persisted state must hold 15 (its state at 20: a crash then
+    resends 16-20 into A, written twice there, never lost); its state at 10 would cut A back
+    and lose 11-15. sink.acknowledged gets the newest state within the acknowledgement (10)."""
+    import threading
+
+    from pktstream.sinks import CallbackSink
+    from pktstream.stream.receiver.outputs import Outputs
+    acked: list = []
+
+    class Held(CallbackSink):
+        def acknowledged(self, state):
+            acked.append(state)
+
+    a, b = Held(lambda s, x: None), CallbackSink(lambda s, x: None)
+    a.name, b.name = "a", "b"
+    outs = Outputs([a, b], maxsize=8, closing=threading.Event(), on_flushed=lambda *args: None)
+    ra, rb = outs.runners
+    ra.flushed(10, {"at": 10})
+    ra.flushed(20, {"at": 20})
+    rb.flushed(15, {"at": 15})
+    committed = outs.committed(20)
+    assert committed == 15
+    assert outs.states_to_persist(committed) == {"a": {"at": 20}, "b": {"at": 15}}
+    outs.acknowledged(committed)
+    assert acked == [{"at": 10}]
+    outs.acknowledged(committed)  # the same state is given once
+    assert acked == [{"at": 10}]
+    assert outs.stats()["a"]["flushes_held"] == 2  # (10: the newest acknowledged; 20: not yet)
+    rb.flushed(25, {"at": 25})
+    outs.acknowledged(outs.committed(25))
+    assert acked == [{"at": 10}, {"at": 20}] and outs.stats()["a"]["flushes_held"] == 1

@@ -28,6 +28,10 @@ import socket
 import numpy as np
 
 FILTER_VERSION = 1
+#: the stored filter of a file some of whose packets have addresses its flow records do not hold
+#: (ARP/RARP on a link type other than Ethernet, e.g. the cooked captures of ``-i any``): layout
+#: version 0, every address "maybe"
+UNKNOWN_FILTER = b"\x00"
 BITS_PER_ADDRESS = 10
 HASHES = 7  # ~ln 2 * 10: 0.8 % false positives at 10 bits per address
 SEED = 0x9E3779B97F4A7C15

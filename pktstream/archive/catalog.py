@@ -321,7 +321,8 @@ def is_current(row: dict[str, Any] | None, entry: Entry) -> bool:
 
 
 def repair(store, paths: Iterable[str] | None = None, *, force: bool = False,
-           chunk_bytes: int = CHUNK_BYTES, progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+           chunk_bytes: int = CHUNK_BYTES, progress: Callable[[int, int, str], None] | None = None,
+           upgrade: bool = True) -> dict[str, Any]:
     """Build missing or stale indexes and remove indexes of files that are gone (idempotent),
     in every index base of the archive (a file's index lives in the deepest directory above it
     holding an ``_index``, else at the root).
@@ -330,6 +331,8 @@ def repair(store, paths: Iterable[str] | None = None, *, force: bool = False,
         archive (then orphan catalog rows and flow files are removed too).
     :param force: rebuild even current indexes.
     :param chunk_bytes: the unit a query reads (decompressed stream bytes; at least 4096).
+    :param upgrade: give current rows of an older catalog their filters (False: leave them, as
+        a receiver's crash recovery does -- an upgrade reads every flow file, ``pktstream index``'s job).
     :return: counts ``indexed``, ``current``, ``upgraded`` (a current row of an older catalog
         given its address filter / port bitmap from its flow records, without re-reading the
         capture file), ``removed``, ``damaged``, the list ``problems`` and ``seconds``.
@@ -352,9 +355,9 @@ def repair(store, paths: Iterable[str] | None = None, *, force: bool = False,
         def prog(d: int, t: int, what: str, base_done: int = base_done, sub=sub) -> None:
             if progress:
                 progress(base_done + d, total, sub.full_path(what) if what else "")
-        res = _repair_base(sub, sub_paths, force=force, chunk_bytes=chunk_bytes, progress=prog)
+        res = _repair_base(sub, sub_paths, force=force, chunk_bytes=chunk_bytes, progress=prog, upgrade=upgrade)
         changed = res["indexed"] or res["upgraded"] or res["removed"] or res["problems"]
-        if changed or SNAPSHOT not in dict(sub.list_stat(INDEX_DIR)) or _snapshot_outdated(sub):
+        if changed or SNAPSHOT not in dict(sub.list_stat(INDEX_DIR)) or (upgrade and _snapshot_outdated(sub)):
             write_snapshot(sub)
         done[0] += sum(e.size for e in sub.captures())
         for k in ("indexed", "current", "upgraded", "removed", "damaged"):
@@ -374,22 +377,28 @@ def _add_filters(store, row: dict[str, Any]) -> bool:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pktstream.archive.bloom import filter_of_texts, port_bitmap
+    from pktstream.archive.bloom import UNKNOWN_FILTER, filter_of_texts, port_bitmap
     from pktstream.archive.index import catalog_schema
     texts: set[str] = set()
     ports: list[Any] = []
+    complete = True
     try:
         for rel in row.get("flow_files") or ():
-            t = pq.ParquetFile(io.BytesIO(store.read_bytes(rel))).read(columns=["src", "dst", "ip_version",
-                                                                                "sport", "dport"])
+            t = pq.ParquetFile(io.BytesIO(store.read_bytes(rel))).read(
+                columns=["src", "dst", "ip_version", "sport", "dport", "ethertype", "link_type"])
             for name in ("src", "dst"):
                 texts.update(t.column(name).to_pylist())
             ip = t.column("ip_version").to_numpy() > 0
             ports += [t.column("sport").to_numpy()[ip], t.column("dport").to_numpy()[ip]]
+            et = t.column("ethertype").to_numpy()
+            complete &= not bool((~ip & ((et == 0x0806) | (et == 0x8035))
+                                  & (t.column("link_type").to_numpy() != 1)).any())
     except Exception:
         return False
     full = {name: heavy(row, name) if name in HEAVY else row.get(name) for name in catalog_schema().names}
-    full["address_filter"] = filter_of_texts(texts)
+    full["address_filter"] = filter_of_texts(texts) if complete else UNKNOWN_FILTER
+    if not complete:
+        full["addresses"] = None  # (ARP on a cooked link: addresses the records do not hold)
     if full["ports"] is None:
         full["port_bitmap"] = port_bitmap(np.concatenate(ports) if ports else np.zeros(0, np.int64))
     store.write_bytes(catalog_file(row["path"]), _parquet_bytes(pa.Table.from_pylist([full], catalog_schema()),
@@ -400,7 +409,7 @@ def _add_filters(store, row: dict[str, Any]) -> bool:
 
 def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = False,
                  chunk_bytes: int = CHUNK_BYTES,
-                 progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+                 progress: Callable[[int, int, str], None] | None = None, upgrade: bool = True) -> dict[str, Any]:
     """Build missing or stale indexes and remove indexes of files that are gone (idempotent).
 
     :param paths: only these capture files (relative paths); default: the whole archive
@@ -428,7 +437,7 @@ def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = Fal
             progress(done, total, e.path)
         if not force and is_current(by_path.get(e.path), e):
             row = by_path[e.path]
-            if row.get("address_filter") is None and not _add_filters(store, row):
+            if upgrade and row.get("address_filter") is None and not _add_filters(store, row):
                 row, tables = index_entry(store, e, chunk_bytes=chunk_bytes)  # flow records unreadable
                 write_index(store, row, tables)
                 result["indexed"] += 1

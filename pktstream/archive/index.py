@@ -32,7 +32,7 @@ import numpy as np
 
 from pktstream._capture import PacketBatch
 from pktstream._flowtable import KEY_BYTES, FlowTable, address_texts
-from pktstream.archive.bloom import MAPPED_PREFIX, address_hashes, filter_of_hashes, port_bitmap
+from pktstream.archive.bloom import MAPPED_PREFIX, UNKNOWN_FILTER, address_hashes, filter_of_hashes, port_bitmap
 
 INDEX_DIR = "_index"
 FORMAT_VERSION = 1
@@ -190,6 +190,7 @@ class FileIndexBuilder:
         self._spilled: dict[tuple[str, str], SpilledFlows] = {}
         self._addrs: set[str] | None = set()
         self._addr_hashes = np.zeros(0, dtype=np.uint64)  # distinct address hashes (bloom.address_hashes)
+        self._addresses_complete = True  # False: some packets' addresses are not in the flow records
         self._ports: set[int] = set()
         self._first_ts: int | None = None
         self._last_ts: int | None = None
@@ -336,6 +337,13 @@ class FileIndexBuilder:
         iface_ids = key["iface"]
         ids = sorted(names)
         link_of_id = np.array([names[i][2] for i in ids], dtype=np.int32)
+        # ARP/RARP on a link type other than Ethernet (Linux cooked captures of "-i any"):
+        # libpcap's "host X" matches its addresses, the flow records do not hold them -- the
+        # file's address summary and filter cannot say "not here" for any address
+        arp = ((ipv == 0) & ((key["ethertype"] == 0x0806) | (key["ethertype"] == 0x8035))
+               & (link_of_id[key["iface"]] != 1))
+        if arp.any():
+            self._addresses_complete = False
         # interface names: a string array built from buffers (Array.take would load pyarrow.compute,
         # ~0.25 CPU-s once per process)
         itf_bytes = [names[i][1].encode() for i in ids]
@@ -420,9 +428,9 @@ class FileIndexBuilder:
                 sp.seal()
         else:
             tables = self._parts()
-        addrs = sorted(self._addrs) if self._addrs is not None else None
+        addrs = sorted(self._addrs) if self._addrs is not None and self._addresses_complete else None
         ports = self._ports
-        address_filter = filter_of_hashes(self._addr_hashes)
+        address_filter = filter_of_hashes(self._addr_hashes) if self._addresses_complete else UNKNOWN_FILTER
         row = {
             "path": self.rel_path, "file_id": file_id(self.rel_path), "index_version": FORMAT_VERSION,
             "size": size, "version": version, "format": format, "compression": compression,

@@ -165,7 +165,7 @@ def refuse_pandas() -> None:
 def recover_index(root: str) -> dict:
     """After a crash: index every file without a (current) index, drop indexes of vanished
     files -- so no file is left without an index and no index without a file."""
-    res = repair(LocalStore(root))
+    res = repair(LocalStore(root), upgrade=False)  # (older rows' filters: pktstream index)
     if res["indexed"] or res["removed"]:
         log.warning("recovery: index of %s: %d file(s) indexed, %d index(es) of vanished files removed",
                     root, res["indexed"], res["removed"])

@@ -454,9 +454,10 @@ class CaptureReader:
         try:
             self._map.madvise(_MADV_POPULATE_READ, first, end - first)
         except OSError as exc:
-            if exc.errno == errno.EFAULT:
-                return False
-            CaptureReader._populate_ok = False  # an older kernel: page faults it is
+            if exc.errno == errno.EINVAL:
+                CaptureReader._populate_ok = False  # an older kernel (< 5.14): page faults it is
+                return True
+            return False  # EFAULT (truncated), or ENOMEM/EINTR/...: this reader goes on with read()
         return True
 
     def _map_changed(self) -> bool:
@@ -627,7 +628,7 @@ class CaptureReader:
                 # the walk filled the index arrays: the batch takes copies (small, in cache)
                 b = PacketBatch.from_records(data, link_type=iface.link_type, snaplen=max(iface.snaplen, 1),
                                              interface=iface.name, validate=False, count=n,
-                                             index=(ts[:n].copy(), cl[:n].copy(), wl[:n].copy(), off[:n].copy()))
+                                             index=(ts[:n], cl[:n], wl[:n], off[:n]))  # (copied by from_records)
                 self.last_range = (pos, p)
                 self._pos = p
                 yield b

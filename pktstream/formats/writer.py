@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable
 from typing import Any, BinaryIO, Protocol, cast
@@ -46,6 +47,17 @@ def split_ext(path: str) -> tuple[str, str]:
         if path.endswith(ext):
             return path[:-len(ext)], ext
     return path, ""
+
+
+def rotated_name_re(pattern: str) -> re.Pattern[str]:
+    """The names a rotating writer of ``pattern`` gives its files (``NAME.000042.pcap``, the
+    sequence number in group 1), as a regex over the base name: a strftime field matches a run
+    of characters without ``.`` or ``/`` (so ``cap-%Y.pcap`` never matches another writer's
+    ``cap-2026.LINUX_SLL.000003.pcap``)."""
+    stem, ext = split_ext(os.path.basename(pattern))
+    literal = "".join("%" if piece == "%%" else "[^./]*" if piece.startswith("%") and len(piece) == 2
+                      else re.escape(piece) for piece in re.split(r"(%.)", stem) if piece)
+    return re.compile(rf"{literal}\.(\d{{6,}}){re.escape(ext)}")
 
 
 SEEKABLE_MAGIC = 0x8F92EAB1       # last 4 bytes of a file with a seek table (zstd contrib seekable format)
@@ -192,6 +204,7 @@ class CaptureWriter:
         self._observer = observer if is_path else None
         self._clock = clock
         self._seq = 0
+        self._seq_started = False  # the directory was scanned for the first number
         self._cur_seq: int | None = None  # sequence number in the current rotated file's name
         self._cur: PcapWriter | PcapngWriter | None = None
         self._zfile: ZstdFileWriter | None = None
@@ -213,6 +226,20 @@ class CaptureWriter:
         if not self._rotating:
             return name
         stem, ext = split_ext(name)
+        if not self._seq_started:
+            # number after every file of this pattern already in the directory: a file with a
+            # higher number than the one open at a flush is then always newer (crash recovery
+            # removes those: FileSink.recover), and names of earlier runs are never reused
+            self._seq_started = True
+            name_re = rotated_name_re(self._target)
+            try:
+                names = os.listdir(os.path.dirname(name) or ".")
+            except OSError:
+                names = []
+            for n in names:
+                m = name_re.fullmatch(n)
+                if m is not None:
+                    self._seq = max(self._seq, int(m.group(1)) + 1)
         while True:
             path = f"{stem}.{self._seq:06d}{ext}"
             self._cur_seq = self._seq

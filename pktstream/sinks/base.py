@@ -50,13 +50,15 @@ class Sink:
         given so far is written and flushed): time-based work such as rotation. Default: none."""
 
     def use_acknowledgements(self) -> None:
-        """A receiver calls this once, after crash recovery and before the first write: from
-        then on it calls :meth:`acknowledged` after each commit. Default: nothing."""
+        """A receiver calls this once on each gating output, after crash recovery and before
+        the first write: from then on it calls :meth:`acknowledged` after each commit.
+        Default: nothing."""
 
     def acknowledged(self, state: dict[str, Any]) -> None:
         """Everything this output had flushed when its :meth:`flush` returned ``state`` is
-        acknowledged to the sensors (and persisted, with a state dir): a crash can no longer
-        resend it. Called on the receiver's event loop: must not block. Default: nothing."""
+        acknowledged to the sensors (and the persisted state, with a state dir, holds it): a
+        crash can no longer resend it. Only gating outputs get this. Called on the receiver's
+        event loop: must not block. Default: nothing."""
 
     def interrupt(self) -> None:
         """The receiver is stopping: stop waiting on anything outside (called from any thread)."""

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 from pktstream._capture import PacketBatch, link_type_name
 from pktstream.exceptions import ConfigError
-from pktstream.formats.writer import CaptureWriter, format_from_name, split_ext
+from pktstream.formats.writer import CaptureWriter, format_from_name, rotated_name_re, split_ext
 from pktstream.sinks.base import Sink, Source
 
 log = logging.getLogger("pktstream.stream.receiver")
@@ -77,7 +77,7 @@ def _writer_state(writer: CaptureWriter) -> dict[str, Any] | None:
     fs = os.fstat(writer.fileno())
     st: dict[str, Any] = {"part": writer.data_path_of(final), "final": final, "size": fs.st_size}
     if writer.current_seq is not None:  # rotating: recovery removes later files (entirely unacknowledged)
-        st.update(seq=writer.current_seq, pattern=writer.name_pattern, mtime_ns=fs.st_mtime_ns)
+        st.update(seq=writer.current_seq, pattern=writer.name_pattern)
     if writer.zstd_frame_bytes:
         st["zstd_frame_bytes"] = writer.zstd_frame_bytes  # recovery keeps the seekable layout
     return st
@@ -275,22 +275,18 @@ class FileSink(Sink):
 
 
 def _remove_later_rotations(f: dict[str, Any]) -> None:
-    """Remove the files a rotating writer completed entirely after the last acknowledged flush
-    (a flush group larger than the rotation size): they hold only unacknowledged batches, which
-    the sensors resend. Such a file has the writer's name pattern, a higher sequence number than
-    the file open at the flush, and was written at or after it (mtime): a file of an earlier run
-    with a higher number (names are reused after ``-W`` deletions) is older and stays. Only the
-    directory of the file open at the flush is searched (a strftime pattern in the directory
-    part that moved on is not followed)."""
-    seq, pattern, mtime_ns, final = f.get("seq"), f.get("pattern"), f.get("mtime_ns"), f.get("final")
-    if not (isinstance(seq, int) and isinstance(pattern, str) and isinstance(mtime_ns, int)
-            and isinstance(final, str)):
+    """Remove the files a rotating writer completed or opened entirely after the last
+    acknowledged flush (a flush group larger than the rotation size): they hold only
+    unacknowledged batches, which the sensors resend. Such a file has the writer's name pattern
+    and a higher sequence number than the file open at the flush: a writer numbers its files
+    after every file of its pattern already in the directory, so no earlier file has one.
+    Only the directory of the file open at the flush is searched (a strftime pattern in the
+    directory part that moved on is not followed)."""
+    seq, pattern, final = f.get("seq"), f.get("pattern"), f.get("final")
+    if not (isinstance(seq, int) and isinstance(pattern, str) and isinstance(final, str)):
         return  # a state written before these fields, or a writer that does not rotate
     d = os.path.dirname(final) or "."
-    stem, ext = split_ext(os.path.basename(pattern))
-    literal = "".join("%" if piece == "%%" else ".*" if piece.startswith("%") and len(piece) == 2
-                      else re.escape(piece) for piece in re.split(r"(%.)", stem) if piece)
-    name_re = re.compile(rf"{literal}\.(\d{{6,}}){re.escape(ext)}")
+    name_re = rotated_name_re(pattern)
     try:
         names = os.listdir(d)
     except OSError:
@@ -298,17 +294,12 @@ def _remove_later_rotations(f: dict[str, Any]) -> None:
     for name in names:
         m = name_re.fullmatch(name)
         path = os.path.join(d, name)
-        if m is None or int(m.group(1)) <= seq or path == final:
+        if m is None or int(m.group(1)) <= seq or path == final or not os.path.isfile(path):
             continue
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        if st.st_mtime_ns >= mtime_ns and os.path.isfile(path):
-            log.warning("recovery: removing %s (completed after the last acknowledged flush: "
-                        "nothing in it was acknowledged)", path)
-            os.unlink(path)
-            _drop_staged_index(path)
+        log.warning("recovery: removing %s (completed after the last acknowledged flush: "
+                    "nothing in it was acknowledged)", path)
+        os.unlink(path)
+        _drop_staged_index(path)
 
 
 def _max_flows(value: int | None) -> dict[str, int]:

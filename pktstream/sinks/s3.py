@@ -240,9 +240,15 @@ class S3Sink(Sink):
 
     def reset(self) -> None:
         with self._files_lock:
-            reset = getattr(self._files, "reset", None)
-            if reset is not None:
-                reset()
+            before = set(self._files.paths)
+            self._files.reset()
+            # files reset() cut back to the last flush and completed: acknowledged with that flush
+            for path in sorted(set(self._files.paths) - before):
+                with self._ack_lock:
+                    if self._acks and self._flushes > self._acked_flush:
+                        self._unacked.append((self._flushes, path))
+                        continue
+                self._adopt(path)
 
     recover = staticmethod(FileSink.recover)
 
@@ -253,8 +259,9 @@ class S3Sink(Sink):
         self._leftovers_ok.set()
         with self._files_lock:
             self._files.close()
-            with self._ack_lock:
-                waiting, self._unacked = self._unacked, []
+            with self._ack_lock:  # (a group that could not be written at shutdown: its files stay)
+                waiting = [(f, p) for f, p in self._unacked if f <= self._flushes]
+                self._unacked = [(f, p) for f, p in self._unacked if f > self._flushes]
             for _, path in waiting:
                 self._adopt(path)
         self._all_staged.set()
@@ -341,6 +348,7 @@ class S3Sink(Sink):
                 self._adopt_leftovers()
             except OSError:
                 pass
+            self.counters["uploader_scans"] += 1  # passes over the staging directory (tests wait on it)
             # read before listing: once it is set, the files close() completed are in ready/
             done = self._all_staged.is_set()
             files = sorted(n for n in os.listdir(self.ready_dir) if not n.endswith((".unknown", ".idx", ".tmp")))

@@ -189,8 +189,9 @@ class Ingest:
         self._space_waiters = 0        # dispatches waiting for space (no notify task without them)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._load()
-        for sink in sinks:  # after recovery: outputs may now hold files back until acknowledged
-            sink.use_acknowledgements()
+        for sink in sinks:  # after recovery: gating outputs may now hold files back until acknowledged
+            if sink.gate:    # (a best-effort one is not waited for: nothing it holds is resent)
+                sink.use_acknowledgements()
 
     def _load(self) -> None:
         state = self.state.load()
@@ -334,7 +335,7 @@ class Ingest:
         return {"sensors": {sid: {"last_seq": max(s.last_committed, acks.get(sid, 0)), "hostname": s.hostname,
                                   "interfaces": {str(k): dict(v) for k, v in s.interfaces.items()}}
                             for sid, s in self.sensors.items() if not s.legacy},
-                "sinks": self.outputs.states_at(self.index if committed is None else committed)}
+                "sinks": self.outputs.states_to_persist(self.index if committed is None else committed)}
 
     def commit(self, *, sync: bool = False) -> None:
         """Acknowledge what every gating output has written: persist the state (in the state

@@ -132,9 +132,25 @@ class SinkRunner:
         if state is not None:
             self.states.append((index, state))
 
+    def state_to_persist(self, committed: int) -> dict[str, Any] | None:
+        """The flushed state to persist when everything up to ``committed`` is acknowledged:
+        the oldest one holding all of it (index >= ``committed``). Never an older one: after a
+        crash the output is cut back to it, and batches already acknowledged would be lost.
+        With one gating output it is exactly at ``committed``; gating outputs that flushed at
+        different points may hold a few unacknowledged batches more, which the sensors resend
+        after a crash (written twice to that output, never lost). An output that has not
+        reached ``committed`` (best-effort, behind): its newest."""
+        best = None
+        for index, state in self.states:
+            if index >= committed:
+                return state
+            best = state
+        return best
+
     def state_at(self, committed: int) -> dict[str, Any] | None:
-        """The newest flushed state whose data is all at or below ``committed`` (another gating
-        output may be behind: persisting a later state would keep unacknowledged data)."""
+        """The newest flushed state whose data is all acknowledged (index <= ``committed``), for
+        :meth:`Sink.acknowledged`; the older ones are dropped (the persisted state is never
+        older than ``committed``: :meth:`state_to_persist`)."""
         best = None
         while self.states and self.states[0][0] <= committed:
             best = self.states.popleft()
@@ -166,8 +182,8 @@ class Outputs:
         gating = [r.committed for r in self.runners if r.gate]
         return min(gating) if gating else index
 
-    def states_at(self, committed: int) -> dict[str, Any]:
-        return {r.sink.name: st for r in self.runners if (st := r.state_at(committed))}
+    def states_to_persist(self, committed: int) -> dict[str, Any]:
+        return {r.sink.name: st for r in self.runners if (st := r.state_to_persist(committed))}
 
     def acknowledged(self, committed: int) -> None:
         """Everything up to ``committed`` is acknowledged (and its state persisted): tell each
