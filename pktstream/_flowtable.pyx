@@ -326,6 +326,8 @@ cdef class FlowTable:
         """Room for the record starts of a ``count``-record batch."""
         cdef Py_ssize_t *w
         if count > self.cap_where:
+            if <size_t> count > (<size_t> -1) // sizeof(Py_ssize_t):
+                raise MemoryError()
             w = <Py_ssize_t *> realloc(self.where, count * sizeof(Py_ssize_t))
             if w == NULL:
                 raise MemoryError()
@@ -403,6 +405,8 @@ cdef class FlowTable:
             raise ValueError("negative record count")
         if offsets is not None and offsets.shape[0] < count:
             raise ValueError(f"{offsets.shape[0]} offsets for {count} records")
+        if offsets is None and count > size // RECORD_HEADER:  # (before anything is sized by it)
+            raise ValueError(f"{count} records cannot fit in a {size}-byte buffer")
         if chunk < self.chunk:
             raise ValueError(f"chunk {chunk} after chunk {self.chunk}: chunk numbers never decrease")
         if count == 0:

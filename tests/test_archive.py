@@ -450,6 +450,34 @@ def test_recovery_leaves_no_file_without_index_and_no_index_without_file(tmp_pat
     assert got(a, "tcp") == brute(root, "tcp") and a.last_stats.files_scanned == 0
 
 
+def test_recovery_indexes_only_its_outputs_files_and_never_fails_the_start(tmp_path, caplog):
+    """Recovery indexes the files of the outputs in the state (not every capture under the
+    root: an older, never indexed capture there stays as it is, for `pktstream index`), and an
+    index it cannot write (here `_index` is a plain file) is logged, never raised: the receiver
+    starts, the captures are recovered all the same."""
+    import shutil
+
+    from pktstream.sinks import FileSink
+    root = tmp_path / "a"
+    per, merged, state = _sink_archive(root, crash=True)
+    old = root / "merged" / "older-capture.pcap"
+    shutil.copy(next((root / "pcap").glob("all.*.pcap")), old)  # a capture from before indexing
+    for st in state:
+        FileSink.recover(st)
+    a = Archive(str(root))
+    assert "merged/older-capture.pcap" not in {r["path"] for r in a.catalog().to_pylist()}
+    assert got(a, "tcp") == brute(root, "tcp") and a.last_stats.files_scanned == 1  # that one, scanned
+    # a second crash, and the index root cannot be written
+    root2 = tmp_path / "b"
+    _per2, _merged2, state2 = _sink_archive(root2, crash=True)
+    shutil.rmtree(root2 / "by-sensor" / "_index")
+    (root2 / "by-sensor" / "_index").write_bytes(b"not a directory")
+    for st in state2:
+        FileSink.recover(st)  # no exception
+    assert "not repaired" in caplog.text
+    assert not list(root2.rglob("*.part"))
+
+
 def test_catalog_snapshot_is_only_a_cache(tmp_path):
     """``_index/catalog.parquet`` holds all rows for one read; a row is taken from it only while
     its per-file catalog file is unchanged."""
@@ -669,12 +697,17 @@ def test_receiver_indexes_rotated_and_directory_outputs_by_default(tmp_path):
     """Index as you write is on for receiver file outputs that rotate or write to a directory,
     off for one unrotated file and stdout; --no-index / output.index: false turn it off,
     --index on; --index-max-flows / output.indexMaxFlows set the memory bound."""
+    from pktstream.archive.live import allow_pandas
     from pktstream.cli import build_parser
     from pktstream.cli.stream import build_receiver
+    from pktstream.exceptions import ConfigError
     from pktstream.sinks import FileSink
 
     def indexers(*args: str) -> list:
-        rx = build_receiver(build_parser().parse_args(["receiver", "--listen", "127.0.0.1:0", *args]))
+        try:
+            rx = build_receiver(build_parser().parse_args(["receiver", "--listen", "127.0.0.1:0", *args]))
+        finally:
+            allow_pandas()  # (the receiver command refuses pandas for the whole process)
         try:
             return [o.indexer for o in rx.outputs if isinstance(o, FileSink)]
         finally:
@@ -691,8 +724,58 @@ def test_receiver_indexes_rotated_and_directory_outputs_by_default(tmp_path):
     assert indexers("--output-dir", str(tmp_path / "d" / "x"), "--no-index") == [None]
     assert indexers("--output-dir", str(tmp_path / "d" / "y"), "--index-max-flows", "1000")[0].max_flows == 1000
     assert indexers("-w", "-") == []
+    with pytest.raises(ConfigError, match="index max flows"):  # refused at start, not at the first write
+        indexers("--output-dir", str(tmp_path / "d" / "w"), "--index-max-flows", str(2**31))
     cfg = tmp_path / "r.yaml"
     cfg.write_text(f"input:\n  port: 8081\noutput:\n  directory: {tmp_path / 'd' / 'z'}\n  index: false\n")
     assert indexers("--config", str(cfg)) == [None]
     cfg.write_text(f"input:\n  port: 8081\noutput:\n  directory: {tmp_path / 'd' / 'z'}\n  indexMaxFlows: 5000\n")
     assert indexers("--config", str(cfg))[0].max_flows == 5000
+
+
+def test_a_failed_spill_leaves_the_file_unindexed_never_short(tmp_path, monkeypatch):
+    """The flow records cannot be spilled (a full temporary directory): the file gets no index
+    -- never one that misses records, marked "damaged" for good -- its spill files are closed,
+    and a query scans it and gives what brute force gives."""
+    import errno
+
+    from pktstream.archive.catalog import index_entry
+    from pktstream.archive.index import IndexSpillError, SpilledFlows
+    from pktstream.archive.store import LocalStore
+    from pktstream.formats import CaptureWriter
+    root = tmp_path / "a"
+    root.mkdir()
+    w = CaptureWriter(str(root / "scan.pcap"))
+    for b in _scan(3000, T0, 5):
+        w.write(b)
+    w.close()
+    calls, opened = [0], []
+    real_append, real_init = SpilledFlows.append, SpilledFlows.__init__
+
+    def append(self, table):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_append(self, table)
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        opened.append(self)
+    monkeypatch.setattr(SpilledFlows, "append", append)
+    monkeypatch.setattr(SpilledFlows, "__init__", init)
+    store = LocalStore(str(root))
+    entry = store.entry("scan.pcap")
+    with pytest.raises(IndexSpillError, match="No space left"):
+        index_entry(store, entry, max_flows=200, chunk_bytes=4096)  # (batches of ~60 packets: many spills)
+    assert opened and all(sp._file.closed for sp in opened)
+    # through repair (pktstream index): a problem reported, no catalog row, the query scans it
+    import pktstream.archive.catalog as catalog
+    monkeypatch.setattr(catalog, "index_entry", lambda st, e, **kw: index_entry(st, e, **{**kw, "max_flows": 200,
+                                                                                 "chunk_bytes": 4096}))
+    calls[0] = 0
+    res = catalog.repair(store)
+    assert res["indexed"] == 0 and "not indexed" in res["problems"][0]
+    a = Archive(str(root))
+    assert a.catalog().num_rows == 0
+    assert got(a, "host 192.0.2.50 and port 443") == brute(root, "host 192.0.2.50 and port 443")
+    assert a.last_stats.files_scanned == 1

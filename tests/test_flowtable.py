@@ -202,6 +202,21 @@ def test_bad_buffers_leave_the_table_unchanged():
     assert t.packets == len(good) + 2
 
 
+def test_a_count_beyond_the_buffer_is_refused_before_anything_is_sized():
+    """A record count no buffer of this size can hold: ValueError, before any allocation is
+    sized by it (2**61 + 1 records wrapped the record-start array to 8 bytes, and the check loop
+    wrote past it: a heap overflow under ASan, a crash later otherwise)."""
+    good = batches(4, 40, 1_000_000_000)[0]
+    raw = memoryview(good)
+    t = FlowTable()
+    for count in (2**61 + 1, 2**40, len(raw) // 16 + 1):
+        with pytest.raises(ValueError, match="cannot fit"):
+            t.add(raw, count, 1, 0, 0)
+    assert len(t) == 0 and t.packets == 0
+    t.add(raw, len(good), 1, 0, 0)  # the table is fine
+    assert t.packets == len(good)
+
+
 def test_two_threads_get_an_error_never_a_crash():
     """One table used by two threads at once: the second gets RuntimeError (the GIL is released
     while records are checked and inserted). Run in a child process, many times: with the busy

@@ -22,6 +22,7 @@ from pktstream.archive.index import (
     INDEX_DIR,
     INDEX_MAX_FLOWS,
     FileIndexBuilder,
+    IndexSpillError,
     SpilledFlows,
     catalog_file,
     catalog_schema,
@@ -56,6 +57,9 @@ def index_entry(store, entry: Entry, *, chunk_bytes: int = CHUNK_BYTES,
                         b.add_header_block(s.block_offset, s.block_length)
                     for i in r.interfaces:
                         b.add_header_block(i.block_offset, i.block_length)
+        except IndexSpillError:
+            b.close()
+            raise  # the index's own failure: no catalog row (the file stays unindexed, and is scanned)
         except (FileFormatError, OSError, EOFError, ValueError) as exc:
             status, error = "damaged", " ".join(str(exc).split())
     if status == "ok" and f is not None and f.truncated:
@@ -64,8 +68,12 @@ def index_entry(store, entry: Entry, *, chunk_bytes: int = CHUNK_BYTES,
         for w in caught:
             if issubclass(w.category, TruncatedFileWarning):
                 status, error = "truncated", str(w.message)
-    return b.finish(size=entry.size, version=entry.version, format=fmt, compression=comp,
-                    status=status, error=error)
+    try:
+        return b.finish(size=entry.size, version=entry.version, format=fmt, compression=comp,
+                        status=status, error=error)
+    except BaseException:
+        b.close()  # (spill files)
+        raise
 
 
 def write_index(store, row: dict[str, Any], tables: dict) -> None:
@@ -127,6 +135,24 @@ def remove_index(store, rel_path: str) -> None:
     store.delete(catalog_file(rel_path))
     for rel in (row or {}).get("flow_files") or ():
         store.delete(rel)
+
+
+def forget_missing(store, wanted: Callable[[str], bool]) -> int:
+    """Remove the indexes of files that are gone, for the catalog rows whose path (relative to
+    the archive root) ``wanted`` accepts; the number removed. Reads only the catalog and the
+    listing, no capture file."""
+    from pktstream.archive.store import parts
+    removed = 0
+    for sub in parts(store):
+        rows, _ = _load_base(sub)
+        present = {e.path for e in sub.captures()}
+        gone = [r["path"] for r in rows if r["path"] not in present and wanted(sub.full_path(r["path"]))]
+        for rel in gone:
+            remove_index(sub, rel)
+        if gone:
+            write_snapshot(sub)
+            removed += len(gone)
+    return removed
 
 
 def load_catalog(store, *, full: bool = False, light: bool = False,
@@ -438,7 +464,11 @@ def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = Fal
         if not force and is_current(by_path.get(e.path), e):
             row = by_path[e.path]
             if upgrade and row.get("address_filter") is None and not _add_filters(store, row):
-                row, tables = index_entry(store, e, chunk_bytes=chunk_bytes)  # flow records unreadable
+                try:
+                    row, tables = index_entry(store, e, chunk_bytes=chunk_bytes)  # flow records unreadable
+                except IndexSpillError as exc:
+                    result["problems"].append(f"{e.path}: not indexed: {exc}")
+                    continue
                 write_index(store, row, tables)
                 result["indexed"] += 1
             elif row.get("_upgraded"):
@@ -447,7 +477,12 @@ def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = Fal
                 result["current"] += 1
             keep.update(row.get("flow_files") or ())
         else:
-            row, tables = index_entry(store, e, chunk_bytes=chunk_bytes)
+            try:
+                row, tables = index_entry(store, e, chunk_bytes=chunk_bytes)
+            except IndexSpillError as exc:
+                result["problems"].append(f"{e.path}: not indexed: {exc}")
+                done += e.size
+                continue
             write_index(store, row, tables)
             keep.update(row["flow_files"])
             result["indexed"] += 1

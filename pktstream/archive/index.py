@@ -97,7 +97,13 @@ def canonical(address) -> str:
 # dictionary encoding only for the flow records' repeated texts: on addresses, times and
 # counters it costs more CPU than it saves bytes (measured: -20 % write time, -20 % size)
 FLOW_DICTIONARY = ["file", "interface"]
+FILTER_MAX_ADDRESSES = 1 << 20  # distinct addresses a file's address filter holds (8 MiB of hashes); more: none
 INDEX_MAX_FLOWS = 262_144  # default cap on the flow records one builder holds in memory (~40 MiB at most)
+
+
+class IndexSpillError(Exception):
+    """Flow records could not be spilled to a temporary file (disk full, ...): an error of the
+    index, not of the capture file (which gets no index and is scanned by queries)."""
 
 
 class SpilledFlows:
@@ -190,7 +196,9 @@ class FileIndexBuilder:
         self._spilled: dict[tuple[str, str], SpilledFlows] = {}
         self._addrs: set[str] | None = set()
         self._addr_hashes = np.zeros(0, dtype=np.uint64)  # distinct address hashes (bloom.address_hashes)
-        self._addresses_complete = True  # False: some packets' addresses are not in the flow records
+        # False: no address summary or filter can say "not here" (ARP on a cooked link: addresses
+        # the flow records do not hold; or more than FILTER_MAX_ADDRESSES distinct addresses)
+        self._addresses_complete = True
         self._ports: set[int] = set()
         self._first_ts: int | None = None
         self._last_ts: int | None = None
@@ -243,17 +251,23 @@ class FileIndexBuilder:
 
     def spill(self) -> None:
         """Write the flow records held so far as one more row group of this file's records
-        (per partition) and empty the table (its memory is kept for reuse)."""
+        (per partition) and empty the table (its memory is kept for reuse). Raises
+        :class:`IndexSpillError` when they cannot be written (the builder is then unusable:
+        the file gets no index rather than one missing records)."""
         parts = self._parts()
+        if parts:
+            try:
+                for key, table in parts.items():
+                    sp = self._spilled.get(key)
+                    if sp is None:
+                        sp = self._spilled[key] = SpilledFlows(table.schema, self.spill_dir)
+                    sp.append(table)
+            except OSError as exc:
+                import tempfile
+                raise IndexSpillError(f"cannot spill flow records to {self.spill_dir or tempfile.gettempdir()}: "
+                                      f"{exc.strerror or exc}") from exc
+            self.spills += 1
         self._table.clear()
-        if not parts:
-            return
-        self.spills += 1
-        for key, table in parts.items():
-            sp = self._spilled.get(key)
-            if sp is None:
-                sp = self._spilled[key] = SpilledFlows(table.schema, self.spill_dir)
-            sp.append(table)
 
     def close(self) -> None:
         """Free the spill files (after :meth:`finish`'s tables were written, or to abandon the
@@ -328,9 +342,14 @@ class FileIndexBuilder:
         src, dst = texts(key["src"]), texts(key["dst"])
         if self._addrs is not None:
             self._add_addresses(key, ipv)
-        # the address filter's input: distinct hashes of every address of the file (all spills)
-        self._addr_hashes = _distinct(np.concatenate(
-            [self._addr_hashes, address_hashes(_addresses_with_text(key, ipv))]))
+        # the address filter's input: distinct hashes of every address of the file (all spills);
+        # past FILTER_MAX_ADDRESSES (a flood of spoofed sources) no filter: memory stays bounded
+        if self._addresses_complete:
+            self._addr_hashes = _distinct(np.concatenate(
+                [self._addr_hashes, address_hashes(_addresses_with_text(key, ipv))]))
+            if len(self._addr_hashes) > FILTER_MAX_ADDRESSES:
+                self._addresses_complete = False
+                self._addr_hashes = np.zeros(0, dtype=np.uint64)
         ipmask = ipv > 0  # (ARP addresses are in the address summary, no ports)
         seen = np.bincount(key["sport"][ipmask], minlength=65536) + np.bincount(key["dport"][ipmask], minlength=65536)
         self._ports.update(np.flatnonzero(seen).tolist())

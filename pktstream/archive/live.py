@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import re
 import time
 
 from pktstream._capture import PacketBatch
@@ -162,10 +163,60 @@ def refuse_pandas() -> None:
         sys.meta_path.insert(0, _RefusePandas())
 
 
-def recover_index(root: str) -> dict:
-    """After a crash: index every file without a (current) index, drop indexes of vanished
-    files -- so no file is left without an index and no index without a file."""
-    res = repair(LocalStore(root), upgrade=False)  # (older rows' filters: pktstream index)
+RECOVER_RECENT_FILES = 16  # files of a rotating output below the open one that recovery checks
+
+
+def allow_pandas() -> None:
+    """Undo :func:`refuse_pandas` (an embedding process, or a test that built a receiver)."""
+    import sys
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _RefusePandas)]
+
+
+def recover_index(root: str, outputs: list[dict] | None = None) -> dict:
+    """After a crash: the files of these outputs (``FileSink`` state entries: ``final``, and for
+    rotating ones ``pattern``/``seq``) get a current index -- the files recovery completed or cut
+    back, and the ``RECOVER_RECENT_FILES`` before the open one (a crash between a rename and its
+    index) -- and the indexes of their files that are gone are removed. Other files under
+    ``root`` are not touched (``pktstream index`` indexes an archive whole). ``outputs`` None:
+    the whole root. An error is logged, never raised: the receiver starts, and a query scans a
+    file without an index."""
+    from pktstream.archive.catalog import forget_missing
+    from pktstream.formats.writer import rotated_name_re
+    store = LocalStore(root)
+    try:
+        if outputs is None:
+            res = repair(store, upgrade=False)
+        else:
+            rels: set[str] = set()
+            dirs: dict[str, list[re.Pattern[str]]] = {}
+            for f in outputs:
+                final = f.get("final")
+                if not isinstance(final, str):
+                    continue
+                d = os.path.dirname(os.path.abspath(final))
+                if os.path.exists(final):
+                    rels.add(os.path.relpath(final, store.root).replace(os.sep, "/"))
+                pattern, seq = f.get("pattern"), f.get("seq")
+                if isinstance(pattern, str) and isinstance(seq, int):
+                    name_re = rotated_name_re(pattern)
+                    dirs.setdefault(d, []).append(name_re)
+                    for name in os.listdir(d):
+                        m = name_re.fullmatch(name)
+                        if m is not None and int(m.group(1)) >= seq - RECOVER_RECENT_FILES:
+                            rels.add(os.path.relpath(os.path.join(d, name), store.root).replace(os.sep, "/"))
+                else:
+                    dirs.setdefault(d, []).append(re.compile(re.escape(os.path.basename(final))))
+            rels = {r for r in rels if not r.startswith("..")}
+            res = repair(store, sorted(rels), upgrade=False) if rels else {"indexed": 0, "removed": 0}
+
+            def ours(rel: str) -> bool:
+                path = os.path.join(store.root, rel)
+                return any(r.fullmatch(os.path.basename(path)) for r in dirs.get(os.path.dirname(path), ()))
+            res["removed"] = res.get("removed", 0) + forget_missing(store, ours)
+    except Exception as exc:  # noqa: BLE001 - the index must never keep a receiver from starting
+        log.error("recovery: index of %s not repaired (%s); queries scan the files without an index, "
+                  "`pktstream index %s` repairs it", root, exc, root)
+        return {"indexed": 0, "removed": 0, "error": str(exc)}
     if res["indexed"] or res["removed"]:
         log.warning("recovery: index of %s: %d file(s) indexed, %d index(es) of vanished files removed",
                     root, res["indexed"], res["removed"])
@@ -231,8 +282,8 @@ def write_staged(path: str, row: dict, tables: dict) -> None:
         writer = None
         try:
             for (s, d), t in tables.items():
-                parts = ([pa.Table.from_batches([b]) for b in t.batches()] if isinstance(t, SpilledFlows) else [t])
-                for part in parts:
+                parts = ((pa.Table.from_batches([b]) for b in t.batches()) if isinstance(t, SpilledFlows) else [t])
+                for part in parts:  # (a spilled partition one row group at a time)
                     part = tagged(part, s, d)
                     if writer is None:
                         writer = pq.ParquetWriter(tmp, part.schema.with_metadata(meta), compression="zstd")

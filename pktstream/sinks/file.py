@@ -161,7 +161,7 @@ class FileSink(Sink):
                 self.directory or os.path.dirname(os.path.abspath(self.path or ".")))
             if "%" in root:
                 raise ConfigError(f"index root {root}: give a directory without strftime patterns")
-            self.indexer = LiveIndexer(root, **_max_flows(index_max_flows))
+            self.indexer = LiveIndexer(root, **max_flows_option(index_max_flows))
 
     def _output_for(self, source: Source, batch: PacketBatch) -> CaptureWriter:
         single_link = not self.format.startswith("pcapng")
@@ -271,7 +271,7 @@ class FileSink(Sink):
         root = state.get("index_root")
         if isinstance(root, str) and os.path.isdir(root):
             from pktstream.archive.live import recover_index
-            recover_index(root)  # files completed here (or by a crash) get their index
+            recover_index(root, state.get("open", []))  # this output's files get their index
 
 
 def _remove_later_rotations(f: dict[str, Any]) -> None:
@@ -302,13 +302,16 @@ def _remove_later_rotations(f: dict[str, Any]) -> None:
         _drop_staged_index(path)
 
 
-def _max_flows(value: int | None) -> dict[str, int]:
+def max_flows_option(value: int | None) -> dict[str, int]:
     """The indexer's ``max_flows`` argument (checked), or nothing for its default."""
     if value is None:
         return {}
-    if value < 0:
-        raise ConfigError(f"index max flows {value}: give 0 (no bound) or more")
+    if not 0 <= value <= INDEX_MAX_FLOWS_LIMIT:
+        raise ConfigError(f"index max flows {value}: give 0 (no bound) .. {INDEX_MAX_FLOWS_LIMIT}")
     return {"max_flows": int(value)}
+
+
+INDEX_MAX_FLOWS_LIMIT = 0x3FFFFFFF  # the flow table's own limit (flow ids are 32-bit)
 
 
 def _drop_staged_index(final: str) -> None:

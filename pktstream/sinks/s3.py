@@ -37,7 +37,7 @@ from typing import Any
 
 from pktstream._capture import PacketBatch
 from pktstream.sinks.base import Sink, Source
-from pktstream.sinks.file import FileSink
+from pktstream.sinks.file import FileSink, max_flows_option
 
 log = logging.getLogger("pktstream.stream.receiver")
 
@@ -119,8 +119,7 @@ class S3Sink(Sink):
         self.index = index  # index each file as written; committed under its key after the upload
         if index:
             from pktstream.archive.live import StagingIndexer
-            self._files.indexer = StagingIndexer(
-                self.staging_dir, **({} if index_max_flows is None else {"max_flows": max(0, int(index_max_flows))}))
+            self._files.indexer = StagingIndexer(self.staging_dir, **max_flows_option(index_max_flows))
         self._files.opts["on_complete"] = self._completed
         self._files_lock = threading.Lock()  # the FileSink is used by the receiver's thread and the ticker
         self._dirty = False                  # written since the last flush
