@@ -76,9 +76,14 @@ class LiveIndexer:
         if rel is None:
             log.warning("index: %s is outside the archive root %s: not indexed", path, self.root)
             return
-        b = FileIndexBuilder(rel, max_chunk=self.chunk_bytes, max_flows=self.max_flows)
-        if header_block is not None:
-            b.add_header_block(*header_block)
+        try:
+            b = FileIndexBuilder(rel, max_chunk=self.chunk_bytes, max_flows=self.max_flows)
+            if header_block is not None:
+                b.add_header_block(*header_block)
+        except Exception as exc:  # never fail the capture
+            log.warning("index: %s: %s (the file will be indexed later)", path, exc)
+            self.failures += 1
+            return
         self._open[path] = (b, format)
 
     def wrote(self, path: str, batch: PacketBatch, start: int, end: int,
