@@ -251,3 +251,25 @@ def test_arp_on_a_cooked_link_is_never_pruned(tmp_path, many):
     for bpf in ("host 10.9.9.9", "arp and host 10.9.9.10", "host 10.0.0.3"):
         want = brute(root, bpf)
         assert got(Archive(str(root)), bpf) == want and want
+
+
+def test_a_link_type_the_flow_table_does_not_decode_is_never_pruned(tmp_path):
+    """PPP (link type 9): the flow records have no addresses or ports, libpcap's filter sees
+    them; the file's address filter, address list, port list and bitmap say "maybe" for all
+    (an empty list pruned the file for every host and port query)."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    frames = [(T0 + i * 1000, b"\xff\x03\x00\x21" + _ipv4(f"10.1.1.{i % 250 + 1}", "10.2.2.2", 17,
+                                                            _udp(1000 + i, 53, b"q")))
+              for i in range(300)]
+    root = tmp_path / "ppp"
+    sink = FileSink(directory=str(root), format="pcap", index=True)
+    batch = pktstream.PacketBatch.from_records(records(frames), link_type=9)
+    sink.write(Source("ppp-1", "h", "ppp0", 9, 262144), batch)
+    sink.close()
+    row, = Archive(str(root)).catalog().to_pylist()
+    assert row["addresses"] is None and row["address_filter"] == b"\x00"
+    assert row["ports"] is None and row["port_bitmap"] is None
+    for bpf in ("host 10.1.1.3", "udp port 1002", "host 10.2.2.2 and udp"):
+        want = brute(root, bpf)
+        assert got(Archive(str(root)), bpf) == want and want

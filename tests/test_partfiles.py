@@ -264,3 +264,47 @@ def test_recovery_removes_files_completed_entirely_after_the_last_flush(tmp_path
     assert left == sorted([os.path.basename(first), earlier.name] + [p.name for p in other])
     assert read_ts(first) == [int(t) - 1_700_000_000 * 10**9 for t in batches[0].ts_ns]
     assert len(read_ts(str(earlier))) == 40
+
+
+def test_rotating_numbers_skip_part_files_and_each_directory_is_scanned(tmp_path):
+    """A new rotating writer numbers after the files of its pattern already there, .part files
+    included (one left by a crashed run without a state dir was truncated by O_TRUNC), and
+    scans each directory a strftime pattern leads it to (the next day's directory may hold an
+    earlier run's higher numbers)."""
+    batches = make_batches(4, 40)
+    d = tmp_path / "cap"
+    d.mkdir()
+    (d / "c.000000.pcap").write_bytes(b"x")
+    (d / "c.000001.pcap.part").write_bytes(b"p" * 5000)
+    w = CaptureWriter(str(d / "c.pcap"), rotate_bytes=10**9)
+    w.write(batches[0])
+    assert w.current_seq == 2 and (d / "c.000001.pcap.part").read_bytes() == b"p" * 5000
+    w.close()
+    for year in ("2024", "2025"):
+        (tmp_path / "sd" / year).mkdir(parents=True)
+    (tmp_path / "sd" / "2025" / "c.000007.pcap").write_bytes(b"x")  # an earlier run's
+    now = [time.mktime((2024, 6, 1, 12, 0, 0, 0, 0, -1))]
+    w = CaptureWriter(str(tmp_path / "sd" / "%Y" / "c.pcap"), rotate_seconds=1, clock=lambda: now[0])
+    w.write(batches[0])
+    assert w.current_path.endswith("2024/c.000000.pcap")
+    now[0] = time.mktime((2025, 6, 1, 12, 0, 0, 0, 0, -1))
+    w.write(batches[1])  # time rotation into 2025/
+    assert w.current_path.endswith("2025/c.000008.pcap")
+    w.close()
+
+
+def test_two_writers_never_share_a_name_pattern(tmp_path):
+    """Sensor s1's second link type is written as s1.LINUX_SLL.pcap; a sensor named
+    "s1.LINUX_SLL" gets another name (both wrote, and truncated, one .part file; recovery of
+    one would remove the other's files)."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    sink = FileSink(directory=str(tmp_path / "d"), format="pcap", rotate_bytes=10**9)
+    eth, sll = make_batches(1, 10)[0], make_batches(1, 10, seed=4)[0]
+    sll = PacketBatch.from_records(bytes(sll), link_type=113, interface="any")
+    sink.write(Source("s1", "h", "eth0", 1, 262144), eth)
+    sink.write(Source("s1", "h", "any", 113, 262144), sll)
+    sink.write(Source("s1.LINUX_SLL", "h", "eth0", 1, 262144), eth)
+    names = sorted(os.path.basename(p) for p in sink.open_paths())
+    sink.close()
+    assert names == ["s1.000000.pcap", "s1.LINUX_SLL-2.000000.pcap", "s1.LINUX_SLL.000000.pcap"]

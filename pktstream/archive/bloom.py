@@ -27,11 +27,18 @@ import socket
 
 import numpy as np
 
-FILTER_VERSION = 1
+FILTER_VERSION = 2  # 1: the same layout, from indexes that could miss ARP on cooked links and
+#                      packets of link types the flow table does not decode ("maybe" now; upgraded by
+#                      pktstream index)
 #: the stored filter of a file some of whose packets have addresses its flow records do not hold
 #: (ARP/RARP on a link type other than Ethernet, e.g. the cooked captures of ``-i any``): layout
 #: version 0, every address "maybe"
 UNKNOWN_FILTER = b"\x00"
+
+
+def filter_outdated(blob: bytes | None) -> bool:
+    """Whether a stored filter should be rebuilt by ``pktstream index`` (none, or layout 1)."""
+    return blob is None or (len(blob) > 0 and blob[0] == 1)
 BITS_PER_ADDRESS = 10
 HASHES = 7  # ~ln 2 * 10: 0.8 % false positives at 10 bits per address
 SEED = 0x9E3779B97F4A7C15

@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from pktstream.archive.bloom import filter_outdated
 from pktstream.archive.index import (
     FLOW_DICTIONARY,
     INDEX_DIR,
@@ -404,10 +405,10 @@ def _add_filters(store, row: dict[str, Any]) -> bool:
     import pyarrow.parquet as pq
 
     from pktstream.archive.bloom import UNKNOWN_FILTER, filter_of_texts, port_bitmap
-    from pktstream.archive.index import catalog_schema
+    from pktstream.archive.index import DECODED_LINK_TYPES, catalog_schema
     texts: set[str] = set()
     ports: list[Any] = []
-    complete = True
+    complete = ports_complete = True
     try:
         for rel in row.get("flow_files") or ():
             t = pq.ParquetFile(io.BytesIO(store.read_bytes(rel))).read(
@@ -416,16 +417,19 @@ def _add_filters(store, row: dict[str, Any]) -> bool:
                 texts.update(t.column(name).to_pylist())
             ip = t.column("ip_version").to_numpy() > 0
             ports += [t.column("sport").to_numpy()[ip], t.column("dport").to_numpy()[ip]]
-            et = t.column("ethertype").to_numpy()
-            complete &= not bool((~ip & ((et == 0x0806) | (et == 0x8035))
-                                  & (t.column("link_type").to_numpy() != 1)).any())
+            et, lt = t.column("ethertype").to_numpy(), t.column("link_type").to_numpy()
+            complete &= not bool((~ip & ((et == 0x0806) | (et == 0x8035)) & (lt != 1)).any())
+            ports_complete &= bool(np.isin(lt, DECODED_LINK_TYPES).all())
     except Exception:
         return False
     full = {name: heavy(row, name) if name in HEAVY else row.get(name) for name in catalog_schema().names}
+    complete &= ports_complete
     full["address_filter"] = filter_of_texts(texts) if complete else UNKNOWN_FILTER
     if not complete:
         full["addresses"] = None  # (ARP on a cooked link: addresses the records do not hold)
-    if full["ports"] is None:
+    if not ports_complete:  # (a link type the flow table does not decode: no addresses or ports)
+        full["ports"] = full["port_bitmap"] = None
+    if full["ports"] is None and ports_complete:
         full["port_bitmap"] = port_bitmap(np.concatenate(ports) if ports else np.zeros(0, np.int64))
     store.write_bytes(catalog_file(row["path"]), _parquet_bytes(pa.Table.from_pylist([full], catalog_schema()),
                                                                pq))
@@ -463,11 +467,12 @@ def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = Fal
             progress(done, total, e.path)
         if not force and is_current(by_path.get(e.path), e):
             row = by_path[e.path]
-            if upgrade and row.get("address_filter") is None and not _add_filters(store, row):
+            if upgrade and filter_outdated(row.get("address_filter")) and not _add_filters(store, row):
                 try:
                     row, tables = index_entry(store, e, chunk_bytes=chunk_bytes)  # flow records unreadable
                 except IndexSpillError as exc:
                     result["problems"].append(f"{e.path}: not indexed: {exc}")
+                    keep.update(row.get("flow_files") or ())  # (the row stays: so do its flow files)
                     continue
                 write_index(store, row, tables)
                 result["indexed"] += 1

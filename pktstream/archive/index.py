@@ -97,6 +97,8 @@ def canonical(address) -> str:
 # dictionary encoding only for the flow records' repeated texts: on addresses, times and
 # counters it costs more CPU than it saves bytes (measured: -20 % write time, -20 % size)
 FLOW_DICTIONARY = ["file", "interface"]
+#: link types whose packets the flow table decodes (pktstream._flowtable parse_key)
+DECODED_LINK_TYPES = (0, 1, 12, 14, 101, 108, 113, 228, 229, 276)
 FILTER_MAX_ADDRESSES = 1 << 20  # distinct addresses a file's address filter holds (8 MiB of hashes); more: none
 INDEX_MAX_FLOWS = 262_144  # default cap on the flow records one builder holds in memory (~40 MiB at most)
 
@@ -199,6 +201,7 @@ class FileIndexBuilder:
         # False: no address summary or filter can say "not here" (ARP on a cooked link: addresses
         # the flow records do not hold; or more than FILTER_MAX_ADDRESSES distinct addresses)
         self._addresses_complete = True
+        self._ports_complete = True  # False: the port summary cannot say "not here" either
         self._ports: set[int] = set()
         self._first_ts: int | None = None
         self._last_ts: int | None = None
@@ -356,6 +359,12 @@ class FileIndexBuilder:
         iface_ids = key["iface"]
         ids = sorted(names)
         link_of_id = np.array([names[i][2] for i in ids], dtype=np.int32)
+        # a link type whose packets the flow table does not decode (PPP, 802.11, ...): its
+        # records have no addresses or ports, libpcap's filters see them -- no summary can say
+        # "not here" for an address or a port
+        if not np.isin(link_of_id, DECODED_LINK_TYPES).all():
+            self._addresses_complete = False
+            self._ports_complete = False
         # ARP/RARP on a link type other than Ethernet (Linux cooked captures of "-i any"):
         # libpcap's "host X" matches its addresses, the flow records do not hold them -- the
         # file's address summary and filter cannot say "not here" for any address
@@ -460,9 +469,10 @@ class FileIndexBuilder:
             "sensors": sorted({s for s, _, _ in self._ifaces}),
             "interfaces": sorted({f"{s}/{i}" for s, i, _ in self._ifaces}),
             "addresses": addrs,
-            "ports": sorted(ports) if len(ports) <= SUMMARY_LIMIT else None,
+            "ports": sorted(ports) if len(ports) <= SUMMARY_LIMIT and self._ports_complete else None,
             "address_filter": address_filter,
-            "port_bitmap": None if len(ports) <= SUMMARY_LIMIT else port_bitmap(np.fromiter(ports, np.int64)),
+            "port_bitmap": None if len(ports) <= SUMMARY_LIMIT or not self._ports_complete
+            else port_bitmap(np.fromiter(ports, np.int64)),
             "sections": self.sections,
             "header_blocks": [{"offset": o, "length": n} for o, n in sorted(self.header_blocks)],
             "chunks": [{"start": c[0], "end": c[1], "packets": c[2], "first_ts_ns": c[3], "last_ts_ns": c[4]}

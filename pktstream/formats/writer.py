@@ -204,7 +204,7 @@ class CaptureWriter:
         self._observer = observer if is_path else None
         self._clock = clock
         self._seq = 0
-        self._seq_started = False  # the directory was scanned for the first number
+        self._seq_scanned: set[str] = set()  # directories scanned for the numbers already used
         self._cur_seq: int | None = None  # sequence number in the current rotated file's name
         self._cur: PcapWriter | PcapngWriter | None = None
         self._zfile: ZstdFileWriter | None = None
@@ -226,25 +226,27 @@ class CaptureWriter:
         if not self._rotating:
             return name
         stem, ext = split_ext(name)
-        if not self._seq_started:
-            # number after every file of this pattern already in the directory: a file with a
-            # higher number than the one open at a flush is then always newer (crash recovery
-            # removes those: FileSink.recover), and names of earlier runs are never reused
-            self._seq_started = True
+        d = os.path.dirname(name) or "."
+        if d not in self._seq_scanned:
+            # number after every file of this pattern already in the directory (completed or
+            # .part): a file with a higher number than the one open at a flush is then always
+            # newer (crash recovery removes those: FileSink.recover), and names of earlier runs
+            # are never reused; each directory a strftime pattern leads to is scanned on first use
+            self._seq_scanned.add(d)
             name_re = rotated_name_re(self._target)
             try:
-                names = os.listdir(os.path.dirname(name) or ".")
+                names = os.listdir(d)
             except OSError:
                 names = []
             for n in names:
-                m = name_re.fullmatch(n)
+                m = name_re.fullmatch(n[:-len(".part")] if n.endswith(".part") else n)
                 if m is not None:
                     self._seq = max(self._seq, int(m.group(1)) + 1)
         while True:
             path = f"{stem}.{self._seq:06d}{ext}"
             self._cur_seq = self._seq
             self._seq += 1
-            if not os.path.exists(path):
+            if not os.path.exists(path) and not os.path.exists(path + ".part"):
                 return path
 
     def _open(self) -> None:

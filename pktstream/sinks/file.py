@@ -175,6 +175,13 @@ class FileSink(Sink):
             if single_link and any(k[0] == key[0] for k in self._outputs):
                 stem, ext = split_ext(base)
                 base = f"{stem}.{safe_name(link_type_name(batch.link_type))}{ext}"
+            used = {o.name_pattern for o in self._outputs.values()}
+            if base in used:  # (sensor "s1.LINUX_SLL" and sensor s1's second link type): never one name for two
+                stem, ext = split_ext(base)
+                n = 2
+                while f"{stem}-{n}{ext}" in used:
+                    n += 1
+                base = f"{stem}-{n}{ext}"
             rotating = self.opts["rotate_bytes"] or self.opts["rotate_seconds"] or self.opts["max_files"]
             in_place = self.in_place and base == self.path
             name = base if rotating or in_place else _free_name(base)

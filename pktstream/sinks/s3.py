@@ -256,21 +256,25 @@ class S3Sink(Sink):
         its outputs after their last flush, so what waits for an acknowledgement goes too."""
         self._closing.set()
         self._leftovers_ok.set()
-        with self._files_lock:
-            self._files.close()
-            with self._ack_lock:  # (a group that could not be written at shutdown: its files stay)
-                waiting = [(f, p) for f, p in self._unacked if f <= self._flushes]
-                self._unacked = [(f, p) for f, p in self._unacked if f > self._flushes]
-            for _, path in waiting:
-                self._adopt(path)
-        self._all_staged.set()
-        self._wake.set()
-        self._thread.join(self.close_timeout)
-        left = [e.name for e in os.scandir(self.ready_dir)]
-        if left:
-            self.counters["left_staged"] = len(left)
-            log.warning("%s: %d files not uploaded at shutdown; they stay in %s and are uploaded by the "
-                        "next run", self.name, len(left), self.ready_dir)
+        try:
+            with self._files_lock:
+                try:
+                    self._files.close()
+                finally:
+                    with self._ack_lock:  # (a group that could not be written at shutdown: its files stay)
+                        waiting = [(f, p) for f, p in self._unacked if f <= self._flushes]
+                        self._unacked = [(f, p) for f, p in self._unacked if f > self._flushes]
+                    for _, path in waiting:
+                        self._adopt(path)
+        finally:  # (also when completing a file failed: what is ready is still uploaded)
+            self._all_staged.set()
+            self._wake.set()
+            self._thread.join(self.close_timeout)
+            left = [e.name for e in os.scandir(self.ready_dir)]
+            if left:
+                self.counters["left_staged"] = len(left)
+                log.warning("%s: %d files not uploaded at shutdown; they stay in %s and are uploaded by the "
+                            "next run", self.name, len(left), self.ready_dir)
 
     # -- uploads ---------------------------------------------------------------------------------
     def key_for(self, name: str) -> str:
