@@ -135,7 +135,9 @@ def test_receiver_status_without_terminal(tmp_path):
 
 @pytest.mark.parametrize("command", ["convert", "merge"])
 def test_offline_progress_on_a_terminal(tmp_path, command):
-    """Long offline work shows a progress bar on a terminal (and nothing when piped)."""
+    """Long offline work shows a progress bar on a terminal (and nothing when piped); it ends
+    full however fast the work was (redraws are at most every 0.1 s: a fast conversion drew
+    0.5 % and 47 % only, and this test failed)."""
     src = tmp_path / "big.pcap"
     traffic.write_udp_pcap(str(src), 200_000, size=1000)  # ~200 MB: a few progress redraws
     args = ["convert", str(src), str(tmp_path / "o.pcapng")] if command == "convert" else \
@@ -160,7 +162,7 @@ def test_offline_progress_on_a_terminal(tmp_path, command):
     text = b"".join(chunks).decode(errors="replace")
     label = "converting" if command == "convert" else "merging"
     pcts = [float(x) for x in re.findall(label + r" \[#*\s*\]\s+([\d.]+)%", text)]
-    assert len(pcts) >= 2 and pcts == sorted(pcts) and pcts[-1] > 50, text[-500:]
+    assert len(pcts) >= 2 and pcts == sorted(pcts) and pcts[-1] == 100.0, text[-500:]
     piped_args = ["convert", str(src), str(tmp_path / "p.pcapng")] if command == "convert" else \
         ["merge", str(tmp_path / "p.pcap"), str(src)]
     piped = subprocess.run([*PKTSTREAM, *piped_args], capture_output=True, text=True, timeout=120)

@@ -39,7 +39,9 @@ class _Progress:
         sys.stderr.flush()
 
     def done(self) -> None:
+        """Show the bar full (however fast the work was), then clear the line."""
         if self.on:
+            sys.stderr.write(f"\r{self.label} [{'#' * 30}] 100.0%")
             sys.stderr.write("\r" + " " * (len(self.label) + 40) + "\r")
             sys.stderr.flush()
 
