@@ -200,13 +200,18 @@ def procs():
         p.kill()
 
 
-def start_tcpdump(start, iface: str, path: Path, bpf: str = "", ns_cmd: list[str] | None = None) -> Proc:
+def start_tcpdump(start, iface: str, path: Path, bpf: str = "", ns_cmd: list[str] | None = None, *,
+                  immediate: bool = True) -> Proc:
     """tcpdump with nanosecond stamps and a large buffer, ready when it says it is listening.
 
     The buffer: in immediate mode libpcap uses a TPACKET_V2 ring whose slots are snaplen-sized
     (256 KiB) on interfaces with offloads, as veths have, so 64 MiB held only 256 packets and the
-    oracle itself dropped packets when two suites loaded the machine; 256 MiB holds 1024."""
-    cmd = [*(ns_cmd or []), "tcpdump", "-i", iface, "-n", "-B", "262144", "--immediate-mode",
+    oracle itself dropped packets when two suites loaded the machine; 256 MiB holds 1024 (and
+    still fell behind with three). ``immediate=False`` for an oracle read only after it stops:
+    TPACKET_V3 blocks pack the packets, so the same 256 MiB holds ~1 M of them (written within
+    tcpdump's 1 s block timeout)."""
+    cmd = [*(ns_cmd or []), "tcpdump", "-i", iface, "-n", "-B", "262144",
+           *(["--immediate-mode"] if immediate else []),
            "--time-stamp-precision=nano", "-U", "-w", str(path)]
     if bpf:
         cmd.append(bpf)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump, wait_until
+from conftest import PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump, wait_pcap_count, wait_until
 from pktstream.lab import traffic
 from pktstream.lab.netns import Veth
 from pktstream.stream import protocol as P
@@ -78,7 +78,7 @@ def test_chaos_receiver_kills_long_outage_and_link_flaps_lose_nothing(veth, proc
         rx = procs(rx_cmd)
         rx.wait_for("listening on")
         ref = tmp_path / "ref.pcap"
-        td = start_tcpdump(procs, veth.outer, ref)
+        td = start_tcpdump(procs, veth.outer, ref, immediate=False)  # read after it stops; ~60 s of replay
         sx = procs([*PKTSTREAM, "sensor", "--receiver", f"{rxl.inner_ip}:{port}", "--auth-key-file", str(key),
                     "-i", veth.outer, "--sensor-id", "chaos", "--stats-json", str(tmp_path / "sx.json")])
         sx.wait_for("connected to receiver")
@@ -113,6 +113,7 @@ def test_chaos_receiver_kills_long_outage_and_link_flaps_lose_nothing(veth, proc
         replay.join()
         # everything delivered: the sensor stops only when all it captured is acknowledged
         assert sx.stop(signal.SIGTERM, timeout=60) == 0, sx.stderr
+        wait_pcap_count(ref, 180_000)  # the oracle's last block is handed over within its 1 s timeout
         td.stop()
         rx.stop(signal.SIGTERM)
         st = json.loads((tmp_path / "sx.json").read_text())
