@@ -75,14 +75,13 @@ def sensor_of(interface: str | None, rel_path: str) -> tuple[str, str]:
     return stem, name
 
 
-_MAPPED = b"\0" * 10 + b"\xff\xff"
 
 
 def address_text(row: bytes, version: int) -> str | None:
     """A 16-byte address row (IPv4 mapped) as text (ARP addresses: version 0, mapped), in the
     form ``inet_ntop`` writes (:func:`canonical` gives the same for a query's address;
     ``pktstream._flowtable.address_texts`` does this for whole columns)."""
-    if version == 4 or (version == 0 and row[:12] == _MAPPED):
+    if version == 4 or (version == 0 and row[:12] == MAPPED_PREFIX):
         return socket.inet_ntop(socket.AF_INET, row[12:16])
     if version == 6:
         return socket.inet_ntop(socket.AF_INET6, row)
@@ -343,13 +342,13 @@ class FileIndexBuilder:
                                                pa.py_buffer(valid), nulls)
 
         src, dst = texts(key["src"]), texts(key["dst"])
+        addr_rows, addr_v4 = _addresses_with_text(key, ipv)
         if self._addrs is not None:
-            self._add_addresses(key, ipv)
+            self._add_addresses(addr_rows, addr_v4)
         # the address filter's input: distinct hashes of every address of the file (all spills);
         # past FILTER_MAX_ADDRESSES (a flood of spoofed sources) no filter: memory stays bounded
         if self._addresses_complete:
-            self._addr_hashes = _distinct(np.concatenate(
-                [self._addr_hashes, address_hashes(_addresses_with_text(key, ipv))]))
+            self._addr_hashes = _distinct(np.concatenate([self._addr_hashes, address_hashes(addr_rows)]))
             if len(self._addr_hashes) > FILTER_MAX_ADDRESSES:
                 self._addresses_complete = False
                 self._addr_hashes = np.zeros(0, dtype=np.uint64)
@@ -368,8 +367,8 @@ class FileIndexBuilder:
         # ARP/RARP on a link type other than Ethernet (Linux cooked captures of "-i any"):
         # libpcap's "host X" matches its addresses, the flow records do not hold them -- the
         # file's address summary and filter cannot say "not here" for any address
-        arp = ((ipv == 0) & ((key["ethertype"] == 0x0806) | (key["ethertype"] == 0x8035))
-               & (link_of_id[key["iface"]] != 1))
+        links = link_of_id[iface_ids]
+        arp = (ipv == 0) & ((key["ethertype"] == 0x0806) | (key["ethertype"] == 0x8035)) & (links != 1)
         if arp.any():
             self._addresses_complete = False
         # interface names: a string array built from buffers (Array.take would load pyarrow.compute,
@@ -387,7 +386,7 @@ class FileIndexBuilder:
         table = pa.table({
             "file": pa.repeat(pa.scalar(self.rel_path, pa.string()), n),
             "interface": interfaces,
-            "link_type": _arrow(link_of_id[iface_ids]),
+            "link_type": _arrow(links),
             "vlan": _arrow(key["vlan"]), "ethertype": _arrow(key["ethertype"]),
             "ip_version": _arrow(ipv), "src": src, "dst": dst,
             "sport": _arrow(key["sport"]), "dport": _arrow(key["dport"]), "proto": _arrow(key["proto"]),
@@ -406,20 +405,12 @@ class FileIndexBuilder:
                 tables[f["partitions"][int(part[a])]] = table.slice(a, b - a)
         return tables
 
-    def _add_addresses(self, key: np.ndarray, ipv: np.ndarray) -> None:
-        """Add the distinct addresses of these records to the address summary (None past
-        SUMMARY_LIMIT): distinct values in numpy (IPv4 as 32-bit integers, a hash unique),
-        text only for those."""
+    def _add_addresses(self, rows: np.ndarray, v4: np.ndarray) -> None:
+        """Add the distinct addresses (``_addresses_with_text``'s) to the address summary (None
+        past SUMMARY_LIMIT): distinct values in numpy (IPv4 as 32-bit integers), text only for those."""
         assert self._addrs is not None
-        v4, v6 = [], []
-        for col in ("src", "dst"):
-            raw = np.ascontiguousarray(key[col]).view(np.uint8).reshape(-1, 16)
-            is_mapped = (raw[:, :12] == np.frombuffer(_MAPPED, np.uint8)).all(axis=1)
-            # the text kind of each row as address_texts decides it
-            v4.append(np.ascontiguousarray(raw[(ipv == 4) | ((ipv == 0) & is_mapped), 12:]).view(">u4").ravel())
-            v6.append(raw[ipv == 6])
-        quads = _distinct(np.concatenate(v4))
-        six = {bytes(r) for part in v6 for r in part} if any(len(x) for x in v6) else set()
+        quads = _distinct(np.ascontiguousarray(rows[v4, 12:]).view(">u4").ravel())
+        six = {bytes(r) for r in rows[~v4]}
         if len(quads) + len(six) > SUMMARY_LIMIT:
             self._addrs = None
             return
@@ -482,18 +473,21 @@ class FileIndexBuilder:
         return row, tables
 
 
-def _addresses_with_text(key: np.ndarray, ipv: np.ndarray) -> np.ndarray:
+def _addresses_with_text(key: np.ndarray, ipv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The 16-byte src and dst addresses (uint8, shape (n, 16)) of the flow keys that have a
-    text in the flow records (IP, and ARP's IPv4-mapped ones), IPv4 with the mapped prefix."""
-    out = []
+    text in the flow records (IP, and ARP's IPv4-mapped ones), IPv4 with the mapped prefix, and
+    which of them are IPv4 (their text kind, as address_texts decides it)."""
+    out, kinds = [], []
     for name in ("src", "dst"):
         rows = np.ascontiguousarray(key[name]).view(np.uint8).reshape(-1, 16)
         mapped = (rows[:, :12] == _MAPPED_ROW).all(axis=1)
         v4 = (ipv == 4) | ((ipv == 0) & mapped)
-        rows = rows[v4 | (ipv == 6)].copy()
-        rows[v4[v4 | (ipv == 6)], :12] = _MAPPED_ROW
+        keep = v4 | (ipv == 6)
+        rows = rows[keep].copy()
+        rows[v4[keep], :12] = _MAPPED_ROW
         out.append(rows)
-    return np.concatenate(out)
+        kinds.append(v4[keep])
+    return np.concatenate(out), np.concatenate(kinds)
 
 
 _MAPPED_ROW = np.frombuffer(MAPPED_PREFIX, dtype=np.uint8)

@@ -186,7 +186,7 @@ def recover_index(root: str, outputs: list[dict] | None = None) -> dict:
     the whole root. An error is logged, never raised: the receiver starts, and a query scans a
     file without an index."""
     from pktstream.archive.catalog import forget_missing
-    from pktstream.formats.writer import rotated_name_re
+    from pktstream.formats.writer import rotated_files, rotated_name_re
     store = LocalStore(root)
     try:
         if outputs is None:
@@ -203,12 +203,9 @@ def recover_index(root: str, outputs: list[dict] | None = None) -> dict:
                     rels.add(os.path.relpath(final, store.root).replace(os.sep, "/"))
                 pattern, seq = f.get("pattern"), f.get("seq")
                 if isinstance(pattern, str) and isinstance(seq, int):
-                    name_re = rotated_name_re(pattern)
-                    dirs.setdefault(d, []).append(name_re)
-                    for name in os.listdir(d):
-                        m = name_re.fullmatch(name)
-                        if m is not None and int(m.group(1)) >= seq - RECOVER_RECENT_FILES:
-                            rels.add(os.path.relpath(os.path.join(d, name), store.root).replace(os.sep, "/"))
+                    dirs.setdefault(d, []).append(rotated_name_re(pattern))
+                    rels.update(os.path.relpath(path, store.root).replace(os.sep, "/")
+                                for n, path in rotated_files(pattern, d) if n >= seq - RECOVER_RECENT_FILES)
                 else:
                     dirs.setdefault(d, []).append(re.compile(re.escape(os.path.basename(final))))
             rels = {r for r in rels if not r.startswith("..")}

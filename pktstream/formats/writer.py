@@ -60,6 +60,22 @@ def rotated_name_re(pattern: str) -> re.Pattern[str]:
     return re.compile(rf"{literal}\.(\d{{6,}}){re.escape(ext)}")
 
 
+def rotated_files(pattern: str, directory: str, *, parts: bool = False) -> list[tuple[int, str]]:
+    """(sequence number, path) of the files a rotating writer of ``pattern`` has in
+    ``directory`` (completed ones; with ``parts`` also ``.part`` ones); [] if it cannot be listed."""
+    name_re = rotated_name_re(pattern)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    out = []
+    for n in names:
+        m = name_re.fullmatch(n[:-len(".part")] if parts and n.endswith(".part") else n)
+        if m is not None:
+            out.append((int(m.group(1)), os.path.join(directory, n)))
+    return out
+
+
 SEEKABLE_MAGIC = 0x8F92EAB1       # last 4 bytes of a file with a seek table (zstd contrib seekable format)
 SKIPPABLE_SEEK_TABLE = 0x184D2A5E  # the skippable frame holding it
 MAX_ZSTD_FRAME_BYTES = 1 << 30      # frame sizes in the seek table are 32-bit; a batch may overshoot
@@ -233,15 +249,8 @@ class CaptureWriter:
             # newer (crash recovery removes those: FileSink.recover), and names of earlier runs
             # are never reused; each directory a strftime pattern leads to is scanned on first use
             self._seq_scanned.add(d)
-            name_re = rotated_name_re(self._target)
-            try:
-                names = os.listdir(d)
-            except OSError:
-                names = []
-            for n in names:
-                m = name_re.fullmatch(n[:-len(".part")] if n.endswith(".part") else n)
-                if m is not None:
-                    self._seq = max(self._seq, int(m.group(1)) + 1)
+            for seq, _path in rotated_files(self._target, d, parts=True):
+                self._seq = max(self._seq, seq + 1)
         while True:
             path = f"{stem}.{self._seq:06d}{ext}"
             self._cur_seq = self._seq

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 from pktstream._capture import PacketBatch, link_type_name
 from pktstream.exceptions import ConfigError
-from pktstream.formats.writer import CaptureWriter, format_from_name, rotated_name_re, split_ext
+from pktstream.formats.writer import CaptureWriter, format_from_name, rotated_files, split_ext
 from pktstream.sinks.base import Sink, Source
 
 log = logging.getLogger("pktstream.stream.receiver")
@@ -292,16 +292,8 @@ def _remove_later_rotations(f: dict[str, Any]) -> None:
     seq, pattern, final = f.get("seq"), f.get("pattern"), f.get("final")
     if not (isinstance(seq, int) and isinstance(pattern, str) and isinstance(final, str)):
         return  # a state written before these fields, or a writer that does not rotate
-    d = os.path.dirname(final) or "."
-    name_re = rotated_name_re(pattern)
-    try:
-        names = os.listdir(d)
-    except OSError:
-        return
-    for name in names:
-        m = name_re.fullmatch(name)
-        path = os.path.join(d, name)
-        if m is None or int(m.group(1)) <= seq or path == final or not os.path.isfile(path):
+    for n, path in rotated_files(pattern, os.path.dirname(final) or "."):
+        if n <= seq or path == final or not os.path.isfile(path):
             continue
         log.warning("recovery: removing %s (completed after the last acknowledged flush: "
                     "nothing in it was acknowledged)", path)
