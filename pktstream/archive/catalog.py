@@ -19,6 +19,7 @@ from typing import Any
 
 from pktstream.archive.bloom import filter_outdated
 from pktstream.archive.index import (
+    BINARY_COLUMNS,
     FLOW_DICTIONARY,
     INDEX_DIR,
     INDEX_MAX_FLOWS,
@@ -103,14 +104,13 @@ def write_index(store, row: dict[str, Any], tables: dict) -> None:
             store.delete(rel)
 
 
-_RAW = ("address_filter", "port_bitmap")  # random bits: no dictionary or min/max statistics
+_RAW = BINARY_COLUMNS  # random bits: no dictionary or min/max statistics
 
 
 def _parquet_bytes(table, pq, use_dictionary: bool | list[str] = True, row_group_size: int | None = None) -> bytes:
     buf = io.BytesIO()
     other = [c for c in table.column_names if c not in _RAW]  # (a catalog table decodes ~2x faster so)
-    dictionary = other if use_dictionary is True else [c for c in use_dictionary if c not in _RAW] \
-        if use_dictionary else False
+    dictionary = other if use_dictionary is True else use_dictionary
     pq.write_table(table, buf, compression="zstd", use_dictionary=dictionary, write_statistics=other,
                    row_group_size=row_group_size)
     return buf.getvalue()
@@ -136,24 +136,6 @@ def remove_index(store, rel_path: str) -> None:
     store.delete(catalog_file(rel_path))
     for rel in (row or {}).get("flow_files") or ():
         store.delete(rel)
-
-
-def forget_missing(store, wanted: Callable[[str], bool]) -> int:
-    """Remove the indexes of files that are gone, for the catalog rows whose path (relative to
-    the archive root) ``wanted`` accepts; the number removed. Reads only the catalog and the
-    listing, no capture file."""
-    from pktstream.archive.store import parts
-    removed = 0
-    for sub in parts(store):
-        rows, _ = _load_base(sub)
-        present = {e.path for e in sub.captures()}
-        gone = [r["path"] for r in rows if r["path"] not in present and wanted(sub.full_path(r["path"]))]
-        for rel in gone:
-            remove_index(sub, rel)
-        if gone:
-            write_snapshot(sub)
-            removed += len(gone)
-    return removed
 
 
 def load_catalog(store, *, full: bool = False, light: bool = False,
@@ -349,7 +331,7 @@ def is_current(row: dict[str, Any] | None, entry: Entry) -> bool:
 
 def repair(store, paths: Iterable[str] | None = None, *, force: bool = False,
            chunk_bytes: int = CHUNK_BYTES, progress: Callable[[int, int, str], None] | None = None,
-           upgrade: bool = True) -> dict[str, Any]:
+           upgrade: bool = True, forget: Callable[[str], bool] | None = None) -> dict[str, Any]:
     """Build missing or stale indexes and remove indexes of files that are gone (idempotent),
     in every index base of the archive (a file's index lives in the deepest directory above it
     holding an ``_index``, else at the root).
@@ -360,6 +342,8 @@ def repair(store, paths: Iterable[str] | None = None, *, force: bool = False,
     :param chunk_bytes: the unit a query reads (decompressed stream bytes; at least 4096).
     :param upgrade: give current rows of an older catalog their filters (False: leave them, as
         a receiver's crash recovery does -- an upgrade reads every flow file, ``pktstream index``'s job).
+    :param forget: with ``paths``: also remove the indexes of files that are gone whose path
+        (relative to the root) it accepts (without ``paths`` every gone file's index is removed).
     :return: counts ``indexed``, ``current``, ``upgraded`` (a current row of an older catalog
         given its address filter / port bitmap from its flow records, without re-reading the
         capture file), ``removed``, ``damaged``, the list ``problems`` and ``seconds``.
@@ -375,14 +359,19 @@ def repair(store, paths: Iterable[str] | None = None, *, force: bool = False,
         cut = len(sub.base) + 1 if sub.base else 0
         sub_paths = None if wanted is None else [p[cut:] for p in wanted
                                                  if base_of(p, getattr(store, "bases", [""])) == sub.base]
-        if sub_paths is not None and not sub_paths:
+        if sub_paths is not None and not sub_paths and forget is None:
             continue
         base_done = done[0]
 
         def prog(d: int, t: int, what: str, base_done: int = base_done, sub=sub) -> None:
             if progress:
                 progress(base_done + d, total, sub.full_path(what) if what else "")
-        res = _repair_base(sub, sub_paths, force=force, chunk_bytes=chunk_bytes, progress=prog, upgrade=upgrade)
+        sub_forget: Callable[[str], bool] | None = None
+        if forget is not None:
+            def sub_forget(rel: str, sub=sub, forget=forget) -> bool:
+                return forget(sub.full_path(rel))
+        res = _repair_base(sub, sub_paths, force=force, chunk_bytes=chunk_bytes, progress=prog, upgrade=upgrade,
+                           forget=sub_forget)
         changed = res["indexed"] or res["upgraded"] or res["removed"] or res["problems"]
         if changed or SNAPSHOT not in dict(sub.list_stat(INDEX_DIR)) or (upgrade and _snapshot_outdated(sub)):
             write_snapshot(sub)
@@ -405,7 +394,7 @@ def _add_filters(store, row: dict[str, Any]) -> bool:
     import pyarrow.parquet as pq
 
     from pktstream.archive.bloom import UNKNOWN_FILTER, filter_of_texts, port_bitmap
-    from pktstream.archive.index import DECODED_LINK_TYPES, catalog_schema
+    from pktstream.archive.index import catalog_schema, summary_completeness
     texts: set[str] = set()
     ports: list[Any] = []
     complete = ports_complete = True
@@ -417,13 +406,14 @@ def _add_filters(store, row: dict[str, Any]) -> bool:
                 texts.update(t.column(name).to_pylist())
             ip = t.column("ip_version").to_numpy() > 0
             ports += [t.column("sport").to_numpy()[ip], t.column("dport").to_numpy()[ip]]
-            et, lt = t.column("ethertype").to_numpy(), t.column("link_type").to_numpy()
-            complete &= not bool((~ip & ((et == 0x0806) | (et == 0x8035)) & (lt != 1)).any())
-            ports_complete &= bool(np.isin(lt, DECODED_LINK_TYPES).all())
+            addresses_ok, ports_ok = summary_completeness(t.column("ip_version").to_numpy(),
+                                                          t.column("ethertype").to_numpy(),
+                                                          t.column("link_type").to_numpy())
+            complete &= addresses_ok
+            ports_complete &= ports_ok
     except Exception:
         return False
     full = {name: heavy(row, name) if name in HEAVY else row.get(name) for name in catalog_schema().names}
-    complete &= ports_complete
     full["address_filter"] = filter_of_texts(texts) if complete else UNKNOWN_FILTER
     if not complete:
         full["addresses"] = None  # (ARP on a cooked link: addresses the records do not hold)
@@ -439,7 +429,8 @@ def _add_filters(store, row: dict[str, Any]) -> bool:
 
 def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = False,
                  chunk_bytes: int = CHUNK_BYTES,
-                 progress: Callable[[int, int, str], None] | None = None, upgrade: bool = True) -> dict[str, Any]:
+                 progress: Callable[[int, int, str], None] | None = None, upgrade: bool = True,
+                 forget: Callable[[str], bool] | None = None) -> dict[str, Any]:
     """Build missing or stale indexes and remove indexes of files that are gone (idempotent).
 
     :param paths: only these capture files (relative paths); default: the whole archive
@@ -495,12 +486,13 @@ def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = Fal
                 result["damaged"] += 1
                 result["problems"].append(f"{e.path}: {row['status']}: {row['error']}")
         done += e.size
-    if paths is None:
-        present = {e.path for e in entries}
+    if paths is None or forget is not None:
+        present = {e.path for e in (entries if paths is None else store.captures())}
         for r in rows:
-            if r["path"] not in present:
+            if r["path"] not in present and (forget is None or forget(r["path"])):
                 remove_index(store, r["path"])
                 result["removed"] += 1
+    if paths is None:
         for rel in store.list_files(f"{INDEX_DIR}/flows"):
             if rel not in keep:
                 store.delete(rel)  # an orphan (crash between flow files and catalog row)

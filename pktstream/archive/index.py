@@ -96,6 +96,7 @@ def canonical(address) -> str:
 # dictionary encoding only for the flow records' repeated texts: on addresses, times and
 # counters it costs more CPU than it saves bytes (measured: -20 % write time, -20 % size)
 FLOW_DICTIONARY = ["file", "interface"]
+BINARY_COLUMNS = ("address_filter", "port_bitmap")  # catalog columns of raw bytes (bloom.py layouts)
 #: link types whose packets the flow table decodes (pktstream._flowtable parse_key)
 DECODED_LINK_TYPES = (0, 1, 12, 14, 101, 108, 113, 228, 229, 276)
 FILTER_MAX_ADDRESSES = 1 << 20  # distinct addresses a file's address filter holds (8 MiB of hashes); more: none
@@ -120,17 +121,14 @@ class SpilledFlows:
         import tempfile
 
         import pyarrow.parquet as pq
-        self.schema = schema
         self._file = tempfile.TemporaryFile(dir=spill_dir)
         self._writer: Any = pq.ParquetWriter(self._file, schema, compression="zstd", use_dictionary=FLOW_DICTIONARY)
         self.num_rows = 0
-        self.row_groups = 0
 
     def append(self, table: Any) -> None:
         """Write ``table`` (this partition's schema) as one more row group."""
         self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
         self.num_rows += table.num_rows
-        self.row_groups += 1
 
     def seal(self) -> None:
         """No more rows: write the Parquet footer (idempotent)."""
@@ -201,7 +199,7 @@ class FileIndexBuilder:
         # the flow records do not hold; or more than FILTER_MAX_ADDRESSES distinct addresses)
         self._addresses_complete = True
         self._ports_complete = True  # False: the port summary cannot say "not here" either
-        self._ports: set[int] = set()
+        self._port_seen = np.zeros(65536, dtype=bool)  # ports of the file's IP flows
         self._first_ts: int | None = None
         self._last_ts: int | None = None
 
@@ -353,24 +351,15 @@ class FileIndexBuilder:
                 self._addresses_complete = False
                 self._addr_hashes = np.zeros(0, dtype=np.uint64)
         ipmask = ipv > 0  # (ARP addresses are in the address summary, no ports)
-        seen = np.bincount(key["sport"][ipmask], minlength=65536) + np.bincount(key["dport"][ipmask], minlength=65536)
-        self._ports.update(np.flatnonzero(seen).tolist())
+        self._port_seen[key["sport"][ipmask]] = True
+        self._port_seen[key["dport"][ipmask]] = True
         iface_ids = key["iface"]
         ids = sorted(names)
         link_of_id = np.array([names[i][2] for i in ids], dtype=np.int32)
-        # a link type whose packets the flow table does not decode (PPP, 802.11, ...): its
-        # records have no addresses or ports, libpcap's filters see them -- no summary can say
-        # "not here" for an address or a port
-        if not np.isin(link_of_id, DECODED_LINK_TYPES).all():
-            self._addresses_complete = False
-            self._ports_complete = False
-        # ARP/RARP on a link type other than Ethernet (Linux cooked captures of "-i any"):
-        # libpcap's "host X" matches its addresses, the flow records do not hold them -- the
-        # file's address summary and filter cannot say "not here" for any address
         links = link_of_id[iface_ids]
-        arp = (ipv == 0) & ((key["ethertype"] == 0x0806) | (key["ethertype"] == 0x8035)) & (links != 1)
-        if arp.any():
-            self._addresses_complete = False
+        addresses_ok, ports_ok = summary_completeness(ipv, key["ethertype"], links)
+        self._addresses_complete &= addresses_ok
+        self._ports_complete &= ports_ok
         # interface names: a string array built from buffers (Array.take would load pyarrow.compute,
         # ~0.25 CPU-s once per process)
         itf_bytes = [names[i][1].encode() for i in ids]
@@ -448,7 +437,7 @@ class FileIndexBuilder:
         else:
             tables = self._parts()
         addrs = sorted(self._addrs) if self._addrs is not None and self._addresses_complete else None
-        ports = self._ports
+        ports = np.flatnonzero(self._port_seen)
         address_filter = filter_of_hashes(self._addr_hashes) if self._addresses_complete else UNKNOWN_FILTER
         row = {
             "path": self.rel_path, "file_id": file_id(self.rel_path), "index_version": FORMAT_VERSION,
@@ -460,10 +449,10 @@ class FileIndexBuilder:
             "sensors": sorted({s for s, _, _ in self._ifaces}),
             "interfaces": sorted({f"{s}/{i}" for s, i, _ in self._ifaces}),
             "addresses": addrs,
-            "ports": sorted(ports) if len(ports) <= SUMMARY_LIMIT and self._ports_complete else None,
+            "ports": ports.tolist() if len(ports) <= SUMMARY_LIMIT and self._ports_complete else None,
             "address_filter": address_filter,
             "port_bitmap": None if len(ports) <= SUMMARY_LIMIT or not self._ports_complete
-            else port_bitmap(np.fromiter(ports, np.int64)),
+            else port_bitmap(ports),
             "sections": self.sections,
             "header_blocks": [{"offset": o, "length": n} for o, n in sorted(self.header_blocks)],
             "chunks": [{"start": c[0], "end": c[1], "packets": c[2], "first_ts_ns": c[3], "last_ts_ns": c[4]}
@@ -471,6 +460,18 @@ class FileIndexBuilder:
             "flow_files": sorted(flow_file(s, d, self.rel_path) for s, d in tables),
         }
         return row, tables
+
+
+def summary_completeness(ipv: np.ndarray, ethertype: np.ndarray, link_type: np.ndarray) -> tuple[bool, bool]:
+    """Whether flow records (per record: IP version, ethertype, link type) hold every address
+    and every port libpcap's filters would see in their packets -- (addresses, ports). Not when
+    a link type is one the flow table does not decode (PPP, 802.11, ...: no addresses or ports
+    in its records), nor, for addresses, with ARP/RARP on a link type other than Ethernet (the
+    cooked captures of "-i any": libpcap's "host X" matches ARP's addresses, the records do not
+    hold them). A summary of incomplete records cannot say "not here"."""
+    decoded = bool(np.isin(link_type, DECODED_LINK_TYPES).all())
+    arp = (ipv == 0) & ((ethertype == 0x0806) | (ethertype == 0x8035)) & (link_type != 1)
+    return decoded and not bool(arp.any()), decoded
 
 
 def _addresses_with_text(key: np.ndarray, ipv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ import time
 
 from pktstream._capture import PacketBatch
 from pktstream.archive.catalog import CHUNK_BYTES, remove_index, repair, write_index, write_snapshot
-from pktstream.archive.index import INDEX_MAX_FLOWS, FileIndexBuilder, SpilledFlows
+from pktstream.archive.index import BINARY_COLUMNS, INDEX_MAX_FLOWS, FileIndexBuilder, SpilledFlows
 from pktstream.archive.store import LocalStore
 
 log = logging.getLogger("pktstream.receiver")
@@ -185,7 +185,6 @@ def recover_index(root: str, outputs: list[dict] | None = None) -> dict:
     ``root`` are not touched (``pktstream index`` indexes an archive whole). ``outputs`` None:
     the whole root. An error is logged, never raised: the receiver starts, and a query scans a
     file without an index."""
-    from pktstream.archive.catalog import forget_missing
     from pktstream.formats.writer import rotated_files, rotated_name_re
     store = LocalStore(root)
     try:
@@ -208,13 +207,10 @@ def recover_index(root: str, outputs: list[dict] | None = None) -> dict:
                                 for n, path in rotated_files(pattern, d) if n >= seq - RECOVER_RECENT_FILES)
                 else:
                     dirs.setdefault(d, []).append(re.compile(re.escape(os.path.basename(final))))
-            rels = {r for r in rels if not r.startswith("..")}
-            res = repair(store, sorted(rels), upgrade=False) if rels else {"indexed": 0, "removed": 0}
-
             def ours(rel: str) -> bool:
                 path = os.path.join(store.root, rel)
                 return any(r.fullmatch(os.path.basename(path)) for r in dirs.get(os.path.dirname(path), ()))
-            res["removed"] = res.get("removed", 0) + forget_missing(store, ours)
+            res = repair(store, sorted(r for r in rels if not r.startswith("..")), upgrade=False, forget=ours)
     except Exception as exc:  # noqa: BLE001 - the index must never keep a receiver from starting
         log.error("recovery: index of %s not repaired (%s); queries scan the files without an index, "
                   "`pktstream index %s` repairs it", root, exc, root)
@@ -257,7 +253,7 @@ class StagingIndexer(LiveIndexer):
             b.close()
 
 
-_BINARY = ("address_filter", "port_bitmap")  # catalog row values kept as base64 in the .idx metadata (JSON)
+_BINARY = BINARY_COLUMNS  # catalog row values kept as base64 in the .idx metadata (JSON)
 
 
 def write_staged(path: str, row: dict, tables: dict) -> None:

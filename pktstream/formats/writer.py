@@ -221,7 +221,6 @@ class CaptureWriter:
         self._clock = clock
         self._seq = 0
         self._seq_scanned: set[str] = set()  # directories scanned for the numbers already used
-        self._cur_seq: int | None = None  # sequence number in the current rotated file's name
         self._cur: PcapWriter | PcapngWriter | None = None
         self._zfile: ZstdFileWriter | None = None
         self._raw: Any = None   # the OS file under the current writer (paths only)
@@ -253,7 +252,6 @@ class CaptureWriter:
                 self._seq = max(self._seq, seq + 1)
         while True:
             path = f"{stem}.{self._seq:06d}{ext}"
-            self._cur_seq = self._seq
             self._seq += 1
             if not os.path.exists(path) and not os.path.exists(path + ".part"):
                 return path
@@ -349,7 +347,7 @@ class CaptureWriter:
     def current_seq(self) -> int | None:
         """Rotating writers: the sequence number in the current file's name (``NAME.000042.pcap``:
         42); later files of this writer get higher numbers. None when not rotating or no file is open."""
-        return self._cur_seq if self._rotating and self._cur is not None else None
+        return self._seq - 1 if self._rotating and self._cur is not None else None  # (_next_path's last)
 
     @property
     def current_path(self) -> str | None:

@@ -148,13 +148,23 @@ class S3Sink(Sink):
     # -- staging ---------------------------------------------------------------------------------
     def _completed(self, path: str) -> None:
         """The FileSink completed a staging file (called with ``_files_lock`` held)."""
-        if self._acks:
-            flush = self._flushes + (1 if self._dirty else 0)  # the flush that holds its last bytes
-            with self._ack_lock:
-                if flush > self._acked_flush:
-                    self._unacked.append((flush, path))
-                    return
+        self._hold_or_adopt(self._flushes + (1 if self._dirty else 0), path)  # the flush holding its last bytes
+
+    def _hold_or_adopt(self, flush: int, path: str) -> None:
+        """Queue ``path`` for upload, or, under a receiver, hold it until ``flush`` is acknowledged."""
+        with self._ack_lock:
+            if self._acks and flush > self._acked_flush:
+                self._unacked.append((flush, path))
+                return
         self._adopt(path)
+
+    def _release_upto(self, flush: int) -> None:
+        """Queue the held files whose flush is ``flush`` or older."""
+        with self._ack_lock:
+            ready = [p for f, p in self._unacked if f <= flush]
+            self._unacked = [(f, p) for f, p in self._unacked if f > flush]
+        for path in ready:
+            self._adopt(path)
 
     def use_acknowledgements(self) -> None:
         self._acks = True
@@ -166,10 +176,7 @@ class S3Sink(Sink):
             return
         with self._ack_lock:
             self._acked_flush = max(self._acked_flush, flush)
-            ready = [p for f, p in self._unacked if f <= flush]
-            self._unacked = [(f, p) for f, p in self._unacked if f > flush]
-        for path in ready:
-            self._adopt(path)
+        self._release_upto(flush)
 
     def _adopt(self, path: str) -> None:
         """A completed staging file → ``ready/`` under its unique upload name."""
@@ -243,11 +250,7 @@ class S3Sink(Sink):
             self._files.reset()
             # files reset() cut back to the last flush and completed: acknowledged with that flush
             for path in sorted(set(self._files.paths) - before):
-                with self._ack_lock:
-                    if self._acks and self._flushes > self._acked_flush:
-                        self._unacked.append((self._flushes, path))
-                        continue
-                self._adopt(path)
+                self._hold_or_adopt(self._flushes, path)
 
     recover = staticmethod(FileSink.recover)
 
@@ -260,12 +263,8 @@ class S3Sink(Sink):
             with self._files_lock:
                 try:
                     self._files.close()
-                finally:
-                    with self._ack_lock:  # (a group that could not be written at shutdown: its files stay)
-                        waiting = [(f, p) for f, p in self._unacked if f <= self._flushes]
-                        self._unacked = [(f, p) for f, p in self._unacked if f > self._flushes]
-                    for _, path in waiting:
-                        self._adopt(path)
+                finally:  # (a group that could not be written at shutdown: its files stay)
+                    self._release_upto(self._flushes)
         finally:  # (also when completing a file failed: what is ready is still uploaded)
             self._all_staged.set()
             self._wake.set()
