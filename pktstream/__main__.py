@@ -1,5 +1,3 @@
-import sys
+from pktstream.cli import run
 
-from pktstream.cli import main
-
-sys.exit(main())
+run()

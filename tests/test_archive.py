@@ -328,6 +328,10 @@ def test_cli_index_query_flows_sql(tmp_path):
     # the order of the file is checked with tshark in test_archive_live.py)
     assert sorted(pk) == sorted(brute(root, "host 203.0.113.7 and port 4444", since=T0))
     assert f"{len(pk)} packets matched" in r.stderr and "read " in r.stderr
+    # to a pipe: the command ends with os._exit (pktstream.cli.run), after flushing what it wrote
+    r = subprocess.run([*PKTSTREAM, "query", str(root), "host", "203.0.113.7", "and", "port", "4444",
+                        "-w", "-", "--since", "2024-11-27T12:00:00Z"], capture_output=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == out.read_bytes() and b"packets matched" in r.stderr
     r = subprocess.run([*PKTSTREAM, "flows", str(root), "host", "192.0.2.99", "--format", "json"],
                        capture_output=True, text=True, timeout=120)
     rows = [json.loads(x) for x in r.stdout.splitlines()]
