@@ -242,15 +242,19 @@ class Archive:
         yield from it
 
     def write(self, out, bpf: str | None = None, *, since=None, until=None, sensor=None,
-              warn: Callable[[str], None] | None = None) -> QueryStats:
+              warn: Callable[[str], None] | None = None, format: str | None = None) -> QueryStats:
         """Write the packets of :meth:`packets` to ``out`` (path or binary file object): pcapng
-        (``.pcapng.zst`` compressed) with one interface per sensor interface."""
+        with one interface per sensor interface, zstd-compressed when ``format`` is
+        ``"pcapng.zst"`` (default: when the path ends ``.pcapng.zst`` or ``.pcap.zst``)."""
         import os
 
         from pktstream.formats import open_writer
         from pktstream.formats.writer import format_from_name
-        fmt = "pcapng"
-        if isinstance(out, (str, os.PathLike)) and (format_from_name(os.fspath(out)) or "").endswith(".zst"):
+        fmt = format or "pcapng"
+        if fmt not in ("pcapng", "pcapng.zst"):
+            raise ValueError(f"query output format {fmt!r}: pcapng or pcapng.zst")
+        if format is None and isinstance(out, (str, os.PathLike)) \
+                and (format_from_name(os.fspath(out)) or "").endswith(".zst"):
             fmt = "pcapng.zst"
         it, stats = self._run(bpf, since, until, sensor, warn)
         w = open_writer(out, format=fmt)

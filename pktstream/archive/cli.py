@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+from typing import Any
 
 
 class _Bar:
@@ -115,9 +116,13 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    bpf = " ".join(args.bpf) or None
+    if not args.no_server:
+        status = _query_by_server(args, bpf)
+        if status is not None:
+            return status
     _lean()
     from pktstream.archive import Archive
-    bpf = " ".join(args.bpf) or None
     out = sys.stdout.buffer if args.write == "-" else args.write
     try:
         stats = Archive(args.archive).write(
@@ -128,6 +133,76 @@ def cmd_query(args: argparse.Namespace) -> int:
     print(f"pktstream query: {stats.summary()}", file=sys.stderr)
     for s in stats.scanned:
         print(f"pktstream query: scanned {s}", file=sys.stderr)
+    return 0
+
+
+def _query_by_server(args: argparse.Namespace, bpf: str | None) -> int | None:
+    """Run the query on the archive's query server (``pktstream serve``); None when there is
+    none and the query runs here (``--server`` given: its absence is an error)."""
+    from pktstream.archive import wire
+    path = args.server or wire.default_socket(args.archive)
+    if path is None or (not args.server and not os.path.exists(path)):
+        return None
+    to_stdout = args.write == "-"
+    part = f"{args.write}.part"  # renamed when complete, as the writer does
+    out: Any = None
+    try:
+        out = sys.stdout.buffer if to_stdout else os.fdopen(
+            os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640), "wb")
+        reply = wire.query(path, out, bpf=bpf, since=args.since, until=args.until, sensor=args.sensor or None,
+                           fmt=wire.output_format(args.write), archive=args.archive,
+                           warn=lambda m: print(f"pktstream query: warning: {m}", file=sys.stderr))
+        out.flush()
+        if not to_stdout:
+            out.close()
+            os.replace(part, args.write)
+    except wire.ServerUnavailable as exc:
+        _discard(None if to_stdout else out, part)
+        if args.server:
+            return _fail("query", exc)
+        print(f"pktstream query: warning: {exc} (a stale socket?); querying directly", file=sys.stderr)
+        return None
+    except (OSError, ValueError) as exc:
+        _discard(None if to_stdout else out, part)
+        return _fail("query", exc)
+    print(f"pktstream query: {reply.summary} (by the query server)", file=sys.stderr)
+    for s in reply.scanned:
+        print(f"pktstream query: scanned {s}", file=sys.stderr)
+    return 0
+
+
+def _discard(out: Any, part: str) -> None:
+    """Close and remove an unfinished output file (``out`` None: stdout, nothing to remove)."""
+    if out is None:
+        return
+    out.close()
+    try:
+        os.unlink(part)
+    except FileNotFoundError:
+        pass
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pktstream.archive.service import QueryServer
+    from pktstream.cli import StopOnSignals
+    try:
+        mode = int(args.socket_mode, 8)
+        if not 0 <= mode <= 0o777:
+            raise ValueError
+    except ValueError:
+        return _fail("serve", ValueError(f"--socket-mode {args.socket_mode!r}: octal permission bits such as 600"))
+    try:
+        server = QueryServer(args.archive, args.socket, socket_mode=mode)
+        server.start()
+    except _errors() as exc:
+        return _fail("serve", exc)
+    try:
+        with StopOnSignals(server.stop):
+            print(f"pktstream serve: answering queries of {args.archive} on {server.socket_path}",
+                  file=sys.stderr, flush=True)
+            server.serve_forever()
+    finally:
+        server.close()
     return 0
 
 
@@ -228,7 +303,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--since", help=f"packets at or after this time ({_TIME_HELP})")
     p.add_argument("--until", help=f"packets before this time ({_TIME_HELP})")
     p.add_argument("--sensor", action="append", help="only this sensor (repeatable)")
+    p.add_argument("--server", metavar="SOCKET",
+                   help="ask the query server on this socket (default: ARCHIVE/.pktstream-query.sock "
+                        "when it exists; pktstream serve)")
+    p.add_argument("--no-server", action="store_true", help="run the query in this process")
     p.set_defaults(func=cmd_query)
+
+    p = subparser(sub, "serve", help="answer pktstream query for an archive from a resident process (fast queries)",
+                  epilog="examples:\n  pktstream serve /srv/pcap &\n"
+                         "  pktstream query /srv/pcap 'host 198.18.7.2' -w case.pcapng   # asks the server\n"
+                         "  pktstream serve s3://bucket/pcaps --socket /run/pktstream-pcaps.sock")
+    p.add_argument("archive", help="archive directory or s3://BUCKET/PREFIX")
+    p.add_argument("--socket", metavar="PATH", help="Unix socket (default: ARCHIVE/.pktstream-query.sock)")
+    p.add_argument("--socket-mode", default="600", metavar="OCTAL",
+                   help="permission bits of the socket: who may query (default 600, its owner; 660 adds its group)")
+    p.set_defaults(func=cmd_serve)
 
     p = subparser(sub, "flows", help="list the flow records of an archive",
                   epilog="examples:\n  pktstream flows /srv/pcap host 198.18.7.2\n"

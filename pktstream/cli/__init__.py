@@ -16,14 +16,14 @@ def _version_text() -> str:
             f"zstd {pktstream.zstd_version()}")
 
 
-class _StopOnSignals:
+class StopOnSignals:
     """Route SIGINT/SIGTERM to a stop callback while active (restores old handlers)."""
 
     def __init__(self, stop) -> None:
         self._stop = stop
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> _StopOnSignals:
+    def __enter__(self) -> StopOnSignals:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old[sig] = signal.signal(sig, lambda *_: self._stop())
         return self
@@ -65,7 +65,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
         timer.daemon = True
         timer.start()
     try:
-        with _StopOnSignals(cap.stop):
+        with StopOnSignals(cap.stop):
             for batch in cap:
                 if out is not None:
                     out.write(batch)
@@ -133,7 +133,7 @@ def subparser(sub: argparse._SubParsersAction, name: str, *, help: str, epilog: 
                           epilog=epilog, formatter_class=HelpFormatter, **kw)
 
 
-_ARCHIVE_COMMANDS = {"index", "query", "flows", "sql"}  # parsed without loading the other commands
+_ARCHIVE_COMMANDS = {"index", "query", "flows", "sql", "serve"}  # parsed without loading the other commands
 _STREAM_COMMANDS = {"sensor", "receiver"}  # likewise: a sensor starts without numpy (cli/files.py needs it)
 
 

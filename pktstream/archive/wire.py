@@ -1,0 +1,174 @@
+"""The query server's protocol and its client (``pktstream serve`` / ``pktstream query``).
+
+A query server (:mod:`pktstream.archive.service`) keeps Python, numpy and pyarrow loaded and
+the archive's catalog in the page cache, so a ``pktstream query`` it answers pays neither
+their start-up (~0.2 s of the command's ~0.35 s) nor the catalog's first read: the client
+below imports the standard library only. The same division as Stenographer's ``stenoread``
+(client) and ``stenod`` (server).
+
+Transport: a Unix stream socket, by default ``ARCHIVE/.pktstream-query.sock``; who may query
+is who may connect to it (mode 0600 unless ``serve --socket-mode`` says otherwise). One query
+per connection:
+
+* request: one line of JSON (at most :data:`MAX_REQUEST_BYTES`), ``{"v": 1, "archive": str|null,
+  "bpf": str|null, "since": str|null, "until": str|null, "sensor": [str]|null,
+  "format": "pcapng"|"pcapng.zst"}`` (times as the command line takes them; ``archive``: the
+  archive the client means, :func:`archive_id`, refused by a server of another one);
+* reply: frames of one type byte, a 4-byte big-endian length and that many bytes:
+  ``D`` output bytes, ``W`` a warning line, then exactly one of ``S`` (success: JSON
+  ``{"summary": str, "scanned": [str]}``) or ``E`` (an error line); the server then closes.
+
+Every length is checked (a frame above :data:`MAX_FRAME_BYTES` or a reply ending early is an
+error of the query, never a short file passed off as complete).
+
+Thread safety: :func:`query` uses its own connection; nothing is shared.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+VERSION = 1
+SOCKET_NAME = ".pktstream-query.sock"
+MAX_REQUEST_BYTES = 64 << 10
+MAX_FRAME_BYTES = 16 << 20
+FRAME_HEADER = struct.Struct(">cI")
+DATA, WARNING, SUMMARY, ERROR = b"D", b"W", b"S", b"E"
+FORMATS = ("pcapng", "pcapng.zst")
+
+
+class ServerUnavailable(OSError):
+    """No query server answers on the socket (none started, or it stopped): query directly."""
+
+
+class ProtocolError(ValueError):
+    """The server's reply or the client's request is malformed."""
+
+
+def default_socket(archive: str) -> str | None:
+    """The socket a server of a local archive directory listens on (None for S3)."""
+    if archive.startswith("s3://"):
+        return None
+    return os.path.join(archive, SOCKET_NAME)
+
+
+def frame(kind: bytes, payload: bytes) -> bytes:
+    """One reply frame."""
+    if len(payload) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"frame of {len(payload)} bytes (at most {MAX_FRAME_BYTES})")
+    return FRAME_HEADER.pack(kind, len(payload)) + payload
+
+
+def archive_id(archive: str) -> str:
+    """How client and server name an archive to compare: its real path, or the S3 URL."""
+    return archive.rstrip("/") if archive.startswith("s3://") else os.path.realpath(archive)
+
+
+def encode_request(bpf: str | None, since: str | None, until: str | None, sensor: list[str] | None,
+                   fmt: str, archive: str | None = None) -> bytes:
+    return json.dumps({"v": VERSION, "archive": archive, "bpf": bpf, "since": since, "until": until,
+                       "sensor": sensor, "format": fmt}).encode() + b"\n"
+
+
+def decode_request(line: bytes) -> dict[str, Any]:
+    """A request line, checked: every field of the right type (ProtocolError otherwise)."""
+    if len(line) > MAX_REQUEST_BYTES or not line.endswith(b"\n"):
+        raise ProtocolError(f"request line missing or longer than {MAX_REQUEST_BYTES} bytes")
+    try:
+        req = json.loads(line)
+    except ValueError as exc:
+        raise ProtocolError(f"request is not JSON: {exc}") from None
+    if not isinstance(req, dict) or req.get("v") != VERSION:
+        raise ProtocolError(f"request of an unknown protocol version (this server speaks {VERSION})")
+    for key in ("archive", "bpf", "since", "until"):
+        if req.get(key) is not None and not isinstance(req[key], str):
+            raise ProtocolError(f"request field {key!r} must be a string or null")
+    sensor = req.get("sensor")
+    if sensor is not None and not (isinstance(sensor, list) and all(isinstance(s, str) for s in sensor)):
+        raise ProtocolError("request field 'sensor' must be a list of strings or null")
+    if req.get("format", "pcapng") not in FORMATS:
+        raise ProtocolError(f"request field 'format' must be one of {', '.join(FORMATS)}")
+    return req
+
+
+@dataclass
+class Reply:
+    """What a server said about a query (its output went to the ``out`` of :func:`query`)."""
+    summary: str = ""
+    scanned: list[str] = field(default_factory=list)
+    bytes_written: int = 0
+
+
+def _read_exact(sock: socket.socket, n: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        b = sock.recv(min(n - got, 1 << 20))
+        if not b:
+            raise ProtocolError(f"the query server closed the connection inside a reply ({got} of {n} bytes)")
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)
+
+
+def connect(path: str, timeout_s: float = 5.0) -> socket.socket:
+    """A connection to the server on ``path`` (:class:`ServerUnavailable` if none answers)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout_s)
+    try:
+        s.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        s.close()
+        raise ServerUnavailable(exc.errno, f"no query server answers on {path}") from None
+    except BaseException:
+        s.close()
+        raise
+    s.settimeout(None)  # a query may take long; the server ends every reply with S or E
+    return s
+
+
+def query(path: str, out: BinaryIO, *, bpf: str | None = None, since: str | None = None,
+          until: str | None = None, sensor: list[str] | None = None, fmt: str = "pcapng",
+          archive: str | None = None, warn: Callable[[str], None] | None = None) -> Reply:
+    """Run a query on the server listening on ``path``, writing its output to ``out``.
+
+    Raises :class:`ServerUnavailable` before anything is written when no server answers,
+    :class:`ProtocolError` for a malformed reply, and ``ValueError`` with the server's message
+    when the query failed there (bad BPF, unknown time, unreadable archive, ``archive`` not the
+    one the server answers for)."""
+    reply = Reply()
+    with connect(path) as s:
+        s.sendall(encode_request(bpf, since, until, sensor, fmt, None if archive is None else archive_id(archive)))
+        while True:
+            kind, n = FRAME_HEADER.unpack(_read_exact(s, FRAME_HEADER.size))
+            if n > MAX_FRAME_BYTES:
+                raise ProtocolError(f"the query server sent a frame of {n} bytes (at most {MAX_FRAME_BYTES})")
+            payload = _read_exact(s, n)
+            if kind == DATA:
+                out.write(payload)
+                reply.bytes_written += n
+            elif kind == WARNING:
+                if warn is not None:
+                    warn(payload.decode("utf-8", "replace"))
+            elif kind == ERROR:
+                raise ValueError(payload.decode("utf-8", "replace"))
+            elif kind == SUMMARY:
+                try:
+                    done = json.loads(payload)
+                    reply.summary = str(done["summary"])
+                    reply.scanned = [str(x) for x in done.get("scanned") or ()]
+                except (ValueError, KeyError, TypeError):
+                    raise ProtocolError("the query server sent a malformed summary") from None
+                return reply
+            else:
+                raise ProtocolError(f"the query server sent a frame of unknown type {kind!r}")
+
+
+def output_format(name: str) -> str:
+    """The format :meth:`~pktstream.archive.Archive.write` gives an output named ``name``
+    (the names of ``pktstream.formats.writer.FORMATS`` ending ``.zst`` are compressed)."""
+    return "pcapng.zst" if name.endswith((".pcap.zst", ".pcapng.zst")) else "pcapng"
