@@ -235,6 +235,39 @@ def timed(fn, repeat: int = 1):
     return best, val
 
 
+def timed_cli(cmd: list[str], repeat: int = 5, expect: str | None = None) -> tuple[float, float]:
+    """(best wall seconds, best user+sys CPU seconds) of a command over ``repeat`` runs."""
+    import resource
+    walls, cpus = [], []
+    for _ in range(repeat):
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t = time.perf_counter()
+        r = subprocess.run(cmd, check=True, capture_output=True, text=True, env=CLI_ENV)
+        walls.append(time.perf_counter() - t)
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+        assert expect is None or expect in r.stderr, r.stderr
+    return min(walls), min(cpus)
+
+
+class QueryServer:
+    """``pktstream serve ROOT`` for the duration of a ``with`` (waits for its 'answering' line)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def __enter__(self) -> QueryServer:
+        self.p = subprocess.Popen([*PY, "serve", str(self.root)], stderr=subprocess.PIPE, text=True, env=CLI_ENV)
+        line = self.p.stderr.readline()
+        assert "answering" in line, line
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.p.terminate()
+        self.p.wait(timeout=60)
+        self.p.stderr.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--raw-mb", type=int, default=600, help="raw packet bytes to write, in MB (issue: 5000)")
@@ -324,10 +357,10 @@ def main() -> int:
             if kw:
                 extra = [f"--since={kw['since'] // 10**9}.{kw['since'] % 10**9:09d}",
                          f"--until={kw['until'] // 10**9}.{kw['until'] % 10**9:09d}"]
-            def run_cli(bpf=bpf, out=out, extra=extra):
-                return subprocess.run([*PY, "query", str(root), *bpf.split(), "-w", str(out), *extra],
-                                      check=True, capture_output=True, env=CLI_ENV)
-            cli, _ = timed(run_cli, repeat=3)
+            cli, cli_cpu = timed_cli([*PY, "query", str(root), *bpf.split(), "-w", str(out), *extra, "--no-server"])
+            with QueryServer(root):
+                served, served_cpu = timed_cli([*PY, "query", str(root), *bpf.split(), "-w", str(out), *extra],
+                                               expect="(by the query server)")
             if args.zstd_frame_kib:
                 sr = str(work / "seekable")
                 s_warm, s_st = timed(lambda bpf=bpf, kw=kw, sr=sr, out=out: Archive(sr).write(out, bpf, **kw),
@@ -337,7 +370,9 @@ def main() -> int:
                     [*PY, "query", sr, *bpf.split(), "-w", str(out), *extra], check=True,
                     capture_output=True, env=CLI_ENV), repeat=3)
             q = {"bpf": bpf, "packets": st.packets, "files_read": st.files_read, "bytes_read": st.bytes_read,
-                 "archive_cold_s": round(cold, 4), "archive_warm_s": round(warm, 4), "cli_s": round(cli, 3)}
+                 "archive_cold_s": round(cold, 4), "archive_warm_s": round(warm, 4), "cli_s": round(cli, 3),
+                 "cli_cpu_s": round(cli_cpu, 3), "cli_server_s": round(served, 3),
+                 "cli_server_client_cpu_s": round(served_cpu, 3)}
             if args.zstd_frame_kib:
                 q.update(seekable_bytes_read=s_st.bytes_read, seekable_archive_warm_s=round(s_warm, 4),
                          seekable_cli_s=round(s_cli, 3))
@@ -345,7 +380,7 @@ def main() -> int:
                 td, n_td = timed(lambda bpf=bpf: brute_tcpdump(files, bpf))
                 assert n_td == st.packets, (name, n_td, st.packets)
                 q.update(tcpdump_s=round(td, 2), speedup_vs_tcpdump_warm=round(td / warm, 1),
-                         speedup_vs_tcpdump_cli=round(td / cli, 1))
+                         speedup_vs_tcpdump_cli=round(td / cli, 1), speedup_vs_tcpdump_cli_server=round(td / served, 1))
                 if name == "single flow" and not args.no_convert:  # one process per file: slow, so once
                     cv, n_cv = timed(lambda bpf=bpf: brute_convert(files, bpf, work))
                     assert n_cv == st.packets

@@ -11,6 +11,10 @@ into ``bench/results/``; this runner only discovers, runs and summarises them.
                                   # every issue-16 figure in one run: latency (10 pps, 1 kpps,
                                   # 100 kpps, idle; tcpdump), streaming CPU per packet and ingest
                                   # (tcpdump, PacketStreamer, TCP floor), memory, reading, start-up
+    bench/run_all.py --preset issue13 --out DIR
+                                  # the indexed archive in one run: indexing cost, a 5 GB archive's
+                                  # index size and queries (tcpdump -r, convert, pktstream serve),
+                                  # Stenographer side by side (root)
 """
 from __future__ import annotations
 
@@ -31,6 +35,14 @@ PRESETS: dict[str, list[tuple[str, list[str]]]] = {
         ("latency", ["--rates", "10,1000,100000", "--tcpdump", "--json", "{out}/latency.json"]),
         ("memory", ["{ps}", "--json", "{out}/memory.json"]),
         ("stream", ["{ps}", "--json", "{out}/stream.json"]),
+    ],
+    # the indexed archive (issue 13, item 6): indexing cost (receiver thread CPU), a 5 GB archive
+    # (index size, queries against tcpdump -r and pktstream convert, direct and by pktstream serve),
+    # Stenographer on the same traffic (root, Debian's stenographer)
+    "issue13": [
+        ("index", ["--repeat", "2", "--json", "{out}/index.json"]),
+        ("archive", ["--raw-mb", "5000", "--dir", "{out}/archive", "--json", "{out}/archive.json"]),
+        ("steno_side_by_side.py", []),
     ],
 }
 
@@ -88,10 +100,10 @@ def run_preset(name: str, out: str | None, packetstreamer: str | None) -> int:
         argv: list[str] = []
         for a in raw:
             argv += ps if a == "{ps}" else [a.replace("{out}", out)]
-        cmd = [sys.executable, str(HERE / f"bench_{script}.py"), *argv]
+        cmd = [sys.executable, str(HERE / (script if script.endswith(".py") else f"bench_{script}.py")), *argv]
         print(f"=== {' '.join(cmd[1:])} ===", flush=True)
         t0 = time.monotonic()
-        with open(Path(out) / f"{script}.log", "w") as log:
+        with open(Path(out) / f"{Path(script).stem}.log", "w") as log:
             proc = subprocess.Popen(cmd, cwd=HERE.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -101,7 +113,8 @@ def run_preset(name: str, out: str | None, packetstreamer: str | None) -> int:
         summary.append((script, rc, time.monotonic() - t0))
     print("=== summary ===")
     for script, rc, secs in summary:
-        print(f"bench_{script + '.py':24} {'ok' if rc == 0 else f'FAILED (exit {rc})':16} {secs:7.1f} s")
+        name = script if script.endswith(".py") else f"bench_{script}.py"
+        print(f"{name:28} {'ok' if rc == 0 else f'FAILED (exit {rc})':16} {secs:7.1f} s")
     return 1 if any(rc for _, rc, _ in summary) else 0
 
 

@@ -7,7 +7,7 @@ certificates). Writes ~300 MB of bench_archive's traffic (one rare flow) to a pc
 of a veth pair made here; ``--no_watchdogs``: its watchdog aborts stenotype when traffic
 pauses), replays the pcap at 100 kpps, then times ``stenoread`` for the rare flow (3 runs),
 ``tcpdump -r`` over the pcap, and ``pktstream index`` + ``Archive.write`` + ``pktstream query``
-on the same pcap, and prints index sizes. Not run by run_all.py (root, Debian packages).
+(direct and by ``pktstream serve``) on the same pcap, and prints index sizes. Run by ``run_all.py --preset issue13`` (root, Debian packages).
 Results: bench/README.md.
 """
 from __future__ import annotations
@@ -125,6 +125,16 @@ def main() -> int:
     for _ in range(2):
         dt = timed([sys.executable, "-m", "pktstream", "query", str(arc), *query.split(), "-w", str(WORK / "q.pcapng")])
         print(f"pktstream query (CLI) {dt:.3f} s")
+    srv = subprocess.Popen([sys.executable, "-m", "pktstream", "serve", str(arc)], stderr=subprocess.PIPE, text=True)
+    try:  # like stenoread -> stenod: a client asking a resident server
+        assert "answering" in srv.stderr.readline()
+        for _ in range(3):
+            dt = timed([sys.executable, "-m", "pktstream", "query", str(arc), *query.split(), "-w",
+                        str(WORK / "qs.pcapng")])
+            print(f"pktstream query (CLI, by pktstream serve) {dt:.3f} s")
+    finally:
+        srv.terminate()
+        srv.wait(timeout=60)
     print("pktstream index bytes", du(arc / "_index", "*.parquet"), "of", pcap.stat().st_size)
     return 0
 
