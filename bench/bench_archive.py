@@ -259,7 +259,9 @@ class QueryServer:
     def __enter__(self) -> QueryServer:
         self.p = subprocess.Popen([*PY, "serve", str(self.root)], stderr=subprocess.PIPE, text=True, env=CLI_ENV)
         line = self.p.stderr.readline()
-        assert "answering" in line, line
+        if "answering" not in line:
+            self.__exit__()
+            raise RuntimeError(f"pktstream serve did not start: {line}")
         return self
 
     def __exit__(self, *exc) -> None:

@@ -3,6 +3,7 @@ loads neither numpy nor pyarrow; stale sockets, bad requests and malformed repli
 one-line error and harm nothing else. No root: Unix sockets under tmp_path."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,25 +23,51 @@ from test_archive import CHUNK, T0, brute, make_archive
 PKTSTREAM = [sys.executable, "-m", "pktstream"]
 
 
+_STARTED: list[Serve] = []
+
+
 class Serve:
-    """A ``pktstream serve`` process, started and waited for (its 'answering' line)."""
+    """A ``pktstream serve`` process, waited for until it prints its first line ('answering'
+    once the socket accepts queries, or its error); its stderr is drained from then on."""
 
     def __init__(self, root: Path, *extra: str) -> None:
         self.p = subprocess.Popen([*PKTSTREAM, "serve", str(root), *extra], stderr=subprocess.PIPE, text=True)
-        self.first_line = self.p.stderr.readline()  # printed once the socket accepts queries (or the error)
+        _STARTED.append(self)
+        self.lines: list[str] = []
+        first = threading.Event()
+
+        def drain() -> None:
+            for line in self.p.stderr:
+                self.lines.append(line)
+                first.set()
+            first.set()
+        self._drain = threading.Thread(target=drain, daemon=True)
+        self._drain.start()
+        assert first.wait(120), "pktstream serve printed nothing in 120 s"
+        self.first_line = self.lines[0] if self.lines else ""
 
     def exit_code(self) -> int:
         """The exit status of a server expected to fail at start (waits, sends nothing)."""
         rc = self.p.wait(timeout=60)
+        self._drain.join(timeout=60)
         self.p.stderr.close()
         return rc
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.p.poll() is None:
             self.p.send_signal(sig)
-        rc = self.p.wait(timeout=60)
-        self.p.stderr.close()
-        return rc
+        return self.exit_code()
+
+
+@pytest.fixture(autouse=True)
+def _no_server_left():
+    """A server a failed test started is stopped (the archive is shared by the module)."""
+    yield
+    while _STARTED:
+        s = _STARTED.pop()
+        if s.p.poll() is None:
+            s.p.kill()
+        s.exit_code()
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +82,19 @@ def served(root):
     s = Serve(root)
     assert "answering queries" in s.first_line, s.first_line
     yield s
-    assert s.stop() == 0
+    assert s.stop() == 0, s.lines
     assert not (root / wire.SOCKET_NAME).exists()  # removed on a clean stop
+    assert not [x for x in s.lines[1:] if "Traceback" in x or "Exception" in x], s.lines
 
 
 def query(root: Path, *args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([*PKTSTREAM, "query", str(root), *args], capture_output=True, timeout=120, **kw)
+
+
+def _notes(stderr: bytes | str) -> list[str]:
+    """A query's stderr lines other than its summary (warnings, scanned files)."""
+    text = stderr.decode() if isinstance(stderr, bytes) else stderr
+    return [x for x in text.splitlines() if not x.startswith("pktstream query: read ")]
 
 
 @pytest.mark.parametrize("args", [
@@ -75,6 +110,7 @@ def test_query_by_server_equals_direct_query(root, served, tmp_path, args):
         assert by_server.returncode == 0 and direct.returncode == 0, (by_server.stderr, direct.stderr)
         assert b"(by the query server)" in by_server.stderr and b"by the query server" not in direct.stderr
         assert (tmp_path / f"s-{name}").read_bytes() == (tmp_path / f"d-{name}").read_bytes()
+        assert _notes(by_server.stderr) == _notes(direct.stderr)  # warnings and "scanned" lines
         assert not list(tmp_path.glob("*.part"))
     piped = query(root, *args, "-w", "-")
     assert piped.returncode == 0 and piped.stdout == (tmp_path / "d-q.pcapng").read_bytes()
@@ -102,7 +138,8 @@ def test_server_errors_are_one_line_and_the_server_goes_on(root, served, tmp_pat
         assert r.stderr.startswith("pktstream query: ") and not out.exists() and not list(tmp_path.iterdir())
     sock = str(root / wire.SOCKET_NAME)
     bad = [b"not json\n", b'{"v": 9}\n', b'{"v": 1, "bpf": 7}\n', b'{"v": 1, "sensor": "x"}\n',
-           b'{"v": 1, "format": "pcap"}\n', b"x" * (wire.MAX_REQUEST_BYTES + 10) + b"\n", b"no newline"]
+           b'{"v": 1, "format": "pcap"}\n', b'{"v": true}\n', b"[" * 60000 + b"\n",
+           b"x" * (wire.MAX_REQUEST_BYTES + 10) + b"\n", b"no newline"]
     for req in bad:
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(30)
@@ -190,10 +227,149 @@ def test_malformed_replies_are_one_line_errors_and_leave_no_file(tmp_path, reply
     assert not out.exists() and not (tmp_path / "o.pcapng.part").exists()
 
 
-def test_wire_output_format_matches_archive_write():
-    from pktstream.formats.writer import FORMATS, format_from_name
-    for name in ["a.pcapng", "a.pcapng.zst", "a.pcap.zst", "a.pcap", "a.zst", "-", "a"]:
-        direct = "pcapng.zst" if (format_from_name(name) or "").endswith(".zst") else "pcapng"
-        assert wire.output_format(name) == direct, name
-    assert {e for e in FORMATS if e.endswith(".zst")} == {".pcap.zst", ".pcapng.zst"}
+def test_wire_output_format_is_what_archive_write_writes(root, tmp_path):
+    magic = {"pcapng": b"\x0a\x0d\x0d\x0a", "pcapng.zst": b"\x28\xb5\x2f\xfd"}
+    for name in ["a.pcapng", "a.pcapng.zst", "a.pcap.zst", "a.pcap", "a.zst", "a"]:
+        Archive(str(root)).write(tmp_path / name, "port 53")
+        assert (tmp_path / name).read_bytes()[:4] == magic[wire.output_format(name)], name
     assert json.loads(wire.encode_request("tcp", None, "1", ["s"], "pcapng"))["v"] == wire.VERSION
+
+
+def _truncated_archive(root: Path) -> tuple[Path, str]:
+    """Two files, indexed; then one is cut inside a record (stale: scanned, truncated)."""
+    from archive_data import batches
+    from pktstream.formats import open_writer
+    root.mkdir()
+    for k, name in enumerate(("s1.pcap", "s2.pcap")):
+        with open_writer(root / name) as w:
+            for b in batches(k, 400, T0 + k):
+                w.write(b)
+    Archive(str(root)).index(chunk_bytes=CHUNK)
+    data = (root / "s2.pcap").read_bytes()
+    (root / "s2.pcap").write_bytes(data[:len(data) * 2 // 3 + 7])
+    return root, "s2.pcap"
+
+
+def test_concurrent_queries_each_report_their_own_truncated_file(tmp_path):
+    root, cut = _truncated_archive(tmp_path / "t")
+    bpfs = [["tcp"], ["udp"], ["port", "53"], [], ["host", "203.0.113.7"], ["not", "tcp"]]
+    direct = {i: query(root, *b, "--no-server", "-w", str(tmp_path / f"d{i}.pcapng"), text=True)
+              for i, b in enumerate(bpfs)}
+    assert all(any(cut in x and "truncated" in x for x in _notes(r.stderr)) for r in direct.values())
+    s = Serve(root)
+    assert "answering" in s.first_line
+    results: dict[int, subprocess.CompletedProcess] = {}
+
+    def one(i: int) -> None:
+        results[i] = query(root, *bpfs[i], "-w", str(tmp_path / f"s{i}.pcapng"), text=True)
+    for _round in range(3):  # all at once, three times
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bpfs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, r in results.items():
+            assert r.returncode == 0 and "(by the query server)" in r.stderr, r.stderr
+            assert _notes(r.stderr) == _notes(direct[i].stderr), (i, r.stderr, direct[i].stderr)
+            assert (tmp_path / f"s{i}.pcapng").read_bytes() == (tmp_path / f"d{i}.pcapng").read_bytes()
+    assert s.stop() == 0, s.lines
+
+
+def test_interrupted_client_leaves_no_part_file(tmp_path):
+    sock = str(tmp_path / "slow.sock")
+    release = threading.Event()
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(sock)
+    srv.listen(1)
+
+    def run() -> None:
+        with srv:
+            c, _ = srv.accept()
+            with c:
+                c.recv(65536)
+                c.sendall(wire.frame(wire.DATA, b"x" * 1000))
+                release.wait(120)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    out = tmp_path / "o.pcapng"
+    p = subprocess.Popen([*PKTSTREAM, "query", str(tmp_path), "--server", sock, "-w", str(out)],
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        part = tmp_path / "o.pcapng.part"
+        deadline = time.monotonic() + 120
+        while not (part.exists() and part.stat().st_size == 1000):  # the client got the data frame
+            assert time.monotonic() < deadline and p.poll() is None, "the client never wrote its data"
+            time.sleep(0.01)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=60) == 130
+        assert not part.exists() and not out.exists()
+    finally:
+        release.set()
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=60)
+        p.stderr.close()
+        t.join(timeout=60)
+
+
+def test_a_server_closing_without_reply_is_no_server(tmp_path):
+    root, _ = _truncated_archive(tmp_path / "c")
+    sock = root / wire.SOCKET_NAME
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(sock))
+    srv.listen(4)
+
+    def run() -> None:
+        with srv:
+            for _ in range(2):
+                c, _ = srv.accept()
+                c.close()  # accepted, closed without a reply (a server stopping)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        r = query(root, "tcp", "-w", str(tmp_path / "a.pcapng"), text=True)
+        assert r.returncode == 0 and "without replying; querying directly" in r.stderr, r.stderr
+        d = query(root, "tcp", "--no-server", "-w", str(tmp_path / "d.pcapng"))
+        assert (tmp_path / "a.pcapng").read_bytes() == (tmp_path / "d.pcapng").read_bytes()
+        r = query(root, "tcp", "--server", str(sock), "-w", str(tmp_path / "b.pcapng"), text=True)
+        assert r.returncode == 1 and "without replying" in r.stderr and not (tmp_path / "b.pcapng").exists()
+        assert d.returncode == 0
+    finally:
+        t.join(timeout=60)
+        sock.unlink()
+
+
+def test_request_timeout_and_busy_server_in_process(root, tmp_path, monkeypatch):
+    from pktstream.archive import service
+    monkeypatch.setattr(service, "REQUEST_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(service, "MAX_QUERIES", 1)
+    srv = service.QueryServer(str(root), str(tmp_path / "q.sock"))
+    srv.start()
+    stop = threading.Event()
+    loop = threading.Thread(target=srv.serve_until, args=(stop,), daemon=True)
+    loop.start()
+    try:
+        with wire.connect(srv.socket_path) as idle:  # sends nothing: cut off after the request timeout
+            idle.settimeout(60)
+            assert idle.recv(10) == b""
+        monkeypatch.setattr(service, "REQUEST_TIMEOUT_S", 60.0)
+        with wire.connect(srv.socket_path):  # holds the only query slot (sends nothing)
+            deadline = time.monotonic() + 120
+            while True:  # until a query finds the slot taken (the holder's thread may start later)
+                try:
+                    wire.query(srv.socket_path, io.BytesIO(), bpf="port 53")
+                except ValueError as exc:
+                    assert "busy" in str(exc)
+                    break
+                assert time.monotonic() < deadline
+        while True:  # the holder gone, its slot is given back (once its thread sees the end)
+            try:
+                reply = wire.query(srv.socket_path, io.BytesIO(), bpf="port 53")
+                break
+            except ValueError as exc:
+                assert "busy" in str(exc) and time.monotonic() < deadline
+        assert "packets matched" in reply.summary
+    finally:
+        stop.set()
+        loop.join(timeout=60)
+    assert not loop.is_alive() and not os.path.exists(srv.socket_path)

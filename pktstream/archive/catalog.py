@@ -13,7 +13,6 @@ from __future__ import annotations
 import bisect
 import io
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -41,35 +40,33 @@ def index_entry(store, entry: Entry, *, chunk_bytes: int = CHUNK_BYTES,
     caller); ``name`` (default: its path) is the name it is indexed under (sensor
     attribution, file id); ``max_flows``: the builder's memory bound."""
     from pktstream.exceptions import FileFormatError
-    from pktstream.formats import TruncatedFileWarning, open_reader
+    from pktstream.formats import open_reader
     b = FileIndexBuilder(name or entry.path, max_flows=max_flows)
     status, error, fmt, comp = "ok", None, "unknown", None
     f = None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", TruncatedFileWarning)
-        try:
-            from pktstream.archive.query import ZstdChecked
-            with ZstdChecked(store.open(entry.path), entry.path) as f, open_reader(f, batch_bytes=chunk_bytes) as r:
-                fmt, comp = r.format, f.compression or r.compression
-                for batch in r:
-                    b.add(batch, *r.last_range)
-                if r.format == "pcapng":
-                    b.sections = len(r.sections)
-                    for s in r.sections:
-                        b.add_header_block(s.block_offset, s.block_length)
-                    for i in r.interfaces:
-                        b.add_header_block(i.block_offset, i.block_length)
-        except IndexSpillError:
-            b.close()
-            raise  # the index's own failure: no catalog row (the file stays unindexed, and is scanned)
-        except (FileFormatError, OSError, EOFError, ValueError) as exc:
-            status, error = "damaged", " ".join(str(exc).split())
+    truncations: list[str] = []  # (the reader's callback: no process-wide warnings state)
+    try:
+        from pktstream.archive.query import ZstdChecked
+        with ZstdChecked(store.open(entry.path), entry.path) as f, \
+                open_reader(f, batch_bytes=chunk_bytes, truncated=lambda msg, offset: truncations.append(msg)) as r:
+            fmt, comp = r.format, f.compression or r.compression
+            for batch in r:
+                b.add(batch, *r.last_range)
+            if r.format == "pcapng":
+                b.sections = len(r.sections)
+                for s in r.sections:
+                    b.add_header_block(s.block_offset, s.block_length)
+                for i in r.interfaces:
+                    b.add_header_block(i.block_offset, i.block_length)
+    except IndexSpillError:
+        b.close()
+        raise  # the index's own failure: no catalog row (the file stays unindexed, and is scanned)
+    except (FileFormatError, OSError, EOFError, ValueError) as exc:
+        status, error = "damaged", " ".join(str(exc).split())
     if status == "ok" and f is not None and f.truncated:
         status, error = "truncated", f"{entry.path}: truncated zstd data: the file ends inside its frame"
-    if status == "ok":
-        for w in caught:
-            if issubclass(w.category, TruncatedFileWarning):
-                status, error = "truncated", str(w.message)
+    if status == "ok" and truncations:
+        status, error = "truncated", truncations[-1]
     try:
         return b.finish(size=entry.size, version=entry.version, format=fmt, compression=comp,
                         status=status, error=error)

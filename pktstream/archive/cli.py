@@ -138,17 +138,20 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def _query_by_server(args: argparse.Namespace, bpf: str | None) -> int | None:
     """Run the query on the archive's query server (``pktstream serve``); None when there is
-    none and the query runs here (``--server`` given: its absence is an error)."""
+    none (or it may not be used) and the query runs here; with ``--server`` every such case
+    is an error instead."""
     from pktstream.archive import wire
     path = args.server or wire.default_socket(args.archive)
     if path is None or (not args.server and not os.path.exists(path)):
         return None
+    if "%" in args.write and not args.server:
+        return None  # (a direct query's writer expands strftime fields in the name: keep that)
     to_stdout = args.write == "-"
     part = f"{args.write}.part"  # renamed when complete, as the writer does
     out: Any = None
     try:
-        out = sys.stdout.buffer if to_stdout else os.fdopen(
-            os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640), "wb")
+        out = sys.stdout.buffer if to_stdout else os.fdopen(  # (unbuffered: a data frame is 256 KiB)
+            os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640), "wb", buffering=0)
         reply = wire.query(path, out, bpf=bpf, since=args.since, until=args.until, sensor=args.sensor or None,
                            fmt=wire.output_format(args.write), archive=args.archive,
                            warn=lambda m: print(f"pktstream query: warning: {m}", file=sys.stderr))
@@ -156,15 +159,19 @@ def _query_by_server(args: argparse.Namespace, bpf: str | None) -> int | None:
         if not to_stdout:
             out.close()
             os.replace(part, args.write)
-    except wire.ServerUnavailable as exc:
+    except (wire.ServerUnavailable, PermissionError) as exc:
         _discard(None if to_stdout else out, part)
         if args.server:
             return _fail("query", exc)
-        print(f"pktstream query: warning: {exc} (a stale socket?); querying directly", file=sys.stderr)
+        from pktstream.cli import error_line
+        print(f"pktstream query: warning: {error_line(exc)}; querying directly (--no-server: always)",
+              file=sys.stderr)
         return None
-    except (OSError, ValueError) as exc:
+    except BaseException as exc:
         _discard(None if to_stdout else out, part)
-        return _fail("query", exc)
+        if isinstance(exc, (OSError, ValueError)):
+            return _fail("query", exc)
+        raise  # (KeyboardInterrupt: the file is gone, as a direct query's would be)
     print(f"pktstream query: {reply.summary} (by the query server)", file=sys.stderr)
     for s in reply.scanned:
         print(f"pktstream query: scanned {s}", file=sys.stderr)
@@ -175,34 +182,39 @@ def _discard(out: Any, part: str) -> None:
     """Close and remove an unfinished output file (``out`` None: stdout, nothing to remove)."""
     if out is None:
         return
-    out.close()
     try:
-        os.unlink(part)
-    except FileNotFoundError:
-        pass
+        out.close()
+    except OSError:
+        pass  # (e.g. no space left for the buffer's rest: the file goes anyway)
+    finally:
+        try:
+            os.unlink(part)
+        except FileNotFoundError:
+            pass
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import threading
+
     from pktstream.archive.service import QueryServer
     from pktstream.cli import StopOnSignals
+    _lean()
     try:
         mode = int(args.socket_mode, 8)
         if not 0 <= mode <= 0o777:
             raise ValueError
     except ValueError:
         return _fail("serve", ValueError(f"--socket-mode {args.socket_mode!r}: octal permission bits such as 600"))
+    stop = threading.Event()
     try:
         server = QueryServer(args.archive, args.socket, socket_mode=mode)
         server.start()
     except _errors() as exc:
         return _fail("serve", exc)
-    try:
-        with StopOnSignals(server.stop):
-            print(f"pktstream serve: answering queries of {args.archive} on {server.socket_path}",
-                  file=sys.stderr, flush=True)
-            server.serve_forever()
-    finally:
-        server.close()
+    with StopOnSignals(stop.set):
+        print(f"pktstream serve: answering queries of {args.archive} on {server.socket_path}",
+              file=sys.stderr, flush=True)
+        server.serve_until(stop)
     return 0
 
 
@@ -303,10 +315,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--since", help=f"packets at or after this time ({_TIME_HELP})")
     p.add_argument("--until", help=f"packets before this time ({_TIME_HELP})")
     p.add_argument("--sensor", action="append", help="only this sensor (repeatable)")
-    p.add_argument("--server", metavar="SOCKET",
-                   help="ask the query server on this socket (default: ARCHIVE/.pktstream-query.sock "
-                        "when it exists; pktstream serve)")
-    p.add_argument("--no-server", action="store_true", help="run the query in this process")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--server", metavar="SOCKET",
+                       help="ask the query server on this socket (default: ARCHIVE/.pktstream-query.sock "
+                            "when it exists; pktstream serve)")
+    where.add_argument("--no-server", action="store_true", help="run the query in this process")
     p.set_defaults(func=cmd_query)
 
     p = subparser(sub, "serve", help="answer pktstream query for an archive from a resident process (fast queries)",

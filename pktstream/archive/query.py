@@ -423,11 +423,9 @@ def iter_plan(store, plan: FilePlan, *, bpf: str | None, since: int | None, unti
     hands out a read buffer's packets per interface, so packets read are not always a prefix.
     A batch's ``interface`` is ``sensor/interface``. Problems are reported through ``warn``;
     the file is closed when the generator ends or is closed."""
-    import warnings
-
     from pktstream._capture import PacketBatch
     from pktstream._records import take_mask
-    from pktstream.formats import TruncatedFileWarning, open_reader
+    from pktstream.formats import open_reader
     seg: Any
     checked = None
     if plan.segments is None:  # the whole file, whatever its format (the reader checks the magic)
@@ -443,20 +441,13 @@ def iter_plan(store, plan: FilePlan, *, bpf: str | None, since: int | None, unti
     done = 0          # packets in file order before every packet still to come (all delivered)
     last_range = None
     reader = None
-    # warnings are caught around each read only (never across a yield: several files are read
-    # interleaved, and catch_warnings contexts must nest)
-
-    def step(fn):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", TruncatedFileWarning)
-            try:
-                return fn()
-            finally:
-                notes.extend(str(w.message) for w in caught if issubclass(w.category, TruncatedFileWarning))
+    # a truncated file is noted by the reader's callback, not through the warnings module (whose
+    # catch_warnings is process-wide state: wrong with several files read interleaved, or with
+    # queries in threads, as pktstream serve runs them)
 
     try:
         try:
-            reader = step(lambda: open_reader(src))
+            reader = open_reader(src, truncated=lambda msg, offset: notes.append(msg))
             it = iter(reader)
         except Exception as exc:
             failed = True
@@ -464,7 +455,7 @@ def iter_plan(store, plan: FilePlan, *, bpf: str | None, since: int | None, unti
             _problem(plan, exc, stats, warn)
         while True:
             try:
-                batch = step(lambda: next(it, None))
+                batch = next(it, None)
             except Exception as exc:  # damaged file, unreadable object: named, the query goes on
                 failed = True
                 _problem(plan, exc, stats, warn)

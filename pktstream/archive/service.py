@@ -3,43 +3,60 @@
 A query run by a fresh process pays Python, numpy and pyarrow start-up and the catalog's first
 read (~0.3 s here) before it reads a packet; a resident server pays them once. Protocol and
 client: :mod:`pktstream.archive.wire`. Each query runs in its own thread on its own
-:class:`~pktstream.archive.Archive` (no state shared between queries; the archive is read as a
-direct query reads it, so files a receiver adds are seen by the next query).
+:class:`~pktstream.archive.Archive` (the archive is read as a direct query reads it, so files a
+receiver adds are seen by the next query; truncated files are reported per query through the
+reader's callback, not the process-wide warnings module). At most :data:`MAX_QUERIES` run at
+once (more: an error reply saying so), and a client has :data:`REQUEST_TIMEOUT_S` to send its
+request.
 
-Lifetime: :meth:`QueryServer.start` binds the socket (replacing a stale one, refusing when a
-live server answers on it) and loads what a query needs; :meth:`serve_forever` answers until
-:meth:`stop` (from another thread or a signal handler); :meth:`close` removes the socket.
+Lifetime: :meth:`QueryServer.start` checks the socket (replacing a stale one, refusing when a
+live server answers on it), loads what a query needs and binds; :meth:`serve_until` answers
+until an event is set (e.g. by a signal handler: setting an event is all it does), then stops
+accepting, removes the socket and gives running queries up to ``grace_s`` to finish.
+Thread safety: ``start`` and ``serve_until`` from one thread; queries run in their own threads.
 """
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import socket
 import socketserver
 import stat
 import threading
+import time
 from typing import Any
 
 from pktstream.archive import wire
 
 log = logging.getLogger(__name__)
 
+MAX_QUERIES = 8          # running at once; a query is CPU-bound, the machine has a few cores
+REQUEST_TIMEOUT_S = 10.0  # to send the request line after connecting
+
 
 class _FrameWriter(io.RawIOBase):
-    """A binary file whose writes go to a connection as ``D`` frames (buffer it)."""
+    """A binary file whose writes go to a connection as ``D`` frames (buffer it). Once
+    :attr:`aborted`, writes are dropped: nothing may follow an ``E`` frame."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.aborted = False
 
     def writable(self) -> bool:
         return True
 
     def write(self, b) -> int:
         data = bytes(b)
-        for i in range(0, len(data), wire.MAX_FRAME_BYTES):
-            self.sock.sendall(wire.frame(wire.DATA, data[i:i + wire.MAX_FRAME_BYTES]))
+        if not self.aborted:
+            for i in range(0, len(data), wire.MAX_FRAME_BYTES):
+                self.sock.sendall(wire.frame(wire.DATA, data[i:i + wire.MAX_FRAME_BYTES]))
         return len(data)
+
+
+def _text(message: str) -> bytes:
+    return message.encode("utf-8", "backslashreplace")  # (file names need not be UTF-8)
 
 
 class _Handler(socketserver.StreamRequestHandler):
@@ -47,57 +64,84 @@ class _Handler(socketserver.StreamRequestHandler):
 
     def handle(self) -> None:
         sock: socket.socket = self.request
+        if not self.server.slots.acquire(blocking=False):
+            self._send(wire.ERROR, f"the query server is busy ({MAX_QUERIES} queries running); try again")
+            return
+        try:
+            self._answer(sock)
+        finally:
+            self.server.slots.release()
+
+    def _answer(self, sock: socket.socket) -> None:
+        sock.settimeout(REQUEST_TIMEOUT_S)
         try:
             req = wire.decode_request(self.rfile.readline(wire.MAX_REQUEST_BYTES + 1))
         except wire.ProtocolError as exc:
             self._send(wire.ERROR, f"bad request: {exc}")
             return
-        except OSError:
+        except OSError:  # timed out, or the client went away
             return
-        out = io.BufferedWriter(_FrameWriter(sock), buffer_size=256 << 10)
+        sock.settimeout(None)  # (a client may pause reading, e.g. a pager: it holds only its own thread)
+        raw = _FrameWriter(sock)
+        out = io.BufferedWriter(raw, buffer_size=256 << 10)
         try:
-            stats = self.server.run_query(req, out, lambda m: sock.sendall(wire.frame(wire.WARNING, m.encode())))
+            stats = self.server.run_query(req, out, lambda m: sock.sendall(wire.frame(wire.WARNING, _text(m))))
             out.flush()
         except (BrokenPipeError, ConnectionResetError):
+            raw.aborted = True
             log.debug("query client went away")
             return
         except Exception as exc:
+            raw.aborted = True  # (the buffer's rest is dropped, not sent after the error)
             from pktstream.cli import error_line
-            if not isinstance(exc, (ValueError, OSError, ImportError)) and not _is_pktstream_error(exc):
+            from pktstream.exceptions import PktstreamError
+            if not isinstance(exc, (ValueError, OSError, ImportError, PktstreamError)):
                 log.exception("query failed")
             self._send(wire.ERROR, error_line(exc))
             return
-        import json
         self._send(wire.SUMMARY, json.dumps({"summary": stats.summary(), "scanned": stats.scanned}))
 
     def _send(self, kind: bytes, text: str) -> None:
         try:
-            self.request.sendall(wire.frame(kind, text.encode()))
+            self.request.sendall(wire.frame(kind, _text(text)))
         except OSError:
             pass  # the client went away: nothing to tell
 
 
-def _is_pktstream_error(exc: BaseException) -> bool:
-    from pktstream.exceptions import PktstreamError
-    return isinstance(exc, PktstreamError)
-
-
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
+    daemon_threads = True     # close() waits for running queries, up to a bound
     block_on_close = False
-    archive_root: str
+    request_queue_size = 64
+
+    def __init__(self, path: str, archive: str, client: Any) -> None:
+        super().__init__(path, _Handler, bind_and_activate=False)
+        self.archive_root = archive
+        self.client = client  # one S3 client for every query (boto3 clients are thread-safe)
+        self.slots = threading.BoundedSemaphore(MAX_QUERIES)
+        self.running = 0
+        self.idle = threading.Condition()
+
+    def process_request_thread(self, request, client_address) -> None:
+        with self.idle:
+            self.running += 1
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.idle:
+                self.running -= 1
+                self.idle.notify_all()
 
     def run_query(self, req: dict[str, Any], out, warn):
         from pktstream.archive.archive import Archive
         if req.get("archive") is not None and req["archive"] != wire.archive_id(self.archive_root):
             raise ValueError(f"this query server answers for {self.archive_root}, not {req['archive']}")
-        return Archive(self.archive_root).write(out, req.get("bpf"), since=req.get("since"),
-                                                until=req.get("until"), sensor=req.get("sensor") or None,
-                                                warn=warn, format=req.get("format") or "pcapng")
+        return Archive(self.archive_root, client=self.client).write(
+            out, req.get("bpf"), since=req.get("since"), until=req.get("until"), sensor=req.get("sensor") or None,
+            warn=warn, format=req.get("format") or "pcapng")
 
 
 class QueryServer:
-    """Answers queries of one archive on a Unix socket (thread-safe: one thread per query)."""
+    """Answers queries of one archive on a Unix socket (see the module for threads and lifetime)."""
 
     def __init__(self, archive: str, socket_path: str | None = None, *, socket_mode: int = 0o600) -> None:
         self.archive = archive
@@ -110,20 +154,26 @@ class QueryServer:
         self._inode: tuple[int, int] | None = None
 
     def start(self) -> None:
-        """Check the archive, bind the socket, load what a query needs (numpy, pyarrow, the
-        reader, the catalog's snapshot into the page cache)."""
+        """Check the archive and the socket, load what a query needs (numpy, pyarrow, the reader
+        and writer, the catalog into the page cache), then bind and listen."""
+        if self._server is not None:
+            raise RuntimeError("QueryServer.start() called twice")
         from pktstream.archive.archive import Archive
+        from pktstream.formats import open_writer
         if not self.archive.startswith("s3://") and not os.path.isdir(self.archive):
             raise FileNotFoundError(2, "no such archive directory", self.archive)
-        archive = Archive(self.archive)
-        archive.write(io.BytesIO(), "host 192.0.2.1", warn=lambda m: None)  # (TEST-NET-1: loads the
-        # modules, the reader and the writer, reads the catalog)
         self._replace_stale_socket()
+        archive = Archive(self.archive)
+        archive.plan("host 192.0.2.1")  # (TEST-NET-1: imports, reads the catalog; reads no capture file)
+        open_writer(io.BytesIO(), format="pcapng").close()
+        server = _Server(self.socket_path, self.archive, getattr(archive.store, "client", None))
         old = os.umask(0o777 & ~self.socket_mode)
         try:
-            server = _Server(self.socket_path, _Handler, bind_and_activate=False)
             try:
                 server.server_bind()
+                os.chmod(self.socket_path, self.socket_mode)  # before listen(): no connection before it
+                st = os.lstat(self.socket_path)
+                self._inode = (st.st_dev, st.st_ino)
                 server.server_activate()
             except BaseException:
                 server.server_close()
@@ -135,10 +185,6 @@ class QueryServer:
             raise
         finally:
             os.umask(old)
-        os.chmod(self.socket_path, self.socket_mode)
-        st = os.stat(self.socket_path)
-        self._inode = (st.st_dev, st.st_ino)
-        server.archive_root = self.archive
         self._server = server
 
     def _replace_stale_socket(self) -> None:
@@ -155,24 +201,37 @@ class QueryServer:
             return
         raise FileExistsError(17, "a query server already answers on this socket", self.socket_path)
 
-    def serve_forever(self) -> None:
-        assert self._server is not None, "start() first"
-        self._server.serve_forever(poll_interval=0.5)
-
-    def stop(self) -> None:
-        """Make :meth:`serve_forever` return (safe from a signal handler: does not wait)."""
-        if self._server is not None:
-            threading.Thread(target=self._server.shutdown, daemon=True).start()
-
-    def close(self) -> None:
-        """Stop listening and remove the socket (if it is still the one this server made)."""
-        if self._server is None:
-            return
-        self._server.server_close()
-        self._server = None
+    def serve_until(self, stop: threading.Event, grace_s: float = 10.0) -> None:
+        """Answer queries until ``stop`` is set; then :meth:`close`."""
+        server = self._server
+        if server is None:
+            raise RuntimeError("QueryServer.start() first")
+        loop = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                                name="pktstream-serve", daemon=True)
+        loop.start()
         try:
-            st = os.stat(self.socket_path)
+            while not stop.wait(0.5):
+                pass
+        finally:
+            server.shutdown()
+            loop.join()
+            self.close(grace_s)
+
+    def close(self, grace_s: float = 10.0) -> None:
+        """Stop listening, remove the socket (if it is still the one this server made), and wait
+        up to ``grace_s`` for running queries (those still running then are cut off: their
+        clients report an incomplete reply and keep no file)."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.server_close()
+        try:
+            st = os.lstat(self.socket_path)
             if (st.st_dev, st.st_ino) == self._inode:
                 os.unlink(self.socket_path)
         except FileNotFoundError:
             pass
+        deadline = time.monotonic() + grace_s
+        with server.idle:
+            while server.running and time.monotonic() < deadline:
+                server.idle.wait(max(0.0, deadline - time.monotonic()))

@@ -25,6 +25,7 @@ Thread safety: :func:`query` uses its own connection; nothing is shared.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -81,9 +82,9 @@ def decode_request(line: bytes) -> dict[str, Any]:
         raise ProtocolError(f"request line missing or longer than {MAX_REQUEST_BYTES} bytes")
     try:
         req = json.loads(line)
-    except ValueError as exc:
-        raise ProtocolError(f"request is not JSON: {exc}") from None
-    if not isinstance(req, dict) or req.get("v") != VERSION:
+    except (ValueError, RecursionError) as exc:  # (RecursionError: nesting deeper than the parser's stack)
+        raise ProtocolError(f"request is not JSON: {type(exc).__name__}: {exc}") from None
+    if not isinstance(req, dict) or type(req.get("v")) is not int or req["v"] != VERSION:
         raise ProtocolError(f"request of an unknown protocol version (this server speaks {VERSION})")
     for key in ("archive", "bpf", "since", "until"):
         if req.get(key) is not None and not isinstance(req[key], str):
@@ -101,7 +102,7 @@ class Reply:
     """What a server said about a query (its output went to the ``out`` of :func:`query`)."""
     summary: str = ""
     scanned: list[str] = field(default_factory=list)
-    bytes_written: int = 0
+    bytes_written: int = 0  # output bytes received (for a caller's own accounting)
 
 
 def _read_exact(sock: socket.socket, n: int) -> bytes:
@@ -121,9 +122,12 @@ def connect(path: str, timeout_s: float = 5.0) -> socket.socket:
     s.settimeout(timeout_s)
     try:
         s.connect(path)
-    except (FileNotFoundError, ConnectionRefusedError) as exc:
+    except (FileNotFoundError, ConnectionRefusedError, TimeoutError) as exc:
         s.close()
-        raise ServerUnavailable(exc.errno, f"no query server answers on {path}") from None
+        raise ServerUnavailable(exc.errno or errno.ECONNREFUSED, "no query server answers on it", path) from None
+    except PermissionError as exc:
+        s.close()
+        raise PermissionError(exc.errno, "may not connect to the query server's socket", path) from None
     except BaseException:
         s.close()
         raise
@@ -136,15 +140,27 @@ def query(path: str, out: BinaryIO, *, bpf: str | None = None, since: str | None
           archive: str | None = None, warn: Callable[[str], None] | None = None) -> Reply:
     """Run a query on the server listening on ``path``, writing its output to ``out``.
 
-    Raises :class:`ServerUnavailable` before anything is written when no server answers,
+    Raises :class:`ServerUnavailable` before anything is written when no server answers (or one
+    accepted and closed without a reply), ``PermissionError`` when the socket may not be used,
     :class:`ProtocolError` for a malformed reply, and ``ValueError`` with the server's message
     when the query failed there (bad BPF, unknown time, unreadable archive, ``archive`` not the
     one the server answers for)."""
     reply = Reply()
     with connect(path) as s:
-        s.sendall(encode_request(bpf, since, until, sensor, fmt, None if archive is None else archive_id(archive)))
+        try:
+            s.sendall(encode_request(bpf, since, until, sensor, fmt, None if archive is None else archive_id(archive)))
+            first = s.recv(FRAME_HEADER.size)
+        except (BrokenPipeError, ConnectionResetError):
+            first = b""
+        if not first:  # accepted, then closed before replying (a server stopping): nothing written
+            raise ServerUnavailable(errno.ECONNRESET, "the query server closed the connection without replying",
+                                    path)
+        header: bytes | None = first + _read_exact(s, FRAME_HEADER.size - len(first))
         while True:
-            kind, n = FRAME_HEADER.unpack(_read_exact(s, FRAME_HEADER.size))
+            if header is None:
+                header = _read_exact(s, FRAME_HEADER.size)
+            kind, n = FRAME_HEADER.unpack(header)
+            header = None
             if n > MAX_FRAME_BYTES:
                 raise ProtocolError(f"the query server sent a frame of {n} bytes (at most {MAX_FRAME_BYTES})")
             payload = _read_exact(s, n)

@@ -252,8 +252,9 @@ def run() -> None:
     code = main()
     if next((w for w in words if not w.startswith("-")), None) in _FAST_EXIT_COMMANDS:
         try:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            for stream in (sys.stdout, sys.stderr):
+                if stream is not None:
+                    stream.flush()
         except (BrokenPipeError, OSError):
             sys.exit(code)  # the normal exit reports what it can
         os._exit(code)

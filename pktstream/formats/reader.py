@@ -35,7 +35,7 @@ import mmap
 import os
 import stat
 import struct
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -356,10 +356,11 @@ class CaptureReader:
     Thread safety: one thread at a time per reader.
     """
 
-    def __init__(self, source, *, batch_bytes: int = DEFAULT_BATCH_BYTES, truncated: str = "warn",
+    def __init__(self, source, *, batch_bytes: int = DEFAULT_BATCH_BYTES,
+                 truncated: str | Callable[[str, int], None] = "warn",
                  comments: bool = False, memory_map: bool = False) -> None:
-        if truncated not in ("warn", "error", "ignore"):
-            raise ValueError("truncated must be 'warn', 'error' or 'ignore'")
+        if not callable(truncated) and truncated not in ("warn", "error", "ignore"):
+            raise ValueError("truncated must be 'warn', 'error', 'ignore' or a function(message, offset)")
         if batch_bytes < 4096:
             raise ValueError("batch_bytes must be at least 4096")
         self.batch_bytes = batch_bytes
@@ -520,6 +521,9 @@ class CaptureReader:
 
     def _truncated_end(self, offset: int, have: int, what: str) -> None:
         msg = f"{self._name}: truncated {what} at byte {offset} ({have} bytes present); file ends there"
+        if callable(self._truncated):
+            self._truncated(msg, offset)
+            return
         if self._truncated == "error":
             raise FileFormatError(msg, path=self.path, offset=offset)
         if self._truncated == "warn":
@@ -911,10 +915,13 @@ class CaptureReader:
         self.close()
 
 
-def open_reader(source, *, batch_bytes: int = DEFAULT_BATCH_BYTES, truncated: str = "warn",
+def open_reader(source, *, batch_bytes: int = DEFAULT_BATCH_BYTES,
+                truncated: str | Callable[[str, int], None] = "warn",
                 comments: bool = False, memory_map: bool = False) -> CaptureReader:
     """Open a capture file (path or binary file object) for reading; see :class:`CaptureReader`.
-    ``memory_map=True``: map an uncompressed regular file (zero-copy; SIGBUS risk, see the module)."""
+    ``truncated``: ``"warn"``, ``"error"``, ``"ignore"``, or a function called with the message and
+    offset (no process-wide warnings state: for threads). ``memory_map=True``: map an uncompressed
+    regular file (zero-copy; SIGBUS risk, see the module)."""
     return CaptureReader(source, batch_bytes=batch_bytes, truncated=truncated, comments=comments,
                          memory_map=memory_map)
 
