@@ -144,14 +144,16 @@ def _unit(path: Path) -> dict[str, dict[str, str]]:
     return sections
 
 
-@pytest.mark.parametrize("name", ["pktstream-sensor.service", "pktstream-receiver.service"])
+@pytest.mark.parametrize("name", ["pktstream-sensor.service", "pktstream-receiver.service",
+                                  "pktstream-serve.service"])
 def test_systemd_units(name, tmp_path):
     path = DEPLOY / "systemd" / name
     u = _unit(path)
     argv = shlex.split(u["Service"]["ExecStart"])
     assert argv[0] == "/usr/local/bin/pktstream"
     args = build_parser().parse_args(argv[1:])
-    assert args.func.__name__ == ("cmd_sensor" if "sensor" in name else "cmd_receiver")
+    assert args.func.__name__ == {"pktstream-sensor.service": "cmd_sensor", "pktstream-receiver.service":
+                                  "cmd_receiver", "pktstream-serve.service": "cmd_serve"}[name]
     assert u["Install"]["WantedBy"] == "multi-user.target"
     if "sensor" in name:
         assert u["Service"]["AmbientCapabilities"].split() == ["CAP_NET_RAW", "CAP_NET_ADMIN"]
