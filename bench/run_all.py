@@ -40,7 +40,8 @@ PRESETS: dict[str, list[tuple[str, list[str]]]] = {
     # (index size, queries against tcpdump -r and pktstream convert, direct and by pktstream serve),
     # Stenographer on the same traffic (root, Debian's stenographer)
     "issue13": [
-        ("index", ["--repeat", "2", "--json", "{out}/index.json"]),
+        ("index", ["--raw-mb", "600", "--rotate", "128MB", "--repeat", "2", "--json", "{out}/index.json"]),
+        ("index", ["--rotate", "16MB", "--repeat", "2", "--json", "{out}/index-16mb.json"]),  # per-file costs
         ("archive", ["--raw-mb", "5000", "--dir", "{out}/archive", "--json", "{out}/archive.json"]),
         ("steno_side_by_side.py", []),
     ],
@@ -103,7 +104,7 @@ def run_preset(name: str, out: str | None, packetstreamer: str | None) -> int:
         cmd = [sys.executable, str(HERE / (script if script.endswith(".py") else f"bench_{script}.py")), *argv]
         print(f"=== {' '.join(cmd[1:])} ===", flush=True)
         t0 = time.monotonic()
-        with open(Path(out) / f"{Path(script).stem}.log", "w") as log:
+        with open(Path(out) / f"{Path(script).stem}.log", "a") as log:  # (a script may run twice)
             proc = subprocess.Popen(cmd, cwd=HERE.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             assert proc.stdout is not None
             for line in proc.stdout:
