@@ -65,7 +65,13 @@ class _Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         sock: socket.socket = self.request
         if not self.server.slots.acquire(blocking=False):
+            sock.settimeout(REQUEST_TIMEOUT_S)
+            try:
+                self.rfile.readline(wire.MAX_REQUEST_BYTES + 1)  # (read first: the reply is then not lost)
+            except OSError:
+                return
             self._send(wire.ERROR, f"the query server is busy ({MAX_QUERIES} queries running); try again")
+            self._linger()
             return
         try:
             self._answer(sock)
@@ -78,6 +84,7 @@ class _Handler(socketserver.StreamRequestHandler):
             req = wire.decode_request(self.rfile.readline(wire.MAX_REQUEST_BYTES + 1))
         except wire.ProtocolError as exc:
             self._send(wire.ERROR, f"bad request: {exc}")
+            self._linger()
             return
         except OSError:  # timed out, or the client went away
             return
@@ -100,6 +107,20 @@ class _Handler(socketserver.StreamRequestHandler):
             self._send(wire.ERROR, error_line(exc))
             return
         self._send(wire.SUMMARY, json.dumps({"summary": stats.summary(), "scanned": stats.scanned}))
+
+    def _linger(self) -> None:
+        """After an error reply to a request not read whole: read (up to 1 MiB, 1 s) until the
+        client closes, so that closing with unread bytes does not reset the connection before
+        the client has read the reply."""
+        sock: socket.socket = self.request
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(1.0)
+            left = 1 << 20
+            while left > 0 and (chunk := sock.recv(min(left, 65536))):
+                left -= len(chunk)
+        except OSError:
+            pass
 
     def _send(self, kind: bytes, text: str) -> None:
         try:

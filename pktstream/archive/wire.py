@@ -149,8 +149,11 @@ def query(path: str, out: BinaryIO, *, bpf: str | None = None, since: str | None
     with connect(path) as s:
         try:
             s.sendall(encode_request(bpf, since, until, sensor, fmt, None if archive is None else archive_id(archive)))
-            first = s.recv(FRAME_HEADER.size)
         except (BrokenPipeError, ConnectionResetError):
+            pass  # it replied (e.g. busy) and closed before reading: its reply may be here
+        try:
+            first = s.recv(FRAME_HEADER.size)
+        except ConnectionResetError:
             first = b""
         if not first:  # accepted, then closed before replying (a server stopping): nothing written
             raise ServerUnavailable(errno.ECONNRESET, "the query server closed the connection without replying",
