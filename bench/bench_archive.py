@@ -368,9 +368,7 @@ def main() -> int:
                 s_warm, s_st = timed(lambda bpf=bpf, kw=kw, sr=sr, out=out: Archive(sr).write(out, bpf, **kw),
                                      repeat=3)
                 assert s_st.packets == st.packets, (name, s_st.packets, st.packets)
-                s_cli, _ = timed(lambda bpf=bpf, extra=extra, sr=sr, out=out: subprocess.run(
-                    [*PY, "query", sr, *bpf.split(), "-w", str(out), *extra], check=True,
-                    capture_output=True, env=CLI_ENV), repeat=3)
+                s_cli, _ = timed_cli([*PY, "query", sr, *bpf.split(), "-w", str(out), *extra, "--no-server"])
             q = {"bpf": bpf, "packets": st.packets, "files_read": st.files_read, "bytes_read": st.bytes_read,
                  "archive_cold_s": round(cold, 4), "archive_warm_s": round(warm, 4), "cli_s": round(cli, 3),
                  "cli_cpu_s": round(cli_cpu, 3), "cli_server_s": round(served, 3),

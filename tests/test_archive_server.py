@@ -193,7 +193,9 @@ def test_stale_socket_second_server_and_socket_mode(root, tmp_path):
     assert p.exit_code() == 1 and "nope" in p.first_line
 
 
-def _fake_server(path: str, reply: bytes) -> threading.Thread:
+def _fake_server(path: str, reply: bytes, hold: threading.Event | None = None) -> threading.Thread:
+    """A server on ``path`` answering one query with ``reply`` (then, with ``hold``, keeping the
+    connection open until it is set)."""
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(path)
     srv.listen(1)
@@ -204,6 +206,8 @@ def _fake_server(path: str, reply: bytes) -> threading.Thread:
             with c:
                 c.recv(65536)
                 c.sendall(reply)
+                if hold is not None:
+                    hold.wait(120)
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
@@ -278,19 +282,7 @@ def test_concurrent_queries_each_report_their_own_truncated_file(tmp_path):
 def test_interrupted_client_leaves_no_part_file(tmp_path):
     sock = str(tmp_path / "slow.sock")
     release = threading.Event()
-    srv = socket.socket(socket.AF_UNIX)
-    srv.bind(sock)
-    srv.listen(1)
-
-    def run() -> None:
-        with srv:
-            c, _ = srv.accept()
-            with c:
-                c.recv(65536)
-                c.sendall(wire.frame(wire.DATA, b"x" * 1000))
-                release.wait(120)
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
+    t = _fake_server(sock, wire.frame(wire.DATA, b"x" * 1000), hold=release)  # data, then nothing
     out = tmp_path / "o.pcapng"
     p = subprocess.Popen([*PKTSTREAM, "query", str(tmp_path), "--server", sock, "-w", str(out)],
                          stderr=subprocess.PIPE, text=True)
