@@ -482,6 +482,41 @@ def test_recovery_indexes_only_its_outputs_files_and_never_fails_the_start(tmp_p
     assert not list(root2.rglob("*.part"))
 
 
+def test_live_catalog_snapshot_takes_a_bounded_share(tmp_path, monkeypatch):
+    """The receiver's catalog snapshot is rewritten whole (its cost grows with the archive), so
+    it is refreshed at most as often as its last cost allows (SNAPSHOT_CPU_SHARE); rows it lacks
+    are read from their own catalog files, and closing the output brings it up to date."""
+    import pyarrow.parquet as pq
+
+    import pktstream.archive.live as live
+    from pktstream.archive.catalog import SNAPSHOT
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    monkeypatch.setattr(live, "SNAPSHOT_MAX_AGE_S", 1e9)  # (by count only, however slow the machine)
+    root = tmp_path / "a"
+    sink = FileSink(directory=str(root), format="pcapng", rotate_bytes=8_000, index=True)
+    src = Source("s1", "h-s1", "eth0", 1, 262144)
+    feed = iter(batches(5, 6000, T0, per_batch=10, interface="s1/eth0"))
+    while sink.indexer.snapshots == 0:  # the first snapshot: after SNAPSHOT_EVERY changes
+        sink.write(src, next(feed))
+    assert sink.indexer.indexed == live.SNAPSHOT_EVERY
+    monkeypatch.setattr(live, "SNAPSHOT_CPU_SHARE", 1e-12)  # any snapshot now costs "too much"
+    while sink.indexer.indexed < 3 * live.SNAPSHOT_EVERY:
+        sink.write(src, next(feed))
+    sink.tick()
+    assert sink.indexer.snapshots == 1  # held back, though 32 more files completed
+    in_snapshot = pq.read_table(root / SNAPSHOT, columns=["path"]).column("path").to_pylist()
+    assert len(in_snapshot) == live.SNAPSHOT_EVERY
+    a = Archive(str(root))
+    files = {e.path for e in a.store.captures()}
+    assert {r["path"] for r in a.catalog().to_pylist()} == files  # the rest from their catalog files
+    assert got(a, "udp") == brute(root, "udp") != []
+    sink.close()  # (the open file completed): the snapshot is written now
+    assert sink.indexer.snapshots == 2
+    in_snapshot = pq.read_table(root / SNAPSHOT, columns=["path"]).column("path").to_pylist()
+    assert sorted(in_snapshot) == sorted(e.path for e in a.store.captures())
+
+
 def test_catalog_snapshot_is_only_a_cache(tmp_path):
     """``_index/catalog.parquet`` holds all rows for one read; a row is taken from it only while
     its per-file catalog file is unchanged."""

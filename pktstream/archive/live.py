@@ -26,6 +26,10 @@ from pktstream.archive.store import LocalStore
 
 log = logging.getLogger("pktstream.receiver")
 
+SNAPSHOT_EVERY = 16  # changes (files completed or removed) after which the catalog snapshot is refreshed
+SNAPSHOT_MAX_AGE_S = 30.0  # ... or seconds after a change
+SNAPSHOT_CPU_SHARE = 0.02  # ... but snapshots take at most this share of the writer thread's time
+
 
 class LiveIndexer:
     """Indexes the files of one archive root as they are written.
@@ -52,18 +56,43 @@ class LiveIndexer:
         self.recover_root = True  # the receiver's recovery repairs this root's index
         self._changes = 0
         self._snapshot_at = time.monotonic()
+        self._snapshot_cpu_s = 0.0  # CPU time of the last snapshot (it grows with the archive)
+        self.snapshots = 0
 
     def _changed(self) -> None:
-        """Refresh the catalog snapshot every 16 changes or 30 s (queries read the rest of
-        the rows from their own files, so it is only a cache)."""
         self._changes += 1
-        if self._changes >= 16 or time.monotonic() - self._snapshot_at > 30:
-            try:
-                write_snapshot(self.store)
-            except Exception as exc:
-                log.warning("index: catalog snapshot of %s: %s", self.root, exc)
-            self._changes = 0
-            self._snapshot_at = time.monotonic()
+        self._snapshot_if_due()
+
+    def _snapshot_if_due(self, *, final: bool = False) -> None:
+        """Refresh the catalog snapshot after SNAPSHOT_EVERY changes or SNAPSHOT_MAX_AGE_S s
+        with changes, but never more often than every ``last cost / SNAPSHOT_CPU_SHARE``
+        seconds: a snapshot is rewritten whole (O(files in the archive)), so a fixed cadence
+        would cost more per completed file the larger the archive grows. It is only a cache
+        (queries read the rows it lacks from their own catalog files); ``final``: now, when
+        anything changed (:meth:`close`)."""
+        if not self._changes:
+            return
+        elapsed = time.monotonic() - self._snapshot_at
+        if not final and (elapsed < self._snapshot_cpu_s / SNAPSHOT_CPU_SHARE
+                          or (self._changes < SNAPSHOT_EVERY and elapsed <= SNAPSHOT_MAX_AGE_S)):
+            return
+        cpu0 = time.thread_time()
+        try:
+            write_snapshot(self.store)
+            self.snapshots += 1
+        except Exception as exc:
+            log.warning("index: catalog snapshot of %s: %s", self.root, exc)
+        self._snapshot_cpu_s = time.thread_time() - cpu0
+        self._changes = 0
+        self._snapshot_at = time.monotonic()
+
+    def idle(self) -> None:
+        """The writer's thread has nothing to write: a snapshot held back is written when due."""
+        self._snapshot_if_due()
+
+    def close(self) -> None:
+        """The outputs are closed: the snapshot is brought up to date (when anything changed)."""
+        self._snapshot_if_due(final=True)
 
     def _rel(self, path: str) -> str | None:
         rel = os.path.relpath(os.path.abspath(path), self.root)

@@ -227,10 +227,13 @@ class FileSink(Sink):
 
     def tick(self) -> None:
         """Idle: complete the files whose ``rotate_seconds`` have passed, so a quiet sensor's
-        file is closed on time (tcpdump -G waits for the next packet)."""
+        file is closed on time (tcpdump -G waits for the next packet); the index's catalog
+        snapshot is refreshed when one was held back."""
         if self.opts["rotate_seconds"]:
             for out in self._outputs.values():
                 out.rotate_if_due()
+        if self.indexer is not None:
+            self.indexer.idle()  # (a catalog snapshot held back)
 
     @property
     def paths(self) -> list[str]:
@@ -238,8 +241,12 @@ class FileSink(Sink):
         return self._done + [p for out in self._outputs.values() for p in out.paths]
 
     def close(self) -> None:
-        for out in self._outputs.values():
-            out.close()
+        try:
+            for out in self._outputs.values():
+                out.close()
+        finally:
+            if self.indexer is not None:
+                self.indexer.close()
 
     @staticmethod
     def recover(state: dict[str, Any]) -> None:
