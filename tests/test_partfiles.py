@@ -266,6 +266,44 @@ def test_recovery_removes_files_completed_entirely_after_the_last_flush(tmp_path
     assert len(read_ts(str(earlier))) == 40
 
 
+@pytest.mark.parametrize("fmt", ["pcap", "pcapng.zst"])
+def test_recovery_after_a_flush_that_time_rotation_left_without_an_open_file(tmp_path, fmt):
+    """Time rotation (``-G``) completes a file at a flush (or on idle), so no file is open when
+    the flush's state is taken; the files the output opens and completes after it hold only
+    unacknowledged batches. Recovery still knows the output's place: it removes those (the
+    sensors resend them) and keeps the completed file as it was."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    src = Source("s1", "s1", "eth0", 1, 262144)
+    batches = make_batches(4, 40)
+    out = tmp_path / "out"
+    out.mkdir()
+    rotate_s = 0.05
+    sink = FileSink(str(out / f"o.{fmt}"), rotate_seconds=rotate_s)
+
+    def write_until_due(batch) -> None:
+        opened = time.time()  # (the writer's clock: a file opened now is due rotate_s later)
+        sink.write(src, batch)
+        while time.time() < opened + 2 * rotate_s:
+            time.sleep(0.01)
+
+    write_until_due(batches[0])
+    state = sink.flush()  # the file is due: the flush completes it
+    assert sink.open_paths() == set()
+    [entry] = state["open"]
+    first = entry["final"]
+    assert os.path.isfile(first) and entry["size"] == os.path.getsize(first) and entry["seq"] == 0
+    write_until_due(batches[1])
+    sink.tick()  # completes the second file (unacknowledged) while idle
+    sink.write(src, batches[2])  # and opens a third
+    assert len(sink.paths) == 2 and len(sink.open_paths()) == 1
+    for o in sink._outputs.values():
+        o.abandon()  # the crash
+    FileSink.recover(state)
+    assert os.listdir(out) == [os.path.basename(first)]
+    assert read_ts(first) == [int(t) - 1_700_000_000 * 10**9 for t in batches[0].ts_ns]
+
+
 def test_rotating_numbers_skip_part_files_and_each_directory_is_scanned(tmp_path):
     """A new rotating writer numbers after the files of its pattern already there, .part files
     included (one left by a crashed run without a state dir was truncated by O_TRUNC), and

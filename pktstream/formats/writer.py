@@ -225,6 +225,7 @@ class CaptureWriter:
         self._zfile: ZstdFileWriter | None = None
         self._raw: Any = None   # the OS file under the current writer (paths only)
         self._cur_path: str | None = None
+        self._last_done: tuple[str, int, int] | None = None  # rotating: (path, seq, size) completed last
         self._opened_at = 0.0
         self._link_type: int | None = None
         self.paths: list[str] = []
@@ -297,9 +298,12 @@ class CaptureWriter:
         raw.flush()
         if self._fsync:
             os.fsync(raw.fileno())
+        size = os.fstat(raw.fileno()).st_size
         raw.close()
         if not self.in_place:
             os.replace(path + ".part", path)
+        if self._rotating:
+            self._last_done = (path, self._seq - 1, size)
         if self._fsync:
             dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
             try:
@@ -348,6 +352,13 @@ class CaptureWriter:
         """Rotating writers: the sequence number in the current file's name (``NAME.000042.pcap``:
         42); later files of this writer get higher numbers. None when not rotating or no file is open."""
         return self._seq - 1 if self._rotating and self._cur is not None else None  # (_next_path's last)
+
+    @property
+    def last_completed(self) -> tuple[str, int, int] | None:
+        """Rotating writers while no file is open (time rotation completed it at a flush or
+        ``rotate_if_due``): the file completed last as (final name, sequence number, size in
+        bytes) -- crash recovery removes the files numbered after it. None otherwise."""
+        return self._last_done if self._cur is None else None
 
     @property
     def current_path(self) -> str | None:

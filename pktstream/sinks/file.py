@@ -72,12 +72,20 @@ def _check_writable(d: str, what: str) -> None:
 
 def _writer_state(writer: CaptureWriter) -> dict[str, Any] | None:
     final = writer.current_path
+    st: dict[str, Any]
     if final is None:
-        return None
-    fs = os.fstat(writer.fileno())
-    st: dict[str, Any] = {"part": writer.data_path_of(final), "final": final, "size": fs.st_size}
-    if writer.current_seq is not None:  # rotating: recovery removes later files (entirely unacknowledged)
-        st.update(seq=writer.current_seq, pattern=writer.name_pattern)
+        done = writer.last_completed
+        if done is None:
+            return None
+        # a rotating output with no file open (time rotation completed it): the files it opens
+        # after this flush hold nothing acknowledged, so recovery needs its place all the same
+        final, seq, size = done
+        st = {"part": writer.data_path_of(final), "final": final, "size": size, "seq": seq,
+              "pattern": writer.name_pattern}
+    else:
+        st = {"part": writer.data_path_of(final), "final": final, "size": os.fstat(writer.fileno()).st_size}
+        if writer.current_seq is not None:  # rotating: recovery removes later files (entirely unacknowledged)
+            st.update(seq=writer.current_seq, pattern=writer.name_pattern)
     if writer.zstd_frame_bytes:
         st["zstd_frame_bytes"] = writer.zstd_frame_bytes  # recovery keeps the seekable layout
     return st
