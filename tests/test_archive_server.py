@@ -365,3 +365,86 @@ def test_request_timeout_and_busy_server_in_process(root, tmp_path, monkeypatch)
         stop.set()
         loop.join(timeout=60)
     assert not loop.is_alive() and not os.path.exists(srv.socket_path)
+
+
+def test_heartbeats_keep_a_long_query_alive_in_process(root, tmp_path, monkeypatch):
+    """A query that runs longer than the client's idle timeout is not given up on: the server
+    sends a heartbeat (K frame) every HEARTBEAT_S while it runs. A client that does not ask for
+    heartbeats gets none (its protocol stays as it was)."""
+    from pktstream.archive import service
+    monkeypatch.setattr(service, "HEARTBEAT_S", 0.05)
+    from pktstream.archive import archive as archive_module
+    srv = service.QueryServer(str(root), str(tmp_path / "q.sock"))
+    srv.start()
+    real = archive_module.Archive.write
+
+    def slow(self, *args, **kw):  # runs until 40 heartbeats (>= 2 s, twice the client's timeout) went out
+        deadline = time.monotonic() + 120
+        while srv.heartbeats < 40 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return real(self, *args, **kw)
+    monkeypatch.setattr(archive_module.Archive, "write", slow)
+    stop = threading.Event()
+    loop = threading.Thread(target=srv.serve_until, args=(stop,), daemon=True)
+    loop.start()
+    try:
+        out = io.BytesIO()
+        reply = wire.query(srv.socket_path, out, bpf="port 53", idle_timeout_s=1.0)
+        assert srv.heartbeats >= 40 and "packets matched" in reply.summary
+        monkeypatch.setattr(archive_module.Archive, "write", real)
+        direct = io.BytesIO()
+        Archive(str(root)).write(direct, "port 53")
+        assert out.getvalue() == direct.getvalue()
+        # a client of before heartbeats: no K frame in its reply
+        before = srv.heartbeats
+        with wire.connect(srv.socket_path) as c:
+            c.sendall(json.dumps({"v": 1, "bpf": "port 53", "format": "pcapng"}).encode() + b"\n")
+            c.settimeout(60)
+            kinds = []
+            reply_bytes = c.makefile("rb")
+            while True:
+                kind, n = wire.FRAME_HEADER.unpack(reply_bytes.read(wire.FRAME_HEADER.size))
+                assert len(reply_bytes.read(n)) == n
+                kinds.append(kind)
+                if kind in (wire.SUMMARY, wire.ERROR):
+                    break
+        assert kinds[-1] == wire.SUMMARY and wire.KEEPALIVE not in kinds and srv.heartbeats == before
+    finally:
+        stop.set()
+        loop.join(timeout=60)
+
+
+@pytest.mark.parametrize("reply, message", [
+    (b"", "did not answer for 0.5 s"),                                          # hung before replying
+    (wire.frame(b"K", b""), "stopped answering for 0.5 s before any output"),  # hung after its first heartbeat
+    (wire.frame(b"K", b"") + wire.frame(b"D", b"abc"), "sent nothing for 0.5 s inside a reply"),
+])
+def test_a_hung_server_is_given_up_on(tmp_path, reply, message):
+    """A server that stops sending (SIGSTOP, a deadlock) is given up on after --server-timeout:
+    with --server, a one-line error and no file; before any output, a query at the archive's
+    default socket runs directly instead."""
+    sock = str(tmp_path / "fake.sock")
+    hold = threading.Event()
+    t = _fake_server(sock, reply, hold)
+    out = tmp_path / "o.pcapng"
+    try:
+        r = query(tmp_path, "--server", sock, "--server-timeout", "0.5", "-w", str(out), text=True)
+    finally:
+        hold.set()
+        t.join(timeout=60)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+    assert not out.exists() and not (tmp_path / "o.pcapng.part").exists()
+    if reply.endswith(wire.frame(b"D", b"abc")):
+        return
+    root, _ = _truncated_archive(tmp_path / "c")
+    hold = threading.Event()
+    t = _fake_server(str(root / wire.SOCKET_NAME), reply, hold)
+    try:
+        r = query(root, "tcp", "--server-timeout", "0.5", "-w", str(tmp_path / "a.pcapng"), text=True)
+    finally:
+        hold.set()
+        t.join(timeout=60)
+        (root / wire.SOCKET_NAME).unlink()
+    assert r.returncode == 0 and f"{message.split(' for')[0]}" in r.stderr and "querying directly" in r.stderr, r.stderr
+    d = query(root, "tcp", "--no-server", "-w", str(tmp_path / "d.pcapng"))
+    assert d.returncode == 0 and (tmp_path / "a.pcapng").read_bytes() == (tmp_path / "d.pcapng").read_bytes()

@@ -58,6 +58,17 @@ class _NoPandas:
         return None
 
 
+def _timeout_seconds(text: str) -> float:
+    """A timeout argument: seconds > 0 (argparse's error otherwise)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give seconds > 0")
+    return v
+
+
 def _lean(cloud_fs: bool = True) -> None:
     """Keep the command's imports to what it uses (called before anything imports pyarrow)."""
     if "pandas" not in sys.modules and not any(isinstance(f, _NoPandas) for f in sys.meta_path):
@@ -154,7 +165,8 @@ def _query_by_server(args: argparse.Namespace, bpf: str | None) -> int | None:
             os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640), "wb", buffering=0)
         reply = wire.query(path, out, bpf=bpf, since=args.since, until=args.until, sensor=args.sensor or None,
                            fmt=wire.output_format(args.write), archive=args.archive,
-                           warn=lambda m: print(f"pktstream query: warning: {m}", file=sys.stderr))
+                           warn=lambda m: print(f"pktstream query: warning: {m}", file=sys.stderr),
+                           idle_timeout_s=args.server_timeout)
         out.flush()
         if not to_stdout:
             out.close()
@@ -320,6 +332,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="ask the query server on this socket (default: ARCHIVE/.pktstream-query.sock "
                             "when it exists; pktstream serve)")
     where.add_argument("--no-server", action="store_true", help="run the query in this process")
+    p.add_argument("--server-timeout", type=_timeout_seconds, default=30.0, metavar="SECONDS",
+                   help="give up on a query server that sends nothing (not even its heartbeat) for this "
+                        "long; before any output the query then runs here (default: 30)")
     p.set_defaults(func=cmd_query)
 
     p = subparser(sub, "serve", help="answer pktstream query for an archive from a resident process (fast queries)",

@@ -26,6 +26,7 @@ import socketserver
 import stat
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pktstream.archive import wire
@@ -34,24 +35,54 @@ log = logging.getLogger(__name__)
 
 MAX_QUERIES = 8          # running at once; a query is CPU-bound, the machine has a few cores
 REQUEST_TIMEOUT_S = 10.0  # to send the request line after connecting
+HEARTBEAT_S = wire.HEARTBEAT_S  # a K frame this often while a query runs (clients that ask for them)
 
 
-class _FrameWriter(io.RawIOBase):
-    """A binary file whose writes go to a connection as ``D`` frames (buffer it). Once
-    :attr:`aborted`, writes are dropped: nothing may follow an ``E`` frame."""
+class _Conn:
+    """The frames of one reply: sent whole and in order from the query's thread and its
+    heartbeat thread. Once :attr:`aborted`, data and warnings are dropped: nothing may follow an
+    ``E`` frame. Lifetime: one query."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.lock = threading.Lock()
         self.aborted = False
+
+    def send(self, kind: bytes, payload: bytes) -> None:
+        with self.lock:
+            if not self.aborted:
+                self.sock.sendall(wire.frame(kind, payload))
+
+    def beat(self, done: threading.Event, interval_s: float, sent: Callable[[], None]) -> None:
+        """A ``K`` frame every ``interval_s`` until ``done`` (a heartbeat thread's body); skipped
+        while the query's thread is sending (the link is alive then)."""
+        while not done.wait(interval_s):
+            if not self.lock.acquire(blocking=False):
+                continue
+            try:
+                if done.is_set():
+                    return
+                self.sock.sendall(wire.frame(wire.KEEPALIVE, b""))
+                sent()
+            except OSError:
+                return  # the client went away: the query's thread finds out on its next send
+            finally:
+                self.lock.release()
+
+
+class _FrameWriter(io.RawIOBase):
+    """A binary file whose writes go to a connection as ``D`` frames (buffer it)."""
+
+    def __init__(self, conn: _Conn) -> None:
+        self.conn = conn
 
     def writable(self) -> bool:
         return True
 
     def write(self, b) -> int:
         data = bytes(b)
-        if not self.aborted:
-            for i in range(0, len(data), wire.MAX_FRAME_BYTES):
-                self.sock.sendall(wire.frame(wire.DATA, data[i:i + wire.MAX_FRAME_BYTES]))
+        for i in range(0, len(data), wire.MAX_FRAME_BYTES):
+            self.conn.send(wire.DATA, data[i:i + wire.MAX_FRAME_BYTES])
         return len(data)
 
 
@@ -89,17 +120,29 @@ class _Handler(socketserver.StreamRequestHandler):
         except OSError:  # timed out, or the client went away
             return
         sock.settimeout(None)  # (a client may pause reading, e.g. a pager: it holds only its own thread)
-        raw = _FrameWriter(sock)
-        out = io.BufferedWriter(raw, buffer_size=256 << 10)
+        conn = _Conn(sock)
+        out = io.BufferedWriter(_FrameWriter(conn), buffer_size=256 << 10)
+        done = threading.Event()
+        beat: threading.Thread | None = None
         try:
-            stats = self.server.run_query(req, out, lambda m: sock.sendall(wire.frame(wire.WARNING, _text(m))))
-            out.flush()
+            try:
+                if req.get("keepalive"):
+                    conn.send(wire.KEEPALIVE, b"")  # (says: heartbeats follow)
+                    beat = threading.Thread(target=conn.beat, args=(done, HEARTBEAT_S, self.server.count_heartbeat),
+                                            daemon=True, name="pktstream-serve-heartbeat")
+                    beat.start()
+                stats = self.server.run_query(req, out, lambda m: conn.send(wire.WARNING, _text(m)))
+                out.flush()
+            finally:
+                done.set()
+                if beat is not None:
+                    beat.join()
         except (BrokenPipeError, ConnectionResetError):
-            raw.aborted = True
+            conn.aborted = True
             log.debug("query client went away")
             return
         except Exception as exc:
-            raw.aborted = True  # (the buffer's rest is dropped, not sent after the error)
+            conn.aborted = True  # (the buffer's rest is dropped, not sent after the error)
             from pktstream.cli import error_line
             from pktstream.exceptions import PktstreamError
             if not isinstance(exc, (ValueError, OSError, ImportError, PktstreamError)):
@@ -141,6 +184,7 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.slots = threading.BoundedSemaphore(MAX_QUERIES)
         self.running = 0
         self.idle = threading.Condition()
+        self.heartbeats = 0  # K frames sent (all queries; a counter for tests and debugging)
 
     def process_request_thread(self, request, client_address) -> None:
         with self.idle:
@@ -151,6 +195,10 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             with self.idle:
                 self.running -= 1
                 self.idle.notify_all()
+
+    def count_heartbeat(self) -> None:
+        with self.idle:
+            self.heartbeats += 1
 
     def run_query(self, req: dict[str, Any], out, warn):
         from pktstream.archive.archive import Archive
@@ -207,6 +255,15 @@ class QueryServer:
         finally:
             os.umask(old)
         self._server = server
+
+    @property
+    def heartbeats(self) -> int:
+        """Heartbeat frames sent so far, to every client (0 before :meth:`start`)."""
+        server = self._server
+        if server is None:
+            return 0
+        with server.idle:
+            return server.heartbeats
 
     def _replace_stale_socket(self) -> None:
         try:

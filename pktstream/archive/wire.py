@@ -12,11 +12,19 @@ per connection:
 
 * request: one line of JSON (at most :data:`MAX_REQUEST_BYTES`), ``{"v": 1, "archive": str|null,
   "bpf": str|null, "since": str|null, "until": str|null, "sensor": [str]|null,
-  "format": "pcapng"|"pcapng.zst"}`` (times as the command line takes them; ``archive``: the
-  archive the client means, :func:`archive_id`, refused by a server of another one);
+  "format": "pcapng"|"pcapng.zst", "keepalive": bool}`` (times as the command line takes them;
+  ``archive``: the archive the client means, :func:`archive_id`, refused by a server of another
+  one; ``keepalive`` optional);
 * reply: frames of one type byte, a 4-byte big-endian length and that many bytes:
-  ``D`` output bytes, ``W`` a warning line, then exactly one of ``S`` (success: JSON
-  ``{"summary": str, "scanned": [str]}``) or ``E`` (an error line); the server then closes.
+  ``D`` output bytes, ``W`` a warning line, ``K`` (empty; only when the request asked for
+  ``keepalive``: one at once, then one every :data:`HEARTBEAT_S` while the query runs), then
+  exactly one of ``S`` (success: JSON ``{"summary": str, "scanned": [str]}``) or ``E`` (an error
+  line); the server then closes.
+
+Heartbeats let a client tell a long query from a hung or stopped server: :func:`query` gives up
+after ``idle_timeout_s`` without a frame (falling back to a direct query when nothing was
+received yet). A server that sends no ``K`` first (one from before heartbeats) is waited for
+as long as it takes once its first frame came.
 
 Every length is checked (a frame above :data:`MAX_FRAME_BYTES` or a reply ending early is an
 error of the query, never a short file passed off as complete).
@@ -39,7 +47,9 @@ SOCKET_NAME = ".pktstream-query.sock"
 MAX_REQUEST_BYTES = 64 << 10
 MAX_FRAME_BYTES = 16 << 20
 FRAME_HEADER = struct.Struct(">cI")
-DATA, WARNING, SUMMARY, ERROR = b"D", b"W", b"S", b"E"
+DATA, WARNING, SUMMARY, ERROR, KEEPALIVE = b"D", b"W", b"S", b"E", b"K"
+HEARTBEAT_S = 2.0      # the server's heartbeat while a query runs
+IDLE_TIMEOUT_S = 30.0  # the client's default wait for a frame
 FORMATS = ("pcapng", "pcapng.zst")
 
 
@@ -71,9 +81,9 @@ def archive_id(archive: str) -> str:
 
 
 def encode_request(bpf: str | None, since: str | None, until: str | None, sensor: list[str] | None,
-                   fmt: str, archive: str | None = None) -> bytes:
+                   fmt: str, archive: str | None = None, keepalive: bool = False) -> bytes:
     return json.dumps({"v": VERSION, "archive": archive, "bpf": bpf, "since": since, "until": until,
-                       "sensor": sensor, "format": fmt}).encode() + b"\n"
+                       "sensor": sensor, "format": fmt, "keepalive": keepalive}).encode() + b"\n"
 
 
 def decode_request(line: bytes) -> dict[str, Any]:
@@ -92,6 +102,8 @@ def decode_request(line: bytes) -> dict[str, Any]:
     sensor = req.get("sensor")
     if sensor is not None and not (isinstance(sensor, list) and all(isinstance(s, str) for s in sensor)):
         raise ProtocolError("request field 'sensor' must be a list of strings or null")
+    if not isinstance(req.get("keepalive", False), bool):
+        raise ProtocolError("request field 'keepalive' must be true or false")
     if req.get("format", "pcapng") not in FORMATS:
         raise ProtocolError(f"request field 'format' must be one of {', '.join(FORMATS)}")
     return req
@@ -137,54 +149,76 @@ def connect(path: str, timeout_s: float = 5.0) -> socket.socket:
 
 def query(path: str, out: BinaryIO, *, bpf: str | None = None, since: str | None = None,
           until: str | None = None, sensor: list[str] | None = None, fmt: str = "pcapng",
-          archive: str | None = None, warn: Callable[[str], None] | None = None) -> Reply:
+          archive: str | None = None, warn: Callable[[str], None] | None = None,
+          idle_timeout_s: float = IDLE_TIMEOUT_S) -> Reply:
     """Run a query on the server listening on ``path``, writing its output to ``out``.
 
     Raises :class:`ServerUnavailable` before anything is written when no server answers (or one
-    accepted and closed without a reply), ``PermissionError`` when the socket may not be used,
-    :class:`ProtocolError` for a malformed reply, and ``ValueError`` with the server's message
-    when the query failed there (bad BPF, unknown time, unreadable archive, ``archive`` not the
-    one the server answers for)."""
+    accepted and closed, or fell silent for ``idle_timeout_s``, before any output),
+    ``PermissionError`` when the socket may not be used, :class:`ProtocolError` for a malformed
+    reply or a server that fell silent for ``idle_timeout_s`` after some output, and ``ValueError``
+    with the server's message when the query failed there (bad BPF, unknown time, unreadable
+    archive, ``archive`` not the one the server answers for)."""
     reply = Reply()
     with connect(path) as s:
+        s.settimeout(idle_timeout_s)
         try:
-            s.sendall(encode_request(bpf, since, until, sensor, fmt, None if archive is None else archive_id(archive)))
+            s.sendall(encode_request(bpf, since, until, sensor, fmt,
+                                     None if archive is None else archive_id(archive), keepalive=True))
         except (BrokenPipeError, ConnectionResetError):
             pass  # it replied (e.g. busy) and closed before reading: its reply may be here
+        except TimeoutError:
+            raise ServerUnavailable(errno.ETIMEDOUT, f"the query server took no request for {idle_timeout_s:g} s",
+                                    path) from None
         try:
             first = s.recv(FRAME_HEADER.size)
         except ConnectionResetError:
             first = b""
+        except TimeoutError:
+            raise ServerUnavailable(errno.ETIMEDOUT, f"the query server did not answer for {idle_timeout_s:g} s",
+                                    path) from None
         if not first:  # accepted, then closed before replying (a server stopping): nothing written
             raise ServerUnavailable(errno.ECONNRESET, "the query server closed the connection without replying",
                                     path)
-        header: bytes | None = first + _read_exact(s, FRAME_HEADER.size - len(first))
-        while True:
-            if header is None:
-                header = _read_exact(s, FRAME_HEADER.size)
-            kind, n = FRAME_HEADER.unpack(header)
-            header = None
-            if n > MAX_FRAME_BYTES:
-                raise ProtocolError(f"the query server sent a frame of {n} bytes (at most {MAX_FRAME_BYTES})")
-            payload = _read_exact(s, n)
-            if kind == DATA:
-                out.write(payload)
-                reply.bytes_written += n
-            elif kind == WARNING:
-                if warn is not None:
-                    warn(payload.decode("utf-8", "replace"))
-            elif kind == ERROR:
-                raise ValueError(payload.decode("utf-8", "replace"))
-            elif kind == SUMMARY:
-                try:
-                    done = json.loads(payload)
-                    reply.summary = str(done["summary"])
-                    reply.scanned = [str(x) for x in done.get("scanned") or ()]
-                except (ValueError, KeyError, TypeError):
-                    raise ProtocolError("the query server sent a malformed summary") from None
-                return reply
-            else:
-                raise ProtocolError(f"the query server sent a frame of unknown type {kind!r}")
+        try:
+            head = first + _read_exact(s, FRAME_HEADER.size - len(first))
+            if head[:1] != KEEPALIVE:
+                s.settimeout(None)  # a server without heartbeats: as long as it takes
+            header: bytes | None = head
+            while True:
+                if header is None:
+                    header = _read_exact(s, FRAME_HEADER.size)
+                kind, n = FRAME_HEADER.unpack(header)
+                header = None
+                if n > MAX_FRAME_BYTES:
+                    raise ProtocolError(f"the query server sent a frame of {n} bytes (at most {MAX_FRAME_BYTES})")
+                payload = _read_exact(s, n)
+                if kind == DATA:
+                    out.write(payload)
+                    reply.bytes_written += n
+                elif kind == KEEPALIVE:
+                    pass
+                elif kind == WARNING:
+                    if warn is not None:
+                        warn(payload.decode("utf-8", "replace"))
+                elif kind == ERROR:
+                    raise ValueError(payload.decode("utf-8", "replace"))
+                elif kind == SUMMARY:
+                    try:
+                        done = json.loads(payload)
+                        reply.summary = str(done["summary"])
+                        reply.scanned = [str(x) for x in done.get("scanned") or ()]
+                    except (ValueError, KeyError, TypeError):
+                        raise ProtocolError("the query server sent a malformed summary") from None
+                    return reply
+                else:
+                    raise ProtocolError(f"the query server sent a frame of unknown type {kind!r}")
+        except TimeoutError:
+            if not reply.bytes_written:  # (nothing written yet: the caller may query directly)
+                raise ServerUnavailable(errno.ETIMEDOUT, f"the query server stopped answering for "
+                                        f"{idle_timeout_s:g} s before any output", path) from None
+            raise ProtocolError(f"the query server sent nothing for {idle_timeout_s:g} s inside a reply "
+                                "(stopped or hung)") from None
 
 
 def output_format(name: str) -> str:
