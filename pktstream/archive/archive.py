@@ -15,14 +15,13 @@ call (a receiver may be adding files). Not for concurrent use from several threa
 from __future__ import annotations
 
 import datetime as dt
-import io
 import sys
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
-from pktstream.archive.catalog import heavy, heavy_array, is_current, load_catalog, repair
+from pktstream.archive.catalog import heavy, heavy_array, is_current, load_catalog, parquet_file, repair
 from pktstream.archive.index import INDEX_DIR
 from pktstream.archive.query import FilePlan, QueryStats, SortedFile, iter_plan, merge_files, segments_for
 from pktstream.archive.store import open_store
@@ -141,13 +140,12 @@ class Archive:
         """The flow records of a catalog row's file (of the selected sensors; ``columns``: only
         these, plus the partition columns ``sensor`` and ``date``), or None."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
         parts = []
         for rel in row["flow_files"]:
             sensor = rel.split("/sensor=", 1)[1].split("/", 1)[0]
             if sensors is not None and not any(_partition_matches(sensor, s) for s in sensors):
                 continue
-            t = pq.ParquetFile(io.BytesIO(self.store.read_bytes(rel))).read(columns=columns)
+            t = parquet_file(self.store.read_bytes(rel)).read(columns=columns, use_threads=False)
             if stats is not None:
                 stats.flow_files_read += 1
             date = rel.split("/date=", 1)[1].split("/", 1)[0]
