@@ -660,10 +660,13 @@ def _aggregate(table) -> dict[tuple, list]:
 
 
 @pytest.mark.parametrize("fmt", ["pcapng", "pcap.zst"])
-def test_bounded_index_of_a_port_scan_equals_brute_force(tmp_path, fmt):
+def test_bounded_index_of_a_port_scan_equals_brute_force(tmp_path, fmt, monkeypatch):
     """A file with far more flows than the cap: the flow table is spilled (row groups of the
-    file's flow records), the table never holds more than the cap plus one batch, and queries,
-    flows and the catalog give what an unbounded index and brute force give."""
+    file's flow records; to the archive's own _index directory, not the temporary directory --
+    here one that does not exist), the table never holds more than the cap plus one batch, and
+    queries, flows and the catalog give what an unbounded index and brute force give."""
+    import tempfile
+
     import pyarrow.parquet as pq
 
     from pktstream.sinks import FileSink
@@ -675,11 +678,13 @@ def test_bounded_index_of_a_port_scan_equals_brute_force(tmp_path, fmt):
         sinks[name] = FileSink(directory=str(tmp_path / name), format=fmt, index=True,
                                rotate_bytes=600_000 if fmt == "pcapng" else 100_000,
                                index_max_flows=cap)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-temporary-directory"))
     for b in feed:
         for sink in sinks.values():
             sink.write(src, b)
     for sink in sinks.values():
         sink.close()
+    monkeypatch.undo()
     capped, unbounded = sinks["capped"].indexer, sinks["unbounded"].indexer
     assert capped.failures == unbounded.failures == 0 and capped.indexed == unbounded.indexed >= 2
     assert unbounded.spills == 0 and unbounded.peak_flows_held > 1500

@@ -21,7 +21,7 @@ import time
 
 from pktstream._capture import PacketBatch
 from pktstream.archive.catalog import CHUNK_BYTES, remove_index, repair, write_index, write_snapshot
-from pktstream.archive.index import BINARY_COLUMNS, INDEX_MAX_FLOWS, FileIndexBuilder, SpilledFlows
+from pktstream.archive.index import BINARY_COLUMNS, INDEX_DIR, INDEX_MAX_FLOWS, FileIndexBuilder, SpilledFlows
 from pktstream.archive.store import LocalStore
 
 log = logging.getLogger("pktstream.receiver")
@@ -94,6 +94,13 @@ class LiveIndexer:
         """The outputs are closed: the snapshot is brought up to date (when anything changed)."""
         self._snapshot_if_due(final=True)
 
+    def _spill_dir(self) -> str:
+        """Spill files go under the archive's own index directory: on the archive's disk, not
+        in a /tmp that may be small or in memory (tmpfs), where the bound would not hold."""
+        d = os.path.join(self.root, INDEX_DIR)
+        os.makedirs(d, exist_ok=True)
+        return d
+
     def _rel(self, path: str) -> str | None:
         rel = os.path.relpath(os.path.abspath(path), self.root)
         if rel.startswith(".."):
@@ -106,7 +113,8 @@ class LiveIndexer:
             log.warning("index: %s is outside the archive root %s: not indexed", path, self.root)
             return
         try:
-            b = FileIndexBuilder(rel, max_chunk=self.chunk_bytes, max_flows=self.max_flows)
+            b = FileIndexBuilder(rel, max_chunk=self.chunk_bytes, max_flows=self.max_flows,
+                                 spill_dir=self._spill_dir())
             if header_block is not None:
                 b.add_header_block(*header_block)
         except Exception as exc:  # never fail the capture
