@@ -350,15 +350,21 @@ def test_request_timeout_and_busy_server_in_process(root, tmp_path, monkeypatch)
             while True:  # until a query finds the slot taken (the holder's thread may start later)
                 try:
                     wire.query(srv.socket_path, io.BytesIO(), bpf="port 53")
-                except ValueError as exc:
+                except wire.ServerBusy as exc:  # (the command line then queries directly)
                     assert "busy" in str(exc)
                     break
                 assert time.monotonic() < deadline
+            # a client that does not ask for heartbeats (one from before) gets the busy error as E
+            with wire.connect(srv.socket_path) as c:
+                c.sendall(json.dumps({"v": 1, "bpf": "port 53"}).encode() + b"\n")
+                c.settimeout(60)
+                kind, n = wire.FRAME_HEADER.unpack(c.makefile("rb").read(wire.FRAME_HEADER.size))
+                assert kind == wire.ERROR
         while True:  # the holder gone, its slot is given back (once its thread sees the end)
             try:
                 reply = wire.query(srv.socket_path, io.BytesIO(), bpf="port 53")
                 break
-            except ValueError as exc:
+            except wire.ServerBusy as exc:
                 assert "busy" in str(exc) and time.monotonic() < deadline
         assert "packets matched" in reply.summary
     finally:
@@ -418,11 +424,12 @@ def test_heartbeats_keep_a_long_query_alive_in_process(root, tmp_path, monkeypat
     (b"", "did not answer for 0.5 s"),                                          # hung before replying
     (wire.frame(b"K", b""), "stopped answering for 0.5 s before any output"),  # hung after its first heartbeat
     (wire.frame(b"K", b"") + wire.frame(b"D", b"abc"), "sent nothing for 0.5 s inside a reply"),
+    (wire.frame(b"K", b"") + wire.frame(b"B", b"busy (8 queries running)"), "busy (8 queries running)"),
 ])
-def test_a_hung_server_is_given_up_on(tmp_path, reply, message):
-    """A server that stops sending (SIGSTOP, a deadlock) is given up on after --server-timeout:
-    with --server, a one-line error and no file; before any output, a query at the archive's
-    default socket runs directly instead."""
+def test_a_hung_or_busy_server_is_given_up_on(tmp_path, reply, message):
+    """A server that stops sending (SIGSTOP, a deadlock) is given up on after --server-timeout,
+    a busy one at once: with --server, a one-line error and no file; before any output, a query
+    at the archive's default socket runs directly instead."""
     sock = str(tmp_path / "fake.sock")
     hold = threading.Event()
     t = _fake_server(sock, reply, hold)

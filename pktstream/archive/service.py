@@ -98,10 +98,15 @@ class _Handler(socketserver.StreamRequestHandler):
         if not self.server.slots.acquire(blocking=False):
             sock.settimeout(REQUEST_TIMEOUT_S)
             try:
-                self.rfile.readline(wire.MAX_REQUEST_BYTES + 1)  # (read first: the reply is then not lost)
+                line = self.rfile.readline(wire.MAX_REQUEST_BYTES + 1)  # (read first: the reply is then not lost)
             except OSError:
                 return
-            self._send(wire.ERROR, f"the query server is busy ({MAX_QUERIES} queries running); try again")
+            try:
+                kind = wire.BUSY if wire.decode_request(line).get("keepalive") else wire.ERROR
+            except wire.ProtocolError:
+                kind = wire.ERROR
+            # a client that knows B queries directly; an older one reports the error
+            self._send(kind, f"the query server is busy ({MAX_QUERIES} queries running); try again")
             self._linger()
             return
         try:

@@ -19,7 +19,8 @@ per connection:
   ``D`` output bytes, ``W`` a warning line, ``K`` (empty; only when the request asked for
   ``keepalive``: one at once, then one every :data:`HEARTBEAT_S` while the query runs), then
   exactly one of ``S`` (success: JSON ``{"summary": str, "scanned": [str]}``) or ``E`` (an error
-  line); the server then closes.
+  line); the server then closes. A server running its most queries at once answers ``B`` (busy,
+  a line; ``E`` to a client that did not ask for ``keepalive``) instead of any of these.
 
 Heartbeats let a client tell a long query from a hung or stopped server: :func:`query` gives up
 after ``idle_timeout_s`` without a frame (falling back to a direct query when nothing was
@@ -47,7 +48,7 @@ SOCKET_NAME = ".pktstream-query.sock"
 MAX_REQUEST_BYTES = 64 << 10
 MAX_FRAME_BYTES = 16 << 20
 FRAME_HEADER = struct.Struct(">cI")
-DATA, WARNING, SUMMARY, ERROR, KEEPALIVE = b"D", b"W", b"S", b"E", b"K"
+DATA, WARNING, SUMMARY, ERROR, KEEPALIVE, BUSY = b"D", b"W", b"S", b"E", b"K", b"B"
 HEARTBEAT_S = 2.0      # the server's heartbeat while a query runs
 IDLE_TIMEOUT_S = 30.0  # the client's default wait for a frame
 FORMATS = ("pcapng", "pcapng.zst")
@@ -55,6 +56,10 @@ FORMATS = ("pcapng", "pcapng.zst")
 
 class ServerUnavailable(OSError):
     """No query server answers on the socket (none started, or it stopped): query directly."""
+
+
+class ServerBusy(ServerUnavailable):
+    """The query server runs as many queries as it may: query directly (or try again)."""
 
 
 class ProtocolError(ValueError):
@@ -154,7 +159,8 @@ def query(path: str, out: BinaryIO, *, bpf: str | None = None, since: str | None
     """Run a query on the server listening on ``path``, writing its output to ``out``.
 
     Raises :class:`ServerUnavailable` before anything is written when no server answers (or one
-    accepted and closed, or fell silent for ``idle_timeout_s``, before any output),
+    accepted and closed, or fell silent for ``idle_timeout_s``, before any output; or it is
+    busy: :class:`ServerBusy`),
     ``PermissionError`` when the socket may not be used, :class:`ProtocolError` for a malformed
     reply or a server that fell silent for ``idle_timeout_s`` after some output, and ``ValueError``
     with the server's message when the query failed there (bad BPF, unknown time, unreadable
@@ -203,6 +209,8 @@ def query(path: str, out: BinaryIO, *, bpf: str | None = None, since: str | None
                         warn(payload.decode("utf-8", "replace"))
                 elif kind == ERROR:
                     raise ValueError(payload.decode("utf-8", "replace"))
+                elif kind == BUSY and not reply.bytes_written:
+                    raise ServerBusy(errno.EBUSY, payload.decode("utf-8", "replace"), path)
                 elif kind == SUMMARY:
                     try:
                         done = json.loads(payload)
