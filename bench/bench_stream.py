@@ -17,7 +17,7 @@ memory with --idle-sensors connected, authenticated sensors that only send heart
 before and after, per connection).
 
 Run as root:  .venv/bin/python bench/bench_stream.py [--packets N] [--rates 100000,200000,0]
-[--kinds random1514,mixed,udp64] [--packetstreamer /path/to/packetstreamer]
+[--kinds random1514,mixed,udp64] [--packetstreamer /path/to/packetstreamer] [--sensor-args FLAGS ...]
 (rate 0 = tcpreplay --topspeed). Prints a table; --json FILE writes the numbers.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -170,7 +171,7 @@ def run_packetstreamer(binary: str, sns: SensorNamespace, pcap: str, rate: int, 
             "discard_messages": text.count("Discarding")}
 
 
-def run_pktstream(veth: Veth, pcap: str, rate: int, loops: int, work: str) -> dict:
+def run_pktstream(veth: Veth, pcap: str, rate: int, loops: int, work: str, extra: str = "") -> dict:
     port = free_port()
     out = os.path.join(work, "rx.pcap")
     rlog, slog = os.path.join(work, "rx.log"), os.path.join(work, "sx.log")
@@ -179,7 +180,8 @@ def run_pktstream(veth: Veth, pcap: str, rate: int, loops: int, work: str) -> di
                           stderr=open(rlog, "w"))
     wait_log(rlog, "listening on", rx)
     sx = subprocess.Popen([*PY, "sensor", "--receiver", f"127.0.0.1:{port}", "-i", veth.outer,
-                           "--stats-json", sjson, "--spool-dir", os.path.join(work, "spool")], stderr=open(slog, "w"))
+                           "--stats-json", sjson, "--spool-dir", os.path.join(work, "spool"), *shlex.split(extra)],
+                          stderr=open(slog, "w"))
     try:
         wait_log(slog, "connected to receiver", sx)
         s0, r0 = cpu_seconds(sx.pid), cpu_seconds(rx.pid)
@@ -381,6 +383,9 @@ def main() -> int:
                     help="authenticated idle connections for the receiver memory line (0 = skip)")
     ap.add_argument("--tcp-floor", type=int, default=3, metavar="N",
                     help="times to measure loopback TCP alone (sendall of 1 MiB buffers); 0 = skip")
+    ap.add_argument("--sensor-args", action="append", default=None, metavar="FLAGS",
+                    help="extra sensor flags, e.g. '--level -1'; repeat to run each setting side by side "
+                         "(the first also gets the ratio to tcpdump)")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg(), "cases": []}
@@ -402,8 +407,18 @@ def main() -> int:
                 ap.error(f"unknown traffic kind {kind!r}")
             for rate in [int(r) for r in args.rates.split(",")]:
                 td = run_tcpdump(veth, pcap, rate, args.loops, work)
-                ps = run_pktstream(veth, pcap, rate, args.loops, work)
+                variants = args.sensor_args or [""]
+                ps = run_pktstream(veth, pcap, rate, args.loops, work, variants[0])
                 case = {"traffic": kind, "rate": rate or "top", "tcpdump": td, "pktstream": ps}
+                if variants[0]:
+                    case["sensor_args"] = variants[0]
+                for extra in variants[1:]:
+                    v = run_pktstream(veth, pcap, rate, args.loops, work, extra)
+                    case.setdefault("variants", []).append({"sensor_args": extra, **v})
+                    print(f"{kind:10} rate={rate or 'top':>7}  sensor {extra!r}: file {v['captured']:>8} "
+                          f"({v['captured'] / v['sent']:.2%}) kdrop {v['kernel_dropped']} | sensor "
+                          f"{v['sensor_cpu_s'] / max(v['sensor_packets'], 1) * 1e6:.2f} CPU-s/Mpkt | "
+                          f"wire/raw {v['wire_bytes'] / max(v['raw_bytes'], 1):.3f}", flush=True)
                 results["cases"].append(case)
                 ratio = ps["captured"] / td["captured"] if td["captured"] else float("nan")
                 cpu = ps["sensor_cpu_s"] / max(ps["sensor_packets"], 1) * 1e6
