@@ -484,7 +484,7 @@ def test_recovery_indexes_only_its_outputs_files_and_never_fails_the_start(tmp_p
 
 def test_live_catalog_snapshot_takes_a_bounded_share(tmp_path, monkeypatch):
     """The receiver's catalog snapshot is rewritten whole (its cost grows with the archive), so
-    it is refreshed at most as often as its last cost allows (SNAPSHOT_CPU_SHARE); rows it lacks
+    it is refreshed at most as often as its last cost allows (SNAPSHOT_TIME_SHARE); rows it lacks
     are read from their own catalog files, and closing the output brings it up to date."""
     import pyarrow.parquet as pq
 
@@ -500,7 +500,7 @@ def test_live_catalog_snapshot_takes_a_bounded_share(tmp_path, monkeypatch):
     while sink.indexer.snapshots == 0:  # the first snapshot: after SNAPSHOT_EVERY changes
         sink.write(src, next(feed))
     assert sink.indexer.indexed == live.SNAPSHOT_EVERY
-    monkeypatch.setattr(live, "SNAPSHOT_CPU_SHARE", 1e-12)  # any snapshot now costs "too much"
+    monkeypatch.setattr(live, "SNAPSHOT_TIME_SHARE", 1e-12)  # any snapshot now costs "too much"
     while sink.indexer.indexed < 3 * live.SNAPSHOT_EVERY:
         sink.write(src, next(feed))
     sink.tick()

@@ -384,9 +384,9 @@ def test_heartbeats_keep_a_long_query_alive_in_process(root, tmp_path, monkeypat
     srv.start()
     real = archive_module.Archive.write
 
-    def slow(self, *args, **kw):  # runs until 40 heartbeats (>= 2 s, twice the client's timeout) went out
+    def slow(self, *args, **kw):  # runs until 80 heartbeats (>= 4 s, twice the client's timeout) went out
         deadline = time.monotonic() + 120
-        while srv.heartbeats < 40 and time.monotonic() < deadline:
+        while srv.heartbeats < 80 and time.monotonic() < deadline:
             time.sleep(0.01)
         return real(self, *args, **kw)
     monkeypatch.setattr(archive_module.Archive, "write", slow)
@@ -395,8 +395,8 @@ def test_heartbeats_keep_a_long_query_alive_in_process(root, tmp_path, monkeypat
     loop.start()
     try:
         out = io.BytesIO()
-        reply = wire.query(srv.socket_path, out, bpf="port 53", idle_timeout_s=1.0)
-        assert srv.heartbeats >= 40 and "packets matched" in reply.summary
+        reply = wire.query(srv.socket_path, out, bpf="port 53", idle_timeout_s=2.0)
+        assert srv.heartbeats >= 80 and "packets matched" in reply.summary
         monkeypatch.setattr(archive_module.Archive, "write", real)
         direct = io.BytesIO()
         Archive(str(root)).write(direct, "port 53")
@@ -421,35 +421,40 @@ def test_heartbeats_keep_a_long_query_alive_in_process(root, tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("reply, message", [
-    (b"", "did not answer for 0.5 s"),                                          # hung before replying
-    (wire.frame(b"K", b""), "stopped answering for 0.5 s before any output"),  # hung after its first heartbeat
-    (wire.frame(b"K", b"") + wire.frame(b"D", b"abc"), "sent nothing for 0.5 s inside a reply"),
+    (b"", "did not answer for 2 s"),                                          # hung before replying
+    (wire.frame(b"K", b""), "stopped answering for 2 s before any output"),  # hung after its first heartbeat
+    (wire.frame(b"K", b"") + wire.frame(b"D", b"abc"), "sent nothing for 2 s inside a reply"),
     (wire.frame(b"K", b"") + wire.frame(b"B", b"busy (8 queries running)"), "busy (8 queries running)"),
+    (wire.frame(b"K", b"") + b"close", "closed the connection before any output"),  # died after its heartbeat
 ])
 def test_a_hung_or_busy_server_is_given_up_on(tmp_path, reply, message):
     """A server that stops sending (SIGSTOP, a deadlock) is given up on after --server-timeout,
     a busy one at once: with --server, a one-line error and no file; before any output, a query
     at the archive's default socket runs directly instead."""
+    closes = reply.endswith(b"close")
+    reply = reply.removesuffix(b"close")
     sock = str(tmp_path / "fake.sock")
-    hold = threading.Event()
+    hold = None if closes else threading.Event()
     t = _fake_server(sock, reply, hold)
     out = tmp_path / "o.pcapng"
     try:
-        r = query(tmp_path, "--server", sock, "--server-timeout", "0.5", "-w", str(out), text=True)
+        r = query(tmp_path, "--server", sock, "--server-timeout", "2", "-w", str(out), text=True)
     finally:
-        hold.set()
+        if hold is not None:
+            hold.set()
         t.join(timeout=60)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
     assert not out.exists() and not (tmp_path / "o.pcapng.part").exists()
     if reply.endswith(wire.frame(b"D", b"abc")):
         return
     root, _ = _truncated_archive(tmp_path / "c")
-    hold = threading.Event()
+    hold = None if closes else threading.Event()
     t = _fake_server(str(root / wire.SOCKET_NAME), reply, hold)
     try:
-        r = query(root, "tcp", "--server-timeout", "0.5", "-w", str(tmp_path / "a.pcapng"), text=True)
+        r = query(root, "tcp", "--server-timeout", "2", "-w", str(tmp_path / "a.pcapng"), text=True)
     finally:
-        hold.set()
+        if hold is not None:
+            hold.set()
         t.join(timeout=60)
         (root / wire.SOCKET_NAME).unlink()
     assert r.returncode == 0 and f"{message.split(' for')[0]}" in r.stderr and "querying directly" in r.stderr, r.stderr

@@ -282,9 +282,9 @@ def test_recovery_after_a_flush_that_time_rotation_left_without_an_open_file(tmp
     sink = FileSink(str(out / f"o.{fmt}"), rotate_seconds=rotate_s)
 
     def write_until_due(batch) -> None:
-        opened = time.time()  # (the writer's clock: a file opened now is due rotate_s later)
         sink.write(src, batch)
-        while time.time() < opened + 2 * rotate_s:
+        written = time.time()  # (the writer's clock: the file was opened before, so it is due rotate_s after)
+        while time.time() < written + rotate_s:
             time.sleep(0.01)
 
     write_until_due(batches[0])

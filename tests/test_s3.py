@@ -338,3 +338,40 @@ def test_s3_sink_holds_files_a_reset_completed_until_acknowledged(tmp_path, moto
     sink.acknowledged(first)
     wait_until(lambda: sink.counters["uploaded_files"] == 1, what="the reset file uploaded")
     sink.close()
+
+
+def test_s3_sink_uploads_at_close_only_what_is_acknowledged(tmp_path, moto):
+    """A receiver commits its last flush before it closes its outputs. A file whose flush was
+    not acknowledged when close() runs (the state could not be saved) stays staged instead of
+    being uploaded -- the sensors resend its packets after a restart, so uploading it would
+    duplicate them -- and the next run's recovery cuts it back to what was acknowledged."""
+    import pktstream
+    from pktstream.sinks.base import Source
+    from pktstream.sinks.s3 import S3Sink
+
+    s3 = moto.client()
+    s3.create_bucket(Bucket=BUCKET)
+    staging = tmp_path / "staging"
+    opts = dict(staging_dir=str(staging), endpoint_url=moto.endpoint, region="us-east-1", path_style=True,
+                format="pcap", rotate_bytes=50 << 20, rotate_seconds=3600, acl=None, close_timeout=60)
+    sink = S3Sink(BUCKET, "cap/", **opts)
+    sink.use_acknowledgements()
+    src = Source("s1", "host", "eth0", 1, 65535)
+    batches = _batches(2, 600)
+    sink.write(src, batches[0])
+    first = sink.flush()
+    sink.acknowledged(first)
+    sink.write(src, batches[1])
+    sink.flush()  # never acknowledged
+    sink.close()
+    assert sink.counters["uploaded_files"] == 0 and s3.list_objects_v2(Bucket=BUCKET)["KeyCount"] == 0
+    assert len([n for n in os.listdir(staging) if n.endswith(".pcap")]) == 1
+    # the next run: recovery from the last acknowledged state, then its leftovers go up
+    S3Sink.recover(first)
+    again = S3Sink(BUCKET, "cap/", **opts)
+    again.use_acknowledgements()
+    again.close()
+    [key] = again.uploaded
+    (tmp_path / "o.pcap").write_bytes(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    got = [t for b in pktstream.read(tmp_path / "o.pcap") for t in b.ts_ns.tolist()]
+    assert got == batches[0].ts_ns.tolist()  # the acknowledged packets, once

@@ -58,14 +58,16 @@ class _NoPandas:
         return None
 
 
-def _timeout_seconds(text: str) -> float:
-    """A timeout argument: seconds > 0 (argparse's error otherwise)."""
+def _server_timeout(text: str) -> float:
+    """--server-timeout: seconds, at least two heartbeats, at most a day (argparse's error otherwise)."""
+    from pktstream.archive.wire import MIN_IDLE_TIMEOUT_S
     try:
         v = float(text)
     except ValueError:
         v = float("nan")
-    if not 0 < v < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: give seconds > 0")
+    if not MIN_IDLE_TIMEOUT_S <= v <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r}: give {MIN_IDLE_TIMEOUT_S:g} .. 86400 seconds "
+                                         "(the server's heartbeat comes every second)")
     return v
 
 
@@ -332,7 +334,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="ask the query server on this socket (default: ARCHIVE/.pktstream-query.sock "
                             "when it exists; pktstream serve)")
     where.add_argument("--no-server", action="store_true", help="run the query in this process")
-    p.add_argument("--server-timeout", type=_timeout_seconds, default=30.0, metavar="SECONDS",
+    p.add_argument("--server-timeout", type=_server_timeout, default=30.0, metavar="SECONDS",
                    help="give up on a query server that sends nothing (not even its heartbeat) for this "
                         "long; before any output the query then runs here (default: 30)")
     p.set_defaults(func=cmd_query)

@@ -28,7 +28,8 @@ log = logging.getLogger("pktstream.receiver")
 
 SNAPSHOT_EVERY = 16  # changes (files completed or removed) after which the catalog snapshot is refreshed
 SNAPSHOT_MAX_AGE_S = 30.0  # ... or seconds after a change
-SNAPSHOT_CPU_SHARE = 0.02  # ... but snapshots take at most this share of the writer thread's time
+SNAPSHOT_TIME_SHARE = 0.02  # ... but snapshots take at most this share of the writer thread's time
+SNAPSHOT_AT_CLOSE_MAX_S = 2.0  # at close only when the last one took at most this (shutdown stays quick)
 
 
 class LiveIndexer:
@@ -56,7 +57,7 @@ class LiveIndexer:
         self.recover_root = True  # the receiver's recovery repairs this root's index
         self._changes = 0
         self._snapshot_at = time.monotonic()
-        self._snapshot_cpu_s = 0.0  # CPU time of the last snapshot (it grows with the archive)
+        self._snapshot_s = 0.0  # how long the last snapshot took (it grows with the archive)
         self.snapshots = 0
 
     def _changed(self) -> None:
@@ -65,33 +66,38 @@ class LiveIndexer:
 
     def _snapshot_if_due(self, *, final: bool = False) -> None:
         """Refresh the catalog snapshot after SNAPSHOT_EVERY changes or SNAPSHOT_MAX_AGE_S s
-        with changes, but never more often than every ``last cost / SNAPSHOT_CPU_SHARE``
-        seconds: a snapshot is rewritten whole (O(files in the archive)), so a fixed cadence
-        would cost more per completed file the larger the archive grows. It is only a cache
-        (queries read the rows it lacks from their own catalog files); ``final``: now, when
-        anything changed (:meth:`close`)."""
+        with changes, but never more often than every ``last duration / SNAPSHOT_TIME_SHARE``
+        seconds: a snapshot is rewritten whole (O(files in the archive), reads and writes), so
+        a fixed cadence would hold the writer's thread longer per completed file the larger the
+        archive grows. It is only a cache (queries read the rows it lacks from their own
+        catalog files); ``final``: now, when anything changed and the last one took at most
+        SNAPSHOT_AT_CLOSE_MAX_S (:meth:`close`)."""
         if not self._changes:
             return
         elapsed = time.monotonic() - self._snapshot_at
-        if not final and (elapsed < self._snapshot_cpu_s / SNAPSHOT_CPU_SHARE
-                          or (self._changes < SNAPSHOT_EVERY and elapsed <= SNAPSHOT_MAX_AGE_S)):
+        if final:
+            if self._snapshot_s > SNAPSHOT_AT_CLOSE_MAX_S:
+                return
+        elif (elapsed < self._snapshot_s / SNAPSHOT_TIME_SHARE
+              or (self._changes < SNAPSHOT_EVERY and elapsed <= SNAPSHOT_MAX_AGE_S)):
             return
-        cpu0 = time.thread_time()
+        t0 = time.monotonic()
         try:
             write_snapshot(self.store)
             self.snapshots += 1
         except Exception as exc:
             log.warning("index: catalog snapshot of %s: %s", self.root, exc)
-        self._snapshot_cpu_s = time.thread_time() - cpu0
-        self._changes = 0
         self._snapshot_at = time.monotonic()
+        self._snapshot_s = self._snapshot_at - t0
+        self._changes = 0
 
     def idle(self) -> None:
         """The writer's thread has nothing to write: a snapshot held back is written when due."""
         self._snapshot_if_due()
 
     def close(self) -> None:
-        """The outputs are closed: the snapshot is brought up to date (when anything changed)."""
+        """The outputs are closed: the snapshot is brought up to date (when anything changed,
+        and it is quick: see :meth:`_snapshot_if_due`)."""
         self._snapshot_if_due(final=True)
 
     def _spill_dir(self) -> str:
@@ -269,6 +275,11 @@ class StagingIndexer(LiveIndexer):
 
     def removed(self, path: str) -> None:
         pass
+
+    def _spill_dir(self) -> str:
+        d = os.path.join(self.root, ".spill")  # (a directory: the uploader takes files only)
+        os.makedirs(d, exist_ok=True)
+        return d
 
     def repair_paths(self, paths: list[str]) -> None:
         pass  # a file cut back after a write error is indexed from disk by the uploader (S3Sink)

@@ -6,8 +6,9 @@ client: :mod:`pktstream.archive.wire`. Each query runs in its own thread on its 
 :class:`~pktstream.archive.Archive` (the archive is read as a direct query reads it, so files a
 receiver adds are seen by the next query; truncated files are reported per query through the
 reader's callback, not the process-wide warnings module). At most :data:`MAX_QUERIES` run at
-once (more: an error reply saying so), and a client has :data:`REQUEST_TIMEOUT_S` to send its
-request.
+once (more: a busy reply, after which the client queries directly), and a client has
+:data:`REQUEST_TIMEOUT_S` to send its request. A client that asks for them gets a heartbeat
+every :data:`HEARTBEAT_S` while its query runs (:mod:`~pktstream.archive.wire`).
 
 Lifetime: :meth:`QueryServer.start` checks the socket (replacing a stale one, refusing when a
 live server answers on it), loads what a query needs and binds; :meth:`serve_until` answers
@@ -47,9 +48,12 @@ class _Conn:
         self.sock = sock
         self.lock = threading.Lock()
         self.aborted = False
+        self.gone = False  # the heartbeat found the client gone: the query stops at its next frame
 
     def send(self, kind: bytes, payload: bytes) -> None:
         with self.lock:
+            if self.gone:
+                raise BrokenPipeError(32, "the query client went away")
             if not self.aborted:
                 self.sock.sendall(wire.frame(kind, payload))
 
@@ -65,7 +69,8 @@ class _Conn:
                 self.sock.sendall(wire.frame(wire.KEEPALIVE, b""))
                 sent()
             except OSError:
-                return  # the client went away: the query's thread finds out on its next send
+                self.gone = True  # the client went away: the query's thread stops at its next send
+                return
             finally:
                 self.lock.release()
 
@@ -133,9 +138,10 @@ class _Handler(socketserver.StreamRequestHandler):
             try:
                 if req.get("keepalive"):
                     conn.send(wire.KEEPALIVE, b"")  # (says: heartbeats follow)
-                    beat = threading.Thread(target=conn.beat, args=(done, HEARTBEAT_S, self.server.count_heartbeat),
-                                            daemon=True, name="pktstream-serve-heartbeat")
-                    beat.start()
+                    t = threading.Thread(target=conn.beat, args=(done, HEARTBEAT_S, self.server.count_heartbeat),
+                                         daemon=True, name="pktstream-serve-heartbeat")
+                    t.start()
+                    beat = t
                 stats = self.server.run_query(req, out, lambda m: conn.send(wire.WARNING, _text(m)))
                 out.flush()
             finally:

@@ -22,10 +22,14 @@ per connection:
   line); the server then closes. A server running its most queries at once answers ``B`` (busy,
   a line; ``E`` to a client that did not ask for ``keepalive``) instead of any of these.
 
-Heartbeats let a client tell a long query from a hung or stopped server: :func:`query` gives up
-after ``idle_timeout_s`` without a frame (falling back to a direct query when nothing was
-received yet). A server that sends no ``K`` first (one from before heartbeats) is waited for
-as long as it takes once its first frame came.
+Heartbeats let a client tell a long query from a server process that is stopped (SIGSTOP) or
+frozen (a deadlock holding the interpreter): :func:`query` gives up after ``idle_timeout_s``
+without a frame (falling back to a direct query when no output came yet). They come from their
+own thread, so they say the process is alive, not that the query moves: a query blocked in a
+read (a dead NFS mount, a hung S3 request) keeps its client waiting, as a direct query would
+wait. A server from before heartbeats sends no ``K``: the client waits ``idle_timeout_s`` for its
+first frame (then falls back, the old server still running the query -- restart ``pktstream
+serve`` after upgrading), and as long as it takes once that frame came.
 
 Every length is checked (a frame above :data:`MAX_FRAME_BYTES` or a reply ending early is an
 error of the query, never a short file passed off as complete).
@@ -49,8 +53,9 @@ MAX_REQUEST_BYTES = 64 << 10
 MAX_FRAME_BYTES = 16 << 20
 FRAME_HEADER = struct.Struct(">cI")
 DATA, WARNING, SUMMARY, ERROR, KEEPALIVE, BUSY = b"D", b"W", b"S", b"E", b"K", b"B"
-HEARTBEAT_S = 2.0      # the server's heartbeat while a query runs
+HEARTBEAT_S = 1.0      # the server's heartbeat while a query runs
 IDLE_TIMEOUT_S = 30.0  # the client's default wait for a frame
+MIN_IDLE_TIMEOUT_S = 2 * HEARTBEAT_S  # shorter: a query would be given up on between two heartbeats
 FORMATS = ("pcapng", "pcapng.zst")
 
 
@@ -148,7 +153,7 @@ def connect(path: str, timeout_s: float = 5.0) -> socket.socket:
     except BaseException:
         s.close()
         raise
-    s.settimeout(None)  # a query may take long; the server ends every reply with S or E
+    s.settimeout(None)  # (query() sets its own idle timeout: the server's heartbeats bound it)
     return s
 
 
@@ -193,7 +198,11 @@ def query(path: str, out: BinaryIO, *, bpf: str | None = None, since: str | None
             header: bytes | None = head
             while True:
                 if header is None:
-                    header = _read_exact(s, FRAME_HEADER.size)
+                    header = s.recv(FRAME_HEADER.size)
+                    if not header and not reply.bytes_written:  # (a server that died or was cut off)
+                        raise ServerUnavailable(errno.ECONNRESET, "the query server closed the connection "
+                                                "before any output", path)
+                    header += _read_exact(s, FRAME_HEADER.size - len(header))
                 kind, n = FRAME_HEADER.unpack(header)
                 header = None
                 if n > MAX_FRAME_BYTES:

@@ -255,8 +255,12 @@ class S3Sink(Sink):
     recover = staticmethod(FileSink.recover)
 
     def close(self) -> None:
-        """Complete the open files and upload for up to ``close_timeout`` s. A receiver closes
-        its outputs after their last flush, so what waits for an acknowledgement goes too."""
+        """Complete the open files and upload for up to ``close_timeout`` s. Under a receiver
+        (:meth:`use_acknowledgements`) only acknowledged files go: a receiver commits its last
+        flush before it closes its outputs, and a file whose flush was not acknowledged (the
+        state could not be saved) stays staged -- uploading it would duplicate the packets the
+        sensors resend after a crash; the next run's recovery decides. Without a receiver every
+        flushed file goes."""
         self._closing.set()
         self._leftovers_ok.set()
         try:
@@ -264,7 +268,11 @@ class S3Sink(Sink):
                 try:
                     self._files.close()
                 finally:  # (a group that could not be written at shutdown: its files stay)
-                    self._release_upto(self._flushes)
+                    if not self._acks:
+                        self._release_upto(self._flushes)
+                    elif self._unacked:
+                        log.warning("%s: %d files hold data not acknowledged at shutdown; they stay in %s for "
+                                    "the next run's recovery", self.name, len(self._unacked), self.staging_dir)
         finally:  # (also when completing a file failed: what is ready is still uploaded)
             self._all_staged.set()
             self._wake.set()

@@ -216,13 +216,15 @@ class Ingest:
         self.outputs.start()
 
     async def finish(self) -> None:
-        """At shutdown, after the sessions and inputs stopped: drain and close the outputs,
-        commit and persist the final state."""
-        await self.outputs.close()
+        """At shutdown, after the sessions and inputs stopped: drain the outputs, commit and
+        persist the state (acknowledging what they wrote), then close them (files completed,
+        S3 uploads of what is now acknowledged) and persist the final state."""
+        await self.outputs.drain()
         await asyncio.sleep(0)  # run the final flushed callbacks
         while self._commit_busy:  # a state write in flight lands first (a timer may start one)
             await self._commit_idle.wait()
         self.commit(sync=True)
+        await self.outputs.close()
         self.outputs.forget_states()  # the outputs are closed: their files are complete
         self.state.write(self._snapshot())
 

@@ -111,6 +111,10 @@ class SinkRunner:
             if ok or not self.gate:
                 # a gating output that could not write keeps its items unacknowledged
                 self.on_flushed(self, items[-1][0], state)
+        # drained: the sink is closed by Outputs.close(), after the receiver's last commit
+
+    def close_sink(self) -> None:
+        """Close the sink (after the thread ended: everything is written and flushed)."""
         try:
             self.sink.close()
         except Exception as exc:
@@ -204,13 +208,22 @@ class Outputs:
         for r in self.runners:
             r.states.clear()
 
-    async def close(self) -> None:
-        """Interrupt, drain and close every output (waits for the threads, off the loop)."""
+    async def drain(self) -> None:
+        """Interrupt every output and wait until it has written and flushed what it was given
+        (waits for the threads, off the loop). The receiver then commits (persists the state,
+        acknowledges) and only then :meth:`close` s them: an output that acts on its files at
+        close (an S3 upload) then only acts on acknowledged data."""
         for r in self.runners:
             r.sink.interrupt()
             r.queue.put(None)
         for r in self.runners:
             await asyncio.to_thread(r.thread.join)
+
+    async def close(self) -> None:
+        """Drain (if not done) and close every output (off the loop)."""
+        await self.drain()
+        for r in self.runners:
+            await asyncio.to_thread(r.close_sink)
 
     def stats(self) -> dict[str, dict[str, Any]]:
         # flushes_held: flushed states not yet superseded by an acknowledged one (stays small)
