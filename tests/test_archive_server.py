@@ -460,3 +460,24 @@ def test_a_hung_or_busy_server_is_given_up_on(tmp_path, reply, message):
     assert r.returncode == 0 and f"{message.split(' for')[0]}" in r.stderr and "querying directly" in r.stderr, r.stderr
     d = query(root, "tcp", "--no-server", "-w", str(tmp_path / "d.pcapng"))
     assert d.returncode == 0 and (tmp_path / "a.pcapng").read_bytes() == (tmp_path / "d.pcapng").read_bytes()
+
+
+def test_warnings_of_a_server_given_up_on_are_not_printed_twice(tmp_path):
+    """A server that sent a warning and then hung: the direct query that takes over prints the
+    same warning once (it is the same archive), not a second time."""
+    root, _ = _truncated_archive(tmp_path / "c")
+    direct = query(root, "tcp", "--no-server", "-w", str(tmp_path / "d.pcapng"), text=True)
+    warnings = [x for x in direct.stderr.splitlines() if ": warning: " in x]
+    assert direct.returncode == 0 and warnings, direct.stderr
+    sent = warnings[0].split(": warning: ", 1)[1]
+    hold = threading.Event()
+    t = _fake_server(str(root / wire.SOCKET_NAME), wire.frame(b"K", b"") + wire.frame(b"W", sent.encode()), hold)
+    try:
+        r = query(root, "tcp", "--server-timeout", "2", "-w", str(tmp_path / "a.pcapng"), text=True)
+    finally:
+        hold.set()
+        t.join(timeout=60)
+        (root / wire.SOCKET_NAME).unlink()
+    assert r.returncode == 0 and "querying directly" in r.stderr, r.stderr
+    assert r.stderr.count(sent) == 1 and [x for x in r.stderr.splitlines() if ": warning: " in x
+                                          and "querying directly" not in x] == warnings, r.stderr

@@ -130,8 +130,14 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_query(args: argparse.Namespace) -> int:
     bpf = " ".join(args.bpf) or None
+    warned: set[str] = set()  # (a server's warnings before a fallback are not printed twice)
+
+    def warn(message: str) -> None:
+        if message not in warned:
+            warned.add(message)
+            print(f"pktstream query: warning: {message}", file=sys.stderr)
     if not args.no_server:
-        status = _query_by_server(args, bpf)
+        status = _query_by_server(args, bpf, warn)
         if status is not None:
             return status
     _lean()
@@ -139,8 +145,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     out = sys.stdout.buffer if args.write == "-" else args.write
     try:
         stats = Archive(args.archive).write(
-            out, bpf, since=args.since, until=args.until, sensor=args.sensor or None,
-            warn=lambda m: print(f"pktstream query: warning: {m}", file=sys.stderr))
+            out, bpf, since=args.since, until=args.until, sensor=args.sensor or None, warn=warn)
     except _errors() as exc:
         return _fail("query", exc)
     print(f"pktstream query: {stats.summary()}", file=sys.stderr)
@@ -149,7 +154,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def _query_by_server(args: argparse.Namespace, bpf: str | None) -> int | None:
+def _query_by_server(args: argparse.Namespace, bpf: str | None, warn: Any) -> int | None:
     """Run the query on the archive's query server (``pktstream serve``); None when there is
     none (or it may not be used) and the query runs here; with ``--server`` every such case
     is an error instead."""
@@ -166,8 +171,7 @@ def _query_by_server(args: argparse.Namespace, bpf: str | None) -> int | None:
         out = sys.stdout.buffer if to_stdout else os.fdopen(  # (unbuffered: a data frame is 256 KiB)
             os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640), "wb", buffering=0)
         reply = wire.query(path, out, bpf=bpf, since=args.since, until=args.until, sensor=args.sensor or None,
-                           fmt=wire.output_format(args.write), archive=args.archive,
-                           warn=lambda m: print(f"pktstream query: warning: {m}", file=sys.stderr),
+                           fmt=wire.output_format(args.write), archive=args.archive, warn=warn,
                            idle_timeout_s=args.server_timeout)
         out.flush()
         if not to_stdout:
