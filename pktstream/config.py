@@ -244,7 +244,7 @@ class SensorSettings:
     max_wait: float = 0.2
     idle_wait: float = 0.05
     timeout_ms: int = 10
-    compression_level: int = 1
+    compression_level: int = -1  # as DeliveryOptions (stream/sensor.py)
     window_bytes: int = 64 << 20
     spool_dir: str | None = "auto"   # "auto": <state dir>/spool/<sensor id>; None: no spool
     spool_bytes: int | None = None   # None: 1 GiB or half the free space

@@ -421,7 +421,7 @@ def register(sub) -> None:
                    help="under load, seal a partial block after SEC (default 0.2)")
     s.add_argument("--idle-wait", type=float, metavar="SEC", help="on a quiet link, send a partial block at once, "
                    "at most one per SEC on average, 4 in a row (default 0.05; >= --max-wait: off)")
-    s.add_argument("--level", dest="compression_level", type=int, help="zstd level (default 1, adaptive)")
+    s.add_argument("--level", dest="compression_level", type=int, help="zstd level (default -1, adaptive)")
     s.add_argument("--window", dest="window_bytes", type=_size, metavar="SIZE",
                    help="unacknowledged bytes kept in memory (default 64MiB)")
     s.add_argument("--spool-dir", metavar="DIR", help="spool frames here when the window is full (default "

@@ -81,7 +81,7 @@ class AdaptiveCompressor:
 
     LEVELS = (-7, -3, -1, 1, 3, 6, 9)
 
-    def __init__(self, level: int = 1) -> None:
+    def __init__(self, level: int = -1) -> None:
         self.max_level = level
         self.level = level
         self._ctx: dict[int, zstandard.ZstdCompressor] = {}
@@ -195,7 +195,7 @@ class DeliveryOptions:
     1 GiB or half the free space; ``spool.*``), ``heartbeat`` and ``stats_interval`` (s), and the
     reconnect back-off (``reconnect_min`` doubling to ``reconnect_max`` s, jittered;
     ``refused_backoff_max`` s when the receiver refuses this sensor)."""
-    compression_level: int = 1
+    compression_level: int = -1  # zstd's fastest level that keeps level 1's ratio on packets (bench/README)
     window_bytes: int = 64 << 20
     spool_dir: str | None = "auto"
     spool_bytes: int | None = None
