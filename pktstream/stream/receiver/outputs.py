@@ -170,6 +170,7 @@ class Outputs:
     def __init__(self, sinks: list[Sink], *, maxsize: int, closing: threading.Event,
                  on_flushed: FlushedCallback) -> None:
         self.runners = [SinkRunner(s, maxsize=maxsize, closing=closing, on_flushed=on_flushed) for s in sinks]
+        self._drained = False  # drain() ran (it runs once)
         self.gating = any(r.gate for r in self.runners)
 
     def start(self) -> None:
@@ -213,6 +214,9 @@ class Outputs:
         (waits for the threads, off the loop). The receiver then commits (persists the state,
         acknowledges) and only then :meth:`close` s them: an output that acts on its files at
         close (an S3 upload) then only acts on acknowledged data."""
+        if self._drained:
+            return
+        self._drained = True
         for r in self.runners:
             r.sink.interrupt()
             r.queue.put(None)
