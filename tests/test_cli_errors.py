@@ -71,6 +71,13 @@ def test_cli_error_cases_are_one_line_without_traceback(tmp_path, busy_port):
         (["info", str(afile)], ["not a capture file"]),
         (["read", str(tmp_path / "missing.pcap")], ["missing.pcap: No such file or directory"]),
         (["receiver", "--config", str(tmp_path / "missing.yaml"), *w], ["not found"]),
+        # an output in a directory that does not exist: the name asked for, not the .part written first
+        (["convert", str(tmp_path / "full.pcap"), str(nodir / "c.pcap")],
+         [f"{nodir}/c.pcap: directory {nodir} does not exist"]),
+        (["query", str(tmp_path), "-w", str(nodir / "q.pcapng")],
+         [f"{nodir}/q.pcapng: directory {nodir} does not exist"]),
+        (["query", str(tmp_path), "--server", str(tmp_path / "no.sock"), "-w", str(nodir / "q.pcapng")],
+         [f"{nodir}/q.pcapng: directory {nodir} does not exist"]),
     ]
     for args, expected in cases:
         line = one_line_error(run(*args), *expected)

@@ -136,6 +136,9 @@ def cmd_query(args: argparse.Namespace) -> int:
         if message not in warned:
             warned.add(message)
             print(f"pktstream query: warning: {message}", file=sys.stderr)
+    d = os.path.dirname(args.write) or "."
+    if args.write != "-" and "%" not in d and not os.path.isdir(d):  # (before reading the archive)
+        return _fail("query", FileNotFoundError(2, f"directory {d} does not exist", args.write))
     if not args.no_server:
         status = _query_by_server(args, bpf, warn)
         if status is not None:
@@ -340,7 +343,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--no-server", action="store_true", help="run the query in this process")
     p.add_argument("--server-timeout", type=_server_timeout, default=30.0, metavar="SECONDS",
                    help="give up on a query server that sends nothing (not even its heartbeat) for this "
-                        "long; before any output the query then runs here (default: 30)")
+                        "long, 2 .. 86400; before any output the query then runs here (default: 30)")
     p.set_defaults(func=cmd_query)
 
     p = subparser(sub, "serve", help="answer pktstream query for an archive from a resident process (fast queries)",

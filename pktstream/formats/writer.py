@@ -261,7 +261,14 @@ class CaptureWriter:
         sink: Any
         if self._is_path:
             path = self._next_path()
-            fd = os.open(self.data_path_of(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, self._mode)
+            try:
+                fd = os.open(self.data_path_of(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                             self._mode)
+            except OSError as exc:  # (name the file asked for, not the .part it is written as)
+                d = os.path.dirname(path) or "."
+                if isinstance(exc, FileNotFoundError) and not os.path.isdir(d):
+                    raise FileNotFoundError(exc.errno, f"directory {d} does not exist", path) from None
+                raise type(exc)(exc.errno, exc.strerror, path) from None
             self._raw = os.fdopen(fd, "wb")
             self._cur_path = path
             sink = self._raw
