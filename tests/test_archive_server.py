@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -119,6 +120,16 @@ def test_query_by_server_equals_direct_query(root, served, tmp_path, args):
         pk = sorted((int(b.ts_ns[i]), bytes(b[i])) for b in pktstream.read(tmp_path / "s-q.pcapng")
                     for i in range(len(b)))
         assert pk == sorted(brute(root))
+
+
+def test_strftime_output_names_are_expanded_by_server_and_direct_query_alike(root, served, tmp_path):
+    by_server = query(root, "udp", "-w", str(tmp_path / "s-%Y.pcapng"))
+    direct = query(root, "udp", "--no-server", "-w", str(tmp_path / "d-%Y.pcapng"))
+    assert by_server.returncode == 0 and b"(by the query server)" in by_server.stderr, by_server.stderr
+    assert direct.returncode == 0, direct.stderr
+    [s], [d] = tmp_path.glob("s-*.pcapng"), tmp_path.glob("d-*.pcapng")
+    assert re.fullmatch(r"s-20\d\d\.pcapng", s.name) and re.fullmatch(r"d-20\d\d\.pcapng", d.name)
+    assert s.read_bytes() == d.read_bytes()
 
 
 def test_client_loads_neither_numpy_nor_pyarrow(root, served, tmp_path):

@@ -136,8 +136,10 @@ def cmd_query(args: argparse.Namespace) -> int:
         if message not in warned:
             warned.add(message)
             print(f"pktstream query: warning: {message}", file=sys.stderr)
+    if args.write != "-" and "%" in args.write:  # strftime fields, as the writer expands them (by the server too)
+        args.write = time.strftime(args.write)
     d = os.path.dirname(args.write) or "."
-    if args.write != "-" and "%" not in d and not os.path.isdir(d):  # (before reading the archive)
+    if args.write != "-" and not os.path.isdir(d):  # (before reading the archive)
         return _fail("query", FileNotFoundError(2, f"directory {d} does not exist", args.write))
     if not args.no_server:
         status = _query_by_server(args, bpf, warn)
@@ -165,8 +167,6 @@ def _query_by_server(args: argparse.Namespace, bpf: str | None, warn: Any) -> in
     path = args.server or wire.default_socket(args.archive)
     if path is None or (not args.server and not os.path.exists(path)):
         return None
-    if "%" in args.write and not args.server:
-        return None  # (a direct query's writer expands strftime fields in the name: keep that)
     to_stdout = args.write == "-"
     part = f"{args.write}.part"  # renamed when complete, as the writer does
     out: Any = None
