@@ -52,10 +52,11 @@ class _Conn:
 
     def send(self, kind: bytes, payload: bytes) -> None:
         with self.lock:
+            if self.aborted:
+                return  # (e.g. the rest of the output buffer, flushed when it is collected)
             if self.gone:
                 raise BrokenPipeError(32, "the query client went away")
-            if not self.aborted:
-                self.sock.sendall(wire.frame(kind, payload))
+            self.sock.sendall(wire.frame(kind, payload))
 
     def beat(self, done: threading.Event, interval_s: float, sent: Callable[[], None]) -> None:
         """A ``K`` frame every ``interval_s`` until ``done`` (a heartbeat thread's body); skipped
