@@ -43,6 +43,8 @@ class LiveIndexer:
         (:class:`~pktstream.archive.index.FileIndexBuilder`; 0: no bound).
     """
 
+    SPILL_SUBDIR = INDEX_DIR  # where spill files go, below the root
+
     def __init__(self, root: str, *, chunk_bytes: int = CHUNK_BYTES, max_flows: int = INDEX_MAX_FLOWS) -> None:
         self.root = os.path.abspath(root)
         self.store = LocalStore(self.root)
@@ -101,9 +103,9 @@ class LiveIndexer:
         self._snapshot_if_due(final=True)
 
     def _spill_dir(self) -> str:
-        """Spill files go under the archive's own index directory: on the archive's disk, not
-        in a /tmp that may be small or in memory (tmpfs), where the bound would not hold."""
-        d = os.path.join(self.root, INDEX_DIR)
+        """Spill files go under the root (its index directory): on the archive's disk, not in
+        a /tmp that may be small or in memory (tmpfs), where the bound would not hold."""
+        d = os.path.join(self.root, self.SPILL_SUBDIR)
         os.makedirs(d, exist_ok=True)
         return d
 
@@ -269,17 +271,14 @@ class StagingIndexer(LiveIndexer):
     kept next to it as ``NAME.idx`` (flow records, with the catalog row in the Parquet
     metadata) until the uploader commits it under the object's key with :func:`commit_staged`."""
 
+    SPILL_SUBDIR = ".spill"  # (no index directory in the staging directory; the uploader takes files only)
+
     def __init__(self, staging_dir: str, *, chunk_bytes: int = CHUNK_BYTES, max_flows: int = INDEX_MAX_FLOWS) -> None:
         super().__init__(staging_dir, chunk_bytes=chunk_bytes, max_flows=max_flows)
         self.recover_root = False  # no index in the staging directory itself
 
     def removed(self, path: str) -> None:
         pass
-
-    def _spill_dir(self) -> str:
-        d = os.path.join(self.root, ".spill")  # (a directory: the uploader takes files only)
-        os.makedirs(d, exist_ok=True)
-        return d
 
     def repair_paths(self, paths: list[str]) -> None:
         pass  # a file cut back after a write error is indexed from disk by the uploader (S3Sink)

@@ -102,10 +102,8 @@ class _Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         sock: socket.socket = self.request
         if not self.server.slots.acquire(blocking=False):
-            sock.settimeout(REQUEST_TIMEOUT_S)
-            try:
-                line = self.rfile.readline(wire.MAX_REQUEST_BYTES + 1)  # (read first: the reply is then not lost)
-            except OSError:
+            line = self._request_line()  # (read first: the reply is then not lost)
+            if line is None:
                 return
             try:
                 kind = wire.BUSY if wire.decode_request(line).get("keepalive") else wire.ERROR
@@ -120,15 +118,23 @@ class _Handler(socketserver.StreamRequestHandler):
         finally:
             self.server.slots.release()
 
-    def _answer(self, sock: socket.socket) -> None:
-        sock.settimeout(REQUEST_TIMEOUT_S)
+    def _request_line(self) -> bytes | None:
+        """The request line, read within REQUEST_TIMEOUT_S; None if it timed out or the client went away."""
+        self.request.settimeout(REQUEST_TIMEOUT_S)
         try:
-            req = wire.decode_request(self.rfile.readline(wire.MAX_REQUEST_BYTES + 1))
+            return self.rfile.readline(wire.MAX_REQUEST_BYTES + 1)
+        except OSError:
+            return None
+
+    def _answer(self, sock: socket.socket) -> None:
+        line = self._request_line()
+        if line is None:
+            return
+        try:
+            req = wire.decode_request(line)
         except wire.ProtocolError as exc:
             self._send(wire.ERROR, f"bad request: {exc}")
             self._linger()
-            return
-        except OSError:  # timed out, or the client went away
             return
         sock.settimeout(None)  # (a client may pause reading, e.g. a pager: it holds only its own thread)
         conn = _Conn(sock)

@@ -181,30 +181,23 @@ def query(path: str, out: BinaryIO, *, bpf: str | None = None, since: str | None
         except TimeoutError:
             raise ServerUnavailable(errno.ETIMEDOUT, f"the query server took no request for {idle_timeout_s:g} s",
                                     path) from None
+        frames = 0  # received so far (the first tells whether heartbeats follow)
         try:
-            first = s.recv(FRAME_HEADER.size)
-        except ConnectionResetError:
-            first = b""
-        except TimeoutError:
-            raise ServerUnavailable(errno.ETIMEDOUT, f"the query server did not answer for {idle_timeout_s:g} s",
-                                    path) from None
-        if not first:  # accepted, then closed before replying (a server stopping): nothing written
-            raise ServerUnavailable(errno.ECONNRESET, "the query server closed the connection without replying",
-                                    path)
-        try:
-            head = first + _read_exact(s, FRAME_HEADER.size - len(first))
-            if head[:1] != KEEPALIVE:
-                s.settimeout(None)  # a server without heartbeats: as long as it takes
-            header: bytes | None = head
             while True:
-                if header is None:
+                try:
                     header = s.recv(FRAME_HEADER.size)
-                    if not header and not reply.bytes_written:  # (a server that died or was cut off)
-                        raise ServerUnavailable(errno.ECONNRESET, "the query server closed the connection "
-                                                "before any output", path)
-                    header += _read_exact(s, FRAME_HEADER.size - len(header))
+                except ConnectionResetError:
+                    if frames:
+                        raise
+                    header = b""
+                if not header and not reply.bytes_written:  # (a server stopping, dead or cut off)
+                    raise ServerUnavailable(errno.ECONNRESET, "the query server closed the connection "
+                                            + ("before any output" if frames else "without replying"), path)
+                header += _read_exact(s, FRAME_HEADER.size - len(header))
+                if not frames and header[:1] != KEEPALIVE:
+                    s.settimeout(None)  # a server without heartbeats: as long as it takes
+                frames += 1
                 kind, n = FRAME_HEADER.unpack(header)
-                header = None
                 if n > MAX_FRAME_BYTES:
                     raise ProtocolError(f"the query server sent a frame of {n} bytes (at most {MAX_FRAME_BYTES})")
                 payload = _read_exact(s, n)
@@ -231,6 +224,9 @@ def query(path: str, out: BinaryIO, *, bpf: str | None = None, since: str | None
                 else:
                     raise ProtocolError(f"the query server sent a frame of unknown type {kind!r}")
         except TimeoutError:
+            if not frames:
+                raise ServerUnavailable(errno.ETIMEDOUT, f"the query server did not answer for {idle_timeout_s:g} s",
+                                        path) from None
             if not reply.bytes_written:  # (nothing written yet: the caller may query directly)
                 raise ServerUnavailable(errno.ETIMEDOUT, f"the query server stopped answering for "
                                         f"{idle_timeout_s:g} s before any output", path) from None
