@@ -114,10 +114,13 @@ _RAW = BINARY_COLUMNS  # random bits: no dictionary or min/max statistics
 
 
 def _parquet_bytes(table, pq, use_dictionary: bool | list[str] = True, row_group_size: int | None = None) -> bytes:
+    import pyarrow as pa
     buf = io.BytesIO()
     other = [c for c in table.column_names if c not in _RAW]  # (a catalog table decodes ~2x faster so)
     dictionary = other if use_dictionary is True else use_dictionary
-    pq.write_table(table, buf, compression="zstd", use_dictionary=dictionary, write_statistics=other,
+    # min/max statistics where a reader can prune with them: not on lists (addresses, chunks)
+    stats = [c for c in other if not pa.types.is_list(table.schema.field(c).type)]
+    pq.write_table(table, buf, compression="zstd", use_dictionary=dictionary, write_statistics=stats,
                    row_group_size=row_group_size)
     return buf.getvalue()
 
