@@ -295,7 +295,11 @@ def test_interrupted_client_leaves_no_part_file(tmp_path):
     release = threading.Event()
     t = _fake_server(sock, wire.frame(wire.DATA, b"x" * 1000), hold=release)  # data, then nothing
     out = tmp_path / "o.pcapng"
-    p = subprocess.Popen([*PKTSTREAM, "query", str(tmp_path), "--server", sock, "-w", str(out)],
+    # Ctrl-C as on a terminal: a test run started in the background by a non-interactive shell
+    # inherits SIGINT *ignored*, and Python then installs no KeyboardInterrupt handler
+    restore = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    p = subprocess.Popen([sys.executable, "-c", restore + "from pktstream.cli import main; sys.exit(main())",
+                          "query", str(tmp_path), "--server", sock, "-w", str(out)],
                          stderr=subprocess.PIPE, text=True)
     try:
         part = tmp_path / "o.pcapng.part"

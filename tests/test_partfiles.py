@@ -346,3 +346,113 @@ def test_two_writers_never_share_a_name_pattern(tmp_path):
     names = sorted(os.path.basename(p) for p in sink.open_paths())
     sink.close()
     assert names == ["s1.000000.pcap", "s1.LINUX_SLL-2.000000.pcap", "s1.LINUX_SLL.000000.pcap"]
+
+
+def _all_ts(paths) -> list[int]:
+    return sorted(t for p in paths for t in read_ts(str(p)))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_reset_after_a_group_that_crossed_rotations_keeps_every_packet_once(tmp_path, fmt):
+    """A write group larger than the rotation size fails (disk full, an S3 output's full
+    staging) after rotation completed the file open at the last flush and whole files after
+    it: reset() takes the output back to that flush -- the first file cut back to its flushed
+    size, the later ones removed -- so the receiver's rewrite of the group stores each packet
+    once (the later files used to stay: the start of the group twice)."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    src = Source("s1", "s1", "eth0", 1, 262144)
+    batches = make_batches(8, 40)
+    probe = FileSink(str(tmp_path / f"probe.{fmt}"))
+    probe.write(src, batches[0])
+    one_batch = probe.flush()["open"][0]["size"]
+    probe.close()
+    out = tmp_path / "out"
+    out.mkdir()
+    sink = FileSink(directory=str(out), format=fmt, rotate_bytes=one_batch + 1)  # about a batch per file
+    sink.write(src, batches[0])
+    sink.flush()
+    group = batches[1:6]
+    for b in group[:4]:
+        sink.write(src, b)
+    assert len(sink.paths) >= 3  # the flushed file and whole files after it were completed
+    sink.reset()  # (the group's fifth write failed)
+    assert not [n for n in os.listdir(out) if n.endswith(".part")]
+    for b in group:  # the receiver writes the whole group again
+        sink.write(src, b)
+    sink.flush()
+    sink.close()
+    files = sorted(out.iterdir())
+    assert sorted(map(str, files)) == sorted(sink.paths)
+    assert _all_ts(files) == sorted(int(t) - 1_700_000_000 * 10**9 for b in batches[:6] for t in b.ts_ns)
+
+
+@pytest.mark.parametrize("fmt", ["pcap.zst", "pcapng"])
+def test_a_file_whose_completion_failed_is_cut_back_by_reset_not_orphaned(tmp_path, fmt, monkeypatch):
+    """Completing a file at a rotation fails (disk full while its zstd frame is written out,
+    an I/O error renaming it): the file, holding acknowledged batches, is still the writer's to abandon, so
+    reset() cuts it back to the last flush and completes it (it was left as an orphan .part,
+    which the next crash recovery removed as unacknowledged)."""
+    import errno
+
+    from pktstream.formats import writer as W
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    src = Source("s1", "s1", "eth0", 1, 262144)
+    batches = make_batches(4, 40)
+    out = tmp_path / "out"
+    out.mkdir()
+    sink = FileSink(directory=str(out), format=fmt, rotate_bytes=1)  # every write completes the file before
+    sink.write(src, batches[0])
+    state = sink.flush()
+    def refuse(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    if fmt.endswith(".zst"):
+        monkeypatch.setattr(W.ZstdFileWriter, "finish", refuse)  # the zstd frame's end
+    else:
+        monkeypatch.setattr(W.os, "replace", refuse)  # the rename to the final name
+    with pytest.raises(OSError, match="No space left"):
+        sink.write(src, batches[1])  # rotation completes the first file: fails
+    monkeypatch.undo()
+    sink.reset()
+    first = state["open"][0]["final"]
+    assert os.path.exists(first) and not [n for n in os.listdir(out) if n.endswith(".part")]
+    for b in batches[1:]:
+        sink.write(src, b)
+    sink.flush()
+    sink.close()
+    assert _all_ts(out.iterdir()) == sorted(int(t) - 1_700_000_000 * 10**9 for b in batches for t in b.ts_ns)
+
+
+def test_close_completes_every_output_when_one_fails_and_recovery_completes_that_one(tmp_path, monkeypatch):
+    """FileSink.close() tries every output: one file that cannot be completed (disk full) does
+    not leave the other sensors' files as .part; it raises afterwards, and the failed file is
+    completed by recovery from the last flushed state."""
+    import errno
+
+    from pktstream.formats import writer as W
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    batches = make_batches(3, 40)
+    out = tmp_path / "out"
+    out.mkdir()
+    sink = FileSink(directory=str(out), format="pcap.zst")
+    for i, b in enumerate(batches):
+        sink.write(Source(f"s{i}", "h", "eth0", 1, 262144), b)
+    state = sink.flush()
+    real, calls = W.ZstdFileWriter.finish, []
+
+    def finish(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self)
+    monkeypatch.setattr(W.ZstdFileWriter, "finish", finish)
+    with pytest.raises(OSError, match="No space left"):
+        sink.close()
+    monkeypatch.undo()
+    names = sorted(os.listdir(out))
+    assert len(calls) == 3 and sum(n.endswith(".part") for n in names) == 1 and len(names) == 3
+    FileSink.recover(state)
+    assert not [n for n in os.listdir(out) if n.endswith(".part")]
+    assert _all_ts(out.iterdir()) == sorted(int(t) - 1_700_000_000 * 10**9 for b in batches for t in b.ts_ns)

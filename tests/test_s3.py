@@ -340,6 +340,44 @@ def test_s3_sink_holds_files_a_reset_completed_until_acknowledged(tmp_path, moto
     sink.close()
 
 
+def test_s3_sink_reset_after_a_group_that_crossed_rotations_uploads_each_packet_once(tmp_path, moto):
+    """A write group that crossed rotations fails (StagingFull: the S3 output's normal
+    backpressure): reset() takes the staging directory back to the last flush (the files
+    completed since are removed, not kept and held), so the rewritten group reaches S3 once
+    and nothing it removed stays held against the staging limit."""
+    import pktstream
+    from pktstream.sinks.base import Source
+    from pktstream.sinks.s3 import S3Sink
+
+    s3 = moto.client()
+    s3.create_bucket(Bucket=BUCKET)
+    staging = tmp_path / "staging"
+    batches = _batches(6, 300)
+    sink = S3Sink(BUCKET, "cap/", staging_dir=str(staging), endpoint_url=moto.endpoint, region="us-east-1",
+                  path_style=True, format="pcap", rotate_bytes=batches[0].nbytes + 100, rotate_seconds=3600,
+                  acl=None, close_timeout=60)
+    sink.use_acknowledgements()
+    src = Source("s1", "host", "eth0", 1, 65535)
+    sink.write(src, batches[0])
+    first = sink.flush()
+    for b in batches[1:4]:  # the group crosses rotations, then "fails"
+        sink.write(src, b)
+    sink.reset()
+    staged = sorted(n for n in os.listdir(staging) if n.endswith(".pcap"))
+    assert len(staged) == 1  # the file of the first flush, cut back to it
+    for b in batches[1:]:  # the receiver writes the whole group again
+        sink.write(src, b)
+    last = sink.flush()
+    sink.acknowledged(first)
+    sink.acknowledged(last)
+    sink.close()
+    ts = []
+    for i, key in enumerate(sink.uploaded):
+        (tmp_path / f"o{i}.pcap").write_bytes(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+        ts += [t for b in pktstream.read(tmp_path / f"o{i}.pcap") for t in b.ts_ns.tolist()]
+    assert sorted(ts) == sorted(t for b in batches for t in b.ts_ns.tolist())
+
+
 def test_s3_sink_uploads_at_close_only_what_is_acknowledged(tmp_path, moto):
     """A receiver commits its last flush before it closes its outputs. A file whose flush was
     not acknowledged when close() runs (the state could not be saved) stays staged instead of

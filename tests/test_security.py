@@ -301,6 +301,10 @@ HOSTILE = {
 
 
 TRUNCATED = {"truncated header", "payload shorter than said"}  # the peer then closes its side
+# well-framed DATA whose content is bad: rejected, counted and acknowledged (the session stays:
+# a sensor would otherwise resend the frame forever and deliver nothing behind it)
+REJECTED = {"count lies", "zstd bomb", "bad checksum", "caplen over snaplen", "caplen over wirelen",
+            "record past the end", "unknown interface"}
 
 
 def test_hostile_input_harms_nothing(veth, procs, tmp_path, pki, mixed_pcap):
@@ -317,12 +321,18 @@ def test_hostile_input_harms_nothing(veth, procs, tmp_path, pki, mixed_pcap):
     sx.wait_for("connected to receiver")
     replay = threading.Thread(target=veth.replay, args=(mixed_pcap,), kwargs={"pps": 1000})
     replay.start()
-    for name, (needs_auth, payload) in HOSTILE.items():
+    for i, (name, (needs_auth, payload)) in enumerate(HOSTILE.items()):
         peer = Peer(port)
         if needs_auth:
-            w = peer.handshake(key, sensor_id=f"attacker-{len(name)}")
+            w = peer.handshake(key, sensor_id=f"attacker-{i}")
             assert w is not None and w.type == P.FrameType.WELCOME, name
         peer.send(payload)
+        if name in REJECTED:
+            ack = peer.recv_frame()
+            seq = P.decode_header(payload[:P.HEADER_LEN], max_payload=1 << 30, max_raw=1 << 30).seq
+            assert ack is not None and ack.type == P.FrameType.ACK and ack.seq == seq, f"{name}: {ack}"
+            peer.close()
+            continue
         if name in TRUNCATED:
             peer.sock.shutdown(socket.SHUT_WR)  # EOF in the middle of a frame
         assert peer.closed_by_peer(), f"{name}: connection not closed"
@@ -334,9 +344,11 @@ def test_hostile_input_harms_nothing(veth, procs, tmp_path, pki, mixed_pcap):
     rx.stop(signal.SIGTERM)
     assert_same_packets(received(tmp_path), read_pcap_dpkt(ref))
     st = json.loads((tmp_path / "rx.json").read_text())
-    assert st["protocol_errors"] >= len(HOSTILE) - 2
-    assert set(st["sensors"]) <= {"real"} | {f"attacker-{len(n)}" for n in HOSTILE}
+    assert st["protocol_errors"] >= len(HOSTILE) - len(REJECTED) - 2
+    assert set(st["sensors"]) <= {"real"} | {f"attacker-{i}" for i in range(len(HOSTILE))}
     assert all(s["packets"] == 0 for sid, s in st["sensors"].items() if sid != "real")
+    assert sum(s["rejected_frames"] for s in st["sensors"].values()) == len(REJECTED)
+    assert st["sensors"]["real"]["rejected_frames"] == 0
 
 
 def test_replayed_session_and_duplicates(veth, procs, tmp_path, pki):

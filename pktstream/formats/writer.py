@@ -300,8 +300,7 @@ class CaptureWriter:
             self._target.flush()
             return
         raw, path = self._raw, self._cur_path
-        assert path is not None  # a path target has a current file
-        self._raw = None
+        assert raw is not None and path is not None  # a path target has a current file
         raw.flush()
         if self._fsync:
             os.fsync(raw.fileno())
@@ -309,6 +308,7 @@ class CaptureWriter:
         raw.close()
         if not self.in_place:
             os.replace(path + ".part", path)
+        self._raw = None  # (only now: a failure above leaves the file to abandon(), whose caller cuts it back)
         if self._rotating:
             self._last_done = (path, self._seq - 1, size)
         if self._fsync:
@@ -513,7 +513,7 @@ class CaptureWriter:
         and return its final name (its data is in ``NAME.part``, possibly with a partial
         record at the end; the caller cuts it back). The writer opens a new file on the
         next write."""
-        if self._cur is None or not self._is_path:
+        if self._raw is None or not self._is_path:  # (_raw: also a file whose completion failed)
             return None
         path = self._cur_path
         self._cur = None

@@ -136,7 +136,7 @@ class FileSink(Sink):
             self.opts["zstd_frame_bytes"] = zstd_frame_bytes
         self.indexer = None  # pktstream.archive.live.LiveIndexer when index is on
         self._outputs: dict[Any, CaptureWriter] = {}
-        self._committed: dict[str, int] = {}  # open file -> size at the last flush
+        self._flushed: dict[Any, dict[str, Any]] = {}  # output key -> its state at the last flush
         self._done: list[str] = []  # files completed by earlier writers (after a reset)
         self.name = f"file:{self.path or self.directory}"
         # a path without a capture extension is written as pcap under exactly that name,
@@ -206,29 +206,52 @@ class FileSink(Sink):
         self._output_for(source, batch).write(batch)
 
     def reset(self) -> None:
-        """After a failed write or flush (disk full, I/O error): cut every open file back to
-        its last flushed size, complete it, and start new files on the next write. The
+        """After a failed write or flush (disk full, I/O error; an S3 output's full staging):
+        every output goes back to its last flush -- the file open then is cut back to its size
+        at that flush and completed, files that rotation completed or opened since are removed
+        (a write group may span rotations) -- and new files start on the next write. The
         receiver then rewrites everything since the last flush, so nothing is lost or doubled."""
-        for out in self._outputs.values():
-            final = out.abandon()
-            self._done.extend(out.paths)
-            if final is not None and _cut_and_complete(out.data_path_of(final), final, self._committed.get(final, 0)):
-                self._done.append(final)
-                if self.indexer is not None:
-                    self.indexer.repair_paths([final])
+        for key, out in self._outputs.items():
+            current = out.abandon()
+            st = self._flushed.get(key)  # (None: nothing of this output was flushed)
+            completed = list(out.paths)
+            removed: list[str] = []
+            cut: str | None = None
+            if current is not None and st is not None and current == st["final"]:
+                if _cut_and_complete(out.data_path_of(current), current, st["size"], st.get("zstd_frame_bytes")):
+                    completed.append(current)
+            else:
+                if current is not None:  # opened after the flush: nothing in it was acknowledged
+                    _cut_and_complete(out.data_path_of(current), current, 0)
+                if st is None:
+                    removed = [p for p in completed if _unlink(p)]
+                else:
+                    if st["final"] in completed and _cut_back_completed(st["final"], st["size"],
+                                                                        st.get("zstd_frame_bytes")):
+                        cut = st["final"]  # completed by a rotation after the flush
+                    removed = _remove_later_rotations(st)
+                    after = completed.index(st["final"]) + 1 if st["final"] in completed else len(completed)
+                    removed += [p for p in completed[after:] if _unlink(p)]  # (in case the names moved on)
+            self._done.extend(p for p in completed if p not in removed and os.path.exists(p))
+            if self.indexer is not None:
+                for p in removed:
+                    self.indexer.removed(p)
+                fixed = [p for p in (cut, current) if p is not None and p in self._done]
+                if fixed:
+                    self.indexer.repair_paths(fixed)
         self._outputs.clear()  # new writers, new (free) names: a completed file is never reopened
-        self._committed.clear()
+        self._flushed.clear()
 
     def flush(self) -> dict[str, Any]:
         open_files = []
-        for out in self._outputs.values():
+        for key, out in self._outputs.items():
             out.flush()
             if self.opts["fsync"] and out.current_path is not None:
                 os.fsync(out.fileno())
             st = _writer_state(out)
             if st is not None:
                 open_files.append(st)
-                self._committed[st["final"]] = st["size"]
+                self._flushed[key] = st
         if self.indexer is not None and getattr(self.indexer, "recover_root", False):
             return {"open": open_files, "index_root": self.indexer.root}
         return {"open": open_files}
@@ -249,12 +272,20 @@ class FileSink(Sink):
         return self._done + [p for out in self._outputs.values() for p in out.paths]
 
     def close(self) -> None:
-        try:
-            for out in self._outputs.values():
+        """Complete every open file; the first error is raised after all were tried (a file
+        that could not be completed stays ``.part``, for recovery)."""
+        error: Exception | None = None
+        for out in self._outputs.values():
+            try:
                 out.close()
-        finally:
-            if self.indexer is not None:
-                self.indexer.close()
+            except Exception as exc:  # noqa: BLE001 - the other outputs' files are completed all the same
+                left = out.abandon()  # (its descriptor is closed; the .part stays for recovery)
+                log.error("completing %s: %s", left or out.name_pattern, exc)
+                error = error or exc
+        if self.indexer is not None:
+            self.indexer.close()
+        if error is not None:
+            raise error
 
     @staticmethod
     def recover(state: dict[str, Any]) -> None:
@@ -268,18 +299,8 @@ class FileSink(Sink):
             known.add(part)
             if os.path.exists(part):
                 _cut_and_complete(part, final, size, frame_bytes)
-            elif os.path.exists(final) and os.path.getsize(final) > size:
-                # completed by rotation after the last acknowledged flush: cut the tail (the
-                # sensors resend it); a .zst file is re-encoded from the whole blocks it held at
-                # that flush (its frame was ended by the rotation, after them)
-                if final.endswith(".zst"):
-                    os.replace(final, part)  # back to its .part name: a crash now is recovered the same way
-                    _cut_and_complete(part, final, size, frame_bytes)
-                else:
-                    with open(final, "r+b") as fh:
-                        fh.truncate(size)
-                _drop_staged_index(final)
-                log.warning("recovery: %s cut back to what was acknowledged (%d bytes)", final, size)
+            else:
+                _cut_back_completed(final, size, frame_bytes)
             _remove_later_rotations(f)
         stems = {(os.path.dirname(p) or ".", os.path.basename(p).split(".")[0] + ".") for p in known}
         for d, stem in stems:
@@ -296,7 +317,36 @@ class FileSink(Sink):
             recover_index(root, state.get("open", []))  # this output's files get their index
 
 
-def _remove_later_rotations(f: dict[str, Any]) -> None:
+def _cut_back_completed(final: str, size: int, frame_bytes: int | None = None) -> bool:
+    """A file completed by rotation after the last acknowledged flush: cut its tail (the
+    sensors resend it); a .zst file is re-encoded from the whole blocks it held at that flush
+    (its frame was ended by the rotation, after them). False if it was not longer than ``size``."""
+    if not (os.path.exists(final) and os.path.getsize(final) > size):
+        return False
+    if final.endswith(".zst"):
+        part = final + ".part"
+        os.replace(final, part)  # back to its .part name: a crash now is recovered the same way
+        _cut_and_complete(part, final, size, frame_bytes)
+    else:
+        with open(final, "r+b") as fh:
+            fh.truncate(size)
+    _drop_staged_index(final)
+    log.warning("recovery: %s cut back to what was acknowledged (%d bytes)", final, size)
+    return True
+
+
+def _unlink(path: str) -> bool:
+    """Remove a completed file that holds only unacknowledged data (and its staged index)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    log.warning("removing %s (written after the last acknowledged flush: the sensors resend it)", path)
+    _drop_staged_index(path)
+    return True
+
+
+def _remove_later_rotations(f: dict[str, Any]) -> list[str]:
     """Remove the files a rotating writer completed or opened entirely after the last
     acknowledged flush (a flush group larger than the rotation size): they hold only
     unacknowledged batches, which the sensors resend. Such a file has the writer's name pattern
@@ -306,7 +356,8 @@ def _remove_later_rotations(f: dict[str, Any]) -> None:
     directory part that moved on is not followed)."""
     seq, pattern, final = f.get("seq"), f.get("pattern"), f.get("final")
     if not (isinstance(seq, int) and isinstance(pattern, str) and isinstance(final, str)):
-        return  # a state written before these fields, or a writer that does not rotate
+        return []  # a state written before these fields, or a writer that does not rotate
+    removed = []
     for n, path in rotated_files(pattern, os.path.dirname(final) or "."):
         if n <= seq or path == final or not os.path.isfile(path):
             continue
@@ -314,6 +365,8 @@ def _remove_later_rotations(f: dict[str, Any]) -> None:
                     "nothing in it was acknowledged)", path)
         os.unlink(path)
         _drop_staged_index(path)
+        removed.append(path)
+    return removed
 
 
 def max_flows_option(value: int | None) -> dict[str, int]:

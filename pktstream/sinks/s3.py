@@ -248,9 +248,14 @@ class S3Sink(Sink):
         with self._files_lock:
             before = set(self._files.paths)
             self._files.reset()
+            with self._ack_lock:
+                # files reset() removed are forgotten; what it kept holds nothing past the last
+                # flush (a file a rotation completed after it was cut back to it)
+                self._unacked = [(min(f, self._flushes), p) for f, p in self._unacked if os.path.exists(p)]
             # files reset() cut back to the last flush and completed: acknowledged with that flush
             for path in sorted(set(self._files.paths) - before):
                 self._hold_or_adopt(self._flushes, path)
+        self._release_upto(self._acked_flush)
 
     recover = staticmethod(FileSink.recover)
 

@@ -224,8 +224,7 @@ class Ingest:
         while self._commit_busy:  # a state write in flight lands first (a timer may start one)
             await self._commit_idle.wait()
         self.commit(sync=True)
-        await self.outputs.close()
-        self.outputs.forget_states()  # the outputs are closed: their files are complete
+        await self.outputs.close()  # (an output closed without error forgets its open files: complete)
         self.state.write(self._snapshot())
 
     def shutdown(self) -> None:
@@ -257,23 +256,30 @@ class Ingest:
             sensor = self.sensors[sensor_id] = SensorState(sensor_id)
         return sensor
 
-    async def ingest(self, sensor: SensorState, frame: P.Frame, iface: dict[str, Any], *, wire_bytes: int) -> bool:
+    async def ingest(self, sensor: SensorState, frame: P.Frame, iface: dict[str, Any] | None, *,
+                     wire_bytes: int) -> bool:
         """One DATA frame from any transport: drop it if already accepted (same sensor, seq not
         above the last accepted), refuse an impossible seq, decompress and validate (bounded),
-        count, hand to the outputs. Returns False for a duplicate; raises FrameError for a bad
-        frame."""
+        count, hand to the outputs. Returns False for a duplicate; raises FrameError for an
+        impossible seq (the session is not to be trusted). A frame whose content is bad (``iface``
+        None: an interface the sensor never announced) is rejected: see :meth:`_reject`."""
         c = sensor.counters
         if frame.seq <= sensor.last_accepted:
             c["duplicate_frames"] += 1
             c["duplicate_packets"] += frame.count
             return False
         check_seq(frame.seq)
+        if iface is None:
+            return self._reject(sensor, frame, f"DATA for unknown interface index {frame.iface}")
         decode = functools.partial(P.decode_data, frame, link_type=iface["link_type"], snaplen=iface["snaplen"],
                                    interface=f"{sensor.sensor_id}/{iface['name']}", max_raw=self.max_raw)
         # large blocks are decompressed and validated off the event loop (zstd releases the
         # GIL); small ones cost less than the hand-over
-        batch = await self.loop.run_in_executor(self._decoder, decode) if len(frame.payload) > 65536 \
-            else decode()
+        try:
+            batch = await self.loop.run_in_executor(self._decoder, decode) if len(frame.payload) > 65536 \
+                else decode()
+        except FrameError as exc:
+            return self._reject(sensor, frame, str(exc))
         if frame.seq <= sensor.last_accepted:  # accepted from another session meanwhile
             batch.release()
             c["duplicate_frames"] += 1
@@ -287,6 +293,26 @@ class Ingest:
         c["raw_bytes"] += frame.raw_len
         c["wire_bytes"] += wire_bytes
         await self.dispatch(sensor, frame.seq, source, batch)
+        return True
+
+    def _reject(self, sensor: SensorState, frame: P.Frame, why: str) -> bool:
+        """A well-framed DATA frame whose content cannot be written (corrupt or oversized zstd,
+        records that do not validate, an unknown interface): its packets are counted as
+        rejected (``rejected_frames``/``rejected_packets`` per sensor, logged) and its seq is
+        acknowledged in order with the frames before it. Closing the session instead would
+        have the sensor resend the same frame after every reconnect and deliver nothing
+        behind it (e.g. a spooled frame of an interface gone after a sensor restart)."""
+        c = sensor.counters
+        c["rejected_frames"] += 1
+        c["rejected_packets"] += frame.count
+        n = c["rejected_frames"]
+        if n <= 10 or n % 1000 == 0:  # (bounded logging: a broken sensor may send many)
+            log.error("sensor %s: DATA seq %d rejected, %d packets lost (%d frames rejected so far): %s",
+                      sensor.sensor_id, frame.seq, frame.count, n, why)
+        sensor.last_accepted = frame.seq
+        self._pending.append((self.index, sensor.sensor_id, frame.seq, 0))  # acknowledged after what came before
+        if not self.outputs.gating:
+            self.commit()
         return True
 
     async def dispatch(self, sensor: SensorState, seq: int, source: Source, batch: PacketBatch) -> None:
@@ -422,9 +448,10 @@ class Ingest:
         """One log line per sensor (any thread)."""
         for sid, s in list(self.sensors.items()):
             c, r = s.counters, s.reported
-            log.info("sensor %s: %d packets, %d bytes, ratio %.2f, duplicates %d, sensor drops: "
+            log.info("sensor %s: %d packets, %d bytes, ratio %.2f, duplicates %d, rejected %d, sensor drops: "
                      "kernel %d, ring %d, window %d", sid, c["packets"], c["raw_bytes"],
                      (c["raw_bytes"] / c["wire_bytes"]) if c["wire_bytes"] else 0.0, c["duplicate_frames"],
+                     c["rejected_packets"],
                      r.get("kernel_dropped", 0), r.get("ring_drops", 0), r.get("window_dropped_packets", 0))
 
     def sensor_stats(self) -> dict[str, dict[str, Any]]:
@@ -438,6 +465,7 @@ class Ingest:
                 "raw_bytes": c["raw_bytes"], "wire_bytes": c["wire_bytes"],
                 "compression_ratio": round(c["raw_bytes"] / c["wire_bytes"], 3) if c["wire_bytes"] else None,
                 "duplicate_frames": c["duplicate_frames"], "connections": c["connections"],
+                "rejected_frames": c["rejected_frames"], "rejected_packets": c["rejected_packets"],
                 "sensor_packets": r.get("packets", 0),
                 "kernel_dropped": r.get("kernel_dropped", 0),
                 "interface_dropped": r.get("interface_dropped", 0),

@@ -15,7 +15,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 #: per-sensor counters (label ``sensor``)
-SENSOR_COUNTERS = ("packets", "raw_bytes", "wire_bytes", "frames", "duplicate_frames", "kernel_dropped",
+SENSOR_COUNTERS = ("packets", "raw_bytes", "wire_bytes", "frames", "duplicate_frames", "rejected_frames",
+                   "rejected_packets", "kernel_dropped",
                    "interface_dropped", "ring_drops", "window_dropped_packets")
 #: per-output counters (label ``output``)
 OUTPUT_COUNTERS = ("packets", "dropped_packets", "failures")

@@ -114,11 +114,16 @@ class SinkRunner:
         # drained: the sink is closed by Outputs.close(), after the receiver's last commit
 
     def close_sink(self) -> None:
-        """Close the sink (after the thread ended: everything is written and flushed)."""
+        """Close the sink (after the thread ended: everything is written and flushed). When it
+        fails, its flushed states are kept: the receiver persists them, and the next start's
+        recovery completes the files it left open."""
         try:
             self.sink.close()
         except Exception as exc:
-            log.error("closing output %s failed: %s", self.sink.name, exc)
+            log.error("closing output %s failed: %s (its open files are completed by the next start's recovery)",
+                      self.sink.name, exc)
+            return
+        self.states.clear()  # its files are complete
 
     def _idle(self) -> None:
         """Nothing to write for a second: let the output do its timed work (rotation)."""
@@ -204,10 +209,6 @@ class Outputs:
             except Exception as exc:  # noqa: BLE001 - an output's bug must not stop the commits
                 r.counters["failures"] += 1
                 log.error("output %s: acknowledged: %s", r.sink.name, exc)
-
-    def forget_states(self) -> None:
-        for r in self.runners:
-            r.states.clear()
 
     async def drain(self) -> None:
         """Interrupt every output and wait until it has written and flushed what it was given

@@ -313,9 +313,7 @@ class Server:
                 raise FrameError(f"unexpected {t.name} frame from a sensor")
 
     async def _data(self, sensor: SensorState, frame: P.Frame) -> None:
-        iface = sensor.interfaces.get(frame.iface)
-        if iface is None:
-            raise FrameError(f"DATA for unknown interface index {frame.iface}")
+        iface = sensor.interfaces.get(frame.iface)  # (None: rejected and counted by the ingest)
         if not await self.ingest.ingest(sensor, frame, iface, wire_bytes=len(frame.payload) + P.HEADER_LEN) \
                 and frame.seq <= sensor.last_committed and sensor.writer is not None:
             sensor.writer.write(P.encode(P.FrameType.ACK, seq=sensor.last_committed))
