@@ -513,7 +513,11 @@ cdef class PacketBatch:
     def __len__(self):
         self._check()
         if self._count < 0:
-            self._count = validate_records(self._data, self._nbytes, 0x7fffffff)
+            self._exports += 1  # (a release() from another thread meanwhile raises BufferError)
+            try:
+                self._count = validate_records(self._data, self._nbytes, 0x7fffffff)
+            finally:
+                self._exports -= 1
         return self._count
 
     def __repr__(self):
@@ -527,6 +531,15 @@ cdef class PacketBatch:
         self._check()
         if self._arrays is not None:
             return self._arrays
+        # the storage stays until the end (release() from another thread raises BufferError):
+        # taken before any Python call below, which may let another thread run
+        self._exports += 1
+        try:
+            return self._build_index()
+        finally:
+            self._exports -= 1
+
+    cdef object _build_index(self):
         cdef Py_ssize_t n = len(self)
         np = _numpy()
         ts = np.empty(n, dtype=np.int64)
@@ -631,6 +644,15 @@ cdef class PacketBatch:
     def filter(self, str expression):
         """Boolean mask (numpy) of the packets matching a BPF expression (libpcap's offline filter)."""
         self._check()
+        # the storage stays until the end (release() from another thread raises BufferError):
+        # taken before any Python call below, which may let another thread run
+        self._exports += 1
+        try:
+            return self._filter(expression)
+        finally:
+            self._exports -= 1
+
+    cdef object _filter(self, str expression):
         cdef BpfProgram prog = BpfProgram(expression, self._link_type, self._snaplen)
         _ts, cap, wire, off = self._index()
         cdef Py_ssize_t n = len(self), i
@@ -1324,18 +1346,19 @@ cdef class Capture:
 
     def inject(self, packet) -> int:
         """Send one raw packet (link-layer frame) on the interface; returns bytes sent."""
-        self._check_open()
         cdef Py_buffer buf
         cdef int rc
-        PyObject_GetBuffer(packet, &buf, PyBUF_SIMPLE)
-        try:
-            with nogil:
-                rc = pcap_inject(self.s.p, buf.buf, <size_t> buf.len)
-        finally:
-            PyBuffer_Release(&buf)
-        if rc < 0:
-            raise PcapError(f"pcap_inject on {self.device!r}: {_decode(pcap_geterr(self.s.p))}",
-                            device=self.device)
+        with self._handle_lock:  # close() from another thread must not free the handle meanwhile
+            self._check_open()
+            PyObject_GetBuffer(packet, &buf, PyBUF_SIMPLE)
+            try:
+                with nogil:
+                    rc = pcap_inject(self.s.p, buf.buf, <size_t> buf.len)
+            finally:
+                PyBuffer_Release(&buf)
+            if rc < 0:
+                raise PcapError(f"pcap_inject on {self.device!r}: {_decode(pcap_geterr(self.s.p))}",
+                                device=self.device)
         return rc
 
     def stop(self) -> None:

@@ -91,10 +91,17 @@ def decode_columns(const unsigned char[::1] buf, const int64_t[::1] offsets,
     cdef uint32_t et, af, ihl, tot, hl, nh, l4len, thl, k
     cdef int tags
     cdef bint first_frag, ok
+    cdef int64_t off
+    cdef Py_ssize_t changed = -1
     with nogil:
         for i in range(n):
-            p = base + offsets[i]
+            # read once and checked again here: another thread may change the arrays meanwhile
+            off = offsets[i]
             L = caplen[i]
+            if off < 0 or off > size or L > <uint64_t> (size - off):
+                changed = i
+                break
+            p = base + off
             et = 0
             pos = 0
             ok = True
@@ -264,4 +271,6 @@ def decode_columns(const unsigned char[::1] buf, const int64_t[::1] offsets,
             else:
                 poff[i] = <int32_t> l4
                 plen[i] = <int32_t> l4len
+    if changed >= 0:
+        raise ValueError(f"packet {changed}: its offset or caplen changed while it was decoded")
     return cols

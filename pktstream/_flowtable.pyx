@@ -407,6 +407,8 @@ cdef class FlowTable:
             raise ValueError(f"{offsets.shape[0]} offsets for {count} records")
         if offsets is None and count > size // RECORD_HEADER:  # (before anything is sized by it)
             raise ValueError(f"{count} records cannot fit in a {size}-byte buffer")
+        if chunk < 0:
+            raise ValueError(f"chunk {chunk}: chunk numbers are >= 0")
         if chunk < self.chunk:
             raise ValueError(f"chunk {chunk} after chunk {self.chunk}: chunk numbers never decrease")
         if count == 0:

@@ -44,15 +44,22 @@ cdef extern from *:
     }
     /* a hint only: never faults, also for addresses of unmapped pages */
     static inline void ps_prefetch(const unsigned char *p) { __builtin_prefetch(p, 0, 3); }
-    /* units since the epoch at `ups` units per second -> nanoseconds (128-bit intermediate) */
-    static inline uint64_t ps_units_to_ns(uint64_t ts, uint64_t ups, uint64_t mult) {
-        if (mult) return ts * mult;
-        return (uint64_t)(((unsigned __int128)ts * 1000000000ULL) / ups);
+    /* units since the epoch at `ups` (> 0) units per second -> whole seconds and nanoseconds,
+       exact for every 64-bit `ts` (`mult`: ns per unit when integral, else 0: the fast path) */
+    static inline void ps_units_split(uint64_t ts, uint64_t ups, uint64_t mult, uint64_t *secs, uint32_t *nsec) {
+        uint64_t ns;
+        if (mult && !__builtin_mul_overflow(ts, mult, &ns)) {
+            *secs = ns / 1000000000ULL;
+            *nsec = (uint32_t)(ns - *secs * 1000000000ULL);
+            return;
+        }
+        *secs = ts / ups;
+        *nsec = (uint32_t)(((unsigned __int128)(ts - *secs * ups) * 1000000000ULL) / ups);
     }
     """
     uint32_t ps_get32(const unsigned char *p, int swap) nogil
     uint16_t ps_get16(const unsigned char *p, int swap) nogil
-    uint64_t ps_units_to_ns(uint64_t ts, uint64_t ups, uint64_t mult) nogil
+    void ps_units_split(uint64_t ts, uint64_t ups, uint64_t mult, uint64_t *secs, uint32_t *nsec) nogil
     void ps_prefetch(const unsigned char *p) nogil
 
 cdef enum:
@@ -69,10 +76,11 @@ cdef enum:
     WALK_BAD_IFACE = 3   # pcapng: packet block names an interface that was never described
     WALK_OPTIONS = 4     # pcapng: packet block with options at ``pos`` (only when asked to stop)
     WALK_FULL = 5        # the output (records or packets) is full
+    WALK_BAD_TIME = 6    # pcap: a timestamp fraction out of range (>= 1e6 µs or 1e9 ns) at ``pos``
 
 #: walk status codes, for Python callers
 STATUS = {"more": WALK_MORE, "block": WALK_BLOCK, "bad_length": WALK_BAD_LENGTH,
-          "bad_iface": WALK_BAD_IFACE, "options": WALK_OPTIONS, "full": WALK_FULL}
+          "bad_iface": WALK_BAD_IFACE, "options": WALK_OPTIONS, "full": WALK_FULL, "bad_time": WALK_BAD_TIME}
 
 
 @cython.boundscheck(False)
@@ -133,6 +141,9 @@ def pcap_walk(const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t end, bi
                 break
             if <Py_ssize_t> caplen > end - pos - HDR:
                 break
+            if ps_get32(s + pos + 4, swap) >= (1000000 if usec else 1000000000):
+                status = WALK_BAD_TIME  # (a µs fraction * 1000 would also wrap in 32 bits)
+                break
             if fill:  # count < max_packets <= every array's length
                 sec = ps_get32(s + pos, swap)
                 frac = ps_get32(s + pos + 4, swap)
@@ -178,7 +189,7 @@ def pcapng_walk(const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t end, 
     cdef const unsigned char *s = &src[0] if src.shape[0] else NULL
     cdef unsigned char *d = &dst[0] if dst.shape[0] else NULL
     cdef uint32_t btype, blen, iface, caplen, wirelen, hdr, nsec
-    cdef uint64_t ts, ns, secs
+    cdef uint64_t ts, secs, ups
     cdef int status = WALK_MORE
     if end > src.shape[0] or start < 0 or start > end:
         raise ValueError("range outside the buffer")
@@ -244,11 +255,14 @@ def pcapng_walk(const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t end, 
                 status = WALK_FULL
                 break
             if btype == 3:
-                ns = 0
+                secs = 0
+                nsec = 0
             else:
-                ns = ps_units_to_ns(ts, if_ups[iface], if_mult[iface])
-            secs = ns // 1000000000ULL
-            nsec = <uint32_t> (ns - secs * 1000000000ULL)
+                ups = if_ups[iface]  # (read once: checked above, but the caller's array may change)
+                if ups == 0:
+                    status = WALK_BAD_IFACE
+                    break
+                ps_units_split(ts, ups, if_mult[iface], &secs, &nsec)
             # if_tsoffset is any int64 from the file: wrap like the 32-bit field does, no overflow
             ps_put_le32(d + out, <uint32_t> (secs + <uint64_t> if_offset[iface]))
             ps_put_le32(d + out + 4, nsec)
@@ -314,13 +328,24 @@ def take_mask(const unsigned char[::1] src, const int64_t[::1] offsets, const ui
     cdef unsigned char[::1] dst = result
     cdef unsigned char *d = &dst[0]
     cdef const unsigned char *s = &src[0]
+    cdef int64_t off
+    cdef Py_ssize_t rec, size = src.shape[0], changed = -1
     with nogil:
         for i in range(n):
             if mask[i]:
-                memcpy(d + out, s + offsets[i] - HDR, HDR + caplen[i])
-                out += HDR + caplen[i]
+                # read once and checked again: another thread may change the arrays meanwhile,
+                # and the output was sized by the pass above
+                off = offsets[i]
+                rec = HDR + <Py_ssize_t> caplen[i]
+                if off < HDR or off > size or rec - HDR > size - off or rec > total - out:
+                    changed = i
+                    break
+                memcpy(d + out, s + off - HDR, rec)
+                out += rec
                 count += 1
-    return result, count
+    if changed >= 0:
+        raise ValueError(f"packet {changed}: its offset, caplen or mask changed during the copy")
+    return result[:out] if out < total else result, count
 
 
 @cython.boundscheck(False)

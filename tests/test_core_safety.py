@@ -8,6 +8,7 @@ and hostile-header cases run in a child process)."""
 from __future__ import annotations
 
 import gc
+import io
 import os
 import struct
 import subprocess
@@ -259,3 +260,116 @@ def test_alloc_counters_balance(mixed_pcap):
         grown = after[f"{what}_{a}"] - before[f"{what}_{a}"]
         freed = after[f"{what}_{f}"] - before[f"{what}_{f}"]
         assert grown == freed and grown > 0, (what, grown, freed)
+
+
+# -- arguments changed by another thread while the GIL is released (a cold review's findings) ---------
+# Each child starts a thread that changes the caller's arrays (or releases the batch) as soon as
+# the call releases the GIL; before the fixes each crashed (segfault, SIGFPE) in most runs. Now
+# every call either completes or raises the one-line error, and the child exits normally.
+_RACES = {
+    "take_mask": """
+        n = 600_000
+        src = bytes(64 * n)
+        offs = np.arange(n, dtype=np.int64) * 64 + 16
+        cap = np.full(n, 48, np.uint32)
+        mask = np.zeros(n, np.uint8); mask[:n // 2] = 1  # the output is sized for half
+        def evil(): go.wait(); mask[:] = 1
+        call = lambda: take_mask(src, offs, cap, mask)
+        errors = (ValueError,)
+    """,
+    "decode_columns": """
+        n = 1_000_000
+        buf = bytes(64 * 16)
+        offs = np.zeros(n, np.int64); cap = np.full(n, 60, np.uint32)
+        def evil(): go.wait(); offs[n // 2:] = 1 << 40
+        call = lambda: decode_columns(buf, offs, cap, 1)
+        errors = (ValueError,)
+    """,
+    "pcapng_walk": """
+        n = 300_000
+        epb = struct.pack("<IIIIIIII", 6, 32, 0, 0, 1000, 0, 0, 32)
+        src = epb * n
+        ups = np.array([3], np.uint64); mult = np.zeros(1, np.uint64)
+        offs = np.zeros(1, np.int64); snaps = np.zeros(1, np.uint32)
+        dst = bytearray(len(src)); ifaces = np.empty(n + 1, np.int32)
+        def evil(): go.wait(); ups[0] = 0
+        call = lambda: pcapng_walk(src, 0, len(src), False, ups, mult, offs, snaps, 1 << 24, dst, 0, ifaces, 0, False)
+        errors = ()
+    """,
+    "filter_release": """
+        pkt = bytes(12) + b"\\x08\\x00" + bytes([0x45]) + bytes(8) + b"\\x06" + bytes(10) + bytes(20)
+        n = 500_000
+        ba = bytearray((struct.pack("<IIII", 1, 0, len(pkt), len(pkt)) + pkt) * n)
+        b = PacketBatch.from_records(ba, link_type=1)
+        b.ts_ns
+        def evil():
+            go.wait()
+            try:
+                b.release()
+                del ba[:]
+            except BufferError:
+                pass  # the filter holds the storage: release() refuses while it runs
+        call = lambda: b.filter("tcp")
+        errors = (ValueError,)
+    """,
+}
+
+
+@pytest.mark.parametrize("name", sorted(_RACES))
+def test_arguments_changed_by_another_thread_during_a_call(tmp_path, name):
+    head = """
+        import struct, sys, threading
+        import numpy as np
+        from pktstream import PacketBatch
+        from pktstream._decode import decode_columns
+        from pktstream._records import pcapng_walk, take_mask
+        sys.setswitchinterval(1e-4)
+        go = threading.Event()
+    """
+    tail = """
+        t = threading.Thread(target=evil)
+        t.start()
+        go.set()
+        try:
+            call()
+        except errors as exc:
+            print("error:", exc)
+        t.join()
+        print("exited normally")
+    """
+    r = _run_child("".join(textwrap.dedent(c) for c in (head, _RACES[name], tail)), tmp_path)
+    assert r.returncode == 0 and "exited normally" in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
+
+
+def test_pcap_timestamp_fractions_out_of_range_are_an_error_not_a_wrapped_time():
+    """A µs fraction of 4294968 once wrapped (x1000 in 32 bits) into a silently wrong time; a
+    ns fraction >= 1e9 went through the reader (a receiver then rejected the batch)."""
+    pkt = bytes(20)
+    for magic, frac, unit in ((0xA1B2C3D4, 4294968, "µs"), (0xA1B2C3D4, 1_000_000, "µs"),
+                              (0xA1B23C4D, 3_000_000_000, "ns")):
+        data = struct.pack("<IHHiIII", magic, 2, 4, 0, 0, 65535, 1) + struct.pack("<IIII", 100, frac, 20, 20) + pkt
+        with pytest.raises(FileFormatError, match=f"timestamp fraction {frac} {unit} out of range"):
+            list(pktstream.read(io.BytesIO(data)))
+    ok = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1) + struct.pack("<IIII", 100, 999_999, 20, 20) + pkt
+    assert [t for b in pktstream.read(io.BytesIO(ok)) for t in b.ts_ns.tolist()] == [100_999_999_000]
+
+
+def test_pcapng_timestamps_of_any_resolution_wrap_like_the_32_bit_seconds_field():
+    """if_tsresol 0 (seconds) with a 64-bit timestamp past 2**32 s: seconds mod 2**32, like
+    the classic format's field (the ns product used to wrap at 64 bits instead)."""
+    def blk(t: int, body: bytes) -> bytes:
+        n = 12 + len(body)
+        return struct.pack("<II", t, n) + body + struct.pack("<I", n)
+    shb = blk(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1))
+    for resol, ts, want in ((0, (1 << 36) + 5, 5 * 10**9), (6, 1_700_000_000_123_456, 1_700_000_000_123_456_000),
+                            (0x80 | 10, 3 * 1024 + 512, 3_500_000_000)):
+        idb = blk(1, struct.pack("<HHI", 1, 0, 0) + struct.pack("<HHB3x", 9, 1, resol) + struct.pack("<HH", 0, 0))
+        epb = blk(6, struct.pack("<IIIII", 0, ts >> 32, ts & 0xFFFFFFFF, 60, 60) + bytes(60))
+        assert [t for b in pktstream.read(io.BytesIO(shb + idb + epb)) for t in b.ts_ns.tolist()] == [want]
+
+
+def test_flow_table_refuses_a_negative_chunk():
+    from pktstream._flowtable import FlowTable
+    rec = _records(1, 54)
+    with pytest.raises(ValueError, match="chunk -1"):
+        FlowTable().add(rec, 1, 1, 0, -1)

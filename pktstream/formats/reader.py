@@ -59,8 +59,8 @@ from pktstream.formats._common import (
     warn_truncated,
 )
 
-W_MORE, W_BLOCK, W_BAD_LENGTH, W_BAD_IFACE, W_OPTIONS, W_FULL = (
-    STATUS[k] for k in ("more", "block", "bad_length", "bad_iface", "options", "full"))
+W_MORE, W_BLOCK, W_BAD_LENGTH, W_BAD_IFACE, W_OPTIONS, W_FULL, W_BAD_TIME = (
+    STATUS[k] for k in ("more", "block", "bad_length", "bad_iface", "options", "full", "bad_time"))
 
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+ (Python 3.13 names it)
 
@@ -533,6 +533,14 @@ class CaptureReader:
     def _caplen_at(buf, pos: int, order: str = "<") -> int:
         return struct.unpack_from(order + "I", buf, pos + 8)[0]
 
+    def _bad_record(self, buf, pos: int, order: str, status: int) -> str:
+        """What is wrong with the pcap record header at ``pos`` (a walk status)."""
+        if status == W_BAD_TIME:
+            frac = struct.unpack_from(order + "I", buf, pos + 4)[0]
+            unit, top = ("ns", 999_999_999) if self.nanosecond else ("µs", 999_999)
+            return f"packet timestamp fraction {frac} {unit} out of range (at most {top})"
+        return f"packet length {self._caplen_at(buf, pos, order)} larger than {self._max_caplen}"
+
     def _iter_pcap(self) -> Iterator[PacketBatch]:
         iface = self.interfaces[0]
         swap = self.byte_order == "big"
@@ -566,12 +574,11 @@ class CaptureReader:
             else:
                 b = None
             rest = memoryview(buf)[pos:have]
-            if status == W_BAD_LENGTH:
+            if status in (W_BAD_LENGTH, W_BAD_TIME):
                 if b is not None:
                     self.last_range = (base, base + pos)
                     yield b
-                raise self._bad(f"packet length {self._caplen_at(buf, pos, order)} larger than "
-                                f"{self._max_caplen}", base + pos)
+                raise self._bad(self._bad_record(buf, pos, order, status), base + pos)
             if eof and n == 0:
                 if have:
                     self._truncated_end(base + pos, have - pos, "pcap record")
@@ -636,9 +643,8 @@ class CaptureReader:
                 self.last_range = (pos, p)
                 self._pos = p
                 yield b
-            if status == W_BAD_LENGTH:
-                raise self._bad(f"packet length {self._caplen_at(mv, p, order)} larger than "
-                                f"{self._max_caplen}", p)
+            if status in (W_BAD_LENGTH, W_BAD_TIME):
+                raise self._bad(self._bad_record(mv, p, order, status), p)
             if n == 0:  # a record cut by the end of the file
                 if self._map_changed():
                     self._leave_map(pos)
