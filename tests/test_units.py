@@ -41,6 +41,20 @@ def test_unsent_blocks_behind_the_receiver_are_renumbered(tmp_path, spool):
             [f"{s:020d}.frame" for s in (501, 502, 503, 504)]
 
 
+def test_unsent_blocks_are_renumbered_above_what_the_receiver_accepted_not_only_committed():
+    """WELCOME says committed up to 500 and accepted (still being written) up to 700: blocks
+    numbered 100-102 that were never sent go above 700 -- above 500 only (501..503), the
+    receiver would drop them as duplicates of frames it accepted, and acknowledge them."""
+    store = FrameStore(window_bytes=1 << 20, first_seq=100)
+    for _ in range(3):
+        store.put(_frame, 0, 200)
+    store.resume(500, 700)
+    got = []
+    while (nxt := store.after(got[-1] if got else 0)) is not None:
+        got.append(nxt[0])
+    assert got == [701, 702, 703] and store.put(_frame, 0, 200) == 704
+
+
 def test_sent_blocks_are_acknowledged_not_renumbered():
     store = FrameStore(window_bytes=1 << 20, first_seq=100)
     for _ in range(3):

@@ -377,21 +377,23 @@ class FrameStore:
         with self._lock:
             return len(self._entries), self.mem_used + self.spool_used
 
-    def resume(self, last_seq: int) -> None:
-        """A receiver says it has everything up to ``last_seq``: forget what it has, and give
-        blocks of this process that were never sent but carry a number <= last_seq (this host's
-        clock was behind the one that numbered earlier blocks) new numbers above it, instead of
-        letting them pass for acknowledged."""
+    def resume(self, last_seq: int, accepted_seq: int | None = None) -> None:
+        """A receiver says it has everything up to ``last_seq`` (committed) and has taken
+        frames up to ``accepted_seq`` (>= last_seq; still being written): forget what it has, and
+        give blocks of this process that were never sent but carry a number <= accepted_seq
+        (this host's clock was behind the one that numbered earlier blocks) new numbers above
+        it, instead of letting them pass for acknowledged or for duplicates."""
+        floor = last_seq if accepted_seq is None else max(last_seq, accepted_seq)
         with self._lock:
             unsent = [e for e in self._entries if e.local and not e.sent]
-            if unsent and unsent[0].seq <= last_seq:
-                seq = last_seq
+            if unsent and unsent[0].seq <= floor:
+                seq = floor
                 for e in unsent:
                     seq += 1
                     self._renumber(e, seq)
                 log.warning("%d unsent blocks renumbered after seq %d (clock behind the receiver's data)",
-                            len(unsent), last_seq)
-            self.next_seq = max(self.next_seq, last_seq + 1, (self._entries[-1].seq + 1) if self._entries else 0)
+                            len(unsent), floor)
+            self.next_seq = max(self.next_seq, floor + 1, (self._entries[-1].seq + 1) if self._entries else 0)
         self.ack(last_seq)
 
     def _renumber(self, e: _Entry, seq: int) -> None:

@@ -58,6 +58,7 @@ class TcpTransport:
         self._handshaken = False     # the current connection completed its handshake
         self._connect_done = False   # the current attempt got a TCP connection
         self._session_heartbeat = 5.0
+        self._accepted_seq = 0  # the receiver's newest accepted seq (WELCOME): renumbering floor
 
     def describe(self) -> str:
         return f"{self.address[0]}:{self.address[1]}"
@@ -206,7 +207,7 @@ class TcpTransport:
             last_seq = self._handshake(link)
             self._handshaken = True
             self.sensor.set_connected(True)
-            self.sensor.store.resume(last_seq)
+            self.sensor.store.resume(last_seq, self._accepted_seq)
             log.info("connected to receiver %s:%d (it has everything up to seq %d)", host, port, last_seq)
             self._stream(link, last_seq)
         finally:
@@ -268,6 +269,8 @@ class TcpTransport:
         # heartbeat at the faster of both sides' settings, so neither side's idle timeout fires
         self._session_heartbeat = min(self.sensor.heartbeat, hb) if isinstance(hb, (int, float)) and hb > 0.05 \
             else self.sensor.heartbeat
+        accepted = welcome.get("accepted_seq", last)  # (a receiver before it: its last_seq)
+        self._accepted_seq = accepted if isinstance(accepted, int) and last <= accepted < P.MAX_SEQ else last
         return last
 
     def _stream(self, link: Link, last_seq: int) -> None:

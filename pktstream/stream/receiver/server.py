@@ -270,6 +270,7 @@ class Server:
         sensor.writer, sensor.peer = writer, peer
         sensor.counters["connections"] += 1
         writer.write(P.encode_json(P.FrameType.WELCOME, {"last_seq": sensor.last_committed,
+                                                         "accepted_seq": sensor.last_accepted,
                                                          "max_raw": self.ingest.max_raw,
                                                          "heartbeat": self.limits.heartbeat}))
         await writer.drain()
@@ -301,9 +302,11 @@ class Server:
                 log.info("sensor %s: new interface %s", sensor.sensor_id, d["name"])
             elif t == P.FrameType.BYE:
                 sensor.bye = asyncio.Event()
-                if sensor.last_committed < sensor.last_accepted:
-                    await asyncio.wait_for(sensor.bye.wait(), 60)
-                sensor.bye = None
+                try:
+                    if sensor.last_committed < sensor.last_accepted:
+                        await asyncio.wait_for(sensor.bye.wait(), 60)
+                finally:
+                    sensor.bye = None  # (also after a timeout: the duplicate-id check is back on)
                 writer.write(P.encode(P.FrameType.ACK, seq=sensor.last_committed))
                 writer.write(P.encode_json(P.FrameType.BYE, {"reason": "bye"}))
                 await writer.drain()
