@@ -357,10 +357,10 @@ def test_sequence_numbers_far_ahead_are_refused(procs, tmp_path):
 
 
 def test_a_rejected_frame_is_counted_and_acknowledged_and_the_session_goes_on(procs, tmp_path):
-    """A well-framed DATA frame that cannot be written (an interface the sensor did not
-    announce in this session -- e.g. spooled before a restart -- or records that do not
-    validate) is rejected: counted per sensor, acknowledged in order, and the frames behind it
-    are delivered. (Closing the session would have the sensor resend it forever.)"""
+    """A well-framed DATA frame that cannot be written (an interface index the sensor never
+    announced, records longer than the interface's snap length -- e.g. spooled before a restart
+    with a smaller one) is rejected: counted per sensor, acknowledged in order, and the frames
+    behind it are delivered. (Closing the session would have the sensor resend it forever.)"""
     import pktstream
     from test_security import Peer, _data, _records
     port = free_port()
@@ -374,7 +374,7 @@ def test_a_rejected_frame_is_counted_and_acknowledged_and_the_session_goes_on(pr
     peer.send(_data(now, _records(4)))                    # delivered
     three = _records(3)
     peer.send(P.encode(P.FrameType.DATA, three, flags=P.Flags.STORED, seq=now + 1, iface=7, raw_len=len(three),
-                       count=3))                          # an interface it never announced
+                       count=3))                          # an interface index it never announced
     peer.send(_data(now + 2, _records(2, caplen=3000)))   # caplen over the interface's snaplen
     peer.send(_data(now + 3, _records(5)))                # delivered
     acked = 0
@@ -382,10 +382,14 @@ def test_a_rejected_frame_is_counted_and_acknowledged_and_the_session_goes_on(pr
         f = peer.recv_frame()
         assert f is not None and f.type == P.FrameType.ACK, f
         acked = f.seq
+    # the last frame rejected while nothing else arrives (no flush follows): acknowledged all the same
+    peer.send(_data(now + 4, _records(2, caplen=3000)))
+    f = peer.recv_frame()
+    assert f is not None and f.type == P.FrameType.ACK and f.seq == now + 4, f
     peer.close()
     rx.stop(signal.SIGTERM)
     st = json.loads((tmp_path / "rx.json").read_text())["sensors"]["s1"]
-    assert (st["packets"], st["rejected_frames"], st["rejected_packets"]) == (9, 2, 5)
+    assert (st["packets"], st["rejected_frames"], st["rejected_packets"]) == (9, 3, 7)
     assert sum(len(b) for b in pktstream.read(tmp_path / "out.pcap")) == 9
     assert f"DATA seq {now + 1} rejected, 3 packets lost" in rx.stderr
 

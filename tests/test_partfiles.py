@@ -456,3 +456,91 @@ def test_close_completes_every_output_when_one_fails_and_recovery_completes_that
     FileSink.recover(state)
     assert not [n for n in os.listdir(out) if n.endswith(".part")]
     assert _all_ts(out.iterdir()) == sorted(int(t) - 1_700_000_000 * 10**9 for b in batches for t in b.ts_ns)
+
+
+def test_a_flush_that_fails_for_one_output_takes_every_output_back(tmp_path, monkeypatch):
+    """The second of two outputs fails to flush: the first one's new state must not count as
+    flushed, or reset() keeps its copy of the group and the rewrite doubles it there."""
+    import errno
+
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    batches = make_batches(4, 30)
+    out = tmp_path / "out"
+    out.mkdir()
+    sink = FileSink(directory=str(out), format="pcap")
+    a, b = Source("s1", "h", "eth0", 1, 262144), Source("s2", "h", "eth0", 1, 262144)
+    sink.write(a, batches[0])
+    sink.write(b, batches[1])
+    sink.flush()
+    sink.write(a, batches[2])
+    sink.write(b, batches[3])
+    second = list(sink._outputs.values())[1]
+
+    def refuse():
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(second, "flush", refuse)
+    with pytest.raises(OSError, match="No space left"):
+        sink.flush()
+    monkeypatch.undo()
+    sink.reset()
+    sink.write(a, batches[2])
+    sink.write(b, batches[3])
+    sink.flush()
+    sink.close()
+    assert _all_ts(out.iterdir()) == sorted(int(t) - 1_700_000_000 * 10**9 for bt in batches for t in bt.ts_ns)
+
+
+def test_an_in_place_output_goes_on_in_a_new_file_after_a_reset(tmp_path):
+    """PacketStreamer's growing file (a name without extension): after a write error the new
+    writer must not reopen the name (it truncated the flushed, acknowledged packets)."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    batches = make_batches(2, 30)
+    src = Source("s1", "h", "eth0", 1, 262144)
+    sink = FileSink(str(tmp_path / "live"))
+    assert sink.in_place
+    sink.write(src, batches[0])
+    sink.flush()
+    sink.write(src, batches[1])
+    sink.reset()
+    sink.write(src, batches[1])
+    sink.flush()
+    sink.close()
+    assert sorted(os.listdir(tmp_path)) == ["live", "live.pcap"]
+    assert _all_ts(tmp_path.iterdir()) == sorted(int(t) - 1_700_000_000 * 10**9 for bt in batches for t in bt.ts_ns)
+
+
+def test_a_rotation_that_failed_after_its_rename_is_cut_back_by_reset(tmp_path, monkeypatch):
+    """The directory fsync after a rotation's rename fails (fsync on): the renamed file is not
+    in the writer's list, and reset() must still cut it back to the last flush."""
+    import errno
+    import stat
+
+    from pktstream.formats import writer as W
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    batches = make_batches(3, 30)
+    src = Source("s1", "h", "eth0", 1, 262144)
+    out = tmp_path / "out"
+    out.mkdir()
+    sink = FileSink(directory=str(out), format="pcap", rotate_bytes=2 * batches[0].nbytes + 100, fsync=True)
+    sink.write(src, batches[0])
+    sink.flush()
+    sink.write(src, batches[1])  # the same file (the next batch would not fit: rotation first)
+    real = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd)
+    monkeypatch.setattr(W.os, "fsync", fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        sink.write(src, batches[2])  # rotation completes the file: its directory's fsync fails
+    monkeypatch.undo()
+    sink.reset()
+    for b in batches[1:]:
+        sink.write(src, b)
+    sink.flush()
+    sink.close()
+    assert _all_ts(out.iterdir()) == sorted(int(t) - 1_700_000_000 * 10**9 for bt in batches for t in bt.ts_ns)

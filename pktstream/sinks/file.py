@@ -138,6 +138,7 @@ class FileSink(Sink):
         self._outputs: dict[Any, CaptureWriter] = {}
         self._flushed: dict[Any, dict[str, Any]] = {}  # output key -> its state at the last flush
         self._done: list[str] = []  # files completed by earlier writers (after a reset)
+        self._in_place_reset = False  # an in-place output was reset: it goes on in a new file
         self.name = f"file:{self.path or self.directory}"
         # a path without a capture extension is written as pcap under exactly that name,
         # growing in place like PacketStreamer's output.file.path (tail -F NAME | tcpdump -r -)
@@ -191,7 +192,7 @@ class FileSink(Sink):
                     n += 1
                 base = f"{stem}-{n}{ext}"
             rotating = self.opts["rotate_bytes"] or self.opts["rotate_seconds"] or self.opts["max_files"]
-            in_place = self.in_place and base == self.path
+            in_place = self.in_place and base == self.path and not self._in_place_reset
             name = base if rotating or in_place else _free_name(base)
             out = self._outputs[key] = CaptureWriter(name, format=self.format, in_place=in_place,
                                                      observer=self.indexer, **self.opts)
@@ -226,9 +227,12 @@ class FileSink(Sink):
                 if st is None:
                     removed = [p for p in completed if _unlink(p)]
                 else:
-                    if st["final"] in completed and _cut_back_completed(st["final"], st["size"],
-                                                                        st.get("zstd_frame_bytes")):
-                        cut = st["final"]  # completed by a rotation after the flush
+                    if os.path.exists(st["final"]):  # completed by a rotation after the flush (also when
+                        if st["final"] not in completed:  # the writer failed after its rename: unindexed)
+                            completed.append(st["final"])
+                            cut = st["final"]
+                        if _cut_back_completed(st["final"], st["size"], st.get("zstd_frame_bytes")):
+                            cut = st["final"]
                     removed = _remove_later_rotations(st)
                     after = completed.index(st["final"]) + 1 if st["final"] in completed else len(completed)
                     removed += [p for p in completed[after:] if _unlink(p)]  # (in case the names moved on)
@@ -239,11 +243,17 @@ class FileSink(Sink):
                 fixed = [p for p in (cut, current) if p is not None and p in self._done]
                 if fixed:
                     self.indexer.repair_paths(fixed)
+            if out.in_place:
+                # a new in-place writer would truncate the file (its flushed data): go on in a new one
+                self._in_place_reset = True
+                log.warning("%s: written on in %s after the error (a capture file is never truncated)",
+                            out.name_pattern, _free_name(cast(str, out.name_pattern)))
         self._outputs.clear()  # new writers, new (free) names: a completed file is never reopened
         self._flushed.clear()
 
     def flush(self) -> dict[str, Any]:
         open_files = []
+        flushed = {}
         for key, out in self._outputs.items():
             out.flush()
             if self.opts["fsync"] and out.current_path is not None:
@@ -251,7 +261,8 @@ class FileSink(Sink):
             st = _writer_state(out)
             if st is not None:
                 open_files.append(st)
-                self._flushed[key] = st
+                flushed[key] = st
+        self._flushed.update(flushed)  # (only when every output flushed: a reset goes back to one state)
         if self.indexer is not None and getattr(self.indexer, "recover_root", False):
             return {"open": open_files, "index_root": self.indexer.root}
         return {"open": open_files}

@@ -270,7 +270,7 @@ class Ingest:
             return False
         check_seq(frame.seq)
         if iface is None:
-            return self._reject(sensor, frame, f"DATA for unknown interface index {frame.iface}")
+            return await self._reject(sensor, frame, f"DATA for unknown interface index {frame.iface}")
         decode = functools.partial(P.decode_data, frame, link_type=iface["link_type"], snaplen=iface["snaplen"],
                                    interface=f"{sensor.sensor_id}/{iface['name']}", max_raw=self.max_raw)
         # large blocks are decompressed and validated off the event loop (zstd releases the
@@ -279,7 +279,11 @@ class Ingest:
             batch = await self.loop.run_in_executor(self._decoder, decode) if len(frame.payload) > 65536 \
                 else decode()
         except FrameError as exc:
-            return self._reject(sensor, frame, str(exc))
+            if frame.seq <= sensor.last_accepted:  # accepted from another session meanwhile
+                c["duplicate_frames"] += 1
+                c["duplicate_packets"] += frame.count
+                return False
+            return await self._reject(sensor, frame, str(exc))
         if frame.seq <= sensor.last_accepted:  # accepted from another session meanwhile
             batch.release()
             c["duplicate_frames"] += 1
@@ -295,13 +299,13 @@ class Ingest:
         await self.dispatch(sensor, frame.seq, source, batch)
         return True
 
-    def _reject(self, sensor: SensorState, frame: P.Frame, why: str) -> bool:
+    async def _reject(self, sensor: SensorState, frame: P.Frame, why: str) -> bool:
         """A well-framed DATA frame whose content cannot be written (corrupt or oversized zstd,
-        records that do not validate, an unknown interface): its packets are counted as
-        rejected (``rejected_frames``/``rejected_packets`` per sensor, logged) and its seq is
-        acknowledged in order with the frames before it. Closing the session instead would
-        have the sensor resend the same frame after every reconnect and deliver nothing
-        behind it (e.g. a spooled frame of an interface gone after a sensor restart)."""
+        records that do not validate, an interface index with no descriptor): its packets are
+        counted as rejected (``rejected_frames``/``rejected_packets`` per sensor, logged) and its
+        seq is acknowledged in order with the frames before it. Closing the session instead
+        would have the sensor resend the same frame after every reconnect and deliver nothing
+        behind it (e.g. a spooled frame longer than the snap length a restarted sensor announces)."""
         c = sensor.counters
         c["rejected_frames"] += 1
         c["rejected_packets"] += frame.count
@@ -310,29 +314,33 @@ class Ingest:
             log.error("sensor %s: DATA seq %d rejected, %d packets lost (%d frames rejected so far): %s",
                       sensor.sensor_id, frame.seq, frame.count, n, why)
         sensor.last_accepted = frame.seq
+        await self._wait_for_space()  # (behind frames queued for space: acknowledged after them)
         self._pending.append((self.index, sensor.sensor_id, frame.seq, 0))  # acknowledged after what came before
-        if not self.outputs.gating:
-            self.commit()
+        self.commit()  # (now, if everything before it is committed: an idle receiver flushes nothing)
         return True
 
     async def dispatch(self, sensor: SensorState, seq: int, source: Source, batch: PacketBatch) -> None:
         """Hand a validated batch to every output (waits while too many bytes are in flight).
         ``seq`` is what gets acknowledged to ``sensor`` once it is committed."""
         nbytes = batch.nbytes
-        if self._space_waiters or (self.inflight >= self.max_inflight and not self.closing.is_set()):
-            # full (or others are queued first): wait for a commit to free space
-            self._space_waiters += 1
-            try:
-                async with self._space:
-                    await self._space.wait_for(lambda: self.inflight < self.max_inflight or self.closing.is_set())
-            finally:
-                self._space_waiters -= 1
+        await self._wait_for_space()
         self.index += 1
         self.inflight += nbytes
         self._pending.append((self.index, sensor.sensor_id, seq, nbytes))
         self.outputs.submit(self.index, source, batch)
         if not self.outputs.gating:
             self.commit()
+
+    async def _wait_for_space(self) -> None:
+        """While too many bytes are in flight (or others are queued first, to keep the order):
+        wait for a commit to free space."""
+        if self._space_waiters or (self.inflight >= self.max_inflight and not self.closing.is_set()):
+            self._space_waiters += 1
+            try:
+                async with self._space:
+                    await self._space.wait_for(lambda: self.inflight < self.max_inflight or self.closing.is_set())
+            finally:
+                self._space_waiters -= 1
 
     def add_commit_hook(self, hook: Callable[[int], None]) -> None:
         """``hook(index)`` runs on the event loop after every commit: everything up to ``index``
