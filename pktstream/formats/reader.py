@@ -529,17 +529,13 @@ class CaptureReader:
         if self._truncated == "warn":
             warn_truncated(msg, offset)
 
-    @staticmethod
-    def _caplen_at(buf, pos: int, order: str = "<") -> int:
-        return struct.unpack_from(order + "I", buf, pos + 8)[0]
-
     def _bad_record(self, buf, pos: int, order: str, status: int) -> str:
         """What is wrong with the pcap record header at ``pos`` (a walk status)."""
+        _sec, frac, caplen = struct.unpack_from(order + "III", buf, pos)
         if status == W_BAD_TIME:
-            frac = struct.unpack_from(order + "I", buf, pos + 4)[0]
             unit, top = ("ns", 999_999_999) if self.nanosecond else ("µs", 999_999)
             return f"packet timestamp fraction {frac} {unit} out of range (at most {top})"
-        return f"packet length {self._caplen_at(buf, pos, order)} larger than {self._max_caplen}"
+        return f"packet length {caplen} larger than {self._max_caplen}"
 
     def _iter_pcap(self) -> Iterator[PacketBatch]:
         iface = self.interfaces[0]

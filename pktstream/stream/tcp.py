@@ -58,7 +58,6 @@ class TcpTransport:
         self._handshaken = False     # the current connection completed its handshake
         self._connect_done = False   # the current attempt got a TCP connection
         self._session_heartbeat = 5.0
-        self._accepted_seq = 0  # the receiver's newest accepted seq (WELCOME): renumbering floor
 
     def describe(self) -> str:
         return f"{self.address[0]}:{self.address[1]}"
@@ -204,10 +203,10 @@ class TcpTransport:
             if self.ssl_context is not None:
                 sock = self.ssl_context.wrap_socket(sock, server_hostname=self.server_hostname or host)
             link = Link(sock, self._waker)
-            last_seq = self._handshake(link)
+            last_seq, accepted_seq = self._handshake(link)
             self._handshaken = True
             self.sensor.set_connected(True)
-            self.sensor.store.resume(last_seq, self._accepted_seq)
+            self.sensor.store.resume(last_seq, accepted_seq)
             log.info("connected to receiver %s:%d (it has everything up to seq %d)", host, port, last_seq)
             self._stream(link, last_seq)
         finally:
@@ -222,7 +221,8 @@ class TcpTransport:
             raise FrameError(f"expected {ftype.name}, got {frame.type.name}")
         return frame
 
-    def _handshake(self, link: Link) -> int:
+    def _handshake(self, link: Link) -> tuple[int, int]:
+        """HELLO … WELCOME; returns the receiver's committed and accepted seq for this sensor."""
         nonce = P.new_nonce()
         descs = self.sensor.hello_interfaces()  # queued announcements of these are dropped
         link.send([P.encode_json(P.FrameType.HELLO, {
@@ -270,8 +270,7 @@ class TcpTransport:
         self._session_heartbeat = min(self.sensor.heartbeat, hb) if isinstance(hb, (int, float)) and hb > 0.05 \
             else self.sensor.heartbeat
         accepted = welcome.get("accepted_seq", last)  # (a receiver before it: its last_seq)
-        self._accepted_seq = accepted if isinstance(accepted, int) and last <= accepted < P.MAX_SEQ else last
-        return last
+        return last, accepted if isinstance(accepted, int) and last <= accepted < P.MAX_SEQ else last
 
     def _stream(self, link: Link, last_seq: int) -> None:
         """Send every frame after ``last_seq`` as it comes, take ACKs, keep the session alive;

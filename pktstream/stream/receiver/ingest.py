@@ -265,9 +265,7 @@ class Ingest:
         None: an interface the sensor never announced) is rejected: see :meth:`_reject`."""
         c = sensor.counters
         if frame.seq <= sensor.last_accepted:
-            c["duplicate_frames"] += 1
-            c["duplicate_packets"] += frame.count
-            return False
+            return self._duplicate(sensor, frame)
         check_seq(frame.seq)
         if iface is None:
             return await self._reject(sensor, frame, f"DATA for unknown interface index {frame.iface}")
@@ -275,20 +273,19 @@ class Ingest:
                                    interface=f"{sensor.sensor_id}/{iface['name']}", max_raw=self.max_raw)
         # large blocks are decompressed and validated off the event loop (zstd releases the
         # GIL); small ones cost less than the hand-over
+        batch: PacketBatch | None = None
+        why = ""
         try:
             batch = await self.loop.run_in_executor(self._decoder, decode) if len(frame.payload) > 65536 \
                 else decode()
         except FrameError as exc:
-            if frame.seq <= sensor.last_accepted:  # accepted from another session meanwhile
-                c["duplicate_frames"] += 1
-                c["duplicate_packets"] += frame.count
-                return False
-            return await self._reject(sensor, frame, str(exc))
+            why = str(exc)
         if frame.seq <= sensor.last_accepted:  # accepted from another session meanwhile
-            batch.release()
-            c["duplicate_frames"] += 1
-            c["duplicate_packets"] += frame.count
-            return False
+            if batch is not None:
+                batch.release()
+            return self._duplicate(sensor, frame)
+        if batch is None:
+            return await self._reject(sensor, frame, why)
         source = Source(sensor.sensor_id, sensor.hostname, iface["name"], iface["link_type"], iface["snaplen"],
                         seq=frame.seq)
         sensor.last_accepted = frame.seq
@@ -298,6 +295,13 @@ class Ingest:
         c["wire_bytes"] += wire_bytes
         await self.dispatch(sensor, frame.seq, source, batch)
         return True
+
+    @staticmethod
+    def _duplicate(sensor: SensorState, frame: P.Frame) -> bool:
+        """A frame at or below the last accepted seq: counted and dropped (returns False)."""
+        sensor.counters["duplicate_frames"] += 1
+        sensor.counters["duplicate_packets"] += frame.count
+        return False
 
     async def _reject(self, sensor: SensorState, frame: P.Frame, why: str) -> bool:
         """A well-framed DATA frame whose content cannot be written (corrupt or oversized zstd,
