@@ -236,8 +236,15 @@ def decode_columns(const unsigned char[::1] buf, const int64_t[::1] offsets,
                 continue
             l4off[i] = <int32_t> l4
             # ---- transport layer
+            if nh == 6 or nh == 17 or nh == 132 or nh == 136:  # ports as soon as captured
+                if L >= l4 + 2:
+                    sport[i] = ps_get_be16(p + l4)
+                if L >= l4 + 4:
+                    dport[i] = ps_get_be16(p + l4 + 2)
             if nh == 6:
                 if L < l4 + 20:
+                    if L >= l4 + 14:
+                        tflags[i] = ((p[l4 + 12] & 1) << 8) | p[l4 + 13]
                     trunc[i] = 1
                     continue
                 sport[i] = ps_get_be16(p + l4)

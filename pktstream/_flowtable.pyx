@@ -232,18 +232,15 @@ cdef inline void parse_key(const unsigned char *p, uint64_t L, int link_type, Fl
         return
     if not first_frag:
         return
-    # ---- transport layer
-    if nh == 6:
-        if L < l4 + 20:
-            return
-        k.sport = ps_get_be16(p + l4)
-        k.dport = ps_get_be16(p + l4 + 2)
-        tcp_flags[0] = <uint16_t> (((p[l4 + 12] & 1) << 8) | p[l4 + 13])
-    elif nh == 17 or nh == 132 or nh == 136:
-        if L < l4 + 8:
-            return
-        k.sport = ps_get_be16(p + l4)
-        k.dport = ps_get_be16(p + l4 + 2)
+    # ---- transport layer: each port (and the TCP flags) as soon as its bytes were captured,
+    # also in a header the snap length cut (libpcap's "port" reads just those bytes)
+    if nh == 6 or nh == 17 or nh == 132 or nh == 136:
+        if L >= l4 + 2:
+            k.sport = ps_get_be16(p + l4)
+        if L >= l4 + 4:
+            k.dport = ps_get_be16(p + l4 + 2)
+        if nh == 6 and L >= l4 + 14:
+            tcp_flags[0] = <uint16_t> (((p[l4 + 12] & 1) << 8) | p[l4 + 13])
 
 
 @cython.final

@@ -28,7 +28,7 @@ def parse_size(value: Any, path: str) -> int:
     if isinstance(value, str):
         m = _SIZE.match(value)
         if m:
-            mult = {"": 1, "k": 1, "m": 2, "g": 3, "t": 4}[m.group(2).lower()]
+            mult = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[m.group(2).lower()]  # (a bare number: bytes)
             base = 1024 if m.group(3) else 1000
             return int(float(m.group(1)) * base ** mult)
     raise ConfigError(f"{path}: expected a size like 1048576 or '64MiB', got {value!r}")

@@ -283,6 +283,21 @@ def test_rotation_max_files_keeps_newest(caps, tmp_path):
     assert [x[:3] for x in last] == [x[:3] for x in allp[-len(last):]]
 
 
+def test_rotation_max_files_counts_the_files_of_earlier_writers(caps, tmp_path):
+    """-W bounds the files on disk also across restarts and resets (a new writer of the same
+    pattern): before, each new writer counted only its own and the earlier ones stayed."""
+    batches = _batches_of(caps["ns"], 64 * 1024)
+    for run in range(3):
+        w = open_writer(tmp_path / "ring.pcapng", rotate_bytes=60_000, max_files=3)
+        for b in batches[:6]:
+            w.write(b)
+        w.close()
+        on_disk = sorted(str(p) for p in tmp_path.glob("ring.*.pcapng"))
+        assert len(on_disk) == 3, (run, on_disk)
+        assert on_disk == sorted(w.paths)  # the newest three: this run's last files
+    assert not list(tmp_path.glob("*.part"))
+
+
 def test_rotate_if_due_completes_an_idle_file(caps, tmp_path):
     now = [1_700_000_000.0]
     w = CaptureWriter(str(tmp_path / "idle.pcap"), rotate_seconds=10, clock=lambda: now[0])

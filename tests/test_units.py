@@ -1,6 +1,7 @@
 """Unit tests of pieces whose failure modes are hard to reach end to end."""
 from __future__ import annotations
 
+import argparse
 import os
 
 import pytest
@@ -117,6 +118,21 @@ def test_config_rules():
     with pytest.raises(ConfigError, match="auth.keyfile"):
         sensor_settings({"output": {"server": {"address": "a", "port": 1}},
                          "auth": {"enable": True, "keyfile": "k"}})
+
+
+def test_sizes_bare_numbers_are_bytes_and_dash_c_is_tcpdumps():
+    from pktstream.cli.stream import _rotate_size, _size
+    from pktstream.config import parse_size
+    assert [parse_size(v, "x") for v in ("1", "0.5", "1048576", 1048576, "64MiB", "5MB", "512k", "2KB")] == \
+        [1, 0, 1048576, 1048576, 64 << 20, 5_000_000, 512_000, 2000]  # (a bare number was x1000)
+    assert sensor_settings({"output": {"server": {"address": "a", "port": 1}},
+                            "bufferSize": "8388608"}).buffer_bytes == 8388608
+    assert _size("8388608") == 8388608
+    assert _rotate_size("100") == 100_000_000 and _rotate_size("100MB") == 100_000_000
+    for bad in ("-1", "abc", "0"):
+        with pytest.raises(argparse.ArgumentTypeError) as exc:
+            (_rotate_size if bad == "0" else _size)(bad)
+        assert bad in str(exc.value) or "positive" in str(exc.value)
 
 
 def test_offline_capture_never_loses_packets_to_held_batches(tmp_path):

@@ -171,20 +171,29 @@ class Archive:
             if row is None:
                 plans.append(FilePlan(e.path, "scan", None, _compression_of(e.path), reason, e.size))
                 continue
-            t = self._flow_table(row, sensors, stats, [*_FLOW_KEY_COLUMNS, "chunks"])
-            if t is None:
+            try:
+                t = self._flow_table(row, sensors, stats, [*_FLOW_KEY_COLUMNS, "chunks"])
+                if t is None:
+                    continue
+                cols = _flow_columns(t)
+                keep = may_match(tree, FlowContext(cols))
+                if since is not None:
+                    keep &= cols["last_ts_ns"] >= since
+                if until is not None:
+                    keep &= cols["first_ts_ns"] < until
+                if not keep.any():
+                    continue
+                candidates = sorted(set(_chunks_of(t.column("chunks"), keep).tolist()))  # np.unique imports numpy.ma
+                chunks = heavy(row, "chunks")
+                heavy(row, "header_blocks")
+                if candidates and not 0 <= candidates[0] <= candidates[-1] < len(chunks):
+                    raise ValueError(f"chunk {candidates[-1]} of a {len(chunks)}-chunk table")
+            except Exception as exc:  # noqa: BLE001 - a damaged index: the file is read whole instead
+                stats.problems.append(f"{e.path}: index unusable ({_short(exc)}): the file is scanned; "
+                                      "`pktstream index --force` rebuilds it")
+                warn(stats.problems[-1])
+                plans.append(FilePlan(e.path, "scan", None, _compression_of(e.path), "index unusable", e.size))
                 continue
-            cols = _flow_columns(t)
-            keep = may_match(tree, FlowContext(cols))
-            if since is not None:
-                keep &= cols["last_ts_ns"] >= since
-            if until is not None:
-                keep &= cols["first_ts_ns"] < until
-            if not keep.any():
-                continue
-            candidates = sorted(set(_chunks_of(t.column("chunks"), keep).tolist()))  # np.unique imports numpy.ma
-            chunks = heavy(row, "chunks")
-            heavy(row, "header_blocks")
             ids = [int(c) for c in candidates if (since is None or chunks[c]["last_ts_ns"] >= since)
                    and (until is None or chunks[c]["first_ts_ns"] < until)]
             if not ids:
@@ -265,11 +274,14 @@ class Archive:
         w.close()
         return stats
 
-    def flows(self, bpf: str | None = None, *, since=None, until=None, sensor=None, pandas: bool = False):
+    def flows(self, bpf: str | None = None, *, since=None, until=None, sensor=None, pandas: bool = False,
+              warn: Callable[[str], None] | None = None):
         """Flow records (pyarrow Table, or pandas with ``pandas=True``) of the indexed files:
         those whose key matches ``bpf`` (the subset of BPF in :mod:`pktstream.archive.prune`;
         VLAN-tagged flows are matched on their addresses and ports), overlapping
-        ``[since, until)``, of the given sensor(s); ordered by first packet."""
+        ``[since, until)``, of the given sensor(s); ordered by first packet. Files without a
+        current index are not listed; problems (unreadable records) go to ``warn`` (default:
+        stderr) and ``last_stats.problems``."""
         import pyarrow as pa
 
         from pktstream.archive.prune import FlowContext, evaluate, parse
@@ -280,11 +292,19 @@ class Archive:
             raise ValueError(f"flow filter {bpf!r}: only host, net, port, portrange, ip, ip6, tcp, udp, "
                              "sctp, icmp, icmp6 with and/or/not are understood (docs/ARCHIVE.md)")
         stats = QueryStats()
+        self.last_stats = stats
+        warn = warn or (lambda m: print(f"pktstream: warning: {m}", file=sys.stderr))
         parts = []
-        for _entry, row, _ in self._candidates(tree, s, u, sensors, stats, lambda m: None):
+        for entry, row, _ in self._candidates(tree, s, u, sensors, stats, warn):
             if row is None:
                 continue
-            t = self._flow_table(row, sensors)
+            try:
+                t = self._flow_table(row, sensors)
+            except Exception as exc:  # noqa: BLE001 - the other files' records are still listed
+                stats.problems.append(f"{entry.path}: flow records unreadable ({_short(exc)}): not listed; "
+                                      "`pktstream index --force` rebuilds them")
+                warn(stats.problems[-1])
+                continue
             if t is None:
                 continue
             cols = _flow_columns(t)
@@ -410,3 +430,9 @@ def _chunks_of(column, keep):
         out.append(vals[keep[row0:row0 + n][rows]])
         row0 += n
     return np.concatenate(out) if out else np.zeros(0, np.int32)
+
+
+def _short(exc: BaseException) -> str:
+    """An exception as one short line (for a problem message)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."

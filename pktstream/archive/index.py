@@ -35,7 +35,7 @@ from pktstream._flowtable import KEY_BYTES, FlowTable, address_texts
 from pktstream.archive.bloom import MAPPED_PREFIX, UNKNOWN_FILTER, address_hashes, filter_of_hashes, port_bitmap
 
 INDEX_DIR = "_index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ports of cut TCP/UDP headers; summaries incomplete for broken IP, short ARP
 SUMMARY_LIMIT = 4096  # more distinct addresses/ports than this: the summary is "unknown" (null)
 
 # a flow key as FlowTable.flows() gives it (native byte order)
@@ -69,12 +69,40 @@ def sensor_of(interface: str | None, rel_path: str) -> tuple[str, str]:
         sensor, _, itf = name.partition("/")
         return sensor, itf
     m = _S3_DEFAULT_KEY.search(rel_path)
-    stem = m["sensor"] if m else os.path.basename(rel_path).split(".")[0] or "unknown"
+    stem = m["sensor"] if m else _name_stem(os.path.basename(rel_path)) or "unknown"
     if name == "" or os.sep in name or name.endswith(os.path.basename(rel_path)):
         name = "if0"  # a pcap file's "interface" is its path
     return stem, name
 
 
+
+
+def _name_stem(name: str) -> str:
+    """The sensor id in a per-sensor file's name as the receiver writes it:
+    ``<id>[.<LINKTYPE>][.<6+ digit rotation number>].<capture extension>`` (an id may hold
+    dots: ``10.0.0.5.000003.pcap.zst`` is sensor ``10.0.0.5``)."""
+    from pktstream.archive.store import CAPTURE_SUFFIXES
+    for ext in sorted(CAPTURE_SUFFIXES, key=len, reverse=True):
+        if name.endswith(ext):
+            name = name[:-len(ext)]
+            break
+    name = re.sub(r"\.\d{6,}$", "", name)
+    head, dot, last = name.rpartition(".")
+    if dot and head and last in _link_type_names():
+        name = head
+    return name
+
+
+_LINK_NAMES: frozenset[str] | None = None
+
+
+def _link_type_names() -> frozenset[str]:
+    """libpcap's names of link types (the suffix of a second link type's file: ``.LINUX_SLL``)."""
+    global _LINK_NAMES
+    if _LINK_NAMES is None:
+        from pktstream._capture import link_type_name
+        _LINK_NAMES = frozenset(link_type_name(v) for v in range(300))
+    return _LINK_NAMES
 
 
 def address_text(row: bytes, version: int) -> str | None:
@@ -99,6 +127,7 @@ FLOW_DICTIONARY = ["file", "interface"]
 BINARY_COLUMNS = ("address_filter", "port_bitmap")  # catalog columns of raw bytes (bloom.py layouts)
 #: link types whose packets the flow table decodes (pktstream._flowtable parse_key)
 DECODED_LINK_TYPES = (0, 1, 12, 14, 101, 108, 113, 228, 229, 276)
+_DECODED = frozenset(DECODED_LINK_TYPES)
 FILTER_MAX_ADDRESSES = 1 << 20  # distinct addresses a file's address filter holds (8 MiB of hashes); more: none
 INDEX_MAX_FLOWS = 262_144  # default cap on the flow records one builder holds in memory (~40 MiB at most)
 
@@ -359,17 +388,23 @@ class FileIndexBuilder:
         ids = sorted(names)
         link_of_id = np.array([names[i][2] for i in ids], dtype=np.int32)
         links = link_of_id[iface_ids]
-        addresses_ok, ports_ok = summary_completeness(ipv, key["ethertype"], links)
+        addressed = None
+        if bool((ipv == 0).any()):  # (ARP holds its addresses IPv4-mapped, when they were captured)
+            addressed = _mapped(key["src"]) & _mapped(key["dst"])
+        addresses_ok, ports_ok = summary_completeness(ipv, key["ethertype"], links, addressed)
         self._addresses_complete &= addresses_ok
         self._ports_complete &= ports_ok
         # interface names: a string array built from buffers (Array.take would load pyarrow.compute,
         # ~0.25 CPU-s once per process)
-        itf_bytes = [names[i][1].encode() for i in ids]
-        itf_len = np.array([len(b) for b in itf_bytes], dtype=np.int32)
-        itf_offsets = np.zeros(n + 1, dtype=np.int32)
-        np.cumsum(itf_len[iface_ids], out=itf_offsets[1:])
-        interfaces = pa.StringArray.from_buffers(n, pa.py_buffer(itf_offsets),
-                                                 pa.py_buffer(b"".join([itf_bytes[i] for i in iface_ids.tolist()])))
+        if len(ids) == 1:  # (one interface: no per-record Python)
+            interfaces = pa.repeat(pa.scalar(names[ids[0]][1], pa.string()), n)
+        else:
+            itf_bytes = [names[i][1].encode() for i in ids]
+            itf_len = np.array([len(b) for b in itf_bytes], dtype=np.int32)
+            itf_offsets = np.zeros(n + 1, dtype=np.int32)
+            np.cumsum(itf_len[iface_ids], out=itf_offsets[1:])
+            interfaces = pa.StringArray.from_buffers(n, pa.py_buffer(itf_offsets),
+                                                     pa.py_buffer(b"".join([itf_bytes[i] for i in iface_ids.tolist()])))
         lo, hi = int(f["first"].min()), int(f["last"].max())
         self._first_ts = lo if self._first_ts is None else min(self._first_ts, lo)
         self._last_ts = hi if self._last_ts is None else max(self._last_ts, hi)
@@ -468,16 +503,29 @@ class FileIndexBuilder:
         return row, tables
 
 
-def summary_completeness(ipv: np.ndarray, ethertype: np.ndarray, link_type: np.ndarray) -> tuple[bool, bool]:
-    """Whether flow records (per record: IP version, ethertype, link type) hold every address
-    and every port libpcap's filters would see in their packets -- (addresses, ports). Not when
-    a link type is one the flow table does not decode (PPP, 802.11, ...: no addresses or ports
-    in its records), nor, for addresses, with ARP/RARP on a link type other than Ethernet (the
-    cooked captures of "-i any": libpcap's "host X" matches ARP's addresses, the records do not
-    hold them). A summary of incomplete records cannot say "not here"."""
-    decoded = bool(np.isin(link_type, DECODED_LINK_TYPES).all())
-    arp = (ipv == 0) & ((ethertype == 0x0806) | (ethertype == 0x8035)) & (link_type != 1)
-    return decoded and not bool(arp.any()), decoded
+def summary_completeness(ipv: np.ndarray, ethertype: np.ndarray, link_type: np.ndarray,
+                         addressed: np.ndarray | None = None) -> tuple[bool, bool]:
+    """Whether flow records (per record: IP version, ethertype, link type; ``addressed``:
+    whether the record holds both its addresses, None: all do) hold every address and every
+    port libpcap's filters would see in their packets -- (addresses, ports). A summary of
+    incomplete records cannot say "not here". Not complete:
+
+    - a link type the flow table does not decode (PPP, 802.11, ...: no addresses or ports);
+    - an IPv4/IPv6 ethertype whose header the flow table rejected (version or header length
+      wrong, cut by the snap length): libpcap's ``host``/``port`` tests read the bytes where
+      the addresses and ports would be all the same;
+    - for addresses: ARP/RARP on a link type other than Ethernet (the cooked captures of
+      "-i any": libpcap's "host X" matches ARP's addresses, the records do not hold them), or
+      an ARP/RARP packet too short for both addresses.
+    """
+    decoded = set(_distinct(link_type).tolist()) <= _DECODED  # (np.isin: ~10x the time)
+    no_ip = ipv == 0
+    broken_ip = bool((no_ip & ((ethertype == 0x0800) | (ethertype == 0x86DD))).any())
+    arp = no_ip & ((ethertype == 0x0806) | (ethertype == 0x8035))
+    unaddressed = arp & (link_type != 1)
+    if addressed is not None:
+        unaddressed |= arp & ~addressed
+    return decoded and not broken_ip and not bool(unaddressed.any()), decoded and not broken_ip
 
 
 def _addresses_with_text(key: np.ndarray, ipv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -485,12 +533,17 @@ def _addresses_with_text(key: np.ndarray, ipv: np.ndarray) -> tuple[np.ndarray, 
     text in the flow records (IP, and ARP's IPv4-mapped ones), IPv4 with the mapped prefix, and
     which of them are IPv4 (their text kind, as address_texts decides it)."""
     out, kinds = [], []
+    arp = ipv == 0
+    any_arp = bool(arp.any())
+    ip4 = ipv == 4
+    ip = ip4 | (ipv == 6)
     for name in ("src", "dst"):
         rows = np.ascontiguousarray(key[name]).view(np.uint8).reshape(-1, 16)
-        mapped = (rows[:, :12] == _MAPPED_ROW).all(axis=1)
-        v4 = (ipv == 4) | ((ipv == 0) & mapped)
-        keep = v4 | (ipv == 6)
-        rows = rows[keep].copy()
+        v4 = ip4
+        if any_arp:  # (only ARP's addresses need the prefix check)
+            v4 = ip4 | (arp & _mapped(key[name]))
+        keep = v4 | ip
+        rows = rows[keep]  # (a copy)
         rows[v4[keep], :12] = _MAPPED_ROW
         out.append(rows)
         kinds.append(v4[keep])
@@ -498,6 +551,12 @@ def _addresses_with_text(key: np.ndarray, ipv: np.ndarray) -> tuple[np.ndarray, 
 
 
 _MAPPED_ROW = np.frombuffer(MAPPED_PREFIX, dtype=np.uint8)
+_MAPPED_WORDS = np.frombuffer(MAPPED_PREFIX, dtype=np.uint32)
+
+
+def _mapped(col: np.ndarray) -> np.ndarray:
+    """Per 16-byte address of a key column: whether it is IPv4-mapped (ARP's captured ones)."""
+    return (np.ascontiguousarray(col).view(np.uint32).reshape(-1, 4)[:, :3] == _MAPPED_WORDS).all(axis=1)
 
 
 def _arrow(a: np.ndarray) -> Any:

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import time
+from typing import Any
 
 from pktstream._capture import PacketBatch
 from pktstream.archive.catalog import CHUNK_BYTES, remove_index, repair, write_index, write_snapshot
@@ -30,6 +31,7 @@ SNAPSHOT_EVERY = 16  # changes (files completed or removed) after which the cata
 SNAPSHOT_MAX_AGE_S = 30.0  # ... or seconds after a change
 SNAPSHOT_TIME_SHARE = 0.02  # ... but snapshots take at most this share of the writer thread's time
 SNAPSHOT_AT_CLOSE_MAX_S = 2.0  # at close only when the last one took at most this (shutdown stays quick)
+SNAPSHOT_KNOWN_ROWS = 64  # catalog rows written since the last snapshot kept for the next one (not read back)
 
 
 class LiveIndexer:
@@ -61,6 +63,9 @@ class LiveIndexer:
         self._snapshot_at = time.monotonic()
         self._snapshot_s = 0.0  # how long the last snapshot took (it grows with the archive)
         self.snapshots = 0
+        # {catalog file: (version, row table)} written since the last snapshot (at most
+        # SNAPSHOT_KNOWN_ROWS): the next snapshot takes them from memory instead of the disk
+        self._known: dict[str, tuple[str, Any]] = {}
 
     def _changed(self) -> None:
         self._changes += 1
@@ -85,10 +90,11 @@ class LiveIndexer:
             return
         t0 = time.monotonic()
         try:
-            write_snapshot(self.store)
+            write_snapshot(self.store, self._known)
             self.snapshots += 1
         except Exception as exc:
             log.warning("index: catalog snapshot of %s: %s", self.root, exc)
+        self._known = {}
         self._snapshot_at = time.monotonic()
         self._snapshot_s = self._snapshot_at - t0
         self._changes = 0
@@ -164,7 +170,9 @@ class LiveIndexer:
             st = os.stat(path)
             row, tables = b.finish(size=st.st_size, version=str(st.st_mtime_ns), format=fmt.split(".")[0],
                                    compression="zstd" if fmt.endswith(".zst") else None)
-            write_index(self.store, row, tables)
+            rel, version, row_table = write_index(self.store, row, tables)
+            if len(self._known) < SNAPSHOT_KNOWN_ROWS:
+                self._known[rel] = (version, row_table)
             self.indexed += 1
             self._changed()
         except Exception as exc:

@@ -123,15 +123,27 @@ class _Parser:
         if kind == "net":
             return ("net", direction, ipaddress.ip_network(text, strict=False))
         if kind == "port":
-            if not text.isdigit():
-                raise Unsupported(text)
-            n = int(text)
+            n = _number(text)
             return ("port", direction, n, n)
-        m = re.fullmatch(r"(\d+)-(\d+)", text)
+        m = re.fullmatch(r"(\w+)-(\w+)", text)
         if not m:
             raise Unsupported(text)
-        lo, hi = sorted((int(m.group(1)), int(m.group(2))))
+        lo, hi = sorted((_number(m.group(1)), _number(m.group(2))))
         return ("port", direction, lo, hi)
+
+
+def _number(text: str) -> int:
+    """A port number as libpcap reads it: decimal, octal with a leading 0, hex with 0x."""
+    try:
+        if re.fullmatch(r"0[xX][0-9a-fA-F]+", text):
+            return int(text, 16)
+        if re.fullmatch(r"0[0-7]+", text):
+            return int(text, 8)
+        if re.fullmatch(r"[1-9][0-9]*|0", text):
+            return int(text)
+    except ValueError:
+        pass
+    raise Unsupported(text)  # (a service name, or what libpcap refuses)
 
 
 class FlowContext:

@@ -107,14 +107,19 @@ class LocalStore:
         with open(self.full(rel), "rb") as f:
             return f.read()
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write atomically (temporary file, then rename)."""
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        """Write atomically (temporary file, then rename); returns the version
+        :meth:`list_stat` gives the file (size and mtime, read before the rename: a later
+        replacement by another process has another version)."""
         path = self.full(rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
             f.write(data)
+            f.flush()
+            st = os.fstat(f.fileno())
         os.replace(tmp, path)
+        return f"{st.st_size}-{st.st_mtime_ns}"
 
     def delete(self, rel: str) -> None:
         try:
@@ -198,8 +203,9 @@ class S3Store:
     def read_bytes(self, rel: str) -> bytes:
         return self.client.get_object(Bucket=self.bucket, Key=self.prefix + rel)["Body"].read()
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self.prefix + rel, Body=data)
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        """Put the object; returns its version as :meth:`list_stat` gives it (the ETag)."""
+        return str(self.client.put_object(Bucket=self.bucket, Key=self.prefix + rel, Body=data)["ETag"]).strip('"')
 
     def delete(self, rel: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.prefix + rel)
@@ -282,8 +288,8 @@ class SubStore:
     def read_bytes(self, rel: str) -> bytes:
         return self.parent.read_bytes(self._p(rel))
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        self.parent.write_bytes(self._p(rel), data)
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        return self.parent.write_bytes(self._p(rel), data)
 
     def delete(self, rel: str) -> None:
         self.parent.delete(self._p(rel))

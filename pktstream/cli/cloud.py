@@ -20,7 +20,10 @@ _K = TypeVar("_K", KafkaSettings, KafkaInputSettings)
 
 
 def _size(text: str) -> int:
-    return C.parse_size(text, "size")
+    try:
+        return C.parse_size(text, "size")
+    except ValueError as exc:  # (argparse would print only "invalid _size value")
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("size: ")) from None
 
 
 def _prop(text: str) -> tuple[str, str]:

@@ -20,7 +20,20 @@ log = logging.getLogger("pktstream")
 
 
 def _size(text: str) -> int:
-    return C.parse_size(text, "size")
+    try:
+        return C.parse_size(text, "size")
+    except ValueError as exc:  # (argparse would print only "invalid _size value")
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("size: ")) from None
+
+
+def _rotate_size(text: str) -> int:
+    """-C: a bare number is millions of bytes, as tcpdump's -C; else a size (``100MB``)."""
+    if text.strip().isdigit():
+        n = int(text)
+        if n <= 0:
+            raise argparse.ArgumentTypeError(f"{text}: give a positive size")
+        return n * 1_000_000
+    return _size(text)
 
 
 def _read_secret(path: str) -> str:
@@ -356,8 +369,9 @@ def register(sub) -> None:
     r.add_argument("--format", default="pcapng", choices=("pcap", "pcapng", "pcap.zst", "pcapng.zst"),
                    help="format of the --output-dir files (default pcapng)")
     r.add_argument("--state-dir", metavar="DIR", help="persist last sequence per sensor (exact restarts)")
-    r.add_argument("-C", "--rotate-bytes", type=_size, metavar="SIZE",
-                   help="rotate files past SIZE, e.g. 100MB (default: off)")
+    r.add_argument("-C", "--rotate-bytes", type=_rotate_size, metavar="SIZE",
+                   help="rotate files past SIZE, e.g. 100MB; a bare number is millions of bytes, "
+                        "as tcpdump's -C (default: off)")
     r.add_argument("-G", "--rotate-seconds", type=float, metavar="SEC", help="rotate files every SEC (default: off)")
     r.add_argument("-W", "--max-files", type=int, metavar="N", help="keep only the newest N files (default: all)")
     r.add_argument("--fsync", action="store_true", help="fsync outputs and state before acknowledging")

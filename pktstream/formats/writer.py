@@ -229,6 +229,10 @@ class CaptureWriter:
         self._opened_at = 0.0
         self._link_type: int | None = None
         self.paths: list[str] = []
+        # max_files: the completed files retention counts, oldest first -- this writer's and
+        # those of its pattern that earlier writers (a reset, an earlier run) left in each
+        # directory it writes to
+        self._retained: list[str] = []
         self.removed: list[str] = []
         self.packets = 0
         self.bytes = 0
@@ -249,8 +253,11 @@ class CaptureWriter:
             # newer (crash recovery removes those: FileSink.recover), and names of earlier runs
             # are never reused; each directory a strftime pattern leads to is scanned on first use
             self._seq_scanned.add(d)
-            for seq, _path in rotated_files(self._target, d, parts=True):
+            found = rotated_files(self._target, d, parts=True)
+            for seq, _path in found:
                 self._seq = max(self._seq, seq + 1)
+            if self._max_files:
+                self._retained[:0] = [p for _seq, p in sorted(found) if not p.endswith(".part")]
         while True:
             path = f"{stem}.{self._seq:06d}{ext}"
             self._seq += 1
@@ -321,8 +328,11 @@ class CaptureWriter:
         if self._observer is not None:
             self._observer.completed(path)
         if self._max_files:
-            while len(self.paths) > self._max_files:
-                old = self.paths.pop(0)
+            self._retained.append(path)
+            while len(self._retained) > self._max_files:
+                old = self._retained.pop(0)
+                if old in self.paths:
+                    self.paths.remove(old)
                 try:
                     os.unlink(old)
                 except FileNotFoundError:

@@ -1,0 +1,185 @@
+"""The index never hides a packet libpcap's filter matches, and a damaged index never stops a
+query (no root). Frames whose headers the snap length cut or that are malformed, flow files that
+are gone or unreadable, a re-index that fails half-way, a catalog file that is another Parquet
+file, sensor ids with dots, port numbers in octal or hex: each query equals a brute-force read
+of every file with libpcap's filter (``brute``, what ``tcpdump -r FILE BPF`` prints)."""
+from __future__ import annotations
+
+import errno
+import struct
+
+import pytest
+
+import pktstream
+from archive_data import _arp, _eth, _ipv4, _ipv6, _tcp, _udp, batches
+from pktstream.archive import Archive
+from pktstream.archive.index import file_id, sensor_of
+from pktstream.archive.prune import parse
+from pktstream.archive.store import LocalStore
+from pktstream.formats import open_writer
+from test_archive import CHUNK, T0, brute, got
+
+S = 10**9
+
+
+def _cut(frame: bytes, caplen: int) -> tuple[bytes, int]:
+    return frame[:caplen], len(frame)
+
+
+def _bad_ipv4(src: str, dst: str, *, ihl: int = 5, version: int = 4) -> bytes:
+    h = bytearray(_ipv4(src, dst, 6, _tcp(4000, 80, 0x02, b"")))
+    h[0] = (version << 4) | ihl
+    return bytes(h)
+
+
+def edge_frames() -> list[tuple[bytes, int]]:
+    """(captured bytes, length on the wire) of frames an index can get wrong."""
+    return [
+        (_eth(0x0800, _ipv4("10.0.0.1", "10.0.0.2", 6, _tcp(1234, 443, 0x18, b"x" * 30))), 0),
+        _cut(_eth(0x0800, _ipv4("10.0.0.3", "10.0.0.4", 6, _tcp(5555, 80, 0x02, b""))), 38),   # both ports
+        _cut(_eth(0x0800, _ipv4("10.0.0.13", "10.0.0.14", 6, _tcp(7777, 8888, 0x02, b""))), 36),  # sport only
+        _cut(_eth(0x0800, _ipv4("10.0.0.5", "10.0.0.6", 17, _udp(5353, 53, b"q" * 20))), 38),
+        (_eth(0x0800, _bad_ipv4("10.9.9.9", "10.9.9.10", ihl=4)), 0),                        # IHL 4
+        (_eth(0x0800, _bad_ipv4("10.8.8.8", "10.8.8.9", version=5)), 0),                     # version 5
+        _cut(_eth(0x0800, _ipv4("10.7.7.7", "10.7.7.8", 6, _tcp(1, 2, 0x02, b""))), 32),     # src only
+        _cut(_eth(0x86DD, _ipv6("2001:db8::7", "2001:db8::8", 6, _tcp(1, 2, 0x02, b""))), 38),  # src only
+        _cut(_eth(0x0806, _arp("10.6.6.6", "10.6.6.7")), 34),                                 # sender only
+    ]
+
+
+EDGE_BPFS = ["port 80", "tcp port 80", "port 53", "dst port 53", "src port 7777", "dst port 8888",
+             "host 10.9.9.9", "host 10.8.8.8", "src host 10.7.7.7", "net 10.8.0.0/16", "host 2001:db8::7",
+             "host 10.6.6.6", "port 0120", "port 0x50", "portrange 0120-0x50", "not port 443",
+             "host 198.18.1.1 and port 80", "host 192.0.2.250"]
+
+
+def _write_edges(path, frames, start_ns: int) -> None:
+    out = bytearray()
+    for i, (data, wire) in enumerate(frames):
+        ts = start_ns + i * 1000
+        out += struct.pack("<IIII", ts // S, ts % S, len(data), wire or len(data)) + data
+    with open_writer(path) as w:
+        w.write(pktstream.PacketBatch.from_records(bytes(out), link_type=1))
+
+
+@pytest.fixture
+def edge_archive(tmp_path):
+    root = tmp_path / "a"
+    root.mkdir()
+    _write_edges(root / "edges.pcap", edge_frames(), T0)
+    with open_writer(root / "mix.pcapng", rotate_bytes=100_000) as w:  # ordinary traffic to prune
+        for b in batches(3, 1500, T0):
+            w.write(b)
+    return root
+
+
+@pytest.mark.parametrize("bpf", EDGE_BPFS)
+def test_cut_and_malformed_headers_are_never_pruned_away(edge_archive, bpf):
+    a = Archive(str(edge_archive))
+    a.index(chunk_bytes=CHUNK)
+    want = brute(edge_archive, bpf)
+    assert got(a, bpf) == want
+    assert a.last_stats.files_scanned == 0 and not a.last_stats.problems
+
+
+def test_edge_filters_are_decided_by_libpcap_as_the_test_expects(edge_archive):
+    """The oracle sees what the test is about: each cut or malformed frame matches its filter."""
+    for bpf in ("port 80", "dst port 53", "src port 7777", "host 10.9.9.9", "host 10.8.8.8",
+                "src host 10.7.7.7", "host 2001:db8::7", "host 10.6.6.6", "port 0120", "port 0x50"):
+        assert [p for p in brute(edge_archive, bpf) if p[0] < T0 + S], bpf
+    # and the index still prunes: a host that is nowhere reads none of the ordinary files (the
+    # malformed frames leave the edge file's summary unable to say "not here": it is read)
+    a = Archive(str(edge_archive))
+    a.index(chunk_bytes=CHUNK)
+    assert got(a, "host 192.0.2.250") == [] and a.last_stats.files_read == 1 < a.last_stats.files_total
+    assert got(a, "port 4321") == [] and a.last_stats.files_read == 1
+
+
+def test_port_numbers_are_read_as_libpcap_reads_them():
+    assert parse("port 0120") == ("port", None, 80, 80)
+    assert parse("port 0x50") == ("port", None, 80, 80)
+    assert parse("portrange 010-0x20") == ("port", None, 8, 32)
+    assert parse("port 080") is None  # (libpcap refuses it)
+    assert parse("port http") is None
+
+
+def _flow_files(root) -> list:
+    return sorted((root / "_index" / "flows").rglob("*.parquet"))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "deleted"])
+def test_an_unusable_flow_file_makes_its_file_scanned_and_index_repairs_it(edge_archive, damage):
+    a = Archive(str(edge_archive))
+    a.index(chunk_bytes=CHUNK)
+    victim = next(p for p in _flow_files(edge_archive) if p.name == file_id("mix.000001.pcapng") + ".parquet")
+    if damage == "garbage":
+        victim.write_bytes(b"not parquet at all")
+    else:
+        victim.unlink()
+    msgs: list[str] = []
+    assert got(a, "port 80", warn=msgs.append) == brute(edge_archive, "port 80")
+    assert a.last_stats.files_scanned == 1
+    assert [m for m in msgs if m.startswith("mix.000001.pcapng: index unusable")] and all("\n" not in m for m in msgs)
+    assert len(a.flows(warn=msgs.append)) > 0  # the other files' records are listed
+    res = a.index(chunk_bytes=CHUNK)
+    if damage == "deleted":
+        assert res["indexed"] == 1  # a row whose records are gone is not current
+    else:
+        Archive(str(edge_archive)).index(chunk_bytes=CHUNK, force=True)
+    msgs.clear()
+    assert got(a, "port 80", warn=msgs.append) == brute(edge_archive, "port 80")
+    assert a.last_stats.files_scanned == 0 and not msgs
+
+
+def test_a_reindex_that_fails_half_way_leaves_the_file_scanned_then_repaired(edge_archive, monkeypatch):
+    a = Archive(str(edge_archive))
+    a.index(chunk_bytes=CHUNK)
+    # a re-index with another chunk layout whose catalog row cannot be written (disk full)
+    real = LocalStore.write_bytes
+
+    def full(self, rel, data):
+        if rel.startswith("_index/files/"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, rel, data)
+    monkeypatch.setattr(LocalStore, "write_bytes", full)
+    with pytest.raises(OSError):
+        a.index(chunk_bytes=4096, force=True)
+    monkeypatch.setattr(LocalStore, "write_bytes", real)
+    for bpf in ("host 198.18.1.1 and port 80", "port 53"):
+        assert got(a, bpf) == brute(edge_archive, bpf)
+    assert a.last_stats.files_scanned == 1  # the one whose row went: scanned, not pruned by a torn index
+    res = a.index(chunk_bytes=4096)
+    assert res["indexed"] == 1
+    assert got(a, "port 53") == brute(edge_archive, "port 53") and a.last_stats.files_scanned == 0
+
+
+def test_a_parquet_file_that_is_no_catalog_row_is_named_removed_by_index_and_ignored(edge_archive):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    a = Archive(str(edge_archive))
+    a.index(chunk_bytes=CHUNK)
+    foreign = edge_archive / "_index" / "files" / "foreign.parquet"
+    pq.write_table(pa.table({"x": [1, 2]}), foreign)
+    msgs: list[str] = []
+    assert got(a, "udp", warn=msgs.append) == brute(edge_archive, "udp")
+    assert any("foreign.parquet: unreadable catalog file" in m for m in msgs)
+    res = a.index(chunk_bytes=CHUNK)  # no crash; the misfit is removed and said so
+    assert any("foreign.parquet" in p for p in res["problems"]) and not foreign.exists()
+
+
+def test_sensor_ids_with_dots_are_attributed_whole(tmp_path):
+    assert sensor_of("", "by/10.0.0.5.000003.pcap.zst") == ("10.0.0.5", "if0")
+    assert sensor_of("", "web-1.example.com.pcapng") == ("web-1.example.com", "if0")
+    assert sensor_of("", "s1.LINUX_SLL.000002.pcap") == ("s1", "if0")
+    assert sensor_of("s9/eth0", "10.0.0.5.pcapng") == ("s9", "eth0")
+    root = tmp_path / "a"
+    root.mkdir()
+    for i, sensor in enumerate(("10.0.0.5", "10.0.0.6", "web-1.example.com")):
+        with open_writer(root / f"{sensor}.pcap.zst", rotate_bytes=80_000) as w:
+            for b in batches(i, 600, T0):
+                w.write(b)
+    a = Archive(str(root))
+    a.index(chunk_bytes=CHUNK)
+    assert {s for r in a.catalog().to_pylist() for s in r["sensors"]} == {"10.0.0.5", "10.0.0.6", "web-1.example.com"}
+    for sensor in ("10.0.0.5", "web-1.example.com"):
+        assert got(a, "tcp", sensor=sensor) == brute(root, "tcp", sensor=sensor) != []
