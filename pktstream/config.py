@@ -160,13 +160,26 @@ def _tls(node: _Node, role: str) -> TLSSettings:
                     insecure=node.get("insecure", "bool", False), server_name=node.get("serverName", "str"),
                     identity_from_cert=node.get("identityFromCert", "bool", False))
     node.finish(_TLS_HINTS)
-    if t.enable and role == "receiver" and not (t.certfile and t.keyfile):
-        raise ConfigError(f"{node.path}: a receiver with TLS needs certfile and keyfile")
-    if t.identity_from_cert and not t.client_certs:
-        raise ConfigError(f"{node.path}.identityFromCert: needs clientCerts: true (mTLS)")
-    if t.enable and bool(t.certfile) != bool(t.keyfile):
-        raise ConfigError(f"{node.path}: certfile and keyfile go together")
+    check_tls(t, role, node.path or "tls")
     return t
+
+
+def check_tls(t: TLSSettings, role: str, where: str) -> None:
+    """TLS settings that would not do what they say (after the command line's flags too): a
+    key, CA or client-certificate setting on a receiver without a certificate, or any TLS
+    setting on a sensor with TLS off, would have meant plaintext."""
+    if role == "receiver":
+        if not t.enable and (t.keyfile or t.cafile or t.client_certs):
+            raise ConfigError(f"{where}: a TLS key, CA or client certificates need the receiver's certificate "
+                              "(certfile, --tls-cert): without one it would serve plaintext")
+        if t.enable and not (t.certfile and t.keyfile):
+            raise ConfigError(f"{where}: a receiver with TLS needs certfile and keyfile (--tls-cert, --tls-key)")
+    elif not t.enable and (t.certfile or t.keyfile or t.cafile or t.server_name or t.insecure):
+        raise ConfigError(f"{where}: TLS settings given but TLS is off (enable: true): it would connect in plaintext")
+    if t.identity_from_cert and not t.client_certs:
+        raise ConfigError(f"{where}: identityFromCert needs client certificates (clientCerts: true, mTLS)")
+    if t.enable and bool(t.certfile) != bool(t.keyfile):
+        raise ConfigError(f"{where}: certfile and keyfile go together (--tls-cert, --tls-key)")
 
 
 def _auth(node: _Node) -> AuthSettings:
@@ -259,7 +272,7 @@ class SensorSettings:
     kafka: Any = None        # config_plugins.KafkaSettings (output.plugins.kafka)
 
 
-def _common(root: _Node) -> dict[str, Any]:
+def _common(root: _Node, role: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if root.has("inputPacketLen"):
         v = root.get("inputPacketLen", "int")
@@ -267,7 +280,7 @@ def _common(root: _Node) -> dict[str, Any]:
             raise ConfigError(f"inputPacketLen: must be 1-262144, got {v}")
         out["snaplen"] = v
     out["log_file"] = root.get("logFilename", "str")
-    out["tls"] = _tls(root.child("tls"), root.path)
+    out["tls"] = _tls(root.child("tls"), role)
     out["auth"] = _auth(root.child("auth"))
     return out
 
@@ -344,7 +357,7 @@ def receiver_settings(data: Any) -> ReceiverSettings:
     _legacy(root.child("legacy"), s)
     # an upstream PacketStreamer config without an auth block starts as it did there (warned)
     s.allow_unauthenticated = root.get("allowUnauthenticated", "bool", not root.has("auth"))
-    for k, v in _common(root).items():
+    for k, v in _common(root, "receiver").items():
         setattr(s, k, v)
     _ignore_other_role(root, SENSOR_KEYS, ignored, "receiver", "sensor")
     root.finish()
@@ -455,7 +468,7 @@ def sensor_settings(data: Any) -> SensorSettings:
     s.group = root.get("group", "str")
     s.heartbeat = root.get("heartbeat", "duration", s.heartbeat)
     s.stats_interval = root.get("statsInterval", "duration", s.stats_interval)
-    for k, v in _common(root).items():
+    for k, v in _common(root, "sensor").items():
         setattr(s, k, v)
     if s.auth.keyfile:
         raise ConfigError("auth.keyfile: a receiver setting (per-sensor keys); a sensor uses auth.key")

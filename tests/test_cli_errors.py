@@ -78,11 +78,41 @@ def test_cli_error_cases_are_one_line_without_traceback(tmp_path, busy_port):
          [f"{nodir}/q.pcapng: directory {nodir} does not exist"]),
         (["query", str(tmp_path), "--server", str(tmp_path / "no.sock"), "-w", str(nodir / "q.pcapng")],
          [f"{nodir}/q.pcapng: directory {nodir} does not exist"]),
+        # TLS flags that would not do what they say (they meant plaintext before, or a traceback)
+        (["receiver", "--listen", "127.0.0.1:0", *w, "--tls-key", str(afile)], ["need the receiver's certificate"]),
+        (["receiver", "--listen", "127.0.0.1:0", *w, "--tls-ca", str(afile), "--tls-client-certs"],
+         ["need the receiver's certificate"]),
+        (["receiver", "--listen", "127.0.0.1:0", *w, "--tls-cert", str(afile)], ["needs certfile and keyfile"]),
+        (["sensor", "--receiver", "127.0.0.1:8081", "--tls-cert", str(afile)], ["certfile and keyfile go together"]),
+        # Kafka settings librdkafka refuses, and topic names Kafka refuses: at start, one line
+        (["receiver", "--listen", "127.0.0.1:0", "-w", "kafka://127.0.0.1:9/t", "--kafka-property", "foo=bar"],
+         ["Kafka producer settings", "foo"]),
+        (["receiver", "--listen", "127.0.0.1:0", "-w", "kafka://127.0.0.1:9/t", "--kafka-property", "acks=0"],
+         ["Kafka producer settings", "acks"]),
+        (["receiver", "--listen", "127.0.0.1:0", "-w", "kafka://127.0.0.1:9/bad!topic"], ["Kafka topic 'bad!topic'"]),
+        (["receiver", "--from", "kafka://127.0.0.1:9/t", "--kafka-property", "foo=bar", *w],
+         ["Kafka consumer settings", "foo"]),
+        (["sensor", "--output", "kafka://127.0.0.1:9/t", "--kafka-property", "foo=bar"],
+         ["Kafka producer settings", "foo"]),
+        # sizes: a bad value says why (not only "invalid _size value")
+        (["receiver", "--listen", "127.0.0.1:0", *w, "-C", "abc"], ["expected a size like"]),
     ]
     for args, expected in cases:
         line = one_line_error(run(*args), *expected)
         assert line.startswith(f"pktstream {args[0]}: "), line
     assert not nodir.parent.exists()  # --output-dir did not create the path
+
+
+def test_tls_settings_that_meant_plaintext_are_refused():
+    tls = {"enable": False, "cafile": "ca.pem"}
+    with pytest.raises(ConfigError, match="TLS is off"):
+        C.sensor_settings({"output": {"server": {"address": "a", "port": 1}}, "tls": tls})
+    with pytest.raises(ConfigError, match="need the receiver's certificate"):
+        C.receiver_settings({"input": {"port": 1}, "output": {"file": {"path": "o.pcap"}},
+                             "tls": {"keyfile": "k.pem"}})
+    # PacketStreamer's own defaults (empty strings) stay fine
+    C.receiver_settings({"input": {"port": 1}, "output": {"file": {"path": "o.pcap"}},
+                         "tls": {"enable": False, "certfile": "", "keyfile": ""}})
 
 
 @pytest.fixture

@@ -218,3 +218,61 @@ def test_receiver_kafka_output_messages_are_wire_frames(tansu, veth, procs, tmp_
         seqs.append(head.seq)
     assert seqs == sorted(set(seqs))  # in order, no duplicate
     assert_same_packets(got, read_pcap_dpkt(ref), tol_ns=0)
+
+
+def test_a_block_kafka_refuses_for_good_is_counted_and_the_output_goes_on(tansu):
+    """A block larger than the producer may send (librdkafka's message.max.bytes, as a broker's
+    limit would) is refused for good: before, the output retried it for ever and no later block
+    of any sensor was acknowledged; now its packets are counted as lost and the next blocks go."""
+    import os as _os
+
+    from pktstream import PacketBatch
+    from pktstream.sinks.base import Source
+    from pktstream.sinks.kafka import KafkaSink
+    from pktstream.stream import protocol as P
+
+    def batch(n: int, size: int, seed: int) -> PacketBatch:
+        rec = b"".join(b"\x00" * 4 + (seed * 1000 + i).to_bytes(4, "little") + size.to_bytes(4, "little") * 2
+                       + _os.urandom(size) for i in range(n))
+        return PacketBatch.from_records(rec, link_type=1)
+    sink = KafkaSink(tansu.bootstrap, "refuse", properties={"message.max.bytes": "60000"})
+    src = Source("s1", "host", "eth0", 1, 65535)
+    for seq, b in enumerate((batch(5, 200, 1), batch(60, 1400, 2), batch(5, 200, 3)), start=1):
+        sink.write(Source(src.sensor_id, src.hostname, src.interface, 1, 65535, seq=seq), b)
+    sink.flush()  # returns: nothing waits for the refused block
+    sink.close()
+    assert sink.counters["rejected_frames"] == 1 and sink.counters["rejected_packets"] == 60
+    msgs = tansu.read_all("refuse", count=2)
+    seqs = sorted(int(h["seq"]) for _p, _o, _k, h, _v in msgs)
+    assert seqs == [1, 3]
+    assert all(P.decode_header(v[:P.HEADER_LEN], max_payload=1 << 30, max_raw=1 << 30).count == 5
+               for *_x, v in msgs)
+
+
+def test_sensor_blocks_kafka_refuses_are_counted_and_the_rest_delivered(tansu, veth, procs, tmp_path, mixed_pcap):
+    """Sensor → Kafka where most blocks are larger than the producer may send: each refused
+    block is counted (rejected_packets) and never stops the blocks after it; what was captured
+    is exactly what is in the topic plus what was counted as refused (nothing lost silently)."""
+    from pktstream.stream import protocol as P
+    tansu.create_topic("small", partitions=1)
+    ref = tmp_path / "ref.pcap"
+    td = start_tcpdump(procs, veth.outer, ref)
+    sx = procs(kafka_sensor(tansu.bootstrap, "small", veth.outer, "edge-9", tmp_path,
+                            "--kafka-property", "message.max.bytes=1500"))
+    sx.wait_for("capturing on")
+    veth.replay(mixed_pcap, pps=20000)  # blocks of many packets: larger than 1500 bytes, refused
+    wait_pcap_count(ref, 2000)
+    tiny = tmp_path / "tiny.pcap"  # then small blocks (a few 60-byte packets): delivered after them
+    traffic.write_random_udp_pcap(str(tiny), 5, size=60)
+    veth.replay(tiny, pps=10)
+    wait_pcap_count(ref, 2005)  # every packet handed to the capture sockets; stopping drains
+    assert sx.stop(signal.SIGTERM) == 0, sx.stderr
+    td.stop()
+    st = json.loads((tmp_path / "edge-9.json").read_text())
+    assert "refused by the destination" in sx.stderr, sx.stderr[-2000:]
+    assert st["unacked_frames"] == 0 and st["rejected_frames"] > 0 and st["rejected_packets"] > 0
+    msgs = tansu.read_all("small", count=st["batches"] - st["rejected_frames"])
+    in_topic = sum(P.decode_header(v[:P.HEADER_LEN], max_payload=1 << 24, max_raw=1 << 24).count
+                   for *_x, h, v in msgs if h.get("type") == b"data")
+    assert in_topic >= 5
+    assert in_topic + st["rejected_packets"] == st["packets"] == len(read_pcap_dpkt(ref)) == 2005

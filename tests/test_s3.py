@@ -209,7 +209,7 @@ def test_s3_sink_uploads_what_an_earlier_run_left(tmp_path, moto):
     body = {k: s3.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in sink.uploaded}
     assert body == {"cap/s1/2026/01/02/030405-abcd1234-000007.pcap": b"earlier run" * 100,
                     s2_key: b"recovered" * 100}
-    assert sorted(os.listdir(staging)) == ["ready", "s3.pcap.part"]
+    assert sorted(n for n in os.listdir(staging) if n != ".lock") == ["ready", "s3.pcap.part"]
     assert os.listdir(staging / "ready") == ["junk.pcap.unknown"]
 
 
@@ -413,3 +413,55 @@ def test_s3_sink_uploads_at_close_only_what_is_acknowledged(tmp_path, moto):
     (tmp_path / "o.pcap").write_bytes(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
     got = [t for b in pktstream.read(tmp_path / "o.pcap") for t in b.ts_ns.tolist()]
     assert got == batches[0].ts_ns.tolist()  # the acknowledged packets, once
+
+
+def test_s3_settings_that_would_lose_data_are_refused_or_made_safe(tmp_path, moto, monkeypatch):
+    """A key template that could give two files one key (an object overwritten), or that does
+    not format, is refused at start, not at the first upload; two receivers cannot share a
+    staging directory; without --s3-staging/--state-dir every run to one destination stages in
+    the same directory (a temporary one per run left what a stopped run staged behind, never
+    uploaded); --fsync reaches the staged files; the output's counters are in the receiver's."""
+    import types
+
+    from pktstream.cli.cloud import receiver_outputs
+    from pktstream.config_plugins import S3Settings
+    from pktstream.exceptions import ConfigError
+    from pktstream.sinks.base import Source
+    from pktstream.sinks.s3 import S3Sink
+    from pktstream.stream.receiver.outputs import Outputs
+
+    s3 = moto.client()
+    s3.create_bucket(Bucket=BUCKET)
+    kw = dict(endpoint_url=moto.endpoint, region="us-east-1", path_style=True, format="pcap", close_timeout=30)
+    for bad, why in (("{prefix}{date:%Y-%m-%d-%H-%M-%S}.{ext}", "same key"), ("{prefix}{sensor}-{seq:06d",
+                                                                                  "ValueError"),
+                     ("{prefix}{bogus}-{run}-{seq}", "KeyError"), ("{prefix}{sensor}-{seq}.{ext}", "same key")):
+        with pytest.raises(ConfigError, match=why):
+            S3Sink(BUCKET, "cap/", staging_dir=str(tmp_path / "t"), key_template=bad, **kw)
+    first = S3Sink(BUCKET, "cap/", staging_dir=str(tmp_path / "shared"), fsync=True, **kw)
+    with pytest.raises(ConfigError, match="in use by another running receiver"):
+        S3Sink(BUCKET, "cap/", staging_dir=str(tmp_path / "shared"), **kw)
+    assert first._files.opts["fsync"] is True
+    first.write(Source("s1", "host", "eth0", 1, 65535), _batches(2, 50)[0])
+    first.flush()
+    outputs = Outputs([first], maxsize=4, closing=__import__("threading").Event(), on_flushed=lambda *a: None)
+    first.close()
+    st = outputs.stats()[first.name]
+    assert st["uploaded_files"] == 1 and st.get("upload_failures", 0) == 0 and st["waiting_files"] == 0
+    S3Sink(BUCKET, "cap/", staging_dir=str(tmp_path / "shared"), **kw).close()  # released at close
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+
+    def settings(prefix: str):
+        return types.SimpleNamespace(kafka=None, state_dir=None, rotate_bytes=None, rotate_seconds=None,
+                                     index=False, index_max_flows=None, fsync=False,
+                                     s3=S3Settings(bucket=BUCKET, prefix=prefix, endpoint=moto.endpoint,
+                                                   path_style=True, region="us-east-1"))
+    a = receiver_outputs(settings("cap/"))[0]
+    a.close()
+    b = receiver_outputs(settings("cap/"))[0]
+    c = receiver_outputs(settings("other/"))[0]
+    assert a.staging_dir == b.staging_dir != c.staging_dir
+    assert a.staging_dir.startswith(str(tmp_path / "state" / "pktstream" / "s3-staging"))
+    b.close()
+    c.close()

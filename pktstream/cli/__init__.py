@@ -126,6 +126,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line (what is wrong, and where help is), not the whole usage."""
+
+    def error(self, message: str):  # type: ignore[override,unused-ignore]
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def subparser(sub: argparse._SubParsersAction, name: str, *, help: str, epilog: str | None = None,
               **kw) -> argparse.ArgumentParser:
     """A subcommand parser with pktstream's help layout (description = help, examples epilog)."""
@@ -141,8 +148,8 @@ def build_parser(only_archive: bool = False, only_command: str | None = None) ->
     """The command line parser. ``only_command`` (``"capture"``, ``"sensor"``, ``"receiver"``)
     registers that command alone, without importing the modules of the others: faster start-up
     and no numpy in a sensor (tests/test_startup.py). ``only_archive``: the archive commands."""
-    parser = argparse.ArgumentParser(prog="pktstream", description=_DESCRIPTION, epilog=_EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="pktstream", description=_DESCRIPTION, epilog=_EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=_version_text())
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
+import re
 from typing import Any, TypeVar
 
 from pktstream import config as C
@@ -105,6 +105,17 @@ def apply_receiver_args(args, s) -> None:
         raise ConfigError("--group needs a Kafka input (--from kafka://...)")
 
 
+def default_staging_dir(bucket: str, prefix: str, endpoint: str | None) -> str:
+    """The staging directory of an S3 output given neither ``--s3-staging`` nor ``--state-dir``:
+    the same for every run to the same destination, so files a stopped (or crashed) run left
+    are uploaded by the next one: ``$XDG_STATE_HOME/pktstream/s3-staging/BUCKET-HASH``
+    (``~/.local/state`` by default)."""
+    import hashlib
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    tag = hashlib.sha256(f"{endpoint or ''}|{bucket}|{prefix}".encode()).hexdigest()[:10]
+    return os.path.join(base, "pktstream", "s3-staging", f"{re.sub(r'[^A-Za-z0-9._-]', '_', bucket)}-{tag}")
+
+
 def has_cloud_output(s) -> bool:
     return s.s3 is not None or s.kafka is not None
 
@@ -120,7 +131,7 @@ def receiver_outputs(s) -> list:
         from pktstream.sinks.s3 import S3Sink
         x = s.s3
         staging = x.staging_dir or (os.path.join(s.state_dir, "s3-staging") if s.state_dir else
-                                    tempfile.mkdtemp(prefix="pktstream-s3-"))
+                                    default_staging_dir(x.bucket, x.prefix, x.endpoint))
         outs.append(S3Sink(x.bucket, x.prefix, staging_dir=staging, endpoint_url=x.endpoint, region=x.region,
                            path_style=x.path_style, rotate_bytes=s.rotate_bytes or x.total_file_size,
                            rotate_seconds=s.rotate_seconds or x.upload_timeout, part_size=x.part_size,
@@ -129,7 +140,8 @@ def receiver_outputs(s) -> list:
                            request_attempts=x.request_attempts,
                            index=getattr(s, "index", False) is True,
                            index_max_flows=getattr(s, "index_max_flows", None),
-                           zstd_frame_bytes=getattr(s, "zstd_frame_size", None) if x.format.endswith(".zst") else None))
+                           zstd_frame_bytes=getattr(s, "zstd_frame_size", None) if x.format.endswith(".zst") else None,
+                           fsync=bool(getattr(s, "fsync", False))))
     return outs
 
 

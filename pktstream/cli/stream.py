@@ -143,13 +143,14 @@ def build_receiver(args: argparse.Namespace):
     if args.auth_keys:
         s.auth.enable, s.auth.keyfile = True, args.auth_keys
     if args.tls_cert:
-        s.tls.enable, s.tls.certfile, s.tls.keyfile = True, args.tls_cert, args.tls_key
+        s.tls.enable, s.tls.certfile = True, args.tls_cert
+    if args.tls_key:
+        s.tls.keyfile = args.tls_key
     if args.tls_ca:
         s.tls.cafile = args.tls_ca
     s.tls.client_certs = s.tls.client_certs or args.tls_client_certs
     s.tls.identity_from_cert = s.tls.identity_from_cert or args.tls_identity_from_cert
-    if s.tls.identity_from_cert and not s.tls.client_certs:
-        raise ConfigError("--tls-identity-from-cert needs client certificates (--tls-client-certs)")
+    C.check_tls(s.tls, "receiver", "TLS")
     if not (s.output_file or s.output_dir or s.stdout or cloud.has_cloud_output(s)):
         raise ConfigError("no output: give -w FILE, -w - (stdout), -w s3://BUCKET/PREFIX, -w kafka://HOST:PORT/TOPIC, "
                           "--output-dir DIR or output.file.path")
@@ -172,7 +173,7 @@ def build_receiver(args: argparse.Namespace):
     outputs += cloud.receiver_outputs(s)
     ctx = None
     if s.tls.enable:
-        assert s.tls.certfile and s.tls.keyfile  # checked by config.receiver_settings
+        assert s.tls.certfile and s.tls.keyfile  # checked by config.check_tls
         ctx = server_context(s.tls.certfile, s.tls.keyfile, cafile=s.tls.cafile, client_certs=s.tls.client_certs)
     key: str | None = None
     keys: dict[str, bytes | str] | None = None
@@ -221,13 +222,14 @@ def build_sensor(args: argparse.Namespace):
     s.include_loopback = s.include_loopback or args.include_loopback
     if args.auth_key_file:
         s.auth.enable, s.auth.key = True, _read_secret(args.auth_key_file)
-    if args.tls or args.tls_ca or args.tls_insecure:
-        s.tls.enable = True
+    if args.tls or args.tls_ca or args.tls_insecure or args.tls_cert or args.tls_key or args.tls_server_name:
+        s.tls.enable = True  # (any TLS flag: TLS; a client certificate alone never meant plaintext)
     for attr, flag in (("cafile", "tls_ca"), ("certfile", "tls_cert"), ("keyfile", "tls_key"),
                        ("server_name", "tls_server_name")):
         if getattr(args, flag):
             setattr(s.tls, attr, getattr(args, flag))
     s.tls.insecure = s.tls.insecure or args.tls_insecure
+    C.check_tls(s.tls, "sensor", "TLS")
     if args.receiver and args.output_url:
         raise ConfigError("--receiver and --output are exclusive")
     transport = cloud.sensor_transport(args, s)  # --output kafka:// / output.plugins.kafka
@@ -289,7 +291,8 @@ def cmd_receiver(args: argparse.Namespace) -> int:
 def _counters_line(st: dict[str, Any]) -> str:
     """The sensor's counters in one line (at exit, and on SIGUSR1 like tcpdump)."""
     return (f"{st['packets']} packets captured, {st['kernel_dropped']} dropped by kernel, "
-            f"{st['ring_drops']} by ring, {st['window_dropped_packets']} by full send window/spool")
+            f"{st['ring_drops']} by ring, {st['window_dropped_packets']} by full send window/spool"
+            + (f", {st['rejected_packets']} refused by the destination" if st.get("rejected_packets") else ""))
 
 
 def _print_counters_on_sigusr1(sensor) -> None:

@@ -16,11 +16,21 @@ import time
 from typing import Any
 
 import zstandard
+from confluent_kafka import KafkaException
 
 from pktstream._capture import PacketBatch
 from pktstream.sinks.base import Sink, Source
 from pktstream.stream import protocol as P
-from pktstream.stream.kafka import DEFAULT_TOPIC, ErrorLog, frame_headers, producer_config, purge_and_close
+from pktstream.stream.kafka import (
+    DEFAULT_TOPIC,
+    FRAME_REFUSED,
+    ErrorLog,
+    check_topic,
+    frame_headers,
+    kafka_client,
+    producer_config,
+    purge_and_close,
+)
 
 log = logging.getLogger("pktstream.stream.receiver")
 
@@ -44,7 +54,7 @@ class KafkaSink(Sink):
                  acks: str = "all", properties: dict[str, Any] | None = None, timeout: float | None = None,
                  flush_timeout: float = 10.0, stall_timeout: float = 30.0, level: int = 1,
                  gate: bool = True) -> None:
-        from confluent_kafka import Producer  # noqa: F401  (fail early without the kafka extra)
+        check_topic(topic)
         self.brokers, self.topic = brokers, topic
         self.name = f"kafka://{brokers}/{topic}"
         self.gate = gate
@@ -62,8 +72,7 @@ class KafkaSink(Sink):
         self._lock = threading.Lock()
 
     def _new_producer(self):
-        from confluent_kafka import Producer
-        return Producer(producer_config(self.brokers, error_cb=self._errors, **self._conf))
+        return kafka_client("producer", producer_config(self.brokers, error_cb=self._errors, **self._conf))
 
     def _deliver(self, key, err, msg) -> None:
         entry = self._pending.get(key)
@@ -73,9 +82,20 @@ class KafkaSink(Sink):
             entry[1] = True
             self._progress = time.monotonic()
             self.counters["delivered"] += 1
+        elif err.name() in FRAME_REFUSED:
+            self._refused(key, entry, err)
         elif err.name() not in ("_PURGE_QUEUE", "_PURGE_INFLIGHT"):
             entry[1] = err
             self.counters["delivery_failures"] += 1
+
+    def _refused(self, key, entry: list, err) -> None:
+        """Kafka refuses this block for good (larger than the broker takes): its packets are lost
+        and counted, and the output goes on (retrying it would stop every sensor's blocks)."""
+        entry[1] = True  # (done: never produced again)
+        self.counters["rejected_frames"] += 1
+        self.counters["rejected_packets"] += entry[2]
+        log.error("%s: block %s/%d refused (%s): its %d packets are lost (counted: rejected_packets)",
+                  self.name, key[0], key[1], err, entry[2])
 
     def _produce(self, key, args: dict[str, Any]) -> None:
         while True:
@@ -84,6 +104,12 @@ class KafkaSink(Sink):
                 return
             except BufferError:  # librdkafka's local queue is full: serve reports, try again
                 self._producer.poll(0.1)
+            except KafkaException as exc:  # refused by the client before it was queued
+                err = exc.args[0] if exc.args else exc
+                if getattr(err, "name", lambda: "")() not in FRAME_REFUSED:
+                    raise
+                self._refused(key, self._pending[key], err)
+                return
 
     def write(self, source: Source, batch: PacketBatch) -> None:
         seq = source.seq
@@ -105,7 +131,7 @@ class KafkaSink(Sink):
                                           snaplen=source.snaplen, seq=seq))
         if not any(e[1] is None for e in self._pending.values()):
             self._progress = time.monotonic()
-        self._pending[key] = [args, None]
+        self._pending[key] = [args, None, len(batch)]
         self._produce(key, args)
         self.counters["produced"] += 1
         self._producer.poll(0)

@@ -43,6 +43,43 @@ log = logging.getLogger("pktstream.stream.receiver")
 
 MIN_PART = 5 << 20
 DEFAULT_KEY = "{prefix}{sensor}/{date:%Y/%m/%d}/{date:%H%M%S}-{run}-{seq:06d}.{ext}"
+
+
+def _lock_staging(directory: str) -> Any:
+    """Hold ``directory/.lock`` (flock, released when the process ends or the sink closes): two
+    receivers staging in one directory would upload, cut back or delete each other's files."""
+    import fcntl
+
+    from pktstream.exceptions import ConfigError
+    f = open(os.path.join(directory, ".lock"), "ab")  # noqa: SIM115 - held for the sink's lifetime
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise ConfigError(f"S3 staging directory {directory} is in use by another running receiver: give each "
+                          "its own (--s3-staging DIR or --state-dir DIR)") from None
+    return f
+
+
+def check_key_template(template: str) -> None:
+    """Raise ConfigError unless ``template`` formats with the documented fields and gives two
+    files (of one sensor or two, of one run or two) two keys: a key used twice would overwrite
+    an object."""
+    from pktstream.exceptions import ConfigError
+    date = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    keys = []
+    try:
+        for sensor, run, seq in (("s1", "0a1b2c3d", 1), ("s1", "0a1b2c3d", 2), ("s2", "0a1b2c3d", 1),
+                                 ("s1", "4e5f6a7b", 1)):
+            keys.append(template.format(prefix="p/", sensor=sensor, date=date, run=run, seq=seq, ext="pcapng"))
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
+        raise ConfigError(f"S3 key template {template!r}: {type(exc).__name__}: {exc} (fields: prefix, sensor, "
+                          "date, run, seq, ext)") from None
+    if len(set(keys)) < len(keys):
+        raise ConfigError(f"S3 key template {template!r} gives two files the same key (an object would be "
+                          "overwritten): use {sensor}, {run} and {seq}")
+
+
 _READY = re.compile(r"^(?P<sensor>.+)__(?P<stamp>\d{8}T\d{6}Z)__(?P<run>[0-9a-f]+)-(?P<seq>\d+)"
                     r"\.(?P<ext>pcap(?:ng)?(?:\.zst)?)$")
 
@@ -82,15 +119,18 @@ class S3Sink(Sink):
                  key_template: str | None = None, format: str = "pcapng", gate: bool = True,
                  retry_min: float = 0.5, retry_max: float = 10.0, close_timeout: float = 60.0,
                  request_attempts: int = 3, client: Any = None, index: bool = False,
-                 zstd_frame_bytes: int | None = None, index_max_flows: int | None = None) -> None:
+                 zstd_frame_bytes: int | None = None, index_max_flows: int | None = None,
+                 fsync: bool = False) -> None:
         self.bucket, self.prefix = bucket, prefix
         self.name = f"s3://{bucket}/{prefix}"
         self.gate = gate
         self.part_size = max(int(part_size), MIN_PART)
         self.acl = acl or None
+        check_key_template(key_template or DEFAULT_KEY)
         self.staging_dir = os.path.abspath(staging_dir)
         self.ready_dir = os.path.join(self.staging_dir, "ready")
         os.makedirs(self.ready_dir, mode=0o750, exist_ok=True)
+        self._lock_file: Any = _lock_staging(self.staging_dir)
         self.staging_max_bytes = staging_max_bytes
         self.key_template = key_template or DEFAULT_KEY
         self.format = format
@@ -118,8 +158,9 @@ class S3Sink(Sink):
         # exiting receiver never waits for a transfer pool
         self._transfer = TransferConfig(multipart_threshold=self.part_size + 1,
                                         multipart_chunksize=self.part_size, use_threads=False)
+        self.fsync = fsync
         self._files = FileSink(directory=self.staging_dir, format=format, rotate_bytes=rotate_bytes,
-                               rotate_seconds=rotate_seconds, zstd_frame_bytes=zstd_frame_bytes)
+                               rotate_seconds=rotate_seconds, zstd_frame_bytes=zstd_frame_bytes, fsync=fsync)
         self.index = index  # index each file as written; committed under its key after the upload
         if index:
             from pktstream.archive.live import StagingIndexer
@@ -198,6 +239,13 @@ class S3Sink(Sink):
             if os.path.exists(path + ".idx"):  # its staged index goes first (never a file's without it)
                 os.replace(path + ".idx", target + ".idx")
             os.replace(path, target)
+            if self.fsync:  # (the rename is durable before the flush holding it is acknowledged)
+                for d in (self.ready_dir, self.staging_dir):
+                    fd = os.open(d, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
         self._wake.set()
 
     def _adopt_leftovers(self) -> None:
@@ -210,7 +258,8 @@ class S3Sink(Sink):
             with self._ack_lock:
                 skip = self._files.open_paths() | {p for _, p in self._unacked}
             leftovers = [e.path for e in os.scandir(self.staging_dir)
-                         if e.is_file() and not e.name.endswith((".part", ".tmp", ".idx")) and e.path not in skip]
+                         if e.is_file() and not e.name.endswith((".part", ".tmp", ".idx"))
+                         and not e.name.startswith(".") and e.path not in skip]
         for path in leftovers:
             self._adopt(path)
 
@@ -291,6 +340,7 @@ class S3Sink(Sink):
                 self.counters["left_staged"] = len(left)
                 log.warning("%s: %d files not uploaded at shutdown; they stay in %s and are uploaded by the "
                             "next run", self.name, len(left), self.ready_dir)
+            self._lock_file.close()  # (releases the staging directory; so does garbage collection)
 
     # -- uploads ---------------------------------------------------------------------------------
     def key_for(self, name: str) -> str:

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 import socket
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from pktstream.exceptions import FrameError
+from pktstream.exceptions import ConfigError, FrameError
 from pktstream.stream import protocol as P
 
 log = logging.getLogger("pktstream.stream.kafka")
@@ -115,6 +116,25 @@ def producer_config(brokers: str, *, client_id: str = "pktstream", acks: str = "
     return conf
 
 
+def kafka_client(kind: str, conf: dict[str, Any]):
+    """A librdkafka ``Producer`` (``kind`` "producer") or ``Consumer`` for ``conf``; a setting
+    librdkafka refuses (an unknown property, ``acks=0`` with idempotence, a timeout out of
+    range) is a one-line ConfigError, not a traceback."""
+    from confluent_kafka import Consumer, KafkaException, Producer
+    try:
+        return (Producer if kind == "producer" else Consumer)(conf)
+    except (KafkaException, ValueError, TypeError) as exc:
+        err = exc.args[0] if exc.args else exc
+        text = err.str() if hasattr(err, "str") else str(err)
+        raise ConfigError(f"Kafka {kind} settings: {text}") from None
+
+
+def check_topic(topic: str) -> None:
+    """Kafka's topic name rule (a name it refuses would fail every message, for ever)."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", topic or "") or topic in (".", ".."):
+        raise ConfigError(f"Kafka topic {topic!r}: 1-249 letters, digits, '.', '_' or '-'")
+
+
 def consumer_config(brokers: str, group: str, *, client_id: str = "pktstream-receiver",
                     properties: dict[str, Any] | None = None, error_cb: Callable | None = None) -> dict[str, Any]:
     conf: dict[str, Any] = {
@@ -161,6 +181,10 @@ def purge_and_close(producer) -> None:
 
 # -- sensor side ---------------------------------------------------------------------------------
 
+#: delivery errors that refuse one message for good (resending it can only fail again)
+FRAME_REFUSED = frozenset({"MSG_SIZE_TOO_LARGE", "_MSG_SIZE_TOO_LARGE", "INVALID_MSG", "CORRUPT_MESSAGE",
+                           "INVALID_RECORD", "INVALID_MSG_SIZE", "RECORD_LIST_TOO_LARGE"})
+
 class KafkaTransport:
     """A Sensor transport that produces the FrameStore's frames to Kafka (instead of TCP to a
     receiver). Frames are forgotten only when their delivery reports arrive; while the brokers
@@ -175,6 +199,8 @@ class KafkaTransport:
         self.stall_timeout = stall_timeout
         self.max_outstanding = max_outstanding
         self.counters: collections.Counter = collections.Counter()
+        check_topic(topic)
+        self._producer(ErrorLog(self.counters))  # (settings librdkafka refuses: refused now, before capture)
 
     def describe(self) -> str:
         return f"kafka://{self.brokers}/{self.topic}"
@@ -194,9 +220,9 @@ class KafkaTransport:
         return broker_addresses(",".join(f"{b.host}:{b.port}" for b in brokers))
 
     def _producer(self, errors: ErrorLog):
-        from confluent_kafka import Producer
-        return Producer(producer_config(self.brokers, client_id=self.client_id, acks=self.acks,
-                                        properties=self.properties, timeout=self.timeout, error_cb=errors))
+        return kafka_client("producer", producer_config(self.brokers, client_id=self.client_id, acks=self.acks,
+                                                        properties=self.properties, timeout=self.timeout,
+                                                        error_cb=errors))
 
     def run(self, sensor, drain_timeout: float) -> None:
         """Blocks until the sensor stops and everything is delivered (or ``drain_timeout``)."""
@@ -205,27 +231,48 @@ class KafkaTransport:
         store.on_new_frame(wake.set)
         errors = ErrorLog(self.counters)
         producer = self._producer(errors)
-        outstanding: collections.OrderedDict[int, bool] = collections.OrderedDict()
-        state = {"failed": False, "progress": time.monotonic(), "sent": store.acked_seq, "delivered": 0}
+        from confluent_kafka import KafkaException
+        outstanding: collections.OrderedDict[int, int] = collections.OrderedDict()  # seq -> packets
+        # failed_min: the lowest frame whose delivery failed since the producer was made (the
+        # next one resends from the acknowledged seq: nothing at or past it is acknowledged)
+        state: dict[str, Any] = {"failed": False, "progress": time.monotonic(), "sent": store.acked_seq,
+                                 "delivered": 0, "failed_min": None}
         connected_logged = False
         last_stats = time.monotonic()
 
+        def ack() -> None:
+            # everything produced before the oldest outstanding or failed frame is delivered
+            low = [x for x in (next(iter(outstanding), None), state["failed_min"]) if x is not None]
+            store.ack(min(low) - 1 if low else state["sent"])
+            sensor.wake()
+
+        def refused(seq: int, packets: int, err) -> None:
+            """Kafka refuses this frame for good (too large, invalid): lost, counted, not retried
+            (a retry would stop every later frame of this sensor)."""
+            sensor.count_rejected(packets)
+            self.counters["rejected_frames"] += 1
+            log.error("kafka: frame %d refused (%s): its %d packets are lost (counted: rejected_packets)",
+                      seq, err, packets)
+
         def delivered(seq: int, err, msg) -> None:
+            packets = outstanding.pop(seq, None)
+            if packets is None:
+                return
             if err is not None:
-                if outstanding.pop(seq, None) is not None and err.name() != "_PURGE_QUEUE" \
-                        and err.name() != "_PURGE_INFLIGHT":
+                if err.name() in ("_PURGE_QUEUE", "_PURGE_INFLIGHT"):
+                    return
+                if err.name() not in FRAME_REFUSED:
                     self.counters["delivery_failures"] += 1
                     state["failed"] = True
+                    state["failed_min"] = seq if state["failed_min"] is None else min(state["failed_min"], seq)
                     log.warning("kafka: frame %d not delivered: %s", seq, err)
-                return
-            if outstanding.pop(seq, None) is None:
-                return
-            state["progress"] = time.monotonic()
-            state["delivered"] += 1
-            self.counters["frames_delivered"] += 1
-            # everything produced before the oldest outstanding frame has been delivered
-            store.ack(next(iter(outstanding)) - 1 if outstanding else state["sent"])
-            sensor.wake()
+                    return
+                refused(seq, packets, err)
+            else:
+                state["progress"] = time.monotonic()
+                state["delivered"] += 1
+                self.counters["frames_delivered"] += 1
+            ack()
 
         draining_since: float | None = None
         last_brokers, brokers_every = 0.0, 1.0
@@ -254,7 +301,7 @@ class KafkaTransport:
                     purge_and_close(producer)
                     producer = self._producer(errors)
                     outstanding.clear()
-                    state.update(failed=False, progress=now, sent=store.acked_seq)
+                    state.update(failed=False, progress=now, sent=store.acked_seq, failed_min=None)
                 if sensor.stopping:
                     draining_since = draining_since or now
                     if not sensor.capturing() and store.pending()[0] == 0:
@@ -291,9 +338,20 @@ class KafkaTransport:
                 except BufferError:
                     producer.poll(0.1)
                     continue
+                except KafkaException as exc:  # refused by the client before it was queued
+                    err = exc.args[0] if exc.args else exc
+                    if getattr(err, "name", lambda: "")() in FRAME_REFUSED:
+                        state["sent"] = seq
+                        refused(seq, head.count, err)
+                        ack()
+                    else:
+                        log.warning("kafka: frame %d not produced: %s", seq, err)
+                        state["failed"] = True
+                        producer.poll(0.1)
+                    continue
                 if not outstanding:
                     state["progress"] = time.monotonic()
-                outstanding[seq] = True
+                outstanding[seq] = head.count
                 state["sent"] = seq
                 self.counters["frames_produced"] += 1
                 sensor.counters["frames_sent"] += 1
@@ -337,6 +395,9 @@ class KafkaInput:
         self.client_id = client_id
         self.revoke_timeout = revoke_timeout
         self.counters: collections.Counter = collections.Counter()
+        check_topic(topic)
+        kafka_client("consumer", consumer_config(brokers, group, client_id=client_id,
+                                                 properties=self.properties)).close()  # (refused now)
         self._pending: dict[int, collections.deque] = {}   # partition -> deque[(offset, index)]
         self._committed_index = 0
         self._lock = threading.Lock()
@@ -351,11 +412,11 @@ class KafkaInput:
 
     # -- lifecycle (called by the Receiver, in its event loop thread) --------------------------------
     def start(self, ingest) -> None:
-        from confluent_kafka import Consumer
         self._ingest = ingest
         ingest.add_commit_hook(self._on_commit)
-        self._consumer = Consumer(consumer_config(self.brokers, self.group, client_id=self.client_id,
-                                                  properties=self.properties, error_cb=ErrorLog(self.counters)))
+        self._consumer = kafka_client("consumer", consumer_config(self.brokers, self.group, client_id=self.client_id,
+                                                                  properties=self.properties,
+                                                                  error_cb=ErrorLog(self.counters)))
         self._consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                  on_lost=self._on_lost)
         self._thread = threading.Thread(target=self._run, name="kafka-input", daemon=True)

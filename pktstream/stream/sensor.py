@@ -499,6 +499,13 @@ class Sensor:
         self.wake()
 
     # -- counters ----------------------------------------------------------------------------
+    def count_rejected(self, packets: int) -> None:
+        """The destination refused a frame for good (a Kafka broker: too large): its packets
+        are lost, and counted here (any thread)."""
+        with self._lock:
+            self.counters["rejected_frames"] += 1
+            self.counters["rejected_packets"] += packets
+
     def stats(self) -> dict[str, Any]:
         """Counters: per interface (kernel and ring drops), blocks, window/spool use and drops."""
         ifaces = {}
@@ -521,6 +528,7 @@ class Sensor:
                 "raw_bytes": c.get("raw_bytes", 0), "wire_bytes": c.get("wire_bytes", 0),
                 "window_dropped_batches": self.store.dropped_blocks,
                 "window_dropped_packets": self.store.dropped_packets,
+                "rejected_frames": c.get("rejected_frames", 0), "rejected_packets": c.get("rejected_packets", 0),
                 "spooled_batches": self.store.spooled_blocks, "unacked_frames": frames,
                 "unacked_bytes": pending_bytes, "acked_seq": self.store.acked_seq,
                 "zstd_level": c.get("zstd_level", self.compression_level),

@@ -19,7 +19,12 @@ SENSOR_COUNTERS = ("packets", "raw_bytes", "wire_bytes", "frames", "duplicate_fr
                    "rejected_packets", "kernel_dropped",
                    "interface_dropped", "ring_drops", "window_dropped_packets")
 #: per-output counters (label ``output``)
-OUTPUT_COUNTERS = ("packets", "dropped_packets", "failures")
+OUTPUT_COUNTERS = ("packets", "dropped_packets", "failures",
+                   # the S3 and Kafka outputs' own (0 for other outputs)
+                   "uploaded_files", "upload_failures", "staging_full", "left_staged", "delivery_failures",
+                   "producer_resets")
+#: per-output gauges (the S3 output's staging)
+OUTPUT_GAUGES = ("staged_bytes", "waiting_files")
 #: receiver-level counters
 RECEIVER_COUNTERS = ("protocol_errors", "auth_failures", "tls_failures", "timeouts", "rejected_connections",
                      "rate_limited_connections", "aborted_handshakes", "duplicate_id_refusals",
@@ -59,6 +64,12 @@ class ReceiverCollector(Collector):
             for name, o in st["outputs"].items():
                 fam.add_metric([name], o.get(key, 0))
             yield fam
+        for key in OUTPUT_GAUGES:
+            gauge = GaugeMetricFamily(f"pktstream_output_{key}", f"output {key.replace('_', ' ')}", labels=["output"])
+            for name, o in st["outputs"].items():
+                if key in o:
+                    gauge.add_metric([name], o[key])
+            yield gauge
         yield GaugeMetricFamily("pktstream_receiver_connections", "open sensor connections",
                                 value=st["connections"])
         yield GaugeMetricFamily("pktstream_receiver_inflight_bytes", "bytes waiting for the gating outputs",

@@ -236,6 +236,17 @@ class Outputs:
             await asyncio.to_thread(r.close_sink)
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        # flushes_held: flushed states not yet superseded by an acknowledged one (stays small)
-        return {r.sink.name: {"gate": r.gate, "queued": r.queue.qsize(), "flushes_held": len(r.states), **r.counters}
-                for r in self.runners}
+        # flushes_held: flushed states not yet superseded by an acknowledged one (stays small);
+        # then the sink's own counters (S3 uploads and staging, Kafka deliveries)
+        out = {}
+        for r in self.runners:
+            own: dict[str, Any] = {}
+            stats = getattr(r.sink, "stats", None)
+            if stats is not None:
+                try:
+                    own = dict(stats())
+                except Exception as exc:  # noqa: BLE001 - a counter read must not break the receiver's stats
+                    own = {"stats_error": str(exc)}
+            out[r.sink.name] = {**own, "gate": r.gate, "queued": r.queue.qsize(), "flushes_held": len(r.states),
+                                **r.counters}
+        return out
