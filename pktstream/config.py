@@ -361,6 +361,7 @@ def receiver_settings(data: Any) -> ReceiverSettings:
         setattr(s, k, v)
     _ignore_other_role(root, SENSOR_KEYS, ignored, "receiver", "sensor")
     root.finish()
+    check_receiver_settings(s)
     return s
 
 
@@ -476,7 +477,38 @@ def sensor_settings(data: Any) -> SensorSettings:
     root.finish()
     if s.block_bytes < s.snaplen + 16:
         s.block_bytes = s.snaplen + 16  # a block must hold one whole record (upstream panicked)
+    check_sensor_settings(s)
     return s
+
+
+def _require(ok: bool, what: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{what}: {rule}, got {value!r}")
+
+
+def check_receiver_settings(s: ReceiverSettings) -> None:
+    """Ranges of the receiver's settings (from the config file, then again after the command
+    line's flags): a value out of range is refused at start, not met at the first packet."""
+    _require(s.rotate_seconds is None or s.rotate_seconds >= 0, "rotate.seconds (-G)", s.rotate_seconds,
+             "seconds >= 0 (0: off)")
+    _require(s.max_files is None or s.max_files >= 1, "rotate.files (-W)", s.max_files, "at least 1")
+    _require(s.max_connections >= 1, "maxConnections (--max-connections)", s.max_connections, "at least 1")
+    _require(0.1 <= s.heartbeat <= 3600, "heartbeat (--heartbeat)", s.heartbeat, "0.1-3600 seconds")
+    _require(s.stats_interval > 0, "statsInterval (--stats-interval)", s.stats_interval, "seconds > 0")
+    _require(s.index_max_flows is None or s.index_max_flows >= 0, "index.maxFlows (--index-max-flows)",
+             s.index_max_flows, "at least 0 (0: no bound)")
+
+
+def check_sensor_settings(s: SensorSettings) -> None:
+    """Ranges of the sensor's settings (as :func:`check_receiver_settings`)."""
+    _require(0 < s.snaplen <= 262144, "snaplen (-s)", s.snaplen, "1-262144 bytes")
+    _require(s.max_wait >= 0, "maxWait (--max-wait)", s.max_wait, "seconds >= 0")
+    _require(s.idle_wait >= 0, "idleWait (--idle-wait)", s.idle_wait, "seconds >= 0")
+    _require(-7 <= s.compression_level <= 22, "compressionLevel (--level)", s.compression_level, "-7..22")
+    _require(s.window_bytes > 0 or s.spool_dir is not None, "windowSize (--window)", s.window_bytes,
+             "above 0 without a spool (every block would be dropped)")
+    _require(0.1 <= s.heartbeat <= 3600, "heartbeat (--heartbeat)", s.heartbeat, "0.1-3600 seconds")
+    _require(s.stats_interval > 0, "statsInterval (--stats-interval)", s.stats_interval, "seconds > 0")
 
 
 def load_yaml(path: str) -> Any:

@@ -94,6 +94,13 @@ def test_cli_error_cases_are_one_line_without_traceback(tmp_path, busy_port):
          ["Kafka consumer settings", "foo"]),
         (["sensor", "--output", "kafka://127.0.0.1:9/t", "--kafka-property", "foo=bar"],
          ["Kafka producer settings", "foo"]),
+        # numbers out of range: refused at start (before, met at the first packet or never)
+        (["receiver", "--listen", "127.0.0.1:0", *w, "-W", "-1"], ["rotate.files (-W): at least 1, got -1"]),
+        (["receiver", "--listen", "127.0.0.1:0", *w, "-G", "-5"], ["rotate.seconds (-G)"]),
+        (["receiver", "--listen", "127.0.0.1:0", *w, "--heartbeat", "0"], ["heartbeat (--heartbeat): 0.1-3600"]),
+        (["receiver", "--listen", "127.0.0.1:0", *w, "--max-connections", "-5"], ["maxConnections"]),
+        (["sensor", "--receiver", "127.0.0.1:8081", "--level", "100"], ["compressionLevel (--level): -7..22"]),
+        (["sensor", "--receiver", "127.0.0.1:8081", "--heartbeat", "-1"], ["heartbeat (--heartbeat)"]),
         # sizes: a bad value says why (not only "invalid _size value")
         (["receiver", "--listen", "127.0.0.1:0", *w, "-C", "abc"], ["expected a size like"]),
     ]

@@ -12,8 +12,9 @@ pcapng header block positions). Layout on disk: docs/ARCHIVE.md.
 
 Sensor attribution: a pcapng interface named ``sensor/interface`` (what the receiver writes
 in merged files) gives both; any other name is the interface of the sensor named by the
-file's name up to its first dot (per-sensor files ``<sensor id>.pcap.zst``,
-``<sensor id>.000003.pcap.zst``), or by the SENSOR directory of an object named by the S3
+file's name without its capture extension, rotation number and link-type suffix (per-sensor
+files ``<sensor id>.pcap.zst``, ``<sensor id>.000003.pcap.zst``; ids may hold dots), or by the
+SENSOR directory of an object named by the S3
 output's default key (``SENSOR/YYYY/MM/DD/HHMMSS-RUN-SEQ.EXT``).
 
 Lifetime/threads: a builder belongs to one file and one thread; the batches passed to

@@ -120,6 +120,7 @@ def build_receiver(args: argparse.Namespace):
         if v is not None:
             setattr(s, attr, v)
     s.fsync = s.fsync or args.fsync
+    C.check_receiver_settings(s)
     if args.index is not None:
         s.index = args.index
     # the default: index the files of outputs that complete them as they go (a directory of
@@ -220,6 +221,7 @@ def build_sensor(args: argparse.Namespace):
     s.promisc = s.promisc or args.promisc
     s.immediate = s.immediate or args.immediate
     s.include_loopback = s.include_loopback or args.include_loopback
+    C.check_sensor_settings(s)
     if args.auth_key_file:
         s.auth.enable, s.auth.key = True, _read_secret(args.auth_key_file)
     if args.tls or args.tls_ca or args.tls_insecure or args.tls_cert or args.tls_key or args.tls_server_name:
