@@ -33,10 +33,6 @@ class Sink:
 
     name = "sink"
     gate = True
-    #: the sink reads every batch's per-packet arrays (``PacketBatch.offset`` ...): a receiver
-    #: then builds them where it decodes the batch, while its records are in that CPU's cache
-    #: (a walk over them later, in the sink's thread, misses the cache at every record)
-    wants_arrays = False
 
     def write(self, source: Source, batch: PacketBatch) -> None:
         raise NotImplementedError

@@ -172,10 +172,6 @@ class FileSink(Sink):
                 raise ConfigError(f"index root {root}: give a directory without strftime patterns")
             self.indexer = LiveIndexer(root, **max_flows_option(index_max_flows))
 
-    @property
-    def wants_arrays(self) -> bool:  # type: ignore[override]
-        return self.indexer is not None  # the index takes each record's offset
-
     def _output_for(self, source: Source, batch: PacketBatch) -> CaptureWriter:
         single_link = not self.format.startswith("pcapng")
         key = (source.sensor_id if self.directory else None, batch.link_type if single_link else None)

@@ -108,10 +108,6 @@ class S3Sink(Sink):
     ``index_max_flows``: the index's flow records held per open file (see :class:`FileSink`).
     """
 
-    @property
-    def wants_arrays(self) -> bool:  # type: ignore[override]
-        return self._files.wants_arrays
-
     def __init__(self, bucket: str, prefix: str = "", *, staging_dir: str, endpoint_url: str | None = None,
                  region: str | None = None, path_style: bool = False, rotate_bytes: int = 10 * 1000 * 1000,
                  rotate_seconds: float = 60.0, part_size: int = MIN_PART,

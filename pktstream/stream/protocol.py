@@ -168,14 +168,12 @@ def _dctx() -> zstandard.ZstdDecompressor:
 
 
 def decode_data(frame: Frame, *, link_type: int, snaplen: int, interface: str | None,
-                max_raw: int = DEFAULT_MAX_RAW_BYTES, arrays: bool = False) -> PacketBatch:
+                max_raw: int = DEFAULT_MAX_RAW_BYTES) -> PacketBatch:
     """Decompress (bounded) and validate a DATA frame into a PacketBatch.
 
     The zstd frame must announce exactly ``raw_len`` bytes (so no bomb can allocate more),
     its checksum must match, and every record header is walked and checked (caplen <=
-    snaplen, inside the block) before the batch reaches an output. ``arrays``: the batch's
-    per-packet arrays are built too (here, while the records are in this CPU's cache:
-    ``Sink.wants_arrays``). Thread-safe.
+    snaplen, inside the block) before the batch reaches an output. Thread-safe.
     """
     if frame.flags & Flags.STORED:
         raw = frame.payload
@@ -203,8 +201,6 @@ def decode_data(frame: Frame, *, link_type: int, snaplen: int, interface: str | 
         n = len(batch)
         batch.release()
         raise FrameError(f"DATA seq {frame.seq}: {n} records, header says {frame.count}")
-    if arrays:
-        batch.offset  # noqa: B018 (builds the index arrays)
     return batch
 
 

@@ -270,8 +270,7 @@ class Ingest:
         if iface is None:
             return await self._reject(sensor, frame, f"DATA for unknown interface index {frame.iface}")
         decode = functools.partial(P.decode_data, frame, link_type=iface["link_type"], snaplen=iface["snaplen"],
-                                   interface=f"{sensor.sensor_id}/{iface['name']}", max_raw=self.max_raw,
-                                   arrays=self.outputs.wants_arrays)
+                                   interface=f"{sensor.sensor_id}/{iface['name']}", max_raw=self.max_raw)
         # large blocks are decompressed and validated off the event loop (zstd releases the
         # GIL); small ones cost less than the hand-over
         batch: PacketBatch | None = None

@@ -177,11 +177,6 @@ class Outputs:
         self.runners = [SinkRunner(s, maxsize=maxsize, closing=closing, on_flushed=on_flushed) for s in sinks]
         self._drained = False  # drain() ran (it runs once)
         self.gating = any(r.gate for r in self.runners)
-        # batches are decoded with their per-packet arrays when an output reads them; that
-        # output gets the decoded batch itself (the others a sibling, which has none)
-        wanting = [i for i, r in enumerate(self.runners) if r.sink.wants_arrays]
-        self.wants_arrays = bool(wanting)
-        self._first = wanting[0] if wanting else 0
 
     def start(self) -> None:
         for r in self.runners:
@@ -190,7 +185,7 @@ class Outputs:
     def submit(self, index: int, source: Source, batch: PacketBatch) -> None:
         for i, r in enumerate(self.runners):
             # each output gets its own batch object: one releasing it cannot break another
-            r.submit(index, source, batch if i == self._first else P.sibling(batch))
+            r.submit(index, source, batch if i == 0 else P.sibling(batch))
 
     def committed(self, index: int) -> int:
         """The highest index every gating output has written (``index`` when none gates)."""
