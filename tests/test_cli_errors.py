@@ -101,6 +101,7 @@ def test_cli_error_cases_are_one_line_without_traceback(tmp_path, busy_port):
         (["receiver", "--listen", "127.0.0.1:0", *w, "--max-connections", "-5"], ["maxConnections"]),
         (["sensor", "--receiver", "127.0.0.1:8081", "--level", "100"], ["compressionLevel (--level): -7..22"]),
         (["sensor", "--receiver", "127.0.0.1:8081", "--heartbeat", "-1"], ["heartbeat (--heartbeat)"]),
+        (["sensor", "--receiver", "127.0.0.1:8081", "--capture-ports", "abc"], ["--capture-ports abc: give port"]),
         # sizes: a bad value says why (not only "invalid _size value")
         (["receiver", "--listen", "127.0.0.1:0", *w, "-C", "abc"], ["expected a size like"]),
     ]

@@ -26,6 +26,18 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("size: ")) from None
 
 
+def _ports(text: str, flag: str) -> list[int]:
+    """A comma-separated port list of a flag (each 1-65535)."""
+    try:
+        ports = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{flag} {text}: give port numbers separated by commas") from None
+    bad = [p for p in ports if not 0 < p < 65536]
+    if bad:
+        raise ConfigError(f"{flag}: port {bad[0]} is not 1-65535")
+    return ports
+
+
 def _rotate_size(text: str) -> int:
     """-C: a bare number is millions of bytes, as tcpdump's -C; else a size (``100MB``)."""
     if text.strip().isdigit():
@@ -215,9 +227,9 @@ def build_sensor(args: argparse.Namespace):
         if v is not None:
             setattr(s, attr, v)
     if args.capture_ports:
-        s.capture_ports = [int(p) for p in args.capture_ports.split(",")]
+        s.capture_ports = _ports(args.capture_ports, "--capture-ports")
     if args.ignore_ports:
-        s.ignore_ports = [int(p) for p in args.ignore_ports.split(",")]
+        s.ignore_ports = _ports(args.ignore_ports, "--ignore-ports")
     s.promisc = s.promisc or args.promisc
     s.immediate = s.immediate or args.immediate
     s.include_loopback = s.include_loopback or args.include_loopback
