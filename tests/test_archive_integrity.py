@@ -171,6 +171,9 @@ def test_sensor_ids_with_dots_are_attributed_whole(tmp_path):
     assert sensor_of("", "by/10.0.0.5.000003.pcap.zst") == ("10.0.0.5", "if0")
     assert sensor_of("", "web-1.example.com.pcapng") == ("web-1.example.com", "if0")
     assert sensor_of("", "s1.LINUX_SLL.000002.pcap") == ("s1", "if0")
+    # the next free name of a restarted receiver (s1.1.pcap), also after an address
+    assert sensor_of("", "s1.1.pcap") == ("s1", "if0") and sensor_of("", "s1.LINUX_SLL.2.pcap") == ("s1", "if0")
+    assert sensor_of("", "10.0.0.5.1.pcap.zst") == ("10.0.0.5", "if0")
     assert sensor_of("s9/eth0", "10.0.0.5.pcapng") == ("s9", "eth0")
     root = tmp_path / "a"
     root.mkdir()
@@ -183,3 +186,16 @@ def test_sensor_ids_with_dots_are_attributed_whole(tmp_path):
     assert {s for r in a.catalog().to_pylist() for s in r["sensors"]} == {"10.0.0.5", "10.0.0.6", "web-1.example.com"}
     for sensor in ("10.0.0.5", "web-1.example.com"):
         assert got(a, "tcp", sensor=sensor) == brute(root, "tcp", sensor=sensor) != []
+
+
+def test_flows_says_which_files_it_cannot_list(edge_archive, monkeypatch):
+    """Files without a current index (none yet, or an index of an older format) are named,
+    not silently missing from the flow list."""
+    import pktstream.archive.index as ix
+    a = Archive(str(edge_archive))
+    a.index(chunk_bytes=CHUNK)
+    msgs: list[str] = []
+    assert len(a.flows(warn=msgs.append)) > 0 and not msgs
+    monkeypatch.setattr(ix, "FORMAT_VERSION", ix.FORMAT_VERSION + 1)  # every row is of an older format
+    assert len(a.flows(warn=msgs.append)) == 0
+    assert len(msgs) == 1 and "5 file(s) without a current index are not listed" in msgs[0], msgs

@@ -102,8 +102,10 @@ def test_cli_error_cases_are_one_line_without_traceback(tmp_path, busy_port):
         (["sensor", "--receiver", "127.0.0.1:8081", "--level", "100"], ["compressionLevel (--level): -7..22"]),
         (["sensor", "--receiver", "127.0.0.1:8081", "--heartbeat", "-1"], ["heartbeat (--heartbeat)"]),
         (["sensor", "--receiver", "127.0.0.1:8081", "--capture-ports", "abc"], ["--capture-ports abc: give port"]),
+        (["sensor", "--receiver", "127.0.0.1:8081", "--window", "0", "--no-spool"], ["windowSize (--window)"]),
         # sizes: a bad value says why (not only "invalid _size value")
-        (["receiver", "--listen", "127.0.0.1:0", *w, "-C", "abc"], ["expected a size like"]),
+        (["receiver", "--listen", "127.0.0.1:0", *w, "-C", "abc"], ["give a size like 100MB"]),
+        (["sensor", "--receiver", "127.0.0.1:8081", "--window", "abc"], ["expected a size like"]),
     ]
     for args, expected in cases:
         line = one_line_error(run(*args), *expected)

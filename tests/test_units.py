@@ -129,6 +129,7 @@ def test_sizes_bare_numbers_are_bytes_and_dash_c_is_tcpdumps():
                             "bufferSize": "8388608"}).buffer_bytes == 8388608
     assert _size("8388608") == 8388608
     assert _rotate_size("100") == 100_000_000 and _rotate_size("100MB") == 100_000_000
+    assert _rotate_size("0.5") == 500_000 and _rotate_size("1.5") == 1_500_000  # (decimals too)
     for bad in ("-1", "abc", "0"):
         with pytest.raises(argparse.ArgumentTypeError) as exc:
             (_rotate_size if bad == "0" else _size)(bad)
@@ -495,3 +496,22 @@ def test_persisted_output_state_never_precedes_the_acknowledgement():
     rb.flushed(25, {"at": 25})
     outs.acknowledged(outs.committed(25))
     assert acked == [{"at": 10}, {"at": 20}] and outs.stats()["a"]["flushes_held"] == 1
+
+
+def test_a_copy_of_a_small_block_holds_its_own_size_not_a_whole_block(tmp_path):
+    """A quiet link seals small blocks; copied out of the ring while the receiver is away, each
+    held a whole pooled block buffer (1 MiB) that the send window counted as its few hundred
+    bytes: memory grew ~1 MiB per block without the window ever filling."""
+    import pktstream
+    from pktstream.lab import traffic
+    from pktstream.stream.sendwindow import CopyPool
+    path = tmp_path / "t.pcap"
+    traffic.write_random_udp_pcap(str(path), 40, size=200)
+    pool = CopyPool(keep=2)
+    with pktstream.open_offline(path, block_bytes=1 << 20, ring_blocks=4) as cap:
+        batch = next(iter(cap))
+        small = pool.copy(batch, 1 << 20)
+        assert bytes(small) == bytes(batch) and len(small.obj) == batch.nbytes < 1 << 19
+        batch.release()
+    pool.give_back(small)  # freed, not pooled as a 1 MiB buffer
+    assert not any(pool._idle.values())

@@ -295,8 +295,10 @@ class Archive:
         self.last_stats = stats
         warn = warn or (lambda m: print(f"pktstream: warning: {m}", file=sys.stderr))
         parts = []
-        for entry, row, _ in self._candidates(tree, s, u, sensors, stats, warn):
+        unindexed = []
+        for entry, row, reason in self._candidates(tree, s, u, sensors, stats, warn):
             if row is None:
+                unindexed.append(f"{entry.path} ({reason})")
                 continue
             try:
                 t = self._flow_table(row, sensors)
@@ -323,6 +325,11 @@ class Archive:
             if sensors is not None:
                 t = t.filter(pa.array([x in sensors for x in t.column("sensor").to_pylist()], pa.bool_()))
             parts.append(t)
+        if unindexed:
+            stats.problems.append(f"{len(unindexed)} file(s) without a current index are not listed "
+                                  f"(`pktstream index` builds it): {', '.join(unindexed[:3])}"
+                                  + (", ..." if len(unindexed) > 3 else ""))
+            warn(stats.problems[-1])
         if not parts:
             table = _empty_flows()
         else:

@@ -526,6 +526,7 @@ def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = Fal
                 row, tables = index_entry(store, e, chunk_bytes=chunk_bytes)
             except IndexSpillError as exc:
                 result["problems"].append(f"{e.path}: not indexed: {exc}")
+                keep.update((by_path.get(e.path) or {}).get("flow_files") or ())  # (its row stays)
                 done += e.size
                 continue
             write_index(store, row, tables)

@@ -40,12 +40,20 @@ def _ports(text: str, flag: str) -> list[int]:
 
 def _rotate_size(text: str) -> int:
     """-C: a bare number is millions of bytes, as tcpdump's -C; else a size (``100MB``)."""
-    if text.strip().isdigit():
-        n = int(text)
-        if n <= 0:
-            raise argparse.ArgumentTypeError(f"{text}: give a positive size")
-        return n * 1_000_000
-    return _size(text)
+    try:
+        n = float(text)
+    except ValueError:
+        n = None
+    size = int(n * 1_000_000) if n is not None else None
+    if size is None:
+        try:
+            size = C.parse_size(text, "-C")
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a size like 100MB or 1GiB (a bare number is "
+                                             "millions of bytes, as tcpdump's -C)") from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive size")
+    return size
 
 
 def _read_secret(path: str) -> str:
@@ -233,6 +241,8 @@ def build_sensor(args: argparse.Namespace):
     s.promisc = s.promisc or args.promisc
     s.immediate = s.immediate or args.immediate
     s.include_loopback = s.include_loopback or args.include_loopback
+    if args.no_spool:
+        s.spool_dir = s.spool_bytes = None
     C.check_sensor_settings(s)
     if args.auth_key_file:
         s.auth.enable, s.auth.key = True, _read_secret(args.auth_key_file)
@@ -250,8 +260,6 @@ def build_sensor(args: argparse.Namespace):
     if not s.receiver and transport is None:
         raise ConfigError("no receiver: give --receiver HOST:PORT, --output kafka://HOST:PORT/TOPIC, "
                           "output.server.address/port or output.plugins.kafka")
-    if args.no_spool:
-        s.spool_dir = s.spool_bytes = None
     if transport is None:
         assert s.receiver is not None
         check_receiver_host(s.receiver)

@@ -173,6 +173,7 @@ class S3Sink(Sink):
         self._acked_flush = 0                # the newest acknowledged flush
         self._unacked: list[tuple[int, str]] = []  # (the flush that holds it, completed staging file)
         self._leftovers_ok = threading.Event()     # recovery had its turn: earlier runs' files may go
+        self._orphans_named = False                # earlier runs' .part files were logged
         self._thread = threading.Thread(target=self._uploader, name="s3-upload", daemon=True)
         self._thread.start()
         self._ticker = threading.Thread(target=self._tick, name="s3-rotate", daemon=True)
@@ -256,6 +257,15 @@ class S3Sink(Sink):
             leftovers = [e.path for e in os.scandir(self.staging_dir)
                          if e.is_file() and not e.name.endswith((".part", ".tmp", ".idx"))
                          and not e.name.startswith(".") and e.path not in skip]
+            if not self._orphans_named:  # once, after recovery (which completes them with a state)
+                self._orphans_named = True
+                orphans = [e.name for e in os.scandir(self.staging_dir) if e.name.endswith(".part")
+                           and e.path[:-len(".part")] not in skip]
+                if orphans:
+                    log.warning("%s: %d .part file(s) in %s were left by an earlier run that stopped without "
+                                "completing them and there is no receiver state to recover them (--state-dir): "
+                                "not uploaded, not counted as staged (%s)", self.name, len(orphans),
+                                self.staging_dir, ", ".join(sorted(orphans)[:3]))
         for path in leftovers:
             self._adopt(path)
 
@@ -265,9 +275,12 @@ class S3Sink(Sink):
         if now - t < 0.2:
             return n
         n = 0
+        open_parts = {p + ".part" for p in self._files.open_paths()}
         for d in (self.staging_dir, self.ready_dir):
             for e in os.scandir(d):
-                if e.is_file():
+                # (a .part no writer of this run has open: an earlier run's, left by a crash
+                # without a state directory to recover it -- named at start, not counted)
+                if e.is_file() and (not e.name.endswith(".part") or e.path in open_parts):
                     n += e.stat().st_size
         self._staged_cache = (now, n)
         return n
@@ -331,9 +344,9 @@ class S3Sink(Sink):
             self._all_staged.set()
             self._wake.set()
             self._thread.join(self.close_timeout)
-            left = [e.name for e in os.scandir(self.ready_dir)]
+            left = self._waiting()
             if left:
-                self.counters["left_staged"] = len(left)
+                self.counters["left_staged"] += len(left)
                 log.warning("%s: %d files not uploaded at shutdown; they stay in %s and are uploaded by the "
                             "next run", self.name, len(left), self.ready_dir)
             self._lock_file.close()  # (releases the staging directory; so does garbage collection)
@@ -456,5 +469,8 @@ class S3Sink(Sink):
                 log.info("%s: uploaded %s", self.name, key)
 
     def stats(self) -> dict[str, Any]:
-        return {"staged_bytes": self.staged_bytes(), "waiting_files": len(os.listdir(self.ready_dir)),
-                **self.counters}
+        return {"staged_bytes": self.staged_bytes(), "waiting_files": len(self._waiting()), **self.counters}
+
+    def _waiting(self) -> list[str]:
+        """Capture files in ``ready/`` waiting for their upload (not their staged indexes)."""
+        return [n for n in os.listdir(self.ready_dir) if not n.endswith((".unknown", ".idx", ".tmp"))]

@@ -71,7 +71,12 @@ class CopyPool:
         self._lock = threading.Lock()
 
     def copy(self, batch: PacketBatch, size: int) -> memoryview:
-        """The records of ``batch`` in a buffer of ``size`` bytes (>= batch.nbytes)."""
+        """The records of ``batch`` in a buffer of ``size`` bytes (>= batch.nbytes) -- or of
+        exactly its size when it fills less than half of that (the small blocks of a quiet
+        link: a whole pooled buffer each would hold ``size`` bytes of memory per block that the
+        send window counts as a few hundred, and grow without bound while the receiver is away)."""
+        if batch.nbytes * 2 < size:
+            return memoryview(bytearray(batch))  # (not pooled: give_back drops it)
         with self._lock:
             idle = self._idle[size]
             buf = idle.pop() if idle else None
@@ -84,6 +89,8 @@ class CopyPool:
     def give_back(self, view: memoryview) -> None:
         """Only for a copy whose frame nobody will send again (acknowledged, spooled)."""
         buf = cast(bytearray, view.obj)  # a copy() of this pool
+        if len(buf) not in self._idle:
+            return  # an exact-size copy of a small block: freed, never pooled
         with self._lock:
             idle = self._idle[len(buf)]
             if len(idle) < self.keep and not any(b is buf for b in idle):

@@ -56,6 +56,8 @@ class TcpTransport:
         self._waker: Waker | None = None  # one per run()
         self._drain_timeout = 10.0
         self._handshaken = False     # the current connection completed its handshake
+        self._acked = False          # ... and got an ACK
+        self._refused = False        # ... and the receiver ended it with an ERROR frame
         self._connect_done = False   # the current attempt got a TCP connection
         self._session_heartbeat = 5.0
 
@@ -103,7 +105,7 @@ class TcpTransport:
                         log.warning("stopping with %d unacknowledged frames (receiver unreachable)",
                                     self.sensor.store.pending()[0])
                         break
-                self._handshaken = False
+                self._handshaken = self._acked = self._refused = False
                 wait = failure = None
                 try:
                     self._session()
@@ -148,10 +150,21 @@ class TcpTransport:
                         failure = str(exc) or type(exc).__name__
                 finally:
                     sensor.set_connected(False)
-                if self._handshaken:  # a session worked: the next outage starts from the minimum
+                # a session that worked: the next outage starts from the minimum; one the receiver
+                # ended with an ERROR before acknowledging anything (the same refusal for every
+                # session) backs off like a refusal instead of reconnecting at once, for ever
+                if self._handshaken and not (self._refused and not self._acked):
                     delay = self.reconnect_min
                     refused_delay = min(2.0, self.refused_backoff_max)
                     failures = 0
+                elif self._handshaken and wait is None:
+                    wait = refused_delay * (0.5 + random.random())
+                    refused_delay = min(self.refused_backoff_max, refused_delay * 2)
+                    failures += 1
+                    if failures == 1 or time.monotonic() - last_log >= 60:
+                        last_log = time.monotonic()
+                        log.warning("receiver %s: %s right after the handshake; retrying in %.0f s "
+                                    "(%d attempts so far)", where, failure, wait, failures)
                 if self.sensor.stopping and self.sensor.store.pending()[0] == 0 and not self.sensor.capturing():
                     break
                 if wait is None:
@@ -329,8 +342,10 @@ class TcpTransport:
             for f in link.receive(wait):
                 if f.type == P.FrameType.ACK:
                     self.sensor.store.ack(f.seq)
+                    self._acked = True
                 elif f.type == P.FrameType.BYE:
                     return
                 elif f.type == P.FrameType.ERROR:
+                    self._refused = True
                     raise FrameError(f"receiver closed the session: {f.json().get('reason')}")
             last_rx = max(last_rx, link.last_rx)

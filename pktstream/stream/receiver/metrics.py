@@ -22,7 +22,7 @@ SENSOR_COUNTERS = ("packets", "raw_bytes", "wire_bytes", "frames", "duplicate_fr
 OUTPUT_COUNTERS = ("packets", "dropped_packets", "failures",
                    # the S3 and Kafka outputs' own (0 for other outputs)
                    "uploaded_files", "upload_failures", "staging_full", "left_staged", "delivery_failures",
-                   "producer_resets")
+                   "producer_resets", "rejected_frames", "rejected_packets")
 #: per-output gauges (the S3 output's staging)
 OUTPUT_GAUGES = ("staged_bytes", "waiting_files")
 #: receiver-level counters
