@@ -515,3 +515,34 @@ def test_a_copy_of_a_small_block_holds_its_own_size_not_a_whole_block(tmp_path):
         batch.release()
     pool.give_back(small)  # freed, not pooled as a 1 MiB buffer
     assert not any(pool._idle.values())
+
+
+def test_an_interface_back_with_another_link_type_gets_a_new_index_and_the_old_one_is_announced(tmp_path):
+    """Blocks carry an interface index; the receiver reads them with the descriptor announced
+    for it. An interface that came back as another link type (a veth replaced by a tun of the
+    same name) kept its index: the blocks captured before were written as the new link type
+    (Ethernet frames as raw IP), also after a restart (interfaces.json kept names only)."""
+    import json as _json
+
+    from pktstream.stream.sensor import DeliveryOptions, Sensor
+    spool = tmp_path / "spool"
+    s = Sensor("127.0.0.1:1", ["eth9"], sensor_id="t1", delivery=DeliveryOptions(spool_dir=str(spool)))
+    eth = s._index_for("eth9", 1, 262144)
+    assert s._index_for("lo9", 1, 262144) != eth
+    s.store.close()
+    # a restart: the earlier run's descriptors are announced (its spooled blocks carry them)
+    s2 = Sensor("127.0.0.1:1", ["eth9"], sensor_id="t1", delivery=DeliveryOptions(spool_dir=str(spool)))
+    assert {(d["index"], d["name"], d["link_type"]) for d in s2.hello_interfaces()} >= {(eth, "eth9", 1)}
+    raw = s2._index_for("eth9", 101, 262144)  # back as raw IP: a new index, the old one still announced
+    assert raw != eth and s2.interface_by_index(eth)["link_type"] == 1
+    assert s2._index_for("eth9", 1, 65535) not in (eth, raw)  # another snap length: another index too
+    s2.store.close()
+    s3 = Sensor("127.0.0.1:1", ["eth9"], sensor_id="t1", delivery=DeliveryOptions(spool_dir=str(spool)))
+    assert s3._index_for("eth9", 1, 262144) == eth  # the same descriptor keeps its index across restarts
+    assert eth not in s3._retired and s3.interface_by_index(raw)["link_type"] == 101
+    s3.store.close()
+    # a spool of the first format ({name: index}) still gives the name its index
+    (spool / "interfaces.json").write_text(_json.dumps({"old0": 7}))
+    s4 = Sensor("127.0.0.1:1", ["old0"], sensor_id="t1", delivery=DeliveryOptions(spool_dir=str(spool)))
+    assert s4._index_for("old0", 1, 262144) == 7
+    s4.store.close()

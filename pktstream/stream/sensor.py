@@ -137,6 +137,22 @@ class AdaptiveCompressor:
 
 # -- the sensor ------------------------------------------------------------------------------------
 
+def _load_descriptors(path: str | None) -> list[dict[str, Any]]:
+    """The descriptors of a spool's ``interfaces.json`` ({"descriptors": [...]}; the first
+    format, {name: index}, gives entries without link type and snap length)."""
+    if not path or not os.path.exists(path):
+        return []
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if isinstance(data, dict) and isinstance(data.get("descriptors"), list):
+            return [d for d in data["descriptors"] if isinstance(d, dict) and isinstance(d.get("index"), int)
+                    and isinstance(d.get("name"), str)]
+        return [{"index": int(v), "name": str(k)} for k, v in data.items()]
+    except (OSError, ValueError, TypeError, AttributeError):
+        return []
+
+
 @dataclass
 class _Iface:
     index: int
@@ -299,6 +315,11 @@ class Sensor:
         self.instance = os.urandom(8).hex()  # tells this process's reconnects from another sensor's
         self.max_raw = self.capture_options["block_bytes"]
         self._ifaces: dict[str, _Iface] = {}
+        # descriptors no interface has now (one that came back with another link type or snap
+        # length got a new index; an earlier run's, from the spool): blocks in the window or
+        # the spool may still carry their index, so every handshake announces them too
+        self._retired: dict[int, dict[str, Any]] = {}
+        self._load_retired()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake_fn: Callable[[], None] | None = None  # the transport's wake-up (set_waker)
@@ -345,7 +366,17 @@ class Sensor:
         with self._lock:
             itf = self._ifaces.get(name)
             if itf is None:
-                itf = self._ifaces[name] = _Iface(self._index_for(name), name)
+                itf = self._ifaces[name] = _Iface(self._index_for(name, cap.link_type, cap.snaplen), name)
+            elif (itf.link_type, itf.snaplen) != (cap.link_type, cap.snaplen):
+                # back with another link type or snap length: blocks captured before keep the old
+                # descriptor under the old index (read with the new one, Ethernet frames would
+                # become "raw IP"); the new captures get a new index
+                self._retired[itf.index] = itf.descriptor()
+                old = itf.index
+                itf.index = self._index_for(name, cap.link_type, cap.snaplen)
+                log.warning("%s came back with link type %s, snap length %d (was %d, %d): interface index %d "
+                            "(was %d)", name, cap.link_type_name, cap.snaplen, itf.link_type, itf.snaplen,
+                            itf.index, old)
             itf.link_type, itf.snaplen, itf.capture, itf.error = cap.link_type, cap.snaplen, cap, None
             itf.ports = list(ports)
             if self._stop.is_set():  # stop() ran meanwhile: it did not see this capture
@@ -599,27 +630,42 @@ class Sensor:
         if self._fatal is not None:
             raise self._fatal
 
-    def _index_for(self, name: str) -> int:
-        """Interface index, stable across restarts when spooling: spooled blocks carry it."""
+    def _index_for(self, name: str, link_type: int, snaplen: int) -> int:
+        """Interface index of a descriptor (name, link type, snap length), stable across
+        restarts when spooling (spooled blocks carry it, and ``interfaces.json`` in the spool
+        keeps every descriptor an index stood for): the same name with another link type or
+        snap length gets a new index, never the old one."""
         path = os.path.join(self.spool_dir, "interfaces.json") if self.spool_dir else None
-        known: dict[str, int] = {}
-        if path and os.path.exists(path):
-            try:
-                with open(path) as f:
-                    known = {str(k): int(v) for k, v in json.load(f).items()}
-            except (OSError, ValueError, TypeError, AttributeError):
-                known = {}
+        known = _load_descriptors(path)
         used = {i.index for i in self._ifaces.values()}
-        index = known.get(name)
-        if index is None or index in used:
-            index = max([*known.values(), *used, -1]) + 1
-        known[name] = index
+        index = None
+        for d in known:
+            same = d["name"] == name and d.get("link_type", link_type) == link_type \
+                and d.get("snaplen", snaplen) == snaplen  # (a format-1 entry has only the name)
+            if same and d["index"] not in used:
+                index = d["index"]
+                d.update(link_type=link_type, snaplen=snaplen)
+                break
+        if index is None:
+            index = max([*(d["index"] for d in known), *used, *self._retired, -1]) + 1
+            known.append({"index": index, "name": name, "link_type": link_type, "snaplen": snaplen})
+        self._retired.pop(index, None)  # (its descriptor is an interface's again)
         if path:
             tmp = path + ".tmp"
             with open(tmp, "w") as f:
-                json.dump(known, f)
+                json.dump({"descriptors": known}, f)
             os.replace(tmp, path)
         return index
+
+    def _load_retired(self) -> None:
+        """An earlier run's descriptors (its spooled blocks carry their indexes): announced
+        until an interface takes one again."""
+        path = os.path.join(self.spool_dir, "interfaces.json") if self.spool_dir else None
+        for d in sorted(_load_descriptors(path), key=lambda d: d["index"])[-256:]:  # (a HELLO's size)
+            if "link_type" in d and "snaplen" in d:
+                self._retired.setdefault(d["index"], {"index": d["index"], "name": d["name"],
+                                                      "link_type": d["link_type"], "snaplen": d["snaplen"],
+                                                      "tsresol": 9})
 
     # -- what a transport needs (pktstream.stream.tcp, pktstream.stream.kafka) ---------------------
     @property
@@ -637,19 +683,21 @@ class Sensor:
         return any(i.thread is not None and i.thread.is_alive() for i in list(self._ifaces.values()))
 
     def interface_by_index(self, index: int) -> dict[str, Any] | None:
-        """The descriptor (index, name, link_type, snaplen, tsresol) of an interface index."""
+        """The descriptor (index, name, link_type, snaplen, tsresol) of an interface index
+        (also of a retired one: blocks may still carry it)."""
         with self._lock:
             for itf in self._ifaces.values():
                 if itf.index == index:
                     return itf.descriptor()
-        return None
+            return self._retired.get(index)
 
     def hello_interfaces(self) -> list[dict[str, Any]]:
         """Descriptors of every interface so far, for a handshake; announcements queued for them
         are dropped (interfaces opened later are queued again: see take_control_frames)."""
         with self._lock:
             self._control.clear()
-            return [i.descriptor() for i in sorted(self._ifaces.values(), key=lambda i: i.index)]
+            return sorted([*(i.descriptor() for i in self._ifaces.values()), *self._retired.values()],
+                          key=lambda d: d["index"])
 
     def take_control_frames(self) -> list[bytes]:
         """Control frames to send before the next DATA frame (HELLO of a new interface)."""
