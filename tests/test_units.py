@@ -69,11 +69,16 @@ def test_truncated_spool_file_is_dropped_and_counted(tmp_path):
     store = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20, first_seq=10)
     store.put(_frame, 0, 200)
     store.put(_frame, 0, 200)
+    store.put(lambda seq: (P.encode_header(P.FrameType.DATA, 100, seq=seq, count=7, raw_len=400), b"x" * 100), 7, 200)
     path = tmp_path / f"{11:020d}.frame"
     path.write_bytes(path.read_bytes()[:-10])  # a power loss cut it short
+    counted = tmp_path / f"{12:020d}.frame"
+    tmp = tmp_path / f"{12:020d}.frame.tmp"  # a spill a kill cut short before its rename
+    counted.rename(tmp)
     store.close()  # the sensor process ends (its spool lock with it)
     again = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20)
-    assert again.pending()[0] == 1 and again.dropped_blocks == 1 and not path.exists()
+    assert again.pending()[0] == 1 and again.dropped_blocks == 2 and not path.exists() and not tmp.exists()
+    assert again.dropped_packets == 7  # (the header of the cut-short spill was readable)
 
 
 def test_spool_write_error_is_a_counted_drop(tmp_path):

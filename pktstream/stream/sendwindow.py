@@ -230,18 +230,24 @@ class FrameStore:
     def _load_spool(self) -> None:
         assert self.spool_dir is not None  # called with a spool only
         for name in sorted(os.listdir(self.spool_dir)):
-            if not name.endswith(".frame"):
+            if not name.endswith((".frame", ".frame.tmp")):
                 continue
             path = os.path.join(self.spool_dir, name)
             size = os.path.getsize(path)
+            head = None
             try:
                 with open(path, "rb") as f:
                     head = P.decode_header(f.read(P.HEADER_LEN), max_payload=1 << 30, max_raw=1 << 30)
+                if name.endswith(".tmp"):  # a spill a kill cut short before its rename
+                    raise FrameError("a spill that did not finish")
                 if size != P.HEADER_LEN + head.payload_len:
                     raise FrameError(f"{size} bytes, the header says {P.HEADER_LEN + head.payload_len}")
             except (FrameError, OSError) as exc:  # e.g. cut short by a power loss: never resend it
-                log.warning("spool: removing unreadable %s (%s); %s", path, exc, "its packets are lost")
+                packets = head.count if head is not None else 0
+                log.warning("spool: removing unreadable %s (%s); its %s packets are lost", path, exc,
+                            packets if head is not None else "(unknown number of)")
                 self.dropped_blocks += 1
+                self.dropped_packets += packets
                 os.unlink(path)
                 continue
             self._entries.append(_Entry(int(name[:20]), size, None, head.count, local=False))
