@@ -432,3 +432,37 @@ def test_lone_packet_on_idle_sensor_reaches_the_file_alone(veth, procs, tmp_path
     assert sst["packets"] == 2 and sst["batches"] == 2
     assert rx.stop(signal.SIGTERM) == 0
     assert [p[2][-6:] for p in received(tmp_path)] == [b"lone-1", b"lone-2"]
+
+
+def test_a_receiver_refusing_every_session_after_its_welcome_is_retried_with_back_off(veth, caplog, tmp_path):
+    """A receiver that ends every session with an ERROR before acknowledging anything (here:
+    the sensor's blocks are numbered more than a day ahead, as after a clock that was wrong at
+    start) used to get a fresh handshake every 0.1-0.6 s, for ever, each logged; now the sensor
+    backs off as from a refusal (2 s doubling, up to 30 s) and says why."""
+    import logging
+
+    from pktstream.sinks import CallbackSink
+    from pktstream.stream.receiver import Receiver
+    from pktstream.stream.sensor import DeliveryOptions, Sensor
+    caplog.set_level(logging.WARNING, logger="pktstream")
+    rx = Receiver(listen="127.0.0.1:0", outputs=[CallbackSink(lambda s, b: None)]).start()
+    sx = Sensor(f"127.0.0.1:{rx.address[1]}", [veth.outer], sensor_id="ahead",
+                delivery=DeliveryOptions(spool_dir=None))
+    sx.store.next_seq = time.time_ns() // 1000 + 2 * 86400 * 10**6
+    sx.start()
+    try:
+        wait_until(lambda: sx.stats()["interfaces"], 30, "the sensor to capture")
+        pcap = tmp_path / "t.pcap"
+        traffic.write_random_udp_pcap(str(pcap), 20, size=200)
+        veth.replay(pcap, pps=1000)
+        wait_until(lambda: sx.counters["connection_failures"] >= 2, 30, "two refused sessions")
+        refusals = [m for m in (r.getMessage() for r in caplog.records)
+                    if "right after the handshake; retrying in" in m]
+        assert refusals, [r.getMessage() for r in caplog.records]
+        waits = [int(m.split("retrying in ")[1].split(" s")[0]) for m in refusals]
+        assert min(waits) >= 1 and "attempts so far" in refusals[0]
+    finally:
+        sx.stop()
+        sx.join(20)
+        rx.stop()
+        rx.join(20)
