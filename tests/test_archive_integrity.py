@@ -171,9 +171,10 @@ def test_sensor_ids_with_dots_are_attributed_whole(tmp_path):
     assert sensor_of("", "by/10.0.0.5.000003.pcap.zst") == ("10.0.0.5", "if0")
     assert sensor_of("", "web-1.example.com.pcapng") == ("web-1.example.com", "if0")
     assert sensor_of("", "s1.LINUX_SLL.000002.pcap") == ("s1", "if0")
-    # the next free name of a restarted receiver (s1.1.pcap), also after an address
-    assert sensor_of("", "s1.1.pcap") == ("s1", "if0") and sensor_of("", "s1.LINUX_SLL.2.pcap") == ("s1", "if0")
-    assert sensor_of("", "10.0.0.5.1.pcap.zst") == ("10.0.0.5", "if0")
+    # the next free name of a restarted receiver (s1~1.pcap); an id ending in a number is whole
+    assert sensor_of("", "s1~1.pcap") == ("s1", "if0") and sensor_of("", "s1.LINUX_SLL~2.pcap") == ("s1", "if0")
+    assert sensor_of("", "10.0.0.5~1.pcap.zst") == ("10.0.0.5", "if0")
+    assert sensor_of("", "node.12.pcap") == ("node.12", "if0") and sensor_of("", "db.01~3.pcapng")[0] == "db.01"
     assert sensor_of("s9/eth0", "10.0.0.5.pcapng") == ("s9", "eth0")
     root = tmp_path / "a"
     root.mkdir()

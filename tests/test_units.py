@@ -135,6 +135,9 @@ def test_sizes_bare_numbers_are_bytes_and_dash_c_is_tcpdumps():
     assert _size("8388608") == 8388608
     assert _rotate_size("100") == 100_000_000 and _rotate_size("100MB") == 100_000_000
     assert _rotate_size("0.5") == 500_000 and _rotate_size("1.5") == 1_500_000  # (decimals too)
+    for bad in ("inf", "nan", "-2"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _rotate_size(bad)
     for bad in ("-1", "abc", "0"):
         with pytest.raises(argparse.ArgumentTypeError) as exc:
             (_rotate_size if bad == "0" else _size)(bad)
@@ -551,3 +554,15 @@ def test_an_interface_back_with_another_link_type_gets_a_new_index_and_the_old_o
     s4 = Sensor("127.0.0.1:1", ["old0"], sensor_id="t1", delivery=DeliveryOptions(spool_dir=str(spool)))
     assert s4._index_for("old0", 1, 262144) == 7
     s4.store.close()
+    # without a spool too a descriptor that comes back gets its index again (no growth per flap)
+    s5 = Sensor("127.0.0.1:1", ["eth9"], sensor_id="t2", delivery=DeliveryOptions(spool_dir=None))
+    a, b = s5._index_for("eth9", 1, 262144), s5._index_for("eth9", 101, 262144)
+    assert {s5._index_for("eth9", lt, 262144) for lt in (1, 101) * 50} == {a, b}
+    # a damaged interfaces.json: what a receiver would refuse is dropped, the sensor starts
+    (spool / "interfaces.json").write_text('{"descriptors": [{"index": -1, "name": "x", "snaplen": 0}, '
+                                           '{"index": 3, "name": "ok0", "link_type": 1, "snaplen": 65535}]}')
+    s6 = Sensor("127.0.0.1:1", ["ok0"], sensor_id="t1", delivery=DeliveryOptions(spool_dir=str(spool)))
+    assert [d["index"] for d in s6.hello_interfaces()] == [3]
+    s6.store.close()
+    (spool / "interfaces.json").write_text('{"eth0": Infinity}')
+    Sensor("127.0.0.1:1", ["eth0"], sensor_id="t1", delivery=DeliveryOptions(spool_dir=str(spool))).store.close()

@@ -80,25 +80,21 @@ def sensor_of(interface: str | None, rel_path: str) -> tuple[str, str]:
 
 def _name_stem(name: str) -> str:
     """The sensor id in a per-sensor file's name as the receiver writes it:
-    ``<id>[.<LINKTYPE>][.<6+ digit rotation number> | .<N: the next free name>].<capture
-    extension>`` (an id may hold dots: ``10.0.0.5.000003.pcap.zst`` is sensor ``10.0.0.5``;
-    a last all-digit label is a free-name suffix unless the id is an IPv4 address)."""
+    ``<id>[.<LINKTYPE>][.<6+ digit rotation number> | ~<N: the next free name>].<capture
+    extension>`` (an id may hold dots: ``10.0.0.5.000003.pcap.zst`` is sensor ``10.0.0.5``,
+    ``node.12.pcap`` sensor ``node.12``)."""
     from pktstream.archive.store import CAPTURE_SUFFIXES
     for ext in sorted(CAPTURE_SUFFIXES, key=len, reverse=True):
         if name.endswith(ext):
             name = name[:-len(ext)]
             break
     name = re.sub(r"\.\d{6,}$", "", name)
+    name = re.sub(r"~\d+$", "", name)  # the next free name of a restarted receiver (``s1~1.pcap``)
     head, dot, last = name.rpartition(".")
-    if dot and head and last.isdigit() and len(last) <= 4 and not _IPV4.fullmatch(name):
-        name = head  # the free-name suffix of a restart (``s1.1.pcap``), not the end of an address
-        head, dot, last = name.rpartition(".")
     if dot and head and last in _link_type_names():
         name = head
     return name
 
-
-_IPV4 = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 
 
 _LINK_NAMES: frozenset[str] | None = None

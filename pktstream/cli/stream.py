@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -41,9 +42,11 @@ def _ports(text: str, flag: str) -> list[int]:
 def _rotate_size(text: str) -> int:
     """-C: a bare number is millions of bytes, as tcpdump's -C; else a size (``100MB``)."""
     try:
-        n = float(text)
+        n: float | None = float(text)
     except ValueError:
         n = None
+    if n is not None and not math.isfinite(n):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a size like 100MB or 1GiB")
     size = int(n * 1_000_000) if n is not None else None
     if size is None:
         try:

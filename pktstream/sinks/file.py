@@ -30,13 +30,15 @@ def safe_name(text: str) -> str:
     return cleaned
 
 
-def _free_name(base: str) -> str:
-    """``base`` if neither it nor its ``.part`` exists, else ``stem.N.ext`` (never overwrite)."""
+def _free_name(base: str, sep: str = ".") -> str:
+    """``base`` if neither it nor its ``.part`` exists, else ``stem.N.ext`` (never overwrite);
+    ``sep="~"``: ``stem~N.ext``, for per-sensor files (a sensor id never holds ``~``, so the
+    archive tells the suffix from an id ending in a number: ``node.12``)."""
     stem, ext = split_ext(base)
     ext = ext or ".pcap"
     n = 0
     while True:
-        name = f"{stem}{ext}" if n == 0 else f"{stem}.{n}{ext}"
+        name = f"{stem}{ext}" if n == 0 else f"{stem}{sep}{n}{ext}"
         if not os.path.exists(name) and not os.path.exists(name + ".part"):
             return name
         n += 1
@@ -193,7 +195,7 @@ class FileSink(Sink):
                 base = f"{stem}-{n}{ext}"
             rotating = self.opts["rotate_bytes"] or self.opts["rotate_seconds"] or self.opts["max_files"]
             in_place = self.in_place and base == self.path and not self._in_place_reset
-            name = base if rotating or in_place else _free_name(base)
+            name = base if rotating or in_place else _free_name(base, "~" if self.directory else ".")
             out = self._outputs[key] = CaptureWriter(name, format=self.format, in_place=in_place,
                                                      observer=self.indexer, **self.opts)
             log.info("writing %s", name)
@@ -201,7 +203,8 @@ class FileSink(Sink):
 
     def open_paths(self) -> set[str]:
         """Final names of the files being written now (not the caller's to touch)."""
-        return {w.current_path for w in self._outputs.values() if w.current_path is not None}
+        # (a copy first: stats() calls this from another thread while outputs are added)
+        return {w.current_path for w in list(self._outputs.values()) if w.current_path is not None}
 
     def write(self, source: Source, batch: PacketBatch) -> None:
         self._output_for(source, batch).write(batch)

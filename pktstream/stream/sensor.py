@@ -139,18 +139,33 @@ class AdaptiveCompressor:
 
 def _load_descriptors(path: str | None) -> list[dict[str, Any]]:
     """The descriptors of a spool's ``interfaces.json`` ({"descriptors": [...]}; the first
-    format, {name: index}, gives entries without link type and snap length)."""
+    format, {name: index}, gives entries without link type and snap length). Entries a
+    receiver would refuse (its bounds: docs/PROTOCOL.md) are dropped, with a warning."""
     if not path or not os.path.exists(path):
         return []
     try:
         with open(path) as f:
             data = json.load(f)
         if isinstance(data, dict) and isinstance(data.get("descriptors"), list):
-            return [d for d in data["descriptors"] if isinstance(d, dict) and isinstance(d.get("index"), int)
-                    and isinstance(d.get("name"), str)]
-        return [{"index": int(v), "name": str(k)} for k, v in data.items()]
-    except (OSError, ValueError, TypeError, AttributeError):
+            entries = data["descriptors"]
+        elif isinstance(data, dict):
+            entries = [{"index": v, "name": k} for k, v in data.items()]
+        else:
+            entries = []
+    except Exception as exc:  # noqa: BLE001 - a damaged file must not keep the sensor from starting
+        log.warning("spool: %s unreadable (%s): interface indexes start again", path, exc)
         return []
+
+    def ok(v: Any, lo: int, hi: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+    out = [d for d in entries if isinstance(d, dict) and ok(d.get("index"), 0, 1 << 20)
+           and isinstance(d.get("name"), str) and 0 < len(d["name"]) <= 64
+           and ("link_type" not in d or ok(d["link_type"], 0, 65535))
+           and ("snaplen" not in d or ok(d["snaplen"], 1, 1 << 18))]
+    if len(out) < len(entries):
+        log.warning("spool: %s: %d interface entries ignored (not descriptors a receiver takes)",
+                    path, len(entries) - len(out))
+    return out
 
 
 @dataclass
@@ -319,6 +334,10 @@ class Sensor:
         # length got a new index; an earlier run's, from the spool): blocks in the window or
         # the spool may still carry their index, so every handshake announces them too
         self._retired: dict[int, dict[str, Any]] = {}
+        # every descriptor an index stood for (the spool's interfaces.json persists it): a
+        # descriptor that comes back gets its index again, with or without a spool
+        self._descriptors = _load_descriptors(os.path.join(self.spool_dir, "interfaces.json")
+                                              if self.spool_dir else None)
         self._load_retired()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -636,7 +655,7 @@ class Sensor:
         keeps every descriptor an index stood for): the same name with another link type or
         snap length gets a new index, never the old one."""
         path = os.path.join(self.spool_dir, "interfaces.json") if self.spool_dir else None
-        known = _load_descriptors(path)
+        known = self._descriptors
         used = {i.index for i in self._ifaces.values()}
         index = None
         for d in known:
@@ -651,17 +670,19 @@ class Sensor:
             known.append({"index": index, "name": name, "link_type": link_type, "snaplen": snaplen})
         self._retired.pop(index, None)  # (its descriptor is an interface's again)
         if path:
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"descriptors": known}, f)
-            os.replace(tmp, path)
+            try:
+                tmp = path + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump({"descriptors": known}, f)
+                os.replace(tmp, path)
+            except OSError as exc:  # (the capture goes on; a restart may renumber this interface)
+                log.warning("spool: cannot save %s: %s", path, exc.strerror or exc)
         return index
 
     def _load_retired(self) -> None:
         """An earlier run's descriptors (its spooled blocks carry their indexes): announced
         until an interface takes one again."""
-        path = os.path.join(self.spool_dir, "interfaces.json") if self.spool_dir else None
-        for d in sorted(_load_descriptors(path), key=lambda d: d["index"])[-256:]:  # (a HELLO's size)
+        for d in sorted(self._descriptors, key=lambda d: d["index"])[-256:]:  # (a HELLO's size)
             if "link_type" in d and "snaplen" in d:
                 self._retired.setdefault(d["index"], {"index": d["index"], "name": d["name"],
                                                       "link_type": d["link_type"], "snaplen": d["snaplen"],

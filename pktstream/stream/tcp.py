@@ -221,7 +221,11 @@ class TcpTransport:
             self.sensor.set_connected(True)
             self.sensor.store.resume(last_seq, accepted_seq)
             log.info("connected to receiver %s:%d (it has everything up to seq %d)", host, port, last_seq)
-            self._stream(link, last_seq)
+            try:
+                self._stream(link, last_seq)
+            except OSError:
+                self._read_what_is_left(link)
+                raise
         finally:
             sock.close()
 
@@ -284,6 +288,20 @@ class TcpTransport:
             else self.sensor.heartbeat
         accepted = welcome.get("accepted_seq", last)  # (a receiver before it: its last_seq)
         return last, accepted if isinstance(accepted, int) and last <= accepted < P.MAX_SEQ else last
+
+    def _read_what_is_left(self, link: Link) -> None:
+        """A send failed (the receiver closed with frames of ours unread, so the kernel reset
+        the connection): the ACKs and the ERROR it sent before closing may still be readable --
+        the ERROR tells a refusal from a receiver that went away."""
+        try:
+            for f in link.receive(0):
+                if f.type == P.FrameType.ACK:
+                    self.sensor.store.ack(f.seq)
+                    self._acked = True
+                elif f.type == P.FrameType.ERROR:
+                    self._refused = True
+        except (OSError, FrameError):
+            pass
 
     def _stream(self, link: Link, last_seq: int) -> None:
         """Send every frame after ``last_seq`` as it comes, take ACKs, keep the session alive;
