@@ -1,6 +1,7 @@
 """Constants shared by the capture-file readers and writers."""
 from __future__ import annotations
 
+import os
 import warnings
 
 from pktstream.exceptions import PcapWarning
@@ -55,3 +56,12 @@ class TruncatedFileWarning(PcapWarning):
 
 def warn_truncated(message: str, offset: int) -> None:
     warnings.warn(TruncatedFileWarning(message, offset), stacklevel=3)
+
+
+def fsync_dir(path: str) -> None:
+    """fsync the directory ``path`` (a rename or a new file in it survives a power loss)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

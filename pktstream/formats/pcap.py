@@ -13,7 +13,7 @@ from typing import BinaryIO
 from pktstream._capture import PacketBatch
 from pktstream._records import ns_to_us
 from pktstream.exceptions import ClosedError
-from pktstream.formats._common import PCAP_MAGIC_NS as MAGIC_NS, PCAP_MAGIC_US as MAGIC_US, dlt_to_linktype
+from pktstream.formats._common import PCAP_MAGIC_NS as MAGIC_NS, PCAP_MAGIC_US as MAGIC_US, dlt_to_linktype, fsync_dir
 
 __all__ = ["MAGIC_NS", "MAGIC_US", "PcapWriter", "pcap_file_header"]
 
@@ -71,11 +71,7 @@ class FileTarget:
             if self._tmp != self._path:
                 os.replace(self._tmp, self._path)
                 if self._fsync:
-                    dfd = os.open(os.path.dirname(os.path.abspath(self._path)), os.O_RDONLY)
-                    try:
-                        os.fsync(dfd)
-                    finally:
-                        os.close(dfd)
+                    fsync_dir(os.path.dirname(os.path.abspath(self._path)))
 
     def abort(self) -> None:
         """Close without completing: a ``.part`` file is removed."""

@@ -27,6 +27,7 @@ from typing import Any, BinaryIO, Protocol, cast
 
 from pktstream._capture import PacketBatch
 from pktstream.exceptions import ClosedError
+from pktstream.formats._common import fsync_dir
 from pktstream.formats.pcap import PcapWriter
 from pktstream.formats.pcapng import PcapngWriter
 
@@ -319,11 +320,7 @@ class CaptureWriter:
         if self._rotating:
             self._last_done = (path, self._seq - 1, size)
         if self._fsync:
-            dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(os.path.dirname(os.path.abspath(path)))
         self.paths.append(path)
         if self._observer is not None:
             self._observer.completed(path)

@@ -23,13 +23,14 @@ from pktstream.sinks.base import Sink, Source
 from pktstream.stream import protocol as P
 from pktstream.stream.kafka import (
     DEFAULT_TOPIC,
-    FRAME_REFUSED,
     ErrorLog,
     check_topic,
     frame_headers,
     kafka_client,
+    kafka_error,
     producer_config,
     purge_and_close,
+    refused_for_good,
 )
 
 log = logging.getLogger("pktstream.stream.receiver")
@@ -82,7 +83,7 @@ class KafkaSink(Sink):
             entry[1] = True
             self._progress = time.monotonic()
             self.counters["delivered"] += 1
-        elif err.name() in FRAME_REFUSED:
+        elif refused_for_good(err):
             self._refused(key, entry, err)
         elif err.name() not in ("_PURGE_QUEUE", "_PURGE_INFLIGHT"):
             entry[1] = err
@@ -105,8 +106,8 @@ class KafkaSink(Sink):
             except BufferError:  # librdkafka's local queue is full: serve reports, try again
                 self._producer.poll(0.1)
             except KafkaException as exc:  # refused by the client before it was queued
-                err = exc.args[0] if exc.args else exc
-                if getattr(err, "name", lambda: "")() not in FRAME_REFUSED:
+                err = kafka_error(exc)
+                if not refused_for_good(err):
                     raise
                 self._refused(key, self._pending[key], err)
                 return

@@ -36,6 +36,7 @@ import time
 from typing import Any
 
 from pktstream._capture import PacketBatch
+from pktstream.formats._common import fsync_dir
 from pktstream.sinks.base import Sink, Source
 from pktstream.sinks.file import FileSink, max_flows_option
 
@@ -237,12 +238,8 @@ class S3Sink(Sink):
                 os.replace(path + ".idx", target + ".idx")
             os.replace(path, target)
             if self.fsync:  # (the rename is durable before the flush holding it is acknowledged)
-                for d in (self.ready_dir, self.staging_dir):
-                    fd = os.open(d, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                fsync_dir(self.ready_dir)
+                fsync_dir(self.staging_dir)
         self._wake.set()
 
     def _adopt_leftovers(self) -> None:

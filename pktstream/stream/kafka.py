@@ -124,7 +124,7 @@ def kafka_client(kind: str, conf: dict[str, Any]):
     try:
         return (Producer if kind == "producer" else Consumer)(conf)
     except (KafkaException, ValueError, TypeError) as exc:
-        err = exc.args[0] if exc.args else exc
+        err = kafka_error(exc)
         text = err.str() if hasattr(err, "str") else str(err)
         raise ConfigError(f"Kafka {kind} settings: {text}") from None
 
@@ -184,6 +184,17 @@ def purge_and_close(producer) -> None:
 #: delivery errors that refuse one message for good (resending it can only fail again)
 FRAME_REFUSED = frozenset({"MSG_SIZE_TOO_LARGE", "_MSG_SIZE_TOO_LARGE", "INVALID_MSG", "CORRUPT_MESSAGE",
                            "INVALID_RECORD", "INVALID_MSG_SIZE", "RECORD_LIST_TOO_LARGE"})
+
+
+def kafka_error(exc: BaseException) -> Any:
+    """The ``KafkaError`` a ``KafkaException`` carries (else the exception itself)."""
+    return exc.args[0] if exc.args else exc
+
+
+def refused_for_good(err: Any) -> bool:
+    """Whether a ``KafkaError`` (a delivery report's, or :func:`kafka_error`'s) refuses its
+    message for good: see FRAME_REFUSED."""
+    return getattr(err, "name", lambda: "")() in FRAME_REFUSED
 
 class KafkaTransport:
     """A Sensor transport that produces the FrameStore's frames to Kafka (instead of TCP to a
@@ -261,7 +272,7 @@ class KafkaTransport:
             if err is not None:
                 if err.name() in ("_PURGE_QUEUE", "_PURGE_INFLIGHT"):
                     return
-                if err.name() not in FRAME_REFUSED:
+                if not refused_for_good(err):
                     self.counters["delivery_failures"] += 1
                     state["failed"] = True
                     state["failed_min"] = seq if state["failed_min"] is None else min(state["failed_min"], seq)
@@ -339,8 +350,8 @@ class KafkaTransport:
                     producer.poll(0.1)
                     continue
                 except KafkaException as exc:  # refused by the client before it was queued
-                    err = exc.args[0] if exc.args else exc
-                    if getattr(err, "name", lambda: "")() in FRAME_REFUSED:
+                    err = kafka_error(exc)
+                    if refused_for_good(err):
                         state["sent"] = seq
                         refused(seq, head.count, err)
                         ack()

@@ -295,13 +295,17 @@ class TcpTransport:
         the ERROR tells a refusal from a receiver that went away."""
         try:
             for f in link.receive(0):
-                if f.type == P.FrameType.ACK:
-                    self.sensor.store.ack(f.seq)
-                    self._acked = True
-                elif f.type == P.FrameType.ERROR:
-                    self._refused = True
+                self._take(f)
         except (OSError, FrameError):
             pass
+
+    def _take(self, f: P.Frame) -> None:
+        """A frame from the receiver in a session: an ACK is taken, an ERROR noted (a refusal)."""
+        if f.type == P.FrameType.ACK:
+            self.sensor.store.ack(f.seq)
+            self._acked = True
+        elif f.type == P.FrameType.ERROR:
+            self._refused = True
 
     def _stream(self, link: Link, last_seq: int) -> None:
         """Send every frame after ``last_seq`` as it comes, take ACKs, keep the session alive;
@@ -358,12 +362,9 @@ class TcpTransport:
                 due = min(last_tx + hb, last_stats + self.sensor.stats_interval, last_rx + silent)
                 wait = min(max(due - time.monotonic(), 0.0) + 0.005, hb)
             for f in link.receive(wait):
-                if f.type == P.FrameType.ACK:
-                    self.sensor.store.ack(f.seq)
-                    self._acked = True
-                elif f.type == P.FrameType.BYE:
+                self._take(f)
+                if f.type == P.FrameType.BYE:
                     return
-                elif f.type == P.FrameType.ERROR:
-                    self._refused = True
+                if f.type == P.FrameType.ERROR:
                     raise FrameError(f"receiver closed the session: {f.json().get('reason')}")
             last_rx = max(last_rx, link.last_rx)

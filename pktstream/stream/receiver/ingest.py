@@ -28,6 +28,7 @@ from typing import Any
 
 from pktstream._capture import PacketBatch
 from pktstream.exceptions import FrameError
+from pktstream.formats._common import fsync_dir
 from pktstream.sinks.base import Sink, Source
 from pktstream.stream import protocol as P
 from pktstream.stream.receiver.outputs import Outputs
@@ -148,11 +149,7 @@ class StateFile:
                 os.fsync(f.fileno())
         os.replace(tmp, self.path)
         if self.fsync:  # the rename itself must survive a power loss
-            dfd = os.open(os.path.dirname(self.path), os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(os.path.dirname(self.path))
 
 
 class Ingest:
