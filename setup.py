@@ -83,7 +83,9 @@ macros = [("PKTSTREAM_DEBUG", "1" if DEBUG or SANITIZE else "0"),
           ("HAVE_PCAP_INIT", "1" if has_pcap_init(pcap) else "0"),
           ("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
 pcap.pop("version")
-cflags = ["-O0", "-g"] if DEBUG else ["-O2"]
+# PKTSTREAM_QUICK_BUILD=1: no optimisation, for builds that only prove packaging (the test
+# suite's sdist/wheel builds: ~3x less compile time); the code is the same otherwise
+cflags = ["-O0", "-g"] if DEBUG else ["-O0"] if os.environ.get("PKTSTREAM_QUICK_BUILD") == "1" else ["-O2"]
 ldflags = []
 if SANITIZE:
     san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]

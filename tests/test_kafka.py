@@ -4,6 +4,7 @@ the same interfaces is the reference."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 import urllib.request
@@ -252,27 +253,38 @@ def test_a_block_kafka_refuses_for_good_is_counted_and_the_output_goes_on(tansu)
 def test_sensor_blocks_kafka_refuses_are_counted_and_the_rest_delivered(tansu, veth, procs, tmp_path, mixed_pcap):
     """Sensor → Kafka where most blocks are larger than the producer may send: each refused
     block is counted (rejected_packets) and never stops the blocks after it; what was captured
-    is exactly what is in the topic plus what was counted as refused (nothing lost silently)."""
+    is exactly what is in the topic plus what was counted as refused (nothing lost silently).
+    The small blocks come from a second interface, so no small packet can share a block with the
+    large traffic (a block holds one interface's packets), whatever the timing."""
     from pktstream.stream import protocol as P
     tansu.create_topic("small", partitions=1)
-    ref = tmp_path / "ref.pcap"
-    td = start_tcpdump(procs, veth.outer, ref)
-    sx = procs(kafka_sensor(tansu.bootstrap, "small", veth.outer, "edge-9", tmp_path,
-                            "--kafka-property", "message.max.bytes=1500"))
-    sx.wait_for("capturing on")
-    veth.replay(mixed_pcap, pps=20000)  # blocks of many packets: larger than 1500 bytes, refused
-    wait_pcap_count(ref, 2000)
-    tiny = tmp_path / "tiny.pcap"  # then small blocks (a few 60-byte packets): delivered after them
-    traffic.write_random_udp_pcap(str(tiny), 5, size=60)
-    veth.replay(tiny, pps=10)
-    wait_pcap_count(ref, 2005)  # every packet handed to the capture sockets; stopping drains
-    assert sx.stop(signal.SIGTERM) == 0, sx.stderr
-    td.stop()
+    with Veth() as quiet:
+        ref, ref_quiet = tmp_path / "ref.pcap", tmp_path / "ref-quiet.pcap"
+        tds = [start_tcpdump(procs, veth.outer, ref), start_tcpdump(procs, quiet.outer, ref_quiet)]
+        sx = procs(kafka_sensor(tansu.bootstrap, "small", veth.outer, "edge-9", tmp_path,
+                                "-i", quiet.outer, "--kafka-property", "message.max.bytes=1500"))
+        sx.wait_for("capturing on")
+        veth.replay(mixed_pcap, pps=20000)  # blocks of many packets: larger than 1500 bytes, refused
+        wait_pcap_count(ref, 2000)
+        tiny = tmp_path / "tiny.pcap"  # then small blocks (a few 60-byte packets): delivered after them
+        traffic.write_random_udp_pcap(str(tiny), 5, size=60)
+        quiet.replay(tiny, pps=10)
+        wait_pcap_count(ref_quiet, 5)  # every packet handed to the capture sockets; stopping drains
+        assert sx.stop(signal.SIGTERM) == 0, sx.stderr
+        for td in tds:
+            td.stop()
     st = json.loads((tmp_path / "edge-9.json").read_text())
     assert "refused by the destination" in sx.stderr, sx.stderr[-2000:]
     assert st["unacked_frames"] == 0 and st["rejected_frames"] > 0 and st["rejected_packets"] > 0
+    quiet_index = st["interfaces"][quiet.outer]["index"]
     msgs = tansu.read_all("small", count=st["batches"] - st["rejected_frames"])
-    in_topic = sum(P.decode_header(v[:P.HEADER_LEN], max_payload=1 << 24, max_raw=1 << 24).count
-                   for *_x, h, v in msgs if h.get("type") == b"data")
-    assert in_topic >= 5
-    assert in_topic + st["rejected_packets"] == st["packets"] == len(read_pcap_dpkt(ref)) == 2005
+    headers = [P.decode_header(v[:P.HEADER_LEN], max_payload=1 << 24, max_raw=1 << 24)
+               for *_x, h, v in msgs if h.get("type") == b"data"]
+    in_topic = sum(h.count for h in headers)
+    small = [h for h in headers if h.iface == quiet_index]
+    assert sum(h.count for h in small) == 5  # every small packet delivered ...
+    refused = [int(x) for x in re.findall(r"kafka: frame (\d+) refused", sx.stderr)]
+    assert len(refused) == st["rejected_frames"]
+    assert min(refused) < max(h.seq for h in small)  # ... after (some of) the refused blocks
+    assert in_topic + st["rejected_packets"] == st["packets"] \
+        == len(read_pcap_dpkt(ref)) + len(read_pcap_dpkt(ref_quiet)) == 2005
