@@ -112,9 +112,13 @@ class LocalStore:
         :meth:`list_stat` gives the file (size and mtime, read before the rename: a later
         replacement by another process has another version)."""
         path = self.full(rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
+        try:
+            f = open(tmp, "wb")
+        except FileNotFoundError:  # (the directory is made only then: a receiver writes files into
+            os.makedirs(os.path.dirname(path), exist_ok=True)  # a few directories, often)
+            f = open(tmp, "wb")
+        with f:
             f.write(data)
             f.flush()
             st = os.fstat(f.fileno())
