@@ -246,8 +246,10 @@ def test_adaptive_sealing_keeps_full_blocks_under_load(veth, tmp_path):
     pcap = tmp_path / "burst.pcap"
     traffic.write_udp_pcap(str(pcap), 2000, size=1000)
     block = 256 * 1024
-    cap = pktstream.Capture(veth.outer, snaplen=2048, block_bytes=block, max_wait=60.0, idle_wait=0.0, timeout_ms=10,
-                            bpf="udp port 9999")
+    # (max_wait an hour: the tail block, a few records, must not qualify as quiet in the moments
+    # between the last packet and stop(); at 60 s one record was "quiet" after 0.23 s)
+    cap = pktstream.Capture(veth.outer, snaplen=2048, block_bytes=block, max_wait=3600.0, idle_wait=0.0,
+                            timeout_ms=10, bpf="udp port 9999")
     sizes: list[tuple[int, int]] = []
 
     def run() -> None:

@@ -134,7 +134,7 @@ def test_receiver_down_spool_keeps_everything(veth, procs, tmp_path):
                           "--stats-json", str(tmp_path / "sx.json")))
     sx.wait_for("capturing on")
     veth.replay(src, pps=10000)
-    wait_until(lambda: os.listdir(tmp_path / "spool"), 30, "the window to overflow to the spool")
+    wait_until(lambda: list((tmp_path / "spool").glob("*.frame")), 30, "the window to overflow to the spool")
     rx = procs(receiver_cmd(port, "-w", str(tmp_path / "out.pcap")))
     rx.wait_for("listening on")
     sx.wait_for("connected to receiver", timeout=40)

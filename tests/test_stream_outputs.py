@@ -8,6 +8,7 @@ import subprocess
 import threading
 import urllib.request
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -166,16 +167,22 @@ def test_time_rotation_while_idle(veth, procs, tmp_path, mixed_pcap):
     veth.replay(mixed_pcap, pps=20000)  # 0.1 s
     wait_received(rx, 2000)
     # idle now: the receiver gets nothing more, but the file is due 1 s after it was opened
-    done = wait_until(lambda: sorted(tmp_path.glob("g.*.pcap")), 30, "the idle file to be completed")
-    assert len(done) == 1 and not list(tmp_path.glob("*.part")), list(tmp_path.iterdir())
-    assert len(read_pcap_dpkt(done[0])) == 2000
+    # (usually one file; two when a stall of the machine spread the burst over more than 1 s)
+
+    def completed() -> list[Path] | None:
+        files = sorted(tmp_path.glob("g.*.pcap"))
+        if list(tmp_path.glob("*.part")) or sum(len(read_pcap_dpkt(f)) for f in files) != 2000:
+            return None
+        return files
+    done = wait_until(completed, 30, "the idle file to be completed")
     veth.replay(mixed_pcap, pps=20000)
     wait_received(rx, 4000)
     assert sx.stop(signal.SIGTERM) == 0
     assert rx.stop(signal.SIGTERM) == 0
     files = sorted(tmp_path.glob("g.*.pcap"))
-    assert len(files) == 2 and files[0] == done[0]
-    assert [len(read_pcap_dpkt(f)) for f in files] == [2000, 2000]
+    new = [f for f in files if f not in done]
+    assert new and sum(len(read_pcap_dpkt(f)) for f in new) == 2000  # the next burst: new files
+    assert sum(len(read_pcap_dpkt(f)) for f in done) == 2000  # the completed ones unchanged
 
 
 def test_python_api_iterator_and_callback(veth):
