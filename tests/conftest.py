@@ -34,7 +34,7 @@ def _sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=check, capture_output=True, text=True)
 
 
-LIVE_TOOLS = ("ip", "tcpdump", "tshark", "capinfos", "editcap", "mergecap", "tcpreplay")
+LIVE_TOOLS = ("ip", "ethtool", "tcpdump", "tshark", "capinfos", "editcap", "mergecap", "tcpreplay")
 # fixtures that need root and the capture tools: a test using one must be marked ``live``
 LIVE_FIXTURES = {"veth", "procs", "caps", "tansu", "moto", "servers"}
 
@@ -204,10 +204,11 @@ def start_tcpdump(start, iface: str, path: Path, bpf: str = "", ns_cmd: list[str
                   immediate: bool = True) -> Proc:
     """tcpdump with nanosecond stamps and a large buffer, ready when it says it is listening.
 
-    The buffer: in immediate mode libpcap uses a TPACKET_V2 ring whose slots are snaplen-sized
-    (256 KiB) on interfaces with offloads, as veths have, so 64 MiB held only 256 packets and the
-    oracle itself dropped packets when two suites loaded the machine; 256 MiB holds 1024 (and
-    still fell behind with three). ``immediate=False`` for an oracle read only after it stops:
+    The buffer: in immediate mode libpcap uses a TPACKET_V2 ring whose slots are 64-256 KiB
+    on interfaces with segmentation offloads, as veths have by default, so 64 MiB held only
+    256-1024 packets and the oracle itself dropped packets when suites loaded the machine; on
+    the tests' veths (:class:`~pktstream.lab.netns.Veth`) the offloads are off, so the slots
+    are MTU-sized and 256 MiB holds ~100,000 packets. ``immediate=False`` for an oracle read only after it stops:
     TPACKET_V3 blocks pack the packets, so the same 256 MiB holds ~1 M of them (written within
     tcpdump's 1 s block timeout)."""
     cmd = [*(ns_cmd or []), "tcpdump", "-i", iface, "-n", "-B", "262144",
