@@ -301,12 +301,16 @@ def test_slow_output_memory_bounded_and_counted(veth, tmp_path):
         import threading
         t = threading.Thread(target=veth.replay, args=(src,), kwargs={"pps": 5000})
         t.start()
-        while t.is_alive():  # sampling the bounds while traffic flows (not synchronisation)
+        # sampling the bounds while traffic flows and until both sensors took it all and the slow
+        # receiver was seen holding data (it holds some for seconds: 0.2 s per batch)
+        deadline = time.monotonic() + 60
+        while t.is_alive() or not (peak["inflight"] > 0 and s1.stats()["packets"] >= 3000
+                                   and s2.stats()["packets"] >= 3000):
             peak["inflight"] = max(peak["inflight"], gate_slow.stats()["inflight_bytes"])
             assert s1.stats()["unacked_bytes"] <= (512 << 10) + 70000
+            assert time.monotonic() < deadline, (peak, s1.stats()["packets"], s2.stats()["packets"])
             time.sleep(0.05)
-        wait_until(lambda: s1.stats()["packets"] >= 3000 and s2.stats()["packets"] >= 3000, 30,
-                   "both sensors to take all 3000 packets")
+        t.join()
     finally:
         for s in (s1, s2):
             s.stop()
