@@ -56,6 +56,45 @@ def test_unsent_blocks_are_renumbered_above_what_the_receiver_accepted_not_only_
     assert got == [701, 702, 703] and store.put(_frame, 0, 200) == 704
 
 
+@pytest.mark.parametrize("spool", [False, True])
+def test_renumbering_inside_the_unsent_range_keeps_every_block(tmp_path, spool):
+    """The receiver's floor falls among the unsent blocks' numbers (100-103, floor 101): every
+    block keeps its own payload under a new number above all of them, in order. (Renumbering
+    100 -> 102 in the spool once replaced the file of block 102, and so on down the line.)"""
+    store = FrameStore(window_bytes=0 if spool else 1 << 20, spool_dir=str(tmp_path) if spool else None,
+                       spool_bytes=1 << 20, first_seq=100)
+    for i in range(4):
+        store.put(lambda seq, i=i: _frame(seq, bytes([i]) * 100), 0, 200)
+    store.resume(99, 101)
+    got = []
+    while (nxt := store.after(got[-1][0] if got else 0)) is not None:
+        seq, (header, payload) = nxt
+        assert _seq_of(header) == seq
+        got.append((seq, payload[0]))
+    assert [p for _s, p in got] == [0, 1, 2, 3]
+    assert [s for s, _p in got] == sorted(s for s, _p in got) and got[0][0] > 103
+    if spool:
+        assert sorted(int(n[:20]) for n in os.listdir(tmp_path) if n.endswith(".frame")) == [s for s, _p in got]
+    assert store.put(_frame, 0, 200) == got[-1][0] + 1
+
+
+def test_a_renumbering_cut_short_is_undone_at_start(tmp_path):
+    """A kill between a spooled block's new header and its rename leaves a file whose name and
+    header disagree: the next run sends it under the name's number (the header is put back),
+    never under the header's, which would acknowledge the blocks in between."""
+    store = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20, first_seq=100)
+    for _ in range(3):
+        store.put(_frame, 0, 200)
+    path = tmp_path / f"{100:020d}.frame"
+    data = bytearray(path.read_bytes())
+    data[:P.HEADER_LEN] = _frame(900)[0]  # the new header was written, the rename did not happen
+    path.write_bytes(bytes(data))
+    store.close()
+    again = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20)
+    seq, (header, _payload) = again.after(0)
+    assert seq == 100 and _seq_of(header) == 100 and again.pending()[0] == 3
+
+
 def test_sent_blocks_are_acknowledged_not_renumbered():
     store = FrameStore(window_bytes=1 << 20, first_seq=100)
     for _ in range(3):

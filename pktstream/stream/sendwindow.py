@@ -242,7 +242,12 @@ class FrameStore:
                     raise FrameError("a spill that did not finish")
                 if size != P.HEADER_LEN + head.payload_len:
                     raise FrameError(f"{size} bytes, the header says {P.HEADER_LEN + head.payload_len}")
-            except (FrameError, OSError) as exc:  # e.g. cut short by a power loss: never resend it
+                seq = int(name[:20])
+                if head.seq != seq:  # a renumbering cut short between header and rename: undone
+                    with open(path, "r+b") as f:
+                        f.seek(12)
+                        f.write(struct.pack("<Q", seq))
+            except (FrameError, OSError, ValueError) as exc:  # e.g. cut short by a power loss: never resend it
                 packets = head.count if head is not None else 0
                 log.warning("spool: removing unreadable %s (%s); its %s packets are lost", path, exc,
                             packets if head is not None else "(unknown number of)")
@@ -250,7 +255,7 @@ class FrameStore:
                 self.dropped_packets += packets
                 os.unlink(path)
                 continue
-            self._entries.append(_Entry(int(name[:20]), size, None, head.count, local=False))
+            self._entries.append(_Entry(seq, size, None, head.count, local=False))
             self.spool_used += size
         if self._entries:
             log.info("spool: %d frames (%d bytes) from a previous run will be sent first",
@@ -395,21 +400,27 @@ class FrameStore:
         frames up to ``accepted_seq`` (>= last_seq; still being written): forget what it has, and
         give blocks of this process that were never sent but carry a number <= accepted_seq
         (this host's clock was behind the one that numbered earlier blocks) new numbers above
-        it, instead of letting them pass for acknowledged or for duplicates."""
+        it, instead of letting them pass for acknowledged or for duplicates. The new numbers
+        are above the floor *and* above every number those blocks carry: a spooled block's new
+        file name is never one that exists (renumbering 100 -> 102 would replace block 102's)."""
         floor = last_seq if accepted_seq is None else max(last_seq, accepted_seq)
         with self._lock:
             unsent = [e for e in self._entries if e.local and not e.sent]
             if unsent and unsent[0].seq <= floor:
-                seq = floor
+                seq = max(floor, unsent[-1].seq)
                 for e in unsent:
                     seq += 1
                     self._renumber(e, seq)
                 log.warning("%d unsent blocks renumbered after seq %d (clock behind the receiver's data)",
                             len(unsent), floor)
             self.next_seq = max(self.next_seq, floor + 1, (self._entries[-1].seq + 1) if self._entries else 0)
+            self._reserve()
         self.ack(last_seq)
 
     def _renumber(self, e: _Entry, seq: int) -> None:
+        """Give ``e`` the number ``seq`` (higher than any in the store; under the lock). A
+        spooled block: the header first, then the rename; a kill between the two is undone by
+        :meth:`_load_spool` (the name wins)."""
         if e.data is not None:
             header = bytearray(e.data[0])
             struct.pack_into("<Q", header, 12, seq)
