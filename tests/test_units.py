@@ -95,6 +95,21 @@ def test_a_renumbering_cut_short_is_undone_at_start(tmp_path):
     assert seq == 100 and _seq_of(header) == 100 and again.pending()[0] == 3
 
 
+def test_previous_runs_frames_the_receiver_has_are_named_not_resent(tmp_path, caplog):
+    """Spooled frames of a previous run at or below what the receiver committed (their ACK was
+    lost with that run) are not sent again, and the log says how many."""
+    store = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20, first_seq=100)
+    for _ in range(3):
+        store.put(lambda seq: (P.encode_header(P.FrameType.DATA, 100, seq=seq, count=4, raw_len=400),
+                               b"x" * 100), 4, 200)
+    store.close()
+    again = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20)
+    with caplog.at_level("INFO", logger="pktstream"):
+        again.resume(101)
+    assert "2 frames (8 packets) of a previous run were already committed" in caplog.text
+    assert again.after(0)[0] == 102 and again.pending()[0] == 1
+
+
 def test_sent_blocks_are_acknowledged_not_renumbered():
     store = FrameStore(window_bytes=1 << 20, first_seq=100)
     for _ in range(3):

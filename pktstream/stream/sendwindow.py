@@ -415,6 +415,12 @@ class FrameStore:
                             len(unsent), floor)
             self.next_seq = max(self.next_seq, floor + 1, (self._entries[-1].seq + 1) if self._entries else 0)
             self._reserve()
+            # frames of a previous run's spool the receiver already committed (their
+            # acknowledgement was lost with that run): not sent again, and said so
+            earlier = [e for e in self._entries if not e.local and e.seq <= last_seq]
+        if earlier:
+            log.info("spool: %d frames (%d packets) of a previous run were already committed by the "
+                     "receiver (seq <= %d): not sent again", len(earlier), sum(e.packets for e in earlier), last_seq)
         self.ack(last_seq)
 
     def _renumber(self, e: _Entry, seq: int) -> None:
