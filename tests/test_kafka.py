@@ -200,6 +200,7 @@ def test_receiver_kafka_output_messages_are_wire_frames(tansu, veth, procs, tmp_
     veth.replay(mixed_pcap, pps=20000)
     wait_received(rx, 2000)
     assert sx.stop(signal.SIGTERM) == 0
+    wait_pcap_count(ref, 2000)
     td.stop()
     assert rx.stop(signal.SIGTERM) == 0
     st = json.loads((tmp_path / "sx.json").read_text())

@@ -18,7 +18,7 @@ import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump, wait_received, wait_until
+from conftest import PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump, wait_pcap_count, wait_received, wait_until
 from pktstream import _s2
 from pktstream.config import receiver_settings
 from pktstream.exceptions import ConfigError
@@ -285,6 +285,7 @@ def test_mixed_fleet_cli_receiver(veth, procs, tmp_path, mixed_pcap):
         wait_received(rx, len(ref_ps), sensor="ps-1")
         wait_received(rx, 2000, sensor="pkt-1")
     assert sx.stop(signal.SIGTERM) == 0
+    wait_pcap_count(ref, 2000)
     td.stop()
     rx.wait_for("said goodbye")
     assert rx.stop(signal.SIGTERM) == 0

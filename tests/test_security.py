@@ -340,6 +340,7 @@ def test_hostile_input_harms_nothing(veth, procs, tmp_path, pki, mixed_pcap):
     replay.join()
     wait_received(rx, 2000, "real")
     assert sx.stop(signal.SIGTERM) == 0
+    wait_pcap_count(ref, 2000)
     td.stop()
     rx.stop(signal.SIGTERM)
     assert_same_packets(received(tmp_path), read_pcap_dpkt(ref))
@@ -444,6 +445,7 @@ def test_full_disk_loses_nothing(veth, procs, tmp_path):
         rx.wait_for("works again")
         wait_received(rx, 3000)
         assert sx.stop(signal.SIGTERM) == 0  # waits until the receiver has written (acked) everything
+        wait_pcap_count(ref, 3000)
         td.stop()
         assert rx.stop(signal.SIGTERM) == 0
         assert_same_packets(received(mnt), read_pcap_dpkt(ref))
@@ -469,6 +471,7 @@ def test_sensor_drops_root_keeping_only_capture_capabilities(veth, procs, tmp_pa
     veth.replay(mixed_pcap, pps=20000)
     wait_received(rx, 2000)
     assert sx.stop(signal.SIGTERM) == 0
+    wait_pcap_count(ref, 2000)
     td.stop()
     rx.stop(signal.SIGTERM)
     assert_same_packets(received(tmp_path), read_pcap_dpkt(ref))

@@ -72,6 +72,7 @@ def test_stream_equals_tcpdump_reference(veth, procs, tmp_path, mixed_pcap):
     veth.replay(mixed_pcap, pps=20000)
     wait_received(rx, 2000)
     assert sx.stop(signal.SIGTERM) == 0
+    wait_pcap_count(ref, 2000)  # the oracle has written all it saw (stopping it drops its backlog)
     td.stop()
     rx.wait_for("said goodbye")
     assert rx.stop(signal.SIGTERM) == 0
@@ -175,6 +176,7 @@ def test_beyond_the_bound_loss_is_counted_exactly(veth, procs, tmp_path):
         sensor.join(60)  # stopping sends what the window kept and waits for acks
     assert not sensor._thread.is_alive()
     st = sensor.stats()
+    wait_pcap_count(ref, 2000)
     td.stop()
     rx.stop(signal.SIGTERM)
     got, ref_pkts = received(tmp_path), read_pcap_dpkt(ref)
@@ -222,6 +224,7 @@ def test_network_cut_and_restored(procs, tmp_path):
         sx.wait_for("connected to receiver", timeout=60, count=2)
         wait_received(rx, 3000, timeout=60)  # everything resent and accepted
         assert sx.stop(signal.SIGTERM, timeout=60) == 0
+        wait_pcap_count(ref, 3000)
         td.stop()
         rx.stop(signal.SIGTERM)
         assert_same_packets(received(tmp_path), read_pcap_dpkt(ref))
@@ -240,6 +243,7 @@ def test_sensor_restart_continues_without_loss_or_duplicates(veth, procs, tmp_pa
         veth.replay(mixed_pcap, pps=20000)
         wait_received(rx, 2000 * (_ + 1), "s1")
         assert sx.stop(signal.SIGTERM) == 0
+    wait_pcap_count(ref, 4000)
     td.stop()
     rx.stop(signal.SIGTERM)
     assert_same_packets(received(tmp_path), read_pcap_dpkt(ref))
@@ -380,6 +384,7 @@ def test_packetstreamer_yaml_configs_work(veth, procs, tmp_path, mixed_pcap):
     veth.replay(mixed_pcap, pps=20000)
     wait_received(rx, 2000)  # blocks sealed after gatherMaxWaitSec (1 s) and sent
     sx.stop(signal.SIGTERM)
+    wait_pcap_count(ref, 2000)
     td.stop()
     rx.stop(signal.SIGTERM)
     assert_same_packets(received(tmp_path), read_pcap_dpkt(ref))
