@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ import pytest
 
 from pktstream.lab import traffic as trafficgen
 from pktstream.lab.netns import Veth
+from servers import free_port  # noqa: F401  (the tests import it from here)
 
 PKTSTREAM = [sys.executable, "-m", "pktstream"]
 
@@ -34,6 +34,9 @@ def _sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=check, capture_output=True, text=True)
 
 
+# the suite's veths carry wire-sized frames (and its tcpdump oracles' rings hold ~100,000
+# of them): segmentation/receive offloads off (Veth docstring)
+Veth.OFFLOADS = False
 LIVE_TOOLS = ("ip", "ethtool", "tcpdump", "tshark", "capinfos", "editcap", "mergecap", "tcpreplay")
 # fixtures that need root and the capture tools: a test using one must be marked ``live``
 LIVE_FIXTURES = {"veth", "procs", "caps", "tansu", "moto", "servers"}
@@ -219,22 +222,6 @@ def start_tcpdump(start, iface: str, path: Path, bpf: str = "", ns_cmd: list[str
     p = start(cmd)
     p.wait_for("listening on")
     return p
-
-
-_PORTS_GIVEN: set[int] = set()
-
-
-def free_port() -> int:
-    """A loopback TCP port free now, and never one this process handed out before (the
-    kernel may give two calls in a row the same port, while neither is listening yet)."""
-    for _ in range(1000):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _PORTS_GIVEN:
-            _PORTS_GIVEN.add(port)
-            return port
-    raise RuntimeError("no loopback port left that this test run has not handed out")
 
 
 def read_pcap_dpkt(path: str | Path, partial: bool = False) -> list[tuple[int, int, bytes]]:

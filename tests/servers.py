@@ -19,11 +19,20 @@ from pathlib import Path
 
 import pytest
 
+_PORTS_GIVEN: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback TCP port free now, and never one this process handed out before (the
+    kernel may give two calls in a row the same port, while neither is listening yet)."""
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
+    raise RuntimeError("no loopback port left that this test run has not handed out")
 
 
 def tansu_binary() -> str:

@@ -38,8 +38,9 @@ def test_unsent_blocks_behind_the_receiver_are_renumbered(tmp_path, spool):
     assert got == [501, 502, 503]
     assert store.put(_frame, 0, 200) == 504
     if spool:
+        # handed out: SEQ.frame; never handed out: SEQ.new.frame
         assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".frame")) == \
-            [f"{s:020d}.frame" for s in (501, 502, 503, 504)]
+            [f"{s:020d}.frame" for s in (501, 502, 503)] + [f"{504:020d}.new.frame"]
 
 
 def test_unsent_blocks_are_renumbered_above_what_the_receiver_accepted_not_only_committed():
@@ -78,21 +79,65 @@ def test_renumbering_inside_the_unsent_range_keeps_every_block(tmp_path, spool):
     assert store.put(_frame, 0, 200) == got[-1][0] + 1
 
 
-def test_a_renumbering_cut_short_is_undone_at_start(tmp_path):
+def _sent_all(store) -> list[tuple[int, bytes]]:
+    got: list[tuple[int, bytes]] = []
+    while (nxt := store.after(got[-1][0] if got else 0)) is not None:
+        seq, (header, payload) = nxt
+        assert _seq_of(header) == seq
+        got.append((seq, bytes(payload)))
+    return got
+
+
+def test_a_renumbering_cut_short_is_undone_and_redone(tmp_path):
     """A kill between a spooled block's new header and its rename leaves a file whose name and
-    header disagree: the next run sends it under the name's number (the header is put back),
-    never under the header's, which would acknowledge the blocks in between."""
+    header disagree: the next run puts the name's number back (never sending it under the
+    header's, which would acknowledge the blocks in between), and, the block never having been
+    handed out, renumbers it with the others when the receiver says it is behind."""
     store = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20, first_seq=100)
-    for _ in range(3):
-        store.put(_frame, 0, 200)
-    path = tmp_path / f"{100:020d}.frame"
+    for i in range(3):
+        store.put(lambda seq, i=i: _frame(seq, bytes([i]) * 100), 0, 200)
+    path = tmp_path / f"{100:020d}.new.frame"
     data = bytearray(path.read_bytes())
     data[:P.HEADER_LEN] = _frame(900)[0]  # the new header was written, the rename did not happen
     path.write_bytes(bytes(data))
     store.close()
     again = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20)
-    seq, (header, _payload) = again.after(0)
-    assert seq == 100 and _seq_of(header) == 100 and again.pending()[0] == 3
+    again.resume(500)
+    got = _sent_all(again)
+    assert [s for s, _p in got] == [501, 502, 503] and [p[0] for _s, p in got] == [0, 1, 2]
+
+
+def test_a_previous_runs_never_sent_blocks_behind_the_receiver_are_renumbered(tmp_path, caplog):
+    """A sensor whose clock is behind spools blocks while the receiver is away and is restarted
+    before it reaches it: the next run renumbers them above the receiver's floor (they were
+    never handed out, so the receiver cannot have them), instead of taking them for committed."""
+    store = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20, first_seq=100)
+    for i in range(3):
+        store.put(lambda seq, i=i: _frame(seq, bytes([i]) * 100), 0, 200)
+    store.close()
+    again = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20)
+    with caplog.at_level("INFO", logger="pktstream"):
+        again.resume(500)
+    assert "already committed" not in caplog.text
+    got = _sent_all(again)
+    assert [s for s, _p in got] == [501, 502, 503] and [p[0] for _s, p in got] == [0, 1, 2]
+    assert again.dropped_blocks == 0
+
+
+def test_a_spooled_block_whose_file_is_gone_is_counted_and_the_rest_kept_in_order(tmp_path):
+    """Renumbering meets a spooled block whose file was removed behind the sensor's back: that
+    block is counted as dropped, the others are renumbered in order and sent, and new blocks
+    get numbers above them (no number is handed out twice)."""
+    store = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20, first_seq=100)
+    for i in range(3):
+        store.put(lambda seq, i=i: _frame(seq, bytes([i]) * 100), 0, 200)
+    (tmp_path / f"{101:020d}.new.frame").unlink()
+    store.resume(500)
+    assert store.dropped_blocks == 1
+    nxt = store.put(lambda seq: _frame(seq, b"\x09" * 100), 0, 200)
+    got = _sent_all(store)
+    assert [p[0] for _s, p in got] == [0, 2, 9] and [s for s, _p in got] == sorted({s for s, _p in got})
+    assert got[-1][0] == nxt > 500
 
 
 def test_previous_runs_frames_the_receiver_has_are_named_not_resent(tmp_path, caplog):
@@ -102,6 +147,7 @@ def test_previous_runs_frames_the_receiver_has_are_named_not_resent(tmp_path, ca
     for _ in range(3):
         store.put(lambda seq: (P.encode_header(P.FrameType.DATA, 100, seq=seq, count=4, raw_len=400),
                                b"x" * 100), 4, 200)
+    _sent_all(store)  # handed to a connection whose acknowledgements never came back
     store.close()
     again = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20)
     with caplog.at_level("INFO", logger="pktstream"):
@@ -124,10 +170,10 @@ def test_truncated_spool_file_is_dropped_and_counted(tmp_path):
     store.put(_frame, 0, 200)
     store.put(_frame, 0, 200)
     store.put(lambda seq: (P.encode_header(P.FrameType.DATA, 100, seq=seq, count=7, raw_len=400), b"x" * 100), 7, 200)
-    path = tmp_path / f"{11:020d}.frame"
+    path = tmp_path / f"{11:020d}.new.frame"
     path.write_bytes(path.read_bytes()[:-10])  # a power loss cut it short
-    counted = tmp_path / f"{12:020d}.frame"
-    tmp = tmp_path / f"{12:020d}.frame.tmp"  # a spill a kill cut short before its rename
+    counted = tmp_path / f"{12:020d}.new.frame"
+    tmp = tmp_path / f"{12:020d}.new.frame.tmp"  # a spill a kill cut short before its rename
     counted.rename(tmp)
     store.close()  # the sensor process ends (its spool lock with it)
     again = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20)

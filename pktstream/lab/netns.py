@@ -34,13 +34,16 @@ def _sh(*cmd: str) -> subprocess.CompletedProcess:
 class Veth:
     """A veth pair: ``outer`` in the root namespace, ``inner`` in namespace ``ns``.
 
-    IPv6 is disabled on both ends so nothing but the test's traffic crosses the link, and
-    segmentation/receive offloads are off (with ethtool) so its frames are wire-sized.
+    IPv6 is disabled on both ends so nothing but the test's traffic crosses the link.
+    ``offloads=False`` (default :attr:`OFFLOADS`) turns segmentation/receive offloads off with
+    ethtool: frames are wire-sized, and a tcpdump oracle's ring holds far more of them.
     outer has 198.18.<k>.1/24, inner 198.18.<k>.2/24, with <k> in 18..217 not used by any other
     address in the root namespace (chosen under a file lock: concurrent runs never share one).
     """
 
-    def __init__(self, prefix: str = "ps") -> None:
+    OFFLOADS = True  # the default of ``offloads`` (the test suite sets False)
+
+    def __init__(self, prefix: str = "ps", *, offloads: bool | None = None) -> None:
         k = next(_counter)
         tag = f"{os.getpid() % 100000}n{k}"  # "n": pid 12, k 345 and pid 123, k 45 differ
         self.ns = f"{prefix}t{tag}"
@@ -64,15 +67,16 @@ class Veth:
                 self.inner_ip = f"198.18.{self.subnet}.2"
                 _sh("ip", "addr", "add", f"{self.outer_ip}/24", "dev", self.outer)
             _sh("ip", "-n", self.ns, "addr", "add", f"{self.inner_ip}/24", "dev", self.inner)
-            if shutil.which("ethtool"):  # (./run setup installs it)
+            if not (self.OFFLOADS if offloads is None else offloads):
                 # no segmentation/receive offloads: frames on the link are what a wire carries
                 # (no 64 KiB TSO/GSO aggregates), and libpcap sizes an immediate-mode ring's
                 # slots by the MTU instead of 64 KiB: a tcpdump oracle on these ends holds
                 # ~30x more packets when the machine stalls it (measured: 909 of a 5,000-packet
                 # burst dropped by a stopped tcpdump -B 262144 --immediate-mode, 0 with these off)
+                if not shutil.which("ethtool"):
+                    raise RuntimeError("ethtool not found (apt-get install ethtool; ./run setup installs it)")
                 for dev, run in ((self.outer, ()), (self.inner, ("ip", "netns", "exec", self.ns))):
-                    subprocess.run([*run, "ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off"],
-                                   capture_output=True)  # (a kernel that cannot: offloads stay)
+                    _sh(*run, "ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off")
             _sh("ip", "link", "set", self.outer, "up")
             _sh("ip", "-n", self.ns, "link", "set", "lo", "up")
             _sh("ip", "-n", self.ns, "link", "set", self.inner, "up")

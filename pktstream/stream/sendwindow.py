@@ -127,7 +127,10 @@ class _Entry:
     data: tuple[bytes, bytes] | None  # (header, payload); None: on disk in the spool
     packets: int
     local: bool = True   # made by this process (False: found in the spool at start)
-    sent: bool = False   # handed to a connection at least once
+    # handed to a connection at least once (a spooled block's file name says so: SEQ.frame;
+    # never handed out: SEQ.new.frame -- also for the next run, which then renumbers it when
+    # it is behind the receiver instead of taking it for one the receiver has)
+    sent: bool = False
 
 
 class FrameStore:
@@ -224,39 +227,52 @@ class FrameStore:
         except Exception:
             pass
 
-    def _spool_path(self, seq: int) -> str:
-        return os.path.join(self.spool_dir or "", f"{seq:020d}.frame")
+    def _spool_path(self, seq: int, sent: bool) -> str:
+        return os.path.join(self.spool_dir or "", f"{seq:020d}.frame" if sent else f"{seq:020d}.new.frame")
+
+    _SPOOL_NAME = re.compile(r"(\d{20})(\.new)?\.frame(\.tmp)?")
 
     def _load_spool(self) -> None:
         assert self.spool_dir is not None  # called with a spool only
-        for name in sorted(os.listdir(self.spool_dir)):
+        loaded = []
+        for name in os.listdir(self.spool_dir):
             if not name.endswith((".frame", ".frame.tmp")):
                 continue
             path = os.path.join(self.spool_dir, name)
-            size = os.path.getsize(path)
             head = None
             try:
+                size = os.path.getsize(path)
                 with open(path, "rb") as f:
                     head = P.decode_header(f.read(P.HEADER_LEN), max_payload=1 << 30, max_raw=1 << 30)
-                if name.endswith(".tmp"):  # a spill a kill cut short before its rename
+                m = self._SPOOL_NAME.fullmatch(name)
+                if m is None:
+                    raise FrameError("not a spool file name")
+                if m.group(3):  # a spill a kill cut short before its rename
                     raise FrameError("a spill that did not finish")
                 if size != P.HEADER_LEN + head.payload_len:
                     raise FrameError(f"{size} bytes, the header says {P.HEADER_LEN + head.payload_len}")
-                seq = int(name[:20])
-                if head.seq != seq:  # a renumbering cut short between header and rename: undone
-                    with open(path, "r+b") as f:
+                seq = int(m.group(1))
+                if head.seq != seq:  # a renumbering cut short between header and rename: the
+                    with open(path, "r+b") as f:  # name wins (still a never-sent block: renumbered again)
                         f.seek(12)
                         f.write(struct.pack("<Q", seq))
-            except (FrameError, OSError, ValueError) as exc:  # e.g. cut short by a power loss: never resend it
+            except (FrameError, OSError) as exc:  # e.g. cut short by a power loss: never resend it
                 packets = head.count if head is not None else 0
                 log.warning("spool: removing unreadable %s (%s); its %s packets are lost", path, exc,
                             packets if head is not None else "(unknown number of)")
                 self.dropped_blocks += 1
                 self.dropped_packets += packets
-                os.unlink(path)
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
                 continue
-            self._entries.append(_Entry(seq, size, None, head.count, local=False))
+            # a block a previous run handed to a connection may be one the receiver has; one it
+            # never handed out is not, whatever its number (renumbered by resume when behind)
+            loaded.append(_Entry(seq, size, None, head.count, local=False, sent=m.group(2) is None))
             self.spool_used += size
+        loaded.sort(key=_seq_of)
+        self._entries.extend(loaded)
         if self._entries:
             log.info("spool: %d frames (%d bytes) from a previous run will be sent first",
                      len(self._entries), self.spool_used)
@@ -278,12 +294,12 @@ class FrameStore:
             elif self.spool_used + size_hint <= self.spool_bytes:
                 seq = self.next_seq
                 header, payload = make_frame(seq)
-                tmp = self._spool_path(seq) + ".tmp"
+                tmp = self._spool_path(seq, False) + ".tmp"
                 try:
                     with open(tmp, "wb") as f:
                         f.write(header)
                         f.write(payload)
-                    os.replace(tmp, self._spool_path(seq))
+                    os.replace(tmp, self._spool_path(seq, False))
                 except OSError as exc:  # spool disk full or gone: a counted drop, capture goes on
                     log.error("spool: cannot write %s: %s", tmp, exc)
                     try:
@@ -319,7 +335,7 @@ class FrameStore:
                 if e.data is None:
                     self.spool_used -= e.size
                     try:
-                        os.unlink(self._spool_path(e.seq))
+                        os.unlink(self._spool_path(e.seq, e.sent))
                     except FileNotFoundError:
                         pass
                 else:
@@ -341,22 +357,43 @@ class FrameStore:
 
     def after(self, seq: int) -> tuple[int, tuple[bytes, bytes]] | None:
         """The first frame with sequence > seq as (seq, (header, payload)), or None."""
-        with self._lock:
-            entries = self._entries
-            if not entries or entries[-1].seq <= seq:
-                return None
-            # sequence order: bisect (a deque is indexed in O(n/64), fine for a window)
-            e = entries[bisect.bisect_right(entries, seq, key=_seq_of)]
-            data = e.data
-            e.sent = True
-        if data is None:
-            try:
-                with open(self._spool_path(e.seq), "rb") as f:
-                    raw = f.read()
-            except FileNotFoundError:  # acknowledged (and removed) meanwhile: the next one
-                return self.after(e.seq)
-            data = (raw[:P.HEADER_LEN], raw[P.HEADER_LEN:])
-        return e.seq, data
+        while True:
+            with self._lock:
+                entries = self._entries
+                if not entries or entries[-1].seq <= seq:
+                    return None
+                # sequence order: bisect (a deque is indexed in O(n/64), fine for a window)
+                e = entries[bisect.bisect_right(entries, seq, key=_seq_of)]
+                data = e.data
+                if data is None and not e.sent and not self._mark_sent(e):
+                    seq = e.seq  # lost (counted): the next one
+                    continue
+                e.sent = True
+            if data is None:
+                try:
+                    with open(self._spool_path(e.seq, True), "rb") as f:
+                        raw = f.read()
+                except FileNotFoundError:  # acknowledged (and removed) meanwhile: the next one
+                    seq = e.seq
+                    continue
+                data = (raw[:P.HEADER_LEN], raw[P.HEADER_LEN:])
+            return e.seq, data
+
+    def _mark_sent(self, e: _Entry) -> bool:
+        """A spooled block is about to be handed out for the first time: its file name says so
+        first (SEQ.new.frame -> SEQ.frame), so a run after a kill never takes a block the
+        receiver may have for a never-sent one. False: its file is gone or cannot be renamed
+        (the block is dropped and counted). Under the lock."""
+        try:
+            os.replace(self._spool_path(e.seq, False), self._spool_path(e.seq, True))
+            return True
+        except OSError as exc:
+            log.error("spool: block %d: %s; its %d packets are lost", e.seq, exc, e.packets)
+            self._entries.remove(e)
+            self.spool_used -= e.size
+            self.dropped_blocks += 1
+            self.dropped_packets += e.packets
+            return False
 
     def spill(self) -> int:
         """At exit: move unacknowledged in-memory blocks to the spool (within its bound), so the
@@ -368,14 +405,14 @@ class FrameStore:
             for e in self._entries:
                 if e.data is None or self.spool_used + e.size > self.spool_bytes:
                     continue
-                tmp = self._spool_path(e.seq) + ".tmp"
+                tmp = self._spool_path(e.seq, e.sent) + ".tmp"
                 try:
                     with open(tmp, "wb") as f:
                         f.write(e.data[0])
                         f.write(e.data[1])
                         f.flush()
                         os.fsync(f.fileno())
-                    os.replace(tmp, self._spool_path(e.seq))
+                    os.replace(tmp, self._spool_path(e.seq, e.sent))
                 except OSError as exc:
                     log.error("spool: cannot keep block %d: %s", e.seq, exc)
                     continue
@@ -398,43 +435,54 @@ class FrameStore:
     def resume(self, last_seq: int, accepted_seq: int | None = None) -> None:
         """A receiver says it has everything up to ``last_seq`` (committed) and has taken
         frames up to ``accepted_seq`` (>= last_seq; still being written): forget what it has, and
-        give blocks of this process that were never sent but carry a number <= accepted_seq
-        (this host's clock was behind the one that numbered earlier blocks) new numbers above
-        it, instead of letting them pass for acknowledged or for duplicates. The new numbers
-        are above the floor *and* above every number those blocks carry: a spooled block's new
-        file name is never one that exists (renumbering 100 -> 102 would replace block 102's)."""
+        give blocks that were never sent (this process's, or a previous run's spooled as never
+        handed out) but carry a number <= accepted_seq (this host's clock was behind the one
+        that numbered earlier blocks) new numbers above it, instead of letting them pass for
+        acknowledged or for duplicates.
+
+        The new numbers are above the floor *and* above every number in the store (a spooled
+        block's new file name is never one that exists), and are given from the last block
+        down: at every step, also after an error or a kill, the blocks stay in order."""
         floor = last_seq if accepted_seq is None else max(last_seq, accepted_seq)
         with self._lock:
-            unsent = [e for e in self._entries if e.local and not e.sent]
+            unsent = [e for e in self._entries if not e.sent]  # (a suffix: blocks go out in order)
             if unsent and unsent[0].seq <= floor:
-                seq = max(floor, unsent[-1].seq)
-                for e in unsent:
-                    seq += 1
-                    self._renumber(e, seq)
-                log.warning("%d unsent blocks renumbered after seq %d (clock behind the receiver's data)",
-                            len(unsent), floor)
+                top = max(floor, self._entries[-1].seq)
+                for i in range(len(unsent) - 1, -1, -1):
+                    self._renumber(unsent[i], top + 1 + i)
+                log.warning("%d unsent blocks renumbered to %d.. (clock behind the receiver's data, seq %d)",
+                            len(unsent), top + 1, floor)
             self.next_seq = max(self.next_seq, floor + 1, (self._entries[-1].seq + 1) if self._entries else 0)
             self._reserve()
-            # frames of a previous run's spool the receiver already committed (their
-            # acknowledgement was lost with that run): not sent again, and said so
-            earlier = [e for e in self._entries if not e.local and e.seq <= last_seq]
+            # frames of a previous run's spool that it had sent and the receiver committed
+            # (their acknowledgement was lost with that run): not sent again, and said so
+            earlier = [e for e in self._entries if not e.local and e.sent and e.seq <= last_seq]
         if earlier:
             log.info("spool: %d frames (%d packets) of a previous run were already committed by the "
                      "receiver (seq <= %d): not sent again", len(earlier), sum(e.packets for e in earlier), last_seq)
         self.ack(last_seq)
 
     def _renumber(self, e: _Entry, seq: int) -> None:
-        """Give ``e`` the number ``seq`` (higher than any in the store; under the lock). A
-        spooled block: the header first, then the rename; a kill between the two is undone by
-        :meth:`_load_spool` (the name wins)."""
+        """Give the never-sent block ``e`` the number ``seq`` (free: above every number in the
+        store; under the lock). A spooled block: the header first, then the rename (a kill
+        between the two: :meth:`_load_spool` puts the name's number back); a block whose file
+        is gone or cannot be changed is dropped and counted."""
         if e.data is not None:
             header = bytearray(e.data[0])
             struct.pack_into("<Q", header, 12, seq)
             e.data = (bytes(header), e.data[1])
         else:
-            old, new = self._spool_path(e.seq), self._spool_path(seq)
-            with open(old, "r+b") as f:
-                f.seek(12)
-                f.write(struct.pack("<Q", seq))
-            os.replace(old, new)
+            old, new = self._spool_path(e.seq, False), self._spool_path(seq, False)
+            try:
+                with open(old, "r+b") as f:
+                    f.seek(12)
+                    f.write(struct.pack("<Q", seq))
+                os.replace(old, new)
+            except OSError as exc:
+                log.error("spool: renumbering block %d: %s; its %d packets are lost", e.seq, exc, e.packets)
+                self._entries.remove(e)
+                self.spool_used -= e.size
+                self.dropped_blocks += 1
+                self.dropped_packets += e.packets
+                return
         e.seq = seq
