@@ -140,6 +140,95 @@ def test_a_spooled_block_whose_file_is_gone_is_counted_and_the_rest_kept_in_orde
     assert got[-1][0] == nxt > 500
 
 
+def test_a_kill_in_the_middle_of_a_renumbering_keeps_the_order(tmp_path, monkeypatch):
+    """The spool as a kill leaves it right after the first rename of a renumbering (from the
+    last block down): the next run sends every block, in the order they were captured."""
+    import shutil
+
+    import pktstream.stream.sendwindow as sw
+    spool, killed = tmp_path / "s", tmp_path / "killed"
+    store = FrameStore(window_bytes=0, spool_dir=str(spool), spool_bytes=1 << 20, first_seq=100)
+    for i in range(4):
+        store.put(lambda seq, i=i: _frame(seq, bytes([i]) * 100), 0, 200)
+    real = os.replace
+
+    def replace(a, b):
+        real(a, b)
+        if not killed.exists():
+            shutil.copytree(spool, killed)  # what is on disk at the kill
+
+    monkeypatch.setattr(sw.os, "replace", replace)
+    store.resume(500)
+    monkeypatch.setattr(sw.os, "replace", real)
+    store.close()
+    again = FrameStore(window_bytes=0, spool_dir=str(killed), spool_bytes=1 << 20)
+    again.resume(500)
+    assert [p[0] for _s, p in _sent_all(again)] == [0, 1, 2, 3]
+
+
+def test_a_renumbering_cut_short_gets_its_names_number_back(tmp_path):
+    """The kill between header and rename, and a next receiver that is *not* ahead: the block
+    goes out under its file's number with a header that says the same."""
+    store = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20, first_seq=100)
+    for i in range(3):
+        store.put(lambda seq, i=i: _frame(seq, bytes([i]) * 100), 0, 200)
+    path = tmp_path / f"{100:020d}.new.frame"
+    data = bytearray(path.read_bytes())
+    data[:P.HEADER_LEN] = _frame(900)[0]
+    path.write_bytes(bytes(data))
+    store.close()
+    again = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20)
+    again.resume(50)
+    assert [s for s, _p in _sent_all(again)] == [100, 101, 102]  # (_sent_all checks the headers)
+
+
+def test_a_spool_that_cannot_be_renamed_still_sends_and_counts_nothing(tmp_path, monkeypatch):
+    """A spool that turned read-only (renames fail with EROFS): renumbered blocks go on from
+    memory, never-sent ones are sent without their mark; nothing is counted as lost."""
+    import errno
+
+    import pktstream.stream.sendwindow as sw
+    store = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20, first_seq=100)
+    for i in range(3):
+        store.put(lambda seq, i=i: _frame(seq, bytes([i]) * 100), 0, 200)
+
+    def refuse(a, b):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(sw.os, "replace", refuse)
+    store.resume(500)
+    got = _sent_all(store)
+    assert [p[0] for _s, p in got] == [0, 1, 2] and [s for s, _p in got] == [501, 502, 503]
+    assert store.dropped_blocks == 0
+
+
+def test_a_handed_out_spooled_block_whose_file_is_gone_is_counted(tmp_path):
+    store = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20, first_seq=100)
+    for _ in range(3):
+        store.put(lambda seq: (P.encode_header(P.FrameType.DATA, 100, seq=seq, count=4, raw_len=400),
+                               b"x" * 100), 4, 200)
+    _sent_all(store)  # handed out once (SEQ.frame now)
+    (tmp_path / f"{101:020d}.frame").unlink()
+    assert [s for s, _p in _sent_all(store)] == [100, 102]  # resent after a reconnect
+    assert store.dropped_blocks == 1 and store.dropped_packets == 4 and store.pending()[0] == 2
+
+
+def test_a_never_sent_name_before_a_sent_one_is_taken_as_maybe_sent(tmp_path):
+    """Never-sent blocks follow every handed-out one; a spool where one does not (a power loss
+    reordering renames, a hand edit) loads in order: the early never-sent block counts as maybe
+    sent, so renumbering touches only the suffix and skips nothing."""
+    store = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20, first_seq=100)
+    for i in range(3):
+        store.put(lambda seq, i=i: _frame(seq, bytes([i]) * 100), 0, 200)
+    store.close()
+    (tmp_path / f"{101:020d}.new.frame").rename(tmp_path / f"{101:020d}.frame")
+    again = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20)
+    again.resume(100, 100)
+    got = _sent_all(again)
+    assert [p[0] for _s, p in got] == [1, 2] and [s for s, _p in got] == sorted(s for s, _p in got)
+    assert again.dropped_blocks == 0
+
+
 def test_previous_runs_frames_the_receiver_has_are_named_not_resent(tmp_path, caplog):
     """Spooled frames of a previous run at or below what the receiver committed (their ACK was
     lost with that run) are not sent again, and the log says how many."""

@@ -272,7 +272,22 @@ class FrameStore:
             loaded.append(_Entry(seq, size, None, head.count, local=False, sent=m.group(2) is None))
             self.spool_used += size
         loaded.sort(key=_seq_of)
-        self._entries.extend(loaded)
+        # blocks go out in order, so never-sent ones follow every handed-out one; a never-sent
+        # name before a handed-out one (a power loss reordering renames, a hand edit) is taken
+        # as maybe sent: renumbering only a suffix keeps the store in order
+        last_sent = max((i for i, e in enumerate(loaded) if e.sent), default=-1)
+        for i, e in enumerate(loaded):
+            if i < last_sent and not e.sent:
+                try:
+                    os.replace(self._spool_path(e.seq, False), self._spool_path(e.seq, True))
+                except OSError as exc:
+                    log.error("spool: block %d: %s; its %d packets are lost", e.seq, exc, e.packets)
+                    self.spool_used -= e.size
+                    self.dropped_blocks += 1
+                    self.dropped_packets += e.packets
+                    continue
+                e.sent = True
+            self._entries.append(e)
         if self._entries:
             log.info("spool: %d frames (%d bytes) from a previous run will be sent first",
                      len(self._entries), self.spool_used)
@@ -365,35 +380,50 @@ class FrameStore:
                 # sequence order: bisect (a deque is indexed in O(n/64), fine for a window)
                 e = entries[bisect.bisect_right(entries, seq, key=_seq_of)]
                 data = e.data
-                if data is None and not e.sent and not self._mark_sent(e):
-                    seq = e.seq  # lost (counted): the next one
-                    continue
+                path = None
+                if data is None:
+                    path = self._mark_sent(e) if not e.sent else self._spool_path(e.seq, True)
+                    if path is None:
+                        seq = e.seq  # lost (counted): the next one
+                        continue
                 e.sent = True
             if data is None:
+                assert path is not None
                 try:
-                    with open(self._spool_path(e.seq, True), "rb") as f:
+                    with open(path, "rb") as f:
                         raw = f.read()
-                except FileNotFoundError:  # acknowledged (and removed) meanwhile: the next one
+                except OSError as exc:
+                    with self._lock:  # acknowledged (and removed) meanwhile, or lost: the next one
+                        if e in self._entries:
+                            self._lose(e, exc)
                     seq = e.seq
                     continue
                 data = (raw[:P.HEADER_LEN], raw[P.HEADER_LEN:])
             return e.seq, data
 
-    def _mark_sent(self, e: _Entry) -> bool:
+    def _mark_sent(self, e: _Entry) -> str | None:
         """A spooled block is about to be handed out for the first time: its file name says so
         first (SEQ.new.frame -> SEQ.frame), so a run after a kill never takes a block the
-        receiver may have for a never-sent one. False: its file is gone or cannot be renamed
-        (the block is dropped and counted). Under the lock."""
+        receiver may have for a never-sent one. Returns the file to read; None: the file is
+        gone (the block is dropped and counted). Under the lock."""
+        new, sent = self._spool_path(e.seq, False), self._spool_path(e.seq, True)
         try:
-            os.replace(self._spool_path(e.seq, False), self._spool_path(e.seq, True))
-            return True
-        except OSError as exc:
-            log.error("spool: block %d: %s; its %d packets are lost", e.seq, exc, e.packets)
-            self._entries.remove(e)
-            self.spool_used -= e.size
-            self.dropped_blocks += 1
-            self.dropped_packets += e.packets
-            return False
+            os.replace(new, sent)
+            return sent
+        except FileNotFoundError as exc:
+            self._lose(e, exc)
+            return None
+        except OSError as exc:  # e.g. a read-only spool: sent anyway (a later run may send it twice)
+            log.warning("spool: block %d: cannot mark it sent (%s)", e.seq, exc)
+            return new
+
+    def _lose(self, e: _Entry, exc: BaseException) -> None:
+        """Drop a spooled block whose file is gone or unusable, counted (under the lock)."""
+        log.error("spool: block %d: %s; its %d packets are lost", e.seq, exc, e.packets)
+        self._entries.remove(e)
+        self.spool_used -= e.size
+        self.dropped_blocks += 1
+        self.dropped_packets += e.packets
 
     def spill(self) -> int:
         """At exit: move unacknowledged in-memory blocks to the spool (within its bound), so the
@@ -478,11 +508,21 @@ class FrameStore:
                     f.seek(12)
                     f.write(struct.pack("<Q", seq))
                 os.replace(old, new)
-            except OSError as exc:
-                log.error("spool: renumbering block %d: %s; its %d packets are lost", e.seq, exc, e.packets)
-                self._entries.remove(e)
-                self.spool_used -= e.size
-                self.dropped_blocks += 1
-                self.dropped_packets += e.packets
+            except FileNotFoundError as exc:
+                self._lose(e, exc)
                 return
+            except OSError as exc:  # e.g. a read-only spool: the block goes on from memory
+                try:
+                    with open(old, "rb") as f:
+                        raw = f.read()
+                except OSError:
+                    self._lose(e, exc)
+                    return
+                log.warning("spool: renumbering block %d: %s (kept in memory; a later run may send "
+                            "its file again)", e.seq, exc)
+                header = bytearray(raw[:P.HEADER_LEN])
+                struct.pack_into("<Q", header, 12, seq)
+                e.data = (bytes(header), raw[P.HEADER_LEN:])
+                self.spool_used -= e.size
+                self.mem_used += e.size
         e.seq = seq
