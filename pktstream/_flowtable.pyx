@@ -122,7 +122,8 @@ cdef inline uint32_t _host32(const unsigned char *p) noexcept nogil:
 cdef inline void parse_key(const unsigned char *p, uint64_t L, int link_type, FlowKey *k,
                            uint16_t *tcp_flags) noexcept nogil:
     """Fill ``k`` (zeroed, vlan -1 by the caller) and the TCP flags of one packet of ``L``
-    captured bytes: the same fields, with the same "absent" values, as decode_columns."""
+    captured bytes: the same fields, with the same "absent" values, as decode_columns (except
+    the protocol behind a cut IPv6 fragment header, see below)."""
     cdef uint64_t pos = 0, l4
     cdef uint32_t et, af, ihl, hl, nh, fk
     cdef int tags = 0, _j
@@ -205,7 +206,10 @@ cdef inline void parse_key(const unsigned char *p, uint64_t L, int link_type, Fl
                 hl = (p[l4 + 1] + 1) * 8
             elif nh == 44:
                 if L < l4 + 8:
-                    k.proto = <uint8_t> nh
+                    # a fragment header cut by the snap length: libpcap's "udp"/"tcp"/"icmp6"
+                    # test its next-header byte, so that is the protocol once it is captured
+                    # (decode_columns keeps 44 and flags the packet truncated)
+                    k.proto = <uint8_t> (p[l4] if L > l4 else nh)
                     return
                 hl = 8
                 first_frag = (ps_get_be16(p + l4 + 2) & 0xFFF8) == 0

@@ -44,13 +44,16 @@ def edge_frames() -> list[tuple[bytes, int]]:
         _cut(_eth(0x0800, _ipv4("10.7.7.7", "10.7.7.8", 6, _tcp(1, 2, 0x02, b""))), 32),     # src only
         _cut(_eth(0x86DD, _ipv6("2001:db8::7", "2001:db8::8", 6, _tcp(1, 2, 0x02, b""))), 38),  # src only
         _cut(_eth(0x0806, _arp("10.6.6.6", "10.6.6.7")), 34),                                 # sender only
+        # an IPv6 fragment header cut after its next-header byte: libpcap's "udp" reads that byte
+        _cut(_eth(0x86DD, _ipv6("2001:db8::9", "2001:db8::a", 44,
+                                struct.pack("!BBHI", 17, 0, 1, 7) + _udp(1000, 53, b"f" * 20))), 56),
     ]
 
 
 EDGE_BPFS = ["port 80", "tcp port 80", "port 53", "dst port 53", "src port 7777", "dst port 8888",
              "host 10.9.9.9", "host 10.8.8.8", "src host 10.7.7.7", "net 10.8.0.0/16", "host 2001:db8::7",
              "host 10.6.6.6", "port 0120", "port 0x50", "portrange 0120-0x50", "not port 443",
-             "host 198.18.1.1 and port 80", "host 192.0.2.250"]
+             "host 198.18.1.1 and port 80", "host 192.0.2.250", "ip6 and udp", "udp and host 2001:db8::9"]
 
 
 def _write_edges(path, frames, start_ns: int) -> None:
@@ -85,7 +88,8 @@ def test_cut_and_malformed_headers_are_never_pruned_away(edge_archive, bpf):
 def test_edge_filters_are_decided_by_libpcap_as_the_test_expects(edge_archive):
     """The oracle sees what the test is about: each cut or malformed frame matches its filter."""
     for bpf in ("port 80", "dst port 53", "src port 7777", "host 10.9.9.9", "host 10.8.8.8",
-                "src host 10.7.7.7", "host 2001:db8::7", "host 10.6.6.6", "port 0120", "port 0x50"):
+                "src host 10.7.7.7", "host 2001:db8::7", "host 10.6.6.6", "port 0120", "port 0x50",
+                "ip6 and udp"):
         assert [p for p in brute(edge_archive, bpf) if p[0] < T0 + S], bpf
     # and the index still prunes: a host that is nowhere reads none of the ordinary files (the
     # malformed frames leave the edge file's summary unable to say "not here": it is read)
@@ -93,6 +97,21 @@ def test_edge_filters_are_decided_by_libpcap_as_the_test_expects(edge_archive):
     a.index(chunk_bytes=CHUNK)
     assert got(a, "host 192.0.2.250") == [] and a.last_stats.files_read == 1 < a.last_stats.files_total
     assert got(a, "port 4321") == [] and a.last_stats.files_read == 1
+
+
+def test_a_cut_ipv6_fragment_header_is_indexed_with_the_protocol_libpcap_reads(tmp_path):
+    """Alone in its file with one decided frame, so nothing else makes its chunk read."""
+    frag6 = _eth(0x86DD, _ipv6("2001:db8::9", "2001:db8::a", 44,
+                               struct.pack("!BBHI", 17, 0, 1, 7) + _udp(1000, 53, b"f" * 20)))
+    _write_edges(tmp_path / "frag.pcap", [(_eth(0x0800, _ipv4("10.0.0.1", "10.0.0.2", 6, _tcp(1, 2, 0x10, b""))), 0),
+                                          _cut(frag6, 14 + 40 + 2)], T0)
+    a = Archive(str(tmp_path))
+    a.index(chunk_bytes=CHUNK)
+    for bpf in ("udp", "ip6 and udp", "udp and host 2001:db8::9"):
+        want = brute(tmp_path, bpf)
+        assert len(want) == 1, bpf  # the oracle matches the cut frame
+        assert got(a, bpf) == want, bpf
+        assert a.last_stats.files_scanned == 0 and not a.last_stats.problems
 
 
 def test_port_numbers_are_read_as_libpcap_reads_them():
