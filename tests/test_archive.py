@@ -374,6 +374,39 @@ def test_s3_archive(tmp_path, moto):
     assert len([1 for b in pktstream.read(tmp_path / "o.pcapng") for _ in range(len(b))]) == 5
 
 
+@pytest.mark.live
+def test_an_s3_object_that_cannot_be_read_while_indexing_is_named_and_retried(tmp_path, moto):
+    """A failing GET (here: the client refuses once) is a read error, not damage: ``index``
+    names it and goes on, records nothing for it, and the next run indexes it."""
+    from botocore.exceptions import ClientError
+    s3 = moto.client()
+    s3.create_bucket(Bucket="arch")
+    root = make_archive(tmp_path / "a")
+    for p in root.rglob("*"):
+        if p.is_file():
+            s3.upload_file(str(p), "arch", "pc/" + str(p.relative_to(root)))
+    refused = []
+
+    class Refusing:  # the real client, with one GET of one object refused
+        def __getattr__(self, name):
+            return getattr(s3, name)
+
+        def get_object(self, **kw):
+            if kw["Key"] == "pc/old.pcap.gz" and not refused:
+                refused.append(kw["Key"])
+                raise ClientError({"Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."}},
+                                  "GetObject")
+            return s3.get_object(**kw)
+    res = Archive("s3://arch/pc", client=Refusing()).index(chunk_bytes=CHUNK)
+    assert refused and res["indexed"] == n_files(root) - 1 and res["damaged"] == 0
+    assert len(res["problems"]) == 1 and res["problems"][0].startswith(
+        "old.pcap.gz: not indexed: cannot read it: s3://arch/pc/old.pcap.gz: An error occurred (SlowDown)")
+    a = Archive("s3://arch/pc", client=s3)
+    assert got(a, "udp") == brute(root, "udp") and a.last_stats.files_scanned == 1
+    assert a.index(chunk_bytes=CHUNK)["indexed"] == 1
+    assert got(a, "udp") == brute(root, "udp") and a.last_stats.files_scanned == 0
+
+
 def _sink_archive(root: Path, *, crash: bool = False):
     """Two indexed FileSinks as a receiver has them: per-sensor rotated .pcap.zst files with
     -W retention, and a merged rotated pcapng; three sensors."""

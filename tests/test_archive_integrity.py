@@ -172,6 +172,53 @@ def test_a_reindex_that_fails_half_way_leaves_the_file_scanned_then_repaired(edg
     assert got(a, "port 53") == brute(edge_archive, "port 53") and a.last_stats.files_scanned == 0
 
 
+def test_a_failed_read_while_indexing_is_no_damage_and_is_retried(edge_archive, monkeypatch):
+    """EIO on one capture file: no catalog row (not "damaged" for good), the query scans it
+    whole, and the next index run indexes it."""
+    real = LocalStore.open
+
+    def eio(self, rel):
+        if rel == "edges.pcap":
+            raise OSError(errno.EIO, "Input/output error")
+        return real(self, rel)
+    monkeypatch.setattr(LocalStore, "open", eio)
+    a = Archive(str(edge_archive))
+    res = a.index(chunk_bytes=CHUNK)
+    monkeypatch.setattr(LocalStore, "open", real)
+    assert res["damaged"] == 0
+    assert res["problems"] == ["edges.pcap: not indexed: cannot read it: [Errno 5] Input/output error"]
+    assert "edges.pcap" not in [r["path"] for r in a.catalog().to_pylist()]
+    assert got(a, "port 53") == brute(edge_archive, "port 53") and a.last_stats.files_scanned == 1
+    res = a.index(chunk_bytes=CHUNK)
+    assert res["indexed"] == 1 and not res["problems"]
+    assert got(a, "port 53") == brute(edge_archive, "port 53") and a.last_stats.files_scanned == 0
+
+
+def test_a_chunk_size_below_the_readers_minimum_is_an_argument_error(edge_archive):
+    a = Archive(str(edge_archive))
+    with pytest.raises(ValueError, match="chunk_bytes 1024: give at least 4096"):
+        a.index(chunk_bytes=1024)
+    assert not (edge_archive / "_index").exists()  # (not every file recorded as damaged)
+
+
+def test_corrupt_gzip_data_is_damage_named_in_one_line_and_the_query_goes_on(edge_archive):
+    import gzip
+    data = gzip.compress((edge_archive / "edges.pcap").read_bytes())
+    (edge_archive / "edges.pcap").unlink()
+    (edge_archive / "bad.pcap.gz").write_bytes(data[:30] + bytes(300) + data[330:])  # zlib.error inside
+    (edge_archive / "crc.pcap.gz").write_bytes(data[:-8] + bytes(4) + data[-4:])  # gzip.BadGzipFile (an OSError)
+    a = Archive(str(edge_archive))
+    res = a.index(chunk_bytes=CHUNK)
+    assert res["damaged"] == 2, res
+    assert sorted(p.split(":")[0] for p in res["problems"]) == ["bad.pcap.gz", "crc.pcap.gz"]
+    assert all("corrupt gzip data" in p and "\n" not in p for p in res["problems"])
+    msgs: list[str] = []
+    for bpf in (None, "port 80"):
+        assert got(a, bpf, warn=msgs.append) == brute(edge_archive, bpf)
+        assert a.last_stats.files_scanned == 0
+    assert {m.split(":")[0] for m in msgs} == {"bad.pcap.gz", "crc.pcap.gz"} and all("\n" not in m for m in msgs)
+
+
 def test_a_parquet_file_that_is_no_catalog_row_is_named_removed_by_index_and_ignored(edge_archive):
     import pyarrow as pa
     import pyarrow.parquet as pq

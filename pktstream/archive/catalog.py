@@ -22,8 +22,9 @@ from pktstream.archive.index import (
     FLOW_DICTIONARY,
     INDEX_DIR,
     INDEX_MAX_FLOWS,
+    CaptureReadError,
     FileIndexBuilder,
-    IndexSpillError,
+    IndexNotBuilt,
     SpilledFlows,
     catalog_file,
     catalog_schema,
@@ -31,6 +32,7 @@ from pktstream.archive.index import (
 from pktstream.archive.store import Entry
 
 CHUNK_BYTES = 256 << 10  # the read unit of offline indexing (decompressed stream bytes)
+MIN_CHUNK_BYTES = 4096  # (the reader's smallest batch)
 
 
 def index_entry(store, entry: Entry, *, chunk_bytes: int = CHUNK_BYTES,
@@ -41,6 +43,7 @@ def index_entry(store, entry: Entry, *, chunk_bytes: int = CHUNK_BYTES,
     attribution, file id); ``max_flows``: the builder's memory bound."""
     from pktstream.exceptions import FileFormatError
     from pktstream.formats import open_reader
+    _check_chunk_bytes(chunk_bytes)
     b = FileIndexBuilder(name or entry.path, max_flows=max_flows)
     status, error, fmt, comp = "ok", None, "unknown", None
     f = None
@@ -58,11 +61,14 @@ def index_entry(store, entry: Entry, *, chunk_bytes: int = CHUNK_BYTES,
                     b.add_header_block(s.block_offset, s.block_length)
                 for i in r.interfaces:
                     b.add_header_block(i.block_offset, i.block_length)
-    except IndexSpillError:
+    except IndexNotBuilt:
         b.close()
         raise  # the index's own failure: no catalog row (the file stays unindexed, and is scanned)
-    except (FileFormatError, OSError, EOFError, ValueError) as exc:
+    except (FileFormatError, EOFError, ValueError) as exc:  # (corrupt gzip/zstd: FileFormatError)
         status, error = "damaged", " ".join(str(exc).split())
+    except OSError as exc:  # a read that failed, not the file's content: retried next time
+        b.close()
+        raise CaptureReadError(f"cannot read it: {' '.join(str(exc).split())}") from exc
     if status == "ok" and f is not None and f.truncated:
         status, error = "truncated", f"{entry.path}: truncated zstd data: the file ends inside its frame"
     if status == "ok" and truncations:
@@ -73,6 +79,12 @@ def index_entry(store, entry: Entry, *, chunk_bytes: int = CHUNK_BYTES,
     except BaseException:
         b.close()  # (spill files)
         raise
+
+
+def _check_chunk_bytes(chunk_bytes: int) -> None:
+    """An argument error, not damage of every file read with it."""
+    if not isinstance(chunk_bytes, int) or chunk_bytes < MIN_CHUNK_BYTES:
+        raise ValueError(f"chunk_bytes {chunk_bytes!r}: give at least {MIN_CHUNK_BYTES} (bytes of decompressed stream)")
 
 
 def parquet_file(data: bytes):
@@ -392,6 +404,7 @@ def repair(store, paths: Iterable[str] | None = None, *, force: bool = False,
         given its address filter / port bitmap from its flow records, without re-reading the
         capture file), ``removed``, ``damaged``, the list ``problems`` and ``seconds``.
     """
+    _check_chunk_bytes(chunk_bytes)
     from pktstream.archive.store import base_of, parts
     subs = parts(store)
     total = sum(e.size for sub in subs for e in sub.captures())
@@ -510,7 +523,7 @@ def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = Fal
             if upgrade and filter_outdated(row.get("address_filter")) and not _add_filters(store, row):
                 try:
                     row, tables = index_entry(store, e, chunk_bytes=chunk_bytes)  # flow records unreadable
-                except IndexSpillError as exc:
+                except IndexNotBuilt as exc:
                     result["problems"].append(f"{e.path}: not indexed: {exc}")
                     keep.update(row.get("flow_files") or ())  # (the row stays: so do its flow files)
                     continue
@@ -524,7 +537,7 @@ def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = Fal
         else:
             try:
                 row, tables = index_entry(store, e, chunk_bytes=chunk_bytes)
-            except IndexSpillError as exc:
+            except IndexNotBuilt as exc:
                 result["problems"].append(f"{e.path}: not indexed: {exc}")
                 keep.update((by_path.get(e.path) or {}).get("flow_files") or ())  # (its row stays)
                 done += e.size

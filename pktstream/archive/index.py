@@ -136,9 +136,19 @@ FILTER_MAX_ADDRESSES = 1 << 20  # distinct addresses a file's address filter hol
 INDEX_MAX_FLOWS = 262_144  # default cap on the flow records one builder holds in memory (~40 MiB at most)
 
 
-class IndexSpillError(Exception):
+class IndexNotBuilt(Exception):
+    """A capture file could not be indexed for a reason that is not its content: it gets no
+    catalog row (queries scan it) and the next ``pktstream index`` tries again."""
+
+
+class IndexSpillError(IndexNotBuilt):
     """Flow records could not be spilled to a temporary file (disk full, ...): an error of the
     index, not of the capture file (which gets no index and is scanned by queries)."""
+
+
+class CaptureReadError(IndexNotBuilt):
+    """Reading the capture file failed (EIO, EACCES, a network store): not damage of the file,
+    so nothing about it is recorded (a damaged row would be kept as current for good)."""
 
 
 class SpilledFlows:

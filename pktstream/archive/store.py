@@ -195,8 +195,15 @@ class S3Store:
         return sorted((o["Key"][len(self.prefix):], o["ETag"].strip('"')) for o in self._objects(prefix + "/"))
 
     def open(self, rel: str) -> BinaryIO:
-        body = self.client.get_object(Bucket=self.bucket, Key=self.prefix + rel)["Body"]
-        return cast(BinaryIO, _Body(body))
+        """A streaming reader of the object; S3 errors (opening or reading) raise ``OSError``
+        naming the object, as a local file's would."""
+        from botocore.exceptions import BotoCoreError, ClientError
+        where = f"s3://{self.bucket}/{self.prefix + rel}"
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self.prefix + rel)["Body"]
+        except (BotoCoreError, ClientError) as exc:
+            raise OSError(f"{where}: {exc}") from exc
+        return cast(BinaryIO, _Body(body, where))
 
     def read_range(self, rel: str, start: int, end: int, f: BinaryIO | None = None) -> bytes:
         if end <= start:
@@ -218,14 +225,19 @@ class S3Store:
 class _Body(io.RawIOBase):
     """A streaming S3 body as a raw binary file (readinto), closing the connection on close."""
 
-    def __init__(self, body) -> None:
+    def __init__(self, body, where: str) -> None:
         self._body = body
+        self._where = where
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int:
-        data = self._body.read(len(b))
+        from botocore.exceptions import BotoCoreError, ClientError
+        try:
+            data = self._body.read(len(b))
+        except (BotoCoreError, ClientError) as exc:  # (a connection lost mid-object, ...)
+            raise OSError(f"{self._where}: {exc}") from exc
         n = len(data)
         b[:n] = data
         return n

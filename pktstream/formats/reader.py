@@ -35,6 +35,7 @@ import mmap
 import os
 import stat
 import struct
+import zlib
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,7 +115,7 @@ def _open_stream(source) -> tuple[Any, bool, str | None, str | None]:
     if starts_zstd(head):
         return _Closing(_ZstdBlocks(_Prefixed(f, head), path or "<stream>"), f if owns else None), True, "zstd", path
     if head.startswith(GZIP_MAGIC):
-        g = gzip.GzipFile(fileobj=_Prefixed(f, head), mode="rb")
+        g = _Gunzip(gzip.GzipFile(fileobj=_Prefixed(f, head), mode="rb"), path or "<stream>")
         return _Closing(g, f if owns else None), True, "gzip", path
     if f.seekable():
         f.seek(-len(head), io.SEEK_CUR)
@@ -299,6 +300,27 @@ class _ZstdBlocks:
 
 
 ZstdBlockReader = _ZstdBlocks  # public name (pktstream.archive decompresses file ranges with it)
+
+
+class _Gunzip:
+    """A gzip reader whose corrupt data raises :class:`FileFormatError` (gzip raises
+    ``BadGzipFile``, an ``OSError`` like a failed read, or ``zlib.error``); a file cut short
+    still raises ``EOFError``."""
+
+    def __init__(self, g: gzip.GzipFile, name: str) -> None:
+        self._g = g
+        self._name = name
+
+    def readinto(self, b) -> int:
+        try:
+            return self._g.readinto(b)
+        except (gzip.BadGzipFile, zlib.error) as exc:
+            named = self._name != "<stream>"
+            raise FileFormatError(f"{self._name + ': ' if named else ''}corrupt gzip data ({exc})",
+                                  path=self._name if named else None) from None
+
+    def close(self) -> None:
+        self._g.close()
 
 
 class _Closing:
