@@ -4,6 +4,7 @@ indexes, repair, CLI commands, S3 (moto). Live end-to-end tests with receivers a
 the oracle are in tests/test_archive_live.py."""
 from __future__ import annotations
 
+import datetime as dt
 import gzip
 import json
 import os
@@ -17,7 +18,7 @@ import pytest
 
 import pktstream
 from archive_data import batches
-from pktstream.archive import Archive, FileIndexBuilder
+from pktstream.archive import Archive, FileIndexBuilder, parse_time
 from pktstream.archive.prune import FlowContext, evaluate, parse
 from pktstream.formats import TruncatedFileWarning, open_reader, open_writer
 from servers import moto  # noqa: F401  (fixture)
@@ -147,6 +148,28 @@ def test_time_bounds_at_file_edges(archive_dir):
         for since, until in ((first, None), (None, first), (None, first + 1), (last, None), (last + 1, None),
                              (first, last), (first, last + 1)):
             assert got(a, "tcp or arp", since=since, until=until) == brute(archive_dir, "tcp or arp", since, until)
+
+
+_T = 1_732_708_800 * 10**9
+
+
+@pytest.mark.parametrize("text, ns", [
+    ("2024-11-27T12:00:00Z", _T), ("2024-11-27T12:00:00.000000500Z", _T + 500),
+    ("2024-11-27T13:00:00.123456789+01:00", _T + 123_456_789), ("2024-11-27 12:00:00,25", _T + 250_000_000),
+    ("2024-11-27", _T - 12 * 3600 * 10**9), ("1732708800", _T), ("1732708800.000000500", _T + 500),
+    (str(_T + 7), _T + 7), ("1969-12-31T23:59:59.5Z", -500_000_000), ("-0.5", -500_000_000),
+    (dt.datetime(1969, 12, 31, 23, 59, 59, 500_000, tzinfo=dt.UTC), -500_000_000),
+    (dt.datetime(2024, 11, 27, 12, 0, 0, 1), _T + 1000)])
+def test_time_bounds_are_parsed_to_the_ns(text, ns):
+    assert parse_time(text) == ns
+
+
+@pytest.mark.parametrize("text, why", [
+    ("1732708800000", "13 digits could be ms"), ("2024-11-27T12:00:00.0000000001Z", "more than 9"),
+    ("1732708800.0000000001", "more than 9"), ("yesterday", "not a time")])
+def test_time_bounds_that_would_be_cut_or_guessed_are_refused(text, why):
+    with pytest.raises(ValueError, match=why):
+        parse_time(text)
 
 
 def test_sensor_selection_and_output_interfaces(archive_dir, tmp_path):

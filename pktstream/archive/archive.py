@@ -15,6 +15,7 @@ call (a receiver may be adding files). Not for concurrent use from several threa
 from __future__ import annotations
 
 import datetime as dt
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -29,9 +30,17 @@ from pktstream.archive.store import open_store
 TimeArg = "int | float | str | dt.datetime | None"
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_ISO_FRACTION = re.compile(r"^(.*\d\d:\d\d:\d\d)[.,](\d+)(\D.*)?$")
+_TIME_FORMS = ("ISO 8601 such as 2024-11-27T12:00:00.000000500Z (UTC when no zone is given), seconds "
+               "since the epoch with up to 9 decimals (1732708800.0000005), or ns since the epoch (18-19 digits)")
+
+
 def parse_time(value: Any) -> int | None:
-    """A time bound as ns since the epoch: int ns, float seconds, datetime, ISO 8601 text (UTC
-    when it has no zone) or seconds as text (``1732708800.5``)."""
+    """A time bound as ns since the epoch, exact: int ns, float seconds, datetime, ISO 8601
+    text (UTC when it has no zone; up to 9 fractional digits), seconds as text
+    (``1732708800.5``, up to 9 decimals) or ns as text (18-19 digits; 13-17 digits could be
+    ms, µs or ns and are refused). Raises ``ValueError`` naming the forms it takes."""
     if value is None:
         return None
     if isinstance(value, bool):
@@ -41,21 +50,39 @@ def parse_time(value: Any) -> int | None:
     if isinstance(value, float):
         return int(round(value * 1e9))
     if isinstance(value, dt.datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=dt.UTC)
-        return int(value.timestamp()) * 10**9 + value.microsecond * 1000
+        return _datetime_ns(value)
     text = str(value).strip()
+    digits = text[1:] if text[:1] == "-" else text
+    if digits.isdigit() and 12 < len(digits) < 18:
+        raise ValueError(f"ambiguous time {value!r}: {len(digits)} digits could be ms, µs or ns; give {_TIME_FORMS}")
+    frac_ns = 0
     try:
-        if text.isdigit() and len(text) > 12:
+        if digits.isdigit() and len(digits) >= 18:
             return int(text)  # ns
-        if text.replace(".", "", 1).isdigit():
-            from decimal import Decimal
-            return int(Decimal(text) * 10**9)  # exact to the ns (a float is not)
+        whole, dot, frac = digits.partition(".")
+        if whole.isdigit() and (not dot or frac.isdigit()):
+            if len(frac) > 9:
+                raise ValueError("more than 9 decimals")
+            ns = int(whole) * 10**9 + int(frac.ljust(9, "0") or 0)
+            return -ns if text[:1] == "-" else ns
+        m = _ISO_FRACTION.match(text)
+        if m:  # the fraction is taken exactly (datetime keeps µs)
+            if len(m[2]) > 9:
+                raise ValueError("more than 9 fractional digits")
+            frac_ns = int(m[2].ljust(9, "0"))
+            text = m[1] + (m[3] or "")
         d = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"not a time: {value!r} (ISO 8601 such as 2024-11-27T12:00:00Z, "
-                         "or seconds since the epoch)") from None
-    return parse_time(d)
+    except ValueError as exc:
+        why = f" ({exc})" if "more than 9" in str(exc) else ""
+        raise ValueError(f"not a time: {value!r}{why}; give {_TIME_FORMS}") from None
+    return _datetime_ns(d) + frac_ns
+
+
+def _datetime_ns(value: dt.datetime) -> int:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    d = value - _EPOCH  # (exact: a float timestamp is not, and int() of it is off before 1970)
+    return (d.days * 86400 + d.seconds) * 10**9 + d.microseconds * 1000
 
 
 class Archive:

@@ -310,7 +310,8 @@ def _cell(v, name: str) -> str:
     return str(v)
 
 
-_TIME_HELP = "ISO 8601 (UTC if no zone) or seconds since the epoch"
+_TIME_HELP = ("ISO 8601 (UTC if no zone; up to 9 fractional digits), seconds since the epoch (up to 9 decimals) "
+              "or ns (18-19 digits)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
