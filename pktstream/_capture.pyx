@@ -9,9 +9,10 @@ cimport cython
 from cpython.buffer cimport PyBUF_WRITABLE, PyBUF_FORMAT, PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport errno, EINTR
-from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t, uint8_t
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t, uint8_t
 from libc.limits cimport INT_MAX
 from libc.stdlib cimport abort, calloc, free, malloc
+from libc.stdio cimport FILE, fclose
 from libc.string cimport memcpy, memset, strerror
 
 import os
@@ -723,6 +724,40 @@ def count_records(data, uint32_t snaplen=0x7fffffff) -> int:
 # BPF
 # ---------------------------------------------------------------------------------------------
 
+cdef pcap_t *_savefile_handle(int dlt, int snaplen) noexcept:
+    """A handle libpcap takes for a savefile of link type ``dlt`` (a pcap file header read
+    from memory; no packets), or NULL when it cannot be made for this link type."""
+    cdef char errbuf[PCAP_ERRBUF_SIZE]
+    cdef unsigned char hdr[24]
+    cdef uint32_t word[4]
+    cdef uint16_t version[2]
+    cdef pcap_t *p
+    cdef FILE *f
+    # a ns pcap file header in host byte order (not "swapped"), version 2.4
+    word[0] = 0xA1B23C4D
+    version[0] = 2
+    version[1] = 4
+    word[1] = 0  # thiszone, sigfigs
+    word[2] = <uint32_t> snaplen
+    word[3] = <uint32_t> (101 if dlt == 12 else 100 if dlt == 11 else dlt)  # DLT -> LINKTYPE_
+    memcpy(hdr, &word[0], 4)
+    memcpy(hdr + 4, version, 4)
+    memcpy(hdr + 8, &word[1], 4)
+    memcpy(hdr + 12, &word[1], 4)
+    memcpy(hdr + 16, &word[2], 8)
+    f = fmemopen(hdr, sizeof(hdr), "rb")
+    if f == NULL:
+        return NULL
+    p = pcap_fopen_offline_with_tstamp_precision(f, PCAP_TSTAMP_PRECISION_NANO, errbuf)
+    if p == NULL:
+        fclose(f)
+        return NULL
+    if pcap_datalink(p) != dlt:  # (a LINKTYPE_ value libpcap maps elsewhere)
+        pcap_close(p)
+        return NULL
+    return p  # (the header was read at open: closing it never reads the stack buffer again)
+
+
 @cython.final
 cdef class BpfProgram:
     """A compiled BPF filter for a link type (used for offline filtering of batches)."""
@@ -730,8 +765,12 @@ cdef class BpfProgram:
     cdef bint compiled
 
     def __cinit__(self, str expression, int link_type, int snaplen=DEFAULT_SNAPLEN):
-        cdef pcap_t *p = pcap_open_dead_with_tstamp_precision(link_type, snaplen,
-                                                              PCAP_TSTAMP_PRECISION_NANO)
+        # compiled as for a capture file (what tcpdump -r compiles against): libpcap's code
+        # differs from a live handle's for some link types (NULL/LOOP "ip6" tests the BSD
+        # address families a file may hold, not this host's AF_INET6)
+        cdef pcap_t *p = _savefile_handle(link_type, snaplen)
+        if p == NULL:
+            p = pcap_open_dead_with_tstamp_precision(link_type, snaplen, PCAP_TSTAMP_PRECISION_NANO)
         if p == NULL:
             raise MemoryError("pcap_open_dead failed")
         try:

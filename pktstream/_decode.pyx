@@ -139,7 +139,9 @@ def decode_columns(const unsigned char[::1] buf, const int64_t[::1] offsets,
                     continue
                 af = ps_get_be32(p) if link_type == 108 else _host32(p)
                 pos = 4
-                et = 0x0800 if af == 2 else 0x86DD if (af == 10 or af == 24 or af == 28 or af == 30) else 0
+                # IPv6: the BSD families, as libpcap's filter and tcpdump's printer take them in a
+                # file (not Linux's AF_INET6 10, which no loopback capture file holds)
+                et = 0x0800 if af == 2 else 0x86DD if (af == 24 or af == 28 or af == 30) else 0
             else:
                 continue
             # ---- 802.1Q / 802.1ad tags (Ethernet, and cooked captures of tagged frames)

@@ -158,7 +158,9 @@ cdef inline void parse_key(const unsigned char *p, uint64_t L, int link_type, Fl
             return
         af = ps_get_be32(p) if link_type == 108 else _host32(p)
         pos = 4
-        et = 0x0800 if af == 2 else 0x86DD if (af == 10 or af == 24 or af == 28 or af == 30) else 0
+        # the families libpcap's "ip"/"ip6" test in a file (BSD's AF_INET6 values; not Linux's
+        # 10, which it tests only live): another family is undecided, never pruned
+        et = 0x0800 if af == 2 else 0x86DD if (af == 24 or af == 28 or af == 30) else 0
     else:
         return
     # ---- 802.1Q / 802.1ad tags: the outer VLAN id is in the key

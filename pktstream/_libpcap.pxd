@@ -1,5 +1,6 @@
 # Declarations only: the parts of <pcap/pcap.h> that pktstream calls.
 from libc.stdint cimport uint32_t, int32_t, uint16_t
+from libc.stdio cimport FILE
 
 cdef extern from "<sys/time.h>" nogil:
     ctypedef long time_t
@@ -7,6 +8,9 @@ cdef extern from "<sys/time.h>" nogil:
     struct timeval:
         time_t tv_sec
         suseconds_t tv_usec
+
+cdef extern from "<stdio.h>" nogil:
+    FILE *fmemopen(void *buf, size_t size, const char *mode)
 
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned short sa_family_t
@@ -95,6 +99,7 @@ cdef extern from "<pcap/pcap.h>" nogil:
     int pcap_activate(pcap_t *p)
     pcap_t *pcap_open_offline_with_tstamp_precision(const char *fname, unsigned int precision, char *errbuf)
     pcap_t *pcap_open_dead_with_tstamp_precision(int linktype, int snaplen, unsigned int precision)
+    pcap_t *pcap_fopen_offline_with_tstamp_precision(FILE *fp, unsigned int precision, char *errbuf)
     void pcap_close(pcap_t *p)
     int pcap_setnonblock(pcap_t *p, int nonblock, char *errbuf)
     int pcap_get_selectable_fd(pcap_t *p)

@@ -114,6 +114,26 @@ def test_a_cut_ipv6_fragment_header_is_indexed_with_the_protocol_libpcap_reads(t
         assert a.last_stats.files_scanned == 0 and not a.last_stats.problems
 
 
+def test_loopback_address_families_are_decided_as_libpcap_decides_them_in_a_file(tmp_path):
+    """Link type NULL: "ip6" in a file tests the BSD families 24/28/30, not Linux's AF_INET6 10,
+    so a packet with family 10 matches "not ip6" (and must not be pruned by it)."""
+    for name, afs in (("lo0.pcap", (2, 28, 30)), ("lo1.pcap", (24, 10))):  # (lo1: the family-10 packet
+        out = bytearray()                                                  # with a decided one only)
+        for i, af in enumerate(afs):
+            pkt = struct.pack("<I", af) + (_ipv4("10.0.0.1", "10.0.0.2", 17, _udp(1, 53, b"")) if af == 2 else
+                                           _ipv6("2001:db8::1", f"2001:db8::{af:x}", 17, _udp(1, 53, b"")))
+            ts = T0 + i * 1000
+            out += struct.pack("<IIII", ts // S, ts % S, len(pkt), len(pkt)) + pkt
+        with open_writer(tmp_path / name) as w:
+            w.write(pktstream.PacketBatch.from_records(bytes(out), link_type=0))
+    a = Archive(str(tmp_path))
+    a.index(chunk_bytes=CHUNK)
+    for bpf in ("ip6", "not ip6", "ip", "not ip", "udp", "host 2001:db8::a"):
+        want = brute(tmp_path, bpf)
+        assert got(a, bpf) == want, bpf
+    assert len(brute(tmp_path, "not ip6")) == 2 and len(brute(tmp_path, "ip6")) == 3  # (the oracle's view)
+
+
 def test_port_numbers_are_read_as_libpcap_reads_them():
     assert parse("port 0120") == ("port", None, 80, 80)
     assert parse("port 0x50") == ("port", None, 80, 80)

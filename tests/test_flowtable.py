@@ -43,7 +43,11 @@ def reference(adds) -> dict[tuple, list]:
             if batch.link_type == 1 and et in (0x0806, 0x8035) and vlan < 0 and batch.caplen[i] >= 42:
                 o = int(batch.offset[i]) + 14
                 src, dst = MAPPED + mem[o + 14:o + 18], MAPPED + mem[o + 24:o + 28]
-            key = (iface, vlan, et, int(cols["ip_version"][i]), int(cols["proto"][i]), int(cols["sport"][i]),
+            proto = int(cols["proto"][i])
+            if cols["ip_version"][i] == 6 and proto == 44:  # (the one documented difference)
+                proto = _proto_behind_cut_fragment(mem, int(batch.offset[i]), int(batch.caplen[i]),
+                                                   int(cols["l3_offset"][i]))
+            key = (iface, vlan, et, int(cols["ip_version"][i]), proto, int(cols["sport"][i]),
                    int(cols["dport"][i]), src, dst)
             ts, wl = int(batch.ts_ns[i]), int(batch.wirelen[i])
             r = out.setdefault(key, [ts, ts, 0, 0, 0, []])
@@ -56,6 +60,25 @@ def reference(adds) -> dict[tuple, list]:
     for r in out.values():
         r[5].sort()
     return out
+
+
+def _proto_behind_cut_fragment(mem: bytes, o: int, L: int, l3: int) -> int:
+    """The IPv6 extension walk (as decode_columns), except that a fragment header the snap
+    length cut gives its next-header byte once captured (what libpcap's "udp" reads)."""
+    nh, l4 = mem[o + l3 + 6], l3 + 40
+    for _ in range(8):
+        if nh in (0, 43, 60, 135, 51):
+            if L < l4 + 8:
+                return nh
+            hl = (mem[o + l4 + 1] + 2) * 4 if nh == 51 else (mem[o + l4 + 1] + 1) * 8
+        elif nh == 44:
+            if L < l4 + 8:
+                return mem[o + l4] if L > l4 else 44
+            hl = 8
+        else:
+            break
+        nh, l4 = mem[o + l4], l4 + hl
+    return nh
 
 
 def table_records(t: FlowTable) -> dict[tuple, list]:

@@ -449,3 +449,57 @@ def test_mutated_files_never_crash(caps, kind, data):
                     pass
         except FileFormatError as exc:
             assert exc.offset is not None and 0 <= exc.offset <= len(sample)
+
+
+def _null_frames() -> list[bytes]:
+    """BSD-loopback payloads (no link header yet): IPv4 UDP to port 53, IPv4 TCP, IPv6 UDP."""
+    import ipaddress
+    v4 = (struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + 8 + 3, 1, 0, 64, 17, 0, bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))
+          + struct.pack("!HHHH", 1000, 53, 11, 0) + b"abc")
+    tcp = (struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 2, 0, 64, 6, 0, bytes([10, 0, 0, 3]), bytes([10, 0, 0, 4]))
+           + struct.pack("!HHIIBBHHH", 4000, 80, 1, 0, 0x50, 0x02, 1024, 0, 0))
+    v6 = (struct.pack("!IHBB", 6 << 28, 8, 17, 64) + ipaddress.IPv6Address("2001:db8::1").packed
+          + ipaddress.IPv6Address("2001:db8::2").packed + struct.pack("!HHHH", 1000, 53, 8, 0))
+    return [v4, tcp, v6]
+
+
+@pytest.mark.parametrize("fmt", ["pcap", "pcapng"])
+@pytest.mark.parametrize("order", [">", "<"])
+def test_null_link_filters_and_converts_as_tcpdump_reads_it(tmp_path, fmt, order):
+    """Link type NULL carries the address family in the writer's byte order: libpcap's filter
+    on a big-endian file tests it byte-swapped, pktstream reads it as LOOP (the same header in
+    network byte order); and a file's "ip6" tests the BSD families (24, 28, 30), not this
+    host's AF_INET6. Filters match as tcpdump's do, and a converted file means the same."""
+    afs = [2, 2, 30]  # AF_INET, AF_INET, AF_INET6 (Darwin)
+    pkts = [struct.pack(order + "I", af) + p for af, p in zip(afs, _null_frames())]
+    path = tmp_path / f"lo0.{fmt}"
+    out = bytearray()
+    if fmt == "pcap":
+        out += struct.pack(order + "IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 0)
+        for i, p in enumerate(pkts):
+            out += struct.pack(order + "IIII", 1_732_708_800, i, len(p), len(p)) + p
+    else:
+        o = order
+        out += struct.pack(o + "II", 0x0A0D0D0A, 28) + struct.pack(o + "IHHq", 0x1A2B3C4D, 1, 0, -1)
+        out += struct.pack(o + "I", 28) + struct.pack(o + "IIHHII", 1, 20, 0, 0, 65535, 20)
+        for i, p in enumerate(pkts):
+            body = p + b"\0" * (-len(p) % 4)
+            t = 1_732_708_800 * 10**6 + i
+            out += struct.pack(o + "IIIIIII", 6, 32 + len(body), 0, t >> 32, t & 0xFFFFFFFF, len(p), len(p)) + body
+            out += struct.pack(o + "I", 32 + len(body))
+    path.write_bytes(bytes(out))
+    with open_reader(path) as r:
+        assert [bytes(x) for b in r for x in b] == pkts  # the bytes as written
+        big = order == ">"
+        assert [i.link_type for i in r.interfaces] == [108 if big else 0]
+        assert r.byte_order == ("big" if big else "little")
+    conv = tmp_path / "conv.pcapng"
+    with open_writer(conv) as w:
+        for b in pktstream.read(path):
+            w.write(b)
+    for bpf in ("ip", "ip6", "udp port 53", "host 10.0.0.3", "tcp"):
+        want = subprocess.run(["tcpdump", "-nr", str(path), bpf], capture_output=True, text=True, check=True).stdout
+        assert want.count("\n") >= 1, bpf  # the oracle sees them
+        assert sum(len(b) for b in pktstream.read(path, bpf=bpf)) == want.count("\n"), bpf
+        again = subprocess.run(["tcpdump", "-nr", str(conv), bpf], capture_output=True, text=True, check=True).stdout
+        assert again.count("\n") == want.count("\n"), bpf

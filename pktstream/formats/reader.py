@@ -78,7 +78,7 @@ _TEXT_OPTS = {"shb_hardware", "shb_os", "shb_userappl", "if_name", "if_descripti
 class InterfaceInfo:
     """One interface of a capture file (pcapng IDB, or the single link of a pcap file)."""
     index: int                 # position among all interfaces of the file (all sections)
-    link_type: int             # DLT value, as libpcap and PacketBatch use it
+    link_type: int             # DLT value, as libpcap and PacketBatch use it (NULL of a big-endian file: LOOP)
     snaplen: int
     name: str                  # if_name, or "if<index>"
     section: int = 0
@@ -302,6 +302,16 @@ class _ZstdBlocks:
 ZstdBlockReader = _ZstdBlocks  # public name (pktstream.archive decompresses file ranges with it)
 
 
+def _link_type(linktype: int, big_endian: bool) -> int:
+    """The DLT of a file's (or section's) LINKTYPE value. NULL (BSD loopback) carries the
+    address family in the writer's byte order: in a big-endian file that is LOOP (108, the
+    family in network byte order), so it reads as LOOP -- what libpcap's filter tests for a
+    byte-swapped savefile, and what outputs (little-endian) must say for tcpdump to read them
+    the same way. The packet bytes are unchanged."""
+    dlt = linktype_to_dlt(linktype)
+    return 108 if dlt == 0 and big_endian else dlt
+
+
 class _Gunzip:
     """A gzip reader whose corrupt data raises :class:`FileFormatError` (gzip raises
     ``BadGzipFile``, an ``OSError`` like a failed read, or ``zlib.error``); a file cut short
@@ -440,7 +450,7 @@ class CaptureReader:
         self.nanosecond = magic == PCAP_MAGIC_NS
         self.snaplen = snaplen or DEFAULT_SNAPLEN
         self.fcs_bits = linktype >> 26 if linktype & 0x04000000 else None
-        lt = linktype_to_dlt(linktype & 0xFFFF)
+        lt = _link_type(linktype & 0xFFFF, order == ">")
         self.interfaces.append(InterfaceInfo(0, lt, self.snaplen, self.path or "if0",
                                              tsresol=9 if self.nanosecond else 6))
         self._max_caplen = max(min(self.snaplen, MAX_CAPLEN), DEFAULT_SNAPLEN)
@@ -906,7 +916,7 @@ class CaptureReader:
                 opts[name] = val.decode("utf-8", "replace")
         index = len(self.interfaces)
         snap = snaplen if snaplen else DEFAULT_SNAPLEN
-        info = InterfaceInfo(index, linktype_to_dlt(linktype), snap, opts.get("if_name") or f"if{index}",
+        info = InterfaceInfo(index, _link_type(linktype, swap), snap, opts.get("if_name") or f"if{index}",
                              section=len(self.sections) - 1, tsresol=tsresol, tsoffset=tsoffset,
                              description=opts.get("if_description"), options=opts)
         self.interfaces.append(info)
