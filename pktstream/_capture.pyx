@@ -724,6 +724,11 @@ def count_records(data, uint32_t snaplen=0x7fffffff) -> int:
 # BPF
 # ---------------------------------------------------------------------------------------------
 
+cdef inline bint _host_little_endian() noexcept:
+    cdef uint16_t one = 1
+    return (<unsigned char *> &one)[0] == 1
+
+
 cdef pcap_t *_savefile_handle(int dlt, int snaplen) noexcept:
     """A handle libpcap takes for a savefile of link type ``dlt`` (a pcap file header read
     from memory; no packets), or NULL when it cannot be made for this link type."""
@@ -1240,6 +1245,8 @@ cdef class Capture:
             raise FileFormatError(f"cannot read capture file {path!r}: {msg}", path=path)
         c.s.p = p
         c.link_type = pcap_datalink(p)
+        if c.link_type == 0 and (pcap_is_swapped(p) != 0) == _host_little_endian():
+            c.link_type = 108  # NULL in a big-endian file is LOOP (as pktstream.read gives it; docs/FILES.md)
         c.snaplen = pcap_snapshot(p)
         if c.snaplen <= 0:
             c.snaplen = DEFAULT_SNAPLEN

@@ -112,6 +112,7 @@ cdef extern from "<pcap/pcap.h>" nogil:
     void pcap_freecode(bpf_program *fp)
     int pcap_offline_filter(const bpf_program *fp, const pcap_pkthdr *h, const unsigned char *pkt)
     int pcap_datalink(pcap_t *p)
+    int pcap_is_swapped(pcap_t *p)
     const char *pcap_datalink_val_to_name(int dlt)
     const char *pcap_datalink_val_to_description(int dlt)
     int pcap_snapshot(pcap_t *p)

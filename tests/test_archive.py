@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import pktstream
@@ -159,14 +160,17 @@ _T = 1_732_708_800 * 10**9
     ("2024-11-27", _T - 12 * 3600 * 10**9), ("1732708800", _T), ("1732708800.000000500", _T + 500),
     (str(_T + 7), _T + 7), ("1969-12-31T23:59:59.5Z", -500_000_000), ("-0.5", -500_000_000),
     (dt.datetime(1969, 12, 31, 23, 59, 59, 500_000, tzinfo=dt.UTC), -500_000_000),
-    (dt.datetime(2024, 11, 27, 12, 0, 0, 1), _T + 1000)])
+    (dt.datetime(2024, 11, 27, 12, 0, 0, 1), _T + 1000), ("20241127T120000.123456789Z", _T + 123_456_789),
+    ("1732708800.", _T), (".5", 500_000_000), ("2024-11-27T12:00:00+01:00:30.5", _T - 3630_500_000_000),
+    (pd.Timestamp("2024-11-27T12:00:00.000000500Z"), _T + 500)])
 def test_time_bounds_are_parsed_to_the_ns(text, ns):
     assert parse_time(text) == ns
 
 
 @pytest.mark.parametrize("text, why", [
     ("1732708800000", "13 digits could be ms"), ("2024-11-27T12:00:00.0000000001Z", "more than 9"),
-    ("1732708800.0000000001", "more than 9"), ("yesterday", "not a time")])
+    ("1732708800.0000000001", "more than 9"), ("yesterday", "not a time"),
+    ("20241127T120000.1234567890Z", "more than 9"), ("1732708800123.456", "13 digits could be ms")])
 def test_time_bounds_that_would_be_cut_or_guessed_are_refused(text, why):
     with pytest.raises(ValueError, match=why):
         parse_time(text)

@@ -503,3 +503,8 @@ def test_null_link_filters_and_converts_as_tcpdump_reads_it(tmp_path, fmt, order
         assert sum(len(b) for b in pktstream.read(path, bpf=bpf)) == want.count("\n"), bpf
         again = subprocess.run(["tcpdump", "-nr", str(conv), bpf], capture_output=True, text=True, check=True).stdout
         assert again.count("\n") == want.count("\n"), bpf
+    if fmt == "pcap":  # libpcap's own reader (Capture.open_offline) gives the same link type
+        with pktstream.Capture.open_offline(path) as c:
+            got = [b for b in c]
+        assert {b.link_type for b in got} == {108 if big else 0}
+        assert sum(int(b.filter("ip").sum()) for b in got) == 2

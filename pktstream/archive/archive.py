@@ -31,16 +31,19 @@ TimeArg = "int | float | str | dt.datetime | None"
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-_ISO_FRACTION = re.compile(r"^(.*\d\d:\d\d:\d\d)[.,](\d+)(\D.*)?$")
+# a time of day with seconds (basic or extended format) and its fraction; the rest (a zone) apart
+_ISO_FRACTION = re.compile(r"^(\d{4}-?\d{2}-?\d{2}[T ]\d{2}:?\d{2}:?\d{2})[.,](\d+)(\D.*)?$")
+_NUMBER = re.compile(r"^(-?)(\d*)(?:\.(\d*))?$")
 _TIME_FORMS = ("ISO 8601 such as 2024-11-27T12:00:00.000000500Z (UTC when no zone is given), seconds "
                "since the epoch with up to 9 decimals (1732708800.0000005), or ns since the epoch (18-19 digits)")
 
 
 def parse_time(value: Any) -> int | None:
-    """A time bound as ns since the epoch, exact: int ns, float seconds, datetime, ISO 8601
-    text (UTC when it has no zone; up to 9 fractional digits), seconds as text
-    (``1732708800.5``, up to 9 decimals) or ns as text (18-19 digits; 13-17 digits could be
-    ms, µs or ns and are refused). Raises ``ValueError`` naming the forms it takes."""
+    """A time bound as ns since the epoch, exact: int ns, float seconds, datetime (also a
+    pandas ``Timestamp``'s ns), ISO 8601 text (UTC when it has no zone; up to 9 fractional
+    digits of a second), seconds as text (``1732708800.5``, up to 9 decimals) or ns as text
+    (18-19 digits). 13-17 digits could be ms, µs or ns, and more than 9 fractional digits would
+    be cut: both are refused (``ValueError`` naming the forms taken), never guessed."""
     if value is None:
         return None
     if isinstance(value, bool):
@@ -50,21 +53,20 @@ def parse_time(value: Any) -> int | None:
     if isinstance(value, float):
         return int(round(value * 1e9))
     if isinstance(value, dt.datetime):
-        return _datetime_ns(value)
+        return _datetime_ns(value) + int(getattr(value, "nanosecond", 0) or 0)
     text = str(value).strip()
-    digits = text[1:] if text[:1] == "-" else text
-    if digits.isdigit() and 12 < len(digits) < 18:
-        raise ValueError(f"ambiguous time {value!r}: {len(digits)} digits could be ms, µs or ns; give {_TIME_FORMS}")
-    frac_ns = 0
     try:
-        if digits.isdigit() and len(digits) >= 18:
-            return int(text)  # ns
-        whole, dot, frac = digits.partition(".")
-        if whole.isdigit() and (not dot or frac.isdigit()):
+        m = _NUMBER.match(text)
+        if m and (m[2] or m[3]):
+            sign, whole, frac = -1 if m[1] else 1, m[2] or "0", m[3] or ""
+            if 12 < len(whole) < 18 or (len(whole) > 12 and m[3] is not None):
+                raise ValueError(f"{len(whole)} digits could be ms, µs or ns")
+            if len(whole) >= 18:
+                return sign * int(whole)  # ns
             if len(frac) > 9:
                 raise ValueError("more than 9 decimals")
-            ns = int(whole) * 10**9 + int(frac.ljust(9, "0") or 0)
-            return -ns if text[:1] == "-" else ns
+            return sign * (int(whole) * 10**9 + int(frac.ljust(9, "0")))
+        frac_ns = 0
         m = _ISO_FRACTION.match(text)
         if m:  # the fraction is taken exactly (datetime keeps µs)
             if len(m[2]) > 9:
@@ -73,7 +75,7 @@ def parse_time(value: Any) -> int | None:
             text = m[1] + (m[3] or "")
         d = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError as exc:
-        why = f" ({exc})" if "more than 9" in str(exc) else ""
+        why = f" ({exc})" if "digits" in str(exc) or "decimals" in str(exc) else ""
         raise ValueError(f"not a time: {value!r}{why}; give {_TIME_FORMS}") from None
     return _datetime_ns(d) + frac_ns
 

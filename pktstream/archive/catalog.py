@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import io
+import operator
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -83,7 +84,11 @@ def index_entry(store, entry: Entry, *, chunk_bytes: int = CHUNK_BYTES,
 
 def _check_chunk_bytes(chunk_bytes: int) -> None:
     """An argument error, not damage of every file read with it."""
-    if not isinstance(chunk_bytes, int) or chunk_bytes < MIN_CHUNK_BYTES:
+    try:
+        n = operator.index(chunk_bytes)
+    except TypeError:
+        raise TypeError(f"chunk_bytes {chunk_bytes!r}: give an integer number of bytes") from None
+    if n < MIN_CHUNK_BYTES:
         raise ValueError(f"chunk_bytes {chunk_bytes!r}: give at least {MIN_CHUNK_BYTES} (bytes of decompressed stream)")
 
 

@@ -36,7 +36,8 @@ from pktstream._flowtable import KEY_BYTES, FlowTable, address_texts
 from pktstream.archive.bloom import MAPPED_PREFIX, UNKNOWN_FILTER, address_hashes, filter_of_hashes, port_bitmap
 
 INDEX_DIR = "_index"
-FORMAT_VERSION = 2  # 2: ports of cut TCP/UDP headers; summaries incomplete for broken IP, short ARP
+FORMAT_VERSION = 3  # 2: ports of cut TCP/UDP headers; summaries incomplete for broken IP, short ARP;
+#                    3: the protocol behind a cut IPv6 fragment header; NULL/LOOP family 10 not IPv6
 SUMMARY_LIMIT = 4096  # more distinct addresses/ports than this: the summary is "unknown" (null)
 
 # a flow key as FlowTable.flows() gives it (native byte order)

@@ -185,6 +185,8 @@ class S3Sink(Sink):
         file is completed ``rotate_seconds`` after it was opened even if the sensors are idle."""
         while not self._closing.wait(0.5):
             with self._files_lock:
+                if self._closing.is_set():  # close() took the lock first: the files are closed
+                    return
                 if not self._dirty:
                     self._files.flush()  # nothing new since the last flush: this only rotates
 
