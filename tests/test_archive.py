@@ -374,15 +374,21 @@ def test_cli_index_query_flows_sql(tmp_path):
     assert r.returncode == 1 and "nope" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.live
-def test_s3_archive(tmp_path, moto):
-    from servers import AWS_ENV  # noqa: F401
+def _uploaded_archive(tmp_path, moto):
+    """make_archive's files as objects under s3://arch/pc/ (moto); (client, local root)."""
     s3 = moto.client()
     s3.create_bucket(Bucket="arch")
     root = make_archive(tmp_path / "a")
     for p in root.rglob("*"):
         if p.is_file():
             s3.upload_file(str(p), "arch", "pc/" + str(p.relative_to(root)))
+    return s3, root
+
+
+@pytest.mark.live
+def test_s3_archive(tmp_path, moto):
+    from servers import AWS_ENV  # noqa: F401
+    s3, root = _uploaded_archive(tmp_path, moto)
     a = Archive("s3://arch/pc", client=s3)
     assert a.index(chunk_bytes=CHUNK)["indexed"] == n_files(root)
     assert a.index(chunk_bytes=CHUNK)["current"] == n_files(root)
@@ -406,12 +412,7 @@ def test_an_s3_object_that_cannot_be_read_while_indexing_is_named_and_retried(tm
     """A failing GET (here: the client refuses once) is a read error, not damage: ``index``
     names it and goes on, records nothing for it, and the next run indexes it."""
     from botocore.exceptions import ClientError
-    s3 = moto.client()
-    s3.create_bucket(Bucket="arch")
-    root = make_archive(tmp_path / "a")
-    for p in root.rglob("*"):
-        if p.is_file():
-            s3.upload_file(str(p), "arch", "pc/" + str(p.relative_to(root)))
+    s3, root = _uploaded_archive(tmp_path, moto)
     refused = []
 
     class Refusing:  # the real client, with one GET of one object refused

@@ -56,13 +56,13 @@ EDGE_BPFS = ["port 80", "tcp port 80", "port 53", "dst port 53", "src port 7777"
              "host 198.18.1.1 and port 80", "host 192.0.2.250", "ip6 and udp", "udp and host 2001:db8::9"]
 
 
-def _write_edges(path, frames, start_ns: int) -> None:
+def _write_edges(path, frames, start_ns: int, link_type: int = 1) -> None:
     out = bytearray()
     for i, (data, wire) in enumerate(frames):
         ts = start_ns + i * 1000
         out += struct.pack("<IIII", ts // S, ts % S, len(data), wire or len(data)) + data
     with open_writer(path) as w:
-        w.write(pktstream.PacketBatch.from_records(bytes(out), link_type=1))
+        w.write(pktstream.PacketBatch.from_records(bytes(out), link_type=link_type))
 
 
 @pytest.fixture
@@ -118,14 +118,10 @@ def test_loopback_address_families_are_decided_as_libpcap_decides_them_in_a_file
     """Link type NULL: "ip6" in a file tests the BSD families 24/28/30, not Linux's AF_INET6 10,
     so a packet with family 10 matches "not ip6" (and must not be pruned by it)."""
     for name, afs in (("lo0.pcap", (2, 28, 30)), ("lo1.pcap", (24, 10))):  # (lo1: the family-10 packet
-        out = bytearray()                                                  # with a decided one only)
-        for i, af in enumerate(afs):
-            pkt = struct.pack("<I", af) + (_ipv4("10.0.0.1", "10.0.0.2", 17, _udp(1, 53, b"")) if af == 2 else
-                                           _ipv6("2001:db8::1", f"2001:db8::{af:x}", 17, _udp(1, 53, b"")))
-            ts = T0 + i * 1000
-            out += struct.pack("<IIII", ts // S, ts % S, len(pkt), len(pkt)) + pkt
-        with open_writer(tmp_path / name) as w:
-            w.write(pktstream.PacketBatch.from_records(bytes(out), link_type=0))
+        frames = [(struct.pack("<I", af) + (_ipv4("10.0.0.1", "10.0.0.2", 17, _udp(1, 53, b"")) if af == 2 else
+                                            _ipv6("2001:db8::1", f"2001:db8::{af:x}", 17, _udp(1, 53, b""))), 0)
+                  for af in afs]                                           # with a decided one only)
+        _write_edges(tmp_path / name, frames, T0, link_type=0)
     a = Archive(str(tmp_path))
     a.index(chunk_bytes=CHUNK)
     for bpf in ("ip6", "not ip6", "ip", "not ip", "udp", "host 2001:db8::a"):

@@ -226,17 +226,18 @@ class _Body(io.RawIOBase):
     """A streaming S3 body as a raw binary file (readinto), closing the connection on close."""
 
     def __init__(self, body, where: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
         self._body = body
         self._where = where
+        self._errors = (BotoCoreError, ClientError)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int:
-        from botocore.exceptions import BotoCoreError, ClientError
         try:
             data = self._body.read(len(b))
-        except (BotoCoreError, ClientError) as exc:  # (a connection lost mid-object, ...)
+        except self._errors as exc:  # (a connection lost mid-object, ...)
             raise OSError(f"{self._where}: {exc}") from exc
         n = len(data)
         b[:n] = data
