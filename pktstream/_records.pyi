@@ -16,7 +16,7 @@ STATUS: dict[str, int]
 def pcap_walk(src: _In, start: int, end: int, swap: bool, usec: bool, max_caplen: int,
               dst: _Out | None = None, max_packets: int = -1, ts_out: _Out | None = None,
               caplen_out: _Out | None = None, wirelen_out: _Out | None = None,
-              offset_out: _Out | None = None) -> tuple[int, int, int, int]: ...
+              offset_out: _Out | None = None, snapshot: int = 0xFFFFFFFF) -> tuple[int, int, int, int]: ...
 def pcapng_walk(src: _In, start: int, end: int, swap: bool, if_ups: _In,
                 if_mult: _In, if_offset: _In, if_snaplen: _In,
                 max_block: int, dst: _Out, dst_pos: int, ifaces: _Out,

@@ -77,10 +77,12 @@ cdef enum:
     WALK_OPTIONS = 4     # pcapng: packet block with options at ``pos`` (only when asked to stop)
     WALK_FULL = 5        # the output (records or packets) is full
     WALK_BAD_TIME = 6    # pcap: a timestamp fraction out of range (>= 1e6 µs or 1e9 ns) at ``pos``
+    WALK_CUT = 7         # pcap, not converting: the record at ``pos`` is longer than the snapshot
 
 #: walk status codes, for Python callers
 STATUS = {"more": WALK_MORE, "block": WALK_BLOCK, "bad_length": WALK_BAD_LENGTH,
-          "bad_iface": WALK_BAD_IFACE, "options": WALK_OPTIONS, "full": WALK_FULL, "bad_time": WALK_BAD_TIME}
+          "bad_iface": WALK_BAD_IFACE, "options": WALK_OPTIONS, "full": WALK_FULL, "bad_time": WALK_BAD_TIME,
+          "cut": WALK_CUT}
 
 
 @cython.boundscheck(False)
@@ -88,11 +90,14 @@ STATUS = {"more": WALK_MORE, "block": WALK_BLOCK, "bad_length": WALK_BAD_LENGTH,
 def pcap_walk(const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t end, bint swap,
               bint usec, uint32_t max_caplen, unsigned char[::1] dst=None, Py_ssize_t max_packets=-1,
               int64_t[::1] ts_out=None, uint32_t[::1] caplen_out=None, uint32_t[::1] wirelen_out=None,
-              int64_t[::1] offset_out=None):
+              int64_t[::1] offset_out=None, uint32_t snapshot=0xFFFFFFFF):
     """Walk classic pcap records in ``src[start:end]``.
 
     With ``dst`` (at least ``end - start`` bytes) the records are written there as LE ns
     records; without, they are only checked (the input already is LE ns).
+    A record longer than ``snapshot`` (the file's snap length) is cut to it as libpcap cuts
+    it (the rest of its bytes are skipped) when writing to ``dst``; without ``dst`` the walk
+    stops at it (status "cut": the caller converts from there on).
     With the four ``*_out`` arrays (all or none), packet ``k``'s timestamp (ns), caplen,
     wirelen and the offset of its data in the records (``dst``, or ``src[start:]``) go to entry
     ``k``: ``PacketBatch.from_records(index=...)`` then needs no second pass; at most as many
@@ -100,7 +105,7 @@ def pcap_walk(const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t end, bi
     Returns ``(status, pos, count, out_len)``: ``pos`` is where walking stopped.
     """
     cdef Py_ssize_t pos = start, out = 0, count = 0
-    cdef uint32_t sec, frac, caplen, wirelen
+    cdef uint32_t sec, frac, caplen, wirelen, keep
     cdef int status = WALK_MORE
     cdef unsigned char *d = NULL
     cdef const unsigned char *s = &src[0] if src.shape[0] else NULL
@@ -144,13 +149,19 @@ def pcap_walk(const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t end, bi
             if ps_get32(s + pos + 4, swap) >= (1000000 if usec else 1000000000):
                 status = WALK_BAD_TIME  # (a µs fraction * 1000 would also wrap in 32 bits)
                 break
+            keep = caplen
+            if caplen > snapshot:
+                if d == NULL:
+                    status = WALK_CUT
+                    break
+                keep = snapshot
             if fill:  # count < max_packets <= every array's length
                 sec = ps_get32(s + pos, swap)
                 frac = ps_get32(s + pos + 4, swap)
                 if usec:
                     frac = frac * 1000
                 pts[count] = <int64_t> sec * 1000000000 + frac
-                pcl[count] = caplen
+                pcl[count] = keep
                 pwl[count] = ps_get32(s + pos + 12, swap)
                 poff[count] = out + HDR
             if d != NULL:
@@ -161,10 +172,10 @@ def pcap_walk(const unsigned char[::1] src, Py_ssize_t start, Py_ssize_t end, bi
                     frac = frac * 1000
                 ps_put_le32(d + out, sec)
                 ps_put_le32(d + out + 4, frac)
-                ps_put_le32(d + out + 8, caplen)
+                ps_put_le32(d + out + 8, keep)
                 ps_put_le32(d + out + 12, wirelen)
-                memcpy(d + out + HDR, s + pos + HDR, caplen)
-            out += HDR + caplen
+                memcpy(d + out + HDR, s + pos + HDR, keep)
+            out += HDR + keep
             pos += HDR + caplen
             count += 1
     return status, pos, count, out

@@ -282,3 +282,45 @@ def test_flows_says_which_files_it_cannot_list(edge_archive, monkeypatch):
     monkeypatch.setattr(ix, "FORMAT_VERSION", ix.FORMAT_VERSION + 1)  # every row is of an older format
     assert len(a.flows(warn=msgs.append)) == 0
     assert len(msgs) == 1 and "5 file(s) without a current index are not listed" in msgs[0], msgs
+
+
+def _tcpdump_order(path, bpf: str | None) -> list[tuple[int, bytes]]:
+    """What ``tcpdump -r`` prints, in its order (nanosecond pcap out)."""
+    import io
+    import subprocess
+    out = subprocess.run(["tcpdump", "-r", str(path), "--time-stamp-precision=nano", "-w", "-"]
+                         + ([bpf] if bpf else []), capture_output=True, check=True).stdout
+    return [(int(b.ts_ns[i]), bytes(b[i])) for b in pktstream.read(io.BytesIO(out)) for i in range(len(b))]
+
+
+def test_equal_time_stamps_of_several_interfaces_come_out_in_file_order(tmp_path):
+    """One pcapng of three interfaces, packets interleaved in runs of 1-3 per interface, four
+    packets per time stamp, over several read buffers: the query's order is the file's, as
+    tcpdump -r prints it (the reader hands a read buffer out one interface at a time)."""
+    import random
+
+    from archive_data import frame, records
+    rng = random.Random(7)
+    root = tmp_path / "a"
+    root.mkdir()
+    path = root / "multi.pcapng"
+    with open_writer(path) as w:
+        i = 0
+        while i < 9000:
+            run = [(T0 + (j // 4) * 1000, frame(rng) + j.to_bytes(4, "big")) for j in range(i, i + rng.randint(1, 3))]
+            w.write(pktstream.PacketBatch.from_records(records(run), link_type=1,
+                                                       interface=f"s1/eth{rng.randrange(3)}"))
+            i += len(run)
+    assert path.stat().st_size > 2 * (1 << 20)  # more than two read buffers
+    a = Archive(str(root))
+    for indexed in (False, True):
+        if indexed:
+            a.index(chunk_bytes=CHUNK)
+        for bpf in (None, "tcp", "ip6 or arp"):
+            want = _tcpdump_order(path, bpf)
+            assert len({ts for ts, _ in want}) < len(want)  # ties there are
+            assert got(a, bpf) == want, (indexed, bpf)
+            assert a.last_stats.files_scanned == (0 if indexed else 1)
+        since, until = T0 + 500 * 1000, T0 + 900 * 1000
+        assert got(a, "udp", since=since, until=until) == [x for x in _tcpdump_order(path, "udp")
+                                                           if since <= x[0] < until]

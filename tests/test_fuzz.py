@@ -200,10 +200,11 @@ _PCAPNG: list[bytes] = []
 
 @settings(max_examples=max(40, EXAMPLES // 6), deadline=None, suppress_health_check=list(HealthCheck))
 @given(_records, st.sampled_from(["ns", "us", "be", "pcapng"]), st.lists(st.tuples(st.integers(0, 10**6),
-       st.integers(0, 255)), max_size=6), st.integers(0, 10**6))
-def test_mapped_hostile_files_read_as_read_does(recs, kind, mutations, cut):
+       st.integers(0, 255)), max_size=6), st.integers(0, 10**6), st.sampled_from([65535, 40]))
+def test_mapped_hostile_files_read_as_read_does(recs, kind, mutations, cut, snaplen):
     """Mutated and cut files through the memory-mapped path: the same batches, errors (with
-    offsets) and warnings as the read() path, and no read outside the mapping (sanitizer)."""
+    offsets) and warnings as the read() path, and no read outside the mapping (sanitizer).
+    A snap length of 40 makes records longer than it (cut by both paths)."""
     if kind == "pcapng":
         if not _PCAPNG:
             buf = io.BytesIO()
@@ -214,7 +215,7 @@ def test_mapped_hostile_files_read_as_read_does(recs, kind, mutations, cut):
             _PCAPNG.append(buf.getvalue())
         data = bytearray(_PCAPNG[0])
     else:
-        data = bytearray(_pcap_file(recs * 30, kind == "us", kind == "be", 65535, 1))
+        data = bytearray(_pcap_file(recs * 30, kind == "us", kind == "be", snaplen, 1))
     for at, value in mutations:
         data[at % len(data)] = value
     data = data[:max(24, cut % (len(data) + 1))]

@@ -416,11 +416,14 @@ class ZstdChecked(io.RawIOBase):
 
 
 def iter_plan(store, plan: FilePlan, *, bpf: str | None, since: int | None, until: int | None,
-              sensors: set[str] | None, stats: QueryStats, warn: Callable[[str], None]) -> Iterator[tuple[Any, int]]:
-    """Packets of one planned file passing the bounds and the BPF, in file order, as they are
-    read: ``(batch or None, done)`` (None: nothing of the last batch read matched); ``done``:
-    the first ``done`` packets of the file (in file order) have all been delivered -- the reader
-    hands out a read buffer's packets per interface, so packets read are not always a prefix.
+              sensors: set[str] | None, stats: QueryStats,
+              warn: Callable[[str], None]) -> Iterator[tuple[Any, int, Any]]:
+    """Packets of one planned file passing the bounds and the BPF, as they are read:
+    ``(batch or None, done, positions)`` (None: nothing of the last batch read matched);
+    ``done``: the first ``done`` packets of the file (in file order) have all been delivered --
+    the reader hands out a read buffer's packets per interface, so packets read are not always
+    a prefix; ``positions``: the batch's packets' places in the order of the packets read
+    (int64, increasing; the tie-break of equal time stamps), None with a None batch.
     A batch's ``interface`` is ``sensor/interface``. Problems are reported through ``warn``;
     the file is closed when the generator ends or is closed."""
     from pktstream._capture import PacketBatch
@@ -469,7 +472,7 @@ def iter_plan(store, plan: FilePlan, *, bpf: str | None, since: int | None, unti
             stats.packets_read += len(batch)
             sensor, itf = sensor_of(batch.interface, plan.path)
             if sensors is not None and sensor not in sensors:
-                yield None, done
+                yield None, done, None
                 continue
             mask = None
             if since is not None or until is not None:
@@ -483,18 +486,21 @@ def iter_plan(store, plan: FilePlan, *, bpf: str | None, since: int | None, unti
                 m2 = batch.filter(bpf)
                 mask = m2 if mask is None else mask & m2
             name = f"{sensor}/{itf}"
+            assert reader is not None  # a batch came from it
+            positions = reader.last_positions()
             if mask is None or mask.all():
                 b = PacketBatch.from_records(memoryview(batch), link_type=batch.link_type,
                                              snaplen=batch.snaplen, interface=name, validate=False,
                                              count=len(batch))
             elif mask.any():
+                positions = positions[mask]
                 recs, n = take_mask(memoryview(batch), batch.offset, batch.caplen, mask.view(np.uint8))
                 b = PacketBatch.from_records(recs, link_type=batch.link_type, snaplen=batch.snaplen,
                                              interface=name, validate=False, count=n)
             else:
-                yield None, done
+                yield None, done, None
                 continue
-            yield b, done
+            yield b, done, positions
     finally:
         stats.bytes_read += seg.count if isinstance(seg, _Counting) else seg.compressed_read
         if reader is not None:
@@ -521,7 +527,7 @@ def _problem(plan: FilePlan, exc: BaseException, stats: QueryStats, warn: Callab
 def read_plan(store, plan: FilePlan, *, bpf: str | None, since: int | None, until: int | None,
               sensors: set[str] | None, stats: QueryStats, warn: Callable[[str], None]) -> list:
     """Every batch of :func:`iter_plan` in a list (file order)."""
-    return [b for b, _ in iter_plan(store, plan, bpf=bpf, since=since, until=until, sensors=sensors,
+    return [b for b, _, _ in iter_plan(store, plan, bpf=bpf, since=since, until=until, sensors=sensors,
                                     stats=stats, warn=warn) if b is not None]
 
 
@@ -529,14 +535,17 @@ _NEG = -(1 << 63)
 _POS = 1 << 63
 
 
-def _sorted_runs(batches: list, ts, pick) -> list:
+def _sorted_runs(batches: list, ts, pick, keys=None) -> list:
     """The packets ``pick`` (indices into the concatenation of ``batches``, whose time stamps
-    are ``ts``) in stable time order, as zero-copy slices of the batches (runs of consecutive
-    packets of one batch)."""
+    are ``ts``) in time order, equal time stamps in ``keys`` order (None: in ``pick`` order), as
+    zero-copy slices of the batches (runs of consecutive packets of one batch)."""
     from pktstream.formats.writer import slice_batch
     sizes = np.fromiter((len(b) for b in batches), np.int64, len(batches))
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    order = pick[np.argsort(ts[pick], kind="stable")]
+    if keys is None:
+        order = pick[np.argsort(ts[pick], kind="stable")]
+    else:
+        order = pick[np.lexsort((keys[pick], ts[pick]))]
     w = np.searchsorted(starts, order, side="right") - 1
     k = order - starts[w]
     brk = np.flatnonzero((w[1:] != w[:-1]) | (k[1:] != k[:-1] + 1)) + 1
@@ -551,24 +560,26 @@ def _sorted_runs(batches: list, ts, pick) -> list:
 
 
 class SortedFile:
-    """One file's matching packets in stable time order, read lazily.
+    """One file's matching packets in time order, equal time stamps in file order, read lazily.
 
     ``source`` is :func:`iter_plan`'s generator. ``chunk_packets``/``chunk_first_ts``: the
     packets and first time stamps of the file's chunks in the order they are read (None: not
     known, e.g. a file without an index). A packet read is held until no packet still to be
     read can sort before it: all later packets lie in the current or later chunks, so the
     smallest first time stamp of those is a lower bound (known once the reader starts its next
-    read buffer). A file in time order is thus held about a read buffer (~1 MiB of stream) and
+    read buffer); a packet at that bound waits too (one still to be read from the current read
+    buffer may precede it in the file). A file in time order is thus held about a read buffer (~1 MiB of stream) and
     a chunk (~256 KiB) at a time; one whose chunks overlap in time (a merged file of
     several sensors) a little more; a file without chunk information is held whole.
     ``counter.packets_held``/``peak_packets_held`` count the packets held (read, not yet merged).
     Single use; not thread-safe.
     """
 
-    def __init__(self, source: Iterator[tuple[Any, int]], chunk_packets: list[int] | None,
+    def __init__(self, source: Iterator[tuple[Any, int, Any]], chunk_packets: list[int] | None,
                  chunk_first_ts: list[int] | None, counter: QueryStats) -> None:
         self._src = source
         self._buf: list = []
+        self._keys: list = []          # file-order positions of _buf's packets
         self._ready: deque = deque()   # released batches, in time order
         self._counter = counter
         self._done = False
@@ -586,38 +597,41 @@ class SortedFile:
         return int(self._sufmin[k]) if k < len(self._sufmin) else _POS
 
     def _release(self, bound: int) -> None:
-        if not self._buf or bound < self._buf_min:  # nothing releasable: no work per batch read
+        if not self._buf or bound <= self._buf_min:  # nothing releasable: no work per batch read
             return
         if len(self._buf) == 1:
             b = self._buf[0]
             ts = b.ts_ns
-            if len(ts) and ts[-1] <= bound and (len(ts) < 2 or bool((ts[1:] >= ts[:-1]).all())):
+            if len(ts) and ts[-1] < bound and (len(ts) < 2 or bool((ts[1:] >= ts[:-1]).all())):
                 self._ready.append(b)  # the common case: in order, all releasable
-                self._buf, self._buf_min = [], _POS
+                self._buf, self._keys, self._buf_min = [], [], _POS
                 return
         ts = np.concatenate([b.ts_ns for b in self._buf])
-        sel = ts <= bound
+        keys = np.concatenate(self._keys)
+        sel = ts < bound
         if not sel.any():
             return
-        self._ready.extend(_sorted_runs(self._buf, ts, np.flatnonzero(sel)))
+        self._ready.extend(_sorted_runs(self._buf, ts, np.flatnonzero(sel), keys))
         if sel.all():
-            self._buf, self._buf_min = [], _POS
+            self._buf, self._keys, self._buf_min = [], [], _POS
             return
         self._buf_min = int(ts[~sel].min())
         from pktstream._capture import PacketBatch
         from pktstream._records import take_mask
-        rest = []
+        rest, rest_keys = [], []
         pos = 0
-        for b in self._buf:
+        for b, k in zip(self._buf, self._keys):
             keep = ~sel[pos:pos + len(b)]
             pos += len(b)
             if keep.all():
                 rest.append(b)
+                rest_keys.append(k)
             elif keep.any():
                 recs, n = take_mask(memoryview(b), b.offset, b.caplen, keep.view(np.uint8))
                 rest.append(PacketBatch.from_records(recs, link_type=b.link_type, snaplen=b.snaplen,
                                                      interface=b.interface, validate=False, count=n))
-        self._buf = rest
+                rest_keys.append(k[keep])
+        self._buf, self._keys = rest, rest_keys
 
     def next_batch(self):
         """The next batch in time order, or None at the end."""
@@ -629,9 +643,10 @@ class SortedFile:
                 self._done = True
                 self._release(_POS)
                 continue
-            b, done = item
+            b, done, positions = item
             if b is not None:
                 self._buf.append(b)
+                self._keys.append(positions)
                 self._buf_min = min(self._buf_min, int(b.ts_ns.min()))
                 c = self._counter
                 c.packets_held += len(b)
@@ -725,24 +740,3 @@ def merge_files(files: list[tuple[int | None, Callable[[], SortedFile]]], counte
         for o in active:
             o.f.close()
 
-
-def merge_batches(per_file: list[list]) -> Iterator:
-    """Batches of all files merged in time order (ties: earlier file, earlier packet first),
-    as zero-copy slices of the input batches."""
-    from pktstream.formats.writer import slice_batch
-    batches = [b for lst in per_file for b in lst]
-    if not batches:
-        return
-    ts = np.concatenate([b.ts_ns for b in batches])
-    which = np.concatenate([np.full(len(b), i, dtype=np.int64) for i, b in enumerate(batches)])
-    idx = np.concatenate([np.arange(len(b), dtype=np.int64) for b in batches])
-    order = np.argsort(ts, kind="stable")
-    w, k = which[order], idx[order]
-    # runs: consecutive packets of one batch
-    brk = np.flatnonzero((w[1:] != w[:-1]) | (k[1:] != k[:-1] + 1)) + 1
-    starts = np.concatenate([[0], brk])
-    ends = np.concatenate([brk, [len(order)]])
-    for s, e in zip(starts.tolist(), ends.tolist()):
-        b = batches[int(w[s])]
-        i, j = int(k[s]), int(k[e - 1]) + 1
-        yield b if (i == 0 and j == len(b)) else slice_batch(b, i, j)

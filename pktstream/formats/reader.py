@@ -60,8 +60,8 @@ from pktstream.formats._common import (
     warn_truncated,
 )
 
-W_MORE, W_BLOCK, W_BAD_LENGTH, W_BAD_IFACE, W_OPTIONS, W_FULL, W_BAD_TIME = (
-    STATUS[k] for k in ("more", "block", "bad_length", "bad_iface", "options", "full", "bad_time"))
+W_MORE, W_BLOCK, W_BAD_LENGTH, W_BAD_IFACE, W_OPTIONS, W_FULL, W_BAD_TIME, W_CUT = (
+    STATUS[k] for k in ("more", "block", "bad_length", "bad_iface", "options", "full", "bad_time", "cut"))
 
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+ (Python 3.13 names it)
 
@@ -380,6 +380,9 @@ class CaptureReader:
     ``last_range``: ``(start, end)`` offsets in the (decompressed) stream of the records or
     blocks the batch last yielded came from (several pcapng batches may share one range;
     header blocks inside it are included) -- what an index needs to read that part again.
+    :meth:`last_positions`: where the packets of the batch last yielded stand in the file's
+    packet order (a pcapng read buffer holding several interfaces is handed out one interface
+    at a time, so batches are not always consecutive runs of the file).
     ``memory_mapped``: whether the file is being read out of a memory mapping (``memory_map=True``
     and a file that can be mapped; see the module docstring).
 
@@ -405,6 +408,8 @@ class CaptureReader:
         self.byte_order = "little"
         self._raw = None
         self.last_range = (0, 0)
+        self._next_position = 0   # packets of the file (in file order) before the next buffer's
+        self._last_positions: tuple[int, int, np.ndarray | None] = (0, 0, None)
         self._map: mmap.mmap | None = None
         self._map_view: memoryview | None = None
         self._map_size = 0
@@ -454,6 +459,9 @@ class CaptureReader:
         self.interfaces.append(InterfaceInfo(0, lt, self.snaplen, self.path or "if0",
                                              tsresol=9 if self.nanosecond else 6))
         self._max_caplen = max(min(self.snaplen, MAX_CAPLEN), DEFAULT_SNAPLEN)
+        # libpcap cuts a record longer than the header's snap length to it (a bogus snap length,
+        # 0 or > INT_MAX, is its link type's maximum: no record we take is longer)
+        self._snapshot = snaplen if 0 < snaplen <= 0x7FFFFFFF else 0xFFFFFFFF
 
     def _map_file(self) -> None:
         """Map an uncompressed regular file we opened (read-only, its size now); leave anything
@@ -543,7 +551,15 @@ class CaptureReader:
             return self._iter_pcap()
         return self._iter_pcapng()
 
+    def last_positions(self) -> np.ndarray:
+        """The file-order positions (0: the file's first packet; int64, increasing) of the
+        packets of the batch last yielded."""
+        start, n, sel = self._last_positions
+        return np.arange(start, start + n, dtype=np.int64) if sel is None else start + sel
+
     def _batch(self, buf, n: int, iface: InterfaceInfo) -> PacketBatch:
+        self._last_positions = (self._next_position, n, None)
+        self._next_position += n
         return PacketBatch.from_records(buf, link_type=iface.link_type,
                                         snaplen=max(iface.snaplen, 1), interface=iface.name,
                                         validate=False, count=n)
@@ -592,7 +608,8 @@ class CaptureReader:
             if have == 0:
                 return
             dst = new_buffer(have) if convert else None
-            status, pos, n, out = pcap_walk(buf, 0, have, swap, usec, self._max_caplen, dst)
+            status, pos, n, out = pcap_walk(buf, 0, have, swap, usec, self._max_caplen, dst,
+                                            snapshot=self._snapshot)
             if n:
                 if convert:
                     assert dst is not None
@@ -607,11 +624,11 @@ class CaptureReader:
                     self.last_range = (base, base + pos)
                     yield b
                 raise self._bad(self._bad_record(buf, pos, order, status), base + pos)
-            if eof and n == 0:
+            if eof and n == 0 and status != W_CUT:
                 if have:
                     self._truncated_end(base + pos, have - pos, "pcap record")
                 return
-            if n == 0 and pos == 0:  # a record bigger than the buffer: grow (bounded by max_caplen)
+            if n == 0 and pos == 0 and status != W_CUT:  # a record bigger than the buffer: grow (bounded)
                 size = min(size * 2, self._max_caplen + 16 + self.batch_bytes)
             if not convert or n == 0 or len(buf) != size:
                 old, buf = buf, self._spare_buffer(spares, max(size, len(rest) * 2))
@@ -622,6 +639,8 @@ class CaptureReader:
                 buf[:len(rest)] = rest.tobytes()
             have = len(rest)
             rest.release()
+            if status == W_CUT:  # a record longer than the snap length: converted (cut) from here on
+                convert = True
             if b is not None:
                 self.last_range = (base, base + pos)
             base += pos
@@ -656,7 +675,8 @@ class CaptureReader:
                 k = (end - pos) // 16 + 1
                 ts, cl, wl, off = (np.empty(k, np.int64), np.empty(k, np.uint32), np.empty(k, np.uint32),
                                    np.empty(k, np.int64))
-            status, p, n, out = pcap_walk(mv, pos, end, swap, usec, self._max_caplen, dst, -1, ts, cl, wl, off)
+            status, p, n, out = pcap_walk(mv, pos, end, swap, usec, self._max_caplen, dst, -1, ts, cl, wl, off,
+                                          self._snapshot)
             if n == 0 and status == W_MORE and end < total:
                 # a record longer than the window: grow it as the read() path grows its buffer
                 # (same batches either way; bounded by max_caplen)
@@ -673,6 +693,9 @@ class CaptureReader:
                 yield b
             if status in (W_BAD_LENGTH, W_BAD_TIME):
                 raise self._bad(self._bad_record(mv, p, order, status), p)
+            if status == W_CUT:  # a record longer than the snap length: converted (cut) from here on
+                convert, pos = True, p
+                continue
             if n == 0:  # a record cut by the end of the file
                 if self._map_changed():
                     self._leave_map(pos)
@@ -846,15 +869,19 @@ class CaptureReader:
             self.comments = comments
             yield self._batch(memoryview(dst)[:out], count, section_ifaces[first])
             return
+        base = self._next_position
         for k in np.unique(ids).tolist():
             recs, n = take_records(dst, out, ids, k)
+            sel = np.flatnonzero(ids == k).astype(np.int64)
             if comments:
-                sel = np.flatnonzero(ids == k)
                 where = {int(j): i for i, j in enumerate(sel.tolist())}
                 self.comments = {where[j]: t for j, t in comments.items() if j in where}
             else:
                 self.comments = {}
-            yield self._batch(recs, n, section_ifaces[k])
+            b = self._batch(recs, n, section_ifaces[k])
+            self._last_positions = (base, n, sel)
+            yield b
+        self._next_position = base + count
 
     # -- pcapng block parsing ----------------------------------------------------------------
     @staticmethod
