@@ -294,9 +294,10 @@ def _tcpdump_order(path, bpf: str | None) -> list[tuple[int, bytes]]:
 
 
 def test_equal_time_stamps_of_several_interfaces_come_out_in_file_order(tmp_path):
-    """One pcapng of three interfaces, packets interleaved in runs of 1-3 per interface, four
-    packets per time stamp, over several read buffers: the query's order is the file's, as
-    tcpdump -r prints it (the reader hands a read buffer out one interface at a time)."""
+    """One pcapng of two sections and three interfaces, packets interleaved in runs of 1-3 per
+    interface, four packets per time stamp, over several read buffers: the query's order is the
+    file's, as tcpdump -r prints it (the reader hands a read buffer out one interface at a time,
+    and interface numbers start again with a section)."""
     import random
 
     from archive_data import frame, records
@@ -304,13 +305,19 @@ def test_equal_time_stamps_of_several_interfaces_come_out_in_file_order(tmp_path
     root = tmp_path / "a"
     root.mkdir()
     path = root / "multi.pcapng"
-    with open_writer(path) as w:
-        i = 0
-        while i < 9000:
-            run = [(T0 + (j // 4) * 1000, frame(rng) + j.to_bytes(4, "big")) for j in range(i, i + rng.randint(1, 3))]
-            w.write(pktstream.PacketBatch.from_records(records(run), link_type=1,
-                                                       interface=f"s1/eth{rng.randrange(3)}"))
-            i += len(run)
+    i = 0
+    sections = []
+    for end in (5000, 9000):
+        part = tmp_path / f"section{end}.pcapng"
+        with open_writer(part) as w:
+            while i < end:
+                run = [(T0 + (j // 4) * 1000, frame(rng) + j.to_bytes(4, "big"))
+                       for j in range(i, i + rng.randint(1, 3))]
+                w.write(pktstream.PacketBatch.from_records(records(run), link_type=1,
+                                                           interface=f"s1/eth{rng.randrange(3)}"))
+                i += len(run)
+        sections.append(part.read_bytes())
+    path.write_bytes(b"".join(sections))
     assert path.stat().st_size > 2 * (1 << 20)  # more than two read buffers
     a = Archive(str(root))
     for indexed in (False, True):

@@ -534,10 +534,15 @@ def test_records_longer_than_the_snap_length_are_cut_as_libpcap_cuts_them(tmp_pa
     oracle = [(int(b.ts_ns[i]), bytes(b[i]), int(b.wirelen[i])) for b in pktstream.read(io.BytesIO(want))
               for i in range(len(b))]
     assert max(len(x[1]) for x in oracle) == snap and len(oracle) == len(lens)  # the oracle cut them
+    positions = []
     with open_reader(path, batch_bytes=4096, memory_map=memory_map) as r:
-        got = [(int(b.ts_ns[i]), bytes(b[i]), int(b.wirelen[i])) for b in r for i in range(len(b))]
+        got = []
+        for b in r:
+            got += [(int(b.ts_ns[i]), bytes(b[i]), int(b.wirelen[i])) for i in range(len(b))]
+            positions += r.last_positions().tolist()
         assert r.memory_mapped == memory_map
     assert got == oracle
+    assert positions == list(range(len(lens)))  # each packet's place in the file
     # a filter on bytes past the snap length matches as tcpdump's (never: those bytes are gone)
     for bpf in ("ether[100] = 0 or ether[100] != 0", "len > 96", "ip"):
         text = subprocess.run(["tcpdump", "-nr", str(path), bpf], capture_output=True, text=True, check=True).stdout

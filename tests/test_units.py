@@ -755,3 +755,22 @@ def test_an_interface_back_with_another_link_type_gets_a_new_index_and_the_old_o
     s6.store.close()
     (spool / "interfaces.json").write_text('{"eth0": Infinity}')
     Sensor("127.0.0.1:1", ["eth0"], sensor_id="t1", delivery=DeliveryOptions(spool_dir=str(spool))).store.close()
+
+
+def test_stdout_stream_header_snap_length_covers_the_packets_written():
+    """A receiver run with a small -s still writes its sensors' packets whole to stdout: the
+    pcap header's snap length must cover them, or readers (libpcap, pktstream) cut them."""
+    import io
+    import struct
+
+    import pktstream
+    from pktstream.sinks import StdoutSink
+    from pktstream.sinks.base import Source
+    frame = b"\x02\0\0\0\0\x01\x02\0\0\0\0\x02\x08\x00" + bytes(range(200))
+    rec = struct.pack("<IIII", 1_732_708_800, 0, len(frame), len(frame)) + frame
+    out = io.BytesIO()
+    sink = StdoutSink(out, snaplen=96)
+    sink.write(Source("s1", "h", "eth0", 1, 1600), pktstream.PacketBatch.from_records(rec, link_type=1, snaplen=1600))
+    sink.flush()
+    assert struct.unpack_from("<I", out.getvalue(), 16)[0] == 1600
+    assert [bytes(p) for b in pktstream.read(io.BytesIO(out.getvalue())) for p in b] == [frame]

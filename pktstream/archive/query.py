@@ -567,10 +567,11 @@ class SortedFile:
     known, e.g. a file without an index). A packet read is held until no packet still to be
     read can sort before it: all later packets lie in the current or later chunks, so the
     smallest first time stamp of those is a lower bound (known once the reader starts its next
-    read buffer); a packet at that bound waits too (one still to be read from the current read
-    buffer may precede it in the file). A file in time order is thus held about a read buffer (~1 MiB of stream) and
-    a chunk (~256 KiB) at a time; one whose chunks overlap in time (a merged file of
-    several sensors) a little more; a file without chunk information is held whole.
+    read buffer); a packet at that bound waits too unless it lies before every packet still to
+    be read (one still to come from the current read buffer may precede it in the file). A
+    file in time order is thus held about a read buffer (~1 MiB of stream) and a chunk (~256
+    KiB) at a time; one whose chunks overlap in time (a merged file of several sensors) a
+    little more; a file without chunk information is held whole.
     ``counter.packets_held``/``peak_packets_held`` count the packets held (read, not yet merged).
     Single use; not thread-safe.
     """
@@ -596,19 +597,22 @@ class SortedFile:
         k = int(np.searchsorted(self._ends, done, side="right"))
         return int(self._sufmin[k]) if k < len(self._sufmin) else _POS
 
-    def _release(self, bound: int) -> None:
-        if not self._buf or bound <= self._buf_min:  # nothing releasable: no work per batch read
+    def _release(self, bound: int, done: int) -> None:
+        """Release every held packet that sorts before all packets still to be read: time
+        stamp below ``bound``, or at it and among the first ``done`` packets of the file."""
+        if not self._buf or bound < self._buf_min:  # nothing releasable: no work per batch read
             return
         if len(self._buf) == 1:
             b = self._buf[0]
             ts = b.ts_ns
-            if len(ts) and ts[-1] < bound and (len(ts) < 2 or bool((ts[1:] >= ts[:-1]).all())):
+            if (len(ts) and (ts[-1] < bound or (ts[-1] == bound and self._keys[0][-1] < done))
+                    and (len(ts) < 2 or bool((ts[1:] >= ts[:-1]).all()))):
                 self._ready.append(b)  # the common case: in order, all releasable
                 self._buf, self._keys, self._buf_min = [], [], _POS
                 return
         ts = np.concatenate([b.ts_ns for b in self._buf])
         keys = np.concatenate(self._keys)
-        sel = ts < bound
+        sel = (ts < bound) | ((ts == bound) & (keys < done))
         if not sel.any():
             return
         self._ready.extend(_sorted_runs(self._buf, ts, np.flatnonzero(sel), keys))
@@ -641,7 +645,7 @@ class SortedFile:
             item = next(self._src, None)
             if item is None:
                 self._done = True
-                self._release(_POS)
+                self._release(_POS, _POS)
                 continue
             b, done, positions = item
             if b is not None:
@@ -651,7 +655,7 @@ class SortedFile:
                 c = self._counter
                 c.packets_held += len(b)
                 c.peak_packets_held = max(c.peak_packets_held, c.packets_held)
-            self._release(self._bound(done))
+            self._release(self._bound(done), done)
         return self._ready.popleft()
 
     def close(self) -> None:

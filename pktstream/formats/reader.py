@@ -459,8 +459,9 @@ class CaptureReader:
         self.interfaces.append(InterfaceInfo(0, lt, self.snaplen, self.path or "if0",
                                              tsresol=9 if self.nanosecond else 6))
         self._max_caplen = max(min(self.snaplen, MAX_CAPLEN), DEFAULT_SNAPLEN)
-        # libpcap cuts a record longer than the header's snap length to it (a bogus snap length,
-        # 0 or > INT_MAX, is its link type's maximum: no record we take is longer)
+        # libpcap cuts a record longer than the header's snap length to it; with a bogus snap
+        # length (0 or > INT_MAX) it uses the link type's maximum and refuses longer records,
+        # where this reader keeps them whole up to its own bound (_max_caplen)
         self._snapshot = snaplen if 0 < snaplen <= 0x7FFFFFFF else 0xFFFFFFFF
 
     def _map_file(self) -> None:
@@ -688,6 +689,8 @@ class CaptureReader:
                 b = PacketBatch.from_records(data, link_type=iface.link_type, snaplen=max(iface.snaplen, 1),
                                              interface=iface.name, validate=False, count=n,
                                              index=(ts[:n], cl[:n], wl[:n], off[:n]))  # (copied by from_records)
+                self._last_positions = (self._next_position, n, None)
+                self._next_position += n
                 self.last_range = (pos, p)
                 self._pos = p
                 yield b

@@ -28,7 +28,8 @@ class StdoutSink(Sink):
     def write(self, source: Source, batch: PacketBatch) -> None:
         if self.link_type is None:
             self.link_type = batch.link_type
-            self.stream.write(pcap_file_header(batch.link_type, self.snaplen))
+            # the header's snap length is at least the packets' (readers cut longer records)
+            self.stream.write(pcap_file_header(batch.link_type, max(self.snaplen, batch.snaplen)))
         if batch.link_type != self.link_type:
             if not self.mismatched_packets:
                 log.warning("stdout: dropping packets of link type %d from %s (stream is %d)",
