@@ -547,3 +547,50 @@ def test_records_longer_than_the_snap_length_are_cut_as_libpcap_cuts_them(tmp_pa
     for bpf in ("ether[100] = 0 or ether[100] != 0", "len > 96", "ip"):
         text = subprocess.run(["tcpdump", "-nr", str(path), bpf], capture_output=True, text=True, check=True).stdout
         assert sum(len(b) for b in pktstream.read(path, bpf=bpf)) == text.count("\n"), bpf
+
+
+def test_interleaved_interfaces_are_read_in_file_order_with_their_comments(tmp_path):
+    """A pcapng whose interfaces interleave packet by packet: read() hands out runs of one
+    interface in the file's order (tcpdump's), comments stay with their packets, and
+    ``last_positions`` counts through the file; grouped per interface with file_order=False."""
+    import random
+    rng = random.Random(5)
+    path = tmp_path / "inter.pcapng"
+    written = []
+    with open_writer(path) as w:
+        for j in range(3000):
+            frame = b"\x02\0\0\0\0\x01\x02\0\0\0\0\x02\x08\x00" + j.to_bytes(4, "big") + bytes(rng.randrange(200))
+            rec = struct.pack("<IIII", 1_732_708_800, 1000 * (j // 3), len(frame), len(frame)) + frame
+            w.write(PacketBatch.from_records(rec, link_type=1, interface=f"eth{rng.randrange(3)}"),
+                    {0: f"packet {j}"} if j % 7 == 0 else None)
+            written.append(frame)
+    want = subprocess.run(["tcpdump", "-r", str(path), "-w", "-"], capture_output=True, check=True).stdout
+    assert [bytes(p) for b in pktstream.read(io.BytesIO(want)) for p in b] == written  # the oracle's order
+    assert [bytes(p) for b in pktstream.read(path) for p in b] == written
+    got, notes, positions = [], {}, []
+    with open_reader(path, batch_bytes=4096, comments=True, file_order=True) as r:
+        for b in r:
+            notes.update({len(got) + i: t for i, t in r.comments.items()})
+            positions += r.last_positions().tolist()
+            got += [bytes(p) for p in b]
+    assert got == written and positions == list(range(3000))
+    assert notes == {j: f"packet {j}" for j in range(0, 3000, 7)}
+    grouped = [bytes(p) for b in pktstream.read(path, file_order=False) for p in b]
+    assert grouped != written and sorted(grouped) == sorted(written)
+
+
+def test_a_record_longer_than_libpcaps_maximum_is_refused_whatever_the_snap_length(tmp_path):
+    """libpcap refuses a record longer than its link type's maximum (262144 for Ethernet) even
+    when the header claims a larger snap length; so does the reader, after the good packets."""
+    frame = b"\x02\0\0\0\0\x01\x02\0\0\0\0\x02\x08\x00" + bytes(46)
+    big = frame + bytes(300_000 - len(frame))
+    body = b"".join(struct.pack("<IIII", 1_732_708_800, 0, len(p), len(p)) + p for p in (frame, big, frame))
+    path = tmp_path / "big.pcap"
+    path.write_bytes(struct.pack("<IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 1_000_000, 1) + body)
+    r = subprocess.run(["tcpdump", "-nr", str(path)], capture_output=True, text=True)
+    assert r.stdout.count("\n") == 1 and "invalid packet capture length 300000" in r.stderr
+    got = []
+    with pytest.raises(FileFormatError, match="packet length 300000 larger than 262144 at byte 100"):
+        for b in pktstream.read(path):
+            got += [bytes(p) for p in b]
+    assert got == [frame]

@@ -195,6 +195,11 @@ def _outcome(path, **kw) -> list:
     return out
 
 
+def _packets(outcome: list) -> list[tuple[int, int]]:
+    """(time stamp, caplen) of every packet of an :func:`_outcome`, sorted."""
+    return sorted((ts, cl) for x in outcome[:-1] if x[0] != "error" for ts, cl in zip(x[1], x[2]))
+
+
 _PCAPNG: list[bytes] = []
 
 
@@ -230,6 +235,10 @@ def test_mapped_hostile_files_read_as_read_does(recs, kind, mutations, cut, snap
                 _outcome(path, memory_map=True)
             return
         assert _outcome(path, memory_map=True) == expected
+        if kind == "pcapng":  # in file order: the same packets, the same end
+            ordered = _outcome(path, file_order=True)
+            assert _packets(ordered) == _packets(expected)
+            assert [x for x in ordered[:-1] if x[0] == "error"] == [x for x in expected[:-1] if x[0] == "error"]
 
 
 @settings(max_examples=max(40, EXAMPLES // 3), deadline=None, suppress_health_check=list(HealthCheck))

@@ -89,7 +89,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import warnings
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with open_reader(_source(args.file)) as r:
+        with open_reader(_source(args.file), file_order=True) as r:
             for batch in r:
                 n = len(batch)
                 if not n:
@@ -205,7 +205,7 @@ def cmd_read(args: argparse.Namespace) -> int:
 
     from pktstream.exceptions import PcapWarning
     shown = 0
-    with warnings.catch_warnings(record=True) as caught, open_reader(_source(args.file)) as r:
+    with warnings.catch_warnings(record=True) as caught, open_reader(_source(args.file), file_order=True) as r:
         warnings.simplefilter("always", PcapWarning)
         batch: PacketBatch | None
         for batch in r:
@@ -240,7 +240,7 @@ def _writer(path: str, args: argparse.Namespace):
 def cmd_convert(args: argparse.Namespace) -> int:
     expr = _bpf(args.bpf)
     prog = _Progress(_size(args.input), "converting")
-    with open_reader(_source(args.input), comments=True) as r:
+    with open_reader(_source(args.input), comments=True, file_order=True) as r:
         w = _writer(args.output, args)
         try:
             for batch in r:
@@ -265,7 +265,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """Chronological merge (like mergecap): a heap of one cursor per input, batch-wise."""
     total = sum(_size(p) for p in args.inputs)
     prog = _Progress(total, "merging")
-    readers = [open_reader(p) for p in args.inputs]
+    readers = [open_reader(p, file_order=True) for p in args.inputs]
     its = [iter(r) for r in readers]
     w = _writer(args.output, args)
     try:

@@ -302,6 +302,10 @@ class _ZstdBlocks:
 ZstdBlockReader = _ZstdBlocks  # public name (pktstream.archive decompresses file ranges with it)
 
 
+#: libpcap's max_snaplen_for_dlt: the longest record it takes (others: 262144)
+_MAX_SNAPLEN_FOR_DLT = {231: 128 << 20, 279: 8 << 20, 249: 1 << 20}   # DBUS, EBHSCR, USBPCAP
+
+
 def _link_type(linktype: int, big_endian: bool) -> int:
     """The DLT of a file's (or section's) LINKTYPE value. NULL (BSD loopback) carries the
     address family in the writer's byte order: in a big-endian file that is LOOP (108, the
@@ -382,7 +386,9 @@ class CaptureReader:
     header blocks inside it are included) -- what an index needs to read that part again.
     :meth:`last_positions`: where the packets of the batch last yielded stand in the file's
     packet order (a pcapng read buffer holding several interfaces is handed out one interface
-    at a time, so batches are not always consecutive runs of the file).
+    at a time, so batches are not always consecutive runs of the file). With
+    ``file_order=True`` it is handed out as runs of one interface in file order instead
+    (batches in the file's order; more, smaller batches when interfaces interleave finely).
     ``memory_mapped``: whether the file is being read out of a memory mapping (``memory_map=True``
     and a file that can be mapped; see the module docstring).
 
@@ -393,7 +399,7 @@ class CaptureReader:
 
     def __init__(self, source, *, batch_bytes: int = DEFAULT_BATCH_BYTES,
                  truncated: str | Callable[[str, int], None] = "warn",
-                 comments: bool = False, memory_map: bool = False) -> None:
+                 comments: bool = False, memory_map: bool = False, file_order: bool = False) -> None:
         if not callable(truncated) and truncated not in ("warn", "error", "ignore"):
             raise ValueError("truncated must be 'warn', 'error', 'ignore' or a function(message, offset)")
         if batch_bytes < 4096:
@@ -401,6 +407,7 @@ class CaptureReader:
         self.batch_bytes = batch_bytes
         self._truncated = truncated
         self._want_comments = comments
+        self._file_order = file_order
         self.comments: dict[int, str] = {}
         self.interfaces: list[InterfaceInfo] = []
         self.sections: list[SectionInfo] = []
@@ -458,10 +465,10 @@ class CaptureReader:
         lt = _link_type(linktype & 0xFFFF, order == ">")
         self.interfaces.append(InterfaceInfo(0, lt, self.snaplen, self.path or "if0",
                                              tsresol=9 if self.nanosecond else 6))
-        self._max_caplen = max(min(self.snaplen, MAX_CAPLEN), DEFAULT_SNAPLEN)
-        # libpcap cuts a record longer than the header's snap length to it; with a bogus snap
-        # length (0 or > INT_MAX) it uses the link type's maximum and refuses longer records,
-        # where this reader keeps them whole up to its own bound (_max_caplen)
+        # a record longer than libpcap's maximum for the link type is refused (as libpcap's
+        # "invalid packet capture length" refuses it, whatever the header's snap length says);
+        # one longer than the header's snap length is cut to it, as libpcap cuts it
+        self._max_caplen = min(_MAX_SNAPLEN_FOR_DLT.get(lt, DEFAULT_SNAPLEN), MAX_CAPLEN)
         self._snapshot = snaplen if 0 < snaplen <= 0x7FFFFFFF else 0xFFFFFFFF
 
     def _map_file(self) -> None:
@@ -873,6 +880,9 @@ class CaptureReader:
             yield self._batch(memoryview(dst)[:out], count, section_ifaces[first])
             return
         base = self._next_position
+        if self._file_order:
+            yield from self._emit_runs(dst, out, ids, count, section_ifaces, comments)
+            return
         for k in np.unique(ids).tolist():
             recs, n = take_records(dst, out, ids, k)
             sel = np.flatnonzero(ids == k).astype(np.int64)
@@ -883,6 +893,24 @@ class CaptureReader:
                 self.comments = {}
             b = self._batch(recs, n, section_ifaces[k])
             self._last_positions = (base, n, sel)
+            yield b
+        self._next_position = base + count
+
+    def _emit_runs(self, dst, out, ids, count, section_ifaces, comments) -> Iterator[PacketBatch]:
+        """A mixed-interface buffer as runs of consecutive packets of one interface, in file
+        order: zero-copy views of ``dst`` (its records are in file order)."""
+        base = self._next_position
+        whole = PacketBatch.from_records(memoryview(dst)[:out], link_type=1, validate=False, count=count)
+        offs = whole.offset
+        ends = offs + whole.caplen
+        brk = np.flatnonzero(ids[1:] != ids[:-1]) + 1
+        starts = [0, *brk.tolist()]
+        stops = [*brk.tolist(), count]
+        for s, e in zip(starts, stops):
+            lo, hi = int(offs[s]) - 16, int(ends[e - 1])
+            self.comments = {j - s: t for j, t in comments.items() if s <= j < e} if comments else {}
+            b = self._batch(memoryview(dst)[lo:hi], e - s, section_ifaces[int(ids[s])])
+            self._last_positions = (base + s, e - s, None)
             yield b
         self._next_position = base + count
 
@@ -981,13 +1009,14 @@ class CaptureReader:
 
 def open_reader(source, *, batch_bytes: int = DEFAULT_BATCH_BYTES,
                 truncated: str | Callable[[str, int], None] = "warn",
-                comments: bool = False, memory_map: bool = False) -> CaptureReader:
+                comments: bool = False, memory_map: bool = False, file_order: bool = False) -> CaptureReader:
     """Open a capture file (path or binary file object) for reading; see :class:`CaptureReader`.
     ``truncated``: ``"warn"``, ``"error"``, ``"ignore"``, or a function called with the message and
     offset (no process-wide warnings state: for threads). ``memory_map=True``: map an uncompressed
-    regular file (zero-copy; SIGBUS risk, see the module)."""
+    regular file (zero-copy; SIGBUS risk, see the module). ``file_order=True``: batches in the
+    file's packet order even where a pcapng interleaves interfaces (runs of one interface)."""
     return CaptureReader(source, batch_bytes=batch_bytes, truncated=truncated, comments=comments,
-                         memory_map=memory_map)
+                         memory_map=memory_map, file_order=file_order)
 
 
 def filter_batch(batch: PacketBatch, bpf: str) -> PacketBatch:
@@ -1001,7 +1030,7 @@ def filter_batch(batch: PacketBatch, bpf: str) -> PacketBatch:
 
 
 def read(source, *, bpf: str | list[str] | None = None, batch_bytes: int = DEFAULT_BATCH_BYTES,
-         truncated: str = "warn", memory_map: bool = False) -> Iterator[PacketBatch]:
+         truncated: str = "warn", memory_map: bool = False, file_order: bool = True) -> Iterator[PacketBatch]:
     """Iterate over the packets of a capture file as :class:`PacketBatch` objects.
 
     :param source: path or binary file object (pipes work) of a pcap, pcapng, ``.zst`` or
@@ -1013,10 +1042,14 @@ def read(source, *, bpf: str | list[str] | None = None, batch_bytes: int = DEFAU
     :param memory_map: map an uncompressed regular file opened by path (zero-copy batches,
         10-30 % less CPU); a file truncated while its batches are held then kills the process with
         SIGBUS (pktstream.formats.reader's docstring), so only for files nobody truncates.
+    :param file_order: packets in the file's order, as tcpdump reads them, also where a pcapng
+        interleaves interfaces (a batch is one interface: such a file gives runs of them);
+        False: a read buffer's packets grouped per interface (fewer, larger batches).
     :raises FileFormatError: not a capture file, hostile or inconsistent lengths (with the offset).
     """
     expr = " ".join(bpf) if isinstance(bpf, (list, tuple)) else bpf
-    with open_reader(source, batch_bytes=batch_bytes, truncated=truncated, memory_map=memory_map) as r:
+    with open_reader(source, batch_bytes=batch_bytes, truncated=truncated, memory_map=memory_map,
+                     file_order=file_order) as r:
         for batch in r:
             if expr:
                 batch = filter_batch(batch, expr)
