@@ -57,11 +57,12 @@ def zstd_version() -> str:
 
 
 def read(source, *, bpf=None, batch_bytes: int | None = None, truncated: str = "warn", memory_map: bool = False,
-         file_order: bool = True):
+         file_order: bool = False):
     """Iterate over a capture file (pcap, pcapng, .zst, .gz; path or file object) as
-    :class:`PacketBatch` objects, in the file's packet order (``file_order=False``: a read
-    buffer's packets grouped per interface, fewer batches). ``memory_map=True``: zero-copy
-    batches out of a mapped file (SIGBUS if someone truncates it while they are held). See
+    :class:`PacketBatch` objects (a pcapng read buffer's packets grouped per interface;
+    ``file_order=True``: in the file's order also across interleaved interfaces, as runs).
+    ``memory_map=True``: zero-copy batches out of a mapped file (SIGBUS if someone truncates it
+    while they are held). See
     :func:`pktstream.formats.read` and docs/FILES.md."""
     from pktstream.formats.reader import DEFAULT_BATCH_BYTES, read as _read
     return _read(source, bpf=bpf, batch_bytes=batch_bytes or DEFAULT_BATCH_BYTES, truncated=truncated,

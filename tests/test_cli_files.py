@@ -102,3 +102,58 @@ def test_malformed_file_clear_error(tmp_path):
     p.write_bytes(b"\x00" * 100)
     r = run("info", p)
     assert r.returncode == 1 and "not a pcap or pcapng file" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.live
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_info_judges_time_order_in_file_order_like_capinfos(tmp_path, shuffled):
+    """Interfaces alternating packet by packet in time order: chronological, although a read
+    buffer comes out grouped per interface; one packet out of place: not."""
+    import struct
+
+    import pktstream
+    from pktstream.formats import open_writer
+    stamps = list(range(4000))
+    if shuffled:
+        stamps[2500], stamps[2501] = stamps[2501], stamps[2500]
+    path = tmp_path / "alt.pcapng"
+    with open_writer(path) as w:
+        for j, t in enumerate(stamps):
+            frame = b"\x02\0\0\0\0\x01\x02\0\0\0\0\x02\x08\x00" + bytes(300)
+            rec = struct.pack("<IIII", 1_732_708_800, t * 1000, len(frame), len(frame)) + frame
+            w.write(pktstream.PacketBatch.from_records(rec, link_type=1, interface=f"eth{j % 2}"))
+    ref = subprocess.run(["capinfos", "-o", str(path)], capture_output=True, text=True, check=True).stdout
+    assert ("True" if not shuffled else "False") in ref.split("Strict time order:")[1].split("\n")[0]
+    r = run("info", "--json", path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["chronological"] is (not shuffled)
+
+
+@pytest.mark.live
+def test_convert_with_a_filter_keeps_the_comments_of_the_packets_kept(tmp_path):
+    import struct
+
+    import pktstream
+    from pktstream.formats import open_reader, open_writer
+    src = tmp_path / "c.pcapng"
+    with open_writer(src) as w:
+        for j in range(600):
+            frame = b"\x02\0\0\0\0\x01\x02\0\0\0\0\x02\x08\x00" + bytes([j % 3]) + j.to_bytes(4, "big") + bytes(40)
+            rec = struct.pack("<IIII", 1_732_708_800, j, len(frame), len(frame)) + frame
+            w.write(pktstream.PacketBatch.from_records(rec, link_type=1, interface=f"eth{j % 2}"),
+                    {0: f"packet {j}"} if j % 7 == 0 else None)
+    out = tmp_path / "o.pcapng"
+    r = run("convert", src, out, "ether[14]", "=", "1")
+    assert r.returncode == 0, r.stderr
+    kept = [j for j in range(600) if j % 3 == 1]
+    got: dict[int, str] = {}
+    frames: list[int] = []
+    with open_reader(out, comments=True, file_order=True) as rd:
+        for b in rd:
+            got.update({len(frames) + i: t for i, t in rd.comments.items()})
+            frames += [int.from_bytes(bytes(p)[15:19], "big") for p in b]
+    assert frames == kept
+    assert got == {i: f"packet {j}" for i, j in enumerate(kept) if j % 7 == 0}
+    shark = subprocess.run(["tshark", "-r", str(out), "-T", "fields", "-e", "frame.comment"],
+                           capture_output=True, text=True, check=True).stdout.split("\n")
+    assert [i for i, line in enumerate(shark) if line.strip()] == sorted(got)

@@ -550,9 +550,9 @@ def test_records_longer_than_the_snap_length_are_cut_as_libpcap_cuts_them(tmp_pa
 
 
 def test_interleaved_interfaces_are_read_in_file_order_with_their_comments(tmp_path):
-    """A pcapng whose interfaces interleave packet by packet: read() hands out runs of one
-    interface in the file's order (tcpdump's), comments stay with their packets, and
-    ``last_positions`` counts through the file; grouped per interface with file_order=False."""
+    """A pcapng whose interfaces interleave packet by packet: read(file_order=True) hands out
+    runs of one interface in the file's order (tcpdump's), comments stay with their packets,
+    and ``last_positions`` counts through the file; grouped per interface by default."""
     import random
     rng = random.Random(5)
     path = tmp_path / "inter.pcapng"
@@ -566,7 +566,7 @@ def test_interleaved_interfaces_are_read_in_file_order_with_their_comments(tmp_p
             written.append(frame)
     want = subprocess.run(["tcpdump", "-r", str(path), "-w", "-"], capture_output=True, check=True).stdout
     assert [bytes(p) for b in pktstream.read(io.BytesIO(want)) for p in b] == written  # the oracle's order
-    assert [bytes(p) for b in pktstream.read(path) for p in b] == written
+    assert [bytes(p) for b in pktstream.read(path, file_order=True) for p in b] == written
     got, notes, positions = [], {}, []
     with open_reader(path, batch_bytes=4096, comments=True, file_order=True) as r:
         for b in r:
@@ -575,7 +575,7 @@ def test_interleaved_interfaces_are_read_in_file_order_with_their_comments(tmp_p
             got += [bytes(p) for p in b]
     assert got == written and positions == list(range(3000))
     assert notes == {j: f"packet {j}" for j in range(0, 3000, 7)}
-    grouped = [bytes(p) for b in pktstream.read(path, file_order=False) for p in b]
+    grouped = [bytes(p) for b in pktstream.read(path) for p in b]  # (the default: per interface)
     assert grouped != written and sorted(grouped) == sorted(written)
 
 

@@ -89,9 +89,30 @@ def cmd_info(args: argparse.Namespace) -> int:
     import warnings
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with open_reader(_source(args.file), file_order=True) as r:
+        # a read buffer's packets grouped per interface (fast); the order check puts them
+        # back in file order by their positions
+        held_pos: list = []
+        held_ts: list = []
+        prev = None  # the last time stamp in file order checked
+
+        def check_order() -> None:
+            nonlocal prev, out_of_order
+            if not held_ts:
+                return
+            t = np.concatenate(held_ts)[np.argsort(np.concatenate(held_pos), kind="stable")]
+            if prev is not None and int(t[0]) < prev or len(t) > 1 and bool((np.diff(t) < 0).any()):
+                out_of_order = True
+            prev = int(t[-1])
+            held_pos.clear()
+            held_ts.clear()
+
+        with open_reader(_source(args.file)) as r:
+            rng = None
             for batch in r:
                 n = len(batch)
+                if r.last_range != rng:
+                    check_order()
+                    rng = r.last_range
                 if not n:
                     continue
                 ts = batch.ts_ns
@@ -99,14 +120,15 @@ def cmd_info(args: argparse.Namespace) -> int:
                 nbytes += batch.nbytes - 16 * n
                 wire += int(batch.wirelen.sum(dtype=np.int64))
                 lo, hi = int(ts.min()), int(ts.max())
-                if last is not None and int(ts[0]) < last or n > 1 and bool((np.diff(ts) < 0).any()):
-                    out_of_order = True
+                held_pos.append(r.last_positions())
+                held_ts.append(ts)
                 first = lo if first is None else min(first, lo)
                 last = hi if last is None else max(last, hi)
                 key = next((i.index for i in r.interfaces if i.name == batch.interface
                             and i.link_type == batch.link_type), 0)
                 per_iface.setdefault(key, [0])[0] += n
                 prog.update(r.bytes_read)
+            check_order()
             prog.done()
             info = {
                 "file": args.file, "format": r.format, "compression": r.compression,
@@ -246,10 +268,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
             for batch in r:
                 comments: dict[int, str] | None = r.comments
                 if expr:
-                    batch = filter_batch(batch, expr)
-                    comments = None
+                    batch, comments = filter_batch(batch, expr, comments)
                 if len(batch):
-                    w.write(batch, comments or None)
+                    w.write(batch, comments or None, flush=False)  # (runs of an interleaved file)
                 prog.update(r.bytes_read)
         except BaseException:
             w.abort()
@@ -291,7 +312,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
                     end = int(np.searchsorted(ts[start:], limit, side="right" if k < heap[0][1] else "left")) + start
                     end = max(end, start + 1)
                 from pktstream.formats.writer import slice_batch
-                w.write(b if start == 0 and end == len(b) else slice_batch(b, start, end))
+                w.write(b if start == 0 and end == len(b) else slice_batch(b, start, end), flush=False)
                 if end < len(b):
                     heapq.heappush(heap, (int(ts[end]), k, end, b))
                 else:

@@ -898,18 +898,27 @@ class CaptureReader:
 
     def _emit_runs(self, dst, out, ids, count, section_ifaces, comments) -> Iterator[PacketBatch]:
         """A mixed-interface buffer as runs of consecutive packets of one interface, in file
-        order: zero-copy views of ``dst`` (its records are in file order)."""
+        order: zero-copy views of ``dst`` (its records are in file order), indexed from one
+        walk of the whole buffer."""
         base = self._next_position
         whole = PacketBatch.from_records(memoryview(dst)[:out], link_type=1, validate=False, count=count)
-        offs = whole.offset
-        ends = offs + whole.caplen
+        ts, cl, wl, offs = whole.ts_ns, whole.caplen, whole.wirelen, whole.offset
         brk = np.flatnonzero(ids[1:] != ids[:-1]) + 1
         starts = [0, *brk.tolist()]
         stops = [*brk.tolist(), count]
+        keys = np.array(sorted(comments), dtype=np.int64) if comments else None
         for s, e in zip(starts, stops):
-            lo, hi = int(offs[s]) - 16, int(ends[e - 1])
-            self.comments = {j - s: t for j, t in comments.items() if s <= j < e} if comments else {}
-            b = self._batch(memoryview(dst)[lo:hi], e - s, section_ifaces[int(ids[s])])
+            lo, hi = int(offs[s]) - 16, int(offs[e - 1] + cl[e - 1])
+            if keys is not None:
+                i, j = np.searchsorted(keys, (s, e)).tolist()
+                self.comments = {k - s: comments[k] for k in keys[i:j].tolist()}
+            else:
+                self.comments = {}
+            iface = section_ifaces[int(ids[s])]
+            b = PacketBatch.from_records(memoryview(dst)[lo:hi], link_type=iface.link_type,
+                                         snaplen=max(iface.snaplen, 1), interface=iface.name,
+                                         validate=False, count=e - s,
+                                         index=(ts[s:e], cl[s:e], wl[s:e], offs[s:e] - lo))
             self._last_positions = (base + s, e - s, None)
             yield b
         self._next_position = base + count
@@ -1019,18 +1028,24 @@ def open_reader(source, *, batch_bytes: int = DEFAULT_BATCH_BYTES,
                          memory_map=memory_map, file_order=file_order)
 
 
-def filter_batch(batch: PacketBatch, bpf: str) -> PacketBatch:
-    """A new batch holding the packets of ``batch`` that match the BPF expression."""
+def filter_batch(batch: PacketBatch, bpf: str, comments: dict[int, str] | None = None):
+    """A new batch holding the packets of ``batch`` that match the BPF expression; with
+    ``comments`` (``{packet index: text}``), ``(batch, the matching packets' comments
+    renumbered)``."""
     mask = batch.filter(bpf)
     if mask.all():
-        return batch
+        return batch if comments is None else (batch, comments)
     recs, n = take_mask(memoryview(batch), batch.offset, batch.caplen, mask.view(np.uint8))
-    return PacketBatch.from_records(recs, link_type=batch.link_type, snaplen=batch.snaplen,
-                                    interface=batch.interface, validate=False, count=n)
+    out = PacketBatch.from_records(recs, link_type=batch.link_type, snaplen=batch.snaplen,
+                                   interface=batch.interface, validate=False, count=n)
+    if comments is None:
+        return out
+    new_index = np.cumsum(mask) - 1
+    return out, {int(new_index[i]): t for i, t in comments.items() if 0 <= i < len(mask) and mask[i]}
 
 
 def read(source, *, bpf: str | list[str] | None = None, batch_bytes: int = DEFAULT_BATCH_BYTES,
-         truncated: str = "warn", memory_map: bool = False, file_order: bool = True) -> Iterator[PacketBatch]:
+         truncated: str = "warn", memory_map: bool = False, file_order: bool = False) -> Iterator[PacketBatch]:
     """Iterate over the packets of a capture file as :class:`PacketBatch` objects.
 
     :param source: path or binary file object (pipes work) of a pcap, pcapng, ``.zst`` or
@@ -1042,9 +1057,10 @@ def read(source, *, bpf: str | list[str] | None = None, batch_bytes: int = DEFAU
     :param memory_map: map an uncompressed regular file opened by path (zero-copy batches,
         10-30 % less CPU); a file truncated while its batches are held then kills the process with
         SIGBUS (pktstream.formats.reader's docstring), so only for files nobody truncates.
-    :param file_order: packets in the file's order, as tcpdump reads them, also where a pcapng
-        interleaves interfaces (a batch is one interface: such a file gives runs of them);
-        False: a read buffer's packets grouped per interface (fewer, larger batches).
+    :param file_order: batches in the file's packet order, as tcpdump reads it, also where a
+        pcapng interleaves interfaces (a batch is one interface: such a file gives runs of them,
+        down to one packet each -- slower); False (default): a read buffer's packets (~1 MiB)
+        grouped per interface, each interface's packets in file order.
     :raises FileFormatError: not a capture file, hostile or inconsistent lengths (with the offset).
     """
     expr = " ".join(bpf) if isinstance(bpf, (list, tuple)) else bpf

@@ -386,8 +386,10 @@ class CaptureWriter:
             return self._target.fileno()
         raise ValueError("no file open")
 
-    def write(self, batch: PacketBatch, comments: dict[int, str] | None = None) -> None:
-        """Append every packet of ``batch`` (rotating first when a limit is reached)."""
+    def write(self, batch: PacketBatch, comments: dict[int, str] | None = None, *, flush: bool = True) -> None:
+        """Append every packet of ``batch`` (rotating first when a limit is reached) and push it
+        to the OS (a compressed file ends a zstd block); ``flush=False``: left buffered (for many
+        small batches: the next flush, rotation or close pushes them)."""
         if self._closed:
             raise ClosedError("CaptureWriter is closed")
         n = len(batch)
@@ -409,7 +411,8 @@ class CaptureWriter:
             self._write_one(batch, comments)
         self.packets += n
         self.bytes += batch.nbytes - 16 * n
-        self._flush_current()
+        if flush:
+            self._flush_current()
 
     def _write_one(self, batch: PacketBatch, comments) -> None:
         if self._cur is None:
