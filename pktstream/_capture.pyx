@@ -13,7 +13,7 @@ from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t, uint8_t
 from libc.limits cimport INT_MAX
 from libc.stdlib cimport abort, calloc, free, malloc
 from libc.stdio cimport FILE, fclose
-from libc.string cimport memcpy, memset, strerror
+from libc.string cimport memcpy, memset, strerror, strncpy
 
 import os
 import threading
@@ -45,6 +45,13 @@ cdef extern from "<poll.h>" nogil:
         short revents
     enum: POLLIN
     int poll(pollfd *fds, unsigned long nfds, int timeout)
+
+cdef inline int poll_one(int fd, int timeout_ms) noexcept nogil:
+    cdef pollfd p
+    p.fd = fd
+    p.events = POLLIN
+    p.revents = 0
+    return poll(&p, 1, timeout_ms)
 
 cdef extern from "<sys/eventfd.h>" nogil:
     enum: EFD_NONBLOCK
@@ -87,6 +94,12 @@ cdef enum:
     BLOCK_FILLING = 1
     BLOCK_OUT = 2
     EARLY_BURST = 4   # adaptive sealing: early seals in a row before one per idle_wait applies
+
+cdef enum:
+    STOP_DRAIN = 1    # stop(): deliver what the kernel had, then end
+    STOP_CLOSE = 2    # close(): seal the partly filled block and end now
+    FAIL_POLL = -100  # CaptureState.fail_rc: poll() failed (fail_errno says why)
+    IDLE_POLL_MS = 5000  # live capture thread: longest sleep with nothing partly filled (ring trim)
 
 cdef enum:
     RING_TRIM_EVERY_NS = 1000000000   # live rings: how often the capture thread looks for idle blocks
@@ -839,10 +852,20 @@ ctypedef struct CaptureState:
     uint64_t oversize_drops  # packets larger than a block (cannot happen live: block >= snaplen)
     uint64_t early_seals     # partly filled blocks sealed by the adaptive rule (idle_wait)
     uint64_t max_packets     # 0 = unlimited
-    int stop                 # set by stop() from any thread
+    int stop                 # set by stop() (STOP_DRAIN) or close() (STOP_CLOSE) from any thread
     int draining             # stopping: emptying the kernel buffer
     uint64_t drain_target    # stopping: packets the kernel had retired at stop (seen reaching it ends the drain)
     pthread_mutex_t stats_mu  # pcap_stats() from one thread at a time (reader drain, stats())
+    pthread_mutex_t q_mu      # the queue (queue, q_head, q_len): the capture thread seals, next_batch pops
+    pthread_mutex_t handle_mu # live: pcap_dispatch (capture thread) against pcap_compile/pcap_setfilter
+    int stop_fd              # eventfd: stop()/close() wake the capture thread's poll
+    int ready_fd             # live: eventfd written when a block is queued or the capture thread ends; -1 offline
+    int timeout_ms           # live: the kernel's batching timeout (libpcap's read timeout)
+    int64_t max_wait_ns      # seal a partly filled block this long after its first packet
+    int done                 # live: the capture thread has ended (atomic; nothing more will be queued)
+    int fail_rc              # live: why it ended early: a pcap_dispatch error (< 0) or FAIL_POLL
+    int fail_errno           # live: errno of a failed poll
+    char fail_msg[512]       # live: pcap_geterr() at the failure, copied by the capture thread
 
 
 cdef inline int64_t _seconds_to_ns(double seconds) noexcept:
@@ -874,8 +897,26 @@ cdef inline bint _any_free(CaptureState *s) noexcept nogil:
     return _free_count(s) > 0
 
 
+cdef inline int _queued(CaptureState *s) noexcept nogil:
+    """Sealed blocks not yet taken by next_batch (any thread)."""
+    cdef int n
+    pthread_mutex_lock(&s.q_mu)
+    n = s.q_len
+    pthread_mutex_unlock(&s.q_mu)
+    return n
+
+
+cdef inline void _notify(CaptureState *s) noexcept nogil:
+    """Live: wake next_batch (a block was queued, or the capture thread ended)."""
+    cdef uint64_t one = 1
+    if s.ready_fd >= 0:
+        write(s.ready_fd, &one, sizeof(one))
+
+
 cdef inline void _seal(CaptureState *s) noexcept nogil:
+    """Queue the block being filled (capture thread: the live one, or next_batch's offline)."""
     cdef int b = s.cur
+    cdef int q_len
     if b < 0:
         return
     s.cur = -1
@@ -884,13 +925,18 @@ cdef inline void _seal(CaptureState *s) noexcept nogil:
         return
     ps_store_int(&s.state[b], BLOCK_OUT)
     s.last_seal_ns = ps_monotonic_ns()
+    pthread_mutex_lock(&s.q_mu)
     s.queue[(s.q_head + s.q_len) % s.nblocks] = b
     s.q_len += 1
-    if s.p != NULL and (s.q_len * 2 >= s.nblocks or _free_count(s) <= 1):
-        # Half the ring is sealed and waiting, or at most one block is left: return to the
-        # consumer before the ring runs out. With TPACKET_V3 one dispatch would otherwise
+    q_len = s.q_len
+    pthread_mutex_unlock(&s.q_mu)
+    _notify(s)
+    if s.p != NULL and (q_len * 2 >= s.nblocks or _free_count(s) <= 1):
+        # Half the ring is sealed and waiting, or at most one block is left: leave
+        # pcap_dispatch before the ring runs out. With TPACKET_V3 one dispatch would otherwise
         # drain the whole kernel buffer (tens of MiB) into the ring and drop what does not
-        # fit; stopping here leaves the rest in the kernel buffer (or the file) instead.
+        # fit; stopping here leaves the rest in the kernel buffer (or the file) instead, and
+        # lets a file's reader hand batches out.
         pcap_breakloop(s.p)
 
 
@@ -1003,6 +1049,13 @@ cdef void _on_packet(unsigned char *user, const pcap_pkthdr *h, const unsigned c
         if got == -2:  # out of memory (lazy ring): next_batch raises MemoryError
             pcap_breakloop(s.p)
             return
+        if got == -1 and s.ready_fd >= 0:
+            # live: every block is sealed or held. While next_batch still has sealed blocks to
+            # take, its consumer is behind, not gone: wait here for one to be released (the
+            # kernel buffer keeps what arrives meanwhile) instead of dropping this packet
+            while got == -1 and ps_load_int(&s.stop) != STOP_CLOSE and _queued(s) > 0:
+                poll(NULL, 0, 1)
+                got = _acquire(s)
         if got < 0:
             # every block is held by a batch: count the drop and stop draining the kernel
             # buffer, which keeps the rest until a block is released (see next_batch);
@@ -1038,6 +1091,124 @@ cdef void _on_packet(unsigned char *user, const pcap_pkthdr *h, const unsigned c
     if s.max_packets and s.packets >= s.max_packets:
         _seal(s)
         pcap_breakloop(s.p)
+
+
+cdef int _dispatch(CaptureState *s) noexcept nogil:
+    """Live: one pcap_dispatch, excluded from set_filter; keeps libpcap's message on error."""
+    cdef int rc
+    pthread_mutex_lock(&s.handle_mu)
+    rc = pcap_dispatch(s.p, -1, _on_packet, <unsigned char *> s)
+    if rc < 0 and rc != PCAP_ERROR_BREAK:
+        strncpy(s.fail_msg, pcap_geterr(s.p), sizeof(s.fail_msg) - 1)
+    pthread_mutex_unlock(&s.handle_mu)
+    return rc
+
+
+cdef void _capture_until_stop(CaptureState *s, pollfd *fds) noexcept nogil:
+    """Live capture thread, first part: fill and seal blocks until stop(), close(), ``count``
+    or an error (fail_rc). Sleeps in poll on the socket and the stop eventfd; wakes for the
+    kernel's blocks, max_wait, the adaptive seal and the ring trim (every IDLE_POLL_MS idle)."""
+    cdef int64_t now, early_at
+    cdef int poll_ms, prc, rc
+    while True:
+        if ps_load_int(&s.stop) or (s.max_packets and s.packets >= s.max_packets):
+            return
+        now = ps_monotonic_ns()
+        if now - s.last_trim_ns >= RING_TRIM_EVERY_NS:
+            _trim(s, now)
+        if s.cur >= 0 and s.count[s.cur] > 0 and now - s.cur_first_ns >= s.max_wait_ns:
+            _seal(s)
+        # everything the kernel had is dispatched (or nothing was yet): a partly filled block
+        # on a quiet link goes now (adaptive sealing)
+        early_at = _early_at(s, s.max_wait_ns)
+        if early_at >= 0 and now >= early_at:
+            _seal_early(s, now)
+        if s.cur < 0 and not _any_free(s):
+            # the ring is full of batches still held: leave packets in the kernel buffer
+            # until one is released (or stop() is called)
+            poll(&fds[1], 1, 10)
+            continue
+        poll_ms = IDLE_POLL_MS
+        if s.cur >= 0 and s.count[s.cur] > 0:
+            # the kernel wakes poll when it hands over packets (within timeout_ms); a
+            # wake-up of our own is due only at max_wait or the adaptive seal
+            poll_ms = _min_ms(IDLE_POLL_MS, s.cur_first_ns + s.max_wait_ns - now)
+            early_at = _early_at(s, s.max_wait_ns)
+            if early_at >= 0:
+                poll_ms = _min_ms(poll_ms, early_at - now)
+        prc = poll(fds, 2, poll_ms)
+        if prc < 0 and errno != EINTR:
+            s.fail_errno = errno
+            s.fail_rc = FAIL_POLL
+            return
+        rc = _dispatch(s)
+        if rc < 0 and rc != PCAP_ERROR_BREAK:
+            s.fail_rc = rc  # the interface went away, or the driver failed
+            return
+
+
+cdef void _drain_after_stop(CaptureState *s, pollfd *fds) noexcept nogil:
+    """Live capture thread, after stop() (or ``count``): take what the kernel had retired at
+    that moment, then end. Under sustained traffic no dispatch ever comes back empty, so the
+    end is having seen as many packets as the kernel had counted at stop()."""
+    cdef pcap_stat ps
+    cdef int prc, drain_waits = 0
+    cdef int32_t delta
+    cdef uint64_t junk
+    s.draining = 1
+    # the kernel hands over a partly filled buffer block only when its timeout (timeout_ms)
+    # expires: wait for that once, then drain
+    memset(&ps, 0, sizeof(ps))
+    s.drain_target = 0
+    pthread_mutex_lock(&s.stats_mu)
+    prc = pcap_stats(s.p, &ps)
+    pthread_mutex_unlock(&s.stats_mu)
+    if prc == 0:
+        # libpcap's counters are 32 bits: the kernel's count, relative to what was seen,
+        # modulo 2^32 (a sensor passes 2^32 in days)
+        delta = <int32_t> (<uint32_t> (ps.ps_recv - ps.ps_drop) - <uint32_t> s.seen)
+        s.drain_target = s.seen + <uint64_t> delta if delta > 0 else s.seen
+        if s.drain_target > s.seen:
+            poll(fds, 1, s.timeout_ms if s.timeout_ms > 0 else 100)
+    while ps_load_int(&s.stop) != STOP_CLOSE:
+        if s.max_packets and s.packets >= s.max_packets:
+            break
+        prc = _dispatch(s)
+        if prc == 0 and drain_waits < 20 and s.drain_target > s.seen:
+            # nothing handed over, yet the kernel had packets at stop() not seen yet: they sit
+            # in a block whose timeout has not expired (the wait above was met by an earlier
+            # block, or the machine is loaded): wait for it (bounded) and dispatch again,
+            # instead of ending without them
+            drain_waits += 1
+            poll(fds, 1, s.timeout_ms if s.timeout_ms > 0 else 100)
+            continue
+        if prc == 0 or (prc < 0 and prc != PCAP_ERROR_BREAK) or (
+                s.drain_target and s.seen >= s.drain_target):
+            break
+    read(s.stop_fd, &junk, sizeof(junk))
+
+
+cdef void *_capture_thread(void *arg) noexcept nogil:
+    """The live capture thread: a plain C thread that never takes the GIL, so the kernel
+    buffer is emptied into the ring while Python threads (the consumer of the batches, a
+    compressor, a sender) run; it only has to cover this thread's own scheduling delays.
+    Started by the first next_batch, joined by close() (or when the Capture is freed)."""
+    cdef CaptureState *s = <CaptureState *> arg
+    cdef sigset_t all_signals
+    cdef pollfd fds[2]
+    sigfillset(&all_signals)
+    pthread_sigmask(SIG_BLOCK, &all_signals, NULL)  # signals are for Python's threads
+    fds[0].fd = pcap_get_selectable_fd(s.p)
+    fds[0].events = POLLIN
+    fds[1].fd = s.stop_fd
+    fds[1].events = POLLIN
+    _capture_until_stop(s, fds)
+    if s.fail_rc == 0 and ps_load_int(&s.stop) != STOP_CLOSE:
+        _drain_after_stop(s, fds)
+    _seal(s)  # the partly filled block (on a failure too: delivered before the error)
+    ps_store_int(&s.done, 1)
+    _notify(s)
+    return NULL
 
 
 class InterfaceAddress(NamedTuple):
@@ -1115,31 +1286,34 @@ cdef class Capture:
     (everything captured so far is delivered first), after ``count`` packets, or at the end of
     a file.
 
-    Thread safety: one thread iterates; ``stop()``, ``close()`` and ``stats()`` may be called
-    from any thread. The library installs no signal handlers; iteration checks for pending
-    signals (KeyboardInterrupt) at least every 500 ms on the main thread (5 s on another, where
-    Python runs no signal handlers; 100 ms while a block is partly filled).
+    Lifetime: a live capture fills the ring on its own C thread (no GIL), started by the first
+    ``next_batch()`` and joined by ``close()``; batches stay valid after ``close()``.
+    Thread safety: one thread iterates; ``stop()``, ``close()``, ``stats()`` and ``set_filter()``
+    may be called from any thread. The library installs no signal handlers; iteration checks for
+    pending signals (KeyboardInterrupt) at least every 500 ms on the main thread (5 s on another,
+    where Python runs no signal handlers).
     """
     cdef CaptureState s
     cdef Ring _ring
-    cdef int stop_fd
+    cdef pthread_t _thread   # live: the capture thread (_capture_thread)
+    cdef bint _started       # live: _thread runs or ran and is not joined yet
     cdef bint offline
     cdef bint eof
     cdef readonly str device
     cdef readonly int link_type
     cdef readonly int snaplen
     cdef readonly double max_wait
-    cdef int timeout_ms
     cdef object _lock
     cdef object _handle_lock
-    cdef object _failure     # an error raised once the batches captured before it are delivered
     cdef object __weakref__
 
     def __cinit__(self):
-        self.stop_fd = -1
+        self.s.stop_fd = -1
+        self.s.ready_fd = -1
         self.s.cur = -1
         self.s.last = -1
-        if pthread_mutex_init(&self.s.stats_mu, NULL) != 0:
+        if (pthread_mutex_init(&self.s.stats_mu, NULL) != 0 or pthread_mutex_init(&self.s.q_mu, NULL) != 0
+                or pthread_mutex_init(&self.s.handle_mu, NULL) != 0):
             raise MemoryError("pthread_mutex_init failed")
         ps_count(&_captures_opened)
 
@@ -1154,7 +1328,7 @@ cdef class Capture:
         :param promisc: promiscuous mode.
         :param immediate: deliver each packet as soon as it arrives (lowest latency, more CPU).
         :param buffer_bytes: kernel capture buffer (default 32 MiB; tcpdump's ``-B`` is KiB).
-        :param timeout_ms: kernel batching timeout, also the longest time between signal checks.
+        :param timeout_ms: kernel batching timeout (TPACKET_V3 hands over a partly filled buffer block after it).
         :param direction: ``"inout"`` (default), ``"in"`` or ``"out"``.
         :param bpf: filter expression (string or list of words, as tcpdump takes them).
         :param max_wait: seal a partially filled block this many seconds after its first packet.
@@ -1179,7 +1353,7 @@ cdef class Capture:
         if buffer_bytes <= 0 or buffer_bytes > INT_MAX:  # libpcap takes an int
             raise ValueError(f"buffer_bytes must be 1..{INT_MAX}, not {buffer_bytes}")
         self.device = device
-        self.timeout_ms = timeout_ms
+        self.s.timeout_ms = timeout_ms
         self._setup_ring(block_bytes, ring_blocks, snaplen, max_wait, count, False)
         if idle_wait is not None:
             iw = float(idle_wait)
@@ -1211,8 +1385,9 @@ cdef class Capture:
             self._fail(PCAP_ERROR, "pcap_setdirection")
         self.link_type = pcap_datalink(p)
         self.snaplen = pcap_snapshot(p)
-        self.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
-        if self.stop_fd < 0:
+        self.s.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        self.s.ready_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.s.stop_fd < 0 or self.s.ready_fd < 0:
             self._fail(PCAP_ERROR, "eventfd", strerror(errno).decode())
         if bpf:
             try:
@@ -1295,6 +1470,7 @@ cdef class Capture:
         self.s.last_seal_ns = 0
         self.s.early_tat = 0
         self.max_wait = max_wait
+        self.s.max_wait_ns = _seconds_to_ns(max_wait)
         self._lock = threading.Lock()
         self._handle_lock = threading.Lock()
 
@@ -1314,18 +1490,34 @@ cdef class Capture:
         raise pcap_error(text, rc, device)
 
     def __dealloc__(self):
+        self._join()
         if self.s.p != NULL:
             pcap_close(self.s.p)
             self.s.p = NULL
-        if self.stop_fd >= 0:
-            close(self.stop_fd)
+        if self.s.stop_fd >= 0:
+            close(self.s.stop_fd)
+        if self.s.ready_fd >= 0:
+            close(self.s.ready_fd)
         free(self.s.queue)
         pthread_mutex_destroy(&self.s.stats_mu)
+        pthread_mutex_destroy(&self.s.q_mu)
+        pthread_mutex_destroy(&self.s.handle_mu)
         ps_count(&_captures_freed)
 
     def __del__(self):
         if self.s.p != NULL:
             warnings.warn(f"unclosed Capture on {self.device!r}", ResourceWarning, source=self)
+
+    cdef void _join(self) noexcept:
+        """End the live capture thread now (STOP_CLOSE: no drain) and wait for it."""
+        cdef uint64_t one = 1
+        if not self._started:
+            return
+        ps_store_int(&self.s.stop, STOP_CLOSE)
+        write(self.s.stop_fd, &one, sizeof(one))
+        with nogil:
+            pthread_join(self._thread, NULL)
+        self._started = False
 
     cdef void _close_handle(self) noexcept:
         # stop_fd stays open until __dealloc__: stop() from another thread may still write it
@@ -1355,17 +1547,25 @@ cdef class Capture:
     def set_filter(self, bpf) -> None:
         """Compile and install a BPF filter (a string or a list of words)."""
         cdef bpf_program prog
+        cdef int rc
         expr = " ".join(bpf) if isinstance(bpf, (list, tuple)) else str(bpf)
-        with self._lock:  # not while another thread is inside pcap_dispatch on this handle
+        cdef bytes text = expr.encode()
+        cdef const char *c_text = text
+        with self._lock:  # close() from another thread must not free the handle meanwhile
             self._check_open()
-            if pcap_compile(self.s.p, &prog, expr.encode(), 1, PCAP_NETMASK_UNKNOWN) != 0:
-                raise FilterError(f"bad BPF filter {expr!r} on {self.device!r}: {_decode(pcap_geterr(self.s.p))}")
+            with nogil:  # not while the capture thread is inside pcap_dispatch on this handle
+                pthread_mutex_lock(&self.s.handle_mu)
             try:
-                if pcap_setfilter(self.s.p, &prog) != 0:
-                    raise FilterError(f"cannot install filter {expr!r} on {self.device!r}: "
-                                      f"{_decode(pcap_geterr(self.s.p))}")
+                if pcap_compile(self.s.p, &prog, c_text, 1, PCAP_NETMASK_UNKNOWN) != 0:
+                    raise FilterError(f"bad BPF filter {expr!r} on {self.device!r}: {_decode(pcap_geterr(self.s.p))}")
+                try:
+                    if pcap_setfilter(self.s.p, &prog) != 0:
+                        raise FilterError(f"cannot install filter {expr!r} on {self.device!r}: "
+                                          f"{_decode(pcap_geterr(self.s.p))}")
+                finally:
+                    pcap_freecode(&prog)
             finally:
-                pcap_freecode(&prog)
+                pthread_mutex_unlock(&self.s.handle_mu)
 
     def stats(self) -> dict:
         """Counters: ``packets``/``bytes`` copied into the ring, libpcap's ``kernel_received``,
@@ -1410,9 +1610,10 @@ cdef class Capture:
     def stop(self) -> None:
         """End iteration soon, from any thread: what was captured is still delivered."""
         cdef uint64_t one = 1
-        ps_store_int(&self.s.stop, 1)
-        if self.stop_fd >= 0:
-            write(self.stop_fd, &one, sizeof(one))
+        if ps_load_int(&self.s.stop) == 0:
+            ps_store_int(&self.s.stop, STOP_DRAIN)
+        if self.s.stop_fd >= 0:
+            write(self.s.stop_fd, &one, sizeof(one))
 
     def close(self) -> None:
         """Stop and release the libpcap handle. Idempotent; safe from another thread (waits
@@ -1421,6 +1622,7 @@ cdef class Capture:
             return
         self.stop()
         with self._lock, self._handle_lock:
+            self._join()  # the partly filled block is still delivered
             self._close_handle()
 
     def __enter__(self):
@@ -1440,9 +1642,16 @@ cdef class Capture:
         return batch
 
     cdef PacketBatch _pop(self):
-        cdef int b = self.s.queue[self.s.q_head]
-        self.s.q_head = (self.s.q_head + 1) % self.s.nblocks
-        self.s.q_len -= 1
+        """The oldest sealed block as a batch, or None if none is queued."""
+        cdef int b = -1
+        pthread_mutex_lock(&self.s.q_mu)
+        if self.s.q_len > 0:
+            b = self.s.queue[self.s.q_head]
+            self.s.q_head = (self.s.q_head + 1) % self.s.nblocks
+            self.s.q_len -= 1
+        pthread_mutex_unlock(&self.s.q_mu)
+        if b < 0:
+            return None
         return PacketBatch._from_ring(self._ring, b, self.link_type, self.snaplen, self.device)
 
     def next_batch(self, timeout=None) -> PacketBatch | None:
@@ -1450,163 +1659,100 @@ cdef class Capture:
 
         :param timeout: seconds to wait; on expiry raises ``TimeoutError`` (None: no limit).
         """
-        cdef int rc = 0, prc, drain_waits = 0
-        cdef int64_t now, early_at, deadline = -1, max_wait_ns = _seconds_to_ns(self.max_wait)
-        cdef int poll_ms
-        cdef int idle_ms = 500 if threading.current_thread() is threading.main_thread() else 5000
-        cdef pollfd fds[2]
-        cdef uint64_t junk
-        cdef int32_t delta
-        cdef pcap_stat ps
-        cdef CaptureState *s = &self.s
+        cdef int64_t deadline = -1
         if timeout is not None:
             t = float(timeout)
             if t != t:
                 raise ValueError("timeout must be a number of seconds, not NaN")
             deadline = ps_monotonic_ns() + _seconds_to_ns(max(t, 0.0))
+        if self.offline:
+            return self._next_offline()
+        return self._next_live(deadline, timeout)
+
+    cdef object _next_live(self, int64_t deadline, timeout):
+        """Live: take the capture thread's next sealed block, starting the thread on first use.
+        Waits on ``ready_fd`` in slices that let Python run signal handlers."""
+        cdef int wait_ms, prc
+        cdef int64_t now
+        cdef uint64_t junk
+        cdef int idle_ms = 500 if threading.current_thread() is threading.main_thread() else 5000
+        cdef CaptureState *s = &self.s
+        cdef PacketBatch batch
+        if not self._started and not self.eof:
+            with self._lock:
+                if s.p == NULL:  # closed
+                    self.eof = True
+                elif not self._started and not ps_load_int(&s.done):
+                    if pthread_create(&self._thread, NULL, _capture_thread, s) != 0:
+                        raise OSError(errno, f"cannot start the capture thread for {self.device!r}: "
+                                             f"{strerror(errno).decode()}")
+                    self._started = True
         while True:
-            if s.q_len > 0:
-                return self._pop()
-            if self._failure is not None:
-                exc, self._failure = self._failure, None
+            batch = self._pop()
+            if batch is not None:
+                return batch
+            if self.eof:
+                return None
+            if ps_load_int(&s.done):
+                if _queued(s) > 0:
+                    continue
                 self.eof = True
-                raise exc
+                if s.fail_rc == FAIL_POLL:
+                    raise OSError(s.fail_errno, f"poll on {self.device!r}: {strerror(s.fail_errno).decode()}")
+                if s.fail_rc < 0:
+                    # the interface went away (or the driver failed): what was captured before
+                    # it has been delivered
+                    raise PcapError(f"pcap_dispatch on {self.device!r}: {_decode(s.fail_msg)}",
+                                    code=s.fail_rc, device=self.device)
+                return None
+            wait_ms = idle_ms
+            if deadline >= 0:
+                now = ps_monotonic_ns()
+                if now >= deadline:
+                    raise TimeoutError(f"no batch from {self.device!r} within {timeout} s")
+                wait_ms = _min_ms(wait_ms, deadline - now)
+            with nogil:
+                prc = poll_one(s.ready_fd, wait_ms)
+                if prc > 0:
+                    read(s.ready_fd, &junk, sizeof(junk))
+            PyErr_CheckSignals()
+
+    cdef object _next_offline(self):
+        """Files: dispatch in this thread until a block is sealed."""
+        cdef int rc = 0
+        cdef CaptureState *s = &self.s
+        cdef PacketBatch batch
+        while True:
+            batch = self._pop()
+            if batch is not None:
+                return batch
             if self.eof:
                 return None
             with self._lock:
                 if s.p == NULL:  # closed from another thread: deliver the partly filled block
                     if s.cur >= 0:
                         _seal(s)
-                    if s.q_len == 0:
+                    if _queued(s) == 0:
                         self.eof = True
                     continue
-                if self.offline:
-                    if not _any_free(s):
-                        if s.cur >= 0:  # no block to go on with: deliver the partial one now
-                            _seal(s)
-                            continue
-                        raise BufferError(f"reading {self.device!r}: every ring block is held by a batch; "
-                                          "release batches (or keep copy()s) to read on")
-                    with nogil:
-                        rc = pcap_dispatch(s.p, -1, _on_packet, <unsigned char *> s)
-                    if s.err:
-                        s.err = 0
-                        raise MemoryError(f"reading {self.device!r}: cannot allocate a ring block")
-                    if rc == 0 or (s.max_packets and s.packets >= s.max_packets):
+                if not _any_free(s):
+                    if s.cur >= 0:  # no block to go on with: deliver the partial one now
                         _seal(s)
-                        self.eof = True
-                    elif rc == PCAP_ERROR_BREAK and ps_load_int(&s.stop):
-                        _seal(s)
-                        self.eof = True
-                    elif rc < 0 and rc != PCAP_ERROR_BREAK:
-                        raise FileFormatError(f"reading {self.device!r}: {_decode(pcap_geterr(s.p))}",
-                                              path=self.device)
-                    continue
+                        continue
+                    raise BufferError(f"reading {self.device!r}: every ring block is held by a batch; "
+                                      "release batches (or keep copy()s) to read on")
                 with nogil:
-                    fds[0].fd = pcap_get_selectable_fd(s.p)
-                    fds[0].events = POLLIN
-                    fds[1].fd = self.stop_fd
-                    fds[1].events = POLLIN
-                    while True:
-                        if ps_load_int(&s.stop) or (s.max_packets and s.packets >= s.max_packets):
-                            rc = 1  # stopping: drain what the kernel has retired, then end
-                            break
-                        now = ps_monotonic_ns()
-                        if now - s.last_trim_ns >= RING_TRIM_EVERY_NS:
-                            _trim(s, now)
-                        if s.cur >= 0 and s.count[s.cur] > 0 and now - s.cur_first_ns >= max_wait_ns:
-                            _seal(s)
-                        # everything the kernel had is dispatched (or nothing was yet): a
-                        # partly filled block on a quiet link goes now (adaptive sealing)
-                        early_at = _early_at(s, max_wait_ns)
-                        if early_at >= 0 and now >= early_at:
-                            _seal_early(s, now)
-                        if s.q_len > 0:
-                            rc = 0
-                            break
-                        if deadline >= 0 and now >= deadline:
-                            rc = 2
-                            break
-                        if s.cur < 0 and not s.draining and not _any_free(s):
-                            # the ring is full of batches still held: leave packets in the
-                            # kernel buffer until one is released (or stop() is called)
-                            poll(&fds[1], 1, 10)
-                            rc = 3
-                            break
-                        # idle (nothing partly filled): sleep long, the kernel wakes us when a
-                        # buffer block is ready, stop() through the eventfd, signals with EINTR;
-                        # 500 ms on the main thread (where Python runs signal handlers), 5 s on
-                        # another (a sensor's capture thread: fewer idle wake-ups)
-                        poll_ms = idle_ms
-                        if s.cur >= 0 and s.count[s.cur] > 0:
-                            # the kernel wakes poll when it hands over packets (within
-                            # timeout_ms); a wake-up of our own is due only at max_wait or the
-                            # adaptive seal (and every 100 ms at least, for signals)
-                            poll_ms = _min_ms(self.timeout_ms if self.timeout_ms > 100 else 100,
-                                              s.cur_first_ns + max_wait_ns - now)
-                            early_at = _early_at(s, max_wait_ns)
-                            if early_at >= 0:
-                                poll_ms = _min_ms(poll_ms, early_at - now)
-                        if deadline >= 0:
-                            poll_ms = _min_ms(poll_ms, deadline - now)
-                        prc = poll(fds, 2, poll_ms)
-                        if prc < 0 and errno != EINTR:
-                            rc = -100
-                            break
-                        rc = pcap_dispatch(s.p, -1, _on_packet, <unsigned char *> s)
-                        if rc < 0 and rc != PCAP_ERROR_BREAK:
-                            break
-                        if prc < 0:  # EINTR: let Python run signal handlers
-                            rc = 3
-                            break
-                        if prc == 0:
-                            rc = 3  # poll timeout: check signals (see the poll_ms above)
-                            break
-                    if rc == 1:
-                        if not s.draining:
-                            s.draining = 1
-                            # the kernel hands over a partly filled buffer block only when its
-                            # timeout (timeout_ms) expires: wait for that once, then drain
-                            memset(&ps, 0, sizeof(ps))
-                            s.drain_target = 0
-                            pthread_mutex_lock(&s.stats_mu)
-                            prc = pcap_stats(s.p, &ps)
-                            pthread_mutex_unlock(&s.stats_mu)
-                            if prc == 0:
-                                # libpcap's counters are 32 bits: the kernel's count, relative to
-                                # what was seen, modulo 2^32 (a sensor passes 2^32 in days)
-                                delta = <int32_t> (<uint32_t> (ps.ps_recv - ps.ps_drop) - <uint32_t> s.seen)
-                                s.drain_target = s.seen + <uint64_t> delta if delta > 0 else s.seen
-                                if s.drain_target > s.seen:
-                                    poll(fds, 1, self.timeout_ms if self.timeout_ms > 0 else 100)
-                        # drain in steps (the half-ring breakloop returns batches in between);
-                        # the end is a dispatch that finds nothing, or (under sustained traffic,
-                        # where none does) having taken every packet the kernel had at stop()
-                        prc = pcap_dispatch(s.p, -1, _on_packet, <unsigned char *> s)
-                        if prc == 0 and drain_waits < 20 and s.drain_target > s.seen and not (
-                                s.max_packets and s.packets >= s.max_packets):
-                            # nothing handed over, yet the kernel had packets at stop() not seen
-                            # yet: they sit in a block whose timeout has not expired (the wait
-                            # above was met by an earlier block, or the machine is loaded): wait
-                            # for it (bounded) and dispatch again, instead of ending without them
-                            drain_waits += 1
-                            poll(fds, 1, self.timeout_ms if self.timeout_ms > 0 else 100)
-                            prc = PCAP_ERROR_BREAK  # not the end: the loop dispatches again
-                        if prc == 0 or (prc < 0 and prc != PCAP_ERROR_BREAK) or (
-                                s.drain_target and s.seen >= s.drain_target) or (
-                                s.max_packets and s.packets >= s.max_packets):
-                            _seal(s)
-                            self.eof = True
-                            read(self.stop_fd, &junk, sizeof(junk))
-                if rc == -100:
-                    raise OSError(errno, f"poll on {self.device!r}: {strerror(errno).decode()}")
-                if rc < 0 and rc != PCAP_ERROR_BREAK:
-                    # the interface went away (or the driver failed): first deliver what was
-                    # captured before it (sealed blocks and the partly filled one), then raise
-                    self._failure = PcapError(f"pcap_dispatch on {self.device!r}: {_decode(pcap_geterr(s.p))}",
-                                              code=rc, device=self.device)
+                    rc = pcap_dispatch(s.p, -1, _on_packet, <unsigned char *> s)
+                if s.err:
+                    s.err = 0
+                    raise MemoryError(f"reading {self.device!r}: cannot allocate a ring block")
+                if rc == 0 or (s.max_packets and s.packets >= s.max_packets):
                     _seal(s)
-                    continue
-            if rc == 2:
-                raise TimeoutError(f"no batch from {self.device!r} within {timeout} s")
+                    self.eof = True
+                elif rc == PCAP_ERROR_BREAK and ps_load_int(&s.stop):
+                    _seal(s)
+                    self.eof = True
+                elif rc < 0 and rc != PCAP_ERROR_BREAK:
+                    raise FileFormatError(f"reading {self.device!r}: {_decode(pcap_geterr(s.p))}",
+                                          path=self.device)
             PyErr_CheckSignals()

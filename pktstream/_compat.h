@@ -3,6 +3,7 @@
 #ifndef PKTSTREAM_COMPAT_H
 #define PKTSTREAM_COMPAT_H
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>

@@ -21,6 +21,15 @@ cdef extern from "_compat.h" nogil:
     int pthread_mutex_destroy(pthread_mutex_t *m)
     int pthread_mutex_lock(pthread_mutex_t *m)
     int pthread_mutex_unlock(pthread_mutex_t *m)
+    ctypedef struct pthread_t:
+        pass
+    int pthread_create(pthread_t *t, const void *attr, void *(*start)(void *) noexcept nogil, void *arg)
+    int pthread_join(pthread_t t, void **ret)
+    ctypedef struct sigset_t:
+        pass
+    enum: SIG_BLOCK
+    int sigfillset(sigset_t *s)
+    int pthread_sigmask(int how, const sigset_t *s, sigset_t *old)
 
 cdef enum:
     RECORD_HEADER = 16  # classic pcap record header: ts_sec, ts_nsec, caplen, wirelen
