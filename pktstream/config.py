@@ -252,13 +252,13 @@ class SensorSettings:
     snaplen: int = 262144
     promisc: bool = False
     immediate: bool = False
-    buffer_bytes: int = 32 << 20  # as CaptureOptions (stream/sensor.py)
+    buffer_bytes: int = 8 << 20  # as CaptureOptions (stream/sensor.py)
     block_bytes: int = 1 << 20
     max_wait: float = 0.2
     idle_wait: float = 0.05
     timeout_ms: int = 10
     compression_level: int = -1  # as DeliveryOptions (stream/sensor.py)
-    window_bytes: int = 64 << 20
+    window_bytes: int = 32 << 20  # as DeliveryOptions
     spool_dir: str | None = "auto"   # "auto": <state dir>/spool/<sensor id>; None: no spool
     spool_bytes: int | None = None   # None: 1 GiB or half the free space
     sensor_id: str | None = None

@@ -129,7 +129,7 @@ def test_chaos_receiver_kills_long_outage_and_link_flaps_lose_nothing(veth, proc
 
 def test_burst_beyond_the_window_arrives_whole(veth, procs, tmp_path):
     """300 MB of incompressible frames at 100 kpps while the receiver is down: far more than the
-    64 MiB window; the default spool holds them and everything arrives once it is back."""
+    32 MiB window; the default spool holds them and everything arrives once it is back."""
     src = tmp_path / "big.pcap"
     traffic.write_random_udp_pcap(str(src), 50000, size=1514)
     port = free_port()

@@ -456,8 +456,8 @@ def register(sub) -> None:
     s.add_argument("--promisc", action="store_true", help="promiscuous mode (default: off)")
     s.add_argument("--immediate", action="store_true", help="libpcap immediate mode (default: off)")
     s.add_argument("--buffer-size", dest="buffer_bytes", type=_size, metavar="SIZE",
-                   help="kernel buffer (default 32MiB; resident for the sensor's lifetime: 8MiB saves 24 MiB "
-                        "of RSS, absorbs shorter bursts)")
+                   help="kernel buffer (default 8MiB, resident for the sensor's lifetime; the capture thread "
+                        "empties it into the 32 MiB ring, paged in as needed)")
     s.add_argument("--block-size", dest="block_bytes", type=_size, metavar="SIZE", help="block size (default 1MiB)")
     s.add_argument("--max-wait", type=float, metavar="SEC",
                    help="under load, seal a partial block after SEC (default 0.2)")
@@ -465,7 +465,7 @@ def register(sub) -> None:
                    "at most one per SEC on average, 4 in a row (default 0.05; >= --max-wait: off)")
     s.add_argument("--level", dest="compression_level", type=int, help="zstd level (default -1, adaptive)")
     s.add_argument("--window", dest="window_bytes", type=_size, metavar="SIZE",
-                   help="unacknowledged bytes kept in memory (default 64MiB)")
+                   help="unacknowledged bytes kept in memory, then in the spool (default 32MiB)")
     s.add_argument("--spool-dir", metavar="DIR", help="spool frames here when the window is full (default "
                    "/var/lib/pktstream/spool/SENSOR-ID as root, ~/.local/state/pktstream/spool/SENSOR-ID "
                    "otherwise, or $PKTSTREAM_STATE_DIR/spool/SENSOR-ID)")

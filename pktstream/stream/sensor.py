@@ -209,7 +209,7 @@ class CaptureOptions:
     snaplen: int = 262144
     promisc: bool = False
     immediate: bool = False
-    buffer_bytes: int = 32 << 20  # kernel buffer, always resident (8 MiB: -24 MiB RSS; bench/README.md)
+    buffer_bytes: int = 8 << 20  # kernel buffer, always resident; emptied into the ring by the capture thread
     block_bytes: int = 1 << 20
     ring_blocks: int = 32
     max_wait: float = 0.2
@@ -227,7 +227,7 @@ class DeliveryOptions:
     reconnect back-off (``reconnect_min`` doubling to ``reconnect_max`` s, jittered;
     ``refused_backoff_max`` s when the receiver refuses this sensor)."""
     compression_level: int = -1  # zstd's fastest level that keeps level 1's ratio on packets (bench/README)
-    window_bytes: int = 64 << 20
+    window_bytes: int = 32 << 20  # beyond it the spool (disk) takes the frames (bench/README.md)
     spool_dir: str | None = "auto"
     spool_bytes: int | None = None
     heartbeat: float = 5.0
