@@ -283,41 +283,47 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 @_guard
 def cmd_merge(args: argparse.Namespace) -> int:
-    """Chronological merge (like mergecap): a heap of one cursor per input, batch-wise."""
+    """Chronological merge as mergecap merges: at each step the earliest of the inputs' next
+    packets (ties: the last input; mergecap's scan for the earliest keeps the last of equals),
+    so an input that is not itself in time order comes out as mergecap writes it. Batch-wise:
+    a heap of one cursor per input; each step writes the run of the cursor's batch that comes
+    before every other input's next packet."""
+    from pktstream.formats.writer import slice_batch
     total = sum(_size(p) for p in args.inputs)
     prog = _Progress(total, "merging")
     readers = [open_reader(p, file_order=True) for p in args.inputs]
     its = [iter(r) for r in readers]
     w = _writer(args.output, args)
+    heap: list = []  # (time stamp of the next packet, -input, its index in the batch, batch)
+
+    def push(k: int) -> None:
+        for b in its[k]:
+            if len(b):
+                heapq.heappush(heap, (int(b.ts_ns[0]), -k, 0, b))
+                return
+
     try:
-        if True:
-            heap: list = []
-
-            def push(k: int) -> None:
-                for b in its[k]:
-                    if len(b):
-                        heapq.heappush(heap, (int(b.ts_ns[0]), k, 0, b))
-                        return
-
-            for k in range(len(its)):
+        for k in range(len(its)):
+            push(k)
+        while heap:
+            _, neg_k, start, b = heapq.heappop(heap)
+            k = -neg_k
+            end = len(b)
+            if heap:
+                # the run ends at the first packet that the other inputs' earliest next packet
+                # precedes (earlier, or as early from a later input); the run's first packet
+                # is this step's earliest and always goes
+                limit, other = heap[0][0], -heap[0][1]
+                rest = b.ts_ns[start + 1:]
+                after = rest > limit if k > other else rest >= limit
+                if after.any():
+                    end = start + 1 + int(np.argmax(after))
+            w.write(b if start == 0 and end == len(b) else slice_batch(b, start, end), flush=False)
+            if end < len(b):
+                heapq.heappush(heap, (int(b.ts_ns[end]), -k, end, b))
+            else:
                 push(k)
-            while heap:
-                ts0, k, start, b = heapq.heappop(heap)
-                ts = b.ts_ns
-                # take packets of b up to the next cursor's timestamp (ties: lower input first)
-                limit = heap[0][0] if heap else None
-                if limit is None:
-                    end = len(b)
-                else:
-                    end = int(np.searchsorted(ts[start:], limit, side="right" if k < heap[0][1] else "left")) + start
-                    end = max(end, start + 1)
-                from pktstream.formats.writer import slice_batch
-                w.write(b if start == 0 and end == len(b) else slice_batch(b, start, end), flush=False)
-                if end < len(b):
-                    heapq.heappush(heap, (int(ts[end]), k, end, b))
-                else:
-                    push(k)
-                prog.update(sum(r.bytes_read for r in readers))
+            prog.update(sum(r.bytes_read for r in readers))
         w.close()
     except BaseException:
         w.abort()
