@@ -863,6 +863,7 @@ ctypedef struct CaptureState:
     int timeout_ms           # live: the kernel's batching timeout (libpcap's read timeout)
     int64_t max_wait_ns      # seal a partly filled block this long after its first packet
     int done                 # live: the capture thread has ended (atomic; nothing more will be queued)
+    int filter_pending       # live: set_filter waits for handle_mu (atomic; ends a wait for a free block)
     int fail_rc              # live: why it ended early: a pcap_dispatch error (< 0) or FAIL_POLL
     int fail_errno           # live: errno of a failed poll
     char fail_msg[512]       # live: pcap_geterr() at the failure, copied by the capture thread
@@ -1052,8 +1053,10 @@ cdef void _on_packet(unsigned char *user, const pcap_pkthdr *h, const unsigned c
         if got == -1 and s.ready_fd >= 0:
             # live: every block is sealed or held. While next_batch still has sealed blocks to
             # take, its consumer is behind, not gone: wait here for one to be released (the
-            # kernel buffer keeps what arrives meanwhile) instead of dropping this packet
-            while got == -1 and ps_load_int(&s.stop) != STOP_CLOSE and _queued(s) > 0:
+            # kernel buffer keeps what arrives meanwhile) instead of dropping this packet; not
+            # while set_filter waits for the handle (its caller may be that consumer)
+            while (got == -1 and ps_load_int(&s.stop) != STOP_CLOSE and _queued(s) > 0
+                   and not ps_load_int(&s.filter_pending)):
                 poll(NULL, 0, 1)
                 got = _acquire(s)
         if got < 0:
@@ -1554,7 +1557,9 @@ cdef class Capture:
         with self._lock:  # close() from another thread must not free the handle meanwhile
             self._check_open()
             with nogil:  # not while the capture thread is inside pcap_dispatch on this handle
+                ps_store_int(&self.s.filter_pending, 1)
                 pthread_mutex_lock(&self.s.handle_mu)
+                ps_store_int(&self.s.filter_pending, 0)
             try:
                 if pcap_compile(self.s.p, &prog, c_text, 1, PCAP_NETMASK_UNKNOWN) != 0:
                     raise FilterError(f"bad BPF filter {expr!r} on {self.device!r}: {_decode(pcap_geterr(self.s.p))}")

@@ -351,6 +351,45 @@ def test_the_kernel_buffer_is_emptied_while_the_consumer_is_busy(veth, tmp_path)
         cap.close()
 
 
+def test_set_filter_while_the_capture_thread_waits_for_a_block(veth, tmp_path):
+    """The capture thread waits inside pcap_dispatch for a free block while sealed blocks are
+    still queued (the consumer is behind). set_filter needs the handle, and its caller may be
+    that very consumer: the wait gives way (the packet it held is counted in ring_drops)
+    instead of the two waiting for each other for ever."""
+    from pktstream.lab import traffic
+    n = 1000
+    pcap = tmp_path / "blocks.pcap"
+    traffic.write_udp_pcap(str(pcap), n, size=1514)
+    cap = pktstream.Capture(veth.outer, snaplen=2000, block_bytes=300_000, ring_blocks=2, max_wait=60.0,
+                            bpf="udp port 9999")
+    held = None
+    try:
+        with pytest.raises(TimeoutError):
+            cap.next_batch(timeout=0)  # starts the capture thread
+        veth.replay(pcap, pps=20000)
+        held = cap.next_batch(timeout=30)  # one full block held; the other sealed and queued
+        wait_until(lambda: cap.stats()["kernel_received"] >= n and cap.ring.free_blocks == 0, 30,
+                   f"the kernel to take {n} packets and the ring to fill ({cap.stats()})")
+        t = threading.Thread(target=cap.set_filter, args=("udp",))
+        t.start()
+        t.join(30)
+        stuck = t.is_alive()
+        held.release()
+        held = None
+        while t.is_alive():  # consume, so that a stuck set_filter finishes and the test ends
+            with contextlib.suppress(TimeoutError):
+                b = cap.next_batch(timeout=1)
+                if b is not None:
+                    b.release()
+        assert not stuck, "set_filter waited for the capture thread, which waited for the consumer"
+        st = cap.stats()
+        assert st["ring_drops"] >= 1
+    finally:
+        if held is not None:
+            held.release()
+        cap.close()
+
+
 def test_next_batch_timeout(veth):
     cap = pktstream.Capture(veth.outer)
     t0 = time.monotonic()
