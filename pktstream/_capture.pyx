@@ -1062,9 +1062,11 @@ cdef void _on_packet(unsigned char *user, const pcap_pkthdr *h, const unsigned c
         if got < 0:
             # every block is held by a batch: count the drop and stop draining the kernel
             # buffer, which keeps the rest until a block is released (see next_batch);
-            # when stopping, everything left is counted instead
+            # when stopping, everything left is counted instead, unless the wait above gave
+            # way to close() or set_filter (then only this packet: the loop is left at once)
             s.ring_drops += 1
-            if not s.draining:
+            if (not s.draining or ps_load_int(&s.stop) == STOP_CLOSE
+                    or ps_load_int(&s.filter_pending)):
                 pcap_breakloop(s.p)
             return
     if need > s.cap[s.cur]:
@@ -1113,6 +1115,7 @@ cdef void _capture_until_stop(CaptureState *s, pollfd *fds) noexcept nogil:
     kernel's blocks, max_wait, the adaptive seal and the ring trim (every IDLE_POLL_MS idle)."""
     cdef int64_t now, early_at
     cdef int poll_ms, prc, rc
+    cdef const timeval *required
     while True:
         if ps_load_int(&s.stop) or (s.max_packets and s.packets >= s.max_packets):
             return
@@ -1139,6 +1142,9 @@ cdef void _capture_until_stop(CaptureState *s, pollfd *fds) noexcept nogil:
             early_at = _early_at(s, s.max_wait_ns)
             if early_at >= 0:
                 poll_ms = _min_ms(poll_ms, early_at - now)
+        required = pcap_get_required_select_timeout(s.p)
+        if required != NULL:  # libpcap asks to be called again this soon (e.g. interface down)
+            poll_ms = _min_ms(poll_ms, <int64_t> required.tv_sec * 1000000000 + <int64_t> required.tv_usec * 1000)
         prc = poll(fds, 2, poll_ms)
         if prc < 0 and errno != EINTR:
             s.fail_errno = errno
@@ -1147,6 +1153,26 @@ cdef void _capture_until_stop(CaptureState *s, pollfd *fds) noexcept nogil:
         rc = _dispatch(s)
         if rc < 0 and rc != PCAP_ERROR_BREAK:
             s.fail_rc = rc  # the interface went away, or the driver failed
+            return
+
+
+cdef void _drain_wait(CaptureState *s, pollfd *fds, int ms) noexcept nogil:
+    """Stopping: wait up to ``ms`` for the kernel to hand over a block; close() (STOP_CLOSE,
+    through stop_fd) ends the wait at once."""
+    cdef int64_t end = ps_monotonic_ns() + <int64_t> ms * 1000000
+    cdef int64_t left
+    cdef uint64_t junk
+    while ps_load_int(&s.stop) != STOP_CLOSE:
+        left = end - ps_monotonic_ns()
+        if left <= 0:
+            return
+        fds[0].revents = 0
+        fds[1].revents = 0
+        if poll(fds, 2, _min_ms(IDLE_POLL_MS, left)) < 0 and errno != EINTR:
+            return
+        if fds[1].revents:
+            read(s.stop_fd, &junk, sizeof(junk))  # another stop(), or close(): looked at above
+        if fds[0].revents:
             return
 
 
@@ -1159,6 +1185,7 @@ cdef void _drain_after_stop(CaptureState *s, pollfd *fds) noexcept nogil:
     cdef int32_t delta
     cdef uint64_t junk
     s.draining = 1
+    read(s.stop_fd, &junk, sizeof(junk))  # stop()'s wake-up is taken: close() can wake a wait below
     # the kernel hands over a partly filled buffer block only when its timeout (timeout_ms)
     # expires: wait for that once, then drain
     memset(&ps, 0, sizeof(ps))
@@ -1172,7 +1199,7 @@ cdef void _drain_after_stop(CaptureState *s, pollfd *fds) noexcept nogil:
         delta = <int32_t> (<uint32_t> (ps.ps_recv - ps.ps_drop) - <uint32_t> s.seen)
         s.drain_target = s.seen + <uint64_t> delta if delta > 0 else s.seen
         if s.drain_target > s.seen:
-            poll(fds, 1, s.timeout_ms if s.timeout_ms > 0 else 100)
+            _drain_wait(s, fds, s.timeout_ms if s.timeout_ms > 0 else 100)
     while ps_load_int(&s.stop) != STOP_CLOSE:
         if s.max_packets and s.packets >= s.max_packets:
             break
@@ -1183,7 +1210,7 @@ cdef void _drain_after_stop(CaptureState *s, pollfd *fds) noexcept nogil:
             # block, or the machine is loaded): wait for it (bounded) and dispatch again,
             # instead of ending without them
             drain_waits += 1
-            poll(fds, 1, s.timeout_ms if s.timeout_ms > 0 else 100)
+            _drain_wait(s, fds, s.timeout_ms if s.timeout_ms > 0 else 100)
             continue
         if prc == 0 or (prc < 0 and prc != PCAP_ERROR_BREAK) or (
                 s.drain_target and s.seen >= s.drain_target):
@@ -1200,7 +1227,15 @@ cdef void *_capture_thread(void *arg) noexcept nogil:
     cdef sigset_t all_signals
     cdef pollfd fds[2]
     sigfillset(&all_signals)
-    pthread_sigmask(SIG_BLOCK, &all_signals, NULL)  # signals are for Python's threads
+    # a crash in this thread still reaches faulthandler / ASan
+    sigdelset(&all_signals, SIGSEGV)
+    sigdelset(&all_signals, SIGBUS)
+    sigdelset(&all_signals, SIGFPE)
+    sigdelset(&all_signals, SIGILL)
+    sigdelset(&all_signals, SIGTRAP)
+    sigdelset(&all_signals, SIGSYS)
+    sigdelset(&all_signals, SIGABRT)
+    pthread_sigmask(SIG_BLOCK, &all_signals, NULL)  # the rest are for Python's threads
     fds[0].fd = pcap_get_selectable_fd(s.p)
     fds[0].events = POLLIN
     fds[1].fd = s.stop_fd
@@ -1281,6 +1316,7 @@ _DIRECTIONS = {"inout": PCAP_D_INOUT, "both": PCAP_D_INOUT, "in": PCAP_D_IN, "ou
 
 
 @cython.final
+@cython.no_gc_clear  # the capture thread uses the ring until __dealloc__ has joined it
 cdef class Capture:
     """A libpcap capture handle (live interface or offline file) feeding a ring of blocks.
 
@@ -1677,7 +1713,7 @@ cdef class Capture:
     cdef object _next_live(self, int64_t deadline, timeout):
         """Live: take the capture thread's next sealed block, starting the thread on first use.
         Waits on ``ready_fd`` in slices that let Python run signal handlers."""
-        cdef int wait_ms, prc
+        cdef int wait_ms, prc, rc
         cdef int64_t now
         cdef uint64_t junk
         cdef int idle_ms = 500 if threading.current_thread() is threading.main_thread() else 5000
@@ -1688,9 +1724,10 @@ cdef class Capture:
                 if s.p == NULL:  # closed
                     self.eof = True
                 elif not self._started and not ps_load_int(&s.done):
-                    if pthread_create(&self._thread, NULL, _capture_thread, s) != 0:
-                        raise OSError(errno, f"cannot start the capture thread for {self.device!r}: "
-                                             f"{strerror(errno).decode()}")
+                    rc = pthread_create(&self._thread, NULL, _capture_thread, s)
+                    if rc != 0:
+                        raise OSError(rc, f"cannot start the capture thread for {self.device!r}: "
+                                          f"{strerror(rc).decode()}")
                     self._started = True
         while True:
             batch = self._pop()
@@ -1711,7 +1748,7 @@ cdef class Capture:
                                     code=s.fail_rc, device=self.device)
                 return None
             wait_ms = idle_ms
-            if deadline >= 0:
+            if deadline >= 0 and not ps_load_int(&s.stop):  # once stopping, the drain is bounded
                 now = ps_monotonic_ns()
                 if now >= deadline:
                     raise TimeoutError(f"no batch from {self.device!r} within {timeout} s")

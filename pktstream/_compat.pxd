@@ -28,7 +28,15 @@ cdef extern from "_compat.h" nogil:
     ctypedef struct sigset_t:
         pass
     enum: SIG_BLOCK
+    enum: SIGSEGV
+    enum: SIGBUS
+    enum: SIGFPE
+    enum: SIGILL
+    enum: SIGTRAP
+    enum: SIGSYS
+    enum: SIGABRT
     int sigfillset(sigset_t *s)
+    int sigdelset(sigset_t *s, int sig)
     int pthread_sigmask(int how, const sigset_t *s, sigset_t *old)
 
 cdef enum:

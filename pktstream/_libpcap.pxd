@@ -103,6 +103,7 @@ cdef extern from "<pcap/pcap.h>" nogil:
     void pcap_close(pcap_t *p)
     int pcap_setnonblock(pcap_t *p, int nonblock, char *errbuf)
     int pcap_get_selectable_fd(pcap_t *p)
+    const timeval *pcap_get_required_select_timeout(pcap_t *p)
     int pcap_dispatch(pcap_t *p, int cnt, pcap_handler callback, unsigned char *user)
     void pcap_breakloop(pcap_t *p)
     int pcap_stats(pcap_t *p, pcap_stat *ps)
