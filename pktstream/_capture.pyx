@@ -857,7 +857,7 @@ ctypedef struct CaptureState:
     uint64_t drain_target    # stopping: packets the kernel had retired at stop (seen reaching it ends the drain)
     pthread_mutex_t stats_mu  # pcap_stats() from one thread at a time (reader drain, stats())
     pthread_mutex_t q_mu      # the queue (queue, q_head, q_len): the capture thread seals, next_batch pops
-    pthread_mutex_t handle_mu # live: pcap_dispatch (capture thread) against pcap_compile/pcap_setfilter
+    pthread_mutex_t handle_mu  # live: pcap_dispatch (capture thread) against pcap_compile/pcap_setfilter
     int stop_fd              # eventfd: stop()/close() wake the capture thread's poll
     int ready_fd             # live: eventfd written when a block is queued or the capture thread ends; -1 offline
     int timeout_ms           # live: the kernel's batching timeout (libpcap's read timeout)
@@ -1586,7 +1586,6 @@ cdef class Capture:
     def set_filter(self, bpf) -> None:
         """Compile and install a BPF filter (a string or a list of words)."""
         cdef bpf_program prog
-        cdef int rc
         expr = " ".join(bpf) if isinstance(bpf, (list, tuple)) else str(bpf)
         cdef bytes text = expr.encode()
         cdef const char *c_text = text
