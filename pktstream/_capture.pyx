@@ -1713,6 +1713,7 @@ cdef class Capture:
         """Live: take the capture thread's next sealed block, starting the thread on first use.
         Waits on ``ready_fd`` in slices that let Python run signal handlers."""
         cdef int wait_ms, prc, rc
+        cdef bint done
         cdef int64_t now
         cdef uint64_t junk
         cdef int idle_ms = 500 if threading.current_thread() is threading.main_thread() else 5000
@@ -1729,14 +1730,13 @@ cdef class Capture:
                                           f"{strerror(rc).decode()}")
                     self._started = True
         while True:
+            done = ps_load_int(&s.done)  # read first: the last block is queued before done is set
             batch = self._pop()
             if batch is not None:
                 return batch
             if self.eof:
                 return None
-            if ps_load_int(&s.done):
-                if _queued(s) > 0:
-                    continue
+            if done:
                 self.eof = True
                 if s.fail_rc == FAIL_POLL:
                     raise OSError(s.fail_errno, f"poll on {self.device!r}: {strerror(s.fail_errno).decode()}")
