@@ -14,6 +14,9 @@ from libc.limits cimport INT_MAX
 from libc.stdlib cimport abort, calloc, free, malloc
 from libc.stdio cimport FILE, fclose
 from libc.string cimport memcpy, memset, strerror, strncpy
+from libc.signal cimport SIGABRT, SIGBUS, SIGFPE, SIGILL, SIGSEGV, SIGSYS, SIGTRAP
+from posix.signal cimport SIG_BLOCK, sigdelset, sigfillset
+from posix.types cimport sigset_t
 
 import os
 import threading

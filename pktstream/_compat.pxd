@@ -1,6 +1,7 @@
 # Declarations only: the helpers of _compat.h and the constants every extension shares.
 # `from pktstream._compat cimport ...` in a .pyx; never redeclare them there.
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
+from posix.types cimport sigset_t
 
 cdef extern from "_compat.h" nogil:
     enum: PKTSTREAM_DEBUG
@@ -25,19 +26,7 @@ cdef extern from "_compat.h" nogil:
         pass
     int pthread_create(pthread_t *t, const void *attr, void *(*start)(void *) noexcept nogil, void *arg)
     int pthread_join(pthread_t t, void **ret)
-    ctypedef struct sigset_t:
-        pass
-    enum: SIG_BLOCK
-    enum: SIGSEGV
-    enum: SIGBUS
-    enum: SIGFPE
-    enum: SIGILL
-    enum: SIGTRAP
-    enum: SIGSYS
-    enum: SIGABRT
-    int sigfillset(sigset_t *s)
-    int sigdelset(sigset_t *s, int sig)
-    int pthread_sigmask(int how, const sigset_t *s, sigset_t *old)
+    int pthread_sigmask(int how, const sigset_t *s, sigset_t *old)  # (Cython's posix/ lacks it)
 
 cdef enum:
     RECORD_HEADER = 16  # classic pcap record header: ts_sec, ts_nsec, caplen, wirelen
