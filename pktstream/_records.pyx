@@ -404,25 +404,43 @@ def new_buffer(Py_ssize_t nbytes):
     return PyByteArray_FromStringAndSize(NULL, nbytes)
 
 
-@cython.boundscheck(False)
-@cython.wraparound(False)
 def records_to_epb(const unsigned char[::1] src, Py_ssize_t length, uint32_t iface):
-    """LE ns records → pcapng Enhanced Packet Blocks (little-endian, if_tsresol 9), bytes.
+    """LE ns records → pcapng Enhanced Packet Blocks (little-endian, if_tsresol 9), bytes, all
+    on interface ``iface``.
 
     One pass over the records (the receiver's output thread calls this on blocks that are long
     out of the CPU caches): the output is sized for the worst case (every record grows by at
     most 19 bytes: 32-byte EPB framing + 3 bytes of padding - 16-byte record header), written
     without zeroing first (padding bytes are written explicitly), then trimmed."""
-    cdef Py_ssize_t pos = 0, out = 0, bound, blen
+    return _to_epb(src, length, iface, None)
+
+
+def records_to_epb_ids(const unsigned char[::1] src, Py_ssize_t length, const uint32_t[::1] ifaces):
+    """As :func:`records_to_epb`, the interface of record ``k`` being ``ifaces[k]`` (a pcapng
+    whose interfaces interleave, written in one pass); ValueError unless ``ifaces`` holds
+    exactly one id per record."""
+    return _to_epb(src, length, 0, ifaces)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef _to_epb(const unsigned char[::1] src, Py_ssize_t length, uint32_t iface,
+             const uint32_t[::1] ifaces):
+    cdef Py_ssize_t pos = 0, out = 0, bound, blen, k = 0
+    cdef Py_ssize_t nids = ifaces.shape[0] if ifaces is not None else 0
+    cdef const uint32_t *ids = &ifaces[0] if nids else NULL
+    cdef bint per_record = ifaces is not None
     cdef uint32_t caplen
     cdef uint64_t ts
-    cdef bint bad = False
+    cdef int bad = 0
     if not 0 <= length <= src.shape[0]:
         raise ValueError("length beyond the buffer")
     cdef const unsigned char *s = &src[0] if length else NULL
     bound = length + (length // HDR) * 19
     result = PyByteArray_FromStringAndSize(NULL, bound)
     if bound == 0:
+        if per_record and nids:
+            raise ValueError(f"{nids} interface ids for 0 records")
         return result
     cdef unsigned char *d = <unsigned char *> PyByteArray_AS_STRING(result)
     with nogil:
@@ -430,12 +448,17 @@ def records_to_epb(const unsigned char[::1] src, Py_ssize_t length, uint32_t ifa
             # each field read once; bounds checked against both buffers before any copy
             caplen = ps_get_le32(s + pos + 8)
             if <Py_ssize_t> caplen > length - pos - HDR:
-                bad = True
+                bad = 1
                 break
             blen = _epb_len(caplen)
             if blen > bound - out or blen > <Py_ssize_t> 0xFFFFFFFFU:
-                bad = True
+                bad = 1
                 break
+            if per_record:
+                if k >= nids:
+                    bad = 2
+                    break
+                iface = ids[k]
             ts = <uint64_t> ps_get_le32(s + pos) * 1000000000ULL + ps_get_le32(s + pos + 4)
             ps_put_le32(d + out, 6)
             ps_put_le32(d + out + 4, <uint32_t> blen)
@@ -449,7 +472,10 @@ def records_to_epb(const unsigned char[::1] src, Py_ssize_t length, uint32_t ifa
             ps_put_le32(d + out + blen - 4, <uint32_t> blen)
             out += blen
             pos += HDR + caplen
-    if bad:
+            k += 1
+    if bad == 1:
         raise ValueError(f"record at byte {pos} runs past the end of the buffer")
+    if bad == 2 or (per_record and k != nids):
+        raise ValueError(f"{nids} interface ids for {k if bad == 0 else 'more'} records")
     PyByteArray_Resize(result, out)
     return result

@@ -22,7 +22,7 @@ import pytest
 import pktstream
 from pktstream import Capture, FileFormatError, PacketBatch
 from pktstream._decode import decode_columns
-from pktstream._records import pcapng_walk, records_to_epb, take_mask, take_records
+from pktstream._records import pcapng_walk, records_to_epb, records_to_epb_ids, take_mask, take_records
 from pktstream.formats import open_reader
 
 NS_HEADER = struct.pack("<IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 65535, 1)
@@ -168,6 +168,22 @@ def test_records_to_epb_caplen_overflow():
     ok = _records(2, 13)
     out = records_to_epb(ok, len(ok), 0)
     assert len(out) == 2 * (32 + 16) and struct.unpack_from("<I", out, 4)[0] == 48
+
+
+def test_records_to_epb_ids_needs_one_id_per_record():
+    """Per-record interfaces (interleaved pcapng): an id array shorter or longer than the
+    records is refused before anything is read past it; a record past the buffer as above."""
+    ok = _records(3, 13)
+    out = records_to_epb_ids(ok, len(ok), np.array([4, 0, 9], dtype=np.uint32))
+    assert [struct.unpack_from("<I", out, 48 * k + 8)[0] for k in range(3)] == [4, 0, 9]
+    for ids in ([1, 2], [1, 2, 3, 4], []):
+        with pytest.raises(ValueError, match="interface ids for"):
+            records_to_epb_ids(ok, len(ok), np.array(ids, dtype=np.uint32))
+    with pytest.raises(ValueError, match="interface ids for 0 records"):
+        records_to_epb_ids(b"", 0, np.array([1], dtype=np.uint32))
+    bad = struct.pack("<IIII", 1, 0, 0xFFFFFFFF, 0xFFFFFFFF) + bytes(16)
+    with pytest.raises(ValueError, match="runs past the end"):
+        records_to_epb_ids(bad, len(bad), np.zeros(1, dtype=np.uint32))
 
 
 def test_take_records_and_take_mask_check_bounds():

@@ -579,6 +579,109 @@ def test_interleaved_interfaces_are_read_in_file_order_with_their_comments(tmp_p
     assert grouped != written and sorted(grouped) == sorted(written)
 
 
+def _interleaved_pcapng(path, n: int, *, snaplens=(65535, 65535, 65535)) -> list[tuple[str, bytes, str]]:
+    """A pcapng written block by block here (not by pktstream): three Ethernet interfaces
+    interleaved packet by packet (eth0/eth1 alternating, every tenth eth2), a comment on every
+    97th packet; returns (interface, frame, comment) per packet in file order."""
+    def block(btype: int, body: bytes) -> bytes:
+        return struct.pack("<II", btype, 12 + len(body)) + body + struct.pack("<I", 12 + len(body))
+
+    def opt(code: int, value: bytes) -> bytes:
+        return struct.pack("<HH", code, len(value)) + value + bytes(-len(value) % 4)
+    blocks = [block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1))]
+    for k, snap in enumerate(snaplens):
+        blocks.append(block(1, struct.pack("<HHI", 1, 0, snap) + opt(2, f"eth{k}".encode())
+                            + opt(9, b"\x09") + opt(0, b"")))
+    want = []
+    for j in range(n):
+        frame = b"\x02\0\0\0\0\x01\x02\0\0\0\0\x02\x08\x00" + j.to_bytes(4, "big") + bytes(40 + j % 50)
+        iface = j % 2 if j % 10 else 2
+        ts = 1_732_708_800_000_000_000 + 1000 * j
+        body = (struct.pack("<IIIII", iface, ts >> 32, ts & 0xFFFFFFFF, len(frame), len(frame))
+                + frame + bytes(-len(frame) % 4))
+        note = f"note {j}" if j % 97 == 5 else ""
+        if note:
+            body += opt(1, note.encode()) + opt(0, b"")
+        blocks.append(block(6, body))
+        want.append((f"eth{iface}", frame, note))
+    Path(path).write_bytes(b"".join(blocks))
+    return want
+
+
+@pytest.mark.parametrize("out_name", ["o.pcapng", "o.pcapng.zst", "o.pcap"])
+def test_convert_of_finely_interleaved_interfaces_is_one_pass_and_exact(tmp_path, out_name):
+    """``pktstream convert`` of a pcapng whose interfaces alternate packet by packet (each read
+    buffer now written whole, in one C pass taking each packet's interface; its speed is in
+    bench/README.md): tshark reads the output as it reads the input (interface, time, bytes,
+    comment, packet order); with a BPF filter, the packets ``tcpdump -r`` keeps with it."""
+    import pktstream.cli
+    src = tmp_path / "inter.pcapng"
+    want = _interleaved_pcapng(src, 5000)
+    fields = ("frame.interface_name", "frame.time_epoch", "frame.len", "frame.comment", "data")
+    out = tmp_path / out_name
+    assert pktstream.cli.main(["convert", str(src), str(out)]) == 0
+    got, ref = tshark_rows(out, *fields), tshark_rows(src, *fields)
+    assert len(ref) == 5000 and [r[0] for r in ref] == [w[0] for w in want]  # (the oracle read the input)
+    if out_name == "o.pcap":  # no interfaces, no comments in pcap
+        assert [r[1:3] + r[4:] for r in got] == [r[1:3] + r[4:] for r in ref]
+    else:
+        assert got == ref
+        assert sum(1 for r in got if r[3]) == len([w for w in want if w[2]])
+        if out_name == "o.pcapng":
+            with open_reader(out) as r:  # one IDB per input interface, not one per run
+                list(r)
+                assert [i.name for i in r.interfaces] == ["eth0", "eth1", "eth2"]
+    bpf = "ether[17] & 3 = 1 or ether[17] & 7 = 2"  # (packet number's low bits: some of each interface)
+    filtered = tmp_path / ("f." + out_name.split(".", 1)[1])
+    assert pktstream.cli.main(["convert", str(src), str(filtered), bpf]) == 0
+    oracle = tmp_path / "oracle.pcap"
+    subprocess.run(["tcpdump", "-r", str(src), "-w", str(oracle), bpf], check=True, capture_output=True)
+    got = tshark_rows(filtered, "frame.time_epoch", "frame.len", "data")
+    assert got == tshark_rows(oracle, "frame.time_epoch", "frame.len", "data") and 1000 < len(got) < 4000
+    if out_name != "o.pcap":
+        names = {r[0] for r in tshark_rows(filtered, "frame.interface_name")}
+        assert names == {"eth0", "eth1", "eth2"}
+
+
+def test_writer_takes_each_packets_interface_across_rotation_and_with_an_index(tmp_path):
+    """``CaptureWriter.write(..., interfaces=)``: split by size rotation, every file still names
+    each packet's interface; with an index observer (which attributes a batch to one
+    interface) the batch goes out as runs and the archive finds each interface's packets."""
+    src = tmp_path / "inter.pcapng"
+    want = _interleaved_pcapng(src, 3000)
+    out = tmp_path / "rot" / "r.pcapng"
+    out.parent.mkdir()
+    with open_reader(src, comments=True, file_order=True, mixed_interfaces=True) as r, \
+            open_writer(out, rotate_bytes=100_000) as w:
+        mixed = 0
+        for b in r:
+            mixed += r.batch_interfaces is not None
+            w.write(b, r.comments, interfaces=r.batch_interfaces)
+        files = w.paths
+    assert mixed >= 1 and len(files) > 3
+    got = []
+    for f in files:
+        got += [(row[0], row[1] or "") for row in tshark_rows(f, "frame.interface_name", "frame.comment")]
+    assert got == [(w[0], w[2]) for w in want]
+    with pytest.raises(ValueError, match="interface ids for a batch"):
+        with open_reader(src, file_order=True, mixed_interfaces=True) as r, open_writer(tmp_path / "x.pcapng") as w:
+            b = next(iter(r))
+            w.write(b, interfaces=(r.batch_interfaces[0][:-1], r.batch_interfaces[1]))
+    from pktstream.archive import Archive
+    from pktstream.archive.live import LiveIndexer
+    idx_dir = tmp_path / "arch"
+    idx_dir.mkdir()
+    indexer = LiveIndexer(str(idx_dir))
+    with open_reader(src, file_order=True, mixed_interfaces=True) as r, \
+            CaptureWriter(str(idx_dir / "a.pcapng"), observer=indexer) as w:
+        for b in r:
+            w.write(b, interfaces=r.batch_interfaces)
+    indexer.close()
+    flows = Archive(str(idx_dir)).flows()
+    assert sorted(set(flows.column("interface").to_pylist())) == ["eth0", "eth1", "eth2"]
+    assert sum(flows.column("packets").to_pylist()) == 3000
+
+
 def test_a_record_longer_than_libpcaps_maximum_is_refused_whatever_the_snap_length(tmp_path):
     """libpcap refuses a record longer than its link type's maximum (262144 for Ethernet) even
     when the header claims a larger snap length; so does the reader, after the good packets."""

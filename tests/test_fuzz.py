@@ -127,6 +127,33 @@ def test_mutated_buffer_never_reads_outside(recs, validate, count, mutations, in
     batch.release()
 
 
+@FUZZ
+@given(_records, st.booleans(), st.integers(-2, 2), st.integers(0, 40), st.binary(max_size=24))
+def test_epb_writing_with_per_packet_interfaces_stays_inside(recs, lie, id_delta, cut, junk):
+    """records_to_epb_ids (a pcapng of interleaved interfaces in one pass) over records whose
+    lengths lie, cut short or followed by junk, with too few or too many interface ids: either
+    exact EPBs or ValueError; under ASan, any stray read or write aborts."""
+    import numpy as np
+
+    from pktstream._records import records_to_epb, records_to_epb_ids
+    buf = _pack(recs, lie=lie)
+    buf = buf[:max(0, len(buf) - cut)] + junk
+    ids = np.arange(max(0, len(recs) + id_delta), dtype=np.uint32) % 3
+    try:
+        out = records_to_epb_ids(buf, len(buf), ids)
+    except ValueError:
+        return
+    same = records_to_epb(buf, len(buf), 0)  # (the same records, one interface)
+    assert len(out) == len(same)
+    pos = k = 0
+    while pos < len(out):
+        blen = struct.unpack_from("<I", out, pos + 4)[0]
+        assert struct.unpack_from("<I", out, pos + 8)[0] == ids[k]
+        assert out[pos + 12:pos + blen] == same[pos + 12:pos + blen]
+        pos, k = pos + blen, k + 1
+    assert k == len(ids)
+
+
 def _pcap_file(recs, usec: bool, big: bool, snaplen: int, linktype: int) -> bytes:
     o = ">" if big else "<"
     magic = 0xA1B2C3D4 if usec else 0xA1B23C4D

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from pktstream._capture import PacketBatch, link_type_name
-from pktstream.formats.reader import filter_batch, open_reader
+from pktstream.formats.reader import filter_batch, filter_mixed, open_reader
 from pktstream.formats.writer import format_from_name, open_writer
 
 _TCP_FLAGS = "FSRP.UEW"  # tcpdump's letters, in bit order (ACK is ".")
@@ -262,15 +262,16 @@ def _writer(path: str, args: argparse.Namespace):
 def cmd_convert(args: argparse.Namespace) -> int:
     expr = _bpf(args.bpf)
     prog = _Progress(_size(args.input), "converting")
-    with open_reader(_source(args.input), comments=True, file_order=True) as r:
+    with open_reader(_source(args.input), comments=True, file_order=True, mixed_interfaces=True) as r:
         w = _writer(args.output, args)
         try:
             for batch in r:
                 comments: dict[int, str] | None = r.comments
+                interfaces = r.batch_interfaces  # (a buffer of interleaved interfaces, written in one pass)
                 if expr:
-                    batch, comments = filter_batch(batch, expr, comments)
+                    batch, comments, interfaces = filter_mixed(batch, expr, comments, interfaces)
                 if len(batch):
-                    w.write(batch, comments or None, flush=False)  # (runs of an interleaved file)
+                    w.write(batch, comments or None, flush=False, interfaces=interfaces)
                 prog.update(r.bytes_read)
         except BaseException:
             w.abort()

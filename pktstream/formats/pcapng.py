@@ -2,8 +2,9 @@
 ``(batch.interface, batch.link_type)``, Enhanced Packet Blocks with nanosecond stamps.
 
 Blocks are little-endian. EPBs are built for a whole batch in one C pass
-(``pktstream._records.records_to_epb``); a packet with a comment gets its own EPB with an
-``opt_comment`` option.
+(``pktstream._records.records_to_epb``; ``records_to_epb_ids`` where a batch's packets come
+from interleaved interfaces); a packet with a comment gets its own EPB with an ``opt_comment``
+option.
 """
 from __future__ import annotations
 
@@ -11,15 +12,28 @@ import os
 import platform
 import struct
 from collections.abc import Sequence
-from typing import BinaryIO
+from typing import Any, BinaryIO, Protocol, TypeAlias
 
 from pktstream._capture import PacketBatch
-from pktstream._records import records_to_epb
+from pktstream._records import records_to_epb, records_to_epb_ids
 from pktstream.exceptions import ClosedError
 from pktstream.formats._common import PCAPNG_BOM, PCAPNG_SHB, dlt_to_linktype
 from pktstream.formats.pcap import FileTarget
 
-__all__ = ["PcapngWriter", "section_header_block", "interface_block"]
+__all__ = ["PcapngWriter", "section_header_block", "interface_block", "PacketInterfaces"]
+
+
+class _Interface(Protocol):
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def link_type(self) -> int: ...
+    @property
+    def snaplen(self) -> int: ...
+
+
+#: ``(ids, interfaces)``: packet ``k`` of a batch was captured on ``interfaces[ids[k]]``
+PacketInterfaces: TypeAlias = "tuple[Any, Sequence[_Interface]]"
 
 
 def _option(code: int, value: bytes) -> bytes:
@@ -100,34 +114,62 @@ class PcapngWriter(FileTarget):
         self.bytes = 0
 
     def _iface(self, batch: PacketBatch) -> int:
-        key = (batch.interface, batch.link_type)
+        return self._iface_of(batch.interface, batch.link_type, batch.snaplen)
+
+    def _iface_of(self, interface: str | None, link_type: int, snaplen: int) -> int:
+        key = (interface, link_type)
         idx = self.interfaces.get(key)
         if idx is None:
             idx = self.interfaces[key] = len(self.interfaces)
-            name = None if batch.interface is None else str(batch.interface)
+            name = None if interface is None else str(interface)
             desc = f"{self.hostname}:{name}" if self.hostname and name else None
-            idb = interface_block(batch.link_type, batch.snaplen, name=name, description=desc)
+            idb = interface_block(link_type, snaplen, name=name, description=desc)
             self._file.write(idb)
             self.idb_positions.append((self.file_bytes, len(idb)))
             self.file_bytes += len(idb)
         return idx
+
+    def _ids_of(self, batch: PacketBatch, interfaces: PacketInterfaces | None) -> Any:
+        """The output interface of each packet (uint32 array), or one index for them all."""
+        if interfaces is None:
+            return self._iface(batch)
+        import numpy as np
+        ids, infos = interfaces
+        ids = np.asarray(ids)
+        if len(ids) != len(batch):
+            raise ValueError(f"{len(ids)} interface ids for a batch of {len(batch)} packets")
+        lut = np.zeros(len(infos), dtype=np.uint32)
+        for u in np.unique(ids).tolist():
+            if not 0 <= u < len(infos):
+                raise ValueError(f"interface id {u} not among the {len(infos)} interfaces given")
+            i = infos[u]
+            if i.link_type != batch.link_type:
+                raise ValueError(f"interface {i.name}: link type {i.link_type} differs from the "
+                                 f"batch's {batch.link_type}")
+            lut[u] = self._iface_of(i.name, i.link_type, i.snaplen)
+        return lut[ids]
 
     def encoded_size(self, batch: PacketBatch) -> int:
         """Bytes of the EPBs ``write(batch)`` adds (IDB and comments excluded)."""
         cap = batch.caplen
         return int(32 * len(cap) + ((cap.astype("int64") + 3) & ~3).sum())
 
-    def write(self, batch: PacketBatch, comments: dict[int, str] | None = None) -> None:
-        """Append ``batch``; ``comments`` maps packet indexes of the batch to comment text."""
+    def write(self, batch: PacketBatch, comments: dict[int, str] | None = None, *,
+              interfaces: PacketInterfaces | None = None) -> None:
+        """Append ``batch``; ``comments`` maps packet indexes of the batch to comment text;
+        ``interfaces``: ``(ids, infos)``, packet ``k`` was captured on ``infos[ids[k]]`` (an
+        object with ``name``, ``link_type`` -- the batch's -- and ``snaplen``, e.g. a reader's
+        :class:`InterfaceInfo`), for a batch of interleaved interfaces written in one pass
+        (``CaptureReader.batch_interfaces``); default: every packet on the batch's interface."""
         if self._closed:
             raise ClosedError("PcapngWriter is closed")
         n = len(batch)
         if n == 0:
             return
-        idx = self._iface(batch)
+        idx = self._ids_of(batch, interfaces)
         data: bytes | bytearray
         if not comments:
-            data = records_to_epb(memoryview(batch), batch.nbytes, idx)
+            data = self._epbs(memoryview(batch), batch.nbytes, idx, 0, n)
             self._file.write(data)
             self.file_bytes += len(data)
         else:
@@ -137,20 +179,28 @@ class PcapngWriter(FileTarget):
             for i in sorted(k for k in comments if 0 <= k < n):
                 lo, hi = offs[start] - 16 if start < i else 0, offs[i] - 16
                 if start < i:
-                    data = records_to_epb(mv[lo:hi], hi - lo, idx)
+                    data = self._epbs(mv[lo:hi], hi - lo, idx, start, i)
                     self._file.write(data)
                     self.file_bytes += len(data)
-                data = _epb_with_comment(bytes(mv[hi:offs[i] + caps[i]]), idx, comments[i])
+                one = idx if isinstance(idx, int) else int(idx[i])
+                data = _epb_with_comment(bytes(mv[hi:offs[i] + caps[i]]), one, comments[i])
                 self._file.write(data)
                 self.file_bytes += len(data)
                 start = i + 1
             if start < n:
                 lo = offs[start] - 16
-                data = records_to_epb(mv[lo:], batch.nbytes - lo, idx)
+                data = self._epbs(mv[lo:], batch.nbytes - lo, idx, start, n)
                 self._file.write(data)
                 self.file_bytes += len(data)
         self.packets += n
         self.bytes += batch.nbytes - 16 * n
+
+    @staticmethod
+    def _epbs(mv: memoryview, length: int, idx: Any, start: int, stop: int) -> bytearray:
+        """EPBs of packets ``start:stop`` (their records: ``mv[:length]``)."""
+        if isinstance(idx, int):
+            return records_to_epb(mv, length, idx)
+        return records_to_epb_ids(mv, length, idx[start:stop])
 
     def close(self) -> None:
         """Flush, optionally fsync, and give the file its final name. Idempotent."""

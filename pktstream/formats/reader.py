@@ -388,7 +388,12 @@ class CaptureReader:
     packet order (a pcapng read buffer holding several interfaces is handed out one interface
     at a time, so batches are not always consecutive runs of the file). With
     ``file_order=True`` it is handed out as runs of one interface in file order instead
-    (batches in the file's order; more, smaller batches when interfaces interleave finely).
+    (batches in the file's order; more, smaller batches when interfaces interleave finely);
+    with ``mixed_interfaces=True`` as well, a buffer whose interfaces interleave but share one
+    link type is handed out whole, as one batch (``interface`` None, the largest snap length),
+    and ``batch_interfaces`` is then ``(ids, infos)``: packet ``k`` of it was captured on
+    ``infos[ids[k]]`` (None for a batch of one interface) -- what
+    :meth:`CaptureWriter.write` takes to write such a buffer in one pass.
     ``memory_mapped``: whether the file is being read out of a memory mapping (``memory_map=True``
     and a file that can be mapped; see the module docstring).
 
@@ -399,7 +404,8 @@ class CaptureReader:
 
     def __init__(self, source, *, batch_bytes: int = DEFAULT_BATCH_BYTES,
                  truncated: str | Callable[[str, int], None] = "warn",
-                 comments: bool = False, memory_map: bool = False, file_order: bool = False) -> None:
+                 comments: bool = False, memory_map: bool = False, file_order: bool = False,
+                 mixed_interfaces: bool = False) -> None:
         if not callable(truncated) and truncated not in ("warn", "error", "ignore"):
             raise ValueError("truncated must be 'warn', 'error', 'ignore' or a function(message, offset)")
         if batch_bytes < 4096:
@@ -408,6 +414,8 @@ class CaptureReader:
         self._truncated = truncated
         self._want_comments = comments
         self._file_order = file_order
+        self._mixed = file_order and mixed_interfaces
+        self.batch_interfaces: tuple[np.ndarray, list[InterfaceInfo]] | None = None
         self.comments: dict[int, str] = {}
         self.interfaces: list[InterfaceInfo] = []
         self.sections: list[SectionInfo] = []
@@ -871,6 +879,7 @@ class CaptureReader:
         return self._if_arrays
 
     def _emit(self, dst, out, ifaces, count, section_ifaces, comments) -> Iterator[PacketBatch]:
+        self.batch_interfaces = None
         if count == 0:
             return
         ids = ifaces[:count]
@@ -880,6 +889,19 @@ class CaptureReader:
             yield self._batch(memoryview(dst)[:out], count, section_ifaces[first])
             return
         base = self._next_position
+        if self._mixed:
+            used = [section_ifaces[k] for k in np.unique(ids).tolist()]
+            if all(i.link_type == used[0].link_type for i in used):
+                self.comments = comments
+                b = PacketBatch.from_records(memoryview(dst)[:out], link_type=used[0].link_type,
+                                             snaplen=max(max(i.snaplen for i in used), 1), interface=None,
+                                             validate=False, count=count)
+                self._last_positions = (base, count, None)
+                self._next_position = base + count
+                self.batch_interfaces = (ids.copy(), list(section_ifaces))
+                yield b
+                self.batch_interfaces = None
+                return
         if self._file_order:
             yield from self._emit_runs(dst, out, ids, count, section_ifaces, comments)
             return
@@ -1018,14 +1040,16 @@ class CaptureReader:
 
 def open_reader(source, *, batch_bytes: int = DEFAULT_BATCH_BYTES,
                 truncated: str | Callable[[str, int], None] = "warn",
-                comments: bool = False, memory_map: bool = False, file_order: bool = False) -> CaptureReader:
+                comments: bool = False, memory_map: bool = False, file_order: bool = False,
+                mixed_interfaces: bool = False) -> CaptureReader:
     """Open a capture file (path or binary file object) for reading; see :class:`CaptureReader`.
     ``truncated``: ``"warn"``, ``"error"``, ``"ignore"``, or a function called with the message and
     offset (no process-wide warnings state: for threads). ``memory_map=True``: map an uncompressed
     regular file (zero-copy; SIGBUS risk, see the module). ``file_order=True``: batches in the
-    file's packet order even where a pcapng interleaves interfaces (runs of one interface)."""
+    file's packet order even where a pcapng interleaves interfaces (runs of one interface;
+    with ``mixed_interfaces=True``, interleaved buffers whole: ``batch_interfaces``)."""
     return CaptureReader(source, batch_bytes=batch_bytes, truncated=truncated, comments=comments,
-                         memory_map=memory_map, file_order=file_order)
+                         memory_map=memory_map, file_order=file_order, mixed_interfaces=mixed_interfaces)
 
 
 def filter_batch(batch: PacketBatch, bpf: str, comments: dict[int, str] | None = None):
@@ -1033,13 +1057,27 @@ def filter_batch(batch: PacketBatch, bpf: str, comments: dict[int, str] | None =
     ``comments`` (``{packet index: text}``), ``(batch, the matching packets' comments
     renumbered)``."""
     mask = batch.filter(bpf)
+    out, kept = _keep(batch, mask, comments or {})
+    return out if comments is None else (out, kept)
+
+
+def filter_mixed(batch: PacketBatch, bpf: str, comments: dict[int, str] | None,
+                 interfaces: tuple[np.ndarray, list[InterfaceInfo]] | None):
+    """:func:`filter_batch` for a batch that may hold interleaved interfaces (a reader's
+    ``batch_interfaces``, or None): ``(batch, comments, interfaces)`` of the matching packets."""
+    mask = batch.filter(bpf)
+    out, kept = _keep(batch, mask, comments or {})
+    if interfaces is None or out is batch:
+        return out, kept, interfaces
+    return out, kept, (interfaces[0][mask], interfaces[1])
+
+
+def _keep(batch: PacketBatch, mask: np.ndarray, comments: dict[int, str]) -> tuple[PacketBatch, dict[int, str]]:
     if mask.all():
-        return batch if comments is None else (batch, comments)
+        return batch, comments
     recs, n = take_mask(memoryview(batch), batch.offset, batch.caplen, mask.view(np.uint8))
     out = PacketBatch.from_records(recs, link_type=batch.link_type, snaplen=batch.snaplen,
                                    interface=batch.interface, validate=False, count=n)
-    if comments is None:
-        return out
     new_index = np.cumsum(mask) - 1
     return out, {int(new_index[i]): t for i, t in comments.items() if 0 <= i < len(mask) and mask[i]}
 

@@ -29,7 +29,7 @@ from pktstream._capture import PacketBatch
 from pktstream.exceptions import ClosedError
 from pktstream.formats._common import fsync_dir
 from pktstream.formats.pcap import PcapWriter
-from pktstream.formats.pcapng import PcapngWriter
+from pktstream.formats.pcapng import PacketInterfaces, PcapngWriter
 
 FORMATS = {".pcap": "pcap", ".pcapng": "pcapng", ".pcap.zst": "pcap.zst", ".pcapng.zst": "pcapng.zst"}
 
@@ -171,7 +171,8 @@ class CaptureWriter:
     """The object :func:`open_writer` returns.
 
     ``write(batch, comments=None)`` appends a batch (interface identity from
-    ``batch.interface``/``link_type``/``snaplen``; ``comments`` only for pcapng),
+    ``batch.interface``/``link_type``/``snaplen``, or each packet's from ``interfaces=``;
+    ``comments`` only for pcapng),
     ``flush()`` pushes everything written so far to the OS (a compressed file gets a whole
     zstd block) and applies time rotation, ``close()`` completes the current file.
     ``paths``: completed files still on disk, oldest first; ``removed``: files deleted by
@@ -386,15 +387,27 @@ class CaptureWriter:
             return self._target.fileno()
         raise ValueError("no file open")
 
-    def write(self, batch: PacketBatch, comments: dict[int, str] | None = None, *, flush: bool = True) -> None:
+    def write(self, batch: PacketBatch, comments: dict[int, str] | None = None, *, flush: bool = True,
+              interfaces: PacketInterfaces | None = None) -> None:
         """Append every packet of ``batch`` (rotating first when a limit is reached) and push it
         to the OS (a compressed file ends a zstd block); ``flush=False``: left buffered (for many
-        small batches: the next flush, rotation or close pushes them)."""
+        small batches: the next flush, rotation or close pushes them). ``interfaces``: the
+        packets' own interfaces, as :meth:`PcapngWriter.write` takes them (a reader's
+        ``batch_interfaces``; a pcap file has no interfaces and ignores them)."""
         if self._closed:
             raise ClosedError("CaptureWriter is closed")
         n = len(batch)
         if n == 0:
             return
+        if interfaces is not None and self._base == "pcapng" and self._observer is not None:
+            # an observer (the index) attributes a batch to its interface: one run at a time
+            for run, _, run_comments in interface_runs(batch, interfaces, comments):
+                self.write(run, run_comments, flush=False)
+            if flush:
+                self._flush_current()
+            return
+        if self._base == "pcap":
+            interfaces = None
         if self._base == "pcap":
             if self._link_type is None:
                 self._link_type = batch.link_type
@@ -404,17 +417,17 @@ class CaptureWriter:
         if self._time_due():
             self._complete()
         if self._rotate_bytes and not self._zstd:
-            self._write_split(batch, comments)
+            self._write_split(batch, comments, interfaces)
         else:
             if self._rotate_bytes and self._cur is not None and self._size() >= self._rotate_bytes:
                 self._complete()
-            self._write_one(batch, comments)
+            self._write_one(batch, comments, interfaces)
         self.packets += n
         self.bytes += batch.nbytes - 16 * n
         if flush:
             self._flush_current()
 
-    def _write_one(self, batch: PacketBatch, comments) -> None:
+    def _write_one(self, batch: PacketBatch, comments, interfaces: PacketInterfaces | None = None) -> None:
         if self._cur is None:
             self._open()
         assert self._cur is not None
@@ -422,8 +435,8 @@ class CaptureWriter:
         if self._cur.file_bytes == 0 and self._base == "pcap":
             before = 24  # the header is written with the first batch
         nidb = len(getattr(self._cur, "idb_positions", ()))
-        if comments and isinstance(self._cur, PcapngWriter):
-            self._cur.write(batch, comments)
+        if isinstance(self._cur, PcapngWriter):
+            self._cur.write(batch, comments or None, interfaces=interfaces)
         else:
             self._cur.write(batch)
         if self._observer is not None:
@@ -432,7 +445,7 @@ class CaptureWriter:
                 before = idbs[-1][0] + idbs[-1][1]
             self._observer.wrote(cast(str, self._cur_path), batch, before, self._cur.file_bytes, idbs)
 
-    def _write_split(self, batch: PacketBatch, comments) -> None:
+    def _write_split(self, batch: PacketBatch, comments, interfaces: PacketInterfaces | None = None) -> None:
         """Uncompressed with rotate_bytes: cut the batch so no file exceeds the limit."""
         import numpy as np
         limit = self._rotate_bytes
@@ -458,7 +471,7 @@ class CaptureWriter:
                     continue
             part = slice_batch(batch, start, j)
             sub = {k - start: v for k, v in comments.items() if start <= k < j} if comments else None
-            self._write_one(part, sub)
+            self._write_one(part, sub, None if interfaces is None else (interfaces[0][start:j], interfaces[1]))
             start = j
             if start < n:
                 self._complete()
@@ -555,6 +568,30 @@ def slice_batch(batch: PacketBatch, i: int, j: int) -> PacketBatch:
     return PacketBatch.from_records(memoryview(batch)[lo:hi], link_type=batch.link_type,
                                     snaplen=batch.snaplen, interface=batch.interface,
                                     validate=False, count=j - i)
+
+
+def interface_runs(batch: PacketBatch, interfaces: PacketInterfaces,
+                   comments: dict[int, str] | None = None):
+    """A batch of interleaved interfaces (``interfaces``: ``(ids, infos)``) as runs of one
+    interface in order: ``(run, (start, stop), run's comments)``, each run a zero-copy batch
+    named after its interface."""
+    import numpy as np
+    ids, infos = interfaces
+    ids = np.asarray(ids)
+    brk = (np.flatnonzero(ids[1:] != ids[:-1]) + 1).tolist()
+    off, cap = batch.offset, batch.caplen
+    keys = np.array(sorted(comments), dtype=np.int64) if comments else None
+    for s, e in zip([0, *brk], [*brk, len(ids)]):
+        info = infos[int(ids[s])]
+        lo, hi = int(off[s]) - 16, int(off[e - 1]) + int(cap[e - 1])
+        run = PacketBatch.from_records(memoryview(batch)[lo:hi], link_type=info.link_type,
+                                       snaplen=max(info.snaplen, 1), interface=info.name,
+                                       validate=False, count=e - s)
+        sub = None
+        if keys is not None and comments:
+            i, j = np.searchsorted(keys, (s, e)).tolist()
+            sub = {k - s: comments[k] for k in keys[i:j].tolist()} or None
+        yield run, (s, e), sub
 
 
 def open_writer(path: str | os.PathLike | BinaryIO, *, format: str | None = None,
