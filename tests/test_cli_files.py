@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import pytest
 
-from _captures import real_captures, tshark_rows
+from _captures import interleaved_pcapng, real_captures, tshark_rows
 from conftest import PKTSTREAM
 
 
@@ -170,6 +170,19 @@ def test_info_judges_time_order_in_file_order_like_capinfos(tmp_path, shuffled):
     r = run("info", "--json", path)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["chronological"] is (not shuffled)
+
+
+def test_info_counts_interfaces_that_share_a_name_apart_like_capinfos(tmp_path):
+    """Two interfaces both named eth0 (two sensors' eth0 in one merged file): per-interface
+    counts by interface, as capinfos gives them (they were summed into the first)."""
+    path = tmp_path / "same-names.pcapng"
+    interleaved_pcapng(path, 3000, names=("eth0", "eth0", "eth1"))
+    ref = subprocess.run(["capinfos", str(path)], capture_output=True, text=True, check=True).stdout
+    counts = [int(line.split("=")[1]) for line in ref.splitlines() if "Number of packets =" in line]
+    r = run("info", "--json", path)
+    assert r.returncode == 0, r.stderr
+    got = [i["packets"] for i in json.loads(r.stdout)["interfaces"]]
+    assert got == counts and len(set(got)) == 3 and sum(got) == 3000
 
 
 @pytest.mark.live

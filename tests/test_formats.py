@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import pktstream
-from _captures import real_captures, tshark_frames, tshark_rows
+from _captures import interleaved_pcapng, real_captures, tshark_frames, tshark_rows
 from conftest import read_pcap_dpkt
 from pktstream import FileFormatError, PacketBatch
 from pktstream.formats import CaptureWriter, TruncatedFileWarning, open_reader, open_writer
@@ -579,35 +579,6 @@ def test_interleaved_interfaces_are_read_in_file_order_with_their_comments(tmp_p
     assert grouped != written and sorted(grouped) == sorted(written)
 
 
-def _interleaved_pcapng(path, n: int, *, snaplens=(65535, 65535, 65535)) -> list[tuple[str, bytes, str]]:
-    """A pcapng written block by block here (not by pktstream): three Ethernet interfaces
-    interleaved packet by packet (eth0/eth1 alternating, every tenth eth2), a comment on every
-    97th packet; returns (interface, frame, comment) per packet in file order."""
-    def block(btype: int, body: bytes) -> bytes:
-        return struct.pack("<II", btype, 12 + len(body)) + body + struct.pack("<I", 12 + len(body))
-
-    def opt(code: int, value: bytes) -> bytes:
-        return struct.pack("<HH", code, len(value)) + value + bytes(-len(value) % 4)
-    blocks = [block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1))]
-    for k, snap in enumerate(snaplens):
-        blocks.append(block(1, struct.pack("<HHI", 1, 0, snap) + opt(2, f"eth{k}".encode())
-                            + opt(9, b"\x09") + opt(0, b"")))
-    want = []
-    for j in range(n):
-        frame = b"\x02\0\0\0\0\x01\x02\0\0\0\0\x02\x08\x00" + j.to_bytes(4, "big") + bytes(40 + j % 50)
-        iface = j % 2 if j % 10 else 2
-        ts = 1_732_708_800_000_000_000 + 1000 * j
-        body = (struct.pack("<IIIII", iface, ts >> 32, ts & 0xFFFFFFFF, len(frame), len(frame))
-                + frame + bytes(-len(frame) % 4))
-        note = f"note {j}" if j % 97 == 5 else ""
-        if note:
-            body += opt(1, note.encode()) + opt(0, b"")
-        blocks.append(block(6, body))
-        want.append((f"eth{iface}", frame, note))
-    Path(path).write_bytes(b"".join(blocks))
-    return want
-
-
 @pytest.mark.parametrize("out_name", ["o.pcapng", "o.pcapng.zst", "o.pcap"])
 def test_convert_of_finely_interleaved_interfaces_is_one_pass_and_exact(tmp_path, out_name):
     """``pktstream convert`` of a pcapng whose interfaces alternate packet by packet (each read
@@ -616,7 +587,7 @@ def test_convert_of_finely_interleaved_interfaces_is_one_pass_and_exact(tmp_path
     comment, packet order); with a BPF filter, the packets ``tcpdump -r`` keeps with it."""
     import pktstream.cli
     src = tmp_path / "inter.pcapng"
-    want = _interleaved_pcapng(src, 5000)
+    want = interleaved_pcapng(src, 5000)
     fields = ("frame.interface_name", "frame.time_epoch", "frame.len", "frame.comment", "data")
     out = tmp_path / out_name
     assert pktstream.cli.main(["convert", str(src), str(out)]) == 0
@@ -648,7 +619,7 @@ def test_writer_takes_each_packets_interface_across_rotation_and_with_an_index(t
     each packet's interface; with an index observer (which attributes a batch to one
     interface) the batch goes out as runs and the archive finds each interface's packets."""
     src = tmp_path / "inter.pcapng"
-    want = _interleaved_pcapng(src, 3000)
+    want = interleaved_pcapng(src, 3000)
     out = tmp_path / "rot" / "r.pcapng"
     out.parent.mkdir()
     with open_reader(src, comments=True, file_order=True, mixed_interfaces=True) as r, \

@@ -124,9 +124,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                 held_ts.append(ts)
                 first = lo if first is None else min(first, lo)
                 last = hi if last is None else max(last, hi)
-                key = next((i.index for i in r.interfaces if i.name == batch.interface
-                            and i.link_type == batch.link_type), 0)
-                per_iface.setdefault(key, [0])[0] += n
+                iface = r.batch_interface  # (by index: two interfaces may share a name)
+                per_iface.setdefault(iface.index if iface is not None else 0, [0])[0] += n
                 prog.update(r.bytes_read)
             check_order()
             prog.done()

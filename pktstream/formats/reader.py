@@ -416,6 +416,7 @@ class CaptureReader:
         self._file_order = file_order
         self._mixed = file_order and mixed_interfaces
         self.batch_interfaces: tuple[np.ndarray, list[InterfaceInfo]] | None = None
+        self._batch_iface: InterfaceInfo | None = None
         self.comments: dict[int, str] = {}
         self.interfaces: list[InterfaceInfo] = []
         self.sections: list[SectionInfo] = []
@@ -573,7 +574,15 @@ class CaptureReader:
         start, n, sel = self._last_positions
         return np.arange(start, start + n, dtype=np.int64) if sel is None else start + sel
 
+    @property
+    def batch_interface(self) -> InterfaceInfo | None:
+        """The interface (its :class:`InterfaceInfo`, ``index`` unique in the file) of the
+        batch last yielded; None for a batch of several (``batch_interfaces``). Two interfaces
+        may share a name: this tells them apart."""
+        return self.interfaces[0] if self.format == "pcap" else self._batch_iface
+
     def _batch(self, buf, n: int, iface: InterfaceInfo) -> PacketBatch:
+        self._batch_iface = iface
         self._last_positions = (self._next_position, n, None)
         self._next_position += n
         return PacketBatch.from_records(buf, link_type=iface.link_type,
@@ -899,6 +908,7 @@ class CaptureReader:
                 self._last_positions = (base, count, None)
                 self._next_position = base + count
                 self.batch_interfaces = (ids.copy(), list(section_ifaces))
+                self._batch_iface = None
                 yield b
                 self.batch_interfaces = None
                 return
@@ -936,7 +946,7 @@ class CaptureReader:
                 self.comments = {k - s: comments[k] for k in keys[i:j].tolist()}
             else:
                 self.comments = {}
-            iface = section_ifaces[int(ids[s])]
+            iface = self._batch_iface = section_ifaces[int(ids[s])]
             b = PacketBatch.from_records(memoryview(dst)[lo:hi], link_type=iface.link_type,
                                          snaplen=max(iface.snaplen, 1), interface=iface.name,
                                          validate=False, count=e - s,
