@@ -1,13 +1,15 @@
 """Converting a pcapng whose interfaces interleave packet by packet (what `dumpcap -i eth0 -i
-eth1` writes on busy links): `pktstream convert` against editcap and tshark, and optionally an
-older pktstream tree.
+eth1` writes on busy links): `pktstream convert` against editcap and tshark; and merging two
+captures whose packets alternate one by one (two sensors' captures of the same minutes):
+`pktstream merge` against mergecap; optionally an older pktstream beside them.
 
 The input is written here block by block (not by pktstream): three Ethernet interfaces, eth0
 and eth1 alternating and every tenth packet on eth2, 60-110-byte frames, a comment on every
 1000th packet. Each command converts it to pcapng (and pktstream also to .pcapng.zst and pcap);
 wall seconds and CPU seconds (the child's user+sys) are measured around each run,
-one run each, page cache warm (the file is read once first). Outputs are checked: same packet
-count as the input (capinfos).
+one run each, page cache warm (the files are read once first). Outputs are checked: same packet
+count as the input (capinfos). The merge inputs: two nanosecond pcap files of half the packets
+each, 78-byte frames, stamps alternating between them every microsecond.
 
     .venv/bin/python bench/bench_convert.py [--packets 1000000] [--baseline-python OLD/.venv/bin/python]
         [--json FILE]
@@ -57,6 +59,21 @@ def write_input(path: str, packets: int) -> None:
         f.write(b"".join(out))
 
 
+def write_merge_inputs(paths: list[str], packets: int) -> None:
+    for k, path in enumerate(paths):
+        with open(path, "wb") as f:
+            f.write(struct.pack("<IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 65535, 1))
+            out = []
+            for j in range(packets // 2):
+                t = 1_732_708_800_000_000_000 + (2 * j + k) * 1000
+                frame = b"\x02\0\0\0\0\x01\x02\0\0\0\0\x02\x08\x00" + j.to_bytes(4, "big") + bytes(60)
+                out.append(struct.pack("<IIII", t // 10**9, t % 10**9, len(frame), len(frame)) + frame)
+                if len(out) >= 10_000:
+                    f.write(b"".join(out))
+                    out.clear()
+            f.write(b"".join(out))
+
+
 def timed(cmd: list[str], cwd: str, env: dict | None = None) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -82,9 +99,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-convert-") as d:
         src = os.path.join(d, "interleaved.pcapng")
         write_input(src, args.packets)
-        with open(src, "rb") as f:
-            while f.read(1 << 24):
-                pass
+        halves = [os.path.join(d, "sensor-a.pcap"), os.path.join(d, "sensor-b.pcap")]
+        write_merge_inputs(halves, args.packets)
+        for path in (src, *halves):
+            with open(path, "rb") as f:
+                while f.read(1 << 24):
+                    pass
         cases: list[tuple[str, list[str], str, dict | None]] = []
         env_new = dict(os.environ, PYTHONPATH=here)
         for ext in ("pcapng", "pcapng.zst", "pcap"):
@@ -95,6 +115,15 @@ def main() -> None:
                 cases.append((f"pktstream (baseline) convert → {ext}",
                               [args.baseline_python, "-m", "pktstream", "convert", src, os.path.join(d, f"old.{ext}")],
                               f"old.{ext}", None))
+        merged = os.path.join(d, "merged.pcapng")
+        cases.append(("pktstream merge → pcapng", [sys.executable, "-m", "pktstream", "merge", merged, *halves],
+                      "merged.pcapng", env_new))
+        if args.baseline_python:
+            cases.append(("pktstream (baseline) merge → pcapng", [args.baseline_python, "-m", "pktstream", "merge",
+                                                              os.path.join(d, "old-merged.pcapng"), *halves],
+                          "old-merged.pcapng", None))
+        cases.append(("mergecap → pcapng", ["mergecap", "-w", os.path.join(d, "mergecap.pcapng"), *halves],
+                      "mergecap.pcapng", None))
         cases.append(("editcap → pcapng", ["editcap", "-F", "pcapng", src, os.path.join(d, "editcap.pcapng")],
                       "editcap.pcapng", None))
         cases.append(("tshark -r -w → pcapng", ["tshark", "-r", src, "-w", os.path.join(d, "tshark.pcapng")],
@@ -103,7 +132,8 @@ def main() -> None:
         for name, cmd, out, env in cases:
             r = timed(cmd, d, env)
             n = count(os.path.join(d, out))
-            assert n == args.packets, f"{name}: {n} packets, not {args.packets}"
+            expect = args.packets // 2 * 2 if "merge" in name else args.packets
+            assert n == expect, f"{name}: {n} packets, not {expect}"
             r.update(case=name, packets=n, out_bytes=os.path.getsize(os.path.join(d, out)))
             results.append(r)
             os.unlink(os.path.join(d, out))

@@ -22,10 +22,13 @@ cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_Resize
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 
 cimport numpy as cnp
 
 cnp.import_array()
+
+import numpy as np
 
 from pktstream._compat cimport RECORD_HEADER as HDR, ps_get_le32, ps_put_le32
 
@@ -357,6 +360,151 @@ def take_mask(const unsigned char[::1] src, const int64_t[::1] offsets, const ui
     if changed >= 0:
         raise ValueError(f"packet {changed}: its offset, caplen or mask changed during the copy")
     return result[:out] if out < total else result, count
+
+
+def merge_heads(list stamps, int64_t[::1] pos):
+    """One step of a chronological merge as mergecap merges: ``stamps[k]`` (int64 ns) are the
+    packets of input ``k`` at hand, ``pos[k]`` the next of them. Repeatedly takes the earliest
+    of the inputs' next packets (ties: the last input, as mergecap's scan keeps the last of
+    equals), until an input's packets at hand are all taken (its next one is in its next
+    batch) or every input's are. Returns ``(which, index)`` (int32 input, int64 packet index
+    per packet taken, in merged order); ``pos`` is advanced in place. An input with no packet
+    at hand at the start is taken as finished."""
+    cdef Py_ssize_t k, nin = len(stamps), total = 0, m = 0
+    if pos.shape[0] != nin:
+        raise ValueError("one position per input")
+    if nin == 0:
+        return np.empty(0, np.int32), np.empty(0, np.int64)
+    held = []  # (keeps each buffer alive while its pointer is used)
+    cdef const int64_t **ts = <const int64_t **> PyMem_Malloc(nin * sizeof(int64_t *))
+    cdef Py_ssize_t *end = <Py_ssize_t *> PyMem_Malloc(nin * sizeof(Py_ssize_t))
+    cdef const int64_t[::1] view
+    cdef int32_t[::1] wv
+    cdef int64_t[::1] iv
+    if ts == NULL or end == NULL:
+        PyMem_Free(ts)
+        PyMem_Free(end)
+        raise MemoryError()
+    try:
+        for k in range(nin):
+            view = stamps[k]
+            held.append(view)
+            end[k] = view.shape[0]
+            ts[k] = &view[0] if end[k] else NULL
+            if not 0 <= pos[k] <= end[k]:
+                raise ValueError(f"input {k}: position {pos[k]} outside its {end[k]} packets")
+            total += end[k] - pos[k]
+        which_arr = np.empty(total, np.int32)
+        index_arr = np.empty(total, np.int64)
+        if total:
+            wv, iv = which_arr, index_arr
+            with nogil:
+                m = _merge(ts, end, &pos[0], nin, &wv[0], &iv[0], total)
+        return which_arr[:m], index_arr[:m]
+    finally:
+        PyMem_Free(ts)
+        PyMem_Free(end)
+
+
+cdef Py_ssize_t _merge(const int64_t **ts, const Py_ssize_t *end, int64_t *pos, Py_ssize_t nin,
+                       int32_t *out_which, int64_t *out_index, Py_ssize_t room) noexcept nogil:
+    cdef Py_ssize_t m = 0, k, best = 0, left = 0
+    cdef int64_t t, bt = 0
+    for k in range(nin):
+        left += pos[k] < end[k]
+    while m < room:
+        best = -1
+        for k in range(nin):
+            if pos[k] < end[k]:
+                t = ts[k][pos[k]]
+                if best < 0 or t <= bt:
+                    best, bt = k, t
+        if best < 0:
+            break
+        out_which[m] = <int32_t> best
+        out_index[m] = pos[best]
+        m += 1
+        pos[best] += 1
+        if pos[best] == end[best] and left > 1:
+            break  # its next packet is in its next batch: the caller refills it first
+    return m
+
+
+def gather_records(list sources, list offsets, list caplens, const int32_t[::1] which,
+                   const int64_t[::1] index):
+    """Records ``index[i]`` of ``sources[which[i]]`` (each a records buffer with its packets'
+    ``offsets`` (of the data) and ``caplens``), one after another → (bytearray, count); every
+    index, offset and length is checked against its buffer before anything is copied."""
+    cdef Py_ssize_t nin = len(sources), i, n = which.shape[0], total = 0, out = 0, rec, k
+    if len(offsets) != nin or len(caplens) != nin:
+        raise ValueError("one offsets and one caplens array per source")
+    if index.shape[0] != n:
+        raise ValueError("which and index differ in length")
+    held = []
+    cdef const unsigned char **src = <const unsigned char **> PyMem_Malloc((nin or 1) * sizeof(void *))
+    cdef Py_ssize_t *size = <Py_ssize_t *> PyMem_Malloc((nin or 1) * sizeof(Py_ssize_t))
+    cdef Py_ssize_t *count = <Py_ssize_t *> PyMem_Malloc((nin or 1) * sizeof(Py_ssize_t))
+    cdef const int64_t **off = <const int64_t **> PyMem_Malloc((nin or 1) * sizeof(void *))
+    cdef const uint32_t **cap = <const uint32_t **> PyMem_Malloc((nin or 1) * sizeof(void *))
+    cdef const unsigned char[::1] sv
+    cdef const int64_t[::1] ov
+    cdef const uint32_t[::1] cv
+    cdef int64_t o
+    cdef uint32_t c
+    cdef unsigned char *d
+    try:
+        if src == NULL or size == NULL or count == NULL or off == NULL or cap == NULL:
+            raise MemoryError()
+        for k in range(nin):
+            sv, ov, cv = sources[k], offsets[k], caplens[k]
+            held.append((sv, ov, cv))
+            if ov.shape[0] != cv.shape[0]:
+                raise ValueError(f"source {k}: offsets and caplens differ in length")
+            src[k] = &sv[0] if sv.shape[0] else NULL
+            size[k] = sv.shape[0]
+            count[k] = ov.shape[0]
+            off[k] = &ov[0] if ov.shape[0] else NULL
+            cap[k] = &cv[0] if cv.shape[0] else NULL
+        for i in range(n):
+            k = which[i]
+            if not 0 <= k < nin or not 0 <= index[i] < count[k]:
+                raise ValueError(f"packet {i}: source {k}, index {index[i]} is not one of its packets")
+            o, c = off[k][index[i]], cap[k][index[i]]
+            if o < HDR or o > size[k] or <int64_t> c > size[k] - o:
+                raise ValueError(f"packet {i} (offset {o}, caplen {c}) is outside its buffer")
+            total += HDR + c
+        result = PyByteArray_FromStringAndSize(NULL, total)
+        if total == 0:
+            return result, 0
+        d = <unsigned char *> PyByteArray_AS_STRING(result)
+        with nogil:
+            for i in range(n):
+                # read once and checked again: the arrays may change meanwhile, and the output
+                # was sized by the pass above
+                k = which[i]
+                if k < 0 or k >= nin or index[i] < 0 or index[i] >= count[k]:
+                    out = -1
+                    break
+                o, c = off[k][index[i]], cap[k][index[i]]
+                rec = HDR + <Py_ssize_t> c
+                if o < HDR or o > size[k] or rec - HDR > size[k] - o or rec > total - out:
+                    out = -1
+                    break
+                memcpy(d + out, src[k] + o - HDR, HDR)
+                ps_put_le32(d + out + 8, c)  # (the length copied, whatever the header says now)
+                memcpy(d + out + HDR, src[k] + o, c)
+                out += rec
+        if out < 0:
+            raise ValueError("an index, offset or caplen changed during the copy")
+        if out < total:
+            PyByteArray_Resize(result, out)
+        return result, n
+    finally:
+        PyMem_Free(src)
+        PyMem_Free(size)
+        PyMem_Free(count)
+        PyMem_Free(off)
+        PyMem_Free(cap)
 
 
 @cython.boundscheck(False)

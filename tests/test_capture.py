@@ -282,18 +282,20 @@ def test_live_ring_pages_follow_the_traffic(veth, tmp_path):
     spreads over more, and free blocks unused for 2 s are given back (release builds; debug and
     sanitizer builds malloc the blocks and keep them). The capture thread may start the next
     block while the previous batch is still on its way to the consumer, so "quiet" is at most
-    two blocks."""
+    two blocks. Quiet means one packet at a time, the next sent once the last was released
+    (5 packets 1 ms apart took 3 blocks under ASan: the consumer was slower than the link)."""
     from pktstream._capture import alloc_counters
     from pktstream.lab import traffic
-    pcap = tmp_path / "few.pcap"
+    pcap, one = tmp_path / "few.pcap", tmp_path / "one.pcap"
     traffic.write_udp_pcap(str(pcap), 5, size=200)
+    traffic.write_udp_pcap(str(one), 1, size=200)
     cap = pktstream.Capture(veth.outer, max_wait=0.05, idle_wait=0.0, timeout_ms=10, bpf="udp port 9999")
     try:
         assert cap.ring.resident_blocks == 0
         got = 0
-        for _ in range(3):  # quiet: one block at a time, each released at once
-            veth.replay(pcap, pps=1000)
-            while got < 5 * (_ + 1):
+        for i in range(6):  # quiet: one block at a time, each released at once
+            veth.replay(one, pps=1000)
+            while got < i + 1:
                 b = cap.next_batch(timeout=30)
                 got += len(b)
                 b.release()

@@ -22,7 +22,15 @@ import pytest
 import pktstream
 from pktstream import Capture, FileFormatError, PacketBatch
 from pktstream._decode import decode_columns
-from pktstream._records import pcapng_walk, records_to_epb, records_to_epb_ids, take_mask, take_records
+from pktstream._records import (
+    gather_records,
+    merge_heads,
+    pcapng_walk,
+    records_to_epb,
+    records_to_epb_ids,
+    take_mask,
+    take_records,
+)
 from pktstream.formats import open_reader
 
 NS_HEADER = struct.pack("<IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 65535, 1)
@@ -184,6 +192,36 @@ def test_records_to_epb_ids_needs_one_id_per_record():
     bad = struct.pack("<IIII", 1, 0, 0xFFFFFFFF, 0xFFFFFFFF) + bytes(16)
     with pytest.raises(ValueError, match="runs past the end"):
         records_to_epb_ids(bad, len(bad), np.zeros(1, dtype=np.uint32))
+
+
+def test_merge_heads_and_gather_records_check_every_position_and_length():
+    """The merge's C steps: a position outside its input, an index that is not one of the
+    source's packets, an offset or caplen outside its buffer, arrays of different lengths --
+    ValueError before anything is read or copied."""
+    ts = np.arange(4, dtype=np.int64)
+    for bad in ([5, 0], [-1, 0]):
+        with pytest.raises(ValueError, match="outside its 4 packets"):
+            merge_heads([ts, ts], np.array(bad, dtype=np.int64))
+    with pytest.raises(ValueError, match="one position per input"):
+        merge_heads([ts], np.zeros(2, dtype=np.int64))
+    rec = _records(2, 13)  # offsets 16 and 45
+    offs, caps = np.array([16, 45], dtype=np.int64), np.array([13, 13], dtype=np.uint32)
+    out, n = gather_records([rec], [offs], [caps], np.array([0, 0], np.int32), np.array([1, 0], np.int64))
+    assert n == 2 and bytes(out) == rec[29:] + rec[:29]
+    cases = [
+        ([offs], [caps], [1], [0], "source 1, index 0 is not one of"),
+        ([offs], [caps], [0], [2], "source 0, index 2 is not one of"),
+        ([offs], [caps], [0], [-1], "index -1 is not one of"),
+        ([np.array([8], np.int64)], [np.array([13], np.uint32)], [0], [0], "outside its buffer"),
+        ([np.array([50], np.int64)], [np.array([13], np.uint32)], [0], [0], "outside its buffer"),
+        ([np.array([16], np.int64)], [np.array([0xFFFFFFFF], np.uint32)], [0], [0], "outside its buffer"),
+        ([offs], [caps[:1]], [0], [0], "differ in length"),
+    ]
+    for o, c, which, index, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            gather_records([rec], o, c, np.array(which, np.int32), np.array(index, np.int64))
+    with pytest.raises(ValueError, match="which and index differ"):
+        gather_records([rec], [offs], [caps], np.zeros(2, np.int32), np.zeros(1, np.int64))
 
 
 def test_take_records_and_take_mask_check_bounds():

@@ -154,6 +154,59 @@ def test_epb_writing_with_per_packet_interfaces_stays_inside(recs, lie, id_delta
     assert k == len(ids)
 
 
+@FUZZ
+@given(st.lists(st.lists(st.lists(st.integers(0, 6), max_size=7), max_size=4), min_size=1, max_size=4))
+def test_merge_is_mergecaps_choice_whatever_the_stamps_and_batches(inputs):
+    """The merge over batches (pktstream.formats.merge's C steps, refilling an input whenever
+    its batch at hand is used up) against mergecap's rule applied packet by packet in Python:
+    the earliest of the inputs' next packets, ties to the last input -- stamps unsorted, tied,
+    inputs of empty and one-packet batches."""
+    import numpy as np
+
+    from pktstream._records import gather_records, merge_heads
+    want, heads = [], [[t for b in batches for t in b] for batches in inputs]
+    nxt = [0] * len(heads)
+    while any(nxt[k] < len(h) for k, h in enumerate(heads)):
+        best = None
+        for k, h in enumerate(heads):
+            if nxt[k] < len(h) and (best is None or h[nxt[k]] <= heads[best][nxt[best]]):
+                best = k
+        want.append((best, nxt[best]))
+        nxt[best] += 1
+    # the same through merge_heads, batch by batch; records carry (input, packet number)
+    its = [iter([b for b in batches if b]) for batches in inputs]
+    at_hand: list = [None] * len(inputs)
+    done = [0] * len(inputs)  # packets of the input before the batch at hand
+    got = []
+
+    def refill(k: int) -> bool:
+        if at_hand[k] is not None:
+            done[k] += len(at_hand[k][0])
+        b = next(its[k], None)
+        if b is None:
+            at_hand[k] = None
+            return False
+        recs = b"".join(struct.pack("<IIIIII", 0, t, 8, 8, k, done[k] + j) for j, t in enumerate(b))
+        at_hand[k] = (np.array(b, np.int64), recs, np.arange(len(b), dtype=np.int64) * 24 + 16)
+        return True
+    live = [k for k in range(len(inputs)) if refill(k)]
+    pos = {k: 0 for k in live}
+    while live:
+        p = np.array([pos[k] for k in live], np.int64)
+        which, index = merge_heads([at_hand[k][0] for k in live], p)
+        out, n = gather_records([at_hand[k][1] for k in live], [at_hand[k][2] for k in live],
+                                [np.full(len(at_hand[k][0]), 8, np.uint32) for k in live], which, index)
+        assert n == len(which) > 0 and len(out) == 24 * n
+        got += [struct.unpack_from("<II", out, 24 * j + 16) for j in range(n)]
+        for j, k in enumerate(list(live)):
+            pos[k] = int(p[j])
+            if pos[k] == len(at_hand[k][0]):
+                pos[k] = 0
+                if not refill(k):
+                    live.remove(k)
+    assert got == want
+
+
 def _pcap_file(recs, usec: bool, big: bool, snaplen: int, linktype: int) -> bytes:
     o = ">" if big else "<"
     magic = 0xA1B2C3D4 if usec else 0xA1B23C4D

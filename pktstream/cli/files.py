@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import os
 import sys
@@ -283,46 +282,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 @_guard
 def cmd_merge(args: argparse.Namespace) -> int:
-    """Chronological merge as mergecap merges: at each step the earliest of the inputs' next
-    packets (ties: the last input; mergecap's scan for the earliest keeps the last of equals),
-    so an input that is not itself in time order comes out as mergecap writes it. Batch-wise:
-    a heap of one cursor per input; each step writes the run of the cursor's batch that comes
-    before every other input's next packet."""
-    from pktstream.formats.writer import slice_batch
+    """Chronological merge as mergecap merges (pktstream.formats.merge): at each step the
+    earliest of the inputs' next packets (ties: the last input), so an input that is not itself
+    in time order comes out as mergecap writes it."""
+    from pktstream.formats.merge import merge
     total = sum(_size(p) for p in args.inputs)
     prog = _Progress(total, "merging")
-    readers = [open_reader(p, file_order=True) for p in args.inputs]
-    its = [iter(r) for r in readers]
+    readers = [open_reader(p, file_order=True, mixed_interfaces=True) for p in args.inputs]
     w = _writer(args.output, args)
-    heap: list = []  # (time stamp of the next packet, -input, its index in the batch, batch)
-
-    def push(k: int) -> None:
-        for b in its[k]:
-            if len(b):
-                heapq.heappush(heap, (int(b.ts_ns[0]), -k, 0, b))
-                return
-
     try:
-        for k in range(len(its)):
-            push(k)
-        while heap:
-            _, neg_k, start, b = heapq.heappop(heap)
-            k = -neg_k
-            end = len(b)
-            if heap:
-                # the run ends at the first packet that the other inputs' earliest next packet
-                # precedes (earlier, or as early from a later input); the run's first packet
-                # is this step's earliest and always goes
-                limit, other = heap[0][0], -heap[0][1]
-                rest = b.ts_ns[start + 1:]
-                after = rest > limit if k > other else rest >= limit
-                if after.any():
-                    end = start + 1 + int(np.argmax(after))
-            w.write(b if start == 0 and end == len(b) else slice_batch(b, start, end), flush=False)
-            if end < len(b):
-                heapq.heappush(heap, (int(b.ts_ns[end]), -k, end, b))
-            else:
-                push(k)
+        for batch, interfaces in merge(readers):
+            w.write(batch, flush=False, interfaces=interfaces)
             prog.update(sum(r.bytes_read for r in readers))
         w.close()
     except BaseException:

@@ -143,9 +143,6 @@ class PcapngWriter(FileTarget):
             if not 0 <= u < len(infos):
                 raise ValueError(f"interface id {u} not among the {len(infos)} interfaces given")
             i = infos[u]
-            if i.link_type != batch.link_type:
-                raise ValueError(f"interface {i.name}: link type {i.link_type} differs from the "
-                                 f"batch's {batch.link_type}")
             lut[u] = self._iface_of(i.name, i.link_type, i.snaplen)
         return lut[ids]
 
@@ -158,9 +155,10 @@ class PcapngWriter(FileTarget):
               interfaces: PacketInterfaces | None = None) -> None:
         """Append ``batch``; ``comments`` maps packet indexes of the batch to comment text;
         ``interfaces``: ``(ids, infos)``, packet ``k`` was captured on ``infos[ids[k]]`` (an
-        object with ``name``, ``link_type`` -- the batch's -- and ``snaplen``, e.g. a reader's
+        object with ``name``, ``link_type`` and ``snaplen``, e.g. a reader's
         :class:`InterfaceInfo`), for a batch of interleaved interfaces written in one pass
-        (``CaptureReader.batch_interfaces``); default: every packet on the batch's interface."""
+        (``CaptureReader.batch_interfaces``, a merge); default: every packet on the batch's
+        interface."""
         if self._closed:
             raise ClosedError("PcapngWriter is closed")
         n = len(batch)

@@ -406,8 +406,13 @@ class CaptureWriter:
             if flush:
                 self._flush_current()
             return
-        if self._base == "pcap":
-            interfaces = None
+        if interfaces is not None and self._base == "pcap":
+            import numpy as np
+            types = {interfaces[1][u].link_type for u in np.unique(np.asarray(interfaces[0])).tolist()}
+            if len(types) > 1 or self._link_type is not None and types != {self._link_type}:
+                found = sorted(types | ({self._link_type} if self._link_type is not None else set()))
+                raise ValueError(f"link types {found} in one pcap file; use pcapng for mixed link types")
+            interfaces = None  # (pcap has no interfaces)
         if self._base == "pcap":
             if self._link_type is None:
                 self._link_type = batch.link_type
