@@ -6,7 +6,7 @@ mergecap writes it, not sorted. Here that choice is made in C over the batches a
 (``pktstream._records.merge_heads``) until one input's batch is used up, the chosen records
 are copied into one buffer (``gather_records``) and handed out as one batch with each packet's
 interface; then that input's next batch is read. So two captures whose packets interleave one
-by one cost a C loop per packet, not a Python step (17.9 s → ~1 s per million packets here;
+by one cost a C loop per packet, not a Python step (21.4 s → 0.68 s per million packets here;
 bench/README.md).
 
 Thread safety: a :func:`merge` generator belongs to one thread; it reads its readers.
