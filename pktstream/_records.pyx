@@ -378,32 +378,35 @@ def merge_heads(list stamps, int64_t[::1] pos):
     held = []  # (keeps each buffer alive while its pointer is used)
     cdef const int64_t **ts = <const int64_t **> PyMem_Malloc(nin * sizeof(int64_t *))
     cdef Py_ssize_t *end = <Py_ssize_t *> PyMem_Malloc(nin * sizeof(Py_ssize_t))
+    cdef int64_t *at = <int64_t *> PyMem_Malloc(nin * sizeof(int64_t))  # (pos, read once)
     cdef const int64_t[::1] view
     cdef int32_t[::1] wv
     cdef int64_t[::1] iv
-    if ts == NULL or end == NULL:
-        PyMem_Free(ts)
-        PyMem_Free(end)
-        raise MemoryError()
     try:
+        if ts == NULL or end == NULL or at == NULL:
+            raise MemoryError()
         for k in range(nin):
             view = stamps[k]
             held.append(view)
             end[k] = view.shape[0]
             ts[k] = &view[0] if end[k] else NULL
-            if not 0 <= pos[k] <= end[k]:
-                raise ValueError(f"input {k}: position {pos[k]} outside its {end[k]} packets")
-            total += end[k] - pos[k]
+            at[k] = pos[k]
+            if not 0 <= at[k] <= end[k]:
+                raise ValueError(f"input {k}: position {at[k]} outside its {end[k]} packets")
+            total += end[k] - at[k]
         which_arr = np.empty(total, np.int32)
         index_arr = np.empty(total, np.int64)
         if total:
             wv, iv = which_arr, index_arr
             with nogil:
-                m = _merge(ts, end, &pos[0], nin, &wv[0], &iv[0], total)
+                m = _merge(ts, end, at, nin, &wv[0], &iv[0], total)
+        for k in range(nin):
+            pos[k] = at[k]
         return which_arr[:m], index_arr[:m]
     finally:
         PyMem_Free(ts)
         PyMem_Free(end)
+        PyMem_Free(at)
 
 
 cdef Py_ssize_t _merge(const int64_t **ts, const Py_ssize_t *end, int64_t *pos, Py_ssize_t nin,
@@ -449,7 +452,7 @@ def gather_records(list sources, list offsets, list caplens, const int32_t[::1] 
     cdef const unsigned char[::1] sv
     cdef const int64_t[::1] ov
     cdef const uint32_t[::1] cv
-    cdef int64_t o
+    cdef int64_t o, j
     cdef uint32_t c
     cdef unsigned char *d
     try:
@@ -482,10 +485,11 @@ def gather_records(list sources, list offsets, list caplens, const int32_t[::1] 
                 # read once and checked again: the arrays may change meanwhile, and the output
                 # was sized by the pass above
                 k = which[i]
-                if k < 0 or k >= nin or index[i] < 0 or index[i] >= count[k]:
+                j = index[i]
+                if k < 0 or k >= nin or j < 0 or j >= count[k]:
                     out = -1
                     break
-                o, c = off[k][index[i]], cap[k][index[i]]
+                o, c = off[k][j], cap[k][j]
                 rec = HDR + <Py_ssize_t> c
                 if o < HDR or o > size[k] or rec - HDR > size[k] - o or rec > total - out:
                     out = -1
@@ -563,7 +567,7 @@ def records_to_epb(const unsigned char[::1] src, Py_ssize_t length, uint32_t ifa
     return _to_epb(src, length, iface, None)
 
 
-def records_to_epb_ids(const unsigned char[::1] src, Py_ssize_t length, const uint32_t[::1] ifaces):
+def records_to_epb_ids(const unsigned char[::1] src, Py_ssize_t length, const uint32_t[::1] ifaces not None):
     """As :func:`records_to_epb`, the interface of record ``k`` being ``ifaces[k]`` (a pcapng
     whose interfaces interleave, written in one pass); ValueError unless ``ifaces`` holds
     exactly one id per record."""

@@ -151,31 +151,33 @@ def copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def interleaved_pcapng(path, n: int, *, names=("eth0", "eth1", "eth2")) -> list[tuple[str, bytes, str]]:
+def interleaved_pcapng(path, n: int, *, names=("eth0", "eth1", "eth2"),
+                       snaplens=(65535, 65535, 65535)) -> list[tuple[str, bytes, str]]:
     """A pcapng written block by block here (not by pktstream): three Ethernet interfaces
     interleaved packet by packet (the first two alternating, every tenth packet on the third;
-    ``names`` may repeat), a comment on every 97th packet; returns (interface name, frame,
-    comment) per packet in file order."""
+    ``names`` may repeat), a comment on every 97th packet, frames cut to their interface's
+    snap length; returns (interface name, captured bytes, comment) per packet in file order."""
     def block(btype: int, body: bytes) -> bytes:
         return struct.pack("<II", btype, 12 + len(body)) + body + struct.pack("<I", 12 + len(body))
 
     def opt(code: int, value: bytes) -> bytes:
         return struct.pack("<HH", code, len(value)) + value + bytes(-len(value) % 4)
     blocks = [block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1))]
-    for name in names:
-        blocks.append(block(1, struct.pack("<HHI", 1, 0, 65535) + opt(2, name.encode())
+    for name, snap in zip(names, snaplens):
+        blocks.append(block(1, struct.pack("<HHI", 1, 0, snap) + opt(2, name.encode())
                             + opt(9, b"\x09") + opt(0, b"")))
     want = []
     for j in range(n):
         frame = b"\x02\0\0\0\0\x01\x02\0\0\0\0\x02\x08\x00" + j.to_bytes(4, "big") + bytes(40 + j % 50)
         iface = j % 2 if j % 10 else 2
         ts = 1_732_708_800_000_000_000 + 1000 * j
-        body = (struct.pack("<IIIII", iface, ts >> 32, ts & 0xFFFFFFFF, len(frame), len(frame))
-                + frame + bytes(-len(frame) % 4))
+        data = frame[:snaplens[iface]]
+        body = (struct.pack("<IIIII", iface, ts >> 32, ts & 0xFFFFFFFF, len(data), len(frame))
+                + data + bytes(-len(data) % 4))
         note = f"note {j}" if j % 97 == 5 else ""
         if note:
             body += opt(1, note.encode()) + opt(0, b"")
         blocks.append(block(6, body))
-        want.append((names[iface], frame, note))
+        want.append((names[iface], data, note))
     Path(path).write_bytes(b"".join(blocks))
     return want

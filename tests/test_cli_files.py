@@ -95,6 +95,8 @@ def test_merge_like_mergecap(caps, tmp_path):
     assert a == tshark_rows(ref, "frame.time_epoch", "frame.len") and len(a) > 100
     bad = run("merge", tmp_path / "x.pcap", caps["tshark"], caps["sll2"])
     assert bad.returncode == 1 and "pcapng" in bad.stderr and not (tmp_path / "x.pcap").exists()
+    bad = run("merge", "-", caps["tshark"], caps["sll2"])  # to stdout: refused before a byte is written
+    assert bad.returncode == 1 and bad.stdout == "" and "EN10MB (1), LINUX_SLL2 (276)" in bad.stderr
 
 
 def _write_pcap(path, packets) -> None:
@@ -161,22 +163,26 @@ def test_merge_of_finely_interleaved_inputs_through_small_batches_is_mergecaps(t
     ref = tmp_path / "ref.pcapng"
     subprocess.run(["mergecap", "-w", str(ref), *map(str, inputs)], check=True)
     out = tmp_path / "api.pcapng"
-    readers = [open_reader(p, batch_bytes=4096, file_order=True, mixed_interfaces=True) for p in inputs]
+    readers = [open_reader(p, batch_bytes=4096, comments=True, file_order=True, mixed_interfaces=True)
+               for p in inputs]
     with open_writer(out) as w:
         batches = 0
-        for batch, interfaces in merge(readers):
-            w.write(batch, interfaces=interfaces)
+        for batch, interfaces, comments in merge(readers):
+            w.write(batch, comments, interfaces=interfaces)
             batches += 1
     for r in readers:
         r.close()
-    fields = ("frame.time_epoch", "frame.len", "data")
+    fields = ("frame.time_epoch", "frame.len", "data", "frame.comment")
     want = tshark_rows(ref, *fields)
     assert len(want) == 11000 and tshark_rows(out, *fields) == want and batches > 100
+    assert sum(1 for row in want if row[3]) == 31  # (the comments came along, as mergecap keeps them)
     names = [r[0] for r in tshark_rows(out, "frame.interface_name")]
     assert {n: names.count(n) for n in set(names)} == {
         str(inputs[0]): 4000, str(inputs[1]): 4000, "eth0": 1200, "eth1": 1500, "eth2": 300}
     cli = tmp_path / "cli.pcapng"
-    r = run("merge", cli, *inputs)
+    with open(inputs[0], "rb") as stdin:  # ('-': stdin, as for the other commands)
+        r = subprocess.run([*PKTSTREAM, "merge", str(cli), "-", *map(str, inputs[1:])], stdin=stdin,
+                           capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert tshark_rows(cli, *fields) == want
 

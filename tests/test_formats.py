@@ -614,6 +614,29 @@ def test_convert_of_finely_interleaved_interfaces_is_one_pass_and_exact(tmp_path
         assert names == {"eth0", "eth1", "eth2"}
 
 
+@pytest.mark.parametrize("command", ["convert", "merge"])
+def test_interfaces_sharing_a_name_but_not_the_snap_length_stay_apart(tmp_path, command):
+    """Two interfaces both named eth0, one with a 64-byte snap length: written as two IDBs,
+    every packet within its IDB's snap length (as one, the file claimed 64 for packets up to
+    107 bytes: "invalid packet capture length 107, bigger than snaplen of 64" from tcpdump)."""
+    import pktstream.cli
+    src = tmp_path / "two-eth0.pcapng"
+    interleaved_pcapng(src, 2000, names=("eth0", "eth0", "eth1"), snaplens=(64, 65535, 65535))
+    out = tmp_path / "out.pcapng"
+    args = ["convert", str(src), str(out)] if command == "convert" else ["merge", str(out), str(src)]
+    assert pktstream.cli.main(args) == 0
+    with open_reader(out) as r:
+        list(r)
+        snaps = [(i.name, i.snaplen) for i in r.interfaces]
+    assert sorted(snaps) == [("eth0", 64), ("eth0", 65535), ("eth1", 65535)]
+    rows = tshark_rows(out, "frame.interface_id", "frame.cap_len")
+    longest: dict[int, int] = {}
+    for iface, cap in rows:
+        longest[int(iface)] = max(longest.get(int(iface), 0), int(cap))
+    assert len(rows) == 2000 and all(longest[k] <= snaps[k][1] for k in longest)
+    assert sorted(longest.values()) == [64, 98, 107]  # (the two eth0s apart: 64 and 107)
+
+
 def test_writer_takes_each_packets_interface_across_rotation_and_with_an_index(tmp_path):
     """``CaptureWriter.write(..., interfaces=)``: split by size rotation, every file still names
     each packet's interface; with an index observer (which attributes a batch to one
@@ -623,13 +646,14 @@ def test_writer_takes_each_packets_interface_across_rotation_and_with_an_index(t
     out = tmp_path / "rot" / "r.pcapng"
     out.parent.mkdir()
     with open_reader(src, comments=True, file_order=True, mixed_interfaces=True) as r, \
-            open_writer(out, rotate_bytes=100_000) as w:
+            open_writer(out, rotate_bytes=20_000, hostname="some-host.example.org") as w:
         mixed = 0
         for b in r:
             mixed += r.batch_interfaces is not None
             w.write(b, r.comments, interfaces=r.batch_interfaces)
         files = w.paths
-    assert mixed >= 1 and len(files) > 3
+    assert mixed >= 1 and len(files) > 10
+    assert max(os.path.getsize(f) for f in files) <= 20_000  # (each part's IDBs were reserved)
     got = []
     for f in files:
         got += [(row[0], row[1] or "") for row in tshark_rows(f, "frame.interface_name", "frame.comment")]

@@ -11,7 +11,7 @@ import numpy as np
 
 from pktstream._capture import PacketBatch, link_type_name
 from pktstream.formats.reader import filter_batch, filter_mixed, open_reader
-from pktstream.formats.writer import format_from_name, open_writer
+from pktstream.formats.writer import format_from_name, mixed_link_types, open_writer
 
 _TCP_FLAGS = "FSRP.UEW"  # tcpdump's letters, in bit order (ACK is ".")
 
@@ -288,11 +288,26 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from pktstream.formats.merge import merge
     total = sum(_size(p) for p in args.inputs)
     prog = _Progress(total, "merging")
-    readers = [open_reader(p, file_order=True, mixed_interfaces=True) for p in args.inputs]
+    if args.inputs.count("-") > 1:
+        raise ValueError("only one input can be '-' (stdin)")
+    readers = []
+    try:
+        for p in args.inputs:
+            readers.append(open_reader(_source(p), comments=True, file_order=True, mixed_interfaces=True))
+    except BaseException:
+        for r in readers:
+            r.close()
+        raise
+    known = {i.link_type for r in readers for i in r.interfaces}  # (pcap inputs: from their headers)
+    fmt = args.format or (format_from_name(args.output) if args.output != "-" else None) or "pcap"
+    if fmt.split(".")[0] == "pcap" and len(known) > 1:  # refused before anything is written
+        for r in readers:
+            r.close()
+        raise ValueError(mixed_link_types(known))
     w = _writer(args.output, args)
     try:
-        for batch, interfaces in merge(readers):
-            w.write(batch, flush=False, interfaces=interfaces)
+        for batch, interfaces, comments in merge(readers):
+            w.write(batch, comments or None, flush=False, interfaces=interfaces)
             prog.update(sum(r.bytes_read for r in readers))
         w.close()
     except BaseException:

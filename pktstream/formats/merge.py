@@ -10,7 +10,8 @@ by one cost a C loop per packet, not a Python step (21.4 s → 0.68 s per millio
 bench/README.md).
 
 Thread safety: a :func:`merge` generator belongs to one thread; it reads its readers.
-Lifetime: each batch handed out owns its records (copies), valid after the readers close.
+Lifetime: a batch handed out is a copy, or (while one input is left) that reader's own batch or
+a zero-copy slice of it: valid after the readers close, as the readers' batches are.
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ __all__ = ["merge", "MergedInterface"]
 
 @dataclass(frozen=True)
 class MergedInterface:
-    """An output interface of a merge: the inputs' interfaces with the same name and link
-    type are one (as the pcapng writer keys them); ``snaplen`` is the first one's."""
+    """An output interface of a merge: the inputs' interfaces with the same name, link type
+    and snap length are one (as the pcapng writer keys them)."""
     name: str | None
     link_type: int
     snaplen: int
@@ -47,6 +48,7 @@ class _Input:
         self._infos = infos
         self.batch: PacketBatch | None = None
         self.pos = 0
+        self.comments: dict[int, str] = {}
 
     def refill(self) -> bool:
         """Read the next batch holding packets; False when the input is finished."""
@@ -55,6 +57,7 @@ class _Input:
                 self.batch, self.pos = b, 0
                 self.ts, self.offs, self.caps = b.ts_ns, b.offset, b.caplen
                 self.gids = self._interfaces_of(b)
+                self.comments = dict(self.reader.comments)
                 return True
         self.batch = None
         return False
@@ -70,21 +73,23 @@ class _Input:
         return lut[ids]
 
     def _gid(self, name: str | None, link_type: int, snaplen: int) -> int:
-        key = (name, link_type)
+        key = (name, link_type, max(snaplen, 1))
         gid = self._table.get(key)
         if gid is None:
             gid = self._table[key] = len(self._infos)
-            self._infos.append(MergedInterface(name, link_type, max(snaplen, 1)))
+            self._infos.append(MergedInterface(*key))
         return gid
 
 
-def merge(readers: Sequence[CaptureReader]) -> Iterator[tuple[PacketBatch, PacketInterfaces]]:
+def merge(readers: Sequence[CaptureReader]) -> Iterator[tuple[PacketBatch, PacketInterfaces, dict[int, str]]]:
     """The packets of ``readers`` (opened with ``file_order=True``, and best with
-    ``mixed_interfaces=True``) in mergecap's order, as ``(batch, (ids, interfaces))``: packet
-    ``k`` of the batch came from ``interfaces[ids[k]]`` (a :class:`MergedInterface`) -- what
-    ``CaptureWriter.write(batch, interfaces=...)`` takes. The batch's own ``link_type`` is its
-    first packet's (a merge may mix link types: pcapng keeps them apart, pcap refuses them)."""
-    table: dict[tuple[str | None, int], int] = {}
+    ``mixed_interfaces=True``; with ``comments=True`` their packet comments come along) in
+    mergecap's order, as ``(batch, (ids, interfaces), comments)``: packet ``k`` of the batch came
+    from ``interfaces[ids[k]]`` (a :class:`MergedInterface`), ``comments`` maps packet indexes of
+    the batch to their comments -- what ``CaptureWriter.write(batch, comments,
+    interfaces=...)`` takes. The batch's own ``link_type`` is its first packet's (a merge may mix
+    link types: pcapng keeps them apart, pcap refuses them)."""
+    table: dict[tuple[str | None, int, int], int] = {}
     infos: list[MergedInterface] = []
     inputs = [i for i in (_Input(r, table, infos) for r in readers) if i.refill()]
     while inputs:  # (in the readers' order: ties go to the later input)
@@ -92,7 +97,8 @@ def merge(readers: Sequence[CaptureReader]) -> Iterator[tuple[PacketBatch, Packe
             only = inputs[0]
             assert only.batch is not None
             b, start = only.batch, only.pos
-            yield slice_batch(b, start, len(b)) if start else b, (only.gids[start:], infos)
+            notes = {k - start: t for k, t in only.comments.items() if k >= start}
+            yield slice_batch(b, start, len(b)) if start else b, (only.gids[start:], infos), notes
             inputs = [] if not only.refill() else inputs
             continue
         pos = np.array([i.pos for i in inputs], dtype=np.int64)
@@ -102,14 +108,18 @@ def merge(readers: Sequence[CaptureReader]) -> Iterator[tuple[PacketBatch, Packe
         if n == 0:  # (cannot happen: every input here has a packet at hand)
             raise AssertionError("merge made no progress")
         gids = np.empty(n, dtype=np.uint32)
+        notes = {}
         for k, i in enumerate(inputs):
-            sel = which == k
+            sel = np.flatnonzero(which == k)
             gids[sel] = i.gids[index[sel]]
+            if i.comments:
+                keys = np.fromiter(i.comments, dtype=np.int64, count=len(i.comments))
+                hit = np.isin(index[sel], keys)
+                notes.update((int(o), i.comments[int(j)]) for o, j in zip(sel[hit], index[sel][hit]))
         first = infos[int(gids[0])]
         snaplen = max(infos[g].snaplen for g in np.unique(gids).tolist())
         yield (PacketBatch.from_records(recs, link_type=first.link_type, snaplen=snaplen, interface=None,
-                                        validate=False, count=n), (gids, infos))
+                                        validate=False, count=n), (gids, infos), notes)
         for k, i in enumerate(inputs):
             i.pos = int(pos[k])
         inputs = [i for i in inputs if i.pos < len(i.ts) or i.refill()]
-

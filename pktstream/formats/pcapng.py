@@ -1,5 +1,5 @@
 """pcapng writer: one Section Header Block, one Interface Description Block per distinct
-``(batch.interface, batch.link_type)``, Enhanced Packet Blocks with nanosecond stamps.
+``(interface name, link type, snap length)``, Enhanced Packet Blocks with nanosecond stamps.
 
 Blocks are little-endian. EPBs are built for a whole batch in one C pass
 (``pktstream._records.records_to_epb``; ``records_to_epb_ids`` where a batch's packets come
@@ -117,17 +117,33 @@ class PcapngWriter(FileTarget):
         return self._iface_of(batch.interface, batch.link_type, batch.snaplen)
 
     def _iface_of(self, interface: str | None, link_type: int, snaplen: int) -> int:
-        key = (interface, link_type)
+        # (interfaces that share a name but not the snap length stay apart: one IDB's snap
+        # length must cover all of its packets)
+        key = (interface, link_type, snaplen)
         idx = self.interfaces.get(key)
         if idx is None:
             idx = self.interfaces[key] = len(self.interfaces)
-            name = None if interface is None else str(interface)
-            desc = f"{self.hostname}:{name}" if self.hostname and name else None
-            idb = interface_block(link_type, snaplen, name=name, description=desc)
+            idb = self._idb(interface, link_type, snaplen)
             self._file.write(idb)
             self.idb_positions.append((self.file_bytes, len(idb)))
             self.file_bytes += len(idb)
         return idx
+
+    def _idb(self, interface: str | None, link_type: int, snaplen: int) -> bytes:
+        name = None if interface is None else str(interface)
+        desc = f"{self.hostname}:{name}" if self.hostname and name else None
+        return interface_block(link_type, snaplen, name=name, description=desc)
+
+    def new_idb_bytes(self, batch: PacketBatch, interfaces: PacketInterfaces | None = None) -> int:
+        """Bytes of the IDBs writing ``batch`` (with ``interfaces``) would add to this file."""
+        if interfaces is None:
+            keys = {(batch.interface, batch.link_type, batch.snaplen)}
+        else:
+            import numpy as np
+            infos = interfaces[1]
+            keys = {(infos[u].name, infos[u].link_type, infos[u].snaplen)
+                    for u in np.unique(np.asarray(interfaces[0])).tolist() if 0 <= u < len(infos)}
+        return sum(len(self._idb(*k)) for k in keys if k not in self.interfaces)
 
     def _ids_of(self, batch: PacketBatch, interfaces: PacketInterfaces | None) -> Any:
         """The output interface of each packet (uint32 array), or one index for them all."""

@@ -408,17 +408,20 @@ class CaptureWriter:
             return
         if interfaces is not None and self._base == "pcap":
             import numpy as np
-            types = {interfaces[1][u].link_type for u in np.unique(np.asarray(interfaces[0])).tolist()}
+            infos = interfaces[1]
+            used = np.unique(np.asarray(interfaces[0])).tolist()
+            if used and not 0 <= used[0] <= used[-1] < len(infos):
+                raise ValueError(f"interface ids {used[0]}..{used[-1]} not among the {len(infos)} given")
+            types = {infos[u].link_type for u in used}
             if len(types) > 1 or self._link_type is not None and types != {self._link_type}:
-                found = sorted(types | ({self._link_type} if self._link_type is not None else set()))
-                raise ValueError(f"link types {found} in one pcap file; use pcapng for mixed link types")
+                known = {self._link_type} if self._link_type is not None else set()
+                raise ValueError(mixed_link_types(types | known))
             interfaces = None  # (pcap has no interfaces)
         if self._base == "pcap":
             if self._link_type is None:
                 self._link_type = batch.link_type
             elif batch.link_type != self._link_type:
-                raise ValueError(f"batch link type {batch.link_type} differs from the file's "
-                                 f"{self._link_type}; use pcapng for mixed link types")
+                raise ValueError(mixed_link_types({self._link_type, batch.link_type}))
         if self._time_due():
             self._complete()
         if self._rotate_bytes and not self._zstd:
@@ -465,7 +468,10 @@ class CaptureWriter:
                 self._open()
                 # header (and an IDB the first packet of this interface may need)
             assert self._cur is not None
-            room = limit - self._size() - (0 if self._base == "pcap" else 64)
+            room = limit - self._size()
+            if isinstance(self._cur, PcapngWriter):  # the IDBs the rest may still need here
+                rest = None if interfaces is None else (interfaces[0][start:], interfaces[1])
+                room -= self._cur.new_idb_bytes(batch, rest)
             done = int(ends[start - 1]) if start else 0
             j = int(np.searchsorted(ends, done + room, side="right"))
             if j <= start:
@@ -573,6 +579,13 @@ def slice_batch(batch: PacketBatch, i: int, j: int) -> PacketBatch:
     return PacketBatch.from_records(memoryview(batch)[lo:hi], link_type=batch.link_type,
                                     snaplen=batch.snaplen, interface=batch.interface,
                                     validate=False, count=j - i)
+
+
+def mixed_link_types(types) -> str:
+    """The one-line error for packets of several link types bound for one pcap file."""
+    from pktstream._capture import link_type_name
+    names = ", ".join(f"{link_type_name(t)} ({t})" for t in sorted(types))
+    return f"link types {names} in one pcap file: a pcap file has one; write pcapng (-F pcapng or a .pcapng name)"
 
 
 def interface_runs(batch: PacketBatch, interfaces: PacketInterfaces,
