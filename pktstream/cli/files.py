@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -250,10 +251,13 @@ def cmd_read(args: argparse.Namespace) -> int:
 
 
 # -- convert / merge ---------------------------------------------------------------------------
+def _format(path: str, args: argparse.Namespace) -> str:
+    return args.format or (format_from_name(path) if path != "-" else None) or "pcap"
+
+
 def _writer(path: str, args: argparse.Namespace):
-    fmt = args.format or (format_from_name(path) if path != "-" else None) or "pcap"
     target = sys.stdout.buffer if path == "-" else path
-    return open_writer(target, format=fmt, nanosecond=not getattr(args, "micro", False))
+    return open_writer(target, format=_format(path, args), nanosecond=not getattr(args, "micro", False))
 
 
 @_guard
@@ -290,33 +294,23 @@ def cmd_merge(args: argparse.Namespace) -> int:
     prog = _Progress(total, "merging")
     if args.inputs.count("-") > 1:
         raise ValueError("only one input can be '-' (stdin)")
-    readers = []
-    try:
-        for p in args.inputs:
-            readers.append(open_reader(_source(p), comments=True, file_order=True, mixed_interfaces=True))
-    except BaseException:
-        for r in readers:
-            r.close()
-        raise
-    known = {i.link_type for r in readers for i in r.interfaces}  # (pcap inputs: from their headers)
-    fmt = args.format or (format_from_name(args.output) if args.output != "-" else None) or "pcap"
-    if fmt.split(".")[0] == "pcap" and len(known) > 1:  # refused before anything is written
-        for r in readers:
-            r.close()
-        raise ValueError(mixed_link_types(known))
-    w = _writer(args.output, args)
-    try:
-        for batch, interfaces, comments in merge(readers):
-            w.write(batch, comments or None, flush=False, interfaces=interfaces)
-            prog.update(sum(r.bytes_read for r in readers))
-        w.close()
-    except BaseException:
-        w.abort()
-        raise
-    finally:
-        prog.done()
-        for r in readers:
-            r.close()
+    with contextlib.ExitStack() as readers_open:
+        readers = [readers_open.enter_context(open_reader(_source(p), comments=True, file_order=True,
+                                                          mixed_interfaces=True)) for p in args.inputs]
+        known = {i.link_type for r in readers for i in r.interfaces}  # (pcap inputs: from their headers)
+        if _format(args.output, args).split(".")[0] == "pcap" and len(known) > 1:  # refused before writing
+            raise ValueError(mixed_link_types(known))
+        w = _writer(args.output, args)
+        try:
+            for batch, interfaces, comments in merge(readers):
+                w.write(batch, comments or None, flush=False, interfaces=interfaces)
+                prog.update(sum(r.bytes_read for r in readers))
+            w.close()
+        except BaseException:
+            w.abort()
+            raise
+        finally:
+            prog.done()
     return 0
 
 

@@ -934,23 +934,9 @@ class CaptureReader:
         walk of the whole buffer."""
         base = self._next_position
         whole = PacketBatch.from_records(memoryview(dst)[:out], link_type=1, validate=False, count=count)
-        ts, cl, wl, offs = whole.ts_ns, whole.caplen, whole.wirelen, whole.offset
-        brk = np.flatnonzero(ids[1:] != ids[:-1]) + 1
-        starts = [0, *brk.tolist()]
-        stops = [*brk.tolist(), count]
-        keys = np.array(sorted(comments), dtype=np.int64) if comments else None
-        for s, e in zip(starts, stops):
-            lo, hi = int(offs[s]) - 16, int(offs[e - 1] + cl[e - 1])
-            if keys is not None:
-                i, j = np.searchsorted(keys, (s, e)).tolist()
-                self.comments = {k - s: comments[k] for k in keys[i:j].tolist()}
-            else:
-                self.comments = {}
-            iface = self._batch_iface = section_ifaces[int(ids[s])]
-            b = PacketBatch.from_records(memoryview(dst)[lo:hi], link_type=iface.link_type,
-                                         snaplen=max(iface.snaplen, 1), interface=iface.name,
-                                         validate=False, count=e - s,
-                                         index=(ts[s:e], cl[s:e], wl[s:e], offs[s:e] - lo))
+        for b, (s, e), sub in interface_runs(whole, (ids, section_ifaces), comments):
+            self.comments = sub
+            self._batch_iface = section_ifaces[int(ids[s])]
             self._last_positions = (base + s, e - s, None)
             yield b
         self._next_position = base + count
@@ -1060,6 +1046,31 @@ def open_reader(source, *, batch_bytes: int = DEFAULT_BATCH_BYTES,
     with ``mixed_interfaces=True``, interleaved buffers whole: ``batch_interfaces``)."""
     return CaptureReader(source, batch_bytes=batch_bytes, truncated=truncated, comments=comments,
                          memory_map=memory_map, file_order=file_order, mixed_interfaces=mixed_interfaces)
+
+
+def interface_runs(batch: PacketBatch, interfaces: tuple[Any, Any], comments: dict[int, str] | None = None
+                   ) -> Iterator[tuple[PacketBatch, tuple[int, int], dict[int, str]]]:
+    """A batch of interleaved interfaces (``interfaces``: ``(ids, infos)``, packet ``k`` on
+    ``infos[ids[k]]``) as runs of one interface in order: ``(run, (start, stop), its comments
+    renumbered)``, each run a zero-copy batch named after its interface, indexed from the
+    batch's own arrays."""
+    ids, infos = interfaces
+    ids = np.asarray(ids)
+    ts, cl, wl, offs = batch.ts_ns, batch.caplen, batch.wirelen, batch.offset
+    brk = (np.flatnonzero(ids[1:] != ids[:-1]) + 1).tolist()
+    keys = np.array(sorted(comments), dtype=np.int64) if comments else None
+    mv = memoryview(batch)
+    for s, e in zip([0, *brk], [*brk, len(ids)]):
+        info = infos[int(ids[s])]
+        lo, hi = int(offs[s]) - 16, int(offs[e - 1] + cl[e - 1])
+        sub = {}
+        if keys is not None and comments:
+            i, j = np.searchsorted(keys, (s, e)).tolist()
+            sub = {k - s: comments[k] for k in keys[i:j].tolist()}
+        run = PacketBatch.from_records(mv[lo:hi], link_type=info.link_type, snaplen=max(info.snaplen, 1),
+                                       interface=info.name, validate=False, count=e - s,
+                                       index=(ts[s:e], cl[s:e], wl[s:e], offs[s:e] - lo))
+        yield run, (s, e), sub
 
 
 def filter_batch(batch: PacketBatch, bpf: str, comments: dict[int, str] | None = None):

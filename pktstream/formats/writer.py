@@ -401,6 +401,7 @@ class CaptureWriter:
             return
         if interfaces is not None and self._base == "pcapng" and self._observer is not None:
             # an observer (the index) attributes a batch to its interface: one run at a time
+            from pktstream.formats.reader import interface_runs
             for run, _, run_comments in interface_runs(batch, interfaces, comments):
                 self.write(run, run_comments, flush=False)
             if flush:
@@ -586,30 +587,6 @@ def mixed_link_types(types) -> str:
     from pktstream._capture import link_type_name
     names = ", ".join(f"{link_type_name(t)} ({t})" for t in sorted(types))
     return f"link types {names} in one pcap file: a pcap file has one; write pcapng (-F pcapng or a .pcapng name)"
-
-
-def interface_runs(batch: PacketBatch, interfaces: PacketInterfaces,
-                   comments: dict[int, str] | None = None):
-    """A batch of interleaved interfaces (``interfaces``: ``(ids, infos)``) as runs of one
-    interface in order: ``(run, (start, stop), run's comments)``, each run a zero-copy batch
-    named after its interface."""
-    import numpy as np
-    ids, infos = interfaces
-    ids = np.asarray(ids)
-    brk = (np.flatnonzero(ids[1:] != ids[:-1]) + 1).tolist()
-    off, cap = batch.offset, batch.caplen
-    keys = np.array(sorted(comments), dtype=np.int64) if comments else None
-    for s, e in zip([0, *brk], [*brk, len(ids)]):
-        info = infos[int(ids[s])]
-        lo, hi = int(off[s]) - 16, int(off[e - 1]) + int(cap[e - 1])
-        run = PacketBatch.from_records(memoryview(batch)[lo:hi], link_type=info.link_type,
-                                       snaplen=max(info.snaplen, 1), interface=info.name,
-                                       validate=False, count=e - s)
-        sub = None
-        if keys is not None and comments:
-            i, j = np.searchsorted(keys, (s, e)).tolist()
-            sub = {k - s: comments[k] for k in keys[i:j].tolist()} or None
-        yield run, (s, e), sub
 
 
 def open_writer(path: str | os.PathLike | BinaryIO, *, format: str | None = None,
