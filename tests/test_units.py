@@ -365,6 +365,30 @@ def test_spill_keeps_in_memory_blocks_for_the_next_run(tmp_path):
     assert again.next_seq > 9
 
 
+def test_spill_makes_its_renames_durable(tmp_path):
+    """A block kept at exit is in its file (fsync'ed) *and* under its name: the spool directory
+    is fsync'ed after the last rename, so a power loss right after exit keeps the blocks
+    (strace of a real process is the oracle: the syscalls, in order)."""
+    import subprocess
+    import sys
+    spool, log = tmp_path / "spool", tmp_path / "strace.log"
+    code = ("from pktstream.stream.sendwindow import FrameStore\n"
+            f"s = FrameStore(window_bytes=1 << 20, spool_dir={str(spool)!r}, spool_bytes=1 << 20)\n"
+            "for _ in range(3): s.put(lambda q: (b'h' * 16, b'x' * 100), 1, 200)\n"
+            "assert s.spill() == 3\n"
+            "s.close()\n")
+    subprocess.run(["strace", "-f", "-qq", "-o", str(log), "-e", "trace=openat,fsync,rename,renameat,renameat2",
+                    sys.executable, "-c", code], check=True, timeout=60)
+    calls = log.read_text().splitlines()
+    renames = [k for k, c in enumerate(calls) if c.split(" ", 1)[1].startswith("rename") and ".frame" in c]
+    assert len(renames) == 3, calls
+    opened = [(k, c.rsplit("= ", 1)[1].split()[0]) for k, c in enumerate(calls)
+              if "openat(" in c and f'"{spool}"' in c and "O_RDONLY" in c and "= -1" not in c]
+    fsynced = [k for k, c in enumerate(calls) for k0, fd in opened
+               if k > max(renames) and k > k0 and f"fsync({fd})" in c]
+    assert fsynced, calls
+
+
 def test_adaptive_levels_reach_back_to_the_configured_one():
     from pktstream.stream.sensor import AdaptiveCompressor
     c = AdaptiveCompressor(19)

@@ -451,6 +451,15 @@ class FrameStore:
                 release_payload(e.data[1])
                 e.data = None
                 moved += 1
+            if moved:
+                try:  # the renames too survive a power loss, not only the files' bytes
+                    fd = os.open(self.spool_dir, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                except OSError as exc:
+                    log.error("spool: cannot fsync %s: %s", self.spool_dir, exc)
         return moved
 
     def spooled_frames(self) -> int:
