@@ -67,5 +67,9 @@ class Sink:
         """Flush and release resources. Data not flushed before the process dies is lost."""
 
     @staticmethod
-    def recover(state: dict[str, Any]) -> None:
-        """Repair what a crashed previous run left, from the state its last flush returned."""
+    def recover(state: dict[str, Any]) -> dict[str, Any] | None:
+        """Repair what a crashed previous run left, from the state its last flush returned.
+        Returns the state that describes the outputs as recovery left them (persisted at once
+        by the receiver, so a crash before its next commit recovers from it and changes
+        nothing), or None: ``state`` still does."""
+        return None

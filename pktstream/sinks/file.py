@@ -302,11 +302,17 @@ class FileSink(Sink):
             raise error
 
     @staticmethod
-    def recover(state: dict[str, Any]) -> None:
+    def recover(state: dict[str, Any]) -> dict[str, Any]:
+        """Cut each file open at the last acknowledged flush back to it and complete it,
+        remove what was written only after it; returns the state with each file's size as
+        completed (a ``.zst`` file is re-encoded, so its size changes: a second recovery from the
+        old size would cut the new encoding at a byte offset of the old one)."""
         known = set()
+        after = []
         for f in state.get("open", []):
             part, final, size = f.get("part"), f.get("final"), f.get("size")
             if not (isinstance(part, str) and isinstance(final, str) and isinstance(size, int)):
+                after.append(f)
                 continue
             frame_bytes = f.get("zstd_frame_bytes")
             frame_bytes = frame_bytes if isinstance(frame_bytes, int) and frame_bytes > 0 else None
@@ -316,6 +322,7 @@ class FileSink(Sink):
             else:
                 _cut_back_completed(final, size, frame_bytes)
             _remove_later_rotations(f)
+            after.append({**f, "size": os.path.getsize(final)} if os.path.isfile(final) else f)
         stems = {(os.path.dirname(p) or ".", os.path.basename(p).split(".")[0] + ".") for p in known}
         for d, stem in stems:
             for name in os.listdir(d):
@@ -329,6 +336,7 @@ class FileSink(Sink):
         if isinstance(root, str) and os.path.isdir(root):
             from pktstream.archive.live import recover_index
             recover_index(root, state.get("open", []))  # this output's files get their index
+        return {**state, "open": after}
 
 
 def _cut_back_completed(final: str, size: int, frame_bytes: int | None = None) -> bool:

@@ -197,10 +197,15 @@ class Ingest:
             st.last_accepted = st.last_committed = int(s.get("last_seq", 0))
             st.interfaces = {int(k): v for k, v in s.get("interfaces", {}).items()}
         by_name = {s.name: s for s in self.sinks}
+        recovered = {}
         for name, sink_state in state.get("sinks", {}).items():
             sink = by_name.get(name)
             if sink is not None and sink_state:
-                type(sink).recover(sink_state)
+                after = type(sink).recover(sink_state)
+                if after is not None and after != sink_state:
+                    recovered[name] = after
+        if recovered:  # before anything else runs: a crash now must not recover from the old sizes
+            self.state.write({**state, "sinks": {**state["sinks"], **recovered}})
         if state:
             log.info("state: resuming %d sensors from %s", len(self.sensors), self.state.path)
 
