@@ -779,6 +779,12 @@ cdef pcap_t *_savefile_handle(int dlt, int snaplen) noexcept:
     return p  # (the header was read at open: closing it never reads the stack buffer again)
 
 
+cdef _check_no_nul(str expression):
+    """libpcap reads a filter up to its first NUL: ``"tcp\\0 or udp"`` would compile as ``tcp``."""
+    if "\0" in expression:
+        raise FilterError(f"bad BPF filter {expression!r}: it holds a NUL character")
+
+
 @cython.final
 cdef class BpfProgram:
     """A compiled BPF filter for a link type (used for offline filtering of batches)."""
@@ -789,6 +795,7 @@ cdef class BpfProgram:
         # compiled as for a capture file (what tcpdump -r compiles against): libpcap's code
         # differs from a live handle's for some link types (NULL/LOOP "ip6" tests the BSD
         # address families a file may hold, not this host's AF_INET6)
+        _check_no_nul(expression)
         cdef pcap_t *p = _savefile_handle(link_type, snaplen)
         if p == NULL:
             p = pcap_open_dead_with_tstamp_precision(link_type, snaplen, PCAP_TSTAMP_PRECISION_NANO)
@@ -1590,6 +1597,7 @@ cdef class Capture:
         """Compile and install a BPF filter (a string or a list of words)."""
         cdef bpf_program prog
         expr = " ".join(bpf) if isinstance(bpf, (list, tuple)) else str(bpf)
+        _check_no_nul(expr)
         cdef bytes text = expr.encode()
         cdef const char *c_text = text
         with self._lock:  # close() from another thread must not free the handle meanwhile

@@ -7,6 +7,7 @@ unknown keys are errors too (upstream silently ignores them, e.g. ``tls.certFile
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ def parse_duration(value: Any, path: str) -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{path}: expected a duration, got {value!r}")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):  # (YAML .nan, .inf: a timeout that never fires, a rate never limited)
+            raise ConfigError(f"{path}: expected a finite number of seconds, got {value!r}")
         if value < 0:
             raise ConfigError(f"{path}: must not be negative")
         return float(value)
@@ -495,6 +498,7 @@ def check_receiver_settings(s: ReceiverSettings) -> None:
     _require(s.max_connections >= 1, "maxConnections (--max-connections)", s.max_connections, "at least 1")
     _require(0.1 <= s.heartbeat <= 3600, "heartbeat (--heartbeat)", s.heartbeat, "0.1-3600 seconds")
     _require(s.stats_interval > 0, "statsInterval (--stats-interval)", s.stats_interval, "seconds > 0")
+    _require(0 < s.handshake_timeout <= 3600, "handshakeTimeout", s.handshake_timeout, "0-3600 seconds, more than 0")
     _require(s.index_max_flows is None or s.index_max_flows >= 0, "index.maxFlows (--index-max-flows)",
              s.index_max_flows, "at least 0 (0: no bound)")
 

@@ -347,9 +347,20 @@ def test_a_server_closing_without_reply_is_no_server(tmp_path):
 
 
 def test_request_timeout_and_busy_server_in_process(root, tmp_path, monkeypatch):
+    """A client has REQUEST_TIMEOUT_S in all to send its request (a byte every few seconds does
+    not renew it), and holds no query slot until it has; a query finding every slot taken by
+    running queries is told the server is busy."""
     from pktstream.archive import service
     monkeypatch.setattr(service, "REQUEST_TIMEOUT_S", 0.5)
     monkeypatch.setattr(service, "MAX_QUERIES", 1)
+    answer, entered, gate = service._Handler._answer, threading.Event(), threading.Event()
+
+    def held(self, sock, line):  # a query that runs until the test lets it go
+        if b'"hold"' in line:
+            entered.set()
+            gate.wait(60)
+        return answer(self, sock, line)
+    monkeypatch.setattr(service._Handler, "_answer", held)
     srv = service.QueryServer(str(root), str(tmp_path / "q.sock"))
     srv.start()
     stop = threading.Event()
@@ -359,22 +370,34 @@ def test_request_timeout_and_busy_server_in_process(root, tmp_path, monkeypatch)
         with wire.connect(srv.socket_path) as idle:  # sends nothing: cut off after the request timeout
             idle.settimeout(60)
             assert idle.recv(10) == b""
-        monkeypatch.setattr(service, "REQUEST_TIMEOUT_S", 60.0)
-        with wire.connect(srv.socket_path):  # holds the only query slot (sends nothing)
-            deadline = time.monotonic() + 120
-            while True:  # until a query finds the slot taken (the holder's thread may start later)
+        with wire.connect(srv.socket_path) as trickle:  # a byte every 0.1 s: cut off all the same
+            trickle.settimeout(60)
+            cut = False
+            for ch in b'{"v": 1, "bpf": "' + b" " * 200:
                 try:
-                    wire.query(srv.socket_path, io.BytesIO(), bpf="port 53")
-                except wire.ServerBusy as exc:  # (the command line then queries directly)
-                    assert "busy" in str(exc)
+                    trickle.sendall(bytes([ch]))
+                except (BrokenPipeError, ConnectionResetError):
+                    cut = True
                     break
-                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert cut, "a client trickling its request was never cut off"
+        monkeypatch.setattr(service, "REQUEST_TIMEOUT_S", 60.0)
+        with wire.connect(srv.socket_path):  # connected, sends nothing: holds no slot
+            reply = wire.query(srv.socket_path, io.BytesIO(), bpf="port 53")
+            assert "packets matched" in reply.summary
+        with wire.connect(srv.socket_path) as holder:  # a running query holds the only slot
+            holder.sendall(json.dumps({"v": 1, "bpf": "hold", "keepalive": True}).encode() + b"\n")
+            assert entered.wait(60)
+            with pytest.raises(wire.ServerBusy, match="busy"):  # (the command line then queries directly)
+                wire.query(srv.socket_path, io.BytesIO(), bpf="port 53")
             # a client that does not ask for heartbeats (one from before) gets the busy error as E
             with wire.connect(srv.socket_path) as c:
                 c.sendall(json.dumps({"v": 1, "bpf": "port 53"}).encode() + b"\n")
                 c.settimeout(60)
                 kind, n = wire.FRAME_HEADER.unpack(c.makefile("rb").read(wire.FRAME_HEADER.size))
                 assert kind == wire.ERROR
+            gate.set()
+        deadline = time.monotonic() + 120
         while True:  # the holder gone, its slot is given back (once its thread sees the end)
             try:
                 reply = wire.query(srv.socket_path, io.BytesIO(), bpf="port 53")
@@ -383,6 +406,7 @@ def test_request_timeout_and_busy_server_in_process(root, tmp_path, monkeypatch)
                 assert "busy" in str(exc) and time.monotonic() < deadline
         assert "packets matched" in reply.summary
     finally:
+        gate.set()
         stop.set()
         loop.join(timeout=60)
     assert not loop.is_alive() and not os.path.exists(srv.socket_path)

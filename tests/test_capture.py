@@ -572,6 +572,8 @@ def test_errors_name_device_and_reason(veth):
         pktstream.Capture("nosuchdev0")
     with pytest.raises(pktstream.FilterError, match="syntax error|illegal|unknown"):
         pktstream.Capture(veth.outer, bpf="tcp port")
+    with pytest.raises(pktstream.FilterError, match="NUL"):  # (libpcap would compile "tcp" alone)
+        pktstream.Capture(veth.outer, bpf="tcp\0 or udp")
     with pytest.raises(ValueError, match="direction"):
         pktstream.Capture(veth.outer, direction="sideways")
     subprocess.run(["ip", "link", "set", veth.outer, "down"], check=True)

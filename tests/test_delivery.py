@@ -179,16 +179,47 @@ def _refusing_server(port: int) -> tuple[socket.socket, threading.Thread, list[i
     return srv, t, accepted
 
 
-@pytest.mark.parametrize("peer", ["nothing listening", "not a pktstream receiver", "wrong key"])
+def _bad_json_server(port: int) -> tuple[socket.socket, threading.Thread, list[int]]:
+    """Answers a HELLO with a CHALLENGE whose JSON Python's parser refuses without a
+    JSONDecodeError (60,000 nested brackets, a 5000-digit number, alternately): what a process
+    that took the receiver's port, or a man in the middle without TLS, can send. Counts them."""
+    srv = socket.create_server(("127.0.0.1", port))
+    accepted = [0]
+
+    def serve() -> None:
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            accepted[0] += 1
+            bad = b"[" * 60000 if accepted[0] % 2 else b'{"nonce": ' + b"1" * 5000 + b"}"
+            try:
+                c.settimeout(5)
+                c.recv(65536)  # the HELLO
+                c.sendall(P.encode(P.FrameType.CHALLENGE, bad))
+                c.recv(65536)
+            except OSError:
+                pass
+            c.close()
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return srv, t, accepted
+
+
+@pytest.mark.parametrize("peer", ["nothing listening", "not a pktstream receiver", "unparsable JSON", "wrong key"])
 def test_stop_with_unreachable_receiver_is_quiet_and_fails(veth, procs, tmp_path, peer):
     """SIGTERM while the receiver cannot be reached (refused, not pktstream, wrong key): a handful
-    of attempts during the 10 s drain (no storm), and exit status 3 naming the unacknowledged frames."""
+    of attempts during the 10 s drain (no storm), and exit status 3 naming the unacknowledged frames.
+    A peer answering in JSON the parser refuses is one more such receiver (it made the sensor exit)."""
     port = free_port()
     extra: list[str] = []
     srv = None
     accepted = [0]
     if peer == "not a pktstream receiver":
         srv, _, accepted = _refusing_server(port)
+    elif peer == "unparsable JSON":
+        srv, _, accepted = _bad_json_server(port)
     elif peer == "wrong key":
         (tmp_path / "rk").write_text("receiver-key-1234567890\n")
         (tmp_path / "sk").write_text("another-key-0987654321\n")
@@ -202,7 +233,8 @@ def test_stop_with_unreachable_receiver_is_quiet_and_fails(veth, procs, tmp_path
                 "--stats-json", str(tmp_path / "sx.json"), *extra])
     sx.wait_for("capturing on")
     veth.replay(src, pps=2000)
-    sx.wait_for("receiver 127.0.0.1")  # at least one failed attempt was reported
+    # at least one failed attempt was reported (two from a peer that made the sensor exit before)
+    sx.wait_for("receiver 127.0.0.1", count=2 if peer == "unparsable JSON" else 1)
     t0 = time.monotonic()
     code = sx.stop(signal.SIGTERM, timeout=30)
     took = time.monotonic() - t0
@@ -216,8 +248,10 @@ def test_stop_with_unreachable_receiver_is_quiet_and_fails(veth, procs, tmp_path
     assert attempts <= 25, f"{attempts} connection attempts"
     assert len(sx.stderr.splitlines()) < 40, sx.stderr
     assert took < 25  # the drain deadline (10 s) ends it; bound only against a hang
-    if peer == "not a pktstream receiver":
+    if peer in ("not a pktstream receiver", "unparsable JSON"):
         assert accepted[0] <= 15 and "is it a pktstream receiver" in sx.stderr
+    if peer == "unparsable JSON":
+        assert accepted[0] >= 2 and "Traceback" not in sx.stderr
     if peer == "wrong key":
         assert "key differs from the receiver's key" in sx.stderr
         rx.stop(signal.SIGTERM)

@@ -180,8 +180,8 @@ def test_per_sensor_keys_and_revocation(veth, procs, tmp_path, pki, mixed_pcap):
 class Peer:
     """A raw TCP client speaking (or abusing) the protocol."""
 
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    def __init__(self, port: int, source: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
         self.sent = bytearray()
 
     def send(self, data: bytes) -> None:
@@ -297,6 +297,11 @@ HOSTILE = {
     "unknown interface": (True, P.encode(P.FrameType.DATA, (rec2 := _records(1)), flags=1, seq=10**9, iface=9,
                                          raw_len=len(rec2), count=1)),
     "unknown frame type": (True, struct.pack("<IBBHHHQIIII", P.MAGIC, 1, 99, 0, 36, 0, 0, 0, 0, 0, 0)),
+    # JSON that json.loads refuses with other errors than JSONDecodeError (they were not caught:
+    # no ERROR frame, not counted, a traceback per connection in the log)
+    "hello nested 60,000 deep": (False, P.encode(P.FrameType.HELLO, b"[" * 60000)),
+    "hello 5000-digit number": (False, P.encode(P.FrameType.HELLO, b'{"sensor_id": ' + b"1" * 5000 + b"}")),
+    "stats nested 60,000 deep": (True, P.encode(P.FrameType.STATS, b"[" * 60000)),
 }
 
 
@@ -322,7 +327,7 @@ def test_hostile_input_harms_nothing(veth, procs, tmp_path, pki, mixed_pcap):
     replay = threading.Thread(target=veth.replay, args=(mixed_pcap,), kwargs={"pps": 1000})
     replay.start()
     for i, (name, (needs_auth, payload)) in enumerate(HOSTILE.items()):
-        peer = Peer(port)
+        peer = Peer(port, source=f"127.0.0.{2 + i // 10}")  # (within the connection rate per address)
         if needs_auth:
             w = peer.handshake(key, sensor_id=f"attacker-{i}")
             assert w is not None and w.type == P.FrameType.WELCOME, name
@@ -344,12 +349,70 @@ def test_hostile_input_harms_nothing(veth, procs, tmp_path, pki, mixed_pcap):
     td.stop()
     rx.stop(signal.SIGTERM)
     assert_same_packets(received(tmp_path), read_pcap_dpkt(ref))
+    assert "Traceback" not in rx.stderr and "exception was never retrieved" not in rx.stderr
     st = json.loads((tmp_path / "rx.json").read_text())
     assert st["protocol_errors"] >= len(HOSTILE) - len(REJECTED) - 2
     assert set(st["sensors"]) <= {"real"} | {f"attacker-{i}" for i in range(len(HOSTILE))}
     assert all(s["packets"] == 0 for sid, s in st["sensors"].items() if sid != "real")
     assert sum(s["rejected_frames"] for s in st["sensors"].values()) == len(REJECTED)
     assert st["sensors"]["real"]["rejected_frames"] == 0
+
+
+def test_a_sensor_with_the_key_cannot_exhaust_the_receiver(procs, tmp_path, pki):
+    """What a peer holding a valid key could still do to a receiver (cold review): a STATS
+    counter too large for a float made every /metrics scrape fail; interfaces announced after the
+    handshake had no bound (the state file, rewritten at every commit, grew with them); a peer
+    that never reads its socket made the receiver queue an ACK for every duplicate frame it sent,
+    without bound. Now: the counter is dropped, the 4097th interface closes the connection, and
+    a peer with 1 MiB of ACKs unread is cut off (counted in ``timeouts``)."""
+    import urllib.request
+    port, mport = free_port(), free_port()
+    rx = procs(receiver_cmd(port, "-w", str(tmp_path / "out.pcap"), "--auth-key-file", str(pki / "key"),
+                            "--metrics", f"127.0.0.1:{mport}", "--stats-json", str(tmp_path / "rx.json")))
+    rx.wait_for("listening on")
+    key = KEY.encode()
+    peer = Peer(port)
+    assert peer.handshake(key, sensor_id="big-stats").type == P.FrameType.WELCOME
+    peer.send(P.encode_json(P.FrameType.STATS, {"kernel_dropped": 10**400, "ring_drops": 7}))
+    peer.send(P.encode(P.FrameType.HEARTBEAT))
+    assert peer.recv_frame().type == P.FrameType.HEARTBEAT  # (the STATS before it was taken)
+    with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as r:
+        body = r.read().decode()
+    assert 'pktstream_sensor_ring_drops_total{sensor="big-stats"} 7.0' in body
+    peer.close()
+
+    peer = Peer(port)
+    assert peer.handshake(key, sensor_id="many-ifaces").type == P.FrameType.WELCOME  # (1 interface)
+    for i in range(1, 4097):
+        peer.send(P.encode_json(P.FrameType.HELLO, {"interface": {"index": i, "name": f"x{i}", "link_type": 1,
+                                                                  "snaplen": 2000}}))
+    peer.send(P.encode(P.FrameType.HEARTBEAT))
+    answer = peer.recv_frame()
+    assert answer is not None and answer.type == P.FrameType.ERROR and "4096 interfaces" in answer.json()["reason"]
+    assert peer.closed_by_peer()
+    peer.close()
+
+    deaf = socket.socket()
+    deaf.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # never read: its ACKs pile up in the receiver
+    deaf.connect(("127.0.0.1", port))
+    peer = Peer.__new__(Peer)
+    peer.sock, peer.sent = deaf, bytearray()
+    assert peer.handshake(key, sensor_id="deaf").type == P.FrameType.WELCOME
+    dup = _data(0, _records(1))  # seq 0: always a duplicate, answered with an ACK
+    peer.sock.settimeout(30)
+    cut_off = False
+    try:
+        for _ in range(400):  # 400 x 1000 duplicates: ACKs far beyond the kernel's buffers and the 1 MiB bound
+            peer.sock.sendall(dup * 1000)
+    except (BrokenPipeError, ConnectionResetError):
+        cut_off = True
+    assert cut_off, "a peer that never reads its ACKs was not cut off"
+    peer.close()
+    rx.wait_for("leaves its acknowledgements unread")
+    rx.stop(signal.SIGTERM)
+    st = json.loads((tmp_path / "rx.json").read_text())
+    assert st["timeouts"] >= 1 and st["protocol_errors"] >= 1
+    assert "Traceback" not in rx.stderr
 
 
 def test_replayed_session_and_duplicates(veth, procs, tmp_path, pki):

@@ -312,6 +312,31 @@ def test_config_rules():
     with pytest.raises(ConfigError, match="auth.keyfile"):
         sensor_settings({"output": {"server": {"address": "a", "port": 1}},
                          "auth": {"enable": True, "keyfile": "k"}})
+    # (YAML .nan / .inf: a handshake that never times out, a connection rate never limited)
+    for bad, match in ((float("nan"), "finite"), (float("inf"), "finite"), (0, "handshakeTimeout")):
+        with pytest.raises(ConfigError, match=match):
+            receiver_settings({"input": {"port": 1}, "handshakeTimeout": bad})
+    with pytest.raises(ConfigError, match="connectionRate.seconds.*finite"):
+        receiver_settings({"input": {"port": 1}, "connectionRate": {"burst": 2, "seconds": float("nan")}})
+    assert receiver_settings({"input": {"port": 1}, "handshakeTimeout": "2s"}).handshake_timeout == 2.0
+
+
+def test_control_frames_of_unusable_json_are_frame_errors():
+    """json.loads refuses some payloads with ValueError or RecursionError, not JSONDecodeError:
+    every control frame's JSON must fail as FrameError (the peer's error), nothing else."""
+    from pktstream.exceptions import FrameError
+    for bad in (b"[" * 60000, b'{"a": ' + b"1" * 5000 + b"}", b"\xff\xfe", b"{", b"[1]"):
+        with pytest.raises(FrameError, match="HELLO payload"):
+            P.Frame(P.FrameType.HELLO, 0, 0, 0, 0, 0, bad).json()
+
+
+def test_a_bpf_filter_holding_a_nul_is_refused():
+    """libpcap stops at a NUL: "tcp\\0 or udp" compiled as "tcp" and matched no UDP packet."""
+    import pktstream
+    from pktstream._capture import BpfProgram
+    with pytest.raises(pktstream.FilterError, match="NUL"):
+        BpfProgram("tcp\0 or udp", 1)
+    BpfProgram("tcp or udp", 1)
 
 
 def test_sizes_bare_numbers_are_bytes_and_dash_c_is_tcpdumps():
@@ -380,7 +405,7 @@ def test_spill_makes_its_renames_durable(tmp_path):
     subprocess.run(["strace", "-f", "-qq", "-o", str(log), "-e", "trace=openat,fsync,rename,renameat,renameat2",
                     sys.executable, "-c", code], check=True, timeout=60)
     calls = log.read_text().splitlines()
-    renames = [k for k, c in enumerate(calls) if c.split(" ", 1)[1].startswith("rename") and ".frame" in c]
+    renames = [k for k, c in enumerate(calls) if c.split(None, 1)[1].startswith("rename") and ".frame" in c]
     assert len(renames) == 3, calls
     opened = [(k, c.rsplit("= ", 1)[1].split()[0]) for k, c in enumerate(calls)
               if "openat(" in c and f'"{spool}"' in c and "O_RDONLY" in c and "= -1" not in c]

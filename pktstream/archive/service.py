@@ -101,10 +101,12 @@ class _Handler(socketserver.StreamRequestHandler):
 
     def handle(self) -> None:
         sock: socket.socket = self.request
+        # the request first, then a slot: a client that trickles its request (or never sends
+        # it) holds its own thread for REQUEST_TIMEOUT_S at most, never one of the query slots
+        line = self._request_line()
+        if line is None:
+            return
         if not self.server.slots.acquire(blocking=False):
-            line = self._request_line()  # (read first: the reply is then not lost)
-            if line is None:
-                return
             try:
                 kind = wire.BUSY if wire.decode_request(line).get("keepalive") else wire.ERROR
             except wire.ProtocolError:
@@ -114,22 +116,33 @@ class _Handler(socketserver.StreamRequestHandler):
             self._linger()
             return
         try:
-            self._answer(sock)
+            self._answer(sock, line)
         finally:
             self.server.slots.release()
 
     def _request_line(self) -> bytes | None:
-        """The request line, read within REQUEST_TIMEOUT_S; None if it timed out or the client went away."""
-        self.request.settimeout(REQUEST_TIMEOUT_S)
+        """The request line (up to its newline, or MAX_REQUEST_BYTES + 1 bytes, or what came
+        before the client closed), read within REQUEST_TIMEOUT_S in all -- not per read, which a
+        byte every few seconds would renew; None if that time passed or the client went away."""
+        sock: socket.socket = self.request
+        deadline = time.monotonic() + REQUEST_TIMEOUT_S
+        buf = bytearray()
         try:
-            return self.rfile.readline(wire.MAX_REQUEST_BYTES + 1)
+            while b"\n" not in buf and len(buf) <= wire.MAX_REQUEST_BYTES:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                sock.settimeout(left)
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
         except OSError:
             return None
+        end = buf.find(b"\n")
+        return bytes(buf[:end + 1] if end >= 0 else buf[:wire.MAX_REQUEST_BYTES + 1])
 
-    def _answer(self, sock: socket.socket) -> None:
-        line = self._request_line()
-        if line is None:
-            return
+    def _answer(self, sock: socket.socket, line: bytes) -> None:
         try:
             req = wire.decode_request(line)
         except wire.ProtocolError as exc:

@@ -71,8 +71,8 @@ class Frame:
         """The payload of a control frame as a dict (FrameError if it is not a JSON object)."""
         try:
             obj = json.loads(self.payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FrameError(f"{self.type.name} payload is not JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # (not UTF-8, not JSON, a 5000-digit number, 60,000 '['s)
+            raise FrameError(f"{self.type.name} payload is not usable JSON: {str(exc)[:200]}") from None
         if not isinstance(obj, dict):
             raise FrameError(f"{self.type.name} payload is not a JSON object")
         return obj

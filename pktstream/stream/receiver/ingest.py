@@ -107,16 +107,38 @@ def check_interface(d: Any) -> dict[str, Any]:
 
 
 def numeric_stats(obj: dict[str, Any]) -> dict[str, Any]:
-    """A sensor's STATS with only non-negative integer counters (and per-interface dicts of
-    them, at most 256): nothing else from the network reaches logs or /metrics."""
+    """A sensor's STATS with only 64-bit non-negative integer counters (and per-interface dicts
+    of them, at most 256): nothing else from the network reaches logs or /metrics (a 400-digit
+    number made every scrape fail)."""
     def ints(d: Any) -> dict[str, int]:
-        return {str(k)[:64]: v for k, v in d.items() if isinstance(v, int) and not isinstance(v, bool) and v >= 0} \
+        return {str(k)[:64]: v for k, v in d.items()
+                if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64} \
             if isinstance(d, dict) else {}
     out: dict[str, Any] = ints(obj)
     itfs = obj.get("interfaces")
     if isinstance(itfs, dict):
         out["interfaces"] = {str(k)[:64]: ints(v) for k, v in list(itfs.items())[:256]}
     return out
+
+
+#: ACK bytes a sensor may leave unread before its connection is cut off: a sensor reads ACKs as
+#: they come, and the receiver's memory would otherwise grow with what a peer never reads
+ACK_BACKLOG_BYTES = 1 << 20
+
+
+def send_ack(sensor: SensorState, counters: collections.Counter) -> None:
+    """Acknowledge ``sensor.last_committed`` on its connection (the event loop's thread); a
+    peer with more than ``ACK_BACKLOG_BYTES`` unread is cut off (counted in ``timeouts``)."""
+    w = sensor.writer
+    if w is None or w.is_closing():
+        return
+    w.write(P.encode(P.FrameType.ACK, seq=sensor.last_committed))
+    queued = w.transport.get_write_buffer_size()
+    if queued > ACK_BACKLOG_BYTES:
+        counters["timeouts"] += 1
+        log.warning("sensor %s (%s): closing: it leaves its acknowledgements unread (%d bytes queued)",
+                    sensor.sensor_id, sensor.peer, queued)
+        w.transport.abort()
 
 
 class StateFile:
@@ -439,8 +461,8 @@ class Ingest:
             s.last_committed = max(s.last_committed, seq)
         for sid in acks:
             s = self.sensors[sid]
-            if s.writer is not None and not s.writer.is_closing() and not s.legacy:
-                s.writer.write(P.encode(P.FrameType.ACK, seq=s.last_committed))
+            if not s.legacy:
+                send_ack(s, self.counters)
             if s.bye is not None and s.last_committed >= s.last_accepted:
                 s.bye.set()
         self.inflight -= freed

@@ -17,9 +17,12 @@ from typing import Any
 
 from pktstream.exceptions import FrameError
 from pktstream.stream import legacy, protocol as P
-from pktstream.stream.receiver.ingest import SENSOR_ID, Ingest, SensorState, check_interface, numeric_stats
+from pktstream.stream.receiver.ingest import SENSOR_ID, Ingest, SensorState, check_interface, numeric_stats, send_ack
 
 log = logging.getLogger("pktstream.stream.receiver")
+
+#: interfaces a sensor may describe (in its HELLO, and announced later, together)
+MAX_INTERFACES = 4096
 
 
 def is_loopback(host: str) -> bool:
@@ -193,6 +196,11 @@ class Server:
             if sensor is None:
                 self.counters["aborted_handshakes"] += 1
             log.info("%s: connection closed (%s)", peer, type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - one peer's connection; never a traceback per peer
+            self.counters["protocol_errors"] += 1
+            self.warn("unexpected", host, "%s: closing after an unexpected %s: %s", peer, type(exc).__name__,
+                      str(exc)[:200])
+            self._send_error(writer, "internal error")
         finally:
             if sensor is not None and sensor.writer is writer:
                 sensor.writer = None
@@ -213,7 +221,7 @@ class Server:
             raise FrameError("bad sensor_id (1-128 printable ASCII characters)")
         snonce = P.parse_nonce(h.get("nonce"))
         ifaces = h.get("interfaces")
-        if not isinstance(ifaces, list) or len(ifaces) > 4096:
+        if not isinstance(ifaces, list) or len(ifaces) > MAX_INTERFACES:
             raise FrameError("bad interface list")
         descs = [check_interface(d) for d in ifaces]
         sec = self.security
@@ -298,6 +306,8 @@ class Server:
                 c["stats_frames"] += 1
             elif t == P.FrameType.HELLO:  # an interface that appeared later
                 d = check_interface(frame.json().get("interface"))
+                if d["index"] not in sensor.interfaces and len(sensor.interfaces) >= MAX_INTERFACES:
+                    raise FrameError(f"more than {MAX_INTERFACES} interfaces")
                 sensor.interfaces[d["index"]] = d
                 log.info("sensor %s: new interface %s", sensor.sensor_id, d["name"])
             elif t == P.FrameType.BYE:
@@ -318,5 +328,5 @@ class Server:
     async def _data(self, sensor: SensorState, frame: P.Frame) -> None:
         iface = sensor.interfaces.get(frame.iface)  # (None: rejected and counted by the ingest)
         if not await self.ingest.ingest(sensor, frame, iface, wire_bytes=len(frame.payload) + P.HEADER_LEN) \
-                and frame.seq <= sensor.last_committed and sensor.writer is not None:
-            sensor.writer.write(P.encode(P.FrameType.ACK, seq=sensor.last_committed))
+                and frame.seq <= sensor.last_committed:
+            send_ack(sensor, self.counters)
