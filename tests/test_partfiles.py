@@ -252,6 +252,7 @@ def test_a_crash_right_after_recovery_keeps_what_was_acknowledged(tmp_path, fmt)
         sink.write(src, b)  # never acknowledged
     for o in sink._outputs.values():
         o.abandon()  # the crash
+    mode = os.stat(flushed["open"][0]["part"]).st_mode & 0o777
     state_dir.mkdir()
     (state_dir / STATE_FILE).write_text(json.dumps({"sensors": {"s1": {"last_seq": 4}}, "sinks": {sink.name: flushed}}))
     final = flushed["open"][0]["final"]
@@ -262,6 +263,7 @@ def test_a_crash_right_after_recovery_keeps_what_was_acknowledged(tmp_path, fmt)
         ingest.shutdown()
         assert read_ts(final) == acked, f"restart {restart + 1}"
         assert sorted(os.listdir(out)) == [os.path.basename(final)]
+        assert os.stat(final).st_mode & 0o777 == mode == 0o640  # (a re-encoded file was 0644)
     saved = json.loads((state_dir / STATE_FILE).read_text())
     assert saved["sensors"] == {"s1": {"last_seq": 4}}
     assert saved["sinks"][sink.name]["open"][0]["size"] == os.path.getsize(final)

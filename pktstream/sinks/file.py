@@ -446,7 +446,10 @@ def _finish_zstd(part: str, frame_bytes: int | None = None) -> None:
     from pktstream.formats.writer import ZstdFileWriter
     tmp = part + ".tmp"
     buf = bytearray(_FINISH_CHUNK)
-    with open(part, "rb") as f, open(tmp, "wb") as out:
+    mode = os.stat(part).st_mode & 0o777  # the capture file keeps its permissions (0640 by default)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, mode)
+    with open(part, "rb") as f, open(fd, "wb") as out:
         z = ZstdFileWriter(out, 3, frame_bytes)
         src = ZstdBlockReader(f, part)
         while True:
