@@ -331,3 +331,56 @@ def test_equal_time_stamps_of_several_interfaces_come_out_in_file_order(tmp_path
         since, until = T0 + 500 * 1000, T0 + 900 * 1000
         assert got(a, "udp", since=since, until=until) == [x for x in _tcpdump_order(path, "udp")
                                                            if since <= x[0] < until]
+
+
+@pytest.mark.parametrize("moment", ["after the listing", "mid-commit"])
+def test_index_beside_a_live_receiver_keeps_what_the_receiver_indexes(tmp_path, moment):
+    """``pktstream index`` while a receiver writes into the archive (cold review): a file the
+    receiver completes and indexes after the index run listed the capture files kept neither its
+    row ("file gone") nor its flow files; flow files a receiver had written but not yet committed
+    with its row (flow files first, the row last) were removed as orphans, leaving the row it then
+    wrote pointing at nothing. Both interleavings are made to happen here, deterministically."""
+    import shutil
+
+    from pktstream.archive import catalog
+    from pktstream.archive.store import Entry
+    from pktstream.lab.traffic import write_pcap
+    root = tmp_path / "a"
+    root.mkdir()
+    write_pcap(str(root / "old.pcap"), 200, seed=1)
+    catalog.repair(LocalStore(str(root)))
+    write_pcap(str(tmp_path / "new.pcap"), 300, seed=2)
+    held: list = []
+
+    def receiver_indexes_new_file(commit_row: bool) -> None:
+        shutil.copy(tmp_path / "new.pcap", root / "new.pcap")
+        st = (root / "new.pcap").stat()
+        row, tables = catalog.index_entry(LocalStore(str(root)), Entry("new.pcap", st.st_size, str(st.st_mtime_ns)))
+        catalog.write_index(LocalStore(str(root)), row, tables)
+        if not commit_row:  # the flow files are written, the row not yet
+            held.append((root / "_index" / catalog.catalog_file("new.pcap").split("/", 1)[1]).read_bytes())
+            LocalStore(str(root)).delete(catalog.catalog_file("new.pcap"))
+
+    class Racing(LocalStore):
+        def captures(self):
+            out = super().captures()
+            if moment == "after the listing" and not held and not (root / "new.pcap").exists():
+                receiver_indexes_new_file(commit_row=True)
+            return out
+
+        def list_files(self, prefix):
+            if moment == "mid-commit" and "flows" in prefix and not held:
+                receiver_indexes_new_file(commit_row=False)
+            return super().list_files(prefix)
+
+    res = catalog.repair(Racing(str(root)))
+    assert res["removed"] == 0
+    if held:  # the receiver's commit ends: its row
+        (root / "_index" / catalog.catalog_file("new.pcap").split("/", 1)[1]).write_bytes(held[0])
+    row = catalog.read_row(LocalStore(str(root)), "new.pcap")
+    assert row is not None and row["packets"] == 300
+    assert all((root / f).is_file() for f in row["flow_files"])
+    again = catalog.repair(LocalStore(str(root)))
+    assert (again["indexed"], again["removed"], again["current"]) == (0, 0, 2)
+    a = Archive(str(root))
+    assert sum(len(b) for b in a.packets("")) == 500

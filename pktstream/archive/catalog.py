@@ -29,8 +29,9 @@ from pktstream.archive.index import (
     SpilledFlows,
     catalog_file,
     catalog_schema,
+    file_id,
 )
-from pktstream.archive.store import Entry
+from pktstream.archive.store import Entry, SubStore
 
 CHUNK_BYTES = 256 << 10  # the read unit of offline indexing (decompressed stream bytes)
 MIN_CHUNK_BYTES = 4096  # (the reader's smallest batch)
@@ -492,6 +493,21 @@ def _add_filters(store, row: dict[str, Any]) -> bool:
     return True
 
 
+def _remove_orphan_flow_files(store: SubStore, candidates: set[str]) -> None:
+    """Remove flow files no catalog row references: left by a crash between a file's flow files
+    and its row, or by a row replaced or removed. A receiver indexing into the archive meanwhile
+    writes a file's flow files first and its row last, so they are judged against the rows and
+    the capture files as they are now: a flow file of a capture file that has no row yet is
+    kept (a commit under way, or a file the next index run indexes, rewriting it)."""
+    rows, _ = _load_base(store)
+    referenced = {f for r in rows for f in r.get("flow_files") or ()}
+    with_row = {r.get("file_id") for r in rows}
+    pending = {file_id(e.path) for e in store.relisted().captures()} - with_row
+    for rel in candidates - referenced:
+        if rel.rsplit("/", 1)[-1].removesuffix(".parquet") not in pending:
+            store.delete(rel)
+
+
 def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = False,
                  chunk_bytes: int = CHUNK_BYTES,
                  progress: Callable[[int, int, str], None] | None = None, upgrade: bool = True,
@@ -557,13 +573,13 @@ def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = Fal
     if paths is None or forget is not None:
         present = {e.path for e in (entries if paths is None else store.captures())}
         for r in rows:
-            if r["path"] not in present and (forget is None or forget(r["path"])):
+            # (looked up again: a receiver indexing into the archive may have completed the file
+            # since the listing above, and written its row before the rows were loaded)
+            if r["path"] not in present and (forget is None or forget(r["path"])) and store.entry(r["path"]) is None:
                 remove_index(store, r["path"])
                 result["removed"] += 1
-    if paths is None:
-        for rel in flow_files:
-            if rel not in keep:
-                store.delete(rel)  # an orphan (crash between flow files and catalog row)
+    if paths is None and not flow_files <= keep:
+        _remove_orphan_flow_files(store, flow_files - keep)
     if progress:
         progress(total, total, "")
     result["seconds"] = time.monotonic() - t0

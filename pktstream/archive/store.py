@@ -282,7 +282,12 @@ class SubStore:
         return self._p(rel)
 
     def captures(self) -> list[Entry]:
+        """This part's capture files as listed when the part was made (one listing per run)."""
         return list(self._entries)
+
+    def relisted(self) -> SubStore:
+        """The same part with its capture files listed again (what is there now)."""
+        return SubStore(self.parent, self.base, self.parent.captures())
 
     def entry(self, rel: str) -> Entry | None:
         e = self.parent.entry(self._p(rel))
