@@ -6,6 +6,7 @@ of every file with libpcap's filter (``brute``, what ``tcpdump -r FILE BPF`` pri
 from __future__ import annotations
 
 import errno
+import os
 import struct
 
 import pytest
@@ -384,3 +385,33 @@ def test_index_beside_a_live_receiver_keeps_what_the_receiver_indexes(tmp_path, 
     assert (again["indexed"], again["removed"], again["current"]) == (0, 0, 2)
     a = Archive(str(root))
     assert sum(len(b) for b in a.packets("")) == 500
+
+
+def test_index_removes_half_written_index_files_of_stopped_processes(tmp_path):
+    """An index file is written as NAME.PID.tmp, then renamed; a receiver killed in between
+    left the temporary file for good (nothing listed or removed it). ``pktstream index`` removes
+    those of processes that are gone (and older than a minute), not a live writer's."""
+    import time as _time
+
+    from pktstream.archive import catalog
+    from pktstream.lab.traffic import write_pcap
+    root = tmp_path / "a"
+    root.mkdir()
+    write_pcap(str(root / "one.pcap"), 100, seed=1)
+    catalog.repair(LocalStore(str(root)))
+    with open("/proc/sys/kernel/pid_max") as f:
+        gone = int(f.read()) + 1  # no process can have it
+    part = root / "_index" / "flows" / "sensor=one"
+    old = _time.time() - 120
+    stale = part / f"x.parquet.{gone}.tmp"
+    fresh = part / f"y.parquet.{gone}.tmp"
+    live = root / "_index" / "files" / f"z.parquet.{os.getpid()}.tmp"
+    for p in (stale, fresh, live):
+        p.write_bytes(b"half")
+    for p in (stale, live):
+        os.utime(p, (old, old))
+    res = catalog.repair(LocalStore(str(root)))
+    assert not stale.exists() and fresh.exists() and live.exists()
+    assert [p for p in res["problems"] if "half-written" in p] == \
+        [f"{stale.relative_to(root).as_posix()}: an index file a stopped process left half-written, removed"]
+    assert (res["indexed"], res["removed"], res["current"]) == (0, 0, 1)

@@ -580,6 +580,9 @@ def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = Fal
                 result["removed"] += 1
     if paths is None and not flow_files <= keep:
         _remove_orphan_flow_files(store, flow_files - keep)
+    if paths is None:
+        for rel in store.remove_stale_temporaries(INDEX_DIR):
+            result["problems"].append(f"{rel}: an index file a stopped process left half-written, removed")
     if progress:
         progress(total, total, "")
     result["seconds"] = time.monotonic() - t0

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, cast
@@ -131,6 +133,40 @@ class LocalStore:
         except FileNotFoundError:
             pass
 
+    def remove_stale_temporaries(self, prefix: str, min_age_s: float = 60.0) -> list[str]:
+        """Remove the temporary files :meth:`write_bytes` left under ``prefix`` when its process
+        died before the rename (``NAME.PID.tmp``: that process is gone, and the file is older
+        than ``min_age_s``); returns their relative paths."""
+        removed = []
+        now = time.time()
+        for d, _, files in os.walk(self.full(prefix)):
+            for f in files:
+                m = _TMP_NAME.search(f)
+                if m is None or _process_exists(int(m.group(1))):
+                    continue
+                path = os.path.join(d, f)
+                try:
+                    if now - os.stat(path).st_mtime < min_age_s:
+                        continue
+                    os.unlink(path)
+                except FileNotFoundError:
+                    continue
+                removed.append(os.path.relpath(path, self.root).replace(os.sep, "/"))
+        return sorted(removed)
+
+
+_TMP_NAME = re.compile(r"\.(\d+)\.tmp$")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # (another user's process; or no such pid at all: left alone either way)
+    return True
+
 
 class S3Store:
     """An archive under ``s3://bucket/prefix``. Credentials: boto3's usual chain; endpoint from
@@ -218,6 +254,10 @@ class S3Store:
         """Put the object; returns its version as :meth:`list_stat` gives it (the ETag)."""
         return str(self.client.put_object(Bucket=self.bucket, Key=self.prefix + rel, Body=data)["ETag"]).strip('"')
 
+    def remove_stale_temporaries(self, prefix: str, min_age_s: float = 60.0) -> list[str]:
+        """An object store writes no temporary objects (a PUT is atomic): nothing to remove."""
+        return []
+
     def delete(self, rel: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.prefix + rel)
 
@@ -296,6 +336,10 @@ class SubStore:
     def list_files(self, prefix: str) -> list[str]:
         cut = len(self.base) + 1 if self.base else 0
         return [p[cut:] for p in self.parent.list_files(self._p(prefix))]
+
+    def remove_stale_temporaries(self, prefix: str) -> list[str]:
+        cut = len(self.base) + 1 if self.base else 0
+        return [p[cut:] for p in self.parent.remove_stale_temporaries(self._p(prefix))]
 
     def list_stat(self, prefix: str) -> list[tuple[str, str]]:
         cut = len(self.base) + 1 if self.base else 0
