@@ -176,6 +176,14 @@ def test_time_bounds_that_would_be_cut_or_guessed_are_refused(text, why):
         parse_time(text)
 
 
+def test_a_long_bad_time_is_not_echoed_whole():
+    """An error is one line: a 64 KiB bad bound is named by its start and length (the query
+    server sent it back whole)."""
+    with pytest.raises(ValueError) as err:
+        parse_time("x" * 65536)
+    assert "65536 characters" in str(err.value) and len(str(err.value)) < 400
+
+
 def test_sensor_selection_and_output_interfaces(archive_dir, tmp_path):
     a = Archive(str(archive_dir))
     assert got(a, "udp", sensor="s2") == brute(archive_dir, "udp", sensor="s2")

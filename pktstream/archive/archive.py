@@ -76,7 +76,8 @@ def parse_time(value: Any) -> int | None:
         d = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError as exc:
         why = f" ({exc})" if "digits" in str(exc) or "decimals" in str(exc) else ""
-        raise ValueError(f"not a time: {value!r}{why}; give {_TIME_FORMS}") from None
+        shown = repr(value) if len(text) <= 80 else f"{text[:80]!r}... ({len(text)} characters)"
+        raise ValueError(f"not a time: {shown}{why}; give {_TIME_FORMS}") from None
     return _datetime_ns(d) + frac_ns
 
 
