@@ -444,9 +444,10 @@ def test_made_up_sequence_numbers_grow_across_receiver_restarts(tmp_path):
     assert 0 < last[0] < last[1]
 
 
-def test_stalled_frame_is_cut_off(tmp_path):
+def test_stalled_frame_is_cut_off(tmp_path, caplog):
     """Idle between frames is fine (upstream sends nothing when idle), but a frame that began
-    must be complete within the handshake timeout: a peer stalling mid-frame loses its slot."""
+    must be complete within the handshake timeout: a peer stalling mid-frame loses its slot
+    (logged as its session timing out: it was no handshake)."""
     rx = Receiver("127.0.0.1:0", [FileSink(str(tmp_path / "out.pcap"))],
                   limits=Limits(handshake_timeout=0.5)).start()
     try:
@@ -458,6 +459,7 @@ def test_stalled_frame_is_cut_off(tmp_path):
             s.sendall(frames[1][:12])  # magic, length and 4 bytes of the block, then nothing
             read_to_eof(s)  # closed by the receiver (a socket timeout here fails the test)
         assert rx.stats()["timeouts"] == 1
+        assert "PacketStreamer session timed out" in caplog.text and "handshake timed out" not in caplog.text
     finally:
         rx.stop()
         rx.join(30)

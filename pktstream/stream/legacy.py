@@ -148,7 +148,10 @@ async def intake(server: Server, reader: asyncio.StreamReader, writer: asyncio.S
         return Prepended(head, reader)
     if settings is None:
         raise FrameError("a PacketStreamer sensor: refused, this receiver has legacy.packetstreamer off")
-    await LegacySession(server, settings, reader, writer, host, peer).run()
+    try:
+        await LegacySession(server, settings, reader, writer, host, peer).run()
+    except TimeoutError:
+        raise TimeoutError("PacketStreamer session") from None  # (not "handshake": it had none)
     return None
 
 

@@ -180,9 +180,9 @@ class Server:
                 return
             sensor = await asyncio.wait_for(self._handshake(stream, writer, peer), self.limits.handshake_timeout)
             await self._session(sensor, stream, writer)
-        except TimeoutError:
+        except TimeoutError as exc:
             self.counters["timeouts"] += 1
-            self.warn("timeout", host, "%s: %s timed out", peer, "session" if sensor else "handshake")
+            self.warn("timeout", host, "%s: %s timed out", peer, str(exc) or ("session" if sensor else "handshake"))
         except FrameError as exc:
             self.counters["protocol_errors"] += 1
             self.warn("protocol", host, "%s: closing: %s", peer, exc)
