@@ -384,6 +384,53 @@ def test_s3_sink_reset_after_a_group_that_crossed_rotations_uploads_each_packet_
     assert sorted(ts) == sorted(t for b in batches for t in b.ts_ns.tolist())
 
 
+def test_s3_staging_bound_holds_and_a_started_group_completes(tmp_path, moto):
+    """The staging bound (cold review): writes within the 0.2 s the staged figure is cached
+    were all let through (a 12 MiB bound held 86 MB); and under a receiver a write group larger
+    than the room left was refused again and again for ever (its bytes leave staging only after
+    its flush: the receiver stalled after an S3 outage with a small bound). Now the bound counts
+    what was written since the last scan, and a group, once begun, completes: staging exceeds
+    the bound by at most one group; the next group waits for room."""
+    from pktstream.sinks.base import Source
+    from pktstream.sinks.s3 import S3Sink, StagingFull
+    s3 = moto.client()
+    s3.create_bucket(Bucket=BUCKET)
+    batches = _batches(12, 200)
+    size = batches[0].nbytes
+    src = Source("s1", "host", "eth0", 1, 65535)
+
+    def staged(d):
+        return sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+    opts = dict(endpoint_url=moto.endpoint, region="us-east-1", path_style=True, format="pcap",
+                rotate_bytes=1 << 30, rotate_seconds=3600, acl=None, close_timeout=60,
+                staging_max_bytes=4 * size + size // 2)
+    alone = S3Sink(BUCKET, "a/", staging_dir=str(tmp_path / "a"), **opts)  # (no receiver: each write checked)
+    written = 0
+    with pytest.raises(StagingFull):
+        for b in batches:
+            alone.write(src, b)
+            written += 1
+    assert written == 4 and staged(tmp_path / "a") <= opts["staging_max_bytes"]
+    alone.reset()
+    alone.close()
+
+    sink = S3Sink(BUCKET, "r/", staging_dir=str(tmp_path / "r"), **opts)
+    sink.use_acknowledgements()  # a receiver's gating output: a group, then its flush
+    for b in batches[:3]:
+        sink.write(src, b)
+    sink.flush()  # 3 batches staged, room for one more
+    for b in batches[3:9]:  # a group of 6: completes although it passes the bound
+        sink.write(src, b)
+    first = sink.flush()
+    assert staged(tmp_path / "r") > opts["staging_max_bytes"]
+    with pytest.raises(StagingFull):  # the next group waits until uploads make room
+        sink.write(src, batches[9])
+    sink.reset()
+    sink.acknowledged(first)
+    sink.close()
+    assert sink.counters["staging_full"] == 1
+
+
 def test_s3_sink_uploads_at_close_only_what_is_acknowledged(tmp_path, moto):
     """A receiver commits its last flush before it closes its outputs. A file whose flush was
     not acknowledged when close() runs (the state could not be saved) stays staged instead of

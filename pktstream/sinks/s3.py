@@ -11,8 +11,10 @@ attempts); a file whose upload still fails is retried whole with exponential bac
 *staged* (flushed to the local disk, like FileSink); the upload follows.
 
 Staging is bounded: when ``staging_max_bytes`` are staged (S3 unreachable for long), ``write()``
-refuses (counted in ``staging_full``): a gating S3 output then stops the receiver from
-acknowledging, and the sensors buffer (backpressure); a non-gating one drops and counts
+refuses (counted in ``staging_full``; under a receiver at the start of a write group, so staging
+can exceed the bound by one group, at most the receiver's bytes in flight, 64 MiB by default):
+a gating S3 output then stops the receiver from acknowledging, and the sensors buffer
+(backpressure); a non-gating one drops and counts
 (receiver output counters ``dropped_packets``). ``close()`` completes the open files and waits up
 to ``close_timeout`` s for the uploads; what is left stays in the staging directory and is
 uploaded by the next run with the same staging directory (also after a crash: ``.part`` files are
@@ -286,14 +288,22 @@ class S3Sink(Sink):
 
     # -- Sink ------------------------------------------------------------------------------------
     def write(self, source: Source, batch: PacketBatch) -> None:
-        if self.staged_bytes() + batch.nbytes > self.staging_max_bytes:
-            self.counters["staging_full"] += 1
-            raise StagingFull(f"{self.name}: staging {self.staging_dir} holds {self.staged_bytes()} bytes "
-                              f"(limit {self.staging_max_bytes}); S3 uploads are behind")
+        # Under a receiver the bound is checked when a write group starts (the first write after
+        # a flush): a group is bounded by the receiver's bytes in flight, is written again whole
+        # after a refusal, and its bytes leave staging only after its flush -- a group larger than
+        # the room left would be refused for ever (a stall after an S3 outage with a small bound).
+        if not (self._acks and self._dirty):
+            staged = self.staged_bytes()
+            if staged + batch.nbytes > self.staging_max_bytes:
+                self.counters["staging_full"] += 1
+                raise StagingFull(f"{self.name}: staging {self.staging_dir} holds {staged} bytes "
+                                  f"(limit {self.staging_max_bytes}); S3 uploads are behind")
         self._leftovers_ok.set()
         with self._files_lock:
             self._dirty = True
             self._files.write(source, batch)
+            t, n = self._staged_cache  # (until the next scan: the cached figure had missed these)
+            self._staged_cache = (t, n + batch.nbytes)
 
     def flush(self) -> dict[str, Any]:
         self._leftovers_ok.set()
@@ -309,6 +319,8 @@ class S3Sink(Sink):
         with self._files_lock:
             before = set(self._files.paths)
             self._files.reset()
+            self._dirty = False  # (back to the last flush: the next write starts a group)
+            self._staged_cache = (0.0, 0)
             with self._ack_lock:
                 # files reset() removed are forgotten; what it kept holds nothing past the last
                 # flush (a file a rotation completed after it was cut back to it)
