@@ -269,34 +269,6 @@ def test_a_crash_right_after_recovery_keeps_what_was_acknowledged(tmp_path, fmt)
     assert saved["sinks"][sink.name]["open"][0]["size"] == os.path.getsize(final)
 
 
-@pytest.mark.parametrize("rotate", [None, 1_000_000])
-def test_recovery_removes_the_part_file_of_a_sensor_that_came_after_the_last_flush(tmp_path, rotate):
-    """Per-sensor files (--output-dir): a sensor whose first file was opened after the last
-    acknowledged flush is in no state; its .part (only unacknowledged packets, which it resends)
-    was left for good, and its next file got another name (beta~1.pcapng)."""
-    from pktstream.sinks import FileSink
-    from pktstream.sinks.base import Source
-    out = tmp_path / "out"
-    batches = make_batches(4, 40)
-    sink = FileSink(directory=str(out), format="pcapng", rotate_bytes=rotate)
-    sink.write(Source("alpha", "a", "eth0", 1, 262144), batches[0])
-    state = sink.flush()
-    sink.write(Source("beta", "b", "eth0", 1, 262144), batches[1])
-    assert any(n.startswith("beta") and n.endswith(".part") for n in os.listdir(out))
-    (out / "notes.txt.part").write_text("not a capture file: left alone")
-    for o in sink._outputs.values():
-        o.abandon()  # the crash
-    FileSink.recover(state)
-    left = sorted(os.listdir(out))
-    assert [n for n in left if n.startswith("beta")] == [] and "notes.txt.part" in left
-    assert [n for n in left if n.startswith("alpha")] == [os.path.basename(state["open"][0]["final"])]
-    again = FileSink(directory=str(out), format="pcapng", rotate_bytes=rotate)
-    again.write(Source("beta", "b", "eth0", 1, 262144), batches[1])
-    again.close()
-    assert [n for n in os.listdir(out) if n.startswith("beta")] == ["beta.pcapng" if rotate is None
-                                                                       else "beta.000000.pcapng"]
-
-
 @pytest.mark.parametrize("fmt", ["pcap", "pcapng.zst"])
 def test_recovery_removes_files_completed_entirely_after_the_last_flush(tmp_path, fmt):
     """A flush group larger than the rotation size: rotation completes the file open at the

@@ -266,12 +266,9 @@ class FileSink(Sink):
                 open_files.append(st)
                 flushed[key] = st
         self._flushed.update(flushed)  # (only when every output flushed: a reset goes back to one state)
-        state: dict[str, Any] = {"open": open_files}
-        if self.directory:  # (recovery removes the .part files of outputs opened after this flush)
-            state["directory"] = os.path.abspath(self.directory)
         if self.indexer is not None and getattr(self.indexer, "recover_root", False):
-            state["index_root"] = self.indexer.root
-        return state
+            return {"open": open_files, "index_root": self.indexer.root}
+        return {"open": open_files}
 
     def tick(self) -> None:
         """Idle: complete the files whose ``rotate_seconds`` have passed, so a quiet sensor's
@@ -327,17 +324,11 @@ class FileSink(Sink):
             _remove_later_rotations(f)
             after.append({**f, "size": os.path.getsize(final)} if os.path.isfile(final) else f)
         stems = {(os.path.dirname(p) or ".", os.path.basename(p).split(".")[0] + ".") for p in known}
-        directory = state.get("directory")
-        if isinstance(directory, str) and os.path.isdir(directory):
-            # a directory of per-sensor files: every capture .part in it is this output's, also
-            # of a sensor whose first file was opened after the flush (not in ``known``)
-            stems.add((directory, ""))
-        known_abs = {os.path.abspath(p) for p in known}
         for d, stem in stems:
             for name in os.listdir(d):
                 path = os.path.join(d, name)
-                if (name.startswith(stem) and name.endswith(".part") and os.path.abspath(path) not in known_abs
-                        and (stem or format_from_name(name[:-5])) and os.path.isfile(path)):
+                if (name.startswith(stem) and name.endswith(".part") and path not in known
+                        and os.path.isfile(path)):
                     # opened after the last acknowledged flush: holds only unacknowledged data
                     log.warning("recovery: removing %s (nothing in it was acknowledged)", path)
                     os.unlink(path)
