@@ -269,6 +269,58 @@ def test_a_crash_right_after_recovery_keeps_what_was_acknowledged(tmp_path, fmt)
     assert saved["sinks"][sink.name]["open"][0]["size"] == os.path.getsize(final)
 
 
+def test_a_recovery_interrupted_half_way_keeps_what_was_acknowledged(tmp_path, monkeypatch):
+    """Recovery re-encodes one .zst file, then fails on the next (disk full, a start timeout):
+    the recovered size of the first is persisted at once, not after every file, so the next
+    start does not cut its new encoding at the old size (cold review of the fix above)."""
+    import collections
+    import random
+
+    from pktstream.sinks import FileSink, file as filemod
+    from pktstream.sinks.base import Source
+    from pktstream.stream.receiver.ingest import STATE_FILE, Ingest
+    rnd = random.Random(5)
+    batches = []
+    for b in range(6):
+        recs = bytearray()
+        for i in range(b * 200, (b + 1) * 200):
+            frame = b"\x02" * 12 + b"\x08\x00" + rnd.randbytes(300)
+            recs += struct.pack("<IIII", 1_700_000_000, i, len(frame), len(frame)) + frame
+        batches.append(PacketBatch.from_records(bytes(recs), link_type=1, interface="eth0"))
+    out, state_dir = tmp_path / "out", tmp_path / "state"
+    sink = FileSink(directory=str(out), format="pcap.zst")
+    srcs = [Source(s, s, "eth0", 1, 262144) for s in ("alpha", "beta")]
+    for b in batches[:4]:
+        for src in srcs:
+            sink.write(src, b)
+    flushed = sink.flush()
+    for b in batches[4:]:
+        for src in srcs:
+            sink.write(src, b)  # never acknowledged
+    for o in sink._outputs.values():
+        o.abandon()  # the crash
+    state_dir.mkdir()
+    (state_dir / STATE_FILE).write_text(json.dumps({"sensors": {}, "sinks": {sink.name: flushed}}))
+    acked = [i for b in batches[:4] for i in (b.ts_ns - 1_700_000_000 * 10**9).tolist()]
+    real, calls = filemod._finish_zstd, []
+
+    def second_fails(part, frame_bytes=None):
+        calls.append(part)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(part, frame_bytes)
+    monkeypatch.setattr(filemod, "_finish_zstd", second_fails)
+    with pytest.raises(OSError, match="No space"):
+        Ingest([FileSink(directory=str(out), format="pcap.zst")], counters=collections.Counter(),
+               closing=threading.Event(), state_dir=str(state_dir))
+    monkeypatch.setattr(filemod, "_finish_zstd", real)
+    ingest = Ingest([FileSink(directory=str(out), format="pcap.zst")], counters=collections.Counter(),
+                    closing=threading.Event(), state_dir=str(state_dir))
+    ingest.shutdown()
+    for f in flushed["open"]:
+        assert read_ts(f["final"]) == acked, f["final"]
+
+
 @pytest.mark.parametrize("fmt", ["pcap", "pcapng.zst"])
 def test_recovery_removes_files_completed_entirely_after_the_last_flush(tmp_path, fmt):
     """A flush group larger than the rotation size: rotation completes the file open at the

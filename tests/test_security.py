@@ -361,10 +361,11 @@ def test_hostile_input_harms_nothing(veth, procs, tmp_path, pki, mixed_pcap):
 def test_a_sensor_with_the_key_cannot_exhaust_the_receiver(procs, tmp_path, pki):
     """What a peer holding a valid key could still do to a receiver (cold review): a STATS
     counter too large for a float made every /metrics scrape fail; interfaces announced after the
-    handshake had no bound (the state file, rewritten at every commit, grew with them); a peer
-    that never reads its socket made the receiver queue an ACK for every duplicate frame it sent,
-    without bound. Now: the counter is dropped, the 4097th interface closes the connection, and
-    a peer with 1 MiB of ACKs unread is cut off (counted in ``timeouts``)."""
+    handshake had no bound on a connection (the state file, rewritten at every commit, grew with
+    them); a peer that never reads its socket made the receiver queue an ACK for every duplicate
+    frame it sent, without bound. Now: the counter is dropped, the 4097th announcement on one
+    connection closes it (per connection: an honest sensor's interfaces come and go over its
+    life), and a peer with 1 MiB of ACKs unread is cut off (counted in ``timeouts``)."""
     import urllib.request
     port, mport = free_port(), free_port()
     rx = procs(receiver_cmd(port, "-w", str(tmp_path / "out.pcap"), "--auth-key-file", str(pki / "key"),
@@ -383,12 +384,13 @@ def test_a_sensor_with_the_key_cannot_exhaust_the_receiver(procs, tmp_path, pki)
 
     peer = Peer(port)
     assert peer.handshake(key, sensor_id="many-ifaces").type == P.FrameType.WELCOME  # (1 interface)
-    for i in range(1, 4097):
+    for i in range(1, 4098):
         peer.send(P.encode_json(P.FrameType.HELLO, {"interface": {"index": i, "name": f"x{i}", "link_type": 1,
                                                                   "snaplen": 2000}}))
     peer.send(P.encode(P.FrameType.HEARTBEAT))
     answer = peer.recv_frame()
-    assert answer is not None and answer.type == P.FrameType.ERROR and "4096 interfaces" in answer.json()["reason"]
+    assert answer is not None and answer.type == P.FrameType.ERROR, answer
+    assert "4096 interfaces announced on one connection" in answer.json()["reason"]
     assert peer.closed_by_peer()
     peer.close()
 

@@ -1,6 +1,7 @@
 """The Sink interface and the Source of a batch."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,9 +68,11 @@ class Sink:
         """Flush and release resources. Data not flushed before the process dies is lost."""
 
     @staticmethod
-    def recover(state: dict[str, Any]) -> dict[str, Any] | None:
+    def recover(state: dict[str, Any],
+                persist: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
         """Repair what a crashed previous run left, from the state its last flush returned.
         Returns the state that describes the outputs as recovery left them (persisted at once
         by the receiver, so a crash before its next commit recovers from it and changes
-        nothing), or None: ``state`` still does."""
+        nothing), or None: ``state`` still does. ``persist`` is called with that state as it
+        changes, file by file (a recovery interrupted half-way must not be redone from the old one)."""
         return None

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import re
+from collections.abc import Callable
 from typing import Any, cast
 
 from pktstream._capture import PacketBatch, link_type_name
@@ -302,14 +303,16 @@ class FileSink(Sink):
             raise error
 
     @staticmethod
-    def recover(state: dict[str, Any]) -> dict[str, Any]:
+    def recover(state: dict[str, Any], persist: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Cut each file open at the last acknowledged flush back to it and complete it,
         remove what was written only after it; returns the state with each file's size as
         completed (a ``.zst`` file is re-encoded, so its size changes: a second recovery from the
-        old size would cut the new encoding at a byte offset of the old one)."""
+        old size would cut the new encoding at a byte offset of the old one), and hands it to
+        ``persist`` after each file whose entry changed."""
         known = set()
-        after = []
-        for f in state.get("open", []):
+        after: list[Any] = []
+        entries = list(state.get("open", []))
+        for k, f in enumerate(entries):
             part, final, size = f.get("part"), f.get("final"), f.get("size")
             if not (isinstance(part, str) and isinstance(final, str) and isinstance(size, int)):
                 after.append(f)
@@ -323,6 +326,8 @@ class FileSink(Sink):
                 _cut_back_completed(final, size, frame_bytes)
             _remove_later_rotations(f)
             after.append({**f, "size": os.path.getsize(final)} if os.path.isfile(final) else f)
+            if persist is not None and after[-1] != f:
+                persist({**state, "open": after + entries[k + 1:]})
         stems = {(os.path.dirname(p) or ".", os.path.basename(p).split(".")[0] + ".") for p in known}
         for d, stem in stems:
             for name in os.listdir(d):

@@ -219,15 +219,19 @@ class Ingest:
             st.last_accepted = st.last_committed = int(s.get("last_seq", 0))
             st.interfaces = {int(k): v for k, v in s.get("interfaces", {}).items()}
         by_name = {s.name: s for s in self.sinks}
-        recovered = {}
+        recovered: dict[str, Any] = {}
+
+        def persist(name: str, sink_state: dict[str, Any]) -> None:
+            """Before anything else runs (file by file): a crash now, or a failure in the next
+            file's recovery, must not recover from the old sizes."""
+            recovered[name] = sink_state
+            self.state.write({**state, "sinks": {**state["sinks"], **recovered}})
         for name, sink_state in state.get("sinks", {}).items():
             sink = by_name.get(name)
             if sink is not None and sink_state:
-                after = type(sink).recover(sink_state)
-                if after is not None and after != sink_state:
-                    recovered[name] = after
-        if recovered:  # before anything else runs: a crash now must not recover from the old sizes
-            self.state.write({**state, "sinks": {**state["sinks"], **recovered}})
+                after = type(sink).recover(sink_state, functools.partial(persist, name))
+                if after is not None and after != recovered.get(name, sink_state):
+                    persist(name, after)
         if state:
             log.info("state: resuming %d sensors from %s", len(self.sensors), self.state.path)
 

@@ -21,7 +21,7 @@ from pktstream.stream.receiver.ingest import SENSOR_ID, Ingest, SensorState, che
 
 log = logging.getLogger("pktstream.stream.receiver")
 
-#: interfaces a sensor may describe (in its HELLO, and announced later, together)
+#: interfaces a sensor may describe in its HELLO, and announce later on one connection
 MAX_INTERFACES = 4096
 
 
@@ -290,6 +290,7 @@ class Server:
         idle = 3 * self.limits.heartbeat + 1  # the sensor sends a heartbeat every `heartbeat` s when idle
         max_raw = self.ingest.max_raw
         c = sensor.counters
+        announced = 0
         while True:
             # asyncio.timeout, not wait_for: wait_for makes a task per frame (Python 3.11)
             async with asyncio.timeout(idle):
@@ -306,8 +307,9 @@ class Server:
                 c["stats_frames"] += 1
             elif t == P.FrameType.HELLO:  # an interface that appeared later
                 d = check_interface(frame.json().get("interface"))
-                if d["index"] not in sensor.interfaces and len(sensor.interfaces) >= MAX_INTERFACES:
-                    raise FrameError(f"more than {MAX_INTERFACES} interfaces")
+                announced += 1  # (per connection: a sensor's interfaces come and go over its life)
+                if announced > MAX_INTERFACES:
+                    raise FrameError(f"more than {MAX_INTERFACES} interfaces announced on one connection")
                 sensor.interfaces[d["index"]] = d
                 log.info("sensor %s: new interface %s", sensor.sensor_id, d["name"])
             elif t == P.FrameType.BYE:
