@@ -13,6 +13,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -161,8 +162,10 @@ def test_burst_beyond_the_window_arrives_whole(veth, procs, tmp_path):
 
 # -- stopping while the receiver is unreachable ---------------------------------------------------------
 
-def _refusing_server(port: int) -> tuple[socket.socket, threading.Thread, list[int]]:
-    """Accepts connections and closes them at once (not a pktstream receiver); counts them."""
+def _fake_receiver(port: int, answer: Callable[[socket.socket, int], None] | None = None
+                   ) -> tuple[socket.socket, threading.Thread, list[int]]:
+    """Accepts connections, lets ``answer(connection, n)`` talk to the n-th (1, 2, ...; default:
+    nothing), then closes it; counts them. Not a pktstream receiver."""
     srv = socket.create_server(("127.0.0.1", port))
     accepted = [0]
 
@@ -173,38 +176,25 @@ def _refusing_server(port: int) -> tuple[socket.socket, threading.Thread, list[i
             except OSError:
                 return
             accepted[0] += 1
+            if answer is not None:
+                try:
+                    c.settimeout(5)
+                    answer(c, accepted[0])
+                except OSError:
+                    pass
             c.close()
     t = threading.Thread(target=serve, daemon=True)
     t.start()
     return srv, t, accepted
 
 
-def _bad_json_server(port: int) -> tuple[socket.socket, threading.Thread, list[int]]:
-    """Answers a HELLO with a CHALLENGE whose JSON Python's parser refuses without a
+def _bad_json_challenge(c: socket.socket, n: int) -> None:
+    """Answer a HELLO with a CHALLENGE whose JSON Python's parser refuses without a
     JSONDecodeError (60,000 nested brackets, a 5000-digit number, alternately): what a process
-    that took the receiver's port, or a man in the middle without TLS, can send. Counts them."""
-    srv = socket.create_server(("127.0.0.1", port))
-    accepted = [0]
-
-    def serve() -> None:
-        while True:
-            try:
-                c, _ = srv.accept()
-            except OSError:
-                return
-            accepted[0] += 1
-            bad = b"[" * 60000 if accepted[0] % 2 else b'{"nonce": ' + b"1" * 5000 + b"}"
-            try:
-                c.settimeout(5)
-                c.recv(65536)  # the HELLO
-                c.sendall(P.encode(P.FrameType.CHALLENGE, bad))
-                c.recv(65536)
-            except OSError:
-                pass
-            c.close()
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    return srv, t, accepted
+    that took the receiver's port, or a man in the middle without TLS, can send."""
+    c.recv(65536)  # the HELLO
+    c.sendall(P.encode(P.FrameType.CHALLENGE, b"[" * 60000 if n % 2 else b'{"nonce": ' + b"1" * 5000 + b"}"))
+    c.recv(65536)
 
 
 @pytest.mark.parametrize("peer", ["nothing listening", "not a pktstream receiver", "unparsable JSON", "wrong key"])
@@ -217,9 +207,9 @@ def test_stop_with_unreachable_receiver_is_quiet_and_fails(veth, procs, tmp_path
     srv = None
     accepted = [0]
     if peer == "not a pktstream receiver":
-        srv, _, accepted = _refusing_server(port)
+        srv, _, accepted = _fake_receiver(port)
     elif peer == "unparsable JSON":
-        srv, _, accepted = _bad_json_server(port)
+        srv, _, accepted = _fake_receiver(port, _bad_json_challenge)
     elif peer == "wrong key":
         (tmp_path / "rk").write_text("receiver-key-1234567890\n")
         (tmp_path / "sk").write_text("another-key-0987654321\n")

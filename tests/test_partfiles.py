@@ -34,6 +34,21 @@ def make_batches(n_batches: int, per_batch: int, seed: int = 3) -> list[PacketBa
     return out
 
 
+def incompressible_batches(n_batches: int, per_batch: int) -> list[PacketBatch]:
+    """Ethernet frames with random 300-byte payloads (zstd cannot shrink them); packet i has
+    timestamp i ns."""
+    import random
+    rnd = random.Random(5)
+    out = []
+    for b in range(n_batches):
+        recs = bytearray()
+        for i in range(b * per_batch, (b + 1) * per_batch):
+            frame = b"\x02" * 12 + b"\x08\x00" + rnd.randbytes(300)
+            recs += struct.pack("<IIII", 1_700_000_000, i, len(frame), len(frame)) + frame
+        out.append(PacketBatch.from_records(bytes(recs), link_type=1, interface="eth0"))
+    return out
+
+
 def read_ts(path: str) -> list[int]:
     """Timestamps of every packet a reader gets from ``path`` (a truncated tail is allowed)."""
     with warnings.catch_warnings():
@@ -227,19 +242,11 @@ def test_a_crash_right_after_recovery_keeps_what_was_acknowledged(tmp_path, fmt)
     recovered sizes before it goes on (a recovery from the old state cut the new encoding at
     the old byte offset and lost acknowledged packets)."""
     import collections
-    import random
 
     from pktstream.sinks import FileSink
     from pktstream.sinks.base import Source
     from pktstream.stream.receiver.ingest import STATE_FILE, Ingest
-    rnd = random.Random(5)
-    batches = []
-    for b in range(6):  # incompressible payloads: the re-encoded file is not smaller than the old one
-        recs = bytearray()
-        for i in range(b * 200, (b + 1) * 200):
-            frame = b"\x02" * 12 + b"\x08\x00" + rnd.randbytes(300)
-            recs += struct.pack("<IIII", 1_700_000_000, i, len(frame), len(frame)) + frame
-        batches.append(PacketBatch.from_records(bytes(recs), link_type=1, interface="eth0"))
+    batches = incompressible_batches(6, 200)  # the re-encoded file is not smaller than the old one
     src = Source("s1", "s1", "eth0", 1, 262144)
     out, state_dir = tmp_path / "out", tmp_path / "state"
     out.mkdir()
@@ -274,19 +281,11 @@ def test_a_recovery_interrupted_half_way_keeps_what_was_acknowledged(tmp_path, m
     the recovered size of the first is persisted at once, not after every file, so the next
     start does not cut its new encoding at the old size (cold review of the fix above)."""
     import collections
-    import random
 
     from pktstream.sinks import FileSink, file as filemod
     from pktstream.sinks.base import Source
     from pktstream.stream.receiver.ingest import STATE_FILE, Ingest
-    rnd = random.Random(5)
-    batches = []
-    for b in range(6):
-        recs = bytearray()
-        for i in range(b * 200, (b + 1) * 200):
-            frame = b"\x02" * 12 + b"\x08\x00" + rnd.randbytes(300)
-            recs += struct.pack("<IIII", 1_700_000_000, i, len(frame), len(frame)) + frame
-        batches.append(PacketBatch.from_records(bytes(recs), link_type=1, interface="eth0"))
+    batches = incompressible_batches(6, 200)
     out, state_dir = tmp_path / "out", tmp_path / "state"
     sink = FileSink(directory=str(out), format="pcap.zst")
     srcs = [Source(s, s, "eth0", 1, 262144) for s in ("alpha", "beta")]
