@@ -303,11 +303,11 @@ def test_a_recovery_interrupted_half_way_keeps_what_was_acknowledged(tmp_path, m
     acked = [i for b in batches[:4] for i in (b.ts_ns - 1_700_000_000 * 10**9).tolist()]
     real, calls = filemod._finish_zstd, []
 
-    def second_fails(part, frame_bytes=None):
+    def second_fails(part, frame_bytes=None, keep=None):
         calls.append(part)
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
-        return real(part, frame_bytes)
+        return real(part, frame_bytes, keep)
     monkeypatch.setattr(filemod, "_finish_zstd", second_fails)
     with pytest.raises(OSError, match="No space"):
         Ingest([FileSink(directory=str(out), format="pcap.zst")], counters=collections.Counter(),
@@ -318,6 +318,84 @@ def test_a_recovery_interrupted_half_way_keeps_what_was_acknowledged(tmp_path, m
     ingest.shutdown()
     for f in flushed["open"]:
         assert read_ts(f["final"]) == acked, f["final"]
+
+
+ZST_LAYOUTS = [("pcap.zst", None), ("pcapng.zst", None), ("pcapng.zst", 64 << 10)]
+
+
+@pytest.mark.parametrize("rotate", [False, True], ids=["open", "rotated"])
+@pytest.mark.parametrize("fmt,frame_bytes", ZST_LAYOUTS, ids=["pcap.zst", "pcapng.zst", "seekable"])
+def test_a_crash_after_a_reset_keeps_what_was_acknowledged(tmp_path, fmt, frame_bytes, rotate):
+    """A write fails (disk full): the sink goes back to its last flush, re-encoding the .zst
+    file open then (``rotated``: completed by rotation since) -- another size than the one in
+    the receiver's persisted state, which only its next commit updates. The receiver is killed
+    before that commit (the disk is still full): recovery from that state must keep every
+    acknowledged packet (a cut at the state's byte offset lost the re-encoding's tail)."""
+    from pktstream.formats.reader import ZstdBlockReader
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    batches = incompressible_batches(6, 200)  # the re-encoding is longer than the old encoding
+    src = Source("s1", "s1", "eth0", 1, 262144)
+    out = tmp_path / "out"
+    out.mkdir()
+    kw = {"rotate_bytes": 300_000} if rotate else {}
+    sink = FileSink(str(out / f"o.{fmt}"), zstd_frame_bytes=frame_bytes, **kw)
+    for b in batches[:4]:
+        sink.write(src, b)
+    saved = json.loads(json.dumps(sink.flush()))  # persisted by the receiver's commit
+    entry = saved["open"][0]
+    with open(entry["part"], "rb") as f:  # the state's decoded size is what the file decodes to
+        r, buf, decoded = ZstdBlockReader(f, entry["part"]), bytearray(1 << 16), 0
+        while n := r.readinto(buf):
+            decoded += n
+    assert entry["stream_bytes"] == decoded > 0
+    for b in batches[4:]:
+        sink.write(src, b)
+    final = entry["final"]
+    assert os.path.exists(final) == rotate  # (rotated: the flushed file was completed since)
+    sink.reset()  # the write error
+    acked = [i for b in batches[:4] for i in (b.ts_ns - 1_700_000_000 * 10**9).tolist()]
+    assert read_ts(final) == acked
+    assert os.path.getsize(final) > entry["size"]  # re-encoded: what made the old cut lose packets
+    for o in sink._outputs.values():
+        o.abandon()  # killed before the next commit
+    for restart in range(2):
+        after = FileSink.recover(saved)
+        assert read_ts(final) == acked, f"restart {restart + 1}"
+        assert sorted(os.listdir(out)) == [os.path.basename(final)]
+        saved = after
+
+
+@pytest.mark.parametrize("fmt,frame_bytes", ZST_LAYOUTS, ids=["pcap.zst", "pcapng.zst", "seekable"])
+def test_a_crash_before_the_recovered_size_is_saved_keeps_what_was_acknowledged(tmp_path, fmt, frame_bytes):
+    """Killed while recovering, after a .zst file's re-encoding took its place but before the
+    state with its new size was written (``persist`` fails here as a SIGKILL would stop it):
+    the next recovery, from the old state, must keep every acknowledged packet."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    batches = incompressible_batches(6, 200)
+    src = Source("s1", "s1", "eth0", 1, 262144)
+    out = tmp_path / "out"
+    out.mkdir()
+    sink = FileSink(str(out / f"o.{fmt}"), zstd_frame_bytes=frame_bytes)
+    for b in batches[:4]:
+        sink.write(src, b)
+    saved = json.loads(json.dumps(sink.flush()))
+    for b in batches[4:]:
+        sink.write(src, b)  # never acknowledged
+    for o in sink._outputs.values():
+        o.abandon()  # the crash
+    final = saved["open"][0]["final"]
+    acked = [i for b in batches[:4] for i in (b.ts_ns - 1_700_000_000 * 10**9).tolist()]
+
+    def killed(state):
+        assert os.path.getsize(final) != saved["open"][0]["size"]  # the re-encoding is in place
+        raise KeyboardInterrupt("killed")
+    with pytest.raises(KeyboardInterrupt):
+        FileSink.recover(saved, killed)
+    FileSink.recover(saved)
+    assert read_ts(final) == acked
+    assert sorted(os.listdir(out)) == [os.path.basename(final)]
 
 
 @pytest.mark.parametrize("fmt", ["pcap", "pcapng.zst"])

@@ -227,7 +227,8 @@ class CaptureWriter:
         self._zfile: ZstdFileWriter | None = None
         self._raw: Any = None   # the OS file under the current writer (paths only)
         self._cur_path: str | None = None
-        self._last_done: tuple[str, int, int] | None = None  # rotating: (path, seq, size) completed last
+        # rotating: (path, seq, size, stream bytes) of the file completed last
+        self._last_done: tuple[str, int, int, int] | None = None
         self._opened_at = 0.0
         self._link_type: int | None = None
         self.paths: list[str] = []
@@ -319,7 +320,7 @@ class CaptureWriter:
             os.replace(path + ".part", path)
         self._raw = None  # (only now: a failure above leaves the file to abandon(), whose caller cuts it back)
         if self._rotating:
-            self._last_done = (path, self._seq - 1, size)
+            self._last_done = (path, self._seq - 1, size, w.file_bytes)
         if self._fsync:
             fsync_dir(os.path.dirname(os.path.abspath(path)))
         self.paths.append(path)
@@ -369,11 +370,20 @@ class CaptureWriter:
         return self._seq - 1 if self._rotating and self._cur is not None else None  # (_next_path's last)
 
     @property
-    def last_completed(self) -> tuple[str, int, int] | None:
+    def last_completed(self) -> tuple[str, int, int, int] | None:
         """Rotating writers while no file is open (time rotation completed it at a flush or
         ``rotate_if_due``): the file completed last as (final name, sequence number, size in
-        bytes) -- crash recovery removes the files numbered after it. None otherwise."""
+        bytes, uncompressed stream bytes) -- crash recovery removes the files numbered after
+        it. None otherwise."""
         return self._last_done if self._cur is None else None
+
+    @property
+    def stream_bytes(self) -> int:
+        """Uncompressed bytes of the current file so far (its pcap/pcapng stream: equal to its
+        size unless it is a ``.zst`` file); 0 when no file is open. After :meth:`flush` a
+        ``.zst`` file decodes to exactly these bytes, whole records (crash recovery keeps that
+        many, whatever the file's encoding)."""
+        return self._cur.file_bytes if self._cur is not None else 0
 
     @property
     def current_path(self) -> str | None:

@@ -82,16 +82,28 @@ def _writer_state(writer: CaptureWriter) -> dict[str, Any] | None:
             return None
         # a rotating output with no file open (time rotation completed it): the files it opens
         # after this flush hold nothing acknowledged, so recovery needs its place all the same
-        final, seq, size = done
+        final, seq, size, stream = done
         st = {"part": writer.data_path_of(final), "final": final, "size": size, "seq": seq,
               "pattern": writer.name_pattern}
     else:
+        stream = writer.stream_bytes
         st = {"part": writer.data_path_of(final), "final": final, "size": os.fstat(writer.fileno()).st_size}
         if writer.current_seq is not None:  # rotating: recovery removes later files (entirely unacknowledged)
             st.update(seq=writer.current_seq, pattern=writer.name_pattern)
+    if writer.format.endswith(".zst"):
+        # recovery keeps this many decoded bytes: a re-encoded file (recovery, a reset) has
+        # another size, and a cut at the old byte offset would lose acknowledged packets
+        st["stream_bytes"] = stream
     if writer.zstd_frame_bytes:
         st["zstd_frame_bytes"] = writer.zstd_frame_bytes  # recovery keeps the seekable layout
     return st
+
+
+def _stream_bytes(st: dict[str, Any]) -> int | None:
+    """A state entry's decoded bytes acknowledged (``.zst`` files; None: not recorded, as in
+    states written before it, or not a ``.zst`` file)."""
+    v = st.get("stream_bytes")
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
 
 
 class FileSink(Sink):
@@ -223,7 +235,8 @@ class FileSink(Sink):
             removed: list[str] = []
             cut: str | None = None
             if current is not None and st is not None and current == st["final"]:
-                if _cut_and_complete(out.data_path_of(current), current, st["size"], st.get("zstd_frame_bytes")):
+                if _cut_and_complete(out.data_path_of(current), current, st["size"], st.get("zstd_frame_bytes"),
+                                     _stream_bytes(st)):
                     completed.append(current)
             else:
                 if current is not None:  # opened after the flush: nothing in it was acknowledged
@@ -235,7 +248,8 @@ class FileSink(Sink):
                         if st["final"] not in completed:  # the writer failed after its rename: unindexed)
                             completed.append(st["final"])
                             cut = st["final"]
-                        if _cut_back_completed(st["final"], st["size"], st.get("zstd_frame_bytes")):
+                        if _cut_back_completed(st["final"], st["size"], st.get("zstd_frame_bytes"),
+                                               _stream_bytes(st)):
                             cut = st["final"]
                     removed = _remove_later_rotations(st)
                     after = completed.index(st["final"]) + 1 if st["final"] in completed else len(completed)
@@ -321,9 +335,9 @@ class FileSink(Sink):
             frame_bytes = frame_bytes if isinstance(frame_bytes, int) and frame_bytes > 0 else None
             known.add(part)
             if os.path.exists(part):
-                _cut_and_complete(part, final, size, frame_bytes)
+                _cut_and_complete(part, final, size, frame_bytes, _stream_bytes(f))
             else:
-                _cut_back_completed(final, size, frame_bytes)
+                _cut_back_completed(final, size, frame_bytes, _stream_bytes(f))
             _remove_later_rotations(f)
             after.append({**f, "size": os.path.getsize(final)} if os.path.isfile(final) else f)
             if persist is not None and after[-1] != f:
@@ -344,16 +358,22 @@ class FileSink(Sink):
         return {**state, "open": after}
 
 
-def _cut_back_completed(final: str, size: int, frame_bytes: int | None = None) -> bool:
+def _cut_back_completed(final: str, size: int, frame_bytes: int | None = None,
+                        stream_bytes: int | None = None) -> bool:
     """A file completed by rotation after the last acknowledged flush: cut its tail (the
     sensors resend it); a .zst file is re-encoded from the whole blocks it held at that flush
-    (its frame was ended by the rotation, after them). False if it was not longer than ``size``."""
-    if not (os.path.exists(final) and os.path.getsize(final) > size):
+    (its frame was ended by the rotation, after them) -- its first ``stream_bytes`` decoded
+    bytes when known, so also when it was re-encoded since (by a reset after a write error or
+    an interrupted recovery: another size). False if there was nothing to cut."""
+    if not os.path.exists(final):
+        return False
+    actual = os.path.getsize(final)
+    if not (actual > size or (stream_bytes is not None and actual != size and final.endswith(".zst"))):
         return False
     if final.endswith(".zst"):
         part = final + ".part"
         os.replace(final, part)  # back to its .part name: a crash now is recovered the same way
-        _cut_and_complete(part, final, size, frame_bytes)
+        _cut_and_complete(part, final, size, frame_bytes, stream_bytes)
     else:
         with open(final, "r+b") as fh:
             fh.truncate(size)
@@ -419,9 +439,12 @@ def _drop_staged_index(final: str) -> None:
         pass
 
 
-def _cut_and_complete(part: str, final: str, size: int, frame_bytes: int | None = None) -> bool:
+def _cut_and_complete(part: str, final: str, size: int, frame_bytes: int | None = None,
+                      stream_bytes: int | None = None) -> bool:
     """Cut ``part`` back to ``size`` bytes (the last acknowledged flush) and complete it;
-    False if nothing was left to complete."""
+    False if nothing was left to complete. A ``.zst`` file with ``stream_bytes`` known is cut
+    by content instead: its first ``stream_bytes`` decoded bytes are re-encoded, whichever
+    encoding it holds (the one written, or one a recovery or reset made since)."""
     try:
         actual = os.path.getsize(part)
     except OSError:
@@ -429,24 +452,29 @@ def _cut_and_complete(part: str, final: str, size: int, frame_bytes: int | None 
     if size == 0:
         os.unlink(part)  # nothing acknowledged went into it
         return False
-    if actual > size:
-        with open(part, "r+b") as fh:
-            fh.truncate(size)
-        log.warning("recovery: %s cut from %d to %d bytes (the unacknowledged tail is resent)",
-                    part, actual, size)
-    if final.endswith(".zst"):
-        _finish_zstd(part, frame_bytes)
+    zst = final.endswith(".zst")
+    if zst and stream_bytes is not None:
+        _finish_zstd(part, frame_bytes, stream_bytes)
+    else:
+        if actual > size:
+            with open(part, "r+b") as fh:
+                fh.truncate(size)
+            log.warning("recovery: %s cut from %d to %d bytes (the unacknowledged tail is resent)",
+                        part, actual, size)
+        if zst:
+            _finish_zstd(part, frame_bytes)
     os.replace(part, final)
     log.warning("recovery: completed %s", final)
     return True
 
 
-def _finish_zstd(part: str, frame_bytes: int | None = None) -> None:
+def _finish_zstd(part: str, frame_bytes: int | None = None, keep: int | None = None) -> None:
     """A crashed ``.zst`` file is zstd frames, the last without its end: re-encode the whole
     blocks it holds into complete, checksummed frames -- one, or the seekable layout with
     ``frame_bytes`` -- streaming (memory stays bounded whatever the file size). The reader's
     block decoder delivers every whole block of every frame and stops at a block cut off by the
-    crash (or at corrupt data: everything before it is kept)."""
+    crash (or at corrupt data: everything before it is kept). ``keep``: only the first ``keep``
+    decoded bytes (what was acknowledged; the rest is resent)."""
     from pktstream.formats.reader import ZstdBlockReader
     from pktstream.formats.writer import ZstdFileWriter
     tmp = part + ".tmp"
@@ -457,16 +485,34 @@ def _finish_zstd(part: str, frame_bytes: int | None = None) -> None:
     with open(part, "rb") as f, open(fd, "wb") as out:
         z = ZstdFileWriter(out, 3, frame_bytes)
         src = ZstdBlockReader(f, part)
-        while True:
+        left = keep
+        while left is None or left > 0:
             try:
                 n = src.readinto(buf)
             except Exception:  # corrupt data (or garbage after the frames): keep what came before
                 break
             if not n:
                 break
+            if left is not None:
+                n = min(n, left)
+                left -= n
             z.write(bytes(buf[:n]))
         z.finish()
+        if left:
+            log.warning("recovery: %s decodes to %d bytes of the %d acknowledged (damaged): kept them",
+                        part, cast(int, keep) - left, keep)
+        elif keep is not None and _more(src, buf):  # (only to say so: the tail is resent)
+            log.warning("recovery: %s cut to the %d decoded bytes acknowledged (the unacknowledged tail "
+                        "is resent)", part, keep)
     os.replace(tmp, part)
+
+
+def _more(src, buf: bytearray) -> bool:
+    """Whether a block reader has decoded bytes left (False also on corrupt data)."""
+    try:
+        return bool(src.readinto(buf))
+    except Exception:
+        return False
 
 
 _FINISH_CHUNK = 1 << 16  # decompressed bytes taken at a time
