@@ -103,6 +103,8 @@ cdef enum:
     STOP_CLOSE = 2    # close(): seal the partly filled block and end now
     FAIL_POLL = -100  # CaptureState.fail_rc: poll() failed (fail_errno says why)
     IDLE_POLL_MS = 5000  # live capture thread: longest sleep with nothing partly filled (ring trim)
+    BEHIND_SHARE = 4     # the consumer is behind while 1/BEHIND_SHARE of the blocks wait for next_batch
+    BEHIND_POLL_MS = 5   # ... then a seal put off by time is looked at again this often
 
 cdef enum:
     RING_TRIM_EVERY_NS = 1000000000   # live rings: how often the capture thread looks for idle blocks
@@ -1125,6 +1127,7 @@ cdef void _capture_until_stop(CaptureState *s, pollfd *fds) noexcept nogil:
     kernel's blocks, max_wait, the adaptive seal and the ring trim (every IDLE_POLL_MS idle)."""
     cdef int64_t now, early_at
     cdef int poll_ms, prc, rc
+    cdef bint behind
     cdef const timeval *required
     while True:
         if ps_load_int(&s.stop) or (s.max_packets and s.packets >= s.max_packets):
@@ -1132,20 +1135,30 @@ cdef void _capture_until_stop(CaptureState *s, pollfd *fds) noexcept nogil:
         now = ps_monotonic_ns()
         if now - s.last_trim_ns >= RING_TRIM_EVERY_NS:
             _trim(s, now)
-        if s.cur >= 0 and s.count[s.cur] > 0 and now - s.cur_first_ns >= s.max_wait_ns:
-            _seal(s)
-        # everything the kernel had is dispatched (or nothing was yet): a partly filled block
-        # on a quiet link goes now (adaptive sealing)
-        early_at = _early_at(s, s.max_wait_ns)
-        if early_at >= 0 and now >= early_at:
-            _seal_early(s, now)
+        # a consumer behind (a quarter of the ring sealed and not yet taken: GIL waits, a
+        # reconnection's resend, a loaded host) would take a block sealed now no sooner than
+        # a fuller one, and every partly filled block sealed by time is ring capacity lost: at
+        # low rates (blocks of ~50 ms) the ring held ~1.5 s of traffic, then the kernel buffer
+        # (its blocks retired every timeout_ms) ~0.3 s more before it dropped. Until it
+        # catches up, blocks are sealed only full: the ring holds whole MiBs, seconds of traffic
+        behind = _queued(s) * BEHIND_SHARE >= s.nblocks
+        if not behind:
+            if s.cur >= 0 and s.count[s.cur] > 0 and now - s.cur_first_ns >= s.max_wait_ns:
+                _seal(s)
+            # everything the kernel had is dispatched (or nothing was yet): a partly filled
+            # block on a quiet link goes now (adaptive sealing)
+            early_at = _early_at(s, s.max_wait_ns)
+            if early_at >= 0 and now >= early_at:
+                _seal_early(s, now)
         if s.cur < 0 and not _any_free(s):
             # the ring is full of batches still held: leave packets in the kernel buffer
             # until one is released (or stop() is called)
             poll(&fds[1], 1, 10)
             continue
         poll_ms = IDLE_POLL_MS
-        if s.cur >= 0 and s.count[s.cur] > 0:
+        if s.cur >= 0 and s.count[s.cur] > 0 and behind:
+            poll_ms = BEHIND_POLL_MS  # (next_batch does not wake this thread when it catches up)
+        elif s.cur >= 0 and s.count[s.cur] > 0:
             # the kernel wakes poll when it hands over packets (within timeout_ms); a
             # wake-up of our own is due only at max_wait or the adaptive seal
             poll_ms = _min_ms(IDLE_POLL_MS, s.cur_first_ns + s.max_wait_ns - now)
@@ -1380,7 +1393,9 @@ cdef class Capture:
         :param timeout_ms: kernel batching timeout (TPACKET_V3 hands over a partly filled buffer block after it).
         :param direction: ``"inout"`` (default), ``"in"`` or ``"out"``.
         :param bpf: filter expression (string or list of words, as tcpdump takes them).
-        :param max_wait: seal a partially filled block this many seconds after its first packet.
+        :param max_wait: seal a partially filled block this many seconds after its first packet
+            (while a quarter of the blocks wait for ``next_batch``, the consumer behind, blocks
+            are sealed only full: the ring then holds whole blocks of traffic).
         :param block_bytes: size of one ring block (a batch); at least ``snaplen + 16``.
         :param ring_blocks: number of blocks; when all are held by batches, packets are
             dropped and counted in ``stats()['ring_drops']``.

@@ -239,6 +239,40 @@ def test_adaptive_sealing_is_off_by_default_and_at_max_wait(veth):
         pktstream.Capture(veth.outer, idle_wait=float("nan")).close()
 
 
+def test_a_consumer_behind_gets_whole_blocks(veth):
+    """While a quarter of the ring's blocks are sealed and not yet taken (the consumer is
+    behind: GIL waits, a sensor resending after a reconnection, a loaded host), blocks are not
+    sealed by time: a packet at a time on a quiet link no longer takes a block each, so the ring
+    holds seconds of low-rate traffic instead of a few (a default sensor at 3 kpps dropped
+    packets in the kernel once its consumer was ~2 s behind). Once the consumer catches up, the
+    block held open goes at once."""
+    # (max_wait a minute: it never comes; with an hour, the quiet-link rule would wait seconds
+    # for 18 packets to count as a quiet link's block)
+    cap = pktstream.Capture(veth.outer, max_wait=60.0, idle_wait=0.0, timeout_ms=10, ring_blocks=8,
+                            bpf="udp port 9")
+    try:
+        _send_udp_out(veth, b"start")
+        b = cap.next_batch(timeout=60)  # (starts the capture thread; the timeout only bounds a failure)
+        assert len(b) == 1
+        b.release()
+        for i in (1, 2):  # each sealed alone (adaptive rule), not taken: 2 of 8 blocks wait
+            _send_udp_out(veth, b"early-%d" % i)
+            wait_until(lambda: cap.stats()["early_seals"] == i + 1, 30, f"seal {i} ({cap.stats()})")
+        for i in range(3, 21):  # each would have been sealed alone, and 8 blocks filled the ring
+            _send_udp_out(veth, b"late-%d" % i)
+            wait_until(lambda: cap.stats()["packets"] == i + 1, 30, f"packet {i} ({cap.stats()})")
+        sizes = []
+        while sum(sizes) < 20:
+            b = cap.next_batch(timeout=60)
+            sizes.append(len(b))
+            b.release()
+        st = cap.stats()
+        assert sizes == [1, 1, 18], sizes
+        assert st["early_seals"] == 4 and st["ring_drops"] == 0 and st["kernel_dropped"] == 0
+    finally:
+        cap.close()
+
+
 def test_adaptive_sealing_keeps_full_blocks_under_load(veth, tmp_path):
     """At a rate that fills blocks (any replay speed: 20 MB here), adaptive sealing does not
     cut blocks short: every block but the first (the burst starts on an idle link) and the
