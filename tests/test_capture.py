@@ -257,10 +257,10 @@ def test_a_consumer_behind_gets_whole_blocks(veth):
         b.release()
         for i in (1, 2):  # each sealed alone (adaptive rule), not taken: 2 of 8 blocks wait
             _send_udp_out(veth, b"early-%d" % i)
-            wait_until(lambda: cap.stats()["early_seals"] == i + 1, 30, f"seal {i} ({cap.stats()})")
+            wait_until(lambda i=i: cap.stats()["early_seals"] == i + 1, 30, f"seal {i} ({cap.stats()})")
         for i in range(3, 21):  # each would have been sealed alone, and 8 blocks filled the ring
             _send_udp_out(veth, b"late-%d" % i)
-            wait_until(lambda: cap.stats()["packets"] == i + 1, 30, f"packet {i} ({cap.stats()})")
+            wait_until(lambda i=i: cap.stats()["packets"] == i + 1, 30, f"packet {i} ({cap.stats()})")
         sizes = []
         while sum(sizes) < 20:
             b = cap.next_batch(timeout=60)
