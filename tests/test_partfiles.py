@@ -320,6 +320,37 @@ def test_a_recovery_interrupted_half_way_keeps_what_was_acknowledged(tmp_path, m
         assert read_ts(f["final"]) == acked, f["final"]
 
 
+def test_the_receiver_numbers_files_after_those_its_state_names(tmp_path):
+    """The receiver hands each output the recovered state (``Sink.resume``): a rotating
+    output's next file is numbered after the state's, also when the files that held the lower
+    numbers are gone (an S3 output's staging directory moves them out), so the next recovery
+    cannot take a new file for the acknowledged one."""
+    import collections
+
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    from pktstream.stream.receiver.ingest import STATE_FILE, Ingest
+    batches = make_batches(3, 50)
+    src = Source("s1", "s1", "eth0", 1, 262144)
+    out, state_dir = tmp_path / "out", tmp_path / "state"
+    sink = FileSink(directory=str(out), format="pcap", rotate_seconds=3600)
+    sink.write(src, batches[0])
+    flushed = sink.flush()
+    assert flushed["open"][0]["seq"] == 0
+    for o in sink._outputs.values():
+        o.abandon()  # the crash
+    state_dir.mkdir()
+    (state_dir / STATE_FILE).write_text(json.dumps({"sensors": {}, "sinks": {sink.name: flushed}}))
+    sink = FileSink(directory=str(out), format="pcap", rotate_seconds=3600)
+    ingest = Ingest([sink], counters=collections.Counter(), closing=threading.Event(), state_dir=str(state_dir))
+    assert sorted(os.listdir(out)) == ["s1.000000.pcap"]  # recovered
+    os.unlink(out / "s1.000000.pcap")  # taken away (uploaded, moved out of staging)
+    sink.write(src, batches[1])
+    assert sorted(os.listdir(out)) == ["s1.000001.pcap.part"]
+    ingest.shutdown()
+    sink.close()
+
+
 ZST_LAYOUTS = [("pcap.zst", None), ("pcapng.zst", None), ("pcapng.zst", 64 << 10)]
 
 

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
@@ -274,6 +275,78 @@ def test_s3_sink_uploads_only_acknowledged_files_across_a_crash(tmp_path, moto):
     got = [p for _, pkts in sorted(objects) for p in pkts]
     assert sink.counters["uploaded_files"] >= 2  # rotation completed files before the flush too
     assert got == [bytes(p) for b in _batches(12, 600)[:4] for p in b]
+
+
+_RESET_THEN_CRASH = r"""
+import json, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from test_s3 import BUCKET, _batches
+from pktstream.sinks.base import Source
+from pktstream.sinks.s3 import S3Sink
+staging, endpoint, fmt, run, state_path = sys.argv[2:7]
+sink = S3Sink(BUCKET, "cap/", staging_dir=staging, endpoint_url=endpoint, region="us-east-1", path_style=True,
+              format=fmt, rotate_seconds=3600, acl=None)
+src = Source("s1", "host", "eth0", 1, 65535)
+batches = _batches(12, 100)
+if run == "1":
+    sink.use_acknowledgements()  # as a receiver does
+    for b in batches[:4]:
+        sink.write(src, b)
+    state = sink.flush()
+    sink.acknowledged(state)  # persisted and acknowledged: the file open at this flush holds batches 0-3
+    with open(state_path, "w") as f:
+        json.dump(state, f)
+    sink.reset()  # the next group failed (StagingFull in an S3 outage): back to the flush
+    for b in batches[4:8]:
+        sink.write(src, b)  # the group written again by a new writer; never acknowledged
+else:
+    with open(state_path) as f:
+        sink.resume(json.load(f))  # as a receiver does after recovery
+    sink.use_acknowledgements()
+    for b in batches[8:]:
+        sink.write(src, b)  # before this run's first commit
+os.kill(os.getpid(), signal.SIGKILL)  # the crash, before the next commit
+"""
+
+
+@pytest.mark.parametrize("fmt", ["pcap", "pcap.zst"])
+def test_s3_sink_never_reuses_a_number_the_state_names(tmp_path, moto, fmt):
+    """The staging directory moves an acknowledged file out (to ready/), so a new writer -- after
+    a reset, or in the next run -- found no file of its pattern and numbered from 000000 again:
+    the number of the file the persisted state names. A crash before the next commit then made
+    recovery take the new file for that one: cut back to its size and kept, and uploaded,
+    though nothing in it was acknowledged (the sensors resend it: packets twice in S3, and for
+    an uncompressed file a record cut in two). Two crashes in a row (cold review)."""
+    import pktstream
+    from pktstream.sinks.s3 import S3Sink
+
+    s3 = moto.client()
+    s3.create_bucket(Bucket=BUCKET)
+    staging, state_path = tmp_path / "staging", tmp_path / "state.json"
+
+    def crashing_run(run: str) -> None:
+        child = subprocess.run([os.sys.executable, "-c", _RESET_THEN_CRASH, os.path.dirname(__file__),
+                                str(staging), moto.endpoint, fmt, run, str(state_path)],
+                               capture_output=True, text=True, timeout=120)
+        assert child.returncode == -signal.SIGKILL, child.stderr
+        recovered = S3Sink.recover(json.loads(state_path.read_text()))  # the next receiver's start
+        state_path.write_text(json.dumps(recovered))  # (the receiver persists it)
+    crashing_run("1")
+    crashing_run("2")
+    sink = S3Sink(BUCKET, "cap/", staging_dir=str(staging), endpoint_url=moto.endpoint, region="us-east-1",
+                  path_style=True, format=fmt, rotate_seconds=3600, acl=None, close_timeout=60)
+    sink.resume(json.loads(state_path.read_text()))
+    sink.use_acknowledgements()
+    sink.close()
+    ts = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="cap/"):
+        for i, obj in enumerate(page.get("Contents", [])):
+            local = tmp_path / f"o{i}.{fmt}"
+            local.write_bytes(s3.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read())
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # (a record cut in two is a warning)
+                ts += [t for b in pktstream.read(str(local)) for t in b.ts_ns.tolist()]
+    assert sorted(ts) == [t for b in _batches(12, 100)[:4] for t in b.ts_ns.tolist()]
 
 
 def test_s3_sink_holds_completed_files_until_acknowledged(tmp_path, moto):

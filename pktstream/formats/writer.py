@@ -185,7 +185,8 @@ class CaptureWriter:
                  nanosecond: bool = True, level: int = 3,
                  on_complete: Callable[[str], None] | None = None,
                  clock: Callable[[], float] = time.time, in_place: bool = False,
-                 observer: WriteObserver | None = None, zstd_frame_bytes: int | None = None) -> None:
+                 observer: WriteObserver | None = None, zstd_frame_bytes: int | None = None,
+                 first_seq: int = 0) -> None:
         is_path = isinstance(target, (str, os.PathLike))
         if is_path:
             target = os.fspath(target)
@@ -221,7 +222,11 @@ class CaptureWriter:
         self._on_complete = on_complete
         self._observer = observer if is_path else None
         self._clock = clock
-        self._seq = 0
+        if first_seq < 0:
+            raise ValueError("first_seq must be >= 0")
+        # rotating: the next file's number at least (files of the pattern found in a directory
+        # push it higher); a caller passes the numbers it must not reuse (FileSink.resume)
+        self._seq = first_seq
         self._seq_scanned: set[str] = set()  # directories scanned for the numbers already used
         self._cur: PcapWriter | PcapngWriter | None = None
         self._zfile: ZstdFileWriter | None = None
@@ -384,6 +389,11 @@ class CaptureWriter:
         ``.zst`` file decodes to exactly these bytes, whole records (crash recovery keeps that
         many, whatever the file's encoding)."""
         return self._cur.file_bytes if self._cur is not None else 0
+
+    @property
+    def next_seq(self) -> int:
+        """Rotating writers: no file this writer opens from now on gets a lower number."""
+        return self._seq
 
     @property
     def current_path(self) -> str | None:

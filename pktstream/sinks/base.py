@@ -50,6 +50,12 @@ class Sink:
         """Called about once a second while this output has nothing to write (everything
         given so far is written and flushed): time-based work such as rotation. Default: none."""
 
+    def resume(self, state: dict[str, Any]) -> None:
+        """A receiver calls this once per output that has a persisted state, after crash
+        recovery (with the state recovery returned, or the loaded one) and before the first
+        write: what the output must not reuse while that state can still be recovered from
+        (FileSink: the file numbers it names). Default: nothing."""
+
     def use_acknowledgements(self) -> None:
         """A receiver calls this once on each gating output, after crash recovery and before
         the first write: from then on it calls :meth:`acknowledged` after each commit.

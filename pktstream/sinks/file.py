@@ -154,6 +154,10 @@ class FileSink(Sink):
         self._flushed: dict[Any, dict[str, Any]] = {}  # output key -> its state at the last flush
         self._done: list[str] = []  # files completed by earlier writers (after a reset)
         self._in_place_reset = False  # an in-place output was reset: it goes on in a new file
+        # rotating name pattern -> the lowest number its next writer may give a file: the
+        # persisted state may name lower ones until the next commit (a reset, or a recovered
+        # state), and a staging directory (S3) no longer holds the files that used them
+        self._seq_floor: dict[str, int] = {}
         self.name = f"file:{self.path or self.directory}"
         # a path without a capture extension is written as pcap under exactly that name,
         # growing in place like PacketStreamer's output.file.path (tail -F NAME | tcpdump -r -)
@@ -210,7 +214,8 @@ class FileSink(Sink):
             in_place = self.in_place and base == self.path and not self._in_place_reset
             name = base if rotating or in_place else _free_name(base, "~" if self.directory else ".")
             out = self._outputs[key] = CaptureWriter(name, format=self.format, in_place=in_place,
-                                                     observer=self.indexer, **self.opts)
+                                                     observer=self.indexer, first_seq=self._seq_floor.get(name, 0),
+                                                     **self.opts)
             log.info("writing %s", name)
         return out
 
@@ -266,6 +271,9 @@ class FileSink(Sink):
                 self._in_place_reset = True
                 log.warning("%s: written on in %s after the error (a capture file is never truncated)",
                             out.name_pattern, _free_name(cast(str, out.name_pattern)))
+        for out in self._outputs.values():  # (a number the persisted state names is never reused)
+            if out.name_pattern is not None:
+                self._seq_floor[out.name_pattern] = max(self._seq_floor.get(out.name_pattern, 0), out.next_seq)
         self._outputs.clear()  # new writers, new (free) names: a completed file is never reopened
         self._flushed.clear()
 
@@ -315,6 +323,17 @@ class FileSink(Sink):
             self.indexer.close()
         if error is not None:
             raise error
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Files of a rotating output are numbered after those the state names: a new writer
+        numbers after the files of its pattern in the directory, and a staging directory (S3)
+        may no longer hold them; a file with the number of the state's open one would be taken
+        for it by the next recovery (cut back to its size and kept, though nothing in it was
+        acknowledged)."""
+        for f in state.get("open", []):
+            pattern, seq = f.get("pattern"), f.get("seq")
+            if isinstance(pattern, str) and isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0:
+                self._seq_floor[pattern] = max(self._seq_floor.get(pattern, 0), seq + 1)
 
     @staticmethod
     def recover(state: dict[str, Any], persist: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:

@@ -332,6 +332,9 @@ class S3Sink(Sink):
 
     recover = staticmethod(FileSink.recover)
 
+    def resume(self, state: dict[str, Any]) -> None:
+        self._files.resume(state)
+
     def close(self) -> None:
         """Complete the open files and upload for up to ``close_timeout`` s. Under a receiver
         (:meth:`use_acknowledgements`) only acknowledged files go: a receiver commits its last

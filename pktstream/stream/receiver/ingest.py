@@ -232,6 +232,7 @@ class Ingest:
                 after = type(sink).recover(sink_state, functools.partial(persist, name))
                 if after is not None and after != recovered.get(name, sink_state):
                     persist(name, after)
+                sink.resume(after if after is not None else recovered.get(name, sink_state))
         if state:
             log.info("state: resuming %d sensors from %s", len(self.sensors), self.state.path)
 
