@@ -823,3 +823,16 @@ def test_stdout_stream_header_snap_length_covers_the_packets_written():
     sink.flush()
     assert struct.unpack_from("<I", out.getvalue(), 16)[0] == 1600
     assert [bytes(p) for b in pktstream.read(io.BytesIO(out.getvalue())) for p in b] == [frame]
+
+
+def test_file_sink_refuses_a_format_its_file_name_contradicts(tmp_path):
+    """Recovery, readers and the index go by the file name: a .zst format written under a .pcap
+    name would be cut like a pcap file after a crash (cold review); a name without a capture
+    extension and a format given is refused the same way."""
+    from pktstream.exceptions import ConfigError
+    from pktstream.sinks import FileSink
+    for name, fmt in (("cap.pcap", "pcap.zst"), ("cap.pcapng.zst", "pcapng"), ("cap", "pcap")):
+        with pytest.raises(ConfigError, match=r"is named \*\." + fmt.replace(".", r"\.")):
+            FileSink(str(tmp_path / name), format=fmt)
+    assert FileSink(str(tmp_path / "ok.pcap.zst"), format="pcap.zst").format == "pcap.zst"
+    assert FileSink(str(tmp_path / "ok.pcap")).format == "pcap"

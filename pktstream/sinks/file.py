@@ -138,6 +138,11 @@ class FileSink(Sink):
             raise ValueError("FileSink needs exactly one of path or directory")
         self.path = os.fspath(path) if path else None
         self.directory = os.fspath(directory) if directory else None
+        if self.path and format and format_from_name(self.path) != format:
+            # (recovery, readers and the index go by the name: a .zst format in a .pcap name
+            # would be cut like a pcap file after a crash)
+            raise ConfigError(f"{self.path}: a {format} file is named *.{format}; name it so, or leave the format "
+                              "out (the name gives it)")
         self.format = format or (format_from_name(self.path) or "pcap" if self.path else "pcapng")
         self.gate = gate
         self.opts: dict[str, Any] = dict(rotate_bytes=rotate_bytes, rotate_seconds=rotate_seconds, max_files=max_files,
