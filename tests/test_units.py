@@ -836,3 +836,13 @@ def test_file_sink_refuses_a_format_its_file_name_contradicts(tmp_path):
             FileSink(str(tmp_path / name), format=fmt)
     assert FileSink(str(tmp_path / "ok.pcap.zst"), format="pcap.zst").format == "pcap.zst"
     assert FileSink(str(tmp_path / "ok.pcap")).format == "pcap"
+
+
+def test_s3_sink_needs_rotation(tmp_path):
+    """An S3 output's objects are its rotated files; one never rotated would be named again
+    after a reset under the name the persisted state gives an acknowledged file (cold review)."""
+    from pktstream.exceptions import ConfigError
+    from pktstream.sinks.s3 import S3Sink
+    with pytest.raises(ConfigError, match="needs rotate_bytes or rotate_seconds"):
+        S3Sink("b", staging_dir=str(tmp_path), rotate_bytes=None, rotate_seconds=None, client=object())
+    assert not os.listdir(tmp_path)  # refused before anything was made

@@ -163,6 +163,9 @@ class FileSink(Sink):
         # persisted state may name lower ones until the next commit (a reset, or a recovered
         # state), and a staging directory (S3) no longer holds the files that used them
         self._seq_floor: dict[str, int] = {}
+        # output key -> the name pattern it was given: kept across resets (and resumed from the
+        # state) so an output keeps its names -- the state and its recovery go by them
+        self._bases: dict[Any, str] = {}
         self.name = f"file:{self.path or self.directory}"
         # a path without a capture extension is written as pcap under exactly that name,
         # growing in place like PacketStreamer's output.file.path (tail -F NAME | tcpdump -r -)
@@ -201,20 +204,7 @@ class FileSink(Sink):
         key = (source.sensor_id if self.directory else None, batch.link_type if single_link else None)
         out = self._outputs.get(key)
         if out is None:
-            if self.directory:
-                base = os.path.join(self.directory, safe_name(source.sensor_id) + "." + self.format)
-            else:
-                base = cast(str, self.path)  # no directory: a path
-            if single_link and any(k[0] == key[0] for k in self._outputs):
-                stem, ext = split_ext(base)
-                base = f"{stem}.{safe_name(link_type_name(batch.link_type))}{ext}"
-            used = {o.name_pattern for o in self._outputs.values()}
-            if base in used:  # (sensor "s1.LINUX_SLL" and sensor s1's second link type): never one name for two
-                stem, ext = split_ext(base)
-                n = 2
-                while f"{stem}-{n}{ext}" in used:
-                    n += 1
-                base = f"{stem}-{n}{ext}"
+            base = self._bases.get(key) or self._new_base(key, source, batch)
             rotating = self.opts["rotate_bytes"] or self.opts["rotate_seconds"] or self.opts["max_files"]
             in_place = self.in_place and base == self.path and not self._in_place_reset
             name = base if rotating or in_place else _free_name(base, "~" if self.directory else ".")
@@ -223,6 +213,25 @@ class FileSink(Sink):
                                                      **self.opts)
             log.info("writing %s", name)
         return out
+
+    def _new_base(self, key: Any, source: Source, batch: PacketBatch) -> str:
+        """The name pattern of a new output (recorded: a reset does not rename it)."""
+        if self.directory:
+            base = os.path.join(self.directory, safe_name(source.sensor_id) + "." + self.format)
+        else:
+            base = cast(str, self.path)  # no directory: a path
+        if key[1] is not None and any(k[0] == key[0] for k in self._bases):
+            stem, ext = split_ext(base)  # a second link type of a pcap output
+            base = f"{stem}.{safe_name(link_type_name(batch.link_type))}{ext}"
+        used = set(self._bases.values())
+        if base in used:  # (sensor "s1.LINUX_SLL" and sensor s1's second link type): never one name for two
+            stem, ext = split_ext(base)
+            n = 2
+            while f"{stem}-{n}{ext}" in used:
+                n += 1
+            base = f"{stem}-{n}{ext}"
+        self._bases[key] = base
+        return base
 
     def open_paths(self) -> set[str]:
         """Final names of the files being written now (not the caller's to touch)."""
@@ -291,6 +300,9 @@ class FileSink(Sink):
                 os.fsync(out.fileno())
             st = _writer_state(out)
             if st is not None:
+                # which output, and the names it gives files: recovery removes only .part files
+                # of those names, and the next run keeps them (resume)
+                st.update(output=list(key), base=self._bases[key], sep="~" if self.directory else ".")
                 open_files.append(st)
                 flushed[key] = st
         self._flushed.update(flushed)  # (only when every output flushed: a reset goes back to one state)
@@ -339,6 +351,12 @@ class FileSink(Sink):
             pattern, seq = f.get("pattern"), f.get("seq")
             if isinstance(pattern, str) and isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0:
                 self._seq_floor[pattern] = max(self._seq_floor.get(pattern, 0), seq + 1)
+            output, base = f.get("output"), f.get("base")
+            if (isinstance(output, list) and len(output) == 2 and isinstance(base, str)
+                    and (output[0] is None or isinstance(output[0], str))
+                    and (output[1] is None or isinstance(output[1], int))
+                    and base not in self._bases.values()):
+                self._bases.setdefault(tuple(output), base)  # (the names the state's recovery goes by)
 
     @staticmethod
     def recover(state: dict[str, Any], persist: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -366,15 +384,8 @@ class FileSink(Sink):
             after.append({**f, "size": os.path.getsize(final)} if os.path.isfile(final) else f)
             if persist is not None and after[-1] != f:
                 persist({**state, "open": after + entries[k + 1:]})
-        stems = {(os.path.dirname(p) or ".", os.path.basename(p).split(".")[0] + ".") for p in known}
-        for d, stem in stems:
-            for name in os.listdir(d):
-                path = os.path.join(d, name)
-                if (name.startswith(stem) and name.endswith(".part") and path not in known
-                        and os.path.isfile(path)):
-                    # opened after the last acknowledged flush: holds only unacknowledged data
-                    log.warning("recovery: removing %s (nothing in it was acknowledged)", path)
-                    os.unlink(path)
+        for f in entries:
+            _remove_later_parts(f, known)
         root = state.get("index_root")
         if isinstance(root, str) and os.path.isdir(root):
             from pktstream.archive.live import recover_index
@@ -417,6 +428,29 @@ def _unlink(path: str) -> bool:
     return True
 
 
+def _remove_later_parts(f: dict[str, Any], known: set[str]) -> None:
+    """Remove the ``.part`` files a non-rotating output opened after the last acknowledged
+    flush (after a reset: ``NAME~1.pcapng``, ``NAME.1.pcap``): they hold only unacknowledged
+    data. Only names that output gives its files (its ``base`` and ``sep`` in the state) --
+    never another output's file in the same directory, whose acknowledged data it may hold
+    (states without them: nothing is removed). Rotating outputs: :func:`_remove_later_rotations`."""
+    base, sep, final = f.get("base"), f.get("sep"), f.get("final")
+    if not (isinstance(base, str) and sep in (".", "~") and isinstance(final, str)) or "seq" in f:
+        return
+    stem, ext = split_ext(os.path.basename(base))
+    name_re = re.compile(rf"{re.escape(stem)}(?:{re.escape(sep)}\d+)?{re.escape(ext or '.pcap')}\.part")
+    d = os.path.dirname(final) or "."
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(d, name)
+        if name_re.fullmatch(name) and path not in known and os.path.isfile(path):
+            log.warning("recovery: removing %s (nothing in it was acknowledged)", path)
+            os.unlink(path)
+
+
 def _remove_later_rotations(f: dict[str, Any]) -> list[str]:
     """Remove the files a rotating writer completed or opened entirely after the last
     acknowledged flush (a flush group larger than the rotation size): they hold only
@@ -424,19 +458,21 @@ def _remove_later_rotations(f: dict[str, Any]) -> list[str]:
     and a higher sequence number than the file open at the flush: a writer numbers its files
     after every file of its pattern already in the directory, so no earlier file has one.
     Only the directory of the file open at the flush is searched (a strftime pattern in the
-    directory part that moved on is not followed)."""
+    directory part that moved on is not followed). Returns the completed files removed (their
+    ``.part`` files opened after the flush are removed too)."""
     seq, pattern, final = f.get("seq"), f.get("pattern"), f.get("final")
     if not (isinstance(seq, int) and isinstance(pattern, str) and isinstance(final, str)):
         return []  # a state written before these fields, or a writer that does not rotate
     removed = []
-    for n, path in rotated_files(pattern, os.path.dirname(final) or "."):
-        if n <= seq or path == final or not os.path.isfile(path):
+    for n, path in rotated_files(pattern, os.path.dirname(final) or ".", parts=True):
+        if n <= seq or path in (final, final + ".part") or not os.path.isfile(path):
             continue
-        log.warning("recovery: removing %s (completed after the last acknowledged flush: "
-                    "nothing in it was acknowledged)", path)
+        log.warning("recovery: removing %s (%s after the last acknowledged flush: nothing in it was "
+                    "acknowledged)", path, "opened" if path.endswith(".part") else "completed")
         os.unlink(path)
-        _drop_staged_index(path)
-        removed.append(path)
+        if not path.endswith(".part"):  # (.part files: opened after the flush, e.g. with a
+            _drop_staged_index(path)    # strftime name whose expansion moved on)
+            removed.append(path)
     return removed
 
 

@@ -38,6 +38,7 @@ import time
 from typing import Any
 
 from pktstream._capture import PacketBatch
+from pktstream.exceptions import ConfigError
 from pktstream.formats._common import fsync_dir
 from pktstream.sinks.base import Sink, Source
 from pktstream.sinks.file import FileSink, max_flows_option
@@ -53,7 +54,6 @@ def _lock_staging(directory: str) -> Any:
     receivers staging in one directory would upload, cut back or delete each other's files."""
     import fcntl
 
-    from pktstream.exceptions import ConfigError
     f = open(os.path.join(directory, ".lock"), "ab")  # noqa: SIM115 - held for the sink's lifetime
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -120,6 +120,10 @@ class S3Sink(Sink):
                  request_attempts: int = 3, client: Any = None, index: bool = False,
                  zstd_frame_bytes: int | None = None, index_max_flows: int | None = None,
                  fsync: bool = False) -> None:
+        if not (rotate_bytes or rotate_seconds):
+            # (its objects are its rotated files; and a file never rotated would be named
+            # again after a reset, under a name the persisted state gives an acknowledged one)
+            raise ConfigError("an S3 output needs rotate_bytes or rotate_seconds (its objects are its rotated files)")
         self.bucket, self.prefix = bucket, prefix
         self.name = f"s3://{bucket}/{prefix}"
         self.gate = gate
