@@ -122,13 +122,18 @@ def received_counts(rx: Proc) -> dict[str, int]:
     return out
 
 
-def wait_received(rx: Proc, n: int, sensor: str | None = None, timeout: float = 30.0) -> None:
-    """Wait until a CLI receiver has accepted ``n`` packets (from ``sensor``, or in total)."""
+def wait_received(rx: Proc, n: int, sensor: str | None = None, timeout: float = 30.0,
+                  also: tuple[Proc, ...] = ()) -> None:
+    """Wait until a CLI receiver has accepted ``n`` packets (from ``sensor``, or in total);
+    ``also``: processes whose output a failure shows too (the sensors)."""
     def count() -> int:
         c = received_counts(rx)
         return c.get(sensor, 0) if sensor is not None else sum(c.values())
-    wait_until(lambda: count() >= n, timeout,
-               f"receiver to accept {n} packets (has {received_counts(rx)}):\n{rx.stderr[-3000:]}")
+    try:
+        wait_until(lambda: count() >= n, timeout, f"receiver to accept {n} packets (has {received_counts(rx)})")
+    except AssertionError as exc:
+        shown = "".join(f"\n--- {' '.join(p.cmd[:4])} ...:\n{p.stderr[-4000:]}" for p in (rx, *also))
+        raise AssertionError(f"{exc}{shown}") from None
 
 
 @pytest.fixture

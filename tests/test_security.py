@@ -343,7 +343,7 @@ def test_hostile_input_harms_nothing(veth, procs, tmp_path, pki, mixed_pcap):
         assert peer.closed_by_peer(), f"{name}: connection not closed"
         peer.close()
     replay.join()
-    wait_received(rx, 2000, "real")
+    wait_received(rx, 2000, "real", also=(sx,))
     assert sx.stop(signal.SIGTERM) == 0
     wait_pcap_count(ref, 2000)
     td.stop()
