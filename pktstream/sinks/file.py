@@ -247,49 +247,55 @@ class FileSink(Sink):
         at that flush and completed, files that rotation completed or opened since are removed
         (a write group may span rotations) -- and new files start on the next write. The
         receiver then rewrites everything since the last flush, so nothing is lost or doubled."""
+        errors: list[Exception] = []
         for key, out in self._outputs.items():
-            current = out.abandon()
-            st = self._flushed.get(key)  # (None: nothing of this output was flushed)
-            completed = list(out.paths)
-            removed: list[str] = []
-            cut: str | None = None
-            if current is not None and st is not None and current == st["final"]:
-                if _cut_and_complete(out.data_path_of(current), current, st["size"], st.get("zstd_frame_bytes"),
-                                     _stream_bytes(st)):
-                    completed.append(current)
-            else:
-                if current is not None:  # opened after the flush: nothing in it was acknowledged
-                    _cut_and_complete(out.data_path_of(current), current, 0)
-                if st is None:
-                    removed = [p for p in completed if _unlink(p)]
+            try:
+                current = out.abandon()
+                st = self._flushed.get(key)  # (None: nothing of this output was flushed)
+                completed = list(out.paths)
+                removed: list[str] = []
+                cut: str | None = None
+                if current is not None and st is not None and current == st["final"]:
+                    if _cut_and_complete(out.data_path_of(current), current, st["size"], st.get("zstd_frame_bytes"),
+                                         _stream_bytes(st)):
+                        completed.append(current)
                 else:
-                    if os.path.exists(st["final"]):  # completed by a rotation after the flush (also when
-                        if st["final"] not in completed:  # the writer failed after its rename: unindexed)
-                            completed.append(st["final"])
-                            cut = st["final"]
-                        if _cut_back_completed(st["final"], st["size"], st.get("zstd_frame_bytes"),
-                                               _stream_bytes(st)):
-                            cut = st["final"]
-                    removed = _remove_later_rotations(st)
-                    after = completed.index(st["final"]) + 1 if st["final"] in completed else len(completed)
-                    removed += [p for p in completed[after:] if _unlink(p)]  # (in case the names moved on)
-            self._done.extend(p for p in completed if p not in removed and os.path.exists(p))
-            if self.indexer is not None:
-                for p in removed:
-                    self.indexer.removed(p)
-                fixed = [p for p in (cut, current) if p is not None and p in self._done]
-                if fixed:
-                    self.indexer.repair_paths(fixed)
-            if out.in_place:
-                # a new in-place writer would truncate the file (its flushed data): go on in a new one
-                self._in_place_reset = True
-                log.warning("%s: written on in %s after the error (a capture file is never truncated)",
-                            out.name_pattern, _free_name(cast(str, out.name_pattern)))
+                    if current is not None:  # opened after the flush: nothing in it was acknowledged
+                        _cut_and_complete(out.data_path_of(current), current, 0)
+                    if st is None:
+                        removed = [p for p in completed if _unlink(p)]
+                    else:
+                        if os.path.exists(st["final"]):  # completed by a rotation after the flush (also when
+                            if st["final"] not in completed:  # the writer failed after its rename: unindexed)
+                                completed.append(st["final"])
+                                cut = st["final"]
+                            if _cut_back_completed(st["final"], st["size"], st.get("zstd_frame_bytes"),
+                                                   _stream_bytes(st)):
+                                cut = st["final"]
+                        removed = _remove_later_rotations(st)
+                        after = completed.index(st["final"]) + 1 if st["final"] in completed else len(completed)
+                        removed += [p for p in completed[after:] if _unlink(p)]  # (in case the names moved on)
+                self._done.extend(p for p in completed if p not in removed and os.path.exists(p))
+                if self.indexer is not None:
+                    for p in removed:
+                        self.indexer.removed(p)
+                    fixed = [p for p in (cut, current) if p is not None and p in self._done]
+                    if fixed:
+                        self.indexer.repair_paths(fixed)
+                if out.in_place:
+                    log.warning("%s: written on in %s after the error (a capture file is never truncated)",
+                                out.name_pattern, _free_name(cast(str, out.name_pattern)))
+            except Exception as exc:  # (the others are reset all the same, and every writer replaced:
+                errors.append(exc)    # an abandoned one would reopen its name and truncate it)
         for out in self._outputs.values():  # (a number the persisted state names is never reused)
+            if out.in_place:  # a new in-place writer would truncate the file (its flushed data): a new one
+                self._in_place_reset = True
             if out.name_pattern is not None:
                 self._seq_floor[out.name_pattern] = max(self._seq_floor.get(out.name_pattern, 0), out.next_seq)
         self._outputs.clear()  # new writers, new (free) names: a completed file is never reopened
         self._flushed.clear()
+        if errors:
+            raise errors[0]
 
     def flush(self) -> dict[str, Any]:
         open_files = []
@@ -305,10 +311,18 @@ class FileSink(Sink):
                 st.update(output=list(key), base=self._bases[key], sep="~" if self.directory else ".")
                 open_files.append(st)
                 flushed[key] = st
+        # outputs with no file open at this flush (opened after a reset, a second link type):
+        # any .part of theirs at a crash holds only what is resent
+        names = [{"output": list(k), "base": b, "sep": "~" if self.directory else ".",
+                  "rotating": bool(self.opts["rotate_bytes"] or self.opts["rotate_seconds"] or self.opts["max_files"])}
+                 for k, b in self._bases.items() if k not in flushed]
         self._flushed.update(flushed)  # (only when every output flushed: a reset goes back to one state)
+        state: dict[str, Any] = {"open": open_files}
+        if names:
+            state["names"] = names
         if self.indexer is not None and getattr(self.indexer, "recover_root", False):
-            return {"open": open_files, "index_root": self.indexer.root}
-        return {"open": open_files}
+            state["index_root"] = self.indexer.root
+        return state
 
     def tick(self) -> None:
         """Idle: complete the files whose ``rotate_seconds`` have passed, so a quiet sensor's
@@ -347,14 +361,18 @@ class FileSink(Sink):
         may no longer hold them; a file with the number of the state's open one would be taken
         for it by the next recovery (cut back to its size and kept, though nothing in it was
         acknowledged)."""
-        for f in state.get("open", []):
+        pcap = not self.format.startswith("pcapng")  # (a pcap output has one per link type)
+        names: list[Any] = state["names"] if isinstance(state.get("names"), list) else []
+        for f in [*state.get("open", []), *names]:
+            if not isinstance(f, dict):
+                continue
             pattern, seq = f.get("pattern"), f.get("seq")
             if isinstance(pattern, str) and isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0:
                 self._seq_floor[pattern] = max(self._seq_floor.get(pattern, 0), seq + 1)
             output, base = f.get("output"), f.get("base")
             if (isinstance(output, list) and len(output) == 2 and isinstance(base, str)
                     and (output[0] is None or isinstance(output[0], str))
-                    and (output[1] is None or isinstance(output[1], int))
+                    and (isinstance(output[1], int) if pcap else output[1] is None)
                     and base not in self._bases.values()):
                 self._bases.setdefault(tuple(output), base)  # (the names the state's recovery goes by)
 
@@ -386,6 +404,9 @@ class FileSink(Sink):
                 persist({**state, "open": after + entries[k + 1:]})
         for f in entries:
             _remove_later_parts(f, known)
+        for f in state.get("names", []) if isinstance(state.get("names"), list) else []:
+            if isinstance(f, dict):
+                _remove_parts_of_unopened(f, known)
         root = state.get("index_root")
         if isinstance(root, str) and os.path.isdir(root):
             from pktstream.archive.live import recover_index
@@ -429,16 +450,28 @@ def _unlink(path: str) -> bool:
 
 
 def _remove_later_parts(f: dict[str, Any], known: set[str]) -> None:
-    """Remove the ``.part`` files a non-rotating output opened after the last acknowledged
-    flush (after a reset: ``NAME~1.pcapng``, ``NAME.1.pcap``): they hold only unacknowledged
-    data. Only names that output gives its files (its ``base`` and ``sep`` in the state) --
-    never another output's file in the same directory, whose acknowledged data it may hold
-    (states without them: nothing is removed). Rotating outputs: :func:`_remove_later_rotations`."""
-    base, sep, final = f.get("base"), f.get("sep"), f.get("final")
-    if not (isinstance(base, str) and sep in (".", "~") and isinstance(final, str)) or "seq" in f:
+    """Remove the ``.part`` files an output opened after the last acknowledged flush: they
+    hold only unacknowledged data. Rotating: numbered after the flushed file (same expansion of
+    its pattern); not rotating: after a reset (``NAME~1.pcapng``, ``NAME.1.pcap``), by its
+    ``base`` and ``sep`` in the state (states without them: nothing). Only names that output
+    gives its files, not every ``.part`` whose name starts alike (another output's in the same
+    directory may hold acknowledged data)."""
+    base, sep, final, seq = f.get("base"), f.get("sep"), f.get("final"), f.get("seq")
+    if not isinstance(final, str):
         return
-    stem, ext = split_ext(os.path.basename(base))
-    name_re = re.compile(rf"{re.escape(stem)}(?:{re.escape(sep)}\d+)?{re.escape(ext or '.pcap')}\.part")
+    if isinstance(seq, int):
+        # rotating: numbered after the flushed file, under the same expansion of its pattern
+        # (a strftime field is not matched as such: it would match other outputs' names)
+        stem, ext = split_ext(os.path.basename(final))
+        m = re.fullmatch(r"(.*)\.\d{6,}", stem)
+        if m is None:
+            return
+        name_re = re.compile(rf"{re.escape(m.group(1))}\.(\d{{6,}}){re.escape(ext)}\.part")
+    elif isinstance(base, str) and sep in (".", "~"):
+        stem, ext = split_ext(os.path.basename(base))
+        name_re = re.compile(rf"{re.escape(stem)}(?:{re.escape(sep)}\d+)?{re.escape(ext or '.pcap')}\.part")
+    else:
+        return
     d = os.path.dirname(final) or "."
     try:
         names = os.listdir(d)
@@ -446,8 +479,34 @@ def _remove_later_parts(f: dict[str, Any], known: set[str]) -> None:
         return
     for name in names:
         path = os.path.join(d, name)
-        if name_re.fullmatch(name) and path not in known and os.path.isfile(path):
+        match = name_re.fullmatch(name)
+        if (match and (seq is None or int(match.group(1)) > seq) and path not in known
+                and os.path.isfile(path)):
             log.warning("recovery: removing %s (nothing in it was acknowledged)", path)
+            os.unlink(path)
+
+
+def _remove_parts_of_unopened(f: dict[str, Any], known: set[str]) -> None:
+    """An output with no file open at the last acknowledged flush (state ``names``): every
+    ``.part`` of its names was opened after it and holds only what is resent. Names with a
+    strftime field are not swept (the field would match other outputs' names)."""
+    base, sep, rotating = f.get("base"), f.get("sep"), f.get("rotating")
+    if not (isinstance(base, str) and sep in (".", "~") and isinstance(rotating, bool)) or "%" in base:
+        return
+    d = os.path.dirname(base) or "."
+    if rotating:
+        parts = [p for _n, p in rotated_files(base, d, parts=True) if p.endswith(".part")]
+    else:
+        stem, ext = split_ext(os.path.basename(base))
+        name_re = re.compile(rf"{re.escape(stem)}(?:{re.escape(sep)}\d+)?{re.escape(ext or '.pcap')}\.part")
+        try:
+            parts = [os.path.join(d, n) for n in os.listdir(d) if name_re.fullmatch(n)]
+        except OSError:
+            return
+    for path in parts:
+        if path not in known and os.path.isfile(path):
+            log.warning("recovery: removing %s (opened after the last acknowledged flush: nothing in it "
+                        "was acknowledged)", path)
             os.unlink(path)
 
 
@@ -458,21 +517,19 @@ def _remove_later_rotations(f: dict[str, Any]) -> list[str]:
     and a higher sequence number than the file open at the flush: a writer numbers its files
     after every file of its pattern already in the directory, so no earlier file has one.
     Only the directory of the file open at the flush is searched (a strftime pattern in the
-    directory part that moved on is not followed). Returns the completed files removed (their
-    ``.part`` files opened after the flush are removed too)."""
+    directory part that moved on is not followed)."""
     seq, pattern, final = f.get("seq"), f.get("pattern"), f.get("final")
     if not (isinstance(seq, int) and isinstance(pattern, str) and isinstance(final, str)):
         return []  # a state written before these fields, or a writer that does not rotate
     removed = []
-    for n, path in rotated_files(pattern, os.path.dirname(final) or ".", parts=True):
-        if n <= seq or path in (final, final + ".part") or not os.path.isfile(path):
+    for n, path in rotated_files(pattern, os.path.dirname(final) or "."):
+        if n <= seq or path == final or not os.path.isfile(path):
             continue
-        log.warning("recovery: removing %s (%s after the last acknowledged flush: nothing in it was "
-                    "acknowledged)", path, "opened" if path.endswith(".part") else "completed")
+        log.warning("recovery: removing %s (completed after the last acknowledged flush: "
+                    "nothing in it was acknowledged)", path)
         os.unlink(path)
-        if not path.endswith(".part"):  # (.part files: opened after the flush, e.g. with a
-            _drop_staged_index(path)    # strftime name whose expansion moved on)
-            removed.append(path)
+        _drop_staged_index(path)
+        removed.append(path)
     return removed
 
 
