@@ -757,6 +757,20 @@ def test_a_rotation_that_failed_after_its_rename_is_cut_back_by_reset(tmp_path, 
     assert _all_ts(out.iterdir()) == sorted(int(t) - 1_700_000_000 * 10**9 for bt in batches for t in bt.ts_ns)
 
 
+def _per_sensor_flushed_then_written(tmp_path, fmt: str, per_batch: int):
+    """A per-sensor FileSink in ``tmp_path``: batch 0 written and flushed (its state, as
+    persisted), batch 1 written after it. Returns (sink, source, 3 batches, state)."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    batches = make_batches(3, per_batch)
+    src = Source("s1", "h", "eth0", 1, 262144)
+    sink = FileSink(directory=str(tmp_path), format=fmt)
+    sink.write(src, batches[0])
+    state = json.loads(json.dumps(sink.flush()))
+    sink.write(src, batches[1])
+    return sink, src, batches, state
+
+
 def _crash(*sinks) -> None:
     """The process dies: every writer stops where it is (its .part stays)."""
     for sink in sinks:
@@ -858,13 +872,7 @@ def test_recovery_removes_the_part_a_per_sensor_file_got_after_a_reset(tmp_path)
     """A per-sensor output that does not rotate: after a reset it goes on in s1~1.pcapng; a
     crash then left that .part (unacknowledged) for good (cold review)."""
     from pktstream.sinks import FileSink
-    from pktstream.sinks.base import Source
-    batches = make_batches(3, 20)
-    src = Source("s1", "h", "eth0", 1, 262144)
-    sink = FileSink(directory=str(tmp_path), format="pcapng")
-    sink.write(src, batches[0])
-    state = json.loads(json.dumps(sink.flush()))
-    sink.write(src, batches[1])
+    sink, src, batches, state = _per_sensor_flushed_then_written(tmp_path, "pcapng", 20)
     sink.reset()
     sink.write(src, batches[2])
     _crash(sink)
@@ -922,13 +930,7 @@ def test_a_reset_that_fails_never_truncates_acknowledged_data(tmp_path, monkeypa
     and the acknowledged batch was gone (cold review). Every writer is replaced now, the error
     still raised."""
     from pktstream.sinks import FileSink, file as filemod
-    from pktstream.sinks.base import Source
-    batches = make_batches(3, 30)
-    src = Source("s1", "h", "eth0", 1, 262144)
-    sink = FileSink(directory=str(tmp_path), format="pcap.zst")
-    sink.write(src, batches[0])
-    state = json.loads(json.dumps(sink.flush()))
-    sink.write(src, batches[1])
+    sink, src, batches, state = _per_sensor_flushed_then_written(tmp_path, "pcap.zst", 30)
 
     def full(part, frame_bytes=None, keep=None):
         raise OSError(28, "No space left on device")

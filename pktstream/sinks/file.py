@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from pktstream._capture import PacketBatch, link_type_name
 from pktstream.exceptions import ConfigError
-from pktstream.formats.writer import CaptureWriter, format_from_name, rotated_files, split_ext
+from pktstream.formats.writer import CaptureWriter, format_from_name, rotated_files, rotated_name_re, split_ext
 from pktstream.sinks.base import Sink, Source
 
 log = logging.getLogger("pktstream.stream.receiver")
@@ -205,14 +205,22 @@ class FileSink(Sink):
         out = self._outputs.get(key)
         if out is None:
             base = self._bases.get(key) or self._new_base(key, source, batch)
-            rotating = self.opts["rotate_bytes"] or self.opts["rotate_seconds"] or self.opts["max_files"]
             in_place = self.in_place and base == self.path and not self._in_place_reset
-            name = base if rotating or in_place else _free_name(base, "~" if self.directory else ".")
+            name = base if self._rotating or in_place else _free_name(base, "~" if self.directory else ".")
             out = self._outputs[key] = CaptureWriter(name, format=self.format, in_place=in_place,
                                                      observer=self.indexer, first_seq=self._seq_floor.get(name, 0),
                                                      **self.opts)
             log.info("writing %s", name)
         return out
+
+    @property
+    def _rotating(self) -> bool:
+        return bool(self.opts["rotate_bytes"] or self.opts["rotate_seconds"] or self.opts["max_files"])
+
+    def _names_of(self, key: Any) -> dict[str, Any]:
+        """An output's names as the state keeps them: its key, name pattern and the separator of
+        its free names (``stem~N.ext`` per sensor, ``stem.N.ext`` for a path)."""
+        return {"output": list(key), "base": self._bases[key], "sep": "~" if self.directory else "."}
 
     def _new_base(self, key: Any, source: Source, batch: PacketBatch) -> str:
         """The name pattern of a new output (recorded: a reset does not rename it)."""
@@ -308,14 +316,12 @@ class FileSink(Sink):
             if st is not None:
                 # which output, and the names it gives files: recovery removes only .part files
                 # of those names, and the next run keeps them (resume)
-                st.update(output=list(key), base=self._bases[key], sep="~" if self.directory else ".")
+                st.update(self._names_of(key))
                 open_files.append(st)
                 flushed[key] = st
         # outputs with no file open at this flush (opened after a reset, a second link type):
         # any .part of theirs at a crash holds only what is resent
-        names = [{"output": list(k), "base": b, "sep": "~" if self.directory else ".",
-                  "rotating": bool(self.opts["rotate_bytes"] or self.opts["rotate_seconds"] or self.opts["max_files"])}
-                 for k, b in self._bases.items() if k not in flushed]
+        names = [{**self._names_of(k), "rotating": self._rotating} for k in self._bases if k not in flushed]
         self._flushed.update(flushed)  # (only when every output flushed: a reset goes back to one state)
         state: dict[str, Any] = {"open": open_files}
         if names:
@@ -464,26 +470,11 @@ def _remove_later_parts(f: dict[str, Any], known: set[str]) -> None:
         # (a strftime field is not matched as such: it would match other outputs' names)
         stem, ext = split_ext(os.path.basename(final))
         m = re.fullmatch(r"(.*)\.\d{6,}", stem)
-        if m is None:
-            return
-        name_re = re.compile(rf"{re.escape(m.group(1))}\.(\d{{6,}}){re.escape(ext)}\.part")
+        if m is not None:
+            name_re = re.compile(rf"{re.escape(m.group(1))}\.(\d{{6,}}){re.escape(ext)}\.part")
+            _remove_parts(os.path.dirname(final), name_re, known, above=seq)
     elif isinstance(base, str) and sep in (".", "~"):
-        stem, ext = split_ext(os.path.basename(base))
-        name_re = re.compile(rf"{re.escape(stem)}(?:{re.escape(sep)}\d+)?{re.escape(ext or '.pcap')}\.part")
-    else:
-        return
-    d = os.path.dirname(final) or "."
-    try:
-        names = os.listdir(d)
-    except OSError:
-        return
-    for name in names:
-        path = os.path.join(d, name)
-        match = name_re.fullmatch(name)
-        if (match and (seq is None or int(match.group(1)) > seq) and path not in known
-                and os.path.isfile(path)):
-            log.warning("recovery: removing %s (nothing in it was acknowledged)", path)
-            os.unlink(path)
+        _remove_parts(os.path.dirname(final), _free_parts_re(base, sep), known)
 
 
 def _remove_parts_of_unopened(f: dict[str, Any], known: set[str]) -> None:
@@ -493,18 +484,30 @@ def _remove_parts_of_unopened(f: dict[str, Any], known: set[str]) -> None:
     base, sep, rotating = f.get("base"), f.get("sep"), f.get("rotating")
     if not (isinstance(base, str) and sep in (".", "~") and isinstance(rotating, bool)) or "%" in base:
         return
-    d = os.path.dirname(base) or "."
-    if rotating:
-        parts = [p for _n, p in rotated_files(base, d, parts=True) if p.endswith(".part")]
-    else:
-        stem, ext = split_ext(os.path.basename(base))
-        name_re = re.compile(rf"{re.escape(stem)}(?:{re.escape(sep)}\d+)?{re.escape(ext or '.pcap')}\.part")
-        try:
-            parts = [os.path.join(d, n) for n in os.listdir(d) if name_re.fullmatch(n)]
-        except OSError:
-            return
-    for path in parts:
-        if path not in known and os.path.isfile(path):
+    name_re = re.compile(rotated_name_re(base).pattern + r"\.part") if rotating else _free_parts_re(base, sep)
+    _remove_parts(os.path.dirname(base), name_re, known)
+
+
+def _free_parts_re(base: str, sep: str) -> re.Pattern[str]:
+    """The ``.part`` names of a non-rotating output of ``base``: ``stem.ext``, and the free
+    names a reset moves on to (``stem<sep>N.ext``, :func:`_free_name`)."""
+    stem, ext = split_ext(os.path.basename(base))
+    return re.compile(rf"{re.escape(stem)}(?:{re.escape(sep)}\d+)?{re.escape(ext or '.pcap')}\.part")
+
+
+def _remove_parts(d: str, name_re: re.Pattern[str], known: set[str], above: int | None = None) -> None:
+    """Remove the files in ``d`` whose names ``name_re`` matches (``above``: only those whose
+    number, group 1, is higher), except ``known`` ones: opened after the last acknowledged
+    flush, nothing in them was acknowledged."""
+    d = d or "."
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(d, name)
+        m = name_re.fullmatch(name)
+        if m and (above is None or int(m.group(1)) > above) and path not in known and os.path.isfile(path):
             log.warning("recovery: removing %s (opened after the last acknowledged flush: nothing in it "
                         "was acknowledged)", path)
             os.unlink(path)
