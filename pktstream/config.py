@@ -191,6 +191,9 @@ def _auth(node: _Node) -> AuthSettings:
     node.finish()
     if a.enable and not (a.key or a.keyfile):
         raise ConfigError(f"{node.path}: auth is enabled but neither key nor keyfile is set")
+    if not a.enable and (a.key or a.keyfile):
+        # upstream ignores a key while enable is false: nobody would be authenticated
+        raise ConfigError(f"{node.path}: a key is set but enable is false; set enable: true to use it, or remove it")
     return a
 
 
@@ -358,10 +361,12 @@ def receiver_settings(data: Any) -> ReceiverSettings:
     s.metrics = metrics.get("listen", "str")
     metrics.finish()
     _legacy(root.child("legacy"), s)
-    # an upstream PacketStreamer config without an auth block starts as it did there (warned)
-    s.allow_unauthenticated = root.get("allowUnauthenticated", "bool", not root.has("auth"))
+    allow_unauthenticated = root.get("allowUnauthenticated", "bool")
     for k, v in _common(root, "receiver").items():
         setattr(s, k, v)
+    # an upstream PacketStreamer config without auth (no block, or upstream's own example block
+    # with enable: false) starts as it did there, warned
+    s.allow_unauthenticated = not s.auth.enable if allow_unauthenticated is None else allow_unauthenticated
     _ignore_other_role(root, SENSOR_KEYS, ignored, "receiver", "sensor")
     root.finish()
     check_receiver_settings(s)
@@ -515,25 +520,38 @@ def check_sensor_settings(s: SensorSettings) -> None:
     _require(s.stats_interval > 0, "statsInterval (--stats-interval)", s.stats_interval, "seconds > 0")
 
 
-def load_yaml(path: str) -> Any:
+def load_yaml(path: str, what: str = "config file", *, text_only: bool = False) -> Any:
+    """The YAML document in ``path`` (``text_only``: every scalar as the text written, no
+    numbers or booleans); a one-line ConfigError naming ``what`` if it cannot be read."""
     import yaml
     try:
-        with open(path) as f:
-            return yaml.safe_load(f)
+        with open(path, encoding="utf-8") as f:
+            return yaml.load(f, Loader=yaml.BaseLoader) if text_only else yaml.safe_load(f)
     except FileNotFoundError:
-        raise ConfigError(f"config file {path!r} not found") from None
+        raise ConfigError(f"{what} {path!r} not found") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
 
 
 def read_key_file(path: str) -> dict[str, str]:
-    """``sensor-id: key`` per line (YAML mapping); removing a line revokes that sensor."""
-    data = load_yaml(path)
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, (str, int))
-                                             for k, v in data.items()):
+    """``sensor-id: key`` per line (YAML mapping); removing a line revokes that sensor. A key
+    is the text written (``0123`` stays ``0123``, as in the sensor's key file)."""
+    data = load_yaml(path, "auth.keyfile", text_only=True)
+    if data is None or data == "":
+        data = {}  # (every line removed: every sensor is refused)
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise ConfigError(f"auth.keyfile {path}: expected lines 'sensor-id: key'")
+    for k, v in data.items():
+        if not isinstance(v, str):
+            raise ConfigError(f"auth.keyfile {path}: the key of {k!r} is not text")
+        if not v:
+            raise ConfigError(f"auth.keyfile {path}: {k!r} has an empty key; remove its line to revoke it")
+    import logging
     mode = os.stat(path).st_mode
     if mode & 0o077:
-        import logging
         logging.getLogger("pktstream").warning("auth.keyfile %s is readable by others (mode %o)", path, mode & 0o777)
-    return {k: str(v) for k, v in data.items()}
+    if not data:
+        logging.getLogger("pktstream").warning("auth.keyfile %s lists no sensor: every sensor is refused", path)
+    return dict(data)

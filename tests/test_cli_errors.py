@@ -55,7 +55,10 @@ def test_cli_error_cases_are_one_line_without_traceback(tmp_path, busy_port):
     w = ["-w", str(tmp_path / "cap.pcapng")]
     cases = [
         (["receiver", "--listen", f"127.0.0.1:{busy_port}", *w],
-         [f"cannot listen on 127.0.0.1:{busy_port}: address already in use"]),
+         [f"--listen 127.0.0.1:{busy_port}: cannot listen: address already in use"]),
+        (["receiver", "--listen", "127.0.0.1:0", "--metrics", f"127.0.0.1:{busy_port}", *w],
+         [f"--metrics 127.0.0.1:{busy_port}: cannot listen: address already in use"]),
+        (["capture", "-i", "lo", "--bogus"], ["unrecognized arguments: --bogus (see pktstream capture --help)"]),
         (["receiver", "--listen", "nosuchhost.invalid:8081", *w], ["cannot resolve host 'nosuchhost.invalid'"]),
         (["receiver", "--listen", "127.0.0.1:99999", *w], ["port 99999 is not 0-65535"]),
         (["receiver", "--listen", "127.0.0.1:0", "-w", str(nodir / "cap.pcapng")],

@@ -429,15 +429,16 @@ def test_unauthenticated_receiver_beyond_loopback_needs_consent(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("how", ["flag", "upstream yaml"])
+@pytest.mark.parametrize("how", ["flag", "upstream yaml", "upstream yaml, auth disabled"])
 def test_unauthenticated_receiver_starts_when_told(procs, tmp_path, how):
     port = free_port()
     if how == "flag":
         rx = procs([*PKTSTREAM, "receiver", "--listen", f"0.0.0.0:{port}", "--allow-unauthenticated",
                     "-w", str(tmp_path / "o.pcap")])
-    else:  # PacketStreamer's receiver config, no auth block: starts as it did upstream, warned
+    else:  # PacketStreamer's receiver config without auth: starts as it did upstream, warned
+        auth = "auth:\n  enable: false\n  key: \"\"\n" if how.endswith("disabled") else ""  # upstream's example
         (tmp_path / "r.yaml").write_text(f"input:\n  address: 0.0.0.0\n  port: {port}\n"
-                                         f"output:\n  file:\n    path: {tmp_path / 'o.pcap'}\n")
+                                         f"output:\n  file:\n    path: {tmp_path / 'o.pcap'}\n{auth}")
         rx = procs([*PKTSTREAM, "receiver", "--config", str(tmp_path / "r.yaml")])
     rx.wait_for("listening on")
     rx.wait_for("no authentication")  # the warning follows the "listening" line (read by another thread)

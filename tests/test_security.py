@@ -157,6 +157,35 @@ def test_mutual_hmac_auth(veth, procs, tmp_path, pki, mixed_pcap):
     s2.stop(signal.SIGTERM)
 
 
+def test_a_lone_surrogate_from_one_sensor_stops_no_other(procs, tmp_path):
+    """A sensor with a valid key announced an interface named "\\ud800" (valid JSON, no text):
+    the pcapng output raised on every retry of its write, so nothing was acknowledged for any
+    sensor again (cold review). Its HELLO is now refused like any bad frame, and the others'
+    data is written and acknowledged."""
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(f"evil: {KEY}\ngood: {KEY}\n")
+    keys.chmod(0o600)
+    port = free_port()
+    rx = procs(receiver_cmd(port, "-w", str(tmp_path / "out.pcapng"), "--auth-keys", str(keys),
+                            "--stats-json", str(tmp_path / "rx.json"), "--stats-interval", "0.2"))
+    rx.wait_for("listening on")
+    evil = Peer(port)
+    reply = evil.handshake(KEY.encode(), sensor_id="evil", interface="\ud800")
+    assert reply is None or reply.type == P.FrameType.ERROR, reply
+    assert evil.closed_by_peer()
+    evil.close()
+    good = Peer(port)
+    w = good.handshake(KEY.encode(), sensor_id="good")
+    assert w is not None and w.type == P.FrameType.WELCOME
+    good.send(_data(1, _records(3)))
+    ack = good.recv_frame()
+    assert ack is not None and ack.type == P.FrameType.ACK and ack.seq == 1, ack
+    good.close()
+    rx.stop(signal.SIGTERM)
+    assert "lone surrogate" in rx.stderr and "Traceback" not in rx.stderr
+    assert sum(len(b) for b in __import__("pktstream").read(tmp_path / "out.pcapng")) == 3
+
+
 def test_per_sensor_keys_and_revocation(veth, procs, tmp_path, pki, mixed_pcap):
     keys = tmp_path / "keys.yaml"
     keys.write_text(f"good-sensor: {KEY}\nother: zzz\n")
@@ -208,11 +237,12 @@ class Peer:
             buf += chunk
         return buf
 
-    def handshake(self, key: bytes | None, sensor_id: str = "attacker", snaplen: int = 2000) -> P.Frame | None:
+    def handshake(self, key: bytes | None, sensor_id: str = "attacker", snaplen: int = 2000,
+                  interface: str = "x0") -> P.Frame | None:
         nonce = os.urandom(32)
         self.send(P.encode_json(P.FrameType.HELLO, {
             "sensor_id": sensor_id, "hostname": "h", "nonce": nonce.hex(),
-            "interfaces": [{"index": 0, "name": "x0", "link_type": 1, "snaplen": snaplen}]}))
+            "interfaces": [{"index": 0, "name": interface, "link_type": 1, "snaplen": snaplen}]}))
         ch = self.recv_frame()
         if ch is None or ch.type != P.FrameType.CHALLENGE:
             return ch

@@ -846,3 +846,110 @@ def test_s3_sink_needs_rotation(tmp_path):
     with pytest.raises(ConfigError, match="needs rotate_bytes or rotate_seconds"):
         S3Sink("b", staging_dir=str(tmp_path), rotate_bytes=None, rotate_seconds=None, client=object())
     assert not os.listdir(tmp_path)  # refused before anything was made
+
+
+# -- peers' text and keys (cold review, session 19) --------------------------------------------------
+
+@pytest.mark.parametrize("payload", [b'{"name": "\\ud800"}', b'{"name": "\xed\xa0\x80"}',
+                                     b'{"x": {"y": ["\\udfff"]}}'])
+def test_a_control_frame_with_a_lone_surrogate_is_a_frame_error(payload):
+    """Valid JSON, but no text: a lone surrogate passed json.loads, then an interface name
+    holding one made every pcapng write raise (nothing acknowledged for any sensor), and a
+    proof holding one made the sensor exit."""
+    frame = P.Frame(P.FrameType.HELLO, 0, 0, 0, 0, 0, payload)
+    with pytest.raises(P.FrameError, match="lone surrogate"):
+        frame.json()
+    assert P.Frame(P.FrameType.HELLO, 0, 0, 0, 0, 0, '{"name": "caf\u00e9 \U0001F600"}'.encode()).json()
+
+
+def test_a_proof_that_is_not_ascii_is_refused_not_raised():
+    good = P.proof(b"k", "receiver", b"a" * 32, b"b" * 32, "s1")
+    assert P.check_proof(good, good)
+    for given in ("\ud800", "\u00e9" * 64, None, 5, good[:-1]):
+        assert not P.check_proof(good, given)
+
+
+def test_per_sensor_keys_fail_closed(tmp_path, caplog):
+    """A key file lists the sensors let in: empty, it lets none in (it turned authentication
+    off); an empty key (anyone can compute its proof) is refused; a key is the text written
+    (YAML read 0123 as 83 and yes as True, so the sensor's identical key file was refused)."""
+    from pktstream.config import read_key_file
+    from pktstream.stream.receiver import Security
+    none = Security(auth_keys={})
+    assert none.authenticated and none.key_for("any") is None
+    with pytest.raises(ConfigError, match="'web-1' has an empty key"):
+        Security(auth_keys={"web-1": ""})
+    f = tmp_path / "keys.yaml"
+    f.write_text("a: 0123\nb: yes\nc: 0x1F\nd: 12:30:00\ne: 'quoted key'\n")
+    f.chmod(0o600)
+    assert read_key_file(str(f)) == {"a": "0123", "b": "yes", "c": "0x1F", "d": "12:30:00", "e": "quoted key"}
+    for text, message in [("web-1: ''\n", "'web-1' has an empty key"), ("web-1:\n", "'web-1' has an empty key"),
+                          ("web-1: [a, b]\n", "the key of 'web-1' is not text"),
+                          ("- a\n", "expected lines 'sensor-id: key'")]:
+        f.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            read_key_file(str(f))
+    f.write_text("# every sensor revoked\n")
+    with caplog.at_level("WARNING", logger="pktstream"):
+        assert read_key_file(str(f)) == {}
+    assert "lists no sensor: every sensor is refused" in caplog.text
+    with pytest.raises(ConfigError, match="auth.keyfile '/nonexistent/k.yaml' not found"):
+        read_key_file("/nonexistent/k.yaml")
+    f.write_bytes(b"a: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        read_key_file(str(f))
+
+
+@pytest.mark.parametrize("yaml_text,allowed", [
+    ("input:\n  address: 0.0.0.0\n  port: 8081\n", True),  # upstream, no auth block
+    ("input:\n  address: 0.0.0.0\n  port: 8081\nauth:\n  enable: false\n  key: \"\"\n", True),  # upstream's example
+    ("input:\n  address: 0.0.0.0\n  port: 8081\nauth:\n  enable: true\n  key: k\n", False),
+    ("input:\n  address: 0.0.0.0\n  port: 8081\nallowUnauthenticated: false\n", False),
+])
+def test_an_upstream_receiver_config_without_auth_allows_unauthenticated(yaml_text, allowed):
+    import yaml
+    assert receiver_settings(yaml.safe_load(yaml_text)).allow_unauthenticated is allowed
+
+
+def test_kafka_stall_timeout_is_checked():
+    """0 replaced the producer on every pass (18,959 times in 10 s), nothing delivered."""
+    from pktstream.sinks.kafka import KafkaSink
+    from pktstream.stream.kafka import check_stall_timeout
+    for bad in (0, -1, 0.5, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="stall timeout: must be a number of seconds >= 1"):
+            check_stall_timeout(bad)
+    assert check_stall_timeout(30) == 30.0
+    with pytest.raises(ConfigError, match="stall timeout"):
+        KafkaSink("127.0.0.1:9", "t", stall_timeout=0)
+
+
+def test_librdkafka_log_lines_are_rate_limited_per_facility():
+    """A broker outage repeats librdkafka's FAIL line for each reconnect (54 lines in 12 s)."""
+    import logging
+
+    from pktstream.stream import kafka
+    got = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            got.append(record.args[0])
+
+    log = kafka._librdkafka_logger()
+    h = Keep()
+    log.addHandler(h)
+    old = log.level
+    log.setLevel(logging.DEBUG)
+    fail, tmout = (f"{name}-{os.getpid()}-{id(got)}" for name in ("FAIL", "REQTMOUT"))  # (a filter's state is global)
+    try:
+        for fac in (fail, fail, fail, tmout, fail):
+            log.log(logging.WARNING, "%s [%s] %s", fac, "rdkafka#producer-1", "broker down")
+    finally:
+        log.removeHandler(h)
+        log.setLevel(old)
+    assert got == [fail, tmout]
+
+
+def test_pcap_mode_on_the_command_line_is_case_insensitive_as_in_yaml():
+    from pktstream.cli import build_parser
+    args = build_parser(only_command="sensor").parse_args(["sensor", "--pcap-mode", "Allow", "--capture-ports", "80"])
+    assert args.pcap_mode == "allow"

@@ -136,8 +136,10 @@ class _Parser(argparse.ArgumentParser):
 def subparser(sub: argparse._SubParsersAction, name: str, *, help: str, epilog: str | None = None,
               **kw) -> argparse.ArgumentParser:
     """A subcommand parser with pktstream's help layout (description = help, examples epilog)."""
-    return sub.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".",
-                          epilog=epilog, formatter_class=HelpFormatter, **kw)
+    p = sub.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".",
+                       epilog=epilog, formatter_class=HelpFormatter, **kw)
+    p.set_defaults(_parser=p)  # (an unknown option is reported by the command's parser: its --help)
+    return p
 
 
 _ARCHIVE_COMMANDS = {"index", "query", "flows", "sql", "serve"}  # parsed without loading the other commands
@@ -166,7 +168,8 @@ def build_parser(only_archive: bool = False, only_command: str | None = None) ->
                   epilog=CAPTURE_EPILOG)
     p.add_argument("-i", "--interface", help="interface to capture on")
     p.add_argument("-D", "--list-interfaces", action="store_true", help="list interfaces and exit")
-    p.add_argument("-w", "--write", metavar="FILE", help="pcap file to write ('-' for stdout)")
+    p.add_argument("-w", "--write", metavar="FILE",
+                   help="pcap file to write ('-' for stdout); like tcpdump -w, an existing FILE is replaced")
     p.add_argument("-c", "--count", type=int, default=0, help="stop after COUNT packets (0: no limit)")
     p.add_argument("-s", "--snaplen", type=int, default=262144, help="bytes kept per packet")
     p.add_argument("-B", "--buffer-size", type=int, default=32768, help="kernel buffer in KiB")
@@ -213,7 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     whole = {"-h", "--help"} & set(words[:1])
     parser = build_parser(only_archive=first in _ARCHIVE_COMMANDS and not whole,
                           only_command=first if first in _STREAM_COMMANDS | {"capture"} and not whole else None)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2

@@ -215,7 +215,7 @@ def cmd_read(args: argparse.Namespace) -> int:
     words = list(args.bpf)
     while words and words[0] in ("-c", "--count"):  # also accept -c after FILE, as tcpdump does
         if len(words) < 2 or not words[1].isdigit():
-            raise SystemExit("pktstream read: -c needs a number")
+            raise SystemExit("pktstream read: -c needs a count of packets (a whole number >= 0)")
         args.count = int(words[1])
         words = words[2:]
     args.bpf = words

@@ -93,7 +93,7 @@ def check_listen(text: str, what: str = "--listen") -> None:
             hint = {errno.EADDRINUSE: " (another program listens there: stop it or choose another port)",
                     errno.EADDRNOTAVAIL: f" ({host} is not an address of this machine)",
                     errno.EACCES: " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"}.get(exc.errno or 0, "")
-            raise ConfigError(f"cannot listen on {text}: {(exc.strerror or str(exc)).lower()}{hint}") from None
+            raise ConfigError(f"{what} {text}: cannot listen: {(exc.strerror or str(exc)).lower()}{hint}") from None
 
 
 def check_receiver_host(text: str) -> None:
@@ -128,7 +128,7 @@ def build_receiver(args: argparse.Namespace):
     from pktstream.stream.tls import server_context
 
     s = C.receiver_settings(C.load_yaml(args.config) if args.config else {})
-    # only an upstream-style config file without an auth block starts unauthenticated by itself
+    # only an upstream-style config file without auth starts unauthenticated by itself
     s.allow_unauthenticated = (s.allow_unauthenticated and bool(args.config)) or args.allow_unauthenticated
     if args.listen:
         s.listen = args.listen
@@ -448,7 +448,7 @@ def register(sub) -> None:
                    "(required unless --output or --config gives one)")
     cloud.add_sensor_args(s)
     s.add_argument("--include-loopback", action="store_true", help="also capture on loopback (all-interfaces mode)")
-    s.add_argument("--pcap-mode", choices=("all", "allow", "deny"),
+    s.add_argument("--pcap-mode", type=str.lower, choices=("all", "allow", "deny"),
                    help="all: every port (default); allow: only --capture-ports; deny: all but --capture-ports")
     s.add_argument("--capture-ports", metavar="P,P,..", help="ports for pcap mode allow/deny")
     s.add_argument("--ignore-ports", metavar="P,P,..", help="ports never captured")

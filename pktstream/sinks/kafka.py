@@ -24,6 +24,7 @@ from pktstream.stream import protocol as P
 from pktstream.stream.kafka import (
     DEFAULT_TOPIC,
     ErrorLog,
+    check_stall_timeout,
     check_topic,
     frame_headers,
     kafka_client,
@@ -59,7 +60,7 @@ class KafkaSink(Sink):
         self.brokers, self.topic = brokers, topic
         self.name = f"kafka://{brokers}/{topic}"
         self.gate = gate
-        self.flush_timeout, self.stall_timeout = flush_timeout, stall_timeout
+        self.flush_timeout, self.stall_timeout = flush_timeout, check_stall_timeout(stall_timeout)
         self._conf: dict[str, Any] = dict(client_id=client_id, acks=acks, properties=properties, timeout=timeout)
         self.counters: collections.Counter = collections.Counter()
         self._errors = ErrorLog(self.counters)

@@ -34,6 +34,28 @@ from pktstream.stream import protocol as P
 log = logging.getLogger("pktstream.stream.kafka")
 _rdlog = logging.getLogger("pktstream.stream.kafka.librdkafka")
 
+
+class _EveryTenSeconds(logging.Filter):
+    """librdkafka's log lines (``logger``: level, "%s [%s] %s", facility, client, text) pass at
+    most once per 10 s per level and facility: a broker outage repeats its FAIL line for every
+    reconnect attempt (as ErrorLog does for error codes). Called from librdkafka's threads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[tuple[int, str], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        key = (record.levelno, str(args[0]) if args else str(record.msg))
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) < 10:
+            return False
+        self._last[key] = now
+        return True
+
+
+_rdlog.addFilter(_EveryTenSeconds())
+
 DEFAULT_TOPIC = "packetstreamer"  # PacketStreamer's default topic
 MAX_MESSAGE_BYTES = 16 << 20
 
@@ -129,6 +151,14 @@ def kafka_client(kind: str, conf: dict[str, Any]):
         raise ConfigError(f"Kafka {kind} settings: {text}") from None
 
 
+def check_stall_timeout(seconds: float) -> float:
+    """``stall_timeout`` checked: a finite number of seconds >= 1 (0 would replace the producer
+    on every pass and never let a report arrive)."""
+    if not (isinstance(seconds, (int, float)) and 1 <= seconds < float("inf")):
+        raise ConfigError(f"Kafka stall timeout: must be a number of seconds >= 1, got {seconds!r}")
+    return float(seconds)
+
+
 def check_topic(topic: str) -> None:
     """Kafka's topic name rule (a name it refuses would fail every message, for ever)."""
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", topic or "") or topic in (".", ".."):
@@ -207,7 +237,7 @@ class KafkaTransport:
                  stall_timeout: float = 30.0, max_outstanding: int = 10000) -> None:
         self.brokers, self.topic = brokers, topic
         self.client_id, self.acks, self.properties, self.timeout = client_id, acks, dict(properties or {}), timeout
-        self.stall_timeout = stall_timeout
+        self.stall_timeout = check_stall_timeout(stall_timeout)
         self.max_outstanding = max_outstanding
         self.counters: collections.Counter = collections.Counter()
         check_topic(topic)

@@ -175,7 +175,7 @@ class LegacySession:
         """The key this sensor must send (None: no key required; b"": none can be right)."""
         sec = self.server.security
         key = sec.key_for(self.sensor_id)
-        return b"" if key is None and sec.auth_keys else key
+        return b"" if key is None and sec.auth_keys is not None else key
 
     async def _auth(self, rest: bytes, key: bytes | None) -> None:
         """The 64-byte hello after the magic (``rest`` = its next 4 bytes, already read)."""

@@ -75,6 +75,11 @@ class Frame:
             raise FrameError(f"{self.type.name} payload is not usable JSON: {str(exc)[:200]}") from None
         if not isinstance(obj, dict):
             raise FrameError(f"{self.type.name} payload is not a JSON object")
+        try:  # a lone surrogate ("\\ud800") is valid JSON but no text: every later .encode() would raise
+            json.dumps(obj, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise FrameError(f"{self.type.name} payload has a string that is not Unicode text (a lone "
+                             "surrogate)") from None
         return obj
 
 
@@ -236,7 +241,8 @@ def proof(key: bytes, role: str, first_nonce: bytes, second_nonce: bytes, sensor
 
 
 def check_proof(expected: str, given: object) -> bool:
-    return isinstance(given, str) and hmac.compare_digest(expected.encode(), given.encode())
+    """Whether the peer's proof ``given`` (any JSON value) is ``expected``, in constant time."""
+    return isinstance(given, str) and given.isascii() and hmac.compare_digest(expected, given)
 
 
 #: The port sensors connect to and receivers listen on (PacketStreamer's default too).

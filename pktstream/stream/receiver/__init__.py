@@ -66,16 +66,20 @@ class Security:
         if isinstance(self.auth_key, str):
             self.auth_key = self.auth_key.encode()
         self._keys = {k: (v.encode() if isinstance(v, str) else v) for k, v in (self.auth_keys or {}).items()}
+        empty = sorted(k for k, v in self._keys.items() if not v)
+        if empty:  # (a key anyone can compute a proof with; remove the line to revoke a sensor)
+            raise ConfigError(f"auth keys: sensor {empty[0]!r} has an empty key; remove its line to revoke it")
 
     @property
     def authenticated(self) -> bool:
-        """Whether every sensor must prove a key or present a verified client certificate."""
-        return bool(self.auth_key or self._keys or (
+        """Whether every sensor must prove a key or present a verified client certificate
+        (per-sensor keys, even none listed: a sensor not listed is refused)."""
+        return bool(self.auth_key or self.auth_keys is not None or (
             self.ssl_context is not None and self.ssl_context.verify_mode == ssl.CERT_REQUIRED))
 
     def key_for(self, sensor_id: str) -> bytes | None:
-        """The key ``sensor_id`` must prove (None: no key)."""
-        if self._keys:
+        """The key ``sensor_id`` must prove (None: no key; with per-sensor keys: refused)."""
+        if self.auth_keys is not None:
             return self._keys.get(sensor_id)
         return self.auth_key  # type: ignore[return-value]
 

@@ -230,7 +230,7 @@ class Server:
             if sid not in names:
                 raise PermissionError(f"sensor id {sid!r} is not named in its client certificate {sorted(names)}")
         key = sec.key_for(sid)
-        if sec.auth_keys and key is None:
+        if sec.auth_keys is not None and key is None:
             raise PermissionError(f"authentication failed: sensor {sid!r} has no key here (revoked or unknown)")
         if key is not None and h.get("auth") is False:
             raise PermissionError(f"authentication failed: sensor {sid!r} has no key, and this receiver "
