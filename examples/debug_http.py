@@ -33,7 +33,7 @@ import numpy as np
 
 import pktstream
 from pktstream.stream.receiver import Receiver
-from pktstream.stream.sensor import CaptureOptions, Sensor
+from pktstream.stream.sensor import CaptureOptions, DeliveryOptions, Sensor
 
 MAX_BUFFER = 1 << 20  # bytes kept per direction while waiting for the end of a header
 
@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     it = rx.batches()
     rx.start()
     sensor = Sensor(f"127.0.0.1:{rx.address[1]}", [args.interface], bpf=f"tcp port {args.port}",
-                    capture=CaptureOptions(immediate=True, max_wait=0.05), sensor_id="debug-http").start()
+                    capture=CaptureOptions(immediate=True, max_wait=0.05), sensor_id="debug-http",
+                    delivery=DeliveryOptions(spool_dir=None)).start()  # in process: no disk spool left behind
     deadline = time.monotonic() + 20
     while not rx.stats()["sensors"].get("debug-http", {}).get("connected"):
         if time.monotonic() > deadline or (sensor._thread is not None and not sensor._thread.is_alive()):

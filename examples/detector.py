@@ -19,8 +19,9 @@ What it shows:
 
 Run it, then point sensors at it::
 
-    python examples/detector.py --listen 0.0.0.0:8081
-    pktstream sensor --receiver DETECTOR_HOST:8081 -i eth0         # on each monitored host
+    head -c 32 /dev/urandom | base64 > key && chmod 600 key        # copied to each sensor host
+    python examples/detector.py --listen 0.0.0.0:8081 --auth-key-file key
+    pktstream sensor --receiver DETECTOR_HOST:8081 -i eth0 --auth-key-file key   # on each monitored host
 
 or, for a single machine, let it start a sensor itself: ``python examples/detector.py -i eth0``.
 It also keeps a copy of the traffic with ``-w FILE`` (any pktstream output format). Stop it
@@ -40,6 +41,7 @@ import time
 import numpy as np
 
 import pktstream
+from pktstream.exceptions import ConfigError
 from pktstream.sinks import CallbackSink, FileSink, Source
 from pktstream.stream.receiver import Receiver, Security
 
@@ -232,7 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.auth_key_file:
         with open(args.auth_key_file) as f:
             key = f.read().strip()
-    rx = Receiver(listen=args.listen, outputs=outputs, security=Security(auth_key=key)).start()
+    try:
+        rx = Receiver(listen=args.listen, outputs=outputs, security=Security(auth_key=key)).start()
+    except (ConfigError, OSError) as exc:  # e.g. beyond loopback without --auth-key-file, a port in use
+        print(f"detector: {exc}", file=sys.stderr)
+        return 1
     host, port = rx.address
     print(f"detector: receiver listening on {host}:{port}", file=sys.stderr, flush=True)
     sensor = None

@@ -6,12 +6,14 @@ into tshark, which dissects every packet the sensors send and prints the ones ma
 Wireshark display filter as they arrive (``-l``: one flushed line per packet). By default it
 prints DNS queries, HTTP requests and TLS server names (SNI), i.e. who talks to what::
 
-    python examples/hunt_tshark.py --listen 0.0.0.0:8081
-    pktstream sensor --receiver HUNTER:8081 -i eth0            # on each monitored host
+    head -c 32 /dev/urandom | base64 > key && chmod 600 key    # copied to each sensor host
+    python examples/hunt_tshark.py --listen 0.0.0.0:8081 --receiver-arg=--auth-key-file=key
+    pktstream sensor --receiver HUNTER:8081 -i eth0 --auth-key-file key   # on each monitored host
 
 The same pipeline as one shell line (what this script runs)::
 
-    pktstream receiver --listen 0.0.0.0:8081 -w - | tshark -r - -l -n -Y 'dns.flags.response == 0 or http.request'
+    pktstream receiver --listen 0.0.0.0:8081 --auth-key-file key -w - \\
+        | tshark -r - -l -n -Y 'dns.flags.response == 0 or http.request'
 
 A pcap stream has one link type: sensors should capture Ethernet interfaces (packets of
 another link type are dropped and counted by the receiver, see docs/guide-threat-hunting.md).

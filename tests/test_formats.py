@@ -388,6 +388,68 @@ def test_truncated_pcap_warns_with_offset_and_delivers_good_packets(caps, tmp_pa
         assert sum(len(b) for b in pktstream.read(ng)) == 1999
 
 
+@pytest.mark.parametrize("fmt", ["pcap.zst", "pcapng.zst"])
+def test_a_compressed_file_cut_between_flushes_is_reported_truncated(caps, tmp_path, fmt):
+    """A writer flushes whole records into whole zstd blocks, so a .zst file cut right after a
+    flush decompresses to whole records: only the compressed stream shows the cut (it ends
+    inside a frame). Reading it delivers every packet before the cut, then reports the file as
+    truncated, like a file ending inside a record (a newcomer's cut copy read silently)."""
+    first, rest = list(pktstream.read(caps["ns"], batch_bytes=65536))[:2]
+    p = tmp_path / f"w.{fmt}"
+    with open_writer(p) as w:
+        w.write(first)
+        w.flush()
+        at = os.path.getsize(f"{p}.part") if os.path.exists(f"{p}.part") else p.stat().st_size
+        w.write(rest)
+    cut = tmp_path / f"cut.{fmt}"
+    cut.write_bytes(p.read_bytes()[:at])
+    with pytest.warns(TruncatedFileWarning, match=f"truncated zstd data at compressed byte {at}: the capture ends"):
+        assert sum(len(b) for b in pktstream.read(cut)) == len(first)
+    got = []
+    with pytest.raises(FileFormatError, match="truncated zstd data"):
+        for b in pktstream.read(cut, truncated="error"):
+            got.append(len(b))
+    assert sum(got) == len(first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the whole file: nothing to report
+        assert sum(len(b) for b in pktstream.read(p)) == len(first) + len(rest)
+    cut.write_bytes(p.read_bytes()[:12])  # not even the first block
+    with pytest.raises(FileFormatError, match="truncated zstd data: it ends before the capture's first bytes"):
+        list(pktstream.read(cut))
+
+
+def test_a_gzip_file_cut_short_delivers_what_it_holds_then_warns(caps, tmp_path):
+    """gzip raises EOFError at a cut; it used to escape as such, and the whole last buffer
+    read before it was lost."""
+    import gzip
+    data = caps["ns"].read_bytes()
+    ref = read_pcap_dpkt(caps["ns"])
+    packed = gzip.compress(data)
+    cut = tmp_path / "cut.pcap.gz"
+    cut.write_bytes(packed[:len(packed) // 2])
+    with pytest.warns(TruncatedFileWarning, match="cut.pcap.gz: truncated"):
+        got = packet_bytes(cut)
+    assert 0 < len(got) < len(ref) and got == [r[2] for r in ref[:len(got)]]
+    whole = zlib_decompressed_prefix(packed[:len(packed) // 2])
+    records_whole = 0  # every record wholly in the decompressed prefix is delivered
+    pos = 24
+    while pos + 16 <= len(whole):
+        caplen = struct.unpack_from("<I", whole, pos + 8)[0]
+        if pos + 16 + caplen > len(whole):
+            break
+        records_whole, pos = records_whole + 1, pos + 16 + caplen
+    assert len(got) == records_whole
+    with pytest.raises(FileFormatError, match="truncated"):
+        list(pktstream.read(cut, truncated="error"))
+
+
+def zlib_decompressed_prefix(data: bytes) -> bytes:
+    """What a gzip stream cut short decompresses to."""
+    import zlib
+    d = zlib.decompressobj(wbits=31)
+    return d.decompress(data)
+
+
 def test_hostile_lengths_are_rejected_before_allocation(caps, tmp_path):
     data = bytearray(caps["ns"].read_bytes())
     struct.pack_into("<I", data, 24 + 8, 0xFFFFFFF0)  # first record's caplen

@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
             procs.append(rx)
             _wait_for(rx, rx_log, "listening on")
             sx = subprocess.Popen([*py, "sensor", "--receiver", f"127.0.0.1:{port}", "-i", veth.outer,
-                                   "--sensor-id", "demo-sensor", "--stats-json", os.path.join(work, "sensor.json")],
+                                   "--sensor-id", "demo-sensor", "--stats-json", os.path.join(work, "sensor.json"),
+                                   "--spool-dir", os.path.join(work, "spool")],  # (removed with the work directory)
                                   stdout=subprocess.DEVNULL, stderr=open(sx_log, "w"))
             procs.append(sx)
             _wait_for(sx, sx_log, "connected to receiver")
@@ -122,7 +123,7 @@ pktstream demo summary
   file:      {out}: {in_file} packets
   logs:      {work}/receiver.log, {work}/sensor.log (removed when the result is OK)""")
     if shutil.which("capinfos"):
-        info = subprocess.run(["capinfos", "-t", "-E", "-c", out], capture_output=True, text=True)
+        info = subprocess.run(["capinfos", "-t", "-E", "-c", "-M", out], capture_output=True, text=True)
         print("\n" + info.stdout.strip())
     good = sst["packets"] == rst.get("packets") == in_file and sst["window_dropped_packets"] == 0
     print("\nresult: " + ("OK, every captured packet is in the file" if good else "MISMATCH (see the counters)"))

@@ -298,6 +298,12 @@ class _ZstdBlocks:
         """Everything was read and it ended after a whole frame (not inside one)."""
         return self._eof and self._state == "frame" and not self._in
 
+    @property
+    def cut_at(self) -> int | None:
+        """At the end of the data: the compressed offset where it ends inside a frame (a file
+        cut short, or still being written); None if it ended after a whole frame."""
+        return None if self.complete else self._fed
+
 
 ZstdBlockReader = _ZstdBlocks  # public name (pktstream.archive decompresses file ranges with it)
 
@@ -319,15 +325,23 @@ def _link_type(linktype: int, big_endian: bool) -> int:
 class _Gunzip:
     """A gzip reader whose corrupt data raises :class:`FileFormatError` (gzip raises
     ``BadGzipFile``, an ``OSError`` like a failed read, or ``zlib.error``); a file cut short
-    still raises ``EOFError``."""
+    ends the data (``cut_at``: the reader reports it as a truncated file)."""
 
     def __init__(self, g: gzip.GzipFile, name: str) -> None:
         self._g = g
         self._name = name
+        self.cut_at: int | None = None  # the data ended inside the gzip stream (compressed offset)
 
     def readinto(self, b) -> int:
+        if self.cut_at is not None:
+            return 0
         try:
-            return self._g.readinto(b)
+            # one read at a time: a readinto filling the whole buffer loses what it had read
+            # when the end of a cut file raises EOFError
+            return self._g.readinto1(b)
+        except EOFError:  # cut short: what was decompressed is delivered, the end is reported
+            self.cut_at = 0  # (the compressed offset is not known here)
+            return 0
         except (gzip.BadGzipFile, zlib.error) as exc:
             named = self._name != "<stream>"
             raise FileFormatError(f"{self._name + ': ' if named else ''}corrupt gzip data ({exc})",
@@ -338,14 +352,24 @@ class _Gunzip:
 
 
 class _Closing:
-    """A decompressing reader that also closes the file under it."""
+    """A decompressing reader that also closes the file under it; ``delivered``: decompressed
+    bytes read so far."""
 
     def __init__(self, reader, under) -> None:
         self._r = reader
         self._under = under
+        self.delivered = 0
 
     def readinto(self, b) -> int:
-        return self._r.readinto(b)
+        n = self._r.readinto(b)
+        self.delivered += n
+        return n
+
+    @property
+    def cut_at(self) -> int | None:
+        """The compressed offset where the data ended inside the compressed stream (None: it
+        ended cleanly, or has not ended yet)."""
+        return getattr(self._r, "cut_at", None)
 
     def seekable(self) -> bool:
         return False
@@ -423,6 +447,7 @@ class CaptureReader:
         self.nanosecond = True
         self.byte_order = "little"
         self._raw = None
+        self._reported_cut = False  # a truncation was reported (a compressed end is not reported again)
         self.last_range = (0, 0)
         self._next_position = 0   # packets of the file (in file order) before the next buffer's
         self._last_positions: tuple[int, int, np.ndarray | None] = (0, 0, None)
@@ -445,6 +470,9 @@ class CaptureReader:
         n = _read_fully(self._f, memoryview(head))
         self._pos = n  # offset in the (decompressed) stream
         if n < 4:
+            if getattr(self._f, "cut_at", None) is not None:
+                raise FileFormatError(f"{self._name}: truncated {self.compression} data: it ends before the "
+                                      f"capture's first bytes ({n} decompressed)", path=self.path, offset=0)
             raise FileFormatError(f"{self._name}: not a capture file (only {n} bytes)", path=self.path, offset=0)
         magic_le = struct.unpack_from("<I", head)[0]
         magic_be = struct.unpack_from(">I", head)[0]
@@ -564,9 +592,21 @@ class CaptureReader:
 
     # -- iteration ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[PacketBatch]:
-        if self.format == "pcap":
-            return self._iter_pcap()
-        return self._iter_pcapng()
+        it = self._iter_pcap() if self.format == "pcap" else self._iter_pcapng()
+        return self._ends_checked(it) if self.compression else it
+
+    def _ends_checked(self, it: Iterator[PacketBatch]) -> Iterator[PacketBatch]:
+        """A compressed file's batches, then its end: data that ends inside a zstd frame or a
+        gzip member (cut short; or a ``.part`` still being written) is a truncated file, also
+        when the decompressed bytes end on a record boundary, as a flushed writer leaves them."""
+        yield from it
+        if self._reported_cut:
+            return  # (a record cut in two already said so)
+        at = getattr(self._f, "cut_at", None)
+        if at is not None:
+            offset = getattr(self._f, "delivered", 0)
+            where = f" at compressed byte {at}" if at else ""
+            self._truncated_end(offset, 0, f"{self.compression} data{where}: the capture", what_ends=True)
 
     def last_positions(self) -> np.ndarray:
         """The file-order positions (0: the file's first packet; int64, increasing) of the
@@ -592,8 +632,10 @@ class CaptureReader:
     def _bad(self, what: str, offset: int) -> FileFormatError:
         return FileFormatError(f"{self._name}: {what} at byte {offset}", path=self.path, offset=offset)
 
-    def _truncated_end(self, offset: int, have: int, what: str) -> None:
-        msg = f"{self._name}: truncated {what} at byte {offset} ({have} bytes present); file ends there"
+    def _truncated_end(self, offset: int, have: int, what: str, what_ends: bool = False) -> None:
+        self._reported_cut = True
+        msg = (f"{self._name}: truncated {what} ends at byte {offset}" if what_ends else
+               f"{self._name}: truncated {what} at byte {offset} ({have} bytes present); file ends there")
         if callable(self._truncated):
             self._truncated(msg, offset)
             return
