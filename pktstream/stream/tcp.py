@@ -33,6 +33,13 @@ def resolve_all(host: str, port: int) -> list[str]:
     return sorted({str(i[4][0]) for i in infos})
 
 
+def _reason(frame: P.Frame) -> str:
+    """The ``reason`` of a receiver's ERROR/BYE as it goes into the log: text, bounded, control
+    characters shown as ``?`` (a newline would forge a log line)."""
+    reason = frame.json().get("reason")
+    text = str(reason)[:500] if reason is not None else "no reason given"
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
+
 class TcpTransport:
     """Streams a sensor's frames to a pktstream receiver over TCP (TLS with ``ssl_context``).
 
@@ -233,7 +240,7 @@ class TcpTransport:
         """The next frame, which must be ``ftype``; an ERROR from the receiver raises ``refused``."""
         frame = link.next_frame(self._io_timeout(15))
         if frame.type == P.FrameType.ERROR:
-            raise refused(f"the receiver refused this sensor: {frame.json().get('reason')}")
+            raise refused(f"the receiver refused this sensor: {_reason(frame)}")
         if frame.type != ftype:
             raise FrameError(f"expected {ftype.name}, got {frame.type.name}")
         return frame
@@ -366,5 +373,5 @@ class TcpTransport:
                 if f.type == P.FrameType.BYE:
                     return
                 if f.type == P.FrameType.ERROR:
-                    raise FrameError(f"receiver closed the session: {f.json().get('reason')}")
+                    raise FrameError(f"receiver closed the session: {_reason(f)}")
             last_rx = max(last_rx, link.last_rx)

@@ -102,8 +102,14 @@ def check_interface(d: Any) -> dict[str, Any]:
     name = d.get("name")
     if not isinstance(name, str) or not 0 < len(name) <= 64:
         raise FrameError("interface descriptor: bad name")
-    out["name"] = name
+    out["name"] = printable(name)
     return out
+
+
+def printable(text: str) -> str:
+    """A peer's name as it goes into logs, file metadata and headers: control characters
+    (a newline would forge a log line) shown as ``?``."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
 
 
 def numeric_stats(obj: dict[str, Any]) -> dict[str, Any]:
