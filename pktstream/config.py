@@ -362,11 +362,14 @@ def receiver_settings(data: Any) -> ReceiverSettings:
     metrics.finish()
     _legacy(root.child("legacy"), s)
     allow_unauthenticated = root.get("allowUnauthenticated", "bool")
+    # an upstream PacketStreamer config without auth (no auth key, or upstream's own example
+    # block with enable: false) starts as it did there, warned; not an empty "auth:"
+    top = data if isinstance(data, dict) else {}
+    auth = top.get("auth")
+    upstream_open = "auth" not in top or (isinstance(auth, dict) and auth.get("enable") is False)
+    s.allow_unauthenticated = upstream_open if allow_unauthenticated is None else allow_unauthenticated
     for k, v in _common(root, "receiver").items():
         setattr(s, k, v)
-    # an upstream PacketStreamer config without auth (no block, or upstream's own example block
-    # with enable: false) starts as it did there, warned
-    s.allow_unauthenticated = not s.auth.enable if allow_unauthenticated is None else allow_unauthenticated
     _ignore_other_role(root, SENSOR_KEYS, ignored, "receiver", "sensor")
     root.finish()
     check_receiver_settings(s)
@@ -522,11 +525,21 @@ def check_sensor_settings(s: SensorSettings) -> None:
 
 def load_yaml(path: str, what: str = "config file", *, text_only: bool = False) -> Any:
     """The YAML document in ``path`` (``text_only``: every scalar as the text written, no
-    numbers or booleans); a one-line ConfigError naming ``what`` if it cannot be read."""
+    numbers or booleans); a one-line ConfigError naming ``what`` if it cannot be read. A
+    top-level ``auth.key`` is always the text written: YAML reads ``key: 0123`` as the number
+    83, which neither the sensor's key file nor upstream's Go decoder would."""
     import yaml
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.load(f, Loader=yaml.BaseLoader) if text_only else yaml.safe_load(f)
+            text = f.read()
+        if text_only:
+            return yaml.load(text, Loader=yaml.BaseLoader)
+        data = yaml.safe_load(text)
+        auth = data.get("auth") if isinstance(data, dict) else None
+        if isinstance(auth, dict) and auth.get("key") is not None and not isinstance(auth["key"], (str, bool)):
+            raw = yaml.load(text, Loader=yaml.BaseLoader)
+            auth["key"] = raw["auth"]["key"]
+        return data
     except FileNotFoundError:
         raise ConfigError(f"{what} {path!r} not found") from None
     except UnicodeDecodeError:
@@ -537,17 +550,24 @@ def load_yaml(path: str, what: str = "config file", *, text_only: bool = False) 
 
 def read_key_file(path: str) -> dict[str, str]:
     """``sensor-id: key`` per line (YAML mapping); removing a line revokes that sensor. A key
-    is the text written (``0123`` stays ``0123``, as in the sensor's key file)."""
+    is the text written (``0123`` stays ``0123``, as in the sensor's key file); a value YAML
+    reads as null or a boolean (``~``, ``null``, ``yes``, ``off``) is refused, not taken as a
+    key anyone could guess."""
     data = load_yaml(path, "auth.keyfile", text_only=True)
     if data is None or data == "":
         data = {}  # (every line removed: every sensor is refused)
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise ConfigError(f"auth.keyfile {path}: expected lines 'sensor-id: key'")
+    typed = load_yaml(path, "auth.keyfile") or {}  # (what each value means to YAML: null, a boolean)
     for k, v in data.items():
         if not isinstance(v, str):
             raise ConfigError(f"auth.keyfile {path}: the key of {k!r} is not text")
-        if not v:
-            raise ConfigError(f"auth.keyfile {path}: {k!r} has an empty key; remove its line to revoke it")
+        if not v or typed.get(k, "") is None:
+            raise ConfigError(f"auth.keyfile {path}: {k!r} has an empty key ({v or 'nothing'}); remove its line "
+                              "to revoke it")
+        if isinstance(typed.get(k), bool):
+            raise ConfigError(f"auth.keyfile {path}: the key of {k!r} reads as a boolean ({v}); quote it if it "
+                              "is the key")
     import logging
     mode = os.stat(path).st_mode
     if mode & 0o077:

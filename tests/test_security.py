@@ -183,7 +183,8 @@ def test_a_lone_surrogate_from_one_sensor_stops_no_other(procs, tmp_path):
     good.close()
     rx.stop(signal.SIGTERM)
     assert "lone surrogate" in rx.stderr and "Traceback" not in rx.stderr
-    assert sum(len(b) for b in __import__("pktstream").read(tmp_path / "out.pcapng")) == 3
+    import pktstream
+    assert sum(len(b) for b in pktstream.read(tmp_path / "out.pcapng")) == 3
 
 
 def test_per_sensor_keys_and_revocation(veth, procs, tmp_path, pki, mixed_pcap):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import pytest
 
@@ -880,10 +881,14 @@ def test_per_sensor_keys_fail_closed(tmp_path, caplog):
     with pytest.raises(ConfigError, match="'web-1' has an empty key"):
         Security(auth_keys={"web-1": ""})
     f = tmp_path / "keys.yaml"
-    f.write_text("a: 0123\nb: yes\nc: 0x1F\nd: 12:30:00\ne: 'quoted key'\n")
+    f.write_text("a: 0123\nb: 'yes'\nc: 0x1F\nd: 12:30:00\ne: 'quoted key'\nf: '~'\n")
     f.chmod(0o600)
-    assert read_key_file(str(f)) == {"a": "0123", "b": "yes", "c": "0x1F", "d": "12:30:00", "e": "quoted key"}
+    assert read_key_file(str(f)) == {"a": "0123", "b": "yes", "c": "0x1F", "d": "12:30:00", "e": "quoted key",
+                                     "f": "~"}
     for text, message in [("web-1: ''\n", "'web-1' has an empty key"), ("web-1:\n", "'web-1' has an empty key"),
+                          ("web-1: ~   # revoked\n", "'web-1' has an empty key"),  # (was the key "~")
+                          ("web-1: null\n", "'web-1' has an empty key"),
+                          ("web-1: off\n", "the key of 'web-1' reads as a boolean"),
                           ("web-1: [a, b]\n", "the key of 'web-1' is not text"),
                           ("- a\n", "expected lines 'sensor-id: key'")]:
         f.write_text(text)
@@ -905,6 +910,7 @@ def test_per_sensor_keys_fail_closed(tmp_path, caplog):
     ("input:\n  address: 0.0.0.0\n  port: 8081\nauth:\n  enable: false\n  key: \"\"\n", True),  # upstream's example
     ("input:\n  address: 0.0.0.0\n  port: 8081\nauth:\n  enable: true\n  key: k\n", False),
     ("input:\n  address: 0.0.0.0\n  port: 8081\nallowUnauthenticated: false\n", False),
+    ("input:\n  address: 0.0.0.0\n  port: 8081\nauth:\n", False),  # an empty block is no upstream example
 ])
 def test_an_upstream_receiver_config_without_auth_allows_unauthenticated(yaml_text, allowed):
     import yaml
@@ -941,12 +947,17 @@ def test_librdkafka_log_lines_are_rate_limited_per_facility():
     log.setLevel(logging.DEBUG)
     fail, tmout = (f"{name}-{os.getpid()}-{id(got)}" for name in ("FAIL", "REQTMOUT"))  # (a filter's state is global)
     try:
-        for fac in (fail, fail, fail, tmout, fail):
-            log.log(logging.WARNING, "%s [%s] %s", fac, "rdkafka#producer-1", "broker down")
+        for fac, text in ((fail, "b1:9092/1: Connect to ipv4#127.0.0.1:9092 failed: refused (after 0ms)"),
+                          (fail, "b1:9092/1: Connect to ipv4#127.0.0.1:9092 failed: refused (after 1ms)"),
+                          (fail, "b1:9092/1: Connect to ipv4#127.0.0.1:9092 failed: refused (after 2ms)"),
+                          (tmout, "b1:9092/1: Timed out 1 in-flight requests"),
+                          (fail, "b1:9092/1: SSL handshake failed: certificate verify failed"),
+                          (fail, "b1:9092/1: Connect to ipv4#127.0.0.1:9092 failed: refused (after 3ms)")):
+            log.log(logging.WARNING, "%s [%s] %s", fac, "rdkafka#producer-1", text)
     finally:
         log.removeHandler(h)
         log.setLevel(old)
-    assert got == [fail, tmout]
+    assert got == [fail, tmout, fail]  # the repeated refusal once; the certificate error shows
 
 
 def test_pcap_mode_on_the_command_line_is_case_insensitive_as_in_yaml():
@@ -961,3 +972,132 @@ def test_a_peers_names_reach_logs_and_files_printable():
     assert printable("eth0") == "eth0" and printable("a\nb\x1b[2J") == "a?b?[2J"
     d = check_interface({"index": 0, "name": "eth0\nERROR forged", "link_type": 1, "snaplen": 100})
     assert d["name"] == "eth0?ERROR forged"
+
+
+# -- an output that cannot write one block ----------------------------------------------------------
+
+class _PoisonedSink:
+    """Writes every block except those of the sensors in ``bad`` (they raise ``error``);
+    ``written``: (sensor, seq) flushed, in order."""
+
+    name, gate = "poisoned", True
+
+    def __init__(self, bad: set[str], error: Exception) -> None:
+        self.bad, self.error = bad, error
+        self.written: list[tuple[str, int]] = []
+        self._pending: list[tuple[str, int]] = []
+
+    def write(self, source, batch) -> None:
+        if source.sensor_id in self.bad:
+            raise self.error
+        self._pending.append((source.sensor_id, source.seq))
+
+    def flush(self) -> dict:
+        self.written += self._pending
+        self._pending = []
+        return {"n": len(self.written)}
+
+    def reset(self) -> None:
+        self._pending = []
+
+    def tick(self) -> None:
+        pass
+
+
+def _runner(sink):
+    import threading
+
+    from pktstream.stream.receiver.outputs import SinkRunner
+    flushed: list[int] = []
+    event = threading.Event()
+
+    def on_flushed(runner, index, state):
+        flushed.append(index)
+        event.set()
+    r = SinkRunner(sink, maxsize=100, closing=threading.Event(), on_flushed=on_flushed)  # type: ignore[arg-type]
+    return r, flushed, event
+
+
+def _block(n: int = 3):
+    import struct
+
+    from pktstream import PacketBatch
+    rec = b"".join(struct.pack("<IIII", 1_700_000_000, i, 60, 60) + bytes(60) for i in range(n))
+    return PacketBatch.from_records(rec, link_type=1)
+
+
+def _src(sensor: str, seq: int):
+    from pktstream.sinks.base import Source
+    return Source(sensor, "h", "eth0", 1, 65535, seq=seq)
+
+
+def test_one_block_no_retry_can_write_is_skipped_and_counted_the_others_flow():
+    """A block whose write raises a data error (the lone-surrogate interface name raised
+    UnicodeEncodeError in every pcapng write) held every sensor's acknowledgements for ever.
+    After its second failure it is set aside; once the others are written it is skipped and
+    counted (rejected_packets), and the group is acknowledged."""
+    sink = _PoisonedSink({"evil"}, UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"))
+    r, flushed, event = _runner(sink)
+    r.submit(1, _src("good", 1), _block())
+    r.submit(2, _src("evil", 1), _block(5))
+    r.submit(3, _src("good", 2), _block())
+    r.thread.start()
+    assert event.wait(60)
+    r.queue.put(None)
+    r.thread.join(60)
+    assert sink.written == [("good", 1), ("good", 2)] and flushed == [3]
+    assert (r.counters["rejected_frames"], r.counters["rejected_packets"]) == (1, 5)
+    assert r.counters["failures"] == 2
+
+
+def test_an_output_failing_for_every_block_skips_none_and_a_lone_bad_block_waits_for_company():
+    """When every block of the group fails, the output is failing (a bug, a closed file): it is
+    retried, nothing is skipped. A bad block alone in its group is told apart as soon as other
+    blocks are queued behind it (the group grows)."""
+    sink = _PoisonedSink({"evil"}, ValueError("cannot encode"))
+    r, flushed, event = _runner(sink)
+    r.submit(1, _src("evil", 1), _block())
+    r.thread.start()
+    deadline = time.monotonic() + 60
+    while r.counters["failures"] < 5:  # retried (every second), never skipped alone
+        assert time.monotonic() < deadline
+        event.wait(0.05)
+    assert not flushed and r.counters["rejected_frames"] == 0
+    r.submit(2, _src("good", 1), _block())
+    assert event.wait(60)
+    r.queue.put(None)
+    r.thread.join(60)
+    assert sink.written == [("good", 1)] and flushed == [2] and r.counters["rejected_frames"] == 1
+
+
+def test_an_io_error_is_never_skipped():
+    """ENOSPC for one sensor's file while another's is written: retried until it works, never
+    dropped (the place, not the data)."""
+    sink = _PoisonedSink({"full"}, OSError(28, "No space left on device"))
+    r, flushed, event = _runner(sink)
+    r.submit(1, _src("good", 1), _block())
+    r.submit(2, _src("full", 1), _block())
+    r.submit(3, _src("good", 2), _block())
+    r.thread.start()
+    deadline = time.monotonic() + 60
+    while r.counters["failures"] < 3:
+        assert time.monotonic() < deadline
+        event.wait(0.05)
+    assert not flushed
+    sink.bad = set()  # space again
+    assert event.wait(60)
+    r.queue.put(None)
+    r.thread.join(60)
+    assert sink.written == [("good", 1), ("full", 1), ("good", 2)] and flushed == [3]
+    assert r.counters["rejected_frames"] == 0
+
+
+def test_auth_key_in_a_config_file_is_the_text_written(tmp_path):
+    """YAML reads ``key: 0123`` as 83: the sensor's key file (and upstream's Go decoder) keep
+    the text, so the two sides disagreed."""
+    from pktstream.config import load_yaml
+    f = tmp_path / "c.yaml"
+    f.write_text("output:\n  server:\n    address: 127.0.0.1\n    port: 1\nauth:\n  enable: true\n  key: 0123\n")
+    assert sensor_settings(load_yaml(str(f))).auth.key == "0123"
+    f.write_text("input:\n  port: 8081\nauth:\n  enable: true\n  key: 12:30\n")
+    assert receiver_settings(load_yaml(str(f))).auth.key == "12:30"

@@ -208,6 +208,10 @@ def build_receiver(args: argparse.Namespace):
             key = s.auth.key
     security = Security(auth_key=key, auth_keys=keys, ssl_context=ctx, cert_identity=s.tls.identity_from_cert,
                         allow_unauthenticated=s.allow_unauthenticated)
+    if s.kafka_input and (key or keys is not None):
+        logging.getLogger("pktstream").warning(
+            "auth keys apply to TCP sensors only: blocks from Kafka are not authenticated (their sensor id "
+            "is a message header); protect the topic with Kafka ACLs (docs/SECURITY.md)")
     limits = Limits(max_connections=s.max_connections, connection_rate=(s.connection_burst, s.connection_seconds),
                     handshake_timeout=s.handshake_timeout, heartbeat=s.heartbeat,
                     max_raw_bytes=max(s.max_block_bytes, s.snaplen + 16))

@@ -37,19 +37,25 @@ _rdlog = logging.getLogger("pktstream.stream.kafka.librdkafka")
 
 class _EveryTenSeconds(logging.Filter):
     """librdkafka's log lines (``logger``: level, "%s [%s] %s", facility, client, text) pass at
-    most once per 10 s per level and facility: a broker outage repeats its FAIL line for every
-    reconnect attempt (as ErrorLog does for error codes). Called from librdkafka's threads."""
+    most once per 10 s per level, facility and text (numbers aside): a broker outage repeats
+    its FAIL line for every reconnect attempt (as ErrorLog does for error codes), while another
+    error of the same facility (a certificate refused) still shows. Called from librdkafka's
+    threads."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._last: dict[tuple[int, str], float] = {}
+        self._last: dict[tuple[int, str, str], float] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args if isinstance(record.args, tuple) else ()
-        key = (record.levelno, str(args[0]) if args else str(record.msg))
+        facility = str(args[0]) if args else ""
+        text = re.sub(r"\d+", "#", str(args[-1]) if len(args) >= 3 else str(record.msg))[:200]
+        key = (record.levelno, facility, text)
         now = time.monotonic()
         if now - self._last.get(key, -1e9) < 10:
             return False
+        if len(self._last) > 1000:
+            self._last.clear()  # (bounded: texts of many brokers)
         self._last[key] = now
         return True
 
@@ -601,7 +607,7 @@ class KafkaInput:
             if head.header_len + head.payload_len != len(value):
                 raise FrameError(f"message is {len(value)} bytes, frame says {head.header_len + head.payload_len}")
             if str(head.seq) != h.get("seq", str(head.seq)):
-                raise FrameError(f"seq header {h.get('seq')} != frame seq {head.seq}")
+                raise FrameError(f"seq header {h.get('seq', '')[:40]!r} != frame seq {head.seq}")
             desc = check_interface({"index": head.iface, "name": h.get("interface", ""),
                                      "link_type": int(h.get("link_type", "-1")),
                                      "snaplen": int(h.get("snaplen", "-1"))})

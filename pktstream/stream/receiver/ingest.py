@@ -36,7 +36,7 @@ from pktstream.stream.receiver.outputs import Outputs
 log = logging.getLogger("pktstream.stream.receiver")
 
 STATE_FILE = "receiver-state.json"
-SENSOR_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+SENSOR_ID = re.compile(r"\A[\x21-\x7e]{1,128}\Z")  # (\Z: "$" also matched before a final newline)
 
 
 @dataclass
