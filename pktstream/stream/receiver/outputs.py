@@ -5,12 +5,6 @@ it has not written is not acknowledged, so the sensors keep it and the ingest pa
 limit bounds the queue — and retries a failed write every second. A best-effort output (stdout)
 has a bounded queue and drops (counted) when it is full or failing.
 
-A block that this output cannot write while it writes others (a data error, not an I/O one:
-see :func:`data_error`) is skipped after its second failure and counted
-(``rejected_frames``/``rejected_packets`` of the output, one error line each): one sensor's
-block that no retry can write would otherwise hold every sensor's acknowledgements for ever.
-When every block fails, the output is failing as a whole and is retried as before.
-
 Lifetime: created and started by :class:`~pktstream.stream.receiver.ingest.Ingest` when the
 receiver starts, closed when it stops. Thread-safety: ``submit`` and the bookkeeping methods run
 on the receiver's event loop; each runner's thread only calls its sink and ``on_flushed``.
@@ -21,14 +15,12 @@ import asyncio
 import collections
 import logging
 import queue
-import struct
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from pktstream._capture import PacketBatch
-from pktstream.exceptions import ClosedError
 from pktstream.sinks.base import Sink, Source
 from pktstream.stream import protocol as P
 
@@ -37,18 +29,6 @@ log = logging.getLogger("pktstream.stream.receiver")
 #: on_flushed(runner, index, state): the runner wrote and flushed everything up to ``index``
 #: (called from the runner's thread)
 FlushedCallback = Callable[["SinkRunner", int, "dict[str, Any] | None"], None]
-
-
-#: items a retried group may grow to (from the queue) to tell one failing block from a failing output
-MAX_GROUP = 512
-
-
-def data_error(exc: BaseException) -> bool:
-    """Whether ``exc`` is about the data written (a value no retry can write: the same block
-    fails again) rather than the place written to (I/O errors, a full staging directory, a
-    broker, a closed output: those pass)."""
-    return isinstance(exc, (ArithmeticError, AttributeError, LookupError, TypeError, ValueError, struct.error)) \
-        and not isinstance(exc, ClosedError)
 
 
 class SinkRunner:
@@ -65,8 +45,6 @@ class SinkRunner:
         self.acknowledged_state: dict[str, Any] | None = None  # the last one given to sink.acknowledged
         self.counters: collections.Counter = collections.Counter()
         self.failing = False
-        self._end_seen = False  # the end marker was taken from the queue while a group grew
-        self._writing: int | None = None  # position in the group of the item being written
         self.thread = threading.Thread(target=self._run, name=f"sink-{sink.name}", daemon=True)
 
     def submit(self, index: int, source: Source, batch: PacketBatch) -> None:
@@ -76,49 +54,23 @@ class SinkRunner:
             self.counters["dropped_batches"] += 1
             self.counters["dropped_packets"] += len(batch)
 
-    def _write_group(self, items: list, skip: set[int]) -> dict[str, Any] | None:
-        """Write (all but the positions in ``skip``) and flush; raises on the first failure,
-        with ``_writing`` the position of the item that failed (None: the flush)."""
-        self._writing = None
-        for pos, (_index, source, batch) in enumerate(items):
-            if pos not in skip:
-                self._writing = pos
-                self.sink.write(source, batch)
-        self._writing = None
+    def _write_group(self, items: list) -> dict[str, Any] | None:
+        """Write and flush items; raises on the first failure."""
+        for _index, source, batch in items:
+            self.sink.write(source, batch)
         return self.sink.flush()
 
-    def _more(self, items: list) -> bool:
-        """Grow a failing group with what is queued behind it (up to MAX_GROUP items)."""
-        grew = False
-        while len(items) < MAX_GROUP and not self._end_seen:
-            try:
-                item = self.queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:
-                self._end_seen = True
-            else:
-                items.append(item)
-                grew = True
-        return grew
-
     def _write_with_retry(self, items: list) -> tuple[bool, dict[str, Any] | None]:
-        """(written, state); ``items`` may grow. A gating output retries every second until it
-        works (nothing is acknowledged meanwhile, so the sensors buffer); a best-effort one
-        drops and counts. An item that fails twice with a data error is set aside; it is
-        skipped (counted) once the others are written; if they all fail, none is."""
-        failed_at: dict[int, int] = {}  # position -> failures with a data error
-        skip: set[int] = set()
+        """(written, state). A gating output retries every second until it works (nothing is
+        acknowledged meanwhile, so the sensors buffer); a best-effort one drops and counts."""
         while True:
             try:
-                state = self._write_group(items, skip)
+                state = self._write_group(items)
                 if self.failing:
                     log.warning("output %s works again", self.sink.name)
                     self.failing = False
-                self._count_skipped(items, skip, failed_at)
                 return True, state
             except Exception as exc:
-                pos = self._writing
                 self.counters["failures"] += 1
                 if not self.failing:
                     log.error("output %s failed: %s", self.sink.name, exc)
@@ -132,23 +84,7 @@ class SinkRunner:
                     self.counters[f"{key}_batches"] += len(items)
                     self.counters[f"{key}_packets"] += sum(len(b) for _, _, b in items)
                     return False, None
-                if pos is not None and data_error(exc):
-                    failed_at[pos] = failed_at.get(pos, 0) + 1
-                    if failed_at[pos] >= 2:
-                        skip.add(pos)  # set aside: try the others without it, at once
-                        if len(skip) < len(items) or self._more(items):
-                            continue
-                        skip.clear()  # every item fails: the output fails, not one block
                 time.sleep(1.0)
-
-    def _count_skipped(self, items: list, skip: set[int], failed_at: dict[int, int]) -> None:
-        for pos in sorted(skip):
-            _index, source, batch = items[pos]
-            self.counters["rejected_frames"] += 1
-            self.counters["rejected_packets"] += len(batch)
-            log.error("output %s: block %d of sensor %s (%s, %d packets) cannot be written, skipped "
-                      "(counted: rejected_packets); it failed %d times while the others were written",
-                      self.sink.name, source.seq, source.sensor_id, source.interface, len(batch), failed_at[pos])
 
     def _run(self) -> None:
         done = False
@@ -169,7 +105,6 @@ class SinkRunner:
             if not items:
                 continue
             ok, state = self._write_with_retry(items)
-            done = done or self._end_seen
             if ok:
                 self.counters["batches"] += len(items)
                 self.counters["packets"] += sum(len(b) for _, _, b in items)
@@ -307,7 +242,6 @@ class Outputs:
                     own = dict(stats())
                 except Exception as exc:  # noqa: BLE001 - a counter read must not break the receiver's stats
                     own = {"stats_error": str(exc)}
-            # (a counter both keep, rejected_*: the sink's refusals and the runner's skipped blocks, summed)
             out[r.sink.name] = {**own, "gate": r.gate, "queued": r.queue.qsize(), "flushes_held": len(r.states),
-                                **{k: v + own.get(k, 0) for k, v in r.counters.items()}}
+                                **r.counters}
         return out
