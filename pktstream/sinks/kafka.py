@@ -134,7 +134,13 @@ class KafkaSink(Sink):
         if not any(e[1] is None for e in self._pending.values()):
             self._progress = time.monotonic()
         self._pending[key] = [args, None, len(batch)]
-        self._produce(key, args)
+        try:
+            self._produce(key, args)
+        except BaseException:
+            # not queued: the retried write must produce it (as "on its way" it was skipped, and
+            # the flush waited for a report that could not come until the stall timeout)
+            del self._pending[key]
+            raise
         self.counters["produced"] += 1
         self._producer.poll(0)
 
