@@ -60,7 +60,22 @@ def du(d: Path, pattern: str = "*") -> int:
     return sum(f.stat().st_size for f in d.rglob(pattern) if f.is_file())
 
 
+def ensure_stenographer() -> None:
+    """Install Debian's stenographer (and its client) when it is missing (root): the package
+    creates its user and certificates."""
+    if shutil.which("stenoread") and shutil.which("stenotype"):
+        return
+    if os.geteuid() != 0:
+        sys.exit("steno_side_by_side: needs root and Debian's stenographer (apt-get install stenographer "
+                 "stenographer-client)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    print("installing stenographer (apt-get) ...", flush=True)
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "stenographer", "stenographer-client"], check=True, env=env)
+
+
 def main() -> int:
+    ensure_stenographer()
     WORK.mkdir(exist_ok=True)
     for x in ("thread0", "arc", "out.pcap"):
         shutil.rmtree(WORK / x, ignore_errors=True)
