@@ -967,7 +967,8 @@ def test_pcap_mode_on_the_command_line_is_case_insensitive_as_in_yaml():
 
 def test_a_peers_names_reach_logs_and_files_printable():
     """An interface name or hostname with a newline would forge a log line."""
-    from pktstream.stream.receiver.ingest import check_interface, printable
+    from pktstream.stream.protocol import printable
+    from pktstream.stream.receiver.ingest import check_interface
     assert printable("eth0") == "eth0" and printable("a\nb\x1b[2J") == "a?b?[2J"
     d = check_interface({"index": 0, "name": "eth0\nERROR forged", "link_type": 1, "snaplen": 100})
     assert d["name"] == "eth0?ERROR forged"

@@ -579,7 +579,7 @@ class KafkaInput:
     async def _process(self, m) -> int:
         """In the receiver's loop: dedupe, validate, dispatch. Returns the receiver index that
         must be committed before this message's offset may be."""
-        from pktstream.stream.receiver.ingest import SENSOR_ID, check_interface, numeric_stats, printable
+        from pktstream.stream.receiver.ingest import SENSOR_ID, check_interface, numeric_stats
         ingest = self._ingest
         h = parse_headers(m.headers())
         sid = h.get("sensor_id") or (m.key() or b"").decode(errors="replace")
@@ -590,7 +590,7 @@ class KafkaInput:
             return ingest.index
         sensor = ingest.sensor_state(sid)
         if h.get("hostname"):
-            sensor.hostname = printable(h["hostname"][:255])
+            sensor.hostname = P.printable(h["hostname"][:255])
         value = m.value() or b""
         if h.get("type") == "stats":
             try:

@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import struct
 import threading
 from dataclasses import dataclass
@@ -238,6 +239,17 @@ def proof(key: bytes, role: str, first_nonce: bytes, second_nonce: bytes, sensor
     receiver proof from ever being valid as a sensor proof (no reflection)."""
     msg = b"pktstream-v1|" + role.encode() + b"|" + first_nonce + b"|" + second_nonce + b"|" + sensor_id.encode()
     return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+#: a sensor id: 1-128 printable ASCII characters, no spaces (both ends check it; ``\Z``: "$"
+#: also matched before a final newline)
+SENSOR_ID = re.compile(r"\A[\x21-\x7e]{1,128}\Z")
+
+
+def printable(text: str) -> str:
+    """A peer's text as it goes into logs, file metadata and headers: control characters (a
+    newline would forge a log line) shown as ``?``."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
 
 
 def check_proof(expected: str, given: object) -> bool:

@@ -13,7 +13,6 @@ import collections
 import json
 import logging
 import os
-import re
 import socket
 import ssl
 import threading
@@ -311,7 +310,7 @@ class Sensor:
             idle_wait=capture.idle_wait, timeout_ms=capture.timeout_ms)
         self.compression_level = compression_level
         self.sensor_id = sensor_id or socket.gethostname()
-        if not re.fullmatch(r"[\x21-\x7e]{1,128}", self.sensor_id):
+        if not P.SENSOR_ID.match(self.sensor_id):
             raise ValueError(f"sensor id {self.sensor_id!r}: 1-128 printable ASCII characters, no spaces")
         self.hostname = socket.gethostname()
         self.heartbeat = heartbeat

@@ -37,8 +37,7 @@ def _reason(frame: P.Frame) -> str:
     """The ``reason`` of a receiver's ERROR/BYE as it goes into the log: text, bounded, control
     characters shown as ``?`` (a newline would forge a log line)."""
     reason = frame.json().get("reason")
-    text = str(reason)[:500] if reason is not None else "no reason given"
-    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
+    return P.printable(str(reason)[:500] if reason is not None else "no reason given")
 
 class TcpTransport:
     """Streams a sensor's frames to a pktstream receiver over TCP (TLS with ``ssl_context``).

@@ -19,7 +19,6 @@ import functools
 import json
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from pktstream.stream.receiver.outputs import Outputs
 log = logging.getLogger("pktstream.stream.receiver")
 
 STATE_FILE = "receiver-state.json"
-SENSOR_ID = re.compile(r"\A[\x21-\x7e]{1,128}\Z")  # (\Z: "$" also matched before a final newline)
+SENSOR_ID = P.SENSOR_ID  # (re-exported: the receiver's checks)
 
 
 @dataclass
@@ -102,14 +101,8 @@ def check_interface(d: Any) -> dict[str, Any]:
     name = d.get("name")
     if not isinstance(name, str) or not 0 < len(name) <= 64:
         raise FrameError("interface descriptor: bad name")
-    out["name"] = printable(name)
+    out["name"] = P.printable(name)
     return out
-
-
-def printable(text: str) -> str:
-    """A peer's name as it goes into logs, file metadata and headers: control characters
-    (a newline would forge a log line) shown as ``?``."""
-    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
 
 
 def numeric_stats(obj: dict[str, Any]) -> dict[str, Any]:

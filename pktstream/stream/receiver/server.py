@@ -17,15 +17,7 @@ from typing import Any
 
 from pktstream.exceptions import FrameError
 from pktstream.stream import legacy, protocol as P
-from pktstream.stream.receiver.ingest import (
-    SENSOR_ID,
-    Ingest,
-    SensorState,
-    check_interface,
-    numeric_stats,
-    printable,
-    send_ack,
-)
+from pktstream.stream.receiver.ingest import SENSOR_ID, Ingest, SensorState, check_interface, numeric_stats, send_ack
 
 log = logging.getLogger("pktstream.stream.receiver")
 
@@ -282,8 +274,8 @@ class Server:
         for d in descs:
             sensor.interfaces[d["index"]] = d
         hostname, software = h.get("hostname"), h.get("software")
-        sensor.hostname = printable(hostname[:255]) if isinstance(hostname, str) else ""
-        sensor.software = printable(software[:255]) if isinstance(software, str) else ""
+        sensor.hostname = P.printable(hostname[:255]) if isinstance(hostname, str) else ""
+        sensor.software = P.printable(software[:255]) if isinstance(software, str) else ""
         sensor.writer, sensor.peer = writer, peer
         sensor.counters["connections"] += 1
         writer.write(P.encode_json(P.FrameType.WELCOME, {"last_seq": sensor.last_committed,
