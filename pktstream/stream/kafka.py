@@ -35,7 +35,24 @@ log = logging.getLogger("pktstream.stream.kafka")
 _rdlog = logging.getLogger("pktstream.stream.kafka.librdkafka")
 
 
-class _EveryTenSeconds(logging.Filter):
+class _EveryTenSeconds:
+    """Whether a log line of a key is due: at most once per 10 s per key (at most 1,000 keys
+    remembered). Called from librdkafka's threads (dict operations under the GIL)."""
+
+    def __init__(self) -> None:
+        self._last: dict[Any, float] = {}
+
+    def due(self, key: Any) -> bool:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) < 10:
+            return False
+        if len(self._last) > 1000:
+            self._last.clear()
+        self._last[key] = now
+        return True
+
+
+class _LibrdkafkaLines(logging.Filter):
     """librdkafka's log lines (``logger``: level, "%s [%s] %s", facility, client, text) pass at
     most once per 10 s per level, facility and text (numbers aside): a broker outage repeats
     its FAIL line for every reconnect attempt (as ErrorLog does for error codes), while another
@@ -44,23 +61,16 @@ class _EveryTenSeconds(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self._last: dict[tuple[int, str, str], float] = {}
+        self._every = _EveryTenSeconds()
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args if isinstance(record.args, tuple) else ()
         facility = str(args[0]) if args else ""
         text = re.sub(r"\d+", "#", str(args[-1]) if len(args) >= 3 else str(record.msg))[:200]
-        key = (record.levelno, facility, text)
-        now = time.monotonic()
-        if now - self._last.get(key, -1e9) < 10:
-            return False
-        if len(self._last) > 1000:
-            self._last.clear()  # (bounded: texts of many brokers)
-        self._last[key] = now
-        return True
+        return self._every.due((record.levelno, facility, text))
 
 
-_rdlog.addFilter(_EveryTenSeconds())
+_rdlog.addFilter(_LibrdkafkaLines())
 
 DEFAULT_TOPIC = "packetstreamer"  # PacketStreamer's default topic
 MAX_MESSAGE_BYTES = 16 << 20
@@ -106,16 +116,14 @@ class ErrorLog:
 
     def __init__(self, counters: collections.Counter) -> None:
         self.counters = counters
-        self._last: dict[str, float] = {}
+        self._every = _EveryTenSeconds()
         self.all_down = False
 
     def __call__(self, err) -> None:
         name = err.name() if hasattr(err, "name") else str(err)
         self.counters["kafka_errors"] += 1
         self.all_down = name == "_ALL_BROKERS_DOWN" or (self.all_down and name == "_TRANSPORT")
-        now = time.monotonic()
-        if now - self._last.get(name, -1e9) >= 10:
-            self._last[name] = now
+        if self._every.due(name):
             log.warning("kafka: %s", err.str() if hasattr(err, "str") else err)
 
 
