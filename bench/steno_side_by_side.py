@@ -5,7 +5,9 @@ Needs root and Debian's ``stenographer`` and ``stenographer-client`` (the packag
 certificates). Writes ~300 MB of bench_archive's traffic (one rare flow) to a pcap, starts
 ``stenographer`` as its own user with a private config (port 18456; stenotype on the outer end
 of a veth pair made here; ``--no_watchdogs``: its watchdog aborts stenotype when traffic
-pauses), replays the pcap at 100 kpps, then times ``stenoread`` for the rare flow (3 runs),
+pauses), waits until stenotype's packet socket is bound to the veth (/proc/net/packet), replays
+the pcap at 100 kpps, waits until ``stenoread`` returns the rare flow (its files are written
+after ``--fileage_sec``), counts what Stenographer kept, then times ``stenoread`` for the rare flow (3 runs),
 ``tcpdump -r`` over the pcap, and ``pktstream index`` + ``Archive.write`` + ``pktstream query``
 (direct and by ``pktstream serve``) on the same pcap, and prints index sizes. Run by
 ``run_all.py --preset issue13`` (root, Debian packages).
@@ -56,6 +58,27 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def packet_socket_on(ifname: str) -> bool:
+    """Whether a packet socket is bound to ``ifname`` (/proc/net/packet: stenotype has started
+    capturing; nothing else binds the veth made here)."""
+    ifindex = Path(f"/sys/class/net/{ifname}/ifindex").read_text().strip()
+    rows = Path("/proc/net/packet").read_text().splitlines()[1:]
+    return any(r.split()[4] == ifindex for r in rows if len(r.split()) > 4)
+
+
+def wait_for(what: str, ready, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``ready()`` every 0.2 s until it holds; exit with a message naming ``what`` when
+    ``timeout_s`` passes or ``proc`` ends first (a bound, not a timing: the event is ``ready``)."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if proc is not None and proc.poll() is not None:
+            sys.exit(f"steno_side_by_side: stenographer exited ({proc.returncode}) before {what}; "
+                     f"see {WORK / 'steno.log'}")
+        if time.monotonic() > deadline:
+            sys.exit(f"steno_side_by_side: no {what} within {timeout_s:.0f} s; see {WORK / 'steno.log'}")
+        time.sleep(0.2)
+
+
 def du(d: Path, pattern: str = "*") -> int:
     return sum(f.stat().st_size for f in d.rglob(pattern) if f.is_file())
 
@@ -77,7 +100,7 @@ def ensure_stenographer() -> None:
 def main() -> int:
     ensure_stenographer()
     WORK.mkdir(exist_ok=True)
-    for x in ("thread0", "arc", "out.pcap"):
+    for x in ("thread0", "arc", "out.pcap", "all.pcap"):
         shutil.rmtree(WORK / x, ignore_errors=True)
     pcap = WORK / "traffic.pcap"
     if not pcap.exists():
@@ -104,14 +127,28 @@ def main() -> int:
                                   str(WORK / "config"), "-syslog=false", "-v", "1"],
                                  stdout=log, stderr=subprocess.STDOUT)
             try:
-                time.sleep(5)  # stenotype up (it logs nothing we could wait for)
+                wait_for("stenotype capturing on " + v.outer, lambda: packet_socket_on(v.outer), 120, p)
                 print("replay", v.replay(pcap, pps=100000)[-120:], flush=True)
-                time.sleep(15)  # files rotate after 5 s, then stenographer indexes them
                 env = {**os.environ, "STENOGRAPHER_CONFIG": str(WORK / "config")}
+                expect = sum(len(b) for b in pktstream.read(pcap, bpf=query))
+
+                def rare_flow_found() -> bool:  # stenotype writes its files after --fileage_sec
+                    r = subprocess.run(["stenoread", query, "-w", str(WORK / "out.pcap")], env=env,
+                                       capture_output=True)
+                    return r.returncode == 0 and sum(len(b) for b in pktstream.read(WORK / "out.pcap")) == expect
+
+                t = time.monotonic()
+                wait_for(f"answer with the rare flow's {expect} packets from stenoread", rare_flow_found, 180, p)
+                print(f"stenoread found the rare flow {time.monotonic() - t:.1f} s after the replay", flush=True)
                 for i in range(3):
                     dt = timed(["stenoread", query, "-w", str(WORK / "out.pcap")], env=env)
                     n = sum(len(b) for b in pktstream.read(WORK / "out.pcap"))
                     print(f"stenoread run {i}: {dt:.3f} s, {n} packets", flush=True)
+                # every replayed packet in stenographer's files? (what it kept, not only the rare flow)
+                r = subprocess.run(["stenoread", "after 1h ago", "-w", str(WORK / "all.pcap")], env=env,
+                                   capture_output=True)
+                kept = sum(len(b) for b in pktstream.read(WORK / "all.pcap")) if r.returncode == 0 else -1
+                print(f"stenographer kept {kept} of {sum(len(b) for b in pktstream.read(pcap))} packets", flush=True)
             finally:
                 tree = descendants(p.pid)  # stenographer leaves its stenotype running when stopped
                 p.terminate()
