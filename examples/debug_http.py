@@ -240,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
                     delivery=DeliveryOptions(spool_dir=None)).start()  # in process: no disk spool left behind
     deadline = time.monotonic() + 20
     while not rx.stats()["sensors"].get("debug-http", {}).get("connected"):
-        if time.monotonic() > deadline or (sensor._thread is not None and not sensor._thread.is_alive()):
-            print("debug_http: the sensor did not start (root? interface name?)", file=sys.stderr)
+        if time.monotonic() > deadline or not sensor.running:
+            why = sensor.error or "not connected after 20 s"
+            print(f"debug_http: the sensor did not start: {why} (root? interface name?)", file=sys.stderr)
             rx.stop()
             return 1
         time.sleep(0.02)

@@ -211,6 +211,10 @@ def test_flows_and_sql(archive_dir):
     assert {x["sensor"]: x["n"] for x in s} == {"db-1": 2500, "lb-1": 2500, "s1": 800, "s2": 800,
                                                 "web-1": 2505, "old": 600}
     assert a.sql("SELECT count(*) AS n FROM files").to_pylist() == [{"n": n_files(archive_dir)}]
+    # the partition columns are text in flows() and in sql() alike (DuckDB alone made date a DATE)
+    assert all_flows.schema.field("date").type == "string"
+    assert a.sql("SELECT DISTINCT typeof(date) AS t, typeof(sensor) AS s, date FROM flows").to_pylist() == \
+        [{"t": "VARCHAR", "s": "VARCHAR", "date": "2024-11-27"}]
     with pytest.raises(ValueError, match="flow filter"):
         a.flows("tcp[13] & 2 != 0")
 

@@ -1018,3 +1018,15 @@ def test_a_kafka_block_whose_produce_raised_is_produced_by_the_retry():
     sink._producer = real
     sink._pending.clear()
     sink.close()
+
+
+def test_a_sensor_started_in_the_background_reports_what_ended_it(tmp_path):
+    """``Sensor.start()`` runs in a thread: a script learns that it ended, and why, from
+    ``running`` and ``error`` (examples/debug_http.py read the private thread before)."""
+    from pktstream.stream.sensor import DeliveryOptions, Sensor
+    s = Sensor("127.0.0.1:1", ["nosuchdev0"], sensor_id="t1", delivery=DeliveryOptions(spool_dir=None))
+    assert not s.running and s.error is None  # not started
+    s.start()
+    s.join(30)
+    assert not s.running
+    assert s.error is not None and "nosuchdev0" in str(s.error)

@@ -381,7 +381,9 @@ class Archive:
                 if os.path.isdir(os.path.join(root, "flows")):
                     con.execute(f"CREATE VIEW flows AS SELECT * FROM read_parquet("
                                 f"'{_sql_str(root)}/flows/*/*/*.parquet', hive_partitioning=true, "
-                                "union_by_name=true)")
+                                # text like flows() and the S3 path below (DuckDB would read
+                                # date=2024-11-27 as a DATE here only)
+                                "hive_types={'sensor': 'VARCHAR', 'date': 'VARCHAR'}, union_by_name=true)")
                 else:
                     flows_tbl = _empty_flows()
                     con.register("flows", flows_tbl)

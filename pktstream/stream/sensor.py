@@ -345,6 +345,7 @@ class Sensor:
         self._connected = False
         self._fatal: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
         self.counters: collections.Counter[str] = collections.Counter()
         self._control: collections.deque[bytes] = collections.deque()  # control frames to send
         self.exit_report: dict[str, Any] | None = None  # set when run() returns: what was left
@@ -590,10 +591,28 @@ class Sensor:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> Sensor:
-        """Run in a background thread (for scripts and notebooks)."""
-        self._thread = threading.Thread(target=self.run, name="pktstream-sensor", daemon=True)
+        """Run in a background thread (for scripts and notebooks); :attr:`running` says whether
+        it still runs, :attr:`error` what ended it (e.g. no interface could be opened)."""
+        self._thread = threading.Thread(target=self._run_in_thread, name="pktstream-sensor", daemon=True)
         self._thread.start()
         return self
+
+    def _run_in_thread(self) -> None:
+        try:
+            self.run()
+        except BaseException as exc:
+            self._error = exc
+            log.error("sensor stopped: %s", exc)
+
+    @property
+    def running(self) -> bool:
+        """Whether the background thread of ``start()`` runs (False before it and after it ended)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def error(self) -> BaseException | None:
+        """The exception that ended the background thread of ``start()`` (None: none, or still running)."""
+        return self._error
 
     def stop(self) -> None:
         """Stop capturing, send what was captured, say BYE (from any thread, and from a signal
@@ -607,6 +626,7 @@ class Sensor:
                 itf.capture.stop()
 
     def join(self, timeout: float | None = None) -> None:
+        """Wait for the background thread of ``start()`` to end."""
         if self._thread is not None:
             self._thread.join(timeout)
 
