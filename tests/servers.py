@@ -20,11 +20,59 @@ from pathlib import Path
 import pytest
 
 _PORTS_GIVEN: set[int] = set()
+_PORT_REGISTRY = "/tmp/pktstream-test-ports"  # "port pid" lines: every port a live test process took
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def free_port() -> int:
-    """A loopback TCP port free now, and never one this process handed out before (the
-    kernel may give two calls in a row the same port, while neither is listening yet)."""
+    """A loopback TCP port free now, and never one this process or another live test process
+    handed out before: the kernel may give two calls in a row the same port while neither is
+    listening yet, and a test that keeps a sensor pointed at a port with no receiver for a while
+    (receiver down, killed, restarted) must not meet another concurrent suite's receiver there
+    (it acknowledged another suite's frames: seen with two suites run side by side). Ports are
+    registered in a shared file, under a lock, with the PID that took them."""
+    import fcntl
+    try:
+        reg_file = open(_PORT_REGISTRY, "a+")  # noqa: SIM115 - closed by the with below
+    except OSError:  # (another user's registry: this process's own ports only)
+        return _unregistered_port()
+    with reg_file as reg:
+        fcntl.flock(reg, fcntl.LOCK_EX)  # released when closed, also if this process dies
+        reg.seek(0)
+        taken: set[int] = set()
+        live: list[str] = []
+        for line in reg.read().splitlines():
+            try:
+                port_text, pid_text = line.split()
+                port, pid = int(port_text), int(pid_text)
+            except ValueError:
+                continue
+            if pid == os.getpid() or _alive(pid):
+                taken.add(port)
+                live.append(line)
+        for _ in range(1000):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port not in _PORTS_GIVEN and port not in taken:
+                _PORTS_GIVEN.add(port)
+                reg.seek(0)
+                reg.truncate()
+                reg.write("".join(f"{x}\n" for x in [*live, f"{port} {os.getpid()}"]))
+                return port
+    raise RuntimeError("no loopback port left that this test run has not handed out")
+
+
+def _unregistered_port() -> int:
     for _ in range(1000):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

@@ -134,15 +134,20 @@ def test_burst_beyond_the_window_arrives_whole(veth, procs, tmp_path):
     src = tmp_path / "big.pcap"
     traffic.write_random_udp_pcap(str(src), 50000, size=1514)
     port = free_port()
+    # a key: for the 30 s with no receiver nothing else listening on the port later (another
+    # suite's receiver, run side by side) can acknowledge this sensor's frames
+    key = tmp_path / "key"
+    key.write_text(f"burst-{os.getpid()}-{time.time_ns()}\n")
     ref = tmp_path / "ref.pcap"
     td = start_tcpdump(procs, veth.outer, ref)
     sx = procs([*PKTSTREAM, "sensor", "--receiver", f"127.0.0.1:{port}", "-i", veth.outer, "--sensor-id", "burst",
-                "--stats-json", str(tmp_path / "sx.json")])
+                "--auth-key-file", str(key), "--stats-json", str(tmp_path / "sx.json")])
     sx.wait_for("capturing on")
     veth.replay(src, pps=100000, loop=4)  # 200,000 frames, 303 MB
     spool = Path(os.environ["PKTSTREAM_STATE_DIR"]) / "spool" / "burst"
     wait_until(lambda: sum(1 for p in spool.glob("*.frame")) > 100, 30, "frames in the default spool")
-    rx = procs([*PKTSTREAM, "receiver", "--listen", f"127.0.0.1:{port}", "-w", str(tmp_path / "out.pcap")])
+    rx = procs([*PKTSTREAM, "receiver", "--listen", f"127.0.0.1:{port}", "--auth-key-file", str(key),
+                "-w", str(tmp_path / "out.pcap")])
     rx.wait_for("listening on")
     sx.wait_for("connected to receiver", timeout=30)
     assert sx.stop(signal.SIGTERM, timeout=90) == 0, sx.stderr
@@ -256,13 +261,17 @@ def test_restarted_sensor_sends_what_its_spool_kept(veth, procs, tmp_path):
     traffic.write_pcap(str(src), 500)
     ref = tmp_path / "ref.pcap"
     td = start_tcpdump(procs, veth.outer, ref)
-    cmd = [*PKTSTREAM, "sensor", "--receiver", f"127.0.0.1:{port}", "-i", veth.outer, "--sensor-id", "again"]
+    key = tmp_path / "key"  # (no other suite's receiver on this port can take the frames)
+    key.write_text(f"again-{os.getpid()}-{time.time_ns()}\n")
+    cmd = [*PKTSTREAM, "sensor", "--receiver", f"127.0.0.1:{port}", "-i", veth.outer, "--sensor-id", "again",
+           "--auth-key-file", str(key)]
     sx = procs(cmd)
     sx.wait_for("capturing on")
     veth.replay(src, pps=5000)
     assert sx.stop(signal.SIGTERM, timeout=30) == 3
     td.stop()
-    rx = procs([*PKTSTREAM, "receiver", "--listen", f"127.0.0.1:{port}", "-w", str(tmp_path / "out.pcap")])
+    rx = procs([*PKTSTREAM, "receiver", "--listen", f"127.0.0.1:{port}", "--auth-key-file", str(key),
+                "-w", str(tmp_path / "out.pcap")])
     rx.wait_for("listening on")
     sx2 = procs(cmd)
     sx2.wait_for("connected to receiver")
