@@ -9,7 +9,8 @@ is decided for the key is decided for each packet, also under ``not``.
 Understood (tcpdump syntax): ``and``/``&&``, ``or``/``||``, ``not``/``!``, parentheses,
 ``[src|dst] host ADDR``, ``[src|dst] net CIDR``, ``[src|dst] port N``, ``portrange A-B``,
 ``tcp``, ``udp``, ``sctp``, ``icmp``, ``icmp6``, ``ip``, ``ip6`` (also as qualifiers:
-``tcp port 80``, ``ip host X``) and qualifier inheritance (``port 80 or 443``). Decided for untagged
+``tcp port 80``, ``ip host X``) and qualifier inheritance (``port 80 or 443``), with libpcap's
+precedence (see :class:`_Parser`). Decided for untagged
 IP flows (fragment or port-less flows are unknown for port tests; IPv6
 protocol/port tests are never decided false: libpcap's IPv6 tests do not walk every extension
 header; see :class:`FlowContext` for tagged and non-IP flows). Anything else -- ``vlan`` (it
@@ -55,10 +56,20 @@ def parse(expr: str | None):
 
 
 class _Parser:
+    """libpcap's grammar for the subset: ``not`` binds tightest; ``and`` and ``or`` have equal
+    precedence and group left to right (``a or b and c`` is ``(a or b) and c``, pcap-filter(7));
+    a bare value right after ``and``/``or`` (and any ``not`` s) takes the whole qualifier of the
+    primitive before it, protocol included (``tcp port 80 or 443`` is ``... or tcp port 443``).
+    Where libpcap's inheritance is subtler (a value first in parentheses or right after one,
+    after a bare protocol, or with no qualifier to inherit) the expression is unsupported."""
+
+    _CONJ = ("and", "&&", "or", "||")
+
     def __init__(self, tokens: list[str]) -> None:
         self.t = tokens
         self.i = 0
-        self.last: tuple[str | None, str] | None = None  # inherited (dir, kind) qualifiers
+        # the (protocol, direction, kind) qualifiers of the last primitive that had a kind
+        self.last: tuple[str | None, str | None, str] | None = None
 
     def peek(self) -> str | None:
         return self.t[self.i] if self.i < len(self.t) else None
@@ -69,17 +80,10 @@ class _Parser:
         return tok
 
     def expr(self):
-        node = self.term()
-        while self.peek() in ("or", "||"):
-            self.take()
-            node = ("or", node, self.term())
-        return node
-
-    def term(self):
         node = self.factor()
-        while self.peek() in ("and", "&&"):
-            self.take()
-            node = ("and", node, self.factor())
+        while self.peek() in self._CONJ:
+            op = "and" if self.take() in ("and", "&&") else "or"
+            node = (op, node, self.factor())
         return node
 
     def factor(self):
@@ -89,20 +93,33 @@ class _Parser:
             return ("not", self.factor())
         if tok == "(":
             self.take()
+            self.last = None  # (what a value first inside inherits is not modelled)
             node = self.expr()
             if self.take() != ")":
                 raise Unsupported("(")
+            self.last = None  # (nor what one right after the parenthesis inherits)
             return node
         return self.primitive()
 
+    def _after_conjunction(self) -> bool:
+        """Whether the token just taken follows ``and``/``or`` (any ``not`` s between)."""
+        j = self.i - 2
+        while j >= 0 and self.t[j] in ("not", "!"):
+            j -= 1
+        return j >= 0 and self.t[j] in self._CONJ
+
+    @staticmethod
+    def _proto_node(tok: str):
+        return ("ipv", 4 if tok == "ip" else 6) if tok in ("ip", "ip6") else ("proto", tok)
+
     def primitive(self):
         tok = self.take()
+        proto = None
         if tok in ("ip", "ip6") or tok in _PROTOS:
-            nxt = self.peek()
-            base = ("ipv", 4 if tok == "ip" else 6) if tok in ("ip", "ip6") else ("proto", tok)
-            if nxt in ("src", "dst", "host", "net", "port", "portrange"):
-                return ("and", base, self.primitive())
-            return base
+            if self.peek() not in ("src", "dst", "host", "net", "port", "portrange"):
+                self.last = None  # a bare protocol: a value after it inherits no kind
+                return self._proto_node(tok)
+            proto, tok = tok, self.take()
         direction = None
         if tok in ("src", "dst"):
             direction = tok
@@ -110,11 +127,15 @@ class _Parser:
                 raise Unsupported("src or dst")
             tok = self.take()
         if tok in ("host", "net", "port", "portrange"):
-            self.last = (direction, tok)
-            return self.value(direction, tok, self.take())
-        if self.last is not None and direction is None and re.fullmatch(r"[0-9a-fA-F:./-]+", tok):
-            return self.value(self.last[0], self.last[1], tok)  # "port 80 or 443"
-        raise Unsupported(tok)
+            self.last = (proto, direction, tok)
+            node = self.value(direction, tok, self.take())
+        elif (proto is None and direction is None and self.last is not None and self._after_conjunction()
+              and re.fullmatch(r"[0-9a-fA-F:./-]+", tok)):
+            proto, direction, kind = self.last  # "tcp port 80 or 443": tcp port 443
+            node = self.value(direction, kind, tok)
+        else:
+            raise Unsupported(tok)
+        return node if proto is None else ("and", self._proto_node(proto), node)
 
     @staticmethod
     def value(direction: str | None, kind: str, text: str):
