@@ -59,25 +59,20 @@ def free_port() -> int:
             if pid == os.getpid() or _alive(pid):
                 taken.add(port)
                 live.append(line)
-        for _ in range(1000):
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            if port not in _PORTS_GIVEN and port not in taken:
-                _PORTS_GIVEN.add(port)
-                reg.seek(0)
-                reg.truncate()
-                reg.write("".join(f"{x}\n" for x in [*live, f"{port} {os.getpid()}"]))
-                return port
-    raise RuntimeError("no loopback port left that this test run has not handed out")
+        port = _unregistered_port(taken)
+        reg.seek(0)
+        reg.truncate()
+        reg.write("".join(f"{x}\n" for x in [*live, f"{port} {os.getpid()}"]))
+        return port
 
 
-def _unregistered_port() -> int:
+def _unregistered_port(taken: frozenset[int] | set[int] = frozenset()) -> int:
+    """A port free now that this process has not handed out and that is not in ``taken``."""
     for _ in range(1000):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port not in _PORTS_GIVEN:
+        if port not in _PORTS_GIVEN and port not in taken:
             _PORTS_GIVEN.add(port)
             return port
     raise RuntimeError("no loopback port left that this test run has not handed out")
