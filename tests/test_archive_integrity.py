@@ -459,3 +459,54 @@ def test_and_or_and_inherited_qualifiers_are_read_as_libpcap_reads_them(tmp_path
     for unsupported in ("(tcp port 80) or 443", "port 80 or (443)", "port 80 or tcp or 443", "10.0.0.1",
                         "port 80 443"):
         assert parse(unsupported) is None, unsupported
+
+
+def _tcpdump_r(path, bpf: str) -> list[tuple[int, bytes]]:
+    """``tcpdump -r PATH BPF``: a filter libpcap refuses for the file's link type prints nothing."""
+    import io
+    import subprocess
+    r = subprocess.run(["tcpdump", "-r", str(path), "--time-stamp-precision=nano", "-w", "-", bpf],
+                       capture_output=True)
+    if r.returncode != 0:
+        assert b"rejects all packets" in r.stderr or b"supported only on" in r.stderr, r.stderr
+        return []
+    return [(int(b.ts_ns[i]), bytes(b[i])) for b in pktstream.read(io.BytesIO(r.stdout)) for i in range(len(b))]
+
+
+def test_a_filter_one_files_link_type_refuses_matches_nothing_there_and_the_query_goes_on(edge_archive):
+    """``ip`` on raw IPv6 and ``ether host`` on raw IP compile to "rejects all packets" (or are
+    refused) for those files only: tcpdump -r prints none of their packets and the others'
+    as usual; the query does the same, names the file once and is not stopped by it."""
+    import subprocess
+
+    from conftest import PKTSTREAM
+    _write_edges(edge_archive / "raw6.pcap", [(_ipv6("2001:db8::1", "2001:db8::2", 17, _udp(1000, 53, b"v6")), 0)] * 3,
+                 T0 + 5 * S, link_type=229)
+    _write_edges(edge_archive / "raw4.pcap", [(_ipv4("10.0.0.1", "10.0.0.2", 17, _udp(1000, 53, b"v4")), 0)] * 3,
+                 T0 + 6 * S, link_type=101)
+    a = Archive(str(edge_archive))
+    a.index(chunk_bytes=CHUNK)
+    files = sorted(p for p in edge_archive.rglob("*") if p.is_file() and "_index" not in p.parts)
+    # ("ip": the index knows raw6.pcap holds no IPv4 and does not read it)
+    for bpf, refused in (("ip", []), ("ether host 02:00:00:00:00:01", ["raw4.pcap", "raw6.pcap"]),
+                         ("udp port 53", [])):
+        want = sorted((x for f in files for x in _tcpdump_r(f, bpf)), key=lambda x: x[0])
+        assert want, bpf  # the other files hold packets the filter matches
+        assert got(a, bpf) == want, bpf
+        st = a.last_stats
+        assert sorted(s.split(":")[0] for s in st.skipped) == refused, (bpf, st.skipped)
+        assert not st.problems and "link type the filter cannot match" in st.summary() if refused else True
+    out = edge_archive.parent / "q.pcapng"
+    bpf = "ether src 02:00:00:00:00:01"
+    r = subprocess.run([*PKTSTREAM, "query", str(edge_archive), *bpf.split(), "-w", str(out)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "raw6.pcap: no packet can match the filter (link type IPV6: ethernet addresses supported only" in r.stderr
+    assert "2 file(s) of a link type the filter cannot match" in r.stderr
+    assert sum(len(b) for b in pktstream.read(out)) == sum(len(_tcpdump_r(f, bpf)) for f in files) > 0
+    # a filter no link type takes is the user's mistake: it still stops the query
+    with pytest.raises(pktstream.FilterError, match="syntax error"):
+        got(a, "tcp port")
+    r = subprocess.run([*PKTSTREAM, "query", str(edge_archive), "tcp", "port", "-w", str(out)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0 and "bad BPF filter" in r.stderr and "Traceback" not in r.stderr

@@ -19,6 +19,7 @@ Reading ranges: uncompressed files are read with seeks (ranged GETs on S3); comp
 """
 from __future__ import annotations
 
+import functools
 import io
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -63,7 +64,7 @@ class QueryStats:
     seconds: float = 0.0
     packets_held: int = 0         # matched packets read and not yet merged out, now
     peak_packets_held: int = 0    # ... at most (memory of a query: bounded by files, not by results)
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # "path: why": packets of a link type the BPF cannot match
     scanned: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -72,6 +73,8 @@ class QueryStats:
                 f"a usable index; flow records of {self.flow_files_read} read), {self.bytes_read} bytes, "
                 f"{self.packets_read} packets; "
                 f"{self.packets} packets matched; {self.seconds:.3f} s")
+        if self.skipped:
+            text += f"; {len(self.skipped)} file(s) of a link type the filter cannot match"
         if self.problems:
             text += f"; {len(self.problems)} file(s) with problems"
         return text
@@ -440,6 +443,7 @@ def iter_plan(store, plan: FilePlan, *, bpf: str | None, since: int | None, unti
         src = io.BufferedReader(seg, 1 << 20)
     failed = False
     notes: list[str] = []
+    refused: set[int] = set()  # link types of this file the BPF cannot be compiled for
     n_read = 0
     done = 0          # packets in file order before every packet still to come (all delivered)
     last_range = None
@@ -483,7 +487,7 @@ def iter_plan(store, plan: FilePlan, *, bpf: str | None, since: int | None, unti
                 if until is not None:
                     mask &= ts < until
             if bpf:
-                m2 = batch.filter(bpf)
+                m2 = _filter_mask(batch, bpf, plan, refused, stats, warn)
                 mask = m2 if mask is None else mask & m2
             name = f"{sensor}/{itf}"
             assert reader is not None  # a batch came from it
@@ -516,6 +520,47 @@ def iter_plan(store, plan: FilePlan, *, bpf: str | None, since: int | None, unti
             msg = f"{plan.path}: {note}"
             stats.problems.append(msg)
             warn(msg)
+
+
+# link types a filter is tried on when one file's link type refuses it: if any takes it, the
+# filter is good and only cannot match that file (tcpdump -r would print none of its packets)
+# (Ethernet, SLL2, SLL, raw IP, NULL, IPv4, IPv6, 802.11, radiotap)
+_PROBE_LINK_TYPES = (1, 276, 113, 101, 0, 228, 229, 105, 127)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiles_somewhere(bpf: str) -> bool:
+    from pktstream._capture import BpfProgram
+    from pktstream.exceptions import FilterError
+    for link_type in _PROBE_LINK_TYPES:
+        try:
+            BpfProgram(bpf, link_type)
+        except FilterError:
+            continue
+        return True
+    return False
+
+
+def _filter_mask(batch, bpf: str, plan: FilePlan, refused: set[int], stats: QueryStats,
+                 warn: Callable[[str], None]) -> np.ndarray:
+    """``batch.filter(bpf)``; a filter libpcap refuses for this batch's link type only (``ip``
+    on raw IPv6, ``ether host`` on raw IP: "expression rejects all packets") matches none of
+    its packets, named once per file and link type -- one such file does not fail the query,
+    as it would not fail a ``tcpdump -r`` of the other files. A filter no link type takes
+    (a syntax error) raises :class:`~pktstream.exceptions.FilterError`."""
+    from pktstream.exceptions import FilterError
+    try:
+        return batch.filter(bpf)
+    except FilterError as exc:
+        if not _compiles_somewhere(bpf):
+            raise
+        if batch.link_type not in refused:
+            refused.add(batch.link_type)
+            reason = str(exc).rsplit(": ", 1)[-1]
+            msg = f"{plan.path}: no packet can match the filter (link type {batch.link_type_name}: {reason})"
+            stats.skipped.append(msg)
+            warn(msg)
+        return np.zeros(len(batch), bool)
 
 
 def _problem(plan: FilePlan, exc: BaseException, stats: QueryStats, warn: Callable[[str], None]) -> None:
