@@ -267,11 +267,16 @@ def test_idle_session_stays_connected(veth):
         st = rx.stats()["sensors"][sx.sensor_id]
         assert st["connected"] and st["connections"] == 1
         assert sx.counters["connection_failures"] == 0
+        assert all(i["capturing"] for i in sx.stats()["interfaces"].values())
     finally:
         sx.stop()
         sx.join(20)
         rx.stop()
         rx.join(20)
+    # a stopped sensor says so (it said "connected" and "capturing" until its process ended)
+    assert not sx.running
+    st = sx.stats()
+    assert not st["connected"] and st["interfaces"] and not any(i["capturing"] for i in st["interfaces"].values())
 
 
 def test_slow_output_memory_bounded_and_counted(veth, tmp_path):
