@@ -27,6 +27,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,19 +60,22 @@ sys.exit(main())
 TIMED_WRAPPER = WARM_WRAPPER.replace("from pktstream.cli import main", """import atexit, time
 import pktstream.archive.index as ix, pktstream.archive.live as live
 spent = {}
+import resource
 def timed(obj, name):
     f = getattr(obj, name)
     def w(*a, **k):
-        c = time.thread_time()
+        c = resource.getrusage(resource.RUSAGE_THREAD)
         try:
             return f(*a, **k)
         finally:
-            spent[name] = spent.get(name, 0.0) + time.thread_time() - c
+            e = resource.getrusage(resource.RUSAGE_THREAD)
+            spent[name] = spent.get(name, 0.0) + e.ru_utime + e.ru_stime - c.ru_utime - c.ru_stime
+            spent["sys"] = spent.get("sys", 0.0) + e.ru_stime - c.ru_stime
     setattr(obj, name, w)
 for obj, name in ((ix.FileIndexBuilder, "add"), (ix.FileIndexBuilder, "finish"), (live, "write_index"),
                   (live, "write_snapshot")):
     timed(obj, name)
-atexit.register(lambda: print(f"INDEXING_CPU_S {sum(spent.values()):.4f} "
+atexit.register(lambda: print(f"INDEXING_CPU_S {sum(v for k, v in spent.items() if k != 'sys'):.4f} "
                               + json.dumps({k: round(v, 4) for k, v in spent.items()}), file=sys.stderr))
 import json
 from pktstream.cli import main""")
@@ -105,6 +109,12 @@ def recorded(seed: int, raw_bytes: int) -> list[tuple[bytes, int, int]]:
     return [(c.compress(b), len(b), b.nbytes) for b in make_batches(seed, raw_bytes, T0, 3600 * 10**9)]
 
 
+def sys_seconds(pid: int) -> float:
+    """System CPU seconds a process has used so far (/proc/PID/stat stime)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[12]) / TICK
+
+
 def run_receiver(work: Path, fmt: str, variant: str, frames_by_sensor: dict, rotate: str) -> dict:
     out = work / f"{fmt}-{variant}"
     shutil.rmtree(out, ignore_errors=True)
@@ -124,6 +134,7 @@ def run_receiver(work: Path, fmt: str, variant: str, frames_by_sensor: dict, rot
             raise RuntimeError(f"receiver did not start: {log.read_text()[-2000:]}")
         time.sleep(0.05)
     c0 = cpu_seconds(rx.pid)
+    c0_sys = sys_seconds(rx.pid)
     t0 = time.perf_counter()
 
     async def all_sensors():
@@ -136,10 +147,12 @@ def run_receiver(work: Path, fmt: str, variant: str, frames_by_sensor: dict, rot
     rx.returncode = status
     wall = time.perf_counter() - t0
     cpu = ru.ru_utime + ru.ru_stime - c0
+    sys_s = ru.ru_stime - c0_sys
     files = sorted(p for p in out.rglob("*") if p.is_file() and "_index" not in p.parts)
     in_files = sum(len(b) for f in files for b in pktstream.read(f))
     assert in_files == sent, (fmt, variant, in_files, sent)
-    res = {"receiver_cpu_s": round(cpu, 2), "wall_s": round(wall, 2), "packets": sent, "files": len(files),
+    res = {"receiver_cpu_s": round(cpu, 2), "receiver_sys_s": round(sys_s, 2),
+           "wall_s": round(wall, 2), "packets": sent, "files": len(files),
            "capture_bytes": sum(f.stat().st_size for f in files)}
     if variant != "plain":
         from pktstream.archive import Archive
@@ -149,7 +162,8 @@ def run_receiver(work: Path, fmt: str, variant: str, frames_by_sensor: dict, rot
         timed = [line for line in log.read_text().splitlines() if line.startswith("INDEXING_CPU_S ")]
         if timed:
             res["indexing_thread_cpu_s"] = float(timed[-1].split()[1])
-            res["indexing_cpu_s_by_call"] = json.loads(timed[-1].split(None, 2)[2])
+            res["indexing_cpu_s_by_call"] = by_call = json.loads(timed[-1].split(None, 2)[2])
+            res["indexing_thread_sys_s"] = by_call.pop("sys", None)  # (of the total: kernel time)
         res["index_bytes"] = sum(p.stat().st_size for p in (out / "_index").rglob("*.parquet"))
     shutil.rmtree(out, ignore_errors=True)
     return res
@@ -186,12 +200,18 @@ def main() -> int:
         if args.variants:
             variants = [v for v in variants if v in args.variants.split(",") or v == "plain"]
         c_self = resource.getrusage(resource.RUSAGE_SELF)
+        plain_all: dict[str, list[tuple[float, float]]] = {}  # (CPU s, of which sys) of every repeat
+        timed_all: dict[str, list[tuple[float, float]]] = {}
         for fmt in args.formats.split(","):
             runs = res["runs"][fmt] = {}
             for _ in range(args.repeat):
                 for v in variants:
                     r = run_receiver(work, fmt, v, frames, args.rotate)
                     print(fmt, v, r, file=sys.stderr)
+                    if v == "plain":
+                        plain_all.setdefault(fmt, []).append((r["receiver_cpu_s"], r["receiver_sys_s"]))
+                    elif v == "index-timed":
+                        timed_all.setdefault(fmt, []).append((r["indexing_thread_cpu_s"], r["indexing_thread_sys_s"]))
                     cpus = runs.get(v, {}).get("receiver_cpu_s_all", []) + [r["receiver_cpu_s"]]
                     if v not in runs or r["receiver_cpu_s"] < runs[v]["receiver_cpu_s"]:
                         runs[v] = r
@@ -201,6 +221,19 @@ def main() -> int:
                 t = runs["index-timed"]["indexing_thread_cpu_s"]
                 runs["index-timed"]["indexing_pct_of_plain_receiver"] = round(100 * t / base, 1)
                 runs["index-timed"]["indexing_ns_per_packet"] = round(1e9 * t / runs["index-timed"]["packets"])
+                # every repeat: the median of the numerator over the median of the denominator
+                # (the least of each is what the line above divides: it favours neither, but a
+                # single slow run of the numerator decides it), and the same for user time only
+                ts, plains = timed_all[fmt], plain_all[fmt]
+                runs["index-timed"]["indexing_thread_cpu_s_all"] = [round(x[0], 4) for x in ts]
+                runs["index-timed"]["indexing_thread_sys_s_all"] = [round(x[1], 4) for x in ts]
+                runs["plain"]["receiver_sys_s_all"] = [round(x[1], 2) for x in plains]
+                med_t = statistics.median(x[0] for x in ts)
+                med_p = statistics.median(x[0] for x in plains)
+                runs["index-timed"]["indexing_pct_of_plain_receiver_median"] = round(100 * med_t / med_p, 1)
+                med_tu = statistics.median(x[0] - x[1] for x in ts)
+                med_pu = statistics.median(x[0] - x[1] for x in plains)
+                runs["index-timed"]["indexing_user_pct_of_plain_receiver_user_median"] = round(100 * med_tu / med_pu, 1)
             for v in variants[1:]:
                 runs[v]["extra_cpu_pct"] = round(100 * (runs[v]["receiver_cpu_s"] - base) / base, 1)
                 runs[v]["ns_per_packet"] = round(1e9 * (runs[v]["receiver_cpu_s"] - base) / runs[v]["packets"])
