@@ -754,3 +754,59 @@ def test_a_record_longer_than_libpcaps_maximum_is_refused_whatever_the_snap_leng
         for b in pktstream.read(path):
             got += [bytes(p) for p in b]
     assert got == [frame]
+
+
+def _resident_bytes(path) -> int:
+    """Bytes of ``path`` in the page cache (util-linux fincore)."""
+    r = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                       capture_output=True, text=True, check=True)
+    return int(r.stdout.split()[0])
+
+
+@pytest.mark.parametrize("fmt", ["pcap", "pcapng.zst"])
+def test_drop_behind_keeps_only_the_tail_of_a_file_being_written_in_the_page_cache(tmp_path, fmt):
+    """Written whole and read back exactly, while everything but the last lag x step bytes
+    (64 MiB) has left the page cache -- with drop_behind=False the kernel keeps it (when it
+    has the memory: not asserted)."""
+    import hashlib
+    import random
+
+    from pktstream.formats.writer import DROP_BEHIND_LAG, DROP_BEHIND_STEP
+    rnd = random.Random(7)
+    size = 1400
+    payload = rnd.randbytes(size * 64 * 1024 + 97)  # incompressible: the .zst file is as large
+    recs = bytearray()
+    for i in range(4300):
+        off = rnd.randrange(len(payload) - size)
+        ts = 10**18 + i * 1000
+        recs += struct.pack("<IIII", ts // 10**9, ts % 10**9, size, size) + payload[off:off + size]
+    batches = [PacketBatch.from_records(bytes(recs), link_type=1)] * 20  # ~120 MB of packets
+    want = hashlib.sha256(b"".join(bytes(b) for b in batches)).hexdigest()
+    path = tmp_path / f"big.{fmt}"
+    with open_writer(path) as w:
+        for b in batches:
+            w.write(b)
+    total = path.stat().st_size
+    assert total > (DROP_BEHIND_LAG + 2) * DROP_BEHIND_STEP
+    assert _resident_bytes(path) <= (DROP_BEHIND_LAG + 1) * DROP_BEHIND_STEP < total
+    got = hashlib.sha256(b"".join(bytes(b) for b in pktstream.read(path))).hexdigest()
+    assert got == want
+
+
+def test_drop_behind_writes_a_pipe_as_usual():
+    """Not a regular file (an in-place output may be a FIFO): written, nothing attempted."""
+    import threading
+
+    from pktstream.formats.writer import DropBehindFile
+    r, w = os.pipe()
+    got = []
+    t = threading.Thread(target=lambda: got.append(b"".join(iter(lambda: os.read(r, 1 << 16), b""))))
+    t.start()
+    f = DropBehindFile(w, step=4096, lag=1)
+    assert not f.active
+    for _ in range(64):
+        f.write(b"x" * 1000)
+    f.close()
+    t.join(30)
+    os.close(r)
+    assert got == [b"x" * 64000]
