@@ -34,14 +34,14 @@ PRESETS: dict[str, list[tuple[str, list[str]]]] = {
         ("read", []),
         ("latency", ["--rates", "10,1000,100000", "--tcpdump", "--json", "{out}/latency.json"]),
         ("memory", ["{ps}", "--json", "{out}/memory.json"]),
-        ("stream", ["{ps}", "--json", "{out}/stream.json"]),
+        ("stream", ["{ps}", "--ingest-variants", "drop-behind,keep-page-cache", "--json", "{out}/stream.json"]),
     ],
     # the indexed archive (issue 13, item 6): indexing cost (receiver thread CPU), a 5 GB archive
     # (index size, queries against tcpdump -r and pktstream convert, direct and by pktstream serve),
     # Stenographer on the same traffic (root, Debian's stenographer)
     "issue13": [
-        ("index", ["--raw-mb", "600", "--rotate", "128MB", "--repeat", "2", "--json", "{out}/index.json"]),
-        ("index", ["--rotate", "16MB", "--repeat", "2", "--json", "{out}/index-16mb.json"]),  # per-file costs
+        ("index", ["--raw-mb", "600", "--rotate", "128MB", "--repeat", "3", "--json", "{out}/index.json"]),
+        ("index", ["--rotate", "16MB", "--repeat", "3", "--json", "{out}/index-16mb.json"]),  # per-file costs
         ("archive", ["--raw-mb", "5000", "--dir", "{out}/archive", "--json", "{out}/archive.json"]),
         ("steno_side_by_side.py", []),
     ],
