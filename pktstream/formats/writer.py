@@ -191,7 +191,7 @@ class DropBehindFile(io.FileIO):
             self._pos += n
             if self._pos >= self._next and self.active:
                 self._behind()
-        return n or 0
+        return n
 
     def _behind(self) -> None:
         from pktstream._records import write_back
