@@ -284,9 +284,8 @@ async def fake_sensor(port: int, sid: str, frames, repeat: int) -> int:
     return packets
 
 
-def run_ingest(pcap: str, sensors: int, megabytes: float, work: str, extra: list[str] | None = None) -> dict:
-    """``sensors`` simulated sensors send ``megabytes`` of records in all (each its share);
-    ``extra``: more receiver arguments."""
+def run_ingest(pcap: str, sensors: int, megabytes: float, work: str) -> dict:
+    """``sensors`` simulated sensors send ``megabytes`` of records in all (each its share)."""
     frames = recorded_frames(pcap)
     per_pass = sum(r for _, _, r in frames)
     repeat = max(1, round(megabytes * 1e6 / (per_pass * sensors)))
@@ -297,7 +296,7 @@ def run_ingest(pcap: str, sensors: int, megabytes: float, work: str, extra: list
     with open(cfg, "w") as f:  # all simulated sensors connect from 127.0.0.1 at once
         f.write("connectionRate:\n  burst: 10000\n  seconds: 1\n")
     rx = subprocess.Popen([*PY, "receiver", "--config", cfg, "--listen", f"127.0.0.1:{port}", "-w", out,
-                           "--max-connections", "1000", *(extra or [])], stderr=open(log, "w"))
+                           "--max-connections", "1000"], stderr=open(log, "w"))
     wait_log(log, "listening on", rx)
 
     async def all_sensors():
@@ -380,9 +379,6 @@ def main() -> int:
     ap.add_argument("--ingest-sensors", default="1,16,100", help="simulated sensor counts ('' = skip)")
     ap.add_argument("--ingest-warmup", type=int, default=1,
                     help="unmeasured 1-sensor ingest passes first (page cache first touch on a VM)")
-    ap.add_argument("--ingest-variants", default="drop-behind",
-                    help="receiver file output variants per ingest case, interleaved: drop-behind (the default "
-                         "output) and/or keep-page-cache (--keep-page-cache)")
     ap.add_argument("--ingest-mb", type=float, default=2000,
                     help="MB of records per ingest case, shared by its sensors (the same for every count)")
     ap.add_argument("--idle-sensors", type=int, default=1000,
@@ -457,12 +453,10 @@ def main() -> int:
             r = run_ingest(big, 1, args.ingest_mb, work)
             print(f"ingest: warm-up pass (not counted): {r['MB_per_cpu_s']:.0f} MB per CPU-s "
                   f"({r['receiver_user_s']:.2f} user + {r['receiver_sys_s']:.2f} sys)", flush=True)
-        variants = {"drop-behind": [], "keep-page-cache": ["--keep-page-cache"]}
-        for n, variant in [(n, v) for n in counts for v in args.ingest_variants.split(",")]:  # (interleaved)
-            r = run_ingest(big, n, args.ingest_mb, work, variants[variant])
-            r["variant"] = variant
+        for n in counts:
+            r = run_ingest(big, n, args.ingest_mb, work)
             results.setdefault("ingest", []).append(r)
-            print(f"ingest ({variant}): {n:>3} simulated sensors: {r['packets']} packets ({r['raw_MB']:.0f} MB) in "
+            print(f"ingest: {n:>3} simulated sensors: {r['packets']} packets ({r['raw_MB']:.0f} MB) in "
                   f"{r['seconds']:.2f} s = {r['pps']:.0f} pps, {r['MBps_raw']:.0f} MB/s of records, receiver "
                   f"{r['receiver_cpu_s']:.2f} CPU-s ({r['receiver_user_s']:.2f} user + {r['receiver_sys_s']:.2f} sys) "
                   f"= {r['MB_per_cpu_s']:.0f} MB per CPU-s, RSS {r['receiver_rss_kib'] / 1024:.0f} MiB, "

@@ -34,7 +34,7 @@ PRESETS: dict[str, list[tuple[str, list[str]]]] = {
         ("read", []),
         ("latency", ["--rates", "10,1000,100000", "--tcpdump", "--json", "{out}/latency.json"]),
         ("memory", ["{ps}", "--json", "{out}/memory.json"]),
-        ("stream", ["{ps}", "--ingest-variants", "drop-behind,keep-page-cache", "--json", "{out}/stream.json"]),
+        ("stream", ["{ps}", "--json", "{out}/stream.json"]),
     ],
     # the indexed archive (issue 13, item 6): indexing cost (receiver thread CPU), a 5 GB archive
     # (index size, queries against tcpdump -r and pktstream convert, direct and by pktstream serve),

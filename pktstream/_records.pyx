@@ -10,8 +10,6 @@ records, little-endian, 16-byte header (ts_sec, ts_nsec, caplen, wirelen) + capl
   stops at any other block (SHB, IDB, ...) and hands it to Python.
 * ``take_records``, ``ns_to_us``, ``records_to_epb``: gather, µs conversion, pcapng encoding.
 * ``new_buffer``: a bytearray whose bytes are not zeroed first (the caller fills it).
-* ``write_back``: start (and wait for) the kernel's writeback of a range of a file being
-  written (the writer's drop-behind, pktstream.formats.writer).
 
 Every length read from input is checked against the bytes present and ``max_caplen`` before
 it is used; output buffers are sized by the caller from the input size (output <= input) and
@@ -22,8 +20,7 @@ can do is a ``ValueError``, never a read or write outside a buffer. Lengths are 
 """
 cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.errno cimport errno
-from libc.string cimport memcpy, memset, strerror
+from libc.string cimport memcpy, memset
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_Resize
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 
@@ -548,30 +545,6 @@ def buffer_exported(bytearray buf):
     """Whether anything (a memoryview, a PacketBatch over one) still holds a view of ``buf``:
     a reader may fill it again only when not (CPython's own resize check, read directly)."""
     return (<PyByteArrayObject *> buf).ob_exports != 0
-
-
-cdef extern from "<fcntl.h>" nogil:
-    # (declared by glibc with _GNU_SOURCE, which Python.h defines before any system header)
-    int sync_file_range(int fd, int64_t offset, int64_t nbytes, unsigned int flags)
-    unsigned int SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER
-
-
-def write_back(int fd, int64_t offset, int64_t nbytes, bint wait):
-    """Start writing back the dirty pages of ``fd`` in ``[offset, offset + nbytes)``; ``wait``:
-    also wait until every page of the range is written (the range is then clean: it can be
-    dropped from the page cache). Not a durability guarantee (no metadata, no disk cache
-    flush: that is fsync). Releases the GIL; raises ``OSError``."""
-    cdef unsigned int flags = SYNC_FILE_RANGE_WRITE
-    cdef int rc, err
-    if offset < 0 or nbytes < 0:
-        raise ValueError("negative range")
-    if wait:
-        flags |= SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WAIT_AFTER
-    with nogil:
-        rc = sync_file_range(fd, offset, nbytes, flags)
-    if rc != 0:
-        err = errno
-        raise OSError(err, (<bytes> strerror(err)).decode())
 
 
 def new_buffer(Py_ssize_t nbytes):

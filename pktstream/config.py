@@ -207,7 +207,6 @@ class ReceiverSettings:
     rotate_seconds: float | None = None
     max_files: int | None = None
     fsync: bool = False
-    keep_page_cache: bool = False  # False: drop-behind (pktstream.formats.writer.DropBehindFile)
     # index completed files as they are written (docs/ARCHIVE.md); None: the default, on for file
     # outputs that complete files as they go (a directory, rotation): pktstream.cli.stream.build_receiver
     index: bool | None = None
@@ -329,7 +328,6 @@ def receiver_settings(data: Any) -> ReceiverSettings:
     s.max_files = rot.get("files", "int")
     rot.finish()
     s.fsync = out.get("fsync", "bool", False)
-    s.keep_page_cache = out.get("keepPageCache", "bool", False)
     s.index = out.get("index", "bool")
     s.index_max_flows = out.get("indexMaxFlows", "int")
     s.zstd_frame_size = out.get("zstdFrameSize", "size")
@@ -418,7 +416,7 @@ def sensor_settings(data: Any) -> SensorSettings:
             raise ConfigError("output.file: a sensor streams to a receiver; for a local file use "
                               "`pktstream capture -w FILE` (PacketStreamer wrote an unreadable file here)")
         ignored.append("output.file")  # a file shared with the receiver: its output
-    for k in ("directory", "rotate", "fsync", "keepPageCache", "index", "indexMaxFlows", "zstdFrameSize"):
+    for k in ("directory", "rotate", "fsync", "index", "indexMaxFlows", "zstdFrameSize"):
         if k in out.data:
             out.used.add(k)
             ignored.append(f"output.{k}")

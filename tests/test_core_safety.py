@@ -427,23 +427,3 @@ def test_flow_table_refuses_a_negative_chunk():
     rec = _records(1, 54)
     with pytest.raises(ValueError, match="chunk -1"):
         FlowTable().add(rec, 1, 1, 0, -1)
-
-
-def test_write_back_checks_its_range_and_descriptor(tmp_path):
-    """Negative offsets and lengths are refused before the call; a bad descriptor is an OSError."""
-    import errno
-
-    from pktstream._records import write_back
-    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
-    try:
-        os.write(fd, b"x" * 10000)
-        write_back(fd, 0, 0, True)  # (0 bytes: to the end of the file)
-        write_back(fd, 4096, 1 << 62, False)
-        for off, n in ((-1, 10), (0, -1), (-(1 << 63), 0)):
-            with pytest.raises(ValueError, match="negative range"):
-                write_back(fd, off, n, True)
-    finally:
-        os.close(fd)
-    with pytest.raises(OSError) as e:
-        write_back(fd, 0, 10, True)
-    assert e.value.errno == errno.EBADF

@@ -141,8 +141,7 @@ def receiver_outputs(s) -> list:
                            index=getattr(s, "index", False) is True,
                            index_max_flows=getattr(s, "index_max_flows", None),
                            zstd_frame_bytes=getattr(s, "zstd_frame_size", None) if x.format.endswith(".zst") else None,
-                           fsync=bool(getattr(s, "fsync", False)),
-                           drop_behind=not getattr(s, "keep_page_cache", False)))
+                           fsync=bool(getattr(s, "fsync", False))))
     return outs
 
 

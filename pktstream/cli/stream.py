@@ -143,7 +143,6 @@ def build_receiver(args: argparse.Namespace):
         if v is not None:
             setattr(s, attr, v)
     s.fsync = s.fsync or args.fsync
-    s.keep_page_cache = s.keep_page_cache or args.keep_page_cache
     C.check_receiver_settings(s)
     if args.index is not None:
         s.index = args.index
@@ -186,7 +185,7 @@ def build_receiver(args: argparse.Namespace):
     _setup_log_file(s.log_file)
     outputs: list[Sink] = []
     rot: dict[str, Any] = dict(rotate_bytes=s.rotate_bytes, rotate_seconds=s.rotate_seconds, max_files=s.max_files,
-               fsync=s.fsync, drop_behind=not s.keep_page_cache)
+               fsync=s.fsync)
     if s.output_file:
         outputs.append(FileSink(s.output_file, index=bool(index_file), zstd_frame_bytes=s.zstd_frame_size,
                                 index_max_flows=s.index_max_flows, **rot))
@@ -408,9 +407,6 @@ def register(sub) -> None:
     r.add_argument("-G", "--rotate-seconds", type=float, metavar="SEC", help="rotate files every SEC (default: off)")
     r.add_argument("-W", "--max-files", type=int, metavar="N", help="keep only the newest N files (default: all)")
     r.add_argument("--fsync", action="store_true", help="fsync outputs and state before acknowledging")
-    r.add_argument("--keep-page-cache", action="store_true",
-                   help="let the kernel cache the capture files written as usual (default: only the last 64 MiB "
-                        "of each file being written stay in the page cache; docs/OPERATIONS.md)")
     r.add_argument("--index", action=argparse.BooleanOptionalAction, default=None,
                    help="index each completed capture file for pktstream query/flows (docs/ARCHIVE.md; default: on "
                         "for --output-dir and rotated -w files, off for one unrotated file and S3)")

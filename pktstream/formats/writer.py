@@ -8,8 +8,6 @@
   trailing skippable frame) that lets a query decompress only the frames it needs.
 * Every file is written as ``NAME.part`` and renamed to ``NAME`` when complete (rotation or
   close); ``fsync=True`` fsyncs the file before and its directory after the rename.
-* Drop-behind (default): only the last 64 MiB of a file being written stay in the page cache
-  (:class:`DropBehindFile`).
 * Rotation like tcpdump: ``rotate_bytes`` (-C: a new file before the size would exceed the
   limit; batches are split at packet boundaries; compressed files rotate once their
   compressed size reaches it), ``rotate_seconds`` (-G: a new file when a write or flush
@@ -21,11 +19,8 @@
 """
 from __future__ import annotations
 
-import errno
-import io
 import os
 import re
-import stat
 import time
 from collections.abc import Callable
 from typing import Any, BinaryIO, Protocol, cast
@@ -156,62 +151,6 @@ class ZstdFileWriter:
         return self._f.fileno()
 
 
-DROP_BEHIND_STEP = 16 << 20  # drop-behind: writeback is started every this many bytes written ...
-DROP_BEHIND_LAG = 4          # ... and waited for (then the pages dropped) this many steps later
-
-
-class DropBehindFile(io.FileIO):
-    """The OS file under a capture file being written, keeping only its last
-    ``lag * step`` bytes (64 MiB) in the page cache: every ``step`` bytes written, the kernel's
-    writeback of the newest step is started and the step ``lag`` steps older is waited for and
-    dropped (``sync_file_range``, ``POSIX_FADV_DONTNEED``).
-
-    Why: a receiver writes gigabytes that nothing reads again soon, and on a VM copying them
-    into ever new page-cache pages cost 1-3.5 s of system CPU per GB in bench runs (the page
-    allocator's fresh pages), 0.3-0.4 s when the same pages are recycled this way
-    (bench/README.md, "Receiver ingest and the page cache"). The writer waits for the disk at
-    most ``lag`` steps behind: throughput beyond the disk's is absorbed by 64 MiB per file
-    instead of the kernel's dirty limit. Files written from their start only (sequential
-    writes); any other file (a FIFO, a device) or a file system that refuses the calls is
-    written as usual. A writeback error (EIO) is raised from :meth:`write`, as ``fsync``
-    would raise it. Not thread-safe (the writer's thread)."""
-
-    def __init__(self, fd: int, *, step: int = DROP_BEHIND_STEP, lag: int = DROP_BEHIND_LAG) -> None:
-        super().__init__(fd, "wb", closefd=True)
-        self._step = step
-        self._lag = lag
-        self._pos = 0
-        self._next = step
-        self._dropped = 0  # bytes from the start already written back and dropped
-        self.active = stat.S_ISREG(os.fstat(fd).st_mode)
-
-    def write(self, b) -> int:
-        n = super().write(b)
-        if n:
-            self._pos += n
-            if self._pos >= self._next and self.active:
-                self._behind()
-        return n
-
-    def _behind(self) -> None:
-        from pktstream._records import write_back
-        end = self._pos // self._step * self._step
-        self._next = end + self._step
-        fd = self.fileno()
-        try:
-            write_back(fd, end - self._step, self._step, False)
-            keep_from = end - self._lag * self._step
-            if keep_from > self._dropped:
-                write_back(fd, self._dropped, keep_from - self._dropped, True)
-                os.posix_fadvise(fd, self._dropped, keep_from - self._dropped, os.POSIX_FADV_DONTNEED)
-                self._dropped = keep_from
-        except OSError as exc:
-            if exc.errno in (errno.EINVAL, errno.ESPIPE, errno.EOPNOTSUPP, errno.ENOSYS):
-                self.active = False  # (a file system without them: written as usual)
-                return
-            raise
-
-
 class WriteObserver(Protocol):
     """Told what a :class:`CaptureWriter` does to its files (e.g. to index them as written):
     ``opened(path, format, header_block)``, ``wrote(path, batch, start, end, idb_positions)``
@@ -247,7 +186,7 @@ class CaptureWriter:
                  on_complete: Callable[[str], None] | None = None,
                  clock: Callable[[], float] = time.time, in_place: bool = False,
                  observer: WriteObserver | None = None, zstd_frame_bytes: int | None = None,
-                 first_seq: int = 0, drop_behind: bool = True) -> None:
+                 first_seq: int = 0) -> None:
         is_path = isinstance(target, (str, os.PathLike))
         if is_path:
             target = os.fspath(target)
@@ -276,7 +215,6 @@ class CaptureWriter:
         self._max_files = max_files
         self._rotating = bool(rotate_bytes or rotate_seconds or max_files)
         self._fsync = fsync
-        self._drop_behind = drop_behind
         self._mode = mode
         self._nanosecond = nanosecond
         self._level = level
@@ -346,7 +284,7 @@ class CaptureWriter:
                 if isinstance(exc, FileNotFoundError) and not os.path.isdir(d):
                     raise FileNotFoundError(exc.errno, f"directory {d} does not exist", path) from None
                 raise type(exc)(exc.errno, exc.strerror, path) from None
-            self._raw = io.BufferedWriter(DropBehindFile(fd)) if self._drop_behind else os.fdopen(fd, "wb")
+            self._raw = os.fdopen(fd, "wb")
             self._cur_path = path
             sink = self._raw
         else:
@@ -676,7 +614,7 @@ def open_writer(path: str | os.PathLike | BinaryIO, *, format: str | None = None
                 rotate_seconds: float | None = None, max_files: int | None = None,
                 fsync: bool = False, mode: int = 0o640, nanosecond: bool = True, level: int = 3,
                 on_complete: Callable[[str], None] | None = None,
-                zstd_frame_bytes: int | None = None, drop_behind: bool = True) -> CaptureWriter:
+                zstd_frame_bytes: int | None = None) -> CaptureWriter:
     """Open a capture file for writing; see :class:`CaptureWriter` and the module doc.
 
     :param path: file name, or a binary file object (stdout pipe; no rotation, format
@@ -694,10 +632,8 @@ def open_writer(path: str | os.PathLike | BinaryIO, *, format: str | None = None
         a size writes the seekable layout (independent frames of about that many uncompressed
         bytes plus a seek table; docs/ARCHIVE.md), which Wireshark 4.0 cannot open
         (``pktstream convert`` exports a single frame).
-    :param drop_behind: keep only the last 64 MiB of a file being written in the page cache
-        (:class:`DropBehindFile`); False: the kernel's usual caching.
     """
     return CaptureWriter(path, format=format, hostname=hostname, rotate_bytes=rotate_bytes,
                          rotate_seconds=rotate_seconds, max_files=max_files, fsync=fsync, mode=mode,
                          nanosecond=nanosecond, level=level, on_complete=on_complete,
-                         zstd_frame_bytes=zstd_frame_bytes, drop_behind=drop_behind)
+                         zstd_frame_bytes=zstd_frame_bytes)

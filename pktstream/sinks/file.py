@@ -123,8 +123,6 @@ class FileSink(Sink):
         they are spilled to a row group (docs/ARCHIVE.md; 0: no bound).
     :param zstd_frame_bytes: ``.zst`` formats: write the seekable layout with frames of about
         this many uncompressed bytes (docs/ARCHIVE.md); None (default): one frame per file.
-    :param drop_behind: keep only the last 64 MiB of each file being written in the page cache
-        (:class:`pktstream.formats.writer.DropBehindFile`; False: the kernel's usual caching).
 
     Rotation and file formats are :class:`pktstream.formats.CaptureWriter`'s.
     """
@@ -135,8 +133,7 @@ class FileSink(Sink):
                  rotate_bytes: int | None = None, rotate_seconds: float | None = None,
                  max_files: int | None = None, fsync: bool = False, mode: int = 0o640,
                  hostname: str | None = None, gate: bool = True, index: bool | str = False,
-                 zstd_frame_bytes: int | None = None, index_max_flows: int | None = None,
-                 drop_behind: bool = True) -> None:
+                 zstd_frame_bytes: int | None = None, index_max_flows: int | None = None) -> None:
         if (path is None) == (directory is None):
             raise ValueError("FileSink needs exactly one of path or directory")
         self.path = os.fspath(path) if path else None
@@ -149,7 +146,7 @@ class FileSink(Sink):
         self.format = format or (format_from_name(self.path) or "pcap" if self.path else "pcapng")
         self.gate = gate
         self.opts: dict[str, Any] = dict(rotate_bytes=rotate_bytes, rotate_seconds=rotate_seconds, max_files=max_files,
-                         fsync=fsync, mode=mode, hostname=hostname, drop_behind=drop_behind)
+                         fsync=fsync, mode=mode, hostname=hostname)
         if zstd_frame_bytes is not None:
             from pktstream.formats.writer import MAX_ZSTD_FRAME_BYTES
             if not 0 < zstd_frame_bytes <= MAX_ZSTD_FRAME_BYTES:

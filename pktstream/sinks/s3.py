@@ -108,8 +108,7 @@ class S3Sink(Sink):
 
     Credentials come from boto3's usual chain (environment, ``~/.aws``, instance/task roles).
     ``zstd_frame_bytes``: ``.zst`` formats in the seekable layout (see :class:`FileSink`);
-    ``index_max_flows``: the index's flow records held per open file (see :class:`FileSink`);
-    ``drop_behind``: the staged files' page cache (see :class:`FileSink`).
+    ``index_max_flows``: the index's flow records held per open file (see :class:`FileSink`).
     """
 
     def __init__(self, bucket: str, prefix: str = "", *, staging_dir: str, endpoint_url: str | None = None,
@@ -120,7 +119,7 @@ class S3Sink(Sink):
                  retry_min: float = 0.5, retry_max: float = 10.0, close_timeout: float = 60.0,
                  request_attempts: int = 3, client: Any = None, index: bool = False,
                  zstd_frame_bytes: int | None = None, index_max_flows: int | None = None,
-                 fsync: bool = False, drop_behind: bool = True) -> None:
+                 fsync: bool = False) -> None:
         if not (rotate_bytes or rotate_seconds):
             # (its objects are its rotated files; and a file never rotated would be named
             # again after a reset, under a name the persisted state gives an acknowledged one)
@@ -164,8 +163,7 @@ class S3Sink(Sink):
                                         multipart_chunksize=self.part_size, use_threads=False)
         self.fsync = fsync
         self._files = FileSink(directory=self.staging_dir, format=format, rotate_bytes=rotate_bytes,
-                               rotate_seconds=rotate_seconds, zstd_frame_bytes=zstd_frame_bytes, fsync=fsync,
-                               drop_behind=drop_behind)
+                               rotate_seconds=rotate_seconds, zstd_frame_bytes=zstd_frame_bytes, fsync=fsync)
         self.index = index  # index each file as written; committed under its key after the upload
         if index:
             from pktstream.archive.live import StagingIndexer
