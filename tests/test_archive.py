@@ -219,6 +219,31 @@ def test_flows_and_sql(archive_dir):
         a.flows("tcp[13] & 2 != 0")
 
 
+def test_flows_and_sql_over_receivers_output_directories_below_the_root(tmp_path):
+    """Two receivers' output directories, each with its own _index, under one archive root:
+    flows() and sql() list both, and name each file from the root as the catalog does (two
+    files of the same name in the two directories stay apart)."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    for k, sub in enumerate(("by-sensor", "other")):
+        (tmp_path / sub).mkdir()
+        s = FileSink(directory=str(tmp_path / sub), format="pcap", index=True)
+        s.write(Source("web-1", "h", "eth0", 1, 262144), next(iter(batches(1 + k, 50, T0))))
+        s.close()
+    a = Archive(str(tmp_path))
+    paths = sorted(r["path"] for r in a.catalog().to_pylist())
+    assert paths == ["by-sensor/web-1.pcap", "other/web-1.pcap"]
+    flows = a.flows()
+    assert sorted(set(flows.column("file").to_pylist())) == paths
+    by_file = a.sql("SELECT file, sum(packets)::BIGINT AS n FROM flows GROUP BY file ORDER BY file").to_pylist()
+    want = {p: sum(len(b) for b in pktstream.read(tmp_path / p)) for p in paths}
+    assert {x["file"]: x["n"] for x in by_file} == want and all(want.values())
+    got_flows = dict.fromkeys(paths, 0)
+    for r in flows.select(["file", "packets"]).to_pylist():
+        got_flows[r["file"]] += r["packets"]
+    assert got_flows == want
+
+
 def test_index_layout_is_hive_partitioned_parquet(archive_dir):
     import duckdb
     flows = list((archive_dir / "_index" / "flows").glob("sensor=*/date=*/*.parquet"))

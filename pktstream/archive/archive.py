@@ -339,6 +339,11 @@ class Archive:
                 continue
             if t is None:
                 continue
+            if "file" in t.column_names and t.num_rows and t.column("file")[0].as_py() != row["path"]:
+                # (records name their file relative to their index base, a directory below the
+                # root: here it is named as the catalog and queries name it, from the root)
+                t = t.set_column(t.column_names.index("file"), "file",
+                                 pa.array([row["path"]] * t.num_rows, pa.string()))
             cols = _flow_columns(t)
             keep = None
             if tree is not None:
@@ -377,13 +382,22 @@ class Archive:
         try:
             if hasattr(self.store, "root"):
                 import os
-                root = os.path.join(self.store.root, INDEX_DIR)
-                if os.path.isdir(os.path.join(root, "flows")):
-                    con.execute(f"CREATE VIEW flows AS SELECT * FROM read_parquet("
-                                f"'{_sql_str(root)}/flows/*/*/*.parquet', hive_partitioning=true, "
-                                # text like flows() and the S3 path below (DuckDB would read
-                                # date=2024-11-27 as a DATE here only)
-                                "hive_types={'sensor': 'VARCHAR', 'date': 'VARCHAR'}, union_by_name=true)")
+                self.store.captures()  # (finds the index bases: the root's and any below it)
+                selects = []
+                for base in getattr(self.store, "bases", [""]):
+                    root = os.path.join(self.store.root, base, INDEX_DIR)
+                    if not os.path.isdir(os.path.join(root, "flows")):
+                        continue
+                    # a base below the root: its records name files from the base, flows() and
+                    # the catalog from the root
+                    file = f"'{_sql_str(base)}/' || file" if base else "file"
+                    selects.append(f"SELECT * REPLACE ({file} AS file) FROM read_parquet("
+                                   f"'{_sql_str(root)}/flows/*/*/*.parquet', hive_partitioning=true, "
+                                   # text like flows() and the S3 path below (DuckDB would read
+                                   # date=2024-11-27 as a DATE here only)
+                                   "hive_types={'sensor': 'VARCHAR', 'date': 'VARCHAR'}, union_by_name=true)")
+                if selects:
+                    con.execute("CREATE VIEW flows AS " + " UNION ALL BY NAME ".join(selects))
                 else:
                     flows_tbl = _empty_flows()
                     con.register("flows", flows_tbl)
