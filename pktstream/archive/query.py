@@ -73,8 +73,9 @@ class QueryStats:
                 f"a usable index; flow records of {self.flow_files_read} read), {self.bytes_read} bytes, "
                 f"{self.packets_read} packets; "
                 f"{self.packets} packets matched; {self.seconds:.3f} s")
-        if self.skipped:
-            text += f"; {len(self.skipped)} file(s) of a link type the filter cannot match"
+        if self.skipped:  # (a file of two such link types is named twice)
+            files = {s.rsplit(": no packet can match", 1)[0] for s in self.skipped}
+            text += f"; {len(files)} file(s) of a link type the filter cannot match"
         if self.problems:
             text += f"; {len(self.problems)} file(s) with problems"
         return text
