@@ -944,3 +944,23 @@ def test_a_reset_that_fails_never_truncates_acknowledged_data(tmp_path, monkeypa
     _crash(sink)
     FileSink.recover(state)
     assert read_ts(str(tmp_path / "s1.pcap.zst")) == read_ts_of(batches[0])
+
+
+def test_a_rotating_file_output_names_each_completed_file(tmp_path, caplog):
+    """The receiver's log says which files it wrote: a strftime pattern expanded and numbered,
+    one line per completed file, with its size."""
+    import logging
+
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    sink = FileSink(str(tmp_path / "cap-%Y.pcap"), rotate_bytes=20_000)
+    with caplog.at_level(logging.INFO, logger="pktstream"):
+        for b in make_batches(6, 40):
+            sink.write(Source("s1", "h", "eth0", 1, 262144), b)
+            sink.flush()
+        sink.close()
+    files = sorted(str(p) for p in tmp_path.iterdir())
+    assert len(files) > 2 and not any("%" in f for f in files)
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("completed ")]
+    assert sorted(m.split()[1] for m in logged) == files
+    assert all(m.endswith(f"({os.path.getsize(m.split()[1])} bytes)") for m in logged)

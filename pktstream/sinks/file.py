@@ -146,7 +146,8 @@ class FileSink(Sink):
         self.format = format or (format_from_name(self.path) or "pcap" if self.path else "pcapng")
         self.gate = gate
         self.opts: dict[str, Any] = dict(rotate_bytes=rotate_bytes, rotate_seconds=rotate_seconds, max_files=max_files,
-                         fsync=fsync, mode=mode, hostname=hostname)
+                         fsync=fsync, mode=mode, hostname=hostname,
+                         on_complete=_log_completed)  # (an S3 output's staging replaces it)
         if zstd_frame_bytes is not None:
             from pktstream.formats.writer import MAX_ZSTD_FRAME_BYTES
             if not 0 < zstd_frame_bytes <= MAX_ZSTD_FRAME_BYTES:
@@ -210,7 +211,7 @@ class FileSink(Sink):
             out = self._outputs[key] = CaptureWriter(name, format=self.format, in_place=in_place,
                                                      observer=self.indexer, first_seq=self._seq_floor.get(name, 0),
                                                      **self.opts)
-            log.info("writing %s", name)
+            log.info("writing %s%s", name, " (rotated; each completed file is named)" if self._rotating else "")
         return out
 
     @property
@@ -418,6 +419,15 @@ class FileSink(Sink):
             from pktstream.archive.live import recover_index
             recover_index(root, state.get("open", []))  # this output's files get their index
         return {**state, "open": after}
+
+
+def _log_completed(path: str) -> None:
+    """A file completed (rotation, close): its name as written (strftime patterns expanded)."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:  # (-W 1 may have removed it at once; an S3 output may have moved it)
+        size = -1
+    log.info("completed %s (%d bytes)", path, size)
 
 
 def _cut_back_completed(final: str, size: int, frame_bytes: int | None = None,
