@@ -272,6 +272,81 @@ def test_sensor_ids_with_dots_are_attributed_whole(tmp_path):
         assert got(a, "tcp", sensor=sensor) == brute(root, "tcp", sensor=sensor) != []
 
 
+def _twin_sensors_archive(root, live: bool) -> None:
+    """One merged pcapng holding sensor ``s p`` and a sensor named as ``s p``'s partition value
+    was before 2026-12-04 (``s_p-e745a89c``): one flow file path for both then, the records of
+    one overwrote the other's and queries left out its packets."""
+    import hashlib
+
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    twin = "s_p-" + hashlib.sha256(b"s p").hexdigest()[:8]
+    root.mkdir()
+    sink = FileSink(str(root / "all.pcapng"), index=live)
+    for k, sensor in enumerate(("s p", twin)):
+        for b in batches(k, 300, T0 + k * 1000, interface=f"{sensor}/eth0"):
+            sink.write(Source(sensor, "h", "eth0", 1, 262144), b)
+    sink.close()
+    if not live:
+        Archive(str(root)).index(chunk_bytes=CHUNK)
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_a_sensor_named_like_another_sensors_partition_value_keeps_its_records(tmp_path, live):
+    _twin_sensors_archive(tmp_path / "a", live)
+    a = Archive(str(tmp_path / "a"))
+    row = a.catalog().to_pylist()[0]
+    assert len(row["sensors"]) == 2 and len(set(row["flow_files"])) == len(row["flow_files"]) == 2
+    flows = {}
+    for r in a.flows().select(["sensor", "packets"]).to_pylist():
+        flows[r["sensor"]] = flows.get(r["sensor"], 0) + r["packets"]
+    assert flows == {s: 300 for s in row["sensors"]}
+    for bpf in (None, "tcp", "udp", "host 192.0.2.99"):
+        assert got(a, bpf) == brute(tmp_path / "a", bpf), bpf
+        for sensor in row["sensors"]:
+            assert got(a, bpf, sensor=sensor) == brute(tmp_path / "a", bpf, sensor=sensor), (bpf, sensor)
+    assert a.last_stats.files_scanned == 0
+
+
+def test_two_sensors_of_one_partition_value_leave_the_file_unindexed_not_half_indexed(tmp_path, monkeypatch):
+    """Should two sensor ids still share a value (its 32-bit hash suffix), the file gets no
+    index -- queries scan it -- instead of one sensor's records overwriting the other's."""
+    import pktstream.archive.index as ix
+    monkeypatch.setattr(ix, "partition_value", lambda text: "same")
+    _twin_sensors_archive(tmp_path / "a", live=True)
+    a = Archive(str(tmp_path / "a"))
+    assert a.catalog().num_rows == 0
+    assert got(a, "tcp") == brute(tmp_path / "a", "tcp") != [] and a.last_stats.files_scanned == 1
+
+
+def test_an_index_written_with_the_old_partition_values_is_read_alike(tmp_path, monkeypatch):
+    """Before 2026-12-04 a clean sensor id ending like a hash suffix was its own partition value
+    (``rack-20241127``); such an index (not rewritten) answers sensor queries and names its sensor."""
+    import hashlib
+    import re
+
+    import pktstream.archive.index as ix
+
+    def old_value(text: str) -> str:
+        cleaned = re.sub(r"[^A-Za-z0-9._@-]", "_", text)[:100].lstrip(".") or "_"
+        return cleaned if cleaned == text else cleaned + "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    root = tmp_path / "a"
+    root.mkdir()
+    for sensor in ("rack-20241127", "web-1"):
+        with open_writer(root / f"{sensor}.pcap") as w:
+            for b in batches(3, 400, T0):
+                w.write(b)
+    monkeypatch.setattr(ix, "partition_value", old_value)
+    Archive(str(root)).index(chunk_bytes=CHUNK)
+    monkeypatch.undo()
+    assert (root / "_index" / "flows" / "sensor=rack-20241127").is_dir()
+    assert ix.partition_value("rack-20241127") != "rack-20241127"
+    a = Archive(str(root))
+    for sensor in ("rack-20241127", "web-1"):
+        assert got(a, "tcp", sensor=sensor) == brute(root, "tcp", sensor=sensor) != []
+        assert set(a.flows(sensor=sensor).column("sensor").to_pylist()) == {sensor}
+
+
 def test_flows_says_which_files_it_cannot_list(edge_archive, monkeypatch):
     """Files without a current index (none yet, or an index of an older format) are named,
     not silently missing from the flow list."""

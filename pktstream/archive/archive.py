@@ -438,14 +438,17 @@ def _sensor_set(sensor) -> set[str] | None:
 
 
 def _partition_matches(value: str, sensor: str) -> bool:
-    from pktstream.archive.index import partition_value
-    return partition_value(sensor) == value
+    from pktstream.archive.index import partition_values
+    return value in partition_values(sensor)
 
 
 def _sensor_name(value: str, row: dict[str, Any]) -> str:
-    from pktstream.archive.index import partition_value
-    for s in row["sensors"]:
+    from pktstream.archive.index import partition_value, partition_values
+    for s in row["sensors"]:  # (this version's value first: an older index may hold both forms)
         if partition_value(s) == value:
+            return s
+    for s in row["sensors"]:
+        if value in partition_values(s):
             return s
     return value
 

@@ -109,8 +109,15 @@ def write_index(store, row: dict[str, Any], tables: dict) -> tuple[str, str, Any
     ``pyarrow.Table``): what :func:`write_snapshot` would read back from the catalog file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    old = read_row(store, row["path"])
+
     from pktstream.archive.index import flow_file
+    paths = [flow_file(sensor, date, row["path"]) for sensor, date in tables]
+    if len(set(paths)) != len(paths):  # (a hash collision of two sensor ids: the file is scanned instead)
+        for table in tables.values():
+            if isinstance(table, SpilledFlows):
+                table.close()
+        raise ValueError(f"{row['path']}: two sensors of the file share a partition value: not indexed")
+    old = read_row(store, row["path"])
     rel = catalog_file(row["path"])
     if old is not None:
         # the old row goes first: its flow files are rewritten in place below, and a row with

@@ -51,12 +51,26 @@ def file_id(rel_path: str) -> str:
     return hashlib.sha1(rel_path.encode()).hexdigest()[:20]
 
 
+_HASH_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
+
+
 def partition_value(text: str) -> str:
-    """A sensor id as a Hive partition value (path-safe; changed names get a hash suffix)."""
+    """A sensor id as a Hive partition value: path-safe, and one value per id -- a changed
+    name gets a hash suffix, and so does a name that already ends like one (``s_p-e745a89c``
+    would otherwise be the value of ``s p`` too: two sensors' flow records in one file path,
+    one set overwriting the other)."""
     cleaned = re.sub(r"[^A-Za-z0-9._@-]", "_", text)[:100].lstrip(".") or "_"
-    if cleaned != text:
+    if cleaned != text or _HASH_SUFFIX.search(text):
         cleaned += "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
     return cleaned
+
+
+def partition_values(text: str) -> tuple[str, ...]:
+    """The values a sensor id may have in an index: :func:`partition_value`'s, and for a name
+    ending like a hash suffix also the name itself (indexes written before 2026-12-04)."""
+    value = partition_value(text)
+    return (value, text) if value != text and _HASH_SUFFIX.search(text) and \
+        re.fullmatch(r"[A-Za-z0-9._@-]{1,100}", text) and not text.startswith(".") else (value,)
 
 
 # an object named by the S3 output's default key template: SENSOR/YYYY/MM/DD/HHMMSS-RUN-SEQ.EXT
