@@ -240,8 +240,8 @@ class Archive:
         """The merged packets (a generator: files are read as it is consumed) and the stats it
         fills in; ``packets`` and ``seconds`` are final when the generator is exhausted."""
         if bpf:
-            from pktstream._capture import BpfProgram
-            BpfProgram(bpf, 1)  # a bad expression fails here, with libpcap's message
+            from pktstream.archive.query import check_filter
+            check_filter(bpf)  # a bad expression fails here, with libpcap's message
         t0 = time.monotonic()
         stats = QueryStats()
         warn = warn or (lambda m: print(f"pktstream: warning: {m}", file=sys.stderr))

@@ -523,10 +523,21 @@ def iter_plan(store, plan: FilePlan, *, bpf: str | None, since: int | None, unti
             warn(msg)
 
 
-# link types a filter is tried on when one file's link type refuses it: if any takes it, the
-# filter is good and only cannot match that file (tcpdump -r would print none of its packets)
-# (Ethernet, SLL2, SLL, raw IP, NULL, IPv4, IPv6, 802.11, radiotap)
-_PROBE_LINK_TYPES = (1, 276, 113, 101, 0, 228, 229, 105, 127)
+# link types (libpcap's DLT numbers, as batches carry them) a filter is tried on: if any takes
+# it, the filter is good, and a file whose link type refuses it only cannot match (tcpdump -r
+# would print none of its packets) -- Ethernet, SLL2, SLL, raw IP, NULL, IPv4, IPv6, 802.11,
+# radiotap
+_PROBE_LINK_TYPES = (1, 276, 113, 12, 0, 228, 229, 105, 127)
+
+
+def check_filter(bpf: str) -> None:
+    """Raise :class:`~pktstream.exceptions.FilterError` (libpcap's message for Ethernet) when
+    no link type takes ``bpf`` -- a syntax error, before anything is read; a filter some link
+    types refuse (``inbound`` on Ethernet, ``type mgt`` off 802.11) is left to each file."""
+    if not _compiles_somewhere(bpf):
+        from pktstream._capture import BpfProgram
+        BpfProgram(bpf, 1)  # raises, with libpcap's message
+        raise AssertionError("unreachable: Ethernet is a probe link type")
 
 
 @functools.lru_cache(maxsize=64)
