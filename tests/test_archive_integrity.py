@@ -272,7 +272,7 @@ def test_sensor_ids_with_dots_are_attributed_whole(tmp_path):
         assert got(a, "tcp", sensor=sensor) == brute(root, "tcp", sensor=sensor) != []
 
 
-def _twin_sensors_archive(root, live: bool) -> None:
+def _twin_sensors_archive(root, live: bool, index_offline: bool = True) -> None:
     """One merged pcapng holding sensor ``s p`` and a sensor named as ``s p``'s partition value
     was before 2026-12-04 (``s_p-e745a89c``): one flow file path for both then, the records of
     one overwrote the other's and queries left out its packets."""
@@ -287,7 +287,7 @@ def _twin_sensors_archive(root, live: bool) -> None:
         for b in batches(k, 300, T0 + k * 1000, interface=f"{sensor}/eth0"):
             sink.write(Source(sensor, "h", "eth0", 1, 262144), b)
     sink.close()
-    if not live:
+    if not live and index_offline:
         Archive(str(root)).index(chunk_bytes=CHUNK)
 
 
@@ -308,15 +308,24 @@ def test_a_sensor_named_like_another_sensors_partition_value_keeps_its_records(t
     assert a.last_stats.files_scanned == 0
 
 
-def test_two_sensors_of_one_partition_value_leave_the_file_unindexed_not_half_indexed(tmp_path, monkeypatch):
+@pytest.mark.parametrize("live", [True, False])
+def test_two_sensors_of_one_partition_value_leave_the_file_unindexed_not_half_indexed(tmp_path, monkeypatch, live):
     """Should two sensor ids still share a value (its 32-bit hash suffix), the file gets no
-    index -- queries scan it -- instead of one sensor's records overwriting the other's."""
+    index -- queries scan it -- instead of one sensor's records overwriting the other's; an
+    offline `pktstream index` names it and indexes the other files."""
     import pktstream.archive.index as ix
     monkeypatch.setattr(ix, "partition_value", lambda text: "same")
-    _twin_sensors_archive(tmp_path / "a", live=True)
-    a = Archive(str(tmp_path / "a"))
-    assert a.catalog().num_rows == 0
-    assert got(a, "tcp") == brute(tmp_path / "a", "tcp") != [] and a.last_stats.files_scanned == 1
+    root = tmp_path / "a"
+    _twin_sensors_archive(root, live=live, index_offline=False)
+    with open_writer(root / "zz-other.pcap") as w:
+        for b in batches(9, 200, T0):
+            w.write(b)
+    a = Archive(str(root))
+    result = a.index(chunk_bytes=CHUNK)
+    assert [r["path"] for r in a.catalog().to_pylist()] == ["zz-other.pcap"]
+    assert any(p.startswith("all.pcapng: not indexed: two of its sensors share a partition value")
+               for p in result["problems"]), result["problems"]
+    assert got(a, "tcp") == brute(root, "tcp") != [] and a.last_stats.files_scanned == 1
 
 
 def test_an_index_written_with_the_old_partition_values_is_read_alike(tmp_path, monkeypatch):

@@ -110,13 +110,14 @@ def write_index(store, row: dict[str, Any], tables: dict) -> tuple[str, str, Any
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pktstream.archive.index import flow_file
-    paths = [flow_file(sensor, date, row["path"]) for sensor, date in tables]
-    if len(set(paths)) != len(paths):  # (a hash collision of two sensor ids: the file is scanned instead)
+    from pktstream.archive.index import check_flow_files, flow_file
+    try:
+        check_flow_files(tables, row["path"])  # (a builder's row is checked already; a staged one here)
+    except IndexNotBuilt:
         for table in tables.values():
             if isinstance(table, SpilledFlows):
                 table.close()
-        raise ValueError(f"{row['path']}: two sensors of the file share a partition value: not indexed")
+        raise
     old = read_row(store, row["path"])
     rel = catalog_file(row["path"])
     if old is not None:

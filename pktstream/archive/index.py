@@ -506,6 +506,7 @@ class FileIndexBuilder:
                 sp.seal()
         else:
             tables = self._parts()
+        check_flow_files(tables, self.rel_path)
         addrs = self._address_summary() if self._addrs is not None and self._addresses_complete else None
         ports = np.flatnonzero(self._port_seen)
         address_filter = filter_of_hashes(self._addr_hashes) if self._addresses_complete else UNKNOWN_FILTER
@@ -607,6 +608,15 @@ def _distinct(a: np.ndarray) -> np.ndarray:
 
 def _date(days: int) -> str:
     return (dt.date(1970, 1, 1) + dt.timedelta(days=int(days))).isoformat()
+
+
+def check_flow_files(tables: dict, rel_path: str) -> None:
+    """Raise :class:`IndexNotBuilt` when two of a file's (sensor, date) partitions would be
+    written to one flow file (two sensor ids sharing a partition value: a collision of its
+    32-bit suffix): the file is then left unindexed (scanned), never half-indexed."""
+    paths = [flow_file(s, d, rel_path) for s, d in tables]
+    if len(set(paths)) != len(paths):
+        raise IndexNotBuilt("two of its sensors share a partition value (a hash suffix collision)")
 
 
 def flow_file(sensor: str, date: str, rel_path: str) -> str:
