@@ -274,8 +274,9 @@ def test_sensor_ids_with_dots_are_attributed_whole(tmp_path):
 
 def _twin_sensors_archive(root, live: bool, index_offline: bool = True) -> None:
     """One merged pcapng holding sensor ``s p`` and a sensor named as ``s p``'s partition value
-    was before 2026-12-04 (``s_p-e745a89c``): one flow file path for both then, the records of
-    one overwrote the other's and queries left out its packets."""
+    was before 2026-12-04 (``s_p-e745a89c``, a path-safe id; now ``s_p~e745a89c``): one flow
+    file path for both then, the records of one overwrote the other's and queries left out its
+    packets."""
     import hashlib
 
     from pktstream.sinks import FileSink
@@ -329,8 +330,9 @@ def test_two_sensors_of_one_partition_value_leave_the_file_unindexed_not_half_in
 
 
 def test_an_index_written_with_the_old_partition_values_is_read_alike(tmp_path, monkeypatch):
-    """Before 2026-12-04 a clean sensor id ending like a hash suffix was its own partition value
-    (``rack-20241127``); such an index (not rewritten) answers sensor queries and names its sensor."""
+    """Before 2026-12-04 an id that is not path-safe got a ``-`` suffix (``rack 7`` ->
+    ``rack_7-<hash>``, now ``rack_7~<hash>``); such an index (not rewritten) answers sensor
+    queries and names its sensor; path-safe ids keep their own name as their value."""
     import hashlib
     import re
 
@@ -341,17 +343,18 @@ def test_an_index_written_with_the_old_partition_values_is_read_alike(tmp_path, 
         return cleaned if cleaned == text else cleaned + "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
     root = tmp_path / "a"
     root.mkdir()
-    for sensor in ("rack-20241127", "web-1"):
-        with open_writer(root / f"{sensor}.pcap") as w:
-            for b in batches(3, 400, T0):
+    for sensor in ("rack 7", "rack-20241127"):
+        with open_writer(root / "all.pcapng" if sensor == "rack 7" else root / f"{sensor}.pcap") as w:
+            for b in batches(3, 400, T0, interface=f"{sensor}/eth0" if sensor == "rack 7" else None):
                 w.write(b)
     monkeypatch.setattr(ix, "partition_value", old_value)
     Archive(str(root)).index(chunk_bytes=CHUNK)
     monkeypatch.undo()
-    assert (root / "_index" / "flows" / "sensor=rack-20241127").is_dir()
-    assert ix.partition_value("rack-20241127") != "rack-20241127"
+    assert (root / "_index" / "flows" / f"sensor={old_value('rack 7')}").is_dir()
+    assert ix.partition_value("rack 7") != old_value("rack 7") and "~" in ix.partition_value("rack 7")
+    assert ix.partition_value("rack-20241127") == "rack-20241127"
     a = Archive(str(root))
-    for sensor in ("rack-20241127", "web-1"):
+    for sensor in ("rack 7", "rack-20241127"):
         assert got(a, "tcp", sensor=sensor) == brute(root, "tcp", sensor=sensor) != []
         assert set(a.flows(sensor=sensor).column("sensor").to_pylist()) == {sensor}
 

@@ -51,26 +51,29 @@ def file_id(rel_path: str) -> str:
     return hashlib.sha1(rel_path.encode()).hexdigest()[:20]
 
 
-_HASH_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
-
-
 def partition_value(text: str) -> str:
-    """A sensor id as a Hive partition value: path-safe, and one value per id -- a changed
-    name gets a hash suffix, and so does a name that already ends like one (``s_p-e745a89c``
-    would otherwise be the value of ``s p`` too: two sensors' flow records in one file path,
-    one set overwriting the other)."""
-    cleaned = re.sub(r"[^A-Za-z0-9._@-]", "_", text)[:100].lstrip(".") or "_"
-    if cleaned != text or _HASH_SUFFIX.search(text):
-        cleaned += "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
-    return cleaned
+    """A sensor id as a Hive partition value: the id itself when it is path-safe (letters,
+    digits, ``._@-``, at most 100 characters, not starting with ``.``), else its path-safe form
+    with ``~`` and 8 hex digits of its SHA-256 -- a character no path-safe id holds, so no
+    two ids share a value (before 2026-12-04 the suffix began with ``-``: ``s p`` ->
+    ``s_p-e745a89c``, which is also a path-safe id; two sensors' records then went to one file)."""
+    cleaned = _path_safe(text)
+    return cleaned if cleaned == text else f"{cleaned}~{_suffix(text)}"
 
 
 def partition_values(text: str) -> tuple[str, ...]:
-    """The values a sensor id may have in an index: :func:`partition_value`'s, and for a name
-    ending like a hash suffix also the name itself (indexes written before 2026-12-04)."""
-    value = partition_value(text)
-    return (value, text) if value != text and _HASH_SUFFIX.search(text) and \
-        re.fullmatch(r"[A-Za-z0-9._@-]{1,100}", text) and not text.startswith(".") else (value,)
+    """The values a sensor id may have in an index: :func:`partition_value`'s and, for an id
+    that is not path-safe, the one indexes written before 2026-12-04 gave it."""
+    cleaned = _path_safe(text)
+    return (text,) if cleaned == text else (f"{cleaned}~{_suffix(text)}", f"{cleaned}-{_suffix(text)}")
+
+
+def _path_safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._@-]", "_", text)[:100].lstrip(".") or "_"
+
+
+def _suffix(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 # an object named by the S3 output's default key template: SENSOR/YYYY/MM/DD/HHMMSS-RUN-SEQ.EXT
