@@ -244,6 +244,30 @@ def test_flows_and_sql_over_receivers_output_directories_below_the_root(tmp_path
     assert got_flows == want
 
 
+def test_output_directories_named_like_partitions_or_globs(tmp_path):
+    """Receivers writing into ARCHIVE/recv/sensor=web-9/ and ARCHIVE/rack[1]/, and a third output
+    directory whose captures were deleted (its _index keeps empty partition directories): the
+    sensor is the one the packets came from, queries by sensor find them, SQL answers."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    subs = ("recv/sensor=web-9", "rack[1]", "gone")
+    for k, sub in enumerate(subs):
+        (tmp_path / sub).mkdir(parents=True)
+        s = FileSink(directory=str(tmp_path / sub), format="pcap", index=True)
+        s.write(Source("web-1", "h", "eth0", 1, 262144), next(iter(batches(1 + k, 50, T0))))
+        s.close()
+    (tmp_path / "gone" / "web-1.pcap").unlink()
+    a = Archive(str(tmp_path))
+    a.index()
+    assert not list((tmp_path / "gone").glob("*.pcap")) and (tmp_path / "gone" / "_index" / "flows").is_dir()
+    assert set(a.flows().column("sensor").to_pylist()) == {"web-1"}
+    assert got(a, "udp or tcp", sensor="web-1") == brute(tmp_path, "udp or tcp", sensor="web-1") != []
+    rows = a.sql("SELECT sensor, date, file, sum(packets)::BIGINT AS n FROM flows GROUP BY ALL ORDER BY file")
+    rows = rows.to_pylist()
+    assert [(r["sensor"], r["date"], r["file"], r["n"]) for r in rows] == \
+        [("web-1", "2024-11-27", f"{sub}/web-1.pcap", 50) for sub in ("rack[1]", "recv/sensor=web-9")]
+
+
 def test_index_layout_is_hive_partitioned_parquet(archive_dir):
     import duckdb
     flows = list((archive_dir / "_index" / "flows").glob("sensor=*/date=*/*.parquet"))

@@ -172,13 +172,14 @@ class Archive:
         import pyarrow as pa
         parts = []
         for rel in row["flow_files"]:
-            sensor = rel.split("/sensor=", 1)[1].split("/", 1)[0]
+            sensor = rel.rsplit("/sensor=", 1)[1].split("/", 1)[0]  # (the last: a directory above may be
+            # called sensor=x too)
             if sensors is not None and not any(_partition_matches(sensor, s) for s in sensors):
                 continue
             t = parquet_file(self.store.read_bytes(rel)).read(columns=columns, use_threads=False)
             if stats is not None:
                 stats.flow_files_read += 1
-            date = rel.split("/date=", 1)[1].split("/", 1)[0]
+            date = rel.rsplit("/date=", 1)[1].split("/", 1)[0]
             t = t.append_column("sensor", pa.array([_sensor_name(sensor, row)] * t.num_rows, pa.string()))
             t = t.append_column("date", pa.array([date] * t.num_rows, pa.string()))
             parts.append(t)
@@ -381,21 +382,20 @@ class Archive:
         con = duckdb.connect()
         try:
             if hasattr(self.store, "root"):
-                import os
-                self.store.captures()  # (finds the index bases: the root's and any below it)
                 selects = []
-                for base in getattr(self.store, "bases", [""]):
-                    root = os.path.join(self.store.root, base, INDEX_DIR)
-                    if not os.path.isdir(os.path.join(root, "flows")):
-                        continue
+                for k, (base, files) in enumerate(_flow_files_by_base(self.store)):
+                    # every flow file by name (no glob: a directory may be called "rack[1]"),
+                    # the partition columns from its own last two directories (DuckDB's Hive
+                    # partitioning reads every key=value directory of the whole path: a receiver
+                    # writing into ARCHIVE/sensor=x/ would rename every sensor x)
+                    con.read_parquet(files, filename=True, hive_partitioning=False,
+                                     union_by_name=True).create_view(f"_flows{k}")
                     # a base below the root: its records name files from the base, flows() and
                     # the catalog from the root
                     file = f"'{_sql_str(base)}/' || file" if base else "file"
-                    selects.append(f"SELECT * REPLACE ({file} AS file) FROM read_parquet("
-                                   f"'{_sql_str(root)}/flows/*/*/*.parquet', hive_partitioning=true, "
-                                   # text like flows() and the S3 path below (DuckDB would read
-                                   # date=2024-11-27 as a DATE here only)
-                                   "hive_types={'sensor': 'VARCHAR', 'date': 'VARCHAR'}, union_by_name=true)")
+                    selects.append(f"SELECT * EXCLUDE (filename) REPLACE ({file} AS file), "
+                                   f"regexp_extract(filename, '{_PARTITION_RE}', 1) AS sensor, "
+                                   f"regexp_extract(filename, '{_PARTITION_RE}', 2) AS date FROM _flows{k}")
                 if selects:
                     con.execute("CREATE VIEW flows AS " + " UNION ALL BY NAME ".join(selects))
                 else:
@@ -417,6 +417,23 @@ class Archive:
 
 def _sql_str(text: str) -> str:
     return text.replace("'", "''")
+
+
+_PARTITION_RE = r"/sensor=([^/]*)/date=([^/]*)/[^/]*$"  # (a flow file's path, in SQL)
+
+
+def _flow_files_by_base(store) -> list[tuple[str, list[str]]]:
+    """(index base, its flow files' full paths) of a local archive, bases with none left out."""
+    import os
+    store.captures()  # (finds the index bases: the root's and any below it)
+    out = []
+    for base in getattr(store, "bases", [""]):
+        top = os.path.join(store.root, base, INDEX_DIR, "flows")
+        files = sorted(os.path.join(d, f) for d, _, names in os.walk(top) for f in names
+                       if f.endswith(".parquet") and os.path.relpath(d, top).count(os.sep) == 1)
+        if files:
+            out.append((base, files))
+    return out
 
 
 def _empty_flows():

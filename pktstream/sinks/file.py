@@ -211,7 +211,8 @@ class FileSink(Sink):
             out = self._outputs[key] = CaptureWriter(name, format=self.format, in_place=in_place,
                                                      observer=self.indexer, first_seq=self._seq_floor.get(name, 0),
                                                      **self.opts)
-            log.info("writing %s%s", name, " (rotated; each completed file is named)" if self._rotating else "")
+            named = self._rotating and self.opts.get("on_complete") is _log_completed  # (not an S3 output's staging)
+            log.info("writing %s%s", name, " (rotated; each completed file is named)" if named else "")
         return out
 
     @property
@@ -425,7 +426,7 @@ def _log_completed(path: str) -> None:
     """A file completed (rotation, close): its name as written (strftime patterns expanded)."""
     try:
         size = os.path.getsize(path)
-    except OSError:  # (-W 1 may have removed it at once; an S3 output may have moved it)
+    except OSError:  # (removed or moved meanwhile by someone else)
         size = -1
     log.info("completed %s (%d bytes)", path, size)
 
