@@ -331,8 +331,9 @@ def test_two_sensors_of_one_partition_value_leave_the_file_unindexed_not_half_in
 
 def test_an_index_written_with_the_old_partition_values_is_read_alike(tmp_path, monkeypatch):
     """Before 2026-12-04 an id that is not path-safe got a ``-`` suffix (``rack 7`` ->
-    ``rack_7-<hash>``, now ``rack_7~<hash>``); such an index (not rewritten) answers sensor
-    queries and names its sensor; path-safe ids keep their own name as their value."""
+    ``rack_7-<hash>``, now ``rack_7~<hash>``), and commit e169e5b gave one to path-safe ids
+    ending like a suffix (``node-deadbeef``); such indexes (not rewritten) answer sensor queries
+    and name their sensor; path-safe ids keep their own name as their value."""
     import hashlib
     import re
 
@@ -341,22 +342,31 @@ def test_an_index_written_with_the_old_partition_values_is_read_alike(tmp_path, 
     def old_value(text: str) -> str:
         cleaned = re.sub(r"[^A-Za-z0-9._@-]", "_", text)[:100].lstrip(".") or "_"
         return cleaned if cleaned == text else cleaned + "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
-    root = tmp_path / "a"
-    root.mkdir()
-    for sensor in ("rack 7", "rack-20241127"):
-        with open_writer(root / "all.pcapng" if sensor == "rack 7" else root / f"{sensor}.pcap") as w:
-            for b in batches(3, 400, T0, interface=f"{sensor}/eth0" if sensor == "rack 7" else None):
+
+    def e169e5b_value(text: str) -> str:  # (the first fix: path-safe ids ending like a suffix got one)
+        value = old_value(text)
+        return value + "-" + hashlib.sha256(text.encode()).hexdigest()[:8] \
+            if value == text and re.search(r"-[0-9a-f]{8}$", text) else value
+    sensors = ("rack 7", "rack-20241127", "node-deadbeef")
+    for k, (sensor, old) in enumerate(zip(sensors, (old_value, old_value, e169e5b_value))):
+        root = tmp_path / f"a{k}"
+        root.mkdir()
+        with open_writer(root / "all.pcapng") as w:
+            for b in batches(3 + k, 400, T0, interface=f"{sensor}/eth0"):
                 w.write(b)
-    monkeypatch.setattr(ix, "partition_value", old_value)
-    Archive(str(root)).index(chunk_bytes=CHUNK)
-    monkeypatch.undo()
-    assert (root / "_index" / "flows" / f"sensor={old_value('rack 7')}").is_dir()
+        monkeypatch.setattr(ix, "partition_value", old)
+        Archive(str(root)).index(chunk_bytes=CHUNK)
+        monkeypatch.undo()
+        assert (root / "_index" / "flows" / f"sensor={old(sensor)}").is_dir()
     assert ix.partition_value("rack 7") != old_value("rack 7") and "~" in ix.partition_value("rack 7")
     assert ix.partition_value("rack-20241127") == "rack-20241127"
-    a = Archive(str(root))
-    for sensor in ("rack 7", "rack-20241127"):
+    assert ix.partition_value("node-deadbeef") != e169e5b_value("node-deadbeef")
+    for k, sensor in enumerate(sensors):
+        root = tmp_path / f"a{k}"
+        a = Archive(str(root))
         assert got(a, "tcp", sensor=sensor) == brute(root, "tcp", sensor=sensor) != []
         assert set(a.flows(sensor=sensor).column("sensor").to_pylist()) == {sensor}
+        assert set(a.flows().column("sensor").to_pylist()) == {sensor}
 
 
 def test_flows_says_which_files_it_cannot_list(edge_archive, monkeypatch):
@@ -606,6 +616,15 @@ def test_a_filter_one_files_link_type_refuses_matches_nothing_there_and_the_quer
         assert len(want) in (2, 3), bpf
         assert got(a, bpf) == want, bpf
         assert "edges.pcap" in " ".join(a.last_stats.skipped)
+    # ... and a link type outside the usual ones: pflog's "action pass"
+    def pflog(action: int, payload: bytes) -> bytes:
+        return struct.pack("!BBBB16s16sIIIiIiB3x", 61, 2, action, 0, b"em0", b"", 1, 0, 0, 0, 0, 0, 1) + payload
+    _write_edges(edge_archive / "pf.pcap", [(pflog(a, _ipv4("10.0.0.1", "10.0.0.2", 17, _udp(1000, 53, b"p"))), 0)
+                                            for a in (0, 1, 0)], T0 + 8 * S, link_type=117)
+    a.index(chunk_bytes=CHUNK)
+    files = sorted(p for p in edge_archive.rglob("*") if p.is_file() and "_index" not in p.parts)
+    want = sorted((x for f in files for x in _tcpdump_r(f, "action pass")), key=lambda x: x[0])
+    assert len(want) == 2 and got(a, "action pass") == want
     # a filter no link type takes is the user's mistake: it still stops the query
     with pytest.raises(pktstream.FilterError, match="syntax error"):
         got(a, "tcp port")

@@ -62,10 +62,13 @@ def partition_value(text: str) -> str:
 
 
 def partition_values(text: str) -> tuple[str, ...]:
-    """The values a sensor id may have in an index: :func:`partition_value`'s and, for an id
-    that is not path-safe, the one indexes written before 2026-12-04 gave it."""
+    """The values a sensor id may have in an index: :func:`partition_value`'s and the one
+    older indexes gave it -- ``-`` and the suffix for an id that is not path-safe (before
+    2026-12-04), or for a path-safe id ending like a suffix (an index of commit e169e5b)."""
     cleaned = _path_safe(text)
-    return (text,) if cleaned == text else (f"{cleaned}~{_suffix(text)}", f"{cleaned}-{_suffix(text)}")
+    if cleaned != text:
+        return f"{cleaned}~{_suffix(text)}", f"{cleaned}-{_suffix(text)}"
+    return (text, f"{text}-{_suffix(text)}") if re.search(r"-[0-9a-f]{8}$", text) else (text,)
 
 
 def _path_safe(text: str) -> str:

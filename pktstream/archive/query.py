@@ -19,7 +19,6 @@ Reading ranges: uncompressed files are read with seeks (ranged GETs on S3); comp
 """
 from __future__ import annotations
 
-import functools
 import io
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -523,25 +522,29 @@ def iter_plan(store, plan: FilePlan, *, bpf: str | None, since: int | None, unti
             warn(msg)
 
 
-# link types (libpcap's DLT numbers, as batches carry them) a filter is tried on: if any takes
+# link types (libpcap's DLT numbers, as batches carry them) a filter is tried on, the usual ones
+# first, then every other value libpcap may know (~5 ms for a filter none takes): if any takes
 # it, the filter is good, and a file whose link type refuses it only cannot match (tcpdump -r
 # would print none of its packets) -- Ethernet, SLL2, SLL, raw IP, NULL, IPv4, IPv6, 802.11,
-# radiotap
-_PROBE_LINK_TYPES = (1, 276, 113, 12, 0, 228, 229, 105, 127)
+# radiotap, then the rest (pflog's "action pass", SunATM's "vpi", MTP2's "sio", ...)
+_PROBE_FIRST = (1, 276, 113, 12, 0, 228, 229, 105, 127)
+_PROBE_LINK_TYPES = _PROBE_FIRST + tuple(t for t in range(512) if t not in _PROBE_FIRST)
+_GOOD_FILTERS: set[str] = set()  # filters some link type took (a failure is not kept: a host
+# name that did not resolve may resolve later)
 
 
 def check_filter(bpf: str) -> None:
     """Raise :class:`~pktstream.exceptions.FilterError` (libpcap's message for Ethernet) when
     no link type takes ``bpf`` -- a syntax error, before anything is read; a filter some link
-    types refuse (``inbound`` on Ethernet, ``type mgt`` off 802.11) is left to each file."""
+    types refuse (``inbound`` on Ethernet, ``action pass`` off pflog) is left to each file."""
     if not _compiles_somewhere(bpf):
         from pktstream._capture import BpfProgram
-        BpfProgram(bpf, 1)  # raises, with libpcap's message
-        raise AssertionError("unreachable: Ethernet is a probe link type")
+        BpfProgram(bpf, 1)  # raises, with libpcap's message (or takes it now: a name resolved)
 
 
-@functools.lru_cache(maxsize=64)
 def _compiles_somewhere(bpf: str) -> bool:
+    if bpf in _GOOD_FILTERS:
+        return True
     from pktstream._capture import BpfProgram
     from pktstream.exceptions import FilterError
     for link_type in _PROBE_LINK_TYPES:
@@ -549,6 +552,8 @@ def _compiles_somewhere(bpf: str) -> bool:
             BpfProgram(bpf, link_type)
         except FilterError:
             continue
+        if len(_GOOD_FILTERS) < 256:
+            _GOOD_FILTERS.add(bpf)
         return True
     return False
 
