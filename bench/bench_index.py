@@ -38,12 +38,11 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_archive import T0, make_batches  # noqa: E402
-from bench_stream import cpu_seconds, fake_sensor, free_port  # noqa: E402
+from bench_stream import fake_sensor, free_port, user_sys_seconds  # noqa: E402
 
 import pktstream  # noqa: E402
 
 PY = [sys.executable, "-m", "pktstream"]
-TICK = os.sysconf("SC_CLK_TCK")
 # the receiver with pyarrow's one-time start-up (import, first Parquet file) done before it listens:
 # the steady-state cost of indexing (a receiver pays the start-up once, at its first completed file)
 WARM_WRAPPER = """import io, sys
@@ -57,10 +56,9 @@ sys.exit(main())
 # index-warm, plus the CPU time of the indexing itself, measured on the thread that does it
 # (FileIndexBuilder.add/finish and write_index/write_snapshot): a direct measure of the numerator,
 # where the difference of two whole-receiver runs is noisy on a shared machine
-TIMED_WRAPPER = WARM_WRAPPER.replace("from pktstream.cli import main", """import atexit, time
+TIMED_WRAPPER = WARM_WRAPPER.replace("from pktstream.cli import main", """import atexit, resource
 import pktstream.archive.index as ix, pktstream.archive.live as live
 spent = {}
-import resource
 def timed(obj, name):
     f = getattr(obj, name)
     def w(*a, **k):
@@ -109,12 +107,6 @@ def recorded(seed: int, raw_bytes: int) -> list[tuple[bytes, int, int]]:
     return [(c.compress(b), len(b), b.nbytes) for b in make_batches(seed, raw_bytes, T0, 3600 * 10**9)]
 
 
-def sys_seconds(pid: int) -> float:
-    """System CPU seconds a process has used so far (/proc/PID/stat stime)."""
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[12]) / TICK
-
-
 def run_receiver(work: Path, fmt: str, variant: str, frames_by_sensor: dict, rotate: str) -> dict:
     out = work / f"{fmt}-{variant}"
     shutil.rmtree(out, ignore_errors=True)
@@ -133,8 +125,7 @@ def run_receiver(work: Path, fmt: str, variant: str, frames_by_sensor: dict, rot
         if rx.poll() is not None or time.monotonic() > end:
             raise RuntimeError(f"receiver did not start: {log.read_text()[-2000:]}")
         time.sleep(0.05)
-    c0 = cpu_seconds(rx.pid)
-    c0_sys = sys_seconds(rx.pid)
+    u0, s0 = user_sys_seconds(rx.pid)
     t0 = time.perf_counter()
 
     async def all_sensors():
@@ -146,8 +137,8 @@ def run_receiver(work: Path, fmt: str, variant: str, frames_by_sensor: dict, rot
     _, status, ru = os.wait4(rx.pid, 0)
     rx.returncode = status
     wall = time.perf_counter() - t0
-    cpu = ru.ru_utime + ru.ru_stime - c0
-    sys_s = ru.ru_stime - c0_sys
+    cpu = ru.ru_utime + ru.ru_stime - u0 - s0
+    sys_s = ru.ru_stime - s0
     files = sorted(p for p in out.rglob("*") if p.is_file() and "_index" not in p.parts)
     in_files = sum(len(b) for f in files for b in pktstream.read(f))
     assert in_files == sent, (fmt, variant, in_files, sent)

@@ -172,14 +172,13 @@ class Archive:
         import pyarrow as pa
         parts = []
         for rel in row["flow_files"]:
-            sensor = rel.rsplit("/sensor=", 1)[1].split("/", 1)[0]  # (the last: a directory above may be
-            # called sensor=x too)
+            # (its own two partition directories: a directory above may be called sensor=x too)
+            sensor, date = re.search(_PARTITION_RE, rel).groups()  # type: ignore[union-attr]
             if sensors is not None and not any(_partition_matches(sensor, s) for s in sensors):
                 continue
             t = parquet_file(self.store.read_bytes(rel)).read(columns=columns, use_threads=False)
             if stats is not None:
                 stats.flow_files_read += 1
-            date = rel.rsplit("/date=", 1)[1].split("/", 1)[0]
             t = t.append_column("sensor", pa.array([_sensor_name(sensor, row)] * t.num_rows, pa.string()))
             t = t.append_column("date", pa.array([date] * t.num_rows, pa.string()))
             parts.append(t)

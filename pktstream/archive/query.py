@@ -63,7 +63,7 @@ class QueryStats:
     seconds: float = 0.0
     packets_held: int = 0         # matched packets read and not yet merged out, now
     peak_packets_held: int = 0    # ... at most (memory of a query: bounded by files, not by results)
-    skipped: list[str] = field(default_factory=list)  # "path: why": packets of a link type the BPF cannot match
+    skipped: list[str] = field(default_factory=list)  # "path: why", a file with a link type the BPF cannot match
     scanned: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -72,9 +72,8 @@ class QueryStats:
                 f"a usable index; flow records of {self.flow_files_read} read), {self.bytes_read} bytes, "
                 f"{self.packets_read} packets; "
                 f"{self.packets} packets matched; {self.seconds:.3f} s")
-        if self.skipped:  # (a file of two such link types is named twice)
-            files = {s.rsplit(": no packet can match", 1)[0] for s in self.skipped}
-            text += f"; {len(files)} file(s) of a link type the filter cannot match"
+        if self.skipped:
+            text += f"; {len(self.skipped)} file(s) of a link type the filter cannot match"
         if self.problems:
             text += f"; {len(self.problems)} file(s) with problems"
         return text
@@ -566,17 +565,19 @@ def _filter_mask(batch, bpf: str, plan: FilePlan, refused: set[int], stats: Quer
     as it would not fail a ``tcpdump -r`` of the other files. A filter no link type takes
     (a syntax error) raises :class:`~pktstream.exceptions.FilterError`."""
     from pktstream.exceptions import FilterError
+    if batch.link_type in refused:  # (not compiled again for every batch)
+        return np.zeros(len(batch), bool)
     try:
         return batch.filter(bpf)
     except FilterError as exc:
         if not _compiles_somewhere(bpf):
             raise
-        if batch.link_type not in refused:
-            refused.add(batch.link_type)
-            reason = str(exc).rsplit(": ", 1)[-1]
-            msg = f"{plan.path}: no packet can match the filter (link type {batch.link_type_name}: {reason})"
+        reason = str(exc).rsplit(": ", 1)[-1]
+        msg = f"{plan.path}: no packet can match the filter (link type {batch.link_type_name}: {reason})"
+        if not refused:  # (one entry per file)
             stats.skipped.append(msg)
-            warn(msg)
+        refused.add(batch.link_type)
+        warn(msg)
         return np.zeros(len(batch), bool)
 
 
