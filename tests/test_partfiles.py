@@ -964,3 +964,118 @@ def test_a_rotating_file_output_names_each_completed_file(tmp_path, caplog):
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("completed ")]
     assert sorted(m.split()[1] for m in logged) == files
     assert all(m.endswith(f"({os.path.getsize(m.split()[1])} bytes)") for m in logged)
+
+
+def _two_sensors_b_after_the_flush(tmp_path, fmt: str = "pcapng", *, index: bool = False):
+    """A per-sensor rotating FileSink under acknowledgements: sensor a written, flushed and
+    acknowledged; then sensor b -- first seen after that flush -- written across rotations, and
+    the process dies. Returns (state acknowledged, b's batches, a's batch, sink options)."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    b = incompressible_batches(4, 20)  # (rotation by size counts a .zst file's compressed bytes)
+    a_batch = make_batches(1, 20, seed=4)[0]
+    opts = {"directory": str(tmp_path), "format": fmt, "rotate_bytes": b[0].nbytes + 200, "index": index}
+    sink = FileSink(**opts)
+    sink.use_acknowledgements()
+    sink.write(Source("a", "h", "eth0", 1, 262144), a_batch)
+    state = json.loads(json.dumps(sink.flush()))
+    sink.acknowledged(state)
+    for x in b[:3]:
+        sink.write(Source("b", "h", "eth0", 1, 262144), x)
+    _crash(sink)
+    return state, b, a_batch, opts
+
+
+@pytest.mark.parametrize("fmt", ["pcapng", "pcap.zst"])
+def test_recovery_removes_the_files_of_a_sensor_first_seen_after_the_last_flush(tmp_path, fmt):
+    """No persisted state names an output opened after the last acknowledged flush: its files
+    -- completed by rotation, and its .part -- stayed after a crash, and the sensor resent their
+    packets into new files: every one of them twice in the directory (found in session 21). The
+    output keeps the names of its files in a marker until an acknowledged state names it."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    state, b, a_batch, opts = _two_sensors_b_after_the_flush(tmp_path, fmt)
+    names = sorted(os.listdir(tmp_path))
+    b_files = [n for n in names if n.startswith("b.")]
+    assert len([n for n in b_files if n.endswith(fmt)]) >= 1 and b_files[-1].endswith(".part"), b_files
+    assert sum(n.startswith(".pktstream-unacked-") for n in names) == 1  # (a's output was acknowledged)
+    after = FileSink.recover(state)
+    again = FileSink(**opts)
+    removed = again.recover_unacknowledged(after)
+    assert sorted(os.path.basename(p) for p in removed) == b_files
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(("b.", ".pktstream-"))]
+    again.resume(after)
+    again.use_acknowledgements()
+    for x in b[:3]:  # the sensor resends what was not acknowledged
+        again.write(Source("b", "h", "eth0", 1, 262144), x)
+    again.close()
+    got = _all_ts(p for p in tmp_path.iterdir() if p.name.startswith("b."))
+    assert got == sorted(read_ts_of(b[0]) + read_ts_of(b[1]) + read_ts_of(b[2]))  # once each
+    assert _all_ts(p for p in tmp_path.iterdir() if p.name.startswith("a.")) == read_ts_of(a_batch)
+
+
+def test_an_acknowledged_output_keeps_its_files_even_with_its_marker_left(tmp_path):
+    """The marker goes at the output thread's next flush after the acknowledgement; a crash
+    in between leaves it, and the state then names the output: nothing of it is removed
+    beyond what the usual recovery cuts (the marker goes)."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    b = make_batches(2, 20)
+    sink = FileSink(directory=str(tmp_path), format="pcapng")
+    sink.use_acknowledgements()
+    sink.write(Source("b", "h", "eth0", 1, 262144), b[0])
+    state = json.loads(json.dumps(sink.flush()))
+    sink.acknowledged(state)  # (not applied yet: the next flush would remove the marker)
+    _crash(sink)
+    assert sum(n.startswith(".pktstream-unacked-") for n in os.listdir(tmp_path)) == 1
+    after = FileSink.recover(state)
+    assert FileSink(directory=str(tmp_path), format="pcapng").recover_unacknowledged(after) == []
+    assert sorted(os.listdir(tmp_path)) == ["b.pcapng"]
+    assert read_ts(str(tmp_path / "b.pcapng")) == read_ts_of(b[0])
+
+
+def test_markers_go_once_acknowledged_and_exist_only_under_acknowledgements(tmp_path):
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    batch = make_batches(1, 20)[0]
+    plain = FileSink(directory=str(tmp_path / "plain"), format="pcapng")  # (a library user: no receiver)
+    acked = FileSink(directory=str(tmp_path / "acked"), format="pcapng")
+    acked.use_acknowledgements()
+    for sink in (plain, acked):
+        sink.write(Source("s1", "h", "eth0", 1, 262144), batch)
+    assert not [n for n in os.listdir(tmp_path / "plain") if n.startswith(".")]
+    assert [n for n in os.listdir(tmp_path / "acked") if n.startswith(".pktstream-unacked-")]
+    acked.acknowledged(json.loads(json.dumps(acked.flush())))
+    acked.flush()
+    assert not [n for n in os.listdir(tmp_path / "acked") if n.startswith(".")]
+    for sink in (plain, acked):
+        sink.close()
+
+
+def test_recovery_of_an_unacknowledged_output_removes_its_index_too(tmp_path):
+    """With the index on, a removed file's catalog row and flow records go with it."""
+    from pktstream.archive import Archive
+    from pktstream.sinks import FileSink
+    state, b, a_batch, opts = _two_sensors_b_after_the_flush(tmp_path, index=True)
+    assert {r["path"] for r in Archive(str(tmp_path)).catalog().to_pylist()} >= {"b.000000.pcapng", "b.000001.pcapng"}
+    after = FileSink.recover(state)
+    FileSink(**opts).recover_unacknowledged(after)
+    assert all(not r["path"].startswith("b.") for r in Archive(str(tmp_path)).catalog().to_pylist())
+    assert not list((tmp_path / "_index" / "flows").glob("sensor=b/*/*.parquet"))
+
+
+def test_a_receiver_restart_removes_an_unacknowledged_outputs_files(tmp_path):
+    """The same through the receiver's ingest (its state dir), as a restart after SIGKILL runs it."""
+    import collections
+
+    from pktstream.sinks import FileSink
+    from pktstream.stream.receiver.ingest import STATE_FILE, Ingest
+    out, state_dir = tmp_path / "out", tmp_path / "state"
+    out.mkdir()
+    state_dir.mkdir()
+    state, b, a_batch, opts = _two_sensors_b_after_the_flush(out)
+    (state_dir / STATE_FILE).write_text(json.dumps({"sensors": {}, "sinks": {f"file:{out}": state}}))
+    again = FileSink(**opts)
+    Ingest([again], counters=collections.Counter(), closing=threading.Event(), state_dir=str(state_dir)).shutdown()
+    assert sorted(n for n in os.listdir(out) if not n.startswith("a.")) == []
+    assert _all_ts(p for p in out.iterdir()) == read_ts_of(a_batch)

@@ -137,7 +137,7 @@ def write_index(store, row: dict[str, Any], tables: dict) -> tuple[str, str, Any
             if isinstance(table, SpilledFlows):
                 table.close()
     row_table = pa.Table.from_pylist([row], catalog_schema())
-    version = store.write_bytes(rel, _parquet_bytes(row_table, pq, False))
+    version = store.write_bytes(rel, _parquet_bytes(row_table, pq, False, one_row=True))
     if old is not None:
         for f in set(old.get("flow_files") or ()) - set(row["flow_files"]):
             store.delete(f)
@@ -147,14 +147,27 @@ def write_index(store, row: dict[str, Any], tables: dict) -> tuple[str, str, Any
 _RAW = BINARY_COLUMNS  # random bits: no dictionary or min/max statistics
 
 
-def _parquet_bytes(table, pq, use_dictionary: bool | list[str] = True, row_group_size: int | None = None) -> bytes:
+# the one column of a per-file catalog row that zstd shrinks much (~2,600 address texts of a 16 MB
+# file: 58 -> 27 KB of the row's file); compressing the other ~30 columns of one value each cost
+# 30 % of the row's write time (1.05 -> 0.73 ms) for 3 KB
+_ROW_COMPRESSED = "addresses.list.element"
+
+
+def _parquet_bytes(table, pq, use_dictionary: bool | list[str] = True, row_group_size: int | None = None,
+                   *, one_row: bool = False) -> bytes:
+    """``table`` as Parquet: zstd, dictionary encoding for ``use_dictionary``, min/max
+    statistics on the scalar columns; ``one_row``: a per-file catalog row (only its address
+    list is compressed)."""
     import pyarrow as pa
     buf = io.BytesIO()
     other = [c for c in table.column_names if c not in _RAW]  # (a catalog table decodes ~2x faster so)
     dictionary = other if use_dictionary is True else use_dictionary
     # min/max statistics where a reader can prune with them: not on lists (addresses, chunks)
     stats = [c for c in other if not pa.types.is_list(table.schema.field(c).type)]
-    pq.write_table(table, buf, compression="zstd", use_dictionary=dictionary, write_statistics=stats,
+    compression: str | dict[str, str] = "zstd"
+    if one_row:
+        compression = {_ROW_COMPRESSED: "zstd"}  # (a column not named is not compressed)
+    pq.write_table(table, buf, compression=compression, use_dictionary=dictionary, write_statistics=stats,
                    row_group_size=row_group_size)
     return buf.getvalue()
 
@@ -496,7 +509,7 @@ def _add_filters(store, row: dict[str, Any]) -> bool:
     if full["ports"] is None and ports_complete:
         full["port_bitmap"] = port_bitmap(np.concatenate(ports) if ports else np.zeros(0, np.int64))
     store.write_bytes(catalog_file(row["path"]), _parquet_bytes(pa.Table.from_pylist([full], catalog_schema()),
-                                                               pq))
+                                                               pq, False, one_row=True))
     row["_upgraded"] = True
     return True
 

@@ -186,7 +186,7 @@ class CaptureWriter:
                  on_complete: Callable[[str], None] | None = None,
                  clock: Callable[[], float] = time.time, in_place: bool = False,
                  observer: WriteObserver | None = None, zstd_frame_bytes: int | None = None,
-                 first_seq: int = 0) -> None:
+                 first_seq: int = 0, on_open: Callable[[str], None] | None = None) -> None:
         is_path = isinstance(target, (str, os.PathLike))
         if is_path:
             target = os.fspath(target)
@@ -220,6 +220,7 @@ class CaptureWriter:
         self._level = level
         self.zstd_frame_bytes = zstd_frame_bytes if self._zstd else None
         self._on_complete = on_complete
+        self._on_open = on_open  # called with a file's final name before its first byte (paths only)
         self._observer = observer if is_path else None
         self._clock = clock
         if first_seq < 0:
@@ -276,6 +277,8 @@ class CaptureWriter:
         sink: Any
         if self._is_path:
             path = self._next_path()
+            if self._on_open is not None:
+                self._on_open(path)  # (an error stops the open: no file its caller does not know of)
             try:
                 fd = os.open(self.data_path_of(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
                              self._mode)

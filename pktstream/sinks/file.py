@@ -8,10 +8,13 @@ never overwritten: the next free name ``stem.N.ext`` is used.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import logging
 import os
 import re
+import threading
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -99,6 +102,15 @@ def _writer_state(writer: CaptureWriter) -> dict[str, Any] | None:
     return st
 
 
+UNACKED_PREFIX = ".pktstream-unacked-"  # a marker: files of an output no acknowledged state names yet
+
+
+def _output_key(entry: Any) -> tuple[Any, ...] | None:
+    """The output key of a state entry (``output``: [sensor id or None, link type or None])."""
+    out = entry.get("output") if isinstance(entry, dict) else None
+    return tuple(out) if isinstance(out, list) and len(out) == 2 else None
+
+
 def _stream_bytes(st: dict[str, Any]) -> int | None:
     """A state entry's decoded bytes acknowledged (``.zst`` files; None: not recorded, as in
     states written before it, or not a ``.zst`` file)."""
@@ -167,6 +179,15 @@ class FileSink(Sink):
         # output key -> the name pattern it was given: kept across resets (and resumed from the
         # state) so an output keeps its names -- the state and its recovery go by them
         self._bases: dict[Any, str] = {}
+        # crash safety of outputs opened after the last acknowledged flush (under a receiver:
+        # use_acknowledgements): until an acknowledged state names an output, the names of the
+        # files it opens are kept in a marker file (UNACKED_PREFIX) that the next run's
+        # recover_unacknowledged goes by -- no persisted state knows such an output
+        self._acks = False
+        self._acked_keys: set[Any] = set()  # outputs an acknowledged state names (output thread)
+        self._acked_lock = threading.Lock()
+        self._acked_pending: set[Any] = set()  # named by acknowledged() (event loop), not applied yet
+        self._marked: dict[Any, list[str]] = {}  # output -> files it opened while unacknowledged
         self.name = f"file:{self.path or self.directory}"
         # a path without a capture extension is written as pcap under exactly that name,
         # growing in place like PacketStreamer's output.file.path (tail -F NAME | tcpdump -r -)
@@ -208,9 +229,10 @@ class FileSink(Sink):
             base = self._bases.get(key) or self._new_base(key, source, batch)
             in_place = self.in_place and base == self.path and not self._in_place_reset
             name = base if self._rotating or in_place else _free_name(base, "~" if self.directory else ".")
+            on_open = functools.partial(self._opening, key) if self._acks and not in_place else None
             out = self._outputs[key] = CaptureWriter(name, format=self.format, in_place=in_place,
                                                      observer=self.indexer, first_seq=self._seq_floor.get(name, 0),
-                                                     **self.opts)
+                                                     on_open=on_open, **self.opts)
             named = self._rotating and self.opts.get("on_complete") is _log_completed  # (not an S3 output's staging)
             log.info("writing %s%s", name, " (rotated; each completed file is named)" if named else "")
         return out
@@ -250,6 +272,110 @@ class FileSink(Sink):
 
     def write(self, source: Source, batch: PacketBatch) -> None:
         self._output_for(source, batch).write(batch)
+
+    # -- outputs opened after the last acknowledged flush ------------------------------------
+    def use_acknowledgements(self) -> None:
+        self._acks = True
+
+    def acknowledged(self, state: dict[str, Any]) -> None:
+        """(Event loop: only notes the outputs ``state`` names; the output thread removes
+        their markers at its next flush, :meth:`_apply_acknowledgements`.)"""
+        keys = {_output_key(f) for field in ("open", "names") for f in state.get(field) or ()}
+        keys.discard(None)
+        if keys:
+            with self._acked_lock:
+                self._acked_pending |= keys
+
+    def _apply_acknowledgements(self) -> None:
+        """(Output thread.) Outputs an acknowledged state now names: their markers go."""
+        with self._acked_lock:
+            keys, self._acked_pending = self._acked_pending - self._acked_keys, set()
+        self._acked_keys |= keys
+        for key in keys & set(self._marked):
+            del self._marked[key]
+            marker = self._marker_path(self._bases[key])
+            if marker is not None:
+                try:
+                    os.unlink(marker)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:  # (a stale marker is harmless: the state names its output)
+                    log.warning("%s: cannot remove %s: %s", self.name, marker, exc)
+
+    def _marker_dir(self) -> str | None:
+        """Where this sink's markers are: its directory (None: a strftime pattern in it)."""
+        d = self.directory or os.path.dirname(os.path.abspath(cast(str, self.path)))
+        return None if "%" in d else d
+
+    def _marker_path(self, base: str) -> str | None:
+        d = self._marker_dir()
+        if d is None:
+            return None
+        digest = hashlib.sha1(f"{self.name}\0{base}".encode()).hexdigest()[:16]  # (one per sink and output)
+        return os.path.join(d, f"{UNACKED_PREFIX}{digest}.json")
+
+    def _opening(self, key: Any, path: str) -> None:
+        """(Output thread, before the first byte of a file of output ``key``.) While no
+        acknowledged state names the output, the file's name is added to its marker first
+        (written whole and renamed): a crash then leaves the next run the list of files that
+        hold only unacknowledged packets."""
+        self._apply_acknowledgements()
+        if key in self._acked_keys:
+            return
+        marker = self._marker_path(self._bases[key])
+        if marker is None:
+            return
+        files = self._marked.setdefault(key, [])
+        files.append(os.path.abspath(path))
+        tmp = marker + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"sink": self.name, "base": self._bases[key], "files": files}, fh)
+        os.replace(tmp, marker)
+
+    def recover_unacknowledged(self, state: dict[str, Any] | None) -> list[str]:
+        """At start (a receiver, after :meth:`recover` and before the first write): remove the
+        files of outputs that were opened after the last acknowledged flush and that no
+        acknowledged state names -- a sensor seen first after that flush: nothing in them was
+        acknowledged, the sensors resend it, and keeping them would hold those packets twice
+        -- with their indexes, and the markers that listed them. Returns the paths removed."""
+        d = self._marker_dir()
+        if d is None or not os.path.isdir(d):
+            return []
+        state = state or {}
+        entries: list[Any] = []
+        for field in ("open", "names"):
+            value = state.get(field)
+            entries += value if isinstance(value, list) else []
+        named = {f.get("base") for f in entries if isinstance(f, dict)}
+        removed: list[str] = []
+        for name in sorted(os.listdir(d)):
+            if not (name.startswith(UNACKED_PREFIX) and name.endswith(".json")):
+                continue
+            marker = os.path.join(d, name)
+            try:
+                with open(marker) as fh:
+                    data = json.load(fh)
+            except (OSError, ValueError) as exc:
+                log.warning("recovery: %s unreadable (%s): left as it is", marker, exc)
+                continue
+            if not isinstance(data, dict) or data.get("sink") != self.name:
+                continue  # (another output's, in the same directory)
+            files = data.get("files")
+            if data.get("base") not in named and isinstance(files, list):
+                for f in files:
+                    # (only files of this directory: a marker names nothing else)
+                    if not isinstance(f, str) or os.path.dirname(f) != os.path.abspath(d):
+                        continue
+                    for p in (f + ".part", f):
+                        if _unlink(p, "opened after the last acknowledged flush"):
+                            removed.append(p)
+                            if p == f and self.indexer is not None:
+                                self.indexer.removed(p)
+            try:
+                os.unlink(marker)
+            except FileNotFoundError:
+                pass
+        return removed
 
     def reset(self) -> None:
         """After a failed write or flush (disk full, I/O error; an S3 output's full staging):
@@ -308,6 +434,7 @@ class FileSink(Sink):
             raise errors[0]
 
     def flush(self) -> dict[str, Any]:
+        self._apply_acknowledgements()
         open_files = []
         flushed = {}
         for key, out in self._outputs.items():
@@ -351,6 +478,7 @@ class FileSink(Sink):
         """Complete every open file; the first error is raised after all were tried (a file
         that could not be completed stays ``.part``, for recovery)."""
         error: Exception | None = None
+        self._apply_acknowledgements()  # (the receiver acknowledges its last flush before it closes)
         for out in self._outputs.values():
             try:
                 out.close()
@@ -383,6 +511,8 @@ class FileSink(Sink):
                     and (isinstance(output[1], int) if pcap else output[1] is None)
                     and base not in self._bases.values()):
                 self._bases.setdefault(tuple(output), base)  # (the names the state's recovery goes by)
+            if isinstance(output, list) and len(output) == 2 and self._bases.get(tuple(output)) == base:
+                self._acked_keys.add(tuple(output))  # (a state names it: no marker needed)
 
     @staticmethod
     def recover(state: dict[str, Any], persist: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -455,13 +585,13 @@ def _cut_back_completed(final: str, size: int, frame_bytes: int | None = None,
     return True
 
 
-def _unlink(path: str) -> bool:
+def _unlink(path: str, why: str = "written after the last acknowledged flush") -> bool:
     """Remove a completed file that holds only unacknowledged data (and its staged index)."""
     try:
         os.unlink(path)
     except FileNotFoundError:
         return False
-    log.warning("removing %s (written after the last acknowledged flush: the sensors resend it)", path)
+    log.warning("removing %s (%s: the sensors resend it)", path, why)
     _drop_staged_index(path)
     return True
 

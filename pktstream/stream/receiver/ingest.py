@@ -232,6 +232,12 @@ class Ingest:
                 if after is not None and after != recovered.get(name, sink_state):
                     persist(name, after)
                 sink.resume(after if after is not None else recovered.get(name, sink_state))
+        for sink in self.sinks:
+            # files of outputs no acknowledged state names (a sensor first seen after the last
+            # acknowledged flush): only what the sensors resend -- also without a state dir
+            unacked = getattr(sink, "recover_unacknowledged", None)
+            if sink.gate and unacked is not None:
+                unacked(recovered.get(sink.name, state.get("sinks", {}).get(sink.name)))
         if state:
             log.info("state: resuming %d sensors from %s", len(self.sensors), self.state.path)
 
