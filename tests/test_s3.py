@@ -288,6 +288,64 @@ def test_s3_sink_uploads_only_acknowledged_files_across_a_crash(tmp_path, moto, 
     assert got == [bytes(p) for b in _batches(12, 600)[:4] for p in b]
 
 
+_NEW_SENSOR_THEN_CRASH = r"""
+import json, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from test_s3 import BUCKET, _batches
+from pktstream.sinks.base import Source
+from pktstream.sinks.s3 import S3Sink
+staging, endpoint, state_path = sys.argv[2:5]
+sink = S3Sink(BUCKET, "cap/", staging_dir=staging, endpoint_url=endpoint, region="us-east-1", path_style=True,
+              format="pcap", rotate_bytes=300_000, rotate_seconds=3600, acl=None)
+sink.use_acknowledgements()  # as a receiver does
+batches = _batches(12, 600)
+sink.write(Source("s1", "host", "eth0", 1, 65535), batches[0])
+state = sink.flush()
+sink.acknowledged(state)  # the receiver persisted it and acknowledged flush 1
+with open(state_path, "w") as f:
+    json.dump(state, f)
+for b in batches[1:]:
+    sink.write(Source("s2", "host", "eth0", 1, 65535), b)  # a sensor first seen after the flush; rotated
+os.kill(os.getpid(), signal.SIGKILL)  # the crash, before the next flush
+"""
+
+
+def test_s3_sink_never_uploads_the_files_of_a_sensor_first_seen_after_the_last_flush(tmp_path, moto):
+    """No persisted state names an output opened after the last acknowledged flush: its files
+    completed by rotation stayed staged after a crash and the next run uploaded them as an earlier
+    run's leftovers -- with the packets the sensor resent: twice in S3. The next run's receiver
+    removes them first (FileSink's markers, recover_unacknowledged)."""
+    import pktstream
+    from pktstream.sinks.s3 import S3Sink
+
+    s3 = moto.client()
+    s3.create_bucket(Bucket=BUCKET)
+    staging, state_path = tmp_path / "staging", tmp_path / "state.json"
+    child = subprocess.run([os.sys.executable, "-c", _NEW_SENSOR_THEN_CRASH, os.path.dirname(__file__), str(staging),
+                            moto.endpoint, str(state_path)], capture_output=True, text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert len([n for n in os.listdir(staging) if n.startswith("s2.") and n.endswith(".pcap")]) >= 2
+    state = json.loads(state_path.read_text())
+    after = S3Sink.recover(state)  # what the next receiver does (Ingest loads the state)
+    sink = S3Sink(BUCKET, "cap/", staging_dir=str(staging), endpoint_url=moto.endpoint, region="us-east-1",
+                  path_style=True, format="pcap", rotate_bytes=300_000, rotate_seconds=3600, acl=None,
+                  close_timeout=60)
+    removed = sink.recover_unacknowledged(after)
+    assert removed and all(os.path.basename(p).startswith("s2.") for p in removed)
+    sink.resume(after)
+    sink.use_acknowledgements()
+    sink.close()
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="cap/")
+            for o in page.get("Contents", [])]
+    assert keys and all(k.startswith("cap/s1/") for k in keys), keys
+    got = []
+    for i, k in enumerate(keys):
+        local = tmp_path / f"o{i}.pcap"
+        s3.download_file(BUCKET, k, str(local))
+        got += [bytes(p) for b in pktstream.read(str(local)) for p in b]
+    assert got == [bytes(p) for p in _batches(12, 600)[0]]
+
+
 _RESET_THEN_CRASH = r"""
 import json, os, signal, sys
 sys.path.insert(0, sys.argv[1])

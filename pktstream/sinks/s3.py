@@ -219,9 +219,17 @@ class S3Sink(Sink):
 
     def use_acknowledgements(self) -> None:
         self._acks = True
+        self._files.use_acknowledgements()  # (markers of outputs no acknowledged state names yet)
         self._leftovers_ok.set()
 
+    def recover_unacknowledged(self, state: dict[str, Any] | None) -> list[str]:
+        """Staged files of outputs no acknowledged state names (FileSink's): removed before
+        any earlier run's leftovers are uploaded."""
+        with self._files_lock:
+            return self._files.recover_unacknowledged(state)
+
     def acknowledged(self, state: dict[str, Any]) -> None:
+        self._files.acknowledged(state)
         flush = state.get("flush")
         if not isinstance(flush, int):
             return
