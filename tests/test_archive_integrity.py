@@ -631,3 +631,23 @@ def test_a_filter_one_files_link_type_refuses_matches_nothing_there_and_the_quer
     r = subprocess.run([*PKTSTREAM, "query", str(edge_archive), "tcp", "port", "-w", str(out)], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode != 0 and "bad BPF filter" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_live_index_gives_a_batchs_linktype_value_as_the_offline_index_does(tmp_path):
+    """A batch built with a LINKTYPE_ value (101, raw IP) is written as that and read back as
+    its DLT_ value (12): the live index kept 101 in the flow records, an offline index of the
+    same file 12 (found by session 21's fuzzer). Both give what a reader of the file sees."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    frames = [_ipv4("192.0.2.1", "198.51.100.7", 6, _tcp(40000 + i, 443, 0x18, b"x")) for i in range(5)]
+    recs = b"".join(struct.pack("<IIII", 1_700_000_000, i, len(f), len(f)) + f for i, f in enumerate(frames))
+    sink = FileSink(directory=str(tmp_path), format="pcapng", index=True)
+    sink.write(Source("r1", "h", "tun0", 101, 65535), pktstream.PacketBatch.from_records(recs, link_type=101))
+    sink.close()
+    live = Archive(str(tmp_path)).flows().sort_by("sport").to_pylist()
+    assert {r["link_type"] for r in live} == {12} and len(live) == 5
+    Archive(str(tmp_path)).index(force=True)
+    offline = Archive(str(tmp_path)).flows().sort_by("sport").to_pylist()
+    assert [r["link_type"] for r in offline] == [r["link_type"] for r in live]
+    assert [(r["src"], r["dst"], r["sport"], r["packets"]) for r in offline] == \
+        [(r["src"], r["dst"], r["sport"], r["packets"]) for r in live]

@@ -34,6 +34,7 @@ import numpy as np
 from pktstream._capture import PacketBatch
 from pktstream._flowtable import KEY_BYTES, FlowTable, address_texts
 from pktstream.archive.bloom import MAPPED_PREFIX, UNKNOWN_FILTER, address_hashes, filter_of_hashes, port_bitmap
+from pktstream.formats import linktype_to_dlt
 
 INDEX_DIR = "_index"
 FORMAT_VERSION = 3  # 2: ports of cut TCP/UDP headers; summaries incomplete for broken IP, short ARP;
@@ -296,7 +297,9 @@ class FileIndexBuilder:
                   and end - prev[0] <= self.max_chunk)  # small batches of a live capture
         chunk = len(self.chunks) - 1 if same or extend else len(self.chunks)
         sensor, itf = sensor_of(batch.interface if interface is None else interface, self.rel_path)
-        link_type = batch.link_type
+        # as a reader of the file will see it: a batch built with a LINKTYPE_ value (101, raw IP)
+        # is written as that, and read back as its DLT_ value (12), like an offline index gives it
+        link_type = linktype_to_dlt(batch.link_type)
         iid = self._ifaces.setdefault((sensor, itf, link_type), len(self._ifaces))
         # one C pass over the records: flow key, hash insert, per-flow counters
         # (the batch's offset array when a writer built it already: no record walk)

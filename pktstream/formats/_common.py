@@ -38,10 +38,12 @@ _DLT_TO_LINKTYPE = {v: k for k, v in _LINKTYPE_TO_DLT.items()}
 
 
 def linktype_to_dlt(linktype: int) -> int:
+    """A file's LINKTYPE_ value as the DLT_ value libpcap and PacketBatch use (101 -> 12)."""
     return _LINKTYPE_TO_DLT.get(linktype, linktype)
 
 
 def dlt_to_linktype(dlt: int) -> int:
+    """A DLT_ value as the LINKTYPE_ value files hold (12 -> 101)."""
     return _DLT_TO_LINKTYPE.get(dlt, dlt)
 
 
