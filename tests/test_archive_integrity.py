@@ -560,15 +560,8 @@ def test_and_or_and_inherited_qualifiers_are_read_as_libpcap_reads_them(tmp_path
 
 def _tcpdump_r(path, bpf: str) -> list[tuple[int, bytes]]:
     """``tcpdump -r PATH BPF``: a filter libpcap refuses for the file's link type prints nothing."""
-    import io
-    import subprocess
-    r = subprocess.run(["tcpdump", "-r", str(path), "--time-stamp-precision=nano", "-w", "-", bpf],
-                       capture_output=True)
-    if r.returncode != 0:
-        assert any(m in r.stderr for m in (b"rejects all packets", b"supported only on", b"not supported on")), \
-            r.stderr
-        return []
-    return [(int(b.ts_ns[i]), bytes(b[i])) for b in pktstream.read(io.BytesIO(r.stdout)) for i in range(len(b))]
+    from test_archive_live import tcpdump_packets
+    return tcpdump_packets(path, bpf, refused_ok=True)
 
 
 def test_a_filter_one_files_link_type_refuses_matches_nothing_there_and_the_query_goes_on(edge_archive):
