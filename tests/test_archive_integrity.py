@@ -644,3 +644,29 @@ def test_a_live_index_gives_a_batchs_linktype_value_as_the_offline_index_does(tm
     assert [r["link_type"] for r in offline] == [r["link_type"] for r in live]
     assert [(r["src"], r["dst"], r["sport"], r["packets"]) for r in offline] == \
         [(r["src"], r["dst"], r["sport"], r["packets"]) for r in live]
+
+
+def test_a_live_index_names_unnamed_pcapng_interfaces_as_a_reader_does(tmp_path):
+    """Batches without an interface name get IDBs without one, which a reader names by their
+    index (if0, if1); the live index called every such interface if0 (session 21's fuzzer)."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    eth = [_eth(0x0800, _ipv4("192.0.2.1", "198.51.100.7", 17, _udp(5000 + i, 53, b"q"))) for i in range(3)]
+    raw = [_ipv4("192.0.2.9", "198.51.100.8", 17, _udp(6000 + i, 53, b"q")) for i in range(3)]
+
+    def batch(frames, link_type, first):
+        recs = b"".join(struct.pack("<IIII", 1_700_000_000, first + i, len(f), len(f)) + f
+                        for i, f in enumerate(frames))
+        return pktstream.PacketBatch.from_records(recs, link_type=link_type)
+    sink = FileSink(str(tmp_path / "all.pcapng"), index=True)
+    sink.write(Source("s1", "h", "eth0", 1, 65535), batch(eth, 1, 0))
+    sink.write(Source("s1", "h", "tun0", 12, 65535), batch(raw, 12, 10))
+    sink.close()
+    assert [b.interface for b in pktstream.read(str(tmp_path / "all.pcapng"))] == ["if0", "if1"]
+
+    def names():
+        return sorted((r["sport"], r["interface"], r["link_type"]) for r in Archive(str(tmp_path)).flows().to_pylist())
+    live = names()
+    assert {(i, lt) for _, i, lt in live} == {("if0", 1), ("if1", 12)}
+    Archive(str(tmp_path)).index(force=True)
+    assert names() == live

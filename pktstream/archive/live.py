@@ -53,6 +53,9 @@ class LiveIndexer:
         self.chunk_bytes = chunk_bytes
         self.max_flows = max_flows
         self._open: dict[str, tuple[FileIndexBuilder, str]] = {}
+        # per open pcapng file: its interfaces as the writer numbers them ((name, link type, snap
+        # length) -> IDB index): a reader names an IDB without a name by its index ("if1")
+        self._idbs: dict[str, dict[tuple[Any, int, int], int]] = {}
         self.indexed = 0
         self.failures = 0
         self.spills = 0  # flow tables written out early (files with more than max_flows flows)
@@ -149,7 +152,12 @@ class LiveIndexer:
             # a pcap file has none (its sensor is its file name)
             b = entry[0]
             spills = b.spills
-            b.add(batch, start, end, interface=None if entry[1].startswith("pcapng") else "")
+            interface: str | None = ""  # (a pcap file has none: its sensor is its file name)
+            if entry[1].startswith("pcapng"):
+                idbs = self._idbs.setdefault(path, {})
+                k = idbs.setdefault((batch.interface, batch.link_type, batch.snaplen), len(idbs))
+                interface = None if batch.interface else f"if{k}"  # (an unnamed IDB as a reader names it)
+            b.add(batch, start, end, interface=interface)
             self.spills += b.spills - spills
             if b.peak_flows_held > self.peak_flows_held:
                 self.peak_flows_held = b.peak_flows_held
@@ -158,10 +166,12 @@ class LiveIndexer:
         except Exception as exc:  # never fail the capture
             log.warning("index: %s: %s (the file will be indexed later)", path, exc)
             self._open.pop(path, None)
+            self._idbs.pop(path, None)
             entry[0].close()
             self.failures += 1
 
     def completed(self, path: str) -> None:
+        self._idbs.pop(path, None)
         entry = self._open.pop(path, None)
         if entry is None:
             return
@@ -191,6 +201,7 @@ class LiveIndexer:
                 log.warning("index: removing the index of %s: %s", path, exc)
 
     def discarded(self, path: str) -> None:
+        self._idbs.pop(path, None)
         entry = self._open.pop(path, None)
         if entry is not None:
             entry[0].close()
@@ -292,6 +303,7 @@ class StagingIndexer(LiveIndexer):
         pass  # a file cut back after a write error is indexed from disk by the uploader (S3Sink)
 
     def completed(self, path: str) -> None:
+        self._idbs.pop(path, None)
         entry = self._open.pop(path, None)
         if entry is None:
             return
