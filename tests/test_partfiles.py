@@ -967,18 +967,21 @@ def test_a_rotating_file_output_names_each_completed_file(tmp_path, caplog):
 
 
 def _two_sensors_b_after_the_flush(tmp_path, fmt: str = "pcapng", *, index: bool = False):
-    """A per-sensor rotating FileSink under acknowledgements: sensor a written, flushed and
-    acknowledged; then sensor b -- first seen after that flush -- written across rotations, and
-    the process dies. Returns (state acknowledged, b's batches, a's batch, sink options)."""
+    """A per-sensor rotating FileSink as a receiver with a state dir drives it: sensor a
+    written, flushed, its state saved and acknowledged; then sensor b -- first seen after that
+    flush -- written across rotations, and the process dies. Returns (state acknowledged, b's
+    batches, a's batch, sink options)."""
     from pktstream.sinks import FileSink
     from pktstream.sinks.base import Source
     b = incompressible_batches(4, 20)  # (rotation by size counts a .zst file's compressed bytes)
     a_batch = make_batches(1, 20, seed=4)[0]
     opts = {"directory": str(tmp_path), "format": fmt, "rotate_bytes": b[0].nbytes + 200, "index": index}
     sink = FileSink(**opts)
+    assert sink.recover_unacknowledged(None) == []  # (the start: nothing persisted yet)
     sink.use_acknowledgements()
     sink.write(Source("a", "h", "eth0", 1, 262144), a_batch)
     state = json.loads(json.dumps(sink.flush()))
+    sink.persisted(state)  # the receiver saved it (a's marker goes), then acknowledges
     sink.acknowledged(state)
     for x in b[:3]:
         sink.write(Source("b", "h", "eth0", 1, 262144), x)
@@ -1014,18 +1017,17 @@ def test_recovery_removes_the_files_of_a_sensor_first_seen_after_the_last_flush(
     assert _all_ts(p for p in tmp_path.iterdir() if p.name.startswith("a.")) == read_ts_of(a_batch)
 
 
-def test_an_acknowledged_output_keeps_its_files_even_with_its_marker_left(tmp_path):
-    """The marker goes at the output thread's next flush after the acknowledgement; a crash
-    in between leaves it, and the state then names the output: nothing of it is removed
-    beyond what the usual recovery cuts (the marker goes)."""
+def test_a_crash_between_saving_the_state_and_removing_the_marker_keeps_the_files(tmp_path):
+    """The receiver removes an output's marker right after saving a state that names it, before
+    it acknowledges anything; a crash between the two leaves the marker, and the state then
+    names the output: nothing of it is removed beyond what the usual recovery cuts."""
     from pktstream.sinks import FileSink
     from pktstream.sinks.base import Source
     b = make_batches(2, 20)
     sink = FileSink(directory=str(tmp_path), format="pcapng")
-    sink.use_acknowledgements()
+    sink.recover_unacknowledged(None)
     sink.write(Source("b", "h", "eth0", 1, 262144), b[0])
-    state = json.loads(json.dumps(sink.flush()))
-    sink.acknowledged(state)  # (not applied yet: the next flush would remove the marker)
+    state = json.loads(json.dumps(sink.flush()))  # saved; the crash comes before persisted()
     _crash(sink)
     assert sum(n.startswith(".pktstream-unacked-") for n in os.listdir(tmp_path)) == 1
     after = FileSink.recover(state)
@@ -1034,21 +1036,43 @@ def test_an_acknowledged_output_keeps_its_files_even_with_its_marker_left(tmp_pa
     assert read_ts(str(tmp_path / "b.pcapng")) == read_ts_of(b[0])
 
 
-def test_markers_go_once_acknowledged_and_exist_only_under_acknowledgements(tmp_path):
+def test_an_acknowledged_output_idle_until_a_crash_keeps_every_packet(tmp_path):
+    """A first version removed an output's marker only at the output thread's next flush after
+    the acknowledgement: a sink idle from its first acknowledgement to a crash kept the marker,
+    and a start without a state for it removed acknowledged packets (cold review). The marker
+    goes when the state is saved, before anything is acknowledged."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    b = make_batches(1, 20)[0]
+    sink = FileSink(directory=str(tmp_path), format="pcapng")
+    sink.recover_unacknowledged(None)
+    sink.use_acknowledgements()
+    sink.write(Source("b", "h", "eth0", 1, 262144), b)
+    state = json.loads(json.dumps(sink.flush()))
+    sink.persisted(state)
+    sink.acknowledged(state)  # the sensor drops these packets now
+    _crash(sink)  # idle until the crash
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+    for st in (None, FileSink.recover(state)):  # a start without the state (moved away), and with it
+        assert FileSink(directory=str(tmp_path), format="pcapng").recover_unacknowledged(st) == []
+    assert _all_ts(tmp_path.iterdir()) == read_ts_of(b)
+
+
+def test_markers_exist_only_under_a_state_dir_and_go_when_a_state_naming_them_is_saved(tmp_path):
     from pktstream.sinks import FileSink
     from pktstream.sinks.base import Source
     batch = make_batches(1, 20)[0]
-    plain = FileSink(directory=str(tmp_path / "plain"), format="pcapng")  # (a library user: no receiver)
-    acked = FileSink(directory=str(tmp_path / "acked"), format="pcapng")
-    acked.use_acknowledgements()
-    for sink in (plain, acked):
+    plain = FileSink(directory=str(tmp_path / "plain"), format="pcapng")  # (a library user, or no state dir)
+    plain.use_acknowledgements()
+    marked = FileSink(directory=str(tmp_path / "marked"), format="pcapng")
+    marked.recover_unacknowledged(None)
+    for sink in (plain, marked):
         sink.write(Source("s1", "h", "eth0", 1, 262144), batch)
     assert not [n for n in os.listdir(tmp_path / "plain") if n.startswith(".")]
-    assert [n for n in os.listdir(tmp_path / "acked") if n.startswith(".pktstream-unacked-")]
-    acked.acknowledged(json.loads(json.dumps(acked.flush())))
-    acked.flush()
-    assert not [n for n in os.listdir(tmp_path / "acked") if n.startswith(".")]
-    for sink in (plain, acked):
+    assert [n for n in os.listdir(tmp_path / "marked") if n.startswith(".pktstream-unacked-")]
+    marked.persisted(json.loads(json.dumps(marked.flush())))
+    assert not [n for n in os.listdir(tmp_path / "marked") if n.startswith(".")]
+    for sink in (plain, marked):
         sink.close()
 
 
@@ -1079,3 +1103,41 @@ def test_a_receiver_restart_removes_an_unacknowledged_outputs_files(tmp_path):
     Ingest([again], counters=collections.Counter(), closing=threading.Event(), state_dir=str(state_dir)).shutdown()
     assert sorted(n for n in os.listdir(out) if not n.startswith("a.")) == []
     assert _all_ts(p for p in out.iterdir()) == read_ts_of(a_batch)
+
+
+def test_recovery_removes_what_an_output_without_an_open_file_at_the_flush_completed_after_it(tmp_path):
+    """A rotating output the acknowledged state lists under ``names`` (no file open at that
+    flush: a sensor resumed after a restart that has not sent yet, any output after a reset)
+    completed files after the flush; recovery removed only its .part, the completed ones stayed
+    and the sensor resent their packets: 57 of 80 twice (cold review). The state gives such an
+    output's next file number; recovery removes its files numbered so or higher."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    a_src, b_src = Source("a", "h", "eth0", 1, 262144), Source("b", "h", "eth0", 1, 262144)
+    bb = incompressible_batches(4, 20)
+    a = make_batches(2, 20, seed=4)
+    opts = {"directory": str(tmp_path), "format": "pcapng", "rotate_bytes": bb[0].nbytes + 200}
+    sink = FileSink(**opts)  # run 1: a and b written, the flush saved and acknowledged; crash
+    sink.write(a_src, a[0])
+    sink.write(b_src, bb[0])
+    state1 = json.loads(json.dumps(sink.flush()))
+    _crash(sink)
+    state1 = FileSink.recover(state1)
+    sink = FileSink(**opts)  # run 2: b idle at the flush (under "names"), then sends across rotations
+    sink.resume(state1)
+    sink.write(a_src, a[1])
+    state2 = json.loads(json.dumps(sink.flush()))
+    assert [n["output"] for n in state2["names"]] == [["b", None]] and state2["names"][0]["next_seq"] >= 1
+    for x in bb[1:4]:
+        sink.write(b_src, x)
+    _crash(sink)
+    assert len([n for n in os.listdir(tmp_path) if n.startswith("b.") and n.endswith(".pcapng")]) >= 3
+    state2 = FileSink.recover(state2)
+    sink = FileSink(**opts)  # run 3: the sensor resends what was not acknowledged
+    sink.resume(state2)
+    for x in bb[1:4]:
+        sink.write(b_src, x)
+    sink.close()
+    got = _all_ts(p for p in tmp_path.iterdir() if p.name.startswith("b."))
+    assert got == sorted(t for x in bb for t in read_ts_of(x))  # each once
+    assert _all_ts(p for p in tmp_path.iterdir() if p.name.startswith("a.")) == read_ts_of(a[0]) + read_ts_of(a[1])

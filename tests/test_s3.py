@@ -297,11 +297,13 @@ from pktstream.sinks.s3 import S3Sink
 staging, endpoint, state_path = sys.argv[2:5]
 sink = S3Sink(BUCKET, "cap/", staging_dir=staging, endpoint_url=endpoint, region="us-east-1", path_style=True,
               format="pcap", rotate_bytes=300_000, rotate_seconds=3600, acl=None)
-sink.use_acknowledgements()  # as a receiver does
+sink.recover_unacknowledged(None)  # as a receiver with a state dir does at start
+sink.use_acknowledgements()
 batches = _batches(12, 600)
 sink.write(Source("s1", "host", "eth0", 1, 65535), batches[0])
 state = sink.flush()
-sink.acknowledged(state)  # the receiver persisted it and acknowledged flush 1
+sink.persisted(state)  # the receiver saved it,
+sink.acknowledged(state)  # and acknowledged flush 1
 with open(state_path, "w") as f:
     json.dump(state, f)
 for b in batches[1:]:

@@ -56,6 +56,20 @@ class Sink:
         write: what the output must not reuse while that state can still be recovered from
         (FileSink: the file numbers it names). Default: nothing."""
 
+    def recover_unacknowledged(self, state: dict[str, Any] | None) -> list[str]:
+        """A receiver with a state dir calls this once on each gating output, after
+        :meth:`recover`/:meth:`resume` and before the first write (``state``: the output's
+        persisted state, None if none): remove what was written for outputs that no persisted
+        state named (nothing of it acknowledged; the sensors resend it). From then on the
+        receiver calls :meth:`persisted` after each state it saves. Returns what was removed.
+        Default: nothing."""
+        return []
+
+    def persisted(self, state: dict[str, Any] | None) -> None:
+        """The receiver saved a state holding ``state`` as this output's (its state writer
+        thread), and acknowledges what it covers only after this returns; an OSError fails the
+        save (nothing acknowledged, retried). Default: nothing."""
+
     def use_acknowledgements(self) -> None:
         """A receiver calls this once on each gating output, after crash recovery and before
         the first write: from then on it calls :meth:`acknowledged` after each commit.

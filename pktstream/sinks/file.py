@@ -8,6 +8,7 @@ never overwritten: the next free name ``stem.N.ext`` is used.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -20,6 +21,7 @@ from typing import Any, cast
 
 from pktstream._capture import PacketBatch, link_type_name
 from pktstream.exceptions import ConfigError
+from pktstream.formats import fsync_dir
 from pktstream.formats.writer import CaptureWriter, format_from_name, rotated_files, rotated_name_re, split_ext
 from pktstream.sinks.base import Sink, Source
 
@@ -179,15 +181,15 @@ class FileSink(Sink):
         # output key -> the name pattern it was given: kept across resets (and resumed from the
         # state) so an output keeps its names -- the state and its recovery go by them
         self._bases: dict[Any, str] = {}
-        # crash safety of outputs opened after the last acknowledged flush (under a receiver:
-        # use_acknowledgements): until an acknowledged state names an output, the names of the
-        # files it opens are kept in a marker file (UNACKED_PREFIX) that the next run's
-        # recover_unacknowledged goes by -- no persisted state knows such an output
-        self._acks = False
-        self._acked_keys: set[Any] = set()  # outputs an acknowledged state names (output thread)
-        self._acked_lock = threading.Lock()
-        self._acked_pending: set[Any] = set()  # named by acknowledged() (event loop), not applied yet
-        self._marked: dict[Any, list[str]] = {}  # output -> files it opened while unacknowledged
+        # crash safety of outputs no persisted state names yet (a receiver with a state dir:
+        # recover_unacknowledged turns it on): the names of the files such an output opens go
+        # into a marker file (UNACKED_PREFIX) first, removed by persisted() when a state naming
+        # the output is saved -- before anything in it is acknowledged -- so a marker always
+        # lists files of which nothing was acknowledged; the next run removes them
+        self._markers = False
+        self._marker_lock = threading.Lock()  # _named, _marked: output thread and state writer thread
+        self._named: set[Any] = set()  # outputs a persisted state names
+        self._marked: dict[Any, tuple[str, list[str]]] = {}  # output -> (its marker, files listed)
         self.name = f"file:{self.path or self.directory}"
         # a path without a capture extension is written as pcap under exactly that name,
         # growing in place like PacketStreamer's output.file.path (tail -F NAME | tcpdump -r -)
@@ -229,7 +231,7 @@ class FileSink(Sink):
             base = self._bases.get(key) or self._new_base(key, source, batch)
             in_place = self.in_place and base == self.path and not self._in_place_reset
             name = base if self._rotating or in_place else _free_name(base, "~" if self.directory else ".")
-            on_open = functools.partial(self._opening, key) if self._acks and not in_place else None
+            on_open = functools.partial(self._opening, key) if self._markers and not in_place else None
             out = self._outputs[key] = CaptureWriter(name, format=self.format, in_place=in_place,
                                                      observer=self.indexer, first_seq=self._seq_floor.get(name, 0),
                                                      on_open=on_open, **self.opts)
@@ -273,34 +275,24 @@ class FileSink(Sink):
     def write(self, source: Source, batch: PacketBatch) -> None:
         self._output_for(source, batch).write(batch)
 
-    # -- outputs opened after the last acknowledged flush ------------------------------------
-    def use_acknowledgements(self) -> None:
-        self._acks = True
-
-    def acknowledged(self, state: dict[str, Any]) -> None:
-        """(Event loop: only notes the outputs ``state`` names; the output thread removes
-        their markers at its next flush, :meth:`_apply_acknowledgements`.)"""
+    # -- outputs no persisted state names (a receiver with a state dir) -----------------------
+    def persisted(self, state: dict[str, Any] | None) -> None:
+        """A receiver saved a state holding ``state`` as this output's (its state writer thread,
+        before it acknowledges anything that state covers): the markers of the outputs it names
+        go. Raises OSError when one cannot be removed -- the receiver then treats the save as
+        failed and acknowledges nothing (a marker must never list acknowledged packets)."""
+        if not state:
+            return
         keys = {_output_key(f) for field in ("open", "names") for f in state.get(field) or ()}
-        keys.discard(None)
-        if keys:
-            with self._acked_lock:
-                self._acked_pending |= keys
-
-    def _apply_acknowledgements(self) -> None:
-        """(Output thread.) Outputs an acknowledged state now names: their markers go."""
-        with self._acked_lock:
-            keys, self._acked_pending = self._acked_pending - self._acked_keys, set()
-        self._acked_keys |= keys
-        for key in keys & set(self._marked):
-            del self._marked[key]
-            marker = self._marker_path(self._bases[key])
-            if marker is not None:
+        with self._marker_lock:
+            self._named |= keys - {None}
+            for key in keys & set(self._marked):
+                marker, _files = self._marked[key]
                 try:
                     os.unlink(marker)
                 except FileNotFoundError:
                     pass
-                except OSError as exc:  # (a stale marker is harmless: the state names its output)
-                    log.warning("%s: cannot remove %s: %s", self.name, marker, exc)
+                del self._marked[key]
 
     def _marker_dir(self) -> str | None:
         """Where this sink's markers are: its directory (None: a strftime pattern in it)."""
@@ -315,29 +307,42 @@ class FileSink(Sink):
         return os.path.join(d, f"{UNACKED_PREFIX}{digest}.json")
 
     def _opening(self, key: Any, path: str) -> None:
-        """(Output thread, before the first byte of a file of output ``key``.) While no
-        acknowledged state names the output, the file's name is added to its marker first
-        (written whole and renamed): a crash then leaves the next run the list of files that
-        hold only unacknowledged packets."""
-        self._apply_acknowledgements()
-        if key in self._acked_keys:
-            return
-        marker = self._marker_path(self._bases[key])
-        if marker is None:
-            return
-        files = self._marked.setdefault(key, [])
-        files.append(os.path.abspath(path))
-        tmp = marker + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump({"sink": self.name, "base": self._bases[key], "files": files}, fh)
-        os.replace(tmp, marker)
+        """(Output thread, before the first byte of a file of output ``key``.) While no persisted
+        state names the output, the file's name is added to its marker first (written whole and
+        renamed): a crash then leaves the next run the list of files that hold only
+        unacknowledged packets."""
+        with self._marker_lock:
+            if key in self._named:
+                return
+            marker, files = self._marked.get(key) or (self._marker_path(self._bases[key]), [])
+            if marker is None:
+                return
+            files.append(os.path.abspath(path))
+            tmp = marker + ".tmp"
+            try:
+                with open(tmp, "w") as fh:
+                    json.dump({"sink": self.name, "base": self._bases[key], "files": files}, fh)
+                    if self.opts["fsync"]:  # (power-loss durability: the marker before the file)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                os.replace(tmp, marker)
+                if self.opts["fsync"]:
+                    fsync_dir(os.path.dirname(marker))
+            except OSError:
+                files.pop()
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            self._marked[key] = (marker, files)
 
     def recover_unacknowledged(self, state: dict[str, Any] | None) -> list[str]:
-        """At start (a receiver, after :meth:`recover` and before the first write): remove the
-        files of outputs that were opened after the last acknowledged flush and that no
-        acknowledged state names -- a sensor seen first after that flush: nothing in them was
-        acknowledged, the sensors resend it, and keeping them would hold those packets twice
-        -- with their indexes, and the markers that listed them. Returns the paths removed."""
+        """At start (a receiver with a state dir, after :meth:`recover` and before the first
+        write; ``state``: this output's persisted state, if any): remove the files the markers
+        list -- of outputs no persisted state named (a sensor first seen after the last
+        acknowledged flush): nothing in them was acknowledged, the sensors resend it, and
+        keeping them would hold those packets twice -- with their indexes, and the markers.
+        From then on this sink keeps markers (:meth:`persisted`). Returns the paths removed."""
+        self._markers = True
         d = self._marker_dir()
         if d is None or not os.path.isdir(d):
             return []
@@ -349,6 +354,11 @@ class FileSink(Sink):
         named = {f.get("base") for f in entries if isinstance(f, dict)}
         removed: list[str] = []
         for name in sorted(os.listdir(d)):
+            if name.startswith(UNACKED_PREFIX) and name.endswith(".json.tmp"):
+                # a marker being written when the process died (before its file was created)
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(d, name))
+                continue
             if not (name.startswith(UNACKED_PREFIX) and name.endswith(".json")):
                 continue
             marker = os.path.join(d, name)
@@ -434,7 +444,6 @@ class FileSink(Sink):
             raise errors[0]
 
     def flush(self) -> dict[str, Any]:
-        self._apply_acknowledgements()
         open_files = []
         flushed = {}
         for key, out in self._outputs.items():
@@ -451,6 +460,12 @@ class FileSink(Sink):
         # outputs with no file open at this flush (opened after a reset, a second link type):
         # any .part of theirs at a crash holds only what is resent
         names = [{**self._names_of(k), "rotating": self._rotating} for k in self._bases if k not in flushed]
+        for entry in names:
+            floor = self._seq_floor.get(entry["base"])
+            if self._rotating and floor is not None:
+                # the lowest number its next file gets: every file of its pattern numbered so is
+                # newer than this flush (recovery removes them; before, rotated ones stayed)
+                entry["next_seq"] = floor
         self._flushed.update(flushed)  # (only when every output flushed: a reset goes back to one state)
         state: dict[str, Any] = {"open": open_files}
         if names:
@@ -478,7 +493,6 @@ class FileSink(Sink):
         """Complete every open file; the first error is raised after all were tried (a file
         that could not be completed stays ``.part``, for recovery)."""
         error: Exception | None = None
-        self._apply_acknowledgements()  # (the receiver acknowledges its last flush before it closes)
         for out in self._outputs.values():
             try:
                 out.close()
@@ -505,6 +519,9 @@ class FileSink(Sink):
             pattern, seq = f.get("pattern"), f.get("seq")
             if isinstance(pattern, str) and isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0:
                 self._seq_floor[pattern] = max(self._seq_floor.get(pattern, 0), seq + 1)
+            first = _next_seq(f)  # (an output with no file open at that flush: its next number)
+            if first is not None:
+                self._seq_floor[f["base"]] = max(self._seq_floor.get(f["base"], 0), first)
             output, base = f.get("output"), f.get("base")
             if (isinstance(output, list) and len(output) == 2 and isinstance(base, str)
                     and (output[0] is None or isinstance(output[0], str))
@@ -512,7 +529,7 @@ class FileSink(Sink):
                     and base not in self._bases.values()):
                 self._bases.setdefault(tuple(output), base)  # (the names the state's recovery goes by)
             if isinstance(output, list) and len(output) == 2 and self._bases.get(tuple(output)) == base:
-                self._acked_keys.add(tuple(output))  # (a state names it: no marker needed)
+                self._named.add(tuple(output))  # (a persisted state names it: no marker)
 
     @staticmethod
     def recover(state: dict[str, Any], persist: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -542,13 +559,18 @@ class FileSink(Sink):
                 persist({**state, "open": after + entries[k + 1:]})
         for f in entries:
             _remove_later_parts(f, known)
-        for f in state.get("names", []) if isinstance(state.get("names"), list) else []:
-            if isinstance(f, dict):
-                _remove_parts_of_unopened(f, known)
+        names = state.get("names")
+        unopened = [f for f in names if isinstance(f, dict)] if isinstance(names, list) else []
+        for f in unopened:
+            _remove_parts_of_unopened(f, known)
         root = state.get("index_root")
         if isinstance(root, str) and os.path.isdir(root):
             from pktstream.archive.live import recover_index
-            recover_index(root, state.get("open", []))  # this output's files get their index
+            # this output's files get their index (and removed ones lose theirs): the open ones'
+            # and those an unopened rotating output may have completed after the flush
+            recover_index(root, [*state.get("open", []),
+                                 *({"final": f["base"], "pattern": f["base"], "seq": f["next_seq"]}
+                                   for f in unopened if _next_seq(f) is not None)])
         return {**state, "open": after}
 
 
@@ -618,15 +640,31 @@ def _remove_later_parts(f: dict[str, Any], known: set[str]) -> None:
         _remove_parts(os.path.dirname(final), _free_parts_re(base, sep), known)
 
 
+def _next_seq(f: dict[str, Any]) -> int | None:
+    """A state ``names`` entry's ``next_seq`` (a rotating output's lowest next number), if any."""
+    v = f.get("next_seq")
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 and isinstance(f.get("base"), str) else None
+
+
 def _remove_parts_of_unopened(f: dict[str, Any], known: set[str]) -> None:
     """An output with no file open at the last acknowledged flush (state ``names``): every
-    ``.part`` of its names was opened after it and holds only what is resent. Names with a
+    ``.part`` of its names was opened after it and holds only what is resent, and so does
+    every file of a rotating one numbered ``next_seq`` or higher (completed by rotation after
+    the flush; states written before 2026-12-04 lack the number: those stay). Names with a
     strftime field are not swept (the field would match other outputs' names)."""
     base, sep, rotating = f.get("base"), f.get("sep"), f.get("rotating")
     if not (isinstance(base, str) and sep in (".", "~") and isinstance(rotating, bool)) or "%" in base:
         return
     name_re = re.compile(rotated_name_re(base).pattern + r"\.part") if rotating else _free_parts_re(base, sep)
     _remove_parts(os.path.dirname(base), name_re, known)
+    first = _next_seq(f)
+    if rotating and first is not None:
+        for n, path in rotated_files(base, os.path.dirname(base) or "."):
+            if n >= first and os.path.isfile(path):
+                log.warning("recovery: removing %s (completed after the last acknowledged flush: "
+                            "nothing in it was acknowledged)", path)
+                os.unlink(path)
+                _drop_staged_index(path)
 
 
 def _free_parts_re(base: str, sep: str) -> re.Pattern[str]:

@@ -219,17 +219,18 @@ class S3Sink(Sink):
 
     def use_acknowledgements(self) -> None:
         self._acks = True
-        self._files.use_acknowledgements()  # (markers of outputs no acknowledged state names yet)
         self._leftovers_ok.set()
 
     def recover_unacknowledged(self, state: dict[str, Any] | None) -> list[str]:
-        """Staged files of outputs no acknowledged state names (FileSink's): removed before
-        any earlier run's leftovers are uploaded."""
+        """Staged files of outputs no persisted state named (:class:`FileSink`'s markers):
+        removed before any earlier run's leftovers are uploaded."""
         with self._files_lock:
             return self._files.recover_unacknowledged(state)
 
+    def persisted(self, state: dict[str, Any] | None) -> None:
+        self._files.persisted(state)  # (the markers have a lock of their own: no _files_lock)
+
     def acknowledged(self, state: dict[str, Any]) -> None:
-        self._files.acknowledged(state)
         flush = state.get("flush")
         if not isinstance(flush, int):
             return

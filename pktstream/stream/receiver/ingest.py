@@ -233,11 +233,11 @@ class Ingest:
                     persist(name, after)
                 sink.resume(after if after is not None else recovered.get(name, sink_state))
         for sink in self.sinks:
-            # files of outputs no acknowledged state names (a sensor first seen after the last
-            # acknowledged flush): only what the sensors resend -- also without a state dir
-            unacked = getattr(sink, "recover_unacknowledged", None)
-            if sink.gate and unacked is not None:
-                unacked(recovered.get(sink.name, state.get("sinks", {}).get(sink.name)))
+            # files of outputs no persisted state named (a sensor first seen after the last
+            # acknowledged flush): only what the sensors resend (without a state dir nothing
+            # is resent exactly-once: no markers, nothing removed)
+            if sink.gate and self.state.path is not None:
+                sink.recover_unacknowledged(recovered.get(sink.name, state.get("sinks", {}).get(sink.name)))
         if state:
             log.info("state: resuming %d sensors from %s", len(self.sensors), self.state.path)
 
@@ -433,7 +433,7 @@ class Ingest:
         snapshot = self._snapshot(acks, committed)
         if snapshot is None or sync:
             try:
-                self.state.write(snapshot)
+                self._write_state(snapshot)
             except OSError as exc:
                 self._state_failed(exc)
                 return
@@ -441,8 +441,19 @@ class Ingest:
             return
         self._commit_busy = True
         self._commit_idle.clear()
-        fut = self.loop.run_in_executor(self._state_writer, self.state.write, snapshot)
+        fut = self.loop.run_in_executor(self._state_writer, self._write_state, snapshot)
         fut.add_done_callback(functools.partial(self._state_written, acks, n, freed, committed))
+
+    def _write_state(self, snapshot: dict[str, Any] | None) -> None:
+        """Persist ``snapshot`` (the state writer thread, or shutdown's), then tell each output
+        the state now saved for it (``persisted``: FileSink removes the markers of the outputs
+        it names) -- before anything it covers is acknowledged. An OSError of either is a
+        failed save: nothing is acknowledged, the commit is retried."""
+        self.state.write(snapshot)
+        if snapshot is not None:
+            for sink in self.sinks:
+                if sink.gate:
+                    sink.persisted(snapshot.get("sinks", {}).get(sink.name))
 
     def _state_written(self, acks: dict[str, int], n: int, freed: int, committed: int, fut) -> None:
         self._commit_busy = False
