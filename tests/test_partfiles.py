@@ -1141,3 +1141,35 @@ def test_recovery_removes_what_an_output_without_an_open_file_at_the_flush_compl
     got = _all_ts(p for p in tmp_path.iterdir() if p.name.startswith("b."))
     assert got == sorted(t for x in bb for t in read_ts_of(x))  # each once
     assert _all_ts(p for p in tmp_path.iterdir() if p.name.startswith("a.")) == read_ts_of(a[0]) + read_ts_of(a[1])
+
+
+def test_a_marker_that_cannot_be_removed_fails_the_save_and_nothing_is_acknowledged(tmp_path, monkeypatch):
+    """The receiver acknowledges what a saved state covers only after the markers of the
+    outputs it names are gone: a marker it cannot remove fails the save (retried), so a marker
+    never lists acknowledged packets."""
+    import collections
+
+    from pktstream.sinks import FileSink, file as file_sink
+    from pktstream.sinks.base import Source
+    from pktstream.stream.receiver.ingest import Ingest
+    sink = FileSink(directory=str(tmp_path / "out"), format="pcapng")
+    (tmp_path / "state").mkdir()
+    ingest = Ingest([sink], counters=collections.Counter(), closing=threading.Event(),
+                    state_dir=str(tmp_path / "state"))  # (turns the markers on: recover_unacknowledged)
+    sink.write(Source("b", "h", "eth0", 1, 262144), make_batches(1, 20)[0])
+    state = json.loads(json.dumps(sink.flush()))
+    real_unlink = os.unlink
+
+    def failing(path, *a, **k):
+        if os.path.basename(str(path)).startswith(file_sink.UNACKED_PREFIX):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_unlink(path, *a, **k)
+    monkeypatch.setattr(file_sink.os, "unlink", failing)
+    with pytest.raises(OSError):
+        ingest._write_state({"sensors": {}, "sinks": {sink.name: state}})
+    monkeypatch.setattr(file_sink.os, "unlink", real_unlink)
+    assert [n for n in os.listdir(tmp_path / "out") if n.startswith(file_sink.UNACKED_PREFIX)]
+    ingest._write_state({"sensors": {}, "sinks": {sink.name: state}})  # the retry
+    assert not [n for n in os.listdir(tmp_path / "out") if n.startswith(".")]
+    ingest.shutdown()
+    sink.close()
