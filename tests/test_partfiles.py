@@ -1173,3 +1173,78 @@ def test_a_marker_that_cannot_be_removed_fails_the_save_and_nothing_is_acknowled
     assert not [n for n in os.listdir(tmp_path / "out") if n.startswith(".")]
     ingest.shutdown()
     sink.close()
+
+
+def test_a_writer_that_never_opened_a_file_gives_no_file_number_to_the_state(tmp_path):
+    """A sensor's first batch of a run was empty (a DATA frame with count 0): its writer
+    exists but never scanned the directory, so its next number is only its start (0). A reset
+    recorded that as the output's floor, the next state gave it as the output's next file
+    number, and recovery from that state removed every file of the sensor, earlier runs'
+    acknowledged ones included (second cold review). Only a writer that opened a file gives one."""
+    from pktstream import PacketBatch
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    bb = incompressible_batches(3, 20)
+    a = make_batches(1, 20, seed=4)[0]
+    a_src, b_src = Source("a", "h", "eth0", 1, 262144), Source("b", "h", "eth0", 1, 262144)
+    opts = {"directory": str(tmp_path), "format": "pcapng", "rotate_bytes": bb[0].nbytes + 200}
+    sink = FileSink(**opts)  # an earlier run: b's files, acknowledged, closed in order
+    for x in bb:
+        sink.write(b_src, x)
+    sink.close()
+    before = _all_ts(p for p in tmp_path.iterdir() if p.name.startswith("b."))
+    sink = FileSink(**opts)  # this run (an orderly stop leaves no state for the outputs)
+    sink.recover_unacknowledged(None)
+    sink.write(b_src, PacketBatch.from_records(b"", link_type=1, interface="eth0"))
+    sink.write(a_src, a)
+    sink.reset()  # (a write failed)
+    sink.write(a_src, a)
+    state = json.loads(json.dumps(sink.flush()))
+    assert all("next_seq" not in n for n in state.get("names", []) if n["output"] == ["b", None])
+    sink.persisted(state)
+    _crash(sink)
+    after = FileSink.recover(state)
+    FileSink(**opts).recover_unacknowledged(after)
+    assert _all_ts(p for p in tmp_path.iterdir() if p.name.startswith("b.")) == before == \
+        sorted(t for x in bb for t in read_ts_of(x))
+
+
+def test_no_commit_after_the_last_one_at_shutdown(tmp_path):
+    """A failed commit at shutdown schedules a retry; run after the outputs closed (and forgot
+    their states) it saved a state naming none of their outputs and acknowledged their data,
+    and the next start removed the files their markers listed: acknowledged packets lost
+    (second cold review). No commit runs after shutdown's; and a save naming none of a sink's
+    outputs while it has markers out fails (the sink refuses it)."""
+    import asyncio
+    import collections
+
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    from pktstream.stream.receiver.ingest import STATE_FILE, Ingest
+    (tmp_path / "state").mkdir()
+    failing = [True]
+
+    async def run() -> None:
+        sink = FileSink(directory=str(tmp_path / "out"), format="pcapng")
+        ingest = Ingest([sink], counters=collections.Counter(), closing=threading.Event(),
+                        state_dir=str(tmp_path / "state"))
+        real_write = ingest.state.write
+
+        def write(state):
+            if failing[0] and state is not None and state.get("sinks"):
+                raise OSError(28, "No space left on device (test)")
+            real_write(state)
+        ingest.state.write = write
+        ingest.start()
+        await ingest.dispatch(ingest.sensor_state("b"), 1, Source("b", "h", "eth0", 1, 262144, seq=1),
+                              make_batches(1, 20)[0])
+        await ingest.finish()  # drains; its commit fails (a retry is scheduled); the output closes
+        failing[0] = False
+        ingest.commit()  # the retry, after the output closed
+        assert ingest.sensors["b"].last_committed == 0  # nothing acknowledged: the sensor resends it
+        saved = json.loads((tmp_path / "state" / STATE_FILE).read_text())
+        assert saved["sensors"]["b"]["last_seq"] == 0
+        with pytest.raises(OSError):  # (and the sink's own refusal)
+            ingest._write_state({"sensors": {}, "sinks": {}})
+        ingest.shutdown()
+    asyncio.run(run())

@@ -399,6 +399,13 @@ class CaptureWriter:
         return self._seq
 
     @property
+    def numbered(self) -> bool:
+        """Rotating writers: whether :attr:`next_seq` is past every file of the pattern in the
+        directory (it has opened a file, after scanning the directory); until then it is only
+        the number the writer was given to start from."""
+        return bool(self._seq_scanned)
+
+    @property
     def current_path(self) -> str | None:
         """Final name of the file being written (its data is in ``current_path + '.part'``)."""
         return self._cur_path if self._cur is not None else None

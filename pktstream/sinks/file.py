@@ -9,6 +9,7 @@ never overwritten: the next free name ``stem.N.ext`` is used.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -279,9 +280,14 @@ class FileSink(Sink):
     def persisted(self, state: dict[str, Any] | None) -> None:
         """A receiver saved a state holding ``state`` as this output's (its state writer thread,
         before it acknowledges anything that state covers): the markers of the outputs it names
-        go. Raises OSError when one cannot be removed -- the receiver then treats the save as
-        failed and acknowledges nothing (a marker must never list acknowledged packets)."""
+        go. Raises OSError when one cannot be removed, or when the state holds nothing for this
+        sink while markers are out (a save after it was closed) -- the receiver then treats the
+        save as failed and acknowledges nothing (a marker must never list acknowledged packets)."""
         if not state:
+            with self._marker_lock:
+                if self._marked:
+                    raise OSError(errno.EAGAIN, f"{self.name}: a state naming none of its outputs while "
+                                                f"{len(self._marked)} are unacknowledged")
             return
         keys = {_output_key(f) for field in ("open", "names") for f in state.get(field) or ()}
         with self._marker_lock:
@@ -436,7 +442,9 @@ class FileSink(Sink):
         for out in self._outputs.values():  # (a number the persisted state names is never reused)
             if out.in_place:  # a new in-place writer would truncate the file (its flushed data): a new one
                 self._in_place_reset = True
-            if out.name_pattern is not None:
+            if out.name_pattern is not None and out.numbered:
+                # (a writer that never opened a file never looked at the directory: its number
+                # says nothing of the files there, and a state's next_seq must be past them all)
                 self._seq_floor[out.name_pattern] = max(self._seq_floor.get(out.name_pattern, 0), out.next_seq)
         self._outputs.clear()  # new writers, new (free) names: a completed file is never reopened
         self._flushed.clear()

@@ -199,6 +199,7 @@ class Ingest:
         self._commit_hooks: list[Callable[[int], None]] = []
         self._decoder = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="decode")
         self._state_writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="state")
+        self._finished = False         # finish() made its last commit: no more
         self._commit_busy = False      # a state write is in flight (commits are serialised)
         self._commit_again = False     # more was committed meanwhile
         self._commit_idle = asyncio.Event()   # (asyncio primitives bind to the loop on first use)
@@ -258,6 +259,10 @@ class Ingest:
         while self._commit_busy:  # a state write in flight lands first (a timer may start one)
             await self._commit_idle.wait()
         self.commit(sync=True)
+        # nothing is committed after this one: a retry of a failed one (scheduled for 1 s later)
+        # would run after outputs closed and forgot their states, acknowledging data that no
+        # saved state describes
+        self._finished = True
         await self.outputs.close()  # (an output closed without error forgets its open files: complete)
         self.state.write(self._snapshot())
 
@@ -415,6 +420,8 @@ class Ingest:
         """Acknowledge what every gating output has written: persist the state (in the state
         writer thread, off the event loop; one write at a time, later commits coalesce), then
         ACK each sensor's newest committed seq. ``sync``: write on this thread (shutdown)."""
+        if self._finished:
+            return
         if self._commit_busy:
             self._commit_again = True
             return
