@@ -966,7 +966,10 @@ def test_a_rotating_file_output_names_each_completed_file(tmp_path, caplog):
     assert all(m.endswith(f"({os.path.getsize(m.split()[1])} bytes)") for m in logged)
 
 
-def _two_sensors_b_after_the_flush(tmp_path, fmt: str = "pcapng", *, index: bool = False):
+OWNER = "/var/lib/pktstream/receiver-state.json"  # a receiver's state file (markers' owner)
+
+
+def _two_sensors_b_after_the_flush(tmp_path, fmt: str = "pcapng", *, index: bool = False, owner: str = OWNER):
     """A per-sensor rotating FileSink as a receiver with a state dir drives it: sensor a
     written, flushed, its state saved and acknowledged; then sensor b -- first seen after that
     flush -- written across rotations, and the process dies. Returns (state acknowledged, b's
@@ -977,7 +980,7 @@ def _two_sensors_b_after_the_flush(tmp_path, fmt: str = "pcapng", *, index: bool
     a_batch = make_batches(1, 20, seed=4)[0]
     opts = {"directory": str(tmp_path), "format": fmt, "rotate_bytes": b[0].nbytes + 200, "index": index}
     sink = FileSink(**opts)
-    assert sink.recover_unacknowledged(None) == []  # (the start: nothing persisted yet)
+    assert sink.recover_unacknowledged(None, owner) == []  # (the start: nothing persisted yet)
     sink.use_acknowledgements()
     sink.write(Source("a", "h", "eth0", 1, 262144), a_batch)
     state = json.loads(json.dumps(sink.flush()))
@@ -1004,7 +1007,7 @@ def test_recovery_removes_the_files_of_a_sensor_first_seen_after_the_last_flush(
     assert sum(n.startswith(".pktstream-unacked-") for n in names) == 1  # (a's output was acknowledged)
     after = FileSink.recover(state)
     again = FileSink(**opts)
-    removed = again.recover_unacknowledged(after)
+    removed = again.recover_unacknowledged(after, OWNER)
     assert sorted(os.path.basename(p) for p in removed) == b_files
     assert not [n for n in os.listdir(tmp_path) if n.startswith(("b.", ".pktstream-"))]
     again.resume(after)
@@ -1025,13 +1028,13 @@ def test_a_crash_between_saving_the_state_and_removing_the_marker_keeps_the_file
     from pktstream.sinks.base import Source
     b = make_batches(2, 20)
     sink = FileSink(directory=str(tmp_path), format="pcapng")
-    sink.recover_unacknowledged(None)
+    sink.recover_unacknowledged(None, OWNER)
     sink.write(Source("b", "h", "eth0", 1, 262144), b[0])
     state = json.loads(json.dumps(sink.flush()))  # saved; the crash comes before persisted()
     _crash(sink)
     assert sum(n.startswith(".pktstream-unacked-") for n in os.listdir(tmp_path)) == 1
     after = FileSink.recover(state)
-    assert FileSink(directory=str(tmp_path), format="pcapng").recover_unacknowledged(after) == []
+    assert FileSink(directory=str(tmp_path), format="pcapng").recover_unacknowledged(after, OWNER) == []
     assert sorted(os.listdir(tmp_path)) == ["b.pcapng"]
     assert read_ts(str(tmp_path / "b.pcapng")) == read_ts_of(b[0])
 
@@ -1045,7 +1048,7 @@ def test_an_acknowledged_output_idle_until_a_crash_keeps_every_packet(tmp_path):
     from pktstream.sinks.base import Source
     b = make_batches(1, 20)[0]
     sink = FileSink(directory=str(tmp_path), format="pcapng")
-    sink.recover_unacknowledged(None)
+    sink.recover_unacknowledged(None, OWNER)
     sink.use_acknowledgements()
     sink.write(Source("b", "h", "eth0", 1, 262144), b)
     state = json.loads(json.dumps(sink.flush()))
@@ -1054,7 +1057,7 @@ def test_an_acknowledged_output_idle_until_a_crash_keeps_every_packet(tmp_path):
     _crash(sink)  # idle until the crash
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
     for st in (None, FileSink.recover(state)):  # a start without the state (moved away), and with it
-        assert FileSink(directory=str(tmp_path), format="pcapng").recover_unacknowledged(st) == []
+        assert FileSink(directory=str(tmp_path), format="pcapng").recover_unacknowledged(st, OWNER) == []
     assert _all_ts(tmp_path.iterdir()) == read_ts_of(b)
 
 
@@ -1065,7 +1068,7 @@ def test_markers_exist_only_under_a_state_dir_and_go_when_a_state_naming_them_is
     plain = FileSink(directory=str(tmp_path / "plain"), format="pcapng")  # (a library user, or no state dir)
     plain.use_acknowledgements()
     marked = FileSink(directory=str(tmp_path / "marked"), format="pcapng")
-    marked.recover_unacknowledged(None)
+    marked.recover_unacknowledged(None, OWNER)
     for sink in (plain, marked):
         sink.write(Source("s1", "h", "eth0", 1, 262144), batch)
     assert not [n for n in os.listdir(tmp_path / "plain") if n.startswith(".")]
@@ -1083,7 +1086,7 @@ def test_recovery_of_an_unacknowledged_output_removes_its_index_too(tmp_path):
     state, b, a_batch, opts = _two_sensors_b_after_the_flush(tmp_path, index=True)
     assert {r["path"] for r in Archive(str(tmp_path)).catalog().to_pylist()} >= {"b.000000.pcapng", "b.000001.pcapng"}
     after = FileSink.recover(state)
-    FileSink(**opts).recover_unacknowledged(after)
+    FileSink(**opts).recover_unacknowledged(after, OWNER)
     assert all(not r["path"].startswith("b.") for r in Archive(str(tmp_path)).catalog().to_pylist())
     assert not list((tmp_path / "_index" / "flows").glob("sensor=b/*/*.parquet"))
 
@@ -1097,7 +1100,7 @@ def test_a_receiver_restart_removes_an_unacknowledged_outputs_files(tmp_path):
     out, state_dir = tmp_path / "out", tmp_path / "state"
     out.mkdir()
     state_dir.mkdir()
-    state, b, a_batch, opts = _two_sensors_b_after_the_flush(out)
+    state, b, a_batch, opts = _two_sensors_b_after_the_flush(out, owner=os.path.realpath(state_dir / STATE_FILE))
     (state_dir / STATE_FILE).write_text(json.dumps({"sensors": {}, "sinks": {f"file:{out}": state}}))
     again = FileSink(**opts)
     Ingest([again], counters=collections.Counter(), closing=threading.Event(), state_dir=str(state_dir)).shutdown()
@@ -1194,7 +1197,7 @@ def test_a_writer_that_never_opened_a_file_gives_no_file_number_to_the_state(tmp
     sink.close()
     before = _all_ts(p for p in tmp_path.iterdir() if p.name.startswith("b."))
     sink = FileSink(**opts)  # this run (an orderly stop leaves no state for the outputs)
-    sink.recover_unacknowledged(None)
+    sink.recover_unacknowledged(None, OWNER)
     sink.write(b_src, PacketBatch.from_records(b"", link_type=1, interface="eth0"))
     sink.write(a_src, a)
     sink.reset()  # (a write failed)
@@ -1204,7 +1207,7 @@ def test_a_writer_that_never_opened_a_file_gives_no_file_number_to_the_state(tmp
     sink.persisted(state)
     _crash(sink)
     after = FileSink.recover(state)
-    FileSink(**opts).recover_unacknowledged(after)
+    FileSink(**opts).recover_unacknowledged(after, OWNER)
     assert _all_ts(p for p in tmp_path.iterdir() if p.name.startswith("b.")) == before == \
         sorted(t for x in bb for t in read_ts_of(x))
 
@@ -1248,3 +1251,33 @@ def test_no_commit_after_the_last_one_at_shutdown(tmp_path):
             ingest._write_state({"sensors": {}, "sinks": {}})
         ingest.shutdown()
     asyncio.run(run())
+
+
+def test_markers_of_another_receiver_or_run_are_discarded_and_their_files_kept(tmp_path):
+    """Two receivers writing into one directory (each with its own state): a start of one
+    removed the other's live file its marker listed, and the other then acknowledged packets
+    into a file that was gone (third cold review). Markers belong to the state that wrote them;
+    another owner's (or a run without a state dir) only drops them: the files stay."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    batch = make_batches(1, 20)[0]
+    other = FileSink(directory=str(tmp_path), format="pcapng")
+    other.recover_unacknowledged(None, "/receiver-2/state.json")
+    other.write(Source("y", "h", "eth0", 1, 262144), batch)  # y: no saved state names it yet
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".pktstream-unacked-")]
+    me = FileSink(directory=str(tmp_path) + "/", format="pcapng")  # (the same directory, spelt otherwise)
+    assert me.recover_unacknowledged({"open": [], "names": []}, "/receiver-1/state.json") == []
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".pktstream-unacked-")]
+    state = json.loads(json.dumps(other.flush()))
+    other.persisted(state)  # (its marker is gone already: nothing to remove, no error)
+    other.close()
+    me.close()
+    assert read_ts(str(tmp_path / "y.pcapng")) == read_ts_of(batch)
+    # a run without a state dir discards its sink's markers too (a later run with the state
+    # would otherwise go by a list whose names this run may reuse)
+    third = FileSink(directory=str(tmp_path / "z"), format="pcapng")
+    third.recover_unacknowledged(None, OWNER)
+    third.write(Source("b", "h", "eth0", 1, 262144), batch)
+    _crash(third)
+    assert FileSink(directory=str(tmp_path / "z"), format="pcapng").recover_unacknowledged(None, None) == []
+    assert sorted(os.listdir(tmp_path / "z")) == ["b.pcapng.part"]

@@ -297,7 +297,7 @@ from pktstream.sinks.s3 import S3Sink
 staging, endpoint, state_path = sys.argv[2:5]
 sink = S3Sink(BUCKET, "cap/", staging_dir=staging, endpoint_url=endpoint, region="us-east-1", path_style=True,
               format="pcap", rotate_bytes=300_000, rotate_seconds=3600, acl=None)
-sink.recover_unacknowledged(None)  # as a receiver with a state dir does at start
+sink.recover_unacknowledged(None, "state")  # as a receiver with a state dir does at start
 sink.use_acknowledgements()
 batches = _batches(12, 600)
 sink.write(Source("s1", "host", "eth0", 1, 65535), batches[0])
@@ -332,7 +332,7 @@ def test_s3_sink_never_uploads_the_files_of_a_sensor_first_seen_after_the_last_f
     sink = S3Sink(BUCKET, "cap/", staging_dir=str(staging), endpoint_url=moto.endpoint, region="us-east-1",
                   path_style=True, format="pcap", rotate_bytes=300_000, rotate_seconds=3600, acl=None,
                   close_timeout=60)
-    removed = sink.recover_unacknowledged(after)
+    removed = sink.recover_unacknowledged(after, "state")
     assert removed and all(os.path.basename(p).startswith("s2.") for p in removed)
     sink.resume(after)
     sink.use_acknowledgements()

@@ -56,13 +56,13 @@ class Sink:
         write: what the output must not reuse while that state can still be recovered from
         (FileSink: the file numbers it names). Default: nothing."""
 
-    def recover_unacknowledged(self, state: dict[str, Any] | None) -> list[str]:
-        """A receiver with a state dir calls this once on each gating output, after
-        :meth:`recover`/:meth:`resume` and before the first write (``state``: the output's
-        persisted state, None if none): remove what was written for outputs that no persisted
-        state named (nothing of it acknowledged; the sensors resend it). From then on the
-        receiver calls :meth:`persisted` after each state it saves. Returns what was removed.
-        Default: nothing."""
+    def recover_unacknowledged(self, state: dict[str, Any] | None, owner: str | None = None) -> list[str]:
+        """A receiver calls this once on each gating output, after :meth:`recover`/:meth:`resume`
+        and before the first write (``state``: the output's persisted state, None if none;
+        ``owner``: the receiver's state file, None without a state dir): remove what this owner
+        wrote for outputs that no persisted state named (nothing of it acknowledged; the sensors
+        resend it). With an owner, the receiver calls :meth:`persisted` after each state it
+        saves. Returns what was removed. Default: nothing."""
         return []
 
     def persisted(self, state: dict[str, Any] | None) -> None:

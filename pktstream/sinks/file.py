@@ -188,6 +188,7 @@ class FileSink(Sink):
         # the output is saved -- before anything in it is acknowledged -- so a marker always
         # lists files of which nothing was acknowledged; the next run removes them
         self._markers = False
+        self._marker_owner: str | None = None  # the receiver's state (recover_unacknowledged)
         self._marker_lock = threading.Lock()  # _named, _marked: output thread and state writer thread
         self._named: set[Any] = set()  # outputs a persisted state names
         self._marked: dict[Any, tuple[str, list[str]]] = {}  # output -> (its marker, files listed)
@@ -305,12 +306,22 @@ class FileSink(Sink):
         d = self.directory or os.path.dirname(os.path.abspath(cast(str, self.path)))
         return None if "%" in d else d
 
+    def _marker_sink(self) -> str:
+        """This sink in its markers: its directory or path, resolved (``dir`` and ``dir/``,
+        or a symlink, are one sink)."""
+        return "file:" + os.path.realpath(cast(str, self.directory or self.path))
+
+    @staticmethod
+    def _owner_tag(owner: str) -> str:
+        return hashlib.sha1(owner.encode()).hexdigest()[:8]
+
     def _marker_path(self, base: str) -> str | None:
         d = self._marker_dir()
-        if d is None:
+        if d is None or self._marker_owner is None:
             return None
-        digest = hashlib.sha1(f"{self.name}\0{base}".encode()).hexdigest()[:16]  # (one per sink and output)
-        return os.path.join(d, f"{UNACKED_PREFIX}{digest}.json")
+        # one per owner (receiver state), sink and output; the owner's tag leads the name
+        digest = hashlib.sha1(f"{self._marker_owner}\0{self._marker_sink()}\0{base}".encode()).hexdigest()[:16]
+        return os.path.join(d, f"{UNACKED_PREFIX}{self._owner_tag(self._marker_owner)}-{digest}.json")
 
     def _opening(self, key: Any, path: str) -> None:
         """(Output thread, before the first byte of a file of output ``key``.) While no persisted
@@ -327,7 +338,8 @@ class FileSink(Sink):
             tmp = marker + ".tmp"
             try:
                 with open(tmp, "w") as fh:
-                    json.dump({"sink": self.name, "base": self._bases[key], "files": files}, fh)
+                    json.dump({"sink": self._marker_sink(), "owner": self._marker_owner, "base": self._bases[key],
+                               "files": files}, fh)
                     if self.opts["fsync"]:  # (power-loss durability: the marker before the file)
                         fh.flush()
                         os.fsync(fh.fileno())
@@ -341,14 +353,19 @@ class FileSink(Sink):
                 raise
             self._marked[key] = (marker, files)
 
-    def recover_unacknowledged(self, state: dict[str, Any] | None) -> list[str]:
-        """At start (a receiver with a state dir, after :meth:`recover` and before the first
-        write; ``state``: this output's persisted state, if any): remove the files the markers
-        list -- of outputs no persisted state named (a sensor first seen after the last
-        acknowledged flush): nothing in them was acknowledged, the sensors resend it, and
-        keeping them would hold those packets twice -- with their indexes, and the markers.
-        From then on this sink keeps markers (:meth:`persisted`). Returns the paths removed."""
-        self._markers = True
+    def recover_unacknowledged(self, state: dict[str, Any] | None, owner: str | None = None) -> list[str]:
+        """At start (a receiver, after :meth:`recover` and before the first write; ``state``:
+        this output's persisted state, if any; ``owner``: the receiver's state file, None
+        without a state dir). The files listed in this sink's markers of ``owner`` are removed
+        -- with their indexes, and the markers -- unless ``state`` names their output: they are
+        of outputs no saved state named (a sensor first seen after the last acknowledged
+        flush), nothing in them was acknowledged, the sensors resend it, and keeping them would
+        hold those packets twice. Markers of another owner (another receiver writing into this
+        directory, or a run with another or no state dir) are only removed: their files stay
+        (at worst twice), since only their own state can tell. With an owner, this sink keeps
+        markers from then on (:meth:`persisted`). Returns the paths removed."""
+        self._marker_owner = owner
+        self._markers = owner is not None
         d = self._marker_dir()
         if d is None or not os.path.isdir(d):
             return []
@@ -358,12 +375,15 @@ class FileSink(Sink):
             value = state.get(field)
             entries += value if isinstance(value, list) else []
         named = {f.get("base") for f in entries if isinstance(f, dict)}
+        mine = self._marker_sink()
+        tmp_prefix = None if owner is None else f"{UNACKED_PREFIX}{self._owner_tag(owner)}-"
         removed: list[str] = []
         for name in sorted(os.listdir(d)):
             if name.startswith(UNACKED_PREFIX) and name.endswith(".json.tmp"):
-                # a marker being written when the process died (before its file was created)
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(d, name))
+                if tmp_prefix is not None and name.startswith(tmp_prefix):
+                    # this owner's marker being written when the process died (before its file)
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(d, name))
                 continue
             if not (name.startswith(UNACKED_PREFIX) and name.endswith(".json")):
                 continue
@@ -374,10 +394,13 @@ class FileSink(Sink):
             except (OSError, ValueError) as exc:
                 log.warning("recovery: %s unreadable (%s): left as it is", marker, exc)
                 continue
-            if not isinstance(data, dict) or data.get("sink") != self.name:
+            if not isinstance(data, dict) or data.get("sink") != mine:
                 continue  # (another output's, in the same directory)
             files = data.get("files")
-            if data.get("base") not in named and isinstance(files, list):
+            if owner is None or data.get("owner") != owner:
+                log.warning("recovery: %s is another receiver's or run's (state %s): its files stay "
+                            "(packets it lists may be there twice)", marker, data.get("owner"))
+            elif data.get("base") not in named and isinstance(files, list):
                 for f in files:
                     # (only files of this directory: a marker names nothing else)
                     if not isinstance(f, str) or os.path.dirname(f) != os.path.abspath(d):
@@ -387,10 +410,8 @@ class FileSink(Sink):
                             removed.append(p)
                             if p == f and self.indexer is not None:
                                 self.indexer.removed(p)
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(marker)
-            except FileNotFoundError:
-                pass
         return removed
 
     def reset(self) -> None:

@@ -221,11 +221,11 @@ class S3Sink(Sink):
         self._acks = True
         self._leftovers_ok.set()
 
-    def recover_unacknowledged(self, state: dict[str, Any] | None) -> list[str]:
+    def recover_unacknowledged(self, state: dict[str, Any] | None, owner: str | None = None) -> list[str]:
         """Staged files of outputs no persisted state named (:class:`FileSink`'s markers):
         removed before any earlier run's leftovers are uploaded."""
         with self._files_lock:
-            return self._files.recover_unacknowledged(state)
+            return self._files.recover_unacknowledged(state, owner)
 
     def persisted(self, state: dict[str, Any] | None) -> None:
         self._files.persisted(state)  # (the markers have a lock of their own: no _files_lock)

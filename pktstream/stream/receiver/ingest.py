@@ -233,12 +233,13 @@ class Ingest:
                 if after is not None and after != recovered.get(name, sink_state):
                     persist(name, after)
                 sink.resume(after if after is not None else recovered.get(name, sink_state))
+        owner = None if self.state.path is None else os.path.realpath(self.state.path)
         for sink in self.sinks:
             # files of outputs no persisted state named (a sensor first seen after the last
-            # acknowledged flush): only what the sensors resend (without a state dir nothing
-            # is resent exactly-once: no markers, nothing removed)
-            if sink.gate and self.state.path is not None:
-                sink.recover_unacknowledged(recovered.get(sink.name, state.get("sinks", {}).get(sink.name)))
+            # acknowledged flush): only what the sensors resend. Without a state dir nothing
+            # is resent exactly once: no markers; an earlier run's are discarded (files kept)
+            if sink.gate:
+                sink.recover_unacknowledged(recovered.get(sink.name, state.get("sinks", {}).get(sink.name)), owner)
         if state:
             log.info("state: resuming %d sensors from %s", len(self.sensors), self.state.path)
 
