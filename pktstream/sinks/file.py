@@ -188,6 +188,7 @@ class FileSink(Sink):
         # the output is saved -- before anything in it is acknowledged -- so a marker always
         # lists files of which nothing was acknowledged; the next run removes them
         self._markers = False
+        self._closed = False
         self._marker_owner: str | None = None  # the receiver's state (recover_unacknowledged)
         self._marker_lock = threading.Lock()  # _named, _marked: output thread and state writer thread
         self._named: set[Any] = set()  # outputs a persisted state names
@@ -282,11 +283,12 @@ class FileSink(Sink):
         """A receiver saved a state holding ``state`` as this output's (its state writer thread,
         before it acknowledges anything that state covers): the markers of the outputs it names
         go. Raises OSError when one cannot be removed, or when the state holds nothing for this
-        sink while markers are out (a save after it was closed) -- the receiver then treats the
-        save as failed and acknowledges nothing (a marker must never list acknowledged packets)."""
+        sink after it was closed while markers are out -- the receiver then treats the save as
+        failed and acknowledges nothing (a marker must never list acknowledged packets). (None
+        before the first flush is normal: such a save acknowledges nothing this sink wrote.)"""
         if not state:
             with self._marker_lock:
-                if self._marked:
+                if self._closed and self._marked:
                     raise OSError(errno.EAGAIN, f"{self.name}: a state naming none of its outputs while "
                                                 f"{len(self._marked)} are unacknowledged")
             return
@@ -522,6 +524,7 @@ class FileSink(Sink):
         """Complete every open file; the first error is raised after all were tried (a file
         that could not be completed stays ``.part``, for recovery)."""
         error: Exception | None = None
+        self._closed = True  # (persisted: a state after this one names none of its outputs)
         for out in self._outputs.values():
             try:
                 out.close()
