@@ -108,6 +108,16 @@ def _writer_state(writer: CaptureWriter) -> dict[str, Any] | None:
 UNACKED_PREFIX = ".pktstream-unacked-"  # a marker: files of an output no acknowledged state names yet
 
 
+def _state_entries(state: dict[str, Any], fields: tuple[str, ...] = ("open", "names")) -> list[dict[str, Any]]:
+    """The entries of a state's ``open`` and ``names`` lists (anything but a dict ignored)."""
+    out: list[dict[str, Any]] = []
+    for field in fields:
+        value = state.get(field)
+        if isinstance(value, list):
+            out += [f for f in value if isinstance(f, dict)]
+    return out
+
+
 def _output_key(entry: Any) -> tuple[Any, ...] | None:
     """The output key of a state entry (``output``: [sensor id or None, link type or None])."""
     out = entry.get("output") if isinstance(entry, dict) else None
@@ -292,7 +302,7 @@ class FileSink(Sink):
                     raise OSError(errno.EAGAIN, f"{self.name}: a state naming none of its outputs while "
                                                 f"{len(self._marked)} are unacknowledged")
             return
-        keys = {_output_key(f) for field in ("open", "names") for f in state.get(field) or ()}
+        keys = {_output_key(f) for f in _state_entries(state)}
         with self._marker_lock:
             self._named |= keys - {None}
             for key in keys & set(self._marked):
@@ -371,12 +381,7 @@ class FileSink(Sink):
         d = self._marker_dir()
         if d is None or not os.path.isdir(d):
             return []
-        state = state or {}
-        entries: list[Any] = []
-        for field in ("open", "names"):
-            value = state.get(field)
-            entries += value if isinstance(value, list) else []
-        named = {f.get("base") for f in entries if isinstance(f, dict)}
+        named = {f.get("base") for f in _state_entries(state or {})}
         mine = self._marker_sink()
         tmp_prefix = None if owner is None else f"{UNACKED_PREFIX}{self._owner_tag(owner)}-"
         removed: list[str] = []
@@ -544,24 +549,20 @@ class FileSink(Sink):
         for it by the next recovery (cut back to its size and kept, though nothing in it was
         acknowledged)."""
         pcap = not self.format.startswith("pcapng")  # (a pcap output has one per link type)
-        names: list[Any] = state["names"] if isinstance(state.get("names"), list) else []
-        for f in [*state.get("open", []), *names]:
-            if not isinstance(f, dict):
-                continue
+        for f in _state_entries(state):
             pattern, seq = f.get("pattern"), f.get("seq")
             if isinstance(pattern, str) and isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0:
                 self._seq_floor[pattern] = max(self._seq_floor.get(pattern, 0), seq + 1)
             first = _next_seq(f)  # (an output with no file open at that flush: its next number)
             if first is not None:
                 self._seq_floor[f["base"]] = max(self._seq_floor.get(f["base"], 0), first)
-            output, base = f.get("output"), f.get("base")
-            if (isinstance(output, list) and len(output) == 2 and isinstance(base, str)
-                    and (output[0] is None or isinstance(output[0], str))
-                    and (isinstance(output[1], int) if pcap else output[1] is None)
+            key, base = _output_key(f), f.get("base")
+            if (key is not None and isinstance(base, str) and (key[0] is None or isinstance(key[0], str))
+                    and (isinstance(key[1], int) if pcap else key[1] is None)
                     and base not in self._bases.values()):
-                self._bases.setdefault(tuple(output), base)  # (the names the state's recovery goes by)
-            if isinstance(output, list) and len(output) == 2 and self._bases.get(tuple(output)) == base:
-                self._named.add(tuple(output))  # (a persisted state names it: no marker)
+                self._bases.setdefault(key, base)  # (the names the state's recovery goes by)
+            if key is not None and self._bases.get(key) == base:
+                self._named.add(key)  # (a persisted state names it: no marker)
 
     @staticmethod
     def recover(state: dict[str, Any], persist: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -591,8 +592,7 @@ class FileSink(Sink):
                 persist({**state, "open": after + entries[k + 1:]})
         for f in entries:
             _remove_later_parts(f, known)
-        names = state.get("names")
-        unopened = [f for f in names if isinstance(f, dict)] if isinstance(names, list) else []
+        unopened = _state_entries(state, ("names",))
         for f in unopened:
             _remove_parts_of_unopened(f, known)
         root = state.get("index_root")
@@ -691,12 +691,7 @@ def _remove_parts_of_unopened(f: dict[str, Any], known: set[str]) -> None:
     _remove_parts(os.path.dirname(base), name_re, known)
     first = _next_seq(f)
     if rotating and first is not None:
-        for n, path in rotated_files(base, os.path.dirname(base) or "."):
-            if n >= first and os.path.isfile(path):
-                log.warning("recovery: removing %s (completed after the last acknowledged flush: "
-                            "nothing in it was acknowledged)", path)
-                os.unlink(path)
-                _drop_staged_index(path)
+        _remove_rotated(base, os.path.dirname(base) or ".", first)
 
 
 def _free_parts_re(base: str, sep: str) -> re.Pattern[str]:
@@ -735,9 +730,16 @@ def _remove_later_rotations(f: dict[str, Any]) -> list[str]:
     seq, pattern, final = f.get("seq"), f.get("pattern"), f.get("final")
     if not (isinstance(seq, int) and isinstance(pattern, str) and isinstance(final, str)):
         return []  # a state written before these fields, or a writer that does not rotate
+    return _remove_rotated(pattern, os.path.dirname(final) or ".", seq + 1, keep=final)
+
+
+def _remove_rotated(pattern: str, directory: str, first: int, keep: str | None = None) -> list[str]:
+    """Remove the completed files of a rotating ``pattern`` in ``directory`` numbered ``first``
+    or higher (except ``keep``): completed after the last acknowledged flush, nothing in them
+    was acknowledged. Returns their paths."""
     removed = []
-    for n, path in rotated_files(pattern, os.path.dirname(final) or "."):
-        if n <= seq or path == final or not os.path.isfile(path):
+    for n, path in rotated_files(pattern, directory):
+        if n < first or path == keep or not os.path.isfile(path):
             continue
         log.warning("recovery: removing %s (completed after the last acknowledged flush: "
                     "nothing in it was acknowledged)", path)
