@@ -281,6 +281,30 @@ def test_index_layout_is_hive_partitioned_parquet(archive_dir):
     con.close()
     size = sum(p.stat().st_size for p in (archive_dir / "_index").rglob("*.parquet"))
     assert size > 0
+    _assert_flow_storage(flows)
+
+
+def _assert_flow_storage(paths) -> None:
+    """Flow files are stored as designed (index.flow_parquet_options): their columns in the
+    declared order, dictionary encoding for the few-valued columns, delta encoding for the
+    numbers, zstd on the address texts only, min/max statistics on all but the chunk lists."""
+    import pyarrow.parquet as pq
+
+    from pktstream.archive.index import FLOW_COMPRESSED, FLOW_DELTA, FLOW_DICTIONARY, FLOW_SCHEMA_COLUMNS
+    assert paths
+    for path in paths:
+        md = pq.ParquetFile(path).metadata
+        assert tuple(md.schema.to_arrow_schema().names) == FLOW_SCHEMA_COLUMNS
+        for g in range(md.num_row_groups):
+            for i in range(md.num_columns):
+                col = md.row_group(g).column(i)
+                name = col.path_in_schema
+                assert col.compression == ("ZSTD" if name in FLOW_COMPRESSED else "UNCOMPRESSED"), name
+                if name in FLOW_DELTA:
+                    assert "DELTA_BINARY_PACKED" in col.encodings, name
+                if name in FLOW_DICTIONARY:
+                    assert "RLE_DICTIONARY" in col.encodings, name
+                assert (col.statistics is not None and col.statistics.has_min_max) == (name != "chunks.list.element")
 
 
 def test_index_is_idempotent_and_repairs(tmp_path):
@@ -835,6 +859,7 @@ def test_bounded_index_of_a_port_scan_equals_brute_force(tmp_path, fmt, monkeypa
     # each spill is a row group of the file's flow records
     groups = [pq.ParquetFile(p).metadata.num_row_groups for p in (root / "_index" / "flows").rglob("*.parquet")]
     assert max(groups) > 1
+    _assert_flow_storage(list((root / "_index" / "flows").rglob("*.parquet")))  # (spilled: the same layout)
 
 
 def test_spilled_builder_staged_index(tmp_path):
