@@ -272,7 +272,7 @@ def test_sensor_ids_with_dots_are_attributed_whole(tmp_path):
         assert got(a, "tcp", sensor=sensor) == brute(root, "tcp", sensor=sensor) != []
 
 
-def _twin_sensors_archive(root, live: bool, index_offline: bool = True) -> None:
+def _twin_sensors_archive(root, live: bool, index_offline: bool = True):
     """One merged pcapng holding sensor ``s p`` and a sensor named as ``s p``'s partition value
     was before 2026-12-04 (``s_p-e745a89c``, a path-safe id; now ``s_p~e745a89c``): one flow
     file path for both then, the records of one overwrote the other's and queries left out its
@@ -290,6 +290,7 @@ def _twin_sensors_archive(root, live: bool, index_offline: bool = True) -> None:
     sink.close()
     if not live and index_offline:
         Archive(str(root)).index(chunk_bytes=CHUNK)
+    return sink
 
 
 @pytest.mark.parametrize("live", [True, False])
@@ -317,7 +318,10 @@ def test_two_sensors_of_one_partition_value_leave_the_file_unindexed_not_half_in
     import pktstream.archive.index as ix
     monkeypatch.setattr(ix, "partition_value", lambda text: "same")
     root = tmp_path / "a"
-    _twin_sensors_archive(root, live=live, index_offline=False)
+    sink = _twin_sensors_archive(root, live=live, index_offline=False)
+    if live:  # the live index itself refused the file (before any offline index below)
+        assert (sink.indexer.indexed, sink.indexer.failures) == (0, 1)
+        assert not list((root / "_index").glob("files/*.parquet")) and not list((root / "_index").rglob("flows/*"))
     with open_writer(root / "zz-other.pcap") as w:
         for b in batches(9, 200, T0):
             w.write(b)
