@@ -312,7 +312,13 @@ cdef char *_FORMAT_B = "B"
 
 
 @cython.final
-@cython.no_gc_clear  # __dealloc__ needs _ring (and the buffer) to give the block back
+# Not in the cyclic GC at all (no traverse, no clear). __dealloc__ needs _ring (and the buffer) to
+# give the block back; and the object it holds a buffer of must not be cleared before it: traversed,
+# a memoryview it wraps (``from_records(memoryview(b)[i:j])``) could be found unreachable with it in
+# cyclic garbage (a traceback's frames), and CPython's memoryview clear drops its managed buffer
+# even while exported -- the batch's release then crashed the interpreter. What a batch refers to
+# (its ring, the object it wraps, its interface name, its index arrays) never refers back to it.
+@cython.no_gc
 cdef class PacketBatch:
     """A zero-copy view of one block of pcap records (nanosecond timestamps).
 

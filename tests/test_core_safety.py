@@ -289,6 +289,31 @@ def test_batch_in_cyclic_garbage_returns_its_block(mixed_pcap):
     cap.close()
 
 
+def test_a_batch_of_a_memoryview_in_cyclic_garbage_never_crashes_the_collector(tmp_path):
+    """A batch wrapping a memoryview (``from_records(memoryview(b)[i:j])``, as the writers
+    slice batches) in cyclic garbage together with that memoryview -- e.g. a traceback's frames
+    holding both after a write error: the collector could clear the memoryview first (CPython
+    drops its managed buffer even while exported) and the batch's release then crashed the
+    interpreter (SIGSEGV). Found by the receiver's error-path tests."""
+    r = _run_child("""
+        import gc, struct
+        from pktstream import PacketBatch
+        data = bytes(98)
+        recs = b"".join(struct.pack("<IIII", 1, k, len(data), len(data)) + data for k in range(4))
+        b = PacketBatch.from_records(recs, link_type=1)
+        for i in range(200):
+            mv = memoryview(b)[0:114]
+            sub = PacketBatch.from_records(mv, link_type=1)
+            cycle = {"mv": mv, "sub": sub}
+            cycle["self"] = cycle
+            del mv, sub, cycle
+        gc.collect()
+        assert len(b) == 4 and bytes(b) == recs
+        print("collected")
+    """, tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "collected", (r.returncode, r.stderr[-2000:])
+
+
 def test_alloc_counters_balance(mixed_pcap):
     from pktstream._capture import alloc_counters
     gc.collect()
