@@ -1281,3 +1281,163 @@ def test_markers_of_another_receiver_or_run_are_discarded_and_their_files_kept(t
     _crash(third)
     assert FileSink(directory=str(tmp_path / "z"), format="pcapng").recover_unacknowledged(None, None) == []
     assert sorted(os.listdir(tmp_path / "z")) == ["b.pcapng.part"]
+
+
+class _Killed(BaseException):
+    """The process dies here (no ``except Exception`` catches it)."""
+
+
+def test_a_recovery_killed_between_a_files_removal_and_its_index_leaves_no_row_of_a_missing_file(tmp_path,
+                                                                                                 monkeypatch):
+    """recover_unacknowledged removed a listed file, then its catalog row; killed between the
+    two, the row stayed, and the next start -- the file already gone -- never removed it: an
+    index row of a file that does not exist (fuzzing of crashes inside recovery). The index
+    now goes first."""
+    from pktstream.archive import Archive
+    from pktstream.sinks import FileSink
+    state, b, a_batch, opts = _two_sensors_b_after_the_flush(tmp_path, index=True)
+    assert {"b.000000.pcapng", "b.000001.pcapng"} <= {r["path"] for r in Archive(str(tmp_path)).catalog().to_pylist()}
+    after = FileSink.recover(state)
+    real_unlink = os.unlink
+
+    def unlink(path, *a, **kw):
+        real_unlink(path, *a, **kw)
+        if str(path).endswith(".000000.pcapng"):  # killed right after the first listed file went
+            raise _Killed(path)
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(_Killed):
+        FileSink(**opts).recover_unacknowledged(after, OWNER)
+    monkeypatch.undo()
+    assert not (tmp_path / "b.000000.pcapng").exists()
+    FileSink(**opts).recover_unacknowledged(after, OWNER)  # the next start
+    files = {n for n in os.listdir(tmp_path) if n.endswith(".pcapng")}
+    assert {r["path"] for r in Archive(str(tmp_path)).catalog().to_pylist()} <= files
+    assert not [f for f in files if f.startswith("b.")]
+
+
+def _runner(sink):
+    """The receiver's runner of ``sink`` (its thread not started: the test calls it)."""
+    from pktstream.stream.receiver.outputs import SinkRunner
+    return SinkRunner(sink, maxsize=0, closing=threading.Event(), on_flushed=lambda *a: None)
+
+
+def _acknowledge(sink, state: dict) -> dict:
+    """What the receiver does with a flushed state: save it, then acknowledge."""
+    state = json.loads(json.dumps(state))
+    sink.persisted(state)
+    sink.acknowledged(state)
+    return state
+
+
+def _packets(directory, ext: str) -> list[int]:
+    return _all_ts(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(ext))
+
+
+@pytest.mark.parametrize("crash", [True, False])
+def test_a_time_rotation_that_fails_while_idle_loses_nothing(tmp_path, monkeypatch, crash):
+    """An idle output's time rotation failed at its rename (EIO): the writer had dropped the
+    file, whose .part held acknowledged packets, and the runner only counted the error -- the
+    next state named no open file for it, so a crash's recovery removed that .part, and without
+    a crash it was never completed (fuzzing with write errors). The runner now resets the
+    output: the file is completed as of its last flush (everything, at idle)."""
+    import errno
+
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    clock = [1_800_000_000.0]
+    opts = {"directory": str(tmp_path), "format": "pcap", "rotate_seconds": 10}
+
+    def new_sink():
+        s = FileSink(**opts)
+        s.opts["clock"] = lambda: clock[0]
+        return s
+    batches = make_batches(3, 5)
+    src = Source("s1", "h", "eth0", 1, 262144)
+    sink = new_sink()
+    runner = _runner(sink)
+    sink.recover_unacknowledged(None, OWNER)
+    sink.use_acknowledgements()
+    sink.write(src, batches[0])
+    _acknowledge(sink, sink.flush())  # batch 0 acknowledged, in s1.000000.pcap.part
+    clock[0] += 11  # due; the output is idle
+    real_replace = os.replace
+    faults = [1]
+
+    def replace(a, b, *x, **kw):  # the rotation's rename fails once
+        if faults[0] and str(a).endswith(".pcap.part"):
+            faults[0] -= 1
+            raise OSError(errno.EIO, "Input/output error", a)
+        return real_replace(a, b, *x, **kw)
+    monkeypatch.setattr(os, "replace", replace)
+    runner._idle()
+    monkeypatch.undo()
+    assert runner.counters["failures"] == 1 and faults[0] == 0
+    state = _acknowledge(sink, sink.flush())  # the next commit
+    if crash:
+        _crash(sink)
+        after = FileSink.recover(state)
+        sink = new_sink()
+        sink.resume(after)
+        sink.recover_unacknowledged(after, OWNER)
+    sink.write(src, batches[1])
+    sink.flush()
+    sink.close()
+    assert _packets(tmp_path, ".pcap") == sorted(int(t) - 1_700_000_000 * 10**9 for b in batches[:2] for t in b.ts_ns)
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".part")]
+
+
+def test_a_reset_that_fails_is_tried_again_and_nothing_is_acknowledged_before(tmp_path, monkeypatch):
+    """A rotation's rename failed (EIO), then the reset's cut-back too: reset() logged it,
+    forgot the output's flushed state and moved on to the next file number; the old .part --
+    flushed, acknowledged packets -- was completed by nothing, not by close, not by a crash's
+    recovery (fuzzing with two faults in a row). A failed reset is now kept and tried again by
+    the next one, and flush() refuses until it worked, so the receiver acknowledges nothing
+    past it; here through the receiver's own runner (its retry loop), then a crash."""
+    import builtins
+    import errno
+
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    batches = make_batches(2, 3, seed=5)
+    src = Source("s1", "h", "eth0", 1, 262144)
+    opts = {"directory": str(tmp_path), "format": "pcapng", "rotate_bytes": batches[0].nbytes + 400}
+    sink = FileSink(**opts)
+    runner = _runner(sink)
+    sink.recover_unacknowledged(None, OWNER)
+    sink.use_acknowledgements()
+    ok, state = runner._write_with_retry([(1, src, batches[0])])
+    assert ok
+    _acknowledge(sink, state)  # batch 0: s1.000000.pcapng.part
+    faults = [2]
+    real_replace, real_open = os.replace, builtins.open
+
+    def eio(name):
+        faults[0] -= 1
+        raise OSError(errno.EIO, "Input/output error", name)
+
+    def replace(a, b, *x, **kw):  # the rotation's rename
+        if faults[0] > 0:
+            eio(a)
+        return real_replace(a, b, *x, **kw)
+
+    def open_(f, mode="r", *a, **kw):  # the reset's cut-back (open "r+b")
+        if faults[0] > 0 and "+" in mode:
+            eio(f)
+        return real_open(f, mode, *a, **kw)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(time, "sleep", lambda s: None)  # (the runner's pause between tries)
+    ok, state = runner._write_with_retry([(2, src, batches[1])])
+    monkeypatch.undo()
+    assert ok and faults[0] == 0
+    # tries: the write (rename fails; reset fails), the flush (refused: the reset is pending;
+    # the reset now works), the write again
+    assert runner.counters["failures"] == 2
+    state = _acknowledge(sink, state)
+    _crash(sink)
+    after = FileSink.recover(state)
+    sink = FileSink(**opts)
+    sink.resume(after)
+    sink.recover_unacknowledged(after, OWNER)
+    sink.close()
+    assert _packets(tmp_path, ".pcapng") == sorted(int(t) - 1_700_000_000 * 10**9 for b in batches for t in b.ts_ns)

@@ -662,3 +662,60 @@ def test_s3_settings_that_would_lose_data_are_refused_or_made_safe(tmp_path, mot
     assert a.staging_dir.startswith(str(tmp_path / "state" / "pktstream" / "s3-staging"))
     b.close()
     c.close()
+
+
+def test_s3_sink_time_rotation_that_fails_while_idle_goes_on_and_loses_nothing(tmp_path, moto, monkeypatch):
+    """The staging FileSink's idle time rotation runs in the sink's own thread; its rename
+    failing (EIO) raised out of that thread -- no more time rotation -- and left the writer
+    without its file, whose .part held acknowledged packets: never uploaded, and removed by a
+    crash's recovery (fuzzing with write errors). The thread now resets the staging output
+    (the file is completed as of the last flush: everything, at idle) and goes on."""
+    import errno
+    import threading
+
+    import pktstream
+    from pktstream.sinks.base import Source
+    from pktstream.sinks.s3 import S3Sink
+
+    s3 = moto.client()
+    s3.create_bucket(Bucket=BUCKET)
+    clock = [1_800_000_000.0]
+    sink = S3Sink(BUCKET, "cap/", staging_dir=str(tmp_path / "staging"), endpoint_url=moto.endpoint,
+                  region="us-east-1", path_style=True, format="pcap", rotate_bytes=50_000_000, rotate_seconds=10,
+                  acl=None, close_timeout=60)
+    sink._files.opts["clock"] = lambda: clock[0]
+    sink.recover_unacknowledged(None, "/var/lib/pktstream/receiver-state.json")
+    sink.use_acknowledgements()
+    src = Source("s1", "host", "eth0", 1, 65535)
+    batches = _batches(2, 50)
+    sink.write(src, batches[0])
+    state = sink.flush()
+    sink.persisted(state)
+    sink.acknowledged(state)
+    real_replace = os.replace
+    faults = [1]
+
+    def replace(a, b, *x, **kw):  # the ticker's rotation: its rename fails once
+        if faults[0] and str(a).endswith(".pcap.part") and threading.current_thread().name == "s3-rotate":
+            faults[0] -= 1
+            raise OSError(errno.EIO, "Input/output error", a)
+        return real_replace(a, b, *x, **kw)
+    monkeypatch.setattr(os, "replace", replace)
+    clock[0] += 11  # the open file is due; nothing arrives
+    wait_until(lambda: sink.counters["failures"] == 1, 30, "the idle rotation to fail")
+    wait_until(lambda: sink.counters["uploaded_files"] == 1, 60, "the file, completed by the reset, uploaded")
+    monkeypatch.undo()
+    assert sink._ticker.is_alive() and faults[0] == 0
+    sink.write(src, batches[1])
+    clock[0] += 11
+    state = sink.flush()  # (rotates: due again)
+    sink.persisted(state)
+    sink.acknowledged(state)
+    sink.close()
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="cap/").get("Contents", [])]
+    got = []
+    for i, k in enumerate(keys):
+        local = tmp_path / f"o{i}.pcap"
+        s3.download_file(BUCKET, k, str(local))
+        got += [bytes(p) for b in pktstream.read(str(local)) for p in b]
+    assert len(keys) == 2 and sorted(got) == sorted(bytes(p) for b in batches for p in b)

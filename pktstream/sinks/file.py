@@ -184,6 +184,10 @@ class FileSink(Sink):
         self._outputs: dict[Any, CaptureWriter] = {}
         self._flushed: dict[Any, dict[str, Any]] = {}  # output key -> its state at the last flush
         self._done: list[str] = []  # files completed by earlier writers (after a reset)
+        # outputs whose reset failed: (abandoned writer, the file it had open, its state at the
+        # last flush), retried by every reset; flush() refuses while any is left
+        self._pending_resets: list[tuple[CaptureWriter, str | None, dict[str, Any] | None]] = []
+        self._reset_error: Exception | None = None
         self._in_place_reset = False  # an in-place output was reset: it goes on in a new file
         # rotating name pattern -> the lowest number its next writer may give a file: the
         # persisted state may name lower ones until the next commit (a reset, or a recovered
@@ -412,11 +416,13 @@ class FileSink(Sink):
                     # (only files of this directory: a marker names nothing else)
                     if not isinstance(f, str) or os.path.dirname(f) != os.path.abspath(d):
                         continue
-                    for p in (f + ".part", f):
-                        if _unlink(p, "opened after the last acknowledged flush"):
-                            removed.append(p)
-                            if p == f and self.indexer is not None:
-                                self.indexer.removed(p)
+                    why = "opened after the last acknowledged flush"
+                    if _unlink(f + ".part", why):
+                        removed.append(f + ".part")
+                    # (its index before it, also when the file is gone: a recovery killed between
+                    # the two left the row, and the marker, which goes only after all its files)
+                    if self._remove_file(f, why):
+                        removed.append(f)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(marker)
         return removed
@@ -426,47 +432,28 @@ class FileSink(Sink):
         every output goes back to its last flush -- the file open then is cut back to its size
         at that flush and completed, files that rotation completed or opened since are removed
         (a write group may span rotations) -- and new files start on the next write. The
-        receiver then rewrites everything since the last flush, so nothing is lost or doubled."""
+        receiver then rewrites everything since the last flush, so nothing is lost or doubled.
+        An output whose reset fails (a second I/O error) is retried by every later reset, and
+        :meth:`flush` refuses until it worked: nothing is acknowledged past a flush whose file
+        is not back to it (the persisted state still names it, so a crash meanwhile is
+        recovered from it)."""
         errors: list[Exception] = []
-        for key, out in self._outputs.items():
+        pending, self._pending_resets = self._pending_resets, []
+        for out, current, st in pending:  # (a reset that failed before: again, first)
             try:
-                current = out.abandon()
-                st = self._flushed.get(key)  # (None: nothing of this output was flushed)
-                completed = list(out.paths)
-                removed: list[str] = []
-                cut: str | None = None
-                if current is not None and st is not None and current == st["final"]:
-                    if _cut_and_complete(out.data_path_of(current), current, st["size"], st.get("zstd_frame_bytes"),
-                                         _stream_bytes(st)):
-                        completed.append(current)
-                else:
-                    if current is not None:  # opened after the flush: nothing in it was acknowledged
-                        _cut_and_complete(out.data_path_of(current), current, 0)
-                    if st is None:
-                        removed = [p for p in completed if _unlink(p)]
-                    else:
-                        if os.path.exists(st["final"]):  # completed by a rotation after the flush (also when
-                            if st["final"] not in completed:  # the writer failed after its rename: unindexed)
-                                completed.append(st["final"])
-                                cut = st["final"]
-                            if _cut_back_completed(st["final"], st["size"], st.get("zstd_frame_bytes"),
-                                                   _stream_bytes(st)):
-                                cut = st["final"]
-                        removed = _remove_later_rotations(st)
-                        after = completed.index(st["final"]) + 1 if st["final"] in completed else len(completed)
-                        removed += [p for p in completed[after:] if _unlink(p)]  # (in case the names moved on)
-                self._done.extend(p for p in completed if p not in removed and os.path.exists(p))
-                if self.indexer is not None:
-                    for p in removed:
-                        self.indexer.removed(p)
-                    fixed = [p for p in (cut, current) if p is not None and p in self._done]
-                    if fixed:
-                        self.indexer.repair_paths(fixed)
-                if out.in_place:
-                    log.warning("%s: written on in %s after the error (a capture file is never truncated)",
-                                out.name_pattern, _free_name(cast(str, out.name_pattern)))
+                self._reset_output(out, current, st)
+            except Exception as exc:
+                errors.append(exc)
+                self._pending_resets.append((out, current, st))
+        for key, out in self._outputs.items():
+            opened: str | None = None
+            flushed = self._flushed.get(key)  # (None: nothing of this output was flushed)
+            try:
+                opened = out.abandon()
+                self._reset_output(out, opened, flushed)
             except Exception as exc:  # (the others are reset all the same, and every writer replaced:
                 errors.append(exc)    # an abandoned one would reopen its name and truncate it)
+                self._pending_resets.append((out, opened, flushed))
         for out in self._outputs.values():  # (a number the persisted state names is never reused)
             if out.in_place:  # a new in-place writer would truncate the file (its flushed data): a new one
                 self._in_place_reset = True
@@ -477,9 +464,64 @@ class FileSink(Sink):
         self._outputs.clear()  # new writers, new (free) names: a completed file is never reopened
         self._flushed.clear()
         if errors:
+            if self._pending_resets:
+                self._reset_error = errors[0]
             raise errors[0]
 
+    def _reset_output(self, out: CaptureWriter, current: str | None, st: dict[str, Any] | None) -> None:
+        """One output of :meth:`reset`, whose writer was abandoned (``current``: the file it had
+        open). Repeatable: a second run after a failure part-way does what the first left (a
+        file already cut back and completed stays so; indexes go before their files)."""
+        completed = list(out.paths)
+        removed: list[str] = []
+        cut: str | None = None
+        if current is not None and st is not None and current == st["final"]:
+            # (completed already: by a run of this that failed after the rename)
+            if (_cut_and_complete(out.data_path_of(current), current, st["size"], st.get("zstd_frame_bytes"),
+                                  _stream_bytes(st)) or (not out.in_place and os.path.exists(current))):
+                completed.append(current)
+        else:
+            if current is not None:  # opened after the flush: nothing in it was acknowledged
+                _cut_and_complete(out.data_path_of(current), current, 0)
+            if st is None:
+                removed = [p for p in completed if self._remove_file(p)]
+            else:
+                if os.path.exists(st["final"]):  # completed by a rotation after the flush (also when
+                    if st["final"] not in completed:  # the writer failed after its rename: unindexed)
+                        completed.append(st["final"])
+                        cut = st["final"]
+                    if _cut_back_completed(st["final"], st["size"], st.get("zstd_frame_bytes"),
+                                           _stream_bytes(st)):
+                        cut = st["final"]
+                removed = _remove_later_rotations(st, before_unlink=self._forget_index)
+                after = completed.index(st["final"]) + 1 if st["final"] in completed else len(completed)
+                removed += [p for p in completed[after:] if self._remove_file(p)]  # (in case the names moved on)
+        self._done.extend(p for p in completed if p not in removed and os.path.exists(p) and p not in self._done)
+        if self.indexer is not None:
+            fixed = [p for p in (cut, current) if p is not None and p in self._done]
+            if fixed:
+                self.indexer.repair_paths(fixed)
+        if out.in_place:
+            log.warning("%s: written on in %s after the error (a capture file is never truncated)",
+                        out.name_pattern, _free_name(cast(str, out.name_pattern)))
+
+    def _forget_index(self, path: str) -> None:
+        """Remove the index of a capture file about to be removed (first: a failure or crash
+        between the two then leaves a file without index -- scanned by queries, indexed by the
+        next repair -- never an index row of a file that is gone)."""
+        if self.indexer is not None:
+            self.indexer.removed(path)
+
+    def _remove_file(self, path: str, why: str = "written after the last acknowledged flush") -> bool:
+        """:func:`_unlink` after :meth:`_forget_index` (also when the file is gone already: a
+        run that failed after the unlink)."""
+        self._forget_index(path)
+        return _unlink(path, why)
+
     def flush(self) -> dict[str, Any]:
+        if self._pending_resets:  # (the caller resets, which tries them again, and writes again)
+            raise ResetPending(f"{len(self._pending_resets)} output(s) not yet back to their last flush after a "
+                               f"failed reset: {self._reset_error}")
         open_files = []
         flushed = {}
         for key, out in self._outputs.items():
@@ -530,6 +572,13 @@ class FileSink(Sink):
         that could not be completed stays ``.part``, for recovery)."""
         error: Exception | None = None
         self._closed = True  # (persisted: a state after this one names none of its outputs)
+        pending, self._pending_resets = self._pending_resets, []
+        for out, current, st in pending:  # a failed reset's last try (else: the next start's recovery)
+            try:
+                self._reset_output(out, current, st)
+            except Exception as exc:  # noqa: BLE001 - the other outputs' files are completed all the same
+                log.error("going back to the last flush of %s: %s", current or out.name_pattern, exc)
+                error = error or exc
         for out in self._outputs.values():
             try:
                 out.close()
@@ -604,6 +653,11 @@ class FileSink(Sink):
                                  *({"final": f["base"], "pattern": f["base"], "seq": f["next_seq"]}
                                    for f in unopened if _next_seq(f) is not None)])
         return {**state, "open": after}
+
+
+class ResetPending(OSError):
+    """:meth:`FileSink.flush` refused: an output's reset failed and is not done yet (nothing may
+    be acknowledged past its last flush until it is)."""
 
 
 def _log_completed(path: str) -> None:
@@ -719,7 +773,7 @@ def _remove_parts(d: str, name_re: re.Pattern[str], known: set[str], above: int 
             os.unlink(path)
 
 
-def _remove_later_rotations(f: dict[str, Any]) -> list[str]:
+def _remove_later_rotations(f: dict[str, Any], *, before_unlink: Callable[[str], None] | None = None) -> list[str]:
     """Remove the files a rotating writer completed or opened entirely after the last
     acknowledged flush (a flush group larger than the rotation size): they hold only
     unacknowledged batches, which the sensors resend. Such a file has the writer's name pattern
@@ -730,19 +784,23 @@ def _remove_later_rotations(f: dict[str, Any]) -> list[str]:
     seq, pattern, final = f.get("seq"), f.get("pattern"), f.get("final")
     if not (isinstance(seq, int) and isinstance(pattern, str) and isinstance(final, str)):
         return []  # a state written before these fields, or a writer that does not rotate
-    return _remove_rotated(pattern, os.path.dirname(final) or ".", seq + 1, keep=final)
+    return _remove_rotated(pattern, os.path.dirname(final) or ".", seq + 1, keep=final, before_unlink=before_unlink)
 
 
-def _remove_rotated(pattern: str, directory: str, first: int, keep: str | None = None) -> list[str]:
+def _remove_rotated(pattern: str, directory: str, first: int, keep: str | None = None, *,
+                    before_unlink: Callable[[str], None] | None = None) -> list[str]:
     """Remove the completed files of a rotating ``pattern`` in ``directory`` numbered ``first``
     or higher (except ``keep``): completed after the last acknowledged flush, nothing in them
-    was acknowledged. Returns their paths."""
+    was acknowledged. ``before_unlink(path)`` runs before each removal (its index first).
+    Returns their paths."""
     removed = []
     for n, path in rotated_files(pattern, directory):
         if n < first or path == keep or not os.path.isfile(path):
             continue
         log.warning("recovery: removing %s (completed after the last acknowledged flush: "
                     "nothing in it was acknowledged)", path)
+        if before_unlink is not None:
+            before_unlink(path)
         os.unlink(path)
         _drop_staged_index(path)
         removed.append(path)

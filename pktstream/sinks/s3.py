@@ -188,13 +188,29 @@ class S3Sink(Sink):
 
     def _tick(self) -> None:
         """Time rotation while no data arrives (the receiver only calls flush() after writes): a
-        file is completed ``rotate_seconds`` after it was opened even if the sensors are idle."""
+        file is completed ``rotate_seconds`` after it was opened even if the sensors are idle.
+        A rotation that fails (its rename: EIO, ENOSPC) leaves its file to a reset, which
+        completes it cut back to the last flush -- everything: nothing was written since; the
+        thread goes on (errors logged once until it works again)."""
+        failing = False
         while not self._closing.wait(0.5):
             with self._files_lock:
                 if self._closing.is_set():  # close() took the lock first: the files are closed
                     return
-                if not self._dirty:
+                if self._dirty:
+                    continue
+                try:
                     self._files.flush()  # nothing new since the last flush: this only rotates
+                    failing = False
+                    continue
+                except Exception as exc:
+                    self.counters["failures"] += 1
+                    error = self._reset_locked()
+                    if not failing:
+                        log.error("%s: time rotation in %s: %s (back to the last flush%s)", self.name,
+                                  self.staging_dir, exc, "" if error is None else f" failed too, tried again: {error}")
+                    failing = True
+            self._release_upto(self._acked_flush)
 
     # -- staging ---------------------------------------------------------------------------------
     def _completed(self, path: str) -> None:
@@ -330,18 +346,31 @@ class S3Sink(Sink):
 
     def reset(self) -> None:
         with self._files_lock:
-            before = set(self._files.paths)
-            self._files.reset()
-            self._dirty = False  # (back to the last flush: the next write starts a group)
-            self._staged_cache = (0.0, 0)
-            with self._ack_lock:
-                # files reset() removed are forgotten; what it kept holds nothing past the last
-                # flush (a file a rotation completed after it was cut back to it)
-                self._unacked = [(min(f, self._flushes), p) for f, p in self._unacked if os.path.exists(p)]
-            # files reset() cut back to the last flush and completed: acknowledged with that flush
-            for path in sorted(set(self._files.paths) - before):
-                self._hold_or_adopt(self._flushes, path)
+            error = self._reset_locked()
         self._release_upto(self._acked_flush)
+        if error is not None:
+            raise error
+
+    def _reset_locked(self) -> Exception | None:
+        """:meth:`reset` with ``_files_lock`` held; returns the staging FileSink's reset error
+        (what it completed before the error is taken all the same; the rest is retried by its
+        next reset, and its flush refuses until then)."""
+        before = set(self._files.paths)
+        error: Exception | None = None
+        try:
+            self._files.reset()
+        except Exception as exc:
+            error = exc
+        self._dirty = False  # (back to the last flush: the next write starts a group)
+        self._staged_cache = (0.0, 0)
+        with self._ack_lock:
+            # files reset() removed are forgotten; what it kept holds nothing past the last
+            # flush (a file a rotation completed after it was cut back to it)
+            self._unacked = [(min(f, self._flushes), p) for f, p in self._unacked if os.path.exists(p)]
+        # files reset() cut back to the last flush and completed: acknowledged with that flush
+        for path in sorted(set(self._files.paths) - before):
+            self._hold_or_adopt(self._flushes, path)
+        return error
 
     recover = staticmethod(FileSink.recover)
 

@@ -134,6 +134,13 @@ class SinkRunner:
         except Exception as exc:
             self.counters["failures"] += 1
             log.error("output %s: %s", self.sink.name, exc)
+            # e.g. a time rotation whose rename failed: its file is left to a reset, which
+            # completes it cut back to the last flush -- everything, at idle (without it the
+            # file stayed .part, in no later state: a crash then removed acknowledged packets)
+            try:
+                self.sink.reset()
+            except Exception as reset_exc:  # (retried by the next write's reset; its flush refuses)
+                log.error("output %s: reset failed: %s", self.sink.name, reset_exc)
 
     def flushed(self, index: int, state: dict[str, Any] | None) -> None:
         """Record a flush (event loop)."""
