@@ -970,3 +970,61 @@ def test_a_failed_spill_leaves_the_file_unindexed_never_short(tmp_path, monkeypa
     assert a.catalog().num_rows == 0
     assert got(a, "host 192.0.2.50 and port 443") == brute(root, "host 192.0.2.50 and port 443")
     assert a.last_stats.files_scanned == 1
+
+
+def test_index_writes_and_removals_that_fail_are_tried_again_when_idle(tmp_path, monkeypatch):
+    """A completed file's index write failing (disk full), an open file's indexing failing,
+    or a retention removal's index removal failing were only logged: the file stayed without an
+    index, or the index named a file that was gone, until someone ran ``pktstream index`` (a
+    crash-recovery fuzzer's disk-full runs). They are tried again when the writer is idle."""
+    import errno
+
+    import pktstream.archive.index as ix
+    import pktstream.archive.live as live
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    monkeypatch.setattr(live, "RETRY_FIRST_S", 0.0)  # (tried at the next idle tick)
+    root = tmp_path / "a"
+    sink = FileSink(directory=str(root), format="pcapng", rotate_bytes=60_000, max_files=2, index=True)
+    src = Source("s1", "h", "eth0", 1, 262144)
+    feed = batches(7, 1500, T0, per_batch=50)
+    full = OSError(errno.ENOSPC, "No space left on device")
+
+    def fail_once(real):
+        left = [1]
+
+        def f(*a, **kw):
+            if left[0]:
+                left[0] -= 1
+                raise full
+            return real(*a, **kw)
+        return f
+
+    def rows() -> set[str]:
+        return {r["path"] for r in Archive(str(root)).catalog().to_pylist()}
+
+    def files() -> set[str]:
+        return {n for n in os.listdir(root) if n.endswith(".pcapng")}
+    monkeypatch.setattr(ix.FileIndexBuilder, "add", fail_once(ix.FileIndexBuilder.add))  # file 0, written
+    monkeypatch.setattr(live, "write_index", fail_once(live.write_index))  # file 1, completed
+    k = 0
+    while len(files()) < 2:
+        sink.write(src, feed[k])
+        k += 1
+    indexer = sink.indexer
+    assert indexer.failures == 2 and indexer.pending_retries == 2 and rows() == set()
+    sink.tick()
+    assert indexer.pending_retries == 0 and rows() == files()
+    monkeypatch.setattr(live, "remove_index", fail_once(live.remove_index))  # retention's first removal
+    while len(os.listdir(root)) and "s1.000000.pcapng" in files():
+        sink.write(src, feed[k])
+        k += 1
+    assert "s1.000000.pcapng" in rows() and indexer.pending_retries == 1
+    sink.tick()
+    assert indexer.pending_retries == 0 and rows() == files()
+    for b in feed[k:]:
+        sink.write(src, b)
+    sink.close()
+    assert rows() == files() and len(files()) == 2
+    a = Archive(str(root))
+    assert got(a, "tcp") == brute(root, "tcp") != [] and a.last_stats.files_scanned == 0

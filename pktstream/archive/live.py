@@ -21,8 +21,16 @@ import time
 from typing import Any
 
 from pktstream._capture import PacketBatch
-from pktstream.archive.catalog import CHUNK_BYTES, remove_index, repair, write_index, write_snapshot
-from pktstream.archive.index import BINARY_COLUMNS, INDEX_DIR, INDEX_MAX_FLOWS, FileIndexBuilder, SpilledFlows
+from pktstream.archive.catalog import CHUNK_BYTES, read_row, remove_index, repair, write_index, write_snapshot
+from pktstream.archive.index import (
+    BINARY_COLUMNS,
+    INDEX_DIR,
+    INDEX_MAX_FLOWS,
+    CaptureReadError,
+    FileIndexBuilder,
+    IndexSpillError,
+    SpilledFlows,
+)
 from pktstream.archive.store import LocalStore
 
 log = logging.getLogger("pktstream.receiver")
@@ -32,6 +40,8 @@ SNAPSHOT_MAX_AGE_S = 30.0  # ... or seconds after a change
 SNAPSHOT_TIME_SHARE = 0.02  # ... but snapshots take at most this share of the writer thread's time
 SNAPSHOT_AT_CLOSE_MAX_S = 2.0  # at close only when the last one took at most this (shutdown stays quick)
 SNAPSHOT_KNOWN_ROWS = 64  # catalog rows written since the last snapshot kept for the next one (not read back)
+RETRY_FIRST_S = 1.0  # an index write or removal that failed (disk full, I/O error) is tried again after this,
+RETRY_MAX_S = 60.0   # then after twice as long each time, up to this
 
 
 class LiveIndexer:
@@ -69,6 +79,12 @@ class LiveIndexer:
         # {catalog file: (version, row table)} written since the last snapshot (at most
         # SNAPSHOT_KNOWN_ROWS): the next snapshot takes them from memory instead of the disk
         self._known: dict[str, tuple[str, Any]] = {}
+        # {capture file: [what ("index" | "remove"), next try (monotonic s), delay s]}: index
+        # writes and removals that failed for a reason that may pass (disk full, I/O errors),
+        # tried again while the writer is idle -- until then the file is scanned by queries
+        # (no index), or its index names a file that is gone
+        self._retry: dict[str, list[Any]] = {}
+        self._unindexed: set[str] = set()  # open files whose index was given up while written
 
     def _changed(self) -> None:
         self._changes += 1
@@ -103,8 +119,47 @@ class LiveIndexer:
         self._changes = 0
 
     def idle(self) -> None:
-        """The writer's thread has nothing to write: a snapshot held back is written when due."""
+        """The writer's thread has nothing to write: failed index writes and removals whose
+        time has come are tried again; a snapshot held back is written when due."""
+        if self._retry:
+            self._retry_due()
         self._snapshot_if_due()
+
+    @property
+    def pending_retries(self) -> int:
+        """Index writes and removals that failed and wait to be tried again."""
+        return len(self._retry)
+
+    def _schedule(self, path: str, what: str, exc: Exception) -> None:
+        """Try ``what`` for ``path`` again later when ``exc`` may pass (an OS error: disk full,
+        I/O); not for a file the index cannot describe (two sensors of one partition value)."""
+        if isinstance(exc, (OSError, CaptureReadError, IndexSpillError)):
+            self._retry[path] = [what, time.monotonic() + RETRY_FIRST_S, RETRY_FIRST_S]
+
+    def _retry_due(self) -> None:
+        now = time.monotonic()
+        for path, entry in list(self._retry.items()):
+            what, due, delay = entry
+            if due > now:
+                continue
+            rel = self._rel(path)
+            try:
+                if rel is None:
+                    pass
+                elif what == "remove" or not os.path.exists(path):
+                    remove_index(self.store, rel)
+                else:  # indexed from the file on disk (its batches are gone)
+                    repair(self.store, [rel])
+                    if read_row(self.store, rel) is None:
+                        raise OSError(f"{path}: still not indexed")
+            except Exception as exc:
+                entry[1], entry[2] = now + min(2 * delay, RETRY_MAX_S), min(2 * delay, RETRY_MAX_S)
+                log.debug("index: %s of %s failed again: %s", what, path, exc)
+                continue
+            del self._retry[path]
+            log.warning("index: %s of %s done after an earlier failure", "removal" if what == "remove" else "index",
+                        path)
+            self._changed()
 
     def close(self) -> None:
         """The outputs are closed: the snapshot is brought up to date (when anything changed,
@@ -169,11 +224,16 @@ class LiveIndexer:
             self._idbs.pop(path, None)
             entry[0].close()
             self.failures += 1
+            if isinstance(exc, (OSError, IndexSpillError)):
+                self._unindexed.add(path)  # (indexed from disk once completed)
 
     def completed(self, path: str) -> None:
         self._idbs.pop(path, None)
         entry = self._open.pop(path, None)
         if entry is None:
+            if path in self._unindexed:
+                self._unindexed.discard(path)
+                self._retry[path] = ["index", time.monotonic(), RETRY_FIRST_S]
             return
         b, fmt = entry
         try:
@@ -186,19 +246,22 @@ class LiveIndexer:
             self.indexed += 1
             self._changed()
         except Exception as exc:
-            log.warning("index: %s: %s (pktstream index repairs it)", path, exc)
+            log.warning("index: %s: %s (tried again when idle; pktstream index repairs it)", path, exc)
             self.failures += 1
+            self._schedule(path, "index", exc)
         finally:
             b.close()
 
     def removed(self, path: str) -> None:
         rel = self._rel(path)
         if rel is not None:
+            self._retry.pop(path, None)
             try:
                 remove_index(self.store, rel)
                 self._changed()
             except Exception as exc:
-                log.warning("index: removing the index of %s: %s", path, exc)
+                log.warning("index: removing the index of %s: %s (tried again when idle)", path, exc)
+                self._schedule(path, "remove", exc)
 
     def discarded(self, path: str) -> None:
         self._idbs.pop(path, None)
