@@ -48,7 +48,9 @@ class Sink:
 
     def tick(self) -> None:
         """Called about once a second while this output has nothing to write (everything
-        given so far is written and flushed): time-based work such as rotation. Default: none."""
+        given so far is written and flushed): time-based work such as rotation. When it raises,
+        the receiver calls :meth:`reset` (back to the last flush: everything, at idle).
+        Default: none."""
 
     def resume(self, state: dict[str, Any]) -> None:
         """A receiver calls this once per output that has a persisted state, after crash
