@@ -1028,3 +1028,40 @@ def test_index_writes_and_removals_that_fail_are_tried_again_when_idle(tmp_path,
     assert rows() == files() and len(files()) == 2
     a = Archive(str(root))
     assert got(a, "tcp") == brute(root, "tcp") != [] and a.last_stats.files_scanned == 0
+
+
+def test_a_file_whose_index_could_not_be_started_is_indexed_when_idle(tmp_path, monkeypatch):
+    """Starting a file's index failing (disk full making the spill directory) left the file
+    unindexed for good: only failures after the start were tried again (second fuzzing round)."""
+    import errno
+
+    import pktstream.archive.live as live
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    monkeypatch.setattr(live, "RETRY_FIRST_S", 0.0)
+    root = tmp_path / "a"
+    real = live.FileIndexBuilder
+    left = [1]
+
+    def builder(*a, **kw):
+        if left[0]:
+            left[0] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **kw)
+    monkeypatch.setattr(live, "FileIndexBuilder", builder)
+    sink = FileSink(directory=str(root), format="pcap", rotate_bytes=60_000, index=True)
+    src = Source("s1", "h", "eth0", 1, 262144)
+    feed = batches(8, 600, T0, per_batch=50)
+    k = 0
+    while not os.path.exists(root / "s1.000000.pcap"):
+        sink.write(src, feed[k])
+        k += 1
+    assert left == [0] and sink.indexer.pending_retries == 1
+    sink.tick()
+    assert sink.indexer.pending_retries == 0
+    assert "s1.000000.pcap" in {r["path"] for r in Archive(str(root)).catalog().to_pylist()}
+    for b in feed[k:]:
+        sink.write(src, b)
+    sink.close()
+    a = Archive(str(root))
+    assert got(a, "udp") == brute(root, "udp") != [] and a.last_stats.files_scanned == 0

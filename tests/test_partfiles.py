@@ -1321,6 +1321,18 @@ def _runner(sink):
     return SinkRunner(sink, maxsize=0, closing=threading.Event(), on_flushed=lambda *a: None)
 
 
+def _bounded_retries(monkeypatch, tries: int = 5) -> None:
+    """The runner's pause between tries, without the wait; past ``tries`` the test fails (a
+    runner retrying for ever is the failure, not a hang)."""
+    pauses = []
+
+    def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        if len(pauses) > tries:
+            raise AssertionError(f"the runner is still retrying after {tries} tries")
+    monkeypatch.setattr(time, "sleep", sleep)
+
+
 def _acknowledge(sink, state: dict) -> dict:
     """What the receiver does with a flushed state: save it, then acknowledge."""
     state = json.loads(json.dumps(state))
@@ -1426,7 +1438,7 @@ def test_a_reset_that_fails_is_tried_again_and_nothing_is_acknowledged_before(tm
         return real_open(f, mode, *a, **kw)
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(builtins, "open", open_)
-    monkeypatch.setattr(time, "sleep", lambda s: None)  # (the runner's pause between tries)
+    _bounded_retries(monkeypatch)
     ok, state = runner._write_with_retry([(2, src, batches[1])])
     monkeypatch.undo()
     assert ok and faults[0] == 0
@@ -1441,3 +1453,92 @@ def test_a_reset_that_fails_is_tried_again_and_nothing_is_acknowledged_before(tm
     sink.recover_unacknowledged(after, OWNER)
     sink.close()
     assert _packets(tmp_path, ".pcapng") == sorted(int(t) - 1_700_000_000 * 10**9 for b in batches for t in b.ts_ns)
+
+
+def test_a_zst_cut_back_that_fails_half_way_is_finished_by_the_next_reset(tmp_path, monkeypatch):
+    """A reset cuts a .zst file that rotation completed after the flush back by renaming it to
+    its .part name and re-encoding; the re-encode failing (EIO on its temporary file) made the
+    reset pending -- and its retry looked only for the completed name, found nothing, and went
+    on: the .part, flushed and acknowledged packets, stayed for good (second fuzzing round).
+    The retry finishes it. Through the receiver's runner."""
+    import errno
+    import random
+
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+
+    def batch(i: int, n: int) -> PacketBatch:
+        r = random.Random(i)
+        data = [b"\x02" * 12 + b"\x08\x00" + r.randbytes(300) for _ in range(n)]  # (incompressible)
+        return PacketBatch.from_records(b"".join(struct.pack("<IIII", 1_700_000_000 + i, k, len(d), len(d)) + d
+                                                 for k, d in enumerate(data)), link_type=1, interface="eth0")
+    src = Source("s1", "h", "eth0", 1, 262144)
+    sink = FileSink(directory=str(tmp_path), format="pcapng.zst", rotate_bytes=3000)
+    runner = _runner(sink)
+    sink.recover_unacknowledged(None, OWNER)
+    sink.use_acknowledgements()
+    first = batch(0, 3)
+    ok, state = runner._write_with_retry([(1, src, first)])
+    _acknowledge(sink, state)
+    group = [(2 + i, src, batch(1 + i, 8)) for i in range(3)]  # rotates: s1.000000 completed within it
+    real_flush, real_open = sink.flush, os.open
+    faults = {"flush": 1, "tmp": 1}
+
+    def flush():  # the group's flush fails once (disk full) ...
+        if faults["flush"]:
+            faults["flush"] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_flush()
+
+    def os_open(path, flags, *a, **kw):  # ... and the reset's re-encode of s1.000000 too
+        if str(path).endswith(".part.tmp") and faults["tmp"]:
+            faults["tmp"] -= 1
+            raise OSError(errno.EIO, "Input/output error", path)
+        return real_open(path, flags, *a, **kw)
+    monkeypatch.setattr(sink, "flush", flush)
+    monkeypatch.setattr(os, "open", os_open)
+    _bounded_retries(monkeypatch)
+    ok, state = runner._write_with_retry(group)
+    monkeypatch.undo()
+    assert ok and faults == {"flush": 0, "tmp": 0}
+    _acknowledge(sink, state)
+    sink.close()
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".part")]
+    want = sorted(int(t) - 1_700_000_000 * 10**9 for b in [first] + [g[2] for g in group] for t in b.ts_ns)
+    assert _packets(tmp_path, ".zst") == want
+
+
+def test_an_index_that_cannot_be_written_never_keeps_an_output_from_flushing(tmp_path, monkeypatch):
+    """A reset re-indexes the file it cut back; with the index failing (EIO on _index) that
+    error made the reset pending, and every later reset failed alike: the output never flushed
+    again, though its capture files were fine (second fuzzing round). An index failure is
+    logged and tried again later; the capture goes on."""
+    import errno
+
+    import pktstream.archive.live as live
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    batches = make_batches(3, 20)
+    src = Source("s1", "h", "eth0", 1, 262144)
+    sink = FileSink(directory=str(tmp_path), format="pcap", index=True)
+    runner = _runner(sink)
+    ok, _ = runner._write_with_retry([(1, src, batches[0])])
+    real_flush = sink.flush
+    faults = [1]
+
+    def flush():
+        if faults[0]:
+            faults[0] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_flush()
+
+    def repair(*a, **kw):
+        raise OSError(errno.EIO, "Input/output error", str(tmp_path / "_index"))
+    monkeypatch.setattr(sink, "flush", flush)
+    monkeypatch.setattr(live, "repair", repair)  # the index's directory fails for good
+    _bounded_retries(monkeypatch)
+    ok, state = runner._write_with_retry([(2, src, batches[1])])
+    assert ok and runner.counters["failures"] == 1 and sink.indexer.pending_retries >= 1
+    monkeypatch.undo()
+    sink.close()
+    assert _packets(tmp_path, ".pcap") == sorted(read_ts_of(batches[0]) + read_ts_of(batches[1]))

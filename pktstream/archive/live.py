@@ -41,7 +41,8 @@ SNAPSHOT_TIME_SHARE = 0.02  # ... but snapshots take at most this share of the w
 SNAPSHOT_AT_CLOSE_MAX_S = 2.0  # at close only when the last one took at most this (shutdown stays quick)
 SNAPSHOT_KNOWN_ROWS = 64  # catalog rows written since the last snapshot kept for the next one (not read back)
 RETRY_FIRST_S = 1.0  # an index write or removal that failed (disk full, I/O error) is tried again after this,
-RETRY_MAX_S = 60.0   # then after twice as long each time, up to this
+RETRY_MAX_S = 60.0   # then after twice as long each time, up to this,
+RETRY_ATTEMPTS = 20  # and at most this many times (~15 minutes): then pktstream index repairs it
 
 
 class LiveIndexer:
@@ -79,7 +80,7 @@ class LiveIndexer:
         # {catalog file: (version, row table)} written since the last snapshot (at most
         # SNAPSHOT_KNOWN_ROWS): the next snapshot takes them from memory instead of the disk
         self._known: dict[str, tuple[str, Any]] = {}
-        # {capture file: [what ("index" | "remove"), next try (monotonic s), delay s]}: index
+        # {capture file: [what ("index" | "remove"), next try (monotonic s), delay s, tries left]}: index
         # writes and removals that failed for a reason that may pass (disk full, I/O errors),
         # tried again while the writer is idle -- until then the file is scanned by queries
         # (no index), or its index names a file that is gone
@@ -134,12 +135,12 @@ class LiveIndexer:
         """Try ``what`` for ``path`` again later when ``exc`` may pass (an OS error: disk full,
         I/O); not for a file the index cannot describe (two sensors of one partition value)."""
         if isinstance(exc, (OSError, CaptureReadError, IndexSpillError)):
-            self._retry[path] = [what, time.monotonic() + RETRY_FIRST_S, RETRY_FIRST_S]
+            self._retry[path] = [what, time.monotonic() + RETRY_FIRST_S, RETRY_FIRST_S, RETRY_ATTEMPTS]
 
     def _retry_due(self) -> None:
         now = time.monotonic()
         for path, entry in list(self._retry.items()):
-            what, due, delay = entry
+            what, due, delay, left = entry
             if due > now:
                 continue
             rel = self._rel(path)
@@ -153,7 +154,12 @@ class LiveIndexer:
                     if read_row(self.store, rel) is None:
                         raise OSError(f"{path}: still not indexed")
             except Exception as exc:
-                entry[1], entry[2] = now + min(2 * delay, RETRY_MAX_S), min(2 * delay, RETRY_MAX_S)
+                if left <= 1:
+                    del self._retry[path]
+                    log.warning("index: %s of %s given up after %d tries: %s (pktstream index repairs it)",
+                                what, path, RETRY_ATTEMPTS, exc)
+                    continue
+                entry[1:] = [now + min(2 * delay, RETRY_MAX_S), min(2 * delay, RETRY_MAX_S), left - 1]
                 log.debug("index: %s of %s failed again: %s", what, path, exc)
                 continue
             del self._retry[path]
@@ -184,6 +190,7 @@ class LiveIndexer:
         if rel is None:
             log.warning("index: %s is outside the archive root %s: not indexed", path, self.root)
             return
+        self._retry.pop(path, None)  # (a new file of that name: a retry for the old one would remove its index)
         try:
             b = FileIndexBuilder(rel, max_chunk=self.chunk_bytes, max_flows=self.max_flows,
                                  spill_dir=self._spill_dir())
@@ -192,6 +199,8 @@ class LiveIndexer:
         except Exception as exc:  # never fail the capture
             log.warning("index: %s: %s (the file will be indexed later)", path, exc)
             self.failures += 1
+            if isinstance(exc, OSError):
+                self._unindexed.add(path)  # (indexed from disk once completed)
             return
         self._open[path] = (b, format)
 
@@ -233,7 +242,7 @@ class LiveIndexer:
         if entry is None:
             if path in self._unindexed:
                 self._unindexed.discard(path)
-                self._retry[path] = ["index", time.monotonic(), RETRY_FIRST_S]
+                self._retry[path] = ["index", time.monotonic(), RETRY_FIRST_S, RETRY_ATTEMPTS]
             return
         b, fmt = entry
         try:
@@ -270,10 +279,20 @@ class LiveIndexer:
             entry[0].close()
 
     def repair_paths(self, paths: list[str]) -> None:
-        """Index files completed outside the writer (cut back after a write error)."""
-        rels = [r for r in (self._rel(p) for p in paths) if r is not None]
-        if rels:
-            repair(self.store, rels)
+        """Index files completed outside the writer (cut back after a write error). Never
+        raises: a file it cannot index now is tried again when idle (an index failure must not
+        fail the capture -- a reset that raised would keep its output from flushing)."""
+        for path in paths:
+            rel = self._rel(path)
+            if rel is None:
+                continue
+            try:
+                repair(self.store, [rel])
+                if os.path.exists(path) and read_row(self.store, rel) is None:
+                    raise OSError(f"{path}: not indexed")
+            except Exception as exc:
+                log.warning("index: %s: %s (tried again when idle)", path, exc)
+                self._schedule(path, "index", exc if isinstance(exc, OSError) else OSError(str(exc)))
 
 
 class _RefusePandas:

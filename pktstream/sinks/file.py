@@ -486,6 +486,15 @@ class FileSink(Sink):
             if st is None:
                 removed = [p for p in completed if self._remove_file(p)]
             else:
+                part = out.data_path_of(st["final"])
+                if part != st["final"] and not os.path.exists(st["final"]) and os.path.exists(part):
+                    # a cut-back of an earlier try that failed half-way (a .zst file goes back to
+                    # its .part name to be re-encoded): finished now, never left .part
+                    if _cut_and_complete(part, st["final"], st["size"], st.get("zstd_frame_bytes"),
+                                         _stream_bytes(st)):
+                        cut = st["final"]
+                        if st["final"] not in completed:
+                            completed.append(st["final"])
                 if os.path.exists(st["final"]):  # completed by a rotation after the flush (also when
                     if st["final"] not in completed:  # the writer failed after its rename: unindexed)
                         completed.append(st["final"])
