@@ -191,6 +191,7 @@ class LiveIndexer:
             log.warning("index: %s is outside the archive root %s: not indexed", path, self.root)
             return
         self._retry.pop(path, None)  # (a new file of that name: a retry for the old one would remove its index)
+        self._unindexed.discard(path)
         try:
             b = FileIndexBuilder(rel, max_chunk=self.chunk_bytes, max_flows=self.max_flows,
                                  spill_dir=self._spill_dir())
@@ -274,6 +275,7 @@ class LiveIndexer:
 
     def discarded(self, path: str) -> None:
         self._idbs.pop(path, None)
+        self._unindexed.discard(path)  # (a reset that keeps the file indexes it: repair_paths)
         entry = self._open.pop(path, None)
         if entry is not None:
             entry[0].close()
