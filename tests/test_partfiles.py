@@ -1542,3 +1542,47 @@ def test_an_index_that_cannot_be_written_never_keeps_an_output_from_flushing(tmp
     monkeypatch.undo()
     sink.close()
     assert _packets(tmp_path, ".pcap") == sorted(read_ts_of(batches[0]) + read_ts_of(batches[1]))
+
+
+def test_a_zst_re_encode_that_fails_leaves_no_temporary_copy(tmp_path, monkeypatch):
+    """A reset re-encodes a flushed .zst file into NAME.part.tmp, then renames it over the
+    .part; the rename failing (disk full) left the temporary copy of the capture file, and a
+    crash then left it for good -- recovery removed the .part, never its .tmp (third fuzzing
+    round). A failed re-encode removes its copy; recovery removes a removed .part's."""
+    import errno
+
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    batches = make_batches(2, 3)
+    src = Source("s1", "h", "eth0", 1, 262144)
+    opts = {"directory": str(tmp_path), "format": "pcap.zst", "rotate_bytes": 1}  # (a file per group)
+    sink = FileSink(**opts)
+    sink.recover_unacknowledged(None, OWNER)
+    sink.use_acknowledgements()
+    sink.write(src, batches[0])
+    state = _acknowledge(sink, sink.flush())  # batch 0: s1.000000
+    sink.write(src, batches[1])  # s1.000001, flushed; its state never saved
+    sink.flush()
+    real_replace = os.replace
+
+    def replace(a, b, *x, **kw):
+        if str(a).endswith(".part.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device", a)
+        return real_replace(a, b, *x, **kw)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="No space"):
+        sink.reset()  # (the next group failed: back to the flush; its re-encode fails)
+    monkeypatch.undo()
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    (tmp_path / "s1.000001.pcap.zst.part.tmp").write_bytes(b"a re-encode a crash cut short")
+    _crash(sink)
+    after = FileSink.recover(state)
+    sink = FileSink(**opts)
+    sink.resume(after)
+    sink.recover_unacknowledged(after, OWNER)
+    sink.write(src, batches[1])  # resent
+    _acknowledge(sink, sink.flush())
+    sink.close()
+    names = sorted(os.listdir(tmp_path))
+    assert not [n for n in names if n.endswith((".tmp", ".part"))], names
+    assert _packets(tmp_path, ".zst") == sorted(read_ts_of(batches[0]) + read_ts_of(batches[1]))

@@ -780,6 +780,8 @@ def _remove_parts(d: str, name_re: re.Pattern[str], known: set[str], above: int 
             log.warning("recovery: removing %s (opened after the last acknowledged flush: nothing in it "
                         "was acknowledged)", path)
             os.unlink(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path + ".tmp")  # (a re-encode of it that a crash interrupted)
 
 
 def _remove_later_rotations(f: dict[str, Any], *, before_unlink: Callable[[str], None] | None = None) -> list[str]:
@@ -851,6 +853,8 @@ def _cut_and_complete(part: str, final: str, size: int, frame_bytes: int | None 
         return False
     if size == 0:
         os.unlink(part)  # nothing acknowledged went into it
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(part + ".tmp")  # (a re-encode of it that a crash interrupted)
         return False
     zst = final.endswith(".zst")
     if zst and stream_bytes is not None:
@@ -875,12 +879,23 @@ def _finish_zstd(part: str, frame_bytes: int | None = None, keep: int | None = N
     block decoder delivers every whole block of every frame and stops at a block cut off by the
     crash (or at corrupt data: everything before it is kept). ``keep``: only the first ``keep``
     decoded bytes (what was acknowledged; the rest is resent)."""
-    from pktstream.formats.reader import ZstdBlockReader
-    from pktstream.formats.writer import ZstdFileWriter
     tmp = part + ".tmp"
     buf = bytearray(_FINISH_CHUNK)
     mode = os.stat(part).st_mode & 0o777  # the capture file keeps its permissions (0640 by default)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        _reencode(part, fd, mode, buf, frame_bytes, keep)
+        os.replace(tmp, part)
+    except BaseException:  # (a failure leaves no copy of the capture file behind: the .part is as it was)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _reencode(part: str, fd: int, mode: int, buf: bytearray, frame_bytes: int | None, keep: int | None) -> None:
+    """:func:`_finish_zstd`'s re-encoding of ``part`` into the file open at ``fd`` (closed here)."""
+    from pktstream.formats.reader import ZstdBlockReader
+    from pktstream.formats.writer import ZstdFileWriter
     os.fchmod(fd, mode)
     with open(part, "rb") as f, open(fd, "wb") as out:
         z = ZstdFileWriter(out, 3, frame_bytes)
@@ -904,7 +919,6 @@ def _finish_zstd(part: str, frame_bytes: int | None = None, keep: int | None = N
         elif keep is not None and _more(src, buf):  # (only to say so: the tail is resent)
             log.warning("recovery: %s cut to the %d decoded bytes acknowledged (the unacknowledged tail "
                         "is resent)", part, keep)
-    os.replace(tmp, part)
 
 
 def _more(src, buf: bytearray) -> bool:
