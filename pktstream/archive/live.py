@@ -44,6 +44,8 @@ RETRY_FIRST_S = 1.0  # an index write or removal that failed (disk full, I/O err
 RETRY_MAX_S = 60.0   # then after twice as long each time, up to this,
 RETRY_ATTEMPTS = 20  # and at most this many times (~15 minutes): then pktstream index repairs it
 
+_PASSING = (OSError, CaptureReadError, IndexSpillError)  # index failures that may pass (retried)
+
 
 class LiveIndexer:
     """Indexes the files of one archive root as they are written.
@@ -131,11 +133,19 @@ class LiveIndexer:
         """Index writes and removals that failed and wait to be tried again."""
         return len(self._retry)
 
-    def _schedule(self, path: str, what: str, exc: Exception) -> None:
-        """Try ``what`` for ``path`` again later when ``exc`` may pass (an OS error: disk full,
-        I/O); not for a file the index cannot describe (two sensors of one partition value)."""
-        if isinstance(exc, (OSError, CaptureReadError, IndexSpillError)):
-            self._retry[path] = [what, time.monotonic() + RETRY_FIRST_S, RETRY_FIRST_S, RETRY_ATTEMPTS]
+    def _schedule(self, path: str, what: str, exc: Exception | None, delay_s: float | None = None) -> None:
+        """Try ``what`` for ``path`` again after ``delay_s`` (default RETRY_FIRST_S) when ``exc``
+        may pass (None, or an OS error: disk full, I/O); not for a file the index cannot
+        describe (two sensors of one partition value)."""
+        if exc is None or isinstance(exc, _PASSING):
+            first = RETRY_FIRST_S if delay_s is None else delay_s
+            self._retry[path] = [what, time.monotonic() + first, RETRY_FIRST_S, RETRY_ATTEMPTS]
+
+    def _index_from_disk(self, path: str, rel: str) -> None:
+        """Index ``path`` from the file (its batches are gone); raises when it has no row after."""
+        repair(self.store, [rel])
+        if os.path.exists(path) and read_row(self.store, rel) is None:
+            raise OSError(f"{path}: not indexed")
 
     def _retry_due(self) -> None:
         now = time.monotonic()
@@ -149,10 +159,8 @@ class LiveIndexer:
                     pass
                 elif what == "remove" or not os.path.exists(path):
                     remove_index(self.store, rel)
-                else:  # indexed from the file on disk (its batches are gone)
-                    repair(self.store, [rel])
-                    if read_row(self.store, rel) is None:
-                        raise OSError(f"{path}: still not indexed")
+                else:
+                    self._index_from_disk(path, rel)
             except Exception as exc:
                 if left <= 1:
                     del self._retry[path]
@@ -200,7 +208,7 @@ class LiveIndexer:
         except Exception as exc:  # never fail the capture
             log.warning("index: %s: %s (the file will be indexed later)", path, exc)
             self.failures += 1
-            if isinstance(exc, OSError):
+            if isinstance(exc, _PASSING):
                 self._unindexed.add(path)  # (indexed from disk once completed)
             return
         self._open[path] = (b, format)
@@ -234,7 +242,7 @@ class LiveIndexer:
             self._idbs.pop(path, None)
             entry[0].close()
             self.failures += 1
-            if isinstance(exc, (OSError, IndexSpillError)):
+            if isinstance(exc, _PASSING):
                 self._unindexed.add(path)  # (indexed from disk once completed)
 
     def completed(self, path: str) -> None:
@@ -243,7 +251,7 @@ class LiveIndexer:
         if entry is None:
             if path in self._unindexed:
                 self._unindexed.discard(path)
-                self._retry[path] = ["index", time.monotonic(), RETRY_FIRST_S, RETRY_ATTEMPTS]
+                self._schedule(path, "index", None, delay_s=0.0)
             return
         b, fmt = entry
         try:
@@ -289,12 +297,10 @@ class LiveIndexer:
             if rel is None:
                 continue
             try:
-                repair(self.store, [rel])
-                if os.path.exists(path) and read_row(self.store, rel) is None:
-                    raise OSError(f"{path}: not indexed")
+                self._index_from_disk(path, rel)
             except Exception as exc:
                 log.warning("index: %s: %s (tried again when idle)", path, exc)
-                self._schedule(path, "index", exc if isinstance(exc, OSError) else OSError(str(exc)))
+                self._schedule(path, "index", None)
 
 
 class _RefusePandas:

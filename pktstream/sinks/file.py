@@ -437,14 +437,7 @@ class FileSink(Sink):
         :meth:`flush` refuses until it worked: nothing is acknowledged past a flush whose file
         is not back to it (the persisted state still names it, so a crash meanwhile is
         recovered from it)."""
-        errors: list[Exception] = []
-        pending, self._pending_resets = self._pending_resets, []
-        for out, current, st in pending:  # (a reset that failed before: again, first)
-            try:
-                self._reset_output(out, current, st)
-            except Exception as exc:
-                errors.append(exc)
-                self._pending_resets.append((out, current, st))
+        errors = self._retry_pending_resets()  # (a reset that failed before: again, first)
         for key, out in self._outputs.items():
             opened: str | None = None
             flushed = self._flushed.get(key)  # (None: nothing of this output was flushed)
@@ -468,6 +461,19 @@ class FileSink(Sink):
                 self._reset_error = errors[0]
             raise errors[0]
 
+    def _retry_pending_resets(self) -> list[Exception]:
+        """Try the resets that failed before again; those failing again stay pending. Returns
+        their errors."""
+        errors: list[Exception] = []
+        pending, self._pending_resets = self._pending_resets, []
+        for out, current, st in pending:
+            try:
+                self._reset_output(out, current, st)
+            except Exception as exc:
+                errors.append(exc)
+                self._pending_resets.append((out, current, st))
+        return errors
+
     def _reset_output(self, out: CaptureWriter, current: str | None, st: dict[str, Any] | None) -> None:
         """One output of :meth:`reset`, whose writer was abandoned (``current``: the file it had
         open). Repeatable: a second run after a failure part-way does what the first left (a
@@ -487,20 +493,17 @@ class FileSink(Sink):
                 removed = [p for p in completed if self._remove_file(p)]
             else:
                 part = out.data_path_of(st["final"])
-                if part != st["final"] and not os.path.exists(st["final"]) and os.path.exists(part):
-                    # a cut-back of an earlier try that failed half-way (a .zst file goes back to
-                    # its .part name to be re-encoded): finished now, never left .part
-                    if _cut_and_complete(part, st["final"], st["size"], st.get("zstd_frame_bytes"),
-                                         _stream_bytes(st)):
-                        cut = st["final"]
-                        if st["final"] not in completed:
-                            completed.append(st["final"])
+                # a cut-back of an earlier try that failed half-way (a .zst file goes back to its
+                # .part name to be re-encoded): finished now, never left .part
+                finished = (part != st["final"] and not os.path.exists(st["final"]) and os.path.exists(part)
+                            and _cut_and_complete(part, st["final"], st["size"], st.get("zstd_frame_bytes"),
+                                                  _stream_bytes(st)))
                 if os.path.exists(st["final"]):  # completed by a rotation after the flush (also when
                     if st["final"] not in completed:  # the writer failed after its rename: unindexed)
                         completed.append(st["final"])
                         cut = st["final"]
-                    if _cut_back_completed(st["final"], st["size"], st.get("zstd_frame_bytes"),
-                                           _stream_bytes(st)):
+                    if finished or _cut_back_completed(st["final"], st["size"], st.get("zstd_frame_bytes"),
+                                                       _stream_bytes(st)):
                         cut = st["final"]
                 removed = _remove_later_rotations(st, before_unlink=self._forget_index)
                 after = completed.index(st["final"]) + 1 if st["final"] in completed else len(completed)
@@ -581,13 +584,10 @@ class FileSink(Sink):
         that could not be completed stays ``.part``, for recovery)."""
         error: Exception | None = None
         self._closed = True  # (persisted: a state after this one names none of its outputs)
-        pending, self._pending_resets = self._pending_resets, []
-        for out, current, st in pending:  # a failed reset's last try (else: the next start's recovery)
-            try:
-                self._reset_output(out, current, st)
-            except Exception as exc:  # noqa: BLE001 - the other outputs' files are completed all the same
-                log.error("going back to the last flush of %s: %s", current or out.name_pattern, exc)
-                error = error or exc
+        for exc in self._retry_pending_resets():  # a failed reset's last try (else: the next start's recovery)
+            log.error("going back to the last flush: %s", exc)
+            error = error or exc
+        self._pending_resets = []
         for out in self._outputs.values():
             try:
                 out.close()
