@@ -1586,3 +1586,77 @@ def test_a_zst_re_encode_that_fails_leaves_no_temporary_copy(tmp_path, monkeypat
     names = sorted(os.listdir(tmp_path))
     assert not [n for n in names if n.endswith((".tmp", ".part"))], names
     assert _packets(tmp_path, ".zst") == sorted(read_ts_of(batches[0]) + read_ts_of(batches[1]))
+
+
+def _restart(opts: dict, state: dict):
+    """A receiver's start after a crash: recovery from the saved ``state``, then a new sink."""
+    from pktstream.sinks import FileSink
+    after = FileSink.recover(state)
+    sink = FileSink(**opts)
+    sink.resume(after)
+    sink.recover_unacknowledged(after, OWNER)
+    sink.use_acknowledgements()
+    return sink
+
+
+@pytest.mark.parametrize("fmt,index", [("pcapng", True), ("pcap.zst", False)])
+@pytest.mark.parametrize("saved_open", [True, False], ids=["state-names-the-open-file", "state-names-no-file"])
+def test_an_output_reset_twice_before_a_saved_state_holds_nothing_twice_after_a_crash(tmp_path, fmt, index,
+                                                                                        saved_open):
+    """A per-sensor output that does not rotate moves on to s1~1 after a reset; a second reset
+    before the next saved state completed s1~1 (cut back to a flush no saved state names), and
+    recovery removed only .part files of those names: after a crash the sensors resent its
+    packets into s1~2, twice in the archive (third fuzzing round, documented until now). Free
+    names now only grow, the state records the number (``free``, ``next_free``), and recovery
+    removes completed files numbered after it -- with their index rows."""
+    from pktstream.sinks.base import Source
+    src = Source("s1", "h", "eth0", 1, 262144)
+    batches = make_batches(3, 4)
+    opts = {"directory": str(tmp_path), "format": fmt, "index": index}
+    sink = _restart(opts, {})
+    sink.write(src, batches[0])
+    state = _acknowledge(sink, sink.flush())  # batch 0 in s1, acknowledged
+    sink.reset()  # the next group failed (disk full): back to that flush; s1~1 is next
+    if not saved_open:  # a state saved now names the output, with no file open
+        state = _acknowledge(sink, sink.flush())
+        assert [e.get("next_free") for e in state["names"]] == [1]
+    sink.write(src, batches[1])  # the group again, in s1~1
+    sink.flush()  # flushed; the receiver dies before its state is saved ...
+    sink.reset()  # ... after a second write error: s1~1 completed, cut back to that flush
+    ext = "." + fmt
+    assert (tmp_path / f"s1~1{ext}").exists()
+    _crash(sink)
+    sink = _restart(opts, state)
+    assert not (tmp_path / f"s1~1{ext}").exists()
+    if index:  # (its index went with it)
+        from pktstream.archive import Archive
+        assert [r["path"] for r in Archive(str(tmp_path)).catalog().to_pylist()] == [f"s1{ext}"]
+    sink.write(src, batches[1])  # resent: never acknowledged
+    sink.write(src, batches[2])
+    _acknowledge(sink, sink.flush())
+    sink.close()
+    names = sorted(n for n in os.listdir(tmp_path) if n.endswith(ext))
+    assert names == [f"s1{ext}", f"s1~1{ext}"]  # (the removed s1~1's number: free again)
+    assert _packets(tmp_path, ext) == sorted(read_ts_of(batches[0]) + read_ts_of(batches[1]) + read_ts_of(batches[2]))
+    if index:
+        assert sorted(r["path"] for r in Archive(str(tmp_path)).catalog().to_pylist()) == names
+
+
+def test_free_names_are_numbered_past_every_file_of_the_names(tmp_path):
+    """A non-rotating output's next name after a reset is past the highest number of its
+    names present (a removed s1~1 is not used again: recovery takes higher numbers for files
+    newer than its state), and so is a restart's first file."""
+    from pktstream.sinks.base import Source
+    src = Source("s1", "h", "eth0", 1, 262144)
+    batch = make_batches(1, 3)[0]
+    for name in ("s1.pcapng", "s1~2.pcapng.part", "s1~3.pcap", "s10.pcapng"):  # (the last two: other names)
+        (tmp_path / name).write_bytes(b"")
+    sink = _restart({"directory": str(tmp_path)}, {})
+    sink.write(src, batch)
+    assert sink.flush()["open"][0]["final"] == str(tmp_path / "s1~3.pcapng")
+    sink.reset()
+    os.unlink(tmp_path / "s1~3.pcapng")
+    sink.write(src, batch)
+    st = sink.flush()["open"][0]
+    assert (st["final"], st["free"]) == (str(tmp_path / "s1~4.pcapng"), 4)
+    sink.close()

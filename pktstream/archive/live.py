@@ -332,8 +332,9 @@ def allow_pandas() -> None:
 
 
 def recover_index(root: str, outputs: list[dict] | None = None) -> dict:
-    """After a crash: the files of these outputs (``FileSink`` state entries: ``final``, and for
-    rotating ones ``pattern``/``seq``) get a current index -- the files recovery completed or cut
+    """After a crash: the files of these outputs (``FileSink`` state entries: ``final``, for
+    rotating ones ``pattern``/``seq``, and ``names_re``: a regular expression of the basenames
+    of the output's files whose indexes go with them) get a current index -- the files recovery completed or cut
     back, and the ``RECOVER_RECENT_FILES`` before the open one (a crash between a rename and its
     index) -- and the indexes of their files that are gone are removed. Other files under
     ``root`` are not touched (``pktstream index`` indexes an archive whole). ``outputs`` None:
@@ -361,6 +362,9 @@ def recover_index(root: str, outputs: list[dict] | None = None) -> dict:
                                 for n, path in rotated_files(pattern, d) if n >= seq - RECOVER_RECENT_FILES)
                 else:
                     dirs.setdefault(d, []).append(re.compile(re.escape(os.path.basename(final))))
+                names_re = f.get("names_re")  # (the names of the output's other files, removed or not)
+                if isinstance(names_re, str):
+                    dirs.setdefault(d, []).append(re.compile(names_re))
             def ours(rel: str) -> bool:
                 path = os.path.join(store.root, rel)
                 return any(r.fullmatch(os.path.basename(path)) for r in dirs.get(os.path.dirname(path), ()))

@@ -37,18 +37,43 @@ def safe_name(text: str) -> str:
     return cleaned
 
 
-def _free_name(base: str, sep: str = ".") -> str:
-    """``base`` if neither it nor its ``.part`` exists, else ``stem.N.ext`` (never overwrite);
-    ``sep="~"``: ``stem~N.ext``, for per-sensor files (a sensor id never holds ``~``, so the
-    archive tells the suffix from an id ending in a number: ``node.12``)."""
+def _free_name(base: str, sep: str = ".", floor: int = 0) -> tuple[str, int]:
+    """The name a non-rotating output of ``base`` opens, and its number: ``base`` (0) if no
+    file of its names exists, else ``stem.N.ext`` (``sep="~"``: ``stem~N.ext``, for per-sensor
+    files: a sensor id never holds ``~``, so the archive tells the suffix from an id ending in a
+    number, ``node.12``) numbered past every file of its names present (also as ``.part``) and
+    at least ``floor``. Never overwrites; and numbers only grow, so recovery tells the files
+    opened after a saved state (higher numbers) from those before it."""
     stem, ext = split_ext(base)
     ext = ext or ".pcap"
-    n = 0
-    while True:
-        name = f"{stem}{ext}" if n == 0 else f"{stem}{sep}{n}{ext}"
-        if not os.path.exists(name) and not os.path.exists(name + ".part"):
-            return name
-        n += 1
+    numbers = _free_numbers(base, sep, part=None)
+    n = max(floor, max(numbers) + 1 if numbers else 0)
+    return (f"{stem}{ext}" if n == 0 else f"{stem}{sep}{n}{ext}"), n
+
+
+def _free_re(base: str, sep: str, part: bool | None) -> re.Pattern[str]:
+    """The names of a non-rotating output of ``base``: ``stem.ext`` and the free names
+    (``stem<sep>N.ext``, :func:`_free_name`; group 1: N), completed (``part`` False), ``.part``
+    (True) or both (None)."""
+    stem, ext = split_ext(os.path.basename(base))
+    suffix = {False: "", True: r"\.part", None: r"(?:\.part)?"}[part]
+    return re.compile(rf"{re.escape(stem)}(?:{re.escape(sep)}(\d+))?{re.escape(ext or '.pcap')}{suffix}")
+
+
+def _free_numbers(base: str, sep: str, part: bool | None) -> dict[int, str]:
+    """The files of ``base``'s names present (:func:`_free_re`): number -> path."""
+    d = os.path.dirname(base) or "."
+    name_re = _free_re(base, sep, part)
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return {}
+    found = {}
+    for name in names:
+        m = name_re.fullmatch(name)
+        if m:
+            found[int(m.group(1) or 0)] = os.path.join(os.path.dirname(base), name)
+    return found
 
 
 def _make_dir(d: str) -> None:
@@ -196,6 +221,11 @@ class FileSink(Sink):
         # output key -> the name pattern it was given: kept across resets (and resumed from the
         # state) so an output keeps its names -- the state and its recovery go by them
         self._bases: dict[Any, str] = {}
+        # a non-rotating output moves on to a free name after a reset (NAME~1.pcapng): output key
+        # -> the number of its file open now, and the lowest its next one may get (a reset may
+        # remove its file; the number is not used again)
+        self._free_seq: dict[Any, int] = {}
+        self._free_floor: dict[Any, int] = {}
         # crash safety of outputs no persisted state names yet (a receiver with a state dir:
         # recover_unacknowledged turns it on): the names of the files such an output opens go
         # into a marker file (UNACKED_PREFIX) first, removed by persisted() when a state naming
@@ -247,7 +277,11 @@ class FileSink(Sink):
         if out is None:
             base = self._bases.get(key) or self._new_base(key, source, batch)
             in_place = self.in_place and base == self.path and not self._in_place_reset
-            name = base if self._rotating or in_place else _free_name(base, "~" if self.directory else ".")
+            if self._rotating or in_place:
+                name = base
+            else:
+                name, n = _free_name(base, self._sep, self._free_floor.get(key, 0))
+                self._free_seq[key], self._free_floor[key] = n, n + 1
             on_open = functools.partial(self._opening, key) if self._markers and not in_place else None
             out = self._outputs[key] = CaptureWriter(name, format=self.format, in_place=in_place,
                                                      observer=self.indexer, first_seq=self._seq_floor.get(name, 0),
@@ -260,10 +294,23 @@ class FileSink(Sink):
     def _rotating(self) -> bool:
         return bool(self.opts["rotate_bytes"] or self.opts["rotate_seconds"] or self.opts["max_files"])
 
+    @property
+    def _sep(self) -> str:
+        """The separator of free names: ``stem~N.ext`` per sensor, ``stem.N.ext`` for a path."""
+        return "~" if self.directory else "."
+
     def _names_of(self, key: Any) -> dict[str, Any]:
         """An output's names as the state keeps them: its key, name pattern and the separator of
-        its free names (``stem~N.ext`` per sensor, ``stem.N.ext`` for a path)."""
-        return {"output": list(key), "base": self._bases[key], "sep": "~" if self.directory else "."}
+        its free names."""
+        return {"output": list(key), "base": self._bases[key], "sep": self._sep}
+
+    def _next_free(self, key: Any) -> int:
+        """The lowest number a non-rotating output's next file may get: past its last file
+        opened here, or past every file of its names in the directory (one look, then kept)."""
+        floor = self._free_floor.get(key)
+        if floor is None:
+            floor = self._free_floor[key] = _free_name(self._bases[key], self._sep)[1]
+        return floor
 
     def _new_base(self, key: Any, source: Source, batch: PacketBatch) -> str:
         """The name pattern of a new output (recorded: a reset does not rename it)."""
@@ -515,7 +562,7 @@ class FileSink(Sink):
                 self.indexer.repair_paths(fixed)
         if out.in_place:
             log.warning("%s: written on in %s after the error (a capture file is never truncated)",
-                        out.name_pattern, _free_name(cast(str, out.name_pattern)))
+                        out.name_pattern, _free_name(cast(str, out.name_pattern))[0])
 
     def _forget_index(self, path: str) -> None:
         """Remove the index of a capture file about to be removed (first: a failure or crash
@@ -545,17 +592,25 @@ class FileSink(Sink):
                 # which output, and the names it gives files: recovery removes only .part files
                 # of those names, and the next run keeps them (resume)
                 st.update(self._names_of(key))
+                if key in self._free_seq and not out.in_place:
+                    st["free"] = self._free_seq[key]  # (recovery removes its names' higher numbers)
                 open_files.append(st)
                 flushed[key] = st
         # outputs with no file open at this flush (opened after a reset, a second link type):
         # any .part of theirs at a crash holds only what is resent
-        names = [{**self._names_of(k), "rotating": self._rotating} for k in self._bases if k not in flushed]
-        for entry in names:
+        names = []
+        for k in self._bases:
+            if k in flushed:
+                continue
+            entry = {**self._names_of(k), "rotating": self._rotating}
             floor = self._seq_floor.get(entry["base"])
             if self._rotating and floor is not None:
                 # the lowest number its next file gets: every file of its pattern numbered so is
                 # newer than this flush (recovery removes them; before, rotated ones stayed)
                 entry["next_seq"] = floor
+            elif not self._rotating:  # the same for the free names of one that does not rotate
+                entry["next_free"] = self._next_free(k)
+            names.append(entry)
         self._flushed.update(flushed)  # (only when every output flushed: a reset goes back to one state)
         state: dict[str, Any] = {"open": open_files}
         if names:
@@ -645,6 +700,7 @@ class FileSink(Sink):
             else:
                 _cut_back_completed(final, size, frame_bytes, _stream_bytes(f))
             _remove_later_rotations(f)
+            _remove_later_free(f)
             after.append({**f, "size": os.path.getsize(final)} if os.path.isfile(final) else f)
             if persist is not None and after[-1] != f:
                 persist({**state, "open": after + entries[k + 1:]})
@@ -653,6 +709,7 @@ class FileSink(Sink):
         unopened = _state_entries(state, ("names",))
         for f in unopened:
             _remove_parts_of_unopened(f, known)
+            _remove_later_free(f)
         root = state.get("index_root")
         if isinstance(root, str) and os.path.isdir(root):
             from pktstream.archive.live import recover_index
@@ -660,7 +717,9 @@ class FileSink(Sink):
             # and those an unopened rotating output may have completed after the flush
             recover_index(root, [*state.get("open", []),
                                  *({"final": f["base"], "pattern": f["base"], "seq": f["next_seq"]}
-                                   for f in unopened if _next_seq(f) is not None)])
+                                   for f in unopened if _next_seq(f) is not None),
+                                 *({"final": f["base"], "names_re": _free_re(f["base"], f["sep"], part=False).pattern}
+                                   for f in _state_entries(state) if _free_first(f) is not None)])
         return {**state, "open": after}
 
 
@@ -732,7 +791,7 @@ def _remove_later_parts(f: dict[str, Any], known: set[str]) -> None:
             name_re = re.compile(rf"{re.escape(m.group(1))}\.(\d{{6,}}){re.escape(ext)}\.part")
             _remove_parts(os.path.dirname(final), name_re, known, above=seq)
     elif isinstance(base, str) and sep in (".", "~"):
-        _remove_parts(os.path.dirname(final), _free_parts_re(base, sep), known)
+        _remove_parts(os.path.dirname(final), _free_re(base, sep, part=True), known)
 
 
 def _next_seq(f: dict[str, Any]) -> int | None:
@@ -750,18 +809,45 @@ def _remove_parts_of_unopened(f: dict[str, Any], known: set[str]) -> None:
     base, sep, rotating = f.get("base"), f.get("sep"), f.get("rotating")
     if not (isinstance(base, str) and sep in (".", "~") and isinstance(rotating, bool)) or "%" in base:
         return
-    name_re = re.compile(rotated_name_re(base).pattern + r"\.part") if rotating else _free_parts_re(base, sep)
+    name_re = re.compile(rotated_name_re(base).pattern + r"\.part") if rotating else _free_re(base, sep, part=True)
     _remove_parts(os.path.dirname(base), name_re, known)
     first = _next_seq(f)
     if rotating and first is not None:
         _remove_rotated(base, os.path.dirname(base) or ".", first)
 
 
-def _free_parts_re(base: str, sep: str) -> re.Pattern[str]:
-    """The ``.part`` names of a non-rotating output of ``base``: ``stem.ext``, and the free
-    names a reset moves on to (``stem<sep>N.ext``, :func:`_free_name`)."""
-    stem, ext = split_ext(os.path.basename(base))
-    return re.compile(rf"{re.escape(stem)}(?:{re.escape(sep)}\d+)?{re.escape(ext or '.pcap')}\.part")
+def _free_first(f: dict[str, Any]) -> int | None:
+    """The lowest free-name number of a non-rotating output (state entry) that a file opened
+    after the flush has: past the file open at it (``free``), or ``next_free`` with none open.
+    None: not such an entry (or a state written before 2026-12-04, without the numbers)."""
+    base, sep, free, first = f.get("base"), f.get("sep"), f.get("free"), f.get("next_free")
+    if not (isinstance(base, str) and sep in (".", "~")) or "%" in base:
+        return None
+    for n, add in ((free, 1), (first, 0)):
+        if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+            return n + add
+    return None
+
+
+def _remove_later_free(f: dict[str, Any]) -> list[str]:
+    """Remove the completed files a non-rotating output opened after the last acknowledged
+    flush: its free names numbered :func:`_free_first` or higher (an output reset twice before
+    the next saved state completes the file it moved on to, cut back to a flush no saved state
+    names; nothing in it was acknowledged, the sensors resend it). Free names only grow
+    (:func:`_free_name`), so no earlier file has such a number. Returns their paths; their
+    index goes with :func:`pktstream.archive.live.recover_index` (``names_re``)."""
+    first = _free_first(f)
+    if first is None:
+        return []
+    removed = []
+    for n, path in sorted(_free_numbers(f["base"], f["sep"], part=False).items()):
+        if n >= first and path != f.get("final") and os.path.isfile(path):
+            log.warning("recovery: removing %s (opened after the last acknowledged flush: nothing in it "
+                        "was acknowledged)", path)
+            os.unlink(path)
+            _drop_staged_index(path)
+            removed.append(path)
+    return removed
 
 
 def _remove_parts(d: str, name_re: re.Pattern[str], known: set[str], above: int | None = None) -> None:
