@@ -1030,6 +1030,51 @@ def test_index_writes_and_removals_that_fail_are_tried_again_when_idle(tmp_path,
     assert got(a, "tcp") == brute(root, "tcp") != [] and a.last_stats.files_scanned == 0
 
 
+@pytest.mark.parametrize("fails_again", [False, True])
+def test_an_index_write_waiting_to_be_tried_again_is_tried_at_close(tmp_path, monkeypatch, caplog, fails_again):
+    """A failed index write waits for an idle tick; an output closed before it (a receiver
+    stopped within the retry's delay) dropped it, and the file stayed without an index until
+    someone ran ``pktstream index``. Close tries every waiting retry a last time, and names the
+    file when that fails too."""
+    import errno
+
+    import pktstream.archive.live as live
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    monkeypatch.setattr(live, "RETRY_FIRST_S", 3600.0)  # (never due before the close)
+    root = tmp_path / "a"
+    sink = FileSink(directory=str(root), format="pcapng", rotate_bytes=60_000, index=True)
+    src = Source("s1", "h", "eth0", 1, 262144)
+    real = live.write_index
+    full = OSError(errno.ENOSPC, "No space left on device")
+    calls = []
+
+    def write_index(*a, **kw):  # the completed file's index write fails once ...
+        calls.append(a)
+        if len(calls) == 1:
+            raise full
+        return real(*a, **kw)
+
+    def repair(*a, **kw):  # ... and, with fails_again, its retry (indexing from the file) too
+        raise full
+    monkeypatch.setattr(live, "write_index", write_index)
+    if fails_again:
+        monkeypatch.setattr(live, "repair", repair)
+    feed = batches(4, 600, T0, per_batch=50)
+    k = 0
+    while not os.path.exists(root / "s1.000000.pcapng"):
+        sink.write(src, feed[k])
+        k += 1
+    sink.tick()
+    assert sink.indexer.pending_retries == 1
+    sink.close()
+    assert sink.indexer.pending_retries == 0
+    catalog = {r["path"] for r in Archive(str(root)).catalog().to_pylist()}
+    assert ("s1.000000.pcapng" in catalog) is not fails_again
+    assert fails_again is any("s1.000000.pcapng given up, tried 2 times (the output closed)" in r.getMessage()
+                              for r in caplog.records)
+
+
 def test_a_file_whose_index_could_not_be_started_is_indexed_when_idle(tmp_path, monkeypatch):
     """Starting a file's index failing (disk full making the spill directory) left the file
     unindexed for good: only failures after the start were tried again (second fuzzing round)."""

@@ -147,11 +147,12 @@ class LiveIndexer:
         if os.path.exists(path) and read_row(self.store, rel) is None:
             raise OSError(f"{path}: not indexed")
 
-    def _retry_due(self) -> None:
+    def _retry_due(self, last: bool = False) -> None:
+        """The retries whose time has come (``last``: every one, a last time: the output closes)."""
         now = time.monotonic()
         for path, entry in list(self._retry.items()):
             what, due, delay, left = entry
-            if due > now:
+            if due > now and not last:
                 continue
             rel = self._rel(path)
             try:
@@ -162,10 +163,10 @@ class LiveIndexer:
                 else:
                     self._index_from_disk(path, rel)
             except Exception as exc:
-                if left <= 1:
+                if left <= 1 or last:
                     del self._retry[path]
-                    log.warning("index: %s of %s given up after %d tries: %s (pktstream index repairs it)",
-                                what, path, RETRY_ATTEMPTS, exc)
+                    log.warning("index: %s of %s given up, tried %d times%s: %s (pktstream index repairs it)",
+                                what, path, RETRY_ATTEMPTS - left + 2, " (the output closed)" if last else "", exc)
                     continue
                 entry[1:] = [now + min(2 * delay, RETRY_MAX_S), min(2 * delay, RETRY_MAX_S), left - 1]
                 log.debug("index: %s of %s failed again: %s", what, path, exc)
@@ -176,8 +177,12 @@ class LiveIndexer:
             self._changed()
 
     def close(self) -> None:
-        """The outputs are closed: the snapshot is brought up to date (when anything changed,
-        and it is quick: see :meth:`_snapshot_if_due`)."""
+        """The outputs are closed: index writes and removals still waiting to be tried again
+        are tried a last time (whatever their time; those failing again are named), and the
+        snapshot is brought up to date (when anything changed, and it is quick: see
+        :meth:`_snapshot_if_due`)."""
+        if self._retry:
+            self._retry_due(last=True)
         self._snapshot_if_due(final=True)
 
     def _spill_dir(self) -> str:
