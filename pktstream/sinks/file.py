@@ -982,8 +982,8 @@ def _reencode(part: str, fd: int, mode: int, buf: bytearray, frame_bytes: int | 
     """:func:`_finish_zstd`'s re-encoding of ``part`` into the file open at ``fd`` (closed here)."""
     from pktstream.formats.reader import ZstdBlockReader
     from pktstream.formats.writer import ZstdFileWriter
-    os.fchmod(fd, mode)
-    with open(part, "rb") as f, open(fd, "wb") as out:
+    with open(fd, "wb") as out, open(part, "rb") as f:  # (the descriptor owned first: closed whatever fails)
+        os.fchmod(fd, mode)
         z = ZstdFileWriter(out, 3, frame_bytes)
         src = ZstdBlockReader(f, part)
         left = keep
