@@ -49,6 +49,13 @@ def incompressible_batches(n_batches: int, per_batch: int) -> list[PacketBatch]:
     return out
 
 
+def _ls(d) -> list[str]:
+    """The names in directory ``d``, sorted, but the writer record every run with a state dir
+    keeps there (sinks.file.WRITER_RECORD)."""
+    from pktstream.sinks.file import WRITER_RECORD
+    return sorted(n for n in os.listdir(d) if n != WRITER_RECORD)
+
+
 def read_ts(path: str) -> list[int]:
     """Timestamps of every packet a reader gets from ``path`` (a truncated tail is allowed)."""
     with warnings.catch_warnings():
@@ -346,7 +353,7 @@ def test_the_receiver_numbers_files_after_those_its_state_names(tmp_path):
     assert sorted(os.listdir(out)) == ["s1.000000.pcap"]  # recovered
     os.unlink(out / "s1.000000.pcap")  # taken away (uploaded, moved out of staging)
     sink.write(src, batches[1])
-    assert sorted(os.listdir(out)) == ["s1.000001.pcap.part"]
+    assert _ls(out) == ["s1.000001.pcap.part"]
     ingest.shutdown()
     sink.close()
 
@@ -1009,7 +1016,7 @@ def test_recovery_removes_the_files_of_a_sensor_first_seen_after_the_last_flush(
     again = FileSink(**opts)
     removed = again.recover_unacknowledged(after, OWNER)
     assert sorted(os.path.basename(p) for p in removed) == b_files
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(("b.", ".pktstream-"))]
+    assert not [n for n in _ls(tmp_path) if n.startswith(("b.", ".pktstream-"))]
     again.resume(after)
     again.use_acknowledgements()
     for x in b[:3]:  # the sensor resends what was not acknowledged
@@ -1035,7 +1042,7 @@ def test_a_crash_between_saving_the_state_and_removing_the_marker_keeps_the_file
     assert sum(n.startswith(".pktstream-unacked-") for n in os.listdir(tmp_path)) == 1
     after = FileSink.recover(state)
     assert FileSink(directory=str(tmp_path), format="pcapng").recover_unacknowledged(after, OWNER) == []
-    assert sorted(os.listdir(tmp_path)) == ["b.pcapng"]
+    assert _ls(tmp_path) == ["b.pcapng"]
     assert read_ts(str(tmp_path / "b.pcapng")) == read_ts_of(b[0])
 
 
@@ -1055,10 +1062,10 @@ def test_an_acknowledged_output_idle_until_a_crash_keeps_every_packet(tmp_path):
     sink.persisted(state)
     sink.acknowledged(state)  # the sensor drops these packets now
     _crash(sink)  # idle until the crash
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+    assert not [n for n in _ls(tmp_path) if n.startswith(".")]
     for st in (None, FileSink.recover(state)):  # a start without the state (moved away), and with it
         assert FileSink(directory=str(tmp_path), format="pcapng").recover_unacknowledged(st, OWNER) == []
-    assert _all_ts(tmp_path.iterdir()) == read_ts_of(b)
+    assert _all_ts(tmp_path / n for n in _ls(tmp_path)) == read_ts_of(b)
 
 
 def test_markers_exist_only_under_a_state_dir_and_go_when_a_state_naming_them_is_saved(tmp_path):
@@ -1071,10 +1078,10 @@ def test_markers_exist_only_under_a_state_dir_and_go_when_a_state_naming_them_is
     marked.recover_unacknowledged(None, OWNER)
     for sink in (plain, marked):
         sink.write(Source("s1", "h", "eth0", 1, 262144), batch)
-    assert not [n for n in os.listdir(tmp_path / "plain") if n.startswith(".")]
+    assert not [n for n in _ls(tmp_path / "plain") if n.startswith(".")]
     assert [n for n in os.listdir(tmp_path / "marked") if n.startswith(".pktstream-unacked-")]
     marked.persisted(json.loads(json.dumps(marked.flush())))
-    assert not [n for n in os.listdir(tmp_path / "marked") if n.startswith(".")]
+    assert not [n for n in _ls(tmp_path / "marked") if n.startswith(".")]
     for sink in (plain, marked):
         sink.close()
 
@@ -1104,8 +1111,8 @@ def test_a_receiver_restart_removes_an_unacknowledged_outputs_files(tmp_path):
     (state_dir / STATE_FILE).write_text(json.dumps({"sensors": {}, "sinks": {f"file:{out}": state}}))
     again = FileSink(**opts)
     Ingest([again], counters=collections.Counter(), closing=threading.Event(), state_dir=str(state_dir)).shutdown()
-    assert sorted(n for n in os.listdir(out) if not n.startswith("a.")) == []
-    assert _all_ts(p for p in out.iterdir()) == read_ts_of(a_batch)
+    assert [n for n in _ls(out) if not n.startswith("a.")] == []
+    assert _all_ts(out / n for n in _ls(out)) == read_ts_of(a_batch)
 
 
 def test_recovery_removes_what_an_output_without_an_open_file_at_the_flush_completed_after_it(tmp_path):
@@ -1173,7 +1180,7 @@ def test_a_marker_that_cannot_be_removed_fails_the_save_and_nothing_is_acknowled
     monkeypatch.setattr(file_sink.os, "unlink", real_unlink)
     assert [n for n in os.listdir(tmp_path / "out") if n.startswith(file_sink.UNACKED_PREFIX)]
     ingest._write_state({"sensors": {}, "sinks": {sink.name: state}})  # the retry
-    assert not [n for n in os.listdir(tmp_path / "out") if n.startswith(".")]
+    assert not [n for n in _ls(tmp_path / "out") if n.startswith(".")]
     ingest.shutdown()
     sink.close()
 
@@ -1280,7 +1287,7 @@ def test_markers_of_another_receiver_or_run_are_discarded_and_their_files_kept(t
     third.write(Source("b", "h", "eth0", 1, 262144), batch)
     _crash(third)
     assert FileSink(directory=str(tmp_path / "z"), format="pcapng").recover_unacknowledged(None, None) == []
-    assert sorted(os.listdir(tmp_path / "z")) == ["b.pcapng.part"]
+    assert _ls(tmp_path / "z") == ["b.pcapng.part"]
 
 
 class _Killed(BaseException):
@@ -1660,3 +1667,98 @@ def test_free_names_are_numbered_past_every_file_of_the_names(tmp_path):
     st = sink.flush()["open"][0]
     assert (st["final"], st["free"]) == (str(tmp_path / "s1~4.pcapng"), 4)
     sink.close()
+
+
+@pytest.mark.parametrize("rotate", [None, 10**6], ids=["plain", "rotating"])
+def test_recovery_from_a_state_keeps_files_another_run_wrote_since(tmp_path, rotate):
+    """A receiver with a state dir killed; another run writes into the same directory (one
+    without --state-dir, or a receiver the sensors failed over to), acknowledges and stops;
+    the first starts again from its state: its recovery removed the other run's files as
+    "numbered after the state" -- acknowledged packets lost (cold review). The directory's
+    writer record now tells: recovery removes nothing but what its state names there when
+    another run wrote there last."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    from pktstream.sinks.file import WRITER_RECORD
+    src = Source("s1", "h", "eth0", 1, 262144)
+    batches = make_batches(3, 4)
+    opts = {"directory": str(tmp_path), "format": "pcapng", "rotate_bytes": rotate}
+    sink = _restart(opts, {})
+    sink.write(src, batches[0])
+    state = _acknowledge(sink, sink.flush())
+    _crash(sink)  # run 1 (state dir X) killed
+    assert json.loads((tmp_path / WRITER_RECORD).read_text())["owner"] == OWNER
+    other = FileSink(**opts)  # run 2: no state dir, acknowledges as it writes
+    other.write(src, batches[1])
+    other.flush()
+    other.close()
+    assert not (tmp_path / WRITER_RECORD).exists()
+    kept = [n.removesuffix(".part") for n in _ls(tmp_path)]  # (run 1's .part, run 2's file)
+    assert len(kept) == 2
+    sink = _restart(opts, state)  # run 3: state dir X again
+    assert _ls(tmp_path) == kept
+    sink.write(src, batches[2])
+    _acknowledge(sink, sink.flush())
+    sink.close()
+    assert _packets(tmp_path, ".pcapng") == sorted(read_ts_of(batches[0]) + read_ts_of(batches[1]) +
+                                                   read_ts_of(batches[2]))
+    assert json.loads((tmp_path / WRITER_RECORD).read_text())["owner"] == OWNER  # (its own again)
+
+
+def test_a_path_outputs_free_names_never_match_a_dotted_sensors_file(tmp_path):
+    """A merged output ``-w D/site.pcapng`` and per-sensor files in D (sensor ids ``site.2``,
+    ``site.3``: dotted ids are allowed) of one receiver: the merged output's free names were
+    ``site.N.pcapng``, so its recovery removed the sensors' files -- a completed one holding
+    acknowledged packets, and an open .part (cold review). Free names are ``site~N.pcapng``
+    for every output now."""
+    from pktstream.sinks.base import Source
+    b = make_batches(3, 4)
+    merged = _restart({"path": str(tmp_path / "site.pcapng")}, {})
+    merged.write(Source("x", "h", "eth0", 1, 262144), b[0])
+    state = _acknowledge(merged, merged.flush())
+    per_sensor = _restart({"directory": str(tmp_path), "format": "pcapng"}, {})
+    s2, s3 = Source("site.2", "h", "eth0", 1, 262144), Source("site.3", "h", "eth0", 1, 262144)
+    per_sensor.write(s2, b[1])
+    per_sensor.write(s3, b[2])
+    _acknowledge(per_sensor, per_sensor.flush())
+    per_sensor.reset()  # (site.2 and site.3 completed as of that flush)
+    per_sensor.write(s3, b[2])  # site.3~1.pcapng.part
+    merged.reset()
+    merged.write(Source("x", "h", "eth0", 1, 262144), b[0])  # the merged output moves on
+    assert "site~1.pcapng.part" in _ls(tmp_path)
+    _crash(merged, per_sensor)
+    before = set(_ls(tmp_path))
+    _restart({"path": str(tmp_path / "site.pcapng")}, state)
+    assert set(_ls(tmp_path)) == before - {"site~1.pcapng.part"}
+
+
+def test_a_recovery_killed_after_a_removal_leaves_no_index_row_of_a_missing_file(tmp_path, monkeypatch):
+    """Recovery removes a file opened after its state (a reset-twice output's completed free
+    name) and its index row: the row goes first, so a recovery killed right after the file's
+    removal leaves no row of a file that is gone (cold review: it went after, with the index
+    repair)."""
+    from pktstream.archive import Archive
+    from pktstream.sinks.base import Source
+    src = Source("s1", "h", "eth0", 1, 262144)
+    batches = make_batches(2, 4)
+    opts = {"directory": str(tmp_path), "format": "pcapng", "index": True}
+    sink = _restart(opts, {})
+    sink.write(src, batches[0])
+    state = _acknowledge(sink, sink.flush())
+    sink.reset()
+    sink.write(src, batches[1])
+    sink.flush()
+    sink.reset()  # s1~1 completed and indexed, after the saved state
+    _crash(sink)
+    assert "s1~1.pcapng" in {r["path"] for r in Archive(str(tmp_path)).catalog().to_pylist()}
+    real_unlink = os.unlink
+
+    def unlink(path, *a, **kw):
+        real_unlink(path, *a, **kw)
+        if str(path).endswith("s1~1.pcapng"):
+            raise _Killed(path)
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(_Killed):
+        _restart(opts, state)
+    monkeypatch.undo()
+    assert {r["path"] for r in Archive(str(tmp_path)).catalog().to_pylist()} <= set(_ls(tmp_path))

@@ -36,12 +36,12 @@ def sensor_cmd(port: int, iface: str, *extra: str) -> list[str]:
 
 
 def outputs(directory: Path, pattern: str = "out*.pcap") -> list[Path]:
-    """Completed output files in creation order (out.pcap, out.1.pcap, out.2.pcap ...)."""
+    """Completed output files in creation order (out.pcap, out~1.pcap, out~2.pcap ...)."""
     files = [p for p in directory.glob(pattern) if not p.name.endswith(".part")]
 
     def order(p: Path) -> int:
-        parts = p.name.split(".")
-        return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else 0
+        stem = p.name.split(".")[0]
+        return int(stem.rsplit("~", 1)[1]) if "~" in stem else 0
     return sorted(files, key=order)
 
 

@@ -43,6 +43,7 @@ SNAPSHOT_KNOWN_ROWS = 64  # catalog rows written since the last snapshot kept fo
 RETRY_FIRST_S = 1.0  # an index write or removal that failed (disk full, I/O error) is tried again after this,
 RETRY_MAX_S = 60.0   # then after twice as long each time, up to this,
 RETRY_ATTEMPTS = 20  # and at most this many times (~15 minutes): then pktstream index repairs it
+RETRY_AT_CLOSE_MAX_S = 5.0  # at close every one is tried once more, for at most this long in all
 
 _PASSING = (OSError, CaptureReadError, IndexSpillError)  # index failures that may pass (retried)
 
@@ -148,11 +149,17 @@ class LiveIndexer:
             raise OSError(f"{path}: not indexed")
 
     def _retry_due(self, last: bool = False) -> None:
-        """The retries whose time has come (``last``: every one, a last time: the output closes)."""
+        """The retries whose time has come (``last``: every one, a last time, within
+        ``RETRY_AT_CLOSE_MAX_S``: the output closes; those left are named)."""
         now = time.monotonic()
         for path, entry in list(self._retry.items()):
             what, due, delay, left = entry
             if due > now and not last:
+                continue
+            if last and time.monotonic() - now > RETRY_AT_CLOSE_MAX_S:
+                del self._retry[path]
+                log.warning("index: %s of %s not tried again before the output closed (pktstream index repairs it)",
+                            what, path)
                 continue
             rel = self._rel(path)
             try:
@@ -165,8 +172,8 @@ class LiveIndexer:
             except Exception as exc:
                 if left <= 1 or last:
                     del self._retry[path]
-                    log.warning("index: %s of %s given up, tried %d times%s: %s (pktstream index repairs it)",
-                                what, path, RETRY_ATTEMPTS - left + 2, " (the output closed)" if last else "", exc)
+                    log.warning("index: %s of %s given up %s: %s (pktstream index repairs it)", what, path,
+                                "as the output closed" if last else f"after {RETRY_ATTEMPTS} tries", exc)
                     continue
                 entry[1:] = [now + min(2 * delay, RETRY_MAX_S), min(2 * delay, RETRY_MAX_S), left - 1]
                 log.debug("index: %s of %s failed again: %s", what, path, exc)
@@ -337,11 +344,11 @@ def allow_pandas() -> None:
 
 
 def recover_index(root: str, outputs: list[dict] | None = None) -> dict:
-    """After a crash: the files of these outputs (``FileSink`` state entries: ``final``, for
-    rotating ones ``pattern``/``seq``, and ``names_re``: a regular expression of the basenames
-    of the output's files whose indexes go with them) get a current index -- the files recovery completed or cut
-    back, and the ``RECOVER_RECENT_FILES`` before the open one (a crash between a rename and its
-    index) -- and the indexes of their files that are gone are removed. Other files under
+    """After a crash: the files of these outputs (``FileSink`` state entries: ``final``, and for
+    rotating ones ``pattern``/``seq``) get a current index -- the files recovery completed or
+    cut back, and the ``RECOVER_RECENT_FILES`` before the open one (a crash between a rename and
+    its index) -- and the indexes of their files that are gone are removed (also of the files
+    an entry with ``dir`` and ``names_re``, a regular expression of names, matches). Other files under
     ``root`` are not touched (``pktstream index`` indexes an archive whole). ``outputs`` None:
     the whole root. An error is logged, never raised: the receiver starts, and a query scans a
     file without an index."""
@@ -354,7 +361,11 @@ def recover_index(root: str, outputs: list[dict] | None = None) -> dict:
             rels: set[str] = set()
             dirs: dict[str, list[re.Pattern[str]]] = {}
             for f in outputs:
-                final = f.get("final")
+                final, names_re = f.get("final"), f.get("names_re")
+                if isinstance(names_re, str) and isinstance(f.get("dir"), str):
+                    # (the names of an output's other files: their rows go with them, if gone)
+                    dirs.setdefault(os.path.abspath(f["dir"]), []).append(re.compile(names_re))
+                    continue
                 if not isinstance(final, str):
                     continue
                 d = os.path.dirname(os.path.abspath(final))
@@ -367,9 +378,6 @@ def recover_index(root: str, outputs: list[dict] | None = None) -> dict:
                                 for n, path in rotated_files(pattern, d) if n >= seq - RECOVER_RECENT_FILES)
                 else:
                     dirs.setdefault(d, []).append(re.compile(re.escape(os.path.basename(final))))
-                names_re = f.get("names_re")  # (the names of the output's other files, removed or not)
-                if isinstance(names_re, str):
-                    dirs.setdefault(d, []).append(re.compile(names_re))
             def ours(rel: str) -> bool:
                 path = os.path.join(store.root, rel)
                 return any(r.fullmatch(os.path.basename(path)) for r in dirs.get(os.path.dirname(path), ()))
@@ -382,6 +390,20 @@ def recover_index(root: str, outputs: list[dict] | None = None) -> dict:
         log.warning("recovery: index of %s: %d file(s) indexed, %d index(es) of vanished files removed",
                     root, res["indexed"], res["removed"])
     return res
+
+
+def forget_index(root: str, path: str) -> None:
+    """Recovery is about to remove capture file ``path``: its index under ``root`` goes first
+    (a crash between the two then leaves a file without an index, never an index of a file that
+    is gone). An error is logged (the removal of that file's row is left to
+    :func:`recover_index`), never raised."""
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root)).replace(os.sep, "/")
+    if rel.startswith(".."):
+        return
+    try:
+        remove_index(LocalStore(root), rel)
+    except Exception as exc:  # noqa: BLE001 - the recovery goes on
+        log.error("recovery: index of %s not removed (%s); the next repair removes it", path, exc)
 
 
 class StagingIndexer(LiveIndexer):

@@ -4,7 +4,7 @@ Files are written as ``NAME.part`` and renamed when complete, so a file with its
 is always whole. After a crash, :meth:`FileSink.recover` truncates each ``.part`` file to the
 size recorded at the last acknowledged flush (the sensors resend everything after it) and
 renames it: nothing acknowledged is lost and nothing is written twice. An existing file is
-never overwritten: the next free name ``stem.N.ext`` is used.
+never overwritten: the next free name ``stem~N.ext`` is used.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from pktstream._capture import PacketBatch, link_type_name
@@ -37,13 +38,14 @@ def safe_name(text: str) -> str:
     return cleaned
 
 
-def _free_name(base: str, sep: str = ".", floor: int = 0) -> tuple[str, int]:
+def _free_name(base: str, sep: str = "~", floor: int = 0) -> tuple[str, int]:
     """The name a non-rotating output of ``base`` opens, and its number: ``base`` (0) if no
-    file of its names exists, else ``stem.N.ext`` (``sep="~"``: ``stem~N.ext``, for per-sensor
-    files: a sensor id never holds ``~``, so the archive tells the suffix from an id ending in a
-    number, ``node.12``) numbered past every file of its names present (also as ``.part``) and
-    at least ``floor``. Never overwrites; and numbers only grow, so recovery tells the files
-    opened after a saved state (higher numbers) from those before it."""
+    file of its names exists, else ``stem<sep>N.ext`` (``sep`` ``~``, which no sensor id holds:
+    the archive tells the suffix from an id ending in a number, ``node.12``, and no other
+    output's or a dated copy's name, ``cap.20240601.pcap``, is taken for one; states before
+    2026-12-04 have ``.`` for a path output) numbered past every file of its names present
+    (also as ``.part``) and at least ``floor``. Never overwrites; and numbers only grow, so
+    recovery tells the files opened after a saved state (higher numbers) from those before."""
     stem, ext = split_ext(base)
     ext = ext or ".pcap"
     numbers = _free_numbers(base, sep, part=None)
@@ -57,7 +59,7 @@ def _free_re(base: str, sep: str, part: bool | None) -> re.Pattern[str]:
     (True) or both (None)."""
     stem, ext = split_ext(os.path.basename(base))
     suffix = {False: "", True: r"\.part", None: r"(?:\.part)?"}[part]
-    return re.compile(rf"{re.escape(stem)}(?:{re.escape(sep)}(\d+))?{re.escape(ext or '.pcap')}{suffix}")
+    return re.compile(rf"{re.escape(stem)}(?:{re.escape(sep)}([1-9]\d*))?{re.escape(ext or '.pcap')}{suffix}")
 
 
 def _free_numbers(base: str, sep: str, part: bool | None) -> dict[int, str]:
@@ -235,6 +237,7 @@ class FileSink(Sink):
         self._closed = False
         self._marker_owner: str | None = None  # the receiver's state (recover_unacknowledged)
         self._marker_lock = threading.Lock()  # _named, _marked: output thread and state writer thread
+        self._writer_dirs: set[str] = set()  # directories whose writer record names this run's owner
         self._named: set[Any] = set()  # outputs a persisted state names
         self._marked: dict[Any, tuple[str, list[str]]] = {}  # output -> (its marker, files listed)
         self.name = f"file:{self.path or self.directory}"
@@ -282,7 +285,7 @@ class FileSink(Sink):
             else:
                 name, n = _free_name(base, self._sep, self._free_floor.get(key, 0))
                 self._free_seq[key], self._free_floor[key] = n, n + 1
-            on_open = functools.partial(self._opening, key) if self._markers and not in_place else None
+            on_open = None if in_place else functools.partial(self._opening, key)
             out = self._outputs[key] = CaptureWriter(name, format=self.format, in_place=in_place,
                                                      observer=self.indexer, first_seq=self._seq_floor.get(name, 0),
                                                      on_open=on_open, **self.opts)
@@ -294,10 +297,7 @@ class FileSink(Sink):
     def _rotating(self) -> bool:
         return bool(self.opts["rotate_bytes"] or self.opts["rotate_seconds"] or self.opts["max_files"])
 
-    @property
-    def _sep(self) -> str:
-        """The separator of free names: ``stem~N.ext`` per sensor, ``stem.N.ext`` for a path."""
-        return "~" if self.directory else "."
+    _sep = "~"  # of free names (:func:`_free_name`)
 
     def _names_of(self, key: Any) -> dict[str, Any]:
         """An output's names as the state keeps them: its key, name pattern and the separator of
@@ -387,10 +387,17 @@ class FileSink(Sink):
         return os.path.join(d, f"{UNACKED_PREFIX}{self._owner_tag(self._marker_owner)}-{digest}.json")
 
     def _opening(self, key: Any, path: str) -> None:
-        """(Output thread, before the first byte of a file of output ``key``.) While no persisted
-        state names the output, the file's name is added to its marker first (written whole and
-        renamed): a crash then leaves the next run the list of files that hold only
+        """(Output thread, before the first byte of a file of output ``key``.) The directory's
+        writer record names this run's owner (once per directory: :func:`_set_writer`). While no
+        persisted state names the output, the file's name is added to its marker first (written
+        whole and renamed): a crash then leaves the next run the list of files that hold only
         unacknowledged packets."""
+        d = os.path.dirname(os.path.abspath(path))
+        if d not in self._writer_dirs:
+            _set_writer(d, self._marker_owner, self.opts["fsync"])
+            self._writer_dirs.add(d)
+        if not self._markers:
+            return
         with self._marker_lock:
             if key in self._named:
                 return
@@ -617,6 +624,8 @@ class FileSink(Sink):
             state["names"] = names
         if self.indexer is not None and getattr(self.indexer, "recover_root", False):
             state["index_root"] = self.indexer.root
+        if self._marker_owner is not None:  # (recovery sweeps a directory only while it is the writer)
+            state["owner"] = self._marker_owner
         return state
 
     def tick(self) -> None:
@@ -670,6 +679,9 @@ class FileSink(Sink):
             if first is not None:
                 self._seq_floor[f["base"]] = max(self._seq_floor.get(f["base"], 0), first)
             key, base = _output_key(f), f.get("base")
+            free = _free_first(f)  # (free names: past the state's too, also if its file is gone)
+            if key is not None and free is not None:
+                self._free_floor[key] = max(self._free_floor.get(key, 0), free)
             if (key is not None and isinstance(base, str) and (key[0] is None or isinstance(key[0], str))
                     and (isinstance(key[1], int) if pcap else key[1] is None)
                     and base not in self._bases.values()):
@@ -683,10 +695,17 @@ class FileSink(Sink):
         remove what was written only after it; returns the state with each file's size as
         completed (a ``.zst`` file is re-encoded, so its size changes: a second recovery from the
         old size would cut the new encoding at a byte offset of the old one), and hands it to
-        ``persist`` after each file whose entry changed."""
+        ``persist`` after each file whose entry changed. Files other than those the state names
+        are removed from a directory only while its writer record names the state's owner
+        (:func:`_set_writer`; states without an owner: always): another writer's files there --
+        a receiver without this state dir, one the sensors failed over to -- are kept (at worst
+        packets twice, never an acknowledged file removed); indexes go before their files."""
         known = set()
         after: list[Any] = []
         entries = list(state.get("open", []))
+        root = state.get("index_root")
+        root = root if isinstance(root, str) and os.path.isdir(root) else None
+        sweep = _Sweep(state.get("owner"), root)
         for k, f in enumerate(entries):
             part, final, size = f.get("part"), f.get("final"), f.get("size")
             if not (isinstance(part, str) and isinstance(final, str) and isinstance(size, int)):
@@ -699,26 +718,29 @@ class FileSink(Sink):
                 _cut_and_complete(part, final, size, frame_bytes, _stream_bytes(f))
             else:
                 _cut_back_completed(final, size, frame_bytes, _stream_bytes(f))
-            _remove_later_rotations(f)
-            _remove_later_free(f)
+            if sweep.ok(os.path.dirname(final)):
+                _remove_later_rotations(f, before_unlink=sweep.forget)
+                _remove_later_free(f, before_unlink=sweep.forget)
             after.append({**f, "size": os.path.getsize(final)} if os.path.isfile(final) else f)
             if persist is not None and after[-1] != f:
                 persist({**state, "open": after + entries[k + 1:]})
         for f in entries:
-            _remove_later_parts(f, known)
+            if isinstance(f.get("final"), str) and sweep.ok(os.path.dirname(f["final"])):
+                _remove_later_parts(f, known)
         unopened = _state_entries(state, ("names",))
         for f in unopened:
-            _remove_parts_of_unopened(f, known)
-            _remove_later_free(f)
-        root = state.get("index_root")
-        if isinstance(root, str) and os.path.isdir(root):
+            if isinstance(f.get("base"), str) and sweep.ok(os.path.dirname(f["base"])):
+                _remove_parts_of_unopened(f, known, before_unlink=sweep.forget)
+                _remove_later_free(f, before_unlink=sweep.forget)
+        if root is not None:
             from pktstream.archive.live import recover_index
             # this output's files get their index (and removed ones lose theirs): the open ones'
             # and those an unopened rotating output may have completed after the flush
             recover_index(root, [*state.get("open", []),
                                  *({"final": f["base"], "pattern": f["base"], "seq": f["next_seq"]}
                                    for f in unopened if _next_seq(f) is not None),
-                                 *({"final": f["base"], "names_re": _free_re(f["base"], f["sep"], part=False).pattern}
+                                 *({"dir": os.path.dirname(f["base"]) or ".",
+                                    "names_re": _free_re(f["base"], f["sep"], part=False).pattern}
                                    for f in _state_entries(state) if _free_first(f) is not None)])
         return {**state, "open": after}
 
@@ -800,7 +822,8 @@ def _next_seq(f: dict[str, Any]) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 and isinstance(f.get("base"), str) else None
 
 
-def _remove_parts_of_unopened(f: dict[str, Any], known: set[str]) -> None:
+def _remove_parts_of_unopened(f: dict[str, Any], known: set[str], *,
+                              before_unlink: Callable[[str], None] | None = None) -> None:
     """An output with no file open at the last acknowledged flush (state ``names``): every
     ``.part`` of its names was opened after it and holds only what is resent, and so does
     every file of a rotating one numbered ``next_seq`` or higher (completed by rotation after
@@ -813,7 +836,7 @@ def _remove_parts_of_unopened(f: dict[str, Any], known: set[str]) -> None:
     _remove_parts(os.path.dirname(base), name_re, known)
     first = _next_seq(f)
     if rotating and first is not None:
-        _remove_rotated(base, os.path.dirname(base) or ".", first)
+        _remove_rotated(base, os.path.dirname(base) or ".", first, before_unlink=before_unlink)
 
 
 def _free_first(f: dict[str, Any]) -> int | None:
@@ -829,25 +852,17 @@ def _free_first(f: dict[str, Any]) -> int | None:
     return None
 
 
-def _remove_later_free(f: dict[str, Any]) -> list[str]:
+def _remove_later_free(f: dict[str, Any], *, before_unlink: Callable[[str], None] | None = None) -> list[str]:
     """Remove the completed files a non-rotating output opened after the last acknowledged
     flush: its free names numbered :func:`_free_first` or higher (an output reset twice before
     the next saved state completes the file it moved on to, cut back to a flush no saved state
     names; nothing in it was acknowledged, the sensors resend it). Free names only grow
-    (:func:`_free_name`), so no earlier file has such a number. Returns their paths; their
-    index goes with :func:`pktstream.archive.live.recover_index` (``names_re``)."""
+    (:func:`_free_name`), so no earlier file has such a number. Returns their paths."""
     first = _free_first(f)
     if first is None:
         return []
-    removed = []
-    for n, path in sorted(_free_numbers(f["base"], f["sep"], part=False).items()):
-        if n >= first and path != f.get("final") and os.path.isfile(path):
-            log.warning("recovery: removing %s (opened after the last acknowledged flush: nothing in it "
-                        "was acknowledged)", path)
-            os.unlink(path)
-            _drop_staged_index(path)
-            removed.append(path)
-    return removed
+    files = sorted(_free_numbers(f["base"], f["sep"], part=False).items())
+    return _remove_numbered(files, first, f.get("final"), "opened", before_unlink)
 
 
 def _remove_parts(d: str, name_re: re.Pattern[str], known: set[str], above: int | None = None) -> None:
@@ -890,18 +905,103 @@ def _remove_rotated(pattern: str, directory: str, first: int, keep: str | None =
     or higher (except ``keep``): completed after the last acknowledged flush, nothing in them
     was acknowledged. ``before_unlink(path)`` runs before each removal (its index first).
     Returns their paths."""
+    return _remove_numbered(rotated_files(pattern, directory), first, keep, "completed", before_unlink)
+
+
+def _remove_numbered(files: Iterable[tuple[int, str]], first: int, keep: str | None, what: str,
+                     before_unlink: Callable[[str], None] | None) -> list[str]:
+    """Remove the completed ``files`` ((number, path)) numbered ``first`` or higher, except
+    ``keep``, each after ``before_unlink(path)`` (its index first). Returns their paths."""
     removed = []
-    for n, path in rotated_files(pattern, directory):
+    for n, path in files:
         if n < first or path == keep or not os.path.isfile(path):
             continue
-        log.warning("recovery: removing %s (completed after the last acknowledged flush: "
-                    "nothing in it was acknowledged)", path)
+        log.warning("recovery: removing %s (%s after the last acknowledged flush: nothing in it was "
+                    "acknowledged)", path, what)
         if before_unlink is not None:
             before_unlink(path)
         os.unlink(path)
         _drop_staged_index(path)
         removed.append(path)
     return removed
+
+
+WRITER_RECORD = ".pktstream-writer.json"  # in an output directory: the owner of the run writing there last
+
+
+def _set_writer(d: str, owner: str | None, fsync: bool) -> None:
+    """Before a run's first file in directory ``d``: its writer record names ``owner`` (the
+    receiver's state file); a run without one (no state dir) removes the record. Recovery from
+    a state removes files by their names and numbers only from a directory whose record names
+    that state's owner (:meth:`FileSink.recover`): after another writer, a higher number is not
+    a newer file of this one. A failure is logged (recovery then keeps such files: at worst
+    packets twice); one that leaves another owner's record is an error line."""
+    path = os.path.join(d, WRITER_RECORD)
+    try:
+        if owner is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        if _writer_of(d) == (True, owner):
+            return
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as fh:
+                json.dump({"owner": owner, "pid": os.getpid(), "time": time.time()}, fh)
+                if fsync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if fsync:
+            fsync_dir(d)
+    except OSError as exc:
+        log.log(logging.ERROR if owner is None else logging.WARNING,
+                "%s: %s (a crash recovery %s)", path, exc,
+                "from another receiver's state may remove files this run writes there" if owner is None
+                else "keeps files written after its state there: packets may be there twice")
+
+
+def _writer_of(d: str) -> tuple[bool, Any]:
+    """(a writer record exists in ``d``, the owner it names)."""
+    try:
+        with open(os.path.join(d, WRITER_RECORD)) as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        return False, None
+    except (OSError, ValueError):
+        return True, None
+    return True, data.get("owner") if isinstance(data, dict) else None
+
+
+class _Sweep:
+    """Recovery's removals of files by name and number (:meth:`FileSink.recover`): which
+    directories allow them (``ok``: no owner in the state, or the writer record names it;
+    else logged once per directory) and the index removal before each file (``forget``)."""
+
+    def __init__(self, owner: Any, index_root: str | None) -> None:
+        self.owner = owner
+        self.index_root = index_root
+        self._dirs: dict[str, bool] = {}
+
+    def ok(self, d: str) -> bool:
+        d = os.path.abspath(d or ".")
+        if d not in self._dirs:
+            found, writer = (True, self.owner) if not isinstance(self.owner, str) else _writer_of(d)
+            self._dirs[d] = found and writer == self.owner
+            if not self._dirs[d]:
+                log.warning("recovery: %s was written since by another receiver or a run without this state dir "
+                            "(%s): the files there that this state does not name are kept, packets may be there "
+                            "twice (give each receiver a directory of its own)", d,
+                            f"{WRITER_RECORD}: {writer}" if found else f"no {WRITER_RECORD}")
+        return self._dirs[d]
+
+    def forget(self, path: str) -> None:
+        if self.index_root is not None:
+            from pktstream.archive.live import forget_index
+            forget_index(self.index_root, path)
 
 
 def max_flows_option(value: int | None) -> dict[str, int]:
