@@ -1762,3 +1762,48 @@ def test_a_recovery_killed_after_a_removal_leaves_no_index_row_of_a_missing_file
         _restart(opts, state)
     monkeypatch.undo()
     assert {r["path"] for r in Archive(str(tmp_path)).catalog().to_pylist()} <= set(_ls(tmp_path))
+
+
+@pytest.mark.parametrize("saved", [False, True], ids=["killed-before-its-first-state", "killed-after-it"])
+@pytest.mark.parametrize("rotate", [None, 10**6], ids=["plain", "rotating"])
+def test_another_runs_files_stay_through_a_second_crash(tmp_path, rotate, saved):
+    """After the recovery above kept another run's files, the recovering run writes into the
+    directory (its writer record names it again) and is killed too: the next recovery -- from
+    the recovered state, or from the first state the run saved -- must keep them as well (the
+    old state's numbers are below them; the new state's numbers are past them)."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    s1, s5 = Source("s1", "h", "eth0", 1, 262144), Source("s5", "h", "eth0", 1, 262144)
+    batches = make_batches(4, 4)
+    opts = {"directory": str(tmp_path), "format": "pcapng", "rotate_bytes": rotate}
+    saved_states: list[dict] = []
+
+    def restart(state: dict):
+        after = FileSink.recover(state, saved_states.append)
+        saved_states.append(after)
+        sink = FileSink(**opts)
+        sink.resume(after)
+        sink.recover_unacknowledged(after, OWNER)
+        sink.use_acknowledgements()
+        return sink
+    sink = restart({})
+    sink.write(s5, batches[0])
+    state = _acknowledge(sink, sink.flush())
+    _crash(sink)  # run 1 killed
+    other = FileSink(**opts)  # run 2: no state dir
+    other.write(s5, batches[1])
+    other.flush()
+    other.close()
+    theirs = [n for n in _ls(tmp_path) if not n.endswith(".part")]
+    sink = restart(state)  # run 3: keeps run 2's file
+    sink.write(s1, batches[2])  # (s5 stays idle)
+    if saved:
+        saved_states.append(_acknowledge(sink, sink.flush()))
+    _crash(sink)
+    sink = restart(saved_states[-1])  # run 4
+    assert set(theirs) <= set(_ls(tmp_path))
+    sink.write(s1, batches[3])
+    _acknowledge(sink, sink.flush())
+    sink.close()
+    want = [t for k in ((0, 1, 2, 3) if saved else (0, 1, 3)) for t in read_ts_of(batches[k])]
+    assert _packets(tmp_path, ".pcapng") == sorted(want)

@@ -228,6 +228,9 @@ class FileSink(Sink):
         # remove its file; the number is not used again)
         self._free_seq: dict[Any, int] = {}
         self._free_floor: dict[Any, int] = {}
+        # output keys (free names) and rotating patterns whose floor was raised past the files
+        # in their directory once: a state's numbers alone may be below files another run wrote
+        self._floor_checked: set[Any] = set()
         # crash safety of outputs no persisted state names yet (a receiver with a state dir:
         # recover_unacknowledged turns it on): the names of the files such an output opens go
         # into a marker file (UNACKED_PREFIX) first, removed by persisted() when a state naming
@@ -306,10 +309,21 @@ class FileSink(Sink):
 
     def _next_free(self, key: Any) -> int:
         """The lowest number a non-rotating output's next file may get: past its last file
-        opened here, or past every file of its names in the directory (one look, then kept)."""
-        floor = self._free_floor.get(key)
-        if floor is None:
-            floor = self._free_floor[key] = _free_name(self._bases[key], self._sep)[1]
+        opened here and the state's, and past every file of its names in the directory (one
+        look, then kept)."""
+        if key not in self._floor_checked:
+            self._floor_checked.add(key)
+            past = _free_name(self._bases[key], self._sep)[1]
+            self._free_floor[key] = max(self._free_floor.get(key, 0), past)
+        return self._free_floor[key]
+
+    def _next_seq_floor(self, base: str, floor: int) -> int:
+        """The same for a rotating output with no file open: ``floor`` (the state's, or past its
+        last file here), raised past every file of its pattern in the directory (one look)."""
+        if base not in self._floor_checked and "%" not in base:
+            self._floor_checked.add(base)
+            numbers = [n for n, _ in rotated_files(base, os.path.dirname(base) or ".")]
+            floor = self._seq_floor[base] = max([floor, *(n + 1 for n in numbers)])
         return floor
 
     def _new_base(self, key: Any, source: Source, batch: PacketBatch) -> str:
@@ -614,7 +628,7 @@ class FileSink(Sink):
             if self._rotating and floor is not None:
                 # the lowest number its next file gets: every file of its pattern numbered so is
                 # newer than this flush (recovery removes them; before, rotated ones stayed)
-                entry["next_seq"] = floor
+                entry["next_seq"] = self._next_seq_floor(entry["base"], floor)
             elif not self._rotating:  # the same for the free names of one that does not rotate
                 entry["next_free"] = self._next_free(k)
             names.append(entry)
@@ -705,7 +719,7 @@ class FileSink(Sink):
         entries = list(state.get("open", []))
         root = state.get("index_root")
         root = root if isinstance(root, str) and os.path.isdir(root) else None
-        sweep = _Sweep(state.get("owner"), root)
+        sweep = _Sweep(state.get("owner"), root, state.get("kept_dirs"))
         for k, f in enumerate(entries):
             part, final, size = f.get("part"), f.get("final"), f.get("size")
             if not (isinstance(part, str) and isinstance(final, str) and isinstance(size, int)):
@@ -742,6 +756,8 @@ class FileSink(Sink):
                                  *({"dir": os.path.dirname(f["base"]) or ".",
                                     "names_re": _free_re(f["base"], f["sep"], part=False).pattern}
                                    for f in _state_entries(state) if _free_first(f) is not None)])
+        if sweep.kept:  # (a start from this state again -- a crash before the next one is saved --
+            return {**state, "open": after, "kept_dirs": sweep.kept}  # keeps them too: see _Sweep)
         return {**state, "open": after}
 
 
@@ -979,18 +995,25 @@ def _writer_of(d: str) -> tuple[bool, Any]:
 class _Sweep:
     """Recovery's removals of files by name and number (:meth:`FileSink.recover`): which
     directories allow them (``ok``: no owner in the state, or the writer record names it;
-    else logged once per directory) and the index removal before each file (``forget``)."""
+    else logged once per directory) and the index removal before each file (``forget``).
+    ``kept``: the directories not swept, persisted with the recovered state (``kept_dirs``):
+    the run that recovers sets the record to its owner again when it writes there, and a crash
+    before its first saved state must not then sweep another run's files by the old numbers
+    (the states it saves number past them: :meth:`FileSink._next_free`, ``_next_seq_floor``)."""
 
-    def __init__(self, owner: Any, index_root: str | None) -> None:
+    def __init__(self, owner: Any, index_root: str | None, kept: Any = None) -> None:
         self.owner = owner
         self.index_root = index_root
-        self._dirs: dict[str, bool] = {}
+        self.kept: list[str] = sorted(d for d in kept if isinstance(d, str)) if isinstance(kept, list) else []
+        self._dirs: dict[str, bool] = {d: False for d in self.kept}
 
     def ok(self, d: str) -> bool:
         d = os.path.abspath(d or ".")
         if d not in self._dirs:
             found, writer = (True, self.owner) if not isinstance(self.owner, str) else _writer_of(d)
             self._dirs[d] = found and writer == self.owner
+            if not self._dirs[d]:
+                self.kept.append(d)
             if not self._dirs[d]:
                 log.warning("recovery: %s was written since by another receiver or a run without this state dir "
                             "(%s): the files there that this state does not name are kept, packets may be there "
