@@ -1107,8 +1107,10 @@ def test_a_receiver_restart_removes_an_unacknowledged_outputs_files(tmp_path):
     out, state_dir = tmp_path / "out", tmp_path / "state"
     out.mkdir()
     state_dir.mkdir()
-    state, b, a_batch, opts = _two_sensors_b_after_the_flush(out, owner=os.path.realpath(state_dir / STATE_FILE))
-    (state_dir / STATE_FILE).write_text(json.dumps({"sensors": {}, "sinks": {f"file:{out}": state}}))
+    owner = f"{os.path.realpath(state_dir / STATE_FILE)}#0123456789abcdef"  # (the state file and its id)
+    state, b, a_batch, opts = _two_sensors_b_after_the_flush(out, owner=owner)
+    (state_dir / STATE_FILE).write_text(json.dumps({"id": "0123456789abcdef", "sensors": {},
+                                                    "sinks": {f"file:{out}": state}}))
     again = FileSink(**opts)
     Ingest([again], counters=collections.Counter(), closing=threading.Event(), state_dir=str(state_dir)).shutdown()
     assert [n for n in _ls(out) if not n.startswith("a.")] == []
@@ -1807,3 +1809,104 @@ def test_another_runs_files_stay_through_a_second_crash(tmp_path, rotate, saved)
     sink.close()
     want = [t for k in ((0, 1, 2, 3) if saved else (0, 1, 3)) for t in read_ts_of(batches[k])]
     assert _packets(tmp_path, ".pcapng") == sorted(want)
+
+
+@pytest.mark.parametrize("second", ["stopped", "killed"])
+@pytest.mark.parametrize("rotate", [None, 10**6], ids=["plain", "rotating"])
+def test_another_runs_part_file_stays_through_later_restarts(tmp_path, rotate, second):
+    """Another run (no state dir) killed with acknowledged packets in its .part: the first
+    recovery of our state kept it, but once our run had set the writer record again, the next
+    recovery removed it -- the .part sweeps went by name, not number (second cold review).
+    They go past the state's numbers now, and the states saved number past every file there."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    s1, s5 = Source("s1", "h", "eth0", 1, 262144), Source("s5", "h", "eth0", 1, 262144)
+    b = make_batches(3, 4)
+    opts = {"directory": str(tmp_path), "format": "pcapng", "rotate_bytes": rotate}
+    run = _restart(opts, {})
+    run.write(s5, b[0])
+    state = _acknowledge(run, run.flush())
+    _crash(run)  # run 1 (our state dir) killed
+    other = FileSink(**opts)  # run 2: no state dir
+    other.write(s5, b[1])
+    other.flush()  # (acknowledged as it flushes)
+    _crash(other)  # killed too: b[1] only in its .part
+    theirs = set(_ls(tmp_path)) - {"s5.pcapng.part", "s5.000000.pcapng.part"}
+    assert len(theirs) == 1 and min(theirs).endswith(".part")
+    run = _restart(opts, state)  # run 3
+    assert theirs <= set(_ls(tmp_path))
+    run.write(s1, b[2])  # (s5 idle; the record names us again)
+    state = _acknowledge(run, run.flush())
+    if second == "stopped":
+        run.close()
+    else:
+        _crash(run)
+    _restart(opts, state).close()  # run 4
+    assert theirs <= set(_ls(tmp_path))
+    assert set(read_ts_of(b[1])) <= set(_packets(tmp_path, ".part"))
+
+
+def test_a_best_effort_output_keeps_the_writer_record_of_its_receiver(tmp_path):
+    """A best-effort output (gate=False) in the directory of a gating one: the receiver set no
+    owner on it, so its first file removed the writer record as a stranger's would, and the
+    gating output's recovery then kept its unacknowledged files: packets twice for a single
+    receiver (second cold review). The receiver gives every output its state's owner -- its
+    file and the random id kept in it."""
+    import collections
+
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    from pktstream.sinks.file import WRITER_RECORD
+    from pktstream.stream.receiver.ingest import STATE_FILE, Ingest
+    out, state_dir = tmp_path / "out", tmp_path / "state"
+    out.mkdir()
+    gating, best_effort = FileSink(directory=str(out)), FileSink(str(out / "all.pcap"), gate=False)
+    ingest = Ingest([gating, best_effort], counters=collections.Counter(), closing=threading.Event(),
+                    state_dir=str(state_dir))
+    owner = f"{os.path.realpath(state_dir / STATE_FILE)}#{ingest.state_id}"
+    assert json.loads((state_dir / STATE_FILE).read_text())["id"] == ingest.state_id  # (kept before any file)
+    src, batch = Source("s1", "h", "eth0", 1, 262144), make_batches(1, 4)[0]
+    gating.write(src, batch)
+    best_effort.write(src, batch)
+    assert json.loads((out / WRITER_RECORD).read_text())["owner"] == owner
+    assert gating.flush()["owner"] == owner
+    gating.close()
+    best_effort.close()
+    ingest.shutdown()
+    again = Ingest([FileSink(directory=str(out))], counters=collections.Counter(), closing=threading.Event(),
+                   state_dir=str(state_dir))
+    assert again.state_id == ingest.state_id  # (the same state: the same owner)
+    again.shutdown()
+    os.unlink(state_dir / STATE_FILE)  # a new state at the same path (another host's, a fresh start)
+    fresh = Ingest([FileSink(directory=str(out))], counters=collections.Counter(), closing=threading.Event(),
+                   state_dir=str(state_dir))
+    assert fresh.state_id != ingest.state_id
+    fresh.shutdown()
+
+
+def test_recovery_completes_a_part_whole_in_a_directory_another_run_wrote(tmp_path):
+    """The state names a file whose .part is back: ours was completed and moved away (an
+    archival job), and another run reused the name and was killed. Recovery cut that run's
+    acknowledged packets back to our old size (second cold review); in a directory another run
+    wrote since it completes the .part whole."""
+    import shutil
+
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    s1 = Source("s1", "h", "eth0", 1, 262144)
+    small, big = make_batches(1, 2)[0], make_batches(2, 20)[1]
+    out, away = tmp_path / "out", tmp_path / "away"
+    out.mkdir()
+    away.mkdir()
+    opts = {"directory": str(out), "format": "pcapng"}
+    run = _restart(opts, {})
+    run.write(s1, small)
+    state = _acknowledge(run, run.flush())
+    run.close()
+    shutil.move(str(out / "s1.pcapng"), str(away / "s1.pcapng"))
+    other = FileSink(**opts)  # no state dir
+    other.write(s1, big)
+    other.flush()
+    _crash(other)
+    _restart(opts, state).close()
+    assert set(read_ts_of(big)) <= set(_packets(out, ".pcapng"))

@@ -43,7 +43,7 @@ SNAPSHOT_KNOWN_ROWS = 64  # catalog rows written since the last snapshot kept fo
 RETRY_FIRST_S = 1.0  # an index write or removal that failed (disk full, I/O error) is tried again after this,
 RETRY_MAX_S = 60.0   # then after twice as long each time, up to this,
 RETRY_ATTEMPTS = 20  # and at most this many times (~15 minutes): then pktstream index repairs it
-RETRY_AT_CLOSE_MAX_S = 5.0  # at close every one is tried once more, for at most this long in all
+RETRY_AT_CLOSE_MAX_S = 5.0  # at close every one is tried once more; none is started after this long
 
 _PASSING = (OSError, CaptureReadError, IndexSpillError)  # index failures that may pass (retried)
 
@@ -149,8 +149,8 @@ class LiveIndexer:
             raise OSError(f"{path}: not indexed")
 
     def _retry_due(self, last: bool = False) -> None:
-        """The retries whose time has come (``last``: every one, a last time, within
-        ``RETRY_AT_CLOSE_MAX_S``: the output closes; those left are named)."""
+        """The retries whose time has come (``last``: every one, a last time, none started
+        after ``RETRY_AT_CLOSE_MAX_S``: the output closes; those left are named)."""
         now = time.monotonic()
         for path, entry in list(self._retry.items()):
             what, due, delay, left = entry
@@ -397,9 +397,10 @@ def forget_index(root: str, path: str) -> None:
     (a crash between the two then leaves a file without an index, never an index of a file that
     is gone). An error is logged (the removal of that file's row is left to
     :func:`recover_index`), never raised."""
-    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root)).replace(os.sep, "/")
-    if rel.startswith(".."):
+    root, path = os.path.abspath(root), os.path.abspath(path)
+    if os.path.commonpath([root, path]) != root:
         return
+    rel = os.path.relpath(path, root).replace(os.sep, "/")
     try:
         remove_index(LocalStore(root), rel)
     except Exception as exc:  # noqa: BLE001 - the recovery goes on

@@ -58,6 +58,11 @@ class Sink:
         write: what the output must not reuse while that state can still be recovered from
         (FileSink: the file numbers it names). Default: nothing."""
 
+    def set_owner(self, owner: str | None) -> None:
+        """A receiver calls this once on every output, before :meth:`recover_unacknowledged`
+        and the first write: ``owner`` names the receiver's state (its file and the random id
+        kept in it), None without a state dir. Default: nothing."""
+
     def recover_unacknowledged(self, state: dict[str, Any] | None, owner: str | None = None) -> list[str]:
         """A receiver calls this once on each gating output, after :meth:`recover`/:meth:`resume`
         and before the first write (``state``: the output's persisted state, None if none;

@@ -239,6 +239,7 @@ class FileSink(Sink):
         self._markers = False
         self._closed = False
         self._marker_owner: str | None = None  # the receiver's state (recover_unacknowledged)
+        self._owner: str | None = None  # the same for the writer record (set_owner; every output)
         self._marker_lock = threading.Lock()  # _named, _marked: output thread and state writer thread
         self._writer_dirs: set[str] = set()  # directories whose writer record names this run's owner
         self._named: set[Any] = set()  # outputs a persisted state names
@@ -322,7 +323,7 @@ class FileSink(Sink):
         last file here), raised past every file of its pattern in the directory (one look)."""
         if base not in self._floor_checked and "%" not in base:
             self._floor_checked.add(base)
-            numbers = [n for n, _ in rotated_files(base, os.path.dirname(base) or ".")]
+            numbers = [n for n, _ in rotated_files(base, os.path.dirname(base) or ".", parts=True)]
             floor = self._seq_floor[base] = max([floor, *(n + 1 for n in numbers)])
         return floor
 
@@ -408,8 +409,8 @@ class FileSink(Sink):
         unacknowledged packets."""
         d = os.path.dirname(os.path.abspath(path))
         if d not in self._writer_dirs:
-            _set_writer(d, self._marker_owner, self.opts["fsync"])
-            self._writer_dirs.add(d)
+            if _set_writer(d, self._owner, self.opts["fsync"]):  # (a failure: tried again at the next file)
+                self._writer_dirs.add(d)
         if not self._markers:
             return
         with self._marker_lock:
@@ -437,6 +438,11 @@ class FileSink(Sink):
                 raise
             self._marked[key] = (marker, files)
 
+    def set_owner(self, owner: str | None) -> None:
+        """The receiver's state (file and id) that this run's writer records name (a best-effort
+        output gets it too: it must not take the gating outputs' record for a stranger's)."""
+        self._owner = owner
+
     def recover_unacknowledged(self, state: dict[str, Any] | None, owner: str | None = None) -> list[str]:
         """At start (a receiver, after :meth:`recover` and before the first write; ``state``:
         this output's persisted state, if any; ``owner``: the receiver's state file, None
@@ -448,7 +454,7 @@ class FileSink(Sink):
         directory, or a run with another or no state dir) are only removed: their files stay
         (at worst twice), since only their own state can tell. With an owner, this sink keeps
         markers from then on (:meth:`persisted`). Returns the paths removed."""
-        self._marker_owner = owner
+        self._marker_owner = self._owner = owner
         self._markers = owner is not None
         d = self._marker_dir()
         if d is None or not os.path.isdir(d):
@@ -638,8 +644,8 @@ class FileSink(Sink):
             state["names"] = names
         if self.indexer is not None and getattr(self.indexer, "recover_root", False):
             state["index_root"] = self.indexer.root
-        if self._marker_owner is not None:  # (recovery sweeps a directory only while it is the writer)
-            state["owner"] = self._marker_owner
+        if self._owner is not None:  # (recovery sweeps a directory only while it is the writer)
+            state["owner"] = self._owner
         return state
 
     def tick(self) -> None:
@@ -728,22 +734,29 @@ class FileSink(Sink):
             frame_bytes = f.get("zstd_frame_bytes")
             frame_bytes = frame_bytes if isinstance(frame_bytes, int) and frame_bytes > 0 else None
             known.add(part)
+            # (in a directory another run wrote since, the name may be that run's file now --
+            # ours completed and moved away -- so it is completed whole, never cut)
+            ours = sweep.ok(os.path.dirname(final))
             if os.path.exists(part):
-                _cut_and_complete(part, final, size, frame_bytes, _stream_bytes(f))
-            else:
+                if ours:
+                    _cut_and_complete(part, final, size, frame_bytes, _stream_bytes(f))
+                else:
+                    _cut_and_complete(part, final, os.path.getsize(part), frame_bytes)
+            elif ours:
                 _cut_back_completed(final, size, frame_bytes, _stream_bytes(f))
-            if sweep.ok(os.path.dirname(final)):
+            if ours:
                 _remove_later_rotations(f, before_unlink=sweep.forget)
                 _remove_later_free(f, before_unlink=sweep.forget)
             after.append({**f, "size": os.path.getsize(final)} if os.path.isfile(final) else f)
             if persist is not None and after[-1] != f:
-                persist({**state, "open": after + entries[k + 1:]})
+                persist(sweep.noted({**state, "open": after + entries[k + 1:]}))
         for f in entries:
             if isinstance(f.get("final"), str) and sweep.ok(os.path.dirname(f["final"])):
                 _remove_later_parts(f, known)
         unopened = _state_entries(state, ("names",))
         for f in unopened:
-            if isinstance(f.get("base"), str) and sweep.ok(os.path.dirname(f["base"])):
+            base = f.get("base")
+            if isinstance(base, str) and "%" not in base and sweep.ok(os.path.dirname(base)):
                 _remove_parts_of_unopened(f, known, before_unlink=sweep.forget)
                 _remove_later_free(f, before_unlink=sweep.forget)
         if root is not None:
@@ -756,9 +769,7 @@ class FileSink(Sink):
                                  *({"dir": os.path.dirname(f["base"]) or ".",
                                     "names_re": _free_re(f["base"], f["sep"], part=False).pattern}
                                    for f in _state_entries(state) if _free_first(f) is not None)])
-        if sweep.kept:  # (a start from this state again -- a crash before the next one is saved --
-            return {**state, "open": after, "kept_dirs": sweep.kept}  # keeps them too: see _Sweep)
-        return {**state, "open": after}
+        return sweep.noted({**state, "open": after})
 
 
 class ResetPending(OSError):
@@ -813,7 +824,7 @@ def _unlink(path: str, why: str = "written after the last acknowledged flush") -
 def _remove_later_parts(f: dict[str, Any], known: set[str]) -> None:
     """Remove the ``.part`` files an output opened after the last acknowledged flush: they
     hold only unacknowledged data. Rotating: numbered after the flushed file (same expansion of
-    its pattern); not rotating: after a reset (``NAME~1.pcapng``, ``NAME.1.pcap``), by its
+    its pattern); not rotating: after a reset (``NAME~1.pcapng``; ``NAME.1.pcap`` in states before 2026-12-04), by its
     ``base`` and ``sep`` in the state (states without them: nothing). Only names that output
     gives its files, not every ``.part`` whose name starts alike (another output's in the same
     directory may hold acknowledged data)."""
@@ -829,7 +840,11 @@ def _remove_later_parts(f: dict[str, Any], known: set[str]) -> None:
             name_re = re.compile(rf"{re.escape(m.group(1))}\.(\d{{6,}}){re.escape(ext)}\.part")
             _remove_parts(os.path.dirname(final), name_re, known, above=seq)
     elif isinstance(base, str) and sep in (".", "~"):
-        _remove_parts(os.path.dirname(final), _free_re(base, sep, part=True), known)
+        # (only past the file open at the flush: a lower number is no file of this output's
+        # opened after it -- another run's; states without the number: all)
+        free = _free_first(f)
+        _remove_parts(os.path.dirname(final), _free_re(base, sep, part=True), known,
+                      above=None if free is None else free - 1)
 
 
 def _next_seq(f: dict[str, Any]) -> int | None:
@@ -849,7 +864,8 @@ def _remove_parts_of_unopened(f: dict[str, Any], known: set[str], *,
     if not (isinstance(base, str) and sep in (".", "~") and isinstance(rotating, bool)) or "%" in base:
         return
     name_re = re.compile(rotated_name_re(base).pattern + r"\.part") if rotating else _free_re(base, sep, part=True)
-    _remove_parts(os.path.dirname(base), name_re, known)
+    first = _next_seq(f) if rotating else _free_first(f)  # (from the state's next number on: see _remove_later_parts)
+    _remove_parts(os.path.dirname(base), name_re, known, above=None if first is None else first - 1)
     first = _next_seq(f)
     if rotating and first is not None:
         _remove_rotated(base, os.path.dirname(base) or ".", first, before_unlink=before_unlink)
@@ -893,7 +909,7 @@ def _remove_parts(d: str, name_re: re.Pattern[str], known: set[str], above: int 
     for name in names:
         path = os.path.join(d, name)
         m = name_re.fullmatch(name)
-        if m and (above is None or int(m.group(1)) > above) and path not in known and os.path.isfile(path):
+        if m and (above is None or int(m.group(1) or 0) > above) and path not in known and os.path.isfile(path):
             log.warning("recovery: removing %s (opened after the last acknowledged flush: nothing in it "
                         "was acknowledged)", path)
             os.unlink(path)
@@ -945,21 +961,25 @@ def _remove_numbered(files: Iterable[tuple[int, str]], first: int, keep: str | N
 WRITER_RECORD = ".pktstream-writer.json"  # in an output directory: the owner of the run writing there last
 
 
-def _set_writer(d: str, owner: str | None, fsync: bool) -> None:
+def _set_writer(d: str, owner: str | None, fsync: bool) -> bool:
     """Before a run's first file in directory ``d``: its writer record names ``owner`` (the
-    receiver's state file); a run without one (no state dir) removes the record. Recovery from
-    a state removes files by their names and numbers only from a directory whose record names
-    that state's owner (:meth:`FileSink.recover`): after another writer, a higher number is not
-    a newer file of this one. A failure is logged (recovery then keeps such files: at worst
-    packets twice); one that leaves another owner's record is an error line."""
+    receiver's state: file and id); a run without one (no state dir, a script) removes the
+    record. Recovery from a state removes files by their names and numbers only from a
+    directory whose record names that state's owner (:meth:`FileSink.recover`): after another
+    writer, a higher number is not a newer file of this one. False if it failed (logged; the
+    caller tries again at its next file): recovery then keeps such files (at worst packets
+    twice) -- or, a record left that this run could not remove, may take this run's files for
+    its own (an error line)."""
     path = os.path.join(d, WRITER_RECORD)
     try:
         if owner is None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            return
+                if fsync:
+                    fsync_dir(d)
+            return True
         if _writer_of(d) == (True, owner):
-            return
+            return True
         tmp = f"{path}.{os.getpid()}.tmp"
         try:
             with open(tmp, "w") as fh:
@@ -973,11 +993,13 @@ def _set_writer(d: str, owner: str | None, fsync: bool) -> None:
                 os.unlink(tmp)
         if fsync:
             fsync_dir(d)
+        return True
     except OSError as exc:
         log.log(logging.ERROR if owner is None else logging.WARNING,
                 "%s: %s (a crash recovery %s)", path, exc,
                 "from another receiver's state may remove files this run writes there" if owner is None
                 else "keeps files written after its state there: packets may be there twice")
+        return False
 
 
 def _writer_of(d: str) -> tuple[bool, Any]:
@@ -1020,6 +1042,11 @@ class _Sweep:
                             "twice (give each receiver a directory of its own)", d,
                             f"{WRITER_RECORD}: {writer}" if found else f"no {WRITER_RECORD}")
         return self._dirs[d]
+
+    def noted(self, state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` with the directories kept so far (a start from it again -- a crash before
+        the next state is saved -- keeps them too)."""
+        return {**state, "kept_dirs": list(self.kept)} if self.kept else state
 
     def forget(self, path: str) -> None:
         if self.index_root is not None:

@@ -237,6 +237,10 @@ class S3Sink(Sink):
         self._acks = True
         self._leftovers_ok.set()
 
+    def set_owner(self, owner: str | None) -> None:
+        with self._files_lock:
+            self._files.set_owner(owner)
+
     def recover_unacknowledged(self, state: dict[str, Any] | None, owner: str | None = None) -> list[str]:
         """Staged files of outputs no persisted state named (:class:`FileSink`'s markers):
         removed before any earlier run's leftovers are uploaded."""

@@ -19,6 +19,7 @@ import functools
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -214,6 +215,11 @@ class Ingest:
 
     def _load(self) -> None:
         state = self.state.load()
+        kept_id = state.get("id")  # (a random id, kept with the state: part of the outputs' owner below)
+        self.state_id = kept_id if isinstance(kept_id, str) and kept_id else secrets.token_hex(8)
+        if self.state.path is not None and kept_id != self.state_id:  # (saved before any output writes)
+            state = {"sensors": {}, "sinks": {}, **state, "id": self.state_id}
+            self.state.write(state)
         for sid, s in state.get("sensors", {}).items():
             st = self.sensors[sid] = SensorState(sid, hostname=s.get("hostname", ""))
             st.last_accepted = st.last_committed = int(s.get("last_seq", 0))
@@ -233,7 +239,11 @@ class Ingest:
                 if after is not None and after != recovered.get(name, sink_state):
                     persist(name, after)
                 sink.resume(after if after is not None else recovered.get(name, sink_state))
-        owner = None if self.state.path is None else os.path.realpath(self.state.path)
+        # the state's owner: its file and a random id kept in it (two receivers' state files of
+        # the same path -- failover partners on two hosts -- are told apart in a shared directory)
+        owner = None if self.state.path is None else f"{os.path.realpath(self.state.path)}#{self.state_id}"
+        for sink in self.sinks:
+            sink.set_owner(owner)
         for sink in self.sinks:
             # files of outputs no persisted state named (a sensor first seen after the last
             # acknowledged flush): only what the sensors resend. Without a state dir nothing
@@ -412,7 +422,8 @@ class Ingest:
         if self.state.path is None:
             return None
         acks = acks or {}
-        return {"sensors": {sid: {"last_seq": max(s.last_committed, acks.get(sid, 0)), "hostname": s.hostname,
+        return {"id": self.state_id,
+                "sensors": {sid: {"last_seq": max(s.last_committed, acks.get(sid, 0)), "hostname": s.hostname,
                                   "interfaces": {str(k): dict(v) for k, v in s.interfaces.items()}}
                             for sid, s in self.sensors.items() if not s.legacy},
                 "sinks": self.outputs.states_to_persist(self.index if committed is None else committed)}
