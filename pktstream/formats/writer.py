@@ -329,8 +329,6 @@ class CaptureWriter:
         self._raw = None  # (only now: a failure above leaves the file to abandon(), whose caller cuts it back)
         if self._rotating:
             self._last_done = (path, self._seq - 1, size, w.file_bytes)
-        if self._fsync:
-            fsync_dir(os.path.dirname(os.path.abspath(path)))
         self.paths.append(path)
         if self._observer is not None:
             self._observer.completed(path)
@@ -349,6 +347,8 @@ class CaptureWriter:
                     self._observer.removed(old)
         if self._on_complete is not None:
             self._on_complete(path)
+        if self._fsync:  # (last: a failure leaves a file its caller knows of -- paths, on_complete --
+            fsync_dir(os.path.dirname(os.path.abspath(path)))  # so its reset cuts or removes it)
 
     def _size(self) -> int:
         if self._cur is None:

@@ -798,6 +798,7 @@ def _cut_back_completed(final: str, size: int, frame_bytes: int | None = None,
     actual = os.path.getsize(final)
     if not (actual > size or (stream_bytes is not None and actual != size and final.endswith(".zst"))):
         return False
+    _drop_staged_index(final)  # (first: a crash after the cut must not leave the longer file's index)
     if final.endswith(".zst"):
         part = final + ".part"
         os.replace(final, part)  # back to its .part name: a crash now is recovered the same way
@@ -805,19 +806,19 @@ def _cut_back_completed(final: str, size: int, frame_bytes: int | None = None,
     else:
         with open(final, "r+b") as fh:
             fh.truncate(size)
-    _drop_staged_index(final)
     log.warning("recovery: %s cut back to what was acknowledged (%d bytes)", final, size)
     return True
 
 
 def _unlink(path: str, why: str = "written after the last acknowledged flush") -> bool:
-    """Remove a completed file that holds only unacknowledged data (and its staged index)."""
+    """Remove a completed file that holds only unacknowledged data (and its staged index,
+    first: also when the file is gone already)."""
+    _drop_staged_index(path)
     try:
         os.unlink(path)
     except FileNotFoundError:
         return False
     log.warning("removing %s (%s: the sensors resend it)", path, why)
-    _drop_staged_index(path)
     return True
 
 
@@ -952,8 +953,8 @@ def _remove_numbered(files: Iterable[tuple[int, str]], first: int, keep: str | N
                     "acknowledged)", path, what)
         if before_unlink is not None:
             before_unlink(path)
-        os.unlink(path)
         _drop_staged_index(path)
+        os.unlink(path)
         removed.append(path)
     return removed
 
@@ -1087,6 +1088,7 @@ def _cut_and_complete(part: str, final: str, size: int, frame_bytes: int | None 
         actual = os.path.getsize(part)
     except OSError:
         return False
+    _drop_staged_index(final)  # (a .part never has a current one: one left by a crash is stale)
     if size == 0:
         os.unlink(part)  # nothing acknowledged went into it
         with contextlib.suppress(FileNotFoundError):

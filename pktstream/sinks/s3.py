@@ -369,8 +369,11 @@ class S3Sink(Sink):
         self._staged_cache = (0.0, 0)
         with self._ack_lock:
             # files reset() removed are forgotten; what it kept holds nothing past the last
-            # flush (a file a rotation completed after it was cut back to it)
-            self._unacked = [(min(f, self._flushes), p) for f, p in self._unacked if os.path.exists(p)]
+            # flush (a file a rotation completed after it was cut back to it) -- only once it
+            # worked: a reset that failed may not have cut or removed them yet (its retry does;
+            # flush refuses until then), and a lower number would upload them now
+            self._unacked = [(min(f, self._flushes) if error is None else f, p)
+                             for f, p in self._unacked if os.path.exists(p)]
         # files reset() cut back to the last flush and completed: acknowledged with that flush
         for path in sorted(set(self._files.paths) - before):
             self._hold_or_adopt(self._flushes, path)
