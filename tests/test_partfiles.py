@@ -1098,8 +1098,12 @@ def test_recovery_of_an_unacknowledged_output_removes_its_index_too(tmp_path):
     assert not list((tmp_path / "_index" / "flows").glob("sensor=b/*/*.parquet"))
 
 
-def test_a_receiver_restart_removes_an_unacknowledged_outputs_files(tmp_path):
-    """The same through the receiver's ingest (its state dir), as a restart after SIGKILL runs it."""
+@pytest.mark.parametrize("earlier", [False, True], ids=["current", "state-of-a-version-before-its-id"])
+def test_a_receiver_restart_removes_an_unacknowledged_outputs_files(tmp_path, earlier):
+    """The same through the receiver's ingest (its state dir), as a restart after SIGKILL runs
+    it; also after an upgrade from a version that named the state by its file only (its
+    markers were taken for another receiver's, and the files kept: packets twice, third cold
+    review)."""
     import collections
 
     from pktstream.sinks import FileSink
@@ -1107,10 +1111,12 @@ def test_a_receiver_restart_removes_an_unacknowledged_outputs_files(tmp_path):
     out, state_dir = tmp_path / "out", tmp_path / "state"
     out.mkdir()
     state_dir.mkdir()
-    owner = f"{os.path.realpath(state_dir / STATE_FILE)}#0123456789abcdef"  # (the state file and its id)
+    owner = os.path.realpath(state_dir / STATE_FILE) + ("" if earlier else "#0123456789abcdef")  # (file, id)
     state, b, a_batch, opts = _two_sensors_b_after_the_flush(out, owner=owner)
-    (state_dir / STATE_FILE).write_text(json.dumps({"id": "0123456789abcdef", "sensors": {},
-                                                    "sinks": {f"file:{out}": state}}))
+    if earlier:  # (what that version saved: no id, no owner)
+        state.pop("owner")
+    (state_dir / STATE_FILE).write_text(json.dumps({"sensors": {}, "sinks": {f"file:{out}": state},
+                                                    **({} if earlier else {"id": "0123456789abcdef"})}))
     again = FileSink(**opts)
     Ingest([again], counters=collections.Counter(), closing=threading.Event(), state_dir=str(state_dir)).shutdown()
     assert [n for n in _ls(out) if not n.startswith("a.")] == []
@@ -1910,3 +1916,55 @@ def test_recovery_completes_a_part_whole_in_a_directory_another_run_wrote(tmp_pa
     _crash(other)
     _restart(opts, state).close()
     assert set(read_ts_of(big)) <= set(_packets(out, ".pcapng"))
+
+
+def test_a_path_outputs_file_opened_after_a_state_of_an_earlier_version_is_removed(tmp_path):
+    """A path output's state saved by a version before 2026-12-04 names its free names with
+    ``.`` (cap.1.pcapng); this version opens cap~1.pcapng after it. Killed before its first
+    saved state, the next recovery -- from that old state -- swept only cap.N.pcapng.part: the
+    unacknowledged cap~1.pcapng.part stayed for good, and the resend went into cap~2 (third
+    cold review)."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    src = Source("s1", "h", "eth0", 1, 262144)
+    batches = make_batches(2, 4)
+    opts = {"path": str(tmp_path / "cap.pcapng")}
+    sink = FileSink(**opts)
+    sink.write(src, batches[0])
+    state = json.loads(json.dumps(sink.flush()))
+    _crash(sink)
+    for entry in state["open"]:  # (as that version saved it)
+        entry["sep"] = "."
+        entry.pop("free")
+    sink = _restart(opts, state)  # the upgraded receiver
+    sink.write(src, batches[1])  # (into cap~1.pcapng: cap.pcapng exists)
+    _crash(sink)  # killed before its first saved state
+    assert _ls(tmp_path) == ["cap.pcapng", "cap~1.pcapng.part"]
+    _restart(opts, state).close()
+    assert _ls(tmp_path) == ["cap.pcapng"]
+    assert read_ts(str(tmp_path / "cap.pcapng")) == read_ts_of(batches[0])
+
+
+def test_a_writer_record_that_could_not_be_set_is_set_by_the_next_flush(tmp_path, monkeypatch):
+    """Setting the directory's writer record failed at the run's first file (disk full): it
+    was not tried again, and a crash recovery then kept everything there -- the unacknowledged
+    tail of the open file too: packets twice, for a single receiver (third cold review). The
+    next flush sets it."""
+    import errno
+
+    from pktstream.sinks.base import Source
+    from pktstream.sinks.file import WRITER_RECORD
+    sink = _restart({"directory": str(tmp_path), "format": "pcapng"}, {})
+    real_replace, faults = os.replace, [1]
+
+    def replace(a, b, *x, **kw):
+        if str(b).endswith(WRITER_RECORD) and faults[0]:
+            faults[0] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device", b)
+        return real_replace(a, b, *x, **kw)
+    monkeypatch.setattr(os, "replace", replace)
+    sink.write(Source("s1", "h", "eth0", 1, 262144), make_batches(1, 4)[0])
+    assert faults == [0] and not (tmp_path / WRITER_RECORD).exists()
+    state = _acknowledge(sink, sink.flush())
+    assert json.loads((tmp_path / WRITER_RECORD).read_text())["owner"] == state["owner"] == OWNER
+    sink.close()

@@ -63,13 +63,15 @@ class Sink:
         and the first write: ``owner`` names the receiver's state (its file and the random id
         kept in it), None without a state dir. Default: nothing."""
 
-    def recover_unacknowledged(self, state: dict[str, Any] | None, owner: str | None = None) -> list[str]:
+    def recover_unacknowledged(self, state: dict[str, Any] | None, owner: str | None = None, *,
+                               earlier_owner: str | None = None) -> list[str]:
         """A receiver calls this once on each gating output, after :meth:`recover`/:meth:`resume`
         and before the first write (``state``: the output's persisted state, None if none;
-        ``owner``: the receiver's state file, None without a state dir): remove what this owner
-        wrote for outputs that no persisted state named (nothing of it acknowledged; the sensors
-        resend it). With an owner, the receiver calls :meth:`persisted` after each state it
-        saves. Returns what was removed. Default: nothing."""
+        ``owner``: the receiver's state, None without a state dir; ``earlier_owner``: the same
+        state as a version before 2026-12-04 named it): remove what this owner wrote for outputs
+        that no persisted state named (nothing of it acknowledged; the sensors resend it). With
+        an owner, the receiver calls :meth:`persisted` after each state it saves. Returns what
+        was removed. Default: nothing."""
         return []
 
     def persisted(self, state: dict[str, Any] | None) -> None:

@@ -242,6 +242,7 @@ class FileSink(Sink):
         self._owner: str | None = None  # the same for the writer record (set_owner; every output)
         self._marker_lock = threading.Lock()  # _named, _marked: output thread and state writer thread
         self._writer_dirs: set[str] = set()  # directories whose writer record names this run's owner
+        self._writer_failed: set[str] = set()  # ... and those where setting it failed (tried again by flush)
         self._named: set[Any] = set()  # outputs a persisted state names
         self._marked: dict[Any, tuple[str, list[str]]] = {}  # output -> (its marker, files listed)
         self.name = f"file:{self.path or self.directory}"
@@ -409,8 +410,7 @@ class FileSink(Sink):
         unacknowledged packets."""
         d = os.path.dirname(os.path.abspath(path))
         if d not in self._writer_dirs:
-            if _set_writer(d, self._owner, self.opts["fsync"]):  # (a failure: tried again at the next file)
-                self._writer_dirs.add(d)
+            self._set_writer(d)
         if not self._markers:
             return
         with self._marker_lock:
@@ -438,21 +438,33 @@ class FileSink(Sink):
                 raise
             self._marked[key] = (marker, files)
 
+    def _set_writer(self, d: str) -> None:
+        """:func:`_set_writer` for directory ``d``, once per run; a failure is tried again by the
+        next file and by every flush (else a crash recovery keeps the files there: duplicates)."""
+        if _set_writer(d, self._owner, self.opts["fsync"]):
+            self._writer_dirs.add(d)
+            self._writer_failed.discard(d)
+        else:
+            self._writer_failed.add(d)
+
     def set_owner(self, owner: str | None) -> None:
         """The receiver's state (file and id) that this run's writer records name (a best-effort
         output gets it too: it must not take the gating outputs' record for a stranger's)."""
         self._owner = owner
 
-    def recover_unacknowledged(self, state: dict[str, Any] | None, owner: str | None = None) -> list[str]:
+    def recover_unacknowledged(self, state: dict[str, Any] | None, owner: str | None = None, *,
+                               earlier_owner: str | None = None) -> list[str]:
         """At start (a receiver, after :meth:`recover` and before the first write; ``state``:
-        this output's persisted state, if any; ``owner``: the receiver's state file, None
-        without a state dir). The files listed in this sink's markers of ``owner`` are removed
-        -- with their indexes, and the markers -- unless ``state`` names their output: they are
-        of outputs no saved state named (a sensor first seen after the last acknowledged
-        flush), nothing in them was acknowledged, the sensors resend it, and keeping them would
-        hold those packets twice. Markers of another owner (another receiver writing into this
-        directory, or a run with another or no state dir) are only removed: their files stay
-        (at worst twice), since only their own state can tell. With an owner, this sink keeps
+        this output's persisted state, if any; ``owner``: the receiver's state, None without a
+        state dir; ``earlier_owner``: the name a version before 2026-12-04 gave that same state --
+        its file only, without the id -- whose markers are this owner's too). The files listed
+        in this sink's markers of ``owner`` are removed -- with their indexes, and the markers
+        -- unless ``state`` names their output: they are of outputs no saved state named (a
+        sensor first seen after the last acknowledged flush), nothing in them was acknowledged,
+        the sensors resend it, and keeping them would hold those packets twice. Markers of
+        another owner (another receiver writing into this directory, or a run with another or no
+        state dir) are only removed: their files stay (at worst twice), since only their own
+        state can tell. With an owner, this sink keeps
         markers from then on (:meth:`persisted`). Returns the paths removed."""
         self._marker_owner = self._owner = owner
         self._markers = owner is not None
@@ -461,11 +473,12 @@ class FileSink(Sink):
             return []
         named = {f.get("base") for f in _state_entries(state or {})}
         mine = self._marker_sink()
-        tmp_prefix = None if owner is None else f"{UNACKED_PREFIX}{self._owner_tag(owner)}-"
+        owners = {o for o in (owner, earlier_owner) if o is not None} if owner is not None else set()
+        tmp_prefixes = tuple(f"{UNACKED_PREFIX}{self._owner_tag(o)}-" for o in owners)
         removed: list[str] = []
         for name in sorted(os.listdir(d)):
             if name.startswith(UNACKED_PREFIX) and name.endswith(".json.tmp"):
-                if tmp_prefix is not None and name.startswith(tmp_prefix):
+                if tmp_prefixes and name.startswith(tmp_prefixes):
                     # this owner's marker being written when the process died (before its file)
                     with contextlib.suppress(OSError):
                         os.unlink(os.path.join(d, name))
@@ -482,7 +495,7 @@ class FileSink(Sink):
             if not isinstance(data, dict) or data.get("sink") != mine:
                 continue  # (another output's, in the same directory)
             files = data.get("files")
-            if owner is None or data.get("owner") != owner:
+            if data.get("owner") not in owners:
                 log.warning("recovery: %s is another receiver's or run's (state %s): its files stay "
                             "(packets it lists may be there twice)", marker, data.get("owner"))
             elif data.get("base") not in named and isinstance(files, list):
@@ -608,6 +621,8 @@ class FileSink(Sink):
         if self._pending_resets:  # (the caller resets, which tries them again, and writes again)
             raise ResetPending(f"{len(self._pending_resets)} output(s) not yet back to their last flush after a "
                                f"failed reset: {self._reset_error}")
+        for d in list(self._writer_failed):
+            self._set_writer(d)
         open_files = []
         flushed = {}
         for key, out in self._outputs.items():
@@ -844,8 +859,14 @@ def _remove_later_parts(f: dict[str, Any], known: set[str]) -> None:
         # (only past the file open at the flush: a lower number is no file of this output's
         # opened after it -- another run's; states without the number: all)
         free = _free_first(f)
-        _remove_parts(os.path.dirname(final), _free_re(base, sep, part=True), known,
-                      above=None if free is None else free - 1)
+        for name_re in _free_parts_res(base, sep):
+            _remove_parts(os.path.dirname(final), name_re, known, above=None if free is None else free - 1)
+
+
+def _free_parts_res(base: str, sep: str) -> list[re.Pattern[str]]:
+    """The ``.part`` names of a non-rotating output's free names: a state written before
+    2026-12-04 with ``.`` (a path output) also ``~``, the names this version opens after it."""
+    return [_free_re(base, s, part=True) for s in ([sep, "~"] if sep == "." else [sep])]
 
 
 def _next_seq(f: dict[str, Any]) -> int | None:
@@ -864,9 +885,10 @@ def _remove_parts_of_unopened(f: dict[str, Any], known: set[str], *,
     base, sep, rotating = f.get("base"), f.get("sep"), f.get("rotating")
     if not (isinstance(base, str) and sep in (".", "~") and isinstance(rotating, bool)) or "%" in base:
         return
-    name_re = re.compile(rotated_name_re(base).pattern + r"\.part") if rotating else _free_re(base, sep, part=True)
+    names = [re.compile(rotated_name_re(base).pattern + r"\.part")] if rotating else _free_parts_res(base, sep)
     first = _next_seq(f) if rotating else _free_first(f)  # (from the state's next number on: see _remove_later_parts)
-    _remove_parts(os.path.dirname(base), name_re, known, above=None if first is None else first - 1)
+    for name_re in names:
+        _remove_parts(os.path.dirname(base), name_re, known, above=None if first is None else first - 1)
     first = _next_seq(f)
     if rotating and first is not None:
         _remove_rotated(base, os.path.dirname(base) or ".", first, before_unlink=before_unlink)

@@ -241,11 +241,12 @@ class S3Sink(Sink):
         with self._files_lock:
             self._files.set_owner(owner)
 
-    def recover_unacknowledged(self, state: dict[str, Any] | None, owner: str | None = None) -> list[str]:
+    def recover_unacknowledged(self, state: dict[str, Any] | None, owner: str | None = None, *,
+                               earlier_owner: str | None = None) -> list[str]:
         """Staged files of outputs no persisted state named (:class:`FileSink`'s markers):
         removed before any earlier run's leftovers are uploaded."""
         with self._files_lock:
-            return self._files.recover_unacknowledged(state, owner)
+            return self._files.recover_unacknowledged(state, owner, earlier_owner=earlier_owner)
 
     def persisted(self, state: dict[str, Any] | None) -> None:
         self._files.persisted(state)  # (the markers have a lock of their own: no _files_lock)

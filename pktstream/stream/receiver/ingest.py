@@ -242,6 +242,9 @@ class Ingest:
         # the state's owner: its file and a random id kept in it (two receivers' state files of
         # the same path -- failover partners on two hosts -- are told apart in a shared directory)
         owner = None if self.state.path is None else f"{os.path.realpath(self.state.path)}#{self.state_id}"
+        # (a state without an id was written by a version that named it by its file only: the
+        # markers that run left are this receiver's)
+        earlier = None if self.state.path is None or kept_id else os.path.realpath(self.state.path)
         for sink in self.sinks:
             sink.set_owner(owner)
         for sink in self.sinks:
@@ -249,7 +252,8 @@ class Ingest:
             # acknowledged flush): only what the sensors resend. Without a state dir nothing
             # is resent exactly once: no markers; an earlier run's are discarded (files kept)
             if sink.gate:
-                sink.recover_unacknowledged(recovered.get(sink.name, state.get("sinks", {}).get(sink.name)), owner)
+                sink.recover_unacknowledged(recovered.get(sink.name, state.get("sinks", {}).get(sink.name)), owner,
+                                            earlier_owner=earlier)
         if state:
             log.info("state: resuming %d sensors from %s", len(self.sensors), self.state.path)
 
