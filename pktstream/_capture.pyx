@@ -793,6 +793,30 @@ cdef _check_no_nul(str expression):
         raise FilterError(f"bad BPF filter {expression!r}: it holds a NUL character")
 
 
+cdef int _check_forward(const bpf_program *prog, str expression) except -1:
+    """Refuse a compiled filter whose jumps are not all forward and inside the program:
+    libpcap's ``protochain`` compiles to a loop, which its interpreter runs for ever on a
+    crafted IPv6 header chain (libpcap issue 1521: tcpdump hangs too) -- one packet from the
+    network would stop a reader, a query or the capture thread. The kernel refuses such
+    programs for the same reason."""
+    cdef unsigned int i, n = prog.bf_len
+    cdef const bpf_insn *ins
+    for i in range(n):
+        ins = &prog.bf_insns[i]
+        if (ins.code & 0x07) != 0x05:  # BPF_CLASS != BPF_JMP
+            continue
+        if (ins.code & 0xf0) == 0x00:  # BPF_JA: k is the offset
+            if ins.k >= n - i - 1:
+                break
+        elif ins.jt >= n - i - 1 or ins.jf >= n - i - 1:
+            break
+    else:
+        return 0
+    raise FilterError(f"BPF filter {expression!r} is refused: its program jumps backwards (libpcap's "
+                      "'protochain' loops, and can loop for ever on a crafted packet); use 'ip6 proto N' "
+                      "or 'ip6 and tcp'-style tests")
+
+
 @cython.final
 cdef class BpfProgram:
     """A compiled BPF filter for a link type (used for offline filtering of batches)."""
@@ -814,6 +838,7 @@ cdef class BpfProgram:
                 raise FilterError(f"bad BPF filter {expression!r} for {link_type_name(link_type)}: "
                                   f"{_decode(pcap_geterr(p))}")
             self.compiled = True
+            _check_forward(&self.prog, expression)
         finally:
             pcap_close(p)
 
@@ -1631,6 +1656,7 @@ cdef class Capture:
                 if pcap_compile(self.s.p, &prog, c_text, 1, PCAP_NETMASK_UNKNOWN) != 0:
                     raise FilterError(f"bad BPF filter {expr!r} on {self.device!r}: {_decode(pcap_geterr(self.s.p))}")
                 try:
+                    _check_forward(&prog, expr)
                     if pcap_setfilter(self.s.p, &prog) != 0:
                         raise FilterError(f"cannot install filter {expr!r} on {self.device!r}: "
                                           f"{_decode(pcap_geterr(self.s.p))}")

@@ -63,7 +63,10 @@ cdef extern from "<pcap/pcap.h>" nogil:
         unsigned int ps_ifdrop
 
     struct bpf_insn:
-        pass
+        unsigned short code
+        unsigned char jt
+        unsigned char jf
+        unsigned int k
     struct bpf_program:
         unsigned int bf_len
         bpf_insn *bf_insns

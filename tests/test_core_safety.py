@@ -452,3 +452,37 @@ def test_flow_table_refuses_a_negative_chunk():
     rec = _records(1, 54)
     with pytest.raises(ValueError, match="chunk -1"):
         FlowTable().add(rec, 1, 1, 0, -1)
+
+
+def test_a_looping_filter_is_refused_before_a_crafted_packet_can_hang_it(tmp_path):
+    """libpcap's ``protochain`` compiles to a loop, and its interpreter runs it for ever on an
+    IPv6 packet whose AH header names itself as the next one (libpcap issue 1521; ``tcpdump -r``
+    hangs too): one packet from the network stopped a reader, a query or the capture thread
+    (sanitizer fuzzing found it). Every filter whose jumps are not all forward is refused with
+    a one-line error, in batch filters and on capture handles alike. (In a child process: on a
+    libpcap and pktstream that run it, it never returns.)"""
+    r = _run_child("""
+        import struct
+        import pktstream
+        from pktstream import Capture, PacketBatch
+        from pktstream.exceptions import FilterError
+        ip6 = struct.pack("!IHBB16s16s", 0x60000000, 24, 51, 64, b"\\x20\\x01" + bytes(14),
+                          b"\\x20\\x01" + bytes(13) + b"\\x01")
+        frame = bytes(6) + bytes([2, 0, 0, 0, 0, 1]) + b"\\x86\\xdd" + ip6 + bytes([51, 8]) + bytes(22)
+        with open("hang.pcap", "wb") as f:
+            f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+            f.write(struct.pack("<IIII", 0, 0, len(frame), len(frame)) + frame)
+        batch = PacketBatch.from_records(struct.pack("<IIII", 0, 0, len(frame), len(frame)) + frame, link_type=1)
+        assert batch.filter("ip6 and tcp").tolist() == [False]  # (a forward-only filter: as before)
+        for expr in ("ip6 protochain 6", "ip protochain 17"):
+            for run in (lambda: batch.filter(expr), lambda: list(pktstream.read("hang.pcap", bpf=expr)),
+                        lambda: Capture.open_offline("hang.pcap", bpf=expr)):
+                try:
+                    run()
+                except FilterError as exc:
+                    assert "jumps backwards" in str(exc), exc
+                else:
+                    raise AssertionError(f"{expr!r} was run")
+        print("refused")
+    """, tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "refused", r.stderr[-2000:]
