@@ -1967,4 +1967,36 @@ def test_a_writer_record_that_could_not_be_set_is_set_by_the_next_flush(tmp_path
     assert faults == [0] and not (tmp_path / WRITER_RECORD).exists()
     state = _acknowledge(sink, sink.flush())
     assert json.loads((tmp_path / WRITER_RECORD).read_text())["owner"] == state["owner"] == OWNER
+    faults[0] = 10**6  # failing for good (and a record of another owner there): a flush refuses
+    (tmp_path / WRITER_RECORD).write_text(json.dumps({"owner": "another"}))
+    sink._writer_dirs.clear()  # (as at a new directory of the run)
+    sink.write(Source("s2", "h", "eth0", 1, 262144), make_batches(1, 4)[0])
+    with pytest.raises(OSError, match="not written"):
+        sink.flush()
+    monkeypatch.undo()
+    _acknowledge(sink, sink.flush())
+    sink.close()
+
+
+def test_temporary_files_a_killed_run_left_are_removed(tmp_path):
+    """A run killed while writing the writer record left WRITER_RECORD.<pid>.tmp for good, and
+    one killed during a .zst re-encode of a file no saved state named left NAME.part.tmp beside
+    the .part its marker lists (a fuzzing round): both go at the next start."""
+    import subprocess as sp
+
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    from pktstream.sinks.file import WRITER_RECORD
+    dead = sp.Popen(["true"])
+    dead.wait()  # (a process id that is gone)
+    (tmp_path / f"{WRITER_RECORD}.{dead.pid}.tmp").write_text("{")
+    state, b, a_batch, opts = _two_sensors_b_after_the_flush(tmp_path, "pcapng.zst")
+    parts = [n for n in _ls(tmp_path) if n.startswith("b.") and n.endswith(".part")]
+    (tmp_path / (parts[0] + ".tmp")).write_bytes(b"a re-encode a crash cut short")
+    after = FileSink.recover(state)
+    sink = FileSink(**opts)
+    sink.resume(after)
+    sink.recover_unacknowledged(after, OWNER)
+    sink.write(Source("a", "h", "eth0", 1, 262144), a_batch)
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")], os.listdir(tmp_path)
     sink.close()

@@ -900,3 +900,17 @@ def test_s3_sink_a_recovery_killed_after_a_cut_back_commits_no_stale_index(tmp_p
     assert ts == _all_ts(batches)
     rows = {r["path"]: r["packets"] for r in Archive(f"s3://{BUCKET}/cap/", client=moto.client()).catalog().to_pylist()}
     assert rows == per_object
+
+
+def test_s3_sink_removes_the_temporary_files_a_killed_run_left(tmp_path, moto):
+    """A staged index being written (NAME.idx.tmp) when the process was killed stayed for good
+    and counted against the staging bound: with a small bound every later group was refused,
+    the output stuck (fuzzing). The staging lock is the sink's: it removes them at start."""
+    staging = tmp_path / "staging"
+    (staging / "ready").mkdir(parents=True)
+    (staging / "s1.000003.pcap.idx.tmp").write_bytes(bytes(8000))
+    (staging / "ready" / "x.pcap.idx.tmp").write_bytes(bytes(8000))
+    sink, _ = _s3_sink(moto, staging, rotate_bytes=10**6, staging_max_bytes=10_000)
+    assert sink.staged_bytes() == 0
+    assert not [p for p in staging.rglob("*.tmp")]
+    sink.close()

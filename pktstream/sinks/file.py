@@ -242,7 +242,7 @@ class FileSink(Sink):
         self._owner: str | None = None  # the same for the writer record (set_owner; every output)
         self._marker_lock = threading.Lock()  # _named, _marked: output thread and state writer thread
         self._writer_dirs: set[str] = set()  # directories whose writer record names this run's owner
-        self._writer_failed: set[str] = set()  # ... and those where setting it failed (tried again by flush)
+        self._writer_failed: dict[str, OSError] = {}  # ... and those where setting it failed (flush: again)
         self._named: set[Any] = set()  # outputs a persisted state names
         self._marked: dict[Any, tuple[str, list[str]]] = {}  # output -> (its marker, files listed)
         self.name = f"file:{self.path or self.directory}"
@@ -440,12 +440,15 @@ class FileSink(Sink):
 
     def _set_writer(self, d: str) -> None:
         """:func:`_set_writer` for directory ``d``, once per run; a failure is tried again by the
-        next file and by every flush (else a crash recovery keeps the files there: duplicates)."""
-        if _set_writer(d, self._owner, self.opts["fsync"]):
+        next file and by every flush, which refuses while it fails (with an owner: a saved state
+        must not name files in a directory whose record is not its owner's -- its recovery
+        would keep their unacknowledged tails, packets twice)."""
+        error = _set_writer(d, self._owner, self.opts["fsync"])
+        if error is None:
             self._writer_dirs.add(d)
-            self._writer_failed.discard(d)
+            self._writer_failed.pop(d, None)
         else:
-            self._writer_failed.add(d)
+            self._writer_failed[d] = error
 
     def set_owner(self, owner: str | None) -> None:
         """The receiver's state (file and id) that this run's writer records name (a best-effort
@@ -506,6 +509,8 @@ class FileSink(Sink):
                     why = "opened after the last acknowledged flush"
                     if _unlink(f + ".part", why):
                         removed.append(f + ".part")
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f + ".part.tmp")  # (a .zst re-encode of it a crash cut short)
                     # (its index before it, also when the file is gone: a recovery killed between
                     # the two left the row, and the marker, which goes only after all its files)
                     if self._remove_file(f, why):
@@ -623,6 +628,10 @@ class FileSink(Sink):
                                f"failed reset: {self._reset_error}")
         for d in list(self._writer_failed):
             self._set_writer(d)
+        if self._writer_failed and self._owner is not None:
+            d, exc = next(iter(self._writer_failed.items()))
+            raise OSError(exc.errno, f"{os.path.join(d, WRITER_RECORD)} not written: {exc.strerror or exc} "
+                                     "(nothing is acknowledged until it is)")
         open_files = []
         flushed = {}
         for key, out in self._outputs.items():
@@ -984,15 +993,15 @@ def _remove_numbered(files: Iterable[tuple[int, str]], first: int, keep: str | N
 WRITER_RECORD = ".pktstream-writer.json"  # in an output directory: the owner of the run writing there last
 
 
-def _set_writer(d: str, owner: str | None, fsync: bool) -> bool:
+def _set_writer(d: str, owner: str | None, fsync: bool) -> OSError | None:
     """Before a run's first file in directory ``d``: its writer record names ``owner`` (the
     receiver's state: file and id); a run without one (no state dir, a script) removes the
     record. Recovery from a state removes files by their names and numbers only from a
     directory whose record names that state's owner (:meth:`FileSink.recover`): after another
-    writer, a higher number is not a newer file of this one. False if it failed (logged; the
-    caller tries again at its next file): recovery then keeps such files (at worst packets
-    twice) -- or, a record left that this run could not remove, may take this run's files for
-    its own (an error line)."""
+    writer, a higher number is not a newer file of this one. Returns the error if it failed
+    (logged; the caller tries again): recovery would keep such files (at worst packets twice)
+    -- or, a record left that this run could not remove, may take this run's files for its own
+    (an error line). Temporary copies a killed process left are removed."""
     path = os.path.join(d, WRITER_RECORD)
     try:
         if owner is None:
@@ -1000,9 +1009,10 @@ def _set_writer(d: str, owner: str | None, fsync: bool) -> bool:
                 os.unlink(path)
                 if fsync:
                     fsync_dir(d)
-            return True
+            return None
         if _writer_of(d) == (True, owner):
-            return True
+            return None
+        _remove_dead_writer_tmps(d)
         tmp = f"{path}.{os.getpid()}.tmp"
         try:
             with open(tmp, "w") as fh:
@@ -1016,13 +1026,35 @@ def _set_writer(d: str, owner: str | None, fsync: bool) -> bool:
                 os.unlink(tmp)
         if fsync:
             fsync_dir(d)
-        return True
+        return None
     except OSError as exc:
         log.log(logging.ERROR if owner is None else logging.WARNING,
-                "%s: %s (a crash recovery %s)", path, exc,
-                "from another receiver's state may remove files this run writes there" if owner is None
-                else "keeps files written after its state there: packets may be there twice")
+                "%s: %s (%s)", path, exc,
+                "a crash recovery from another receiver's state may remove files this run writes there"
+                if owner is None else "tried again; the output's flushes wait for it")
+        return exc
+
+
+def _remove_dead_writer_tmps(d: str) -> None:
+    """Remove ``WRITER_RECORD.<pid>.tmp`` files of processes that are gone (killed while
+    writing the record)."""
+    prefix = WRITER_RECORD + "."
+    for name in os.listdir(d):
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            pid = name[len(prefix):-len(".tmp")]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(d, name))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _writer_of(d: str) -> tuple[bool, Any]:

@@ -28,6 +28,7 @@ instance), ``seq`` (per-sensor file number of this run) and ``ext``; the default
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -103,6 +104,17 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, prefix
 
 
+def _remove_temporaries(*dirs: str) -> None:
+    """Temporary files (``*.tmp``: a staged index or a re-encode being written) that a killed
+    run left in the staging directories: no process owns them (the staging lock is ours), and
+    they would count against the staging bound for good."""
+    for d in dirs:
+        for e in os.scandir(d):
+            if e.is_file() and e.name.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(e.path)
+
+
 class S3Sink(Sink):
     """Upload rotated capture files to ``s3://bucket/prefix`` (any S3-compatible endpoint).
 
@@ -134,6 +146,7 @@ class S3Sink(Sink):
         self.ready_dir = os.path.join(self.staging_dir, "ready")
         os.makedirs(self.ready_dir, mode=0o750, exist_ok=True)
         self._lock_file: Any = _lock_staging(self.staging_dir)
+        _remove_temporaries(self.staging_dir, self.ready_dir)  # (the lock is ours: a killed run's)
         self.staging_max_bytes = staging_max_bytes
         self.key_template = key_template or DEFAULT_KEY
         self.format = format
@@ -314,8 +327,10 @@ class S3Sink(Sink):
         for d in (self.staging_dir, self.ready_dir):
             for e in os.scandir(d):
                 # (a .part no writer of this run has open: an earlier run's, left by a crash
-                # without a state directory to recover it -- named at start, not counted)
-                if e.is_file() and (not e.name.endswith(".part") or e.path in open_parts):
+                # without a state directory to recover it -- named at start, not counted; nor
+                # temporary files: a killed process's are removed at start)
+                if e.is_file() and not e.name.endswith(".tmp") and (not e.name.endswith(".part")
+                                                                      or e.path in open_parts):
                     n += e.stat().st_size
         self._staged_cache = (now, n)
         return n
