@@ -849,8 +849,8 @@ def _unlink(path: str, why: str = "written after the last acknowledged flush") -
 def _remove_later_parts(f: dict[str, Any], known: set[str]) -> None:
     """Remove the ``.part`` files an output opened after the last acknowledged flush: they
     hold only unacknowledged data. Rotating: numbered after the flushed file (same expansion of
-    its pattern); not rotating: after a reset (``NAME~1.pcapng``; ``NAME.1.pcap`` in states before 2026-12-04), by its
-    ``base`` and ``sep`` in the state (states without them: nothing). Only names that output
+    its pattern); not rotating: after a reset (``NAME~1.pcapng``; ``NAME.1.pcap`` in states
+    before 2026-12-04), by its ``base`` and ``sep`` in the state (states without them: nothing). Only names that output
     gives its files, not every ``.part`` whose name starts alike (another output's in the same
     directory may hold acknowledged data)."""
     base, sep, final, seq = f.get("base"), f.get("sep"), f.get("final"), f.get("seq")
@@ -1091,7 +1091,6 @@ class _Sweep:
             self._dirs[d] = found and writer == self.owner
             if not self._dirs[d]:
                 self.kept.append(d)
-            if not self._dirs[d]:
                 log.warning("recovery: %s was written since by another receiver or a run without this state dir "
                             "(%s): the files there that this state does not name are kept, packets may be there "
                             "twice (give each receiver a directory of its own)", d,
