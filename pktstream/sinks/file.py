@@ -474,6 +474,8 @@ class FileSink(Sink):
         d = self._marker_dir()
         if d is None or not os.path.isdir(d):
             return []
+        with contextlib.suppress(OSError):
+            _remove_dead_writer_tmps(d)  # (also where this run writes nothing)
         named = {f.get("base") for f in _state_entries(state or {})}
         mine = self._marker_sink()
         owners = {o for o in (owner, earlier_owner) if o is not None} if owner is not None else set()
