@@ -1990,6 +1990,7 @@ def test_temporary_files_a_killed_run_left_are_removed(tmp_path):
     dead = sp.Popen(["true"])
     dead.wait()  # (a process id that is gone)
     (tmp_path / f"{WRITER_RECORD}.{dead.pid}.tmp").write_text("{")
+    (tmp_path / f"{WRITER_RECORD}.{10**30}.tmp").write_text("{")  # (no pid can be that)
     parts = [n for n in _ls(tmp_path) if n.startswith("b.") and n.endswith(".part")]
     (tmp_path / (parts[0] + ".tmp")).write_bytes(b"a re-encode a crash cut short")
     after = FileSink.recover(state)

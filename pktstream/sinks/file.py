@@ -1050,9 +1050,10 @@ def _remove_dead_writer_tmps(d: str) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (another user's counts; a number no pid can be: no)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
