@@ -11,7 +11,7 @@ from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport errno, EINTR
 from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t, uint8_t
 from libc.limits cimport INT_MAX
-from libc.stdlib cimport abort, calloc, free, malloc
+from libc.stdlib cimport abort, calloc, free, malloc, realloc
 from libc.stdio cimport FILE, fclose
 from libc.string cimport memcpy, memset, strerror, strncpy
 from libc.signal cimport SIGABRT, SIGBUS, SIGFPE, SIGILL, SIGSEGV, SIGSYS, SIGTRAP
@@ -910,6 +910,8 @@ ctypedef struct CaptureState:
     int fail_rc              # live: why it ended early: a pcap_dispatch error (< 0) or FAIL_POLL
     int fail_errno           # live: errno of a failed poll
     char fail_msg[512]       # live: pcap_geterr() at the failure, copied by the capture thread
+    unsigned char *stash     # files: a record read when no block was free (malloc'ed, see _stash)
+    size_t stash_len         # files: bytes of the stashed record, 0 if none
 
 
 cdef inline int64_t _seconds_to_ns(double seconds) noexcept:
@@ -1102,6 +1104,12 @@ cdef void _on_packet(unsigned char *user, const pcap_pkthdr *h, const unsigned c
                    and not ps_load_int(&s.filter_pending)):
                 poll(NULL, 0, 1)
                 got = _acquire(s)
+        if got == -1 and s.lazy and s.stash_len == 0:
+            # a file: the caller holds every other block; keep this packet for the next call
+            # (which delivers the block just sealed) instead of dropping it
+            if _stash(s, h, data, need):
+                pcap_breakloop(s.p)
+                return
         if got < 0:
             # every block is held by a batch: count the drop and stop draining the kernel
             # buffer, which keeps the rest until a block is released (see next_batch);
@@ -1139,6 +1147,51 @@ cdef void _on_packet(unsigned char *user, const pcap_pkthdr *h, const unsigned c
     if s.max_packets and s.packets >= s.max_packets:
         _seal(s)
         pcap_breakloop(s.p)
+
+
+cdef bint _stash(CaptureState *s, const pcap_pkthdr *h, const unsigned char *data,
+                 size_t need) noexcept nogil:
+    """Files: copy a record that found no free block aside (the next read places it first).
+    False if out of memory (the packet is then counted in ring_drops)."""
+    cdef unsigned char *m = <unsigned char *> realloc(s.stash, need)
+    if m == NULL:
+        return False
+    s.stash = m
+    ps_put_le32(m, <uint32_t> h.ts.tv_sec)
+    ps_put_le32(m + 4, <uint32_t> h.ts.tv_usec * s.ns_mult)
+    ps_put_le32(m + 8, h.caplen)
+    ps_put_le32(m + 12, h.len)
+    memcpy(m + RECORD_HEADER, data, h.caplen)
+    s.stash_len = need
+    return True
+
+
+cdef int _unstash(CaptureState *s) noexcept nogil:
+    """Files: place the stashed record in a fresh block (the caller checked one is free).
+    0 placed (or nothing stashed), -1 out of memory (the stash is kept)."""
+    cdef size_t need = s.stash_len
+    if need == 0:
+        return 0
+    if s.cur < 0 and _acquire(s) < 0:
+        return -1
+    if s.used[s.cur] + need > s.cap[s.cur]:
+        if s.count[s.cur] != 0:
+            _seal(s)
+            if _acquire(s) < 0:
+                return -1
+        if need > s.cap[s.cur] and not _resize_block(s, s.cur, need):
+            ps_store_int(&s.state[s.cur], BLOCK_FREE)
+            s.cur = -1
+            return -1
+    memcpy(s.blocks[s.cur] + s.used[s.cur], s.stash, need)
+    if s.count[s.cur] == 0:
+        s.cur_first_ns = ps_monotonic_ns()
+    s.used[s.cur] += need
+    s.count[s.cur] += 1
+    s.packets += 1
+    s.bytes += need - RECORD_HEADER
+    s.stash_len = 0
+    return 0
 
 
 cdef int _dispatch(CaptureState *s) noexcept nogil:
@@ -1594,6 +1647,7 @@ cdef class Capture:
         if self.s.ready_fd >= 0:
             close(self.s.ready_fd)
         free(self.s.queue)
+        free(self.s.stash)
         pthread_mutex_destroy(&self.s.stats_mu)
         pthread_mutex_destroy(&self.s.q_mu)
         pthread_mutex_destroy(&self.s.handle_mu)
@@ -1841,7 +1895,11 @@ cdef class Capture:
                     raise BufferError(f"reading {self.device!r}: every ring block is held by a batch; "
                                       "release batches (or keep copy()s) to read on")
                 with nogil:
-                    rc = pcap_dispatch(s.p, -1, _on_packet, <unsigned char *> s)
+                    rc = _unstash(s)
+                    if rc == 0:
+                        rc = pcap_dispatch(s.p, -1, _on_packet, <unsigned char *> s)
+                    else:
+                        s.err = 1
                 if s.err:
                     s.err = 0
                     raise MemoryError(f"reading {self.device!r}: cannot allocate a ring block")

@@ -1098,12 +1098,14 @@ def test_recovery_of_an_unacknowledged_output_removes_its_index_too(tmp_path):
     assert not list((tmp_path / "_index" / "flows").glob("sensor=b/*/*.parquet"))
 
 
-@pytest.mark.parametrize("earlier", [False, True], ids=["current", "state-of-a-version-before-its-id"])
-def test_a_receiver_restart_removes_an_unacknowledged_outputs_files(tmp_path, earlier):
+@pytest.mark.parametrize("earlier,interrupted", [(False, False), (True, False), (True, True)],
+                         ids=["current", "state-of-a-version-before-its-id", "upgrade-start-interrupted"])
+def test_a_receiver_restart_removes_an_unacknowledged_outputs_files(tmp_path, monkeypatch, earlier, interrupted):
     """The same through the receiver's ingest (its state dir), as a restart after SIGKILL runs
     it; also after an upgrade from a version that named the state by its file only (its
     markers were taken for another receiver's, and the files kept: packets twice, third cold
-    review)."""
+    review), and when the upgrade's first start dies in its recovery (the new id was saved
+    before it, and the next start took the old markers for a stranger's: a later cold review)."""
     import collections
 
     from pktstream.sinks import FileSink
@@ -1117,6 +1119,12 @@ def test_a_receiver_restart_removes_an_unacknowledged_outputs_files(tmp_path, ea
         state.pop("owner")
     (state_dir / STATE_FILE).write_text(json.dumps({"sensors": {}, "sinks": {f"file:{out}": state},
                                                     **({} if earlier else {"id": "0123456789abcdef"})}))
+    if interrupted:
+        with monkeypatch.context() as m:
+            m.setattr(FileSink, "recover_unacknowledged", lambda *a, **k: (_ for _ in ()).throw(OSError(5, "EIO")))
+            with pytest.raises(OSError, match="EIO"):
+                Ingest([FileSink(**opts)], counters=collections.Counter(), closing=threading.Event(),
+                       state_dir=str(state_dir))
     again = FileSink(**opts)
     Ingest([again], counters=collections.Counter(), closing=threading.Event(), state_dir=str(state_dir)).shutdown()
     assert [n for n in _ls(out) if not n.startswith("a.")] == []
@@ -1657,6 +1665,113 @@ def test_an_output_reset_twice_before_a_saved_state_holds_nothing_twice_after_a_
         assert sorted(r["path"] for r in Archive(str(tmp_path)).catalog().to_pylist()) == names
 
 
+@pytest.mark.parametrize("how", ["empty-batch", "failed-open"])
+def test_a_file_opened_after_a_flush_that_named_its_output_is_removed_by_recovery(tmp_path, monkeypatch, how):
+    """A new output's writer existed at a flush without a file (its first batch was empty, a
+    DATA frame of no packets; or its file's marker could not be written): the flush named the
+    output with the number after the one its writer had reserved, so after a crash recovery
+    left that file's .part (nothing in it acknowledged) and the resent packets went into the
+    next name -- twice, and a .part for good (a cold review)."""
+    from pktstream.sinks.base import Source
+    from pktstream.sinks.file import WRITER_RECORD
+    src = Source("s1", "h", "eth0", 1, 262144)
+    batches = make_batches(2, 4)
+    opts = {"directory": str(tmp_path), "format": "pcapng"}
+    sink = _restart(opts, {})
+    if how == "empty-batch":
+        sink.write(src, PacketBatch.from_records(b"", link_type=1, interface="eth0"))
+    else:
+        real = json.dump
+        monkeypatch.setattr(json, "dump", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "disk full")))
+        with pytest.raises(OSError, match="disk full"):
+            sink.write(src, batches[0])
+        monkeypatch.setattr(json, "dump", real)
+    state = _acknowledge(sink, sink.flush())
+    assert [e.get("next_free") for e in state["names"]] == [0], state
+    sink.write(src, batches[0])  # file 0: s1.pcapng
+    sink.flush()  # flushed, never saved: the receiver dies
+    _crash(sink)
+    sink = _restart(opts, state)
+    assert sorted(set(os.listdir(tmp_path)) - {WRITER_RECORD}) == [], os.listdir(tmp_path)
+    sink.write(src, batches[0])  # resent
+    sink.write(src, batches[1])
+    _acknowledge(sink, sink.flush())
+    sink.close()
+    assert sorted(set(os.listdir(tmp_path)) - {WRITER_RECORD}) == ["s1.pcapng"]
+    assert _packets(tmp_path, ".pcapng") == sorted(read_ts_of(batches[0]) + read_ts_of(batches[1]))
+
+
+def test_recovery_keeps_a_file_a_marker_names_that_another_writer_wrote_since(tmp_path):
+    """A receiver's marker lists s9.pcapng (a sensor first seen after its last saved state; the
+    failed group's reset removed the file), the receiver dies, and another writer (a script's
+    FileSink, or a receiver writing -w DIR/s9.pcapng) writes and completes s9.pcapng: the
+    receiver's restart removed it -- the other writer's packets -- by the marker, without
+    looking at the writer record (a cold review). It is kept now, and the restart says why."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    s1, s9 = Source("s1", "h", "eth0", 1, 262144), Source("s9", "h", "eth0", 1, 262144)
+    ours, theirs = make_batches(2, 4)
+    opts = {"directory": str(tmp_path), "format": "pcapng"}
+    sink = _restart(opts, {})
+    sink.write(s1, ours)
+    state = _acknowledge(sink, sink.flush())  # names s1 only
+    sink.write(s9, ours)  # s9's marker lists s9.pcapng
+    sink.reset()  # (the group failed): nothing of s9 was flushed, its file goes
+    assert not (tmp_path / "s9.pcapng").exists() and not (tmp_path / "s9.pcapng.part").exists()
+    _crash(sink)
+    other = FileSink(str(tmp_path / "s9.pcapng"))  # another writer, no state dir
+    other.write(s9, theirs)
+    other.flush()
+    other.close()
+    sink = _restart(opts, state)
+    assert _all_ts([tmp_path / "s9.pcapng"]) == read_ts_of(theirs)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".pktstream-unacked")]  # (the marker went)
+    sink.close()
+
+
+def test_the_writer_record_names_the_run_that_opened_a_file_last(tmp_path, caplog):
+    """Failover partners A and B (state dirs of their own) both writing into one directory, a
+    sensor moving A -> B -> A: A's new file (after a write error's reset) left the record
+    naming B, whose crash recovery then removed A's open file -- acknowledged packets (a cold
+    review). The record is checked before every file: A takes it back (and says that another
+    run writes there), and B's recovery keeps what its state does not name."""
+    import logging
+
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    from pktstream.sinks.file import WRITER_RECORD
+
+    def restart(state: dict, owner: str):
+        after = FileSink.recover(state)
+        sink = FileSink(**opts)
+        sink.resume(after)
+        sink.recover_unacknowledged(after, owner)
+        sink.use_acknowledgements()
+        return sink
+
+    a_owner, b_owner = "/host-a/receiver-state.json#aaaa", "/host-b/receiver-state.json#bbbb"
+    opts = {"directory": str(tmp_path), "format": "pcapng"}
+    src = Source("s1", "h", "eth0", 1, 262144)
+    b0, b1, b2 = make_batches(3, 4)
+    a = restart({}, a_owner)
+    a.write(src, b0)
+    _acknowledge(a, a.flush())  # s1.pcapng, A's
+    b = restart({}, b_owner)
+    b.write(src, b1)
+    b_state = _acknowledge(b, b.flush())  # s1~1.pcapng, B's
+    a.reset()  # a write error on A: its next file is s1~2
+    with caplog.at_level(logging.WARNING, logger="pktstream"):
+        a.write(src, b2)
+    _acknowledge(a, a.flush())  # acknowledged in s1~2
+    assert json.loads((tmp_path / WRITER_RECORD).read_text())["owner"] == a_owner
+    assert "writes there while this one does" in caplog.text
+    _crash(b)
+    b = restart(b_state, b_owner)  # B killed and restarted: A's s1~2 stays
+    a.close()
+    b.close()
+    assert _packets(tmp_path, ".pcapng") == sorted(read_ts_of(b0) + read_ts_of(b1) + read_ts_of(b2))
+
+
 def test_free_names_are_numbered_past_every_file_of_the_names(tmp_path):
     """A non-rotating output's next name after a reset is past the highest number of its
     names present (a removed s1~1 is not used again: recovery takes higher numbers for files
@@ -1991,11 +2106,14 @@ def test_temporary_files_a_killed_run_left_are_removed(tmp_path):
     dead.wait()  # (a process id that is gone)
     (tmp_path / f"{WRITER_RECORD}.{dead.pid}.tmp").write_text("{")
     (tmp_path / f"{WRITER_RECORD}.{10**30}.tmp").write_text("{")  # (no pid can be that)
+    (tmp_path / f"{WRITER_RECORD}.{dead.pid}-0a1b2c3d.tmp").write_text("{")  # (as named now)
+    other = tmp_path / f"{WRITER_RECORD}.\u00b2.tmp"  # (isdigit, but no number: not a record's, kept)
+    other.write_text("{")
     parts = [n for n in _ls(tmp_path) if n.startswith("b.") and n.endswith(".part")]
     (tmp_path / (parts[0] + ".tmp")).write_bytes(b"a re-encode a crash cut short")
     after = FileSink.recover(state)
     sink = FileSink(**opts)
     sink.resume(after)
     sink.recover_unacknowledged(after, OWNER)  # (at start: also where the run writes nothing)
-    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")], os.listdir(tmp_path)
+    assert [n for n in os.listdir(tmp_path) if n.endswith(".tmp")] == [other.name], os.listdir(tmp_path)
     sink.close()

@@ -214,7 +214,7 @@ def _lines(batch: PacketBatch) -> list[str]:
 def cmd_read(args: argparse.Namespace) -> int:
     words = list(args.bpf)
     while words and words[0] in ("-c", "--count"):  # also accept -c after FILE, as tcpdump does
-        if len(words) < 2 or not words[1].isdigit():
+        if len(words) < 2 or not (words[1].isascii() and words[1].isdigit()):
             raise SystemExit("pktstream read: -c needs a count of packets (a whole number >= 0)")
         args.count = int(words[1])
         words = words[2:]

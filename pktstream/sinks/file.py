@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -243,6 +244,7 @@ class FileSink(Sink):
         self._marker_lock = threading.Lock()  # _named, _marked: output thread and state writer thread
         self._writer_dirs: set[str] = set()  # directories whose writer record names this run's owner
         self._writer_failed: dict[str, OSError] = {}  # ... and those where setting it failed (flush: again)
+        self._concurrent: set[str] = set()  # ... and those where another run took it over (said once)
         self._named: set[Any] = set()  # outputs a persisted state names
         self._marked: dict[Any, tuple[str, list[str]]] = {}  # output -> (its marker, files listed)
         self.name = f"file:{self.path or self.directory}"
@@ -408,9 +410,7 @@ class FileSink(Sink):
         persisted state names the output, the file's name is added to its marker first (written
         whole and renamed): a crash then leaves the next run the list of files that hold only
         unacknowledged packets."""
-        d = os.path.dirname(os.path.abspath(path))
-        if d not in self._writer_dirs:
-            self._set_writer(d)
+        self._set_writer(os.path.dirname(os.path.abspath(path)))
         if not self._markers:
             return
         with self._marker_lock:
@@ -439,10 +439,23 @@ class FileSink(Sink):
             self._marked[key] = (marker, files)
 
     def _set_writer(self, d: str) -> None:
-        """:func:`_set_writer` for directory ``d``, once per run; a failure is tried again by the
+        """:func:`_set_writer` for directory ``d`` before each file there: the record names the
+        run that opened a file there last (a run writing there at the same time as this one
+        took it over: said once, and it is this run's again); a failure is tried again by the
         next file and by every flush, which refuses while it fails (with an owner: a saved state
         must not name files in a directory whose record is not its owner's -- its recovery
         would keep their unacknowledged tails, packets twice)."""
+        if d in self._writer_dirs and self._owner is not None:
+            found, writer = _writer_of(d)
+            if found and writer == self._owner:
+                return
+            if d not in self._concurrent:
+                self._concurrent.add(d)
+                log.warning("%s: another receiver or run (%s) writes there while this one does: give each "
+                            "receiver a directory of its own (a crash recovery of either keeps the files "
+                            "there that its state does not name while the other was the last to open a "
+                            "file, packets may be twice; where their file names meet, it may remove the "
+                            "other's)", d, f"{WRITER_RECORD}: {writer}" if found else f"no {WRITER_RECORD}")
         error = _set_writer(d, self._owner, self.opts["fsync"])
         if error is None:
             self._writer_dirs.add(d)
@@ -481,6 +494,11 @@ class FileSink(Sink):
         owners = {o for o in (owner, earlier_owner) if o is not None} if owner is not None else set()
         tmp_prefixes = tuple(f"{UNACKED_PREFIX}{self._owner_tag(o)}-" for o in owners)
         removed: list[str] = []
+        # the files a marker lists are removed only while this owner was the directory's last
+        # writer (or, no record, a version before writer records was: the earlier owner's);
+        # after another, a file of that name may be the other's (recover's _Sweep does the same)
+        found, writer = _writer_of(d)
+        ours = (writer in owners) if found else earlier_owner is not None
         for name in sorted(os.listdir(d)):
             if name.startswith(UNACKED_PREFIX) and name.endswith(".json.tmp"):
                 if tmp_prefixes and name.startswith(tmp_prefixes):
@@ -503,6 +521,10 @@ class FileSink(Sink):
             if data.get("owner") not in owners:
                 log.warning("recovery: %s is another receiver's or run's (state %s): its files stay "
                             "(packets it lists may be there twice)", marker, data.get("owner"))
+            elif data.get("base") not in named and isinstance(files, list) and not ours:
+                log.warning("recovery: %s was written since by another receiver or a run without this state dir "
+                            "(%s): the files %s lists stay (packets there may be there twice)", d,
+                            f"{WRITER_RECORD}: {writer}" if found else f"no {WRITER_RECORD}", marker)
             elif data.get("base") not in named and isinstance(files, list):
                 for f in files:
                     # (only files of this directory: a marker names nothing else)
@@ -663,6 +685,10 @@ class FileSink(Sink):
                 entry["next_seq"] = self._next_seq_floor(entry["base"], floor)
             elif not self._rotating:  # the same for the free names of one that does not rotate
                 entry["next_free"] = self._next_free(k)
+                if k in self._outputs and k in self._free_seq:
+                    # its writer has not opened its file yet (an empty first batch, a failed
+                    # open): the number it reserved is still to come, and newer than this flush
+                    entry["next_free"] = min(entry["next_free"], self._free_seq[k])
             names.append(entry)
         self._flushed.update(flushed)  # (only when every output flushed: a reset goes back to one state)
         state: dict[str, Any] = {"open": open_files}
@@ -1015,7 +1041,7 @@ def _set_writer(d: str, owner: str | None, fsync: bool) -> OSError | None:
         if _writer_of(d) == (True, owner):
             return None
         _remove_dead_writer_tmps(d)
-        tmp = f"{path}.{os.getpid()}.tmp"
+        tmp = f"{path}.{os.getpid()}-{secrets.token_hex(4)}.tmp"  # (two sinks of a process in one directory)
         try:
             with open(tmp, "w") as fh:
                 json.dump({"owner": owner, "pid": os.getpid(), "time": time.time()}, fh)
@@ -1038,13 +1064,14 @@ def _set_writer(d: str, owner: str | None, fsync: bool) -> OSError | None:
 
 
 def _remove_dead_writer_tmps(d: str) -> None:
-    """Remove ``WRITER_RECORD.<pid>.tmp`` files of processes that are gone (killed while
-    writing the record)."""
+    """Remove ``WRITER_RECORD.<pid>[-<random>].tmp`` files of processes that are gone (killed
+    while writing the record; a process on another host sharing the directory cannot be told
+    from a dead one here, and a record it is writing then goes: it writes it again)."""
     prefix = WRITER_RECORD + "."
     for name in os.listdir(d):
         if name.startswith(prefix) and name.endswith(".tmp"):
-            pid = name[len(prefix):-len(".tmp")]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            pid = name[len(prefix):-len(".tmp")].split("-", 1)[0]
+            if pid.isascii() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(d, name))
 

@@ -97,7 +97,7 @@ def broker_addresses(brokers: str) -> list[tuple[str, int]]:
         if "://" in b:
             b = b.split("://", 1)[1]
         host, _, port_text = b.rpartition(":")
-        host, port = (host or b).strip("[]"), int(port_text) if port_text.isdigit() else 9092
+        host, port = (host or b).strip("[]"), int(port_text) if port_text.isascii() and port_text.isdigit() else 9092
         try:
             addrs = {str(i[4][0]) for i in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
         except socket.gaierror as exc:  # not resolvable now: excluded once the client finds it

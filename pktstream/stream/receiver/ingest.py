@@ -217,9 +217,6 @@ class Ingest:
         state = self.state.load()
         kept_id = state.get("id")  # (a random id, kept with the state: part of the outputs' owner below)
         self.state_id = kept_id if isinstance(kept_id, str) and kept_id else secrets.token_hex(8)
-        if self.state.path is not None and kept_id != self.state_id:  # (saved before any output writes)
-            state = {"sensors": {}, "sinks": {}, **state, "id": self.state_id}
-            self.state.write(state)
         for sid, s in state.get("sensors", {}).items():
             st = self.sensors[sid] = SensorState(sid, hostname=s.get("hostname", ""))
             st.last_accepted = st.last_committed = int(s.get("last_seq", 0))
@@ -254,6 +251,11 @@ class Ingest:
             if sink.gate:
                 sink.recover_unacknowledged(recovered.get(sink.name, state.get("sinks", {}).get(sink.name)), owner,
                                             earlier_owner=earlier)
+        if self.state.path is not None and kept_id != self.state_id:
+            # saved before any output writes, and only after the recovery above: a start that
+            # dies before it ends finds the state as it was (its markers still this receiver's)
+            self.state.write({"sensors": {}, **state, "sinks": {**state.get("sinks", {}), **recovered},
+                              "id": self.state_id})
         if state:
             log.info("state: resuming %d sensors from %s", len(self.sensors), self.state.path)
 
