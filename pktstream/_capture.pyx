@@ -1882,18 +1882,21 @@ cdef class Capture:
             if self.eof:
                 return None
             with self._lock:
-                if s.p == NULL:  # closed from another thread: deliver the partly filled block
-                    if s.cur >= 0:
-                        _seal(s)
-                    if _queued(s) == 0:
-                        self.eof = True
-                    continue
-                if not _any_free(s):
+                if not _any_free(s) and (s.p != NULL or s.stash_len):
                     if s.cur >= 0:  # no block to go on with: deliver the partial one now
                         _seal(s)
                         continue
                     raise BufferError(f"reading {self.device!r}: every ring block is held by a batch; "
                                       "release batches (or keep copy()s) to read on")
+                if s.p == NULL:  # closed from another thread: deliver what was read (the partly
+                    if _unstash(s) != 0:  # filled block, a packet kept aside)
+                        s.stash_len = 0
+                        s.ring_drops += 1  # (out of memory)
+                    if s.cur >= 0:
+                        _seal(s)
+                    if _queued(s) == 0:
+                        self.eof = True
+                    continue
                 with nogil:
                     rc = _unstash(s)
                     if rc == 0:

@@ -1772,6 +1772,32 @@ def test_the_writer_record_names_the_run_that_opened_a_file_last(tmp_path, caplo
     assert _packets(tmp_path, ".pcapng") == sorted(read_ts_of(b0) + read_ts_of(b1) + read_ts_of(b2))
 
 
+def test_a_writer_record_set_but_not_synced_is_not_refused_for_good(tmp_path, monkeypatch):
+    """Taking the record back from another run, the directory sync after the rename failed once
+    (EIO): the record named this run, the failure stayed noted, and every later flush was
+    refused -- nothing acknowledged until a restart (a cold review). The next check clears it."""
+    import pktstream.sinks.file as file_sink
+    from pktstream.sinks.base import Source
+    from pktstream.sinks.file import WRITER_RECORD
+    sink = _restart({"directory": str(tmp_path), "format": "pcapng", "fsync": True}, {})
+    b0, b1 = make_batches(2, 3)
+    sink.write(Source("s1", "h", "eth0", 1, 262144), b0)
+    _acknowledge(sink, sink.flush())
+    (tmp_path / WRITER_RECORD).write_text(json.dumps({"owner": "/elsewhere/receiver-state.json#bbbb"}))
+    real, calls = file_sink.fsync_dir, []
+
+    def fails_once(path):
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(5, "EIO")
+        return real(path)
+    monkeypatch.setattr(file_sink, "fsync_dir", fails_once)
+    sink.write(Source("s2", "h", "eth0", 1, 262144), b1)  # a second sensor's file: the record taken back
+    assert calls and json.loads((tmp_path / WRITER_RECORD).read_text())["owner"] == OWNER
+    _acknowledge(sink, sink.flush())
+    sink.close()
+
+
 def test_free_names_are_numbered_past_every_file_of_the_names(tmp_path):
     """A non-rotating output's next name after a reset is past the highest number of its
     names present (a removed s1~1 is not used again: recovery takes higher numbers for files

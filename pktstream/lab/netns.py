@@ -7,12 +7,41 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 _counter = itertools.count()
 # held while a subnet is chosen and assigned, so concurrent runs (tests, demo, benchmarks of
 # several users) never pick the same 198.18.<k>.0/24
 _LOCK = "/run/pktstream-netns.lock" if os.path.isdir("/run") else "/tmp/pktstream-netns.lock"
+# (under the lock) when each subnet was last taken or given back: the least recently used free
+# one is taken, so a subnet is used again only after the others -- the root namespace may still
+# send to a removed pair's addresses for a while (a closed TCP socket's FIN retries, up to
+# ~2 min), and those frames (and the ARP requests before them) would appear on a new pair of
+# the same subnet, in another test's captures
+_RECENT = _LOCK + ".recent"
+
+
+def _recent() -> dict[int, float]:
+    try:
+        with open(_RECENT) as fh:
+            data = json.load(fh)
+        return {int(k): float(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _note_used(subnet: int) -> None:
+    """(Under the lock.) Subnet ``subnet`` was taken or given back now."""
+    recent = _recent()
+    recent[subnet] = time.time()
+    tmp = f"{_RECENT}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(recent, fh)
+        os.replace(tmp, _RECENT)
+    except OSError:  # (only an order of preference: without it, the first free subnet is taken)
+        pass
 
 
 def _subnets_in_use() -> set[int]:
@@ -62,7 +91,9 @@ class Veth:
                 free = [18 + (start + i) % 200 for i in range(200) if 18 + (start + i) % 200 not in used]
                 if not free:
                     raise RuntimeError("no free 198.18.<k>.0/24 subnet for a veth pair (200 in use)")
-                self.subnet = free[0]
+                recent = _recent()
+                self.subnet = min(free, key=lambda n: recent.get(n, 0.0))  # (the first of equals)
+                _note_used(self.subnet)
                 self.outer_ip = f"198.18.{self.subnet}.1"
                 self.inner_ip = f"198.18.{self.subnet}.2"
                 _sh("ip", "addr", "add", f"{self.outer_ip}/24", "dev", self.outer)
@@ -99,6 +130,11 @@ class Veth:
     def remove(self) -> None:
         subprocess.run(["ip", "link", "del", self.outer], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+        subnet = getattr(self, "subnet", None)
+        if subnet is not None:
+            with open(_LOCK, "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                _note_used(subnet)
 
 
     def __enter__(self) -> Veth:

@@ -448,6 +448,7 @@ class FileSink(Sink):
         if d in self._writer_dirs and self._owner is not None:
             found, writer = _writer_of(d)
             if found and writer == self._owner:
+                self._writer_failed.pop(d, None)  # (set after all: a failed fsync of the directory, another output's)
                 return
             if d not in self._concurrent:
                 self._concurrent.add(d)
