@@ -227,7 +227,13 @@ def test_adaptive_sealing_is_off_by_default_and_at_max_wait(veth):
         cap = pktstream.Capture(veth.outer, max_wait=0.05, timeout_ms=10, bpf="udp port 9", **kw)
         try:
             _send_udp_out(veth, b"x")
-            batch = cap.next_batch(timeout=60)
+            try:
+                batch = cap.next_batch(timeout=60)
+            except TimeoutError:  # (seen once, cause unknown: say where the datagram went)
+                info = [subprocess.run(c, capture_output=True, text=True).stdout for c in (
+                    ["ip", "-s", "link", "show", veth.outer], ["ip", "route", "get", veth.inner_ip],
+                    ["ip", "neigh", "show", "dev", veth.outer])]
+                raise AssertionError(f"no batch; stats {cap.stats()}; {info}") from None
             assert len(batch) == 1
             batch.release()
             assert cap.stats()["early_seals"] == 0
