@@ -1611,13 +1611,13 @@ def test_a_zst_re_encode_that_fails_leaves_no_temporary_copy(tmp_path, monkeypat
     assert _packets(tmp_path, ".zst") == sorted(read_ts_of(batches[0]) + read_ts_of(batches[1]))
 
 
-def _restart(opts: dict, state: dict):
+def _restart(opts: dict, state: dict, owner: str = OWNER):
     """A receiver's start after a crash: recovery from the saved ``state``, then a new sink."""
     from pktstream.sinks import FileSink
     after = FileSink.recover(state)
     sink = FileSink(**opts)
     sink.resume(after)
-    sink.recover_unacknowledged(after, OWNER)
+    sink.recover_unacknowledged(after, owner)
     sink.use_acknowledgements()
     return sink
 
@@ -1737,17 +1737,11 @@ def test_the_writer_record_names_the_run_that_opened_a_file_last(tmp_path, caplo
     run writes there), and B's recovery keeps what its state does not name."""
     import logging
 
-    from pktstream.sinks import FileSink
     from pktstream.sinks.base import Source
     from pktstream.sinks.file import WRITER_RECORD
 
     def restart(state: dict, owner: str):
-        after = FileSink.recover(state)
-        sink = FileSink(**opts)
-        sink.resume(after)
-        sink.recover_unacknowledged(after, owner)
-        sink.use_acknowledgements()
-        return sink
+        return _restart(opts, state, owner)
 
     a_owner, b_owner = "/host-a/receiver-state.json#aaaa", "/host-b/receiver-state.json#bbbb"
     opts = {"directory": str(tmp_path), "format": "pcapng"}
