@@ -105,7 +105,7 @@ def live(binary: str, frames: int, rate: int, work: str, tls: bool = False) -> d
     """PacketStreamer + pktstream sensors → one pktstream receiver, tcpdump as the reference;
     ``tls``: the receiver serves TLS (a self-signed certificate), both sensors use it."""
     from pktstream.lab import traffic
-    from pktstream.lab.netns import Veth
+    from pktstream.lab.netns import Veth, wait_link_up
     pcap = os.path.join(work, "mixed.pcap")
     traffic.write_pcap(pcap, frames)
     veth = Veth("bl")
@@ -119,6 +119,7 @@ def live(binary: str, frames: int, rate: int, work: str, tls: bool = False) -> d
                     ["ip", "link", "set", veth.outer, "netns", sns],
                     ["ip", "-n", sns, "link", "set", "lo", "up"], ["ip", "-n", sns, "link", "set", veth.outer, "up"]):
             subprocess.run(cmd, check=True)
+        wait_link_up(veth.outer, sns)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]

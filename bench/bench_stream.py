@@ -37,7 +37,7 @@ import time
 import zstandard
 
 from pktstream.lab import traffic
-from pktstream.lab.netns import Veth
+from pktstream.lab.netns import Veth, wait_link_up
 from pktstream.stream import protocol as P
 
 PY = [sys.executable, "-m", "pktstream"]
@@ -122,6 +122,7 @@ class SensorNamespace:
                     ["ip", "-n", self.ns, "link", "set", "lo", "up"],
                     ["ip", "-n", self.ns, "link", "set", veth.outer, "up"]):
             subprocess.run(cmd, check=True)
+        wait_link_up(veth.outer, self.ns)
 
     def cmd(self, *args: str) -> list[str]:
         return ["ip", "netns", "exec", self.ns, *args]

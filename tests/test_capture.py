@@ -220,6 +220,29 @@ def test_adaptive_sealing_delivers_a_lone_packet_alone(veth):
         cap.close()
 
 
+def test_a_veth_pair_is_up_when_made_and_wait_link_up_says_when_not(veth):
+    """A new pair carries traffic at once (the kernel turns the carrier on after ``ip link set
+    up`` returns; a datagram sent before then is dropped before any capture sees it), and
+    wait_link_up names a link that does not come up."""
+    from pktstream.lab.netns import wait_link_up
+    for dev, ns in ((veth.outer, None), (veth.inner, veth.ns)):
+        out = subprocess.run(["ip", *(("-n", ns) if ns else ()), "-o", "link", "show", "dev", dev],
+                             check=True, capture_output=True, text=True).stdout
+        assert " state UP " in out and " qdisc noop " not in out, out
+    subprocess.run(["ip", "-n", veth.ns, "link", "set", veth.inner, "down"], check=True)
+    with pytest.raises(RuntimeError, match=f"^{veth.outer} not up after 0.2 s: .*NO-CARRIER"):
+        wait_link_up(veth.outer, timeout_s=0.2)
+    subprocess.run(["ip", "-n", veth.ns, "link", "set", veth.inner, "up"], check=True)
+    wait_link_up(veth.outer)
+    wait_link_up(veth.inner, veth.ns)
+    cap = pktstream.Capture(veth.outer, max_wait=0.05, timeout_ms=10, bpf="udp port 9")
+    try:
+        _send_udp_out(veth, b"x")
+        assert len(cap.next_batch(timeout=60)) == 1
+    finally:
+        cap.close()
+
+
 def test_adaptive_sealing_is_off_by_default_and_at_max_wait(veth):
     """Without idle_wait (the library default), or with idle_wait >= max_wait, a lone packet
     waits for max_wait: here 0.05 s, and the counter of early seals stays 0."""

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import PKTSTREAM, free_port, read_pcap_dpkt, start_tcpdump, wait_pcap_count, wait_until
 from pktstream.lab import traffic
-from pktstream.lab.netns import Veth
+from pktstream.lab.netns import Veth, wait_link_up
 from pktstream.stream import protocol as P
 
 pytestmark = pytest.mark.live
@@ -310,6 +310,8 @@ def test_interface_lost_and_back_is_reopened(procs, tmp_path):
                     ["ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv6.conf.{link.inner}.disable_ipv6=1"],
                     ["ip", "-n", ns, "link", "set", link.inner, "up"]):
             subprocess.run(cmd, check=True)
+        wait_link_up(name)
+        wait_link_up(link.inner, ns)
         sx.wait_for(f"capture on {name} resumed", timeout=30)
         link.replay(src, pps=3000)
         st_wait = tmp_path / "sx.json"

@@ -60,6 +60,27 @@ def _sh(*cmd: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=True, capture_output=True, text=True)
 
 
+def wait_link_up(dev: str, ns: str | None = None, timeout_s: float = 30.0) -> None:
+    """Wait until ``dev`` (in namespace ``ns``) is operationally up with its queueing discipline.
+
+    ``ip link set DEV up`` returns before the kernel turns the carrier on: link watch does that
+    later in a work item that waits for the RTNL lock (busy while other namespaces are created
+    or removed), and until then the device has the ``noop`` discipline, which drops every frame
+    sent on it before any capture sees it, and counts it nowhere a test looks.
+    """
+    cmd = ["ip", *(("-n", ns) if ns else ()), "-o", "link", "show", "dev", dev]
+    deadline = time.monotonic() + timeout_s
+    pause_s = 0.001
+    while True:
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        if " state UP " in out and " qdisc noop " not in out and "NO-CARRIER" not in out:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{dev} not up after {timeout_s:g} s: {out.strip()}")
+        time.sleep(pause_s)  # (polling the link's state: there is no event to wait on)
+        pause_s = min(pause_s * 2, 0.05)
+
+
 class Veth:
     """A veth pair: ``outer`` in the root namespace, ``inner`` in namespace ``ns``.
 
@@ -68,6 +89,7 @@ class Veth:
     ethtool: frames are wire-sized, and a tcpdump oracle's ring holds far more of them.
     outer has 198.18.<k>.1/24, inner 198.18.<k>.2/24, with <k> in 18..217 not used by any other
     address in the root namespace (chosen under a file lock: concurrent runs never share one).
+    Both ends are up, carrier on, when the constructor returns (:func:`wait_link_up`).
     """
 
     OFFLOADS = True  # the default of ``offloads`` (the test suite sets False)
@@ -111,6 +133,8 @@ class Veth:
             _sh("ip", "link", "set", self.outer, "up")
             _sh("ip", "-n", self.ns, "link", "set", "lo", "up")
             _sh("ip", "-n", self.ns, "link", "set", self.inner, "up")
+            wait_link_up(self.outer)
+            wait_link_up(self.inner, self.ns)
         except Exception:
             self.remove()
             raise
