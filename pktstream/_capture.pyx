@@ -1168,21 +1168,20 @@ cdef bint _stash(CaptureState *s, const pcap_pkthdr *h, const unsigned char *dat
 
 cdef int _unstash(CaptureState *s) noexcept nogil:
     """Files: place the stashed record in a fresh block (the caller checked one is free).
-    0 placed (or nothing stashed), -1 out of memory (the stash is kept)."""
+    0 placed (or nothing stashed), -1 out of memory (the stash is kept). No block is being
+    filled meanwhile: a record is stashed only when none could be acquired, the one filled
+    before it sealed, and nothing is read until it is placed."""
     cdef size_t need = s.stash_len
     if need == 0:
         return 0
-    if s.cur < 0 and _acquire(s) < 0:
+    if s.cur >= 0:  # (not reached: see above; sealed rather than left filling and lost)
+        _seal(s)
+    if _acquire(s) < 0:
         return -1
-    if s.used[s.cur] + need > s.cap[s.cur]:
-        if s.count[s.cur] != 0:
-            _seal(s)
-            if _acquire(s) < 0:
-                return -1
-        if need > s.cap[s.cur] and not _resize_block(s, s.cur, need):
-            ps_store_int(&s.state[s.cur], BLOCK_FREE)
-            s.cur = -1
-            return -1
+    if need > s.cap[s.cur] and not _resize_block(s, s.cur, need):
+        ps_store_int(&s.state[s.cur], BLOCK_FREE)
+        s.cur = -1
+        return -1
     memcpy(s.blocks[s.cur] + s.used[s.cur], s.stash, need)
     if s.count[s.cur] == 0:
         s.cur_first_ns = ps_monotonic_ns()
