@@ -450,7 +450,7 @@ class FileSink(Sink):
             if found and writer == self._owner:
                 self._writer_failed.pop(d, None)  # (set after all: a failed fsync of the directory, another output's)
                 return
-            if d not in self._concurrent:
+            if d not in self._concurrent and not isinstance(writer, _Unreadable):  # (rewritten below)
                 self._concurrent.add(d)
                 log.warning("%s: another receiver or run (%s) writes there while this one does: give each "
                             "receiver a directory of its own (a crash recovery of either keeps the files "
@@ -523,9 +523,8 @@ class FileSink(Sink):
                 log.warning("recovery: %s is another receiver's or run's (state %s): its files stay "
                             "(packets it lists may be there twice)", marker, data.get("owner"))
             elif data.get("base") not in named and isinstance(files, list) and not ours:
-                log.warning("recovery: %s was written since by another receiver or a run without this state dir "
-                            "(%s): the files %s lists stay (packets there may be there twice)", d,
-                            f"{WRITER_RECORD}: {writer}" if found else f"no {WRITER_RECORD}", marker)
+                log.warning("recovery: %s; the files %s lists stay (packets there may be there twice)",
+                            _written_since(d, found, writer), marker)
             elif data.get("base") not in named and isinstance(files, list):
                 for f in files:
                     # (only files of this directory: a marker names nothing else)
@@ -1040,6 +1039,8 @@ def _set_writer(d: str, owner: str | None, fsync: bool) -> OSError | None:
                     fsync_dir(d)
             return None
         if _writer_of(d) == (True, owner):
+            if fsync:  # (its rename is done; a sync of the directory after it may have failed)
+                fsync_dir(d)
             return None
         _remove_dead_writer_tmps(d)
         tmp = f"{path}.{os.getpid()}-{secrets.token_hex(4)}.tmp"  # (two sinks of a process in one directory)
@@ -1088,16 +1089,35 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class _Unreadable:
+    """The owner :func:`_writer_of` gives for a record it cannot read (equal to no owner)."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = " ".join(str(error).split())
+
+    def __str__(self) -> str:
+        return f"unreadable: {self.error}"
+
+
 def _writer_of(d: str) -> tuple[bool, Any]:
-    """(a writer record exists in ``d``, the owner it names)."""
+    """(a writer record exists in ``d``, the owner it names: an :class:`_Unreadable` if it
+    cannot be read)."""
     try:
         with open(os.path.join(d, WRITER_RECORD)) as fh:
             data = json.load(fh)
     except FileNotFoundError:
         return False, None
-    except (OSError, ValueError):
-        return True, None
+    except (OSError, ValueError) as exc:
+        return True, _Unreadable(exc)
     return True, data.get("owner") if isinstance(data, dict) else None
+
+
+def _written_since(d: str, found: bool, writer: Any) -> str:
+    """Recovery's words for a directory whose record does not name its state."""
+    if isinstance(writer, _Unreadable):
+        return f"{d}: its {WRITER_RECORD} cannot be read ({writer.error}): another receiver may have written there"
+    return (f"{d} was written since by another receiver or a run without this state dir "
+            f"({f'{WRITER_RECORD}: {writer}' if found else f'no {WRITER_RECORD}'})")
 
 
 class _Sweep:
@@ -1122,10 +1142,9 @@ class _Sweep:
             self._dirs[d] = found and writer == self.owner
             if not self._dirs[d]:
                 self.kept.append(d)
-                log.warning("recovery: %s was written since by another receiver or a run without this state dir "
-                            "(%s): the files there that this state does not name are kept, packets may be there "
-                            "twice (give each receiver a directory of its own)", d,
-                            f"{WRITER_RECORD}: {writer}" if found else f"no {WRITER_RECORD}")
+                log.warning("recovery: %s; the files there that this state does not name are kept, packets "
+                            "may be there twice (give each receiver a directory of its own)",
+                            _written_since(d, found, writer))
         return self._dirs[d]
 
     def noted(self, state: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import json
 import logging
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pktstream._capture import PacketBatch
-from pktstream.exceptions import FrameError
+from pktstream.exceptions import ConfigError, FrameError
 from pktstream.formats._common import fsync_dir
 from pktstream.sinks.base import Sink, Source
 from pktstream.stream import protocol as P
@@ -36,6 +37,8 @@ from pktstream.stream.receiver.outputs import Outputs
 log = logging.getLogger("pktstream.stream.receiver")
 
 STATE_FILE = "receiver-state.json"
+STATE_RETRY_S = 1.0        # a failed save of the state is tried again this often (one timer at a time)
+STATE_ERROR_LOG_S = 60.0   # the same failure is logged again at most this often
 SENSOR_ID = P.SENSOR_ID  # (re-exported: the receiver's checks)
 
 
@@ -143,13 +146,24 @@ def send_ack(sensor: SensorState, counters: collections.Counter) -> None:
 
 class StateFile:
     """``<state dir>/receiver-state.json``: the last committed seq per sensor and each output's
-    newest flushed state, written atomically (any thread; one writer at a time)."""
+    newest flushed state, written atomically (any thread; one writer at a time). The directory
+    must be writable at start (:class:`~pktstream.exceptions.ConfigError` otherwise); removed
+    while the receiver runs, it is made again by the next write (every state written is whole)."""
 
     def __init__(self, state_dir: str | None, *, fsync: bool = False) -> None:
         self.path = os.path.join(state_dir, STATE_FILE) if state_dir else None
         self.fsync = fsync
         if state_dir:
-            os.makedirs(state_dir, mode=0o700, exist_ok=True)
+            try:
+                os.makedirs(state_dir, mode=0o700, exist_ok=True)
+                # (as root, permissions never refuse: only a write tells a read-only mount)
+                probe = os.path.join(state_dir, f".{STATE_FILE}.{os.getpid()}-{secrets.token_hex(4)}.probe")
+                with open(probe, "w"):
+                    pass
+                os.unlink(probe)
+            except OSError as exc:
+                raise ConfigError(f"cannot write the receiver state directory {state_dir}: "
+                                  f"{(exc.strerror or str(exc)).lower()}") from None
 
     def load(self) -> dict[str, Any]:
         if self.path is None or not os.path.exists(self.path):
@@ -161,15 +175,37 @@ class StateFile:
             raise ValueError(f"receiver state {self.path} is unreadable ({exc}); move it away to start fresh") from None
 
     def write(self, state: dict | None) -> None:
+        """Save ``state`` atomically; an OSError names the state file (nothing else changes)."""
         if self.path is None or state is None:
             return
+        try:
+            try:
+                self._write(state)
+            except FileNotFoundError:
+                d = os.path.dirname(self.path)
+                if os.path.isdir(d):
+                    raise
+                os.makedirs(d, mode=0o700, exist_ok=True)
+                log.warning("state: the directory %s was removed: made again", d)
+                self._write(state)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot save the receiver state {self.path}: "
+                                     f"{(exc.strerror or str(exc)).lower()}") from exc
+
+    def _write(self, state: dict) -> None:
+        assert self.path is not None
         tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-            if self.fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(state, f)
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):  # (a disk full leaves no empty temporary behind)
+                os.unlink(tmp)
+            raise
         if self.fsync:  # the rename itself must survive a power loss
             fsync_dir(os.path.dirname(self.path))
 
@@ -204,6 +240,12 @@ class Ingest:
         self._commit_busy = False      # a state write is in flight (commits are serialised)
         self._commit_again = False     # more was committed meanwhile
         self._commit_idle = asyncio.Event()   # (asyncio primitives bind to the loop on first use)
+        # a failed save of the state: its error (until a save succeeds), the one retry timer,
+        # failures since the last save, when the failure was last logged
+        self._unsaved: BaseException | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._failures = 0
+        self._failure_logged = 0.0
         self._commit_idle.set()
         self._space = asyncio.Condition()
         self._space_waiters = 0        # dispatches waiting for space (no notify task without them)
@@ -276,12 +318,27 @@ class Ingest:
         while self._commit_busy:  # a state write in flight lands first (a timer may start one)
             await self._commit_idle.wait()
         self.commit(sync=True)
-        # nothing is committed after this one: a retry of a failed one (scheduled for 1 s later)
-        # would run after outputs closed and forgot their states, acknowledging data that no
-        # saved state describes
+        # nothing is committed after this one: a retry of a failed one would run after outputs
+        # closed and forgot their states, acknowledging data that no saved state describes
         self._finished = True
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         await self.outputs.close()  # (an output closed without error forgets its open files: complete)
-        self.state.write(self._snapshot())
+        if self._unsaved is not None:
+            # the files just completed hold what was not acknowledged: a state saved now (their
+            # outputs forgotten, the sensors' last seqs as before) would have the next start
+            # keep them whole while the sensors resend it -- packets twice. The state saved
+            # last still names them: the next start cuts them back to it
+            log.error("receiver state not saved at stop (%s): %d frames not acknowledged; the next start "
+                      "cuts the files back to the state saved last and the sensors send them again",
+                      self._unsaved, len(self._pending))
+            return
+        try:
+            self.state.write(self._snapshot())
+        except OSError as exc:  # (the state saved by the commit above describes the files: recovery completes them)
+            self.counters["state_write_failures"] += 1
+            log.error("%s (at stop: the next start recovers from the state saved last)", exc)
 
     def shutdown(self) -> None:
         """Last step of a receiver's stop, after its inputs closed (they may still ingest)."""
@@ -443,6 +500,8 @@ class Ingest:
         if self._commit_busy:
             self._commit_again = True
             return
+        if self._retry is not None and not sync:
+            return  # (a save failed: its timer tries again, with everything committed by then)
         committed = self.outputs.committed(self.index)
         acks: dict[str, int] = {}
         freed = n = 0
@@ -494,12 +553,30 @@ class Ingest:
             self._commit_idle.set()
 
     def _state_failed(self, exc: BaseException) -> None:
-        # nothing is acknowledged: the same entries are committed again on the next flush
+        """Nothing is acknowledged: the same entries and the ones committed meanwhile are
+        saved again by one timer, every STATE_RETRY_S (flushes do not try on their own: one
+        failing write per flush loaded the state thread and flooded the log). The error is
+        logged when it first happens or changes, and then every STATE_ERROR_LOG_S."""
         self.counters["state_write_failures"] += 1
-        log.error("cannot save the receiver state (%s): not acknowledging; retrying", exc)
-        self.loop.call_later(1.0, self.commit)
+        self._failures += 1
+        now = time.monotonic()
+        if (self._unsaved is None or str(exc) != str(self._unsaved)
+                or now - self._failure_logged >= STATE_ERROR_LOG_S):
+            log.error("%s: nothing is acknowledged until it is saved (tried again every %g s; %d failures so far)",
+                      _state_error(exc), STATE_RETRY_S, self._failures)
+            self._failure_logged = now
+        self._unsaved = exc
+        if self._retry is None and not self._finished:
+            self._retry = self.loop.call_later(STATE_RETRY_S, self._retry_commit)
+
+    def _retry_commit(self) -> None:
+        self._retry = None
+        self.commit()
 
     def _acknowledge(self, acks: dict[str, int], n: int, freed: int, committed: int) -> None:
+        if self._unsaved is not None:
+            log.warning("state: saved again after %d failures; acknowledging", self._failures)
+            self._unsaved, self._failures = None, 0
         for _ in range(n):
             self._pending.popleft()
         for sid, seq in acks.items():
@@ -559,3 +636,10 @@ class Ingest:
             if s.legacy:
                 sensors[sid]["legacy"] = "unacknowledged"
         return sensors
+
+
+def _state_error(exc: BaseException) -> str:
+    """A failed save's one-line message (StateFile's name the file; an output's marker removal
+    -- ``persisted`` -- says its own)."""
+    text = " ".join(str(exc).split())
+    return text if text.startswith("cannot save") else f"cannot save the receiver state: {text}"
