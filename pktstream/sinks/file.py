@@ -244,6 +244,7 @@ class FileSink(Sink):
         self._marker_lock = threading.Lock()  # _named, _marked: output thread and state writer thread
         self._writer_dirs: set[str] = set()  # directories whose writer record names this run's owner
         self._writer_failed: dict[str, OSError] = {}  # ... and those where setting it failed (flush: again)
+        self._entry_synced: dict[Any, str] = {}  # --fsync: per output, the file whose directory entry is synced
         self._concurrent: set[str] = set()  # ... and those where another run took it over (said once)
         self._named: set[Any] = set()  # outputs a persisted state names
         self._marked: dict[Any, tuple[str, list[str]]] = {}  # output -> (its marker, files listed)
@@ -662,6 +663,11 @@ class FileSink(Sink):
             out.flush()
             if self.opts["fsync"] and out.current_path is not None:
                 os.fsync(out.fileno())
+                if self._entry_synced.get(key) != out.current_path:
+                    # a new file's name must survive a power loss too, before anything in it is
+                    # acknowledged (POSIX: only a sync of its directory makes it durable)
+                    fsync_dir(os.path.dirname(os.path.abspath(out.current_path)))
+                    self._entry_synced[key] = out.current_path
             st = _writer_state(out)
             if st is not None:
                 # which output, and the names it gives files: recovery removes only .part files
