@@ -264,3 +264,32 @@ def test_fsync_syncs_the_directory_of_each_new_file_before_its_first_flush_retur
         parts.append(part)
     sink.close()
     assert len(set(parts)) >= 2  # (a rotation: a second new file)
+
+
+def test_the_error_line_names_the_state_file(tmp_path, monkeypatch, caplog):
+    """One line: what failed (the state file), why, and what it means."""
+    monkeypatch.setattr(ingest_mod, "STATE_RETRY_S", 3600.0)
+    caplog.set_level(logging.ERROR, logger="pktstream.stream.receiver")
+    real_dump = json.dump
+
+    def dump(obj, fh, **kw):
+        if getattr(fh, "name", "").endswith(STATE_FILE + ".tmp"):
+            raise OSError(28, "No space left on device")
+        real_dump(obj, fh, **kw)
+
+    async def run() -> None:
+        ingest, _ = _ingest(tmp_path)
+        monkeypatch.setattr(ingest_mod.json, "dump", dump)  # (after the start's own save)
+        ingest.start()
+        await _send(ingest, 1, make_batches(1, 5)[0])
+        await _flushed(ingest, 1)
+        await ingest.finish()
+        ingest.shutdown()
+    asyncio.run(run())
+    path = tmp_path / "state" / STATE_FILE
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cannot save the receiver state {path}: no space left on device: nothing is acknowledged until it is "
+        "saved (tried again every 3600 s; 1 failures so far)",
+        f"receiver state not saved at stop (cannot save the receiver state {path}: no space left on device): "
+        "1 frames not acknowledged; the next start cuts the files back to the state saved last and the sensors "
+        "send them again"]

@@ -332,13 +332,13 @@ class Ingest:
             # last still names them: the next start cuts them back to it
             log.error("receiver state not saved at stop (%s): %d frames not acknowledged; the next start "
                       "cuts the files back to the state saved last and the sensors send them again",
-                      self._unsaved, len(self._pending))
+                      _state_error(self._unsaved), len(self._pending))
             return
         try:
             self.state.write(self._snapshot())
         except OSError as exc:  # (the state saved by the commit above describes the files: recovery completes them)
             self.counters["state_write_failures"] += 1
-            log.error("%s (at stop: the next start recovers from the state saved last)", exc)
+            log.error("%s (at stop: the next start recovers from the state saved last)", _state_error(exc))
 
     def shutdown(self) -> None:
         """Last step of a receiver's stop, after its inputs closed (they may still ingest)."""
@@ -639,7 +639,8 @@ class Ingest:
 
 
 def _state_error(exc: BaseException) -> str:
-    """A failed save's one-line message (StateFile's name the file; an output's marker removal
-    -- ``persisted`` -- says its own)."""
-    text = " ".join(str(exc).split())
-    return text if text.startswith("cannot save") else f"cannot save the receiver state: {text}"
+    """A failed save's one-line message: StateFile's errors name the file (their strerror),
+    an output's (its markers' removal, ``persisted``) say their own."""
+    if isinstance(exc, OSError) and isinstance(exc.strerror, str) and exc.strerror.startswith("cannot save"):
+        return " ".join(exc.strerror.split())
+    return f"cannot save the receiver state: {' '.join(str(exc).split())}"
