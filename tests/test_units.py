@@ -202,6 +202,55 @@ def test_a_spool_that_cannot_be_renamed_still_sends_and_counts_nothing(tmp_path,
     assert store.dropped_blocks == 0
 
 
+def test_a_read_only_spool_resends_and_removes_blocks_by_the_names_they_have(tmp_path, monkeypatch):
+    """Renames failing (a spool remounted read-only after an I/O error): a handed-out block kept
+    its never-sent name, but a resend and the acknowledgement looked for SEQ.frame -- counted
+    lost although on disk, its file left for the next run to send again (a fault-injection
+    review). Removals failing too: each acknowledgement raised and cut the session."""
+    import errno
+
+    import pktstream.stream.sendwindow as sw
+    store = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20, first_seq=100)
+    for i in range(3):
+        store.put(lambda seq, i=i: _frame(seq, bytes([i]) * 100), 2, 200)
+
+    def refuse(*_a):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(sw.os, "replace", refuse)
+    assert [s for s, _p in _sent_all(store)] == [100, 101, 102]
+    got = _sent_all(store)  # resent after a reconnect
+    assert [p[0] for _s, p in got] == [0, 1, 2] and store.dropped_blocks == 0
+    store.ack(100)
+    assert not (tmp_path / f"{100:020d}.new.frame").exists()
+    real_unlink = os.unlink
+    monkeypatch.setattr(sw.os, "unlink", refuse)
+    store.ack(102)  # (no exception: the session goes on)
+    assert store.pending()[0] == 0 and store.spool_errors == 2 and store.dropped_blocks == 0
+    monkeypatch.setattr(sw.os, "unlink", real_unlink)
+
+
+@pytest.mark.parametrize("offset,value", [(5, P.FrameType.HEARTBEAT), (5, P.FrameType.STATS), (8, 40)])
+def test_a_spool_file_whose_header_is_not_a_spooled_blocks_is_dropped_and_counted(tmp_path, offset, value):
+    """One changed byte made a spooled block a HEARTBEAT (its packets lost, counted nowhere),
+    a STATS frame (every session closed on it: nothing delivered after it, ever), or gave it
+    another header length."""
+    store = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20, first_seq=100)
+    for _ in range(2):
+        store.put(lambda seq: (P.encode_header(P.FrameType.DATA, 100, seq=seq, count=4, raw_len=400),
+                               b"x" * 100), 4, 200)
+    store.close()
+    path = tmp_path / f"{100:020d}.new.frame"
+    data = bytearray(path.read_bytes())
+    if offset == 8:
+        data[8:10] = value.to_bytes(2, "little")
+    else:
+        data[offset] = value
+    path.write_bytes(bytes(data))
+    again = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20)
+    assert again.dropped_blocks == 1 and again.pending()[0] == 1 and not path.exists()
+    assert again.dropped_packets == 4
+
+
 def test_a_handed_out_spooled_block_whose_file_is_gone_is_counted(tmp_path):
     store = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20, first_seq=100)
     for _ in range(3):

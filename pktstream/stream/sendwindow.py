@@ -28,6 +28,7 @@ log = logging.getLogger("pktstream.stream.sensor")
 
 DEFAULT_SPOOL_BYTES = 1 << 30   # the default spool: 1 GiB, at most half the free disk space
 STATE_DIR_ENV = "PKTSTREAM_STATE_DIR"
+SPOOL_ERROR_LOG_S = 60.0  # an acknowledged block's file that cannot be removed: said at most this often
 
 
 def state_dir() -> str:
@@ -131,6 +132,7 @@ class _Entry:
     # never handed out: SEQ.new.frame -- also for the next run, which then renumbers it when
     # it is behind the receiver instead of taking it for one the receiver has)
     sent: bool = False
+    unmarked: bool = False  # handed out, but its file could not be renamed SEQ.frame (a read-only spool)
 
 
 class FrameStore:
@@ -153,6 +155,7 @@ class FrameStore:
         self.dropped_packets = 0
         self.spooled_blocks = 0
         self.spool_errors = 0
+        self._spool_error_logged = -SPOOL_ERROR_LOG_S  # (monotonic s: the first error is logged)
         self.acked_seq = 0
         self._listeners: list = []
         self._lock_fd: int | None = None
@@ -230,6 +233,10 @@ class FrameStore:
     def _spool_path(self, seq: int, sent: bool) -> str:
         return os.path.join(self.spool_dir or "", f"{seq:020d}.frame" if sent else f"{seq:020d}.new.frame")
 
+    def _file_of(self, e: _Entry) -> str:
+        """The file of a spooled block, by the name it has."""
+        return self._spool_path(e.seq, e.sent and not e.unmarked)
+
     _SPOOL_NAME = re.compile(r"(\d{20})(\.new)?\.frame(\.tmp)?")
 
     def _load_spool(self) -> None:
@@ -249,6 +256,12 @@ class FrameStore:
                     raise FrameError("not a spool file name")
                 if m.group(3):  # a spill a kill cut short before its rename
                     raise FrameError("a spill that did not finish")
+                if head.type != P.FrameType.DATA or head.header_len != P.HEADER_LEN:
+                    # (only DATA frames with this version's header are spooled: a changed byte
+                    # would make the receiver take it for another frame -- a HEARTBEAT's seq
+                    # acknowledged, its packets lost uncounted -- or close every session on it)
+                    raise FrameError(f"a {head.type.name} frame with a {head.header_len}-byte header, "
+                                     "not a spooled block")
                 if size != P.HEADER_LEN + head.payload_len:
                     raise FrameError(f"{size} bytes, the header says {P.HEADER_LEN + head.payload_len}")
                 seq = int(m.group(1))
@@ -350,9 +363,17 @@ class FrameStore:
                 if e.data is None:
                     self.spool_used -= e.size
                     try:
-                        os.unlink(self._spool_path(e.seq, e.sent))
+                        os.unlink(self._file_of(e))
                     except FileNotFoundError:
                         pass
+                    except OSError as exc:  # (a spool turned read-only, EIO: the session goes on)
+                        self.spool_errors += 1
+                        now = time.monotonic()
+                        if now - self._spool_error_logged >= SPOOL_ERROR_LOG_S:
+                            self._spool_error_logged = now
+                            log.error("spool: cannot remove acknowledged block %d's file (%s; %d spool errors "
+                                      "so far): a restart would send what is left there again", e.seq, exc,
+                                      self.spool_errors)
                 else:
                     self.mem_used -= e.size
                     release_payload(e.data[1])
@@ -382,7 +403,7 @@ class FrameStore:
                 data = e.data
                 path = None
                 if data is None:
-                    path = self._mark_sent(e) if not e.sent else self._spool_path(e.seq, True)
+                    path = self._mark_sent(e) if not e.sent else self._file_of(e)
                     if path is None:
                         seq = e.seq  # lost (counted): the next one
                         continue
@@ -414,7 +435,10 @@ class FrameStore:
             self._lose(e, exc)
             return None
         except OSError as exc:  # e.g. a read-only spool: sent anyway (a later run may send it twice)
+            # (its file keeps the never-sent name, which ack removes and a resend reads -- before,
+            # both looked for SEQ.frame: the block counted lost, and its file left behind)
             log.warning("spool: block %d: cannot mark it sent (%s)", e.seq, exc)
+            e.unmarked = True
             return new
 
     def _lose(self, e: _Entry, exc: BaseException) -> None:
