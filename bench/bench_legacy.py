@@ -120,6 +120,7 @@ def live(binary: str, frames: int, rate: int, work: str, tls: bool = False) -> d
                     ["ip", "-n", sns, "link", "set", "lo", "up"], ["ip", "-n", sns, "link", "set", veth.outer, "up"]):
             subprocess.run(cmd, check=True)
         wait_link_up(veth.outer, sns)
+        wait_link_up(veth.inner, veth.ns)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]

@@ -123,6 +123,7 @@ class SensorNamespace:
                     ["ip", "-n", self.ns, "link", "set", veth.outer, "up"]):
             subprocess.run(cmd, check=True)
         wait_link_up(veth.outer, self.ns)
+        wait_link_up(veth.inner, veth.ns)
 
     def cmd(self, *args: str) -> list[str]:
         return ["ip", "netns", "exec", self.ns, *args]

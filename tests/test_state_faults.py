@@ -8,6 +8,7 @@ import asyncio
 import collections
 import json
 import logging
+import os
 import shutil
 import threading
 
@@ -142,7 +143,8 @@ def test_a_failing_save_is_tried_again_by_one_timer_and_said_once(tmp_path, monk
 
 
 def test_the_retry_timer_saves_without_a_flush(tmp_path, monkeypatch):
-    """An idle receiver (no flush to come) saves the state and acknowledges once the fault passes."""
+    """An idle receiver (no flush to come) saves the state and acknowledges once the fault
+    passes (a guard of the one timer's retries; the parent's behaviour was the same)."""
     monkeypatch.setattr(ingest_mod, "STATE_RETRY_S", 0.01)
 
     async def run() -> None:
@@ -178,10 +180,41 @@ def test_a_state_dir_removed_while_running_is_made_again(tmp_path, caplog):
                for r in caplog.records)
 
 
-def test_an_unwritable_state_dir_is_refused_at_start(tmp_path):
-    """A state dir that cannot be written (here: a file where a directory should be; a read-only
-    mount alike) is a configuration error at start, not a receiver that never acknowledges."""
+def test_a_state_dir_is_made_again_only_itself_and_on_its_filesystem(tmp_path, monkeypatch):
+    """Its parent gone too (a volume unmounted), the whole path was made again elsewhere: a later
+    start with the volume back would load the old state and cut acknowledged packets away (a
+    review)."""
+    state = ingest_mod.StateFile(str(tmp_path / "vol" / "state"))
+    shutil.rmtree(tmp_path / "vol")
+    with pytest.raises(FileNotFoundError, match="cannot save the receiver state"):
+        state.write({"sensors": {}})
+    assert not (tmp_path / "vol").exists()
+    (tmp_path / "vol").mkdir()  # the parent is back, on another filesystem
+    real_stat = ingest_mod.os.stat
+    monkeypatch.setattr(ingest_mod.os, "stat", lambda p, *a, **kw: os.stat_result(
+        (*real_stat(p, *a, **kw)[:2], real_stat(p, *a, **kw).st_dev + 1, *real_stat(p, *a, **kw)[3:])))
+    with pytest.raises(OSError, match="not on the filesystem it was on at start"):
+        state.write({"sensors": {}})
+    assert not (tmp_path / "vol" / "state").exists()
+
+
+def test_an_unwritable_state_dir_is_refused_at_start(tmp_path, monkeypatch):
+    """A state dir that cannot be written (a read-only mount; a file where a directory should
+    be) is a configuration error at start, not a receiver that never acknowledges."""
+    import builtins
+
     from pktstream.exceptions import ConfigError
+    real_open = builtins.open
+
+    def read_only(path, *a, **kw):
+        if str(path).endswith(".probe"):
+            raise OSError(30, "Read-only file system")
+        return real_open(path, *a, **kw)
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(builtins, "open", read_only)
+    with pytest.raises(ConfigError, match="^cannot write the receiver state directory .*/ro: read-only file system$"):
+        Ingest([], counters=collections.Counter(), closing=threading.Event(), state_dir=str(tmp_path / "ro"))
+    monkeypatch.undo()
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="^cannot write the receiver state directory .*/file/state: not a directory$"):
         Ingest([], counters=collections.Counter(), closing=threading.Event(),
@@ -241,7 +274,9 @@ def test_an_unreadable_writer_record_is_rewritten_not_taken_for_another_receiver
     assert sink.flush() is not None
     sink.close()
     assert json.loads((tmp_path / ".pktstream-writer.json").read_text())["owner"] == owner
-    assert not [r for r in caplog.records if "another receiver" in r.getMessage()], caplog.text
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / '.pktstream-writer.json'}: unreadable: Expecting property name enclosed in double quotes: "
+        "line 1 column 2 (char 1): written again"], caplog.text
 
 
 def test_fsync_syncs_the_directory_of_each_new_file_before_its_first_flush_returns(tmp_path, monkeypatch):
@@ -291,5 +326,5 @@ def test_the_error_line_names_the_state_file(tmp_path, monkeypatch, caplog):
         f"cannot save the receiver state {path}: no space left on device: nothing is acknowledged until it is "
         "saved (tried again every 3600 s; 1 failures so far)",
         f"receiver state not saved at stop (cannot save the receiver state {path}: no space left on device): "
-        "1 frames not acknowledged; the next start cuts the files back to the state saved last and the sensors "
-        "send them again"]
+        "1 frames not acknowledged; the next start recovers the files from the state saved last and the "
+        "sensors send them again"]

@@ -61,19 +61,19 @@ def _sh(*cmd: str) -> subprocess.CompletedProcess:
 
 
 def wait_link_up(dev: str, ns: str | None = None, timeout_s: float = 30.0) -> None:
-    """Wait until ``dev`` (in namespace ``ns``) is operationally up with its queueing discipline.
+    """Wait until ``dev`` (in namespace ``ns``) is operationally up (carrier on).
 
-    ``ip link set DEV up`` returns before the kernel turns the carrier on: link watch does that
-    later in a work item that waits for the RTNL lock (busy while other namespaces are created
-    or removed), and until then the device has the ``noop`` discipline, which drops every frame
-    sent on it before any capture sees it, and counts it nowhere a test looks.
+    ``ip link set DEV up`` returns before the kernel has the link carry frames: link watch
+    turns the operational state up and activates the transmit queues later, in a work item
+    that waits for the RTNL lock (busy while other namespaces are created or removed), and until
+    then a frame sent on it is dropped before any capture sees it, counted nowhere a test looks.
     """
     cmd = ["ip", *(("-n", ns) if ns else ()), "-o", "link", "show", "dev", dev]
     deadline = time.monotonic() + timeout_s
     pause_s = 0.001
     while True:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        if " state UP " in out and " qdisc noop " not in out and "NO-CARRIER" not in out:
+        if " state UP " in out and "NO-CARRIER" not in out:
             return
         if time.monotonic() > deadline:
             raise RuntimeError(f"{dev} not up after {timeout_s:g} s: {out.strip()}")

@@ -16,6 +16,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -148,7 +149,9 @@ class StateFile:
     """``<state dir>/receiver-state.json``: the last committed seq per sensor and each output's
     newest flushed state, written atomically (any thread; one writer at a time). The directory
     must be writable at start (:class:`~pktstream.exceptions.ConfigError` otherwise); removed
-    while the receiver runs, it is made again by the next write (every state written is whole)."""
+    while the receiver runs, it is made again by the next write (every state written is whole)
+    -- only itself, in its parent, and only on the filesystem it was on at start: a save never
+    goes to another (the state's volume unmounted: a later start would find the old state)."""
 
     def __init__(self, state_dir: str | None, *, fsync: bool = False) -> None:
         self.path = os.path.join(state_dir, STATE_FILE) if state_dir else None
@@ -161,6 +164,7 @@ class StateFile:
                 with open(probe, "w"):
                     pass
                 os.unlink(probe)
+                self._dev = os.stat(state_dir).st_dev
             except OSError as exc:
                 raise ConfigError(f"cannot write the receiver state directory {state_dir}: "
                                   f"{(exc.strerror or str(exc)).lower()}") from None
@@ -178,16 +182,22 @@ class StateFile:
         """Save ``state`` atomically; an OSError names the state file (nothing else changes)."""
         if self.path is None or state is None:
             return
+        d = os.path.dirname(self.path)
         try:
             try:
-                self._write(state)
+                dev = os.stat(d).st_dev
             except FileNotFoundError:
-                d = os.path.dirname(self.path)
-                if os.path.isdir(d):
-                    raise
-                os.makedirs(d, mode=0o700, exist_ok=True)
-                log.warning("state: the directory %s was removed: made again", d)
-                self._write(state)
+                os.mkdir(d, 0o700)  # (only the directory itself: its parent must be there)
+                dev = os.stat(d).st_dev
+                if dev != self._dev:
+                    os.rmdir(d)
+                else:
+                    if self.fsync:
+                        fsync_dir(os.path.dirname(d))
+                    log.warning("state: the directory %s was removed: made again", d)
+            if dev != self._dev:
+                raise OSError(errno.EXDEV, f"{d} is not on the filesystem it was on at start (unmounted?)")
+            self._write(state)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot save the receiver state {self.path}: "
                                      f"{(exc.strerror or str(exc)).lower()}") from exc
@@ -331,7 +341,7 @@ class Ingest:
             # keep them whole while the sensors resend it -- packets twice. The state saved
             # last still names them: the next start cuts them back to it
             log.error("receiver state not saved at stop (%s): %d frames not acknowledged; the next start "
-                      "cuts the files back to the state saved last and the sensors send them again",
+                      "recovers the files from the state saved last and the sensors send them again",
                       _state_error(self._unsaved), len(self._pending))
             return
         try:
