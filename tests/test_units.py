@@ -251,6 +251,47 @@ def test_a_spool_file_whose_header_is_not_a_spooled_blocks_is_dropped_and_counte
     assert again.dropped_packets == 4
 
 
+def test_a_previous_runs_block_larger_than_the_receiver_accepts_is_dropped_and_counted(tmp_path):
+    """A spooled block larger than the receiver accepts (a run with a larger block size, a
+    corrupt raw length): the receiver closed every session on it, and nothing behind it was
+    ever delivered (a fault-injection review). It is dropped at the handshake, counted."""
+    store = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20, first_seq=100)
+    for raw in (400, 4000, 400):
+        store.put(lambda seq, raw=raw: (P.encode_header(P.FrameType.DATA, 100, seq=seq, count=4, raw_len=raw),
+                                        b"x" * 100), 4, 200)
+    assert store.drop_larger(1000) == 0  # (this run's blocks: made at its block size, checked at the handshake)
+    store.close()
+    again = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20)
+    assert again.drop_larger(1000) == 1
+    assert [s for s, _p in _sent_all(again)] == [100, 102]
+    assert again.dropped_blocks == 1 and again.dropped_packets == 4
+    assert not (tmp_path / f"{101:020d}.new.frame").exists()
+
+
+def test_blocks_that_cannot_be_spilled_at_exit_are_counted_said_once_and_leave_nothing(tmp_path, monkeypatch,
+                                                                                         caplog):
+    """A full spool disk at SIGTERM: one error line per block, a temporary file left per block
+    (counted again as lost by the next start), and the exit report knew frames, not packets."""
+    import errno
+
+    import pktstream.stream.sendwindow as sw
+    store = FrameStore(window_bytes=1 << 20, spool_dir=str(tmp_path), spool_bytes=1 << 20, first_seq=100)
+    for _ in range(3):
+        store.put(lambda seq: (P.encode_header(P.FrameType.DATA, 100, seq=seq, count=4, raw_len=400),
+                               b"x" * 100), 4, 200)
+
+    def full(_fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(sw.os, "fsync", full)
+    with caplog.at_level("ERROR", logger="pktstream"):
+        assert store.spill() == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        "spool: cannot keep 3 unacknowledged blocks for the next run ([Errno 28] No space left on device): "
+        "they are lost"]
+    assert store.unspooled() == (3, 12) and store.spool_errors == 3
+    assert sorted(os.listdir(tmp_path)) == ["lock", "seq"]
+
+
 def test_a_handed_out_spooled_block_whose_file_is_gone_is_counted(tmp_path):
     store = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20, first_seq=100)
     for _ in range(3):
@@ -319,13 +360,39 @@ def test_truncated_spool_file_is_dropped_and_counted(tmp_path):
     assert again.dropped_packets == 7  # (the header of the cut-short spill was readable)
 
 
-def test_spool_write_error_is_a_counted_drop(tmp_path):
+def test_spool_write_error_is_a_counted_drop(tmp_path, caplog):
     store = FrameStore(window_bytes=0, spool_dir=str(tmp_path / "gone"), spool_bytes=1 << 20, first_seq=1)
     for name in os.listdir(tmp_path / "gone"):  # the disk under the spool goes away
         os.unlink(tmp_path / "gone" / name)
     os.rmdir(tmp_path / "gone")
-    assert store.put(_frame, 5, 200) is None
-    assert store.spool_errors == 1 and store.dropped_packets == 5
+    with caplog.at_level("ERROR", logger="pktstream"):
+        for _ in range(4):
+            assert store.put(_frame, 5, 200) is None
+    assert store.spool_errors == 4 and store.dropped_packets == 20
+    # one line (then one a minute): a full disk fails every block, a line each flooded the log
+    assert len(caplog.records) == 1 and "the block's 5 packets are lost" in caplog.records[0].getMessage()
+
+
+def test_a_spooled_block_that_cannot_be_read_is_counted_and_its_file_removed(tmp_path, monkeypatch):
+    """EIO reading a spooled block: counted lost, and its file was left for the next run,
+    which removed it as "already committed by the receiver" (it was not)."""
+    import errno
+
+    import pktstream.stream.sendwindow as sw
+    store = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20, first_seq=100)
+    for _ in range(2):
+        store.put(lambda seq: (P.encode_header(P.FrameType.DATA, 100, seq=seq, count=4, raw_len=400),
+                               b"x" * 100), 4, 200)
+    real_open = open
+
+    def eio(path, *a, **kw):
+        if str(path).endswith(f"{100:020d}.frame"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_open(path, *a, **kw)
+    monkeypatch.setattr(sw, "open", eio, raising=False)
+    assert [s for s, _p in _sent_all(store)] == [101]
+    assert store.dropped_blocks == 1 and store.dropped_packets == 4
+    assert not (tmp_path / f"{100:020d}.frame").exists()
 
 
 def test_sibling_batches_release_independently():

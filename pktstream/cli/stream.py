@@ -353,8 +353,9 @@ def cmd_sensor(args: argparse.Namespace) -> int:
             json.dump({**st, "exit": report}, stats_file, indent=1)
     status = 0
     if unacked:
-        where = (f"{spooled} kept in the spool {sensor.spool_dir} for the next run, {unacked - spooled} lost"
-                 if sensor.spool_dir else "lost (no spool)")
+        lost = f"{report.get('lost_packets', 0)} packets"
+        where = (f"{spooled} kept in the spool {sensor.spool_dir} for the next run, {unacked - spooled} lost ({lost})"
+                 if sensor.spool_dir else f"lost (no spool; {lost})")
         print(f"pktstream sensor: exit status 3: {unacked} frames were not acknowledged by the receiver "
               f"({where})", file=sys.stderr)
         status = 3

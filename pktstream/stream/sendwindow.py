@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import fcntl
 import logging
 import os
@@ -133,6 +134,7 @@ class _Entry:
     # it is behind the receiver instead of taking it for one the receiver has)
     sent: bool = False
     unmarked: bool = False  # handed out, but its file could not be renamed SEQ.frame (a read-only spool)
+    raw_len: int = 0  # a previous run's spooled block: its decompressed size (0: made by this run)
 
 
 class FrameStore:
@@ -200,6 +202,8 @@ class FrameStore:
         except OSError as exc:
             log.warning("spool: cannot record sequence numbers in %s: %s", path, exc)
             self._reserved = reserved  # do not retry on every block
+            with contextlib.suppress(OSError):
+                os.unlink(path + ".tmp")
 
     def _open_spool(self, spool_dir: str) -> None:
         """Create (mode 0700) and lock the spool: one sensor process per spool directory."""
@@ -282,7 +286,8 @@ class FrameStore:
                 continue
             # a block a previous run handed to a connection may be one the receiver has; one it
             # never handed out is not, whatever its number (renumbered by resume when behind)
-            loaded.append(_Entry(seq, size, None, head.count, local=False, sent=m.group(2) is None))
+            loaded.append(_Entry(seq, size, None, head.count, local=False, sent=m.group(2) is None,
+                                 raw_len=head.raw_len))
             self.spool_used += size
         loaded.sort(key=_seq_of)
         # blocks go out in order, so never-sent ones follow every handed-out one; a never-sent
@@ -329,7 +334,6 @@ class FrameStore:
                         f.write(payload)
                     os.replace(tmp, self._spool_path(seq, False))
                 except OSError as exc:  # spool disk full or gone: a counted drop, capture goes on
-                    log.error("spool: cannot write %s: %s", tmp, exc)
                     try:
                         os.unlink(tmp)
                     except OSError:
@@ -337,6 +341,8 @@ class FrameStore:
                     self.spool_errors += 1
                     self.dropped_blocks += 1
                     self.dropped_packets += packets
+                    self._spool_error(f"cannot write {tmp}: {exc}; the block's {packets} packets are lost "
+                                      f"({self.dropped_packets} packets dropped so far)")
                     return None  # the caller releases the payload of a dropped block
                 release_payload(payload)  # on disk now
                 size = len(header) + payload_size(payload)
@@ -368,12 +374,8 @@ class FrameStore:
                         pass
                     except OSError as exc:  # (a spool turned read-only, EIO: the session goes on)
                         self.spool_errors += 1
-                        now = time.monotonic()
-                        if now - self._spool_error_logged >= SPOOL_ERROR_LOG_S:
-                            self._spool_error_logged = now
-                            log.error("spool: cannot remove acknowledged block %d's file (%s; %d spool errors "
-                                      "so far): a restart would send what is left there again", e.seq, exc,
-                                      self.spool_errors)
+                        self._spool_error(f"cannot remove acknowledged block {e.seq}'s file ({exc}): a "
+                                          "restart would send what is left there again")
                 else:
                     self.mem_used -= e.size
                     release_payload(e.data[1])
@@ -417,6 +419,8 @@ class FrameStore:
                     with self._lock:  # acknowledged (and removed) meanwhile, or lost: the next one
                         if e in self._entries:
                             self._lose(e, exc)
+                            with contextlib.suppress(OSError):  # (the next run would count it again)
+                                os.unlink(path)
                     seq = e.seq
                     continue
                 data = (raw[:P.HEADER_LEN], raw[P.HEADER_LEN:])
@@ -441,6 +445,15 @@ class FrameStore:
             e.unmarked = True
             return new
 
+    def _spool_error(self, what: str) -> None:
+        """Log a spool error: the first, then at most one every SPOOL_ERROR_LOG_S (a full or
+        read-only disk fails every block: a line each flooded the log). Under the lock."""
+        now = time.monotonic()
+        if now - self._spool_error_logged >= SPOOL_ERROR_LOG_S:
+            self._spool_error_logged = now
+            log.error("spool: %s (%d spool errors so far; said again at most every %g s)", what, self.spool_errors,
+                      SPOOL_ERROR_LOG_S)
+
     def _lose(self, e: _Entry, exc: BaseException) -> None:
         """Drop a spooled block whose file is gone or unusable, counted (under the lock)."""
         log.error("spool: block %d: %s; its %d packets are lost", e.seq, exc, e.packets)
@@ -454,7 +467,8 @@ class FrameStore:
         next run sends them. Returns how many were moved."""
         if not self.spool_dir:
             return 0
-        moved = 0
+        moved = failed = 0
+        first_error: OSError | None = None
         with self._lock:
             for e in self._entries:
                 if e.data is None or self.spool_used + e.size > self.spool_bytes:
@@ -467,8 +481,12 @@ class FrameStore:
                         f.flush()
                         os.fsync(f.fileno())
                     os.replace(tmp, self._spool_path(e.seq, e.sent))
-                except OSError as exc:
-                    log.error("spool: cannot keep block %d: %s", e.seq, exc)
+                except OSError as exc:  # (a full disk: one line for all, no temporary left to count twice)
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    self.spool_errors += 1
+                    failed += 1
+                    first_error = first_error or exc
                     continue
                 self.mem_used -= e.size
                 self.spool_used += e.size
@@ -484,7 +502,16 @@ class FrameStore:
                         os.close(fd)
                 except OSError as exc:
                     log.error("spool: cannot fsync %s: %s", self.spool_dir, exc)
+        if failed:
+            log.error("spool: cannot keep %d unacknowledged blocks for the next run (%s): they are lost",
+                      failed, first_error)
         return moved
+
+    def unspooled(self) -> tuple[int, int]:
+        """(frames, packets) unacknowledged and only in memory: lost at exit after :meth:`spill`."""
+        with self._lock:
+            mem = [e for e in self._entries if e.data is not None]
+            return len(mem), sum(e.packets for e in mem)
 
     def spooled_frames(self) -> int:
         """Unacknowledged frames on disk (kept for the next run)."""
@@ -524,6 +551,19 @@ class FrameStore:
             log.info("spool: %d frames (%d packets) of a previous run were already committed by the "
                      "receiver (seq <= %d): not sent again", len(earlier), sum(e.packets for e in earlier), last_seq)
         self.ack(last_seq)
+
+    def drop_larger(self, max_raw: int) -> int:
+        """A receiver accepts blocks of at most ``max_raw`` bytes: drop (counted, logged, their
+        files removed) the previous run's spooled blocks larger than that (a larger block size
+        then, or a corrupt header) -- the receiver would close every session on the first of
+        them, and nothing behind it would ever be delivered. Returns how many."""
+        with self._lock:
+            big = [e for e in self._entries if e.raw_len > max_raw]
+            for e in big:
+                self._lose(e, FrameError(f"{e.raw_len} bytes, more than the receiver accepts ({max_raw})"))
+                with contextlib.suppress(OSError):
+                    os.unlink(self._file_of(e))
+        return len(big)
 
     def _renumber(self, e: _Entry, seq: int) -> None:
         """Give the never-sent block ``e`` the number ``seq`` (free: above every number in the

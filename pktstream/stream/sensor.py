@@ -10,6 +10,7 @@ dropped and counted.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -660,7 +661,9 @@ class Sensor:
             rescan.join(5)
             spilled = self.store.spill()
             frames, _ = self.store.pending()
+            lost_frames, lost_packets = self.store.unspooled()
             self.exit_report = {"unacked_frames": frames, "spooled_frames": self.store.spooled_frames(),
+                                "lost_frames": lost_frames, "lost_packets": lost_packets,
                                 "failed_interfaces": sorted(i.name for i in self._ifaces.values()
                                                             if i.error is not None)}
             if spilled:
@@ -697,6 +700,8 @@ class Sensor:
                 os.replace(tmp, path)
             except OSError as exc:  # (the capture goes on; a restart may renumber this interface)
                 log.warning("spool: cannot save %s: %s", path, exc.strerror or exc)
+                with contextlib.suppress(OSError):
+                    os.unlink(path + ".tmp")
         return index
 
     def _load_retired(self) -> None:

@@ -288,6 +288,8 @@ class TcpTransport:
             raise ConfigError(f"the receiver accepts blocks of at most {max_raw} bytes but this sensor "
                               f"makes blocks of {self.sensor.max_raw}: lower the sensor's blockSize or raise "
                               f"the receiver's compressBlockSize")
+        if isinstance(max_raw, int):
+            self.sensor.store.drop_larger(max_raw)  # (a previous run's spooled blocks)
         hb = welcome.get("heartbeat")
         # heartbeat at the faster of both sides' settings, so neither side's idle timeout fires
         self._session_heartbeat = min(self.sensor.heartbeat, hb) if isinstance(hb, (int, float)) and hb > 0.05 \

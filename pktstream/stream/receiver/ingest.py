@@ -199,8 +199,8 @@ class StateFile:
                 raise OSError(errno.EXDEV, f"{d} is not on the filesystem it was on at start (unmounted?)")
             self._write(state)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot save the receiver state {self.path}: "
-                                     f"{(exc.strerror or str(exc)).lower()}") from exc
+            msg = f"cannot save the receiver state {self.path}: {exc.strerror.lower() if exc.strerror else exc}"
+            raise (OSError(exc.errno, msg) if exc.errno is not None else OSError(msg)) from exc
 
     def _write(self, state: dict) -> None:
         assert self.path is not None
@@ -651,6 +651,6 @@ class Ingest:
 def _state_error(exc: BaseException) -> str:
     """A failed save's one-line message: StateFile's errors name the file (their strerror),
     an output's (its markers' removal, ``persisted``) say their own."""
-    if isinstance(exc, OSError) and isinstance(exc.strerror, str) and exc.strerror.startswith("cannot save"):
-        return " ".join(exc.strerror.split())
+    if isinstance(exc, OSError) and (exc.strerror or str(exc)).startswith("cannot save"):
+        return " ".join((exc.strerror or str(exc)).split())
     return f"cannot save the receiver state: {' '.join(str(exc).split())}"
