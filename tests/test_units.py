@@ -225,7 +225,7 @@ def test_a_read_only_spool_resends_and_removes_blocks_by_the_names_they_have(tmp
     real_unlink = os.unlink
     monkeypatch.setattr(sw.os, "unlink", refuse)
     store.ack(102)  # (no exception: the session goes on)
-    assert store.pending()[0] == 0 and store.spool_errors == 2 and store.dropped_blocks == 0
+    assert store.pending()[0] == 0 and store.spool_errors == 5 and store.dropped_blocks == 0  # (3 marks, 2 removals)
     monkeypatch.setattr(sw.os, "unlink", real_unlink)
 
 
@@ -290,6 +290,83 @@ def test_blocks_that_cannot_be_spilled_at_exit_are_counted_said_once_and_leave_n
         "they are lost"]
     assert store.unspooled() == (3, 12) and store.spool_errors == 3
     assert sorted(os.listdir(tmp_path)) == ["lock", "seq"]
+
+
+def test_blocks_the_receiver_has_are_not_counted_lost_for_their_size(tmp_path):
+    """drop_larger runs after resume: a previous run's blocks the receiver committed (their
+    acknowledgement lost with that run) are gone by then, not counted lost for being larger
+    than it now accepts (a review)."""
+    store = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20, first_seq=100)
+    for _ in range(3):
+        store.put(lambda seq: (P.encode_header(P.FrameType.DATA, 100, seq=seq, count=4, raw_len=4000),
+                               b"x" * 100), 4, 200)
+    _sent_all(store)
+    store.close()
+    again = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20)
+    again.resume(101)
+    assert again.drop_larger(1000) == 1 and again.dropped_packets == 4  # (only 102: the receiver has 100, 101)
+
+
+def test_a_header_decode_rejects_still_counts_its_packets(tmp_path):
+    """A stored block whose type byte became HEARTBEAT fails decode_header itself (flags on a
+    control frame): its packets were counted as 0."""
+    store = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20, first_seq=100)
+    store.put(lambda seq: (P.encode_header(P.FrameType.DATA, 100, seq=seq, count=4, raw_len=100,
+                                           flags=P.Flags.STORED), b"x" * 100), 4, 200)
+    store.close()
+    path = tmp_path / f"{100:020d}.new.frame"
+    data = bytearray(path.read_bytes())
+    data[5] = P.FrameType.HEARTBEAT
+    path.write_bytes(bytes(data))
+    again = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20)
+    assert again.dropped_blocks == 1 and again.dropped_packets == 4
+
+
+def test_a_spooled_block_read_failing_for_a_passing_reason_is_kept(tmp_path, monkeypatch):
+    """EMFILE (too many open files) reading a spooled block: it was counted lost and its
+    intact file removed; the session now ends and the next one reads it (a review)."""
+    import errno
+
+    import pktstream.stream.sendwindow as sw
+    store = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20, first_seq=100)
+    store.put(_frame, 0, 200)
+    real_open = open
+
+    def emfile(path, *a, **kw):
+        if str(path).endswith(".frame"):
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, *a, **kw)
+    monkeypatch.setattr(sw, "open", emfile, raising=False)
+    with pytest.raises(OSError):
+        store.after(0)
+    monkeypatch.setattr(sw, "open", real_open, raising=False)
+    assert store.dropped_blocks == 0 and store.after(0)[0] == 100
+
+
+def test_a_block_renumbered_in_memory_removes_its_old_file_when_acknowledged(tmp_path, monkeypatch):
+    """A never-sent spooled block renumbered while its file could not be renamed goes on from
+    memory; its old file stayed after the acknowledgement, and the next run sent it again
+    (a review)."""
+    import errno
+
+    import pktstream.stream.sendwindow as sw
+    store = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20, first_seq=100)
+    store.put(_frame, 0, 200)
+    store.close()
+    again = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20)
+    real_replace = os.replace
+
+    def eio(a, b):
+        if str(a).endswith(".new.frame"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_replace(a, b)
+    monkeypatch.setattr(sw.os, "replace", eio)
+    again.resume(500)
+    monkeypatch.setattr(sw.os, "replace", real_replace)
+    seq, _data = again.after(0)
+    assert seq == 501
+    again.ack(501)
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".frame")]
 
 
 def test_a_handed_out_spooled_block_whose_file_is_gone_is_counted(tmp_path):

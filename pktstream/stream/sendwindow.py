@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import collections
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -135,6 +136,22 @@ class _Entry:
     sent: bool = False
     unmarked: bool = False  # handed out, but its file could not be renamed SEQ.frame (a read-only spool)
     raw_len: int = 0  # a previous run's spooled block: its decompressed size (0: made by this run)
+    old_file: str | None = None  # a spooled block moved to memory (_renumber): its file, removed with it
+
+
+_PASSING_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN})
+
+
+def _count_of(path: str) -> int:
+    """The packet count a spool file's header gives when the header is not valid (best effort:
+    its magic and version right; 0 otherwise)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(P.HEADER_LEN)
+        magic, version, *_rest, count, _raw_len, _plen = P.HEADER.unpack_from(raw)
+        return count if magic == P.MAGIC and version == P.VERSION else 0
+    except (OSError, struct.error):
+        return 0
 
 
 class FrameStore:
@@ -156,8 +173,8 @@ class FrameStore:
         self.dropped_blocks = 0
         self.dropped_packets = 0
         self.spooled_blocks = 0
-        self.spool_errors = 0
-        self._spool_error_logged = -SPOOL_ERROR_LOG_S  # (monotonic s: the first error is logged)
+        self.spool_errors = 0  # spool files that could not be written, renamed or removed (causes, not losses)
+        self._spool_error_logged: dict[str, float] = {}  # per kind of error: when it was last said (monotonic s)
         self.acked_seq = 0
         self._listeners: list = []
         self._lock_fd: int | None = None
@@ -274,7 +291,7 @@ class FrameStore:
                         f.seek(12)
                         f.write(struct.pack("<Q", seq))
             except (FrameError, OSError) as exc:  # e.g. cut short by a power loss: never resend it
-                packets = head.count if head is not None else 0
+                packets = head.count if head is not None else _count_of(path)
                 log.warning("spool: removing unreadable %s (%s); its %s packets are lost", path, exc,
                             packets if head is not None else "(unknown number of)")
                 self.dropped_blocks += 1
@@ -338,11 +355,10 @@ class FrameStore:
                         os.unlink(tmp)
                     except OSError:
                         pass
-                    self.spool_errors += 1
                     self.dropped_blocks += 1
                     self.dropped_packets += packets
-                    self._spool_error(f"cannot write {tmp}: {exc}; the block's {packets} packets are lost "
-                                      f"({self.dropped_packets} packets dropped so far)")
+                    self._spool_error("write", f"cannot write {tmp}: {exc}; the block's {packets} packets are lost "
+                                               f"({self.dropped_packets} packets dropped so far)")
                     return None  # the caller releases the payload of a dropped block
                 release_payload(payload)  # on disk now
                 size = len(header) + payload_size(payload)
@@ -373,12 +389,13 @@ class FrameStore:
                     except FileNotFoundError:
                         pass
                     except OSError as exc:  # (a spool turned read-only, EIO: the session goes on)
-                        self.spool_errors += 1
-                        self._spool_error(f"cannot remove acknowledged block {e.seq}'s file ({exc}): a "
-                                          "restart would send what is left there again")
+                        self._spool_error("remove", f"cannot remove acknowledged block {e.seq}'s file ({exc}): "
+                                                    "a restart may deliver what is left there twice")
                 else:
                     self.mem_used -= e.size
                     release_payload(e.data[1])
+                    if e.old_file is not None:
+                        self._remove(e.old_file)
 
     def detach(self, interface: str) -> int:
         """Give every frame whose payload is a ring block of ``interface``'s capture a copy of
@@ -416,11 +433,12 @@ class FrameStore:
                     with open(path, "rb") as f:
                         raw = f.read()
                 except OSError as exc:
+                    if exc.errno in _PASSING_ERRNOS:
+                        raise  # (the session ends, and the next one reads it again)
                     with self._lock:  # acknowledged (and removed) meanwhile, or lost: the next one
                         if e in self._entries:
                             self._lose(e, exc)
-                            with contextlib.suppress(OSError):  # (the next run would count it again)
-                                os.unlink(path)
+                            self._remove(path)  # (the next run would count it again)
                     seq = e.seq
                     continue
                 data = (raw[:P.HEADER_LEN], raw[P.HEADER_LEN:])
@@ -441,16 +459,19 @@ class FrameStore:
         except OSError as exc:  # e.g. a read-only spool: sent anyway (a later run may send it twice)
             # (its file keeps the never-sent name, which ack removes and a resend reads -- before,
             # both looked for SEQ.frame: the block counted lost, and its file left behind)
-            log.warning("spool: block %d: cannot mark it sent (%s)", e.seq, exc)
+            self._spool_error("mark", f"block {e.seq}: cannot mark it sent ({exc}): a restart may deliver it "
+                                      "twice")
             e.unmarked = True
             return new
 
-    def _spool_error(self, what: str) -> None:
-        """Log a spool error: the first, then at most one every SPOOL_ERROR_LOG_S (a full or
-        read-only disk fails every block: a line each flooded the log). Under the lock."""
+    def _spool_error(self, kind: str, what: str) -> None:
+        """Count and log a spool error: of each ``kind``, the first, then at most one every
+        SPOOL_ERROR_LOG_S (a full or read-only disk fails every block: a line each flooded the
+        log). Under the lock."""
+        self.spool_errors += 1
         now = time.monotonic()
-        if now - self._spool_error_logged >= SPOOL_ERROR_LOG_S:
-            self._spool_error_logged = now
+        if now - self._spool_error_logged.get(kind, -SPOOL_ERROR_LOG_S) >= SPOOL_ERROR_LOG_S:
+            self._spool_error_logged[kind] = now
             log.error("spool: %s (%d spool errors so far; said again at most every %g s)", what, self.spool_errors,
                       SPOOL_ERROR_LOG_S)
 
@@ -458,9 +479,22 @@ class FrameStore:
         """Drop a spooled block whose file is gone or unusable, counted (under the lock)."""
         log.error("spool: block %d: %s; its %d packets are lost", e.seq, exc, e.packets)
         self._entries.remove(e)
-        self.spool_used -= e.size
+        if e.data is None:
+            self.spool_used -= e.size
+        else:  # (a spooled block moved to memory: _renumber's fallback)
+            self.mem_used -= e.size
+            release_payload(e.data[1])
         self.dropped_blocks += 1
         self.dropped_packets += e.packets
+
+    def _remove(self, path: str) -> None:
+        """Remove a dropped block's file (counted if it stays: the next run would count it again)."""
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self._spool_error("remove", f"cannot remove {path} ({exc})")
 
     def spill(self) -> int:
         """At exit: move unacknowledged in-memory blocks to the spool (within its bound), so the
@@ -492,6 +526,9 @@ class FrameStore:
                 self.spool_used += e.size
                 release_payload(e.data[1])
                 e.data = None
+                if e.old_file is not None:  # (its file under the number before _renumber)
+                    self._remove(e.old_file)
+                    e.old_file = None
                 moved += 1
             if moved:
                 try:  # the renames too survive a power loss, not only the files' bytes
@@ -556,13 +593,15 @@ class FrameStore:
         """A receiver accepts blocks of at most ``max_raw`` bytes: drop (counted, logged, their
         files removed) the previous run's spooled blocks larger than that (a larger block size
         then, or a corrupt header) -- the receiver would close every session on the first of
-        them, and nothing behind it would ever be delivered. Returns how many."""
+        them, and nothing behind it would ever be delivered. After :meth:`resume` (the blocks
+        the receiver has are gone by then, not counted lost). Returns how many."""
         with self._lock:
             big = [e for e in self._entries if e.raw_len > max_raw]
             for e in big:
+                path = self._file_of(e) if e.data is None else e.old_file
                 self._lose(e, FrameError(f"{e.raw_len} bytes, more than the receiver accepts ({max_raw})"))
-                with contextlib.suppress(OSError):
-                    os.unlink(self._file_of(e))
+                if path is not None:
+                    self._remove(path)
         return len(big)
 
     def _renumber(self, e: _Entry, seq: int) -> None:
@@ -591,11 +630,12 @@ class FrameStore:
                 except OSError:
                     self._lose(e, exc)
                     return
-                log.warning("spool: renumbering block %d: %s (kept in memory; a later run may send "
-                            "its file again)", e.seq, exc)
+                self._spool_error("renumber", f"renumbering block {e.seq}: {exc} (kept in memory; its file "
+                                              "is removed when it is acknowledged)")
                 header = bytearray(raw[:P.HEADER_LEN])
                 struct.pack_into("<Q", header, 12, seq)
                 e.data = (bytes(header), raw[P.HEADER_LEN:])
+                e.old_file = old
                 self.spool_used -= e.size
                 self.mem_used += e.size
         e.seq = seq

@@ -62,6 +62,7 @@ class TcpTransport:
         self._waker: Waker | None = None  # one per run()
         self._drain_timeout = 10.0
         self._handshaken = False     # the current connection completed its handshake
+        self._receiver_max_raw: int | None = None  # the largest block the receiver accepts (WELCOME)
         self._acked = False          # ... and got an ACK
         self._refused = False        # ... and the receiver ended it with an ERROR frame
         self._connect_done = False   # the current attempt got a TCP connection
@@ -226,6 +227,8 @@ class TcpTransport:
             self._handshaken = True
             self.sensor.set_connected(True)
             self.sensor.store.resume(last_seq, accepted_seq)
+            if self._receiver_max_raw is not None:  # (after resume: what the receiver has is gone)
+                self.sensor.store.drop_larger(self._receiver_max_raw)
             log.info("connected to receiver %s:%d (it has everything up to seq %d)", host, port, last_seq)
             try:
                 self._stream(link, last_seq)
@@ -288,8 +291,7 @@ class TcpTransport:
             raise ConfigError(f"the receiver accepts blocks of at most {max_raw} bytes but this sensor "
                               f"makes blocks of {self.sensor.max_raw}: lower the sensor's blockSize or raise "
                               f"the receiver's compressBlockSize")
-        if isinstance(max_raw, int):
-            self.sensor.store.drop_larger(max_raw)  # (a previous run's spooled blocks)
+        self._receiver_max_raw = max_raw if isinstance(max_raw, int) else None
         hb = welcome.get("heartbeat")
         # heartbeat at the faster of both sides' settings, so neither side's idle timeout fires
         self._session_heartbeat = min(self.sensor.heartbeat, hb) if isinstance(hb, (int, float)) and hb > 0.05 \
