@@ -367,7 +367,11 @@ class KafkaTransport:
                 if now - last_stats >= sensor.stats_interval and state["delivered"]:
                     last_stats = now
                     self._produce_stats(producer, sensor)
-                nxt = store.after(state["sent"]) if len(outstanding) < self.max_outstanding else None
+                try:
+                    nxt = store.after(state["sent"]) if len(outstanding) < self.max_outstanding else None
+                except OSError as exc:  # a spooled block unreadable for now (EMFILE): read again soon
+                    log.warning("spool: %s (tried again)", exc)
+                    nxt = None
                 if nxt is None:
                     wake.wait(0.05)
                     wake.clear()
