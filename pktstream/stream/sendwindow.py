@@ -30,7 +30,7 @@ log = logging.getLogger("pktstream.stream.sensor")
 
 DEFAULT_SPOOL_BYTES = 1 << 30   # the default spool: 1 GiB, at most half the free disk space
 STATE_DIR_ENV = "PKTSTREAM_STATE_DIR"
-SPOOL_ERROR_LOG_S = 60.0  # an acknowledged block's file that cannot be removed: said at most this often
+SPOOL_ERROR_LOG_S = 60.0  # a spool error of one kind (write, mark, remove, renumber) is said at most this often
 
 
 def state_dir() -> str:
