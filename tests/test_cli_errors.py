@@ -97,6 +97,10 @@ def test_cli_error_cases_are_one_line_without_traceback(tmp_path, busy_port):
          ["Kafka consumer settings", "foo"]),
         (["sensor", "--output", "kafka://127.0.0.1:9/t", "--kafka-property", "foo=bar"],
          ["Kafka producer settings", "foo"]),
+        # broker ports librdkafka took as 0, or modulo 65536, retried for ever (a review)
+        (["receiver", "--from", "kafka://127.0.0.1:notaport/t", *w], ["broker '127.0.0.1:notaport'", "1..65535"]),
+        (["sensor", "--output", "kafka://127.0.0.1:99999/t"], ["broker '127.0.0.1:99999'", "1..65535"]),
+        (["receiver", "--listen", "127.0.0.1:0", "-w", "kafka://a:9092,/t"], ["broker ''", "1..65535"]),
         # numbers out of range: refused at start (before, met at the first packet or never)
         (["receiver", "--listen", "127.0.0.1:0", *w, "-W", "-1"], ["rotate.files (-W): at least 1, got -1"]),
         (["receiver", "--listen", "127.0.0.1:0", *w, "-G", "-5"], ["rotate.seconds (-G)"]),

@@ -86,6 +86,12 @@ def parse_kafka_url(url: str) -> tuple[str, str]:
     topic = topic.strip("/") or DEFAULT_TOPIC
     if not brokers:
         raise ValueError(f"{url!r}: no broker (kafka://HOST:PORT/TOPIC)")
+    for b in brokers.split(","):
+        hp = b.strip().split("://", 1)[-1]
+        host, sep, port = hp.rpartition(":")
+        if not hp or (sep and (not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535)):
+            # (librdkafka took port 0 or a port modulo 65536, and retried it for ever)
+            raise ValueError(f"{url!r}: broker {b.strip()!r}: give HOST:PORT with a port 1..65535")
     return brokers, topic
 
 
@@ -186,7 +192,9 @@ def consumer_config(brokers: str, group: str, *, client_id: str = "pktstream-rec
         "enable.auto.commit": False, "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
         "fetch.max.bytes": 64 << 20, "max.partition.fetch.bytes": MAX_MESSAGE_BYTES + 65536,
-        "receive.message.max.bytes": (64 << 20) + 65536,
+        # (librdkafka's maximum: a larger message -- a foreign one -- is returned whole however
+        # large, and a smaller bound stalled its partition for good; it is then skipped, counted)
+        "receive.message.max.bytes": 1_000_000_000,
         "reconnect.backoff.ms": 100, "reconnect.backoff.max.ms": 2000,
         "logger": _librdkafka_logger(),
     }
@@ -327,6 +335,7 @@ class KafkaTransport:
                 state["progress"] = time.monotonic()
                 state["delivered"] += 1
                 self.counters["frames_delivered"] += 1
+                errors.all_down = False  # (a broker took it: connected again, whatever the last error said)
             ack()
 
         draining_since: float | None = None
