@@ -451,10 +451,12 @@ class FileSink(Sink):
             if found and writer == self._owner:
                 self._writer_failed.pop(d, None)  # (set after all: a failed fsync of the directory, another output's)
                 return
-            if d not in self._concurrent and isinstance(writer, _Unreadable):
-                self._concurrent.add(d)  # (said once: written again below, which says why if it fails)
+            if d in self._concurrent:
+                pass  # (said once)
+            elif isinstance(writer, _Unreadable):
+                self._concurrent.add(d)  # (written again below, which says why if it fails)
                 log.warning("%s: %s: written again", os.path.join(d, WRITER_RECORD), writer)
-            elif d not in self._concurrent:
+            else:
                 self._concurrent.add(d)
                 log.warning("%s: another receiver or run (%s) writes there while this one does: give each "
                             "receiver a directory of its own (a crash recovery of either keeps the files "

@@ -87,22 +87,24 @@ def parse_kafka_url(url: str) -> tuple[str, str]:
     if not brokers:
         raise ValueError(f"{url!r}: no broker (kafka://HOST:PORT/TOPIC)")
     for b in brokers.split(","):
-        hp = b.strip().split("://", 1)[-1]
-        host, sep, port = hp.rpartition(":")
+        hp, host, sep, port = _broker_parts(b)
         if not hp or (sep and (not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535)):
             # (librdkafka took port 0 or a port modulo 65536, and retried it for ever)
             raise ValueError(f"{url!r}: broker {b.strip()!r}: give HOST:PORT with a port 1..65535")
     return brokers, topic
 
 
+def _broker_parts(entry: str) -> tuple[str, str, str, str]:
+    """One broker of a list, ``[PROTO://]HOST[:PORT]``: (HOST[:PORT], host, ":" or "", port text)."""
+    hp = entry.strip().split("://", 1)[-1]
+    return (hp, *hp.rpartition(":"))
+
+
 def broker_addresses(brokers: str) -> list[tuple[str, int]]:
     """(address, port) of every broker (all resolved addresses), for the sensor's self-exclusion."""
     out: list[tuple[str, int]] = []
-    for b in brokers.split(","):
-        b = b.strip()
-        if "://" in b:
-            b = b.split("://", 1)[1]
-        host, _, port_text = b.rpartition(":")
+    for entry in brokers.split(","):
+        b, host, _, port_text = _broker_parts(entry)
         host, port = (host or b).strip("[]"), int(port_text) if port_text.isascii() and port_text.isdigit() else 9092
         try:
             addrs = {str(i[4][0]) for i in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
