@@ -40,6 +40,8 @@ from pktstream.stream.transport import Transport
 
 log = logging.getLogger("pktstream.stream.sensor")
 
+DROP_LOG_S = 60.0     # a capture's new kernel or ring drops are logged at most this often, per interface
+KERNEL_BLOCK_BYTES = 256 << 10  # libpcap's TPACKET_V3 block (its MAXIMUM_SNAPLEN), retired every timeout_ms
 _STORE_ABOVE = 0.90   # compressed/raw above this: send the block stored
 _STORED_RUN = 32      # blocks sent stored before compression is tried again ...
 _STORED_RUN_MAX = 512  # ... doubling after each failed try, up to this
@@ -181,6 +183,8 @@ class _Iface:
     ports: list[int] = field(default_factory=list)
     past: dict = field(default_factory=dict)  # counters of this interface's earlier (failed) captures
     failures: int = 0          # captures of this interface that ended in an error
+    said_drops: tuple[int, int] = (0, 0)  # (kernel, ring) drops when last logged (_note_drops)
+    said_at: float = float("-inf")  # time.monotonic() of that line
 
     def descriptor(self) -> dict[str, Any]:
         return {"index": self.index, "name": self.name, "link_type": self.link_type,
@@ -454,6 +458,7 @@ class Sensor:
         next_full = time.monotonic() + self.rescan_interval
         failed = False
         while not self._stop.wait(1.0 if failed else min(5.0, max(1.0, next_full - time.monotonic()))):
+            self._note_drops()
             failed = any(i.capture is None and i.error is not None for i in list(self._ifaces.values()))
             if failed or (not self.interfaces_wanted and time.monotonic() >= next_full):
                 next_full = time.monotonic() + self.rescan_interval
@@ -461,6 +466,38 @@ class Sensor:
                     self._rescan()
                 except Exception as exc:  # noqa: BLE001 - this thread reopens interfaces: it must live
                     log.error("interface scan failed: %s", exc)
+
+    def _note_drops(self) -> None:
+        """Log a capture's new kernel and ring drops, at most once per ``DROP_LOG_S`` per
+        interface (the first at once). They are counted in :meth:`stats` either way; this says
+        what they mean to someone reading the log of a sensor that runs for weeks. Rescan thread."""
+        now = time.monotonic()
+        for itf in list(self._ifaces.values()):
+            cap = itf.capture
+            if cap is None or now - itf.said_at < DROP_LOG_S:
+                continue
+            try:
+                st = cap.stats()
+            except Exception:  # noqa: BLE001 - closed meanwhile: its counters are in last_stats
+                continue
+            kernel = st.get("kernel_dropped", 0) + itf.past.get("kernel_dropped", 0)
+            ring = st.get("ring_drops", 0) + itf.past.get("ring_drops", 0)
+            new_kernel, new_ring = kernel - itf.said_drops[0], ring - itf.said_drops[1]
+            if new_kernel <= 0 and new_ring <= 0:
+                continue
+            itf.said_drops, itf.said_at = (kernel, ring), now
+            o = self.capture_options
+            if new_kernel > 0:
+                # below ~26 MB/s (a block per timeout) the kernel buffer holds blocks x timeout
+                blocks = max(1, -(-o["buffer_bytes"] // KERNEL_BLOCK_BYTES))
+                log.warning("capture on %s: the kernel dropped %d packets (%d since start): its buffer filled "
+                            "while the capture thread waited for a CPU; at low rates it covers a %.2f s wait "
+                            "(bufferSize / 256 KiB x kernelTimeout): raise either on a busy host "
+                            "(docs/CONFIGURATION.md)", itf.name, new_kernel, kernel,
+                            blocks * o["timeout_ms"] / 1000)
+            if new_ring > 0:
+                log.warning("capture on %s: %d packets dropped (%d since start): every ring block was held "
+                            "(compression or sending behind)", itf.name, new_ring, ring)
 
     # -- the receiver's addresses, out of every capture ----------------------------------------
     def _resolve_exclusions(self) -> list[tuple[str, int]]:
