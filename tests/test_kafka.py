@@ -289,3 +289,91 @@ def test_sensor_blocks_kafka_refuses_are_counted_and_the_rest_delivered(tansu, v
     assert min(refused) < max(h.seq for h in small)  # ... after (some of) the refused blocks
     assert in_topic + st["rejected_packets"] == st["packets"] \
         == len(read_pcap_dpkt(ref)) + len(read_pcap_dpkt(ref_quiet)) == 2005
+
+
+def _records(ts0: int, n: int, size: int = 60) -> bytes:
+    """``n`` records of ``size`` bytes (pktstream's 16-byte record headers: ts ns, caplen, wirelen)."""
+    import os as _os
+    return b"".join((ts0 + i).to_bytes(8, "little") + size.to_bytes(4, "little") * 2 + _os.urandom(size)
+                    for i in range(n))
+
+
+def test_foreign_forged_and_second_process_messages_are_counted_and_mute_nothing(tansu, procs, tmp_path):
+    """Messages a sensor did not make, or not alone, on the receiver's topic: a foreign message
+    (no sensor entry, counted), a bad block with a seq far ahead (rejected, counted, and the
+    sensor's next blocks still written: before, it muted the sensor for ever), a second process
+    publishing with one sensor id (its blocks below the first's counted as conflicts, not as
+    duplicates), a previous run's resend (a duplicate), a block above the receiver's size limit
+    (counted as that sensor's rejected packets)."""
+    import time as _time
+
+    import zstandard
+    from confluent_kafka import Producer
+
+    from pktstream.stream import protocol as P
+    tansu.create_topic("forge", partitions=1)
+    mport = free_port()
+    d = tmp_path / "rx"
+    rx = procs(kafka_receiver(tansu.bootstrap, "forge", "g-forge", d, metrics=mport))
+    rx.wait_for("assigned partitions")
+    producer = [Producer({"bootstrap.servers": tansu.bootstrap, "enable.idempotence": True, "linger.ms": 0})]
+    written: dict[str, list[bytes]] = {"s1": [], "s2": []}
+
+    def send(sid: str, seq: int, n: int, *, instance: str, first_seq: int, raw: bytes | None = None,
+             raw_len: int | None = None, keep: bool = True) -> None:
+        raw = _records(seq * 1000, n) if raw is None else raw
+        payload = zstandard.ZstdCompressor(write_checksum=True).compress(raw)
+        head = P.encode_header(P.FrameType.DATA, len(payload), seq=seq, count=n,
+                               raw_len=len(raw) if raw_len is None else raw_len)
+        headers = {"type": "data", "sensor_id": sid, "hostname": "h", "interface": "eth0", "link_type": "1",
+                   "snaplen": "65535", "seq": str(seq), "instance": instance, "first_seq": str(first_seq)}
+        producer[0].produce("forge", key=sid.encode(), value=head + payload,
+                     headers=[(k, v.encode()) for k, v in headers.items()])
+        if keep and sid in written:
+            written[sid].append(raw)
+
+    producer[0].produce("forge", key=b"foreign", value=b"an application's own message")
+    ahead = _time.time_ns() // 1000 + 3600 * 10**6
+    send("s1", 1000, 3, instance="A", first_seq=1000)
+    bad = bytearray(_records(0, 5))
+    bad[8:12] = (10**6).to_bytes(4, "little")  # a record longer than the block
+    send("s1", ahead, 5, instance="A", first_seq=1000, raw=bytes(bad), keep=False)
+    send("s1", 1001, 4, instance="A", first_seq=1000)
+    send("s2", 2000, 2, instance="A", first_seq=2000)
+    send("s2", 2010, 2, instance="A", first_seq=2000)
+    send("s2", 2005, 3, instance="B", first_seq=2005, keep=False)  # a second process: below 2010
+    send("s2", 2000, 2, instance="C", first_seq=5000, keep=False)  # a later run resends a spooled block
+    send("s2", 5000, 1, instance="C", first_seq=5000)
+    big = 16 << 20  # above the receiver's 8 MiB
+    send("s3", 3000, 1, instance="A", first_seq=3000, raw=b"\0" * big, raw_len=big)
+    assert producer[0].flush(30) == 0
+    producer.clear()  # (an open client would keep reconnecting to the broker stopped after the test)
+    wait_metric(mport, "pktstream_sensor_packets_total", "s2", 5)
+    wait_metric(mport, "pktstream_sensor_packets_total", "s1", 7)
+    wait_metric(mport, "pktstream_sensor_rejected_packets_total", "s3", 1)
+    wait_metric(mport, "pktstream_sensor_conflict_packets_total", "s2", 3)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
+    assert re.search(r'^pktstream_input_bad_messages_total\{input="kafka://[^"]+"\} 1\.0$', body, re.M), body
+    assert rx.stop(signal.SIGTERM) == 0, rx.stderr
+    st = json.loads((d / "rx.json").read_text())
+    sensors = st["sensors"]
+    assert set(sensors) == {"s1", "s2", "s3"}, sensors.keys()  # no entry for the foreign key
+    assert sensors["s1"]["rejected_packets"] == 5 and sensors["s1"]["duplicate_frames"] == 0
+    assert sensors["s2"]["conflict_frames"] == 1 and sensors["s2"]["conflict_packets"] == 3
+    assert sensors["s2"]["duplicate_frames"] == 1 and sensors["s2"]["rejected_frames"] == 0
+    assert sensors["s3"]["rejected_packets"] == 1 and sensors["s3"]["packets"] == 0
+    assert st["inputs"][0]["bad_messages"] == 1
+    assert "two sensors publish with this id" in rx.stderr and "above the 8388608" in rx.stderr
+    for sid, raws in written.items():
+        got = sorted(p[2] for f in sorted((d / "out").glob(f"{sid}*.pcap")) for p in read_pcap_dpkt(f))
+        assert got == sorted(p for r in raws for p in _packets_of(r)), sid
+
+
+def _packets_of(raw: bytes) -> list[bytes]:
+    """The packet bytes of a records block (16-byte headers)."""
+    out, pos = [], 0
+    while pos < len(raw):
+        cap = int.from_bytes(raw[pos + 8:pos + 12], "little")
+        out.append(raw[pos + 16:pos + 16 + cap])
+        pos += 16 + cap
+    return out

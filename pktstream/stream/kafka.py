@@ -207,10 +207,16 @@ def consumer_config(brokers: str, group: str, *, client_id: str = "pktstream-rec
 
 
 def frame_headers(*, sensor_id: str, hostname: str, interface: str, link_type: int, snaplen: int,
-                  seq: int, kind: str = "data") -> list[tuple[str, bytes]]:
-    return [("type", kind.encode()), ("sensor_id", sensor_id.encode()), ("hostname", hostname.encode()),
-            ("interface", interface.encode()), ("link_type", str(link_type).encode()),
-            ("snaplen", str(snaplen).encode()), ("seq", str(seq).encode())]
+                  seq: int, kind: str = "data", instance: str = "", first_seq: int = 0) -> list[tuple[str, bytes]]:
+    """A DATA message's headers. ``instance`` (the sensor process) and ``first_seq`` (the first
+    seq that process made; below it: a previous run's spooled block) let a receiver tell a
+    second process with the same sensor id from a resend (docs/PROTOCOL.md, Kafka)."""
+    headers = [("type", kind.encode()), ("sensor_id", sensor_id.encode()), ("hostname", hostname.encode()),
+               ("interface", interface.encode()), ("link_type", str(link_type).encode()),
+               ("snaplen", str(snaplen).encode()), ("seq", str(seq).encode())]
+    if instance:
+        headers += [("instance", instance.encode()), ("first_seq", str(first_seq).encode())]
+    return headers
 
 
 def parse_headers(headers) -> dict[str, str]:
@@ -304,6 +310,7 @@ class KafkaTransport:
                                  "delivered": 0, "failed_min": None}
         connected_logged = False
         last_stats = time.monotonic()
+        every = _EveryTenSeconds()  # (an outage fails every outstanding frame: one line, not thousands)
 
         def ack() -> None:
             # everything produced before the oldest outstanding or failed frame is delivered
@@ -330,7 +337,9 @@ class KafkaTransport:
                     self.counters["delivery_failures"] += 1
                     state["failed"] = True
                     state["failed_min"] = seq if state["failed_min"] is None else min(state["failed_min"], seq)
-                    log.warning("kafka: frame %d not delivered: %s", seq, err)
+                    if every.due(("not delivered", err.name())):
+                        log.warning("kafka: frame %d not delivered: %s (%d delivery failures so far; "
+                                    "such lines at most every 10 s)", seq, err, self.counters["delivery_failures"])
                     return
                 refused(seq, packets, err)
             else:
@@ -401,7 +410,8 @@ class KafkaTransport:
                 headers = frame_headers(sensor_id=sensor.sensor_id, hostname=sensor.hostname,
                                         interface=itf["name"] if itf else str(head.iface),
                                         link_type=itf["link_type"] if itf else 1,
-                                        snaplen=itf["snaplen"] if itf else 262144, seq=seq)
+                                        snaplen=itf["snaplen"] if itf else 262144, seq=seq,
+                                        instance=sensor.instance, first_seq=store.first_own_seq)
                 try:
                     producer.produce(self.topic, value=data, key=sensor.sensor_id.encode(), headers=headers,
                                      on_delivery=lambda err, msg, s=seq: delivered(s, err, msg))
@@ -415,7 +425,8 @@ class KafkaTransport:
                         refused(seq, head.count, err)
                         ack()
                     else:
-                        log.warning("kafka: frame %d not produced: %s", seq, err)
+                        if every.due(("not produced", getattr(err, "name", lambda: "")())):
+                            log.warning("kafka: frame %d not produced: %s", seq, err)
                         state["failed"] = True
                         producer.poll(0.1)
                     continue
@@ -475,6 +486,7 @@ class KafkaInput:
         self._thread: threading.Thread | None = None
         self._consumer: Any = None   # confluent_kafka.Consumer, from start()
         self._ingest: Any = None     # the receiver's ingest, from start()
+        self._every = _EveryTenSeconds()  # rate of the per-message warnings
         self.assigned: list[int] = []
 
     def describe(self) -> str:
@@ -582,7 +594,8 @@ class KafkaInput:
                 if m.error():
                     if m.error().name() != "_PARTITION_EOF":
                         self.counters["consume_errors"] += 1
-                        log.warning("kafka: %s", m.error())
+                        if self._every.due(("consume", m.error().name())):
+                            log.warning("kafka: %s", m.error())
                     continue
                 fut = asyncio.run_coroutine_threadsafe(self._process(m), loop)
                 while True:
@@ -600,31 +613,32 @@ class KafkaInput:
             self._commit_ready(consumer)
 
     async def _process(self, m) -> int:
-        """In the receiver's loop: dedupe, validate, dispatch. Returns the receiver index that
-        must be committed before this message's offset may be."""
+        """In the receiver's loop: validate, dedupe, dispatch. Returns the receiver index that
+        must be committed before this message's offset may be. A message that is not a
+        pktstream frame creates no sensor entry (a foreign producer's keys are not sensors)."""
         from pktstream.stream.receiver.ingest import SENSOR_ID, check_interface, numeric_stats
         ingest = self._ingest
         h = parse_headers(m.headers())
         sid = h.get("sensor_id") or (m.key() or b"").decode(errors="replace")
-        c = self.counters
         if not SENSOR_ID.match(sid or ""):
-            c["bad_messages"] += 1
-            log.warning("kafka: partition %d offset %d: bad sensor id, skipped", m.partition(), m.offset())
-            return ingest.index
-        sensor = ingest.sensor_state(sid)
-        if h.get("hostname"):
-            sensor.hostname = P.printable(h["hostname"][:255])
+            return self._bad(m, "bad sensor id", protocol=False)
         value = m.value() or b""
         if h.get("type") == "stats":
             try:
                 head = P.decode_header(value[:P.HEADER_LEN], max_payload=P.MAX_CONTROL_BYTES, max_raw=0)
-                sensor.reported = numeric_stats(P.Frame(head.type, payload=value[head.header_len:]).json())
-                sensor.counters["stats_frames"] += 1
-            except FrameError:
-                c["bad_messages"] += 1
+                if head.type != P.FrameType.STATS:
+                    raise FrameError(f"{head.type.name} frame in a stats message")
+                reported = numeric_stats(P.Frame(head.type, payload=value[head.header_len:]).json())
+            except FrameError as exc:
+                return self._bad(m, f"sensor {sid}: {exc}", protocol=False)
+            sensor = self._sensor(sid, h)
+            sensor.reported = reported
+            sensor.counters["stats_frames"] += 1
             return ingest.index
         try:
-            head = P.decode_header(value[:P.HEADER_LEN], max_payload=ingest.max_raw + 1024, max_raw=ingest.max_raw)
+            # (bounds of the format, not of this receiver: a block larger than it takes is a
+            # sensor's block, rejected and counted per sensor by ingest, not a foreign message)
+            head = P.decode_header(value[:P.HEADER_LEN], max_payload=1 << 30, max_raw=1 << 30)
             if head.type != P.FrameType.DATA:
                 raise FrameError(f"{head.type.name} frame in a data message")
             if head.header_len + head.payload_len != len(value):
@@ -634,21 +648,61 @@ class KafkaInput:
             desc = check_interface({"index": head.iface, "name": h.get("interface", ""),
                                      "link_type": int(h.get("link_type", "-1")),
                                      "snaplen": int(h.get("snaplen", "-1"))})
+            first_seq = int(h.get("first_seq", "0"))
         except (FrameError, ValueError) as exc:
-            c["bad_messages"] += 1
-            ingest.counters["protocol_errors"] += 1
-            log.warning("kafka: partition %d offset %d: %s; skipped", m.partition(), m.offset(), exc)
-            return ingest.index
+            return self._bad(m, f"sensor {sid}: {exc}", protocol=True)
+        sensor = self._sensor(sid, h)
         frame = P.Frame(head.type, head.flags, head.seq, head.iface, head.count, head.raw_len,
                         value[head.header_len:])
+        instance = h.get("instance", "")[:64]
+        if (instance and head.seq <= sensor.last_accepted and head.seq >= first_seq > 0
+                and head.seq > sensor.instances.get(instance, 0)):
+            self._conflict(sensor, instance, frame)
+            return ingest.index
         try:
-            if await ingest.ingest(sensor, frame, desc, wire_bytes=len(value)):
+            if await ingest.ingest(sensor, frame, desc, wire_bytes=len(value), acknowledged=False):
                 sensor.interfaces[head.iface] = desc
+                if instance and sensor.last_accepted == head.seq:
+                    sensor.accepted_from(instance, head.seq)
         except FrameError as exc:
-            c["bad_messages"] += 1
-            ingest.counters["protocol_errors"] += 1
-            log.warning("kafka: partition %d offset %d: %s; skipped", m.partition(), m.offset(), exc)
+            return self._bad(m, f"sensor {sid}: {exc}", protocol=True)
         return ingest.index
+
+    def _sensor(self, sid: str, h: dict[str, str]):
+        """The receiver's entry of a sensor whose message validated; its host name from it."""
+        sensor = self._ingest.sensor_state(sid)
+        if h.get("hostname"):
+            sensor.hostname = P.printable(h["hostname"][:255])
+        return sensor
+
+    def _bad(self, m, why: str, *, protocol: bool) -> int:
+        """A message that is not a valid pktstream frame: skipped, counted (``bad_messages``;
+        a DATA message's also in ``protocol_errors``), said at most every 10 s per kind."""
+        self.counters["bad_messages"] += 1
+        if protocol:
+            self._ingest.counters["protocol_errors"] += 1
+        if self._every.due(("bad", re.sub(r"\d+", "#", why)[:120])):
+            log.warning("kafka: partition %d offset %d: %s; skipped (%d bad messages so far; "
+                        "such lines at most every 10 s)", m.partition(), m.offset(), why, self.counters["bad_messages"])
+        return self._ingest.index
+
+    def _conflict(self, sensor, instance: str, frame: P.Frame) -> None:
+        """A block this sensor process made (seq >= its first) below what the receiver already
+        accepted for its id from another process: two sensors publish with one id (or one's
+        clock went back without its spool). Not a duplicate: its packets are lost, counted
+        (``conflict_frames``/``conflict_packets``) and said every 10 s per sensor."""
+        c = sensor.counters
+        c["conflict_frames"] += 1
+        c["conflict_packets"] += frame.count
+        self.counters["conflict_frames"] += 1
+        if self._every.due(("conflict", sensor.sensor_id)):
+            others = [i for i in sensor.instances if i != instance]
+            log.error("kafka: sensor %s: block %d of process %s is below seq %d accepted from %s: two sensors "
+                      "publish with this id (or its clock went back without its spool); its %d packets are "
+                      "dropped (%d packets so far, conflict_packets): give each sensor its own --sensor-id",
+                      sensor.sensor_id, frame.seq, instance, sensor.last_accepted,
+                      f"process {others[-1]}" if others else "an earlier process", frame.count,
+                      c["conflict_packets"])
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

@@ -181,6 +181,9 @@ def decode_data(frame: Frame, *, link_type: int, snaplen: int, interface: str | 
     its checksum must match, and every record header is walked and checked (caplen <=
     snaplen, inside the block) before the batch reaches an output. Thread-safe.
     """
+    if frame.raw_len > max_raw:
+        raise FrameError(f"DATA seq {frame.seq}: a block of {frame.raw_len} bytes, above the {max_raw} "
+                         "this receiver takes (max_block_bytes)")
     if frame.flags & Flags.STORED:
         raw = frame.payload
     else:
@@ -190,7 +193,7 @@ def decode_data(frame: Frame, *, link_type: int, snaplen: int, interface: str | 
             raise FrameError(f"DATA seq {frame.seq}: not a zstd frame ({exc})") from None
         if not params.has_checksum:
             raise FrameError(f"DATA seq {frame.seq}: zstd frame without a content checksum")
-        if params.content_size != frame.raw_len or frame.raw_len > max_raw:
+        if params.content_size != frame.raw_len:
             raise FrameError(f"DATA seq {frame.seq}: zstd content size {params.content_size} "
                              f"!= announced raw length {frame.raw_len}")
         try:

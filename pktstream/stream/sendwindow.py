@@ -187,6 +187,8 @@ class FrameStore:
         # went back cannot make new blocks look like old ones (Kafka has no resume step).
         self._reserved = self._read_reservation()
         self.next_seq = max(first_seq or time.time_ns() // 1000, last + 1, self._reserved + 1)
+        #: the first number this process gives a block (below it: a previous run's, spooled)
+        self.first_own_seq = self.next_seq
         self._reserve()
 
     _RESERVE = 1 << 20  # sequence numbers reserved (on disk) at a time

@@ -41,6 +41,7 @@ STATE_FILE = "receiver-state.json"
 STATE_RETRY_S = 1.0        # a failed save of the state is tried again this often (one timer at a time)
 STATE_ERROR_LOG_S = 60.0   # the same failure is logged again at most this often
 SENSOR_ID = P.SENSOR_ID  # (re-exported: the receiver's checks)
+MAX_INSTANCES = 8          # sensor processes remembered per sensor id (SensorState.instances)
 
 
 @dataclass
@@ -62,6 +63,16 @@ class SensorState:
     instance: str = ""        # the connected sensor process (its reconnects take over its session)
     last_rx: float = 0.0      # monotonic time of the last frame on the live session
     legacy: bool = False      # a PacketStreamer sensor: no seq, no ACK, no loss counts
+    # Kafka: the sensor processes whose blocks were accepted (header ``instance``) -> the highest
+    # seq accepted from each, the 8 most recent (kept in the state file)
+    instances: dict[str, int] = field(default_factory=dict)
+
+    def accepted_from(self, instance: str, seq: int) -> None:
+        """Record that ``instance`` (a sensor process) had block ``seq`` accepted."""
+        self.instances.pop(instance, None)
+        self.instances[instance] = seq
+        while len(self.instances) > MAX_INSTANCES:
+            del self.instances[next(iter(self.instances))]
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc <malloc.h>
@@ -273,6 +284,11 @@ class Ingest:
             st = self.sensors[sid] = SensorState(sid, hostname=s.get("hostname", ""))
             st.last_accepted = st.last_committed = int(s.get("last_seq", 0))
             st.interfaces = {int(k): v for k, v in s.get("interfaces", {}).items()}
+            inst = s.get("instances")
+            if isinstance(inst, dict):
+                for k, v in list(inst.items())[-MAX_INSTANCES:]:
+                    if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool):
+                        st.instances[k[:64]] = v
         by_name = {s.name: s for s in self.sinks}
         recovered: dict[str, Any] = {}
 
@@ -380,18 +396,20 @@ class Ingest:
         return sensor
 
     async def ingest(self, sensor: SensorState, frame: P.Frame, iface: dict[str, Any] | None, *,
-                     wire_bytes: int) -> bool:
+                     wire_bytes: int, acknowledged: bool = True) -> bool:
         """One DATA frame from any transport: drop it if already accepted (same sensor, seq not
         above the last accepted), refuse an impossible seq, decompress and validate (bounded),
         count, hand to the outputs. Returns False for a duplicate; raises FrameError for an
         impossible seq (the session is not to be trusted). A frame whose content is bad (``iface``
-        None: an interface the sensor never announced) is rejected: see :meth:`_reject`."""
+        None: an interface the sensor never announced) is rejected: see :meth:`reject`
+        (``acknowledged``: whether the sender waits for an ACK of it)."""
         c = sensor.counters
         if frame.seq <= sensor.last_accepted:
             return self._duplicate(sensor, frame)
         check_seq(frame.seq)
         if iface is None:
-            return await self._reject(sensor, frame, f"DATA for unknown interface index {frame.iface}")
+            return await self.reject(sensor, frame, f"DATA for unknown interface index {frame.iface}",
+                                     acknowledged=acknowledged)
         decode = functools.partial(P.decode_data, frame, link_type=iface["link_type"], snaplen=iface["snaplen"],
                                    interface=f"{sensor.sensor_id}/{iface['name']}", max_raw=self.max_raw)
         # large blocks are decompressed and validated off the event loop (zstd releases the
@@ -408,7 +426,7 @@ class Ingest:
                 batch.release()
             return self._duplicate(sensor, frame)
         if batch is None:
-            return await self._reject(sensor, frame, why)
+            return await self.reject(sensor, frame, why, acknowledged=acknowledged)
         source = Source(sensor.sensor_id, sensor.hostname, iface["name"], iface["link_type"], iface["snaplen"],
                         seq=frame.seq)
         sensor.last_accepted = frame.seq
@@ -426,13 +444,16 @@ class Ingest:
         sensor.counters["duplicate_packets"] += frame.count
         return False
 
-    async def _reject(self, sensor: SensorState, frame: P.Frame, why: str) -> bool:
+    async def reject(self, sensor: SensorState, frame: P.Frame, why: str, *, acknowledged: bool = True) -> bool:
         """A well-framed DATA frame whose content cannot be written (corrupt or oversized zstd,
         records that do not validate, an interface index with no descriptor): its packets are
         counted as rejected (``rejected_frames``/``rejected_packets`` per sensor, logged) and its
         seq is acknowledged in order with the frames before it. Closing the session instead
         would have the sensor resend the same frame after every reconnect and deliver nothing
-        behind it (e.g. a spooled frame longer than the snap length a restarted sensor announces)."""
+        behind it (e.g. a spooled frame longer than the snap length a restarted sensor announces).
+        ``acknowledged=False`` (Kafka: no sensor waits for an ACK) leaves the sensor's last
+        accepted seq as it was: one bad message with a seq far ahead (a foreign or forged one)
+        must not turn every later block of that sensor into a "duplicate". Event-loop thread."""
         c = sensor.counters
         c["rejected_frames"] += 1
         c["rejected_packets"] += frame.count
@@ -440,6 +461,8 @@ class Ingest:
         if n <= 10 or n % 1000 == 0:  # (bounded logging: a broken sensor may send many)
             log.error("sensor %s: DATA seq %d rejected, %d packets lost (%d frames rejected so far): %s",
                       sensor.sensor_id, frame.seq, frame.count, n, why)
+        if not acknowledged:
+            return True
         sensor.last_accepted = frame.seq
         await self._wait_for_space()  # (behind frames queued for space: acknowledged after them)
         self._pending.append((self.index, sensor.sensor_id, frame.seq, 0))  # acknowledged after what came before
@@ -497,7 +520,8 @@ class Ingest:
         acks = acks or {}
         return {"id": self.state_id,
                 "sensors": {sid: {"last_seq": max(s.last_committed, acks.get(sid, 0)), "hostname": s.hostname,
-                                  "interfaces": {str(k): dict(v) for k, v in s.interfaces.items()}}
+                                  "interfaces": {str(k): dict(v) for k, v in s.interfaces.items()},
+                                  **({"instances": dict(s.instances)} if s.instances else {})}
                             for sid, s in self.sensors.items() if not s.legacy},
                 "sinks": self.outputs.states_to_persist(self.index if committed is None else committed)}
 
@@ -635,6 +659,7 @@ class Ingest:
                 "compression_ratio": round(c["raw_bytes"] / c["wire_bytes"], 3) if c["wire_bytes"] else None,
                 "duplicate_frames": c["duplicate_frames"], "connections": c["connections"],
                 "rejected_frames": c["rejected_frames"], "rejected_packets": c["rejected_packets"],
+                "conflict_frames": c["conflict_frames"], "conflict_packets": c["conflict_packets"],
                 "sensor_packets": r.get("packets", 0),
                 "kernel_dropped": r.get("kernel_dropped", 0),
                 "interface_dropped": r.get("interface_dropped", 0),

@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 
 #: per-sensor counters (label ``sensor``)
 SENSOR_COUNTERS = ("packets", "raw_bytes", "wire_bytes", "frames", "duplicate_frames", "rejected_frames",
-                   "rejected_packets", "kernel_dropped",
+                   "rejected_packets", "conflict_frames", "conflict_packets", "kernel_dropped",
                    "interface_dropped", "ring_drops", "window_dropped_packets")
 #: per-output counters (label ``output``)
 OUTPUT_COUNTERS = ("packets", "dropped_packets", "failures",
@@ -25,6 +25,10 @@ OUTPUT_COUNTERS = ("packets", "dropped_packets", "failures",
                    "producer_resets", "rejected_frames", "rejected_packets")
 #: per-output gauges (the S3 output's staging)
 OUTPUT_GAUGES = ("staged_bytes", "waiting_files")
+#: per-input counters (label ``input``: a Kafka input's ``kafka://brokers/topic (group g)``)
+INPUT_COUNTERS = ("bad_messages", "consume_errors", "kafka_errors", "offset_commits", "conflict_frames")
+#: per-input gauges
+INPUT_GAUGES = ("uncommitted_messages",)
 #: receiver-level counters
 RECEIVER_COUNTERS = ("protocol_errors", "auth_failures", "tls_failures", "timeouts", "rejected_connections",
                      "rate_limited_connections", "aborted_handshakes", "duplicate_id_refusals",
@@ -74,6 +78,16 @@ class ReceiverCollector(Collector):
                                 value=st["connections"])
         yield GaugeMetricFamily("pktstream_receiver_inflight_bytes", "bytes waiting for the gating outputs",
                                 value=st["inflight_bytes"])
+        for key in INPUT_COUNTERS:
+            fam = CounterMetricFamily(f"pktstream_input_{key}", f"input {key.replace('_', ' ')}", labels=["input"])
+            for inp in st.get("inputs", []):
+                fam.add_metric([inp["input"]], inp.get(key, 0))
+            yield fam
+        for key in INPUT_GAUGES:
+            gauge = GaugeMetricFamily(f"pktstream_input_{key}", f"input {key.replace('_', ' ')}", labels=["input"])
+            for inp in st.get("inputs", []):
+                gauge.add_metric([inp["input"]], inp.get(key, 0))
+            yield gauge
         for key in RECEIVER_COUNTERS:
             yield CounterMetricFamily(f"pktstream_receiver_{key}", key.replace("_", " "), value=st.get(key, 0))
 
