@@ -367,6 +367,20 @@ def test_foreign_forged_and_second_process_messages_are_counted_and_mute_nothing
     for sid, raws in written.items():
         got = sorted(p[2] for f in sorted((d / "out").glob(f"{sid}*.pcap")) for p in read_pcap_dpkt(f))
         assert got == sorted(p for r in raws for p in _packets_of(r)), sid
+    # restarted, the receiver remembers which process made which blocks (its state file): an
+    # earlier block of the first process read again is a duplicate, the second process's a conflict
+    rx = procs(kafka_receiver(tansu.bootstrap, "forge", "g-forge", d, metrics=mport))
+    rx.wait_for("assigned partitions")
+    producer.append(Producer({"bootstrap.servers": tansu.bootstrap, "enable.idempotence": True, "linger.ms": 0}))
+    send("s2", 2009, 2, instance="A", first_seq=2000, keep=False)
+    send("s2", 2006, 2, instance="B", first_seq=2005, keep=False)
+    assert producer[0].flush(30) == 0
+    producer.clear()
+    wait_metric(mport, "pktstream_sensor_conflict_frames_total", "s2", 1)
+    wait_metric(mport, "pktstream_sensor_duplicate_frames_total", "s2", 1)
+    assert rx.stop(signal.SIGTERM) == 0, rx.stderr
+    s2 = json.loads((d / "rx.json").read_text())["sensors"]["s2"]
+    assert (s2["duplicate_frames"], s2["conflict_frames"], s2["packets"]) == (1, 1, 0), s2
 
 
 def _packets_of(raw: bytes) -> list[bytes]:
