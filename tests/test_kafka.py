@@ -126,6 +126,9 @@ def test_sensors_to_kafka_to_two_receivers_in_one_group(tansu, procs, tmp_path, 
         assert any("assigned partitions [" in line and "[]" not in line for line in rx.err), rx.stderr
     stats = [json.loads((d / "rx.json").read_text()) for d in rx_dirs]
     assert sum(s["sensors"].get(sid, {}).get("packets", 0) for s in stats for sid in sensors) == 4000
+    # no false alarm across the rebalance: no message taken for deleted, no gap in a sensor's blocks
+    assert all(s["inputs"][0]["skipped_messages"] == 0 for s in stats)
+    assert all(x["seq_gaps"] == 0 and x["conflict_frames"] == 0 for s in stats for x in s["sensors"].values())
 
 
 def test_broker_killed_and_restarted_mid_stream_loses_nothing(tansu, procs, tmp_path):
@@ -181,6 +184,8 @@ def test_broker_killed_and_restarted_mid_stream_loses_nothing(tansu, procs, tmp_
     assert len(ref_pkts) == 3000
     assert_same_packets(got, ref_pkts, tol_ns=0)   # one sensor = one partition: in order
     assert "recreating the producer" in sx.stderr   # the broker lost the producer state
+    s1 = json.loads((d / "rx.json").read_text())["sensors"]["s1"]
+    assert s1["seq_gaps"] == 0 and s1["conflict_frames"] == 0, s1  # nothing was lost: no false alarm
 
 
 def test_receiver_kafka_output_messages_are_wire_frames(tansu, veth, procs, tmp_path, mixed_pcap):
@@ -317,16 +322,20 @@ def test_foreign_forged_and_second_process_messages_are_counted_and_mute_nothing
     rx = procs(kafka_receiver(tansu.bootstrap, "forge", "g-forge", d, metrics=mport))
     rx.wait_for("assigned partitions")
     producer = [Producer({"bootstrap.servers": tansu.bootstrap, "enable.idempotence": True, "linger.ms": 0})]
-    written: dict[str, list[bytes]] = {"s1": [], "s2": []}
+    written: dict[str, list[bytes]] = {"s1": [], "s2": [], "s4": []}
+
+    last: dict[tuple[str, str], int] = {}  # (sensor, process) -> its previous block's seq
 
     def send(sid: str, seq: int, n: int, *, instance: str, first_seq: int, raw: bytes | None = None,
-             raw_len: int | None = None, keep: bool = True) -> None:
+             raw_len: int | None = None, keep: bool = True, prev: int | None = None) -> None:
         raw = _records(seq * 1000, n) if raw is None else raw
         payload = zstandard.ZstdCompressor(write_checksum=True).compress(raw)
         head = P.encode_header(P.FrameType.DATA, len(payload), seq=seq, count=n,
                                raw_len=len(raw) if raw_len is None else raw_len)
         headers = {"type": "data", "sensor_id": sid, "hostname": "h", "interface": "eth0", "link_type": "1",
-                   "snaplen": "65535", "seq": str(seq), "instance": instance, "first_seq": str(first_seq)}
+                   "snaplen": "65535", "seq": str(seq), "instance": instance, "first_seq": str(first_seq),
+                   "prev_seq": str(last.get((sid, instance), 0) if prev is None else prev)}
+        last[(sid, instance)] = seq
         producer[0].produce("forge", key=sid.encode(), value=head + payload,
                      headers=[(k, v.encode()) for k, v in headers.items()])
         if keep and sid in written:
@@ -338,18 +347,22 @@ def test_foreign_forged_and_second_process_messages_are_counted_and_mute_nothing
     bad = bytearray(_records(0, 5))
     bad[8:12] = (10**6).to_bytes(4, "little")  # a record longer than the block
     send("s1", ahead, 5, instance="A", first_seq=1000, raw=bytes(bad), keep=False)
-    send("s1", 1001, 4, instance="A", first_seq=1000)
+    send("s1", 1001, 4, instance="A", first_seq=1000, prev=1000)
     send("s2", 2000, 2, instance="A", first_seq=2000)
     send("s2", 2010, 2, instance="A", first_seq=2000)
     send("s2", 2005, 3, instance="B", first_seq=2005, keep=False)  # a second process: below 2010
     send("s2", 2000, 2, instance="C", first_seq=5000, keep=False)  # a later run resends a spooled block
     send("s2", 5000, 1, instance="C", first_seq=5000)
+    send("s4", 4000, 1, instance="A", first_seq=4000)
+    send("s4", 4001, 1, instance="A", first_seq=4000)
+    send("s4", 4003, 1, instance="A", first_seq=4000, prev=4002)  # 4002 never arrives (a broker lost it)
     big = 16 << 20  # above the receiver's 8 MiB
     send("s3", 3000, 1, instance="A", first_seq=3000, raw=b"\0" * big, raw_len=big)
     assert producer[0].flush(30) == 0
     producer.clear()  # (an open client would keep reconnecting to the broker stopped after the test)
     wait_metric(mport, "pktstream_sensor_packets_total", "s2", 5)
     wait_metric(mport, "pktstream_sensor_packets_total", "s1", 7)
+    wait_metric(mport, "pktstream_sensor_packets_total", "s4", 3)
     wait_metric(mport, "pktstream_sensor_rejected_packets_total", "s3", 1)
     wait_metric(mport, "pktstream_sensor_conflict_packets_total", "s2", 3)
     body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
@@ -357,7 +370,10 @@ def test_foreign_forged_and_second_process_messages_are_counted_and_mute_nothing
     assert rx.stop(signal.SIGTERM) == 0, rx.stderr
     st = json.loads((d / "rx.json").read_text())
     sensors = st["sensors"]
-    assert set(sensors) == {"s1", "s2", "s3"}, sensors.keys()  # no entry for the foreign key
+    assert set(sensors) == {"s1", "s2", "s3", "s4"}, sensors.keys()  # no entry for the foreign key
+    assert [sensors[x]["seq_gaps"] for x in ("s1", "s2", "s3", "s4")] == [0, 0, 0, 1]
+    assert "the blocks after seq 4001 up to seq 4002 never arrived" in rx.stderr
+    assert st["inputs"][0]["skipped_messages"] == 0 and "committed offsets" not in rx.stderr
     assert sensors["s1"]["rejected_packets"] == 5 and sensors["s1"]["duplicate_frames"] == 0
     assert sensors["s2"]["conflict_frames"] == 1 and sensors["s2"]["conflict_packets"] == 3
     assert sensors["s2"]["duplicate_frames"] == 1 and sensors["s2"]["rejected_frames"] == 0
@@ -381,6 +397,8 @@ def test_foreign_forged_and_second_process_messages_are_counted_and_mute_nothing
     assert rx.stop(signal.SIGTERM) == 0, rx.stderr
     s2 = json.loads((d / "rx.json").read_text())["sensors"]["s2"]
     assert (s2["duplicate_frames"], s2["conflict_frames"], s2["packets"]) == (1, 1, 0), s2
+    # (started again at the group's committed offset: no message is taken for one deleted unread)
+    assert json.loads((d / "rx.json").read_text())["inputs"][0]["skipped_messages"] == 0
 
 
 def _packets_of(raw: bytes) -> list[bytes]:

@@ -1276,3 +1276,18 @@ def test_a_sensor_started_in_the_background_reports_what_ended_it(tmp_path):
     s.join(30)
     assert not s.running
     assert s.error is not None and "nosuchdev0" in str(s.error)
+
+
+def test_kafka_offset_gaps_count_messages_deleted_before_they_were_read():
+    """A Kafka input expects each partition's next offset (the group's committed one, then one
+    past each message): a message above it follows messages deleted unread (the topic's
+    retention), counted; a rewind (read again) or an unknown start counts nothing."""
+    from pktstream.stream.kafka import OffsetGaps
+    g = OffsetGaps()
+    assert g.seen(0, 17) == 0  # nothing committed: no expectation yet
+    assert g.seen(0, 18) == 0 and g.seen(0, 25) == 6  # 19..24 were never read
+    g.expect(1, 100)  # the group's committed offset at assignment
+    assert g.seen(1, 100) == 0 and g.seen(1, 140) == 39
+    assert g.seen(1, 90) == 0 and g.seen(1, 91) == 0  # read again after a rewind: not a loss
+    g.forget(1)
+    assert g.seen(1, 500) == 0  # revoked and assigned again: no stale expectation

@@ -207,15 +207,18 @@ def consumer_config(brokers: str, group: str, *, client_id: str = "pktstream-rec
 
 
 def frame_headers(*, sensor_id: str, hostname: str, interface: str, link_type: int, snaplen: int,
-                  seq: int, kind: str = "data", instance: str = "", first_seq: int = 0) -> list[tuple[str, bytes]]:
+                  seq: int, kind: str = "data", instance: str = "", first_seq: int = 0,
+                  prev_seq: int = 0) -> list[tuple[str, bytes]]:
     """A DATA message's headers. ``instance`` (the sensor process) and ``first_seq`` (the first
     seq that process made; below it: a previous run's spooled block) let a receiver tell a
-    second process with the same sensor id from a resend (docs/PROTOCOL.md, Kafka)."""
+    second process with the same sensor id from a resend; ``prev_seq`` (the block this sensor
+    produced before this one) lets it see blocks that never arrived (docs/DEPLOYMENT.md, Kafka)."""
     headers = [("type", kind.encode()), ("sensor_id", sensor_id.encode()), ("hostname", hostname.encode()),
                ("interface", interface.encode()), ("link_type", str(link_type).encode()),
                ("snaplen", str(snaplen).encode()), ("seq", str(seq).encode())]
     if instance:
-        headers += [("instance", instance.encode()), ("first_seq", str(first_seq).encode())]
+        headers += [("instance", instance.encode()), ("first_seq", str(first_seq).encode()),
+                    ("prev_seq", str(prev_seq).encode())]
     return headers
 
 
@@ -411,7 +414,8 @@ class KafkaTransport:
                                         interface=itf["name"] if itf else str(head.iface),
                                         link_type=itf["link_type"] if itf else 1,
                                         snaplen=itf["snaplen"] if itf else 262144, seq=seq,
-                                        instance=sensor.instance, first_seq=store.first_own_seq)
+                                        instance=sensor.instance, first_seq=store.first_own_seq,
+                                        prev_seq=state["sent"])
                 try:
                     producer.produce(self.topic, value=data, key=sensor.sensor_id.encode(), headers=headers,
                                      on_delivery=lambda err, msg, s=seq: delivered(s, err, msg))
@@ -455,6 +459,35 @@ class KafkaTransport:
 
 # -- receiver side ---------------------------------------------------------------------------------
 
+class OffsetGaps:
+    """The offset each partition's next message should have: from the group's committed offset
+    (``expect``), then from each message read (``seen``). Offsets of a topic that only
+    non-transactional producers write and that is not compacted have no holes, so a message
+    above the expected offset means the ones between were deleted before they were read.
+    Not thread-safe (the consumer thread)."""
+
+    def __init__(self) -> None:
+        self._next: dict[int, int] = {}
+
+    def expect(self, partition: int, offset: int) -> None:
+        self._next[partition] = offset
+
+    def forget(self, partition: int) -> None:
+        self._next.pop(partition, None)
+
+    def seen(self, partition: int, offset: int) -> int:
+        """Record a message at ``offset``; returns how many messages before it were skipped
+        (0 when nothing was expected, or when it is read again after a rewind)."""
+        expected = self._next.get(partition)
+        self._next[partition] = offset + 1
+        return offset - expected if expected is not None and offset > expected else 0
+
+
+#: a KafkaInput's counters (``stats()``, /metrics ``pktstream_input_*_total``)
+INPUT_COUNTERS = ("bad_messages", "consume_errors", "kafka_errors", "offset_commits", "conflict_frames",
+                  "skipped_messages", "seq_gaps")
+
+
 class KafkaInput:
     """Feeds a :class:`~pktstream.stream.receiver.Receiver` from a topic, as a member of a consumer group
     (the receiver calls ``start(ingest)`` with its :class:`~pktstream.stream.receiver.ingest.Ingest`).
@@ -487,6 +520,10 @@ class KafkaInput:
         self._consumer: Any = None   # confluent_kafka.Consumer, from start()
         self._ingest: Any = None     # the receiver's ingest, from start()
         self._every = _EveryTenSeconds()  # rate of the per-message warnings
+        self._offsets = OffsetGaps()  # (consumer thread) a jump is messages deleted unread
+        # (partition, sensor id, process) -> seq of its last block read since the partition was
+        # assigned: a block whose prev_seq is above it follows blocks that never arrived
+        self._last_read: dict[tuple[int, str, str], int] = {}
         self.assigned: list[int] = []
 
     def describe(self) -> str:
@@ -549,6 +586,38 @@ class KafkaInput:
     def _on_assign(self, consumer, partitions) -> None:
         self.assigned = sorted(set(self.assigned) | {p.partition for p in partitions})
         log.info("kafka: assigned partitions %s of %s", [p.partition for p in partitions], self.topic)
+        self._forget({p.partition for p in partitions})
+        try:
+            committed = consumer.committed(partitions, timeout=10)
+        except Exception as exc:  # noqa: BLE001 - unknown: no check until the first message
+            log.warning("kafka: cannot read the committed offsets (%s): messages deleted before this "
+                        "receiver reads them are not detected until the next one", exc)
+            return
+        for tp in committed:
+            if tp.error is None and tp.offset >= 0:
+                self._offsets.expect(tp.partition, tp.offset)
+
+    def _forget(self, parts: set[int]) -> None:
+        """What was read from partitions ``parts`` no longer tells what comes next (consumer thread)."""
+        for p in parts:
+            self._offsets.forget(p)
+        with self._lock:
+            for key in [k for k in self._last_read if k[0] in parts]:
+                del self._last_read[key]
+
+    def _check_offset(self, partition: int, offset: int) -> None:
+        """A message's offset above the next expected one: the messages between were deleted
+        before this group read them (the topic's retention while the receivers were down or
+        behind, or a broker that lost them): lost, counted (``skipped_messages``), said."""
+        skipped = self._offsets.seen(partition, offset)
+        if not skipped:
+            return
+        self.counters["skipped_messages"] += skipped
+        if self._every.due(("skipped", partition)):
+            log.error("kafka: partition %d: the messages at offsets %d..%d were gone before this receiver read "
+                      "them (deleted by the topic's retention, or lost by a broker): %d messages lost "
+                      "(%d so far, skipped_messages)", partition, offset - skipped, offset - 1, skipped,
+                      self.counters["skipped_messages"])
 
     def _on_revoke(self, consumer, partitions) -> None:
         parts = {p.partition for p in partitions}
@@ -568,6 +637,7 @@ class KafkaInput:
                     log.warning("kafka: partition %d revoked with %d messages not yet committed "
                                 "(the next owner writes them again)", p, len(dq))
         self.assigned = sorted(set(self.assigned) - parts)
+        self._forget(parts)
         log.info("kafka: revoked partitions %s", sorted(parts))
 
     def _on_lost(self, consumer, partitions) -> None:
@@ -575,6 +645,7 @@ class KafkaInput:
             for p in partitions:
                 self._pending.pop(p.partition, None)
         self.assigned = sorted(set(self.assigned) - {p.partition for p in partitions})
+        self._forget({p.partition for p in partitions})
         log.warning("kafka: lost partitions %s", [p.partition for p in partitions])
 
     # -- the consumer thread --------------------------------------------------------------------------
@@ -597,6 +668,7 @@ class KafkaInput:
                         if self._every.due(("consume", m.error().name())):
                             log.warning("kafka: %s", m.error())
                     continue
+                self._check_offset(m.partition(), m.offset())
                 fut = asyncio.run_coroutine_threadsafe(self._process(m), loop)
                 while True:
                     try:
@@ -648,13 +720,15 @@ class KafkaInput:
             desc = check_interface({"index": head.iface, "name": h.get("interface", ""),
                                      "link_type": int(h.get("link_type", "-1")),
                                      "snaplen": int(h.get("snaplen", "-1"))})
-            first_seq = int(h.get("first_seq", "0"))
+            first_seq, prev_seq = int(h.get("first_seq", "0")), int(h.get("prev_seq", "0"))
         except (FrameError, ValueError) as exc:
             return self._bad(m, f"sensor {sid}: {exc}", protocol=True)
         sensor = self._sensor(sid, h)
         frame = P.Frame(head.type, head.flags, head.seq, head.iface, head.count, head.raw_len,
                         value[head.header_len:])
         instance = h.get("instance", "")[:64]
+        if instance:
+            self._check_prev(sensor, (m.partition(), sid, instance), prev_seq, head.seq)
         if (instance and head.seq <= sensor.last_accepted and head.seq >= first_seq > 0
                 and head.seq > sensor.instances.get(instance, 0)):
             self._conflict(sensor, instance, frame)
@@ -686,6 +760,24 @@ class KafkaInput:
                         "such lines at most every 10 s)", m.partition(), m.offset(), why, self.counters["bad_messages"])
         return self._ingest.index
 
+    def _check_prev(self, sensor, key: tuple[int, str, str], prev_seq: int, seq: int) -> None:
+        """Blocks of this sensor process that never arrived: its block before this one
+        (``prev_seq``) is above the last one read from it since the partition was assigned.
+        They are lost between the sensor and this receiver (a broker that lost acknowledged
+        messages, the topic's retention) unless the sensor counted them (rejected_frames: Kafka
+        refused them): counted per sensor (``seq_gaps``), said every 10 s per sensor."""
+        with self._lock:
+            last = self._last_read.get(key)
+            self._last_read[key] = max(seq, last or 0)
+        if last is None or prev_seq <= last:
+            return
+        sensor.counters["seq_gaps"] += 1
+        self.counters["seq_gaps"] += 1
+        if self._every.due(("gap", sensor.sensor_id)):
+            log.error("kafka: sensor %s: the blocks after seq %d up to seq %d never arrived (lost by a broker or "
+                      "deleted by the topic's retention, unless the sensor counts them in rejected_frames); "
+                      "%d such gaps so far (seq_gaps)", sensor.sensor_id, last, prev_seq, sensor.counters["seq_gaps"])
+
     def _conflict(self, sensor, instance: str, frame: P.Frame) -> None:
         """A block this sensor process made (seq >= its first) below what the receiver already
         accepted for its id from another process: two sensors publish with one id (or one's
@@ -708,4 +800,4 @@ class KafkaInput:
         with self._lock:
             pending = sum(len(d) for d in self._pending.values())
         return {"input": self.describe(), "assigned_partitions": list(self.assigned),
-                "uncommitted_messages": pending, **self.counters}
+                "uncommitted_messages": pending, **dict.fromkeys(INPUT_COUNTERS, 0), **self.counters}

@@ -660,6 +660,7 @@ class Ingest:
                 "duplicate_frames": c["duplicate_frames"], "connections": c["connections"],
                 "rejected_frames": c["rejected_frames"], "rejected_packets": c["rejected_packets"],
                 "conflict_frames": c["conflict_frames"], "conflict_packets": c["conflict_packets"],
+                "seq_gaps": c["seq_gaps"],
                 "sensor_packets": r.get("packets", 0),
                 "kernel_dropped": r.get("kernel_dropped", 0),
                 "interface_dropped": r.get("interface_dropped", 0),

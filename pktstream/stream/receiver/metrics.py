@@ -14,9 +14,11 @@ from prometheus_client import CollectorRegistry, generate_latest, start_http_ser
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from pktstream.stream.kafka import INPUT_COUNTERS
+
 #: per-sensor counters (label ``sensor``)
 SENSOR_COUNTERS = ("packets", "raw_bytes", "wire_bytes", "frames", "duplicate_frames", "rejected_frames",
-                   "rejected_packets", "conflict_frames", "conflict_packets", "kernel_dropped",
+                   "rejected_packets", "conflict_frames", "conflict_packets", "seq_gaps", "kernel_dropped",
                    "interface_dropped", "ring_drops", "window_dropped_packets")
 #: per-output counters (label ``output``)
 OUTPUT_COUNTERS = ("packets", "dropped_packets", "failures",
@@ -25,8 +27,7 @@ OUTPUT_COUNTERS = ("packets", "dropped_packets", "failures",
                    "producer_resets", "rejected_frames", "rejected_packets")
 #: per-output gauges (the S3 output's staging)
 OUTPUT_GAUGES = ("staged_bytes", "waiting_files")
-#: per-input counters (label ``input``: a Kafka input's ``kafka://brokers/topic (group g)``)
-INPUT_COUNTERS = ("bad_messages", "consume_errors", "kafka_errors", "offset_commits", "conflict_frames")
+#: per-input counters (label ``input``: a Kafka input's ``kafka://brokers/topic (group g)``): INPUT_COUNTERS
 #: per-input gauges
 INPUT_GAUGES = ("uncommitted_messages",)
 #: receiver-level counters
