@@ -894,6 +894,7 @@ ctypedef struct CaptureState:
     uint64_t ring_drops      # packets dropped: no free block (batches held too long)
     uint64_t oversize_drops  # packets larger than a block (cannot happen live: block >= snaplen)
     uint64_t early_seals     # partly filled blocks sealed by the adaptive rule (idle_wait)
+    uint64_t ring_full_ns    # live: time the capture thread waited for a free block (consumer behind)
     uint64_t max_packets     # 0 = unlimited
     int stop                 # set by stop() (STOP_DRAIN) or close() (STOP_CLOSE) from any thread
     int draining             # stopping: emptying the kernel buffer
@@ -1081,6 +1082,7 @@ cdef void _on_packet(unsigned char *user, const pcap_pkthdr *h, const unsigned c
     cdef size_t need = <size_t> RECORD_HEADER + h.caplen
     cdef unsigned char *dst
     cdef int got
+    cdef int64_t waited_from
     s.seen += 1
     if s.max_packets and s.packets >= s.max_packets:
         pcap_breakloop(s.p)
@@ -1100,10 +1102,12 @@ cdef void _on_packet(unsigned char *user, const pcap_pkthdr *h, const unsigned c
             # take, its consumer is behind, not gone: wait here for one to be released (the
             # kernel buffer keeps what arrives meanwhile) instead of dropping this packet; not
             # while set_filter waits for the handle (its caller may be that consumer)
+            waited_from = ps_monotonic_ns()
             while (got == -1 and ps_load_int(&s.stop) != STOP_CLOSE and _queued(s) > 0
                    and not ps_load_int(&s.filter_pending)):
                 poll(NULL, 0, 1)
                 got = _acquire(s)
+            s.ring_full_ns += <uint64_t> (ps_monotonic_ns() - waited_from)
         if got == -1 and s.lazy and s.stash_len == 0:
             # a file: the caller holds every other block; keep this packet for the next call
             # (which delivers the block just sealed) instead of dropping it
@@ -1237,6 +1241,7 @@ cdef void _capture_until_stop(CaptureState *s, pollfd *fds) noexcept nogil:
             # the ring is full of batches still held: leave packets in the kernel buffer
             # until one is released (or stop() is called)
             poll(&fds[1], 1, 10)
+            s.ring_full_ns += <uint64_t> (ps_monotonic_ns() - now)
             continue
         poll_ms = IDLE_POLL_MS
         if s.cur >= 0 and s.count[s.cur] > 0 and behind:
@@ -1721,13 +1726,15 @@ cdef class Capture:
     def stats(self) -> dict:
         """Counters: ``packets``/``bytes`` copied into the ring, libpcap's ``kernel_received``,
         ``kernel_dropped`` (buffer full), ``interface_dropped``, and the ring's own
-        ``ring_drops`` (no free block) and ``oversize_drops``. Callable from any thread."""
+        ``ring_drops`` (no free block), ``oversize_drops``, and ``ring_full_ms`` (live: how long
+        the capture thread waited for a free block, leaving packets in the kernel buffer: the
+        consumer behind). Callable from any thread."""
         cdef pcap_stat ps
         cdef int rc = -1
         memset(&ps, 0, sizeof(ps))
         out = {"packets": self.s.packets, "bytes": self.s.bytes,
                "ring_drops": self.s.ring_drops, "oversize_drops": self.s.oversize_drops,
-               "early_seals": self.s.early_seals,
+               "early_seals": self.s.early_seals, "ring_full_ms": self.s.ring_full_ns // 1000000,
                "kernel_received": 0, "kernel_dropped": 0, "interface_dropped": 0}
         with self._handle_lock:  # close() from another thread must not free the handle meanwhile
             if self.s.p != NULL and not self.offline:

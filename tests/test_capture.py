@@ -566,6 +566,9 @@ def test_ring_full_drops_are_counted(veth, mixed_pcap):
     # the kernel has taken every packet (with the ring full, the rest waits in the kernel
     # buffer: stop() drains it and counts what does not fit)
     wait_until(lambda: cap.stats()["kernel_received"] >= 2000, 30, f"the kernel to take 2000 packets ({cap.stats()})")
+    # 688 KB of records do not fit in the 600 KB ring: the capture thread waits for a free block
+    # (leaving packets in the kernel buffer), and says how long
+    wait_until(lambda: cap.stats()["ring_full_ms"] > 0, 30, f"a wait for a free block ({cap.stats()})")
     cap.stop()
     t.join(10)
     st = cap.stats()

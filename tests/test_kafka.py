@@ -126,6 +126,13 @@ def test_sensors_to_kafka_to_two_receivers_in_one_group(tansu, procs, tmp_path, 
         assert any("assigned partitions [" in line and "[]" not in line for line in rx.err), rx.stderr
     stats = [json.loads((d / "rx.json").read_text()) for d in rx_dirs]
     assert sum(s["sensors"].get(sid, {}).get("packets", 0) for s in stats for sid in sensors) == 4000
+    # a real sensor's messages carry its process, its first seq and the chain of its blocks
+    for sid in sensors:
+        data = [h for _p, _o, k, h, _v in tansu.read_all(topic) if k == sid.encode() and h.get("type") == b"data"]
+        assert len(data) > 1 and len({h["instance"] for h in data}) == 1
+        seqs = [int(h["seq"]) for h in data]
+        assert all(int(h["first_seq"]) <= seqs[0] for h in data)
+        assert [int(h["prev_seq"]) for h in data[1:]] == seqs[:-1]  # (no resend in this test)
     # no false alarm across the rebalance: no message taken for deleted, no gap in a sensor's blocks
     assert all(s["inputs"][0]["skipped_messages"] == 0 for s in stats)
     assert all(x["seq_gaps"] == 0 and x["conflict_frames"] == 0 for s in stats for x in s["sensors"].values())
@@ -163,6 +170,7 @@ def test_broker_killed_and_restarted_mid_stream_loses_nothing(tansu, procs, tmp_
         sx.wait_for("capturing on")
         v.replay(phases[0], pps=5000)
         wait_metric(mport, "pktstream_sensor_packets_total", "s1", 1000)
+        assert metric(mport, "pktstream_sensor_connected", "s1") == 1  # (its messages keep coming)
         tansu.stop(kill=True)                       # broker gone, mid-stream
         v.replay(phases[1], pps=5000)               # captured while there is no broker
         wait_pcap_count(ref, 2000)
@@ -322,7 +330,7 @@ def test_foreign_forged_and_second_process_messages_are_counted_and_mute_nothing
     rx = procs(kafka_receiver(tansu.bootstrap, "forge", "g-forge", d, metrics=mport))
     rx.wait_for("assigned partitions")
     producer = [Producer({"bootstrap.servers": tansu.bootstrap, "enable.idempotence": True, "linger.ms": 0})]
-    written: dict[str, list[bytes]] = {"s1": [], "s2": [], "s4": []}
+    written: dict[str, list[bytes]] = {"s1": [], "s2": [], "s4": [], "s5": []}
 
     last: dict[tuple[str, str], int] = {}  # (sensor, process) -> its previous block's seq
 
@@ -353,6 +361,11 @@ def test_foreign_forged_and_second_process_messages_are_counted_and_mute_nothing
     send("s2", 2005, 3, instance="B", first_seq=2005, keep=False)  # a second process: below 2010
     send("s2", 2000, 2, instance="C", first_seq=5000, keep=False)  # a later run resends a spooled block
     send("s2", 5000, 1, instance="C", first_seq=5000)
+    bad5 = bytearray(_records(0, 2))
+    bad5[8:12] = (10**6).to_bytes(4, "little")
+    send("s5", 6000, 2, instance="A", first_seq=6000, raw=bytes(bad5), keep=False)  # rejected ...
+    send("s5", 6000, 2, instance="A", first_seq=6000, raw=bytes(bad5), keep=False, prev=0)  # ... resent: a duplicate
+    send("s5", 6001, 1, instance="A", first_seq=6000)
     send("s4", 4000, 1, instance="A", first_seq=4000)
     send("s4", 4001, 1, instance="A", first_seq=4000)
     send("s4", 4003, 1, instance="A", first_seq=4000, prev=4002)  # 4002 never arrives (a broker lost it)
@@ -363,6 +376,7 @@ def test_foreign_forged_and_second_process_messages_are_counted_and_mute_nothing
     wait_metric(mport, "pktstream_sensor_packets_total", "s2", 5)
     wait_metric(mport, "pktstream_sensor_packets_total", "s1", 7)
     wait_metric(mport, "pktstream_sensor_packets_total", "s4", 3)
+    wait_metric(mport, "pktstream_sensor_packets_total", "s5", 1)
     wait_metric(mport, "pktstream_sensor_rejected_packets_total", "s3", 1)
     wait_metric(mport, "pktstream_sensor_conflict_packets_total", "s2", 3)
     body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
@@ -370,8 +384,10 @@ def test_foreign_forged_and_second_process_messages_are_counted_and_mute_nothing
     assert rx.stop(signal.SIGTERM) == 0, rx.stderr
     st = json.loads((d / "rx.json").read_text())
     sensors = st["sensors"]
-    assert set(sensors) == {"s1", "s2", "s3", "s4"}, sensors.keys()  # no entry for the foreign key
-    assert [sensors[x]["seq_gaps"] for x in ("s1", "s2", "s3", "s4")] == [0, 0, 0, 1]
+    assert set(sensors) == {"s1", "s2", "s3", "s4", "s5"}, sensors.keys()  # no entry for the foreign key
+    assert [sensors[x]["seq_gaps"] for x in ("s1", "s2", "s3", "s4", "s5")] == [0, 0, 0, 1, 0]
+    s5 = sensors["s5"]
+    assert (s5["rejected_packets"], s5["duplicate_frames"], s5["packets"]) == (2, 1, 1), s5
     assert "the blocks after seq 4001 up to seq 4002 never arrived" in rx.stderr
     assert st["inputs"][0]["skipped_messages"] == 0 and "committed offsets" not in rx.stderr
     assert sensors["s1"]["rejected_packets"] == 5 and sensors["s1"]["duplicate_frames"] == 0
@@ -399,6 +415,15 @@ def test_foreign_forged_and_second_process_messages_are_counted_and_mute_nothing
     assert (s2["duplicate_frames"], s2["conflict_frames"], s2["packets"]) == (1, 1, 0), s2
     # (started again at the group's committed offset: no message is taken for one deleted unread)
     assert json.loads((d / "rx.json").read_text())["inputs"][0]["skipped_messages"] == 0
+    # another group on the same state reads the whole topic again: every block is one read
+    # again (a duplicate), none a second process's, although process B never had one accepted
+    rx = procs(kafka_receiver(tansu.bootstrap, "forge", "g-forge-replay", d, metrics=mport))
+    rx.wait_for("assigned partitions")
+    wait_metric(mport, "pktstream_sensor_duplicate_frames_total", "s2", 7)
+    wait_metric(mport, "pktstream_sensor_duplicate_frames_total", "s4", 3)
+    assert rx.stop(signal.SIGTERM) == 0, rx.stderr
+    again = json.loads((d / "rx.json").read_text())["sensors"]
+    assert all(x["conflict_frames"] == 0 and x["packets"] == 0 and x["seq_gaps"] == 0 for x in again.values()), again
 
 
 def _packets_of(raw: bytes) -> list[bytes]:

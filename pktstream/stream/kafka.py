@@ -212,7 +212,8 @@ def frame_headers(*, sensor_id: str, hostname: str, interface: str, link_type: i
     """A DATA message's headers. ``instance`` (the sensor process) and ``first_seq`` (the first
     seq that process made; below it: a previous run's spooled block) let a receiver tell a
     second process with the same sensor id from a resend; ``prev_seq`` (the block this sensor
-    produced before this one) lets it see blocks that never arrived (docs/DEPLOYMENT.md, Kafka)."""
+    produced before this one) lets it see blocks that never arrived (docs/DEPLOYMENT.md, "Kafka
+    and S3")."""
     headers = [("type", kind.encode()), ("sensor_id", sensor_id.encode()), ("hostname", hostname.encode()),
                ("interface", interface.encode()), ("link_type", str(link_type).encode()),
                ("snaplen", str(snaplen).encode()), ("seq", str(seq).encode())]
@@ -727,9 +728,15 @@ class KafkaInput:
         frame = P.Frame(head.type, head.flags, head.seq, head.iface, head.count, head.raw_len,
                         value[head.header_len:])
         instance = h.get("instance", "")[:64]
+        # (at or before the place of the newest message of this sensor handled: read again, e.g.
+        # by another group or after a crash; then never a conflict, nor a gap counted twice)
+        here = (m.partition(), m.offset())
+        read_again = sensor.position is not None and sensor.position[0] == here[0] and here[1] <= sensor.position[1]
+        if not read_again:
+            sensor.position = here
         if instance:
-            self._check_prev(sensor, (m.partition(), sid, instance), prev_seq, head.seq)
-        if (instance and head.seq <= sensor.last_accepted and head.seq >= first_seq > 0
+            self._check_prev(sensor, (m.partition(), sid, instance), prev_seq, head.seq, count=not read_again)
+        if (instance and not read_again and head.seq <= sensor.last_accepted and head.seq >= first_seq > 0
                 and head.seq > sensor.instances.get(instance, 0)):
             self._conflict(sensor, instance, frame)
             return ingest.index
@@ -745,6 +752,9 @@ class KafkaInput:
     def _sensor(self, sid: str, h: dict[str, str]):
         """The receiver's entry of a sensor whose message validated; its host name from it."""
         sensor = self._ingest.sensor_state(sid)
+        sensor.kafka_rx = time.monotonic()
+        if sensor.writer is None:
+            sensor.peer = self.describe()
         if h.get("hostname"):
             sensor.hostname = P.printable(h["hostname"][:255])
         return sensor
@@ -760,16 +770,17 @@ class KafkaInput:
                         "such lines at most every 10 s)", m.partition(), m.offset(), why, self.counters["bad_messages"])
         return self._ingest.index
 
-    def _check_prev(self, sensor, key: tuple[int, str, str], prev_seq: int, seq: int) -> None:
+    def _check_prev(self, sensor, key: tuple[int, str, str], prev_seq: int, seq: int, *, count: bool) -> None:
         """Blocks of this sensor process that never arrived: its block before this one
         (``prev_seq``) is above the last one read from it since the partition was assigned.
         They are lost between the sensor and this receiver (a broker that lost acknowledged
         messages, the topic's retention) unless the sensor counted them (rejected_frames: Kafka
-        refused them): counted per sensor (``seq_gaps``), said every 10 s per sensor."""
+        refused them): counted per sensor (``seq_gaps``; not again when ``count`` is False: a
+        block read again), said every 10 s per sensor."""
         with self._lock:
             last = self._last_read.get(key)
             self._last_read[key] = max(seq, last or 0)
-        if last is None or prev_seq <= last:
+        if last is None or prev_seq <= last or not count:
             return
         sensor.counters["seq_gaps"] += 1
         self.counters["seq_gaps"] += 1

@@ -184,6 +184,7 @@ class _Iface:
     past: dict = field(default_factory=dict)  # counters of this interface's earlier (failed) captures
     failures: int = 0          # captures of this interface that ended in an error
     said_drops: tuple[int, int] = (0, 0)  # (kernel, ring) drops when last logged (_note_drops)
+    said_full_ms: int = 0      # ring_full_ms then
     said_at: float = float("-inf")  # time.monotonic() of that line
 
     def descriptor(self) -> dict[str, Any]:
@@ -467,27 +468,45 @@ class Sensor:
                 except Exception as exc:  # noqa: BLE001 - this thread reopens interfaces: it must live
                     log.error("interface scan failed: %s", exc)
 
+    def _counters_of(self, itf: _Iface) -> tuple[dict[str, Any], bool]:
+        """An interface's capture counters since the sensor started (its failed captures'
+        included) and whether it is capturing: one consistent view, also while
+        ``_capture_loop`` hands a capture's counters over (any thread)."""
+        with self._lock:
+            cap = itf.capture
+            if cap is None:
+                return dict(itf.last_stats), False
+            try:
+                return {k: v + itf.past.get(k, 0) for k, v in cap.stats().items()}, True
+            except Exception:  # noqa: BLE001 - closed by a failure meanwhile
+                return dict(itf.last_stats), True
+
     def _note_drops(self) -> None:
         """Log a capture's new kernel and ring drops, at most once per ``DROP_LOG_S`` per
-        interface (the first at once). They are counted in :meth:`stats` either way; this says
-        what they mean to someone reading the log of a sensor that runs for weeks. Rescan thread."""
+        interface (the first at once), with their likely cause. They are counted in
+        :meth:`stats` either way; this says what they mean to someone reading the log of a
+        sensor that runs for weeks. Rescan thread."""
         now = time.monotonic()
         for itf in list(self._ifaces.values()):
-            cap = itf.capture
-            if cap is None or now - itf.said_at < DROP_LOG_S:
+            if now - itf.said_at < DROP_LOG_S:
                 continue
-            try:
-                st = cap.stats()
-            except Exception:  # noqa: BLE001 - closed meanwhile: its counters are in last_stats
-                continue
-            kernel = st.get("kernel_dropped", 0) + itf.past.get("kernel_dropped", 0)
-            ring = st.get("ring_drops", 0) + itf.past.get("ring_drops", 0)
+            st, capturing = self._counters_of(itf)
+            kernel, ring, full_ms = st.get("kernel_dropped", 0), st.get("ring_drops", 0), st.get("ring_full_ms", 0)
             new_kernel, new_ring = kernel - itf.said_drops[0], ring - itf.said_drops[1]
-            if new_kernel <= 0 and new_ring <= 0:
+            if not capturing or (new_kernel <= 0 and new_ring <= 0):
                 continue
-            itf.said_drops, itf.said_at = (kernel, ring), now
+            behind = full_ms > itf.said_full_ms
+            itf.said_drops, itf.said_full_ms, itf.said_at = (kernel, ring), full_ms, now
             o = self.capture_options
-            if new_kernel > 0:
+            if new_kernel > 0 and behind:
+                log.warning("capture on %s: the kernel dropped %d packets (%d since start): the ring was full of "
+                            "blocks waiting to be compressed and sent (the capture thread waited %.1f s in all), "
+                            "so the kernel buffer filled", itf.name, new_kernel, kernel, full_ms / 1000)
+            elif new_kernel > 0 and o["immediate"]:
+                log.warning("capture on %s: the kernel dropped %d packets (%d since start): its buffer filled "
+                            "while the capture thread waited for a CPU: raise bufferSize on a busy host",
+                            itf.name, new_kernel, kernel)
+            elif new_kernel > 0:
                 # below ~26 MB/s (a block per timeout) the kernel buffer holds blocks x timeout
                 blocks = max(1, -(-o["buffer_bytes"] // KERNEL_BLOCK_BYTES))
                 log.warning("capture on %s: the kernel dropped %d packets (%d since start): its buffer filled "
@@ -536,15 +555,15 @@ class Sensor:
             # frames still holding blocks of this ring get copies: a ring outlives its capture
             # only as long as someone reads it, not until the receiver acknowledges
             self.store.detach(itf.name)
-            final = cap.stats()
-            itf.last_stats = {k: v + itf.past.get(k, 0) for k, v in final.items()}
-            if itf.error is not None:  # a reopened capture counts on from here
-                itf.past = dict(itf.last_stats)
-            with self._lock:
+            with self._lock:  # (one step for _counters_of: never the old counters twice)
+                final = cap.stats()
+                itf.last_stats = {k: v + itf.past.get(k, 0) for k, v in final.items()}
+                if itf.error is not None:  # a reopened capture counts on from here
+                    itf.past = dict(itf.last_stats)
+                itf.capture = None
                 self.counters["stored_blocks"] += compressor.stored_blocks
                 self.counters["compressed_blocks"] += compressor.compressed_blocks
             cap.close()
-            itf.capture = None
 
     def _ship(self, itf: _Iface, batch: PacketBatch, compressor: AdaptiveCompressor, ring) -> None:
         n, raw_len = len(batch), batch.nbytes
@@ -601,14 +620,9 @@ class Sensor:
             items = list(self._ifaces.values())
             c = dict(self.counters)
         for itf in items:
-            cap = itf.capture
-            try:
-                s = {k: v + itf.past.get(k, 0) for k, v in cap.stats().items()} if cap is not None \
-                    else itf.last_stats
-            except Exception:
-                s = itf.last_stats
+            s, capturing = self._counters_of(itf)
             ifaces[itf.name] = {"index": itf.index, "link_type": itf.link_type, **s,
-                                "error": itf.error, "capturing": cap is not None,
+                                "error": itf.error, "capturing": capturing,
                                 "failures": itf.failures}
         frames, pending_bytes = self.store.pending()
         return {"sensor_id": self.sensor_id, "connected": self._connected, "interfaces": ifaces,
@@ -626,7 +640,8 @@ class Sensor:
                 "auth_failures": c.get("auth_failures", 0),
                 "kernel_dropped": sum(i.get("kernel_dropped", 0) for i in ifaces.values()),
                 "interface_dropped": sum(i.get("interface_dropped", 0) for i in ifaces.values()),
-                "ring_drops": sum(i.get("ring_drops", 0) for i in ifaces.values())}
+                "ring_drops": sum(i.get("ring_drops", 0) for i in ifaces.values()),
+                "ring_full_ms": sum(i.get("ring_full_ms", 0) for i in ifaces.values())}
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> Sensor:

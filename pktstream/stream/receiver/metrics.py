@@ -82,12 +82,12 @@ class ReceiverCollector(Collector):
         for key in INPUT_COUNTERS:
             fam = CounterMetricFamily(f"pktstream_input_{key}", f"input {key.replace('_', ' ')}", labels=["input"])
             for inp in st.get("inputs", []):
-                fam.add_metric([inp["input"]], inp.get(key, 0))
+                fam.add_metric([inp.get("input", "?")], inp.get(key, 0))
             yield fam
         for key in INPUT_GAUGES:
             gauge = GaugeMetricFamily(f"pktstream_input_{key}", f"input {key.replace('_', ' ')}", labels=["input"])
             for inp in st.get("inputs", []):
-                gauge.add_metric([inp["input"]], inp.get(key, 0))
+                gauge.add_metric([inp.get("input", "?")], inp.get(key, 0))
             yield gauge
         for key in RECEIVER_COUNTERS:
             yield CounterMetricFamily(f"pktstream_receiver_{key}", key.replace("_", " "), value=st.get(key, 0))
