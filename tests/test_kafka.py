@@ -330,7 +330,7 @@ def test_foreign_forged_and_second_process_messages_are_counted_and_mute_nothing
     rx = procs(kafka_receiver(tansu.bootstrap, "forge", "g-forge", d, metrics=mport))
     rx.wait_for("assigned partitions")
     producer = [Producer({"bootstrap.servers": tansu.bootstrap, "enable.idempotence": True, "linger.ms": 0})]
-    written: dict[str, list[bytes]] = {"s1": [], "s2": [], "s4": [], "s5": []}
+    written: dict[str, list[bytes]] = {"s1": [], "s2": [], "s4": [], "s5": [], "s6": []}
 
     last: dict[tuple[str, str], int] = {}  # (sensor, process) -> its previous block's seq
 
@@ -363,9 +363,13 @@ def test_foreign_forged_and_second_process_messages_are_counted_and_mute_nothing
     send("s2", 5000, 1, instance="C", first_seq=5000)
     bad5 = bytearray(_records(0, 2))
     bad5[8:12] = (10**6).to_bytes(4, "little")
-    send("s5", 6000, 2, instance="A", first_seq=6000, raw=bytes(bad5), keep=False)  # rejected ...
-    send("s5", 6000, 2, instance="A", first_seq=6000, raw=bytes(bad5), keep=False, prev=0)  # ... resent: a duplicate
-    send("s5", 6001, 1, instance="A", first_seq=6000)
+    send("s5", 5999, 1, instance="A", first_seq=5999)
+    send("s5", 6000, 2, instance="A", first_seq=5999, raw=bytes(bad5), keep=False)  # rejected ...
+    send("s5", 6000, 2, instance="A", first_seq=5999, raw=bytes(bad5), keep=False, prev=5999)  # ... resent: a duplicate
+    send("s5", 6001, 1, instance="A", first_seq=5999)
+    send("s6", 7000, 1, instance="A", first_seq=7000)
+    send("s6", _time.time_ns() // 1000, 2, instance="X", first_seq=1, raw=bytes(bad5), keep=False)  # not A's
+    send("s6", 7001, 1, instance="A", first_seq=7000)  # written: the bad block near the clock muted nothing
     send("s4", 4000, 1, instance="A", first_seq=4000)
     send("s4", 4001, 1, instance="A", first_seq=4000)
     send("s4", 4003, 1, instance="A", first_seq=4000, prev=4002)  # 4002 never arrives (a broker lost it)
@@ -376,7 +380,8 @@ def test_foreign_forged_and_second_process_messages_are_counted_and_mute_nothing
     wait_metric(mport, "pktstream_sensor_packets_total", "s2", 5)
     wait_metric(mport, "pktstream_sensor_packets_total", "s1", 7)
     wait_metric(mport, "pktstream_sensor_packets_total", "s4", 3)
-    wait_metric(mport, "pktstream_sensor_packets_total", "s5", 1)
+    wait_metric(mport, "pktstream_sensor_packets_total", "s5", 2)
+    wait_metric(mport, "pktstream_sensor_packets_total", "s6", 2)
     wait_metric(mport, "pktstream_sensor_rejected_packets_total", "s3", 1)
     wait_metric(mport, "pktstream_sensor_conflict_packets_total", "s2", 3)
     body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
@@ -384,10 +389,12 @@ def test_foreign_forged_and_second_process_messages_are_counted_and_mute_nothing
     assert rx.stop(signal.SIGTERM) == 0, rx.stderr
     st = json.loads((d / "rx.json").read_text())
     sensors = st["sensors"]
-    assert set(sensors) == {"s1", "s2", "s3", "s4", "s5"}, sensors.keys()  # no entry for the foreign key
+    assert set(sensors) == {"s1", "s2", "s3", "s4", "s5", "s6"}, sensors.keys()  # no entry for the foreign key
     assert [sensors[x]["seq_gaps"] for x in ("s1", "s2", "s3", "s4", "s5")] == [0, 0, 0, 1, 0]
     s5 = sensors["s5"]
-    assert (s5["rejected_packets"], s5["duplicate_frames"], s5["packets"]) == (2, 1, 1), s5
+    assert (s5["rejected_packets"], s5["duplicate_frames"], s5["packets"]) == (2, 1, 2), s5
+    s6 = sensors["s6"]
+    assert (s6["rejected_packets"], s6["duplicate_frames"], s6["packets"]) == (2, 0, 2), s6
     assert "the blocks after seq 4001 up to seq 4002 never arrived" in rx.stderr
     assert st["inputs"][0]["skipped_messages"] == 0 and "committed offsets" not in rx.stderr
     assert sensors["s1"]["rejected_packets"] == 5 and sensors["s1"]["duplicate_frames"] == 0

@@ -484,6 +484,9 @@ class OffsetGaps:
         return offset - expected if expected is not None and offset > expected else 0
 
 
+REJECT_AHEAD_US = 60_000_000  # a rejected block moves its sensor's seq only this close to the clock
+MAX_READ_KEYS = 10_000  # (partition, sensor, process) chains followed for prev_seq gaps (oldest dropped)
+
 #: a KafkaInput's counters (``stats()``, /metrics ``pktstream_input_*_total``)
 INPUT_COUNTERS = ("bad_messages", "consume_errors", "kafka_errors", "offset_commits", "conflict_frames",
                   "skipped_messages", "seq_gaps")
@@ -598,13 +601,22 @@ class KafkaInput:
             if tp.error is None and tp.offset >= 0:
                 self._offsets.expect(tp.partition, tp.offset)
 
-    def _forget(self, parts: set[int]) -> None:
-        """What was read from partitions ``parts`` no longer tells what comes next (consumer thread)."""
+    def _forget(self, parts: set[int], *, gone: bool = False) -> None:
+        """What was read from partitions ``parts`` no longer tells what comes next; ``gone``:
+        they are no longer read here, so neither are their sensors (consumer thread)."""
         for p in parts:
             self._offsets.forget(p)
         with self._lock:
             for key in [k for k in self._last_read if k[0] in parts]:
                 del self._last_read[key]
+        if gone and self._ingest is not None:
+            self._ingest.loop.call_soon_threadsafe(self._not_read_here, parts)
+
+    def _not_read_here(self, parts: set[int]) -> None:
+        """(Event loop.) The sensors of partitions ``parts`` are another receiver's to show."""
+        for sensor in list(self._ingest.sensors.values()):
+            if sensor.position is not None and sensor.position[0] == self.topic and sensor.position[1] in parts:
+                sensor.kafka_rx = None
 
     def _check_offset(self, partition: int, offset: int) -> None:
         """A message's offset above the next expected one: the messages between were deleted
@@ -638,7 +650,7 @@ class KafkaInput:
                     log.warning("kafka: partition %d revoked with %d messages not yet committed "
                                 "(the next owner writes them again)", p, len(dq))
         self.assigned = sorted(set(self.assigned) - parts)
-        self._forget(parts)
+        self._forget(parts, gone=True)
         log.info("kafka: revoked partitions %s", sorted(parts))
 
     def _on_lost(self, consumer, partitions) -> None:
@@ -646,7 +658,7 @@ class KafkaInput:
             for p in partitions:
                 self._pending.pop(p.partition, None)
         self.assigned = sorted(set(self.assigned) - {p.partition for p in partitions})
-        self._forget({p.partition for p in partitions})
+        self._forget({p.partition for p in partitions}, gone=True)
         log.warning("kafka: lost partitions %s", [p.partition for p in partitions])
 
     # -- the consumer thread --------------------------------------------------------------------------
@@ -730,8 +742,8 @@ class KafkaInput:
         instance = h.get("instance", "")[:64]
         # (at or before the place of the newest message of this sensor handled: read again, e.g.
         # by another group or after a crash; then never a conflict, nor a gap counted twice)
-        here = (m.partition(), m.offset())
-        read_again = sensor.position is not None and sensor.position[0] == here[0] and here[1] <= sensor.position[1]
+        here = (self.topic, m.partition(), m.offset())
+        read_again = sensor.position is not None and sensor.position[:2] == here[:2] and here[2] <= sensor.position[2]
         if not read_again:
             sensor.position = here
         if instance:
@@ -741,9 +753,17 @@ class KafkaInput:
             self._conflict(sensor, instance, frame)
             return ingest.index
         try:
+            before = sensor.last_accepted
             if await ingest.ingest(sensor, frame, desc, wire_bytes=len(value), acknowledged=False):
                 sensor.interfaces[head.iface] = desc
                 if instance and sensor.last_accepted == head.seq:
+                    sensor.accepted_from(instance, head.seq)
+                elif (instance in sensor.instances and 0 < prev_seq <= before
+                      and head.seq <= time.time_ns() // 1000 + REJECT_AHEAD_US):
+                    # rejected, and it continues a known process's blocks: its resend (a producer
+                    # reset, a re-read) is a duplicate, not counted again. A bad message that does
+                    # not (foreign, a seq far ahead) moves nothing: it must not mute the sensor
+                    sensor.last_accepted = head.seq
                     sensor.accepted_from(instance, head.seq)
         except FrameError as exc:
             return self._bad(m, f"sensor {sid}: {exc}", protocol=True)
@@ -778,8 +798,10 @@ class KafkaInput:
         refused them): counted per sensor (``seq_gaps``; not again when ``count`` is False: a
         block read again), said every 10 s per sensor."""
         with self._lock:
-            last = self._last_read.get(key)
-            self._last_read[key] = max(seq, last or 0)
+            last = self._last_read.pop(key, None)
+            self._last_read[key] = max(seq, last or 0)  # (re-inserted: the dict's order is recency)
+            if len(self._last_read) > MAX_READ_KEYS:
+                del self._last_read[next(iter(self._last_read))]
         if last is None or prev_seq <= last or not count:
             return
         sensor.counters["seq_gaps"] += 1

@@ -183,9 +183,14 @@ class _Iface:
     ports: list[int] = field(default_factory=list)
     past: dict = field(default_factory=dict)  # counters of this interface's earlier (failed) captures
     failures: int = 0          # captures of this interface that ended in an error
-    said_drops: tuple[int, int] = (0, 0)  # (kernel, ring) drops when last logged (_note_drops)
-    said_full_ms: int = 0      # ring_full_ms then
-    said_at: float = float("-inf")  # time.monotonic() of that line
+    # _note_drops: (kernel_dropped, ring_drops, ring_full_ms) at its last scan; kernel drops not
+    # yet logged, of scans where the ring was full (consumer behind) and of the others (CPU);
+    # ring drops not yet logged; when the last line was logged
+    seen: tuple[int, int, int] = (0, 0, 0)
+    unsaid_behind: int = 0
+    unsaid_cpu: int = 0
+    unsaid_ring: int = 0
+    said_at: float = float("-inf")
 
     def descriptor(self) -> dict[str, Any]:
         return {"index": self.index, "name": self.name, "link_type": self.link_type,
@@ -483,40 +488,46 @@ class Sensor:
 
     def _note_drops(self) -> None:
         """Log a capture's new kernel and ring drops, at most once per ``DROP_LOG_S`` per
-        interface (the first at once), with their likely cause. They are counted in
-        :meth:`stats` either way; this says what they mean to someone reading the log of a
-        sensor that runs for weeks. Rescan thread."""
+        interface (the first at once), with their likely cause: kernel drops of a scan during
+        which the capture thread waited for a free ring block come from a consumer behind, the
+        others from a capture thread that waited for a CPU. They are counted in :meth:`stats`
+        either way; this says what they mean to someone reading the log of a sensor that runs
+        for weeks. Rescan thread (every <= 5 s)."""
         now = time.monotonic()
         for itf in list(self._ifaces.values()):
-            if now - itf.said_at < DROP_LOG_S:
-                continue
-            st, capturing = self._counters_of(itf)
+            st, _ = self._counters_of(itf)
             kernel, ring, full_ms = st.get("kernel_dropped", 0), st.get("ring_drops", 0), st.get("ring_full_ms", 0)
-            new_kernel, new_ring = kernel - itf.said_drops[0], ring - itf.said_drops[1]
-            if not capturing or (new_kernel <= 0 and new_ring <= 0):
+            d_kernel, d_ring, d_full = kernel - itf.seen[0], ring - itf.seen[1], full_ms - itf.seen[2]
+            itf.seen = (kernel, ring, full_ms)
+            if d_kernel > 0 and d_full > 0:
+                itf.unsaid_behind += d_kernel
+            elif d_kernel > 0:
+                itf.unsaid_cpu += d_kernel
+            itf.unsaid_ring += max(d_ring, 0)
+            if now - itf.said_at < DROP_LOG_S or not (itf.unsaid_behind or itf.unsaid_cpu or itf.unsaid_ring):
                 continue
-            behind = full_ms > itf.said_full_ms
-            itf.said_drops, itf.said_full_ms, itf.said_at = (kernel, ring), full_ms, now
+            itf.said_at = now
             o = self.capture_options
-            if new_kernel > 0 and behind:
+            if itf.unsaid_behind:
                 log.warning("capture on %s: the kernel dropped %d packets (%d since start): the ring was full of "
                             "blocks waiting to be compressed and sent (the capture thread waited %.1f s in all), "
-                            "so the kernel buffer filled", itf.name, new_kernel, kernel, full_ms / 1000)
-            elif new_kernel > 0 and o["immediate"]:
+                            "so the kernel buffer filled", itf.name, itf.unsaid_behind, kernel, full_ms / 1000)
+            if itf.unsaid_cpu and o["immediate"]:
                 log.warning("capture on %s: the kernel dropped %d packets (%d since start): its buffer filled "
                             "while the capture thread waited for a CPU: raise bufferSize on a busy host",
-                            itf.name, new_kernel, kernel)
-            elif new_kernel > 0:
+                            itf.name, itf.unsaid_cpu, kernel)
+            elif itf.unsaid_cpu:
                 # below ~26 MB/s (a block per timeout) the kernel buffer holds blocks x timeout
                 blocks = max(1, -(-o["buffer_bytes"] // KERNEL_BLOCK_BYTES))
                 log.warning("capture on %s: the kernel dropped %d packets (%d since start): its buffer filled "
                             "while the capture thread waited for a CPU; at low rates it covers a %.2f s wait "
                             "(bufferSize / 256 KiB x kernelTimeout): raise either on a busy host "
-                            "(docs/CONFIGURATION.md)", itf.name, new_kernel, kernel,
+                            "(docs/CONFIGURATION.md)", itf.name, itf.unsaid_cpu, kernel,
                             blocks * o["timeout_ms"] / 1000)
-            if new_ring > 0:
+            if itf.unsaid_ring:
                 log.warning("capture on %s: %d packets dropped (%d since start): every ring block was held "
-                            "(compression or sending behind)", itf.name, new_ring, ring)
+                            "(compression or sending behind)", itf.name, itf.unsaid_ring, ring)
+            itf.unsaid_behind = itf.unsaid_cpu = itf.unsaid_ring = 0
 
     # -- the receiver's addresses, out of every capture ----------------------------------------
     def _resolve_exclusions(self) -> list[tuple[str, int]]:

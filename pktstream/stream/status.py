@@ -37,7 +37,8 @@ def render_status(cur: dict[str, Any], prev: dict[str, Any] | None, dt: float) -
         pps = _rate(s["packets"], p["packets"], dt) if p else 0.0
         mbps = _rate(s["raw_bytes"], p["raw_bytes"], dt) / 1e6 if p else 0.0
         name = sid if len(sid) <= 16 else sid[:15] + "~"
-        line = (f"{name:<16} {'up' if s['connected'] else 'DOWN':<5} {pps:>8.0f} {mbps:>6.2f} "
+        state = {True: "up", False: "DOWN"}.get(s["connected"], "other")  # (another receiver reads it)
+        line = (f"{name:<16} {state:<5} {pps:>8.0f} {mbps:>6.2f} "
                 f"{s['packets']:>10} ")
         if s.get("legacy"):  # a PacketStreamer sensor reports no drops: say so instead of zeros
             lines.append(line + f"legacy: {s['legacy']} (PacketStreamer, no loss counts)")

@@ -41,7 +41,6 @@ STATE_FILE = "receiver-state.json"
 STATE_RETRY_S = 1.0        # a failed save of the state is tried again this often (one timer at a time)
 STATE_ERROR_LOG_S = 60.0   # the same failure is logged again at most this often
 SENSOR_ID = P.SENSOR_ID  # (re-exported: the receiver's checks)
-REJECT_AHEAD_US = 60_000_000  # a rejected Kafka block's seq moves the sensor's on only this close to the clock
 KAFKA_SILENT_S = 30.0      # a Kafka sensor with no message for this long is shown not connected
 MAX_INSTANCES = 8          # sensor processes remembered per sensor id (SensorState.instances)
 
@@ -68,11 +67,13 @@ class SensorState:
     # Kafka: the sensor processes whose blocks were accepted (header ``instance``) -> the highest
     # seq accepted from each, the 8 most recent (kept in the state file)
     instances: dict[str, int] = field(default_factory=dict)
-    # Kafka: (partition, offset) of the newest message of this sensor handled (kept in the state
-    # file; may be ahead of what is committed: it only tells a block read again from a second
-    # process's, never decides what is written)
-    position: tuple[int, int] | None = None
-    kafka_rx: float = 0.0     # Kafka: monotonic time of its last message (connected while recent)
+    # Kafka: (topic, partition, offset) of the newest message of this sensor handled (kept in
+    # the state file; may be ahead of what is committed: it only tells a block read again from a
+    # second process's, never decides what is written)
+    position: tuple[str, int, int] | None = None
+    # Kafka: monotonic time of its last message on a partition assigned here (connected while
+    # recent); None: its partition is another receiver's (or none was read yet since the start)
+    kafka_rx: float | None = None
 
     def accepted_from(self, instance: str, seq: int) -> None:
         """Record that ``instance`` (a sensor process) had block ``seq`` accepted."""
@@ -292,8 +293,9 @@ class Ingest:
             st.last_accepted = st.last_committed = int(s.get("last_seq", 0))
             st.interfaces = {int(k): v for k, v in s.get("interfaces", {}).items()}
             pos = s.get("kafka_position")
-            if isinstance(pos, list) and len(pos) == 2 and all(type(x) is int for x in pos):
-                st.position = (pos[0], pos[1])
+            if (isinstance(pos, list) and len(pos) == 3 and isinstance(pos[0], str)
+                    and type(pos[1]) is int and type(pos[2]) is int):
+                st.position = (pos[0], pos[1], pos[2])
             inst = s.get("instances")
             if isinstance(inst, dict):
                 for k, v in list(inst.items())[-MAX_INSTANCES:]:
@@ -461,11 +463,10 @@ class Ingest:
         seq is acknowledged in order with the frames before it. Closing the session instead
         would have the sensor resend the same frame after every reconnect and deliver nothing
         behind it (e.g. a spooled frame longer than the snap length a restarted sensor announces).
-        ``acknowledged=False`` (Kafka: no sensor waits for an ACK) moves the sensor's last
-        accepted seq only to a seq at most ``REJECT_AHEAD_US`` ahead of this host's clock (a
-        resend of the block is then a duplicate, not counted again): one bad message with a seq
-        far ahead (a foreign or forged one) must not turn every later block of that sensor into
-        a "duplicate". Event-loop thread."""
+        ``acknowledged=False`` (Kafka: no sensor waits for an ACK) leaves the sensor's last
+        accepted seq as it was: one bad message (a foreign or forged one, with a seq far ahead)
+        must not turn every later block of that sensor into a "duplicate" (the Kafka input moves
+        it itself for a rejected block that continues a known process's blocks). Event-loop thread."""
         c = sensor.counters
         c["rejected_frames"] += 1
         c["rejected_packets"] += frame.count
@@ -474,8 +475,6 @@ class Ingest:
             log.error("sensor %s: DATA seq %d rejected, %d packets lost (%d frames rejected so far): %s",
                       sensor.sensor_id, frame.seq, frame.count, n, why)
         if not acknowledged:
-            if frame.seq <= time.time_ns() // 1000 + REJECT_AHEAD_US:
-                sensor.last_accepted = max(sensor.last_accepted, frame.seq)
             return True
         sensor.last_accepted = frame.seq
         await self._wait_for_space()  # (behind frames queued for space: acknowledged after them)
@@ -670,9 +669,10 @@ class Ingest:
             c, r = s.counters, s.reported
             sensors[sid] = {
                 "hostname": s.hostname, "peer": s.peer,
-                # (a Kafka sensor has no session: connected while its messages keep coming; it
-                # sends its counters every statsInterval, 5 s by default)
-                "connected": s.writer is not None or (s.kafka_rx > 0 and now - s.kafka_rx < KAFKA_SILENT_S),
+                # (a Kafka sensor has no session: connected while its messages keep coming -- it
+                # sends its counters every statsInterval, 5 s by default; None on a receiver whose
+                # partitions do not hold it: its owner says)
+                "connected": True if s.writer is not None else _kafka_connected(s, now),
                 "last_seq": s.last_committed, "frames": c["frames"], "packets": c["packets"],
                 "raw_bytes": c["raw_bytes"], "wire_bytes": c["wire_bytes"],
                 "compression_ratio": round(c["raw_bytes"] / c["wire_bytes"], 3) if c["wire_bytes"] else None,
@@ -691,6 +691,15 @@ class Ingest:
             if s.legacy:
                 sensors[sid]["legacy"] = "unacknowledged"
         return sensors
+
+
+def _kafka_connected(s: SensorState, now: float) -> bool | None:
+    """Whether a sensor without a session is connected: False for a TCP sensor, for a Kafka
+    one whether its last message came less than ``KAFKA_SILENT_S`` ago, None when its partition
+    is not read here (another receiver of the group answers for it)."""
+    if s.position is None:
+        return False
+    return None if s.kafka_rx is None else now - s.kafka_rx < KAFKA_SILENT_S
 
 
 def _state_error(exc: BaseException) -> str:

@@ -59,7 +59,8 @@ class ReceiverCollector(Collector):
                                    labels=["sensor"])
         for sid, s in sensors.items():
             unacked.add_metric([sid], s["unacked_frames"])
-            connected.add_metric([sid], int(s["connected"]))
+            if s["connected"] is not None:  # (None: a Kafka sensor another receiver of the group reads)
+                connected.add_metric([sid], int(s["connected"]))
             legacy.add_metric([sid], int(bool(s.get("legacy"))))
         yield unacked
         yield connected
