@@ -113,6 +113,9 @@ def test_cli_error_cases_are_one_line_without_traceback(tmp_path, busy_port):
         # sizes: a bad value says why (not only "invalid _size value")
         (["receiver", "--listen", "127.0.0.1:0", *w, "-C", "abc"], ["give a size like 100MB"]),
         (["sensor", "--receiver", "127.0.0.1:8081", "--window", "abc"], ["expected a size like"]),
+        # a key file that cannot be read names the option it came from
+        (["receiver", "--listen", "127.0.0.1:0", *w, "--auth-key-file", str(tmp_path / "nokey")],
+         [f"--auth-key-file {tmp_path}/nokey: No such file or directory"]),
     ]
     for args, expected in cases:
         line = one_line_error(run(*args), *expected)

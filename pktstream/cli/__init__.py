@@ -177,7 +177,7 @@ def build_parser(only_archive: bool = False, only_command: str | None = None) ->
     p.add_argument("-Q", "--direction", choices=("in", "out", "inout"), default="inout",
                    help="capture packets received (in), sent (out) or both (inout, the default)")
     p.add_argument("--immediate", action="store_true", help="libpcap immediate mode")
-    p.add_argument("--max-wait", type=float, default=0.2, help="seal a batch after SEC (default 0.2)")
+    p.add_argument("--max-wait", type=float, default=0.2, metavar="SEC", help="seal a batch after SEC (default 0.2)")
     p.add_argument("--duration", type=float, help="stop after SEC seconds")
     p.add_argument("bpf", nargs="*", help="BPF filter expression (the last words, as tcpdump takes them)")
     p.set_defaults(func=cmd_capture)

@@ -60,8 +60,11 @@ def _rotate_size(text: str) -> int:
 
 
 def _read_secret(path: str) -> str:
-    with open(path) as f:
-        key = f.read().strip()
+    try:
+        with open(path) as f:
+            key = f.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"--auth-key-file {path}: {exc.strerror or exc}") from None
     if not key:
         raise ConfigError(f"key file {path} is empty")
     return key
