@@ -239,17 +239,13 @@ def test_a_block_kafka_refuses_for_good_is_counted_and_the_output_goes_on(tansu)
     """A block larger than the producer may send (librdkafka's message.max.bytes, as a broker's
     limit would) is refused for good: before, the output retried it for ever and no later block
     of any sensor was acknowledged; now its packets are counted as lost and the next blocks go."""
-    import os as _os
-
     from pktstream import PacketBatch
     from pktstream.sinks.base import Source
     from pktstream.sinks.kafka import KafkaSink
     from pktstream.stream import protocol as P
 
     def batch(n: int, size: int, seed: int) -> PacketBatch:
-        rec = b"".join(b"\x00" * 4 + (seed * 1000 + i).to_bytes(4, "little") + size.to_bytes(4, "little") * 2
-                       + _os.urandom(size) for i in range(n))
-        return PacketBatch.from_records(rec, link_type=1)
+        return PacketBatch.from_records(_records(seed * 1000, n, size), link_type=1)
     sink = KafkaSink(tansu.bootstrap, "refuse", properties={"message.max.bytes": "60000"})
     src = Source("s1", "host", "eth0", 1, 65535)
     for seq, b in enumerate((batch(5, 200, 1), batch(60, 1400, 2), batch(5, 200, 3)), start=1):
@@ -434,10 +430,7 @@ def test_foreign_forged_and_second_process_messages_are_counted_and_mute_nothing
 
 
 def _packets_of(raw: bytes) -> list[bytes]:
-    """The packet bytes of a records block (16-byte headers)."""
-    out, pos = [], 0
-    while pos < len(raw):
-        cap = int.from_bytes(raw[pos + 8:pos + 12], "little")
-        out.append(raw[pos + 16:pos + 16 + cap])
-        pos += 16 + cap
-    return out
+    """The packet bytes of a records block."""
+    from pktstream import PacketBatch
+    b = PacketBatch.from_records(raw, link_type=1)
+    return [bytes(b[i]) for i in range(len(b))]

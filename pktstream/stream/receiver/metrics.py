@@ -27,7 +27,7 @@ OUTPUT_COUNTERS = ("packets", "dropped_packets", "failures",
                    "producer_resets", "rejected_frames", "rejected_packets")
 #: per-output gauges (the S3 output's staging)
 OUTPUT_GAUGES = ("staged_bytes", "waiting_files")
-#: per-input counters (label ``input``: a Kafka input's ``kafka://brokers/topic (group g)``): INPUT_COUNTERS
+# per-input counters: INPUT_COUNTERS (stream/kafka.py), label ``input`` (``kafka://brokers/topic (group g)``)
 #: per-input gauges
 INPUT_GAUGES = ("uncommitted_messages",)
 #: receiver-level counters
