@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -187,10 +188,14 @@ def test_cli_summary_shows_the_flow_records_read(wide, tmp_path):
 
 def _strip_filters(root: Path) -> None:
     """Rewrite every catalog file (and the snapshot) without the filter columns: a catalog of
-    the format before them."""
-    for f in root.rglob("_index/files/*.parquet"):
-        t = pq.read_table(f)
-        pq.write_table(t.drop_columns(["address_filter", "port_bitmap"]), f)
+    the format before them (its rows Parquet files, as they were then)."""
+    from pktstream.archive.catalog import row_table
+    rows = list(root.rglob("_index/files/*.arrow"))
+    assert rows
+    for f in rows:
+        t = row_table(f.read_bytes())
+        pq.write_table(t.drop_columns(["address_filter", "port_bitmap"]), f.with_suffix(".parquet"))
+        f.unlink()
     from pktstream.archive.catalog import write_snapshot
     from pktstream.archive.store import LocalStore, parts
     for sub in parts(LocalStore(str(root))):
@@ -213,6 +218,9 @@ def test_old_catalog_without_filters_answers_and_is_upgraded(wide, tmp_path):
     # `pktstream index` adds the filters from the flow records (no capture file re-read)
     r = subprocess.run([*PKTSTREAM, "index", str(root)], capture_output=True, text=True, check=True)
     assert "0 indexed, 0 already current, 4 upgraded" in r.stderr, r.stderr
+    # the upgraded rows are in today's format (Arrow IPC), the old Parquet rows gone
+    assert len(list(root.rglob("_index/files/*.arrow"))) == len(SENSORS)
+    assert not list(root.rglob("_index/files/*.parquet"))
     rows = _rows(a)
     assert {p: r["address_filter"] for p, r in rows.items()} == before
     assert all(r["port_bitmap"] is not None for r in rows.values())
@@ -220,6 +228,27 @@ def test_old_catalog_without_filters_answers_and_is_upgraded(wide, tmp_path):
     assert a.last_stats.flow_files_read == 1
     res = a.index()
     assert (res["indexed"], res["current"], res["upgraded"]) == (0, len(SENSORS), 0)
+
+
+def test_an_old_format_row_left_beside_its_replacement_is_ignored_then_removed(wide, tmp_path):
+    """A crash between writing a file's row in today's format (Arrow IPC) and deleting its
+    Parquet row of the old format leaves both: the catalog has one row per file (today's), and
+    `pktstream index` removes the old one."""
+    from pktstream.archive.catalog import row_table
+    root = tmp_path / "twin"
+    shutil.copytree(wide, root)
+    before = _rows(Archive(str(root)))
+    arrow = sorted(root.rglob("_index/files/*.arrow"))[0]
+    old = row_table(arrow.read_bytes())
+    old = old.set_column(old.column_names.index("packets"), "packets", pa.array([1], pa.int64()))
+    pq.write_table(old, arrow.with_suffix(".parquet"))  # (a wrong count: it must not be the one read)
+    a = Archive(str(root))
+    assert _rows(a) == before
+    assert got(a, "udp") == brute(root, "udp")
+    res = a.index()
+    assert (res["indexed"], res["current"], res["removed"]) == (0, len(SENSORS), 0)
+    assert not arrow.with_suffix(".parquet").exists() and arrow.exists()
+    assert _rows(a) == before
 
 
 @pytest.mark.parametrize("many", [False, True])

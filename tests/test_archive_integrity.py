@@ -321,7 +321,7 @@ def test_two_sensors_of_one_partition_value_leave_the_file_unindexed_not_half_in
     sink = _twin_sensors_archive(root, live=live, index_offline=False)
     if live:  # the live index itself refused the file (before any offline index below)
         assert (sink.indexer.indexed, sink.indexer.failures) == (0, 1)
-        assert not list((root / "_index").glob("files/*.parquet")) and not list((root / "_index").rglob("flows/*"))
+        assert not list((root / "_index").glob("files/*")) and not list((root / "_index").rglob("flows/*"))
     with open_writer(root / "zz-other.pcap") as w:
         for b in batches(9, 200, T0):
             w.write(b)
