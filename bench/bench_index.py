@@ -160,7 +160,7 @@ def run_receiver(work: Path, fmt: str, variant: str, frames_by_sensor: dict, rot
             res["indexing_thread_cpu_s"] = float(timed[-1].split()[1])
             res["indexing_cpu_s_by_call"] = by_call = json.loads(timed[-1].split(None, 2)[2])
             res["indexing_thread_sys_s"] = by_call.pop("sys", None)  # (of the total: kernel time)
-        res["index_bytes"] = sum(p.stat().st_size for p in (out / "_index").rglob("*.parquet"))
+        res["index_bytes"] = sum(p.stat().st_size for p in (out / "_index").rglob("*") if p.is_file())
     shutil.rmtree(out, ignore_errors=True)
     return res
 

@@ -191,7 +191,7 @@ def main() -> int:
     finally:
         srv.terminate()
         srv.wait(timeout=60)
-    print("pktstream index bytes", du(arc / "_index", "*.parquet"), "of", pcap.stat().st_size)
+    print("pktstream index bytes", du(arc / "_index"), "of", pcap.stat().st_size)
     return 0
 
 
