@@ -16,8 +16,9 @@ against the captured length, and all memory a batch can need is reserved before 
 a failure leaves the table as it was.
 
 Lifetime/threads: a table is owned by one thread (one capture file's index); ``add`` releases
-the GIL while it walks a batch and raises ``RuntimeError`` if another thread uses the table
-meanwhile.
+the GIL while it walks a batch of at least ``NOGIL_MIN_RECORDS`` records (a smaller one is
+walked faster than the GIL changes hands) and raises ``RuntimeError`` if another thread uses
+the table meanwhile.
 """
 cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -108,6 +109,11 @@ KEY_BYTES = sizeof(FlowKey)
 cdef enum:
     MAX_FLOWS = 0x3FFFFFFF  # flow ids are int32; slots hold id + 1
     PIPE = 8  # records parsed and hashed ahead of their inserts (add)
+    # add releases the GIL for batches of at least this many records (~1 ms of work): for the
+    # few hundred records a receiver's batch holds, handing the GIL over and waiting to get it
+    # back cost more than the walk (a receiver indexing 16 MB files: ~1,400 thread switches
+    # and +30 % of add's CPU, bench/README.md session 28)
+    NOGIL_MIN_RECORDS = 8192
 
 
 cdef inline uint32_t _host32(const unsigned char *p) noexcept nogil:
@@ -250,6 +256,45 @@ cdef inline void parse_key(const unsigned char *p, uint64_t L, int link_type, Fl
 
 
 @cython.final
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef Py_ssize_t _locate(const unsigned char *d, Py_ssize_t size, const int64_t *offs, Py_ssize_t count,
+                        Py_ssize_t *where, Py_ssize_t *pos_out) noexcept nogil:
+    """The starts of ``count`` pcap records in ``d[:size]`` into ``where`` -- from ``offs`` (each
+    record's packet data offset, checked) or by walking the records from 0; each record must lie
+    inside the buffer. Returns how many do (``count``: all); ``pos_out``: where the first that
+    does not starts."""
+    cdef Py_ssize_t i, p, pos = 0
+    cdef uint32_t caplen
+    if offs != NULL:
+        for i in range(count):
+            p = <Py_ssize_t> offs[i]
+            if p < RECORD_HEADER or p > size:
+                pos_out[0] = p
+                return i
+            caplen = ps_get_le32(d + p - 8)
+            if <Py_ssize_t> caplen > size - p:
+                pos_out[0] = p - RECORD_HEADER
+                return i
+            where[i] = p - RECORD_HEADER
+            if size - p > 48:
+                ps_ft_prefetch(d + p + 48)  # the rest of the headers the insert pass reads
+        return count
+    for i in range(count):
+        if size - pos < RECORD_HEADER:
+            pos_out[0] = pos
+            return i
+        caplen = ps_get_le32(d + pos + 8)
+        if <Py_ssize_t> caplen > size - pos - RECORD_HEADER:
+            pos_out[0] = pos
+            return i
+        where[i] = pos
+        if size - pos > 64:
+            ps_ft_prefetch(d + pos + 64)  # the rest of the headers the insert pass reads
+        pos += RECORD_HEADER + caplen
+    return count
+
+
 cdef class FlowTable:
     """Flow records of one capture file, built packet by packet (see the module docstring).
 
@@ -385,6 +430,108 @@ cdef class FlowTable:
 
     @cython.boundscheck(False)
     @cython.wraparound(False)
+    cdef Py_ssize_t _insert(self, const unsigned char *d, Py_ssize_t size, Py_ssize_t count, int link_type,
+                            int iface, int chunk, int64_t *out) noexcept nogil:
+        """Insert the ``count`` records whose starts :func:`_locate` put in ``where`` (room
+        reserved); returns how many were added (fewer than ``count``: the buffer changed since
+        they were located). ``out``: wire bytes, smallest and largest timestamp (ns)."""
+        cdef FlowKey bkey[PIPE]
+        cdef uint16_t bflags[PIPE]
+        cdef uint64_t bhash[PIPE]
+        cdef int64_t bts[PIPE]
+        cdef int64_t bwire[PIPE]
+        cdef Py_ssize_t i, j, m, h, p, pos
+        cdef uint32_t caplen
+        cdef uint64_t e, tag
+        cdef uint64_t mask = <uint64_t> (self.n_slots - 1)
+        cdef uint64_t *slots = self.slots
+        cdef Flow *recs = self.recs
+        cdef Py_ssize_t *where = self.where
+        cdef int64_t ts, wirelen, wire_total = 0, tmin = 0, tmax = 0
+        cdef Flow *f = NULL
+        cdef int32_t fid
+        cdef bint bad = False
+        # blocks of PIPE records: parse and hash them all and prefetch their slots (and the
+        # next block's record headers), then insert them in order -- the slot misses of a
+        # block overlap instead of following one another
+        i = 0
+        while i < count and not bad:
+            m = count - i if count - i < PIPE else PIPE
+            for j in range(m):
+                pos = where[i + j]
+                if size - pos < RECORD_HEADER:  # the buffer changed since it was located
+                    bad = True
+                    m = j
+                    break
+                caplen = ps_get_le32(d + pos + 8)
+                if <Py_ssize_t> caplen > size - pos - RECORD_HEADER:
+                    bad = True
+                    m = j
+                    break
+                bts[j] = <int64_t> ps_get_le32(d + pos) * 1000000000 + ps_get_le32(d + pos + 4)
+                bwire[j] = ps_get_le32(d + pos + 12)
+                memset(&bkey[j], 0, sizeof(FlowKey))
+                bkey[j].iface = iface
+                bkey[j].vlan = -1
+                parse_key(d + pos + RECORD_HEADER, caplen, link_type, &bkey[j], &bflags[j])
+                bhash[j] = ps_ft_hash(&bkey[j], self.secret)
+                ps_ft_prefetch(&slots[bhash[j] & mask])
+            for j in range(i + m, min(i + m + PIPE, count)):  # record starts inside the buffer
+                p = where[j]
+                ps_ft_prefetch(d + p)
+                if size - p > 64:
+                    ps_ft_prefetch(d + p + 64)
+            for j in range(m):
+                ts = bts[j]
+                wirelen = bwire[j]
+                if i + j == 0:
+                    tmin = tmax = ts
+                elif ts < tmin:
+                    tmin = ts
+                elif ts > tmax:
+                    tmax = ts
+                wire_total += wirelen
+                e = bhash[j]
+                tag = e & PS_FT_HI
+                h = <Py_ssize_t> (e & mask)
+                while True:
+                    if slots[h] == 0:  # new flow (room reserved by the caller)
+                        fid = <int32_t> self.n_flows
+                        self.n_flows += 1
+                        slots[h] = tag | <uint64_t> (fid + 1)
+                        f = &recs[fid]
+                        f.key = bkey[j]
+                        f.first_ns = ts
+                        f.last_ns = ts
+                        f.packets = 0
+                        f.wire_bytes = 0
+                        f.tcp_flags = 0
+                        f.last_chunk = -1
+                        break
+                    if (slots[h] & PS_FT_HI) == tag:
+                        fid = <int32_t> (<uint32_t> slots[h] - 1)
+                        f = &recs[fid]
+                        if memcmp(&f.key, &bkey[j], sizeof(FlowKey)) == 0:
+                            break
+                    h = (h + 1) & <Py_ssize_t> mask
+                if ts < f.first_ns:
+                    f.first_ns = ts
+                if ts > f.last_ns:
+                    f.last_ns = ts
+                f.packets += 1
+                f.wire_bytes += wirelen
+                f.tcp_flags |= bflags[j]
+                if f.last_chunk != chunk:
+                    f.last_chunk = chunk
+                    self.refs[self.n_refs].flow = fid
+                    self.refs[self.n_refs].chunk = chunk
+                    self.n_refs += 1
+            i += m
+        out[0], out[1], out[2] = wire_total, tmin, tmax
+        return i
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
     def add(self, const unsigned char[::1] records not None, Py_ssize_t count, int link_type, int iface,
             int chunk, const int64_t[::1] offsets=None):
         """Add ``count`` pcap records (ns timestamps) from ``records`` -- e.g. a PacketBatch:
@@ -400,8 +547,7 @@ cdef class FlowTable:
             buffer was modified during the call (the records before the changed one are added).
         :raises RuntimeError: another thread is using the table (one thread at a time).
         """
-        cdef Py_ssize_t size = records.shape[0], pos = 0, i, h, p
-        cdef uint32_t caplen
+        cdef Py_ssize_t size = records.shape[0], pos = 0, i
         cdef const int64_t *offs = NULL
         cdef Py_ssize_t *where
         if count < 0:
@@ -419,20 +565,9 @@ cdef class FlowTable:
         if self.busy:
             raise RuntimeError("FlowTable used by two threads at once")
         cdef const unsigned char *d = &records[0] if size else NULL
-        cdef FlowKey bkey[PIPE]
-        cdef uint16_t bflags[PIPE]
-        cdef uint64_t bhash[PIPE]
-        cdef int64_t bts[PIPE]
-        cdef int64_t bwire[PIPE]
-        cdef Py_ssize_t j, m
-        cdef uint64_t e, mask, tag
-        cdef int64_t ts, wirelen, wire_total = 0, tmin = 0, tmax = 0
-        cdef Flow *f
-        cdef uint64_t *slots
-        cdef Flow *recs
-        cdef int32_t fid
-        cdef bint bad = False
-        # busy from here to the end: the GIL is released below, and a second thread must not
+        cdef int64_t out[3]  # wire bytes, smallest and largest timestamp (ns)
+        cdef bint release = count >= NOGIL_MIN_RECORDS
+        # busy from here to the end: the GIL may be released below, and a second thread must not
         # get past the check while this one validates, reserves or inserts
         self.busy = True
         try:
@@ -441,128 +576,27 @@ cdef class FlowTable:
             where = self.where
             if offsets is not None:
                 offs = &offsets[0]
-            with nogil:
-                if offs != NULL:
-                    for i in range(count):
-                        p = <Py_ssize_t> offs[i]
-                        if p < RECORD_HEADER or p > size:
-                            pos = p
-                            break
-                        caplen = ps_get_le32(d + p - 8)
-                        if <Py_ssize_t> caplen > size - p:
-                            pos = p - RECORD_HEADER
-                            break
-                        where[i] = p - RECORD_HEADER
-                        if size - p > 48:
-                            ps_ft_prefetch(d + p + 48)  # the rest of the headers the insert pass reads
-                    else:
-                        i = count
-                else:
-                    for i in range(count):
-                        if size - pos < RECORD_HEADER:
-                            break
-                        caplen = ps_get_le32(d + pos + 8)
-                        if <Py_ssize_t> caplen > size - pos - RECORD_HEADER:
-                            break
-                        where[i] = pos
-                        if size - pos > 64:
-                            ps_ft_prefetch(d + pos + 64)  # the rest of the headers the insert pass reads
-                        pos += RECORD_HEADER + caplen
-                    else:
-                        i = count
+            if release:
+                with nogil:
+                    i = _locate(d, size, offs, count, where, &pos)
+            else:
+                i = _locate(d, size, offs, count, where, &pos)
             if i < count:
                 raise ValueError(f"record {i} of {count} at byte {pos} runs past the {size}-byte buffer")
             self._reserve(count)
             self.chunk = chunk
-            mask = <uint64_t> (self.n_slots - 1)
-            slots = self.slots
-            recs = self.recs
-            with nogil:
-                # blocks of PIPE records: parse and hash them all and prefetch their slots (and the
-                # next block's record headers), then insert them in order -- the slot misses of a
-                # block overlap instead of following one another
-                i = 0
-                while i < count and not bad:
-                    m = count - i if count - i < PIPE else PIPE
-                    for j in range(m):
-                        pos = where[i + j]
-                        if size - pos < RECORD_HEADER:  # the buffer changed since the check above
-                            bad = True
-                            m = j
-                            break
-                        caplen = ps_get_le32(d + pos + 8)
-                        if <Py_ssize_t> caplen > size - pos - RECORD_HEADER:
-                            bad = True
-                            m = j
-                            break
-                        bts[j] = <int64_t> ps_get_le32(d + pos) * 1000000000 + ps_get_le32(d + pos + 4)
-                        bwire[j] = ps_get_le32(d + pos + 12)
-                        memset(&bkey[j], 0, sizeof(FlowKey))
-                        bkey[j].iface = iface
-                        bkey[j].vlan = -1
-                        parse_key(d + pos + RECORD_HEADER, caplen, link_type, &bkey[j], &bflags[j])
-                        bhash[j] = ps_ft_hash(&bkey[j], self.secret)
-                        ps_ft_prefetch(&slots[bhash[j] & mask])
-                    for j in range(i + m, min(i + m + PIPE, count)):  # record starts inside the buffer
-                        p = where[j]
-                        ps_ft_prefetch(d + p)
-                        if size - p > 64:
-                            ps_ft_prefetch(d + p + 64)
-                    for j in range(m):
-                        ts = bts[j]
-                        wirelen = bwire[j]
-                        if i + j == 0:
-                            tmin = tmax = ts
-                        elif ts < tmin:
-                            tmin = ts
-                        elif ts > tmax:
-                            tmax = ts
-                        wire_total += wirelen
-                        e = bhash[j]
-                        tag = e & PS_FT_HI
-                        h = <Py_ssize_t> (e & mask)
-                        while True:
-                            if slots[h] == 0:  # new flow (room reserved above)
-                                fid = <int32_t> self.n_flows
-                                self.n_flows += 1
-                                slots[h] = tag | <uint64_t> (fid + 1)
-                                f = &recs[fid]
-                                f.key = bkey[j]
-                                f.first_ns = ts
-                                f.last_ns = ts
-                                f.packets = 0
-                                f.wire_bytes = 0
-                                f.tcp_flags = 0
-                                f.last_chunk = -1
-                                break
-                            if (slots[h] & PS_FT_HI) == tag:
-                                fid = <int32_t> (<uint32_t> slots[h] - 1)
-                                f = &recs[fid]
-                                if memcmp(&f.key, &bkey[j], sizeof(FlowKey)) == 0:
-                                    break
-                            h = (h + 1) & <Py_ssize_t> mask
-                        if ts < f.first_ns:
-                            f.first_ns = ts
-                        if ts > f.last_ns:
-                            f.last_ns = ts
-                        f.packets += 1
-                        f.wire_bytes += wirelen
-                        f.tcp_flags |= bflags[j]
-                        if f.last_chunk != chunk:
-                            f.last_chunk = chunk
-                            self.refs[self.n_refs].flow = fid
-                            self.refs[self.n_refs].chunk = chunk
-                            self.n_refs += 1
-                    i += m
-            if not bad:
-                i = count
+            if release:
+                with nogil:
+                    i = self._insert(d, size, count, link_type, iface, chunk, out)
+            else:
+                i = self._insert(d, size, count, link_type, iface, chunk, out)
             self.packets += i
-            if bad:
+            if i < count:
                 raise ValueError(f"record {i} of {count} changed while it was added (the buffer was modified); "
                                  f"the records before it were added")
         finally:
             self.busy = False
-        return wire_total, tmin, tmax
+        return out[0], out[1], out[2]
 
     @cython.boundscheck(False)
     @cython.wraparound(False)

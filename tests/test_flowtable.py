@@ -242,7 +242,7 @@ def test_a_count_beyond_the_buffer_is_refused_before_anything_is_sized():
 
 def test_two_threads_get_an_error_never_a_crash():
     """One table used by two threads at once: the second gets RuntimeError (the GIL is released
-    while records are checked and inserted). Run in a child process, many times: with the busy
+    while the records of a large batch are checked and inserted). Run in a child process, many times: with the busy
     flag set too late, this crashed the process (freed slots written through)."""
     import subprocess
     import sys
