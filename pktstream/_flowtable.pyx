@@ -16,8 +16,8 @@ against the captured length, and all memory a batch can need is reserved before 
 a failure leaves the table as it was.
 
 Lifetime/threads: a table is owned by one thread (one capture file's index); ``add`` releases
-the GIL while it walks a batch of at least ``NOGIL_MIN_RECORDS`` records (a smaller one is
-walked faster than the GIL changes hands) and raises ``RuntimeError`` if another thread uses
+the GIL while it walks a batch of at least 8,192 records (a smaller one is walked faster than
+the GIL changes hands) and raises ``RuntimeError`` if another thread uses
 the table meanwhile.
 """
 cimport cython
@@ -255,7 +255,6 @@ cdef inline void parse_key(const unsigned char *p, uint64_t L, int link_type, Fl
             tcp_flags[0] = <uint16_t> (((p[l4 + 12] & 1) << 8) | p[l4 + 13])
 
 
-@cython.final
 @cython.boundscheck(False)
 @cython.wraparound(False)
 cdef Py_ssize_t _locate(const unsigned char *d, Py_ssize_t size, const int64_t *offs, Py_ssize_t count,
@@ -295,6 +294,7 @@ cdef Py_ssize_t _locate(const unsigned char *d, Py_ssize_t size, const int64_t *
     return count
 
 
+@cython.final
 cdef class FlowTable:
     """Flow records of one capture file, built packet by packet (see the module docstring).
 

@@ -230,25 +230,44 @@ def test_old_catalog_without_filters_answers_and_is_upgraded(wide, tmp_path):
     assert (res["indexed"], res["current"], res["upgraded"]) == (0, len(SENSORS), 0)
 
 
-def test_an_old_format_row_left_beside_its_replacement_is_ignored_then_removed(wide, tmp_path):
-    """A crash between writing a file's row in today's format (Arrow IPC) and deleting its
-    Parquet row of the old format leaves both: the catalog has one row per file (today's), and
-    `pktstream index` removes the old one."""
+def test_rows_of_both_formats_in_one_catalog_and_a_file_with_both(wide, tmp_path):
+    """Rows of both formats in one catalog (an old archive a receiver of today adds files to)
+    read alike. A file with a row in each format (a crash between writing one and deleting the
+    other, or an older pktstream indexing it again) uses neither: it is scanned, and
+    `pktstream index` removes both, says so and indexes it again."""
     from pktstream.archive.catalog import row_table
     root = tmp_path / "twin"
     shutil.copytree(wide, root)
     before = _rows(Archive(str(root)))
-    arrow = sorted(root.rglob("_index/files/*.arrow"))[0]
-    old = row_table(arrow.read_bytes())
+    twin, legacy = sorted(root.rglob("_index/files/*.arrow"))[:2]
+    pq.write_table(row_table(legacy.read_bytes()), legacy.with_suffix(".parquet"))
+    legacy.unlink()
+    old = row_table(twin.read_bytes())
     old = old.set_column(old.column_names.index("packets"), "packets", pa.array([1], pa.int64()))
-    pq.write_table(old, arrow.with_suffix(".parquet"))  # (a wrong count: it must not be the one read)
+    pq.write_table(old, twin.with_suffix(".parquet"))  # (a wrong count: it must never be read)
+    twin_path = row_table(twin.read_bytes()).column("path")[0].as_py()  # (relative to its index's directory)
+    twin_path = next(p for p in before if p == twin_path or p.endswith("/" + twin_path))
     a = Archive(str(root))
-    assert _rows(a) == before
-    assert got(a, "udp") == brute(root, "udp")
+    assert _rows(a) == {p: r for p, r in before.items() if p != twin_path}
+    for bpf in ("udp", f"host {_host(1, 77)}"):
+        assert got(a, bpf) == brute(root, bpf)
+        assert a.last_stats.files_scanned == 1
     res = a.index()
-    assert (res["indexed"], res["current"], res["removed"]) == (0, len(SENSORS), 0)
-    assert not arrow.with_suffix(".parquet").exists() and arrow.exists()
-    assert _rows(a) == before
+    assert (res["indexed"], res["current"], res["removed"]) == (1, len(SENSORS) - 1, 0)
+    assert [p for p in res["problems"] if "catalog rows in two formats" in p and twin_path in p], res["problems"]
+    assert twin.exists() and not twin.with_suffix(".parquet").exists()
+    assert legacy.with_suffix(".parquet").exists()  # (current: kept as it is)
+    after = _rows(a)
+    assert {p: r for p, r in after.items() if p != twin_path} == {p: r for p, r in before.items() if p != twin_path}
+    # indexed again from the file: its chunks are the offline reader's, the rest is as it was
+    assert {k: v for k, v in after[twin_path].items() if k != "chunks"} == \
+        {k: v for k, v in before[twin_path].items() if k != "chunks"}
+    assert got(a, "udp") == brute(root, "udp") and a.last_stats.files_scanned == 0
+    # indexed again (--force), the old format's row is replaced by today's
+    res = a.index(force=True)
+    assert res["indexed"] == len(SENSORS)
+    assert not list(root.rglob("_index/files/*.parquet"))
+    assert len(list(root.rglob("_index/files/*.arrow"))) == len(SENSORS)
 
 
 @pytest.mark.parametrize("many", [False, True])

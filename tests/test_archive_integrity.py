@@ -250,6 +250,38 @@ def test_a_parquet_file_that_is_no_catalog_row_is_named_removed_by_index_and_ign
     assert any("foreign.parquet" in p for p in res["problems"]) and not foreign.exists()
 
 
+def test_a_catalog_row_with_damaged_buffers_is_named_and_never_read(edge_archive, tmp_path):
+    """An Arrow IPC catalog row whose string offsets point past its data (a flipped bit, a
+    crafted file) is refused as unreadable -- its values would be read past their buffer --
+    and named; the query scans that file and answers (a child process: a crash would show)."""
+    import subprocess
+
+    from conftest import PKTSTREAM
+    from pktstream.archive.catalog import row_table
+    a = Archive(str(edge_archive))
+    a.index(chunk_bytes=CHUNK)
+    (edge_archive / "_index" / "catalog.parquet").unlink()  # (the rows are read from their files)
+    rel = "edges.pcap"
+    f = edge_archive / "_index" / "files" / f"{file_id(rel)}.arrow"
+    data = bytearray(f.read_bytes())
+    sensor = row_table(bytes(data)).column("sensors")[0].as_py()[0].encode()
+    # the sensors list's string offsets [0, len] lie right before its one string: make the end 1 GiB
+    good = struct.pack("<ii", 0, len(sensor))
+    at = [i for i in range(8, len(data)) if data[i:i + len(sensor)] == sensor and data[i - 8:i] == good]
+    assert len(at) == 1
+    data[at[0] - 4:at[0]] = struct.pack("<i", 1 << 30)
+    f.write_bytes(bytes(data))
+    out = tmp_path / "q.pcapng"
+    r = subprocess.run([*PKTSTREAM, "query", str(edge_archive), "udp", "-w", str(out)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"{f.name}: unreadable catalog file" in r.stderr, r.stderr
+    assert f"scanned {rel}" in r.stderr, r.stderr
+    assert got(a, "udp") == brute(edge_archive, "udp")
+    res = a.index(chunk_bytes=CHUNK)  # removed and said so; the file indexed again
+    assert any(f.name in p for p in res["problems"]) and res["indexed"] == 1
+
+
 def test_sensor_ids_with_dots_are_attributed_whole(tmp_path):
     assert sensor_of("", "by/10.0.0.5.000003.pcap.zst") == ("10.0.0.5", "if0")
     assert sensor_of("", "web-1.example.com.pcapng") == ("web-1.example.com", "if0")

@@ -383,6 +383,26 @@ def test_clear_keeps_memory_and_chunk_order():
     assert t.nbytes == nbytes and t.packets == 3000
 
 
+@pytest.mark.parametrize("n", [8191, 8192, 20000])
+def test_batches_around_the_gil_release_size_give_the_reference(n):
+    """``add`` releases the GIL only for batches of 8192 records or more: both ways, walked and
+    with the offset array, the records equal the reference, and a bad offset is refused."""
+    rng = random.Random(n)
+    frames = hostile_frames() + [frame(rng) for _ in range(n - len(hostile_frames()))]
+    b = batch_of(frames)
+    assert len(b) == n
+    check([(b, 2, 0)])
+    given_ = FlowTable()
+    assert given_.add(b, n, 1, 2, 0, b.offset) == (int(b.wirelen.sum()), int(b.ts_ns.min()), int(b.ts_ns.max()))
+    assert table_records(given_) == reference([(b, 2, 0)])
+    off = np.array(b.offset)
+    off[-1] = len(bytes(b)) + 1
+    t = FlowTable()
+    with pytest.raises(ValueError, match=f"record {n - 1} of {n}"):
+        t.add(bytes(b), n, 1, 2, 0, np.ascontiguousarray(off, dtype=np.int64))
+    assert t.packets == 0 and len(t) == 0
+
+
 def test_offsets_give_the_same_records_and_are_checked():
     """``add`` with the batch's offset array (no record walk) gives what the walk gives; offsets
     outside the buffer, or whose record runs past it, are refused with the table unchanged."""

@@ -120,11 +120,15 @@ def row_bytes(row_table) -> bytes:
 
 def row_table(data: bytes):
     """The table of a catalog row file: Arrow IPC, or Parquet (an index written before
-    2026-12-05). Raises on anything else."""
+    2026-12-05). Raises on anything else -- also on an IPC file whose buffers are damaged (its
+    offsets and lengths are checked against them: reading its values could otherwise run past
+    them)."""
     import pyarrow as pa
     if data[:6] == b"ARROW1":
         import pyarrow.ipc as ipc
-        return ipc.open_file(pa.BufferReader(data)).read_all()
+        t = ipc.open_file(pa.BufferReader(data)).read_all()
+        t.validate(full=True)
+        return t
     return parquet_file(data).read(use_threads=False)
 
 
@@ -150,8 +154,8 @@ def write_index(store, row: dict[str, Any], tables: dict) -> tuple[str, str, Any
         # the old row goes first: its flow files are rewritten in place below, and a row with
         # records of another chunk layout would prune wrongly (a query between the two, or a
         # write failing after them); without a row the file is scanned, then repaired
-        store.delete(rel)
         store.delete(legacy_catalog_file(row["path"]))
+        store.delete(rel)
     try:
         for (sensor, date), table in tables.items():
             if isinstance(table, SpilledFlows):
@@ -208,8 +212,8 @@ def read_row(store, rel_path: str) -> dict[str, Any] | None:
 def remove_index(store, rel_path: str) -> None:
     """Remove a capture file's index (catalog row first, then its flow files)."""
     row = read_row(store, rel_path)
-    store.delete(catalog_file(rel_path))
     store.delete(legacy_catalog_file(rel_path))
+    store.delete(catalog_file(rel_path))
     for rel in (row or {}).get("flow_files") or ():
         store.delete(rel)
 
@@ -327,12 +331,9 @@ def _load_table(store, *, snapshot: bool = True, light: bool = False,
     bad: list[str] = []
     tables, take = [], []
     fresh: list[_LazyColumns] = []
-    names = {rel for rel, _ in listing}
+    twins = _twin_rows(listing)
     for rel, ver in listing:
-        if rel.endswith(LEGACY_ROW_SUFFIX):
-            if rel.removesuffix(LEGACY_ROW_SUFFIX) + CATALOG_ROW_SUFFIX in names:
-                continue  # (replaced by the row of today's format; a crash kept the old one: ignored)
-        elif not rel.endswith(CATALOG_ROW_SUFFIX):
+        if not rel.endswith((CATALOG_ROW_SUFFIX, LEGACY_ROW_SUFFIX)) or rel in twins:
             continue
         hit = snap.get(rel)
         if hit is not None and hit[0] == ver:
@@ -345,7 +346,7 @@ def _load_table(store, *, snapshot: bool = True, light: bool = False,
             else:
                 t = row_table(store.read_bytes(rel))
                 missing = [c for c in _REQUIRED if c not in t.column_names]
-                if missing or t.column("path").null_count:  # (a Parquet file that is no catalog row)
+                if missing or t.column("path").null_count:  # (a file that is no catalog row)
                     raise ValueError(f"not a catalog row (no {', '.join(missing) or 'path'})")
             t = t.append_column("catalog_file", pa.array([rel] * t.num_rows, pa.string()))
             t = t.append_column("catalog_version", pa.array([ver] * t.num_rows, pa.string()))
@@ -360,6 +361,19 @@ def _load_table(store, *, snapshot: bool = True, light: bool = False,
     if not tables:
         return None, take, snap_lazy, fresh, bad
     return pa.concat_tables(tables, promote_options="default"), take, snap_lazy, fresh, bad
+
+
+def _twin_rows(listing: list[tuple[str, str]]) -> set[str]:
+    """The catalog files of ``listing`` (``_index/files``) that are two rows of one capture
+    file, one per format (``.arrow`` and ``.parquet``): left by a crash between writing one and
+    deleting the other, or by an older pktstream (which reads only ``.parquet`` rows) that
+    indexed the file again, maybe with other chunks. Which one describes its flow files cannot
+    be told, so neither is used -- the file is scanned -- until :func:`repair` removes both and
+    indexes it again."""
+    names = {rel for rel, _ in listing}
+    return {stem + suffix for stem in (n.removesuffix(CATALOG_ROW_SUFFIX) for n in names
+                                       if n.endswith(CATALOG_ROW_SUFFIX))
+            if stem + LEGACY_ROW_SUFFIX in names for suffix in (CATALOG_ROW_SUFFIX, LEGACY_ROW_SUFFIX)}
 
 
 # columns every catalog row has (format 1; later ones may be missing: null = unknown)
@@ -573,6 +587,16 @@ def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = Fal
     by_path = {r["path"]: r for r in rows}
     flow_files = set(store.list_files(f"{INDEX_DIR}/flows"))  # (a row whose records are gone is not current)
     result: dict[str, Any] = {"indexed": 0, "current": 0, "upgraded": 0, "removed": 0, "damaged": 0, "problems": []}
+    if paths is None:  # both rows of a file in two formats go (neither was used): it is indexed again below
+        for rel in sorted(_twin_rows(store.list_stat(f"{INDEX_DIR}/files"))):
+            if rel.endswith(CATALOG_ROW_SUFFIX):
+                try:
+                    name = row_table(store.read_bytes(rel)).column("path")[0].as_py()
+                except Exception:
+                    name = rel
+                result["problems"].append(f"{name}: catalog rows in two formats (a crash, or an older pktstream), "
+                                          "removed; the file is indexed again")
+            store.delete(rel)
     for rel in bad:
         store.delete(rel)
         result["problems"].append(f"{rel}: unreadable catalog file, removed")
@@ -626,10 +650,6 @@ def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = Fal
     if paths is None and not flow_files <= keep:
         _remove_orphan_flow_files(store, flow_files - keep)
     if paths is None:
-        listed = {rel for rel, _ in store.list_stat(f"{INDEX_DIR}/files")}
-        for rel in listed:  # (a row of the old format that a crash left beside its replacement)
-            if rel.endswith(LEGACY_ROW_SUFFIX) and rel.removesuffix(LEGACY_ROW_SUFFIX) + CATALOG_ROW_SUFFIX in listed:
-                store.delete(rel)
         for rel in store.remove_stale_temporaries(INDEX_DIR):
             result["problems"].append(f"{rel}: an index file a stopped process left half-written, removed")
     if progress:

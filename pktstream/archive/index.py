@@ -664,7 +664,7 @@ LEGACY_ROW_SUFFIX = ".parquet"
 
 def catalog_file(rel_path: str) -> str:
     """Path (relative to the archive root) of a file's catalog row (an Arrow IPC file: one
-    row, uncompressed -- written and read in ~0.15 ms where a one-row Parquet file took ~3 ms,
+    row, uncompressed -- written or read in ~0.15 ms where a one-row Parquet file took ~2.3-3 ms,
     a per-file cost of every completed capture file; docs/ARCHIVE.md)."""
     return f"{INDEX_DIR}/files/{file_id(rel_path)}{CATALOG_ROW_SUFFIX}"
 
