@@ -144,6 +144,11 @@ def write_archive_ref(work: Path, ref: str, batches_by_sensor: dict, file_bytes:
         live.FileIndexBuilder = current
 
 
+def index_files(root: Path) -> list[Path]:
+    """Every file of the archive's indexes (flow records, catalog rows, snapshots)."""
+    return [p for p in root.rglob("*") if p.is_file() and "_index" in p.parts]
+
+
 def du(paths) -> int:
     return sum(p.stat().st_size for p in paths)
 
@@ -315,7 +320,7 @@ def main() -> int:
                        indexing_cpu_overhead_pct_ref=round(100 * (cpu_ref - cpu_plain) / cpu_plain, 1))
         root = work / "indexed"
         files = sorted(p for p in root.rglob("*") if p.is_file() and "_index" not in p.parts)
-        idx = [p for p in root.rglob("*") if p.is_file() and "_index" in p.parts]
+        idx = index_files(root)
         cat = Archive(str(root)).catalog().to_pylist()
         res["packets"] = sum(r["packets"] for r in cat)
         res["raw_bytes"] = sum(r["chunks"][-1]["end"] for r in cat if r["chunks"])  # uncompressed stream bytes
@@ -326,7 +331,7 @@ def main() -> int:
                 res[f"reindex_s_{name}"] = round(time.perf_counter() - t, 2)
                 res[f"reindex_out_{name}"] = r.stdout.strip() + r.stderr.strip()[-300:]
                 assert r.returncode == 0, r.stderr
-            idx = [p for p in root.rglob("*") if p.is_file() and "_index" in p.parts]
+            idx = index_files(root)
             cat = Archive(str(root)).catalog().to_pylist()
         res.update(files=len(files), capture_bytes=du(files), index_bytes=du(idx))
         if not args.reuse:

@@ -17,8 +17,7 @@ a failure leaves the table as it was.
 
 Lifetime/threads: a table is owned by one thread (one capture file's index); ``add`` releases
 the GIL while it walks a batch of at least 8,192 records (a smaller one is walked faster than
-the GIL changes hands) and raises ``RuntimeError`` if another thread uses
-the table meanwhile.
+the GIL changes hands) and raises ``RuntimeError`` if another thread uses the table meanwhile.
 """
 cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t

@@ -154,8 +154,7 @@ def write_index(store, row: dict[str, Any], tables: dict) -> tuple[str, str, Any
         # the old row goes first: its flow files are rewritten in place below, and a row with
         # records of another chunk layout would prune wrongly (a query between the two, or a
         # write failing after them); without a row the file is scanned, then repaired
-        store.delete(legacy_catalog_file(row["path"]))
-        store.delete(rel)
+        _delete_row(store, row["path"])
     try:
         for (sensor, date), table in tables.items():
             if isinstance(table, SpilledFlows):
@@ -209,11 +208,17 @@ def read_row(store, rel_path: str) -> dict[str, Any] | None:
     return None
 
 
+def _delete_row(store, rel_path: str) -> None:
+    """Delete a capture file's catalog row in either format (the old format's first: a stop in
+    between never leaves the older row as the one read)."""
+    store.delete(legacy_catalog_file(rel_path))
+    store.delete(catalog_file(rel_path))
+
+
 def remove_index(store, rel_path: str) -> None:
     """Remove a capture file's index (catalog row first, then its flow files)."""
     row = read_row(store, rel_path)
-    store.delete(legacy_catalog_file(rel_path))
-    store.delete(catalog_file(rel_path))
+    _delete_row(store, rel_path)
     for rel in (row or {}).get("flow_files") or ():
         store.delete(rel)
 
