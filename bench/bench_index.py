@@ -74,11 +74,14 @@ def timed(obj, name):
             spent[name] = spent.get(name, 0.0) + (time.thread_time_ns() - t) / 1e9
             e = resource.getrusage(resource.RUSAGE_THREAD)
             spent["sys"] = spent.get("sys", 0.0) + e.ru_stime - c.ru_stime
+            # thread switches in the call (waits for the GIL among them)
+            spent["csw_" + name] = spent.get("csw_" + name, 0) + e.ru_nvcsw - c.ru_nvcsw + e.ru_nivcsw - c.ru_nivcsw
     setattr(obj, name, w)
 for obj, name in ((ix.FileIndexBuilder, "add"), (ix.FileIndexBuilder, "finish"), (live, "write_index"),
                   (live, "write_snapshot")):
     timed(obj, name)
-atexit.register(lambda: print(f"INDEXING_CPU_S {sum(v for k, v in spent.items() if k != 'sys'):.4f} "
+CALLS = ("add", "finish", "write_index", "write_snapshot")
+atexit.register(lambda: print(f"INDEXING_CPU_S {sum(spent.get(k, 0.0) for k in CALLS):.4f} "
                               + json.dumps({k: round(v, 4) for k, v in spent.items()}), file=sys.stderr))
 import json
 from pktstream.cli import main""")
@@ -160,6 +163,8 @@ def run_receiver(work: Path, fmt: str, variant: str, frames_by_sensor: dict, rot
             res["indexing_thread_cpu_s"] = float(timed[-1].split()[1])
             res["indexing_cpu_s_by_call"] = by_call = json.loads(timed[-1].split(None, 2)[2])
             res["indexing_thread_sys_s"] = by_call.pop("sys", None)  # (of the total: kernel time)
+            res["indexing_thread_switches_by_call"] = {k[4:]: by_call.pop(k) for k in list(by_call)
+                                                       if k.startswith("csw_")}
         res["index_bytes"] = sum(p.stat().st_size for p in (out / "_index").rglob("*") if p.is_file())
     shutil.rmtree(out, ignore_errors=True)
     return res
