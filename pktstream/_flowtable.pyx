@@ -21,7 +21,7 @@ the GIL changes hands) and raises ``RuntimeError`` if another thread uses the ta
 """
 cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, realloc
+from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 from libc.string cimport memcmp, memcpy, memset, strlen
 
 import os
@@ -113,6 +113,7 @@ cdef enum:
     # back cost more than the walk (a receiver indexing 16 MB files: ~1,400 thread switches
     # and +30 % of add's CPU, bench/README.md session 28)
     NOGIL_MIN_RECORDS = 8192
+    MAX_GROUPS = 1 << 20  # FlowTable.flows' groups (group * 1_000_000 + day fits in int64)
 
 
 cdef inline uint32_t _host32(const unsigned char *p) noexcept nogil:
@@ -291,6 +292,34 @@ cdef Py_ssize_t _locate(const unsigned char *d, Py_ssize_t size, const int64_t *
             ps_ft_prefetch(d + pos + 64)  # the rest of the headers the insert pass reads
         pos += RECORD_HEADER + caplen
     return count
+
+
+cdef struct _Ordered:  # FlowTable.flows' sort entry
+    int64_t part
+    int64_t first
+    const FlowKey *key
+    Py_ssize_t idx
+
+
+cdef int _ordered_cmp(const void *a, const void *b) noexcept nogil:
+    """(partition, first packet ns, key bytes) order of two ``_Ordered``."""
+    cdef const _Ordered *x = <const _Ordered *> a
+    cdef const _Ordered *y = <const _Ordered *> b
+    if x.part != y.part:
+        return -1 if x.part < y.part else 1
+    if x.first != y.first:
+        return -1 if x.first < y.first else 1
+    return memcmp(x.key, y.key, sizeof(FlowKey))
+
+
+@cython.cdivision(True)
+cdef inline int64_t _day(int64_t ns) noexcept nogil:
+    """The UTC day (since 1970, floored) of a time in ns."""
+    cdef int64_t day_ns = <int64_t> 86400 * 1000000000
+    cdef int64_t d = ns // day_ns
+    if ns % day_ns < 0:  # (C division truncates)
+        d -= 1
+    return d
 
 
 @cython.final
@@ -599,16 +628,38 @@ cdef class FlowTable:
 
     @cython.boundscheck(False)
     @cython.wraparound(False)
-    def flows(self) -> dict:
-        """The flow records, in first-seen order, as buffers (``numpy.frombuffer`` them):
-        ``key`` (KEY_BYTES per flow: int32 iface, int32 vlan, uint16 ethertype, uint8 ip
-        version, uint8 proto, uint16 sport, uint16 dport, 16-byte src, 16-byte dst; native byte
-        order; IPv4 addresses IPv4-mapped), ``first_ns``/``last_ns``/``packets``/``bytes``
-        (int64), ``tcp_flags`` (uint16), ``chunk_offsets`` (int32, flows + 1) and
-        ``chunk_values`` (int32: flow i's chunks, ascending, are values[offsets[i]:offsets[i+1]])."""
+    def flows(self, const int64_t[::1] groups=None) -> dict:
+        """The flow records as buffers (``numpy.frombuffer`` them): ``key`` (KEY_BYTES per
+        flow: int32 iface, int32 vlan, uint16 ethertype, uint8 ip version, uint8 proto, uint16
+        sport, uint16 dport, 16-byte src, 16-byte dst; native byte order; IPv4 addresses
+        IPv4-mapped), ``first_ns``/``last_ns``/``packets``/``bytes`` (int64), ``tcp_flags``
+        (uint16), ``chunk_offsets`` (int32, flows + 1) and ``chunk_values`` (int32: flow i's
+        chunks, ascending, are values[offsets[i]:offsets[i+1]]).
+
+        ``groups`` None: in first-seen order. Else ``groups[iface]`` (>= 0) is the group of each
+        interface id (the builder's sensors): records are ordered by partition -- ``group *
+        1_000_000 + day``, day counted from ``day0``, the first packet's UTC day -- then first
+        packet time, then key bytes (a total order: keys are distinct), and the result adds
+        ``part`` (int64 per record) and ``day0`` (days since 1970).
+
+        :raises ValueError: an interface id has no group.
+        """
         if self.busy:
             raise RuntimeError("FlowTable used by two threads at once")
-        cdef Py_ssize_t n = self.n_flows, i
+        cdef Py_ssize_t n = self.n_flows, i, k, g, cnt
+        cdef int64_t day, day0 = 0
+        cdef Flow *f
+        cdef int32_t c
+        cdef _Ordered *ent = NULL
+        cdef bint ordered = True
+        if groups is not None:
+            for i in range(n):
+                g = self.recs[i].key.iface
+                if g < 0 or g >= groups.shape[0] or groups[g] < 0 or groups[g] >= MAX_GROUPS:
+                    raise ValueError(f"interface id {g} has no group (0 .. {MAX_GROUPS - 1})")
+                day = _day(self.recs[i].first_ns)
+                if i == 0 or day < day0:
+                    day0 = day
         key = bytearray(n * sizeof(FlowKey))
         first = bytearray(n * 8)
         last = bytearray(n * 8)
@@ -617,6 +668,9 @@ cdef class FlowTable:
         flags = bytearray(n * 2)
         offsets = bytearray((n + 1) * 4)
         values = bytearray(self.n_refs * 4)
+        part = bytearray(n * 8 if groups is not None else 0)
+        at_by_flow = bytearray((n + 1) * 4)  # each flow's run in by_flow
+        by_flow = bytearray(self.n_refs * 4)  # chunk numbers grouped by flow (first-seen order)
         cdef unsigned char[::1] vk = key
         cdef int64_t[::1] vf = memoryview(first).cast("q")
         cdef int64_t[::1] vl = memoryview(last).cast("q")
@@ -625,35 +679,63 @@ cdef class FlowTable:
         cdef uint16_t[::1] vg = memoryview(flags).cast("H")
         cdef int32_t[::1] vo = memoryview(offsets).cast("i")
         cdef int32_t[::1] vv = memoryview(values).cast("i") if self.n_refs else None
-        cdef Flow *f
-        cdef int32_t c
-        for i in range(n):
-            f = &self.recs[i]
-            memcpy(&vk[i * sizeof(FlowKey)], &f.key, sizeof(FlowKey))
-            vf[i] = f.first_ns
-            vl[i] = f.last_ns
-            vp[i] = f.packets
-            vw[i] = f.wire_bytes
-            vg[i] = f.tcp_flags
-        # counting sort of the (flow, chunk) pairs by flow; appended in chunk order, so each
-        # flow's chunks come out ascending (and distinct: a pair is added once per chunk)
-        vo[0] = 0
-        for i in range(n):
-            vo[i + 1] = 0
-        for i in range(self.n_refs):
-            vo[self.refs[i].flow + 1] += 1
-        for i in range(n):
-            vo[i + 1] += vo[i]
-        fill = bytearray((n + 1) * 4)
-        cdef int32_t[::1] at = memoryview(fill).cast("i")
-        for i in range(n + 1):
-            at[i] = vo[i]
-        for i in range(self.n_refs):
-            c = self.refs[i].flow
-            vv[at[c]] = self.refs[i].chunk
-            at[c] += 1
-        return {"key": key, "first_ns": first, "last_ns": last, "packets": packets, "bytes": wire,
-                "tcp_flags": flags, "chunk_offsets": offsets, "chunk_values": values}
+        cdef int64_t[::1] vpart = memoryview(part).cast("q") if groups is not None and n else None
+        cdef int32_t[::1] fo = memoryview(at_by_flow).cast("i")
+        cdef int32_t[::1] fv = memoryview(by_flow).cast("i") if self.n_refs else None
+        if groups is not None and n:
+            ent = <_Ordered *> malloc(n * sizeof(_Ordered))
+            if ent == NULL:
+                raise MemoryError()
+        try:
+            if ent != NULL:
+                for i in range(n):
+                    f = &self.recs[i]
+                    ent[i].part = groups[f.key.iface] * 1000000 + (_day(f.first_ns) - day0)
+                    ent[i].first = f.first_ns
+                    ent[i].key = &f.key
+                    ent[i].idx = i
+                    if i and ordered and _ordered_cmp(&ent[i - 1], &ent[i]) > 0:
+                        ordered = False
+                if not ordered:  # (records are first seen in time order, mostly: often sorted already)
+                    qsort(ent, n, sizeof(_Ordered), _ordered_cmp)
+            # counting sort of the (flow, chunk) pairs by flow; appended in chunk order, so each
+            # flow's chunks come out ascending (and distinct: a pair is added once per chunk)
+            for i in range(n + 1):
+                fo[i] = 0
+            for i in range(self.n_refs):
+                fo[self.refs[i].flow + 1] += 1
+            for i in range(n):
+                fo[i + 1] += fo[i]
+            for i in range(self.n_refs):
+                c = self.refs[i].flow
+                fv[fo[c]] = self.refs[i].chunk
+                fo[c] += 1
+            # (fo[c] is now the end of flow c's run: it starts at fo[c - 1], or 0)
+            vo[0] = 0
+            for k in range(n):
+                i = ent[k].idx if ent != NULL else k
+                f = &self.recs[i]
+                memcpy(&vk[k * sizeof(FlowKey)], &f.key, sizeof(FlowKey))
+                vf[k] = f.first_ns
+                vl[k] = f.last_ns
+                vp[k] = f.packets
+                vw[k] = f.wire_bytes
+                vg[k] = f.tcp_flags
+                if ent != NULL:
+                    vpart[k] = ent[k].part
+                g = fo[i - 1] if i else 0
+                cnt = fo[i] - g
+                if cnt:
+                    memcpy(&vv[vo[k]], &fv[g], cnt * 4)
+                vo[k + 1] = <int32_t> (vo[k] + cnt)
+        finally:
+            free(ent)
+        out = {"key": key, "first_ns": first, "last_ns": last, "packets": packets, "bytes": wire,
+               "tcp_flags": flags, "chunk_offsets": offsets, "chunk_values": values}
+        if groups is not None:
+            out["part"] = part
+            out["day0"] = day0
+        return out
 
 
 cdef inline const char *_dotted_quad(const unsigned char *a, char *out) noexcept nogil:
@@ -718,3 +800,92 @@ def address_texts(const unsigned char[::1] addresses not None, const unsigned ch
     vd = None  # release the export before resizing
     del data[used:]
     return offsets, data, valid, nulls
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def address_strings(const unsigned char[::1] addresses not None, const unsigned char[::1] versions not None) -> list:
+    """:func:`address_texts` as a list of ``str`` (None for a row without text): the catalog's
+    address summary, made in one pass without an Arrow array in between."""
+    cdef Py_ssize_t n = versions.shape[0], i
+    if addresses.shape[0] != 16 * n:
+        raise ValueError(f"{addresses.shape[0]} address bytes for {n} versions (16 each)")
+    cdef char buf[64]
+    cdef const unsigned char *a
+    cdef const char *r
+    cdef unsigned int v
+    out = []
+    for i in range(n):
+        a = &addresses[16 * i]
+        v = versions[i]
+        r = NULL
+        if v == 4 or (v == 0 and memcmp(a, b"\0\0\0\0\0\0\0\0\0\0\xff\xff", 12) == 0):
+            r = _dotted_quad(a + 12, buf)
+        elif v == 6:
+            r = inet_ntop(AF_INET6, a, buf, 46)
+        out.append(buf[:strlen(buf)].decode("ascii") if r != NULL else None)
+    return out
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def key_addresses(const unsigned char[::1] keys not None) -> tuple:
+    """The addresses of flow keys (:meth:`FlowTable.flows`' ``key`` buffer) that the flow
+    records give as text -- src and dst of each key, duplicates kept:
+
+    - IPv4 (IP version 4, and ARP's -- version 0 -- IPv4-mapped ones): uint32 each, the four
+      address bytes read big-endian (numeric order is address order);
+    - IPv6 (version 6): 16 bytes each.
+
+    :returns: (IPv4 buffer, IPv6 buffer).
+    :raises ValueError: ``keys`` is not a whole number of keys.
+    """
+    cdef Py_ssize_t n = keys.shape[0] // sizeof(FlowKey), k, n4 = 0, n6 = 0
+    if keys.shape[0] != n * <Py_ssize_t> sizeof(FlowKey):
+        raise ValueError(f"{keys.shape[0]} key bytes: not a multiple of {sizeof(FlowKey)}")
+    v4 = bytearray(2 * n * 4)
+    v6 = bytearray(2 * n * 16)
+    cdef uint32_t[::1] o4 = memoryview(v4).cast("I") if n else None
+    cdef unsigned char[::1] o6 = v6
+    cdef const FlowKey *key
+    cdef const unsigned char *a
+    cdef int side
+    for k in range(n):
+        key = <const FlowKey *> &keys[k * sizeof(FlowKey)]
+        for side in range(2):
+            a = &key.src[0] if side == 0 else &key.dst[0]
+            if key.ipv == 4 or (key.ipv == 0 and memcmp(a, b"\0\0\0\0\0\0\0\0\0\0\xff\xff", 12) == 0):
+                o4[n4] = ps_get_be32(a + 12)
+                n4 += 1
+            elif key.ipv == 6:
+                memcpy(&o6[16 * n6], a, 16)
+                n6 += 1
+    o4 = None
+    o6 = None
+    del v4[4 * n4:]
+    del v6[16 * n6:]
+    return v4, v6
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.cdivision(True)
+def bloom_bits(const uint64_t[::1] hashes not None, Py_ssize_t nbytes, int k) -> bytearray:
+    """The bit array of a Bloom filter (archive/bloom.py's layout) of ``hashes``: ``nbytes``
+    bytes, bit ``(h1 + i * h2) mod m`` set for i < ``k``, with ``h1 = h mod 2**32``, ``h2 =
+    (h >> 32) | 1`` and ``m = 8 * nbytes``; bit p is bit p mod 8 (least significant first) of
+    byte p // 8."""
+    if nbytes <= 0 or k < 0 or k > 64:
+        raise ValueError(f"nbytes {nbytes}, k {k}: give nbytes > 0 and 0 <= k <= 64")
+    out = bytearray(nbytes)
+    cdef unsigned char[::1] o = out
+    cdef uint64_t m = <uint64_t> nbytes * 8, h1, h2, p
+    cdef Py_ssize_t j
+    cdef int i
+    for j in range(hashes.shape[0]):  # (the GIL kept: ~10 us per thousand addresses)
+        h1 = <uint32_t> hashes[j]
+        h2 = (hashes[j] >> 32) | 1
+        for i in range(k):  # < 2**32 + 64 * 2**32: no overflow
+            p = (h1 + <uint64_t> i * h2) % m
+            o[p >> 3] |= <unsigned char> (1 << (p & 7))
+    return out

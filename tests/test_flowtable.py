@@ -434,3 +434,115 @@ def test_random_offsets_never_read_outside(buf, offsets, link_type):
         assert t.packets == 0 and len(t) == 0
         return
     assert t.packets == len(off) == sum(r[2] for r in table_records(t).values())
+
+
+# -- the builder's order, addresses and filter, made in C ----------------------------------------
+DAY_NS = 86_400 * 10**9
+
+
+def _batch_at(frames: list[bytes], times: list[int]) -> PacketBatch:
+    recs = bytearray()
+    for data, ts in zip(frames, times):
+        recs += struct.pack("<IIII", ts // 10**9, ts % 10**9, len(data), len(data)) + data
+    return PacketBatch.from_records(bytes(recs), link_type=1)
+
+
+def test_flows_in_partition_time_and_key_order():
+    """``flows(groups)`` orders records by (group, day from the first day, first time, key
+    bytes) -- flows first seen out of time order, across UTC midnights, with equal first times
+    -- and keeps each record's counters and chunk list; ``flows()`` stays in first-seen order."""
+    rng = random.Random(11)
+    t = FlowTable()
+    base = 1_700_000_000 * 10**9 // DAY_NS * DAY_NS + DAY_NS - 50 * 10**9  # 50 s before a midnight
+    for chunk in range(6):
+        frames, times = [], []
+        for _ in range(300):
+            frames.append(_eth(0x0800, _ipv4(f"10.0.{rng.randrange(4)}.{rng.randrange(30)}", "10.9.0.1", 17,
+                                             _udp(rng.randrange(4), 53, b""))))
+            # few distinct times (equal first times) on both sides of two midnights, not in order
+            times.append(base + rng.choice((0, 10, 40, 60, 70)) * 10**9 + rng.choice((0, 1, DAY_NS)))
+        t.add(_batch_at(frames, times), len(frames), 1, chunk % 3, chunk)
+    seen = t.flows()
+    groups = np.array([1, 0, 1], dtype=np.int64)  # ifaces 0 and 2 are one sensor
+    got = t.flows(groups)
+    key0 = np.frombuffer(seen["key"], dtype=KEY)
+    first0 = np.frombuffer(seen["first_ns"], dtype=np.int64)
+    day0 = int(first0.min()) // DAY_NS
+    assert got["day0"] == day0 and len({int(f) // DAY_NS for f in first0}) == 3
+    off0 = np.frombuffer(seen["chunk_offsets"], dtype=np.int32)
+    val0 = np.frombuffer(seen["chunk_values"], dtype=np.int32)
+    cols0 = {c: np.frombuffer(seen[c], dtype=np.int64) for c in ("last_ns", "packets", "bytes")}
+    flags0 = np.frombuffer(seen["tcp_flags"], dtype=np.uint16)
+
+    def record(i):  # one first-seen record, as the reference orders and compares it
+        part = int(groups[key0[i]["iface"]]) * 1_000_000 + int(first0[i]) // DAY_NS - day0
+        return (part, int(first0[i]), key0[i].tobytes(), int(cols0["last_ns"][i]), int(cols0["packets"][i]),
+                int(cols0["bytes"][i]), int(flags0[i]), val0[off0[i]:off0[i + 1]].tolist())
+
+    want = sorted(record(i) for i in range(len(key0)))
+    assert [r[:3] for r in want] != [record(i)[:3] for i in range(len(key0))]  # first seen: not in order
+    key = np.frombuffer(got["key"], dtype=KEY)
+    off = np.frombuffer(got["chunk_offsets"], dtype=np.int32)
+    val = np.frombuffer(got["chunk_values"], dtype=np.int32)
+    part = np.frombuffer(got["part"], dtype=np.int64)
+    cols = {c: np.frombuffer(got[c], dtype=np.int64) for c in ("first_ns", "last_ns", "packets", "bytes")}
+    flags = np.frombuffer(got["tcp_flags"], dtype=np.uint16)
+    have = [(int(part[i]), int(cols["first_ns"][i]), key[i].tobytes(), int(cols["last_ns"][i]),
+             int(cols["packets"][i]), int(cols["bytes"][i]), int(flags[i]), val[off[i]:off[i + 1]].tolist())
+            for i in range(len(key))]
+    assert have == want and len(set(part.tolist())) == 6
+    # already in order (the path without a sort): the same records again
+    again = t.flows(np.zeros(3, dtype=np.int64))
+    assert sorted(np.frombuffer(again["key"], dtype=KEY).tobytes()) == sorted(key0.tobytes())
+    # an interface without a group is refused
+    for bad in (np.array([0, 0], dtype=np.int64), np.array([0, -1, 0], dtype=np.int64),
+                np.array([0, 1 << 20, 0], dtype=np.int64)):
+        with pytest.raises(ValueError, match="has no group"):
+            t.flows(bad)
+    assert len(FlowTable().flows(np.zeros(0, dtype=np.int64))["part"]) == 0
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from((0, 4, 6, 5)), st.binary(min_size=16, max_size=16),
+                          st.binary(min_size=16, max_size=16), st.booleans()), max_size=20))
+def test_key_addresses_and_address_strings_agree_with_python(keys):
+    """The addresses a key gives as text (IPv4: version 4, and ARP's IPv4-mapped; IPv6:
+    version 6), as numbers and rows; their text is inet_ntop's; the Bloom bits are bloom.py's
+    layout."""
+    import socket
+
+    from pktstream._flowtable import address_strings, bloom_bits, key_addresses
+    from pktstream.archive import bloom
+    raw = np.zeros(len(keys), dtype=KEY)
+    want4, want6 = [], []
+    for i, (ipv, src, dst, mapped) in enumerate(keys):
+        if mapped:
+            src = MAPPED + src[12:]
+        raw[i]["ipv"], raw[i]["src"], raw[i]["dst"] = ipv, src, dst
+        for a in (src, dst):
+            if ipv == 4 or (ipv == 0 and a[:12] == MAPPED):
+                want4.append(int.from_bytes(a[12:], "big"))
+            elif ipv == 6:
+                want6.append(a)
+    four, six = key_addresses(raw.view(np.uint8).reshape(-1))
+    assert np.frombuffer(four, dtype=np.uint32).tolist() == want4
+    assert [bytes(six[i:i + 16]) for i in range(0, len(six), 16)] == want6
+    rows = [MAPPED + w.to_bytes(4, "big") for w in want4] + want6
+    versions = [4] * len(want4) + [6] * len(want6) + [0, 5]
+    rows += [b"\1" * 16, MAPPED + b"\1\2\3\4"]  # version 0 not mapped, unknown version 5: no text
+    texts = address_strings(b"".join(rows), bytes(versions))
+    assert texts == ([socket.inet_ntop(socket.AF_INET, r[12:]) for r in rows[:len(want4)]]
+                     + [socket.inet_ntop(socket.AF_INET6, r) for r in want6] + [None, None])
+    with pytest.raises(ValueError):
+        address_strings(b"\0" * 15, b"\4")
+    with pytest.raises(ValueError):
+        key_addresses(b"\0" * (KEY_BYTES + 1))
+    # the filter's bits: the numpy form of the documented layout
+    h = np.unique(bloom.address_hashes(np.frombuffer(b"".join(rows) or b"", np.uint8).reshape(-1, 16)))
+    nbytes = max(8, -(-len(h) * bloom.BITS_PER_ADDRESS // 8))
+    bits = np.zeros(nbytes * 8, dtype=bool)
+    h1, h2 = h & np.uint64(0xFFFFFFFF), (h >> np.uint64(32)) | np.uint64(1)
+    for i in range(bloom.HASHES):
+        bits[((h1 + np.uint64(i) * h2) % np.uint64(nbytes * 8)).astype(np.int64)] = True
+    assert bytes(bloom_bits(h, nbytes, bloom.HASHES)) == np.packbits(bits, bitorder="little").tobytes()
+    assert bloom.filter_of_hashes(h)[2:] == np.packbits(bits, bitorder="little").tobytes()

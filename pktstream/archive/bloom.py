@@ -87,15 +87,9 @@ def build_filter(rows: np.ndarray) -> bytes:
 def filter_of_hashes(h: np.ndarray) -> bytes:
     """The Bloom filter (stored layout) of distinct address hashes (:func:`address_hashes`,
     uint64, no duplicates: the filter is sized from their count)."""
+    from pktstream._flowtable import bloom_bits
     nbytes = max(8, -(-len(h) * BITS_PER_ADDRESS // 8))
-    m = np.uint64(nbytes * 8)
-    bits = np.zeros(nbytes * 8, dtype=bool)
-    if len(h):
-        h1 = h & np.uint64(0xFFFFFFFF)
-        h2 = (h >> np.uint64(32)) | np.uint64(1)
-        for i in range(HASHES):  # < 2**32 + 7 * 2**32: no overflow
-            bits[((h1 + np.uint64(i) * h2) % m).astype(np.int64)] = True
-    return bytes((FILTER_VERSION, HASHES)) + np.packbits(bits, bitorder="little").tobytes()
+    return bytes((FILTER_VERSION, HASHES)) + bytes(bloom_bits(np.ascontiguousarray(h, dtype=np.uint64), nbytes, HASHES))
 
 
 def filter_of_texts(texts) -> bytes:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from pktstream._capture import PacketBatch
-from pktstream._flowtable import KEY_BYTES, FlowTable, address_texts
+from pktstream._flowtable import KEY_BYTES, FlowTable, address_strings, address_texts, key_addresses
 from pktstream.archive.bloom import MAPPED_PREFIX, UNKNOWN_FILTER, address_hashes, filter_of_hashes, port_bitmap
 from pktstream.formats import linktype_to_dlt
 
@@ -371,47 +371,30 @@ class FileIndexBuilder:
 
     # -- results ---------------------------------------------------------------------------
     def _flows(self) -> dict[str, Any]:
-        """The flow table's records as numpy columns, ordered by first packet time, then key bytes."""
+        """The flow table's records as numpy columns, grouped by (sensor, date) partition, each
+        group ordered by first packet time, then key bytes (ordered in C: FlowTable.flows)."""
         if not len(self._table):
             return {}
-        raw = self._table.flows()
-        key = np.frombuffer(raw["key"], dtype=_KEY)
-        first = np.frombuffer(raw["first_ns"], dtype=np.int64)
-        order = np.argsort(first, kind="stable")
-        ordered = first[order]
-        if len(ordered) > 1 and bool((ordered[1:] == ordered[:-1]).any()):
-            # equal first times: (first time, key bytes) order -- the key as big-endian words
-            # compares like its bytes (a sort of void keys costs ~10x more: only when needed)
-            words = key.view(">u8").reshape(len(key), _KEY.itemsize // 8)
-            order = np.lexsort([words[:, j] for j in range(words.shape[1] - 1, -1, -1)] + [first])
-        # partition (sensor, day) of each record; several: grouped, each group still in that order
+        # partition (sensor, day) of each record: sensors by name (two interfaces of one sensor
+        # share a partition), numbered in name order
         names = {v: k for k, v in self._ifaces.items()}
         sensors = sorted({names[i][0] for i in names})
         sensor_of_id = np.zeros(max(names) + 1, dtype=np.int64)
         for i, (sensor, _itf, _lt) in names.items():
             sensor_of_id[i] = sensors.index(sensor)
-        days = first // 86_400_000_000_000
-        day0 = int(days.min())
-        part = sensor_of_id[key["iface"]] * 1_000_000 + (days - day0)
-        if part.min() != part.max():
-            order = order[np.argsort(part[order], kind="stable")]
-        offsets = np.frombuffer(raw["chunk_offsets"], dtype=np.int32)
-        values = np.frombuffer(raw["chunk_values"], dtype=np.int32)
-        counts = np.diff(offsets)[order]
-        new_offsets = np.zeros(len(order) + 1, dtype=np.int32)
-        np.cumsum(counts, out=new_offsets[1:])
-        # the chunk lists in the new order: gather each flow's run of values
-        starts = np.repeat(offsets[:-1][order] - new_offsets[:-1], counts)
-        take = np.arange(len(values), dtype=np.int64) + starts
-        return {"key": key[order],
-                "packets": np.frombuffer(raw["packets"], dtype=np.int64)[order],
-                "bytes": np.frombuffer(raw["bytes"], dtype=np.int64)[order],
-                "first": first[order],
-                "last": np.frombuffer(raw["last_ns"], dtype=np.int64)[order],
-                "flags": np.frombuffer(raw["tcp_flags"], dtype=np.uint16)[order],
-                "chunk_offsets": new_offsets, "chunk_values": values[take],
-                "part": part[order], "partitions": {code: (sensors[code // 1_000_000], _date(day0 + code % 1_000_000))
-                                                    for code in _distinct(part).tolist()}}
+        raw = self._table.flows(sensor_of_id)
+        part = np.frombuffer(raw["part"], dtype=np.int64)
+        day0 = raw["day0"]
+        return {"key": np.frombuffer(raw["key"], dtype=_KEY),
+                "packets": np.frombuffer(raw["packets"], dtype=np.int64),
+                "bytes": np.frombuffer(raw["bytes"], dtype=np.int64),
+                "first": np.frombuffer(raw["first_ns"], dtype=np.int64),
+                "last": np.frombuffer(raw["last_ns"], dtype=np.int64),
+                "flags": np.frombuffer(raw["tcp_flags"], dtype=np.uint16),
+                "chunk_offsets": np.frombuffer(raw["chunk_offsets"], dtype=np.int32),
+                "chunk_values": np.frombuffer(raw["chunk_values"], dtype=np.int32),
+                "part": part, "partitions": {code: (sensors[code // 1_000_000], _date(day0 + code % 1_000_000))
+                                             for code in part[np.flatnonzero(np.diff(part, prepend=-1))].tolist()}}
 
     def _parts(self) -> dict[tuple[str, str], Any]:
         """The records held in the table as Arrow tables, one per (sensor, date) partition,
@@ -434,13 +417,18 @@ class FileIndexBuilder:
                                                pa.py_buffer(valid), nulls)
 
         src, dst = texts(key["src"]), texts(key["dst"])
-        addr_rows, addr_v4 = _addresses_with_text(key, ipv)
+        # the file's distinct addresses: IPv4 as sorted numbers, IPv6 as 16-byte rows
+        four, six_buf = key_addresses(key.view(np.uint8).reshape(-1))
+        quads = _distinct(np.frombuffer(four, dtype=np.uint32))
+        six = bytes(six_buf)
+        six_rows = {six[i:i + 16] for i in range(0, len(six), 16)}
         if self._addrs is not None:
-            self._add_addresses(addr_rows, addr_v4)
+            self._add_addresses(quads, six_rows)
         # the address filter's input: distinct hashes of every address of the file (all spills);
         # past FILTER_MAX_ADDRESSES (a flood of spoofed sources) no filter: memory stays bounded
         if self._addresses_complete:
-            self._addr_hashes = _distinct(np.concatenate([self._addr_hashes, address_hashes(addr_rows)]))
+            self._addr_hashes = _distinct(np.concatenate([self._addr_hashes,
+                                                          address_hashes(_address_rows(quads, six_rows))]))
             if len(self._addr_hashes) > FILTER_MAX_ADDRESSES:
                 self._addresses_complete = False
                 self._addr_hashes = np.zeros(0, dtype=np.uint64)
@@ -494,32 +482,24 @@ class FileIndexBuilder:
                 tables[f["partitions"][int(part[a])]] = table.slice(a, b - a)
         return tables
 
-    def _add_addresses(self, rows: np.ndarray, v4: np.ndarray) -> None:
-        """Add the distinct addresses (``_addresses_with_text``'s) to the address summary (None
-        past SUMMARY_LIMIT), as numbers: text is made once, by :meth:`_address_summary`."""
+    def _add_addresses(self, quads: np.ndarray, six: set[bytes]) -> None:
+        """Add distinct addresses (IPv4 as sorted uint32 numbers, IPv6 as 16 bytes) to the
+        address summary (None past SUMMARY_LIMIT): text is made once, by :meth:`_address_summary`."""
         assert self._addrs is not None
-        quads, six = self._addrs
-        quads = _distinct(np.concatenate([quads, np.ascontiguousarray(rows[v4, 12:]).view(">u4").ravel()
-                                          .astype(np.uint32)]))
-        six.update(bytes(r) for r in rows[~v4])
-        self._addrs = None if len(quads) + len(six) > SUMMARY_LIMIT else (quads, six)
+        old_quads, old_six = self._addrs
+        quads = _distinct(np.concatenate([old_quads, quads])) if len(old_quads) else quads
+        old_six.update(six)
+        self._addrs = None if len(quads) + len(old_six) > SUMMARY_LIMIT else (quads, old_six)
 
-    def _address_summary(self) -> list[str]:
+    def _address_summary(self) -> list[str | None]:
         """The summary's addresses as text (inet_ntop's form, made in C): IPv4 in numeric order,
         then IPv6 in byte order."""
-        import pyarrow as pa
         assert self._addrs is not None
         quads, six = self._addrs
-        rows = np.zeros((len(quads) + len(six), 16), dtype=np.uint8)
-        rows[:len(quads), 10:12] = 0xFF
-        rows[:len(quads), 12:] = quads.astype(">u4").view(np.uint8).reshape(-1, 4)
-        if six:
-            rows[len(quads):] = np.frombuffer(b"".join(sorted(six)), np.uint8).reshape(-1, 16)
+        rows = _address_rows(quads, six, ordered=True)
         versions = np.full(len(rows), 6, dtype=np.uint8)
         versions[:len(quads)] = 4
-        offsets, data, _valid, _nulls = address_texts(rows.reshape(-1), versions)
-        # (Python strings in one C pass: a slice per address costs ~6x more)
-        return pa.StringArray.from_buffers(len(rows), pa.py_buffer(offsets), pa.py_buffer(data)).to_pylist()
+        return address_strings(rows.reshape(-1), versions)
 
     def finish(self, *, size: int, version: str, format: str, compression: str | None,
                status: str = "ok", error: str | None = None) -> tuple[dict[str, Any], dict[tuple[str, str], Any]]:
@@ -592,29 +572,17 @@ def summary_completeness(ipv: np.ndarray, ethertype: np.ndarray, link_type: np.n
     return decoded and not broken_ip and not bool(unaddressed.any()), decoded and not broken_ip
 
 
-def _addresses_with_text(key: np.ndarray, ipv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The 16-byte src and dst addresses (uint8, shape (n, 16)) of the flow keys that have a
-    text in the flow records (IP, and ARP's IPv4-mapped ones), IPv4 with the mapped prefix, and
-    which of them are IPv4 (their text kind, as address_texts decides it)."""
-    out, kinds = [], []
-    arp = ipv == 0
-    any_arp = bool(arp.any())
-    ip4 = ipv == 4
-    ip = ip4 | (ipv == 6)
-    for name in ("src", "dst"):
-        rows = np.ascontiguousarray(key[name]).view(np.uint8).reshape(-1, 16)
-        v4 = ip4
-        if any_arp:  # (only ARP's addresses need the prefix check)
-            v4 = ip4 | (arp & _mapped(key[name]))
-        keep = v4 | ip
-        rows = rows[keep]  # (a copy)
-        rows[v4[keep], :12] = _MAPPED_ROW
-        out.append(rows)
-        kinds.append(v4[keep])
-    return np.concatenate(out), np.concatenate(kinds)
+def _address_rows(quads: np.ndarray, six: set[bytes], *, ordered: bool = False) -> np.ndarray:
+    """16-byte address rows (uint8, shape (n, 16)): the IPv4 numbers ``quads`` IPv4-mapped,
+    then the IPv6 addresses ``six`` (in byte order when ``ordered``)."""
+    rows = np.zeros((len(quads) + len(six), 16), dtype=np.uint8)
+    rows[:len(quads), 10:12] = 0xFF
+    rows[:len(quads), 12:] = quads.astype(">u4").view(np.uint8).reshape(-1, 4)
+    if six:
+        rows[len(quads):] = np.frombuffer(b"".join(sorted(six) if ordered else six), np.uint8).reshape(-1, 16)
+    return rows
 
 
-_MAPPED_ROW = np.frombuffer(MAPPED_PREFIX, dtype=np.uint8)
 _MAPPED_WORDS = np.frombuffer(MAPPED_PREFIX, dtype=np.uint32)
 
 
