@@ -634,7 +634,8 @@ cdef class FlowTable:
         sport, uint16 dport, 16-byte src, 16-byte dst; native byte order; IPv4 addresses
         IPv4-mapped), ``first_ns``/``last_ns``/``packets``/``bytes`` (int64), ``tcp_flags``
         (uint16), ``chunk_offsets`` (int32, flows + 1) and ``chunk_values`` (int32: flow i's
-        chunks, ascending, are values[offsets[i]:offsets[i+1]]).
+        chunks, ascending, are values[offsets[i]:offsets[i+1]]); ``first_min``/``last_max``: the
+        smallest first and largest last time (0 without records).
 
         ``groups`` None: in first-seen order. Else ``groups[iface]`` (>= 0) is the group of each
         interface id (the builder's sensors): records are ordered by partition -- ``group *
@@ -647,7 +648,7 @@ cdef class FlowTable:
         if self.busy:
             raise RuntimeError("FlowTable used by two threads at once")
         cdef Py_ssize_t n = self.n_flows, i, k, g, cnt
-        cdef int64_t day, day0 = 0
+        cdef int64_t day, day0 = 0, first_min = 0, last_max = 0
         cdef Flow *f
         cdef int32_t c
         cdef _Ordered *ent = NULL
@@ -721,6 +722,10 @@ cdef class FlowTable:
                 vp[k] = f.packets
                 vw[k] = f.wire_bytes
                 vg[k] = f.tcp_flags
+                if k == 0 or f.first_ns < first_min:
+                    first_min = f.first_ns
+                if k == 0 or f.last_ns > last_max:
+                    last_max = f.last_ns
                 if ent != NULL:
                     vpart[k] = ent[k].part
                 g = fo[i - 1] if i else 0
@@ -731,7 +736,8 @@ cdef class FlowTable:
         finally:
             free(ent)
         out = {"key": key, "first_ns": first, "last_ns": last, "packets": packets, "bytes": wire,
-               "tcp_flags": flags, "chunk_offsets": offsets, "chunk_values": values}
+               "tcp_flags": flags, "chunk_offsets": offsets, "chunk_values": values,
+               "first_min": first_min, "last_max": last_max}
         if groups is not None:
             out["part"] = part
             out["day0"] = day0
@@ -759,6 +765,36 @@ cdef inline const char *_dotted_quad(const unsigned char *a, char *out) noexcept
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
+cdef (Py_ssize_t, Py_ssize_t) _texts(const unsigned char[::1] addresses, const unsigned char[::1] versions,
+                                     Py_ssize_t n, int32_t[::1] vo, unsigned char[::1] vd,
+                                     unsigned char[::1] vb) noexcept nogil:
+    """:func:`address_texts`' loop; returns (text bytes used, rows without text)."""
+    cdef Py_ssize_t i, used = 0, nulls = 0
+    cdef const unsigned char *a
+    cdef char *out
+    cdef const char *r
+    cdef unsigned int v
+    vo[0] = 0
+    for i in range(n):
+        a = &addresses[16 * i]
+        v = versions[i]
+        out = <char *> &vd[used]
+        r = NULL
+        if v == 4 or (v == 0 and memcmp(a, b"\0\0\0\0\0\0\0\0\0\0\xff\xff", 12) == 0):
+            r = _dotted_quad(a + 12, out)  # what inet_ntop writes, without its sprintf
+        elif v == 6:
+            r = inet_ntop(AF_INET6, a, out, 46)
+        if r != NULL:
+            used += <Py_ssize_t> strlen(out)
+            vb[i >> 3] |= <unsigned char> (1 << (i & 7))
+        else:
+            nulls += 1
+        vo[i + 1] = <int32_t> used
+    return used, nulls
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
 def address_texts(const unsigned char[::1] addresses not None, const unsigned char[::1] versions not None):
     """Text of ``n`` 16-byte addresses (``addresses``: n * 16 bytes, IPv4 mapped) with IP
     versions ``versions`` (n bytes), as ``inet_ntop`` writes it: version 4, or version 0 with
@@ -767,7 +803,7 @@ def address_texts(const unsigned char[::1] addresses not None, const unsigned ch
     :returns: the buffers of an Arrow string array: (offsets: int32 * (n + 1), data,
         validity bitmap (bit i set: row i has a text), number of rows without text).
     """
-    cdef Py_ssize_t n = versions.shape[0], i, used = 0, nulls = 0
+    cdef Py_ssize_t n = versions.shape[0], used = 0, nulls = 0
     if addresses.shape[0] != 16 * n:
         raise ValueError(f"{addresses.shape[0]} address bytes for {n} versions (16 each)")
     offsets = bytearray((n + 1) * 4)
@@ -776,27 +812,11 @@ def address_texts(const unsigned char[::1] addresses not None, const unsigned ch
     cdef int32_t[::1] vo = memoryview(offsets).cast("i")
     cdef unsigned char[::1] vd = data
     cdef unsigned char[::1] vb = valid
-    cdef const unsigned char *a
-    cdef char *out
-    cdef const char *r
-    cdef unsigned int v
-    with nogil:
-        vo[0] = 0
-        for i in range(n):
-            a = &addresses[16 * i]
-            v = versions[i]
-            out = <char *> &vd[used]
-            r = NULL
-            if v == 4 or (v == 0 and memcmp(a, b"\0\0\0\0\0\0\0\0\0\0\xff\xff", 12) == 0):
-                r = _dotted_quad(a + 12, out)  # what inet_ntop writes, without its sprintf
-            elif v == 6:
-                r = inet_ntop(AF_INET6, a, out, 46)
-            if r != NULL:
-                used += <Py_ssize_t> strlen(out)
-                vb[i >> 3] |= <unsigned char> (1 << (i & 7))
-            else:
-                nulls += 1
-            vo[i + 1] = <int32_t> used
+    if n >= NOGIL_MIN_RECORDS:  # (fewer are done sooner than the GIL comes back in a busy receiver)
+        with nogil:
+            used, nulls = _texts(addresses, versions, n, vo, vd, vb)
+    else:
+        used, nulls = _texts(addresses, versions, n, vo, vd, vb)
     vd = None  # release the export before resizing
     del data[used:]
     return offsets, data, valid, nulls
@@ -853,7 +873,10 @@ def key_addresses(const unsigned char[::1] keys not None) -> tuple:
     for k in range(n):
         key = <const FlowKey *> &keys[k * sizeof(FlowKey)]
         for side in range(2):
-            a = &key.src[0] if side == 0 else &key.dst[0]
+            if side == 0:
+                a = <const unsigned char *> &key.src[0]
+            else:
+                a = <const unsigned char *> &key.dst[0]
             if key.ipv == 4 or (key.ipv == 0 and memcmp(a, b"\0\0\0\0\0\0\0\0\0\0\xff\xff", 12) == 0):
                 o4[n4] = ps_get_be32(a + 12)
                 n4 += 1
@@ -889,3 +912,71 @@ def bloom_bits(const uint64_t[::1] hashes not None, Py_ssize_t nbytes, int k) ->
             p = (h1 + <uint64_t> i * h2) % m
             o[p >> 3] |= <unsigned char> (1 << (p & 7))
     return out
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def key_summary(const unsigned char[::1] keys not None, const int32_t[::1] links not None,
+                unsigned char[::1] port_seen not None) -> tuple:
+    """What the catalog's summaries need from flow keys (:meth:`FlowTable.flows`' ``key``
+    buffer; ``links``: each key's link type): marks the ports of every IP key (IP version > 0)
+    in ``port_seen`` (65,536 bytes), and returns (broken IP, unaddressed ARP) -- whether a key
+    has an IPv4/IPv6 ethertype but no IP version (a header the flow table rejected), and
+    whether an ARP/RARP key lacks its addresses (a link type other than Ethernet, or not both
+    captured: not both IPv4-mapped). Either makes a summary unable to say "not here"
+    (index.summary_completeness)."""
+    cdef Py_ssize_t n = keys.shape[0] // sizeof(FlowKey), k
+    if keys.shape[0] != n * <Py_ssize_t> sizeof(FlowKey) or links.shape[0] != n:
+        raise ValueError(f"{keys.shape[0]} key bytes and {links.shape[0]} link types: not one per key")
+    if port_seen.shape[0] != 65536:
+        raise ValueError(f"port_seen has {port_seen.shape[0]} bytes, not 65536")
+    cdef const FlowKey *key
+    cdef bint broken = False, unaddressed = False
+    for k in range(n):
+        key = <const FlowKey *> &keys[k * sizeof(FlowKey)]
+        if key.ipv > 0:
+            port_seen[key.sport] = 1
+            port_seen[key.dport] = 1
+        elif key.ethertype == 0x0800 or key.ethertype == 0x86DD:
+            broken = True
+        elif key.ethertype == 0x0806 or key.ethertype == 0x8035:
+            if (links[k] != 1 or memcmp(key.src, b"\0\0\0\0\0\0\0\0\0\0\xff\xff", 12) != 0
+                    or memcmp(key.dst, b"\0\0\0\0\0\0\0\0\0\0\xff\xff", 12) != 0):
+                unaddressed = True
+    return broken, unaddressed
+
+
+cdef inline uint64_t _fmix64(uint64_t x) noexcept nogil:
+    """MurmurHash3's 64-bit finalizer."""
+    x ^= x >> 33
+    x *= <uint64_t> 0xFF51AFD7ED558CCDULL
+    x ^= x >> 33
+    x *= <uint64_t> 0xC4CEB9FE1A85EC53ULL
+    return x ^ (x >> 33)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def address_hashes(const unsigned char[::1] rows not None) -> bytearray:
+    """The 64-bit hash of each 16-byte address of ``rows`` (archive/bloom.py's layout:
+    ``fmix64(fmix64(w0 ^ SEED) ^ w1)``, w0/w1 its two little-endian 64-bit words), as uint64
+    (native order)."""
+    cdef Py_ssize_t n = rows.shape[0] // 16, i
+    if rows.shape[0] != 16 * n:
+        raise ValueError(f"{rows.shape[0]} address bytes: not a multiple of 16")
+    out = bytearray(8 * n)
+    cdef uint64_t[::1] o = memoryview(out).cast("Q") if n else None
+    cdef uint64_t w0, w1
+    for i in range(n):
+        w0 = _le64(&rows[16 * i])
+        w1 = _le64(&rows[16 * i + 8])
+        o[i] = _fmix64(_fmix64(w0 ^ <uint64_t> 0x9E3779B97F4A7C15ULL) ^ w1)
+    return out
+
+
+cdef inline uint64_t _le64(const unsigned char *p) noexcept nogil:
+    cdef uint64_t v = 0
+    cdef int j
+    for j in range(8):
+        v |= (<uint64_t> p[j]) << (8 * j)
+    return v

@@ -537,8 +537,19 @@ def test_key_addresses_and_address_strings_agree_with_python(keys):
         address_strings(b"\0" * 15, b"\4")
     with pytest.raises(ValueError):
         key_addresses(b"\0" * (KEY_BYTES + 1))
-    # the filter's bits: the numpy form of the documented layout
-    h = np.unique(bloom.address_hashes(np.frombuffer(b"".join(rows) or b"", np.uint8).reshape(-1, 16)))
+    # the hashes and the filter's bits: the numpy form of the documented layout
+    arr = np.frombuffer(b"".join(rows), np.uint8).reshape(-1, 16)
+    words = arr.view("<u8").astype(np.uint64)
+
+    def fmix64(x):
+        for m in (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53):
+            x = (x ^ (x >> np.uint64(33))) * np.uint64(m)
+        return x ^ (x >> np.uint64(33))
+
+    with np.errstate(over="ignore"):
+        want_h = fmix64(fmix64(words[:, 0] ^ np.uint64(bloom.SEED)) ^ words[:, 1])
+    assert bloom.address_hashes(arr).tolist() == want_h.tolist()
+    h = np.unique(want_h)
     nbytes = max(8, -(-len(h) * bloom.BITS_PER_ADDRESS // 8))
     bits = np.zeros(nbytes * 8, dtype=bool)
     h1, h2 = h & np.uint64(0xFFFFFFFF), (h >> np.uint64(32)) | np.uint64(1)
@@ -546,3 +557,54 @@ def test_key_addresses_and_address_strings_agree_with_python(keys):
         bits[((h1 + np.uint64(i) * h2) % np.uint64(nbytes * 8)).astype(np.int64)] = True
     assert bytes(bloom_bits(h, nbytes, bloom.HASHES)) == np.packbits(bits, bitorder="little").tobytes()
     assert bloom.filter_of_hashes(h)[2:] == np.packbits(bits, bitorder="little").tobytes()
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from((0, 4, 6)), st.sampled_from((0x0800, 0x86DD, 0x0806, 0x8035, 0x88CC, 0)),
+                          st.sampled_from((1, 113, 12)), st.booleans(), st.booleans(),
+                          st.integers(0, 65535), st.integers(0, 65535)), max_size=12))
+def test_key_summary_agrees_with_summary_completeness(keys):
+    """key_summary's ports and (broken IP, unaddressed ARP) give what summary_completeness and
+    the numpy port marking give for the same keys."""
+    from pktstream._flowtable import key_summary
+    from pktstream.archive.index import summary_completeness
+    raw = np.zeros(len(keys), dtype=KEY)
+    links = np.array([k[2] for k in keys], dtype=np.int32)
+    for i, (ipv, et, _link, src_mapped, dst_mapped, sport, dport) in enumerate(keys):
+        raw[i]["ipv"], raw[i]["ethertype"], raw[i]["sport"], raw[i]["dport"] = ipv, et, sport, dport
+        raw[i]["src"] = (MAPPED if src_mapped else b"\x01" * 12) + b"\x07" * 4
+        raw[i]["dst"] = (MAPPED if dst_mapped else b"\x01" * 12) + b"\x08" * 4
+    seen = np.zeros(65536, dtype=bool)
+    broken, unaddressed = key_summary(raw.view(np.uint8).reshape(-1), links, seen.view(np.uint8))
+    ipv = raw["ipv"]
+    addressed = np.array([k[3] and k[4] for k in keys], dtype=bool)
+    ok_addr, ok_ports = summary_completeness(ipv, raw["ethertype"], links, addressed)
+    assert (not broken and not unaddressed, not broken) == (ok_addr, ok_ports)
+    want = np.zeros(65536, dtype=bool)
+    want[raw["sport"][ipv > 0]] = True
+    want[raw["dport"][ipv > 0]] = True
+    assert np.array_equal(seen, want)
+    with pytest.raises(ValueError):
+        key_summary(raw.view(np.uint8).reshape(-1), links[:-1] if len(keys) else np.zeros(1, np.int32),
+                    seen.view(np.uint8))
+    with pytest.raises(ValueError):
+        key_summary(b"", np.zeros(0, np.int32), bytearray(100))
+
+
+def test_address_texts_with_and_without_the_gil():
+    """address_texts gives the same text below and above the size at which it releases the GIL
+    (8,192 rows), and address_strings the same as a list."""
+    import pyarrow as pa
+
+    from pktstream._flowtable import address_strings
+    rng = np.random.default_rng(3)
+    for n in (8191, 8192, 9000):
+        rows = rng.integers(0, 256, (n, 16), dtype=np.uint8)
+        versions = rng.choice(np.array([0, 4, 6, 9], dtype=np.uint8), n)
+        rows[np.flatnonzero(versions == 0)[::2], :12] = np.frombuffer(MAPPED, np.uint8)  # ARP's: text
+        offsets, data, valid, nulls = address_texts(rows.reshape(-1), versions)
+        got = pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data), pa.py_buffer(valid),
+                                          nulls).to_pylist()
+        assert got == address_strings(rows.reshape(-1), versions)
+        assert got == [address_text(bytes(r), int(v)) for r, v in zip(rows, versions)]
+        assert sum(t is not None for t, v in zip(got, versions) if v == 0) > n // 20

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from pktstream._capture import PacketBatch
-from pktstream._flowtable import KEY_BYTES, FlowTable, address_strings, address_texts, key_addresses
+from pktstream._flowtable import KEY_BYTES, FlowTable, address_strings, address_texts, key_addresses, key_summary
 from pktstream.archive.bloom import MAPPED_PREFIX, UNKNOWN_FILTER, address_hashes, filter_of_hashes, port_bitmap
 from pktstream.formats import linktype_to_dlt
 
@@ -393,8 +393,9 @@ class FileIndexBuilder:
                 "flags": np.frombuffer(raw["tcp_flags"], dtype=np.uint16),
                 "chunk_offsets": np.frombuffer(raw["chunk_offsets"], dtype=np.int32),
                 "chunk_values": np.frombuffer(raw["chunk_values"], dtype=np.int32),
-                "part": part, "partitions": {code: (sensors[code // 1_000_000], _date(day0 + code % 1_000_000))
-                                             for code in part[np.flatnonzero(np.diff(part, prepend=-1))].tolist()}}
+                "first_min": raw["first_min"], "last_max": raw["last_max"], "part": part,
+                "partitions": {code: (sensors[code // 1_000_000], _date(day0 + code % 1_000_000))
+                               for code in part[np.flatnonzero(np.diff(part, prepend=-1))].tolist()}}
 
     def _parts(self) -> dict[tuple[str, str], Any]:
         """The records held in the table as Arrow tables, one per (sensor, date) partition,
@@ -432,19 +433,16 @@ class FileIndexBuilder:
             if len(self._addr_hashes) > FILTER_MAX_ADDRESSES:
                 self._addresses_complete = False
                 self._addr_hashes = np.zeros(0, dtype=np.uint64)
-        ipmask = ipv > 0  # (ARP addresses are in the address summary, no ports)
-        self._port_seen[key["sport"][ipmask]] = True
-        self._port_seen[key["dport"][ipmask]] = True
         iface_ids = key["iface"]
         ids = sorted(names)
         link_of_id = np.array([names[i][2] for i in ids], dtype=np.int32)
         links = link_of_id[iface_ids]
-        addressed = None
-        if bool((ipv == 0).any()):  # (ARP holds its addresses IPv4-mapped, when they were captured)
-            addressed = _mapped(key["src"]) & _mapped(key["dst"])
-        addresses_ok, ports_ok = summary_completeness(ipv, key["ethertype"], links, addressed)
-        self._addresses_complete &= addresses_ok
-        self._ports_complete &= ports_ok
+        # ports of the IP flows (ARP addresses are in the address summary, no ports), and
+        # whether the records hold every address and port (summary_completeness, in one C pass)
+        broken_ip, unaddressed = key_summary(key.view(np.uint8).reshape(-1), links, self._port_seen.view(np.uint8))
+        decoded = set(link_of_id.tolist()) <= _DECODED  # (every interface of the file has records)
+        self._addresses_complete &= decoded and not broken_ip and not unaddressed
+        self._ports_complete &= decoded and not broken_ip
         # interface names: a string array built from buffers (Array.take would load pyarrow.compute,
         # ~0.25 CPU-s once per process)
         if len(ids) == 1:  # (one interface: no per-record Python)
@@ -456,7 +454,7 @@ class FileIndexBuilder:
             np.cumsum(itf_len[iface_ids], out=itf_offsets[1:])
             interfaces = pa.StringArray.from_buffers(n, pa.py_buffer(itf_offsets),
                                                      pa.py_buffer(b"".join([itf_bytes[i] for i in iface_ids.tolist()])))
-        lo, hi = int(f["first"].min()), int(f["last"].max())
+        lo, hi = f["first_min"], f["last_max"]
         self._first_ts = lo if self._first_ts is None else min(self._first_ts, lo)
         self._last_ts = hi if self._last_ts is None else max(self._last_ts, hi)
         chunks = pa.ListArray.from_arrays(_arrow(f["chunk_offsets"]), _arrow(f["chunk_values"]))
@@ -581,14 +579,6 @@ def _address_rows(quads: np.ndarray, six: set[bytes], *, ordered: bool = False) 
     if six:
         rows[len(quads):] = np.frombuffer(b"".join(sorted(six) if ordered else six), np.uint8).reshape(-1, 16)
     return rows
-
-
-_MAPPED_WORDS = np.frombuffer(MAPPED_PREFIX, dtype=np.uint32)
-
-
-def _mapped(col: np.ndarray) -> np.ndarray:
-    """Per 16-byte address of a key column: whether it is IPv4-mapped (ARP's captured ones)."""
-    return (np.ascontiguousarray(col).view(np.uint32).reshape(-1, 4)[:, :3] == _MAPPED_WORDS).all(axis=1)
 
 
 def _arrow(a: np.ndarray) -> Any:
