@@ -980,3 +980,122 @@ cdef inline uint64_t _le64(const unsigned char *p) noexcept nogil:
     for j in range(8):
         v |= (<uint64_t> p[j]) << (8 * j)
     return v
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def key_columns(const unsigned char[::1] keys not None) -> dict:
+    """The fields of flow keys (:meth:`FlowTable.flows`' ``key`` buffer) as contiguous columns
+    (``numpy.frombuffer`` them), in one pass: ``iface``/``vlan`` int32, ``ethertype``/``sport``/
+    ``dport`` uint16, ``ipv``/``proto`` uint8, ``src``/``dst`` 16 bytes each (native order).
+    (numpy's copies of the strided fields each released and took back the GIL.)"""
+    cdef Py_ssize_t n = keys.shape[0] // sizeof(FlowKey), k
+    if keys.shape[0] != n * <Py_ssize_t> sizeof(FlowKey):
+        raise ValueError(f"{keys.shape[0]} key bytes: not a multiple of {sizeof(FlowKey)}")
+    iface, vlan = bytearray(4 * n), bytearray(4 * n)
+    ethertype, sport, dport = bytearray(2 * n), bytearray(2 * n), bytearray(2 * n)
+    ipv, proto = bytearray(n), bytearray(n)
+    src, dst = bytearray(16 * n), bytearray(16 * n)
+    cdef int32_t[::1] o_iface = memoryview(iface).cast("i") if n else None
+    cdef int32_t[::1] o_vlan = memoryview(vlan).cast("i") if n else None
+    cdef uint16_t[::1] o_et = memoryview(ethertype).cast("H") if n else None
+    cdef uint16_t[::1] o_sp = memoryview(sport).cast("H") if n else None
+    cdef uint16_t[::1] o_dp = memoryview(dport).cast("H") if n else None
+    cdef unsigned char[::1] o_ipv = ipv
+    cdef unsigned char[::1] o_proto = proto
+    cdef unsigned char[::1] o_src = src
+    cdef unsigned char[::1] o_dst = dst
+    cdef const FlowKey *key
+    for k in range(n):
+        key = <const FlowKey *> &keys[k * sizeof(FlowKey)]
+        o_iface[k] = key.iface
+        o_vlan[k] = key.vlan
+        o_et[k] = key.ethertype
+        o_sp[k] = key.sport
+        o_dp[k] = key.dport
+        o_ipv[k] = key.ipv
+        o_proto[k] = key.proto
+        memcpy(&o_src[16 * k], key.src, 16)
+        memcpy(&o_dst[16 * k], key.dst, 16)
+    return {"iface": iface, "vlan": vlan, "ethertype": ethertype, "sport": sport, "dport": dport,
+            "ipv": ipv, "proto": proto, "src": src, "dst": dst}
+
+
+cdef int _cmp_u32(const void *a, const void *b) noexcept nogil:
+    cdef uint32_t x = (<const uint32_t *> a)[0], y = (<const uint32_t *> b)[0]
+    return (x > y) - (x < y)
+
+
+cdef int _cmp_u64(const void *a, const void *b) noexcept nogil:
+    cdef uint64_t x = (<const uint64_t *> a)[0], y = (<const uint64_t *> b)[0]
+    return (x > y) - (x < y)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def distinct_sorted(const unsigned char[::1] values not None, int itemsize) -> bytearray:
+    """The distinct values of a buffer of native uint32 (``itemsize`` 4) or uint64 (8), in
+    ascending order (numpy's sort released and took back the GIL; a file's few thousand
+    addresses are sorted sooner than it comes back in a busy receiver)."""
+    if itemsize != 4 and itemsize != 8:
+        raise ValueError(f"itemsize {itemsize}: give 4 or 8")
+    cdef Py_ssize_t n = values.shape[0] // itemsize, i, m = 0
+    if values.shape[0] != n * itemsize:
+        raise ValueError(f"{values.shape[0]} bytes: not a multiple of {itemsize}")
+    out = bytearray(values)
+    cdef unsigned char[::1] o = out
+    cdef uint32_t *a4
+    cdef uint64_t *a8
+    if n and itemsize == 4:
+        a4 = <uint32_t *> &o[0]
+        qsort(a4, n, 4, _cmp_u32)
+        for i in range(n):
+            if i == 0 or a4[i] != a4[m - 1]:
+                a4[m] = a4[i]
+                m += 1
+    elif n:
+        a8 = <uint64_t *> &o[0]
+        qsort(a8, n, 8, _cmp_u64)
+        for i in range(n):
+            if i == 0 or a8[i] != a8[m - 1]:
+                a8[m] = a8[i]
+                m += 1
+    o = None
+    del out[m * itemsize:]
+    return out
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def mapped_rows(const uint32_t[::1] quads not None) -> bytearray:
+    """16-byte IPv4-mapped address rows (``::ffff:a.b.c.d``) of IPv4 addresses given as numbers
+    (:func:`key_addresses`' form)."""
+    cdef Py_ssize_t n = quads.shape[0], i
+    out = bytearray(16 * n)
+    cdef unsigned char[::1] o = out
+    cdef uint32_t q
+    for i in range(n):
+        memset(&o[16 * i], 0, 10)
+        o[16 * i + 10] = 0xFF
+        o[16 * i + 11] = 0xFF
+        q = quads[i]
+        o[16 * i + 12] = <unsigned char> (q >> 24)
+        o[16 * i + 13] = <unsigned char> (q >> 16)
+        o[16 * i + 14] = <unsigned char> (q >> 8)
+        o[16 * i + 15] = <unsigned char> q
+    return out
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def repeat_offsets(Py_ssize_t n, Py_ssize_t length) -> bytearray:
+    """The int32 offsets of an Arrow string array of ``n`` times one ``length``-byte string
+    (``pyarrow.repeat`` released and took back the GIL)."""
+    if n < 0 or length < 0 or n * length > 0x7FFFFFFF:
+        raise ValueError(f"{n} strings of {length} bytes: not an Arrow string array")
+    out = bytearray(4 * (n + 1))
+    cdef int32_t[::1] o = memoryview(out).cast("i")
+    cdef Py_ssize_t i
+    for i in range(n + 1):
+        o[i] = <int32_t> (i * length)
+    return out

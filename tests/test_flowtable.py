@@ -608,3 +608,39 @@ def test_address_texts_with_and_without_the_gil():
         assert got == address_strings(rows.reshape(-1), versions)
         assert got == [address_text(bytes(r), int(v)) for r, v in zip(rows, versions)]
         assert sum(t is not None for t, v in zip(got, versions) if v == 0) > n // 20
+
+
+@FUZZ
+@given(st.binary(max_size=KEY_BYTES * 6).map(lambda b: b[:len(b) // KEY_BYTES * KEY_BYTES]),
+       st.lists(st.integers(0, 2**64 - 1), max_size=40), st.text(max_size=5), st.integers(0, 50))
+def test_key_columns_distinct_and_repeat_agree_with_numpy(keys, words, text, n):
+    """The small C helpers of FileIndexBuilder against their numpy forms: key_columns (the
+    structured fields), distinct_sorted (np.unique of uint32 and uint64), mapped_rows and
+    repeat_offsets; bad sizes are refused."""
+    import pyarrow as pa
+
+    from pktstream._flowtable import distinct_sorted, key_columns, mapped_rows, repeat_offsets
+    from pktstream.archive.index import _repeated
+    ref = np.frombuffer(keys, dtype=KEY)
+    cols = key_columns(keys)
+    for name in ("iface", "vlan", "ethertype", "ipv", "proto", "sport", "dport"):
+        assert np.frombuffer(cols[name], dtype=ref.dtype[name]).tolist() == ref[name].tolist(), name
+    for name in ("src", "dst"):
+        assert bytes(cols[name]) == b"".join(bytes(v) for v in ref[name]), name
+    with pytest.raises(ValueError):
+        key_columns(keys + b"\0")
+    for dtype in (np.uint64, np.uint32):
+        a = np.array(words, dtype=np.uint64).astype(dtype)
+        got = np.frombuffer(distinct_sorted(a.view(np.uint8), a.dtype.itemsize), dtype=dtype)
+        assert got.tolist() == np.unique(a).tolist()
+    with pytest.raises(ValueError):
+        distinct_sorted(b"\0" * 8, 2)
+    with pytest.raises(ValueError):
+        distinct_sorted(b"\0" * 7, 4)
+    quads = np.array(words, dtype=np.uint64).astype(np.uint32)
+    assert bytes(mapped_rows(quads)) == b"".join(MAPPED + int(q).to_bytes(4, "big") for q in quads)
+    data = text.encode()
+    assert np.frombuffer(repeat_offsets(n, len(data)), dtype=np.int32).tolist() == [i * len(data) for i in range(n + 1)]
+    assert _repeated(text, n).equals(pa.array([text] * n, pa.string()))
+    with pytest.raises(ValueError):
+        repeat_offsets(2**20, 2**12)

@@ -32,7 +32,18 @@ from typing import Any
 import numpy as np
 
 from pktstream._capture import PacketBatch
-from pktstream._flowtable import KEY_BYTES, FlowTable, address_strings, address_texts, key_addresses, key_summary
+from pktstream._flowtable import (
+    KEY_BYTES,
+    FlowTable,
+    address_strings,
+    address_texts,
+    distinct_sorted,
+    key_addresses,
+    key_columns,
+    key_summary,
+    mapped_rows,
+    repeat_offsets,
+)
 from pktstream.archive.bloom import MAPPED_PREFIX, UNKNOWN_FILTER, address_hashes, filter_of_hashes, port_bitmap
 from pktstream.formats import linktype_to_dlt
 
@@ -385,7 +396,7 @@ class FileIndexBuilder:
         raw = self._table.flows(sensor_of_id)
         part = np.frombuffer(raw["part"], dtype=np.int64)
         day0 = raw["day0"]
-        return {"key": np.frombuffer(raw["key"], dtype=_KEY),
+        return {"key": np.frombuffer(raw["key"], dtype=_KEY), "key_bytes": raw["key"],
                 "packets": np.frombuffer(raw["packets"], dtype=np.int64),
                 "bytes": np.frombuffer(raw["bytes"], dtype=np.int64),
                 "first": np.frombuffer(raw["first_ns"], dtype=np.int64),
@@ -407,20 +418,24 @@ class FileIndexBuilder:
         if not f:
             return tables
         names = {v: k for k, v in self._ifaces.items()}
-        key = f["key"]
-        ipv = np.ascontiguousarray(key["ipv"])
-        n = len(key)
+        key_bytes = f["key_bytes"]
+        # (every step below in C or on contiguous buffers: numpy's sorts and strided copies and
+        # pyarrow.repeat each released the GIL, a thread switch each in a busy receiver)
+        key = {name: np.frombuffer(col, dtype=_KEY[name] if name not in ("src", "dst") else np.uint8)
+               for name, col in key_columns(key_bytes).items()}
+        ipv = key["ipv"]
+        n = len(ipv)
 
         def texts(col: np.ndarray) -> Any:
             """The addresses as an Arrow string array (text made in C, inet_ntop's form)."""
-            offsets, data, valid, nulls = address_texts(np.ascontiguousarray(col).view(np.uint8), ipv)
+            offsets, data, valid, nulls = address_texts(col, ipv)
             return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data),
                                                pa.py_buffer(valid), nulls)
 
         src, dst = texts(key["src"]), texts(key["dst"])
         # the file's distinct addresses: IPv4 as sorted numbers, IPv6 as 16-byte rows
-        four, six_buf = key_addresses(key.view(np.uint8).reshape(-1))
-        quads = _distinct(np.frombuffer(four, dtype=np.uint32))
+        four, six_buf = key_addresses(key_bytes)
+        quads = _distinct_words(np.frombuffer(four, dtype=np.uint32))
         six = bytes(six_buf)
         six_rows = {six[i:i + 16] for i in range(0, len(six), 16)}
         if self._addrs is not None:
@@ -428,25 +443,26 @@ class FileIndexBuilder:
         # the address filter's input: distinct hashes of every address of the file (all spills);
         # past FILTER_MAX_ADDRESSES (a flood of spoofed sources) no filter: memory stays bounded
         if self._addresses_complete:
-            self._addr_hashes = _distinct(np.concatenate([self._addr_hashes,
-                                                          address_hashes(_address_rows(quads, six_rows))]))
+            hashes = address_hashes(np.frombuffer(bytes(mapped_rows(quads)) + b"".join(six_rows), dtype=np.uint8))
+            self._addr_hashes = _distinct_words(np.concatenate([self._addr_hashes, hashes])
+                                                if len(self._addr_hashes) else hashes)
             if len(self._addr_hashes) > FILTER_MAX_ADDRESSES:
                 self._addresses_complete = False
                 self._addr_hashes = np.zeros(0, dtype=np.uint64)
         iface_ids = key["iface"]
         ids = sorted(names)
         link_of_id = np.array([names[i][2] for i in ids], dtype=np.int32)
-        links = link_of_id[iface_ids]
+        links = np.full(n, link_of_id[0], dtype=np.int32) if len(ids) == 1 else link_of_id[iface_ids]
         # ports of the IP flows (ARP addresses are in the address summary, no ports), and
         # whether the records hold every address and port (summary_completeness, in one C pass)
-        broken_ip, unaddressed = key_summary(key.view(np.uint8).reshape(-1), links, self._port_seen.view(np.uint8))
+        broken_ip, unaddressed = key_summary(key_bytes, links, self._port_seen.view(np.uint8))
         decoded = set(link_of_id.tolist()) <= _DECODED  # (every interface of the file has records)
         self._addresses_complete &= decoded and not broken_ip and not unaddressed
         self._ports_complete &= decoded and not broken_ip
         # interface names: a string array built from buffers (Array.take would load pyarrow.compute,
         # ~0.25 CPU-s once per process)
         if len(ids) == 1:  # (one interface: no per-record Python)
-            interfaces = pa.repeat(pa.scalar(names[ids[0]][1], pa.string()), n)
+            interfaces = _repeated(names[ids[0]][1], n)
         else:
             itf_bytes = [names[i][1].encode() for i in ids]
             itf_len = np.array([len(b) for b in itf_bytes], dtype=np.int32)
@@ -459,7 +475,7 @@ class FileIndexBuilder:
         self._last_ts = hi if self._last_ts is None else max(self._last_ts, hi)
         chunks = pa.ListArray.from_arrays(_arrow(f["chunk_offsets"]), _arrow(f["chunk_values"]))
         table = pa.table({
-            "file": pa.repeat(pa.scalar(self.rel_path, pa.string()), n),
+            "file": _repeated(self.rel_path, n),
             "interface": interfaces,
             "link_type": _arrow(links),
             "vlan": _arrow(key["vlan"]), "ethertype": _arrow(key["ethertype"]),
@@ -485,7 +501,7 @@ class FileIndexBuilder:
         address summary (None past SUMMARY_LIMIT): text is made once, by :meth:`_address_summary`."""
         assert self._addrs is not None
         old_quads, old_six = self._addrs
-        quads = _distinct(np.concatenate([old_quads, quads])) if len(old_quads) else quads
+        quads = _distinct_words(np.concatenate([old_quads, quads])) if len(old_quads) else quads
         old_six.update(six)
         self._addrs = None if len(quads) + len(old_six) > SUMMARY_LIMIT else (quads, old_six)
 
@@ -494,10 +510,8 @@ class FileIndexBuilder:
         then IPv6 in byte order."""
         assert self._addrs is not None
         quads, six = self._addrs
-        rows = _address_rows(quads, six, ordered=True)
-        versions = np.full(len(rows), 6, dtype=np.uint8)
-        versions[:len(quads)] = 4
-        return address_strings(rows.reshape(-1), versions)
+        rows = bytes(mapped_rows(quads)) + b"".join(sorted(six))
+        return address_strings(rows, b"\4" * len(quads) + b"\6" * len(six))
 
     def finish(self, *, size: int, version: str, format: str, compression: str | None,
                status: str = "ok", error: str | None = None) -> tuple[dict[str, Any], dict[tuple[str, str], Any]]:
@@ -570,23 +584,24 @@ def summary_completeness(ipv: np.ndarray, ethertype: np.ndarray, link_type: np.n
     return decoded and not broken_ip and not bool(unaddressed.any()), decoded and not broken_ip
 
 
-def _address_rows(quads: np.ndarray, six: set[bytes], *, ordered: bool = False) -> np.ndarray:
-    """16-byte address rows (uint8, shape (n, 16)): the IPv4 numbers ``quads`` IPv4-mapped,
-    then the IPv6 addresses ``six`` (in byte order when ``ordered``)."""
-    rows = np.zeros((len(quads) + len(six), 16), dtype=np.uint8)
-    rows[:len(quads), 10:12] = 0xFF
-    rows[:len(quads), 12:] = quads.astype(">u4").view(np.uint8).reshape(-1, 4)
-    if six:
-        rows[len(quads):] = np.frombuffer(b"".join(sorted(six) if ordered else six), np.uint8).reshape(-1, 16)
-    return rows
-
-
 def _arrow(a: np.ndarray) -> Any:
     """A numpy column as an Arrow array (no nulls), zero-copy when contiguous (``pa.array``
     would load numpy.ma, ~0.05 CPU-s once per process, to look for masked arrays)."""
     import pyarrow as pa
     a = np.ascontiguousarray(a)
     return pa.Array.from_buffers(pa.from_numpy_dtype(a.dtype.newbyteorder("=")), len(a), [None, pa.py_buffer(a)])
+
+
+def _distinct_words(a: np.ndarray) -> np.ndarray:
+    """:func:`_distinct` of a uint32 or uint64 array, sorted in C (keeping the GIL)."""
+    return np.frombuffer(distinct_sorted(np.ascontiguousarray(a).view(np.uint8), a.dtype.itemsize), dtype=a.dtype)
+
+
+def _repeated(text: str, n: int) -> Any:
+    """An Arrow string array of ``n`` times ``text``, from buffers."""
+    import pyarrow as pa
+    data = text.encode()
+    return pa.StringArray.from_buffers(n, pa.py_buffer(repeat_offsets(n, len(data))), pa.py_buffer(data * n))
 
 
 def _distinct(a: np.ndarray) -> np.ndarray:
