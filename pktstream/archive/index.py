@@ -456,7 +456,9 @@ class FileIndexBuilder:
         # ports of the IP flows (ARP addresses are in the address summary, no ports), and
         # whether the records hold every address and port (summary_completeness, in one C pass)
         broken_ip, unaddressed = key_summary(key_bytes, links, self._port_seen.view(np.uint8))
-        decoded = set(link_of_id.tolist()) <= _DECODED  # (every interface of the file has records)
+        # link types of all the file's interfaces: each has records (one whose first batch was refused,
+        # in a damaged file, can only make the summaries say "maybe" more often)
+        decoded = set(link_of_id.tolist()) <= _DECODED
         self._addresses_complete &= decoded and not broken_ip and not unaddressed
         self._ports_complete &= decoded and not broken_ip
         # interface names: a string array built from buffers (Array.take would load pyarrow.compute,
