@@ -104,6 +104,8 @@ cdef struct ChunkRef:  # (flow, chunk): appended when a flow is first seen in a 
 
 
 KEY_BYTES = sizeof(FlowKey)
+#: batches/arrays from this size on are worked with the GIL released (smaller: kept)
+GIL_RELEASE_MIN = NOGIL_MIN_RECORDS
 
 cdef enum:
     MAX_FLOWS = 0x3FFFFFFF  # flow ids are int32; slots hold id + 1
@@ -294,6 +296,14 @@ cdef Py_ssize_t _locate(const unsigned char *d, Py_ssize_t size, const int64_t *
     return count
 
 
+cdef inline int _check_aligned(const void *p, size_t align, str what) except -1:
+    """ValueError unless ``p`` (the start of a typed buffer) is aligned for its items (a
+    numpy view at an odd offset is accepted by typed memoryviews)."""
+    if p != NULL and (<size_t> p) % align:
+        raise ValueError(f"{what}: the buffer is not aligned to {align} bytes")
+    return 0
+
+
 cdef struct _Ordered:  # FlowTable.flows' sort entry
     int64_t part
     int64_t first
@@ -310,6 +320,60 @@ cdef int _ordered_cmp(const void *a, const void *b) noexcept nogil:
     if x.first != y.first:
         return -1 if x.first < y.first else 1
     return memcmp(x.key, y.key, sizeof(FlowKey))
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef int _sort_ordered(_Ordered *ent, Py_ssize_t n) noexcept nogil:
+    """Sort ``ent`` in (partition, first ns, key bytes) order: a stable LSD radix sort, a byte
+    at a time, by first time, then by partition (bytes all entries share are skipped), then
+    each run of equal (partition, first) by key with qsort (runs are short). ~3x faster than
+    qsort alone on a spill's 262,144 records. Returns -1 when out of memory (``ent`` unchanged
+    then), else 0."""
+    cdef _Ordered *tmp = <_Ordered *> malloc(n * sizeof(_Ordered))
+    cdef _Ordered *src = ent
+    cdef _Ordered *dst = tmp
+    cdef _Ordered *sw
+    cdef Py_ssize_t count[256]
+    cdef Py_ssize_t i, j, total
+    cdef int field, shift, d
+    cdef uint64_t v
+    if tmp == NULL:
+        return -1
+    for field in range(2):  # 0: first time (less significant), 1: partition
+        for shift in range(0, 64, 8):
+            memset(count, 0, sizeof(count))
+            for i in range(n):
+                # (the sign bit flipped: negative values first)
+                v = <uint64_t> (src[i].first if field == 0 else src[i].part) ^ 0x8000000000000000ULL
+                count[(v >> shift) & 0xFF] += 1
+            d = <int> (((<uint64_t> (src[0].first if field == 0 else src[0].part) ^ 0x8000000000000000ULL)
+                        >> shift) & 0xFF)
+            if count[d] == n:  # every entry has this byte: nothing to move
+                continue
+            total = 0
+            for j in range(256):
+                total, count[j] = total + count[j], total
+            for i in range(n):
+                v = <uint64_t> (src[i].first if field == 0 else src[i].part) ^ 0x8000000000000000ULL
+                d = <int> ((v >> shift) & 0xFF)
+                dst[count[d]] = src[i]
+                count[d] += 1
+            sw = src
+            src = dst
+            dst = sw
+    if src != ent:
+        memcpy(ent, src, n * sizeof(_Ordered))
+    free(tmp)
+    i = 0
+    while i < n:  # runs of equal (partition, first): by key
+        j = i + 1
+        while j < n and ent[j].part == ent[i].part and ent[j].first == ent[i].first:
+            j += 1
+        if j - i > 1:
+            qsort(&ent[i], j - i, sizeof(_Ordered), _ordered_cmp)
+        i = j
+    return 0
 
 
 @cython.cdivision(True)
@@ -582,6 +646,8 @@ cdef class FlowTable:
             raise ValueError("negative record count")
         if offsets is not None and offsets.shape[0] < count:
             raise ValueError(f"{offsets.shape[0]} offsets for {count} records")
+        if offsets is not None and offsets.shape[0]:
+            _check_aligned(&offsets[0], 8, "offsets")
         if offsets is None and count > size // RECORD_HEADER:  # (before anything is sized by it)
             raise ValueError(f"{count} records cannot fit in a {size}-byte buffer")
         if chunk < 0:
@@ -639,7 +705,7 @@ cdef class FlowTable:
 
         ``groups`` None: in first-seen order. Else ``groups[iface]`` (>= 0) is the group of each
         interface id (the builder's sensors): records are ordered by partition -- ``group *
-        1_000_000 + day``, day counted from ``day0``, the first packet's UTC day -- then first
+        1_000_000 + day``, day counted from ``day0``, the UTC day of the earliest first time -- then first
         packet time, then key bytes (a total order: keys are distinct), and the result adds
         ``part`` (int64 per record) and ``day0`` (days since 1970).
 
@@ -653,7 +719,12 @@ cdef class FlowTable:
         cdef int32_t c
         cdef _Ordered *ent = NULL
         cdef bint ordered = True
+        cdef int bad = 0
+        if self.n_refs > 0x7FFFFFFF:  # (chunk offsets are int32)
+            raise ValueError(f"{self.n_refs} (flow, chunk) pairs: more than int32 offsets hold")
         if groups is not None:
+            if groups.shape[0]:
+                _check_aligned(&groups[0], 8, "groups")
             for i in range(n):
                 g = self.recs[i].key.iface
                 if g < 0 or g >= groups.shape[0] or groups[g] < 0 or groups[g] >= MAX_GROUPS:
@@ -697,8 +768,18 @@ cdef class FlowTable:
                     ent[i].idx = i
                     if i and ordered and _ordered_cmp(&ent[i - 1], &ent[i]) > 0:
                         ordered = False
-                if not ordered:  # (records are first seen in time order, mostly: often sorted already)
-                    qsort(ent, n, sizeof(_Ordered), _ordered_cmp)
+                # (records are first seen in time order, mostly: often sorted already)
+                if not ordered and n >= NOGIL_MIN_RECORDS:  # (a spill's table)
+                    self.busy = True
+                    try:
+                        with nogil:
+                            bad = _sort_ordered(ent, n)
+                    finally:
+                        self.busy = False
+                elif not ordered:
+                    bad = _sort_ordered(ent, n)
+                if bad:
+                    raise MemoryError()
             # counting sort of the (flow, chunk) pairs by flow; appended in chunk order, so each
             # flow's chunks come out ascending (and distinct: a pair is added once per chunk)
             for i in range(n + 1):
@@ -867,11 +948,12 @@ def key_addresses(const unsigned char[::1] keys not None) -> tuple:
     v6 = bytearray(2 * n * 16)
     cdef uint32_t[::1] o4 = memoryview(v4).cast("I") if n else None
     cdef unsigned char[::1] o6 = v6
-    cdef const FlowKey *key
+    cdef FlowKey kbuf
+    cdef const FlowKey *key = &kbuf
     cdef const unsigned char *a
     cdef int side
     for k in range(n):
-        key = <const FlowKey *> &keys[k * sizeof(FlowKey)]
+        memcpy(&kbuf, &keys[k * sizeof(FlowKey)], sizeof(FlowKey))  # (the buffer may be unaligned)
         for side in range(2):
             if side == 0:
                 a = <const unsigned char *> &key.src[0]
@@ -893,6 +975,22 @@ def key_addresses(const unsigned char[::1] keys not None) -> tuple:
 @cython.boundscheck(False)
 @cython.wraparound(False)
 @cython.cdivision(True)
+cdef void _bloom_set(const uint64_t[::1] hashes, int k, uint64_t m, unsigned char[::1] o) noexcept nogil:
+    """:func:`bloom_bits`' loop."""
+    cdef uint64_t h1, h2, p
+    cdef Py_ssize_t j
+    cdef int i
+    for j in range(hashes.shape[0]):
+        h1 = <uint32_t> hashes[j]
+        h2 = (hashes[j] >> 32) | 1
+        for i in range(k):  # < 2**32 + 64 * 2**32: no overflow
+            p = (h1 + <uint64_t> i * h2) % m
+            o[p >> 3] |= <unsigned char> (1 << (p & 7))
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.cdivision(True)
 def bloom_bits(const uint64_t[::1] hashes not None, Py_ssize_t nbytes, int k) -> bytearray:
     """The bit array of a Bloom filter (archive/bloom.py's layout) of ``hashes``: ``nbytes``
     bytes, bit ``(h1 + i * h2) mod m`` set for i < ``k``, with ``h1 = h mod 2**32``, ``h2 =
@@ -902,15 +1000,14 @@ def bloom_bits(const uint64_t[::1] hashes not None, Py_ssize_t nbytes, int k) ->
         raise ValueError(f"nbytes {nbytes}, k {k}: give nbytes > 0 and 0 <= k <= 64")
     out = bytearray(nbytes)
     cdef unsigned char[::1] o = out
-    cdef uint64_t m = <uint64_t> nbytes * 8, h1, h2, p
-    cdef Py_ssize_t j
-    cdef int i
-    for j in range(hashes.shape[0]):  # (the GIL kept: ~10 us per thousand addresses)
-        h1 = <uint32_t> hashes[j]
-        h2 = (hashes[j] >> 32) | 1
-        for i in range(k):  # < 2**32 + 64 * 2**32: no overflow
-            p = (h1 + <uint64_t> i * h2) % m
-            o[p >> 3] |= <unsigned char> (1 << (p & 7))
+    cdef uint64_t m = <uint64_t> nbytes * 8
+    if hashes.shape[0]:
+        _check_aligned(&hashes[0], 8, "hashes")
+    if hashes.shape[0] >= NOGIL_MIN_RECORDS:
+        with nogil:
+            _bloom_set(hashes, k, m, o)
+    else:  # (~60 us for a file's few thousand addresses: sooner than the GIL comes back)
+        _bloom_set(hashes, k, m, o)
     return out
 
 
@@ -930,10 +1027,13 @@ def key_summary(const unsigned char[::1] keys not None, const int32_t[::1] links
         raise ValueError(f"{keys.shape[0]} key bytes and {links.shape[0]} link types: not one per key")
     if port_seen.shape[0] != 65536:
         raise ValueError(f"port_seen has {port_seen.shape[0]} bytes, not 65536")
-    cdef const FlowKey *key
+    if n:
+        _check_aligned(&links[0], 4, "links")
+    cdef FlowKey kbuf
+    cdef const FlowKey *key = &kbuf
     cdef bint broken = False, unaddressed = False
     for k in range(n):
-        key = <const FlowKey *> &keys[k * sizeof(FlowKey)]
+        memcpy(&kbuf, &keys[k * sizeof(FlowKey)], sizeof(FlowKey))  # (the buffer may be unaligned)
         if key.ipv > 0:
             port_seen[key.sport] = 1
             port_seen[key.dport] = 1
@@ -1005,9 +1105,10 @@ def key_columns(const unsigned char[::1] keys not None) -> dict:
     cdef unsigned char[::1] o_proto = proto
     cdef unsigned char[::1] o_src = src
     cdef unsigned char[::1] o_dst = dst
-    cdef const FlowKey *key
+    cdef FlowKey kbuf
+    cdef const FlowKey *key = &kbuf
     for k in range(n):
-        key = <const FlowKey *> &keys[k * sizeof(FlowKey)]
+        memcpy(&kbuf, &keys[k * sizeof(FlowKey)], sizeof(FlowKey))  # (the buffer may be unaligned)
         o_iface[k] = key.iface
         o_vlan[k] = key.vlan
         o_et[k] = key.ethertype
@@ -1035,8 +1136,9 @@ cdef int _cmp_u64(const void *a, const void *b) noexcept nogil:
 @cython.wraparound(False)
 def distinct_sorted(const unsigned char[::1] values not None, int itemsize) -> bytearray:
     """The distinct values of a buffer of native uint32 (``itemsize`` 4) or uint64 (8), in
-    ascending order (numpy's sort released and took back the GIL; a file's few thousand
-    addresses are sorted sooner than it comes back in a busy receiver)."""
+    ascending order, keeping the GIL: for a file's few thousand addresses, sooner than numpy's
+    sort gets it back in a busy receiver (for large arrays numpy's sort is faster and releasing
+    the GIL pays: index.py uses it from NOGIL_MIN_RECORDS values on)."""
     if itemsize != 4 and itemsize != 8:
         raise ValueError(f"itemsize {itemsize}: give 4 or 8")
     cdef Py_ssize_t n = values.shape[0] // itemsize, i, m = 0
@@ -1071,6 +1173,8 @@ def mapped_rows(const uint32_t[::1] quads not None) -> bytearray:
     """16-byte IPv4-mapped address rows (``::ffff:a.b.c.d``) of IPv4 addresses given as numbers
     (:func:`key_addresses`' form)."""
     cdef Py_ssize_t n = quads.shape[0], i
+    if n:
+        _check_aligned(&quads[0], 4, "quads")
     out = bytearray(16 * n)
     cdef unsigned char[::1] o = out
     cdef uint32_t q
@@ -1091,7 +1195,7 @@ def mapped_rows(const uint32_t[::1] quads not None) -> bytearray:
 def repeat_offsets(Py_ssize_t n, Py_ssize_t length) -> bytearray:
     """The int32 offsets of an Arrow string array of ``n`` times one ``length``-byte string
     (``pyarrow.repeat`` released and took back the GIL)."""
-    if n < 0 or length < 0 or n * length > 0x7FFFFFFF:
+    if n < 0 or length < 0 or n > 0x7FFFFFFE or (length and n > 0x7FFFFFFF // length):
         raise ValueError(f"{n} strings of {length} bytes: not an Arrow string array")
     out = bytearray(4 * (n + 1))
     cdef int32_t[::1] o = memoryview(out).cast("i")

@@ -33,6 +33,7 @@ import numpy as np
 
 from pktstream._capture import PacketBatch
 from pktstream._flowtable import (
+    GIL_RELEASE_MIN,
     KEY_BYTES,
     FlowTable,
     address_strings,
@@ -299,6 +300,7 @@ class FileIndexBuilder:
         self._addresses_complete = True
         self._ports_complete = True  # False: the port summary cannot say "not here" either
         self._port_seen = np.zeros(65536, dtype=bool)  # ports of the file's IP flows
+        self._with_records: set[int] = set()  # interface ids with records (an add that raised has none)
         self._first_ts: int | None = None
         self._last_ts: int | None = None
 
@@ -339,7 +341,12 @@ class FileIndexBuilder:
         iid = self._ifaces.setdefault((sensor, itf, link_type), len(self._ifaces))
         # one C pass over the records: flow key, hash insert, per-flow counters
         # (the batch's offset array when a writer built it already: no record walk)
-        wire, ts_min, ts_max = t.add(batch, n, link_type, iid, chunk, batch.offset if batch.has_arrays else None)
+        before = t.packets
+        try:
+            wire, ts_min, ts_max = t.add(batch, n, link_type, iid, chunk, batch.offset if batch.has_arrays else None)
+        finally:
+            if t.packets != before:  # (a refused batch adds none; one changed meanwhile, some)
+                self._with_records.add(iid)
         if len(t) > self.peak_flows_held:
             self.peak_flows_held = len(t)
             self.peak_table_bytes = max(self.peak_table_bytes, t.nbytes)
@@ -456,9 +463,8 @@ class FileIndexBuilder:
         # ports of the IP flows (ARP addresses are in the address summary, no ports), and
         # whether the records hold every address and port (summary_completeness, in one C pass)
         broken_ip, unaddressed = key_summary(key_bytes, links, self._port_seen.view(np.uint8))
-        # link types of all the file's interfaces: each has records (one whose first batch was refused,
-        # in a damaged file, can only make the summaries say "maybe" more often)
-        decoded = set(link_of_id.tolist()) <= _DECODED
+        # link types of the interfaces with records (their records may be in an earlier spill)
+        decoded = {names[i][2] for i in self._with_records} <= _DECODED
         self._addresses_complete &= decoded and not broken_ip and not unaddressed
         self._ports_complete &= decoded and not broken_ip
         # interface names: a string array built from buffers (Array.take would load pyarrow.compute,
@@ -595,7 +601,10 @@ def _arrow(a: np.ndarray) -> Any:
 
 
 def _distinct_words(a: np.ndarray) -> np.ndarray:
-    """:func:`_distinct` of a uint32 or uint64 array, sorted in C (keeping the GIL)."""
+    """:func:`_distinct` of a uint32 or uint64 array: sorted in C keeping the GIL when small (a
+    file's addresses), by numpy when large (faster there, and releasing the GIL pays)."""
+    if len(a) >= GIL_RELEASE_MIN:
+        return _distinct(a)
     return np.frombuffer(distinct_sorted(np.ascontiguousarray(a).view(np.uint8), a.dtype.itemsize), dtype=a.dtype)
 
 
