@@ -327,9 +327,9 @@ cdef int _ordered_cmp(const void *a, const void *b) noexcept nogil:
 cdef int _sort_ordered(_Ordered *ent, Py_ssize_t n) noexcept nogil:
     """Sort ``ent`` in (partition, first ns, key bytes) order: a stable LSD radix sort, a byte
     at a time, by first time, then by partition (bytes all entries share are skipped), then
-    each run of equal (partition, first) by key with qsort (runs are short). ~3x faster than
-    qsort alone on a spill's 262,144 records. Returns -1 when out of memory (``ent`` unchanged
-    then), else 0."""
+    each run of equal (partition, first) by key with qsort (runs are short): flows() of a
+    spill's 262,144 shuffled records took 110 ms so, 147 ms with qsort over all of them. Returns
+    -1 when out of memory (``ent`` unchanged then), else 0."""
     cdef _Ordered *tmp = <_Ordered *> malloc(n * sizeof(_Ordered))
     cdef _Ordered *src = ent
     cdef _Ordered *dst = tmp
@@ -705,9 +705,10 @@ cdef class FlowTable:
 
         ``groups`` None: in first-seen order. Else ``groups[iface]`` (>= 0) is the group of each
         interface id (the builder's sensors): records are ordered by partition -- ``group *
-        1_000_000 + day``, day counted from ``day0``, the UTC day of the earliest first time -- then first
-        packet time, then key bytes (a total order: keys are distinct), and the result adds
-        ``part`` (int64 per record) and ``day0`` (days since 1970).
+        1_000_000 + day``, day counted from ``day0``, the UTC day of the earliest first time --
+        then first packet time, then key bytes (a total order: keys are distinct), and the
+        result adds ``part`` (int64 per record) and ``day0`` (days since 1970). A table of
+        8,192 records or more is sorted with the GIL released.
 
         :raises ValueError: an interface id has no group.
         """
