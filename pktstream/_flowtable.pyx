@@ -1133,6 +1133,21 @@ cdef int _cmp_u64(const void *a, const void *b) noexcept nogil:
     return (x > y) - (x < y)
 
 
+ctypedef fused _word:
+    uint32_t
+    uint64_t
+
+
+cdef Py_ssize_t _squeeze(_word *a, Py_ssize_t n) noexcept nogil:
+    """Drop the repeats of sorted ``a[:n]`` in place; returns how many values are left."""
+    cdef Py_ssize_t i, m = 0
+    for i in range(n):
+        if i == 0 or a[i] != a[m - 1]:
+            a[m] = a[i]
+            m += 1
+    return m
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 def distinct_sorted(const unsigned char[::1] values not None, int itemsize) -> bytearray:
@@ -1142,27 +1157,17 @@ def distinct_sorted(const unsigned char[::1] values not None, int itemsize) -> b
     the GIL pays: index.py uses it from NOGIL_MIN_RECORDS values on)."""
     if itemsize != 4 and itemsize != 8:
         raise ValueError(f"itemsize {itemsize}: give 4 or 8")
-    cdef Py_ssize_t n = values.shape[0] // itemsize, i, m = 0
+    cdef Py_ssize_t n = values.shape[0] // itemsize, m = 0
     if values.shape[0] != n * itemsize:
         raise ValueError(f"{values.shape[0]} bytes: not a multiple of {itemsize}")
     out = bytearray(values)
     cdef unsigned char[::1] o = out
-    cdef uint32_t *a4
-    cdef uint64_t *a8
     if n and itemsize == 4:
-        a4 = <uint32_t *> &o[0]
-        qsort(a4, n, 4, _cmp_u32)
-        for i in range(n):
-            if i == 0 or a4[i] != a4[m - 1]:
-                a4[m] = a4[i]
-                m += 1
+        qsort(&o[0], n, 4, _cmp_u32)
+        m = _squeeze(<uint32_t *> &o[0], n)
     elif n:
-        a8 = <uint64_t *> &o[0]
-        qsort(a8, n, 8, _cmp_u64)
-        for i in range(n):
-            if i == 0 or a8[i] != a8[m - 1]:
-                a8[m] = a8[i]
-                m += 1
+        qsort(&o[0], n, 8, _cmp_u64)
+        m = _squeeze(<uint64_t *> &o[0], n)
     o = None
     del out[m * itemsize:]
     return out
