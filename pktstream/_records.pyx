@@ -19,7 +19,7 @@ can do is a ``ValueError``, never a read or write outside a buffer. Lengths are 
 64-bit (``Py_ssize_t``/``uint64_t``): no 32-bit field can overflow them.
 """
 cimport cython
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcpy, memset
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_Resize
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
@@ -556,31 +556,41 @@ def new_buffer(Py_ssize_t nbytes):
     return PyByteArray_FromStringAndSize(NULL, nbytes)
 
 
-def records_to_epb(const unsigned char[::1] src, Py_ssize_t length, uint32_t iface):
+def records_to_epb(const unsigned char[::1] src, Py_ssize_t length, uint32_t iface, int64_t[::1] offsets=None):
     """LE ns records → pcapng Enhanced Packet Blocks (little-endian, if_tsresol 9), bytes, all
     on interface ``iface``.
 
     One pass over the records (the receiver's output thread calls this on blocks that are long
     out of the CPU caches): the output is sized for the worst case (every record grows by at
     most 19 bytes: 32-byte EPB framing + 3 bytes of padding - 16-byte record header), written
-    without zeroing first (padding bytes are written explicitly), then trimmed."""
-    return _to_epb(src, length, iface, None)
+    without zeroing first (padding bytes are written explicitly), then trimmed.
+
+    ``offsets``: receives the offset in ``src`` of each record's packet data (what
+    ``PacketBatch.offset`` holds), found by the same pass -- for a caller that walks the records
+    again (the live index); ValueError when it has room for fewer records than ``src`` holds."""
+    return _to_epb(src, length, iface, None, offsets)
 
 
-def records_to_epb_ids(const unsigned char[::1] src, Py_ssize_t length, const uint32_t[::1] ifaces not None):
+def records_to_epb_ids(const unsigned char[::1] src, Py_ssize_t length, const uint32_t[::1] ifaces not None,
+                       int64_t[::1] offsets=None):
     """As :func:`records_to_epb`, the interface of record ``k`` being ``ifaces[k]`` (a pcapng
     whose interfaces interleave, written in one pass); ValueError unless ``ifaces`` holds
     exactly one id per record."""
-    return _to_epb(src, length, 0, ifaces)
+    return _to_epb(src, length, 0, ifaces, offsets)
 
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
 cdef _to_epb(const unsigned char[::1] src, Py_ssize_t length, uint32_t iface,
-             const uint32_t[::1] ifaces):
+             const uint32_t[::1] ifaces, int64_t[::1] offsets):
     cdef Py_ssize_t pos = 0, out = 0, bound, blen, k = 0
     cdef Py_ssize_t nids = ifaces.shape[0] if ifaces is not None else 0
     cdef const uint32_t *ids = &ifaces[0] if nids else NULL
+    cdef bint want_offsets = offsets is not None
+    cdef Py_ssize_t noffs = offsets.shape[0] if want_offsets else 0
+    cdef int64_t *offs = &offsets[0] if noffs else NULL
+    if noffs and (<uintptr_t> offs) % sizeof(int64_t):
+        raise ValueError("offsets: the buffer is not aligned for int64")
     cdef bint per_record = ifaces is not None
     cdef uint32_t caplen
     cdef uint64_t ts
@@ -611,6 +621,11 @@ cdef _to_epb(const unsigned char[::1] src, Py_ssize_t length, uint32_t iface,
                     bad = 2
                     break
                 iface = ids[k]
+            if want_offsets:
+                if k >= noffs:
+                    bad = 3
+                    break
+                offs[k] = pos + HDR
             ts = <uint64_t> ps_get_le32(s + pos) * 1000000000ULL + ps_get_le32(s + pos + 4)
             ps_put_le32(d + out, 6)
             ps_put_le32(d + out + 4, <uint32_t> blen)
@@ -627,6 +642,8 @@ cdef _to_epb(const unsigned char[::1] src, Py_ssize_t length, uint32_t iface,
             k += 1
     if bad == 1:
         raise ValueError(f"record at byte {pos} runs past the end of the buffer")
+    if bad == 3:
+        raise ValueError(f"room for {noffs} offsets, for more records")
     if bad == 2 or (per_record and k != nids):
         raise ValueError(f"{nids} interface ids for {k if bad == 0 else 'more'} records")
     PyByteArray_Resize(result, out)

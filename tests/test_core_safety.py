@@ -194,6 +194,24 @@ def test_records_to_epb_ids_needs_one_id_per_record():
         records_to_epb_ids(bad, len(bad), np.zeros(1, dtype=np.uint32))
 
 
+def test_records_to_epb_offsets_need_room_and_alignment():
+    """The offsets a conversion writes (one per record): an array with room for fewer is
+    refused when the record that does not fit comes (nothing is written past its end), a
+    misaligned int64 view before anything is written."""
+    ok = _records(3, 13)
+    for conv in (lambda o: records_to_epb(ok, len(ok), 0, o),
+                 lambda o: records_to_epb_ids(ok, len(ok), np.zeros(3, dtype=np.uint32), o)):
+        room = np.full(4, -1, dtype=np.int64)
+        with pytest.raises(ValueError, match="room for 2 offsets"):
+            conv(room[:2])
+        assert room[2:].tolist() == [-1, -1]
+        with pytest.raises(ValueError, match="not aligned"):
+            conv(np.zeros(33, dtype=np.uint8)[1:].view(np.int64))
+        conv(room[:3])
+        assert room.tolist() == [16, 45, 74, -1]
+    assert len(records_to_epb(b"", 0, 0, np.zeros(0, dtype=np.int64))) == 0
+
+
 def test_merge_heads_and_gather_records_check_every_position_and_length():
     """The merge's C steps: a position outside its input, an index that is not one of the
     source's packets, an offset or caplen outside its buffer, arrays of different lengths --

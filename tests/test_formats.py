@@ -144,6 +144,25 @@ def test_records_to_epb_one_pass_matches_the_writer_layout():
     assert len(new_buffer(12345)) == 12345 and len(records_to_epb(b"", 0, 0)) == 0
 
 
+def test_records_to_epb_gives_each_packets_offset_from_its_own_pass():
+    """``offsets=``: the conversion's pass writes each packet's data offset (what a batch's
+    ``offset`` array holds, walked separately) -- for the live index, which then does not walk
+    the records again; the EPBs are the same with and without."""
+    import numpy as np
+
+    from pktstream._records import records_to_epb, records_to_epb_ids
+    sizes = (0, 1, 2, 3, 4, 5, 60, 1500, 7)
+    recs = b"".join(struct.pack("<IIII", 1, 500 + k, k, 1500) + bytes(k) for k in sizes)
+    want = PacketBatch.from_records(recs, link_type=1).offset
+    offs = np.full(len(sizes) + 3, -1, dtype=np.int64)
+    assert records_to_epb(recs, len(recs), 7, offs) == records_to_epb(recs, len(recs), 7)
+    assert offs[:len(sizes)].tolist() == want.tolist() and offs[len(sizes):].tolist() == [-1] * 3
+    offs[:] = -1
+    ids = np.arange(len(sizes), dtype=np.uint32)
+    assert records_to_epb_ids(recs, len(recs), ids, offs) == records_to_epb_ids(recs, len(recs), ids)
+    assert offs[:len(sizes)].tolist() == want.tolist()
+
+
 def test_packet_comments_read_and_kept_by_convert(caps, tmp_path):
     with open_reader(caps["commented"], comments=True) as r:
         found = {}
@@ -737,6 +756,54 @@ def test_writer_takes_each_packets_interface_across_rotation_and_with_an_index(t
     flows = Archive(str(idx_dir)).flows()
     assert sorted(set(flows.column("interface").to_pylist())) == ["eth0", "eth1", "eth2"]
     assert sum(flows.column("packets").to_pylist()) == 3000
+
+
+class _OffsetsSeen:
+    """A WriteObserver that keeps what ``wrote`` was given: each batch's records and offsets
+    (copied: the writer reuses its array)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def opened(self, path, format, header_block):
+        pass
+
+    def wrote(self, path, batch, start, end, idb_positions, offsets=None):
+        self.seen.append((bytes(batch), None if offsets is None else offsets.copy()))
+
+    def completed(self, path):
+        pass
+
+    def removed(self, path):
+        pass
+
+    def discarded(self, path):
+        pass
+
+
+@pytest.mark.parametrize("name", ["w.pcapng", "w.pcapng.zst", "w.pcap"])
+def test_a_writers_observer_gets_each_batchs_packet_offsets(tmp_path, name):
+    """A pcapng writer hands its observer the packet offsets its EPB conversion found (so the
+    index does not walk the records again), with size rotation cutting batches, comments and
+    interleaved interfaces; they equal a separate walk of the batch the observer got. A pcap
+    writer, which converts nothing, gives none."""
+    src = tmp_path / "inter.pcapng"
+    interleaved_pcapng(src, 3000)
+    obs = _OffsetsSeen()
+    rotate = 20_000 if name == "w.pcapng" else None
+    with open_reader(src, comments=True, file_order=True, mixed_interfaces=True) as r, \
+            CaptureWriter(str(tmp_path / name), observer=obs, rotate_bytes=rotate) as w:
+        for b in r:
+            if name.startswith("w.pcapng"):
+                w.write(b, r.comments, interfaces=r.batch_interfaces)
+            else:
+                w.write(PacketBatch.from_records(bytes(b), link_type=b.link_type))
+    assert sum(len(PacketBatch.from_records(data, link_type=1)) for data, _ in obs.seen) == 3000
+    for data, offsets in obs.seen:
+        if name == "w.pcap":
+            assert offsets is None
+        else:
+            assert offsets.tolist() == PacketBatch.from_records(data, link_type=1).offset.tolist()
 
 
 def test_a_record_longer_than_libpcaps_maximum_is_refused_whatever_the_snap_length(tmp_path):

@@ -145,13 +145,17 @@ def test_epb_writing_with_per_packet_interfaces_stays_inside(recs, lie, id_delta
         return
     same = records_to_epb(buf, len(buf), 0)  # (the same records, one interface)
     assert len(out) == len(same)
-    pos = k = 0
+    offsets = np.full(len(ids) + 1, -7, dtype=np.int64)  # (room for exactly one per record)
+    assert records_to_epb(buf, len(buf), 0, offsets[:len(ids)]) == same
+    pos = k = src = 0
     while pos < len(out):
         blen = struct.unpack_from("<I", out, pos + 4)[0]
         assert struct.unpack_from("<I", out, pos + 8)[0] == ids[k]
         assert out[pos + 12:pos + blen] == same[pos + 12:pos + blen]
+        assert offsets[k] == src + 16  # the record's packet data in the input
+        src += 16 + struct.unpack_from("<I", out, pos + 20)[0]
         pos, k = pos + blen, k + 1
-    assert k == len(ids)
+    assert k == len(ids) and offsets[k] == -7
 
 
 @FUZZ

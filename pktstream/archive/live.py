@@ -226,7 +226,7 @@ class LiveIndexer:
         self._open[path] = (b, format)
 
     def wrote(self, path: str, batch: PacketBatch, start: int, end: int,
-              idb_positions: list[tuple[int, int]]) -> None:
+              idb_positions: list[tuple[int, int]], offsets: Any = None) -> None:
         entry = self._open.get(path)
         if entry is None:
             return
@@ -242,7 +242,7 @@ class LiveIndexer:
                 idbs = self._idbs.setdefault(path, {})
                 k = idbs.setdefault((batch.interface, batch.link_type, batch.snaplen), len(idbs))
                 interface = None if batch.interface else f"if{k}"  # (an unnamed IDB as a reader names it)
-            b.add(batch, start, end, interface=interface)
+            b.add(batch, start, end, interface=interface, offsets=offsets)
             self.spills += b.spills - spills
             if b.peak_flows_held > self.peak_flows_held:
                 self.peak_flows_held = b.peak_flows_held

@@ -168,13 +168,15 @@ class PcapngWriter(FileTarget):
         return int(32 * len(cap) + ((cap.astype("int64") + 3) & ~3).sum())
 
     def write(self, batch: PacketBatch, comments: dict[int, str] | None = None, *,
-              interfaces: PacketInterfaces | None = None) -> None:
+              interfaces: PacketInterfaces | None = None, offsets_out: Any = None) -> None:
         """Append ``batch``; ``comments`` maps packet indexes of the batch to comment text;
         ``interfaces``: ``(ids, infos)``, packet ``k`` was captured on ``infos[ids[k]]`` (an
         object with ``name``, ``link_type`` and ``snaplen``, e.g. a reader's
         :class:`InterfaceInfo`), for a batch of interleaved interfaces written in one pass
         (``CaptureReader.batch_interfaces``, a merge); default: every packet on the batch's
-        interface."""
+        interface. ``offsets_out``: an int64 array of at least ``len(batch)`` entries that
+        receives ``batch.offset`` (each packet's data offset in the batch), found by the
+        conversion's own pass over the records (a writer's observer walks them again)."""
         if self._closed:
             raise ClosedError("PcapngWriter is closed")
         n = len(batch)
@@ -183,11 +185,13 @@ class PcapngWriter(FileTarget):
         idx = self._ids_of(batch, interfaces)
         data: bytes | bytearray
         if not comments:
-            data = self._epbs(memoryview(batch), batch.nbytes, idx, 0, n)
+            data = self._epbs(memoryview(batch), batch.nbytes, idx, 0, n, offsets_out)
             self._file.write(data)
             self.file_bytes += len(data)
         else:
             mv = memoryview(batch)
+            if offsets_out is not None:
+                offsets_out[:n] = batch.offset
             offs, caps = batch.offset.tolist(), batch.caplen.tolist()
             start = 0
             for i in sorted(k for k in comments if 0 <= k < n):
@@ -210,11 +214,12 @@ class PcapngWriter(FileTarget):
         self.bytes += batch.nbytes - 16 * n
 
     @staticmethod
-    def _epbs(mv: memoryview, length: int, idx: Any, start: int, stop: int) -> bytearray:
-        """EPBs of packets ``start:stop`` (their records: ``mv[:length]``)."""
+    def _epbs(mv: memoryview, length: int, idx: Any, start: int, stop: int, offsets: Any = None) -> bytearray:
+        """EPBs of packets ``start:stop`` (their records: ``mv[:length]``); ``offsets``: see
+        :meth:`write`."""
         if isinstance(idx, int):
-            return records_to_epb(mv, length, idx)
-        return records_to_epb_ids(mv, length, idx[start:stop])
+            return records_to_epb(mv, length, idx, offsets)
+        return records_to_epb_ids(mv, length, idx[start:stop], offsets)
 
     def close(self) -> None:
         """Flush, optionally fsync, and give the file its final name. Idempotent."""

@@ -153,15 +153,17 @@ class ZstdFileWriter:
 
 class WriteObserver(Protocol):
     """Told what a :class:`CaptureWriter` does to its files (e.g. to index them as written):
-    ``opened(path, format, header_block)``, ``wrote(path, batch, start, end, idb_positions)``
-    (the batch's records occupy stream bytes ``[start, end)`` of the uncompressed file; pcapng
-    IDBs written just before them at ``(offset, length)``), ``completed(path)`` (renamed to its
+    ``opened(path, format, header_block)``, ``wrote(path, batch, start, end, idb_positions,
+    offsets)`` (the batch's records occupy stream bytes ``[start, end)`` of the uncompressed
+    file; pcapng IDBs written just before them at ``(offset, length)``; ``offsets``: the
+    batch's ``offset`` array when the writer's conversion found it (pcapng) or the batch has it,
+    else None -- valid during the call only, the writer reuses it), ``completed(path)`` (renamed to its
     final name), ``removed(path)`` (deleted by ``max_files``), ``discarded(path)`` (abandoned
     or aborted). Called from the writer's thread."""
 
     def opened(self, path: str, format: str, header_block: tuple[int, int] | None) -> None: ...
     def wrote(self, path: str, batch: PacketBatch, start: int, end: int,
-              idb_positions: list[tuple[int, int]]) -> None: ...
+              idb_positions: list[tuple[int, int]], offsets: Any = None) -> None: ...
     def completed(self, path: str) -> None: ...
     def removed(self, path: str) -> None: ...
     def discarded(self, path: str) -> None: ...
@@ -222,6 +224,7 @@ class CaptureWriter:
         self._on_complete = on_complete
         self._on_open = on_open  # called with a file's final name before its first byte (paths only)
         self._observer = observer if is_path else None
+        self._offsets: Any = None  # (_offsets_for)
         self._clock = clock
         if first_seq < 0:
             raise ValueError("first_seq must be >= 0")
@@ -474,15 +477,32 @@ class CaptureWriter:
         if self._cur.file_bytes == 0 and self._base == "pcap":
             before = 24  # the header is written with the first batch
         nidb = len(getattr(self._cur, "idb_positions", ()))
+        offsets = None
         if isinstance(self._cur, PcapngWriter):
-            self._cur.write(batch, comments or None, interfaces=interfaces)
+            if self._observer is not None:
+                # the packets' offsets, found by the EPB conversion's own pass: the observer (the
+                # index) then does not walk the records again, long out of the CPU caches by then
+                offsets = batch.offset if batch.has_arrays else self._offsets_for(len(batch))
+            self._cur.write(batch, comments or None, interfaces=interfaces,
+                            offsets_out=None if offsets is None or batch.has_arrays else offsets)
         else:
             self._cur.write(batch)
+            if batch.has_arrays:
+                offsets = batch.offset
         if self._observer is not None:
             idbs = getattr(self._cur, "idb_positions", [])[nidb:]
             if idbs:
                 before = idbs[-1][0] + idbs[-1][1]
-            self._observer.wrote(cast(str, self._cur_path), batch, before, self._cur.file_bytes, idbs)
+            self._observer.wrote(cast(str, self._cur_path), batch, before, self._cur.file_bytes, idbs, offsets)
+
+    def _offsets_for(self, n: int) -> Any:
+        """An int64 array of ``n`` entries for the EPB conversion to fill (one buffer, grown as
+        needed, reused: the observer gets it for the duration of one call)."""
+        import numpy as np
+        if self._offsets is None or len(self._offsets) < n:
+            self._offsets = np.empty(max(n, 2 * len(self._offsets) if self._offsets is not None else n, 1024),
+                                     dtype=np.int64)
+        return self._offsets[:n]
 
     def _write_split(self, batch: PacketBatch, comments, interfaces: PacketInterfaces | None = None) -> None:
         """Uncompressed with rotate_bytes: cut the batch so no file exceeds the limit."""
