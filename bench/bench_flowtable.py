@@ -52,7 +52,8 @@ def main() -> None:
             t0 = time.thread_time_ns()
             f(with_offsets)
             best[name] = min(best[name], (time.thread_time_ns() - t0) / packets)
-    res = {"batches": len(batches), "packets": packets, "records_mb": args.mb,
+    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeat": args.repeat,
+           "loadavg": os.getloadavg(), "batches": len(batches), "packets": packets, "records_mb": args.mb,
            "ns_per_packet": {k: round(v, 1) for k, v in best.items()}}
     for k, v in res["ns_per_packet"].items():
         print(f"{k:26s} {v:6.1f} ns per packet")

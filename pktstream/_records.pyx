@@ -567,7 +567,9 @@ def records_to_epb(const unsigned char[::1] src, Py_ssize_t length, uint32_t ifa
 
     ``offsets``: receives the offset in ``src`` of each record's packet data (what
     ``PacketBatch.offset`` holds), found by the same pass -- for a caller that walks the records
-    again (the live index); ValueError when it has room for fewer records than ``src`` holds."""
+    again (the live index); ValueError when it has room for fewer records than ``src`` holds;
+    entries past the records found are set to -1 (no offset: a caller that expected more
+    records, e.g. a batch whose count is wrong, finds none of another batch's offsets there)."""
     return _to_epb(src, length, iface, None, offsets)
 
 
@@ -583,7 +585,7 @@ def records_to_epb_ids(const unsigned char[::1] src, Py_ssize_t length, const ui
 @cython.wraparound(False)
 cdef _to_epb(const unsigned char[::1] src, Py_ssize_t length, uint32_t iface,
              const uint32_t[::1] ifaces, int64_t[::1] offsets):
-    cdef Py_ssize_t pos = 0, out = 0, bound, blen, k = 0
+    cdef Py_ssize_t pos = 0, out = 0, bound, blen, k = 0, j
     cdef Py_ssize_t nids = ifaces.shape[0] if ifaces is not None else 0
     cdef const uint32_t *ids = &ifaces[0] if nids else NULL
     cdef bint want_offsets = offsets is not None
@@ -603,6 +605,8 @@ cdef _to_epb(const unsigned char[::1] src, Py_ssize_t length, uint32_t iface,
     if bound == 0:
         if per_record and nids:
             raise ValueError(f"{nids} interface ids for 0 records")
+        for j in range(noffs):
+            offs[j] = -1
         return result
     cdef unsigned char *d = <unsigned char *> PyByteArray_AS_STRING(result)
     with nogil:
@@ -646,5 +650,7 @@ cdef _to_epb(const unsigned char[::1] src, Py_ssize_t length, uint32_t iface,
         raise ValueError(f"room for {noffs} offsets, for more records")
     if bad == 2 or (per_record and k != nids):
         raise ValueError(f"{nids} interface ids for {k if bad == 0 else 'more'} records")
+    for j in range(k, noffs):
+        offs[j] = -1
     PyByteArray_Resize(result, out)
     return result

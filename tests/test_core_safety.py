@@ -201,14 +201,14 @@ def test_records_to_epb_offsets_need_room_and_alignment():
     ok = _records(3, 13)
     for conv in (lambda o: records_to_epb(ok, len(ok), 0, o),
                  lambda o: records_to_epb_ids(ok, len(ok), np.zeros(3, dtype=np.uint32), o)):
-        room = np.full(4, -1, dtype=np.int64)
+        room = np.full(4, -5, dtype=np.int64)
         with pytest.raises(ValueError, match="room for 2 offsets"):
             conv(room[:2])
-        assert room[2:].tolist() == [-1, -1]
+        assert room[2:].tolist() == [-5, -5]
         with pytest.raises(ValueError, match="not aligned"):
             conv(np.zeros(33, dtype=np.uint8)[1:].view(np.int64))
         conv(room[:3])
-        assert room.tolist() == [16, 45, 74, -1]
+        assert room.tolist() == [16, 45, 74, -5]
     assert len(records_to_epb(b"", 0, 0, np.zeros(0, dtype=np.int64))) == 0
 
 

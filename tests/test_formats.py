@@ -8,6 +8,7 @@ import subprocess
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -154,13 +155,16 @@ def test_records_to_epb_gives_each_packets_offset_from_its_own_pass():
     sizes = (0, 1, 2, 3, 4, 5, 60, 1500, 7)
     recs = b"".join(struct.pack("<IIII", 1, 500 + k, k, 1500) + bytes(k) for k in sizes)
     want = PacketBatch.from_records(recs, link_type=1).offset
-    offs = np.full(len(sizes) + 3, -1, dtype=np.int64)
+    offs = np.full(len(sizes) + 3, 99, dtype=np.int64)
     assert records_to_epb(recs, len(recs), 7, offs) == records_to_epb(recs, len(recs), 7)
+    # room for more records than there are: no offset (-1), not what was there before
     assert offs[:len(sizes)].tolist() == want.tolist() and offs[len(sizes):].tolist() == [-1] * 3
-    offs[:] = -1
+    offs[:] = 99
     ids = np.arange(len(sizes), dtype=np.uint32)
-    assert records_to_epb_ids(recs, len(recs), ids, offs) == records_to_epb_ids(recs, len(recs), ids)
-    assert offs[:len(sizes)].tolist() == want.tolist()
+    assert records_to_epb_ids(recs, len(recs), ids, offs[:len(sizes)]) == records_to_epb_ids(recs, len(recs), ids)
+    assert offs[:len(sizes)].tolist() == want.tolist() and offs[len(sizes):].tolist() == [99] * 3
+    offs[:] = 99
+    assert records_to_epb(b"", 0, 7, offs) == b"" and offs.tolist() == [-1] * len(offs)
 
 
 def test_packet_comments_read_and_kept_by_convert(caps, tmp_path):
@@ -781,12 +785,20 @@ class _OffsetsSeen:
         pass
 
 
+class _OldObserver(_OffsetsSeen):
+    """An observer written before ``offsets=`` existed: five arguments."""
+
+    def wrote(self, path, batch, start, end, idb_positions):
+        self.seen.append((bytes(batch), None))
+
+
 @pytest.mark.parametrize("name", ["w.pcapng", "w.pcapng.zst", "w.pcap"])
 def test_a_writers_observer_gets_each_batchs_packet_offsets(tmp_path, name):
     """A pcapng writer hands its observer the packet offsets its EPB conversion found (so the
     index does not walk the records again), with size rotation cutting batches, comments and
-    interleaved interfaces; they equal a separate walk of the batch the observer got. A pcap
-    writer, which converts nothing, gives none."""
+    interleaved interfaces; they equal a separate walk of the batch the observer got. A batch
+    that has its offset array already (the interface runs of a .zst output) and any batch of a
+    pcap writer (which converts nothing) come without."""
     src = tmp_path / "inter.pcapng"
     interleaved_pcapng(src, 3000)
     obs = _OffsetsSeen()
@@ -799,11 +811,79 @@ def test_a_writers_observer_gets_each_batchs_packet_offsets(tmp_path, name):
             else:
                 w.write(PacketBatch.from_records(bytes(b), link_type=b.link_type))
     assert sum(len(PacketBatch.from_records(data, link_type=1)) for data, _ in obs.seen) == 3000
-    for data, offsets in obs.seen:
-        if name == "w.pcap":
-            assert offsets is None
-        else:
-            assert offsets.tolist() == PacketBatch.from_records(data, link_type=1).offset.tolist()
+    given = [(data, offsets) for data, offsets in obs.seen if offsets is not None]
+    # (the interface runs of a .zst output have their arrays already: none given there)
+    assert len(given) > 100 if name == "w.pcapng" else not given
+    for data, offsets in given:
+        assert offsets.tolist() == PacketBatch.from_records(data, link_type=1).offset.tolist()
+
+
+def _frames(sizes, t0=1_700_000_000) -> bytes:
+    return b"".join(struct.pack("<IIII", t0, k, n, n) + bytes([k % 251]) * n for k, n in enumerate(sizes))
+
+
+@pytest.mark.parametrize("name", ["w.pcapng", "w.pcapng.zst"])
+def test_a_writers_reused_offsets_array_fits_each_batch(tmp_path, name):
+    """Batches of one interface, without arrays, each larger than the writer's offsets array so
+    far (it starts at 1,024 entries and grows), then a small one: every batch's offsets as its
+    own walk gives them, for pcapng and pcapng.zst; a batch whose count claims more records
+    than it holds gets -1 past them (never the previous batch's offsets); an observer without
+    ``offsets=`` gets five arguments."""
+    import random
+    rng = random.Random(5)
+    batches = [_frames([rng.choice((0, 1, 7, 60, 1500)) for _ in range(n)]) for n in (1500, 4000, 9000, 3)]
+    obs, old = _OffsetsSeen(), _OldObserver()
+    for o in (obs, old):
+        with CaptureWriter(str(tmp_path / f"{id(o)}-{name}"), observer=o) as w:
+            for data in batches:
+                w.write(PacketBatch.from_records(data, link_type=1))
+            w.write(PacketBatch.from_records(_frames([40]), link_type=1, validate=False, count=3))
+    assert [d for d, _ in obs.seen] == [d for d, _ in old.seen] == [*batches, _frames([40])]
+    assert all(offsets is None for _, offsets in old.seen)
+    for data, offsets in obs.seen[:-1]:
+        assert len(offsets) > 1 and offsets.tolist() == PacketBatch.from_records(data, link_type=1).offset.tolist()
+    assert obs.seen[-1][1].tolist() == [16, -1, -1]
+
+
+def test_the_live_index_takes_the_writers_offsets(tmp_path):
+    """The offsets a writer hands over are what the index reads packets at: given other (valid)
+    offsets, the index counts other flows; given offsets outside the batch (a batch whose
+    count is wrong), it refuses the batch like its own walk would (logged, the file gets no
+    index from the writer: none of the packets counted that the file does not hold)."""
+    from pktstream.archive import Archive
+    from pktstream.archive.index import FileIndexBuilder
+    from pktstream.archive.live import LiveIndexer
+
+    def frame(sport: int) -> bytes:
+        return (b"\x02\0\0\0\0\x01\x02\0\0\0\0\x02\x08\x00"
+                + struct.pack("!BBHHHBBH4s4sHHHH", 0x45, 0, 28, 1, 0, 64, 17, 0, bytes([10, 0, 0, 1]),
+                              bytes([10, 0, 0, 2]), sport, 53, 8, 0))
+    data = b"".join(struct.pack("<IIII", 1_700_000_000, k, 42, 42) + frame(1000 + k) for k in range(5))
+    walked, given = FileIndexBuilder("a.pcapng"), FileIndexBuilder("a.pcapng")
+    walked.add(PacketBatch.from_records(data, link_type=1), 0, len(data))
+    first = np.full(5, 16, dtype=np.int64)  # every packet read at the first one's place
+    given.add(PacketBatch.from_records(data, link_type=1), 0, len(data), offsets=first)
+    assert (walked.packets, walked.flows_held, given.packets, given.flows_held) == (5, 5, 5, 1)
+
+    class Corrupting:
+        """Hands the index offsets outside the batch."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def wrote(self, path, batch, start, end, idb_positions, offsets=None):
+            self.inner.wrote(path, batch, start, end, idb_positions, offsets=np.full(len(batch), 1 << 40))
+    root = tmp_path / "arch"
+    root.mkdir()
+    indexer = LiveIndexer(str(root))
+    with CaptureWriter(str(root / "a.pcapng"), observer=Corrupting(indexer)) as w:
+        w.write(PacketBatch.from_records(data, link_type=1))
+    indexer.close()
+    assert indexer.failures == 1 and indexer.indexed == 0
+    assert Archive(str(root)).flows().num_rows == 0  # (the file has no index: pktstream index builds it)
 
 
 def test_a_record_longer_than_libpcaps_maximum_is_refused_whatever_the_snap_length(tmp_path):

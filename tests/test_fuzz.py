@@ -139,10 +139,12 @@ def test_epb_writing_with_per_packet_interfaces_stays_inside(recs, lie, id_delta
     buf = _pack(recs, lie=lie)
     buf = buf[:max(0, len(buf) - cut)] + junk
     ids = np.arange(max(0, len(recs) + id_delta), dtype=np.uint32) % 3
+    found = np.full(len(ids) + 1, -7, dtype=np.int64)
     try:
-        out = records_to_epb_ids(buf, len(buf), ids)
+        out = records_to_epb_ids(buf, len(buf), ids, found[:len(ids)])
     except ValueError:
         return
+    assert records_to_epb_ids(buf, len(buf), ids) == out
     same = records_to_epb(buf, len(buf), 0)  # (the same records, one interface)
     assert len(out) == len(same)
     offsets = np.full(len(ids) + 1, -7, dtype=np.int64)  # (room for exactly one per record)
@@ -156,6 +158,7 @@ def test_epb_writing_with_per_packet_interfaces_stays_inside(recs, lie, id_delta
         src += 16 + struct.unpack_from("<I", out, pos + 20)[0]
         pos, k = pos + blen, k + 1
     assert k == len(ids) and offsets[k] == -7
+    assert found.tolist() == offsets.tolist()
 
 
 @FUZZ

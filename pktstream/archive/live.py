@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pktstream._capture import PacketBatch
 from pktstream.archive.catalog import CHUNK_BYTES, read_row, remove_index, repair, write_index, write_snapshot
@@ -32,6 +32,10 @@ from pktstream.archive.index import (
     SpilledFlows,
 )
 from pktstream.archive.store import LocalStore
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 log = logging.getLogger("pktstream.receiver")
 
@@ -226,7 +230,7 @@ class LiveIndexer:
         self._open[path] = (b, format)
 
     def wrote(self, path: str, batch: PacketBatch, start: int, end: int,
-              idb_positions: list[tuple[int, int]], offsets: Any = None) -> None:
+              idb_positions: list[tuple[int, int]], offsets: npt.NDArray[np.int64] | None = None) -> None:
         entry = self._open.get(path)
         if entry is None:
             return

@@ -12,13 +12,17 @@ import os
 import platform
 import struct
 from collections.abc import Sequence
-from typing import Any, BinaryIO, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeAlias
 
 from pktstream._capture import PacketBatch
 from pktstream._records import records_to_epb, records_to_epb_ids
 from pktstream.exceptions import ClosedError
 from pktstream.formats._common import PCAPNG_BOM, PCAPNG_SHB, dlt_to_linktype
 from pktstream.formats.pcap import FileTarget
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 __all__ = ["PcapngWriter", "section_header_block", "interface_block", "PacketInterfaces"]
 
@@ -168,15 +172,17 @@ class PcapngWriter(FileTarget):
         return int(32 * len(cap) + ((cap.astype("int64") + 3) & ~3).sum())
 
     def write(self, batch: PacketBatch, comments: dict[int, str] | None = None, *,
-              interfaces: PacketInterfaces | None = None, offsets_out: Any = None) -> None:
+              interfaces: PacketInterfaces | None = None,
+              offsets_out: npt.NDArray[np.int64] | None = None) -> None:
         """Append ``batch``; ``comments`` maps packet indexes of the batch to comment text;
         ``interfaces``: ``(ids, infos)``, packet ``k`` was captured on ``infos[ids[k]]`` (an
         object with ``name``, ``link_type`` and ``snaplen``, e.g. a reader's
         :class:`InterfaceInfo`), for a batch of interleaved interfaces written in one pass
         (``CaptureReader.batch_interfaces``, a merge); default: every packet on the batch's
-        interface. ``offsets_out``: an int64 array of at least ``len(batch)`` entries that
-        receives ``batch.offset`` (each packet's data offset in the batch), found by the
-        conversion's own pass over the records (a writer's observer walks them again)."""
+        interface. ``offsets_out``: an int64 array of ``len(batch)`` entries that receives
+        ``batch.offset`` (each packet's data offset in the batch), found by the conversion's own
+        pass over the records, for a writer's observer that would walk them again; entries past
+        the records found are -1 (a batch whose count is wrong)."""
         if self._closed:
             raise ClosedError("PcapngWriter is closed")
         n = len(batch)
@@ -192,6 +198,7 @@ class PcapngWriter(FileTarget):
             mv = memoryview(batch)
             if offsets_out is not None:
                 offsets_out[:n] = batch.offset
+                offsets_out[n:] = -1
             offs, caps = batch.offset.tolist(), batch.caplen.tolist()
             start = 0
             for i in sorted(k for k in comments if 0 <= k < n):

@@ -23,13 +23,17 @@ import os
 import re
 import time
 from collections.abc import Callable
-from typing import Any, BinaryIO, Protocol, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
 
 from pktstream._capture import PacketBatch
 from pktstream.exceptions import ClosedError
 from pktstream.formats._common import fsync_dir
 from pktstream.formats.pcap import PcapWriter
 from pktstream.formats.pcapng import PacketInterfaces, PcapngWriter
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 FORMATS = {".pcap": "pcap", ".pcapng": "pcapng", ".pcap.zst": "pcap.zst", ".pcapng.zst": "pcapng.zst"}
 
@@ -154,16 +158,17 @@ class ZstdFileWriter:
 class WriteObserver(Protocol):
     """Told what a :class:`CaptureWriter` does to its files (e.g. to index them as written):
     ``opened(path, format, header_block)``, ``wrote(path, batch, start, end, idb_positions,
-    offsets)`` (the batch's records occupy stream bytes ``[start, end)`` of the uncompressed
-    file; pcapng IDBs written just before them at ``(offset, length)``; ``offsets``: the
-    batch's ``offset`` array when the writer's conversion found it (pcapng) or the batch has it,
-    else None -- valid during the call only, the writer reuses it), ``completed(path)`` (renamed to its
+    offsets=None)`` (the batch's records occupy stream bytes ``[start, end)`` of the uncompressed
+    file; pcapng IDBs written just before them at ``(offset, length)``; ``offsets``, given only
+    to an observer whose ``wrote`` takes it: the batch's ``offset`` array as the pcapng writer's
+    conversion found it, -1 for records it did not find (a batch whose count is wrong), or None
+    -- valid during the call only, the writer reuses it), ``completed(path)`` (renamed to its
     final name), ``removed(path)`` (deleted by ``max_files``), ``discarded(path)`` (abandoned
     or aborted). Called from the writer's thread."""
 
     def opened(self, path: str, format: str, header_block: tuple[int, int] | None) -> None: ...
     def wrote(self, path: str, batch: PacketBatch, start: int, end: int,
-              idb_positions: list[tuple[int, int]], offsets: Any = None) -> None: ...
+              idb_positions: list[tuple[int, int]], offsets: npt.NDArray[np.int64] | None = None) -> None: ...
     def completed(self, path: str) -> None: ...
     def removed(self, path: str) -> None: ...
     def discarded(self, path: str) -> None: ...
@@ -224,7 +229,10 @@ class CaptureWriter:
         self._on_complete = on_complete
         self._on_open = on_open  # called with a file's final name before its first byte (paths only)
         self._observer = observer if is_path else None
-        self._offsets: Any = None  # (_offsets_for)
+        # whether the observer takes the packets' offsets (``wrote(..., offsets=)``: observers
+        # written before it existed get the five arguments they know)
+        self._observer_offsets = self._observer is not None and _takes_offsets(self._observer)
+        self._offsets: npt.NDArray[np.int64] | None = None  # (_offsets_for)
         self._clock = clock
         if first_seq < 0:
             raise ValueError("first_seq must be >= 0")
@@ -479,23 +487,24 @@ class CaptureWriter:
         nidb = len(getattr(self._cur, "idb_positions", ()))
         offsets = None
         if isinstance(self._cur, PcapngWriter):
-            if self._observer is not None:
+            if self._observer_offsets and not batch.has_arrays:
                 # the packets' offsets, found by the EPB conversion's own pass: the observer (the
                 # index) then does not walk the records again, long out of the CPU caches by then
-                offsets = batch.offset if batch.has_arrays else self._offsets_for(len(batch))
-            self._cur.write(batch, comments or None, interfaces=interfaces,
-                            offsets_out=None if offsets is None or batch.has_arrays else offsets)
+                offsets = self._offsets_for(len(batch))
+            self._cur.write(batch, comments or None, interfaces=interfaces, offsets_out=offsets)
         else:
             self._cur.write(batch)
-            if batch.has_arrays:
-                offsets = batch.offset
         if self._observer is not None:
             idbs = getattr(self._cur, "idb_positions", [])[nidb:]
             if idbs:
                 before = idbs[-1][0] + idbs[-1][1]
-            self._observer.wrote(cast(str, self._cur_path), batch, before, self._cur.file_bytes, idbs, offsets)
+            path = cast(str, self._cur_path)
+            if offsets is None:
+                self._observer.wrote(path, batch, before, self._cur.file_bytes, idbs)
+            else:
+                self._observer.wrote(path, batch, before, self._cur.file_bytes, idbs, offsets=offsets)
 
-    def _offsets_for(self, n: int) -> Any:
+    def _offsets_for(self, n: int) -> npt.NDArray[np.int64]:
         """An int64 array of ``n`` entries for the EPB conversion to fill (one buffer, grown as
         needed, reused: the observer gets it for the duration of one call)."""
         import numpy as np
@@ -621,6 +630,16 @@ class CaptureWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _takes_offsets(observer: WriteObserver) -> bool:
+    """Whether ``observer.wrote`` accepts ``offsets=`` (named, or any keyword)."""
+    import inspect
+    try:
+        params = inspect.signature(observer.wrote).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "offsets" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def slice_batch(batch: PacketBatch, i: int, j: int) -> PacketBatch:
