@@ -567,9 +567,10 @@ def records_to_epb(const unsigned char[::1] src, Py_ssize_t length, uint32_t ifa
 
     ``offsets``: receives the offset in ``src`` of each record's packet data (what
     ``PacketBatch.offset`` holds), found by the same pass -- for a caller that walks the records
-    again (the live index); ValueError when it has room for fewer records than ``src`` holds;
-    entries past the records found are set to -1 (no offset: a caller that expected more
-    records, e.g. a batch whose count is wrong, finds none of another batch's offsets there)."""
+    again (the live index). When the number of records found is not its length (a batch whose
+    count is wrong), -1 marks the difference: entries past the records found are -1 (a caller
+    finds none of another batch's offsets there), and with more records than room the first
+    entry is -1; the conversion itself is done either way."""
     return _to_epb(src, length, iface, None, offsets)
 
 
@@ -588,8 +589,7 @@ cdef _to_epb(const unsigned char[::1] src, Py_ssize_t length, uint32_t iface,
     cdef Py_ssize_t pos = 0, out = 0, bound, blen, k = 0, j
     cdef Py_ssize_t nids = ifaces.shape[0] if ifaces is not None else 0
     cdef const uint32_t *ids = &ifaces[0] if nids else NULL
-    cdef bint want_offsets = offsets is not None
-    cdef Py_ssize_t noffs = offsets.shape[0] if want_offsets else 0
+    cdef Py_ssize_t noffs = offsets.shape[0] if offsets is not None else 0
     cdef int64_t *offs = &offsets[0] if noffs else NULL
     if noffs and (<uintptr_t> offs) % sizeof(int64_t):
         raise ValueError("offsets: the buffer is not aligned for int64")
@@ -625,10 +625,7 @@ cdef _to_epb(const unsigned char[::1] src, Py_ssize_t length, uint32_t iface,
                     bad = 2
                     break
                 iface = ids[k]
-            if want_offsets:
-                if k >= noffs:
-                    bad = 3
-                    break
+            if k < noffs:
                 offs[k] = pos + HDR
             ts = <uint64_t> ps_get_le32(s + pos) * 1000000000ULL + ps_get_le32(s + pos + 4)
             ps_put_le32(d + out, 6)
@@ -646,11 +643,11 @@ cdef _to_epb(const unsigned char[::1] src, Py_ssize_t length, uint32_t iface,
             k += 1
     if bad == 1:
         raise ValueError(f"record at byte {pos} runs past the end of the buffer")
-    if bad == 3:
-        raise ValueError(f"room for {noffs} offsets, for more records")
     if bad == 2 or (per_record and k != nids):
         raise ValueError(f"{nids} interface ids for {k if bad == 0 else 'more'} records")
     for j in range(k, noffs):
         offs[j] = -1
+    if k > noffs and noffs:
+        offs[0] = -1  # (more records than room: no usable offsets at all)
     PyByteArray_Resize(result, out)
     return result

@@ -195,16 +195,17 @@ def test_records_to_epb_ids_needs_one_id_per_record():
 
 
 def test_records_to_epb_offsets_need_room_and_alignment():
-    """The offsets a conversion writes (one per record): an array with room for fewer is
-    refused when the record that does not fit comes (nothing is written past its end), a
-    misaligned int64 view before anything is written."""
+    """The offsets a conversion writes (one per record): into an array with room for fewer
+    records nothing is written past its end, and its first entry says -1 (no usable offsets;
+    the conversion is done all the same); a misaligned int64 view is refused before anything
+    is written."""
     ok = _records(3, 13)
+    whole = records_to_epb(ok, len(ok), 0)
     for conv in (lambda o: records_to_epb(ok, len(ok), 0, o),
                  lambda o: records_to_epb_ids(ok, len(ok), np.zeros(3, dtype=np.uint32), o)):
         room = np.full(4, -5, dtype=np.int64)
-        with pytest.raises(ValueError, match="room for 2 offsets"):
-            conv(room[:2])
-        assert room[2:].tolist() == [-5, -5]
+        assert len(conv(room[:2])) == len(whole)
+        assert room.tolist() == [-1, 45, -5, -5]
         with pytest.raises(ValueError, match="not aligned"):
             conv(np.zeros(33, dtype=np.uint8)[1:].view(np.int64))
         conv(room[:3])

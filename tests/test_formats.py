@@ -165,6 +165,9 @@ def test_records_to_epb_gives_each_packets_offset_from_its_own_pass():
     assert offs[:len(sizes)].tolist() == want.tolist() and offs[len(sizes):].tolist() == [99] * 3
     offs[:] = 99
     assert records_to_epb(b"", 0, 7, offs) == b"" and offs.tolist() == [-1] * len(offs)
+    offs[:] = 99  # room for fewer records than there are: the first entry says so
+    assert records_to_epb(recs, len(recs), 7, offs[:4]) == records_to_epb(recs, len(recs), 7)
+    assert offs[:4].tolist() == [-1, *want[1:4].tolist()] and offs[4:].tolist() == [99] * (len(offs) - 4)
 
 
 def test_packet_comments_read_and_kept_by_convert(caps, tmp_path):
@@ -792,6 +795,14 @@ class _OldObserver(_OffsetsSeen):
         self.seen.append((bytes(batch), None))
 
 
+class _Forwarding(_OldObserver):
+    """An observer whose ``wrote`` takes any keyword and forwards it (a proxy) to one that does
+    not know ``offsets``: it must not be given them."""
+
+    def wrote(self, *args, **kwargs):
+        super().wrote(*args, **kwargs)
+
+
 @pytest.mark.parametrize("name", ["w.pcapng", "w.pcapng.zst", "w.pcap"])
 def test_a_writers_observer_gets_each_batchs_packet_offsets(tmp_path, name):
     """A pcapng writer hands its observer the packet offsets its EPB conversion found (so the
@@ -825,24 +836,35 @@ def _frames(sizes, t0=1_700_000_000) -> bytes:
 @pytest.mark.parametrize("name", ["w.pcapng", "w.pcapng.zst"])
 def test_a_writers_reused_offsets_array_fits_each_batch(tmp_path, name):
     """Batches of one interface, without arrays, each larger than the writer's offsets array so
-    far (it starts at 1,024 entries and grows), then a small one: every batch's offsets as its
-    own walk gives them, for pcapng and pcapng.zst; a batch whose count claims more records
-    than it holds gets -1 past them (never the previous batch's offsets); an observer without
-    ``offsets=`` gets five arguments."""
+    far (it starts at 1,024 entries and grows), then small ones, one with comments: every
+    batch's offsets as its own walk gives them, for pcapng and pcapng.zst. A batch whose count
+    is wrong is written whole as before, and its offsets say so with -1 (never the previous
+    batch's offsets): past the records when it claims more, first when it claims fewer. An
+    observer without ``offsets=`` (also behind a ``**kwargs`` proxy) gets five arguments."""
     import random
     rng = random.Random(5)
-    batches = [_frames([rng.choice((0, 1, 7, 60, 1500)) for _ in range(n)]) for n in (1500, 4000, 9000, 3)]
-    obs, old = _OffsetsSeen(), _OldObserver()
-    for o in (obs, old):
+    batches = [_frames([rng.choice((0, 1, 7, 60, 1500)) for _ in range(n)]) for n in (1500, 4000, 9000, 3, 40)]
+    obs, old, fwd = _OffsetsSeen(), _OldObserver(), _Forwarding()
+    for o in (obs, old, fwd):
         with CaptureWriter(str(tmp_path / f"{id(o)}-{name}"), observer=o) as w:
-            for data in batches:
+            for data in batches[:4]:
                 w.write(PacketBatch.from_records(data, link_type=1))
+            # comments: the offsets come from the batch's own walk (none left from the batch before)
+            w.write(PacketBatch.from_records(batches[4], link_type=1), {1: "c", 30: "d"})
+            # a count that claims more records than the buffer holds, then fewer: the whole buffer
+            # is written (as without an observer), and the offsets say the count is wrong
             w.write(PacketBatch.from_records(_frames([40]), link_type=1, validate=False, count=3))
-    assert [d for d, _ in obs.seen] == [d for d, _ in old.seen] == [*batches, _frames([40])]
-    assert all(offsets is None for _, offsets in old.seen)
-    for data, offsets in obs.seen[:-1]:
+            w.write(PacketBatch.from_records(_frames([40, 9, 9, 9]), link_type=1, validate=False, count=2))
+            w.write(PacketBatch.from_records(_frames([40, 9, 9, 9]), link_type=1, validate=False, count=2),
+                    {0: "e"})
+        with open_reader(tmp_path / f"{id(o)}-{name}") as r:
+            assert sum(len(b) for b in r) == 1500 + 4000 + 9000 + 3 + 40 + 1 + 4 + 4
+    weird = [_frames([40]), _frames([40, 9, 9, 9]), _frames([40, 9, 9, 9])]
+    assert [d for d, _ in obs.seen] == [d for d, _ in old.seen] == [d for d, _ in fwd.seen] == [*batches, *weird]
+    assert all(offsets is None for _, offsets in old.seen + fwd.seen)
+    for data, offsets in obs.seen[:len(batches)]:
         assert len(offsets) > 1 and offsets.tolist() == PacketBatch.from_records(data, link_type=1).offset.tolist()
-    assert obs.seen[-1][1].tolist() == [16, -1, -1]
+    assert [offsets.tolist() for _, offsets in obs.seen[len(batches):]] == [[16, -1, -1], [-1, 72], [-1, 72]]
 
 
 def test_the_live_index_takes_the_writers_offsets(tmp_path):

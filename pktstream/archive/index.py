@@ -323,9 +323,11 @@ class FileIndexBuilder:
 
         Consecutive calls with the same range share one chunk (a pcapng range may hold the
         packets of several interfaces). ``offsets``: the batch's ``offset`` array when the
-        caller has it (a writer's conversion found it): the records are then not walked again
-        (a walk is a chain of dependent loads, 1.5-2x slower over records out of the CPU caches);
-        each offset is checked against the buffer."""
+        caller has it (a writer's conversion found it; ignored when the batch has its own): the
+        records are then not walked again (a walk is a chain of dependent loads, 1.5-2x slower
+        over records out of the CPU caches). Each offset is checked against the buffer: one
+        outside it (-1: the writer found another number of records) raises ValueError, as a
+        record running past the buffer does."""
         n = len(batch)
         if n == 0:
             return

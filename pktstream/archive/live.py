@@ -50,6 +50,8 @@ RETRY_ATTEMPTS = 20  # and at most this many times (~15 minutes): then pktstream
 RETRY_AT_CLOSE_MAX_S = 5.0  # at close every one is tried once more; none is started after this long
 
 _PASSING = (OSError, CaptureReadError, IndexSpillError)  # index failures that may pass (retried)
+_LATER = {True: "(the file will be indexed from disk once completed)",  # what happens next, by _PASSING
+          False: "(the file gets no index now: pktstream index builds it)"}
 
 
 class LiveIndexer:
@@ -222,7 +224,7 @@ class LiveIndexer:
             if header_block is not None:
                 b.add_header_block(*header_block)
         except Exception as exc:  # never fail the capture
-            log.warning("index: %s: %s (the file will be indexed later)", path, exc)
+            log.warning("index: %s: %s %s", path, exc, _LATER[isinstance(exc, _PASSING)])
             self.failures += 1
             if isinstance(exc, _PASSING):
                 self._unindexed.add(path)  # (indexed from disk once completed)
@@ -253,7 +255,7 @@ class LiveIndexer:
             if b.peak_table_bytes > self.peak_table_bytes:
                 self.peak_table_bytes = b.peak_table_bytes
         except Exception as exc:  # never fail the capture
-            log.warning("index: %s: %s (the file will be indexed later)", path, exc)
+            log.warning("index: %s: %s %s", path, exc, _LATER[isinstance(exc, _PASSING)])
             self._open.pop(path, None)
             self._idbs.pop(path, None)
             entry[0].close()

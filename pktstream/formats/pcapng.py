@@ -181,8 +181,9 @@ class PcapngWriter(FileTarget):
         (``CaptureReader.batch_interfaces``, a merge); default: every packet on the batch's
         interface. ``offsets_out``: an int64 array of ``len(batch)`` entries that receives
         ``batch.offset`` (each packet's data offset in the batch), found by the conversion's own
-        pass over the records, for a writer's observer that would walk them again; entries past
-        the records found are -1 (a batch whose count is wrong)."""
+        pass over the records, for a writer's observer that would walk them again. A batch whose
+        count is wrong is still written whole (every record in its buffer), and -1 in
+        ``offsets_out`` says so: past the records found, or first when there are more."""
         if self._closed:
             raise ClosedError("PcapngWriter is closed")
         n = len(batch)
@@ -196,10 +197,12 @@ class PcapngWriter(FileTarget):
             self.file_bytes += len(data)
         else:
             mv = memoryview(batch)
+            offs, caps = batch.offset.tolist(), batch.caplen.tolist()
             if offsets_out is not None:
                 offsets_out[:n] = batch.offset
                 offsets_out[n:] = -1
-            offs, caps = batch.offset.tolist(), batch.caplen.tolist()
+                if offs[-1] + caps[-1] != batch.nbytes:  # (more records than its count: as _epbs)
+                    offsets_out[0] = -1
             start = 0
             for i in sorted(k for k in comments if 0 <= k < n):
                 lo, hi = offs[start] - 16 if start < i else 0, offs[i] - 16

@@ -160,9 +160,10 @@ class WriteObserver(Protocol):
     ``opened(path, format, header_block)``, ``wrote(path, batch, start, end, idb_positions,
     offsets=None)`` (the batch's records occupy stream bytes ``[start, end)`` of the uncompressed
     file; pcapng IDBs written just before them at ``(offset, length)``; ``offsets``, given only
-    to an observer whose ``wrote`` takes it: the batch's ``offset`` array as the pcapng writer's
-    conversion found it, -1 for records it did not find (a batch whose count is wrong), or None
-    -- valid during the call only, the writer reuses it), ``completed(path)`` (renamed to its
+    to an observer whose ``wrote`` names it (checked once, when the writer is made): the batch's
+    ``offset`` array as the pcapng writer's conversion found it, with -1 where the records found
+    and ``len(batch)`` differ (a batch whose count is wrong: see ``PcapngWriter.write``) -- valid
+    during the call only, the writer reuses it), ``completed(path)`` (renamed to its
     final name), ``removed(path)`` (deleted by ``max_files``), ``discarded(path)`` (abandoned
     or aborted). Called from the writer's thread."""
 
@@ -633,13 +634,14 @@ class CaptureWriter:
 
 
 def _takes_offsets(observer: WriteObserver) -> bool:
-    """Whether ``observer.wrote`` accepts ``offsets=`` (named, or any keyword)."""
+    """Whether ``observer.wrote`` names an ``offsets`` parameter that can be passed by keyword
+    (not ``**kwargs``: a forwarding proxy takes any keyword, the observer behind it may not)."""
     import inspect
     try:
-        params = inspect.signature(observer.wrote).parameters.values()
+        param = inspect.signature(observer.wrote).parameters.get("offsets")
     except (TypeError, ValueError):
         return False
-    return any(p.name == "offsets" or p.kind is p.VAR_KEYWORD for p in params)
+    return param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
 
 
 def slice_batch(batch: PacketBatch, i: int, j: int) -> PacketBatch:
