@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import pktstream
 from _captures import interleaved_pcapng, real_captures, tshark_frames, tshark_rows
+from archive_data import _eth, _ipv4, _udp, records
 from conftest import read_pcap_dpkt
 from pktstream import FileFormatError, PacketBatch
 from pktstream.formats import CaptureWriter, TruncatedFileWarning, open_reader, open_writer
@@ -830,7 +831,7 @@ def test_a_writers_observer_gets_each_batchs_packet_offsets(tmp_path, name):
 
 
 def _frames(sizes, t0=1_700_000_000) -> bytes:
-    return b"".join(struct.pack("<IIII", t0, k, n, n) + bytes([k % 251]) * n for k, n in enumerate(sizes))
+    return records([(t0 * 10**9 + k, bytes([k % 251]) * n) for k, n in enumerate(sizes)])
 
 
 @pytest.mark.parametrize("name", ["w.pcapng", "w.pcapng.zst"])
@@ -876,11 +877,8 @@ def test_the_live_index_takes_the_writers_offsets(tmp_path):
     from pktstream.archive.index import FileIndexBuilder
     from pktstream.archive.live import LiveIndexer
 
-    def frame(sport: int) -> bytes:
-        return (b"\x02\0\0\0\0\x01\x02\0\0\0\0\x02\x08\x00"
-                + struct.pack("!BBHHHBBH4s4sHHHH", 0x45, 0, 28, 1, 0, 64, 17, 0, bytes([10, 0, 0, 1]),
-                              bytes([10, 0, 0, 2]), sport, 53, 8, 0))
-    data = b"".join(struct.pack("<IIII", 1_700_000_000, k, 42, 42) + frame(1000 + k) for k in range(5))
+    udp = [_eth(0x0800, _ipv4("10.0.0.1", "10.0.0.2", 17, _udp(1000 + k, 53, b""))) for k in range(5)]
+    data = records([(1_700_000_000 * 10**9 + k, f) for k, f in enumerate(udp)])
     walked, given = FileIndexBuilder("a.pcapng"), FileIndexBuilder("a.pcapng")
     walked.add(PacketBatch.from_records(data, link_type=1), 0, len(data))
     first = np.full(5, 16, dtype=np.int64)  # every packet read at the first one's place

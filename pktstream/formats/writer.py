@@ -509,10 +509,10 @@ class CaptureWriter:
         """An int64 array of ``n`` entries for the EPB conversion to fill (one buffer, grown as
         needed, reused: the observer gets it for the duration of one call)."""
         import numpy as np
-        if self._offsets is None or len(self._offsets) < n:
-            self._offsets = np.empty(max(n, 2 * len(self._offsets) if self._offsets is not None else n, 1024),
-                                     dtype=np.int64)
-        return self._offsets[:n]
+        buf = self._offsets
+        if buf is None or len(buf) < n:
+            buf = self._offsets = np.empty(max(n, 2 * len(buf) if buf is not None else 0, 1024), dtype=np.int64)
+        return buf[:n]
 
     def _write_split(self, batch: PacketBatch, comments, interfaces: PacketInterfaces | None = None) -> None:
         """Uncompressed with rotate_bytes: cut the batch so no file exceeds the limit."""
