@@ -9,6 +9,7 @@ connected, so tests close their clients first and we fall back to SIGKILL.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -66,15 +67,39 @@ def free_port() -> int:
         return port
 
 
+def _test_port_range() -> range:
+    """Where :func:`free_port` takes ports: outside the kernel's ephemeral range
+    (net.ipv4.ip_local_port_range), from which every bind to port 0 (in-process receivers, the
+    demo) and every client's source port comes. So such a bind in another test process can never
+    land on a port handed out here while nothing listens on it (a receiver down or restarting),
+    and no stray UDP source port equals a test's destination port."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = map(int, f.read().split())
+    except (OSError, ValueError):
+        lo, hi = 32768, 60999
+    below, above = range(10000, lo), range(hi + 1, 65536)
+    return below if len(below) >= len(above) else above
+
+
 def _unregistered_port(taken: frozenset[int] | set[int] = frozenset()) -> int:
-    """A port free now that this process has not handed out and that is not in ``taken``."""
+    """A port free now (outside the ephemeral range) that this process has not handed out and
+    that is not in ``taken``."""
+    ports = _test_port_range()
+    if len(ports) < 1000:
+        raise RuntimeError(f"no room for test ports outside the ephemeral range (ports {ports.start}-{ports.stop - 1})")
+    rng = random.Random()  # (seeded from the OS: two processes start from different ports)
     for _ in range(1000):
+        port = rng.choice(ports)
+        if port in _PORTS_GIVEN or port in taken:
+            continue
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _PORTS_GIVEN and port not in taken:
-            _PORTS_GIVEN.add(port)
-            return port
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use (listening, connected or in TIME_WAIT)
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
     raise RuntimeError("no loopback port left that this test run has not handed out")
 
 

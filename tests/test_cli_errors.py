@@ -12,7 +12,7 @@ import sys
 import pytest
 
 import pktstream
-from conftest import PKTSTREAM
+from conftest import PKTSTREAM, free_port
 from pktstream import PacketBatch, config as C
 from pktstream.exceptions import ConfigError
 from pktstream.sinks import FileSink
@@ -305,9 +305,7 @@ def test_readme_embedded_receiver_snippet_as_written_leaves_a_complete_file_on_c
     from pktstream.stream.sensor import CaptureOptions, Sensor, SensorSecurity
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     code = re.search(r"### Embed a receiver in Python\n\n```python\n(.*?)```", readme, re.S).group(1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # (not a port-0 bind closed again: another process's bind could take it meanwhile)
     assert '"0.0.0.0:8081"' in code
     (tmp_path / "snippet.py").write_text(code.replace('"0.0.0.0:8081"', f'"127.0.0.1:{port}"'))
     (tmp_path / "key").write_text("k" * 32 + "\n")

@@ -68,11 +68,11 @@ def test_pcap_modes_match_tcpdump(veth, procs, tmp_path, mixed_pcap, mode, ports
 def test_interfaces_that_appear_later_are_captured(procs, tmp_path):
     """All-interfaces mode: a veth created after the sensor started (a new container) is
     picked up and its traffic streamed."""
-    import os
-
     from pktstream.lab import traffic
     port = free_port()
-    dport = 20000 + os.getpid() % 20000  # a port only this test uses (other interfaces are live)
+    # a port no other test process takes and no source port can be (free_port: outside the
+    # ephemeral range): this captures every interface, where other tests' traffic runs
+    dport = free_port()
     src = tmp_path / "t.pcap"
     traffic.write_random_udp_pcap(str(src), 500, size=300, dport=dport)
     rx = procs(receiver_cmd(port, "-w", str(tmp_path / "out.pcap")))
