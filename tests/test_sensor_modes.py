@@ -79,12 +79,13 @@ def test_interfaces_that_appear_later_are_captured(procs, tmp_path):
     rx.wait_for("listening on")
     # restrict to the test traffic: this machine's other interfaces carry unrelated packets
     sx = procs([*PKTSTREAM, "sensor", "--receiver", f"127.0.0.1:{port}", "--rescan-interval", "0.5",
-                "--max-wait", "0.1", "--stats-json", str(tmp_path / "sx.json"), "udp", "port", str(dport)])
+                "--max-wait", "0.1", "--stats-json", str(tmp_path / "sx.json"),
+                "udp", "dst", "port", str(dport), "and", "src", "host", "198.18.0.1"])  # (the test frames)
     sx.wait_for("connected to receiver")
     with Veth() as late:
         sx.wait_for(f"capturing on {late.outer}", timeout=10)
         ref = tmp_path / "ref.pcap"
-        td = start_tcpdump(procs, late.outer, ref, f"udp port {dport}")
+        td = start_tcpdump(procs, late.outer, ref, f"udp dst port {dport} and src host 198.18.0.1")
         late.replay(src, pps=20000)
         wait_pcap_count(ref, 500)
         wait_received(rx, 500)
