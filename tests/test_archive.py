@@ -651,7 +651,7 @@ def test_live_catalog_snapshot_takes_a_bounded_share(tmp_path, monkeypatch):
     while sink.indexer.indexed < 3 * live.SNAPSHOT_EVERY:
         sink.write(src, next(feed))
     sink.tick()
-    assert sink.indexer.snapshots == 1  # held back, though 32 more files completed
+    assert sink.indexer.snapshots == 1  # held back, though 2 * SNAPSHOT_EVERY more files completed
     in_snapshot = pq.read_table(root / SNAPSHOT, columns=["path"]).column("path").to_pylist()
     assert len(in_snapshot) == live.SNAPSHOT_EVERY
     a = Archive(str(root))

@@ -657,6 +657,29 @@ def test_key_columns_distinct_and_repeat_agree_with_numpy(keys, words, text, n):
             repeat_offsets(n_bad, len_bad)
 
 
+def test_distinct_sorted_radix_agrees_with_numpy_on_large_and_skewed_input():
+    """distinct_sorted sorts a byte at a time (a byte all values share is skipped): random,
+    few distinct, sorted, reversed, constant and top-bit-only values, at sizes around a file's
+    address count and past the GIL threshold, equal np.unique's."""
+    from pktstream._flowtable import distinct_sorted
+    rng = np.random.default_rng(7)
+    for dtype in (np.uint32, np.uint64):
+        top = np.iinfo(dtype).max
+        for n in (1, 2, 3, 255, 256, 257, 2_700, 9_000):
+            cases = {
+                "random": rng.integers(0, top, n, dtype=dtype, endpoint=True),
+                "few": rng.integers(0, 40, n).astype(dtype),
+                "sorted": np.sort(rng.integers(0, 2**31, n)).astype(dtype),
+                "reversed": np.sort(rng.integers(0, 2**31, n))[::-1].astype(dtype),
+                "constant": np.full(n, 7, dtype),
+                "top bits": (rng.integers(0, 4, n).astype(dtype) << (8 * np.dtype(dtype).itemsize - 2)),
+            }
+            for kind, a in cases.items():
+                a = np.ascontiguousarray(a)
+                got = np.frombuffer(distinct_sorted(a.view(np.uint8), a.dtype.itemsize), dtype=dtype)
+                assert got.tolist() == np.unique(a).tolist(), (dtype, n, kind)
+
+
 def test_unaligned_and_bad_arguments_are_refused_or_read_safely():
     """Byte buffers at any offset are read through copies (same results); typed buffers that
     are not aligned for their items, and bad Bloom sizes, are refused with ValueError."""
