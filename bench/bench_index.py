@@ -3,10 +3,11 @@
 <= 15 % extra receiver CPU).
 
 A real ``pktstream receiver`` (CLI process, 127.0.0.1, per-sensor rotated files in
-``--output-dir``) is fed by simulated sensors that replay recorded DATA frames (zstd level 1,
-~400 packets each, as a sensor sends them) of bench_archive.py's synthetic traffic (short
-TCP/UDP flows among 65,536 hosts, incompressible payloads), as fast as the receiver
-acknowledges them. Each format is run with ``--no-index``, with ``--index``, with it and pyarrow's
+``--output-dir``, or with ``--merged`` one rotated file of every sensor, ``-w``) is fed by
+simulated sensors that replay recorded DATA frames (zstd level 1, ~400 packets each, as a
+sensor sends them) of bench_archive.py's synthetic traffic (short TCP/UDP flows among 65,536
+hosts, incompressible payloads), as fast as the receiver acknowledges them. Each format is run
+with ``--no-index``, with ``--index``, with it and pyarrow's
 one-time start-up (import, first Parquet file) done before the receiver listens ("index-warm":
 the steady-state cost), the same with the indexing's own CPU time measured on its thread
 ("index-timed": the numerator measured directly), and, with ``--ref COMMIT``,
@@ -16,7 +17,7 @@ seconds (user+sys of the process, from the moment it listens until it has exited
 decompression, validation, writing, rotation, the last files' indexes), packets in the files
 (checked), and the extra CPU of indexing.
 
-Usage (root not needed): bench/bench_index.py [--raw-mb 300] [--sensors 4] [--formats pcapng,pcap.zst]
+Usage (root not needed): bench/bench_index.py [--raw-mb 300] [--sensors 4] [--merged] [--formats pcapng,pcap.zst]
 [--rotate 16MB] [--repeat 1] [--variants index-timed] [--ref ac1c6ca] [--json OUT]
 """
 from __future__ import annotations
@@ -122,9 +123,13 @@ def recorded(seed: int, raw_bytes: int) -> list[tuple[bytes, int, int]]:
     return [(c.compress(b), len(b), b.nbytes) for b in make_batches(seed, raw_bytes, T0, 3600 * 10**9)]
 
 
-def run_receiver(work: Path, fmt: str, variant: str, frames_by_sensor: dict, rotate: str) -> dict:
+def run_receiver(work: Path, fmt: str, variant: str, frames_by_sensor: dict, rotate: str,
+                 merged: bool = False) -> dict:
     out = work / f"{fmt}-{variant}"
     shutil.rmtree(out, ignore_errors=True)
+    if merged:
+        out.mkdir(parents=True)
+    output = ["-w", str(out / f"all.{fmt}")] if merged else ["--output-dir", str(out), "--format", fmt]
     log = work / f"{fmt}-{variant}.log"
     port = free_port()
     cfg = work / "rx.yaml"
@@ -132,8 +137,8 @@ def run_receiver(work: Path, fmt: str, variant: str, frames_by_sensor: dict, rot
     wrapper = {"index-ref": work / "ref_receiver.py", "index-warm": work / "warm_receiver.py",
                "index-timed": work / "timed_receiver.py"}.get(variant)
     head = [sys.executable, str(wrapper)] if wrapper else PY
-    cmd = [*head, "receiver", "--config", str(cfg), "--listen", f"127.0.0.1:{port}", "--output-dir", str(out),
-           "--format", fmt, "-C", rotate, "--index" if variant != "plain" else "--no-index"]
+    cmd = [*head, "receiver", "--config", str(cfg), "--listen", f"127.0.0.1:{port}", *output,
+           "-C", rotate, "--index" if variant != "plain" else "--no-index"]
     rx = subprocess.Popen(cmd, stderr=open(log, "w"))
     end = time.monotonic() + 60
     while "listening on" not in log.read_text(errors="replace"):
@@ -187,6 +192,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--raw-mb", type=int, default=300, help="raw packet bytes, all sensors together (MB)")
     ap.add_argument("--sensors", type=int, default=4)
+    ap.add_argument("--merged", action="store_true", help="one merged output (-w) instead of a file per sensor")
     ap.add_argument("--formats", default="pcapng,pcap.zst")
     ap.add_argument("--rotate", default="16MB", help="receiver -C")
     ap.add_argument("--repeat", type=int, default=1, help="runs per variant (interleaved); the least CPU counts")
@@ -197,7 +203,8 @@ def main() -> int:
     args = ap.parse_args()
     work = Path(args.dir or tempfile.mkdtemp(prefix="bench-index-"))
     work.mkdir(parents=True, exist_ok=True)
-    res: dict = {"raw_mb": args.raw_mb, "sensors": args.sensors, "rotate": args.rotate, "ref": args.ref,
+    res: dict = {"raw_mb": args.raw_mb, "sensors": args.sensors, "merged": args.merged, "rotate": args.rotate,
+                 "ref": args.ref,
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
                  "loadavg_start": open("/proc/loadavg").read().split()[:3], "runs": {}}
     (work / "warm_receiver.py").write_text(WARM_WRAPPER)
@@ -220,7 +227,7 @@ def main() -> int:
             runs = res["runs"][fmt] = {}
             for _ in range(args.repeat):
                 for v in variants:
-                    r = run_receiver(work, fmt, v, frames, args.rotate)
+                    r = run_receiver(work, fmt, v, frames, args.rotate, args.merged)
                     print(fmt, v, r, file=sys.stderr)
                     if v == "plain":
                         plain_all.setdefault(fmt, []).append((r["receiver_cpu_s"], r["receiver_sys_s"]))

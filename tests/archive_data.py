@@ -104,3 +104,40 @@ def batches(seed: int, n: int, start_ns: int, *, per_batch: int = 50, interface:
     if cur:
         out.append(PacketBatch.from_records(records(cur), link_type=1, interface=interface))
     return out
+
+
+def to_format3(root, value=None) -> int:
+    """Rewrite the index of ``root`` (one ``_index``, written by this version) as index format 3
+    wrote it: a flow file per sensor and date, ``flows/sensor=<value(sensor)>/date=D/<id>.parquet``
+    without a ``sensor`` column, rows of ``index_version`` 3; the snapshot is dropped. ``value``:
+    the sensor's partition value (default: ``partition_value``). Returns the rows rewritten."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pktstream.archive.catalog import SNAPSHOT, read_row, row_bytes
+    from pktstream.archive.index import catalog_file, catalog_schema, partition_value
+    from pktstream.archive.store import LocalStore
+    value = value or partition_value
+    store = LocalStore(str(root))
+    paths = [pa.ipc.open_file(store.full(rel)).read_all().column("path")[0].as_py()
+             for rel in store.list_files("_index/files")]
+    for path in paths:
+        row = read_row(store, path)
+        old_files = []
+        for rel in row["flow_files"]:
+            t = pq.read_table(store.full(rel))
+            date = rel.split("/date=")[1].split("/")[0]
+            for sensor in sorted(set(t.column("sensor").to_pylist())):
+                part = t.filter(pc.equal(t.column("sensor"), sensor)).drop_columns(["sensor"])
+                new = f"_index/flows/sensor={value(sensor)}/date={date}/{row['file_id']}.parquet"
+                os.makedirs(os.path.dirname(store.full(new)), exist_ok=True)
+                pq.write_table(part, store.full(new))
+                old_files.append(new)
+            store.delete(rel)
+        row.update(flow_files=sorted(old_files), index_version=3)
+        store.write_bytes(catalog_file(path), row_bytes(pa.Table.from_pylist([row], catalog_schema())))
+    store.delete(SNAPSHOT)
+    return len(paths)

@@ -269,14 +269,23 @@ def test_output_directories_named_like_partitions_or_globs(tmp_path):
 
 
 def test_index_layout_is_hive_partitioned_parquet(archive_dir):
+    """One flow file per capture file and date (``date=`` partitions) with a ``sensor``
+    column: a merged file of several sensors is one Parquet file, not one per sensor."""
     import duckdb
-    flows = list((archive_dir / "_index" / "flows").glob("sensor=*/date=*/*.parquet"))
-    assert {p.parent.parent.name for p in flows} == {"sensor=web-1", "sensor=db-1", "sensor=lb-1", "sensor=s1",
-                                                     "sensor=s2", "sensor=old"}
+    import pyarrow.parquet as pq
+    flows = list((archive_dir / "_index" / "flows").glob("date=*/*.parquet"))
+    assert not list((archive_dir / "_index" / "flows").glob("sensor=*"))
     assert {p.parent.name for p in flows} == {"date=2024-11-27"}
+    rows = Archive(str(archive_dir)).catalog().to_pylist()
+    assert sorted(p.name for p in flows) == sorted(f"{r['file_id']}.parquet" for r in rows)
+    assert any(len(r["sensors"]) > 1 for r in rows)  # (a merged file among them)
+    sensors = set()
+    for p in flows:
+        sensors |= set(pq.read_table(p, columns=["sensor"]).column("sensor").to_pylist())
+    assert sensors == {"web-1", "db-1", "lb-1", "s1", "s2", "old"}
     con = duckdb.connect()
-    n = con.sql(f"SELECT sum(packets)::BIGINT FROM read_parquet('{archive_dir}/_index/flows/*/*/*.parquet', "
-                "hive_partitioning=true) WHERE sensor = 'web-1'").fetchall()[0][0]
+    n = con.sql(f"SELECT sum(packets)::BIGINT FROM read_parquet('{archive_dir}/_index/flows/*/*.parquet', "
+                "hive_partitioning=true) WHERE sensor = 'web-1' AND date = '2024-11-27'").fetchall()[0][0]
     assert n == 2505
     con.close()
     size = sum(p.stat().st_size for p in (archive_dir / "_index").rglob("*.parquet"))

@@ -12,7 +12,7 @@ import struct
 import pytest
 
 import pktstream
-from archive_data import _arp, _eth, _ipv4, _ipv6, _tcp, _udp, batches
+from archive_data import _arp, _eth, _ipv4, _ipv6, _tcp, _udp, batches, to_format3
 from pktstream.archive import Archive
 from pktstream.archive.index import file_id, sensor_of
 from pktstream.archive.prune import parse
@@ -330,7 +330,7 @@ def test_a_sensor_named_like_another_sensors_partition_value_keeps_its_records(t
     _twin_sensors_archive(tmp_path / "a", live)
     a = Archive(str(tmp_path / "a"))
     row = a.catalog().to_pylist()[0]
-    assert len(row["sensors"]) == 2 and len(set(row["flow_files"])) == len(row["flow_files"]) == 2
+    assert len(row["sensors"]) == 2 and len(row["flow_files"]) == 1  # (one date: one file, a sensor column)
     flows = {}
     for r in a.flows().select(["sensor", "packets"]).to_pylist():
         flows[r["sensor"]] = flows.get(r["sensor"], 0) + r["packets"]
@@ -342,34 +342,12 @@ def test_a_sensor_named_like_another_sensors_partition_value_keeps_its_records(t
     assert a.last_stats.files_scanned == 0
 
 
-@pytest.mark.parametrize("live", [True, False])
-def test_two_sensors_of_one_partition_value_leave_the_file_unindexed_not_half_indexed(tmp_path, monkeypatch, live):
-    """Should two sensor ids still share a value (its 32-bit hash suffix), the file gets no
-    index -- queries scan it -- instead of one sensor's records overwriting the other's; an
-    offline `pktstream index` names it and indexes the other files."""
-    import pktstream.archive.index as ix
-    monkeypatch.setattr(ix, "partition_value", lambda text: "same")
-    root = tmp_path / "a"
-    sink = _twin_sensors_archive(root, live=live, index_offline=False)
-    if live:  # the live index itself refused the file (before any offline index below)
-        assert (sink.indexer.indexed, sink.indexer.failures) == (0, 1)
-        assert not list((root / "_index").glob("files/*")) and not list((root / "_index").rglob("flows/*"))
-    with open_writer(root / "zz-other.pcap") as w:
-        for b in batches(9, 200, T0):
-            w.write(b)
-    a = Archive(str(root))
-    result = a.index(chunk_bytes=CHUNK)
-    assert [r["path"] for r in a.catalog().to_pylist()] == ["zz-other.pcap"]
-    assert any(p.startswith("all.pcapng: not indexed: two of its sensors share a partition value")
-               for p in result["problems"]), result["problems"]
-    assert got(a, "tcp") == brute(root, "tcp") != [] and a.last_stats.files_scanned == 1
-
-
-def test_an_index_written_with_the_old_partition_values_is_read_alike(tmp_path, monkeypatch):
-    """Before 2026-12-04 an id that is not path-safe got a ``-`` suffix (``rack 7`` ->
-    ``rack_7-<hash>``, now ``rack_7~<hash>``), and commit e169e5b gave one to path-safe ids
-    ending like a suffix (``node-deadbeef``); such indexes (not rewritten) answer sensor queries
-    and name their sensor; path-safe ids keep their own name as their value."""
+def test_an_index_written_with_the_old_partition_values_is_read_alike(tmp_path):
+    """Index format 3 kept a flow file per sensor partition value; before 2026-12-04 an id that
+    is not path-safe got a ``-`` suffix (``rack 7`` -> ``rack_7-<hash>``, then ``rack_7~<hash>``),
+    and commit e169e5b gave one to path-safe ids ending like a suffix (``node-deadbeef``); such
+    indexes (not rewritten) answer sensor queries and name their sensor; path-safe ids keep their
+    own name as their value."""
     import hashlib
     import re
 
@@ -390,9 +368,8 @@ def test_an_index_written_with_the_old_partition_values_is_read_alike(tmp_path, 
         with open_writer(root / "all.pcapng") as w:
             for b in batches(3 + k, 400, T0, interface=f"{sensor}/eth0"):
                 w.write(b)
-        monkeypatch.setattr(ix, "partition_value", old)
         Archive(str(root)).index(chunk_bytes=CHUNK)
-        monkeypatch.undo()
+        assert to_format3(root, old) == 1
         assert (root / "_index" / "flows" / f"sensor={old(sensor)}").is_dir()
     assert ix.partition_value("rack 7") != old_value("rack 7") and "~" in ix.partition_value("rack 7")
     assert ix.partition_value("rack-20241127") == "rack-20241127"
@@ -403,6 +380,11 @@ def test_an_index_written_with_the_old_partition_values_is_read_alike(tmp_path, 
         assert got(a, "tcp", sensor=sensor) == brute(root, "tcp", sensor=sensor) != []
         assert set(a.flows(sensor=sensor).column("sensor").to_pylist()) == {sensor}
         assert set(a.flows().column("sensor").to_pylist()) == {sensor}
+        # pktstream index rewrites it in the current layout, the id itself in its sensor column
+        assert a.index(chunk_bytes=CHUNK)["upgraded"] == 1
+        assert not list((root / "_index" / "flows").glob("sensor=*/*/*"))
+        assert got(a, "tcp", sensor=sensor) == brute(root, "tcp", sensor=sensor) != []
+        assert set(a.sql("SELECT DISTINCT sensor FROM flows").column("sensor").to_pylist()) == {sensor}
 
 
 def test_flows_says_which_files_it_cannot_list(edge_archive, monkeypatch):
@@ -413,7 +395,8 @@ def test_flows_says_which_files_it_cannot_list(edge_archive, monkeypatch):
     a.index(chunk_bytes=CHUNK)
     msgs: list[str] = []
     assert len(a.flows(warn=msgs.append)) > 0 and not msgs
-    monkeypatch.setattr(ix, "FORMAT_VERSION", ix.FORMAT_VERSION + 1)  # every row is of an older format
+    # every row of a format queries no longer read
+    monkeypatch.setattr(ix, "READABLE_VERSIONS", (ix.FORMAT_VERSION + 1,))
     assert len(a.flows(warn=msgs.append)) == 0
     assert len(msgs) == 1 and "5 file(s) without a current index are not listed" in msgs[0], msgs
 
@@ -534,7 +517,7 @@ def test_index_removes_half_written_index_files_of_stopped_processes(tmp_path):
     catalog.repair(LocalStore(str(root)))
     with open("/proc/sys/kernel/pid_max") as f:
         gone = int(f.read()) + 1  # no process can have it
-    part = root / "_index" / "flows" / "sensor=one"
+    part = next((root / "_index" / "flows").glob("date=*"))
     old = _time.time() - 120
     stale = part / f"x.parquet.{gone}.tmp"
     fresh = part / f"y.parquet.{gone}.tmp"
@@ -706,3 +689,101 @@ def test_a_live_index_names_unnamed_pcapng_interfaces_as_a_reader_does(tmp_path)
     assert {(i, lt) for _, i, lt in live} == {("if0", 1), ("if1", 12)}
     Archive(str(tmp_path)).index(force=True)
     assert names() == live
+
+
+def _merged_archive(root, sensors, *, days: int = 1):
+    """One merged pcapng (``-w``'s form) holding every sensor's batches, over ``days`` UTC days."""
+    from pktstream.sinks import FileSink
+    from pktstream.sinks.base import Source
+    root.mkdir()
+    sink = FileSink(str(root / "all.pcapng"), index=True)
+    for day in range(days):
+        for k, sensor in enumerate(sensors):
+            for b in batches(10 * day + k, 120, T0 + day * 86_400 * S + k * 1000, interface=f"{sensor}/eth0"):
+                sink.write(Source(sensor, "h", "eth0", 1, 262144), b)
+    sink.close()
+    return sink
+
+
+def test_a_merged_file_of_many_sensors_has_one_flow_file_per_date(tmp_path):
+    """The index of a merged file is one Parquet file per UTC date with a ``sensor`` column
+    holding each id itself (format 3 wrote a file per sensor: 40 sensors, 40 Parquet writes per
+    completed file); sensor queries, flows and SQL see every sensor's records."""
+    import pyarrow.parquet as pq
+    sensors = [f"s{k}" for k in range(38)] + ["rack 7", "web-1.example.com"]
+    root = tmp_path / "a"
+    sink = _merged_archive(root, sensors, days=2)
+    assert sink.indexer.indexed == 1
+    a = Archive(str(root))
+    row = a.catalog().to_pylist()[0]
+    assert sorted(row["sensors"]) == sorted(sensors) and len(row["flow_files"]) == 2
+    files = sorted((root / "_index" / "flows").rglob("*.parquet"))
+    assert [p.parent.name for p in files] == ["date=2024-11-27", "date=2024-11-28"]
+    for p in files:
+        assert set(pq.read_table(p, columns=["sensor"]).column("sensor").to_pylist()) == set(sensors)
+    per_sensor = {}
+    for r in a.flows().select(["sensor", "packets"]).to_pylist():
+        per_sensor[r["sensor"]] = per_sensor.get(r["sensor"], 0) + r["packets"]
+    assert per_sensor == {s: 240 for s in sensors}
+    for sensor in ("rack 7", "s3", "web-1.example.com"):
+        assert got(a, "tcp", sensor=sensor) == brute(root, "tcp", sensor=sensor) != []
+        assert a.last_stats.files_scanned == 0 and a.last_stats.flow_files_read == 2  # (the two dates)
+        assert set(a.flows(sensor=sensor).column("sensor").to_pylist()) == {sensor}
+    rows = a.sql("SELECT sensor, sum(packets)::BIGINT AS n, list(DISTINCT date ORDER BY date) AS dates "
+                 "FROM flows GROUP BY ALL").to_pylist()
+    assert {r["sensor"]: (r["n"], r["dates"]) for r in rows} == \
+        {s: (240, ["2024-11-27", "2024-11-28"]) for s in sensors}
+
+
+def test_an_index_of_format_3_is_queried_as_it_is_and_index_rewrites_it(tmp_path, monkeypatch):
+    """An archive indexed before 2026-12-06 (format 3: a flow file per sensor and date) keeps
+    answering from its index -- queries, flows, SQL, also beside files indexed since -- and a
+    receiver's recovery (upgrade=False) leaves it; ``pktstream index`` rewrites it in the
+    current layout from its flow records (no capture file read again), with the same answers."""
+    from pktstream.archive.catalog import repair
+    from pktstream.archive.index import FORMAT_VERSION
+    root = tmp_path / "a"
+    _merged_archive(root, ["s1", "rack 7", "s2"])
+    with open_writer(root / "web-1.pcap") as w:  # (a per-sensor file)
+        for b in batches(5, 300, T0):
+            w.write(b)
+    Archive(str(root)).index(chunk_bytes=CHUNK)
+    want = {bpf: brute(root, bpf) for bpf in ("tcp", "udp", None)}
+    want_s = brute(root, "tcp", sensor="rack 7")
+
+    def answers(a):
+        for bpf, w in want.items():
+            assert got(a, bpf) == w, bpf
+            assert a.last_stats.files_scanned == 0 and not a.last_stats.problems
+        assert got(a, "tcp", sensor="rack 7") == want_s != []
+        flows = a.flows()
+        per_sensor = {}
+        for r in flows.select(["sensor", "packets"]).to_pylist():
+            per_sensor[r["sensor"]] = per_sensor.get(r["sensor"], 0) + r["packets"]
+        assert per_sensor == {"s1": 120, "rack 7": 120, "s2": 120, "web-1": 300}
+        n = a.sql("SELECT sum(packets)::BIGINT AS n FROM flows").to_pylist()[0]["n"]
+        assert n == 660
+        return flows.num_rows
+
+    n_flows = answers(Archive(str(root)))
+    assert to_format3(root) == 2
+    assert len(list((root / "_index" / "flows").glob("sensor=*/date=*/*.parquet"))) == 4
+    assert answers(Archive(str(root))) == n_flows
+    # one file indexed again in the current layout, the other still of format 3: both answer
+    (root / "web-1.pcap").touch()
+    assert repair(LocalStore(str(root)), ["web-1.pcap"])["indexed"] == 1
+    assert answers(Archive(str(root))) == n_flows
+    # a receiver's recovery leaves format 3 rows (no capture file read again at its start)
+    res = repair(LocalStore(str(root)), upgrade=False)
+    assert (res["indexed"], res["current"]) == (0, 2)
+    import pktstream.archive.catalog as catalog
+
+    def no_capture_read(*a, **k):
+        raise AssertionError("a capture file read again")
+    monkeypatch.setattr(catalog, "index_entry", no_capture_read)
+    res = Archive(str(root)).index(chunk_bytes=CHUNK)  # pktstream index: the layout is rewritten
+    assert (res["indexed"], res["current"], res["upgraded"]) == (0, 1, 1), res  # (from its flow records)
+    monkeypatch.undo()
+    assert not list((root / "_index" / "flows").glob("sensor=*/*/*"))  # (empty directories stay)
+    assert {r["index_version"] for r in Archive(str(root)).catalog().to_pylist()} == {FORMAT_VERSION}
+    assert answers(Archive(str(root))) == n_flows

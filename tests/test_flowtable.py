@@ -630,7 +630,7 @@ def test_key_columns_distinct_and_repeat_agree_with_numpy(keys, words, text, n):
     import pyarrow as pa
 
     from pktstream._flowtable import distinct_sorted, key_columns, mapped_rows, repeat_offsets
-    from pktstream.archive.index import _repeated
+    from pktstream.archive.index import repeated_strings
     ref = np.frombuffer(keys, dtype=KEY)
     cols = key_columns(keys)
     for name in ("iface", "vlan", "ethertype", "ipv", "proto", "sport", "dport"):
@@ -651,7 +651,7 @@ def test_key_columns_distinct_and_repeat_agree_with_numpy(keys, words, text, n):
     assert bytes(mapped_rows(quads)) == b"".join(MAPPED + int(q).to_bytes(4, "big") for q in quads)
     data = text.encode()
     assert np.frombuffer(repeat_offsets(n, len(data)), dtype=np.int32).tolist() == [i * len(data) for i in range(n + 1)]
-    assert _repeated(text, n).equals(pa.array([text] * n, pa.string()))
+    assert repeated_strings(text, n).equals(pa.array([text] * n, pa.string()))
     for n_bad, len_bad in ((2**20, 2**12), (2**62 - 1, 0), (2**62, 4), (-1, 1), (1, -1)):
         with pytest.raises(ValueError):
             repeat_offsets(n_bad, len_bad)

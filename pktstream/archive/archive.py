@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
-from pktstream.archive.catalog import heavy, heavy_array, is_current, load_catalog, parquet_file, repair
-from pktstream.archive.index import INDEX_DIR
+from pktstream.archive.catalog import heavy, heavy_array, is_usable, load_catalog, parquet_file, repair
+from pktstream.archive.index import FLOW_DATE_RE, INDEX_DIR, LEGACY_FLOW_RE
 from pktstream.archive.query import FilePlan, QueryStats, SortedFile, iter_plan, merge_files, segments_for
 from pktstream.archive.store import open_store
 
@@ -142,7 +142,7 @@ class Archive:
             if row is None:
                 out.append((e, None, "no index"))
                 continue
-            if not is_current(row, e):
+            if not is_usable(row, e):
                 out.append((e, None, "stale index"))
                 continue
             if row["status"] != "ok":
@@ -168,18 +168,29 @@ class Archive:
     def _flow_table(self, row: dict[str, Any], sensors, stats: QueryStats | None = None,
                     columns: list[str] | None = None):
         """The flow records of a catalog row's file (of the selected sensors; ``columns``: only
-        these, plus the partition columns ``sensor`` and ``date``), or None."""
+        these, plus ``sensor`` and the partition column ``date``), or None."""
         import pyarrow as pa
         parts = []
         for rel in row["flow_files"]:
-            # (its own two partition directories: a directory above may be called sensor=x too)
-            sensor, date = re.search(_PARTITION_RE, rel).groups()  # type: ignore[union-attr]
-            if sensors is not None and not any(_partition_matches(sensor, s) for s in sensors):
-                continue
-            t = parquet_file(self.store.read_bytes(rel)).read(columns=columns, use_threads=False)
+            legacy = re.search(LEGACY_FLOW_RE, rel)  # (format 3: a file per sensor and date)
+            if legacy is not None:
+                sensor, date = legacy.groups()
+                if sensors is not None and not any(_partition_matches(sensor, s) for s in sensors):
+                    continue
+            else:
+                date = re.search(FLOW_DATE_RE, rel).group(1)  # type: ignore[union-attr]
+            want = None if columns is None or legacy is not None else [*columns, "sensor"]
+            t = parquet_file(self.store.read_bytes(rel)).read(columns=columns if legacy else want,
+                                                              use_threads=False)
             if stats is not None:
                 stats.flow_files_read += 1
-            t = t.append_column("sensor", pa.array([_sensor_name(sensor, row)] * t.num_rows, pa.string()))
+            if legacy is not None:
+                t = t.append_column("sensor", pa.array([_sensor_name(sensor, row)] * t.num_rows, pa.string()))
+            else:
+                if "sensor" not in t.schema.names:
+                    raise ValueError(f"{rel}: flow records without a sensor column")
+                if sensors is not None:
+                    t = t.filter(pa.array([x in sensors for x in t.column("sensor").to_pylist()], pa.bool_()))
             t = t.append_column("date", pa.array([date] * t.num_rows, pa.string()))
             parts.append(t)
         if not parts:
@@ -384,17 +395,23 @@ class Archive:
                 selects = []
                 for k, (base, files) in enumerate(_flow_files_by_base(self.store)):
                     # every flow file by name (no glob: a directory may be called "rack[1]"),
-                    # the partition columns from its own last two directories (DuckDB's Hive
-                    # partitioning reads every key=value directory of the whole path: a receiver
-                    # writing into ARCHIVE/sensor=x/ would rename every sensor x)
+                    # the date from its own partition directory (DuckDB's Hive partitioning
+                    # reads every key=value directory of the whole path: a receiver writing
+                    # into ARCHIVE/date=x/ would change every date)
                     con.read_parquet(files, filename=True, hive_partitioning=False,
                                      union_by_name=True).create_view(f"_flows{k}")
                     # a base below the root: its records name files from the base, flows() and
                     # the catalog from the root
                     file = f"'{_sql_str(base)}/' || file" if base else "file"
-                    selects.append(f"SELECT * EXCLUDE (filename) REPLACE ({file} AS file), "
-                                   f"regexp_extract(filename, '{_PARTITION_RE}', 1) AS sensor, "
-                                   f"regexp_extract(filename, '{_PARTITION_RE}', 2) AS date FROM _flows{k}")
+                    # the sensor column; format 3's files (a file per sensor) have it in the path
+                    legacy = f"regexp_extract(filename, '{LEGACY_FLOW_RE}', 1)"
+                    if any(re.search(LEGACY_FLOW_RE, f) is None for f in files):
+                        sensor = f"COALESCE(sensor, {legacy})"
+                        exclude = "filename, sensor"
+                    else:
+                        sensor, exclude = legacy, "filename"
+                    selects.append(f"SELECT * EXCLUDE ({exclude}) REPLACE ({file} AS file), {sensor} AS sensor, "
+                                   f"regexp_extract(filename, '{FLOW_DATE_RE}', 1) AS date FROM _flows{k}")
                 if selects:
                     con.execute("CREATE VIEW flows AS " + " UNION ALL BY NAME ".join(selects))
                 else:
@@ -418,7 +435,9 @@ def _sql_str(text: str) -> str:
     return text.replace("'", "''")
 
 
-_PARTITION_RE = r"/sensor=([^/]*)/date=([^/]*)/[^/]*$"  # (a flow file's path, in SQL)
+
+
+_FLOW_DIR = re.compile(r"(?:sensor=[^/]*/)?date=[^/]*")  # a flow file's directory below flows/ (format 3: sensor=S/)
 
 
 def _flow_files_by_base(store) -> list[tuple[str, list[str]]]:
@@ -429,7 +448,7 @@ def _flow_files_by_base(store) -> list[tuple[str, list[str]]]:
     for base in getattr(store, "bases", [""]):
         top = os.path.join(store.root, base, INDEX_DIR, "flows")
         files = sorted(os.path.join(d, f) for d, _, names in os.walk(top) for f in names
-                       if f.endswith(".parquet") and os.path.relpath(d, top).count(os.sep) == 1)
+                       if f.endswith(".parquet") and _FLOW_DIR.fullmatch(os.path.relpath(d, top).replace(os.sep, "/")))
         if files:
             out.append((base, files))
     return out
@@ -459,14 +478,8 @@ def _partition_matches(value: str, sensor: str) -> bool:
 
 
 def _sensor_name(value: str, row: dict[str, Any]) -> str:
-    from pktstream.archive.index import partition_value, partition_values
-    for s in row["sensors"]:  # (this version's value first: an older index may hold both forms)
-        if partition_value(s) == value:
-            return s
-    for s in row["sensors"]:
-        if value in partition_values(s):
-            return s
-    return value
+    from pktstream.archive.index import sensor_of_partition
+    return sensor_of_partition(value, row["sensors"])
 
 
 def _compression_of(path: str) -> str | None:

@@ -132,20 +132,15 @@ def row_table(data: bytes):
 
 
 def write_index(store, row: dict[str, Any], tables: dict) -> tuple[str, str, Any]:
-    """Store a file's flow tables (``pyarrow.Table`` or spilled: :class:`SpilledFlows`, closed
-    here), then its catalog row (the commit); old flow files of the same capture file that are
-    not rewritten are removed. Returns (catalog file, its version, the row as a one-row
-    ``pyarrow.Table``): what :func:`write_snapshot` would read back from the catalog file."""
+    """Store a file's flow tables (``{(sensor, date): pyarrow.Table or spilled}``:
+    :class:`SpilledFlows`, closed here) as one flow file per date with a ``sensor`` column
+    (:func:`~pktstream.archive.index.flow_file`), then its catalog row (the commit); old flow
+    files of the same capture file that are not rewritten are removed. Returns (catalog file,
+    its version, the row as a one-row ``pyarrow.Table``): what :func:`write_snapshot` would
+    read back from the catalog file."""
     import pyarrow as pa
 
-    from pktstream.archive.index import check_flow_files, flow_file
-    try:
-        check_flow_files(tables, row["path"])  # (a builder's row is checked already; a staged one here)
-    except IndexNotBuilt:
-        for table in tables.values():
-            if isinstance(table, SpilledFlows):
-                table.close()
-        raise
+    from pktstream.archive.index import flow_file
     old = read_row(store, row["path"])
     rel = catalog_file(row["path"])
     if old is not None:
@@ -154,12 +149,11 @@ def write_index(store, row: dict[str, Any], tables: dict) -> tuple[str, str, Any
         # write failing after them); without a row the file is scanned, then repaired
         _delete_row(store, row["path"])
     try:
-        for (sensor, date), table in tables.items():
-            if isinstance(table, SpilledFlows):
-                data = table.parquet_bytes()
-            else:
-                data = parquet_bytes(table, **flow_parquet_options())
-            store.write_bytes(flow_file(sensor, date, row["path"]), data)
+        by_date: dict[str, list[tuple[str, Any]]] = {}
+        for (sensor, date), table in sorted(tables.items(), key=lambda kv: kv[0]):
+            by_date.setdefault(date, []).append((sensor, table))
+        for date, parts in by_date.items():
+            store.write_bytes(flow_file(date, row["path"]), _flow_parquet(parts))
     finally:
         for table in tables.values():
             if isinstance(table, SpilledFlows):
@@ -170,6 +164,42 @@ def write_index(store, row: dict[str, Any], tables: dict) -> tuple[str, str, Any
         for f in set(old.get("flow_files") or ()) - set(row["flow_files"]):
             store.delete(f)
     return rel, version, row_table
+
+
+def _flow_parquet(parts: list[tuple[str, Any]]) -> bytes:
+    """One date's flow records of a file as a Parquet file: each sensor's records (in sensor
+    order) with a ``sensor`` column; in-memory tables as one row group, spilled ones a row group
+    per spill (copied a row group at a time)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pktstream.archive.index import repeated_strings, strings_by_run
+    if not parts:
+        raise ValueError("no flow records")
+    if not any(isinstance(t, SpilledFlows) for _, t in parts):
+        if len(parts) == 1:
+            table = parts[0][1].append_column("sensor", repeated_strings(parts[0][0], parts[0][1].num_rows))
+        else:  # (one chunk per column: the Parquet writer pays per chunk, ~0.13 ms each)
+            table = pa.concat_tables([t for _, t in parts]).combine_chunks()
+            table = table.append_column("sensor", strings_by_run([s for s, _ in parts],
+                                                                 [t.num_rows for _, t in parts]))
+        return parquet_bytes(table, **flow_parquet_options())
+    out = pa.BufferOutputStream()
+    writer = None
+    try:
+        for sensor, t in parts:
+            pieces = t.row_groups() if isinstance(t, SpilledFlows) else [t]
+            for piece in pieces:
+                piece = piece.append_column("sensor", repeated_strings(sensor, piece.num_rows))
+                if writer is None:
+                    writer = pq.ParquetWriter(out, piece.schema, **flow_parquet_options())
+                writer.write_table(piece, row_group_size=max(piece.num_rows, 1))
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        raise ValueError("no flow records")
+    return out.getvalue().to_pybytes()
 
 
 _RAW = BINARY_COLUMNS  # random bits: no dictionary or min/max statistics
@@ -460,10 +490,18 @@ def _snapshot_outdated(store) -> bool:
 
 
 def is_current(row: dict[str, Any] | None, entry: Entry) -> bool:
-    """Whether a catalog row describes the file as it is now."""
+    """Whether a catalog row describes the file as it is now, in this index format."""
     from pktstream.archive.index import FORMAT_VERSION
+    return is_usable(row, entry) and row is not None and row.get("index_version") == FORMAT_VERSION
+
+
+def is_usable(row: dict[str, Any] | None, entry: Entry) -> bool:
+    """Whether a catalog row describes the file as it is now, in a format queries read as it
+    is (:data:`~pktstream.archive.index.READABLE_VERSIONS`; ``pktstream index`` rewrites an
+    older one of those)."""
+    from pktstream.archive.index import READABLE_VERSIONS
     return (row is not None and row.get("size") == entry.size and row.get("version") == entry.version
-            and row.get("index_version") == FORMAT_VERSION)
+            and row.get("index_version") in READABLE_VERSIONS)
 
 
 def repair(store, paths: Iterable[str] | None = None, *, force: bool = False,
@@ -477,8 +515,10 @@ def repair(store, paths: Iterable[str] | None = None, *, force: bool = False,
         archive (then orphan catalog rows and flow files are removed too).
     :param force: rebuild even current indexes.
     :param chunk_bytes: the unit a query reads (decompressed stream bytes; at least 4096).
-    :param upgrade: give current rows of an older catalog their filters (False: leave them, as
-        a receiver's crash recovery does -- an upgrade reads every flow file, ``pktstream index``'s job).
+    :param upgrade: give current rows of an older catalog their filters, and index again the
+        files whose rows are of an older format queries still read (False: leave them, as a
+        receiver's crash recovery does -- an upgrade reads every flow file or capture file,
+        ``pktstream index``'s job).
     :param forget: with ``paths``: also remove the indexes of files that are gone whose path
         (relative to the root) it accepts (without ``paths`` every gone file's index is removed).
     :return: counts ``indexed``, ``current``, ``upgraded`` (a current row of an older catalog
@@ -567,6 +607,34 @@ def _add_filters(store, row: dict[str, Any]) -> bool:
     return True
 
 
+def _relayout(store, row: dict[str, Any]) -> bool:
+    """Rewrite the flow files of a row of index format 3 (a file per sensor and date) in the
+    current layout, from its flow records (the capture file is not read again), and the row
+    with them. False when a flow file cannot be read or is not of format 3 (then the file is
+    indexed again)."""
+    import re
+
+    from pktstream.archive.index import FORMAT_VERSION, LEGACY_FLOW_RE, flow_files, sensor_of_partition
+    tables: dict[tuple[str, str], Any] = {}
+    try:
+        for rel in row.get("flow_files") or ():
+            m = re.search(LEGACY_FLOW_RE, rel)
+            if m is None:
+                return False
+            key = (sensor_of_partition(m.group(1), row.get("sensors") or []), m.group(2))
+            if key in tables:
+                return False  # (two values of one sensor: an id that collided; its records are doubtful)
+            tables[key] = parquet_file(store.read_bytes(rel)).read(use_threads=False)
+    except Exception:
+        return False
+    full = {name: heavy(row, name) if name in HEAVY else row.get(name) for name in catalog_schema().names}
+    full.update(index_version=FORMAT_VERSION, flow_files=flow_files(tables, row["path"]))
+    write_index(store, full, tables)
+    row.update(full)
+    row["_upgraded"] = True
+    return True
+
+
 def _remove_orphan_flow_files(store: SubStore, candidates: set[str]) -> None:
     """Remove flow files no catalog row references: left by a crash between a file's flow files
     and its row, or by a row replaced or removed. A receiver indexing into the archive meanwhile
@@ -622,9 +690,11 @@ def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = Fal
     for e in entries:
         if progress:
             progress(done, total, e.path)
-        if not force and is_current(by_path.get(e.path), e) \
-                and flow_files.issuperset(by_path[e.path].get("flow_files") or ()):
-            row = by_path[e.path]
+        # a row of an older format queries read: a receiver's recovery (upgrade=False) leaves
+        # it, pktstream index rewrites its flow files (format 3) from its records
+        row = by_path.get(e.path)
+        if not force and row is not None and is_usable(row, e) and flow_files.issuperset(row.get("flow_files") or ()) \
+                and (not upgrade or is_current(row, e) or _relayout(store, row)):
             if upgrade and filter_outdated(row.get("address_filter")) and not _add_filters(store, row):
                 try:
                     row, tables = index_entry(store, e, chunk_bytes=chunk_bytes)  # flow records unreadable

@@ -6,9 +6,10 @@ again. It aggregates them (one C pass per batch: ``pktstream._flowtable.FlowTabl
 records, one per (sensor, interface, VLAN, ethertype,
 IP version, src, dst, sport, dport, proto), with first/last ns, packets, wire bytes, the TCP
 flags seen and the chunk numbers holding its packets; ``finish()`` returns the flow tables,
-one per Hive partition ``sensor=S/date=YYYY-MM-DD`` (UTC date of the flow's first packet), and
-the file's catalog row (time range, counts, sensors, address/port summaries, chunk table,
-pcapng header block positions). Layout on disk: docs/ARCHIVE.md.
+one per (sensor, UTC date of the flow's first packet) -- stored as one Parquet file per date,
+``date=YYYY-MM-DD``, with a ``sensor`` column (:func:`flow_file`) -- and the file's catalog
+row (time range, counts, sensors, address/port summaries, chunk table, pcapng header block
+positions). Layout on disk: docs/ARCHIVE.md.
 
 Sensor attribution: a pcapng interface named ``sensor/interface`` (what the receiver writes
 in merged files) gives both; any other name is the interface of the sensor named by the
@@ -27,6 +28,7 @@ import hashlib
 import os
 import re
 import socket
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -52,8 +54,10 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
 INDEX_DIR = "_index"
-FORMAT_VERSION = 3  # 2: ports of cut TCP/UDP headers; summaries incomplete for broken IP, short ARP;
-#                    3: the protocol behind a cut IPv6 fragment header; NULL/LOOP family 10 not IPv6
+FORMAT_VERSION = 4  # 2: ports of cut TCP/UDP headers; summaries incomplete for broken IP, short ARP;
+#                    3: the protocol behind a cut IPv6 fragment header; NULL/LOOP family 10 not IPv6;
+#                    4: one flow file per date with a sensor column (was: per sensor and date)
+READABLE_VERSIONS = (3, 4)  # formats queries use as they are (3 differs only in its flow files' layout)
 SUMMARY_LIMIT = 4096  # more distinct addresses/ports than this: the summary is "unknown" (null)
 
 # a flow key as FlowTable.flows() gives it (native byte order)
@@ -68,7 +72,8 @@ def file_id(rel_path: str) -> str:
 
 
 def partition_value(text: str) -> str:
-    """A sensor id as a Hive partition value: the id itself when it is path-safe (letters,
+    """A sensor id as a Hive partition value of index format 3 (``flows/sensor=<value>/``; read
+    only since format 4, :data:`LEGACY_FLOW_RE`): the id itself when it is path-safe (letters,
     digits, ``._@-``, at most 100 characters, not starting with ``.``), else its path-safe form
     with ``~`` and 8 hex digits of its SHA-256 -- a character no path-safe id holds, so no
     two ids share a value (before 2026-12-04 the suffix began with ``-``: ``s p`` ->
@@ -85,6 +90,18 @@ def partition_values(text: str) -> tuple[str, ...]:
     if cleaned != text:
         return f"{cleaned}~{_suffix(text)}", f"{cleaned}-{_suffix(text)}"
     return (text, f"{text}-{_suffix(text)}") if re.search(r"-[0-9a-f]{8}$", text) else (text,)
+
+
+def sensor_of_partition(value: str, sensors: list[str]) -> str:
+    """The id among ``sensors`` (a catalog row's) whose partition value in format 3's layout is
+    ``value`` -- this version's form first: an older index may hold both -- else ``value``."""
+    for s in sensors:
+        if partition_value(s) == value:
+            return s
+    for s in sensors:
+        if value in partition_values(s):
+            return s
+    return value
 
 
 def _path_safe(text: str) -> str:
@@ -169,14 +186,16 @@ def canonical(address) -> str:
 # zstd only on the address texts, the one kind of column a general compressor shrinks much more
 # than an encoding does. (Dictionary encoding of addresses, times and counters cost more CPU
 # than it saved bytes.)
-FLOW_DICTIONARY = ["file", "interface", "link_type", "vlan", "ethertype", "ip_version", "proto", "tcp_flags"]
+FLOW_DICTIONARY = ["file", "interface", "link_type", "vlan", "ethertype", "ip_version", "proto", "tcp_flags",
+                   "sensor"]
 FLOW_DELTA = ["first_ts_ns", "last_ts_ns", "packets", "bytes", "sport", "dport", "chunks.list.element"]
 FLOW_COMPRESSED = ["src", "dst"]
 
-# the flow records' columns, in order (FileIndexBuilder._parts builds them)
+# the flow records' columns, in order (FileIndexBuilder._parts builds them; write_index adds
+# ``sensor``, the partition of format 3's directory layout)
 FLOW_SCHEMA_COLUMNS = ("file", "interface", "link_type", "vlan", "ethertype", "ip_version", "src", "dst",
                        "sport", "dport", "proto", "first_ts_ns", "last_ts_ns", "packets", "bytes",
-                       "tcp_flags", "chunks")
+                       "tcp_flags", "chunks", "sensor")
 BINARY_COLUMNS = ("address_filter", "port_bitmap")  # catalog columns of raw bytes (bloom.py layouts)
 #: link types whose packets the flow table decodes (pktstream._flowtable parse_key)
 DECODED_LINK_TYPES = (0, 1, 12, 14, 101, 108, 113, 228, 229, 276)
@@ -242,12 +261,14 @@ class SpilledFlows:
         self._file.seek(0)
         return self._file.read()
 
-    def batches(self) -> Any:
-        """Iterate the records as Arrow record batches (one row group at a time)."""
+    def row_groups(self) -> Iterator[Any]:
+        """The records as Arrow tables, one per row group (spill), read one at a time."""
         import pyarrow.parquet as pq
         self.seal()
         self._file.seek(0)
-        return pq.ParquetFile(self._file).iter_batches()
+        pf = pq.ParquetFile(self._file)
+        for g in range(pf.num_row_groups):
+            yield pf.read_row_group(g, use_threads=False)
 
     def close(self) -> None:
         """Free the temporary file."""
@@ -481,7 +502,7 @@ class FileIndexBuilder:
         # interface names: a string array built from buffers (Array.take would load pyarrow.compute,
         # ~0.25 CPU-s once per process)
         if len(ids) == 1:  # (one interface: no per-record Python)
-            interfaces = _repeated(names[ids[0]][1], n)
+            interfaces = repeated_strings(names[ids[0]][1], n)
         else:
             itf_bytes = [names[i][1].encode() for i in ids]
             itf_len = np.array([len(b) for b in itf_bytes], dtype=np.int32)
@@ -494,7 +515,7 @@ class FileIndexBuilder:
         self._last_ts = hi if self._last_ts is None else max(self._last_ts, hi)
         chunks = pa.ListArray.from_arrays(_arrow(f["chunk_offsets"]), _arrow(f["chunk_values"]))
         table = pa.table({
-            "file": _repeated(self.rel_path, n),
+            "file": repeated_strings(self.rel_path, n),
             "interface": interfaces,
             "link_type": _arrow(links),
             "vlan": _arrow(key["vlan"]), "ethertype": _arrow(key["ethertype"]),
@@ -551,7 +572,6 @@ class FileIndexBuilder:
                 sp.seal()
         else:
             tables = self._parts()
-        check_flow_files(tables, self.rel_path)
         addrs = self._address_summary() if self._addrs is not None and self._addresses_complete else None
         ports = np.flatnonzero(self._port_seen)
         address_filter = filter_of_hashes(self._addr_hashes) if self._addresses_complete else UNKNOWN_FILTER
@@ -573,7 +593,7 @@ class FileIndexBuilder:
             "header_blocks": [{"offset": o, "length": n} for o, n in sorted(self.header_blocks)],
             "chunks": [{"start": c[0], "end": c[1], "packets": c[2], "first_ts_ns": c[3], "last_ts_ns": c[4]}
                        for c in self.chunks],
-            "flow_files": sorted(flow_file(s, d, self.rel_path) for s, d in tables),
+            "flow_files": flow_files(tables, self.rel_path),
         }
         return row, tables
 
@@ -619,11 +639,26 @@ def _distinct_words(a: np.ndarray) -> np.ndarray:
     return np.frombuffer(distinct_sorted(np.ascontiguousarray(a).view(np.uint8), a.dtype.itemsize), dtype=a.dtype)
 
 
-def _repeated(text: str, n: int) -> Any:
+def repeated_strings(text: str, n: int) -> Any:
     """An Arrow string array of ``n`` times ``text``, from buffers."""
     import pyarrow as pa
     data = text.encode()
     return pa.StringArray.from_buffers(n, pa.py_buffer(repeat_offsets(n, len(data))), pa.py_buffer(data * n))
+
+
+def strings_by_run(texts: list[str], counts: list[int]) -> Any:
+    """An Arrow string array of ``counts[i]`` times ``texts[i]``, one run after another, from
+    buffers (no Python object per value)."""
+    import pyarrow as pa
+    data = [t.encode() for t in texts]
+    runs = np.asarray(counts, dtype=np.int64)
+    per_row = np.repeat(np.array([len(d) for d in data], dtype=np.int64), runs)
+    if int(per_row.sum()) > 0x7FFFFFFF:
+        raise ValueError(f"{len(per_row)} strings: more than an Arrow string array holds")
+    offsets = np.zeros(len(per_row) + 1, dtype=np.int32)
+    np.cumsum(per_row, out=offsets[1:])
+    return pa.StringArray.from_buffers(len(per_row), pa.py_buffer(offsets),
+                                       pa.py_buffer(b"".join(d * int(n) for d, n in zip(data, runs, strict=True))))
 
 
 def _distinct(a: np.ndarray) -> np.ndarray:
@@ -639,18 +674,23 @@ def _date(days: int) -> str:
     return (dt.date(1970, 1, 1) + dt.timedelta(days=int(days))).isoformat()
 
 
-def check_flow_files(tables: dict, rel_path: str) -> None:
-    """Raise :class:`IndexNotBuilt` when two of a file's (sensor, date) partitions would be
-    written to one flow file (two sensor ids sharing a partition value: a collision of its
-    32-bit suffix): the file is then left unindexed (scanned), never half-indexed."""
-    paths = [flow_file(s, d, rel_path) for s, d in tables]
-    if len(set(paths)) != len(paths):
-        raise IndexNotBuilt("two of its sensors share a partition value (a hash suffix collision)")
+def flow_file(date: str, rel_path: str) -> str:
+    """Path (relative to the archive root) of a file's flow records of one UTC date (all its
+    sensors: a ``sensor`` column). Format 3 (before 2026-12-06) kept one file per sensor and
+    date, ``flows/sensor=<partition value>/date=<date>/``: a merged file of 100 sensors cost 100
+    Parquet files (~1.8 ms each) per capture file; those are still read (:data:`LEGACY_FLOW_RE`)."""
+    return f"{INDEX_DIR}/flows/date={date}/{file_id(rel_path)}.parquet"
 
 
-def flow_file(sensor: str, date: str, rel_path: str) -> str:
-    """Path (relative to the archive root) of a file's flow records in one partition."""
-    return f"{INDEX_DIR}/flows/sensor={partition_value(sensor)}/date={date}/{file_id(rel_path)}.parquet"
+def flow_files(tables: dict, rel_path: str) -> list[str]:
+    """The flow files of a file whose flow tables (``{(sensor, date): table}``) are ``tables``."""
+    return sorted({flow_file(d, rel_path) for _, d in tables})
+
+
+#: a flow file's own partition directories (a directory above may be called sensor=x too):
+#: ``sensor=<partition value>/date=<date>/`` in format 3, ``date=<date>/`` since
+LEGACY_FLOW_RE = r"/sensor=([^/]*)/date=([^/]*)/[^/]*$"
+FLOW_DATE_RE = r"/date=([^/]*)/[^/]*$"
 
 
 CATALOG_ROW_SUFFIX = ".arrow"  # a catalog row: an Arrow IPC file (before 2026-12-05: Parquet, still read)

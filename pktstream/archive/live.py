@@ -478,7 +478,7 @@ def write_staged(path: str, row: dict, tables: dict) -> None:
         writer = None
         try:
             for (s, d), t in tables.items():
-                parts = ((pa.Table.from_batches([b]) for b in t.batches()) if isinstance(t, SpilledFlows) else [t])
+                parts = t.row_groups() if isinstance(t, SpilledFlows) else [t]
                 for part in parts:  # (a spilled partition one row group at a time)
                     part = tagged(part, s, d)
                     if writer is None:
@@ -515,7 +515,7 @@ def commit_staged(store, idx_path: str, rel_path: str, size: int, version: str) 
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from pktstream.archive.index import file_id, flow_file
+    from pktstream.archive.index import file_id, flow_files
     table = pq.read_table(idx_path)
     row = json.loads(table.schema.metadata[b"pktstream.catalog"])
     for k in _BINARY:  # (absent in an .idx staged before the address filter: null, upgraded later)
@@ -528,5 +528,5 @@ def commit_staged(store, idx_path: str, rel_path: str, size: int, version: str) 
             t = t.set_column(t.column_names.index("file"), "file", pa.array([rel_path] * t.num_rows, pa.string()))
             tables[(s, d)] = t
     row.update(path=rel_path, file_id=file_id(rel_path), size=size, version=version,
-               flow_files=sorted(flow_file(s, d, rel_path) for s, d in tables))
+               flow_files=flow_files(tables, rel_path))
     write_index(store, row, tables)
