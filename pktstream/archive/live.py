@@ -145,8 +145,8 @@ class LiveIndexer:
 
     def _schedule(self, path: str, what: str, exc: Exception | None, delay_s: float | None = None) -> None:
         """Try ``what`` for ``path`` again after ``delay_s`` (default RETRY_FIRST_S) when ``exc``
-        may pass (None, or an OS error: disk full, I/O); not for a file the index cannot
-        describe (two sensors of one partition value)."""
+        may pass (None, or an OS error: disk full, I/O); not for an error that would come
+        again (the file is then scanned by queries and named by ``pktstream index``)."""
         if exc is None or isinstance(exc, _PASSING):
             first = RETRY_FIRST_S if delay_s is None else delay_s
             self._retry[path] = [what, time.monotonic() + first, RETRY_FIRST_S, RETRY_ATTEMPTS]
