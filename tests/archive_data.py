@@ -109,7 +109,8 @@ def batches(seed: int, n: int, start_ns: int, *, per_batch: int = 50, interface:
 def to_format3(root, value=None) -> int:
     """Rewrite the index of ``root`` (one ``_index``, written by this version) as index format 3
     wrote it: a flow file per sensor and date, ``flows/sensor=<value(sensor)>/date=D/<id>.parquet``
-    without a ``sensor`` column, rows of ``index_version`` 3; the snapshot is dropped. ``value``:
+    without a ``sensor`` column (a row group per spill, as there), rows of ``index_version`` 3;
+    the snapshot is dropped. ``value``:
     the sensor's partition value (default: ``partition_value``). Returns the rows rewritten."""
     import os
 
@@ -128,13 +129,17 @@ def to_format3(root, value=None) -> int:
         row = read_row(store, path)
         old_files = []
         for rel in row["flow_files"]:
-            t = pq.read_table(store.full(rel))
+            pf = pq.ParquetFile(store.full(rel))
             date = rel.split("/date=")[1].split("/")[0]
-            for sensor in sorted(set(t.column("sensor").to_pylist())):
-                part = t.filter(pc.equal(t.column("sensor"), sensor)).drop_columns(["sensor"])
+            groups = [pf.read_row_group(g) for g in range(pf.num_row_groups)]  # (a spill each)
+            for sensor in sorted({x for g in groups for x in g.column("sensor").to_pylist()}):
                 new = f"_index/flows/sensor={value(sensor)}/date={date}/{row['file_id']}.parquet"
                 os.makedirs(os.path.dirname(store.full(new)), exist_ok=True)
-                pq.write_table(part, store.full(new))
+                with pq.ParquetWriter(store.full(new), groups[0].drop_columns(["sensor"]).schema) as w:
+                    for g in groups:
+                        part = g.filter(pc.equal(g.column("sensor"), sensor)).drop_columns(["sensor"])
+                        if part.num_rows:
+                            w.write_table(part)
                 old_files.append(new)
             store.delete(rel)
         row.update(flow_files=sorted(old_files), index_version=3)

@@ -391,9 +391,13 @@ class Archive:
             raise ImportError("pktstream sql needs DuckDB: pip install 'pktstream[sql]'") from None
         con = duckdb.connect()
         try:
+            files_tbl = self.catalog()
             if hasattr(self.store, "root"):
+                # only flow files a catalog row names: not those of a commit under way or left
+                # by a crash before one (their records would be counted twice)
+                named = {f for fs in files_tbl.column("flow_files").to_pylist() for f in fs or ()}
                 selects = []
-                for k, (base, files) in enumerate(_flow_files_by_base(self.store)):
+                for k, (base, files) in enumerate(_flow_files_by_base(self.store, named)):
                     # every flow file by name (no glob: a directory may be called "rack[1]"),
                     # the date from its own partition directory (DuckDB's Hive partitioning
                     # reads every key=value directory of the whole path: a receiver writing
@@ -420,7 +424,6 @@ class Archive:
             else:
                 flows_tbl = self.flows()
                 con.register("flows", flows_tbl)
-            files_tbl = self.catalog()
             con.register("files", files_tbl)
             rel = con.sql(query)
             if rel is None:  # a statement without a result
@@ -440,15 +443,18 @@ def _sql_str(text: str) -> str:
 _FLOW_DIR = re.compile(r"(?:sensor=[^/]*/)?date=[^/]*")  # a flow file's directory below flows/ (format 3: sensor=S/)
 
 
-def _flow_files_by_base(store) -> list[tuple[str, list[str]]]:
-    """(index base, its flow files' full paths) of a local archive, bases with none left out."""
+def _flow_files_by_base(store, named: set[str]) -> list[tuple[str, list[str]]]:
+    """(index base, its flow files' full paths) of a local archive: the files of ``named``
+    (paths relative to the root, as catalog rows name them) that are there, bases with none
+    left out."""
     import os
     store.captures()  # (finds the index bases: the root's and any below it)
     out = []
     for base in getattr(store, "bases", [""]):
-        top = os.path.join(store.root, base, INDEX_DIR, "flows")
-        files = sorted(os.path.join(d, f) for d, _, names in os.walk(top) for f in names
-                       if f.endswith(".parquet") and _FLOW_DIR.fullmatch(os.path.relpath(d, top).replace(os.sep, "/")))
+        prefix = f"{base}/{INDEX_DIR}/flows/" if base else f"{INDEX_DIR}/flows/"
+        files = sorted(path for f in named if f.startswith(prefix)
+                       and _FLOW_DIR.fullmatch(f[len(prefix):].rpartition("/")[0])
+                       and os.path.isfile(path := os.path.join(store.root, *f.split("/"))))
         if files:
             out.append((base, files))
     return out

@@ -139,8 +139,6 @@ def write_index(store, row: dict[str, Any], tables: dict) -> tuple[str, str, Any
     its version, the row as a one-row ``pyarrow.Table``): what :func:`write_snapshot` would
     read back from the catalog file."""
     import pyarrow as pa
-
-    from pktstream.archive.index import flow_file
     old = read_row(store, row["path"])
     rel = catalog_file(row["path"])
     if old is not None:
@@ -148,16 +146,7 @@ def write_index(store, row: dict[str, Any], tables: dict) -> tuple[str, str, Any
         # records of another chunk layout would prune wrongly (a query between the two, or a
         # write failing after them); without a row the file is scanned, then repaired
         _delete_row(store, row["path"])
-    try:
-        by_date: dict[str, list[tuple[str, Any]]] = {}
-        for (sensor, date), table in sorted(tables.items(), key=lambda kv: kv[0]):
-            by_date.setdefault(date, []).append((sensor, table))
-        for date, parts in by_date.items():
-            store.write_bytes(flow_file(date, row["path"]), _flow_parquet(parts))
-    finally:
-        for table in tables.values():
-            if isinstance(table, SpilledFlows):
-                table.close()
+    _write_flow_files(store, row["path"], tables)
     row_table = pa.Table.from_pylist([row], catalog_schema())
     version = store.write_bytes(rel, row_bytes(row_table))
     if old is not None:
@@ -166,17 +155,65 @@ def write_index(store, row: dict[str, Any], tables: dict) -> tuple[str, str, Any
     return rel, version, row_table
 
 
+def _write_flow_files(store, rel_path: str, tables: dict) -> list[str]:
+    """Write a file's flow tables (``{(sensor, date): table, spilled or row groups}``) as its
+    flow files, one per date; returns their paths. Spilled tables are closed. On an error the
+    files written so far are removed again (best effort) and it is raised."""
+    from pktstream.archive.index import flow_file
+    written: list[str] = []
+    try:
+        by_date: dict[str, list[tuple[str, Any]]] = {}
+        for (sensor, date), table in sorted(tables.items(), key=lambda kv: kv[0]):
+            by_date.setdefault(date, []).append((sensor, table))
+        for date, parts in by_date.items():
+            rel = flow_file(date, rel_path)
+            store.write_bytes(rel, _flow_parquet(parts))
+            written.append(rel)
+    except BaseException:
+        _delete_quietly(store, written)
+        raise
+    finally:
+        for table in tables.values():
+            if isinstance(table, SpilledFlows):
+                table.close()
+    return written
+
+
+def _delete_quietly(store, rels: list[str]) -> None:
+    for rel in rels:
+        try:
+            store.delete(rel)
+        except Exception:  # noqa: BLE001 - the orphan sweep of the next full index removes it
+            pass
+
+
+class _RowGroups:
+    """A Parquet file's records, read a row group at a time (a format-3 flow file being
+    rewritten: memory stays what one spill of it held)."""
+
+    def __init__(self, pf: Any) -> None:
+        self._pf = pf
+        self.num_rows = pf.metadata.num_rows
+
+    def row_groups(self) -> Any:
+        for g in range(self._pf.num_row_groups):
+            yield self._pf.read_row_group(g, use_threads=False)
+
+
+_STREAMED = (SpilledFlows, _RowGroups)  # flow tables copied a row group at a time
+
+
 def _flow_parquet(parts: list[tuple[str, Any]]) -> bytes:
     """One date's flow records of a file as a Parquet file: each sensor's records (in sensor
-    order) with a ``sensor`` column; in-memory tables as one row group, spilled ones a row group
-    per spill (copied a row group at a time)."""
+    order) with a ``sensor`` column; in-memory tables as one row group, spilled ones (and a
+    format-3 file's) a row group per spill, copied one at a time."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from pktstream.archive.index import repeated_strings, strings_by_run
     if not parts:
         raise ValueError("no flow records")
-    if not any(isinstance(t, SpilledFlows) for _, t in parts):
+    if not any(isinstance(t, _STREAMED) for _, t in parts):
         if len(parts) == 1:
             table = parts[0][1].append_column("sensor", repeated_strings(parts[0][0], parts[0][1].num_rows))
         else:  # (one chunk per column: the Parquet writer pays per chunk, ~0.13 ms each)
@@ -188,7 +225,7 @@ def _flow_parquet(parts: list[tuple[str, Any]]) -> bytes:
     writer = None
     try:
         for sensor, t in parts:
-            pieces = t.row_groups() if isinstance(t, SpilledFlows) else [t]
+            pieces = t.row_groups() if isinstance(t, _STREAMED) else [t]
             for piece in pieces:
                 piece = piece.append_column("sensor", repeated_strings(sensor, piece.num_rows))
                 if writer is None:
@@ -609,27 +646,44 @@ def _add_filters(store, row: dict[str, Any]) -> bool:
 
 def _relayout(store, row: dict[str, Any]) -> bool:
     """Rewrite the flow files of a row of index format 3 (a file per sensor and date) in the
-    current layout, from its flow records (the capture file is not read again), and the row
-    with them. False when a flow file cannot be read or is not of format 3 (then the file is
-    indexed again)."""
+    current layout, from its flow records (the capture file is not read again), then the row
+    (replaced in one write), then remove the old flow files. False when a flow file cannot be
+    read or is not of format 3 (then the file is indexed again). An OSError (disk full) is
+    raised with nothing of the new layout left: the format-3 row and files stay as they were."""
     import re
 
+    import pyarrow as pa
+
     from pktstream.archive.index import FORMAT_VERSION, LEGACY_FLOW_RE, flow_files, sensor_of_partition
+    old_files = list(row.get("flow_files") or ())
     tables: dict[tuple[str, str], Any] = {}
     try:
-        for rel in row.get("flow_files") or ():
+        for rel in old_files:
             m = re.search(LEGACY_FLOW_RE, rel)
             if m is None:
                 return False
             key = (sensor_of_partition(m.group(1), row.get("sensors") or []), m.group(2))
             if key in tables:
                 return False  # (two values of one sensor: an id that collided; its records are doubtful)
-            tables[key] = parquet_file(store.read_bytes(rel)).read(use_threads=False)
+            tables[key] = _RowGroups(parquet_file(store.read_bytes(rel)))
     except Exception:
         return False
     full = {name: heavy(row, name) if name in HEAVY else row.get(name) for name in catalog_schema().names}
     full.update(index_version=FORMAT_VERSION, flow_files=flow_files(tables, row["path"]))
-    write_index(store, full, tables)
+    try:
+        written = _write_flow_files(store, row["path"], tables)
+    except OSError:
+        raise
+    except Exception:
+        return False  # (records not as format 3 wrote them)
+    try:
+        store.write_bytes(catalog_file(row["path"]), row_bytes(pa.Table.from_pylist([full], catalog_schema())))
+    except BaseException:
+        _delete_quietly(store, written)
+        raise
+    store.delete(legacy_catalog_file(row["path"]))  # (a row of the Parquet row format: not two rows)
+    for rel in set(old_files) - set(written):
+        store.delete(rel)
     row.update(full)
     row["_upgraded"] = True
     return True
@@ -686,6 +740,7 @@ def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = Fal
     total = sum(e.size for e in entries)
     done = 0
     keep: set[str] = set()
+    relaid = False  # (format-3 rows rewritten: their emptied directories go at the end)
     t0 = time.monotonic()
     for e in entries:
         if progress:
@@ -693,8 +748,16 @@ def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = Fal
         # a row of an older format queries read: a receiver's recovery (upgrade=False) leaves
         # it, pktstream index rewrites its flow files (format 3) from its records
         row = by_path.get(e.path)
-        if not force and row is not None and is_usable(row, e) and flow_files.issuperset(row.get("flow_files") or ()) \
-                and (not upgrade or is_current(row, e) or _relayout(store, row)):
+        usable = not force and row is not None and is_usable(row, e) \
+            and flow_files.issuperset(row.get("flow_files") or ())
+        if usable and upgrade and row is not None and not is_current(row, e):
+            try:
+                usable = _relayout(store, row)
+                relaid |= usable
+            except OSError as exc:
+                result["problems"].append(f"{e.path}: index not rewritten in the current layout ({exc}); "
+                                          "its older index stays in use")
+        if usable and row is not None:
             if upgrade and filter_outdated(row.get("address_filter")) and not _add_filters(store, row):
                 try:
                     row, tables = index_entry(store, e, chunk_bytes=chunk_bytes)  # flow records unreadable
@@ -734,6 +797,8 @@ def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = Fal
                 result["removed"] += 1
     if paths is None and not flow_files <= keep:
         _remove_orphan_flow_files(store, flow_files - keep)
+    if relaid:
+        store.remove_empty_dirs(f"{INDEX_DIR}/flows")
     if paths is None:
         for rel in store.remove_stale_temporaries(INDEX_DIR):
             result["problems"].append(f"{rel}: an index file a stopped process left half-written, removed")

@@ -515,9 +515,11 @@ def commit_staged(store, idx_path: str, rel_path: str, size: int, version: str) 
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from pktstream.archive.index import file_id, flow_files
+    from pktstream.archive.index import FORMAT_VERSION, READABLE_VERSIONS, file_id, flow_files
     table = pq.read_table(idx_path)
     row = json.loads(table.schema.metadata[b"pktstream.catalog"])
+    if row.get("index_version") in READABLE_VERSIONS:  # (staged by an older version: the same
+        row["index_version"] = FORMAT_VERSION          # records, written here in this layout)
     for k in _BINARY:  # (absent in an .idx staged before the address filter: null, upgraded later)
         row[k] = base64.b64decode(row[k]) if row.get(k) is not None else None
     tables = {}

@@ -133,6 +133,17 @@ class LocalStore:
         except FileNotFoundError:
             pass
 
+    def remove_empty_dirs(self, prefix: str) -> None:
+        """Remove the empty directories below ``prefix`` (not ``prefix`` itself), deepest first;
+        one that is not empty (any more) is left."""
+        top = self.full(prefix)
+        for d, _, _ in sorted(os.walk(top), key=lambda w: -w[0].count(os.sep)):
+            if d != top:
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    pass
+
     def remove_stale_temporaries(self, prefix: str, min_age_s: float = 60.0) -> list[str]:
         """Remove the temporary files :meth:`write_bytes` left under ``prefix`` when its process
         died before the rename (``NAME.PID.tmp``: that process is gone, and the file is older
@@ -258,6 +269,9 @@ class S3Store:
         """An object store writes no temporary objects (a PUT is atomic): nothing to remove."""
         return []
 
+    def remove_empty_dirs(self, prefix: str) -> None:
+        """An object store has no directories: nothing to remove."""
+
     def delete(self, rel: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.prefix + rel)
 
@@ -340,6 +354,9 @@ class SubStore:
     def remove_stale_temporaries(self, prefix: str) -> list[str]:
         cut = len(self.base) + 1 if self.base else 0
         return [p[cut:] for p in self.parent.remove_stale_temporaries(self._p(prefix))]
+
+    def remove_empty_dirs(self, prefix: str) -> None:
+        self.parent.remove_empty_dirs(self._p(prefix))
 
     def list_stat(self, prefix: str) -> list[tuple[str, str]]:
         cut = len(self.base) + 1 if self.base else 0
