@@ -106,12 +106,13 @@ def batches(seed: int, n: int, start_ns: int, *, per_batch: int = 50, interface:
     return out
 
 
-def to_format3(root, value=None) -> int:
+def to_format3(root, value=None, *, parquet_rows: bool = False) -> int:
     """Rewrite the index of ``root`` (one ``_index``, written by this version) as index format 3
     wrote it: a flow file per sensor and date, ``flows/sensor=<value(sensor)>/date=D/<id>.parquet``
     without a ``sensor`` column (a row group per spill, as there), rows of ``index_version`` 3;
     the snapshot is dropped. ``value``:
-    the sensor's partition value (default: ``partition_value``). Returns the rows rewritten."""
+    the sensor's partition value (default: ``partition_value``); ``parquet_rows``: catalog rows as
+    Parquet files (``.parquet``, before 2026-12-05). Returns the rows rewritten."""
     import os
 
     import pyarrow as pa
@@ -119,7 +120,7 @@ def to_format3(root, value=None) -> int:
     import pyarrow.parquet as pq
 
     from pktstream.archive.catalog import SNAPSHOT, read_row, row_bytes
-    from pktstream.archive.index import catalog_file, catalog_schema, partition_value
+    from pktstream.archive.index import catalog_file, catalog_schema, legacy_catalog_file, partition_value
     from pktstream.archive.store import LocalStore
     value = value or partition_value
     store = LocalStore(str(root))
@@ -143,6 +144,11 @@ def to_format3(root, value=None) -> int:
                 old_files.append(new)
             store.delete(rel)
         row.update(flow_files=sorted(old_files), index_version=3)
-        store.write_bytes(catalog_file(path), row_bytes(pa.Table.from_pylist([row], catalog_schema())))
+        table = pa.Table.from_pylist([row], catalog_schema())
+        if parquet_rows:
+            pq.write_table(table, store.full(legacy_catalog_file(path)))
+            store.delete(catalog_file(path))
+        else:
+            store.write_bytes(catalog_file(path), row_bytes(table))
     store.delete(SNAPSHOT)
     return len(paths)

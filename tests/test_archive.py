@@ -503,6 +503,55 @@ def test_s3_archive(tmp_path, moto):
 
 
 @pytest.mark.live
+def test_a_format_3_index_on_s3_is_rewritten_and_a_refused_put_keeps_it(tmp_path, moto):
+    """An S3 archive indexed by the version before (format 3): queried as it is; ``pktstream
+    index`` rewrites it, and where S3 refuses a PUT (an S3 error, raised as an OSError) the file
+    is named, its format-3 index stays in use and the next run rewrites it."""
+    from botocore.exceptions import ClientError
+
+    from archive_data import to_format3
+    from pktstream.archive.index import FORMAT_VERSION, file_id
+    s3, root = _uploaded_archive(tmp_path, moto)
+    a = Archive("s3://arch/pc", client=s3)
+    n = n_files(root)
+    assert a.index(chunk_bytes=CHUNK)["indexed"] == n
+    local = tmp_path / "idx"  # (the index, rewritten as format 3 wrote it, put back)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="arch", Prefix="pc/_index/")["Contents"]]
+    for k in keys:
+        (local / k[3:]).parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file("arch", k, str(local / k[3:]))
+        s3.delete_object(Bucket="arch", Key=k)
+    assert to_format3(local) == n
+    for p in (local / "_index").rglob("*"):
+        if p.is_file():
+            s3.upload_file(str(p), "arch", "pc/" + p.relative_to(local).as_posix())
+    want = brute(root, "tcp and port 80")
+    assert got(a, "tcp and port 80") == want and a.last_stats.files_scanned == 0
+    refused = []
+
+    class Refusing:  # the real client, PUTs of one file's new flow files refused
+        def __getattr__(self, name):
+            return getattr(s3, name)
+
+        def put_object(self, **kw):
+            if "/flows/date=" in kw["Key"] and file_id("old.pcap.gz") in kw["Key"]:
+                refused.append(kw["Key"])
+                raise ClientError({"Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."}},
+                                  "PutObject")
+            return s3.put_object(**kw)
+    res = Archive("s3://arch/pc", client=Refusing()).index(chunk_bytes=CHUNK)
+    assert refused and res["upgraded"] == n - 1 and res["indexed"] == 0, res
+    assert len(res["problems"]) == 1 and res["problems"][0].startswith(
+        "old.pcap.gz: index not rewritten in the current layout (s3://arch/pc/_index/flows/date="), res["problems"]
+    assert got(a, "tcp and port 80") == want and a.last_stats.files_scanned == 0
+    res = a.index(chunk_bytes=CHUNK)
+    assert (res["upgraded"], res["current"], res["indexed"]) == (1, n - 1, 0), res
+    assert {r["index_version"] for r in a.catalog().to_pylist()} == {FORMAT_VERSION}
+    assert not [o for o in s3.list_objects_v2(Bucket="arch", Prefix="pc/_index/flows/sensor=").get("Contents", [])]
+    assert got(a, "tcp and port 80") == want and a.last_stats.files_scanned == 0
+
+
+@pytest.mark.live
 def test_an_s3_object_that_cannot_be_read_while_indexing_is_named_and_retried(tmp_path, moto):
     """A failing GET (here: the client refuses once) is a read error, not damage: ``index``
     names it and goes on, records nothing for it, and the next run indexes it."""

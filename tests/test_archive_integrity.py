@@ -793,10 +793,11 @@ def test_an_index_of_format_3_is_queried_as_it_is_and_index_rewrites_it(tmp_path
 
 
 def test_rewriting_a_format_3_index_that_fails_keeps_it_in_use(tmp_path, monkeypatch):
-    """The disk fills while ``pktstream index`` rewrites a format-3 index: the run goes on, names
-    the file, and leaves its format-3 row and flow files as they were (queries still use them;
-    no half-written new layout beside them for SQL to count twice); the next run rewrites it.
-    A spilled index (a row group per spill) keeps its row groups."""
+    """The disk fills while ``pktstream index`` rewrites a format-3 index (at its second flow
+    file, then at its catalog row): the run goes on, names the file, and leaves its format-3 row
+    and flow files as they were (queries still use them; no half-written new layout beside them
+    for SQL to count twice); the next run rewrites it, its Parquet row (the row format before
+    2026-12-05) replaced, not left as a twin. A spilled index keeps a row group per spill."""
     import errno as _errno
 
     import pyarrow.parquet as pq
@@ -819,34 +820,40 @@ def test_rewriting_a_format_3_index_that_fails_keeps_it_in_use(tmp_path, monkeyp
     a.index(chunk_bytes=CHUNK)
     want, want_flows = brute(root, "tcp"), a.flows().num_rows
     n_sql = a.sql("SELECT sum(packets)::BIGINT AS n FROM flows").to_pylist()[0]["n"]
-    assert to_format3(root) == 2
+    assert to_format3(root, parquet_rows=True) == 2
+    rows = sorted(p.name for p in (root / "_index" / "files").iterdir())
+
     def files_of_all():
         return sorted(p.relative_to(root) for p in (root / "_index" / "flows").rglob("*.parquet")
                       if p.stem == file_id("all.pcapng"))
     legacy = files_of_all()
     assert len(legacy) == 4 and max(pq.ParquetFile(root / p).metadata.num_row_groups for p in legacy) > 1
     original = LocalStore.write_bytes
-    writes = []
+    for failing, upgraded in (("/flows/date=", 1), ("_index/files/", 0)):  # (web-1.pcap's rewrite: the 1st run)
+        writes = []
 
-    def full_disk(self, rel, data):
-        if "/flows/date=" in rel and file_id("all.pcapng") in rel:
-            writes.append(rel)
-            if len(writes) > 1:  # (the second date file of all.pcapng)
-                raise OSError(_errno.ENOSPC, "No space left on device")
-        return original(self, rel, data)
-    monkeypatch.setattr(LocalStore, "write_bytes", full_disk)
-    res = a.index(chunk_bytes=CHUNK)
-    monkeypatch.undo()
-    assert [p for p in res["problems"] if "not rewritten" in p] == \
-        ["all.pcapng: index not rewritten in the current layout ([Errno 28] No space left on device); "
-         "its older index stays in use"], res["problems"]
-    assert files_of_all() == legacy and res["upgraded"] == 1  # (web-1.pcap's was rewritten)
-    assert got(a, "tcp") == want and a.last_stats.files_scanned == 0
-    assert a.flows().num_rows == want_flows
-    assert a.sql("SELECT sum(packets)::BIGINT AS n FROM flows").to_pylist()[0]["n"] == n_sql
+        def full_disk(self, rel, data, failing=failing, writes=writes):
+            if failing in rel and file_id("all.pcapng") in rel:
+                writes.append(rel)
+                if failing == "_index/files/" or len(writes) > 1:  # (the second date file, or the row)
+                    raise OSError(_errno.ENOSPC, "No space left on device")
+            return original(self, rel, data)
+        monkeypatch.setattr(LocalStore, "write_bytes", full_disk)
+        res = a.index(chunk_bytes=CHUNK)
+        monkeypatch.undo()
+        assert writes and [p for p in res["problems"] if "not rewritten" in p] == \
+            ["all.pcapng: index not rewritten in the current layout ([Errno 28] No space left on device); "
+             "its older index stays in use"], res["problems"]
+        assert files_of_all() == legacy and res["upgraded"] == upgraded
+        assert file_id("all.pcapng") + ".parquet" in {p.name for p in (root / "_index" / "files").iterdir()}
+        assert got(a, "tcp") == want and a.last_stats.files_scanned == 0
+        assert a.flows().num_rows == want_flows
+        assert a.sql("SELECT sum(packets)::BIGINT AS n FROM flows").to_pylist()[0]["n"] == n_sql
     res = a.index(chunk_bytes=CHUNK)
     assert res["upgraded"] == 1 and not res["problems"], res
     assert not list((root / "_index" / "flows").glob("sensor=*"))
+    assert sorted(p.name for p in (root / "_index" / "files").iterdir()) == \
+        sorted(n.replace(".parquet", ".arrow") for n in rows)
     assert got(a, "tcp") == want and a.last_stats.files_scanned == 0
     assert a.flows().num_rows == want_flows
     assert a.sql("SELECT sum(packets)::BIGINT AS n FROM flows").to_pylist()[0]["n"] == n_sql
@@ -889,3 +896,18 @@ def test_an_index_staged_by_the_previous_version_is_committed_current(tmp_path):
     assert [r["index_version"] for r in a.catalog().to_pylist()] == [FORMAT_VERSION]
     assert a.index(chunk_bytes=CHUNK)["current"] == 1
     assert records(a) == want and a.catalog().column("flow_files").to_pylist()[0][0].startswith("_index/flows/date=")
+
+
+def test_index_force_over_a_format_3_index_leaves_no_old_directories(tmp_path):
+    """``pktstream index --force`` (every file indexed again from its capture) removes format
+    3's flow files and their directories too: a Hive reader of ``_index/flows`` then sees one
+    layout."""
+    root = tmp_path / "a"
+    _merged_archive(root, ["s1", "rack 7"])
+    a = Archive(str(root))
+    assert to_format3(root) == 1 and list((root / "_index" / "flows").glob("sensor=*"))
+    res = a.index(force=True, chunk_bytes=CHUNK)
+    assert res["indexed"] == 1 and not res["problems"]
+    assert not list((root / "_index" / "flows").glob("sensor=*"))
+    assert [p.parent.name for p in (root / "_index" / "flows").rglob("*.parquet")] == ["date=2024-11-27"]
+    assert got(a, "tcp", sensor="rack 7") == brute(root, "tcp", sensor="rack 7") != []

@@ -188,16 +188,16 @@ def _delete_quietly(store, rels: list[str]) -> None:
 
 
 class _RowGroups:
-    """A Parquet file's records, read a row group at a time (a format-3 flow file being
-    rewritten: memory stays what one spill of it held)."""
+    """A format-3 flow file's records, read when they are copied, a row group at a time (memory:
+    the file's compressed bytes and one spill of it decoded)."""
 
-    def __init__(self, pf: Any) -> None:
-        self._pf = pf
-        self.num_rows = pf.metadata.num_rows
+    def __init__(self, store: Any, rel: str) -> None:
+        self._store, self._rel = store, rel
 
     def row_groups(self) -> Any:
-        for g in range(self._pf.num_row_groups):
-            yield self._pf.read_row_group(g, use_threads=False)
+        pf = parquet_file(self._store.read_bytes(self._rel))
+        for g in range(pf.num_row_groups):
+            yield pf.read_row_group(g, use_threads=False)
 
 
 _STREAMED = (SpilledFlows, _RowGroups)  # flow tables copied a row group at a time
@@ -648,8 +648,10 @@ def _relayout(store, row: dict[str, Any]) -> bool:
     """Rewrite the flow files of a row of index format 3 (a file per sensor and date) in the
     current layout, from its flow records (the capture file is not read again), then the row
     (replaced in one write), then remove the old flow files. False when a flow file cannot be
-    read or is not of format 3 (then the file is indexed again). An OSError (disk full) is
-    raised with nothing of the new layout left: the format-3 row and files stay as they were."""
+    read or is not of format 3 (then the file is indexed again). An OSError (disk full, an S3
+    error) is raised with nothing of the new layout left: the format-3 row and files stay as they
+    were. Once the new row is written, what is left to remove is removed as far as it goes (the
+    orphan sweep of a later full run takes the rest)."""
     import re
 
     import pyarrow as pa
@@ -657,17 +659,14 @@ def _relayout(store, row: dict[str, Any]) -> bool:
     from pktstream.archive.index import FORMAT_VERSION, LEGACY_FLOW_RE, flow_files, sensor_of_partition
     old_files = list(row.get("flow_files") or ())
     tables: dict[tuple[str, str], Any] = {}
-    try:
-        for rel in old_files:
-            m = re.search(LEGACY_FLOW_RE, rel)
-            if m is None:
-                return False
-            key = (sensor_of_partition(m.group(1), row.get("sensors") or []), m.group(2))
-            if key in tables:
-                return False  # (two values of one sensor: an id that collided; its records are doubtful)
-            tables[key] = _RowGroups(parquet_file(store.read_bytes(rel)))
-    except Exception:
-        return False
+    for rel in old_files:
+        m = re.search(LEGACY_FLOW_RE, rel)
+        if m is None:
+            return False
+        key = (sensor_of_partition(m.group(1), row.get("sensors") or []), m.group(2))
+        if key in tables:
+            return False  # (two values of one sensor: an id that collided; its records are doubtful)
+        tables[key] = _RowGroups(store, rel)
     full = {name: heavy(row, name) if name in HEAVY else row.get(name) for name in catalog_schema().names}
     full.update(index_version=FORMAT_VERSION, flow_files=flow_files(tables, row["path"]))
     try:
@@ -681,9 +680,8 @@ def _relayout(store, row: dict[str, Any]) -> bool:
     except BaseException:
         _delete_quietly(store, written)
         raise
-    store.delete(legacy_catalog_file(row["path"]))  # (a row of the Parquet row format: not two rows)
-    for rel in set(old_files) - set(written):
-        store.delete(rel)
+    # (a row of the Parquet row format goes, or both would be unused as twins until repaired)
+    _delete_quietly(store, [legacy_catalog_file(row["path"]), *sorted(set(old_files) - set(written))])
     row.update(full)
     row["_upgraded"] = True
     return True
@@ -740,7 +738,6 @@ def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = Fal
     total = sum(e.size for e in entries)
     done = 0
     keep: set[str] = set()
-    relaid = False  # (format-3 rows rewritten: their emptied directories go at the end)
     t0 = time.monotonic()
     for e in entries:
         if progress:
@@ -753,7 +750,6 @@ def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = Fal
         if usable and upgrade and row is not None and not is_current(row, e):
             try:
                 usable = _relayout(store, row)
-                relaid |= usable
             except OSError as exc:
                 result["problems"].append(f"{e.path}: index not rewritten in the current layout ({exc}); "
                                           "its older index stays in use")
@@ -797,8 +793,8 @@ def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = Fal
                 result["removed"] += 1
     if paths is None and not flow_files <= keep:
         _remove_orphan_flow_files(store, flow_files - keep)
-    if relaid:
-        store.remove_empty_dirs(f"{INDEX_DIR}/flows")
+    if paths is None:  # (format 3's directories, emptied by rewrites; this version writes none there)
+        store.remove_empty_dirs(f"{INDEX_DIR}/flows", "sensor=*")
     if paths is None:
         for rel in store.remove_stale_temporaries(INDEX_DIR):
             result["problems"].append(f"{rel}: an index file a stopped process left half-written, removed")

@@ -153,7 +153,7 @@ class LiveIndexer:
 
     def _index_from_disk(self, path: str, rel: str) -> None:
         """Index ``path`` from the file (its batches are gone); raises when it has no row after."""
-        repair(self.store, [rel])
+        repair(self.store, [rel], upgrade=False)  # (an older index's rewrite is pktstream index's job)
         if os.path.exists(path) and read_row(self.store, rel) is None:
             raise OSError(f"{path}: not indexed")
 

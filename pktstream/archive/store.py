@@ -9,6 +9,7 @@ operations are independent system calls).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -133,12 +134,18 @@ class LocalStore:
         except FileNotFoundError:
             pass
 
-    def remove_empty_dirs(self, prefix: str) -> None:
-        """Remove the empty directories below ``prefix`` (not ``prefix`` itself), deepest first;
-        one that is not empty (any more) is left."""
-        top = self.full(prefix)
-        for d, _, _ in sorted(os.walk(top), key=lambda w: -w[0].count(os.sep)):
-            if d != top:
+    def remove_empty_dirs(self, prefix: str, pattern: str = "*") -> None:
+        """Remove the directories of ``prefix`` whose name matches ``pattern`` (fnmatch) when
+        nothing but empty directories is below them, deepest first; one that is not empty (any
+        more) is left."""
+        import fnmatch
+        try:
+            names = [n for n in os.listdir(self.full(prefix)) if fnmatch.fnmatchcase(n, pattern)]
+        except OSError:
+            return
+        for name in names:
+            top = os.path.join(self.full(prefix), name)
+            for d, _, _ in sorted(os.walk(top), key=lambda w: -w[0].count(os.sep)):
                 try:
                     os.rmdir(d)
                 except OSError:
@@ -262,18 +269,30 @@ class S3Store:
         return self.client.get_object(Bucket=self.bucket, Key=self.prefix + rel)["Body"].read()
 
     def write_bytes(self, rel: str, data: bytes) -> str:
-        """Put the object; returns its version as :meth:`list_stat` gives it (the ETag)."""
-        return str(self.client.put_object(Bucket=self.bucket, Key=self.prefix + rel, Body=data)["ETag"]).strip('"')
+        """Put the object; returns its version as :meth:`list_stat` gives it (the ETag). An S3
+        error raises ``OSError`` naming the object, as a local write's would."""
+        with self._as_os_error(rel):
+            return str(self.client.put_object(Bucket=self.bucket, Key=self.prefix + rel, Body=data)["ETag"]).strip('"')
+
+    @contextlib.contextmanager
+    def _as_os_error(self, rel: str) -> Iterator[None]:
+        from botocore.exceptions import BotoCoreError, ClientError
+        try:
+            yield
+        except (BotoCoreError, ClientError) as exc:
+            raise OSError(f"s3://{self.bucket}/{self.prefix + rel}: {exc}") from exc
 
     def remove_stale_temporaries(self, prefix: str, min_age_s: float = 60.0) -> list[str]:
         """An object store writes no temporary objects (a PUT is atomic): nothing to remove."""
         return []
 
-    def remove_empty_dirs(self, prefix: str) -> None:
+    def remove_empty_dirs(self, prefix: str, pattern: str = "*") -> None:
         """An object store has no directories: nothing to remove."""
 
     def delete(self, rel: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self.prefix + rel)
+        """Delete the object (S3 errors raise ``OSError``)."""
+        with self._as_os_error(rel):
+            self.client.delete_object(Bucket=self.bucket, Key=self.prefix + rel)
 
 
 class _Body(io.RawIOBase):
@@ -355,8 +374,8 @@ class SubStore:
         cut = len(self.base) + 1 if self.base else 0
         return [p[cut:] for p in self.parent.remove_stale_temporaries(self._p(prefix))]
 
-    def remove_empty_dirs(self, prefix: str) -> None:
-        self.parent.remove_empty_dirs(self._p(prefix))
+    def remove_empty_dirs(self, prefix: str, pattern: str = "*") -> None:
+        self.parent.remove_empty_dirs(self._p(prefix), pattern)
 
     def list_stat(self, prefix: str) -> list[tuple[str, str]]:
         cut = len(self.base) + 1 if self.base else 0
