@@ -179,9 +179,8 @@ class Archive:
                     continue
             else:
                 date = re.search(FLOW_DATE_RE, rel).group(1)  # type: ignore[union-attr]
-            want = None if columns is None or legacy is not None else [*columns, "sensor"]
-            t = parquet_file(self.store.read_bytes(rel)).read(columns=columns if legacy else want,
-                                                              use_threads=False)
+            want = columns if columns is None or legacy is not None else [*columns, "sensor"]
+            t = parquet_file(self.store.read_bytes(rel)).read(columns=want, use_threads=False)
             if stats is not None:
                 stats.flow_files_read += 1
             if legacy is not None:
@@ -436,8 +435,6 @@ class Archive:
 
 def _sql_str(text: str) -> str:
     return text.replace("'", "''")
-
-
 
 
 _FLOW_DIR = re.compile(r"(?:sensor=[^/]*/)?date=[^/]*")  # a flow file's directory below flows/ (format 3: sensor=S/)
