@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 
 import pytest
 
@@ -320,11 +321,65 @@ def test_the_error_line_names_the_state_file(tmp_path, monkeypatch, caplog):
         await _flushed(ingest, 1)
         await ingest.finish()
         ingest.shutdown()
+        stops.append(ingest.unsaved_at_stop)
+    stops: list[str | None] = []
     asyncio.run(run())
     path = tmp_path / "state" / STATE_FILE
+    assert stops == [caplog.records[-1].getMessage()]  # (what the receiver's exit status 3 says)
     assert [r.getMessage() for r in caplog.records] == [
         f"cannot save the receiver state {path}: no space left on device: nothing is acknowledged until it is "
         "saved (tried again every 3600 s; 1 failures so far)",
         f"receiver state not saved at stop (cannot save the receiver state {path}: no space left on device): "
         "1 frames not acknowledged; the next start recovers the files from the state saved last and the "
         "sensors send them again"]
+
+
+@pytest.mark.live
+def test_the_receiver_exits_3_when_its_state_cannot_be_saved_at_the_stop(procs, tmp_path):
+    """A service manager learns of a stop whose state was not saved: exit status 3 and the
+    error line (it was 0, the error only logged); a stop with its state saved exits 0. The
+    fault is real: the state directory is replaced by a file while the receiver runs."""
+    import signal
+
+    from conftest import PKTSTREAM, free_port
+    from pktstream.stream import protocol as P
+    from test_security import Peer, _data, _records
+    key = b"shared-key-for-everyone"
+    (tmp_path / "key").write_text(key.decode() + "\n")
+    state = tmp_path / "st"
+
+    def receiver(port: int):
+        rx = procs([*PKTSTREAM, "receiver", "--listen", f"127.0.0.1:{port}", "--auth-key-file",
+                    str(tmp_path / "key"), "-w", str(tmp_path / f"out{port}.pcap"), "--state-dir", str(state)])
+        rx.wait_for("listening on")
+        return rx
+
+    def peer_with(port: int, seq: int) -> Peer:
+        peer = Peer(port)
+        assert peer.handshake(key, sensor_id="s1").type == P.FrameType.WELCOME
+        peer.send(_data(seq, _records(3)))
+        return peer
+
+    now = time.time_ns() // 1000
+    port = free_port()
+    rx = receiver(port)
+    peer = peer_with(port, now)
+    ack = peer.recv_frame()
+    assert ack is not None and ack.type == P.FrameType.ACK and ack.seq == now
+    peer.close()
+    assert rx.stop(signal.SIGTERM) == 0, rx.stderr
+    assert "not saved" not in rx.stderr
+
+    port = free_port()
+    rx = receiver(port)
+    shutil.rmtree(state)
+    state.write_text("not a directory")
+    peer = peer_with(port, now + 1)
+    rx.wait_for("cannot save the receiver state")
+    assert rx.stop(signal.SIGTERM) == 3, rx.stderr
+    assert "receiver state not saved at stop (" in rx.stderr
+    frames = []  # (until the stopped receiver's end of the session)
+    while (f := peer.recv_frame()) is not None:
+        frames.append(f)
+    peer.close()
+    assert not [f for f in frames if f.type == P.FrameType.ACK], frames  # written, never acknowledged

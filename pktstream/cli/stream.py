@@ -317,7 +317,9 @@ def cmd_receiver(args: argparse.Namespace) -> int:
     if args.stats_json:
         with open(args.stats_json, "w") as f:
             json.dump(receiver.stats(), f, indent=1)
-    return 0
+    # 3: the state could not be saved at the stop (its error line was logged): nothing is lost
+    # (the next start recovers, the sensors resend), but a service manager should know
+    return 3 if receiver.unsaved_at_stop is not None else 0
 
 
 def _counters_line(st: dict[str, Any]) -> str:

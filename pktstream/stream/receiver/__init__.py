@@ -204,6 +204,14 @@ class Receiver:
         """Whether the background thread of ``start()`` is serving."""
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def unsaved_at_stop(self) -> str | None:
+        """After the stop: None when the state (``state_dir``) was saved at the stop, or there
+        is none; else the error line that was logged (the next start recovers from the state
+        saved last, and the sensors send again what was not acknowledged). ``pktstream
+        receiver`` then exits with status 3."""
+        return self.ingest.unsaved_at_stop
+
     def run(self) -> None:
         """Serve until ``stop()``."""
         tune_malloc(self.limits.malloc_keep_bytes)

@@ -275,6 +275,9 @@ class Ingest:
         self._retry: asyncio.TimerHandle | None = None
         self._failures = 0
         self._failure_logged = 0.0
+        # set by finish() when the state could not be saved at the stop: the error line
+        # (the receiver's exit status says so to service managers)
+        self.unsaved_at_stop: str | None = None
         self._commit_idle.set()
         self._space = asyncio.Condition()
         self._space_waiters = 0        # dispatches waiting for space (no notify task without them)
@@ -368,15 +371,17 @@ class Ingest:
             # outputs forgotten, the sensors' last seqs as before) would have the next start
             # keep them whole while the sensors resend it -- packets twice. The state saved
             # last still names them: the next start cuts them back to it
-            log.error("receiver state not saved at stop (%s): %d frames not acknowledged; the next start "
-                      "recovers the files from the state saved last and the sensors send them again",
-                      _state_error(self._unsaved), len(self._pending))
+            self.unsaved_at_stop = (f"receiver state not saved at stop ({_state_error(self._unsaved)}): "
+                                    f"{len(self._pending)} frames not acknowledged; the next start recovers the "
+                                    "files from the state saved last and the sensors send them again")
+            log.error("%s", self.unsaved_at_stop)
             return
         try:
             self.state.write(self._snapshot())
         except OSError as exc:  # (the state saved by the commit above describes the files: recovery completes them)
             self.counters["state_write_failures"] += 1
-            log.error("%s (at stop: the next start recovers from the state saved last)", _state_error(exc))
+            self.unsaved_at_stop = f"{_state_error(exc)} (at stop: the next start recovers from the state saved last)"
+            log.error("%s", self.unsaved_at_stop)
 
     def shutdown(self) -> None:
         """Last step of a receiver's stop, after its inputs closed (they may still ingest)."""
