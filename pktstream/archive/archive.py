@@ -160,7 +160,7 @@ class Archive:
                 summary = SummaryContext(partial(heavy, row, "addresses"), partial(heavy_array, row, "ports"),
                                          address_filter=row.get("address_filter"),
                                          port_bitmap=row.get("port_bitmap"), probes=probes)
-                if not may_match(tree, summary)[0]:
+                if not may_match(tree, summary):
                     continue
             out.append((e, row, ""))
         return out

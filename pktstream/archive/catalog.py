@@ -390,6 +390,7 @@ def _load_table(store, *, snapshot: bool = True, light: bool = False,
     :func:`write_index` returned) while the version matches. Also the lazy column readers of
     ``light`` (snapshot, per fresh row) and the catalog files that could not be read."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     from pktstream.archive.index import catalog_schema
     listing = store.list_stat(f"{INDEX_DIR}/files")
@@ -397,7 +398,7 @@ def _load_table(store, *, snapshot: bool = True, light: bool = False,
     snap_table = snap_lazy = None
     if snapshot and listing:
         try:
-            pf = parquet_file(store.read_bytes(SNAPSHOT))
+            pf = pq.ParquetFile(store.arrow_file(SNAPSHOT))  # (in place: only what is decoded is read)
             if light:
                 have = set(pf.schema_arrow.names)
                 want = [c for c in [*catalog_schema().names, *_SNAP_COLUMNS] if c in have and c not in HEAVY]
@@ -518,8 +519,9 @@ def write_snapshot(store, known: dict[str, tuple[str, Any]] | None = None) -> No
 def _snapshot_outdated(store) -> bool:
     """Whether ``catalog.parquet`` predates the address filter or the small row groups (its
     footer is read, not its rows); it is then written again."""
+    import pyarrow.parquet as pq
     try:
-        meta = parquet_file(store.read_bytes(SNAPSHOT)).metadata
+        meta = pq.ParquetFile(store.arrow_file(SNAPSHOT)).metadata  # (the footer only)
     except Exception:
         return True
     groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]

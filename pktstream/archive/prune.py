@@ -287,7 +287,7 @@ class SummaryContext:
     def __init__(self, addresses: list[str] | None | Callable[[], list[str] | None],
                  ports: list[int] | None | Callable[[], Any], *,
                  address_filter: bytes | None = None, port_bitmap: bytes | None = None,
-                 probes: dict[str, AddressProbe] | None = None) -> None:
+                 probes: dict[Any, Any] | None = None) -> None:
         """``probes``: a cache of hashed query addresses shared by the files of one query."""
         self.n = 1
         self._addresses = addresses
@@ -314,7 +314,7 @@ class SummaryContext:
         return self._port_array
 
     def unknown(self):
-        return np.ones(1, bool), np.ones(1, bool)
+        return True, True
 
     def _may_hold(self, text: str) -> bool:
         """Whether the file may hold an address (in canonical text): filter, then the list."""
@@ -335,15 +335,16 @@ class SummaryContext:
             self._set = set(addresses)
         return text in self._set
 
-    def leaf(self, node):
+    def leaf(self, node) -> tuple[bool, bool]:
+        """(maybe_true, maybe_false) of a leaf for this file, as Python bools (a query evaluates
+        a tree per file: numpy arrays of one element cost more than the test itself)."""
         kind = node[0]
         t = True
         if kind == "net":
             net = node[2]
-            if net.num_addresses <= _FILTER_NET_HOSTS and (self.address_filter is not None
-                                                           or self.addresses is not None):
-                hosts = [net.network_address] if net.num_addresses == 1 else list(net)
-                t = any(self._may_hold(canonical(a)) for a in hosts)
+            hosts = self._hosts(net)
+            if hosts is not None and (self.address_filter is not None or self.addresses is not None):
+                t = any(self._may_hold(h) for h in hosts)
             elif self.addresses is not None:
                 t = any(_contains(net, a) for a in self.addresses)
         elif kind == "port":
@@ -352,26 +353,38 @@ class SummaryContext:
                 t = bool(((ports >= node[2]) & (ports <= node[3])).any())
             elif self.port_bitmap is not None:
                 t = bitmap_has_port(self.port_bitmap, node[2], node[3])
-        return np.array([t]), np.ones(1, bool)
+        return t, True
+
+    def _hosts(self, net) -> tuple[str, ...] | None:
+        """A small net's addresses as canonical text (None: more than _FILTER_NET_HOSTS), made
+        once per query (kept with the probes every file of the query shares)."""
+        key = ("hosts", id(net))  # (the query's tree holds the net: its id is fixed meanwhile;
+        hosts = self._probes.get(key)  # hashing an ipaddress network runs Python code each time)
+        if hosts is None and key not in self._probes:
+            n = net.num_addresses
+            hosts = self._probes[key] = (None if n > _FILTER_NET_HOSTS else
+                                         tuple(canonical(a) for a in ([net.network_address] if n == 1 else net)))
+        return hosts
 
 
 _FILTER_NET_HOSTS = 16  # nets up to this many addresses are tested address by address
 
 
-def evaluate(tree, ctx) -> tuple[np.ndarray, np.ndarray]:
-    """(maybe_true, maybe_false) per flow (or per summary) for a parsed tree."""
+def evaluate(tree, ctx) -> tuple[Any, Any]:
+    """(maybe_true, maybe_false) for a parsed tree: boolean arrays, one element per flow
+    (:class:`FlowContext`), or two bools for a file (:class:`SummaryContext`)."""
     if tree is None:
         return ctx.unknown()
     op = tree[0]
     if op == "and":
         at, af = evaluate(tree[1], ctx)
-        if not at.any() and af.all():  # false whatever the right side is
+        if not _any(at) and _all(af):  # false whatever the right side is
             return at, af
         bt, bf = evaluate(tree[2], ctx)
         return at & bt, af | bf
     if op == "or":
         at, af = evaluate(tree[1], ctx)
-        if at.all() and not af.any():  # true whatever the right side is
+        if _all(at) and not _any(af):  # true whatever the right side is
             return at, af
         bt, bf = evaluate(tree[2], ctx)
         return at | bt, af & bf
@@ -384,6 +397,15 @@ def evaluate(tree, ctx) -> tuple[np.ndarray, np.ndarray]:
         return ctx.unknown()
 
 
-def may_match(tree, ctx) -> np.ndarray:
-    """Flows (or the file) that may hold packets the expression matches."""
+def _any(x) -> bool:
+    return x if isinstance(x, bool) else bool(x.any())
+
+
+def _all(x) -> bool:
+    return x if isinstance(x, bool) else bool(x.all())
+
+
+def may_match(tree, ctx) -> Any:
+    """Flows that may hold packets the expression matches (a boolean array), or, for a
+    :class:`SummaryContext`, whether the file may (a bool)."""
     return evaluate(tree, ctx)[0]

@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 from pktstream.archive.index import INDEX_DIR
 
@@ -109,6 +109,13 @@ class LocalStore:
     def read_bytes(self, rel: str) -> bytes:
         with open(self.full(rel), "rb") as f:
             return f.read()
+
+    def arrow_file(self, rel: str) -> Any:
+        """The file as a pyarrow random-access file, read in place (``pyarrow.OSFile``: a
+        Parquet reader then reads the footer and the column chunks it decodes, not the whole
+        file); open until it is garbage-collected."""
+        import pyarrow as pa
+        return pa.OSFile(self.full(rel))
 
     def write_bytes(self, rel: str, data: bytes) -> str:
         """Write atomically (temporary file, then rename); returns the version
@@ -268,6 +275,11 @@ class S3Store:
     def read_bytes(self, rel: str) -> bytes:
         return self.client.get_object(Bucket=self.bucket, Key=self.prefix + rel)["Body"].read()
 
+    def arrow_file(self, rel: str) -> Any:
+        """The object as a pyarrow random-access file (its bytes, read once)."""
+        import pyarrow as pa
+        return pa.BufferReader(self.read_bytes(rel))
+
     def write_bytes(self, rel: str, data: bytes) -> str:
         """Put the object; returns its version as :meth:`list_stat` gives it (the ETag). An S3
         error raises ``OSError`` naming the object, as a local write's would."""
@@ -337,15 +349,18 @@ class SubStore:
     A directory written by a receiver with ``--index`` is such a part; an archive root above
     several of them reads each one's index."""
 
-    def __init__(self, store, base: str, entries: list[Entry]) -> None:
+    def __init__(self, store, base: str, entries: list[Entry], *, mine: bool = False) -> None:
+        """``entries``: the archive's capture files (``mine``: only this part's already)."""
         self.parent = store
         self.base = base
         self.url = store.url + ("/" + base if base else "")
         if hasattr(store, "root"):
             self.root = os.path.join(store.root, *base.split("/")) if base else store.root
-        bases = getattr(store, "bases", [""])
+        if not mine:
+            bases = getattr(store, "bases", [""])
+            entries = [e for e in entries if base_of(e.path, bases) == base]
         cut = len(base) + 1 if base else 0
-        self._entries = [Entry(e.path[cut:], e.size, e.version) for e in entries if base_of(e.path, bases) == base]
+        self._entries = [Entry(e.path[cut:], e.size, e.version) for e in entries] if cut else list(entries)
 
     def _p(self, rel: str) -> str:
         return f"{self.base}/{rel}" if self.base else rel
@@ -390,6 +405,9 @@ class SubStore:
     def read_bytes(self, rel: str) -> bytes:
         return self.parent.read_bytes(self._p(rel))
 
+    def arrow_file(self, rel: str) -> Any:
+        return self.parent.arrow_file(self._p(rel))
+
     def write_bytes(self, rel: str, data: bytes) -> str:
         return self.parent.write_bytes(self._p(rel), data)
 
@@ -402,7 +420,11 @@ def parts(store, entries: list[Entry] | None = None) -> list[SubStore]:
     ``store.captures()`` just returned (not listed again)."""
     if entries is None:
         entries = store.captures()
-    return [SubStore(store, b, entries) for b in getattr(store, "bases", [""])]
+    bases = getattr(store, "bases", [""])
+    mine: dict[str, list[Entry]] = {b: [] for b in bases}
+    for e in entries:  # (each file's base found once, not once per base)
+        mine.setdefault(base_of(e.path, bases), []).append(e)
+    return [SubStore(store, b, mine[b], mine=True) for b in bases]
 
 
 def open_store(location: str, **kw) -> LocalStore | S3Store:
