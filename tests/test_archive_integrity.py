@@ -167,6 +167,29 @@ def test_an_unusable_flow_file_makes_its_file_scanned_and_index_repairs_it(edge_
     assert a.last_stats.files_scanned == 0 and not msgs
 
 
+def test_a_snapshot_whose_port_lists_cannot_be_decoded_has_its_files_scanned(edge_archive):
+    """The snapshot's small columns read, its port lists garbage (decoded only when a query's
+    port test needs them, by then from the file read in place): the files are named and
+    scanned and the answer is the brute force's -- the query stopped with the decoder's error."""
+    import pyarrow.parquet as pq
+    a = Archive(str(edge_archive))
+    a.index(chunk_bytes=CHUNK)
+    snap = edge_archive / "_index" / "catalog.parquet"
+    meta = pq.ParquetFile(snap).metadata
+    col = meta.schema.to_arrow_schema().get_field_index("ports")
+    data = bytearray(snap.read_bytes())
+    for g in range(meta.num_row_groups):
+        c = meta.row_group(g).column(col)
+        start = c.dictionary_page_offset or c.data_page_offset
+        data[start:start + c.total_compressed_size] = b"\xff" * c.total_compressed_size
+    snap.write_bytes(bytes(data))
+    msgs: list[str] = []
+    assert got(a, "port 80", warn=msgs.append) == brute(edge_archive, "port 80")
+    assert a.last_stats.files_scanned >= 1 and a.last_stats.files_scanned == len(
+        [m for m in msgs if ": index unusable (" in m]), msgs
+    assert got(a, "host 198.18.1.1", warn=msgs.append) == brute(edge_archive, "host 198.18.1.1")  # (no port test)
+
+
 def test_a_reindex_that_fails_half_way_leaves_the_file_scanned_then_repaired(edge_archive, monkeypatch):
     a = Archive(str(edge_archive))
     a.index(chunk_bytes=CHUNK)

@@ -94,6 +94,7 @@ def test_a_save_failing_at_stop_leaves_the_files_to_recovery(tmp_path):
         await ingest.finish()
         ingest.shutdown()
         assert ingest.sensors[SENSOR].last_committed == 1
+        assert (ingest.unsaved_at_stop or "").startswith("receiver state not saved at stop (")  # (exit status 3)
     asyncio.run(run())
     saved = json.loads((tmp_path / "state" / STATE_FILE).read_text())
     assert saved["sensors"][SENSOR]["last_seq"] == 1 and saved["sinks"], saved
@@ -111,6 +112,36 @@ def test_a_save_failing_at_stop_leaves_the_files_to_recovery(tmp_path):
     files = sorted(p for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
     got = sorted(t for p in files for t in read_ts(str(p)))
     assert got == sorted(read_ts_of(batches[0]) + read_ts_of(batches[1])), [p.name for p in files]
+
+
+def test_a_final_save_failing_after_the_stop_commit_is_said_and_makes_exit_status_3(tmp_path):
+    """The stop's commit saved (everything acknowledged), then the outputs closed and the state
+    saved after it failed: the files are complete and the state saved by the commit describes
+    them, but the stop was not clean -- said in ``unsaved_at_stop`` (exit status 3), as a
+    stop whose state saved is not (None)."""
+    batches = make_batches(2, 30)
+    stops: list[str | None] = []
+
+    async def run(fail_final: bool) -> None:
+        ingest, _ = _ingest(tmp_path)
+        state = FailingState(ingest)
+        ingest.start()
+        await _send(ingest, len(stops) + 1, batches[len(stops)])
+        real_close = ingest.outputs.close
+
+        async def close() -> None:
+            await real_close()
+            state.failing = 1 if fail_final else 0  # (the save after the close)
+        ingest.outputs.close = close  # type: ignore[method-assign]
+        await ingest.finish()
+        ingest.shutdown()
+        assert ingest.sensors[SENSOR].last_committed == len(stops) + 1  # (the commit saved)
+        stops.append(ingest.unsaved_at_stop)
+    asyncio.run(run(fail_final=False))
+    asyncio.run(run(fail_final=True))
+    assert stops[0] is None
+    assert (stops[1] or "").startswith("cannot save the receiver state") and stops[1].endswith(
+        "(at stop: the next start recovers from the state saved last)"), stops
 
 
 def test_a_failing_save_is_tried_again_by_one_timer_and_said_once(tmp_path, monkeypatch, caplog):

@@ -160,7 +160,15 @@ class Archive:
                 summary = SummaryContext(partial(heavy, row, "addresses"), partial(heavy_array, row, "ports"),
                                          address_filter=row.get("address_filter"),
                                          port_bitmap=row.get("port_bitmap"), probes=probes)
-                if not may_match(tree, summary):
+                try:
+                    if not may_match(tree, summary):
+                        continue
+                except Exception as exc:  # noqa: BLE001 - its summary cannot be read (a damaged snapshot,
+                    # an I/O error on it): the file is read whole instead
+                    stats.problems.append(f"{e.path}: index unusable ({_short(exc)}): the file is scanned; "
+                                          "`pktstream index --force` rebuilds it")
+                    warn(stats.problems[-1])
+                    out.append((e, None, "index unusable"))
                     continue
             out.append((e, row, ""))
         return out

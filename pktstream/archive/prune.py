@@ -3,8 +3,9 @@
 Only *pruning* comes from here: the query always applies the real BPF (libpcap) to every
 packet it reads, so an answer here may over-include but must never exclude a packet the
 filter matches. Each node evaluates to two boolean arrays over the flows, ``maybe_true`` and
-``maybe_false``; unknown is both. A flow key holds for every packet of the flow, so a leaf that
-is decided for the key is decided for each packet, also under ``not``.
+``maybe_false`` (or, over one file's catalog summary, two bools); unknown is both. A flow key
+holds for every packet of the flow, so a leaf that is decided for the key is decided for each
+packet, also under ``not``.
 
 Understood (tcpdump syntax): ``and``/``&&``, ``or``/``||``, ``not``/``!``, parentheses,
 ``[src|dst] host ADDR``, ``[src|dst] net CIDR``, ``[src|dst] port N``, ``portrange A-B``,
@@ -358,13 +359,13 @@ class SummaryContext:
     def _hosts(self, net) -> tuple[str, ...] | None:
         """A small net's addresses as canonical text (None: more than _FILTER_NET_HOSTS), made
         once per query (kept with the probes every file of the query shares)."""
-        key = ("hosts", id(net))  # (the query's tree holds the net: its id is fixed meanwhile;
-        hosts = self._probes.get(key)  # hashing an ipaddress network runs Python code each time)
-        if hosts is None and key not in self._probes:
+        key = ("hosts", id(net))  # (by id: hashing an ipaddress network runs Python code each time;
+        cached = self._probes.get(key)  # the net is kept with its hosts, so an id is never reused)
+        if cached is None or cached[0] is not net:
             n = net.num_addresses
-            hosts = self._probes[key] = (None if n > _FILTER_NET_HOSTS else
-                                         tuple(canonical(a) for a in ([net.network_address] if n == 1 else net)))
-        return hosts
+            cached = self._probes[key] = (net, None if n > _FILTER_NET_HOSTS else
+                                          tuple(canonical(a) for a in ([net.network_address] if n == 1 else net)))
+        return cached[1]
 
 
 _FILTER_NET_HOSTS = 16  # nets up to this many addresses are tested address by address
