@@ -178,8 +178,6 @@ class FrameStore:
         self.acked_seq = 0
         self._listeners: list = []
         self._lock_fd: int | None = None
-        self._lock_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the lock file this process holds
-        self._spool_lost = False  # the spool directory was removed and another process took the new one
         if spool_dir:
             self._open_spool(spool_dir)
         last = self._entries[-1].seq if self._entries else 0
@@ -211,7 +209,7 @@ class FrameStore:
     def _reserve(self) -> None:
         """Persist that numbers up to next_seq + _RESERVE may be in use (under the lock, or
         from __init__); written once per million blocks."""
-        if not self.spool_dir or self.next_seq <= self._reserved or self._spool_lost:
+        if not self.spool_dir or self.next_seq <= self._reserved:
             return
         reserved = self.next_seq + self._RESERVE
         path = os.path.join(self.spool_dir, "seq")
@@ -241,64 +239,7 @@ class FrameStore:
             raise ConfigError(f"spool {spool_dir} is in use by another sensor on this host (two sensors "
                               "with the same id?): give each its own --sensor-id or --spool-dir") from None
         self._lock_fd = fd
-        st = os.fstat(fd)
-        self._lock_id = (st.st_dev, st.st_ino)
         self._load_spool()
-
-    def _spool_ready(self) -> str | None:
-        """Before a block is written to the spool (under the lock): None when the spool
-        directory is still the one this process locked, else why the block cannot be written
-        there now. A directory removed while the sensor runs (a cleaner, an operator) is made
-        again -- itself only, on the filesystem it was on at start -- and locked again (the
-        blocks spooled before went with it: each is counted lost when its turn comes). One that
-        another process made and locked since is never written to again: it is said once, and
-        the blocks beyond the window are dropped and counted from then on."""
-        if self._spool_lost:
-            return "the spool directory is another sensor's since it was removed"
-        assert self.spool_dir is not None and self._lock_id is not None
-        lock = os.path.join(self.spool_dir, "lock")
-        try:
-            st = os.stat(lock)
-            if (st.st_dev, st.st_ino) == self._lock_id:
-                return None
-        except OSError:
-            pass
-        made = False
-        try:
-            os.mkdir(self.spool_dir, 0o700)  # (only the directory itself: its parent must be there)
-            made = True
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            return f"the spool directory is gone and cannot be made again ({exc.strerror or exc})"
-        try:
-            if os.stat(self.spool_dir).st_dev != self._lock_id[0]:
-                if made:
-                    os.rmdir(self.spool_dir)
-                return "the spool directory is not on the filesystem it was on at start (unmounted?)"
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            return f"the spool directory was removed and cannot be locked again ({exc.strerror or exc})"
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            self._spool_lost = True
-            log.error("spool: %s was removed while this sensor ran, and another sensor process has made it "
-                      "again and locked it: this one spools no more (blocks beyond the window are dropped and "
-                      "counted)", self.spool_dir)
-            return "the spool directory is another sensor's since it was removed"
-        old, self._lock_fd = self._lock_fd, fd
-        if old is not None:
-            os.close(old)
-        st = os.fstat(fd)
-        self._lock_id = (st.st_dev, st.st_ino)
-        gone = sum(1 for e in self._entries if e.data is None)
-        log.warning("spool: %s was removed while the sensor ran: made again and locked again (%d blocks spooled "
-                    "before went with it: they are counted lost when their turn comes)", self.spool_dir, gone)
-        self._reserved = 0  # (its sequence reservation went with it: written again)
-        self._reserve()
-        return None
 
     def close(self) -> None:
         """Unlock the spool (another FrameStore may use it from now on). Idempotent."""
@@ -402,17 +343,10 @@ class FrameStore:
                 size = len(data[0]) + payload_size(data[1])
                 self._entries.append(_Entry(seq, size, data, packets))
                 self.mem_used += size
-            elif self.spool_used + size_hint <= self.spool_bytes and not self._spool_lost:
+            elif self.spool_used + size_hint <= self.spool_bytes:
                 seq = self.next_seq
-                tmp = self._spool_path(seq, False) + ".tmp"
-                not_ready = self._spool_ready()
-                if not_ready is not None:
-                    self.dropped_blocks += 1
-                    self.dropped_packets += packets
-                    self._spool_error("write", f"cannot write {tmp}: {not_ready}; the block's {packets} packets "
-                                               f"are lost ({self.dropped_packets} packets dropped so far)")
-                    return None
                 header, payload = make_frame(seq)
+                tmp = self._spool_path(seq, False) + ".tmp"
                 try:
                     with open(tmp, "wb") as f:
                         f.write(header)
@@ -572,13 +506,6 @@ class FrameStore:
         moved = failed = 0
         first_error: OSError | None = None
         with self._lock:
-            not_ready = self._spool_ready()
-            if not_ready is not None:
-                kept = sum(1 for e in self._entries if e.data is not None)
-                if kept:
-                    log.error("spool: cannot keep %d unacknowledged blocks for the next run (%s): they are lost",
-                              kept, not_ready)
-                return 0
             for e in self._entries:
                 if e.data is None or self.spool_used + e.size > self.spool_bytes:
                     continue
