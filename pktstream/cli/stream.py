@@ -317,8 +317,8 @@ def cmd_receiver(args: argparse.Namespace) -> int:
     if args.stats_json:
         with open(args.stats_json, "w") as f:
             json.dump(receiver.stats(), f, indent=1)
-    # 3: the state could not be saved at the stop (its error line was logged): nothing is lost
-    # (the next start recovers, the sensors resend), but a service manager should know
+    # 3: the state could not be saved at the stop (its error line was logged): the next start
+    # recovers and pktstream sensors resend (docs/OPERATIONS.md), but a service manager should know
     return 3 if receiver.unsaved_at_stop is not None else 0
 
 

@@ -208,8 +208,8 @@ class Receiver:
     def unsaved_at_stop(self) -> str | None:
         """After the stop: None when the state (``state_dir``) was saved at the stop, or there
         is none; else the error line that was logged (the next start recovers from the state
-        saved last, and the sensors send again what was not acknowledged). ``pktstream
-        receiver`` then exits with status 3."""
+        saved last, and pktstream sensors send again what was not acknowledged; PacketStreamer
+        sensors do not). ``pktstream receiver`` then exits with status 3."""
         return self.ingest.unsaved_at_stop
 
     def run(self) -> None:
