@@ -23,7 +23,7 @@ from functools import partial
 from typing import Any
 
 from pktstream.archive.catalog import heavy, heavy_array, is_usable, load_catalog, parquet_file, repair
-from pktstream.archive.index import FLOW_DATE_RE, INDEX_DIR, LEGACY_FLOW_RE
+from pktstream.archive.index import FLOW_DATE_RE, INDEX_DIR, LEGACY_FLOW_RE, repeated_strings, sensor_of_partition
 from pktstream.archive.query import FilePlan, QueryStats, SortedFile, iter_plan, merge_files, segments_for
 from pktstream.archive.store import open_store
 
@@ -192,7 +192,7 @@ class Archive:
             if stats is not None:
                 stats.flow_files_read += 1
             if legacy is not None:
-                t = t.append_column("sensor", pa.array([_sensor_name(sensor, row)] * t.num_rows, pa.string()))
+                t = t.append_column("sensor", repeated_strings(sensor_of_partition(sensor, row["sensors"]), t.num_rows))
             else:
                 if "sensor" not in t.schema.names:
                     raise ValueError(f"{rel}: flow records without a sensor column")
@@ -486,11 +486,6 @@ def _sensor_set(sensor) -> set[str] | None:
 def _partition_matches(value: str, sensor: str) -> bool:
     from pktstream.archive.index import partition_values
     return value in partition_values(sensor)
-
-
-def _sensor_name(value: str, row: dict[str, Any]) -> str:
-    from pktstream.archive.index import sensor_of_partition
-    return sensor_of_partition(value, row["sensors"])
 
 
 def _compression_of(path: str) -> str | None:

@@ -138,21 +138,33 @@ def write_index(store, row: dict[str, Any], tables: dict) -> tuple[str, str, Any
     files of the same capture file that are not rewritten are removed. Returns (catalog file,
     its version, the row as a one-row ``pyarrow.Table``): what :func:`write_snapshot` would
     read back from the catalog file."""
-    import pyarrow as pa
     old = read_row(store, row["path"])
-    rel = catalog_file(row["path"])
     if old is not None:
         # the old row goes first: its flow files are rewritten in place below, and a row with
         # records of another chunk layout would prune wrongly (a query between the two, or a
         # write failing after them); without a row the file is scanned, then repaired
         _delete_row(store, row["path"])
     _write_flow_files(store, row["path"], tables)
-    row_table = pa.Table.from_pylist([row], catalog_schema())
-    version = store.write_bytes(rel, row_bytes(row_table))
+    rel, version, row_table = _write_row(store, row)
     if old is not None:
         for f in set(old.get("flow_files") or ()) - set(row["flow_files"]):
             store.delete(f)
     return rel, version, row_table
+
+
+def _write_row(store, row: dict[str, Any]) -> tuple[str, str, Any]:
+    """Write a file's catalog row (every column of :func:`catalog_schema`); returns (catalog
+    file, its version, the row as a one-row ``pyarrow.Table``)."""
+    import pyarrow as pa
+    rel = catalog_file(row["path"])
+    row_table = pa.Table.from_pylist([row], catalog_schema())
+    return rel, store.write_bytes(rel, row_bytes(row_table)), row_table
+
+
+def _full_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A catalog row as loaded (heavy columns lazy) with every column of the schema decoded:
+    what :func:`_write_row` writes again."""
+    return {name: heavy(row, name) if name in HEAVY else row.get(name) for name in catalog_schema().names}
 
 
 def _write_flow_files(store, rel_path: str, tables: dict) -> list[str]:
@@ -607,10 +619,9 @@ def _add_filters(store, row: dict[str, Any]) -> bool:
     is unknown) port bitmap, from its flow records; rewrite the row. False when a flow file
     cannot be read (then the file is indexed again)."""
     import numpy as np
-    import pyarrow as pa
 
     from pktstream.archive.bloom import UNKNOWN_FILTER, filter_of_texts, port_bitmap
-    from pktstream.archive.index import catalog_schema, summary_completeness
+    from pktstream.archive.index import summary_completeness
     texts: set[str] = set()
     ports: list[Any] = []
     complete = ports_complete = True
@@ -632,7 +643,7 @@ def _add_filters(store, row: dict[str, Any]) -> bool:
             ports_complete &= ports_ok
     except Exception:
         return False
-    full = {name: heavy(row, name) if name in HEAVY else row.get(name) for name in catalog_schema().names}
+    full = _full_row(row)
     full["address_filter"] = filter_of_texts(texts) if complete else UNKNOWN_FILTER
     if not complete:
         full["addresses"] = None  # (ARP on a cooked link: addresses the records do not hold)
@@ -640,7 +651,7 @@ def _add_filters(store, row: dict[str, Any]) -> bool:
         full["ports"] = full["port_bitmap"] = None
     if full["ports"] is None and ports_complete:
         full["port_bitmap"] = port_bitmap(np.concatenate(ports) if ports else np.zeros(0, np.int64))
-    store.write_bytes(catalog_file(row["path"]), row_bytes(pa.Table.from_pylist([full], catalog_schema())))
+    _write_row(store, full)
     store.delete(legacy_catalog_file(row["path"]))
     row["_upgraded"] = True
     return True
@@ -656,8 +667,6 @@ def _relayout(store, row: dict[str, Any]) -> bool:
     orphan sweep of a later full run takes the rest)."""
     import re
 
-    import pyarrow as pa
-
     from pktstream.archive.index import FORMAT_VERSION, LEGACY_FLOW_RE, flow_files, sensor_of_partition
     old_files = list(row.get("flow_files") or ())
     tables: dict[tuple[str, str], Any] = {}
@@ -669,7 +678,7 @@ def _relayout(store, row: dict[str, Any]) -> bool:
         if key in tables:
             return False  # (two values of one sensor: an id that collided; its records are doubtful)
         tables[key] = _RowGroups(store, rel)
-    full = {name: heavy(row, name) if name in HEAVY else row.get(name) for name in catalog_schema().names}
+    full = _full_row(row)
     full.update(index_version=FORMAT_VERSION, flow_files=flow_files(tables, row["path"]))
     try:
         written = _write_flow_files(store, row["path"], tables)
@@ -678,7 +687,7 @@ def _relayout(store, row: dict[str, Any]) -> bool:
     except Exception:
         return False  # (records not as format 3 wrote them)
     try:
-        store.write_bytes(catalog_file(row["path"]), row_bytes(pa.Table.from_pylist([full], catalog_schema())))
+        _write_row(store, full)
     except BaseException:
         _delete_quietly(store, written)
         raise
@@ -795,9 +804,8 @@ def _repair_base(store, paths: Iterable[str] | None = None, *, force: bool = Fal
                 result["removed"] += 1
     if paths is None and not flow_files <= keep:
         _remove_orphan_flow_files(store, flow_files - keep)
-    if paths is None:  # (format 3's directories, emptied by rewrites; this version writes none there)
-        store.remove_empty_dirs(f"{INDEX_DIR}/flows", "sensor=*")
     if paths is None:
+        store.remove_empty_dirs(f"{INDEX_DIR}/flows", "sensor=*")  # (format 3's, emptied by rewrites)
         for rel in store.remove_stale_temporaries(INDEX_DIR):
             result["problems"].append(f"{rel}: an index file a stopped process left half-written, removed")
     if progress:
