@@ -322,7 +322,7 @@ def test_index_is_idempotent_and_repairs(tmp_path):
     n = n_files(root)
     assert a.index(chunk_bytes=CHUNK)["indexed"] == n
     before = {p: p.stat().st_mtime_ns for p in (root / "_index").rglob("*") if p.is_file()}
-    assert len([p for p in before if p.suffix == ".arrow"]) == n  # (one catalog row per file)
+    assert len([p for p in before if p.suffix == ".arrow" and "files" in p.parts]) == n  # (one catalog row per file)
     res = a.index(chunk_bytes=CHUNK)
     assert (res["indexed"], res["current"], res["removed"]) == (0, n, 0)
     assert {p: p.stat().st_mtime_ns for p in (root / "_index").rglob("*") if p.is_file()} == before
@@ -742,6 +742,46 @@ def test_catalog_snapshot_is_only_a_cache(tmp_path):
     after = next(r for r in a.catalog().to_pylist() if r["path"] == "old.pcap.gz")
     assert len(after["chunks"]) < len(before["chunks"])
     assert got(a, "udp") == brute(root, "udp")
+
+
+def test_light_snapshot_is_read_only_with_its_parquet_twin(tmp_path):
+    """``_index/catalog-light.arrow`` (the snapshot's small columns, one Arrow batch) is read
+    instead of the Parquet snapshot's only while both carry one snapshot id: an older Parquet
+    snapshot beside it, a damaged or missing light file -- the query reads the Parquet's
+    columns and stays exact; ``pktstream index`` writes a missing one again."""
+    import pyarrow.parquet as pq
+
+    from pktstream.archive.catalog import SNAPSHOT, SNAPSHOT_ID, SNAPSHOT_LIGHT, _light_snapshot
+    root = make_archive(tmp_path / "a")
+    a = Archive(str(root))
+    a.index(chunk_bytes=CHUNK)
+
+    def light():
+        return _light_snapshot(a.store, pq.ParquetFile(a.store.arrow_file(SNAPSHOT)))
+
+    t = light()
+    assert t is not None and t.num_rows == len(a.catalog()) and "chunks" not in t.column_names
+    assert t.schema.metadata[SNAPSHOT_ID] == pq.read_schema(root / SNAPSHOT).metadata[SNAPSHOT_ID]
+    assert got(a, "udp") == brute(root, "udp")
+    # the Parquet snapshot of another write beside this light file (a crash between the two)
+    old_parquet, old_light = (root / SNAPSHOT).read_bytes(), (root / SNAPSHOT_LIGHT).read_bytes()
+    a.index(["old.pcap.gz"], force=True, chunk_bytes=4 * CHUNK)
+    assert (root / SNAPSHOT_LIGHT).read_bytes() != old_light
+    (root / SNAPSHOT_LIGHT).write_bytes(old_light)
+    assert light() is None
+    assert got(a, "udp") == brute(root, "udp") and got(a, "tcp port 80") == brute(root, "tcp port 80")
+    (root / SNAPSHOT).write_bytes(old_parquet)  # the pair again, older than the row: the row is read
+    assert light() is not None
+    assert got(a, "udp") == brute(root, "udp")
+    # damaged: garbage after the magic, or cut short
+    for data in (old_light[:8] + b"\xff" * (len(old_light) - 8), old_light[: len(old_light) // 2]):
+        (root / SNAPSHOT_LIGHT).write_bytes(data)
+        assert light() is None
+        assert got(a, "udp") == brute(root, "udp")
+    (root / SNAPSHOT_LIGHT).unlink()
+    assert light() is None and got(a, "udp") == brute(root, "udp")
+    a.index(chunk_bytes=CHUNK)  # nothing to index, the light snapshot written again
+    assert light() is not None
 
 
 @pytest.mark.live

@@ -21,9 +21,16 @@ from hypothesis import given, settings, strategies as st
 import pktstream
 from archive_data import _eth, _ipv4, _ipv6, _tcp, _udp, records
 from pktstream.archive import Archive
-from pktstream.archive.bloom import AddressProbe, address_bytes, build_filter, filter_of_texts
+from pktstream.archive.bloom import (
+    AddressProbe,
+    FilterColumn,
+    address_bytes,
+    build_filter,
+    filter_of_texts,
+    port_bitmap,
+)
 from pktstream.archive.index import SUMMARY_LIMIT, canonical
-from pktstream.archive.prune import SummaryContext, may_match, parse
+from pktstream.archive.prune import CatalogContext, SummaryContext, files_may_match, may_match, parse
 from test_archive import brute, got
 
 T0 = 1_732_708_800 * 10**9
@@ -106,6 +113,73 @@ def test_filter_never_gives_a_false_negative(members, other):
         assert may_match(parse(f"host {text}"), SummaryContext(None, None, address_filter=blob)) is True
     if other in members:
         assert AddressProbe(address_bytes(other)).may_contain(blob)
+
+
+# a query's catalog tested at once (CatalogContext / FilterColumn) answers as file by file
+_POOL = [f"10.9.0.{i}" for i in range(12)] + ["2001:db8::7", "2001:db8::8"]
+_blobs = st.one_of(
+    st.none(), st.just(b""), st.just(b"\x01\x07" + bytes(8)), st.binary(max_size=40),
+    st.lists(st.sampled_from(_POOL), max_size=8).map(filter_of_texts),
+    st.lists(st.sampled_from(_POOL), max_size=8).map(lambda m: b"\x02\x03" + filter_of_texts(m)[2:]),
+    # any bits and any number of hashes (a file's k may differ from the others')
+    st.tuples(st.integers(0, 12), st.binary(min_size=1, max_size=24)).map(lambda t: bytes((2, t[0])) + t[1]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_blobs, max_size=12), st.sampled_from(_POOL), st.data())
+def test_filter_column_answers_as_each_filter(blobs, text, data):
+    from pktstream.archive.bloom import FILTER_VERSION
+    assert FILTER_VERSION == 2  # (the strategy above writes version 2 by hand)
+    probe = AddressProbe(address_bytes(text))
+    files = np.array(data.draw(st.lists(st.integers(0, max(len(blobs) - 1, 0)), max_size=20)) if blobs else [],
+                     dtype=np.int64)
+    assert FilterColumn(blobs).may_contain(probe, files).tolist() == [probe.may_contain(blobs[i]) for i in files]
+
+
+_leaves = st.one_of(
+    st.sampled_from(_POOL).map(lambda a: f"host {a}"),
+    st.sampled_from(["src", "dst"]).map(lambda d: f"{d} host 10.9.0.1"),
+    st.sampled_from(["net 10.9.0.0/29", "net 10.9.0.8/30", "net 10.0.0.0/8", "net 2001:db8::/126"]),
+    st.sampled_from([80, 443, 4444, 53]).map(lambda p: f"port {p}"), st.just("portrange 1-1023"),
+    st.sampled_from(["tcp", "udp", "vlan", "ip6"]))
+_trees = st.recursive(_leaves, lambda sub: st.one_of(
+    st.tuples(sub, st.sampled_from(["and", "or"]), sub).map(lambda t: f"({t[0]}) {t[1]} ({t[2]})"),
+    sub.map(lambda t: f"not ({t})")), max_leaves=6)
+_summaries = st.fixed_dictionaries({
+    "addresses": st.one_of(st.none(), st.lists(st.sampled_from(_POOL), max_size=6)),
+    "ports": st.one_of(st.none(), st.lists(st.sampled_from([22, 53, 80, 443, 4444, 8080]), max_size=4)),
+    "filter": st.one_of(st.none(), st.just(b"\x00"), st.lists(st.sampled_from(_POOL), max_size=6).map(filter_of_texts)),
+    "bitmap": st.one_of(st.none(), st.lists(st.sampled_from([22, 53, 80, 8080]), max_size=4).map(
+        lambda p: port_bitmap(np.array(p, dtype=np.int64)))),
+    "broken": st.booleans()})
+
+
+def _summary(d, probes=None):
+    def boom():
+        raise ValueError("damaged column")
+    return SummaryContext(boom if d["broken"] else d["addresses"], d["ports"], address_filter=d["filter"],
+                          port_bitmap=d["bitmap"], probes=probes)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_summaries, max_size=10), _trees)
+def test_whole_catalog_evaluation_answers_as_file_by_file(summaries, expr):
+    """files_may_match over a catalog equals may_match file by file, for any tree of the
+    understood leaves (and an unsupported one), over files with and without filters, lists,
+    port bitmaps, and with a summary that cannot be read (listed in errors, never pruned)."""
+    tree = parse(expr)
+    ctx = CatalogContext([lambda p, d=d: _summary(d, p) for d in summaries], [d["filter"] for d in summaries])
+    got_ = files_may_match(tree, ctx).tolist()
+    want = []
+    for i, d in enumerate(summaries):
+        try:
+            want.append(bool(may_match(tree, _summary(d))))
+            assert i not in ctx.errors, (i, expr)
+        except ValueError:
+            want.append(None)
+            assert i in ctx.errors, (i, expr)
+    assert [g if w is not None else None for g, w in zip(got_, want, strict=True)] == want
+    assert all(got_[i] for i in ctx.errors)
 
 
 def test_filter_false_positive_rate():

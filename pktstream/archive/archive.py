@@ -127,7 +127,7 @@ class Archive:
     # -- planning --------------------------------------------------------------------------
     def _candidates(self, tree, since, until, sensors, stats: QueryStats, warn):
         """(entry, catalog row or None, reason) for files that may hold matching packets."""
-        from pktstream.archive.prune import SummaryContext, may_match
+        from pktstream.archive.prune import CatalogContext, files_may_match
         entries = self.store.captures()
         rows, bad = load_catalog(self.store, light=True, entries=entries)
         for rel in bad:
@@ -135,8 +135,8 @@ class Archive:
             warn(stats.problems[-1])
         by_path = {r["path"]: r for r in rows}
         stats.files_total = len(entries)
-        out: list[tuple[Any, dict[str, Any] | None, str]] = []
-        probes: dict = {}  # the query's addresses, hashed once for every file's filter
+        out: list[tuple[Any, dict[str, Any] | None, str] | None] = []
+        summed: list[tuple[int, Any, dict[str, Any]]] = []  # (place in out, entry, row): for the BPF test
         for e in entries:
             row = by_path.get(e.path)
             if row is None:
@@ -157,21 +157,26 @@ class Archive:
             if sensors is not None and not sensors & set(row["sensors"]):
                 continue
             if tree is not None:
-                summary = SummaryContext(partial(heavy, row, "addresses"), partial(heavy_array, row, "ports"),
-                                         address_filter=row.get("address_filter"),
-                                         port_bitmap=row.get("port_bitmap"), probes=probes)
-                try:
-                    if not may_match(tree, summary):
-                        continue
-                except Exception as exc:  # noqa: BLE001 - its summary cannot be read (a damaged snapshot,
-                    # an I/O error on it): the file is read whole instead
+                summed.append((len(out), e, row))
+                out.append(None)
+                continue
+            out.append((e, row, ""))
+        if summed:
+            # every file's summary at once (one Bloom probe of the query's hosts over all filters)
+            ctx = CatalogContext([partial(_summary_context, row) for _, _, row in summed],
+                                 [row.get("address_filter") for _, _, row in summed])
+            keep = files_may_match(tree, ctx).tolist()
+            for i, (place, e, row) in enumerate(summed):
+                exc = ctx.errors.get(i)
+                if exc is not None:  # its summary cannot be read (a damaged snapshot, an I/O
+                    # error on it): the file is read whole instead
                     stats.problems.append(f"{e.path}: index unusable ({_short(exc)}): the file is scanned; "
                                           "`pktstream index --force` rebuilds it")
                     warn(stats.problems[-1])
-                    out.append((e, None, "index unusable"))
-                    continue
-            out.append((e, row, ""))
-        return out
+                    out[place] = (e, None, "index unusable")
+                elif keep[i]:
+                    out[place] = (e, row, "")
+        return [x for x in out if x is not None]
 
     def _flow_table(self, row: dict[str, Any], sensors, stats: QueryStats | None = None,
                     columns: list[str] | None = None):
@@ -527,3 +532,12 @@ def _short(exc: BaseException) -> str:
     """An exception as one short line (for a problem message)."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _summary_context(row: dict[str, Any], probes: dict[Any, Any]) -> Any:
+    """A catalog row's :class:`~pktstream.archive.prune.SummaryContext` (address and port
+    lists decoded only when a leaf needs them)."""
+    from pktstream.archive.prune import SummaryContext
+    return SummaryContext(partial(heavy, row, "addresses"), partial(heavy_array, row, "ports"),
+                          address_filter=row.get("address_filter"), port_bitmap=row.get("port_bitmap"),
+                          probes=probes)

@@ -110,6 +110,45 @@ class AddressProbe:
         return True
 
 
+class FilterColumn:
+    """Many files' stored filters, tested together: one probe of an address against all of
+    them in a few numpy operations (a query over a catalog of thousands of files), with the
+    answers of :meth:`AddressProbe.may_contain` file by file. Immutable once made."""
+
+    def __init__(self, blobs: list[bytes | None]) -> None:
+        """``blobs``: the files' stored filters (None, empty, short or of another layout
+        version: "maybe" for every address, as :meth:`AddressProbe.may_contain` says)."""
+        keep = [b for b in blobs if b is not None and len(b) >= 3 and b[0] == FILTER_VERSION]
+        self.valid = np.array([b is not None and len(b) >= 3 and b[0] == FILTER_VERSION for b in blobs], dtype=np.bool_)
+        sizes = np.array([len(b) for b in keep], dtype=np.int64)
+        self._buf = np.frombuffer(b"".join(keep), dtype=np.uint8)
+        self._start = np.zeros(len(keep), dtype=np.int64)
+        np.cumsum(sizes[:-1], out=self._start[1:])
+        self._k = self._buf[self._start + 1].astype(np.int64) if len(keep) else np.zeros(0, np.int64)
+        self._m = ((sizes - 2) * 8).astype(np.uint64)
+        self._rank = np.cumsum(self.valid) - 1  # file i's place among the valid ones
+
+    def may_contain(self, probe: AddressProbe, files: np.ndarray) -> np.ndarray:
+        """For files ``files`` (indices), False where the file certainly does not hold the
+        probe's address (boolean array, one element per index)."""
+        files = np.asarray(files, dtype=np.int64)
+        out = np.ones(len(files), dtype=bool)
+        sel = self.valid[files]
+        if not sel.any():
+            return out
+        r = self._rank[files[sel]]
+        start, k, m = self._start[r], self._k[r], self._m[r]
+        hit = np.ones(len(r), dtype=bool)
+        h1, h2 = np.uint64(probe.h1), np.uint64(probe.h2)
+        for i in range(int(k.max(initial=0))):
+            p = (h1 + np.uint64(i) * h2) % m  # (h1, h2 < 2**32, i < 256: no overflow)
+            byte = self._buf[start + 2 + (p >> np.uint64(3)).astype(np.int64)]  # (p < m: inside the filter)
+            bit = (byte >> (p & np.uint64(7)).astype(np.uint8)) & 1
+            hit &= (bit == 1) | (i >= k)
+        out[sel] = hit
+        return out
+
+
 def port_bitmap(ports: np.ndarray) -> bytes:
     """The port bitmap (stored layout) of a set of ports (integers 0-65535)."""
     bits = np.zeros(65536, dtype=bool)

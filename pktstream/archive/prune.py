@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from pktstream.archive.bloom import AddressProbe, address_bytes, bitmap_has_port
+from pktstream.archive.bloom import AddressProbe, FilterColumn, address_bytes, bitmap_has_port
 from pktstream.archive.index import canonical
 
 _TOKEN = re.compile(r"\s*(\(|\)|&&|\|\||!|[^\s()!]+)")
@@ -343,7 +343,7 @@ class SummaryContext:
         t = True
         if kind == "net":
             net = node[2]
-            hosts = self._hosts(net)
+            hosts = _net_hosts(net, self._probes)
             if hosts is not None and (self.address_filter is not None or self.addresses is not None):
                 t = any(self._may_hold(h) for h in hosts)
             elif self.addresses is not None:
@@ -356,19 +356,110 @@ class SummaryContext:
                 t = bitmap_has_port(self.port_bitmap, node[2], node[3])
         return t, True
 
-    def _hosts(self, net) -> tuple[str, ...] | None:
-        """A small net's addresses as canonical text (None: more than _FILTER_NET_HOSTS), made
-        once per query (kept with the probes every file of the query shares)."""
-        key = ("hosts", id(net))  # (by id: hashing an ipaddress network runs Python code each time;
-        cached = self._probes.get(key)  # the net is kept with its hosts, so an id is never reused)
-        if cached is None or cached[0] is not net:
-            n = net.num_addresses
-            cached = self._probes[key] = (net, None if n > _FILTER_NET_HOSTS else
-                                          tuple(canonical(a) for a in ([net.network_address] if n == 1 else net)))
-        return cached[1]
+
+def _net_hosts(net, cache: dict[Any, Any]) -> tuple[str, ...] | None:
+    """A small net's addresses as canonical text (None: more than _FILTER_NET_HOSTS), made
+    once per query (kept in ``cache``, with the probes every file of the query shares)."""
+    key = ("hosts", id(net))  # (by id: hashing an ipaddress network runs Python code each time;
+    cached = cache.get(key)  # the net is kept with its hosts, so an id is never reused)
+    if cached is None or cached[0] is not net:
+        n = net.num_addresses
+        cached = cache[key] = (net, None if n > _FILTER_NET_HOSTS else
+                               tuple(canonical(a) for a in ([net.network_address] if n == 1 else net)))
+    return cached[1]
 
 
 _FILTER_NET_HOSTS = 16  # nets up to this many addresses are tested address by address
+
+
+class CatalogContext:
+    """Leaves over many files' catalog summaries at once (a query's whole catalog): what
+    :class:`SummaryContext` answers file by file, with the address filters of all files probed
+    together (:class:`~pktstream.archive.bloom.FilterColumn`) and everything else asked of a
+    file's own :class:`SummaryContext`, made only for the files that reach such a leaf (see
+    :func:`files_may_match`). A file whose summary cannot be read (its lazy lists raise) is
+    "maybe" everywhere and listed in :attr:`errors`. One query, one thread."""
+
+    def __init__(self, summaries: list[Callable[[dict[Any, Any]], SummaryContext]],
+                 address_filters: list[bytes | None]) -> None:
+        """``summaries``: per file, a callable making its :class:`SummaryContext` (lists lazy)
+        given the query's shared ``probes``; ``address_filters``: per file, its stored
+        address filter (the one that context holds)."""
+        self._make = summaries
+        self._made: dict[int, SummaryContext] = {}
+        self._filters = FilterColumn(address_filters)
+        self._has_filter = np.array([f is not None for f in address_filters], dtype=bool)
+        self._probes: dict[Any, Any] = {}  # shared by every file's SummaryContext
+        self.errors: dict[int, Exception] = {}  # file -> what reading its summary raised
+        self.n = len(summaries)
+
+    def _summary(self, i: int) -> SummaryContext:
+        s = self._made.get(i)
+        if s is None:
+            s = self._made[i] = self._make[i](self._probes)
+        return s
+
+    def _per_file(self, node, files: np.ndarray) -> np.ndarray:
+        out = np.ones(len(files), dtype=bool)
+        for j, i in enumerate(files.tolist()):
+            if i in self.errors:
+                continue
+            try:
+                out[j] = self._summary(i).leaf(node)[0]
+            except Exception as exc:  # noqa: BLE001 - the caller reads such a file whole
+                self.errors[i] = exc
+        return out
+
+    def leaf(self, node, files: np.ndarray) -> np.ndarray:
+        """maybe_true of a leaf for files ``files`` (indices; maybe_false is always True)."""
+        if node[0] == "net":
+            hosts = _net_hosts(node[2], self._probes)
+            if hosts is not None:
+                filtered = self._has_filter[files]
+                out = np.zeros(len(files), dtype=bool)
+                for h in hosts:
+                    probe = self._probes.get(h)
+                    if probe is None:
+                        packed = address_bytes(h)
+                        probe = self._probes[h] = None if packed is None else AddressProbe(packed)
+                    out[filtered] |= (np.ones(int(filtered.sum()), dtype=bool) if probe is None
+                                      else self._filters.may_contain(probe, files[filtered]))
+                out[~filtered] = self._per_file(node, files[~filtered])  # (their address lists)
+                return out
+        return self._per_file(node, files)
+
+
+def files_may_match(tree, ctx: CatalogContext) -> np.ndarray:
+    """For every file of ``ctx``, whether it may hold packets the expression matches (a
+    boolean array): :func:`may_match` file by file, evaluated for all files together. A
+    subexpression is evaluated only for the files still open after the ones before it (``host
+    X and port N`` reads port lists only of files that may hold X), as file by file."""
+    return _evaluate_files(tree, ctx, np.arange(ctx.n, dtype=np.int64))[0]
+
+
+def _evaluate_files(tree, ctx: CatalogContext, files: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    n = len(files)
+    if tree is None or n == 0:
+        return np.ones(n, dtype=bool), np.ones(n, dtype=bool)
+    op = tree[0]
+    if op in ("and", "or"):
+        at, af = _evaluate_files(tree[1], ctx, files)
+        # the files whose result the right side cannot change: false (and) or true (or) already
+        settled = (~at & af) if op == "and" else (at & ~af)
+        open_ = ~settled
+        bt, bf = np.ones(n, dtype=bool), np.ones(n, dtype=bool)
+        if open_.any():
+            bt[open_], bf[open_] = _evaluate_files(tree[2], ctx, files[open_])
+        if op == "and":
+            return at & (bt | settled), af | (bf & open_)
+        return at | (bt & open_), af & (bf | settled)
+    if op == "not":
+        t, f = _evaluate_files(tree[1], ctx, files)
+        return f, t
+    try:
+        return ctx.leaf(tree, files), np.ones(n, dtype=bool)
+    except Unsupported:
+        return np.ones(n, dtype=bool), np.ones(n, dtype=bool)
 
 
 def evaluate(tree, ctx) -> tuple[Any, Any]:
