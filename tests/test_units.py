@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 
 import pytest
@@ -152,8 +153,8 @@ def test_a_kill_in_the_middle_of_a_renumbering_keeps_the_order(tmp_path, monkeyp
         store.put(lambda seq, i=i: _frame(seq, bytes([i]) * 100), 0, 200)
     real = os.replace
 
-    def replace(a, b):
-        real(a, b)
+    def replace(a, b, **kw):
+        real(a, b, **kw)
         if not killed.exists():
             shutil.copytree(spool, killed)  # what is on disk at the kill
 
@@ -192,7 +193,7 @@ def test_a_spool_that_cannot_be_renamed_still_sends_and_counts_nothing(tmp_path,
     for i in range(3):
         store.put(lambda seq, i=i: _frame(seq, bytes([i]) * 100), 0, 200)
 
-    def refuse(a, b):
+    def refuse(a, b, **_kw):
         raise OSError(errno.EROFS, "Read-only file system")
 
     monkeypatch.setattr(sw.os, "replace", refuse)
@@ -214,7 +215,7 @@ def test_a_read_only_spool_resends_and_removes_blocks_by_the_names_they_have(tmp
     for i in range(3):
         store.put(lambda seq, i=i: _frame(seq, bytes([i]) * 100), 2, 200)
 
-    def refuse(*_a):
+    def refuse(*_a, **_kw):
         raise OSError(errno.EROFS, "Read-only file system")
     monkeypatch.setattr(sw.os, "replace", refuse)
     assert [s for s, _p in _sent_all(store)] == [100, 101, 102]
@@ -356,10 +357,10 @@ def test_a_block_renumbered_in_memory_removes_its_old_file_when_acknowledged(tmp
     again = FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20)
     real_replace = os.replace
 
-    def eio(a, b):
+    def eio(a, b, **kw):
         if str(a).endswith(".new.frame"):
             raise OSError(errno.EIO, "Input/output error")
-        return real_replace(a, b)
+        return real_replace(a, b, **kw)
     monkeypatch.setattr(sw.os, "replace", eio)
     again.resume(500)
     monkeypatch.setattr(sw.os, "replace", real_replace)
@@ -437,15 +438,20 @@ def test_truncated_spool_file_is_dropped_and_counted(tmp_path):
     assert again.dropped_packets == 7  # (the header of the cut-short spill was readable)
 
 
-def test_spool_write_error_is_a_counted_drop(tmp_path, caplog):
-    store = FrameStore(window_bytes=0, spool_dir=str(tmp_path / "gone"), spool_bytes=1 << 20, first_seq=1)
-    for name in os.listdir(tmp_path / "gone"):  # the disk under the spool goes away
-        os.unlink(tmp_path / "gone" / name)
-    os.rmdir(tmp_path / "gone")
+def test_spool_write_error_is_a_counted_drop(tmp_path, caplog, monkeypatch):
+    store = FrameStore(window_bytes=0, spool_dir=str(tmp_path / "full"), spool_bytes=1 << 20, first_seq=1)
+    real_open = os.open
+
+    def full(path, flags, *a, **kw):  # the disk under the spool is full
+        if str(path).endswith(".tmp"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(path, flags, *a, **kw)
+    monkeypatch.setattr(os, "open", full)
     with caplog.at_level("ERROR", logger="pktstream"):
         for _ in range(4):
             assert store.put(_frame, 5, 200) is None
-    assert store.spool_errors == 4 and store.dropped_packets == 20
+    monkeypatch.setattr(os, "open", real_open)
+    assert store.spool_errors == 4 and store.dropped_packets == 20 and not store.spool_gone
     # one line (then one a minute): a full disk fails every block, a line each flooded the log
     assert len(caplog.records) == 1 and "the block's 5 packets are lost" in caplog.records[0].getMessage()
 
@@ -1291,3 +1297,117 @@ def test_kafka_offset_gaps_count_messages_deleted_before_they_were_read():
     assert g.seen(1, 90) == 0 and g.seen(1, 91) == 0  # read again after a rewind: not a loss
     g.forget(1)
     assert g.seen(1, 500) == 0  # revoked and assigned again: no stale expectation
+
+
+# -- a spool directory removed while the sensor runs ------------------------------------------------
+def _counted(packets: int):
+    """make_frame for a block of ``packets`` packets."""
+    return lambda seq: (P.encode_header(P.FrameType.DATA, 100, seq=seq, count=packets, raw_len=100), b"x" * 100)
+
+
+def _tree(d) -> dict[str, bytes]:
+    return {n: (d / n).read_bytes() for n in sorted(os.listdir(d))}
+
+
+def test_a_spool_removed_while_running_is_never_written_to_again(tmp_path, caplog):
+    """The spool directory removed while the sensor runs, and made again and locked by another
+    sensor process: the first never creates, renames, rewrites or removes a file there (puts,
+    acks, sends, renumbering, drops, the exit spill, its interfaces.json) -- its blocks would be
+    the other's to send; its spooled blocks are counted lost together, in one line, and what
+    does not fit its window is dropped and counted. (Before: a put wrote into the other's
+    directory.)"""
+    import shutil
+    spool = tmp_path / "spool"
+    store = FrameStore(window_bytes=2 * 200, spool_dir=str(spool), spool_bytes=1 << 20, first_seq=100)
+    for _ in range(2):
+        assert store.put(_counted(1), 1, 200) is not None  # in memory
+    for _ in range(5):
+        assert store.put(_counted(3), 3, 200) is not None  # spooled
+    shutil.rmtree(spool)
+    other = FrameStore(window_bytes=0, spool_dir=str(spool), spool_bytes=1 << 20, first_seq=10_000)
+    other.put(_counted(7), 7, 200)
+    theirs = _tree(spool)
+    assert any(n.endswith(".new.frame") for n in theirs)
+    with caplog.at_level("INFO", logger="pktstream"):
+        for _ in range(4):
+            assert store.put(_counted(2), 2, 200) is None
+        store.resume(500)  # (behind the receiver: the never-sent blocks renumbered)
+        assert [s for s, _p in _sent_all(store)] == [501, 502]  # the two in memory, nothing else
+        assert store.drop_larger(50) == 0  # (this run's blocks are not checked)
+        store.ack(10**9)
+        assert store.spill() == 0
+        with pytest.raises(OSError):
+            store.write_file("interfaces.json", b"{}")
+    assert _tree(spool) == theirs
+    assert store.spool_gone and store.spool_used == 0
+    assert (store.dropped_blocks, store.dropped_packets) == (5 + 4, 5 * 3 + 4 * 2)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "was removed while the sensor runs: 5 spooled blocks (15 packets)" in errors[0], errors
+    store.close()
+    other.close()
+
+
+def test_a_full_spool_removed_while_running_is_noticed_at_the_next_drop(tmp_path, caplog):
+    """The likely case (an operator freeing a full disk): the next block does not fit the spool's
+    budget, so nothing is written; the removal is still noticed there, the spooled blocks are
+    counted lost in one line (not one line each when their turn to be sent comes), and their
+    room is not held any more."""
+    import shutil
+    spool = tmp_path / "spool"
+    size = len(_counted(1)(1)[0]) + 100
+    store = FrameStore(window_bytes=0, spool_dir=str(spool), spool_bytes=3 * size, first_seq=100)
+    for _ in range(3):
+        assert store.put(_counted(4), 4, size) is not None
+    assert store.put(_counted(4), 4, size) is None  # full
+    assert not store.spool_gone
+    shutil.rmtree(spool)
+    with caplog.at_level("INFO", logger="pktstream"):
+        assert store.put(_counted(5), 5, size) is None
+        assert store.after(0) is None
+        assert store.put(_counted(5), 5, size) is None
+    assert store.spool_gone and store.spool_used == 0 and store.pending() == (0, 0)
+    assert (store.dropped_blocks, store.dropped_packets) == (1 + 3 + 2, 4 + 12 + 10)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "3 spooled blocks (12 packets)" in errors[0], errors
+    store.close()
+
+
+def test_a_spool_moved_away_while_running_goes_on_where_it_is(tmp_path):
+    """Renamed (not removed) while the sensor runs: its blocks are still there, and are sent
+    and removed there; a directory made at the old path is not touched."""
+    spool, moved = tmp_path / "spool", tmp_path / "moved"
+    store = FrameStore(window_bytes=0, spool_dir=str(spool), spool_bytes=1 << 20, first_seq=100)
+    store.put(_counted(1), 1, 200)
+    os.rename(spool, moved)
+    spool.mkdir()
+    assert store.put(_counted(1), 1, 200) == 101
+    assert [s for s, _p in _sent_all(store)] == [100, 101]
+    store.ack(101)
+    assert not store.spool_gone and store.dropped_blocks == 0
+    assert not [n for n in os.listdir(moved) if n.endswith(".frame")] and os.listdir(spool) == []
+    store.close()
+
+
+def test_a_closed_store_spools_nowhere(tmp_path, monkeypatch):
+    """After close() a block beyond the window is a counted drop: never a file relative to the
+    working directory (the spool's descriptor is gone)."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    store = FrameStore(window_bytes=0, spool_dir=str(tmp_path / "spool"), spool_bytes=1 << 20, first_seq=100)
+    store.close()
+    assert store.put(_counted(2), 2, 200) is None and store.dropped_packets == 2
+    assert os.listdir(cwd) == []
+
+
+def test_a_spool_that_cannot_be_locked_says_why(tmp_path, monkeypatch):
+    """Only "would block" means another sensor holds the spool; any other error of flock (no
+    locks on a network file system) is said as it is."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(ConfigError, match="cannot lock it: No locks available"):
+        FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20)

@@ -142,11 +142,11 @@ class _Entry:
 _PASSING_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN})
 
 
-def _count_of(path: str) -> int:
+def _count_of(name: str, opener) -> int:
     """The packet count a spool file's header gives when the header is not valid (best effort:
     its magic and version right; 0 otherwise)."""
     try:
-        with open(path, "rb") as f:
+        with open(name, "rb", opener=opener) as f:
             raw = f.read(P.HEADER_LEN)
         magic, version, *_rest, count, _raw_len, _plen = P.HEADER.unpack_from(raw)
         return count if magic == P.MAGIC and version == P.VERSION else 0
@@ -158,7 +158,14 @@ class FrameStore:
     """Unacknowledged frames in sequence order: in memory up to ``window_bytes``, then in
     ``spool_dir`` up to ``spool_bytes``; beyond that new blocks are dropped and counted.
 
-    Thread safety: all methods may be called from any thread.
+    The spool is the directory opened and locked at start: every file operation is relative to
+    that open directory (``dir_fd``), never to its path again, so a directory removed while the
+    sensor runs -- and maybe made again and locked by another sensor process -- is never written
+    to, renamed in or removed from. Its removal is noticed (its link count 0) when a block cannot
+    go to it or is dropped for want of room: its blocks are counted lost together, said in one
+    line, and spooling stops (blocks beyond the window are dropped and counted) until a restart.
+
+    Thread safety: all methods may be called from any thread; :meth:`close` last.
     """
 
     def __init__(self, *, window_bytes: int, spool_dir: str | None = None, spool_bytes: int = 0,
@@ -178,6 +185,8 @@ class FrameStore:
         self.acked_seq = 0
         self._listeners: list = []
         self._lock_fd: int | None = None
+        self._dir_fd: int | None = None  # the spool directory as opened (every file is relative to it)
+        self.spool_gone = False  # the spool directory was removed while this process ran
         if spool_dir:
             self._open_spool(spool_dir)
         last = self._entries[-1].seq if self._entries else 0
@@ -197,7 +206,7 @@ class FrameStore:
         if not self.spool_dir:
             return 0
         try:
-            with open(os.path.join(self.spool_dir, "seq")) as f:
+            with open("seq", opener=self._opener) as f:
                 value = int(f.read().strip() or 0)
             # a reservation far ahead of this clock was made by a clock that was wrong: ignored
             # (the receiver refuses numbers more than a day ahead of its own clock)
@@ -212,40 +221,109 @@ class FrameStore:
         if not self.spool_dir or self.next_seq <= self._reserved:
             return
         reserved = self.next_seq + self._RESERVE
-        path = os.path.join(self.spool_dir, "seq")
         try:
-            with open(path + ".tmp", "w") as f:
+            with open("seq.tmp", "w", opener=self._opener) as f:
                 f.write(str(reserved))
-            os.replace(path + ".tmp", path)
+            self._replace("seq.tmp", "seq")
             self._reserved = reserved
         except OSError as exc:
-            log.warning("spool: cannot record sequence numbers in %s: %s", path, exc)
+            log.warning("spool: cannot record sequence numbers in %s: %s", self._shown("seq"), exc)
             self._reserved = reserved  # do not retry on every block
             with contextlib.suppress(OSError):
-                os.unlink(path + ".tmp")
+                self._unlink("seq.tmp")
 
     def _open_spool(self, spool_dir: str) -> None:
-        """Create (mode 0700) and lock the spool: one sensor process per spool directory."""
+        """Create (mode 0700), open and lock the spool: one sensor process per spool directory."""
+        dfd = None
         try:
             os.makedirs(spool_dir, mode=0o700, exist_ok=True)
-            fd = os.open(os.path.join(spool_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            dfd = os.open(spool_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=dfd)
         except OSError as exc:
+            if dfd is not None:
+                os.close(dfd)
             raise ConfigError(f"spool {spool_dir}: {exc.strerror or exc} (give --spool-dir DIR, "
                               "or --no-spool)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
             os.close(fd)
-            raise ConfigError(f"spool {spool_dir} is in use by another sensor on this host (two sensors "
-                              "with the same id?): give each its own --sensor-id or --spool-dir") from None
-        self._lock_fd = fd
+            os.close(dfd)
+            if isinstance(exc, BlockingIOError):
+                raise ConfigError(f"spool {spool_dir} is in use by another sensor on this host (two sensors "
+                                  "with the same id?): give each its own --sensor-id or --spool-dir") from None
+            raise ConfigError(f"spool {spool_dir}: cannot lock it: {exc.strerror or exc} (a spool needs a "
+                              "local file system with locks; give --spool-dir DIR, or --no-spool)") from None
+        self._lock_fd, self._dir_fd = fd, dfd
         self._load_spool()
 
     def close(self) -> None:
-        """Unlock the spool (another FrameStore may use it from now on). Idempotent."""
-        fd, self._lock_fd = self._lock_fd, None
-        if fd is not None:
-            os.close(fd)
+        """Unlock and close the spool (another FrameStore may use it from now on); a block put
+        after it is not spooled (a counted drop). Idempotent."""
+        with self._lock:
+            fds, self._lock_fd, self._dir_fd = (self._lock_fd, self._dir_fd), None, None
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
+
+    # -- files of the spool: relative to the directory opened at start ------------------------------
+    def _dirfd(self) -> int:
+        fd = self._dir_fd
+        if fd is None:  # (closed: never a path relative to the working directory)
+            raise OSError(errno.EBADF, "the spool is closed")
+        return fd
+
+    def _opener(self, name: str, flags: int) -> int:
+        """``open(name, ..., opener=self._opener)``: a file of the spool (mode 0600)."""
+        return os.open(name, flags | os.O_CLOEXEC, 0o600, dir_fd=self._dirfd())
+
+    def _replace(self, src: str, dst: str) -> None:
+        fd = self._dirfd()
+        os.replace(src, dst, src_dir_fd=fd, dst_dir_fd=fd)
+
+    def _unlink(self, name: str) -> None:
+        os.unlink(name, dir_fd=self._dirfd())
+
+    def _shown(self, name: str) -> str:
+        """A spool file's name as said in a log line."""
+        return os.path.join(self.spool_dir or "", name)
+
+    def write_file(self, name: str, data: bytes) -> None:
+        """Write a side file of the spool (e.g. the sensor's ``interfaces.json``) atomically,
+        in the directory opened at start; raises OSError (also when the spool was removed)."""
+        try:
+            with open(name + ".tmp", "wb", opener=self._opener) as f:
+                f.write(data)
+            self._replace(name + ".tmp", name)
+        except OSError:
+            with contextlib.suppress(OSError):
+                self._unlink(name + ".tmp")
+            raise
+
+    def _check_gone(self) -> bool:
+        """Whether the spool directory was removed (under the lock). The first time: every
+        spooled block is dropped and counted (their files went with it), said in one line, and
+        nothing is spooled any more."""
+        if self.spool_gone:
+            return True
+        fd = self._dir_fd
+        try:
+            if fd is None or os.fstat(fd).st_nlink > 0:
+                return False
+        except OSError:
+            return False
+        self.spool_gone = True
+        self.spool_bytes = 0
+        lost = [e for e in self._entries if e.data is None]
+        if lost:
+            self._entries = collections.deque(e for e in self._entries if e.data is not None)
+            self.spool_used = 0
+            self.dropped_blocks += len(lost)
+            self.dropped_packets += sum(e.packets for e in lost)
+        log.error("spool: %s was removed while the sensor runs: %d spooled blocks (%d packets) went with it "
+                  "and are lost (counted); blocks beyond the window are dropped and counted until the sensor "
+                  "is restarted", self.spool_dir, len(lost), sum(e.packets for e in lost))
+        return True
 
     def __del__(self) -> None:
         try:
@@ -253,26 +331,27 @@ class FrameStore:
         except Exception:
             pass
 
-    def _spool_path(self, seq: int, sent: bool) -> str:
-        return os.path.join(self.spool_dir or "", f"{seq:020d}.frame" if sent else f"{seq:020d}.new.frame")
+    @staticmethod
+    def _spool_name(seq: int, sent: bool) -> str:
+        return f"{seq:020d}.frame" if sent else f"{seq:020d}.new.frame"
 
     def _file_of(self, e: _Entry) -> str:
-        """The file of a spooled block, by the name it has."""
-        return self._spool_path(e.seq, e.sent and not e.unmarked)
+        """The file of a spooled block (its name in the spool), by the name it has."""
+        return self._spool_name(e.seq, e.sent and not e.unmarked)
 
     _SPOOL_NAME = re.compile(r"(\d{20})(\.new)?\.frame(\.tmp)?")
 
     def _load_spool(self) -> None:
         assert self.spool_dir is not None  # called with a spool only
         loaded = []
-        for name in os.listdir(self.spool_dir):
+        for name in os.listdir(self._dirfd()):
             if not name.endswith((".frame", ".frame.tmp")):
                 continue
-            path = os.path.join(self.spool_dir, name)
+            path = self._shown(name)
             head = None
             try:
-                size = os.path.getsize(path)
-                with open(path, "rb") as f:
+                size = os.stat(name, dir_fd=self._dirfd()).st_size
+                with open(name, "rb", opener=self._opener) as f:
                     head = P.decode_header(f.read(P.HEADER_LEN), max_payload=1 << 30, max_raw=1 << 30)
                 m = self._SPOOL_NAME.fullmatch(name)
                 if m is None:
@@ -288,18 +367,18 @@ class FrameStore:
                 if size != P.HEADER_LEN + head.payload_len:
                     raise FrameError(f"{size} bytes, the header says {P.HEADER_LEN + head.payload_len}")
                 seq = int(m.group(1))
-                if head.seq != seq:  # a renumbering cut short between header and rename: the
-                    with open(path, "r+b") as f:  # name wins (still a never-sent block: renumbered again)
+                if head.seq != seq:  # a renumbering cut short between header and rename: the name
+                    with open(name, "r+b", opener=self._opener) as f:  # wins (a never-sent block: renumbered again)
                         f.seek(12)
                         f.write(struct.pack("<Q", seq))
             except (FrameError, OSError) as exc:  # e.g. cut short by a power loss: never resend it
-                packets = head.count if head is not None else _count_of(path)
+                packets = head.count if head is not None else _count_of(name, self._opener)
                 log.warning("spool: removing unreadable %s (%s); its %s packets are lost", path, exc,
                             packets if head is not None else "(unknown number of)")
                 self.dropped_blocks += 1
                 self.dropped_packets += packets
                 try:
-                    os.unlink(path)
+                    self._unlink(name)
                 except OSError:
                     pass
                 continue
@@ -316,7 +395,7 @@ class FrameStore:
         for i, e in enumerate(loaded):
             if i < last_sent and not e.sent:
                 try:
-                    os.replace(self._spool_path(e.seq, False), self._spool_path(e.seq, True))
+                    self._replace(self._spool_name(e.seq, False), self._spool_name(e.seq, True))
                 except OSError as exc:
                     log.error("spool: block %d: %s; its %d packets are lost", e.seq, exc, e.packets)
                     self.spool_used -= e.size
@@ -346,21 +425,22 @@ class FrameStore:
             elif self.spool_used + size_hint <= self.spool_bytes:
                 seq = self.next_seq
                 header, payload = make_frame(seq)
-                tmp = self._spool_path(seq, False) + ".tmp"
+                tmp = self._spool_name(seq, False) + ".tmp"
                 try:
-                    with open(tmp, "wb") as f:
+                    with open(tmp, "wb", opener=self._opener) as f:
                         f.write(header)
                         f.write(payload)
-                    os.replace(tmp, self._spool_path(seq, False))
+                    self._replace(tmp, self._spool_name(seq, False))
                 except OSError as exc:  # spool disk full or gone: a counted drop, capture goes on
                     try:
-                        os.unlink(tmp)
+                        self._unlink(tmp)
                     except OSError:
                         pass
                     self.dropped_blocks += 1
                     self.dropped_packets += packets
-                    self._spool_error("write", f"cannot write {tmp}: {exc}; the block's {packets} packets are lost "
-                                               f"({self.dropped_packets} packets dropped so far)")
+                    if not self._check_gone():  # (removed: said once, with what went with it)
+                        self._spool_error("write", f"cannot write {self._shown(tmp)}: {exc}; the block's {packets} "
+                                                   f"packets are lost ({self.dropped_packets} packets dropped so far)")
                     return None  # the caller releases the payload of a dropped block
                 release_payload(payload)  # on disk now
                 size = len(header) + payload_size(payload)
@@ -370,6 +450,8 @@ class FrameStore:
             else:
                 self.dropped_blocks += 1
                 self.dropped_packets += packets
+                if self.spool_used:  # a full spool: still there? (removed: its room and blocks are gone)
+                    self._check_gone()
                 return None
             self.next_seq = seq + 1
             if self.next_seq > self._reserved:
@@ -387,7 +469,7 @@ class FrameStore:
                 if e.data is None:
                     self.spool_used -= e.size
                     try:
-                        os.unlink(self._file_of(e))
+                        self._unlink(self._file_of(e))
                     except FileNotFoundError:
                         pass
                     except OSError as exc:  # (a spool turned read-only, EIO: the session goes on)
@@ -432,13 +514,13 @@ class FrameStore:
             if data is None:
                 assert path is not None
                 try:
-                    with open(path, "rb") as f:
+                    with open(path, "rb", opener=self._opener) as f:
                         raw = f.read()
                 except OSError as exc:
                     if exc.errno in _PASSING_ERRNOS:
                         raise  # (the session ends, and the next one reads it again)
                     with self._lock:  # acknowledged (and removed) meanwhile, or lost: the next one
-                        if e in self._entries:
+                        if e in self._entries and not (exc.errno == errno.ENOENT and self._check_gone()):
                             self._lose(e, exc)
                             self._remove(path)  # (the next run would count it again)
                     seq = e.seq
@@ -451,12 +533,13 @@ class FrameStore:
         first (SEQ.new.frame -> SEQ.frame), so a run after a kill never takes a block the
         receiver may have for a never-sent one. Returns the file to read; None: the file is
         gone (the block is dropped and counted). Under the lock."""
-        new, sent = self._spool_path(e.seq, False), self._spool_path(e.seq, True)
+        new, sent = self._spool_name(e.seq, False), self._spool_name(e.seq, True)
         try:
-            os.replace(new, sent)
+            self._replace(new, sent)
             return sent
         except FileNotFoundError as exc:
-            self._lose(e, exc)
+            if not self._check_gone():  # (removed: every spooled block counted at once, this one too)
+                self._lose(e, exc)
             return None
         except OSError as exc:  # e.g. a read-only spool: sent anyway (a later run may send it twice)
             # (its file keeps the never-sent name, which ack removes and a resend reads -- before,
@@ -489,14 +572,14 @@ class FrameStore:
         self.dropped_blocks += 1
         self.dropped_packets += e.packets
 
-    def _remove(self, path: str) -> None:
+    def _remove(self, name: str) -> None:
         """Remove a dropped block's file (counted if it stays: the next run would count it again)."""
         try:
-            os.unlink(path)
+            self._unlink(name)
         except FileNotFoundError:
             pass
         except OSError as exc:
-            self._spool_error("remove", f"cannot remove {path} ({exc})")
+            self._spool_error("remove", f"cannot remove {self._shown(name)} ({exc})")
 
     def spill(self) -> int:
         """At exit: move unacknowledged in-memory blocks to the spool (within its bound), so the
@@ -506,20 +589,22 @@ class FrameStore:
         moved = failed = 0
         first_error: OSError | None = None
         with self._lock:
+            if self._check_gone():  # (its blocks in memory are lost: the exit report counts them)
+                return 0
             for e in self._entries:
                 if e.data is None or self.spool_used + e.size > self.spool_bytes:
                     continue
-                tmp = self._spool_path(e.seq, e.sent) + ".tmp"
+                tmp = self._spool_name(e.seq, e.sent) + ".tmp"
                 try:
-                    with open(tmp, "wb") as f:
+                    with open(tmp, "wb", opener=self._opener) as f:
                         f.write(e.data[0])
                         f.write(e.data[1])
                         f.flush()
                         os.fsync(f.fileno())
-                    os.replace(tmp, self._spool_path(e.seq, e.sent))
+                    self._replace(tmp, self._spool_name(e.seq, e.sent))
                 except OSError as exc:  # (a full disk: one line for all, no temporary left to count twice)
                     with contextlib.suppress(OSError):
-                        os.unlink(tmp)
+                        self._unlink(tmp)
                     self.spool_errors += 1
                     failed += 1
                     first_error = first_error or exc
@@ -534,11 +619,7 @@ class FrameStore:
                 moved += 1
             if moved:
                 try:  # the renames too survive a power loss, not only the files' bytes
-                    fd = os.open(self.spool_dir, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                    os.fsync(self._dirfd())
                 except OSError as exc:
                     log.error("spool: cannot fsync %s: %s", self.spool_dir, exc)
         if failed:
@@ -616,18 +697,19 @@ class FrameStore:
             struct.pack_into("<Q", header, 12, seq)
             e.data = (bytes(header), e.data[1])
         else:
-            old, new = self._spool_path(e.seq, False), self._spool_path(seq, False)
+            old, new = self._spool_name(e.seq, False), self._spool_name(seq, False)
             try:
-                with open(old, "r+b") as f:
+                with open(old, "r+b", opener=self._opener) as f:
                     f.seek(12)
                     f.write(struct.pack("<Q", seq))
-                os.replace(old, new)
+                self._replace(old, new)
             except FileNotFoundError as exc:
-                self._lose(e, exc)
+                if not self._check_gone():
+                    self._lose(e, exc)
                 return
             except OSError as exc:  # e.g. a read-only spool: the block goes on from memory
                 try:
-                    with open(old, "rb") as f:
+                    with open(old, "rb", opener=self._opener) as f:
                         raw = f.read()
                 except OSError:
                     self._lose(e, exc)

@@ -10,7 +10,6 @@ dropped and counted.
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import logging
 import os
@@ -740,7 +739,6 @@ class Sensor:
         restarts when spooling (spooled blocks carry it, and ``interfaces.json`` in the spool
         keeps every descriptor an index stood for): the same name with another link type or
         snap length gets a new index, never the old one."""
-        path = os.path.join(self.spool_dir, "interfaces.json") if self.spool_dir else None
         known = self._descriptors
         used = {i.index for i in self._ifaces.values()}
         index = None
@@ -755,16 +753,12 @@ class Sensor:
             index = max([*(d["index"] for d in known), *used, *self._retired, -1]) + 1
             known.append({"index": index, "name": name, "link_type": link_type, "snaplen": snaplen})
         self._retired.pop(index, None)  # (its descriptor is an interface's again)
-        if path:
+        if self.spool_dir:  # (in the spool directory opened at start, never one made again at its path)
             try:
-                tmp = path + ".tmp"
-                with open(tmp, "w") as f:
-                    json.dump({"descriptors": known}, f)
-                os.replace(tmp, path)
+                self.store.write_file("interfaces.json", json.dumps({"descriptors": known}).encode())
             except OSError as exc:  # (the capture goes on; a restart may renumber this interface)
-                log.warning("spool: cannot save %s: %s", path, exc.strerror or exc)
-                with contextlib.suppress(OSError):
-                    os.unlink(path + ".tmp")
+                log.warning("spool: cannot save %s: %s", os.path.join(self.spool_dir, "interfaces.json"),
+                            exc.strerror or exc)
         return index
 
     def _load_retired(self) -> None:
