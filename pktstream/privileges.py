@@ -70,10 +70,20 @@ def drop_privileges(user: str, group: str | None = None,
     log.info("running as %s (uid %d, gid %d) with only CAP_NET_RAW/CAP_NET_ADMIN", user, pw.pw_uid, gid)
 
 
-def chown_for(path: str, user: str, group: str | None = None) -> None:
-    """Give a directory we created as root (e.g. the spool) to the user we will become."""
+def chown_for(directory: str | int, user: str, group: str | None = None) -> None:
+    """Give a directory we created as root (e.g. the spool: a path, or a descriptor of it open)
+    and the entries directly in it to the user we will become. Symbolic links are never
+    followed, neither the directory's nor its entries' (that user owned the directory before: a
+    link it planted there would otherwise hand its target, any file of the host, over)."""
     pw = pwd.getpwnam(user)
     gid = grp.getgrnam(group).gr_gid if group else pw.pw_gid
-    os.chown(path, pw.pw_uid, gid)
-    for name in os.listdir(path):
-        os.chown(os.path.join(path, name), pw.pw_uid, gid)
+    own = isinstance(directory, str)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC) \
+        if isinstance(directory, str) else directory
+    try:
+        os.chown(fd, pw.pw_uid, gid)
+        for name in os.listdir(fd):
+            os.chown(name, pw.pw_uid, gid, dir_fd=fd, follow_symlinks=False)
+    finally:
+        if own:
+            os.close(fd)

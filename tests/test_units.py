@@ -1309,42 +1309,100 @@ def _tree(d) -> dict[str, bytes]:
     return {n: (d / n).read_bytes() for n in sorted(os.listdir(d))}
 
 
+def _taken_over(spool, first_seq: int, extra: tuple[int, ...]) -> tuple[FrameStore, dict[str, bytes]]:
+    """The spool directory removed, then made again and locked by another sensor process whose
+    blocks have the same file names as the first's (numbered from ``first_seq`` too, the first
+    two handed out; and never-sent files numbered ``extra``): a file operation by path would
+    hit one of them."""
+    import shutil
+    shutil.rmtree(spool)
+    other = FrameStore(window_bytes=0, spool_dir=str(spool), spool_bytes=1 << 20, first_seq=first_seq)
+    for _ in range(8):
+        other.put(_counted(7), 7, 200)
+    assert [other.after(first_seq - 1)[0], other.after(first_seq)[0]] == [first_seq, first_seq + 1]
+    for seq in extra:
+        (spool / f"{seq:020d}.new.frame").write_bytes(b"".join(_counted(7)(seq)))
+    return other, _tree(spool)
+
+
 def test_a_spool_removed_while_running_is_never_written_to_again(tmp_path, caplog):
     """The spool directory removed while the sensor runs, and made again and locked by another
-    sensor process: the first never creates, renames, rewrites or removes a file there (puts,
-    acks, sends, renumbering, drops, the exit spill, its interfaces.json) -- its blocks would be
-    the other's to send; its spooled blocks are counted lost together, in one line, and what
-    does not fit its window is dropped and counted. (Before: a put wrote into the other's
-    directory.)"""
-    import shutil
+    sensor process: the first never creates, renames, rewrites, reads or removes a file there --
+    its blocks would be the other's to send. Drops of a previous run's blocks, acks, renumbering
+    and sends run before and as the removal is noticed (files of the same names are there); its
+    never-sent spooled blocks are then counted lost together, in one line, and what does not
+    fit its window is dropped and counted; the exit spill and its interfaces.json go nowhere."""
     spool = tmp_path / "spool"
-    store = FrameStore(window_bytes=2 * 200, spool_dir=str(spool), spool_bytes=1 << 20, first_seq=100)
-    for _ in range(2):
-        assert store.put(_counted(1), 1, 200) is not None  # in memory
-    for _ in range(5):
-        assert store.put(_counted(3), 3, 200) is not None  # spooled
-    shutil.rmtree(spool)
-    other = FrameStore(window_bytes=0, spool_dir=str(spool), spool_bytes=1 << 20, first_seq=10_000)
-    other.put(_counted(7), 7, 200)
-    theirs = _tree(spool)
-    assert any(n.endswith(".new.frame") for n in theirs)
+    first = FrameStore(window_bytes=0, spool_dir=str(spool), spool_bytes=1 << 20, first_seq=100)
+    for _ in range(2):  # a previous run's blocks, larger than the receiver will accept
+        first.put(lambda seq: (P.encode_header(P.FrameType.DATA, 100, seq=seq, count=1, raw_len=400),
+                               b"x" * 100), 1, 200)
+    first.close()
+    store = FrameStore(window_bytes=0, spool_dir=str(spool), spool_bytes=1 << 20)
+    base = store.next_seq
+    for _ in range(6):
+        assert store.put(_counted(3), 3, 200) is not None  # base .. base+5 on disk
+    assert [store.after(101)[0], store.after(base)[0]] == [base, base + 1]  # handed out: SEQ.frame
+    other, theirs = _taken_over(spool, base, (100, 101))
+    floor = base + 1000
     with caplog.at_level("INFO", logger="pktstream"):
+        assert store.drop_larger(200) == 2  # 100, 101
+        store.ack(base)
+        store.window_bytes = 1 << 20
+        assert store.put(_counted(1), 1, 200) == base + 6  # (in memory)
+        store.resume(floor)  # never sent: base+2 .. base+5 (noticed: their files are gone) and base+6
+        assert _tree(spool) == theirs
+        assert store.spool_gone and [s for s, _p in _sent_all(store)] == [floor + 5]  # (base+1: committed)
+        store.window_bytes = 0
         for _ in range(4):
             assert store.put(_counted(2), 2, 200) is None
-        store.resume(500)  # (behind the receiver: the never-sent blocks renumbered)
-        assert [s for s, _p in _sent_all(store)] == [501, 502]  # the two in memory, nothing else
-        assert store.drop_larger(50) == 0  # (this run's blocks are not checked)
-        store.ack(10**9)
+        store.ack(floor + 5)
         assert store.spill() == 0
         with pytest.raises(OSError):
             store.write_file("interfaces.json", b"{}")
     assert _tree(spool) == theirs
-    assert store.spool_gone and store.spool_used == 0
-    assert (store.dropped_blocks, store.dropped_packets) == (5 + 4, 5 * 3 + 4 * 2)
+    assert store.spool_used == 0 and store.pending() == (0, 0)
+    # lost: the two too large, base+2 .. base+5 (never sent), 4 puts
+    assert (store.dropped_blocks, store.dropped_packets) == (2 + 4 + 4, 2 + 12 + 8)
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1 and "was removed while the sensor runs: 5 spooled blocks (15 packets)" in errors[0], errors
+    assert sum("was removed while the sensor runs: 4 spooled blocks (12 packets)" in m for m in errors) == 1, errors
     store.close()
     other.close()
+
+
+def test_blocks_sent_before_the_spool_was_removed_are_not_counted_lost(tmp_path):
+    """Blocks the receiver got before the spool went and acknowledges after are delivered, not
+    lost; one that has to be sent again (a reconnect) is counted lost then, one by one."""
+    import shutil
+    spool = tmp_path / "spool"
+    store = FrameStore(window_bytes=0, spool_dir=str(spool), spool_bytes=1 << 20, first_seq=100)
+    for _ in range(4):
+        store.put(_counted(2), 2, 200)
+    assert [s for s, _p in _sent_all(store)] == [100, 101, 102, 103]
+    shutil.rmtree(spool)
+    assert store.put(_counted(5), 5, 200) is None and store.spool_gone
+    assert (store.dropped_blocks, store.dropped_packets) == (1, 5)
+    store.ack(101)
+    assert store.after(101) is None  # a reconnect: 102 and 103 cannot be read again
+    assert (store.dropped_blocks, store.dropped_packets) == (3, 9) and store.pending() == (0, 0)
+    store.close()
+
+
+def test_a_removed_spool_is_noticed_when_its_next_block_is_sent(tmp_path, caplog):
+    """A receiver back after the spool went: the first spooled block to send is not there; all
+    of them are counted lost in one line (not a line per block), and nothing is sent."""
+    import shutil
+    spool = tmp_path / "spool"
+    store = FrameStore(window_bytes=0, spool_dir=str(spool), spool_bytes=1 << 20, first_seq=100)
+    for _ in range(3):
+        store.put(_counted(2), 2, 200)
+    shutil.rmtree(spool)
+    with caplog.at_level("INFO", logger="pktstream"):
+        assert store.after(0) is None
+    assert store.spool_gone and store.pending() == (0, 0) and (store.dropped_blocks, store.dropped_packets) == (3, 6)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "3 spooled blocks (6 packets)" in errors[0], errors
+    store.close()
 
 
 def test_a_full_spool_removed_while_running_is_noticed_at_the_next_drop(tmp_path, caplog):
@@ -1363,13 +1421,40 @@ def test_a_full_spool_removed_while_running_is_noticed_at_the_next_drop(tmp_path
     shutil.rmtree(spool)
     with caplog.at_level("INFO", logger="pktstream"):
         assert store.put(_counted(5), 5, size) is None
+        assert store.spool_gone and store.pending() == (0, 0)
         assert store.after(0) is None
         assert store.put(_counted(5), 5, size) is None
-    assert store.spool_gone and store.spool_used == 0 and store.pending() == (0, 0)
+    assert store.spool_used == 0
     assert (store.dropped_blocks, store.dropped_packets) == (1 + 3 + 2, 4 + 12 + 10)
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "3 spooled blocks (12 packets)" in errors[0], errors
     store.close()
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_a_removed_spool_whose_link_count_stays_is_noticed_by_a_file_it_cannot_hold(tmp_path, monkeypatch, full):
+    """overlayfs keeps a removed directory's link count when it came from a lower layer (e.g.
+    a spool directory shipped in the image): the removal is noticed by ENOENT creating a file
+    in it -- a block's, or, when the spool is full, a probe's."""
+    import shutil
+    spool = tmp_path / "spool"
+    size = len(_counted(1)(1)[0]) + 100
+    store = FrameStore(window_bytes=0, spool_dir=str(spool), spool_bytes=(2 if full else 100) * size, first_seq=1)
+    for _ in range(2):
+        store.put(_counted(3), 3, size)
+    real_fstat = os.fstat
+
+    class _Stat:
+        def __init__(self, st):
+            self._st = st
+
+        def __getattr__(self, name):
+            return 1 if name == "st_nlink" else getattr(self._st, name)
+    monkeypatch.setattr(os, "fstat", lambda fd: _Stat(real_fstat(fd)))
+    shutil.rmtree(spool)
+    assert store.put(_counted(5), 5, size) is None
+    assert store.spool_gone and store.pending() == (0, 0)
+    assert (store.dropped_blocks, store.dropped_packets) == (3, 11)
 
 
 def test_a_spool_moved_away_while_running_goes_on_where_it_is(tmp_path):
@@ -1411,3 +1496,26 @@ def test_a_spool_that_cannot_be_locked_says_why(tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", no_locks)
     with pytest.raises(ConfigError, match="cannot lock it: No locks available"):
         FrameStore(window_bytes=0, spool_dir=str(tmp_path), spool_bytes=1 << 20)
+
+
+@pytest.mark.live
+def test_a_spool_given_to_the_sensor_user_hands_over_no_link_target(tmp_path):
+    """A sensor that drops root gives its spool to the user it becomes -- that user owned the
+    spool on earlier runs, and a symbolic link it planted there must not hand its target (any
+    file of the host) over: the link itself changes owner, its target does not. (Needs root to
+    change owners: marked live.)"""
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    target = tmp_path / "shadow"
+    target.write_text("secret")
+    (spool / "evil").symlink_to(target)
+    store = FrameStore(window_bytes=0, spool_dir=str(spool), spool_bytes=1 << 20, first_seq=1)
+    store.put(_counted(1), 1, 200)
+    store.chown("nobody")
+    assert target.stat().st_uid == 0
+    assert spool.stat().st_uid == nobody.pw_uid and (spool / "lock").stat().st_uid == nobody.pw_uid
+    assert os.lstat(spool / "evil").st_uid == nobody.pw_uid
+    assert all(os.lstat(spool / n).st_uid == nobody.pw_uid for n in os.listdir(spool))
+    store.close()

@@ -20,7 +20,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import cast
+from typing import BinaryIO, cast
 
 from pktstream._capture import PacketBatch
 from pktstream.exceptions import ConfigError, FrameError
@@ -161,11 +161,15 @@ class FrameStore:
     The spool is the directory opened and locked at start: every file operation is relative to
     that open directory (``dir_fd``), never to its path again, so a directory removed while the
     sensor runs -- and maybe made again and locked by another sensor process -- is never written
-    to, renamed in or removed from. Its removal is noticed (its link count 0) when a block cannot
-    go to it or is dropped for want of room: its blocks are counted lost together, said in one
-    line, and spooling stops (blocks beyond the window are dropped and counted) until a restart.
+    to, renamed in or removed from. Its removal is noticed (a link count of 0, or a file that
+    cannot be created in it: ENOENT) when a block cannot be written to it, renamed or read there,
+    or is dropped for want of room (then at most once a second): the blocks spooled there and
+    never sent are counted lost together, said in one line, and spooling stops (blocks beyond the
+    window are dropped and counted) until a restart; a sent one is counted only if it has to be
+    sent again.
 
-    Thread safety: all methods may be called from any thread; :meth:`close` last.
+    Thread safety: all methods may be called from any thread; :meth:`close` last (after it,
+    nothing is read from, written to or removed from the spool).
     """
 
     def __init__(self, *, window_bytes: int, spool_dir: str | None = None, spool_bytes: int = 0,
@@ -187,6 +191,7 @@ class FrameStore:
         self._lock_fd: int | None = None
         self._dir_fd: int | None = None  # the spool directory as opened (every file is relative to it)
         self.spool_gone = False  # the spool directory was removed while this process ran
+        self._gone_probed = -1.0  # when a full spool was last probed for its removal (monotonic s)
         if spool_dir:
             self._open_spool(spool_dir)
         last = self._entries[-1].seq if self._entries else 0
@@ -218,7 +223,7 @@ class FrameStore:
     def _reserve(self) -> None:
         """Persist that numbers up to next_seq + _RESERVE may be in use (under the lock, or
         from __init__); written once per million blocks."""
-        if not self.spool_dir or self.next_seq <= self._reserved:
+        if not self.spool_dir or self.next_seq <= self._reserved or self.spool_gone:
             return
         reserved = self.next_seq + self._RESERVE
         try:
@@ -291,33 +296,57 @@ class FrameStore:
     def write_file(self, name: str, data: bytes) -> None:
         """Write a side file of the spool (e.g. the sensor's ``interfaces.json``) atomically,
         in the directory opened at start; raises OSError (also when the spool was removed)."""
-        try:
-            with open(name + ".tmp", "wb", opener=self._opener) as f:
-                f.write(data)
-            self._replace(name + ".tmp", name)
-        except OSError:
-            with contextlib.suppress(OSError):
-                self._unlink(name + ".tmp")
-            raise
+        with self._lock:  # (close() cannot close the directory meanwhile)
+            try:
+                with open(name + ".tmp", "wb", opener=self._opener) as f:
+                    f.write(data)
+                self._replace(name + ".tmp", name)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    self._unlink(name + ".tmp")
+                raise
 
-    def _check_gone(self) -> bool:
-        """Whether the spool directory was removed (under the lock). The first time: every
-        spooled block is dropped and counted (their files went with it), said in one line, and
-        nothing is spooled any more."""
+    def chown(self, user: str, group: str | None = None) -> None:
+        """Give the spool directory and its files to ``user`` (a sensor that drops root), by
+        the directory opened at start and never through a symbolic link: a link planted in the
+        spool by that user would otherwise hand its target (any file of the host) over."""
+        from pktstream.privileges import chown_for
+        with self._lock:
+            chown_for(self._dirfd(), user, group)
+
+    def _dead(self, probe: bool = False) -> bool:
+        """Whether the spool directory was removed: its link count is 0, or (``probe``) a file
+        cannot be created in it (ENOENT: overlayfs keeps a removed directory's link count when
+        it came from a lower layer); a stale NFS handle counts as removed."""
+        fd = self._dir_fd
+        if fd is None:
+            return False
+        try:
+            if os.fstat(fd).st_nlink == 0:
+                return True
+            if probe:
+                os.close(os.open(".probe", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=fd))
+                os.unlink(".probe", dir_fd=fd)
+        except OSError as exc:
+            return exc.errno in (errno.ENOENT, errno.ESTALE)
+        return False
+
+    def _check_gone(self, *, probe: bool = False, dead: bool = False) -> bool:
+        """Whether the spool directory was removed (under the lock; ``dead``: a file could not
+        be created in it, ENOENT -- it is; ``probe``: see :meth:`_dead`). The first time: the
+        spooled blocks never sent are dropped and counted (their files went with it), said in
+        one line, and nothing is spooled any more; sent ones stay until acknowledged (counted
+        lost only if they have to be sent again)."""
         if self.spool_gone:
             return True
-        fd = self._dir_fd
-        try:
-            if fd is None or os.fstat(fd).st_nlink > 0:
-                return False
-        except OSError:
+        if not (dead and self._dir_fd is not None) and not self._dead(probe):
             return False
         self.spool_gone = True
         self.spool_bytes = 0
-        lost = [e for e in self._entries if e.data is None]
+        lost = [e for e in self._entries if e.data is None and not e.sent]
         if lost:
-            self._entries = collections.deque(e for e in self._entries if e.data is not None)
-            self.spool_used = 0
+            self._entries = collections.deque(e for e in self._entries if e.data is not None or e.sent)
+            self.spool_used -= sum(e.size for e in lost)
             self.dropped_blocks += len(lost)
             self.dropped_packets += sum(e.packets for e in lost)
         log.error("spool: %s was removed while the sensor runs: %d spooled blocks (%d packets) went with it "
@@ -438,7 +467,7 @@ class FrameStore:
                         pass
                     self.dropped_blocks += 1
                     self.dropped_packets += packets
-                    if not self._check_gone():  # (removed: said once, with what went with it)
+                    if not self._check_gone(dead=exc.errno == errno.ENOENT):  # (removed: said once, with what went)
                         self._spool_error("write", f"cannot write {self._shown(tmp)}: {exc}; the block's {packets} "
                                                    f"packets are lost ({self.dropped_packets} packets dropped so far)")
                     return None  # the caller releases the payload of a dropped block
@@ -451,7 +480,11 @@ class FrameStore:
                 self.dropped_blocks += 1
                 self.dropped_packets += packets
                 if self.spool_used:  # a full spool: still there? (removed: its room and blocks are gone)
-                    self._check_gone()
+                    now = time.monotonic()  # (a file made to find out: at most once a second)
+                    probe = now - self._gone_probed >= 1.0
+                    if probe:
+                        self._gone_probed = now
+                    self._check_gone(probe=probe)
                 return None
             self.next_seq = seq + 1
             if self.next_seq > self._reserved:
@@ -468,6 +501,8 @@ class FrameStore:
                 e = self._entries.popleft()
                 if e.data is None:
                     self.spool_used -= e.size
+                    if self._dir_fd is None:  # (closed: its file stays, the next run finds it)
+                        continue
                     try:
                         self._unlink(self._file_of(e))
                     except FileNotFoundError:
@@ -497,6 +532,8 @@ class FrameStore:
     def after(self, seq: int) -> tuple[int, tuple[bytes, bytes]] | None:
         """The first frame with sequence > seq as (seq, (header, payload)), or None."""
         while True:
+            f: BinaryIO | None = None
+            failed: OSError | None = None
             with self._lock:
                 entries = self._entries
                 if not entries or entries[-1].seq <= seq:
@@ -506,21 +543,32 @@ class FrameStore:
                 data = e.data
                 path = None
                 if data is None:
+                    if self._dir_fd is None:
+                        return None  # (closed: what is spooled stays for the next run)
                     path = self._mark_sent(e) if not e.sent else self._file_of(e)
                     if path is None:
                         seq = e.seq  # lost (counted): the next one
                         continue
+                    try:  # (opened under the lock, read outside it)
+                        f = open(path, "rb", opener=self._opener)  # noqa: SIM115 - closed below
+                    except OSError as exc:
+                        failed = exc
                 e.sent = True
             if data is None:
                 assert path is not None
                 try:
-                    with open(path, "rb", opener=self._opener) as f:
+                    if failed is not None:
+                        raise failed
+                    assert f is not None
+                    with f:
                         raw = f.read()
                 except OSError as exc:
                     if exc.errno in _PASSING_ERRNOS:
                         raise  # (the session ends, and the next one reads it again)
                     with self._lock:  # acknowledged (and removed) meanwhile, or lost: the next one
-                        if e in self._entries and not (exc.errno == errno.ENOENT and self._check_gone()):
+                        if exc.errno == errno.ENOENT:
+                            self._check_gone(probe=True)  # (removed: the never-sent ones at once)
+                        if e in self._entries:
                             self._lose(e, exc)
                             self._remove(path)  # (the next run would count it again)
                     seq = e.seq
@@ -538,7 +586,7 @@ class FrameStore:
             self._replace(new, sent)
             return sent
         except FileNotFoundError as exc:
-            if not self._check_gone():  # (removed: every spooled block counted at once, this one too)
+            if not self._check_gone(probe=True):  # (removed: every never-sent block counted at once, this one too)
                 self._lose(e, exc)
             return None
         except OSError as exc:  # e.g. a read-only spool: sent anyway (a later run may send it twice)
@@ -589,8 +637,8 @@ class FrameStore:
         moved = failed = 0
         first_error: OSError | None = None
         with self._lock:
-            if self._check_gone():  # (its blocks in memory are lost: the exit report counts them)
-                return 0
+            if self._dir_fd is None or self._check_gone():  # (closed, or removed: the exit report
+                return 0  # counts the blocks in memory as lost)
             for e in self._entries:
                 if e.data is None or self.spool_used + e.size > self.spool_bytes:
                     continue
@@ -605,6 +653,8 @@ class FrameStore:
                 except OSError as exc:  # (a full disk: one line for all, no temporary left to count twice)
                     with contextlib.suppress(OSError):
                         self._unlink(tmp)
+                    if exc.errno == errno.ENOENT and self._check_gone(dead=True):
+                        break
                     self.spool_errors += 1
                     failed += 1
                     first_error = first_error or exc
@@ -704,7 +754,7 @@ class FrameStore:
                     f.write(struct.pack("<Q", seq))
                 self._replace(old, new)
             except FileNotFoundError as exc:
-                if not self._check_gone():
+                if not self._check_gone(probe=True):
                     self._lose(e, exc)
                 return
             except OSError as exc:  # e.g. a read-only spool: the block goes on from memory

@@ -707,9 +707,9 @@ class Sensor:
             self.store.close()
             raise PcapError("no interface to capture on (none up, or none matches the config)")
         if self.user:
-            from pktstream.privileges import chown_for, drop_privileges
-            if self.spool_dir:
-                chown_for(self.spool_dir, self.user, self.group)
+            from pktstream.privileges import drop_privileges
+            if self.spool_dir:  # (by the directory the store opened, never a link in it)
+                self.store.chown(self.user, self.group)
             drop_privileges(self.user, self.group)
         rescan = threading.Thread(target=self._rescan_loop, name="rescan", daemon=True)
         rescan.start()
