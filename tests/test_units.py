@@ -1519,3 +1519,30 @@ def test_a_spool_given_to_the_sensor_user_hands_over_no_link_target(tmp_path):
     assert os.lstat(spool / "evil").st_uid == nobody.pw_uid
     assert all(os.lstat(spool / n).st_uid == nobody.pw_uid for n in os.listdir(spool))
     store.close()
+
+
+def test_links_planted_in_the_spool_are_never_followed(tmp_path, caplog):
+    """A sensor that drops root starts as root in a spool its user owned on earlier runs: a
+    symbolic link planted there must not make it read, truncate or write the link's target (the
+    sequence reservation's temporary file, a spooled block, interfaces.json) -- before, writing
+    ``seq.tmp`` through a link truncated any file of the host."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    frame = b"".join(_counted(4)(1))
+    targets = {"seq": b"999", "seq.tmp": b"precious", f"{1:020d}.new.frame": frame,
+               "interfaces.json": b'{"descriptors": [{"index": 0, "name": "eth0"}]}'}
+    for name, data in targets.items():
+        (tmp_path / f"target-{name}").write_bytes(data)
+        (spool / name).symlink_to(tmp_path / f"target-{name}")
+    with caplog.at_level("WARNING", logger="pktstream"):
+        store = FrameStore(window_bytes=0, spool_dir=str(spool), spool_bytes=1 << 20, first_seq=100)
+        assert store.pending() == (0, 0) and store.dropped_blocks == 1  # the linked block: not taken
+        with pytest.raises(OSError):
+            store.read_file("interfaces.json")
+        store.put(_counted(1), 1, 200)
+        store.write_file("interfaces.json", b"{}")
+    for name, data in targets.items():
+        assert (tmp_path / f"target-{name}").read_bytes() == data, name
+    assert not os.path.lexists(spool / f"{1:020d}.new.frame")  # the link removed
+    assert (spool / "interfaces.json").read_bytes() == b"{}" and not (spool / "interfaces.json").is_symlink()
+    store.close()

@@ -243,7 +243,7 @@ class FrameStore:
         try:
             os.makedirs(spool_dir, mode=0o700, exist_ok=True)
             dfd = os.open(spool_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+            fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
         except OSError as exc:
             if dfd is not None:
                 os.close(dfd)
@@ -279,8 +279,10 @@ class FrameStore:
         return fd
 
     def _opener(self, name: str, flags: int) -> int:
-        """``open(name, ..., opener=self._opener)``: a file of the spool (mode 0600)."""
-        return os.open(name, flags | os.O_CLOEXEC, 0o600, dir_fd=self._dirfd())
+        """``open(name, ..., opener=self._opener)``: a file of the spool (mode 0600), never
+        through a symbolic link (ELOOP): a sensor that drops root starts as root in a spool its
+        user owned, and a link planted there would have it read, truncate or write any file."""
+        return os.open(name, flags | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600, dir_fd=self._dirfd())
 
     def _replace(self, src: str, dst: str) -> None:
         fd = self._dirfd()
@@ -292,6 +294,15 @@ class FrameStore:
     def _shown(self, name: str) -> str:
         """A spool file's name as said in a log line."""
         return os.path.join(self.spool_dir or "", name)
+
+    def read_file(self, name: str) -> bytes | None:
+        """A side file of the spool (None: there is none); raises OSError (ELOOP: a link)."""
+        with self._lock:
+            try:
+                with open(name, "rb", opener=self._opener) as f:
+                    return f.read()
+            except FileNotFoundError:
+                return None
 
     def write_file(self, name: str, data: bytes) -> None:
         """Write a side file of the spool (e.g. the sensor's ``interfaces.json``) atomically,
@@ -379,7 +390,7 @@ class FrameStore:
             path = self._shown(name)
             head = None
             try:
-                size = os.stat(name, dir_fd=self._dirfd()).st_size
+                size = os.stat(name, dir_fd=self._dirfd(), follow_symlinks=False).st_size
                 with open(name, "rb", opener=self._opener) as f:
                     head = P.decode_header(f.read(P.HEADER_LEN), max_payload=1 << 30, max_raw=1 << 30)
                 m = self._SPOOL_NAME.fullmatch(name)

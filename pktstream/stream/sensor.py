@@ -138,15 +138,16 @@ class AdaptiveCompressor:
 
 # -- the sensor ------------------------------------------------------------------------------------
 
-def _load_descriptors(path: str | None) -> list[dict[str, Any]]:
-    """The descriptors of a spool's ``interfaces.json`` ({"descriptors": [...]}; the first
-    format, {name: index}, gives entries without link type and snap length). Entries a
-    receiver would refuse (its bounds: docs/PROTOCOL.md) are dropped, with a warning."""
-    if not path or not os.path.exists(path):
-        return []
+def _load_descriptors(store: FrameStore, path: str) -> list[dict[str, Any]]:
+    """The descriptors of a spool's ``interfaces.json`` (read through ``store``; ``path``: its
+    name in messages) ({"descriptors": [...]}; the first format, {name: index}, gives entries
+    without link type and snap length). Entries a receiver would refuse (its bounds:
+    docs/PROTOCOL.md) are dropped, with a warning."""
     try:
-        with open(path) as f:
-            data = json.load(f)
+        raw = store.read_file("interfaces.json")
+        if raw is None:
+            return []
+        data = json.loads(raw)
         if isinstance(data, dict) and isinstance(data.get("descriptors"), list):
             entries = data["descriptors"]
         elif isinstance(data, dict):
@@ -345,8 +346,8 @@ class Sensor:
         self._retired: dict[int, dict[str, Any]] = {}
         # every descriptor an index stood for (the spool's interfaces.json persists it): a
         # descriptor that comes back gets its index again, with or without a spool
-        self._descriptors = _load_descriptors(os.path.join(self.spool_dir, "interfaces.json")
-                                              if self.spool_dir else None)
+        self._descriptors = _load_descriptors(self.store, os.path.join(self.spool_dir, "interfaces.json")) \
+            if self.spool_dir else []
         self._load_retired()
         self._lock = threading.Lock()
         self._stop = threading.Event()
