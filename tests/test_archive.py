@@ -749,6 +749,8 @@ def test_light_snapshot_is_read_only_with_its_parquet_twin(tmp_path):
     instead of the Parquet snapshot's only while both carry one snapshot id: an older Parquet
     snapshot beside it, a damaged or missing light file -- the query reads the Parquet's
     columns and stays exact; ``pktstream index`` writes a missing one again."""
+    import struct
+
     import pyarrow.parquet as pq
 
     from pktstream.archive.catalog import SNAPSHOT, SNAPSHOT_ID, SNAPSHOT_LIGHT, _light_snapshot
@@ -781,6 +783,24 @@ def test_light_snapshot_is_read_only_with_its_parquet_twin(tmp_path):
     (root / SNAPSHOT_LIGHT).unlink()
     assert light() is None and got(a, "udp") == brute(root, "udp")
     a.index(chunk_bytes=CHUNK)  # nothing to index, the light snapshot written again
+    assert light() is not None
+    # values whose offsets run past their buffer, the file's structure intact: refused
+    good = (root / SNAPSHOT_LIGHT).read_bytes()
+    first = light().column("path")[0].as_py().encode()
+    at = good.index(struct.pack("<ii", 0, len(first)))
+    (root / SNAPSHOT_LIGHT).write_bytes(good[:at + 4] + struct.pack("<i", 1 << 30) + good[at + 8:])
+    assert light() is None and got(a, "udp") == brute(root, "udp")
+    (root / SNAPSHOT_LIGHT).write_bytes(good)
+    # an older pktstream rewrote the Parquet snapshot (its rows in another order here) and carried
+    # the snapshot id over in its schema metadata: the rows differ, so the light file is not used
+    t = pq.read_table(root / SNAPSHOT)
+    assert t.schema.metadata[SNAPSHOT_ID] == light().schema.metadata[SNAPSHOT_ID]
+    pq.write_table(t.take(list(range(t.num_rows))[::-1]), root / SNAPSHOT, row_group_size=2)
+    assert pq.read_schema(root / SNAPSHOT).metadata[SNAPSHOT_ID] == t.schema.metadata[SNAPSHOT_ID]
+    assert light() is None
+    for bpf in ("udp", "tcp port 80", "host 10.0.0.1", "port 53"):
+        assert got(a, bpf) == brute(root, bpf), bpf
+    a.index(chunk_bytes=CHUNK)  # nothing to index: both snapshots written again, a pair
     assert light() is not None
 
 

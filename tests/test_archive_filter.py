@@ -148,7 +148,7 @@ _trees = st.recursive(_leaves, lambda sub: st.one_of(
 _summaries = st.fixed_dictionaries({
     "addresses": st.one_of(st.none(), st.lists(st.sampled_from(_POOL), max_size=6)),
     "ports": st.one_of(st.none(), st.lists(st.sampled_from([22, 53, 80, 443, 4444, 8080]), max_size=4)),
-    "filter": st.one_of(st.none(), st.just(b"\x00"), st.lists(st.sampled_from(_POOL), max_size=6).map(filter_of_texts)),
+    "filter": st.one_of(st.just(b"\x00"), _blobs),
     "bitmap": st.one_of(st.none(), st.lists(st.sampled_from([22, 53, 80, 8080]), max_size=4).map(
         lambda p: port_bitmap(np.array(p, dtype=np.int64)))),
     "broken": st.booleans()})

@@ -118,8 +118,10 @@ class FilterColumn:
     def __init__(self, blobs: list[bytes | None]) -> None:
         """``blobs``: the files' stored filters (None, empty, short or of another layout
         version: "maybe" for every address, as :meth:`AddressProbe.may_contain` says)."""
-        keep = [b for b in blobs if b is not None and len(b) >= 3 and b[0] == FILTER_VERSION]
-        self.valid = np.array([b is not None and len(b) >= 3 and b[0] == FILTER_VERSION for b in blobs], dtype=np.bool_)
+        def usable(b: object) -> bool:  # (anything but bytes of this layout: "maybe")
+            return isinstance(b, bytes) and len(b) >= 3 and b[0] == FILTER_VERSION
+        keep = [b for b in blobs if isinstance(b, bytes) and usable(b)]
+        self.valid = np.array([usable(b) for b in blobs], dtype=np.bool_)
         sizes = np.array([len(b) for b in keep], dtype=np.int64)
         self._buf = np.frombuffer(b"".join(keep), dtype=np.uint8)
         self._start = np.zeros(len(keep), dtype=np.int64)

@@ -468,22 +468,39 @@ def _load_table(store, *, snapshot: bool = True, light: bool = False,
 
 
 def _light_snapshot(store, pf) -> Any:
-    """The light snapshot's table (:data:`SNAPSHOT_LIGHT`), or None when there is none or it
-    is not the Parquet snapshot's twin (another ``SNAPSHOT_ID``: a crash or a reader between
-    the two writes) or it cannot be read. Its buffers are validated (damaged offsets would
-    otherwise be read past)."""
+    """The light snapshot's table (:data:`SNAPSHOT_LIGHT`), or None when there is none, it
+    cannot be read, or it is not the Parquet snapshot's twin: another ``SNAPSHOT_ID`` (a crash
+    or a reader between the two writes), or -- the id alone is not enough: an older pktstream
+    rewriting the Parquet snapshot carries its schema metadata over -- other rows, told by the
+    (catalog file, version) of every row, which decide a row's content, in the same order (the
+    heavy columns are read from the Parquet snapshot by row number). Its buffers are validated
+    before any value is used (damaged offsets would otherwise be read past)."""
     import pyarrow.ipc as ipc
     want = (pf.schema_arrow.metadata or {}).get(SNAPSHOT_ID)
     if want is None:
         return None
     try:
-        t = ipc.open_file(store.arrow_file(SNAPSHOT_LIGHT)).read_all()
-        if (t.schema.metadata or {}).get(SNAPSHOT_ID) != want:
+        reader = ipc.open_file(store.arrow_file(SNAPSHOT_LIGHT))
+        if (reader.schema.metadata or {}).get(SNAPSHOT_ID) != want:
             return None
+        t = reader.read_all()
         t.validate(full=True)
+        keys = pf.read(columns=list(_SNAP_COLUMNS), use_threads=False)
+        if t.num_rows != keys.num_rows or not all(t.column(c).equals(keys.column(c)) for c in _SNAP_COLUMNS):
+            return None
     except Exception:  # noqa: BLE001 - none, or damaged: it is a cache, the Parquet snapshot is read
         return None
     return t
+
+
+def _light_usable(store) -> bool:
+    """Whether queries of this index base can read its light snapshot (``pktstream index``
+    writes the snapshots again when not)."""
+    import pyarrow.parquet as pq
+    try:
+        return _light_snapshot(store, pq.ParquetFile(store.arrow_file(SNAPSHOT))) is not None
+    except Exception:  # noqa: BLE001 - no Parquet snapshot: written again too
+        return False
 
 
 def _twin_rows(listing: list[tuple[str, str]]) -> set[str]:
@@ -637,7 +654,7 @@ def repair(store, paths: Iterable[str] | None = None, *, force: bool = False,
         changed = res["indexed"] or res["upgraded"] or res["removed"] or res["problems"]
         top = dict(sub.list_stat(INDEX_DIR))
         if (changed or SNAPSHOT not in top or SNAPSHOT_LIGHT not in top
-                or (upgrade and _snapshot_outdated(sub))):
+                or (upgrade and _snapshot_outdated(sub)) or not _light_usable(sub)):
             write_snapshot(sub)
         done[0] += sum(e.size for e in sub.captures())
         for k in ("indexed", "current", "upgraded", "removed", "damaged"):

@@ -378,7 +378,7 @@ class CatalogContext:
     together (:class:`~pktstream.archive.bloom.FilterColumn`) and everything else asked of a
     file's own :class:`SummaryContext`, made only for the files that reach such a leaf (see
     :func:`files_may_match`). A file whose summary cannot be read (its lazy lists raise) is
-    "maybe" everywhere and listed in :attr:`errors`. One query, one thread."""
+    listed in :attr:`errors` and may match. One query, one thread."""
 
     def __init__(self, summaries: list[Callable[[dict[Any, Any]], SummaryContext]],
                  address_filters: list[bytes | None]) -> None:
@@ -387,7 +387,8 @@ class CatalogContext:
         address filter (the one that context holds)."""
         self._make = summaries
         self._made: dict[int, SummaryContext] = {}
-        self._filters = FilterColumn(address_filters)
+        self._address_filters = address_filters
+        self._filters: FilterColumn | None = None  # (made at the first host test)
         self._has_filter = np.array([f is not None for f in address_filters], dtype=bool)
         self._probes: dict[Any, Any] = {}  # shared by every file's SummaryContext
         self.errors: dict[int, Exception] = {}  # file -> what reading its summary raised
@@ -422,8 +423,12 @@ class CatalogContext:
                     if probe is None:
                         packed = address_bytes(h)
                         probe = self._probes[h] = None if packed is None else AddressProbe(packed)
-                    out[filtered] |= (np.ones(int(filtered.sum()), dtype=bool) if probe is None
-                                      else self._filters.may_contain(probe, files[filtered]))
+                    if probe is None:
+                        out[filtered] = True
+                        continue
+                    if self._filters is None:
+                        self._filters = FilterColumn(self._address_filters)
+                    out[filtered] |= self._filters.may_contain(probe, files[filtered])
                 out[~filtered] = self._per_file(node, files[~filtered])  # (their address lists)
                 return out
         return self._per_file(node, files)
@@ -434,7 +439,10 @@ def files_may_match(tree, ctx: CatalogContext) -> np.ndarray:
     boolean array): :func:`may_match` file by file, evaluated for all files together. A
     subexpression is evaluated only for the files still open after the ones before it (``host
     X and port N`` reads port lists only of files that may hold X), as file by file."""
-    return _evaluate_files(tree, ctx, np.arange(ctx.n, dtype=np.int64))[0]
+    out = _evaluate_files(tree, ctx, np.arange(ctx.n, dtype=np.int64))[0]
+    if ctx.errors:  # (a file whose summary could not be read may match, whatever other leaves said)
+        out[list(ctx.errors)] = True
+    return out
 
 
 def _evaluate_files(tree, ctx: CatalogContext, files: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
