@@ -12,6 +12,7 @@ import grp
 import logging
 import os
 import pwd
+import stat
 
 log = logging.getLogger("pktstream")
 
@@ -72,9 +73,10 @@ def drop_privileges(user: str, group: str | None = None,
 
 def chown_for(directory: str | int, user: str, group: str | None = None) -> None:
     """Give a directory we created as root (e.g. the spool: a path, or a descriptor of it open)
-    and the entries directly in it to the user we will become. Symbolic links are never
-    followed, neither the directory's nor its entries' (that user owned the directory before: a
-    link it planted there would otherwise hand its target, any file of the host, over)."""
+    and the entries directly in it to the user we will become. Links are never followed: the
+    directory's path, symbolic links in it and hard links (files with more than one name) are
+    left as they are (that user owned the directory before: a link it planted there would
+    otherwise hand its target, any file of the host, over)."""
     pw = pwd.getpwnam(user)
     gid = grp.getgrnam(group).gr_gid if group else pw.pw_gid
     own = isinstance(directory, str)
@@ -83,7 +85,11 @@ def chown_for(directory: str | int, user: str, group: str | None = None) -> None
     try:
         os.chown(fd, pw.pw_uid, gid)
         for name in os.listdir(fd):
-            os.chown(name, pw.pw_uid, gid, dir_fd=fd, follow_symlinks=False)
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            # only files of our own: a hard link to another file (its inode would change hands)
+            # or anything but a regular file or directory is left as it is
+            if stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink == 1):
+                os.chown(name, pw.pw_uid, gid, dir_fd=fd, follow_symlinks=False)
     finally:
         if own:
             os.close(fd)

@@ -1502,8 +1502,8 @@ def test_a_spool_that_cannot_be_locked_says_why(tmp_path, monkeypatch):
 def test_a_spool_given_to_the_sensor_user_hands_over_no_link_target(tmp_path):
     """A sensor that drops root gives its spool to the user it becomes -- that user owned the
     spool on earlier runs, and a symbolic link it planted there must not hand its target (any
-    file of the host) over: the link itself changes owner, its target does not. (Needs root to
-    change owners: marked live.)"""
+    file of the host) over, nor a hard link planted there: both are left as they are. (Needs
+    root to change owners: marked live.)"""
     import pwd
     nobody = pwd.getpwnam("nobody")
     spool = tmp_path / "spool"
@@ -1514,10 +1514,12 @@ def test_a_spool_given_to_the_sensor_user_hands_over_no_link_target(tmp_path):
     store = FrameStore(window_bytes=0, spool_dir=str(spool), spool_bytes=1 << 20, first_seq=1)
     store.put(_counted(1), 1, 200)
     store.chown("nobody")
+    os.link(target, spool / "hard")  # (a hard link: its inode is the target's)
+    store.chown("nobody")
     assert target.stat().st_uid == 0
     assert spool.stat().st_uid == nobody.pw_uid and (spool / "lock").stat().st_uid == nobody.pw_uid
-    assert os.lstat(spool / "evil").st_uid == nobody.pw_uid
-    assert all(os.lstat(spool / n).st_uid == nobody.pw_uid for n in os.listdir(spool))
+    assert os.lstat(spool / "evil").st_uid == 0  # (left as it is)
+    assert all(os.lstat(spool / n).st_uid == nobody.pw_uid for n in os.listdir(spool) if n not in ("evil", "hard"))
     store.close()
 
 
@@ -1546,3 +1548,136 @@ def test_links_planted_in_the_spool_are_never_followed(tmp_path, caplog):
     assert not os.path.lexists(spool / f"{1:020d}.new.frame")  # the link removed
     assert (spool / "interfaces.json").read_bytes() == b"{}" and not (spool / "interfaces.json").is_symlink()
     store.close()
+
+
+def test_a_probe_of_a_full_spool_follows_no_link(tmp_path):
+    """The file made to find out whether a full spool was removed is never made through a link
+    planted under its name (which would create any file as root, or, pointing nowhere, make an
+    intact spool look removed)."""
+    spool = tmp_path / "spool"
+    size = len(_counted(1)(1)[0]) + 100
+    store = FrameStore(window_bytes=0, spool_dir=str(spool), spool_bytes=2 * size, first_seq=1)
+    for _ in range(2):
+        store.put(_counted(3), 3, size)
+    (spool / ".probe").symlink_to(tmp_path / "made-through-the-link")
+    assert store.put(_counted(3), 3, size) is None  # full: probed
+    assert not (tmp_path / "made-through-the-link").exists() and not store.spool_gone
+    assert store.pending()[0] == 2 and (store.dropped_blocks, store.dropped_packets) == (1, 3)
+    assert not os.path.lexists(spool / ".probe")  # (the link removed: the name is the probe's)
+    (spool / ".probe").symlink_to(tmp_path / "no" / "such" / "dir")
+    store._gone_probed = -1.0  # (the next drop probes again: no wait for the once-a-second limit)
+    assert store.put(_counted(3), 3, size) is None
+    assert not store.spool_gone and store.pending()[0] == 2
+    store.close()
+
+
+def test_after_a_removal_the_exit_report_keeps_nothing_on_the_spool(tmp_path):
+    """Blocks handed to a connection before the spool went stay until acknowledged; at exit
+    those not acknowledged are lost (their files went with the spool), not "kept for the next
+    run"."""
+    import shutil
+    spool = tmp_path / "spool"
+    store = FrameStore(window_bytes=0, spool_dir=str(spool), spool_bytes=1 << 20, first_seq=100)
+    for _ in range(3):
+        store.put(_counted(2), 2, 200)
+    assert [s for s, _p in _sent_all(store)] == [100, 101, 102]
+    shutil.rmtree(spool)
+    assert store.spill() == 0 and store.spool_gone
+    assert store.spooled_frames() == 0 and store.unspooled() == (3, 6)
+    store.close()
+
+
+def test_a_previous_runs_sent_blocks_are_counted_with_the_rest_when_the_spool_goes(tmp_path, caplog):
+    """Blocks a previous run had handed out (SEQ.frame) and this one has not: lost with the
+    never-sent ones, in the one line -- not a line each when their turn comes."""
+    import shutil
+    spool = tmp_path / "spool"
+    first = FrameStore(window_bytes=0, spool_dir=str(spool), spool_bytes=1 << 20, first_seq=100)
+    for _ in range(5):
+        first.put(_counted(2), 2, 200)
+    assert [s for s, _p in _sent_all(first)] == [100, 101, 102, 103, 104]
+    first.close()
+    store = FrameStore(window_bytes=0, spool_dir=str(spool), spool_bytes=1 << 20)
+    shutil.rmtree(spool)
+    with caplog.at_level("INFO", logger="pktstream"):
+        assert store.put(_counted(1), 1, 200) is None
+        assert store.after(0) is None
+    assert store.spool_gone and store.pending() == (0, 0) and (store.dropped_blocks, store.dropped_packets) == (6, 11)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "5 spooled blocks (10 packets)" in errors[0], errors
+    store.close()
+
+
+def test_hard_links_and_fifos_planted_in_the_spool_are_not_written_through_or_waited_on(tmp_path):
+    """A hard link planted as the reservation's temporary file is replaced, not truncated and
+    written through (its other name keeps its bytes); a FIFO as the reservation, a spooled block
+    or interfaces.json does not stop the start (it was opened blocking) and is not read."""
+    import threading
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (tmp_path / "precious").write_bytes(b"precious")
+    os.link(tmp_path / "precious", spool / "seq.tmp")
+    for name in ("seq", f"{5:020d}.new.frame", "interfaces.json"):
+        os.mkfifo(spool / name)
+    made: list[FrameStore] = []
+    t = threading.Thread(target=lambda: made.append(FrameStore(window_bytes=0, spool_dir=str(spool),
+                                                               spool_bytes=1 << 20, first_seq=100)), daemon=True)
+    t.start()
+    t.join(60)  # (an event: the thread ends at once; a FIFO opened blocking would hold it forever)
+    assert made, "the store did not start (a FIFO was opened blocking)"
+    store = made[0]
+    assert (tmp_path / "precious").read_bytes() == b"precious"
+    assert store.pending() == (0, 0) and not os.path.lexists(spool / f"{5:020d}.new.frame")
+    with pytest.raises(OSError):
+        store.read_file("interfaces.json")
+    assert store.put(_counted(1), 1, 200) == 100 and [s for s, _p in _sent_all(store)] == [100]
+    store.close()
+
+
+def test_a_closed_store_leaves_the_spool_to_the_next_run(tmp_path):
+    """After close() nothing is read, removed or counted: the spooled blocks are the next
+    run's, sent by it (a misuse, but never a false loss)."""
+    spool = tmp_path / "spool"
+    store = FrameStore(window_bytes=0, spool_dir=str(spool), spool_bytes=1 << 20, first_seq=100)
+    for _ in range(2):
+        store.put(_counted(2), 2, 200)
+    store.close()
+    assert store.after(0) is None
+    store.ack(101)
+    assert store.spill() == 0 and store.dropped_blocks == 0
+    again = FrameStore(window_bytes=0, spool_dir=str(spool), spool_bytes=1 << 20)
+    assert [s for s, _p in _sent_all(again)] == [100, 101]
+    again.close()
+
+
+def test_the_spool_given_to_the_sensor_user_is_only_its_own_files(tmp_path, monkeypatch, caplog):
+    """What chown is asked to change (recorded, so without root): the spool and its own files,
+    never through a symbolic link, never a hard link's inode or a FIFO; a spool that is itself
+    a symbolic link is not given at all (said once)."""
+    import pwd
+
+    from pktstream import privileges
+    user = pwd.getpwuid(os.getuid()).pw_name
+    spool = tmp_path / "spool"
+    store = FrameStore(window_bytes=0, spool_dir=str(spool), spool_bytes=1 << 20, first_seq=1)
+    store.put(_counted(1), 1, 200)
+    (tmp_path / "shadow").write_text("x")
+    (spool / "evil").symlink_to(tmp_path / "shadow")
+    os.link(tmp_path / "shadow", spool / "hard")
+    os.mkfifo(spool / "fifo")
+    calls: list[tuple[object, bool]] = []
+    monkeypatch.setattr(privileges.os, "chown", lambda path, uid, gid, *, dir_fd=None, follow_symlinks=True:
+                        calls.append((path, follow_symlinks)))
+    store.chown(user)
+    names = {p for p, _f in calls if isinstance(p, str)}
+    assert names == {"lock", "seq", f"{1:020d}.new.frame"} and all(not f for p, f in calls if isinstance(p, str))
+    assert sum(isinstance(p, int) for p, _f in calls) == 1  # the directory, by its descriptor
+    store.close()
+    linked = tmp_path / "linked"
+    linked.symlink_to(spool, target_is_directory=True)
+    calls.clear()
+    other = FrameStore(window_bytes=0, spool_dir=str(linked), spool_bytes=1 << 20)
+    with caplog.at_level("WARNING", logger="pktstream"):
+        other.chown(user)
+    assert calls == [] and "is a symbolic link: not given" in caplog.text
+    other.close()

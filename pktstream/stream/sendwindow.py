@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import struct
 import threading
 import time
@@ -137,6 +138,7 @@ class _Entry:
     unmarked: bool = False  # handed out, but its file could not be renamed SEQ.frame (a read-only spool)
     raw_len: int = 0  # a previous run's spooled block: its decompressed size (0: made by this run)
     old_file: str | None = None  # a spooled block moved to memory (_renumber): its file, removed with it
+    handed: bool = False  # handed to a connection by this process (the receiver may acknowledge it)
 
 
 _PASSING_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN})
@@ -190,6 +192,7 @@ class FrameStore:
         self._listeners: list = []
         self._lock_fd: int | None = None
         self._dir_fd: int | None = None  # the spool directory as opened (every file is relative to it)
+        self._linked = False  # the spool path was a symbolic link (then never chowned)
         self.spool_gone = False  # the spool directory was removed while this process ran
         self._gone_probed = -1.0  # when a full spool was last probed for its removal (monotonic s)
         if spool_dir:
@@ -227,7 +230,7 @@ class FrameStore:
             return
         reserved = self.next_seq + self._RESERVE
         try:
-            with open("seq.tmp", "w", opener=self._opener) as f:
+            with open("seq.tmp", "w", opener=self._creator) as f:
                 f.write(str(reserved))
             self._replace("seq.tmp", "seq")
             self._reserved = reserved
@@ -242,8 +245,17 @@ class FrameStore:
         dfd = None
         try:
             os.makedirs(spool_dir, mode=0o700, exist_ok=True)
-            dfd = os.open(spool_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
+            try:
+                dfd = os.open(spool_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):  # (a link: ENOTDIR with O_DIRECTORY)
+                    raise
+                # (the spool is a symbolic link, e.g. to another disk: used, but never given to the
+                # sensor user by chown -- whoever could make the link chose what it points to)
+                dfd = os.open(spool_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                self._linked = True
+            fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600,
+                         dir_fd=dfd)
         except OSError as exc:
             if dfd is not None:
                 os.close(dfd)
@@ -279,10 +291,30 @@ class FrameStore:
         return fd
 
     def _opener(self, name: str, flags: int) -> int:
-        """``open(name, ..., opener=self._opener)``: a file of the spool (mode 0600), never
-        through a symbolic link (ELOOP): a sensor that drops root starts as root in a spool its
-        user owned, and a link planted there would have it read, truncate or write any file."""
-        return os.open(name, flags | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600, dir_fd=self._dirfd())
+        """``open(name, ..., opener=self._opener)``: an existing file of the spool, only when it
+        is a regular file with one link: a sensor that drops root starts as root in a spool its
+        user owned, and a symbolic or hard link planted there would have it read or write any
+        file, a FIFO would block it (opened non-blocking, then refused)."""
+        fd = os.open(name, (flags & ~(os.O_CREAT | os.O_TRUNC)) | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                     dir_fd=self._dirfd())
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise OSError(errno.EINVAL, f"not a file of the spool ({name}: not a regular file with one link)")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _creator(self, name: str, flags: int) -> int:
+        """``open(name, "wb", opener=self._creator)``: a new file of the spool (mode 0600), made
+        anew -- whatever had the name (a link planted there) is removed first, never written
+        through."""
+        fd = self._dirfd()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=fd)
+        return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600, dir_fd=fd)
 
     def _replace(self, src: str, dst: str) -> None:
         fd = self._dirfd()
@@ -309,7 +341,7 @@ class FrameStore:
         in the directory opened at start; raises OSError (also when the spool was removed)."""
         with self._lock:  # (close() cannot close the directory meanwhile)
             try:
-                with open(name + ".tmp", "wb", opener=self._opener) as f:
+                with open(name + ".tmp", "wb", opener=self._creator) as f:
                     f.write(data)
                 self._replace(name + ".tmp", name)
             except OSError:
@@ -323,6 +355,10 @@ class FrameStore:
         spool by that user would otherwise hand its target (any file of the host) over."""
         from pktstream.privileges import chown_for
         with self._lock:
+            if self._linked:
+                log.warning("spool: %s is a symbolic link: not given to user %s (give its target to that user "
+                            "yourself)", self.spool_dir, user)
+                return
             chown_for(self._dirfd(), user, group)
 
     def _dead(self, probe: bool = False) -> bool:
@@ -336,7 +372,11 @@ class FrameStore:
             if os.fstat(fd).st_nlink == 0:
                 return True
             if probe:
-                os.close(os.open(".probe", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=fd))
+                try:
+                    os.close(os.open(".probe", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                                     0o600, dir_fd=fd))
+                except FileExistsError:
+                    pass  # (one left by a kill, or anything by that name: the directory is there)
                 os.unlink(".probe", dir_fd=fd)
         except OSError as exc:
             return exc.errno in (errno.ENOENT, errno.ESTALE)
@@ -354,9 +394,9 @@ class FrameStore:
             return False
         self.spool_gone = True
         self.spool_bytes = 0
-        lost = [e for e in self._entries if e.data is None and not e.sent]
+        lost = [e for e in self._entries if e.data is None and not e.handed]
         if lost:
-            self._entries = collections.deque(e for e in self._entries if e.data is not None or e.sent)
+            self._entries = collections.deque(e for e in self._entries if e.data is not None or e.handed)
             self.spool_used -= sum(e.size for e in lost)
             self.dropped_blocks += len(lost)
             self.dropped_packets += sum(e.packets for e in lost)
@@ -467,7 +507,7 @@ class FrameStore:
                 header, payload = make_frame(seq)
                 tmp = self._spool_name(seq, False) + ".tmp"
                 try:
-                    with open(tmp, "wb", opener=self._opener) as f:
+                    with open(tmp, "wb", opener=self._creator) as f:
                         f.write(header)
                         f.write(payload)
                     self._replace(tmp, self._spool_name(seq, False))
@@ -564,7 +604,7 @@ class FrameStore:
                         f = open(path, "rb", opener=self._opener)  # noqa: SIM115 - closed below
                     except OSError as exc:
                         failed = exc
-                e.sent = True
+                e.sent = e.handed = True
             if data is None:
                 assert path is not None
                 try:
@@ -577,7 +617,7 @@ class FrameStore:
                     if exc.errno in _PASSING_ERRNOS:
                         raise  # (the session ends, and the next one reads it again)
                     with self._lock:  # acknowledged (and removed) meanwhile, or lost: the next one
-                        if exc.errno == errno.ENOENT:
+                        if exc.errno in (errno.ENOENT, errno.ESTALE):
                             self._check_gone(probe=True)  # (removed: the never-sent ones at once)
                         if e in self._entries:
                             self._lose(e, exc)
@@ -601,6 +641,8 @@ class FrameStore:
                 self._lose(e, exc)
             return None
         except OSError as exc:  # e.g. a read-only spool: sent anyway (a later run may send it twice)
+            if exc.errno == errno.ESTALE and self._check_gone(dead=True):
+                return None
             # (its file keeps the never-sent name, which ack removes and a resend reads -- before,
             # both looked for SEQ.frame: the block counted lost, and its file left behind)
             self._spool_error("mark", f"block {e.seq}: cannot mark it sent ({exc}): a restart may deliver it "
@@ -648,14 +690,14 @@ class FrameStore:
         moved = failed = 0
         first_error: OSError | None = None
         with self._lock:
-            if self._dir_fd is None or self._check_gone():  # (closed, or removed: the exit report
+            if self._dir_fd is None or self._check_gone(probe=True):  # (closed, or removed: the exit report
                 return 0  # counts the blocks in memory as lost)
             for e in self._entries:
                 if e.data is None or self.spool_used + e.size > self.spool_bytes:
                     continue
                 tmp = self._spool_name(e.seq, e.sent) + ".tmp"
                 try:
-                    with open(tmp, "wb", opener=self._opener) as f:
+                    with open(tmp, "wb", opener=self._creator) as f:
                         f.write(e.data[0])
                         f.write(e.data[1])
                         f.flush()
@@ -664,7 +706,7 @@ class FrameStore:
                 except OSError as exc:  # (a full disk: one line for all, no temporary left to count twice)
                     with contextlib.suppress(OSError):
                         self._unlink(tmp)
-                    if exc.errno == errno.ENOENT and self._check_gone(dead=True):
+                    if exc.errno in (errno.ENOENT, errno.ESTALE) and self._check_gone(dead=True):
                         break
                     self.spool_errors += 1
                     failed += 1
@@ -689,15 +731,16 @@ class FrameStore:
         return moved
 
     def unspooled(self) -> tuple[int, int]:
-        """(frames, packets) unacknowledged and only in memory: lost at exit after :meth:`spill`."""
+        """(frames, packets) unacknowledged and only in memory -- or on a spool that was
+        removed: lost at exit after :meth:`spill`."""
         with self._lock:
-            mem = [e for e in self._entries if e.data is not None]
+            mem = [e for e in self._entries if e.data is not None or self.spool_gone]
             return len(mem), sum(e.packets for e in mem)
 
     def spooled_frames(self) -> int:
-        """Unacknowledged frames on disk (kept for the next run)."""
+        """Unacknowledged frames on disk (kept for the next run; none on a removed spool)."""
         with self._lock:
-            return sum(1 for e in self._entries if e.data is None)
+            return 0 if self.spool_gone else sum(1 for e in self._entries if e.data is None)
 
     def pending(self) -> tuple[int, int]:
         with self._lock:
