@@ -85,11 +85,19 @@ def chown_for(directory: str | int, user: str, group: str | None = None) -> None
     try:
         os.chown(fd, pw.pw_uid, gid)
         for name in os.listdir(fd):
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            # only files of our own: a hard link to another file (its inode would change hands)
-            # or anything but a regular file or directory is left as it is
-            if stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink == 1):
-                os.chown(name, pw.pw_uid, gid, dir_fd=fd, follow_symlinks=False)
+            # only files of our own, checked and changed through one descriptor (no swap between
+            # the two): a symbolic link (ELOOP), a hard link to another file (its inode would
+            # change hands) or anything but a regular file or directory is left as it is
+            try:
+                efd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(efd)
+                if stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink == 1):
+                    os.chown(efd, pw.pw_uid, gid)
+            finally:
+                os.close(efd)
     finally:
         if own:
             os.close(fd)

@@ -138,7 +138,6 @@ class _Entry:
     unmarked: bool = False  # handed out, but its file could not be renamed SEQ.frame (a read-only spool)
     raw_len: int = 0  # a previous run's spooled block: its decompressed size (0: made by this run)
     old_file: str | None = None  # a spooled block moved to memory (_renumber): its file, removed with it
-    handed: bool = False  # handed to a connection by this process (the receiver may acknowledge it)
 
 
 _PASSING_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN})
@@ -242,6 +241,7 @@ class FrameStore:
 
     def _open_spool(self, spool_dir: str) -> None:
         """Create (mode 0700), open and lock the spool: one sensor process per spool directory."""
+        spool_dir = spool_dir.rstrip("/") or "/"  # (a trailing slash would follow a link: O_NOFOLLOW below)
         dfd = None
         try:
             os.makedirs(spool_dir, mode=0o700, exist_ok=True)
@@ -394,9 +394,11 @@ class FrameStore:
             return False
         self.spool_gone = True
         self.spool_bytes = 0
-        lost = [e for e in self._entries if e.data is None and not e.handed]
+        # (a block handed out -- by this run, or a previous one: SEQ.frame -- may be acknowledged:
+        # it stays until it is, or until a connection needs it again)
+        lost = [e for e in self._entries if e.data is None and not e.sent]
         if lost:
-            self._entries = collections.deque(e for e in self._entries if e.data is not None or e.handed)
+            self._entries = collections.deque(e for e in self._entries if e.data is not None or e.sent)
             self.spool_used -= sum(e.size for e in lost)
             self.dropped_blocks += len(lost)
             self.dropped_packets += sum(e.packets for e in lost)
@@ -604,7 +606,7 @@ class FrameStore:
                         f = open(path, "rb", opener=self._opener)  # noqa: SIM115 - closed below
                     except OSError as exc:
                         failed = exc
-                e.sent = e.handed = True
+                e.sent = True
             if data is None:
                 assert path is not None
                 try:
@@ -662,8 +664,18 @@ class FrameStore:
                       SPOOL_ERROR_LOG_S)
 
     def _lose(self, e: _Entry, exc: BaseException) -> None:
-        """Drop a spooled block whose file is gone or unusable, counted (under the lock)."""
-        log.error("spool: block %d: %s; its %d packets are lost", e.seq, exc, e.packets)
+        """Drop a spooled block whose file is gone or unusable, counted (under the lock). On a
+        removed spool said at most once a minute (every block sent before the removal may come
+        here when a connection needs it again)."""
+        if self.spool_gone:
+            now = time.monotonic()
+            if now - self._spool_error_logged.get("gone-lost", -SPOOL_ERROR_LOG_S) >= SPOOL_ERROR_LOG_S:
+                self._spool_error_logged["gone-lost"] = now
+                log.error("spool: block %d, sent before the spool was removed, cannot be sent again: its %d "
+                          "packets are lost (such blocks are counted, and said at most every %g s)",
+                          e.seq, e.packets, SPOOL_ERROR_LOG_S)
+        else:
+            log.error("spool: block %d: %s; its %d packets are lost", e.seq, exc, e.packets)
         self._entries.remove(e)
         if e.data is None:
             self.spool_used -= e.size
@@ -812,6 +824,8 @@ class FrameStore:
                     self._lose(e, exc)
                 return
             except OSError as exc:  # e.g. a read-only spool: the block goes on from memory
+                if exc.errno == errno.ESTALE and self._check_gone(dead=True):
+                    return
                 try:
                     with open(old, "rb", opener=self._opener) as f:
                         raw = f.read()
