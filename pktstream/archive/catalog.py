@@ -331,9 +331,9 @@ def load_catalog(store, *, full: bool = False, light: bool = False,
 
 
 SNAPSHOT = f"{INDEX_DIR}/catalog.parquet"
-#: the snapshot's small columns again, as one Arrow IPC record batch (a query reads them in ~1
-#: ms where the Parquet snapshot's 32-row groups cost ~1 ms per column); only used while its
-#: ``SNAPSHOT_ID`` equals the Parquet snapshot's (both are written from one table)
+#: the snapshot's columns but the lists (:data:`HEAVY`) again, as one Arrow IPC record batch (a
+#: query reads them in ~1 ms where the Parquet snapshot's 32-row groups cost ~1 ms per column);
+#: only used as the Parquet snapshot's twin (see :func:`_light_snapshot`)
 SNAPSHOT_LIGHT = f"{INDEX_DIR}/catalog-light.arrow"
 SNAPSHOT_ID = b"pktstream.snapshot_id"
 HEAVY = ("addresses", "ports", "header_blocks", "chunks")  # read per row when needed
