@@ -71,33 +71,26 @@ def drop_privileges(user: str, group: str | None = None,
     log.info("running as %s (uid %d, gid %d) with only CAP_NET_RAW/CAP_NET_ADMIN", user, pw.pw_uid, gid)
 
 
-def chown_for(directory: str | int, user: str, group: str | None = None) -> None:
-    """Give a directory we created as root (e.g. the spool: a path, or a descriptor of it open)
+def chown_for(fd: int, user: str, group: str | None = None) -> None:
+    """Give a directory we created as root (e.g. the spool; ``fd``: a descriptor of it open)
     and the entries directly in it to the user we will become. Links are never followed: the
     directory's path, symbolic links in it and hard links (files with more than one name) are
     left as they are (that user owned the directory before: a link it planted there would
     otherwise hand its target, any file of the host, over)."""
     pw = pwd.getpwnam(user)
     gid = grp.getgrnam(group).gr_gid if group else pw.pw_gid
-    own = isinstance(directory, str)
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC) \
-        if isinstance(directory, str) else directory
-    try:
-        os.chown(fd, pw.pw_uid, gid)
-        for name in os.listdir(fd):
-            # only files of our own, checked and changed through one descriptor (no swap between
-            # the two): a symbolic link (ELOOP), a hard link to another file (its inode would
-            # change hands) or anything but a regular file or directory is left as it is
-            try:
-                efd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
-            except OSError:
-                continue
-            try:
-                st = os.fstat(efd)
-                if stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink == 1):
-                    os.chown(efd, pw.pw_uid, gid)
-            finally:
-                os.close(efd)
-    finally:
-        if own:
-            os.close(fd)
+    os.chown(fd, pw.pw_uid, gid)
+    for name in os.listdir(fd):
+        # only files of our own, checked and changed through one descriptor (no swap between
+        # the two): a symbolic link (ELOOP), a hard link to another file (its inode would
+        # change hands) or anything but a regular file or directory is left as it is
+        try:
+            efd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(efd)
+            if stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink == 1):
+                os.chown(efd, pw.pw_uid, gid)
+        finally:
+            os.close(efd)

@@ -118,10 +118,10 @@ class FilterColumn:
     def __init__(self, blobs: list[bytes | None]) -> None:
         """``blobs``: the files' stored filters (None, empty, short or of another layout
         version: "maybe" for every address, as :meth:`AddressProbe.may_contain` says)."""
-        def usable(b: object) -> bool:  # (anything but bytes of this layout: "maybe")
-            return isinstance(b, bytes) and len(b) >= 3 and b[0] == FILTER_VERSION
-        keep = [b for b in blobs if isinstance(b, bytes) and usable(b)]
-        self.valid = np.array([usable(b) for b in blobs], dtype=np.bool_)
+        # (anything but bytes of this layout: "maybe")
+        usable = [b if isinstance(b, bytes) and len(b) >= 3 and b[0] == FILTER_VERSION else None for b in blobs]
+        self.valid = np.array([b is not None for b in usable], dtype=np.bool_)
+        keep = [b for b in usable if b is not None]
         sizes = np.array([len(b) for b in keep], dtype=np.int64)
         self._buf = np.frombuffer(b"".join(keep), dtype=np.uint8)
         self._start = np.zeros(len(keep), dtype=np.int64)

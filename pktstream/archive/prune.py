@@ -452,15 +452,13 @@ def _evaluate_files(tree, ctx: CatalogContext, files: np.ndarray) -> tuple[np.nd
     op = tree[0]
     if op in ("and", "or"):
         at, af = _evaluate_files(tree[1], ctx, files)
-        # the files whose result the right side cannot change: false (and) or true (or) already
-        settled = (~at & af) if op == "and" else (at & ~af)
-        open_ = ~settled
+        # the right side only for the files it can change (not false already for "and", not true
+        # for "or"); the others keep "unknown" there, which leaves their result as it is
+        open_ = (at | ~af) if op == "and" else (~at | af)
         bt, bf = np.ones(n, dtype=bool), np.ones(n, dtype=bool)
         if open_.any():
             bt[open_], bf[open_] = _evaluate_files(tree[2], ctx, files[open_])
-        if op == "and":
-            return at & (bt | settled), af | (bf & open_)
-        return at | (bt & open_), af & (bf | settled)
+        return (at & bt, af | bf) if op == "and" else (at | bt, af & bf)
     if op == "not":
         t, f = _evaluate_files(tree[1], ctx, files)
         return f, t
